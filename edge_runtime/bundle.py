@@ -1,0 +1,194 @@
+"""Model bundles: the one artefact between the workstation and the device.
+
+A bundle is a folder with the ONNX graph (and its external data), the
+tokenizer, licence files and `bundle.json`, whose `files` list names every
+other file with its size and SHA-256. This module is the only device-side code
+that reads those files; it verifies every hash before a session is created.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from . import onnx_proto_scan
+from .errors import BundleError
+
+MANIFEST_NAME = "bundle.json"
+FORMAT_NAME = "edge-runtime-bundle"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+# Graph flavours the engine knows how to drive.
+FLAVOUR_OPTIMUM_KV_CONCAT = "optimum-kv-concat"  # optimum export: past in, past+new out
+GRAPH_FLAVOURS = (FLAVOUR_OPTIMUM_KV_CONCAT,)
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def safe_relative_path(root: Path, name: str, *, what: str) -> Path:
+    """Resolve `name` inside `root`, refusing absolute paths and any path that leaves it."""
+    pure = PurePosixPath(name)
+    if not name or pure.is_absolute() or "\\" in name or any(p == ".." for p in pure.parts) or ":" in pure.parts[0]:
+        raise BundleError(f"{what} {name!r} is not a plain relative path inside the bundle")
+    resolved = (root / pure).resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise BundleError(f"{what} {name!r} leaves the bundle folder")
+    return resolved
+
+
+@dataclass(frozen=True)
+class Architecture:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    rope_theta: float
+    max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle: paths resolved inside the folder, manifest parsed."""
+
+    root: Path
+    manifest: dict[str, Any]
+    manifest_sha256: str
+    architecture: Architecture
+    graph_path: Path
+    graph_flavour: str
+    tokenizer_path: Path
+    context_limit: int
+    precision: str
+    profile_name: str
+    supports_infill: bool
+    chat_format: str
+    model_name: str
+
+
+def _require(mapping: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
+    if key not in mapping:
+        raise BundleError(f"{MANIFEST_NAME}: missing key {where}{key}")
+    value = mapping[key]
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise BundleError(f"{MANIFEST_NAME}: {where}{key} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def read_manifest(root: Path) -> tuple[dict[str, Any], str]:
+    path = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise BundleError(f"bundle folder {root} does not exist")
+    if not path.is_file():
+        raise BundleError(f"{path} is missing: not a bundle folder")
+    raw = path.read_bytes()
+    try:
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise BundleError(f"{path} is not an {FORMAT_NAME} manifest")
+    version = manifest.get("format_version")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise BundleError(f"{path}: unsupported format_version {version!r} "
+                          f"(this runtime reads {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))})")
+    return manifest, hashlib.sha256(raw).hexdigest()
+
+
+def verify_files(root: Path, manifest: dict[str, Any], *, progress=None) -> list[Path]:
+    """Check that every listed file exists with its size and SHA-256 and that no
+    listed name leaves the folder. Returns the resolved paths."""
+    files = _require(manifest, "files", list, "")
+    if not files:
+        raise BundleError(f"{MANIFEST_NAME}: the files list is empty")
+    paths = []
+    for i, entry in enumerate(files):
+        if not isinstance(entry, dict):
+            raise BundleError(f"{MANIFEST_NAME}: files[{i}] is not an object")
+        name = _require(entry, "path", str, f"files[{i}].")
+        size = _require(entry, "size", int, f"files[{i}].")
+        digest = _require(entry, "sha256", str, f"files[{i}].")
+        path = safe_relative_path(root, name, what="file")
+        if not path.is_file():
+            raise BundleError(f"{name}: listed in {MANIFEST_NAME} but missing from the bundle")
+        actual_size = path.stat().st_size
+        if actual_size != size:
+            raise BundleError(f"{name}: size {actual_size} does not match the manifest ({size})")
+        if progress:
+            progress(name)
+        if sha256_file(path) != digest:
+            raise BundleError(f"{name}: SHA-256 does not match the manifest (file changed or corrupted)")
+        paths.append(path)
+    return paths
+
+
+def check_external_data(graph_path: Path, root: Path, listed: set[Path]) -> None:
+    """Refuse external-data locations that leave the bundle or are not hashed."""
+    for location in external_data_locations(graph_path):
+        path = safe_relative_path(root, location, what="external data file")
+        if path not in listed:
+            raise BundleError(f"external data file {location!r} referenced by {graph_path.name} "
+                              f"is not listed (hashed) in {MANIFEST_NAME}")
+
+
+def external_data_locations(graph_path: Path) -> set[str]:
+    """The `location` values of every external-data tensor in an ONNX file."""
+    try:
+        return onnx_proto_scan.external_data_locations(graph_path)
+    except ValueError as exc:
+        raise BundleError(f"{graph_path.name} is not a valid ONNX file: {exc}") from exc
+
+
+def load_bundle(path: str | Path, *, progress=None) -> Bundle:
+    """Read and verify a bundle. Raises BundleError naming the problem."""
+    root = Path(path).resolve()
+    manifest, manifest_sha = read_manifest(root)
+    listed = set(verify_files(root, manifest, progress=progress))
+
+    graph = _require(manifest, "graph", dict, "")
+    flavour = _require(graph, "flavour", str, "graph.")
+    if flavour not in GRAPH_FLAVOURS:
+        raise BundleError(f"{MANIFEST_NAME}: graph.flavour {flavour!r} is not one this runtime drives "
+                          f"({', '.join(GRAPH_FLAVOURS)})")
+    graph_path = safe_relative_path(root, _require(graph, "file", str, "graph."), what="graph file")
+    if graph_path not in listed:
+        raise BundleError(f"graph file {graph_path.name} is not listed in {MANIFEST_NAME}")
+    check_external_data(graph_path, root, listed)
+
+    tok = _require(manifest, "tokenizer", dict, "")
+    tokenizer_path = safe_relative_path(root, _require(tok, "file", str, "tokenizer."), what="tokenizer file")
+    if tokenizer_path not in listed:
+        raise BundleError(f"tokenizer file {tokenizer_path.name} is not listed in {MANIFEST_NAME}")
+
+    arch = _require(manifest, "architecture", dict, "")
+    try:
+        architecture = Architecture(**{k: arch[k] for k in Architecture.__dataclass_fields__})
+    except KeyError as exc:
+        raise BundleError(f"{MANIFEST_NAME}: missing key architecture.{exc.args[0]}") from exc
+    return Bundle(
+        root=root,
+        manifest=manifest,
+        manifest_sha256=manifest_sha,
+        architecture=architecture,
+        graph_path=graph_path,
+        graph_flavour=flavour,
+        tokenizer_path=tokenizer_path,
+        context_limit=_require(manifest, "context_limit", int, ""),
+        precision=_require(manifest, "precision", str, ""),
+        profile_name=_require(_require(manifest, "profile", dict, ""), "name", str, "profile."),
+        supports_infill=bool(_require(tok, "supports_infill", bool, "tokenizer.")),
+        chat_format=_require(tok, "chat_format", str, "tokenizer."),
+        model_name=_require(_require(manifest, "source", dict, ""), "name", str, "source."),
+    )

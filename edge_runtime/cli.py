@@ -1,0 +1,210 @@
+"""`edge-runtime` command line. Each subcommand parses flags, calls one public
+function, prints, and maps typed errors to a one-line message and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import EdgeRuntimeError
+
+
+def _die(message: str, code: int = 2) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+# -- profiles -------------------------------------------------------------------------------
+def cmd_profiles(args) -> int:
+    from .profiles import detect_profile, list_profiles, profile_summary
+
+    if args.detect:
+        profile, reason = detect_profile()
+        print(f"{profile.name}: {reason}")
+        return 0
+    for profile in list_profiles():
+        print(profile_summary(profile))
+    return 0
+
+
+# -- export / verify --------------------------------------------------------------------------
+def cmd_export(args) -> int:
+    try:
+        from edge_export.pipeline import ExportOptions, format_summary, run_export
+    except ImportError as exc:
+        return _die(f"the export side is not installed ({exc.name} missing): pip install torch==2.13.0 && "
+                    "pip install 'edge-runtime[export,cpu]'")
+    opts = ExportOptions(checkpoint=Path(args.checkpoint), profile=args.profile, output=Path(args.output),
+                         precision=args.precision, max_context=args.max_context, allow_degraded=args.allow_degraded,
+                         force=args.force, fidelity_tokens=args.fidelity_tokens, algorithm=args.algorithm,
+                         skip_fidelity=args.skip_fidelity)
+    summary = run_export(opts)
+    print(format_summary(summary))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .bundle import load_bundle
+
+    bundle = load_bundle(args.bundle, progress=(lambda name: print(f"checking {name}", file=sys.stderr))
+                         if not args.quiet else None)
+    files = bundle.manifest["files"]
+    print(f"ok: {bundle.root} ({len(files)} files, {sum(f['size'] for f in files)} bytes, format "
+          f"{bundle.manifest['format_version']}, bundle.json sha256 {bundle.manifest_sha256})")
+    return 0
+
+
+# -- generate -------------------------------------------------------------------------------
+def add_request_arguments(p: argparse.ArgumentParser) -> None:
+    """Prompt and sampling flags shared by `generate` and `ask`."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="completion prompt")
+    src.add_argument("--prefix", help="infill: the code before the hole (with --suffix)")
+    src.add_argument("--messages", help="chat: a JSON file with [{\"role\": ..., \"content\": ...}, ...]")
+    p.add_argument("--suffix", help="infill: the code after the hole")
+    p.add_argument("--suffix-first", action="store_true", help="infill in suffix-prefix-middle order")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.6)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default 0.9)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default off)")
+    p.add_argument("--seed", type=int, default=None, help="makes a sampled answer reproducible")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+
+def request_from_args(args):
+    from .types import GenerationRequest, Message, SamplingParams
+
+    defaults = SamplingParams()
+    sampling = SamplingParams(
+        temperature=defaults.temperature if args.temperature is None else args.temperature,
+        top_p=defaults.top_p if args.top_p is None else args.top_p,
+        top_k=defaults.top_k if args.top_k is None else args.top_k,
+        seed=args.seed)
+    common = dict(max_tokens=args.max_tokens, sampling=sampling, stop=tuple(args.stop))
+    if args.prompt is not None:
+        if args.suffix is not None:
+            raise EdgeRuntimeError("--suffix goes with --prefix, not --prompt")
+        return GenerationRequest(mode="complete", prompt=args.prompt, **common)
+    if args.prefix is not None:
+        if args.suffix is None:
+            raise EdgeRuntimeError("--prefix needs --suffix (an empty one is --suffix '')")
+        return GenerationRequest(mode="infill", prefix=args.prefix, suffix=args.suffix,
+                                 suffix_first=args.suffix_first, **common)
+    try:
+        raw = json.loads(Path(args.messages).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EdgeRuntimeError(f"--messages {args.messages}: {exc}") from exc
+    if not isinstance(raw, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                           and isinstance(m.get("content"), str) for m in raw):
+        raise EdgeRuntimeError(f"--messages {args.messages}: expected a list of {{\"role\", \"content\"}} objects")
+    return GenerationRequest(mode="chat", messages=tuple(Message(m["role"], m["content"]) for m in raw), **common)
+
+
+def result_json(result) -> dict:
+    return {"text": result.text, "token_ids": list(result.token_ids),
+            "prompt_token_ids": list(result.prompt_token_ids), "finish_reason": result.finish_reason,
+            "usage": {"prompt_tokens": result.usage.prompt_tokens,
+                      "completion_tokens": result.usage.completion_tokens},
+            "timings": {"ttft_ms": round(result.timings.ttft_ms, 3),
+                        "decode_tokens_per_s": round(result.timings.decode_tokens_per_s, 3),
+                        "total_ms": round(result.timings.total_ms, 3)},
+            **({"warnings": list(result.warnings)} if result.warnings else {})}
+
+
+def cmd_generate(args) -> int:
+    from .engine import Engine
+    from .types import Chunk
+
+    request = request_from_args(args)
+    engine = Engine.from_bundle(args.bundle, profile=args.profile)
+    result = None
+    for item in engine.generate(request):
+        if isinstance(item, Chunk):
+            if not args.json:
+                sys.stdout.write(item.text)
+                sys.stdout.flush()
+        else:
+            result = item
+    if args.json:
+        print(json.dumps(result_json(result), ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        print(f"[{result.finish_reason}; {result.usage.prompt_tokens} prompt + {result.usage.completion_tokens} "
+              f"generated tokens; ttft {result.timings.ttft_ms:.0f} ms; "
+              f"{result.timings.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+# -- demo model -------------------------------------------------------------------------------
+def cmd_demo_model(args) -> int:
+    try:
+        from edge_export.demo_model import ensure_demo_model
+    except ImportError as exc:
+        return _die(f"the export side is not installed ({exc.name} missing): pip install torch==2.13.0 && "
+                    "pip install 'edge-runtime[export,cpu]'")
+    path = ensure_demo_model(Path(args.cache_dir) if args.cache_dir else None)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="edge-runtime", description="Offline Code Llama on edge devices.")
+    parser.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("profiles", help="list device profiles, or --detect the one for this machine")
+    p.add_argument("--detect", action="store_true")
+    p.set_defaults(func=cmd_profiles)
+
+    p = sub.add_parser("export", help="checkpoint folder -> quantized, verified ONNX bundle (workstation)")
+    p.add_argument("--checkpoint", required=True, help="Hugging Face checkpoint folder (local)")
+    p.add_argument("--profile", required=True, help="device profile name or TOML file")
+    p.add_argument("--output", required=True, help="bundle folder to create")
+    p.add_argument("--precision", choices=["int4", "int8", "fp16", "fp32"], help="default: the profile's")
+    p.add_argument("--max-context", type=int, help="context limit in tokens (default: the profile's)")
+    p.add_argument("--allow-degraded", action="store_true", help="write the bundle even below the fidelity threshold")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle at --output")
+    p.add_argument("--fidelity-tokens", type=int, default=32, help="greedy tokens per fidelity prompt")
+    p.add_argument("--algorithm", choices=["rtn", "hqq"], help="quantization algorithm (default: the profile's)")
+    p.add_argument("--skip-fidelity", action="store_true",
+                   help="do not measure fidelity (size/speed benchmarks of random weights); recorded in bundle.json")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("verify", help="check a bundle's manifest and every file's SHA-256")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("generate", help="generate from a bundle on this machine (streams to stdout)")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--profile", help="device profile (default: the one the bundle was made for)")
+    add_request_arguments(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo-model", help="train (or find cached) the small demo Code Llama checkpoint")
+    p.add_argument("--cache-dir", help="default: $EDGE_RUNTIME_CACHE or ~/.cache/edge-runtime")
+    p.set_defaults(func=cmd_demo_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except EdgeRuntimeError as exc:
+        return _die(str(exc))
+    except KeyboardInterrupt:
+        return _die("interrupted", 130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""The public Python API: load a bundle once, then generate for requests.
+
+    engine = Engine.from_bundle("bundles/demo-int4")
+    for item in engine.generate(GenerationRequest(mode="complete", prompt="def fib(n):")):
+        ...  # Chunk(text, token_ids) as tokens are made, then one GenerationResult
+
+Data flow: request -> prompt ids (prompts.py) -> context check -> KV cache
+(allocated once for prompt + max_tokens) -> token loop (generator.py, sampling.py)
+-> detokenizer -> stop strings -> chunks -> result.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import generator
+from .bundle import FLAVOUR_OPTIMUM_KV_CONCAT, Bundle, load_bundle
+from .detokenizer import IncrementalDetokenizer
+from .errors import BadRequest, ContextLengthExceeded, DeadlineExceeded
+from .onnx_decoder import KVConcatDecoder
+from .profiles import DeviceProfile, load_profile
+from .prompts import PromptPlan, build_prompt
+from .providers import ProviderChoice, choose_providers, import_onnxruntime
+from .sampling import Sampler
+from .stopping import StopStringMatcher
+from .tokenizer import CodeLlamaTokenizer
+from .types import Chunk, GenerationRequest, GenerationResult, Timings, Usage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_name: str
+    profile: str
+    precision: str
+    bundle_sha256: str  # SHA-256 of bundle.json, which pins every other file
+    context_limit: int
+    supports_infill: bool
+    chat_format: str
+    provider: str  # the first execution provider actually in use
+
+
+def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, ProviderChoice]:
+    choice = choose_providers(profile.ort_providers(),
+                              ort.get_available_providers(), allow_cpu_fallback=profile.allow_cpu_fallback,
+                              profile_name=profile.name)
+    log.info("%s", choice.note)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if profile.intra_op_threads > 0:
+        options.intra_op_num_threads = profile.intra_op_threads
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(bundle.graph_path), sess_options=options, providers=choice.providers)
+    return session, choice
+
+
+class Engine:
+    """A loaded bundle: session, tokenizer and decoder, shared by requests run one at a time."""
+
+    def __init__(self, bundle: Bundle, profile: DeviceProfile, session, decoder, tokenizer: CodeLlamaTokenizer,
+                 choice: ProviderChoice) -> None:
+        self.bundle = bundle
+        self.profile = profile
+        self.session = session
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.context_limit = min(bundle.context_limit, profile.max_context)
+        self.info = ModelInfo(model_name=bundle.model_name, profile=profile.name, precision=bundle.precision,
+                              bundle_sha256=bundle.manifest_sha256, context_limit=self.context_limit,
+                              supports_infill=bundle.supports_infill, chat_format=bundle.chat_format,
+                              provider=choice.providers[0][0])
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, profile: str | Path | DeviceProfile | None = None) -> "Engine":
+        """Verify every file of the bundle, then create the onnxruntime session with
+        the profile's providers (the bundle's own profile when none is given)."""
+        ort = import_onnxruntime()
+        bundle = load_bundle(path)
+        if not isinstance(profile, DeviceProfile):
+            profile = load_profile(profile or bundle.profile_name)
+        if bundle.graph_flavour != FLAVOUR_OPTIMUM_KV_CONCAT:  # load_bundle accepts only known flavours
+            raise AssertionError(bundle.graph_flavour)
+        session, choice = make_session(ort, bundle, profile)
+        max_length = min(bundle.context_limit, profile.max_context)
+        decoder = KVConcatDecoder(ort, session, bundle.architecture, device=choice.device, max_length=max_length)
+        tokenizer = CodeLlamaTokenizer.from_file(bundle.tokenizer_path)
+        return cls(bundle, profile, session, decoder, tokenizer, choice)
+
+    # -- request -> prompt ------------------------------------------------------------------
+    def plan(self, request: GenerationRequest) -> PromptPlan:
+        """Prompt ids and stop tokens for a request, after every check that needs no model run."""
+        if request.max_tokens < 1:
+            raise BadRequest(f"max_tokens must be at least 1 (got {request.max_tokens})")
+        plan = build_prompt(request, self.tokenizer, chat_format=self.bundle.chat_format)
+        needed = len(plan.ids) + request.max_tokens
+        if needed > self.context_limit:
+            raise ContextLengthExceeded(
+                f"the prompt has {len(plan.ids)} tokens and max_tokens is {request.max_tokens}: "
+                f"{needed} tokens exceed the context limit of {self.context_limit}")
+        return plan
+
+    # -- the request loop -------------------------------------------------------------------
+    def generate(self, request: GenerationRequest,
+                 cancel: threading.Event | None = None) -> Iterator[Chunk | GenerationResult]:
+        """Yield Chunks as text is made, then one GenerationResult.
+
+        Errors in the request raise before anything is yielded; a passed deadline
+        raises DeadlineExceeded between tokens; a set `cancel` ends the stream with
+        finish_reason "cancelled"."""
+        plan = self.plan(request)
+        sampler = Sampler(request.sampling)
+        stops = StopStringMatcher(request.stop)
+        with self._lock:
+            yield from self._run(request, plan, sampler, stops, cancel)
+
+    def _run(self, request: GenerationRequest, plan: PromptPlan, sampler: Sampler, stops: StopStringMatcher,
+             cancel: threading.Event | None) -> Iterator[Chunk | GenerationResult]:
+        start = time.perf_counter()
+        cache = self.decoder.new_cache(len(plan.ids) + request.max_tokens)
+        detok = IncrementalDetokenizer(self.tokenizer, strip_leading_space=plan.strip_leading_space)
+        text_parts: list[str] = []
+        generated: list[int] = []
+        pending: list[int] = []  # ids whose text is not emitted yet
+        finish = "length"
+        stopped_by_string = False
+        first_token_s = None
+
+        prompt = np.asarray(plan.ids, dtype=np.int64)
+        for event in generator.generate(self.decoder, cache, prompt, max_new_tokens=request.max_tokens,
+                                        sample=sampler.sample, stop_ids=plan.stop_ids):
+            if first_token_s is None:
+                first_token_s = event.elapsed_s
+            if event.is_stop_token:
+                finish = "stop"
+                break
+            generated.append(event.token)
+            pending.append(event.token)
+            emit, stopped = stops.feed(detok.push(event.token))
+            if emit:
+                text_parts.append(emit)
+                yield Chunk(emit, tuple(pending))
+                pending = []
+            if stopped:
+                finish, stopped_by_string = "stop", True
+                break
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+                break
+            if request.deadline is not None and time.monotonic() > request.deadline:
+                raise DeadlineExceeded(f"deadline passed after {len(generated)} tokens")
+        if not stopped_by_string:
+            tail, _ = stops.feed(detok.flush())
+            tail += stops.flush()
+            if tail:
+                text_parts.append(tail)
+                yield Chunk(tail, tuple(pending))
+        total_s = time.perf_counter() - start
+        ttft = first_token_s if first_token_s is not None else total_s
+        decode_s = total_s - ttft
+        decoded = max(len(generated) - 1, 0)
+        yield GenerationResult(
+            text="".join(text_parts),
+            token_ids=tuple(generated),
+            prompt_token_ids=tuple(plan.ids),
+            finish_reason=finish,
+            usage=Usage(prompt_tokens=len(plan.ids), completion_tokens=len(generated)),
+            timings=Timings(ttft_ms=ttft * 1000.0,
+                            decode_tokens_per_s=(decoded / decode_s) if decode_s > 0 and decoded else 0.0,
+                            total_ms=total_s * 1000.0),
+            warnings=tuple(getattr(plan, "warnings", ())),
+        )
+
+    def complete(self, request: GenerationRequest) -> GenerationResult:
+        """Run a request to the end and return only the result."""
+        result = None
+        for item in self.generate(request):
+            result = item
+        assert isinstance(result, GenerationResult)
+        return result

@@ -1,0 +1,56 @@
+"""Typed errors. Each carries the wire error code the MQTT protocol uses, so the
+service maps exceptions to replies without inventing messages."""
+
+from __future__ import annotations
+
+
+class EdgeRuntimeError(Exception):
+    """Base class. `code` is the protocol's error code."""
+
+    code = "internal"
+
+
+class BadRequest(EdgeRuntimeError):
+    code = "bad_request"
+
+
+class UnsupportedMode(EdgeRuntimeError):
+    code = "unsupported_mode"
+
+
+class ContextLengthExceeded(EdgeRuntimeError):
+    code = "context_length_exceeded"
+
+
+class UnsafePrompt(EdgeRuntimeError):
+    code = "unsafe_prompt"
+
+
+class Busy(EdgeRuntimeError):
+    code = "busy"
+
+
+class DeadlineExceeded(EdgeRuntimeError):
+    code = "deadline_exceeded"
+
+
+class Cancelled(EdgeRuntimeError):
+    code = "cancelled"
+
+
+class ConfigError(EdgeRuntimeError):
+    """A configuration or profile file is invalid; the message names file and key."""
+
+    code = "config_error"
+
+
+class BundleError(EdgeRuntimeError):
+    """A bundle is missing, malformed, or fails verification; the message names the file."""
+
+    code = "bundle_error"
+
+
+class RuntimeMissing(EdgeRuntimeError):
+    """Neither onnxruntime nor onnxruntime-gpu is installed."""
+
+    code = "internal"

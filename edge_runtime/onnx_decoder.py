@@ -1,0 +1,87 @@
+"""Drives a bundle's ONNX decoder graph: prefill a prompt, then one token at a time.
+
+One class per graph flavour; the generator sees only `prefill` and `decode`.
+All inputs and outputs are bound with onnxruntime I/O binding to buffers that
+are allocated once per request (KV cache) or once per decoder (ids, mask,
+positions, last-token logits), so the token loop allocates nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .bundle import Architecture
+from .kv_cache import KVCache
+
+_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class KVConcatDecoder:
+    """The `optimum-kv-concat` flavour: inputs input_ids, attention_mask,
+    position_ids, past_key_values.{i}.key/value; outputs logits and
+    present.{i}.key/value (past and the new tokens concatenated)."""
+
+    def __init__(self, ort, session, arch: Architecture, *, device: str, max_length: int) -> None:
+        self.ort = ort
+        self.session = session
+        self.arch = arch
+        self.device = device
+        self.max_length = max_length
+        inputs = {i.name: i for i in session.get_inputs()}
+        self.kv_dtype = np.dtype(_ORT_TO_NUMPY[inputs["past_key_values.0.key"].type])
+        self.logits_dtype = np.dtype(_ORT_TO_NUMPY[session.get_outputs()[0].type])
+        self.vocab_size = arch.vocab_size
+        # Host buffers written in place by the loop.
+        self._mask = np.ones(max_length, dtype=np.int64)
+        self._positions = np.arange(max_length, dtype=np.int64)
+        self._token = np.zeros(1, dtype=np.int64)
+        self._step_logits = np.zeros(self.vocab_size, dtype=self.logits_dtype)
+        self._binding = session.io_binding()
+
+    def new_cache(self, capacity: int) -> KVCache:
+        if capacity > self.max_length:
+            raise ValueError(f"cache capacity {capacity} exceeds the decoder's maximum {self.max_length}")
+        return KVCache.allocate(self.ort, num_layers=self.arch.num_layers, num_kv_heads=self.arch.num_kv_heads,
+                                head_dim=self.arch.head_dim, capacity=capacity, dtype=self.kv_dtype,
+                                device=self.device)
+
+    def _bind(self, cache: KVCache, ids: np.ndarray, logits_out: np.ndarray | None) -> None:
+        b = self._binding
+        past, total = cache.length, cache.length + ids.shape[0]
+        if total > cache.capacity:
+            raise ValueError(f"{total} tokens exceed the KV cache capacity {cache.capacity}")
+        b.clear_binding_inputs()
+        b.clear_binding_outputs()
+        # logits first: get_outputs() follows binding order
+        if logits_out is None:
+            b.bind_output("logits", "cpu")
+        else:
+            b.bind_output("logits", "cpu", 0, self.logits_dtype, (1, 1, self.vocab_size), logits_out.ctypes.data)
+        b.bind_input("input_ids", "cpu", 0, np.int64, (1, ids.shape[0]), ids.ctypes.data)
+        b.bind_input("attention_mask", "cpu", 0, np.int64, (1, total), self._mask.ctypes.data)
+        b.bind_input("position_ids", "cpu", 0, np.int64, (1, ids.shape[0]),
+                     self._positions.ctypes.data + past * 8)
+        for layer in range(self.arch.num_layers):
+            pk, pv = cache.past(layer)
+            nk, nv = cache.present(layer)
+            b.bind_input(f"past_key_values.{layer}.key", self.device, 0, self.kv_dtype, cache.shape(past), pk.ptr)
+            b.bind_input(f"past_key_values.{layer}.value", self.device, 0, self.kv_dtype, cache.shape(past), pv.ptr)
+            b.bind_output(f"present.{layer}.key", self.device, 0, self.kv_dtype, cache.shape(total), nk.ptr)
+            b.bind_output(f"present.{layer}.value", self.device, 0, self.kv_dtype, cache.shape(total), nv.ptr)
+
+    def prefill(self, cache: KVCache, ids: np.ndarray) -> np.ndarray:
+        """Run the prompt (int64 ids [S]) through the graph; returns logits [S, V] (float32)."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        self._bind(cache, ids, None)
+        self.session.run_with_iobinding(self._binding)
+        cache.advance(ids.shape[0])
+        logits = self._binding.get_outputs()[0].numpy()
+        return logits[0].astype(np.float32, copy=False)
+
+    def decode(self, cache: KVCache, token: int) -> np.ndarray:
+        """Feed one token; returns the next-token logits [V] (a buffer reused every step)."""
+        self._token[0] = token
+        self._bind(cache, self._token, self._step_logits)
+        self.session.run_with_iobinding(self._binding)
+        cache.advance(1)
+        return self._step_logits

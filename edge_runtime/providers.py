@@ -1,0 +1,65 @@
+"""onnxruntime import and execution-provider selection.
+
+onnxruntime (CPU) and onnxruntime-gpu install the same `onnxruntime` module and
+cannot be installed side by side, so the package leaves the choice to an extra
+(`edge-runtime[cpu]` or `edge-runtime[gpu]`; NVIDIA's JetPack wheels on Jetson).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from .errors import ConfigError, RuntimeMissing
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "onnxruntime is not installed: install `pip install 'edge-runtime[cpu]'` (onnxruntime) on a CPU "
+    "machine, `pip install 'edge-runtime[gpu]'` (onnxruntime-gpu) on an NVIDIA GPU machine, or NVIDIA's "
+    "JetPack onnxruntime-gpu wheel on a Jetson board (see README: Hardware). Install only one of them."
+)
+
+
+def import_onnxruntime() -> ModuleType:
+    """Import onnxruntime lazily, with an install hint instead of a bare ImportError."""
+    try:
+        import onnxruntime
+    except ImportError as exc:  # pragma: no cover - exercised by the CLI on bare machines
+        raise RuntimeMissing(INSTALL_HINT) from exc
+    return onnxruntime
+
+
+@dataclass(frozen=True)
+class ProviderChoice:
+    providers: list[tuple[str, dict[str, Any]]]  # what the session is created with, in order
+    device: str  # "cpu" or "cuda": where the KV cache and I/O binding live
+    note: str  # one log line: what runs and why
+
+
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def choose_providers(requested: list[tuple[str, dict[str, Any]]], available: list[str],
+                     *, allow_cpu_fallback: bool, profile_name: str) -> ProviderChoice:
+    """Keep the profile's providers that this onnxruntime build has, in the profile's order.
+
+    A GPU profile whose GPU providers are all missing is an error unless the
+    profile allows the CPU fallback: never a silent fallback to CPU."""
+    chosen = [(name, opts) for name, opts in requested if name in available]
+    wanted_gpu = [name for name, _ in requested if name in GPU_PROVIDERS]
+    have_gpu = [name for name, _ in chosen if name in GPU_PROVIDERS]
+    if wanted_gpu and not have_gpu:
+        msg = (f"profile {profile_name} asks for {', '.join(wanted_gpu)} but this onnxruntime offers only "
+               f"{', '.join(available)}")
+        if not allow_cpu_fallback:
+            raise ConfigError(msg + " (install onnxruntime-gpu, or set allow_cpu_fallback = true in the profile)")
+        return ProviderChoice([("CPUExecutionProvider", {})], "cpu", msg + "; running on the CPU provider")
+    if not any(name == "CPUExecutionProvider" for name, _ in chosen):
+        chosen.append(("CPUExecutionProvider", {}))
+    device = "cuda" if have_gpu else "cpu"
+    names = ", ".join(name for name, _ in chosen)
+    note = f"execution providers: {names}" + ("" if have_gpu else " (CPU provider)")
+    return ProviderChoice(chosen, device, note)

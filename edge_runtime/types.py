@@ -1,0 +1,81 @@
+"""Typed requests and results of the generation engine (the public Python API).
+
+The wire format (JSON over MQTT) lives in `protocol.py`; it converts to and from
+these types. Nothing here knows about MQTT or onnxruntime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Mode = Literal["complete", "infill", "chat"]
+FinishReason = Literal["stop", "length", "cancelled"]
+
+MODES: tuple[str, ...] = ("complete", "infill", "chat")
+
+# The reference implementation's sampling defaults (Meta's llama/generation.py).
+DEFAULT_TEMPERATURE = 0.6
+DEFAULT_TOP_P = 0.9
+DEFAULT_MAX_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = DEFAULT_TEMPERATURE  # 0 means greedy
+    top_p: float = DEFAULT_TOP_P  # nucleus; 1.0 disables
+    top_k: int = 0  # 0 disables
+    seed: int | None = None  # None: a fresh random seed per request
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    mode: Mode
+    prompt: str | None = None  # complete
+    prefix: str | None = None  # infill
+    suffix: str | None = None  # infill
+    suffix_first: bool = False  # infill: suffix-prefix-middle order
+    messages: tuple[Message, ...] = ()  # chat
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    id: str = ""
+    deadline: float | None = None  # time.monotonic() value after which generation stops
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of streamed output. Concatenating every chunk's `text` gives the result's text."""
+
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    ttft_ms: float  # time to first token (prefill + first sample)
+    decode_tokens_per_s: float  # tokens after the first / time spent on them
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: tuple[int, ...]  # generated ids (without a matched stop token)
+    prompt_token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+    warnings: tuple[str, ...] = ()

@@ -1,0 +1,136 @@
+"""Read a Hugging Face Code Llama checkpoint folder: what it is, before any
+heavy work. Refuses anything that is not a Llama-architecture causal LM."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_runtime.bundle import Architecture
+from edge_runtime.errors import BadRequest
+
+INFILL_PIECES = {"pre": "▁<PRE>", "suf": "▁<SUF>", "mid": "▁<MID>", "eot": "▁<EOT>"}
+STEP_PIECE = "<step>"
+LICENCE_NAME = re.compile(r"(licen[cs]e|notice|use[_-]?policy|acceptable[_-]?use|responsible[_-]?use)", re.I)
+
+
+class CheckpointError(BadRequest):
+    """The folder is not a checkpoint this exporter handles; the message says what was found."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    name: str
+    config: dict
+    config_sha256: str
+    architecture: Architecture
+    tokenizer_path: Path
+    special_ids: dict[str, int]  # bos, eos, unk
+    infill_ids: dict[str, int] | None  # pre/suf/mid/eot, None when any is missing
+    step_id: int | None
+    chat_format: str  # "llama2" ([INST]) or "source-step" (70B Instruct)
+    licence_files: tuple[Path, ...]
+    weight_files: tuple[Path, ...]
+    weight_bytes: int
+    torch_dtype: str
+
+    @property
+    def supports_infill(self) -> bool:
+        return self.infill_ids is not None
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def detect_chat_format(folder: Path) -> str:
+    """From the checkpoint's chat template: the 70B Instruct template builds
+    'Source: ...' turns ended by '<step>'; everything else uses Llama 2's [INST]."""
+    cfg_path = folder / "tokenizer_config.json"
+    template = ""
+    if cfg_path.is_file():
+        tmpl = _load_json(cfg_path).get("chat_template") or ""
+        template = json.dumps(tmpl) if not isinstance(tmpl, str) else tmpl
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        template += jinja.read_text(encoding="utf-8", errors="replace")
+    if "Source:" in template and "<step>" in template:
+        return "source-step"
+    return "llama2"
+
+
+def read_checkpoint(folder: str | Path) -> CheckpointInfo:
+    path = Path(folder).resolve()
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {path} does not exist")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{path} has no config.json: not a Hugging Face checkpoint folder")
+    config = _load_json(config_path)
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or []
+    if model_type != "llama" or "LlamaForCausalLM" not in architectures:
+        raise CheckpointError(
+            f"{path.name}: found model_type={model_type!r}, architectures={architectures!r}; only Llama-architecture "
+            "causal language models (model_type 'llama', LlamaForCausalLM, as Code Llama) can be exported")
+
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        found = sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".gguf"})
+        raise CheckpointError(f"{path.name}: no *.safetensors weights found"
+                              + (f" (found {', '.join(found)}; convert them to safetensors)" if found else ""))
+    tokenizer_path = path / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise CheckpointError(f"{path.name}: no tokenizer.json (the fast tokenizer file) in the checkpoint")
+
+    hidden = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    arch = Architecture(
+        num_layers=int(config["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(config.get("head_dim") or hidden // heads),
+        hidden_size=hidden,
+        vocab_size=int(config["vocab_size"]),
+        rope_theta=float(config.get("rope_theta", 10000.0)),
+        max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+    )
+
+    from tokenizers import Tokenizer  # the device side's tokenizer library reads the same file
+
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    if tok.get_vocab_size(with_added_tokens=True) > arch.vocab_size:
+        raise CheckpointError(f"{path.name}: tokenizer has {tok.get_vocab_size()} ids but the model's vocab_size "
+                              f"is {arch.vocab_size}")
+    special = {"unk": tok.token_to_id("<unk>"), "bos": tok.token_to_id("<s>"), "eos": tok.token_to_id("</s>")}
+    if special["bos"] is None or special["eos"] is None:
+        raise CheckpointError(f"{path.name}: tokenizer lacks <s> or </s>")
+    infill = {k: tok.token_to_id(piece) for k, piece in INFILL_PIECES.items()}
+    infill_ids = infill if all(v is not None for v in infill.values()) else None
+
+    return CheckpointInfo(
+        path=path,
+        name=path.name,
+        config=config,
+        config_sha256=hashlib.sha256(config_path.read_bytes()).hexdigest(),
+        architecture=arch,
+        tokenizer_path=tokenizer_path,
+        special_ids=special,
+        infill_ids=infill_ids,
+        step_id=tok.token_to_id(STEP_PIECE),
+        chat_format=detect_chat_format(path),
+        licence_files=tuple(sorted(p for p in path.iterdir() if p.is_file() and LICENCE_NAME.search(p.name))),
+        weight_files=tuple(weights),
+        weight_bytes=sum(p.stat().st_size for p in weights),
+        torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
+    )

@@ -1,0 +1,204 @@
+"""`edge-runtime export`: checkpoint -> ONNX with KV cache -> quantize for a
+profile -> fidelity against torch -> verified bundle.
+
+Work happens in `<output>.partial/`, renamed to `<output>` only when every step
+passed, so a failed or interrupted export never leaves a half bundle behind and
+never touches an existing one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_runtime.bundle import FLAVOUR_OPTIMUM_KV_CONCAT, load_bundle
+from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.profiles import DeviceProfile, load_profile
+
+from . import fidelity, onnx_export, quantize
+from .bundle_writer import copy_into, write_manifest
+from .checkpoint import CheckpointInfo, read_checkpoint
+from .progress import Progress, human_bytes, peak_rss_bytes
+
+PRECISIONS = ("int4", "int8", "fp16", "fp32")
+GRAPH_FILE = "model.onnx"
+
+
+class ExportError(EdgeRuntimeError):
+    code = "export_failed"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    checkpoint: Path
+    profile: str | Path
+    output: Path
+    precision: str | None = None  # default: the profile's
+    max_context: int | None = None  # default: the profile's
+    allow_degraded: bool = False
+    force: bool = False  # replace an existing bundle at `output`
+    fidelity_tokens: int = 32
+    algorithm: str | None = None  # quantization algorithm override: rtn | hqq
+    skip_fidelity: bool = False  # benchmarks of random-weight checkpoints only; recorded in the manifest
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    bundle: Path
+    precision: str
+    total_bytes: int
+    files: list[dict]
+    fidelity: dict | None
+    degraded: bool
+    peak_rss_bytes: int
+    timings: dict[str, float]
+
+
+def recipe_for(profile: DeviceProfile, precision: str, algorithm: str | None) -> quantize.QuantRecipe:
+    q = profile.quantization
+    return quantize.QuantRecipe(bits=quantize.BITS[precision], block_size=q.block_size, symmetric=q.symmetric,
+                                accuracy_level=q.accuracy_level, keep_unquantized=tuple(q.keep_unquantized),
+                                algorithm=algorithm or getattr(q, "algorithm", "rtn"))
+
+
+def graph_io(graph: Path) -> dict:
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    return {"inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output]}
+
+
+def check_fidelity(report: fidelity.FidelityReport, profile: DeviceProfile, precision: str) -> list[str]:
+    min_agree, max_diff = profile.fidelity.for_precision(precision)
+    problems = []
+    if report.greedy_agreement < min_agree:
+        problems.append(f"greedy agreement {report.greedy_agreement:.3f} < {min_agree:.3f}")
+    if report.max_logit_diff > max_diff:
+        problems.append(f"max logit difference {report.max_logit_diff:.4g} > {max_diff:.4g}")
+    return problems
+
+
+def context_limit(info: CheckpointInfo, profile: DeviceProfile, requested: int | None) -> int:
+    if requested is not None:
+        if requested < 16:
+            raise ExportError(f"--max-context {requested} is too small (at least 16)")
+        return requested
+    return min(profile.max_context, info.architecture.max_position_embeddings)
+
+
+def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportSummary:
+    profile = load_profile(opts.profile)
+    precision = opts.precision or profile.precision
+    if precision not in PRECISIONS:
+        raise ExportError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    output = opts.output.resolve()
+    if output.exists() and not opts.force:
+        raise ExportError(f"{output} already exists (choose another --output, or --force to replace it)")
+    progress = progress or Progress(5)
+
+    with progress.step("read checkpoint"):
+        info = read_checkpoint(opts.checkpoint)
+        arch = info.architecture
+        progress.detail(f"{info.name}: {arch.num_layers} layers, hidden {arch.hidden_size}, heads "
+                        f"{arch.num_heads}/{arch.num_kv_heads} kv, vocab {arch.vocab_size}, weights "
+                        f"{human_bytes(info.weight_bytes)}; infill {'yes' if info.supports_infill else 'no'}, "
+                        f"chat format {info.chat_format}")
+        limit = context_limit(info, profile, opts.max_context)
+
+    partial = output.with_name(output.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    work = partial / "_export"
+    try:
+        with progress.step("export to ONNX with KV cache (optimum, fp32)"):
+            exported = onnx_export.export_onnx(info, work)
+
+        with progress.step(f"convert weights to {precision}"):
+            graph = partial / GRAPH_FILE
+            recipe = None
+            excluded: list[str] = []
+            if precision in quantize.BITS:
+                recipe = recipe_for(profile, precision, opts.algorithm)
+                progress.detail(f"MatMulNBits {recipe.bits}-bit, block {recipe.block_size}, "
+                                f"{'symmetric' if recipe.symmetric else 'asymmetric'}, {recipe.algorithm}, "
+                                f"accuracy level {recipe.accuracy_level}, kept: {', '.join(recipe.keep_unquantized) or '-'}")
+                _, excluded = quantize.quantize_weights(exported, graph, recipe)
+            elif precision == "fp16":
+                quantize.convert_fp16(exported, graph)
+            else:
+                quantize.copy_float(exported, graph)
+            shutil.rmtree(work)
+
+        report = None
+        problems: list[str] = []
+        with progress.step(f"measure fidelity against torch ({opts.fidelity_tokens} greedy tokens per prompt)"):
+            if opts.skip_fidelity:
+                progress.detail("skipped (--skip-fidelity): the bundle records no fidelity")
+            else:
+                report = fidelity.measure(info.path, graph, arch, info.tokenizer_path, info.chat_format,
+                                          n_tokens=opts.fidelity_tokens, progress=progress.detail)
+                problems = check_fidelity(report, profile, precision)
+                progress.detail(f"greedy agreement {report.greedy_agreement:.3f} (min {report.greedy_agreement_min:.3f}), "
+                                f"teacher-forced {report.teacher_forced_agreement:.3f}, "
+                                f"max logit diff {report.max_logit_diff:.4g}")
+        if problems and not opts.allow_degraded:
+            raise ExportError(f"fidelity below the {profile.name} profile's threshold for {precision}: "
+                              + "; ".join(problems) + " (use --allow-degraded to write the bundle anyway)")
+
+        with progress.step("write bundle (tokenizer, licences, manifest with SHA-256)"):
+            copy_into(partial, [info.tokenizer_path], ["tokenizer.json"])
+            copy_into(partial, list(info.licence_files))
+            min_agree, max_diff = profile.fidelity.for_precision(precision)
+            manifest = {
+                "source": {"name": info.name, "config_sha256": info.config_sha256, "model_type": "llama",
+                           "torch_dtype": info.torch_dtype, "weight_bytes": info.weight_bytes},
+                "architecture": {"num_layers": arch.num_layers, "num_heads": arch.num_heads,
+                                 "num_kv_heads": arch.num_kv_heads, "head_dim": arch.head_dim,
+                                 "hidden_size": arch.hidden_size, "vocab_size": arch.vocab_size,
+                                 "rope_theta": arch.rope_theta,
+                                 "max_position_embeddings": arch.max_position_embeddings},
+                "context_limit": limit,
+                "tokenizer": {"file": "tokenizer.json", **info.special_ids, "infill": info.infill_ids,
+                              "supports_infill": info.supports_infill, "step": info.step_id,
+                              "chat_format": info.chat_format},
+                "profile": {"name": profile.name, "kv_cache_dtype": profile.kv_cache.dtype},
+                "precision": precision,
+                "quantization": recipe.as_manifest(excluded) if recipe else None,
+                "graph": {"flavour": FLAVOUR_OPTIMUM_KV_CONCAT, "file": GRAPH_FILE, **graph_io(graph)},
+                "fidelity": {**(report.as_manifest() if report else {"skipped": True}),
+                             "threshold": {"min_greedy_agreement": min_agree, "max_logit_diff": max_diff},
+                             "passed": report is not None and not problems, "degraded": bool(problems),
+                             "problems": problems},
+                "licence_files": [p.name for p in info.licence_files],
+            }
+            write_manifest(partial, manifest)
+            load_bundle(partial)  # read back exactly as the device will
+            if output.exists():
+                shutil.rmtree(output)
+            partial.rename(output)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+    bundle = load_bundle(output)
+    files = bundle.manifest["files"]
+    return ExportSummary(bundle=output, precision=precision, total_bytes=sum(f["size"] for f in files), files=files,
+                         fidelity=bundle.manifest["fidelity"], degraded=bool(problems),
+                         peak_rss_bytes=peak_rss_bytes(), timings=dict(progress.timings))
+
+
+def format_summary(s: ExportSummary) -> str:
+    lines = [f"bundle     {s.bundle}", f"precision  {s.precision}", f"size       {human_bytes(s.total_bytes)}"]
+    for f in s.files:
+        lines.append(f"  {f['path']:<28} {human_bytes(f['size']):>12}  sha256 {f['sha256'][:16]}…")
+    fid = s.fidelity or {}
+    if fid.get("skipped"):
+        lines.append("fidelity   not measured (--skip-fidelity)")
+    else:
+        verdict = "PASSED" if fid.get("passed") else "BELOW THRESHOLD (degraded)"
+        lines.append(f"fidelity   greedy agreement {fid['greedy_agreement']:.3f} over {fid['n_tokens']} tokens x "
+                     f"{fid['prompts']} prompts, teacher-forced {fid['teacher_forced_agreement']:.3f}, "
+                     f"max logit diff {fid['max_logit_diff']:.4g}: {verdict}")
+    lines.append(f"peak memory {human_bytes(s.peak_rss_bytes)}; "
+                 + ", ".join(f"{k.split(' (')[0]} {v:.1f}s" for k, v in s.timings.items()))
+    return "\n".join(lines)
