@@ -1,0 +1,473 @@
+"""Device profiles: one validated TOML file per hardware target.
+
+A profile says how to run (and how to export for) a target: the onnxruntime
+execution providers in priority order with their options, whether running on the
+CPU is acceptable when an accelerator provider is missing, the default weight
+precision, the MatMulNBits quantization settings, KV-cache dtype, context length,
+thread count, memory budget, and the minimum fidelity an export must reach against
+torch fp32. The packaged profiles live in the ``edge_device_profiles`` package
+(``device_profiles/`` in the source tree); `load_profile` also accepts any path.
+
+`detect_profile` picks the packaged profile that fits this machine, from
+`MachineFacts` that `gather_machine_facts` collects (paths and commands injectable).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.resources
+import os
+import pathlib
+import platform
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Literal, get_args
+
+from edge_runtime.errors import ConfigError
+from edge_runtime.typed_toml import (
+    InvalidField,
+    at_least,
+    between,
+    load_toml,
+    matches,
+    non_empty,
+    power_of_two,
+)
+
+if TYPE_CHECKING:
+    if sys.version_info >= (3, 11):
+        from importlib.resources.abc import Traversable
+    else:
+        from importlib.abc import Traversable
+
+__all__ = [
+    "PRECISIONS",
+    "AgreementByPrecision",
+    "DeviceProfile",
+    "ExecutionProvider",
+    "FidelityThresholds",
+    "KvCacheSettings",
+    "LogitDiffByPrecision",
+    "MachineFacts",
+    "Precision",
+    "QuantizationSettings",
+    "detect_profile",
+    "gather_machine_facts",
+    "list_profiles",
+    "load_profile",
+    "profile_summary",
+]
+
+PROFILE_PACKAGE = "edge_device_profiles"
+
+Precision = Literal["int4", "int8", "fp16", "fp32"]
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+KvCacheDtype = Literal["float32", "float16"]
+OptionValue = str | int | float | bool
+
+PositiveInt = Annotated[int, at_least(1)]
+NonNegativeInt = Annotated[int, at_least(0)]
+NonNegativeFloat = Annotated[float, at_least(0.0)]
+Fraction = Annotated[float, between(0.0, 1.0)]
+ProviderName = Annotated[
+    str,
+    matches(
+        r"[A-Za-z][A-Za-z0-9]*ExecutionProvider",
+        "an onnxruntime provider name such as 'CUDAExecutionProvider'",
+    ),
+]
+ProfileName = Annotated[
+    str, matches(r"[a-z0-9][a-z0-9_-]*", "a lower-case name such as 'cpu-x86_64'")
+]
+
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+# ------------------------------------------------------------------------- the schema
+
+
+@dataclass(frozen=True)
+class ExecutionProvider:
+    """One onnxruntime execution provider and its provider options."""
+
+    name: ProviderName
+    options: dict[str, OptionValue] = field(default_factory=dict)
+
+    def ort_options(self) -> dict[str, str]:
+        """The options as onnxruntime takes them: strings (bools as "True"/"False")."""
+        return {key: str(value) for key, value in self.options.items()}
+
+
+@dataclass(frozen=True)
+class QuantizationSettings:
+    """Weight-only quantization of MatMul weights (onnxruntime's MatMulNBits)."""
+
+    block_size: Annotated[int, power_of_two(16)]  # weights per scale (and zero point)
+    symmetric: bool  # True: no zero points
+    accuracy_level: Annotated[int, between(0, 4)]  # 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
+    keep_unquantized: tuple[str, ...]  # layer-name patterns kept in higher precision
+
+
+@dataclass(frozen=True)
+class KvCacheSettings:
+    dtype: KvCacheDtype
+
+
+@dataclass(frozen=True)
+class AgreementByPrecision:
+    """Minimum greedy agreement with torch fp32 (0..1), per precision."""
+
+    int4: Fraction
+    int8: Fraction
+    fp16: Fraction
+    fp32: Fraction
+
+
+@dataclass(frozen=True)
+class LogitDiffByPrecision:
+    """Maximum absolute logit difference from torch fp32, per precision."""
+
+    int4: NonNegativeFloat
+    int8: NonNegativeFloat
+    fp16: NonNegativeFloat
+    fp32: NonNegativeFloat
+
+
+@dataclass(frozen=True)
+class FidelityThresholds:
+    """What an export must reach against torch fp32 to be accepted for this target.
+
+    Greedy agreement is the share of generated tokens before the first token that
+    differs from torch fp32's greedy output, averaged over the prompts.
+    """
+
+    min_greedy_agreement: AgreementByPrecision
+    max_logit_diff: LogitDiffByPrecision
+
+    def for_precision(self, precision: Precision) -> tuple[float, float]:
+        """``(min_greedy_agreement, max_logit_diff)`` for `precision`."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+        return (
+            getattr(self.min_greedy_agreement, precision),
+            getattr(self.max_logit_diff, precision),
+        )
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """A hardware target. Every key is required in the TOML file."""
+
+    name: ProfileName
+    description: str
+    execution_providers: Annotated[tuple[ExecutionProvider, ...], non_empty()]
+    # False: an accelerator provider that is unavailable is an error, not a silent
+    # (and much slower) run on the CPU.
+    allow_cpu_fallback: bool
+    precision: Precision  # default weight precision of bundles for this target
+    quantization: QuantizationSettings
+    kv_cache: KvCacheSettings
+    max_context: PositiveInt  # tokens: prompt + generated
+    intra_op_threads: NonNegativeInt  # 0: onnxruntime's default (all physical cores)
+    memory_budget_bytes: PositiveInt  # weights + KV cache at max_context + buffers
+    fidelity: FidelityThresholds
+
+    def __post_init__(self) -> None:
+        names = self.provider_names
+        if len(set(names)) != len(names):
+            raise InvalidField("execution_providers", f"duplicate provider in {list(names)}")
+        if CPU_PROVIDER in names and names[-1] != CPU_PROVIDER:
+            raise InvalidField(
+                "execution_providers",
+                f"{CPU_PROVIDER} must come last (providers take nodes in order)",
+            )
+
+    @property
+    def provider_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.execution_providers)
+
+    @property
+    def memory_budget_gib(self) -> float:
+        return self.memory_budget_bytes / 2**30
+
+    def ort_providers(self) -> list[tuple[str, dict[str, str]]]:
+        """The `providers` argument for ``onnxruntime.InferenceSession``."""
+        return [(p.name, p.ort_options()) for p in self.execution_providers]
+
+
+# -------------------------------------------------------------------- loading, listing
+
+
+def _packaged_dir() -> Traversable:
+    """The folder of the packaged profiles.
+
+    Falls back to the package's real directory when `importlib.resources` cannot
+    handle the namespace package (setuptools' editable finder adds a placeholder
+    entry to its ``__path__``).
+    """
+    try:
+        return importlib.resources.files(PROFILE_PACKAGE)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(
+            f"the packaged device profiles ({PROFILE_PACKAGE}) are not installed"
+        ) from exc
+    except (NotADirectoryError, TypeError, AttributeError):
+        module = importlib.import_module(PROFILE_PACKAGE)
+        for entry in getattr(module, "__path__", ()):
+            if os.path.isdir(entry):
+                return pathlib.Path(entry)
+        raise ConfigError(
+            f"cannot locate the packaged device profiles ({PROFILE_PACKAGE})"
+        ) from None
+
+
+def _packaged_names() -> list[str]:
+    return sorted(
+        entry.name[: -len(".toml")]
+        for entry in _packaged_dir().iterdir()
+        if entry.name.endswith(".toml") and entry.is_file()
+    )
+
+
+def _is_path(path_or_name: str | os.PathLike[str]) -> bool:
+    if isinstance(path_or_name, os.PathLike):
+        return True
+    return "/" in path_or_name or os.sep in path_or_name or path_or_name.endswith(".toml")
+
+
+def load_profile(path_or_name: str | os.PathLike[str]) -> DeviceProfile:
+    """Load a profile: a packaged one by name (``"nvidia-gpu"``), or a TOML file by path.
+
+    A string counts as a path when it contains a path separator or ends in ``.toml``.
+    Raises ConfigError, naming the file and the dotted key, when the profile is invalid.
+    """
+    if _is_path(path_or_name):
+        return load_toml(DeviceProfile, path_or_name)
+    name = str(path_or_name)
+    resource = _packaged_dir() / f"{name}.toml"
+    if not resource.is_file():
+        known = ", ".join(_packaged_names())
+        raise ConfigError(f"unknown device profile {name!r}; packaged profiles: {known}")
+    source = f"{name}.toml"
+    profile = load_toml(DeviceProfile, resource, source=source)
+    if profile.name != name:
+        raise ConfigError(
+            f"{source}: name: expected {name!r} (the file's name), got {profile.name!r}"
+        )
+    return profile
+
+
+def list_profiles() -> list[DeviceProfile]:
+    """Every packaged profile, sorted by name."""
+    return [load_profile(name) for name in _packaged_names()]
+
+
+def profile_summary(profile: DeviceProfile) -> str:
+    """One line: name, precision, providers, context and memory budget."""
+    providers = " > ".join(profile.provider_names)
+    fallback = "" if profile.allow_cpu_fallback else ", no CPU fallback"
+    return (
+        f"{profile.name}: {profile.precision}, providers {providers}{fallback}, "
+        f"context {profile.max_context} tokens, budget {profile.memory_budget_gib:.1f} GiB"
+    )
+
+
+# ---------------------------------------------------------------------------- detection
+
+DEVICE_TREE_MODEL = pathlib.Path("/proc/device-tree/model")
+TEGRA_RELEASE = pathlib.Path("/etc/nv_tegra_release")
+NVIDIA_GPUS_DIR = pathlib.Path("/proc/driver/nvidia/gpus")
+
+_ARCH_ALIASES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}
+_AGX_ORIN = re.compile(r"agx[\s_-]*orin", re.IGNORECASE)
+_ORIN_NANO_NX = re.compile(r"orin[\s_-]*(nano|nx)", re.IGNORECASE)
+_INSTALL_HINTS = {
+    "cpu-x86_64": "pip install 'edge-runtime[cpu]'",
+    "cpu-arm64": "pip install 'edge-runtime[cpu]'",
+    "nvidia-gpu": "pip install 'edge-runtime[gpu]' (onnxruntime-gpu, not onnxruntime)",
+    "jetson-orin-agx": "install NVIDIA's onnxruntime-gpu wheel for this JetPack release",
+    "jetson-orin-nano": "install NVIDIA's onnxruntime-gpu wheel for this JetPack release",
+}
+
+
+@dataclass(frozen=True)
+class MachineFacts:
+    """What `detect_profile` decides on. Tests build these directly."""
+
+    arch: str  # platform.machine(), as reported
+    device_model: str | None = (
+        None  # /proc/device-tree/model, e.g. "NVIDIA Jetson AGX Orin Developer Kit"
+    )
+    tegra_release: str | None = None  # first line of /etc/nv_tegra_release (Jetson L4T)
+    nvidia_gpus: tuple[str, ...] = ()  # names of discrete NVIDIA GPUs
+    onnxruntime_version: str | None = None  # None: onnxruntime cannot be imported
+    ort_providers: tuple[str, ...] = ()  # onnxruntime.get_available_providers()
+    onnxruntime_error: str | None = None  # why the import failed, when it did
+
+    @property
+    def cpu_arch(self) -> str:
+        """``"x86_64"``, ``"arm64"``, or the reported name in lower case."""
+        return _ARCH_ALIASES.get(self.arch.lower(), self.arch.lower())
+
+    @property
+    def is_jetson(self) -> bool:
+        return self.tegra_release is not None or "jetson" in (self.device_model or "").lower()
+
+
+def _read_text(path: pathlib.Path) -> str | None:
+    """The file's text with NULs and surrounding blanks stripped; None if absent or empty."""
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    text = text.replace("\x00", "").strip()
+    return text or None
+
+
+def _gpus_from_proc(gpus_dir: pathlib.Path) -> tuple[str, ...]:
+    """GPU names from the NVIDIA driver's /proc entries ("Model:" lines)."""
+    try:
+        entries = sorted(gpus_dir.iterdir())
+    except OSError:
+        return ()
+    names = []
+    for entry in entries:
+        model = None
+        info = _read_text(entry / "information") or ""
+        for line in info.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Model" and value.strip():
+                model = value.strip()
+                break
+        names.append(model or f"NVIDIA GPU {entry.name}")
+    return tuple(names)
+
+
+def _gpus_from_nvidia_smi(command: str, timeout_s: float) -> tuple[str, ...]:
+    """GPU names from ``nvidia-smi -L``; () when it is missing, fails or hangs."""
+    try:
+        result = subprocess.run(
+            [command, "-L"], capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    if result.returncode != 0:
+        return ()
+    names = []
+    for line in result.stdout.splitlines():
+        match = re.match(r"GPU \d+:\s*(.+?)(?:\s*\(UUID:.*\))?\s*$", line.strip())
+        if match:
+            names.append(match.group(1))
+    return tuple(names)
+
+
+def _probe_onnxruntime() -> tuple[str | None, tuple[str, ...], str | None]:
+    """(version, available providers, import error) -- onnxruntime is imported lazily."""
+    try:
+        ort = importlib.import_module("onnxruntime")
+    except ModuleNotFoundError:
+        return None, (), None
+    except (ImportError, OSError) as exc:  # e.g. a wheel built for other CUDA libraries
+        return None, (), f"{type(exc).__name__}: {exc}"
+    return str(getattr(ort, "__version__", "?")), tuple(ort.get_available_providers()), None
+
+
+def gather_machine_facts(
+    *,
+    machine: str | None = None,
+    device_tree_model: pathlib.Path = DEVICE_TREE_MODEL,
+    tegra_release: pathlib.Path = TEGRA_RELEASE,
+    nvidia_gpus_dir: pathlib.Path = NVIDIA_GPUS_DIR,
+    nvidia_smi: str | None = "nvidia-smi",
+    nvidia_smi_timeout_s: float = 5.0,
+    probe_onnxruntime: bool = True,
+) -> MachineFacts:
+    """Collect the facts about this machine that profile detection needs.
+
+    Every source is optional: a missing file, a missing or hanging ``nvidia-smi``
+    (pass ``nvidia_smi=None`` to skip it) and a missing onnxruntime are tolerated.
+    ``nvidia-smi`` is only asked when the driver's /proc entries list no GPU.
+    """
+    release = _read_text(tegra_release)
+    gpus = _gpus_from_proc(nvidia_gpus_dir)
+    if not gpus and nvidia_smi is not None:
+        gpus = _gpus_from_nvidia_smi(nvidia_smi, nvidia_smi_timeout_s)
+    version, providers, error = _probe_onnxruntime() if probe_onnxruntime else (None, (), None)
+    return MachineFacts(
+        arch=machine if machine is not None else platform.machine(),
+        device_model=_read_text(device_tree_model),
+        tegra_release=release.splitlines()[0] if release else None,
+        nvidia_gpus=gpus,
+        onnxruntime_version=version,
+        ort_providers=providers,
+        onnxruntime_error=error,
+    )
+
+
+def _choose(facts: MachineFacts) -> tuple[str, str]:
+    """(profile name, why) from the hardware facts alone."""
+    model = facts.device_model or ""
+    if facts.is_jetson:
+        if _AGX_ORIN.search(model):
+            return "jetson-orin-agx", f"Jetson AGX Orin (device-tree model {model!r})"
+        if _ORIN_NANO_NX.search(model):
+            return "jetson-orin-nano", f"Jetson Orin Nano/NX (device-tree model {model!r})"
+        seen = f"device-tree model {model!r}" if model else f"L4T release {facts.tegra_release!r}"
+        return (
+            "jetson-orin-nano",
+            f"Jetson board not recognised as an Orin AGX/Nano/NX ({seen}); "
+            "using the most conservative Jetson profile",
+        )
+    cpu = facts.cpu_arch
+    if cpu == "x86_64":
+        if facts.nvidia_gpus:
+            return "nvidia-gpu", f"NVIDIA GPU on x86_64: {', '.join(facts.nvidia_gpus)}"
+        return "cpu-x86_64", "x86_64 CPU, no NVIDIA GPU found"
+    if cpu == "arm64":
+        board = f" ({model})" if model else ""
+        why = f"arm64 CPU{board}, not a Jetson"
+        if facts.nvidia_gpus:
+            why += (
+                f"; NVIDIA GPU {', '.join(facts.nvidia_gpus)} ignored: "
+                "the nvidia-gpu profile targets x86_64 hosts"
+            )
+        return "cpu-arm64", why
+    known = ", ".join(_packaged_names())
+    raise ConfigError(
+        f"no device profile fits CPU architecture {facts.arch!r}; pass one of {known} explicitly"
+    )
+
+
+def _runtime_note(profile: DeviceProfile, facts: MachineFacts) -> str:
+    """What is wrong with the installed onnxruntime for `profile` ("" when nothing)."""
+    hint = _INSTALL_HINTS.get(profile.name, "install onnxruntime")
+    if facts.onnxruntime_version is None:
+        problem = f" ({facts.onnxruntime_error})" if facts.onnxruntime_error else ""
+        return f"onnxruntime is not installed{problem}: {hint}"
+    missing = [name for name in profile.provider_names if name not in facts.ort_providers]
+    if not missing:
+        return ""
+    fallback = "" if profile.allow_cpu_fallback else "; this profile does not allow CPU fallback"
+    return (
+        f"onnxruntime {facts.onnxruntime_version} lacks {', '.join(missing)} "
+        f"(available: {', '.join(facts.ort_providers) or 'none'}): {hint}{fallback}"
+    )
+
+
+def detect_profile(facts: MachineFacts | None = None) -> tuple[DeviceProfile, str]:
+    """The packaged profile that fits this machine (or `facts`), and why.
+
+    Rules: Jetson AGX Orin -> jetson-orin-agx; Jetson Orin Nano/NX (and unrecognised
+    Jetsons) -> jetson-orin-nano; an NVIDIA GPU on x86_64 -> nvidia-gpu; otherwise by
+    CPU architecture (cpu-x86_64, cpu-arm64). The reason also says when onnxruntime is
+    missing or lacks a provider the profile lists. An unknown CPU architecture is a
+    ConfigError.
+    """
+    if facts is None:
+        facts = gather_machine_facts()
+    name, why = _choose(facts)
+    profile = load_profile(name)
+    note = _runtime_note(profile, facts)
+    return profile, f"{why}; {note}" if note else why

@@ -1,0 +1,185 @@
+"""The engine end to end on fp32 bundles: each Code Llama mode's prompt ids are
+built by hand here from the formats document, and greedy tokens are compared
+with torch greedy decoding of the same checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+from tokenizers import Tokenizer
+
+import torch_reference
+from edge_runtime.engine import Engine
+from edge_runtime.errors import BadRequest, ContextLengthExceeded, UnsafePrompt, UnsupportedMode
+from edge_runtime.types import Chunk, GenerationRequest, GenerationResult, Message, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+N = 32
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bundle):
+    return Engine.from_bundle(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def hf_tok(tiny_bundle):
+    return Tokenizer.from_file(str(tiny_bundle / "tokenizer.json"))
+
+
+def enc(tok: Tokenizer, text: str) -> list[int]:
+    """Plain SentencePiece-style encoding of text (no bos), as Meta's sp.encode."""
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+def enc_infilling(tok: Tokenizer, text: str) -> list[int]:
+    """Meta's encode_infilling: encode '☺' + text and drop the '☺' tokens."""
+    return enc(tok, "☺" + text)[2:] if enc(tok, "☺")[:1] == [29871] else enc(tok, "☺" + text)[1:]
+
+
+def run(engine: Engine, request: GenerationRequest) -> tuple[list[Chunk], GenerationResult]:
+    items = list(engine.generate(request))
+    return items[:-1], items[-1]
+
+
+def test_complete_matches_hand_built_ids_and_torch(engine, hf_tok, tiny_checkpoint):
+    prompt = "def fibonacci(n):\n    "
+    expected_ids = [hf_tok.token_to_id("<s>")] + enc(hf_tok, prompt)
+    chunks, result = run(engine, GenerationRequest(mode="complete", prompt=prompt, max_tokens=N, sampling=GREEDY))
+    assert list(result.prompt_token_ids) == expected_ids
+    assert list(result.token_ids) == torch_reference.greedy(tiny_checkpoint, expected_ids, N, frozenset({2}))
+    assert "".join(c.text for c in chunks) == result.text
+    assert result.usage.prompt_tokens == len(expected_ids)
+    assert result.usage.completion_tokens == len(result.token_ids)
+
+
+@pytest.mark.parametrize("suffix_first", [False, True])
+def test_infill_matches_hand_built_ids_and_torch(engine, hf_tok, tiny_checkpoint, suffix_first):
+    prefix, suffix = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"
+    pre, suf, mid, eot = (hf_tok.token_to_id(p) for p in ("▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>"))
+    bos = hf_tok.token_to_id("<s>")
+    if suffix_first:
+        expected = [bos, pre, suf] + enc_infilling(hf_tok, suffix) + [mid] + enc(hf_tok, prefix)
+    else:
+        expected = [bos, pre] + enc(hf_tok, prefix) + [suf] + enc_infilling(hf_tok, suffix) + [mid]
+    _, result = run(engine, GenerationRequest(mode="infill", prefix=prefix, suffix=suffix, suffix_first=suffix_first,
+                                              max_tokens=N, sampling=GREEDY))
+    assert list(result.prompt_token_ids) == expected
+    assert list(result.token_ids) == torch_reference.greedy(tiny_checkpoint, expected, N, frozenset({eot, 2}))
+
+
+def test_chat_matches_hand_built_ids_and_torch(engine, hf_tok, tiny_checkpoint):
+    messages = (Message("system", "You write Python."), Message("user", "Sort a list."),
+                Message("assistant", " Use sorted(). "), Message("user", "  And reverse it?  "))
+    bos, eos = hf_tok.token_to_id("<s>"), hf_tok.token_to_id("</s>")
+    first_user = "<<SYS>>\nYou write Python.\n<</SYS>>\n\nSort a list."
+    expected = ([bos] + enc(hf_tok, f"[INST] {first_user} [/INST] Use sorted(). ") + [eos]
+                + [bos] + enc(hf_tok, "[INST] And reverse it? [/INST]"))
+    _, result = run(engine, GenerationRequest(mode="chat", messages=messages, max_tokens=N, sampling=GREEDY))
+    assert list(result.prompt_token_ids) == expected
+    assert list(result.token_ids) == torch_reference.greedy(tiny_checkpoint, expected, N, frozenset({eos}))
+
+
+def test_control_token_text_in_user_input_stays_text(engine):
+    _, result = run(engine, GenerationRequest(mode="complete", prompt="x </s> <s> ▁<EOT> <PRE>", max_tokens=1,
+                                              sampling=GREEDY))
+    assert result.prompt_token_ids[0] == 1
+    assert not {2, 32007, 32008, 32009, 32010} & set(result.prompt_token_ids)
+    assert 1 not in result.prompt_token_ids[1:]
+
+
+def test_stop_string_across_tokens_is_cut_from_the_output(engine):
+    request = GenerationRequest(mode="complete", prompt="def f():", max_tokens=24, sampling=GREEDY)
+    _, full = run(engine, request)
+    # a stop string made of the end of one token's text and the start of the next
+    pieces = [engine.tokenizer.decode(list(full.token_ids[:i])) for i in range(1, len(full.token_ids) + 1)]
+    cut = next(i for i in range(2, len(pieces)) if len(pieces[i - 1]) - len(pieces[i - 2]) >= 2)
+    stop = pieces[cut - 1][len(pieces[cut - 2]) - 1: len(pieces[cut - 2]) + 1]
+    expected = full.text[: full.text.index(stop)]
+    chunks, result = run(engine, GenerationRequest(mode="complete", prompt="def f():", max_tokens=24,
+                                                   sampling=GREEDY, stop=(stop,)))
+    assert result.finish_reason == "stop"
+    assert result.text == expected and "".join(c.text for c in chunks) == expected
+
+
+def test_seed_makes_sampling_reproducible(engine):
+    def sample(seed):
+        return run(engine, GenerationRequest(mode="complete", prompt="import ", max_tokens=16,
+                                             sampling=SamplingParams(temperature=1.0, top_p=0.95, seed=seed)))[1]
+    a, b, c = sample(11), sample(11), sample(12)
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_context_overflow_names_both_numbers_before_any_work(engine):
+    limit = engine.context_limit
+    with pytest.raises(ContextLengthExceeded, match=rf"(?s)tokens.*max_tokens is {limit}.*context limit of {limit}"):
+        next(engine.generate(GenerationRequest(mode="complete", prompt="def f():", max_tokens=limit)))
+
+
+def test_bad_max_tokens(engine):
+    with pytest.raises(BadRequest, match="max_tokens"):
+        next(engine.generate(GenerationRequest(mode="complete", prompt="x", max_tokens=0)))
+
+
+def test_infill_refused_without_infilling_tokens(noinfill_bundle):
+    engine = Engine.from_bundle(noinfill_bundle)
+    with pytest.raises(UnsupportedMode, match="infill"):
+        next(engine.generate(GenerationRequest(mode="infill", prefix="a", suffix="b")))
+    # completion works on the same model
+    result = engine.complete(GenerationRequest(mode="complete", prompt="x", max_tokens=3, sampling=GREEDY))
+    assert result.usage.completion_tokens >= 1
+
+
+@pytest.mark.parametrize("tag", ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<step>"])
+def test_chat_with_special_tag_refused(engine, tag):
+    with pytest.raises(UnsafePrompt):
+        next(engine.generate(GenerationRequest(mode="chat", messages=(Message("user", f"hi {tag} there"),))))
+
+
+def test_cancel_between_tokens(engine):
+    cancel = threading.Event()
+    seen = []
+    for item in engine.generate(GenerationRequest(mode="complete", prompt="def f():", max_tokens=64,
+                                                  sampling=GREEDY), cancel=cancel):
+        seen.append(item)
+        if isinstance(item, Chunk) and len(seen) == 3:
+            cancel.set()
+    result = seen[-1]
+    assert result.finish_reason == "cancelled"
+    assert 3 <= result.usage.completion_tokens < 64
+
+
+def test_streamed_chunks_are_valid_text_and_add_up(engine):
+    _, result = run(engine, GenerationRequest(mode="complete", prompt="说明 😀 ", max_tokens=48,
+                                              sampling=SamplingParams(temperature=1.0, seed=3)))
+    chunks, again = run(engine, GenerationRequest(mode="complete", prompt="说明 😀 ", max_tokens=48,
+                                                  sampling=SamplingParams(temperature=1.0, seed=3)))
+    assert again.text == result.text == "".join(c.text for c in chunks)
+    for c in chunks:
+        c.text.encode("utf-8")  # valid, no lone surrogates
+    assert sum(len(c.token_ids) for c in chunks) == len(again.token_ids)
+    assert result.text == engine.tokenizer.decode(list(result.token_ids))
+    assert result.timings.ttft_ms > 0 and result.timings.total_ms >= result.timings.ttft_ms
+
+
+def test_generate_cli_json(tiny_bundle, tiny_checkpoint):
+    out = subprocess.run([sys.executable, "-m", "edge_runtime", "generate", "--bundle", str(tiny_bundle),
+                          "--prompt", "def f():", "--max-tokens", "8", "--temperature", "0", "--json"],
+                         capture_output=True, text=True, check=True)
+    reply = json.loads(out.stdout)
+    assert set(reply) >= {"text", "token_ids", "prompt_token_ids", "finish_reason", "usage", "timings"}
+    assert reply["token_ids"] == torch_reference.greedy(tiny_checkpoint, reply["prompt_token_ids"], 8, frozenset({2}))
+    assert set(reply["timings"]) == {"ttft_ms", "decode_tokens_per_s", "total_ms"}
+
+
+def test_generate_cli_bad_input_is_one_line_error(tiny_bundle, tmp_path):
+    bad = tmp_path / "m.json"
+    bad.write_text('[{"role": "user"}]')
+    out = subprocess.run([sys.executable, "-m", "edge_runtime", "generate", "--bundle", str(tiny_bundle),
+                          "--messages", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stderr.startswith("error:")

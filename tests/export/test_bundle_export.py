@@ -1,0 +1,181 @@
+"""Export -> bundle -> load, on small Code Llama-shaped checkpoints, against torch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import torch_reference
+from edge_runtime.bundle import MANIFEST_NAME, load_bundle
+from edge_runtime.errors import BundleError
+from edge_runtime.onnx_decoder import KVConcatDecoder
+
+PROMPTS = (
+    [1, 822, 18755, 29898, 29876, 1125],  # "def fib(n):"
+    [1, 5215, 2897, 13, 5215, 10876, 13, 13],  # "import os\nimport sys\n\n"
+    [1, 32007, 822, 788, 29898, 29874, 29892, 289, 1125, 32008, 13, 32009],  # an infill-shaped prompt
+)
+
+
+def decoder_for(bundle_dir: Path, max_length: int = 256) -> KVConcatDecoder:
+    import onnxruntime as ort
+
+    bundle = load_bundle(bundle_dir)
+    session = ort.InferenceSession(str(bundle.graph_path), providers=["CPUExecutionProvider"])
+    return KVConcatDecoder(ort, session, bundle.architecture, device="cpu", max_length=max_length)
+
+
+def copy_bundle(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def rewrite_manifest(bundle: Path, change) -> None:
+    path = bundle / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_fp32_bundle_logits_match_torch(tiny_bundle, tiny_checkpoint):
+    decoder = decoder_for(tiny_bundle)
+    for ids in PROMPTS:
+        cache = decoder.new_cache(len(ids))
+        ours = decoder.prefill(cache, np.asarray(ids))
+        ref = torch_reference.prompt_logits(tiny_checkpoint, ids)
+        assert ours.shape == ref.shape
+        assert np.abs(ours - ref).max() < 1e-4
+
+
+def test_fp32_bundle_greedy_tokens_equal_torch(tiny_bundle, tiny_checkpoint):
+    decoder = decoder_for(tiny_bundle)
+    for ids in PROMPTS:
+        cache = decoder.new_cache(len(ids) + 32)
+        token = int(decoder.prefill(cache, np.asarray(ids))[-1].argmax())
+        ours = [token]
+        for _ in range(31):
+            token = int(decoder.decode(cache, token).argmax())
+            ours.append(token)
+        assert ours == torch_reference.greedy(tiny_checkpoint, ids, 32)
+
+
+def test_manifest_records_what_the_device_needs(tiny_bundle):
+    manifest = json.loads((tiny_bundle / MANIFEST_NAME).read_text())
+    assert manifest["format_version"] == 1
+    assert manifest["architecture"]["num_kv_heads"] == 2 and manifest["architecture"]["num_heads"] == 4
+    assert manifest["architecture"]["rope_theta"] == 1_000_000.0
+    assert manifest["tokenizer"]["supports_infill"] is True
+    assert manifest["tokenizer"]["infill"] == {"pre": 32007, "suf": 32008, "mid": 32009, "eot": 32010}
+    assert manifest["precision"] == "fp32" and manifest["quantization"] is None
+    assert "past_key_values.0.key" in manifest["graph"]["inputs"] and manifest["graph"]["outputs"][0] == "logits"
+    assert manifest["fidelity"]["passed"] is True and manifest["fidelity"]["greedy_agreement"] == 1.0
+    assert {"onnxruntime", "torch", "transformers"} <= set(manifest["tools"])
+    assert {f["path"] for f in manifest["files"]} == {"model.onnx", "tokenizer.json", "LICENSE"}
+
+
+def test_noinfill_checkpoint_is_recorded_without_infill(noinfill_bundle):
+    bundle = load_bundle(noinfill_bundle)
+    assert bundle.supports_infill is False and bundle.manifest["tokenizer"]["infill"] is None
+    assert bundle.architecture.num_kv_heads == 8 and bundle.architecture.vocab_size == 32000
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "tokenizer.json", "LICENSE"])
+def test_flipped_byte_in_any_file_is_refused(tiny_bundle, tmp_path, name):
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    path = bundle / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=f"{name}: SHA-256 does not match"):
+        load_bundle(bundle)
+    cli = subprocess.run([sys.executable, "-m", "edge_runtime", "verify", "--bundle", str(bundle)],
+                         capture_output=True, text=True)
+    assert cli.returncode != 0 and name in cli.stderr
+
+
+def test_wrong_format_version_is_refused(tiny_bundle, tmp_path):
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    rewrite_manifest(bundle, lambda m: m.update(format_version=99))
+    with pytest.raises(BundleError, match="unsupported format_version 99"):
+        load_bundle(bundle)
+
+
+@pytest.mark.parametrize("bad", ["../outside.bin", "/etc/passwd", "sub/../../x"])
+def test_manifest_path_leaving_the_bundle_is_refused(tiny_bundle, tmp_path, bad):
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    rewrite_manifest(bundle, lambda m: m["files"].append({"path": bad, "size": 1, "sha256": "0" * 64}))
+    with pytest.raises(BundleError, match="relative path inside the bundle|leaves the bundle"):
+        load_bundle(bundle)
+
+
+@pytest.mark.parametrize("location", ["../weights.data", "/tmp/weights.data"])
+def test_external_data_traversal_is_refused(tiny_bundle, tmp_path, location):
+    """A graph whose external-data location leaves the folder is refused even when
+    the manifest's hashes were edited to match it."""
+    import onnx
+    from edge_export.bundle_writer import write_manifest
+
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    model = onnx.load(str(bundle / "model.onnx"))
+    init = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    init.ClearField("raw_data")
+    init.data_location = onnx.TensorProto.EXTERNAL
+    entry = init.external_data.add()
+    entry.key, entry.value = "location", location
+    onnx.save(model, str(bundle / "model.onnx"))
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    for key in ("format", "format_version", "created", "tools", "files"):
+        manifest.pop(key)
+    write_manifest(bundle, manifest)  # hashes now match the tampered graph
+    with pytest.raises(BundleError, match="external data file"):
+        load_bundle(bundle)
+
+
+def test_truncated_graph_is_refused_even_with_matching_hashes(tiny_bundle, tmp_path):
+    from edge_export.bundle_writer import write_manifest
+
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    graph = bundle / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 3])
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    for key in ("format", "format_version", "created", "tools", "files"):
+        manifest.pop(key)
+    write_manifest(bundle, manifest)
+    with pytest.raises(BundleError, match="not a valid ONNX file"):
+        load_bundle(bundle)
+
+
+def test_missing_file_is_refused(tiny_bundle, tmp_path):
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    (bundle / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match="tokenizer.json: listed in bundle.json but missing"):
+        load_bundle(bundle)
+
+
+def test_non_llama_checkpoint_is_refused(tmp_path):
+    from edge_export.checkpoint import CheckpointError, read_checkpoint
+
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(CheckpointError, match="model_type='gpt2'.*only Llama-architecture"):
+        read_checkpoint(folder)
+    cli = subprocess.run([sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(folder), "--profile",
+                          "cpu-x86_64", "--output", str(tmp_path / "out")], capture_output=True, text=True)
+    assert cli.returncode == 2 and "GPT2LMHeadModel" in cli.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_export_refuses_to_overwrite_an_existing_bundle(tiny_checkpoint, tiny_bundle):
+    from edge_export.pipeline import ExportError, ExportOptions, run_export
+
+    before = (tiny_bundle / MANIFEST_NAME).read_bytes()
+    with pytest.raises(ExportError, match="already exists"):
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=tiny_bundle))
+    assert (tiny_bundle / MANIFEST_NAME).read_bytes() == before

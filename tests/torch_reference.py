@@ -1,0 +1,40 @@
+"""Independent reference: greedy decoding with the torch model of the same
+checkpoint (transformers' LlamaForCausalLM), no code of ours involved."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+
+@lru_cache(maxsize=4)
+def load_model(checkpoint: str):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32).eval()
+
+
+def prompt_logits(checkpoint: Path, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return load_model(str(checkpoint))(torch.tensor([ids])).logits[0].numpy()
+
+
+def greedy(checkpoint: Path, ids: list[int], n: int, stop_ids: frozenset[int] = frozenset()) -> list[int]:
+    """Greedy continuation without a KV cache (the whole sequence every step)."""
+    import torch
+
+    model = load_model(str(checkpoint))
+    seq, out = list(ids), []
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+            if token in stop_ids:
+                break
+            out.append(token)
+            seq.append(token)
+    return out
