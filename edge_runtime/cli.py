@@ -139,6 +139,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# -- bench ----------------------------------------------------------------------------------
+def cmd_bench(args) -> int:
+    from .bench import format_result, result_json, run_bench
+
+    result = run_bench(args.bundle, profile=args.profile, prefill_tokens=args.prefill_tokens,
+                       contexts=tuple(args.context or (128, 2048)), decode_tokens=args.decode_tokens)
+    print(result_json(result) if args.json else format_result(result))
+    return 0
+
+
 # -- demo model -------------------------------------------------------------------------------
 def cmd_demo_model(args) -> int:
     try:
@@ -187,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="device profile (default: the one the bundle was made for)")
     add_request_arguments(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="prefill and decode speed of a bundle on this machine")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--profile")
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--context", type=int, action="append", help="decode context (repeatable; default 128 and 2048)")
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo-model", help="train (or find cached) the small demo Code Llama checkpoint")
     p.add_argument("--cache-dir", help="default: $EDGE_RUNTIME_CACHE or ~/.cache/edge-runtime")

@@ -68,3 +68,21 @@ def demo_checkpoint() -> Path:
     from edge_export.demo_model import ensure_demo_model
 
     return ensure_demo_model(progress=False)
+
+
+def _cuda_available() -> bool:
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run where onnxruntime-gpu sees a GPU (the lent GPU machine)."""
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs onnxruntime-gpu with a CUDA device (run on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

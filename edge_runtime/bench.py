@@ -1,0 +1,108 @@
+"""`edge-runtime bench`: prefill and decode speed of a bundle on this machine.
+
+Prompts are random token ids (fixed seed): speed does not depend on the text.
+Decode speed at context C is measured after prefilling C tokens, over the next
+`decode_tokens` single-token steps, each followed by a greedy sample (argmax of
+the last position's logits), as the engine's loop does.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .engine import Engine
+
+
+@dataclass
+class BenchResult:
+    bundle: str
+    precision: str
+    provider: str
+    model_bytes: int
+    prefill_tokens: int
+    prefill_tokens_per_s: float
+    ttft_ms: float
+    decode_tokens_per_s: dict[int, float] = field(default_factory=dict)  # context -> tokens/s
+    skipped: dict[int, str] = field(default_factory=dict)
+    peak_rss_bytes: int = 0
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def prompt_ids(n: int, vocab: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(100, min(vocab, 32000), size=n, dtype=np.int64)
+    ids[0] = 1
+    return ids
+
+
+def time_prefill(engine: Engine, n: int, repeats: int) -> tuple[float, float]:
+    """Best-of-`repeats` (prefill seconds, time to first token seconds) for an n-token prompt."""
+    ids = prompt_ids(n, engine.bundle.architecture.vocab_size)
+    best_prefill = best_ttft = float("inf")
+    for _ in range(repeats):
+        cache = engine.decoder.new_cache(n + 1)
+        t0 = time.perf_counter()
+        logits = engine.decoder.prefill(cache, ids)
+        t1 = time.perf_counter()
+        int(np.argmax(logits[-1]))
+        t2 = time.perf_counter()
+        best_prefill, best_ttft = min(best_prefill, t1 - t0), min(best_ttft, t2 - t0)
+    return best_prefill, best_ttft
+
+
+def time_decode(engine: Engine, context: int, steps: int) -> float:
+    """Decode tokens/s after a `context`-token prefill."""
+    ids = prompt_ids(context, engine.bundle.architecture.vocab_size, seed=context)
+    cache = engine.decoder.new_cache(context + steps + 4)
+    token = int(np.argmax(engine.decoder.prefill(cache, ids)[-1]))
+    for _ in range(3):  # warm up
+        token = int(np.argmax(engine.decoder.decode(cache, token)))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        token = int(np.argmax(engine.decoder.decode(cache, token)))
+    return steps / (time.perf_counter() - t0)
+
+
+def run_bench(bundle: str, *, profile: str | None = None, prefill_tokens: int = 512,
+              contexts: tuple[int, ...] = (128, 2048), decode_tokens: int = 64, repeats: int = 3) -> BenchResult:
+    engine = Engine.from_bundle(bundle, profile=profile)
+    limit = engine.context_limit
+    result = BenchResult(bundle=str(engine.bundle.root), precision=engine.bundle.precision,
+                         provider=engine.info.provider,
+                         model_bytes=sum(f["size"] for f in engine.bundle.manifest["files"]
+                                         if f["path"].startswith("model.onnx")),
+                         prefill_tokens=min(prefill_tokens, limit - 1), prefill_tokens_per_s=0.0, ttft_ms=0.0)
+    prefill_s, ttft_s = time_prefill(engine, result.prefill_tokens, repeats)
+    result.prefill_tokens_per_s = result.prefill_tokens / prefill_s
+    result.ttft_ms = ttft_s * 1000
+    for context in contexts:
+        if context + decode_tokens + 4 > limit:
+            result.skipped[context] = f"context limit {limit}"
+            continue
+        result.decode_tokens_per_s[context] = time_decode(engine, context, decode_tokens)
+    result.peak_rss_bytes = peak_rss_bytes()
+    return result
+
+
+def format_result(r: BenchResult) -> str:
+    lines = [f"bundle            {r.bundle} ({r.precision}, {r.provider}, model {r.model_bytes / 2**20:.1f} MiB)",
+             f"prefill           {r.prefill_tokens_per_s:,.0f} tokens/s ({r.prefill_tokens} prompt tokens)",
+             f"time to 1st token {r.ttft_ms:.1f} ms ({r.prefill_tokens} prompt tokens)"]
+    for ctx, tps in r.decode_tokens_per_s.items():
+        lines.append(f"decode @ {ctx:<8} {tps:,.1f} tokens/s")
+    for ctx, why in r.skipped.items():
+        lines.append(f"decode @ {ctx:<8} skipped ({why})")
+    lines.append(f"peak RSS          {r.peak_rss_bytes / 2**20:.0f} MiB")
+    return "\n".join(lines)
+
+
+def result_json(r: BenchResult) -> str:
+    return json.dumps(asdict(r), indent=2)

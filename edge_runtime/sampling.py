@@ -1,0 +1,123 @@
+"""Next-token sampling on the last position's logits (numpy only).
+
+Follows Meta's reference: temperature 0 is greedy; otherwise softmax of
+logits / temperature, then nucleus (top-p) filtering as `sample_top_p` does
+(sort descending, cumulative sum, drop tokens where cumsum - p_i > p),
+renormalise, draw. Top-k, when set, is applied before top-p.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from .errors import BadRequest
+from .types import SamplingParams
+
+
+def validate_sampling(params: SamplingParams) -> SamplingParams:
+    """Check the ranges; BadRequest naming the field. Returns `params` unchanged."""
+    t, p, k, seed = params.temperature, params.top_p, params.top_k, params.seed
+    if not _is_real(t) or not math.isfinite(t) or t < 0:
+        raise BadRequest(f"temperature must be a finite number >= 0, got {t!r}")
+    if not _is_real(p) or not math.isfinite(p) or not 0 < p <= 1:
+        raise BadRequest(f"top_p must be a number in (0, 1], got {p!r}")
+    if not _is_int(k) or k < 0:
+        raise BadRequest(f"top_k must be an integer >= 0, got {k!r}")
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise BadRequest(f"seed must be an integer >= 0 or null, got {seed!r}")
+    return params
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+# ------------------------------------------------------------------ small functions
+def greedy(logits: np.ndarray) -> int:
+    """Argmax (the lowest id among ties). logits: [vocab]."""
+    return int(np.argmax(logits))
+
+
+def top_k_candidates(logits: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the k largest logits, ascending by id (argpartition, no full sort). [vocab] -> [k]."""
+    if k <= 0 or k >= logits.shape[0]:
+        return np.arange(logits.shape[0])
+    return np.sort(np.argpartition(logits, -k)[-k:])
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """float64 probabilities; -inf scores get probability 0. [n] -> [n]."""
+    scores = scores.astype(np.float64)
+    top = scores.max()
+    if not np.isfinite(top):
+        raise ValueError("logits have no finite maximum")
+    e = np.exp(scores - top)
+    probs: np.ndarray = e / e.sum()
+    return probs
+
+
+def top_p_filter(probs: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray]:
+    """Meta's nucleus rule: `(order, kept probs)`, the smallest descending prefix whose mass reaches p.
+
+    Keeps token i (in descending order) while cumsum_i - p_i <= p, so the most
+    likely token is always kept; ties go to the lower index. `order` indexes into
+    `probs`. Sorts only the top m candidates (m = 64, 512, 4096, all) until their mass
+    exceeds p, since everything after them is then dropped. [n] -> [m'], [m'].
+    """
+    n = probs.shape[0]
+    m = min(n, 64)
+    while True:
+        top = _at_least_top(probs, m)
+        order = top[np.argsort(-probs[top], kind="stable")]
+        sorted_probs = probs[order]
+        cumsum = np.cumsum(sorted_probs)
+        if len(top) == n or cumsum[-1] > p:  # the next token's cumsum - p_i exceeds p: the rest is dropped
+            keep = cumsum - sorted_probs <= p
+            return order[keep], sorted_probs[keep]
+        m = min(n, 8 * m)
+
+
+def _at_least_top(probs: np.ndarray, m: int) -> np.ndarray:
+    """Ascending ids of the m largest values, plus any ties of the m-th (so tie-breaking is by id)."""
+    n = probs.shape[0]
+    if m >= n:
+        return np.arange(n)
+    threshold = probs[np.argpartition(probs, n - m)[n - m]]
+    return np.flatnonzero(probs >= threshold)
+
+
+def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """Index drawn from unnormalised non-negative weights. [n] -> int."""
+    cdf = np.cumsum(probs, dtype=np.float64)
+    u = rng.random() * cdf[-1]
+    return int(min(np.searchsorted(cdf, u, side="right"), len(cdf) - 1))
+
+
+# ------------------------------------------------------------------------- sampler
+class Sampler:
+    """One request's sampler: validated params and a seeded `numpy.random.Generator`."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = validate_sampling(params)
+        seq = np.random.SeedSequence(params.seed)  # seed None: fresh OS entropy
+        self.entropy: int = int(seq.entropy)  # type: ignore[arg-type]  # an int here: the seed to reproduce the run
+        self._rng = np.random.Generator(np.random.PCG64(seq))
+
+    def sample(self, logits: np.ndarray) -> int:
+        """Next token id from the last position's logits. logits: [vocab] float."""
+        p = self.params
+        if p.temperature == 0 or p.top_k == 1:
+            return greedy(logits)
+        candidates = top_k_candidates(logits, p.top_k)
+        probs = softmax(logits[candidates] / np.float64(p.temperature))
+        if p.top_p < 1:
+            order, probs = top_p_filter(probs, p.top_p)
+            candidates = candidates[order]
+        return int(candidates[draw(probs, self._rng)])

@@ -1,0 +1,146 @@
+"""Sampler: greedy, seeded reproducibility, top-k / top-p support, parameter validation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from edge_runtime.errors import BadRequest
+from edge_runtime.sampling import Sampler, greedy, softmax, top_k_candidates, top_p_filter, validate_sampling
+from edge_runtime.types import SamplingParams
+
+VOCAB = 2048  # small: the sampler is vocabulary-size agnostic, and the tests draw thousands of times
+
+
+def logits(seed: int = 0, scale: float = 3.0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(VOCAB) * scale).astype(np.float32)
+
+
+def draws(params: SamplingParams, x: np.ndarray, n: int = 200) -> list[int]:
+    s = Sampler(params)
+    return [s.sample(x) for _ in range(n)]
+
+
+def test_greedy_is_argmax() -> None:
+    x = logits()
+    assert greedy(x) == int(np.argmax(x))
+    assert greedy(np.array([1.0, 3.0, 3.0, -np.inf], dtype=np.float32)) == 1  # lowest id on ties
+
+
+def test_temperature_zero_is_greedy() -> None:
+    x = logits(1)
+    assert set(draws(SamplingParams(temperature=0.0, top_p=0.9, seed=None), x, 50)) == {int(np.argmax(x))}
+
+
+def test_same_seed_same_tokens() -> None:
+    x = logits(2, scale=1.0)
+    p = SamplingParams(temperature=1.0, top_p=0.95, top_k=0, seed=42)
+    a, b = draws(p, x), draws(p, x)
+    assert a == b
+    assert len(set(a)) > 20  # it really samples
+    assert draws(SamplingParams(temperature=1.0, top_p=0.95, seed=43), x) != a
+
+
+def test_seed_none_uses_fresh_entropy() -> None:
+    s1, s2 = Sampler(SamplingParams(seed=None)), Sampler(SamplingParams(seed=None))
+    assert s1.entropy != s2.entropy
+    # the recorded entropy reproduces the run
+    x = logits(3, scale=1.0)
+    again = Sampler(SamplingParams(seed=s1.entropy))
+    assert [s1.sample(x) for _ in range(50)] == [again.sample(x) for _ in range(50)]
+
+
+def test_top_k_one_is_argmax() -> None:
+    x = logits(4, scale=0.1)  # flat: without the restriction many ids would come up
+    assert set(draws(SamplingParams(temperature=5.0, top_p=1.0, top_k=1, seed=0), x)) == {int(np.argmax(x))}
+
+
+def test_tiny_top_p_is_argmax() -> None:
+    x = logits(5, scale=0.1)
+    assert set(draws(SamplingParams(temperature=5.0, top_p=1e-9, seed=0), x)) == {int(np.argmax(x))}
+    assert set(draws(SamplingParams(temperature=5.0, top_p=1e-9, top_k=50, seed=0), x)) == {int(np.argmax(x))}
+
+
+def test_top_k_restricts_support() -> None:
+    x = logits(6, scale=0.1)
+    allowed = set(np.argsort(-x)[:5].tolist())
+    got = draws(SamplingParams(temperature=1.0, top_p=1.0, top_k=5, seed=0), x, 500)
+    assert set(got) == allowed
+
+
+def test_top_p_restricts_support_to_nucleus() -> None:
+    x = np.full(VOCAB, -np.inf, dtype=np.float32)
+    x[[10, 20, 30, 40]] = np.log([0.5, 0.3, 0.15, 0.05])
+    # Meta's rule: keep while cumsum - p_i <= p -> 0.5, 0.8 (0.5 <= 0.6), not 0.95 (0.8 > 0.6)
+    got = draws(SamplingParams(temperature=1.0, top_p=0.6, seed=0), x, 1000)
+    assert set(got) == {10, 20}
+    assert 0.55 < got.count(10) / len(got) < 0.70  # renormalised: 0.5 / 0.8 = 0.625
+    got = draws(SamplingParams(temperature=1.0, top_p=0.85, seed=0), x, 1000)
+    assert set(got) == {10, 20, 30}
+
+
+def test_masked_logits_never_sampled() -> None:
+    x = np.full(VOCAB, -np.inf, dtype=np.float32)
+    x[[7, 9]] = 0.0
+    assert set(draws(SamplingParams(temperature=1.0, top_p=1.0, seed=1), x)) == {7, 9}
+
+
+def test_small_functions() -> None:
+    x = np.array([0.0, 5.0, 1.0, 4.0, -1.0], dtype=np.float32)
+    assert top_k_candidates(x, 2).tolist() == [1, 3]
+    assert top_k_candidates(x, 0).tolist() == [0, 1, 2, 3, 4]
+    probs = softmax(x)
+    assert math.isclose(float(probs.sum()), 1.0) and probs.dtype == np.float64
+    order, kept = top_p_filter(probs, 0.5)
+    assert order.tolist() == [1] and kept.shape == (1,)
+
+
+def test_defaults_are_valid() -> None:
+    assert validate_sampling(SamplingParams()) == SamplingParams()
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        (SamplingParams(temperature=-0.1), "temperature"),
+        (SamplingParams(temperature=float("nan")), "temperature"),
+        (SamplingParams(temperature=float("inf")), "temperature"),
+        (SamplingParams(temperature="hot"), "temperature"),  # type: ignore[arg-type]
+        (SamplingParams(top_p=0.0), "top_p"),
+        (SamplingParams(top_p=1.5), "top_p"),
+        (SamplingParams(top_p=float("nan")), "top_p"),
+        (SamplingParams(top_k=-1), "top_k"),
+        (SamplingParams(top_k=2.5), "top_k"),  # type: ignore[arg-type]
+        (SamplingParams(top_k=True), "top_k"),
+        (SamplingParams(seed=-3), "seed"),
+        (SamplingParams(seed=1.5), "seed"),  # type: ignore[arg-type]
+    ],
+)
+def test_validation_names_the_field(params: SamplingParams, field: str) -> None:
+    with pytest.raises(BadRequest, match=field):
+        validate_sampling(params)
+    with pytest.raises(BadRequest, match=field):
+        Sampler(params)
+
+
+def _reference_top_p(probs: np.ndarray, p: float) -> np.ndarray:
+    """Meta's sample_top_p mask over a full stable sort."""
+    order = np.argsort(-probs, kind="stable")
+    sorted_probs = probs[order]
+    return order[np.cumsum(sorted_probs) - sorted_probs <= p]
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 4.0, 12.0])
+@pytest.mark.parametrize("p", [1e-9, 0.3, 0.9, 0.99])
+def test_partial_sort_top_p_equals_full_sort(scale: float, p: float) -> None:
+    rng = np.random.default_rng(int(scale * 100) + int(p * 1000))
+    for ties in (False, True):
+        x = (rng.standard_normal(32016) * scale).astype(np.float32)
+        if ties:
+            x = np.round(x, 1)  # many equal probabilities: ties go to the lower id
+        probs = softmax(x)
+        order, kept = top_p_filter(probs, p)
+        assert order.tolist() == _reference_top_p(probs, p).tolist()
+        assert np.array_equal(kept, probs[order])
