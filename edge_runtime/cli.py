@@ -207,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
+    from .install_service import add_arguments as add_install_arguments, run_install_service
+
+    p = sub.add_parser("install-service", help="install the systemd unit, user, config and bundle (as root)")
+    add_install_arguments(p)
+    p.set_defaults(func=run_install_service)
+
     p = sub.add_parser("demo-model", help="train (or find cached) the small demo Code Llama checkpoint")
     p.add_argument("--cache-dir", help="default: $EDGE_RUNTIME_CACHE or ~/.cache/edge-runtime")
     p.set_defaults(func=cmd_demo_model)

@@ -4,6 +4,7 @@ persistence file) by the tests. Never a mock."""
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -42,7 +43,8 @@ class MosquittoBroker:
         persist = (f"persistence true\npersistence_location {self.workdir}/\n"
                    if persistence else "persistence false\n")
         self.config_path.write_text(
-            f"{listener}{persist}log_dest file {self.log_path}\nlog_type all\n"
+            # as root, mosquitto would switch to the `mosquitto` user, who cannot write pytest's tmp dirs
+            f"{listener}{persist}user {getpass.getuser()}\nlog_dest file {self.log_path}\nlog_type all\n"
             f"max_queued_messages 10000\n{extra_config}\n")
         self.process: subprocess.Popen | None = None
 

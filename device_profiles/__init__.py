@@ -1,0 +1,1 @@
+"""The packaged device profiles (TOML files), read by edge_runtime.profiles."""

@@ -1,0 +1,581 @@
+"""The systemd side of a device: the units in systemd/ (verified by systemd-analyze,
+with the hardening the service needs), the sd_notify protocol and watchdog of
+edge_runtime/sdnotify.py against a datagram socket the test owns, the unit's
+seccomp sandbox reproduced around a real onnxruntime run, and
+`edge-runtime install-service` into a temporary root.
+
+No systemd PID 1 is needed: `systemd-analyze verify/security --offline` read unit
+files only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_runtime import install_service as svc
+from edge_runtime.sdnotify import SystemdNotifier, Watchdog
+
+REPO = Path(__file__).resolve().parents[2]
+SYSTEMD = REPO / "systemd"
+UNIT = SYSTEMD / "edge-runtime.service"
+GPU_DROPIN = SYSTEMD / "edge-runtime-gpu.conf"
+SAMPLE_CONFIG = SYSTEMD / "config.toml"
+TOKENIZER_JSON = REPO / "export" / "assets" / "codellama-tokenizer.json"
+# Exposure scores measured with systemd 252 (systemd/README.md); lower is better.
+CPU_SCORE_LIMIT = 1.2
+GPU_SCORE_LIMIT = 1.6
+
+
+def systemd_analyze() -> str:
+    path = shutil.which("systemd-analyze")
+    if path is None:
+        pytest.fail("systemd-analyze is missing: apt-get install -y systemd", pytrace=False)
+    return path
+
+
+def parse_unit(text: str) -> dict[str, list[str]]:
+    """``Section.Key`` -> values in order (systemd allows repeated keys)."""
+    out: dict[str, list[str]] = {}
+    section = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        out.setdefault(f"{section}.{key.strip()}", []).append(value.strip())
+    return out
+
+
+@pytest.fixture
+def unit_dir(tmp_path) -> Path:
+    """A copy of the unit whose ExecStart= names an executable that exists here (verify
+    checks that), with the GPU drop-in beside it in edge-runtime.service.d/."""
+    fake = tmp_path / "bin" / "edge-runtime"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    units = tmp_path / "units"
+    units.mkdir()
+    (units / "edge-runtime.service").write_text(svc.render_unit(fake))
+    return units
+
+
+def add_dropin(units: Path) -> None:
+    (units / "edge-runtime.service.d").mkdir()
+    shutil.copy(GPU_DROPIN, units / "edge-runtime.service.d" / "gpu.conf")
+
+
+def analyze(units: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, SYSTEMD_UNIT_PATH=f"{units}:", SYSTEMD_LOG_LEVEL="notice")
+    return subprocess.run([systemd_analyze(), *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def exposure(units: Path) -> tuple[float, str]:
+    result = analyze(units, "security", "--offline=yes", "--no-pager", str(units / "edge-runtime.service"))
+    match = re.search(r"Overall exposure level for edge-runtime\.service: ([0-9.]+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    return float(match.group(1)), result.stdout
+
+
+# -- the unit files ---------------------------------------------------------------------------
+def test_unit_verifies_cleanly(unit_dir):
+    result = analyze(unit_dir, "verify", "--man=no", str(unit_dir / "edge-runtime.service"))
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def test_unit_with_gpu_dropin_verifies_cleanly_and_is_merged(unit_dir):
+    add_dropin(unit_dir)
+    result = analyze(unit_dir, "verify", "--man=no", str(unit_dir / "edge-runtime.service"))
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    score, report = exposure(unit_dir)
+    assert "/dev/nvmap:rw" in report and "char-nvidia*:rw" in report  # the drop-in's DeviceAllow=
+    assert score <= GPU_SCORE_LIMIT, report
+
+
+def test_cpu_unit_exposure_score_does_not_regress(unit_dir):
+    score, report = exposure(unit_dir)
+    assert score <= CPU_SCORE_LIMIT, report
+
+
+def test_unit_has_the_required_directives():
+    unit = parse_unit(UNIT.read_text())
+    expected = {
+        "Service.Type": ["notify"], "Service.NotifyAccess": ["main"], "Service.KillSignal": ["SIGTERM"],
+        "Service.Restart": ["on-failure"], "Service.User": ["edge-runtime"],
+        "Service.StateDirectory": ["edge-runtime"], "Service.ConfigurationDirectory": ["edge-runtime"],
+        "Service.NoNewPrivileges": ["yes"], "Service.ProtectSystem": ["strict"], "Service.ProtectHome": ["yes"],
+        "Service.PrivateTmp": ["yes"], "Service.PrivateDevices": ["yes"],
+        "Service.RestrictAddressFamilies": ["AF_UNIX AF_INET AF_INET6"],
+        "Service.SystemCallArchitectures": ["native"], "Service.CapabilityBoundingSet": [""],
+        "Service.AmbientCapabilities": [""], "Service.ProtectKernelTunables": ["yes"],
+        "Service.ProtectKernelModules": ["yes"], "Service.ProtectKernelLogs": ["yes"],
+        "Service.ProtectControlGroups": ["yes"], "Service.ProtectClock": ["yes"],
+        "Service.ProtectHostname": ["yes"], "Service.ProtectProc": ["invisible"],
+        "Service.RestrictNamespaces": ["yes"], "Service.RestrictRealtime": ["yes"],
+        "Service.RestrictSUIDSGID": ["yes"], "Service.LockPersonality": ["yes"],
+        "Service.MemoryDenyWriteExecute": ["yes"], "Service.UMask": ["0077"],
+        "Install.WantedBy": ["multi-user.target"],
+    }
+    for key, value in expected.items():
+        assert unit.get(key) == value, f"{key}: {unit.get(key)}"
+    assert unit["Service.SystemCallFilter"][0] == "@system-service"
+    assert unit["Service.ExecStart"] == [f"{svc.DEFAULT_EXECUTABLE} serve --config /etc/edge-runtime/config.toml"]
+    for key in ("Unit.After", "Unit.Wants"):
+        assert set(unit[key][0].split()) >= {"network-online.target", "mosquitto.service"}
+    watchdog_s = int(unit["Service.WatchdogSec"][0])
+    assert 10 <= watchdog_s <= 120
+    # Long enough to finish a request the sample config allows, and to load a bundle.
+    assert int(unit["Service.TimeoutStopSec"][0]) * 1000 > 240_000
+    assert int(unit["Service.TimeoutStartSec"][0]) >= 120
+
+
+def test_gpu_dropin_opens_the_nvidia_devices():
+    dropin = parse_unit(GPU_DROPIN.read_text())
+    assert dropin["Service.SupplementaryGroups"] == ["video render"]
+    assert dropin["Service.PrivateDevices"] == ["no"]
+    assert dropin["Service.DevicePolicy"] == ["closed"]
+    allowed = {v.split()[0] for v in dropin["Service.DeviceAllow"]}
+    assert {"char-nvidia*", "char-drm", "/dev/nvmap", "/dev/nvhost-ctrl", "/dev/nvhost-ctrl-gpu",
+            "/dev/nvhost-prof-gpu", "/dev/nvgpu/igpu0/ctrl"} <= allowed
+
+
+def test_sample_config_is_a_valid_daemon_config():
+    from edge_runtime.config import load_config
+
+    config = load_config(SAMPLE_CONFIG, check_files=False)
+    assert config.mqtt.address.tls
+    assert config.mqtt.device_id == config.mqtt.username  # the ACL's identity convention
+    # A drain finishes the longest request before TimeoutStopSec= runs out.
+    stop_s = int(parse_unit(UNIT.read_text())["Service.TimeoutStopSec"][0])
+    assert config.limits.max_deadline_ms < stop_s * 1000
+
+
+# -- sd_notify ---------------------------------------------------------------------------------
+@pytest.fixture
+def notify_socket(tmp_path):
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(5)
+    yield path, sock
+    sock.close()
+
+
+def datagrams(sock: socket.socket, wait: float) -> list[str]:
+    """Every datagram that arrives within `wait` seconds."""
+    out = []
+    deadline = time.monotonic() + wait
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            out.append(sock.recv(4096).decode())
+        except socket.timeout:
+            break
+    return out
+
+
+def test_notifier_sends_ready_status_stopping_and_watchdog(notify_socket):
+    path, sock = notify_socket
+    env = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}
+    notifier = SystemdNotifier.from_environment(env)
+    assert notifier.enabled and notifier.watchdog_interval_s == 15.0
+    assert notifier.ready(status="model demo, queue 0/8")
+    assert sock.recv(4096).decode() == "READY=1\nSTATUS=model demo, queue 0/8"
+    assert notifier.status("queue 1/8\nbusy")
+    assert sock.recv(4096).decode() == "STATUS=queue 1/8 busy"  # one line
+    assert notifier.watchdog_ping()
+    assert sock.recv(4096).decode() == "WATCHDOG=1"
+    assert notifier.extend_timeout(90)
+    assert sock.recv(4096).decode() == "EXTEND_TIMEOUT_USEC=90000000"
+    assert notifier.stopping()
+    assert sock.recv(4096).decode() == "STOPPING=1"
+    notifier.close()
+
+
+def test_notifier_uses_the_abstract_namespace(tmp_path):
+    name = f"edge-runtime-test-{os.getpid()}-{time.monotonic_ns()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(5)
+        notifier = SystemdNotifier.from_environment({"NOTIFY_SOCKET": "@" + name})
+        assert notifier.ready()
+        assert sock.recv(4096) == b"READY=1"
+
+
+def test_notifier_is_a_noop_outside_systemd(tmp_path):
+    notifier = SystemdNotifier.from_environment({})
+    assert not notifier.enabled
+    assert notifier.watchdog_interval_s is None
+    assert not notifier.ready() and not notifier.watchdog_ping() and not notifier.stopping()
+    watchdog = Watchdog(notifier, lambda: True, notifier.watchdog_interval_s).start()
+    assert not watchdog.running
+    watchdog.stop()
+    # A socket that is gone: the send fails quietly (False), never raises.
+    gone = SystemdNotifier.from_environment({"NOTIFY_SOCKET": str(tmp_path / "missing.sock")})
+    assert gone.enabled and not gone.ready()
+
+
+def test_watchdog_belongs_to_the_main_pid_only():
+    env = {"NOTIFY_SOCKET": "/run/x", "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": str(os.getpid() + 1)}
+    assert SystemdNotifier.from_environment(env).watchdog_interval_s is None
+    env.pop("WATCHDOG_PID")
+    assert SystemdNotifier.from_environment(env).watchdog_interval_s == 0.5
+    env["WATCHDOG_USEC"] = "nonsense"
+    assert SystemdNotifier.from_environment(env).watchdog_interval_s is None
+
+
+def test_watchdog_pings_while_healthy_and_stops_when_the_worker_hangs(notify_socket):
+    path, sock = notify_socket
+    notifier = SystemdNotifier.from_environment(
+        {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "100000", "WATCHDOG_PID": str(os.getpid())})
+    assert notifier.watchdog_interval_s == 0.05
+    healthy = threading.Event()
+    healthy.set()
+    watchdog = Watchdog(notifier, healthy.is_set, notifier.watchdog_interval_s)
+    with watchdog:
+        assert watchdog.running
+        pings = datagrams(sock, 0.4)
+        assert len(pings) >= 4 and set(pings) == {"WATCHDOG=1"}
+        healthy.clear()  # the generation worker is stuck
+        time.sleep(0.1)  # a ping already in flight may still land
+        datagrams(sock, 0.01)
+        assert datagrams(sock, 0.4) == []
+        healthy.set()  # it recovered before systemd's WatchdogSec= ran out
+        assert "WATCHDOG=1" in datagrams(sock, 0.3)
+    assert not watchdog.running
+    datagrams(sock, 0.06)
+    assert datagrams(sock, 0.2) == []  # stopped for good
+
+
+def test_watchdog_treats_a_raising_check_as_unhealthy(notify_socket):
+    path, sock = notify_socket
+    notifier = SystemdNotifier(str(path), watchdog_usec=100000)
+
+    def broken() -> bool:
+        raise RuntimeError("worker state unreadable")
+
+    with Watchdog(notifier, broken, 0.05):
+        assert datagrams(sock, 0.3) == []
+
+
+# -- the sandbox, reproduced -----------------------------------------------------------------
+# A 1x4 @ 4x4-identity MatMul, serialized with onnx (opset 13, IR 8).
+TINY_ONNX_HEX = (
+    "08083a8d010a110a01780a017712017922064d61744d756c1201742a4b08040804100122400000803f000000000000"
+    "000000000000000000000000803f000000000000000000000000000000000000803f0000000000000000000000000000"
+    "00000000803f4201775a130a0178120e0a0c080112080a0208010a02080462130a0179120e0a0c080112080a0208010a"
+    "02080442040a00100d")
+
+SANDBOX_PROBE = textwrap.dedent(r'''
+    """Apply the unit's seccomp rules like systemd does (before exec), then run the
+    device stack. argv: setup|run, JSON parameters."""
+    import ctypes, ctypes.util, errno, json, mmap, os, socket, sys
+
+    params = json.loads(sys.argv[2])
+    if sys.argv[1] == "setup":
+        lib = ctypes.CDLL(ctypes.util.find_library("seccomp"), use_errno=True)
+
+        class Cmp(ctypes.Structure):
+            _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
+                        ("a", ctypes.c_uint64), ("b", ctypes.c_uint64)]
+
+        lib.seccomp_init.restype = ctypes.c_void_p
+        lib.seccomp_init.argtypes = [ctypes.c_uint32]
+        lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+        lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                               ctypes.c_uint, ctypes.POINTER(Cmp)]
+        lib.seccomp_load.argtypes = [ctypes.c_void_p]
+        ALLOW, EQ, GT, MASKED_EQ = 0x7FFF0000, 4, 6, 7
+        errno_action = lambda e: 0x00050000 | e
+
+        def load(default, rules):
+            ctx = lib.seccomp_init(default)
+            assert ctx, "seccomp_init failed"
+            for name, action, cmps in rules:
+                nr = lib.seccomp_syscall_resolve_name(name.encode())
+                if nr < 0:
+                    continue  # not a syscall of this architecture
+                arr = (Cmp * max(1, len(cmps)))(*[Cmp(*c) for c in cmps])
+                rc = lib.seccomp_rule_add_array(ctx, action, nr, len(cmps), arr)
+                assert rc == 0, (name, rc)
+            assert lib.seccomp_load(ctx) == 0, "seccomp_load failed"
+
+        # MemoryDenyWriteExecute=yes
+        W, X, SHM_EXEC = mmap.PROT_WRITE, mmap.PROT_EXEC, 0o100000
+        load(ALLOW, [("mmap", errno_action(errno.EPERM), [(2, MASKED_EQ, W | X, W | X)]),
+                     ("mprotect", errno_action(errno.EPERM), [(2, MASKED_EQ, X, X)]),
+                     ("pkey_mprotect", errno_action(errno.EPERM), [(2, MASKED_EQ, X, X)]),
+                     ("shmat", errno_action(errno.EPERM), [(2, MASKED_EQ, SHM_EXEC, SHM_EXEC)])])
+        # RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+        families = [socket.AF_UNIX, socket.AF_INET, socket.AF_INET6]
+        denied = [f for f in range(max(families)) if f not in families]
+        load(ALLOW, [("socket", errno_action(errno.EAFNOSUPPORT), [(0, EQ, f, 0)]) for f in denied]
+             + [("socket", errno_action(errno.EAFNOSUPPORT), [(0, GT, max(families), 0)])])
+        # SystemCallFilter=@system-service ~@privileged, SystemCallErrorNumber=EPERM; last,
+        # since it denies seccomp() itself.
+        load(errno_action(errno.EPERM), [(n, ALLOW, []) for n in params["allowed"]])
+        os.execv(sys.executable, [sys.executable, sys.argv[0], "run", sys.argv[2]])
+
+    # -- under the sandbox: first show it is in force...
+    try:
+        mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        sys.exit("writable+executable memory was allowed")
+    except PermissionError:
+        pass
+    try:
+        socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+        sys.exit("AF_NETLINK was allowed")
+    except OSError as exc:
+        assert exc.errno == errno.EAFNOSUPPORT, exc
+    try:
+        os.setuid(os.getuid())  # in @privileged
+        sys.exit("setuid was allowed")
+    except PermissionError:
+        pass
+
+    # ...then run what the daemon runs.
+    import numpy as np
+    import onnxruntime as ort
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+    from tokenizers import Tokenizer
+    from edge_runtime.sdnotify import SystemdNotifier
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2  # a thread pool, pinned to cores by onnxruntime
+    session = ort.InferenceSession(bytes.fromhex(params["model_hex"]), options,
+                                   providers=["CPUExecutionProvider"])
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    y = session.run(None, {"x": x})[0]
+    assert np.array_equal(y, x), y
+    a = np.random.default_rng(0).standard_normal((256, 256))
+    assert np.allclose(a @ np.linalg.inv(a), np.eye(256), atol=1e-6)
+    ids = Tokenizer.from_file(params["tokenizer"]).encode("def fib(n):").ids
+    assert len(ids) > 2, ids
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect("localhost", params["port"])
+    client.loop_start()
+    info = client.publish("edge/sandbox/v1/status", "online", qos=1)
+    info.wait_for_publish(10)
+    assert info.is_published()
+    client.disconnect()
+    client.loop_stop()
+
+    assert SystemdNotifier(params["notify_socket"]).ready(status="sandbox ok")
+    print("sandbox ok")
+''')
+
+
+def _syscall_group(name: str, seen: set[str] | None = None) -> set[str]:
+    out = subprocess.run([systemd_analyze(), "syscall-filter", name], capture_output=True, text=True,
+                         check=True).stdout
+    seen = seen if seen is not None else set()
+    calls: set[str] = set()
+    for line in out.splitlines()[1:]:
+        item = line.strip()
+        if not line.startswith(" ") or not item or item.startswith("#"):
+            continue
+        if item.startswith("@"):
+            if item not in seen:
+                seen.add(item)
+                calls |= _syscall_group(item, seen)
+        else:
+            calls.add(item)
+    return calls
+
+
+def test_the_device_stack_runs_under_the_units_seccomp_sandbox(broker, notify_socket, tmp_path):
+    """SystemCallFilter=, MemoryDenyWriteExecute= and RestrictAddressFamilies= of the
+    unit, applied as seccomp filters before exec (as systemd does): onnxruntime
+    (threads, affinity), numpy, tokenizers, paho over TCP and sd_notify all work."""
+    path, sock = notify_socket
+    unit = parse_unit(UNIT.read_text())
+    filters = unit["Service.SystemCallFilter"]
+    assert filters == ["@system-service", "~@privileged"], "update this test with the unit"
+    assert unit["Service.SystemCallErrorNumber"] == ["EPERM"]
+    allowed = sorted(_syscall_group("@system-service") - _syscall_group("@privileged"))
+    import ctypes.util
+
+    if ctypes.util.find_library("seccomp") is None:
+        pytest.fail("libseccomp is missing: apt-get install -y libseccomp2", pytrace=False)
+    probe = tmp_path / "sandbox_probe.py"
+    probe.write_text(SANDBOX_PROBE)
+    params = {"allowed": allowed, "model_hex": TINY_ONNX_HEX, "tokenizer": str(TOKENIZER_JSON),
+              "port": broker.port, "notify_socket": str(path)}
+    result = subprocess.run([sys.executable, str(probe), "setup", json.dumps(params)], capture_output=True,
+                            text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "sandbox ok" in result.stdout
+    assert sock.recv(4096).decode() == "READY=1\nSTATUS=sandbox ok"
+
+
+# -- install-service ---------------------------------------------------------------------------
+class FakeRun:
+    """Records commands; `useradd --prefix ROOT` adds the user to ROOT/etc/passwd."""
+
+    def __init__(self, enabled: bool = False) -> None:
+        self.calls: list[list[str]] = []
+        self.enabled = enabled
+
+    def __call__(self, argv, **kwargs):
+        self.calls.append(list(argv))
+        if argv[0] == "useradd" and "--prefix" in argv:
+            root = Path(argv[argv.index("--prefix") + 1])
+            with open(root / "etc" / "passwd", "a") as f:
+                f.write(f"{argv[-1]}:x:999:999::/var/lib/edge-runtime:/usr/sbin/nologin\n")
+        stdout = "enabled\n" if argv[:2] == ["systemctl", "is-enabled"] and self.enabled else "disabled\n"
+        return subprocess.CompletedProcess(argv, 0, stdout=stdout, stderr="")
+
+
+@pytest.fixture
+def image_root(tmp_path) -> Path:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (root / "etc" / "group").write_text("root:x:0:\nvideo:x:44:\nrender:x:105:\n")
+    return root
+
+
+@pytest.fixture
+def bundle_dir(tmp_path) -> Path:
+    from edge_runtime.bundle import FORMAT_NAME, MANIFEST_NAME, SUPPORTED_FORMAT_VERSIONS
+
+    bundle = tmp_path / "codellama-demo"
+    (bundle / "tokenizer").mkdir(parents=True)
+    (bundle / MANIFEST_NAME).write_text(json.dumps({
+        "format": FORMAT_NAME, "format_version": SUPPORTED_FORMAT_VERSIONS[-1],
+        "profile": {"name": "jetson-orin-nano"}, "files": []}))
+    (bundle / "model.onnx").write_bytes(bytes.fromhex(TINY_ONNX_HEX))
+    (bundle / "tokenizer" / "tokenizer.json").write_text("{}")
+    return bundle
+
+
+EXE = "/opt/edge-runtime/venv/bin/edge-runtime"
+
+
+def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mode)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_install_service_into_a_root_then_again_changes_nothing(image_root, bundle_dir):
+    run = FakeRun()
+    first = svc.install_service("nvidia-gpu", bundle_dir, root=image_root, run=run, executable=EXE)
+    text = "\n".join(first)
+    assert run.calls and run.calls[0][:2] == ["useradd", "--prefix"]
+    assert "--system" in run.calls[0] and "/usr/sbin/nologin" in run.calls[0]
+    assert all(call[0] != "systemctl" for call in run.calls)  # not the live system
+    for expected in ("user edge-runtime: created", "/etc/systemd/system/edge-runtime.service: installed",
+                     "/etc/systemd/system/edge-runtime.service.d/gpu.conf: installed",
+                     "bundle /opt/edge-runtime/bundles/codellama-demo: copied",
+                     "/etc/edge-runtime/config.toml: installed", "systemctl: skipped"):
+        assert expected in text, text
+
+    unit = (image_root / svc.UNIT_FILE).read_text()
+    assert f"ExecStart={EXE} serve --config /etc/edge-runtime/config.toml" in unit
+    assert (image_root / svc.GPU_DROPIN_FILE).read_text() == GPU_DROPIN.read_text()
+    installed = image_root / "opt/edge-runtime/bundles/codellama-demo"
+    assert (installed / "model.onnx").read_bytes() == (bundle_dir / "model.onnx").read_bytes()
+    assert oct((installed / "model.onnx").stat().st_mode & 0o777) == "0o644"
+    assert oct(installed.stat().st_mode & 0o777) == "0o755"
+    from edge_runtime.config import load_config
+
+    config = load_config(image_root / svc.CONFIG_FILE, check_files=False)
+    assert config.model.bundle == Path("/opt/edge-runtime/bundles/codellama-demo")
+    assert config.model.profile == "nvidia-gpu"
+
+    before = snapshot(image_root)
+    run_again = FakeRun()
+    second = svc.install_service("nvidia-gpu", bundle_dir, root=image_root, run=run_again, executable=EXE)
+    assert run_again.calls == []
+    assert snapshot(image_root) == before
+    assert second[-1] == "nothing to do: everything is already installed", second
+    assert not any(": installed" in s or "created" in s or "copied" in s for s in second), second
+
+
+def test_install_service_keeps_an_edited_config_and_follows_the_profile(image_root, bundle_dir):
+    svc.install_service("jetson-orin-nano", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    config = image_root / svc.CONFIG_FILE
+    config.write_text(config.read_text().replace('device_id = "device-01"', 'device_id = "jetson-7"'))
+    edited = config.read_text()
+    steps = svc.install_service("cpu-arm64", None, root=image_root, run=FakeRun(), executable=EXE)
+    assert config.read_text() == edited
+    assert any("config.toml: exists, not overwritten" in s for s in steps), steps
+    # A CPU profile takes the GPU drop-in away again (and its now empty folder).
+    assert not (image_root / svc.GPU_DROPIN_FILE).exists()
+    assert not (image_root / svc.GPU_DROPIN_FILE).parent.exists()
+    assert any("gpu.conf: removed (CPU profile)" in s for s in steps), steps
+
+
+def test_install_service_takes_the_profile_from_the_bundle(image_root, bundle_dir):
+    svc.install_service(None, bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    assert (image_root / svc.GPU_DROPIN_FILE).is_file()  # bundle.json names jetson-orin-nano
+
+
+def test_install_service_leaves_out_groups_the_system_lacks(image_root):
+    (image_root / "etc" / "group").write_text("root:x:0:\nvideo:x:44:\n")
+    steps = svc.install_service("nvidia-gpu", None, root=image_root, run=FakeRun(), executable=EXE)
+    dropin = parse_unit((image_root / svc.GPU_DROPIN_FILE).read_text())
+    assert dropin["Service.SupplementaryGroups"] == ["video"]
+    assert any("group render does not exist" in s for s in steps)
+
+
+def test_install_service_dry_run_changes_nothing(image_root, bundle_dir):
+    before = snapshot(image_root)
+    run = FakeRun()
+    steps = svc.install_service("nvidia-gpu", bundle_dir, root=image_root, run=run, executable=EXE, dry_run=True)
+    assert run.calls == [] and snapshot(image_root) == before
+    assert any("would install" in s for s in steps) and steps[-1] == "dry run: nothing was changed"
+
+
+def test_install_service_on_a_live_systemd_enables_without_starting(monkeypatch):
+    monkeypatch.setattr(svc, "_systemd_running", lambda: True)
+    run = FakeRun()
+    steps = svc.install_service("cpu-x86_64", None, root=Path("/"), run=run, executable=EXE, dry_run=True)
+    assert run.calls == [["systemctl", "is-enabled", "edge-runtime"]]  # read-only in a dry run
+    assert "systemctl enable edge-runtime: would run it" in steps
+    run = FakeRun(enabled=True)
+    steps = svc.install_service("cpu-x86_64", None, root=Path("/"), run=run, executable=EXE, dry_run=True)
+    assert "systemctl enable edge-runtime: already enabled, skipped" in steps
+
+
+def test_install_service_refuses_what_the_sandbox_would_hide(image_root, bundle_dir):
+    from edge_runtime.errors import BundleError, ConfigError
+
+    with pytest.raises(ConfigError, match="ProtectHome"):
+        svc.install_service(None, None, root=image_root, run=FakeRun(), executable="/home/me/venv/bin/edge-runtime")
+    with pytest.raises(ConfigError, match="unknown device profile"):
+        svc.install_service("no-such-profile", None, root=image_root, run=FakeRun(), executable=EXE)
+    (bundle_dir / "bundle.json").unlink()
+    with pytest.raises(BundleError, match="not a bundle folder"):
+        svc.install_service(None, bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+
+
+def test_install_service_command_line(image_root, bundle_dir, capsys):
+    parser = argparse.ArgumentParser()
+    svc.add_arguments(parser)
+    args = parser.parse_args(["--profile", "cpu-x86_64", "--bundle", str(bundle_dir), "--root", str(image_root),
+                              "--executable", EXE, "--dry-run"])
+    assert svc.run_install_service(args) == 0
+    out = capsys.readouterr().out
+    assert "/etc/systemd/system/edge-runtime.service: would install it" in out
+    args = parser.parse_args(["--profile", "bogus", "--root", str(image_root), "--executable", EXE])
+    assert svc.run_install_service(args) == 2
+    assert "error: unknown device profile" in capsys.readouterr().err
