@@ -139,6 +139,55 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# -- serve / ask ----------------------------------------------------------------------------
+def cmd_serve(args, engine_factory=None) -> int:
+    """Load config and engine (`engine_factory(bundle, profile)`, default
+    Engine.from_bundle), serve until SIGTERM/SIGINT, drain, exit 0. Under
+    systemd (Type=notify): READY=1 once the bundle is loaded and the broker
+    subscribed, STATUS= lines, WATCHDOG=1 while the worker is healthy, STOPPING=1
+    on drain."""
+    from .client import serve_overrides
+    from .config import load_config
+    from .engine import Engine
+    from .sdnotify import SystemdNotifier, Watchdog
+    from .service import EdgeService
+
+    config = load_config(Path(args.config) if args.config else None, serve_overrides(args))
+    logging.getLogger().setLevel(config.service.log_level_number)
+    notifier = SystemdNotifier.from_environment()
+    notifier.status(f"loading {config.model.bundle}")
+    engine = (engine_factory or Engine.from_bundle)(config.model.bundle, config.model.profile)
+    logging.getLogger("edge_runtime").info("model %s (%s, %s) on %s", engine.info.model_name, engine.info.precision,
+                                           engine.info.profile, engine.info.provider)
+    service: EdgeService | None = None
+
+    def on_status(text: str) -> None:
+        if service is not None and service.state in ("draining", "offline"):
+            notifier.stopping(text)
+        else:
+            notifier.status(text)
+
+    service = EdgeService(config, engine, on_status=on_status,
+                          on_ready=lambda: notifier.ready(
+                              f"serving {engine.info.model_name} ({engine.info.precision}) on {engine.info.provider}"))
+    watchdog = None
+    if notifier.watchdog_interval_s:
+        watchdog = Watchdog(notifier, lambda: bool(service.health()), notifier.watchdog_interval_s).start()
+    try:
+        service.run_forever()
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+        notifier.close()
+    return 0
+
+
+def cmd_ask(args) -> int:
+    from .client import run_ask
+
+    return run_ask(args)
+
+
 # -- bench ----------------------------------------------------------------------------------
 def cmd_bench(args) -> int:
     from .bench import format_result, result_json, run_bench
@@ -207,7 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
+    from .client import add_ask_arguments, add_serve_arguments
     from .install_service import add_arguments as add_install_arguments, run_install_service
+
+    p = sub.add_parser("serve", help="the MQTT daemon: answer generation requests from the broker")
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ask", help="send one request to a daemon over MQTT and stream the answer")
+    add_ask_arguments(p, request_arguments=False)
+    add_request_arguments(p)
+    p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("install-service", help="install the systemd unit, user, config and bundle (as root)")
     add_install_arguments(p)

@@ -1,0 +1,477 @@
+"""Python client of the daemon, and the `edge-runtime ask` / `edge-runtime serve`
+command-line pieces.
+
+    with EdgeClient("mqtt://127.0.0.1:1883", "jetson-01") as c:
+        print(c.complete("def fib(n):", max_tokens=64))
+        for chunk in c.generate(mode="chat", messages=[{"role": "user", "content": "hi"}]):
+            print(chunk["delta"], end="", flush=True)
+
+Replies come on ``edge/<device_id>/v1/reply/<client_id>/<request id>``: with MQTT 5
+as the request's Response Topic (plus Correlation Data), with MQTT 3.1.1 as the
+``reply_to`` field of the request JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import queue
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from .errors import ConfigError, EdgeRuntimeError
+from .mqtt_connection import (
+    TlsFiles,
+    connect_async,
+    make_client,
+    parse_broker_url,
+    protocol_version,
+    publish_properties,
+    read_password_file,
+    response_route,
+)
+from .protocol import Topics, build_request, decode_json_object, encode_cancel, encode_request, validate_name
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 120.0
+
+
+class RemoteError(EdgeRuntimeError):
+    """The daemon answered with an error reply."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code  # type: ignore[misc]  # instance attribute shadows the class default
+        self.message = message
+        self.request_id = request_id
+
+
+class Generation:
+    """One request in flight. Iterate for chunk dicts (in `seq` order); the final
+    reply is then in `final` (also the generator's return value, so
+    ``final = yield from gen`` works). `result()` waits for and returns the final
+    reply. Error replies raise `RemoteError`; no final reply in time raises
+    `TimeoutError` (after sending a cancel)."""
+
+    def __init__(self, client: "EdgeClient", request_id: str, inbox: "queue.Queue[dict[str, Any]]",
+                 timeout: float) -> None:
+        self.client = client
+        self.id = request_id
+        self.final: dict[str, Any] | None = None
+        self._inbox = inbox
+        self._timeout = timeout
+        self._deadline = time.monotonic() + timeout
+        self._next_seq = 0
+        self._buffer: dict[int, dict[str, Any]] = {}
+        self._chunks: list[str] = []
+        self._iterating = False
+
+    @property
+    def text(self) -> str:
+        """The text streamed so far (the final reply's `text` once done)."""
+        if self.final is not None and "text" in self.final:
+            return self.final["text"]
+        return "".join(self._chunks)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self._iter()
+
+    def _iter(self) -> Iterator[dict[str, Any]]:
+        if self.final is not None:
+            return self.final
+        if self._iterating:
+            raise RuntimeError("a Generation can be iterated once")
+        self._iterating = True
+        try:
+            while self.final is None:
+                remaining = self._deadline - time.monotonic()
+                try:
+                    msg = self._inbox.get(timeout=max(remaining, 0.0)) if remaining > 0 else \
+                        self._inbox.get_nowait()
+                except queue.Empty:
+                    self.client.cancel(self.id)
+                    raise TimeoutError(f"no final reply to request {self.id} within {self._timeout:g} s") \
+                        from None
+                if msg.get("done") is True:
+                    for seq in sorted(self._buffer):  # anything that arrived out of order
+                        yield self._take(self._buffer.pop(seq))
+                    self.final = msg
+                    error = msg.get("error")
+                    if isinstance(error, dict):
+                        raise RemoteError(str(error.get("code", "internal")), str(error.get("message", "")),
+                                          self.id)
+                    break
+                seq = msg.get("seq")
+                if not isinstance(seq, int) or seq < self._next_seq:
+                    continue  # a duplicate (e.g. regenerated after a daemon restart)
+                self._buffer[seq] = msg
+                while self._next_seq in self._buffer:
+                    chunk = self._buffer.pop(self._next_seq)
+                    self._next_seq += 1
+                    yield self._take(chunk)
+        finally:
+            self.client._forget(self.id)
+        return self.final
+
+    def _take(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        delta = chunk.get("delta")
+        if isinstance(delta, str):
+            self._chunks.append(delta)
+        return chunk
+
+    def result(self) -> dict[str, Any]:
+        """Wait for the final reply and return it (skipping remaining chunks)."""
+        if self.final is None:
+            for _ in self._iter():
+                pass
+        assert self.final is not None
+        if isinstance(self.final.get("error"), dict):
+            error = self.final["error"]
+            raise RemoteError(str(error.get("code")), str(error.get("message")), self.id)
+        return self.final
+
+    def cancel(self) -> None:
+        """Ask the daemon to stop this request (the final reply still comes)."""
+        self.client.cancel(self.id)
+
+
+class EdgeClient:
+    """A connection to the broker for talking to one device. Use as a context
+    manager (CONNECT on enter, DISCONNECT on exit) or call `connect`/`close`.
+
+    `client_id` (default: `username` when given, else random) is also the
+    ``<client_id>`` level of the reply topics; with the sample broker ACL it must
+    be the MQTT username. ``device_id="fleet"`` sends requests to the fleet
+    (``edge/fleet/v1/generate``, one device of a fleet group answers under
+    ``edge/fleet/v1/reply/``); fleet requests cannot be cancelled.
+    """
+
+    def __init__(self, broker_url: str, device_id: str, *, client_id: str | None = None,
+                 username: str | None = None, password: str | None = None,
+                 tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
+                 tls_key: str | Path | None = None, protocol: str = "5", keepalive: int = 30,
+                 connect_timeout: float = 10.0) -> None:
+        self.address = parse_broker_url(broker_url)
+        protocol_version(protocol)
+        self.topics = Topics(device_id)
+        self.client_id = validate_name(client_id or username or f"edge-client-{uuid.uuid4().hex[:12]}",
+                                       "client_id")
+        self.protocol = protocol
+        self.keepalive = keepalive
+        self.connect_timeout = connect_timeout
+        self._mqtt = make_client(
+            client_id=self.client_id, protocol=protocol, address=self.address, username=username,
+            password=password, tls=TlsFiles(ca=_s(tls_ca), cert=_s(tls_cert), key=_s(tls_key)),
+            persistent=False)
+        self._mqtt.on_connect = self._on_connect
+        self._mqtt.on_subscribe = self._on_subscribe
+        self._mqtt.on_message = self._on_message
+        self._inboxes: dict[str, queue.Queue[dict[str, Any]]] = {}
+        self._correlation: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self._refused: str | None = None
+        self._sub_mid: int | None = None
+        self._connected = False
+
+    # ------------------------------------------------------------------ connection
+
+    def connect(self) -> "EdgeClient":
+        if self._connected:
+            return self
+        connect_async(self._mqtt, self.address, protocol=self.protocol, keepalive=self.keepalive,
+                      persistent=False)
+        self._mqtt.loop_start()
+        if not self._subscribed.wait(self.connect_timeout) or self._refused:
+            self._mqtt.disconnect()
+            self._mqtt.loop_stop()
+            reason = self._refused or f"no connection within {self.connect_timeout:g} s"
+            raise ConnectionError(f"cannot connect to {self.address.url}: {reason}")
+        self._connected = True
+        return self
+
+    def close(self) -> None:
+        if self._connected:
+            self._connected = False
+            self._mqtt.disconnect()
+            self._mqtt.loop_stop()
+
+    def __enter__(self) -> "EdgeClient":
+        return self.connect()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                    properties: Any) -> None:
+        if reason_code.is_failure:
+            self._refused = f"the broker refused the connection: {reason_code}"
+            self._subscribed.set()
+            return
+        _, self._sub_mid = client.subscribe(self.topics.client_reply_filter(self.client_id), qos=1)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[Any],
+                      properties: Any) -> None:
+        if mid == self._sub_mid:
+            if any(rc.is_failure for rc in reason_codes):
+                self._refused = f"the broker refused the reply subscription: {reason_codes[0]}"
+            self._subscribed.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        request_id = message.topic.rsplit("/", 1)[-1]
+        with self._lock:
+            inbox = self._inboxes.get(request_id)
+            expected = self._correlation.get(request_id)
+        if inbox is None:
+            return  # a late duplicate of a finished request
+        _, correlation = response_route(message)
+        if correlation is not None and expected is not None and correlation != expected:
+            return
+        try:
+            obj = decode_json_object(message.payload)
+        except ValueError:
+            log.warning("ignored a reply that is not a JSON object on %s", message.topic)
+            return
+        inbox.put(obj)
+
+    def _forget(self, request_id: str) -> None:
+        with self._lock:
+            self._inboxes.pop(request_id, None)
+            self._correlation.pop(request_id, None)
+
+    # ------------------------------------------------------------------ requests
+
+    def generate(self, *, mode: str, prompt: str | None = None, prefix: str | None = None,
+                 suffix: str | None = None, suffix_first: bool | None = None,
+                 messages: Sequence[Any] | None = None, max_tokens: int | None = None,
+                 temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                 seed: int | None = None, stop: Sequence[str] | str | None = None, stream: bool = True,
+                 deadline_ms: int | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+                 request_id: str | None = None) -> Generation:
+        """Publish a request now and return its `Generation` (iterate it for chunks).
+        Parameters left None take the daemon's defaults."""
+        if not self._connected:
+            raise RuntimeError("EdgeClient is not connected (use `with EdgeClient(...) as c:`)")
+        request_id = request_id or uuid.uuid4().hex
+        reply_topic = self.topics.reply_topic(self.client_id, request_id)
+        v5 = protocol_version(self.protocol) == mqtt.MQTTv5
+        obj = build_request(request_id=request_id, mode=mode, prompt=prompt, prefix=prefix, suffix=suffix,
+                            suffix_first=suffix_first, messages=messages, max_tokens=max_tokens,
+                            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+                            stream=stream, deadline_ms=deadline_ms, reply_to=None if v5 else reply_topic)
+        inbox: queue.Queue[dict[str, Any]] = queue.Queue()
+        correlation = request_id.encode("utf-8")
+        with self._lock:
+            if request_id in self._inboxes:
+                raise ValueError(f"request id {request_id!r} is already in flight")
+            self._inboxes[request_id] = inbox
+            self._correlation[request_id] = correlation
+        props = publish_properties(self.protocol, response_topic=reply_topic, correlation_data=correlation) \
+            if v5 else None
+        self._mqtt.publish(self.topics.generate, encode_request(obj), qos=1, properties=props)
+        return Generation(self, request_id, inbox, timeout)
+
+    def complete(self, prompt: str, **kw: Any) -> str:
+        """Complete `prompt`; returns the final text."""
+        kw.setdefault("stream", False)
+        return self.generate(mode="complete", prompt=prompt, **kw).result()["text"]
+
+    def infill(self, prefix: str, suffix: str = "", **kw: Any) -> str:
+        """Fill in the middle between `prefix` and `suffix`; returns the final text."""
+        kw.setdefault("stream", False)
+        return self.generate(mode="infill", prefix=prefix, suffix=suffix, **kw).result()["text"]
+
+    def chat(self, messages: Sequence[Any], **kw: Any) -> str:
+        """Answer a conversation ([{role, content}, ...]); returns the final text."""
+        kw.setdefault("stream", False)
+        return self.generate(mode="chat", messages=messages, **kw).result()["text"]
+
+    def cancel(self, request_id: str) -> None:
+        """Ask the daemon to stop a queued or running request (no-op for the fleet)."""
+        if self.topics.is_fleet:
+            return
+        self._mqtt.publish(self.topics.cancel, encode_cancel(request_id), qos=1)
+
+    def status(self, timeout: float = 5.0) -> dict[str, Any] | None:
+        """The device's retained status message, or None if none arrives in `timeout`
+        (always None for the fleet)."""
+        if self.topics.is_fleet:
+            return None
+        got: queue.Queue[dict[str, Any]] = queue.Queue()
+
+        def on_status(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+            try:
+                got.put(decode_json_object(message.payload))
+            except ValueError:
+                pass
+
+        self._mqtt.message_callback_add(self.topics.status, on_status)
+        self._mqtt.subscribe(self.topics.status, qos=1)
+        try:
+            return got.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        finally:
+            self._mqtt.unsubscribe(self.topics.status)
+            self._mqtt.message_callback_remove(self.topics.status)
+
+
+def _s(p: str | Path | None) -> str | None:
+    return str(p) if p is not None else None
+
+
+# =========================================================================== ask
+
+
+def add_ask_arguments(parser: argparse.ArgumentParser, *, request_arguments: bool = True) -> None:
+    """Flags of `edge-runtime ask`. With ``request_arguments=False`` only the
+    connection flags are added (for a parser that already has the prompt and
+    sampling flags of `generate`: --prompt/--prefix/--suffix/--suffix-first/
+    --messages/--max-tokens/--temperature/--top-p/--top-k/--seed/--stop/--json)."""
+    parser.add_argument("--broker", required=True, help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+    parser.add_argument("--device-id", required=True, help="the daemon's device id (fleet: any device of a "
+                                                           "fleet group)")
+    parser.add_argument("--deadline-ms", type=int, help="the daemon gives up after this long")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                        help=f"seconds to wait for the final reply (default {DEFAULT_TIMEOUT_S:g})")
+    parser.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version (default 5)")
+    parser.add_argument("--client-id", help="MQTT client id and reply topic level (default: the username, "
+                                            "else random)")
+    parser.add_argument("--username", help="broker user name")
+    parser.add_argument("--password-file", help="file whose first line is the broker password")
+    parser.add_argument("--tls-ca", help="mqtts: CA certificate file (default: the system's)")
+    parser.add_argument("--tls-cert", help="mqtts: client certificate")
+    parser.add_argument("--tls-key", help="mqtts: client key")
+    if not request_arguments:
+        return
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="completion prompt")
+    src.add_argument("--prefix", help="infill: the code before the hole (with --suffix)")
+    src.add_argument("--messages", help="chat: a JSON file with [{\"role\": ..., \"content\": ...}, ...] "
+                                        "(- for stdin)")
+    parser.add_argument("--suffix", help="infill: the code after the hole")
+    parser.add_argument("--suffix-first", action="store_true", help="infill in suffix-prefix-middle order")
+    parser.add_argument("--max-tokens", type=int, help="default: the daemon's (256)")
+    parser.add_argument("--temperature", type=float, help="0 = greedy (default 0.6)")
+    parser.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.9)")
+    parser.add_argument("--top-k", type=int, help="keep the k most likely tokens (default off)")
+    parser.add_argument("--seed", type=int, help="makes a sampled answer reproducible")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print the final reply as JSON instead of streaming")
+
+
+def _ask_request(args: argparse.Namespace) -> dict[str, Any]:
+    common: dict[str, Any] = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                  top_k=args.top_k, seed=args.seed, stop=list(args.stop) or None,
+                                  deadline_ms=args.deadline_ms)
+    if args.prompt is not None:
+        if args.suffix is not None or args.suffix_first:
+            raise ValueError("--suffix and --suffix-first go with --prefix, not --prompt")
+        return dict(mode="complete", prompt=args.prompt, **common)
+    if args.prefix is not None:
+        if args.suffix is None:
+            raise ValueError("--prefix needs --suffix (an empty one is --suffix '')")
+        return dict(mode="infill", prefix=args.prefix, suffix=args.suffix,
+                    suffix_first=True if args.suffix_first else None, **common)
+    if args.suffix is not None or args.suffix_first:
+        raise ValueError("--suffix and --suffix-first go with --prefix")
+    try:
+        text = sys.stdin.read() if args.messages == "-" else Path(args.messages).read_text(encoding="utf-8")
+        messages = json.loads(text)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--messages {args.messages}: {exc}") from None
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ValueError(f"--messages {args.messages}: expected a list of {{\"role\", \"content\"}} objects")
+    return dict(mode="chat", messages=messages, **common)
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    """`edge-runtime ask`: send one request, stream the text to stdout (or print the
+    final reply as JSON with --json). Exit status 0; 1 on an error reply, a timeout
+    or a connection failure (``error: <code>: <message>`` on stderr); 2 on bad flags."""
+    try:
+        request = _ask_request(args)
+        password = read_password_file(args.password_file) if args.password_file else None
+    except (ValueError, OSError) as exc:
+        print(f"error: bad_request: {exc}", file=sys.stderr)
+        return 2
+    try:
+        client = EdgeClient(args.broker, args.device_id, client_id=args.client_id, username=args.username,
+                            password=password, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                            tls_key=args.tls_key, protocol=args.protocol)
+    except ValueError as exc:
+        print(f"error: bad_request: {exc}", file=sys.stderr)
+        return 2
+    out = sys.stdout
+    gen: Generation | None = None
+    try:
+        with client:
+            gen = client.generate(stream=not args.json, timeout=args.timeout, **request)
+            for chunk in gen:
+                if not args.json:
+                    out.write(chunk.get("delta", ""))
+                    out.flush()
+            final = gen.final or {}
+    except RemoteError as exc:
+        if not args.json and gen is not None and gen.text:
+            out.write("\n")
+        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except TimeoutError as exc:
+        print(f"error: timeout: {exc}", file=sys.stderr)
+        return 1
+    except (ConnectionError, OSError) as exc:
+        print(f"error: connection: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        out.write(json.dumps(final, ensure_ascii=False) + "\n")
+    else:
+        out.write("\n")
+        usage, timings = final.get("usage") or {}, final.get("timings") or {}
+        print(f"[{final.get('finish_reason')}; {usage.get('prompt_tokens')} prompt + "
+              f"{usage.get('completion_tokens')} generated tokens; ttft {timings.get('ttft_ms')} ms; "
+              f"{timings.get('decode_tokens_per_s')} tokens/s]", file=sys.stderr)
+        for warning in final.get("warnings") or ():
+            print(f"warning: {warning}", file=sys.stderr)
+    out.flush()
+    return 0
+
+
+# =========================================================================== serve
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `edge-runtime serve` (they override the --config file)."""
+    parser.add_argument("--config", help="TOML config file (see docs/config.example.toml)")
+    parser.add_argument("--bundle", help="bundle directory ([model] bundle)")
+    parser.add_argument("--profile", help="device profile ([model] profile; default: the bundle's)")
+    parser.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT ([mqtt] broker)")
+    parser.add_argument("--device-id", help="device id ([mqtt] device_id)")
+    parser.add_argument("--fleet-group", help="also serve $share/GROUP/edge/fleet/v1/generate ([mqtt] fleet_group)")
+    parser.add_argument("--protocol", choices=["5", "3.1.1"], help="MQTT version ([mqtt] protocol; default 5)")
+    parser.add_argument("--state-dir", help="reply store directory ([service] state_dir)")
+    parser.add_argument("--log-content", action="store_true", default=None,
+                        help="log prompts and generated text ([service] log_content)")
+
+
+def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Config overrides from the serve flags (unset flags are None and ignored)."""
+    def get(name: str) -> Any:
+        return getattr(args, name, None)
+
+    return {"model.bundle": get("bundle"), "model.profile": get("profile"), "mqtt.broker": get("broker"),
+            "mqtt.device_id": get("device_id"), "mqtt.fleet_group": get("fleet_group"),
+            "mqtt.protocol": get("protocol"), "service.state_dir": get("state_dir"),
+            "service.log_content": get("log_content")}
+
+
+ask_main = run_ask  # the name the issue uses

@@ -1,0 +1,159 @@
+"""paho-mqtt client setup shared by the daemon and the client: broker URL parsing,
+protocol version, TLS, authentication, will message and MQTT 5 properties."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+PROTOCOLS: dict[str, int] = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
+SCHEMES: dict[str, tuple[bool, int]] = {"mqtt": (False, 1883), "mqtts": (True, 8883)}
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """``mqtt://HOST[:PORT]`` (plain, default 1883) or ``mqtts://HOST[:PORT]`` (TLS, 8883).
+
+    Raises ValueError with a message that says what is wrong.
+    """
+    if not isinstance(url, str) or "://" not in url:
+        raise ValueError(f"broker must look like mqtt://HOST:PORT or mqtts://HOST:PORT, got {url!r}")
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in SCHEMES:
+        raise ValueError(f"broker scheme must be mqtt or mqtts, got {parts.scheme!r} in {url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("broker URL must not hold credentials; use username and password_file")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"broker URL must be scheme://HOST:PORT only, got {url!r}")
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"broker URL has no host: {url!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"broker URL has an invalid port: {url!r}") from None
+    tls, default_port = SCHEMES[scheme]
+    return BrokerAddress(host=host, port=port or default_port, tls=tls)
+
+
+def protocol_version(protocol: str) -> int:
+    """paho's constant for "5" or "3.1.1"."""
+    try:
+        return PROTOCOLS[protocol]
+    except KeyError:
+        raise ValueError(f"protocol must be \"5\" or \"3.1.1\", got {protocol!r}") from None
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: str | None = None  # None: the system's trusted CAs
+    cert: str | None = None  # client certificate (mutual TLS), with key
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+def read_password_file(path: str | Path) -> str:
+    """The first line of a password file (the trailing newline is not part of it)."""
+    text = Path(path).read_text(encoding="utf-8")
+    return text.splitlines()[0] if text else ""
+
+
+def make_client(*, client_id: str, protocol: str, address: BrokerAddress,
+                username: str | None = None, password: str | None = None,
+                tls: TlsFiles | None = None, will: Will | None = None,
+                manual_ack: bool = False, persistent: bool = False,
+                reconnect_min_s: int = 1, reconnect_max_s: int = 30) -> mqtt.Client:
+    """A paho client (callback API v2) configured but not connected.
+
+    `persistent` asks for a persistent session (3.1.1: clean_session False; MQTT 5:
+    clean_start False is passed at connect with a Session Expiry Interval, see
+    `connect_properties`).
+    """
+    version = protocol_version(protocol)
+    kwargs: dict[str, object] = {}
+    if version != mqtt.MQTTv5:
+        kwargs["clean_session"] = not persistent
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=version, manual_ack=manual_ack, **kwargs)  # type: ignore[arg-type]
+    if username is not None:
+        client.username_pw_set(username, password)
+    if address.tls:
+        tls = tls or TlsFiles()
+        client.tls_set(ca_certs=tls.ca, certfile=tls.cert, keyfile=tls.key,
+                       cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    if will is not None:
+        client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+    client.reconnect_delay_set(min_delay=reconnect_min_s, max_delay=reconnect_max_s)
+    return client
+
+
+def connect_properties(protocol: str, *, session_expiry_s: int | None = None) -> Properties | None:
+    """MQTT 5 CONNECT properties (None for 3.1.1)."""
+    if protocol_version(protocol) != mqtt.MQTTv5:
+        return None
+    props = Properties(PacketTypes.CONNECT)
+    if session_expiry_s is not None:
+        props.SessionExpiryInterval = int(session_expiry_s)
+    return props
+
+
+def publish_properties(protocol: str, *, response_topic: str | None = None,
+                       correlation_data: bytes | None = None) -> Properties | None:
+    """MQTT 5 PUBLISH properties carrying a response topic / correlation data."""
+    if protocol_version(protocol) != mqtt.MQTTv5:
+        return None
+    if response_topic is None and correlation_data is None:
+        return None
+    props = Properties(PacketTypes.PUBLISH)
+    if response_topic is not None:
+        props.ResponseTopic = response_topic
+    if correlation_data is not None:
+        props.CorrelationData = correlation_data
+    return props
+
+
+def response_route(message: mqtt.MQTTMessage) -> tuple[str | None, bytes | None]:
+    """(Response Topic, Correlation Data) of an MQTT 5 message, each None when absent."""
+    props = getattr(message, "properties", None)
+    if props is None:
+        return None, None
+    topic = getattr(props, "ResponseTopic", None)
+    corr = getattr(props, "CorrelationData", None)
+    return (topic if topic else None), (bytes(corr) if corr is not None else None)
+
+
+def connect_async(client: mqtt.Client, address: BrokerAddress, *, protocol: str, keepalive: int,
+                  persistent: bool, session_expiry_s: int | None = None) -> None:
+    """Start connecting in the background (use with `loop_start`; paho reconnects
+    with backoff on its own)."""
+    if protocol_version(protocol) == mqtt.MQTTv5:
+        client.connect_async(address.host, address.port, keepalive=keepalive,
+                             clean_start=not persistent,
+                             properties=connect_properties(protocol, session_expiry_s=session_expiry_s))
+    else:
+        client.connect_async(address.host, address.port, keepalive=keepalive)

@@ -1,0 +1,112 @@
+"""A bounded, durable store of recent final replies by request key.
+
+The daemon acknowledges a request to the broker only after its final reply is
+written here, so a request redelivered after a crash, SIGKILL or reconnect gets
+its stored final reply again instead of a second generation.
+
+Backed by sqlite3 (stdlib) in WAL mode with ``synchronous=FULL``: a committed
+reply survives a killed process and a power cut. The file holds generated text,
+so it is created with mode 0600 inside the state directory. Lookups are served
+from memory; only writes touch the disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_ENTRIES = 2000
+
+
+def request_key(reply_topic: str, request_id: str) -> str:
+    """The store key of a request: its id scoped by its reply topic, so two clients
+    that both number their requests "1", "2", ... do not see each other's replies."""
+    return f"{reply_topic}\n{request_id}"
+
+
+class ReplyStore:
+    """Final replies (encoded payloads) of the most recent `max_entries` requests."""
+
+    def __init__(self, path: Path | str, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be >= 1")
+        self.path = Path(path)
+        self.max_entries = max_entries
+        self._lock = threading.Lock()  # the in-memory index (lookups never wait on the disk)
+        self._db_lock = threading.Lock()  # the sqlite connection
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
+            os.close(fd)
+        self._db: sqlite3.Connection | None = sqlite3.connect(
+            str(self.path), check_same_thread=False, isolation_level=None, timeout=10.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS replies ("
+            " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " key TEXT NOT NULL UNIQUE,"
+            " payload BLOB NOT NULL,"
+            " created REAL NOT NULL)")
+        self._prune()
+        rows = self._db.execute(
+            "SELECT key, payload FROM replies ORDER BY seq").fetchall()
+        for key, payload in rows:
+            self._cache[key] = bytes(payload)
+        log.debug("reply store %s: %d entries", self.path, len(self._cache))
+
+    def get(self, key: str) -> bytes | None:
+        """The stored final reply payload for `key`, or None."""
+        with self._lock:
+            return self._cache.get(key)
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._cache
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._cache)
+
+    def put(self, key: str, payload: bytes) -> None:
+        """Store (or replace) the final reply of `key`; durable when this returns.
+        Lookups see it only once it is on disk."""
+        with self._db_lock:
+            if self._db is None:
+                raise RuntimeError("reply store is closed")
+            self._db.execute("INSERT OR REPLACE INTO replies (key, payload, created) VALUES (?, ?, ?)",
+                             (key, payload, time.time()))
+            with self._lock:
+                self._cache.pop(key, None)
+                self._cache[key] = payload
+                over = len(self._cache) > self.max_entries
+                while len(self._cache) > self.max_entries:
+                    self._cache.popitem(last=False)
+            if over:
+                self._prune()
+
+    def _prune(self) -> None:
+        assert self._db is not None
+        self._db.execute(
+            "DELETE FROM replies WHERE seq NOT IN "
+            "(SELECT seq FROM replies ORDER BY seq DESC LIMIT ?)", (self.max_entries,))
+
+    def close(self) -> None:
+        with self._db_lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def __enter__(self) -> "ReplyStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,654 @@
+"""The MQTT daemon: composes the broker connection, the wire protocol, the
+scheduler (bounded queue + one engine worker) and the reply store.
+
+Threads:
+
+* paho's network thread runs every MQTT callback. It validates a request,
+  answers what can be answered at once (bad requests, `busy`, stored replies)
+  and queues the rest; it never waits on generation.
+* ``edge-worker`` (the scheduler) runs the engine, one request at a time, and
+  publishes chunks as tokens come.
+* ``edge-acker`` acknowledges requests to the broker once their final reply is
+  published (the final reply is stored before that, see `reply_store`).
+* ``edge-housekeeping`` republishes the retained status when the queue changes
+  and answers queued requests whose deadline has passed.
+
+Delivery guarantees: the daemon uses a persistent session and manual
+acknowledgement. A request is acknowledged only after its final reply was
+stored and published, so a crash at any point leads to a redelivery, which is
+answered from the reply store when the request had finished and generated
+(once more) when it had not.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from . import __version__
+from .config import ServiceConfig
+from .errors import EdgeRuntimeError
+from .mqtt_connection import Will, connect_async, make_client, publish_properties, response_route
+from .protocol import (
+    FLEET_GENERATE_TOPIC,
+    ProtocolError,
+    encode_chunk,
+    encode_error,
+    encode_final,
+    encode_status,
+    fleet_subscription,
+    is_control_topic,
+    is_valid_publish_topic,
+    parse_cancel,
+    parse_request,
+)
+from .reply_store import DEFAULT_MAX_ENTRIES, ReplyStore, request_key
+from .scheduler import EngineLike, Job, Outcome, Scheduler, Submit
+from .types import Chunk, GenerationResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplyRoute:
+    """Where a request's replies go: the MQTT 5 Response Topic (with its
+    Correlation Data) or the `reply_to` topic of an MQTT 3.1.1 client."""
+
+    topic: str
+    correlation_data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One delivery of a request by the broker, to acknowledge later.
+    `generation` counts connections: an ack is sent only on the connection the
+    message came on (after a reconnect the broker delivers it again)."""
+
+    mid: int
+    qos: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class Health:
+    """What a watchdog needs. Truthy when healthy."""
+
+    ok: bool
+    state: str  # "starting" | "online" | "draining" | "offline"
+    worker_alive: bool
+    stalled_for_s: float  # seconds since the worker's last progress (0 while idle)
+    connected: bool
+    queue_depth: int
+    running: str | None  # id of the request being generated
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+class _Acker:
+    """Acknowledges deliveries once the reply published before them is complete."""
+
+    def __init__(self, service: "EdgeService", wait_s: float = 10.0) -> None:
+        self._service = service
+        self._wait_s = wait_s
+        self._queue: queue.SimpleQueue[tuple[mqtt.MQTTMessageInfo | None, list[Delivery]] | None] = \
+            queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="edge-acker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, info: mqtt.MQTTMessageInfo | None, deliveries: list[Delivery]) -> None:
+        self._queue.put((info, deliveries))
+
+    def close(self, timeout: float) -> None:
+        """Finish what is queued (bounded by `timeout`), then stop."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            info, deliveries = item
+            try:
+                self._handle(info, deliveries)
+            except Exception:
+                log.exception("acknowledging failed")
+
+    def _handle(self, info: mqtt.MQTTMessageInfo | None, deliveries: list[Delivery]) -> None:
+        if info is not None and not self._confirmed(info) and not self._service.connected:
+            # The broker redelivers the request after the reconnect; it is answered
+            # from the reply store then (paho also resends the reply itself).
+            log.debug("reply not confirmed and the connection is down; not acknowledging %s", deliveries)
+            return
+        # Unconfirmed on a live connection: paho keeps retrying the reply, and it is stored.
+        self._service._ack(deliveries)
+
+    def _confirmed(self, info: mqtt.MQTTMessageInfo) -> bool:
+        """Whether the broker acknowledged the reply (waits up to `wait_s`)."""
+        try:
+            info.wait_for_publish(self._wait_s)
+            return info.is_published()
+        except (RuntimeError, ValueError):
+            return False  # published while disconnected (paho sends it after reconnecting)
+
+
+class EdgeService:
+    """The daemon. `engine` is injected (anything with `info` and `generate`).
+
+    ``start()`` connects in the background (reconnecting with backoff) and starts
+    the worker; ``run_forever()`` blocks until SIGTERM/SIGINT and drains;
+    ``request_drain()`` starts a drain from any thread (or a signal handler);
+    ``drain()`` drains and waits; ``stop()`` stops at once, leaving unfinished
+    requests to the broker for redelivery.
+
+    Hooks for a service manager: ``on_ready()`` is called once, when the daemon is
+    subscribed and serving; ``on_status(text)`` with a one-line status on every
+    state change; ``health()`` says whether the worker is alive and making progress.
+    """
+
+    def __init__(self, config: ServiceConfig, engine: EngineLike, *,
+                 on_ready: Callable[[], None] | None = None,
+                 on_status: Callable[[str], None] | None = None,
+                 stall_after_s: float = 300.0,
+                 status_interval_s: float = 1.0,
+                 reply_store_entries: int = DEFAULT_MAX_ENTRIES,
+                 version: str = __version__) -> None:
+        self.config = config
+        self.engine = engine
+        self.on_ready: Callable[[], None] = on_ready or (lambda: None)
+        self.on_status: Callable[[str], None] = on_status or (lambda text: None)
+        self.version = version
+        self.topics = config.mqtt.topics
+        self.protocol = config.mqtt.protocol
+        self.limits = config.limits
+        self.log_content = config.service.log_content
+        self.state_dir = Path(config.service.resolved_state_dir)
+        self._status_interval_s = status_interval_s
+        self._reply_store_entries = reply_store_entries
+        self.scheduler = Scheduler(engine, self, depth=config.limits.queue_depth,
+                                   on_change=self._mark_status_dirty, stall_after_s=stall_after_s,
+                                   log_content=self.log_content)
+        self.store: ReplyStore | None = None
+        self._client: mqtt.Client | None = None
+        self._acker = _Acker(self)
+        self._state = "starting"
+        self._lock = threading.Lock()
+        self._connected = False
+        self._generation = 0
+        self._subscribe_mid: int | None = None
+        self._ready = threading.Event()
+        self._stopped = threading.Event()
+        self._drain_requested = threading.Event()
+        self._abort = threading.Event()
+        self._drain_once = threading.Lock()
+        self._status_dirty = False
+        self._hk_stop = threading.Event()
+        self._housekeeping: threading.Thread | None = None
+        self._lock_file: Any = None
+        self._started = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def start(self) -> "EdgeService":
+        """Open the reply store, start the worker and connect (in the background)."""
+        if self._started:
+            return self
+        self._started = True
+        try:
+            self._start()
+        except BaseException:
+            self._abandon_start()
+            raise
+        return self
+
+    def _start(self) -> None:
+        self._take_lock()
+        self.store = ReplyStore(self.state_dir / f"replies-{self.config.mqtt.device_id}.sqlite3",
+                                max_entries=self._reply_store_entries)
+        self.scheduler.start()
+        self._acker.start()
+        m = self.config.mqtt
+        self._client = make_client(
+            client_id=m.client_id, protocol=m.protocol, address=m.address,
+            username=m.username, password=m.read_password(), tls=m.tls,
+            will=Will(self.topics.status, self._status_payload("offline", reason="connection lost")),
+            manual_ack=True, persistent=True)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+        connect_async(self._client, m.address, protocol=m.protocol, keepalive=m.keepalive,
+                      persistent=True, session_expiry_s=m.session_expiry_s)
+        self._client.loop_start()
+        self._housekeeping = threading.Thread(target=self._housekeeping_loop, name="edge-housekeeping",
+                                              daemon=True)
+        self._housekeeping.start()
+        info = getattr(self.engine, "info", None)
+        log.info("edge-runtime %s: device %s, model %s (%s, %s), broker %s, protocol %s, queue depth %d",
+                 self.version, m.device_id, getattr(info, "model_name", "?"), getattr(info, "profile", "?"),
+                 getattr(info, "precision", "?"), m.address.url, m.protocol, self.limits.queue_depth)
+        self._set_status_text(f"connecting to {m.address.url}")
+
+    def _abandon_start(self) -> None:
+        """Undo a start that failed half-way (the error propagates)."""
+        self.scheduler.stop_accepting()
+        self._acker.close(timeout=1.0)
+        self._hk_stop.set()
+        if self._client is not None:
+            self._client.loop_stop()
+        if self.store is not None:
+            self.store.close()
+        self._release_lock()
+        self._state = "offline"
+        self._drain_once.acquire(blocking=False)
+        self._stopped.set()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the daemon is subscribed and has published `online`."""
+        return self._ready.wait(timeout)
+
+    def run_forever(self) -> None:
+        """Start (if needed), serve until SIGTERM or SIGINT, then drain and return.
+        A second signal during the drain abandons the running request."""
+        installed: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                installed[sig] = signal.signal(sig, self._on_signal)
+        try:
+            self.start()
+            while not self._drain_requested.wait(0.5):
+                pass
+            self.drain()
+        finally:
+            for sig, previous in installed.items():
+                signal.signal(sig, previous)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self._drain_requested.is_set():
+            self._abort.set()
+        self._drain_requested.set()
+
+    def request_drain(self) -> None:
+        """Begin a graceful drain in a background thread (thread-safe, idempotent);
+        `run_forever` and `wait_stopped` return once it is done."""
+        first = not self._drain_requested.is_set()
+        self._drain_requested.set()
+        if first and not self._drain_once.locked():
+            threading.Thread(target=self.drain, name="edge-drain", daemon=True).start()
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Stop taking requests, finish the running one (unless `timeout` seconds
+        pass first), leave queued ones unacknowledged for redelivery, publish
+        `offline` and disconnect. Returns when done (also when already stopped)."""
+        self._shutdown(graceful=True, timeout=timeout)
+
+    def stop(self) -> None:
+        """Stop at once: the running request is abandoned (cancelled, no reply, not
+        acknowledged: the broker redelivers it), then `offline` and disconnect."""
+        self._abort.set()
+        self._shutdown(graceful=False, timeout=0)
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        return self._stopped.wait(timeout)
+
+    def _shutdown(self, *, graceful: bool, timeout: float | None) -> None:
+        if not self._drain_once.acquire(blocking=False):
+            self._stopped.wait()
+            return
+        self._drain_requested.set()
+        if not self._started:
+            self._state = "offline"
+            self._stopped.set()
+            return
+        with self._lock:
+            self._state = "draining"
+        running = self.scheduler.running
+        log.info("draining: %s; %d queued request(s) left for redelivery",
+                 f"finishing request {running.id!r}" if running else "no request running",
+                 self.scheduler.queue_depth)
+        self._set_status_text("draining")
+        self._publish_status()
+        self.scheduler.stop_accepting()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.scheduler.wait_stopped(0.1):
+            if self._abort.is_set() or not graceful or (deadline is not None and time.monotonic() > deadline):
+                abandoned = self.scheduler.abandon_all()
+                if abandoned:
+                    log.warning("abandoned request(s) %s: left for redelivery",
+                                ", ".join(repr(j.id) for j in abandoned))
+                self.scheduler.wait_stopped(5.0)
+                break
+        self._acker.close(timeout=15.0)
+        self._stop_housekeeping()
+        with self._lock:
+            self._state = "offline"
+        client = self._client
+        if client is not None:
+            info = self._publish_status()
+            if info is not None and self._connected:
+                try:
+                    info.wait_for_publish(5.0)
+                except (RuntimeError, ValueError):
+                    pass
+            client.disconnect()
+            client.loop_stop()
+        if self.store is not None:
+            self.store.close()
+        self._release_lock()
+        self._set_status_text("stopped")
+        log.info("stopped")
+        self._stopped.set()
+
+    def __enter__(self) -> "EdgeService":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ health
+
+    def health(self) -> Health:
+        """Healthy while the worker thread is alive and, when busy, made progress
+        (a token) within `stall_after_s` seconds, which must therefore exceed the
+        longest prefill. Broker outages do not count (paho reconnects on its own).
+        Quick and thread-safe: meant for a watchdog thread."""
+        now = time.monotonic()
+        running = self.scheduler.running
+        stalled_for = max(0.0, now - self.scheduler.last_progress) if running is not None else 0.0
+        alive = self.scheduler.worker_alive
+        state = self._state
+        ok = (state != "offline" and (alive or state == "draining")
+              and stalled_for <= self.scheduler.stall_after_s)
+        return Health(ok=ok, state=state, worker_alive=alive, stalled_for_s=round(stalled_for, 3),
+                      connected=self._connected, queue_depth=self.scheduler.queue_depth,
+                      running=running.id if running is not None else None)
+
+    # ------------------------------------------------------------------ state dir lock
+
+    def _take_lock(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.state_dir / f"edge-runtime-{self.config.mqtt.device_id}.lock"
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not Unix
+            return
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise EdgeRuntimeError(
+                f"another edge-runtime daemon for device {self.config.mqtt.device_id!r} is running "
+                f"(it holds {path})") from None
+        self._lock_file = f
+
+    def _release_lock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    # ------------------------------------------------------------------ status
+
+    def _status_payload(self, state: str, **extra: Any) -> bytes:
+        return encode_status(state, device_id=self.config.mqtt.device_id,
+                             model_info=getattr(self.engine, "info", None),
+                             queue_depth=self.scheduler.queue_depth, queue_limit=self.limits.queue_depth,
+                             version=self.version, **extra)
+
+    def _publish_status(self) -> mqtt.MQTTMessageInfo | None:
+        client = self._client
+        if client is None:
+            return None
+        with self._lock:
+            state = self._state
+            self._status_dirty = False
+        if state == "starting":
+            return None
+        running = self.scheduler.running
+        return client.publish(self.topics.status,
+                              self._status_payload(state, running=running is not None),
+                              qos=1, retain=True)
+
+    def _mark_status_dirty(self) -> None:
+        self._status_dirty = True
+
+    def _set_status_text(self, text: str) -> None:
+        try:
+            self.on_status(text)
+        except Exception:
+            log.exception("on_status hook failed")
+
+    def _housekeeping_loop(self) -> None:
+        while not self._hk_stop.wait(self._status_interval_s):
+            try:
+                self.scheduler.expire_queued()
+                if self._status_dirty and self._connected and self._state == "online":
+                    self._publish_status()
+            except Exception:
+                log.exception("housekeeping failed")
+
+    def _stop_housekeeping(self) -> None:
+        self._hk_stop.set()
+        thread = self._housekeeping
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5.0)
+        self._housekeeping = None
+
+    # ------------------------------------------------------------------ MQTT callbacks (network thread)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
+                    reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the connection: %s", reason_code)
+            self._set_status_text(f"broker refused the connection: {reason_code}")
+            return
+        self._generation += 1
+        self._connected = True
+        log.info("connected to %s (session present: %s)", self.config.mqtt.address.url, flags.session_present)
+        subs = [(self.topics.generate, 1), (self.topics.cancel, 1)]
+        if self.config.mqtt.fleet_group:
+            subs.append((fleet_subscription(self.config.mqtt.fleet_group), 1))
+        _, self._subscribe_mid = client.subscribe(subs)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[Any],
+                      properties: Any) -> None:
+        if mid != self._subscribe_mid:
+            return
+        failed = [str(rc) for rc in reason_codes if rc.is_failure]
+        if failed:
+            log.error("the broker refused subscription(s): %s (check the ACL)", ", ".join(failed))
+        with self._lock:
+            if self._state == "starting":
+                self._state = "online"
+        self._publish_status()
+        if self._state == "online":
+            self._set_status_text(f"serving {self.topics.generate}")
+        if not self._ready.is_set():
+            self._ready.set()
+            try:
+                self.on_ready()
+            except Exception:
+                log.exception("on_ready hook failed")
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any) -> None:
+        was = self._connected
+        self._connected = False
+        if self._drain_once.locked() and self._state == "offline":
+            log.debug("disconnected")
+            return
+        if was:
+            log.warning("lost the broker connection (%s); reconnecting", reason_code)
+        self._set_status_text("reconnecting to the broker")
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        delivery = Delivery(message.mid, message.qos, self._generation)
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            self._ack([delivery])
+            return
+        try:
+            if topic == self.topics.cancel:
+                self._handle_cancel(message.payload)
+                self._ack([delivery])
+            elif topic in (self.topics.generate, FLEET_GENERATE_TOPIC):
+                self._handle_request(message, delivery)
+            else:
+                self._ack([delivery])
+        except Exception:
+            log.exception("failed to handle a message on %s", topic)
+            self._ack([delivery])
+
+    # ------------------------------------------------------------------ requests (network thread)
+
+    def _handle_cancel(self, payload: bytes) -> None:
+        try:
+            request_id = parse_cancel(payload)
+        except ProtocolError as exc:
+            log.warning("ignored a cancel: %s", exc.message)
+            return
+        matched = self.scheduler.cancel(request_id)
+        log.info("cancel %r: %s", request_id, "matched" if matched else "no queued or running request")
+
+    def _handle_request(self, message: mqtt.MQTTMessage, delivery: Delivery) -> None:
+        if self._drain_requested.is_set() or self._state not in ("starting", "online"):
+            # Draining: leave it unacknowledged; the broker redelivers it to the next daemon.
+            log.debug("draining: left a request for redelivery")
+            return
+        response_topic, correlation = response_route(message)
+        try:
+            wire = parse_request(message.payload, self.limits)
+        except ProtocolError as exc:
+            topic = response_topic or exc.reply_to
+            if not self._usable_reply_topic(topic):
+                log.warning("dropped an invalid request (%s: %s) that has no usable reply topic",
+                            exc.code, exc.message)
+                self._ack([delivery])
+                return
+            assert topic is not None
+            log.info("request %r rejected: %s: %s", exc.request_id, exc.code, exc.message)
+            info = self._publish(ReplyRoute(topic, correlation), encode_error(exc.request_id, exc.code,
+                                                                              exc.message))
+            self._acker.submit(info, [delivery])
+            return
+        topic = response_topic or wire.reply_to
+        if not self._usable_reply_topic(topic):
+            log.warning("request %r dropped: no usable reply topic (MQTT 5 Response Topic or reply_to)",
+                        wire.id)
+            self._ack([delivery])
+            return
+        assert topic is not None
+        route = ReplyRoute(topic, correlation)
+        key = request_key(topic, wire.id)
+        if self.scheduler.attach(key, delivery) is not None:
+            log.info("request %r delivered again while pending; it will be answered once", wire.id)
+            return
+        assert self.store is not None
+        stored = self.store.get(key)
+        if stored is not None:
+            log.info("request %r was answered before: sending the stored final reply", wire.id)
+            self._acker.submit(self._publish(route, stored), [delivery])
+            return
+        job = Job(wire=wire, key=key, route=route, deliveries=[delivery])
+        result = self.scheduler.submit(job)
+        if result is Submit.FULL:
+            log.info("request %r refused: busy (queue of %d is full)", wire.id, self.limits.queue_depth)
+            payload = encode_error(wire.id, "busy", f"the queue is full ({self.limits.queue_depth} waiting); "
+                                                    "retry later")
+            self._acker.submit(self._publish(route, payload), [delivery])
+        elif result is Submit.CLOSED:
+            log.debug("request %r left for redelivery (draining)", wire.id)
+        else:
+            log.info("request %r queued: mode=%s prompt_chars=%d max_tokens=%d stream=%s deadline_ms=%d "
+                     "queue=%d/%d", wire.id, wire.mode, wire.prompt_chars, wire.request.max_tokens,
+                     wire.stream, wire.deadline_ms, self.scheduler.queue_depth, self.limits.queue_depth)
+            if self.log_content:
+                log.info("request %r content: %r", wire.id, _content(wire.request))
+
+    @staticmethod
+    def _usable_reply_topic(topic: str | None) -> bool:
+        """A topic replies may go to: publishable, and not a request/cancel/status
+        topic of any device (a reply there would act as a request or a cancel)."""
+        return topic is not None and is_valid_publish_topic(topic) and not is_control_topic(topic)
+
+    # ------------------------------------------------------------------ publishing / acking
+
+    def _publish(self, route: ReplyRoute, payload: bytes) -> mqtt.MQTTMessageInfo | None:
+        client = self._client
+        if client is None:
+            return None
+        props = None
+        if route.correlation_data is not None:
+            props = publish_properties(self.protocol, correlation_data=route.correlation_data)
+        return client.publish(route.topic, payload, qos=1, properties=props)
+
+    def _ack(self, deliveries: list[Delivery]) -> None:
+        client = self._client
+        if client is None:
+            return
+        for d in deliveries:
+            if d.qos > 0 and d.generation == self._generation and self._connected:
+                client.ack(d.mid, d.qos)
+
+    # ------------------------------------------------------------------ JobSink (worker thread)
+
+    def job_started(self, job: Job) -> None:
+        waited_ms = ((job.started or time.monotonic()) - job.received) * 1000.0
+        log.debug("request %r started after %.0f ms in the queue", job.id, waited_ms)
+
+    def job_chunk(self, job: Job, seq: int, chunk: Chunk) -> None:
+        if job.wire.stream:
+            self._publish(job.route, encode_chunk(job.id, seq, chunk.text))
+
+    def record(self, job: Job, outcome: Outcome) -> bytes:
+        if isinstance(outcome, GenerationResult):
+            payload = encode_final(job.id, outcome)
+            t = outcome.timings
+            log.info("request %r done: mode=%s finish=%s prompt_tokens=%d completion_tokens=%d "
+                     "ttft_ms=%.1f tokens_per_s=%.1f total_ms=%.1f", job.id, job.wire.mode,
+                     outcome.finish_reason, outcome.usage.prompt_tokens, outcome.usage.completion_tokens,
+                     t.ttft_ms, t.decode_tokens_per_s, t.total_ms)
+            if self.log_content:
+                log.info("request %r text: %r", job.id, outcome.text)
+        else:
+            payload = encode_error(job.id, outcome.code, str(outcome) or outcome.code)
+            log.info("request %r failed: mode=%s %s: %s", job.id, job.wire.mode, outcome.code, outcome)
+        try:
+            assert self.store is not None
+            self.store.put(job.key, payload)
+        except Exception:
+            log.exception("request %r: could not store the final reply", job.id)
+        return payload
+
+    def deliver(self, job: Job, payload: bytes, deliveries: list[Any]) -> None:
+        self._acker.submit(self._publish(job.route, payload), deliveries)
+
+
+def _content(request: Any) -> Any:
+    if request.mode == "complete":
+        return request.prompt
+    if request.mode == "infill":
+        return {"prefix": request.prefix, "suffix": request.suffix}
+    return [(m.role, m.content) for m in request.messages]

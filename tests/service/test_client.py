@@ -1,0 +1,269 @@
+"""EdgeClient, `ask` and `serve` against the real service and a real Mosquitto."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+
+import pytest
+from fake_engine import FakeEngine
+from mqtt_probe import Probe
+from service_harness import DaemonProcess, make_config, start_service, write_config
+
+from edge_runtime.client import EdgeClient, Generation, RemoteError, add_ask_arguments, run_ask
+from edge_runtime.protocol import Topics
+
+T = Topics("dev1")
+
+
+@pytest.fixture
+def service(broker, tmp_path):
+    s = start_service(make_config(broker, tmp_path), FakeEngine(token_delay_s=0.002))
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def slow_service(broker, tmp_path):
+    s = start_service(make_config(broker, tmp_path), FakeEngine(token_delay_s=0.03))
+    yield s
+    s.stop()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_complete_infill_chat(broker, service, protocol):
+    with EdgeClient(broker.url, "dev1", protocol=protocol) as c:
+        assert c.complete("a b c") == "c b a"
+        assert c.infill("def f(", "): pass", max_tokens=8) == "pass ): f( def"
+        assert c.chat([{"role": "user", "content": "x y"}]) == "y x"
+
+
+def test_generate_streams_chunks_then_returns_the_final(broker, service):
+    with EdgeClient(broker.url, "dev1") as c:
+        gen = c.generate(mode="complete", prompt="one two three four", temperature=0, seed=1)
+        assert isinstance(gen, Generation)
+        chunks = list(gen)
+        assert [ch["seq"] for ch in chunks] == [0, 1, 2, 3]
+        assert "".join(ch["delta"] for ch in chunks) == gen.final["text"] == gen.text == "four three two one"
+        assert gen.final["finish_reason"] == "stop" and gen.result() is gen.final
+
+        def consume():
+            final = yield from c.generate(mode="complete", prompt="p q", stop=["never"])
+            return final
+
+        it = consume()
+        deltas = []
+        try:
+            while True:
+                deltas.append(next(it)["delta"])
+        except StopIteration as done:
+            assert done.value["text"] == "".join(deltas) == "q p"
+
+
+def test_requests_use_response_topic_and_correlation(broker, service):
+    with Probe(broker.host, broker.port) as spy, EdgeClient(broker.url, "dev1", client_id="cli-7") as c:
+        spy.subscribe(T.generate)
+        gen = c.generate(mode="complete", prompt="a", request_id="req-1")
+        gen.result()
+        msg = spy.wait_for(lambda ms: ms)[0]
+        assert msg.response_topic == "edge/dev1/v1/reply/cli-7/req-1" and msg.correlation == b"req-1"
+        assert "reply_to" not in json.loads(msg.payload)
+    with Probe(broker.host, broker.port) as spy, \
+            EdgeClient(broker.url, "dev1", client_id="cli-8", protocol="3.1.1") as c:
+        spy.subscribe(T.generate)
+        c.generate(mode="complete", prompt="a", request_id="req-2").result()
+        msg = spy.wait_for(lambda ms: ms)[0]
+        assert json.loads(msg.payload)["reply_to"] == "edge/dev1/v1/reply/cli-8/req-2"
+
+
+def test_error_reply_raises_remote_error(broker, service):
+    with EdgeClient(broker.url, "dev1") as c:
+        with pytest.raises(RemoteError) as info:
+            c.complete("a <UNSAFE> b")
+        assert info.value.code == "unsafe_prompt" and info.value.request_id
+        with pytest.raises(RemoteError) as info:
+            list(c.generate(mode="complete", prompt="x", max_tokens=10**9))
+        assert info.value.code == "bad_request" and "max_tokens" in info.value.message
+        assert c.complete("still ok") == "ok still"
+
+
+def test_timeout_raises_and_cancels(broker):
+    with Probe(broker.host, broker.port) as spy, EdgeClient(broker.url, "ghost") as c:
+        spy.subscribe("edge/ghost/v1/cancel")
+        gen = c.generate(mode="complete", prompt="x", timeout=0.3, request_id="lost-1")
+        with pytest.raises(TimeoutError, match="lost-1"):
+            list(gen)
+        assert spy.wait_for(lambda ms: ms)[0].json == {"id": "lost-1"}
+
+
+def test_cancel_from_the_client(broker, slow_service):
+    with EdgeClient(broker.url, "dev1") as c:
+        gen = c.generate(mode="complete", prompt=" ".join(f"w{i}" for i in range(40)))
+        it = iter(gen)
+        next(it)
+        gen.cancel()
+        rest = list(it)
+        assert gen.final["finish_reason"] == "cancelled" and len(rest) < 39
+
+
+def test_status(broker, service):
+    with EdgeClient(broker.url, "dev1") as c:
+        status = c.status()
+        assert status["state"] == "online" and status["model"] == "fake-codellama"
+
+
+def test_connection_failure(broker):
+    from mosquitto_broker import free_port
+
+    with pytest.raises(ConnectionError):
+        with EdgeClient(f"mqtt://127.0.0.1:{free_port()}", "dev1", connect_timeout=0.5):
+            pass
+    with pytest.raises(ValueError):
+        EdgeClient("http://127.0.0.1:1", "dev1")
+    with pytest.raises(ValueError):
+        EdgeClient(broker.url, "bad/device")
+    with pytest.raises(RuntimeError):
+        EdgeClient(broker.url, "dev1").generate(mode="complete", prompt="x")
+
+
+# ------------------------------------------------------------------ ask
+
+
+def ask(broker, *flags: str) -> int:
+    parser = argparse.ArgumentParser()
+    add_ask_arguments(parser)
+    return run_ask(parser.parse_args(["--broker", broker.url, "--device-id", "dev1", *flags]))
+
+
+def test_ask_streams_text(broker, service, capsys):
+    assert ask(broker, "--prompt", "a b c") == 0
+    out = capsys.readouterr()
+    assert out.out == "c b a\n" and "[stop;" in out.err
+
+
+def test_ask_json_infill_and_chat(broker, service, capsys, tmp_path):
+    assert ask(broker, "--prefix", "x", "--suffix", "y", "--suffix-first", "--json", "--max-tokens", "4") == 0
+    final = json.loads(capsys.readouterr().out)
+    assert final["text"] == "y x" and final["done"] is True
+    messages = tmp_path / "m.json"
+    messages.write_text(json.dumps([{"role": "user", "content": "hello there"}]))
+    assert ask(broker, "--messages", str(messages), "--temperature", "0", "--top-p", "0.5", "--top-k", "3",
+               "--seed", "1", "--stop", "zzz", "--protocol", "3.1.1") == 0
+    assert capsys.readouterr().out == "there hello\n"
+
+
+def test_ask_error_reply_and_bad_flags(broker, service, capsys):
+    assert ask(broker, "--prompt", "bad <UNSAFE>") == 1
+    assert capsys.readouterr().err.startswith("error: unsafe_prompt: ")
+    assert ask(broker, "--prefix", "x") == 2
+    assert "--suffix" in capsys.readouterr().err
+    assert ask(broker, "--prompt", "x", "--suffix", "y") == 2
+    assert ask(broker, "--messages", "/nonexistent.json") == 2
+
+
+def test_ask_with_the_cli_request_flags(broker, service, capsys):
+    from edge_runtime.cli import add_request_arguments
+
+    parser = argparse.ArgumentParser()
+    add_request_arguments(parser)  # the flags `generate` has
+    add_ask_arguments(parser, request_arguments=False)
+    args = parser.parse_args(["--broker", broker.url, "--device-id", "dev1", "--prompt", "p q", "--json"])
+    assert run_ask(args) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == "q p"
+
+
+def test_ask_timeout(broker, capsys):
+    assert ask(broker, "--prompt", "x", "--timeout", "0.3") == 1
+    assert capsys.readouterr().err.startswith("error: timeout: ")
+
+
+# ------------------------------------------------------------------ serve
+
+
+def test_serve_with_config_file_and_flag_overrides(broker, tmp_path):
+    config = write_config(tmp_path / "serve.toml", broker, tmp_path / "state", device_id="from-file")
+    daemon = DaemonProcess(config, run_serve=True, extra=["--device-id", "from-flag"])
+    try:
+        with EdgeClient(broker.url, "from-flag") as c:
+            status = c.status(timeout=10)
+            assert status and status["state"] == "online" and status["device_id"] == "from-flag"
+            assert c.complete("served by run_serve") == "run_serve by served"
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(10) == 0, daemon.log
+    finally:
+        daemon.stop()
+
+
+def test_serve_reports_config_errors(tmp_path, broker):
+    (tmp_path / "bad.toml").write_text(f'[model]\nbundle = "."\n[mqtt]\nbroker = "{broker.url}"\n'
+                                       'device_id = "d"\nkeepalive = "soon"\n')
+    daemon = DaemonProcess(tmp_path / "bad.toml", run_serve=True)
+    try:
+        assert daemon.wait(10) != 0
+        assert "mqtt.keepalive" in daemon.log
+    finally:
+        daemon.stop()
+
+
+# ------------------------------------------------------------------ fleet and the sample ACL
+
+
+def test_fleet_requests_from_the_client(broker, tmp_path):
+    services = [start_service(make_config(broker, tmp_path, device_id=d, **{"mqtt.fleet_group": "lab"}))
+                for d in ("dev-a", "dev-b")]
+    try:
+        with Probe(broker.host, broker.port) as spy, EdgeClient(broker.url, "fleet", client_id="cli") as c:
+            spy.subscribe("edge/fleet/v1/reply/#")
+            assert [c.complete(f"x{i} y") for i in range(4)] == [f"y x{i}" for i in range(4)]
+            assert all(m.topic.startswith("edge/fleet/v1/reply/cli/") for m in spy.messages)
+            assert c.status(timeout=0.1) is None
+    finally:
+        for s in services:
+            s.stop()
+
+
+def test_daemon_and_client_through_the_sample_acl(tmp_path):
+    """Usernames as identities, a password file and the ACL's pattern lines from
+    deploy/mosquitto/acl (plain TCP here; TLS is covered by tests/system)."""
+    import subprocess
+    from pathlib import Path
+
+    from mosquitto_broker import MosquittoBroker
+
+    sample = (Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "acl").read_text()
+    patterns = "\n".join(line for line in sample.splitlines() if line.startswith("pattern "))
+    acl = tmp_path / "acl"
+    acl.write_text(f"{patterns}\nuser client-01\ntopic write edge/+/v1/generate\ntopic write edge/+/v1/cancel\n"
+                   "topic read edge/+/v1/status\nuser dev1\ntopic read edge/fleet/v1/generate\n"
+                   "topic write edge/fleet/v1/reply/#\n")
+    passwd = tmp_path / "passwd"
+    for i, (user, pw) in enumerate((("dev1", "dev-pw"), ("client-01", "client-pw"))):
+        subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(passwd), user, pw],
+                       check=True, capture_output=True)
+    (tmp_path / "dev.pw").write_text("dev-pw\n")
+    b = MosquittoBroker(tmp_path / "broker")
+    b.config_path.write_text(
+        f"listener {b.port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n"
+        f"use_username_as_clientid true\npersistence false\nuser root\nlog_dest file {b.log_path}\n")
+    b.start()
+    service = None
+    try:
+        service = start_service(make_config(b, tmp_path, **{"mqtt.username": "dev1",
+                                                            "mqtt.password_file": str(tmp_path / "dev.pw"),
+                                                            "mqtt.fleet_group": "lab"}))
+        with EdgeClient(b.url, "dev1", username="client-01", password="client-pw") as c:
+            assert c.client_id == "client-01"
+            assert c.status()["state"] == "online"
+            assert c.complete("through the acl") == "acl the through"
+            gen = c.generate(mode="complete", prompt="a b", stream=True)
+            assert "".join(ch["delta"] for ch in gen) == "b a"
+        with EdgeClient(b.url, "fleet", username="client-01", password="client-pw", protocol="3.1.1") as c:
+            assert c.complete("fleet request") == "request fleet"
+        with pytest.raises(ConnectionError):
+            with EdgeClient(b.url, "dev1", username="client-01", password="wrong", connect_timeout=2):
+                pass
+    finally:
+        if service is not None:
+            service.stop()
+        b.stop()

@@ -1,0 +1,534 @@
+"""EdgeService against a real Mosquitto, with the FakeEngine test double.
+
+In-process services for the request paths; real subprocesses
+(tests/service/fake_daemon.py) for SIGKILL / SIGTERM behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+
+import pytest
+from fake_engine import FakeEngine, expected_text
+from mqtt_probe import Probe
+from service_harness import DaemonProcess, make_config, start_service, wait_until, write_config
+
+from edge_runtime.protocol import FLEET_GENERATE_TOPIC, Topics
+
+T = Topics("dev1")
+WORDS40 = " ".join(f"w{i}" for i in range(40))
+
+
+@pytest.fixture
+def probe(broker):
+    with Probe(broker.host, broker.port) as p:
+        p.subscribe("replies/#")
+        yield p
+
+
+@pytest.fixture
+def probe311(broker):
+    with Probe(broker.host, broker.port, protocol="3.1.1") as p:
+        p.subscribe("replies/#")
+        yield p
+
+
+@pytest.fixture
+def services():
+    started = []
+
+    def make(config, engine=None, **kw):
+        service = start_service(config, engine, **kw)
+        started.append(service)
+        return service
+
+    yield make
+    for service in started:
+        service.stop()
+
+
+def send(probe: Probe, obj, reply: str, *, correlation: bytes | None = None, topic: str = T.generate):
+    """A request over MQTT 5 with a Response Topic (or reply_to for a 3.1.1 probe)."""
+    if probe.v5:
+        probe.publish(topic, obj, response_topic=reply, correlation=correlation)
+    else:
+        obj = dict(obj, reply_to=reply)
+        probe.publish(topic, obj)
+
+
+def chunks_and_final(probe: Probe, reply: str, timeout: float = 5.0):
+    final = probe.wait_final(reply, timeout)
+    msgs = [m.json for m in probe.on(reply)]
+    return [m for m in msgs if m.get("done") is False], final
+
+
+MODE_CASES = {
+    "complete": ({"mode": "complete", "prompt": "alpha beta gamma delta"}, "delta gamma beta alpha"),
+    "infill": ({"mode": "infill", "prefix": "def f(", "suffix": "): pass", "suffix_first": True},
+               expected_text("def f( ): pass")),
+    "chat": ({"mode": "chat", "messages": [{"role": "system", "content": "be brief"},
+                                           {"role": "user", "content": "one two three"}]}, "three two one"),
+}
+
+
+# ------------------------------------------------------------------ modes
+
+
+@pytest.mark.parametrize("mode", sorted(MODE_CASES))
+def test_each_mode_over_mqtt5(broker, tmp_path, services, probe, mode):
+    services(make_config(broker, tmp_path), FakeEngine(token_delay_s=0.002))
+    fields, expected = MODE_CASES[mode]
+    send(probe, {"id": f"r-{mode}", **fields}, f"replies/{mode}", correlation=b"\x00corr")
+    chunks, final = chunks_and_final(probe, f"replies/{mode}")
+    assert [c["seq"] for c in chunks] == list(range(len(chunks))) and len(chunks) > 1
+    assert all(c["id"] == f"r-{mode}" and set(c) == {"id", "seq", "delta", "done"} for c in chunks)
+    assert "".join(c["delta"] for c in chunks) == final["text"] == expected
+    assert final["id"] == f"r-{mode}" and final["finish_reason"] == "stop"
+    assert final["usage"]["completion_tokens"] == len(expected.split())
+    assert set(final["timings"]) == {"ttft_ms", "decode_tokens_per_s", "total_ms"}
+    assert "warnings" not in final and "error" not in final
+    assert all(m.correlation == b"\x00corr" for m in probe.on(f"replies/{mode}"))
+
+
+@pytest.mark.parametrize("daemon_protocol", ["5", "3.1.1"])
+@pytest.mark.parametrize("mode", sorted(MODE_CASES))
+def test_each_mode_over_mqtt311_reply_to(broker, tmp_path, services, probe311, mode, daemon_protocol):
+    services(make_config(broker, tmp_path, **{"mqtt.protocol": daemon_protocol}))
+    fields, expected = MODE_CASES[mode]
+    send(probe311, {"id": f"r-{mode}", **fields}, f"replies/{mode}")
+    chunks, final = chunks_and_final(probe311, f"replies/{mode}")
+    assert [c["seq"] for c in chunks] == list(range(len(chunks)))
+    assert "".join(c["delta"] for c in chunks) == final["text"] == expected
+
+
+def test_stream_false_sends_only_the_final_with_warnings(broker, tmp_path, services, probe):
+    services(make_config(broker, tmp_path))
+    send(probe, {"id": "ns", "mode": "complete", "prompt": "a b <WARN> c", "stream": False}, "replies/ns")
+    final = probe.wait_final("replies/ns")
+    time.sleep(0.1)
+    assert len(probe.on("replies/ns")) == 1
+    assert final["text"] == "c <WARN> b a" and final["warnings"] == ["fake warning"]
+
+
+def test_max_tokens_and_stop(broker, tmp_path, services, probe):
+    services(make_config(broker, tmp_path))
+    send(probe, {"id": "mt", "mode": "complete", "prompt": "a b c d e", "max_tokens": 2}, "replies/mt")
+    send(probe, {"id": "st", "mode": "complete", "prompt": "a b c d e", "stop": [" c"]}, "replies/st")
+    assert probe.wait_final("replies/mt")["finish_reason"] == "length"
+    assert probe.wait_final("replies/mt")["text"] == "e d"
+    assert probe.wait_final("replies/st")["text"] == "e d"
+    assert probe.wait_final("replies/st")["finish_reason"] == "stop"
+
+
+# ------------------------------------------------------------------ cancel, busy, deadline
+
+
+def test_cancel_mid_stream(broker, tmp_path, services, probe):
+    services(make_config(broker, tmp_path), FakeEngine(token_delay_s=0.03))
+    send(probe, {"id": "c1", "mode": "complete", "prompt": WORDS40}, "replies/c1")
+    probe.wait_for(lambda ms: sum(m.topic == "replies/c1" for m in ms) >= 2)
+    probe.publish(T.cancel, {"id": "c1"})
+    chunks, final = chunks_and_final(probe, "replies/c1", timeout=3)
+    assert final["finish_reason"] == "cancelled"
+    assert 2 <= len(chunks) < 40 and "".join(c["delta"] for c in chunks) == final["text"]
+
+
+def test_cancel_queued_request_is_answered_at_once(broker, tmp_path, services, probe):
+    services(make_config(broker, tmp_path), FakeEngine(token_delay_s=0.03))
+    send(probe, {"id": "q1", "mode": "complete", "prompt": WORDS40}, "replies/q1")
+    send(probe, {"id": "q2", "mode": "complete", "prompt": "x y"}, "replies/q2")
+    probe.wait_for(lambda ms: any(m.topic == "replies/q1" for m in ms))
+    probe.publish(T.cancel, {"id": "q2"})
+    final = probe.wait_final("replies/q2", timeout=1)
+    assert final == {"id": "q2", "done": True, "error": {"code": "cancelled", "message": final["error"]["message"]}}
+    assert probe.finals("replies/q1") == []  # q1 still running
+    assert probe.wait_final("replies/q1", timeout=5)["finish_reason"] == "stop"
+    assert len(probe.on("replies/q2")) == 1  # q2 never started
+
+
+def test_cancel_of_unknown_id_and_bad_cancel_are_harmless(broker, tmp_path, services, probe):
+    services(make_config(broker, tmp_path))
+    probe.publish(T.cancel, {"id": "nobody"})
+    probe.publish(T.cancel, b"garbage")
+    send(probe, {"id": "ok", "mode": "complete", "prompt": "a b"}, "replies/ok")
+    assert probe.wait_final("replies/ok")["text"] == "b a"
+
+
+def test_queue_full_is_busy_at_once(broker, tmp_path, services, probe):
+    engine = FakeEngine(token_delay_s=0.03)
+    services(make_config(broker, tmp_path, **{"limits.queue_depth": 1}), engine)
+    send(probe, {"id": "b1", "mode": "complete", "prompt": " ".join(["w"] * 30)}, "replies/b1")
+    probe.wait_for(lambda ms: any(m.topic == "replies/b1" for m in ms))  # b1 running
+    send(probe, {"id": "b2", "mode": "complete", "prompt": "x y"}, "replies/b2")  # queued
+    send(probe, {"id": "b3", "mode": "complete", "prompt": "x y"}, "replies/b3")  # queue full
+    busy = probe.wait_final("replies/b3", timeout=1)
+    assert busy["error"]["code"] == "busy" and busy["id"] == "b3"
+    assert probe.finals("replies/b1") == []
+    assert probe.wait_final("replies/b2", timeout=5)["text"] == "y x"
+    # busy is not stored: the same id is served once there is room
+    send(probe, {"id": "b3", "mode": "complete", "prompt": "x y"}, "replies/b3")
+    assert probe.wait_final("replies/b3", count=2)["text"] == "y x"
+
+
+def test_deadline_while_running(broker, tmp_path, services, probe):
+    services(make_config(broker, tmp_path), FakeEngine(token_delay_s=0.03))
+    send(probe, {"id": "d1", "mode": "complete", "prompt": WORDS40, "deadline_ms": 200}, "replies/d1")
+    chunks, final = chunks_and_final(probe, "replies/d1", timeout=3)
+    assert final["error"]["code"] == "deadline_exceeded" and final["id"] == "d1"
+    assert 0 < len(chunks) < 40
+
+
+def test_deadline_while_queued(broker, tmp_path, services, probe):
+    services(make_config(broker, tmp_path), FakeEngine(token_delay_s=0.03))
+    send(probe, {"id": "long", "mode": "complete", "prompt": WORDS40}, "replies/long")
+    send(probe, {"id": "d2", "mode": "complete", "prompt": "a b", "deadline_ms": 150}, "replies/d2")
+    final = probe.wait_final("replies/d2", timeout=1)
+    assert final["error"]["code"] == "deadline_exceeded"
+    assert probe.finals("replies/long") == []  # answered while the long one still runs
+
+
+def test_default_deadline_from_config(broker, tmp_path, services, probe):
+    services(make_config(broker, tmp_path, **{"limits.default_deadline_ms": 100}), FakeEngine(token_delay_s=0.03))
+    send(probe, {"id": "dd", "mode": "complete", "prompt": WORDS40}, "replies/dd")
+    assert probe.wait_final("replies/dd", timeout=3)["error"]["code"] == "deadline_exceeded"
+
+
+# ------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize("prompt, code", [
+    ("please <UNSAFE> thing", "unsafe_prompt"),
+    ("tags [INST] inside", "unsafe_prompt"),
+    ("engine says <BADREQ>", "bad_request"),
+    ("secret <BOOM> here", "internal"),
+    (" ".join(["w"] * 300), "context_length_exceeded"),
+])
+def test_engine_errors_map_to_codes(broker, tmp_path, services, probe, prompt, code):
+    services(make_config(broker, tmp_path), FakeEngine(context_limit=256))
+    send(probe, {"id": "e", "mode": "complete", "prompt": prompt, "max_tokens": 8}, "replies/e")
+    final = probe.wait_final("replies/e")
+    assert final["id"] == "e" and final["error"]["code"] == code
+    assert "secret" not in final["error"]["message"]  # internal errors do not leak details
+    send(probe, {"id": "after", "mode": "complete", "prompt": "still here", "max_tokens": 8}, "replies/after")
+    assert probe.wait_final("replies/after")["text"] == "here still"
+
+
+def test_unsupported_infill(broker, tmp_path, services, probe):
+    services(make_config(broker, tmp_path), FakeEngine(supports_infill=False))
+    send(probe, {"id": "i", "mode": "infill", "prefix": "a", "suffix": "b"}, "replies/i")
+    assert probe.wait_final("replies/i")["error"]["code"] == "unsupported_mode"
+
+
+def test_bad_payloads_each_get_an_error_reply(broker, tmp_path, services, probe, probe311):
+    services(make_config(broker, tmp_path, **{"limits.max_payload_bytes": 1024}))
+    cases = {
+        "notjson": (b"this is not json", None, "bad_request"),
+        "notutf8": (b"\xff\xfe\x00", None, "bad_request"),
+        "array": (b"[1, 2, 3]", None, "bad_request"),
+        "noid": ({"mode": "complete", "prompt": "x"}, None, "bad_request"),
+        "numid": ({"id": 7, "mode": "complete", "prompt": "x"}, None, "bad_request"),
+        "oversize": ({"id": "big", "mode": "complete", "prompt": "x" * 2000}, None, "bad_request"),
+        "mode": ({"id": "m", "mode": "translate", "prompt": "x"}, "m", "unsupported_mode"),
+        "types": ({"id": "t", "mode": "complete", "prompt": "x", "max_tokens": "many"}, "t", "bad_request"),
+        "nan": (b'{"id": "n", "mode": "complete", "prompt": "x", "temperature": NaN}', None, "bad_request"),
+    }
+    for name, (payload, _, _) in cases.items():
+        send(probe, payload, f"replies/{name}", correlation=name.encode())
+    for name, (_, expected_id, code) in cases.items():
+        final = probe.wait_final(f"replies/{name}")
+        assert final["error"]["code"] == code, name
+        assert final["id"] == expected_id, name
+        assert [m.correlation for m in probe.on(f"replies/{name}")] == [name.encode()]
+    # MQTT 3.1.1: the reply topic comes from the JSON even when the id is missing
+    probe311.publish(T.generate, {"mode": "complete", "prompt": "x", "reply_to": "replies/311"})
+    final = probe311.wait_final("replies/311")
+    assert final["id"] is None and final["error"]["code"] == "bad_request"
+    # no usable reply topic: dropped (nothing to answer), and the daemon keeps serving
+    probe.subscribe("edge/+/v1/#")
+    probe.publish(T.generate, {"id": "lost", "mode": "complete", "prompt": "x"})
+    probe.publish(T.generate, b"junk without reply topic")
+    send(probe, {"id": "evil", "mode": "complete", "prompt": "x"}, "edge/dev2/v1/cancel")
+    send(probe311, {"id": "evil2", "mode": "complete", "prompt": "x"}, "edge/dev2/v1/generate")
+    send(probe, {"id": "fine", "mode": "complete", "prompt": "a b c"}, "replies/fine")
+    assert probe.wait_final("replies/fine")["text"] == "c b a"
+    assert probe.on("edge/dev2/v1/cancel") == [] and probe.on("edge/dev2/v1/generate") == []
+
+
+# ------------------------------------------------------------------ redelivery / reply store
+
+
+def test_answered_id_gets_the_stored_final_not_a_second_generation(broker, tmp_path, services, probe):
+    engine = FakeEngine()
+    config = make_config(broker, tmp_path)
+    service = services(config, engine)
+    req = {"id": "once", "mode": "complete", "prompt": "a b c"}
+    send(probe, req, "replies/once")
+    first = probe.wait_final("replies/once")
+    send(probe, req, "replies/once")  # e.g. redelivered after a reconnect
+    again = probe.wait_final("replies/once", count=2)
+    assert again == first and len(engine.calls) == 1
+    # only the final is sent again, not the chunks
+    assert len(probe.on("replies/once")) == 3 + 1 + 1
+    # the same id from another reply topic is another request
+    send(probe, req, "replies/other")
+    probe.wait_final("replies/other")
+    assert len(engine.calls) == 2
+    # the store survives a restart
+    service.stop()
+    engine2 = FakeEngine()
+    services(config, engine2)
+    send(probe, req, "replies/once")
+    assert probe.wait_final("replies/once", count=3) == first
+    assert engine2.calls == []
+
+
+def test_duplicate_delivery_while_pending_is_generated_once(broker, tmp_path, services, probe):
+    engine = FakeEngine(token_delay_s=0.02)
+    services(make_config(broker, tmp_path), engine)
+    req = {"id": "dup", "mode": "complete", "prompt": "a b c d e", "stream": False}
+    send(probe, req, "replies/dup")
+    send(probe, req, "replies/dup")
+    assert probe.wait_final("replies/dup")["text"] == "e d c b a"
+    time.sleep(0.3)
+    assert len(probe.finals("replies/dup")) == 1 and len(engine.calls) == 1
+
+
+# ------------------------------------------------------------------ status, drain, reconnect
+
+
+def test_status_online_draining_offline_and_redelivery_after_drain(broker, tmp_path, services, probe):
+    config = make_config(broker, tmp_path)
+    service = services(config, FakeEngine(token_delay_s=0.03))
+    probe.subscribe(T.status)
+    online = probe.wait_status(T.status, "online")
+    assert online["model"] == "fake-codellama" and online["profile"] == "test-profile"
+    assert online["bundle_sha256"] == "0" * 64 and online["queue_depth"] == 0 and online["version"]
+    send(probe, {"id": "run", "mode": "complete", "prompt": " ".join(["w"] * 15)}, "replies/run")
+    send(probe, {"id": "queued", "mode": "complete", "prompt": "q r"}, "replies/queued")
+    probe.wait_for(lambda ms: any(m.topic == "replies/run" for m in ms))
+    assert service.health().ok and service.health().running == "run"
+    service.request_drain()
+    probe.wait_status(T.status, "draining", timeout=1)
+    send(probe, {"id": "late", "mode": "complete", "prompt": "l m"}, "replies/late")
+    assert probe.wait_final("replies/run", timeout=3)["finish_reason"] == "stop"
+    probe.wait_status(T.status, "offline", timeout=3)
+    assert service.wait_stopped(5) and service.state == "offline"
+    assert probe.finals("replies/queued") == [] and probe.finals("replies/late") == []
+    with Probe(broker.host, broker.port) as fresh:  # retained
+        fresh.subscribe(T.status)
+        fresh.wait_for(lambda ms: ms and json.loads(ms[-1].payload)["state"] == "offline")
+        assert fresh.messages[-1].retain
+    # the next daemon with the same device id gets the unanswered requests
+    engine = FakeEngine()
+    services(config, engine)
+    assert probe.wait_final("replies/queued")["text"] == "r q"
+    assert probe.wait_final("replies/late")["text"] == "m l"
+    time.sleep(0.2)
+    assert len(probe.finals("replies/run")) == 1 and sorted(r.id for r in engine.calls) == ["late", "queued"]
+
+
+def test_status_reports_queue_depth(broker, tmp_path, services, probe):
+    services(make_config(broker, tmp_path), FakeEngine(token_delay_s=0.03))
+    probe.subscribe(T.status)
+    probe.wait_status(T.status, "online")
+    send(probe, {"id": "r", "mode": "complete", "prompt": " ".join(["w"] * 10)}, "replies/r")
+    for i in range(2):
+        send(probe, {"id": f"q{i}", "mode": "complete", "prompt": "a"}, f"replies/q{i}")
+    probe.wait_for(lambda ms: any(m.topic == T.status and m.json.get("queue_depth") == 2 for m in ms), 2)
+    probe.wait_final("replies/q1", timeout=3)
+    probe.wait_for(lambda ms: [m for m in ms if m.topic == T.status][-1].json["queue_depth"] == 0, 2)
+
+
+def test_reconnects_and_resubscribes_after_broker_restart(broker, tmp_path, services):
+    service = services(make_config(broker, tmp_path))
+    broker.stop()
+    wait_until(lambda: not service.connected, 5)
+    assert service.health().ok  # a broker outage is not a health failure
+    broker.start()
+    wait_until(lambda: service.connected, 10)
+    with Probe(broker.host, broker.port) as p:
+        p.subscribe("replies/#")
+        p.subscribe(T.status)
+        p.wait_status(T.status, "online")
+        send(p, {"id": "back", "mode": "complete", "prompt": "a b"}, "replies/back")
+        assert p.wait_final("replies/back")["text"] == "b a"
+
+
+def test_broker_restart_mid_generation_still_answers_once(broker, tmp_path, services):
+    engine = FakeEngine(token_delay_s=0.05)
+    service = services(make_config(broker, tmp_path), engine)
+    with Probe(broker.host, broker.port, persistent=True) as p:
+        p.subscribe("replies/#")
+        send(p, {"id": "mid", "mode": "complete", "prompt": WORDS40}, "replies/mid")
+        p.wait_for(lambda ms: any(m.topic == "replies/mid" for m in ms))
+        broker.stop()
+        wait_until(lambda: not service.connected, 5)
+        broker.start()
+        final = p.wait_final("replies/mid", timeout=10)
+        assert final["text"] == expected_text(WORDS40)
+        time.sleep(0.3)
+        assert len(p.finals("replies/mid")) == 1 and len(engine.calls) == 1
+        # the broker's redelivery was acknowledged: a later daemon restart does not see it again
+        service.stop()
+        engine2 = FakeEngine()
+        services(make_config(broker, tmp_path), engine2)
+        send(p, {"id": "next", "mode": "complete", "prompt": "a b"}, "replies/next")
+        p.wait_final("replies/next")
+        time.sleep(0.2)
+        assert [r.id for r in engine2.calls] == ["next"] and len(p.finals("replies/mid")) == 1
+
+
+def test_fleet_group_shared_subscription(broker, tmp_path, services, probe):
+    engines = [FakeEngine(), FakeEngine()]
+    for name, engine in zip(("dev-a", "dev-b"), engines):
+        services(make_config(broker, tmp_path, device_id=name, **{"mqtt.fleet_group": "lab"}), engine)
+    for i in range(6):
+        send(probe, {"id": f"f{i}", "mode": "complete", "prompt": f"x{i} y"}, f"replies/f{i}",
+             topic=FLEET_GENERATE_TOPIC)
+    for i in range(6):
+        assert probe.wait_final(f"replies/f{i}")["text"] == f"y x{i}"
+    time.sleep(0.2)
+    assert all(len(probe.finals(f"replies/f{i}")) == 1 for i in range(6))
+    assert sum(len(e.calls) for e in engines) == 6
+
+
+def test_second_daemon_for_the_same_device_is_refused(broker, tmp_path, services):
+    from edge_runtime.errors import EdgeRuntimeError
+    from edge_runtime.service import EdgeService
+
+    config = make_config(broker, tmp_path)
+    services(config)
+    with pytest.raises(EdgeRuntimeError, match="another edge-runtime daemon"):
+        EdgeService(config, FakeEngine()).start()
+
+
+def test_a_failed_start_releases_everything(broker, tmp_path, services):
+    from edge_runtime.service import EdgeService
+
+    bad = make_config(broker, tmp_path, **{"mqtt.username": "u", "mqtt.password_file": str(tmp_path / "nope")})
+    failed = EdgeService(bad, FakeEngine())
+    with pytest.raises(OSError):
+        failed.start()
+    assert failed.state == "offline" and not failed.health().ok
+    services(make_config(broker, tmp_path))  # the state dir lock was released
+
+
+def test_prompts_and_text_are_not_logged_unless_configured(broker, tmp_path, services, probe, caplog):
+    caplog.set_level(logging.DEBUG, logger="edge_runtime")
+    service = services(make_config(broker, tmp_path))
+    send(probe, {"id": "p1", "mode": "complete", "prompt": "topsecret words"}, "replies/p1")
+    probe.wait_final("replies/p1")
+    send(probe, {"id": "p2", "mode": "complete", "prompt": "topsecret <BOOM>"}, "replies/p2")
+    probe.wait_final("replies/p2")
+    text = caplog.text
+    assert "'p1'" in text and "completion_tokens=2" in text and "ttft_ms=" in text
+    assert "topsecret" not in text and "words" not in text
+    service.stop()
+    caplog.clear()
+    services(make_config(broker, tmp_path, **{"service.log_content": True}))
+    send(probe, {"id": "p3", "mode": "complete", "prompt": "topsecret words"}, "replies/p3")
+    probe.wait_final("replies/p3")
+    assert "topsecret words" in caplog.text and "words topsecret" in caplog.text
+
+
+def test_health_reports_a_stalled_worker(broker, tmp_path, services, probe):
+    service = services(make_config(broker, tmp_path), FakeEngine(token_delay_s=0.4), stall_after_s=0.2)
+    assert service.health().ok and bool(service.health())
+    send(probe, {"id": "slow", "mode": "complete", "prompt": "a b"}, "replies/slow")
+    wait_until(lambda: not service.health().ok, 2)
+    h = service.health()
+    assert h.running == "slow" and h.stalled_for_s > 0.2 and h.worker_alive
+    probe.wait_final("replies/slow", timeout=3)
+    wait_until(lambda: service.health().ok, 2)
+
+
+def test_hooks_on_ready_and_on_status(broker, tmp_path, services):
+    events = []
+    service = services(make_config(broker, tmp_path), on_ready=lambda: events.append("ready"),
+                       on_status=lambda text: events.append(text))
+    assert "ready" in events and any(e.startswith("serving") for e in events)
+    service.drain()
+    assert events[-1] == "stopped" and "draining" in events
+
+
+# ------------------------------------------------------------------ real processes
+
+
+@pytest.fixture
+def daemons():
+    procs = []
+
+    def make(*args, **kw):
+        proc = DaemonProcess(*args, **kw)
+        procs.append(proc)
+        return proc
+
+    yield make
+    for proc in procs:
+        proc.stop()
+
+
+def test_will_message_on_sigkill(broker, tmp_path, daemons, probe):
+    config = write_config(tmp_path / "d.toml", broker, tmp_path / "state")
+    daemon = daemons(config)
+    probe.subscribe(T.status)
+    probe.wait_status(T.status, "online", timeout=10)
+    daemon.kill()
+    offline = probe.wait_status(T.status, "offline", timeout=5)
+    assert offline["reason"] == "connection lost" and offline["device_id"] == "dev1"
+    with Probe(broker.host, broker.port) as fresh:
+        fresh.subscribe(T.status)
+        fresh.wait_for(lambda ms: ms and json.loads(ms[-1].payload)["state"] == "offline")
+        assert fresh.messages[-1].retain
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_sigkill_with_requests_queued_then_restart_answers_each_exactly_once(
+        broker, tmp_path, daemons, probe, probe311, protocol):
+    config = write_config(tmp_path / "d.toml", broker, tmp_path / "state", protocol=protocol)
+    calls = tmp_path / "calls.txt"
+    daemon = daemons(config, token_delay=0.03, calls_file=calls)
+    probe.subscribe(T.status)
+    probe.wait_status(T.status, "online", timeout=10)
+    client = probe if protocol == "5" else probe311
+    prompts = {f"k{i}": " ".join(f"t{i}{j}" for j in range(30 if i == 0 else 8)) for i in range(5)}
+    for rid, prompt in prompts.items():
+        send(client, {"id": rid, "mode": "complete", "prompt": prompt}, f"replies/{rid}")
+    client.wait_for(lambda ms: any(m.topic == "replies/k0" for m in ms), 5)  # k0 is running
+    daemon.kill()
+    assert client.finals("replies/k0") == []
+    daemons(config, token_delay=0.01, calls_file=calls)
+    for rid, prompt in prompts.items():
+        assert client.wait_final(f"replies/{rid}", timeout=10)["text"] == expected_text(prompt)
+    time.sleep(0.3)
+    for rid in prompts:
+        assert len(client.finals(f"replies/{rid}")) == 1, rid
+    generated = calls.read_text().split()
+    assert sorted(set(generated)) == sorted(prompts) and generated.count("k0") == 2
+    assert all(generated.count(rid) == 1 for rid in prompts if rid != "k0")
+
+
+def test_sigterm_drains_then_exits_zero(broker, tmp_path, daemons, probe):
+    config = write_config(tmp_path / "d.toml", broker, tmp_path / "state")
+    daemon = daemons(config, token_delay=0.03)
+    probe.subscribe(T.status)
+    probe.wait_status(T.status, "online", timeout=10)
+    send(probe, {"id": "s0", "mode": "complete", "prompt": " ".join(["w"] * 25)}, "replies/s0")
+    send(probe, {"id": "s1", "mode": "complete", "prompt": "a b"}, "replies/s1")
+    send(probe, {"id": "s2", "mode": "complete", "prompt": "c d"}, "replies/s2")
+    probe.wait_for(lambda ms: any(m.topic == "replies/s0" for m in ms), 5)
+    daemon.signal(signal.SIGTERM)
+    probe.wait_status(T.status, "draining", timeout=2)
+    assert probe.wait_final("replies/s0", timeout=3)["finish_reason"] == "stop"
+    assert daemon.wait(10) == 0, daemon.log
+    probe.wait_status(T.status, "offline", timeout=2)
+    assert probe.finals("replies/s1") == [] and probe.finals("replies/s2") == []
+    assert "Traceback" not in daemon.log
+    daemons(config)
+    assert probe.wait_final("replies/s1", timeout=10)["text"] == "b a"
+    assert probe.wait_final("replies/s2", timeout=10)["text"] == "d c"
+    time.sleep(0.2)
+    assert len(probe.finals("replies/s0")) == 1
