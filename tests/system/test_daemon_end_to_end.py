@@ -1,0 +1,122 @@
+"""The real daemon (`edge-runtime serve` as a process) on a real bundle, behind a
+real Mosquitto, driven over MQTT, with systemd's notify socket owned by the test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_runtime.client import EdgeClient
+
+DEVICE = "e2e-device"
+
+
+class NotifySocket:
+    """What systemd does for Type=notify: a datagram socket the daemon writes to."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.5)
+        self.messages: list[str] = []
+
+    def wait_for(self, text: str, timeout: float) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in m for m in self.messages):
+                return self.messages
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except socket.timeout:
+                pass
+        raise AssertionError(f"no {text!r} from the daemon within {timeout}s; got {self.messages}")
+
+    def collect(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except socket.timeout:
+                pass
+
+    def count(self, text: str) -> int:
+        return sum(m.count(text) for m in self.messages)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def daemon(tiny_bundle, broker, tmp_path):
+    notify = NotifySocket(tmp_path / "notify.sock")
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000", "PYTHONUNBUFFERED": "1"}
+    env.pop("WATCHDOG_PID", None)
+    log = open(tmp_path / "daemon.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "edge_runtime", "serve", "--bundle", str(tiny_bundle),
+                             "--broker", broker.url, "--device-id", DEVICE, "--state-dir", str(tmp_path / "state")],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        notify.wait_for("READY=1", timeout=60)
+        yield proc, notify
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+        notify.close()
+
+
+def generate_cli(bundle: Path, *flags: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "edge_runtime", "generate", "--bundle", str(bundle), "--json",
+                          "--temperature", "0", "--max-tokens", "16", *flags], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout)
+
+
+def test_each_mode_over_mqtt_equals_local_generate(daemon, broker, tiny_bundle, tmp_path):
+    messages = [{"role": "system", "content": "Answer in Python."}, {"role": "user", "content": "Reverse a list"}]
+    (tmp_path / "m.json").write_text(json.dumps(messages))
+    cases = [
+        (dict(mode="complete", prompt="def fib(n):"), ["--prompt", "def fib(n):"]),
+        (dict(mode="infill", prefix="def add(a, b):\n    return ", suffix="\n"),
+         ["--prefix", "def add(a, b):\n    return ", "--suffix", "\n"]),
+        (dict(mode="chat", messages=messages), ["--messages", str(tmp_path / "m.json")]),
+    ]
+    with EdgeClient(broker.url, DEVICE) as client:
+        for request, flags in cases:
+            gen = client.generate(**request, max_tokens=16, temperature=0.0, timeout=60)
+            chunks = list(gen)
+            final = gen.result()
+            assert final["done"] is True and "error" not in final
+            assert [c["seq"] for c in chunks] == list(range(len(chunks)))
+            assert "".join(c["delta"] for c in chunks) == final["text"]
+            local = generate_cli(tiny_bundle, *flags)
+            assert final["text"] == local["text"], request["mode"]
+            assert final["usage"] == local["usage"]
+
+
+def test_mqtt311_reply_to(daemon, broker):
+    with EdgeClient(broker.url, DEVICE, protocol="3.1.1") as client:
+        text = client.complete("import os", max_tokens=8, temperature=0.0, timeout=60)
+    with EdgeClient(broker.url, DEVICE) as client:
+        assert client.complete("import os", max_tokens=8, temperature=0.0, timeout=60) == text
+
+
+def test_watchdog_pings_and_sigterm_sends_stopping(daemon):
+    proc, notify = daemon
+    notify.wait_for("WATCHDOG=1", timeout=5)
+    before = notify.count("WATCHDOG=1")
+    notify.collect(2.0)  # WATCHDOG_USEC is 1 s: a ping every 0.5 s
+    assert notify.count("WATCHDOG=1") >= before + 3
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    notify.wait_for("STOPPING=1", timeout=2)
