@@ -1,0 +1,42 @@
+"""int8 and int4 bundles of the trained demo model meet their profile's fidelity
+thresholds and say so in the manifest; a bundle below its threshold is refused
+unless --allow-degraded, and then says it is degraded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import export_bundle
+from edge_runtime.bundle import load_bundle
+from edge_runtime.profiles import load_profile
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_demo_model_quantized_bundle_meets_profile_threshold(demo_checkpoint, tmp_path, precision):
+    bundle = load_bundle(export_bundle(demo_checkpoint, tmp_path / precision, precision=precision))
+    fidelity = bundle.manifest["fidelity"]
+    min_agree, max_diff = load_profile("cpu-x86_64").fidelity.for_precision(precision)
+    assert fidelity["passed"] is True and fidelity["degraded"] is False
+    assert fidelity["greedy_agreement"] >= min_agree and fidelity["max_logit_diff"] <= max_diff
+    assert fidelity["threshold"] == {"min_greedy_agreement": min_agree, "max_logit_diff": max_diff}
+    assert fidelity["prompts"] == 12  # 8 completion + 4 infill: the demo model has the infilling tokens
+    quant = bundle.manifest["quantization"]
+    assert quant["method"] == "MatMulNBits" and quant["bits"] == {"int8": 8, "int4": 4}[precision]
+    assert any("lm_head" in n for n in quant["excluded_nodes"])
+
+
+def test_below_threshold_fails_with_numbers_unless_allowed(tiny_checkpoint, tmp_path):
+    from edge_export.pipeline import ExportError
+
+    strict = tmp_path / "strict.toml"
+    text = (load_profile.__globals__["_packaged_dir"]() / "cpu-x86_64.toml").read_text()
+    strict.write_text(text.replace('name = "cpu-x86_64"', 'name = "strict"', 1)
+                      .replace("fp32 = 0.01 }", "fp32 = 0.0 }"))
+    with pytest.raises(ExportError, match=r"max logit difference .* > 0 .*--allow-degraded"):
+        export_bundle(tiny_checkpoint, tmp_path / "b", profile=str(strict))
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
+    export_bundle(tiny_checkpoint, tmp_path / "b", profile=str(strict), allow_degraded=True)
+    fidelity = json.loads((tmp_path / "b" / "bundle.json").read_text())["fidelity"]
+    assert fidelity["passed"] is False and fidelity["degraded"] is True and fidelity["problems"]
