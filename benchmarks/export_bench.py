@@ -1,0 +1,80 @@
+"""Export benchmark: wall time, peak resident memory and bundle size per precision.
+
+    python benchmarks/export_bench.py                          # the demo model, int4 / int8 / fp32
+    python benchmarks/export_bench.py --checkpoint DIR --precision int4 --skip-fidelity
+
+Each export runs `edge-runtime export` in its own process, so its peak memory is
+measured alone (getrusage of the finished child). Prints a table and, with
+--json FILE, writes the rows as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run_export(checkpoint: Path, precision: str, profile: str, out: Path, skip_fidelity: bool) -> dict:
+    # a wrapper process per export, so that RUSAGE_CHILDREN is this export's peak alone
+    wrapper = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
+               "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
+    cmd = [sys.executable, "-c", wrapper, sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(checkpoint), "--profile", profile,
+           "--precision", precision, "--output", str(out), "--allow-degraded"]
+    if skip_fidelity:
+        cmd.append("--skip-fidelity")
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, _ = proc.communicate()
+    seconds = time.perf_counter() - start
+    peak_kib = int(output.rsplit("PEAK_RSS_KIB", 1)[-1].split()[0]) if "PEAK_RSS_KIB" in output else 0
+    if proc.returncode != 0:
+        raise SystemExit(f"export failed ({precision}):\n{output}")
+    manifest = json.loads((out / "bundle.json").read_text())
+    fid = manifest["fidelity"]
+    return {"precision": precision, "seconds": round(seconds, 1), "peak_rss_mib": round(peak_kib / 1024),
+            "bundle_mib": round(sum(f["size"] for f in manifest["files"]) / 2**20, 1),
+            "greedy_agreement": None if fid.get("skipped") else round(fid["greedy_agreement"], 3),
+            "max_logit_diff": None if fid.get("skipped") else round(fid["max_logit_diff"], 4)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="default: the demo model (trained and cached on first use)")
+    parser.add_argument("--precision", action="append", help="repeatable; default int4, int8, fp32")
+    parser.add_argument("--profile", default="cpu-x86_64")
+    parser.add_argument("--skip-fidelity", action="store_true")
+    parser.add_argument("--json", help="write the rows to this file")
+    args = parser.parse_args(argv)
+    if args.checkpoint:
+        checkpoint = Path(args.checkpoint)
+    else:
+        from edge_export.demo_model import ensure_demo_model
+
+        checkpoint = ensure_demo_model()
+    work = Path(tempfile.mkdtemp(prefix="export-bench-"))
+    rows = []
+    try:
+        for precision in args.precision or ["int4", "int8", "fp32"]:
+            rows.append(run_export(checkpoint, precision, args.profile, work / precision, args.skip_fidelity))
+            print(f"{precision}: done", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"checkpoint {checkpoint} ({sum(p.stat().st_size for p in checkpoint.glob('*.safetensors')) / 2**20:.1f} MiB"
+          f" of safetensors), profile {args.profile}")
+    print(f"{'precision':<10}{'time s':>8}{'peak RSS MiB':>14}{'bundle MiB':>12}{'greedy agr.':>13}{'max logit d':>13}")
+    for r in rows:
+        print(f"{r['precision']:<10}{r['seconds']:>8}{r['peak_rss_mib']:>14}{r['bundle_mib']:>12}"
+              f"{str(r['greedy_agreement']):>13}{str(r['max_logit_diff']):>13}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
