@@ -23,7 +23,8 @@ FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 # Graph flavours the engine knows how to drive.
 FLAVOUR_OPTIMUM_KV_CONCAT = "optimum-kv-concat"  # optimum export: past in, past+new out
-GRAPH_FLAVOURS = (FLAVOUR_OPTIMUM_KV_CONCAT,)
+FLAVOUR_GQA_SHARED_KV = "gqa-shared-kv"  # built from the tensors: GroupQueryAttention, one shared KV buffer
+GRAPH_FLAVOURS = (FLAVOUR_OPTIMUM_KV_CONCAT, FLAVOUR_GQA_SHARED_KV)
 
 _CHUNK = 1 << 20
 

@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from . import generator
-from .bundle import FLAVOUR_OPTIMUM_KV_CONCAT, Bundle, load_bundle
+from .bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, Bundle, load_bundle
 from .detokenizer import IncrementalDetokenizer
 from .errors import BadRequest, ContextLengthExceeded, DeadlineExceeded
+from .gqa_decoder import SharedKVDecoder
 from .onnx_decoder import KVConcatDecoder
 from .profiles import DeviceProfile, load_profile
 from .prompts import PromptPlan, build_prompt
@@ -34,6 +35,9 @@ from .tokenizer import CodeLlamaTokenizer
 from .types import Chunk, GenerationRequest, GenerationResult, Timings, Usage
 
 log = logging.getLogger(__name__)
+
+# One decoder class per graph flavour the bundle format knows.
+DECODERS = {FLAVOUR_OPTIMUM_KV_CONCAT: KVConcatDecoder, FLAVOUR_GQA_SHARED_KV: SharedKVDecoder}
 
 
 @dataclass(frozen=True)
@@ -87,11 +91,10 @@ class Engine:
         bundle = load_bundle(path)
         if not isinstance(profile, DeviceProfile):
             profile = load_profile(profile or bundle.profile_name)
-        if bundle.graph_flavour != FLAVOUR_OPTIMUM_KV_CONCAT:  # load_bundle accepts only known flavours
-            raise AssertionError(bundle.graph_flavour)
         session, choice = make_session(ort, bundle, profile)
         max_length = min(bundle.context_limit, profile.max_context)
-        decoder = KVConcatDecoder(ort, session, bundle.architecture, device=choice.device, max_length=max_length)
+        decoder = DECODERS[bundle.graph_flavour](ort, session, bundle.architecture, device=choice.device,
+                                                 max_length=max_length)
         tokenizer = CodeLlamaTokenizer.from_file(bundle.tokenizer_path)
         return cls(bundle, profile, session, decoder, tokenizer, choice)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.bundle import Architecture
-from edge_runtime.onnx_decoder import KVConcatDecoder
+from edge_runtime.bundle import FLAVOUR_OPTIMUM_KV_CONCAT, Architecture
+from edge_runtime.engine import DECODERS
 from edge_runtime.prompts import build_prompt
 from edge_runtime.tokenizer import CodeLlamaTokenizer
 from edge_runtime.types import GenerationRequest
@@ -80,9 +80,18 @@ def torch_greedy(model, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
     return tokens, prompt_logits
 
 
-def graph_greedy(decoder: KVConcatDecoder, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
+def graph_prompt_logits(decoder, cache, ids: list[int]) -> np.ndarray:
+    """Logits [S, V] of every prompt position (a graph that computes only the last
+    position's logits is fed one token at a time)."""
+    ids_array = np.asarray(ids, dtype=np.int64)
+    if hasattr(decoder, "all_position_logits"):
+        return decoder.all_position_logits(cache, ids_array)
+    return decoder.prefill(cache, ids_array).copy()
+
+
+def graph_greedy(decoder, ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
     cache = decoder.new_cache(len(ids) + n)
-    prompt_logits = decoder.prefill(cache, np.asarray(ids, dtype=np.int64)).copy()
+    prompt_logits = graph_prompt_logits(decoder, cache, ids)
     nxt = int(prompt_logits[-1].argmax())
     tokens = [nxt]
     for _ in range(n - 1):
@@ -91,10 +100,13 @@ def graph_greedy(decoder: KVConcatDecoder, ids: list[int], n: int) -> tuple[list
     return tokens, prompt_logits
 
 
-def graph_teacher_forced(decoder: KVConcatDecoder, ids: list[int], continuation: list[int]) -> list[int]:
+def graph_teacher_forced(decoder, ids: list[int], continuation: list[int]) -> list[int]:
+    """The graph's top token at each position when it reads `continuation` (torch's greedy output)."""
     cache = decoder.new_cache(len(ids) + len(continuation))
-    logits = decoder.prefill(cache, np.asarray(ids + continuation[:-1], dtype=np.int64))
-    return [int(t) for t in logits[len(ids) - 1:].argmax(axis=-1)]
+    predicted = [int(decoder.prefill(cache, np.asarray(ids, dtype=np.int64))[-1].argmax())]
+    for token in continuation[:-1]:
+        predicted.append(int(decoder.decode(cache, token).argmax()))
+    return predicted
 
 
 def prefix_agreement(a: list[int], b: list[int]) -> float:
@@ -107,7 +119,8 @@ def prefix_agreement(a: list[int], b: list[int]) -> float:
 
 
 def measure(checkpoint: Path, graph: Path, arch: Architecture, tokenizer_path: Path, chat_format: str, *,
-            n_tokens: int = 32, threads: int = 0, progress=None) -> FidelityReport:
+            n_tokens: int = 32, threads: int = 0, flavour: str = FLAVOUR_OPTIMUM_KV_CONCAT,
+            progress=None) -> FidelityReport:
     import onnxruntime as ort
     import torch
     from transformers import LlamaForCausalLM
@@ -120,7 +133,7 @@ def measure(checkpoint: Path, graph: Path, arch: Architecture, tokenizer_path: P
     tokenizer = CodeLlamaTokenizer.from_file(tokenizer_path)
     prompts = fidelity_prompt_ids(tokenizer, chat_format)
     max_len = max(len(ids) for _, ids in prompts) + n_tokens
-    decoder = KVConcatDecoder(ort, session, arch, device="cpu", max_length=max_len)
+    decoder = DECODERS[flavour](ort, session, arch, device="cpu", max_length=max_len)
 
     rows = []
     for i, (mode, ids) in enumerate(prompts):

@@ -12,16 +12,17 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_runtime.bundle import FLAVOUR_OPTIMUM_KV_CONCAT, load_bundle
+from edge_runtime.bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, load_bundle
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.profiles import DeviceProfile, load_profile
 
-from . import fidelity, onnx_export, quantize
+from . import fidelity, graph_builder, onnx_export, quantize
 from .bundle_writer import copy_into, write_manifest
 from .checkpoint import CheckpointInfo, read_checkpoint
 from .progress import Progress, human_bytes, peak_rss_bytes
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
+GRAPHS = {"optimum": FLAVOUR_OPTIMUM_KV_CONCAT, "fused": FLAVOUR_GQA_SHARED_KV}
 GRAPH_FILE = "model.onnx"
 
 
@@ -41,6 +42,7 @@ class ExportOptions:
     fidelity_tokens: int = 32
     algorithm: str | None = None  # quantization algorithm override: rtn | hqq
     skip_fidelity: bool = False  # benchmarks of random-weight checkpoints only; recorded in the manifest
+    graph: str = "optimum"  # "optimum" (optimum's exporter) or "fused" (built from the tensors, GQA, streamed)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,14 @@ def graph_io(graph: Path) -> dict:
     return {"inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output]}
 
 
+def float_matmuls(graph: Path) -> list[str]:
+    """Names of the MatMul nodes left in float (the kept layers) in a quantized graph."""
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    return [n.name for n in model.graph.node if n.op_type == "MatMul"]
+
+
 def check_fidelity(report: fidelity.FidelityReport, profile: DeviceProfile, precision: str) -> list[str]:
     min_agree, max_diff = profile.fidelity.for_precision(precision)
     problems = []
@@ -95,6 +105,11 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
     output = opts.output.resolve()
     if output.exists() and not opts.force:
         raise ExportError(f"{output} already exists (choose another --output, or --force to replace it)")
+    if opts.graph not in GRAPHS:
+        raise ExportError(f"--graph {opts.graph!r} is not one of {', '.join(GRAPHS)}")
+    if opts.graph == "fused" and opts.algorithm == "hqq":
+        raise ExportError("--graph fused quantizes with round-to-nearest only (leave out --algorithm hqq)")
+    flavour = GRAPHS[opts.graph]
     progress = progress or Progress(5)
 
     with progress.step("read checkpoint"):
@@ -110,24 +125,34 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
     shutil.rmtree(partial, ignore_errors=True)
     work = partial / "_export"
     try:
-        with progress.step("export to ONNX with KV cache (optimum, fp32)"):
-            exported = onnx_export.export_onnx(info, work)
-
-        with progress.step(f"convert weights to {precision}"):
-            graph = partial / GRAPH_FILE
-            recipe = None
-            excluded: list[str] = []
-            if precision in quantize.BITS:
-                recipe = recipe_for(profile, precision, opts.algorithm)
-                progress.detail(f"MatMulNBits {recipe.bits}-bit, block {recipe.block_size}, "
-                                f"{'symmetric' if recipe.symmetric else 'asymmetric'}, {recipe.algorithm}, "
-                                f"accuracy level {recipe.accuracy_level}, kept: {', '.join(recipe.keep_unquantized) or '-'}")
-                _, excluded = quantize.quantize_weights(exported, graph, recipe)
-            elif precision == "fp16":
-                quantize.convert_fp16(exported, graph)
-            else:
-                quantize.copy_float(exported, graph)
-            shutil.rmtree(work)
+        graph = partial / GRAPH_FILE
+        recipe = recipe_for(profile, precision, opts.algorithm) if precision in quantize.BITS else None
+        excluded: list[str] = []
+        if flavour == FLAVOUR_GQA_SHARED_KV:
+            with progress.step(f"build the fused decoder graph from the tensors ({precision}, streamed)"):
+                q = profile.quantization
+                io_dtype = "float32" if precision == "fp32" else profile.kv_cache.dtype
+                graph_builder.build_decoder_graph(
+                    info, graph, precision=precision, block_size=q.block_size, symmetric=q.symmetric,
+                    accuracy_level=q.accuracy_level, keep_unquantized=tuple(q.keep_unquantized), max_length=limit,
+                    io_dtype=io_dtype, progress=progress.detail)
+                excluded = float_matmuls(graph) if recipe else []
+            progress.index += 1  # the optimum export and conversion are one step here
+        else:
+            with progress.step("export to ONNX with KV cache (optimum, fp32)"):
+                exported = onnx_export.export_onnx(info, work)
+            with progress.step(f"convert weights to {precision}"):
+                if recipe is not None:
+                    progress.detail(f"MatMulNBits {recipe.bits}-bit, block {recipe.block_size}, "
+                                    f"{'symmetric' if recipe.symmetric else 'asymmetric'}, {recipe.algorithm}, "
+                                    f"accuracy level {recipe.accuracy_level}, "
+                                    f"kept: {', '.join(recipe.keep_unquantized) or '-'}")
+                    _, excluded = quantize.quantize_weights(exported, graph, recipe)
+                elif precision == "fp16":
+                    quantize.convert_fp16(exported, graph)
+                else:
+                    quantize.copy_float(exported, graph)
+                shutil.rmtree(work)
 
         report = None
         problems: list[str] = []
@@ -136,7 +161,8 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 progress.detail("skipped (--skip-fidelity): the bundle records no fidelity")
             else:
                 report = fidelity.measure(info.path, graph, arch, info.tokenizer_path, info.chat_format,
-                                          n_tokens=opts.fidelity_tokens, progress=progress.detail)
+                                          n_tokens=opts.fidelity_tokens, flavour=flavour,
+                                          progress=progress.detail)
                 problems = check_fidelity(report, profile, precision)
                 progress.detail(f"greedy agreement {report.greedy_agreement:.3f} (min {report.greedy_agreement_min:.3f}), "
                                 f"teacher-forced {report.teacher_forced_agreement:.3f}, "
@@ -164,7 +190,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 "profile": {"name": profile.name, "kv_cache_dtype": profile.kv_cache.dtype},
                 "precision": precision,
                 "quantization": recipe.as_manifest(excluded) if recipe else None,
-                "graph": {"flavour": FLAVOUR_OPTIMUM_KV_CONCAT, "file": GRAPH_FILE, **graph_io(graph)},
+                "graph": {"flavour": flavour, "file": GRAPH_FILE, **graph_io(graph)},
                 "fidelity": {**(report.as_manifest() if report else {"skipped": True}),
                              "threshold": {"min_greedy_agreement": min_agree, "max_logit_diff": max_diff},
                              "passed": report is not None and not problems, "degraded": bool(problems),

@@ -183,3 +183,20 @@ def test_generate_cli_bad_input_is_one_line_error(tiny_bundle, tmp_path):
     out = subprocess.run([sys.executable, "-m", "edge_runtime", "generate", "--bundle", str(tiny_bundle),
                           "--messages", str(bad)], capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stderr.startswith("error:")
+
+
+def test_fused_graph_bundle_equals_torch_in_each_mode(tiny_checkpoint, tmp_path, hf_tok):
+    """The `gqa-shared-kv` flavour (built from the tensors) through the same engine."""
+    from conftest import export_bundle
+
+    fused = Engine.from_bundle(export_bundle(tiny_checkpoint, tmp_path / "fused", graph="fused"))
+    assert fused.bundle.graph_flavour == "gqa-shared-kv"
+    requests = [GenerationRequest(mode="complete", prompt="def f(x):", max_tokens=N, sampling=GREEDY),
+                GenerationRequest(mode="infill", prefix="x = ", suffix="\n", max_tokens=N, sampling=GREEDY),
+                GenerationRequest(mode="chat", messages=(Message("user", "hi"),), max_tokens=N, sampling=GREEDY)]
+    stops = {"complete": {2}, "infill": {2, hf_tok.token_to_id("▁<EOT>")}, "chat": {2}}
+    for request in requests:
+        result = fused.complete(request)
+        expected = torch_reference.greedy(tiny_checkpoint, list(result.prompt_token_ids), N,
+                                          frozenset(stops[request.mode]))
+        assert list(result.token_ids) == expected, request.mode

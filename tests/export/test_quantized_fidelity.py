@@ -13,9 +13,10 @@ from edge_runtime.bundle import load_bundle
 from edge_runtime.profiles import load_profile
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_demo_model_quantized_bundle_meets_profile_threshold(demo_checkpoint, tmp_path, precision):
-    bundle = load_bundle(export_bundle(demo_checkpoint, tmp_path / precision, precision=precision))
+@pytest.mark.parametrize("graph,precision", [("optimum", "int8"), ("optimum", "int4"), ("fused", "int4")])
+def test_demo_model_quantized_bundle_meets_profile_threshold(demo_checkpoint, tmp_path, graph, precision):
+    bundle = load_bundle(export_bundle(demo_checkpoint, tmp_path / precision, precision=precision, graph=graph))
+    assert bundle.graph_flavour == {"optimum": "optimum-kv-concat", "fused": "gqa-shared-kv"}[graph]
     fidelity = bundle.manifest["fidelity"]
     min_agree, max_diff = load_profile("cpu-x86_64").fidelity.for_precision(precision)
     assert fidelity["passed"] is True and fidelity["degraded"] is False

@@ -1,0 +1,237 @@
+"""Drives the `gqa-shared-kv` graph flavour (export/graph_builder.py).
+
+The graph's GroupQueryAttention nodes read and write ONE key and ONE value
+buffer per layer, shaped [1, kv_heads, L, head_dim] for a fixed L: the same
+memory is bound as `past_key_values.{i}.*` input and `present.{i}.*` output
+(past_present_share_buffer), and each step writes only the new tokens' rows in
+place. Nothing is concatenated or copied between steps.
+
+Allocation and binding happen once per decoder, not per request:
+
+* the KV buffers are allocated on the first `new_cache` for the decoder's
+  `max_length` (the engine's context limit) and reused by every request -- a
+  new request only resets the length. Nothing needs clearing: attention reads
+  positions below `seqlens_k + 1` only, and those are rewritten by the request
+  before they are read. Why not per request: the buffer's shape does not depend
+  on the request, the device profile's memory budget already plans for the full
+  context, and re-allocating gigabytes per request (cudaMalloc on a GPU) would
+  buy nothing. On the CPU the buffers are anonymous mappings committed 4 KiB at
+  a time as rows are written (`allocate_host_lazily`), so the resident KV
+  follows the longest context actually used, not max_length.
+* every input and output is bound once to memory that stays put: the KV
+  buffers, `seqlens_k` and `total_sequence_length` (tiny host arrays written in
+  place: I/O binding binds them by pointer, so the next run reads the new
+  values without rebinding), the token and the logits buffer. `prefill` binds
+  `input_ids` to the prompt; the first `decode` after it binds the token buffer
+  back. A decode step is three scalar writes and `run_with_iobinding`.
+
+`prefill` returns only the LAST position's logits, as [1, V] (the graph
+computes no others); the engine and `generator.prefill` take `[-1]` of it.
+"""
+
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .bundle import Architecture
+from .kv_cache import DeviceBuffer, allocate
+
+_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+META_MAX_LENGTH = "edge_runtime.max_length"  # written by export/graph_builder.py
+
+
+@dataclass
+class SharedKVCache:
+    """One request's view of the decoder's shared key/value buffers.
+
+    `capacity` is the request's limit (prompt + new tokens); `buffer_length` is
+    the buffers' allocated length (the decoder's max_length, >= capacity).
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    capacity: int
+    buffer_length: int
+    dtype: np.dtype
+    device: str
+    buffers: list[tuple[DeviceBuffer, DeviceBuffer]] = field(default_factory=list)
+    length: int = 0  # tokens held
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.buffer_length * self.head_dim * self.dtype.itemsize
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (1, self.num_kv_heads, self.buffer_length, self.head_dim)
+
+    def past(self, layer: int) -> tuple[DeviceBuffer, DeviceBuffer]:
+        return self.buffers[layer]
+
+    def present(self, layer: int) -> tuple[DeviceBuffer, DeviceBuffer]:
+        """The same buffers as `past`: the graph writes the new rows in place."""
+        return self.buffers[layer]
+
+    def advance(self, new_tokens: int) -> None:
+        self.length += new_tokens
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+def allocate_host_lazily(n_elements: int, dtype: np.dtype) -> DeviceBuffer:
+    """A zeroed host buffer whose pages are committed only when written, 4 KiB at a time.
+
+    numpy asks for transparent huge pages on big arrays (madvise), and one write
+    then commits 2 MiB. Each layer's buffer is [kv_heads, L, head_dim]: every
+    head's rows start a new region, so with huge pages the first prefill would
+    make the whole max-length cache resident. An anonymous private mapping
+    advised against huge pages keeps the resident KV proportional to the tokens
+    actually held."""
+    nbytes = max(1, n_elements * np.dtype(dtype).itemsize)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        region.madvise(mmap.MADV_NOHUGEPAGE)
+    array = np.frombuffer(region, dtype=dtype, count=n_elements)
+    return DeviceBuffer(array.ctypes.data, (region, array))
+
+
+def graph_max_length(session) -> int | None:
+    """The longest context the graph's rotary tables cover (from its metadata), if recorded."""
+    value = session.get_modelmeta().custom_metadata_map.get(META_MAX_LENGTH)
+    return int(value) if value else None
+
+
+class SharedKVDecoder:
+    """The `gqa-shared-kv` flavour: inputs input_ids, past_key_values.{i}.key/value
+    (shared buffers), seqlens_k, total_sequence_length; outputs logits [1, 1, V] of the
+    last position and present.{i}.key/value (the same buffers)."""
+
+    def __init__(self, ort, session, arch: Architecture, *, device: str, max_length: int,
+                 huge_pages: bool = False, prefill_chunk: int | None = None) -> None:
+        """`huge_pages`: on the CPU, allocate the KV buffers with numpy (transparent huge
+        pages, fully resident after the first prefill) instead of committing 4 KiB
+        pages as tokens arrive (the default; see `allocate_host_lazily`).
+        `prefill_chunk`: feed prompts longer than this in chunks of this many tokens
+        (GroupQueryAttention's subsequent-prompt path; same logits). The CPU kernel's
+        scratch for attention scores is heads x chunk x max_length floats, so
+        chunking bounds it: 2 GiB for a 4000-token prompt of a 7B at max_length
+        4096 in one shot, 256 MiB in chunks of 512."""
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be positive, not {prefill_chunk}")
+        self.ort = ort
+        self.huge_pages = huge_pages
+        self.prefill_chunk = prefill_chunk
+        self.session = session
+        self.arch = arch
+        self.device = device
+        limit = graph_max_length(session)
+        if limit is not None and max_length > limit:
+            raise ValueError(f"max_length {max_length} exceeds the graph's rotary tables ({limit} positions)")
+        self.max_length = max_length
+        inputs = {i.name: i for i in session.get_inputs()}
+        self.kv_dtype = np.dtype(_ORT_TO_NUMPY[inputs["past_key_values.0.key"].type])
+        self.logits_dtype = np.dtype(_ORT_TO_NUMPY[session.get_outputs()[0].type])
+        self.vocab_size = arch.vocab_size
+        # Host buffers bound once by pointer and written in place by the loop.
+        self._token = np.zeros((1, 1), dtype=np.int64)
+        self._seqlens_k = np.zeros(1, dtype=np.int32)
+        self._total_len = np.zeros((), dtype=np.int32)
+        self._logits = np.zeros((1, 1, self.vocab_size), dtype=self.logits_dtype)
+        self._binding = session.io_binding()
+        self._buffers: list[tuple[DeviceBuffer, DeviceBuffer]] | None = None
+        self._active: SharedKVCache | None = None
+        self._ids_bound_to_token = False
+
+    # -- cache ----------------------------------------------------------------------------------
+    def new_cache(self, capacity: int) -> SharedKVCache:
+        """The cache for a new request. The buffers are the decoder's own (allocated and
+        bound on the first call); a cache returned earlier becomes unusable."""
+        if capacity > self.max_length:
+            raise ValueError(f"cache capacity {capacity} exceeds the decoder's maximum {self.max_length}")
+        if self._buffers is None:
+            self._allocate_and_bind()
+        assert self._buffers is not None
+        self._active = SharedKVCache(self.arch.num_layers, self.arch.num_kv_heads, self.arch.head_dim,
+                                     capacity=capacity, buffer_length=self.max_length, dtype=self.kv_dtype,
+                                     device=self.device, buffers=self._buffers)
+        return self._active
+
+    def _allocate_and_bind(self) -> None:
+        n = self.arch.num_kv_heads * self.max_length * self.arch.head_dim
+
+        def buffer() -> DeviceBuffer:
+            if self.device == "cpu" and not self.huge_pages:
+                return allocate_host_lazily(n, self.kv_dtype)
+            return allocate(self.ort, n, self.kv_dtype, self.device)
+
+        self._buffers = [(buffer(), buffer()) for _ in range(self.arch.num_layers)]
+        shape = (1, self.arch.num_kv_heads, self.max_length, self.arch.head_dim)
+        b = self._binding
+        b.bind_output("logits", "cpu", 0, self.logits_dtype, self._logits.shape, self._logits.ctypes.data)
+        for layer, (k, v) in enumerate(self._buffers):
+            for kind, buf in (("key", k), ("value", v)):
+                b.bind_input(f"past_key_values.{layer}.{kind}", self.device, 0, self.kv_dtype, shape, buf.ptr)
+                b.bind_output(f"present.{layer}.{kind}", self.device, 0, self.kv_dtype, shape, buf.ptr)
+        b.bind_input("seqlens_k", "cpu", 0, np.int32, self._seqlens_k.shape, self._seqlens_k.ctypes.data)
+        b.bind_input("total_sequence_length", "cpu", 0, np.int32, (), self._total_len.ctypes.data)
+
+    # -- steps ----------------------------------------------------------------------------------
+    def _check(self, cache: SharedKVCache, new_tokens: int) -> int:
+        if cache is not self._active:
+            raise ValueError("this KV cache is stale: the decoder's buffers were handed to a newer request")
+        total = cache.length + new_tokens
+        if total > cache.capacity:
+            raise ValueError(f"{total} tokens exceed the KV cache capacity {cache.capacity}")
+        return total
+
+    def _run(self, cache: SharedKVCache, total: int, new_tokens: int) -> None:
+        self._seqlens_k[0] = total - 1
+        self._total_len[()] = total
+        self.session.run_with_iobinding(self._binding)
+        cache.advance(new_tokens)
+
+    def prefill(self, cache: SharedKVCache, ids: np.ndarray) -> np.ndarray:
+        """Run the prompt (int64 ids [S]) -- or the next piece of it -- through the graph;
+        returns the logits of its LAST position only, as a new float32 array [1, V]."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(1, -1)
+        self._check(cache, ids.shape[1])  # the whole prompt fits before any chunk runs
+        step = self.prefill_chunk or ids.shape[1]
+        for start in range(0, ids.shape[1], step):
+            chunk = ids[:, start:start + step]  # a contiguous view of the row
+            total = self._check(cache, chunk.shape[1])
+            self._binding.bind_input("input_ids", "cpu", 0, np.int64, chunk.shape, chunk.ctypes.data)
+            self._ids_bound_to_token = False
+            self._run(cache, total, chunk.shape[1])
+        return self._logits[0].astype(np.float32)  # a copy: the buffer is reused by decode
+
+    def decode(self, cache: SharedKVCache, token: int) -> np.ndarray:
+        """Feed one token; returns the next-token logits [V] (a buffer reused every step)."""
+        total = self._check(cache, 1)
+        if not self._ids_bound_to_token:
+            self._binding.bind_input("input_ids", "cpu", 0, np.int64, (1, 1), self._token.ctypes.data)
+            self._ids_bound_to_token = True
+        self._token[0, 0] = token
+        self._run(cache, total, 1)
+        return self._logits[0, 0]
+
+    def all_position_logits(self, cache: SharedKVCache, ids: np.ndarray) -> np.ndarray:
+        """Logits [S, V] (float32) of every position of `ids`, one token per run.
+
+        The graph computes only the last position's logits, so this feeds the
+        tokens one at a time (S runs): for fidelity checks and teacher forcing,
+        not for serving."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        out = np.empty((ids.shape[0], self.vocab_size), dtype=np.float32)
+        start = 0
+        if cache.length == 0:
+            out[0] = self.prefill(cache, ids[:1])[-1]
+            start = 1
+        for i in range(start, ids.shape[0]):
+            out[i] = self.decode(cache, int(ids[i]))
+        return out

@@ -1,0 +1,344 @@
+"""The `gqa-shared-kv` graph (export/graph_builder.py) driven by SharedKVDecoder
+(edge_runtime/gqa_decoder.py), against torch and against onnxruntime's own kernels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import torch_reference
+from edge_export.checkpoint import read_checkpoint
+from edge_export.graph_builder import (
+    FLAVOUR,
+    META_FLAVOUR,
+    META_MAX_LENGTH,
+    GraphBuildError,
+    block_quantize,
+    build_decoder_graph,
+    dequantize_reference,
+)
+from edge_runtime.gqa_decoder import SharedKVDecoder
+
+PROMPTS = (
+    [1, 822, 18755, 29898, 29876, 1125],  # "def fib(n):"
+    [1, 5215, 2897, 13, 5215, 10876, 13, 13],  # "import os\nimport sys\n\n"
+    [1, 32007, 822, 788, 29898, 29874, 29892, 289, 1125, 32008, 13, 32009],  # an infill-shaped prompt
+    [1, 29871],
+)
+MAX_LENGTH = 128
+
+
+def build(checkpoint: Path, out_dir: Path, precision: str = "fp32", **kwargs) -> Path:
+    kwargs.setdefault("max_length", MAX_LENGTH)
+    files = build_decoder_graph(read_checkpoint(checkpoint), out_dir / "model.onnx", precision=precision, **kwargs)
+    assert [f.name for f in files] == ["model.onnx", "model.onnx.data"] and all(f.is_file() for f in files)
+    return files[0]
+
+
+def decoder_for(graph: Path, checkpoint: Path, max_length: int = MAX_LENGTH) -> SharedKVDecoder:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(graph), sess_options=options, providers=["CPUExecutionProvider"])
+    return SharedKVDecoder(ort, session, read_checkpoint(checkpoint).architecture, device="cpu",
+                           max_length=max_length)
+
+
+def greedy(decoder: SharedKVDecoder, ids: list[int], n: int) -> list[int]:
+    cache = decoder.new_cache(len(ids) + n)
+    token = int(decoder.prefill(cache, np.asarray(ids))[-1].argmax())
+    out = [token]
+    for _ in range(n - 1):
+        token = int(decoder.decode(cache, token).argmax())
+        out.append(token)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mha_checkpoint(tmp_path_factory) -> Path:
+    """No GQA: 4 heads, 4 kv heads, head_dim 16."""
+    from edge_export.synthetic import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-mha", hidden_size=64, intermediate_size=176,
+                            num_layers=3, num_heads=4, num_kv_heads=4, seed=99)
+
+
+@pytest.fixture(scope="module", params=["gqa", "mha"])
+def float_case(request, tiny_checkpoint, mha_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
+    checkpoint = tiny_checkpoint if request.param == "gqa" else mha_checkpoint
+    return checkpoint, build(checkpoint, tmp_path_factory.mktemp(f"gqa-{request.param}-fp32"))
+
+
+# -- correctness against torch -----------------------------------------------------------------------------------
+def test_fp32_last_position_logits_match_torch(float_case):
+    checkpoint, graph = float_case
+    decoder = decoder_for(graph, checkpoint)
+    for ids in PROMPTS:
+        cache = decoder.new_cache(len(ids))
+        ours = decoder.prefill(cache, np.asarray(ids))
+        assert ours.shape == (1, decoder.vocab_size) and ours.dtype == np.float32
+        ref = torch_reference.prompt_logits(checkpoint, ids)[-1]
+        assert np.abs(ours[-1] - ref).max() < 1e-4
+
+
+def test_fp32_greedy_tokens_equal_torch(float_case):
+    checkpoint, graph = float_case
+    decoder = decoder_for(graph, checkpoint)
+    for ids in PROMPTS:
+        assert greedy(decoder, ids, 32) == torch_reference.greedy(checkpoint, ids, 32)
+
+
+def test_decode_logits_match_torch_at_every_step(tiny_checkpoint, float_case):
+    """Teacher-forced: the logits after each decoded token equal torch's for that prefix
+    (the in-place seqlens_k / total_sequence_length updates reach the graph)."""
+    checkpoint, graph = float_case
+    decoder = decoder_for(graph, checkpoint)
+    ids = PROMPTS[0]
+    continuation = torch_reference.greedy(checkpoint, ids, 12)
+    ref = torch_reference.prompt_logits(checkpoint, ids + continuation)
+    cache = decoder.new_cache(len(ids) + len(continuation))
+    decoder.prefill(cache, np.asarray(ids))
+    for i, token in enumerate(continuation):
+        logits = decoder.decode(cache, token)
+        assert np.abs(logits - ref[len(ids) + i]).max() < 1e-4
+    assert cache.length == len(ids) + len(continuation)
+
+
+def test_chunked_prefill_equals_one_shot(tiny_checkpoint, float_case):
+    """GroupQueryAttention's subsequent-prompt path: a prompt fed in pieces gives the same logits."""
+    checkpoint, graph = float_case
+    decoder = decoder_for(graph, checkpoint)
+    ids = PROMPTS[2]
+    whole = decoder.prefill(decoder.new_cache(len(ids)), np.asarray(ids))
+    cache = decoder.new_cache(len(ids))
+    decoder.prefill(cache, np.asarray(ids[:5]))
+    pieces = decoder.prefill(cache, np.asarray(ids[5:]))
+    assert np.abs(whole - pieces).max() < 1e-5
+
+
+def test_fp16_graph_runs_close_to_torch(tiny_checkpoint, tmp_path):
+    graph = build(tiny_checkpoint, tmp_path, "fp16")
+    decoder = decoder_for(graph, tiny_checkpoint)
+    assert decoder.kv_dtype == np.float16 and decoder.logits_dtype == np.float32
+    ids = PROMPTS[0]
+    ours = decoder.prefill(decoder.new_cache(len(ids)), np.asarray(ids))[-1]
+    assert np.abs(ours - torch_reference.prompt_logits(tiny_checkpoint, ids)[-1]).max() < 1e-2
+    assert greedy(decoder, ids, 32) == torch_reference.greedy(tiny_checkpoint, ids, 32)
+
+
+def test_bfloat16_checkpoint_is_read_without_torch_dtype_support(tmp_path):
+    from edge_export.synthetic import build_checkpoint
+
+    checkpoint = build_checkpoint(tmp_path / "bf16", hidden_size=64, intermediate_size=172, num_layers=2,
+                                  num_heads=4, num_kv_heads=2, seed=5, dtype="bfloat16")
+    decoder = decoder_for(build(checkpoint, tmp_path / "g"), checkpoint)
+    ids = PROMPTS[1]
+    ours = decoder.prefill(decoder.new_cache(len(ids)), np.asarray(ids))[-1]
+    assert np.abs(ours - torch_reference.prompt_logits(checkpoint, ids)[-1]).max() < 1e-4
+
+
+def test_streamed_fp16_checkpoint_builds_and_matches_torch(tmp_path):
+    """build_checkpoint_streamed writes sharded float16 safetensors (as hub checkpoints are)."""
+    from edge_export.synthetic import build_checkpoint_streamed
+
+    checkpoint = build_checkpoint_streamed(tmp_path / "streamed", hidden_size=128, intermediate_size=352,
+                                           num_layers=2, num_heads=8, num_kv_heads=2, seed=3, std=0.05)
+    assert len(read_checkpoint(checkpoint).weight_files) == 4
+    fp32 = decoder_for(build(checkpoint, tmp_path / "fp32"), checkpoint)
+    ids = PROMPTS[0]
+    ours = fp32.prefill(fp32.new_cache(len(ids)), np.asarray(ids))[-1]
+    assert np.abs(ours - torch_reference.prompt_logits(checkpoint, ids)[-1]).max() < 1e-4
+    assert greedy(fp32, ids, 16) == torch_reference.greedy(checkpoint, ids, 16)
+    int4 = decoder_for(build(checkpoint, tmp_path / "int4", "int4", block_size=32, accuracy_level=4,
+                             keep_unquantized=("lm_head",)), checkpoint)
+    assert len(greedy(int4, ids, 16)) == 16
+
+
+# -- graph layout --------------------------------------------------------------------------------------------------
+def test_graph_layout(tiny_checkpoint, tmp_path):
+    import onnx
+
+    graph = build(tiny_checkpoint, tmp_path, "int4", block_size=32, symmetric=True, accuracy_level=4,
+                  keep_unquantized=("lm_head",))
+    model = onnx.load(str(graph), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta[META_FLAVOUR] == FLAVOUR and meta[META_MAX_LENGTH] == str(MAX_LENGTH)
+    inputs = {i.name: i for i in model.graph.input}
+    assert set(inputs) == {"input_ids", "seqlens_k", "total_sequence_length"} | {
+        f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")}
+    assert inputs["total_sequence_length"].type.tensor_type.shape.dim == []
+    outputs = [o.name for o in model.graph.output]
+    assert outputs[0] == "logits" and len(outputs) == 5
+    logits_dims = model.graph.output[0].type.tensor_type.shape.dim
+    assert logits_dims[1].dim_value == 1 and logits_dims[2].dim_value == 32016
+
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("GroupQueryAttention") == 2 and ops.count("MatMulNBits") == 2 * 5  # qkv, o, gate, up, down
+    assert ops.count("SimplifiedLayerNormalization") == 1 and ops.count("SkipSimplifiedLayerNormalization") == 4
+    lm_head = [n for n in model.graph.node if n.name == "/lm_head/MatMul"]
+    assert len(lm_head) == 1 and lm_head[0].op_type == "MatMul"  # kept unquantized
+    gqa = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
+    assert attrs["do_rotary"] == 1 and attrs["rotary_interleaved"] == 0
+    assert attrs["num_heads"] == 4 and attrs["kv_num_heads"] == 2
+    assert gqa.input[1] == gqa.input[2] == ""  # packed QKV
+    assert gqa.output[1] == "present.0.key" and gqa.input[3] == "past_key_values.0.key"
+    nbits = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    nattrs = {a.name: onnx.helper.get_attribute_value(a) for a in nbits.attribute}
+    assert nattrs["bits"] == 4 and nattrs["block_size"] == 32 and nattrs["accuracy_level"] == 4
+    assert len(nbits.input) == 3  # symmetric: no zero points
+    weights = [t for t in model.graph.initializer if t.dims and np.prod(t.dims) > 16]
+    assert weights and all(t.data_location == onnx.TensorProto.EXTERNAL for t in weights)
+    assert {e.value for t in weights for e in t.external_data if e.key == "location"} == {"model.onnx.data"}
+
+
+def test_head_dim_not_multiple_of_16_is_refused(noinfill_checkpoint, tmp_path):
+    with pytest.raises(GraphBuildError, match="head_dim 8 is not a multiple of 16"):
+        build(noinfill_checkpoint, tmp_path)
+    assert not (tmp_path / "model.onnx").exists()
+
+
+# -- the decoder's shared cache ---------------------------------------------------------------------------------------
+def test_cache_is_reused_across_requests_without_clearing(tiny_checkpoint, float_case):
+    checkpoint, graph = float_case
+    decoder = decoder_for(graph, checkpoint)
+    long_ids, short_ids = PROMPTS[2], PROMPTS[0]
+    first = greedy(decoder, short_ids, 8)
+    greedy(decoder, long_ids, 20)  # leaves stale rows beyond the short prompt's positions
+    assert greedy(decoder, short_ids, 8) == first
+    cache = decoder.new_cache(len(short_ids) + 1)
+    assert cache.past(0)[0].ptr == cache.present(0)[0].ptr  # one buffer, past and present
+    decoder.prefill(cache, np.asarray(short_ids))
+    decoder.decode(cache, 5)
+    with pytest.raises(ValueError, match="exceed the KV cache capacity"):
+        decoder.decode(cache, 5)
+    newer = decoder.new_cache(4)
+    with pytest.raises(ValueError, match="stale"):
+        decoder.decode(cache, 5)
+    assert newer.length == 0
+    with pytest.raises(ValueError, match="exceeds the decoder's maximum"):
+        decoder.new_cache(MAX_LENGTH + 1)
+
+
+def test_decoder_max_length_beyond_rotary_tables_is_refused(float_case):
+    checkpoint, graph = float_case
+    with pytest.raises(ValueError, match="rotary tables"):
+        decoder_for(graph, checkpoint, max_length=MAX_LENGTH * 2)
+
+
+# -- block quantization layout ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("k,block", [(128, 32), (172, 32), (256, 128)])
+def test_block_quantize_is_the_layout_matmulnbits_reads(bits, symmetric, k, block):
+    """MatMulNBits over our packed weights computes x @ dequantized(W), and that is close to x @ W."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(k + bits)
+    n = 48
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    q = block_quantize(w, bits=bits, block_size=block, symmetric=symmetric)
+    inits = [numpy_helper.from_array(q.packed, "B"), numpy_helper.from_array(q.scales, "scales")]
+    inputs = ["x", "B", "scales"]
+    if q.zero_points is not None:
+        inits.append(numpy_helper.from_array(q.zero_points, "zp"))
+        inputs.append("zp")
+    node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=block)
+    graph = helper.make_graph([node], "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"x": x})
+    deq = dequantize_reference(q, k, bits=bits, block_size=block)
+    np.testing.assert_allclose(y, x @ deq, rtol=1e-4, atol=1e-3)
+    rel = np.linalg.norm(y - x @ w) / np.linalg.norm(x @ w)
+    assert rel < (0.15 if bits == 4 else 0.01)
+    onnx.checker.check_model(model)
+
+
+# -- quantized graphs on the trained demo model ------------------------------------------------------------------------
+DEMO_PROMPTS = (
+    "def fibonacci(n):\n    ",
+    "import os\nimport sys\n\n\ndef main():\n",
+    "class Stack:\n    def __init__(self):\n        ",
+    "    for i in range(len(items)):\n        if ",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision,min_agreement", [("int8", 0.95), ("int4", 0.8)])
+def test_quantized_graph_greedy_agrees_with_fp32_graph_on_demo_model(demo_checkpoint, tmp_path_factory, precision,
+                                                                     min_agreement):
+    """Teacher-forced agreement of the quantized graph's top token with the fp32 graph's
+    greedy tokens (32 per prompt), with the cpu-x86_64 profile's quantization recipe."""
+    from edge_runtime.tokenizer import CodeLlamaTokenizer
+
+    root = tmp_path_factory.mktemp(f"demo-{precision}")
+    fp32 = decoder_for(build(demo_checkpoint, root / "fp32", max_length=256), demo_checkpoint, 256)
+    quant = decoder_for(build(demo_checkpoint, root / precision, precision, max_length=256, block_size=32,
+                              symmetric=True, accuracy_level=4, keep_unquantized=("lm_head",)),
+                        demo_checkpoint, 256)
+    tokenizer = CodeLlamaTokenizer.from_file(read_checkpoint(demo_checkpoint).tokenizer_path)
+    agree = total = 0
+    for text in DEMO_PROMPTS:
+        ids = [1, *tokenizer.encode(text)]
+        ref = greedy(fp32, ids, 32)
+        cache = quant.new_cache(len(ids) + 32)
+        top = [int(quant.prefill(cache, np.asarray(ids))[-1].argmax())]
+        for token in ref[:-1]:
+            top.append(int(quant.decode(cache, token).argmax()))
+        agree += sum(a == b for a, b in zip(top, ref))
+        total += len(ref)
+    assert agree / total >= min_agreement
+
+
+def test_all_position_logits_match_torch(tiny_checkpoint, float_case):
+    """One run per token: what fidelity checks need from a last-position-only graph."""
+    checkpoint, graph = float_case
+    decoder = decoder_for(graph, checkpoint)
+    ids = PROMPTS[1]
+    ours = decoder.all_position_logits(decoder.new_cache(len(ids)), np.asarray(ids))
+    ref = torch_reference.prompt_logits(checkpoint, ids)
+    assert ours.shape == ref.shape and np.abs(ours - ref).max() < 1e-4
+
+
+def test_prefill_chunk_option_gives_the_same_logits_and_tokens(tiny_checkpoint, float_case):
+    import onnxruntime as ort
+
+    checkpoint, graph = float_case
+    whole = decoder_for(graph, checkpoint)
+    chunked = SharedKVDecoder(ort, whole.session, whole.arch, device="cpu", max_length=MAX_LENGTH, prefill_chunk=5)
+    ids = PROMPTS[2]  # 12 tokens: chunks of 5, 5, 2
+    a = whole.prefill(whole.new_cache(len(ids)), np.asarray(ids))
+    b = chunked.prefill(chunked.new_cache(len(ids)), np.asarray(ids))
+    assert np.abs(a - b).max() < 1e-5
+    assert greedy(chunked, ids, 16) == greedy(whole, ids, 16)
+
+
+def test_kv_pages_are_committed_as_tokens_arrive():
+    """The shared buffers are lazily committed 4 KiB pages: touching the start of each
+    head's rows (as a short prompt does) must not make the whole buffer resident."""
+    from edge_runtime.gqa_decoder import allocate_host_lazily
+
+    statm = Path("/proc/self/statm")
+    if not statm.is_file():
+        pytest.skip("needs /proc (Linux)")
+
+    def resident_mib() -> float:
+        return int(statm.read_text().split()[1]) * 4096 / 2**20
+
+    buf = allocate_host_lazily(64 << 18, np.dtype(np.float32))  # 64 MiB
+    region, array = buf.keepalive
+    assert array.ctypes.data == buf.ptr and array.flags.writeable
+    before = resident_mib()
+    array[:: 1 << 18] = 1.0  # one element per MiB, like the first row of each head
+    assert resident_mib() - before < 8
+    assert float(np.frombuffer(region, dtype=np.float32)[1 << 18]) == 1.0
