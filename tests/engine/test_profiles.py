@@ -193,7 +193,7 @@ def _assert_config_error(path: pathlib.Path, key: str, message: str) -> None:
             "colour",
             "unknown key",
         ),
-        (r"^symmetric = true", "symmetric = true\nbits = 4", "quantization.bits", "unknown key"),
+        (r"^symmetric = false", "symmetric = false\nbits = 4", "quantization.bits", "unknown key"),
         (
             r"^options = \{\}",
             "options = {}\nweight = 1",
@@ -218,7 +218,7 @@ def _assert_config_error(path: pathlib.Path, key: str, message: str) -> None:
             "quantization.block_size",
             "expected int, got str",
         ),
-        (r"^symmetric = true", "symmetric = 1", "quantization.symmetric", "expected bool, got int"),
+        (r"^symmetric = false", "symmetric = 1", "quantization.symmetric", "expected bool, got int"),
         (r"^max_context = 4096", "max_context = true", "max_context", "expected int, got bool"),
         (
             r"^memory_budget_bytes = \d+",
@@ -250,7 +250,7 @@ def _assert_config_error(path: pathlib.Path, key: str, message: str) -> None:
             "execution_providers[0].options.x",
             "expected str | int | float | bool, got array",
         ),
-        (r"int4 = 6\.0", 'int4 = "6"', "fidelity.max_logit_diff.int4", "expected float, got str"),
+        (r"int4 = 1\.0", 'int4 = "6"', "fidelity.max_logit_diff.int4", "expected float, got str"),
         (
             r"^min_greedy_agreement = .*$",
             "min_greedy_agreement = 0.9",
@@ -308,13 +308,13 @@ def _assert_config_error(path: pathlib.Path, key: str, message: str) -> None:
             "expected a value >= 1, got -5",
         ),
         (
-            r"int4 = 0\.5",
+            r"int4 = 0\.7",
             "int4 = 1.5",
             "fidelity.min_greedy_agreement.int4",
             "expected a value in 0.0..1.0, got 1.5",
         ),
         (
-            r"int8 = 2\.0",
+            r"int8 = 0\.25",
             "int8 = -2.0",
             "fidelity.max_logit_diff.int8",
             "expected a value >= 0.0, got -2.0",
