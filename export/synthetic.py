@@ -50,6 +50,7 @@ INFILL_TOKENS = ("▁<PRE>", "▁<MID>", "▁<SUF>", "▁<EOT>")
 
 _DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 _NO_SHARDING = "100000GB"
+_RANDOM_BLOCK = 1 << 22  # values drawn per block by the streamed builder
 _SAFETENSORS_METADATA = {"format": "pt"}
 
 
@@ -317,15 +318,25 @@ def _llama_tensor_groups(config: Any) -> Iterator[list[_TensorSpec]]:
 def _random_tensor(
     rng: np.random.Generator, shape: tuple[int, ...], *, std: float, ones: bool, dtype: str
 ) -> Any:
-    """One weight as a torch tensor of ``dtype``: N(0, std) or, for norms, ones."""
+    """One weight as a torch tensor of ``dtype``: N(0, std) or, for norms, ones.
+
+    Drawn in float32 blocks of ``_RANDOM_BLOCK`` values written straight into
+    the result, so no full-size float32 copy of a big tensor ever exists.
+    """
     import torch
 
+    storage = np.float16 if dtype == "float16" else np.float32
+    values = np.empty(shape, dtype=storage)
     if ones:
-        values = np.ones(shape, dtype=np.float32)
+        values.fill(1.0)
     else:
-        values = rng.standard_normal(shape, dtype=np.float32)
-        values *= std
-    return torch.from_numpy(values).to(getattr(torch, dtype))
+        flat = values.reshape(-1)
+        for start in range(0, flat.size, _RANDOM_BLOCK):
+            block = rng.standard_normal(min(_RANDOM_BLOCK, flat.size - start), dtype=np.float32)
+            block *= std
+            flat[start : start + block.size] = block
+    tensor = torch.from_numpy(values)
+    return tensor.to(torch.bfloat16) if dtype == "bfloat16" else tensor
 
 
 def _tokenizer_config(vocab: Vocab, chat_template: str | None) -> dict[str, Any]:
