@@ -440,7 +440,7 @@ def test_health_reports_a_stalled_worker(broker, tmp_path, services, probe):
     send(probe, {"id": "slow", "mode": "complete", "prompt": "a b"}, "replies/slow")
     wait_until(lambda: not service.health().ok, 2)
     h = service.health()
-    assert h.running == "slow" and h.stalled_for_s > 0.2 and h.worker_alive
+    assert h.running == "slow" and h.stalled_for_s >= 0.2 and h.worker_alive  # rounded to ms
     probe.wait_final("replies/slow", timeout=3)
     wait_until(lambda: service.health().ok, 2)
 
