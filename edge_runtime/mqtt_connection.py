@@ -3,6 +3,7 @@ protocol version, TLS, authentication, will message and MQTT 5 properties."""
 
 from __future__ import annotations
 
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +110,17 @@ def make_client(*, client_id: str, protocol: str, address: BrokerAddress,
     if will is not None:
         client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
     client.reconnect_delay_set(min_delay=reconnect_min_s, max_delay=reconnect_max_s)
+    client.on_socket_open = _no_nagle
     return client
+
+
+def _no_nagle(client: mqtt.Client, userdata: object, sock) -> None:
+    """Send each small MQTT packet (a streamed token, an ack) at once: with Nagle's
+    algorithm and delayed ACKs, every request paid tens of milliseconds on loopback."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):  # not a TCP socket (e.g. a websocket wrapper)
+        pass
 
 
 def connect_properties(protocol: str, *, session_expiry_s: int | None = None) -> Properties | None:
