@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .errors import EdgeRuntimeError
+from .request_flags import add_request_arguments
 
 
 def _die(message: str, code: int = 2) -> int:
@@ -58,23 +59,6 @@ def cmd_verify(args) -> int:
 
 
 # -- generate -------------------------------------------------------------------------------
-def add_request_arguments(p: argparse.ArgumentParser) -> None:
-    """Prompt and sampling flags shared by `generate` and `ask`."""
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="completion prompt")
-    src.add_argument("--prefix", help="infill: the code before the hole (with --suffix)")
-    src.add_argument("--messages", help="chat: a JSON file with [{\"role\": ..., \"content\": ...}, ...]")
-    p.add_argument("--suffix", help="infill: the code after the hole")
-    p.add_argument("--suffix-first", action="store_true", help="infill in suffix-prefix-middle order")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.6)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default 0.9)")
-    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default off)")
-    p.add_argument("--seed", type=int, default=None, help="makes a sampled answer reproducible")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-
-
 def request_from_args(args):
     from .types import GenerationRequest, Message, SamplingParams
 
@@ -267,8 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ask", help="send one request to a daemon over MQTT and stream the answer")
-    add_ask_arguments(p, request_arguments=False)
-    add_request_arguments(p)
+    add_ask_arguments(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("install-service", help="install the systemd unit, user, config and bundle (as root)")

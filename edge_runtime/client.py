@@ -351,22 +351,10 @@ def add_ask_arguments(parser: argparse.ArgumentParser, *, request_arguments: boo
     parser.add_argument("--tls-ca", help="mqtts: CA certificate file (default: the system's)")
     parser.add_argument("--tls-cert", help="mqtts: client certificate")
     parser.add_argument("--tls-key", help="mqtts: client key")
-    if not request_arguments:
-        return
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="completion prompt")
-    src.add_argument("--prefix", help="infill: the code before the hole (with --suffix)")
-    src.add_argument("--messages", help="chat: a JSON file with [{\"role\": ..., \"content\": ...}, ...] "
-                                        "(- for stdin)")
-    parser.add_argument("--suffix", help="infill: the code after the hole")
-    parser.add_argument("--suffix-first", action="store_true", help="infill in suffix-prefix-middle order")
-    parser.add_argument("--max-tokens", type=int, help="default: the daemon's (256)")
-    parser.add_argument("--temperature", type=float, help="0 = greedy (default 0.6)")
-    parser.add_argument("--top-p", type=float, help="nucleus sampling mass (default 0.9)")
-    parser.add_argument("--top-k", type=int, help="keep the k most likely tokens (default off)")
-    parser.add_argument("--seed", type=int, help="makes a sampled answer reproducible")
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--json", action="store_true", help="print the final reply as JSON instead of streaming")
+    if request_arguments:
+        from .request_flags import add_request_arguments
+
+        add_request_arguments(parser)
 
 
 def _ask_request(args: argparse.Namespace) -> dict[str, Any]:
