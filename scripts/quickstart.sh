@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 bash scripts/install-deps.sh
 
-echo "== demo model (trained once, ~5 min on 2 cores, then cached)"
+echo "== demo model (trained once, about 8 min on 2 cores, then cached)"
 CHECKPOINT=$(edge-runtime demo-model)
 echo "checkpoint: $CHECKPOINT"
 
