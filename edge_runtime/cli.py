@@ -133,11 +133,14 @@ def cmd_serve(args, engine_factory=None) -> int:
     from .client import serve_overrides
     from .config import load_config
     from .engine import Engine
+    from .policy import load_policy
     from .sdnotify import SystemdNotifier, Watchdog
     from .service import EdgeService
 
     config = load_config(Path(args.config) if args.config else None, serve_overrides(args))
     logging.getLogger().setLevel(config.service.log_level_number)
+    # The policy is checked before the (slow) bundle load: a rule that does not compile stops start-up.
+    policy = load_policy(config.policy.file) if config.policy.file is not None else None
     notifier = SystemdNotifier.from_environment()
     notifier.status(f"loading {config.model.bundle}")
     engine = (engine_factory or Engine.from_bundle)(config.model.bundle, config.model.profile)
@@ -151,7 +154,7 @@ def cmd_serve(args, engine_factory=None) -> int:
         else:
             notifier.status(text)
 
-    service = EdgeService(config, engine, on_status=on_status,
+    service = EdgeService(config, engine, on_status=on_status, policy=policy,
                           on_ready=lambda: notifier.ready(
                               f"serving {engine.info.model_name} ({engine.info.precision}) on {engine.info.provider}"))
     watchdog = None
@@ -170,6 +173,58 @@ def cmd_ask(args) -> int:
     from .client import run_ask
 
     return run_ask(args)
+
+
+# -- policy / audit -------------------------------------------------------------------------
+def cmd_policy(args) -> int:
+    from .policy import load_policy
+
+    policy = load_policy(args.file)
+    print(f"ok: {policy.source} (sha256 {policy.sha256[:16]}): {len(policy.rules)} rules")
+    for rule in policy.rules:
+        scope = "" if not rule.clients else f" clients={','.join(rule.clients)}"
+        print(f"  {rule.name}: {rule.action} on {'+'.join(sorted(rule.on))} in {','.join(sorted(rule.modes))}{scope}")
+    lim = policy.limits
+    print(f"  limits: {lim.requests_per_minute or 'no'} requests/min, max_tokens {lim.max_tokens or 'daemon default'}; "
+          f"{len(lim.per_client)} client overrides")
+    c = policy.classifier
+    if c is not None:
+        what = " ".join(c.command) if c.command else f"bundle {c.bundle}"
+        print(f"  classifier: {what} ({c.action}, timeout {c.timeout_s:g} s, fails {c.on_failure})")
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from .audit import AUDIT_FILE, filter_events, format_event, parse_since, read_events
+    from .config import default_state_dir, load_config
+
+    if args.file:
+        path = Path(args.file)
+    elif args.state_dir:
+        path = Path(args.state_dir) / AUDIT_FILE
+    elif args.config:
+        path = load_config(Path(args.config), check_files=False).service.resolved_state_dir / AUDIT_FILE
+    else:
+        path = default_state_dir() / AUDIT_FILE
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as exc:
+        return _die(str(exc))
+    if not path.exists() and not path.with_name(path.name + ".1").exists():
+        print(f"no audit log at {path} (nothing was refused, stopped or flagged yet)", file=sys.stderr)
+        return 0
+    events = list(filter_events(read_events(path), client=args.client, rule=args.rule, action=args.action,
+                                request_id=args.request, since=since))
+    if args.tail:
+        events = events[-args.tail:]
+    for e in events:
+        if args.json:
+            print(json.dumps({k: v for k, v in e.__dict__.items() if v is not None}, ensure_ascii=False))
+        else:
+            print(format_event(e))
+    if not args.json:
+        print(f"{len(events)} events ({path})", file=sys.stderr)
+    return 0
 
 
 # -- bench ----------------------------------------------------------------------------------
@@ -253,6 +308,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ask", help="send one request to a daemon over MQTT and stream the answer")
     add_ask_arguments(p)
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("policy", help="check an operator safety policy file and list its rules")
+    p.add_argument("file", help="policy TOML (see docs/policy.md)")
+    p.set_defaults(func=cmd_policy)
+
+    p = sub.add_parser("audit", help="print the policy audit log (refused, stopped and flagged requests)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--config", help="the daemon's config file (its [service] state_dir holds the log)")
+    where.add_argument("--state-dir", help="the daemon's state directory")
+    where.add_argument("--file", help="an audit.jsonl file")
+    p.add_argument("--client", help="only this client id")
+    p.add_argument("--rule", help="only this rule")
+    p.add_argument("--action", choices=["refuse", "stop", "flag"])
+    p.add_argument("--request", help="only this request id")
+    p.add_argument("--since", help="30m, 2h, 7d or an ISO time")
+    p.add_argument("--tail", type=int, help="only the last N events")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("install-service", help="install the systemd unit, user, config and bundle (as root)")
     add_install_arguments(p)

@@ -449,6 +449,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-dir", help="reply store directory ([service] state_dir)")
     parser.add_argument("--log-content", action="store_true", default=None,
                         help="log prompts and generated text ([service] log_content)")
+    parser.add_argument("--policy", help="operator safety policy TOML ([policy] file; see docs/policy.md)")
 
 
 def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -459,7 +460,7 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"model.bundle": get("bundle"), "model.profile": get("profile"), "mqtt.broker": get("broker"),
             "mqtt.device_id": get("device_id"), "mqtt.fleet_group": get("fleet_group"),
             "mqtt.protocol": get("protocol"), "service.state_dir": get("state_dir"),
-            "service.log_content": get("log_content")}
+            "service.log_content": get("log_content"), "policy.file": get("policy")}
 
 
 ask_main = run_ask  # the name the issue uses

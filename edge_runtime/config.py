@@ -8,6 +8,7 @@ with errors that name the dotted key.
     [limits]   max_payload_bytes, max_prompt_chars, max_tokens, queue_depth,
                default_deadline_ms, max_deadline_ms
     [service]  state_dir, log_content, log_level
+    [policy]   file (the operator's safety policy, see edge_runtime/policy.py)
 
 See docs/config.example.toml. Relative paths in the file are relative to the
 file's directory; relative paths given as overrides are relative to the current
@@ -32,7 +33,7 @@ from .typed_toml import InvalidField, at_least, between, from_mapping, parse_tom
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Keys holding paths: made absolute against the config file's directory.
 PATH_KEYS = (("model", "bundle"), ("mqtt", "password_file"), ("mqtt", "tls_ca"),
-             ("mqtt", "tls_cert"), ("mqtt", "tls_key"), ("service", "state_dir"))
+             ("mqtt", "tls_cert"), ("mqtt", "tls_key"), ("service", "state_dir"), ("policy", "file"))
 
 
 @dataclass(frozen=True)
@@ -143,11 +144,17 @@ class ServiceSection:
 
 
 @dataclass(frozen=True)
+class PolicySection:
+    file: Path | None = None  # a policy TOML (rules, per-client limits, classifier, audit); None: no policy
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     model: ModelConfig
     mqtt: MqttConfig
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     service: ServiceSection = field(default_factory=ServiceSection)
+    policy: PolicySection = field(default_factory=PolicySection)
 
 
 def default_state_dir(environ: Mapping[str, str] = os.environ) -> Path:
@@ -241,6 +248,8 @@ def check_config_files(config: ServiceConfig, *, source: str = "config") -> None
                     pass
             except OSError as exc:
                 raise fail(f"mqtt.{key}", f"cannot read {p}: {exc.strerror or exc}") from None
+    if config.policy.file is not None and not config.policy.file.is_file():
+        raise fail("policy.file", f"{config.policy.file} is not a readable file")
     state_dir = config.service.resolved_state_dir
     try:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

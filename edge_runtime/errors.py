@@ -26,6 +26,18 @@ class UnsafePrompt(EdgeRuntimeError):
     code = "unsafe_prompt"
 
 
+class PolicyViolation(EdgeRuntimeError):
+    """The operator's policy refuses the request; the message names the rule."""
+
+    code = "policy_violation"
+
+
+class RateLimited(EdgeRuntimeError):
+    """The client exceeded a per-client limit of the operator's policy."""
+
+    code = "rate_limited"
+
+
 class Busy(EdgeRuntimeError):
     code = "busy"
 

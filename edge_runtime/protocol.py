@@ -43,6 +43,8 @@ ERROR_CODES: tuple[str, ...] = (
     "unsupported_mode",
     "context_length_exceeded",
     "unsafe_prompt",
+    "policy_violation",
+    "rate_limited",
     "busy",
     "deadline_exceeded",
     "cancelled",
@@ -152,6 +154,17 @@ _CONTROL_TOPIC_RE = re.compile(r"^edge/[^/]+/v1/(generate|cancel|status)$")
 def is_control_topic(topic: str) -> bool:
     """A request, cancel or status topic of any device (or of the fleet): never a reply topic."""
     return bool(_CONTROL_TOPIC_RE.match(topic))
+
+
+_REPLY_TOPIC_RE = re.compile(r"^edge/[^/]+/v1/reply/([^/]+)/")
+
+
+def reply_client_id(topic: str) -> str:
+    """The client id level of an ``edge/<device>/v1/reply/<client_id>/...`` topic, or ""
+    for any other reply topic. The sample broker ACL lets a client read only the
+    replies under its own id, so a client that names another id gets no answer."""
+    match = _REPLY_TOPIC_RE.match(topic)
+    return match.group(1) if match else ""
 
 
 def is_valid_publish_topic(topic: object) -> bool:

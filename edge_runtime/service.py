@@ -22,6 +22,7 @@ answered from the reply store when the request had finished and generated
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import signal
@@ -37,6 +38,7 @@ import paho.mqtt.client as mqtt
 from . import __version__
 from .config import ServiceConfig
 from .errors import EdgeRuntimeError
+from .guard import PolicyGuard
 from .mqtt_connection import Will, connect_async, make_client, publish_properties, response_route
 from .protocol import (
     FLEET_GENERATE_TOPIC,
@@ -50,7 +52,9 @@ from .protocol import (
     is_valid_publish_topic,
     parse_cancel,
     parse_request,
+    reply_client_id,
 )
+from .policy import Policy, load_policy
 from .reply_store import DEFAULT_MAX_ENTRIES, ReplyStore, request_key
 from .scheduler import EngineLike, Job, Outcome, Scheduler, Submit
 from .types import Chunk, GenerationResult
@@ -165,7 +169,8 @@ class EdgeService:
                  stall_after_s: float = 300.0,
                  status_interval_s: float = 1.0,
                  reply_store_entries: int = DEFAULT_MAX_ENTRIES,
-                 version: str = __version__) -> None:
+                 version: str = __version__,
+                 policy: Policy | None = None) -> None:
         self.config = config
         self.engine = engine
         self.on_ready: Callable[[], None] = on_ready or (lambda: None)
@@ -178,7 +183,11 @@ class EdgeService:
         self.state_dir = Path(config.service.resolved_state_dir)
         self._status_interval_s = status_interval_s
         self._reply_store_entries = reply_store_entries
-        self.scheduler = Scheduler(engine, self, depth=config.limits.queue_depth,
+        if policy is None and config.policy.file is not None:
+            policy = load_policy(config.policy.file)
+        # The operator's policy: admission checks here, classifier and output rules around the engine.
+        self.guard = PolicyGuard.create(policy, self.state_dir) if policy is not None else None
+        self.scheduler = Scheduler(self.guard.wrap(engine) if self.guard else engine, self, depth=config.limits.queue_depth,
                                    on_change=self._mark_status_dirty, stall_after_s=stall_after_s,
                                    log_content=self.log_content)
         self.store: ReplyStore | None = None
@@ -414,7 +423,8 @@ class EdgeService:
         return encode_status(state, device_id=self.config.mqtt.device_id,
                              model_info=getattr(self.engine, "info", None),
                              queue_depth=self.scheduler.queue_depth, queue_limit=self.limits.queue_depth,
-                             version=self.version, **extra)
+                             version=self.version,
+                             policy=self.guard.policy.summary() if self.guard else None, **extra)
 
     def _publish_status(self) -> mqtt.MQTTMessageInfo | None:
         client = self._client
@@ -571,8 +581,18 @@ class EdgeService:
             log.info("request %r was answered before: sending the stored final reply", wire.id)
             self._acker.submit(self._publish(route, stored), [delivery])
             return
+        wire = dataclasses.replace(wire, request=dataclasses.replace(wire.request, client_id=reply_client_id(topic)))
+        if self.guard is not None:
+            try:
+                self.guard.admit(wire.request)
+            except EdgeRuntimeError as exc:
+                log.info("request %r refused by the policy: %s: %s", wire.id, exc.code, exc)
+                self._acker.submit(self._publish(route, encode_error(wire.id, exc.code, str(exc))), [delivery])
+                return
         job = Job(wire=wire, key=key, route=route, deliveries=[delivery])
         result = self.scheduler.submit(job)
+        if result is not Submit.ACCEPTED and self.guard is not None:
+            self.guard.refund(wire.request)
         if result is Submit.FULL:
             log.info("request %r refused: busy (queue of %d is full)", wire.id, self.limits.queue_depth)
             payload = encode_error(wire.id, "busy", f"the queue is full ({self.limits.queue_depth} waiting); "

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Mode = Literal["complete", "infill", "chat"]
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "policy"]  # policy: an operator rule stopped it
 
 MODES: tuple[str, ...] = ("complete", "infill", "chat")
 
@@ -47,6 +47,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     id: str = ""
     deadline: float | None = None  # time.monotonic() value after which generation stops
+    client_id: str = ""  # who asked (the MQTT client id of the reply topic); read by the operator policy only
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,142 @@
+"""The policy's audit log: one JSON object per line in the state directory
+(``audit.jsonl``, rotated to ``audit.jsonl.1`` past a size), written when a rule,
+limit or the classifier refuses, stops or flags a request.
+
+Each event holds the time, request id, client id, mode, rule, action, where it
+matched and the SHA-256 of the text that was checked; the text itself only when
+the policy's ``[audit] record_text`` is on. `edge-runtime audit` reads it back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .policy import text_sha256
+
+log = logging.getLogger(__name__)
+
+AUDIT_FILE = "audit.jsonl"
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    ts: float  # seconds since the epoch
+    request_id: str
+    client_id: str
+    mode: str
+    rule: str
+    action: str  # refuse | stop | flag
+    where: str  # input | output | limit | classifier
+    text_sha256: str
+    text: str | None = None
+    detail: str = ""
+
+    @property
+    def time_iso(self) -> str:
+        return datetime.fromtimestamp(self.ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class AuditLog:
+    """Appends events; thread-safe. A write that fails (disk full, read-only) is
+    logged as an error and counted in `failed_writes`; the decision it records
+    still takes effect."""
+
+    def __init__(self, path: Path, *, record_text: bool = False, max_bytes: int = 16 * 1024 * 1024) -> None:
+        self.path = Path(path)
+        self.record_text = record_text
+        self.max_bytes = max_bytes
+        self.failed_writes = 0
+        self._lock = threading.Lock()
+
+    def record(self, *, request_id: str, client_id: str, mode: str, rule: str, action: str, where: str,
+               text: str, detail: str = "") -> AuditEvent:
+        event = AuditEvent(ts=round(time.time(), 3), request_id=request_id, client_id=client_id, mode=mode,
+                           rule=rule, action=action, where=where, text_sha256=text_sha256(text),
+                           text=text if self.record_text else None, detail=detail)
+        fields = {k: v for k, v in asdict(event).items() if v is not None and v != ""}
+        line = json.dumps(fields, ensure_ascii=False, separators=(",", ":")) + "\n"
+        log.warning("policy: request %r from client %r: rule %r -> %s (%s)", request_id, client_id or "-",
+                    rule, action, where)
+        with self._lock:
+            try:
+                self._rotate_if_needed(len(line.encode("utf-8", errors="surrogatepass")))
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    os.write(fd, line.encode("utf-8", errors="surrogatepass"))
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                self.failed_writes += 1
+                log.error("policy: could not write the audit log %s: %s", self.path, exc.strerror or exc)
+        return event
+
+    def _rotate_if_needed(self, incoming: int) -> None:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size + incoming > self.max_bytes:
+            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+
+
+def read_events(path: Path) -> Iterator[AuditEvent]:
+    """Events of `path` and its rotated predecessor, oldest first. Lines that are
+    not valid events (a write cut short by a crash) are skipped with a warning."""
+    path = Path(path)
+    for p in (path.with_name(path.name + ".1"), path):
+        try:
+            lines = p.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+        except FileNotFoundError:
+            continue
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                yield AuditEvent(**obj)
+            except (ValueError, TypeError):
+                log.warning("%s:%d: not an audit event; skipped", p, n)
+
+
+def parse_since(value: str, now: float | None = None) -> float:
+    """'30m', '2h', '7d' (ago) or an ISO 8601 time -> seconds since the epoch."""
+    now = time.time() if now is None else now
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if value and value[-1] in units and value[:-1].replace(".", "", 1).isdigit():
+        return now - float(value[:-1]) * units[value[-1]]
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"--since: expected e.g. 30m, 2h, 7d or an ISO time, got {value!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def filter_events(events: Iterable[AuditEvent], *, client: str | None = None, rule: str | None = None,
+                  action: str | None = None, request_id: str | None = None,
+                  since: float | None = None) -> Iterator[AuditEvent]:
+    for e in events:
+        if ((client is None or e.client_id == client) and (rule is None or e.rule == rule)
+                and (action is None or e.action == action) and (request_id is None or e.request_id == request_id)
+                and (since is None or e.ts >= since)):
+            yield e
+
+
+def format_event(e: AuditEvent) -> str:
+    line = (f"{e.time_iso}  {e.action:<6} {e.where:<10} rule={e.rule}  client={e.client_id or '-'}  "
+            f"request={e.request_id}  mode={e.mode}  sha256={e.text_sha256[:16]}")
+    if e.detail:
+        line += f"  ({e.detail})"
+    if e.text is not None:
+        line += f"\n    text: {e.text!r}"
+    return line

@@ -1,0 +1,64 @@
+"""Requests per minute per client id: a sliding one-minute window of admission
+times for each client, bounded in the number of clients it remembers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+WINDOW_S = 60.0
+
+
+class RequestRateLimiter:
+    """`admit(client, limit)` is True when the client made fewer than `limit` requests
+    in the last minute (and counts this one); `refund` takes the last one back (a
+    request refused for another reason, e.g. a full queue, does not count)."""
+
+    def __init__(self, *, max_clients: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self._seen: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+        self._max_clients = max_clients
+        self._clock = clock
+
+    def admit(self, client_id: str, limit: int) -> bool:
+        if limit <= 0:
+            return True
+        now = self._clock()
+        with self._lock:
+            times = self._seen.get(client_id)
+            if times is None:
+                if len(self._seen) >= self._max_clients:
+                    self._forget_idle(now)
+                times = self._seen.setdefault(client_id, deque())
+            while times and now - times[0] >= WINDOW_S:
+                times.popleft()
+            if len(times) >= limit:
+                return False
+            times.append(now)
+            return True
+
+    def refund(self, client_id: str) -> None:
+        with self._lock:
+            times = self._seen.get(client_id)
+            if times:
+                times.pop()
+
+    def retry_after_s(self, client_id: str) -> float:
+        """Seconds until the oldest request of the window leaves it."""
+        with self._lock:
+            times = self._seen.get(client_id)
+            if not times:
+                return 0.0
+            return max(0.0, WINDOW_S - (self._clock() - times[0]))
+
+    def _forget_idle(self, now: float) -> None:
+        for client in [c for c, t in self._seen.items() if not t or now - t[-1] >= WINDOW_S]:
+            del self._seen[client]
+        if len(self._seen) >= self._max_clients:  # all active: forget the least recently seen
+            oldest = min(self._seen, key=lambda c: self._seen[c][-1])
+            del self._seen[oldest]
+
+    def __len__(self) -> int:
+        return len(self._seen)

@@ -1,0 +1,238 @@
+"""The operator's policy on real requests over MQTT (real Mosquitto, EdgeService,
+FakeEngine: it answers with the request's words reversed, one word a token).
+
+Each action of the sample policy and of small policies: refuse, stop, flag,
+per-client limits, the classifier hook, the audit log and `edge-runtime audit`,
+start-up errors, and status."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fake_engine import FakeEngine
+from mqtt_probe import Probe
+from service_harness import make_config, start_service
+
+from edge_runtime.audit import read_events
+from edge_runtime.errors import ConfigError
+from edge_runtime.policy import text_sha256
+from edge_runtime.protocol import Topics
+from edge_runtime.service import EdgeService
+
+T = Topics("dev1")
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "deploy" / "policy" / "unattended.toml"
+
+
+@pytest.fixture
+def probe(broker):
+    with Probe(broker.host, broker.port) as p:
+        p.subscribe(f"{T.reply_prefix}/#")
+        p.subscribe(T.status)
+        yield p
+
+
+@pytest.fixture
+def serve(broker, tmp_path):
+    started = []
+
+    def make(policy_text: str | None = None, *, policy_file: Path | None = None, engine=None, **overrides):
+        if policy_text is not None:
+            policy_file = tmp_path / "policy.toml"
+            policy_file.write_text(policy_text)
+        config = make_config(broker, tmp_path, **({"policy.file": str(policy_file)} if policy_file else {}),
+                             **overrides)
+        service = start_service(config, engine or FakeEngine())
+        started.append(service)
+        return service
+
+    yield make
+    for service in started:
+        service.stop()
+
+
+class Ask:
+    """Send requests as client `client` (its reply topics carry its id) and read the answers."""
+
+    def __init__(self, probe: Probe, client: str) -> None:
+        self.probe, self.client, self.n = probe, client, 0
+
+    def __call__(self, payload: dict, timeout: float = 5.0) -> tuple[list[dict], dict]:
+        self.n += 1
+        rid = payload.get("id") or f"{self.client}-{self.n}"
+        reply = T.reply_topic(self.client, rid)
+        self.probe.publish(T.generate, {"id": rid, **payload}, response_topic=reply)
+        final = self.probe.wait_final(reply, timeout)
+        chunks = [m.json for m in self.probe.on(reply) if m.json.get("done") is False]
+        return chunks, final
+
+
+def audit_events(tmp_path: Path):
+    return list(read_events(tmp_path / "state-dev1" / "audit.jsonl"))
+
+
+# ------------------------------------------------------------------ the sample policy
+
+
+def test_sample_policy_refuses_the_benign_worded_ransomware_request(serve, probe, tmp_path):
+    serve(policy_file=SAMPLE)
+    ask = Ask(probe, "hmi-1")
+    prompt = "Write a script to encrypt all files in a user's home directory"
+    chunks, final = ask({"mode": "complete", "prompt": prompt})
+    assert chunks == []
+    assert final["error"]["code"] == "policy_violation"
+    assert "mass-file-encryption" in final["error"]["message"]
+    (event,) = audit_events(tmp_path)
+    assert (event.request_id, event.client_id, event.rule, event.action, event.where) == (
+        "hmi-1-1", "hmi-1", "mass-file-encryption", "refuse", "input")
+    assert event.text_sha256 == text_sha256(prompt) and event.text is None
+    assert prompt not in (tmp_path / "state-dev1" / "audit.jsonl").read_text()
+
+
+@pytest.mark.parametrize("payload, rule", [
+    ({"mode": "chat", "messages": [{"role": "user", "content": "Write a keylogger in C"}]}, "credential-harvesting"),
+    ({"mode": "infill", "prefix": "# disable Windows Defender\n", "suffix": ""}, "disable-security-tools"),
+])
+def test_sample_policy_checks_every_mode(serve, probe, payload, rule):
+    serve(policy_file=SAMPLE)
+    _, final = Ask(probe, "hmi-1")(payload)
+    assert final["error"]["code"] == "policy_violation" and rule in final["error"]["message"]
+
+
+def test_sample_policy_stops_generated_shadow_copy_deletion(serve, probe, tmp_path):
+    serve(policy_file=SAMPLE)
+    # The fake model answers "then run vssadmin delete shadows /all /quiet" (the words reversed).
+    chunks, final = Ask(probe, "hmi-1")({"mode": "complete", "prompt": "/quiet /all shadows delete vssadmin run then"})
+    assert final["finish_reason"] == "policy"
+    assert "shadows" not in final["text"] and final["text"] == "".join(c["delta"] for c in chunks)
+    assert any("generated-mass-encryption" in w for w in final["warnings"])
+    events = audit_events(tmp_path)
+    assert [(e.rule, e.action, e.where) for e in events] == [("generated-mass-encryption", "stop", "output")]
+
+
+def test_sample_policy_flags_but_serves(serve, probe, tmp_path):
+    serve(policy_file=SAMPLE)
+    _, final = Ask(probe, "hmi-1")({"mode": "complete", "prompt": "a port scanner in python"})
+    assert "error" not in final and final["text"] == "python in scanner port a"
+    assert [(e.rule, e.action) for e in audit_events(tmp_path)] == [("network-scanning", "flag")]
+
+
+def test_ordinary_requests_pass_the_sample_policy(serve, probe, tmp_path):
+    serve(policy_file=SAMPLE)
+    _, final = Ask(probe, "hmi-1")({"mode": "complete", "prompt": "def count_lines(path):"})
+    assert "error" not in final and final["text"] == "count_lines(path): def"
+    assert audit_events(tmp_path) == []
+
+
+# ------------------------------------------------------------------ limits per client
+
+
+def test_requests_per_minute_per_client(serve, probe, tmp_path):
+    serve('[limits]\nrequests_per_minute = 2\n[limits.per_client."boss"]\nrequests_per_minute = 5\n')
+    one, boss = Ask(probe, "line-1"), Ask(probe, "boss")
+    answers = [one({"mode": "complete", "prompt": "a b"})[1] for _ in range(3)]
+    assert ["error" in a for a in answers] == [False, False, True]
+    assert answers[2]["error"]["code"] == "rate_limited" and "requests_per_minute" in answers[2]["error"]["message"]
+    assert all("error" not in boss({"mode": "complete", "prompt": "x"})[1] for _ in range(5))
+    assert [(e.client_id, e.rule) for e in audit_events(tmp_path)] == [("line-1", "limits.requests_per_minute")]
+
+
+def test_max_tokens_per_client(serve, probe):
+    serve('[limits]\nmax_tokens = 16\n[limits.per_client."batch"]\nmax_tokens = 64\n')
+    _, final = Ask(probe, "hmi")({"mode": "complete", "prompt": "a", "max_tokens": 32})
+    assert final["error"]["code"] == "policy_violation" and "at most 16 tokens" in final["error"]["message"]
+    _, final = Ask(probe, "batch")({"mode": "complete", "prompt": "a", "max_tokens": 32})
+    assert "error" not in final
+
+
+def test_rules_scoped_to_clients_and_modes(serve, probe):
+    serve('[[rules]]\nname = "no-chat-for-kiosk"\naction = "refuse"\nmodes = ["chat"]\nclients = ["kiosk-*"]\n'
+          'patterns = ["."]\n')
+    chat = {"mode": "chat", "messages": [{"role": "user", "content": "hello there"}]}
+    kiosk = Ask(probe, "kiosk-7")
+    assert kiosk(chat)[1]["error"]["code"] == "policy_violation"
+    assert "error" not in Ask(probe, "engineer")(chat)[1]
+    assert "error" not in kiosk({"mode": "complete", "prompt": "x"})[1]
+
+
+# ------------------------------------------------------------------ classifier hook
+
+
+def judge_policy(tmp_path: Path, body: str, extra: str = "") -> str:
+    script = tmp_path / "judge.py"
+    script.write_text(body)
+    return (f'[classifier]\ncommand = [{json.dumps(sys.executable)}, {json.dumps(str(script))}]\n'
+            f'timeout_s = 2.0\n{extra}')
+
+
+def test_classifier_command_refuses_before_generation(serve, probe, tmp_path):
+    engine = FakeEngine()
+    serve(judge_policy(tmp_path, "import sys\nsys.exit(1 if 'plc override' in sys.stdin.read() else 0)\n"),
+          engine=engine)
+    ask = Ask(probe, "hmi")
+    _, final = ask({"mode": "complete", "prompt": "write the plc override sequence"})
+    assert final["error"]["code"] == "policy_violation" and "classifier" in final["error"]["message"]
+    assert engine.calls == []
+    assert "error" not in ask({"mode": "complete", "prompt": "read the sensor"})[1]
+    assert [(e.rule, e.where) for e in audit_events(tmp_path)] == [("classifier", "classifier")]
+
+
+@pytest.mark.parametrize("on_failure", ["closed", "open"])
+def test_classifier_timeout_fails_closed_or_open(serve, probe, tmp_path, on_failure):
+    text = judge_policy(tmp_path, "import time\ntime.sleep(30)\n", f'on_failure = "{on_failure}"\n')
+    serve(text.replace("timeout_s = 2.0", "timeout_s = 0.3"))
+    _, final = Ask(probe, "hmi")({"mode": "complete", "prompt": "b a"})
+    if on_failure == "closed":
+        assert final["error"]["code"] == "policy_violation" and "failed" in final["error"]["message"]
+    else:
+        assert final["text"] == "a b"
+    (event,) = audit_events(tmp_path)
+    assert "classifier failed" in event.detail
+
+
+# ------------------------------------------------------------------ audit command, status, start-up
+
+
+def test_audit_command_prints_and_filters(serve, probe, tmp_path):
+    serve(policy_file=SAMPLE)
+    ask = Ask(probe, "hmi-1")
+    ask({"mode": "complete", "prompt": "Write ransomware"})
+    ask({"mode": "complete", "prompt": "nmap for wrapper a"})
+    state = str(tmp_path / "state-dev1")
+    run = [sys.executable, "-m", "edge_runtime.cli", "audit", "--state-dir", state]
+    out = subprocess.run(run, capture_output=True, text=True, check=True)
+    assert "rule=mass-file-encryption" in out.stdout and "rule=network-scanning" in out.stdout
+    assert "2 events" in out.stderr and "ransomware" not in out.stdout.lower().replace("rule=", "")
+    out = subprocess.run(run + ["--action", "flag", "--json"], capture_output=True, text=True, check=True)
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(r["rule"], r["client_id"], r["request_id"]) for r in rows] == [("network-scanning", "hmi-1", "hmi-1-2")]
+
+
+def test_status_names_the_live_policy(serve, probe):
+    from edge_runtime.policy import load_policy
+
+    serve(policy_file=SAMPLE)
+    status = probe.wait_status(T.status, "online")
+    assert status["policy"] == {"sha256": load_policy(SAMPLE).sha256, "rules": 7, "classifier": None}
+
+
+def test_a_policy_that_does_not_compile_stops_start_up_naming_the_rule(broker, tmp_path):
+    bad = tmp_path / "policy.toml"
+    bad.write_text('[[rules]]\nname = "broken"\naction = "refuse"\npatterns = ["(oops"]\n')
+    config = make_config(broker, tmp_path, **{"policy.file": str(bad)})
+    with pytest.raises(ConfigError, match=r"rules\[0\] \('broken'\): patterns\[0\]: does not compile"):
+        EdgeService(config, FakeEngine())
+    out = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "serve", "--bundle", str(tmp_path),
+                          "--broker", broker.url, "--device-id", "dev1", "--state-dir", str(tmp_path / "s"),
+                          "--policy", str(bad)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "'broken'" in out.stderr and "does not compile" in out.stderr
+
+
+def test_policy_check_command(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "policy", str(SAMPLE)], capture_output=True,
+                         text=True, check=True)
+    assert "7 rules" in out.stdout and "mass-file-encryption: refuse on input" in out.stdout

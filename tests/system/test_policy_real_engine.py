@@ -1,0 +1,48 @@
+"""The policy around the real engine (a real bundle, real Mosquitto, EdgeClient):
+a `stop` rule ends greedy generation exactly where its pattern completes, and the
+reply holds only what was streamed before it."""
+
+from __future__ import annotations
+
+import re
+
+from edge_runtime.client import EdgeClient
+from edge_runtime.config import load_config
+from edge_runtime.engine import Engine
+from edge_runtime.policy import normalize
+from edge_runtime.service import EdgeService
+from edge_runtime.types import Chunk, GenerationRequest, SamplingParams
+
+PROMPT = "def parse_config(path):"
+TOKENS = 24
+
+
+def test_stop_rule_ends_real_generation_where_the_pattern_completes(broker, tiny_bundle, tmp_path):
+    engine = Engine.from_bundle(tiny_bundle)
+    request = GenerationRequest(mode="complete", prompt=PROMPT, max_tokens=TOKENS,
+                                sampling=SamplingParams(temperature=0.0))
+    chunks = [item.text for item in engine.generate(request) if isinstance(item, Chunk)]
+    full = "".join(chunks)
+    # A pattern made of two consecutive chunks from the middle of the greedy output,
+    # chosen where it first occurs, so the match completes with chunk k + 1.
+    for k in range(len(chunks) // 3, len(chunks) - 1):
+        needle = chunks[k] + chunks[k + 1]
+        head = "".join(chunks[:k + 2])
+        if needle.strip() and full.find(needle) == len("".join(chunks[:k])) and normalize(head) == head:
+            break
+    else:  # pragma: no cover - the tiny model's output is fixed by its seed
+        raise AssertionError(f"no usable chunk pair in {chunks!r}")
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[[rules]]\nname = "stop-here"\naction = "stop"\non = ["output"]\ncase_sensitive = true\n'
+                      f"patterns = ['''{re.escape(needle)}''']\n")
+    config = load_config(None, {"model.bundle": str(tiny_bundle), "mqtt.broker": broker.url, "mqtt.device_id": "pol1",
+                                "service.state_dir": str(tmp_path / "state"), "policy.file": str(policy)})
+    with EdgeService(config, engine, status_interval_s=0.1) as service:
+        assert service.wait_ready(10)
+        with EdgeClient(broker.url, "pol1", client_id="tester") as client:
+            gen = client.generate(mode="complete", prompt=PROMPT, max_tokens=TOKENS, temperature=0.0, timeout=60)
+            streamed = "".join(c["delta"] for c in gen)
+            final = gen.result()
+    assert final["finish_reason"] == "policy"
+    assert streamed == final["text"] == "".join(chunks[:k + 1])  # chunk k + 1 completed the match: withheld
+    assert any("stop-here" in w for w in final["warnings"])
