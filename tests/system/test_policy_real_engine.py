@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import re
 
+from edge_runtime.classifier import BundleClassifier
 from edge_runtime.client import EdgeClient
 from edge_runtime.config import load_config
 from edge_runtime.engine import Engine
-from edge_runtime.policy import normalize
+from edge_runtime.policy import ClassifierSpec, normalize
 from edge_runtime.service import EdgeService
 from edge_runtime.types import Chunk, GenerationRequest, SamplingParams
 
@@ -46,3 +47,20 @@ def test_stop_rule_ends_real_generation_where_the_pattern_completes(broker, tiny
     assert final["finish_reason"] == "policy"
     assert streamed == final["text"] == "".join(chunks[:k + 1])  # chunk k + 1 completed the match: withheld
     assert any("stop-here" in w for w in final["warnings"])
+
+
+def test_a_second_bundle_as_the_classifier(tiny_bundle):
+    """The classifier's label is the first word the second model generates (greedy):
+    blocked when that label is listed, allowed otherwise; a deadline it cannot meet
+    fails closed."""
+    judge_engine = Engine.from_bundle(tiny_bundle)
+    spec = ClassifierSpec(bundle=tiny_bundle, block_labels=("unsafe",), timeout_s=60.0)
+    label = BundleClassifier(spec, judge_engine).classify("rm -rf /").label
+    assert label and label != "(no label)"
+    blocking = ClassifierSpec(bundle=tiny_bundle, block_labels=(label,), timeout_s=60.0)
+    assert BundleClassifier(blocking, judge_engine).classify("rm -rf /").blocked
+    allowing = ClassifierSpec(bundle=tiny_bundle, block_labels=(label + "-not",), timeout_s=60.0)
+    assert not BundleClassifier(allowing, judge_engine).classify("rm -rf /").blocked
+    too_long = ClassifierSpec(bundle=tiny_bundle, block_labels=(label,), timeout_s=60.0, max_text_chars=10**6)
+    verdict = BundleClassifier(too_long, judge_engine).classify("word " * 100_000)  # beyond the context
+    assert verdict.failed and verdict.blocked
