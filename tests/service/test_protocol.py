@@ -207,7 +207,7 @@ def test_cancel_parsing():
 
 def test_every_error_code_matches_a_typed_error():
     classes = [errors.BadRequest, errors.UnsupportedMode, errors.ContextLengthExceeded, errors.UnsafePrompt,
-               errors.Busy, errors.DeadlineExceeded, errors.Cancelled, errors.EdgeRuntimeError]
+               errors.PolicyViolation, errors.RateLimited, errors.Busy, errors.DeadlineExceeded, errors.Cancelled, errors.EdgeRuntimeError]
     assert {c.code for c in classes} == set(ERROR_CODES)
     for code in ERROR_CODES:
         reply = json.loads(encode_error("r", code, "why"))
