@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import queue
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -233,8 +234,12 @@ class EdgeService:
 
     def _start(self) -> None:
         self._take_lock()
-        self.store = ReplyStore(self.state_dir / f"replies-{self.config.mqtt.device_id}.sqlite3",
-                                max_entries=self._reply_store_entries)
+        try:
+            self.store = ReplyStore(self.state_dir / f"replies-{self.config.mqtt.device_id}.sqlite3",
+                                    max_entries=self._reply_store_entries)
+        except (OSError, sqlite3.Error) as exc:  # a full or read-only disk: say so, no traceback
+            raise EdgeRuntimeError(f"cannot open the reply store in {self.state_dir} (service.state_dir): "
+                                   f"{exc}") from exc
         self.scheduler.start()
         self._acker.start()
         m = self.config.mqtt

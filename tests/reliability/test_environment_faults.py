@@ -1,0 +1,196 @@
+"""Faults of the machine around the daemon: a read-only or full state directory,
+the bundle folder removed under a running daemon, the broker unreachable at
+start. Each ends in a clear error or a clean retry, never a hang or a silent loss.
+
+The full and read-only state directories are small tmpfs mounts (the suite runs
+as root in CI); where mounting is not allowed those tests are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from reliability_kit import Ledger, ServeProcess, StatusWatch, record_figures, wait_online, write_serve_config
+from service_harness import DaemonProcess, write_config
+
+from mosquitto_broker import MosquittoBroker, free_port
+
+DEVICE = "env-dev"
+GENERATE = f"edge/{DEVICE}/v1/generate"
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 64 KiB tmpfs at tmp_path/"mnt" (unmounted afterwards)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _serve(config: Path, log: Path, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_runtime", "serve", "--config", str(config)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_read_only_state_dir_is_a_clear_error_at_start(tiny_bundle, broker, tmpfs, tmp_path):
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    config = write_serve_config(tmp_path / "s.toml", broker_url=broker.url, device_id=DEVICE, bundle=tiny_bundle,
+                                state_dir=tmpfs)
+    t = time.monotonic()
+    r = _serve(config, tmp_path / "d.log")
+    assert r.returncode == 2, r.stderr
+    assert "service.state_dir" in r.stderr and "not writable" in r.stderr, r.stderr
+    # and a state dir that cannot be created (a read-only parent)
+    config2 = write_serve_config(tmp_path / "s2.toml", broker_url=broker.url, device_id=DEVICE, bundle=tiny_bundle,
+                                 state_dir=tmpfs / "sub")
+    r2 = _serve(config2, tmp_path / "d2.log")
+    assert r2.returncode == 2 and "service.state_dir" in r2.stderr and "cannot create" in r2.stderr, r2.stderr
+    record_figures("state_dir_read_only", {"exit_code": r.returncode, "message": r.stderr.strip().splitlines()[-1],
+                                           "message_cannot_create": r2.stderr.strip().splitlines()[-1],
+                                           "seconds_to_exit": round(time.monotonic() - t, 2)})
+
+
+def test_full_state_dir_at_start_is_a_clear_error(tiny_bundle, broker, tmpfs, tmp_path):
+    _fill(tmpfs)
+    config = write_serve_config(tmp_path / "s.toml", broker_url=broker.url, device_id=DEVICE, bundle=tiny_bundle,
+                                state_dir=tmpfs)
+    t = time.monotonic()
+    r = _serve(config, tmp_path / "d.log")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "cannot open the reply store" in r.stderr and "disk is full" in r.stderr, r.stderr
+    record_figures("state_dir_full_at_start", {"exit_code": r.returncode, "message": r.stderr.strip().splitlines()[-1],
+                                               "seconds_to_exit": round(time.monotonic() - t, 2)})
+
+
+def _fill(mnt: Path) -> None:
+    fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 1024)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def test_state_dir_fills_up_while_serving(broker, tmpfs, tmp_path):
+    """The reply store cannot be written: every request is still answered (once),
+    and the log says why redelivery protection is missing for those replies."""
+    config = write_config(tmp_path / "d.toml", broker, tmpfs, device_id=DEVICE)
+    watch = StatusWatch(broker.host, broker.port, DEVICE)
+    t = time.monotonic()
+    daemon = DaemonProcess(config)
+    try:
+        wait_online(watch, daemon, 30, after=t)
+        with Ledger(broker.host, broker.port, tag="full").listen() as ledger:
+            ledger.send(GENERATE, "before", {"id": "before", "mode": "complete", "prompt": "a b"})
+            assert not ledger.wait_finals(["before"], 10)
+            _fill(tmpfs)
+            ids = [f"full-{i}" for i in range(20)]
+            for i, rid in enumerate(ids):
+                ledger.send(GENERATE, rid, {"id": rid, "mode": "complete", "prompt": f"{'x' * 500} y{i}"})
+            missing = ledger.wait_finals(ids, 20)
+            time.sleep(0.3)
+            tally = ledger.tally(ids)
+            (tmpfs / "filler").unlink()
+            ledger.send(GENERATE, "after", {"id": "after", "mode": "complete", "prompt": "c d"})
+            assert not ledger.wait_finals(["after"], 10)
+        assert daemon.process.poll() is None
+        log = daemon.log
+        store_errors = log.count("could not store the final reply")
+        record_figures("state_dir_full_while_serving", {**tally, "missing": len(missing),
+                                                        "store_errors_logged": store_errors})
+        assert not missing and tally["duplicated"] == 0, tally
+        assert store_errors >= 1, log[-3000:]
+    finally:
+        watch.close()
+        daemon.stop()
+
+
+def test_bundle_removed_under_a_running_daemon(tiny_bundle, broker, tmp_path):
+    """The model is in memory: the daemon keeps serving; a restart then refuses
+    with a message naming the missing folder, at once."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    config = write_serve_config(tmp_path / "s.toml", broker_url=broker.url, device_id=DEVICE, bundle=bundle,
+                                state_dir=tmp_path / "state")
+    watch = StatusWatch(broker.host, broker.port, DEVICE)
+    t = time.monotonic()
+    proc = ServeProcess(config, tmp_path / "d.log")
+    try:
+        wait_online(watch, proc, 60, after=t)
+        shutil.rmtree(bundle)
+        with Ledger(broker.host, broker.port, tag="rm").listen() as ledger:
+            ledger.send(GENERATE, "r1", {"id": "r1", "mode": "complete", "prompt": "def f():", "max_tokens": 8})
+            assert not ledger.wait_finals(["r1"], 30)
+            assert "text" in ledger.finals("r1")[0], ledger.finals("r1")
+        proc.terminate()
+        assert proc.wait(30) == 0
+    finally:
+        proc.close()
+        watch.close()
+    t = time.monotonic()
+    r = _serve(config, tmp_path / "d2.log")
+    assert r.returncode == 2 and "model.bundle" in r.stderr and str(bundle) in r.stderr, r.stderr
+    # removed between the config check and the load: the loader names it too
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.errors import BundleError
+
+    with pytest.raises(BundleError, match="does not exist"):
+        load_bundle(bundle)
+    record_figures("bundle_removed", {"served_after_removal": True, "restart_exit_code": r.returncode,
+                                      "restart_message": r.stderr.strip().splitlines()[-1],
+                                      "seconds_to_exit": round(time.monotonic() - t, 2)})
+
+
+def test_broker_unreachable_at_start_then_appears(tmp_path):
+    """No broker at start: the daemon retries with backoff (no exit, no hang) and
+    serves as soon as the broker is up; SIGTERM while still unconnected exits 0 at once."""
+    port = free_port()
+    broker = MosquittoBroker(tmp_path / "broker", port=port)
+    config = write_config(tmp_path / "d.toml", broker, tmp_path / "state", device_id=DEVICE)
+    daemon = DaemonProcess(config)
+    try:
+        time.sleep(3.0)
+        assert daemon.process.poll() is None, daemon.log
+        broker.start()
+        t_up = time.monotonic()
+        watch = StatusWatch(broker.host, broker.port, DEVICE)
+        try:
+            wait_online(watch, daemon, 40, after=0)
+            connect_s = time.monotonic() - t_up
+            with Ledger(broker.host, broker.port, tag="late").listen() as ledger:
+                ledger.send(GENERATE, "late", {"id": "late", "mode": "complete", "prompt": "a b"})
+                assert not ledger.wait_finals(["late"], 10)
+        finally:
+            watch.close()
+    finally:
+        daemon.stop()
+        broker.stop()
+    # never reachable: SIGTERM ends it cleanly and quickly
+    dead = MosquittoBroker(tmp_path / "nobroker", port=free_port())
+    config2 = write_config(tmp_path / "d2.toml", dead, tmp_path / "state2", device_id=DEVICE)
+    daemon2 = DaemonProcess(config2)
+    try:
+        time.sleep(2.0)
+        assert daemon2.process.poll() is None
+        t = time.monotonic()
+        daemon2.signal(15)
+        code = daemon2.wait(15)
+        stop_s = time.monotonic() - t
+    finally:
+        daemon2.stop()
+    assert code == 0, daemon2.log
+    record_figures("broker_unreachable_at_start", {"online_after_broker_up_s": round(connect_s, 2),
+                                                   "sigterm_while_unconnected_exit_code": code,
+                                                   "sigterm_while_unconnected_s": round(stop_s, 2)})
