@@ -11,9 +11,36 @@ from __future__ import annotations
 import numpy as np
 
 from .bundle import Architecture
+from .errors import BundleError
 from .kv_cache import KVCache
 
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def check_kv_concat_graph(session, arch: Architecture, graph: str = "model.onnx") -> None:
+    """Refuse a graph whose layers, kv heads, head size or vocabulary disagree with
+    the manifest's architecture: another model's graph under this bundle's
+    manifest (its hashes edited to match) is refused at load, not at a request."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    problems = []
+    layers = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))
+    if layers != arch.num_layers:
+        problems.append(f"{layers} layers, the manifest says {arch.num_layers}")
+    past = inputs.get("past_key_values.0.key")
+    if past is not None and len(past.shape) == 4:
+        heads, head_dim = past.shape[1], past.shape[3]
+        if isinstance(heads, int) and heads != arch.num_kv_heads:
+            problems.append(f"{heads} kv heads, the manifest says {arch.num_kv_heads}")
+        if isinstance(head_dim, int) and head_dim != arch.head_dim:
+            problems.append(f"head size {head_dim}, the manifest says {arch.head_dim}")
+    logits = next((o for o in session.get_outputs() if o.name == "logits"), None)
+    vocab = logits.shape[-1] if logits is not None and logits.shape else None
+    if logits is None:
+        problems.append("no logits output")
+    elif isinstance(vocab, int) and vocab != arch.vocab_size:
+        problems.append(f"vocab size {vocab}, the manifest says {arch.vocab_size}")
+    if problems:
+        raise BundleError(f"{graph} does not match bundle.json's architecture: {'; '.join(problems)}")
 
 
 class KVConcatDecoder:
@@ -27,6 +54,7 @@ class KVConcatDecoder:
         self.arch = arch
         self.device = device
         self.max_length = max_length
+        check_kv_concat_graph(session, arch)
         inputs = {i.name: i for i in session.get_inputs()}
         self.kv_dtype = np.dtype(_ORT_TO_NUMPY[inputs["past_key_values.0.key"].type])
         self.logits_dtype = np.dtype(_ORT_TO_NUMPY[session.get_outputs()[0].type])

@@ -201,6 +201,15 @@ class Answer:
     first_reply_at: float | None = None
 
 
+def _no_nagle(client, userdata, sock) -> None:
+    import socket
+
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
+
+
 class Ledger:
     """A raw MQTT 5 client that sends requests with a Response Topic of its own
     (``rel/<tag>/<id>``) and records every chunk and final reply by request id.
@@ -238,6 +247,7 @@ class Ledger:
             connected.set()
 
         self.client.on_connect = on_connect
+        self.client.on_socket_open = _no_nagle
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda c, u, mid, rcs, p: self._subacks.put(rcs)
         props = Properties(PacketTypes.CONNECT)

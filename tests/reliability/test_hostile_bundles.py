@@ -1,0 +1,73 @@
+"""Tampered bundles, refused at load with a message that names the problem.
+
+Already proven in tests/export/test_bundle_export.py (referenced from
+docs/reliability.md): a flipped byte in model.onnx / tokenizer.json / LICENSE,
+external-data names with `..` or absolute paths (hashes re-made to match), a
+manifest path leaving the bundle, a truncated ONNX file (hashes re-made), a
+missing file, an unknown format version. Here: a flipped byte in *every* file of
+the bundle including bundle.json's hash fields, and a graph swapped for another
+model's with the manifest's hashes edited to match it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from edge_runtime.bundle import MANIFEST_NAME, load_bundle
+from edge_runtime.errors import BundleError, EdgeRuntimeError
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rehash(bundle) -> None:
+    """What an attacker with write access does: make the manifest's hashes match."""
+    from edge_export.bundle_writer import write_manifest
+
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    for key in ("format", "format_version", "created", "tools", "files"):
+        manifest.pop(key)
+    write_manifest(bundle, manifest)
+
+
+def test_flipped_byte_in_every_listed_file(tiny_bundle, tmp_path):
+    names = [f["path"] for f in json.loads((tiny_bundle / MANIFEST_NAME).read_text())["files"]]
+    assert "model.onnx" in names and "tokenizer.json" in names
+    for i, name in enumerate(names):
+        bundle = _copy(tiny_bundle, tmp_path / f"b{i}")
+        data = bytearray((bundle / name).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (bundle / name).write_bytes(bytes(data))
+        with pytest.raises(BundleError, match=f"{name}: SHA-256 does not match"):
+            load_bundle(bundle)
+
+
+def test_flipped_byte_in_a_manifest_hash_names_the_file(tiny_bundle, tmp_path):
+    bundle = _copy(tiny_bundle, tmp_path / "b")
+    text = (bundle / MANIFEST_NAME).read_text()
+    manifest = json.loads(text)
+    entry = next(f for f in manifest["files"] if f["path"] == "tokenizer.json")
+    digest = entry["sha256"]
+    flipped = digest[:10] + ("0" if digest[10] != "0" else "1") + digest[11:]
+    (bundle / MANIFEST_NAME).write_text(text.replace(digest, flipped))
+    with pytest.raises(BundleError, match="tokenizer.json: SHA-256 does not match"):
+        load_bundle(bundle)
+
+
+def test_swapped_graph_with_rehashed_manifest_is_refused_at_load(tiny_bundle, noinfill_bundle, tmp_path):
+    """Another model's graph (other heads, head size and vocabulary) under this
+    bundle's manifest, hashes edited to match: the engine refuses it before the
+    first request, naming what does not match."""
+    from edge_runtime.engine import Engine
+
+    bundle = _copy(tiny_bundle, tmp_path / "b")
+    shutil.copyfile(noinfill_bundle / "model.onnx", bundle / "model.onnx")
+    _rehash(bundle)
+    load_bundle(bundle)  # every hash matches: only the graph itself can tell
+    with pytest.raises(EdgeRuntimeError, match=r"model.onnx does not match bundle.json.*(kv heads|head size|vocab)"):
+        Engine.from_bundle(bundle)
