@@ -60,6 +60,88 @@ class Architecture:
     max_position_embeddings: int
 
 
+VARIANTS = ("base", "python", "instruct")
+
+
+@dataclass(frozen=True)
+class Family:
+    """Which Code Llama this is, as detected at export (`export/family.py`).
+
+    Bundles made before detection existed have no `family` section in bundle.json;
+    `Family.from_manifest` then derives what it can (size class from the
+    architecture, infill and chat format from the tokenizer section) and says
+    `variant="unknown"`."""
+
+    size_class: str  # "7B", "13B", "34B", "70B" (the published architectures) or "custom"
+    parameter_count: int | None
+    variant: str  # "base", "python", "instruct", or "unknown" (old bundle)
+    variant_source: str  # how the variant was decided
+    num_heads: int
+    num_kv_heads: int
+    infill_tokens: bool  # the tokenizer has ▁<PRE> ▁<SUF> ▁<MID> ▁<EOT>
+    supports_infill: bool  # infill is served (tokens present, and a member trained for it)
+    infill_note: str  # why not, when not
+    chat_format: str  # "llama2" ([INST]) or "source-step" (70B Instruct)
+    chat_format_source: str  # "chat template", "generation config" or "default"
+    step_token: bool  # the tokenizer has <step>
+
+    @property
+    def attention(self) -> str:
+        return "GQA" if self.num_kv_heads < self.num_heads else "MHA"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"size_class": self.size_class, "parameter_count": self.parameter_count, "variant": self.variant,
+                "variant_source": self.variant_source,
+                "attention": {"kind": self.attention, "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads},
+                "infill_tokens": self.infill_tokens, "supports_infill": self.supports_infill,
+                "infill_note": self.infill_note, "chat_format": self.chat_format,
+                "chat_format_source": self.chat_format_source, "step_token": self.step_token}
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any], architecture: "Architecture") -> "Family":
+        tok = manifest.get("tokenizer") or {}
+        section = manifest.get("family")
+        if section is None:
+            from .memory_fit import size_class
+
+            infill = bool(tok.get("supports_infill"))
+            return cls(size_class=size_class(hidden_size=architecture.hidden_size, num_layers=architecture.num_layers,
+                                             num_heads=architecture.num_heads,
+                                             num_kv_heads=architecture.num_kv_heads),
+                       parameter_count=None, variant="unknown",
+                       variant_source="not recorded (bundle made before family detection)",
+                       num_heads=architecture.num_heads, num_kv_heads=architecture.num_kv_heads,
+                       infill_tokens=infill, supports_infill=infill, infill_note="",
+                       chat_format=str(tok.get("chat_format", "llama2")), chat_format_source="tokenizer section",
+                       step_token=tok.get("step") is not None)
+        if not isinstance(section, dict):
+            raise BundleError(f"{MANIFEST_NAME}: family is not an object")
+        attention = _require(section, "attention", dict, "family.")
+        count = section.get("parameter_count")
+        if count is not None and (not isinstance(count, int) or isinstance(count, bool)):
+            raise BundleError(f"{MANIFEST_NAME}: family.parameter_count has the wrong type ({type(count).__name__})")
+        family = cls(
+            size_class=_require(section, "size_class", str, "family."), parameter_count=count,
+            variant=_require(section, "variant", str, "family."),
+            variant_source=_require(section, "variant_source", str, "family."),
+            num_heads=_require(attention, "num_heads", int, "family.attention."),
+            num_kv_heads=_require(attention, "num_kv_heads", int, "family.attention."),
+            infill_tokens=_require(section, "infill_tokens", bool, "family."),
+            supports_infill=_require(section, "supports_infill", bool, "family."),
+            infill_note=_require(section, "infill_note", str, "family."),
+            chat_format=_require(section, "chat_format", str, "family."),
+            chat_format_source=_require(section, "chat_format_source", str, "family."),
+            step_token=_require(section, "step_token", bool, "family."))
+        if family.variant not in (*VARIANTS, "unknown"):
+            raise BundleError(f"{MANIFEST_NAME}: family.variant {family.variant!r} is not one of {', '.join(VARIANTS)}")
+        if family.chat_format != tok.get("chat_format"):
+            raise BundleError(f"{MANIFEST_NAME}: family.chat_format {family.chat_format!r} disagrees with "
+                              f"tokenizer.chat_format {tok.get('chat_format')!r}")
+        if family.supports_infill and not family.infill_tokens:
+            raise BundleError(f"{MANIFEST_NAME}: family.supports_infill without the infilling tokens")
+        return family
+
+
 @dataclass(frozen=True)
 class Bundle:
     """A verified bundle: paths resolved inside the folder, manifest parsed."""
@@ -77,6 +159,7 @@ class Bundle:
     supports_infill: bool
     chat_format: str
     model_name: str
+    family: Family | None = None  # always set by load_bundle
 
 
 def _require(mapping: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
@@ -178,6 +261,7 @@ def load_bundle(path: str | Path, *, progress=None) -> Bundle:
         architecture = Architecture(**{k: arch[k] for k in Architecture.__dataclass_fields__})
     except KeyError as exc:
         raise BundleError(f"{MANIFEST_NAME}: missing key architecture.{exc.args[0]}") from exc
+    family = Family.from_manifest(manifest, architecture)
     return Bundle(
         root=root,
         manifest=manifest,
@@ -189,7 +273,8 @@ def load_bundle(path: str | Path, *, progress=None) -> Bundle:
         context_limit=_require(manifest, "context_limit", int, ""),
         precision=_require(manifest, "precision", str, ""),
         profile_name=_require(_require(manifest, "profile", dict, ""), "name", str, "profile."),
-        supports_infill=bool(_require(tok, "supports_infill", bool, "tokenizer.")),
+        supports_infill=bool(_require(tok, "supports_infill", bool, "tokenizer.")) and family.supports_infill,
         chat_format=_require(tok, "chat_format", str, "tokenizer."),
         model_name=_require(_require(manifest, "source", dict, ""), "name", str, "source."),
+        family=family,
     )

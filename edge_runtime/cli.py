@@ -41,7 +41,7 @@ def cmd_export(args) -> int:
     opts = ExportOptions(checkpoint=Path(args.checkpoint), profile=args.profile, output=Path(args.output),
                          precision=args.precision, max_context=args.max_context, allow_degraded=args.allow_degraded,
                          force=args.force, fidelity_tokens=args.fidelity_tokens, algorithm=args.algorithm,
-                         skip_fidelity=args.skip_fidelity, graph=args.graph)
+                         skip_fidelity=args.skip_fidelity, graph=args.graph, variant=args.variant)
     summary = run_export(opts)
     print(format_summary(summary))
     return 0
@@ -276,7 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "and one shared KV buffer, streamed layer by layer (a 7B exports in < 1 GiB of memory)")
     p.add_argument("--skip-fidelity", action="store_true",
                    help="do not measure fidelity (size/speed benchmarks of random weights); recorded in bundle.json")
+    p.add_argument("--variant", choices=["base", "python", "instruct"],
+                   help="Code Llama variant (default: detected from the folder and config names, tokens, chat template)")
     p.set_defaults(func=cmd_export)
+
+    from .memory_fit import add_arguments as add_fit_arguments, run as run_fit
+
+    p = sub.add_parser("fit", help="does a bundle (--bundle) or each Code Llama size (--table) fit each profile's memory")
+    add_fit_arguments(p)
+    p.set_defaults(func=run_fit)
 
     p = sub.add_parser("verify", help="check a bundle's manifest and every file's SHA-256")
     p.add_argument("--bundle", required=True)

@@ -11,6 +11,7 @@ Data flow: request -> prompt ids (prompts.py) -> context check -> KV cache
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -23,8 +24,9 @@ import numpy as np
 from . import generator
 from .bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, Bundle, load_bundle
 from .detokenizer import IncrementalDetokenizer
-from .errors import BadRequest, ContextLengthExceeded, DeadlineExceeded
+from .errors import BadRequest, ContextLengthExceeded, DeadlineExceeded, UnsupportedMode
 from .gqa_decoder import SharedKVDecoder
+from .memory_fit import PREFILL_CHUNK, MemoryPlan, check_bundle_fits
 from .onnx_decoder import KVConcatDecoder
 from .profiles import DeviceProfile, load_profile
 from .prompts import PromptPlan, build_prompt
@@ -50,6 +52,27 @@ class ModelInfo:
     supports_infill: bool
     chat_format: str
     provider: str  # the first execution provider actually in use
+    # Code Llama family facts recorded at export (bundle.json `family`; see bundle.Family)
+    size_class: str = "custom"  # 7B / 13B / 34B / 70B / custom
+    variant: str = "unknown"  # base / python / instruct (unknown: a bundle made before detection)
+    parameter_count: int | None = None
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    infill_note: str = ""  # why infill is refused, when it is
+    memory: MemoryPlan | None = None  # weights + KV cache + overhead against the profile's budget
+
+    @property
+    def family(self) -> dict:
+        """The family facts as the daemon's status reports them."""
+        facts = {"size_class": self.size_class, "variant": self.variant, "parameter_count": self.parameter_count,
+                 "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads,
+                 "attention": "GQA" if self.num_kv_heads < self.num_heads else "MHA",
+                 "supports_infill": self.supports_infill, "chat_format": self.chat_format}
+        if self.infill_note:
+            facts["infill_note"] = self.infill_note
+        if self.memory is not None:
+            facts["memory"] = {k: v for k, v in self.memory.as_dict().items() if k.endswith("_bytes") or k == "context"}
+        return facts
 
 
 def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, ProviderChoice]:
@@ -66,44 +89,72 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, P
     return session, choice
 
 
+def chat_warning(variant: str) -> str:
+    name = "Code Llama - Python" if variant == "python" else "a Code Llama base model"
+    return (f"chat on {name} (variant {variant!r}), which is not instruction-tuned: the prompt is built in the "
+            "chat format, but the answer may not follow the instructions; use an Instruct bundle for chat")
+
+
 class Engine:
     """A loaded bundle: session, tokenizer and decoder, shared by requests run one at a time."""
 
     def __init__(self, bundle: Bundle, profile: DeviceProfile, session, decoder, tokenizer: CodeLlamaTokenizer,
-                 choice: ProviderChoice) -> None:
+                 choice: ProviderChoice, memory: MemoryPlan | None = None) -> None:
         self.bundle = bundle
         self.profile = profile
         self.session = session
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.context_limit = min(bundle.context_limit, profile.max_context)
+        fam = bundle.family
         self.info = ModelInfo(model_name=bundle.model_name, profile=profile.name, precision=bundle.precision,
                               bundle_sha256=bundle.manifest_sha256, context_limit=self.context_limit,
                               supports_infill=bundle.supports_infill, chat_format=bundle.chat_format,
-                              provider=choice.providers[0][0])
+                              provider=choice.providers[0][0],
+                              size_class=fam.size_class if fam else "custom",
+                              variant=fam.variant if fam else "unknown",
+                              parameter_count=fam.parameter_count if fam else None,
+                              num_heads=bundle.architecture.num_heads, num_kv_heads=bundle.architecture.num_kv_heads,
+                              infill_note=(fam.infill_note if fam else "") if not bundle.supports_infill else "",
+                              memory=memory)
         self._lock = threading.Lock()
 
     @classmethod
-    def from_bundle(cls, path: str | Path, profile: str | Path | DeviceProfile | None = None) -> "Engine":
-        """Verify every file of the bundle, then create the onnxruntime session with
-        the profile's providers (the bundle's own profile when none is given)."""
+    def from_bundle(cls, path: str | Path, profile: str | Path | DeviceProfile | None = None, *,
+                    check_memory: bool = True) -> "Engine":
+        """Verify every file of the bundle, check that it fits the profile's memory budget
+        at the context limit (MemoryBudgetExceeded with the numbers otherwise; see
+        memory_fit.py), then create the onnxruntime session with the profile's providers
+        (the bundle's own profile when none is given)."""
         ort = import_onnxruntime()
         bundle = load_bundle(path)
         if not isinstance(profile, DeviceProfile):
             profile = load_profile(profile or bundle.profile_name)
-        session, choice = make_session(ort, bundle, profile)
         max_length = min(bundle.context_limit, profile.max_context)
+        memory = check_bundle_fits(bundle, profile, max_length) if check_memory else None
+        if memory is not None:
+            log.info("memory: %s", memory.describe())
+        session, choice = make_session(ort, bundle, profile)
+        # the fused graph prefills long prompts in chunks: bounded attention scratch (memory_fit.py counts it)
+        extra = {"prefill_chunk": PREFILL_CHUNK} if bundle.graph_flavour == FLAVOUR_GQA_SHARED_KV else {}
         decoder = DECODERS[bundle.graph_flavour](ort, session, bundle.architecture, device=choice.device,
-                                                 max_length=max_length)
+                                                 max_length=max_length, **extra)
         tokenizer = CodeLlamaTokenizer.from_file(bundle.tokenizer_path)
-        return cls(bundle, profile, session, decoder, tokenizer, choice)
+        return cls(bundle, profile, session, decoder, tokenizer, choice, memory)
 
     # -- request -> prompt ------------------------------------------------------------------
     def plan(self, request: GenerationRequest) -> PromptPlan:
         """Prompt ids and stop tokens for a request, after every check that needs no model run."""
         if request.max_tokens < 1:
             raise BadRequest(f"max_tokens must be at least 1 (got {request.max_tokens})")
+        fam = self.bundle.family
+        if request.mode == "infill" and not self.bundle.supports_infill:
+            why = fam.infill_note if fam is not None and fam.infill_note else "the tokenizer lacks the infilling tokens"
+            raise UnsupportedMode(f"infill is not available on {self.bundle.model_name}: {why} "
+                                  "(Code Llama 7B and 13B base and Instruct support infilling)")
         plan = build_prompt(request, self.tokenizer, chat_format=self.bundle.chat_format)
+        if request.mode == "chat" and fam is not None and fam.variant in ("base", "python"):
+            plan = dataclasses.replace(plan, warnings=(*plan.warnings, chat_warning(fam.variant)))
         needed = len(plan.ids) + request.max_tokens
         if needed > self.context_limit:
             raise ContextLengthExceeded(

@@ -38,6 +38,7 @@ class PromptPlan:
     ids: list[int]  # prompt token ids, bos included
     stop_ids: frozenset[int]  # generation ends when one of these is sampled (not emitted)
     strip_leading_space: bool  # detokenizer: drop one leading space of the output (SentencePiece decode)
+    warnings: tuple[str, ...] = ()  # for the reply (e.g. chat on a model not tuned for it); the ids stand
 
 
 # --------------------------------------------------------------------- entry point

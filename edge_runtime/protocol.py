@@ -520,6 +520,7 @@ def encode_status(state: str, *, device_id: str, model_info: object | None, queu
         "context_limit": info("context_limit"),
         "supports_infill": info("supports_infill"),
         "chat_format": info("chat_format"),
+        "family": info("family"),  # size class, variant, attention, infill, memory plan (engine.ModelInfo)
         "provider": info("provider"),
         "queue_depth": queue_depth,
         "queue_limit": queue_limit,

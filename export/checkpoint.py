@@ -9,8 +9,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_runtime.bundle import Architecture
+from edge_runtime.bundle import Architecture, Family
 from edge_runtime.errors import BadRequest
+
+from . import family as family_detection
 
 INFILL_PIECES = {"pre": "▁<PRE>", "suf": "▁<SUF>", "mid": "▁<MID>", "eot": "▁<EOT>"}
 STEP_PIECE = "<step>"
@@ -37,10 +39,12 @@ class CheckpointInfo:
     weight_files: tuple[Path, ...]
     weight_bytes: int
     torch_dtype: str
+    family: Family  # size class, variant, attention layout, infill, chat format (export/family.py)
 
     @property
     def supports_infill(self) -> bool:
-        return self.infill_ids is not None
+        """The infilling tokens are present and the member was trained for infilling."""
+        return self.infill_ids is not None and self.family.supports_infill
 
 
 def _load_json(path: Path) -> dict:
@@ -53,23 +57,14 @@ def _load_json(path: Path) -> dict:
     return data
 
 
-def detect_chat_format(folder: Path) -> str:
-    """From the checkpoint's chat template: the 70B Instruct template builds
-    'Source: ...' turns ended by '<step>'; everything else uses Llama 2's [INST]."""
-    cfg_path = folder / "tokenizer_config.json"
-    template = ""
-    if cfg_path.is_file():
-        tmpl = _load_json(cfg_path).get("chat_template") or ""
-        template = json.dumps(tmpl) if not isinstance(tmpl, str) else tmpl
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        template += jinja.read_text(encoding="utf-8", errors="replace")
-    if "Source:" in template and "<step>" in template:
-        return "source-step"
-    return "llama2"
+def detect_chat_format(folder: Path, step_id: int | None = None) -> str:
+    """'source-step' (70B Instruct: 'Source: ...' turns ended by '<step>', from the chat
+    template or a generation config whose eos is `<step>`), else Llama 2's 'llama2'."""
+    return family_detection.detect_chat_format(folder, step_id).name
 
 
-def read_checkpoint(folder: str | Path) -> CheckpointInfo:
+def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> CheckpointInfo:
+    """Read `folder`; `variant` (base / python / instruct) overrides the detected variant."""
     path = Path(folder).resolve()
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist")
@@ -117,6 +112,9 @@ def read_checkpoint(folder: str | Path) -> CheckpointInfo:
         raise CheckpointError(f"{path.name}: tokenizer lacks <s> or </s>")
     infill = {k: tok.token_to_id(piece) for k, piece in INFILL_PIECES.items()}
     infill_ids = infill if all(v is not None for v in infill.values()) else None
+    step_id = tok.token_to_id(STEP_PIECE)
+    family = family_detection.detect_family(path, config, infill_tokens=infill_ids is not None, step_id=step_id,
+                                            variant_override=variant)
 
     return CheckpointInfo(
         path=path,
@@ -127,10 +125,11 @@ def read_checkpoint(folder: str | Path) -> CheckpointInfo:
         tokenizer_path=tokenizer_path,
         special_ids=special,
         infill_ids=infill_ids,
-        step_id=tok.token_to_id(STEP_PIECE),
-        chat_format=detect_chat_format(path),
+        step_id=step_id,
+        chat_format=family.chat_format,
         licence_files=tuple(sorted(p for p in path.iterdir() if p.is_file() and LICENCE_NAME.search(p.name))),
         weight_files=tuple(weights),
         weight_bytes=sum(p.stat().st_size for p in weights),
         torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
+        family=family,
     )

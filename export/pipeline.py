@@ -14,6 +14,7 @@ from pathlib import Path
 
 from edge_runtime.bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, load_bundle
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.memory_fit import bundle_plan
 from edge_runtime.profiles import DeviceProfile, load_profile
 
 from . import fidelity, graph_builder, onnx_export, quantize
@@ -43,6 +44,7 @@ class ExportOptions:
     algorithm: str | None = None  # quantization algorithm override: rtn | hqq
     skip_fidelity: bool = False  # benchmarks of random-weight checkpoints only; recorded in the manifest
     graph: str = "optimum"  # "optimum" (optimum's exporter) or "fused" (built from the tensors, GQA, streamed)
+    variant: str | None = None  # base | python | instruct: overrides the detected variant (export/family.py)
 
 
 @dataclass(frozen=True)
@@ -113,12 +115,17 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
     progress = progress or Progress(5)
 
     with progress.step("read checkpoint"):
-        info = read_checkpoint(opts.checkpoint)
+        info = read_checkpoint(opts.checkpoint, variant=opts.variant)
         arch = info.architecture
+        fam = info.family
         progress.detail(f"{info.name}: {arch.num_layers} layers, hidden {arch.hidden_size}, heads "
                         f"{arch.num_heads}/{arch.num_kv_heads} kv, vocab {arch.vocab_size}, weights "
                         f"{human_bytes(info.weight_bytes)}; infill {'yes' if info.supports_infill else 'no'}, "
                         f"chat format {info.chat_format}")
+        progress.detail(f"Code Llama {fam.size_class} ({fam.parameter_count / 1e9:.3g} B parameters), {fam.variant} "
+                        f"(from {fam.variant_source}), {fam.attention} {fam.num_heads}/{fam.num_kv_heads} heads, "
+                        f"infill {'yes' if fam.supports_infill else 'no: ' + fam.infill_note}, chat format "
+                        f"{fam.chat_format} (from {fam.chat_format_source})")
         limit = context_limit(info, profile, opts.max_context)
 
     partial = output.with_name(output.name + ".partial")
@@ -187,6 +194,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 "tokenizer": {"file": "tokenizer.json", **info.special_ids, "infill": info.infill_ids,
                               "supports_infill": info.supports_infill, "step": info.step_id,
                               "chat_format": info.chat_format},
+                "family": fam.as_dict(),
                 "profile": {"name": profile.name, "kv_cache_dtype": profile.kv_cache.dtype},
                 "precision": precision,
                 "quantization": recipe.as_manifest(excluded) if recipe else None,
@@ -198,7 +206,9 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 "licence_files": [p.name for p in info.licence_files],
             }
             write_manifest(partial, manifest)
-            load_bundle(partial)  # read back exactly as the device will
+            plan = bundle_plan(load_bundle(partial), profile)  # read back exactly as the device will
+            progress.detail(plan.describe() + ("" if plan.fits else ": DOES NOT FIT; the engine will refuse to "
+                                               "start with this profile (lower --max-context or the precision)"))
             if output.exists():
                 shutil.rmtree(output)
             partial.rename(output)

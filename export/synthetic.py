@@ -14,7 +14,10 @@ users download (``config.json``, safetensors weights, the tokenizer files, a
 The tokenizer is the real Code Llama tokenizer shipped in
 ``assets/codellama-tokenizer.json`` (32016 ids, infilling tokens at 32007..32010).
 ``vocab="no-infill"`` writes the 32000-id Llama 2 variant that Code Llama 34B and
-the Python variants use.
+the Python variants use; ``vocab="step"`` the Code Llama 70B one (32016 ids, id
+32015 is the ``<step>`` control token that ends a 70B Instruct turn).
+:data:`LLAMA2_CHAT_TEMPLATE` and :data:`SOURCE_STEP_CHAT_TEMPLATE` are the chat
+templates the 7B/13B/34B Instruct and the 70B Instruct checkpoints carry.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-Vocab = Literal["infill", "no-infill"]
+Vocab = Literal["infill", "no-infill", "step"]
 DType = Literal["float32", "float16", "bfloat16"]
 
 TOKENIZER_ASSET = Path(__file__).resolve().parent / "assets" / "codellama-tokenizer.json"
@@ -48,6 +51,35 @@ RMS_NORM_EPS = 1e-5
 INFILL_TOKENS = ("▁<PRE>", "▁<MID>", "▁<SUF>", "▁<EOT>")
 """Code Llama's infilling pieces, in the order its ``special_tokens_map.json`` lists them."""
 
+STEP_TOKEN = "<step>"
+STEP_TOKEN_ID = 32015
+"""Code Llama 70B's turn separator (``vocab="step"``), in place of ``<reserved_32015>``."""
+
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content | trim + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' '  + content | trim + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+"""The Llama 2 ``[INST]`` chat template of Code Llama 7B/13B/34B Instruct."""
+
+SOURCE_STEP_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set user_index = 1 %}{% else %}{% set user_index = 0 %}"
+    "{% endif %}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != ((loop.index0 - user_index) % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 %}{{ '<s>' }}{% endif %}"
+    "{% set content = 'Source: ' + message['role'] + '\\n\\n ' + message['content'] | trim %}"
+    "{{ content + ' <step> ' }}{% endfor %}{{'Source: assistant\\nDestination: user\\n\\n '}}"
+)
+"""The ``Source: ... <step>`` chat template of Code Llama 70B Instruct."""
+
 _DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 _NO_SHARDING = "100000GB"
 _RANDOM_BLOCK = 1 << 22  # values drawn per block by the streamed builder
@@ -64,8 +96,18 @@ def tokenizer_json(vocab: Vocab = "infill") -> dict[str, Any]:
     document = json.loads(TOKENIZER_ASSET.read_text(encoding="utf-8"))
     if vocab == "infill":
         return document
+    if vocab == "step":
+        reserved = f"<reserved_{STEP_TOKEN_ID}>"
+        for token in document["added_tokens"]:
+            if token["id"] == STEP_TOKEN_ID:
+                # it absorbs the spaces around it, as the 70B template's " <step> " needs
+                token.update(content=STEP_TOKEN, lstrip=True, rstrip=True)
+        pieces = document["model"]["vocab"]
+        del pieces[reserved]
+        pieces[STEP_TOKEN] = STEP_TOKEN_ID
+        return document
     if vocab != "no-infill":
-        raise ValueError(f"vocab must be 'infill' or 'no-infill', not {vocab!r}")
+        raise ValueError(f"vocab must be 'infill', 'no-infill' or 'step', not {vocab!r}")
     document["added_tokens"] = [
         token for token in document["added_tokens"] if token["id"] < LLAMA2_VOCAB_SIZE
     ]
@@ -342,7 +384,7 @@ def _random_tensor(
 def _tokenizer_config(vocab: Vocab, chat_template: str | None) -> dict[str, Any]:
     """``tokenizer_config.json`` as Code Llama's hub checkpoints carry it."""
     document = tokenizer_json(vocab)
-    infill = vocab == "infill"
+    infill = vocab in ("infill", "step")
     config: dict[str, Any] = {
         "add_bos_token": True,
         "add_eos_token": False,
@@ -387,7 +429,7 @@ def _tokenizer_config(vocab: Vocab, chat_template: str | None) -> dict[str, Any]
 
 def _special_tokens_map(vocab: Vocab) -> dict[str, Any]:
     special: dict[str, Any] = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    if vocab == "infill":
+    if vocab in ("infill", "step"):
         special["additional_special_tokens"] = list(INFILL_TOKENS)
     return dict(sorted(special.items()))
 

@@ -62,6 +62,58 @@ def noinfill_bundle(noinfill_checkpoint, tmp_path_factory) -> Path:
     return export_bundle(noinfill_checkpoint, tmp_path_factory.mktemp("bundle") / "noinfill-fp32")
 
 
+# A chat the 70B-style checkpoint below is rigged to answer with `<step>` as its STEP_AT-th token.
+STEP_DIALOG = (("system", "Answer briefly."), ("user", "Write a function that reverses a list."))
+STEP_AT = 3
+
+
+def _rig_step_token(checkpoint: Path, prompt_ids: list[int], step_id: int, at: int) -> int:
+    """Swap lm_head rows so that greedy decoding of `prompt_ids` samples `step_id` as its
+    `at`-th new token (the token it made there before, if new, trades places with <step>).
+    Returns how many tokens precede <step>."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    seq, out = list(prompt_ids), []
+    with torch.no_grad():
+        for _ in range(at + 24):
+            out.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+            seq.append(out[-1])
+    index = next(i for i in range(at, len(out)) if out[i] not in out[:i] and out[i] not in (2, step_id))
+    path = checkpoint / "model.safetensors"
+    tensors = load_file(str(path))
+    head = tensors["lm_head.weight"]
+    head[[out[index], step_id]] = head[[step_id, out[index]]].clone()
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return index
+
+
+@pytest.fixture(scope="session")
+def step_checkpoint(tmp_path_factory) -> Path:
+    """Shaped like Code Llama 70B Instruct: its chat template (Source:/<step>), a tokenizer with
+    <step>, GQA with 8 key/value heads (16 heads), folder named as the published one; rigged so
+    that greedy chat on STEP_DIALOG emits <step> after a few tokens."""
+    from edge_export.synthetic import SOURCE_STEP_CHAT_TEMPLATE, build_checkpoint
+    from edge_runtime.prompts import build_prompt
+    from edge_runtime.tokenizer import CodeLlamaTokenizer
+    from edge_runtime.types import GenerationRequest, Message
+
+    path = build_checkpoint(tmp_path_factory.mktemp("ckpt") / "CodeLlama-70b-Instruct-hf", hidden_size=256,
+                            intermediate_size=344, num_layers=2, num_heads=16, num_kv_heads=8, vocab="step",
+                            chat_template=SOURCE_STEP_CHAT_TEMPLATE, seed=71)
+    tok = CodeLlamaTokenizer.from_file(path / "tokenizer.json")
+    request = GenerationRequest(mode="chat", messages=tuple(Message(r, c) for r, c in STEP_DIALOG))
+    _rig_step_token(path, build_prompt(request, tok, "source-step").ids, tok.step_id, STEP_AT)
+    return path
+
+
+@pytest.fixture(scope="session")
+def step_bundle(step_checkpoint, tmp_path_factory) -> Path:
+    return export_bundle(step_checkpoint, tmp_path_factory.mktemp("bundle") / "codellama-70b-instruct-fp32")
+
+
 @pytest.fixture(scope="session")
 def demo_checkpoint() -> Path:
     """The small trained demo model (trained once, then cached outside the repo)."""

@@ -1,0 +1,334 @@
+"""Does a model fit a device? Weights + KV cache at the context + overhead, against
+the profile's memory budget.
+
+Two uses:
+
+* `bundle_plan(bundle, profile)`: the plan for a real bundle. Weights are the
+  bytes of its graph files (as hashed in bundle.json); the KV cache is sized for
+  the engine's context limit (the bundle's, capped by the profile's) in the dtype
+  the graph takes; `check_bundle_fits` raises `MemoryBudgetExceeded` with every
+  number when the total is over the budget. `Engine.from_bundle` calls it before
+  it creates a session, so `edge-runtime serve` refuses to start instead of being
+  killed by the OOM killer mid-request.
+* `estimate_plan(shape, profile, precision, context)`: the same sum for a Code Llama
+  family member (`CODE_LLAMA_SHAPES`, the published architectures) exported for a
+  profile, from the architecture and the profile's quantization settings. The
+  README's fit table is `python -m edge_runtime.memory_fit --table --markdown`
+  (also `edge-runtime fit --table --markdown`).
+
+The terms:
+
+weights   bundle: graph + external data file sizes. Estimate: MatMulNBits packs
+          `bits` per weight plus, per block of `block_size` weights, one scale in
+          the graph's float type and (asymmetric) one `bits`-bit zero point; the
+          embedding and the kept layers (lm_head) stay in the float type. The
+          float type is float16 where the profile's KV cache is float16 (GPU
+          profiles: activations and KV cache share a dtype) and float32 otherwise;
+          fp16 / fp32 bundles hold every weight in 2 / 4 bytes.
+KV cache  `buffers x 2 (keys, values) x layers x kv_heads x head_dim x context x dtype
+          bytes`; buffers is 1 for the `gqa-shared-kv` graph (one shared buffer) and 2
+          for `optimum-kv-concat` (past and present ping-pong, kv_cache.py).
+overhead  `RUNTIME_BYTES` (onnxruntime, the tokenizer's tables, Python) + the
+          prefill's attention scores (`heads x chunk x context x 4 bytes`, the CPU
+          GroupQueryAttention kernel's scratch) + logits (`rows x vocab x 4 bytes`).
+          The fused graph is prefilled in chunks of `PREFILL_CHUNK` tokens and
+          returns the last row's logits only; the optimum graph takes the whole
+          prompt at once and returns every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, Architecture, Bundle
+from .errors import EdgeRuntimeError
+from .profiles import PRECISIONS, DeviceProfile
+
+GiB = 1 << 30
+MiB = 1 << 20
+RUNTIME_BYTES = 256 * MiB
+PREFILL_CHUNK = 512  # tokens per prefill run of the fused graph (engine.py passes it to the decoder)
+DTYPE_BYTES = {"float32": 4, "float16": 2}
+BITS = {"int4": 4, "int8": 8}
+TABLE_CONTEXTS = (16384, 8192, 4096, 2048, 1024)
+
+
+class MemoryBudgetExceeded(EdgeRuntimeError):
+    """The bundle does not fit the profile's memory budget; the message has the numbers."""
+
+    code = "memory_budget_exceeded"
+
+    def __init__(self, plan: "MemoryPlan") -> None:
+        super().__init__(f"{plan.describe()}: does not fit. Export a smaller precision, lower the context "
+                         "(--max-context at export, or a profile with a smaller max_context), or use a "
+                         "profile for a bigger device")
+        self.plan = plan
+
+
+# ------------------------------------------------------------------------------ the family
+@dataclass(frozen=True)
+class ModelShape:
+    """A decoder-only Llama architecture (untied embeddings, SwiGLU MLP, no biases)."""
+
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def linear_parameters(self) -> int:
+        """Parameters of the decoder layers' MatMuls (what MatMulNBits quantizes)."""
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        return self.num_layers * (2 * h * h + 2 * h * kv + 3 * h * self.intermediate_size)
+
+    @property
+    def parameter_count(self) -> int:
+        """All parameters: embedding, layers (with their two RMSNorms), final norm, lm_head."""
+        embed = self.vocab_size * self.hidden_size
+        norms = (2 * self.num_layers + 1) * self.hidden_size
+        return 2 * embed + self.linear_parameters + norms
+
+
+# The published Code Llama architectures (config.json of the Hugging Face checkpoints).
+CODE_LLAMA_SHAPES: dict[str, ModelShape] = {
+    "7B": ModelShape("7B", 4096, 11008, 32, 32, 32, 32016),
+    "13B": ModelShape("13B", 5120, 13824, 40, 40, 40, 32016),
+    "34B": ModelShape("34B", 8192, 22016, 48, 64, 8, 32000),
+    "70B": ModelShape("70B", 8192, 28672, 80, 64, 8, 32016),
+}
+SIZE_CLASSES: tuple[str, ...] = (*CODE_LLAMA_SHAPES, "custom")
+
+
+def size_class(*, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int,
+               intermediate_size: int | None = None) -> str:
+    """"7B", "13B", "34B" or "70B" when the architecture is that member's, else "custom"."""
+    for name, s in CODE_LLAMA_SHAPES.items():
+        if (hidden_size, num_layers, num_heads, num_kv_heads) == (s.hidden_size, s.num_layers, s.num_heads,
+                                                                   s.num_kv_heads) \
+                and intermediate_size in (None, s.intermediate_size):
+            return name
+    return "custom"
+
+
+# ------------------------------------------------------------------------------ the terms
+def kv_cache_bytes(*, num_layers: int, num_kv_heads: int, head_dim: int, context: int, dtype_bytes: int,
+                   buffers: int = 1) -> int:
+    """`buffers x 2 (keys, values) x layers x kv_heads x head_dim x context x dtype bytes`."""
+    return buffers * 2 * num_layers * num_kv_heads * head_dim * context * dtype_bytes
+
+
+def overhead_bytes(*, num_heads: int, vocab_size: int, context: int, flavour: str) -> int:
+    """Runtime + prefill attention scratch + logits (see the module docstring)."""
+    if flavour == FLAVOUR_GQA_SHARED_KV:
+        chunk, logit_rows = min(PREFILL_CHUNK, context), 1
+    else:
+        chunk, logit_rows = context, context
+    return RUNTIME_BYTES + num_heads * chunk * context * 4 + logit_rows * vocab_size * 4
+
+
+def kv_dtype_of(precision: str, flavour: str, profile_kv_dtype: str) -> str:
+    """The dtype of the KV cache (and activations) of a graph the exporter makes.
+
+    optimum-kv-concat: float16 for fp16 bundles (everything converted), float32 otherwise.
+    gqa-shared-kv: float32 for fp32 bundles, the export profile's KV dtype otherwise."""
+    if flavour == FLAVOUR_OPTIMUM_KV_CONCAT:
+        return "float16" if precision == "fp16" else "float32"
+    return "float32" if precision == "fp32" else profile_kv_dtype
+
+
+def estimate_weight_bytes(shape: ModelShape, precision: str, *, block_size: int, symmetric: bool,
+                          float_dtype: str) -> int:
+    """Bytes of the graph's weights for `shape` at `precision` (see the module docstring)."""
+    if precision == "fp16":
+        return shape.parameter_count * 2
+    if precision == "fp32":
+        return shape.parameter_count * 4
+    bits = BITS[precision]
+    fbytes = DTYPE_BYTES[float_dtype]
+    n = shape.linear_parameters
+    blocks = math.ceil(n / block_size)
+    quantized = n * bits // 8 + blocks * fbytes + (0 if symmetric else math.ceil(blocks * bits / 8))
+    floats = (shape.parameter_count - n) * fbytes  # embedding, lm_head (kept), norms
+    return quantized + floats
+
+
+# ------------------------------------------------------------------------------ the plan
+@dataclass(frozen=True)
+class MemoryPlan:
+    what: str  # the bundle or family member
+    profile: str
+    precision: str
+    context: int
+    kv_dtype: str
+    weights_bytes: int
+    kv_cache_bytes: int
+    overhead_bytes: int
+    budget_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes + self.overhead_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.budget_bytes
+
+    def describe(self) -> str:
+        op = "<=" if self.fits else ">"
+        return (f"{self.what} ({self.precision}) on profile {self.profile}: weights {gib(self.weights_bytes)} + "
+                f"KV cache {gib(self.kv_cache_bytes)} ({self.context} tokens, {self.kv_dtype}) + overhead "
+                f"{gib(self.overhead_bytes)} = {gib(self.total_bytes)} {op} memory budget {gib(self.budget_bytes)}")
+
+    def as_dict(self) -> dict:
+        return {"what": self.what, "profile": self.profile, "precision": self.precision, "context": self.context,
+                "kv_dtype": self.kv_dtype, "weights_bytes": self.weights_bytes,
+                "kv_cache_bytes": self.kv_cache_bytes, "overhead_bytes": self.overhead_bytes,
+                "total_bytes": self.total_bytes, "budget_bytes": self.budget_bytes, "fits": self.fits}
+
+
+def gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def bundle_weight_bytes(bundle: Bundle) -> int:
+    """Bytes of the files that hold the graph and its weights (everything listed in
+    bundle.json except the tokenizer and the licence files)."""
+    other = {bundle.tokenizer_path.relative_to(bundle.root).as_posix(), *bundle.manifest.get("licence_files", ())}
+    return sum(int(f["size"]) for f in bundle.manifest["files"] if f["path"] not in other)
+
+
+def bundle_plan(bundle: Bundle, profile: DeviceProfile, context: int | None = None) -> MemoryPlan:
+    """The memory plan of `bundle` run with `profile` at `context` tokens (default: the
+    engine's context limit, the bundle's capped by the profile's)."""
+    if context is None:
+        context = min(bundle.context_limit, profile.max_context)
+    arch: Architecture = bundle.architecture
+    export_kv = str((bundle.manifest.get("profile") or {}).get("kv_cache_dtype") or profile.kv_cache.dtype)
+    kv_dtype = kv_dtype_of(bundle.precision, bundle.graph_flavour, export_kv)
+    buffers = 1 if bundle.graph_flavour == FLAVOUR_GQA_SHARED_KV else 2
+    return MemoryPlan(
+        what=bundle.model_name, profile=profile.name, precision=bundle.precision, context=context,
+        kv_dtype=kv_dtype, weights_bytes=bundle_weight_bytes(bundle),
+        kv_cache_bytes=kv_cache_bytes(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads,
+                                      head_dim=arch.head_dim, context=context, dtype_bytes=DTYPE_BYTES[kv_dtype],
+                                      buffers=buffers),
+        overhead_bytes=overhead_bytes(num_heads=arch.num_heads, vocab_size=arch.vocab_size, context=context,
+                                      flavour=bundle.graph_flavour),
+        budget_bytes=profile.memory_budget_bytes)
+
+
+def check_bundle_fits(bundle: Bundle, profile: DeviceProfile, context: int | None = None) -> MemoryPlan:
+    """The plan, or MemoryBudgetExceeded (naming weights, KV cache, overhead and budget)."""
+    plan = bundle_plan(bundle, profile, context)
+    if not plan.fits:
+        raise MemoryBudgetExceeded(plan)
+    return plan
+
+
+def estimate_plan(shape: ModelShape, profile: DeviceProfile, precision: str, context: int, *,
+                  flavour: str = FLAVOUR_GQA_SHARED_KV) -> MemoryPlan:
+    """The plan of a family member exported for `profile` at `precision` (estimated weights)."""
+    kv_dtype = kv_dtype_of(precision, flavour, profile.kv_cache.dtype)
+    q = profile.quantization
+    float_dtype = kv_dtype if precision in BITS else ("float16" if precision == "fp16" else "float32")
+    return MemoryPlan(
+        what=f"Code Llama {shape.name}", profile=profile.name, precision=precision, context=context,
+        kv_dtype=kv_dtype,
+        weights_bytes=estimate_weight_bytes(shape, precision, block_size=q.block_size, symmetric=q.symmetric,
+                                            float_dtype=float_dtype),
+        kv_cache_bytes=kv_cache_bytes(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
+                                      head_dim=shape.head_dim, context=context, dtype_bytes=DTYPE_BYTES[kv_dtype],
+                                      buffers=1 if flavour == FLAVOUR_GQA_SHARED_KV else 2),
+        overhead_bytes=overhead_bytes(num_heads=shape.num_heads, vocab_size=shape.vocab_size, context=context,
+                                      flavour=flavour),
+        budget_bytes=profile.memory_budget_bytes)
+
+
+def largest_fitting_context(shape: ModelShape, profile: DeviceProfile, precision: str,
+                            contexts: Iterable[int] = TABLE_CONTEXTS, *,
+                            flavour: str = FLAVOUR_GQA_SHARED_KV) -> MemoryPlan | None:
+    """The plan at the largest of `contexts` (capped by the profile's max_context) that fits."""
+    for context in sorted({min(c, profile.max_context) for c in contexts}, reverse=True):
+        plan = estimate_plan(shape, profile, precision, context, flavour=flavour)
+        if plan.fits:
+            return plan
+    return None
+
+
+def fit_table(profiles: Sequence[DeviceProfile], precisions: Sequence[str] = PRECISIONS, *,
+              flavour: str = FLAVOUR_GQA_SHARED_KV, markdown: bool = False) -> str:
+    """Rows: family member x precision; columns: profiles; a cell is the largest context
+    (of TABLE_CONTEXTS, capped by the profile) that fits, with the total, or "no"."""
+    header = ["member", "params", "precision",
+              *(f"{p.name} ({p.memory_budget_bytes / GiB:.0f} GiB, max {p.max_context})" for p in profiles)]
+    rows = []
+    for shape in CODE_LLAMA_SHAPES.values():
+        for precision in precisions:
+            cells = []
+            for profile in profiles:
+                plan = largest_fitting_context(shape, profile, precision, flavour=flavour)
+                cells.append(f"{plan.context} ({plan.total_bytes / GiB:.1f} GiB)" if plan else "no")
+            rows.append([shape.name, f"{shape.parameter_count / 1e9:.1f} B", precision, *cells])
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
+
+
+# ------------------------------------------------------------------------------ command
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--table", action="store_true",
+                   help="the Code Llama family x packaged profiles x precision table (largest context that fits)")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--graph", choices=["fused", "optimum"], default="fused",
+                   help="graph flavour the table assumes (default fused: one KV buffer, chunked prefill)")
+    p.add_argument("--bundle", help="check this bundle instead")
+    p.add_argument("--profile", help="device profile for --bundle (default: the bundle's own)")
+    p.add_argument("--context", type=int, help="context to check --bundle at (default: the engine's context limit)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .profiles import list_profiles, load_profile
+
+    if args.bundle:
+        from .bundle import load_bundle
+
+        bundle = load_bundle(args.bundle)
+        profile = load_profile(args.profile or bundle.profile_name)
+        plan = bundle_plan(bundle, profile, args.context)
+        print(plan.describe() + (": fits" if plan.fits else ": does NOT fit"))
+        return 0 if plan.fits else 1
+    if not args.table:
+        print("error: give --table or --bundle", file=sys.stderr)
+        return 2
+    flavour = FLAVOUR_GQA_SHARED_KV if args.graph == "fused" else FLAVOUR_OPTIMUM_KV_CONCAT
+    print(fit_table(list_profiles(), flavour=flavour, markdown=args.markdown))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m edge_runtime.memory_fit", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    try:
+        return run(parser.parse_args(argv))
+    except EdgeRuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
