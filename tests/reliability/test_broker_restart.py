@@ -84,7 +84,7 @@ def _restart_run(tmp_path, *, how: str, requests: int, restarts: int, gap_s: flo
         broker.stop()
 
 
-@pytest.mark.parametrize("how", ["kill", "terminate"])
+@pytest.mark.parametrize("how", ["kill", pytest.param("terminate", marks=pytest.mark.long)])
 def test_broker_restarts_while_requests_stream(tmp_path, how):
     n = size("restart_requests", 200, 1000)
     figures = _restart_run(tmp_path, how=how, requests=n, restarts=2, gap_s=0.03)

@@ -7,7 +7,7 @@ Every payload goes with its own MQTT 5 Response Topic, so every one must get
 exactly one final reply: an error with a protocol code, or a valid result. The
 daemon must stay up, and its memory must come back to its baseline.
 
-CI sends a few hundred; `bash scripts/reliability.sh` sends 10 000
+CI sends 100; `bash scripts/reliability.sh` sends 10 000
 (EDGE_RELIABILITY_PAYLOADS).
 """
 
@@ -97,7 +97,7 @@ def hostile_daemon(tiny_bundle, broker, tmp_path):
 
 
 def test_generated_hostile_payloads_each_get_one_coded_answer(hostile_daemon, broker):
-    _hostile_run(hostile_daemon, broker, size("payloads", 150, 150), "hostile_input_quick")
+    _hostile_run(hostile_daemon, broker, size("payloads", 100, 100), "hostile_input_quick")
 
 
 @pytest.mark.long
