@@ -110,6 +110,12 @@ def step_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def step_dialog() -> tuple[tuple[tuple[str, str], ...], int]:
+    """(STEP_DIALOG, STEP_AT) for tests (a module named conftest may be another folder's)."""
+    return STEP_DIALOG, STEP_AT
+
+
+@pytest.fixture(scope="session")
 def step_bundle(step_checkpoint, tmp_path_factory) -> Path:
     return export_bundle(step_checkpoint, tmp_path_factory.mktemp("bundle") / "codellama-70b-instruct-fp32")
 

@@ -15,7 +15,6 @@ import pytest
 from tokenizers import Tokenizer
 
 import torch_reference
-from conftest import STEP_AT, STEP_DIALOG
 from edge_runtime.bundle import MANIFEST_NAME, load_bundle
 from edge_runtime.engine import Engine
 from edge_runtime.errors import UnsupportedMode
@@ -75,12 +74,13 @@ def test_source_step_prompt_ids_equal_the_template_and_a_hand_built_reference(st
     assert hf(rendered, add_special_tokens=False)["input_ids"] == ours
 
 
-def test_step_stops_generation(step_engine, step_checkpoint):
-    result = step_engine.complete(chat_request(STEP_DIALOG, max_tokens=16))
+def test_step_stops_generation(step_engine, step_checkpoint, step_dialog):
+    dialog, at = step_dialog
+    result = step_engine.complete(chat_request(dialog, max_tokens=16))
     ids = list(result.prompt_token_ids)
     unstopped = torch_reference.greedy(step_checkpoint, ids, 16)
     cut = unstopped.index(STEP_ID)
-    assert cut >= STEP_AT  # the rigged checkpoint says <step> after a few tokens
+    assert cut >= at  # the rigged checkpoint says <step> after a few tokens
     assert result.finish_reason == "stop" and list(result.token_ids) == unstopped[:cut]
     assert STEP_ID not in result.token_ids and "<step>" not in result.text
     assert result.warnings == ()  # chat on an Instruct model
