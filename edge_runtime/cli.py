@@ -143,7 +143,10 @@ def cmd_serve(args, engine_factory=None) -> int:
     policy = load_policy(config.policy.file) if config.policy.file is not None else None
     notifier = SystemdNotifier.from_environment()
     notifier.status(f"loading {config.model.bundle}")
-    engine = (engine_factory or Engine.from_bundle)(config.model.bundle, config.model.profile)
+    if engine_factory is None:
+        engine = Engine.from_bundle(config.model.bundle, config.model.profile, check_memory=config.model.check_memory)
+    else:
+        engine = engine_factory(config.model.bundle, config.model.profile)
     logging.getLogger("edge_runtime").info("model %s (%s, %s) on %s", engine.info.model_name, engine.info.precision,
                                            engine.info.profile, engine.info.provider)
     service: EdgeService | None = None

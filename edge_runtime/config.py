@@ -40,6 +40,9 @@ PATH_KEYS = (("model", "bundle"), ("mqtt", "password_file"), ("mqtt", "tls_ca"),
 class ModelConfig:
     bundle: Path  # the bundle directory (required)
     profile: str | None = None  # device profile name or TOML file; None: the bundle's own
+    # Refuse to start when weights + KV cache at the context limit + overhead exceed the
+    # profile's memory budget (memory_fit.py). false: start anyway (the estimate is conservative).
+    check_memory: bool = True
 
 
 @dataclass(frozen=True)

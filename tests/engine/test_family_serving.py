@@ -181,3 +181,30 @@ def test_too_small_a_budget_refuses_to_start_with_the_numbers(tiny_bundle, tmp_p
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.startswith("error: ") and "does not fit" in out.stderr
     assert out.stderr.count("\n") == 1
+
+
+def test_serve_refuses_a_bundle_over_budget_unless_the_config_turns_the_check_off(tiny_bundle, tmp_path):
+    """`edge-runtime serve` stops at start with the numbers; `[model] check_memory = false`
+    lets it load (it then waits for the broker, which is not there: we only look at the start)."""
+    profile = small_profile(tmp_path, 64 * 1024 * 1024)
+    config = tmp_path / "config.toml"
+    base = (f'[model]\nbundle = "{tiny_bundle}"\nprofile = "{profile}"\n{{extra}}\n'
+            f'[mqtt]\nbroker = "mqtt://127.0.0.1:9"\ndevice_id = "fit1"\n'
+            f'[service]\nstate_dir = "{tmp_path / "state"}"\n')
+    config.write_text(base.format(extra=""))
+    out = subprocess.run([sys.executable, "-m", "edge_runtime", "serve", "--config", str(config)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "does not fit" in out.stderr
+    config.write_text(base.format(extra="check_memory = false"))
+    proc = subprocess.Popen([sys.executable, "-m", "edge_runtime", "--log-level", "INFO", "serve", "--config",
+                             str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "model " in line and " on " in line or len(lines) > 200:
+                break
+        assert any("CPUExecutionProvider" in line for line in lines), lines
+    finally:
+        proc.kill()
+        proc.wait()
