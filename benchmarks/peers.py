@@ -1,0 +1,703 @@
+"""Decode speed side by side with the peers (issue #8): our int4 bundle, onnxruntime-genai's
+int4 model (built by its own builder) and llama.cpp's Q4_0 (llama-cpp-python), all made
+from the same Code Llama-shaped checkpoint, on this machine's CPU, at batch 1.
+
+    python benchmarks/peers.py --out results/peers            # or: edge-runtime bench --peers
+    python benchmarks/peers.py --checkpoint ~/models/CodeLlama-7b-hf --out results/peers-7b
+
+What it does:
+
+1. takes ``--checkpoint`` or builds a random one (default: hidden 2048, intermediate 5504,
+   8 layers, 16 heads, vocab 32016, float16, seed 0; ``build_checkpoint_streamed``);
+2. prepares each engine's model from it, once (cached in ``--workdir`` by a stamp of the
+   checkpoint and the recipe):
+   * ``edge-runtime``: ``edge-runtime export --graph fused`` with the cpu-x86_64 profile's
+     int4 recipe (MatMulNBits block 32, asymmetric, accuracy level 4, lm_head kept in
+     float), fidelity skipped (random weights);
+   * ``edge-runtime/head8``: the same graph except the kept lm_head, stored as MatMulNBits
+     int8 (``graph_builder.build_decoder_graph(keep_bits=8)``; a bare graph run by the
+     engine's decoder, since no profile expresses it yet) -- the candidate recipe; on the
+     demo model its fidelity equals the float lm_head's (greedy agreement 0.844, max logit
+     difference 0.356 vs 0.352), while an int4 lm_head drops to 0.615 (below the 0.7 bar);
+   * ``onnxruntime-genai``: ``python -m onnxruntime_genai.models.builder -p int4 -e cpu``
+     with ``block_size`` = ours (its other defaults: symmetric, accuracy level 4 on CPU,
+     every MatMul quantized, lm_head included);
+   * ``llama.cpp``: llama.cpp's ``convert_hf_to_gguf.py`` (from the llama-cpp-python sdist,
+     see scripts/install-peers.sh) to an f16 GGUF, then ``llama_model_quantize`` to Q4_0
+     (block 32; llama.cpp's defaults keep output.weight at Q6_K);
+3. measures the memory bandwidth: the best of several copies of a 512 MiB numpy array,
+   one thread and ``--threads`` threads (each copying its slice), counting the bytes
+   read plus the bytes written;
+4. runs each engine in its own subprocess (so peak RSS is the engine's own), ``--rounds``
+   times, engines interleaved, keeping each number's best round: a ``--prefill-tokens``
+   prompt (best of 3: prefill tokens/s and time to first token = prefill + picking the
+   first token), then per context C: prefill C tokens, one untimed step, then
+   ``--decode-tokens`` single-token steps each followed by a greedy pick (decode
+   tokens/s = 1 / median step time);
+5. the roofline: tokens/s the bandwidth allows if every byte a decode step must read is
+   read once: the weights (every initializer / GGUF tensor except the token-embedding
+   table, of which one row) plus the KV cache held at context C (2 x layers x kv heads x
+   head dim x C x the engine's KV element size: fp32 for the two onnxruntime engines,
+   f16 for llama.cpp);
+6. prints one table, writes ``<out>.json`` and ``<out>.png`` (decode tokens/s against
+   context, one line per engine; skipped with a message without matplotlib).
+
+All engines get the same number of threads (``--threads``, default: every core).
+A peer that is not installed is skipped with a message. The peers run under
+``--peer-python`` (default: ``~/.cache/edge-runtime/peers-venv/bin/python`` when it exists,
+made by ``scripts/install-peers.sh``, else this interpreter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+OURS = "edge-runtime"
+OURS_HEAD8 = "edge-runtime/head8"  # the same, lm_head as MatMulNBits int8 instead of float (a candidate recipe)
+GENAI = "onnxruntime-genai"
+LLAMACPP = "llama.cpp"
+ENGINES = (OURS, OURS_HEAD8, GENAI, LLAMACPP)
+PEER_MODULES = {GENAI: "onnxruntime_genai", LLAMACPP: "llama_cpp"}
+CACHE = Path(os.environ.get("EDGE_RUNTIME_CACHE", Path.home() / ".cache" / "edge-runtime"))
+DEFAULT_PEER_PYTHON = CACHE / "peers-venv" / "bin" / "python"
+DEFAULT_CONVERT = CACHE / "peers" / "llama.cpp" / "convert_hf_to_gguf.py"
+PROFILE = "cpu-x86_64"
+SHAPE_DEFAULTS = dict(hidden=2048, intermediate=5504, layers=8, heads=16, kv_heads=16, seed=0)
+
+
+# -- the arithmetic (tests/bench/test_peers.py) ------------------------------------------------------------
+@dataclass
+class ModelInfo:
+    """What the roofline needs to know about one engine's prepared model."""
+
+    engine: str
+    precision: str  # in words, e.g. "int4 b32 asym, lm_head fp32"
+    model_bytes: int  # files on disk
+    weight_bytes_per_token: int  # weights one decode step reads (embedding: one row)
+    kv_bytes_per_element: int  # 4 (fp32) or 2 (f16)
+
+
+@dataclass
+class EngineRun:
+    engine: str
+    prefill_tokens: int = 0
+    prefill_tokens_per_s: float = 0.0
+    ttft_ms: float = 0.0
+    decode_tokens_per_s: dict[int, float] = field(default_factory=dict)
+    decode_best_tokens_per_s: dict[int, float] = field(default_factory=dict)
+    peak_rss_bytes: int = 0
+    load_s: float = 0.0
+
+
+def kv_bytes_per_token(*, layers: int, kv_heads: int, head_dim: int, context: int, element_bytes: int) -> int:
+    """Bytes of K and V a decode step reads at `context` tokens held."""
+    return 2 * layers * kv_heads * head_dim * context * element_bytes
+
+
+def roofline_tokens_per_s(bandwidth_bytes_per_s: float, weight_bytes: int, kv_bytes: int) -> float:
+    return bandwidth_bytes_per_s / (weight_bytes + kv_bytes)
+
+
+def merge_runs(runs: list[EngineRun]) -> EngineRun:
+    """Best of several rounds of one engine, number by number (peak RSS: the largest)."""
+    best = EngineRun(engine=runs[0].engine, prefill_tokens=runs[0].prefill_tokens)
+    best.prefill_tokens_per_s = max(r.prefill_tokens_per_s for r in runs)
+    best.ttft_ms = min(r.ttft_ms for r in runs)
+    for ctx in runs[0].decode_tokens_per_s:
+        best.decode_tokens_per_s[ctx] = max(r.decode_tokens_per_s[ctx] for r in runs)
+        best.decode_best_tokens_per_s[ctx] = max(r.decode_best_tokens_per_s.get(ctx, 0.0) for r in runs)
+    best.peak_rss_bytes = max(r.peak_rss_bytes for r in runs)
+    best.load_s = min(r.load_s for r in runs)
+    return best
+
+
+def build_rows(infos: dict[str, ModelInfo], runs: dict[str, EngineRun], *, bandwidth: float, arch: dict,
+               contexts: list[int]) -> list[dict]:
+    """One row per engine that ran: its numbers, % of the roofline per context, and our
+    engine's decode speed (the profile recipe, OURS) divided by this engine's (so >= 1.0
+    means we are at least as fast)."""
+    ours = runs.get(OURS)
+    rows = []
+    for engine in ENGINES:
+        if engine not in runs:
+            continue
+        info, run = infos[engine], runs[engine]
+        row = {"engine": engine, "precision": info.precision, "model_bytes": info.model_bytes,
+               "weight_bytes_per_token": info.weight_bytes_per_token,
+               "prefill_tokens": run.prefill_tokens, "prefill_tokens_per_s": run.prefill_tokens_per_s,
+               "ttft_ms": run.ttft_ms, "peak_rss_bytes": run.peak_rss_bytes, "load_s": run.load_s,
+               "decode_tokens_per_s": {}, "roofline_tokens_per_s": {}, "roofline_percent": {},
+               "ours_over_this": {}}
+        for ctx in contexts:
+            tps = run.decode_tokens_per_s.get(ctx)
+            if tps is None:
+                continue
+            kv = kv_bytes_per_token(layers=arch["layers"], kv_heads=arch["kv_heads"], head_dim=arch["head_dim"],
+                                    context=ctx, element_bytes=info.kv_bytes_per_element)
+            roof = roofline_tokens_per_s(bandwidth, info.weight_bytes_per_token, kv)
+            row["decode_tokens_per_s"][ctx] = tps
+            row["roofline_tokens_per_s"][ctx] = roof
+            row["roofline_percent"][ctx] = 100.0 * tps / roof
+            if ours is not None and ctx in ours.decode_tokens_per_s:
+                row["ours_over_this"][ctx] = ours.decode_tokens_per_s[ctx] / tps
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict], table_contexts: list[int]) -> str:
+    """The markdown table (decode, roofline and ratio columns for `table_contexts`)."""
+    header = ["engine", "precision", "model", "prefill tok/s", "TTFT"]
+    header += [f"decode tok/s @{c}" for c in table_contexts]
+    header += ["peak RSS"] + [f"% roofline @{c}" for c in table_contexts]
+    header += [f"ours ÷ engine @{c}" for c in table_contexts]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def at(d: dict, c: int, fmt: str) -> str:
+        return format(d[c], fmt) if c in d else "-"
+
+    for r in rows:
+        cells = [r["engine"], r["precision"], f"{r['model_bytes'] / 2**20:.0f} MiB",
+                 f"{r['prefill_tokens_per_s']:.1f}", f"{r['ttft_ms']:.0f} ms"]
+        cells += [at(r["decode_tokens_per_s"], c, ".2f") for c in table_contexts]
+        cells += [f"{r['peak_rss_bytes'] / 2**20:.0f} MiB"]
+        cells += [at(r["roofline_percent"], c, ".0f") + ("%" if c in r["roofline_percent"] else "")
+                  for c in table_contexts]
+        cells += [at(r["ours_over_this"], c, ".2f") for c in table_contexts]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> str | None:
+    """Decode tokens/s against context, one line per engine; returns why not, when it cannot."""
+    if not rows:
+        return "no engine ran: no plot"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib): no plot"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ctxs = sorted(r["decode_tokens_per_s"])
+        ax.plot(ctxs, [r["decode_tokens_per_s"][c] for c in ctxs], marker="o", label=f"{r['engine']} ({r['precision']})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens held)")
+    ax.set_ylabel("decode tokens/s (batch 1)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+# -- counting the bytes a decode step reads -----------------------------------------------------------------
+def onnx_weight_bytes(graph: Path) -> tuple[int, int]:
+    """(all initializer bytes, bytes a decode step reads): initializers feeding a Gather
+    (the token-embedding table) count one row; cos/sin tables count as read, a bound."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(graph), load_external_data=False)
+    sizes: dict[str, tuple[int, tuple[int, ...]]] = {}
+    for t in model.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            n = int({e.key: e.value for e in t.external_data}["length"])
+        elif t.raw_data:
+            n = len(t.raw_data)
+        else:
+            n = int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        sizes[t.name] = (n, tuple(t.dims))
+    gathered = {n.input[0] for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")
+                and n.input[0] in sizes}
+    total = sum(n for n, _ in sizes.values())
+    per_token = total - sum(sizes[g][0] - sizes[g][0] // max(1, sizes[g][1][0]) for g in gathered)
+    return total, per_token
+
+
+def onnx_kv_element_bytes(graph: Path) -> int:
+    """Element size of the graph's past key input (4: float32, 2: float16)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(graph), load_external_data=False)
+    past = next(i for i in model.graph.input if i.name.startswith("past_key_values"))
+    return helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type).itemsize
+
+
+def gguf_weight_bytes(path: Path) -> tuple[int, int, dict[str, int]]:
+    """(all tensor bytes, bytes a decode step reads, bytes per tensor type): token_embd counts one row."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    total = per_token = 0
+    by_type: dict[str, int] = {}
+    for t in reader.tensors:
+        n = int(t.n_bytes)
+        total += n
+        by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + n
+        per_token += n // int(t.shape[-1]) if t.name == "token_embd.weight" else n
+    return total, per_token, by_type
+
+
+def folder_bytes(folder: Path, prefix: str = "") -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name.startswith(prefix))
+
+
+# -- steps (each in its own interpreter) ----------------------------------------------------------------------
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def prompt_ids(n: int, vocab: int, seed: int) -> np.ndarray:
+    ids = np.random.default_rng(seed).integers(100, min(vocab, 32000), size=n, dtype=np.int64)
+    ids[0] = 1
+    return ids
+
+
+def step_checkpoint(a) -> dict:
+    from edge_export.synthetic import build_checkpoint_streamed
+
+    build_checkpoint_streamed(Path(a.out), hidden_size=a.hidden, intermediate_size=a.intermediate,
+                              num_layers=a.layers, num_heads=a.heads, num_kv_heads=a.kv_heads, seed=a.seed,
+                              dtype="float16", max_position_embeddings=16384)
+    return {}
+
+
+def step_prepare_ours(a) -> dict:
+    from edge_export.pipeline import ExportOptions, run_export
+    from edge_runtime.profiles import load_profile
+
+    out = Path(a.out)
+    run_export(ExportOptions(checkpoint=Path(a.checkpoint), profile=PROFILE, output=out, precision="int4",
+                             graph="fused", skip_fidelity=True, force=True))
+    q = load_profile(PROFILE).quantization
+    total, per_token = onnx_weight_bytes(out / "model.onnx")
+    kept = ", ".join(q.keep_unquantized) or "-"
+    return asdict(ModelInfo(OURS, f"int4 b{q.block_size} {'sym' if q.symmetric else 'asym'} acc{q.accuracy_level}, "
+                                  f"{kept} fp32", folder_bytes(out, "model.onnx"), per_token, onnx_kv_element_bytes(out / "model.onnx")))
+
+
+def step_prepare_ours_head8(a) -> dict:
+    """The fused graph with the profile's recipe except the kept lm_head: int8 MatMulNBits
+    (graph_builder keep_bits=8); a bare graph, not a bundle (no profile expresses it yet)."""
+    from edge_export.checkpoint import read_checkpoint
+    from edge_export.graph_builder import build_decoder_graph
+    from edge_runtime.profiles import load_profile
+
+    out = Path(a.out)
+    profile = load_profile(PROFILE)
+    q = profile.quantization
+    build_decoder_graph(read_checkpoint(a.checkpoint), out / "model.onnx", precision="int4", block_size=q.block_size,
+                        symmetric=q.symmetric, accuracy_level=q.accuracy_level,
+                        keep_unquantized=tuple(q.keep_unquantized), max_length=profile.max_context, keep_bits=8)
+    total, per_token = onnx_weight_bytes(out / "model.onnx")
+    kept = ", ".join(q.keep_unquantized) or "-"
+    return asdict(ModelInfo(OURS_HEAD8, f"int4 b{q.block_size} {'sym' if q.symmetric else 'asym'} "
+                                        f"acc{q.accuracy_level}, {kept} int8", folder_bytes(out, "model.onnx"),
+                            per_token, onnx_kv_element_bytes(out / "model.onnx")))
+
+
+def step_prepare_genai(a) -> dict:
+    out = Path(a.out)
+    cache = out.with_name(out.name + ".cache")
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", a.checkpoint, "-o", str(out),
+           "-p", "int4", "-e", "cpu", "-c", str(cache), "--extra_options", f"block_size={a.block_size}"]
+    subprocess.run(cmd, check=True, stdout=sys.stderr)
+    shutil.rmtree(cache, ignore_errors=True)
+    total, per_token = onnx_weight_bytes(out / "model.onnx")
+    return asdict(ModelInfo(GENAI, f"int4 b{a.block_size} sym acc4, lm_head int4", folder_bytes(out, "model.onnx"),
+                            per_token, onnx_kv_element_bytes(out / "model.onnx")))
+
+
+def step_prepare_llamacpp(a) -> dict:
+    import llama_cpp
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    f16 = out / "model-f16.gguf"
+    q4 = out / "model-q4_0.gguf"
+    convert = Path(a.convert_script)
+    if not convert.is_file():
+        raise SystemExit(f"llama.cpp's convert_hf_to_gguf.py is not at {convert} (bash scripts/install-peers.sh)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(convert.parent / "gguf-py"), str(convert.parent)])}
+    subprocess.run([sys.executable, str(convert), a.checkpoint, "--outfile", str(f16), "--outtype", "f16"],
+                   check=True, stdout=sys.stderr, env=env)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.nthread = a.threads
+    rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(q4).encode(), params)
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize failed ({rc})")
+    f16.unlink()
+    total, per_token, by_type = gguf_weight_bytes(q4)
+    kinds = "/".join(sorted(by_type, key=lambda k: -by_type[k]))
+    return {**asdict(ModelInfo(LLAMACPP, f"Q4_0 (b32; tensors {kinds})", q4.stat().st_size, per_token, 2)),
+            "tensor_bytes_by_type": by_type}
+
+
+def step_bandwidth(a) -> dict:
+    """Copy bandwidth (bytes read + bytes written per second), best of `repeats`."""
+    n = a.bandwidth_mib << 20
+    src = np.ones(n, dtype=np.uint8)
+    dst = np.zeros(n, dtype=np.uint8)
+    np.copyto(dst, src)
+
+    def best(threads: int, repeats: int = 5) -> float:
+        slices = [slice(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
+        fastest = float("inf")
+        for _ in range(repeats):
+            workers = [threading.Thread(target=np.copyto, args=(dst[s], src[s])) for s in slices]
+            t0 = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            fastest = min(fastest, time.perf_counter() - t0)
+        return 2 * n / fastest
+
+    one, many = best(1), best(a.threads)
+    return {"one_thread": one, "threads": a.threads, "all_threads": many, "bandwidth": max(one, many)}
+
+
+def _timed_decode(step, first_token: int, n: int) -> list[float]:
+    times, token = [], first_token
+    for _ in range(n):
+        t0 = time.perf_counter()
+        token = step(token)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _result(engine: str, prefill_n: int, prefill_s: float, ttft_s: float, decode: dict[int, list[float]],
+            load_s: float) -> dict:
+    return asdict(EngineRun(engine, prefill_n, prefill_n / prefill_s, ttft_s * 1000,
+                            {c: 1.0 / statistics.median(t) for c, t in decode.items()},
+                            {c: 1.0 / min(t) for c, t in decode.items()}, peak_rss(), load_s))
+
+
+def step_run_ours(a) -> dict:
+    import dataclasses
+
+    from edge_runtime.engine import Engine
+    from edge_runtime.profiles import load_profile
+
+    profile = dataclasses.replace(load_profile(PROFILE), intra_op_threads=a.threads)
+    t0 = time.perf_counter()
+    if (Path(a.model) / "bundle.json").is_file():
+        engine = Engine.from_bundle(a.model, profile=profile)
+        d, vocab = engine.decoder, engine.bundle.architecture.vocab_size
+    else:  # a bare fused graph (OURS_HEAD8): the session and decoder the engine would make
+        import onnxruntime as ort
+
+        from edge_export.checkpoint import read_checkpoint
+        from edge_runtime.gqa_decoder import SharedKVDecoder
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = a.threads
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(Path(a.model) / "model.onnx"), sess_options=options,
+                                       providers=["CPUExecutionProvider"])
+        arch = read_checkpoint(a.checkpoint).architecture
+        d = SharedKVDecoder(ort, session, arch, device="cpu", max_length=profile.max_context)
+        vocab = arch.vocab_size
+    load_s = time.perf_counter() - t0
+    d.prefill(d.new_cache(20), prompt_ids(16, vocab, 1))  # warm-up
+    ids = prompt_ids(a.prefill_tokens, vocab, 0)
+    prefill_s = ttft_s = float("inf")
+    for _ in range(3):
+        cache = d.new_cache(len(ids) + 1)
+        t0 = time.perf_counter()
+        logits = d.prefill(cache, ids)
+        t1 = time.perf_counter()
+        int(np.argmax(logits[-1]))
+        t2 = time.perf_counter()
+        prefill_s, ttft_s = min(prefill_s, t1 - t0), min(ttft_s, t2 - t0)
+    decode = {}
+    for ctx in a.contexts:
+        cache = d.new_cache(ctx + a.decode_tokens + 2)
+        token = int(np.argmax(d.prefill(cache, prompt_ids(ctx, vocab, 2))[-1]))
+        token = int(np.argmax(d.decode(cache, token)))  # not timed
+        decode[ctx] = _timed_decode(lambda t: int(np.argmax(d.decode(cache, t))), token, a.decode_tokens)
+    return _result(a.engine, len(ids), prefill_s, ttft_s, decode, load_s)
+
+
+def step_run_genai(a) -> dict:
+    import onnxruntime_genai as og
+
+    folder = Path(a.model)
+    cfg_path = folder / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    opts = cfg["model"]["decoder"].setdefault("session_options", {})
+    if opts.get("intra_op_num_threads") != a.threads:
+        opts["intra_op_num_threads"] = a.threads
+        cfg_path.write_text(json.dumps(cfg, indent=4))
+    t0 = time.perf_counter()
+    model = og.Model(str(folder))
+    load_s = time.perf_counter() - t0
+    vocab = int(cfg["model"]["vocab_size"])
+
+    def generator(max_length: int):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=max_length, do_sample=False, batch_size=1)
+        return og.Generator(model, params)
+
+    g = generator(32)  # warm-up
+    g.append_tokens(prompt_ids(16, vocab, 1).astype(np.int32))
+    g.generate_next_token()
+    del g
+    ids = prompt_ids(a.prefill_tokens, vocab, 0).astype(np.int32)
+    prefill_s = ttft_s = float("inf")
+    for _ in range(3):
+        g = generator(len(ids) + 2)
+        t0 = time.perf_counter()
+        g.append_tokens(ids)  # runs the prompt through the model
+        t1 = time.perf_counter()
+        g.generate_next_token()  # picks the first token from the prompt's logits
+        int(g.get_next_tokens()[0])
+        t2 = time.perf_counter()
+        prefill_s, ttft_s = min(prefill_s, t1 - t0), min(ttft_s, t2 - t0)
+        del g
+    decode = {}
+    for ctx in a.contexts:
+        g = generator(ctx + a.decode_tokens + 4)
+        g.append_tokens(prompt_ids(ctx, vocab, 2).astype(np.int32))
+        g.generate_next_token()
+        g.generate_next_token()  # one step, not timed
+
+        def step(_t, g=g):
+            g.generate_next_token()  # runs the last token, then picks the next greedily
+            return int(g.get_next_tokens()[0])
+
+        decode[ctx] = _timed_decode(step, 0, a.decode_tokens)
+        del g
+    return _result(GENAI, len(ids), prefill_s, ttft_s, decode, load_s)
+
+
+def step_run_llamacpp(a) -> dict:
+    import llama_cpp
+
+    n_ctx = max([*a.contexts, a.prefill_tokens]) + a.decode_tokens + 8
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=str(Path(a.model) / "model-q4_0.gguf"), n_ctx=n_ctx, n_batch=512,
+                          n_ubatch=512, n_threads=a.threads, n_threads_batch=a.threads, verbose=False)
+    load_s = time.perf_counter() - t0
+    vocab = llm.n_vocab()
+
+    def last_logits() -> np.ndarray:  # the last position's logits, as llama.cpp left them (no copy)
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+
+    def run(tokens) -> int:
+        llm.eval(tokens)  # llama_decode in n_batch pieces; logits for the last position only
+        return int(np.argmax(last_logits()))
+
+    llm.reset()
+    run(prompt_ids(16, vocab, 1).tolist())  # warm-up
+    ids = prompt_ids(a.prefill_tokens, vocab, 0).tolist()
+    prefill_s = ttft_s = float("inf")
+    for _ in range(3):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        t1 = time.perf_counter()
+        int(np.argmax(last_logits()))
+        t2 = time.perf_counter()
+        prefill_s, ttft_s = min(prefill_s, t1 - t0), min(ttft_s, t2 - t0)
+    decode = {}
+    for ctx in a.contexts:
+        llm.reset()
+        token = run(prompt_ids(ctx, vocab, 2).tolist())
+        token = run([token])  # not timed
+        decode[ctx] = _timed_decode(lambda t: run([t]), token, a.decode_tokens)
+    return _result(LLAMACPP, len(ids), prefill_s, ttft_s, decode, load_s)
+
+
+STEPS = {"checkpoint": step_checkpoint, "prepare-ours": step_prepare_ours,
+         "prepare-ours-head8": step_prepare_ours_head8, "prepare-genai": step_prepare_genai,
+         "prepare-llamacpp": step_prepare_llamacpp, "bandwidth": step_bandwidth, "run-ours": step_run_ours,
+         "run-genai": step_run_genai, "run-llamacpp": step_run_llamacpp}
+PREPARE = {OURS: "prepare-ours", OURS_HEAD8: "prepare-ours-head8", GENAI: "prepare-genai",
+           LLAMACPP: "prepare-llamacpp"}
+RUN = {OURS: "run-ours", OURS_HEAD8: "run-ours", GENAI: "run-genai", LLAMACPP: "run-llamacpp"}
+
+
+# -- the driver ---------------------------------------------------------------------------------------------------
+def run_step(python: str, name: str, *, nice: int = 0, **kwargs) -> dict:
+    """One step in a fresh interpreter (its peak RSS is its own); its JSON result."""
+    cmd = [python, str(Path(__file__).resolve()), "--step", name]
+    for key, value in kwargs.items():
+        flag = "--" + key.replace("_", "-")
+        cmd += [flag, *map(str, value)] if isinstance(value, (list, tuple)) else [flag, str(value)]
+    if nice:
+        cmd = ["nice", "-n", str(nice), *cmd]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"step {name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peer_missing(python: str, engine: str, convert_script: Path) -> str | None:
+    """Why `engine` cannot run under `python` (None when it can)."""
+    if engine in (OURS, OURS_HEAD8):
+        return None
+    if not Path(python).exists():
+        return f"{python} does not exist"
+    module = PEER_MODULES[engine]
+    probe = subprocess.run([python, "-c", f"import {module}"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"{module} is not installed for {python}"
+    if engine == LLAMACPP and not convert_script.is_file():
+        return f"llama.cpp's convert_hf_to_gguf.py is not at {convert_script}"
+    return None
+
+
+def say(text: str) -> None:
+    print(f"[peers] {text} (load average {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--step", choices=sorted(STEPS), help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, default=Path("peers-bench"),
+                   help="writes <out>.json and <out>.png (default: peers-bench)")
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--engine", help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", help="a Llama checkpoint folder (default: build a random one in --workdir)")
+    p.add_argument("--workdir", type=Path, default=CACHE / "peers-bench")
+    for key, value in SHAPE_DEFAULTS.items():
+        p.add_argument("--" + key.replace("_", "-"), type=int, default=value)
+    p.add_argument("--block-size", type=int, default=32, help="int4 block size (ours: the profile's)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 1024, 2048])
+    p.add_argument("--table-contexts", type=int, nargs="+", default=[128, 2048])
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=2, help="measure every engine this many times, interleaved")
+    p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    p.add_argument("--peer-python", default=str(DEFAULT_PEER_PYTHON) if DEFAULT_PEER_PYTHON.exists()
+                   else sys.executable)
+    p.add_argument("--convert-script", type=Path, default=DEFAULT_CONVERT)
+    p.add_argument("--bandwidth-mib", type=int, default=512, help="size of the array copied (default 512 MiB)")
+    p.add_argument("--nice", type=int, default=0, help="run the preparation steps under nice -n N")
+    return p.parse_args(argv)
+
+
+def prepare(args, engine: str, python: str, checkpoint: Path, stamp: dict) -> ModelInfo:
+    folder = args.workdir / engine.replace("/", "-")
+    stamp_file = args.workdir / f"{engine.replace('/', '-')}.json"
+    wanted = {**stamp, "engine": engine, "block_size": args.block_size}
+    if stamp_file.is_file():
+        saved = json.loads(stamp_file.read_text())
+        if saved.get("stamp") == wanted and folder.exists():
+            return ModelInfo(**{k: saved["info"][k] for k in ModelInfo.__dataclass_fields__})
+    shutil.rmtree(folder, ignore_errors=True)
+    say(f"{engine}: preparing the model ...")
+    t0 = time.perf_counter()
+    info = run_step(python, PREPARE[engine], nice=args.nice, out=folder, checkpoint=checkpoint,
+                    block_size=args.block_size, threads=args.threads, convert_script=args.convert_script)
+    say(f"{engine}: prepared in {time.perf_counter() - t0:.0f} s")
+    stamp_file.write_text(json.dumps({"stamp": wanted, "info": info}))
+    return ModelInfo(**{k: info[k] for k in ModelInfo.__dataclass_fields__})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.step:
+        print(json.dumps(STEPS[args.step](args)))
+        return 0
+
+    from edge_export.checkpoint import read_checkpoint
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    shape = {k: getattr(args, k) for k in SHAPE_DEFAULTS}
+    if args.checkpoint:
+        checkpoint = Path(args.checkpoint).expanduser().resolve()
+    else:
+        checkpoint = args.workdir / "checkpoint"
+        stamp_file = args.workdir / "checkpoint.json"
+        if not (stamp_file.is_file() and json.loads(stamp_file.read_text()) == shape):
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            say(f"building the checkpoint {shape} ...")
+            run_step(sys.executable, "checkpoint", out=checkpoint, **shape)
+            stamp_file.write_text(json.dumps(shape))
+    info = read_checkpoint(checkpoint)
+    a = info.architecture
+    arch = {"layers": a.num_layers, "kv_heads": a.num_kv_heads, "head_dim": a.head_dim}
+    stamp = {"checkpoint": str(checkpoint), "config_sha256": info.config_sha256, "weight_bytes": info.weight_bytes}
+
+    notes, infos = [], {}
+    for engine in args.engines:
+        python = sys.executable if engine in (OURS, OURS_HEAD8) else args.peer_python
+        why = peer_missing(python, engine, args.convert_script)
+        if why:
+            notes.append(f"{engine} skipped: {why} (bash scripts/install-peers.sh installs the peers)")
+            say(notes[-1])
+            continue
+        infos[engine] = prepare(args, engine, python, checkpoint, stamp)
+
+    say("memory bandwidth ...")
+    bw = run_step(sys.executable, "bandwidth", threads=args.threads, bandwidth_mib=args.bandwidth_mib)
+    measured: dict[str, list[EngineRun]] = {e: [] for e in infos}
+    loads = []
+    for rnd in range(args.rounds):
+        for engine in infos:
+            say(f"{engine}: round {rnd + 1}/{args.rounds} ...")
+            python = sys.executable if engine in (OURS, OURS_HEAD8) else args.peer_python
+            r = run_step(python, RUN[engine], model=args.workdir / engine.replace("/", "-"), engine=engine,
+                         checkpoint=checkpoint, threads=args.threads,
+                         prefill_tokens=args.prefill_tokens, contexts=args.contexts,
+                         decode_tokens=args.decode_tokens)
+            r["decode_tokens_per_s"] = {int(k): v for k, v in r["decode_tokens_per_s"].items()}
+            r["decode_best_tokens_per_s"] = {int(k): v for k, v in r["decode_best_tokens_per_s"].items()}
+            measured[engine].append(EngineRun(**r))
+            loads.append(round(os.getloadavg()[0], 2))
+    runs = {e: merge_runs(rs) for e, rs in measured.items() if rs}
+    rows = build_rows(infos, runs, bandwidth=bw["bandwidth"], arch=arch, contexts=args.contexts)
+
+    params = info.weight_bytes // 2 if info.torch_dtype in ("float16", "bfloat16") else info.weight_bytes // 4
+    setup = (f"checkpoint {checkpoint.name}: {a.num_layers} layers, hidden {a.hidden_size}, heads {a.num_heads}/"
+             f"{a.num_kv_heads} kv, vocab {a.vocab_size} ({params / 1e6:.0f}M params, {info.torch_dtype}); "
+             f"CPU: {os.cpu_count()} cores, {args.threads} threads for every engine; batch 1; "
+             f"prefill {args.prefill_tokens} tokens (best of 3); decode: median of {args.decode_tokens} steps "
+             f"after a prefill of C tokens; best of {args.rounds} interleaved rounds; memory bandwidth "
+             f"{bw['bandwidth'] / 1e9:.1f} GB/s (numpy copy of {args.bandwidth_mib} MiB, read + write; 1 thread "
+             f"{bw['one_thread'] / 1e9:.1f}, {args.threads} threads {bw['all_threads'] / 1e9:.1f}); roofline = "
+             f"bandwidth / (weights read per token, embedding table as one row, + KV cache at C in the engine's "
+             f"KV dtype); 1-min load average after each run: {loads}")
+    table = format_table(rows, [c for c in args.table_contexts if c in args.contexts])
+    print(setup + "\n")
+    print(table)
+    for note in notes:
+        print(note)
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"setup": setup, "command": " ".join(["python", "benchmarks/peers.py", *(argv or sys.argv[1:])]),
+              "bandwidth": bw, "architecture": arch, "models": {e: asdict(i) for e, i in infos.items()},
+              "rows": rows, "rounds": {e: [asdict(r) for r in rs] for e, rs in measured.items()},
+              "skipped": notes, "table": table}
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    why = plot(rows, out.with_suffix(".png"),
+               f"{a.num_layers}x{a.hidden_size} Code Llama-shaped, batch 1, {args.threads} threads")
+    print(f"wrote {out.with_suffix('.json')}" + (f"; {why}" if why else f" and {out.with_suffix('.png')}"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""benchmarks/peers.py's own logic: the roofline arithmetic, the table, the best-of-rounds
+merge, skipping peers that are not installed, and one end-to-end run of our engine alone on a
+tiny checkpoint (seconds; no peers needed, no timing asserted)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def peers():
+    spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "benchmarks" / "peers.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_peers"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kv_bytes_and_roofline(peers):
+    # 8 layers x 16 kv heads x 128 dims, fp32, 2048 tokens: K and V = 256 MiB read per step
+    kv = peers.kv_bytes_per_token(layers=8, kv_heads=16, head_dim=128, context=2048, element_bytes=4)
+    assert kv == 2 * 8 * 16 * 128 * 2048 * 4 == 256 * 2**20
+    assert peers.roofline_tokens_per_s(10e9, 900_000_000, 100_000_000) == pytest.approx(10.0)
+
+
+def _info(peers, engine, weights, kv_bytes=4):
+    return peers.ModelInfo(engine, "int4", weights + 1000, weights, kv_bytes)
+
+
+def test_rows_percent_of_roofline_and_ratio_to_ours(peers):
+    arch = {"layers": 1, "kv_heads": 1, "head_dim": 1}
+    infos = {peers.OURS: _info(peers, peers.OURS, 1000), peers.GENAI: _info(peers, peers.GENAI, 500),
+             peers.LLAMACPP: _info(peers, peers.LLAMACPP, 800, kv_bytes=2)}
+    runs = {peers.OURS: peers.EngineRun(peers.OURS, decode_tokens_per_s={100: 50.0, 200: 40.0}),
+            peers.LLAMACPP: peers.EngineRun(peers.LLAMACPP, decode_tokens_per_s={100: 25.0, 200: 40.0})}
+    rows = peers.build_rows(infos, runs, bandwidth=1e5, arch=arch, contexts=[100, 200])
+    assert [r["engine"] for r in rows] == [peers.OURS, peers.LLAMACPP]  # genai did not run: no row
+    ours, llama = rows
+    # ours: 1000 weight bytes + 2 x 100 tokens x 4 bytes of KV = 1800 bytes -> 1e5 / 1800 tok/s
+    assert ours["roofline_tokens_per_s"][100] == pytest.approx(1e5 / 1800)
+    assert ours["roofline_percent"][100] == pytest.approx(100 * 50 / (1e5 / 1800))
+    # llama.cpp: f16 KV: 800 + 2 x 200 x 2 = 1600 bytes at context 200
+    assert llama["roofline_tokens_per_s"][200] == pytest.approx(1e5 / 1600)
+    assert ours["ours_over_this"] == {100: 1.0, 200: 1.0}
+    assert llama["ours_over_this"] == {100: 2.0, 200: 1.0}
+
+
+def test_table_has_one_line_per_row_and_dashes_for_missing_points(peers):
+    arch = {"layers": 1, "kv_heads": 1, "head_dim": 1}
+    infos = {peers.OURS: _info(peers, peers.OURS, 1000)}
+    runs = {peers.OURS: peers.EngineRun(peers.OURS, prefill_tokens=512, prefill_tokens_per_s=100.0, ttft_ms=5120.0,
+                                        decode_tokens_per_s={128: 20.0}, peak_rss_bytes=2**30)}
+    rows = peers.build_rows(infos, runs, bandwidth=1e6, arch=arch, contexts=[128])
+    table = peers.format_table(rows, [128, 2048]).splitlines()
+    assert len(table) == 3
+    assert "decode tok/s @2048" in table[0] and "% roofline @128" in table[0] and "ours ÷ engine @128" in table[0]
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert cells[0] == peers.OURS and cells[3] == "100.0" and cells[4] == "5120 ms"
+    assert cells[5:7] == ["20.00", "-"] and cells[7] == "1024 MiB"
+
+
+def test_merge_keeps_each_numbers_best_round(peers):
+    a = peers.EngineRun(peers.OURS, 512, 100.0, 900.0, {128: 20.0}, {128: 22.0}, 10, 2.0)
+    b = peers.EngineRun(peers.OURS, 512, 90.0, 800.0, {128: 21.0}, {128: 21.5}, 20, 1.0)
+    m = peers.merge_runs([a, b])
+    assert (m.prefill_tokens_per_s, m.ttft_ms, m.decode_tokens_per_s, m.decode_best_tokens_per_s,
+            m.peak_rss_bytes, m.load_s) == (100.0, 800.0, {128: 21.0}, {128: 22.0}, 20, 1.0)
+
+
+def test_missing_peers_are_reported(peers, tmp_path, monkeypatch):
+    assert peers.peer_missing(sys.executable, peers.OURS, tmp_path / "none.py") is None
+    assert "does not exist" in peers.peer_missing(str(tmp_path / "no-python"), peers.GENAI, tmp_path / "none.py")
+    monkeypatch.setitem(peers.PEER_MODULES, peers.GENAI, "no_such_module_for_the_peer_test")
+    assert "no_such_module_for_the_peer_test is not installed" in peers.peer_missing(
+        sys.executable, peers.GENAI, tmp_path / "none.py")
+    monkeypatch.setitem(peers.PEER_MODULES, peers.LLAMACPP, "json")  # importable, but no convert script
+    assert "convert_hf_to_gguf.py" in peers.peer_missing(sys.executable, peers.LLAMACPP, tmp_path / "none.py")
+
+
+def test_end_to_end_ours_alone_with_peers_skipped(peers, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "result"
+    rc = peers.main(["--checkpoint", str(tiny_checkpoint), "--workdir", str(tmp_path / "work"), "--out", str(out),
+                     "--peer-python", str(tmp_path / "no-venv" / "python"), "--contexts", "8", "16",
+                     "--table-contexts", "8", "16", "--prefill-tokens", "8", "--decode-tokens", "2",
+                     "--rounds", "1", "--threads", "1", "--bandwidth-mib", "8",
+                     "--engines", peers.OURS, peers.GENAI, peers.LLAMACPP])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "onnxruntime-genai skipped" in printed and "llama.cpp skipped" in printed
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [r["engine"] for r in result["rows"]] == [peers.OURS]
+    row = result["rows"][0]
+    assert set(row["decode_tokens_per_s"]) == {"8", "16"} and row["ours_over_this"] == {"8": 1.0, "16": 1.0}
+    assert 0 < row["weight_bytes_per_token"] < row["model_bytes"]  # the embedding table counts one row
+    assert row["peak_rss_bytes"] > 0 and result["bandwidth"]["bandwidth"] > 0
+    assert len(result["skipped"]) == 2
+    # a second run reuses the prepared bundle (its stamp matches)
+    stamp = json.loads((tmp_path / "work" / f"{peers.OURS}.json").read_text())
+    assert stamp["info"]["engine"] == peers.OURS
+
+
+def test_graph_builder_keep_bits_stores_the_kept_lm_head_as_int8(tiny_checkpoint, tmp_path):
+    """The `edge-runtime/head8` row: keep_unquantized layers as MatMulNBits int8 instead of float."""
+    import onnx
+
+    from edge_export.checkpoint import read_checkpoint
+    from edge_export.graph_builder import build_decoder_graph
+
+    info = read_checkpoint(tiny_checkpoint)
+    nodes = {}
+    for name, keep_bits in (("float", None), ("int8", 8)):
+        graph = tmp_path / name / "model.onnx"
+        build_decoder_graph(info, graph, precision="int4", block_size=32, symmetric=False, accuracy_level=4,
+                            keep_unquantized=("lm_head",), max_length=64, keep_bits=keep_bits)
+        model = onnx.load(str(graph), load_external_data=False)
+        nodes[name] = {n.name: n for n in model.graph.node if n.name.startswith("/lm_head/")}
+    assert nodes["float"]["/lm_head/MatMul"].op_type == "MatMul"
+    head = nodes["int8"]["/lm_head/MatMul_Q8"]
+    assert head.op_type == "MatMulNBits"
+    assert {a.name: a.i for a in head.attribute if a.name in ("bits", "block_size")} == {"bits": 8, "block_size": 32}
+    with pytest.raises(ValueError, match="keep_bits"):
+        build_decoder_graph(info, tmp_path / "bad" / "model.onnx", precision="int4", max_length=64, keep_bits=3)
