@@ -234,6 +234,15 @@ def cmd_audit(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import format_result, result_json, run_bench
 
+    if args.peers is not None:  # issue #8: side by side with onnxruntime-genai and llama.cpp (benchmarks/peers.py)
+        import subprocess
+
+        script = Path(__file__).resolve().parents[1] / "benchmarks" / "peers.py"
+        if not script.is_file():
+            return _die(f"--peers needs the repository's benchmarks/peers.py (not found at {script})")
+        return subprocess.call([sys.executable, str(script), *args.peers])
+    if not args.bundle:
+        return _die("bench needs --bundle (or --peers)")
     result = run_bench(args.bundle, profile=args.profile, prefill_tokens=args.prefill_tokens,
                        contexts=tuple(args.context or (128, 2048)), decode_tokens=args.decode_tokens)
     print(result_json(result) if args.json else format_result(result))
@@ -301,7 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="prefill and decode speed of a bundle on this machine")
-    p.add_argument("--bundle", required=True)
+    p.add_argument("--bundle")
+    p.add_argument("--peers", nargs=argparse.REMAINDER, metavar="ARG",
+                   help="compare with onnxruntime-genai and llama.cpp: runs benchmarks/peers.py with every argument "
+                        "after --peers (--peers --help lists them; bash scripts/install-peers.sh installs the peers)")
     p.add_argument("--profile")
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--context", type=int, action="append", help="decode context (repeatable; default 128 and 2048)")
