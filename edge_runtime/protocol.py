@@ -452,7 +452,13 @@ def parse_cancel(payload: bytes) -> str:
 
 
 def _dumps(obj: Mapping[str, Any]) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # a lone surrogate (an id or field name sent as "\ud800"): escape it as JSON
+        # does, so the reply is valid UTF-8 and carries the id exactly as it was sent
+        return json.dumps(obj, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode("ascii")
 
 
 def _finite(value: float, digits: int = 3) -> float | None:
