@@ -30,7 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
+from .errors import BadRequest
+
 # Piece names, as in Meta's tokenizer.py (note the leading U+2581 on the infilling ones).
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 PRE_PIECE = "▁<PRE>"
 SUF_PIECE = "▁<SUF>"
 MID_PIECE = "▁<MID>"
@@ -159,6 +162,10 @@ class CodeLlamaTokenizer:
         """Encode user text like SentencePiece: implicit leading space, no bos, control-token text stays text."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
+        bad = _LONE_SURROGATE.search(text)
+        if bad:  # JSON can carry "\ud800"; it is not text, and tokenizers raises TypeError on it
+            raise BadRequest(f"the text holds a lone surrogate (U+{ord(bad.group()):04X}) at character "
+                             f"{bad.start()}: not valid Unicode")
         return self._encode_raw(text)
 
     def encode_infilling(self, text: str) -> list[int]:

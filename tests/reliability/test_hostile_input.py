@@ -142,7 +142,9 @@ def _hostile_run(proc, broker, n: int, name: str) -> None:
               b"[" * 5000, b'{"id": "big", "prompt": "' + b"x" * 300_000 + b'"}', longest, longest,
               # found by the 10 000-payload run: a lone surrogate in an id or a field name
               # made the reply unencodable, so it was never sent (fixed in protocol._dumps)
-              b'{"id": "a\\ud800", "mode": "chat", "messages": [[]]}', b'{"id": "x", "\\udc00k": 1}'):
+              b'{"id": "a\\ud800", "mode": "chat", "messages": [[]]}', b'{"id": "x", "\\udc00k": 1}',
+              # and a lone surrogate in the text reached the tokenizer: `internal` (now bad_request)
+              b'{"id": "s1", "mode": "complete", "prompt": "def \\ud800 f"}'):
         one(p)
     time.sleep(0.5)
     baseline = proc.rss()
