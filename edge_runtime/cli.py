@@ -283,9 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --output")
     p.add_argument("--fidelity-tokens", type=int, default=32, help="greedy tokens per fidelity prompt")
     p.add_argument("--algorithm", choices=["rtn", "hqq"], help="quantization algorithm (default: the profile's)")
-    p.add_argument("--graph", choices=["optimum", "fused"], default="optimum",
-                   help="optimum: optimum's exporter (default); fused: built from the tensors with GroupQueryAttention "
-                        "and one shared KV buffer, streamed layer by layer (a 7B exports in < 1 GiB of memory)")
+    p.add_argument("--graph", choices=["auto", "fused", "optimum"], default="auto",
+                   help="fused: built from the tensors with GroupQueryAttention and one shared KV buffer, streamed "
+                        "layer by layer (a 7B exports in < 1 GiB of memory); optimum: optimum's exporter (needed for "
+                        "--algorithm hqq); auto (default): fused unless the checkpoint or --algorithm needs optimum")
     p.add_argument("--skip-fidelity", action="store_true",
                    help="do not measure fidelity (size/speed benchmarks of random weights); recorded in bundle.json")
     p.add_argument("--variant", choices=["base", "python", "instruct"],

@@ -38,6 +38,7 @@ import numpy as np
 
 from .bundle import Architecture
 from .kv_cache import DeviceBuffer, allocate
+from .onnx_decoder import check_graph_matches
 
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 META_MAX_LENGTH = "edge_runtime.max_length"  # written by export/graph_builder.py
@@ -107,6 +108,9 @@ def graph_max_length(session) -> int | None:
     return int(value) if value else None
 
 
+GQA_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length")
+
+
 class SharedKVDecoder:
     """The `gqa-shared-kv` flavour: inputs input_ids, past_key_values.{i}.key/value
     (shared buffers), seqlens_k, total_sequence_length; outputs logits [1, 1, V] of the
@@ -130,6 +134,7 @@ class SharedKVDecoder:
         self.session = session
         self.arch = arch
         self.device = device
+        check_graph_matches(session, arch, GQA_INPUTS)
         limit = graph_max_length(session)
         if limit is not None and max_length > limit:
             raise ValueError(f"max_length {max_length} exceeds the graph's rotary tables ({limit} positions)")

@@ -149,8 +149,9 @@ def kv_dtype_of(precision: str, flavour: str, profile_kv_dtype: str) -> str:
 
 
 def estimate_weight_bytes(shape: ModelShape, precision: str, *, block_size: int, symmetric: bool,
-                          float_dtype: str) -> int:
-    """Bytes of the graph's weights for `shape` at `precision` (see the module docstring)."""
+                          float_dtype: str, keep_bits: int = 0) -> int:
+    """Bytes of the graph's weights for `shape` at `precision` (see the module docstring);
+    `keep_bits` 8: the kept lm_head is stored as int8 blocks instead of float."""
     if precision == "fp16":
         return shape.parameter_count * 2
     if precision == "fp32":
@@ -161,6 +162,11 @@ def estimate_weight_bytes(shape: ModelShape, precision: str, *, block_size: int,
     blocks = math.ceil(n / block_size)
     quantized = n * bits // 8 + blocks * fbytes + (0 if symmetric else math.ceil(blocks * bits / 8))
     floats = (shape.parameter_count - n) * fbytes  # embedding, lm_head (kept), norms
+    if keep_bits:
+        head = shape.vocab_size * shape.hidden_size
+        head_blocks = math.ceil(head / block_size)
+        floats -= head * fbytes
+        floats += head * keep_bits // 8 + head_blocks * fbytes + (0 if symmetric else head_blocks)
     return quantized + floats
 
 
@@ -247,7 +253,8 @@ def estimate_plan(shape: ModelShape, profile: DeviceProfile, precision: str, con
         what=f"Code Llama {shape.name}", profile=profile.name, precision=precision, context=context,
         kv_dtype=kv_dtype,
         weights_bytes=estimate_weight_bytes(shape, precision, block_size=q.block_size, symmetric=q.symmetric,
-                                            float_dtype=float_dtype),
+                                            float_dtype=float_dtype,
+                                            keep_bits=q.keep_bits if flavour == FLAVOUR_GQA_SHARED_KV else 0),
         kv_cache_bytes=kv_cache_bytes(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
                                       head_dim=shape.head_dim, context=context, dtype_bytes=DTYPE_BYTES[kv_dtype],
                                       buffers=1 if flavour == FLAVOUR_GQA_SHARED_KV else 2),

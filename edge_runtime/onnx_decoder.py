@@ -17,12 +17,20 @@ from .kv_cache import KVCache
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-def check_kv_concat_graph(session, arch: Architecture, graph: str = "model.onnx") -> None:
-    """Refuse a graph whose layers, kv heads, head size or vocabulary disagree with
-    the manifest's architecture: another model's graph under this bundle's
-    manifest (its hashes edited to match) is refused at load, not at a request."""
+KV_CONCAT_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def check_graph_matches(session, arch: Architecture, required_inputs: tuple[str, ...] = KV_CONCAT_INPUTS,
+                        graph: str = "model.onnx") -> None:
+    """Refuse a graph that lacks its flavour's inputs or whose layers, kv heads, head
+    size or vocabulary disagree with the manifest's architecture: another model's
+    graph under this bundle's manifest (its hashes edited to match) is refused at
+    load, not at a request."""
     inputs = {i.name: i for i in session.get_inputs()}
     problems = []
+    missing = [name for name in required_inputs if name not in inputs]
+    if missing:
+        problems.append(f"no input {', '.join(missing)} (another graph flavour)")
     layers = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))
     if layers != arch.num_layers:
         problems.append(f"{layers} layers, the manifest says {arch.num_layers}")
@@ -54,7 +62,7 @@ class KVConcatDecoder:
         self.arch = arch
         self.device = device
         self.max_length = max_length
-        check_kv_concat_graph(session, arch)
+        check_graph_matches(session, arch, KV_CONCAT_INPUTS)
         inputs = {i.name: i for i in session.get_inputs()}
         self.kv_dtype = np.dtype(_ORT_TO_NUMPY[inputs["past_key_values.0.key"].type])
         self.logits_dtype = np.dtype(_ORT_TO_NUMPY[session.get_outputs()[0].type])

@@ -108,6 +108,9 @@ class QuantizationSettings:
     symmetric: bool  # True: no zero points
     accuracy_level: Annotated[int, between(0, 4)]  # 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
     keep_unquantized: tuple[str, ...]  # layer-name patterns kept in higher precision
+    # The kept layers' storage in the fused graph: 8 = int8 MatMulNBits (a quarter of the
+    # bytes of float, same fidelity on the demo model); 0 = float. The optimum graph keeps float.
+    keep_bits: Literal[0, 8] = 0
 
 
 @dataclass(frozen=True)

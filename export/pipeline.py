@@ -43,7 +43,9 @@ class ExportOptions:
     fidelity_tokens: int = 32
     algorithm: str | None = None  # quantization algorithm override: rtn | hqq
     skip_fidelity: bool = False  # benchmarks of random-weight checkpoints only; recorded in the manifest
-    graph: str = "optimum"  # "optimum" (optimum's exporter) or "fused" (built from the tensors, GQA, streamed)
+    # "auto": fused where the checkpoint allows it (and no --algorithm hqq), else optimum;
+    # "fused" (built from the tensors, GQA, streamed) or "optimum" (optimum's exporter)
+    graph: str = "auto"
     variant: str | None = None  # base | python | instruct: overrides the detected variant (export/family.py)
 
 
@@ -73,12 +75,18 @@ def graph_io(graph: Path) -> dict:
     return {"inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output]}
 
 
-def float_matmuls(graph: Path) -> list[str]:
-    """Names of the MatMul nodes left in float (the kept layers) in a quantized graph."""
+def kept_matmuls(graph: Path, bits: int) -> list[str]:
+    """Names of the kept layers in a quantized graph: MatMul nodes left in float, and
+    MatMulNBits nodes stored at other than `bits` (e.g. an int8 lm_head in an int4 graph)."""
     import onnx
 
     model = onnx.load(str(graph), load_external_data=False)
-    return [n.name for n in model.graph.node if n.op_type == "MatMul"]
+    kept = []
+    for n in model.graph.node:
+        node_bits = next((a.i for a in n.attribute if a.name == "bits"), None)
+        if n.op_type == "MatMul" or (n.op_type == "MatMulNBits" and node_bits != bits):
+            kept.append(n.name)
+    return kept
 
 
 def check_fidelity(report: fidelity.FidelityReport, profile: DeviceProfile, precision: str) -> list[str]:
@@ -89,6 +97,31 @@ def check_fidelity(report: fidelity.FidelityReport, profile: DeviceProfile, prec
     if report.max_logit_diff > max_diff:
         problems.append(f"max logit difference {report.max_logit_diff:.4g} > {max_diff:.4g}")
     return problems
+
+
+@dataclass(frozen=True)
+class GraphChoice:
+    name: str  # "fused" | "optimum"
+    why: str
+
+
+def choose_graph(requested: str, info, algorithm: str | None) -> GraphChoice:
+    """`--graph auto` (the default): the fused graph (faster, exports in a fraction of the
+    memory) unless the checkpoint has a shape it does not express or HQQ was asked for."""
+    if requested != "auto":
+        if requested == "fused":
+            try:
+                graph_builder.check_supported(info)
+            except graph_builder.GraphBuildError as exc:
+                raise ExportError(f"--graph fused: {exc}; use --graph optimum (or auto)") from None
+        return GraphChoice(requested, "--graph " + requested)
+    if algorithm == "hqq":
+        return GraphChoice("optimum", "--algorithm hqq needs optimum's exporter")
+    try:
+        graph_builder.check_supported(info)
+    except graph_builder.GraphBuildError as exc:
+        return GraphChoice("optimum", f"the fused graph cannot express this checkpoint: {exc}")
+    return GraphChoice("fused", "default: GroupQueryAttention, shared KV buffer")
 
 
 def context_limit(info: CheckpointInfo, profile: DeviceProfile, requested: int | None) -> int:
@@ -107,11 +140,10 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
     output = opts.output.resolve()
     if output.exists() and not opts.force:
         raise ExportError(f"{output} already exists (choose another --output, or --force to replace it)")
-    if opts.graph not in GRAPHS:
-        raise ExportError(f"--graph {opts.graph!r} is not one of {', '.join(GRAPHS)}")
+    if opts.graph not in (*GRAPHS, "auto"):
+        raise ExportError(f"--graph {opts.graph!r} is not one of auto, {', '.join(GRAPHS)}")
     if opts.graph == "fused" and opts.algorithm == "hqq":
-        raise ExportError("--graph fused quantizes with round-to-nearest only (leave out --algorithm hqq)")
-    flavour = GRAPHS[opts.graph]
+        raise ExportError("--algorithm hqq needs --graph optimum (the fused graph quantizes with round-to-nearest)")
     progress = progress or Progress(5)
 
     with progress.step("read checkpoint"):
@@ -126,6 +158,9 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                         f"(from {fam.variant_source}), {fam.attention} {fam.num_heads}/{fam.num_kv_heads} heads, "
                         f"infill {'yes' if fam.supports_infill else 'no: ' + fam.infill_note}, chat format "
                         f"{fam.chat_format} (from {fam.chat_format_source})")
+        graph_choice = choose_graph(opts.graph, info, opts.algorithm)
+        flavour = GRAPHS[graph_choice.name]
+        progress.detail(f"graph: {graph_choice.name} ({graph_choice.why})")
         limit = context_limit(info, profile, opts.max_context)
 
     partial = output.with_name(output.name + ".partial")
@@ -135,6 +170,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         graph = partial / GRAPH_FILE
         recipe = recipe_for(profile, precision, opts.algorithm) if precision in quantize.BITS else None
         excluded: list[str] = []
+        kept_bits = 0  # storage of the kept layers: 0 float, 8 int8 (fused graph with the profile's keep_bits)
         if flavour == FLAVOUR_GQA_SHARED_KV:
             with progress.step(f"build the fused decoder graph from the tensors ({precision}, streamed)"):
                 q = profile.quantization
@@ -142,8 +178,10 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 graph_builder.build_decoder_graph(
                     info, graph, precision=precision, block_size=q.block_size, symmetric=q.symmetric,
                     accuracy_level=q.accuracy_level, keep_unquantized=tuple(q.keep_unquantized), max_length=limit,
+                    keep_bits=(q.keep_bits or None) if recipe else None,
                     io_dtype=io_dtype, progress=progress.detail)
-                excluded = float_matmuls(graph) if recipe else []
+                excluded = kept_matmuls(graph, quantize.BITS[precision]) if recipe else []
+                kept_bits = (q.keep_bits or 0) if recipe else 0
             progress.index += 1  # the optimum export and conversion are one step here
         else:
             with progress.step("export to ONNX with KV cache (optimum, fp32)"):
@@ -197,7 +235,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 "family": fam.as_dict(),
                 "profile": {"name": profile.name, "kv_cache_dtype": profile.kv_cache.dtype},
                 "precision": precision,
-                "quantization": recipe.as_manifest(excluded) if recipe else None,
+                "quantization": {**recipe.as_manifest(excluded), "kept_bits": kept_bits} if recipe else None,
                 "graph": {"flavour": flavour, "file": GRAPH_FILE, **graph_io(graph)},
                 "fidelity": {**(report.as_manifest() if report else {"skipped": True}),
                              "threshold": {"min_greedy_agreement": min_agree, "max_logit_diff": max_diff},

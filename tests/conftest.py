@@ -34,6 +34,13 @@ def export_bundle(checkpoint: Path, output: Path, precision: str = "fp32", profi
 
 
 @pytest.fixture(scope="session")
+def exporter():
+    """`export_bundle` for test modules (a `from conftest import` would be ambiguous:
+    tests/reliability has a conftest module of its own)."""
+    return export_bundle
+
+
+@pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A random-weight Code Llama-shaped checkpoint: GQA (4 heads, 2 kv heads), real tokenizer with infill."""
     from edge_export.synthetic import build_checkpoint

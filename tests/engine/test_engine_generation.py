@@ -185,12 +185,11 @@ def test_generate_cli_bad_input_is_one_line_error(tiny_bundle, tmp_path):
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stderr.startswith("error:")
 
 
-def test_fused_graph_bundle_equals_torch_in_each_mode(tiny_checkpoint, tmp_path, hf_tok):
-    """The `gqa-shared-kv` flavour (built from the tensors) through the same engine."""
-    from conftest import export_bundle
-
-    fused = Engine.from_bundle(export_bundle(tiny_checkpoint, tmp_path / "fused", graph="fused"))
-    assert fused.bundle.graph_flavour == "gqa-shared-kv"
+def test_optimum_graph_bundle_equals_torch_in_each_mode(tiny_checkpoint, tmp_path, hf_tok, exporter):
+    """The `optimum-kv-concat` flavour (optimum's exporter, `--graph optimum`) through the same
+    engine; the fixtures' bundles have the default flavour, the fused `gqa-shared-kv`."""
+    fused = Engine.from_bundle(exporter(tiny_checkpoint, tmp_path / "optimum", graph="optimum"))
+    assert fused.bundle.graph_flavour == "optimum-kv-concat"
     requests = [GenerationRequest(mode="complete", prompt="def f(x):", max_tokens=N, sampling=GREEDY),
                 GenerationRequest(mode="infill", prefix="x = ", suffix="\n", max_tokens=N, sampling=GREEDY),
                 GenerationRequest(mode="chat", messages=(Message("user", "hi"),), max_tokens=N, sampling=GREEDY)]

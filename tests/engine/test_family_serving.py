@@ -158,10 +158,12 @@ def test_bundle_plan_adds_weights_kv_and_overhead(tiny_bundle):
     profile = load_profile("cpu-x86_64")
     plan = bundle_plan(bundle, profile)
     arch = bundle.architecture
-    assert plan.weights_bytes == (tiny_bundle / "model.onnx").stat().st_size
+    graph_files = [f for f in tiny_bundle.iterdir() if f.name.startswith("model.onnx")]
+    assert plan.weights_bytes == sum(f.stat().st_size for f in graph_files)
     assert plan.context == min(bundle.context_limit, profile.max_context)
-    # optimum graph: past and present buffers, float32
-    assert plan.kv_cache_bytes == 2 * 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * plan.context * 4
+    # float32; the fused graph shares one buffer between past and present, the optimum graph needs two
+    buffers = 1 if bundle.graph_flavour == "gqa-shared-kv" else 2
+    assert plan.kv_cache_bytes == buffers * 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * plan.context * 4
     assert plan.overhead_bytes > 0 and plan.fits
     assert plan.total_bytes == plan.weights_bytes + plan.kv_cache_bytes + plan.overhead_bytes
 

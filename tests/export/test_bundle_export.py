@@ -14,7 +14,7 @@ import pytest
 import torch_reference
 from edge_runtime.bundle import MANIFEST_NAME, load_bundle
 from edge_runtime.errors import BundleError
-from edge_runtime.onnx_decoder import KVConcatDecoder
+from edge_runtime.engine import DECODERS
 
 PROMPTS = (
     [1, 822, 18755, 29898, 29876, 1125],  # "def fib(n):"
@@ -23,12 +23,13 @@ PROMPTS = (
 )
 
 
-def decoder_for(bundle_dir: Path, max_length: int = 256) -> KVConcatDecoder:
+def decoder_for(bundle_dir: Path, max_length: int = 256):
+    """The decoder of the bundle's graph flavour (the fixtures' default: gqa-shared-kv)."""
     import onnxruntime as ort
 
     bundle = load_bundle(bundle_dir)
     session = ort.InferenceSession(str(bundle.graph_path), providers=["CPUExecutionProvider"])
-    return KVConcatDecoder(ort, session, bundle.architecture, device="cpu", max_length=max_length)
+    return DECODERS[bundle.graph_flavour](ort, session, bundle.architecture, device="cpu", max_length=max_length)
 
 
 def copy_bundle(src: Path, dst: Path) -> Path:
@@ -47,8 +48,8 @@ def test_fp32_bundle_logits_match_torch(tiny_bundle, tiny_checkpoint):
     decoder = decoder_for(tiny_bundle)
     for ids in PROMPTS:
         cache = decoder.new_cache(len(ids))
-        ours = decoder.prefill(cache, np.asarray(ids))
-        ref = torch_reference.prompt_logits(tiny_checkpoint, ids)
+        ours = decoder.prefill(cache, np.asarray(ids))  # [S, V], or [1, V] (last position) for the fused graph
+        ref = torch_reference.prompt_logits(tiny_checkpoint, ids)[-len(ours):]
         assert ours.shape == ref.shape
         assert np.abs(ours - ref).max() < 1e-4
 
@@ -76,7 +77,8 @@ def test_manifest_records_what_the_device_needs(tiny_bundle):
     assert "past_key_values.0.key" in manifest["graph"]["inputs"] and manifest["graph"]["outputs"][0] == "logits"
     assert manifest["fidelity"]["passed"] is True and manifest["fidelity"]["greedy_agreement"] == 1.0
     assert {"onnxruntime", "torch", "transformers"} <= set(manifest["tools"])
-    assert {f["path"] for f in manifest["files"]} == {"model.onnx", "tokenizer.json", "LICENSE"}
+    graph_files = {"model.onnx", "model.onnx.data"} if manifest["graph"]["flavour"] == "gqa-shared-kv" else {"model.onnx"}
+    assert {f["path"] for f in manifest["files"]} == graph_files | {"tokenizer.json", "LICENSE"}
 
 
 def test_noinfill_checkpoint_is_recorded_without_infill(noinfill_bundle):

@@ -8,14 +8,14 @@ import json
 
 import pytest
 
-from conftest import export_bundle
 from edge_runtime.bundle import load_bundle
 from edge_runtime.profiles import load_profile
 
 
 @pytest.mark.parametrize("graph,precision", [("optimum", "int8"), ("optimum", "int4"), ("fused", "int4")])
-def test_demo_model_quantized_bundle_meets_profile_threshold(demo_checkpoint, tmp_path, graph, precision):
-    bundle = load_bundle(export_bundle(demo_checkpoint, tmp_path / precision, precision=precision, graph=graph))
+def test_demo_model_quantized_bundle_meets_profile_threshold(demo_checkpoint, tmp_path, graph, precision,
+                                                            exporter):
+    bundle = load_bundle(exporter(demo_checkpoint, tmp_path / precision, precision=precision, graph=graph))
     assert bundle.graph_flavour == {"optimum": "optimum-kv-concat", "fused": "gqa-shared-kv"}[graph]
     fidelity = bundle.manifest["fidelity"]
     min_agree, max_diff = load_profile("cpu-x86_64").fidelity.for_precision(precision)
@@ -28,7 +28,7 @@ def test_demo_model_quantized_bundle_meets_profile_threshold(demo_checkpoint, tm
     assert any("lm_head" in n for n in quant["excluded_nodes"])
 
 
-def test_below_threshold_fails_with_numbers_unless_allowed(tiny_checkpoint, tmp_path):
+def test_below_threshold_fails_with_numbers_unless_allowed(tiny_checkpoint, tmp_path, exporter):
     from edge_export.pipeline import ExportError
 
     strict = tmp_path / "strict.toml"
@@ -36,8 +36,8 @@ def test_below_threshold_fails_with_numbers_unless_allowed(tiny_checkpoint, tmp_
     strict.write_text(text.replace('name = "cpu-x86_64"', 'name = "strict"', 1)
                       .replace("fp32 = 0.01 }", "fp32 = 0.0 }"))
     with pytest.raises(ExportError, match=r"max logit difference .* > 0 .*--allow-degraded"):
-        export_bundle(tiny_checkpoint, tmp_path / "b", profile=str(strict))
+        exporter(tiny_checkpoint, tmp_path / "b", profile=str(strict))
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
-    export_bundle(tiny_checkpoint, tmp_path / "b", profile=str(strict), allow_degraded=True)
+    exporter(tiny_checkpoint, tmp_path / "b", profile=str(strict), allow_degraded=True)
     fidelity = json.loads((tmp_path / "b" / "bundle.json").read_text())["fidelity"]
     assert fidelity["passed"] is False and fidelity["degraded"] is True and fidelity["problems"]
