@@ -28,7 +28,9 @@ DEFAULT_MAX_ENTRIES = 2000
 def request_key(reply_topic: str, request_id: str) -> str:
     """The store key of a request: its id scoped by its reply topic, so two clients
     that both number their requests "1", "2", ... do not see each other's replies."""
-    return f"{reply_topic}\n{request_id}"
+    key = f"{reply_topic}\n{request_id}"
+    # a lone surrogate ("\ud800" in the JSON) cannot be stored as sqlite TEXT: keep it escaped
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class ReplyStore:

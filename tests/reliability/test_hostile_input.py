@@ -144,7 +144,9 @@ def _hostile_run(proc, broker, n: int, name: str) -> None:
               # made the reply unencodable, so it was never sent (fixed in protocol._dumps)
               b'{"id": "a\\ud800", "mode": "chat", "messages": [[]]}', b'{"id": "x", "\\udc00k": 1}',
               # and a lone surrogate in the text reached the tokenizer: `internal` (now bad_request)
-              b'{"id": "s1", "mode": "complete", "prompt": "def \\ud800 f"}'):
+              b'{"id": "s1", "mode": "complete", "prompt": "def \\ud800 f"}',
+              # and a valid request with such an id: its final reply could not be stored
+              b'{"id": "\\ud800x", "mode": "complete", "prompt": "def f", "max_tokens": 4}'):
         one(p)
     time.sleep(0.5)
     baseline = proc.rss()
