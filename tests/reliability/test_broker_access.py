@@ -39,7 +39,8 @@ def test_the_daemon_never_echoes_one_clients_prompt_or_answer_to_another(tmp_pat
     b.start()
     service = None
     try:
-        service = start_service(make_config(b, tmp_path, **{"mqtt.username": "dev1",
+        # queue of 32: the 10 requests below arrive at once and none may be answered `busy`
+        service = start_service(make_config(b, tmp_path, **{"mqtt.username": "dev1", "limits.queue_depth": 32,
                                                             "mqtt.password_file": str(tmp_path / "dev.pw")}))
         a = Ledger(b.host, b.port, client_id="client-a", username="client-a", password="client-a-pw", tag="a")
         bb = Ledger(b.host, b.port, client_id="client-b", username="client-b", password="client-b-pw", tag="b")
