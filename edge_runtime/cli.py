@@ -133,12 +133,14 @@ def cmd_serve(args, engine_factory=None) -> int:
     from .client import serve_overrides
     from .config import load_config
     from .engine import Engine
+    from .malloc_arenas import limit_malloc_arenas
     from .policy import load_policy
     from .sdnotify import SystemdNotifier, Watchdog
     from .service import EdgeService
 
     config = load_config(Path(args.config) if args.config else None, serve_overrides(args))
     logging.getLogger().setLevel(config.service.log_level_number)
+    limit_malloc_arenas(2)  # before onnxruntime's and the daemon's threads: RSS stays flat over a soak
     # The policy is checked before the (slow) bundle load: a rule that does not compile stops start-up.
     policy = load_policy(config.policy.file) if config.policy.file is not None else None
     notifier = SystemdNotifier.from_environment()
