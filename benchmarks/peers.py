@@ -12,13 +12,14 @@ What it does:
 2. prepares each engine's model from it, once (cached in ``--workdir`` by a stamp of the
    checkpoint and the recipe):
    * ``edge-runtime``: ``edge-runtime export --graph fused`` with the cpu-x86_64 profile's
-     int4 recipe (MatMulNBits block 32, asymmetric, accuracy level 4, lm_head kept in
-     float), fidelity skipped (random weights);
-   * ``edge-runtime/head8``: the same graph except the kept lm_head, stored as MatMulNBits
-     int8 (``graph_builder.build_decoder_graph(keep_bits=8)``; a bare graph run by the
-     engine's decoder, since no profile expresses it yet) -- the candidate recipe; on the
-     demo model its fidelity equals the float lm_head's (greedy agreement 0.844, max logit
-     difference 0.356 vs 0.352), while an int4 lm_head drops to 0.615 (below the 0.7 bar);
+     int4 recipe (MatMulNBits block 32, asymmetric, accuracy level 4, lm_head kept as int8),
+     fidelity skipped (random weights); the recipe is part of the cache stamp;
+   * ``edge-runtime/genai-recipe``: the same graph and engine loop with onnxruntime-genai's
+     recipe (symmetric int4, lm_head int4: ``graph_builder.build_decoder_graph``, a bare
+     graph run by the engine's decoder) -- the same bytes as onnxruntime-genai's model, so
+     the two rows compare graph + loop alone; on the demo model this recipe's greedy
+     agreement is below the profile's 0.7 bar (0.66 symmetric; an int4 lm_head 0.615), so
+     no profile ships it;
    * ``onnxruntime-genai``: ``python -m onnxruntime_genai.models.builder -p int4 -e cpu``
      with ``block_size`` = ours (its other defaults: symmetric, accuracy level 4 on CPU,
      every MatMul quantized, lm_head included);
@@ -66,10 +67,10 @@ from pathlib import Path
 import numpy as np
 
 OURS = "edge-runtime"
-OURS_HEAD8 = "edge-runtime/head8"  # the same, lm_head as MatMulNBits int8 instead of float (a candidate recipe)
+OURS_GENAI_RECIPE = "edge-runtime/genai-recipe"  # our graph + loop, onnxruntime-genai's recipe (same bytes)
 GENAI = "onnxruntime-genai"
 LLAMACPP = "llama.cpp"
-ENGINES = (OURS, OURS_HEAD8, GENAI, LLAMACPP)
+ENGINES = (OURS, OURS_GENAI_RECIPE, GENAI, LLAMACPP)
 PEER_MODULES = {GENAI: "onnxruntime_genai", LLAMACPP: "llama_cpp"}
 CACHE = Path(os.environ.get("EDGE_RUNTIME_CACHE", Path.home() / ".cache" / "edge-runtime"))
 DEFAULT_PEER_PYTHON = CACHE / "peers-venv" / "bin" / "python"
@@ -280,38 +281,50 @@ def step_checkpoint(a) -> dict:
     return {}
 
 
+def recipe_words(block_size: int, symmetric: bool, accuracy_level: int, kept: tuple[str, ...],
+                 keep_bits: int | None) -> str:
+    """The int4 recipe in words, e.g. "int4 b32 asym acc4, lm_head int8"."""
+    held = f"{', '.join(kept)} {'int%d' % keep_bits if keep_bits else 'fp32'}" if kept else "all int4"
+    return f"int4 b{block_size} {'sym' if symmetric else 'asym'} acc{accuracy_level}, {held}"
+
+
+def profile_recipe() -> dict:
+    """The profile's int4 recipe: it goes into OURS's cache stamp, so a changed profile re-exports."""
+    from edge_runtime.profiles import load_profile
+
+    q = load_profile(PROFILE).quantization
+    return {"block_size": q.block_size, "symmetric": q.symmetric, "accuracy_level": q.accuracy_level,
+            "keep_unquantized": list(q.keep_unquantized), "keep_bits": q.keep_bits}
+
+
 def step_prepare_ours(a) -> dict:
     from edge_export.pipeline import ExportOptions, run_export
-    from edge_runtime.profiles import load_profile
 
     out = Path(a.out)
     run_export(ExportOptions(checkpoint=Path(a.checkpoint), profile=PROFILE, output=out, precision="int4",
                              graph="fused", skip_fidelity=True, force=True))
-    q = load_profile(PROFILE).quantization
+    r = profile_recipe()
     total, per_token = onnx_weight_bytes(out / "model.onnx")
-    kept = ", ".join(q.keep_unquantized) or "-"
-    return asdict(ModelInfo(OURS, f"int4 b{q.block_size} {'sym' if q.symmetric else 'asym'} acc{q.accuracy_level}, "
-                                  f"{kept} fp32", folder_bytes(out, "model.onnx"), per_token, onnx_kv_element_bytes(out / "model.onnx")))
+    words = recipe_words(r["block_size"], r["symmetric"], r["accuracy_level"], tuple(r["keep_unquantized"]),
+                         r["keep_bits"])
+    return asdict(ModelInfo(OURS, words, folder_bytes(out, "model.onnx"), per_token,
+                            onnx_kv_element_bytes(out / "model.onnx")))
 
 
-def step_prepare_ours_head8(a) -> dict:
-    """The fused graph with the profile's recipe except the kept lm_head: int8 MatMulNBits
-    (graph_builder keep_bits=8); a bare graph, not a bundle (no profile expresses it yet)."""
+def step_prepare_ours_genai_recipe(a) -> dict:
+    """Our fused graph with onnxruntime-genai's recipe: symmetric int4 everywhere, lm_head
+    included, block ``--block-size``, accuracy level 4 (a bare graph, not a bundle)."""
     from edge_export.checkpoint import read_checkpoint
     from edge_export.graph_builder import build_decoder_graph
     from edge_runtime.profiles import load_profile
 
     out = Path(a.out)
-    profile = load_profile(PROFILE)
-    q = profile.quantization
-    build_decoder_graph(read_checkpoint(a.checkpoint), out / "model.onnx", precision="int4", block_size=q.block_size,
-                        symmetric=q.symmetric, accuracy_level=q.accuracy_level,
-                        keep_unquantized=tuple(q.keep_unquantized), max_length=profile.max_context, keep_bits=8)
+    build_decoder_graph(read_checkpoint(a.checkpoint), out / "model.onnx", precision="int4",
+                        block_size=a.block_size, symmetric=True, accuracy_level=4, keep_unquantized=(),
+                        max_length=load_profile(PROFILE).max_context)
     total, per_token = onnx_weight_bytes(out / "model.onnx")
-    kept = ", ".join(q.keep_unquantized) or "-"
-    return asdict(ModelInfo(OURS_HEAD8, f"int4 b{q.block_size} {'sym' if q.symmetric else 'asym'} "
-                                        f"acc{q.accuracy_level}, {kept} int8", folder_bytes(out, "model.onnx"),
-                            per_token, onnx_kv_element_bytes(out / "model.onnx")))
+    return asdict(ModelInfo(OURS_GENAI_RECIPE, recipe_words(a.block_size, True, 4, (), None),
+                            folder_bytes(out, "model.onnx"), per_token, onnx_kv_element_bytes(out / "model.onnx")))
 
 
 def step_prepare_genai(a) -> dict:
@@ -403,7 +416,7 @@ def step_run_ours(a) -> dict:
     if (Path(a.model) / "bundle.json").is_file():
         engine = Engine.from_bundle(a.model, profile=profile)
         d, vocab = engine.decoder, engine.bundle.architecture.vocab_size
-    else:  # a bare fused graph (OURS_HEAD8): the session and decoder the engine would make
+    else:  # a bare fused graph (OURS_GENAI_RECIPE): the session and decoder the engine would make
         import onnxruntime as ort
 
         from edge_export.checkpoint import read_checkpoint
@@ -530,12 +543,12 @@ def step_run_llamacpp(a) -> dict:
 
 
 STEPS = {"checkpoint": step_checkpoint, "prepare-ours": step_prepare_ours,
-         "prepare-ours-head8": step_prepare_ours_head8, "prepare-genai": step_prepare_genai,
+         "prepare-ours-genai-recipe": step_prepare_ours_genai_recipe, "prepare-genai": step_prepare_genai,
          "prepare-llamacpp": step_prepare_llamacpp, "bandwidth": step_bandwidth, "run-ours": step_run_ours,
          "run-genai": step_run_genai, "run-llamacpp": step_run_llamacpp}
-PREPARE = {OURS: "prepare-ours", OURS_HEAD8: "prepare-ours-head8", GENAI: "prepare-genai",
+PREPARE = {OURS: "prepare-ours", OURS_GENAI_RECIPE: "prepare-ours-genai-recipe", GENAI: "prepare-genai",
            LLAMACPP: "prepare-llamacpp"}
-RUN = {OURS: "run-ours", OURS_HEAD8: "run-ours", GENAI: "run-genai", LLAMACPP: "run-llamacpp"}
+RUN = {OURS: "run-ours", OURS_GENAI_RECIPE: "run-ours", GENAI: "run-genai", LLAMACPP: "run-llamacpp"}
 
 
 # -- the driver ---------------------------------------------------------------------------------------------------
@@ -555,7 +568,7 @@ def run_step(python: str, name: str, *, nice: int = 0, **kwargs) -> dict:
 
 def peer_missing(python: str, engine: str, convert_script: Path) -> str | None:
     """Why `engine` cannot run under `python` (None when it can)."""
-    if engine in (OURS, OURS_HEAD8):
+    if engine in (OURS, OURS_GENAI_RECIPE):
         return None
     if not Path(python).exists():
         return f"{python} does not exist"
@@ -603,6 +616,8 @@ def prepare(args, engine: str, python: str, checkpoint: Path, stamp: dict) -> Mo
     folder = args.workdir / engine.replace("/", "-")
     stamp_file = args.workdir / f"{engine.replace('/', '-')}.json"
     wanted = {**stamp, "engine": engine, "block_size": args.block_size}
+    if engine == OURS:
+        wanted["recipe"] = profile_recipe()
     if stamp_file.is_file():
         saved = json.loads(stamp_file.read_text())
         if saved.get("stamp") == wanted and folder.exists():
@@ -644,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
 
     notes, infos = [], {}
     for engine in args.engines:
-        python = sys.executable if engine in (OURS, OURS_HEAD8) else args.peer_python
+        python = sys.executable if engine in (OURS, OURS_GENAI_RECIPE) else args.peer_python
         why = peer_missing(python, engine, args.convert_script)
         if why:
             notes.append(f"{engine} skipped: {why} (bash scripts/install-peers.sh installs the peers)")
@@ -659,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     for rnd in range(args.rounds):
         for engine in infos:
             say(f"{engine}: round {rnd + 1}/{args.rounds} ...")
-            python = sys.executable if engine in (OURS, OURS_HEAD8) else args.peer_python
+            python = sys.executable if engine in (OURS, OURS_GENAI_RECIPE) else args.peer_python
             r = run_step(python, RUN[engine], model=args.workdir / engine.replace("/", "-"), engine=engine,
                          checkpoint=checkpoint, threads=args.threads,
                          prefill_tokens=args.prefill_tokens, contexts=args.contexts,

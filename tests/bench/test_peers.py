@@ -107,7 +107,7 @@ def test_end_to_end_ours_alone_with_peers_skipped(peers, tiny_checkpoint, tmp_pa
 
 
 def test_graph_builder_keep_bits_stores_the_kept_lm_head_as_int8(tiny_checkpoint, tmp_path):
-    """The `edge-runtime/head8` row: keep_unquantized layers as MatMulNBits int8 instead of float."""
+    """The profiles' `keep_bits = 8`: keep_unquantized layers as MatMulNBits int8 instead of float."""
     import onnx
 
     from edge_export.checkpoint import read_checkpoint

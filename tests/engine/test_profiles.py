@@ -193,7 +193,7 @@ def _assert_config_error(path: pathlib.Path, key: str, message: str) -> None:
             "colour",
             "unknown key",
         ),
-        (r"^symmetric = false", "symmetric = false\nbits = 4", "quantization.bits", "unknown key"),
+        (r"^symmetric = true", "symmetric = true\nbits = 4", "quantization.bits", "unknown key"),
         (
             r"^options = \{\}",
             "options = {}\nweight = 1",
@@ -218,7 +218,7 @@ def _assert_config_error(path: pathlib.Path, key: str, message: str) -> None:
             "quantization.block_size",
             "expected int, got str",
         ),
-        (r"^symmetric = false", "symmetric = 1", "quantization.symmetric", "expected bool, got int"),
+        (r"^symmetric = true", "symmetric = 1", "quantization.symmetric", "expected bool, got int"),
         (r"^max_context = 4096", "max_context = true", "max_context", "expected int, got bool"),
         (
             r"^memory_budget_bytes = \d+",

@@ -26,6 +26,12 @@ def test_demo_model_quantized_bundle_meets_profile_threshold(demo_checkpoint, tm
     quant = bundle.manifest["quantization"]
     assert quant["method"] == "MatMulNBits" and quant["bits"] == {"int8": 8, "int4": 4}[precision]
     assert any("lm_head" in n for n in quant["excluded_nodes"])
+    # the profile is symmetric with the least-squares scale search; the fused graph's builder
+    # does that, onnxruntime's quantizer (optimum graph) cannot and keeps zero points instead
+    if graph == "fused":
+        assert quant["symmetric"] is True and quant["scale_search"] is True and quant["kept_bits"] == 8
+    else:
+        assert quant["symmetric"] is False and quant["scale_search"] is False
 
 
 def test_below_threshold_fails_with_numbers_unless_allowed(tiny_checkpoint, tmp_path, exporter):
