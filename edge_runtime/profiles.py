@@ -113,7 +113,7 @@ class QuantizationSettings:
     keep_bits: Literal[0, 8] = 0
     # Least-squares block scales (export/graph_builder.block_quantize_mse) in the fused graph
     # instead of onnxruntime's round-to-nearest: what makes symmetric int4 keep fidelity
-    # (demo model greedy agreement 0.83 vs 0.56). The optimum graph is quantized by
+    # (demo model greedy agreement 0.80 vs 0.56). The optimum graph is quantized by
     # onnxruntime's quantizer, which has no search: there a symmetric profile with
     # scale_search gets zero points instead (recorded in the bundle's manifest).
     scale_search: bool = False

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -274,16 +275,55 @@ def block_quantize(weight_kn: np.ndarray, *, bits: int, block_size: int, symmetr
 
 
 SCALE_SEARCH_STEPS = 16  # candidate ranges per block tried by block_quantize_mse
+_SEARCH_ROWS = 256  # rows of N per task of the search (numpy releases the GIL: tasks run on every core)
+
+
+def _search_block_scales(w: np.ndarray, *, bits: int, symmetric: bool, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per block of ``w`` [rows, blocks, block], the scale and zero point (float) of the
+    candidate range whose round-to-nearest reconstruction has the least squared error."""
+    qmax = float((1 << bits) - 1)
+    half = float(1 << (bits - 1))
+    if symmetric:  # the largest magnitude, with its sign, maps to -half (-8 of -8..7), as in llama.cpp's Q4_0
+        amax_at = np.abs(w).argmax(axis=-1)[..., None]
+        full = np.take_along_axis(w, amax_at, axis=-1)[..., 0] / -half
+        zp_full = np.full(full.shape, half, dtype=np.float32)
+    else:
+        lo, hi = np.minimum(w.min(axis=-1), 0.0), np.maximum(w.max(axis=-1), 0.0)
+        full = (hi - lo) / qmax
+    best_err = np.full(full.shape, np.inf, dtype=np.float32)
+    best_scale = full.copy()
+    best_zp = zp_full if symmetric else np.zeros(full.shape, dtype=np.float32)
+    r = np.empty_like(w)
+    q = np.empty_like(w)
+    for factor in np.linspace(1.0, 0.7, steps, dtype=np.float32):
+        scale = full * factor
+        inv = np.where(scale == 0, 0.0, 1.0 / np.where(scale == 0, 1.0, scale)).astype(np.float32)
+        zp = zp_full if symmetric else np.clip(np.rint(-lo * inv), 0, qmax).astype(np.float32)
+        np.multiply(w, inv[..., None], out=r)
+        r += zp[..., None]  # w / scale + zero point: the unrounded code
+        np.rint(r, out=q)
+        np.clip(q, 0, qmax, out=q)
+        q -= r
+        np.square(q, out=q)
+        err = q.sum(axis=-1) * scale * scale
+        better = err < best_err
+        best_err[better] = err[better]
+        best_scale[better] = scale[better]
+        best_zp[better] = zp[better]
+    return best_scale, best_zp
 
 
 def block_quantize_mse(weight_kn: np.ndarray, *, bits: int, block_size: int, symmetric: bool,
                        steps: int = SCALE_SEARCH_STEPS) -> BlockQuantized:
     """Like ``block_quantize`` (same MatMulNBits layout), but each block's scale (and zero
     point) is the one of ``steps`` candidate ranges -- the block's full range shrunk by up to
-    ~30 % -- whose round-to-nearest reconstruction has the least squared error. Plain
+    30 % -- whose round-to-nearest reconstruction has the least squared error. Plain
     round-to-nearest spends the codes on the block's extremes; shrinking the range clips one
-    or two outliers and rounds the many small weights more finely. Symmetric candidates also
-    try the sign that lets the largest magnitude take the extra negative code (-8 of -8..7)."""
+    or two outliers and rounds the many small weights more finely. Symmetric blocks map their
+    largest magnitude to the extra negative code (-8 of -8..7; the scale is negative when that
+    weight is positive). Row slices run on a thread pool (numpy releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, not {bits}")
     if block_size < 16 or block_size & (block_size - 1):
@@ -297,41 +337,32 @@ def block_quantize_mse(weight_kn: np.ndarray, *, bits: int, block_size: int, sym
     w = np.ascontiguousarray(w.T).reshape(n, k_blocks, block_size)  # [N, blocks, block]
     qmax = (1 << bits) - 1
     half = 1 << (bits - 1)
-    best_err = np.full((n, k_blocks), np.inf, dtype=np.float32)
-    best_q = np.zeros(w.shape, dtype=np.uint8)
-    best_scale = np.zeros((n, k_blocks), dtype=np.float32)
-    best_zp = np.full((n, k_blocks), half, dtype=np.uint8)
-    shrink = np.linspace(1.0, 0.7, steps, dtype=np.float32)
-    if symmetric:
-        amax_at = np.abs(w).argmax(axis=-1)[..., None]
-        signed_max = np.take_along_axis(w, amax_at, axis=-1)[..., 0]  # the largest magnitude, with its sign
-        candidates = [signed_max / -half, np.abs(signed_max) / (half - 1)]  # -8 (or +7) takes the extreme
+    scales = np.empty((n, k_blocks), dtype=np.float32)
+    zps = np.empty((n, k_blocks), dtype=np.float32)
+    codes = np.empty(w.shape, dtype=np.uint8)
+
+    def task(r0: int) -> None:
+        part = w[r0:r0 + _SEARCH_ROWS]
+        s, z = _search_block_scales(part, bits=bits, symmetric=symmetric, steps=steps)
+        inv = np.where(s == 0, 0.0, 1.0 / np.where(s == 0, 1.0, s)).astype(np.float32)
+        codes[r0:r0 + _SEARCH_ROWS] = np.clip(np.rint(part * inv[..., None]) + z[..., None], 0, qmax)
+        scales[r0:r0 + _SEARCH_ROWS], zps[r0:r0 + _SEARCH_ROWS] = s, z
+
+    starts = range(0, n, _SEARCH_ROWS)
+    if len(starts) > 1:
+        with ThreadPoolExecutor(max_workers=min(len(starts), os.cpu_count() or 1)) as pool:
+            list(pool.map(task, starts))
     else:
-        lo, hi = np.minimum(w.min(axis=-1), 0.0), np.maximum(w.max(axis=-1), 0.0)
-    for factor in shrink:
-        for base in (candidates if symmetric else [None]):
-            if symmetric:
-                scale = base * factor
-                zp = np.full((n, k_blocks), half, dtype=np.float32)
-            else:
-                scale = (hi - lo) * factor / qmax
-                zp = np.clip(np.round(-lo * factor / np.where(scale == 0, 1, scale)), 0, qmax)
-            safe = np.where(scale == 0, 1.0, scale)[..., None]
-            q = np.clip(np.round(w / safe) + zp[..., None], 0, qmax)
-            err = (((q - zp[..., None]) * scale[..., None] - w) ** 2).sum(axis=-1)
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_q = np.where(better[..., None], q.astype(np.uint8), best_q)
-            best_scale = np.where(better, scale, best_scale)
-            best_zp = np.where(better, zp.astype(np.uint8), best_zp)
+        task(0)
     dtype = weight_kn.dtype if weight_kn.dtype in (np.float16, np.float32) else np.float32
+    zp_codes = zps.astype(np.uint8)
     if bits == 4:
-        packed = (best_q[..., 0::2] | (best_q[..., 1::2] << 4)).astype(np.uint8)
-        zp_pairs = np.pad(best_zp, ((0, 0), (0, k_blocks % 2)), constant_values=half)
+        packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+        zp_pairs = np.pad(zp_codes, ((0, 0), (0, k_blocks % 2)), constant_values=half)
         zero_points = (zp_pairs[:, 0::2] | (zp_pairs[:, 1::2] << 4)).astype(np.uint8)
     else:
-        packed, zero_points = best_q, best_zp
-    return BlockQuantized(np.ascontiguousarray(packed), best_scale.astype(dtype),
+        packed, zero_points = codes, zp_codes
+    return BlockQuantized(np.ascontiguousarray(packed), scales.astype(dtype),
                           None if symmetric else np.ascontiguousarray(zero_points))
 
 
