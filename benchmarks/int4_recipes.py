@@ -16,8 +16,17 @@ Recipes (block 32, accuracy level 4 throughout):
 * ``head8`` / ``head4``: lm_head as MatMulNBits int8 (the CPU profiles' ``keep_bits``)
   or int4 like every other layer (onnxruntime-genai's recipe is ``sym rtn head4``).
 
-    python benchmarks/int4_recipes.py                   # all recipes, ~2 min each on 2 cores
+    python benchmarks/int4_recipes.py                   # all recipes, ~15 s each on 2 cores
     python benchmarks/int4_recipes.py --recipes asym-mse-head8 sym-mse-head4 --out /tmp/recipes
+
+``--speed`` measures decode speed instead, on the peers benchmark's Code Llama-shaped
+random checkpoint (``benchmarks/peers.py``'s, built there if missing: 8 layers of 2048,
+vocab 32016): every recipe's graph in one process, decode steps alternated recipe by
+recipe (argmax after each, as the engine does), thread-pool spinning off, so that load
+from other processes hits every recipe alike -- on a shared machine, separate runs
+minutes apart differ by more than the recipes do. Tokens/s from the median step.
+
+    python benchmarks/int4_recipes.py --speed --recipes asym-rtn-head8 sym-mse-head8 sym-rtn-head4 --threads 2
 
 The demo model is trained on first use (``export/demo_model.py``, cached). Small models
 are harsher than 7B ones: the numbers rank recipes, they do not forecast Code Llama 7B.
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -34,8 +44,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "benchmarks"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,74 @@ def measure(recipe: Recipe, checkpoint: Path, work: Path) -> dict:
             "weight_bytes_per_step": weight_bytes_per_step(graph), "build_s": round(build_s, 1)}
 
 
+def speed(recipes: list[Recipe], checkpoint: Path, work: Path, *, threads: int, contexts: list[int],
+          steps: int) -> list[dict]:
+    """Decode tokens/s per recipe and context, steps alternated across recipes in one process."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from edge_export.checkpoint import read_checkpoint
+    from edge_export.graph_builder import build_decoder_graph
+    from edge_runtime.gqa_decoder import SharedKVDecoder
+
+    info = read_checkpoint(checkpoint)
+    arch = info.architecture
+    longest = max(contexts) + steps + 8
+    decoders = {}
+    for r in recipes:
+        graph = work / r.name / "model.onnx"
+        stamp = work / r.name / "stamp.json"
+        wanted = {"checkpoint": str(checkpoint), "config_sha256": info.config_sha256, "recipe": r.__dict__,
+                  "max_length": longest}
+        if not (graph.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == wanted):
+            print(f"[recipes] building {r.name} for {checkpoint.name} ...", file=sys.stderr, flush=True)
+            build_decoder_graph(info, graph, precision="int4", block_size=32, symmetric=r.symmetric,
+                                accuracy_level=4, keep_unquantized=("lm_head",) if r.head_bits == 8 else (),
+                                keep_bits=8 if r.head_bits == 8 else None, max_length=longest,
+                                scale_search=r.scale_search)
+            stamp.write_text(json.dumps(wanted))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(graph), sess_options=options, providers=["CPUExecutionProvider"])
+        decoders[r.name] = SharedKVDecoder(ort, session, arch, device="cpu", max_length=longest)
+    rng = np.random.default_rng(0)
+    rows = {r.name: {"recipe": r.name, "weight_bytes_per_step": weight_bytes_per_step(work / r.name / "model.onnx"),
+                     "decode_tokens_per_s": {}} for r in recipes}
+    for ctx in contexts:
+        prompt = [1, *rng.integers(100, 32000, size=ctx - 1).tolist()]
+        state = {}
+        for name, d in decoders.items():
+            cache = d.new_cache(ctx + steps + 4)
+            token = int(np.argmax(d.prefill(cache, prompt)[-1]))
+            state[name] = [cache, int(np.argmax(d.decode(cache, token)))]  # one untimed step
+        times: dict[str, list[float]] = {name: [] for name in decoders}
+        for _ in range(steps):
+            for name, d in decoders.items():
+                cache, token = state[name]
+                t0 = time.perf_counter()
+                state[name][1] = int(np.argmax(d.decode(cache, token)))
+                times[name].append(time.perf_counter() - t0)
+        for name in decoders:
+            rows[name]["decode_tokens_per_s"][ctx] = round(1.0 / float(np.median(times[name])), 2)
+        print(f"[recipes] context {ctx}: " + ", ".join(f"{n} {rows[n]['decode_tokens_per_s'][ctx]}"
+                                                      for n in decoders), file=sys.stderr, flush=True)
+    return list(rows.values())
+
+
+def format_speed_table(rows: list[dict], contexts: list[int]) -> str:
+    first = rows[0]
+    head = ("| recipe | weights read per step | " + " | ".join(f"decode tok/s @{c}" for c in contexts) + " | "
+            + " | ".join(f"vs {first['recipe']} @{c}" for c in contexts) + " |\n"
+            + "|---" * (2 + 2 * len(contexts)) + "|")
+    lines = [f"| {r['recipe']} | {r['weight_bytes_per_step'] / 2**20:.0f} MiB | "
+             + " | ".join(f"{r['decode_tokens_per_s'][c]:.1f}" for c in contexts) + " | "
+             + " | ".join(f"{r['decode_tokens_per_s'][c] / first['decode_tokens_per_s'][c]:.2f}x" for c in contexts)
+             + " |" for r in rows]
+    return "\n".join([head, *lines])
+
+
 def format_table(rows: list[dict]) -> str:
     head = ("| recipe | greedy agreement (min) | teacher-forced | max logit diff | weights read per step |\n"
             "|---|---|---|---|---|")
@@ -108,7 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipes", nargs="+", choices=sorted(recipes), default=list(recipes))
     p.add_argument("--checkpoint", type=Path, help="default: the trained demo model (cached)")
     p.add_argument("--out", type=Path, default=Path("int4-recipes"), help="writes <out>.json")
+    p.add_argument("--speed", action="store_true", help="measure decode speed instead of fidelity")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="--speed: intra-op threads")
+    p.add_argument("--contexts", type=int, nargs="+", default=[128, 2048], help="--speed: contexts held")
+    p.add_argument("--steps", type=int, default=64, help="--speed: decode steps per recipe and context")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="--speed: where the graphs are kept (default: <peers workdir>/int4-recipes)")
     args = p.parse_args(argv)
+    if args.speed:
+        return main_speed(args, [recipes[n] for n in args.recipes])
     if args.checkpoint is None:
         from edge_export.demo_model import ensure_demo_model
 
@@ -125,6 +212,30 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".json").write_text(json.dumps(
         {"command": " ".join(["python", "benchmarks/int4_recipes.py", *(argv or sys.argv[1:])]),
          "checkpoint": str(args.checkpoint), "rows": rows, "table": table}, indent=2))
+    return 0
+
+
+def main_speed(args, chosen: list[Recipe]) -> int:
+    import peers  # benchmarks/peers.py: its checkpoint and work folder
+
+    if args.checkpoint is None:
+        args.checkpoint = peers.CACHE / "peers-bench" / "checkpoint"
+        if not (args.checkpoint / "config.json").is_file():
+            print(f"[recipes] building the checkpoint {peers.SHAPE_DEFAULTS} ...", file=sys.stderr, flush=True)
+            from edge_export.synthetic import build_checkpoint_streamed
+
+            d = peers.SHAPE_DEFAULTS
+            build_checkpoint_streamed(args.checkpoint, hidden_size=d["hidden"], intermediate_size=d["intermediate"],
+                                      num_layers=d["layers"], num_heads=d["heads"], num_kv_heads=d["kv_heads"],
+                                      seed=d["seed"], dtype="float16", max_position_embeddings=16384)
+    work = args.workdir or (peers.CACHE / "peers-bench" / "int4-recipes")
+    rows = speed(chosen, args.checkpoint, work, threads=args.threads, contexts=args.contexts, steps=args.steps)
+    table = format_speed_table(rows, args.contexts)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"command": " ".join(["python", "benchmarks/int4_recipes.py", *(sys.argv[1:])]),
+         "checkpoint": str(args.checkpoint), "threads": args.threads, "rows": rows, "table": table}, indent=2))
     return 0
 
 

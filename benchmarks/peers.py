@@ -12,8 +12,9 @@ What it does:
 2. prepares each engine's model from it, once (cached in ``--workdir`` by a stamp of the
    checkpoint and the recipe):
    * ``edge-runtime``: ``edge-runtime export --graph fused`` with the cpu-x86_64 profile's
-     int4 recipe (MatMulNBits block 32, asymmetric, accuracy level 4, lm_head kept as int8),
-     fidelity skipped (random weights); the recipe is part of the cache stamp;
+     int4 recipe (MatMulNBits block 32, symmetric with the least-squares scale search,
+     accuracy level 4, lm_head kept as int8), fidelity skipped (random weights); the recipe
+     is part of the cache stamp;
    * ``edge-runtime/genai-recipe``: the same graph and engine loop with onnxruntime-genai's
      recipe (symmetric int4, lm_head int4: ``graph_builder.build_decoder_graph``, a bare
      graph run by the engine's decoder) -- the same bytes as onnxruntime-genai's model, so
@@ -30,7 +31,9 @@ What it does:
    one thread and ``--threads`` threads (each copying its slice), counting the bytes
    read plus the bytes written;
 4. runs each engine in its own subprocess (so peak RSS is the engine's own), ``--rounds``
-   times, engines interleaved, keeping each number's best round: a ``--prefill-tokens``
+   times, engines interleaved, keeping each number's median round (``--aggregate best``:
+   its best round; on a shared 2-core VM single rounds of one engine swing by 30 %, so a
+   best-of favours whichever engine had a lucky round): a ``--prefill-tokens``
    prompt (best of 3: prefill tokens/s and time to first token = prefill + picking the
    first token), then per context C: prefill C tokens, one untimed step, then
    ``--decode-tokens`` single-token steps each followed by a greedy pick (decode
@@ -112,17 +115,26 @@ def roofline_tokens_per_s(bandwidth_bytes_per_s: float, weight_bytes: int, kv_by
     return bandwidth_bytes_per_s / (weight_bytes + kv_bytes)
 
 
-def merge_runs(runs: list[EngineRun]) -> EngineRun:
-    """Best of several rounds of one engine, number by number (peak RSS: the largest)."""
-    best = EngineRun(engine=runs[0].engine, prefill_tokens=runs[0].prefill_tokens)
-    best.prefill_tokens_per_s = max(r.prefill_tokens_per_s for r in runs)
-    best.ttft_ms = min(r.ttft_ms for r in runs)
+AGGREGATES = ("median", "best")
+
+
+def merge_runs(runs: list[EngineRun], aggregate: str = "median") -> EngineRun:
+    """Several rounds of one engine as one, number by number: the median round's value, or
+    with ``aggregate="best"`` the best round's (highest speed, lowest TTFT). Peak RSS is the
+    largest, the fastest single decode step the fastest, the load time the shortest."""
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {AGGREGATES}, not {aggregate!r}")
+    high = statistics.median if aggregate == "median" else max
+    low = statistics.median if aggregate == "median" else min
+    out = EngineRun(engine=runs[0].engine, prefill_tokens=runs[0].prefill_tokens)
+    out.prefill_tokens_per_s = high(r.prefill_tokens_per_s for r in runs)
+    out.ttft_ms = low(r.ttft_ms for r in runs)
     for ctx in runs[0].decode_tokens_per_s:
-        best.decode_tokens_per_s[ctx] = max(r.decode_tokens_per_s[ctx] for r in runs)
-        best.decode_best_tokens_per_s[ctx] = max(r.decode_best_tokens_per_s.get(ctx, 0.0) for r in runs)
-    best.peak_rss_bytes = max(r.peak_rss_bytes for r in runs)
-    best.load_s = min(r.load_s for r in runs)
-    return best
+        out.decode_tokens_per_s[ctx] = high(r.decode_tokens_per_s[ctx] for r in runs)
+        out.decode_best_tokens_per_s[ctx] = max(r.decode_best_tokens_per_s.get(ctx, 0.0) for r in runs)
+    out.peak_rss_bytes = max(r.peak_rss_bytes for r in runs)
+    out.load_s = min(r.load_s for r in runs)
+    return out
 
 
 def build_rows(infos: dict[str, ModelInfo], runs: dict[str, EngineRun], *, bandwidth: float, arch: dict,
@@ -282,10 +294,11 @@ def step_checkpoint(a) -> dict:
 
 
 def recipe_words(block_size: int, symmetric: bool, accuracy_level: int, kept: tuple[str, ...],
-                 keep_bits: int | None) -> str:
-    """The int4 recipe in words, e.g. "int4 b32 asym acc4, lm_head int8"."""
+                 keep_bits: int | None, scale_search: bool = False) -> str:
+    """The int4 recipe in words, e.g. "int4 b32 sym mse acc4, lm_head int8"."""
     held = f"{', '.join(kept)} {'int%d' % keep_bits if keep_bits else 'fp32'}" if kept else "all int4"
-    return f"int4 b{block_size} {'sym' if symmetric else 'asym'} acc{accuracy_level}, {held}"
+    rounding = " mse" if scale_search else ""
+    return f"int4 b{block_size} {'sym' if symmetric else 'asym'}{rounding} acc{accuracy_level}, {held}"
 
 
 def profile_recipe() -> dict:
@@ -294,7 +307,7 @@ def profile_recipe() -> dict:
 
     q = load_profile(PROFILE).quantization
     return {"block_size": q.block_size, "symmetric": q.symmetric, "accuracy_level": q.accuracy_level,
-            "keep_unquantized": list(q.keep_unquantized), "keep_bits": q.keep_bits}
+            "keep_unquantized": list(q.keep_unquantized), "keep_bits": q.keep_bits, "scale_search": q.scale_search}
 
 
 def step_prepare_ours(a) -> dict:
@@ -306,7 +319,7 @@ def step_prepare_ours(a) -> dict:
     r = profile_recipe()
     total, per_token = onnx_weight_bytes(out / "model.onnx")
     words = recipe_words(r["block_size"], r["symmetric"], r["accuracy_level"], tuple(r["keep_unquantized"]),
-                         r["keep_bits"])
+                         r["keep_bits"], r["scale_search"])
     return asdict(ModelInfo(OURS, words, folder_bytes(out, "model.onnx"), per_token,
                             onnx_kv_element_bytes(out / "model.onnx")))
 
@@ -602,7 +615,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 1024, 2048])
     p.add_argument("--table-contexts", type=int, nargs="+", default=[128, 2048])
     p.add_argument("--decode-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=2, help="measure every engine this many times, interleaved")
+    p.add_argument("--rounds", type=int, default=3, help="measure every engine this many times, interleaved")
+    p.add_argument("--aggregate", choices=AGGREGATES, default="median",
+                   help="how the rounds make one number: the median round (default; robust to a lucky or "
+                        "unlucky round on a shared machine) or the best")
     p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     p.add_argument("--peer-python", default=str(DEFAULT_PEER_PYTHON) if DEFAULT_PEER_PYTHON.exists()
                    else sys.executable)
@@ -683,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
             r["decode_best_tokens_per_s"] = {int(k): v for k, v in r["decode_best_tokens_per_s"].items()}
             measured[engine].append(EngineRun(**r))
             loads.append(round(os.getloadavg()[0], 2))
-    runs = {e: merge_runs(rs) for e, rs in measured.items() if rs}
+    runs = {e: merge_runs(rs, args.aggregate) for e, rs in measured.items() if rs}
     rows = build_rows(infos, runs, bandwidth=bw["bandwidth"], arch=arch, contexts=args.contexts)
 
     params = info.weight_bytes // 2 if info.torch_dtype in ("float16", "bfloat16") else info.weight_bytes // 4
@@ -691,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{a.num_kv_heads} kv, vocab {a.vocab_size} ({params / 1e6:.0f}M params, {info.torch_dtype}); "
              f"CPU: {os.cpu_count()} cores, {args.threads} threads for every engine; batch 1; "
              f"prefill {args.prefill_tokens} tokens (best of 3); decode: median of {args.decode_tokens} steps "
-             f"after a prefill of C tokens; best of {args.rounds} interleaved rounds; memory bandwidth "
+             f"after a prefill of C tokens; {args.aggregate} of {args.rounds} interleaved rounds; memory bandwidth "
              f"{bw['bandwidth'] / 1e9:.1f} GB/s (numpy copy of {args.bandwidth_mib} MiB, read + write; 1 thread "
              f"{bw['one_thread'] / 1e9:.1f}, {args.threads} threads {bw['all_threads'] / 1e9:.1f}); roofline = "
              f"bandwidth / (weights read per token, embedding table as one row, + KV cache at C in the engine's "

@@ -69,9 +69,21 @@ def test_table_has_one_line_per_row_and_dashes_for_missing_points(peers):
 def test_merge_keeps_each_numbers_best_round(peers):
     a = peers.EngineRun(peers.OURS, 512, 100.0, 900.0, {128: 20.0}, {128: 22.0}, 10, 2.0)
     b = peers.EngineRun(peers.OURS, 512, 90.0, 800.0, {128: 21.0}, {128: 21.5}, 20, 1.0)
-    m = peers.merge_runs([a, b])
+    m = peers.merge_runs([a, b], "best")
     assert (m.prefill_tokens_per_s, m.ttft_ms, m.decode_tokens_per_s, m.decode_best_tokens_per_s,
             m.peak_rss_bytes, m.load_s) == (100.0, 800.0, {128: 21.0}, {128: 22.0}, 20, 1.0)
+
+
+def test_merge_by_default_keeps_each_numbers_median_round(peers):
+    """One lucky round (the third) does not decide the number."""
+    rounds = [peers.EngineRun(peers.OURS, 512, 100.0, 900.0, {128: 20.0}, {128: 22.0}, 10, 2.0),
+              peers.EngineRun(peers.OURS, 512, 90.0, 950.0, {128: 21.0}, {128: 21.5}, 20, 1.0),
+              peers.EngineRun(peers.OURS, 512, 140.0, 600.0, {128: 30.0}, {128: 31.0}, 15, 1.5)]
+    m = peers.merge_runs(rounds)
+    assert (m.prefill_tokens_per_s, m.ttft_ms, m.decode_tokens_per_s, m.decode_best_tokens_per_s,
+            m.peak_rss_bytes, m.load_s) == (100.0, 900.0, {128: 21.0}, {128: 31.0}, 20, 1.0)
+    with pytest.raises(ValueError, match="aggregate"):
+        peers.merge_runs(rounds, "mean")
 
 
 def test_missing_peers_are_reported(peers, tmp_path, monkeypatch):

@@ -1,0 +1,63 @@
+"""benchmarks/int4_recipes.py on a tiny checkpoint: both modes run end to end and write
+what they print; the speed mode keeps every recipe's graph and rebuilds it only when the
+checkpoint or the recipe changes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def recipes():
+    spec = importlib.util.spec_from_file_location("bench_int4_recipes", ROOT / "benchmarks" / "int4_recipes.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipe_names_cover_symmetry_rounding_and_head(recipes):
+    named = recipes.all_recipes()
+    assert len(named) == 8
+    r = named["sym-mse-head8"]
+    assert (r.symmetric, r.scale_search, r.head_bits) == (True, True, 8)
+    assert named["asym-rtn-head4"] == recipes.Recipe("asym-rtn-head4", False, False, 4)
+
+
+def test_fidelity_mode_against_torch(recipes, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "fidelity"
+    assert recipes.main(["--checkpoint", str(tiny_checkpoint), "--recipes", "asym-rtn-head8", "sym-mse-head4",
+                         "--out", str(out)]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    rows = {r["recipe"]: r for r in result["rows"]}
+    assert set(rows) == {"asym-rtn-head8", "sym-mse-head4"}
+    for row in rows.values():
+        assert 0.0 <= row["greedy_agreement_min"] <= row["greedy_agreement"] <= 1.0
+        assert 0.0 <= row["teacher_forced_agreement"] <= 1.0 and row["max_logit_diff"] >= 0.0
+    # an int4 lm_head reads fewer bytes than an int8 one
+    assert rows["sym-mse-head4"]["weight_bytes_per_step"] < rows["asym-rtn-head8"]["weight_bytes_per_step"]
+    assert result["table"] in capsys.readouterr().out
+
+
+def test_speed_mode_alternates_recipes_and_reuses_graphs(recipes, tiny_checkpoint, tmp_path, capsys):
+    args = ["--speed", "--checkpoint", str(tiny_checkpoint), "--recipes", "asym-rtn-head8", "sym-mse-head8",
+            "--threads", "1", "--contexts", "8", "16", "--steps", "3", "--workdir", str(tmp_path / "work"),
+            "--out", str(tmp_path / "speed")]
+    assert recipes.main(args) == 0
+    first = capsys.readouterr()
+    assert "building asym-rtn-head8" in first.err and "building sym-mse-head8" in first.err
+    result = json.loads((tmp_path / "speed.json").read_text())
+    assert [r["recipe"] for r in result["rows"]] == ["asym-rtn-head8", "sym-mse-head8"]
+    for row in result["rows"]:
+        assert set(row["decode_tokens_per_s"]) == {"8", "16"}
+        assert all(v > 0 for v in row["decode_tokens_per_s"].values())
+    assert "1.00x" in result["table"] and result["table"] in first.out
+    assert recipes.main(args) == 0  # same checkpoint, same recipes: the graphs are reused
+    assert "building" not in capsys.readouterr().err
