@@ -250,20 +250,27 @@ class BlockQuantized:
     zero_points: np.ndarray | None
 
 
+def _padded_to_blocks(weight_kn: np.ndarray, *, bits: int, block_size: int) -> tuple[np.ndarray, int]:
+    """The [K, N] weight zero-padded along K to whole blocks, and the block count (after
+    checking ``bits`` and ``block_size`` are what MatMulNBits takes)."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, not {bits}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, not {block_size}")
+    k = weight_kn.shape[0]
+    k_blocks = (k + block_size - 1) // block_size
+    pad = k_blocks * block_size - k
+    return (weight_kn if not pad else np.pad(weight_kn, ((0, pad), (0, 0)))), k_blocks
+
+
 def block_quantize(weight_kn: np.ndarray, *, bits: int, block_size: int, symmetric: bool) -> BlockQuantized:
     """Quantize a float32/float16 weight of shape [K, N] (MatMul's B) block-wise along K
     with ``onnxruntime.capi._pybind_state.quantize_matmul_{4,8}bits`` -- the functions
     onnxruntime's MatMulNBitsQuantizer calls. Scales come out in the weight's dtype."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, not {bits}")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 16, not {block_size}")
     k, n = weight_kn.shape
-    k_blocks = (k + block_size - 1) // block_size
-    pad = k_blocks * block_size - k
-    weight = weight_kn if not pad else np.pad(weight_kn, ((0, pad), (0, 0)))
+    weight, k_blocks = _padded_to_blocks(weight_kn, bits=bits, block_size=block_size)
     weight = np.ascontiguousarray(weight)
     kpack = 8 // bits
     packed = np.zeros((n, k_blocks, block_size // kpack), dtype=np.uint8)
@@ -324,16 +331,8 @@ def block_quantize_mse(weight_kn: np.ndarray, *, bits: int, block_size: int, sym
     weight is positive). Row slices run on a thread pool (numpy releases the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, not {bits}")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 16, not {block_size}")
-    k, n = weight_kn.shape
-    k_blocks = (k + block_size - 1) // block_size
-    pad = k_blocks * block_size - k
-    w = np.asarray(weight_kn, dtype=np.float32)
-    if pad:
-        w = np.pad(w, ((0, pad), (0, 0)))
+    n = weight_kn.shape[1]
+    w, k_blocks = _padded_to_blocks(np.asarray(weight_kn, dtype=np.float32), bits=bits, block_size=block_size)
     w = np.ascontiguousarray(w.T).reshape(n, k_blocks, block_size)  # [N, blocks, block]
     qmax = (1 << bits) - 1
     half = 1 << (bits - 1)
