@@ -219,6 +219,7 @@ def _assert_config_error(path: pathlib.Path, key: str, message: str) -> None:
             "expected int, got str",
         ),
         (r"^symmetric = true", "symmetric = 1", "quantization.symmetric", "expected bool, got int"),
+        (r"^scale_search = true", 'scale_search = "mse"', "quantization.scale_search", "expected bool, got str"),
         (r"^max_context = 4096", "max_context = true", "max_context", "expected int, got bool"),
         (
             r"^memory_budget_bytes = \d+",
