@@ -159,7 +159,7 @@ class Bundle:
     supports_infill: bool
     chat_format: str
     model_name: str
-    family: Family | None = None  # always set by load_bundle
+    family: Family  # which Code Llama member (derived for bundles made before detection)
 
 
 def _require(mapping: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import generator
-from .bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, Bundle, load_bundle
+from .bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, Bundle, Family, load_bundle
 from .detokenizer import IncrementalDetokenizer
 from .errors import BadRequest, ContextLengthExceeded, DeadlineExceeded, UnsupportedMode
 from .gqa_decoder import SharedKVDecoder
@@ -52,24 +52,18 @@ class ModelInfo:
     supports_infill: bool
     chat_format: str
     provider: str  # the first execution provider actually in use
-    # Code Llama family facts recorded at export (bundle.json `family`; see bundle.Family)
-    size_class: str = "custom"  # 7B / 13B / 34B / 70B / custom
-    variant: str = "unknown"  # base / python / instruct (unknown: a bundle made before detection)
-    parameter_count: int | None = None
-    num_heads: int = 0
-    num_kv_heads: int = 0
-    infill_note: str = ""  # why infill is refused, when it is
+    facts: Family  # the Code Llama member, as recorded at export (bundle.json `family`)
     memory: MemoryPlan | None = None  # weights + KV cache + overhead against the profile's budget
 
     @property
     def family(self) -> dict:
         """The family facts as the daemon's status reports them."""
-        facts = {"size_class": self.size_class, "variant": self.variant, "parameter_count": self.parameter_count,
-                 "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads,
-                 "attention": "GQA" if self.num_kv_heads < self.num_heads else "MHA",
+        f = self.facts
+        facts = {"size_class": f.size_class, "variant": f.variant, "parameter_count": f.parameter_count,
+                 "num_heads": f.num_heads, "num_kv_heads": f.num_kv_heads, "attention": f.attention,
                  "supports_infill": self.supports_infill, "chat_format": self.chat_format}
-        if self.infill_note:
-            facts["infill_note"] = self.infill_note
+        if not self.supports_infill and f.infill_note:
+            facts["infill_note"] = f.infill_note
         if self.memory is not None:
             facts["memory"] = {k: v for k, v in self.memory.as_dict().items() if k.endswith("_bytes") or k == "context"}
         return facts
@@ -106,17 +100,10 @@ class Engine:
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.context_limit = min(bundle.context_limit, profile.max_context)
-        fam = bundle.family
         self.info = ModelInfo(model_name=bundle.model_name, profile=profile.name, precision=bundle.precision,
                               bundle_sha256=bundle.manifest_sha256, context_limit=self.context_limit,
                               supports_infill=bundle.supports_infill, chat_format=bundle.chat_format,
-                              provider=choice.providers[0][0],
-                              size_class=fam.size_class if fam else "custom",
-                              variant=fam.variant if fam else "unknown",
-                              parameter_count=fam.parameter_count if fam else None,
-                              num_heads=bundle.architecture.num_heads, num_kv_heads=bundle.architecture.num_kv_heads,
-                              infill_note=(fam.infill_note if fam else "") if not bundle.supports_infill else "",
-                              memory=memory)
+                              provider=choice.providers[0][0], facts=bundle.family, memory=memory)
         self._lock = threading.Lock()
 
     @classmethod
@@ -149,11 +136,11 @@ class Engine:
             raise BadRequest(f"max_tokens must be at least 1 (got {request.max_tokens})")
         fam = self.bundle.family
         if request.mode == "infill" and not self.bundle.supports_infill:
-            why = fam.infill_note if fam is not None and fam.infill_note else "the tokenizer lacks the infilling tokens"
+            why = fam.infill_note or "the tokenizer lacks the infilling tokens"
             raise UnsupportedMode(f"infill is not available on {self.bundle.model_name}: {why} "
                                   "(Code Llama 7B and 13B base and Instruct support infilling)")
         plan = build_prompt(request, self.tokenizer, chat_format=self.bundle.chat_format)
-        if request.mode == "chat" and fam is not None and fam.variant in ("base", "python"):
+        if request.mode == "chat" and fam.variant in ("base", "python"):
             plan = dataclasses.replace(plan, warnings=(*plan.warnings, chat_warning(fam.variant)))
         needed = len(plan.ids) + request.max_tokens
         if needed > self.context_limit:
