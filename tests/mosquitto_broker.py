@@ -87,3 +87,27 @@ class MosquittoBroker:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+SAMPLE_ACL = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto" / "acl"
+
+
+def secured_broker(workdir: Path, *, users: dict[str, str], acl_lines: str) -> MosquittoBroker:
+    """A started broker that admits only `users` (name -> password, mosquitto_passwd),
+    with usernames as client ids and an ACL of deploy/mosquitto/acl's pattern lines plus
+    `acl_lines` (per-user `user ...` / `topic ...` lines)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    patterns = "\n".join(line for line in SAMPLE_ACL.read_text().splitlines() if line.startswith("pattern "))
+    acl = workdir / "acl"
+    acl.write_text(f"{patterns}\n{acl_lines}")
+    passwd = workdir / "passwd"
+    for i, (user, password) in enumerate(users.items()):
+        subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(passwd), user, password],
+                       check=True, capture_output=True)
+    broker = MosquittoBroker(workdir / "broker")
+    broker.config_path.write_text(
+        f"listener {broker.port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n"
+        f"use_username_as_clientid true\npersistence false\nuser {getpass.getuser()}\n"
+        f"log_dest file {broker.log_path}\n")
+    return broker.start()

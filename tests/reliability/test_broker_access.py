@@ -8,35 +8,20 @@ neither ever sees the other's prompt or answer.
 
 from __future__ import annotations
 
-import subprocess
 import time
-from pathlib import Path
 
 from fake_engine import FakeEngine
 from reliability_kit import Ledger, record_figures
 from service_harness import make_config, start_service
 
-from mosquitto_broker import MosquittoBroker
-
-REPO = Path(__file__).resolve().parents[2]
+from mosquitto_broker import secured_broker
 
 
 def test_the_daemon_never_echoes_one_clients_prompt_or_answer_to_another(tmp_path):
-    sample = (REPO / "deploy" / "mosquitto" / "acl").read_text()
-    patterns = "\n".join(line for line in sample.splitlines() if line.startswith("pattern "))
-    acl = tmp_path / "acl"
-    acl.write_text(f"{patterns}\nuser client-a\ntopic write edge/+/v1/generate\nuser client-b\n"
-                   "topic write edge/+/v1/generate\n")
-    passwd = tmp_path / "passwd"
-    for i, user in enumerate(("dev1", "client-a", "client-b")):
-        subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(passwd), user, f"{user}-pw"],
-                       check=True, capture_output=True)
+    b = secured_broker(tmp_path, users={u: f"{u}-pw" for u in ("dev1", "client-a", "client-b")},
+                       acl_lines="user client-a\ntopic write edge/+/v1/generate\nuser client-b\n"
+                                 "topic write edge/+/v1/generate\n")
     (tmp_path / "dev.pw").write_text("dev1-pw\n")
-    b = MosquittoBroker(tmp_path / "broker")
-    b.config_path.write_text(
-        f"listener {b.port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n"
-        f"use_username_as_clientid true\npersistence false\nuser root\nlog_dest file {b.log_path}\n")
-    b.start()
     service = None
     try:
         # queue of 32: the 10 requests below arrive at once and none may be answered `busy`

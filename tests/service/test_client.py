@@ -226,27 +226,13 @@ def test_fleet_requests_from_the_client(broker, tmp_path):
 def test_daemon_and_client_through_the_sample_acl(tmp_path):
     """Usernames as identities, a password file and the ACL's pattern lines from
     deploy/mosquitto/acl (plain TCP here; TLS is covered by tests/system)."""
-    import subprocess
-    from pathlib import Path
+    from mosquitto_broker import secured_broker
 
-    from mosquitto_broker import MosquittoBroker
-
-    sample = (Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "acl").read_text()
-    patterns = "\n".join(line for line in sample.splitlines() if line.startswith("pattern "))
-    acl = tmp_path / "acl"
-    acl.write_text(f"{patterns}\nuser client-01\ntopic write edge/+/v1/generate\ntopic write edge/+/v1/cancel\n"
-                   "topic read edge/+/v1/status\nuser dev1\ntopic read edge/fleet/v1/generate\n"
-                   "topic write edge/fleet/v1/reply/#\n")
-    passwd = tmp_path / "passwd"
-    for i, (user, pw) in enumerate((("dev1", "dev-pw"), ("client-01", "client-pw"))):
-        subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(passwd), user, pw],
-                       check=True, capture_output=True)
+    b = secured_broker(tmp_path, users={"dev1": "dev-pw", "client-01": "client-pw"},
+                       acl_lines="user client-01\ntopic write edge/+/v1/generate\ntopic write edge/+/v1/cancel\n"
+                                 "topic read edge/+/v1/status\nuser dev1\ntopic read edge/fleet/v1/generate\n"
+                                 "topic write edge/fleet/v1/reply/#\n")
     (tmp_path / "dev.pw").write_text("dev-pw\n")
-    b = MosquittoBroker(tmp_path / "broker")
-    b.config_path.write_text(
-        f"listener {b.port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n"
-        f"use_username_as_clientid true\npersistence false\nuser root\nlog_dest file {b.log_path}\n")
-    b.start()
     service = None
     try:
         service = start_service(make_config(b, tmp_path, **{"mqtt.username": "dev1",
