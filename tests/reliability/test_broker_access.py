@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 
-from fake_engine import FakeEngine
 from reliability_kit import Ledger, record_figures
 from service_harness import make_config, start_service
 
