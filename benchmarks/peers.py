@@ -57,7 +57,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -68,6 +67,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_graphs import peak_rss, prompt_ids  # noqa: E402  (the steps both benchmarks run alike)
 
 OURS = "edge-runtime"
 OURS_GENAI_RECIPE = "edge-runtime/genai-recipe"  # our graph + loop, onnxruntime-genai's recipe (same bytes)
@@ -274,16 +276,6 @@ def folder_bytes(folder: Path, prefix: str = "") -> int:
 
 
 # -- steps (each in its own interpreter) ----------------------------------------------------------------------
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def prompt_ids(n: int, vocab: int, seed: int) -> np.ndarray:
-    ids = np.random.default_rng(seed).integers(100, min(vocab, 32000), size=n, dtype=np.int64)
-    ids[0] = 1
-    return ids
-
-
 def step_checkpoint(a) -> dict:
     from edge_export.synthetic import build_checkpoint_streamed
 
