@@ -68,17 +68,10 @@ def all_recipes() -> dict[str, Recipe]:
 
 
 def weight_bytes_per_step(graph: Path) -> int:
-    """Bytes of every initializer a decode step reads: all but the embedding table."""
-    import onnx
+    """Bytes of the weights one decode step reads (the embedding table: one row)."""
+    from peers import onnx_weight_bytes
 
-    model = onnx.load(str(graph), load_external_data=False)
-    total = 0
-    for t in model.graph.initializer:
-        if "embed_tokens" in t.name:
-            continue
-        length = next((int(e.value) for e in t.external_data if e.key == "length"), None)
-        total += length if length is not None else len(t.raw_data)
-    return total
+    return onnx_weight_bytes(graph)[1]
 
 
 def measure(recipe: Recipe, checkpoint: Path, work: Path) -> dict:
