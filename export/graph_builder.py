@@ -285,6 +285,11 @@ SCALE_SEARCH_STEPS = 16  # candidate ranges per block tried by block_quantize_ms
 _SEARCH_ROWS = 256  # rows of N per task of the search (numpy releases the GIL: tasks run on every core)
 
 
+def _inverse(scale: np.ndarray) -> np.ndarray:
+    """1 / scale, and 0 where the scale is 0 (an all-zero block)."""
+    return np.divide(1.0, scale, out=np.zeros_like(scale), where=scale != 0)
+
+
 def _search_block_scales(w: np.ndarray, *, bits: int, symmetric: bool, steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Per block of ``w`` [rows, blocks, block], the scale and zero point (float) of the
     candidate range whose round-to-nearest reconstruction has the least squared error."""
@@ -293,19 +298,18 @@ def _search_block_scales(w: np.ndarray, *, bits: int, symmetric: bool, steps: in
     if symmetric:  # the largest magnitude, with its sign, maps to -half (-8 of -8..7), as in llama.cpp's Q4_0
         amax_at = np.abs(w).argmax(axis=-1)[..., None]
         full = np.take_along_axis(w, amax_at, axis=-1)[..., 0] / -half
-        zp_full = np.full(full.shape, half, dtype=np.float32)
     else:
         lo, hi = np.minimum(w.min(axis=-1), 0.0), np.maximum(w.max(axis=-1), 0.0)
         full = (hi - lo) / qmax
     best_err = np.full(full.shape, np.inf, dtype=np.float32)
     best_scale = full.copy()
-    best_zp = zp_full if symmetric else np.zeros(full.shape, dtype=np.float32)
+    best_zp = np.full(full.shape, half, dtype=np.float32)
     r = np.empty_like(w)
     q = np.empty_like(w)
     for factor in np.linspace(1.0, 0.7, steps, dtype=np.float32):
         scale = full * factor
-        inv = np.where(scale == 0, 0.0, 1.0 / np.where(scale == 0, 1.0, scale)).astype(np.float32)
-        zp = zp_full if symmetric else np.clip(np.rint(-lo * inv), 0, qmax).astype(np.float32)
+        inv = _inverse(scale)
+        zp = best_zp if symmetric else np.clip(np.rint(-lo * inv), 0, qmax).astype(np.float32)
         np.multiply(w, inv[..., None], out=r)
         r += zp[..., None]  # w / scale + zero point: the unrounded code
         np.rint(r, out=q)
@@ -316,7 +320,8 @@ def _search_block_scales(w: np.ndarray, *, bits: int, symmetric: bool, steps: in
         better = err < best_err
         best_err[better] = err[better]
         best_scale[better] = scale[better]
-        best_zp[better] = zp[better]
+        if not symmetric:
+            best_zp[better] = zp[better]
     return best_scale, best_zp
 
 
@@ -340,11 +345,13 @@ def block_quantize_mse(weight_kn: np.ndarray, *, bits: int, block_size: int, sym
     zps = np.empty((n, k_blocks), dtype=np.float32)
     codes = np.empty(w.shape, dtype=np.uint8)
 
+    dtype = weight_kn.dtype if weight_kn.dtype in (np.float16, np.float32) else np.float32
+
     def task(r0: int) -> None:
         part = w[r0:r0 + _SEARCH_ROWS]
         s, z = _search_block_scales(part, bits=bits, symmetric=symmetric, steps=steps)
-        inv = np.where(s == 0, 0.0, 1.0 / np.where(s == 0, 1.0, s)).astype(np.float32)
-        codes[r0:r0 + _SEARCH_ROWS] = np.clip(np.rint(part * inv[..., None]) + z[..., None], 0, qmax)
+        s = s.astype(dtype).astype(np.float32)  # the codes are rounded against the scale as stored
+        codes[r0:r0 + _SEARCH_ROWS] = np.clip(np.rint(part * _inverse(s)[..., None]) + z[..., None], 0, qmax)
         scales[r0:r0 + _SEARCH_ROWS], zps[r0:r0 + _SEARCH_ROWS] = s, z
 
     starts = range(0, n, _SEARCH_ROWS)
@@ -353,7 +360,6 @@ def block_quantize_mse(weight_kn: np.ndarray, *, bits: int, block_size: int, sym
             list(pool.map(task, starts))
     else:
         task(0)
-    dtype = weight_kn.dtype if weight_kn.dtype in (np.float16, np.float32) else np.float32
     zp_codes = zps.astype(np.uint8)
     if bits == 4:
         packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)

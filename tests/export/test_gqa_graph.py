@@ -371,3 +371,17 @@ def test_kv_pages_are_committed_as_tokens_arrive():
     array[:: 1 << 18] = 1.0  # one element per MiB, like the first row of each head
     assert resident_mib() - before < 8
     assert float(np.frombuffer(region, dtype=np.float32)[1 << 18]) == 1.0
+
+
+def test_scale_search_keeps_float16_scales_and_rounds_against_them():
+    """GPU bundles store float16 scales: the codes are chosen against the scale as stored,
+    so the reconstruction with the float16 scales is still no worse than round-to-nearest's."""
+    rng = np.random.default_rng(7)
+    w = (rng.standard_t(df=3, size=(256, 32)) * 0.02).astype(np.float16)
+    rtn = block_quantize(w, bits=4, block_size=32, symmetric=True)
+    mse = block_quantize_mse(w, bits=4, block_size=32, symmetric=True)
+    assert mse.scales.dtype == np.float16 and rtn.scales.dtype == np.float16
+    ref = w.astype(np.float32)
+    err = {name: float(((dequantize_reference(q, 256, bits=4, block_size=32) - ref) ** 2).sum())
+           for name, q in (("rtn", rtn), ("mse", mse))}
+    assert err["mse"] < err["rtn"]
