@@ -61,14 +61,18 @@ class ExportSummary:
     timings: dict[str, float]
 
 
-def recipe_for(profile: DeviceProfile, precision: str, algorithm: str | None) -> quantize.QuantRecipe:
+def recipe_for(profile: DeviceProfile, precision: str, algorithm: str | None, *,
+               fused: bool) -> quantize.QuantRecipe:
+    """The quantization the export will do: the profile's, except that the optimum graph
+    (`fused` False: onnxruntime's quantizer) cannot search scales, and symmetric int4
+    without the search loses fidelity (benchmarks/int4_recipes.py), so a profile that
+    relies on the search gets zero points there."""
     q = profile.quantization
-    # onnxruntime's quantizer rounds to nearest: symmetric int4 without the scale search loses
-    # fidelity (benchmarks/int4_recipes.py), so a profile that relies on it gets zero points here
-    symmetric = q.symmetric and not q.scale_search
+    search = q.scale_search and fused
+    symmetric = q.symmetric and (search or not q.scale_search)
     return quantize.QuantRecipe(bits=quantize.BITS[precision], block_size=q.block_size, symmetric=symmetric,
                                 accuracy_level=q.accuracy_level, keep_unquantized=tuple(q.keep_unquantized),
-                                algorithm=algorithm or getattr(q, "algorithm", "rtn"))
+                                algorithm=algorithm or getattr(q, "algorithm", "rtn"), scale_search=search)
 
 
 def graph_io(graph: Path) -> dict:
@@ -171,22 +175,22 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
     work = partial / "_export"
     try:
         graph = partial / GRAPH_FILE
-        recipe = recipe_for(profile, precision, opts.algorithm) if precision in quantize.BITS else None
+        fused = flavour == FLAVOUR_GQA_SHARED_KV
+        recipe = recipe_for(profile, precision, opts.algorithm, fused=fused) if precision in quantize.BITS else None
         excluded: list[str] = []
         kept_bits = 0  # storage of the kept layers: 0 float, 8 int8 (fused graph with the profile's keep_bits)
-        built = {}  # what the fused graph's builder did differently from `recipe` (onnxruntime's quantizer)
-        if flavour == FLAVOUR_GQA_SHARED_KV:
+        if fused:
             with progress.step(f"build the fused decoder graph from the tensors ({precision}, streamed)"):
                 q = profile.quantization
                 io_dtype = "float32" if precision == "fp32" else profile.kv_cache.dtype
                 graph_builder.build_decoder_graph(
                     info, graph, precision=precision, block_size=q.block_size, symmetric=q.symmetric,
                     accuracy_level=q.accuracy_level, keep_unquantized=tuple(q.keep_unquantized), max_length=limit,
-                    keep_bits=(q.keep_bits or None) if recipe else None, scale_search=q.scale_search,
+                    keep_bits=(q.keep_bits or None) if recipe else None,
+                    scale_search=recipe.scale_search if recipe else False,
                     io_dtype=io_dtype, progress=progress.detail)
                 excluded = kept_matmuls(graph, quantize.BITS[precision]) if recipe else []
                 kept_bits = (q.keep_bits or 0) if recipe else 0
-                built = {"symmetric": q.symmetric, "scale_search": q.scale_search} if recipe else {}
             progress.index += 1  # the optimum export and conversion are one step here
         else:
             with progress.step("export to ONNX with KV cache (optimum, fp32)"):
@@ -240,8 +244,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 "family": fam.as_dict(),
                 "profile": {"name": profile.name, "kv_cache_dtype": profile.kv_cache.dtype},
                 "precision": precision,
-                "quantization": ({**recipe.as_manifest(excluded), "scale_search": False, **built, "kept_bits": kept_bits}
-                                 if recipe else None),
+                "quantization": {**recipe.as_manifest(excluded), "kept_bits": kept_bits} if recipe else None,
                 "graph": {"flavour": flavour, "file": GRAPH_FILE, **graph_io(graph)},
                 "fidelity": {**(report.as_manifest() if report else {"skipped": True}),
                              "threshold": {"min_greedy_agreement": min_agree, "max_logit_diff": max_diff},

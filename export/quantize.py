@@ -25,6 +25,9 @@ class QuantRecipe:
     accuracy_level: int
     keep_unquantized: tuple[str, ...]
     algorithm: str = "rtn"  # "rtn" (round to nearest) or "hqq"
+    # least-squares block scales: only the fused graph's builder (graph_builder.block_quantize_mse) does
+    # this; quantize_weights, onnxruntime's quantizer, never does
+    scale_search: bool = False
 
     def as_manifest(self, excluded_nodes: list[str]) -> dict:
         return {"method": "MatMulNBits", **asdict(self), "keep_unquantized": list(self.keep_unquantized),
