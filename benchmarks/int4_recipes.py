@@ -6,18 +6,25 @@ of the same checkpoint (``export/fidelity.py``, the export's own prompts):
 
 * greedy agreement (mean share of 32 generated tokens before the first difference),
   its minimum over prompts, teacher-forced agreement, max logit difference;
+* on the whole held-out corpus (``export/assets/fidelity-corpus.txt``, about 1,870
+  positions): mean and 99th percentile KL divergence from torch, and top-1 agreement --
+  the numbers that rank close recipes (12 prompts' greedy agreement moves by 0.08 when
+  one prompt flips);
 * the bytes one decode step reads (every weight except the embedding table) -- what
   decode speed is proportional to when the step is memory bound.
 
-Recipes (block 32, accuracy level 4 throughout):
+Recipes (block 32 and accuracy level 4 unless ``--block-size`` / ``--accuracy-level``):
 
 * ``asym`` / ``sym``: zero points or not; ``rtn`` = onnxruntime's round-to-nearest over
   the block's range, ``mse`` = the least-squares scale search (``block_quantize_mse``);
-* ``head8`` / ``head4``: lm_head as MatMulNBits int8 (the CPU profiles' ``keep_bits``)
-  or int4 like every other layer (onnxruntime-genai's recipe is ``sym rtn head4``).
+* ``head8`` / ``head4`` / ``headf``: lm_head as MatMulNBits int8 (the CPU profiles'
+  ``keep_bits``), int4 like every other layer (onnxruntime-genai's recipe is ``sym rtn
+  head4``), or kept in float (the GPU profiles').
 
     python benchmarks/int4_recipes.py                   # all recipes, ~15 s each on 2 cores
     python benchmarks/int4_recipes.py --recipes asym-mse-head8 sym-mse-head4 --out /tmp/recipes
+    python benchmarks/int4_recipes.py --recipes asym-rtn-headf asym-mse-headf --block-size 128 --accuracy-level 0
+                                                        # the GPU profiles' layout
 
 ``--speed`` measures decode speed instead, on the peers benchmark's Code Llama-shaped
 random checkpoint (``benchmarks/peers.py``'s, built there if missing: 8 layers of 2048,
@@ -54,17 +61,37 @@ class Recipe:
     name: str
     symmetric: bool
     scale_search: bool
-    head_bits: int  # 8: lm_head kept as int8; 4: quantized with the rest
+    head_bits: int  # 8: lm_head kept as int8; 4: quantized with the rest; 0: kept in float
+
+
+@dataclass(frozen=True)
+class Layout:
+    block_size: int = 32
+    accuracy_level: int = 4
+
+
+CORPUS_TOKENS = 100_000  # the whole fidelity corpus
+HEADS = {8: "head8", 4: "head4", 0: "headf"}
 
 
 def all_recipes() -> dict[str, Recipe]:
     out = {}
     for sym in (False, True):
         for search in (False, True):
-            for head in (8, 4):
-                r = Recipe(f"{'sym' if sym else 'asym'}-{'mse' if search else 'rtn'}-head{head}", sym, search, head)
+            for head, suffix in HEADS.items():
+                r = Recipe(f"{'sym' if sym else 'asym'}-{'mse' if search else 'rtn'}-{suffix}", sym, search, head)
                 out[r.name] = r
     return out
+
+
+def build(recipe: Recipe, checkpoint_info, graph: Path, *, layout: Layout, max_length: int) -> None:
+    from edge_export.graph_builder import build_decoder_graph
+
+    build_decoder_graph(checkpoint_info, graph, precision="int4", block_size=layout.block_size,
+                        symmetric=recipe.symmetric, accuracy_level=layout.accuracy_level,
+                        keep_unquantized=("lm_head",) if recipe.head_bits != 4 else (),
+                        keep_bits=8 if recipe.head_bits == 8 else None,
+                        max_length=max_length, scale_search=recipe.scale_search)
 
 
 def weight_bytes_per_step(graph: Path) -> int:
@@ -74,37 +101,35 @@ def weight_bytes_per_step(graph: Path) -> int:
     return onnx_weight_bytes(graph)[1]
 
 
-def measure(recipe: Recipe, checkpoint: Path, work: Path) -> dict:
+def measure(recipe: Recipe, checkpoint: Path, work: Path, layout: Layout = Layout()) -> dict:
     from edge_export import fidelity
     from edge_export.checkpoint import read_checkpoint
-    from edge_export.graph_builder import build_decoder_graph
     from edge_runtime.bundle import FLAVOUR_GQA_SHARED_KV
 
     info = read_checkpoint(checkpoint)
     graph = work / recipe.name / "model.onnx"
     t0 = time.perf_counter()
-    build_decoder_graph(info, graph, precision="int4", block_size=32, symmetric=recipe.symmetric,
-                        accuracy_level=4, keep_unquantized=("lm_head",) if recipe.head_bits == 8 else (),
-                        keep_bits=8 if recipe.head_bits == 8 else None, max_length=512,
-                        scale_search=recipe.scale_search)
+    build(recipe, info, graph, layout=layout, max_length=512)
     build_s = time.perf_counter() - t0
     report = fidelity.measure(info.path, graph, info.architecture, info.tokenizer_path, info.chat_format,
-                              flavour=FLAVOUR_GQA_SHARED_KV)
+                              corpus_tokens=CORPUS_TOKENS, flavour=FLAVOUR_GQA_SHARED_KV)
     return {"recipe": recipe.name, "greedy_agreement": round(report.greedy_agreement, 3),
             "greedy_agreement_min": round(report.greedy_agreement_min, 3),
             "teacher_forced_agreement": round(report.teacher_forced_agreement, 3),
             "max_logit_diff": round(report.max_logit_diff, 3), "mean_logit_diff": round(report.mean_logit_diff, 4),
+            "corpus_positions": report.corpus_positions, "kl_divergence_mean": round(report.kl_divergence_mean, 6),
+            "kl_divergence_p99": round(report.kl_divergence_p99, 5),
+            "corpus_top1_agreement": round(report.corpus_top1_agreement, 4),
             "weight_bytes_per_step": weight_bytes_per_step(graph), "build_s": round(build_s, 1)}
 
 
 def speed(recipes: list[Recipe], checkpoint: Path, work: Path, *, threads: int, contexts: list[int],
-          steps: int) -> list[dict]:
+          steps: int, layout: Layout = Layout()) -> list[dict]:
     """Decode tokens/s per recipe and context, steps alternated across recipes in one process."""
     import numpy as np
     import onnxruntime as ort
 
     from edge_export.checkpoint import read_checkpoint
-    from edge_export.graph_builder import build_decoder_graph
     from edge_runtime.gqa_decoder import SharedKVDecoder
 
     info = read_checkpoint(checkpoint)
@@ -115,13 +140,10 @@ def speed(recipes: list[Recipe], checkpoint: Path, work: Path, *, threads: int, 
         graph = work / r.name / "model.onnx"
         stamp = work / r.name / "stamp.json"
         wanted = {"checkpoint": str(checkpoint), "config_sha256": info.config_sha256, "recipe": r.__dict__,
-                  "max_length": longest}
+                  "layout": layout.__dict__, "max_length": longest}
         if not (graph.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == wanted):
             print(f"[recipes] building {r.name} for {checkpoint.name} ...", file=sys.stderr, flush=True)
-            build_decoder_graph(info, graph, precision="int4", block_size=32, symmetric=r.symmetric,
-                                accuracy_level=4, keep_unquantized=("lm_head",) if r.head_bits == 8 else (),
-                                keep_bits=8 if r.head_bits == 8 else None, max_length=longest,
-                                scale_search=r.scale_search)
+            build(r, info, graph, layout=layout, max_length=longest)
             stamp.write_text(json.dumps(wanted))
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -166,9 +188,10 @@ def format_speed_table(rows: list[dict], contexts: list[int]) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("| recipe | greedy agreement (min) | teacher-forced | max logit diff | weights read per step |\n"
-            "|---|---|---|---|---|")
-    lines = [f"| {r['recipe']} | {r['greedy_agreement']:.3f} ({r['greedy_agreement_min']:.2f}) | "
+    head = ("| recipe | corpus KL divergence mean (p99) | corpus top-1 | greedy agreement (min) | teacher-forced "
+            "| max logit diff | weights read per step |\n|---|---|---|---|---|---|---|")
+    lines = [f"| {r['recipe']} | {r['kl_divergence_mean']:.5f} ({r['kl_divergence_p99']:.4f}) | "
+             f"{r['corpus_top1_agreement']:.4f} | {r['greedy_agreement']:.3f} ({r['greedy_agreement_min']:.2f}) | "
              f"{r['teacher_forced_agreement']:.3f} | {r['max_logit_diff']:.3f} | "
              f"{r['weight_bytes_per_step'] / 2**20:.1f} MiB |" for r in rows]
     return "\n".join([head, *lines])
@@ -184,9 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="--speed: intra-op threads")
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 2048], help="--speed: contexts held")
     p.add_argument("--steps", type=int, default=64, help="--speed: decode steps per recipe and context")
+    p.add_argument("--block-size", type=int, default=32, help="MatMulNBits block size along K")
+    p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
+                   help="MatMulNBits accuracy_level (0: unset, as the GPU profiles)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="--speed: where the graphs are kept (default: <peers workdir>/int4-recipes)")
     args = p.parse_args(argv)
+    args.layout = Layout(args.block_size, args.accuracy_level)
     if args.speed:
         return main_speed(args, [recipes[n] for n in args.recipes])
     if args.checkpoint is None:
@@ -197,14 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="int4-recipes-") as tmp:
         for name in args.recipes:
             print(f"[recipes] {name} ...", file=sys.stderr, flush=True)
-            rows.append(measure(recipes[name], args.checkpoint, Path(tmp)))
+            rows.append(measure(recipes[name], args.checkpoint, Path(tmp), args.layout))
             print(f"[recipes] {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     table = format_table(rows)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(
         {"command": " ".join(["python", "benchmarks/int4_recipes.py", *(argv or sys.argv[1:])]),
-         "checkpoint": str(args.checkpoint), "rows": rows, "table": table}, indent=2))
+         "checkpoint": str(args.checkpoint), "layout": args.layout.__dict__, "rows": rows, "table": table}, indent=2))
     return 0
 
 
@@ -222,13 +249,15 @@ def main_speed(args, chosen: list[Recipe]) -> int:
                                       num_layers=d["layers"], num_heads=d["heads"], num_kv_heads=d["kv_heads"],
                                       seed=d["seed"], dtype="float16", max_position_embeddings=16384)
     work = args.workdir or (peers.CACHE / "peers-bench" / "int4-recipes")
-    rows = speed(chosen, args.checkpoint, work, threads=args.threads, contexts=args.contexts, steps=args.steps)
+    rows = speed(chosen, args.checkpoint, work, threads=args.threads, contexts=args.contexts, steps=args.steps,
+                 layout=args.layout)
     table = format_speed_table(rows, args.contexts)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(
         {"command": " ".join(["python", "benchmarks/int4_recipes.py", *(sys.argv[1:])]),
-         "checkpoint": str(args.checkpoint), "threads": args.threads, "rows": rows, "table": table}, indent=2))
+         "checkpoint": str(args.checkpoint), "threads": args.threads, "layout": args.layout.__dict__, "rows": rows,
+         "table": table}, indent=2))
     return 0
 
 

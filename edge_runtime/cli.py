@@ -40,7 +40,8 @@ def cmd_export(args) -> int:
                     "pip install 'edge-runtime[export,cpu]'")
     opts = ExportOptions(checkpoint=Path(args.checkpoint), profile=args.profile, output=Path(args.output),
                          precision=args.precision, max_context=args.max_context, allow_degraded=args.allow_degraded,
-                         force=args.force, fidelity_tokens=args.fidelity_tokens, algorithm=args.algorithm,
+                         force=args.force, fidelity_tokens=args.fidelity_tokens,
+                         fidelity_corpus_tokens=args.fidelity_corpus_tokens, algorithm=args.algorithm,
                          skip_fidelity=args.skip_fidelity, graph=args.graph, variant=args.variant)
     summary = run_export(opts)
     print(format_summary(summary))
@@ -284,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-degraded", action="store_true", help="write the bundle even below the fidelity threshold")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --output")
     p.add_argument("--fidelity-tokens", type=int, default=32, help="greedy tokens per fidelity prompt")
+    p.add_argument("--fidelity-corpus-tokens", type=int, default=512,
+                   help="positions of the held-out code corpus scored by KL divergence against torch "
+                        "(0: none; the corpus has about 1,860)")
     p.add_argument("--algorithm", choices=["rtn", "hqq"], help="quantization algorithm (default: the profile's)")
     p.add_argument("--graph", choices=["auto", "fused", "optimum"], default="auto",
                    help="fused: built from the tensors with GroupQueryAttention and one shared KV buffer, streamed "

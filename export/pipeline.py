@@ -41,6 +41,7 @@ class ExportOptions:
     allow_degraded: bool = False
     force: bool = False  # replace an existing bundle at `output`
     fidelity_tokens: int = 32
+    fidelity_corpus_tokens: int = 512  # positions of the held-out corpus scored by KL divergence (0: none)
     algorithm: str | None = None  # quantization algorithm override: rtn | hqq
     skip_fidelity: bool = False  # benchmarks of random-weight checkpoints only; recorded in the manifest
     # "auto": fused where the checkpoint allows it (and no --algorithm hqq), else optimum;
@@ -151,6 +152,10 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         raise ExportError(f"--graph {opts.graph!r} is not one of auto, {', '.join(GRAPHS)}")
     if opts.graph == "fused" and opts.algorithm == "hqq":
         raise ExportError("--algorithm hqq needs --graph optimum (the fused graph quantizes with round-to-nearest)")
+    if opts.fidelity_tokens < 1:
+        raise ExportError(f"--fidelity-tokens {opts.fidelity_tokens} must be at least 1")
+    if opts.fidelity_corpus_tokens < 0:
+        raise ExportError(f"--fidelity-corpus-tokens {opts.fidelity_corpus_tokens} must be 0 (none) or more")
     progress = progress or Progress(5)
 
     with progress.step("read checkpoint"):
@@ -215,12 +220,18 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 progress.detail("skipped (--skip-fidelity): the bundle records no fidelity")
             else:
                 report = fidelity.measure(info.path, graph, arch, info.tokenizer_path, info.chat_format,
-                                          n_tokens=opts.fidelity_tokens, flavour=flavour,
+                                          n_tokens=opts.fidelity_tokens,
+                                          corpus_tokens=opts.fidelity_corpus_tokens,
+                                          corpus_window=min(fidelity.CORPUS_WINDOW, limit), flavour=flavour,
                                           progress=progress.detail)
                 problems = check_fidelity(report, profile, precision)
                 progress.detail(f"greedy agreement {report.greedy_agreement:.3f} (min {report.greedy_agreement_min:.3f}), "
                                 f"teacher-forced {report.teacher_forced_agreement:.3f}, "
                                 f"max logit diff {report.max_logit_diff:.4g}")
+                if report.corpus_positions:
+                    progress.detail(f"corpus: KL divergence mean {report.kl_divergence_mean:.4g} "
+                                    f"(p99 {report.kl_divergence_p99:.4g}), top-1 agreement "
+                                    f"{report.corpus_top1_agreement:.3f} over {report.corpus_positions} positions")
         if problems and not opts.allow_degraded:
             raise ExportError(f"fidelity below the {profile.name} profile's threshold for {precision}: "
                               + "; ".join(problems) + " (use --allow-degraded to write the bundle anyway)")
@@ -282,6 +293,10 @@ def format_summary(s: ExportSummary) -> str:
         lines.append(f"fidelity   greedy agreement {fid['greedy_agreement']:.3f} over {fid['n_tokens']} tokens x "
                      f"{fid['prompts']} prompts, teacher-forced {fid['teacher_forced_agreement']:.3f}, "
                      f"max logit diff {fid['max_logit_diff']:.4g}: {verdict}")
+        if fid.get("corpus_positions"):
+            lines.append(f"           KL divergence mean {fid['kl_divergence_mean']:.4g} "
+                         f"(p99 {fid['kl_divergence_p99']:.4g}), top-1 agreement "
+                         f"{fid['corpus_top1_agreement']:.3f} over {fid['corpus_positions']} corpus positions")
     lines.append(f"peak memory {human_bytes(s.peak_rss_bytes)}; "
                  + ", ".join(f"{k.split(' (')[0]} {v:.1f}s" for k, v in s.timings.items()))
     return "\n".join(lines)

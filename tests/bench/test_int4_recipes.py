@@ -25,7 +25,8 @@ def recipes():
 
 def test_recipe_names_cover_symmetry_rounding_and_head(recipes):
     named = recipes.all_recipes()
-    assert len(named) == 8
+    assert len(named) == 12
+    assert named["asym-mse-headf"] == recipes.Recipe("asym-mse-headf", False, True, 0)
     r = named["sym-mse-head8"]
     assert (r.symmetric, r.scale_search, r.head_bits) == (True, True, 8)
     assert named["asym-rtn-head4"] == recipes.Recipe("asym-rtn-head4", False, False, 4)
@@ -34,16 +35,28 @@ def test_recipe_names_cover_symmetry_rounding_and_head(recipes):
 def test_fidelity_mode_against_torch(recipes, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "fidelity"
     assert recipes.main(["--checkpoint", str(tiny_checkpoint), "--recipes", "asym-rtn-head8", "sym-mse-head4",
-                         "--out", str(out)]) == 0
+                         "asym-mse-headf", "--out", str(out)]) == 0
     result = json.loads(out.with_suffix(".json").read_text())
     rows = {r["recipe"]: r for r in result["rows"]}
-    assert set(rows) == {"asym-rtn-head8", "sym-mse-head4"}
+    assert set(rows) == {"asym-rtn-head8", "sym-mse-head4", "asym-mse-headf"}
+    assert result["layout"] == {"block_size": 32, "accuracy_level": 4}
     for row in rows.values():
         assert 0.0 <= row["greedy_agreement_min"] <= row["greedy_agreement"] <= 1.0
         assert 0.0 <= row["teacher_forced_agreement"] <= 1.0 and row["max_logit_diff"] >= 0.0
-    # an int4 lm_head reads fewer bytes than an int8 one
-    assert rows["sym-mse-head4"]["weight_bytes_per_step"] < rows["asym-rtn-head8"]["weight_bytes_per_step"]
+        assert row["corpus_positions"] > 1800 and 0.0 <= row["corpus_top1_agreement"] <= 1.0
+        assert row["kl_divergence_mean"] > 0.0 and row["kl_divergence_p99"] > 0.0
+    # an int4 lm_head reads fewer bytes than an int8 one, which reads fewer than a float one
+    assert (rows["sym-mse-head4"]["weight_bytes_per_step"] < rows["asym-rtn-head8"]["weight_bytes_per_step"]
+            < rows["asym-mse-headf"]["weight_bytes_per_step"])
     assert result["table"] in capsys.readouterr().out
+
+    # the GPU profiles' layout: larger blocks store fewer scales and zero points
+    out128 = tmp_path / "block128"
+    assert recipes.main(["--checkpoint", str(tiny_checkpoint), "--recipes", "asym-mse-headf", "--block-size", "64",
+                         "--accuracy-level", "0", "--out", str(out128)]) == 0
+    result128 = json.loads(out128.with_suffix(".json").read_text())
+    assert result128["layout"] == {"block_size": 64, "accuracy_level": 0}
+    assert result128["rows"][0]["weight_bytes_per_step"] < rows["asym-mse-headf"]["weight_bytes_per_step"]
 
 
 def test_speed_mode_alternates_recipes_and_reuses_graphs(recipes, tiny_checkpoint, tmp_path, capsys):

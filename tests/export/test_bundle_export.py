@@ -76,6 +76,9 @@ def test_manifest_records_what_the_device_needs(tiny_bundle):
     assert manifest["precision"] == "fp32" and manifest["quantization"] is None
     assert "past_key_values.0.key" in manifest["graph"]["inputs"] and manifest["graph"]["outputs"][0] == "logits"
     assert manifest["fidelity"]["passed"] is True and manifest["fidelity"]["greedy_agreement"] == 1.0
+    # 512 corpus tokens in windows of 256 positions, each led by BOS: 3 windows, 515 positions
+    assert manifest["fidelity"]["corpus_positions"] == 515
+    assert manifest["fidelity"]["kl_divergence_mean"] < 1e-6 and manifest["fidelity"]["kl_divergence_p99"] < 1e-5
     assert {"onnxruntime", "torch", "transformers"} <= set(manifest["tools"])
     graph_files = {"model.onnx", "model.onnx.data"} if manifest["graph"]["flavour"] == "gqa-shared-kv" else {"model.onnx"}
     assert {f["path"] for f in manifest["files"]} == graph_files | {"tokenizer.json", "LICENSE"}
@@ -172,6 +175,17 @@ def test_non_llama_checkpoint_is_refused(tmp_path):
                           "cpu-x86_64", "--output", str(tmp_path / "out")], capture_output=True, text=True)
     assert cli.returncode == 2 and "GPT2LMHeadModel" in cli.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize("option,value,message", [("fidelity_tokens", 0, "--fidelity-tokens 0"),
+                                                  ("fidelity_corpus_tokens", -1, "--fidelity-corpus-tokens -1")])
+def test_export_refuses_bad_fidelity_sizes_before_any_work(tiny_checkpoint, tmp_path, option, value, message):
+    from edge_export.pipeline import ExportError, ExportOptions, run_export
+
+    with pytest.raises(ExportError, match=message):
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=tmp_path / "b",
+                                 **{option: value}))
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
 
 
 def test_export_refuses_to_overwrite_an_existing_bundle(tiny_checkpoint, tiny_bundle):

@@ -23,6 +23,9 @@ def test_demo_model_quantized_bundle_meets_profile_threshold(demo_checkpoint, tm
     assert fidelity["greedy_agreement"] >= min_agree and fidelity["max_logit_diff"] <= max_diff
     assert fidelity["threshold"] == {"min_greedy_agreement": min_agree, "max_logit_diff": max_diff}
     assert fidelity["prompts"] == 12  # 8 completion + 4 infill: the demo model has the infilling tokens
+    # the held-out corpus: quantization shows (fp32 graphs measure < 1e-6) but stays small
+    assert fidelity["corpus_positions"] == 515
+    assert 1e-5 < fidelity["kl_divergence_mean"] < 0.01 and fidelity["corpus_top1_agreement"] >= 0.9
     quant = bundle.manifest["quantization"]
     assert quant["method"] == "MatMulNBits" and quant["bits"] == {"int8": 8, "int4": 4}[precision]
     assert any("lm_head" in n for n in quant["excluded_nodes"])
