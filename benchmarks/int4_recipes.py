@@ -19,7 +19,10 @@ Recipes (block 32 and accuracy level 4 unless ``--block-size`` / ``--accuracy-le
   the block's range, ``mse`` = the least-squares scale search (``block_quantize_mse``);
 * ``head8`` / ``head4`` / ``headf``: lm_head as MatMulNBits int8 (the CPU profiles'
   ``keep_bits``), int4 like every other layer (onnxruntime-genai's recipe is ``sym rtn
-  head4``), or kept in float (the GPU profiles').
+  head4``), or kept in float (the GPU profiles');
+* ``+kv8`` after any of them: the graph keeps an int8 KV cache (static per-channel scales
+  calibrated as the export does, ``export/kv_cache_quant.py``; the CPU profiles'
+  ``[kv_cache] bits = 8``) instead of a float32 one.
 
     python benchmarks/int4_recipes.py                   # all recipes, ~15 s each on 2 cores
     python benchmarks/int4_recipes.py --recipes asym-mse-head8 sym-mse-head4 --out /tmp/recipes
@@ -34,6 +37,7 @@ from other processes hits every recipe alike -- on a shared machine, separate ru
 minutes apart differ by more than the recipes do. Tokens/s from the median step.
 
     python benchmarks/int4_recipes.py --speed --recipes asym-rtn-head8 sym-mse-head8 sym-rtn-head4 --threads 2
+    python benchmarks/int4_recipes.py --speed --recipes sym-mse-head8 sym-mse-head8+kv8 --contexts 128 1024 2048
 
 The demo model is trained on first use (``export/demo_model.py``, cached). Small models
 are harsher than 7B ones: the numbers rank recipes, they do not forecast Code Llama 7B.
@@ -62,6 +66,7 @@ class Recipe:
     symmetric: bool
     scale_search: bool
     head_bits: int  # 8: lm_head kept as int8; 4: quantized with the rest; 0: kept in float
+    kv_bits: int = 0  # 8: int8 KV cache (export/kv_cache_quant.py), name suffix "+kv8"; 0: float
 
 
 @dataclass(frozen=True)
@@ -74,13 +79,17 @@ CORPUS_TOKENS = 100_000  # the whole fidelity corpus
 HEADS = {8: "head8", 4: "head4", 0: "headf"}
 
 
-def all_recipes() -> dict[str, Recipe]:
+def all_recipes(*, kv8: bool = False) -> dict[str, Recipe]:
+    """The weight recipes (float KV cache); with ``kv8``, also each one with an int8 KV cache."""
     out = {}
     for sym in (False, True):
         for search in (False, True):
             for head, suffix in HEADS.items():
                 r = Recipe(f"{'sym' if sym else 'asym'}-{'mse' if search else 'rtn'}-{suffix}", sym, search, head)
                 out[r.name] = r
+    if kv8:
+        out.update({f"{r.name}+kv8": Recipe(f"{r.name}+kv8", r.symmetric, r.scale_search, r.head_bits, 8)
+                    for r in list(out.values())})
     return out
 
 
@@ -92,6 +101,14 @@ def build(recipe: Recipe, checkpoint_info, graph: Path, *, layout: Layout, max_l
                         keep_unquantized=("lm_head",) if recipe.head_bits != 4 else (),
                         keep_bits=8 if recipe.head_bits == 8 else None,
                         max_length=max_length, scale_search=recipe.scale_search)
+    if recipe.kv_bits == 8:
+        from edge_export import kv_cache_quant
+        from edge_runtime.tokenizer import CodeLlamaTokenizer
+
+        windows = kv_cache_quant.calibration_windows(CodeLlamaTokenizer.from_file(checkpoint_info.tokenizer_path),
+                                                     min(kv_cache_quant.CALIBRATION_WINDOW, max_length))
+        kv_cache_quant.quantize_graph_kv_cache(graph, kv_cache_quant.calibrate(graph, checkpoint_info.architecture,
+                                                                               windows))
 
 
 def weight_bytes_per_step(graph: Path) -> int:
@@ -198,9 +215,10 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    recipes = all_recipes()
+    recipes = all_recipes(kv8=True)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipes", nargs="+", choices=sorted(recipes), default=list(recipes))
+    p.add_argument("--recipes", nargs="+", choices=sorted(recipes), default=list(all_recipes()),
+                   help="default: every weight recipe with a float KV cache; NAME+kv8: with an int8 KV cache")
     p.add_argument("--checkpoint", type=Path, help="default: the trained demo model (cached)")
     p.add_argument("--out", type=Path, default=Path("int4-recipes"), help="writes <out>.json")
     p.add_argument("--speed", action="store_true", help="measure decode speed instead of fidelity")

@@ -247,7 +247,7 @@ def onnx_weight_bytes(graph: Path) -> tuple[int, int]:
 
 
 def onnx_kv_element_bytes(graph: Path) -> int:
-    """Element size of the graph's past key input (4: float32, 2: float16)."""
+    """Element size of the graph's past key input (4: float32, 2: float16, 1: int8)."""
     import onnx
     from onnx import helper
 
@@ -286,20 +286,23 @@ def step_checkpoint(a) -> dict:
 
 
 def recipe_words(block_size: int, symmetric: bool, accuracy_level: int, kept: tuple[str, ...],
-                 keep_bits: int | None, scale_search: bool = False) -> str:
-    """The int4 recipe in words, e.g. "int4 b32 sym mse acc4, lm_head int8"."""
+                 keep_bits: int | None, scale_search: bool = False, kv_bits: int = 0) -> str:
+    """The int4 recipe in words, e.g. "int4 b32 sym mse acc4, lm_head int8, KV int8"."""
     held = f"{', '.join(kept)} {'int%d' % keep_bits if keep_bits else 'fp32'}" if kept else "all int4"
     rounding = " mse" if scale_search else ""
-    return f"int4 b{block_size} {'sym' if symmetric else 'asym'}{rounding} acc{accuracy_level}, {held}"
+    kv = f", KV int{kv_bits}" if kv_bits else ""
+    return f"int4 b{block_size} {'sym' if symmetric else 'asym'}{rounding} acc{accuracy_level}, {held}{kv}"
 
 
 def profile_recipe() -> dict:
     """The profile's int4 recipe: it goes into OURS's cache stamp, so a changed profile re-exports."""
     from edge_runtime.profiles import load_profile
 
-    q = load_profile(PROFILE).quantization
+    profile = load_profile(PROFILE)
+    q = profile.quantization
     return {"block_size": q.block_size, "symmetric": q.symmetric, "accuracy_level": q.accuracy_level,
-            "keep_unquantized": list(q.keep_unquantized), "keep_bits": q.keep_bits, "scale_search": q.scale_search}
+            "keep_unquantized": list(q.keep_unquantized), "keep_bits": q.keep_bits, "scale_search": q.scale_search,
+            "kv_bits": profile.kv_cache.bits}
 
 
 def step_prepare_ours(a) -> dict:
@@ -311,7 +314,7 @@ def step_prepare_ours(a) -> dict:
     r = profile_recipe()
     total, per_token = onnx_weight_bytes(out / "model.onnx")
     words = recipe_words(r["block_size"], r["symmetric"], r["accuracy_level"], tuple(r["keep_unquantized"]),
-                         r["keep_bits"], r["scale_search"])
+                         r["keep_bits"], r["scale_search"], r["kv_bits"])
     return asdict(ModelInfo(OURS, words, folder_bytes(out, "model.onnx"), per_token,
                             onnx_kv_element_bytes(out / "model.onnx")))
 

@@ -42,6 +42,7 @@ def cmd_export(args) -> int:
                          precision=args.precision, max_context=args.max_context, allow_degraded=args.allow_degraded,
                          force=args.force, fidelity_tokens=args.fidelity_tokens,
                          fidelity_corpus_tokens=args.fidelity_corpus_tokens, algorithm=args.algorithm,
+                         kv_cache_bits=args.kv_cache_bits,
                          skip_fidelity=args.skip_fidelity, graph=args.graph, variant=args.variant)
     summary = run_export(opts)
     print(format_summary(summary))
@@ -289,9 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="positions of the held-out code corpus scored by KL divergence against torch "
                         "(0: none; the corpus has about 1,860)")
     p.add_argument("--algorithm", choices=["rtn", "hqq"], help="quantization algorithm (default: the profile's)")
+    p.add_argument("--kv-cache-bits", type=int, choices=[0, 8],
+                   help="8: the fused graph keeps an int8 KV cache (scales calibrated here; needs onnxruntime >= 1.32 "
+                        "on the device); 0: float (default: the profile's [kv_cache] bits)")
     p.add_argument("--graph", choices=["auto", "fused", "optimum"], default="auto",
                    help="fused: built from the tensors with GroupQueryAttention and one shared KV buffer, streamed "
-                        "layer by layer (a 7B exports in < 1 GiB of memory); optimum: optimum's exporter (needed for "
+                        "layer by layer (a 7B exports in < 1 GiB of memory with a float KV cache); optimum: optimum's exporter (needed for "
                         "--algorithm hqq); auto (default): fused unless the checkpoint or --algorithm needs optimum")
     p.add_argument("--skip-fidelity", action="store_true",
                    help="do not measure fidelity (size/speed benchmarks of random weights); recorded in bundle.json")

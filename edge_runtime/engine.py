@@ -24,7 +24,7 @@ import numpy as np
 from . import generator
 from .bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, Bundle, Family, load_bundle
 from .detokenizer import IncrementalDetokenizer
-from .errors import BadRequest, ContextLengthExceeded, DeadlineExceeded, UnsupportedMode
+from .errors import BadRequest, BundleError, ContextLengthExceeded, DeadlineExceeded, UnsupportedMode
 from .gqa_decoder import SharedKVDecoder
 from .memory_fit import PREFILL_CHUNK, MemoryPlan, check_bundle_fits
 from .onnx_decoder import KVConcatDecoder
@@ -65,7 +65,8 @@ class ModelInfo:
         if not self.supports_infill and f.infill_note:
             facts["infill_note"] = f.infill_note
         if self.memory is not None:
-            facts["memory"] = {k: v for k, v in self.memory.as_dict().items() if k.endswith("_bytes") or k == "context"}
+            facts["memory"] = {k: v for k, v in self.memory.as_dict().items()
+                               if k.endswith("_bytes") or k in ("context", "kv_dtype")}
         return facts
 
 
@@ -79,7 +80,14 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, P
     if profile.intra_op_threads > 0:
         options.intra_op_num_threads = profile.intra_op_threads
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(bundle.graph_path), sess_options=options, providers=choice.providers)
+    try:
+        session = ort.InferenceSession(str(bundle.graph_path), sess_options=options, providers=choice.providers)
+    except Exception as exc:
+        if (bundle.manifest.get("kv_cache") or {}).get("dtype") == "int8":
+            raise BundleError(f"{bundle.root} keeps an int8 KV cache, which onnxruntime {ort.__version__} could not "
+                              f"load ({exc}); it needs onnxruntime 1.32 or newer (the version tested), or export the "
+                              "bundle with a profile whose [kv_cache] bits = 0") from exc
+        raise
     return session, choice
 
 

@@ -38,9 +38,8 @@ import numpy as np
 
 from .bundle import Architecture
 from .kv_cache import DeviceBuffer, allocate
-from .onnx_decoder import check_graph_matches
+from .onnx_decoder import ORT_TO_NUMPY, check_graph_matches
 
-_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 META_MAX_LENGTH = "edge_runtime.max_length"  # written by export/graph_builder.py
 
 
@@ -140,8 +139,8 @@ class SharedKVDecoder:
             raise ValueError(f"max_length {max_length} exceeds the graph's rotary tables ({limit} positions)")
         self.max_length = max_length
         inputs = {i.name: i for i in session.get_inputs()}
-        self.kv_dtype = np.dtype(_ORT_TO_NUMPY[inputs["past_key_values.0.key"].type])
-        self.logits_dtype = np.dtype(_ORT_TO_NUMPY[session.get_outputs()[0].type])
+        self.kv_dtype = np.dtype(ORT_TO_NUMPY[inputs["past_key_values.0.key"].type])
+        self.logits_dtype = np.dtype(ORT_TO_NUMPY[session.get_outputs()[0].type])
         self.vocab_size = arch.vocab_size
         # Host buffers bound once by pointer and written in place by the loop.
         self._token = np.zeros((1, 1), dtype=np.int64)

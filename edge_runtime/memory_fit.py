@@ -53,7 +53,7 @@ GiB = 1 << 30
 MiB = 1 << 20
 RUNTIME_BYTES = 256 * MiB
 PREFILL_CHUNK = 512  # tokens per prefill run of the fused graph (engine.py passes it to the decoder)
-DTYPE_BYTES = {"float32": 4, "float16": 2}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "int8": 1}
 BITS = {"int4": 4, "int8": 8}
 TABLE_CONTEXTS = (16384, 8192, 4096, 2048, 1024)
 
@@ -138,14 +138,18 @@ def overhead_bytes(*, num_heads: int, vocab_size: int, context: int, flavour: st
     return RUNTIME_BYTES + num_heads * chunk * context * 4 + logit_rows * vocab_size * 4
 
 
-def kv_dtype_of(precision: str, flavour: str, profile_kv_dtype: str) -> str:
-    """The dtype of the KV cache (and activations) of a graph the exporter makes.
+def kv_dtype_of(precision: str, flavour: str, profile_kv_dtype: str, kv_bits: int = 0) -> str:
+    """The dtype of the KV cache of a graph the exporter makes (``kv_bits`` 0: also the
+    activations' dtype).
 
     optimum-kv-concat: float16 for fp16 bundles (everything converted), float32 otherwise.
-    gqa-shared-kv: float32 for fp32 bundles, the export profile's KV dtype otherwise."""
+    gqa-shared-kv: float32 for fp32 bundles; otherwise int8 where the profile's
+    ``kv_cache.bits`` is 8, else the profile's KV dtype."""
     if flavour == FLAVOUR_OPTIMUM_KV_CONCAT:
         return "float16" if precision == "fp16" else "float32"
-    return "float32" if precision == "fp32" else profile_kv_dtype
+    if precision == "fp32":
+        return "float32"
+    return "int8" if kv_bits == 8 else profile_kv_dtype
 
 
 def estimate_weight_bytes(shape: ModelShape, precision: str, *, block_size: int, symmetric: bool,
@@ -246,9 +250,10 @@ def check_bundle_fits(bundle: Bundle, profile: DeviceProfile, context: int | Non
 def estimate_plan(shape: ModelShape, profile: DeviceProfile, precision: str, context: int, *,
                   flavour: str = FLAVOUR_GQA_SHARED_KV) -> MemoryPlan:
     """The plan of a family member exported for `profile` at `precision` (estimated weights)."""
-    kv_dtype = kv_dtype_of(precision, flavour, profile.kv_cache.dtype)
+    activations = kv_dtype_of(precision, flavour, profile.kv_cache.dtype)
+    kv_dtype = kv_dtype_of(precision, flavour, profile.kv_cache.dtype, profile.kv_cache.bits)
     q = profile.quantization
-    float_dtype = kv_dtype if precision in BITS else ("float16" if precision == "fp16" else "float32")
+    float_dtype = activations if precision in BITS else ("float16" if precision == "fp16" else "float32")
     return MemoryPlan(
         what=f"Code Llama {shape.name}", profile=profile.name, precision=precision, context=context,
         kv_dtype=kv_dtype,

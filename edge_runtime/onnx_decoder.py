@@ -14,7 +14,8 @@ from .bundle import Architecture
 from .errors import BundleError
 from .kv_cache import KVCache
 
-_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# onnxruntime type strings of the graphs' logits and KV caches (int8: a quantized cache, gqa-shared-kv)
+ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 
 
 KV_CONCAT_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -64,8 +65,8 @@ class KVConcatDecoder:
         self.max_length = max_length
         check_graph_matches(session, arch, KV_CONCAT_INPUTS)
         inputs = {i.name: i for i in session.get_inputs()}
-        self.kv_dtype = np.dtype(_ORT_TO_NUMPY[inputs["past_key_values.0.key"].type])
-        self.logits_dtype = np.dtype(_ORT_TO_NUMPY[session.get_outputs()[0].type])
+        self.kv_dtype = np.dtype(ORT_TO_NUMPY[inputs["past_key_values.0.key"].type])
+        self.logits_dtype = np.dtype(ORT_TO_NUMPY[session.get_outputs()[0].type])
         self.vocab_size = arch.vocab_size
         # Host buffers written in place by the loop.
         self._mask = np.ones(max_length, dtype=np.int64)

@@ -121,7 +121,12 @@ class QuantizationSettings:
 
 @dataclass(frozen=True)
 class KvCacheSettings:
-    dtype: KvCacheDtype
+    dtype: KvCacheDtype  # the activations' dtype, and the cache's unless bits says otherwise
+    # 8: the fused graph keeps the KV cache as int8 codes with static per-channel scales
+    # calibrated at export (export/kv_cache_quant.py; onnxruntime's CPU GroupQueryAttention
+    # reads them): a quarter of float32's bytes per token of context. 0: the cache has `dtype`.
+    # fp32 bundles and the optimum graph always keep a float cache.
+    bits: Literal[0, 8] = 0
 
 
 @dataclass(frozen=True)

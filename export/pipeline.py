@@ -16,8 +16,9 @@ from edge_runtime.bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.memory_fit import bundle_plan
 from edge_runtime.profiles import DeviceProfile, load_profile
+from edge_runtime.tokenizer import CodeLlamaTokenizer
 
-from . import fidelity, graph_builder, onnx_export, quantize
+from . import fidelity, graph_builder, kv_cache_quant, onnx_export, quantize
 from .bundle_writer import copy_into, write_manifest
 from .checkpoint import CheckpointInfo, read_checkpoint
 from .progress import Progress, human_bytes, peak_rss_bytes
@@ -48,6 +49,7 @@ class ExportOptions:
     # "fused" (built from the tensors, GQA, streamed) or "optimum" (optimum's exporter)
     graph: str = "auto"
     variant: str | None = None  # base | python | instruct: overrides the detected variant (export/family.py)
+    kv_cache_bits: int | None = None  # 0 float, 8 int8 KV cache (fused graph): overrides the profile's kv_cache.bits
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,9 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         raise ExportError("--algorithm hqq needs --graph optimum (the fused graph quantizes with round-to-nearest)")
     if opts.fidelity_tokens < 1:
         raise ExportError(f"--fidelity-tokens {opts.fidelity_tokens} must be at least 1")
+    if opts.kv_cache_bits not in (None, 0, 8):
+        raise ExportError(f"--kv-cache-bits {opts.kv_cache_bits} is not 0 (float) or 8 (int8)")
+    kv_bits = profile.kv_cache.bits if opts.kv_cache_bits is None else opts.kv_cache_bits
     if opts.fidelity_corpus_tokens < 0:
         raise ExportError(f"--fidelity-corpus-tokens {opts.fidelity_corpus_tokens} must be 0 (none) or more")
     progress = progress or Progress(5)
@@ -184,6 +189,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         recipe = recipe_for(profile, precision, opts.algorithm, fused=fused) if precision in quantize.BITS else None
         excluded: list[str] = []
         kept_bits = 0  # storage of the kept layers: 0 float, 8 int8 (fused graph with the profile's keep_bits)
+        kv_scales: kv_cache_quant.KVScales | None = None  # an int8 KV cache (fused graph, profile kv_cache.bits 8)
         if fused:
             with progress.step(f"build the fused decoder graph from the tensors ({precision}, streamed)"):
                 q = profile.quantization
@@ -196,8 +202,18 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                     io_dtype=io_dtype, progress=progress.detail)
                 excluded = kept_matmuls(graph, quantize.BITS[precision]) if recipe else []
                 kept_bits = (q.keep_bits or 0) if recipe else 0
+                if kv_bits == 8 and precision != "fp32":
+                    tokenizer = CodeLlamaTokenizer.from_file(info.tokenizer_path)
+                    windows = kv_cache_quant.calibration_windows(
+                        tokenizer, min(kv_cache_quant.CALIBRATION_WINDOW, limit))
+                    progress.detail(f"int8 KV cache: per-channel scales calibrated on {sum(len(w) for w in windows)} "
+                                    f"positions of {kv_cache_quant.CALIBRATION_TEXT.name}")
+                    kv_scales = kv_cache_quant.calibrate(graph, arch, windows)
+                    kv_cache_quant.quantize_graph_kv_cache(graph, kv_scales)
             progress.index += 1  # the optimum export and conversion are one step here
         else:
+            if kv_bits == 8:
+                progress.detail("the KV cache stays float: only the fused graph keeps an int8 cache")
             with progress.step("export to ONNX with KV cache (optimum, fp32)"):
                 exported = onnx_export.export_onnx(info, work)
             with progress.step(f"convert weights to {precision}"):
@@ -253,7 +269,8 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                               "supports_infill": info.supports_infill, "step": info.step_id,
                               "chat_format": info.chat_format},
                 "family": fam.as_dict(),
-                "profile": {"name": profile.name, "kv_cache_dtype": profile.kv_cache.dtype},
+                "profile": {"name": profile.name, "kv_cache_dtype": "int8" if kv_scales else profile.kv_cache.dtype},
+                "kv_cache": kv_scales.as_manifest() if kv_scales else None,
                 "precision": precision,
                 "quantization": {**recipe.as_manifest(excluded), "kept_bits": kept_bits} if recipe else None,
                 "graph": {"flavour": flavour, "file": GRAPH_FILE, **graph_io(graph)},

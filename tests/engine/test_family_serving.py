@@ -95,6 +95,7 @@ def test_status_reports_the_family_facts(step_engine):
     assert fam["chat_format"] == status["chat_format"] == "source-step"
     assert fam["memory"]["budget_bytes"] == load_profile("cpu-x86_64").memory_budget_bytes
     assert fam["memory"]["context"] == status["context_limit"]
+    assert fam["memory"]["kv_dtype"] == "float32"  # an fp32 bundle keeps a float cache under every profile
 
 
 # ------------------------------------------------------------------------ base, no infill

@@ -69,6 +69,21 @@ def test_who_fits_where():
     assert not too_long.fits and "> memory budget 5.00 GiB" in too_long.describe()
 
 
+def test_an_int8_kv_cache_is_a_quarter_of_float32_and_fp32_bundles_keep_float():
+    profiles = {p.name: p for p in list_profiles()}
+    cpu = profiles["cpu-x86_64"]
+    assert cpu.kv_cache.bits == 8 and cpu.kv_cache.dtype == "float32"
+    s7 = CODE_LLAMA_SHAPES["7B"]
+    int4 = estimate_plan(s7, cpu, "int4", 4096)
+    fp32 = estimate_plan(s7, cpu, "fp32", 4096)
+    assert int4.kv_dtype == "int8" and fp32.kv_dtype == "float32"
+    assert int4.kv_cache_bytes * 4 == fp32.kv_cache_bytes == 2 * 32 * 32 * 128 * 4096 * 4
+    # the scales of the int4 weights stay float32 (the activations' dtype), not int8
+    assert int4.weights_bytes == estimate_weight_bytes(s7, "int4", block_size=32, symmetric=True,
+                                                       float_dtype="float32", keep_bits=8)
+    assert estimate_plan(s7, profiles["nvidia-gpu"], "int4", 4096).kv_dtype == "float16"
+
+
 def test_the_readme_table_is_the_commands_output():
     table = fit_table(list_profiles(), markdown=True)
     assert table in README.read_text(encoding="utf-8"), "regenerate with: edge-runtime fit --table --markdown"

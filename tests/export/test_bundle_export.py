@@ -178,7 +178,8 @@ def test_non_llama_checkpoint_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("option,value,message", [("fidelity_tokens", 0, "--fidelity-tokens 0"),
-                                                  ("fidelity_corpus_tokens", -1, "--fidelity-corpus-tokens -1")])
+                                                  ("fidelity_corpus_tokens", -1, "--fidelity-corpus-tokens -1"),
+                                                  ("kv_cache_bits", 4, "--kv-cache-bits 4")])
 def test_export_refuses_bad_fidelity_sizes_before_any_work(tiny_checkpoint, tmp_path, option, value, message):
     from edge_export.pipeline import ExportError, ExportOptions, run_export
 
@@ -186,6 +187,23 @@ def test_export_refuses_bad_fidelity_sizes_before_any_work(tiny_checkpoint, tmp_
         run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=tmp_path / "b",
                                  **{option: value}))
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
+
+
+@pytest.mark.parametrize("bits,kv_type", [(None, "tensor(int8)"), (0, "tensor(float)"), (8, "tensor(int8)")])
+def test_kv_cache_bits_follow_the_profile_unless_overridden(tiny_checkpoint, tmp_path, bits, kv_type):
+    import onnxruntime as ort
+
+    from edge_export.pipeline import ExportOptions, run_export
+    from edge_export.progress import Progress
+
+    out = tmp_path / "b"
+    run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=out, precision="int4",
+                             graph="fused", kv_cache_bits=bits, skip_fidelity=True), Progress(5, enabled=False))
+    bundle = load_bundle(out)
+    session = ort.InferenceSession(str(bundle.graph_path), providers=["CPUExecutionProvider"])
+    assert {i.name: i.type for i in session.get_inputs()}["past_key_values.1.value"] == kv_type
+    assert (bundle.manifest["kv_cache"] is not None) == (kv_type == "tensor(int8)")
+    assert bundle.manifest["profile"]["kv_cache_dtype"] == ("int8" if kv_type == "tensor(int8)" else "float32")
 
 
 def test_export_refuses_to_overwrite_an_existing_bundle(tiny_checkpoint, tiny_bundle):

@@ -1,0 +1,95 @@
+"""Where a decode step's time goes: onnxruntime's profiler over decode steps of a bundle.
+
+    python benchmarks/op_profile.py --bundle B                      # contexts 128 and 2048, 2 threads
+    python benchmarks/op_profile.py --bundle B --contexts 512 --threads 1 --steps 32
+
+For each context it fills the KV cache with a random prompt of that length (untimed),
+then profiles ``--steps`` decode steps (the engine's decoder, I/O binding, argmax after
+each) and prints, per operator type, milliseconds per step and the share of the kernels'
+time -- e.g. MatMulNBits (the weights) against GroupQueryAttention (the KV cache), which
+tells whether a step is bound by the weights or by the context. The profiler adds a
+little overhead to every node: compare shares, and take tokens/s from the benchmarks that
+do not profile. ``--json FILE`` writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+def profile_decode(bundle_dir: Path, *, context: int, steps: int, threads: int) -> dict:
+    import numpy as np
+    import onnxruntime as ort
+
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.engine import DECODERS
+
+    bundle = load_bundle(bundle_dir)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory(prefix="op-profile-") as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "decode")
+        session = ort.InferenceSession(str(bundle.graph_path), sess_options=options,
+                                       providers=["CPUExecutionProvider"])
+        decoder = DECODERS[bundle.graph_flavour](ort, session, bundle.architecture, device="cpu",
+                                                 max_length=context + steps + 1)
+        cache = decoder.new_cache(context + steps + 1)
+        rng = np.random.default_rng(0)
+        prompt = np.asarray([1, *rng.integers(100, bundle.architecture.vocab_size - 16, size=context - 1)])
+        token = int(np.argmax(decoder.prefill(cache, prompt)[-1]))
+        for _ in range(steps):
+            token = int(np.argmax(decoder.decode(cache, token)))
+        events = json.loads(Path(session.end_profiling()).read_text())
+    runs = [e for e in events if e.get("name") == "model_run"]
+    prefill_runs = len(runs) - steps  # the prompt's run(s) come first
+    first_step = runs[prefill_runs]["ts"]
+    per_op: dict[str, float] = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first_step:
+            per_op[e["args"]["op_name"]] += e["dur"]
+    kernels = sum(per_op.values())
+    step_us = sum(r["dur"] for r in runs[prefill_runs:]) / steps
+    return {"context": context, "steps": steps, "threads": threads, "step_ms": round(step_us / 1000, 3),
+            "kernels_ms": round(kernels / steps / 1000, 3),
+            "ops": [{"op": op, "ms_per_step": round(us / steps / 1000, 3), "share": round(us / kernels, 4)}
+                    for op, us in sorted(per_op.items(), key=lambda kv: -kv[1])]}
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = []
+    for r in rows:
+        lines.append(f"context {r['context']}, {r['threads']} threads: {r['step_ms']:.2f} ms a step "
+                     f"({r['kernels_ms']:.2f} ms in kernels), {r['steps']} steps")
+        lines.append("| operator | ms per step | share of kernel time |\n|---|---|---|")
+        lines += [f"| {o['op']} | {o['ms_per_step']:.3f} | {100 * o['share']:.1f} % |" for o in r["ops"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--contexts", type=int, nargs="+", default=[128, 2048], help="tokens held when the steps run")
+    p.add_argument("--steps", type=int, default=40, help="decode steps profiled per context")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--json", type=Path, help="write the rows to this file")
+    args = p.parse_args(argv)
+    if args.steps < 1 or any(c < 1 for c in args.contexts):
+        p.error("--steps and --contexts must be positive")
+    rows = [profile_decode(args.bundle, context=c, steps=args.steps, threads=args.threads) for c in args.contexts]
+    print(format_rows(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
