@@ -4,23 +4,7 @@ checkpoint or the recipe changes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def recipes():
-    spec = importlib.util.spec_from_file_location("bench_int4_recipes", ROOT / "benchmarks" / "int4_recipes.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_recipe_names_cover_symmetry_rounding_and_head(recipes):
