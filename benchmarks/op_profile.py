@@ -3,11 +3,12 @@
     python benchmarks/op_profile.py --bundle B                      # contexts 128 and 2048, 2 threads
     python benchmarks/op_profile.py --bundle B --contexts 512 --threads 1 --steps 32
 
-For each context it fills the KV cache with a random prompt of that length (untimed),
-then profiles ``--steps`` decode steps (the engine's decoder, I/O binding, argmax after
-each) and prints, per operator type, milliseconds per step and the share of the kernels'
-time -- e.g. MatMulNBits (the weights) against GroupQueryAttention (the KV cache), which
-tells whether a step is bound by the weights or by the context. The profiler adds a
+For each context it fills the KV cache with a random prompt of that length (one prefill,
+profiled too), then profiles ``--steps`` decode steps (the engine's decoder, I/O binding,
+argmax after each) and prints, per operator type, milliseconds per step and the share of
+the kernels' time -- e.g. MatMulNBits (the weights) against GroupQueryAttention (the KV
+cache), which tells whether a step is bound by the weights or by the context -- and the
+same for the prefill. The profiler adds a
 little overhead to every node: compare shares, and take tokens/s from the benchmarks that
 do not profile. ``--json FILE`` writes the rows.
 """
@@ -51,16 +52,22 @@ def profile_decode(bundle_dir: Path, *, context: int, steps: int, threads: int) 
     runs = [e for e in events if e.get("name") == "model_run"]
     prefill_runs = len(runs) - steps  # the prompt's run(s) come first
     first_step = runs[prefill_runs]["ts"]
-    per_op: dict[str, float] = collections.Counter()
+    decode_ops: dict[str, float] = collections.Counter()
+    prefill_ops: dict[str, float] = collections.Counter()
     for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first_step:
-            per_op[e["args"]["op_name"]] += e["dur"]
-    kernels = sum(per_op.values())
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            (decode_ops if e["ts"] >= first_step else prefill_ops)[e["args"]["op_name"]] += e["dur"]
     step_us = sum(r["dur"] for r in runs[prefill_runs:]) / steps
+    prefill_us = sum(r["dur"] for r in runs[:prefill_runs])
     return {"context": context, "steps": steps, "threads": threads, "step_ms": round(step_us / 1000, 3),
-            "kernels_ms": round(kernels / steps / 1000, 3),
-            "ops": [{"op": op, "ms_per_step": round(us / steps / 1000, 3), "share": round(us / kernels, 4)}
-                    for op, us in sorted(per_op.items(), key=lambda kv: -kv[1])]}
+            "kernels_ms": round(sum(decode_ops.values()) / steps / 1000, 3), "ops": _shares(decode_ops, steps),
+            "prefill_ms": round(prefill_us / 1000, 3), "prefill_ops": _shares(prefill_ops, 1)}
+
+
+def _shares(per_op: dict[str, float], runs: int) -> list[dict]:
+    total = sum(per_op.values()) or 1.0
+    return [{"op": op, "ms_per_step": round(us / runs / 1000, 3), "share": round(us / total, 4)}
+            for op, us in sorted(per_op.items(), key=lambda kv: -kv[1])]
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -70,6 +77,9 @@ def format_rows(rows: list[dict]) -> str:
                      f"({r['kernels_ms']:.2f} ms in kernels), {r['steps']} steps")
         lines.append("| operator | ms per step | share of kernel time |\n|---|---|---|")
         lines += [f"| {o['op']} | {o['ms_per_step']:.3f} | {100 * o['share']:.1f} % |" for o in r["ops"]]
+        lines.append(f"\nprefill of {r['context']} tokens: {r['prefill_ms']:.1f} ms")
+        lines.append("| operator | ms | share of kernel time |\n|---|---|---|")
+        lines += [f"| {o['op']} | {o['ms_per_step']:.1f} | {100 * o['share']:.1f} % |" for o in r["prefill_ops"]]
         lines.append("")
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ What it does:
      int4 recipe (MatMulNBits block 32, symmetric with the least-squares scale search,
      accuracy level 4, lm_head kept as int8), fidelity skipped (random weights); the recipe
      is part of the cache stamp;
+   * ``edge-runtime/kv8``: the same export with ``--kv-cache-bits 8`` (an int8 KV cache);
    * ``edge-runtime/genai-recipe``: the same graph and engine loop with onnxruntime-genai's
      recipe (symmetric int4, lm_head int4: ``graph_builder.build_decoder_graph``, a bare
      graph run by the engine's decoder) -- the same bytes as onnxruntime-genai's model, so
@@ -72,10 +73,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_graphs import peak_rss, prompt_ids  # noqa: E402  (the steps both benchmarks run alike)
 
 OURS = "edge-runtime"
+OURS_KV8 = "edge-runtime/kv8"  # our bundle exported with --kv-cache-bits 8 (int8 KV cache)
 OURS_GENAI_RECIPE = "edge-runtime/genai-recipe"  # our graph + loop, onnxruntime-genai's recipe (same bytes)
+OUR_ENGINES = (OURS, OURS_KV8, OURS_GENAI_RECIPE)  # run in this interpreter
 GENAI = "onnxruntime-genai"
 LLAMACPP = "llama.cpp"
-ENGINES = (OURS, OURS_GENAI_RECIPE, GENAI, LLAMACPP)
+ENGINES = (OURS, OURS_KV8, OURS_GENAI_RECIPE, GENAI, LLAMACPP)
 PEER_MODULES = {GENAI: "onnxruntime_genai", LLAMACPP: "llama_cpp"}
 CACHE = Path(os.environ.get("EDGE_RUNTIME_CACHE", Path.home() / ".cache" / "edge-runtime"))
 DEFAULT_PEER_PYTHON = CACHE / "peers-venv" / "bin" / "python"
@@ -294,29 +297,39 @@ def recipe_words(block_size: int, symmetric: bool, accuracy_level: int, kept: tu
     return f"int4 b{block_size} {'sym' if symmetric else 'asym'}{rounding} acc{accuracy_level}, {held}{kv}"
 
 
-def profile_recipe() -> dict:
-    """The profile's int4 recipe: it goes into OURS's cache stamp, so a changed profile re-exports."""
+def profile_recipe(kv_bits: int | None = None) -> dict:
+    """The profile's int4 recipe (``kv_bits`` overriding its KV cache): it goes into the cache
+    stamp of our bundles, so a changed profile re-exports."""
     from edge_runtime.profiles import load_profile
 
     profile = load_profile(PROFILE)
     q = profile.quantization
     return {"block_size": q.block_size, "symmetric": q.symmetric, "accuracy_level": q.accuracy_level,
             "keep_unquantized": list(q.keep_unquantized), "keep_bits": q.keep_bits, "scale_search": q.scale_search,
-            "kv_bits": profile.kv_cache.bits}
+            "kv_bits": profile.kv_cache.bits if kv_bits is None else kv_bits}
 
 
-def step_prepare_ours(a) -> dict:
+def _prepare_bundle(a, engine: str, kv_bits: int | None) -> dict:
+    """`edge-runtime export` of the checkpoint with the profile (``kv_bits`` overriding its KV cache)."""
     from edge_export.pipeline import ExportOptions, run_export
 
     out = Path(a.out)
     run_export(ExportOptions(checkpoint=Path(a.checkpoint), profile=PROFILE, output=out, precision="int4",
-                             graph="fused", skip_fidelity=True, force=True))
-    r = profile_recipe()
+                             graph="fused", skip_fidelity=True, force=True, kv_cache_bits=kv_bits))
+    r = profile_recipe(kv_bits)
     total, per_token = onnx_weight_bytes(out / "model.onnx")
     words = recipe_words(r["block_size"], r["symmetric"], r["accuracy_level"], tuple(r["keep_unquantized"]),
                          r["keep_bits"], r["scale_search"], r["kv_bits"])
-    return asdict(ModelInfo(OURS, words, folder_bytes(out, "model.onnx"), per_token,
+    return asdict(ModelInfo(engine, words, folder_bytes(out, "model.onnx"), per_token,
                             onnx_kv_element_bytes(out / "model.onnx")))
+
+
+def step_prepare_ours(a) -> dict:
+    return _prepare_bundle(a, OURS, None)
+
+
+def step_prepare_ours_kv8(a) -> dict:
+    return _prepare_bundle(a, OURS_KV8, 8)
 
 
 def step_prepare_ours_genai_recipe(a) -> dict:
@@ -550,13 +563,14 @@ def step_run_llamacpp(a) -> dict:
     return _result(LLAMACPP, len(ids), prefill_s, ttft_s, decode, load_s)
 
 
-STEPS = {"checkpoint": step_checkpoint, "prepare-ours": step_prepare_ours,
+STEPS = {"checkpoint": step_checkpoint, "prepare-ours": step_prepare_ours, "prepare-ours-kv8": step_prepare_ours_kv8,
          "prepare-ours-genai-recipe": step_prepare_ours_genai_recipe, "prepare-genai": step_prepare_genai,
          "prepare-llamacpp": step_prepare_llamacpp, "bandwidth": step_bandwidth, "run-ours": step_run_ours,
          "run-genai": step_run_genai, "run-llamacpp": step_run_llamacpp}
-PREPARE = {OURS: "prepare-ours", OURS_GENAI_RECIPE: "prepare-ours-genai-recipe", GENAI: "prepare-genai",
-           LLAMACPP: "prepare-llamacpp"}
-RUN = {OURS: "run-ours", OURS_GENAI_RECIPE: "run-ours", GENAI: "run-genai", LLAMACPP: "run-llamacpp"}
+PREPARE = {OURS: "prepare-ours", OURS_KV8: "prepare-ours-kv8", OURS_GENAI_RECIPE: "prepare-ours-genai-recipe",
+           GENAI: "prepare-genai", LLAMACPP: "prepare-llamacpp"}
+RUN = {OURS: "run-ours", OURS_KV8: "run-ours", OURS_GENAI_RECIPE: "run-ours", GENAI: "run-genai",
+       LLAMACPP: "run-llamacpp"}
 
 
 # -- the driver ---------------------------------------------------------------------------------------------------
@@ -576,7 +590,7 @@ def run_step(python: str, name: str, *, nice: int = 0, **kwargs) -> dict:
 
 def peer_missing(python: str, engine: str, convert_script: Path) -> str | None:
     """Why `engine` cannot run under `python` (None when it can)."""
-    if engine in (OURS, OURS_GENAI_RECIPE):
+    if engine in OUR_ENGINES:
         return None
     if not Path(python).exists():
         return f"{python} does not exist"
@@ -627,8 +641,8 @@ def prepare(args, engine: str, python: str, checkpoint: Path, stamp: dict) -> Mo
     folder = args.workdir / engine.replace("/", "-")
     stamp_file = args.workdir / f"{engine.replace('/', '-')}.json"
     wanted = {**stamp, "engine": engine, "block_size": args.block_size}
-    if engine == OURS:
-        wanted["recipe"] = profile_recipe()
+    if engine in (OURS, OURS_KV8):
+        wanted["recipe"] = profile_recipe(8 if engine == OURS_KV8 else None)
     if stamp_file.is_file():
         saved = json.loads(stamp_file.read_text())
         if saved.get("stamp") == wanted and folder.exists():
@@ -670,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
 
     notes, infos = [], {}
     for engine in args.engines:
-        python = sys.executable if engine in (OURS, OURS_GENAI_RECIPE) else args.peer_python
+        python = sys.executable if engine in OUR_ENGINES else args.peer_python
         why = peer_missing(python, engine, args.convert_script)
         if why:
             notes.append(f"{engine} skipped: {why} (bash scripts/install-peers.sh installs the peers)")
@@ -685,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     for rnd in range(args.rounds):
         for engine in infos:
             say(f"{engine}: round {rnd + 1}/{args.rounds} ...")
-            python = sys.executable if engine in (OURS, OURS_GENAI_RECIPE) else args.peer_python
+            python = sys.executable if engine in OUR_ENGINES else args.peer_python
             r = run_step(python, RUN[engine], model=args.workdir / engine.replace("/", "-"), engine=engine,
                          checkpoint=checkpoint, threads=args.threads,
                          prefill_tokens=args.prefill_tokens, contexts=args.contexts,

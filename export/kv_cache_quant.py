@@ -1,13 +1,17 @@
 """An int8 KV cache for the `gqa-shared-kv` graph: calibrate, then rewrite the graph.
 
 At long contexts a decode step reads the whole KV cache once per layer: at 2048
-tokens of an 8-layer, 2048-wide model that is 268 MB in float32, as much as the
-int4 weights, and GroupQueryAttention is 44 % of the step on the CPU
-(``benchmarks/op_profile.py``). onnxruntime's CPU GroupQueryAttention (1.32+)
+tokens of an 8-layer, 2048-wide model that is 268 MB in float32, nearly as much as
+its int4 weights (329 MB), and GroupQueryAttention is 43 % of the step's kernel time
+on two CPU cores (``benchmarks/op_profile.py``; 27 % with the int8 cache). onnxruntime's CPU GroupQueryAttention (1.32+)
 reads and writes an int8 cache itself (``kv_cache_bit_width=8``,
 ``k_quant_type``/``v_quant_type``, static ``k_scale``/``v_scale`` inputs): the
 stored code is ``round(x / scale)``, one scale per channel (kv head x head dim)
 of the rotated keys and of the values.
+
+The price is the prompt: onnxruntime's int8 path for prompts (more than one new token)
+is several times slower than its float attention (prefill of 2048 tokens 25 % slower on
+the same model), so this is opt-in (``--kv-cache-bits 8`` or ``[kv_cache] bits = 8``).
 
 The scales are static, so they are calibrated: the float-cache graph the
 builder just wrote runs a calibration text (``assets/kv-calibration.txt``, not the
@@ -103,6 +107,8 @@ def quantize_graph_kv_cache(graph: Path, scales: KVScales) -> None:
                 if v.name.startswith(("past_key_values.", "present."))]
     if not cache_io:
         raise ValueError(f"{graph} has no past/present KV inputs")
+    if any(v.type.tensor_type.elem_type == TensorProto.INT8 for v in cache_io):
+        raise ValueError(f"{graph} already keeps an int8 KV cache")
     for v in cache_io:
         v.type.tensor_type.elem_type = TensorProto.INT8
     nodes = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]

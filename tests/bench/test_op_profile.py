@@ -3,23 +3,9 @@ operator, printed and written as JSON."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def op_profile():
-    spec = importlib.util.spec_from_file_location("bench_op_profile", ROOT / "benchmarks" / "op_profile.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_profiles_decode_steps_by_operator(op_profile, tiny_bundle, tmp_path, capsys):
@@ -33,9 +19,12 @@ def test_profiles_decode_steps_by_operator(op_profile, tiny_bundle, tmp_path, ca
         # the fused fp32 graph: attention in one node per layer, float projections
         assert {"GroupQueryAttention", "MatMul"} <= set(ops)
         assert sum(o["share"] for o in r["ops"]) == pytest.approx(1.0, abs=0.01)
-        assert r["step_ms"] > 0 and r["kernels_ms"] > 0
+        assert r["step_ms"] > 0 and r["kernels_ms"] > 0 and r["prefill_ms"] > 0
+        assert "GroupQueryAttention" in {o["op"] for o in r["prefill_ops"]}
+        assert sum(o["share"] for o in r["prefill_ops"]) == pytest.approx(1.0, abs=0.01)
     printed = capsys.readouterr().out
     assert "| GroupQueryAttention |" in printed and "context 20, 1 threads" in printed
+    assert "prefill of 20 tokens" in printed
 
 
 def test_rejects_a_non_positive_step_count(op_profile, tiny_bundle):

@@ -99,3 +99,5 @@ def test_rewrite_refuses_scales_for_another_layer_count_and_calibration_an_int8_
     kv_cache_quant.quantize_graph_kv_cache(copy, right)
     with pytest.raises(ValueError, match="already has a tensor\\(int8\\) KV cache"):
         kv_cache_quant.calibrate(copy, arch, [[1, 2, 3]])
+    with pytest.raises(ValueError, match="already keeps an int8 KV cache"):
+        kv_cache_quant.quantize_graph_kv_cache(copy, right)
