@@ -295,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "on the device); 0: float (default: the profile's [kv_cache] bits)")
     p.add_argument("--graph", choices=["auto", "fused", "optimum"], default="auto",
                    help="fused: built from the tensors with GroupQueryAttention and one shared KV buffer, streamed "
-                        "layer by layer (a 7B exports in < 1 GiB of memory with a float KV cache); optimum: optimum's exporter (needed for "
-                        "--algorithm hqq); auto (default): fused unless the checkpoint or --algorithm needs optimum")
+                        "layer by layer (a 7B exports in < 1 GiB of memory with a float KV cache); optimum: optimum's "
+                        "exporter (needed for --algorithm hqq); auto (default): fused unless the checkpoint or "
+                        "--algorithm needs optimum")
     p.add_argument("--skip-fidelity", action="store_true",
                    help="do not measure fidelity (size/speed benchmarks of random weights); recorded in bundle.json")
     p.add_argument("--variant", choices=["base", "python", "instruct"],
