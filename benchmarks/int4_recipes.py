@@ -101,14 +101,12 @@ def build(recipe: Recipe, checkpoint_info, graph: Path, *, layout: Layout, max_l
                         keep_unquantized=("lm_head",) if recipe.head_bits != 4 else (),
                         keep_bits=8 if recipe.head_bits == 8 else None,
                         max_length=max_length, scale_search=recipe.scale_search)
-    if recipe.kv_bits == 8:
-        from edge_export import kv_cache_quant
+    if recipe.kv_bits == 8:  # as the export does (--kv-cache-bits 8)
+        from edge_export.kv_cache_quant import add_int8_kv_cache
         from edge_runtime.tokenizer import CodeLlamaTokenizer
 
-        windows = kv_cache_quant.calibration_windows(CodeLlamaTokenizer.from_file(checkpoint_info.tokenizer_path),
-                                                     min(kv_cache_quant.CALIBRATION_WINDOW, max_length))
-        kv_cache_quant.quantize_graph_kv_cache(graph, kv_cache_quant.calibrate(graph, checkpoint_info.architecture,
-                                                                               windows))
+        add_int8_kv_cache(graph, checkpoint_info.architecture,
+                          CodeLlamaTokenizer.from_file(checkpoint_info.tokenizer_path), max_length=max_length)
 
 
 def weight_bytes_per_step(graph: Path) -> int:

@@ -138,13 +138,20 @@ def kl_divergence(ref_logits: np.ndarray, got_logits: np.ndarray, *, rows: int =
     return np.maximum(out, 0.0)
 
 
-def corpus_windows(tokenizer: CodeLlamaTokenizer, n_tokens: int, window: int = CORPUS_WINDOW) -> list[list[int]]:
-    """The first ``n_tokens`` tokens of the corpus, as windows of at most ``window``
-    positions, each led by BOS."""
+def text_windows(tokenizer: CodeLlamaTokenizer, text_file: Path, window: int,
+                 n_tokens: int | None = None) -> list[list[int]]:
+    """The first ``n_tokens`` tokens (all when None) of a text file, as windows of at most
+    ``window`` positions, each led by BOS: what the corpus measure and the KV-cache
+    calibration (kv_cache_quant.py) run through a graph, one fresh cache per window."""
     if window < 2:
-        raise ValueError(f"corpus window must hold BOS and a token, not {window}")
-    ids = tokenizer.encode(CORPUS.read_text(encoding="utf-8"))[:n_tokens]
+        raise ValueError(f"a window must hold BOS and a token, not {window}")
+    ids = tokenizer.encode(text_file.read_text(encoding="utf-8"))[:n_tokens]
     return [[tokenizer.bos_id, *ids[i:i + window - 1]] for i in range(0, len(ids), window - 1)]
+
+
+def corpus_windows(tokenizer: CodeLlamaTokenizer, n_tokens: int, window: int = CORPUS_WINDOW) -> list[list[int]]:
+    """The first ``n_tokens`` tokens of the fidelity corpus, as BOS-led windows."""
+    return text_windows(tokenizer, CORPUS, window, n_tokens)
 
 
 def corpus_divergence(model, decoder, windows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:

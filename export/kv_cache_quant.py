@@ -46,19 +46,27 @@ class KVScales:
 
     key: np.ndarray
     value: np.ndarray
+    margin: float = MARGIN  # the headroom the scales were calibrated with
 
     def as_manifest(self) -> dict:
-        return {"dtype": "int8", "quant_type": QUANT_TYPE.lower().replace("_", "-"), "margin": MARGIN,
+        return {"dtype": "int8", "quant_type": QUANT_TYPE.lower().replace("_", "-"), "margin": self.margin,
                 "key_scale_range": [float(self.key.min()), float(self.key.max())],
                 "value_scale_range": [float(self.value.min()), float(self.value.max())]}
 
 
 def calibration_windows(tokenizer, window: int = CALIBRATION_WINDOW) -> list[list[int]]:
     """The calibration text as BOS-led windows of at most ``window`` positions."""
-    if window < 2:
-        raise ValueError(f"calibration window must hold BOS and a token, not {window}")
-    ids = tokenizer.encode(CALIBRATION_TEXT.read_text(encoding="utf-8"))
-    return [[tokenizer.bos_id, *ids[i:i + window - 1]] for i in range(0, len(ids), window - 1)]
+    from .fidelity import text_windows
+
+    return text_windows(tokenizer, CALIBRATION_TEXT, window)
+
+
+def add_int8_kv_cache(graph: Path, arch: Architecture, tokenizer, *, max_length: int) -> KVScales:
+    """Calibrate on the calibration text (windows no longer than the graph's ``max_length``)
+    and rewrite ``graph`` to keep an int8 KV cache; returns the scales."""
+    scales = calibrate(graph, arch, calibration_windows(tokenizer, min(CALIBRATION_WINDOW, max_length)))
+    quantize_graph_kv_cache(graph, scales)
+    return scales
 
 
 def calibrate(graph: Path, arch: Architecture, windows: Sequence[Sequence[int]], *, threads: int = 0,
@@ -93,7 +101,7 @@ def calibrate(graph: Path, arch: Architecture, windows: Sequence[Sequence[int]],
             peak = np.abs(present[0, :, :n].astype(np.float32)).max(axis=1).reshape(-1)
             np.maximum(absmax[kind, layer], peak, out=absmax[kind, layer])
     scale = np.maximum(absmax * margin, np.finfo(np.float32).tiny) / 127.0
-    return KVScales(key=scale[0], value=scale[1])
+    return KVScales(key=scale[0], value=scale[1], margin=margin)
 
 
 def quantize_graph_kv_cache(graph: Path, scales: KVScales) -> None:

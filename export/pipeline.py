@@ -195,7 +195,8 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 q = profile.quantization
                 io_dtype = "float32" if precision == "fp32" else profile.kv_cache.dtype
                 graph_builder.build_decoder_graph(
-                    info, graph, precision=precision, block_size=q.block_size, symmetric=q.symmetric,
+                    info, graph, precision=precision, block_size=q.block_size,
+                    symmetric=recipe.symmetric if recipe else q.symmetric,
                     accuracy_level=q.accuracy_level, keep_unquantized=tuple(q.keep_unquantized), max_length=limit,
                     keep_bits=(q.keep_bits or None) if recipe else None,
                     scale_search=recipe.scale_search if recipe else False,
@@ -203,13 +204,10 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 excluded = kept_matmuls(graph, quantize.BITS[precision]) if recipe else []
                 kept_bits = (q.keep_bits or 0) if recipe else 0
                 if kv_bits == 8 and precision != "fp32":
-                    tokenizer = CodeLlamaTokenizer.from_file(info.tokenizer_path)
-                    windows = kv_cache_quant.calibration_windows(
-                        tokenizer, min(kv_cache_quant.CALIBRATION_WINDOW, limit))
-                    progress.detail(f"int8 KV cache: per-channel scales calibrated on {sum(len(w) for w in windows)} "
-                                    f"positions of {kv_cache_quant.CALIBRATION_TEXT.name}")
-                    kv_scales = kv_cache_quant.calibrate(graph, arch, windows)
-                    kv_cache_quant.quantize_graph_kv_cache(graph, kv_scales)
+                    progress.detail(f"int8 KV cache: per-channel scales calibrated on "
+                                    f"{kv_cache_quant.CALIBRATION_TEXT.name}")
+                    kv_scales = kv_cache_quant.add_int8_kv_cache(
+                        graph, arch, CodeLlamaTokenizer.from_file(info.tokenizer_path), max_length=limit)
             progress.index += 1  # the optimum export and conversion are one step here
         else:
             if kv_bits == 8:

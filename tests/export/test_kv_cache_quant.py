@@ -52,6 +52,10 @@ def test_calibrated_scales_cover_the_calibration_text_with_the_margin(float_grap
             codes = present[0].transpose(1, 0, 2).reshape(len(windows[0]), channels) / scale
             # the largest value of the text maps to 127 / margin: nothing saturates on it
             assert np.abs(codes).max() <= 127 / kv_cache_quant.MARGIN + 1e-3
+    # the manifest records the headroom the scales were made with
+    wider = kv_cache_quant.calibrate(graph, info.architecture, windows, margin=2.0)
+    assert wider.as_manifest()["margin"] == 2.0 and scales.as_manifest()["margin"] == kv_cache_quant.MARGIN
+    np.testing.assert_allclose(wider.key, scales.key * 2.0 / kv_cache_quant.MARGIN, rtol=1e-5)
 
 
 def test_int8_graph_stores_the_float_cache_rounded_against_its_scales(float_graph, tmp_path):
