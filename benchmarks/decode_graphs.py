@@ -93,26 +93,41 @@ def step_export(args) -> dict:
     return {"seconds": time.perf_counter() - t0, "graph_bytes": graph_bytes(out), "peak_rss": peak_rss()}
 
 
-def _decoder(args, flavour: str):
-    """(decoder, session load seconds) for one flavour's graph in the work folder."""
+def cpu_decoder(graph: Path, arch, flavour: str, *, threads: int, max_length: int, spinning: bool = True,
+                profile_prefix: str | None = None):
+    """(decoder, session, load seconds): a CPU session of ``graph`` with the engine's graph
+    optimisations and ``threads`` intra-op threads (0: onnxruntime's default), and the
+    engine's decoder for ``flavour`` over it -- what every benchmark here times.
+    ``spinning`` False turns the thread pool's spin-wait off; ``profile_prefix`` turns
+    onnxruntime's profiler on (files start with it)."""
     import onnxruntime as ort
 
-    from edge_export.checkpoint import read_checkpoint
-    from edge_runtime.gqa_decoder import SharedKVDecoder
-    from edge_runtime.onnx_decoder import KVConcatDecoder
+    from edge_runtime.engine import DECODERS
 
-    arch = read_checkpoint(args.checkpoint).architecture
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if args.threads:
-        options.intra_op_num_threads = args.threads
+    if threads:
+        options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     t0 = time.perf_counter()
-    session = ort.InferenceSession(str(Path(args.workdir) / flavour / "model.onnx"), sess_options=options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(graph), sess_options=options, providers=["CPUExecutionProvider"])
     load_s = time.perf_counter() - t0
-    cls = KVConcatDecoder if flavour == "optimum-kv-concat" else SharedKVDecoder
-    return cls(ort, session, arch, device="cpu", max_length=args.max_length), load_s
+    return DECODERS[flavour](ort, session, arch, device="cpu", max_length=max_length), session, load_s
+
+
+def _decoder(args, flavour: str):
+    """(decoder, session load seconds) for one flavour's graph in the work folder."""
+    from edge_export.checkpoint import read_checkpoint
+
+    decoder, _, load_s = cpu_decoder(Path(args.workdir) / flavour / "model.onnx",
+                                     read_checkpoint(args.checkpoint).architecture, flavour, threads=args.threads,
+                                     max_length=args.max_length)
+    return decoder, load_s
 
 
 def step_speed(args) -> dict:

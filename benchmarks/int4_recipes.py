@@ -142,10 +142,10 @@ def speed(recipes: list[Recipe], checkpoint: Path, work: Path, *, threads: int, 
           steps: int, layout: Layout = Layout()) -> list[dict]:
     """Decode tokens/s per recipe and context, steps alternated across recipes in one process."""
     import numpy as np
-    import onnxruntime as ort
 
+    from decode_graphs import cpu_decoder
     from edge_export.checkpoint import read_checkpoint
-    from edge_runtime.gqa_decoder import SharedKVDecoder
+    from edge_runtime.bundle import FLAVOUR_GQA_SHARED_KV
 
     info = read_checkpoint(checkpoint)
     arch = info.architecture
@@ -160,12 +160,8 @@ def speed(recipes: list[Recipe], checkpoint: Path, work: Path, *, threads: int, 
             print(f"[recipes] building {r.name} for {checkpoint.name} ...", file=sys.stderr, flush=True)
             build(r, info, graph, layout=layout, max_length=longest)
             stamp.write_text(json.dumps(wanted))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(graph), sess_options=options, providers=["CPUExecutionProvider"])
-        decoders[r.name] = SharedKVDecoder(ort, session, arch, device="cpu", max_length=longest)
+        decoders[r.name] = cpu_decoder(graph, arch, FLAVOUR_GQA_SHARED_KV, threads=threads, max_length=longest,
+                                       spinning=False)[0]
     rng = np.random.default_rng(0)
     rows = {r.name: {"recipe": r.name, "weight_bytes_per_step": weight_bytes_per_step(work / r.name / "model.onnx"),
                      "decode_tokens_per_s": {}} for r in recipes}

@@ -23,25 +23,20 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # decode_graphs, beside this file
+
 
 def profile_decode(bundle_dir: Path, *, context: int, steps: int, threads: int) -> dict:
     import numpy as np
-    import onnxruntime as ort
 
+    from decode_graphs import cpu_decoder
     from edge_runtime.bundle import load_bundle
-    from edge_runtime.engine import DECODERS
 
     bundle = load_bundle(bundle_dir)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    options.enable_profiling = True
     with tempfile.TemporaryDirectory(prefix="op-profile-") as tmp:
-        options.profile_file_prefix = str(Path(tmp) / "decode")
-        session = ort.InferenceSession(str(bundle.graph_path), sess_options=options,
-                                       providers=["CPUExecutionProvider"])
-        decoder = DECODERS[bundle.graph_flavour](ort, session, bundle.architecture, device="cpu",
-                                                 max_length=context + steps + 1)
+        decoder, session, _ = cpu_decoder(bundle.graph_path, bundle.architecture, bundle.graph_flavour,
+                                          threads=threads, max_length=context + steps + 1,
+                                          profile_prefix=str(Path(tmp) / "decode"))
         cache = decoder.new_cache(context + steps + 1)
         rng = np.random.default_rng(0)
         prompt = np.asarray([1, *rng.integers(100, bundle.architecture.vocab_size - 16, size=context - 1)])

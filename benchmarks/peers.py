@@ -70,7 +70,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_graphs import peak_rss, prompt_ids  # noqa: E402  (the steps both benchmarks run alike)
+from decode_graphs import cpu_decoder, peak_rss, prompt_ids  # noqa: E402  (the steps both benchmarks run alike)
 
 OURS = "edge-runtime"
 OURS_KV8 = "edge-runtime/kv8"  # our bundle exported with --kv-cache-bits 8 (int8 KV cache)
@@ -438,19 +438,12 @@ def step_run_ours(a) -> dict:
         engine = Engine.from_bundle(a.model, profile=profile)
         d, vocab = engine.decoder, engine.bundle.architecture.vocab_size
     else:  # a bare fused graph (OURS_GENAI_RECIPE): the session and decoder the engine would make
-        import onnxruntime as ort
-
         from edge_export.checkpoint import read_checkpoint
-        from edge_runtime.gqa_decoder import SharedKVDecoder
+        from edge_runtime.bundle import FLAVOUR_GQA_SHARED_KV
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = a.threads
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(Path(a.model) / "model.onnx"), sess_options=options,
-                                       providers=["CPUExecutionProvider"])
         arch = read_checkpoint(a.checkpoint).architecture
-        d = SharedKVDecoder(ort, session, arch, device="cpu", max_length=profile.max_context)
+        d = cpu_decoder(Path(a.model) / "model.onnx", arch, FLAVOUR_GQA_SHARED_KV, threads=a.threads,
+                        max_length=profile.max_context)[0]
         vocab = arch.vocab_size
     load_s = time.perf_counter() - t0
     d.prefill(d.new_cache(20), prompt_ids(16, vocab, 1))  # warm-up
