@@ -170,7 +170,7 @@ def step_memory(args) -> dict:
     context = max(args.contexts)
     cache = decoder.new_cache(context + args.decode_tokens)
     token = int(np.argmax(decoder.prefill(cache, prompt_ids(context, vocab, 2))[-1]))
-    for _ in range(8):
+    for _ in range(min(8, args.decode_tokens)):  # within the cache's capacity
         token = int(np.argmax(decoder.decode(cache, token)))
     return {"load_s": load_s, "peak_rss": peak_rss()}
 
