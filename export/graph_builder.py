@@ -52,11 +52,15 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from .checkpoint import CheckpointInfo
+from .gptq import gptq_quantize, inverse_hessian
+
+if TYPE_CHECKING:
+    from .calibration import LayerwiseHessians
 
 FLAVOUR = "gqa-shared-kv"
 """The graph flavour name recorded in bundles (``graph.flavour``)."""
@@ -340,7 +344,6 @@ def block_quantize_mse(weight_kn: np.ndarray, *, bits: int, block_size: int, sym
     w, k_blocks = _padded_to_blocks(np.asarray(weight_kn, dtype=np.float32), bits=bits, block_size=block_size)
     w = np.ascontiguousarray(w.T).reshape(n, k_blocks, block_size)  # [N, blocks, block]
     qmax = (1 << bits) - 1
-    half = 1 << (bits - 1)
     scales = np.empty((n, k_blocks), dtype=np.float32)
     zps = np.empty((n, k_blocks), dtype=np.float32)
     codes = np.empty(w.shape, dtype=np.uint8)
@@ -360,15 +363,24 @@ def block_quantize_mse(weight_kn: np.ndarray, *, bits: int, block_size: int, sym
             list(pool.map(task, starts))
     else:
         task(0)
-    zp_codes = zps.astype(np.uint8)
+    return pack_codes(codes, scales, zps, bits=bits, symmetric=symmetric, scale_dtype=dtype)
+
+
+def pack_codes(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, *, bits: int, symmetric: bool,
+               scale_dtype: np.dtype) -> BlockQuantized:
+    """Codes [N, blocks, block] (0..2^bits-1), scales and zero points [N, blocks] in
+    MatMulNBits' layout: two 4-bit codes a byte, low nibble first; zero points packed alike
+    (dropped when ``symmetric``: MatMulNBits' default is the middle code)."""
+    k_blocks = codes.shape[1]
+    zp_codes = zero_points.astype(np.uint8)
     if bits == 4:
         packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
-        zp_pairs = np.pad(zp_codes, ((0, 0), (0, k_blocks % 2)), constant_values=half)
-        zero_points = (zp_pairs[:, 0::2] | (zp_pairs[:, 1::2] << 4)).astype(np.uint8)
+        zp_pairs = np.pad(zp_codes, ((0, 0), (0, k_blocks % 2)), constant_values=1 << (bits - 1))
+        packed_zp = (zp_pairs[:, 0::2] | (zp_pairs[:, 1::2] << 4)).astype(np.uint8)
     else:
-        packed, zero_points = codes, zp_codes
-    return BlockQuantized(np.ascontiguousarray(packed), scales.astype(dtype),
-                          None if symmetric else np.ascontiguousarray(zero_points))
+        packed, packed_zp = codes, zp_codes
+    return BlockQuantized(np.ascontiguousarray(packed), scales.astype(scale_dtype),
+                          None if symmetric else np.ascontiguousarray(packed_zp))
 
 
 def dequantize_reference(q: BlockQuantized, k: int, *, bits: int, block_size: int) -> np.ndarray:
@@ -436,10 +448,12 @@ class BuildOptions:
 
 
 class _Builder:
-    def __init__(self, info: CheckpointInfo, out_path: Path, opts: BuildOptions, progress: Progress | None) -> None:
+    def __init__(self, info: CheckpointInfo, out_path: Path, opts: BuildOptions, progress: Progress | None,
+                 hessians: LayerwiseHessians | None = None) -> None:
         from onnx import TensorProto
 
         self.info = info
+        self.hessians = hessians
         self.arch = info.architecture
         self.opts = opts
         self.progress = progress
@@ -520,15 +534,22 @@ class _Builder:
         rows_per_chunk = max(1, _CHUNK_BYTES // (4 * k))
         scales: list[np.ndarray] = []
         zero_points: list[np.ndarray] = []
+        # GPTQ: every part shares the node's input, so one Hessian serves them all
+        hinv = inverse_hessian(self.hessians.for_weight(parts[0])) if self.hessians is not None else None
 
         def packed_chunks() -> Iterator[np.ndarray]:  # rows of the output dimension N, part by part
             for part in parts:
                 rows = self.reader.shape(part)[0]
                 for r0 in range(0, rows, rows_per_chunk):
                     r1 = min(rows, r0 + rows_per_chunk)
-                    w_kn = np.ascontiguousarray(self.reader.read(part, (r0, r1)).T.astype(dtype))
-                    quantize = block_quantize_mse if opts.scale_search else block_quantize
-                    q = quantize(w_kn, bits=bits, block_size=block, symmetric=opts.symmetric)
+                    if hinv is not None:
+                        q = gptq_quantize(self.reader.read(part, (r0, r1)), hinv, bits=bits, block_size=block,
+                                          symmetric=opts.symmetric, scale_search=opts.scale_search,
+                                          scale_dtype=dtype)
+                    else:
+                        w_kn = np.ascontiguousarray(self.reader.read(part, (r0, r1)).T.astype(dtype))
+                        quantize = block_quantize_mse if opts.scale_search else block_quantize
+                        q = quantize(w_kn, bits=bits, block_size=block, symmetric=opts.symmetric)
                     scales.append(q.scales)
                     if q.zero_points is not None:
                         zero_points.append(q.zero_points)
@@ -708,7 +729,8 @@ def build_decoder_graph(info: CheckpointInfo, out_path: Path, *, precision: Prec
                         symmetric: bool = True, accuracy_level: int = 0, keep_unquantized: tuple[str, ...] = (),
                         max_length: int, io_dtype: IODType | None = None, pack_qkv: bool = True,
                         pack_gate_up: bool = False, keep_bits: int | None = None,
-                        scale_search: bool = False, progress: Progress | None = None) -> list[Path]:
+                        scale_search: bool = False, hessians: LayerwiseHessians | None = None,
+                        progress: Progress | None = None) -> list[Path]:
     """Write ``out_path`` (e.g. ``model.onnx``) and ``out_path + '.data'`` for the
     `gqa-shared-kv` flavour; returns both paths.
 
@@ -726,6 +748,9 @@ def build_decoder_graph(info: CheckpointInfo, out_path: Path, *, precision: Prec
     (benchmarks/peers.py measures what that buys). ``scale_search`` picks each block's
     scale (and zero point) by least squared error (``block_quantize_mse``) instead of
     onnxruntime's round-to-nearest over the block's full range; the layout is the same.
+    ``hessians`` (``calibration.LayerwiseHessians``) quantizes every MatMulNBits weight with
+    GPTQ (``gptq.py``: rounding errors fed forward onto the columns not yet quantized, by the
+    calibration inputs' Hessian), each block's scale by ``scale_search``'s rule.
     """
     import onnx
 
@@ -748,7 +773,7 @@ def build_decoder_graph(info: CheckpointInfo, out_path: Path, *, precision: Prec
                         keep_bits=keep_bits, scale_search=scale_search)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    builder = _Builder(info, out_path, opts, progress)
+    builder = _Builder(info, out_path, opts, progress, hessians)
     try:
         model = builder.build()
     finally:

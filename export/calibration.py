@@ -1,0 +1,139 @@
+"""Calibration activations for GPTQ (``export/gptq.py``): the Hessian ``X^T X`` of every
+linear layer's input over a calibration text, computed layer by layer.
+
+The graph builder asks for one weight's Hessian at a time, in graph order (layer 0's
+q/k/v, o, gate/up, down, then layer 1's, ..., the lm_head). :class:`LayerwiseHessians`
+keeps only the hidden states of the calibration windows between two layers and runs
+the next layer (transformers' own ``LlamaDecoderLayer``, its weights read from the
+safetensors files) when a weight of it is first asked for, so memory stays at one
+layer and its four Hessians however large the checkpoint. Activations are the float
+model's: each layer sees what the unquantized layers before it produce.
+
+The default text, ``assets/gptq-calibration.txt`` (code in several languages, written for
+this project), is neither the fidelity corpus the export measures with nor the KV-cache
+calibration text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import CheckpointInfo
+
+CALIBRATION_TEXT = Path(__file__).resolve().parent / "assets" / "gptq-calibration.txt"
+CALIBRATION_WINDOW = 512
+_LAYER_WEIGHT = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)_proj\.weight")
+_INPUT_OF = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_out",
+             "gate": "mlp_in", "up": "mlp_in", "down": "mlp_hidden"}
+_HEAD_WEIGHTS = ("lm_head.weight", "model.embed_tokens.weight")
+
+
+def calibration_windows(tokenizer, text: Path = CALIBRATION_TEXT, window: int = CALIBRATION_WINDOW,
+                        n_tokens: int | None = None) -> list[list[int]]:
+    """The calibration text as BOS-led windows of at most ``window`` positions."""
+    from .fidelity import text_windows
+
+    return text_windows(tokenizer, text, window, n_tokens)
+
+
+class LayerwiseHessians:
+    """``for_weight(name)``: the [K, K] float32 Hessian (sum of x x^T over the calibration
+    tokens) of the input of the checkpoint weight ``name``. Ask in graph order: a layer
+    before the current one is gone."""
+
+    def __init__(self, info: CheckpointInfo, windows: Sequence[Sequence[int]]) -> None:
+        import torch
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        from .graph_builder import SafetensorsReader
+
+        if not windows:
+            raise ValueError("no calibration windows")
+        self.reader = SafetensorsReader(info.weight_files)
+        self.config = LlamaConfig(**{k: v for k, v in info.config.items() if k != "torch_dtype"})
+        self.config._attn_implementation = "sdpa"  # causal without a mask
+        self.num_layers = int(self.config.num_hidden_layers)
+        self.tokens = sum(len(w) for w in windows)
+        embed = torch.from_numpy(self.reader.read("model.embed_tokens.weight").astype(np.float32))
+        self._hidden = [embed[torch.tensor(list(w))][None] for w in windows]  # [1, T, hidden] each
+        rotary = LlamaRotaryEmbedding(self.config)
+        self._rotary = {}
+        for length in {len(w) for w in windows}:
+            positions = torch.arange(length)[None]
+            self._rotary[length] = rotary(self._hidden[0], positions)
+        self._layer = -1  # the layer whose Hessians are held
+        self._held: dict[str, np.ndarray] = {}
+
+    def for_weight(self, name: str) -> np.ndarray:
+        if name in _HEAD_WEIGHTS:
+            self._advance(self.num_layers)
+            return self._held["head_in"]
+        m = _LAYER_WEIGHT.fullmatch(name)
+        if not m or m[3] not in _INPUT_OF:
+            raise KeyError(f"no calibration Hessian for {name!r}")
+        layer = int(m[1])
+        if layer < self._layer:
+            raise ValueError(f"{name}: layer {layer} was passed already (at layer {self._layer})")
+        self._advance(layer)
+        return self._held[_INPUT_OF[m[3]]]
+
+    def _advance(self, layer: int) -> None:
+        while self._layer < layer:
+            self._layer += 1
+            if self._layer == self.num_layers:
+                self._held = self._run_head()
+            else:
+                self._held = self._run_layer(self._layer)
+
+    def _weights(self, prefix: str, module) -> None:
+        import torch
+
+        state = {key: torch.from_numpy(self.reader.read(f"{prefix}.{key}").astype(np.float32))
+                 for key in module.state_dict()}
+        module.load_state_dict(state)
+
+    def _run_layer(self, layer: int) -> dict[str, np.ndarray]:
+        import torch
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        block = LlamaDecoderLayer(self.config, layer_idx=layer).float().eval()
+        self._weights(f"model.layers.{layer}", block)
+        sums: dict[str, torch.Tensor] = {}
+
+        def recorder(key: str):
+            def hook(_module, args) -> None:
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                part = (x.T @ x).double()  # one window's sum in float32, the running sum in float64
+                sums[key] = sums[key] + part if key in sums else part
+            return hook
+
+        watched = {"attn_in": block.self_attn.q_proj, "attn_out": block.self_attn.o_proj,
+                   "mlp_in": block.mlp.gate_proj, "mlp_hidden": block.mlp.down_proj}
+        handles = [module.register_forward_pre_hook(recorder(key)) for key, module in watched.items()]
+        try:
+            with torch.no_grad():
+                self._hidden = [block(h, position_embeddings=self._rotary[h.shape[1]]) for h in self._hidden]
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {key: value.float().numpy() for key, value in sums.items()}
+
+    def _run_head(self) -> dict[str, np.ndarray]:
+        import torch
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        norm = LlamaRMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps).float()
+        self._weights("model.norm", norm)
+        total = None
+        with torch.no_grad():
+            for h in self._hidden:
+                x = norm(h).reshape(-1, h.shape[-1])
+                part = (x.T @ x).double()
+                total = part if total is None else total + part
+        self._hidden = []
+        return {"head_in": total.float().numpy()}

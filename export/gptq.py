@@ -1,0 +1,106 @@
+"""GPTQ: block-wise weight quantization with error feedback (Frantar et al., 2022).
+
+Round-to-nearest (and the least-squares scale search) quantize every weight on its
+own. GPTQ quantizes one input column of a linear layer at a time and moves each
+column's rounding error onto the columns not yet quantized, weighted by how the
+layer's inputs correlate (the inverse of the Hessian ``H = X^T X`` of the calibration
+activations X). What it minimises is the error of the layer's *output* on real
+inputs, not of the weights, so weights that matter for the activations the model
+actually sees are kept closest.
+
+The output has the MatMulNBits layout of ``graph_builder.block_quantize``: blocks of
+``block_size`` along K, one scale (and zero point) per block, chosen when the column
+loop reaches the block's first column from the block's weights *as updated so far*
+(plain range or ``graph_builder``'s least-squares search). Rows (the output dimension)
+are independent, so a weight may be quantized in row slices with the same Hessian.
+
+Columns are taken in their natural order (no "act-order"): MatMulNBits' static blocks
+need the block's columns to be quantized together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DAMP = 0.01
+"""Dampening added to H's diagonal, as a share of its mean diagonal (GPTQ's default)."""
+
+COLUMN_BATCH = 128
+"""Columns whose errors are applied lazily to the rest as one matrix product."""
+
+
+@dataclass(frozen=True)
+class InverseHessian:
+    """The upper Cholesky factor of (H + damping)^-1, which the column loop reads, and the
+    input columns that never saw a non-zero activation (their weights are set to 0)."""
+
+    upper: np.ndarray  # [K, K] float32
+    dead: np.ndarray  # [K] bool
+
+
+def inverse_hessian(hessian: np.ndarray, *, damp: float = DAMP) -> InverseHessian:
+    """Prepare a [K, K] Hessian (X^T X over the calibration tokens, any positive scale) once
+    for every row slice of the weights it belongs to."""
+    h = np.array(hessian, dtype=np.float64)
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise ValueError(f"a Hessian is square, not {h.shape}")
+    diag = np.diagonal(h).copy()
+    dead = diag <= 0
+    h[dead, dead] = 1.0
+    idx = np.arange(h.shape[0])
+    h[idx, idx] += damp * float(np.mean(np.diagonal(h)))
+    inv = np.linalg.inv(h)
+    upper = np.linalg.cholesky((inv + inv.T) / 2).T
+    return InverseHessian(np.ascontiguousarray(upper, dtype=np.float32), dead)
+
+
+def gptq_quantize(weight_nk: np.ndarray, hinv: InverseHessian, *, bits: int, block_size: int, symmetric: bool,
+                  scale_search: bool, scale_dtype: np.dtype = np.dtype(np.float32)):
+    """GPTQ-quantize a weight stored as [N, K] (output rows, input columns: the checkpoint's
+    layout) into MatMulNBits' layout (``graph_builder.BlockQuantized``). Scales are rounded to
+    ``scale_dtype`` (float16 for float16 graphs) before the codes are taken against them."""
+    from .graph_builder import SCALE_SEARCH_STEPS, _inverse, _padded_to_blocks, _search_block_scales, pack_codes
+
+    n, k = weight_nk.shape
+    if hinv.upper.shape != (k, k):
+        raise ValueError(f"the Hessian is for {hinv.upper.shape[0]} inputs, the weight has {k}")
+    w, k_blocks = _padded_to_blocks(np.asarray(weight_nk, dtype=np.float32).T, bits=bits, block_size=block_size)
+    w = np.array(w.T, dtype=np.float32, order="C", copy=True)  # [N, K padded]: a private copy, updated in place
+    kp = w.shape[1]
+    upper = hinv.upper
+    if kp != k:  # padded columns: no coupling to the others, nothing to correct
+        upper = np.eye(kp, dtype=np.float32)
+        upper[:k, :k] = hinv.upper
+    w[:, :k][:, hinv.dead] = 0.0
+    qmax = float((1 << bits) - 1)
+    steps = SCALE_SEARCH_STEPS if scale_search else 1
+    codes = np.empty((n, kp), dtype=np.uint8)
+    scales = np.empty((n, k_blocks), dtype=np.float32)
+    zps = np.empty((n, k_blocks), dtype=np.float32)
+    batch = max(block_size, COLUMN_BATCH // block_size * block_size)
+    for i1 in range(0, kp, batch):
+        i2 = min(kp, i1 + batch)
+        w1 = w[:, i1:i2]  # a view: the in-batch updates land in w
+        err = np.empty((n, i2 - i1), dtype=np.float32)
+        u1 = upper[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % block_size == 0:  # a new block: its scale from its weights as updated so far
+                b = col // block_size
+                s, z = _search_block_scales(w1[:, None, i:i + block_size], bits=bits, symmetric=symmetric,
+                                            steps=steps)
+                scales[:, b] = s[:, 0].astype(scale_dtype).astype(np.float32)
+                zps[:, b] = z[:, 0]
+                inv, zp, scale = _inverse(scales[:, b]), zps[:, b], scales[:, b]
+            x = w1[:, i]
+            q = np.clip(np.rint(x * inv) + zp, 0, qmax)
+            codes[:, col] = q
+            e = (x - (q - zp) * scale) / u1[i, i]
+            w1[:, i + 1:] -= np.outer(e, u1[i, i + 1:])
+            err[:, i] = e
+        if i2 < kp:
+            w[:, i2:] -= err @ upper[i1:i2, i2:]
+    return pack_codes(codes.reshape(n, k_blocks, block_size), scales, zps, bits=bits, symmetric=symmetric,
+                      scale_dtype=scale_dtype)
