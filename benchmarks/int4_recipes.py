@@ -16,7 +16,9 @@ of the same checkpoint (``export/fidelity.py``, the export's own prompts):
 Recipes (block 32 and accuracy level 4 unless ``--block-size`` / ``--accuracy-level``):
 
 * ``asym`` / ``sym``: zero points or not; ``rtn`` = onnxruntime's round-to-nearest over
-  the block's range, ``mse`` = the least-squares scale search (``block_quantize_mse``);
+  the block's range, ``mse`` = the least-squares scale search (``block_quantize_mse``),
+  ``gptq`` = GPTQ's error feedback with the least-squares scales, calibrated on
+  ``export/assets/gptq-calibration.txt`` (``export/gptq.py``, ``export/calibration.py``);
 * ``head8`` / ``head4`` / ``headf``: lm_head as MatMulNBits int8 (the CPU profiles'
   ``keep_bits``), int4 like every other layer (onnxruntime-genai's recipe is ``sym rtn
   head4``), or kept in float (the GPU profiles');
@@ -46,6 +48,7 @@ are harsher than 7B ones: the numbers rank recipes, they do not forecast Code Ll
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -67,6 +70,7 @@ class Recipe:
     scale_search: bool
     head_bits: int  # 8: lm_head kept as int8; 4: quantized with the rest; 0: kept in float
     kv_bits: int = 0  # 8: int8 KV cache (export/kv_cache_quant.py), name suffix "+kv8"; 0: float
+    gptq: bool = False  # GPTQ error feedback (export/gptq.py) on top of the scale rule
 
 
 @dataclass(frozen=True)
@@ -83,12 +87,13 @@ def all_recipes(*, kv8: bool = False) -> dict[str, Recipe]:
     """The weight recipes (float KV cache); with ``kv8``, also each one with an int8 KV cache."""
     out = {}
     for sym in (False, True):
-        for search in (False, True):
+        for method in ("rtn", "mse", "gptq"):
             for head, suffix in HEADS.items():
-                r = Recipe(f"{'sym' if sym else 'asym'}-{'mse' if search else 'rtn'}-{suffix}", sym, search, head)
+                r = Recipe(f"{'sym' if sym else 'asym'}-{method}-{suffix}", sym, method != "rtn", head,
+                           gptq=method == "gptq")
                 out[r.name] = r
     if kv8:
-        out.update({f"{r.name}+kv8": Recipe(f"{r.name}+kv8", r.symmetric, r.scale_search, r.head_bits, 8)
+        out.update({f"{r.name}+kv8": dataclasses.replace(r, name=f"{r.name}+kv8", kv_bits=8)
                     for r in list(out.values())})
     return out
 
@@ -96,11 +101,18 @@ def all_recipes(*, kv8: bool = False) -> dict[str, Recipe]:
 def build(recipe: Recipe, checkpoint_info, graph: Path, *, layout: Layout, max_length: int) -> None:
     from edge_export.graph_builder import build_decoder_graph
 
+    hessians = None
+    if recipe.gptq:  # as the export does (--gptq)
+        from edge_export.calibration import LayerwiseHessians, calibration_windows
+        from edge_runtime.tokenizer import CodeLlamaTokenizer
+
+        tokenizer = CodeLlamaTokenizer.from_file(checkpoint_info.tokenizer_path)
+        hessians = LayerwiseHessians(checkpoint_info, calibration_windows(tokenizer))
     build_decoder_graph(checkpoint_info, graph, precision="int4", block_size=layout.block_size,
                         symmetric=recipe.symmetric, accuracy_level=layout.accuracy_level,
                         keep_unquantized=("lm_head",) if recipe.head_bits != 4 else (),
                         keep_bits=8 if recipe.head_bits == 8 else None,
-                        max_length=max_length, scale_search=recipe.scale_search)
+                        max_length=max_length, scale_search=recipe.scale_search, hessians=hessians)
     if recipe.kv_bits == 8:  # as the export does (--kv-cache-bits 8)
         from edge_export.kv_cache_quant import add_int8_kv_cache
         from edge_runtime.tokenizer import CodeLlamaTokenizer

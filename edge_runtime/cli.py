@@ -42,6 +42,7 @@ def cmd_export(args) -> int:
                          precision=args.precision, max_context=args.max_context, allow_degraded=args.allow_degraded,
                          force=args.force, fidelity_tokens=args.fidelity_tokens,
                          fidelity_corpus_tokens=args.fidelity_corpus_tokens, algorithm=args.algorithm,
+                         calibration_text=args.calibration_text, calibration_tokens=args.calibration_tokens,
                          kv_cache_bits=args.kv_cache_bits,
                          skip_fidelity=args.skip_fidelity, graph=args.graph, variant=args.variant)
     summary = run_export(opts)
@@ -289,7 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fidelity-corpus-tokens", type=int, default=512,
                    help="positions of the held-out code corpus scored by KL divergence against torch "
                         "(0: none; the corpus has about 1,860)")
-    p.add_argument("--algorithm", choices=["rtn", "hqq"], help="quantization algorithm (default: the profile's)")
+    p.add_argument("--algorithm", choices=["rtn", "hqq", "gptq"],
+                   help="quantization algorithm (default: the profile's): rtn rounds each block on its own; gptq "
+                        "(fused graph) feeds each column's rounding error forward by the Hessian of calibration "
+                        "activations; hqq (optimum graph)")
+    p.add_argument("--calibration-text", type=Path,
+                   help="gptq: a code text to calibrate on, e.g. your own sources (default: the one shipped in "
+                        "export/assets/gptq-calibration.txt)")
+    p.add_argument("--calibration-tokens", type=int,
+                   help="gptq: the first N tokens of the calibration text (default 4096)")
     p.add_argument("--kv-cache-bits", type=int, choices=[0, 8],
                    help="8: the fused graph keeps an int8 KV cache (scales calibrated here; needs onnxruntime >= 1.32 "
                         "on the device); 0: float (default: the profile's [kv_cache] bits)")

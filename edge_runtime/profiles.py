@@ -117,6 +117,10 @@ class QuantizationSettings:
     # onnxruntime's quantizer, which has no search: there a symmetric profile with
     # scale_search gets zero points instead (recorded in the bundle's manifest).
     scale_search: bool = False
+    # "gptq": the fused graph's weights get GPTQ's error feedback (export/gptq.py), calibrated on
+    # a code text at export; "rtn": each block rounded on its own. The optimum graph is
+    # quantized with round-to-nearest whatever this says (recorded in the bundle's manifest).
+    algorithm: Literal["rtn", "gptq"] = "rtn"
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from .checkpoint import CheckpointInfo
 
 CALIBRATION_TEXT = Path(__file__).resolve().parent / "assets" / "gptq-calibration.txt"
 CALIBRATION_WINDOW = 512
+CALIBRATION_TOKENS = 4096  # the export's default: the first tokens of the text GPTQ runs
 _LAYER_WEIGHT = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)_proj\.weight")
 _INPUT_OF = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_out",
              "gate": "mlp_in", "up": "mlp_in", "down": "mlp_hidden"}
@@ -38,6 +39,16 @@ def calibration_windows(tokenizer, text: Path = CALIBRATION_TEXT, window: int = 
     from .fidelity import text_windows
 
     return text_windows(tokenizer, text, window, n_tokens)
+
+
+def describe(text: Path, windows: Sequence[Sequence[int]]) -> dict:
+    """What the bundle's manifest records of a GPTQ calibration."""
+    import hashlib
+
+    from .gptq import DAMP
+
+    return {"text": text.name, "sha256": hashlib.sha256(text.read_bytes()).hexdigest(),
+            "tokens": sum(len(w) for w in windows), "windows": len(windows), "damp": DAMP}
 
 
 class LayerwiseHessians:

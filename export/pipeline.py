@@ -18,7 +18,7 @@ from edge_runtime.memory_fit import bundle_plan
 from edge_runtime.profiles import DeviceProfile, load_profile
 from edge_runtime.tokenizer import CodeLlamaTokenizer
 
-from . import fidelity, graph_builder, kv_cache_quant, onnx_export, quantize
+from . import calibration, fidelity, graph_builder, kv_cache_quant, onnx_export, quantize
 from .bundle_writer import copy_into, write_manifest
 from .checkpoint import CheckpointInfo, read_checkpoint
 from .progress import Progress, human_bytes, peak_rss_bytes
@@ -43,7 +43,9 @@ class ExportOptions:
     force: bool = False  # replace an existing bundle at `output`
     fidelity_tokens: int = 32
     fidelity_corpus_tokens: int = 512  # positions of the held-out corpus scored by KL divergence (0: none)
-    algorithm: str | None = None  # quantization algorithm override: rtn | hqq
+    algorithm: str | None = None  # quantization algorithm override: rtn | hqq | gptq
+    calibration_text: Path | None = None  # GPTQ's calibration text (default: calibration.CALIBRATION_TEXT)
+    calibration_tokens: int | None = None  # its first tokens GPTQ runs (default: calibration.CALIBRATION_TOKENS)
     skip_fidelity: bool = False  # benchmarks of random-weight checkpoints only; recorded in the manifest
     # "auto": fused where the checkpoint allows it (and no --algorithm hqq), else optimum;
     # "fused" (built from the tensors, GQA, streamed) or "optimum" (optimum's exporter)
@@ -73,9 +75,11 @@ def recipe_for(profile: DeviceProfile, precision: str, algorithm: str | None, *,
     q = profile.quantization
     search = q.scale_search and fused
     symmetric = q.symmetric and (search or not q.scale_search)
+    if algorithm is None:  # the profile's; GPTQ only where the fused graph is built
+        algorithm = q.algorithm if fused else "rtn"
     return quantize.QuantRecipe(bits=quantize.BITS[precision], block_size=q.block_size, symmetric=symmetric,
                                 accuracy_level=q.accuracy_level, keep_unquantized=tuple(q.keep_unquantized),
-                                algorithm=algorithm or getattr(q, "algorithm", "rtn"), scale_search=search)
+                                algorithm=algorithm, scale_search=search)
 
 
 def graph_io(graph: Path) -> dict:
@@ -130,6 +134,9 @@ def choose_graph(requested: str, info, algorithm: str | None) -> GraphChoice:
     try:
         graph_builder.check_supported(info)
     except graph_builder.GraphBuildError as exc:
+        if algorithm == "gptq":
+            raise ExportError(f"--algorithm gptq needs the fused graph, which cannot express this checkpoint: "
+                              f"{exc}") from None
         return GraphChoice("optimum", f"the fused graph cannot express this checkpoint: {exc}")
     return GraphChoice("fused", "default: GroupQueryAttention, shared KV buffer")
 
@@ -153,7 +160,15 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
     if opts.graph not in (*GRAPHS, "auto"):
         raise ExportError(f"--graph {opts.graph!r} is not one of auto, {', '.join(GRAPHS)}")
     if opts.graph == "fused" and opts.algorithm == "hqq":
-        raise ExportError("--algorithm hqq needs --graph optimum (the fused graph quantizes with round-to-nearest)")
+        raise ExportError("--algorithm hqq needs --graph optimum (the fused graph quantizes with round-to-nearest "
+                          "or GPTQ)")
+    if opts.graph == "optimum" and opts.algorithm == "gptq":
+        raise ExportError("--algorithm gptq needs the fused graph (--graph fused or auto)")
+    if opts.calibration_text is not None and not opts.calibration_text.is_file():
+        raise ExportError(f"--calibration-text {opts.calibration_text}: no such file")
+    calibration_tokens = opts.calibration_tokens or calibration.CALIBRATION_TOKENS
+    if opts.calibration_tokens is not None and opts.calibration_tokens < 64:
+        raise ExportError(f"--calibration-tokens {opts.calibration_tokens} must be at least 64")
     if opts.fidelity_tokens < 1:
         raise ExportError(f"--fidelity-tokens {opts.fidelity_tokens} must be at least 1")
     if opts.kv_cache_bits not in (None, 0, 8):
@@ -190,16 +205,27 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         excluded: list[str] = []
         kept_bits = 0  # storage of the kept layers: 0 float, 8 int8 (fused graph with the profile's keep_bits)
         kv_scales: kv_cache_quant.KVScales | None = None  # an int8 KV cache (fused graph, profile kv_cache.bits 8)
+        calibrated: dict | None = None  # GPTQ's calibration text, recorded in the manifest
         if fused:
             with progress.step(f"build the fused decoder graph from the tensors ({precision}, streamed)"):
                 q = profile.quantization
+                hessians = None
+                if recipe is not None and recipe.algorithm == "gptq":
+                    text = opts.calibration_text or calibration.CALIBRATION_TEXT
+                    windows = calibration.calibration_windows(
+                        CodeLlamaTokenizer.from_file(info.tokenizer_path), text,
+                        min(calibration.CALIBRATION_WINDOW, limit), calibration_tokens)
+                    hessians = calibration.LayerwiseHessians(info, windows)
+                    calibrated = calibration.describe(text, windows)
+                    progress.detail(f"GPTQ: calibrating on {text.name} ({hessians.tokens} tokens in "
+                                    f"{len(windows)} windows), layer by layer")
                 io_dtype = "float32" if precision == "fp32" else profile.kv_cache.dtype
                 graph_builder.build_decoder_graph(
                     info, graph, precision=precision, block_size=q.block_size,
                     symmetric=recipe.symmetric if recipe else q.symmetric,
                     accuracy_level=q.accuracy_level, keep_unquantized=tuple(q.keep_unquantized), max_length=limit,
                     keep_bits=(q.keep_bits or None) if recipe else None,
-                    scale_search=recipe.scale_search if recipe else False,
+                    scale_search=recipe.scale_search if recipe else False, hessians=hessians,
                     io_dtype=io_dtype, progress=progress.detail)
                 excluded = kept_matmuls(graph, quantize.BITS[precision]) if recipe else []
                 kept_bits = (q.keep_bits or 0) if recipe else 0
@@ -270,7 +296,8 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 "profile": {"name": profile.name, "kv_cache_dtype": "int8" if kv_scales else profile.kv_cache.dtype},
                 "kv_cache": kv_scales.as_manifest() if kv_scales else None,
                 "precision": precision,
-                "quantization": {**recipe.as_manifest(excluded), "kept_bits": kept_bits} if recipe else None,
+                "quantization": ({**recipe.as_manifest(excluded), "kept_bits": kept_bits, "calibration": calibrated}
+                                 if recipe else None),
                 "graph": {"flavour": flavour, "file": GRAPH_FILE, **graph_io(graph)},
                 "fidelity": {**(report.as_manifest() if report else {"skipped": True}),
                              "threshold": {"min_greedy_agreement": min_agree, "max_logit_diff": max_diff},

@@ -24,7 +24,7 @@ class QuantRecipe:
     symmetric: bool
     accuracy_level: int
     keep_unquantized: tuple[str, ...]
-    algorithm: str = "rtn"  # "rtn" (round to nearest) or "hqq"
+    algorithm: str = "rtn"  # "rtn" (round to nearest), "hqq" (optimum graph) or "gptq" (fused graph)
     # least-squares block scales: only the fused graph's builder (graph_builder.block_quantize_mse) does
     # this; quantize_weights, onnxruntime's quantizer, never does
     scale_search: bool = False

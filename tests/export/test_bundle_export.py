@@ -179,7 +179,10 @@ def test_non_llama_checkpoint_is_refused(tmp_path):
 
 @pytest.mark.parametrize("option,value,message", [("fidelity_tokens", 0, "--fidelity-tokens 0"),
                                                   ("fidelity_corpus_tokens", -1, "--fidelity-corpus-tokens -1"),
-                                                  ("kv_cache_bits", 4, "--kv-cache-bits 4")])
+                                                  ("kv_cache_bits", 4, "--kv-cache-bits 4"),
+                                                  ("calibration_tokens", 10, "--calibration-tokens 10"),
+                                                  ("calibration_text", Path("/nonexistent/code.py"),
+                                                   "--calibration-text /nonexistent/code.py: no such file")])
 def test_export_refuses_bad_fidelity_sizes_before_any_work(tiny_checkpoint, tmp_path, option, value, message):
     from edge_export.pipeline import ExportError, ExportOptions, run_export
 
@@ -213,3 +216,30 @@ def test_export_refuses_to_overwrite_an_existing_bundle(tiny_checkpoint, tiny_bu
     with pytest.raises(ExportError, match="already exists"):
         run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=tiny_bundle))
     assert (tiny_bundle / MANIFEST_NAME).read_bytes() == before
+
+
+def test_gptq_calibrates_on_the_users_text_and_the_manifest_says_so(tiny_checkpoint, tmp_path):
+    """--algorithm gptq --calibration-text: the manifest names the text (and its SHA-256) and
+    how many tokens GPTQ ran; --algorithm gptq with --graph optimum is refused before any work."""
+    import hashlib
+
+    from edge_export.pipeline import ExportError, ExportOptions, run_export
+    from edge_export.progress import Progress
+
+    text = tmp_path / "plant_io.py"
+    text.write_text("def read_register(bus, address):\n    return bus.read_word(address) & 0xFFFF\n" * 40)
+    out = tmp_path / "b"
+    run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=out, precision="int4",
+                             graph="fused", algorithm="gptq", calibration_text=text, calibration_tokens=200,
+                             skip_fidelity=True), Progress(5, enabled=False))
+    quant = load_bundle(out).manifest["quantization"]
+    assert quant["algorithm"] == "gptq"
+    calibration = quant["calibration"]
+    assert calibration["text"] == "plant_io.py"
+    assert calibration["sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
+    assert calibration["tokens"] == 200 + calibration["windows"]  # the first 200 tokens, a BOS per window
+
+    with pytest.raises(ExportError, match="--algorithm gptq needs the fused graph"):
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=tmp_path / "c",
+                                 precision="int4", graph="optimum", algorithm="gptq"))
+    assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
