@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from .checkpoint import CheckpointInfo
-from .gptq import gptq_quantize, inverse_hessian
+from .gptq import InverseHessian, gptq_quantize, inverse_hessian
 
 if TYPE_CHECKING:
     from .calibration import LayerwiseHessians
@@ -454,6 +454,7 @@ class _Builder:
 
         self.info = info
         self.hessians = hessians
+        self._hinv: tuple[np.ndarray, InverseHessian] | None = None  # the last Hessian and its inverse
         self.arch = info.architecture
         self.opts = opts
         self.progress = progress
@@ -534,8 +535,7 @@ class _Builder:
         rows_per_chunk = max(1, _CHUNK_BYTES // (4 * k))
         scales: list[np.ndarray] = []
         zero_points: list[np.ndarray] = []
-        # GPTQ: every part shares the node's input, so one Hessian serves them all
-        hinv = inverse_hessian(self.hessians.for_weight(parts[0])) if self.hessians is not None else None
+        hinv = self._inverse_hessian(parts[0]) if self.hessians is not None else None
 
         def packed_chunks() -> Iterator[np.ndarray]:  # rows of the output dimension N, part by part
             for part in parts:
@@ -565,6 +565,14 @@ class _Builder:
         if opts.accuracy_level:
             attrs["accuracy_level"] = opts.accuracy_level
         self.node("MatMulNBits", inputs, [out], node_name + f"_Q{bits}", domain=MS_DOMAIN, **attrs)
+
+    def _inverse_hessian(self, weight: str) -> InverseHessian:
+        """GPTQ's inverse Hessian of a weight's input: every part of a node and nodes that read
+        the same input (gate and up) share one Hessian, inverted once."""
+        hessian = self.hessians.for_weight(weight)
+        if self._hinv is None or self._hinv[0] is not hessian:
+            self._hinv = (hessian, inverse_hessian(hessian))
+        return self._hinv[1]
 
     # -- norms
     def rms_norm(self, x: str, weight: str, node_name: str, out: str) -> str:
