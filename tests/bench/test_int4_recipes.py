@@ -9,7 +9,10 @@ import json
 
 def test_recipe_names_cover_symmetry_rounding_and_head(recipes):
     named = recipes.all_recipes()
-    assert len(named) == 12
+    assert len(named) == 18
+    g = named["sym-gptq-head4"]
+    assert (g.symmetric, g.scale_search, g.head_bits, g.gptq) == (True, True, 4, True)
+    assert not named["sym-mse-head4"].gptq
     assert named["asym-mse-headf"] == recipes.Recipe("asym-mse-headf", False, True, 0)
     r = named["sym-mse-head8"]
     assert (r.symmetric, r.scale_search, r.head_bits) == (True, True, 8)
@@ -19,10 +22,10 @@ def test_recipe_names_cover_symmetry_rounding_and_head(recipes):
 def test_fidelity_mode_against_torch(recipes, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "fidelity"
     assert recipes.main(["--checkpoint", str(tiny_checkpoint), "--recipes", "asym-rtn-head8", "sym-mse-head4",
-                         "asym-mse-headf", "--out", str(out)]) == 0
+                         "asym-mse-headf", "sym-gptq-head8", "--out", str(out)]) == 0
     result = json.loads(out.with_suffix(".json").read_text())
     rows = {r["recipe"]: r for r in result["rows"]}
-    assert set(rows) == {"asym-rtn-head8", "sym-mse-head4", "asym-mse-headf"}
+    assert set(rows) == {"asym-rtn-head8", "sym-mse-head4", "asym-mse-headf", "sym-gptq-head8"}
     assert result["layout"] == {"block_size": 32, "accuracy_level": 4}
     for row in rows.values():
         assert 0.0 <= row["greedy_agreement_min"] <= row["greedy_agreement"] <= 1.0
