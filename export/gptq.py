@@ -85,41 +85,46 @@ def gptq_quantize(weight_nk: np.ndarray, hinv: InverseHessian, *, bits: int, blo
     n, k = weight_nk.shape
     if hinv.upper.shape != (k, k):
         raise ValueError(f"the Hessian is for {hinv.upper.shape[0]} inputs, the weight has {k}")
-    w, k_blocks = _padded_to_blocks(np.asarray(weight_nk, dtype=np.float32).T, bits=bits, block_size=block_size)
-    w = np.array(w.T, dtype=np.float32, order="C", copy=True)  # [N, K padded]: a private copy, updated in place
-    kp = w.shape[1]
+    wt, k_blocks = _padded_to_blocks(np.asarray(weight_nk, dtype=np.float32).T, bits=bits, block_size=block_size)
+    # W^T [K padded, N], a private copy updated in place: column j of W is the contiguous row wt[j]
+    wt = np.array(wt, dtype=np.float32, order="C", copy=True)
+    kp = wt.shape[0]
     upper = hinv.upper
     if kp != k:  # padded columns: no coupling to the others, nothing to correct
         upper = np.eye(kp, dtype=np.float32)
         upper[:k, :k] = hinv.upper
-    w[:, :k][:, hinv.dead] = 0.0
+    wt[:k][hinv.dead] = 0.0
     qmax = float((1 << bits) - 1)
     steps = SCALE_SEARCH_STEPS if scale_search else 1
-    codes = np.empty((n, kp), dtype=np.uint8)
+    codes = np.empty((kp, n), dtype=np.uint8)
     scales = np.empty((n, k_blocks), dtype=np.float32)
     zps = np.empty((n, k_blocks), dtype=np.float32)
     batch = max(block_size, COLUMN_BATCH // block_size * block_size)
-    for i1 in range(0, kp, batch):
-        i2 = min(kp, i1 + batch)
-        w1 = w[:, i1:i2]  # a view: the in-batch updates land in w
-        err = np.empty((n, i2 - i1), dtype=np.float32)
-        u1 = upper[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % block_size == 0:  # a new block: its scale from its weights as updated so far
-                b = col // block_size
-                s, z = _search_block_scales(w1[:, None, i:i + block_size], bits=bits, symmetric=symmetric,
-                                            steps=steps)
-                scales[:, b] = s[:, 0].astype(scale_dtype).astype(np.float32)
-                zps[:, b] = z[:, 0]
-                inv, zp, scale = _inverse(scales[:, b]), zps[:, b], scales[:, b]
-            x = w1[:, i]
-            q = np.clip(np.rint(x * inv) + zp, 0, qmax)
-            codes[:, col] = q
-            e = (x - (q - zp) * scale) / u1[i, i]
-            w1[:, i + 1:] -= np.outer(e, u1[i, i + 1:])
-            err[:, i] = e
-        if i2 < kp:
-            w[:, i2:] -= err @ upper[i1:i2, i2:]
-    return pack_codes(codes.reshape(n, k_blocks, block_size), scales, zps, bits=bits, symmetric=symmetric,
+    # Errors reach the columns after them lazily, at three ranges: within a block column by
+    # column, the rest of the batch after each block, the rest of the weight after each batch
+    # (the last two as matrix products).
+    for o1 in range(0, kp, batch):
+        o2 = min(kp, o1 + batch)
+        err = np.empty((o2 - o1, n), dtype=np.float32)
+        for b1 in range(o1, o2, block_size):
+            b2, b = b1 + block_size, b1 // block_size
+            blk = wt[b1:b2]  # a view: the block's columns as updated so far
+            s, z = _search_block_scales(np.ascontiguousarray(blk.T)[:, None, :], bits=bits, symmetric=symmetric,
+                                        steps=steps)
+            scale = s[:, 0].astype(scale_dtype).astype(np.float32)
+            zp, inv = z[:, 0], _inverse(scale)
+            scales[:, b], zps[:, b] = scale, zp
+            u = upper[b1:b2, b1:b2]
+            for i in range(block_size):
+                x = blk[i]
+                q = np.clip(np.rint(x * inv) + zp, 0, qmax)
+                codes[b1 + i] = q
+                e = (x - (q - zp) * scale) / u[i, i]
+                blk[i + 1:] -= np.outer(u[i, i + 1:], e)
+                err[b1 - o1 + i] = e
+            if b2 < o2:
+                wt[b2:o2] -= upper[b1:b2, b2:o2].T @ err[b1 - o1:b2 - o1]
+        if o2 < kp:
+            wt[o2:] -= upper[o1:o2, o2:].T @ err
+    return pack_codes(np.ascontiguousarray(codes.T).reshape(n, k_blocks, block_size), scales, zps, bits=bits, symmetric=symmetric,
                       scale_dtype=scale_dtype)
