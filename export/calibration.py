@@ -101,26 +101,31 @@ class LayerwiseHessians:
             else:
                 self._held = self._run_layer(self._layer)
 
-    def _weights(self, prefix: str, module) -> None:
+    def _module(self, make, prefix: str):
+        """``make()`` built on the meta device (no random init: a 7B layer is 800 MB in float32),
+        then given the checkpoint's tensors under ``prefix``, in float32."""
         import torch
 
+        with torch.device("meta"):
+            module = make()
         state = {key: torch.from_numpy(self.reader.read(f"{prefix}.{key}").astype(np.float32))
                  for key in module.state_dict()}
-        module.load_state_dict(state)
+        module.load_state_dict(state, assign=True)
+        return module.eval()
 
     def _run_layer(self, layer: int) -> dict[str, np.ndarray]:
         import torch
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-        block = LlamaDecoderLayer(self.config, layer_idx=layer).float().eval()
-        self._weights(f"model.layers.{layer}", block)
+        block = self._module(lambda: LlamaDecoderLayer(self.config, layer_idx=layer), f"model.layers.{layer}")
         sums: dict[str, torch.Tensor] = {}
 
         def recorder(key: str):
             def hook(_module, args) -> None:
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
-                part = (x.T @ x).double()  # one window's sum in float32, the running sum in float64
-                sums[key] = sums[key] + part if key in sums else part
+                if key not in sums:
+                    sums[key] = torch.zeros((x.shape[1], x.shape[1]), dtype=torch.float64)
+                sums[key] += x.T @ x  # one window's sum in float32, the running sum in float64
             return hook
 
         watched = {"attn_in": block.self_attn.q_proj, "attn_out": block.self_attn.o_proj,
@@ -138,13 +143,11 @@ class LayerwiseHessians:
         import torch
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-        norm = LlamaRMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps).float()
-        self._weights("model.norm", norm)
-        total = None
+        norm = self._module(lambda: LlamaRMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps), "model.norm")
+        total = torch.zeros((self.config.hidden_size, self.config.hidden_size), dtype=torch.float64)
         with torch.no_grad():
             for h in self._hidden:
                 x = norm(h).reshape(-1, h.shape[-1])
-                part = (x.T @ x).double()
-                total = part if total is None else total + part
+                total += x.T @ x
         self._hidden = []
         return {"head_in": total.float().numpy()}
