@@ -96,6 +96,7 @@ class LayerwiseHessians:
     def _advance(self, layer: int) -> None:
         while self._layer < layer:
             self._layer += 1
+            self._held = {}  # the previous layer's Hessians go before the next layer's are made
             if self._layer == self.num_layers:
                 self._held = self._run_head()
             else:
