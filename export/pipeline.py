@@ -215,6 +215,8 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                     windows = calibration.calibration_windows(
                         CodeLlamaTokenizer.from_file(info.tokenizer_path), text,
                         min(calibration.CALIBRATION_WINDOW, limit), calibration_tokens)
+                    if sum(len(w) - 1 for w in windows) < 64:
+                        raise ExportError(f"--calibration-text {text}: fewer than 64 tokens to calibrate on")
                     hessians = calibration.LayerwiseHessians(info, windows)
                     calibrated = calibration.describe(text, windows)
                     progress.detail(f"GPTQ: calibrating on {text.name} ({hessians.tokens} tokens in "

@@ -239,6 +239,13 @@ def test_gptq_calibrates_on_the_users_text_and_the_manifest_says_so(tiny_checkpo
     assert calibration["sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
     assert calibration["tokens"] == 200 + calibration["windows"]  # the first 200 tokens, a BOS per window
 
+    empty = tmp_path / "empty.py"
+    empty.write_text("\n")
+    with pytest.raises(ExportError, match="fewer than 64 tokens"):
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=tmp_path / "c",
+                                 precision="int4", graph="fused", calibration_text=empty, skip_fidelity=True))
+    assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
+
     with pytest.raises(ExportError, match="--algorithm gptq needs the fused graph"):
         run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=tmp_path / "c",
                                  precision="int4", graph="optimum", algorithm="gptq"))
