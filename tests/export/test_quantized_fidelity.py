@@ -53,6 +53,23 @@ def test_gptq_brings_the_int4_bundle_closer_to_torch_than_rounding(demo_checkpoi
     assert kl["gptq"] < 0.8 * kl["rtn"]
 
 
+def test_gpu_profile_int4_bundle_with_float16_scales_meets_its_threshold(demo_checkpoint, tmp_path, exporter):
+    """The GPU profiles' layout (float16 activations and scales, block 128, zero points, float
+    lm_head) through GPTQ: the codes are taken against the scales as stored in float16, and
+    the bundle passes its profile's bar against torch (measured on the CPU provider)."""
+    import onnx
+    from onnx import TensorProto
+
+    path = exporter(demo_checkpoint, tmp_path / "gpu-int4", precision="int4", profile="nvidia-gpu")
+    manifest = json.loads((path / "bundle.json").read_text())
+    quant, fidelity = manifest["quantization"], manifest["fidelity"]
+    assert quant["algorithm"] == "gptq" and quant["block_size"] == 128 and quant["symmetric"] is False
+    assert fidelity["passed"] is True and fidelity["kl_divergence_mean"] < 0.002
+    model = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    scales = {i.name: i.data_type for i in model.graph.initializer if i.name.endswith("weight_scales")}
+    assert scales and set(scales.values()) == {TensorProto.FLOAT16}
+
+
 def test_below_threshold_fails_with_numbers_unless_allowed(tiny_checkpoint, tmp_path, exporter):
     from edge_export.pipeline import ExportError
 
