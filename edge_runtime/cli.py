@@ -295,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(fused graph) feeds each column's rounding error forward by the Hessian of calibration "
                         "activations; hqq (optimum graph)")
     p.add_argument("--calibration-text", type=Path,
-                   help="gptq: a code text to calibrate on, e.g. your own sources (default: the one shipped in "
-                        "export/assets/gptq-calibration.txt)")
+                   help="gptq: a code file, or a folder of sources (its code files in path order), to calibrate on, "
+                        "e.g. your own repository (default: export/assets/gptq-calibration.txt)")
     p.add_argument("--calibration-tokens", type=int,
                    help="gptq: the first N tokens of the calibration text (default 4096)")
     p.add_argument("--kv-cache-bits", type=int, choices=[0, 8],

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,22 +34,63 @@ _INPUT_OF = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_out",
 _HEAD_WEIGHTS = ("lm_head.weight", "model.embed_tokens.weight")
 
 
-def calibration_windows(tokenizer, text: Path = CALIBRATION_TEXT, window: int = CALIBRATION_WINDOW,
+CODE_SUFFIXES = frozenset({".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".cs", ".java", ".kt",
+                           ".scala", ".go", ".rs", ".js", ".jsx", ".ts", ".tsx", ".rb", ".php", ".swift",
+                           ".m", ".lua", ".r", ".jl", ".sql", ".sh", ".bash", ".ps1", ".pl", ".hs"})
+CHARS_PER_TOKEN = 6  # generous: a folder is read only until its text surely holds the tokens asked for
+
+
+@dataclass(frozen=True)
+class CalibrationText:
+    """What GPTQ calibrates on: one text file, or a folder's source files (those with a code
+    suffix, in path order, outside hidden folders) joined, read until ``max_chars``."""
+
+    source: Path
+    text: str
+    files: int
+
+    @classmethod
+    def read(cls, source: Path, max_chars: int | None = None) -> CalibrationText:
+        if source.is_file():
+            return cls(source, source.read_text(encoding="utf-8", errors="replace"), 1)
+        if not source.is_dir():
+            raise FileNotFoundError(f"{source}: no such file or folder")
+        parts, size = [], 0
+        for path in sorted(source.rglob("*")):
+            relative = path.relative_to(source).parts
+            if path.suffix.lower() not in CODE_SUFFIXES or any(p.startswith(".") for p in relative) \
+                    or not path.is_file():
+                continue
+            parts.append(path.read_text(encoding="utf-8", errors="replace"))
+            size += len(parts[-1])
+            if max_chars is not None and size >= max_chars:
+                break
+        if not parts:
+            raise FileNotFoundError(f"{source}: no source files ({', '.join(sorted(CODE_SUFFIXES))})")
+        return cls(source, "\n\n".join(parts), len(parts))
+
+    def windows(self, tokenizer, window: int = CALIBRATION_WINDOW, n_tokens: int | None = None) -> list[list[int]]:
+        """The text as BOS-led windows of at most ``window`` positions (the first ``n_tokens``)."""
+        from .fidelity import text_windows
+
+        return text_windows(tokenizer, self.text, window, n_tokens)
+
+    def describe(self, windows: Sequence[Sequence[int]]) -> dict:
+        """What the bundle's manifest records of a GPTQ calibration."""
+        import hashlib
+
+        from .gptq import DAMP
+
+        return {"text": self.source.name, "files": self.files,
+                "sha256": hashlib.sha256(self.text.encode("utf-8")).hexdigest(),
+                "tokens": sum(len(w) for w in windows), "windows": len(windows), "damp": DAMP}
+
+
+def calibration_windows(tokenizer, source: Path = CALIBRATION_TEXT, window: int = CALIBRATION_WINDOW,
                         n_tokens: int | None = None) -> list[list[int]]:
-    """The calibration text as BOS-led windows of at most ``window`` positions."""
-    from .fidelity import text_windows
-
-    return text_windows(tokenizer, text, window, n_tokens)
-
-
-def describe(text: Path, windows: Sequence[Sequence[int]]) -> dict:
-    """What the bundle's manifest records of a GPTQ calibration."""
-    import hashlib
-
-    from .gptq import DAMP
-
-    return {"text": text.name, "sha256": hashlib.sha256(text.read_bytes()).hexdigest(),
-            "tokens": sum(len(w) for w in windows), "windows": len(windows), "damp": DAMP}
+    """A calibration text (file or folder) as BOS-led windows of at most ``window`` positions."""
+    max_chars = None if n_tokens is None else n_tokens * CHARS_PER_TOKEN
+    return CalibrationText.read(source, max_chars).windows(tokenizer, window, n_tokens)
 
 
 class LayerwiseHessians:

@@ -138,14 +138,16 @@ def kl_divergence(ref_logits: np.ndarray, got_logits: np.ndarray, *, rows: int =
     return np.maximum(out, 0.0)
 
 
-def text_windows(tokenizer: CodeLlamaTokenizer, text_file: Path, window: int,
+def text_windows(tokenizer: CodeLlamaTokenizer, text_file: Path | str, window: int,
                  n_tokens: int | None = None) -> list[list[int]]:
-    """The first ``n_tokens`` tokens (all when None) of a text file, as windows of at most
-    ``window`` positions, each led by BOS: what the corpus measure and the KV-cache
-    calibration (kv_cache_quant.py) run through a graph, one fresh cache per window."""
+    """The first ``n_tokens`` tokens (all when None) of a text file (or of the text itself,
+    given as a ``str``), as windows of at most ``window`` positions, each led by BOS: what the
+    corpus measure and the calibrations (kv_cache_quant.py, calibration.py) run through a
+    model, one fresh cache per window."""
     if window < 2:
         raise ValueError(f"a window must hold BOS and a token, not {window}")
-    ids = tokenizer.encode(text_file.read_text(encoding="utf-8"))[:n_tokens]
+    text = text_file if isinstance(text_file, str) else text_file.read_text(encoding="utf-8")
+    ids = tokenizer.encode(text)[:n_tokens]
     return [[tokenizer.bos_id, *ids[i:i + window - 1]] for i in range(0, len(ids), window - 1)]
 
 

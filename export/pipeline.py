@@ -164,8 +164,8 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                           "or GPTQ)")
     if opts.graph == "optimum" and opts.algorithm == "gptq":
         raise ExportError("--algorithm gptq needs the fused graph (--graph fused or auto)")
-    if opts.calibration_text is not None and not opts.calibration_text.is_file():
-        raise ExportError(f"--calibration-text {opts.calibration_text}: no such file")
+    if opts.calibration_text is not None and not opts.calibration_text.exists():
+        raise ExportError(f"--calibration-text {opts.calibration_text}: no such file or folder")
     calibration_tokens = opts.calibration_tokens or calibration.CALIBRATION_TOKENS
     if opts.calibration_tokens is not None and opts.calibration_tokens < 64:
         raise ExportError(f"--calibration-tokens {opts.calibration_tokens} must be at least 64")
@@ -211,16 +211,21 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 q = profile.quantization
                 hessians = None
                 if recipe is not None and recipe.algorithm == "gptq":
-                    text = opts.calibration_text or calibration.CALIBRATION_TEXT
-                    windows = calibration.calibration_windows(
-                        CodeLlamaTokenizer.from_file(info.tokenizer_path), text,
-                        min(calibration.CALIBRATION_WINDOW, limit), calibration_tokens)
+                    source = opts.calibration_text or calibration.CALIBRATION_TEXT
+                    try:
+                        text = calibration.CalibrationText.read(source,
+                                                                calibration_tokens * calibration.CHARS_PER_TOKEN)
+                    except (OSError, UnicodeError) as exc:
+                        raise ExportError(f"--calibration-text {source}: {exc}") from None
+                    windows = text.windows(CodeLlamaTokenizer.from_file(info.tokenizer_path),
+                                           min(calibration.CALIBRATION_WINDOW, limit), calibration_tokens)
                     if sum(len(w) - 1 for w in windows) < 64:
-                        raise ExportError(f"--calibration-text {text}: fewer than 64 tokens to calibrate on")
+                        raise ExportError(f"--calibration-text {source}: fewer than 64 tokens to calibrate on")
                     hessians = calibration.LayerwiseHessians(info, windows)
-                    calibrated = calibration.describe(text, windows)
-                    progress.detail(f"GPTQ: calibrating on {text.name} ({hessians.tokens} tokens in "
-                                    f"{len(windows)} windows), layer by layer")
+                    calibrated = text.describe(windows)
+                    progress.detail(f"GPTQ: calibrating on {source.name} ({text.files} file"
+                                    f"{'s' if text.files > 1 else ''}, {hessians.tokens} tokens in {len(windows)} "
+                                    f"windows), layer by layer")
                 io_dtype = "float32" if precision == "fp32" else profile.kv_cache.dtype
                 graph_builder.build_decoder_graph(
                     info, graph, precision=precision, block_size=q.block_size,

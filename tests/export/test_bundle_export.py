@@ -182,7 +182,7 @@ def test_non_llama_checkpoint_is_refused(tmp_path):
                                                   ("kv_cache_bits", 4, "--kv-cache-bits 4"),
                                                   ("calibration_tokens", 10, "--calibration-tokens 10"),
                                                   ("calibration_text", Path("/nonexistent/code.py"),
-                                                   "--calibration-text /nonexistent/code.py: no such file")])
+                                                   "--calibration-text /nonexistent/code.py: no such file or folder")])
 def test_export_refuses_bad_fidelity_sizes_before_any_work(tiny_checkpoint, tmp_path, option, value, message):
     from edge_export.pipeline import ExportError, ExportOptions, run_export
 
@@ -238,7 +238,30 @@ def test_gptq_calibrates_on_the_users_text_and_the_manifest_says_so(tiny_checkpo
     assert calibration["text"] == "plant_io.py"
     assert calibration["sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
     assert calibration["tokens"] == 200 + calibration["windows"]  # the first 200 tokens, a BOS per window
+    assert calibration["files"] == 1
 
+    # a folder of sources: the code files in path order, hidden folders and other files left out
+    repo = tmp_path / "plant-repo"
+    (repo / "src").mkdir(parents=True)
+    (repo / ".git").mkdir()
+    (repo / "src" / "io.py").write_text(text.read_text())
+    (repo / "src" / "crc.c").write_text("unsigned crc(const unsigned char *p, int n) { return n ? *p : 0; }\n" * 20)
+    (repo / "notes.txt").write_text("not code\n")
+    (repo / ".git" / "hook.py").write_text("print('hidden')\n")
+    run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=out, precision="int4",
+                             graph="fused", calibration_text=repo, skip_fidelity=True, force=True),
+               Progress(5, enabled=False))
+    calibration = load_bundle(out).manifest["quantization"]["calibration"]
+    assert calibration["text"] == "plant-repo" and calibration["files"] == 2
+    joined = (repo / "src" / "crc.c").read_text() + "\n\n" + text.read_text()
+    assert calibration["sha256"] == hashlib.sha256(joined.encode()).hexdigest()
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "manual.txt").write_text("no code here\n")
+    with pytest.raises(ExportError, match="docs: no source files"):
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=tmp_path / "c",
+                                 precision="int4", graph="fused", calibration_text=docs, skip_fidelity=True))
     empty = tmp_path / "empty.py"
     empty.write_text("\n")
     with pytest.raises(ExportError, match="fewer than 64 tokens"):
