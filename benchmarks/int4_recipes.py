@@ -102,12 +102,10 @@ def build(recipe: Recipe, checkpoint_info, graph: Path, *, layout: Layout, max_l
     from edge_export.graph_builder import build_decoder_graph
 
     hessians = None
-    if recipe.gptq:  # as the export does (--gptq)
-        from edge_export.calibration import LayerwiseHessians, calibration_windows
-        from edge_runtime.tokenizer import CodeLlamaTokenizer
+    if recipe.gptq:  # as the export does (--algorithm gptq, the shipped calibration text)
+        from edge_export.calibration import calibrate
 
-        tokenizer = CodeLlamaTokenizer.from_file(checkpoint_info.tokenizer_path)
-        hessians = LayerwiseHessians(checkpoint_info, calibration_windows(tokenizer))
+        hessians, _ = calibrate(checkpoint_info)
     build_decoder_graph(checkpoint_info, graph, precision="int4", block_size=layout.block_size,
                         symmetric=recipe.symmetric, accuracy_level=layout.accuracy_level,
                         keep_unquantized=("lm_head",) if recipe.head_bits != 4 else (),

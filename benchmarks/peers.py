@@ -292,8 +292,8 @@ def recipe_words(block_size: int, symmetric: bool, accuracy_level: int, kept: tu
                  keep_bits: int | None, scale_search: bool = False, kv_bits: int = 0, algorithm: str = "rtn") -> str:
     """The int4 recipe in words, e.g. "int4 b32 sym gptq+mse acc4, lm_head int8, KV int8"."""
     held = f"{', '.join(kept)} {'int%d' % keep_bits if keep_bits else 'fp32'}" if kept else "all int4"
-    rounding = (" gptq" if algorithm == "gptq" else "") + ("+mse" if algorithm == "gptq" and scale_search
-                                                          else " mse" if scale_search else "")
+    methods = (["gptq"] if algorithm == "gptq" else []) + (["mse"] if scale_search else [])
+    rounding = " " + "+".join(methods) if methods else ""
     kv = f", KV int{kv_bits}" if kv_bits else ""
     return f"int4 b{block_size} {'sym' if symmetric else 'asym'}{rounding} acc{accuracy_level}, {held}{kv}"
 

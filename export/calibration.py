@@ -38,6 +38,11 @@ CODE_SUFFIXES = frozenset({".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".cxx", ".h
                            ".scala", ".go", ".rs", ".js", ".jsx", ".ts", ".tsx", ".rb", ".php", ".swift",
                            ".m", ".lua", ".r", ".jl", ".sql", ".sh", ".bash", ".ps1", ".pl", ".hs"})
 CHARS_PER_TOKEN = 6  # generous: a folder is read only until its text surely holds the tokens asked for
+MIN_TOKENS = 64  # fewer calibration tokens than this is a mistake, not a calibration
+
+
+class CalibrationError(ValueError):
+    """A calibration source GPTQ cannot use; the message says why (without the path)."""
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,7 @@ class CalibrationText:
         if source.is_file():
             return cls(source, source.read_text(encoding="utf-8", errors="replace"), 1)
         if not source.is_dir():
-            raise FileNotFoundError(f"{source}: no such file or folder")
+            raise CalibrationError("no such file or folder")
         parts, size = [], 0
         for path in sorted(source.rglob("*")):
             relative = path.relative_to(source).parts
@@ -66,7 +71,7 @@ class CalibrationText:
             if max_chars is not None and size >= max_chars:
                 break
         if not parts:
-            raise FileNotFoundError(f"{source}: no source files ({', '.join(sorted(CODE_SUFFIXES))})")
+            raise CalibrationError(f"no source files ({', '.join(sorted(CODE_SUFFIXES))})")
         return cls(source, "\n\n".join(parts), len(parts))
 
     def windows(self, tokenizer, window: int = CALIBRATION_WINDOW, n_tokens: int | None = None) -> list[list[int]]:
@@ -86,11 +91,19 @@ class CalibrationText:
                 "tokens": sum(len(w) for w in windows), "windows": len(windows), "damp": DAMP}
 
 
-def calibration_windows(tokenizer, source: Path = CALIBRATION_TEXT, window: int = CALIBRATION_WINDOW,
-                        n_tokens: int | None = None) -> list[list[int]]:
-    """A calibration text (file or folder) as BOS-led windows of at most ``window`` positions."""
-    max_chars = None if n_tokens is None else n_tokens * CHARS_PER_TOKEN
-    return CalibrationText.read(source, max_chars).windows(tokenizer, window, n_tokens)
+def calibrate(info: CheckpointInfo, source: Path = CALIBRATION_TEXT, *, window: int = CALIBRATION_WINDOW,
+              n_tokens: int = CALIBRATION_TOKENS) -> tuple[LayerwiseHessians, dict]:
+    """GPTQ's calibration of a checkpoint: the first ``n_tokens`` of ``source`` (a file or a
+    folder of sources) in BOS-led windows of at most ``window`` positions, as the layer-by-layer
+    Hessians the graph builder asks for, and what the bundle's manifest records of them.
+    Raises CalibrationError (or OSError) for a source it cannot use."""
+    from edge_runtime.tokenizer import CodeLlamaTokenizer
+
+    text = CalibrationText.read(source, n_tokens * CHARS_PER_TOKEN)
+    windows = text.windows(CodeLlamaTokenizer.from_file(info.tokenizer_path), window, n_tokens)
+    if sum(len(w) - 1 for w in windows) < MIN_TOKENS:
+        raise CalibrationError(f"fewer than {MIN_TOKENS} tokens to calibrate on")
+    return LayerwiseHessians(info, windows), text.describe(windows)
 
 
 class LayerwiseHessians:

@@ -132,5 +132,5 @@ def gptq_quantize(weight_nk: np.ndarray, hinv: InverseHessian, *, bits: int, blo
                 wt[b2:o2] -= upper[b1:b2, b2:o2].T @ err[b1 - o1:b2 - o1]
         if o2 < kp:
             wt[o2:] -= upper[o1:o2, o2:].T @ err
-    return pack_codes(np.ascontiguousarray(codes.T).reshape(n, k_blocks, block_size), scales, zps, bits=bits, symmetric=symmetric,
-                      scale_dtype=scale_dtype)
+    return pack_codes(np.ascontiguousarray(codes.T).reshape(n, k_blocks, block_size), scales, zps, bits=bits,
+                      symmetric=symmetric, scale_dtype=scale_dtype)

@@ -167,8 +167,8 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
     if opts.calibration_text is not None and not opts.calibration_text.exists():
         raise ExportError(f"--calibration-text {opts.calibration_text}: no such file or folder")
     calibration_tokens = opts.calibration_tokens or calibration.CALIBRATION_TOKENS
-    if opts.calibration_tokens is not None and opts.calibration_tokens < 64:
-        raise ExportError(f"--calibration-tokens {opts.calibration_tokens} must be at least 64")
+    if opts.calibration_tokens is not None and opts.calibration_tokens < calibration.MIN_TOKENS:
+        raise ExportError(f"--calibration-tokens {opts.calibration_tokens} must be at least {calibration.MIN_TOKENS}")
     if opts.fidelity_tokens < 1:
         raise ExportError(f"--fidelity-tokens {opts.fidelity_tokens} must be at least 1")
     if opts.kv_cache_bits not in (None, 0, 8):
@@ -213,19 +213,15 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 if recipe is not None and recipe.algorithm == "gptq":
                     source = opts.calibration_text or calibration.CALIBRATION_TEXT
                     try:
-                        text = calibration.CalibrationText.read(source,
-                                                                calibration_tokens * calibration.CHARS_PER_TOKEN)
-                    except (OSError, UnicodeError) as exc:
+                        hessians, calibrated = calibration.calibrate(
+                            info, source, window=min(calibration.CALIBRATION_WINDOW, limit),
+                            n_tokens=calibration_tokens)
+                    except (OSError, calibration.CalibrationError) as exc:
                         raise ExportError(f"--calibration-text {source}: {exc}") from None
-                    windows = text.windows(CodeLlamaTokenizer.from_file(info.tokenizer_path),
-                                           min(calibration.CALIBRATION_WINDOW, limit), calibration_tokens)
-                    if sum(len(w) - 1 for w in windows) < 64:
-                        raise ExportError(f"--calibration-text {source}: fewer than 64 tokens to calibrate on")
-                    hessians = calibration.LayerwiseHessians(info, windows)
-                    calibrated = text.describe(windows)
-                    progress.detail(f"GPTQ: calibrating on {source.name} ({text.files} file"
-                                    f"{'s' if text.files > 1 else ''}, {hessians.tokens} tokens in {len(windows)} "
-                                    f"windows), layer by layer")
+                    files = calibrated["files"]
+                    progress.detail(f"GPTQ: calibrating on {source.name} ({files} file{'s' if files > 1 else ''}, "
+                                    f"{calibrated['tokens']} tokens in {calibrated['windows']} windows), "
+                                    "layer by layer")
                 io_dtype = "float32" if precision == "fp32" else profile.kv_cache.dtype
                 graph_builder.build_decoder_graph(
                     info, graph, precision=precision, block_size=q.block_size,
