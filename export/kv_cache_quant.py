@@ -9,17 +9,19 @@ reads and writes an int8 cache itself (``kv_cache_bit_width=8``,
 stored code is ``round(x / scale)``, one scale per channel (kv head x head dim)
 of the rotated keys and of the values.
 
-The price is the prompt: onnxruntime's int8 path for prompts (more than one new token)
-is several times slower than its float attention (prefill of 2048 tokens 25 % slower on
-the same model), so this is opt-in (``--kv-cache-bits 8`` or ``[kv_cache] bits = 8``).
+Prompts are not slowed: onnxruntime's int8 path for more than one new token is several
+times slower than its float attention, so each layer's attention is an If on the number
+of new tokens (``_prompt_or_step``): a prompt (or a chunk of one) attends in float over
+the dequantized cache and writes the codes the int8 kernel would write; a decode step runs
+the int8 kernel in place. A first prompt's logits equal the float-cache graph's.
 
 The scales are static, so they are calibrated: the float-cache graph the
 builder just wrote runs a calibration text (``assets/kv-calibration.txt``, not the
 fidelity corpus) and each layer's largest |key| and |value| per channel, times
 ``margin``, maps to 127. Then the graph is rewritten in place: past/present
-inputs and outputs become int8, each GroupQueryAttention node gets its layer's
-scales (inline initializers) and the three attributes. The weights (external
-data) are untouched. The export's fidelity step then measures the result
+inputs and outputs become int8, each GroupQueryAttention node becomes the If above
+with its layer's scales (inline initializers). The weights (external data) are
+untouched. The export's fidelity step then measures the result
 against torch like any other bundle.
 """
 
@@ -35,8 +37,9 @@ from edge_runtime.bundle import Architecture
 
 CALIBRATION_TEXT = Path(__file__).resolve().parent / "assets" / "kv-calibration.txt"
 CALIBRATION_WINDOW = 512  # positions per calibration run (BOS first)
-MARGIN = 1.3  # headroom over the calibrated range: values beyond it saturate at +-127
+MARGIN = 1.3  # headroom over the calibrated range: values beyond it saturate (codes -128..127)
 QUANT_TYPE = "PER_CHANNEL"
+PROMPT_ATTENTION = "float"  # prompts attend in float over the dequantized cache (`_prompt_or_step`)
 GQA_KEY_SCALE_INPUT, GQA_VALUE_SCALE_INPUT = 12, 13  # GroupQueryAttention's k_scale / v_scale inputs
 
 
@@ -50,6 +53,7 @@ class KVScales:
 
     def as_manifest(self) -> dict:
         return {"dtype": "int8", "quant_type": QUANT_TYPE.lower().replace("_", "-"), "margin": self.margin,
+                "prompt_attention": PROMPT_ATTENTION,
                 "key_scale_range": [float(self.key.min()), float(self.key.max())],
                 "value_scale_range": [float(self.value.min()), float(self.value.max())]}
 
@@ -106,9 +110,9 @@ def calibrate(graph: Path, arch: Architecture, windows: Sequence[Sequence[int]],
 
 def quantize_graph_kv_cache(graph: Path, scales: KVScales) -> None:
     """Rewrite ``graph`` (its proto; the external weights stay) to keep an int8 KV cache
-    with ``scales``."""
+    with ``scales``; prompts keep float attention (`_prompt_or_step`)."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, numpy_helper
 
     model = onnx.load(str(graph), load_external_data=False)
     cache_io = [v for v in (*model.graph.input, *model.graph.output)
@@ -117,20 +121,155 @@ def quantize_graph_kv_cache(graph: Path, scales: KVScales) -> None:
         raise ValueError(f"{graph} has no past/present KV inputs")
     if any(v.type.tensor_type.elem_type == TensorProto.INT8 for v in cache_io):
         raise ValueError(f"{graph} already keeps an int8 KV cache")
+    float_type = cache_io[0].type.tensor_type.elem_type  # the activations' (and the old cache's) type
     for v in cache_io:
         v.type.tensor_type.elem_type = TensorProto.INT8
     nodes = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
     if len(nodes) != scales.key.shape[0]:
         raise ValueError(f"{graph} has {len(nodes)} GroupQueryAttention nodes, the scales {scales.key.shape[0]} layers")
-    for layer, node in enumerate(nodes):
+    float_dtype = onnx.helper.tensor_dtype_to_np_dtype(float_type)
+    graph_nodes = list(model.graph.node)
+    model.graph.initializer.extend(_prompt_condition_constants())
+    max_length = _graph_max_length(model)
+    rewritten = [*_prompt_condition_nodes()]
+    for node in graph_nodes:
+        if node.op_type != "GroupQueryAttention":
+            rewritten.append(node)
+            continue
+        layer = nodes.index(node)
+        heads = _attribute(node, "kv_num_heads").i
         names = (f"kv_cache.{layer}.key_scale", f"kv_cache.{layer}.value_scale")
-        model.graph.initializer.extend([numpy_helper.from_array(scales.key[layer].astype(np.float32), names[0]),
-                                        numpy_helper.from_array(scales.value[layer].astype(np.float32), names[1])])
-        inputs = list(node.input) + [""] * (GQA_VALUE_SCALE_INPUT + 1 - len(node.input))
-        inputs[GQA_KEY_SCALE_INPUT], inputs[GQA_VALUE_SCALE_INPUT] = names
-        del node.input[:]
-        node.input.extend(inputs)
-        node.attribute.extend([helper.make_attribute("kv_cache_bit_width", 8),
-                               helper.make_attribute("k_quant_type", QUANT_TYPE),
-                               helper.make_attribute("v_quant_type", QUANT_TYPE)])
+        for name, scale in zip(names, (scales.key[layer], scales.value[layer])):
+            scale = scale.astype(np.float32)
+            model.graph.initializer.extend([
+                numpy_helper.from_array(scale, name),  # GroupQueryAttention's: [kv_heads * head_dim]
+                numpy_helper.from_array(scale.reshape(1, heads, 1, -1).astype(float_dtype), name + ".bhsd")])
+        if layer == 0:
+            model.graph.initializer.append(
+                numpy_helper.from_array(np.zeros((1, heads, 1, scale.size // heads), np.int8), "kv_cache.zero_points"))
+        rewritten.append(_prompt_or_step(node, names, float_type, max_length))
+    del model.graph.node[:]
+    model.graph.node.extend(rewritten)
     onnx.save_model(model, str(graph))
+
+
+# -- prompts: float attention over the int8 cache ---------------------------------------------
+#
+# onnxruntime's int8 GroupQueryAttention is quick for one new token but several times
+# slower than the float kernel for a prompt (prefill of 2048 tokens 25 % slower on the
+# benchmark model, attention alone 4x). So each layer's attention becomes an If on the
+# number of new tokens S:
+#
+# * S == 1 (a decode step): the int8 GroupQueryAttention, reading and writing the shared
+#   int8 buffers in place (the If's outputs are the bound buffers: nothing is copied).
+# * S > 1 (a prompt, or the next chunk of one): the float GroupQueryAttention over the
+#   P = total - S cached rows dequantized (codes x scale), whose float present
+#   [1, kv_heads, total, head_dim] is quantized as the int8 kernel does (x / scale rounded
+#   half to even, clipped to [-128, 127]) and zero-padded to the buffer's length. The
+#   rows past `total` are never read before a later step writes them (gqa_decoder.py).
+#
+# A first prompt's logits are then the float cache's exactly; decode steps read the
+# same codes the int8 kernel would have written.
+
+PROMPT_CONDITION = "kv_cache.prompt"  # bool [1]: more than one new token
+_PAST_ROWS, _TOTAL_ROWS = "kv_cache.past_rows", "kv_cache.total_rows"  # int64 [1]: P and total
+
+
+def _graph_max_length(model) -> int:
+    from edge_runtime.gqa_decoder import META_MAX_LENGTH
+
+    value = {p.key: p.value for p in model.metadata_props}.get(META_MAX_LENGTH)
+    if not value:
+        raise ValueError(f"the graph does not record its maximum length ({META_MAX_LENGTH})")
+    return int(value)
+
+
+def _attribute(node, name: str):
+    return next(a for a in node.attribute if a.name == name)
+
+
+def _prompt_condition_constants() -> list:
+    from onnx import numpy_helper
+
+    return [numpy_helper.from_array(np.array([1], np.int64), "kv_cache.one"),
+            numpy_helper.from_array(np.array([0], np.int64), "kv_cache.zero"),
+            numpy_helper.from_array(np.array([2], np.int64), "kv_cache.seq_axis"),
+            numpy_helper.from_array(np.zeros(6, np.int64), "kv_cache.no_pads"),
+            ]
+
+
+def _prompt_condition_nodes() -> list:
+    from onnx import TensorProto, helper
+
+    return [helper.make_node("Shape", ["input_ids"], ["kv_cache.new_rows"], start=1, end=2),
+            helper.make_node("Greater", ["kv_cache.new_rows", "kv_cache.one"], [PROMPT_CONDITION]),
+            helper.make_node("Cast", ["total_sequence_length"], ["kv_cache.total64"], to=TensorProto.INT64),
+            helper.make_node("Reshape", ["kv_cache.total64", "kv_cache.one"], [_TOTAL_ROWS]),
+            helper.make_node("Sub", [_TOTAL_ROWS, "kv_cache.new_rows"], [_PAST_ROWS])]
+
+
+def _prompt_or_step(node, scale_names: tuple[str, str], float_type: int, max_length: int):
+    """``node`` (a float GroupQueryAttention) as If(prompt: float attention, requantized;
+    else: the int8 kernel)."""
+    import copy
+
+    from onnx import TensorProto, helper
+
+    name = node.name or node.output[0]
+    out, present_key, present_value = node.output
+    past_key, past_value = node.input[3], node.input[4]
+
+    step = copy.deepcopy(node)
+    inputs = list(step.input) + [""] * (GQA_VALUE_SCALE_INPUT + 1 - len(step.input))
+    inputs[GQA_KEY_SCALE_INPUT], inputs[GQA_VALUE_SCALE_INPUT] = scale_names
+    del step.input[:]
+    step.input.extend(inputs)
+    step.attribute.extend([helper.make_attribute("kv_cache_bit_width", 8),
+                           helper.make_attribute("k_quant_type", QUANT_TYPE),
+                           helper.make_attribute("v_quant_type", QUANT_TYPE)])
+    step_outputs = [f"{name}/int8/{o}" for o in ("output", "present_key", "present_value")]
+    step.name = f"{name}/int8"
+    del step.output[:]
+    step.output.extend(step_outputs)
+
+    p = f"{name}/prompt"
+    # one block along the sequence axis: the scale [1, kv_heads, 1, head_dim] covers every row
+    per_channel = {"axis": 2, "block_size": max_length}
+    prompt_nodes = []
+    for kind, past, scale in (("key", past_key, scale_names[0]), ("value", past_value, scale_names[1])):
+        prompt_nodes += [
+            helper.make_node("Slice", [past, "kv_cache.zero", _PAST_ROWS, "kv_cache.seq_axis"], [f"{p}/{kind}/codes"]),
+            # (not DequantizeLinear: its one block cannot cover zero rows, a first prompt's past)
+            helper.make_node("Cast", [f"{p}/{kind}/codes"], [f"{p}/{kind}/codes_f"], to=float_type),
+            helper.make_node("Mul", [f"{p}/{kind}/codes_f", scale + ".bhsd"], [f"{p}/{kind}/past"])]
+    attend = copy.deepcopy(node)
+    attend.name = f"{p}/attention"
+    attend.input[3], attend.input[4] = f"{p}/key/past", f"{p}/value/past"
+    del attend.output[:]
+    attend.output.extend([f"{p}/output", f"{p}/key/present", f"{p}/value/present"])
+    prompt_nodes.append(attend)
+    prompt_outputs = [f"{p}/output"]
+    for kind, past, scale in (("key", past_key, scale_names[0]), ("value", past_value, scale_names[1])):
+        prompt_nodes += [
+            helper.make_node("Slice", [f"{p}/{kind}/present", _PAST_ROWS, _TOTAL_ROWS, "kv_cache.seq_axis"],
+                             [f"{p}/{kind}/new"]),
+            helper.make_node("QuantizeLinear", [f"{p}/{kind}/new", scale + ".bhsd", "kv_cache.zero_points"],
+                             [f"{p}/{kind}/new_codes"], **per_channel),
+            helper.make_node("Concat", [f"{p}/{kind}/codes", f"{p}/{kind}/new_codes"], [f"{p}/{kind}/rows"], axis=2),
+            # zero rows up to the buffer's length (the total when the past is not the buffer):
+            # pads [0,0,0,0, 0,0,max(length,total)-total,0]
+            helper.make_node("Shape", [past], [f"{p}/{kind}/length"], start=2, end=3),
+            helper.make_node("Max", [f"{p}/{kind}/length", _TOTAL_ROWS], [f"{p}/{kind}/rows_out"]),
+            helper.make_node("Sub", [f"{p}/{kind}/rows_out", _TOTAL_ROWS], [f"{p}/{kind}/tail"]),
+            helper.make_node("Concat", ["kv_cache.no_pads", f"{p}/{kind}/tail", "kv_cache.zero"],
+                             [f"{p}/{kind}/pads"], axis=0),
+            helper.make_node("Pad", [f"{p}/{kind}/rows", f"{p}/{kind}/pads"], [f"{p}/{kind}/buffer"])]
+        prompt_outputs.append(f"{p}/{kind}/buffer")
+
+    types = (float_type, TensorProto.INT8, TensorProto.INT8)
+    prompt = helper.make_graph(prompt_nodes, f"{p}", [],
+                               [helper.make_tensor_value_info(o, t, None) for o, t in zip(prompt_outputs, types)])
+    decode = helper.make_graph([step], f"{name}/step", [],
+                               [helper.make_tensor_value_info(o, t, None) for o, t in zip(step_outputs, types)])
+    return helper.make_node("If", [PROMPT_CONDITION], [out, present_key, present_value], name=f"{name}/If",
+                            then_branch=prompt, else_branch=decode)

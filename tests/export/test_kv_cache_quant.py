@@ -105,3 +105,120 @@ def test_rewrite_refuses_scales_for_another_layer_count_and_calibration_an_int8_
         kv_cache_quant.calibrate(copy, arch, [[1, 2, 3]])
     with pytest.raises(ValueError, match="already keeps an int8 KV cache"):
         kv_cache_quant.quantize_graph_kv_cache(copy, right)
+
+
+# -- prompts attend in float over the int8 cache ------------------------------------------------
+MAX_LENGTH = 256
+
+
+def shared_decoder(graph, arch, prefill_chunk=None):
+    """The engine's decoder over ``graph``: one shared KV buffer per layer, bound once."""
+    from edge_runtime.gqa_decoder import SharedKVDecoder
+
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    return SharedKVDecoder(ort, session, arch, device="cpu", max_length=MAX_LENGTH, prefill_chunk=prefill_chunk)
+
+
+def cache_rows(decoder, cache, layer, kind, rows):
+    """[kv_heads, rows, head_dim] of the decoder's buffer (kind 0 keys, 1 values)."""
+    buffer = cache.buffers[layer][kind]
+    shape = (decoder.arch.num_kv_heads, decoder.max_length, decoder.arch.head_dim)
+    return _host_view(buffer.ptr, decoder.kv_dtype, shape)[:, :rows].copy()
+
+
+def _host_view(ptr, dtype, shape):
+    import ctypes
+
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer((ctypes.c_char * n).from_address(ptr), dtype=dtype).reshape(shape)
+
+
+@pytest.fixture(scope="module")
+def int8_case(float_graph, tmp_path_factory):
+    info, graph = float_graph
+    arch = info.architecture
+    tokenizer = CodeLlamaTokenizer.from_file(info.tokenizer_path)
+    scales = kv_cache_quant.calibrate(graph, arch, kv_cache_quant.calibration_windows(tokenizer, 128))
+    int8_graph = tmp_path_factory.mktemp("kv8") / "model.onnx"
+    shutil.copy(graph, int8_graph)
+    shutil.copy(graph.with_name("model.onnx.data"), int8_graph.with_name("model.onnx.data"))
+    kv_cache_quant.quantize_graph_kv_cache(int8_graph, scales)
+    ids = np.asarray([tokenizer.bos_id, *tokenizer.encode(
+        "def mean(values):\n    total = 0\n    for v in values:\n        total += v\n"
+        "    return total / len(values)\n\n\ndef median(values):\n    ordered = sorted(values)\n")])
+    return arch, scales, graph, int8_graph, ids
+
+
+def quantized(values, scale, arch):
+    """What onnxruntime's int8 kernel stores: x / scale rounded half to even, clipped to int8."""
+    return np.clip(np.rint(values / scale.reshape(arch.num_kv_heads, 1, arch.head_dim)), -128, 127)
+
+
+def test_a_prompt_through_the_int8_cache_gets_the_float_cache_logits_and_codes(int8_case):
+    """A first prompt attends in float: its logits are the float-cache graph's, and every
+    layer's cache holds that graph's keys and values quantized as the int8 kernel does."""
+    arch, scales, float_graph_path, int8_graph, ids = int8_case
+    f32, i8 = shared_decoder(float_graph_path, arch), shared_decoder(int8_graph, arch)
+    f_cache, i_cache = f32.new_cache(MAX_LENGTH), i8.new_cache(MAX_LENGTH)
+    np.testing.assert_allclose(i8.prefill(i_cache, ids), f32.prefill(f_cache, ids), rtol=0, atol=1e-5)
+    n = len(ids)
+    for layer in range(arch.num_layers):
+        for kind, scale in ((0, scales.key[layer]), (1, scales.value[layer])):
+            codes = cache_rows(i8, i_cache, layer, kind, n)
+            expected = quantized(cache_rows(f32, f_cache, layer, kind, n), scale, arch)
+            assert codes.dtype == np.int8
+            assert np.abs(codes.astype(np.int32) - expected).max() <= 1  # x / scale may round a tie apart
+            assert np.mean(codes == expected) > 0.999
+
+
+def test_decode_steps_after_a_prompt_use_the_int8_kernel(int8_case, tmp_path):
+    """After the prompt, single tokens go through onnxruntime's int8 kernel: the graph
+    rewritten without the prompt branch (the kernel alone) gives the same decode logits
+    once both caches hold the same prompt codes."""
+    import onnx
+
+    arch, scales, _, int8_graph, ids = int8_case
+    kernel_only = tmp_path / "model.onnx"
+    model = onnx.load(str(int8_graph), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "If":  # keep the else branch (the int8 kernel) alone
+            step = next(a.g for a in node.attribute if a.name == "else_branch").node[0]
+            step.output[:] = node.output
+            node.CopyFrom(step)
+    onnx.save_model(model, str(kernel_only))
+    shutil.copy(int8_graph.with_name("model.onnx.data"), tmp_path / "model.onnx.data")
+    a, b = shared_decoder(int8_graph, arch), shared_decoder(kernel_only, arch)
+    a_cache, b_cache = a.new_cache(MAX_LENGTH), b.new_cache(MAX_LENGTH)
+    a.prefill(a_cache, ids)
+    for layer in range(arch.num_layers):  # the kernel-only graph gets the prompt's codes as they are
+        for kind in (0, 1):
+            src = cache_rows(a, a_cache, layer, kind, MAX_LENGTH)
+            dst = _host_view(b_cache.buffers[layer][kind].ptr, b.kv_dtype,
+                             (arch.num_kv_heads, MAX_LENGTH, arch.head_dim))
+            dst[...] = src
+    b_cache.advance(len(ids))
+    for token in (13, 1678, 736):
+        np.testing.assert_allclose(a.decode(a_cache, token), b.decode(b_cache, token), rtol=0, atol=1e-5)
+
+
+def test_a_prompt_in_chunks_attends_over_the_dequantized_cache(int8_case):
+    """Chunks after the first attend over the cache as stored (dequantized codes): layer 0's
+    codes (its input does not depend on attention) equal the whole prompt's, and the last
+    position's logits stay close to the float cache's."""
+    arch, _, float_graph_path, int8_graph, ids = int8_case
+    whole, chunked = shared_decoder(int8_graph, arch), shared_decoder(int8_graph, arch, prefill_chunk=8)
+    w_cache, c_cache = whole.new_cache(MAX_LENGTH), chunked.new_cache(MAX_LENGTH)
+    w_logits, c_logits = whole.prefill(w_cache, ids), chunked.prefill(c_cache, ids)
+    assert c_cache.length == w_cache.length == len(ids)
+    for kind in (0, 1):
+        np.testing.assert_array_equal(cache_rows(chunked, c_cache, 0, kind, len(ids)),
+                                      cache_rows(whole, w_cache, 0, kind, len(ids)))
+    f32 = shared_decoder(float_graph_path, arch)
+    f_logits = f32.prefill(f32.new_cache(MAX_LENGTH), ids)
+    spread = float(f_logits.max() - f_logits.min())
+    assert np.abs(c_logits - f_logits).max() < 0.05 * spread
+    assert not np.array_equal(c_logits, w_logits)  # the chunks did read codes, not floats
+    # and the continuation is the one the whole prompt gives
+    w_next = [int(np.argmax(whole.decode(w_cache, t))) for t in (13, 1678)]
+    c_next = [int(np.argmax(chunked.decode(c_cache, t))) for t in (13, 1678)]
+    assert w_next == c_next
