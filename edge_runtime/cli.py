@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gptq: the first N tokens of the calibration text (default 4096)")
     p.add_argument("--kv-cache-bits", type=int, choices=[0, 8],
                    help="8: the fused graph keeps an int8 KV cache (scales calibrated here; needs onnxruntime >= 1.32 "
-                        "on the device); 0: float (default: the profile's [kv_cache] bits)")
+                        "on the device); 0: float (default: the profile's [kv_cache] bits, 8 on the CPU profiles)")
     p.add_argument("--graph", choices=["auto", "fused", "optimum"], default="auto",
                    help="fused: built from the tensors with GroupQueryAttention and one shared KV buffer, streamed "
                         "layer by layer (a 7B exports in < 1 GiB of memory with --algorithm rtn, ~4 GiB with gptq); "

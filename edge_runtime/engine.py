@@ -86,7 +86,7 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, P
         if (bundle.manifest.get("kv_cache") or {}).get("dtype") == "int8":
             raise BundleError(f"{bundle.root} keeps an int8 KV cache, which onnxruntime {ort.__version__} could not "
                               f"load ({exc}); it needs onnxruntime 1.32 or newer (the version tested), or export the "
-                              "bundle with a profile whose [kv_cache] bits = 0") from exc
+                              "bundle with --kv-cache-bits 0 (a float cache)") from exc
         raise
     return session, choice
 

@@ -73,9 +73,9 @@ def test_an_int8_kv_cache_is_a_quarter_of_float32_and_fp32_bundles_keep_float():
     import dataclasses
 
     profiles = {p.name: p for p in list_profiles()}
-    assert profiles["cpu-x86_64"].kv_cache.bits == 0  # opt-in: it slows long prefills (README)
-    cpu = dataclasses.replace(profiles["cpu-x86_64"],
-                              kv_cache=dataclasses.replace(profiles["cpu-x86_64"].kv_cache, bits=8))
+    assert profiles["cpu-x86_64"].kv_cache.bits == profiles["cpu-arm64"].kv_cache.bits == 8
+    cpu = profiles["cpu-x86_64"]
+    float_cpu = dataclasses.replace(cpu, kv_cache=dataclasses.replace(cpu.kv_cache, bits=0))
     s7 = CODE_LLAMA_SHAPES["7B"]
     int4 = estimate_plan(s7, cpu, "int4", 4096)
     fp32 = estimate_plan(s7, cpu, "fp32", 4096)
@@ -85,7 +85,11 @@ def test_an_int8_kv_cache_is_a_quarter_of_float32_and_fp32_bundles_keep_float():
     assert int4.weights_bytes == estimate_weight_bytes(s7, "int4", block_size=32, symmetric=True,
                                                        float_dtype="float32", keep_bits=8)
     assert estimate_plan(s7, profiles["nvidia-gpu"], "int4", 4096).kv_dtype == "float16"
-    assert estimate_plan(s7, profiles["cpu-x86_64"], "int4", 4096).kv_dtype == "float32"
+    float_kv = estimate_plan(s7, float_cpu, "int4", 4096)
+    assert float_kv.kv_dtype == "float32" and float_kv.kv_cache_bytes == fp32.kv_cache_bytes
+    # a prompt over the int8 cache attends in float: one layer's keys and values, dequantized
+    # and present, on top of the float cache's overhead
+    assert int4.overhead_bytes - float_kv.overhead_bytes == 2 * 2 * 32 * 128 * 4096 * 4
 
 
 def test_the_readme_table_is_the_commands_output():

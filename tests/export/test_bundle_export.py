@@ -192,7 +192,7 @@ def test_export_refuses_bad_fidelity_sizes_before_any_work(tiny_checkpoint, tmp_
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
 
 
-@pytest.mark.parametrize("bits,kv_type", [(None, "tensor(float)"), (0, "tensor(float)"), (8, "tensor(int8)")])
+@pytest.mark.parametrize("bits,kv_type", [(None, "tensor(int8)"), (0, "tensor(float)"), (8, "tensor(int8)")])
 def test_kv_cache_bits_follow_the_profile_unless_overridden(tiny_checkpoint, tmp_path, bits, kv_type):
     import onnxruntime as ort
 

@@ -38,8 +38,12 @@ def test_demo_model_quantized_bundle_meets_profile_threshold(demo_checkpoint, tm
     else:
         assert quant["symmetric"] is False and quant["scale_search"] is False
         assert quant["algorithm"] == "rtn" and quant["calibration"] is None
-    # a float KV cache unless asked for (--kv-cache-bits 8)
-    assert bundle.manifest["kv_cache"] is None and bundle.manifest["profile"]["kv_cache_dtype"] == "float32"
+    # the profile's int8 KV cache (prompts attend in float); the optimum graph keeps a float one
+    if graph == "fused":
+        assert bundle.manifest["kv_cache"]["prompt_attention"] == "float"
+        assert bundle.manifest["profile"]["kv_cache_dtype"] == "int8"
+    else:
+        assert bundle.manifest["kv_cache"] is None and bundle.manifest["profile"]["kv_cache_dtype"] == "float32"
 
 
 def test_gptq_brings_the_int4_bundle_closer_to_torch_than_rounding(demo_checkpoint, tmp_path, exporter):
