@@ -15,7 +15,8 @@ What it does:
      int4 recipe (MatMulNBits block 32, symmetric with the least-squares scale search,
      accuracy level 4, lm_head kept as int8), fidelity skipped (random weights); the recipe
      is part of the cache stamp;
-   * ``edge-runtime/kv8``: the same export with ``--kv-cache-bits 8`` (an int8 KV cache);
+     (the profile keeps an int8 KV cache);
+   * ``edge-runtime/f32kv``: the same export with ``--kv-cache-bits 0`` (a float32 KV cache);
    * ``edge-runtime/genai-recipe``: the same graph and engine loop with onnxruntime-genai's
      recipe (symmetric int4, lm_head int4: ``graph_builder.build_decoder_graph``, a bare
      graph run by the engine's decoder) -- the same bytes as onnxruntime-genai's model, so
@@ -73,12 +74,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_graphs import cpu_decoder, peak_rss, prompt_ids  # noqa: E402  (the steps both benchmarks run alike)
 
 OURS = "edge-runtime"
-OURS_KV8 = "edge-runtime/kv8"  # our bundle exported with --kv-cache-bits 8 (int8 KV cache)
+OURS_F32KV = "edge-runtime/f32kv"  # our bundle exported with --kv-cache-bits 0 (float32 KV cache)
 OURS_GENAI_RECIPE = "edge-runtime/genai-recipe"  # our graph + loop, onnxruntime-genai's recipe (same bytes)
-OUR_ENGINES = (OURS, OURS_KV8, OURS_GENAI_RECIPE)  # run in this interpreter
+OUR_ENGINES = (OURS, OURS_F32KV, OURS_GENAI_RECIPE)  # run in this interpreter
 GENAI = "onnxruntime-genai"
 LLAMACPP = "llama.cpp"
-ENGINES = (OURS, OURS_KV8, OURS_GENAI_RECIPE, GENAI, LLAMACPP)
+ENGINES = (OURS, OURS_F32KV, OURS_GENAI_RECIPE, GENAI, LLAMACPP)
 PEER_MODULES = {GENAI: "onnxruntime_genai", LLAMACPP: "llama_cpp"}
 CACHE = Path(os.environ.get("EDGE_RUNTIME_CACHE", Path.home() / ".cache" / "edge-runtime"))
 DEFAULT_PEER_PYTHON = CACHE / "peers-venv" / "bin" / "python"
@@ -301,13 +302,15 @@ def recipe_words(block_size: int, symmetric: bool, accuracy_level: int, kept: tu
 def profile_recipe(kv_bits: int | None = None) -> dict:
     """The profile's int4 recipe (``kv_bits`` overriding its KV cache): it goes into the cache
     stamp of our bundles, so a changed profile re-exports."""
+    from edge_export.kv_cache_quant import PROMPT_ATTENTION
     from edge_runtime.profiles import load_profile
 
     profile = load_profile(PROFILE)
     q = profile.quantization
     return {"block_size": q.block_size, "symmetric": q.symmetric, "accuracy_level": q.accuracy_level,
             "keep_unquantized": list(q.keep_unquantized), "keep_bits": q.keep_bits, "scale_search": q.scale_search,
-            "algorithm": q.algorithm, "kv_bits": profile.kv_cache.bits if kv_bits is None else kv_bits}
+            "algorithm": q.algorithm, "kv_bits": profile.kv_cache.bits if kv_bits is None else kv_bits,
+            "kv_prompt_attention": PROMPT_ATTENTION}
 
 
 def _prepare_bundle(a, engine: str, kv_bits: int | None) -> dict:
@@ -329,8 +332,8 @@ def step_prepare_ours(a) -> dict:
     return _prepare_bundle(a, OURS, None)
 
 
-def step_prepare_ours_kv8(a) -> dict:
-    return _prepare_bundle(a, OURS_KV8, 8)
+def step_prepare_ours_f32kv(a) -> dict:
+    return _prepare_bundle(a, OURS_F32KV, 0)
 
 
 def step_prepare_ours_genai_recipe(a) -> dict:
@@ -557,13 +560,13 @@ def step_run_llamacpp(a) -> dict:
     return _result(LLAMACPP, len(ids), prefill_s, ttft_s, decode, load_s)
 
 
-STEPS = {"checkpoint": step_checkpoint, "prepare-ours": step_prepare_ours, "prepare-ours-kv8": step_prepare_ours_kv8,
+STEPS = {"checkpoint": step_checkpoint, "prepare-ours": step_prepare_ours, "prepare-ours-f32kv": step_prepare_ours_f32kv,
          "prepare-ours-genai-recipe": step_prepare_ours_genai_recipe, "prepare-genai": step_prepare_genai,
          "prepare-llamacpp": step_prepare_llamacpp, "bandwidth": step_bandwidth, "run-ours": step_run_ours,
          "run-genai": step_run_genai, "run-llamacpp": step_run_llamacpp}
-PREPARE = {OURS: "prepare-ours", OURS_KV8: "prepare-ours-kv8", OURS_GENAI_RECIPE: "prepare-ours-genai-recipe",
+PREPARE = {OURS: "prepare-ours", OURS_F32KV: "prepare-ours-f32kv", OURS_GENAI_RECIPE: "prepare-ours-genai-recipe",
            GENAI: "prepare-genai", LLAMACPP: "prepare-llamacpp"}
-RUN = {OURS: "run-ours", OURS_KV8: "run-ours", OURS_GENAI_RECIPE: "run-ours", GENAI: "run-genai",
+RUN = {OURS: "run-ours", OURS_F32KV: "run-ours", OURS_GENAI_RECIPE: "run-ours", GENAI: "run-genai",
        LLAMACPP: "run-llamacpp"}
 
 
@@ -635,8 +638,8 @@ def prepare(args, engine: str, python: str, checkpoint: Path, stamp: dict) -> Mo
     folder = args.workdir / engine.replace("/", "-")
     stamp_file = args.workdir / f"{engine.replace('/', '-')}.json"
     wanted = {**stamp, "engine": engine, "block_size": args.block_size}
-    if engine in (OURS, OURS_KV8):
-        wanted["recipe"] = profile_recipe(8 if engine == OURS_KV8 else None)
+    if engine in (OURS, OURS_F32KV):
+        wanted["recipe"] = profile_recipe(0 if engine == OURS_F32KV else None)
     if stamp_file.is_file():
         saved = json.loads(stamp_file.read_text())
         if saved.get("stamp") == wanted and folder.exists():
