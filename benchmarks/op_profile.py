@@ -26,6 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # decode_graphs, beside this file
 
 
+CONTROL_FLOW = ("If", "Loop", "Scan")
+
+
 def profile_decode(bundle_dir: Path, *, context: int, steps: int, threads: int) -> dict:
     import numpy as np
 
@@ -50,7 +53,9 @@ def profile_decode(bundle_dir: Path, *, context: int, steps: int, threads: int) 
     decode_ops: dict[str, float] = collections.Counter()
     prefill_ops: dict[str, float] = collections.Counter()
     for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+        # an If's time is its branch's nodes, which have events of their own: count those only
+        if (e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+                and e["args"]["op_name"] not in CONTROL_FLOW):
             (decode_ops if e["ts"] >= first_step else prefill_ops)[e["args"]["op_name"]] += e["dur"]
     step_us = sum(r["dur"] for r in runs[prefill_runs:]) / steps
     prefill_us = sum(r["dur"] for r in runs[:prefill_runs])
