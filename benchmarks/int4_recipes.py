@@ -54,6 +54,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,32 +150,38 @@ def measure(recipe: Recipe, checkpoint: Path, work: Path, layout: Layout = Layou
 
 
 def speed(recipes: list[Recipe], checkpoint: Path, work: Path, *, threads: int, contexts: list[int],
-          steps: int, layout: Layout = Layout()) -> list[dict]:
-    """Decode tokens/s per recipe and context, steps alternated across recipes in one process."""
+          steps: int, layouts: Sequence[Layout] = (Layout(),)) -> list[dict]:
+    """Decode tokens/s per recipe (and layout: several accuracy levels are named
+    ``NAME@accN``) and context, steps alternated across them in one process."""
     import numpy as np
 
     from decode_graphs import cpu_decoder
     from edge_export.checkpoint import read_checkpoint
+    from edge_export.kv_cache_quant import PROMPT_ATTENTION
     from edge_runtime.bundle import FLAVOUR_GQA_SHARED_KV
 
     info = read_checkpoint(checkpoint)
     arch = info.architecture
     longest = max(contexts) + steps + 8
-    decoders = {}
-    for r in recipes:
-        graph = work / r.name / "model.onnx"
-        stamp = work / r.name / "stamp.json"
-        wanted = {"checkpoint": str(checkpoint), "config_sha256": info.config_sha256, "recipe": r.__dict__,
-                  "layout": layout.__dict__, "max_length": longest}
-        if not (graph.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == wanted):
-            print(f"[recipes] building {r.name} for {checkpoint.name} ...", file=sys.stderr, flush=True)
-            build(r, info, graph, layout=layout, max_length=longest)
-            stamp.write_text(json.dumps(wanted))
-        decoders[r.name] = cpu_decoder(graph, arch, FLAVOUR_GQA_SHARED_KV, threads=threads, max_length=longest,
-                                       spinning=False)[0]
+    decoders, graphs = {}, {}
+    for layout in layouts:
+        for r in recipes:
+            name = r.name if len(layouts) == 1 else f"{r.name}@acc{layout.accuracy_level}"
+            graph = work / name / "model.onnx"
+            stamp = work / name / "stamp.json"
+            wanted = {"checkpoint": str(checkpoint), "config_sha256": info.config_sha256, "recipe": r.__dict__,
+                      "layout": layout.__dict__, "max_length": longest,
+                      "kv_prompt_attention": PROMPT_ATTENTION if r.kv_bits else None}
+            if not (graph.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == wanted):
+                print(f"[recipes] building {name} for {checkpoint.name} ...", file=sys.stderr, flush=True)
+                build(r, info, graph, layout=layout, max_length=longest)
+                stamp.write_text(json.dumps(wanted))
+            graphs[name] = graph
+            decoders[name] = cpu_decoder(graph, arch, FLAVOUR_GQA_SHARED_KV, threads=threads, max_length=longest,
+                                         spinning=False)[0]
     rng = np.random.default_rng(0)
-    rows = {r.name: {"recipe": r.name, "weight_bytes_per_step": weight_bytes_per_step(work / r.name / "model.onnx"),
-                     "decode_tokens_per_s": {}} for r in recipes}
+    rows = {name: {"recipe": name, "weight_bytes_per_step": weight_bytes_per_step(graph), "decode_tokens_per_s": {}}
+            for name, graph in graphs.items()}
     for ctx in contexts:
         prompt = [1, *rng.integers(100, 32000, size=ctx - 1).tolist()]
         state = {}
@@ -230,12 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 2048], help="--speed: contexts held")
     p.add_argument("--steps", type=int, default=64, help="--speed: decode steps per recipe and context")
     p.add_argument("--block-size", type=int, default=32, help="MatMulNBits block size along K")
-    p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
-                   help="MatMulNBits accuracy_level (0: unset, as the GPU profiles)")
+    p.add_argument("--accuracy-level", type=int, nargs="+", choices=[0, 1, 2, 3, 4], default=[4],
+                   help="MatMulNBits accuracy_level (0: unset, as the GPU profiles); --speed takes several "
+                        "(each recipe at each level, rows NAME@accN)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="--speed: where the graphs are kept (default: <peers workdir>/int4-recipes)")
     args = p.parse_args(argv)
-    args.layout = Layout(args.block_size, args.accuracy_level)
+    if len(args.accuracy_level) > 1 and not args.speed:
+        p.error("several --accuracy-level values are for --speed (fidelity: one level per run)")
+    args.layouts = [Layout(args.block_size, level) for level in args.accuracy_level]
+    args.layout = args.layouts[0]
     if args.speed:
         return main_speed(args, [recipes[n] for n in args.recipes])
     if args.checkpoint is None:
@@ -272,13 +283,14 @@ def main_speed(args, chosen: list[Recipe]) -> int:
                                       seed=d["seed"], dtype="float16", max_position_embeddings=16384)
     work = args.workdir or (peers.CACHE / "peers-bench" / "int4-recipes")
     rows = speed(chosen, args.checkpoint, work, threads=args.threads, contexts=args.contexts, steps=args.steps,
-                 layout=args.layout)
+                 layouts=args.layouts)
     table = format_speed_table(rows, args.contexts)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(
         {"command": " ".join(["python", "benchmarks/int4_recipes.py", *(sys.argv[1:])]),
-         "checkpoint": str(args.checkpoint), "threads": args.threads, "layout": args.layout.__dict__, "rows": rows,
+         "checkpoint": str(args.checkpoint), "threads": args.threads,
+         "layouts": [layout.__dict__ for layout in args.layouts], "rows": rows,
          "table": table}, indent=2))
     return 0
 

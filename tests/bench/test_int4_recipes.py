@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 
 def test_recipe_names_cover_symmetry_rounding_and_head(recipes):
     named = recipes.all_recipes()
@@ -61,3 +63,24 @@ def test_speed_mode_alternates_recipes_and_reuses_graphs(recipes, tiny_checkpoin
     assert "1.00x" in result["table"] and result["table"] in first.out
     assert recipes.main(args) == 0  # same checkpoint, same recipes: the graphs are reused
     assert "building" not in capsys.readouterr().err
+
+
+def test_speed_mode_runs_each_recipe_at_each_accuracy_level(recipes, tiny_checkpoint, tmp_path, capsys):
+    import onnx
+
+    args = ["--speed", "--checkpoint", str(tiny_checkpoint), "--recipes", "sym-rtn-head8", "--accuracy-level", "4",
+            "1", "--threads", "1", "--contexts", "8", "--steps", "2", "--workdir", str(tmp_path / "work"),
+            "--out", str(tmp_path / "speed")]
+    assert recipes.main(args) == 0
+    result = json.loads((tmp_path / "speed.json").read_text())
+    assert [r["recipe"] for r in result["rows"]] == ["sym-rtn-head8@acc4", "sym-rtn-head8@acc1"]
+    assert [layout["accuracy_level"] for layout in result["layouts"]] == [4, 1]
+    for level in (4, 1):  # each graph's MatMulNBits nodes carry their level
+        model = onnx.load(str(tmp_path / "work" / f"sym-rtn-head8@acc{level}" / "model.onnx"), load_external_data=False)
+        levels = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                  if a.name == "accuracy_level"}
+        assert levels == {level}
+    # fidelity runs one level at a time
+    with pytest.raises(SystemExit):
+        recipes.main(["--recipes", "sym-rtn-head8", "--accuracy-level", "4", "1"])
+    assert "several --accuracy-level values are for --speed" in capsys.readouterr().err
