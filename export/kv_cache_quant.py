@@ -176,7 +176,7 @@ _PAST_ROWS, _TOTAL_ROWS = "kv_cache.past_rows", "kv_cache.total_rows"  # int64 [
 
 
 def _graph_max_length(model) -> int:
-    from edge_runtime.gqa_decoder import META_MAX_LENGTH
+    from .graph_builder import META_MAX_LENGTH
 
     value = {p.key: p.value for p in model.metadata_props}.get(META_MAX_LENGTH)
     if not value:
