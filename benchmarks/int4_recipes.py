@@ -157,7 +157,7 @@ def speed(recipes: list[Recipe], checkpoint: Path, work: Path, *, threads: int, 
 
     from decode_graphs import cpu_decoder
     from edge_export.checkpoint import read_checkpoint
-    from edge_export.kv_cache_quant import PROMPT_ATTENTION
+    from edge_export.kv_cache_quant import REWRITE_REVISION
     from edge_runtime.bundle import FLAVOUR_GQA_SHARED_KV
 
     info = read_checkpoint(checkpoint)
@@ -171,7 +171,7 @@ def speed(recipes: list[Recipe], checkpoint: Path, work: Path, *, threads: int, 
             stamp = work / name / "stamp.json"
             wanted = {"checkpoint": str(checkpoint), "config_sha256": info.config_sha256, "recipe": r.__dict__,
                       "layout": layout.__dict__, "max_length": longest,
-                      "kv_prompt_attention": PROMPT_ATTENTION if r.kv_bits else None}
+                      "kv_rewrite": REWRITE_REVISION if r.kv_bits else None}
             if not (graph.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == wanted):
                 print(f"[recipes] building {name} for {checkpoint.name} ...", file=sys.stderr, flush=True)
                 build(r, info, graph, layout=layout, max_length=longest)

@@ -302,7 +302,7 @@ def recipe_words(block_size: int, symmetric: bool, accuracy_level: int, kept: tu
 def profile_recipe(kv_bits: int | None = None) -> dict:
     """The profile's int4 recipe (``kv_bits`` overriding its KV cache): it goes into the cache
     stamp of our bundles, so a changed profile re-exports."""
-    from edge_export.kv_cache_quant import PROMPT_ATTENTION
+    from edge_export.kv_cache_quant import REWRITE_REVISION
     from edge_runtime.profiles import load_profile
 
     profile = load_profile(PROFILE)
@@ -310,7 +310,7 @@ def profile_recipe(kv_bits: int | None = None) -> dict:
     return {"block_size": q.block_size, "symmetric": q.symmetric, "accuracy_level": q.accuracy_level,
             "keep_unquantized": list(q.keep_unquantized), "keep_bits": q.keep_bits, "scale_search": q.scale_search,
             "algorithm": q.algorithm, "kv_bits": profile.kv_cache.bits if kv_bits is None else kv_bits,
-            "kv_prompt_attention": PROMPT_ATTENTION}
+            "kv_rewrite": REWRITE_REVISION}
 
 
 def _prepare_bundle(a, engine: str, kv_bits: int | None) -> dict:

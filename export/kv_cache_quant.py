@@ -40,6 +40,7 @@ CALIBRATION_WINDOW = 512  # positions per calibration run (BOS first)
 MARGIN = 1.3  # headroom over the calibrated range: values beyond it saturate (codes -128..127)
 QUANT_TYPE = "PER_CHANNEL"
 PROMPT_ATTENTION = "float"  # prompts attend in float over the dequantized cache (`_prompt_or_step`)
+REWRITE_REVISION = 2  # bumped when quantize_graph_kv_cache writes a different graph (benchmarks' cache stamps)
 GQA_KEY_SCALE_INPUT, GQA_VALUE_SCALE_INPUT = 12, 13  # GroupQueryAttention's k_scale / v_scale inputs
 
 
@@ -172,7 +173,7 @@ def quantize_graph_kv_cache(graph: Path, scales: KVScales) -> None:
 # same codes the int8 kernel would have written.
 
 PROMPT_CONDITION = "kv_cache.prompt"  # bool [1]: more than one new token
-_PAST_ROWS, _TOTAL_ROWS = "kv_cache.past_rows", "kv_cache.total_rows"  # int64 [1]: P and total
+NEW_ROWS = "kv_cache.new_rows"  # int64 [1]: S
 
 
 def _graph_max_length(model) -> int:
@@ -199,13 +200,11 @@ def _prompt_condition_constants() -> list:
 
 
 def _prompt_condition_nodes() -> list:
-    from onnx import TensorProto, helper
+    from onnx import helper
 
-    return [helper.make_node("Shape", ["input_ids"], ["kv_cache.new_rows"], start=1, end=2),
-            helper.make_node("Greater", ["kv_cache.new_rows", "kv_cache.one"], [PROMPT_CONDITION]),
-            helper.make_node("Cast", ["total_sequence_length"], ["kv_cache.total64"], to=TensorProto.INT64),
-            helper.make_node("Reshape", ["kv_cache.total64", "kv_cache.one"], [_TOTAL_ROWS]),
-            helper.make_node("Sub", [_TOTAL_ROWS, "kv_cache.new_rows"], [_PAST_ROWS])]
+    # all a decode step adds: two tiny nodes and the Ifs (the rest is in the prompt branch)
+    return [helper.make_node("Shape", ["input_ids"], [NEW_ROWS], start=1, end=2),
+            helper.make_node("Greater", [NEW_ROWS, "kv_cache.one"], [PROMPT_CONDITION])]
 
 
 def _prompt_or_step(node, scale_names: tuple[str, str], float_type: int, max_length: int):
@@ -235,10 +234,14 @@ def _prompt_or_step(node, scale_names: tuple[str, str], float_type: int, max_len
     p = f"{name}/prompt"
     # one block along the sequence axis: the scale [1, kv_heads, 1, head_dim] covers every row
     per_channel = {"axis": 2, "block_size": max_length}
-    prompt_nodes = []
+    total_rows, past_rows = f"{p}/total_rows", f"{p}/past_rows"  # int64 [1]: total and P = total - S
+    prompt_nodes = [
+        helper.make_node("Cast", ["total_sequence_length"], [f"{p}/total64"], to=TensorProto.INT64),
+        helper.make_node("Reshape", [f"{p}/total64", "kv_cache.one"], [total_rows]),
+        helper.make_node("Sub", [total_rows, NEW_ROWS], [past_rows])]
     for kind, past, scale in (("key", past_key, scale_names[0]), ("value", past_value, scale_names[1])):
         prompt_nodes += [
-            helper.make_node("Slice", [past, "kv_cache.zero", _PAST_ROWS, "kv_cache.seq_axis"], [f"{p}/{kind}/codes"]),
+            helper.make_node("Slice", [past, "kv_cache.zero", past_rows, "kv_cache.seq_axis"], [f"{p}/{kind}/codes"]),
             # (not DequantizeLinear: its one block cannot cover zero rows, a first prompt's past)
             helper.make_node("Cast", [f"{p}/{kind}/codes"], [f"{p}/{kind}/codes_f"], to=float_type),
             helper.make_node("Mul", [f"{p}/{kind}/codes_f", scale + ".bhsd"], [f"{p}/{kind}/past"])]
@@ -251,7 +254,7 @@ def _prompt_or_step(node, scale_names: tuple[str, str], float_type: int, max_len
     prompt_outputs = [f"{p}/output"]
     for kind, past, scale in (("key", past_key, scale_names[0]), ("value", past_value, scale_names[1])):
         prompt_nodes += [
-            helper.make_node("Slice", [f"{p}/{kind}/present", _PAST_ROWS, _TOTAL_ROWS, "kv_cache.seq_axis"],
+            helper.make_node("Slice", [f"{p}/{kind}/present", past_rows, total_rows, "kv_cache.seq_axis"],
                              [f"{p}/{kind}/new"]),
             helper.make_node("QuantizeLinear", [f"{p}/{kind}/new", scale + ".bhsd", "kv_cache.zero_points"],
                              [f"{p}/{kind}/new_codes"], **per_channel),
@@ -259,8 +262,8 @@ def _prompt_or_step(node, scale_names: tuple[str, str], float_type: int, max_len
             # zero rows up to the buffer's length (the total when the past is not the buffer):
             # pads [0,0,0,0, 0,0,max(length,total)-total,0]
             helper.make_node("Shape", [past], [f"{p}/{kind}/length"], start=2, end=3),
-            helper.make_node("Max", [f"{p}/{kind}/length", _TOTAL_ROWS], [f"{p}/{kind}/rows_out"]),
-            helper.make_node("Sub", [f"{p}/{kind}/rows_out", _TOTAL_ROWS], [f"{p}/{kind}/tail"]),
+            helper.make_node("Max", [f"{p}/{kind}/length", total_rows], [f"{p}/{kind}/rows_out"]),
+            helper.make_node("Sub", [f"{p}/{kind}/rows_out", total_rows], [f"{p}/{kind}/tail"]),
             helper.make_node("Concat", ["kv_cache.no_pads", f"{p}/{kind}/tail", "kv_cache.zero"],
                              [f"{p}/{kind}/pads"], axis=0),
             helper.make_node("Pad", [f"{p}/{kind}/rows", f"{p}/{kind}/pads"], [f"{p}/{kind}/buffer"])]
