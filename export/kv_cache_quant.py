@@ -128,26 +128,23 @@ def quantize_graph_kv_cache(graph: Path, scales: KVScales) -> None:
     nodes = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
     if len(nodes) != scales.key.shape[0]:
         raise ValueError(f"{graph} has {len(nodes)} GroupQueryAttention nodes, the scales {scales.key.shape[0]} layers")
-    float_dtype = onnx.helper.tensor_dtype_to_np_dtype(float_type)
-    graph_nodes = list(model.graph.node)
-    model.graph.initializer.extend(_prompt_condition_constants())
     max_length = _graph_max_length(model)
+    float_dtype = onnx.helper.tensor_dtype_to_np_dtype(float_type)
+    heads = _attribute(nodes[0], "kv_num_heads").i
+    bhsd = (1, heads, 1, scales.key.shape[1] // heads)  # a scale per channel, broadcast over the rows
+    model.graph.initializer.extend(_prompt_condition_constants())
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(bhsd, np.int8), "kv_cache.zero_points"))
     rewritten = [*_prompt_condition_nodes()]
-    for node in graph_nodes:
+    for node in list(model.graph.node):
         if node.op_type != "GroupQueryAttention":
             rewritten.append(node)
             continue
         layer = nodes.index(node)
-        heads = _attribute(node, "kv_num_heads").i
         names = (f"kv_cache.{layer}.key_scale", f"kv_cache.{layer}.value_scale")
         for name, scale in zip(names, (scales.key[layer], scales.value[layer])):
-            scale = scale.astype(np.float32)
-            model.graph.initializer.extend([
-                numpy_helper.from_array(scale, name),  # GroupQueryAttention's: [kv_heads * head_dim]
-                numpy_helper.from_array(scale.reshape(1, heads, 1, -1).astype(float_dtype), name + ".bhsd")])
-        if layer == 0:
-            model.graph.initializer.append(
-                numpy_helper.from_array(np.zeros((1, heads, 1, scale.size // heads), np.int8), "kv_cache.zero_points"))
+            model.graph.initializer.extend([  # GroupQueryAttention's [kv_heads * head_dim], the prompt's bhsd
+                numpy_helper.from_array(scale.astype(np.float32), name),
+                numpy_helper.from_array(scale.reshape(bhsd).astype(float_dtype), name + ".bhsd")])
         rewritten.append(_prompt_or_step(node, names, float_type, max_length))
     del model.graph.node[:]
     model.graph.node.extend(rewritten)
@@ -164,10 +161,11 @@ def quantize_graph_kv_cache(graph: Path, scales: KVScales) -> None:
 # * S == 1 (a decode step): the int8 GroupQueryAttention, reading and writing the shared
 #   int8 buffers in place (the If's outputs are the bound buffers: nothing is copied).
 # * S > 1 (a prompt, or the next chunk of one): the float GroupQueryAttention over the
-#   P = total - S cached rows dequantized (codes x scale), whose float present
-#   [1, kv_heads, total, head_dim] is quantized as the int8 kernel does (x / scale rounded
-#   half to even, clipped to [-128, 127]) and zero-padded to the buffer's length. The
-#   rows past `total` are never read before a later step writes them (gqa_decoder.py).
+#   P = total - S cached rows dequantized (codes x scale); the S new rows of its float
+#   present are quantized as the int8 kernel does (x / scale rounded half to even,
+#   clipped to [-128, 127]), appended to the P cached codes and zero-padded to the
+#   buffer's length. The rows past `total` are never read before a later step writes
+#   them (gqa_decoder.py).
 #
 # A first prompt's logits are then the float cache's exactly; decode steps read the
 # same codes the int8 kernel would have written.
