@@ -132,8 +132,7 @@ def quantize_graph_kv_cache(graph: Path, scales: KVScales) -> None:
     float_dtype = onnx.helper.tensor_dtype_to_np_dtype(float_type)
     heads = _attribute(nodes[0], "kv_num_heads").i
     bhsd = (1, heads, 1, scales.key.shape[1] // heads)  # a scale per channel, broadcast over the rows
-    model.graph.initializer.extend(_prompt_condition_constants())
-    model.graph.initializer.append(numpy_helper.from_array(np.zeros(bhsd, np.int8), "kv_cache.zero_points"))
+    model.graph.initializer.extend(_shared_constants(bhsd))
     rewritten = [*_prompt_condition_nodes()]
     for node in list(model.graph.node):
         if node.op_type != "GroupQueryAttention":
@@ -187,14 +186,15 @@ def _attribute(node, name: str):
     return next(a for a in node.attribute if a.name == name)
 
 
-def _prompt_condition_constants() -> list:
+def _shared_constants(bhsd: tuple[int, int, int, int]) -> list:
+    """The constants every layer's If reads (outer-scope initializers)."""
     from onnx import numpy_helper
 
     return [numpy_helper.from_array(np.array([1], np.int64), "kv_cache.one"),
             numpy_helper.from_array(np.array([0], np.int64), "kv_cache.zero"),
             numpy_helper.from_array(np.array([2], np.int64), "kv_cache.seq_axis"),
             numpy_helper.from_array(np.zeros(6, np.int64), "kv_cache.no_pads"),
-            ]
+            numpy_helper.from_array(np.zeros(bhsd, np.int8), "kv_cache.zero_points")]
 
 
 def _prompt_condition_nodes() -> list:
