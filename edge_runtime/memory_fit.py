@@ -132,8 +132,8 @@ def kv_cache_bytes(*, num_layers: int, num_kv_heads: int, head_dim: int, context
     return buffers * 2 * num_layers * num_kv_heads * head_dim * context * dtype_bytes
 
 
-def overhead_bytes(*, num_heads: int, vocab_size: int, context: int, flavour: str, kv_dtype: str = "float32",
-                   num_kv_heads: int = 0, head_dim: int = 0) -> int:
+def overhead_bytes(*, num_heads: int, num_kv_heads: int, head_dim: int, vocab_size: int, context: int,
+                   flavour: str, kv_dtype: str) -> int:
     """Runtime + prefill attention scratch + logits (+ an int8 cache's float prompt
     keys and values; see the module docstring)."""
     if flavour == FLAVOUR_GQA_SHARED_KV:
