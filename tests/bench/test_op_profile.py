@@ -1,5 +1,6 @@
 """benchmarks/op_profile.py on the tiny bundle: the decode steps' kernel time split by
-operator, printed and written as JSON."""
+operator, and the weights' nodes by projection with the bytes they read, printed and
+written as JSON."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import json
 import pytest
 
 
-def test_profiles_decode_steps_by_operator(op_profile, tiny_bundle, tmp_path, capsys):
+def test_profiles_decode_steps_by_operator(op_profile, tiny_checkpoint, tiny_bundle, tmp_path, capsys):
     out = tmp_path / "ops.json"
     assert op_profile.main(["--bundle", str(tiny_bundle), "--contexts", "8", "20", "--steps", "3", "--threads", "1",
-                            "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())
+                            "--bandwidth-mib", "16", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    bandwidth = result["bandwidth"]  # bytes/s: any machine copies and reads 100 MB/s
+    assert bandwidth["bandwidth"] > 1e8 and bandwidth["read_bandwidth"] > 1e8
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
     assert [r["context"] for r in rows] == [8, 20] and all(r["steps"] == 3 for r in rows)
     for r in rows:
         ops = {o["op"]: o for o in r["ops"]}
@@ -22,11 +27,40 @@ def test_profiles_decode_steps_by_operator(op_profile, tiny_bundle, tmp_path, ca
         assert r["step_ms"] > 0 and r["kernels_ms"] > 0 and r["prefill_ms"] > 0
         assert "GroupQueryAttention" in {o["op"] for o in r["prefill_ops"]}
         assert sum(o["share"] for o in r["prefill_ops"]) == pytest.approx(1.0, abs=0.01)
+        weights = {w["weight"]: w for w in r["weights"]}
+        # every projection of the checkpoint, float32 [K, N], bytes from the architecture
+        h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+        kv = config["num_key_value_heads"] * (h // config["num_attention_heads"])
+        expected = {"qkv_proj": h * (h + 2 * kv), "o_proj": h * h, "gate_proj": h * inter, "up_proj": h * inter,
+                    "down_proj": inter * h}
+        for name, params in expected.items():
+            assert weights[name]["nodes"] == layers
+            assert weights[name]["mib"] == pytest.approx(layers * params * 4 / 2**20, abs=0.01)
+        assert weights["lm_head"]["nodes"] == 1
+        assert weights["lm_head"]["mib"] == pytest.approx(h * config["vocab_size"] * 4 / 2**20, abs=0.01)
+        assert weights["all"]["nodes"] == 5 * layers + 1
+        assert weights["all"]["ms_per_step"] == pytest.approx(ops["MatMul"]["ms_per_step"], abs=0.005)
+        assert all(w["gb_per_s"] > 0 for w in r["weights"])
     printed = capsys.readouterr().out
     assert "| GroupQueryAttention |" in printed and "context 20, 1 threads" in printed
+    assert f"| down_proj | {config['num_hidden_layers']} |" in printed
+    assert "memory bandwidth: copy " in printed and "| GB/s | of copy bandwidth | of read bandwidth |" in printed
+    all_rows = [line for line in printed.splitlines() if line.startswith("| all |")]
+    rate = weights["all"]["gb_per_s"] * 1e9  # the last context's, printed last
+    assert len(all_rows) == 2 and all_rows[-1].endswith(f" {100 * rate / bandwidth['bandwidth']:.0f} % | "
+                                                        f"{100 * rate / bandwidth['read_bandwidth']:.0f} % |")
     assert "prefill of 20 tokens" in printed
 
 
 def test_rejects_a_non_positive_step_count(op_profile, tiny_bundle):
     with pytest.raises(SystemExit):
         op_profile.main(["--bundle", str(tiny_bundle), "--steps", "0"])
+
+
+def test_bandwidth_zero_skips_the_measure(op_profile, tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "ops.json"
+    assert op_profile.main(["--bundle", str(tiny_bundle), "--contexts", "8", "--steps", "1", "--threads", "1",
+                            "--bandwidth-mib", "0", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["bandwidth"] is None
+    printed = capsys.readouterr().out
+    assert "memory bandwidth" not in printed and "| GB/s |\n|---|---|---|---|---|\n" in printed
