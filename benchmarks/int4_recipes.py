@@ -80,6 +80,16 @@ class Layout:
     accuracy_level: int = 4
 
 
+def row_name(recipe: str, layout: Layout, layouts: list[Layout]) -> str:
+    """The recipe's name, with what tells the layouts of one run apart: @bN, @accN or both."""
+    suffix = ""
+    if len({lay.block_size for lay in layouts}) > 1:
+        suffix += f"@b{layout.block_size}"
+    if len({lay.accuracy_level for lay in layouts}) > 1:
+        suffix += f"@acc{layout.accuracy_level}"
+    return recipe + suffix
+
+
 CORPUS_TOKENS = 100_000  # the whole fidelity corpus
 HEADS = {8: "head8", 4: "head4", 0: "headf"}
 
@@ -166,7 +176,7 @@ def speed(recipes: list[Recipe], checkpoint: Path, work: Path, *, threads: int, 
     decoders, graphs = {}, {}
     for layout in layouts:
         for r in recipes:
-            name = r.name if len(layouts) == 1 else f"{r.name}@acc{layout.accuracy_level}"
+            name = row_name(r.name, layout, layouts)
             graph = work / name / "model.onnx"
             stamp = work / name / "stamp.json"
             wanted = {"checkpoint": str(checkpoint), "config_sha256": info.config_sha256, "recipe": r.__dict__,
@@ -236,16 +246,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="--speed: intra-op threads")
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 2048], help="--speed: contexts held")
     p.add_argument("--steps", type=int, default=64, help="--speed: decode steps per recipe and context")
-    p.add_argument("--block-size", type=int, default=32, help="MatMulNBits block size along K")
+    p.add_argument("--block-size", type=int, nargs="+", default=[32],
+                   help="MatMulNBits block size along K; --speed takes several (rows NAME@bN)")
     p.add_argument("--accuracy-level", type=int, nargs="+", choices=[0, 1, 2, 3, 4], default=[4],
                    help="MatMulNBits accuracy_level (0: unset, as the GPU profiles); --speed takes several "
                         "(each recipe at each level, rows NAME@accN)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="--speed: where the graphs are kept (default: <peers workdir>/int4-recipes)")
     args = p.parse_args(argv)
-    if len(args.accuracy_level) > 1 and not args.speed:
-        p.error("several --accuracy-level values are for --speed (fidelity: one level per run)")
-    args.layouts = [Layout(args.block_size, level) for level in args.accuracy_level]
+    if (len(args.accuracy_level) > 1 or len(args.block_size) > 1) and not args.speed:
+        p.error("several --accuracy-level or --block-size values are for --speed (fidelity: one layout a run)")
+    if any(b < 16 or b & (b - 1) for b in args.block_size):
+        p.error(f"--block-size {args.block_size}: MatMulNBits takes powers of two from 16")
+    args.layouts = [Layout(block, level) for block in args.block_size for level in args.accuracy_level]
     args.layout = args.layouts[0]
     if args.speed:
         return main_speed(args, [recipes[n] for n in args.recipes])

@@ -83,4 +83,28 @@ def test_speed_mode_runs_each_recipe_at_each_accuracy_level(recipes, tiny_checkp
     # fidelity runs one level at a time
     with pytest.raises(SystemExit):
         recipes.main(["--recipes", "sym-rtn-head8", "--accuracy-level", "4", "1"])
-    assert "several --accuracy-level values are for --speed" in capsys.readouterr().err
+    assert "several --accuracy-level or --block-size values are for --speed" in capsys.readouterr().err
+
+
+def test_speed_mode_runs_each_recipe_at_each_block_size(recipes, tiny_checkpoint, tmp_path, capsys):
+    import onnx
+
+    args = ["--speed", "--checkpoint", str(tiny_checkpoint), "--recipes", "sym-rtn-head8", "sym-rtn-head4",
+            "--block-size", "32", "64", "--threads", "1", "--contexts", "8", "--steps", "2",
+            "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "speed")]
+    assert recipes.main(args) == 0
+    result = json.loads((tmp_path / "speed.json").read_text())
+    assert [r["recipe"] for r in result["rows"]] == ["sym-rtn-head8@b32", "sym-rtn-head4@b32",
+                                                     "sym-rtn-head8@b64", "sym-rtn-head4@b64"]
+    for block in (32, 64):  # each graph's MatMulNBits nodes carry their block size
+        model = onnx.load(str(tmp_path / "work" / f"sym-rtn-head4@b{block}" / "model.onnx"), load_external_data=False)
+        sizes = {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+                 if a.name == "block_size"}
+        assert sizes == {block}
+    rows = {r["recipe"]: r for r in result["rows"]}  # fewer scales a block of 64 (the tiny K divides both)
+    assert rows["sym-rtn-head4@b64"]["weight_bytes_per_step"] < rows["sym-rtn-head4@b32"]["weight_bytes_per_step"]
+    for bad in (["--block-size", "48"], ["--block-size", "8"], ["--block-size", "32", "64"]):
+        with pytest.raises(SystemExit):  # not a power of two from 16; several sizes without --speed
+            recipes.main(["--recipes", "sym-rtn-head8", *bad])
+    err = capsys.readouterr().err
+    assert "powers of two from 16" in err and "are for --speed" in err
