@@ -31,7 +31,9 @@ What it does:
      (block 32; llama.cpp's defaults keep output.weight at Q6_K);
 3. measures the memory bandwidth: the best of several copies of a 512 MiB numpy array,
    one thread and ``--threads`` threads (each copying its slice), counting the bytes
-   read plus the bytes written;
+   read plus the bytes written (the issue's measure); and the read bandwidth, the best of
+   several maxima over the same array (only reads, as a decode step reads its weights;
+   on the 2-core development VM about 0.7 of the copy figure);
 4. runs each engine in its own subprocess (so peak RSS is the engine's own), ``--rounds``
    times, engines interleaved, keeping each number's median round (``--aggregate best``:
    its best round; on a shared 2-core VM single rounds of one engine swing by 30 %, so a
@@ -44,7 +46,7 @@ What it does:
    read once: the weights (every initializer / GGUF tensor except the token-embedding
    table, of which one row) plus the KV cache held at context C (2 x layers x kv heads x
    head dim x C x the engine's KV element size: fp32 for the two onnxruntime engines,
-   f16 for llama.cpp);
+   f16 for llama.cpp); and the read roofline, the same bytes over the read bandwidth;
 6. prints one table, writes ``<out>.json`` and ``<out>.png`` (decode tokens/s against
    context, one line per engine; skipped with a message without matplotlib).
 
@@ -144,10 +146,10 @@ def merge_runs(runs: list[EngineRun], aggregate: str = "median") -> EngineRun:
 
 
 def build_rows(infos: dict[str, ModelInfo], runs: dict[str, EngineRun], *, bandwidth: float, arch: dict,
-               contexts: list[int]) -> list[dict]:
-    """One row per engine that ran: its numbers, % of the roofline per context, and our
-    engine's decode speed (the profile recipe, OURS) divided by this engine's (so >= 1.0
-    means we are at least as fast)."""
+               contexts: list[int], read_bandwidth: float | None = None) -> list[dict]:
+    """One row per engine that ran: its numbers, % of the roofline per context (copy
+    bandwidth, and read bandwidth when given), and our engine's decode speed (the profile
+    recipe, OURS) divided by this engine's (so >= 1.0 means we are at least as fast)."""
     ours = runs.get(OURS)
     rows = []
     for engine in ENGINES:
@@ -159,7 +161,7 @@ def build_rows(infos: dict[str, ModelInfo], runs: dict[str, EngineRun], *, bandw
                "prefill_tokens": run.prefill_tokens, "prefill_tokens_per_s": run.prefill_tokens_per_s,
                "ttft_ms": run.ttft_ms, "peak_rss_bytes": run.peak_rss_bytes, "load_s": run.load_s,
                "decode_tokens_per_s": {}, "roofline_tokens_per_s": {}, "roofline_percent": {},
-               "ours_over_this": {}}
+               "read_roofline_percent": {}, "ours_over_this": {}}
         for ctx in contexts:
             tps = run.decode_tokens_per_s.get(ctx)
             if tps is None:
@@ -170,6 +172,9 @@ def build_rows(infos: dict[str, ModelInfo], runs: dict[str, EngineRun], *, bandw
             row["decode_tokens_per_s"][ctx] = tps
             row["roofline_tokens_per_s"][ctx] = roof
             row["roofline_percent"][ctx] = 100.0 * tps / roof
+            if read_bandwidth:
+                read_roof = roofline_tokens_per_s(read_bandwidth, info.weight_bytes_per_token, kv)
+                row["read_roofline_percent"][ctx] = 100.0 * tps / read_roof
             if ours is not None and ctx in ours.decode_tokens_per_s:
                 row["ours_over_this"][ctx] = ours.decode_tokens_per_s[ctx] / tps
         rows.append(row)
@@ -180,7 +185,9 @@ def format_table(rows: list[dict], table_contexts: list[int]) -> str:
     """The markdown table (decode, roofline and ratio columns for `table_contexts`)."""
     header = ["engine", "precision", "model", "prefill tok/s", "TTFT"]
     header += [f"decode tok/s @{c}" for c in table_contexts]
+    read = any(r.get("read_roofline_percent") for r in rows)
     header += ["peak RSS"] + [f"% roofline @{c}" for c in table_contexts]
+    header += [f"% read roofline @{c}" for c in table_contexts] if read else []
     header += [f"ours ÷ engine @{c}" for c in table_contexts]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
@@ -192,8 +199,8 @@ def format_table(rows: list[dict], table_contexts: list[int]) -> str:
                  f"{r['prefill_tokens_per_s']:.1f}", f"{r['ttft_ms']:.0f} ms"]
         cells += [at(r["decode_tokens_per_s"], c, ".2f") for c in table_contexts]
         cells += [f"{r['peak_rss_bytes'] / 2**20:.0f} MiB"]
-        cells += [at(r["roofline_percent"], c, ".0f") + ("%" if c in r["roofline_percent"] else "")
-                  for c in table_contexts]
+        for key in ("roofline_percent", "read_roofline_percent") if read else ("roofline_percent",):
+            cells += [at(r[key], c, ".0f") + ("%" if c in r[key] else "") for c in table_contexts]
         cells += [at(r["ours_over_this"], c, ".2f") for c in table_contexts]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -391,27 +398,38 @@ def step_prepare_llamacpp(a) -> dict:
 
 
 def step_bandwidth(a) -> dict:
-    """Copy bandwidth (bytes read + bytes written per second), best of `repeats`."""
+    """Copy bandwidth (bytes read + bytes written per second) -- the issue's measure -- and
+    read bandwidth (bytes per second of a max over the array, which only reads: what a
+    decode step does with the weights), each the best of `repeats`, one thread and
+    `a.threads` threads each taking a slice."""
     n = a.bandwidth_mib << 20
     src = np.ones(n, dtype=np.uint8)
     dst = np.zeros(n, dtype=np.uint8)
     np.copyto(dst, src)
 
-    def best(threads: int, repeats: int = 5) -> float:
+    def best(threads: int, work, repeats: int = 5) -> float:
         slices = [slice(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
         fastest = float("inf")
         for _ in range(repeats):
-            workers = [threading.Thread(target=np.copyto, args=(dst[s], src[s])) for s in slices]
+            workers = [threading.Thread(target=work, args=(s,)) for s in slices]
             t0 = time.perf_counter()
             for w in workers:
                 w.start()
             for w in workers:
                 w.join()
             fastest = min(fastest, time.perf_counter() - t0)
-        return 2 * n / fastest
+        return n / fastest
 
-    one, many = best(1), best(a.threads)
-    return {"one_thread": one, "threads": a.threads, "all_threads": many, "bandwidth": max(one, many)}
+    def copy(s: slice) -> None:
+        np.copyto(dst[s], src[s])
+
+    def read(s: slice) -> None:
+        np.max(src[s])
+
+    one, many = 2 * best(1, copy), 2 * best(a.threads, copy)
+    read_one, read_many = best(1, read), best(a.threads, read)
+    return {"one_thread": one, "threads": a.threads, "all_threads": many, "bandwidth": max(one, many),
+            "read_one_thread": read_one, "read_all_threads": read_many, "read_bandwidth": max(read_one, read_many)}
 
 
 def _timed_decode(step, first_token: int, n: int) -> list[float]:
@@ -706,7 +724,8 @@ def main(argv: list[str] | None = None) -> int:
             measured[engine].append(EngineRun(**r))
             loads.append(round(os.getloadavg()[0], 2))
     runs = {e: merge_runs(rs, args.aggregate) for e, rs in measured.items() if rs}
-    rows = build_rows(infos, runs, bandwidth=bw["bandwidth"], arch=arch, contexts=args.contexts)
+    rows = build_rows(infos, runs, bandwidth=bw["bandwidth"], arch=arch, contexts=args.contexts,
+                      read_bandwidth=bw["read_bandwidth"])
 
     params = info.weight_bytes // 2 if info.torch_dtype in ("float16", "bfloat16") else info.weight_bytes // 4
     setup = (f"checkpoint {checkpoint.name}: {a.num_layers} layers, hidden {a.hidden_size}, heads {a.num_heads}/"
@@ -715,9 +734,12 @@ def main(argv: list[str] | None = None) -> int:
              f"prefill {args.prefill_tokens} tokens (best of 3); decode: median of {args.decode_tokens} steps "
              f"after a prefill of C tokens; {args.aggregate} of {args.rounds} interleaved rounds; memory bandwidth "
              f"{bw['bandwidth'] / 1e9:.1f} GB/s (numpy copy of {args.bandwidth_mib} MiB, read + write; 1 thread "
-             f"{bw['one_thread'] / 1e9:.1f}, {args.threads} threads {bw['all_threads'] / 1e9:.1f}); roofline = "
-             f"bandwidth / (weights read per token, embedding table as one row, + KV cache at C in the engine's "
-             f"KV dtype); 1-min load average after each run: {loads}")
+             f"{bw['one_thread'] / 1e9:.1f}, {args.threads} threads {bw['all_threads'] / 1e9:.1f}); read bandwidth "
+             f"{bw['read_bandwidth'] / 1e9:.1f} GB/s (numpy max over the array; 1 thread "
+             f"{bw['read_one_thread'] / 1e9:.1f}, {args.threads} threads {bw['read_all_threads'] / 1e9:.1f}); "
+             f"roofline = bandwidth / (weights read per token, embedding table as one row, + KV cache at C in "
+             f"the engine's KV dtype), read roofline the same with the read bandwidth; 1-min load average after "
+             f"each run: {loads}")
     table = format_table(rows, [c for c in args.table_contexts if c in args.contexts])
     print(setup + "\n")
     print(table)

@@ -37,6 +37,21 @@ def test_rows_percent_of_roofline_and_ratio_to_ours(peers):
     assert llama["roofline_tokens_per_s"][200] == pytest.approx(1e5 / 1600)
     assert ours["ours_over_this"] == {100: 1.0, 200: 1.0}
     assert llama["ours_over_this"] == {100: 2.0, 200: 1.0}
+    assert ours["read_roofline_percent"] == {}  # no read bandwidth given: no read roofline
+
+
+def test_read_roofline_is_the_same_bytes_over_the_read_bandwidth(peers):
+    arch = {"layers": 1, "kv_heads": 1, "head_dim": 1}
+    infos = {peers.OURS: _info(peers, peers.OURS, 1000)}
+    runs = {peers.OURS: peers.EngineRun(peers.OURS, decode_tokens_per_s={100: 50.0})}
+    rows = peers.build_rows(infos, runs, bandwidth=1e5, read_bandwidth=0.5e5, arch=arch, contexts=[100])
+    # 1800 bytes a step (as above) at 0.5e5 bytes/s: 27.8 tok/s, so 50 tok/s is 180 %
+    assert rows[0]["read_roofline_percent"][100] == pytest.approx(100 * 50 / (0.5e5 / 1800))
+    assert rows[0]["roofline_percent"][100] == pytest.approx(100 * 50 / (1e5 / 1800))
+    table = peers.format_table(rows, [100]).splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    cells = dict(zip(header, (c.strip() for c in table[2].strip("|").split("|"))))
+    assert cells["% roofline @100"] == "90%" and cells["% read roofline @100"] == "180%"
 
 
 def test_table_has_one_line_per_row_and_dashes_for_missing_points(peers):
@@ -51,6 +66,7 @@ def test_table_has_one_line_per_row_and_dashes_for_missing_points(peers):
     cells = [c.strip() for c in table[2].strip("|").split("|")]
     assert cells[0] == peers.OURS and cells[3] == "100.0" and cells[4] == "5120 ms"
     assert cells[5:7] == ["20.00", "-"] and cells[7] == "1024 MiB"
+    assert "read roofline" not in table[0]  # measured without a read bandwidth
 
 
 def test_merge_keeps_each_numbers_best_round(peers):
@@ -99,6 +115,8 @@ def test_end_to_end_ours_alone_with_peers_skipped(peers, tiny_checkpoint, tmp_pa
     assert set(row["decode_tokens_per_s"]) == {"8", "16"} and row["ours_over_this"] == {"8": 1.0, "16": 1.0}
     assert 0 < row["weight_bytes_per_token"] < row["model_bytes"]  # the embedding table counts one row
     assert row["peak_rss_bytes"] > 0 and result["bandwidth"]["bandwidth"] > 0
+    assert result["bandwidth"]["read_bandwidth"] > 0 and set(row["read_roofline_percent"]) == {"8", "16"}
+    assert "% read roofline @16" in result["table"] and "read bandwidth" in result["setup"]
     assert len(result["skipped"]) == 2
     # a second run reuses the prepared bundle (its stamp matches)
     stamp = json.loads((tmp_path / "work" / f"{peers.OURS}.json").read_text())
