@@ -50,33 +50,41 @@ class InverseHessian:
 
 def inverse_hessian(hessian: np.ndarray, *, damp: float = DAMP) -> InverseHessian:
     """Prepare a [K, K] Hessian (X^T X over the calibration tokens, any positive scale) once
-    for every row slice of the weights it belongs to. In float32 with LAPACK's Cholesky
-    routines through torch (factor, invert from the factor, factor again: about 1.3 K^3
-    operations; 1.8x faster than numpy's float64 LU inverse at 5504 inputs, and 11008, a
-    7B's down_proj, is the largest), damped in place; a Hessian too ill-conditioned for
-    that is damped ten times more."""
+    for every row slice of the weights it belongs to, damped. The column loop reads U, the
+    upper Cholesky factor of H^-1. With P the permutation that reverses the order,
+    P H P = L L^T gives H^-1 = (P L^-T P)(P L^-1 P), and P L^-1 P is upper triangular with a
+    positive diagonal, so U = P L^-1 P: one Cholesky factorization (torch) and one
+    triangular inverse (LAPACK's strtri through scipy), about 2/3 K^3 operations in float32
+    where factor / invert from the factor / factor again took 4/3 K^3 (measured 22.9 ->
+    12.2 s at 11008 inputs, a 7B's down_proj, the largest). A Hessian too ill-conditioned
+    for that is damped ten times more, then a hundred."""
     import torch
+    from scipy.linalg import lapack
 
-    h = torch.from_numpy(np.array(hessian, dtype=np.float32))
-    if h.ndim != 2 or h.shape[0] != h.shape[1]:
-        raise ValueError(f"a Hessian is square, not {tuple(h.shape)}")
-    diag = torch.diagonal(h)
-    dead = (diag <= 0).numpy().copy()
-    diag[torch.from_numpy(dead)] = 1.0
+    hessian = np.asarray(hessian)
+    if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"a Hessian is square, not {hessian.shape}")
+    # P H P, in float32, as the one copy (at 11008 inputs every [K, K] float32 copy is 485 MB)
+    h = torch.from_numpy(np.ascontiguousarray(hessian[::-1, ::-1], dtype=np.float32))
+    diag = torch.diagonal(h)  # reversed order
+    dead_reversed = (diag <= 0).numpy().copy()
+    diag[torch.from_numpy(dead_reversed)] = 1.0
     mean = float(diag.mean())
     added = 0.0
     for attempt in range(3):
         wanted = damp * 10 ** attempt * mean
-        diag += wanted - added  # in place: at 11008 inputs every [K, K] float32 copy is 485 MB
+        diag += wanted - added  # in place
         added = wanted
-        factor, info = torch.linalg.cholesky_ex(h)
+        factor, info = torch.linalg.cholesky_ex(h)  # lower L, row-major
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(factor)
-            del factor
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if int(info) == 0:
-                return InverseHessian(np.ascontiguousarray(upper.numpy()), dead)
+            del h, diag
+            # row-major L is column-major L^T: invert that upper factor in place, giving
+            # L^-T column-major, which is L^-1 row-major
+            inverse_t, info = lapack.strtri(factor.numpy().T, lower=0, overwrite_c=1)
+            if info != 0:
+                raise ValueError(f"the Cholesky factor of the calibration Hessian is singular (strtri info {info})")
+            upper = np.ascontiguousarray(inverse_t.T[::-1, ::-1])
+            return InverseHessian(upper, dead_reversed[::-1].copy())
     raise ValueError("the calibration Hessian is not positive definite even damped 100x "
                      "(a calibration text too short for this layer?)")
 

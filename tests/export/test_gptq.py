@@ -33,6 +33,40 @@ def deq_nk(q, k: int, bits: int, block: int) -> np.ndarray:
     return dequantize_reference(q, k, bits=bits, block_size=block).T  # [N, K]
 
 
+def test_inverse_hessian_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    """U upper triangular with a positive diagonal and U^T U = (H + damping)^-1, checked
+    against numpy's float64 inverse; inputs that never fire are reported, not inverted."""
+    rng = np.random.default_rng(3)
+    k = 160
+    x = correlated_inputs(rng, 600, k).astype(np.float64)
+    x[:, [7, 120]] = 0.0  # two inputs never seen
+    h = x.T @ x
+    hinv = inverse_hessian(h, damp=0.01)
+    assert hinv.upper.shape == (k, k) and hinv.upper.dtype == np.float32 and hinv.upper.flags.c_contiguous
+    assert list(np.flatnonzero(hinv.dead)) == [7, 120]
+    u = hinv.upper.astype(np.float64)
+    assert np.array_equal(np.tril(u, -1), np.zeros((k, k))) and (np.diag(u) > 0).all()
+    damped = h.copy()
+    diag = np.diag(damped).copy()
+    diag[diag <= 0] = 1.0
+    damped[np.diag_indices(k)] = diag + 0.01 * diag.mean()
+    expected = np.linalg.inv(damped)
+    assert np.abs(u.T @ u - expected).max() <= 1e-5 * np.abs(expected).max()
+    # the factor is the unique one: numpy's Cholesky of the inverse, transposed
+    assert np.allclose(u, np.linalg.cholesky(expected).T, rtol=1e-3, atol=1e-4 * np.abs(u).max())
+
+
+def test_an_indefinite_hessian_is_damped_more_and_a_non_square_one_refused():
+    h = np.array([[1.0, 1.05], [1.05, 1.0]])  # eigenvalues 2.05 and -0.05: 1 % damping is not enough
+    u = inverse_hessian(h, damp=0.01).upper.astype(np.float64)
+    damped = h + 0.1 * np.eye(2)  # the second try: ten times the damping
+    assert np.allclose(u.T @ u, np.linalg.inv(damped), rtol=1e-4)
+    with pytest.raises(ValueError, match="not positive definite"):  # eigenvalue -2: still -1 after 100x
+        inverse_hessian(np.array([[1.0, 3.0], [3.0, 1.0]]), damp=0.01)
+    with pytest.raises(ValueError, match="square"):
+        inverse_hessian(np.ones((3, 4)))
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_uncorrelated_inputs_leave_nothing_to_feed_forward(symmetric):
     """With a diagonal Hessian no column's error moves to another: GPTQ is the per-block
