@@ -14,8 +14,8 @@ step, the bytes of weights they read, the rate they read them at and that rate a
 of the machine's bandwidth, measured first as ``benchmarks/peers.py`` does: the copy
 bandwidth (bytes read + written, the issue's roofline) and the read bandwidth (a max over
 the array, which only reads, as the weights' nodes do). A share of the read bandwidth well
-below 100 % on every projection means the kernel, not memory, bounds the step. The profiler adds a
-little overhead to every node: compare shares, and take tokens/s from the benchmarks that
+below 100 % on every projection means the kernel, not memory, bounds the step. The
+profiler adds a little overhead to every node: compare shares, and take tokens/s from the benchmarks that
 do not profile. ``--json FILE`` writes the bandwidth and the rows.
 """
 
@@ -129,17 +129,18 @@ def format_rows(rows: list[dict], bandwidth: dict | None = None) -> str:
     if bandwidth:
         lines.append(f"memory bandwidth: copy {bandwidth['bandwidth'] / 1e9:.1f} GB/s (numpy, read + write), "
                      f"read {bandwidth['read_bandwidth'] / 1e9:.1f} GB/s (numpy max)\n")
+
+    def share(w: dict) -> str:
+        if not bandwidth:
+            return ""
+        rate = w["gb_per_s"] * 1e9
+        return f" {100 * rate / bandwidth['bandwidth']:.0f} % | {100 * rate / bandwidth['read_bandwidth']:.0f} % |"
+
     for r in rows:
         lines.append(f"context {r['context']}, {r['threads']} threads: {r['step_ms']:.2f} ms a step "
                      f"({r['kernels_ms']:.2f} ms in kernels), {r['steps']} steps")
         lines.append("| operator | ms per step | share of kernel time |\n|---|---|---|")
         lines += [f"| {o['op']} | {o['ms_per_step']:.3f} | {100 * o['share']:.1f} % |" for o in r["ops"]]
-        def share(w: dict) -> str:
-            if not bandwidth:
-                return ""
-            rate = w["gb_per_s"] * 1e9
-            return f" {100 * rate / bandwidth['bandwidth']:.0f} % | {100 * rate / bandwidth['read_bandwidth']:.0f} % |"
-
         lines.append("\n| weights | nodes | ms per step | MiB read per step | GB/s |"
                      + (" of copy bandwidth | of read bandwidth |\n|---|---|---|---|---|---|---|" if bandwidth
                         else "\n|---|---|---|---|---|"))
