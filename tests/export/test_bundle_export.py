@@ -273,3 +273,25 @@ def test_gptq_calibrates_on_the_users_text_and_the_manifest_says_so(tiny_checkpo
         run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=tmp_path / "c",
                                  precision="int4", graph="optimum", algorithm="gptq"))
     assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
+
+
+def test_gptq_without_scipy_is_refused_before_any_work(tiny_checkpoint, tmp_path, monkeypatch):
+    """scipy came with the export extra for GPTQ's triangular inverse: an older install is
+    told so up front, not a layer into the calibration; --algorithm rtn still exports."""
+    import importlib.util
+
+    from edge_export import pipeline
+    from edge_export.pipeline import ExportError, ExportOptions, run_export
+    from edge_export.progress import Progress
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(pipeline.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "scipy" else real(name, *a))
+    out = tmp_path / "b"
+    with pytest.raises(ExportError, match=r"needs scipy.*pip install 'edge-runtime\[export\]'"):
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=out, precision="int4",
+                                 skip_fidelity=True), Progress(5, enabled=False))
+    assert not out.exists() and not out.with_name("b.partial").exists()
+    summary = run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=out, precision="int4",
+                                       algorithm="rtn", skip_fidelity=True), Progress(5, enabled=False))
+    assert (out / "bundle.json").is_file() and summary is not None
