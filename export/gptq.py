@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.linalg import lapack  # part of the export extra: missing, `edge-runtime export` says so up front
 
 DAMP = 0.01
 """Dampening added to H's diagonal, as a share of its mean diagonal (GPTQ's default)."""
@@ -59,7 +60,6 @@ def inverse_hessian(hessian: np.ndarray, *, damp: float = DAMP) -> InverseHessia
     12.2 s at 11008 inputs, a 7B's down_proj, the largest). A Hessian too ill-conditioned
     for that is damped ten times more, then a hundred."""
     import torch
-    from scipy.linalg import lapack
 
     hessian = np.asarray(hessian)
     if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:

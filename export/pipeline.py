@@ -8,7 +8,6 @@ never touches an existing one.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,10 +164,6 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                           "or GPTQ)")
     if opts.graph == "optimum" and opts.algorithm == "gptq":
         raise ExportError("--algorithm gptq needs the fused graph (--graph fused or auto)")
-    gptq = (opts.algorithm or profile.quantization.algorithm) == "gptq" and opts.graph != "optimum"
-    if gptq and precision in quantize.BITS and importlib.util.find_spec("scipy") is None:
-        raise ExportError("GPTQ (--algorithm gptq, or the profile's default) needs scipy, part of the export "
-                          "extra: pip install 'edge-runtime[export]' (or export with --algorithm rtn)")
     if opts.calibration_text is not None and not opts.calibration_text.exists():
         raise ExportError(f"--calibration-text {opts.calibration_text}: no such file or folder")
     calibration_tokens = opts.calibration_tokens or calibration.CALIBRATION_TOKENS
