@@ -41,13 +41,10 @@ def weight_bytes_by_node(graph_path: Path) -> dict[str, int]:
     points), from the graph's tensor headers (the data stays on disk)."""
     import onnx
 
+    from peers import initializer_bytes
+
     model = onnx.load(str(graph_path), load_external_data=False)
-    sizes = {}
-    for t in model.graph.initializer:
-        count = 1
-        for d in t.dims:
-            count *= d
-        sizes[t.name] = count * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    sizes = initializer_bytes(model)
     return {n.name: sum(sizes.get(i, 0) for i in n.input) for n in model.graph.node if n.op_type in WEIGHT_OPS}
 
 

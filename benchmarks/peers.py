@@ -14,8 +14,7 @@ What it does:
    * ``edge-runtime``: ``edge-runtime export --graph fused`` with the cpu-x86_64 profile's
      int4 recipe (MatMulNBits block 32, symmetric with the least-squares scale search,
      accuracy level 4, lm_head kept as int8), fidelity skipped (random weights); the recipe
-     is part of the cache stamp;
-     (the profile keeps an int8 KV cache);
+     is part of the cache stamp; the profile keeps an int8 KV cache;
    * ``edge-runtime/f32kv``: the same export with ``--kv-cache-bits 0`` (a float32 KV cache);
    * ``edge-runtime/genai-recipe``: the same graph and engine loop with onnxruntime-genai's
      recipe (symmetric int4, lm_head int4: ``graph_builder.build_decoder_graph``, a bare
@@ -33,7 +32,7 @@ What it does:
    one thread and ``--threads`` threads (each copying its slice), counting the bytes
    read plus the bytes written (the issue's measure); and the read bandwidth, the best of
    several maxima over the same array (only reads, as a decode step reads its weights;
-   on the 2-core development VM about 0.7 of the copy figure);
+   on the 2-core development VM about 0.75 of the copy figure);
 4. runs each engine in its own subprocess (so peak RSS is the engine's own), ``--rounds``
    times, engines interleaved, keeping each number's median round (``--aggregate best``:
    its best round; on a shared 2-core VM single rounds of one engine swing by 30 %, so a
@@ -45,8 +44,9 @@ What it does:
 5. the roofline: tokens/s the bandwidth allows if every byte a decode step must read is
    read once: the weights (every initializer / GGUF tensor except the token-embedding
    table, of which one row) plus the KV cache held at context C (2 x layers x kv heads x
-   head dim x C x the engine's KV element size: fp32 for the two onnxruntime engines,
-   f16 for llama.cpp); and the read roofline, the same bytes over the read bandwidth;
+   head dim x C x the engine's KV element size: int8 for ours, fp32 for ``f32kv``,
+   ``genai-recipe`` and onnxruntime-genai, f16 for llama.cpp); and the read roofline, the
+   same bytes over the read bandwidth;
 6. prints one table, writes ``<out>.json`` and ``<out>.png`` (decode tokens/s against
    context, one line per engine; skipped with a message without matplotlib).
 
@@ -234,26 +234,34 @@ def plot(rows: list[dict], path: Path, title: str) -> str | None:
 
 
 # -- counting the bytes a decode step reads -----------------------------------------------------------------
+def initializer_bytes(model) -> dict[str, int]:
+    """Bytes of each initializer of a loaded ModelProto (external data by its recorded
+    length: the data itself is not read)."""
+    from onnx import TensorProto, helper
+
+    sizes = {}
+    for t in model.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            sizes[t.name] = int({e.key: e.value for e in t.external_data}["length"])
+        elif t.raw_data:
+            sizes[t.name] = len(t.raw_data)
+        else:
+            sizes[t.name] = int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return sizes
+
+
 def onnx_weight_bytes(graph: Path) -> tuple[int, int]:
     """(all initializer bytes, bytes a decode step reads): initializers feeding a Gather
     (the token-embedding table) count one row; cos/sin tables count as read, a bound."""
     import onnx
-    from onnx import TensorProto, helper
 
     model = onnx.load(str(graph), load_external_data=False)
-    sizes: dict[str, tuple[int, tuple[int, ...]]] = {}
-    for t in model.graph.initializer:
-        if t.data_location == TensorProto.EXTERNAL:
-            n = int({e.key: e.value for e in t.external_data}["length"])
-        elif t.raw_data:
-            n = len(t.raw_data)
-        else:
-            n = int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        sizes[t.name] = (n, tuple(t.dims))
+    rows = {t.name: t.dims[0] if t.dims else 1 for t in model.graph.initializer}
+    sizes = {name: (n, rows[name]) for name, n in initializer_bytes(model).items()}
     gathered = {n.input[0] for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")
                 and n.input[0] in sizes}
     total = sum(n for n, _ in sizes.values())
-    per_token = total - sum(sizes[g][0] - sizes[g][0] // max(1, sizes[g][1][0]) for g in gathered)
+    per_token = total - sum(sizes[g][0] - sizes[g][0] // max(1, sizes[g][1]) for g in gathered)
     return total, per_token
 
 
