@@ -49,6 +49,7 @@ import json
 import math
 import os
 import struct
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -455,6 +456,8 @@ class _Builder:
         self.info = info
         self.hessians = hessians
         self._hinv: tuple[np.ndarray, InverseHessian] | None = None  # the last Hessian and its inverse
+        # GPTQ's time by part, said at the end (where a 7B's export hour goes)
+        self.gptq_seconds = {"calibration": 0.0, "Hessian inverses": 0.0, "column loops": 0.0}
         self.arch = info.architecture
         self.opts = opts
         self.progress = progress
@@ -543,9 +546,11 @@ class _Builder:
                 for r0 in range(0, rows, rows_per_chunk):
                     r1 = min(rows, r0 + rows_per_chunk)
                     if hinv is not None:
+                        t0 = time.perf_counter()
                         q = gptq_quantize(self.reader.read(part, (r0, r1)), hinv, bits=bits, block_size=block,
                                           symmetric=opts.symmetric, scale_search=opts.scale_search,
                                           scale_dtype=dtype)
+                        self.gptq_seconds["column loops"] += time.perf_counter() - t0
                     else:
                         w_kn = np.ascontiguousarray(self.reader.read(part, (r0, r1)).T.astype(dtype))
                         quantize = block_quantize_mse if opts.scale_search else block_quantize
@@ -569,9 +574,13 @@ class _Builder:
     def _inverse_hessian(self, weight: str) -> InverseHessian:
         """GPTQ's inverse Hessian of a weight's input: every part of a node and nodes that read
         the same input (gate and up) share one Hessian, inverted once."""
-        hessian = self.hessians.for_weight(weight)
+        t0 = time.perf_counter()
+        hessian = self.hessians.for_weight(weight)  # runs the calibration of the next layer when due
+        t1 = time.perf_counter()
+        self.gptq_seconds["calibration"] += t1 - t0
         if self._hinv is None or self._hinv[0] is not hessian:
             self._hinv = (hessian, inverse_hessian(hessian))
+            self.gptq_seconds["Hessian inverses"] += time.perf_counter() - t1
         return self._hinv[1]
 
     # -- norms
@@ -654,6 +663,8 @@ class _Builder:
         self.linear(h, [head_weight], "/lm_head/MatMul", head_out)
         if head_out != LOGITS:
             self.node("Cast", [head_out], [LOGITS], "/lm_head/Cast", to=TensorProto.FLOAT)
+        if self.hessians is not None:
+            self.say("GPTQ: " + ", ".join(f"{part} {sec:.1f} s" for part, sec in self.gptq_seconds.items()))
 
         kv_shape = ["batch_size", kv_heads, "max_sequence_length", hd]
         inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch_size", "sequence_length"])]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -229,9 +231,14 @@ def test_gptq_calibrates_on_the_users_text_and_the_manifest_says_so(tiny_checkpo
     text = tmp_path / "plant_io.py"
     text.write_text("def read_register(bus, address):\n    return bus.read_word(address) & 0xFFFF\n" * 40)
     out = tmp_path / "b"
+    said = io.StringIO()
     run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=out, precision="int4",
                              graph="fused", algorithm="gptq", calibration_text=text, calibration_tokens=200,
-                             skip_fidelity=True), Progress(5, enabled=False))
+                             skip_fidelity=True), Progress(5, stream=said))
+    # the progress says where GPTQ's time went, part by part
+    parts = re.search(r"GPTQ: calibration ([\d.]+) s, Hessian inverses ([\d.]+) s, column loops ([\d.]+) s",
+                      said.getvalue())
+    assert parts and all(float(x) >= 0 for x in parts.groups()) and float(parts[3]) > 0
     quant = load_bundle(out).manifest["quantization"]
     assert quant["algorithm"] == "gptq"
     calibration = quant["calibration"]
