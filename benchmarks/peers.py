@@ -32,7 +32,9 @@ What it does:
    one thread and ``--threads`` threads (each copying its slice), counting the bytes
    read plus the bytes written (the issue's measure); and the read bandwidth, the best of
    several maxima over the same array (only reads, as a decode step reads its weights;
-   on the 2-core development VM about 0.75 of the copy figure);
+   on the 2-core development VM about 0.75 of the copy figure); once before every round,
+   keeping the highest of each figure (a ceiling: on a shared VM one measurement taken
+   while a neighbour is busy can read 30 % low, which would inflate every % of roofline);
 4. runs each engine in its own subprocess (so peak RSS is the engine's own), ``--rounds``
    times, engines interleaved, keeping each number's median round (``--aggregate best``:
    its best round; on a shared 2-core VM single rounds of one engine swing by 30 %, so a
@@ -143,6 +145,14 @@ def merge_runs(runs: list[EngineRun], aggregate: str = "median") -> EngineRun:
     out.peak_rss_bytes = max(r.peak_rss_bytes for r in runs)
     out.load_s = min(r.load_s for r in runs)
     return out
+
+
+def merge_bandwidths(measures: list[dict]) -> dict:
+    """Several ``step_bandwidth`` results as one: the highest of each figure (the roofline is a
+    ceiling, so the least disturbed measurement is the one that counts), plus how many."""
+    figures = ("one_thread", "all_threads", "bandwidth", "read_one_thread", "read_all_threads", "read_bandwidth")
+    out = {k: max(m[k] for m in measures) for k in figures}
+    return {**out, "threads": measures[0]["threads"], "measurements": len(measures)}
 
 
 def build_rows(infos: dict[str, ModelInfo], runs: dict[str, EngineRun], *, bandwidth: float, arch: dict,
@@ -715,11 +725,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         infos[engine] = prepare(args, engine, python, checkpoint, stamp)
 
-    say("memory bandwidth ...")
-    bw = run_step(sys.executable, "bandwidth", threads=args.threads, bandwidth_mib=args.bandwidth_mib)
     measured: dict[str, list[EngineRun]] = {e: [] for e in infos}
-    loads = []
+    loads, bandwidths = [], []
     for rnd in range(args.rounds):
+        say(f"memory bandwidth {rnd + 1}/{args.rounds} ...")
+        bandwidths.append(run_step(sys.executable, "bandwidth", threads=args.threads,
+                                   bandwidth_mib=args.bandwidth_mib))
         for engine in infos:
             say(f"{engine}: round {rnd + 1}/{args.rounds} ...")
             python = sys.executable if engine in OUR_ENGINES else args.peer_python
@@ -732,6 +743,7 @@ def main(argv: list[str] | None = None) -> int:
             measured[engine].append(EngineRun(**r))
             loads.append(round(os.getloadavg()[0], 2))
     runs = {e: merge_runs(rs, args.aggregate) for e, rs in measured.items() if rs}
+    bw = merge_bandwidths(bandwidths)
     rows = build_rows(infos, runs, bandwidth=bw["bandwidth"], arch=arch, contexts=args.contexts,
                       read_bandwidth=bw["read_bandwidth"])
 
@@ -741,6 +753,7 @@ def main(argv: list[str] | None = None) -> int:
              f"CPU: {os.cpu_count()} cores, {args.threads} threads for every engine; batch 1; "
              f"prefill {args.prefill_tokens} tokens (best of 3); decode: median of {args.decode_tokens} steps "
              f"after a prefill of C tokens; {args.aggregate} of {args.rounds} interleaved rounds; memory bandwidth "
+             f"(the highest of {len(bandwidths)}, one before each round) "
              f"{bw['bandwidth'] / 1e9:.1f} GB/s (numpy copy of {args.bandwidth_mib} MiB, read + write; 1 thread "
              f"{bw['one_thread'] / 1e9:.1f}, {args.threads} threads {bw['all_threads'] / 1e9:.1f}); read bandwidth "
              f"{bw['read_bandwidth'] / 1e9:.1f} GB/s (numpy max over the array; 1 thread "
@@ -756,7 +769,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"setup": setup, "command": " ".join(["python", "benchmarks/peers.py", *(argv or sys.argv[1:])]),
-              "bandwidth": bw, "architecture": arch, "models": {e: asdict(i) for e, i in infos.items()},
+              "bandwidth": bw, "bandwidth_rounds": bandwidths, "architecture": arch,
+              "models": {e: asdict(i) for e, i in infos.items()},
               "rows": rows, "rounds": {e: [asdict(r) for r in rs] for e, rs in measured.items()},
               "skipped": notes, "table": table}
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))

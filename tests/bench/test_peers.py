@@ -99,12 +99,23 @@ def test_missing_peers_are_reported(peers, tmp_path, monkeypatch):
     assert "convert_hf_to_gguf.py" in peers.peer_missing(sys.executable, peers.LLAMACPP, tmp_path / "none.py")
 
 
+def test_bandwidth_is_the_highest_of_the_rounds_measurements(peers):
+    """The roofline is a ceiling: a measurement a busy neighbour slowed must not lower it."""
+    def measure(copy_one, copy_all, read_one, read_all):
+        return {"one_thread": copy_one, "threads": 2, "all_threads": copy_all, "bandwidth": max(copy_one, copy_all),
+                "read_one_thread": read_one, "read_all_threads": read_all, "read_bandwidth": max(read_one, read_all)}
+
+    merged = peers.merge_bandwidths([measure(20e9, 28e9, 12e9, 21e9), measure(15e9, 23e9, 13e9, 17e9)])
+    assert merged == {"one_thread": 20e9, "threads": 2, "all_threads": 28e9, "bandwidth": 28e9,
+                      "read_one_thread": 13e9, "read_all_threads": 21e9, "read_bandwidth": 21e9, "measurements": 2}
+
+
 def test_end_to_end_ours_alone_with_peers_skipped(peers, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "result"
     rc = peers.main(["--checkpoint", str(tiny_checkpoint), "--workdir", str(tmp_path / "work"), "--out", str(out),
                      "--peer-python", str(tmp_path / "no-venv" / "python"), "--contexts", "8", "16",
                      "--table-contexts", "8", "16", "--prefill-tokens", "8", "--decode-tokens", "2",
-                     "--rounds", "1", "--threads", "1", "--bandwidth-mib", "8",
+                     "--rounds", "2", "--threads", "1", "--bandwidth-mib", "8",
                      "--engines", peers.OURS, peers.GENAI, peers.LLAMACPP])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -117,6 +128,12 @@ def test_end_to_end_ours_alone_with_peers_skipped(peers, tiny_checkpoint, tmp_pa
     assert row["peak_rss_bytes"] > 0 and result["bandwidth"]["bandwidth"] > 0
     assert result["bandwidth"]["read_bandwidth"] > 0 and set(row["read_roofline_percent"]) == {"8", "16"}
     assert "% read roofline @16" in result["table"] and "read bandwidth" in result["setup"]
+    measured = result["bandwidth_rounds"]  # one measurement before each round; the highest counts
+    assert len(measured) == 2 and result["bandwidth"]["measurements"] == 2
+    assert result["bandwidth"]["bandwidth"] == max(m["bandwidth"] for m in measured)
+    assert result["bandwidth"]["read_bandwidth"] == max(m["read_bandwidth"] for m in measured)
+    assert "the highest of 2, one before each round" in result["setup"]
+    assert len(result["rounds"][peers.OURS]) == 2
     assert len(result["skipped"]) == 2
     # a second run reuses the prepared bundle (its stamp matches)
     stamp = json.loads((tmp_path / "work" / f"{peers.OURS}.json").read_text())
