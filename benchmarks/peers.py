@@ -33,8 +33,10 @@ What it does:
    read plus the bytes written (the issue's measure); and the read bandwidth, the best of
    several maxima over the same array (only reads, as a decode step reads its weights;
    on the 2-core development VM about 0.75 of the copy figure); once before every round,
-   keeping the highest of each figure (a ceiling: on a shared VM one measurement taken
-   while a neighbour is busy can read 30 % low, which would inflate every % of roofline);
+   each figure aggregated over the rounds as the engines' numbers are (``--aggregate``:
+   the median, or the highest), so that a % of roofline divides like by like (on a shared
+   VM one measurement swings by 30 %: one taken while a neighbour is busy would inflate
+   every % of roofline, one taken in a quiet moment deflate every median's);
 4. runs each engine in its own subprocess (so peak RSS is the engine's own), ``--rounds``
    times, engines interleaved, keeping each number's median round (``--aggregate best``:
    its best round; on a shared 2-core VM single rounds of one engine swing by 30 %, so a
@@ -147,11 +149,15 @@ def merge_runs(runs: list[EngineRun], aggregate: str = "median") -> EngineRun:
     return out
 
 
-def merge_bandwidths(measures: list[dict]) -> dict:
-    """Several ``step_bandwidth`` results as one: the highest of each figure (the roofline is a
-    ceiling, so the least disturbed measurement is the one that counts), plus how many."""
+def merge_bandwidths(measures: list[dict], aggregate: str = "median") -> dict:
+    """Several ``step_bandwidth`` results (one a round) as one, figure by figure, aggregated
+    as ``merge_runs`` aggregates the engines' speeds: the median, or with
+    ``aggregate="best"`` the highest; plus how many there were."""
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {AGGREGATES}, not {aggregate!r}")
+    pick = statistics.median if aggregate == "median" else max
     figures = ("one_thread", "all_threads", "bandwidth", "read_one_thread", "read_all_threads", "read_bandwidth")
-    out = {k: max(m[k] for m in measures) for k in figures}
+    out = {k: pick(m[k] for m in measures) for k in figures}
     return {**out, "threads": measures[0]["threads"], "measurements": len(measures)}
 
 
@@ -743,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
             measured[engine].append(EngineRun(**r))
             loads.append(round(os.getloadavg()[0], 2))
     runs = {e: merge_runs(rs, args.aggregate) for e, rs in measured.items() if rs}
-    bw = merge_bandwidths(bandwidths)
+    bw = merge_bandwidths(bandwidths, args.aggregate)
     rows = build_rows(infos, runs, bandwidth=bw["bandwidth"], arch=arch, contexts=args.contexts,
                       read_bandwidth=bw["read_bandwidth"])
 
@@ -753,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
              f"CPU: {os.cpu_count()} cores, {args.threads} threads for every engine; batch 1; "
              f"prefill {args.prefill_tokens} tokens (best of 3); decode: median of {args.decode_tokens} steps "
              f"after a prefill of C tokens; {args.aggregate} of {args.rounds} interleaved rounds; memory bandwidth "
-             f"(the highest of {len(bandwidths)}, one before each round) "
+             f"({args.aggregate} of {len(bandwidths)}, one before each round) "
              f"{bw['bandwidth'] / 1e9:.1f} GB/s (numpy copy of {args.bandwidth_mib} MiB, read + write; 1 thread "
              f"{bw['one_thread'] / 1e9:.1f}, {args.threads} threads {bw['all_threads'] / 1e9:.1f}); read bandwidth "
              f"{bw['read_bandwidth'] / 1e9:.1f} GB/s (numpy max over the array; 1 thread "
