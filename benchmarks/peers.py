@@ -665,8 +665,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3, help="measure every engine this many times, interleaved")
     p.add_argument("--aggregate", choices=AGGREGATES, default="median",
-                   help="how the rounds make one number: the median round (default; robust to a lucky or "
-                        "unlucky round on a shared machine) or the best")
+                   help="how the rounds make one number, the memory bandwidth measured before each one "
+                        "included: the median round (default; robust to a lucky or unlucky round on a shared "
+                        "machine) or the best")
     p.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     p.add_argument("--peer-python", default=str(DEFAULT_PEER_PYTHON) if DEFAULT_PEER_PYTHON.exists()
                    else sys.executable)
