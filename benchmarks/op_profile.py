@@ -15,8 +15,8 @@ of the machine's bandwidth, measured first as ``benchmarks/peers.py`` does: the 
 bandwidth (bytes read + written, the issue's roofline) and the read bandwidth (a max over
 the array, which only reads, as the weights' nodes do). A share of the read bandwidth well
 below 100 % on every projection means the kernel, not memory, bounds the step. The
-profiler adds a little overhead to every node: compare shares, and take tokens/s from the benchmarks that
-do not profile. ``--json FILE`` writes the bandwidth and the rows.
+profiler adds a little overhead to every node: compare shares, and take tokens/s from the
+benchmarks that do not profile. ``--json FILE`` writes the bandwidth and the rows.
 """
 
 from __future__ import annotations

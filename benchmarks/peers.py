@@ -262,7 +262,8 @@ def initializer_bytes(model) -> dict[str, int]:
         elif t.raw_data:
             sizes[t.name] = len(t.raw_data)
         else:
-            sizes[t.name] = int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            sizes[t.name] = int(np.prod(t.dims, dtype=np.int64)) * itemsize
     return sizes
 
 
@@ -272,13 +273,12 @@ def onnx_weight_bytes(graph: Path) -> tuple[int, int]:
     import onnx
 
     model = onnx.load(str(graph), load_external_data=False)
+    sizes = initializer_bytes(model)
     rows = {t.name: t.dims[0] if t.dims else 1 for t in model.graph.initializer}
-    sizes = {name: (n, rows[name]) for name, n in initializer_bytes(model).items()}
     gathered = {n.input[0] for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")
                 and n.input[0] in sizes}
-    total = sum(n for n, _ in sizes.values())
-    per_token = total - sum(sizes[g][0] - sizes[g][0] // max(1, sizes[g][1]) for g in gathered)
-    return total, per_token
+    total = sum(sizes.values())
+    return total, total - sum(sizes[g] - sizes[g] // max(1, rows[g]) for g in gathered)
 
 
 def onnx_kv_element_bytes(graph: Path) -> int:

@@ -282,7 +282,6 @@ def test_gptq_calibrates_on_the_users_text_and_the_manifest_says_so(tiny_checkpo
     assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
 
 
-
 def test_export_without_the_export_extra_is_refused_before_any_work(tiny_checkpoint, tmp_path):
     """An install missing a module of the export extra (here scipy, which joined it for
     GPTQ's triangular inverse: installs from before lack it) is told what to install,
