@@ -197,6 +197,7 @@ class EdgeService:
         self._state = "starting"
         self._lock = threading.Lock()
         self._connected = False
+        self._connect_failures = 0  # failed attempts since the last connection (or start)
         self._generation = 0
         self._subscribe_mid: int | None = None
         self._ready = threading.Event()
@@ -250,6 +251,7 @@ class EdgeService:
             manual_ack=True, persistent=True)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
+        self._client.on_connect_fail = self._on_connect_fail
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
         connect_async(self._client, m.address, protocol=m.protocol, keepalive=m.keepalive,
@@ -480,11 +482,24 @@ class EdgeService:
             return
         self._generation += 1
         self._connected = True
+        self._connect_failures = 0
         log.info("connected to %s (session present: %s)", self.config.mqtt.address.url, flags.session_present)
         subs = [(self.topics.generate, 1), (self.topics.cancel, 1)]
         if self.config.mqtt.fleet_group:
             subs.append((fleet_subscription(self.config.mqtt.fleet_group), 1))
         _, self._subscribe_mid = client.subscribe(subs)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        """The broker could not be reached at all (refused, unreachable, TLS failed):
+        paho retries with backoff (1 s doubling to 30 s). Said at the first failure and
+        then at every power of two, so a wrong address or a stopped broker shows in the
+        journal at once without filling it while the broker stays down."""
+        self._connect_failures += 1
+        n = self._connect_failures
+        if n & (n - 1) == 0:
+            log.warning("cannot reach the broker at %s (%d failed attempt%s); retrying",
+                        self.config.mqtt.address.url, n, "" if n == 1 else "s")
+        self._set_status_text(f"cannot reach the broker at {self.config.mqtt.address.url}; retrying")
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[Any],
                       properties: Any) -> None:

@@ -17,6 +17,7 @@ from mqtt_probe import Probe
 from service_harness import DaemonProcess, make_config, start_service, wait_until, write_config
 
 from edge_runtime.protocol import FLEET_GENERATE_TOPIC, Topics
+from edge_runtime.service import EdgeService
 
 T = Topics("dev1")
 WORDS40 = " ".join(f"w{i}" for i in range(40))
@@ -355,6 +356,21 @@ def test_reconnects_and_resubscribes_after_broker_restart(broker, tmp_path, serv
         p.wait_status(T.status, "online")
         send(p, {"id": "back", "mode": "complete", "prompt": "a b"}, "replies/back")
         assert p.wait_final("replies/back")["text"] == "b a"
+
+
+def test_an_unreachable_broker_is_logged_then_the_service_connects_when_it_starts(broker, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="edge_runtime")
+    broker.stop()
+    service = EdgeService(make_config(broker, tmp_path), FakeEngine(), status_interval_s=0.1).start()
+    try:
+        wait_until(lambda: "cannot reach the broker" in caplog.text, 5)
+        warning = next(r for r in caplog.records if "cannot reach the broker" in r.getMessage())
+        assert warning.levelno == logging.WARNING and broker.url in warning.getMessage()
+        assert not service.connected
+        broker.start()
+        assert service.wait_ready(40), "did not connect once the broker was up"
+    finally:
+        service.stop()
 
 
 def test_broker_restart_mid_generation_still_answers_once(broker, tmp_path, services):
