@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .errors import EdgeRuntimeError
-from .request_flags import add_request_arguments
+from .request_flags import add_request_arguments, request_source
 
 
 def _die(message: str, code: int = 2) -> int:
@@ -72,23 +72,13 @@ def request_from_args(args):
         top_k=defaults.top_k if args.top_k is None else args.top_k,
         seed=args.seed)
     common = dict(max_tokens=args.max_tokens, sampling=sampling, stop=tuple(args.stop))
-    if args.prompt is not None:
-        if args.suffix is not None:
-            raise EdgeRuntimeError("--suffix goes with --prefix, not --prompt")
-        return GenerationRequest(mode="complete", prompt=args.prompt, **common)
-    if args.prefix is not None:
-        if args.suffix is None:
-            raise EdgeRuntimeError("--prefix needs --suffix (an empty one is --suffix '')")
-        return GenerationRequest(mode="infill", prefix=args.prefix, suffix=args.suffix,
-                                 suffix_first=args.suffix_first, **common)
     try:
-        raw = json.loads(Path(args.messages).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EdgeRuntimeError(f"--messages {args.messages}: {exc}") from exc
-    if not isinstance(raw, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                           and isinstance(m.get("content"), str) for m in raw):
-        raise EdgeRuntimeError(f"--messages {args.messages}: expected a list of {{\"role\", \"content\"}} objects")
-    return GenerationRequest(mode="chat", messages=tuple(Message(m["role"], m["content"]) for m in raw), **common)
+        source = request_source(args)
+    except ValueError as exc:
+        raise EdgeRuntimeError(str(exc)) from None
+    if source["mode"] == "chat":
+        source["messages"] = tuple(Message(m["role"], m["content"]) for m in source["messages"])
+    return GenerationRequest(**source, **common)
 
 
 def result_json(result) -> dict:
@@ -123,6 +113,8 @@ def cmd_generate(args) -> int:
         print(f"[{result.finish_reason}; {result.usage.prompt_tokens} prompt + {result.usage.completion_tokens} "
               f"generated tokens; ttft {result.timings.ttft_ms:.0f} ms; "
               f"{result.timings.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+        for warning in result.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -271,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="edge-runtime", description="Offline Code Llama on edge devices.")
     parser.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
+    parser.add_argument("--log-level", default="WARNING", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="DEBUG, INFO, WARNING (default), ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("profiles", help="list device profiles, or --detect the one for this machine")
@@ -385,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except EdgeRuntimeError as exc:

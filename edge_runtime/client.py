@@ -39,6 +39,7 @@ from .mqtt_connection import (
     response_route,
 )
 from .protocol import Topics, build_request, decode_json_object, encode_cancel, encode_request, validate_name
+from .request_flags import add_request_arguments, request_source
 
 log = logging.getLogger(__name__)
 
@@ -352,8 +353,6 @@ def add_ask_arguments(parser: argparse.ArgumentParser, *, request_arguments: boo
     parser.add_argument("--tls-cert", help="mqtts: client certificate")
     parser.add_argument("--tls-key", help="mqtts: client key")
     if request_arguments:
-        from .request_flags import add_request_arguments
-
         add_request_arguments(parser)
 
 
@@ -361,25 +360,10 @@ def _ask_request(args: argparse.Namespace) -> dict[str, Any]:
     common: dict[str, Any] = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                   top_k=args.top_k, seed=args.seed, stop=list(args.stop) or None,
                                   deadline_ms=args.deadline_ms)
-    if args.prompt is not None:
-        if args.suffix is not None or args.suffix_first:
-            raise ValueError("--suffix and --suffix-first go with --prefix, not --prompt")
-        return dict(mode="complete", prompt=args.prompt, **common)
-    if args.prefix is not None:
-        if args.suffix is None:
-            raise ValueError("--prefix needs --suffix (an empty one is --suffix '')")
-        return dict(mode="infill", prefix=args.prefix, suffix=args.suffix,
-                    suffix_first=True if args.suffix_first else None, **common)
-    if args.suffix is not None or args.suffix_first:
-        raise ValueError("--suffix and --suffix-first go with --prefix")
-    try:
-        text = sys.stdin.read() if args.messages == "-" else Path(args.messages).read_text(encoding="utf-8")
-        messages = json.loads(text)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"--messages {args.messages}: {exc}") from None
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise ValueError(f"--messages {args.messages}: expected a list of {{\"role\", \"content\"}} objects")
-    return dict(mode="chat", messages=messages, **common)
+    source = request_source(args)
+    if source["mode"] == "infill" and not source["suffix_first"]:
+        source["suffix_first"] = None  # the daemon's default order
+    return {**source, **common}
 
 
 def run_ask(args: argparse.Namespace) -> int:

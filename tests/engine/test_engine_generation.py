@@ -185,6 +185,25 @@ def test_generate_cli_bad_input_is_one_line_error(tiny_bundle, tmp_path):
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stderr.startswith("error:")
 
 
+def test_generate_cli_chat_from_stdin_streams_text_and_warns_on_a_base_bundle(tiny_bundle):
+    messages = json.dumps([{"role": "user", "content": "Reverse a list"}])
+    run = [sys.executable, "-m", "edge_runtime", "generate", "--bundle", str(tiny_bundle), "--messages", "-",
+           "--max-tokens", "6", "--temperature", "0"]
+    text = subprocess.run(run, input=messages, capture_output=True, text=True, check=True)
+    reply = json.loads(subprocess.run([*run, "--json"], input=messages, capture_output=True, text=True,
+                                      check=True).stdout)
+    assert text.stdout == reply["text"] + "\n"
+    assert reply["warnings"] and f"warning: {reply['warnings'][0]}" in text.stderr.splitlines()
+
+
+def test_cli_bad_log_level_is_a_usage_error_not_a_traceback():
+    out = subprocess.run([sys.executable, "-m", "edge_runtime", "--log-level", "LOUD", "profiles"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "invalid choice: 'LOUD'" in out.stderr and "Traceback" not in out.stderr
+    assert subprocess.run([sys.executable, "-m", "edge_runtime", "--log-level", "info", "profiles"],
+                          capture_output=True, text=True).returncode == 0
+
+
 def test_optimum_graph_bundle_equals_torch_in_each_mode(tiny_checkpoint, tmp_path, hf_tok, exporter):
     """The `optimum-kv-concat` flavour (optimum's exporter, `--graph optimum`) through the same
     engine; the fixtures' bundles have the default flavour, the fused `gqa-shared-kv`."""
