@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import EdgeRuntimeError
+from .errors import ConfigError, EdgeRuntimeError
 from .request_flags import add_request_arguments, request_source
 
 
@@ -37,7 +37,7 @@ def cmd_export(args) -> int:
         from edge_export.pipeline import ExportOptions, format_summary, run_export
     except ImportError as exc:
         return _die(f"the export side is not installed ({exc.name} missing): pip install torch==2.13.0 && "
-                    "pip install 'edge-runtime[export,cpu]'")
+                    "pip install '/path/to/edge-runtime[export,cpu]' (the source folder)")
     opts = ExportOptions(checkpoint=Path(args.checkpoint), profile=args.profile, output=Path(args.output),
                          precision=args.precision, max_context=args.max_context, allow_degraded=args.allow_degraded,
                          force=args.force, fidelity_tokens=args.fidelity_tokens,
@@ -125,7 +125,7 @@ def cmd_serve(args, engine_factory=None) -> int:
     systemd (Type=notify): READY=1 once the bundle is loaded and the broker
     subscribed, STATUS= lines, WATCHDOG=1 while the worker is healthy, STOPPING=1
     on drain."""
-    from .client import serve_overrides
+    from .client import missing_key_hint, serve_overrides
     from .config import load_config
     from .engine import Engine
     from .malloc_arenas import limit_malloc_arenas
@@ -133,7 +133,10 @@ def cmd_serve(args, engine_factory=None) -> int:
     from .sdnotify import SystemdNotifier, Watchdog
     from .service import EdgeService
 
-    config = load_config(Path(args.config) if args.config else None, serve_overrides(args))
+    try:
+        config = load_config(Path(args.config) if args.config else None, serve_overrides(args))
+    except ConfigError as exc:
+        raise ConfigError(missing_key_hint(str(exc))) from None
     logging.getLogger().setLevel(config.service.log_level_number)
     limit_malloc_arenas(2)  # before onnxruntime's and the daemon's threads: RSS stays flat over a soak
     # The policy is checked before the (slow) bundle load: a rule that does not compile stops start-up.
@@ -252,7 +255,7 @@ def cmd_demo_model(args) -> int:
         from edge_export.demo_model import ensure_demo_model
     except ImportError as exc:
         return _die(f"the export side is not installed ({exc.name} missing): pip install torch==2.13.0 && "
-                    "pip install 'edge-runtime[export,cpu]'")
+                    "pip install '/path/to/edge-runtime[export,cpu]' (the source folder)")
     path = ensure_demo_model(Path(args.cache_dir) if args.cache_dir else None)
     print(path)
     return 0
@@ -263,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="edge-runtime", description="Offline Code Llama on edge devices.")
     parser.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
-    parser.add_argument("--log-level", default="WARNING", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="DEBUG, INFO, WARNING (default), ERROR")
+    parser.add_argument("--log-level", default="WARNING", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("profiles", help="list device profiles, or --detect the one for this machine")

@@ -436,15 +436,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", help="operator safety policy TOML ([policy] file; see docs/policy.md)")
 
 
+# config key -> the serve flag that sets it
+SERVE_FLAGS = {"model.bundle": "--bundle", "model.profile": "--profile", "mqtt.broker": "--broker",
+               "mqtt.device_id": "--device-id", "mqtt.fleet_group": "--fleet-group", "mqtt.protocol": "--protocol",
+               "service.state_dir": "--state-dir", "service.log_content": "--log-content", "policy.file": "--policy"}
+
+
 def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Config overrides from the serve flags (unset flags are None and ignored)."""
-    def get(name: str) -> Any:
-        return getattr(args, name, None)
+    return {key: getattr(args, flag[2:].replace("-", "_"), None) for key, flag in SERVE_FLAGS.items()}
 
-    return {"model.bundle": get("bundle"), "model.profile": get("profile"), "mqtt.broker": get("broker"),
-            "mqtt.device_id": get("device_id"), "mqtt.fleet_group": get("fleet_group"),
-            "mqtt.protocol": get("protocol"), "service.state_dir": get("state_dir"),
-            "service.log_content": get("log_content"), "policy.file": get("policy")}
+
+def missing_key_hint(message: str) -> str:
+    """A config error about a missing key, with the serve flag that would give it."""
+    for key, flag in SERVE_FLAGS.items():
+        if message.endswith(f": {key}: missing key"):
+            section, name = key.split(".")
+            return f"{message} (give {flag}, or {name} in the [{section}] table of --config FILE)"
+    return message
 
 
 ask_main = run_ask  # the name the issue uses

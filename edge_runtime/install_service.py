@@ -190,7 +190,8 @@ def find_console_script() -> Path:
             raise ConfigError(
                 f"{problem}. Install into a venv the service can see: python3 -m venv "
                 f"{Path(DEFAULT_EXECUTABLE).parent.parent} && {Path(DEFAULT_EXECUTABLE).parent}/pip install "
-                f"'edge-runtime[cpu]', then run {DEFAULT_EXECUTABLE} install-service (or pass --executable)")
+                f"'/path/to/edge-runtime[cpu]' (the source folder), then run {DEFAULT_EXECUTABLE} install-service "
+                f"(or pass --executable)")
     return script
 
 

@@ -329,6 +329,12 @@ def run(args: argparse.Namespace) -> int:
 
         bundle = load_bundle(args.bundle)
         profile = load_profile(args.profile or bundle.profile_name)
+        limit = min(bundle.context_limit, profile.max_context)
+        if args.context is not None and not 1 <= args.context <= limit:
+            print(f"error: --context {args.context}: the engine runs this bundle with {profile.name} at 1 to {limit} "
+                  f"tokens (the bundle's context_limit {bundle.context_limit}, the profile's max_context "
+                  f"{profile.max_context})", file=sys.stderr)
+            return 2
         plan = bundle_plan(bundle, profile, args.context)
         print(plan.describe() + (": fits" if plan.fits else ": does NOT fit"))
         return 0 if plan.fits else 1

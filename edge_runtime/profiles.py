@@ -302,9 +302,9 @@ _ARCH_ALIASES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm
 _AGX_ORIN = re.compile(r"agx[\s_-]*orin", re.IGNORECASE)
 _ORIN_NANO_NX = re.compile(r"orin[\s_-]*(nano|nx)", re.IGNORECASE)
 _INSTALL_HINTS = {
-    "cpu-x86_64": "pip install 'edge-runtime[cpu]'",
-    "cpu-arm64": "pip install 'edge-runtime[cpu]'",
-    "nvidia-gpu": "pip install 'edge-runtime[gpu]' (onnxruntime-gpu, not onnxruntime)",
+    "cpu-x86_64": "pip install 'onnxruntime>=1.32' (the package's cpu extra)",
+    "cpu-arm64": "pip install 'onnxruntime>=1.32' (the package's cpu extra)",
+    "nvidia-gpu": "pip install onnxruntime-gpu, not onnxruntime (the package's gpu extra)",
     "jetson-orin-agx": "install NVIDIA's onnxruntime-gpu wheel for this JetPack release",
     "jetson-orin-nano": "install NVIDIA's onnxruntime-gpu wheel for this JetPack release",
 }

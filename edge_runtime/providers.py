@@ -17,9 +17,9 @@ from .errors import ConfigError, RuntimeMissing
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = (
-    "onnxruntime is not installed: install `pip install 'edge-runtime[cpu]'` (onnxruntime) on a CPU "
-    "machine, `pip install 'edge-runtime[gpu]'` (onnxruntime-gpu) on an NVIDIA GPU machine, or NVIDIA's "
-    "JetPack onnxruntime-gpu wheel on a Jetson board (see README: Hardware). Install only one of them."
+    "onnxruntime is not installed: `pip install 'onnxruntime>=1.32'` on a CPU machine (the package's cpu "
+    "extra), `pip install onnxruntime-gpu` on an NVIDIA GPU machine (the gpu extra), or NVIDIA's JetPack "
+    "onnxruntime-gpu wheel on a Jetson board (README: Install; docs/deployment.md). Install only one of them."
 )
 
 

@@ -145,6 +145,11 @@ def context_limit(info: CheckpointInfo, profile: DeviceProfile, requested: int |
     if requested is not None:
         if requested < 16:
             raise ExportError(f"--max-context {requested} is too small (at least 16)")
+        if requested > profile.max_context:
+            raise ExportError(f"--max-context {requested} is above the {profile.name} profile's max_context "
+                              f"({profile.max_context}), which caps the context the device runs; for more, copy "
+                              f"the profile's TOML with max_context raised and give it as --profile here and on "
+                              f"the device")
         return requested
     return min(profile.max_context, info.architecture.max_position_embeddings)
 

@@ -106,6 +106,14 @@ def test_fit_command_table_and_bundle(tiny_bundle, capsys):
     assert memory_fit.main(["--bundle", str(tiny_bundle)]) == 0
     out = capsys.readouterr().out
     assert "tiny-codellama (fp32) on profile cpu-x86_64: weights" in out and out.strip().endswith(": fits")
+    assert memory_fit.main(["--bundle", str(tiny_bundle), "--context", "2048"]) == 0  # the bundle's limit
+    assert "2048 tokens" in capsys.readouterr().out
+    for beyond in ("2049", "0"):  # past what the engine would run: no "fits" for a context it refuses
+        assert memory_fit.main(["--bundle", str(tiny_bundle), "--context", beyond]) == 2
+        captured = capsys.readouterr()
+        assert not captured.out and (f"--context {beyond}: the engine runs this bundle with cpu-x86_64 at 1 to 2048 "
+                                     "tokens (the bundle's context_limit 2048, the profile's max_context 4096)"
+                                     in captured.err)
 
 
 @pytest.mark.parametrize("name", [p.name for p in list_profiles()])

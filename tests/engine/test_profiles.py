@@ -515,7 +515,7 @@ def test_detect_arm64_with_discrete_gpu_stays_on_cpu_and_says_why() -> None:
 def test_detect_says_when_onnxruntime_is_missing() -> None:
     profile, reason = detect_profile(MachineFacts(arch="x86_64"))
     assert profile.name == "cpu-x86_64"
-    assert "onnxruntime is not installed" in reason and "edge-runtime[cpu]" in reason
+    assert "onnxruntime is not installed" in reason and "pip install 'onnxruntime>=1.32'" in reason
     _, reason = detect_profile(
         MachineFacts(arch="x86_64", onnxruntime_error="OSError: libcudart.so.12")
     )

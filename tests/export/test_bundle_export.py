@@ -184,8 +184,11 @@ def test_non_llama_checkpoint_is_refused(tmp_path):
                                                   ("kv_cache_bits", 4, "--kv-cache-bits 4"),
                                                   ("calibration_tokens", 10, "--calibration-tokens 10"),
                                                   ("calibration_text", Path("/nonexistent/code.py"),
-                                                   "--calibration-text /nonexistent/code.py: no such file or folder")])
-def test_export_refuses_bad_fidelity_sizes_before_any_work(tiny_checkpoint, tmp_path, option, value, message):
+                                                   "--calibration-text /nonexistent/code.py: no such file or folder"),
+                                                  ("max_context", 8, "--max-context 8 is too small"),
+                                                  ("max_context", 100_000, "--max-context 100000 is above the "
+                                                   "cpu-x86_64 profile's max_context \\(4096\\)")])
+def test_export_refuses_bad_options_before_any_work(tiny_checkpoint, tmp_path, option, value, message):
     from edge_export.pipeline import ExportError, ExportOptions, run_export
 
     with pytest.raises(ExportError, match=message):
@@ -294,5 +297,5 @@ def test_export_without_the_export_extra_is_refused_before_any_work(tiny_checkpo
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "the export side is not installed (scipy" in done.stderr  # scipy, or scipy.linalg as hidden here
-    assert "pip install 'edge-runtime[export,cpu]'" in done.stderr
+    assert "pip install '/path/to/edge-runtime[export,cpu]'" in done.stderr
     assert not out.exists() and not out.with_name("b.partial").exists()

@@ -206,6 +206,14 @@ def test_serve_reports_config_errors(tmp_path, broker):
         daemon.stop()
 
 
+def test_serve_without_a_broker_names_the_flag(tmp_path, capsys):
+    from edge_runtime.cli import main
+
+    assert main(["serve", "--bundle", str(tmp_path), "--device-id", "d"]) == 2
+    assert ("mqtt.broker: missing key (give --broker, or broker in the [mqtt] table of --config FILE)"
+            in capsys.readouterr().err)
+
+
 # ------------------------------------------------------------------ fleet and the sample ACL
 
 
