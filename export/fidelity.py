@@ -186,7 +186,7 @@ def measure(checkpoint: Path, graph: Path, arch: Architecture, tokenizer_path: P
     import torch
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(str(checkpoint), torch_dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads

@@ -14,7 +14,7 @@ def load_model(checkpoint: str):
     import torch
     from transformers import LlamaForCausalLM
 
-    return LlamaForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32).eval()
+    return LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
 
 
 def prompt_logits(checkpoint: Path, ids: list[int]) -> np.ndarray:
