@@ -21,13 +21,13 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from .errors import ConfigError, EdgeRuntimeError
+from .errors import EdgeRuntimeError
 from .mqtt_connection import (
     TlsFiles,
     connect_async,

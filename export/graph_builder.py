@@ -525,7 +525,6 @@ class _Builder:
 
         weight = f"{node_name}.weight"
         self.initializers.append(self.data.add_chunks(weight, dtype, (k, n), chunks()))
-        del sources
         self.node("MatMul", [x, weight], [out], node_name)
 
     def _quantized_linear(self, x: str, parts: Sequence[str], node_name: str, out: str, k: int, n: int,
@@ -610,7 +609,7 @@ class _Builder:
         from onnx import TensorProto, helper
 
         arch, opts = self.arch, self.opts
-        hd, heads, kv_heads = arch.head_dim, arch.num_heads, arch.num_kv_heads
+        hd, kv_heads = arch.head_dim, arch.num_kv_heads
 
         cos, sin = rotary_caches(hd, opts.max_length, arch.rope_theta)
         cos_name = self.float_weight("cos_cache", cos)

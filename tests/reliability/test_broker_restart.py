@@ -8,7 +8,6 @@ process with the FakeEngine, so hundreds of requests take seconds.
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 import uuid
@@ -63,7 +62,7 @@ def _restart_run(tmp_path, *, how: str, requests: int, restarts: int, gap_s: flo
                                         "temperature": 0})
             time.sleep(gap_s)
         t_sent = time.monotonic()
-        missing = ledger.wait_finals(ids, 60)
+        ledger.wait_finals(ids, 60)
         time.sleep(1.0)  # late duplicates would arrive now
         tally = ledger.tally(ids)
         wrong = [rid for k, rid in enumerate(ids) if ledger.finals(rid)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import re
-import signal
 import threading
 import time
 import uuid
