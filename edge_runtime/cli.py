@@ -82,18 +82,22 @@ def request_from_args(args):
 
 
 def result_json(result) -> dict:
+    from .protocol import finite_or_none
+
     return {"text": result.text, "token_ids": list(result.token_ids),
             "prompt_token_ids": list(result.prompt_token_ids), "finish_reason": result.finish_reason,
             "usage": {"prompt_tokens": result.usage.prompt_tokens,
                       "completion_tokens": result.usage.completion_tokens},
-            "timings": {"ttft_ms": round(result.timings.ttft_ms, 3),
-                        "decode_tokens_per_s": round(result.timings.decode_tokens_per_s, 3),
-                        "total_ms": round(result.timings.total_ms, 3)},
+            "timings": {"ttft_ms": finite_or_none(result.timings.ttft_ms),
+                        "decode_tokens_per_s": finite_or_none(result.timings.decode_tokens_per_s),
+                        "total_ms": finite_or_none(result.timings.total_ms)},
             **({"warnings": list(result.warnings)} if result.warnings else {})}
 
 
 def cmd_generate(args) -> int:
+    from .client import decode_speed
     from .engine import Engine
+    from .protocol import finite_or_none
     from .types import Chunk
 
     request = request_from_args(args)
@@ -112,7 +116,7 @@ def cmd_generate(args) -> int:
         sys.stdout.write("\n")
         print(f"[{result.finish_reason}; {result.usage.prompt_tokens} prompt + {result.usage.completion_tokens} "
               f"generated tokens; ttft {result.timings.ttft_ms:.0f} ms; "
-              f"{result.timings.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+              f"{decode_speed(finite_or_none(result.timings.decode_tokens_per_s, 1))}]", file=sys.stderr)
         for warning in result.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     return 0

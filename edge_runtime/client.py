@@ -366,6 +366,11 @@ def _ask_request(args: argparse.Namespace) -> dict[str, Any]:
     return {**source, **common}
 
 
+def decode_speed(tokens_per_s: float | None) -> str:
+    """The final reply's decode speed for the summary line (null: one token, nothing to time)."""
+    return "decode speed n/a" if tokens_per_s is None else f"{tokens_per_s} tokens/s"
+
+
 def run_ask(args: argparse.Namespace) -> int:
     """`edge-runtime ask`: send one request, stream the text to stdout (or print the
     final reply as JSON with --json). Exit status 0; 1 on an error reply, a timeout
@@ -411,7 +416,7 @@ def run_ask(args: argparse.Namespace) -> int:
         usage, timings = final.get("usage") or {}, final.get("timings") or {}
         print(f"[{final.get('finish_reason')}; {usage.get('prompt_tokens')} prompt + "
               f"{usage.get('completion_tokens')} generated tokens; ttft {timings.get('ttft_ms')} ms; "
-              f"{timings.get('decode_tokens_per_s')} tokens/s]", file=sys.stderr)
+              f"{decode_speed(timings.get('decode_tokens_per_s'))}]", file=sys.stderr)
         for warning in final.get("warnings") or ():
             print(f"warning: {warning}", file=sys.stderr)
     out.flush()

@@ -12,6 +12,7 @@ Data flow: request -> prompt ids (prompts.py) -> context check -> KV cache
 from __future__ import annotations
 
 import dataclasses
+import math
 import logging
 import threading
 import time
@@ -223,7 +224,7 @@ class Engine:
             finish_reason=finish,
             usage=Usage(prompt_tokens=len(plan.ids), completion_tokens=len(generated)),
             timings=Timings(ttft_ms=ttft * 1000.0,
-                            decode_tokens_per_s=(decoded / decode_s) if decode_s > 0 and decoded else 0.0,
+                            decode_tokens_per_s=(decoded / decode_s) if decode_s > 0 and decoded else math.nan,
                             total_ms=total_s * 1000.0),
             warnings=tuple(getattr(plan, "warnings", ())),
         )

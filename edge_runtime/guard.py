@@ -50,6 +50,15 @@ class PolicyGuard:
         self.audit.record(request_id=request.id, client_id=request.client_id, mode=request.mode, rule=v.rule,
                           action=v.action, where=v.where, text=text, detail=detail)
 
+    def default_max_tokens(self, request: GenerationRequest) -> GenerationRequest:
+        """A request that left max_tokens to the daemon's default, with the default
+        lowered to its client's policy limit when that is smaller: a default the
+        client never asked for is not a reason to refuse it."""
+        limit = self.policy.limit_for(request.client_id).max_tokens
+        if limit and request.max_tokens > limit:
+            return dataclasses.replace(request, max_tokens=limit)
+        return request
+
     def admit(self, request: GenerationRequest) -> None:
         """Raise RateLimited / PolicyViolation, or return (flags recorded). A request
         that is admitted counts against its client's rate; `refund` takes it back."""

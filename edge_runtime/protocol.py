@@ -199,6 +199,7 @@ class WireRequest:
     stream: bool
     deadline_ms: int
     reply_to: str | None  # MQTT 3.1.1 clients: the reply topic from the JSON
+    max_tokens_given: bool = True  # False: the request left max_tokens to the default
 
     @property
     def mode(self) -> str:
@@ -410,7 +411,7 @@ def parse_request(payload: bytes, limits: RequestLimits | Any = RequestLimits(),
     if chars > limits.max_prompt_chars:
         raise bad(f"prompt is {chars} characters, the limit is {limits.max_prompt_chars}")
     return WireRequest(id=raw_id, request=request, stream=stream, deadline_ms=int(deadline_ms),
-                       reply_to=reply_to)
+                       reply_to=reply_to, max_tokens_given="max_tokens" in obj)
 
 
 def _parse_messages(value: object, bad: Any) -> tuple[Message, ...]:
@@ -461,7 +462,8 @@ def _dumps(obj: Mapping[str, Any]) -> bytes:
         return json.dumps(obj, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode("ascii")
 
 
-def _finite(value: float, digits: int = 3) -> float | None:
+def finite_or_none(value: float, digits: int = 3) -> float | None:
+    """A measured number for JSON: rounded, or None (null) when it could not be measured (NaN)."""
     return round(float(value), digits) if math.isfinite(value) else None
 
 
@@ -479,9 +481,9 @@ def final_dict(request_id: str, result: GenerationResult) -> dict[str, Any]:
         "finish_reason": result.finish_reason,
         "usage": {"prompt_tokens": result.usage.prompt_tokens,
                   "completion_tokens": result.usage.completion_tokens},
-        "timings": {"ttft_ms": _finite(result.timings.ttft_ms),
-                    "decode_tokens_per_s": _finite(result.timings.decode_tokens_per_s),
-                    "total_ms": _finite(result.timings.total_ms)},
+        "timings": {"ttft_ms": finite_or_none(result.timings.ttft_ms),
+                    "decode_tokens_per_s": finite_or_none(result.timings.decode_tokens_per_s),
+                    "total_ms": finite_or_none(result.timings.total_ms)},
     }
     if result.warnings:
         reply["warnings"] = list(result.warnings)

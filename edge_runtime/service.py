@@ -247,7 +247,7 @@ class EdgeService:
         self._client = make_client(
             client_id=m.client_id, protocol=m.protocol, address=m.address,
             username=m.username, password=m.read_password(), tls=m.tls,
-            will=Will(self.topics.status, self._status_payload("offline", reason="connection lost")),
+            will=Will(self.topics.status, self._status_payload("offline", running=False, reason="connection lost")),
             manual_ack=True, persistent=True)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -603,6 +603,8 @@ class EdgeService:
             return
         wire = dataclasses.replace(wire, request=dataclasses.replace(wire.request, client_id=reply_client_id(topic)))
         if self.guard is not None:
+            if not wire.max_tokens_given:
+                wire = dataclasses.replace(wire, request=self.guard.default_max_tokens(wire.request))
             try:
                 self.guard.admit(wire.request)
             except EdgeRuntimeError as exc:

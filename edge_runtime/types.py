@@ -67,7 +67,7 @@ class Usage:
 @dataclass(frozen=True)
 class Timings:
     ttft_ms: float  # time to first token (prefill + first sample)
-    decode_tokens_per_s: float  # tokens after the first / time spent on them
+    decode_tokens_per_s: float  # tokens after the first / time spent on them; NaN with < 2 tokens (null in JSON)
     total_ms: float
 
 

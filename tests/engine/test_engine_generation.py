@@ -177,6 +177,15 @@ def test_generate_cli_json(tiny_bundle, tiny_checkpoint):
     assert set(reply["timings"]) == {"ttft_ms", "decode_tokens_per_s", "total_ms"}
 
 
+def test_one_token_has_no_decode_speed_null_in_json_not_zero(tiny_bundle):
+    run = [sys.executable, "-m", "edge_runtime", "generate", "--bundle", str(tiny_bundle), "--prompt", "def f():",
+           "--max-tokens", "1", "--temperature", "0"]
+    reply = json.loads(subprocess.run([*run, "--json"], capture_output=True, text=True, check=True).stdout)
+    assert reply["usage"]["completion_tokens"] == 1 and reply["timings"]["decode_tokens_per_s"] is None
+    assert reply["timings"]["ttft_ms"] > 0
+    assert "decode speed n/a]" in subprocess.run(run, capture_output=True, text=True, check=True).stderr
+
+
 def test_generate_cli_bad_input_is_one_line_error(tiny_bundle, tmp_path):
     bad = tmp_path / "m.json"
     bad.write_text('[{"role": "user"}]')

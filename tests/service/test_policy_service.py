@@ -149,6 +149,14 @@ def test_max_tokens_per_client(serve, probe):
     assert "error" not in final
 
 
+def test_a_request_without_max_tokens_gets_its_clients_limit_not_a_refusal(serve, probe):
+    serve('[limits]\nmax_tokens = 16\n')  # below the daemon's default of 256
+    words = " ".join(f"w{i}" for i in range(40))
+    _, final = Ask(probe, "hmi")({"mode": "complete", "prompt": words})
+    assert "error" not in final and final["finish_reason"] == "length"
+    assert final["usage"]["completion_tokens"] == 16
+
+
 def test_rules_scoped_to_clients_and_modes(serve, probe):
     serve('[[rules]]\nname = "no-chat-for-kiosk"\naction = "refuse"\nmodes = ["chat"]\nclients = ["kiosk-*"]\n'
           'patterns = ["."]\n')

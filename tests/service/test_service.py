@@ -494,7 +494,7 @@ def test_will_message_on_sigkill(broker, tmp_path, daemons, probe):
     probe.wait_status(T.status, "online", timeout=10)
     daemon.kill()
     offline = probe.wait_status(T.status, "offline", timeout=5)
-    assert offline["reason"] == "connection lost" and offline["device_id"] == "dev1"
+    assert offline["reason"] == "connection lost" and offline["device_id"] == "dev1" and offline["running"] is False
     with Probe(broker.host, broker.port) as fresh:
         fresh.subscribe(T.status)
         fresh.wait_for(lambda ms: ms and json.loads(ms[-1].payload)["state"] == "offline")
