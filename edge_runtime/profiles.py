@@ -176,7 +176,8 @@ class FidelityThresholds:
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    """A hardware target. Every key is required in the TOML file."""
+    """A hardware target. Every key is required in the TOML file except those with a
+    default (quantization keep_bits, scale_search, algorithm; kv_cache bits)."""
 
     name: ProfileName
     description: str

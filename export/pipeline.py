@@ -182,6 +182,10 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
     if opts.fidelity_corpus_tokens < 0:
         raise ExportError(f"--fidelity-corpus-tokens {opts.fidelity_corpus_tokens} must be 0 (none) or more")
     progress = progress or Progress(5)
+    # Steps: read, build (the fused graph is built and quantized in one step; optimum's path
+    # exports, then converts), fidelity, write. The count is the likely graph's until step 1
+    # has read the checkpoint and chosen it.
+    progress.total = 5 if opts.graph == "optimum" or opts.algorithm == "hqq" else 4
 
     with progress.step("read checkpoint"):
         info = read_checkpoint(opts.checkpoint, variant=opts.variant)
@@ -211,6 +215,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         kept_bits = 0  # storage of the kept layers: 0 float, 8 int8 (fused graph with the profile's keep_bits)
         kv_scales: kv_cache_quant.KVScales | None = None  # an int8 KV cache (fused graph, profile kv_cache.bits 8)
         calibrated: dict | None = None  # GPTQ's calibration text, recorded in the manifest
+        progress.total = 4 if fused else 5
         if fused:
             with progress.step(f"build the fused decoder graph from the tensors ({precision}, streamed)"):
                 q = profile.quantization
@@ -242,7 +247,6 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                                     f"{kv_cache_quant.CALIBRATION_TEXT.name}")
                     kv_scales = kv_cache_quant.add_int8_kv_cache(
                         graph, arch, CodeLlamaTokenizer.from_file(info.tokenizer_path), max_length=limit)
-            progress.index += 1  # the optimum export and conversion are one step here
         else:
             if kv_bits == 8:
                 progress.detail("the KV cache stays float: only the fused graph keeps an int8 cache")

@@ -242,6 +242,9 @@ def test_gptq_calibrates_on_the_users_text_and_the_manifest_says_so(tiny_checkpo
     parts = re.search(r"GPTQ: calibration ([\d.]+) s, Hessian inverses ([\d.]+) s, column loops ([\d.]+) s",
                       said.getvalue())
     assert parts and all(float(x) >= 0 for x in parts.groups()) and float(parts[3]) > 0
+    # the fused graph is built and quantized in one step: four steps, each numbered once, in order
+    steps = re.findall(r"^\[(\d)/(\d)\] .* \.\.\.$", said.getvalue(), flags=re.M)
+    assert steps == [("1", "4"), ("2", "4"), ("3", "4"), ("4", "4")]
     quant = load_bundle(out).manifest["quantization"]
     assert quant["algorithm"] == "gptq"
     calibration = quant["calibration"]
