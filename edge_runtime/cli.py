@@ -148,7 +148,8 @@ def cmd_serve(args, engine_factory=None) -> int:
     notifier = SystemdNotifier.from_environment()
     notifier.status(f"loading {config.model.bundle}")
     if engine_factory is None:
-        engine = Engine.from_bundle(config.model.bundle, config.model.profile, check_memory=config.model.check_memory)
+        engine = Engine.from_bundle(config.model.bundle, config.model.profile, check_memory=config.model.check_memory,
+                                    allow_cpu_fallback=config.model.allow_cpu_fallback)
     else:
         engine = engine_factory(config.model.bundle, config.model.profile)
     logging.getLogger("edge_runtime").info("model %s (%s, %s) on %s", engine.info.model_name, engine.info.precision,

@@ -431,6 +431,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML config file (see docs/config.example.toml)")
     parser.add_argument("--bundle", help="bundle directory ([model] bundle)")
     parser.add_argument("--profile", help="device profile ([model] profile; default: the bundle's)")
+    parser.add_argument("--allow-cpu-fallback", action="store_true", default=None,
+                        help="run a GPU profile on the CPU provider when its GPU provider is missing, instead of "
+                             "refusing to start ([model] allow_cpu_fallback; default: the profile's)")
     parser.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT ([mqtt] broker)")
     parser.add_argument("--device-id", help="device id ([mqtt] device_id)")
     parser.add_argument("--fleet-group", help="also serve $share/GROUP/edge/fleet/v1/generate ([mqtt] fleet_group)")
@@ -442,7 +445,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # config key -> the serve flag that sets it
-SERVE_FLAGS = {"model.bundle": "--bundle", "model.profile": "--profile", "mqtt.broker": "--broker",
+SERVE_FLAGS = {"model.bundle": "--bundle", "model.profile": "--profile",
+               "model.allow_cpu_fallback": "--allow-cpu-fallback", "mqtt.broker": "--broker",
                "mqtt.device_id": "--device-id", "mqtt.fleet_group": "--fleet-group", "mqtt.protocol": "--protocol",
                "service.state_dir": "--state-dir", "service.log_content": "--log-content", "policy.file": "--policy"}
 

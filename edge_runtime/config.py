@@ -43,6 +43,9 @@ class ModelConfig:
     # Refuse to start when weights + KV cache at the context limit + overhead exceed the
     # profile's memory budget (memory_fit.py). false: start anyway (the estimate is conservative).
     check_memory: bool = True
+    # A GPU profile whose GPU provider is missing: true runs on the CPU provider (said in the
+    # log and the status), false refuses to start; unset: the profile's allow_cpu_fallback.
+    allow_cpu_fallback: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -117,15 +117,18 @@ class Engine:
 
     @classmethod
     def from_bundle(cls, path: str | Path, profile: str | Path | DeviceProfile | None = None, *,
-                    check_memory: bool = True) -> "Engine":
+                    check_memory: bool = True, allow_cpu_fallback: bool | None = None) -> "Engine":
         """Verify every file of the bundle, check that it fits the profile's memory budget
         at the context limit (MemoryBudgetExceeded with the numbers otherwise; see
         memory_fit.py), then create the onnxruntime session with the profile's providers
-        (the bundle's own profile when none is given)."""
+        (the bundle's own profile when none is given). `allow_cpu_fallback` overrides the
+        profile's: whether a GPU profile may run on the CPU provider when its GPU one is missing."""
         ort = import_onnxruntime()
         bundle = load_bundle(path)
         if not isinstance(profile, DeviceProfile):
             profile = load_profile(profile or bundle.profile_name)
+        if allow_cpu_fallback is not None:
+            profile = dataclasses.replace(profile, allow_cpu_fallback=allow_cpu_fallback)
         max_length = min(bundle.context_limit, profile.max_context)
         memory = check_bundle_fits(bundle, profile, max_length) if check_memory else None
         if memory is not None:

@@ -55,7 +55,8 @@ def choose_providers(requested: list[tuple[str, dict[str, Any]]], available: lis
         msg = (f"profile {profile_name} asks for {', '.join(wanted_gpu)} but this onnxruntime offers only "
                f"{', '.join(available)}")
         if not allow_cpu_fallback:
-            raise ConfigError(msg + " (install onnxruntime-gpu, or set allow_cpu_fallback = true in the profile)")
+            raise ConfigError(msg + " (install onnxruntime-gpu, or allow the CPU fallback: allow_cpu_fallback = "
+                              "true in the daemon config's [model] table or in the profile)")
         return ProviderChoice([("CPUExecutionProvider", {})], "cpu", msg + "; running on the CPU provider")
     if not any(name == "CPUExecutionProvider" for name, _ in chosen):
         chosen.append(("CPUExecutionProvider", {}))

@@ -227,3 +227,19 @@ def test_optimum_graph_bundle_equals_torch_in_each_mode(tiny_checkpoint, tmp_pat
         expected = torch_reference.greedy(tiny_checkpoint, list(result.prompt_token_ids), N,
                                           frozenset(stops[request.mode]))
         assert list(result.token_ids) == expected, request.mode
+
+
+def test_a_gpu_profile_without_its_gpu_provider_refuses_unless_the_fallback_is_allowed(tiny_bundle, monkeypatch):
+    import onnxruntime
+
+    from edge_runtime.errors import ConfigError
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(ConfigError, match="allow_cpu_fallback = true in the daemon config's \\[model\\] table"):
+        Engine.from_bundle(tiny_bundle, "nvidia-gpu")
+    with pytest.raises(ConfigError):
+        Engine.from_bundle(tiny_bundle, "nvidia-gpu", allow_cpu_fallback=False)
+    engine = Engine.from_bundle(tiny_bundle, "nvidia-gpu", allow_cpu_fallback=True)  # the config's override
+    assert engine.info.profile == "nvidia-gpu" and engine.info.provider == "CPUExecutionProvider"
+    result = engine.complete(GenerationRequest(mode="complete", prompt="def f():", max_tokens=4, sampling=GREEDY))
+    assert result.usage.completion_tokens == 4

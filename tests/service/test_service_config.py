@@ -60,6 +60,22 @@ def test_flags_override_the_file(tmp_path):
     assert config.service.log_content is True and config.limits.queue_depth == 2
 
 
+def test_allow_cpu_fallback_from_the_file_or_the_serve_flag(tmp_path):
+    import argparse
+
+    from edge_runtime.client import add_serve_arguments, serve_overrides
+
+    assert load_config(write(tmp_path, MINIMAL), check_files=False).model.allow_cpu_fallback is None  # the profile's
+    path = write(tmp_path, MINIMAL.replace("[model]", "[model]\nallow_cpu_fallback = false"))
+    assert load_config(path, check_files=False).model.allow_cpu_fallback is False
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    flags = serve_overrides(parser.parse_args(["--allow-cpu-fallback"]))
+    assert load_config(path, flags, check_files=False).model.allow_cpu_fallback is True
+    assert load_config(path, serve_overrides(parser.parse_args([])), check_files=False).model.allow_cpu_fallback \
+        is False
+
+
 def test_flags_only():
     config = load_config(None, {"model.bundle": "/b", "mqtt.broker": "mqtt://h", "mqtt.device_id": "d"},
                          check_files=False)
