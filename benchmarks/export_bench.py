@@ -2,6 +2,10 @@
 
     python benchmarks/export_bench.py                          # the demo model, int4 / int8 / fp32
     python benchmarks/export_bench.py --checkpoint DIR --precision int4 --skip-fidelity
+    python benchmarks/export_bench.py --synthetic-7b /tmp/7b --precision int4 --skip-fidelity --algorithm rtn
+
+``--synthetic-7b DIR`` builds a Code Llama 7B-shaped checkpoint there first (random fp16
+weights, 13 GB, written shard by shard; kept and reused by later runs) and exports it.
 
 Each export runs `edge-runtime export` in its own process, so its peak memory is
 measured alone (getrusage of the finished child). Prints a table and, with
@@ -20,7 +24,8 @@ import time
 from pathlib import Path
 
 
-def run_export(checkpoint: Path, precision: str, profile: str, out: Path, skip_fidelity: bool) -> dict:
+def run_export(checkpoint: Path, precision: str, profile: str, out: Path, skip_fidelity: bool,
+               extra: list[str]) -> dict:
     # a wrapper process per export, so that RUSAGE_CHILDREN is this export's peak alone
     wrapper = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
                "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
@@ -28,6 +33,7 @@ def run_export(checkpoint: Path, precision: str, profile: str, out: Path, skip_f
            "--precision", precision, "--output", str(out), "--allow-degraded"]
     if skip_fidelity:
         cmd.append("--skip-fidelity")
+    cmd += extra
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output, _ = proc.communicate()
@@ -47,14 +53,29 @@ def run_export(checkpoint: Path, precision: str, profile: str, out: Path, skip_f
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="default: the demo model (trained and cached on first use)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="default: the demo model (trained and cached on first use)")
+    source.add_argument("--synthetic-7b", metavar="DIR",
+                        help="build (once) a Code Llama 7B-shaped checkpoint with random fp16 weights in DIR "
+                             "(13 GB) and export it")
     parser.add_argument("--precision", action="append", help="repeatable; default int4, int8, fp32")
     parser.add_argument("--profile", default="cpu-x86_64")
     parser.add_argument("--skip-fidelity", action="store_true")
+    parser.add_argument("--algorithm", choices=["rtn", "gptq", "hqq"], help="passed to export (default: the profile's)")
+    parser.add_argument("--graph", choices=["auto", "fused", "optimum"], help="passed to export (default auto)")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
     if args.checkpoint:
         checkpoint = Path(args.checkpoint)
+    elif args.synthetic_7b:
+        from edge_export.synthetic import build_checkpoint_streamed
+
+        checkpoint = Path(args.synthetic_7b)
+        if not (checkpoint / "config.json").is_file():
+            print(f"building a 7B-shaped checkpoint in {checkpoint} ...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            build_checkpoint_streamed(checkpoint)
+            print(f"built in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     else:
         from edge_export.demo_model import ensure_demo_model
 
@@ -63,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         for precision in args.precision or ["int4", "int8", "fp32"]:
-            rows.append(run_export(checkpoint, precision, args.profile, work / precision, args.skip_fidelity))
+            extra = [*(["--algorithm", args.algorithm] if args.algorithm else []),
+                     *(["--graph", args.graph] if args.graph else [])]
+            rows.append(run_export(checkpoint, precision, args.profile, work / precision, args.skip_fidelity, extra))
             print(f"{precision}: done", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -33,3 +33,8 @@ def recipes():
 @pytest.fixture(scope="module")
 def op_profile():
     return load_benchmark("op_profile")
+
+
+@pytest.fixture(scope="module")
+def export_bench():
+    return load_benchmark("export_bench")
