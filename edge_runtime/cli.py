@@ -305,10 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "on the device); 0: float (default: the profile's [kv_cache] bits, 8 on the CPU profiles)")
     p.add_argument("--graph", choices=["auto", "fused", "optimum"], default="auto",
                    help="fused: built from the tensors with GroupQueryAttention and one shared KV buffer, streamed "
-                        "layer by layer (a 7B exports in < 1 GiB of memory with --algorithm rtn, ~3 GiB with gptq); "
-                        "optimum: optimum's "
-                        "exporter (needed for --algorithm hqq); auto (default): fused unless the checkpoint or "
-                        "--algorithm needs optimum")
+                        "layer by layer (a 7B's graph in < 1 GiB of memory with --algorithm rtn, ~3 GiB with gptq; "
+                        "the int8 KV cache's calibration then runs the finished graph: 6.9 GiB at 7B); optimum: "
+                        "optimum's exporter (needed for --algorithm hqq); auto (default): fused unless the checkpoint "
+                        "or --algorithm needs optimum")
     p.add_argument("--skip-fidelity", action="store_true",
                    help="do not measure fidelity (size/speed benchmarks of random weights); recorded in bundle.json")
     p.add_argument("--variant", choices=["base", "python", "instruct"],
