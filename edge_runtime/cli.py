@@ -140,7 +140,7 @@ def cmd_serve(args, engine_factory=None) -> int:
     try:
         config = load_config(Path(args.config) if args.config else None, serve_overrides(args))
     except ConfigError as exc:
-        raise ConfigError(missing_key_hint(str(exc))) from None
+        raise ConfigError(missing_key_hint(exc)) from None
     logging.getLogger().setLevel(config.service.log_level_number)
     limit_malloc_arenas(2)  # before onnxruntime's and the daemon's threads: RSS stays flat over a soak
     # The policy is checked before the (slow) bundle load: a rule that does not compile stops start-up.

@@ -27,7 +27,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from .errors import EdgeRuntimeError
+from .errors import ConfigError, EdgeRuntimeError
 from .mqtt_connection import (
     TlsFiles,
     connect_async,
@@ -456,13 +456,13 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {key: getattr(args, flag[2:].replace("-", "_"), None) for key, flag in SERVE_FLAGS.items()}
 
 
-def missing_key_hint(message: str) -> str:
-    """A config error about a missing key, with the serve flag that would give it."""
-    for key, flag in SERVE_FLAGS.items():
-        if message.endswith(f": {key}: missing key"):
-            section, name = key.split(".")
-            return f"{message} (give {flag}, or {name} in the [{section}] table of --config FILE)"
-    return message
+def missing_key_hint(error: ConfigError) -> str:
+    """A config error's message, with the serve flag that gives the key when it is a missing one."""
+    flag = SERVE_FLAGS.get(error.key or "")
+    if flag is None or error.problem != "missing key":
+        return str(error)
+    section, name = error.key.split(".")
+    return f"{error} (give {flag}, or {name} in the [{section}] table of --config FILE)"
 
 
 ask_main = run_ask  # the name the issue uses

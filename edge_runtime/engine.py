@@ -12,8 +12,8 @@ Data flow: request -> prompt ids (prompts.py) -> context check -> KV cache
 from __future__ import annotations
 
 import dataclasses
-import math
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +27,7 @@ from .bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, Bundle, Fa
 from .detokenizer import IncrementalDetokenizer
 from .errors import BadRequest, BundleError, ContextLengthExceeded, DeadlineExceeded, UnsupportedMode
 from .gqa_decoder import SharedKVDecoder
-from .memory_fit import PREFILL_CHUNK, MemoryPlan, check_bundle_fits
+from .memory_fit import PREFILL_CHUNK, MemoryPlan, check_bundle_fits, engine_context_limit
 from .onnx_decoder import KVConcatDecoder
 from .profiles import DeviceProfile, load_profile
 from .prompts import PromptPlan, build_prompt
@@ -108,7 +108,7 @@ class Engine:
         self.session = session
         self.decoder = decoder
         self.tokenizer = tokenizer
-        self.context_limit = min(bundle.context_limit, profile.max_context)
+        self.context_limit = engine_context_limit(bundle, profile)
         self.info = ModelInfo(model_name=bundle.model_name, profile=profile.name, precision=bundle.precision,
                               bundle_sha256=bundle.manifest_sha256, context_limit=self.context_limit,
                               supports_infill=bundle.supports_infill, chat_format=bundle.chat_format,
@@ -129,7 +129,7 @@ class Engine:
             profile = load_profile(profile or bundle.profile_name)
         if allow_cpu_fallback is not None:
             profile = dataclasses.replace(profile, allow_cpu_fallback=allow_cpu_fallback)
-        max_length = min(bundle.context_limit, profile.max_context)
+        max_length = engine_context_limit(bundle, profile)
         memory = check_bundle_fits(bundle, profile, max_length) if check_memory else None
         if memory is not None:
             log.info("memory: %s", memory.describe())

@@ -51,9 +51,14 @@ class Cancelled(EdgeRuntimeError):
 
 
 class ConfigError(EdgeRuntimeError):
-    """A configuration or profile file is invalid; the message names file and key."""
+    """A configuration or profile file is invalid; the message names file and key
+    (also in ``key`` and ``problem`` when one key is at fault)."""
 
     code = "config_error"
+
+    def __init__(self, message: str, *, key: str | None = None, problem: str | None = None) -> None:
+        super().__init__(message)
+        self.key, self.problem = key, problem
 
 
 class BundleError(EdgeRuntimeError):

@@ -224,11 +224,17 @@ def bundle_weight_bytes(bundle: Bundle) -> int:
     return sum(int(f["size"]) for f in bundle.manifest["files"] if f["path"] not in other)
 
 
+def engine_context_limit(bundle: Bundle, profile: DeviceProfile) -> int:
+    """The longest context the engine runs `bundle` at with `profile`: the bundle's limit
+    capped by the profile's max_context."""
+    return min(bundle.context_limit, profile.max_context)
+
+
 def bundle_plan(bundle: Bundle, profile: DeviceProfile, context: int | None = None) -> MemoryPlan:
     """The memory plan of `bundle` run with `profile` at `context` tokens (default: the
     engine's context limit, the bundle's capped by the profile's)."""
     if context is None:
-        context = min(bundle.context_limit, profile.max_context)
+        context = engine_context_limit(bundle, profile)
     arch: Architecture = bundle.architecture
     export_kv = str((bundle.manifest.get("profile") or {}).get("kv_cache_dtype") or profile.kv_cache.dtype)
     kv_dtype = kv_dtype_of(bundle.precision, bundle.graph_flavour, export_kv)
@@ -328,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
 
         bundle = load_bundle(args.bundle)
         profile = load_profile(args.profile or bundle.profile_name)
-        limit = min(bundle.context_limit, profile.max_context)
+        limit = engine_context_limit(bundle, profile)
         if args.context is not None and not 1 <= args.context <= limit:
             print(f"error: --context {args.context}: the engine runs this bundle with {profile.name} at 1 to {limit} "
                   f"tokens (the bundle's context_limit {bundle.context_limit}, the profile's max_context "

@@ -193,7 +193,7 @@ def _join(prefix: str, key: str) -> str:
 
 
 def _error(source: str, key: str, message: str) -> ConfigError:
-    return ConfigError(f"{source}: {key}: {message}")
+    return ConfigError(f"{source}: {key}: {message}", key=key, problem=message)
 
 
 _KIND_NAMES: dict[type, str] = {dict: "table", list: "array", tuple: "array"}
