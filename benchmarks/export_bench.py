@@ -81,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
 
         checkpoint = ensure_demo_model()
     work = Path(tempfile.mkdtemp(prefix="export-bench-"))
+    extra = [*(["--algorithm", args.algorithm] if args.algorithm else []),
+             *(["--graph", args.graph] if args.graph else [])]
     rows = []
     try:
         for precision in args.precision or ["int4", "int8", "fp32"]:
-            extra = [*(["--algorithm", args.algorithm] if args.algorithm else []),
-                     *(["--graph", args.graph] if args.graph else [])]
             rows.append(run_export(checkpoint, precision, args.profile, work / precision, args.skip_fidelity, extra))
             print(f"{precision}: done", file=sys.stderr)
     finally:
