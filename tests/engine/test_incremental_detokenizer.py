@@ -32,6 +32,9 @@ TEXTS = [
 SPECIALS = [0, 1, 2, 32007, 32008, 32009, 32010, 32000]
 
 
+REPLACEMENT_PIECE = TOK.piece_to_id("\ufffd")  # the vocabulary has U+FFFD as a piece of its own (id 30140)
+
+
 def stream(ids: list[int], strip: bool) -> list[str]:
     det = IncrementalDetokenizer(TOK, strip_leading_space=strip)
     return [det.push(i) for i in ids] + [det.flush()]
@@ -66,7 +69,8 @@ segment = st.one_of(
     st.sampled_from(TEXTS).map(TOK.encode),
     st.text(max_size=20).map(TOK.encode),
     st.sampled_from(SPECIALS).map(lambda i: [i]),
-    st.integers(259, 31999).map(lambda i: [i]),  # any normal piece
+    # any normal piece but the vocabulary's literal U+FFFD, which check_chunks would take for half a character
+    st.integers(259, 31999).filter(lambda i: i != REPLACEMENT_PIECE).map(lambda i: [i]),
 )
 
 
@@ -126,3 +130,11 @@ def test_leading_space_stripped_once() -> None:
 
 def test_unknown_ids_decode_to_nothing() -> None:
     assert stream([10**6, TOK.piece_to_id("▁world")], True) == ["", "world", ""]
+
+
+def test_the_vocabularys_own_replacement_character_piece_is_text() -> None:
+    """Piece 30140 is a literal U+FFFD, not a byte-fallback run: it streams at once."""
+    assert REPLACEMENT_PIECE == 30140
+    det = IncrementalDetokenizer(TOK, strip_leading_space=False)
+    assert det.push(REPLACEMENT_PIECE) == "\ufffd" == TOK.decode_infilling([REPLACEMENT_PIECE])
+    assert det.flush() == ""
