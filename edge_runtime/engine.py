@@ -25,13 +25,13 @@ import numpy as np
 from . import generator
 from .bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, Bundle, Family, load_bundle
 from .detokenizer import IncrementalDetokenizer
-from .errors import BadRequest, BundleError, ContextLengthExceeded, DeadlineExceeded, UnsupportedMode
+from .errors import BadRequest, BundleError, ConfigError, ContextLengthExceeded, DeadlineExceeded, UnsupportedMode
 from .gqa_decoder import SharedKVDecoder
 from .memory_fit import PREFILL_CHUNK, MemoryPlan, check_bundle_fits, engine_context_limit
 from .onnx_decoder import KVConcatDecoder
 from .profiles import DeviceProfile, load_profile
 from .prompts import PromptPlan, build_prompt
-from .providers import ProviderChoice, choose_providers, import_onnxruntime
+from .providers import GPU_PROVIDERS, ProviderChoice, choose_providers, import_onnxruntime
 from .sampling import Sampler
 from .stopping import StopStringMatcher
 from .tokenizer import CodeLlamaTokenizer
@@ -81,6 +81,11 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, P
     if profile.intra_op_threads > 0:
         options.intra_op_num_threads = profile.intra_op_threads
     options.log_severity_level = 3
+    if uses_cuda_graph(choice) and bundle.graph_flavour != FLAVOUR_GQA_SHARED_KV:
+        raise ConfigError(f"profile {profile.name} enables CUDA graphs (enable_cuda_graph), which need the fused "
+                          f"graph's fixed KV buffers; {bundle.root} holds the {bundle.graph_flavour} graph "
+                          "(export it with --graph fused, or set enable_cuda_graph = \"0\")",
+                          key="execution_providers.options.enable_cuda_graph")
     try:
         session = ort.InferenceSession(str(bundle.graph_path), sess_options=options, providers=choice.providers)
     except Exception as exc:
@@ -89,7 +94,32 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, P
                               f"load ({exc}); it needs onnxruntime 1.32 or newer (the version tested), or export the "
                               "bundle with --kv-cache-bits 0 (a float cache)") from exc
         raise
-    return session, choice
+    return session, check_session_providers(session, choice, profile)
+
+
+def uses_cuda_graph(choice: ProviderChoice) -> bool:
+    """Whether the CUDA provider is chosen with enable_cuda_graph on (decoder: gqa_decoder.py)."""
+    return any(name == "CUDAExecutionProvider" and str(opts.get("enable_cuda_graph", "0")).lower() in ("1", "true")
+               for name, opts in choice.providers)
+
+
+def check_session_providers(session, choice: ProviderChoice, profile: DeviceProfile) -> ProviderChoice:
+    """The providers the session really has. onnxruntime-gpu lists the CUDA provider as
+    available even when the CUDA or cuBLAS libraries it needs are missing; the session
+    then logs an error and runs on the CPU alone. That is the silent CPU fallback the
+    profile forbids: an error unless the fallback is allowed."""
+    got = list(session.get_providers())
+    missing = [name for name, _ in choice.providers if name in GPU_PROVIDERS and name not in got]
+    if not missing or any(name in GPU_PROVIDERS for name in got):
+        return choice
+    msg = (f"onnxruntime could not start {', '.join(missing)} (the session has only {', '.join(got)}): the CUDA "
+           "libraries it loads (cudart, cuBLAS, cuDNN of the CUDA version this onnxruntime-gpu was built for) are "
+           "missing or of another version; onnxruntime's log above names the file")
+    if not profile.allow_cpu_fallback:
+        raise ConfigError(msg + " (or allow the CPU fallback: allow_cpu_fallback = true in the daemon config's "
+                          "[model] table or in the profile)", key="allow_cpu_fallback")
+    log.warning("%s; running on the CPU provider", msg)
+    return ProviderChoice([("CPUExecutionProvider", {})], "cpu", msg + "; running on the CPU provider")
 
 
 def chat_warning(variant: str) -> str:
@@ -135,7 +165,8 @@ class Engine:
             log.info("memory: %s", memory.describe())
         session, choice = make_session(ort, bundle, profile)
         # the fused graph prefills long prompts in chunks: bounded attention scratch (memory_fit.py counts it)
-        extra = {"prefill_chunk": PREFILL_CHUNK} if bundle.graph_flavour == FLAVOUR_GQA_SHARED_KV else {}
+        extra = ({"prefill_chunk": PREFILL_CHUNK, "cuda_graph": uses_cuda_graph(choice)}
+                 if bundle.graph_flavour == FLAVOUR_GQA_SHARED_KV else {})
         decoder = DECODERS[bundle.graph_flavour](ort, session, bundle.architecture, device=choice.device,
                                                  max_length=max_length, **extra)
         tokenizer = CodeLlamaTokenizer.from_file(bundle.tokenizer_path)

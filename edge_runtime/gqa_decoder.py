@@ -27,6 +27,17 @@ Allocation and binding happen once per decoder, not per request:
 
 `prefill` returns only the LAST position's logits, as [1, V] (the graph
 computes no others); the engine and `generator.prefill` take `[-1]` of it.
+
+CUDA graphs (`cuda_graph=True`, from the profile's CUDA provider option
+`enable_cuda_graph = "1"`): onnxruntime records a decode step's kernels once and
+replays them, so a step costs one launch instead of one per node (hundreds at
+7B). A replay reuses the recorded addresses, so the decode step's inputs live in
+device buffers bound once -- the token and `seqlens_k`, written in place with
+`update_inplace` (8 and 4 bytes to the device), and the logits, read back after
+the step. `total_sequence_length` stays on the host: GroupQueryAttention reads it
+there, and a decode step's kernels do not depend on it (positions come from
+`seqlens_k`). Prefill runs are not recorded (`gpu_graph_id` -1): their shapes
+change with every prompt.
 """
 
 from __future__ import annotations
@@ -116,7 +127,7 @@ class SharedKVDecoder:
     last position and present.{i}.key/value (the same buffers)."""
 
     def __init__(self, ort, session, arch: Architecture, *, device: str, max_length: int,
-                 huge_pages: bool = False, prefill_chunk: int | None = None) -> None:
+                 huge_pages: bool = False, prefill_chunk: int | None = None, cuda_graph: bool = False) -> None:
         """`huge_pages`: on the CPU, allocate the KV buffers with numpy (transparent huge
         pages, fully resident after the first prefill) instead of committing 4 KiB
         pages as tokens arrive (the default; see `allocate_host_lazily`).
@@ -124,7 +135,10 @@ class SharedKVDecoder:
         (GroupQueryAttention's subsequent-prompt path; same logits). The CPU kernel's
         scratch for attention scores is heads x chunk x max_length floats, so
         chunking bounds it: 2 GiB for a 4000-token prompt of a 7B at max_length
-        4096 in one shot, 256 MiB in chunks of 512."""
+        4096 in one shot, 256 MiB in chunks of 512.
+        `cuda_graph`: the session was created with the CUDA provider's
+        enable_cuda_graph; keep the decode step's inputs and logits in device buffers
+        and run decode steps as graph 1, prefills unrecorded (module docstring)."""
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be positive, not {prefill_chunk}")
         self.ort = ort
@@ -148,6 +162,17 @@ class SharedKVDecoder:
         self._total_len = np.zeros((), dtype=np.int32)
         self._logits = np.zeros((1, 1, self.vocab_size), dtype=self.logits_dtype)
         self._binding = session.io_binding()
+        self.cuda_graph = cuda_graph
+        self._prefill_options = self._decode_options = None
+        if cuda_graph:
+            self._prefill_options, self._decode_options = ort.RunOptions(), ort.RunOptions()
+            self._prefill_options.add_run_config_entry("gpu_graph_id", "-1")  # not recorded
+            self._decode_options.add_run_config_entry("gpu_graph_id", "1")
+            # device copies of the step's inputs and output, bound once (a replay reuses addresses)
+            on_device = ort.OrtValue.ortvalue_from_numpy
+            self._token_dev = on_device(self._token, device, 0)
+            self._seqlens_dev = on_device(self._seqlens_k, device, 0)
+            self._logits_dev = on_device(self._logits, device, 0)
         self._buffers: list[tuple[DeviceBuffer, DeviceBuffer]] | None = None
         self._active: SharedKVCache | None = None
         self._ids_bound_to_token = False
@@ -177,12 +202,16 @@ class SharedKVDecoder:
         self._buffers = [(buffer(), buffer()) for _ in range(self.arch.num_layers)]
         shape = (1, self.arch.num_kv_heads, self.max_length, self.arch.head_dim)
         b = self._binding
-        b.bind_output("logits", "cpu", 0, self.logits_dtype, self._logits.shape, self._logits.ctypes.data)
+        if self.cuda_graph:
+            b.bind_ortvalue_output("logits", self._logits_dev)
+            b.bind_ortvalue_input("seqlens_k", self._seqlens_dev)
+        else:
+            b.bind_output("logits", "cpu", 0, self.logits_dtype, self._logits.shape, self._logits.ctypes.data)
+            b.bind_input("seqlens_k", "cpu", 0, np.int32, self._seqlens_k.shape, self._seqlens_k.ctypes.data)
         for layer, (k, v) in enumerate(self._buffers):
             for kind, buf in (("key", k), ("value", v)):
                 b.bind_input(f"past_key_values.{layer}.{kind}", self.device, 0, self.kv_dtype, shape, buf.ptr)
                 b.bind_output(f"present.{layer}.{kind}", self.device, 0, self.kv_dtype, shape, buf.ptr)
-        b.bind_input("seqlens_k", "cpu", 0, np.int32, self._seqlens_k.shape, self._seqlens_k.ctypes.data)
         b.bind_input("total_sequence_length", "cpu", 0, np.int32, (), self._total_len.ctypes.data)
 
     # -- steps ----------------------------------------------------------------------------------
@@ -194,11 +223,17 @@ class SharedKVDecoder:
             raise ValueError(f"{total} tokens exceed the KV cache capacity {cache.capacity}")
         return total
 
-    def _run(self, cache: SharedKVCache, total: int, new_tokens: int) -> None:
+    def _run(self, cache: SharedKVCache, total: int, new_tokens: int, options=None) -> None:
         self._seqlens_k[0] = total - 1
         self._total_len[()] = total
-        self.session.run_with_iobinding(self._binding)
+        if self.cuda_graph:
+            self._seqlens_dev.update_inplace(self._seqlens_k)
+        self.session.run_with_iobinding(self._binding, options)
         cache.advance(new_tokens)
+
+    def _last_logits(self) -> np.ndarray:
+        """The logits buffer [1, 1, V]: the host one, or a host copy of the device one."""
+        return self._logits_dev.numpy() if self.cuda_graph else self._logits
 
     def prefill(self, cache: SharedKVCache, ids: np.ndarray) -> np.ndarray:
         """Run the prompt (int64 ids [S]) -- or the next piece of it -- through the graph;
@@ -211,18 +246,23 @@ class SharedKVDecoder:
             total = self._check(cache, chunk.shape[1])
             self._binding.bind_input("input_ids", "cpu", 0, np.int64, chunk.shape, chunk.ctypes.data)
             self._ids_bound_to_token = False
-            self._run(cache, total, chunk.shape[1])
-        return self._logits[0].astype(np.float32)  # a copy: the buffer is reused by decode
+            self._run(cache, total, chunk.shape[1], self._prefill_options)
+        return self._last_logits()[0].astype(np.float32)  # a copy: the buffer is reused by decode
 
     def decode(self, cache: SharedKVCache, token: int) -> np.ndarray:
         """Feed one token; returns the next-token logits [V] (a buffer reused every step)."""
         total = self._check(cache, 1)
         if not self._ids_bound_to_token:
-            self._binding.bind_input("input_ids", "cpu", 0, np.int64, (1, 1), self._token.ctypes.data)
+            if self.cuda_graph:
+                self._binding.bind_ortvalue_input("input_ids", self._token_dev)
+            else:
+                self._binding.bind_input("input_ids", "cpu", 0, np.int64, (1, 1), self._token.ctypes.data)
             self._ids_bound_to_token = True
         self._token[0, 0] = token
-        self._run(cache, total, 1)
-        return self._logits[0, 0]
+        if self.cuda_graph:
+            self._token_dev.update_inplace(self._token)
+        self._run(cache, total, 1, self._decode_options)
+        return self._last_logits()[0, 0]
 
     def all_position_logits(self, cache: SharedKVCache, ids: np.ndarray) -> np.ndarray:
         """Logits [S, V] (float32) of every position of `ids`, one token per run.

@@ -14,6 +14,7 @@ torch fp32. The packaged profiles live in the ``edge_device_profiles`` package
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.resources
 import os
@@ -215,6 +216,15 @@ class DeviceProfile:
         """The `providers` argument for ``onnxruntime.InferenceSession``."""
         return [(p.name, p.ort_options()) for p in self.execution_providers]
 
+    def with_provider_options(self, provider: str, **options: OptionValue) -> "DeviceProfile":
+        """This profile with ``options`` added to ``provider``'s, e.g.
+        ``with_provider_options("CUDAExecutionProvider", enable_cuda_graph="1")``."""
+        if provider not in self.provider_names:
+            raise InvalidField("execution_providers", f"profile {self.name} has no {provider}")
+        providers = tuple(ExecutionProvider(p.name, {**p.options, **options}) if p.name == provider else p
+                          for p in self.execution_providers)
+        return dataclasses.replace(self, execution_providers=providers)
+
 
 # -------------------------------------------------------------------- loading, listing
 
@@ -254,6 +264,17 @@ def _is_path(path_or_name: str | os.PathLike[str]) -> bool:
     if isinstance(path_or_name, os.PathLike):
         return True
     return "/" in path_or_name or os.sep in path_or_name or path_or_name.endswith(".toml")
+
+
+def profile_text(path_or_name: str | os.PathLike[str]) -> str:
+    """The TOML text of a profile: a packaged one by name, or a file by path."""
+    if _is_path(path_or_name):
+        return pathlib.Path(path_or_name).read_text(encoding="utf-8")
+    resource = _packaged_dir() / f"{path_or_name}.toml"
+    if not resource.is_file():
+        raise ConfigError(f"unknown device profile {str(path_or_name)!r}; packaged profiles: "
+                          f"{', '.join(_packaged_names())}")
+    return resource.read_text(encoding="utf-8")
 
 
 def load_profile(path_or_name: str | os.PathLike[str]) -> DeviceProfile:

@@ -181,7 +181,12 @@ def prefix_agreement(a: list[int], b: list[int]) -> float:
 
 def measure(checkpoint: Path, graph: Path, arch: Architecture, tokenizer_path: Path, chat_format: str, *,
             n_tokens: int = 32, corpus_tokens: int = 512, corpus_window: int = CORPUS_WINDOW, threads: int = 0,
-            flavour: str = FLAVOUR_OPTIMUM_KV_CONCAT, progress=None) -> FidelityReport:
+            flavour: str = FLAVOUR_OPTIMUM_KV_CONCAT, progress=None,
+            providers: list | None = None, device: str = "cpu") -> FidelityReport:
+    """Greedy agreement, logit differences and corpus KL divergence of ``graph`` against torch
+    fp32 on ``checkpoint``. The export measures on the CPU provider; ``providers`` (onnxruntime's
+    list, e.g. ``[("CUDAExecutionProvider", {}), "CPUExecutionProvider"]``) with ``device="cuda"``
+    measures the graph as a GPU runs it (tests/engine/test_cuda_provider.py)."""
     import onnxruntime as ort
     import torch
     from transformers import LlamaForCausalLM
@@ -190,12 +195,13 @@ def measure(checkpoint: Path, graph: Path, arch: Architecture, tokenizer_path: P
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(graph), sess_options=options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(graph), sess_options=options,
+                                   providers=providers or ["CPUExecutionProvider"])
     tokenizer = CodeLlamaTokenizer.from_file(tokenizer_path)
     prompts = fidelity_prompt_ids(tokenizer, chat_format)
     windows = corpus_windows(tokenizer, corpus_tokens, corpus_window) if corpus_tokens > 0 else []
     max_len = max([len(ids) + n_tokens for _, ids in prompts] + [len(w) for w in windows])
-    decoder = DECODERS[flavour](ort, session, arch, device="cpu", max_length=max_len)
+    decoder = DECODERS[flavour](ort, session, arch, device=device, max_length=max_len)
 
     rows = []
     for i, (mode, ids) in enumerate(prompts):

@@ -51,6 +51,7 @@ import os
 import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -93,6 +94,8 @@ _ALIGN_LARGE = 64 * 1024  # page/allocation-granularity alignment lets onnxrunti
 _LARGE_TENSOR = 1 << 20
 _ALIGN_SMALL = 64
 _CHUNK_BYTES = 64 << 20  # float32 working set of one conversion slice
+_ROUNDING_THREADS = 8  # round-to-nearest slices quantized at once (memory: up to this many slices)
+_MIN_TASK_ROWS = 256  # rows of a weight per rounding task, at least
 
 
 class GraphBuildError(ValueError):
@@ -539,7 +542,32 @@ class _Builder:
         zero_points: list[np.ndarray] = []
         hinv = self._inverse_hessian(parts[0]) if self.hessians is not None else None
 
+        def rounded_chunks() -> Iterator[np.ndarray]:
+            """Round to nearest, slices of rows on a thread pool (the fp16 -> fp32 casts, the
+            transposes and onnxruntime's quantizer release the GIL), yielded in order."""
+            workers = min(_ROUNDING_THREADS, os.cpu_count() or 1)
+            tasks = []
+            for part in parts:
+                rows = self.reader.shape(part)[0]
+                step = min(rows_per_chunk, max(_MIN_TASK_ROWS, -(-rows // workers)))
+                tasks += [(part, r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+            def task(t: tuple[str, int, int]):
+                part, r0, r1 = t
+                w_kn = np.ascontiguousarray(self.reader.read(part, (r0, r1)).T.astype(dtype))
+                return block_quantize(w_kn, bits=bits, block_size=block, symmetric=opts.symmetric)
+
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for q in pool.map(task, tasks):
+                    scales.append(q.scales)
+                    if q.zero_points is not None:
+                        zero_points.append(q.zero_points)
+                    yield q.packed
+
         def packed_chunks() -> Iterator[np.ndarray]:  # rows of the output dimension N, part by part
+            if hinv is None and not opts.scale_search:
+                yield from rounded_chunks()
+                return
             for part in parts:
                 rows = self.reader.shape(part)[0]
                 for r0 in range(0, rows, rows_per_chunk):

@@ -23,6 +23,7 @@ templates the 7B/13B/34B Instruct and the 70B Instruct checkpoints carry.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -363,8 +364,13 @@ def _random_tensor(
     """One weight as a torch tensor of ``dtype``: N(0, std) or, for norms, ones.
 
     Drawn in float32 blocks of ``_RANDOM_BLOCK`` values written straight into
-    the result, so no full-size float32 copy of a big tensor ever exists.
+    the result, so no full-size float32 copy of a big tensor ever exists. Each
+    block has its own generator, seeded by (a seed drawn from ``rng``, the block's
+    number), so blocks fill on a thread pool (numpy releases the GIL) and the
+    values do not depend on the number of threads.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
 
     storage = np.float16 if dtype == "float16" else np.float32
@@ -373,10 +379,18 @@ def _random_tensor(
         values.fill(1.0)
     else:
         flat = values.reshape(-1)
-        for start in range(0, flat.size, _RANDOM_BLOCK):
-            block = rng.standard_normal(min(_RANDOM_BLOCK, flat.size - start), dtype=np.float32)
+        tensor_seed = int(rng.integers(2**63))
+
+        def fill(number: int) -> None:
+            start = number * _RANDOM_BLOCK
+            block = np.random.default_rng([tensor_seed, number]).standard_normal(
+                min(_RANDOM_BLOCK, flat.size - start), dtype=np.float32)
             block *= std
             flat[start : start + block.size] = block
+
+        blocks = range(-(-flat.size // _RANDOM_BLOCK))
+        with ThreadPoolExecutor(max_workers=min(len(blocks), os.cpu_count() or 1) or 1) as pool:
+            list(pool.map(fill, blocks))
     tensor = torch.from_numpy(values)
     return tensor.to(torch.bfloat16) if dtype == "bfloat16" else tensor
 

@@ -243,3 +243,21 @@ def test_a_gpu_profile_without_its_gpu_provider_refuses_unless_the_fallback_is_a
     assert engine.info.profile == "nvidia-gpu" and engine.info.provider == "CPUExecutionProvider"
     result = engine.complete(GenerationRequest(mode="complete", prompt="def f():", max_tokens=4, sampling=GREEDY))
     assert result.usage.completion_tokens == 4
+
+
+def test_a_gpu_provider_that_onnxruntime_lists_but_cannot_start_is_not_a_silent_cpu_run(tiny_bundle, monkeypatch):
+    """onnxruntime-gpu lists the CUDA provider even when the CUDA libraries it needs are
+    missing; the session then quietly has the CPU provider alone. (A CPU onnxruntime told
+    the provider is available behaves the same way.)"""
+    import onnxruntime
+
+    from edge_runtime.errors import ConfigError
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(ConfigError, match="could not start CUDAExecutionProvider .*only CPUExecutionProvider"):
+        Engine.from_bundle(tiny_bundle, "nvidia-gpu")
+    engine = Engine.from_bundle(tiny_bundle, "nvidia-gpu", allow_cpu_fallback=True)
+    assert engine.info.provider == "CPUExecutionProvider" and engine.decoder.device == "cpu"
+    result = engine.complete(GenerationRequest(mode="complete", prompt="def f():", max_tokens=4, sampling=GREEDY))
+    assert result.usage.completion_tokens == 4

@@ -38,14 +38,14 @@ def build(checkpoint: Path, out_dir: Path, precision: str = "fp32", **kwargs) ->
     return files[0]
 
 
-def decoder_for(graph: Path, checkpoint: Path, max_length: int = MAX_LENGTH) -> SharedKVDecoder:
+def decoder_for(graph: Path, checkpoint: Path, max_length: int = MAX_LENGTH, **kwargs) -> SharedKVDecoder:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(str(graph), sess_options=options, providers=["CPUExecutionProvider"])
     return SharedKVDecoder(ort, session, read_checkpoint(checkpoint).architecture, device="cpu",
-                           max_length=max_length)
+                           max_length=max_length, **kwargs)
 
 
 def greedy(decoder: SharedKVDecoder, ids: list[int], n: int) -> list[int]:
@@ -106,6 +106,22 @@ def test_decode_logits_match_torch_at_every_step(tiny_checkpoint, float_case):
         logits = decoder.decode(cache, token)
         assert np.abs(logits - ref[len(ids) + i]).max() < 1e-4
     assert cache.length == len(ids) + len(continuation)
+
+
+def test_cuda_graph_mode_step_inputs_in_bound_buffers_match_torch(tiny_checkpoint, float_case):
+    """The CUDA-graph mode's binding (token, seqlens_k and logits in OrtValues bound once and
+    written with update_inplace; graph ids in the run options) on the CPU provider: prefill,
+    every decode step and a second request give torch's logits. On a GPU the same binding is
+    recorded and replayed (tests/engine/test_cuda_provider.py)."""
+    checkpoint, graph = float_case
+    decoder = decoder_for(graph, checkpoint, cuda_graph=True)
+    for ids in (PROMPTS[0], PROMPTS[1]):
+        continuation = torch_reference.greedy(checkpoint, ids, 8)
+        ref = torch_reference.prompt_logits(checkpoint, ids + continuation)
+        cache = decoder.new_cache(len(ids) + len(continuation))
+        assert np.abs(decoder.prefill(cache, np.asarray(ids))[-1] - ref[len(ids) - 1]).max() < 1e-4
+        for i, token in enumerate(continuation):
+            assert np.abs(decoder.decode(cache, token) - ref[len(ids) + i]).max() < 1e-4
 
 
 def test_chunked_prefill_equals_one_shot(tiny_checkpoint, float_case):

@@ -1,0 +1,375 @@
+"""Decode speed on an NVIDIA GPU against the GPU's roofline (issue #8, the GPU half).
+
+    python benchmarks/gpu_decode.py --synthetic-7b /tmp/7b --out results/gpu-7b   # int4 and fp16, 32 layers
+    python benchmarks/gpu_decode.py --bundle bundles/codellama-7b-int4 --out results/gpu-mine
+
+Runs our engine as the daemon does -- ``Engine.from_bundle`` with the nvidia-gpu
+profile: the CUDA provider, the KV cache in device memory bound with I/O binding, one
+decode step = token in, logits out -- and, per bundle, the same with CUDA graphs
+(the profile's CUDA option ``enable_cuda_graph = "1"``: each decode step replays one
+recording instead of launching every node; gqa_decoder.py).
+
+What it does:
+
+1. ``--synthetic-7b DIR``: builds (once) a Code Llama 7B-shaped checkpoint with random
+   fp16 weights (``build_checkpoint_streamed``; ``--layers`` fewer for a quick run) and
+   exports it with ``edge-runtime export --profile nvidia-gpu`` at each ``--precision``,
+   the exports running side by side. Random weights: speed and size do not depend on the
+   values, so the export rounds to nearest without the profile's scale search and GPTQ
+   (the same bytes and kernels; ``--profile-recipe`` keeps them) and skips fidelity.
+2. measures the GPU's memory bandwidth: the best of several runs of a one-node onnxruntime
+   graph (Neg) over a ``--bandwidth-mib`` float16 tensor in device memory, counting bytes
+   read plus bytes written (the issue's "large array copy"); and, where PyTorch sees the
+   GPU, a device-to-device ``copy_`` of the same size. The roofline divides the higher.
+3. per bundle and variant, in a fresh process: session load; a ``--prefill-tokens`` prompt
+   (best of 3: prefill tokens/s, time to first token = prefill + the first greedy pick);
+   per context C, prefill C tokens, three untimed steps (onnxruntime records the CUDA graph
+   on the second), then ``--decode-tokens`` steps, each a decode and a greedy pick:
+   tokens/s = 1 / the median step; the GPU memory the process holds (nvidia-smi).
+4. the roofline: bandwidth / bytes a decode step must read -- the weights (every
+   initializer but the token-embedding table, of which one row) plus the KV cache held at
+   context C (2 x layers x kv heads x head dim x C x 2 bytes).
+
+Prints one table; ``--out PREFIX`` writes PREFIX.json and PREFIX.png. The peers of the
+CPU benchmark (onnxruntime-genai, llama.cpp) are not run here: they need CUDA builds of
+their own (benchmarks/peers.py runs them on the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_graphs import prompt_ids  # noqa: E402
+from peers import (  # noqa: E402  (the byte counting and plot the CPU benchmark uses)
+    kv_bytes_per_token,
+    onnx_kv_element_bytes,
+    onnx_weight_bytes,
+    plot,
+    roofline_tokens_per_s,
+)
+
+PROFILE = "nvidia-gpu"
+VARIANTS = ("cuda", "cuda-graph")
+CUDA = "CUDAExecutionProvider"
+
+
+def say(text: str) -> None:
+    print(f"[gpu-decode] {text}", file=sys.stderr, flush=True)
+
+
+# -- steps (each in a fresh process) ---------------------------------------------------------------------------
+def step_bandwidth(a) -> dict:
+    """GB/s (read + written) of a float16 Neg over a --bandwidth-mib tensor on the GPU."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    n = a.bandwidth_mib * 2**20 // 2
+    graph = helper.make_graph([helper.make_node("Neg", ["x"], ["y"])], "copy",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=[CUDA])
+    x = ort.OrtValue.ortvalue_from_shape_and_type((n,), np.float16, "cuda", 0)
+    y = ort.OrtValue.ortvalue_from_shape_and_type((n,), np.float16, "cuda", 0)
+    binding = session.io_binding()
+    binding.bind_ortvalue_input("x", x)
+    binding.bind_ortvalue_output("y", y)
+    times = []
+    for _ in range(a.bandwidth_runs):
+        t0 = time.perf_counter()
+        session.run_with_iobinding(binding)  # synchronizes the stream at the end
+        times.append(time.perf_counter() - t0)
+    result = {"bytes": 4 * n, "onnxruntime_neg_gbps": 4 * n / min(times[1:]) / 1e9}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            src = torch.empty(n, dtype=torch.float16, device="cuda")
+            dst = torch.empty_like(src)
+            best = float("inf")
+            for _ in range(a.bandwidth_runs):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                dst.copy_(src)
+                torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - t0)
+            result["torch_copy_gbps"] = 4 * n / best / 1e9
+    except ImportError:
+        pass
+    result["gbps"] = max(v for k, v in result.items() if k.endswith("_gbps"))
+    return result
+
+
+def gpu_memory_used_mib(pid: int) -> int | None:
+    """What nvidia-smi says process `pid` holds on the GPU (None without nvidia-smi)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) == 2 and fields[0] == str(pid) and fields[1].isdigit():
+            return int(fields[1])
+    return None
+
+
+def _timed_steps(decode, token: int, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        token = int(np.argmax(decode(token)))
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def step_run(a) -> dict:
+    """One bundle, one variant: load, prefill/TTFT, decode tokens/s per context."""
+    from edge_runtime.engine import Engine
+    from edge_runtime.profiles import load_profile
+
+    profile = load_profile(a.profile)
+    if a.variant == "cuda-graph":
+        profile = profile.with_provider_options(CUDA, enable_cuda_graph="1")
+    t0 = time.perf_counter()
+    engine = Engine.from_bundle(a.bundle, profile=profile)
+    load_s = time.perf_counter() - t0
+    if engine.info.provider != CUDA or engine.decoder.device != "cuda":
+        raise SystemExit(f"the engine runs on {engine.info.provider}, not on the GPU")
+    d, vocab = engine.decoder, engine.bundle.architecture.vocab_size
+    d.prefill(d.new_cache(20), prompt_ids(16, vocab, 1))  # warm-up
+    ids = prompt_ids(a.prefill_tokens, vocab, 0)
+    prefill_s = ttft_s = float("inf")
+    for _ in range(3):
+        cache = d.new_cache(len(ids) + 1)
+        t0 = time.perf_counter()
+        logits = d.prefill(cache, ids)
+        t1 = time.perf_counter()
+        int(np.argmax(logits[-1]))
+        t2 = time.perf_counter()
+        prefill_s, ttft_s = min(prefill_s, t1 - t0), min(ttft_s, t2 - t0)
+    decode, best = {}, {}
+    for ctx in a.contexts:
+        cache = d.new_cache(ctx + a.decode_tokens + 4)
+        token = int(np.argmax(d.prefill(cache, prompt_ids(ctx, vocab, 2))[-1]))
+        for _ in range(3):  # not timed: the first steps allocate, and record the CUDA graph
+            token = int(np.argmax(d.decode(cache, token)))
+        times = _timed_steps(lambda t: d.decode(cache, t), token, a.decode_tokens)
+        decode[ctx], best[ctx] = 1.0 / statistics.median(times), 1.0 / min(times)
+    return {"bundle": str(a.bundle), "variant": a.variant, "precision": engine.bundle.precision,
+            "load_s": load_s, "prefill_tokens": len(ids), "prefill_tokens_per_s": len(ids) / prefill_s,
+            "ttft_ms": ttft_s * 1000, "decode_tokens_per_s": decode, "decode_best_tokens_per_s": best,
+            "gpu_memory_mib": gpu_memory_used_mib(os.getpid()), "providers": engine.session.get_providers()}
+
+
+STEPS = {"bandwidth": step_bandwidth, "run": step_run}
+
+
+def run_step(name: str, args: list[str]) -> dict:
+    """A step in a fresh interpreter; its JSON result (the last line it prints)."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--step", name, *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"step {name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- preparing bundles -----------------------------------------------------------------------------------------
+def speed_profile(profile: str, work: Path) -> Path:
+    """`profile` without the scale search (values only; same bytes and kernels), as a file."""
+    from edge_runtime.profiles import profile_text
+
+    fast, n = re.subn(r"(?m)^scale_search\s*=\s*true", "scale_search = false", profile_text(profile))
+    if n != 1:
+        raise SystemExit(f"profile {profile}: no `scale_search = true` line to turn off")
+    path = work / f"{Path(profile).stem}-speed.toml"
+    path.write_text(fast)
+    return path
+
+
+def export_bundles(checkpoint: Path, work: Path, precisions: list[str], *, profile: str, profile_recipe: bool,
+                   max_context: int) -> list[Path]:
+    """Export `checkpoint` at each precision, side by side; the bundle folders."""
+    profile = profile if profile_recipe else str(speed_profile(profile, work))
+    procs = {}
+    for precision in precisions:
+        out = work / precision
+        cmd = [sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(checkpoint), "--profile", profile,
+               "--precision", precision, "--output", str(out), "--force", "--skip-fidelity", "--allow-degraded",
+               "--max-context", str(max_context)]
+        if not profile_recipe:
+            cmd += ["--algorithm", "rtn"]
+        log = open(work / f"export-{precision}.log", "w")
+        procs[precision] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, time.perf_counter())
+    bundles = []
+    for precision, (proc, log, t0) in procs.items():
+        rc = proc.wait()
+        log.close()
+        if rc != 0:
+            raise SystemExit(f"export {precision} failed:\n{(work / f'export-{precision}.log').read_text()[-3000:]}")
+        say(f"exported {precision} in {time.perf_counter() - t0:.0f} s")
+        bundles.append(work / precision)
+    return bundles
+
+
+# -- the table -------------------------------------------------------------------------------------------------
+def bundle_facts(bundle: Path) -> dict:
+    from edge_runtime.bundle import load_bundle
+
+    b = load_bundle(bundle)
+    arch = b.architecture
+    total, per_token = onnx_weight_bytes(b.graph_path)
+    return {"model_bytes": sum(p.stat().st_size for p in bundle.iterdir() if p.name.startswith("model.onnx")),
+            "weight_bytes_per_token": per_token, "kv_element_bytes": onnx_kv_element_bytes(b.graph_path),
+            "layers": arch.num_layers, "kv_heads": arch.num_kv_heads, "head_dim": arch.head_dim}
+
+
+def add_roofline(row: dict, facts: dict, gbps: float) -> dict:
+    row = {**row, **facts, "roofline_percent": {}, "roofline_tokens_per_s": {}}
+    for ctx, tps in row["decode_tokens_per_s"].items():
+        kv = kv_bytes_per_token(layers=facts["layers"], kv_heads=facts["kv_heads"], head_dim=facts["head_dim"],
+                                context=int(ctx), element_bytes=facts["kv_element_bytes"])
+        roof = roofline_tokens_per_s(gbps * 1e9, facts["weight_bytes_per_token"], kv)
+        row["roofline_tokens_per_s"][ctx] = roof
+        row["roofline_percent"][ctx] = 100.0 * tps / roof
+    return row
+
+
+def format_table(rows: list[dict], contexts: list[int]) -> str:
+    header = ["bundle", "variant", "precision", "model", "load", "prefill tok/s", "TTFT"]
+    header += [f"decode tok/s @{c}" for c in contexts] + [f"% roofline @{c}" for c in contexts] + ["GPU memory"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [Path(r["bundle"]).name, r["variant"], r["precision"], f"{r['model_bytes'] / 2**30:.2f} GiB",
+                 f"{r['load_s']:.1f} s", f"{r['prefill_tokens_per_s']:.0f}", f"{r['ttft_ms']:.1f} ms"]
+        cells += [f"{r['decode_tokens_per_s'][c]:.1f}" for c in contexts]
+        cells += [f"{r['roofline_percent'][c]:.0f}%" for c in contexts]
+        cells += [f"{r['gpu_memory_mib']} MiB" if r.get("gpu_memory_mib") else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--step", choices=sorted(STEPS), help=argparse.SUPPRESS)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--bundle", type=Path, action="append", help="a bundle to run (repeatable)")
+    source.add_argument("--synthetic-7b", type=Path, metavar="DIR",
+                        help="build (once) a 7B-shaped random checkpoint in DIR and export it at each --precision")
+    p.add_argument("--layers", type=int, default=32, help="--synthetic-7b: decoder layers (default 32, as 7B)")
+    p.add_argument("--precision", nargs="+", default=["int4", "fp16"], help="--synthetic-7b: precisions to export")
+    p.add_argument("--profile-recipe", action="store_true",
+                   help="--synthetic-7b: export with the profile's own recipe (scale search, GPTQ): slower, same speed")
+    p.add_argument("--workdir", type=Path, help="--synthetic-7b: where the bundles go (default: a temporary folder)")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="--synthetic-7b with --workdir: build and export, then stop (run later with --bundle)")
+    p.add_argument("--profile", default=PROFILE)
+    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--max-context", type=int, default=4096, help="--synthetic-7b: the bundles' context limit")
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 1024, 2048])
+    p.add_argument("--table-contexts", type=int, nargs="+", default=[128, 2048])
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--bandwidth-mib", type=int, default=2048)
+    p.add_argument("--bandwidth-runs", type=int, default=10)
+    p.add_argument("--out", type=Path, help="write OUT.json and OUT.png")
+    return p.parse_args(argv)
+
+
+def step_args(a, **extra) -> list[str]:
+    args = ["--profile", a.profile, "--prefill-tokens", str(a.prefill_tokens), "--decode-tokens", str(a.decode_tokens),
+            "--bandwidth-mib", str(a.bandwidth_mib), "--bandwidth-runs", str(a.bandwidth_runs),
+            "--contexts", *map(str, a.contexts)]
+    for key, value in extra.items():
+        args += ["--" + key.replace("_", "-"), str(value)]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    if a.step:
+        if a.step == "run":
+            a.bundle = a.bundle[0]
+        print(json.dumps(STEPS[a.step](a)))
+        return 0
+    if a.prepare_only and not (a.synthetic_7b and a.workdir):
+        raise SystemExit("--prepare-only needs --synthetic-7b and --workdir")
+    import onnxruntime as ort
+
+    if CUDA not in ort.get_available_providers() and not a.prepare_only:
+        raise SystemExit(f"onnxruntime {ort.__version__} has no {CUDA}: install onnxruntime-gpu on a machine with "
+                         "an NVIDIA GPU (README: Install)")
+    temporary = None
+    if a.synthetic_7b:
+        from edge_export.synthetic import build_checkpoint_streamed
+
+        if not (a.synthetic_7b / "config.json").is_file():
+            say(f"building a 7B-shaped checkpoint ({a.layers} layers) in {a.synthetic_7b} ...")
+            t0 = time.perf_counter()
+            build_checkpoint_streamed(a.synthetic_7b, num_layers=a.layers)
+            say(f"built in {time.perf_counter() - t0:.0f} s")
+        work = a.workdir or Path(tempfile.mkdtemp(prefix="gpu-decode-"))
+        temporary = None if a.workdir else work
+        work.mkdir(parents=True, exist_ok=True)
+        bundles = export_bundles(a.synthetic_7b, work, a.precision, profile=a.profile,
+                                 profile_recipe=a.profile_recipe, max_context=a.max_context)
+        if a.prepare_only:
+            print("\n".join(map(str, bundles)))
+            return 0
+    elif a.bundle:
+        bundles = a.bundle
+    else:
+        raise SystemExit("give --bundle or --synthetic-7b")
+    try:
+        bandwidth = run_step("bandwidth", step_args(a))
+        say("bandwidth: " + ", ".join(f"{k} {v:.0f}" for k, v in bandwidth.items() if k.endswith("gbps")) + " GB/s")
+        rows, failures = [], {}
+        for bundle in bundles:
+            facts = bundle_facts(bundle)
+            for variant in a.variants:
+                try:
+                    row = run_step("run", step_args(a, bundle=bundle, variant=variant))
+                except RuntimeError as exc:
+                    failures[f"{bundle.name}/{variant}"] = str(exc)
+                    say(f"{bundle.name} {variant} failed: {str(exc)[-1500:]}")
+                    continue
+                row["decode_tokens_per_s"] = {int(c): v for c, v in row["decode_tokens_per_s"].items()}
+                rows.append(add_roofline(row, facts, bandwidth["gbps"]))
+                say(f"{bundle.name} {variant}: " + ", ".join(f"{v:.1f} tok/s @{c}"
+                                                           for c, v in row["decode_tokens_per_s"].items()))
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+    print(f"GPU memory bandwidth (read + written): {bandwidth['gbps']:.0f} GB/s "
+          f"({', '.join(f'{k[:-5]} {v:.0f}' for k, v in bandwidth.items() if k.endswith('_gbps'))})")
+    print(format_table(rows, [c for c in a.table_contexts if c in a.contexts]))
+    for name, why in failures.items():
+        print(f"{name}: failed ({why.strip().splitlines()[-1] if why.strip() else 'no message'})")
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.with_suffix(".json").write_text(json.dumps({"bandwidth": bandwidth, "rows": rows, "failures": failures},
+                                                         indent=2))
+        for row in rows:
+            row["engine"] = f"{Path(row['bundle']).name} {row['variant']}"
+        why = plot(rows, a.out.with_suffix(".png"), "decode tokens/s on the GPU, batch 1")
+        if why:
+            print(why)
+    return 1 if failures and not rows else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU checks of issue #8, on a machine with an NVIDIA GPU and onnxruntime-gpu installed:
+#
+#     bash scripts/gpu-check.sh [OUT_DIR]          # default OUT_DIR: gpu-check
+#
+# 1. the tests marked `gpu` (tests/engine/test_cuda_provider.py): the nvidia-gpu profile's
+#    int4 and fp16 bundles of the demo model on the CUDA provider against torch, the KV
+#    cache in device memory, every node on the GPU, CUDA graphs giving plain CUDA's tokens;
+# 2. benchmarks/gpu_decode.py on a Code Llama 7B-shaped random checkpoint, int4 and fp16,
+#    with and without CUDA graphs, against the GPU's measured bandwidth. The checkpoint
+#    and the exports (CPU work) run while the tests do; the timed part runs alone.
+#
+# Environment: PYTHON (default python3), LAYERS (decoder layers of the 7B-shaped
+# checkpoint, default 32), WORKDIR (checkpoint and bundles; default a temporary folder).
+set -uo pipefail
+out=${1:-gpu-check}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+"$py" -c "import onnxruntime as o, sys; p = o.get_available_providers(); print('onnxruntime', o.__version__, p); \
+sys.exit(0 if 'CUDAExecutionProvider' in p else 'onnxruntime has no CUDAExecutionProvider: install onnxruntime-gpu')" || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+work=${WORKDIR:-$(mktemp -d)}
+"$py" benchmarks/gpu_decode.py --synthetic-7b "$work/checkpoint" --layers "${LAYERS:-32}" --workdir "$work/bundles" \
+    --prepare-only >"$out/prepare.log" 2>&1 &
+prepare=$!
+"$py" -m pytest -m gpu -v -p no:cacheprovider tests/engine/test_cuda_provider.py 2>&1 | tee "$out/pytest-gpu.log"
+tests=${PIPESTATUS[0]}
+if ! wait "$prepare"; then
+    tail -50 "$out/prepare.log"
+    exit 1
+fi
+"$py" benchmarks/gpu_decode.py --bundle "$work/bundles/int4" --bundle "$work/bundles/fp16" --out "$out/gpu-decode" \
+    2>&1 | tee "$out/gpu-decode.log"
+bench=${PIPESTATUS[0]}
+[ -z "${WORKDIR:-}" ] && rm -rf "$work"
+echo "gpu tests: exit $tests; benchmark: exit $bench"
+exit $(( tests || bench ))
