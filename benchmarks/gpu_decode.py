@@ -80,7 +80,8 @@ def step_bandwidth(a) -> dict:
     graph = helper.make_graph([helper.make_node("Neg", ["x"], ["y"])], "copy",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [n])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [n])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    # IR version 9: what onnxruntime >= 1.16 reads (a newer onnx package writes a newer one by default)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     session = ort.InferenceSession(model.SerializeToString(), providers=[CUDA])
     x = ort.OrtValue.ortvalue_from_shape_and_type((n,), np.float16, "cuda", 0)
     y = ort.OrtValue.ortvalue_from_shape_and_type((n,), np.float16, "cuda", 0)

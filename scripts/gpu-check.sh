@@ -23,7 +23,7 @@ work=${WORKDIR:-$(mktemp -d)}
 "$py" benchmarks/gpu_decode.py --synthetic-7b "$work/checkpoint" --layers "${LAYERS:-32}" --workdir "$work/bundles" \
     --prepare-only >"$out/prepare.log" 2>&1 &
 prepare=$!
-"$py" -m pytest -m gpu -v -p no:cacheprovider tests/engine/test_cuda_provider.py 2>&1 | tee "$out/pytest-gpu.log"
+"$py" -m pytest -m gpu -v -rA -p no:cacheprovider tests/engine/test_cuda_provider.py 2>&1 | tee "$out/pytest-gpu.log"
 tests=${PIPESTATUS[0]}
 if ! wait "$prepare"; then
     tail -50 "$out/prepare.log"

@@ -27,8 +27,10 @@ def with_cuda_graph(profile):
 
 @pytest.fixture(scope="module")
 def gpu_bundles(demo_checkpoint, tmp_path_factory, exporter):
+    # the export's own check runs on the CPU provider; the tests below hold the CUDA provider to the bar
     root = tmp_path_factory.mktemp("gpu-bundles")
-    return {precision: exporter(demo_checkpoint, root / precision, precision=precision, profile="nvidia-gpu")
+    return {precision: exporter(demo_checkpoint, root / precision, precision=precision, profile="nvidia-gpu",
+                                allow_degraded=True)
             for precision in ("int4", "fp16")}
 
 
@@ -58,10 +60,14 @@ def test_cuda_provider_meets_the_profiles_fidelity_bar_against_torch(gpu_bundles
                               bundle.chat_format, corpus_tokens=512, flavour=bundle.graph_flavour,
                               providers=[("CUDAExecutionProvider", {"device_id": "0"}), "CPUExecutionProvider"],
                               device="cuda")
+    on_cpu = bundle.manifest["fidelity"]
+    print(f"{precision}: CUDA greedy agreement {report.greedy_agreement:.3f}, max logit diff "
+          f"{report.max_logit_diff:.3f}, KL {report.kl_divergence_mean:.3g}; the export's CPU provider: "
+          f"{on_cpu['greedy_agreement']:.3f}, {on_cpu['max_logit_diff']:.3f}, {on_cpu['kl_divergence_mean']:.3g}")
     min_agree, max_diff = load_profile("nvidia-gpu").fidelity.for_precision(precision)
     assert report.greedy_agreement >= min_agree and report.max_logit_diff <= max_diff, report.as_manifest()
-    on_cpu = bundle.manifest["fidelity"]["kl_divergence_mean"]
-    assert abs(report.kl_divergence_mean - on_cpu) <= 0.25 * on_cpu + 2e-4, (report.kl_divergence_mean, on_cpu)
+    kl_cpu = on_cpu["kl_divergence_mean"]
+    assert abs(report.kl_divergence_mean - kl_cpu) <= 0.25 * kl_cpu + 2e-4, (report.kl_divergence_mean, kl_cpu)
 
 
 def test_cuda_graph_decoding_gives_the_tokens_of_plain_cuda(gpu_bundles):
