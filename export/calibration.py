@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import CheckpointInfo
+from .checkpoint import CheckpointInfo, torch_config
 
 CALIBRATION_TEXT = Path(__file__).resolve().parent / "assets" / "gptq-calibration.txt"
 CALIBRATION_WINDOW = 512
@@ -113,7 +113,6 @@ class LayerwiseHessians:
 
     def __init__(self, info: CheckpointInfo, windows: Sequence[Sequence[int]]) -> None:
         import torch
-        from transformers import LlamaConfig
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         from .graph_builder import SafetensorsReader
@@ -121,7 +120,7 @@ class LayerwiseHessians:
         if not windows:
             raise ValueError("no calibration windows")
         self.reader = SafetensorsReader(info.weight_files)
-        self.config = LlamaConfig(**{k: v for k, v in info.config.items() if k != "torch_dtype"})
+        self.config = torch_config(info.config)
         self.config._attn_implementation = "sdpa"  # causal without a mask
         self.num_layers = int(self.config.num_hidden_layers)
         self.tokens = sum(len(w) for w in windows)

@@ -8,6 +8,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edge_runtime.bundle import Architecture, Family
 from edge_runtime.errors import BadRequest
@@ -63,6 +64,37 @@ def detect_chat_format(folder: Path, step_id: int | None = None) -> str:
     return family_detection.detect_chat_format(folder, step_id).name
 
 
+def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """The RoPE settings of a config.json, written by transformers 4 (top-level ``rope_theta``
+    and ``rope_scaling``) or 5 (one ``rope_parameters`` table: ``rope_theta``, ``rope_type``
+    and the scaling's keys). Reading only ``rope_theta`` would take a transformers-5
+    checkpoint's base for 10000 -- Code Llama's is 1000000 -- and every position would be
+    rotated wrongly."""
+    params = dict(config.get("rope_parameters") or {})
+    params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    scaling = config.get("rope_scaling") or {}
+    if scaling:
+        params.setdefault("rope_type", scaling.get("rope_type") or scaling.get("type"))
+        params = {**scaling, **params}
+    params.setdefault("rope_type", "default")
+    return params
+
+
+def rope_theta(config: dict[str, Any]) -> float:
+    return float(rope_parameters(config)["rope_theta"])
+
+
+def torch_config(config: dict[str, Any]):
+    """transformers' LlamaConfig for a config.json, with the RoPE base of `rope_parameters()`
+    whichever transformers wrote the file (transformers 4 would default a transformers-5
+    file's base to 10000)."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(**{k: v for k, v in config.items() if k != "torch_dtype"})
+    cfg.rope_theta = rope_theta(config)
+    return cfg
+
+
 def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> CheckpointInfo:
     """Read `folder`; `variant` (base / python / instruct) overrides the detected variant."""
     path = Path(folder).resolve()
@@ -97,7 +129,7 @@ def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> Checkp
         head_dim=int(config.get("head_dim") or hidden // heads),
         hidden_size=hidden,
         vocab_size=int(config["vocab_size"]),
-        rope_theta=float(config.get("rope_theta", 10000.0)),
+        rope_theta=rope_theta(config),
         max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
     )
 

@@ -17,6 +17,7 @@ tokens), both models decode greedily for N tokens from the same prompt ids:
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from edge_runtime.engine import DECODERS
 from edge_runtime.prompts import build_prompt
 from edge_runtime.tokenizer import CodeLlamaTokenizer
 from edge_runtime.types import GenerationRequest
+
+from .checkpoint import torch_config
 
 COMPLETION_PROMPTS = (
     "def fibonacci(n):\n    ",
@@ -191,7 +194,8 @@ def measure(checkpoint: Path, graph: Path, arch: Architecture, tokenizer_path: P
     import torch
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    config = torch_config(json.loads((Path(checkpoint) / "config.json").read_text()))
+    model = LlamaForCausalLM.from_pretrained(str(checkpoint), config=config, dtype=torch.float32).eval()
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from .checkpoint import CheckpointInfo
+from .checkpoint import CheckpointInfo, rope_parameters
 from .gptq import InverseHessian, gptq_quantize, inverse_hessian
 
 if TYPE_CHECKING:
@@ -755,9 +755,10 @@ class _Builder:
 def check_supported(info: CheckpointInfo) -> None:
     """Refuse Llama variants the graph does not express (with the reason)."""
     cfg, arch = info.config, info.architecture
-    if cfg.get("rope_scaling"):
-        raise GraphBuildError(f"{info.name}: rope_scaling {cfg['rope_scaling']!r} is not supported "
-                              "(Code Llama uses plain RoPE)")
+    rope = rope_parameters(cfg)
+    if rope["rope_type"] != "default":
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        raise GraphBuildError(f"{info.name}: RoPE scaling {scaling!r} is not supported (Code Llama uses plain RoPE)")
     for flag in ("attention_bias", "mlp_bias"):
         if cfg.get(flag):
             raise GraphBuildError(f"{info.name}: {flag}=true is not supported")

@@ -401,3 +401,45 @@ def test_scale_search_keeps_float16_scales_and_rounds_against_them():
     err = {name: float(((dequantize_reference(q, 256, bits=4, block_size=32) - ref) ** 2).sum())
            for name, q in (("rtn", rtn), ("mse", mse))}
     assert err["mse"] < err["rtn"]
+
+
+def _as_transformers5_config(checkpoint: Path, out: Path, **rope) -> Path:
+    """A copy of `checkpoint` whose config.json is written the transformers-5 way: RoPE in one
+    `rope_parameters` table, no top-level rope_theta / rope_scaling."""
+    import json
+    import shutil
+
+    shutil.copytree(checkpoint, out)
+    config = json.loads((out / "config.json").read_text())
+    theta = config.pop("rope_theta")
+    config.pop("rope_scaling", None)
+    config["rope_parameters"] = {"rope_theta": theta, "rope_type": "default", **rope}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_a_transformers5_config_gives_the_graph_of_the_transformers4_one(tiny_checkpoint, tmp_path):
+    """transformers >= 5 saves rope_theta inside rope_parameters; read as the default base
+    (10000 for Code Llama's 1000000) every rotation would be wrong."""
+    v5 = _as_transformers5_config(tiny_checkpoint, tmp_path / "v5")
+    assert read_checkpoint(v5).architecture.rope_theta == read_checkpoint(tiny_checkpoint).architecture.rope_theta
+    assert read_checkpoint(v5).architecture.rope_theta == 1_000_000.0
+    graphs = [build(c, tmp_path / f"graph-{i}") for i, c in enumerate((tiny_checkpoint, v5))]
+    data = [(g.parent / "model.onnx.data").read_bytes() for g in graphs]
+    assert data[0] == data[1]
+
+
+def test_rope_scaling_in_rope_parameters_is_refused(tiny_checkpoint, tmp_path):
+    v5 = _as_transformers5_config(tiny_checkpoint, tmp_path / "v5-linear", rope_type="linear", factor=2.0)
+    with pytest.raises(GraphBuildError, match="RoPE scaling .*linear.* not supported"):
+        build(v5, tmp_path / "graph")
+
+
+def test_a_transformers5_checkpoint_exports_at_full_fidelity(tiny_checkpoint, tmp_path, exporter):
+    """The export's torch reference and GPTQ calibration read the RoPE base the same way."""
+    import json
+
+    v5 = _as_transformers5_config(tiny_checkpoint, tmp_path / "v5")
+    bundle = exporter(v5, tmp_path / "bundle", precision="fp32")
+    fidelity = json.loads((bundle / "bundle.json").read_text())["fidelity"]
+    assert fidelity["greedy_agreement"] == 1.0 and fidelity["max_logit_diff"] < 1e-3
