@@ -25,10 +25,13 @@ class DeviceBuffer:
 
 
 def allocate(ort, n_elements: int, dtype: np.dtype, device: str) -> DeviceBuffer:
+    """A zeroed buffer. On a device it is copied from a host array of zeros: untouched pages
+    of np.zeros all map the kernel's zero page, so the copy commits no host memory. Zeroed
+    like the host buffers, so no kernel ever reads leftovers of an earlier allocation."""
+    arr = np.zeros(n_elements, dtype=dtype)
     if device == "cpu":
-        arr = np.zeros(n_elements, dtype=dtype)
         return DeviceBuffer(arr.ctypes.data, arr)
-    value = ort.OrtValue.ortvalue_from_shape_and_type((n_elements,), dtype, device, 0)
+    value = ort.OrtValue.ortvalue_from_numpy(arr, device, 0)
     return DeviceBuffer(value.data_ptr(), value)
 
 

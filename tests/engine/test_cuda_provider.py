@@ -120,3 +120,31 @@ def test_every_node_of_a_decode_step_runs_on_the_gpu(gpu_bundles, tmp_path):
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     by_provider = Counter((e["args"]["op_name"], e["args"]["provider"]) for e in nodes)
     assert nodes and {p for _, p in by_provider} == {"CUDAExecutionProvider"}, by_provider
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_fp16_graph_steps_on_cuda_equal_the_cpu_providers(tiny_checkpoint, tmp_path, chunks):
+    """One float16 graph on the two providers, step by step (prefill in `chunks` pieces, then
+    teacher-forced decode steps): the first step that differs says which path is off."""
+    import onnxruntime as ort
+
+    from edge_export.checkpoint import read_checkpoint
+    from edge_export.graph_builder import build_decoder_graph
+    from edge_runtime.gqa_decoder import SharedKVDecoder
+
+    info = read_checkpoint(tiny_checkpoint)
+    graph = build_decoder_graph(info, tmp_path / "model.onnx", precision="fp16", max_length=128)[0]
+    ids = np.asarray([1, 822, 18755, 29898, 29876, 1125, 13, 1678])
+    steps = {}
+    for device, providers in (("cpu", ["CPUExecutionProvider"]),
+                              ("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"])):
+        session = ort.InferenceSession(str(graph), providers=providers)
+        decoder = SharedKVDecoder(ort, session, info.architecture, device=device, max_length=128)
+        cache = decoder.new_cache(len(ids) + 8)
+        for piece in np.array_split(ids, chunks):
+            prefill = decoder.prefill(cache, piece)[-1].copy()
+        steps[device] = [prefill] + [np.array(decoder.decode(cache, t), dtype=np.float32)
+                                     for t in (29871, 13, 1678, 736, 29889)]
+    for i, (cpu, cuda) in enumerate(zip(steps["cpu"], steps["cuda"])):
+        what = "prefill" if i == 0 else f"decode step {i}"
+        assert np.abs(cpu - cuda).max() < 0.05 * max(1.0, float(np.abs(cpu).max())), what
