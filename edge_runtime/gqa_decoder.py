@@ -19,11 +19,17 @@ Allocation and binding happen once per decoder, not per request:
   a time as rows are written (`allocate_host_lazily`), so the resident KV
   follows the longest context actually used, not max_length.
 * every input and output is bound once to memory that stays put: the KV
-  buffers, `seqlens_k` and `total_sequence_length` (tiny host arrays written in
-  place: I/O binding binds them by pointer, so the next run reads the new
-  values without rebinding), the token and the logits buffer. `prefill` binds
-  `input_ids` to the prompt; the first `decode` after it binds the token buffer
-  back. A decode step is three scalar writes and `run_with_iobinding`.
+  buffers, `seqlens_k` and `total_sequence_length`, the token and the logits
+  buffer. On the CPU the small inputs are host arrays written in place (I/O
+  binding binds them by pointer, so the next run reads the new values without
+  rebinding). On a GPU the token and `seqlens_k` are device buffers written
+  with `update_inplace`: onnxruntime copies a host input bound for a GPU
+  kernel ONCE, when it is bound (IOBinding::BindInput), so a host array
+  written in place afterwards would never reach the GPU again.
+  `total_sequence_length` is read on the host by GroupQueryAttention and stays
+  a host array. `prefill` binds `input_ids` to the prompt; the first `decode`
+  after it binds the token buffer back. A decode step is three scalar writes
+  and `run_with_iobinding`.
 
 `prefill` returns only the LAST position's logits, as [1, V] (the graph
 computes no others); the engine and `generator.prefill` take `[-1]` of it.
@@ -31,13 +37,12 @@ computes no others); the engine and `generator.prefill` take `[-1]` of it.
 CUDA graphs (`cuda_graph=True`, from the profile's CUDA provider option
 `enable_cuda_graph = "1"`): onnxruntime records a decode step's kernels once and
 replays them, so a step costs one launch instead of one per node (hundreds at
-7B). A replay reuses the recorded addresses, so the decode step's inputs live in
-device buffers bound once -- the token and `seqlens_k`, written in place with
-`update_inplace` (8 and 4 bytes to the device), and the logits, read back after
-the step. `total_sequence_length` stays on the host: GroupQueryAttention reads it
-there, and a decode step's kernels do not depend on it (positions come from
-`seqlens_k`). Prefill runs are not recorded (`gpu_graph_id` -1): their shapes
-change with every prompt.
+7B). A replay reuses the recorded addresses and copies nothing, so the logits
+too stay in a device buffer, read back after the step (the token and
+`seqlens_k` already live on the device, as above). `total_sequence_length`
+stays on the host: GroupQueryAttention reads it there, and a decode step's
+kernels do not depend on it (positions come from `seqlens_k`). Prefill runs are
+not recorded (`gpu_graph_id` -1): their shapes change with every prompt.
 """
 
 from __future__ import annotations
@@ -163,16 +168,21 @@ class SharedKVDecoder:
         self._logits = np.zeros((1, 1, self.vocab_size), dtype=self.logits_dtype)
         self._binding = session.io_binding()
         self.cuda_graph = cuda_graph
+        # the step's inputs in device buffers written in place (module docstring): on a GPU, and
+        # in the CUDA-graph mode (which tests run on the CPU too); the logits there in graph mode
+        self._inputs_on_device = device != "cpu" or cuda_graph
+        self._logits_on_device = cuda_graph
+        on_device = ort.OrtValue.ortvalue_from_numpy
+        if self._inputs_on_device:
+            self._token_dev = on_device(self._token, device, 0)
+            self._seqlens_dev = on_device(self._seqlens_k, device, 0)
+        if self._logits_on_device:
+            self._logits_dev = on_device(self._logits, device, 0)
         self._prefill_options = self._decode_options = None
         if cuda_graph:
             self._prefill_options, self._decode_options = ort.RunOptions(), ort.RunOptions()
             self._prefill_options.add_run_config_entry("gpu_graph_id", "-1")  # not recorded
             self._decode_options.add_run_config_entry("gpu_graph_id", "1")
-            # device copies of the step's inputs and output, bound once (a replay reuses addresses)
-            on_device = ort.OrtValue.ortvalue_from_numpy
-            self._token_dev = on_device(self._token, device, 0)
-            self._seqlens_dev = on_device(self._seqlens_k, device, 0)
-            self._logits_dev = on_device(self._logits, device, 0)
         self._buffers: list[tuple[DeviceBuffer, DeviceBuffer]] | None = None
         self._active: SharedKVCache | None = None
         self._ids_bound_to_token = False
@@ -202,11 +212,13 @@ class SharedKVDecoder:
         self._buffers = [(buffer(), buffer()) for _ in range(self.arch.num_layers)]
         shape = (1, self.arch.num_kv_heads, self.max_length, self.arch.head_dim)
         b = self._binding
-        if self.cuda_graph:
+        if self._logits_on_device:
             b.bind_ortvalue_output("logits", self._logits_dev)
-            b.bind_ortvalue_input("seqlens_k", self._seqlens_dev)
         else:
             b.bind_output("logits", "cpu", 0, self.logits_dtype, self._logits.shape, self._logits.ctypes.data)
+        if self._inputs_on_device:
+            b.bind_ortvalue_input("seqlens_k", self._seqlens_dev)
+        else:
             b.bind_input("seqlens_k", "cpu", 0, np.int32, self._seqlens_k.shape, self._seqlens_k.ctypes.data)
         for layer, (k, v) in enumerate(self._buffers):
             for kind, buf in (("key", k), ("value", v)):
@@ -226,14 +238,14 @@ class SharedKVDecoder:
     def _run(self, cache: SharedKVCache, total: int, new_tokens: int, options=None) -> None:
         self._seqlens_k[0] = total - 1
         self._total_len[()] = total
-        if self.cuda_graph:
+        if self._inputs_on_device:
             self._seqlens_dev.update_inplace(self._seqlens_k)
         self.session.run_with_iobinding(self._binding, options)
         cache.advance(new_tokens)
 
     def _last_logits(self) -> np.ndarray:
         """The logits buffer [1, 1, V]: the host one, or a host copy of the device one."""
-        return self._logits_dev.numpy() if self.cuda_graph else self._logits
+        return self._logits_dev.numpy() if self._logits_on_device else self._logits
 
     def prefill(self, cache: SharedKVCache, ids: np.ndarray) -> np.ndarray:
         """Run the prompt (int64 ids [S]) -- or the next piece of it -- through the graph;
@@ -253,13 +265,13 @@ class SharedKVDecoder:
         """Feed one token; returns the next-token logits [V] (a buffer reused every step)."""
         total = self._check(cache, 1)
         if not self._ids_bound_to_token:
-            if self.cuda_graph:
+            if self._inputs_on_device:
                 self._binding.bind_ortvalue_input("input_ids", self._token_dev)
             else:
                 self._binding.bind_input("input_ids", "cpu", 0, np.int64, (1, 1), self._token.ctypes.data)
             self._ids_bound_to_token = True
         self._token[0, 0] = token
-        if self.cuda_graph:
+        if self._inputs_on_device:
             self._token_dev.update_inplace(self._token)
         self._run(cache, total, 1, self._decode_options)
         return self._last_logits()[0, 0]
