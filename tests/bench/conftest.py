@@ -38,3 +38,8 @@ def op_profile():
 @pytest.fixture(scope="module")
 def export_bench():
     return load_benchmark("export_bench")
+
+
+@pytest.fixture(scope="module")
+def gpu_decode():
+    return load_benchmark("gpu_decode")

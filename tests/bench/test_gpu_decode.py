@@ -1,0 +1,52 @@
+"""benchmarks/gpu_decode.py without a GPU: the bundles it prepares, its roofline arithmetic
+and its refusal where onnxruntime has no CUDA provider (the timed part runs in
+scripts/gpu-check.sh on a GPU machine)."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge_runtime.bundle import load_bundle
+from edge_runtime.profiles import load_profile
+
+
+def test_prepares_gpu_bundles_with_the_profiles_layout_without_the_scale_search(gpu_decode, tiny_checkpoint,
+                                                                                tmp_path, capsys):
+    assert gpu_decode.main(["--synthetic-7b", str(tiny_checkpoint), "--workdir", str(tmp_path / "w"),
+                            "--prepare-only", "--precision", "int4", "fp16", "--max-context", "256"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(tmp_path / "w" / "int4"), str(tmp_path / "w" / "fp16")]
+    int4, fp16 = (load_bundle(p) for p in printed)
+    quant = int4.manifest["quantization"]
+    assert int4.profile_name == "nvidia-gpu" and int4.context_limit == 256
+    assert quant["block_size"] == 128 and quant["symmetric"] is False and quant["scale_search"] is False
+    assert quant["algorithm"] == "rtn" and fp16.precision == "fp16"
+    assert int4.manifest["fidelity"]["skipped"] is True
+    facts = gpu_decode.bundle_facts(int4.root)
+    assert facts["kv_element_bytes"] == 2 and facts["layers"] == int4.architecture.num_layers
+    assert 0 < facts["weight_bytes_per_token"] < facts["model_bytes"]
+
+
+def test_roofline_is_bandwidth_over_weights_plus_the_cache_held(gpu_decode):
+    facts = {"weight_bytes_per_token": 3_000_000_000, "kv_element_bytes": 2, "layers": 32, "kv_heads": 32,
+             "head_dim": 128, "model_bytes": 4 * 2**30}
+    row = {"bundle": "b", "variant": "cuda", "precision": "int4", "load_s": 1.0, "prefill_tokens_per_s": 1000.0,
+           "ttft_ms": 10.0, "decode_tokens_per_s": {128: 300.0, 2048: 290.0}, "gpu_memory_mib": 100}
+    out = gpu_decode.add_roofline(row, facts, gbps=4000.0)
+    kv_2048 = 2 * 32 * 32 * 128 * 2048 * 2
+    assert out["roofline_tokens_per_s"][2048] == pytest.approx(4000e9 / (3_000_000_000 + kv_2048))
+    assert out["roofline_percent"][128] == pytest.approx(100 * 300.0 * (3_000_000_000 + kv_2048 // 16) / 4000e9)
+    table = gpu_decode.format_table([out], [128, 2048])
+    assert "| b | cuda | int4 | 4.00 GiB |" in table and "300.0" in table and "100 MiB" in table
+
+
+def test_speed_profile_turns_off_only_the_scale_search(gpu_decode, tmp_path):
+    fast = load_profile(gpu_decode.speed_profile("nvidia-gpu", tmp_path))
+    real = load_profile("nvidia-gpu")
+    assert fast.quantization.scale_search is False and real.quantization.scale_search is True
+    assert fast.quantization.block_size == real.quantization.block_size and fast.name == real.name
+
+
+def test_refuses_without_a_cuda_provider(gpu_decode, tmp_path):
+    with pytest.raises(SystemExit, match="has no CUDAExecutionProvider: install onnxruntime-gpu"):
+        gpu_decode.main(["--bundle", str(tmp_path)])
