@@ -30,9 +30,13 @@ What it does:
    initializer but the token-embedding table, of which one row) plus the KV cache held at
    context C (2 x layers x kv heads x head dim x C x 2 bytes).
 
-Prints one table; ``--out PREFIX`` writes PREFIX.json and PREFIX.png. The peers of the
-CPU benchmark (onnxruntime-genai, llama.cpp) are not run here: they need CUDA builds of
-their own (benchmarks/peers.py runs them on the CPU).
+With ``--peers`` (and ``--synthetic-7b``), onnxruntime-genai's own builder makes its model of
+the same checkpoint for the CUDA provider at each precision (``-e cuda``, int4 with our
+block size 128) and its generator loop is timed the same way (benchmarks/peers.py's); a peer
+that is not installed (``pip install onnxruntime-genai-cuda``, a CUDA build) is skipped with
+the reason. llama.cpp needs a CUDA build of llama-cpp-python and is not run here.
+
+Prints one table; ``--out PREFIX`` writes PREFIX.json and PREFIX.png.
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ from peers import (  # noqa: E402  (the byte counting and plot the CPU benchmark
 PROFILE = "nvidia-gpu"
 VARIANTS = ("cuda", "cuda-graph")
 CUDA = "CUDAExecutionProvider"
+GENAI = "onnxruntime-genai"
+GENAI_BLOCK_SIZE = 128  # the nvidia-gpu profile's
 
 
 def say(text: str) -> None:
@@ -176,7 +182,48 @@ def step_run(a) -> dict:
             "gpu_memory_mib": gpu_memory_used_mib(os.getpid()), "providers": engine.session.get_providers()}
 
 
-STEPS = {"bandwidth": step_bandwidth, "run": step_run}
+def genai_missing() -> str | None:
+    """Why onnxruntime-genai cannot run on the GPU here (None when it can)."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        return "onnxruntime_genai is not installed (pip install onnxruntime-genai-cuda)"
+    if hasattr(og, "is_cuda_available") and not og.is_cuda_available():
+        return f"onnxruntime-genai {getattr(og, '__version__', '')} is not a CUDA build (onnxruntime-genai-cuda)"
+    return None
+
+
+def step_prepare_genai(a) -> dict:
+    """onnxruntime-genai's builder, for the CUDA provider, from the same checkpoint."""
+    out = Path(a.workdir)
+    cache = out.with_name(out.name + ".cache")
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(a.synthetic_7b), "-o", str(out),
+           "-p", a.precision[0], "-e", "cuda", "-c", str(cache)]
+    if a.precision[0] == "int4":
+        cmd += ["--extra_options", f"block_size={GENAI_BLOCK_SIZE}"]
+    subprocess.run(cmd, check=True, stdout=sys.stderr)
+    shutil.rmtree(cache, ignore_errors=True)
+    return {"model": str(out)}
+
+
+def step_run_genai(a) -> dict:
+    """benchmarks/peers.py's onnxruntime-genai loop, on the model's own (CUDA) provider."""
+    import argparse as _argparse
+
+    from peers import step_run_genai as run_genai
+
+    got = run_genai(_argparse.Namespace(model=str(a.bundle), threads=0, prefill_tokens=a.prefill_tokens,
+                                        contexts=a.contexts, decode_tokens=a.decode_tokens))
+    return {"bundle": str(a.bundle), "variant": GENAI, "precision": Path(a.bundle).name.split("-")[-1],
+            "load_s": got["load_s"], "prefill_tokens": got["prefill_tokens"],
+            "prefill_tokens_per_s": got["prefill_tokens_per_s"], "ttft_ms": got["ttft_ms"],
+            "decode_tokens_per_s": got["decode_tokens_per_s"],
+            "decode_best_tokens_per_s": got["decode_best_tokens_per_s"], "gpu_memory_mib": None,
+            "providers": ["CUDAExecutionProvider (onnxruntime-genai)"]}
+
+
+STEPS = {"bandwidth": step_bandwidth, "run": step_run, "prepare-genai": step_prepare_genai,
+         "run-genai": step_run_genai}
 
 
 def run_step(name: str, args: list[str]) -> dict:
@@ -228,14 +275,21 @@ def export_bundles(checkpoint: Path, work: Path, precisions: list[str], *, profi
 
 # -- the table -------------------------------------------------------------------------------------------------
 def bundle_facts(bundle: Path) -> dict:
-    from edge_runtime.bundle import load_bundle
+    """Bytes and shapes of a bundle, or of onnxruntime-genai's model folder."""
+    if (bundle / "bundle.json").is_file():
+        from edge_runtime.bundle import load_bundle
 
-    b = load_bundle(bundle)
-    arch = b.architecture
-    total, per_token = onnx_weight_bytes(b.graph_path)
-    return {"model_bytes": sum(p.stat().st_size for p in bundle.iterdir() if p.name.startswith("model.onnx")),
-            "weight_bytes_per_token": per_token, "kv_element_bytes": onnx_kv_element_bytes(b.graph_path),
-            "layers": arch.num_layers, "kv_heads": arch.num_kv_heads, "head_dim": arch.head_dim}
+        b = load_bundle(bundle)
+        graph, arch = b.graph_path, b.architecture
+        shape = {"layers": arch.num_layers, "kv_heads": arch.num_kv_heads, "head_dim": arch.head_dim}
+    else:  # onnxruntime-genai's folder: its genai_config.json has the decoder's shape
+        decoder = json.loads((bundle / "genai_config.json").read_text())["model"]["decoder"]
+        graph = bundle / decoder.get("filename", "model.onnx")
+        shape = {"layers": decoder["num_hidden_layers"], "kv_heads": decoder["num_key_value_heads"],
+                 "head_dim": decoder["head_size"]}
+    total, per_token = onnx_weight_bytes(graph)
+    return {"model_bytes": sum(p.stat().st_size for p in bundle.iterdir() if p.name.startswith(graph.name)),
+            "weight_bytes_per_token": per_token, "kv_element_bytes": onnx_kv_element_bytes(graph), **shape}
 
 
 def add_roofline(row: dict, facts: dict, gbps: float) -> dict:
@@ -249,9 +303,20 @@ def add_roofline(row: dict, facts: dict, gbps: float) -> dict:
     return row
 
 
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Per row and context: our fastest variant of the same precision over this row's tokens/s."""
+    for r in rows:
+        ours = [o for o in rows if o["variant"] in VARIANTS and o["precision"] == r["precision"]]
+        r["ours_over_this"] = {c: max(o["decode_tokens_per_s"][c] for o in ours) / v
+                               for c, v in r["decode_tokens_per_s"].items()
+                               if ours and all(c in o["decode_tokens_per_s"] for o in ours)}
+    return rows
+
+
 def format_table(rows: list[dict], contexts: list[int]) -> str:
     header = ["bundle", "variant", "precision", "model", "load", "prefill tok/s", "TTFT"]
     header += [f"decode tok/s @{c}" for c in contexts] + [f"% roofline @{c}" for c in contexts] + ["GPU memory"]
+    header += [f"ours ÷ this @{c}" for c in contexts]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [Path(r["bundle"]).name, r["variant"], r["precision"], f"{r['model_bytes'] / 2**30:.2f} GiB",
@@ -259,6 +324,8 @@ def format_table(rows: list[dict], contexts: list[int]) -> str:
         cells += [f"{r['decode_tokens_per_s'][c]:.1f}" for c in contexts]
         cells += [f"{r['roofline_percent'][c]:.0f}%" for c in contexts]
         cells += [f"{r['gpu_memory_mib']} MiB" if r.get("gpu_memory_mib") else "-"]
+        ratios = r.get("ours_over_this", {})
+        cells += [f"{ratios[c]:.2f}" if c in ratios else "-" for c in contexts]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -280,6 +347,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", default=PROFILE)
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--peers", action="store_true",
+                   help="--synthetic-7b: also onnxruntime-genai's CUDA model of the same checkpoint, where installed")
     p.add_argument("--max-context", type=int, default=4096, help="--synthetic-7b: the bundles' context limit")
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 1024, 2048])
@@ -300,10 +369,31 @@ def step_args(a, **extra) -> list[str]:
     return args
 
 
+def prepare_peers(a, work: Path) -> list[Path]:
+    """onnxruntime-genai's CUDA models of the checkpoint (skipped, with the reason, when it cannot run)."""
+    missing = genai_missing()
+    if missing:
+        say(f"{GENAI}: skipped ({missing})")
+        return []
+    folders = []
+    for precision in a.precision:
+        folder = work / f"genai-{precision}"
+        t0 = time.perf_counter()
+        try:
+            run_step("prepare-genai", ["--workdir", str(folder), "--synthetic-7b", str(a.synthetic_7b),
+                                       "--precision", precision])
+        except RuntimeError as exc:
+            say(f"{GENAI} {precision}: its builder failed: {str(exc)[-1500:]}")
+            continue
+        say(f"{GENAI} {precision}: built in {time.perf_counter() - t0:.0f} s")
+        folders.append(folder)
+    return folders
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.step:
-        if a.step == "run":
+        if a.step in ("run", "run-genai"):
             a.bundle = a.bundle[0]
         print(json.dumps(STEPS[a.step](a)))
         return 0
@@ -328,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         bundles = export_bundles(a.synthetic_7b, work, a.precision, profile=a.profile,
                                  profile_recipe=a.profile_recipe, max_context=a.max_context)
+        if a.peers:
+            bundles += prepare_peers(a, work)
         if a.prepare_only:
             print("\n".join(map(str, bundles)))
             return 0
@@ -341,9 +433,11 @@ def main(argv: list[str] | None = None) -> int:
         rows, failures = [], {}
         for bundle in bundles:
             facts = bundle_facts(bundle)
-            for variant in a.variants:
+            ours = (bundle / "bundle.json").is_file()
+            for variant in a.variants if ours else [GENAI]:
                 try:
-                    row = run_step("run", step_args(a, bundle=bundle, variant=variant))
+                    row = (run_step("run", step_args(a, bundle=bundle, variant=variant)) if ours
+                           else run_step("run-genai", step_args(a, bundle=bundle)))
                 except RuntimeError as exc:
                     failures[f"{bundle.name}/{variant}"] = str(exc)
                     say(f"{bundle.name} {variant} failed: {str(exc)[-1500:]}")
@@ -357,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(temporary, ignore_errors=True)
     print(f"GPU memory bandwidth (read + written): {bandwidth['gbps']:.0f} GB/s "
           f"({', '.join(f'{k[:-5]} {v:.0f}' for k, v in bandwidth.items() if k.endswith('_gbps'))})")
-    print(format_table(rows, [c for c in a.table_contexts if c in a.contexts]))
+    print(format_table(add_ratios(rows), [c for c in a.table_contexts if c in a.contexts]))
     for name, why in failures.items():
         print(f"{name}: failed ({why.strip().splitlines()[-1] if why.strip() else 'no message'})")
     if a.out:

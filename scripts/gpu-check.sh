@@ -7,7 +7,9 @@
 #    int4 and fp16 bundles of the demo model on the CUDA provider against torch, the KV
 #    cache in device memory, every node on the GPU, CUDA graphs giving plain CUDA's tokens;
 # 2. benchmarks/gpu_decode.py on a Code Llama 7B-shaped random checkpoint, int4 and fp16,
-#    with and without CUDA graphs, against the GPU's measured bandwidth. The checkpoint
+#    with and without CUDA graphs, against the GPU's measured bandwidth, beside
+#    onnxruntime-genai's CUDA model of the same checkpoint where onnxruntime-genai-cuda is
+#    installed. The checkpoint
 #    and the exports (CPU work) run while the tests do; the timed part runs alone.
 #
 # Environment: PYTHON (default python3), LAYERS (decoder layers of the 7B-shaped
@@ -21,7 +23,7 @@ sys.exit(0 if 'CUDAExecutionProvider' in p else 'onnxruntime has no CUDAExecutio
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 work=${WORKDIR:-$(mktemp -d)}
 "$py" benchmarks/gpu_decode.py --synthetic-7b "$work/checkpoint" --layers "${LAYERS:-32}" --workdir "$work/bundles" \
-    --prepare-only >"$out/prepare.log" 2>&1 &
+    --peers --prepare-only >"$work/bundles.txt" 2>"$out/prepare.log" &
 prepare=$!
 "$py" -m pytest -m gpu -v -rA -p no:cacheprovider tests/engine/test_cuda_provider.py 2>&1 | tee "$out/pytest-gpu.log"
 tests=${PIPESTATUS[0]}
@@ -29,8 +31,8 @@ if ! wait "$prepare"; then
     tail -50 "$out/prepare.log"
     exit 1
 fi
-"$py" benchmarks/gpu_decode.py --bundle "$work/bundles/int4" --bundle "$work/bundles/fp16" --out "$out/gpu-decode" \
-    2>&1 | tee "$out/gpu-decode.log"
+mapfile -t bundles <"$work/bundles.txt"   # ours, then onnxruntime-genai's where it is installed
+"$py" benchmarks/gpu_decode.py "${bundles[@]/#/--bundle=}" --out "$out/gpu-decode" 2>&1 | tee "$out/gpu-decode.log"
 bench=${PIPESTATUS[0]}
 [ -z "${WORKDIR:-}" ] && rm -rf "$work"
 echo "gpu tests: exit $tests; benchmark: exit $bench"

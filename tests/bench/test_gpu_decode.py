@@ -13,9 +13,12 @@ from edge_runtime.profiles import load_profile
 def test_prepares_gpu_bundles_with_the_profiles_layout_without_the_scale_search(gpu_decode, tiny_checkpoint,
                                                                                 tmp_path, capsys):
     assert gpu_decode.main(["--synthetic-7b", str(tiny_checkpoint), "--workdir", str(tmp_path / "w"),
-                            "--prepare-only", "--precision", "int4", "fp16", "--max-context", "256"]) == 0
-    printed = capsys.readouterr().out.split()
+                            "--prepare-only", "--precision", "int4", "fp16", "--max-context", "256", "--peers"]) == 0
+    captured = capsys.readouterr()
+    printed = captured.out.split()
     assert printed == [str(tmp_path / "w" / "int4"), str(tmp_path / "w" / "fp16")]
+    # onnxruntime-genai is not in the test environment: the peer is skipped with the reason
+    assert "onnxruntime-genai: skipped (onnxruntime_genai is not installed" in captured.err
     int4, fp16 = (load_bundle(p) for p in printed)
     quant = int4.manifest["quantization"]
     assert int4.profile_name == "nvidia-gpu" and int4.context_limit == 256
@@ -27,6 +30,25 @@ def test_prepares_gpu_bundles_with_the_profiles_layout_without_the_scale_search(
     assert 0 < facts["weight_bytes_per_token"] < facts["model_bytes"]
 
 
+def test_genai_model_folder_facts_come_from_its_config(gpu_decode, tmp_path):
+    """onnxruntime-genai's folder has no bundle.json: the shape comes from genai_config.json."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    past = helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT16, [1, 2, None, 16])
+    weight = helper.make_tensor("w", TensorProto.FLOAT16, [4, 4], [0.0] * 16)
+    graph = helper.make_graph([helper.make_node("Identity", ["past_key_values.0.key"], ["y"])], "g", [past],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, None)], [weight])
+    onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
+    (tmp_path / "genai_config.json").write_text(json.dumps({"model": {"decoder": {
+        "filename": "model.onnx", "num_hidden_layers": 3, "num_key_value_heads": 2, "head_size": 16}}}))
+    facts = gpu_decode.bundle_facts(tmp_path)
+    assert facts["layers"] == 3 and facts["kv_heads"] == 2 and facts["head_dim"] == 16
+    assert facts["kv_element_bytes"] == 2 and facts["weight_bytes_per_token"] == 32
+
+
 def test_roofline_is_bandwidth_over_weights_plus_the_cache_held(gpu_decode):
     facts = {"weight_bytes_per_token": 3_000_000_000, "kv_element_bytes": 2, "layers": 32, "kv_heads": 32,
              "head_dim": 128, "model_bytes": 4 * 2**30}
@@ -36,8 +58,13 @@ def test_roofline_is_bandwidth_over_weights_plus_the_cache_held(gpu_decode):
     kv_2048 = 2 * 32 * 32 * 128 * 2048 * 2
     assert out["roofline_tokens_per_s"][2048] == pytest.approx(4000e9 / (3_000_000_000 + kv_2048))
     assert out["roofline_percent"][128] == pytest.approx(100 * 300.0 * (3_000_000_000 + kv_2048 // 16) / 4000e9)
-    table = gpu_decode.format_table([out], [128, 2048])
+    peer = gpu_decode.add_roofline({**row, "bundle": "genai-int4", "variant": "onnxruntime-genai",
+                                    "decode_tokens_per_s": {128: 200.0, 2048: 290.0}}, facts, gbps=4000.0)
+    gpu_decode.add_ratios([out, peer])
+    assert peer["ours_over_this"] == {128: 1.5, 2048: 1.0} and out["ours_over_this"][128] == 1.0
+    table = gpu_decode.format_table([out, peer], [128, 2048])
     assert "| b | cuda | int4 | 4.00 GiB |" in table and "300.0" in table and "100 MiB" in table
+    assert "| genai-int4 | onnxruntime-genai |" in table and "| 1.50 | 1.00 |" in table
 
 
 def test_speed_profile_turns_off_only_the_scale_search(gpu_decode, tmp_path):
