@@ -241,8 +241,8 @@ def speed_profile(profile: str, work: Path) -> Path:
     from edge_runtime.profiles import profile_text
 
     fast, n = re.subn(r"(?m)^scale_search\s*=\s*true", "scale_search = false", profile_text(profile))
-    if n != 1:
-        raise SystemExit(f"profile {profile}: no `scale_search = true` line to turn off")
+    if n > 1:
+        raise SystemExit(f"profile {profile}: more than one `scale_search = true` line")
     path = work / f"{Path(profile).stem}-speed.toml"
     path.write_text(fast)
     return path
@@ -399,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.prepare_only and not (a.synthetic_7b and a.workdir):
         raise SystemExit("--prepare-only needs --synthetic-7b and --workdir")
+    for folder in a.bundle or []:
+        if not ((folder / "bundle.json").is_file() or (folder / "genai_config.json").is_file()):
+            raise SystemExit(f"--bundle {folder} is neither a bundle (bundle.json) nor onnxruntime-genai's model "
+                             "(genai_config.json)")
     import onnxruntime as ort
 
     if CUDA not in ort.get_available_providers() and not a.prepare_only:
@@ -432,13 +436,13 @@ def main(argv: list[str] | None = None) -> int:
         say("bandwidth: " + ", ".join(f"{k} {v:.0f}" for k, v in bandwidth.items() if k.endswith("gbps")) + " GB/s")
         rows, failures = [], {}
         for bundle in bundles:
-            facts = bundle_facts(bundle)
             ours = (bundle / "bundle.json").is_file()
             for variant in a.variants if ours else [GENAI]:
                 try:
+                    facts = bundle_facts(bundle)
                     row = (run_step("run", step_args(a, bundle=bundle, variant=variant)) if ours
                            else run_step("run-genai", step_args(a, bundle=bundle)))
-                except RuntimeError as exc:
+                except (RuntimeError, OSError, KeyError, ValueError) as exc:
                     failures[f"{bundle.name}/{variant}"] = str(exc)
                     say(f"{bundle.name} {variant} failed: {str(exc)[-1500:]}")
                     continue

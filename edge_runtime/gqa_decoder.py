@@ -172,12 +172,14 @@ class SharedKVDecoder:
         # in the CUDA-graph mode (which tests run on the CPU too); the logits there in graph mode
         self._inputs_on_device = device != "cpu" or cuda_graph
         self._logits_on_device = cuda_graph
+        # copies: on the CPU an OrtValue made from an array would share its memory, and the
+        # tests that run this mode there would pass without the update_inplace a GPU needs
         on_device = ort.OrtValue.ortvalue_from_numpy
         if self._inputs_on_device:
-            self._token_dev = on_device(self._token, device, 0)
-            self._seqlens_dev = on_device(self._seqlens_k, device, 0)
+            self._token_dev = on_device(self._token.copy(), device, 0)
+            self._seqlens_dev = on_device(self._seqlens_k.copy(), device, 0)
         if self._logits_on_device:
-            self._logits_dev = on_device(self._logits, device, 0)
+            self._logits_dev = on_device(self._logits.copy(), device, 0)
         self._prefill_options = self._decode_options = None
         if cuda_graph:
             self._prefill_options, self._decode_options = ort.RunOptions(), ort.RunOptions()

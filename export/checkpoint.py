@@ -76,7 +76,7 @@ def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     if scaling:
         params.setdefault("rope_type", scaling.get("rope_type") or scaling.get("type"))
         params = {**scaling, **params}
-    params.setdefault("rope_type", "default")
+    params.setdefault("rope_type", params.get("type") or "default")
     return params
 
 

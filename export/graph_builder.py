@@ -94,7 +94,7 @@ _ALIGN_LARGE = 64 * 1024  # page/allocation-granularity alignment lets onnxrunti
 _LARGE_TENSOR = 1 << 20
 _ALIGN_SMALL = 64
 _CHUNK_BYTES = 64 << 20  # float32 working set of one conversion slice
-_ROUNDING_THREADS = 8  # round-to-nearest slices quantized at once (memory: up to this many slices)
+_ROUNDING_THREADS = 4  # round-to-nearest slices in flight (memory: up to this many float32 slices)
 _MIN_TASK_ROWS = 256  # rows of a weight per rounding task, at least
 
 
@@ -543,8 +543,9 @@ class _Builder:
         hinv = self._inverse_hessian(parts[0]) if self.hessians is not None else None
 
         def rounded_chunks() -> Iterator[np.ndarray]:
-            """Round to nearest, slices of rows on a thread pool (the fp16 -> fp32 casts, the
-            transposes and onnxruntime's quantizer release the GIL), yielded in order."""
+            """Round to nearest, slices of rows on a thread pool, yielded in order: the reads,
+            fp16 -> fp32 casts and transposes (numpy releases the GIL) overlap onnxruntime's
+            quantizer, which holds the GIL but runs on every core itself."""
             workers = min(_ROUNDING_THREADS, os.cpu_count() or 1)
             tasks = []
             for part in parts:

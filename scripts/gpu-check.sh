@@ -18,10 +18,14 @@ set -uo pipefail
 out=${1:-gpu-check}
 py=${PYTHON:-python3}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.." || exit 1
 "$py" -c "import onnxruntime as o, sys; p = o.get_available_providers(); print('onnxruntime', o.__version__, p); \
 sys.exit(0 if 'CUDAExecutionProvider' in p else 'onnxruntime has no CUDAExecutionProvider: install onnxruntime-gpu')" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 work=${WORKDIR:-$(mktemp -d)}
+# the checkpoint and bundles are tens of GB: a temporary folder goes however the script ends
+[ -z "${WORKDIR:-}" ] && trap 'rm -rf "$work"' EXIT
 "$py" benchmarks/gpu_decode.py --synthetic-7b "$work/checkpoint" --layers "${LAYERS:-32}" --workdir "$work/bundles" \
     --peers --prepare-only >"$work/bundles.txt" 2>"$out/prepare.log" &
 prepare=$!
@@ -29,11 +33,11 @@ prepare=$!
 tests=${PIPESTATUS[0]}
 if ! wait "$prepare"; then
     tail -50 "$out/prepare.log"
+    echo "gpu tests: exit $tests; preparing the benchmark's bundles failed"
     exit 1
 fi
 mapfile -t bundles <"$work/bundles.txt"   # ours, then onnxruntime-genai's where it is installed
 "$py" benchmarks/gpu_decode.py "${bundles[@]/#/--bundle=}" --out "$out/gpu-decode" 2>&1 | tee "$out/gpu-decode.log"
 bench=${PIPESTATUS[0]}
-[ -z "${WORKDIR:-}" ] && rm -rf "$work"
 echo "gpu tests: exit $tests; benchmark: exit $bench"
 exit $(( tests || bench ))

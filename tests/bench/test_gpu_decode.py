@@ -11,13 +11,15 @@ from edge_runtime.profiles import load_profile
 
 
 def test_prepares_gpu_bundles_with_the_profiles_layout_without_the_scale_search(gpu_decode, tiny_checkpoint,
-                                                                                tmp_path, capsys):
+                                                                                tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(gpu_decode, "genai_missing",
+                        lambda: "onnxruntime_genai is not installed (pip install onnxruntime-genai-cuda)")
     assert gpu_decode.main(["--synthetic-7b", str(tiny_checkpoint), "--workdir", str(tmp_path / "w"),
                             "--prepare-only", "--precision", "int4", "fp16", "--max-context", "256", "--peers"]) == 0
     captured = capsys.readouterr()
     printed = captured.out.split()
     assert printed == [str(tmp_path / "w" / "int4"), str(tmp_path / "w" / "fp16")]
-    # onnxruntime-genai is not in the test environment: the peer is skipped with the reason
+    # a peer that cannot run is skipped with the reason
     assert "onnxruntime-genai: skipped (onnxruntime_genai is not installed" in captured.err
     int4, fp16 = (load_bundle(p) for p in printed)
     quant = int4.manifest["quantization"]
@@ -74,6 +76,12 @@ def test_speed_profile_turns_off_only_the_scale_search(gpu_decode, tmp_path):
     assert fast.quantization.block_size == real.quantization.block_size and fast.name == real.name
 
 
-def test_refuses_without_a_cuda_provider(gpu_decode, tmp_path):
+def test_refuses_without_a_cuda_provider_or_with_a_folder_that_is_no_model(gpu_decode, tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="is neither a bundle .bundle.json. nor onnxruntime-genai's model"):
+        gpu_decode.main(["--bundle", str(tmp_path)])
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    (tmp_path / "bundle.json").write_text("{}")
     with pytest.raises(SystemExit, match="has no CUDAExecutionProvider: install onnxruntime-gpu"):
         gpu_decode.main(["--bundle", str(tmp_path)])

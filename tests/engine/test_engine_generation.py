@@ -255,6 +255,12 @@ def test_a_gpu_provider_that_onnxruntime_lists_but_cannot_start_is_not_a_silent_
 
     monkeypatch.setattr(onnxruntime, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    real_session = onnxruntime.InferenceSession
+
+    def cuda_cannot_start(path, sess_options=None, providers=None, **kwargs):  # as on a GPU machine without cuBLAS
+        return real_session(path, sess_options=sess_options, providers=["CPUExecutionProvider"], **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", cuda_cannot_start)
     with pytest.raises(ConfigError, match="could not start CUDAExecutionProvider .*only CPUExecutionProvider"):
         Engine.from_bundle(tiny_bundle, "nvidia-gpu")
     engine = Engine.from_bundle(tiny_bundle, "nvidia-gpu", allow_cpu_fallback=True)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -406,7 +407,6 @@ def test_scale_search_keeps_float16_scales_and_rounds_against_them():
 def _as_transformers5_config(checkpoint: Path, out: Path, **rope) -> Path:
     """A copy of `checkpoint` whose config.json is written the transformers-5 way: RoPE in one
     `rope_parameters` table, no top-level rope_theta / rope_scaling."""
-    import json
     import shutil
 
     shutil.copytree(checkpoint, out)
@@ -429,16 +429,19 @@ def test_a_transformers5_config_gives_the_graph_of_the_transformers4_one(tiny_ch
     assert data[0] == data[1]
 
 
-def test_rope_scaling_in_rope_parameters_is_refused(tiny_checkpoint, tmp_path):
-    v5 = _as_transformers5_config(tiny_checkpoint, tmp_path / "v5-linear", rope_type="linear", factor=2.0)
+@pytest.mark.parametrize("key", ["rope_type", "type"])
+def test_rope_scaling_in_rope_parameters_is_refused(tiny_checkpoint, tmp_path, key):
+    v5 = _as_transformers5_config(tiny_checkpoint, tmp_path / "v5-linear", factor=2.0)
+    config = json.loads((v5 / "config.json").read_text())
+    config["rope_parameters"].pop("rope_type")
+    config["rope_parameters"][key] = "linear"
+    (v5 / "config.json").write_text(json.dumps(config))
     with pytest.raises(GraphBuildError, match="RoPE scaling .*linear.* not supported"):
         build(v5, tmp_path / "graph")
 
 
 def test_a_transformers5_checkpoint_exports_at_full_fidelity(tiny_checkpoint, tmp_path, exporter):
     """The export's torch reference and GPTQ calibration read the RoPE base the same way."""
-    import json
-
     v5 = _as_transformers5_config(tiny_checkpoint, tmp_path / "v5")
     bundle = exporter(v5, tmp_path / "bundle", precision="fp32")
     fidelity = json.loads((bundle / "bundle.json").read_text())["fidelity"]
