@@ -141,6 +141,41 @@ def choose_graph(requested: str, info, algorithm: str | None) -> GraphChoice:
     return GraphChoice("fused", "default: GroupQueryAttention, shared KV buffer")
 
 
+def host_memory_available() -> int | None:
+    """Bytes this machine can still give a process: MemAvailable plus SwapFree from
+    /proc/meminfo; None where there is no such file."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        kib = int(fields["MemAvailable"].split()[0]) + int(fields.get("SwapFree", "0 kB").split()[0])
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+    return kib * 1024
+
+
+TORCH_FLOAT32_FACTOR = 4.4  # bytes a parameter takes in a float32 torch model, with ~10 % for the rest
+
+
+def check_torch_memory(info: CheckpointInfo, *, fidelity_on: bool, graph: str) -> None:
+    """Refuse, before any work, an export whose steps that hold the original model in float32
+    in torch -- the fidelity reference, optimum's exporter -- cannot fit this machine's memory
+    (27 GiB for a 7B): the kernel would kill the export after the graph was built."""
+    steps = [what for what, on in (("measuring fidelity against torch", fidelity_on),
+                                   ("optimum's exporter", graph == "optimum")) if on]
+    have = host_memory_available()
+    need = int(info.family.parameter_count * TORCH_FLOAT32_FACTOR)
+    if not steps or have is None or need <= have:
+        return
+    ways = []
+    if fidelity_on:
+        ways.append("add --skip-fidelity (the bundle then records that fidelity was not measured)")
+    if graph == "optimum":
+        ways.append("use --graph fused (built a layer at a time)")
+    verb = "hold" if len(steps) > 1 else "holds"
+    raise ExportError(f"{' and '.join(steps)} {verb} {info.name} in float32 in torch: about {human_bytes(need)}, and "
+                      f"this machine has {human_bytes(have)} available (memory and swap); {', or '.join(ways)}, "
+                      "or export on a machine with more memory")
+
+
 def context_limit(info: CheckpointInfo, profile: DeviceProfile, requested: int | None) -> int:
     if requested is not None:
         if requested < 16:
@@ -203,6 +238,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         flavour = GRAPHS[graph_choice.name]
         progress.detail(f"graph: {graph_choice.name} ({graph_choice.why})")
         limit = context_limit(info, profile, opts.max_context)
+        check_torch_memory(info, fidelity_on=not opts.skip_fidelity, graph=graph_choice.name)
 
     partial = output.with_name(output.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -197,6 +197,26 @@ def test_export_refuses_bad_options_before_any_work(tiny_checkpoint, tmp_path, o
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
 
 
+def test_export_whose_torch_reference_cannot_fit_is_refused_before_any_work(tiny_checkpoint, tmp_path,
+                                                                            monkeypatch):
+    """The fidelity step holds the original in float32 in torch (27 GiB for a 7B): on a machine
+    without that much, the export says so at once instead of being killed after the graph."""
+    from edge_export import pipeline
+    from edge_export.pipeline import ExportError, ExportOptions, run_export
+
+    monkeypatch.setattr(pipeline, "host_memory_available", lambda: 1 << 20)  # 1 MiB left
+    options = {"checkpoint": tiny_checkpoint, "profile": "cpu-x86_64", "output": tmp_path / "b"}
+    with pytest.raises(ExportError, match="measuring fidelity against torch holds tiny-codellama in float32 in "
+                                          "torch: about .* MiB, and this machine has 1.0 MiB available .*"
+                                          "add --skip-fidelity"):
+        run_export(ExportOptions(**options))
+    with pytest.raises(ExportError, match="optimum's exporter holds .*use --graph fused"):
+        run_export(ExportOptions(**options, graph="optimum", skip_fidelity=True))
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
+    run_export(ExportOptions(**options, skip_fidelity=True, precision="fp32"))  # the fused graph needs no torch
+    assert (tmp_path / "b" / "bundle.json").is_file()
+
+
 @pytest.mark.parametrize("bits,kv_type", [(None, "tensor(int8)"), (0, "tensor(float)"), (8, "tensor(int8)")])
 def test_kv_cache_bits_follow_the_profile_unless_overridden(tiny_checkpoint, tmp_path, bits, kv_type):
     import onnxruntime as ort
