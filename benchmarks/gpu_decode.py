@@ -56,13 +56,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_graphs import prompt_ids  # noqa: E402
-from peers import (  # noqa: E402  (the byte counting and plot the CPU benchmark uses)
+from peers import (  # noqa: E402  (the byte counting, timing and plot the CPU benchmark uses)
     kv_bytes_per_token,
     onnx_kv_element_bytes,
     onnx_weight_bytes,
     plot,
     roofline_tokens_per_s,
+    time_decoder,
 )
 
 PROFILE = "nvidia-gpu"
@@ -134,15 +134,6 @@ def gpu_memory_used_mib(pid: int) -> int | None:
     return None
 
 
-def _timed_steps(decode, token: int, n: int) -> list[float]:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        token = int(np.argmax(decode(token)))
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def step_run(a) -> dict:
     """One bundle, one variant: load, prefill/TTFT, decode tokens/s per context."""
     from edge_runtime.engine import Engine
@@ -157,27 +148,13 @@ def step_run(a) -> dict:
     if engine.info.provider != CUDA or engine.decoder.device != "cuda":
         raise SystemExit(f"the engine runs on {engine.info.provider}, not on the GPU")
     d, vocab = engine.decoder, engine.bundle.architecture.vocab_size
-    d.prefill(d.new_cache(20), prompt_ids(16, vocab, 1))  # warm-up
-    ids = prompt_ids(a.prefill_tokens, vocab, 0)
-    prefill_s = ttft_s = float("inf")
-    for _ in range(3):
-        cache = d.new_cache(len(ids) + 1)
-        t0 = time.perf_counter()
-        logits = d.prefill(cache, ids)
-        t1 = time.perf_counter()
-        int(np.argmax(logits[-1]))
-        t2 = time.perf_counter()
-        prefill_s, ttft_s = min(prefill_s, t1 - t0), min(ttft_s, t2 - t0)
-    decode, best = {}, {}
-    for ctx in a.contexts:
-        cache = d.new_cache(ctx + a.decode_tokens + 4)
-        token = int(np.argmax(d.prefill(cache, prompt_ids(ctx, vocab, 2))[-1]))
-        for _ in range(3):  # not timed: the first steps allocate, and record the CUDA graph
-            token = int(np.argmax(d.decode(cache, token)))
-        times = _timed_steps(lambda t: d.decode(cache, t), token, a.decode_tokens)
-        decode[ctx], best[ctx] = 1.0 / statistics.median(times), 1.0 / min(times)
+    # three untimed steps: the first ones allocate, and onnxruntime records the CUDA graph
+    n, prefill_s, ttft_s, times = time_decoder(d, vocab, prefill_tokens=a.prefill_tokens, contexts=a.contexts,
+                                               decode_tokens=a.decode_tokens, untimed_steps=3)
+    decode = {c: 1.0 / statistics.median(t) for c, t in times.items()}
+    best = {c: 1.0 / min(t) for c, t in times.items()}
     return {"bundle": str(a.bundle), "variant": a.variant, "precision": engine.bundle.precision,
-            "load_s": load_s, "prefill_tokens": len(ids), "prefill_tokens_per_s": len(ids) / prefill_s,
+            "load_s": load_s, "prefill_tokens": n, "prefill_tokens_per_s": n / prefill_s,
             "ttft_ms": ttft_s * 1000, "decode_tokens_per_s": decode, "decode_best_tokens_per_s": best,
             "gpu_memory_mib": gpu_memory_used_mib(os.getpid()), "providers": engine.session.get_providers()}
 

@@ -465,6 +465,33 @@ def _timed_decode(step, first_token: int, n: int) -> list[float]:
     return times
 
 
+def time_decoder(d, vocab: int, *, prefill_tokens: int, contexts: list[int], decode_tokens: int,
+                 untimed_steps: int = 1) -> tuple[int, float, float, dict[int, list[float]]]:
+    """One of our decoders timed as every engine is: a warm-up; a `prefill_tokens` prompt, best
+    of 3 (prefill seconds, and time to first token = prefill + the first greedy pick); per
+    context, prefill it, `untimed_steps` steps, then `decode_tokens` timed steps each with a
+    greedy pick. Returns (prompt tokens, prefill s, TTFT s, {context: step seconds})."""
+    d.prefill(d.new_cache(20), prompt_ids(16, vocab, 1))  # warm-up
+    ids = prompt_ids(prefill_tokens, vocab, 0)
+    prefill_s = ttft_s = float("inf")
+    for _ in range(3):
+        cache = d.new_cache(len(ids) + 1)
+        t0 = time.perf_counter()
+        logits = d.prefill(cache, ids)
+        t1 = time.perf_counter()
+        int(np.argmax(logits[-1]))
+        t2 = time.perf_counter()
+        prefill_s, ttft_s = min(prefill_s, t1 - t0), min(ttft_s, t2 - t0)
+    decode = {}
+    for ctx in contexts:
+        cache = d.new_cache(ctx + decode_tokens + untimed_steps + 1)
+        token = int(np.argmax(d.prefill(cache, prompt_ids(ctx, vocab, 2))[-1]))
+        for _ in range(untimed_steps):
+            token = int(np.argmax(d.decode(cache, token)))
+        decode[ctx] = _timed_decode(lambda t, cache=cache: int(np.argmax(d.decode(cache, t))), token, decode_tokens)
+    return len(ids), prefill_s, ttft_s, decode
+
+
 def _result(engine: str, prefill_n: int, prefill_s: float, ttft_s: float, decode: dict[int, list[float]],
             load_s: float) -> dict:
     return asdict(EngineRun(engine, prefill_n, prefill_n / prefill_s, ttft_s * 1000,
@@ -492,24 +519,9 @@ def step_run_ours(a) -> dict:
                         max_length=profile.max_context)[0]
         vocab = arch.vocab_size
     load_s = time.perf_counter() - t0
-    d.prefill(d.new_cache(20), prompt_ids(16, vocab, 1))  # warm-up
-    ids = prompt_ids(a.prefill_tokens, vocab, 0)
-    prefill_s = ttft_s = float("inf")
-    for _ in range(3):
-        cache = d.new_cache(len(ids) + 1)
-        t0 = time.perf_counter()
-        logits = d.prefill(cache, ids)
-        t1 = time.perf_counter()
-        int(np.argmax(logits[-1]))
-        t2 = time.perf_counter()
-        prefill_s, ttft_s = min(prefill_s, t1 - t0), min(ttft_s, t2 - t0)
-    decode = {}
-    for ctx in a.contexts:
-        cache = d.new_cache(ctx + a.decode_tokens + 2)
-        token = int(np.argmax(d.prefill(cache, prompt_ids(ctx, vocab, 2))[-1]))
-        token = int(np.argmax(d.decode(cache, token)))  # not timed
-        decode[ctx] = _timed_decode(lambda t: int(np.argmax(d.decode(cache, t))), token, a.decode_tokens)
-    return _result(a.engine, len(ids), prefill_s, ttft_s, decode, load_s)
+    n, prefill_s, ttft_s, decode = time_decoder(d, vocab, prefill_tokens=a.prefill_tokens, contexts=a.contexts,
+                                                decode_tokens=a.decode_tokens)
+    return _result(a.engine, n, prefill_s, ttft_s, decode, load_s)
 
 
 def step_run_genai(a) -> dict:
