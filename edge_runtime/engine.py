@@ -110,8 +110,12 @@ def check_session_providers(session, choice: ProviderChoice, profile: DeviceProf
     profile forbids: an error unless the fallback is allowed."""
     got = list(session.get_providers())
     missing = [name for name, _ in choice.providers if name in GPU_PROVIDERS and name not in got]
-    if not missing or any(name in GPU_PROVIDERS for name in got):
+    if not missing:
         return choice
+    if any(name in GPU_PROVIDERS for name in got):  # e.g. TensorRT could not start, CUDA did
+        note = f"{choice.note} ({', '.join(missing)} could not start)"
+        log.warning("%s could not start; running on %s", ", ".join(missing), ", ".join(got))
+        return ProviderChoice([(name, opts) for name, opts in choice.providers if name in got], choice.device, note)
     msg = (f"onnxruntime could not start {', '.join(missing)} (the session has only {', '.join(got)}): the CUDA "
            "libraries it loads (cudart, cuBLAS, cuDNN of the CUDA version this onnxruntime-gpu was built for) are "
            "missing or of another version; onnxruntime's log above names the file")

@@ -267,3 +267,29 @@ def test_a_gpu_provider_that_onnxruntime_lists_but_cannot_start_is_not_a_silent_
     assert engine.info.provider == "CPUExecutionProvider" and engine.decoder.device == "cpu"
     result = engine.complete(GenerationRequest(mode="complete", prompt="def f():", max_tokens=4, sampling=GREEDY))
     assert result.usage.completion_tokens == 4
+
+
+def test_the_provider_reported_is_the_one_the_session_started():
+    """A Jetson profile asks for TensorRT, then CUDA: where TensorRT cannot start, the engine
+    reports CUDA (what runs), not TensorRT; where neither starts, it refuses."""
+    from edge_runtime.engine import check_session_providers
+    from edge_runtime.errors import ConfigError
+    from edge_runtime.profiles import load_profile
+    from edge_runtime.providers import ProviderChoice
+
+    class Session:
+        def __init__(self, providers):
+            self.providers = providers
+
+        def get_providers(self):
+            return self.providers
+
+    choice = ProviderChoice([("TensorrtExecutionProvider", {}), ("CUDAExecutionProvider", {}),
+                             ("CPUExecutionProvider", {})], "cuda", "execution providers: all three")
+    profile = load_profile("jetson-orin-agx")
+    got = check_session_providers(Session(["CUDAExecutionProvider", "CPUExecutionProvider"]), choice, profile)
+    assert [name for name, _ in got.providers] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert got.device == "cuda" and "TensorrtExecutionProvider could not start" in got.note
+    assert check_session_providers(Session([n for n, _ in choice.providers]), choice, profile) is choice
+    with pytest.raises(ConfigError, match="could not start TensorrtExecutionProvider, CUDAExecutionProvider"):
+        check_session_providers(Session(["CPUExecutionProvider"]), choice, profile)
