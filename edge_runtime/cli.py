@@ -305,8 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "on the device); 0: float (default: the profile's [kv_cache] bits, 8 on the CPU profiles)")
     p.add_argument("--graph", choices=["auto", "fused", "optimum"], default="auto",
                    help="fused: built from the tensors with GroupQueryAttention and one shared KV buffer, streamed "
-                        "layer by layer (a 7B's graph in < 1 GiB of memory with --algorithm rtn, ~3 GiB with gptq; "
-                        "the int8 KV cache's calibration then runs the finished graph: 6.9 GiB at 7B); optimum: "
+                        "layer by layer (a 7B's graph in < 1 GiB of memory with --algorithm rtn, the int8 KV "
+                        "cache's calibration included; ~3 GiB with gptq); optimum: "
                         "optimum's exporter (needed for --algorithm hqq); auto (default): fused unless the checkpoint "
                         "or --algorithm needs optimum")
     p.add_argument("--skip-fidelity", action="store_true",

@@ -17,8 +17,9 @@ the int8 kernel in place. A first prompt's logits equal the float-cache graph's.
 
 The scales are static, so they are calibrated: the float-cache graph the
 builder just wrote runs a calibration text (``assets/kv-calibration.txt``, not the
-fidelity corpus) and each layer's largest |key| and |value| per channel, times
-``margin``, maps to 127. Then the graph is rewritten in place: past/present
+fidelity corpus), one decoder layer at a time so that memory holds one layer's
+weights (``calibrate``), and each layer's largest |key| and |value| per channel,
+times ``margin``, maps to 127. Then the graph is rewritten in place: past/present
 inputs and outputs become int8, each GroupQueryAttention node becomes the If above
 with its layer's scales (inline initializers). The weights (external data) are
 untouched. The export's fidelity step then measures the result
@@ -27,6 +28,7 @@ against torch like any other bundle.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,37 +76,110 @@ def add_int8_kv_cache(graph: Path, arch: Architecture, tokenizer, *, max_length:
     return scales
 
 
+def layer_parts(model) -> list[list]:
+    """The graph's nodes a decoder layer at a time: the nodes before the first layer (the
+    embedding), then each layer's (named ``/model/layers.{i}/...``); the head is left out."""
+    layer_of = re.compile(r"/model/layers\.(\d+)/")
+    parts: list[list] = [[]]
+    for node in model.graph.node:
+        m = layer_of.match(node.name)
+        if m is None:
+            if len(parts) > 1:
+                break  # the head: final norm, lm_head
+            parts[0].append(node)
+            continue
+        layer = int(m[1])
+        while len(parts) < layer + 2:
+            parts.append([])
+        parts[layer + 1].append(node)
+    return parts
+
+
+def _part_model(model, nodes: list, produced_later: set[str], elem_type: int):
+    """A model of `nodes` alone: inputs are what they read and do not make (graph inputs or an
+    earlier part's outputs), outputs what they make that later parts or the graph's outputs read.
+    Initializers keep their external-data references, so a session loads only this part's."""
+    from onnx import helper
+
+    made = {o for n in nodes for o in n.output if o}
+    read = [i for n in nodes for i in n.input if i]
+    inits = {t.name: t for t in model.graph.initializer}
+    graph_inputs = {i.name: i for i in model.graph.input}
+    inputs, seen = [], set()
+    for name in read:
+        if name in made or name in inits or name in seen:
+            continue
+        seen.add(name)
+        inputs.append(graph_inputs[name] if name in graph_inputs
+                      else helper.make_tensor_value_info(name, elem_type, None))
+    outputs = [helper.make_tensor_value_info(o, elem_type, None)
+               for n in nodes for o in n.output if o and (o in produced_later or o.startswith("present."))]
+    graph = helper.make_graph(nodes, "part", inputs, outputs,
+                              [inits[name] for name in dict.fromkeys(read) if name in inits])
+    return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
 def calibrate(graph: Path, arch: Architecture, windows: Sequence[Sequence[int]], *, threads: int = 0,
               margin: float = MARGIN) -> KVScales:
     """Run ``windows`` through the float-cache ``graph`` (each from an empty cache) and
-    return the scales that map each channel's largest magnitude, times ``margin``, to 127."""
+    return the scales that map each channel's largest magnitude, times ``margin``, to 127.
+
+    The graph runs a layer at a time (``layer_parts``): one session per layer, holding that
+    layer's weights alone, fed the previous layer's outputs for every window. The same
+    kernels see the same inputs as in the whole graph, so the scales are the whole graph's,
+    and the memory is a layer's: a 7B's export peaks at 697 MiB, 6.9 GiB with the whole graph
+    in one session (README: Benchmarks)."""
+    import onnx
     import onnxruntime as ort
 
+    model = onnx.load(str(graph), load_external_data=False)
+    kv_input = next(i for i in model.graph.input if i.name == "past_key_values.0.key")
+    elem_type = kv_input.type.tensor_type.elem_type
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+    if dtype not in (np.float32, np.float16):
+        raise ValueError(f"{graph} already has a tensor({np.dtype(dtype).name}) KV cache: calibrate the float graph")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(graph), sess_options=options, providers=["CPUExecutionProvider"])
-    kv_type = {i.name: i.type for i in session.get_inputs()}["past_key_values.0.key"]
-    if kv_type not in ("tensor(float)", "tensor(float16)"):
-        raise ValueError(f"{graph} already has a {kv_type} KV cache: calibrate the float graph")
-    dtype = np.float32 if kv_type == "tensor(float)" else np.float16
     layers, channels = arch.num_layers, arch.num_kv_heads * arch.head_dim
     absmax = np.zeros((2, layers, channels), dtype=np.float32)
-    outputs = [f"present.{i}.{kind}" for kind in ("key", "value") for i in range(layers)]
-    for ids in windows:
-        n = len(ids)
-        empty = np.zeros((1, arch.num_kv_heads, 0, arch.head_dim), dtype=dtype)  # a first prompt: no past
-        feeds = {"input_ids": np.asarray([ids], dtype=np.int64), "seqlens_k": np.array([n - 1], dtype=np.int32),
-                 "total_sequence_length": np.array(n, dtype=np.int32)}
-        for i in range(layers):
-            feeds[f"past_key_values.{i}.key"] = empty
-            feeds[f"past_key_values.{i}.value"] = empty
-        presents = session.run(outputs, feeds)
-        for j, present in enumerate(presents):  # [1, kv_heads, n, head_dim] -> per channel (head, dim)
-            kind, layer = divmod(j, layers)
-            peak = np.abs(present[0, :, :n].astype(np.float32)).max(axis=1).reshape(-1)
-            np.maximum(absmax[kind, layer], peak, out=absmax[kind, layer])
+    empty = np.zeros((1, arch.num_kv_heads, 0, arch.head_dim), dtype=dtype)  # a first prompt: no past
+    # per window, the tensors the parts so far made (and the graph's inputs)
+    carried = [{"input_ids": np.asarray([ids], dtype=np.int64),
+                "seqlens_k": np.array([len(ids) - 1], dtype=np.int32),
+                "total_sequence_length": np.array(len(ids), dtype=np.int32),
+                **{f"past_key_values.{i}.{kind}": empty for i in range(layers) for kind in ("key", "value")}}
+               for ids in windows]
+    parts = layer_parts(model)
+    if len(parts) != layers + 1:
+        raise ValueError(f"{graph}: found {len(parts) - 1} decoder layers by node name, the architecture has {layers}")
+    read_by = [{i for n in part for i in n.input} for part in parts]
+    for index, nodes in enumerate(parts):
+        later = set().union(*read_by[index + 1:]) | {o.name for o in model.graph.output}
+        part = _part_model(model, nodes, later, elem_type)
+        path = graph.with_name(f".kv-calibration-part{index}.onnx")  # beside the data it references
+        onnx.save(part, str(path))
+        try:
+            session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        finally:
+            path.unlink()
+        names = [o.name for o in session.get_outputs()]
+        wanted = {i.name for i in session.get_inputs()}
+        for feeds in carried:
+            n = int(feeds["total_sequence_length"])
+            for name, value in zip(names, session.run(names, {k: v for k, v in feeds.items() if k in wanted})):
+                if name.startswith("present."):  # [1, kv_heads, n, head_dim] -> per channel (head, dim)
+                    layer, kind = int(name.split(".")[1]), name.split(".")[2]
+                    peak = np.abs(value[0, :, :n].astype(np.float32)).max(axis=1).reshape(-1)
+                    target = absmax[0 if kind == "key" else 1, layer]
+                    np.maximum(target, peak, out=target)
+                else:
+                    feeds[name] = value
+        for feeds in carried:  # what no later part reads goes
+            for name in [k for k in feeds if k not in later]:
+                del feeds[name]
+        del session
     scale = np.maximum(absmax * margin, np.finfo(np.float32).tiny) / 127.0
     return KVScales(key=scale[0], value=scale[1], margin=margin)
 

@@ -24,9 +24,9 @@ def float_graph(tiny_checkpoint, tmp_path_factory):
     return info, graph
 
 
-def presents(graph, arch, ids, dtype):
+def presents(graph, arch, ids, dtype, session=None):
     """present.{i}.key/value of a first prompt (no past), as [layers] lists of [kv_heads, S, head_dim]."""
-    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    session = session or ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     n = len(ids)
     feeds = {"input_ids": np.asarray([ids], dtype=np.int64), "seqlens_k": np.array([n - 1], dtype=np.int32),
              "total_sequence_length": np.array(n, dtype=np.int32)}
@@ -36,6 +36,48 @@ def presents(graph, arch, ids, dtype):
     names = [f"present.{i}.{kind}" for kind in ("key", "value") for i in range(arch.num_layers)]
     out = session.run(names, feeds)
     return out[:arch.num_layers], out[arch.num_layers:]
+
+
+def whole_graph_scales(graph, arch, windows, margin=kv_cache_quant.MARGIN):
+    """The reference: every window through the whole graph in one session, each layer's
+    largest |present key| and |present value| per channel, times the margin, over 127."""
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    absmax = np.zeros((2, arch.num_layers, arch.num_kv_heads * arch.head_dim), dtype=np.float32)
+    kv_type = {i.name: i.type for i in session.get_inputs()}["past_key_values.0.key"]
+    dtype = np.float16 if kv_type == "tensor(float16)" else np.float32
+    for ids in windows:
+        keys, values = presents(graph, arch, ids, dtype, session=session)
+        for kind, tensors in enumerate((keys, values)):
+            for layer, present in enumerate(tensors):
+                peak = np.abs(present[0].astype(np.float32)).max(axis=1).reshape(-1)
+                np.maximum(absmax[kind, layer], peak, out=absmax[kind, layer])
+    scale = np.maximum(absmax * margin, np.finfo(np.float32).tiny) / 127.0
+    return scale[0], scale[1]
+
+
+@pytest.mark.parametrize("precision", ["int4", "fp16"])
+def test_calibration_a_layer_at_a_time_gives_the_whole_graphs_scales(tiny_checkpoint, tmp_path, precision):
+    """calibrate() runs one session per layer (a layer's weights in memory, not the graph's):
+    the same kernels on the same inputs, so the very scales of the whole graph's run."""
+    info = read_checkpoint(tiny_checkpoint)
+    graph = tmp_path / "model.onnx"
+    build_decoder_graph(info, graph, precision=precision, block_size=32, symmetric=True, accuracy_level=4,
+                        max_length=256)
+    windows = kv_cache_quant.calibration_windows(CodeLlamaTokenizer.from_file(info.tokenizer_path), 128)
+    scales = kv_cache_quant.calibrate(graph, info.architecture, windows)
+    key, value = whole_graph_scales(graph, info.architecture, windows)
+    np.testing.assert_array_equal(scales.key, key)
+    np.testing.assert_array_equal(scales.value, value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]  # no part left behind
+
+
+def test_calibration_refuses_a_graph_whose_layers_do_not_match_the_architecture(float_graph):
+    import dataclasses
+
+    info, graph = float_graph
+    wrong = dataclasses.replace(info.architecture, num_layers=info.architecture.num_layers + 1)
+    with pytest.raises(ValueError, match="found 2 decoder layers by node name, the architecture has 3"):
+        kv_cache_quant.calibrate(graph, wrong, [[1, 2, 3]])
 
 
 def test_calibrated_scales_cover_the_calibration_text_with_the_margin(float_graph):
