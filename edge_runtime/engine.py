@@ -31,7 +31,7 @@ from .memory_fit import PREFILL_CHUNK, MemoryPlan, check_bundle_fits, engine_con
 from .onnx_decoder import KVConcatDecoder
 from .profiles import DeviceProfile, load_profile
 from .prompts import PromptPlan, build_prompt
-from .providers import GPU_PROVIDERS, ProviderChoice, choose_providers, import_onnxruntime
+from .providers import ProviderChoice, choose_providers, import_onnxruntime
 from .sampling import Sampler
 from .stopping import StopStringMatcher
 from .tokenizer import CodeLlamaTokenizer
@@ -104,26 +104,23 @@ def uses_cuda_graph(choice: ProviderChoice) -> bool:
 
 
 def check_session_providers(session, choice: ProviderChoice, profile: DeviceProfile) -> ProviderChoice:
-    """The providers the session really has. onnxruntime-gpu lists the CUDA provider as
-    available even when the CUDA or cuBLAS libraries it needs are missing; the session
-    then logs an error and runs on the CPU alone. That is the silent CPU fallback the
-    profile forbids: an error unless the fallback is allowed."""
+    """The providers the session really started, chosen again by the profile's rule
+    (`choose_providers`). onnxruntime-gpu lists the CUDA provider as available even when
+    the CUDA or cuBLAS libraries it needs are missing; the session then logs an error and
+    runs without it: on the CPU alone, the silent fallback the profile forbids, or on CUDA
+    where a Jetson profile's TensorRT could not start."""
     got = list(session.get_providers())
-    missing = [name for name, _ in choice.providers if name in GPU_PROVIDERS and name not in got]
+    missing = [name for name, _ in choice.providers if name not in got]
     if not missing:
         return choice
-    if any(name in GPU_PROVIDERS for name in got):  # e.g. TensorRT could not start, CUDA did
-        note = f"{choice.note} ({', '.join(missing)} could not start)"
-        log.warning("%s could not start; running on %s", ", ".join(missing), ", ".join(got))
-        return ProviderChoice([(name, opts) for name, opts in choice.providers if name in got], choice.device, note)
-    msg = (f"onnxruntime could not start {', '.join(missing)} (the session has only {', '.join(got)}): the CUDA "
-           "libraries it loads (cudart, cuBLAS, cuDNN of the CUDA version this onnxruntime-gpu was built for) are "
-           "missing or of another version; onnxruntime's log above names the file")
-    if not profile.allow_cpu_fallback:
-        raise ConfigError(msg + " (or allow the CPU fallback: allow_cpu_fallback = true in the daemon config's "
-                          "[model] table or in the profile)", key="allow_cpu_fallback")
-    log.warning("%s; running on the CPU provider", msg)
-    return ProviderChoice([("CPUExecutionProvider", {})], "cpu", msg + "; running on the CPU provider")
+    problem = (f"onnxruntime could not start {', '.join(missing)} (the session has only {', '.join(got)}): the CUDA "
+               "libraries it loads (cudart, cuBLAS, cuDNN of the CUDA version this onnxruntime-gpu was built for) are "
+               "missing or of another version; onnxruntime's log above names the file")
+    started = choose_providers(choice.providers, got, allow_cpu_fallback=profile.allow_cpu_fallback,
+                               profile_name=profile.name, problem=problem,
+                               remedy="install the CUDA libraries this onnxruntime-gpu was built for")
+    log.warning("%s could not start; %s", ", ".join(missing), started.note)
+    return dataclasses.replace(started, note=f"{started.note} ({', '.join(missing)} could not start)")
 
 
 def chat_warning(variant: str) -> str:

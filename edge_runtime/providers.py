@@ -43,20 +43,23 @@ GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
 def choose_providers(requested: list[tuple[str, dict[str, Any]]], available: list[str],
-                     *, allow_cpu_fallback: bool, profile_name: str) -> ProviderChoice:
-    """Keep the profile's providers that this onnxruntime build has, in the profile's order.
+                     *, allow_cpu_fallback: bool, profile_name: str, problem: str | None = None,
+                     remedy: str = "install onnxruntime-gpu") -> ProviderChoice:
+    """Keep the profile's providers that are available, in the profile's order.
 
-    A GPU profile whose GPU providers are all missing is an error unless the
-    profile allows the CPU fallback: never a silent fallback to CPU."""
+    `available` is what this onnxruntime build offers, or (engine.check_session_providers)
+    what a session really started; `problem` and `remedy` then say why the others are gone.
+    A GPU profile whose GPU providers are all missing is an error unless the profile
+    allows the CPU fallback: never a silent fallback to CPU."""
     chosen = [(name, opts) for name, opts in requested if name in available]
     wanted_gpu = [name for name, _ in requested if name in GPU_PROVIDERS]
     have_gpu = [name for name, _ in chosen if name in GPU_PROVIDERS]
     if wanted_gpu and not have_gpu:
-        msg = (f"profile {profile_name} asks for {', '.join(wanted_gpu)} but this onnxruntime offers only "
-               f"{', '.join(available)}")
+        msg = problem or (f"profile {profile_name} asks for {', '.join(wanted_gpu)} but this onnxruntime offers only "
+                          f"{', '.join(available)}")
         if not allow_cpu_fallback:
-            raise ConfigError(msg + " (install onnxruntime-gpu, or allow the CPU fallback: allow_cpu_fallback = "
-                              "true in the daemon config's [model] table or in the profile)")
+            raise ConfigError(msg + f" ({remedy}, or allow the CPU fallback: allow_cpu_fallback = true in the daemon "
+                              "config's [model] table or in the profile)", key="allow_cpu_fallback")
         return ProviderChoice([("CPUExecutionProvider", {})], "cpu", msg + "; running on the CPU provider")
     if not any(name == "CPUExecutionProvider" for name, _ in chosen):
         chosen.append(("CPUExecutionProvider", {}))
