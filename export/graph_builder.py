@@ -542,47 +542,32 @@ class _Builder:
         zero_points: list[np.ndarray] = []
         hinv = self._inverse_hessian(parts[0]) if self.hessians is not None else None
 
-        def rounded_chunks() -> Iterator[np.ndarray]:
-            """Round to nearest, slices of rows on a thread pool, yielded in order: the reads,
-            fp16 -> fp32 casts and transposes (numpy releases the GIL) overlap onnxruntime's
-            quantizer, which holds the GIL but runs on every core itself."""
-            workers = min(_ROUNDING_THREADS, os.cpu_count() or 1)
+        def quantize_rows(task: tuple[str, int, int]) -> BlockQuantized:
+            part, r0, r1 = task
+            if hinv is not None:
+                t0 = time.perf_counter()
+                q = gptq_quantize(self.reader.read(part, (r0, r1)), hinv, bits=bits, block_size=block,
+                                  symmetric=opts.symmetric, scale_search=opts.scale_search, scale_dtype=dtype)
+                self.gptq_seconds["column loops"] += time.perf_counter() - t0
+                return q
+            w_kn = np.ascontiguousarray(self.reader.read(part, (r0, r1)).T.astype(dtype))
+            quantize = block_quantize_mse if opts.scale_search else block_quantize
+            return quantize(w_kn, bits=bits, block_size=block, symmetric=opts.symmetric)
+
+        def packed_chunks() -> Iterator[np.ndarray]:  # rows of the output dimension N, part by part
+            """Slices of rows, quantized and yielded in order. Round to nearest runs them on a
+            thread pool: the reads, fp16 -> fp32 casts and transposes (numpy releases the GIL)
+            overlap onnxruntime's quantizer, which holds the GIL but uses every core itself.
+            GPTQ (its timers) and the scale search (a thread pool of its own) go one at a time."""
+            pooled = hinv is None and not opts.scale_search
+            workers = min(_ROUNDING_THREADS, os.cpu_count() or 1) if pooled else 1
             tasks = []
             for part in parts:
                 rows = self.reader.shape(part)[0]
                 step = min(rows_per_chunk, max(_MIN_TASK_ROWS, -(-rows // workers)))
                 tasks += [(part, r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
-
-            def task(t: tuple[str, int, int]):
-                part, r0, r1 = t
-                w_kn = np.ascontiguousarray(self.reader.read(part, (r0, r1)).T.astype(dtype))
-                return block_quantize(w_kn, bits=bits, block_size=block, symmetric=opts.symmetric)
-
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                for q in pool.map(task, tasks):
-                    scales.append(q.scales)
-                    if q.zero_points is not None:
-                        zero_points.append(q.zero_points)
-                    yield q.packed
-
-        def packed_chunks() -> Iterator[np.ndarray]:  # rows of the output dimension N, part by part
-            if hinv is None and not opts.scale_search:
-                yield from rounded_chunks()
-                return
-            for part in parts:
-                rows = self.reader.shape(part)[0]
-                for r0 in range(0, rows, rows_per_chunk):
-                    r1 = min(rows, r0 + rows_per_chunk)
-                    if hinv is not None:
-                        t0 = time.perf_counter()
-                        q = gptq_quantize(self.reader.read(part, (r0, r1)), hinv, bits=bits, block_size=block,
-                                          symmetric=opts.symmetric, scale_search=opts.scale_search,
-                                          scale_dtype=dtype)
-                        self.gptq_seconds["column loops"] += time.perf_counter() - t0
-                    else:
-                        w_kn = np.ascontiguousarray(self.reader.read(part, (r0, r1)).T.astype(dtype))
-                        quantize = block_quantize_mse if opts.scale_search else block_quantize
-                        q = quantize(w_kn, bits=bits, block_size=block, symmetric=opts.symmetric)
+                for q in pool.map(quantize_rows, tasks) if pooled else map(quantize_rows, tasks):
                     scales.append(q.scales)
                     if q.zero_points is not None:
                         zero_points.append(q.zero_points)
