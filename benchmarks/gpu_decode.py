@@ -64,6 +64,7 @@ from peers import (  # noqa: E402  (the byte counting, timing and plot the CPU b
     roofline_tokens_per_s,
     time_decoder,
 )
+from peers import step_run_genai as run_genai  # noqa: E402
 
 PROFILE = "nvidia-gpu"
 VARIANTS = ("cuda", "cuda-graph")
@@ -185,11 +186,7 @@ def step_prepare_genai(a) -> dict:
 
 def step_run_genai(a) -> dict:
     """benchmarks/peers.py's onnxruntime-genai loop, on the model's own (CUDA) provider."""
-    import argparse as _argparse
-
-    from peers import step_run_genai as run_genai
-
-    got = run_genai(_argparse.Namespace(model=str(a.bundle), threads=0, prefill_tokens=a.prefill_tokens,
+    got = run_genai(argparse.Namespace(model=str(a.bundle), threads=0, prefill_tokens=a.prefill_tokens,
                                         contexts=a.contexts, decode_tokens=a.decode_tokens))
     return {"bundle": str(a.bundle), "variant": GENAI, "precision": Path(a.bundle).name.split("-")[-1],
             "load_s": got["load_s"], "prefill_tokens": got["prefill_tokens"],

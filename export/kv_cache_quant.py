@@ -95,9 +95,10 @@ def layer_parts(model) -> list[list]:
     return parts
 
 
-def _part_model(model, nodes: list, produced_later: set[str], elem_type: int):
+def _part_model(model, nodes: list, read_later: set[str], elem_type: int):
     """A model of `nodes` alone: inputs are what they read and do not make (graph inputs or an
-    earlier part's outputs), outputs what they make that later parts or the graph's outputs read.
+    earlier part's outputs), outputs what they make that is in `read_later` (what later parts
+    read, and the graph's outputs, present.{i}.* among them).
     Initializers keep their external-data references, so a session loads only this part's."""
     from onnx import helper
 
@@ -113,7 +114,7 @@ def _part_model(model, nodes: list, produced_later: set[str], elem_type: int):
         inputs.append(graph_inputs[name] if name in graph_inputs
                       else helper.make_tensor_value_info(name, elem_type, None))
     outputs = [helper.make_tensor_value_info(o, elem_type, None)
-               for n in nodes for o in n.output if o and (o in produced_later or o.startswith("present."))]
+               for n in nodes for o in n.output if o and o in read_later]
     graph = helper.make_graph(nodes, "part", inputs, outputs,
                               [inits[name] for name in dict.fromkeys(read) if name in inits])
     return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
@@ -154,7 +155,7 @@ def calibrate(graph: Path, arch: Architecture, windows: Sequence[Sequence[int]],
     parts = layer_parts(model)
     if len(parts) != layers + 1:
         raise ValueError(f"{graph}: found {len(parts) - 1} decoder layers by node name, the architecture has {layers}")
-    read_by = [{i for n in part for i in n.input} for part in parts]
+    read_by = [{i for n in part for i in n.input if i} for part in parts]
     for index, nodes in enumerate(parts):
         later = set().union(*read_by[index + 1:]) | {o.name for o in model.graph.output}
         part = _part_model(model, nodes, later, elem_type)
