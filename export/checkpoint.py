@@ -70,13 +70,9 @@ def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     and the scaling's keys). Reading only ``rope_theta`` would take a transformers-5
     checkpoint's base for 10000 -- Code Llama's is 1000000 -- and every position would be
     rotated wrongly."""
-    params = dict(config.get("rope_parameters") or {})
+    params = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
     params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
-    scaling = config.get("rope_scaling") or {}
-    if scaling:
-        params.setdefault("rope_type", scaling.get("rope_type") or scaling.get("type"))
-        params = {**scaling, **params}
-    params.setdefault("rope_type", params.get("type") or "default")
+    params.setdefault("rope_type", params.get("type") or "default")  # "type": the older name
     return params
 
 
