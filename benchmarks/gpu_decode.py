@@ -135,19 +135,25 @@ def gpu_memory_used_mib(pid: int) -> int | None:
     return None
 
 
-def step_run(a) -> dict:
-    """One bundle, one variant: load, prefill/TTFT, decode tokens/s per context."""
+def load_engine(bundle: Path, profile_name: str, variant: str):
+    """The daemon's engine for `bundle` on the GPU, with CUDA graphs for variant "cuda-graph"."""
     from edge_runtime.engine import Engine
     from edge_runtime.profiles import load_profile
 
-    profile = load_profile(a.profile)
-    if a.variant == "cuda-graph":
+    profile = load_profile(profile_name)
+    if variant == "cuda-graph":
         profile = profile.with_provider_options(CUDA, enable_cuda_graph="1")
-    t0 = time.perf_counter()
-    engine = Engine.from_bundle(a.bundle, profile=profile)
-    load_s = time.perf_counter() - t0
+    engine = Engine.from_bundle(bundle, profile=profile)
     if engine.info.provider != CUDA or engine.decoder.device != "cuda":
         raise SystemExit(f"the engine runs on {engine.info.provider}, not on the GPU")
+    return engine
+
+
+def step_run(a) -> dict:
+    """One bundle, one variant: load, prefill/TTFT, decode tokens/s per context."""
+    t0 = time.perf_counter()
+    engine = load_engine(a.bundle, a.profile, a.variant)
+    load_s = time.perf_counter() - t0
     d, vocab = engine.decoder, engine.bundle.architecture.vocab_size
     # three untimed steps: the first ones allocate, and onnxruntime records the CUDA graph
     n, prefill_s, ttft_s, times = time_decoder(d, vocab, prefill_tokens=a.prefill_tokens, contexts=a.contexts,

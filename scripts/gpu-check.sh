@@ -3,14 +3,17 @@
 #
 #     bash scripts/gpu-check.sh [OUT_DIR]          # default OUT_DIR: gpu-check
 #
-# 1. the tests marked `gpu` (tests/engine/test_cuda_provider.py): the nvidia-gpu profile's
-#    int4 and fp16 bundles of the demo model on the CUDA provider against torch, the KV
-#    cache in device memory, every node on the GPU, CUDA graphs giving plain CUDA's tokens;
+# 1. the tests marked `gpu` (tests/engine/test_cuda_provider.py, tests/bench/test_gpu_kernels.py):
+#    the nvidia-gpu profile's int4 and fp16 bundles of the demo model on the CUDA provider
+#    against torch, the KV cache in device memory, every node on the GPU, CUDA graphs giving
+#    plain CUDA's tokens, a decode step copying only a token in and the logits out;
 # 2. benchmarks/gpu_decode.py on a Code Llama 7B-shaped random checkpoint, int4 and fp16,
 #    with and without CUDA graphs, against the GPU's measured bandwidth, beside
 #    onnxruntime-genai's CUDA model of the same checkpoint where onnxruntime-genai-cuda is
 #    installed. The checkpoint
-#    and the exports (CPU work) run while the tests do; the timed part runs alone.
+#    and the exports (CPU work) run while the tests do; the timed part runs alone;
+# 3. benchmarks/gpu_kernels.py on our bundles, with and without CUDA graphs: every kernel
+#    and copy of a decode step, traced on the GPU (needs PyTorch with CUDA).
 #
 # Environment: PYTHON (default python3), LAYERS (decoder layers of the 7B-shaped
 # checkpoint, default 32), WORKDIR (checkpoint and bundles; default a temporary folder).
@@ -29,7 +32,8 @@ work=${WORKDIR:-$(mktemp -d)}
 "$py" benchmarks/gpu_decode.py --synthetic-7b "$work/checkpoint" --layers "${LAYERS:-32}" --workdir "$work/bundles" \
     --peers --prepare-only >"$work/bundles.txt" 2>"$out/prepare.log" &
 prepare=$!
-"$py" -m pytest -m gpu -v -rA -p no:cacheprovider tests/engine/test_cuda_provider.py 2>&1 | tee "$out/pytest-gpu.log"
+"$py" -m pytest -m gpu -v -rA -p no:cacheprovider tests/engine/test_cuda_provider.py \
+    tests/bench/test_gpu_kernels.py 2>&1 | tee "$out/pytest-gpu.log"
 tests=${PIPESTATUS[0]}
 if ! wait "$prepare"; then
     tail -50 "$out/prepare.log"
@@ -39,5 +43,16 @@ fi
 mapfile -t bundles <"$work/bundles.txt"   # ours, then onnxruntime-genai's where it is installed
 "$py" benchmarks/gpu_decode.py "${bundles[@]/#/--bundle=}" --out "$out/gpu-decode" 2>&1 | tee "$out/gpu-decode.log"
 bench=${PIPESTATUS[0]}
-echo "gpu tests: exit $tests; benchmark: exit $bench"
-exit $(( tests || bench ))
+# 3. where a decode step's time goes: each kernel of our bundles' steps, traced on the GPU
+kernels=0
+for b in "${bundles[@]}"; do
+    [ -f "$b/bundle.json" ] || continue
+    for variant in cuda cuda-graph; do
+        name=kernels-$(basename "$b")-$variant
+        "$py" benchmarks/gpu_kernels.py --bundle "$b" --variant "$variant" --json "$out/$name.json" 2>&1 \
+            | tee "$out/$name.txt"
+        [ "${PIPESTATUS[0]}" = 0 ] || kernels=1
+    done
+done
+echo "gpu tests: exit $tests; benchmark: exit $bench; kernel traces: exit $kernels"
+exit $(( tests || bench || kernels ))

@@ -43,3 +43,8 @@ def export_bench():
 @pytest.fixture(scope="module")
 def gpu_decode():
     return load_benchmark("gpu_decode")
+
+
+@pytest.fixture(scope="module")
+def gpu_kernels():
+    return load_benchmark("gpu_kernels")
