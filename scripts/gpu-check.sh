@@ -16,7 +16,9 @@
 #    and copy of a decode step, traced on the GPU (needs PyTorch with CUDA).
 #
 # Environment: PYTHON (default python3), LAYERS (decoder layers of the 7B-shaped
-# checkpoint, default 32), WORKDIR (checkpoint and bundles; default a temporary folder).
+# checkpoint, default 32), WORKDIR (checkpoint and bundles; default a temporary folder),
+# STAGE: all (default), or prepare (1 and the bundles) then bench (2 and 3) as two runs over
+# the same WORKDIR, where one run may not last long enough for all of it.
 set -uo pipefail
 out=${1:-gpu-check}
 py=${PYTHON:-python3}
@@ -26,23 +28,40 @@ cd "$(dirname "$0")/.." || exit 1
 "$py" -c "import onnxruntime as o, sys; p = o.get_available_providers(); print('onnxruntime', o.__version__, p); \
 sys.exit(0 if 'CUDAExecutionProvider' in p else 'onnxruntime has no CUDAExecutionProvider: install onnxruntime-gpu')" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+stage=${STAGE:-all}
+case $stage in all|prepare|bench) ;; *) echo "STAGE must be all, prepare or bench, not $stage"; exit 2 ;; esac
+if [ "$stage" != all ] && [ -z "${WORKDIR:-}" ]; then
+    echo "STAGE=$stage needs WORKDIR: the bundles stay there between the two stages"; exit 2
+fi
 work=${WORKDIR:-$(mktemp -d)}
+mkdir -p "$work"
 # the checkpoint and bundles are tens of GB: a temporary folder goes however the script ends
 [ -z "${WORKDIR:-}" ] && trap 'rm -rf "$work"' EXIT
-"$py" benchmarks/gpu_decode.py --synthetic-7b "$work/checkpoint" --layers "${LAYERS:-32}" --workdir "$work/bundles" \
-    --peers --prepare-only >"$work/bundles.txt" 2>"$out/prepare.log" &
-prepare=$!
-"$py" -m pytest -m gpu -v -rA -p no:cacheprovider tests/engine/test_cuda_provider.py \
-    tests/bench/test_gpu_kernels.py 2>&1 | tee "$out/pytest-gpu.log"
-tests=${PIPESTATUS[0]}
-if ! wait "$prepare"; then
-    tail -50 "$out/prepare.log"
-    echo "gpu tests: exit $tests; preparing the benchmark's bundles failed"
-    exit 1
+SECONDS=0
+tests=0
+if [ "$stage" != bench ]; then
+    "$py" benchmarks/gpu_decode.py --synthetic-7b "$work/checkpoint" --layers "${LAYERS:-32}" \
+        --workdir "$work/bundles" --peers --prepare-only >"$work/bundles.txt" 2>"$out/prepare.log" &
+    prepare=$!
+    "$py" -m pytest -m gpu -v -rA -p no:cacheprovider tests/engine/test_cuda_provider.py \
+        tests/bench/test_gpu_kernels.py 2>&1 | tee "$out/pytest-gpu.log"
+    tests=${PIPESTATUS[0]}
+    echo "gpu tests: exit $tests (${SECONDS} s)"
+    if ! wait "$prepare"; then
+        tail -50 "$out/prepare.log"
+        echo "gpu tests: exit $tests; preparing the benchmark's bundles failed"
+        exit 1
+    fi
+    echo "bundles prepared (${SECONDS} s): $(tr '\n' ' ' <"$work/bundles.txt")"
+    [ "$stage" = prepare ] && exit "$tests"
+fi
+if [ ! -s "$work/bundles.txt" ]; then
+    echo "$work/bundles.txt is missing: run STAGE=prepare with this WORKDIR first"; exit 2
 fi
 mapfile -t bundles <"$work/bundles.txt"   # ours, then onnxruntime-genai's where it is installed
 "$py" benchmarks/gpu_decode.py "${bundles[@]/#/--bundle=}" --out "$out/gpu-decode" 2>&1 | tee "$out/gpu-decode.log"
 bench=${PIPESTATUS[0]}
+echo "benchmark: exit $bench (${SECONDS} s)"
 # 3. where a decode step's time goes: each kernel of our bundles' steps, traced on the GPU
 kernels=0
 for b in "${bundles[@]}"; do
@@ -51,8 +70,12 @@ for b in "${bundles[@]}"; do
         name=kernels-$(basename "$b")-$variant
         "$py" benchmarks/gpu_kernels.py --bundle "$b" --variant "$variant" --json "$out/$name.json" 2>&1 \
             | tee "$out/$name.txt"
+        [ "${PIPESTATUS[0]}" = 0 ] && continue
+        # a CUDA graph recorded before the profiler's first use may not trace: once more, warmed up
+        "$py" benchmarks/gpu_kernels.py --bundle "$b" --variant "$variant" --json "$out/$name.json" \
+            --profiler-warmup 2>&1 | tee -a "$out/$name.txt"
         [ "${PIPESTATUS[0]}" = 0 ] || kernels=1
     done
 done
-echo "gpu tests: exit $tests; benchmark: exit $bench; kernel traces: exit $kernels"
+echo "gpu tests: exit $tests; benchmark: exit $bench; kernel traces: exit $kernels (${SECONDS} s)"
 exit $(( tests || bench || kernels ))
