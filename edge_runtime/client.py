@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from .errors import ConfigError, EdgeRuntimeError
 from .mqtt_connection import (
@@ -44,6 +46,7 @@ from .request_flags import add_request_arguments, request_source
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 120.0
+CLIENT_SESSION_EXPIRY_S = 600  # how long the broker keeps a client's replies while it reconnects
 
 
 class RemoteError(EdgeRuntimeError):
@@ -61,7 +64,15 @@ class Generation:
     reply is then in `final` (also the generator's return value, so
     ``final = yield from gen`` works). `result()` waits for and returns the final
     reply. Error replies raise `RemoteError`; no final reply in time raises
-    `TimeoutError` (after sending a cancel)."""
+    `TimeoutError` (after sending a cancel).
+
+    The chunks' deltas add up to the final `text`: chunks lost on the way (a broker
+    killed before it saved them) come as one last chunk with ``"recovered":
+    true`` holding the rest of the final text. Where what was streamed is not the
+    start of the final text (the daemon generated the request again after a
+    restart, with other tokens), `stream_diverged` is True and `final["text"]` is
+    the answer. Leaving the loop early, or an exception in it (Ctrl-C), cancels the
+    request on the device."""
 
     def __init__(self, client: "EdgeClient", request_id: str, inbox: "queue.Queue[dict[str, Any]]",
                  timeout: float) -> None:
@@ -75,6 +86,7 @@ class Generation:
         self._buffer: dict[int, dict[str, Any]] = {}
         self._chunks: list[str] = []
         self._iterating = False
+        self.stream_diverged = False
 
     @property
     def text(self) -> str:
@@ -99,17 +111,18 @@ class Generation:
                     msg = self._inbox.get(timeout=max(remaining, 0.0)) if remaining > 0 else \
                         self._inbox.get_nowait()
                 except queue.Empty:
-                    self.client.cancel(self.id)
                     raise TimeoutError(f"no final reply to request {self.id} within {self._timeout:g} s") \
                         from None
                 if msg.get("done") is True:
-                    for seq in sorted(self._buffer):  # anything that arrived out of order
-                        yield self._take(self._buffer.pop(seq))
                     self.final = msg
                     error = msg.get("error")
                     if isinstance(error, dict):
                         raise RemoteError(str(error.get("code", "internal")), str(error.get("message", "")),
                                           self.id)
+                    rest = self._unstreamed_text(msg)
+                    if rest:
+                        yield self._take({"id": self.id, "seq": self._next_seq, "delta": rest, "done": False,
+                                          "recovered": True})
                     break
                 seq = msg.get("seq")
                 if not isinstance(seq, int) or seq < self._next_seq:
@@ -121,7 +134,23 @@ class Generation:
                     yield self._take(chunk)
         finally:
             self.client._forget(self.id)
+            if self.final is None:  # abandoned: the loop was left, or raised (Ctrl-C, a timeout)
+                self.client.cancel(self.id)
         return self.final
+
+    def _unstreamed_text(self, final: dict[str, Any]) -> str:
+        """What of the final text no chunk in order brought (chunks after a lost one are
+        dropped: the final text holds them); sets `stream_diverged` when the stream is not
+        the final text's beginning."""
+        text = final.get("text")
+        self._buffer.clear()
+        if not isinstance(text, str):
+            return ""
+        streamed = "".join(self._chunks)
+        if not text.startswith(streamed):
+            self.stream_diverged = True
+            return ""
+        return text[len(streamed):]
 
     def _take(self, chunk: dict[str, Any]) -> dict[str, Any]:
         delta = chunk.get("delta")
@@ -167,6 +196,7 @@ class EdgeClient:
         self.client_id = validate_name(client_id or username or f"edge-client-{uuid.uuid4().hex[:12]}",
                                        "client_id")
         self.protocol = protocol
+        self._v5 = protocol_version(protocol) == mqtt.MQTTv5
         self.keepalive = keepalive
         self.connect_timeout = connect_timeout
         self._mqtt = make_client(
@@ -174,6 +204,7 @@ class EdgeClient:
             password=password, tls=TlsFiles(ca=_s(tls_ca), cert=_s(tls_cert), key=_s(tls_key)),
             persistent=False)
         self._mqtt.on_connect = self._on_connect
+        self._mqtt.on_connect_fail = self._on_connect_fail
         self._mqtt.on_subscribe = self._on_subscribe
         self._mqtt.on_message = self._on_message
         self._inboxes: dict[str, queue.Queue[dict[str, Any]]] = {}
@@ -189,8 +220,11 @@ class EdgeClient:
     def connect(self) -> "EdgeClient":
         if self._connected:
             return self
+        # MQTT 5: a session that outlives a lost connection (a broker restart), so replies
+        # published while the client reconnects wait for it; dropped at close
         connect_async(self._mqtt, self.address, protocol=self.protocol, keepalive=self.keepalive,
-                      persistent=False)
+                      persistent=False, session_expiry_s=CLIENT_SESSION_EXPIRY_S if self._v5 else None,
+                      resume_on_reconnect=self._v5)
         self._mqtt.loop_start()
         if not self._subscribed.wait(self.connect_timeout) or self._refused:
             self._mqtt.disconnect()
@@ -201,9 +235,20 @@ class EdgeClient:
         return self
 
     def close(self) -> None:
+        """Cancel the requests still in flight (nobody would read their replies), then
+        disconnect."""
         if self._connected:
+            with self._lock:
+                pending = list(self._inboxes)
+            for request_id in pending:
+                self.cancel(request_id)
             self._connected = False
-            self._mqtt.disconnect()
+            if self._v5:  # end the session now rather than after its expiry interval
+                props = Properties(PacketTypes.DISCONNECT)
+                props.SessionExpiryInterval = 0
+                self._mqtt.disconnect(properties=props)
+            else:
+                self._mqtt.disconnect()
             self._mqtt.loop_stop()
 
     def __enter__(self) -> "EdgeClient":
@@ -219,6 +264,13 @@ class EdgeClient:
             self._subscribed.set()
             return
         _, self._sub_mid = client.subscribe(self.topics.client_reply_filter(self.client_id), qos=1)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        # the TCP (or TLS) connection failed: say so now rather than wait out the timeout
+        tls = ", or the TLS handshake failed (check --tls-ca and the broker's certificate)" if self.address.tls else ""
+        self._refused = (f"no broker answers at {self.address.host}:{self.address.port} (connection refused or "
+                         f"unreachable: is the broker running, and are the host and port right?{tls})")
+        self._subscribed.set()
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[Any],
                       properties: Any) -> None:
@@ -390,25 +442,39 @@ def run_ask(args: argparse.Namespace) -> int:
         return 2
     out = sys.stdout
     gen: Generation | None = None
+
+    def failed(code: str, message: str) -> int:
+        if args.json:  # scripts parse stdout: the error as the final reply it stands for
+            reply = gen.final if gen is not None and gen.final is not None else \
+                {"id": gen.id if gen is not None else None, "done": True,
+                 "error": {"code": code, "message": message}}
+            out.write(json.dumps(reply, ensure_ascii=False) + "\n")
+            out.flush()
+        elif gen is not None and gen.text:
+            out.write("\n")
+        print(f"error: {code}: {message}", file=sys.stderr)
+        return 1
+
     try:
         with client:
             gen = client.generate(stream=not args.json, timeout=args.timeout, **request)
-            for chunk in gen:
-                if not args.json:
-                    out.write(chunk.get("delta", ""))
-                    out.flush()
+            try:
+                for chunk in gen:
+                    if not args.json:
+                        out.write(chunk.get("delta", ""))
+                        out.flush()
+            except TimeoutError as exc:
+                raise TimeoutError(f"{exc}{_why_no_reply(client)}") from None
             final = gen.final or {}
     except RemoteError as exc:
-        if not args.json and gen is not None and gen.text:
-            out.write("\n")
-        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
-        return 1
+        return failed(exc.code, exc.message)
     except TimeoutError as exc:
-        print(f"error: timeout: {exc}", file=sys.stderr)
-        return 1
+        return failed("timeout", str(exc))
     except (ConnectionError, OSError) as exc:
-        print(f"error: connection: {exc}", file=sys.stderr)
-        return 1
+        return failed("connection", str(exc))
+    if gen.stream_diverged and not args.json:
+        return failed("stream_diverged", "the device generated this request again after a restart and the text "
+                                         "streamed above is not its answer; `ask --json` prints the final reply")
     if args.json:
         out.write(json.dumps(final, ensure_ascii=False) + "\n")
     else:
@@ -421,6 +487,24 @@ def run_ask(args: argparse.Namespace) -> int:
             print(f"warning: {warning}", file=sys.stderr)
     out.flush()
     return 0
+
+
+def _why_no_reply(client: EdgeClient) -> str:
+    """What the device's retained status says about a request left unanswered."""
+    if client.topics.is_fleet:
+        return ""
+    device = client.topics.device_id
+    status = client.status(timeout=2.0)
+    if status is None:
+        return (f"; no device {device!r} has published a status on this broker (check --device-id, and that "
+                "its daemon runs against this broker)")
+    state, ts = status.get("state"), status.get("ts")
+    since = f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ts))}" if isinstance(ts, (int, float)) \
+        else ""
+    if state == "online":
+        return (f"; device {device!r} is online with {status.get('queue_depth')} of {status.get('queue_limit')} "
+                "requests queued (raise --timeout for long answers)")
+    return f"; device {device!r} is {state}{since} (the request waits for it on the broker)"
 
 
 # =========================================================================== serve

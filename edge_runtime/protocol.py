@@ -17,6 +17,7 @@ Topics (``<device_id>`` is the daemon's configured device id):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -273,6 +274,13 @@ def decode_json_object(payload: bytes) -> dict[str, Any]:
     return obj
 
 
+def payload_seed(payload: bytes) -> int:
+    """The sampling seed of a request that names none: from its bytes (which hold its id),
+    so each request samples afresh, and one the broker delivers again after the daemon
+    died mid-answer samples the same tokens, continuing the stream its client saw."""
+    return int.from_bytes(hashlib.sha256(payload).digest()[:8], "big") & MAX_SEED
+
+
 def parse_request(payload: bytes, limits: RequestLimits | Any = RequestLimits(), *,
                   now: float | None = None) -> WireRequest:
     """Validate a request payload against the protocol and `limits`.
@@ -374,6 +382,8 @@ def parse_request(payload: bytes, limits: RequestLimits | Any = RequestLimits(),
     seed = obj.get("seed")
     if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
         raise bad(f"seed must be an integer between 0 and {MAX_SEED}, or null")
+    if seed is None:
+        seed = payload_seed(payload)
 
     stop = obj.get("stop", [])
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):

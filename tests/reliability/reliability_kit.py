@@ -345,11 +345,18 @@ class Ledger:
 
     def tally(self, ids) -> dict[str, Any]:
         """Lost (no final), duplicated (more than one final) and conflicting (finals
-        that differ in text or error) answers over `ids`."""
-        lost, dup, conflicting = [], [], []
+        that differ in text or error) answers over `ids`; and restreamed: answers
+        streamed again (generated again after a daemon restart) whose chunks of one
+        `seq` differ, so the stream the client saw is not the final text."""
+        lost, dup, conflicting, restreamed = [], [], [], []
         with self._cond:
             for i in ids:
                 finals = self.answers[i].finals if i in self.answers else []
+                by_seq: dict[Any, set] = {}
+                for chunk in self.answers[i].chunks if i in self.answers else []:
+                    by_seq.setdefault(chunk.get("seq"), set()).add(chunk.get("delta"))
+                if any(len(deltas) > 1 for deltas in by_seq.values()):
+                    restreamed.append(i)
                 if not finals:
                     lost.append(i)
                     continue
@@ -359,8 +366,9 @@ class Ledger:
                             for f in finals}) > 1:
                         conflicting.append(i)
         return {"requests": len(list(ids)), "lost": len(lost), "duplicated": len(dup),
-                "conflicting": len(conflicting), "lost_ids": lost[:20], "duplicated_ids": dup[:20],
-                "conflicting_ids": conflicting[:20]}
+                "conflicting": len(conflicting), "restreamed_differently": len(restreamed),
+                "lost_ids": lost[:20], "duplicated_ids": dup[:20], "conflicting_ids": conflicting[:20],
+                "restreamed_differently_ids": restreamed[:20]}
 
 
 class StatusWatch:

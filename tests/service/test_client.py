@@ -97,6 +97,54 @@ def test_timeout_raises_and_cancels(broker):
         assert spy.wait_for(lambda ms: ms)[0].json == {"id": "lost-1"}
 
 
+def replies_by_hand(broker, device: str, request_id: str, *messages: dict) -> Generation:
+    """A request to a device no daemon serves, answered by `messages` published by hand."""
+    c = EdgeClient(broker.url, device).connect()
+    gen = c.generate(mode="complete", prompt="x", request_id=request_id, timeout=5)
+    with Probe(broker.host, broker.port) as daemon:
+        for m in messages:
+            daemon.publish(Topics(device).reply_topic(c.client_id, request_id), {"id": request_id, **m})
+    return gen
+
+
+def test_chunks_lost_on_the_way_come_from_the_final_text(broker):
+    """QoS 0 chunks lost (a broker restart): the deltas still add up to the final text."""
+    gen = replies_by_hand(broker, "hand1", "gap-1", {"seq": 0, "delta": "ab", "done": False},
+                          {"seq": 2, "delta": "ef", "done": False},  # seq 1 ("cd") never arrives
+                          {"done": True, "text": "abcdef", "finish_reason": "stop"})
+    try:
+        chunks = list(gen)
+        assert [c["delta"] for c in chunks] == ["ab", "cdef"] and chunks[-1]["recovered"] is True
+        assert [c["seq"] for c in chunks] == [0, 1] and not gen.stream_diverged
+    finally:
+        gen.client.close()
+
+
+def test_a_stream_that_is_not_the_final_texts_start_is_flagged(broker):
+    gen = replies_by_hand(broker, "hand2", "div-1", {"seq": 0, "delta": "ab", "done": False},
+                          {"done": True, "text": "xyz", "finish_reason": "stop"})
+    try:
+        assert [c["delta"] for c in gen] == ["ab"]
+        assert gen.stream_diverged and gen.final["text"] == gen.text == "xyz"
+    finally:
+        gen.client.close()
+
+
+def test_leaving_the_loop_or_the_client_cancels_the_request(broker, slow_service):
+    prompt = " ".join(f"w{i}" for i in range(60))
+    with Probe(broker.host, broker.port) as spy:
+        spy.subscribe(T.cancel)
+        with EdgeClient(broker.url, "dev1") as c:
+            gen = c.generate(mode="complete", prompt=prompt, request_id="left-1")
+            for _ in gen:
+                break  # the consumer stops reading: the device should stop generating
+            spy.wait_for(lambda ms: [m for m in ms if m.json == {"id": "left-1"}])
+            c.generate(mode="complete", prompt=prompt, request_id="left-2")  # never read
+        spy.wait_for(lambda ms: [m for m in ms if m.json == {"id": "left-2"}])
+        ids = [m.json["id"] for m in spy.on(T.cancel)]
+        assert sorted(ids) == ["left-1", "left-2"]  # one cancel each
+
+
 def test_cancel_from_the_client(broker, slow_service):
     with EdgeClient(broker.url, "dev1") as c:
         gen = c.generate(mode="complete", prompt=" ".join(f"w{i}" for i in range(40)))
@@ -116,9 +164,9 @@ def test_status(broker, service):
 def test_connection_failure(broker):
     from mosquitto_broker import free_port
 
-    with pytest.raises(ConnectionError):
-        with EdgeClient(f"mqtt://127.0.0.1:{free_port()}", "dev1", connect_timeout=0.5):
-            pass
+    with pytest.raises(ConnectionError, match="no broker answers at 127.0.0.1"):
+        with EdgeClient(f"mqtt://127.0.0.1:{free_port()}", "dev1", connect_timeout=30):
+            pass  # refused at once, not after the 30 s
     with pytest.raises(ValueError):
         EdgeClient("http://127.0.0.1:1", "dev1")
     with pytest.raises(ValueError):
@@ -156,6 +204,9 @@ def test_ask_json_infill_and_chat(broker, service, capsys, tmp_path):
 def test_ask_error_reply_and_bad_flags(broker, service, capsys):
     assert ask(broker, "--prompt", "bad <UNSAFE>") == 1
     assert capsys.readouterr().err.startswith("error: unsafe_prompt: ")
+    assert ask(broker, "--prompt", "bad <UNSAFE>", "--json") == 1
+    out = capsys.readouterr()
+    assert json.loads(out.out)["error"]["code"] == "unsafe_prompt" and out.err.startswith("error: unsafe_prompt: ")
     assert ask(broker, "--prefix", "x") == 2
     assert "--suffix" in capsys.readouterr().err
     assert ask(broker, "--prompt", "x", "--suffix", "y") == 2
@@ -173,9 +224,24 @@ def test_ask_with_the_cli_request_flags(broker, service, capsys):
     assert json.loads(capsys.readouterr().out)["text"] == "q p"
 
 
-def test_ask_timeout(broker, capsys):
-    assert ask(broker, "--prompt", "x", "--timeout", "0.3") == 1
-    assert capsys.readouterr().err.startswith("error: timeout: ")
+def test_ask_timeout_says_what_the_devices_status_says(broker, capsys, tmp_path):
+    parser = argparse.ArgumentParser()
+    add_ask_arguments(parser)
+
+    def ask_device(device: str, *flags: str) -> int:
+        return run_ask(parser.parse_args(["--broker", broker.url, "--device-id", device, "--prompt", "x",
+                                          "--timeout", "0.3", *flags]))
+
+    assert ask_device("nobody-here") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: timeout: ") and "no device 'nobody-here' has published a status" in err
+    with Probe(broker.host, broker.port) as p:
+        p.publish(Topics("gone-1").status, {"state": "offline", "ts": 1_700_000_000.0}, retain=True)
+    assert ask_device("gone-1", "--json") == 1
+    out = capsys.readouterr()
+    assert "device 'gone-1' is offline since 2023-11-" in out.err
+    reply = json.loads(out.out)  # --json: the error as a final reply, for scripts that parse stdout
+    assert reply["done"] is True and reply["error"]["code"] == "timeout" and reply["id"]
 
 
 # ------------------------------------------------------------------ serve

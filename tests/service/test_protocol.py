@@ -10,6 +10,7 @@ from edge_runtime import errors
 from edge_runtime.protocol import (
     ERROR_CODES,
     MAX_ID_CHARS,
+    MAX_SEED,
     ProtocolError,
     RequestLimits,
     Topics,
@@ -49,9 +50,20 @@ def test_complete_defaults():
     r = w.request
     assert (w.id, r.id, r.mode, r.prompt, w.stream) == ("r1", "r1", "complete", "def fib(n):", True)
     assert r.max_tokens == min(256, LIMITS.max_tokens)
-    assert (r.sampling.temperature, r.sampling.top_p, r.sampling.top_k, r.sampling.seed) == (0.6, 0.9, 0, None)
+    assert (r.sampling.temperature, r.sampling.top_p, r.sampling.top_k) == (0.6, 0.9, 0)
     assert r.deadline == pytest.approx(100.0 + LIMITS.default_deadline_ms / 1000)
     assert w.reply_to is None and r.stop == ()
+
+
+def test_a_request_without_a_seed_samples_with_one_drawn_from_its_bytes():
+    """Delivered again (the daemon died mid-answer), a request samples the same tokens, so
+    the regenerated stream continues the one its client saw; another request, another seed."""
+    first = parse({"id": "r1", "mode": "complete", "prompt": "def fib(n):"}).request.sampling.seed
+    again = parse({"id": "r1", "mode": "complete", "prompt": "def fib(n):"}).request.sampling.seed
+    other = parse({"id": "r2", "mode": "complete", "prompt": "def fib(n):"}).request.sampling.seed
+    assert isinstance(first, int) and 0 <= first <= MAX_SEED
+    assert first == again != other
+    assert parse({"id": "r1", "mode": "complete", "prompt": "x", "seed": 5}).request.sampling.seed == 5
 
 
 def test_all_fields_infill():
