@@ -205,15 +205,18 @@ def verify_files(root: Path, manifest: dict[str, Any], *, progress=None) -> list
         size = _require(entry, "size", int, f"files[{i}].")
         digest = _require(entry, "sha256", str, f"files[{i}].")
         path = safe_relative_path(root, name, what="file")
+        remedy = f"in bundle {root}: copy the bundle again from where it was exported, or export it again"
         if not path.is_file():
-            raise BundleError(f"{name}: listed in {MANIFEST_NAME} but missing from the bundle")
+            raise BundleError(f"{name}: listed in {MANIFEST_NAME} but missing from the bundle ({remedy})")
         actual_size = path.stat().st_size
         if actual_size != size:
-            raise BundleError(f"{name}: size {actual_size} does not match the manifest ({size})")
+            raise BundleError(f"{name}: size {actual_size} does not match the manifest ({size}): the file is "
+                              f"truncated or was replaced ({remedy})")
         if progress:
             progress(name)
         if sha256_file(path) != digest:
-            raise BundleError(f"{name}: SHA-256 does not match the manifest (file changed or corrupted)")
+            raise BundleError(f"{name}: SHA-256 does not match the manifest: the file changed or is corrupted "
+                              f"({remedy})")
         paths.append(path)
     return paths
 

@@ -103,13 +103,18 @@ def cmd_generate(args) -> int:
     request = request_from_args(args)
     engine = Engine.from_bundle(args.bundle, profile=args.profile)
     result = None
-    for item in engine.generate(request):
-        if isinstance(item, Chunk):
-            if not args.json:
-                sys.stdout.write(item.text)
-                sys.stdout.flush()
-        else:
-            result = item
+    try:
+        for item in engine.generate(request):
+            if isinstance(item, Chunk):
+                if not args.json:
+                    sys.stdout.write(item.text)
+                    sys.stdout.flush()
+            else:
+                result = item
+    except EdgeRuntimeError as exc:  # the request's error, with the code `ask` and the protocol give it
+        if args.json:
+            print(json.dumps({"done": True, "error": {"code": exc.code, "message": str(exc)}}, ensure_ascii=False))
+        return _die(f"{exc.code}: {exc}", 1)
     if args.json:
         print(json.dumps(result_json(result), ensure_ascii=False))
     else:
@@ -141,7 +146,8 @@ def cmd_serve(args, engine_factory=None) -> int:
         config = load_config(Path(args.config) if args.config else None, serve_overrides(args))
     except ConfigError as exc:
         raise ConfigError(missing_key_hint(exc)) from None
-    logging.getLogger().setLevel(config.service.log_level_number)
+    # an explicit --log-level wins over the config's [service] log_level
+    logging.getLogger().setLevel(getattr(args, "log_level", None) or config.service.log_level_number)
     limit_malloc_arenas(2)  # before onnxruntime's and the daemon's threads: RSS stays flat over a soak
     # The policy is checked before the (slow) bundle load: a rule that does not compile stops start-up.
     policy = load_policy(config.policy.file) if config.policy.file is not None else None
@@ -271,8 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="edge-runtime", description="Offline Code Llama on edge devices.")
     parser.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
-    parser.add_argument("--log-level", default="WARNING", type=str.upper,
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default WARNING")
+    parser.add_argument("--log-level", default=None, type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="default WARNING; for serve, the config's [service] log_level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("profiles", help="list device profiles, or --detect the one for this machine")
@@ -386,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level or "WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except EdgeRuntimeError as exc:

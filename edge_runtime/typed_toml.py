@@ -30,6 +30,7 @@ plain ``ValueError`` (which is reported against the table itself) for cross-fiel
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import math
 import os
@@ -164,7 +165,9 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], *, source: str, prefix: 
     hints = _type_hints(cls)
     for key in data:
         if key not in fields:
-            raise _error(source, _join(prefix, str(key)), "unknown key")
+            near = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else f" (the keys here: {', '.join(fields)})"
+            raise _error(source, _join(prefix, str(key)), "unknown key" + hint)
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         key = _join(prefix, name)

@@ -194,6 +194,17 @@ def test_generate_cli_bad_input_is_one_line_error(tiny_bundle, tmp_path):
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stderr.startswith("error:")
 
 
+def test_generate_cli_request_errors_carry_the_protocols_code(tiny_bundle):
+    """A request the model cannot take: exit 1, `error: CODE: message` as `ask` prints it,
+    and with --json the error reply on stdout for scripts."""
+    run = [sys.executable, "-m", "edge_runtime", "generate", "--bundle", str(tiny_bundle),
+           "--prompt", "def f(): pass\n" * 3000, "--max-tokens", "4"]  # far past the tiny bundle's context
+    out = subprocess.run(run, capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr.startswith("error: context_length_exceeded: "), out.stderr
+    out = subprocess.run([*run, "--json"], capture_output=True, text=True)
+    assert out.returncode == 1 and json.loads(out.stdout)["error"]["code"] == "context_length_exceeded"
+
+
 def test_generate_cli_chat_from_stdin_streams_text_and_warns_on_a_base_bundle(tiny_bundle):
     messages = json.dumps([{"role": "user", "content": "Reverse a list"}])
     run = [sys.executable, "-m", "edge_runtime", "generate", "--bundle", str(tiny_bundle), "--messages", "-",
