@@ -221,10 +221,12 @@ class EdgeClient:
         if self._connected:
             return self
         # MQTT 5: a session that outlives a lost connection (a broker restart), so replies
-        # published while the client reconnects wait for it; dropped at close
+        # published while the client reconnects wait for it; ended at close. Not a clean
+        # start even the first time: Mosquitto saves no clean-start session across its restart
+        # (a random client id has no earlier session; a fixed one may get stale replies of
+        # ids no longer awaited, which are dropped)
         connect_async(self._mqtt, self.address, protocol=self.protocol, keepalive=self.keepalive,
-                      persistent=False, session_expiry_s=CLIENT_SESSION_EXPIRY_S if self._v5 else None,
-                      resume_on_reconnect=self._v5)
+                      persistent=self._v5, session_expiry_s=CLIENT_SESSION_EXPIRY_S if self._v5 else None)
         self._mqtt.loop_start()
         if not self._subscribed.wait(self.connect_timeout) or self._refused:
             self._mqtt.disconnect()
