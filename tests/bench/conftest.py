@@ -20,31 +20,15 @@ def load_benchmark(name: str):
     return module
 
 
-@pytest.fixture(scope="module")
-def peers():
-    return load_benchmark("peers")
+def benchmark_fixture(name: str):
+    """A module-scoped fixture giving benchmarks/<name>.py."""
+    return pytest.fixture(scope="module")(lambda: load_benchmark(name))
 
 
-@pytest.fixture(scope="module")
-def recipes():
-    return load_benchmark("int4_recipes")
-
-
-@pytest.fixture(scope="module")
-def op_profile():
-    return load_benchmark("op_profile")
-
-
-@pytest.fixture(scope="module")
-def export_bench():
-    return load_benchmark("export_bench")
-
-
-@pytest.fixture(scope="module")
-def gpu_decode():
-    return load_benchmark("gpu_decode")
-
-
-@pytest.fixture(scope="module")
-def gpu_kernels():
-    return load_benchmark("gpu_kernels")
+# fixture name -> the benchmark script it loads
+peers = benchmark_fixture("peers")
+recipes = benchmark_fixture("int4_recipes")
+op_profile = benchmark_fixture("op_profile")
+export_bench = benchmark_fixture("export_bench")
+gpu_decode = benchmark_fixture("gpu_decode")
+gpu_kernels = benchmark_fixture("gpu_kernels")
