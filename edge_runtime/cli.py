@@ -197,7 +197,13 @@ def cmd_policy(args) -> int:
     print(f"ok: {policy.source} (sha256 {policy.sha256[:16]}): {len(policy.rules)} rules")
     for rule in policy.rules:
         scope = "" if not rule.clients else f" clients={','.join(rule.clients)}"
-        print(f"  {rule.name}: {rule.action} on {'+'.join(sorted(rule.on))} in {','.join(sorted(rule.modes))}{scope}")
+        hold = ""
+        if rule.action == "stop":
+            hold = "; holds back " + " and ".join(
+                ([f"{rule.pattern_hold} characters for its patterns"] if rule.patterns else [])
+                + (["what could begin a phrase"] if rule.phrases is not None else []))
+        print(f"  {rule.name}: {rule.action} on {'+'.join(sorted(rule.on))} in {','.join(sorted(rule.modes))}"
+              f"{scope}{hold}")
     lim = policy.limits
     print(f"  limits: {lim.requests_per_minute or 'no'} requests/min, max_tokens {lim.max_tokens or 'daemon default'}; "
           f"{len(lim.per_client)} client overrides")

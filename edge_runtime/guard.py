@@ -4,9 +4,10 @@
   minute and max tokens, then the input rules. Cheap and immediate: a refused
   request never waits in the queue.
 * `GuardedEngine.generate` (worker thread): the external classifier (which may be
-  slow), then the engine with the output rules watching the stream. A `stop` rule
-  ends generation before the matching text is sent: the final reply's text is
-  what was streamed, with finish reason ``policy``.
+  slow), then the engine with the output rules watching the stream. The stream
+  holds back the last characters a `stop` rule's match could begin in; when one
+  completes, generation ends and nothing from the chunk the match begins in on is
+  sent: the final reply's text is what was streamed, with finish reason ``policy``.
 
 Every refusal, stop and flag is written to the audit log.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -127,30 +129,45 @@ class GuardedEngine:
             return
         watch = OutputWatch(rules, policy.output_window_chars)
         flag = _StopFlag(cancel)
+        held: deque[tuple[Chunk, int]] = deque()  # chunks not sent yet, with where each ends in `watch`
         sent: list[str] = []
         sent_ids = 0
         stopped_by: Violation | None = None
+
+        def release(upto: int) -> Iterator[Chunk]:
+            nonlocal sent_ids
+            while held and held[0][1] <= upto:
+                chunk, _ = held.popleft()
+                sent.append(chunk.text)
+                sent_ids += len(chunk.token_ids)
+                yield chunk
+
         stream = self.engine.generate(request, flag)
         try:
             for item in stream:
                 if isinstance(item, Chunk):
                     if stopped_by is not None:
                         continue  # the engine's last words after the stop: never sent
-                    for v in watch.feed(item.text):
+                    hits = watch.feed(item.text)
+                    held.append((item, watch.length))
+                    for v in hits:
                         guard._record(request, v, watch.text)
-                        if v.action == "stop" and stopped_by is None:
-                            stopped_by = v
-                    if stopped_by is not None:
+                    stops = [v for v in hits if v.action == "stop"]
+                    if stops:
+                        stopped_by = min(stops, key=lambda v: v.at if v.at is not None else 0)
                         flag.set()
+                        # what ends before the match begins is sent; the chunk it begins in is not
+                        yield from release(stopped_by.at or 0)
+                        held.clear()
                         continue
-                    sent.append(item.text)
-                    sent_ids += len(item.token_ids)
-                    yield item
+                    yield from release(watch.length - watch.open_tail())
                 elif isinstance(item, GenerationResult) and stopped_by is not None:
                     yield dataclasses.replace(
                         item, text="".join(sent), token_ids=item.token_ids[:sent_ids], finish_reason="policy",
                         warnings=tuple(item.warnings) + (f"stopped by policy rule {stopped_by.rule!r}",))
                 else:
+                    if isinstance(item, GenerationResult):
+                        yield from release(watch.length)  # no match came: what was held goes out
                     yield item
         finally:
             stream.close()

@@ -26,7 +26,10 @@ matching text is sent, finish reason `policy`), `flag` to either (served, and
 recorded in the audit log). A rule that does not compile is a start-up error
 naming it. Matching is case-insensitive unless the rule says otherwise, on
 text normalized with NFKC and without zero-width characters, and phrases match
-across any run of whitespace. This module only decides; `guard.py` enforces.
+across any run of whitespace. A `stop` rule's match is never sent: the stream
+holds back the tail of the text that could still begin one (a phrase's, exactly;
+a pattern's, its longest match or `hold_back_chars`, whichever is shorter).
+This module only decides; `guard.py` enforces.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Optional
 
 from .errors import ConfigError
 from .typed_toml import InvalidField, at_least, between, from_mapping, non_empty, parse_toml
@@ -48,6 +51,7 @@ Where = Literal["input", "output"]
 
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
 DEFAULT_OUTPUT_WINDOW_CHARS = 2048
+DEFAULT_PATTERN_HOLD_CHARS = 64
 
 
 # --------------------------------------------------------------------------- the file, as written
@@ -64,6 +68,10 @@ class RuleSpec:
     patterns: tuple[str, ...] = ()  # Python regular expressions
     case_sensitive: bool = False
     description: str = ""
+    # stop rules: trailing characters the stream holds back for the patterns (a match
+    # at most this long is never sent in part); None: the patterns' longest match, at
+    # most DEFAULT_PATTERN_HOLD_CHARS. Phrases always hold back exactly what could begin one.
+    hold_back_chars: Optional[Annotated[int, between(0, 1 << 20)]] = None
 
     def __post_init__(self) -> None:
         if not self.phrases and not self.patterns:
@@ -81,6 +89,8 @@ class RuleSpec:
         for i, phrase in enumerate(self.phrases):
             if not phrase.strip():
                 raise InvalidField(f"phrases[{i}]", "empty phrase")
+        if self.hold_back_chars is not None and self.action != "stop":
+            raise InvalidField("hold_back_chars", "applies to 'stop' rules only (what the stream holds back)")
 
 
 @dataclass(frozen=True)
@@ -156,6 +166,34 @@ def _phrase_regex(phrase: str) -> str:
     return r"\s+".join(re.escape(word) for word in normalize(phrase).split())
 
 
+def _phrase_beginnings_regex(phrase: str) -> str:
+    """What a text can end with and still be the beginning, not the whole, of a match
+    of the phrase: for "ab cd", a | ab | ab\\s+ | ab\\s+c."""
+    words = normalize(phrase).split()
+    beginnings = []
+    for k, word in enumerate(words):
+        head = "".join(re.escape(w) + r"\s+" for w in words[:k])
+        last = k == len(words) - 1
+        beginnings += [head + re.escape(word[:j]) for j in range(1, len(word) + (not last))]
+        if not last:
+            beginnings.append(head + re.escape(word) + r"\s+")
+    return "|".join(beginnings)
+
+
+def _longest_match_chars(pattern: re.Pattern[str]) -> int | None:
+    """How many characters a match of `pattern` can have at most; None when unbounded
+    (or when this Python's regular-expression parser cannot tell)."""
+    try:
+        try:
+            from re import _parser as sre_parse  # type: ignore[attr-defined]  # Python 3.11+
+        except ImportError:  # pragma: no cover - Python 3.10
+            import sre_parse  # type: ignore[no-redef]
+        longest = sre_parse.parse(pattern.pattern, pattern.flags).getwidth()[1]
+    except Exception:  # pragma: no cover - a private module: stay safe if it changes
+        return None
+    return None if longest >= sre_parse.MAXREPEAT else int(longest)
+
+
 @dataclass(frozen=True)
 class Rule:
     name: str
@@ -163,15 +201,34 @@ class Rule:
     on: frozenset[str]
     modes: frozenset[str]
     clients: tuple[str, ...]
-    regexes: tuple[re.Pattern[str], ...]
+    phrases: re.Pattern[str] | None  # every phrase of the rule, as one alternation
+    patterns: tuple[re.Pattern[str], ...]
     description: str = ""
+    beginnings: re.Pattern[str] | None = None  # a tail of text that is the start of a phrase's match
+    pattern_hold: int = 0  # stop rules: trailing characters held back for the patterns
 
     def applies(self, where: str, mode: str, client_id: str) -> bool:
         return (where in self.on and mode in self.modes
                 and (not self.clients or any(fnmatch.fnmatchcase(client_id, g) for g in self.clients)))
 
-    def search(self, text: str, pos: int = 0) -> bool:
-        return any(rx.search(text, pos) for rx in self.regexes)
+    def search(self, text: str) -> bool:
+        return any(rx.search(text) for rx in self._regexes())
+
+    def first_match(self, text: str, phrases_from: int, patterns_from: int) -> int | None:
+        """Where the earliest match begins (a phrase's at or after `phrases_from`, a
+        pattern's at or after `patterns_from`), or None."""
+        starts = [m.start() for rx, pos in [(self.phrases, phrases_from), *((p, patterns_from) for p in self.patterns)]
+                  if rx is not None and (m := rx.search(text, pos))]
+        return min(starts, default=None)
+
+    def phrase_opening(self, text: str, pos: int) -> int | None:
+        """Where the longest tail of `text` (from `pos` on) that is the start, not the
+        whole, of a phrase's match begins; None when no tail is."""
+        m = self.beginnings.search(text, pos) if self.beginnings is not None else None
+        return None if m is None else m.start()
+
+    def _regexes(self) -> list[re.Pattern[str]]:
+        return ([self.phrases] if self.phrases is not None else []) + list(self.patterns)
 
 
 @dataclass(frozen=True)
@@ -182,6 +239,7 @@ class Violation:
     action: str  # refuse | stop | flag
     where: str  # input | output | limit | classifier
     description: str = ""
+    at: int | None = None  # output: where the match begins (OutputWatch.length counts the same)
 
 
 @dataclass(frozen=True)
@@ -240,17 +298,30 @@ def request_text(request: GenerationRequest) -> str:
 
 class OutputWatch:
     """Feeds generated text through the output rules of one request. Each rule fires
-    at most once; only matches that end in the newest text are reported, and matches
-    are looked for in the last `window` characters (a match longer than that is missed)."""
+    at most once; matches are looked for in the last `window` characters (a match
+    longer than that is missed). Offsets count characters of the normalized text
+    from the start of the output.
+
+    A phrase's match can only begin where the text before the newest delta ended
+    with the start of one (a rule's *opening*), or in the delta: so phrases are
+    searched from there on, and the opening, found on the way, is what a `stop`
+    rule holds back. Patterns are searched in the whole window."""
 
     def __init__(self, rules: tuple[Rule, ...], window: int = DEFAULT_OUTPUT_WINDOW_CHARS) -> None:
         self._rules = list(rules)
         self._window = window
-        self._text = ""
+        self._text = ""  # the normalized output's last characters
+        self._dropped = 0  # characters trimmed off the front of _text
+        self._opening: dict[str, int] = {}  # rule name -> absolute offset of its phrase opening
 
     @property
     def text(self) -> str:
         return self._text
+
+    @property
+    def length(self) -> int:
+        """Characters of normalized output fed so far."""
+        return self._dropped + len(self._text)
 
     def feed(self, delta: str) -> list[Violation]:
         if not self._rules or not delta:
@@ -260,12 +331,40 @@ class OutputWatch:
         start = max(0, before - self._window)
         hits = []
         for rule in list(self._rules):
-            if rule.search(self._text, start):
-                hits.append(Violation(rule.name, rule.action, "output", rule.description))
+            opening = self._opening.pop(rule.name, None)
+            phrases_from = max(start, before if opening is None else opening - self._dropped)
+            at = rule.first_match(self._text, phrases_from, start)
+            if at is not None:
+                hits.append(Violation(rule.name, rule.action, "output", rule.description, at=self._dropped + at))
                 self._rules.remove(rule)
+                continue
+            opening = rule.phrase_opening(self._text, phrases_from)
+            if opening is not None:
+                self._opening[rule.name] = self._dropped + opening
         if len(self._text) > 4 * self._window:  # keep memory bounded on long outputs
+            self._dropped += len(self._text) - self._window
             self._text = self._text[-self._window:]
         return hits
+
+    def open_tail(self) -> int:
+        """How many of the last characters a `stop` rule's match could still begin in:
+        the stream holds them back until the text after them rules a match out."""
+        held = 0
+        for rule in self._rules:
+            if rule.action == "stop":
+                opening = self._opening.get(rule.name)
+                held = max(held, min(rule.pattern_hold, len(self._text), self._window),
+                           0 if opening is None else self.length - opening)
+        return held
+
+
+def _pattern_hold(patterns: list[re.Pattern[str]]) -> int:
+    """What a stop rule's patterns hold back by default: one character less than their
+    longest match, at most DEFAULT_PATTERN_HOLD_CHARS (an unbounded one gets that)."""
+    longest = [_longest_match_chars(p) for p in patterns]
+    if any(n is None for n in longest):
+        return DEFAULT_PATTERN_HOLD_CHARS
+    return max(0, min(DEFAULT_PATTERN_HOLD_CHARS, max(n for n in longest if n is not None) - 1))
 
 
 def compile_policy(spec: PolicySpec, *, source: str, sha256: str = "") -> Policy:
@@ -277,16 +376,22 @@ def compile_policy(spec: PolicySpec, *, source: str, sha256: str = "") -> Policy
             raise ConfigError(f"{key}: name: another rule has the same name")
         seen.add(r.name)
         flags = 0 if r.case_sensitive else re.IGNORECASE
-        regexes = []
+        phrases, patterns = None, []
         if r.phrases:
-            regexes.append(re.compile("|".join(_phrase_regex(p) for p in r.phrases), flags))
+            phrases = re.compile("|".join(_phrase_regex(p) for p in r.phrases), flags)
         for j, pattern in enumerate(r.patterns):
             try:
-                regexes.append(re.compile(pattern, flags))
+                patterns.append(re.compile(pattern, flags))
             except re.error as exc:
                 raise ConfigError(f"{key}: patterns[{j}]: does not compile: {exc}") from None
-        rules.append(Rule(r.name, r.action, frozenset(r.on), frozenset(r.modes), r.clients, tuple(regexes),
-                          r.description))
+        beginnings = None
+        if r.phrases:
+            beginnings = re.compile("(?:" + "|".join(_phrase_beginnings_regex(p) for p in r.phrases) + r")\Z", flags)
+        hold = 0
+        if r.action == "stop" and r.patterns:
+            hold = r.hold_back_chars if r.hold_back_chars is not None else _pattern_hold(patterns)
+        rules.append(Rule(r.name, r.action, frozenset(r.on), frozenset(r.modes), r.clients, phrases,
+                          tuple(patterns), r.description, beginnings, hold))
     return Policy(tuple(rules), spec.limits, spec.classifier, spec.audit, spec.output_window_chars,
                   source, sha256)
 

@@ -4,17 +4,22 @@ classifier hook, through their public functions (no broker)."""
 from __future__ import annotations
 
 import json
+import re
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_runtime.audit import AuditLog, filter_events, parse_since, read_events
 from edge_runtime.classifier import CommandClassifier
 from edge_runtime.client_limits import RequestRateLimiter
 from edge_runtime.errors import ConfigError
+from edge_runtime.guard import PolicyGuard
 from edge_runtime.policy import ClassifierSpec, OutputWatch, load_policy, parse_policy
-from edge_runtime.types import GenerationRequest, Message
+from edge_runtime.types import Chunk, GenerationRequest, GenerationResult, Message, Timings, Usage
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "deploy" / "policy" / "unattended.toml"
@@ -46,6 +51,8 @@ def rules_hit(p, request) -> list[str]:
     ('[[rules]]\nname = "a"\naction = "flag"\nphrases = ["x"]\n[[rules]]\nname = "a"\naction = "flag"\n'
      'phrases = ["y"]', "rules[1] ('a'): name", "same name"),
     ('[limits]\nrequests_per_minute = -1', "limits.requests_per_minute", ">= 0"),
+    ('[[rules]]\nname = "r1"\naction = "flag"\nphrases = ["x"]\nhold_back_chars = 8', "rules[0].hold_back_chars",
+     "'stop' rules only"),
     ('[classifier]\ntimeout_s = 1', "classifier.command", "exactly one of"),
     ('[[rules]]\nname = "r1"\naction = "flag"\nphrases = ["x"]\nfrobnicate = true', "rules[0].frobnicate",
      "unknown key"),
@@ -135,6 +142,97 @@ def test_output_watch_reports_a_match_once_and_only_when_it_completes():
     assert watch.feed("admin ") == []
     assert [v.rule for v in watch.feed("delete shadows")] == ["s"]
     assert watch.feed(" vssadmin delete") == []  # each rule fires once per request
+
+
+def stop_rule(body: str) -> str:
+    return f'[[rules]]\nname = "s"\naction = "stop"\non = ["output"]\n{body}\n'
+
+
+def test_a_stop_phrase_holds_back_exactly_the_tail_that_could_begin_it():
+    watch = OutputWatch(policy(stop_rule('phrases = ["vssadmin delete"]')).rules, window=64)
+    for delta, held in [("run vss", 3), ("admin", 8), ("  \n", 11), ("del", 14), ("ay", 0), (" vssadmin", 8),
+                        ("x", 0)]:
+        assert watch.feed(delta) == []
+        assert watch.open_tail() == held, delta
+    assert [(v.rule, v.at) for v in watch.feed(" VSSADMIN Delete")] == [("s", 31)]
+
+
+@pytest.mark.parametrize("body, held", [
+    ('patterns = ["AKIA[0-9A-Z]{16}"]', 19),                       # a bounded match: one less than its length
+    ('patterns = ["ab", "c{3}d"]', 3),                             # the longest of the rule's patterns
+    ('patterns = ["vssadmin\\\\s+delete"]', 64),                   # unbounded: the default
+    ('patterns = ["vssadmin\\\\s+delete"]\nhold_back_chars = 24', 24),  # the rule's own
+    ('patterns = ["AKIA[0-9A-Z]{16}"]\nhold_back_chars = 0', 0),     # streaming first, as the operator chose
+])
+def test_a_stop_pattern_holds_back_its_longest_match_or_the_rules_own_count(body, held):
+    watch = OutputWatch(policy(stop_rule(body)).rules, window=2048)
+    watch.feed("x" * 500)
+    assert watch.open_tail() == held
+
+
+def test_a_phrase_split_over_deltas_is_found_after_a_long_output():
+    watch = OutputWatch(policy(stop_rule('phrases = ["drop   table users"]')).rules, window=64)
+    for _ in range(100):  # the watch has trimmed what it keeps many times over
+        assert watch.feed("select 1; ") == []
+    for delta in ["DRO", "P", "\n  ", "tab", "le  ", "user"]:
+        assert watch.feed(delta) == []
+    assert watch.open_tail() == len("DROP\n  table  user")
+    assert [(v.rule, v.at) for v in watch.feed("s;")] == [("s", 1000)]
+
+
+def test_flag_rules_hold_nothing_back():
+    p = policy('[[rules]]\nname = "f"\naction = "flag"\non = ["output"]\nphrases = ["vssadmin delete"]\n'
+               'patterns = ["a.*b"]')
+    watch = OutputWatch(p.rules, window=64)
+    watch.feed("run vssadmin del")
+    assert watch.open_tail() == 0
+
+
+class ChunkedEngine:
+    """Streams the given chunks, one token each, and ends as the real engine does on a cancel."""
+
+    def __init__(self, chunks: list[str]) -> None:
+        self.chunks = chunks
+
+    def generate(self, request, cancel=None):
+        sent = []
+        for i, text in enumerate(self.chunks):
+            if cancel is not None and cancel.is_set():
+                break
+            sent.append(text)
+            yield Chunk(text, (i,))
+        cancelled = len(sent) < len(self.chunks)
+        yield GenerationResult("".join(sent), tuple(range(len(sent))), (1,), "cancelled" if cancelled else "stop",
+                               Usage(1, len(sent)), Timings(1.0, 1.0, 1.0))
+
+
+# The rule's matches in lower-case ASCII text (normalization and case folding are tested above).
+STOP_POLICY = stop_rule('phrases = ["drop table"]\npatterns = ["key-[0-9a-f]{6}"]')
+MATCH = re.compile(r"drop\s+table|key-[0-9a-f]{6}")
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=st.lists(st.sampled_from(["drop table", "drop \n table", "key-3fa90c", "key-3fa9z", "drop", " ", "table",
+                                        "key-", "3f", "x", "dro", "tabl"]), max_size=12),
+       data=st.data())
+def test_no_part_of_a_stop_rules_match_is_ever_streamed(pieces, data):
+    text = "".join(pieces)
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(text) - 1)), max_size=len(text))))
+    chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)]) if text[a:b]]
+    with tempfile.TemporaryDirectory() as state:
+        guard = PolicyGuard.create(policy(STOP_POLICY), Path(state))
+        items = list(guard.wrap(ChunkedEngine(chunks)).generate(complete("x")))
+    streamed = [item.text for item in items if isinstance(item, Chunk)]
+    final = items[-1]
+    assert isinstance(final, GenerationResult) and "".join(streamed) == final.text
+    assert len(final.token_ids) == len(streamed)
+    match = MATCH.search(text)
+    if match is None:
+        assert final.finish_reason == "stop" and streamed == chunks
+    else:  # every chunk that ends before the match begins, and nothing else
+        assert final.finish_reason == "policy"
+        ends = [len("".join(chunks[:i + 1])) for i in range(len(chunks))]
+        assert streamed == [c for c, end in zip(chunks, ends) if end <= match.start()]
 
 
 def test_output_watch_memory_stays_bounded():

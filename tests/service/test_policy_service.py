@@ -108,7 +108,7 @@ def test_sample_policy_stops_generated_shadow_copy_deletion(serve, probe, tmp_pa
     # The fake model answers "then run vssadmin delete shadows /all /quiet" (the words reversed).
     chunks, final = Ask(probe, "hmi-1")({"mode": "complete", "prompt": "/quiet /all shadows delete vssadmin run then"})
     assert final["finish_reason"] == "policy"
-    assert "shadows" not in final["text"] and final["text"] == "".join(c["delta"] for c in chunks)
+    assert final["text"] == "then run" == "".join(c["delta"] for c in chunks)  # no part of the match is sent
     assert any("generated-mass-encryption" in w for w in final["warnings"])
     events = audit_events(tmp_path)
     assert [(e.rule, e.action, e.where) for e in events] == [("generated-mass-encryption", "stop", "output")]
@@ -244,3 +244,4 @@ def test_policy_check_command(tmp_path):
     out = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "policy", str(SAMPLE)], capture_output=True,
                          text=True, check=True)
     assert "7 rules" in out.stdout and "mass-file-encryption: refuse on input" in out.stdout
+    assert "generated-defence-evasion: stop on output in chat,complete,infill; holds back 64 characters" in out.stdout

@@ -1,6 +1,6 @@
 """The policy around the real engine (a real bundle, real Mosquitto, EdgeClient):
-a `stop` rule ends greedy generation exactly where its pattern completes, and the
-reply holds only what was streamed before it."""
+a `stop` rule ends greedy generation exactly where its pattern completes, and no
+part of the match is streamed: the reply holds only what came before it."""
 
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ PROMPT = "def parse_config(path):"
 TOKENS = 24
 
 
-def test_stop_rule_ends_real_generation_where_the_pattern_completes(broker, tiny_bundle, tmp_path):
+def test_stop_rule_ends_real_generation_before_its_match_begins(broker, tiny_bundle, tmp_path):
     engine = Engine.from_bundle(tiny_bundle)
     request = GenerationRequest(mode="complete", prompt=PROMPT, max_tokens=TOKENS,
                                 sampling=SamplingParams(temperature=0.0))
     chunks = [item.text for item in engine.generate(request) if isinstance(item, Chunk)]
     full = "".join(chunks)
     # A pattern made of two consecutive chunks from the middle of the greedy output,
-    # chosen where it first occurs, so the match completes with chunk k + 1.
+    # chosen where it first occurs, so the match begins with chunk k and completes with k + 1.
     for k in range(len(chunks) // 3, len(chunks) - 1):
         needle = chunks[k] + chunks[k + 1]
         head = "".join(chunks[:k + 2])
@@ -45,7 +45,7 @@ def test_stop_rule_ends_real_generation_where_the_pattern_completes(broker, tiny
             streamed = "".join(c["delta"] for c in gen)
             final = gen.result()
     assert final["finish_reason"] == "policy"
-    assert streamed == final["text"] == "".join(chunks[:k + 1])  # chunk k + 1 completed the match: withheld
+    assert streamed == final["text"] == "".join(chunks[:k])  # chunk k began the match: it is held back
     assert any("stop-here" in w for w in final["warnings"])
 
 
