@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or --algorithm needs optimum")
     p.add_argument("--skip-fidelity", action="store_true",
                    help="do not measure fidelity (size/speed benchmarks of random weights); recorded in bundle.json")
-    p.add_argument("--variant", choices=["base", "python", "instruct"],
+    p.add_argument("--variant", choices=["base", "python", "instruct"], type=str.lower,
                    help="Code Llama variant (default: detected from the folder and config names, tokens, chat template)")
     p.set_defaults(func=cmd_export)
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_runtime.errors import EdgeRuntimeError
+
 from .checkpoint import CheckpointInfo, torch_config
 
 CALIBRATION_TEXT = Path(__file__).resolve().parent / "assets" / "gptq-calibration.txt"
@@ -41,7 +43,7 @@ CHARS_PER_TOKEN = 6  # generous: a folder is read only until its text surely hol
 MIN_TOKENS = 64  # fewer calibration tokens than this is a mistake, not a calibration
 
 
-class CalibrationError(ValueError):
+class CalibrationError(EdgeRuntimeError, ValueError):
     """A calibration source GPTQ cannot use; the message says why (without the path)."""
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,54 @@ LICENCE_NAME = re.compile(r"(licen[cs]e|notice|use[_-]?policy|acceptable[_-]?use
 
 class CheckpointError(BadRequest):
     """The folder is not a checkpoint this exporter handles; the message says what was found."""
+
+
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors dtype names the exporter reads
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def read_safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (tensor name -> dtype, shape, data_offsets) and where
+    its data begins. CheckpointError when the file is cut short or is not safetensors:
+    an interrupted download is found here, before any work, not an hour into an export."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError(f"its header claims {header_len} bytes")
+            header = json.loads(f.read(header_len))
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file.name} is not a readable safetensors file ({exc}); download it again") from None
+    base = 8 + header_len
+    end = max((e["data_offsets"][1] for n, e in header.items() if n != "__metadata__"), default=0)
+    if base + end > size:
+        raise CheckpointError(f"{file.name} is truncated ({size:,} of {base + end:,} bytes): an interrupted copy or "
+                              "download; download it again")
+    return header, base
+
+
+def _check_weights(path: Path, weights: list[Path], config: dict[str, Any]) -> None:
+    """Every shard the index names is there and whole, and the weights are floats."""
+    quantization = config.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
+        raise CheckpointError(f"{path.name} is already quantized (config.json quantization_config, quant_method "
+                              f"{method!r}); export from the original float16/bfloat16 checkpoint")
+    index = path / SHARD_INDEX
+    if index.is_file():
+        shards = sorted(set(_load_json(index).get("weight_map", {}).values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{path.name}: {SHARD_INDEX} names {len(shards)} weight files and "
+                                  f"{len(missing)} are missing ({', '.join(missing)}); copy or download them")
+    for file in weights:
+        header, _ = read_safetensors_header(file)
+        for name, entry in header.items():
+            if name != "__metadata__" and entry.get("dtype") not in FLOAT_DTYPES:
+                raise CheckpointError(f"{path.name}: {file.name}: tensor {name} is {entry.get('dtype')}, not a float "
+                                      f"({', '.join(FLOAT_DTYPES)}): a quantized or non-Llama checkpoint; export "
+                                      "from the original float16/bfloat16 checkpoint")
 
 
 @dataclass(frozen=True)
@@ -112,9 +161,15 @@ def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> Checkp
         found = sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".gguf"})
         raise CheckpointError(f"{path.name}: no *.safetensors weights found"
                               + (f" (found {', '.join(found)}; convert them to safetensors)" if found else ""))
+    _check_weights(path, weights, config)
     tokenizer_path = path / "tokenizer.json"
     if not tokenizer_path.is_file():
-        raise CheckpointError(f"{path.name}: no tokenizer.json (the fast tokenizer file) in the checkpoint")
+        remedy = ""
+        if (path / "tokenizer.model").is_file():
+            remedy = ("; it has tokenizer.model, from which transformers writes one: pip install sentencepiece "
+                      "protobuf, then python -c \"from transformers import AutoTokenizer; "
+                      f"AutoTokenizer.from_pretrained('{path}').save_pretrained('{path}')\"")
+        raise CheckpointError(f"{path.name}: no tokenizer.json (the fast tokenizer file) in the checkpoint{remedy}")
 
     hidden = int(config["hidden_size"])
     heads = int(config["num_attention_heads"])
@@ -146,7 +201,7 @@ def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> Checkp
 
     return CheckpointInfo(
         path=path,
-        name=path.name,
+        name=family_detection.checkpoint_name(path),
         config=config,
         config_sha256=hashlib.sha256(config_path.read_bytes()).hexdigest(),
         architecture=arch,

@@ -6,7 +6,8 @@ export and recorded in bundle.json (`family` section); the device never guesses.
   "custom" (small test and demo models), with its parameter count either way.
 * variant (base / python / instruct), first match wins:
   1. `--variant` (the user's override);
-  2. names: the folder's, then config.json `_name_or_path`, then
+  2. names: the folder's (for a Hugging Face cache snapshot,
+     `models--codellama--CodeLlama-7b-hf/snapshots/<hash>`, the repository's), then config.json `_name_or_path`, then
      tokenizer_config.json `name_or_path` (last path component): "instruct" ->
      instruct, "python" -> python, a plain Code Llama name ("CodeLlama-7b-hf") -> base;
   3. a 7B/13B architecture without the infilling tokens -> python (7B and 13B base
@@ -74,8 +75,16 @@ def detect_chat_format(folder: Path, step_id: int | None = None) -> ChatFormat:
     return ChatFormat("llama2", "default")
 
 
+def checkpoint_name(folder: Path) -> str:
+    """The folder's name; for a Hugging Face cache snapshot (`models--org--Name/snapshots/<hash>`), `Name`."""
+    repo = folder.parent.parent.name
+    if folder.parent.name == "snapshots" and repo.startswith("models--"):
+        return repo.split("--")[-1]
+    return folder.name
+
+
 def _names(folder: Path, config: dict) -> list[tuple[str, str]]:
-    names = [("folder name", folder.name)]
+    names = [("folder name", checkpoint_name(folder))]
     for where, value in (("config.json _name_or_path", config.get("_name_or_path")),
                          ("tokenizer_config.json name_or_path",
                           _json(folder / "tokenizer_config.json").get("name_or_path"))):

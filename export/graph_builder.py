@@ -45,10 +45,8 @@ and the sampler then never converts.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -58,7 +56,9 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from .checkpoint import CheckpointInfo, rope_parameters
+from edge_runtime.errors import EdgeRuntimeError
+
+from .checkpoint import CheckpointInfo, read_safetensors_header, rope_parameters
 from .gptq import InverseHessian, gptq_quantize, inverse_hessian
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ _ROUNDING_THREADS = 4  # round-to-nearest slices in flight (memory: up to this m
 _MIN_TASK_ROWS = 256  # rows of a weight per rounding task, at least
 
 
-class GraphBuildError(ValueError):
+class GraphBuildError(EdgeRuntimeError, ValueError):
     """The checkpoint cannot be expressed as a `gqa-shared-kv` graph (the message says why)."""
 
 
@@ -147,10 +147,7 @@ class SafetensorsReader:
     def __init__(self, files: Sequence[Path]) -> None:
         self._index: dict[str, _TensorLocation] = {}
         for file in files:
-            with open(file, "rb") as f:
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(header_len))
-            base = 8 + header_len
+            header, base = read_safetensors_header(file)
             for name, entry in header.items():
                 if name == "__metadata__":
                     continue

@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_runtime.bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, load_bundle
+from edge_runtime.bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, MANIFEST_NAME, load_bundle
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.memory_fit import bundle_plan
 from edge_runtime.profiles import DeviceProfile, load_profile
@@ -189,14 +189,31 @@ def context_limit(info: CheckpointInfo, profile: DeviceProfile, requested: int |
     return min(profile.max_context, info.architecture.max_position_embeddings)
 
 
+def check_output(output: Path, checkpoint: Path, *, force: bool) -> None:
+    """--output is a new folder, or (with --force) an earlier bundle: never the
+    checkpoint, a folder holding it, a file, or a folder of something else."""
+    if output == checkpoint or output in checkpoint.parents:
+        raise ExportError(f"--output {output} is the checkpoint's folder or holds it ({checkpoint}): choose a new "
+                          "folder for the bundle")
+    if not output.exists():
+        return
+    if not force:
+        raise ExportError(f"{output} already exists (choose another --output, or --force to replace it)")
+    if not output.is_dir():
+        raise ExportError(f"--output {output} is a file, not a bundle folder: --force replaces only an earlier "
+                          "bundle; choose another --output")
+    if not (output / MANIFEST_NAME).is_file() and any(output.iterdir()):
+        raise ExportError(f"--output {output} is not a bundle (no {MANIFEST_NAME}) and not empty: --force replaces "
+                          "only an earlier bundle; choose another --output, or empty that folder yourself")
+
+
 def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportSummary:
     profile = load_profile(opts.profile)
     precision = opts.precision or profile.precision
     if precision not in PRECISIONS:
         raise ExportError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     output = opts.output.resolve()
-    if output.exists() and not opts.force:
-        raise ExportError(f"{output} already exists (choose another --output, or --force to replace it)")
+    check_output(output, opts.checkpoint.resolve(), force=opts.force)
     if opts.graph not in (*GRAPHS, "auto"):
         raise ExportError(f"--graph {opts.graph!r} is not one of auto, {', '.join(GRAPHS)}")
     if opts.graph == "fused" and opts.algorithm == "hqq":
@@ -238,6 +255,10 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         flavour = GRAPHS[graph_choice.name]
         progress.detail(f"graph: {graph_choice.name} ({graph_choice.why})")
         limit = context_limit(info, profile, opts.max_context)
+        if limit > arch.max_position_embeddings:
+            progress.detail(f"warning: --max-context {limit} is above the model's max_position_embeddings "
+                            f"({arch.max_position_embeddings}, the context it was trained for): its output past "
+                            "that is not measured here")
         check_torch_memory(info, fidelity_on=not opts.skip_fidelity, graph=graph_choice.name)
 
     partial = output.with_name(output.name + ".partial")

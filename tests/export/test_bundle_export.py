@@ -243,6 +243,97 @@ def test_export_refuses_to_overwrite_an_existing_bundle(tiny_checkpoint, tiny_bu
     assert (tiny_bundle / MANIFEST_NAME).read_bytes() == before
 
 
+@pytest.mark.parametrize("where", ["checkpoint", "parent", "file", "other-folder"])
+def test_force_replaces_only_an_earlier_bundle(tiny_checkpoint, tmp_path, where):
+    """--force must not delete what is not a bundle: the checkpoint, a folder holding
+    it, a file, or someone's other folder."""
+    from edge_export.pipeline import ExportError, ExportOptions, run_export
+
+    checkpoint = shutil.copytree(tiny_checkpoint, tmp_path / "models" / "ck")
+    (tmp_path / "models" / "notes.txt").write_text("mine")
+    (tmp_path / "a-file").write_text("mine")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    output, message = {"checkpoint": (checkpoint, "is the checkpoint's folder or holds it"),
+                       "parent": (tmp_path / "models", "is the checkpoint's folder or holds it"),
+                       "file": (tmp_path / "a-file", "is a file, not a bundle folder"),
+                       "other-folder": (tmp_path / "other", "is not a bundle \\(no bundle.json\\) and not empty")}[where]
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(ExportError, match=message):
+        run_export(ExportOptions(checkpoint=checkpoint, profile="cpu-x86_64", output=output, force=True,
+                                 precision="fp32", skip_fidelity=True))
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_force_replaces_an_earlier_bundle(tiny_checkpoint, tiny_bundle, tmp_path):
+    from edge_export.pipeline import ExportOptions, run_export
+
+    out = copy_bundle(tiny_bundle, tmp_path / "b")
+    run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=out, force=True,
+                             precision="int8", skip_fidelity=True))
+    assert load_bundle(out).manifest["precision"] == "int8"
+
+
+def broken_copy(tiny_checkpoint: Path, tmp_path: Path, name: str) -> Path:
+    return shutil.copytree(tiny_checkpoint, tmp_path / name)
+
+
+def test_a_truncated_or_missing_shard_is_refused_at_once_with_the_file_named(tiny_checkpoint, tmp_path):
+    from edge_export.checkpoint import CheckpointError, read_checkpoint
+
+    truncated = broken_copy(tiny_checkpoint, tmp_path, "truncated")
+    weights = sorted(truncated.glob("*.safetensors"))[-1]
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=f"{weights.name} is truncated .* download it again"):
+        read_checkpoint(truncated)
+    cli = subprocess.run([sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(truncated), "--profile",
+                          "cpu-x86_64", "--output", str(tmp_path / "out")], capture_output=True, text=True)
+    assert cli.returncode == 2 and "is truncated" in cli.stderr and "Traceback" not in cli.stderr
+
+    missing = broken_copy(tiny_checkpoint, tmp_path, "missing")
+    shard = sorted(missing.glob("*.safetensors"))[-1]
+    index = {"metadata": {}, "weight_map": {"model.norm.weight": shard.name,
+                                            "lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (missing / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="names 2 weight files and 1 are missing "
+                                              "\\(model-00002-of-00002.safetensors\\)"):
+        read_checkpoint(missing)
+
+
+def test_an_already_quantized_checkpoint_is_refused(tiny_checkpoint, tmp_path):
+    from edge_export.checkpoint import CheckpointError, read_checkpoint
+
+    folder = broken_copy(tiny_checkpoint, tmp_path, "gptq")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq"}}))
+    with pytest.raises(CheckpointError, match="already quantized .*'gptq'.*original float16/bfloat16"):
+        read_checkpoint(folder)
+
+
+def test_a_checkpoint_with_only_tokenizer_model_gets_the_remedy(tiny_checkpoint, tmp_path):
+    from edge_export.checkpoint import CheckpointError, read_checkpoint
+
+    folder = broken_copy(tiny_checkpoint, tmp_path, "spm-only")
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.model").write_bytes(b"sentencepiece model")
+    with pytest.raises(CheckpointError, match="no tokenizer.json .* pip install sentencepiece protobuf.*save_pretrained"):
+        read_checkpoint(folder)
+
+
+def test_a_context_past_the_models_training_is_exported_with_a_warning(tiny_checkpoint, tmp_path):
+    from edge_export.pipeline import ExportOptions, run_export
+    from edge_export.progress import Progress
+
+    trained = json.loads((tiny_checkpoint / "config.json").read_text())["max_position_embeddings"]
+    lines: list[str] = []
+    progress = Progress(5, enabled=False)
+    progress.detail = lines.append
+    run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=tmp_path / "b",
+                             max_context=trained * 2, precision="fp32", skip_fidelity=True), progress)
+    assert load_bundle(tmp_path / "b").manifest["context_limit"] == trained * 2
+    assert any(f"above the model's max_position_embeddings ({trained}" in line for line in lines), lines
+
+
 def test_gptq_calibrates_on_the_users_text_and_the_manifest_says_so(tiny_checkpoint, tmp_path):
     """--algorithm gptq --calibration-text: the manifest names the text (and its SHA-256) and
     how many tokens GPTQ ran; --algorithm gptq with --graph optimum is refused before any work."""

@@ -6,6 +6,7 @@ names, so the weights here are an empty placeholder file."""
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ def make_folder(root: Path, name: str, size: str, vocab: str, template: str | No
                           num_kv_heads=s.num_kv_heads, max_position_embeddings=16384, rope_theta=1e6)
     folder = root / name
     write_checkpoint_files(folder, config, vocab=vocab, dtype="bfloat16", chat_template=TEMPLATES[template])
-    (folder / "model-00001-of-00001.safetensors").write_bytes(b"")
+    (folder / "model-00001-of-00001.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")  # no tensors
     if generation_eos is not None:
         gen = json.loads((folder / "generation_config.json").read_text())
         gen["eos_token_id"] = generation_eos
@@ -104,6 +105,16 @@ def test_variant_from_config_name_when_the_folder_says_nothing(tmp_path):
     assert fam.variant == "python" and fam.variant_source == "config.json _name_or_path 'CodeLlama-13b-Python-hf'"
 
 
+def test_variant_from_the_hugging_face_cache_folder(tmp_path):
+    # a 34B Python snapshot: no infilling tokens in any 34B, no template, and a hash for a folder name
+    snapshots = tmp_path / "models--codellama--CodeLlama-34b-Python-hf" / "snapshots"
+    snapshots.mkdir(parents=True)
+    folder = make_folder(snapshots, "8b4d7d8ab1b3a1a0d4b6e5b1c2a3f4e5d6c7b8a9", "34B", "no-infill")
+    info = read_checkpoint(folder)
+    assert info.name == "CodeLlama-34b-Python-hf"
+    assert (info.family.variant, info.family.variant_source) == ("python", "folder name 'CodeLlama-34b-Python-hf'")
+
+
 def test_variant_from_tokens_and_template_without_names(tmp_path):
     # 7B without the infilling tokens: only the Python variant ships like that
     fam = read_checkpoint(make_folder(tmp_path, "finetune-a", "7B", "no-infill")).family
@@ -129,7 +140,7 @@ def test_small_shapes_are_custom(tmp_path):
                  max_position_embeddings=2048, rope_theta=1e6)
     folder = tmp_path / "tiny"
     write_checkpoint_files(folder, config, vocab="infill", dtype="float32")
-    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")
     fam = read_checkpoint(folder).family
     assert fam.size_class == "custom" and fam.attention == "GQA" and fam.supports_infill
     expected = 2 * 32016 * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 172) + 5 * 64
@@ -157,5 +168,8 @@ def test_export_command_passes_variant(monkeypatch, tmp_path):
     assert main(["export", "--checkpoint", str(tmp_path), "--profile", "cpu-x86_64", "--output",
                  str(tmp_path / "b"), "--variant", "python"]) == 2
     assert seen["opts"].variant == "python"
+    main(["export", "--checkpoint", str(tmp_path), "--profile", "cpu-x86_64", "--output", str(tmp_path / "b"),
+          "--variant", "Instruct"])  # as the folder names spell it
+    assert seen["opts"].variant == "instruct"
     main(["export", "--checkpoint", str(tmp_path), "--profile", "cpu-x86_64", "--output", str(tmp_path / "b")])
     assert seen["opts"].variant is None
