@@ -210,8 +210,9 @@ def verify_files(root: Path, manifest: dict[str, Any], *, progress=None) -> list
             raise BundleError(f"{name}: listed in {MANIFEST_NAME} but missing from the bundle ({remedy})")
         actual_size = path.stat().st_size
         if actual_size != size:
+            how = "truncated" if actual_size < size else "larger than exported: replaced or appended to"
             raise BundleError(f"{name}: size {actual_size} does not match the manifest ({size}): the file is "
-                              f"truncated or was replaced ({remedy})")
+                              f"{how} ({remedy})")
         if progress:
             progress(name)
         if sha256_file(path) != digest:
@@ -236,6 +237,21 @@ def external_data_locations(graph_path: Path) -> set[str]:
         return onnx_proto_scan.external_data_locations(graph_path)
     except ValueError as exc:
         raise BundleError(f"{graph_path.name} is not a valid ONNX file: {exc}") from exc
+
+
+SLOWEST_READ_BYTES_PER_S = 10e6  # an old SD card; the bundle is read twice (hashes, then the session)
+
+
+def load_time_budget_s(path: str | Path) -> float:
+    """How long loading the bundle may take on the slowest storage it is likely to sit on:
+    its files read twice at SLOWEST_READ_BYTES_PER_S. 0 when the manifest cannot be read
+    (the load then says why at once)."""
+    try:
+        manifest, _ = read_manifest(Path(path).resolve())
+        size = sum(int(f.get("size", 0)) for f in manifest.get("files", []) if isinstance(f, dict))
+    except (BundleError, OSError, TypeError, ValueError):
+        return 0.0
+    return 2 * size / SLOWEST_READ_BYTES_PER_S
 
 
 def load_bundle(path: str | Path, *, progress=None) -> Bundle:

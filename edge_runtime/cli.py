@@ -63,7 +63,7 @@ def cmd_verify(args) -> int:
 
 # -- generate -------------------------------------------------------------------------------
 def request_from_args(args):
-    from .types import GenerationRequest, Message, SamplingParams
+    from .types import DEFAULT_MAX_TOKENS, GenerationRequest, Message, SamplingParams
 
     defaults = SamplingParams()
     sampling = SamplingParams(
@@ -71,7 +71,8 @@ def request_from_args(args):
         top_p=defaults.top_p if args.top_p is None else args.top_p,
         top_k=defaults.top_k if args.top_k is None else args.top_k,
         seed=args.seed)
-    common = dict(max_tokens=args.max_tokens, sampling=sampling, stop=tuple(args.stop))
+    common = dict(max_tokens=DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens,
+                  sampling=sampling, stop=tuple(args.stop))
     try:
         source = request_source(args)
     except ValueError as exc:
@@ -139,7 +140,8 @@ def cmd_serve(args, engine_factory=None) -> int:
     from .engine import Engine
     from .malloc_arenas import limit_malloc_arenas
     from .policy import load_policy
-    from .sdnotify import SystemdNotifier, Watchdog
+    from .bundle import load_time_budget_s
+    from .sdnotify import StartExtender, SystemdNotifier, Watchdog
     from .service import EdgeService
 
     try:
@@ -153,11 +155,13 @@ def cmd_serve(args, engine_factory=None) -> int:
     policy = load_policy(config.policy.file) if config.policy.file is not None else None
     notifier = SystemdNotifier.from_environment()
     notifier.status(f"loading {config.model.bundle}")
-    if engine_factory is None:
-        engine = Engine.from_bundle(config.model.bundle, config.model.profile, check_memory=config.model.check_memory,
-                                    allow_cpu_fallback=config.model.allow_cpu_fallback)
-    else:
-        engine = engine_factory(config.model.bundle, config.model.profile)
+    with StartExtender(notifier, load_time_budget_s(config.model.bundle)):
+        if engine_factory is None:
+            engine = Engine.from_bundle(config.model.bundle, config.model.profile,
+                                        check_memory=config.model.check_memory,
+                                        allow_cpu_fallback=config.model.allow_cpu_fallback)
+        else:
+            engine = engine_factory(config.model.bundle, config.model.profile)
     logging.getLogger("edge_runtime").info("model %s (%s, %s) on %s", engine.info.model_name, engine.info.precision,
                                            engine.info.profile, engine.info.provider)
     service: EdgeService | None = None
@@ -216,23 +220,30 @@ def cmd_policy(args) -> int:
 
 def cmd_audit(args) -> int:
     from .audit import AUDIT_FILE, filter_events, format_event, parse_since, read_events
-    from .config import default_state_dir, load_config
+    from .config import SERVICE_STATE_DIR, default_state_dir, load_config
 
+    candidates: list[Path]
     if args.file:
-        path = Path(args.file)
+        candidates = [Path(args.file)]
     elif args.state_dir:
-        path = Path(args.state_dir) / AUDIT_FILE
-    elif args.config:
-        path = load_config(Path(args.config), check_files=False).service.resolved_state_dir / AUDIT_FILE
+        candidates = [Path(args.state_dir) / AUDIT_FILE]
     else:
-        path = default_state_dir() / AUDIT_FILE
+        config = load_config(Path(args.config), check_files=False) if args.config else None
+        explicit = config.service.state_dir if config is not None else None
+        # No state_dir in the config: the daemon's is $STATE_DIRECTORY under systemd (the
+        # installed unit's /var/lib/edge-runtime), which a shell does not have; look there too.
+        candidates = ([explicit / AUDIT_FILE] if explicit is not None else
+                      list(dict.fromkeys([default_state_dir() / AUDIT_FILE, SERVICE_STATE_DIR / AUDIT_FILE])))
     try:
         since = parse_since(args.since) if args.since else None
     except ValueError as exc:
         return _die(str(exc))
-    if not path.exists() and not path.with_name(path.name + ".1").exists():
-        print(f"no audit log at {path} (nothing was refused, stopped or flagged yet)", file=sys.stderr)
+    found = [p for p in candidates if p.exists() or p.with_name(p.name + ".1").exists()]
+    if not found:
+        print(f"no audit log at {' or '.join(map(str, candidates))}: nothing was refused, stopped or flagged there "
+              "yet (a daemon with another state directory: --state-dir DIR)", file=sys.stderr)
         return 0
+    path = found[-1]  # both: the service's
     events = list(filter_events(read_events(path), client=args.client, rule=args.rule, action=args.action,
                                 request_id=args.request, since=since))
     if args.tail:

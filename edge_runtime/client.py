@@ -501,12 +501,14 @@ def _why_no_reply(client: EdgeClient) -> str:
         return (f"; no device {device!r} has published a status on this broker (check --device-id, and that "
                 "its daemon runs against this broker)")
     state, ts = status.get("state"), status.get("ts")
-    since = f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ts))}" if isinstance(ts, (int, float)) \
-        else ""
+    when = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ts)) if isinstance(ts, (int, float)) else ""
     if state == "online":
         return (f"; device {device!r} is online with {status.get('queue_depth')} of {status.get('queue_limit')} "
                 "requests queued (raise --timeout for long answers)")
-    return f"; device {device!r} is {state}{since} (the request waits for it on the broker)"
+    if status.get("reason") == "connection lost":  # the will, written when the daemon connected: ts is not the loss
+        return (f"; device {device!r} is offline: the broker lost its connection (a crash, power loss or network "
+                f"fault){f'; it had come online at {when}' if when else ''} (the request waits for it on the broker)")
+    return f"; device {device!r} is {state}{f' since {when}' if when else ''} (the request waits for it on the broker)"
 
 
 # =========================================================================== serve

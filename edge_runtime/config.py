@@ -163,6 +163,9 @@ class ServiceConfig:
     policy: PolicySection = field(default_factory=PolicySection)
 
 
+SERVICE_STATE_DIR = Path("/var/lib/edge-runtime")  # the installed unit's StateDirectory=edge-runtime
+
+
 def default_state_dir(environ: Mapping[str, str] = os.environ) -> Path:
     """$STATE_DIRECTORY (set by systemd's StateDirectory=), else the XDG state dir."""
     state = environ.get("STATE_DIRECTORY")

@@ -62,21 +62,22 @@ class PolicyGuard:
         return request
 
     def admit(self, request: GenerationRequest) -> None:
-        """Raise RateLimited / PolicyViolation, or return (flags recorded). A request
-        that is admitted counts against its client's rate; `refund` takes it back."""
+        """Raise PolicyViolation (input rules, then max_tokens) / RateLimited, or return
+        (flags recorded). A request that is admitted counts against its client's rate;
+        `refund` takes it back."""
         client = request.client_id
         limit = self.policy.limit_for(client)
         text = request_text(request)
+        for v in self.policy.check_input(request, client):  # first: the audit log names the rule the text broke
+            self._record(request, v, text)
+            if v.action == "refuse":
+                raise PolicyViolation(f"refused by policy rule {v.rule!r}"
+                                      + (f": {v.description}" if v.description else ""))
         if limit.max_tokens and request.max_tokens > limit.max_tokens:
             self._record(request, Violation("limits.max_tokens", "refuse", "limit"), text,
                          f"max_tokens {request.max_tokens} > {limit.max_tokens}")
             raise PolicyViolation(f"policy limit limits.max_tokens: client {client or '-'!s} may ask for at most "
                                   f"{limit.max_tokens} tokens (asked {request.max_tokens})")
-        for v in self.policy.check_input(request, client):
-            self._record(request, v, text)
-            if v.action == "refuse":
-                raise PolicyViolation(f"refused by policy rule {v.rule!r}"
-                                      + (f": {v.description}" if v.description else ""))
         if not self.limiter.admit(client, limit.requests_per_minute):
             wait = self.limiter.retry_after_s(client)
             self._record(request, Violation("limits.requests_per_minute", "refuse", "limit"), text,

@@ -18,7 +18,9 @@ def add_request_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--messages", help="chat: a JSON file with [{\"role\": ..., \"content\": ...}, ...], - for stdin")
     p.add_argument("--suffix", help="infill: the code after the hole")
     p.add_argument("--suffix-first", action="store_true", help="infill in suffix-prefix-middle order")
-    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="most tokens to generate (default: 256 here; over MQTT the device's default, at most 256 "
+                        "and within its limits)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.6)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default 0.9)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default off)")

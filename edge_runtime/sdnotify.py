@@ -36,6 +36,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 
 __all__ = ["SystemdNotifier", "Watchdog"]
@@ -175,6 +176,39 @@ class SystemdNotifier:
     def __repr__(self) -> str:
         return (f"SystemdNotifier(notify_socket={self.notify_socket!r}, "
                 f"watchdog_usec={self.watchdog_usec!r})")
+
+
+class StartExtender:
+    """While the bundle loads, asks systemd for more start time (``EXTEND_TIMEOUT_USEC=``)
+    every ``interval_s``, up to ``budget_s`` in all: a 13B bundle hashed and read from an
+    SD card can take longer than ``TimeoutStartSec=``, and a load that hangs still ends
+    in systemd's timeout once the budget is spent. A context manager; nothing without
+    systemd."""
+
+    def __init__(self, notifier: SystemdNotifier, budget_s: float, interval_s: float = 20.0) -> None:
+        self.notifier = notifier
+        self.budget_s = budget_s
+        self.interval_s = interval_s
+        self.extensions = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "StartExtender":
+        if self.notifier.enabled and self.budget_s > 0:
+            self._thread = threading.Thread(target=self._run, name="sd-extend-start", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.budget_s
+        while not self._stop.wait(self.interval_s) and time.monotonic() < deadline:
+            if self.notifier.extend_timeout(3 * self.interval_s):
+                self.extensions += 1
 
 
 class Watchdog:

@@ -62,6 +62,10 @@ from .types import Chunk, GenerationResult
 
 log = logging.getLogger(__name__)
 
+SHORT_SESSION_S = 10.0  # a connection the broker closes sooner counts as short
+SHORT_SESSIONS = 3  # short connections in a row before the daemon says why and slows down
+FLAPPING_RECONNECT_S = (15, 60)  # reconnect backoff while connections keep being closed
+
 
 @dataclass(frozen=True)
 class ReplyRoute:
@@ -198,6 +202,8 @@ class EdgeService:
         self._lock = threading.Lock()
         self._connected = False
         self._connect_failures = 0  # failed attempts since the last connection (or start)
+        self._connected_at = 0.0  # monotonic time of the last connection
+        self._short_sessions = 0  # connections in a row the broker closed within SHORT_SESSION_S
         self._generation = 0
         self._subscribe_mid: int | None = None
         self._ready = threading.Event()
@@ -264,6 +270,13 @@ class EdgeService:
         log.info("edge-runtime %s: device %s, model %s (%s, %s), broker %s, protocol %s, queue depth %d",
                  self.version, m.device_id, getattr(info, "model_name", "?"), getattr(info, "profile", "?"),
                  getattr(info, "precision", "?"), m.address.url, m.protocol, self.limits.queue_depth)
+        log.info("state directory %s (reply store%s)", self.state_dir, ", audit log" if self.guard else "")
+        if self.guard is not None:
+            policy = self.guard.policy
+            log.info("policy %s: sha256 %s, %d rules, classifier %s", policy.source, policy.sha256[:16],
+                     len(policy.rules), policy.summary()["classifier"] or "none")
+        else:
+            log.info("no operator policy ([policy] file): requests are checked only against the limits")
         self._set_status_text(f"connecting to {m.address.url}")
 
     def _abandon_start(self) -> None:
@@ -483,6 +496,7 @@ class EdgeService:
         self._generation += 1
         self._connected = True
         self._connect_failures = 0
+        self._connected_at = time.monotonic()
         log.info("connected to %s (session present: %s)", self.config.mqtt.address.url, flags.session_present)
         subs = [(self.topics.generate, 1), (self.topics.cancel, 1)]
         if self.config.mqtt.fleet_group:
@@ -528,9 +542,35 @@ class EdgeService:
         if self._drain_once.locked() and self._state == "offline":
             log.debug("disconnected")
             return
+        self._set_status_text("reconnecting to the broker")
         if was:
             log.warning("lost the broker connection (%s); reconnecting", reason_code)
-        self._set_status_text("reconnecting to the broker")
+            self._note_session_end(client, reason_code, time.monotonic() - self._connected_at)
+
+    def _note_session_end(self, client: mqtt.Client, reason_code: Any, lasted_s: float) -> None:
+        """A second client with this client id (the same device_id on two machines, an
+        image cloned onto many boards) makes the broker close each connection as the other
+        one connects: both reconnect at once, forever. Said plainly, and the reconnects
+        slowed, after SHORT_SESSIONS connections in a row that lasted under SHORT_SESSION_S
+        (or a broker's "session taken over"); a connection that lasts restores the pace."""
+        taken_over = getattr(reason_code, "value", None) == 0x8E  # MQTT 5 Session taken over
+        if lasted_s >= SHORT_SESSION_S and not taken_over:
+            if self._short_sessions >= SHORT_SESSIONS:
+                client.reconnect_delay_set(min_delay=1, max_delay=30)
+            self._short_sessions = 0
+            return
+        self._short_sessions += 1
+        n = self._short_sessions
+        if taken_over or n == SHORT_SESSIONS or (n > SHORT_SESSIONS and n & (n - 1) == 0):
+            log.error("the broker closed this connection %s (%d in a row): another client is probably using the "
+                      "client id %r, such as a second daemon with device_id %r (each device needs its own); "
+                      "reconnecting every %d-%d s until a connection lasts", "as another client took over its session"
+                      if taken_over else f"within {SHORT_SESSION_S:.0f} s of connecting", n,
+                      self.config.mqtt.client_id, self.config.mqtt.device_id, *FLAPPING_RECONNECT_S)
+            self._set_status_text(f"the broker keeps closing the connection: is client id {self.config.mqtt.client_id!r} "
+                                  "used twice?")
+        if taken_over or n >= SHORT_SESSIONS:
+            client.reconnect_delay_set(min_delay=FLAPPING_RECONNECT_S[0], max_delay=FLAPPING_RECONNECT_S[1])
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         delivery = Delivery(message.mid, message.qos, self._generation)
@@ -623,8 +663,9 @@ class EdgeService:
         elif result is Submit.CLOSED:
             log.debug("request %r left for redelivery (draining)", wire.id)
         else:
-            log.info("request %r queued: mode=%s prompt_chars=%d max_tokens=%d stream=%s deadline_ms=%d "
-                     "queue=%d/%d", wire.id, wire.mode, wire.prompt_chars, wire.request.max_tokens,
+            log.info("request %r queued: client=%s mode=%s prompt_chars=%d max_tokens=%d stream=%s deadline_ms=%d "
+                     "queue=%d/%d", wire.id, wire.request.client_id or "-", wire.mode, wire.prompt_chars,
+                     wire.request.max_tokens,
                      wire.stream, wire.deadline_ms, self.scheduler.queue_depth, self.limits.queue_depth)
             if self.log_content:
                 log.info("request %r content: %r", wire.id, _content(wire.request))
@@ -668,15 +709,17 @@ class EdgeService:
         if isinstance(outcome, GenerationResult):
             payload = encode_final(job.id, outcome)
             t = outcome.timings
-            log.info("request %r done: mode=%s finish=%s prompt_tokens=%d completion_tokens=%d "
-                     "ttft_ms=%.1f tokens_per_s=%.1f total_ms=%.1f", job.id, job.wire.mode,
+            log.info("request %r done: client=%s mode=%s finish=%s prompt_tokens=%d completion_tokens=%d "
+                     "ttft_ms=%.1f tokens_per_s=%.1f total_ms=%.1f", job.id, job.wire.request.client_id or "-",
+                     job.wire.mode,
                      outcome.finish_reason, outcome.usage.prompt_tokens, outcome.usage.completion_tokens,
                      t.ttft_ms, t.decode_tokens_per_s, t.total_ms)
             if self.log_content:
                 log.info("request %r text: %r", job.id, outcome.text)
         else:
             payload = encode_error(job.id, outcome.code, str(outcome) or outcome.code)
-            log.info("request %r failed: mode=%s %s: %s", job.id, job.wire.mode, outcome.code, outcome)
+            log.info("request %r failed: client=%s mode=%s %s: %s", job.id, job.wire.request.client_id or "-",
+                     job.wire.mode, outcome.code, outcome)
         try:
             assert self.store is not None
             self.store.put(job.key, payload)

@@ -106,6 +106,16 @@ def test_flipped_byte_in_any_file_is_refused(tiny_bundle, tmp_path, name):
     assert cli.returncode != 0 and name in cli.stderr
 
 
+@pytest.mark.parametrize("change,words", [(lambda data: data[:-1], "is truncated"),
+                                          (lambda data: data + b"\n", "is larger than exported")])
+def test_a_file_of_another_size_is_refused_saying_how(tiny_bundle, tmp_path, change, words):
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    path = bundle / "tokenizer.json"
+    path.write_bytes(change(path.read_bytes()))
+    with pytest.raises(BundleError, match=f"tokenizer.json: size .* does not match the manifest .*: the file {words}"):
+        load_bundle(bundle)
+
+
 def test_wrong_format_version_is_refused(tiny_bundle, tmp_path):
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     rewrite_manifest(bundle, lambda m: m.update(format_version=99))

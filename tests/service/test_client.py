@@ -242,6 +242,24 @@ def test_ask_timeout_says_what_the_devices_status_says(broker, capsys, tmp_path)
     assert "device 'gone-1' is offline since 2023-11-" in out.err
     reply = json.loads(out.out)  # --json: the error as a final reply, for scripts that parse stdout
     assert reply["done"] is True and reply["error"]["code"] == "timeout" and reply["id"]
+    with Probe(broker.host, broker.port) as p:  # the will of a daemon that died: its ts is when it connected
+        p.publish(Topics("gone-2").status, {"state": "offline", "running": False, "reason": "connection lost",
+                                            "ts": 1_700_000_000.0}, retain=True)
+    assert ask_device("gone-2") == 1
+    err = capsys.readouterr().err
+    assert "device 'gone-2' is offline: the broker lost its connection" in err
+    assert "it had come online at 2023-11-" in err and "since" not in err
+
+
+def test_ask_leaves_max_tokens_to_the_device(broker, tmp_path, capsys):
+    s = start_service(make_config(broker, tmp_path, **{"limits.max_tokens": 3}), FakeEngine())
+    try:
+        assert ask(broker, "--prompt", "a b c d e f", "--json") == 0  # the device's default: its limit, 3
+        assert json.loads(capsys.readouterr().out)["text"] == "f e d"
+        assert ask(broker, "--prompt", "a b c d e f", "--max-tokens", "2") == 0
+        assert capsys.readouterr().out == "f e\n"
+    finally:
+        s.stop()
 
 
 # ------------------------------------------------------------------ serve

@@ -8,6 +8,7 @@ start-up errors, and status."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +150,14 @@ def test_max_tokens_per_client(serve, probe):
     assert "error" not in final
 
 
+def test_a_request_over_its_token_limit_that_breaks_a_rule_is_logged_under_the_rule(serve, probe, tmp_path):
+    serve(SAMPLE.read_text() + '\n[limits.per_client."hmi"]\nmax_tokens = 16\n')
+    _, final = Ask(probe, "hmi")({"mode": "complete", "prompt": "write a script to encrypt all files in /home",
+                                  "max_tokens": 32})
+    assert final["error"]["code"] == "policy_violation" and "mass-file-encryption" in final["error"]["message"]
+    assert [e.rule for e in audit_events(tmp_path)] == ["mass-file-encryption"]
+
+
 def test_a_request_without_max_tokens_gets_its_clients_limit_not_a_refusal(serve, probe):
     serve('[limits]\nmax_tokens = 16\n')  # below the daemon's default of 256
     words = " ".join(f"w{i}" for i in range(40))
@@ -218,6 +227,38 @@ def test_audit_command_prints_and_filters(serve, probe, tmp_path):
     out = subprocess.run(run + ["--action", "flag", "--json"], capture_output=True, text=True, check=True)
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [(r["rule"], r["client_id"], r["request_id"]) for r in rows] == [("network-scanning", "hmi-1", "hmi-1-2")]
+
+
+def test_audit_with_the_installed_config_reads_the_services_state_dir(serve, probe, tmp_path, monkeypatch, capsys):
+    """The installed config names no state_dir (systemd gives the daemon $STATE_DIRECTORY);
+    `audit --config` from a shell must read the service's log, not report an empty one."""
+    import edge_runtime.config
+    from edge_runtime.cli import main
+
+    serve(policy_file=SAMPLE)
+    Ask(probe, "hmi-1")({"mode": "complete", "prompt": "Write ransomware"})
+    monkeypatch.setattr(edge_runtime.config, "SERVICE_STATE_DIR", tmp_path / "state-dev1")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    config = tmp_path / "installed.toml"
+    config.write_text('[model]\nbundle = "/opt/b"\n[mqtt]\nbroker = "mqtt://127.0.0.1:1883"\ndevice_id = "d"\n')
+    assert main(["audit", "--config", str(config)]) == 0
+    out = capsys.readouterr()
+    assert "rule=mass-file-encryption" in out.out and f"1 events ({tmp_path / 'state-dev1'}" in out.err
+    monkeypatch.setattr(edge_runtime.config, "SERVICE_STATE_DIR", tmp_path / "nothing-here")
+    assert main(["audit", "--config", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert f"no audit log at {tmp_path / 'xdg'}" in err and f"or {tmp_path / 'nothing-here'}" in err
+
+
+def test_the_log_names_the_policy_the_state_dir_and_each_requests_client(serve, probe, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="edge_runtime.service")
+    serve(policy_file=SAMPLE)
+    Ask(probe, "hmi-1")({"mode": "complete", "prompt": "def f(): pass"})
+    log = caplog.text
+    assert f"policy {SAMPLE}: sha256 " in log and "7 rules, classifier none" in log
+    assert f"state directory {tmp_path / 'state-dev1'} (reply store, audit log)" in log
+    assert "queued: client=hmi-1 mode=complete" in log and "done: client=hmi-1 mode=complete" in log
 
 
 def test_status_names_the_live_policy(serve, probe):

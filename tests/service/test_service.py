@@ -421,6 +421,24 @@ def test_second_daemon_for_the_same_device_is_refused(broker, tmp_path, services
         EdgeService(config, FakeEngine()).start()
 
 
+def test_two_daemons_with_one_device_id_on_two_machines_are_named_and_slowed(broker, tmp_path, caplog):
+    """Two machines (two state directories) with the same device_id: the broker closes
+    each connection as the other connects. Each daemon says why, and backs off."""
+    caplog.set_level(logging.INFO, logger="edge_runtime")
+    first = start_service(make_config(broker, tmp_path / "board-a"))
+    second = EdgeService(make_config(broker, tmp_path / "board-b"), FakeEngine(), status_interval_s=0.1).start()
+    try:
+        wait_until(lambda: "another client is probably using the client id 'edge-runtime-dev1'" in caplog.text, 30)
+        error = next(r for r in caplog.records if "another client is probably" in r.getMessage())
+        assert error.levelno == logging.ERROR and "a second daemon with device_id 'dev1'" in error.getMessage()
+        flips = sum("lost the broker connection" in r.getMessage() for r in caplog.records)
+        time.sleep(6)  # slowed to one reconnect in 15 s or more: at most one more flip each
+        assert sum("lost the broker connection" in r.getMessage() for r in caplog.records) <= flips + 2
+    finally:
+        second.stop()
+        first.stop()
+
+
 def test_a_failed_start_releases_everything(broker, tmp_path, services):
     from edge_runtime.service import EdgeService
 
