@@ -254,10 +254,15 @@ def load_time_budget_s(path: str | Path) -> float:
     return 2 * size / SLOWEST_READ_BYTES_PER_S
 
 
-def load_bundle(path: str | Path, *, progress=None) -> Bundle:
-    """Read and verify a bundle. Raises BundleError naming the problem."""
+def load_bundle(path: str | Path, *, progress=None, pinned_sha256: str | None = None) -> Bundle:
+    """Read and verify a bundle. Raises BundleError naming the problem. `pinned_sha256`:
+    the SHA-256 its bundle.json must have (checked first, before the files are hashed)."""
     root = Path(path).resolve()
     manifest, manifest_sha = read_manifest(root)
+    if pinned_sha256 is not None and manifest_sha != pinned_sha256:
+        raise BundleError(f"bundle {root}: {MANIFEST_NAME} has SHA-256 {manifest_sha}, not the {pinned_sha256} that "
+                          "[model] bundle_sha256 pins: another or an edited bundle; install the pinned one, or pin "
+                          "this one if it is the one meant (edge-runtime verify prints its SHA-256)")
     listed = set(verify_files(root, manifest, progress=progress))
 
     graph = _require(manifest, "graph", dict, "")

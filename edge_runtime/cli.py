@@ -159,7 +159,8 @@ def cmd_serve(args, engine_factory=None) -> int:
         if engine_factory is None:
             engine = Engine.from_bundle(config.model.bundle, config.model.profile,
                                         check_memory=config.model.check_memory,
-                                        allow_cpu_fallback=config.model.allow_cpu_fallback)
+                                        allow_cpu_fallback=config.model.allow_cpu_fallback,
+                                        pinned_sha256=config.model.bundle_sha256)
         else:
             engine = engine_factory(config.model.bundle, config.model.profile)
     logging.getLogger("edge_runtime").info("model %s (%s, %s) on %s", engine.info.model_name, engine.info.precision,

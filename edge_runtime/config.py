@@ -23,12 +23,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Optional
 
 from .errors import ConfigError
 from .mqtt_connection import BrokerAddress, TlsFiles, parse_broker_url, read_password_file
 from .protocol import FLEET_LEVEL, Topics, validate_name
-from .typed_toml import InvalidField, at_least, between, from_mapping, parse_toml
+from .typed_toml import InvalidField, at_least, between, from_mapping, matches, parse_toml
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Keys holding paths: made absolute against the config file's directory.
@@ -46,6 +46,9 @@ class ModelConfig:
     # A GPU profile whose GPU provider is missing: true runs on the CPU provider (said in the
     # log and the status), false refuses to start; unset: the profile's allow_cpu_fallback.
     allow_cpu_fallback: bool | None = None
+    # The SHA-256 of the bundle's bundle.json (`edge-runtime verify` prints it): pins the
+    # exact bundle, manifest included (bundle.json lists every other file's SHA-256).
+    bundle_sha256: Optional[Annotated[str, matches(r"[0-9a-f]{64}", "64 lowercase hex digits")]] = None
 
 
 @dataclass(frozen=True)

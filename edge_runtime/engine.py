@@ -148,14 +148,16 @@ class Engine:
 
     @classmethod
     def from_bundle(cls, path: str | Path, profile: str | Path | DeviceProfile | None = None, *,
-                    check_memory: bool = True, allow_cpu_fallback: bool | None = None) -> "Engine":
+                    check_memory: bool = True, allow_cpu_fallback: bool | None = None,
+                    pinned_sha256: str | None = None) -> "Engine":
         """Verify every file of the bundle, check that it fits the profile's memory budget
         at the context limit (MemoryBudgetExceeded with the numbers otherwise; see
         memory_fit.py), then create the onnxruntime session with the profile's providers
         (the bundle's own profile when none is given). `allow_cpu_fallback` overrides the
-        profile's: whether a GPU profile may run on the CPU provider when its GPU one is missing."""
+        profile's: whether a GPU profile may run on the CPU provider when its GPU one is missing.
+        `pinned_sha256`: the SHA-256 the bundle's bundle.json must have."""
         ort = import_onnxruntime()
-        bundle = load_bundle(path)
+        bundle = load_bundle(path, pinned_sha256=pinned_sha256)
         if not isinstance(profile, DeviceProfile):
             profile = load_profile(profile or bundle.profile_name)
         if allow_cpu_fallback is not None:

@@ -116,6 +116,24 @@ def test_a_file_of_another_size_is_refused_saying_how(tiny_bundle, tmp_path, cha
         load_bundle(bundle)
 
 
+def test_a_pinned_bundle_json_is_required_before_anything_is_hashed(tiny_bundle, tmp_path, monkeypatch):
+    from edge_runtime import bundle as bundle_module
+    from edge_runtime.config import load_config
+    from edge_runtime.engine import Engine
+
+    pin = load_bundle(tiny_bundle).manifest_sha256
+    assert load_bundle(tiny_bundle, pinned_sha256=pin).manifest_sha256 == pin
+    edited = copy_bundle(tiny_bundle, tmp_path / "b")
+    rewrite_manifest(edited, lambda m: m.update(context_limit=m["context_limit"] * 2))  # every file hash still right
+    monkeypatch.setattr(bundle_module, "sha256_file", lambda path: pytest.fail("hashed before the pin was checked"))
+    with pytest.raises(BundleError, match=f"bundle.json has SHA-256 [0-9a-f]{{64}}, not the {pin} that \\[model\\] "
+                                          "bundle_sha256 pins"):
+        Engine.from_bundle(edited, pinned_sha256=pin)
+    config = load_config(None, {"model.bundle": str(edited), "model.bundle_sha256": pin, "mqtt.broker": "mqtt://h:1",
+                                "mqtt.device_id": "d"}, check_files=False)
+    assert config.model.bundle_sha256 == pin
+
+
 def test_wrong_format_version_is_refused(tiny_bundle, tmp_path):
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     rewrite_manifest(bundle, lambda m: m.update(format_version=99))

@@ -104,6 +104,7 @@ def test_flags_only():
     ('[mqtt]\nbroker = "mqtt://h"\ndevice_id = "d"\n[service]\nlog_level = "LOUD"', "service.log_level"),
     ('[mqtt]\nbroker = "mqtt://h"\ndevice_id = "d"\n[service]\nlog_content = "yes"', "service.log_content"),
     ('[mqtt]\nbroker = "mqtt://h"\ndevice_id = "d"\n[extra]\nx = 1', "extra"),
+    ('bundle_sha256 = "ABC"\n[mqtt]\nbroker = "mqtt://h"\ndevice_id = "d"', "model.bundle_sha256"),
 ])
 def test_errors_name_the_key(tmp_path, extra, key):
     path = write(tmp_path, '[model]\nbundle = "b"\n' + extra + "\n")
