@@ -137,6 +137,7 @@ def cmd_serve(args, engine_factory=None) -> int:
     on drain."""
     from .client import missing_key_hint, serve_overrides
     from .config import load_config
+    from .device_lock import DeviceLock
     from .engine import Engine
     from .malloc_arenas import limit_malloc_arenas
     from .policy import load_policy
@@ -153,6 +154,8 @@ def cmd_serve(args, engine_factory=None) -> int:
     limit_malloc_arenas(2)  # before onnxruntime's and the daemon's threads: RSS stays flat over a soak
     # The policy is checked before the (slow) bundle load: a rule that does not compile stops start-up.
     policy = load_policy(config.policy.file) if config.policy.file is not None else None
+    # before the (slow) bundle load too: a second daemon for this device stops at once
+    device_lock = DeviceLock(config.service.resolved_state_dir, config.mqtt.device_id).acquire()
     notifier = SystemdNotifier.from_environment()
     notifier.status(f"loading {config.model.bundle}")
     with StartExtender(notifier, load_time_budget_s(config.model.bundle)):
@@ -173,7 +176,7 @@ def cmd_serve(args, engine_factory=None) -> int:
         else:
             notifier.status(text)
 
-    service = EdgeService(config, engine, on_status=on_status, policy=policy,
+    service = EdgeService(config, engine, on_status=on_status, policy=policy, device_lock=device_lock,
                           on_ready=lambda: notifier.ready(
                               f"serving {engine.info.model_name} ({engine.info.precision}) on {engine.info.provider}"))
     watchdog = None

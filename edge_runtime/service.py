@@ -55,6 +55,7 @@ from .protocol import (
     parse_request,
     reply_client_id,
 )
+from .device_lock import DeviceLock
 from .policy import Policy, load_policy
 from .reply_store import DEFAULT_MAX_ENTRIES, ReplyStore, request_key
 from .scheduler import EngineLike, Job, Outcome, Scheduler, Submit
@@ -175,7 +176,8 @@ class EdgeService:
                  status_interval_s: float = 1.0,
                  reply_store_entries: int = DEFAULT_MAX_ENTRIES,
                  version: str = __version__,
-                 policy: Policy | None = None) -> None:
+                 policy: Policy | None = None,
+                 device_lock: DeviceLock | None = None) -> None:
         self.config = config
         self.engine = engine
         self.on_ready: Callable[[], None] = on_ready or (lambda: None)
@@ -214,7 +216,8 @@ class EdgeService:
         self._status_dirty = False
         self._hk_stop = threading.Event()
         self._housekeeping: threading.Thread | None = None
-        self._lock_file: Any = None
+        # held from start to stop; `serve` passes the one it took before loading the bundle
+        self._device_lock = device_lock or DeviceLock(self.state_dir, config.mqtt.device_id)
         self._started = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -240,7 +243,7 @@ class EdgeService:
         return self
 
     def _start(self) -> None:
-        self._take_lock()
+        self._device_lock.acquire()
         try:
             self.store = ReplyStore(self.state_dir / f"replies-{self.config.mqtt.device_id}.sqlite3",
                                     max_entries=self._reply_store_entries)
@@ -288,7 +291,7 @@ class EdgeService:
             self._client.loop_stop()
         if self.store is not None:
             self.store.close()
-        self._release_lock()
+        self._device_lock.release()
         self._state = "offline"
         self._drain_once.acquire(blocking=False)
         self._stopped.set()
@@ -384,7 +387,7 @@ class EdgeService:
             client.loop_stop()
         if self.store is not None:
             self.store.close()
-        self._release_lock()
+        self._device_lock.release()
         self._set_status_text("stopped")
         log.info("stopped")
         self._stopped.set()
@@ -412,30 +415,6 @@ class EdgeService:
         return Health(ok=ok, state=state, worker_alive=alive, stalled_for_s=round(stalled_for, 3),
                       connected=self._connected, queue_depth=self.scheduler.queue_depth,
                       running=running.id if running is not None else None)
-
-    # ------------------------------------------------------------------ state dir lock
-
-    def _take_lock(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = self.state_dir / f"edge-runtime-{self.config.mqtt.device_id}.lock"
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not Unix
-            return
-        f = open(path, "a+")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.close()
-            raise EdgeRuntimeError(
-                f"another edge-runtime daemon for device {self.config.mqtt.device_id!r} is running "
-                f"(it holds {path})") from None
-        self._lock_file = f
-
-    def _release_lock(self) -> None:
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
 
     # ------------------------------------------------------------------ status
 

@@ -439,6 +439,27 @@ def test_two_daemons_with_one_device_id_on_two_machines_are_named_and_slowed(bro
         first.stop()
 
 
+def test_a_second_serve_for_the_device_stops_before_loading_the_bundle(broker, tmp_path):
+    import argparse
+
+    from edge_runtime.cli import cmd_serve
+    from edge_runtime.client import add_serve_arguments
+    from edge_runtime.device_lock import DeviceLock
+    from edge_runtime.errors import EdgeRuntimeError
+
+    state = tmp_path / "state"
+    config = write_config(tmp_path / "serve.toml", broker, state)
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    running = DeviceLock(state, "dev1").acquire()  # the daemon already serving this device
+    try:
+        with pytest.raises(EdgeRuntimeError, match="another edge-runtime daemon for device 'dev1' is running"):
+            cmd_serve(parser.parse_args(["--config", str(config)]),
+                      lambda bundle, profile: pytest.fail("loaded the bundle before checking the lock"))
+    finally:
+        running.release()
+
+
 def test_a_failed_start_releases_everything(broker, tmp_path, services):
     from edge_runtime.service import EdgeService
 
