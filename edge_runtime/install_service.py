@@ -9,17 +9,31 @@ the same arguments changes nothing and says so):
    (a venv under ``/opt/edge-runtime/venv`` is the documented place);
 3. for a GPU profile (one whose execution providers go beyond the CPU: nvidia-gpu,
    jetson-*), the drop-in ``edge-runtime.service.d/gpu.conf`` with the NVIDIA
-   device access; a CPU profile removes a drop-in left by an earlier run;
-4. the bundle, copied to ``/opt/edge-runtime/bundles/<name>`` (root-owned and
-   read-only to the service under ``ProtectSystem=strict``);
+   device access; a CPU profile removes a drop-in left by an earlier run. The
+   profile that decides is ``--profile``, else the ``[model] profile`` of the
+   installed config, else the bundle's own (what the daemon will run);
+4. the bundle, verified first as the daemon verifies it at start (size and SHA-256
+   of every file, `bundle.load_bundle`; a bundle that fails is refused before
+   anything is changed), then copied to ``/opt/edge-runtime/bundles/<name>``
+   (root-owned and read-only to the service under ``ProtectSystem=strict``);
 5. ``/etc/edge-runtime/config.toml`` from the sample, with [model] filled in,
-   only if there is none (an existing config is never overwritten);
+   only if there is none (an existing config is never overwritten; a warning says
+   when its [model] profile or bundle differs from what this run installs);
 6. ``systemctl daemon-reload`` (when a unit file changed) and
    ``systemctl enable edge-runtime``, only on the live system (``--root /``)
    with systemd running. It does not start the service: edit [mqtt] first.
 
-``--root DIR`` installs into an image or a test tree; ``--dry-run`` prints what
-would be done and changes nothing. The unit, drop-in and sample config are the
+``--root DIR`` installs into an image or a test tree (DIR/etc/passwd and
+DIR/etc/group must be the image's own: ``useradd --prefix`` adds the user there);
+``--dry-run`` prints what would be done and changes nothing. A check that would stop
+a real run (a bundle that fails verification, an executable the unit hides) is shown
+as a warning in the plan, and the dry run then fails with it.
+
+``--uninstall`` stops and disables the service (live systemd only), removes the unit
+and the GPU drop-in, and keeps the config, the state directory, the bundles and the
+user, saying how to remove each by hand.
+
+The unit, drop-in and sample config are the
 files in the repository's ``systemd/`` folder, kept here so an installed wheel
 carries them (tests/system/test_systemd_units.py checks they are identical).
 """
@@ -37,7 +51,9 @@ import subprocess
 import sys
 import sysconfig
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import BundleError, ConfigError, EdgeRuntimeError
 
@@ -45,6 +61,7 @@ __all__ = [
     "BUNDLES_DIR",
     "DEFAULT_EXECUTABLE",
     "SERVICE_USER",
+    "DryRunRefused",
     "add_arguments",
     "find_console_script",
     "install_service",
@@ -53,6 +70,7 @@ __all__ = [
     "render_gpu_dropin",
     "render_unit",
     "run_install_service",
+    "uninstall_service",
 ]
 
 SERVICE_NAME = "edge-runtime"
@@ -63,6 +81,10 @@ BUNDLES_DIR = "/opt/edge-runtime/bundles"
 UNIT_FILE = "etc/systemd/system/edge-runtime.service"
 GPU_DROPIN_FILE = "etc/systemd/system/edge-runtime.service.d/gpu.conf"
 CONFIG_FILE = "etc/edge-runtime/config.toml"
+# What --uninstall keeps (data and the operator's files), with what each holds.
+KEPT_ON_UNINSTALL = (("etc/edge-runtime", "the config, MQTT password and CA"),
+                     (STATE_DIR.lstrip("/"), "the state: audit log, reply store"),
+                     (BUNDLES_DIR.lstrip("/"), "the bundles"))
 GPU_GROUPS = ("video", "render")
 # Directories the unit hides from the service (ProtectHome=, PrivateTmp=): its
 # interpreter and code must live elsewhere.
@@ -169,6 +191,15 @@ def find_console_script() -> Path:
     unit hides files (/home, /root, /tmp, ...). Raises `ConfigError` saying how
     to fix it (a venv under /opt/edge-runtime/venv, or ``--executable``).
     """
+    script = _locate_console_script()
+    problem = _console_script_problem(script)
+    if problem:
+        raise ConfigError(problem)
+    return script
+
+
+def _locate_console_script() -> Path:
+    """The console script of the running environment, unchecked (`ConfigError` if none)."""
     candidates = [Path(sysconfig.get_path("scripts")) / SERVICE_NAME,
                   Path(sys.executable).parent / SERVICE_NAME]
     found = shutil.which(SERVICE_NAME)
@@ -178,7 +209,11 @@ def find_console_script() -> Path:
     if script is None:
         raise ConfigError(f"cannot find the {SERVICE_NAME} console script next to {sys.executable}; "
                           f"pass --executable PATH")
-    script = script.absolute()
+    return script.absolute()
+
+
+def _console_script_problem(script: Path) -> str | None:
+    """Why the service could not run `script` (see `find_console_script`), or None."""
     checks = [script, Path(os.path.realpath(script))]
     interpreter = _interpreter_of(script)
     if interpreter is not None:
@@ -187,16 +222,61 @@ def find_console_script() -> Path:
     for path in checks:
         problem = _executable_problem(path)
         if problem:
-            raise ConfigError(
-                f"{problem}. Install into a venv the service can see: python3 -m venv "
-                f"{Path(DEFAULT_EXECUTABLE).parent.parent} && {Path(DEFAULT_EXECUTABLE).parent}/pip install "
-                f"'/path/to/edge-runtime[cpu]' (the source folder), then run {DEFAULT_EXECUTABLE} install-service "
-                f"(or pass --executable)")
-    return script
+            return (f"{problem}. Install into a venv the service can see: python3 -m venv "
+                    f"{Path(DEFAULT_EXECUTABLE).parent.parent} && {Path(DEFAULT_EXECUTABLE).parent}/pip install "
+                    f"'/path/to/edge-runtime[cpu]' (the source folder), then run {DEFAULT_EXECUTABLE} "
+                    f"install-service (or pass --executable)")
+    return None
 
 
 def _systemd_running() -> bool:
     return Path("/run/systemd/system").is_dir()
+
+
+def _is_live(root: Path) -> bool:
+    """Whether `root` is this machine's own / (systemctl is run only there)."""
+    return root.resolve() == Path("/")
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return os.path.normpath(a) == os.path.normpath(b)
+
+
+def _manifest_profile(manifest: dict[str, Any] | None) -> str | None:
+    """The profile name a bundle manifest records, if any."""
+    section = manifest.get("profile") if isinstance(manifest, dict) else None
+    name = section.get("name") if isinstance(section, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _human_size(size: int) -> str:
+    if size < 1000:
+        return f"{size} B"
+    value = float(size)
+    for unit in ("KB", "MB", "GB"):
+        value /= 1000
+        if value < 1000 or unit == "GB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+@dataclass(frozen=True)
+class _KeptConfig:
+    """What an installed config says, as far as install-service needs it."""
+
+    model_bundle: str | None
+    model_profile: str | None
+    state_dir: str | None
+    bundle_sha256: str | None = None  # [model] bundle_sha256: the pinned bundle.json
+
+
+class DryRunRefused(ConfigError):
+    """A dry run listed its plan, but a real run would stop at `problems`."""
+
+    def __init__(self, problems: list[EdgeRuntimeError], steps: list[str]) -> None:
+        self.problems = problems
+        self.steps = steps
+        super().__init__("dry run: a real run would stop: " + "; ".join(str(p) for p in problems))
 
 
 def _names_in(db_file: Path) -> set[str] | None:
@@ -223,11 +303,12 @@ class _Installer:
     def __init__(self, root: Path, dry_run: bool, run: Callable[..., subprocess.CompletedProcess],
                  report: Callable[[str], None] | None) -> None:
         self.root = root
-        self.live = root.resolve() == Path("/")
+        self.live = _is_live(root)
         self.dry_run = dry_run
         self.run = run
         self.report = report
         self.steps: list[str] = []
+        self.problems: list[EdgeRuntimeError] = []
         self.changed = False
         self.units_changed = False
 
@@ -237,6 +318,10 @@ class _Installer:
     def shown(self, path: Path) -> str:
         """A target path as it will be on the installed system."""
         return "/" + path.relative_to(self.root).as_posix()
+
+    def on_target(self, value: str, base: Path) -> Path:
+        """A path named on the installed system (absolute, or relative to `base`) in this tree."""
+        return self.target(value.lstrip("/")) if value.startswith("/") else base / value
 
     def step(self, message: str, *, changes: bool = False) -> None:
         if changes:
@@ -248,6 +333,30 @@ class _Installer:
     def did(self, what: str, done: str, would: str) -> None:
         self.step(f"{what}: {'would ' + would if self.dry_run else done}", changes=True)
 
+    def refuse(self, problem: EdgeRuntimeError) -> None:
+        """A check a real run stops at: raised now, or in a dry run shown as a warning (the
+        plan goes on, and `finish` fails with it)."""
+        if not self.dry_run:
+            raise problem
+        self.problems.append(problem)
+        self.step(f"warning: a real run would stop here: {problem}")
+
+    def require_root(self, what: str) -> None:
+        if self.live and not self.dry_run and os.geteuid() != 0:
+            raise ConfigError(f"{what}: run it as root (or with --dry-run to see what it would do)")
+        if not self.root.is_dir():
+            raise ConfigError(f"--root {self.root} is not a directory")
+
+    def finish(self, nothing_to_do: str) -> list[str]:
+        if self.problems:
+            self.step("dry run: nothing was changed; a real run would stop (see the warnings above)")
+            raise DryRunRefused(self.problems, self.steps)
+        if not self.changed:
+            self.step(nothing_to_do)
+        elif self.dry_run:
+            self.step("dry run: nothing was changed")
+        return self.steps
+
     def command(self, argv: list[str]) -> subprocess.CompletedProcess:
         try:
             return self.run(argv, check=True, capture_output=True, text=True)
@@ -258,22 +367,91 @@ class _Installer:
         except FileNotFoundError as exc:
             raise EdgeRuntimeError(f"{argv[0]} not found: {exc}") from None
 
-    # -- steps
-    def ensure_user(self) -> None:
+    def query(self, argv: list[str]) -> str:
+        """The first line a read-only command prints (systemctl is-enabled ...), run even in a dry run."""
+        return (self.run(argv, capture_output=True, text=True).stdout or "").strip()
+
+    # -- facts
+    def user_exists(self) -> bool:
         if self.live:
             try:
                 pwd.getpwnam(SERVICE_USER)
-                exists = True
+                return True
             except KeyError:
-                exists = False
-        else:
-            exists = SERVICE_USER in (_names_in(self.target("etc/passwd")) or set())
-        if exists:
+                return False
+        return SERVICE_USER in (_names_in(self.target("etc/passwd")) or set())
+
+    def read_config(self) -> _KeptConfig | None:
+        """The installed config's [model] bundle and profile and [service] state_dir; None if
+        there is no config. One that cannot be read is said in a warning (and None)."""
+        path = self.target(CONFIG_FILE)
+        if not path.exists():
+            return None
+        from .typed_toml import parse_toml
+
+        try:
+            data = parse_toml(path.read_bytes(), source=self.shown(path))
+        except (OSError, ConfigError) as exc:
+            self.step(f"warning: cannot read {self.shown(path)} ({exc}): its [model] profile is not taken "
+                      f"into account")
+            return None
+
+        def text(table: str, key: str) -> str | None:
+            section = data.get(table)
+            value = section.get(key) if isinstance(section, dict) else None
+            return value if isinstance(value, str) else None
+
+        return _KeptConfig(model_bundle=text("model", "bundle"), model_profile=text("model", "profile"),
+                           state_dir=text("service", "state_dir"), bundle_sha256=text("model", "bundle_sha256"))
+
+    def config_bundle_profile(self, config: _KeptConfig) -> str | None:
+        """The profile recorded by the bundle the installed config names, if it can be read."""
+        from .bundle import read_manifest
+
+        if config.model_bundle is None:
+            return None
+        try:
+            manifest, _ = read_manifest(self.on_target(config.model_bundle, self.target(CONFIG_FILE).parent))
+        except BundleError:
+            return None
+        return _manifest_profile(manifest)
+
+    # -- steps
+    def verify_bundle(self, source: Path) -> tuple[dict[str, Any] | None, bool]:
+        """Verify `source` as the daemon does at start (`bundle.load_bundle`): its manifest
+        (None when unreadable) and whether it passed. A failure is refused (`refuse`)."""
+        from .bundle import load_bundle, read_manifest
+
+        try:
+            manifest, _ = read_manifest(source)
+        except BundleError as exc:
+            self.refuse(exc)
+            return None, False
+        files = manifest.get("files") if isinstance(manifest.get("files"), list) else []
+        size = sum(e["size"] for e in files if isinstance(e, dict) and isinstance(e.get("size"), int))
+        self.step(f"bundle {source}: verifying the size and SHA-256 of its {len(files)} files "
+                  f"({_human_size(size)}) against bundle.json, as the daemon does at start (a while for a "
+                  f"large bundle)")
+        try:
+            load_bundle(source)
+        except BundleError as exc:
+            self.refuse(exc)
+            return manifest, False
+        return manifest, True
+
+    def ensure_user(self) -> None:
+        if self.user_exists():
             self.step(f"user {SERVICE_USER}: exists, skipped")
             return
         argv = ["useradd", "--system", "--no-create-home", "--home-dir", STATE_DIR,
                 "--shell", "/usr/sbin/nologin", "--user-group", "--comment", "edge-runtime daemon", SERVICE_USER]
         if not self.live:
+            missing = [name for name in ("etc/passwd", "etc/group") if not self.target(name).is_file()]
+            if missing:
+                self.refuse(ConfigError(
+                    f"--root {self.root} has no {' or '.join(missing)}: useradd --prefix adds {SERVICE_USER} to "
+                    f"the image's own user database (etc/passwd and etc/group; etc/shadow and etc/gshadow "
+                    f"too when present), so copy it into the tree first"))
             argv[1:1] = ["--prefix", str(self.root)]
         if not self.dry_run:
             self.command(argv)
@@ -312,19 +490,20 @@ class _Installer:
             return False
         if not self.dry_run:
             path.unlink()
-            try:
-                path.parent.rmdir()  # the .d folder, if now empty
-            except OSError:
-                pass
+            if path.parent.name.endswith(".d"):
+                try:
+                    path.parent.rmdir()  # the drop-in folder, if now empty
+                except OSError:
+                    pass
         self.did(self.shown(path), f"removed ({why})", f"remove it ({why})")
         return True
 
-    def install_bundle(self, source: Path) -> Path:
-        from .bundle import read_manifest
+    def bundle_destination(self, source: Path) -> Path:
+        return self.target(BUNDLES_DIR.lstrip("/")) / source.name
 
-        source = source.resolve()
-        read_manifest(source)  # a bundle folder (raises BundleError naming the problem)
-        dest = self.target(BUNDLES_DIR.lstrip("/")) / source.name
+    def install_bundle(self, source: Path) -> Path:
+        """Copy a verified bundle into place."""
+        dest = self.bundle_destination(source)
         shown = self.shown(dest)
         if dest.resolve() == source:
             self.step(f"bundle {shown}: already in place, skipped")
@@ -355,28 +534,158 @@ class _Installer:
                  f"{'replace' if replacing else 'copy'} it from {source}")
         return dest
 
+    def check_kept_config(self, config: _KeptConfig, profile: str | None, bundle_profile: str | None,
+                          installed_bundle: Path | None, manifest_sha256: str | None = None) -> None:
+        """Warn where the kept config makes the daemon run another profile or bundle than
+        this run installs (it is never overwritten: the operator edits it)."""
+        path = self.target(CONFIG_FILE)
+        shown = self.shown(path)
+        restart = f"then `systemctl restart {SERVICE_NAME}`"
+        if installed_bundle is not None and config.model_bundle is not None:
+            named = self.on_target(config.model_bundle, path.parent)
+            if not _same_path(named, installed_bundle):
+                wanted = self.shown(installed_bundle)
+                self.step(f"warning: {shown} keeps [model] bundle = {_toml_string(config.model_bundle)}, not "
+                          f"{_toml_string(wanted)}: the service loads the old bundle. Set bundle = "
+                          f"{_toml_string(wanted)} in its [model], {restart}")
+        if installed_bundle is not None and config.bundle_sha256 is not None and manifest_sha256 is not None \
+                and config.bundle_sha256 != manifest_sha256:
+            self.step(f"warning: {shown} pins [model] bundle_sha256 = {_toml_string(config.bundle_sha256)}, and "
+                      f"this bundle's bundle.json is {manifest_sha256}: the service refuses it at start. Set "
+                      f"bundle_sha256 = {_toml_string(manifest_sha256)} in its [model] (or remove the pin), {restart}")
+        if profile is None:
+            return
+        if config.model_profile is not None:
+            if config.model_profile != profile:
+                self.step(f"warning: {shown} keeps [model] profile = {_toml_string(config.model_profile)}, not "
+                          f"{_toml_string(profile)} as --profile asks: the service runs "
+                          f"{config.model_profile}. Set profile = {_toml_string(profile)} in its [model], {restart}")
+            return
+        runs = self.config_bundle_profile(config)
+        if runs is None and installed_bundle is not None and config.model_bundle is not None \
+                and _same_path(self.on_target(config.model_bundle, path.parent), installed_bundle):
+            runs = bundle_profile  # a dry run: the bundle it names is not copied yet
+        if runs != profile:
+            self.step(f"warning: {shown} sets no [model] profile, so the service runs its bundle's own "
+                      f"({runs or 'unknown'}), not {_toml_string(profile)} as --profile asks. Add profile = "
+                      f"{_toml_string(profile)} to its [model], {restart}")
+
     def systemctl(self) -> None:
+        if not self.systemctl_here():
+            return
+        self.daemon_reload()
+        state = self.query(["systemctl", "is-enabled", SERVICE_NAME])
+        if state == "enabled":
+            self.step(f"systemctl enable {SERVICE_NAME}: already enabled, skipped")
+            return
+        if not self.dry_run:
+            self.command(["systemctl", "enable", SERVICE_NAME])
+        self.did(f"systemctl enable {SERVICE_NAME}", "done (starts at boot; not started now)", "run it")
+
+    def systemctl_here(self, what: str = "enable") -> bool:
+        """Whether systemctl is run (live system, systemd running); says why not."""
         if not self.live:
-            self.step(f"systemctl: skipped (--root {self.root}: enable it on the device with "
-                      f"`systemctl enable {SERVICE_NAME}`)")
-            return
+            self.step(f"systemctl: skipped (--root {self.root}: {what} it on the device with "
+                      f"`systemctl {what} {SERVICE_NAME}`)")
+            return False
         if not _systemd_running():
-            self.step(f"systemctl: skipped (systemd is not running here; enable it with "
-                      f"`systemctl enable {SERVICE_NAME}` where it runs)")
-            return
+            self.step(f"systemctl: skipped (systemd is not running here; {what} it with "
+                      f"`systemctl {what} {SERVICE_NAME}` where it runs)")
+            return False
+        return True
+
+    def daemon_reload(self) -> None:
         if self.units_changed:
             if not self.dry_run:
                 self.command(["systemctl", "daemon-reload"])
             self.did("systemctl daemon-reload", "done", "run it")
         else:
             self.step("systemctl daemon-reload: skipped (no unit file changed)")
-        state = self.run(["systemctl", "is-enabled", SERVICE_NAME], capture_output=True, text=True)
-        if (state.stdout or "").strip() == "enabled":
-            self.step(f"systemctl enable {SERVICE_NAME}: already enabled, skipped")
+
+    def stop_and_disable(self) -> None:
+        if self.query(["systemctl", "is-active", SERVICE_NAME]) in ("active", "activating", "reloading"):
+            if not self.dry_run:
+                self.command(["systemctl", "stop", SERVICE_NAME])
+            self.did(f"systemctl stop {SERVICE_NAME}", "done", "run it")
+        else:
+            self.step(f"systemctl stop {SERVICE_NAME}: not running, skipped")
+        state = self.query(["systemctl", "is-enabled", SERVICE_NAME])
+        if state in ("", "disabled", "not-found", "static", "masked"):
+            self.step(f"systemctl disable {SERVICE_NAME}: not enabled ({state or 'unknown'}), skipped")
             return
         if not self.dry_run:
-            self.command(["systemctl", "enable", SERVICE_NAME])
-        self.did(f"systemctl enable {SERVICE_NAME}", "done (starts at boot; not started now)", "run it")
+            self.command(["systemctl", "disable", SERVICE_NAME])
+        self.did(f"systemctl disable {SERVICE_NAME}", "done", "run it")
+
+    def remove_enable_links(self) -> bool:
+        """In an image tree, the links `systemctl enable` made (`systemctl disable` removes them live)."""
+        removed = False
+        for wants in sorted(self.target("etc/systemd/system").glob("*.wants")):
+            link = wants / f"{SERVICE_NAME}.service"  # dangling in a tree: glob would not see it
+            if link.is_symlink():
+                if not self.dry_run:
+                    link.unlink()
+                self.did(self.shown(link), "removed (the enable link)", "remove it (the enable link)")
+                removed = True
+        return removed
+
+    def report_kept(self, config: _KeptConfig | None) -> None:
+        """Say what --uninstall leaves, and how to remove each by hand."""
+        dropins = self.target(GPU_DROPIN_FILE).parent
+        if dropins.is_dir():
+            for path in sorted(dropins.iterdir()):
+                self.step(f"{self.shown(path)}: kept (not installed by install-service); to remove it: rm {path}")
+        kept = list(KEPT_ON_UNINSTALL)
+        if config is not None and config.state_dir is not None:
+            state = self.on_target(config.state_dir, self.target(CONFIG_FILE).parent)
+            if not _same_path(state, self.target(STATE_DIR.lstrip("/"))):
+                kept.append((os.path.relpath(state, self.root), "the state named by [service] state_dir"))
+        for relative, what in kept:
+            path = self.target(relative)
+            if path.exists():
+                self.step(f"{self.shown(path)}: kept ({what}); to remove it: rm -r {shlex.quote(str(path))}")
+        if self.user_exists():
+            userdel = ["userdel"] if self.live else ["userdel", "--prefix", str(self.root)]
+            self.step(f"user {SERVICE_USER}: kept (it owns the state files); to remove it: "
+                      f"{shlex.join([*userdel, SERVICE_USER])}")
+
+
+def _deciding_profile(inst: _Installer, profile: str | None, config: _KeptConfig | None,
+                      bundle_profile: str | None) -> bool | None:
+    """Whether the service runs a GPU profile (None: no profile known): `profile` if given,
+    else the installed config's [model] profile, else the bundle's. Says which decided."""
+    if profile is not None:
+        gpu, name, source = is_gpu_profile(profile), profile, "--profile"
+    elif config is not None and config.model_profile is not None:
+        name = config.model_profile  # a TOML path names a file on the installed system
+        loadable = str(inst.on_target(name, inst.root)) if name.startswith("/") else name
+        gpu, source = is_gpu_profile(loadable, strict=False), f"the [model] profile of {inst.shown(inst.target(CONFIG_FILE))}"
+    elif bundle_profile is not None:
+        gpu, name, source = is_gpu_profile(bundle_profile, strict=False), bundle_profile, "the bundle's own"
+    else:
+        return None
+    inst.step(f"profile: {name} ({source}; {'a GPU' if gpu else 'a CPU'} profile)")
+    return gpu
+
+
+def _service_executable(inst: _Installer, executable: str | os.PathLike[str] | None) -> Path:
+    """The ``ExecStart=`` program: `executable`, else this environment's console script; one
+    the unit would hide is refused (in a dry run: a warning, and the plan goes on)."""
+    if executable is not None:
+        path = Path(executable)
+        problem = _executable_problem(path)
+        if problem:
+            inst.refuse(ConfigError(f"--executable: {problem}"))
+        return path
+    try:
+        script = _locate_console_script()
+    except ConfigError as exc:
+        inst.refuse(exc)
+        return Path(DEFAULT_EXECUTABLE)
+    problem = _console_script_problem(script)
+    if problem:
+        inst.refuse(ConfigError(problem))
+    return script
 
 
 def install_service(profile: str | None, bundle: Path | None, *, root: Path = Path("/"),
@@ -387,40 +696,31 @@ def install_service(profile: str | None, bundle: Path | None, *, root: Path = Pa
 
     `run` runs every external command (useradd, systemctl), so tests inject a fake.
     `executable` is the ``ExecStart=`` program (default: `find_console_script`).
-    `report`, when given, is called with each step as it happens.
+    `report`, when given, is called with each step as it happens. Checks come before
+    any change; in a dry run a failed one is a warning, and `DryRunRefused` is raised
+    once the whole plan is listed.
     """
-    root = Path(root)
-    inst = _Installer(root, dry_run, run, report)
-    if inst.live and not dry_run and os.geteuid() != 0:
-        raise ConfigError("install-service changes /etc, /opt and the user database: run it as root "
-                          "(or with --dry-run to see what it would do)")
-    if not root.is_dir():
-        raise ConfigError(f"--root {root} is not a directory")
-    if bundle is not None and not Path(bundle).is_dir():
+    inst = _Installer(Path(root).resolve(), dry_run, run, report)  # absolute: useradd --prefix needs it
+    inst.require_root("install-service changes /etc, /opt and the user database")
+    source = Path(bundle).resolve() if bundle is not None else None
+    if source is not None and not source.is_dir():
         raise BundleError(f"bundle folder {bundle} does not exist")
-    gpu: bool | None = None
     if profile is not None:
-        gpu = is_gpu_profile(profile)
-    elif bundle is not None:
-        from .bundle import read_manifest
-
-        manifest, _ = read_manifest(Path(bundle).resolve())
-        bundle_profile = (manifest.get("profile") or {}).get("name")
-        if isinstance(bundle_profile, str):
-            gpu = is_gpu_profile(bundle_profile, strict=False)
-    if executable is not None:
-        exec_path = Path(executable)
-        problem = _executable_problem(exec_path)
-        if problem:
-            raise ConfigError(f"--executable: {problem}")
-    else:
-        exec_path = find_console_script()
+        is_gpu_profile(profile)  # an unknown profile is an error before anything else
+    exec_path = _service_executable(inst, executable)
+    manifest, verified = inst.verify_bundle(source) if source is not None else (None, False)
+    config = inst.read_config()
+    bundle_profile = _manifest_profile(manifest)
+    if bundle_profile is None and source is None and config is not None:
+        bundle_profile = inst.config_bundle_profile(config)
+    gpu = _deciding_profile(inst, profile, config, bundle_profile)
 
     inst.ensure_user()
     unit_changed = inst.ensure_file(UNIT_FILE, render_unit(exec_path), 0o644)
     dropin_changed = False
     if gpu is None:
-        inst.step("GPU drop-in: skipped (no --profile, and no bundle to read one from)")
+        inst.step("GPU drop-in: skipped (no --profile, no [model] profile in an installed config, and no "
+                  "bundle to read one from)")
     elif gpu:
         groups_file = inst.target("etc/group")
         groups = _names_in(groups_file)
@@ -435,43 +735,83 @@ def install_service(profile: str | None, bundle: Path | None, *, root: Path = Pa
             inst.step("GPU drop-in: not needed (CPU profile), skipped")
     inst.units_changed = unit_changed or dropin_changed
 
-    installed_bundle = inst.install_bundle(Path(bundle)) if bundle is not None else None
-    if installed_bundle is None:
+    installed_bundle = None
+    if source is None:
         inst.step("bundle: skipped (no --bundle)")
+    elif verified:
+        installed_bundle = inst.install_bundle(source)
+    else:  # a dry run past a bundle that failed verification
+        installed_bundle = inst.bundle_destination(source)
+        inst.step(f"bundle {inst.shown(installed_bundle)}: would refuse to copy it (see the warning above)")
     bundle_in_config = inst.shown(installed_bundle) if installed_bundle is not None else None
-    note = ""
-    if bundle_in_config is not None:
-        note = f" (check that its [model] bundle is {bundle_in_config})"
+    note = f" (check that its [model] bundle is {bundle_in_config})" if config is None and bundle_in_config else ""
     inst.ensure_file(CONFIG_FILE, render_config(bundle_in_config, profile), 0o644,
                      overwrite=False, note_if_kept=note)
+    if config is not None:
+        from .bundle import read_manifest
+
+        inst.check_kept_config(config, profile, bundle_profile, installed_bundle,
+                               read_manifest(source)[1] if source is not None and manifest is not None else None)
 
     inst.systemctl()
-    if not inst.changed:
-        inst.step("nothing to do: everything is already installed")
-    elif dry_run:
-        inst.step("dry run: nothing was changed")
-    return inst.steps
+    return inst.finish("nothing to do: everything is already installed")
+
+
+def uninstall_service(*, root: Path = Path("/"), dry_run: bool = False,
+                      run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+                      report: Callable[[str], None] | None = None) -> list[str]:
+    """Take the service out: stop and disable it (live systemd only), remove the unit and
+    the GPU drop-in, reload systemd. Keeps the config, the state directory (audit log,
+    reply store), the bundles, other drop-ins and the user, saying how to remove each."""
+    inst = _Installer(Path(root).resolve(), dry_run, run, report)
+    inst.require_root("install-service --uninstall changes /etc and systemd")
+    config = inst.read_config()
+    live_systemd = inst.systemctl_here("disable")
+    if live_systemd:
+        inst.stop_and_disable()
+    elif not inst.live:
+        inst.remove_enable_links()
+    removed_dropin = inst.remove_file(GPU_DROPIN_FILE, "installed by install-service")
+    removed_unit = inst.remove_file(UNIT_FILE, "installed by install-service")
+    if not (removed_dropin or removed_unit):
+        inst.step(f"{inst.shown(inst.target(UNIT_FILE))}: not installed, skipped")
+    inst.units_changed = removed_dropin or removed_unit
+    if live_systemd:
+        inst.daemon_reload()
+    inst.report_kept(config)
+    return inst.finish(f"nothing to do: {SERVICE_NAME} is not installed as a service")
 
 
 # -- command line ---------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``edge-runtime install-service``."""
     parser.add_argument("--profile", help="device profile name or TOML file; a GPU profile (nvidia-gpu, "
-                        "jetson-*) adds the NVIDIA device drop-in (default: the bundle's profile)")
-    parser.add_argument("--bundle", type=Path, help=f"bundle folder to copy to {BUNDLES_DIR}/<name>")
+                        "jetson-*) adds the NVIDIA device drop-in (default: the installed config's "
+                        "[model] profile, else the bundle's profile)")
+    parser.add_argument("--bundle", type=Path, help=f"bundle folder to verify and copy to {BUNDLES_DIR}/<name>")
     parser.add_argument("--root", type=Path, default=Path("/"),
                         help="install into this tree (an image or a test folder) instead of / ; "
                              "systemctl is run only for /")
-    parser.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing")
+    parser.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing "
+                        "(exit 2 if a real run would stop)")
     parser.add_argument("--executable", help="the ExecStart= program (default: the edge-runtime script "
                         f"of this environment, e.g. {DEFAULT_EXECUTABLE})")
+    parser.add_argument("--uninstall", action="store_true", help="stop and disable the service, remove the "
+                        "unit and GPU drop-in; keep the config, state, bundles and user (with --root, --dry-run)")
 
 
 def run_install_service(args: argparse.Namespace) -> int:
     """Run the subcommand: steps go to stdout, an error to stderr (exit 2)."""
     try:
-        install_service(args.profile, args.bundle, root=args.root, dry_run=args.dry_run,
-                        executable=args.executable, report=print)
+        if getattr(args, "uninstall", False):
+            extra = [flag for flag, value in (("--profile", args.profile), ("--bundle", args.bundle),
+                                              ("--executable", args.executable)) if value is not None]
+            if extra:
+                raise ConfigError(f"--uninstall takes only --root and --dry-run, not {', '.join(extra)}")
+            uninstall_service(root=args.root, dry_run=args.dry_run, report=print)
+        else:
+            install_service(args.profile, args.bundle, root=args.root, dry_run=args.dry_run,
+                            executable=args.executable, report=print)
     except EdgeRuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

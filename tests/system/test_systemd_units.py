@@ -208,6 +208,27 @@ def test_notifier_sends_ready_status_stopping_and_watchdog(notify_socket):
     notifier.close()
 
 
+def test_a_slow_bundle_load_extends_the_start_timeout_within_its_budget(notify_socket, tiny_bundle):
+    from edge_runtime.bundle import load_time_budget_s
+    from edge_runtime.sdnotify import StartExtender
+
+    path, sock = notify_socket
+    notifier = SystemdNotifier.from_environment({"NOTIFY_SOCKET": str(path)})
+    with StartExtender(notifier, budget_s=0.35, interval_s=0.1) as extender:
+        time.sleep(0.8)  # a load that takes longer than the budget: the extensions stop at it
+    sent = datagrams(sock, 0.3)
+    assert sent and set(sent) == {"EXTEND_TIMEOUT_USEC=300000"} and 2 <= len(sent) <= 4, sent
+    assert extender.extensions == len(sent)
+    with StartExtender(notifier, budget_s=10, interval_s=0.1):
+        pass  # a quick load asks for nothing
+    assert datagrams(sock, 0.3) == []
+    # the budget: the bundle read twice at 10 MB/s
+    size = sum(f.stat().st_size for f in tiny_bundle.iterdir() if f.name != "bundle.json")
+    assert load_time_budget_s(tiny_bundle) == pytest.approx(2 * size / 10e6, rel=1e-6)
+    assert load_time_budget_s(tiny_bundle.parent / "no-such-bundle") == 0.0
+    notifier.close()
+
+
 def test_notifier_uses_the_abstract_namespace(tmp_path):
     name = f"edge-runtime-test-{os.getpid()}-{time.monotonic_ns()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
@@ -430,9 +451,10 @@ def test_the_device_stack_runs_under_the_units_seccomp_sandbox(broker, notify_so
 class FakeRun:
     """Records commands; `useradd --prefix ROOT` adds the user to ROOT/etc/passwd."""
 
-    def __init__(self, enabled: bool = False) -> None:
+    def __init__(self, enabled: bool = False, active: bool = False) -> None:
         self.calls: list[list[str]] = []
         self.enabled = enabled
+        self.active = active
 
     def __call__(self, argv, **kwargs):
         self.calls.append(list(argv))
@@ -441,6 +463,8 @@ class FakeRun:
             with open(root / "etc" / "passwd", "a") as f:
                 f.write(f"{argv[-1]}:x:999:999::/var/lib/edge-runtime:/usr/sbin/nologin\n")
         stdout = "enabled\n" if argv[:2] == ["systemctl", "is-enabled"] and self.enabled else "disabled\n"
+        if argv[:2] == ["systemctl", "is-active"]:
+            stdout = "active\n" if self.active else "inactive\n"
         return subprocess.CompletedProcess(argv, 0, stdout=stdout, stderr="")
 
 
@@ -453,18 +477,38 @@ def image_root(tmp_path) -> Path:
     return root
 
 
+def write_bundle(bundle: Path, profile: str = "jetson-orin-nano") -> Path:
+    """A bundle that passes `load_bundle` (every file listed with its size and SHA-256)."""
+    from edge_runtime.bundle import FORMAT_NAME, MANIFEST_NAME, SUPPORTED_FORMAT_VERSIONS, sha256_file
+
+    (bundle / "tokenizer").mkdir(parents=True, exist_ok=True)
+    (bundle / "model.onnx").write_bytes(bytes.fromhex(TINY_ONNX_HEX))
+    (bundle / "model.onnx.data").write_bytes(bytes(range(256)) * 16)
+    (bundle / "tokenizer" / "tokenizer.json").write_text("{}")
+    files = [{"path": name, "size": (bundle / name).stat().st_size, "sha256": sha256_file(bundle / name)}
+             for name in ("model.onnx", "model.onnx.data", "tokenizer/tokenizer.json")]
+    (bundle / MANIFEST_NAME).write_text(json.dumps({
+        "format": FORMAT_NAME, "format_version": SUPPORTED_FORMAT_VERSIONS[-1], "files": files,
+        "graph": {"flavour": "optimum-kv-concat", "file": "model.onnx"},
+        "tokenizer": {"file": "tokenizer/tokenizer.json", "supports_infill": False, "chat_format": "llama2"},
+        "architecture": {"num_layers": 2, "num_heads": 4, "num_kv_heads": 4, "head_dim": 8, "hidden_size": 32,
+                         "vocab_size": 64, "rope_theta": 10000.0, "max_position_embeddings": 256},
+        "context_limit": 256, "precision": "fp32", "profile": {"name": profile}, "source": {"name": "demo"}}))
+    return bundle
+
+
 @pytest.fixture
 def bundle_dir(tmp_path) -> Path:
-    from edge_runtime.bundle import FORMAT_NAME, MANIFEST_NAME, SUPPORTED_FORMAT_VERSIONS
+    from edge_runtime.bundle import load_bundle
 
-    bundle = tmp_path / "codellama-demo"
-    (bundle / "tokenizer").mkdir(parents=True)
-    (bundle / MANIFEST_NAME).write_text(json.dumps({
-        "format": FORMAT_NAME, "format_version": SUPPORTED_FORMAT_VERSIONS[-1],
-        "profile": {"name": "jetson-orin-nano"}, "files": []}))
-    (bundle / "model.onnx").write_bytes(bytes.fromhex(TINY_ONNX_HEX))
-    (bundle / "tokenizer" / "tokenizer.json").write_text("{}")
+    bundle = write_bundle(tmp_path / "codellama-demo")
+    assert load_bundle(bundle).profile_name == "jetson-orin-nano"
     return bundle
+
+
+@pytest.fixture
+def cpu_bundle_dir(tmp_path) -> Path:
+    return write_bundle(tmp_path / "codellama-cpu", profile="cpu-x86_64")
 
 
 EXE = "/opt/edge-runtime/venv/bin/edge-runtime"
@@ -522,6 +566,9 @@ def test_install_service_keeps_an_edited_config_and_follows_the_profile(image_ro
     assert not (image_root / svc.GPU_DROPIN_FILE).exists()
     assert not (image_root / svc.GPU_DROPIN_FILE).parent.exists()
     assert any("gpu.conf: removed (CPU profile)" in s for s in steps), steps
+    # ...and says that the kept config still runs the other profile, and what to change.
+    assert any(s.startswith("warning: /etc/edge-runtime/config.toml keeps [model] profile = \"jetson-orin-nano\", "
+                            "not \"cpu-arm64\"") and 'Set profile = "cpu-arm64"' in s for s in steps), steps
 
 
 def test_install_service_takes_the_profile_from_the_bundle(image_root, bundle_dir):
@@ -579,3 +626,235 @@ def test_install_service_command_line(image_root, bundle_dir, capsys):
     args = parser.parse_args(["--profile", "bogus", "--root", str(image_root), "--executable", EXE])
     assert svc.run_install_service(args) == 2
     assert "error: unknown device profile" in capsys.readouterr().err
+
+
+def test_install_service_refuses_a_bundle_that_fails_verification(image_root, bundle_dir, capsys):
+    """One byte flipped in the external data: refused with the daemon's own message
+    (`load_bundle`), before anything is changed; a dry run lists the plan, then fails."""
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.errors import BundleError
+
+    data = bundle_dir / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0x01
+    data.write_bytes(bytes(raw))
+    with pytest.raises(BundleError) as daemon:
+        load_bundle(bundle_dir)
+    assert "model.onnx.data: SHA-256 does not match" in str(daemon.value)
+
+    before = snapshot(image_root)
+    run = FakeRun()
+    with pytest.raises(BundleError) as refused:
+        svc.install_service("nvidia-gpu", bundle_dir, root=image_root, run=run, executable=EXE)
+    assert str(refused.value) == str(daemon.value)
+    assert run.calls == [] and snapshot(image_root) == before  # no user, unit or copy
+
+    parser = argparse.ArgumentParser()
+    svc.add_arguments(parser)
+    args = parser.parse_args(["--bundle", str(bundle_dir), "--root", str(image_root), "--executable", EXE])
+    assert svc.run_install_service(args) == 2
+    out, err = capsys.readouterr()
+    assert f"bundle {bundle_dir}: verifying the size and SHA-256 of its 3 files" in out
+    assert "copied" not in out and err == f"error: {daemon.value}\n"
+    assert snapshot(image_root) == before
+
+    with pytest.raises(svc.DryRunRefused) as dry:
+        svc.install_service("nvidia-gpu", bundle_dir, root=image_root, run=run, executable=EXE, dry_run=True)
+    assert "/etc/systemd/system/edge-runtime.service: would install it" in dry.value.steps
+    assert any(s.startswith("warning: a real run would stop here: model.onnx.data: SHA-256") for s in dry.value.steps)
+    assert "bundle /opt/edge-runtime/bundles/codellama-demo: would refuse to copy it (see the warning above)" \
+        in dry.value.steps
+    assert run.calls == [] and snapshot(image_root) == before
+
+
+def test_install_service_rerun_without_profile_keeps_the_installed_profile(image_root, cpu_bundle_dir):
+    """The installed config's [model] profile decides over the bundle's own when no
+    --profile is given: an upgrade keeps the GPU drop-in."""
+    svc.install_service("nvidia-gpu", cpu_bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    assert (image_root / svc.GPU_DROPIN_FILE).is_file()
+    before = snapshot(image_root)
+    steps = svc.install_service(None, cpu_bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    assert (image_root / svc.GPU_DROPIN_FILE).is_file(), steps
+    assert "profile: nvidia-gpu (the [model] profile of /etc/edge-runtime/config.toml; a GPU profile)" in steps
+    assert not any("removed" in s or s.startswith("warning") for s in steps), steps
+    assert snapshot(image_root) == before and steps[-1] == "nothing to do: everything is already installed"
+
+
+def test_install_service_without_a_profile_anywhere_follows_the_bundle(image_root, cpu_bundle_dir, bundle_dir):
+    svc.install_service(None, cpu_bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    from edge_runtime.config import load_config
+
+    assert load_config(image_root / svc.CONFIG_FILE, check_files=False).model.profile is None
+    # No --bundle either: the profile of the bundle the config names.
+    steps = svc.install_service(None, None, root=image_root, run=FakeRun(), executable=EXE)
+    assert "profile: cpu-x86_64 (the bundle's own; a CPU profile)" in steps
+    assert "GPU drop-in: not needed (CPU profile), skipped" in steps
+    # Another bundle: the drop-in follows it, and a warning says the config names the old one.
+    steps = svc.install_service(None, bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    assert (image_root / svc.GPU_DROPIN_FILE).is_file()
+    assert any(s.startswith('warning: /etc/edge-runtime/config.toml keeps [model] bundle = '
+                            '"/opt/edge-runtime/bundles/codellama-cpu", not "/opt/edge-runtime/bundles/codellama-demo"')
+               for s in steps), steps
+
+
+def test_install_service_warns_when_the_kept_config_runs_another_profile(image_root, cpu_bundle_dir):
+    svc.install_service(None, cpu_bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    config = image_root / svc.CONFIG_FILE
+    kept = config.read_text()
+    steps = svc.install_service("jetson-orin-nano", cpu_bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    assert config.read_text() == kept  # never overwritten
+    assert (image_root / svc.GPU_DROPIN_FILE).is_file()  # --profile decides
+    warning = [s for s in steps if s.startswith("warning:")]
+    assert warning == ['warning: /etc/edge-runtime/config.toml sets no [model] profile, so the service runs its '
+                       'bundle\'s own (cpu-x86_64), not "jetson-orin-nano" as --profile asks. Add profile = '
+                       '"jetson-orin-nano" to its [model], then `systemctl restart edge-runtime`'], steps
+    # Once the operator has set it, no warning.
+    config.write_text(kept.replace('# profile = "cpu-x86_64"', 'profile = "jetson-orin-nano"'))
+    steps = svc.install_service("jetson-orin-nano", cpu_bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    assert not any(s.startswith("warning:") for s in steps), steps
+
+
+def test_install_service_warns_when_the_kept_config_pins_another_bundle(image_root, cpu_bundle_dir):
+    from edge_runtime.bundle import read_manifest
+
+    svc.install_service(None, cpu_bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    config = image_root / svc.CONFIG_FILE
+    old_pin = "0" * 64
+    config.write_text(config.read_text().replace("[model]\n", f'[model]\nbundle_sha256 = "{old_pin}"\n', 1))
+    steps = svc.install_service(None, cpu_bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    sha = read_manifest(cpu_bundle_dir)[1]
+    assert [s for s in steps if s.startswith("warning:")] == [
+        f'warning: /etc/edge-runtime/config.toml pins [model] bundle_sha256 = "{old_pin}", and this bundle\'s '
+        f"bundle.json is {sha}: the service refuses it at start. Set bundle_sha256 = \"{sha}\" in its [model] (or "
+        "remove the pin), then `systemctl restart edge-runtime`"], steps
+    config.write_text(config.read_text().replace(old_pin, sha))
+    steps = svc.install_service(None, cpu_bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    assert not any(s.startswith("warning:") for s in steps), steps
+
+
+def test_install_service_resolves_a_relative_root(image_root, bundle_dir, monkeypatch):
+    monkeypatch.chdir(image_root.parent)
+    run = FakeRun()
+    parser = argparse.ArgumentParser()
+    svc.add_arguments(parser)
+    args = parser.parse_args(["--bundle", str(bundle_dir), "--root", image_root.name, "--executable", EXE])
+    steps = svc.install_service(args.profile, args.bundle, root=args.root, run=run, executable=EXE)
+    assert run.calls[0][:3] == ["useradd", "--prefix", str(image_root)], run.calls
+    assert (image_root / svc.UNIT_FILE).is_file() and (image_root / svc.CONFIG_FILE).is_file()
+    assert f"systemctl: skipped (--root {image_root}: enable it on the device with " \
+           "`systemctl enable edge-runtime`)" in steps
+
+
+def test_install_service_refuses_a_root_without_a_user_database(tmp_path):
+    root = tmp_path / "bare"
+    (root / "etc").mkdir(parents=True)
+    from edge_runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"has no etc/passwd or etc/group: useradd --prefix"):
+        svc.install_service("cpu-x86_64", None, root=root, run=FakeRun(), executable=EXE)
+    assert list(root.rglob("*")) == [root / "etc"]
+
+
+def test_install_service_dry_run_lists_the_plan_then_what_a_real_run_refuses(image_root, monkeypatch, capsys):
+    """The console script (or its interpreter, or this package) where the unit hides files,
+    as for a root user's pyenv under /root: a real run refuses before changing anything; a
+    dry run lists the whole plan with the problem as a warning, then exits 2 with it."""
+    from edge_runtime.errors import ConfigError
+
+    before = snapshot(image_root)
+    # --executable the unit would hide: the plan, then the refusal.
+    with pytest.raises(svc.DryRunRefused, match="--executable: /home/me/venv/bin/edge-runtime is under /home"):
+        svc.install_service(None, None, root=image_root, run=FakeRun(), executable="/home/me/venv/bin/edge-runtime",
+                            dry_run=True)
+    monkeypatch.setattr(svc, "HIDDEN_PREFIXES", (str(Path(svc.__file__).resolve().parent),))
+    with pytest.raises(ConfigError, match="which the unit hides"):
+        svc.install_service("cpu-x86_64", None, root=image_root, run=FakeRun())
+    assert snapshot(image_root) == before
+
+    parser = argparse.ArgumentParser()
+    svc.add_arguments(parser)
+    args = parser.parse_args(["--profile", "cpu-x86_64", "--root", str(image_root), "--dry-run"])
+    assert svc.run_install_service(args) == 2
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[0].startswith("warning: a real run would stop here: ") and "which the unit hides" in lines[0]
+    assert "/etc/systemd/system/edge-runtime.service: would install it" in lines
+    assert "/etc/edge-runtime/config.toml: would install it" in lines
+    assert lines[-1] == "dry run: nothing was changed; a real run would stop (see the warnings above)"
+    assert err.startswith("error: dry run: a real run would stop: ") and "ProtectHome" in err
+    assert snapshot(image_root) == before
+
+
+def test_uninstall_service_removes_the_unit_and_keeps_the_data(image_root, bundle_dir):
+    svc.install_service("nvidia-gpu", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    state = image_root / "var/lib/edge-runtime"
+    state.mkdir(parents=True)
+    (state / "audit.jsonl").write_text("{}\n")
+    override = image_root / "etc/systemd/system/edge-runtime.service.d/override.conf"
+    override.write_text("[Service]\nNice=5\n")
+    wants = image_root / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir()
+    (wants / "edge-runtime.service").symlink_to("/etc/systemd/system/edge-runtime.service")
+    before = snapshot(image_root)
+
+    run = FakeRun()
+    dry = svc.uninstall_service(root=image_root, run=run, dry_run=True)
+    assert snapshot(image_root) == before and run.calls == []
+    assert "/etc/systemd/system/edge-runtime.service: would remove it (installed by install-service)" in dry
+    assert dry[-1] == "dry run: nothing was changed"
+
+    steps = svc.uninstall_service(root=image_root, run=run)
+    assert run.calls == []  # not the live system
+    assert not (image_root / svc.UNIT_FILE).exists() and not (image_root / svc.GPU_DROPIN_FILE).exists()
+    assert not os.path.lexists(wants / "edge-runtime.service")
+    assert "/etc/systemd/system/multi-user.target.wants/edge-runtime.service: removed (the enable link)" in steps
+    assert override.is_file() and (image_root / svc.CONFIG_FILE).is_file() and (state / "audit.jsonl").is_file()
+    assert (image_root / "opt/edge-runtime/bundles/codellama-demo/model.onnx").is_file()
+    for expected in ("/etc/systemd/system/edge-runtime.service.d/gpu.conf: removed (installed by install-service)",
+                     "/etc/systemd/system/edge-runtime.service: removed (installed by install-service)",
+                     f"/etc/systemd/system/edge-runtime.service.d/override.conf: kept (not installed by "
+                     f"install-service); to remove it: rm {override}",
+                     f"/etc/edge-runtime: kept (the config, MQTT password and CA); to remove it: "
+                     f"rm -r {image_root}/etc/edge-runtime",
+                     f"/var/lib/edge-runtime: kept (the state: audit log, reply store); to remove it: rm -r {state}",
+                     f"/opt/edge-runtime/bundles: kept (the bundles); to remove it: "
+                     f"rm -r {image_root}/opt/edge-runtime/bundles",
+                     f"user edge-runtime: kept (it owns the state files); to remove it: "
+                     f"userdel --prefix {image_root} edge-runtime"):
+        assert expected in steps, steps
+    again = svc.uninstall_service(root=image_root, run=run)
+    assert again[-1] == "nothing to do: edge-runtime is not installed as a service", again
+
+
+def test_uninstall_service_on_a_live_systemd_stops_and_disables(image_root, monkeypatch):
+    svc.install_service("cpu-x86_64", None, root=image_root, run=FakeRun(), executable=EXE)
+    # The tree stands in for / (nothing outside it is touched; systemctl is the fake).
+    monkeypatch.setattr(svc, "_is_live", lambda root: True)
+    monkeypatch.setattr(svc, "_systemd_running", lambda: True)
+    monkeypatch.setattr(svc.os, "geteuid", lambda: 0)
+    run = FakeRun(enabled=True, active=True)
+    dry = svc.uninstall_service(root=image_root, run=run, dry_run=True)
+    assert run.calls == [["systemctl", "is-active", "edge-runtime"], ["systemctl", "is-enabled", "edge-runtime"]]
+    assert "systemctl stop edge-runtime: would run it" in dry and "systemctl disable edge-runtime: would run it" in dry
+    run.calls.clear()
+    steps = svc.uninstall_service(root=image_root, run=run)
+    assert run.calls == [["systemctl", "is-active", "edge-runtime"], ["systemctl", "stop", "edge-runtime"],
+                         ["systemctl", "is-enabled", "edge-runtime"], ["systemctl", "disable", "edge-runtime"],
+                         ["systemctl", "daemon-reload"]], run.calls
+    assert not (image_root / svc.UNIT_FILE).exists()
+    assert "systemctl daemon-reload: done" in steps
+    run = FakeRun()  # stopped and disabled now
+    steps = svc.uninstall_service(root=image_root, run=run)
+    assert "systemctl stop edge-runtime: not running, skipped" in steps
+    assert "systemctl disable edge-runtime: not enabled (disabled), skipped" in steps
+    assert "systemctl daemon-reload: skipped (no unit file changed)" in steps
+
+
+def test_uninstall_service_command_line(image_root, capsys):
+    parser = argparse.ArgumentParser()
+    svc.add_arguments(parser)
+    assert svc.run_install_service(parser.parse_args(["--uninstall", "--root", str(image_root), "--dry-run"])) == 0
+    assert "nothing to do: edge-runtime is not installed as a service" in capsys.readouterr().out
+    args = parser.parse_args(["--uninstall", "--profile", "cpu-x86_64", "--root", str(image_root)])
+    assert svc.run_install_service(args) == 2
+    assert capsys.readouterr().err == "error: --uninstall takes only --root and --dry-run, not --profile\n"
