@@ -242,14 +242,25 @@ def cmd_audit(args) -> int:
         since = parse_since(args.since) if args.since else None
     except ValueError as exc:
         return _die(str(exc))
-    found = [p for p in candidates if p.exists() or p.with_name(p.name + ".1").exists()]
+    def present(path: Path) -> bool:
+        try:
+            return path.exists() or path.with_name(path.name + ".1").exists()
+        except OSError as exc:  # the service's state dir is 0750: root or its group only
+            raise EdgeRuntimeError(f"cannot read {path.parent}: {exc.strerror or exc} (run as root, or as a member "
+                                   "of the edge-runtime group)") from None
+
+    found = [p for p in candidates if present(p)]
     if not found:
         print(f"no audit log at {' or '.join(map(str, candidates))}: nothing was refused, stopped or flagged there "
               "yet (a daemon with another state directory: --state-dir DIR)", file=sys.stderr)
         return 0
     path = found[-1]  # both: the service's
-    events = list(filter_events(read_events(path), client=args.client, rule=args.rule, action=args.action,
-                                request_id=args.request, since=since))
+    try:
+        events = list(filter_events(read_events(path), client=args.client, rule=args.rule, action=args.action,
+                                    request_id=args.request, since=since))
+    except OSError as exc:
+        raise EdgeRuntimeError(f"cannot read {path}: {exc.strerror or exc} (run as root, or as a member of the "
+                               "edge-runtime group)") from None
     if args.tail:
         events = events[-args.tail:]
     for e in events:

@@ -505,9 +505,10 @@ def _why_no_reply(client: EdgeClient) -> str:
     if state == "online":
         return (f"; device {device!r} is online with {status.get('queue_depth')} of {status.get('queue_limit')} "
                 "requests queued (raise --timeout for long answers)")
-    if status.get("reason") == "connection lost":  # the will, written when the daemon connected: ts is not the loss
+    if status.get("reason") == "connection lost":  # the will, written when the daemon started: ts is not the loss
         return (f"; device {device!r} is offline: the broker lost its connection (a crash, power loss or network "
-                f"fault){f'; it had come online at {when}' if when else ''} (the request waits for it on the broker)")
+                f"fault){f'; the daemon had started at {when}' if when else ''} (the request waits for it on the "
+                "broker)")
     return f"; device {device!r} is {state}{f' since {when}' if when else ''} (the request waits for it on the broker)"
 
 

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BundleError, ConfigError, EdgeRuntimeError
+from .memory_fit import human_bytes
 
 __all__ = [
     "BUNDLES_DIR",
@@ -249,17 +250,6 @@ def _manifest_profile(manifest: dict[str, Any] | None) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def _human_size(size: int) -> str:
-    if size < 1000:
-        return f"{size} B"
-    value = float(size)
-    for unit in ("KB", "MB", "GB"):
-        value /= 1000
-        if value < 1000 or unit == "GB":
-            break
-    return f"{value:.1f} {unit}"
-
-
 @dataclass(frozen=True)
 class _KeptConfig:
     """What an installed config says, as far as install-service needs it."""
@@ -268,6 +258,7 @@ class _KeptConfig:
     model_profile: str | None
     state_dir: str | None
     bundle_sha256: str | None = None  # [model] bundle_sha256: the pinned bundle.json
+    readable: bool = True  # False: the file exists but is not valid TOML
 
 
 class DryRunRefused(ConfigError):
@@ -392,9 +383,9 @@ class _Installer:
         try:
             data = parse_toml(path.read_bytes(), source=self.shown(path))
         except (OSError, ConfigError) as exc:
-            self.step(f"warning: cannot read {self.shown(path)} ({exc}): its [model] profile is not taken "
-                      f"into account")
-            return None
+            self.step(f"warning: cannot read {self.shown(path)} ({exc}): the daemon will refuse it too; its "
+                      f"[model] profile is unknown, so the GPU drop-in is left as it is unless --profile decides")
+            return _KeptConfig(model_bundle=None, model_profile=None, state_dir=None, readable=False)
 
         def text(table: str, key: str) -> str | None:
             section = data.get(table)
@@ -430,7 +421,7 @@ class _Installer:
         files = manifest.get("files") if isinstance(manifest.get("files"), list) else []
         size = sum(e["size"] for e in files if isinstance(e, dict) and isinstance(e.get("size"), int))
         self.step(f"bundle {source}: verifying the size and SHA-256 of its {len(files)} files "
-                  f"({_human_size(size)}) against bundle.json, as the daemon does at start (a while for a "
+                  f"({human_bytes(size)}) against bundle.json, as the daemon does at start (a while for a "
                   f"large bundle)")
         try:
             load_bundle(source)
@@ -652,20 +643,39 @@ class _Installer:
 
 def _deciding_profile(inst: _Installer, profile: str | None, config: _KeptConfig | None,
                       bundle_profile: str | None) -> bool | None:
-    """Whether the service runs a GPU profile (None: no profile known): `profile` if given,
-    else the installed config's [model] profile, else the bundle's. Says which decided."""
+    """Whether the service runs a GPU profile (None: not known, so the drop-in is left as
+    it is): `profile` if given, else the installed config's [model] profile, else the
+    bundle's. Says which decided."""
     if profile is not None:
         gpu, name, source = is_gpu_profile(profile), profile, "--profile"
+    elif config is not None and not config.readable:
+        return None
     elif config is not None and config.model_profile is not None:
         name = config.model_profile  # a TOML path names a file on the installed system
         loadable = str(inst.on_target(name, inst.root)) if name.startswith("/") else name
-        gpu, source = is_gpu_profile(loadable, strict=False), f"the [model] profile of {inst.shown(inst.target(CONFIG_FILE))}"
+        gpu, source = _loaded_kind(inst, loadable, name), f"the [model] profile of {inst.shown(inst.target(CONFIG_FILE))}"
     elif bundle_profile is not None:
-        gpu, name, source = is_gpu_profile(bundle_profile, strict=False), bundle_profile, "the bundle's own"
+        gpu, name, source = _loaded_kind(inst, bundle_profile, bundle_profile), bundle_profile, "the bundle's own"
     else:
         return None
-    inst.step(f"profile: {name} ({source}; {'a GPU' if gpu else 'a CPU'} profile)")
+    if gpu is not None:
+        inst.step(f"profile: {name} ({source}; {'a GPU' if gpu else 'a CPU'} profile)")
     return gpu
+
+
+def _loaded_kind(inst: _Installer, loadable: str, name: str) -> bool | None:
+    """`is_gpu_profile` of a profile this run did not choose; one it cannot load is GPU when
+    its name says so (nvidia-gpu, jetson-*), else unknown (None, with a warning): a custom
+    GPU profile this version cannot read must not lose its drop-in."""
+    try:
+        return is_gpu_profile(loadable)
+    except (ConfigError, ImportError) as exc:
+        stem = Path(name).stem
+        if stem == "nvidia-gpu" or stem.startswith("jetson-"):
+            return True
+        inst.step(f"warning: cannot load profile {name} ({exc}): the GPU drop-in is left as it is; pass --profile "
+                  "to decide it")
+        return None
 
 
 def _service_executable(inst: _Installer, executable: str | os.PathLike[str] | None) -> Path:
@@ -719,8 +729,8 @@ def install_service(profile: str | None, bundle: Path | None, *, root: Path = Pa
     unit_changed = inst.ensure_file(UNIT_FILE, render_unit(exec_path), 0o644)
     dropin_changed = False
     if gpu is None:
-        inst.step("GPU drop-in: skipped (no --profile, no [model] profile in an installed config, and no "
-                  "bundle to read one from)")
+        inst.step("GPU drop-in: left as it is (no profile to decide it by: no --profile, and no readable "
+                  "[model] profile or bundle profile)")
     elif gpu:
         groups_file = inst.target("etc/group")
         groups = _names_in(groups_file)

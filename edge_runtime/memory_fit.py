@@ -217,6 +217,15 @@ def gib(n: int) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
+def human_bytes(n: float) -> str:
+    """A size in the largest binary unit under 1024 of it: 512 B, 1.5 KiB, ... 4.2 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
+
+
 def bundle_weight_bytes(bundle: Bundle) -> int:
     """Bytes of the files that hold the graph and its weights (everything listed in
     bundle.json except the tokenizer and the licence files)."""

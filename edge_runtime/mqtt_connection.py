@@ -29,6 +29,9 @@ class BrokerAddress:
         return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
 
 
+RECONNECT_DELAY_S = (1, 30)  # paho's reconnect backoff: from 1 s, doubling to 30 s
+
+
 def parse_broker_url(url: str) -> BrokerAddress:
     """``mqtt://HOST[:PORT]`` (plain, default 1883) or ``mqtts://HOST[:PORT]`` (TLS, 8883).
 
@@ -88,7 +91,7 @@ def make_client(*, client_id: str, protocol: str, address: BrokerAddress,
                 username: str | None = None, password: str | None = None,
                 tls: TlsFiles | None = None, will: Will | None = None,
                 manual_ack: bool = False, persistent: bool = False,
-                reconnect_min_s: int = 1, reconnect_max_s: int = 30) -> mqtt.Client:
+                reconnect_min_s: int = RECONNECT_DELAY_S[0], reconnect_max_s: int = RECONNECT_DELAY_S[1]) -> mqtt.Client:
     """A paho client (callback API v2) configured but not connected.
 
     `persistent` asks for a persistent session (3.1.1: clean_session False; MQTT 5:

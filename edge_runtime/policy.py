@@ -28,7 +28,8 @@ naming it. Matching is case-insensitive unless the rule says otherwise, on
 text normalized with NFKC and without zero-width characters, and phrases match
 across any run of whitespace. A `stop` rule's match is never sent: the stream
 holds back the tail of the text that could still begin one (a phrase's, exactly;
-a pattern's, its longest match or `hold_back_chars`, whichever is shorter).
+a pattern's, `hold_back_chars` if the rule sets it, else one less than its longest
+match, at most DEFAULT_PATTERN_HOLD_CHARS).
 This module only decides; `guard.py` enforces.
 """
 
@@ -87,8 +88,9 @@ class RuleSpec:
             raise InvalidField("action", "'refuse' applies to request text (on = ['input']); use 'stop' for "
                                          "generated text")
         for i, phrase in enumerate(self.phrases):
-            if not phrase.strip():
-                raise InvalidField(f"phrases[{i}]", "empty phrase")
+            if not normalize(phrase).split():  # zero-width characters alone normalize to nothing
+                raise InvalidField(f"phrases[{i}]", "empty phrase (nothing left after whitespace and zero-width "
+                                                    "characters)")
         if self.hold_back_chars is not None and self.action != "stop":
             raise InvalidField("hold_back_chars", "applies to 'stop' rules only (what the stream holds back)")
 
@@ -148,6 +150,12 @@ class PolicySpec:
     audit: AuditSpec = field(default_factory=AuditSpec)
     output_window_chars: Annotated[int, between(64, 1 << 20)] = DEFAULT_OUTPUT_WINDOW_CHARS
 
+    def __post_init__(self) -> None:
+        for i, rule in enumerate(self.rules):
+            if rule.hold_back_chars is not None and rule.hold_back_chars > self.output_window_chars:
+                raise InvalidField(f"rules[{i}].hold_back_chars", f"{rule.hold_back_chars} is more than "
+                                   f"output_window_chars ({self.output_window_chars}), the text a rule looks at")
+
 
 # --------------------------------------------------------------------------- compiled
 
@@ -206,6 +214,7 @@ class Rule:
     description: str = ""
     beginnings: re.Pattern[str] | None = None  # a tail of text that is the start of a phrase's match
     pattern_hold: int = 0  # stop rules: trailing characters held back for the patterns
+    non_ascii: bool = False  # a phrase or pattern has a non-ASCII character (a combining mark may complete it)
 
     def applies(self, where: str, mode: str, client_id: str) -> bool:
         return (where in self.on and mode in self.modes
@@ -221,10 +230,12 @@ class Rule:
                   if rx is not None and (m := rx.search(text, pos))]
         return min(starts, default=None)
 
-    def phrase_opening(self, text: str, pos: int) -> int | None:
-        """Where the longest tail of `text` (from `pos` on) that is the start, not the
-        whole, of a phrase's match begins; None when no tail is."""
-        m = self.beginnings.search(text, pos) if self.beginnings is not None else None
+    def phrase_opening(self, text: str, pos: int, endpos: int | None = None) -> int | None:
+        """Where the longest tail of `text[:endpos]` (from `pos` on) that is the start, not
+        the whole, of a phrase's match begins; None when no tail is."""
+        if self.beginnings is None:
+            return None
+        m = self.beginnings.search(text, pos, len(text) if endpos is None else endpos)
         return None if m is None else m.start()
 
     def _regexes(self) -> list[re.Pattern[str]]:
@@ -305,7 +316,14 @@ class OutputWatch:
     A phrase's match can only begin where the text before the newest delta ended
     with the start of one (a rule's *opening*), or in the delta: so phrases are
     searched from there on, and the opening, found on the way, is what a `stop`
-    rule holds back. Patterns are searched in the whole window."""
+    rule holds back. Patterns are searched in the whole window.
+
+    Each delta is normalized from the last starter before it (the character that
+    combining marks attach to), so text split between chunks normalizes as the whole
+    text does: "cafe" then U+0301 is "café". A match may end in that last part and be
+    undone by marks to come; it is reported all the same (a stop that errs on the side
+    of stopping), and where a rule has non-ASCII text that a mark could complete, the
+    last part is held back too."""
 
     def __init__(self, rules: tuple[Rule, ...], window: int = DEFAULT_OUTPUT_WINDOW_CHARS) -> None:
         self._rules = list(rules)
@@ -313,6 +331,12 @@ class OutputWatch:
         self._text = ""  # the normalized output's last characters
         self._dropped = 0  # characters trimmed off the front of _text
         self._opening: dict[str, int] = {}  # rule name -> absolute offset of its phrase opening
+        self._resume: dict[str, int] = {}  # the same, in the text before the provisional part: where to search on
+        # The output from its last starter (a character that combining marks attach to) on, as
+        # generated, and its length in _text: the next delta may begin with marks that change it
+        # ("e" then U+0301 is "é"), so it is normalized again with them.
+        self._provisional_raw = ""
+        self._provisional_len = 0
 
     @property
     def text(self) -> str:
@@ -326,21 +350,28 @@ class OutputWatch:
     def feed(self, delta: str) -> list[Violation]:
         if not self._rules or not delta:
             return []
-        before = len(self._text)
-        self._text += normalize(delta)
+        raw = self._provisional_raw + delta
+        cut = _last_starter(raw) if len(raw) <= MAX_PROVISIONAL_CHARS else len(raw)
+        before = len(self._text) - self._provisional_len  # where the text normalized now begins
+        provisional = normalize(raw[cut:])
+        self._text = self._text[:before] + normalize(raw[:cut]) + provisional
+        self._provisional_raw, self._provisional_len = raw[cut:], len(provisional)
         start = max(0, before - self._window)
         hits = []
+        committed = len(self._text) - self._provisional_len
         for rule in list(self._rules):
-            opening = self._opening.pop(rule.name, None)
-            phrases_from = max(start, before if opening is None else opening - self._dropped)
+            self._opening.pop(rule.name, None)
+            resume = self._resume.pop(rule.name, None)
+            phrases_from = max(start, before if resume is None else min(before, resume - self._dropped))
             at = rule.first_match(self._text, phrases_from, start)
             if at is not None:
                 hits.append(Violation(rule.name, rule.action, "output", rule.description, at=self._dropped + at))
                 self._rules.remove(rule)
                 continue
-            opening = rule.phrase_opening(self._text, phrases_from)
-            if opening is not None:
-                self._opening[rule.name] = self._dropped + opening
+            for openings, endpos in ((self._opening, None), (self._resume, committed)):
+                opening = rule.phrase_opening(self._text, phrases_from, endpos)
+                if opening is not None:
+                    openings[rule.name] = self._dropped + opening
         if len(self._text) > 4 * self._window:  # keep memory bounded on long outputs
             self._dropped += len(self._text) - self._window
             self._text = self._text[-self._window:]
@@ -352,10 +383,24 @@ class OutputWatch:
         held = 0
         for rule in self._rules:
             if rule.action == "stop":
-                opening = self._opening.get(rule.name)
+                # non-ASCII text: the last part may yet become part of a match ("cafe" + U+0301),
+                # so it is held, and the opening is the one found before it
+                opening = (self._resume if rule.non_ascii else self._opening).get(rule.name)
                 held = max(held, min(rule.pattern_hold, len(self._text), self._window),
-                           0 if opening is None else self.length - opening)
+                           0 if opening is None else self.length - opening,
+                           self._provisional_len if rule.non_ascii else 0)
         return held
+
+
+MAX_PROVISIONAL_CHARS = 64  # a longer run of combining marks is normalized as it comes
+
+
+def _last_starter(text: str) -> int:
+    """Where the last character with canonical combining class 0 is (0 when there is none)."""
+    for i in range(len(text) - 1, -1, -1):
+        if not unicodedata.combining(text[i]):
+            return i
+    return 0
 
 
 def _pattern_hold(patterns: list[re.Pattern[str]]) -> int:
@@ -390,8 +435,9 @@ def compile_policy(spec: PolicySpec, *, source: str, sha256: str = "") -> Policy
         hold = 0
         if r.action == "stop" and r.patterns:
             hold = r.hold_back_chars if r.hold_back_chars is not None else _pattern_hold(patterns)
+        non_ascii = not all(normalize(text).isascii() for text in (*r.phrases, *r.patterns))
         rules.append(Rule(r.name, r.action, frozenset(r.on), frozenset(r.modes), r.clients, phrases,
-                          tuple(patterns), r.description, beginnings, hold))
+                          tuple(patterns), r.description, beginnings, hold, non_ascii))
     return Policy(tuple(rules), spec.limits, spec.classifier, spec.audit, spec.output_window_chars,
                   source, sha256)
 

@@ -40,7 +40,7 @@ from . import __version__
 from .config import ServiceConfig
 from .errors import EdgeRuntimeError
 from .guard import PolicyGuard
-from .mqtt_connection import Will, connect_async, make_client, publish_properties, response_route
+from .mqtt_connection import RECONNECT_DELAY_S, Will, connect_async, make_client, publish_properties, response_route
 from .protocol import (
     FLEET_GENERATE_TOPIC,
     ProtocolError,
@@ -66,6 +66,9 @@ log = logging.getLogger(__name__)
 SHORT_SESSION_S = 10.0  # a connection the broker closes sooner counts as short
 SHORT_SESSIONS = 3  # short connections in a row before the daemon says why and slows down
 FLAPPING_RECONNECT_S = (15, 60)  # reconnect backoff while connections keep being closed
+# A connection that lasts this long ends the slow-down: longer than the slowed backoff, so
+# two daemons that take turns every 15-60 s do not count as settled.
+LASTING_SESSION_S = 2.0 * FLAPPING_RECONNECT_S[1]
 
 
 @dataclass(frozen=True)
@@ -531,12 +534,16 @@ class EdgeService:
         image cloned onto many boards) makes the broker close each connection as the other
         one connects: both reconnect at once, forever. Said plainly, and the reconnects
         slowed, after SHORT_SESSIONS connections in a row that lasted under SHORT_SESSION_S
-        (or a broker's "session taken over"); a connection that lasts restores the pace."""
+        (or a broker's "session taken over"); a connection that lasts LASTING_SESSION_S
+        restores the pace."""
         taken_over = getattr(reason_code, "value", None) == 0x8E  # MQTT 5 Session taken over
-        if lasted_s >= SHORT_SESSION_S and not taken_over:
-            if self._short_sessions >= SHORT_SESSIONS:
-                client.reconnect_delay_set(min_delay=1, max_delay=30)
+        slowed = self._short_sessions >= SHORT_SESSIONS
+        if not taken_over and (lasted_s >= LASTING_SESSION_S or (lasted_s >= SHORT_SESSION_S and not slowed)):
+            if slowed:
+                client.reconnect_delay_set(min_delay=RECONNECT_DELAY_S[0], max_delay=RECONNECT_DELAY_S[1])
             self._short_sessions = 0
+            return
+        if not taken_over and lasted_s >= SHORT_SESSION_S:  # slowed, and taking turns with the other client
             return
         self._short_sessions += 1
         n = self._short_sessions

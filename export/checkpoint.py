@@ -43,11 +43,25 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
     except (struct.error, ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{file.name} is not a readable safetensors file ({exc}); download it again") from None
     base = 8 + header_len
+    if not isinstance(header, dict) or not all(
+            name == "__metadata__" or (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+                                       and isinstance(entry.get("shape"), list) and _offsets(entry) is not None)
+            for name, entry in header.items()):
+        raise CheckpointError(f"{file.name} is not a readable safetensors file (its header does not describe "
+                              "tensors); download it again")
     end = max((e["data_offsets"][1] for n, e in header.items() if n != "__metadata__"), default=0)
     if base + end > size:
         raise CheckpointError(f"{file.name} is truncated ({size:,} of {base + end:,} bytes): an interrupted copy or "
                               "download; download it again")
     return header, base
+
+
+def _offsets(entry: dict[str, Any]) -> tuple[int, int] | None:
+    offsets = entry.get("data_offsets")
+    if (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        return offsets[0], offsets[1]
+    return None
 
 
 def _check_weights(path: Path, weights: list[Path], config: dict[str, Any]) -> None:
@@ -59,7 +73,10 @@ def _check_weights(path: Path, weights: list[Path], config: dict[str, Any]) -> N
                               f"{method!r}); export from the original float16/bfloat16 checkpoint")
     index = path / SHARD_INDEX
     if index.is_file():
-        shards = sorted(set(_load_json(index).get("weight_map", {}).values()))
+        weight_map = _load_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{path.name}: {SHARD_INDEX} has no weight_map of tensor names to file names")
+        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
             raise CheckpointError(f"{path.name}: {SHARD_INDEX} names {len(shards)} weight files and "

@@ -10,20 +10,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
+from edge_runtime.memory_fit import human_bytes
+
+__all__ = ["Progress", "human_bytes", "peak_rss_bytes"]
+
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process and its finished children (Linux: ru_maxrss is KiB)."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return max(own, children) * 1024
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError
 
 
 class Progress:

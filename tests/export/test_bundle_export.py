@@ -328,6 +328,22 @@ def test_a_truncated_or_missing_shard_is_refused_at_once_with_the_file_named(tin
         read_checkpoint(missing)
 
 
+@pytest.mark.parametrize("header, words", [
+    ([], "is not a readable safetensors file"),
+    ({"w": 3}, "is not a readable safetensors file"),
+    ({"w": {"dtype": "F32", "shape": [1]}}, "is not a readable safetensors file"),  # no data_offsets
+    ({"w": {"dtype": "I8", "shape": [4], "data_offsets": [0, 4]}}, "tensor w is I8, not a float"),
+])
+def test_a_weights_file_that_is_not_float_safetensors_is_refused(tiny_checkpoint, tmp_path, header, words):
+    from edge_export.checkpoint import CheckpointError, read_checkpoint
+
+    folder = broken_copy(tiny_checkpoint, tmp_path, "odd")
+    raw = json.dumps(header).encode()
+    (folder / "extra.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(4))
+    with pytest.raises(CheckpointError, match=words):
+        read_checkpoint(folder)
+
+
 def test_an_already_quantized_checkpoint_is_refused(tiny_checkpoint, tmp_path):
     from edge_export.checkpoint import CheckpointError, read_checkpoint
 

@@ -248,7 +248,7 @@ def test_ask_timeout_says_what_the_devices_status_says(broker, capsys, tmp_path)
     assert ask_device("gone-2") == 1
     err = capsys.readouterr().err
     assert "device 'gone-2' is offline: the broker lost its connection" in err
-    assert "it had come online at 2023-11-" in err and "since" not in err
+    assert "the daemon had started at 2023-11-" in err and "since" not in err
 
 
 def test_ask_leaves_max_tokens_to_the_device(broker, tmp_path, capsys):

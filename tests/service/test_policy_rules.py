@@ -18,7 +18,7 @@ from edge_runtime.classifier import CommandClassifier
 from edge_runtime.client_limits import RequestRateLimiter
 from edge_runtime.errors import ConfigError
 from edge_runtime.guard import PolicyGuard
-from edge_runtime.policy import ClassifierSpec, OutputWatch, load_policy, parse_policy
+from edge_runtime.policy import ClassifierSpec, OutputWatch, load_policy, normalize, parse_policy
 from edge_runtime.types import Chunk, GenerationRequest, GenerationResult, Message, Timings, Usage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,6 +53,10 @@ def rules_hit(p, request) -> list[str]:
     ('[limits]\nrequests_per_minute = -1', "limits.requests_per_minute", ">= 0"),
     ('[[rules]]\nname = "r1"\naction = "flag"\nphrases = ["x"]\nhold_back_chars = 8', "rules[0].hold_back_chars",
      "'stop' rules only"),
+    ('output_window_chars = 100\n[[rules]]\nname = "r1"\naction = "stop"\non = ["output"]\npatterns = ["x"]\n'
+     'hold_back_chars = 200', "rules[0].hold_back_chars", "more than output_window_chars (100)"),
+    ('[[rules]]\nname = "r1"\naction = "refuse"\nphrases = ["rm -rf", "\u00ad\u200b"]', "rules[0].phrases[1]",
+     "empty phrase"),
     ('[classifier]\ntimeout_s = 1', "classifier.command", "exactly one of"),
     ('[[rules]]\nname = "r1"\naction = "flag"\nphrases = ["x"]\nfrobnicate = true', "rules[0].frobnicate",
      "unknown key"),
@@ -233,6 +237,31 @@ def test_no_part_of_a_stop_rules_match_is_ever_streamed(pieces, data):
         assert final.finish_reason == "policy"
         ends = [len("".join(chunks[:i + 1])) for i in range(len(chunks))]
         assert streamed == [c for c, end in zip(chunks, ends) if end <= match.start()]
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=st.lists(st.sampled_from(["caf", "e", "\u0301", "\u00e9", " ", "x", "caf\u00e9", "cafe\u0301", "ca",
+                                        "CAF", "\uff43af\u00e9"]), max_size=10),
+       data=st.data())
+def test_a_phrase_completed_by_a_combining_mark_in_a_later_chunk_is_never_streamed(pieces, data):
+    """Chunks are normalized as the whole text is: "cafe" then U+0301 is "café"."""
+    text = "".join(pieces)
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(text) - 1)), max_size=len(text))))
+    chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)]) if text[a:b]]
+    with tempfile.TemporaryDirectory() as state:
+        guard = PolicyGuard.create(policy(stop_rule('phrases = ["caf\u00e9"]')), Path(state))
+        items = list(guard.wrap(ChunkedEngine(chunks)).generate(complete("x")))
+    streamed = "".join(item.text for item in items if isinstance(item, Chunk))
+    assert streamed == items[-1].text
+    whole = normalize(text)
+    match = re.search("caf\u00e9", whole, re.IGNORECASE)
+    if match is None:
+        assert items[-1].finish_reason == "stop" and streamed == text
+    else:
+        assert items[-1].finish_reason == "policy"
+        # whole chunks from the start, ending before the match (a mark that composes with the last
+        # character sent may be held back with the match: "e" | U+0301 "café" sends "e")
+        assert text.startswith(streamed) and len(normalize(streamed)) <= match.start(), (chunks, streamed)
 
 
 def test_output_watch_memory_stays_bounded():

@@ -251,6 +251,31 @@ def test_audit_with_the_installed_config_reads_the_services_state_dir(serve, pro
     assert f"no audit log at {tmp_path / 'xdg'}" in err and f"or {tmp_path / 'nothing-here'}" in err
 
 
+def test_audit_of_a_state_dir_it_may_not_read_says_so(tmp_path, monkeypatch, capsys):
+    """Not root, not in the edge-runtime group: the service's 0750 state dir cannot be
+    looked into (the test runs as root, so the refusal is simulated)."""
+    import pathlib
+
+    import edge_runtime.config
+    from edge_runtime.cli import main
+
+    locked = tmp_path / "svc-state"
+    exists = pathlib.Path.exists
+
+    def guarded_exists(path, *args, **kwargs):
+        if locked in path.parents:
+            raise PermissionError(13, "Permission denied")
+        return exists(path, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "exists", guarded_exists)
+    monkeypatch.setattr(edge_runtime.config, "SERVICE_STATE_DIR", locked)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    assert main(["audit"]) != 0
+    assert f"cannot read {locked}: Permission denied (run as root, or as a member of the edge-runtime group)" \
+        in capsys.readouterr().err
+
+
 def test_the_log_names_the_policy_the_state_dir_and_each_requests_client(serve, probe, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="edge_runtime.service")
     serve(policy_file=SAMPLE)

@@ -439,6 +439,29 @@ def test_two_daemons_with_one_device_id_on_two_machines_are_named_and_slowed(bro
         first.stop()
 
 
+def test_taking_turns_while_slowed_does_not_count_as_settled(broker, tmp_path):
+    """Once slowed, each of two daemons with one client id stays connected until the other
+    reconnects (15-60 s): those connections must not restore the fast pace; one that
+    lasts well past the slowed backoff does."""
+    from edge_runtime.service import LASTING_SESSION_S, SHORT_SESSION_S
+
+    class Client:
+        delays: list[tuple[int, int]] = []
+
+        def reconnect_delay_set(self, min_delay: int, max_delay: int) -> None:
+            self.delays.append((min_delay, max_delay))
+
+    service = EdgeService(make_config(broker, tmp_path), FakeEngine())
+    client = Client()
+    for lasted in (0.5, 0.5, 0.5):  # MQTT 3.1.1: no reason code, only short connections
+        service._note_session_end(client, None, lasted)
+    assert client.delays[-1] == (15, 60)
+    service._note_session_end(client, None, SHORT_SESSION_S + 20)  # the other daemon's turn
+    assert client.delays[-1] == (15, 60)
+    service._note_session_end(client, None, LASTING_SESSION_S + 1)
+    assert client.delays[-1] == (1, 30)
+
+
 def test_a_second_serve_for_the_device_stops_before_loading_the_bundle(broker, tmp_path):
     import argparse
 

@@ -680,6 +680,25 @@ def test_install_service_rerun_without_profile_keeps_the_installed_profile(image
     assert snapshot(image_root) == before and steps[-1] == "nothing to do: everything is already installed"
 
 
+def test_install_service_leaves_the_drop_in_of_a_profile_it_cannot_read(image_root, cpu_bundle_dir):
+    """A custom GPU profile TOML the installer cannot read (not in the image yet, or from a
+    newer version) must not be taken for a CPU profile: the drop-in stays."""
+    svc.install_service("jetson-orin-nano", cpu_bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    config = image_root / svc.CONFIG_FILE
+    text = config.read_text()
+    assert 'profile = "jetson-orin-nano"' in text
+    config.write_text(text.replace('profile = "jetson-orin-nano"', 'profile = "/etc/edge-runtime/orin-nx.toml"'))
+    steps = svc.install_service(None, cpu_bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    assert (image_root / svc.GPU_DROPIN_FILE).is_file(), steps
+    assert any(s.startswith("warning: cannot load profile /etc/edge-runtime/orin-nx.toml") for s in steps), steps
+    assert "GPU drop-in: left as it is (no profile to decide it by: no --profile, and no readable [model] profile " \
+           "or bundle profile)" in steps
+    config.write_text(text + "\n[model]\n")  # a config the daemon cannot read either (a table defined twice)
+    steps = svc.install_service(None, cpu_bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    assert (image_root / svc.GPU_DROPIN_FILE).is_file(), steps
+    assert any(s.startswith("warning: cannot read /etc/edge-runtime/config.toml") for s in steps), steps
+
+
 def test_install_service_without_a_profile_anywhere_follows_the_bundle(image_root, cpu_bundle_dir, bundle_dir):
     svc.install_service(None, cpu_bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
     from edge_runtime.config import load_config
