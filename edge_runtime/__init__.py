@@ -1,6 +1,67 @@
 """edge-runtime: offline Code Llama inference on edge devices.
 
 The device side needs only onnxruntime(-gpu), numpy, tokenizers and paho-mqtt.
+
+The names below are the stable API for applications that embed the runtime; they
+are imported on first use, so ``import edge_runtime`` stays light (no onnxruntime,
+no paho) for the CLI and for a client that never loads a model:
+
+    from edge_runtime import Engine, GenerationRequest, SamplingParams   # on this machine
+    from edge_runtime import EdgeClient, RemoteError, Busy               # over MQTT
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "Engine": "engine",
+    "EdgeClient": "client",
+    "Generation": "client",
+    "RemoteError": "client",
+    "GenerationRequest": "types",
+    "GenerationResult": "types",
+    "SamplingParams": "types",
+    "Message": "types",
+    "Chunk": "types",
+    "Usage": "types",
+    "Timings": "types",
+    "EdgeRuntimeError": "errors",
+    "BadRequest": "errors",
+    "UnsupportedMode": "errors",
+    "ContextLengthExceeded": "errors",
+    "UnsafePrompt": "errors",
+    "PolicyViolation": "errors",
+    "RateLimited": "errors",
+    "Busy": "errors",
+    "DeadlineExceeded": "errors",
+    "Cancelled": "errors",
+    "BundleError": "errors",
+    "ConfigError": "errors",
+}
+__all__ = [  # the names of _EXPORTS, spelled out for type checkers
+    "BadRequest", "BundleError", "Busy", "Cancelled", "Chunk", "ConfigError", "ContextLengthExceeded",
+    "DeadlineExceeded", "EdgeClient", "EdgeRuntimeError", "Engine", "Generation", "GenerationRequest",
+    "GenerationResult", "Message", "PolicyViolation", "RateLimited", "RemoteError", "SamplingParams", "Timings",
+    "UnsafePrompt", "UnsupportedMode", "Usage", "__version__",
+]
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from .client import EdgeClient, Generation, RemoteError
+    from .engine import Engine
+    from .errors import (BadRequest, BundleError, Busy, Cancelled, ConfigError, ContextLengthExceeded,
+                         DeadlineExceeded, EdgeRuntimeError, PolicyViolation, RateLimited, UnsafePrompt,
+                         UnsupportedMode)
+    from .types import Chunk, GenerationRequest, GenerationResult, Message, SamplingParams, Timings, Usage
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'edge_runtime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

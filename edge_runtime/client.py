@@ -29,7 +29,19 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .errors import ConfigError, EdgeRuntimeError
+from .errors import (
+    BadRequest,
+    Busy,
+    Cancelled,
+    ConfigError,
+    ContextLengthExceeded,
+    DeadlineExceeded,
+    EdgeRuntimeError,
+    PolicyViolation,
+    RateLimited,
+    UnsafePrompt,
+    UnsupportedMode,
+)
 from .mqtt_connection import (
     TlsFiles,
     connect_async,
@@ -50,13 +62,30 @@ CLIENT_SESSION_EXPIRY_S = 600  # how long the broker keeps a client's replies wh
 
 
 class RemoteError(EdgeRuntimeError):
-    """The daemon answered with an error reply."""
+    """The daemon answered with an error reply. It is raised as the subclass for its
+    code, which is also the local error class of that code (edge_runtime.errors), so
+    ``except Busy``, ``except ContextLengthExceeded``, ``except RateLimited`` ... catch
+    the daemon's errors as they catch the local engine's; ``except RemoteError``
+    catches every error reply. `code` is the wire's code, `message` its text."""
+
+    def __new__(cls, code: str, message: str, request_id: str | None = None) -> "RemoteError":
+        if cls is RemoteError:
+            cls = _REMOTE_ERRORS.get(code, RemoteError)
+        return super().__new__(cls, code, message, request_id)
 
     def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code  # type: ignore[misc]  # instance attribute shadows the class default
         self.message = message
         self.request_id = request_id
+
+
+# RemoteBusy(RemoteError, Busy), ...: one for each error code a reply can carry
+_REMOTE_ERRORS: dict[str, type[RemoteError]] = {
+    local.code: type(f"Remote{local.__name__}", (RemoteError, local), {"__module__": __name__})
+    for local in (BadRequest, UnsupportedMode, ContextLengthExceeded, UnsafePrompt, PolicyViolation, RateLimited,
+                  Busy, DeadlineExceeded, Cancelled)
+}
 
 
 class Generation:

@@ -144,7 +144,8 @@ class Engine:
                               bundle_sha256=bundle.manifest_sha256, context_limit=self.context_limit,
                               supports_infill=bundle.supports_infill, chat_format=bundle.chat_format,
                               provider=choice.providers[0][0], facts=bundle.family, memory=memory)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one request at a time (one session, one KV cache)
+        self._stream_thread: int | None = None  # the thread whose stream holds the lock
 
     @classmethod
     def from_bundle(cls, path: str | Path, profile: str | Path | DeviceProfile | None = None, *,
@@ -178,6 +179,8 @@ class Engine:
     # -- request -> prompt ------------------------------------------------------------------
     def plan(self, request: GenerationRequest) -> PromptPlan:
         """Prompt ids and stop tokens for a request, after every check that needs no model run."""
+        if not isinstance(request.max_tokens, int) or isinstance(request.max_tokens, bool):
+            raise BadRequest(f"max_tokens must be an integer, got {type(request.max_tokens).__name__}")
         if request.max_tokens < 1:
             raise BadRequest(f"max_tokens must be at least 1 (got {request.max_tokens})")
         fam = self.bundle.family
@@ -202,12 +205,25 @@ class Engine:
 
         Errors in the request raise before anything is yielded; a passed deadline
         raises DeadlineExceeded between tokens; a set `cancel` ends the stream with
-        finish_reason "cancelled"."""
+        finish_reason "cancelled" (set before the start: no token is generated).
+
+        One request runs at a time: a stream holds the engine from its first item until
+        it is read to the end or closed (``with contextlib.closing(engine.generate(r))``),
+        and a stream started meanwhile on another thread waits for it. Starting a second
+        one on the thread that holds an open stream raises RuntimeError (it would wait
+        for itself)."""
         plan = self.plan(request)
         sampler = Sampler(request.sampling)
         stops = StopStringMatcher(request.stop)
+        if self._stream_thread == threading.get_ident():
+            raise RuntimeError("this thread has an open stream of this engine: read it to the end or close() it "
+                               "before starting another (an Engine runs one request at a time)")
         with self._lock:
-            yield from self._run(request, plan, sampler, stops, cancel)
+            self._stream_thread = threading.get_ident()
+            try:
+                yield from self._run(request, plan, sampler, stops, cancel)
+            finally:
+                self._stream_thread = None
 
     def _run(self, request: GenerationRequest, plan: PromptPlan, sampler: Sampler, stops: StopStringMatcher,
              cancel: threading.Event | None) -> Iterator[Chunk | GenerationResult]:
@@ -222,8 +238,13 @@ class Engine:
         first_token_s = None
 
         prompt = np.asarray(plan.ids, dtype=np.int64)
-        for event in generator.generate(self.decoder, cache, prompt, max_new_tokens=request.max_tokens,
-                                        sample=sampler.sample, stop_ids=plan.stop_ids):
+        if cancel is not None and cancel.is_set():  # cancelled before it started: not even the prompt runs
+            events: Iterator[generator.TokenEvent] = iter(())
+            finish = "cancelled"
+        else:
+            events = generator.generate(self.decoder, cache, prompt, max_new_tokens=request.max_tokens,
+                                        sample=sampler.sample, stop_ids=plan.stop_ids)
+        for event in events:
             if first_token_s is None:
                 first_token_s = event.elapsed_s
             if event.is_stop_token:

@@ -56,15 +56,22 @@ def build_prompt(
         return completion_prompt(tokenizer, _require_str(request.prompt, "prompt"))
     if request.mode == "infill":
         prefix = _require_str(request.prefix, "prefix")
-        suffix = _require_str(request.suffix, "suffix")
+        suffix = "" if request.suffix is None else _require_str(request.suffix, "suffix")  # as over MQTT
         return infill_prompt(tokenizer, prefix, suffix, suffix_first=request.suffix_first)
     if request.mode == "chat":
+        messages = _as_messages(request.messages)
         if chat_format == "llama2":
-            return llama2_chat_prompt(tokenizer, request.messages)
+            return llama2_chat_prompt(tokenizer, messages)
         if chat_format == "source-step":
-            return source_step_chat_prompt(tokenizer, request.messages)
+            return source_step_chat_prompt(tokenizer, messages)
         raise ValueError(f"unknown chat format {chat_format!r}; expected one of {CHAT_FORMATS}")
-    raise BadRequest(f"mode must be one of 'complete', 'infill', 'chat', got {request.mode!r}")
+    raise UnsupportedMode(f"mode must be one of 'complete', 'infill', 'chat', got {request.mode!r}")
+
+
+def _as_messages(messages: Sequence[object]) -> list[object]:
+    """Messages as given, with {"role", "content"} dicts (the wire's form) made Messages."""
+    return [Message(m["role"], m["content"]) if isinstance(m, dict) and set(m) == {"role", "content"} else m
+            for m in messages]
 
 
 def _require_str(value: object, field: str) -> str:
@@ -116,7 +123,8 @@ def check_dialog(messages: Sequence[Message]) -> None:
         raise BadRequest("messages is required for chat and must not be empty")
     for i, m in enumerate(messages):
         if not isinstance(m, Message) or not isinstance(m.role, str) or not isinstance(m.content, str):
-            raise BadRequest(f"messages[{i}] must have a string role and a string content")
+            raise BadRequest(f"messages[{i}] must be a Message (or a {{'role', 'content'}} dict) with a string role "
+                             f"and a string content, got {m!r:.80}")
         if m.role not in ROLES:
             raise BadRequest(f"messages[{i}].role must be one of {ROLES}, got {m.role!r}")
     start = 1 if messages[0].role == "system" else 0

@@ -29,6 +29,7 @@ from .types import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
+    MAX_SEED,
     MODES,
     GenerationRequest,
     GenerationResult,
@@ -58,7 +59,6 @@ MAX_ID_CHARS = 128
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 1024
-MAX_SEED = 2**63 - 1
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
 # Every field a v1 request may carry; anything else is a bad_request (catches typos

@@ -14,7 +14,7 @@ import numbers
 import numpy as np
 
 from .errors import BadRequest
-from .types import SamplingParams
+from .types import MAX_SEED, SamplingParams
 
 
 def validate_sampling(params: SamplingParams) -> SamplingParams:
@@ -26,8 +26,8 @@ def validate_sampling(params: SamplingParams) -> SamplingParams:
         raise BadRequest(f"top_p must be a number in (0, 1], got {p!r}")
     if not _is_int(k) or k < 0:
         raise BadRequest(f"top_k must be an integer >= 0, got {k!r}")
-    if seed is not None and (not _is_int(seed) or seed < 0):
-        raise BadRequest(f"seed must be an integer >= 0 or null, got {seed!r}")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
+        raise BadRequest(f"seed must be an integer between 0 and {MAX_SEED}, or null, got {seed!r}")
     return params
 
 

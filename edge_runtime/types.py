@@ -18,6 +18,7 @@ MODES: tuple[str, ...] = ("complete", "infill", "chat")
 DEFAULT_TEMPERATURE = 0.6
 DEFAULT_TOP_P = 0.9
 DEFAULT_MAX_TOKENS = 256
+MAX_SEED = 2**63 - 1  # a sampling seed fits a signed 64-bit integer (the wire's limit too)
 
 
 @dataclass(frozen=True)

@@ -121,9 +121,50 @@ def test_context_overflow_names_both_numbers_before_any_work(engine):
         next(engine.generate(GenerationRequest(mode="complete", prompt="def f():", max_tokens=limit)))
 
 
-def test_bad_max_tokens(engine):
-    with pytest.raises(BadRequest, match="max_tokens"):
-        next(engine.generate(GenerationRequest(mode="complete", prompt="x", max_tokens=0)))
+@pytest.mark.parametrize("field, request_", [
+    ("max_tokens", GenerationRequest(mode="complete", prompt="x", max_tokens=0)),
+    ("max_tokens must be an integer", GenerationRequest(mode="complete", prompt="x", max_tokens=5.5)),  # type: ignore
+    ("seed must be an integer between 0 and 9223372036854775807",
+     GenerationRequest(mode="complete", prompt="x", sampling=SamplingParams(seed=2**70))),
+])
+def test_bad_request_fields_are_bad_requests_as_over_mqtt(engine, field, request_):
+    with pytest.raises(BadRequest, match=field):
+        next(engine.generate(request_))
+
+
+def test_an_unknown_mode_is_unsupported_as_over_mqtt(engine):
+    with pytest.raises(UnsupportedMode, match="mode must be one of"):
+        next(engine.generate(GenerationRequest(mode="summarize", prompt="x")))  # type: ignore[arg-type]
+
+
+def test_local_requests_take_the_wires_defaults_and_forms(engine):
+    """Infill without a suffix is an empty suffix, and chat messages may be the wire's
+    {"role", "content"} dicts, as over MQTT."""
+    infill = engine.complete(GenerationRequest(mode="infill", prefix="def f(", max_tokens=4, sampling=GREEDY))
+    again = engine.complete(GenerationRequest(mode="infill", prefix="def f(", suffix="", max_tokens=4,
+                                              sampling=GREEDY))
+    assert infill.token_ids == again.token_ids and infill.prompt_token_ids == again.prompt_token_ids
+    as_dicts = engine.complete(GenerationRequest(mode="chat", messages=({"role": "user", "content": "hi"},),  # type: ignore
+                                                 max_tokens=4, sampling=GREEDY))
+    as_messages = engine.complete(GenerationRequest(mode="chat", messages=(Message("user", "hi"),), max_tokens=4,
+                                                    sampling=GREEDY))
+    assert as_dicts.prompt_token_ids == as_messages.prompt_token_ids and as_dicts.text == as_messages.text
+
+
+def test_a_second_stream_on_the_thread_holding_one_is_refused_not_a_deadlock(engine):
+    first = engine.generate(GenerationRequest(mode="complete", prompt="x", max_tokens=8, sampling=GREEDY))
+    next(first)  # the first stream holds the engine
+    with pytest.raises(RuntimeError, match="this thread has an open stream of this engine"):
+        next(engine.generate(GenerationRequest(mode="complete", prompt="y", max_tokens=2)))
+    first.close()  # closing it frees the engine for the next request
+    assert engine.complete(GenerationRequest(mode="complete", prompt="y", max_tokens=2)).usage.completion_tokens
+
+
+def test_a_request_cancelled_before_it_starts_generates_nothing(engine):
+    cancel = threading.Event()
+    cancel.set()
+    items = list(engine.generate(GenerationRequest(mode="complete", prompt="def f():", max_tokens=8), cancel))
+    assert len(items) == 1 and items[0].finish_reason == "cancelled" and items[0].token_ids == ()
 
 
 def test_infill_refused_without_infilling_tokens(noinfill_bundle):

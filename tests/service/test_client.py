@@ -12,6 +12,7 @@ from mqtt_probe import Probe
 from service_harness import DaemonProcess, make_config, start_service, write_config
 
 from edge_runtime.client import EdgeClient, Generation, RemoteError, add_ask_arguments, run_ask
+from edge_runtime.errors import BadRequest, UnsafePrompt
 from edge_runtime.protocol import Topics
 
 T = Topics("dev1")
@@ -85,6 +86,9 @@ def test_error_reply_raises_remote_error(broker, service):
         with pytest.raises(RemoteError) as info:
             list(c.generate(mode="complete", prompt="x", max_tokens=10**9))
         assert info.value.code == "bad_request" and "max_tokens" in info.value.message
+        assert isinstance(info.value, BadRequest)  # the local error class of its code, as the engine raises
+        with pytest.raises(UnsafePrompt):
+            c.complete("a <UNSAFE> b")
         assert c.complete("still ok") == "ok still"
 
 
