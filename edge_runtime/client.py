@@ -92,8 +92,10 @@ class Generation:
     """One request in flight. Iterate for chunk dicts (in `seq` order); the final
     reply is then in `final` (also the generator's return value, so
     ``final = yield from gen`` works). `result()` waits for and returns the final
-    reply. Error replies raise `RemoteError`; no final reply in time raises
-    `TimeoutError` (after sending a cancel).
+    reply. Error replies raise `RemoteError`; `timeout` seconds without a reply
+    message (a chunk, or the final reply of a request that does not stream) raise
+    `TimeoutError` (after sending a cancel): a long answer that keeps streaming is
+    never cut off, a stalled one is.
 
     The chunks' deltas add up to the final `text`: chunks lost on the way (a broker
     killed before it saved them) come as one last chunk with ``"recovered":
@@ -140,8 +142,9 @@ class Generation:
                     msg = self._inbox.get(timeout=max(remaining, 0.0)) if remaining > 0 else \
                         self._inbox.get_nowait()
                 except queue.Empty:
-                    raise TimeoutError(f"no final reply to request {self.id} within {self._timeout:g} s") \
-                        from None
+                    what = "no reply" if not self._chunks and not self._buffer else "no further reply"
+                    raise TimeoutError(f"{what} to request {self.id} for {self._timeout:g} s") from None
+                self._deadline = time.monotonic() + self._timeout  # the device is making progress
                 if msg.get("done") is True:
                     self.final = msg
                     error = msg.get("error")
@@ -426,7 +429,8 @@ def add_ask_arguments(parser: argparse.ArgumentParser, *, request_arguments: boo
                                                            "fleet group)")
     parser.add_argument("--deadline-ms", type=int, help="the daemon gives up after this long")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                        help=f"seconds to wait for the final reply (default {DEFAULT_TIMEOUT_S:g})")
+                        help=f"seconds to wait for the first reply, and then between streamed chunks "
+                             f"(default {DEFAULT_TIMEOUT_S:g}; with --json, for the whole answer)")
     parser.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version (default 5)")
     parser.add_argument("--client-id", help="MQTT client id and reply topic level (default: the username, "
                                             "else random)")

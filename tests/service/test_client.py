@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import time
 
 import pytest
 from fake_engine import FakeEngine
@@ -99,6 +100,15 @@ def test_timeout_raises_and_cancels(broker):
         with pytest.raises(TimeoutError, match="lost-1"):
             list(gen)
         assert spy.wait_for(lambda ms: ms)[0].json == {"id": "lost-1"}
+
+
+def test_the_timeout_is_for_silence_so_a_long_stream_is_not_cut_off(broker, slow_service):
+    words = " ".join(f"w{i}" for i in range(40))  # 40 tokens at 30 ms: 1.2 s in all, a chunk every 30 ms
+    with EdgeClient(broker.url, "dev1") as c:
+        started = time.monotonic()
+        gen = c.generate(mode="complete", prompt=words, timeout=0.6)
+        assert len(list(gen)) == 40 and gen.final["finish_reason"] == "stop"
+        assert time.monotonic() - started > 0.6
 
 
 def replies_by_hand(broker, device: str, request_id: str, *messages: dict) -> Generation:
