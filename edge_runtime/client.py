@@ -14,6 +14,7 @@ as the request's Response Topic (plus Correlation Data), with MQTT 3.1.1 as the
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import queue
@@ -21,7 +22,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +92,11 @@ _REMOTE_ERRORS: dict[str, type[RemoteError]] = {
 class Generation:
     """One request in flight. Iterate for chunk dicts (in `seq` order); the final
     reply is then in `final` (also the generator's return value, so
-    ``final = yield from gen`` works). `result()` waits for and returns the final
-    reply. Error replies raise `RemoteError`; `timeout` seconds without a reply
-    message (a chunk, or the final reply of a request that does not stream) raise
-    `TimeoutError` (after sending a cancel): a long answer that keeps streaming is
-    never cut off, a stalled one is.
+    ``final = yield from gen`` works; asyncio code uses ``async for`` and `aresult`).
+    `result()` waits for and returns the final reply. Error replies raise
+    `RemoteError`; `timeout` seconds without a reply message (a chunk, or the final
+    reply of a request that does not stream) raise `TimeoutError` (after sending a
+    cancel): a long answer that keeps streaming is never cut off, a stalled one is.
 
     The chunks' deltas add up to the final `text`: chunks lost on the way (a broker
     killed before it saved them) come as one last chunk with ``"recovered":
@@ -204,6 +205,42 @@ class Generation:
     def cancel(self) -> None:
         """Ask the daemon to stop this request (the final reply still comes)."""
         self.client.cancel(self.id)
+
+    # asyncio: ``async for chunk in client.generate(...)`` and ``await gen.aresult()``. The
+    # waiting runs on the loop's default executor (the MQTT client has its own thread);
+    # a cancelled task cancels the request on the device, whose final reply ends the wait.
+    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        chunks = self._iter()
+        read_lock = threading.Lock()  # held by the thread inside next(chunks)
+
+        def next_chunk() -> dict[str, Any] | None:
+            with read_lock:
+                return next(chunks, None)
+
+        def drain() -> None:  # an abandoned stream, read to its final reply (or timeout) off the loop
+            with read_lock:
+                try:
+                    for _ in chunks:
+                        pass
+                except (EdgeRuntimeError, TimeoutError):
+                    pass
+
+        try:
+            while (chunk := await loop.run_in_executor(None, next_chunk)) is not None:
+                yield chunk
+        finally:
+            if self.final is None:  # left early or cancelled: stop it on the device, take its final reply
+                self.cancel()
+                threading.Thread(target=drain, name=f"edge-drain-{self.id}", daemon=True).start()
+
+    async def aresult(self) -> dict[str, Any]:
+        """`result()` without blocking the event loop."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self.result)
+        finally:
+            if self.final is None:
+                self.cancel()
 
 
 class EdgeClient:

@@ -111,6 +111,39 @@ def test_the_timeout_is_for_silence_so_a_long_stream_is_not_cut_off(broker, slow
         assert time.monotonic() - started > 0.6
 
 
+def test_asyncio_streams_awaits_and_a_cancelled_task_cancels_on_the_device(broker, slow_service):
+    import asyncio
+
+    words = " ".join(f"w{i}" for i in range(40))
+
+    async def main(c: EdgeClient) -> None:
+        streamed = [chunk["delta"] async for chunk in c.generate(mode="complete", prompt="a b c")]
+        assert "".join(streamed) == "c b a"
+        results = await asyncio.gather(c.generate(mode="complete", prompt="x y").aresult(),
+                                       c.generate(mode="complete", prompt="p q").aresult())
+        assert [r["text"] for r in results] == ["y x", "q p"]
+
+        async def read_all(gen: Generation) -> None:
+            async for _ in gen:
+                pass
+
+        gen = c.generate(mode="complete", prompt=words)
+        task = asyncio.create_task(read_all(gen))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # the device got the cancel: its final reply says so, long before 40 tokens
+        for _ in range(50):
+            if gen.final is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert gen.final is not None and gen.final["finish_reason"] == "cancelled"
+
+    with EdgeClient(broker.url, "dev1") as c:
+        asyncio.run(main(c))
+
+
 def replies_by_hand(broker, device: str, request_id: str, *messages: dict) -> Generation:
     """A request to a device no daemon serves, answered by `messages` published by hand."""
     c = EdgeClient(broker.url, device).connect()
