@@ -210,6 +210,19 @@ class ChunkedEngine:
                                Usage(1, len(sent)), Timings(1.0, 1.0, 1.0))
 
 
+def random_chunks(text: str, data) -> list[str]:
+    """`text` cut at random places into the chunks an engine could stream."""
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(text) - 1)), max_size=len(text))))
+    return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)]) if text[a:b]]
+
+
+def guarded_stream(policy_text: str, chunks: list[str]) -> list:
+    """What the policy guard passes on of an engine that streams `chunks`."""
+    with tempfile.TemporaryDirectory() as state:
+        guard = PolicyGuard.create(policy(policy_text), Path(state))
+        return list(guard.wrap(ChunkedEngine(chunks)).generate(complete("x")))
+
+
 # The rule's matches in lower-case ASCII text (normalization and case folding are tested above).
 STOP_POLICY = stop_rule('phrases = ["drop table"]\npatterns = ["key-[0-9a-f]{6}"]')
 MATCH = re.compile(r"drop\s+table|key-[0-9a-f]{6}")
@@ -221,11 +234,8 @@ MATCH = re.compile(r"drop\s+table|key-[0-9a-f]{6}")
        data=st.data())
 def test_no_part_of_a_stop_rules_match_is_ever_streamed(pieces, data):
     text = "".join(pieces)
-    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(text) - 1)), max_size=len(text))))
-    chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)]) if text[a:b]]
-    with tempfile.TemporaryDirectory() as state:
-        guard = PolicyGuard.create(policy(STOP_POLICY), Path(state))
-        items = list(guard.wrap(ChunkedEngine(chunks)).generate(complete("x")))
+    chunks = random_chunks(text, data)
+    items = guarded_stream(STOP_POLICY, chunks)
     streamed = [item.text for item in items if isinstance(item, Chunk)]
     final = items[-1]
     assert isinstance(final, GenerationResult) and "".join(streamed) == final.text
@@ -246,11 +256,8 @@ def test_no_part_of_a_stop_rules_match_is_ever_streamed(pieces, data):
 def test_a_phrase_completed_by_a_combining_mark_in_a_later_chunk_is_never_streamed(pieces, data):
     """Chunks are normalized as the whole text is: "cafe" then U+0301 is "café"."""
     text = "".join(pieces)
-    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(text) - 1)), max_size=len(text))))
-    chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)]) if text[a:b]]
-    with tempfile.TemporaryDirectory() as state:
-        guard = PolicyGuard.create(policy(stop_rule('phrases = ["caf\u00e9"]')), Path(state))
-        items = list(guard.wrap(ChunkedEngine(chunks)).generate(complete("x")))
+    chunks = random_chunks(text, data)
+    items = guarded_stream(stop_rule('phrases = ["caf\u00e9"]'), chunks)
     streamed = "".join(item.text for item in items if isinstance(item, Chunk))
     assert streamed == items[-1].text
     whole = normalize(text)
