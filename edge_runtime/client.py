@@ -144,7 +144,8 @@ class Generation:
                         self._inbox.get_nowait()
                 except queue.Empty:
                     what = "no reply" if not self._chunks and not self._buffer else "no further reply"
-                    raise TimeoutError(f"{what} to request {self.id} for {self._timeout:g} s") from None
+                    raise TimeoutError(f"{what} to request {self.id} for {self._timeout:g} s"
+                                       f"{_why_no_reply(self.client)}") from None
                 self._deadline = time.monotonic() + self._timeout  # the device is making progress
                 if msg.get("done") is True:
                     self.final = msg
@@ -530,13 +531,10 @@ def run_ask(args: argparse.Namespace) -> int:
     try:
         with client:
             gen = client.generate(stream=not args.json, timeout=args.timeout, **request)
-            try:
-                for chunk in gen:
-                    if not args.json:
-                        out.write(chunk.get("delta", ""))
-                        out.flush()
-            except TimeoutError as exc:
-                raise TimeoutError(f"{exc}{_why_no_reply(client)}") from None
+            for chunk in gen:
+                if not args.json:
+                    out.write(chunk.get("delta", ""))
+                    out.flush()
             final = gen.final or {}
     except RemoteError as exc:
         return failed(exc.code, exc.message)
@@ -574,7 +572,7 @@ def _why_no_reply(client: EdgeClient) -> str:
     when = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ts)) if isinstance(ts, (int, float)) else ""
     if state == "online":
         return (f"; device {device!r} is online with {status.get('queue_depth')} of {status.get('queue_limit')} "
-                "requests queued (raise --timeout for long answers)")
+                "requests queued (a longer timeout waits longer for a busy device)")
     if status.get("reason") == "connection lost":  # the will, written when the daemon started: ts is not the loss
         return (f"; device {device!r} is offline: the broker lost its connection (a crash, power loss or network "
                 f"fault){f'; the daemon had started at {when}' if when else ''} (the request waits for it on the "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import secrets
 
 import numpy as np
 
@@ -106,8 +107,10 @@ class Sampler:
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = validate_sampling(params)
-        seq = np.random.SeedSequence(params.seed)  # seed None: fresh OS entropy
-        self.entropy: int = int(seq.entropy)  # type: ignore[arg-type]  # an int here: the seed to reproduce the run
+        # seed None: fresh OS entropy, drawn as a seed a request may name (so it replays the run)
+        seed = params.seed if params.seed is not None else secrets.randbits(MAX_SEED.bit_length())
+        seq = np.random.SeedSequence(seed)
+        self.entropy: int = seed  # the seed to reproduce the run
         self._rng = np.random.Generator(np.random.PCG64(seq))
 
     def sample(self, logits: np.ndarray) -> int:

@@ -133,12 +133,12 @@ def test_infill_control_text_stays_text(tok: CodeLlamaTokenizer) -> None:
     assert plan.ids.count(1) == 1
 
 
-@pytest.mark.parametrize("missing", ["prefix", "suffix"])
-def test_infill_requires_fields(tok: CodeLlamaTokenizer, missing: str) -> None:
-    fields = {"prefix": "a", "suffix": "b"}
-    del fields[missing]
-    with pytest.raises(BadRequest, match=missing):
-        build_prompt(GenerationRequest(mode="infill", **fields), tok)
+def test_infill_requires_a_prefix_and_takes_a_missing_suffix_as_empty(tok: CodeLlamaTokenizer) -> None:
+    with pytest.raises(BadRequest, match="prefix"):
+        build_prompt(GenerationRequest(mode="infill", suffix="b"), tok)
+    # as over MQTT (the protocol's default suffix is "")
+    assert build_prompt(GenerationRequest(mode="infill", prefix="a"), tok) == \
+        build_prompt(GenerationRequest(mode="infill", prefix="a", suffix=""), tok)
 
 
 def test_infill_refused_without_infill_tokens() -> None:
