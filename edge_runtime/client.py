@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -69,16 +70,26 @@ class RemoteError(EdgeRuntimeError):
     the daemon's errors as they catch the local engine's; ``except RemoteError``
     catches every error reply. `code` is the wire's code, `message` its text."""
 
-    def __new__(cls, code: str, message: str, request_id: str | None = None) -> "RemoteError":
+    def __new__(cls, code: str, message: str, request_id: str | None = None, **kwargs: Any) -> "RemoteError":
         if cls is RemoteError:
             cls = _REMOTE_ERRORS.get(code, RemoteError)
         return super().__new__(cls, code, message, request_id)
 
-    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+    def __init__(self, code: str, message: str, request_id: str | None = None, *,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code  # type: ignore[misc]  # instance attribute shadows the class default
         self.message = message
         self.request_id = request_id
+        self.retry_after_s = retry_after_s  # rate_limited: when the device admits a request again
+
+    @classmethod
+    def from_reply(cls, error: dict[str, Any], request_id: str | None) -> "RemoteError":
+        """The exception for a reply's ``error`` object."""
+        retry = error.get("retry_after_s")
+        return cls(str(error.get("code", "internal")), str(error.get("message", "")), request_id,
+                   retry_after_s=float(retry) if isinstance(retry, (int, float)) and not isinstance(retry, bool)
+                   else None)
 
 
 # RemoteBusy(RemoteError, Busy), ...: one for each error code a reply can carry
@@ -151,8 +162,7 @@ class Generation:
                     self.final = msg
                     error = msg.get("error")
                     if isinstance(error, dict):
-                        raise RemoteError(str(error.get("code", "internal")), str(error.get("message", "")),
-                                          self.id)
+                        raise RemoteError.from_reply(error, self.id)
                     rest = self._unstreamed_text(msg)
                     if rest:
                         yield self._take({"id": self.id, "seq": self._next_seq, "delta": rest, "done": False,
@@ -200,7 +210,7 @@ class Generation:
         assert self.final is not None
         if isinstance(self.final.get("error"), dict):
             error = self.final["error"]
-            raise RemoteError(str(error.get("code")), str(error.get("message")), self.id)
+            raise RemoteError.from_reply(error, self.id)
         return self.final
 
     def cancel(self) -> None:
@@ -373,6 +383,13 @@ class EdgeClient:
             self._inboxes.pop(request_id, None)
             self._correlation.pop(request_id, None)
 
+    def _abandon(self, request_id: str) -> None:
+        with self._lock:
+            pending = self._inboxes.pop(request_id, None) is not None
+            self._correlation.pop(request_id, None)
+        if pending and self._connected:
+            self.cancel(request_id)
+
     # ------------------------------------------------------------------ requests
 
     def generate(self, *, mode: str, prompt: str | None = None, prefix: str | None = None,
@@ -403,7 +420,10 @@ class EdgeClient:
         props = publish_properties(self.protocol, response_topic=reply_topic, correlation_data=correlation) \
             if v5 else None
         self._mqtt.publish(self.topics.generate, encode_request(obj), qos=1, properties=props)
-        return Generation(self, request_id, inbox, timeout)
+        generation = Generation(self, request_id, inbox, timeout)
+        # dropped without being read to its end: forget it and cancel it on the device
+        weakref.finalize(generation, self._abandon, request_id)
+        return generation
 
     def complete(self, prompt: str, **kw: Any) -> str:
         """Complete `prompt`; returns the final text."""

@@ -33,9 +33,14 @@ class PolicyViolation(EdgeRuntimeError):
 
 
 class RateLimited(EdgeRuntimeError):
-    """The client exceeded a per-client limit of the operator's policy."""
+    """The client exceeded a per-client limit of the operator's policy; `retry_after_s`:
+    when a request would be admitted again (None when not known)."""
 
     code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Busy(EdgeRuntimeError):

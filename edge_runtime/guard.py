@@ -83,7 +83,8 @@ class PolicyGuard:
             self._record(request, Violation("limits.requests_per_minute", "refuse", "limit"), text,
                          f"{limit.requests_per_minute}/min")
             raise RateLimited(f"policy limit limits.requests_per_minute: client {client or '-'} may send "
-                              f"{limit.requests_per_minute} requests per minute; retry in {wait:.0f} s")
+                              f"{limit.requests_per_minute} requests per minute; retry in {wait:.0f} s",
+                              retry_after_s=round(wait, 3))
 
     def refund(self, request: GenerationRequest) -> None:
         self.limiter.refund(request.client_id)

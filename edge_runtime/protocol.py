@@ -505,11 +505,15 @@ def encode_final(request_id: str, result: GenerationResult) -> bytes:
     return _dumps(final_dict(request_id, result))
 
 
-def encode_error(request_id: str | None, code: str, message: str) -> bytes:
-    """``{"id", "done": true, "error": {"code", "message"}}`` (id null when unknown)."""
+def encode_error(request_id: str | None, code: str, message: str, *, retry_after_s: float | None = None) -> bytes:
+    """``{"id", "done": true, "error": {"code", "message"}}`` (id null when unknown), with
+    ``retry_after_s`` in the error when the daemon knows when to retry (rate_limited)."""
     if code not in ERROR_CODES:
         code = "internal"
-    return _dumps({"id": request_id, "done": True, "error": {"code": code, "message": message}})
+    error: dict[str, Any] = {"code": code, "message": message}
+    if retry_after_s is not None:
+        error["retry_after_s"] = retry_after_s
+    return _dumps({"id": request_id, "done": True, "error": error})
 
 
 def encode_cancel(request_id: str) -> bytes:

@@ -635,7 +635,8 @@ class EdgeService:
                 self.guard.admit(wire.request)
             except EdgeRuntimeError as exc:
                 log.info("request %r refused by the policy: %s: %s", wire.id, exc.code, exc)
-                self._acker.submit(self._publish(route, encode_error(wire.id, exc.code, str(exc))), [delivery])
+                payload = encode_error(wire.id, exc.code, str(exc), retry_after_s=getattr(exc, "retry_after_s", None))
+                self._acker.submit(self._publish(route, payload), [delivery])
                 return
         job = Job(wire=wire, key=key, route=route, deliveries=[delivery])
         result = self.scheduler.submit(job)

@@ -145,6 +145,19 @@ def test_asyncio_streams_awaits_and_a_cancelled_task_cancels_on_the_device(broke
         asyncio.run(main(c))
 
 
+def test_a_generation_dropped_unread_is_forgotten_and_cancelled(broker):
+    import gc
+
+    with Probe(broker.host, broker.port) as spy, EdgeClient(broker.url, "ghost2") as c:
+        spy.subscribe("edge/ghost2/v1/cancel")
+        for i in range(3):
+            c.generate(mode="complete", prompt="x", request_id=f"dropped-{i}")  # never read
+        gc.collect()
+        assert c._inboxes == {}
+        cancels = spy.wait_for(lambda ms: len(ms) >= 3)
+        assert sorted(m.json["id"] for m in cancels) == ["dropped-0", "dropped-1", "dropped-2"]
+
+
 def replies_by_hand(broker, device: str, request_id: str, *messages: dict) -> Generation:
     """A request to a device no daemon serves, answered by `messages` published by hand."""
     c = EdgeClient(broker.url, device).connect()

@@ -138,8 +138,20 @@ def test_requests_per_minute_per_client(serve, probe, tmp_path):
     answers = [one({"mode": "complete", "prompt": "a b"})[1] for _ in range(3)]
     assert ["error" in a for a in answers] == [False, False, True]
     assert answers[2]["error"]["code"] == "rate_limited" and "requests_per_minute" in answers[2]["error"]["message"]
+    assert 55 < answers[2]["error"]["retry_after_s"] <= 60  # the first of the two frees in a minute
     assert all("error" not in boss({"mode": "complete", "prompt": "x"})[1] for _ in range(5))
     assert [(e.client_id, e.rule) for e in audit_events(tmp_path)] == [("line-1", "limits.requests_per_minute")]
+
+
+def test_the_client_raises_rate_limited_with_when_to_retry(serve, broker):
+    from edge_runtime import EdgeClient, RateLimited, RemoteError
+
+    serve('[limits]\nrequests_per_minute = 1\n')
+    with EdgeClient(broker.url, "dev1", client_id="hmi-9") as c:
+        assert c.complete("a b") == "b a"
+        with pytest.raises(RateLimited) as info:
+            c.complete("a b")
+        assert isinstance(info.value, RemoteError) and 55 < info.value.retry_after_s <= 60
 
 
 def test_max_tokens_per_client(serve, probe):
