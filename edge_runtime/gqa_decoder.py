@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .bundle import Architecture
+from .errors import ConfigError
 from .kv_cache import DeviceBuffer, allocate
 from .onnx_decoder import ORT_TO_NUMPY, check_graph_matches
 
@@ -159,6 +160,12 @@ class SharedKVDecoder:
         self.max_length = max_length
         inputs = {i.name: i for i in session.get_inputs()}
         self.kv_dtype = np.dtype(ORT_TO_NUMPY[inputs["past_key_values.0.key"].type])
+        if device != "cpu" and self.kv_dtype != np.float16:
+            # CUDA's GroupQueryAttention is float16-only: onnxruntime would run it on the CPU,
+            # reading a host copy of the device KV buffers made when they were bound
+            raise ConfigError(f"this bundle's KV cache is {self.kv_dtype}, and on the GPU the fused graph's "
+                              "attention runs in float16 only: export it for the GPU profile (fp16, int8 or int4, "
+                              "float16 KV cache), or run this bundle with a CPU profile")
         self.logits_dtype = np.dtype(ORT_TO_NUMPY[session.get_outputs()[0].type])
         self.vocab_size = arch.vocab_size
         # Host buffers bound once by pointer and written in place by the loop.

@@ -207,6 +207,21 @@ def check_output(output: Path, checkpoint: Path, *, force: bool) -> None:
                           "only an earlier bundle; choose another --output, or empty that folder yourself")
 
 
+def check_gpu_attention_dtype(profile: DeviceProfile, precision: str, kv_bits: int) -> None:
+    """The fused graph's GroupQueryAttention runs on CUDA in float16 only: a float32 or int8
+    KV cache would put attention on the CPU (a copy of the cache at every step)."""
+    if all(name == "CPUExecutionProvider" for name in profile.provider_names):
+        return
+    problem = ("--precision fp32 keeps the KV cache in float32" if precision == "fp32" else
+               "an int8 KV cache (--kv-cache-bits 8, or the profile's kv_cache.bits)" if kv_bits == 8 else
+               f"the profile's kv_cache.dtype {profile.kv_cache.dtype}" if profile.kv_cache.dtype != "float16"
+               else None)
+    if problem:
+        raise ExportError(f"{problem}, but the {profile.name} profile runs on the GPU, where the fused graph's "
+                          "GroupQueryAttention takes float16 only: export fp16, int8 or int4 with a float16 KV cache "
+                          "(--kv-cache-bits 0), or use --graph optimum")
+
+
 def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportSummary:
     profile = load_profile(opts.profile)
     precision = opts.precision or profile.precision
@@ -254,6 +269,8 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         graph_choice = choose_graph(opts.graph, info, opts.algorithm)
         flavour = GRAPHS[graph_choice.name]
         progress.detail(f"graph: {graph_choice.name} ({graph_choice.why})")
+        if graph_choice.name == "fused":
+            check_gpu_attention_dtype(profile, precision, kv_bits)
         limit = context_limit(info, profile, opts.max_context)
         if limit > arch.max_position_embeddings:
             progress.detail(f"warning: --max-context {limit} is above the model's max_position_embeddings "

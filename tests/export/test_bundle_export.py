@@ -225,6 +225,32 @@ def test_export_refuses_bad_options_before_any_work(tiny_checkpoint, tmp_path, o
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
 
 
+@pytest.mark.parametrize("options, problem", [({"precision": "fp32"}, "--precision fp32 keeps the KV cache in float32"),
+                                             ({"precision": "int4", "kv_cache_bits": 8},
+                                              "an int8 KV cache (--kv-cache-bits 8, or the profile's kv_cache.bits)")])
+def test_a_fused_graph_the_gpu_cannot_run_attention_of_is_refused(tiny_checkpoint, tmp_path, options, problem):
+    """CUDA's GroupQueryAttention is float16-only: a float32 or int8 cache would put it on the CPU."""
+    from edge_export.pipeline import ExportError, ExportOptions, run_export
+
+    with pytest.raises(ExportError, match=f"{re.escape(problem)}, but the nvidia-gpu profile runs on the GPU"):
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="nvidia-gpu", output=tmp_path / "b",
+                                 skip_fidelity=True, **options))
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_float32_cache_bundle_is_refused_on_the_gpu_before_any_gpu_work(tiny_bundle):
+    import onnxruntime as ort
+
+    from edge_runtime.errors import ConfigError
+    from edge_runtime.gqa_decoder import SharedKVDecoder
+
+    bundle = load_bundle(tiny_bundle)  # fp32: a float32 KV cache
+    session = ort.InferenceSession(str(bundle.graph_path), providers=["CPUExecutionProvider"])
+    with pytest.raises(ConfigError, match="KV cache is float32, and on the GPU the fused graph's attention runs in "
+                                          "float16 only"):
+        SharedKVDecoder(ort, session, bundle.architecture, device="cuda", max_length=64)
+
+
 def test_export_whose_torch_reference_cannot_fit_is_refused_before_any_work(tiny_checkpoint, tmp_path,
                                                                             monkeypatch):
     """The fidelity step holds the original in float32 in torch (27 GiB for a 7B): on a machine
