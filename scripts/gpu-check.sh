@@ -25,8 +25,28 @@ py=${PYTHON:-python3}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.." || exit 1
-"$py" -c "import onnxruntime as o, sys; p = o.get_available_providers(); print('onnxruntime', o.__version__, p); \
-sys.exit(0 if 'CUDAExecutionProvider' in p else 'onnxruntime has no CUDAExecutionProvider: install onnxruntime-gpu')" || exit 1
+# onnxruntime-gpu lists CUDA even when its libraries (CUDA, cuDNN) cannot load, and then runs
+# on the CPU with a warning: start a one-node session to know, before any long step
+"$py" - <<'PY' || exit 1
+import sys
+import onnxruntime as ort
+from onnx import TensorProto, helper
+print("onnxruntime", ort.__version__, ort.get_available_providers())
+if "CUDAExecutionProvider" not in ort.get_available_providers():
+    sys.exit("onnxruntime has no CUDAExecutionProvider: install onnxruntime-gpu")
+x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+model = helper.make_model(helper.make_graph([helper.make_node("Neg", ["x"], ["y"])], "g", [x],
+                                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]))
+def started():
+    return ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"]).get_providers()
+if "CUDAExecutionProvider" not in started() and hasattr(ort, "preload_dlls"):
+    ort.preload_dlls()  # the CUDA and cuDNN libraries of pip's nvidia-* packages (onnxruntime >= 1.21)
+    if "CUDAExecutionProvider" in started():
+        sys.exit("CUDA starts only after onnxruntime.preload_dlls(): put the nvidia-*/lib folders on LD_LIBRARY_PATH")
+if "CUDAExecutionProvider" not in started():
+    sys.exit("onnxruntime-gpu cannot start CUDA here (missing CUDA or cuDNN libraries? see the warning above)")
+print("a CUDA session starts")
+PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 stage=${STAGE:-all}
 case $stage in all|prepare|bench) ;; *) echo "STAGE must be all, prepare or bench, not $stage"; exit 2 ;; esac
