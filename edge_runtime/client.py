@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,9 @@ class RemoteError(EdgeRuntimeError):
         self.request_id = request_id
         self.retry_after_s = retry_after_s  # rate_limited: when the device admits a request again
 
+    def __reduce__(self) -> tuple[Any, ...]:  # copy and pickle (the Remote* classes are made at import)
+        return (_remote_error, (self.code, self.message, self.request_id, self.retry_after_s))
+
     @classmethod
     def from_reply(cls, error: dict[str, Any], request_id: str | None) -> "RemoteError":
         """The exception for a reply's ``error`` object."""
@@ -90,6 +93,10 @@ class RemoteError(EdgeRuntimeError):
         return cls(str(error.get("code", "internal")), str(error.get("message", "")), request_id,
                    retry_after_s=float(retry) if isinstance(retry, (int, float)) and not isinstance(retry, bool)
                    else None)
+
+
+def _remote_error(code: str, message: str, request_id: str | None, retry_after_s: float | None) -> RemoteError:
+    return RemoteError(code, message, request_id, retry_after_s=retry_after_s)
 
 
 # RemoteBusy(RemoteError, Busy), ...: one for each error code a reply can carry
@@ -221,37 +228,61 @@ class Generation:
     # waiting runs on the loop's default executor (the MQTT client has its own thread);
     # a cancelled task cancels the request on the device, whose final reply ends the wait.
     async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
-        loop = asyncio.get_running_loop()
-        chunks = self._iter()
-        read_lock = threading.Lock()  # held by the thread inside next(chunks)
-
-        def next_chunk() -> dict[str, Any] | None:
-            with read_lock:
-                return next(chunks, None)
-
-        def drain() -> None:  # an abandoned stream, read to its final reply (or timeout) off the loop
-            with read_lock:
-                try:
-                    for _ in chunks:
-                        pass
-                except (EdgeRuntimeError, TimeoutError):
-                    pass
-
+        items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        _in_thread(self._iter, items, asyncio.get_running_loop(), name=f"edge-stream-{self.id}", each=True)
+        ended = False  # the reader thread is done (it cancelled on its own if it had to)
         try:
-            while (chunk := await loop.run_in_executor(None, next_chunk)) is not None:
-                yield chunk
+            while True:
+                kind, value = await items.get()
+                ended = kind != "item"
+                if kind == "error":
+                    raise value
+                if kind == "end":
+                    return
+                yield value
         finally:
-            if self.final is None:  # left early or cancelled: stop it on the device, take its final reply
+            if not ended and self.final is None:  # left early or cancelled: stop it on the device
                 self.cancel()
-                threading.Thread(target=drain, name=f"edge-drain-{self.id}", daemon=True).start()
 
     async def aresult(self) -> dict[str, Any]:
         """`result()` without blocking the event loop."""
+        items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        _in_thread(self.result, items, asyncio.get_running_loop(), name=f"edge-result-{self.id}", each=False)
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, self.result)
+            kind, value = await items.get()
+            if kind == "error":
+                raise value
+            return value
         finally:
             if self.final is None:
                 self.cancel()
+
+
+def _in_thread(work: Callable[[], Any], items: "asyncio.Queue[tuple[str, Any]]", loop: asyncio.AbstractEventLoop,
+               *, name: str, each: bool) -> None:
+    """Run `work` (a blocking wait on the reply inbox) on a daemon thread of its own, not the
+    loop's executor: a stream the caller gave up on is still read to its final reply or its
+    timeout, and that must not hold up the executor or the loop's shutdown. Puts
+    ("item", x) for each item of an iterator (`each`) or its result, then ("end", None),
+    or ("error", exception), on `items`."""
+    def put(kind: str, value: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(items.put_nowait, (kind, value))
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def run() -> None:
+        try:
+            if each:
+                for item in work():
+                    put("item", item)
+                put("end", None)
+            else:
+                put("item", work())
+        except BaseException as exc:  # handed to the awaiting task
+            put("error", exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
 
 
 class EdgeClient:
@@ -290,6 +321,10 @@ class EdgeClient:
         self._inboxes: dict[str, queue.Queue[dict[str, Any]]] = {}
         self._correlation: dict[str, bytes] = {}
         self._lock = threading.Lock()
+        self._status_lock = threading.Lock()
+        # ids of Generations garbage-collected unread: a finalizer only queues them (it may run in
+        # any thread, even one holding _lock); generate() forgets and cancels them
+        self._dropped: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._subscribed = threading.Event()
         self._refused: str | None = None
         self._sub_mid: int | None = None
@@ -383,12 +418,18 @@ class EdgeClient:
             self._inboxes.pop(request_id, None)
             self._correlation.pop(request_id, None)
 
-    def _abandon(self, request_id: str) -> None:
-        with self._lock:
-            pending = self._inboxes.pop(request_id, None) is not None
-            self._correlation.pop(request_id, None)
-        if pending and self._connected:
-            self.cancel(request_id)
+    def _cancel_dropped(self) -> None:
+        """Forget the Generations dropped unread and cancel them on the device."""
+        while True:
+            try:
+                request_id = self._dropped.get_nowait()
+            except queue.Empty:
+                return
+            with self._lock:
+                pending = self._inboxes.pop(request_id, None) is not None
+                self._correlation.pop(request_id, None)
+            if pending and self._connected:
+                self.cancel(request_id)
 
     # ------------------------------------------------------------------ requests
 
@@ -403,6 +444,7 @@ class EdgeClient:
         Parameters left None take the daemon's defaults."""
         if not self._connected:
             raise RuntimeError("EdgeClient is not connected (use `with EdgeClient(...) as c:`)")
+        self._cancel_dropped()
         request_id = request_id or uuid.uuid4().hex
         reply_topic = self.topics.reply_topic(self.client_id, request_id)
         v5 = protocol_version(self.protocol) == mqtt.MQTTv5
@@ -422,7 +464,7 @@ class EdgeClient:
         self._mqtt.publish(self.topics.generate, encode_request(obj), qos=1, properties=props)
         generation = Generation(self, request_id, inbox, timeout)
         # dropped without being read to its end: forget it and cancel it on the device
-        weakref.finalize(generation, self._abandon, request_id)
+        weakref.finalize(generation, self._dropped.put, request_id)
         return generation
 
     def complete(self, prompt: str, **kw: Any) -> str:
@@ -459,15 +501,16 @@ class EdgeClient:
             except ValueError:
                 pass
 
-        self._mqtt.message_callback_add(self.topics.status, on_status)
-        self._mqtt.subscribe(self.topics.status, qos=1)
-        try:
-            return got.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        finally:
-            self._mqtt.unsubscribe(self.topics.status)
-            self._mqtt.message_callback_remove(self.topics.status)
+        with self._status_lock:  # one subscription at a time: callers would undo each other's
+            self._mqtt.message_callback_add(self.topics.status, on_status)
+            self._mqtt.subscribe(self.topics.status, qos=1)
+            try:
+                return got.get(timeout=timeout)
+            except queue.Empty:
+                return None
+            finally:
+                self._mqtt.unsubscribe(self.topics.status)
+                self._mqtt.message_callback_remove(self.topics.status)
 
 
 def _s(p: str | Path | None) -> str | None:

@@ -26,7 +26,7 @@ from . import generator
 from .bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, Bundle, Family, load_bundle
 from .detokenizer import IncrementalDetokenizer
 from .errors import BadRequest, BundleError, ConfigError, ContextLengthExceeded, DeadlineExceeded, UnsupportedMode
-from .gqa_decoder import SharedKVDecoder
+from .gqa_decoder import SharedKVDecoder, check_kv_dtype_for_device
 from .memory_fit import PREFILL_CHUNK, MemoryPlan, check_bundle_fits, engine_context_limit
 from .onnx_decoder import KVConcatDecoder
 from .profiles import DeviceProfile, load_profile
@@ -38,6 +38,7 @@ from .tokenizer import CodeLlamaTokenizer
 from .types import Chunk, GenerationRequest, GenerationResult, Timings, Usage
 
 log = logging.getLogger(__name__)
+STREAM_WAIT_WARNING_S = 30.0  # a request waiting for the engine says so this often
 
 # One decoder class per graph flavour the bundle format knows.
 DECODERS = {FLAVOUR_OPTIMUM_KV_CONCAT: KVConcatDecoder, FLAVOUR_GQA_SHARED_KV: SharedKVDecoder}
@@ -81,6 +82,8 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, P
     if profile.intra_op_threads > 0:
         options.intra_op_num_threads = profile.intra_op_threads
     options.log_severity_level = 3
+    if bundle.graph_flavour == FLAVOUR_GQA_SHARED_KV:  # before the weights go to the GPU
+        check_kv_dtype_for_device(bundle_kv_dtype(bundle), choice.device)
     if uses_cuda_graph(choice) and bundle.graph_flavour != FLAVOUR_GQA_SHARED_KV:
         raise ConfigError(f"profile {profile.name} enables CUDA graphs (enable_cuda_graph), which need the fused "
                           f"graph's fixed KV buffers; {bundle.root} holds the {bundle.graph_flavour} graph "
@@ -95,6 +98,15 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, P
                               "bundle with --kv-cache-bits 0 (a float cache)") from exc
         raise
     return session, check_session_providers(session, choice, profile)
+
+
+def bundle_kv_dtype(bundle: Bundle) -> str:
+    """The KV cache dtype the bundle's graph takes, from its manifest."""
+    if (bundle.manifest.get("kv_cache") or {}).get("dtype") == "int8":
+        return "int8"
+    if bundle.precision == "fp32":
+        return "float32"
+    return str((bundle.manifest.get("profile") or {}).get("kv_cache_dtype") or "float16")
 
 
 def uses_cuda_graph(choice: ProviderChoice) -> bool:
@@ -145,7 +157,6 @@ class Engine:
                               supports_infill=bundle.supports_infill, chat_format=bundle.chat_format,
                               provider=choice.providers[0][0], facts=bundle.family, memory=memory)
         self._lock = threading.Lock()  # one request at a time (one session, one KV cache)
-        self._stream_thread: int | None = None  # the thread whose stream holds the lock
 
     @classmethod
     def from_bundle(cls, path: str | Path, profile: str | Path | DeviceProfile | None = None, *,
@@ -209,26 +220,24 @@ class Engine:
 
         One request runs at a time: a stream holds the engine from its first item until
         it is read to the end or closed (``with contextlib.closing(engine.generate(r))``),
-        and a stream started meanwhile on another thread waits for it. Starting a second
-        one on the thread that holds an open stream raises RuntimeError (it would wait
-        for itself)."""
+        and a stream started meanwhile waits for it, with a warning every 30 s. A thread
+        must not start a stream while it holds another open: it would wait for itself."""
         plan = self.plan(request)
         sampler = Sampler(request.sampling)
         stops = StopStringMatcher(request.stop)
-        if self._stream_thread == threading.get_ident():
-            raise RuntimeError("this thread has an open stream of this engine: read it to the end or close() it "
-                               "before starting another (an Engine runs one request at a time)")
-        with self._lock:
-            self._stream_thread = threading.get_ident()
-            try:
-                yield from self._run(request, plan, sampler, stops, cancel)
-            finally:
-                self._stream_thread = None
+        if not self._lock.acquire(blocking=False):
+            while not self._lock.acquire(timeout=STREAM_WAIT_WARNING_S):
+                log.warning("a request has waited %.0f s for the engine: another stream of it is open (read it to "
+                            "its end or close() it; a thread that waits for its own open stream waits forever)",
+                            STREAM_WAIT_WARNING_S)
+        try:
+            yield from self._run(request, plan, sampler, stops, cancel)
+        finally:
+            self._lock.release()
 
     def _run(self, request: GenerationRequest, plan: PromptPlan, sampler: Sampler, stops: StopStringMatcher,
              cancel: threading.Event | None) -> Iterator[Chunk | GenerationResult]:
         start = time.perf_counter()
-        cache = self.decoder.new_cache(len(plan.ids) + request.max_tokens)
         detok = IncrementalDetokenizer(self.tokenizer, strip_leading_space=plan.strip_leading_space)
         text_parts: list[str] = []
         generated: list[int] = []
@@ -242,6 +251,7 @@ class Engine:
             events: Iterator[generator.TokenEvent] = iter(())
             finish = "cancelled"
         else:
+            cache = self.decoder.new_cache(len(plan.ids) + request.max_tokens)
             events = generator.generate(self.decoder, cache, prompt, max_new_tokens=request.max_tokens,
                                         sample=sampler.sample, stop_ids=plan.stop_ids)
         for event in events:

@@ -127,6 +127,16 @@ def graph_max_length(session) -> int | None:
 GQA_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length")
 
 
+def check_kv_dtype_for_device(kv_dtype: str, device: str) -> None:
+    """ConfigError unless the fused graph's KV cache can stay on `device`. CUDA's
+    GroupQueryAttention is float16-only: onnxruntime would run a float32 or int8 one on the
+    CPU, reading a host copy of the device KV buffers made when they were bound."""
+    if device != "cpu" and kv_dtype != "float16":
+        raise ConfigError(f"this bundle's KV cache is {kv_dtype}, and on the GPU the fused graph's attention runs in "
+                          "float16 only: export it for the GPU profile (fp16, int8 or int4, float16 KV cache), or "
+                          "run this bundle with a CPU profile")
+
+
 class SharedKVDecoder:
     """The `gqa-shared-kv` flavour: inputs input_ids, past_key_values.{i}.key/value
     (shared buffers), seqlens_k, total_sequence_length; outputs logits [1, 1, V] of the
@@ -160,12 +170,7 @@ class SharedKVDecoder:
         self.max_length = max_length
         inputs = {i.name: i for i in session.get_inputs()}
         self.kv_dtype = np.dtype(ORT_TO_NUMPY[inputs["past_key_values.0.key"].type])
-        if device != "cpu" and self.kv_dtype != np.float16:
-            # CUDA's GroupQueryAttention is float16-only: onnxruntime would run it on the CPU,
-            # reading a host copy of the device KV buffers made when they were bound
-            raise ConfigError(f"this bundle's KV cache is {self.kv_dtype}, and on the GPU the fused graph's "
-                              "attention runs in float16 only: export it for the GPU profile (fp16, int8 or int4, "
-                              "float16 KV cache), or run this bundle with a CPU profile")
+        check_kv_dtype_for_device(str(self.kv_dtype), device)
         self.logits_dtype = np.dtype(ORT_TO_NUMPY[session.get_outputs()[0].type])
         self.vocab_size = arch.vocab_size
         # Host buffers bound once by pointer and written in place by the loop.

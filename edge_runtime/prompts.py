@@ -59,19 +59,12 @@ def build_prompt(
         suffix = "" if request.suffix is None else _require_str(request.suffix, "suffix")  # as over MQTT
         return infill_prompt(tokenizer, prefix, suffix, suffix_first=request.suffix_first)
     if request.mode == "chat":
-        messages = _as_messages(request.messages)
         if chat_format == "llama2":
-            return llama2_chat_prompt(tokenizer, messages)
+            return llama2_chat_prompt(tokenizer, request.messages)
         if chat_format == "source-step":
-            return source_step_chat_prompt(tokenizer, messages)
+            return source_step_chat_prompt(tokenizer, request.messages)
         raise ValueError(f"unknown chat format {chat_format!r}; expected one of {CHAT_FORMATS}")
     raise UnsupportedMode(f"mode must be one of 'complete', 'infill', 'chat', got {request.mode!r}")
-
-
-def _as_messages(messages: Sequence[object]) -> list[object]:
-    """Messages as given, with {"role", "content"} dicts (the wire's form) made Messages."""
-    return [Message(m["role"], m["content"]) if isinstance(m, dict) and set(m) == {"role", "content"} else m
-            for m in messages]
 
 
 def _require_str(value: object, field: str) -> str:

@@ -50,6 +50,13 @@ class GenerationRequest:
     deadline: float | None = None  # time.monotonic() value after which generation stops
     client_id: str = ""  # who asked (the MQTT client id of the reply topic); read by the operator policy only
 
+    def __post_init__(self) -> None:
+        # chat messages may come in the wire's form, {"role", "content"} dicts
+        if any(isinstance(m, dict) for m in self.messages):
+            object.__setattr__(self, "messages", tuple(
+                Message(m["role"], m["content"]) if isinstance(m, dict) and set(m) == {"role", "content"} else m
+                for m in self.messages))
+
 
 @dataclass(frozen=True)
 class Chunk:

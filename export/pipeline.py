@@ -379,7 +379,8 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                               "supports_infill": info.supports_infill, "step": info.step_id,
                               "chat_format": info.chat_format},
                 "family": fam.as_dict(),
-                "profile": {"name": profile.name, "kv_cache_dtype": "int8" if kv_scales else profile.kv_cache.dtype},
+                "profile": {"name": profile.name, "kv_cache_dtype": "int8" if kv_scales else
+                            "float32" if precision == "fp32" else profile.kv_cache.dtype},
                 "kv_cache": kv_scales.as_manifest() if kv_scales else None,
                 "precision": precision,
                 "quantization": ({**recipe.as_manifest(excluded), "kept_bits": kept_bits, "calibration": calibrated}

@@ -36,7 +36,8 @@ if "CUDAExecutionProvider" not in ort.get_available_providers():
     sys.exit("onnxruntime has no CUDAExecutionProvider: install onnxruntime-gpu")
 x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
 model = helper.make_model(helper.make_graph([helper.make_node("Neg", ["x"], ["y"])], "g", [x],
-                                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]))
+                                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]),
+                          ir_version=8, opset_imports=[helper.make_opsetid("", 13)])  # any onnxruntime >= 1.14 reads it
 def started():
     return ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"]).get_providers()
 if "CUDAExecutionProvider" not in started() and hasattr(ort, "preload_dlls"):

@@ -151,13 +151,23 @@ def test_local_requests_take_the_wires_defaults_and_forms(engine):
     assert as_dicts.prompt_token_ids == as_messages.prompt_token_ids and as_dicts.text == as_messages.text
 
 
-def test_a_second_stream_on_the_thread_holding_one_is_refused_not_a_deadlock(engine):
+def test_a_stream_waits_for_the_open_one_until_it_is_closed(engine):
+    """One request at a time: a stream read halfway holds the engine; another, on another
+    thread (or a pool's worker that read the first), waits until the first is closed."""
     first = engine.generate(GenerationRequest(mode="complete", prompt="x", max_tokens=8, sampling=GREEDY))
     next(first)  # the first stream holds the engine
-    with pytest.raises(RuntimeError, match="this thread has an open stream of this engine"):
-        next(engine.generate(GenerationRequest(mode="complete", prompt="y", max_tokens=2)))
-    first.close()  # closing it frees the engine for the next request
-    assert engine.complete(GenerationRequest(mode="complete", prompt="y", max_tokens=2)).usage.completion_tokens
+    done = threading.Event()
+
+    def second() -> None:
+        engine.complete(GenerationRequest(mode="complete", prompt="y", max_tokens=2))
+        done.set()
+
+    worker = threading.Thread(target=second)
+    worker.start()
+    assert not done.wait(0.5)  # waiting for the engine
+    first.close()  # closing the first frees it
+    assert done.wait(30)
+    worker.join()
 
 
 def test_a_request_cancelled_before_it_starts_generates_nothing(engine):
@@ -297,13 +307,37 @@ def test_a_gpu_profile_without_its_gpu_provider_refuses_unless_the_fallback_is_a
     assert result.usage.completion_tokens == 4
 
 
-def test_a_gpu_provider_that_onnxruntime_lists_but_cannot_start_is_not_a_silent_cpu_run(tiny_bundle, monkeypatch):
+@pytest.fixture(scope="module")
+def gpu_fp16_bundle(tiny_checkpoint, tmp_path_factory, exporter):
+    """The tiny checkpoint exported for the nvidia-gpu profile: float16 activations and KV cache."""
+    return exporter(tiny_checkpoint, tmp_path_factory.mktemp("gpu") / "fp16", precision="fp16", profile="nvidia-gpu",
+                    skip_fidelity=True, allow_degraded=True)
+
+
+def test_a_float32_cache_bundle_is_refused_for_the_gpu_before_its_session_is_made(tiny_bundle, monkeypatch):
+    import onnxruntime
+
+    from edge_runtime.errors import ConfigError
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession",
+                        lambda *a, **k: pytest.fail("made the session (weights on the GPU) before refusing"))
+    with pytest.raises(ConfigError, match="KV cache is float32, and on the GPU the fused graph's attention runs in "
+                                          "float16 only"):
+        Engine.from_bundle(tiny_bundle, "nvidia-gpu")
+
+
+def test_a_gpu_provider_that_onnxruntime_lists_but_cannot_start_is_not_a_silent_cpu_run(gpu_fp16_bundle,
+                                                                                        monkeypatch):
     """onnxruntime-gpu lists the CUDA provider even when the CUDA libraries it needs are
     missing; the session then quietly has the CPU provider alone. (A CPU onnxruntime told
     the provider is available behaves the same way.)"""
     import onnxruntime
 
     from edge_runtime.errors import ConfigError
+
+    tiny_bundle = gpu_fp16_bundle
 
     monkeypatch.setattr(onnxruntime, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])

@@ -153,9 +153,23 @@ def test_a_generation_dropped_unread_is_forgotten_and_cancelled(broker):
         for i in range(3):
             c.generate(mode="complete", prompt="x", request_id=f"dropped-{i}")  # never read
         gc.collect()
-        assert c._inboxes == {}
+        c.generate(mode="complete", prompt="x", request_id="kept")  # the next request cancels the dropped ones
+        assert list(c._inboxes) == ["kept"]
         cancels = spy.wait_for(lambda ms: len(ms) >= 3)
         assert sorted(m.json["id"] for m in cancels) == ["dropped-0", "dropped-1", "dropped-2"]
+
+
+def test_remote_errors_copy_and_pickle_as_their_class():
+    import copy
+    import pickle
+
+    from edge_runtime.errors import RateLimited
+
+    error = RemoteError("rate_limited", "slow down", "r7", retry_after_s=12.5)
+    for again in (copy.copy(error), pickle.loads(pickle.dumps(error))):
+        assert isinstance(again, RateLimited) and isinstance(again, RemoteError)
+        assert (again.code, again.message, again.request_id, again.retry_after_s) == ("rate_limited", "slow down",
+                                                                                      "r7", 12.5)
 
 
 def replies_by_hand(broker, device: str, request_id: str, *messages: dict) -> Generation:
