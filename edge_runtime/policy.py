@@ -215,6 +215,9 @@ class Rule:
     beginnings: re.Pattern[str] | None = None  # a tail of text that is the start of a phrase's match
     pattern_hold: int = 0  # stop rules: trailing characters held back for the patterns
     non_ascii: bool = False  # a phrase or pattern has a non-ASCII character (a combining mark may complete it)
+    # per pattern: the longest match, when bounded and without lookahead (how far back a match
+    # that reaches into new text can begin); None: the whole window
+    pattern_lookbacks: tuple[int | None, ...] = ()
 
     def applies(self, where: str, mode: str, client_id: str) -> bool:
         return (where in self.on and mode in self.modes
@@ -223,11 +226,19 @@ class Rule:
     def search(self, text: str) -> bool:
         return any(rx.search(text) for rx in self._regexes())
 
-    def first_match(self, text: str, phrases_from: int, patterns_from: int) -> int | None:
+    def first_match(self, text: str, phrases_from: int, patterns_from: int, new_from: int | None = None) -> int | None:
         """Where the earliest match begins (a phrase's at or after `phrases_from`, a
-        pattern's at or after `patterns_from`), or None."""
-        starts = [m.start() for rx, pos in [(self.phrases, phrases_from), *((p, patterns_from) for p in self.patterns)]
-                  if rx is not None and (m := rx.search(text, pos))]
+        pattern's at or after `patterns_from`), or None. With `new_from` (where the text
+        not yet searched begins), a pattern whose matches are at most n long is searched
+        from n before it only: a match found now must reach into that text."""
+        def pattern_from(lookback: int | None) -> int:
+            if new_from is None or lookback is None:
+                return patterns_from
+            return max(patterns_from, new_from - lookback)
+
+        searches = [(self.phrases, phrases_from),
+                    *((p, pattern_from(lb)) for p, lb in zip(self.patterns, self.pattern_lookbacks))]
+        starts = [m.start() for rx, pos in searches if rx is not None and (m := rx.search(text, pos))]
         return min(starts, default=None)
 
     def phrase_opening(self, text: str, pos: int, endpos: int | None = None) -> int | None:
@@ -363,7 +374,7 @@ class OutputWatch:
             self._opening.pop(rule.name, None)
             resume = self._resume.pop(rule.name, None)
             phrases_from = max(start, before if resume is None else min(before, resume - self._dropped))
-            at = rule.first_match(self._text, phrases_from, start)
+            at = rule.first_match(self._text, phrases_from, start, new_from=before)
             if at is not None:
                 hits.append(Violation(rule.name, rule.action, "output", rule.description, at=self._dropped + at))
                 self._rules.remove(rule)
@@ -436,8 +447,10 @@ def compile_policy(spec: PolicySpec, *, source: str, sha256: str = "") -> Policy
         if r.action == "stop" and r.patterns:
             hold = r.hold_back_chars if r.hold_back_chars is not None else _pattern_hold(patterns)
         non_ascii = not all(normalize(text).isascii() for text in (*r.phrases, *r.patterns))
+        lookbacks = tuple(None if "(?=" in rx.pattern or "(?!" in rx.pattern else _longest_match_chars(rx)
+                          for rx in patterns)
         rules.append(Rule(r.name, r.action, frozenset(r.on), frozenset(r.modes), r.clients, phrases,
-                          tuple(patterns), r.description, beginnings, hold, non_ascii))
+                          tuple(patterns), r.description, beginnings, hold, non_ascii, lookbacks))
     return Policy(tuple(rules), spec.limits, spec.classifier, spec.audit, spec.output_window_chars,
                   source, sha256)
 

@@ -184,6 +184,18 @@ def test_a_phrase_split_over_deltas_is_found_after_a_long_output():
     assert [(v.rule, v.at) for v in watch.feed("s;")] == [("s", 1000)]
 
 
+def test_a_bounded_pattern_is_searched_only_as_far_back_as_its_longest_match_reaches():
+    """Each delta searches a pattern of bounded length from that length back (a new match must
+    reach into the delta); a lookahead can reach further, so such a pattern gets the window."""
+    watch = OutputWatch(policy(stop_rule("patterns = ['key-[0-9a-f]{6}', 'a(?=xbbbb)']")).rules, window=2048)
+    for delta in ["x" * 500, " ke", "y-3f", "a9"]:
+        assert watch.feed(delta) == []
+    assert [v.at for v in watch.feed("0c")] == [501]
+    watch = OutputWatch(policy(stop_rule("patterns = ['a(?=xbbbb)']")).rules, window=2048)
+    assert watch.feed("axbb") == []
+    assert [v.at for v in watch.feed("bb")] == [0]  # the match ends before this delta; its lookahead reaches in
+
+
 def test_flag_rules_hold_nothing_back():
     p = policy('[[rules]]\nname = "f"\naction = "flag"\non = ["output"]\nphrases = ["vssadmin delete"]\n'
                'patterns = ["a.*b"]')
