@@ -63,7 +63,7 @@ def cmd_verify(args) -> int:
 
 # -- generate -------------------------------------------------------------------------------
 def request_from_args(args):
-    from .types import DEFAULT_MAX_TOKENS, GenerationRequest, Message, SamplingParams
+    from .types import DEFAULT_MAX_TOKENS, GenerationRequest, SamplingParams
 
     defaults = SamplingParams()
     sampling = SamplingParams(
@@ -77,8 +77,8 @@ def request_from_args(args):
         source = request_source(args)
     except ValueError as exc:
         raise EdgeRuntimeError(str(exc)) from None
-    if source["mode"] == "chat":
-        source["messages"] = tuple(Message(m["role"], m["content"]) for m in source["messages"])
+    if source["mode"] == "chat":  # GenerationRequest makes the {"role", "content"} dicts Messages
+        source["messages"] = tuple(source["messages"])
     return GenerationRequest(**source, **common)
 
 

@@ -447,7 +447,7 @@ class EdgeClient:
         self._cancel_dropped()
         request_id = request_id or uuid.uuid4().hex
         reply_topic = self.topics.reply_topic(self.client_id, request_id)
-        v5 = protocol_version(self.protocol) == mqtt.MQTTv5
+        v5 = self._v5
         obj = build_request(request_id=request_id, mode=mode, prompt=prompt, prefix=prefix, suffix=suffix,
                             suffix_first=suffix_first, messages=messages, max_tokens=max_tokens,
                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,

@@ -18,10 +18,6 @@ class DeviceLock:
         self.device_id = device_id
         self._file: IO[str] | None = None
 
-    @property
-    def held(self) -> bool:
-        return self._file is not None
-
     def acquire(self) -> "DeviceLock":
         """Take the lock (a no-op when this object holds it); EdgeRuntimeError naming the
         lock file when another daemon holds it."""

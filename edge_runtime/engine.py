@@ -27,12 +27,12 @@ from .bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, Bundle, Fa
 from .detokenizer import IncrementalDetokenizer
 from .errors import BadRequest, BundleError, ConfigError, ContextLengthExceeded, DeadlineExceeded, UnsupportedMode
 from .gqa_decoder import SharedKVDecoder, check_kv_dtype_for_device
-from .memory_fit import PREFILL_CHUNK, MemoryPlan, check_bundle_fits, engine_context_limit
+from .memory_fit import PREFILL_CHUNK, MemoryPlan, bundle_kv_dtype, check_bundle_fits, engine_context_limit
 from .onnx_decoder import KVConcatDecoder
 from .profiles import DeviceProfile, load_profile
 from .prompts import PromptPlan, build_prompt
 from .providers import ProviderChoice, choose_providers, import_onnxruntime
-from .sampling import Sampler
+from .sampling import Sampler, is_int
 from .stopping import StopStringMatcher
 from .tokenizer import CodeLlamaTokenizer
 from .types import Chunk, GenerationRequest, GenerationResult, Timings, Usage
@@ -83,7 +83,7 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, P
         options.intra_op_num_threads = profile.intra_op_threads
     options.log_severity_level = 3
     if bundle.graph_flavour == FLAVOUR_GQA_SHARED_KV:  # before the weights go to the GPU
-        check_kv_dtype_for_device(bundle_kv_dtype(bundle), choice.device)
+        check_kv_dtype_for_device(bundle_kv_dtype(bundle, profile.kv_cache.dtype), choice.device)
     if uses_cuda_graph(choice) and bundle.graph_flavour != FLAVOUR_GQA_SHARED_KV:
         raise ConfigError(f"profile {profile.name} enables CUDA graphs (enable_cuda_graph), which need the fused "
                           f"graph's fixed KV buffers; {bundle.root} holds the {bundle.graph_flavour} graph "
@@ -92,21 +92,12 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, P
     try:
         session = ort.InferenceSession(str(bundle.graph_path), sess_options=options, providers=choice.providers)
     except Exception as exc:
-        if (bundle.manifest.get("kv_cache") or {}).get("dtype") == "int8":
+        if bundle_kv_dtype(bundle, profile.kv_cache.dtype) == "int8":
             raise BundleError(f"{bundle.root} keeps an int8 KV cache, which onnxruntime {ort.__version__} could not "
                               f"load ({exc}); it needs onnxruntime 1.32 or newer (the version tested), or export the "
                               "bundle with --kv-cache-bits 0 (a float cache)") from exc
         raise
     return session, check_session_providers(session, choice, profile)
-
-
-def bundle_kv_dtype(bundle: Bundle) -> str:
-    """The KV cache dtype the bundle's graph takes, from its manifest."""
-    if (bundle.manifest.get("kv_cache") or {}).get("dtype") == "int8":
-        return "int8"
-    if bundle.precision == "fp32":
-        return "float32"
-    return str((bundle.manifest.get("profile") or {}).get("kv_cache_dtype") or "float16")
 
 
 def uses_cuda_graph(choice: ProviderChoice) -> bool:
@@ -190,7 +181,7 @@ class Engine:
     # -- request -> prompt ------------------------------------------------------------------
     def plan(self, request: GenerationRequest) -> PromptPlan:
         """Prompt ids and stop tokens for a request, after every check that needs no model run."""
-        if not isinstance(request.max_tokens, int) or isinstance(request.max_tokens, bool):
+        if not is_int(request.max_tokens):
             raise BadRequest(f"max_tokens must be an integer, got {type(request.max_tokens).__name__}")
         if request.max_tokens < 1:
             raise BadRequest(f"max_tokens must be at least 1 (got {request.max_tokens})")

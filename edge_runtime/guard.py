@@ -154,7 +154,7 @@ class GuardedEngine:
                     held.append((item, watch.length))
                     for v in hits:
                         guard._record(request, v, watch.text)
-                    stops = [v for v in hits if v.action == "stop"]
+                    stops = [v for v in hits if v.action == "stop"] if hits else None
                     if stops:
                         stopped_by = min(stops, key=lambda v: v.at if v.at is not None else 0)
                         flag.set()

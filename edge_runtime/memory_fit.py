@@ -239,14 +239,20 @@ def engine_context_limit(bundle: Bundle, profile: DeviceProfile) -> int:
     return min(bundle.context_limit, profile.max_context)
 
 
+def bundle_kv_dtype(bundle: Bundle, default: str) -> str:
+    """The dtype of the bundle's KV cache, from its manifest (`default`, the profile's, where
+    the manifest names none)."""
+    export_kv = str((bundle.manifest.get("profile") or {}).get("kv_cache_dtype") or default)
+    return kv_dtype_of(bundle.precision, bundle.graph_flavour, export_kv)
+
+
 def bundle_plan(bundle: Bundle, profile: DeviceProfile, context: int | None = None) -> MemoryPlan:
     """The memory plan of `bundle` run with `profile` at `context` tokens (default: the
     engine's context limit, the bundle's capped by the profile's)."""
     if context is None:
         context = engine_context_limit(bundle, profile)
     arch: Architecture = bundle.architecture
-    export_kv = str((bundle.manifest.get("profile") or {}).get("kv_cache_dtype") or profile.kv_cache.dtype)
-    kv_dtype = kv_dtype_of(bundle.precision, bundle.graph_flavour, export_kv)
+    kv_dtype = bundle_kv_dtype(bundle, profile.kv_cache.dtype)
     buffers = 1 if bundle.graph_flavour == FLAVOUR_GQA_SHARED_KV else 2
     return MemoryPlan(
         what=bundle.model_name, profile=profile.name, precision=bundle.precision, context=context,

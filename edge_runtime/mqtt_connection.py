@@ -162,14 +162,11 @@ def response_route(message: mqtt.MQTTMessage) -> tuple[str | None, bytes | None]
 
 
 def connect_async(client: mqtt.Client, address: BrokerAddress, *, protocol: str, keepalive: int,
-                  persistent: bool, session_expiry_s: int | None = None, resume_on_reconnect: bool = False) -> None:
+                  persistent: bool, session_expiry_s: int | None = None) -> None:
     """Start connecting in the background (use with `loop_start`; paho reconnects
-    with backoff on its own). `resume_on_reconnect` (MQTT 5, with `session_expiry_s`):
-    a fresh session at the first connect, the same one after a lost connection, so the
-    broker keeps what was published to the client's subscriptions meanwhile."""
+    with backoff on its own)."""
     if protocol_version(protocol) == mqtt.MQTTv5:
-        clean_start = mqtt.MQTT_CLEAN_START_FIRST_ONLY if resume_on_reconnect else not persistent
-        client.connect_async(address.host, address.port, keepalive=keepalive, clean_start=clean_start,
+        client.connect_async(address.host, address.port, keepalive=keepalive, clean_start=not persistent,
                              properties=connect_properties(protocol, session_expiry_s=session_expiry_s))
     else:
         client.connect_async(address.host, address.port, keepalive=keepalive)

@@ -226,15 +226,13 @@ class Rule:
     def search(self, text: str) -> bool:
         return any(rx.search(text) for rx in self._regexes())
 
-    def first_match(self, text: str, phrases_from: int, patterns_from: int, new_from: int | None = None) -> int | None:
+    def first_match(self, text: str, phrases_from: int, patterns_from: int, new_from: int) -> int | None:
         """Where the earliest match begins (a phrase's at or after `phrases_from`, a
-        pattern's at or after `patterns_from`), or None. With `new_from` (where the text
-        not yet searched begins), a pattern whose matches are at most n long is searched
-        from n before it only: a match found now must reach into that text."""
+        pattern's at or after `patterns_from`), or None. `new_from`: where the text not yet
+        searched begins; a pattern whose matches are at most n long is searched from n
+        before it only, since a match found now must reach into that text."""
         def pattern_from(lookback: int | None) -> int:
-            if new_from is None or lookback is None:
-                return patterns_from
-            return max(patterns_from, new_from - lookback)
+            return patterns_from if lookback is None else max(patterns_from, new_from - lookback)
 
         searches = [(self.phrases, phrases_from),
                     *((p, pattern_from(lb)) for p, lb in zip(self.patterns, self.pattern_lookbacks))]
@@ -374,12 +372,17 @@ class OutputWatch:
             self._opening.pop(rule.name, None)
             resume = self._resume.pop(rule.name, None)
             phrases_from = max(start, before if resume is None else min(before, resume - self._dropped))
-            at = rule.first_match(self._text, phrases_from, start, new_from=before)
+            at = rule.first_match(self._text, phrases_from, start, before)
             if at is not None:
                 hits.append(Violation(rule.name, rule.action, "output", rule.description, at=self._dropped + at))
                 self._rules.remove(rule)
                 continue
-            for openings, endpos in ((self._opening, None), (self._resume, committed)):
+            # the opening before the provisional part: where the next search resumes, and what a
+            # non-ASCII stop rule holds back; an ASCII stop rule holds back the one in the whole text
+            wanted = [(self._resume, committed)]
+            if rule.action == "stop" and not rule.non_ascii:
+                wanted.append((self._opening, None))
+            for openings, endpos in wanted:
                 opening = rule.phrase_opening(self._text, phrases_from, endpos)
                 if opening is not None:
                     openings[rule.name] = self._dropped + opening
@@ -414,10 +417,9 @@ def _last_starter(text: str) -> int:
     return 0
 
 
-def _pattern_hold(patterns: list[re.Pattern[str]]) -> int:
-    """What a stop rule's patterns hold back by default: one character less than their
-    longest match, at most DEFAULT_PATTERN_HOLD_CHARS (an unbounded one gets that)."""
-    longest = [_longest_match_chars(p) for p in patterns]
+def _pattern_hold(longest: list[int | None]) -> int:
+    """What a stop rule's patterns hold back by default, from their longest matches (None:
+    unbounded): one character less than the longest, at most DEFAULT_PATTERN_HOLD_CHARS."""
     if any(n is None for n in longest):
         return DEFAULT_PATTERN_HOLD_CHARS
     return max(0, min(DEFAULT_PATTERN_HOLD_CHARS, max(n for n in longest if n is not None) - 1))
@@ -443,12 +445,14 @@ def compile_policy(spec: PolicySpec, *, source: str, sha256: str = "") -> Policy
         beginnings = None
         if r.phrases:
             beginnings = re.compile("(?:" + "|".join(_phrase_beginnings_regex(p) for p in r.phrases) + r")\Z", flags)
+        longest = [_longest_match_chars(rx) for rx in patterns]
         hold = 0
         if r.action == "stop" and r.patterns:
-            hold = r.hold_back_chars if r.hold_back_chars is not None else _pattern_hold(patterns)
+            hold = r.hold_back_chars if r.hold_back_chars is not None else _pattern_hold(longest)
         non_ascii = not all(normalize(text).isascii() for text in (*r.phrases, *r.patterns))
-        lookbacks = tuple(None if "(?=" in rx.pattern or "(?!" in rx.pattern else _longest_match_chars(rx)
-                          for rx in patterns)
+        # how far back a new match can begin: a lookahead can reach past the match's own length
+        lookbacks = tuple(None if "(?=" in rx.pattern or "(?!" in rx.pattern else n
+                          for rx, n in zip(patterns, longest))
         rules.append(Rule(r.name, r.action, frozenset(r.on), frozenset(r.modes), r.clients, phrases,
                           tuple(patterns), r.description, beginnings, hold, non_ascii, lookbacks))
     return Policy(tuple(rules), spec.limits, spec.classifier, spec.audit, spec.output_window_chars,

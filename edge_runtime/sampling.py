@@ -25,9 +25,9 @@ def validate_sampling(params: SamplingParams) -> SamplingParams:
         raise BadRequest(f"temperature must be a finite number >= 0, got {t!r}")
     if not _is_real(p) or not math.isfinite(p) or not 0 < p <= 1:
         raise BadRequest(f"top_p must be a number in (0, 1], got {p!r}")
-    if not _is_int(k) or k < 0:
+    if not is_int(k) or k < 0:
         raise BadRequest(f"top_k must be an integer >= 0, got {k!r}")
-    if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
+    if seed is not None and (not is_int(seed) or not 0 <= seed <= MAX_SEED):
         raise BadRequest(f"seed must be an integer between 0 and {MAX_SEED}, or null, got {seed!r}")
     return params
 
@@ -36,7 +36,7 @@ def _is_real(x: object) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def _is_int(x: object) -> bool:
+def is_int(x: object) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
