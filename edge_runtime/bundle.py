@@ -248,10 +248,17 @@ def load_time_budget_s(path: str | Path) -> float:
     (the load then says why at once)."""
     try:
         manifest, _ = read_manifest(Path(path).resolve())
-        size = sum(int(f.get("size", 0)) for f in manifest.get("files", []) if isinstance(f, dict))
-    except (BundleError, OSError, TypeError, ValueError):
+    except (BundleError, OSError):
         return 0.0
-    return 2 * size / SLOWEST_READ_BYTES_PER_S
+    return 2 * listed_bytes(manifest) / SLOWEST_READ_BYTES_PER_S
+
+
+def listed_bytes(manifest: dict[str, Any]) -> int:
+    """The bytes of the files a manifest lists (entries that are not well formed count 0:
+    verification names them)."""
+    files = manifest.get("files")
+    return sum(f["size"] for f in (files if isinstance(files, list) else [])
+               if isinstance(f, dict) and isinstance(f.get("size"), int) and not isinstance(f.get("size"), bool))
 
 
 def load_bundle(path: str | Path, *, progress=None, pinned_sha256: str | None = None) -> Bundle:

@@ -113,8 +113,10 @@ def cmd_generate(args) -> int:
             else:
                 result = item
     except EdgeRuntimeError as exc:  # the request's error, with the code `ask` and the protocol give it
+        from .protocol import encode_error
+
         if args.json:
-            print(json.dumps({"done": True, "error": {"code": exc.code, "message": str(exc)}}, ensure_ascii=False))
+            print(encode_error(None, exc.code, str(exc)).decode())
         return _die(f"{exc.code}: {exc}", 1)
     if args.json:
         print(json.dumps(result_json(result), ensure_ascii=False))

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import SERVICE_STATE_DIR
 from .errors import BundleError, ConfigError, EdgeRuntimeError
 from .memory_fit import human_bytes
 
@@ -64,7 +65,6 @@ __all__ = [
     "SERVICE_USER",
     "DryRunRefused",
     "add_arguments",
-    "find_console_script",
     "install_service",
     "is_gpu_profile",
     "render_config",
@@ -76,7 +76,7 @@ __all__ = [
 
 SERVICE_NAME = "edge-runtime"
 SERVICE_USER = "edge-runtime"
-STATE_DIR = "/var/lib/edge-runtime"
+STATE_DIR = str(SERVICE_STATE_DIR)
 DEFAULT_EXECUTABLE = "/opt/edge-runtime/venv/bin/edge-runtime"
 BUNDLES_DIR = "/opt/edge-runtime/bundles"
 UNIT_FILE = "etc/systemd/system/edge-runtime.service"
@@ -146,22 +146,18 @@ def render_config(bundle: str | os.PathLike[str] | None, profile: str | None) ->
 
 
 # -- facts ----------------------------------------------------------------------------------
-def is_gpu_profile(profile: str, *, strict: bool = True) -> bool:
-    """True when the profile runs on an accelerator (any provider besides the CPU's).
+def is_gpu_profile(profile: str) -> bool:
+    """True when the profile runs on an accelerator (any provider besides the CPU's). The
+    profile is loaded (a packaged name or a TOML path); an unknown one raises `ConfigError`."""
+    from .profiles import load_profile
 
-    The profile is loaded (a packaged name or a TOML path); an unknown one raises
-    `ConfigError` when `strict`, else the name decides (nvidia-gpu, jetson-*).
-    """
-    try:
-        from .profiles import load_profile
+    return any(name != "CPUExecutionProvider" for name in load_profile(profile).provider_names)
 
-        loaded = load_profile(profile)
-    except (ConfigError, ImportError):
-        if strict:
-            raise
-        name = Path(profile).stem
-        return name == "nvidia-gpu" or name.startswith("jetson-")
-    return any(name != "CPUExecutionProvider" for name in loaded.provider_names)
+
+def _gpu_by_name(profile: str) -> bool:
+    """Whether a profile's name says GPU (nvidia-gpu, jetson-*), for one that cannot be loaded."""
+    stem = Path(profile).stem
+    return stem == "nvidia-gpu" or stem.startswith("jetson-")
 
 
 def _executable_problem(path: Path) -> str | None:
@@ -184,21 +180,6 @@ def _interpreter_of(script: Path) -> Path | None:
     return Path(words[0]) if words else None
 
 
-def find_console_script() -> Path:
-    """The ``edge-runtime`` console script of the running environment.
-
-    Checked to be usable by the service: neither it, the interpreter its ``#!``
-    line names (symlinks resolved), nor this package's code may sit where the
-    unit hides files (/home, /root, /tmp, ...). Raises `ConfigError` saying how
-    to fix it (a venv under /opt/edge-runtime/venv, or ``--executable``).
-    """
-    script = _locate_console_script()
-    problem = _console_script_problem(script)
-    if problem:
-        raise ConfigError(problem)
-    return script
-
-
 def _locate_console_script() -> Path:
     """The console script of the running environment, unchecked (`ConfigError` if none)."""
     candidates = [Path(sysconfig.get_path("scripts")) / SERVICE_NAME,
@@ -214,7 +195,9 @@ def _locate_console_script() -> Path:
 
 
 def _console_script_problem(script: Path) -> str | None:
-    """Why the service could not run `script` (see `find_console_script`), or None."""
+    """Why the service could not run `script`, or None: neither it, the interpreter its
+    ``#!`` line names (symlinks resolved), nor this package's code may sit where the unit
+    hides files (/home, /root, /tmp, ...)."""
     checks = [script, Path(os.path.realpath(script))]
     interpreter = _interpreter_of(script)
     if interpreter is not None:
@@ -408,27 +391,27 @@ class _Installer:
         return _manifest_profile(manifest)
 
     # -- steps
-    def verify_bundle(self, source: Path) -> tuple[dict[str, Any] | None, bool]:
-        """Verify `source` as the daemon does at start (`bundle.load_bundle`): its manifest
-        (None when unreadable) and whether it passed. A failure is refused (`refuse`)."""
-        from .bundle import load_bundle, read_manifest
+    def verify_bundle(self, source: Path) -> tuple[dict[str, Any] | None, str | None, bool]:
+        """Verify `source` as the daemon does at start (`bundle.load_bundle`): its manifest and
+        the manifest's SHA-256 (None when unreadable), and whether it passed. A failure is
+        refused (`refuse`)."""
+        from .bundle import listed_bytes, load_bundle, read_manifest
 
         try:
-            manifest, _ = read_manifest(source)
+            manifest, manifest_sha = read_manifest(source)
         except BundleError as exc:
             self.refuse(exc)
-            return None, False
+            return None, None, False
         files = manifest.get("files") if isinstance(manifest.get("files"), list) else []
-        size = sum(e["size"] for e in files if isinstance(e, dict) and isinstance(e.get("size"), int))
         self.step(f"bundle {source}: verifying the size and SHA-256 of its {len(files)} files "
-                  f"({human_bytes(size)}) against bundle.json, as the daemon does at start (a while for a "
-                  f"large bundle)")
+                  f"({human_bytes(listed_bytes(manifest))}) against bundle.json, as the daemon does at start (a "
+                  f"while for a large bundle)")
         try:
             load_bundle(source)
         except BundleError as exc:
             self.refuse(exc)
-            return manifest, False
-        return manifest, True
+            return manifest, manifest_sha, False
+        return manifest, manifest_sha, True
 
     def ensure_user(self) -> None:
         if self.user_exists():
@@ -670,8 +653,7 @@ def _loaded_kind(inst: _Installer, loadable: str, name: str) -> bool | None:
     try:
         return is_gpu_profile(loadable)
     except (ConfigError, ImportError) as exc:
-        stem = Path(name).stem
-        if stem == "nvidia-gpu" or stem.startswith("jetson-"):
+        if _gpu_by_name(name):
             return True
         inst.step(f"warning: cannot load profile {name} ({exc}): the GPU drop-in is left as it is; pass --profile "
                   "to decide it")
@@ -705,7 +687,7 @@ def install_service(profile: str | None, bundle: Path | None, *, root: Path = Pa
     """Install the service (see the module docstring); returns the steps, one line each.
 
     `run` runs every external command (useradd, systemctl), so tests inject a fake.
-    `executable` is the ``ExecStart=`` program (default: `find_console_script`).
+    `executable` is the ``ExecStart=`` program (default: this environment's console script).
     `report`, when given, is called with each step as it happens. Checks come before
     any change; in a dry run a failed one is a warning, and `DryRunRefused` is raised
     once the whole plan is listed.
@@ -718,7 +700,7 @@ def install_service(profile: str | None, bundle: Path | None, *, root: Path = Pa
     if profile is not None:
         is_gpu_profile(profile)  # an unknown profile is an error before anything else
     exec_path = _service_executable(inst, executable)
-    manifest, verified = inst.verify_bundle(source) if source is not None else (None, False)
+    manifest, manifest_sha, verified = inst.verify_bundle(source) if source is not None else (None, None, False)
     config = inst.read_config()
     bundle_profile = _manifest_profile(manifest)
     if bundle_profile is None and source is None and config is not None:
@@ -758,10 +740,7 @@ def install_service(profile: str | None, bundle: Path | None, *, root: Path = Pa
     inst.ensure_file(CONFIG_FILE, render_config(bundle_in_config, profile), 0o644,
                      overwrite=False, note_if_kept=note)
     if config is not None:
-        from .bundle import read_manifest
-
-        inst.check_kept_config(config, profile, bundle_profile, installed_bundle,
-                               read_manifest(source)[1] if source is not None and manifest is not None else None)
+        inst.check_kept_config(config, profile, bundle_profile, installed_bundle, manifest_sha)
 
     inst.systemctl()
     return inst.finish("nothing to do: everything is already installed")

@@ -14,14 +14,14 @@ from pathlib import Path
 
 from edge_runtime.bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, MANIFEST_NAME, load_bundle
 from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.memory_fit import bundle_plan
+from edge_runtime.memory_fit import bundle_plan, human_bytes, kv_dtype_of
 from edge_runtime.profiles import DeviceProfile, load_profile
 from edge_runtime.tokenizer import CodeLlamaTokenizer
 
 from . import calibration, fidelity, graph_builder, kv_cache_quant, onnx_export, quantize
 from .bundle_writer import copy_into, write_manifest
 from .checkpoint import CheckpointInfo, read_checkpoint
-from .progress import Progress, human_bytes, peak_rss_bytes
+from .progress import Progress, peak_rss_bytes
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
 GRAPHS = {"optimum": FLAVOUR_OPTIMUM_KV_CONCAT, "fused": FLAVOUR_GQA_SHARED_KV}
@@ -207,19 +207,17 @@ def check_output(output: Path, checkpoint: Path, *, force: bool) -> None:
                           "only an earlier bundle; choose another --output, or empty that folder yourself")
 
 
-def check_gpu_attention_dtype(profile: DeviceProfile, precision: str, kv_bits: int) -> None:
+def check_gpu_attention_dtype(profile: DeviceProfile, kv_dtype: str, precision: str) -> None:
     """The fused graph's GroupQueryAttention runs on CUDA in float16 only: a float32 or int8
     KV cache would put attention on the CPU (a copy of the cache at every step)."""
-    if all(name == "CPUExecutionProvider" for name in profile.provider_names):
+    if kv_dtype == "float16" or all(name == "CPUExecutionProvider" for name in profile.provider_names):
         return
     problem = ("--precision fp32 keeps the KV cache in float32" if precision == "fp32" else
-               "an int8 KV cache (--kv-cache-bits 8, or the profile's kv_cache.bits)" if kv_bits == 8 else
-               f"the profile's kv_cache.dtype {profile.kv_cache.dtype}" if profile.kv_cache.dtype != "float16"
-               else None)
-    if problem:
-        raise ExportError(f"{problem}, but the {profile.name} profile runs on the GPU, where the fused graph's "
-                          "GroupQueryAttention takes float16 only: export fp16, int8 or int4 with a float16 KV cache "
-                          "(--kv-cache-bits 0), or use --graph optimum")
+               "an int8 KV cache (--kv-cache-bits 8, or the profile's kv_cache.bits)" if kv_dtype == "int8" else
+               f"the profile's kv_cache.dtype {profile.kv_cache.dtype}")
+    raise ExportError(f"{problem}, but the {profile.name} profile runs on the GPU, where the fused graph's "
+                      "GroupQueryAttention takes float16 only: export fp16, int8 or int4 with a float16 KV cache "
+                      "(--kv-cache-bits 0), or use --graph optimum")
 
 
 def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportSummary:
@@ -269,8 +267,9 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         graph_choice = choose_graph(opts.graph, info, opts.algorithm)
         flavour = GRAPHS[graph_choice.name]
         progress.detail(f"graph: {graph_choice.name} ({graph_choice.why})")
-        if graph_choice.name == "fused":
-            check_gpu_attention_dtype(profile, precision, kv_bits)
+        kv_dtype = kv_dtype_of(precision, flavour, profile.kv_cache.dtype, kv_bits)  # as the bundle will record it
+        if flavour == FLAVOUR_GQA_SHARED_KV:
+            check_gpu_attention_dtype(profile, kv_dtype, precision)
         limit = context_limit(info, profile, opts.max_context)
         if limit > arch.max_position_embeddings:
             progress.detail(f"warning: --max-context {limit} is above the model's max_position_embeddings "
@@ -316,7 +315,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                     io_dtype=io_dtype, progress=progress.detail)
                 excluded = kept_matmuls(graph, quantize.BITS[precision]) if recipe else []
                 kept_bits = (q.keep_bits or 0) if recipe else 0
-                if kv_bits == 8 and precision != "fp32":
+                if kv_dtype == "int8":
                     progress.detail(f"int8 KV cache: per-channel scales calibrated on "
                                     f"{kv_cache_quant.CALIBRATION_TEXT.name}")
                     kv_scales = kv_cache_quant.add_int8_kv_cache(
@@ -379,8 +378,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                               "supports_infill": info.supports_infill, "step": info.step_id,
                               "chat_format": info.chat_format},
                 "family": fam.as_dict(),
-                "profile": {"name": profile.name, "kv_cache_dtype": "int8" if kv_scales else
-                            "float32" if precision == "fp32" else profile.kv_cache.dtype},
+                "profile": {"name": profile.name, "kv_cache_dtype": kv_dtype},
                 "kv_cache": kv_scales.as_manifest() if kv_scales else None,
                 "precision": precision,
                 "quantization": ({**recipe.as_manifest(excluded), "kept_bits": kept_bits, "calibration": calibrated}

@@ -12,8 +12,6 @@ from typing import TextIO
 
 from edge_runtime.memory_fit import human_bytes
 
-__all__ = ["Progress", "human_bytes", "peak_rss_bytes"]
-
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process and its finished children (Linux: ru_maxrss is KiB)."""
