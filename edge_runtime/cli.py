@@ -83,16 +83,11 @@ def request_from_args(args):
 
 
 def result_json(result) -> dict:
-    from .protocol import finite_or_none
+    from .protocol import usage_and_timings
 
     return {"text": result.text, "token_ids": list(result.token_ids),
             "prompt_token_ids": list(result.prompt_token_ids), "finish_reason": result.finish_reason,
-            "usage": {"prompt_tokens": result.usage.prompt_tokens,
-                      "completion_tokens": result.usage.completion_tokens},
-            "timings": {"ttft_ms": finite_or_none(result.timings.ttft_ms),
-                        "decode_tokens_per_s": finite_or_none(result.timings.decode_tokens_per_s),
-                        "total_ms": finite_or_none(result.timings.total_ms)},
-            **({"warnings": list(result.warnings)} if result.warnings else {})}
+            **usage_and_timings(result), **({"warnings": list(result.warnings)} if result.warnings else {})}
 
 
 def cmd_generate(args) -> int:
@@ -165,7 +160,8 @@ def cmd_serve(args, engine_factory=None) -> int:
             engine = Engine.from_bundle(config.model.bundle, config.model.profile,
                                         check_memory=config.model.check_memory,
                                         allow_cpu_fallback=config.model.allow_cpu_fallback,
-                                        pinned_sha256=config.model.bundle_sha256)
+                                        pinned_sha256=config.model.bundle_sha256,
+                                        prompt_cache=config.model.prompt_cache)
         else:
             engine = engine_factory(config.model.bundle, config.model.profile)
     logging.getLogger("edge_runtime").info("model %s (%s, %s) on %s", engine.info.model_name, engine.info.precision,

@@ -613,7 +613,8 @@ def run_ask(args: argparse.Namespace) -> int:
     else:
         out.write("\n")
         usage, timings = final.get("usage") or {}, final.get("timings") or {}
-        print(f"[{final.get('finish_reason')}; {usage.get('prompt_tokens')} prompt + "
+        cached = f" ({usage['cached_prompt_tokens']} cached)" if usage.get("cached_prompt_tokens") else ""
+        print(f"[{final.get('finish_reason')}; {usage.get('prompt_tokens')} prompt{cached} + "
               f"{usage.get('completion_tokens')} generated tokens; ttft {timings.get('ttft_ms')} ms; "
               f"{decode_speed(timings.get('decode_tokens_per_s'))}]", file=sys.stderr)
         for warning in final.get("warnings") or ():

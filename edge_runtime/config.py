@@ -49,6 +49,10 @@ class ModelConfig:
     # The SHA-256 of the bundle's bundle.json (`edge-runtime verify` prints it): pins the
     # exact bundle, manifest included (bundle.json lists every other file's SHA-256).
     bundle_sha256: Optional[Annotated[str, matches(r"[0-9a-f]{64}", "64 lowercase hex digits")]] = None
+    # Whose previous request a request may reuse the keys and values of, for the start its prompt
+    # shares with it (a chat's next turn; engine.PROMPT_CACHE_SCOPES): "client" the same client id's,
+    # "shared" anyone's, "off" none.
+    prompt_cache: Literal["client", "shared", "off"] = "client"
 
 
 @dataclass(frozen=True)

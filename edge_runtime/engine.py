@@ -5,8 +5,9 @@
         ...  # Chunk(text, token_ids) as tokens are made, then one GenerationResult
 
 Data flow: request -> prompt ids (prompts.py) -> context check -> KV cache
-(allocated once for prompt + max_tokens) -> token loop (generator.py, sampling.py)
--> detokenizer -> stop strings -> chunks -> result.
+(for prompt + max_tokens; the fused graph's keeps the previous request's rows of
+the prompt's common start, the prompt cache) -> token loop (generator.py,
+sampling.py) -> detokenizer -> stop strings -> chunks -> result.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ from .types import Chunk, GenerationRequest, GenerationResult, Timings, Usage
 
 log = logging.getLogger(__name__)
 STREAM_WAIT_WARNING_S = 30.0  # a request waiting for the engine says so this often
+# Whose previous request's keys and values a request may reuse (config `[model] prompt_cache`):
+# "client": the same client id's only (another client cannot learn from the time to first
+# token whether its prompt began like someone else's); "shared": any request's; "off": none.
+PROMPT_CACHE_SCOPES = ("client", "shared", "off")
 
 # One decoder class per graph flavour the bundle format knows.
 DECODERS = {FLAVOUR_OPTIMUM_KV_CONCAT: KVConcatDecoder, FLAVOUR_GQA_SHARED_KV: SharedKVDecoder}
@@ -136,7 +141,12 @@ class Engine:
     """A loaded bundle: session, tokenizer and decoder, shared by requests run one at a time."""
 
     def __init__(self, bundle: Bundle, profile: DeviceProfile, session, decoder, tokenizer: CodeLlamaTokenizer,
-                 choice: ProviderChoice, memory: MemoryPlan | None = None) -> None:
+                 choice: ProviderChoice, memory: MemoryPlan | None = None, prompt_cache: str = "client") -> None:
+        if prompt_cache not in PROMPT_CACHE_SCOPES:
+            raise ConfigError(f"prompt_cache must be one of {', '.join(PROMPT_CACHE_SCOPES)}, not {prompt_cache!r}",
+                              key="model.prompt_cache")
+        self.prompt_cache = prompt_cache
+        self._cache_owner: str | None = None  # the scope key of the request whose ids the cache holds
         self.bundle = bundle
         self.profile = profile
         self.session = session
@@ -152,13 +162,15 @@ class Engine:
     @classmethod
     def from_bundle(cls, path: str | Path, profile: str | Path | DeviceProfile | None = None, *,
                     check_memory: bool = True, allow_cpu_fallback: bool | None = None,
-                    pinned_sha256: str | None = None) -> "Engine":
+                    pinned_sha256: str | None = None, prompt_cache: str = "client") -> "Engine":
         """Verify every file of the bundle, check that it fits the profile's memory budget
         at the context limit (MemoryBudgetExceeded with the numbers otherwise; see
         memory_fit.py), then create the onnxruntime session with the profile's providers
         (the bundle's own profile when none is given). `allow_cpu_fallback` overrides the
         profile's: whether a GPU profile may run on the CPU provider when its GPU one is missing.
-        `pinned_sha256`: the SHA-256 the bundle's bundle.json must have."""
+        `pinned_sha256`: the SHA-256 the bundle's bundle.json must have. `prompt_cache`: whose
+        previous request's prompt a request may reuse the keys and values of, "client" (the
+        same `client_id`'s), "shared" or "off" (PROMPT_CACHE_SCOPES; the fused graph only)."""
         ort = import_onnxruntime()
         bundle = load_bundle(path, pinned_sha256=pinned_sha256)
         if not isinstance(profile, DeviceProfile):
@@ -176,7 +188,7 @@ class Engine:
         decoder = DECODERS[bundle.graph_flavour](ort, session, bundle.architecture, device=choice.device,
                                                  max_length=max_length, **extra)
         tokenizer = CodeLlamaTokenizer.from_file(bundle.tokenizer_path)
-        return cls(bundle, profile, session, decoder, tokenizer, choice, memory)
+        return cls(bundle, profile, session, decoder, tokenizer, choice, memory, prompt_cache)
 
     # -- request -> prompt ------------------------------------------------------------------
     def plan(self, request: GenerationRequest) -> PromptPlan:
@@ -238,12 +250,16 @@ class Engine:
         first_token_s = None
 
         prompt = np.asarray(plan.ids, dtype=np.int64)
+        cached = 0
         if cancel is not None and cancel.is_set():  # cancelled before it started: not even the prompt runs
             events: Iterator[generator.TokenEvent] = iter(())
             finish = "cancelled"
         else:
-            cache = self.decoder.new_cache(len(plan.ids) + request.max_tokens)
-            events = generator.generate(self.decoder, cache, prompt, max_new_tokens=request.max_tokens,
+            owner = None if self.prompt_cache == "off" else request.client_id if self.prompt_cache == "client" else ""
+            reuse = owner is not None and owner == self._cache_owner
+            cache = self.decoder.new_cache(len(plan.ids) + request.max_tokens, prompt if reuse else None)
+            self._cache_owner, cached = owner, cache.reused
+            events = generator.generate(self.decoder, cache, prompt[cached:], max_new_tokens=request.max_tokens,
                                         sample=sampler.sample, stop_ids=plan.stop_ids)
         for event in events:
             if first_token_s is None:
@@ -281,7 +297,7 @@ class Engine:
             token_ids=tuple(generated),
             prompt_token_ids=tuple(plan.ids),
             finish_reason=finish,
-            usage=Usage(prompt_tokens=len(plan.ids), completion_tokens=len(generated)),
+            usage=Usage(prompt_tokens=len(plan.ids), completion_tokens=len(generated), cached_prompt_tokens=cached),
             timings=Timings(ttft_ms=ttft * 1000.0,
                             decode_tokens_per_s=(decoded / decode_s) if decode_s > 0 and decoded else math.nan,
                             total_ms=total_s * 1000.0),

@@ -18,6 +18,13 @@ Allocation and binding happen once per decoder, not per request:
   buy nothing. On the CPU the buffers are anonymous mappings committed 4 KiB at
   a time as rows are written (`allocate_host_lazily`), so the resident KV
   follows the longest context actually used, not max_length.
+* a request may keep the start of the previous one's cache (`new_cache(capacity,
+  prompt)`): the decoder records the ids whose keys and values its buffers hold,
+  and a new prompt that begins with the same ids prefills only the rest (a chat's
+  next turn, an editor's next completion in the same file). The keys and values
+  of a position depend only on the ids up to it, so the kept rows are those the
+  new prompt would write, up to rounding (rows a decode step wrote were computed
+  one token at a time). At least the prompt's last id is run, for its logits.
 * every input and output is bound once to memory that stays put: the KV
   buffers, `seqlens_k` and `total_sequence_length`, the token and the logits
   buffer. On the CPU the small inputs are host arrays written in place (I/O
@@ -77,6 +84,7 @@ class SharedKVCache:
     device: str
     buffers: list[tuple[DeviceBuffer, DeviceBuffer]] = field(default_factory=list)
     length: int = 0  # tokens held
+    reused: int = 0  # of them, kept from the previous request (its prompt's common start)
 
     @property
     def nbytes(self) -> int:
@@ -135,6 +143,13 @@ def check_kv_dtype_for_device(kv_dtype: str, device: str) -> None:
         raise ConfigError(f"this bundle's KV cache is {kv_dtype}, and on the GPU the fused graph's attention runs in "
                           "float16 only: export it for the GPU profile (fp16, int8 or int4, float16 KV cache), or "
                           "run this bundle with a CPU profile")
+
+
+def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
+    """How many ids `a` and `b` share from the start."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if differ.size else n
 
 
 class SharedKVDecoder:
@@ -199,20 +214,28 @@ class SharedKVDecoder:
             self._decode_options.add_run_config_entry("gpu_graph_id", "1")
         self._buffers: list[tuple[DeviceBuffer, DeviceBuffer]] | None = None
         self._active: SharedKVCache | None = None
+        self._held_ids = np.zeros(max_length, dtype=np.int64)  # the ids of the active cache's rows
         self._ids_bound_to_token = False
 
     # -- cache ----------------------------------------------------------------------------------
-    def new_cache(self, capacity: int) -> SharedKVCache:
+    def new_cache(self, capacity: int, prompt: np.ndarray | None = None) -> SharedKVCache:
         """The cache for a new request. The buffers are the decoder's own (allocated and
-        bound on the first call); a cache returned earlier becomes unusable."""
+        bound on the first call); a cache returned earlier becomes unusable.
+
+        With `prompt` (the request's ids), the new cache keeps the rows of the longest
+        common start of the previous cache's ids and `prompt`, all but its last id at
+        most: `length` and `reused` say how many, and `prompt[length:]` is what to prefill."""
         if capacity > self.max_length:
             raise ValueError(f"cache capacity {capacity} exceeds the decoder's maximum {self.max_length}")
         if self._buffers is None:
             self._allocate_and_bind()
         assert self._buffers is not None
+        keep = 0
+        if prompt is not None and self._active is not None and len(prompt) > 1:
+            keep = common_prefix_length(self._held_ids[:min(self._active.length, len(prompt) - 1, capacity)], prompt)
         self._active = SharedKVCache(self.arch.num_layers, self.arch.num_kv_heads, self.arch.head_dim,
                                      capacity=capacity, buffer_length=self.max_length, dtype=self.kv_dtype,
-                                     device=self.device, buffers=self._buffers)
+                                     device=self.device, buffers=self._buffers, length=keep, reused=keep)
         return self._active
 
     def _allocate_and_bind(self) -> None:
@@ -273,6 +296,7 @@ class SharedKVDecoder:
             self._binding.bind_input("input_ids", "cpu", 0, np.int64, chunk.shape, chunk.ctypes.data)
             self._ids_bound_to_token = False
             self._run(cache, total, chunk.shape[1], self._prefill_options)
+            self._held_ids[total - chunk.shape[1]:total] = chunk[0]
         return self._last_logits()[0].astype(np.float32)  # a copy: the buffer is reused by decode
 
     def decode(self, cache: SharedKVCache, token: int) -> np.ndarray:
@@ -288,6 +312,7 @@ class SharedKVDecoder:
         if self._inputs_on_device:
             self._token_dev.update_inplace(self._token)
         self._run(cache, total, 1, self._decode_options)
+        self._held_ids[total - 1] = token
         return self._last_logits()[0, 0]
 
     def all_position_logits(self, cache: SharedKVCache, ids: np.ndarray) -> np.ndarray:

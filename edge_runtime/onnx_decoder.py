@@ -75,7 +75,9 @@ class KVConcatDecoder:
         self._step_logits = np.zeros(self.vocab_size, dtype=self.logits_dtype)
         self._binding = session.io_binding()
 
-    def new_cache(self, capacity: int) -> KVCache:
+    def new_cache(self, capacity: int, prompt: np.ndarray | None = None) -> KVCache:
+        """A new cache of its own for every request: nothing of the previous one is kept
+        (`prompt` is taken for the decoders' common interface; see gqa_decoder.py)."""
         if capacity > self.max_length:
             raise ValueError(f"cache capacity {capacity} exceeds the decoder's maximum {self.max_length}")
         return KVCache.allocate(self.ort, num_layers=self.arch.num_layers, num_kv_heads=self.arch.num_kv_heads,

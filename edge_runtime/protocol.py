@@ -482,19 +482,21 @@ def encode_chunk(request_id: str, seq: int, delta: str) -> bytes:
     return _dumps({"id": request_id, "seq": seq, "delta": delta, "done": False})
 
 
+def usage_and_timings(result: GenerationResult) -> dict[str, Any]:
+    """``{"usage": {...}, "timings": {...}}`` of a result, as the final reply and
+    ``generate --json`` give them (NaN timings as null)."""
+    return {"usage": {"prompt_tokens": result.usage.prompt_tokens,
+                      "completion_tokens": result.usage.completion_tokens,
+                      "cached_prompt_tokens": result.usage.cached_prompt_tokens},
+            "timings": {"ttft_ms": finite_or_none(result.timings.ttft_ms),
+                        "decode_tokens_per_s": finite_or_none(result.timings.decode_tokens_per_s),
+                        "total_ms": finite_or_none(result.timings.total_ms)}}
+
+
 def final_dict(request_id: str, result: GenerationResult) -> dict[str, Any]:
     """The final reply of a finished generation as a dict."""
-    reply: dict[str, Any] = {
-        "id": request_id,
-        "done": True,
-        "text": result.text,
-        "finish_reason": result.finish_reason,
-        "usage": {"prompt_tokens": result.usage.prompt_tokens,
-                  "completion_tokens": result.usage.completion_tokens},
-        "timings": {"ttft_ms": finite_or_none(result.timings.ttft_ms),
-                    "decode_tokens_per_s": finite_or_none(result.timings.decode_tokens_per_s),
-                    "total_ms": finite_or_none(result.timings.total_ms)},
-    }
+    reply: dict[str, Any] = {"id": request_id, "done": True, "text": result.text,
+                             "finish_reason": result.finish_reason, **usage_and_timings(result)}
     if result.warnings:
         reply["warnings"] = list(result.warnings)
     return reply

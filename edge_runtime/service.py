@@ -696,10 +696,10 @@ class EdgeService:
         if isinstance(outcome, GenerationResult):
             payload = encode_final(job.id, outcome)
             t = outcome.timings
-            log.info("request %r done: client=%s mode=%s finish=%s prompt_tokens=%d completion_tokens=%d "
+            log.info("request %r done: client=%s mode=%s finish=%s prompt_tokens=%d (cached %d) completion_tokens=%d "
                      "ttft_ms=%.1f tokens_per_s=%.1f total_ms=%.1f", job.id, job.wire.request.client_id or "-",
-                     job.wire.mode,
-                     outcome.finish_reason, outcome.usage.prompt_tokens, outcome.usage.completion_tokens,
+                     job.wire.mode, outcome.finish_reason, outcome.usage.prompt_tokens,
+                     outcome.usage.cached_prompt_tokens, outcome.usage.completion_tokens,
                      t.ttft_ms, t.decode_tokens_per_s, t.total_ms)
             if self.log_content:
                 log.info("request %r text: %r", job.id, outcome.text)

@@ -48,7 +48,9 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     id: str = ""
     deadline: float | None = None  # time.monotonic() value after which generation stops
-    client_id: str = ""  # who asked (the MQTT client id of the reply topic); read by the operator policy only
+    # who asked (the MQTT client id of the reply topic): the operator policy's per-client limits, and the
+    # engine's prompt cache in its "client" scope (a request reuses only its own client's previous prompt)
+    client_id: str = ""
 
     def __post_init__(self) -> None:
         # chat messages may come in the wire's form, {"role", "content"} dicts
@@ -70,6 +72,9 @@ class Chunk:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    # of the prompt tokens, those whose keys and values the previous request had computed
+    # (the engine's prompt cache: only the rest were run)
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)

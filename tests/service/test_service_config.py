@@ -105,6 +105,8 @@ def test_flags_only():
     ('[mqtt]\nbroker = "mqtt://h"\ndevice_id = "d"\n[service]\nlog_content = "yes"', "service.log_content"),
     ('[mqtt]\nbroker = "mqtt://h"\ndevice_id = "d"\n[extra]\nx = 1', "extra"),
     ('bundle_sha256 = "ABC"\n[mqtt]\nbroker = "mqtt://h"\ndevice_id = "d"', "model.bundle_sha256"),
+    ('prompt_cache = "everyone"\n[mqtt]\nbroker = "mqtt://h"\ndevice_id = "d"', "model.prompt_cache"),
+    ('prompt_cache = true\n[mqtt]\nbroker = "mqtt://h"\ndevice_id = "d"', "model.prompt_cache"),
 ])
 def test_errors_name_the_key(tmp_path, extra, key):
     path = write(tmp_path, '[model]\nbundle = "b"\n' + extra + "\n")

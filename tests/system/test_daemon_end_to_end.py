@@ -101,7 +101,23 @@ def test_each_mode_over_mqtt_equals_local_generate(daemon, broker, tiny_bundle, 
             assert "".join(c["delta"] for c in chunks) == final["text"]
             local = generate_cli(tiny_bundle, *flags)
             assert final["text"] == local["text"], request["mode"]
-            assert final["usage"] == local["usage"]
+            # the daemon kept the start (<s>) of this client's previous prompt: the only difference
+            assert final["usage"] == {**local["usage"], "cached_prompt_tokens": final["usage"]["cached_prompt_tokens"]}
+
+
+def test_a_clients_next_turn_reuses_its_previous_prompt_and_another_clients_does_not(daemon, broker):
+    first = [{"role": "user", "content": "Write a function that merges two sorted lists."}]
+    with EdgeClient(broker.url, DEVICE, client_id="ward-7-terminal") as client:
+        turn1 = client.generate(mode="chat", messages=first, max_tokens=8, temperature=0.0, timeout=60).result()
+        assert turn1["usage"]["cached_prompt_tokens"] == 0
+        second = first + [{"role": "assistant", "content": turn1["text"]}, {"role": "user", "content": "Add tests."}]
+        turn2 = client.generate(mode="chat", messages=second, max_tokens=8, temperature=0.0, timeout=60).result()
+    # <s>[INST] and the first question, at least, were kept
+    assert turn2["usage"]["cached_prompt_tokens"] >= turn1["usage"]["prompt_tokens"] - 1
+    with EdgeClient(broker.url, DEVICE, client_id="pharmacy-desk") as other:
+        same = other.generate(mode="chat", messages=second, max_tokens=8, temperature=0.0, timeout=60).result()
+    assert same["usage"]["cached_prompt_tokens"] == 0
+    assert same["text"] == turn2["text"]
 
 
 def test_mqtt311_reply_to(daemon, broker):

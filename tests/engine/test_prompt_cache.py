@@ -1,0 +1,167 @@
+"""The prompt cache: a request whose prompt begins as the previous request's ids did
+runs only the rest of its prompt, and its tokens are still torch's greedy tokens.
+
+What the cache holds is spelled out here from the loop's contract: the previous
+prompt's ids and every generated token that was fed back (all but the last one
+sampled when the request ended on its token limit), and at least the new prompt's
+last id runs again for its logits."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import torch_reference
+from edge_runtime.engine import Engine
+from edge_runtime.errors import ConfigError, DeadlineExceeded
+from edge_runtime.types import Chunk, GenerationRequest, GenerationResult, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def expected_reuse(held: list[int], prompt: list[int]) -> int:
+    n = 0
+    while n < min(len(held), len(prompt) - 1) and held[n] == prompt[n]:
+        n += 1
+    return n
+
+
+def fed_ids(result: GenerationResult) -> list[int]:
+    """The ids whose keys and values a finished request leaves in the cache."""
+    fed = list(result.token_ids) if result.finish_reason == "stop" else list(result.token_ids[:-1])
+    return list(result.prompt_token_ids) + fed
+
+
+def complete(engine: Engine, prompt: str, n: int = 12, **kw) -> GenerationResult:
+    return engine.complete(GenerationRequest(mode="complete", prompt=prompt, max_tokens=n, sampling=GREEDY, **kw))
+
+
+@pytest.fixture
+def engine(tiny_bundle):
+    return Engine.from_bundle(tiny_bundle)
+
+
+def test_a_prompt_that_continues_the_last_request_runs_only_its_new_part_and_matches_torch(engine, tiny_checkpoint):
+    first = complete(engine, "def fibonacci(n):\n    ", n=10)
+    assert first.usage.cached_prompt_tokens == 0
+    # the next request: the first prompt, its answer as text, then more (a chat's next turn does this)
+    second = complete(engine, "def fibonacci(n):\n    " + first.text + "\n\ndef main():\n", n=16)
+    reused = expected_reuse(fed_ids(first), list(second.prompt_token_ids))
+    assert second.usage.cached_prompt_tokens == reused
+    assert reused >= len(first.prompt_token_ids) - 1  # at least the first prompt (its last id may merge)
+    assert second.usage.prompt_tokens == len(second.prompt_token_ids)
+    assert list(second.token_ids) == torch_reference.greedy(tiny_checkpoint, list(second.prompt_token_ids), 16,
+                                                            frozenset({2}))
+
+
+def test_the_same_prompt_again_runs_its_last_id_only_and_gives_the_same_tokens(engine, tiny_checkpoint):
+    first = complete(engine, "import numpy as np\n\ndef norm(x):\n", n=16)
+    again = complete(engine, "import numpy as np\n\ndef norm(x):\n", n=16)
+    assert again.usage.cached_prompt_tokens == len(again.prompt_token_ids) - 1
+    assert again.token_ids == first.token_ids
+    assert list(again.token_ids) == torch_reference.greedy(tiny_checkpoint, list(again.prompt_token_ids), 16,
+                                                           frozenset({2}))
+
+
+def test_a_prompt_that_parts_early_keeps_only_the_common_start(engine, tiny_checkpoint):
+    complete(engine, "class Stack:\n    def push(self, item):\n", n=8)
+    other = complete(engine, "class Queue:\n    def put(self, item):\n", n=12)
+    held = list(engine.tokenizer.encode("class Stack:\n    def push(self, item):\n"))
+    assert 0 < other.usage.cached_prompt_tokens == expected_reuse([1] + held, list(other.prompt_token_ids)) < 4
+    assert list(other.token_ids) == torch_reference.greedy(tiny_checkpoint, list(other.prompt_token_ids), 12,
+                                                           frozenset({2}))
+
+
+def test_a_long_prompt_kept_in_part_runs_its_rest_in_prefill_chunks(tiny_bundle, tiny_checkpoint):
+    engine = Engine.from_bundle(tiny_bundle)
+    engine.decoder.prefill_chunk = 64  # the rest (over 100 ids) runs in several chunks, the first one partial
+    body = "".join(f"    total += values[{i}] * {i}\n" for i in range(40))
+    complete(engine, "def weighted(values):\n    total = 0\n", n=4)
+    long = complete(engine, "def weighted(values):\n    total = 0\n" + body, n=12)
+    assert 5 < long.usage.cached_prompt_tokens < 64 < long.usage.prompt_tokens - long.usage.cached_prompt_tokens
+    assert list(long.token_ids) == torch_reference.greedy(tiny_checkpoint, list(long.prompt_token_ids), 12,
+                                                          frozenset({2}))
+
+
+def test_the_cache_is_kept_per_client_unless_shared_or_off(tiny_bundle):
+    prompt = "def quicksort(items):\n"
+    per_client = Engine.from_bundle(tiny_bundle)
+    complete(per_client, prompt, client_id="line-3-hmi")
+    assert complete(per_client, prompt, client_id="qa-laptop").usage.cached_prompt_tokens == 0
+    assert complete(per_client, prompt, client_id="qa-laptop").usage.cached_prompt_tokens > 0
+
+    shared = Engine.from_bundle(tiny_bundle, prompt_cache="shared")
+    complete(shared, prompt, client_id="line-3-hmi")
+    assert complete(shared, prompt, client_id="qa-laptop").usage.cached_prompt_tokens > 0
+
+    off = Engine.from_bundle(tiny_bundle, prompt_cache="off")
+    complete(off, prompt)
+    assert complete(off, prompt).usage.cached_prompt_tokens == 0
+
+
+def test_an_unknown_scope_is_a_config_error_naming_the_key(tiny_bundle):
+    with pytest.raises(ConfigError, match="prompt_cache must be one of client, shared, off") as info:
+        Engine.from_bundle(tiny_bundle, prompt_cache="everyone")
+    assert info.value.key == "model.prompt_cache"
+
+
+def test_after_a_cancelled_or_timed_out_request_only_what_ran_is_reused(engine, tiny_checkpoint):
+    prompt = "def parse(line):\n    "
+    cancel = threading.Event()
+    stream = engine.generate(GenerationRequest(mode="complete", prompt=prompt, max_tokens=30, sampling=GREEDY),
+                             cancel)
+    for item in stream:
+        if isinstance(item, Chunk) and len(item.token_ids) >= 1:
+            cancel.set()
+    cancelled = item
+    assert cancelled.finish_reason == "cancelled"
+    again = complete(engine, prompt + cancelled.text + "\n", n=12)
+    # the token sampled when the cancel was seen was never fed back
+    held = list(cancelled.prompt_token_ids) + list(cancelled.token_ids[:-1])
+    assert again.usage.cached_prompt_tokens == expected_reuse(held, list(again.prompt_token_ids))
+    assert list(again.token_ids) == torch_reference.greedy(tiny_checkpoint, list(again.prompt_token_ids), 12,
+                                                           frozenset({2}))
+
+    with pytest.raises(DeadlineExceeded):
+        list(engine.generate(GenerationRequest(mode="complete", prompt=prompt, max_tokens=30, sampling=GREEDY,
+                                               deadline=0.0)))
+    after = complete(engine, prompt, n=12)
+    assert after.usage.cached_prompt_tokens == len(after.prompt_token_ids) - 1
+    assert list(after.token_ids) == torch_reference.greedy(tiny_checkpoint, list(after.prompt_token_ids), 12,
+                                                           frozenset({2}))
+
+
+def test_the_optimum_graph_keeps_nothing_between_requests(tiny_checkpoint, tmp_path, exporter):
+    bundle = exporter(tiny_checkpoint, tmp_path / "optimum", graph="optimum")
+    engine = Engine.from_bundle(bundle)
+    complete(engine, "def f(x):\n")
+    again = complete(engine, "def f(x):\n")
+    assert again.usage.cached_prompt_tokens == 0
+    assert list(again.token_ids) == torch_reference.greedy(tiny_checkpoint, list(again.prompt_token_ids), 12,
+                                                           frozenset({2}))
+
+
+def test_an_int8_cache_reused_gives_what_running_the_same_steps_gives(tiny_checkpoint, tmp_path, exporter):
+    """The cpu-x86_64 int4 bundle keeps an int8 KV cache: the kept rows hold the codes the
+    prompt and the decode steps wrote, and the new prompt's rest attends over them in float,
+    as it would have had the same engine run those steps itself."""
+    bundle = exporter(tiny_checkpoint, tmp_path / "int4", precision="int4", skip_fidelity=True)
+    warm, fresh = Engine.from_bundle(bundle), Engine.from_bundle(bundle)
+    assert warm.decoder.kv_dtype == np.int8
+    first = complete(warm, "def area(radius):\n", n=12)
+    # ids, not text: random weights' tokens do not come back from their text as the same ids
+    held = fed_ids(first)
+    ids = np.array(held + warm.tokenizer.encode("\n\ndef volume(radius, height):\n"), dtype=np.int64)
+    cache = warm.decoder.new_cache(len(ids) + 1, ids)
+    assert cache.reused == len(held) == len(first.prompt_token_ids) + 11
+    reused = warm.decoder.prefill(cache, ids[cache.length:])[-1]
+    # a fresh engine that runs what the first request ran -- its prompt, then each fed token as a
+    # decode step (whose rows carry the int8 cache's error, unlike a prompt's) -- then the rest
+    replay = fresh.decoder.new_cache(len(ids) + 1)
+    prompt_len = len(first.prompt_token_ids)
+    fresh.decoder.prefill(replay, ids[:prompt_len])
+    for token in ids[prompt_len:len(held)]:
+        fresh.decoder.decode(replay, int(token))
+    np.testing.assert_array_equal(reused, fresh.decoder.prefill(replay, ids[len(held):])[-1])
