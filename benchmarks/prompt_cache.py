@@ -9,7 +9,15 @@ previous request had not: the previous answer as re-tokenized text, from where i
 part from the ones generated, and the new question.
 
     python benchmarks/prompt_cache.py --bundle ~/.cache/edge-runtime/peers-bench/edge-runtime \\
-        [--file edge_runtime/sampling.py] [--turns 4] [--max-tokens 32] [--threads 2] [--json OUT]
+        [--file edge_runtime/sampling.py] [--turns 4] [--max-tokens 32] [--threads 2] [--json OUT] \\
+        [--llama-cpp ~/.cache/edge-runtime/peers-bench/llama.cpp/model-q4_0.gguf [--peer-python PY]]
+
+With `--llama-cpp` (a GGUF of the same checkpoint, as `benchmarks/peers.py` makes it), the
+same turns' prompt ids also go to llama-cpp-python's `Llama.generate` in the peers'
+environment: it keeps the longest common start of the previous evaluation too (llama.cpp's
+server does the same with `cache_prompt`), so its TTFT per turn is the peer's figure.
+It generates its own answers, which the next prompt (built from ours) does not hold: it
+keeps the previous prompt, not the answer, and runs the answer again.
 
 Prints one table (turn, prompt tokens, tokens kept, TTFT with and without the cache, and
 whether both runs generated the same tokens). They may differ where logits are nearly tied
@@ -24,13 +32,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 
-from edge_runtime.engine import Engine
-from edge_runtime.profiles import load_profile
-from edge_runtime.types import GenerationRequest, GenerationResult, Message, SamplingParams
-
+DEFAULT_PEER_PYTHON = Path.home() / ".cache" / "edge-runtime" / "peers-venv" / "bin" / "python"
 QUESTIONS = ("What does this module do? Answer in two sentences.",
              "Which function would you test first, and how?",
              "Rewrite the slowest part with numpy.",
@@ -39,7 +46,9 @@ QUESTIONS = ("What does this module do? Answer in two sentences.",
              "Summarize your changes as a commit message.")
 
 
-def conversation(engine: Engine, source: str, turns: int, max_tokens: int) -> list[GenerationResult]:
+def conversation(engine, source: str, turns: int, max_tokens: int) -> list:
+    from edge_runtime.types import GenerationRequest, Message, SamplingParams
+
     messages = [Message("system", "You are a careful Python reviewer."),
                 Message("user", f"Here is a file:\n```python\n{source}\n```\n{QUESTIONS[0]}")]
     results = []
@@ -52,6 +61,45 @@ def conversation(engine: Engine, source: str, turns: int, max_tokens: int) -> li
     return results
 
 
+def llama_cpp_turns(gguf: str, turns: list[list[int]], *, max_tokens: int, threads: int) -> list[dict]:
+    """In the peers' environment: each turn's ids through `Llama.generate` (greedy), timed to
+    its first token; how many ids it kept, by its own rule (the longest common start with
+    what it evaluated before, less one when that is the whole prompt)."""
+    import llama_cpp
+
+    n_ctx = max(len(t) for t in turns) + max_tokens + 8
+    llm = llama_cpp.Llama(model_path=gguf, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads or None,
+                          n_threads_batch=threads or None, verbose=False)
+    for _ in zip(range(2), llm.generate([1, 822, 5870], top_k=1, temp=0.0)):  # warm-up
+        pass
+    llm.reset()
+    rows = []
+    for ids in turns:
+        held = list(llm.input_ids[:llm.n_tokens])
+        kept = 0
+        while kept < min(len(held), len(ids)) and held[kept] == ids[kept]:
+            kept += 1
+        kept -= kept == len(ids)
+        t0 = time.perf_counter()
+        tokens = llm.generate(ids, top_k=1, temp=0.0)
+        next(tokens)
+        ttft = time.perf_counter() - t0
+        for _ in zip(range(max_tokens - 1), tokens):
+            pass
+        rows.append({"prompt_tokens": len(ids), "kept": kept, "ttft_ms": ttft * 1000, "total_ms":
+                     (time.perf_counter() - t0) * 1000})
+    return rows
+
+
+def run_llama_cpp(python: str, gguf: str, turns: list[list[int]], *, max_tokens: int, threads: int) -> list[dict]:
+    proc = subprocess.run([python, str(Path(__file__).resolve()), "--step-llama-cpp", gguf, "--max-tokens",
+                           str(max_tokens), "--threads", str(threads)], input=json.dumps(turns),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"llama.cpp run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", required=True)
@@ -61,7 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the profile's)")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--llama-cpp", metavar="GGUF", help="also run the turns through llama-cpp-python")
+    parser.add_argument("--peer-python", default=str(DEFAULT_PEER_PYTHON),
+                        help="the interpreter that has llama_cpp (scripts/install-peers.sh)")
+    parser.add_argument("--step-llama-cpp", metavar="GGUF", help=argparse.SUPPRESS)  # in the peers' environment
     args = parser.parse_args(argv)
+    if args.step_llama_cpp:
+        turns = json.loads(sys.stdin.read())
+        print(json.dumps(llama_cpp_turns(args.step_llama_cpp, turns, max_tokens=args.max_tokens,
+                                         threads=args.threads)))
+        return 0
+    from edge_runtime.engine import Engine
+
     source = Path(args.file).read_text()
     rows = {}
     engine = None
@@ -72,30 +131,42 @@ def main(argv: list[str] | None = None) -> int:
         rows[scope] = conversation(engine, source, args.turns, args.max_tokens)
         del engine
     off, on = rows["off"], rows["client"]
-    same = [a.token_ids == b.token_ids for a, b in zip(off, on)]
+    peer = (run_llama_cpp(args.peer_python, args.llama_cpp, [list(r.prompt_token_ids) for r in on],
+                          max_tokens=args.max_tokens, threads=args.threads) if args.llama_cpp else None)
     print(f"{Path(args.bundle).name}: {args.turns}-turn chat about {Path(args.file).name}, "
           f"{args.max_tokens} tokens an answer, greedy")
-    print("| turn | prompt tokens | kept from the turn before | TTFT without the cache | TTFT with it | speed-up "
-          "| same tokens |")
-    print("|---|---|---|---|---|---|---|")
+    head = ["turn", "prompt tokens", "kept from the turn before", "TTFT without the cache", "TTFT with it",
+            "speed-up", "same tokens"] + (["llama.cpp kept", "llama.cpp TTFT"] if peer else [])
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
     table = []
-    for i, (a, b) in enumerate(zip(off, on), 1):
-        table.append({"turn": i, "prompt_tokens": b.usage.prompt_tokens,
-                      "cached_prompt_tokens": b.usage.cached_prompt_tokens,
-                      "ttft_ms_off": a.timings.ttft_ms, "ttft_ms_on": b.timings.ttft_ms, "same_tokens": same[i - 1]})
-        print(f"| {i} | {b.usage.prompt_tokens} | {b.usage.cached_prompt_tokens} | {a.timings.ttft_ms:.0f} ms "
-              f"| {b.timings.ttft_ms:.0f} ms | {a.timings.ttft_ms / b.timings.ttft_ms:.1f}x "
-              f"| {'yes' if same[i - 1] else 'no'} |")
-    total_off = sum(r.timings.total_ms for r in off) / 1000
-    total_on = sum(r.timings.total_ms for r in on) / 1000
-    print(f"whole conversation: {total_off:.1f} s without the cache, {total_on:.1f} s with it")
+    for i, (a, b) in enumerate(zip(off, on)):
+        row = {"turn": i + 1, "prompt_tokens": b.usage.prompt_tokens,
+               "cached_prompt_tokens": b.usage.cached_prompt_tokens, "ttft_ms_off": a.timings.ttft_ms,
+               "ttft_ms_on": b.timings.ttft_ms, "same_tokens": a.token_ids == b.token_ids}
+        cells = [row["turn"], row["prompt_tokens"], row["cached_prompt_tokens"], f"{a.timings.ttft_ms:.0f} ms",
+                 f"{b.timings.ttft_ms:.0f} ms", f"{a.timings.ttft_ms / b.timings.ttft_ms:.1f}x",
+                 "yes" if row["same_tokens"] else "no"]
+        if peer:
+            row["llama_cpp"] = peer[i]
+            cells += [peer[i]["kept"], f"{peer[i]['ttft_ms']:.0f} ms"]
+        table.append(row)
+        print("| " + " | ".join(map(str, cells)) + " |")
+    totals = {"total_s_off": sum(r.timings.total_ms for r in off) / 1000,
+              "total_s_on": sum(r.timings.total_ms for r in on) / 1000}
+    line = f"whole conversation: {totals['total_s_off']:.1f} s without the cache, {totals['total_s_on']:.1f} s with it"
+    if peer:
+        totals["total_s_llama_cpp"] = sum(r["total_ms"] for r in peer) / 1000
+        line += f", llama.cpp {totals['total_s_llama_cpp']:.1f} s"
+    print(line)
     if args.json:
-        Path(args.json).write_text(json.dumps({"bundle": str(args.bundle), "turns": table,
-                                               "total_s_off": total_off, "total_s_on": total_on}, indent=2))
+        Path(args.json).write_text(json.dumps({"bundle": str(args.bundle), "turns": table, **totals}, indent=2))
     return 0
 
 
 def _profile(bundle: str, threads: int):
+    from edge_runtime.profiles import load_profile
+
     profile = load_profile(json.loads((Path(bundle) / "bundle.json").read_text())["profile"]["name"])
     return dataclasses.replace(profile, intra_op_threads=threads) if threads else profile
 
