@@ -9,7 +9,7 @@ previous request had not: the previous answer as re-tokenized text, from where i
 part from the ones generated, and the new question.
 
     python benchmarks/prompt_cache.py --bundle ~/.cache/edge-runtime/peers-bench/edge-runtime \\
-        [--file edge_runtime/sampling.py] [--turns 4] [--max-tokens 32] [--threads 2] [--json OUT] \\
+        [--file CODE] [--turns 4] [--max-tokens 32] [--threads 2] [--json OUT] \\
         [--llama-cpp ~/.cache/edge-runtime/peers-bench/llama.cpp/model-q4_0.gguf [--peer-python PY]]
 
 With `--llama-cpp` (a GGUF of the same checkpoint, as `benchmarks/peers.py` makes it), the
@@ -50,7 +50,7 @@ def conversation(engine, source: str, turns: int, max_tokens: int) -> list:
     from edge_runtime.types import GenerationRequest, Message, SamplingParams
 
     messages = [Message("system", "You are a careful Python reviewer."),
-                Message("user", f"Here is a file:\n```python\n{source}\n```\n{QUESTIONS[0]}")]
+                Message("user", f"Here is some code:\n```python\n{source}\n```\n{QUESTIONS[0]}")]
     results = []
     for turn in range(turns):
         if turn:
@@ -102,9 +102,10 @@ def run_llama_cpp(python: str, gguf: str, turns: list[list[int]], *, max_tokens:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", required=True)
-    parser.add_argument("--file", default=str(Path(__file__).resolve().parents[1] / "edge_runtime" / "sampling.py"),
-                        help="the code file the conversation is about")
+    parser.add_argument("--bundle", help="the bundle to run (required)")
+    parser.add_argument("--file", default=str(Path(__file__).resolve().parents[1] / "export" / "assets" /
+                                              "fidelity-corpus.txt"),
+                        help="the code the conversation is about (default: the fidelity corpus, which stays put)")
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the profile's)")
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(llama_cpp_turns(args.step_llama_cpp, turns, max_tokens=args.max_tokens,
                                          threads=args.threads)))
         return 0
+    if not args.bundle:
+        parser.error("--bundle is required")
     from edge_runtime.engine import Engine
 
     source = Path(args.file).read_text()

@@ -33,10 +33,10 @@ from .onnx_decoder import KVConcatDecoder
 from .profiles import DeviceProfile, load_profile
 from .prompts import PromptPlan, build_prompt
 from .providers import ProviderChoice, choose_providers, import_onnxruntime
-from .sampling import Sampler, is_int
+from .sampling import Sampler
 from .stopping import StopStringMatcher
 from .tokenizer import CodeLlamaTokenizer
-from .types import Chunk, GenerationRequest, GenerationResult, Timings, Usage
+from .types import Chunk, GenerationRequest, GenerationResult, Timings, Usage, is_int
 
 log = logging.getLogger(__name__)
 STREAM_WAIT_WARNING_S = 30.0  # a request waiting for the engine says so this often

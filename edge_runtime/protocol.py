@@ -35,6 +35,7 @@ from .types import (
     GenerationResult,
     Message,
     SamplingParams,
+    is_int,
 )
 
 PROTOCOL_VERSION = 1
@@ -238,10 +239,6 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_number(value: object) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value))
@@ -365,7 +362,7 @@ def parse_request(payload: bytes, limits: RequestLimits | Any = RequestLimits(),
 
     # numbers
     max_tokens = obj.get("max_tokens", min(DEFAULT_MAX_TOKENS, limits.max_tokens))
-    if not _is_int(max_tokens):
+    if not is_int(max_tokens):
         raise bad("max_tokens must be an integer")
     if not 1 <= max_tokens <= limits.max_tokens:
         raise bad(f"max_tokens must be between 1 and {limits.max_tokens}, got {max_tokens}")
@@ -377,10 +374,10 @@ def parse_request(payload: bytes, limits: RequestLimits | Any = RequestLimits(),
     if not _is_number(top_p) or not 0 < top_p <= 1:
         raise bad("top_p must be a number in (0, 1]")
     top_k = obj.get("top_k", 0)
-    if not _is_int(top_k) or top_k < 0:
+    if not is_int(top_k) or top_k < 0:
         raise bad("top_k must be an integer >= 0 (0 disables)")
     seed = obj.get("seed")
-    if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
+    if seed is not None and (not is_int(seed) or not 0 <= seed <= MAX_SEED):
         raise bad(f"seed must be an integer between 0 and {MAX_SEED}, or null")
     if seed is None:
         seed = payload_seed(payload)

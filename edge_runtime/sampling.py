@@ -15,7 +15,7 @@ import secrets
 import numpy as np
 
 from .errors import BadRequest
-from .types import MAX_SEED, SamplingParams
+from .types import MAX_SEED, SamplingParams, is_int
 
 
 def validate_sampling(params: SamplingParams) -> SamplingParams:
@@ -34,10 +34,6 @@ def validate_sampling(params: SamplingParams) -> SamplingParams:
 
 def _is_real(x: object) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def is_int(x: object) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 # ------------------------------------------------------------------ small functions

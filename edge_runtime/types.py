@@ -6,6 +6,7 @@ these types. Nothing here knows about MQTT or onnxruntime.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -19,6 +20,11 @@ DEFAULT_TEMPERATURE = 0.6
 DEFAULT_TOP_P = 0.9
 DEFAULT_MAX_TOKENS = 256
 MAX_SEED = 2**63 - 1  # a sampling seed fits a signed 64-bit integer (the wire's limit too)
+
+
+def is_int(x: object) -> bool:
+    """An integer in the protocol's sense: a JSON or numpy integer, not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)

@@ -233,9 +233,12 @@ def quantize_graph_kv_cache(graph: Path, scales: KVScales) -> None:
 # benchmark model, attention alone 4x). So each layer's attention becomes an If on the
 # number of new tokens S:
 #
-# * S == 1 (a decode step): the int8 GroupQueryAttention, reading and writing the shared
-#   int8 buffers in place (the If's outputs are the bound buffers: nothing is copied).
-# * S > 1 (a prompt, or the next chunk of one): the float GroupQueryAttention over the
+# * S == 1 (a decode step), or 1 < S <= STEP_ROWS_MAX after P > 0 cached rows (a short
+#   follow-up: a chat's next question over the kept conversation, an editor's keystroke;
+#   see the engine's prompt cache): the int8 GroupQueryAttention, reading and writing the
+#   shared int8 buffers in place (the If's outputs are the bound buffers: nothing is
+#   copied).
+# * otherwise (a first prompt, or a longer chunk): the float GroupQueryAttention over the
 #   P = total - S cached rows dequantized (codes x scale); the S new rows of its float
 #   present are quantized as the int8 kernel does (x / scale rounded half to even,
 #   clipped to [-128, 127]), appended to the P cached codes and zero-padded to the
@@ -243,9 +246,15 @@ def quantize_graph_kv_cache(graph: Path, scales: KVScales) -> None:
 #   them (gqa_decoder.py).
 #
 # A first prompt's logits are then the float cache's exactly; decode steps read the
-# same codes the int8 kernel would have written.
+# same codes the int8 kernel would have written. The float branch costs a dequantized
+# copy of the whole past, whatever S. Measured once on the peers benchmark's model (8
+# layers, hidden 2048, 2 threads), float branch against int8 kernel for S new rows after
+# P: S = 8: 96 / 79 ms (P = 100), 327 / 142 ms (P = 1900); S = 32: 256 / 243, 506 / 366;
+# S = 64: 450 / 454, 685 / 564; S = 100: 584 / 747, 929 / 870 (P = 500: 820 / 888). The
+# kernel is the faster up to 32 rows whatever the past, so it takes those.
+STEP_ROWS_MAX = 32
 
-PROMPT_CONDITION = "kv_cache.prompt"  # bool [1]: more than one new token
+PROMPT_CONDITION = "kv_cache.prompt"  # bool [1]: the float branch (a first prompt, or over STEP_ROWS_MAX rows)
 NEW_ROWS = "kv_cache.new_rows"  # int64 [1]: S
 
 
@@ -269,16 +278,25 @@ def _shared_constants(bhsd: tuple[int, int, int, int]) -> list:
     return [numpy_helper.from_array(np.array([1], np.int64), "kv_cache.one"),
             numpy_helper.from_array(np.array([0], np.int64), "kv_cache.zero"),
             numpy_helper.from_array(np.array([2], np.int64), "kv_cache.seq_axis"),
+            numpy_helper.from_array(np.array([STEP_ROWS_MAX], np.int64), "kv_cache.step_rows_max"),
             numpy_helper.from_array(np.zeros(6, np.int64), "kv_cache.no_pads"),
             numpy_helper.from_array(np.zeros(bhsd, np.int8), "kv_cache.zero_points")]
 
 
 def _prompt_condition_nodes() -> list:
-    from onnx import helper
+    from onnx import TensorProto, helper
 
-    # all a decode step adds: two tiny nodes and the Ifs (the rest is in the prompt branch)
+    # all a decode step adds: a few scalar nodes and the Ifs (the rest is in the prompt branch).
+    # float branch = S > 1 and (P == 0 or S > STEP_ROWS_MAX), P = total - S
+    c = "kv_cache.condition"
     return [helper.make_node("Shape", ["input_ids"], [NEW_ROWS], start=1, end=2),
-            helper.make_node("Greater", [NEW_ROWS, "kv_cache.one"], [PROMPT_CONDITION])]
+            helper.make_node("Cast", ["total_sequence_length"], [f"{c}/total"], to=TensorProto.INT64),
+            helper.make_node("Sub", [f"{c}/total", NEW_ROWS], [f"{c}/past"]),
+            helper.make_node("Equal", [f"{c}/past", "kv_cache.zero"], [f"{c}/first"]),
+            helper.make_node("Greater", [NEW_ROWS, "kv_cache.step_rows_max"], [f"{c}/long"]),
+            helper.make_node("Or", [f"{c}/first", f"{c}/long"], [f"{c}/float"]),
+            helper.make_node("Greater", [NEW_ROWS, "kv_cache.one"], [f"{c}/several"]),
+            helper.make_node("And", [f"{c}/several", f"{c}/float"], [PROMPT_CONDITION])]
 
 
 def _prompt_or_step(node, scale_names: tuple[str, str], float_type: int, max_length: int):

@@ -213,24 +213,28 @@ def test_a_prompt_through_the_int8_cache_gets_the_float_cache_logits_and_codes(i
             assert np.mean(codes == expected) > 0.999
 
 
+def kernel_only_graph(int8_graph, folder):
+    """The int8 graph with each layer's If replaced by its else branch: onnxruntime's int8 kernel alone."""
+    import onnx
+
+    model = onnx.load(str(int8_graph), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "If":
+            step = next(a.g for a in node.attribute if a.name == "else_branch").node[0]
+            step.output[:] = node.output
+            node.CopyFrom(step)
+    onnx.save_model(model, str(folder / "model.onnx"))
+    shutil.copy(int8_graph.with_name("model.onnx.data"), folder / "model.onnx.data")
+    return folder / "model.onnx"
+
+
 def test_decode_steps_after_a_prompt_use_the_int8_kernel(int8_case, tmp_path):
     """The prompt branch writes the codes onnxruntime's int8 kernel writes, and single tokens
     go through that kernel: the graph rewritten without the prompt branch (the kernel alone)
     stores the same layer-0 codes for the prompt (layer 0's input does not depend on
     attention) and gives the same decode logits once both caches hold the same prompt codes."""
-    import onnx
-
     arch, scales, _, int8_graph, ids = int8_case
-    kernel_only = tmp_path / "model.onnx"
-    model = onnx.load(str(int8_graph), load_external_data=False)
-    for node in model.graph.node:
-        if node.op_type == "If":  # keep the else branch (the int8 kernel) alone
-            step = next(a.g for a in node.attribute if a.name == "else_branch").node[0]
-            step.output[:] = node.output
-            node.CopyFrom(step)
-    onnx.save_model(model, str(kernel_only))
-    shutil.copy(int8_graph.with_name("model.onnx.data"), tmp_path / "model.onnx.data")
-    a, b = shared_decoder(int8_graph, arch), shared_decoder(kernel_only, arch)
+    a, b = shared_decoder(int8_graph, arch), shared_decoder(kernel_only_graph(int8_graph, tmp_path), arch)
     a_cache, b_cache = a.new_cache(MAX_LENGTH), b.new_cache(MAX_LENGTH)
     a.prefill(a_cache, ids)
     b.prefill(b_cache, ids)  # onnxruntime's int8 kernel on the whole prompt
@@ -253,7 +257,10 @@ def test_a_prompt_in_chunks_attends_over_the_dequantized_cache(int8_case):
     codes (its input does not depend on attention) equal the whole prompt's, and the last
     position's logits stay close to the float cache's."""
     arch, _, float_graph_path, int8_graph, ids = int8_case
-    whole, chunked = shared_decoder(int8_graph, arch), shared_decoder(int8_graph, arch, prefill_chunk=8)
+    # chunks longer than STEP_ROWS_MAX (shorter ones after the first go through the int8 kernel: below)
+    chunk = kv_cache_quant.STEP_ROWS_MAX + 1
+    ids = np.concatenate([ids, ids[1:], ids[1:]])[:3 * chunk]
+    whole, chunked = shared_decoder(int8_graph, arch), shared_decoder(int8_graph, arch, prefill_chunk=chunk)
     w_cache, c_cache = whole.new_cache(MAX_LENGTH), chunked.new_cache(MAX_LENGTH)
     w_logits, c_logits = whole.prefill(w_cache, ids), chunked.prefill(c_cache, ids)
     assert c_cache.length == w_cache.length == len(ids)
@@ -269,3 +276,31 @@ def test_a_prompt_in_chunks_attends_over_the_dequantized_cache(int8_case):
     w_next = [int(np.argmax(whole.decode(w_cache, t))) for t in (13, 1678)]
     c_next = [int(np.argmax(chunked.decode(c_cache, t))) for t in (13, 1678)]
     assert w_next == c_next
+
+
+def test_a_short_follow_up_goes_through_the_int8_kernel_and_a_short_first_prompt_does_not(int8_case, tmp_path):
+    """After cached rows, up to STEP_ROWS_MAX new ones (a chat's next question, an editor's
+    keystroke, over the prompt cache) run the int8 kernel in place, as the kernel-only graph
+    does, instead of dequantizing the whole past; a first prompt, however short, attends in
+    float and gets the float cache's logits."""
+    arch, _, float_graph_path, int8_graph, ids = int8_case
+    ours, kernel = shared_decoder(int8_graph, arch), shared_decoder(kernel_only_graph(int8_graph, tmp_path), arch)
+    f32 = shared_decoder(float_graph_path, arch)
+    short = ids[:kv_cache_quant.STEP_ROWS_MAX]
+    np.testing.assert_allclose(ours.prefill(ours.new_cache(MAX_LENGTH), short),
+                               f32.prefill(f32.new_cache(MAX_LENGTH), short), rtol=0, atol=1e-5)
+
+    o_cache, k_cache = ours.new_cache(MAX_LENGTH), kernel.new_cache(MAX_LENGTH)
+    head, follow = ids[:-kv_cache_quant.STEP_ROWS_MAX], ids[-kv_cache_quant.STEP_ROWS_MAX:]
+    ours.prefill(o_cache, head)  # in float; the kernel-only graph then gets the same codes
+    for layer in range(arch.num_layers):
+        for kind in (0, 1):
+            dst = _host_view(k_cache.buffers[layer][kind].ptr, kernel.kv_dtype,
+                             (arch.num_kv_heads, MAX_LENGTH, arch.head_dim))
+            dst[...] = cache_rows(ours, o_cache, layer, kind, MAX_LENGTH)
+    k_cache.advance(len(head))
+    np.testing.assert_array_equal(ours.prefill(o_cache, follow), kernel.prefill(k_cache, follow))
+    for layer in range(arch.num_layers):
+        for kind in (0, 1):
+            np.testing.assert_array_equal(cache_rows(ours, o_cache, layer, kind, len(ids)),
+                                          cache_rows(kernel, k_cache, layer, kind, len(ids)))
