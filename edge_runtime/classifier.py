@@ -104,7 +104,8 @@ class BundleClassifier:
         from .engine import Engine
 
         assert spec.bundle is not None
-        return cls(spec, Engine.from_bundle(spec.bundle))
+        # no prompt cache: the text classified is one client's, the request timed by the next one another's
+        return cls(spec, Engine.from_bundle(spec.bundle, prompt_cache="off"))
 
     def classify(self, text: str) -> Verdict:
         prompt = self.spec.prompt.replace("{text}", text[: self.spec.max_text_chars])

@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal, Optional
 from .errors import ConfigError
 from .mqtt_connection import BrokerAddress, TlsFiles, parse_broker_url, read_password_file
 from .protocol import FLEET_LEVEL, Topics, validate_name
+from .types import PROMPT_CACHE_SCOPES
 from .typed_toml import InvalidField, at_least, between, from_mapping, matches, parse_toml
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -50,9 +51,8 @@ class ModelConfig:
     # exact bundle, manifest included (bundle.json lists every other file's SHA-256).
     bundle_sha256: Optional[Annotated[str, matches(r"[0-9a-f]{64}", "64 lowercase hex digits")]] = None
     # Whose previous request a request may reuse the keys and values of, for the start its prompt
-    # shares with it (a chat's next turn; engine.PROMPT_CACHE_SCOPES): "client" the same client id's,
-    # "shared" anyone's, "off" none.
-    prompt_cache: Literal["client", "shared", "off"] = "client"
+    # shares with it (a chat's next turn): types.PROMPT_CACHE_SCOPES.
+    prompt_cache: Literal[PROMPT_CACHE_SCOPES] = "client"
 
 
 @dataclass(frozen=True)

@@ -36,14 +36,10 @@ from .providers import ProviderChoice, choose_providers, import_onnxruntime
 from .sampling import Sampler
 from .stopping import StopStringMatcher
 from .tokenizer import CodeLlamaTokenizer
-from .types import Chunk, GenerationRequest, GenerationResult, Timings, Usage, is_int
+from .types import PROMPT_CACHE_SCOPES, Chunk, GenerationRequest, GenerationResult, Timings, Usage, is_int
 
 log = logging.getLogger(__name__)
 STREAM_WAIT_WARNING_S = 30.0  # a request waiting for the engine says so this often
-# Whose previous request's keys and values a request may reuse (config `[model] prompt_cache`):
-# "client": the same client id's only (another client cannot learn from the time to first
-# token whether its prompt began like someone else's); "shared": any request's; "off": none.
-PROMPT_CACHE_SCOPES = ("client", "shared", "off")
 
 # One decoder class per graph flavour the bundle format knows.
 DECODERS = {FLAVOUR_OPTIMUM_KV_CONCAT: KVConcatDecoder, FLAVOUR_GQA_SHARED_KV: SharedKVDecoder}
@@ -212,6 +208,17 @@ class Engine:
                 f"{needed} tokens exceed the context limit of {self.context_limit}")
         return plan
 
+    # -- the prompt cache --------------------------------------------------------------------
+    def _cache_owner_of(self, request: GenerationRequest) -> str | None:
+        """Who may reuse this request's keys and values, and whose it may reuse (None: nobody)."""
+        if self.prompt_cache == "off" or not request.cache_prompt:
+            return None
+        return request.client_id if self.prompt_cache == "client" else ""
+
+    def forget_prompt_cache(self) -> None:
+        """The next request runs its whole prompt (a new conversation; a benchmark's cold start)."""
+        self._cache_owner = None
+
     # -- the request loop -------------------------------------------------------------------
     def generate(self, request: GenerationRequest,
                  cancel: threading.Event | None = None) -> Iterator[Chunk | GenerationResult]:
@@ -255,7 +262,7 @@ class Engine:
             events: Iterator[generator.TokenEvent] = iter(())
             finish = "cancelled"
         else:
-            owner = None if self.prompt_cache == "off" else request.client_id if self.prompt_cache == "client" else ""
+            owner = self._cache_owner_of(request)
             reuse = owner is not None and owner == self._cache_owner
             cache = self.decoder.new_cache(len(plan.ids) + request.max_tokens, prompt if reuse else None)
             self._cache_owner, cached = owner, cache.reused

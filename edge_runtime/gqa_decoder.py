@@ -65,6 +65,11 @@ from .kv_cache import DeviceBuffer, allocate
 from .onnx_decoder import ORT_TO_NUMPY, check_graph_matches
 
 META_MAX_LENGTH = "edge_runtime.max_length"  # written by export/graph_builder.py
+# An int8-cache graph (export/kv_cache_quant.py) runs up to this many new rows after cached
+# ones through onnxruntime's int8 kernel (a short follow-up over the prompt cache), more, or a
+# first prompt, in float. So a prompt's later chunks are kept longer than this (`prefill`):
+# a long first prompt attends in float all through, as the fidelity figures assume.
+INT8_STEP_ROWS_MAX = 32
 
 
 @dataclass
@@ -143,6 +148,20 @@ def check_kv_dtype_for_device(kv_dtype: str, device: str) -> None:
         raise ConfigError(f"this bundle's KV cache is {kv_dtype}, and on the GPU the fused graph's attention runs in "
                           "float16 only: export it for the GPU profile (fp16, int8 or int4, float16 KV cache), or "
                           "run this bundle with a CPU profile")
+
+
+def chunk_bounds(n: int, chunk: int | None) -> list[tuple[int, int]]:
+    """[start, end) of each prefill chunk of an n-id prompt: `chunk` ids each, except that a
+    last piece of INT8_STEP_ROWS_MAX ids or fewer shares the one before it evenly (so every
+    chunk after the first is longer than that, and at most `chunk`)."""
+    if not chunk or n <= chunk:
+        return [(0, n)]
+    bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    (a, _), (_, z) = bounds[-2], bounds[-1]
+    if z - bounds[-1][0] <= INT8_STEP_ROWS_MAX and chunk > 2 * INT8_STEP_ROWS_MAX:
+        middle = (a + z) // 2
+        bounds[-2:] = [(a, middle), (middle, z)]
+    return bounds
 
 
 def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
@@ -289,9 +308,8 @@ class SharedKVDecoder:
         returns the logits of its LAST position only, as a new float32 array [1, V]."""
         ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(1, -1)
         self._check(cache, ids.shape[1])  # the whole prompt fits before any chunk runs
-        step = self.prefill_chunk or ids.shape[1]
-        for start in range(0, ids.shape[1], step):
-            chunk = ids[:, start:start + step]  # a contiguous view of the row
+        for start, end in chunk_bounds(ids.shape[1], self.prefill_chunk):
+            chunk = ids[:, start:end]  # a contiguous view of the row
             total = self._check(cache, chunk.shape[1])
             self._binding.bind_input("input_ids", "cpu", 0, np.int64, chunk.shape, chunk.ctypes.data)
             self._ids_bound_to_token = False

@@ -627,7 +627,9 @@ class EdgeService:
             log.info("request %r was answered before: sending the stored final reply", wire.id)
             self._acker.submit(self._publish(route, stored), [delivery])
             return
-        wire = dataclasses.replace(wire, request=dataclasses.replace(wire.request, client_id=reply_client_id(topic)))
+        client = reply_client_id(topic)  # "" when the reply topic names no client: no prompt cache to scope it by
+        wire = dataclasses.replace(wire, request=dataclasses.replace(wire.request, client_id=client,
+                                                                     cache_prompt=bool(client)))
         if self.guard is not None:
             if not wire.max_tokens_given:
                 wire = dataclasses.replace(wire, request=self.guard.default_max_tokens(wire.request))

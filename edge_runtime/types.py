@@ -19,6 +19,9 @@ MODES: tuple[str, ...] = ("complete", "infill", "chat")
 DEFAULT_TEMPERATURE = 0.6
 DEFAULT_TOP_P = 0.9
 DEFAULT_MAX_TOKENS = 256
+# Whose previous request's keys and values a request may reuse (the engine's prompt cache,
+# config `[model] prompt_cache`): "client" the same client id's, "shared" any request's, "off" none.
+PROMPT_CACHE_SCOPES = ("client", "shared", "off")
 MAX_SEED = 2**63 - 1  # a sampling seed fits a signed 64-bit integer (the wire's limit too)
 
 
@@ -57,6 +60,9 @@ class GenerationRequest:
     # who asked (the MQTT client id of the reply topic): the operator policy's per-client limits, and the
     # engine's prompt cache in its "client" scope (a request reuses only its own client's previous prompt)
     client_id: str = ""
+    # False: this request neither reuses the previous one's keys and values nor leaves its own for
+    # the next (the daemon sets it for requests whose reply topic names no client)
+    cache_prompt: bool = True
 
     def __post_init__(self) -> None:
         # chat messages may come in the wire's form, {"role", "content"} dicts

@@ -12,8 +12,10 @@ of the rotated keys and of the values.
 Prompts are not slowed: onnxruntime's int8 path for more than one new token is several
 times slower than its float attention, so each layer's attention is an If on the number
 of new tokens (``_prompt_or_step``): a prompt (or a chunk of one) attends in float over
-the dequantized cache and writes the codes the int8 kernel would write; a decode step runs
-the int8 kernel in place. A first prompt's logits equal the float-cache graph's.
+the dequantized cache and writes the codes the int8 kernel would write; a decode step, and a
+follow-up of up to STEP_ROWS_MAX new tokens after cached ones (the prompt cache's short
+rests), runs the int8 kernel in place. A first prompt's logits (one chunk) equal the
+float-cache graph's.
 
 The scales are static, so they are calibrated: the float-cache graph the
 builder just wrote runs a calibration text (``assets/kv-calibration.txt``, not the
@@ -36,13 +38,14 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.bundle import Architecture
+from edge_runtime.gqa_decoder import INT8_STEP_ROWS_MAX
 
 CALIBRATION_TEXT = Path(__file__).resolve().parent / "assets" / "kv-calibration.txt"
 CALIBRATION_WINDOW = 512  # positions per calibration run (BOS first)
 MARGIN = 1.3  # headroom over the calibrated range: values beyond it saturate (codes -128..127)
 QUANT_TYPE = "PER_CHANNEL"
 PROMPT_ATTENTION = "float"  # prompts attend in float over the dequantized cache (`_prompt_or_step`)
-REWRITE_REVISION = 2  # bumped when quantize_graph_kv_cache writes a different graph (benchmarks' cache stamps)
+REWRITE_REVISION = 3  # bumped when quantize_graph_kv_cache writes a different graph (benchmarks' cache stamps)
 GQA_KEY_SCALE_INPUT, GQA_VALUE_SCALE_INPUT = 12, 13  # GroupQueryAttention's k_scale / v_scale inputs
 
 
@@ -57,6 +60,8 @@ class KVScales:
     def as_manifest(self) -> dict:
         return {"dtype": "int8", "quant_type": QUANT_TYPE.lower().replace("_", "-"), "margin": self.margin,
                 "prompt_attention": PROMPT_ATTENTION,
+                # up to this many new rows after cached ones run the int8 kernel, as decode steps do
+                "int8_kernel_rows_after_cache": STEP_ROWS_MAX,
                 "key_scale_range": [float(self.key.min()), float(self.key.max())],
                 "value_scale_range": [float(self.value.min()), float(self.value.max())]}
 
@@ -252,7 +257,7 @@ def quantize_graph_kv_cache(graph: Path, scales: KVScales) -> None:
 # P: S = 8: 96 / 79 ms (P = 100), 327 / 142 ms (P = 1900); S = 32: 256 / 243, 506 / 366;
 # S = 64: 450 / 454, 685 / 564; S = 100: 584 / 747, 929 / 870 (P = 500: 820 / 888). The
 # kernel is the faster up to 32 rows whatever the past, so it takes those.
-STEP_ROWS_MAX = 32
+STEP_ROWS_MAX = INT8_STEP_ROWS_MAX  # 32 (the decoder keeps a prompt's chunks longer)
 
 PROMPT_CONDITION = "kv_cache.prompt"  # bool [1]: the float branch (a first prompt, or over STEP_ROWS_MAX rows)
 NEW_ROWS = "kv_cache.new_rows"  # int64 [1]: S

@@ -145,8 +145,9 @@ def test_the_optimum_graph_keeps_nothing_between_requests(tiny_checkpoint, tmp_p
 
 def test_an_int8_cache_reused_gives_what_running_the_same_steps_gives(tiny_checkpoint, tmp_path, exporter):
     """The cpu-x86_64 int4 bundle keeps an int8 KV cache: the kept rows hold the codes the
-    prompt and the decode steps wrote, and the new prompt's rest attends over them in float,
-    as it would have had the same engine run those steps itself."""
+    prompt and the decode steps wrote, and the new prompt's rest (up to 32 ids: the int8
+    kernel; more: float attention over them) gives what it would have had the same engine
+    run those steps itself, and close to what a float cache gives."""
     bundle = exporter(tiny_checkpoint, tmp_path / "int4", precision="int4", skip_fidelity=True)
     warm, fresh = Engine.from_bundle(bundle), Engine.from_bundle(bundle)
     assert warm.decoder.kv_dtype == np.int8
@@ -154,6 +155,7 @@ def test_an_int8_cache_reused_gives_what_running_the_same_steps_gives(tiny_check
     # ids, not text: random weights' tokens do not come back from their text as the same ids
     held = fed_ids(first)
     ids = np.array(held + warm.tokenizer.encode("\n\ndef volume(radius, height):\n"), dtype=np.int64)
+    assert 1 < len(ids) - len(held) <= 32
     cache = warm.decoder.new_cache(len(ids) + 1, ids)
     assert cache.reused == len(held) == len(first.prompt_token_ids) + 11
     reused = warm.decoder.prefill(cache, ids[cache.length:])[-1]
@@ -165,3 +167,38 @@ def test_an_int8_cache_reused_gives_what_running_the_same_steps_gives(tiny_check
     for token in ids[prompt_len:len(held)]:
         fresh.decoder.decode(replay, int(token))
     np.testing.assert_array_equal(reused, fresh.decoder.prefill(replay, ids[len(held):])[-1])
+    # against the same weights with a float cache: within the int8 cache's error (the fidelity
+    # figures' order), which a wrong position or mask in the kernel's rows would exceed
+    floats = Engine.from_bundle(exporter(tiny_checkpoint, tmp_path / "int4-f32kv", precision="int4",
+                                         kv_cache_bits=0, skip_fidelity=True)).decoder
+    exact = floats.prefill(floats.new_cache(len(ids) + 1), ids)[-1]
+    assert np.abs(reused - exact).max() < 0.05 * float(exact.max() - exact.min())
+    assert reused.argmax() == exact.argmax()
+
+
+class FailingRuns:
+    """The session, with its `fail_at`-th run raising as onnxruntime does on an error."""
+
+    def __init__(self, session, fail_at: int) -> None:
+        self.session, self.fail_at, self.runs = session, fail_at, 0
+
+    def run_with_iobinding(self, binding, options=None):
+        self.runs += 1
+        if self.runs == self.fail_at:
+            raise RuntimeError("onnxruntime: a kernel failed")
+        return self.session.run_with_iobinding(binding, options)
+
+
+def test_a_prompt_that_failed_midway_leaves_only_the_chunks_that_ran(tiny_bundle, tiny_checkpoint):
+    engine = Engine.from_bundle(tiny_bundle)
+    engine.decoder.prefill_chunk = 16
+    prompt = "".join(f"x{i} = {i} * {i}\n" for i in range(12))
+    session = engine.decoder.session
+    engine.decoder.session = FailingRuns(session, fail_at=3)  # the third chunk fails
+    with pytest.raises(RuntimeError, match="a kernel failed"):
+        complete(engine, prompt)
+    engine.decoder.session = session
+    again = complete(engine, prompt)
+    assert again.usage.cached_prompt_tokens == 32  # two chunks of 16 ran
+    assert list(again.token_ids) == torch_reference.greedy(tiny_checkpoint, list(again.prompt_token_ids), 12,
+                                                           frozenset({2}))

@@ -304,3 +304,17 @@ def test_a_short_follow_up_goes_through_the_int8_kernel_and_a_short_first_prompt
         for kind in (0, 1):
             np.testing.assert_array_equal(cache_rows(ours, o_cache, layer, kind, len(ids)),
                                           cache_rows(kernel, k_cache, layer, kind, len(ids)))
+
+
+@pytest.mark.parametrize("n", [1, 511, 512, 513, 530, 544, 545, 1040, 1100, 1537])
+def test_a_prompts_later_chunks_are_longer_than_the_int8_kernels_share(n):
+    """A first prompt attends in float all through: no chunk after the first is short enough
+    for the int8 kernel's branch (a short last piece shares the chunk before it)."""
+    from edge_runtime.gqa_decoder import INT8_STEP_ROWS_MAX, chunk_bounds
+
+    bounds = chunk_bounds(n, 512)
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert all(0 < end - start <= 512 for start, end in bounds)
+    assert all(end - start > INT8_STEP_ROWS_MAX for start, end in bounds[1:])
+    assert kv_cache_quant.STEP_ROWS_MAX == INT8_STEP_ROWS_MAX

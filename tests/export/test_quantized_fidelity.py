@@ -41,6 +41,7 @@ def test_demo_model_quantized_bundle_meets_profile_threshold(demo_checkpoint, tm
     # the profile's int8 KV cache (prompts attend in float); the optimum graph keeps a float one
     if graph == "fused":
         assert bundle.manifest["kv_cache"]["prompt_attention"] == "float"
+        assert bundle.manifest["kv_cache"]["int8_kernel_rows_after_cache"] == 32
         assert bundle.manifest["profile"]["kv_cache_dtype"] == "int8"
     else:
         assert bundle.manifest["kv_cache"] is None and bundle.manifest["profile"]["kv_cache_dtype"] == "float32"

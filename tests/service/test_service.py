@@ -610,3 +610,17 @@ def test_sigterm_drains_then_exits_zero(broker, tmp_path, daemons, probe):
     assert probe.wait_final("replies/s2", timeout=10)["text"] == "d c"
     time.sleep(0.2)
     assert len(probe.finals("replies/s0")) == 1
+
+
+def test_only_requests_that_name_their_client_may_use_the_prompt_cache(broker, tmp_path, services, probe):
+    """The engine's prompt cache is scoped by client id (the reply topic's level); a request
+    whose replies go elsewhere has none, so it neither reuses nor leaves keys and values."""
+    engine = FakeEngine()
+    services(make_config(broker, tmp_path), engine)
+    send(probe, {"id": "anon", "mode": "complete", "prompt": "a b"}, "replies/anon")
+    probe.wait_final("replies/anon", 5.0)
+    named = T.reply_topic("ward-7", "named")
+    probe.subscribe(named)
+    send(probe, {"id": "named", "mode": "complete", "prompt": "a b"}, named)
+    probe.wait_final(named, 5.0)
+    assert [(c.client_id, c.cache_prompt) for c in engine.calls] == [("", False), ("ward-7", True)]
