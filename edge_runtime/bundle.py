@@ -16,6 +16,7 @@ from typing import Any
 
 from . import onnx_proto_scan
 from .errors import BundleError
+from .types import is_int
 
 MANIFEST_NAME = "bundle.json"
 FORMAT_NAME = "edge-runtime-bundle"
@@ -258,7 +259,7 @@ def listed_bytes(manifest: dict[str, Any]) -> int:
     verification names them)."""
     files = manifest.get("files")
     return sum(f["size"] for f in (files if isinstance(files, list) else [])
-               if isinstance(f, dict) and isinstance(f.get("size"), int) and not isinstance(f.get("size"), bool))
+               if isinstance(f, dict) and is_int(f.get("size")))
 
 
 def load_bundle(path: str | Path, *, progress=None, pinned_sha256: str | None = None) -> Bundle:

@@ -31,19 +31,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .errors import (
-    BadRequest,
-    Busy,
-    Cancelled,
-    ConfigError,
-    ContextLengthExceeded,
-    DeadlineExceeded,
-    EdgeRuntimeError,
-    PolicyViolation,
-    RateLimited,
-    UnsafePrompt,
-    UnsupportedMode,
-)
+from .errors import REQUEST_ERRORS, ConfigError, EdgeRuntimeError
 from .mqtt_connection import (
     TlsFiles,
     connect_async,
@@ -54,7 +42,8 @@ from .mqtt_connection import (
     read_password_file,
     response_route,
 )
-from .protocol import Topics, build_request, decode_json_object, encode_cancel, encode_request, validate_name
+from .protocol import (Topics, build_request, decode_json_object, encode_cancel, encode_request, is_number,
+                       validate_name)
 from .request_flags import add_request_arguments, request_source
 
 log = logging.getLogger(__name__)
@@ -91,8 +80,7 @@ class RemoteError(EdgeRuntimeError):
         """The exception for a reply's ``error`` object."""
         retry = error.get("retry_after_s")
         return cls(str(error.get("code", "internal")), str(error.get("message", "")), request_id,
-                   retry_after_s=float(retry) if isinstance(retry, (int, float)) and not isinstance(retry, bool)
-                   else None)
+                   retry_after_s=float(retry) if is_number(retry) else None)
 
 
 def _remote_error(code: str, message: str, request_id: str | None, retry_after_s: float | None) -> RemoteError:
@@ -102,8 +90,7 @@ def _remote_error(code: str, message: str, request_id: str | None, retry_after_s
 # RemoteBusy(RemoteError, Busy), ...: one for each error code a reply can carry
 _REMOTE_ERRORS: dict[str, type[RemoteError]] = {
     local.code: type(f"Remote{local.__name__}", (RemoteError, local), {"__module__": __name__})
-    for local in (BadRequest, UnsupportedMode, ContextLengthExceeded, UnsafePrompt, PolicyViolation, RateLimited,
-                  Busy, DeadlineExceeded, Cancelled)
+    for local in REQUEST_ERRORS
 }
 
 

@@ -55,6 +55,12 @@ class Cancelled(EdgeRuntimeError):
     code = "cancelled"
 
 
+# The errors a request can end with: the error codes of the protocol's replies (with "internal")
+REQUEST_ERRORS: tuple[type[EdgeRuntimeError], ...] = (
+    BadRequest, UnsupportedMode, ContextLengthExceeded, UnsafePrompt, PolicyViolation, RateLimited, Busy,
+    DeadlineExceeded, Cancelled)
+
+
 class ConfigError(EdgeRuntimeError):
     """A configuration or profile file is invalid; the message names file and key
     (also in ``key`` and ``problem`` when one key is at fault)."""

@@ -156,10 +156,10 @@ class GuardedEngine:
                         guard._record(request, v, watch.text)
                     stops = [v for v in hits if v.action == "stop"] if hits else None
                     if stops:
-                        stopped_by = min(stops, key=lambda v: v.at if v.at is not None else 0)
+                        stopped_by = min(stops, key=lambda v: v.at)  # an output violation says where it begins
                         flag.set()
                         # what ends before the match begins is sent; the chunk it begins in is not
-                        yield from release(stopped_by.at or 0)
+                        yield from release(stopped_by.at)
                         held.clear()
                         continue
                     yield from release(watch.length - watch.open_tail())

@@ -223,9 +223,6 @@ class Rule:
         return (where in self.on and mode in self.modes
                 and (not self.clients or any(fnmatch.fnmatchcase(client_id, g) for g in self.clients)))
 
-    def search(self, text: str) -> bool:
-        return any(rx.search(text) for rx in self._regexes())
-
     def first_match(self, text: str, phrases_from: int, patterns_from: int, new_from: int) -> int | None:
         """Where the earliest match begins (a phrase's at or after `phrases_from`, a
         pattern's at or after `patterns_from`), or None. `new_from`: where the text not yet
@@ -246,9 +243,6 @@ class Rule:
             return None
         m = self.beginnings.search(text, pos, len(text) if endpos is None else endpos)
         return None if m is None else m.start()
-
-    def _regexes(self) -> list[re.Pattern[str]]:
-        return ([self.phrases] if self.phrases is not None else []) + list(self.patterns)
 
 
 @dataclass(frozen=True)
@@ -294,7 +288,8 @@ class Policy:
         if not rules:
             return []
         text = normalize(request_text(request))
-        return [Violation(r.name, r.action, "input", r.description) for r in rules if r.search(text)]
+        return [Violation(r.name, r.action, "input", r.description) for r in rules
+                if r.first_match(text, 0, 0, 0) is not None]
 
     def classifier_applies(self, mode: str, client_id: str) -> bool:
         c = self.classifier

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .errors import REQUEST_ERRORS
 from .types import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
@@ -41,18 +42,7 @@ from .types import (
 PROTOCOL_VERSION = 1
 
 # Error codes a final error reply can carry (the `code` of edge_runtime.errors classes).
-ERROR_CODES: tuple[str, ...] = (
-    "bad_request",
-    "unsupported_mode",
-    "context_length_exceeded",
-    "unsafe_prompt",
-    "policy_violation",
-    "rate_limited",
-    "busy",
-    "deadline_exceeded",
-    "cancelled",
-    "internal",
-)
+ERROR_CODES: tuple[str, ...] = (*(e.code for e in REQUEST_ERRORS), "internal")
 
 STATES: tuple[str, ...] = ("online", "draining", "offline")
 
@@ -239,7 +229,8 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _is_number(value: object) -> bool:
+def is_number(value: object) -> bool:
+    """A finite JSON number (not a bool)."""
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value))
 
@@ -368,10 +359,10 @@ def parse_request(payload: bytes, limits: RequestLimits | Any = RequestLimits(),
         raise bad(f"max_tokens must be between 1 and {limits.max_tokens}, got {max_tokens}")
 
     temperature = obj.get("temperature", DEFAULT_TEMPERATURE)
-    if not _is_number(temperature) or temperature < 0:
+    if not is_number(temperature) or temperature < 0:
         raise bad("temperature must be a finite number >= 0 (0 means greedy)")
     top_p = obj.get("top_p", DEFAULT_TOP_P)
-    if not _is_number(top_p) or not 0 < top_p <= 1:
+    if not is_number(top_p) or not 0 < top_p <= 1:
         raise bad("top_p must be a number in (0, 1]")
     top_k = obj.get("top_k", 0)
     if not is_int(top_k) or top_k < 0:
@@ -395,7 +386,7 @@ def parse_request(payload: bytes, limits: RequestLimits | Any = RequestLimits(),
         raise bad("stream must be true or false")
 
     deadline_ms = obj.get("deadline_ms", limits.default_deadline_ms)
-    if not _is_number(deadline_ms) or deadline_ms <= 0:
+    if not is_number(deadline_ms) or deadline_ms <= 0:
         raise bad("deadline_ms must be a positive number of milliseconds")
     if deadline_ms > limits.max_deadline_ms:
         raise bad(f"deadline_ms must be at most {limits.max_deadline_ms}, got {deadline_ms}")
