@@ -37,7 +37,8 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_PEER_PYTHON = Path.home() / ".cache" / "edge-runtime" / "peers-venv" / "bin" / "python"
+from peers import DEFAULT_PEER_PYTHON
+
 QUESTIONS = ("What does this module do? Answer in two sentences.",
              "Which function would you test first, and how?",
              "Rewrite the slowest part with numpy.",
@@ -46,7 +47,7 @@ QUESTIONS = ("What does this module do? Answer in two sentences.",
              "Summarize your changes as a commit message.")
 
 
-def conversation(engine, source: str, turns: int, max_tokens: int) -> list:
+def conversation(engine, source: str, turns: int, max_tokens: int, *, cache_prompt: bool = True) -> list:
     from edge_runtime.types import GenerationRequest, Message, SamplingParams
 
     messages = [Message("system", "You are a careful Python reviewer."),
@@ -57,7 +58,7 @@ def conversation(engine, source: str, turns: int, max_tokens: int) -> list:
             messages += [Message("assistant", results[-1].text), Message("user", QUESTIONS[turn % len(QUESTIONS)])]
         results.append(engine.complete(GenerationRequest(mode="chat", messages=tuple(messages), max_tokens=max_tokens,
                                                          sampling=SamplingParams(temperature=0.0),
-                                                         client_id="bench")))
+                                                         client_id="bench", cache_prompt=cache_prompt)))
     return results
 
 
@@ -125,15 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     from edge_runtime.engine import Engine
 
     source = Path(args.file).read_text()
-    rows = {}
-    engine = None
-    for scope in ("off", "client"):
-        engine = Engine.from_bundle(args.bundle, profile=_profile(args.bundle, args.threads), prompt_cache=scope)
-        conversation(engine, "def warm_up(): pass", 1, 2)  # first-run costs (allocation, kernels) out of turn 1
-        engine.forget_prompt_cache()  # turn 1 runs its whole prompt
-        rows[scope] = conversation(engine, source, args.turns, args.max_tokens)
-        del engine
-    off, on = rows["off"], rows["client"]
+    engine = Engine.from_bundle(args.bundle, profile=_profile(args.bundle, args.threads))
+    conversation(engine, "def warm_up(): pass", 1, 2)  # first-run costs (allocation, kernels) out of turn 1
+    off = conversation(engine, source, args.turns, args.max_tokens, cache_prompt=False)  # as prompt_cache = "off"
+    engine.forget_prompt_cache()  # turn 1 runs its whole prompt
+    on = conversation(engine, source, args.turns, args.max_tokens)
     peer = (run_llama_cpp(args.peer_python, args.llama_cpp, [list(r.prompt_token_ids) for r in on],
                           max_tokens=args.max_tokens, threads=args.threads) if args.llama_cpp else None)
     print(f"{Path(args.bundle).name}: {args.turns}-turn chat about {Path(args.file).name}, "
@@ -168,10 +165,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _profile(bundle: str, threads: int):
+    """The bundle's own profile (None: the engine's default), or it with `threads` intra-op threads."""
+    if not threads:
+        return None
+    from edge_runtime.bundle import read_manifest
     from edge_runtime.profiles import load_profile
 
-    profile = load_profile(json.loads((Path(bundle) / "bundle.json").read_text())["profile"]["name"])
-    return dataclasses.replace(profile, intra_op_threads=threads) if threads else profile
+    name = read_manifest(Path(bundle))[0]["profile"]["name"]
+    return dataclasses.replace(load_profile(name), intra_op_threads=threads)
 
 
 if __name__ == "__main__":

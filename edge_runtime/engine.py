@@ -265,7 +265,7 @@ class Engine:
             owner = self._cache_owner_of(request)
             reuse = owner is not None and owner == self._cache_owner
             cache = self.decoder.new_cache(len(plan.ids) + request.max_tokens, prompt if reuse else None)
-            self._cache_owner, cached = owner, cache.reused
+            self._cache_owner, cached = owner, cache.length  # rows kept
             events = generator.generate(self.decoder, cache, prompt[cached:], max_new_tokens=request.max_tokens,
                                         sample=sampler.sample, stop_ids=plan.stop_ids)
         for event in events:

@@ -89,7 +89,6 @@ class SharedKVCache:
     device: str
     buffers: list[tuple[DeviceBuffer, DeviceBuffer]] = field(default_factory=list)
     length: int = 0  # tokens held
-    reused: int = 0  # of them, kept from the previous request (its prompt's common start)
 
     @property
     def nbytes(self) -> int:
@@ -243,7 +242,7 @@ class SharedKVDecoder:
 
         With `prompt` (the request's ids), the new cache keeps the rows of the longest
         common start of the previous cache's ids and `prompt`, all but its last id at
-        most: `length` and `reused` say how many, and `prompt[length:]` is what to prefill."""
+        most: the new cache's `length` says how many, and `prompt[length:]` is what to prefill."""
         if capacity > self.max_length:
             raise ValueError(f"cache capacity {capacity} exceeds the decoder's maximum {self.max_length}")
         if self._buffers is None:
@@ -254,7 +253,7 @@ class SharedKVDecoder:
             keep = common_prefix_length(self._held_ids[:min(self._active.length, len(prompt) - 1, capacity)], prompt)
         self._active = SharedKVCache(self.arch.num_layers, self.arch.num_kv_heads, self.arch.head_dim,
                                      capacity=capacity, buffer_length=self.max_length, dtype=self.kv_dtype,
-                                     device=self.device, buffers=self._buffers, length=keep, reused=keep)
+                                     device=self.device, buffers=self._buffers, length=keep)
         return self._active
 
     def _allocate_and_bind(self) -> None:

@@ -49,7 +49,6 @@ class KVCache:
     buffers: list[list[tuple[DeviceBuffer, DeviceBuffer]]] = field(default_factory=list)
     length: int = 0  # tokens held
     side: int = 0  # which buffer set holds the current past
-    reused: int = 0  # rows kept from the previous request: none (a new cache every request)
 
     @classmethod
     def allocate(cls, ort, *, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,

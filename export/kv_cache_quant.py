@@ -13,7 +13,7 @@ Prompts are not slowed: onnxruntime's int8 path for more than one new token is s
 times slower than its float attention, so each layer's attention is an If on the number
 of new tokens (``_prompt_or_step``): a prompt (or a chunk of one) attends in float over
 the dequantized cache and writes the codes the int8 kernel would write; a decode step, and a
-follow-up of up to STEP_ROWS_MAX new tokens after cached ones (the prompt cache's short
+follow-up of up to INT8_STEP_ROWS_MAX new tokens after cached ones (the prompt cache's short
 rests), runs the int8 kernel in place. A first prompt's logits (one chunk) equal the
 float-cache graph's.
 
@@ -45,7 +45,7 @@ CALIBRATION_WINDOW = 512  # positions per calibration run (BOS first)
 MARGIN = 1.3  # headroom over the calibrated range: values beyond it saturate (codes -128..127)
 QUANT_TYPE = "PER_CHANNEL"
 PROMPT_ATTENTION = "float"  # prompts attend in float over the dequantized cache (`_prompt_or_step`)
-REWRITE_REVISION = 3  # bumped when quantize_graph_kv_cache writes a different graph (benchmarks' cache stamps)
+REWRITE_REVISION = 4  # bumped when quantize_graph_kv_cache writes a different graph (benchmarks' cache stamps)
 GQA_KEY_SCALE_INPUT, GQA_VALUE_SCALE_INPUT = 12, 13  # GroupQueryAttention's k_scale / v_scale inputs
 
 
@@ -61,7 +61,7 @@ class KVScales:
         return {"dtype": "int8", "quant_type": QUANT_TYPE.lower().replace("_", "-"), "margin": self.margin,
                 "prompt_attention": PROMPT_ATTENTION,
                 # up to this many new rows after cached ones run the int8 kernel, as decode steps do
-                "int8_kernel_rows_after_cache": STEP_ROWS_MAX,
+                "int8_kernel_rows_after_cache": INT8_STEP_ROWS_MAX,
                 "key_scale_range": [float(self.key.min()), float(self.key.max())],
                 "value_scale_range": [float(self.value.min()), float(self.value.max())]}
 
@@ -238,7 +238,7 @@ def quantize_graph_kv_cache(graph: Path, scales: KVScales) -> None:
 # benchmark model, attention alone 4x). So each layer's attention becomes an If on the
 # number of new tokens S:
 #
-# * S == 1 (a decode step), or 1 < S <= STEP_ROWS_MAX after P > 0 cached rows (a short
+# * S == 1 (a decode step), or 1 < S <= INT8_STEP_ROWS_MAX after P > 0 cached rows (a short
 #   follow-up: a chat's next question over the kept conversation, an editor's keystroke;
 #   see the engine's prompt cache): the int8 GroupQueryAttention, reading and writing the
 #   shared int8 buffers in place (the If's outputs are the bound buffers: nothing is
@@ -252,15 +252,16 @@ def quantize_graph_kv_cache(graph: Path, scales: KVScales) -> None:
 #
 # A first prompt's logits are then the float cache's exactly; decode steps read the
 # same codes the int8 kernel would have written. The float branch costs a dequantized
-# copy of the whole past, whatever S. Measured once on the peers benchmark's model (8
-# layers, hidden 2048, 2 threads), float branch against int8 kernel for S new rows after
-# P: S = 8: 96 / 79 ms (P = 100), 327 / 142 ms (P = 1900); S = 32: 256 / 243, 506 / 366;
-# S = 64: 450 / 454, 685 / 564; S = 100: 584 / 747, 929 / 870 (P = 500: 820 / 888). The
-# kernel is the faster up to 32 rows whatever the past, so it takes those.
-STEP_ROWS_MAX = INT8_STEP_ROWS_MAX  # 32 (the decoder keeps a prompt's chunks longer)
+# copy of the whole past, whatever S. `python benchmarks/int8_follow_up.py --bundle
+# ~/.cache/edge-runtime/peers-bench/edge-runtime --repeats 5` (the peers benchmark's model,
+# 8 layers, hidden 2048, 2 threads) times both paths for S new rows after P cached: float
+# branch / int8 kernel, S = 8: 98 / 69 ms (P = 100), 108 / 85 (P = 500), 268 / 110 (P = 1900);
+# S = 32: 230 / 218, 260 / 272, 446 / 364; S = 64 and 100 within 10 % either way (three
+# runs disagreed on which wins). So the kernel takes up to 32 rows.
 
-PROMPT_CONDITION = "kv_cache.prompt"  # bool [1]: the float branch (a first prompt, or over STEP_ROWS_MAX rows)
+PROMPT_CONDITION = "kv_cache.prompt"  # bool [1]: the float branch (a first prompt, or over INT8_STEP_ROWS_MAX rows)
 NEW_ROWS = "kv_cache.new_rows"  # int64 [1]: S
+TOTAL = "kv_cache.total"  # int64 scalar: total_sequence_length
 
 
 def _graph_max_length(model) -> int:
@@ -283,7 +284,7 @@ def _shared_constants(bhsd: tuple[int, int, int, int]) -> list:
     return [numpy_helper.from_array(np.array([1], np.int64), "kv_cache.one"),
             numpy_helper.from_array(np.array([0], np.int64), "kv_cache.zero"),
             numpy_helper.from_array(np.array([2], np.int64), "kv_cache.seq_axis"),
-            numpy_helper.from_array(np.array([STEP_ROWS_MAX], np.int64), "kv_cache.step_rows_max"),
+            numpy_helper.from_array(np.array([INT8_STEP_ROWS_MAX], np.int64), "kv_cache.step_rows_max"),
             numpy_helper.from_array(np.zeros(6, np.int64), "kv_cache.no_pads"),
             numpy_helper.from_array(np.zeros(bhsd, np.int8), "kv_cache.zero_points")]
 
@@ -291,17 +292,14 @@ def _shared_constants(bhsd: tuple[int, int, int, int]) -> list:
 def _prompt_condition_nodes() -> list:
     from onnx import TensorProto, helper
 
-    # all a decode step adds: a few scalar nodes and the Ifs (the rest is in the prompt branch).
-    # float branch = S > 1 and (P == 0 or S > STEP_ROWS_MAX), P = total - S
-    c = "kv_cache.condition"
+    # all a decode step adds: five scalar nodes and the Ifs (the rest is in the prompt branch).
+    # float branch: S > (1 for a first prompt -- total == S, no past -- else INT8_STEP_ROWS_MAX)
     return [helper.make_node("Shape", ["input_ids"], [NEW_ROWS], start=1, end=2),
-            helper.make_node("Cast", ["total_sequence_length"], [f"{c}/total"], to=TensorProto.INT64),
-            helper.make_node("Sub", [f"{c}/total", NEW_ROWS], [f"{c}/past"]),
-            helper.make_node("Equal", [f"{c}/past", "kv_cache.zero"], [f"{c}/first"]),
-            helper.make_node("Greater", [NEW_ROWS, "kv_cache.step_rows_max"], [f"{c}/long"]),
-            helper.make_node("Or", [f"{c}/first", f"{c}/long"], [f"{c}/float"]),
-            helper.make_node("Greater", [NEW_ROWS, "kv_cache.one"], [f"{c}/several"]),
-            helper.make_node("And", [f"{c}/several", f"{c}/float"], [PROMPT_CONDITION])]
+            helper.make_node("Cast", ["total_sequence_length"], [TOTAL], to=TensorProto.INT64),
+            helper.make_node("Equal", [TOTAL, NEW_ROWS], ["kv_cache.first_prompt"]),
+            helper.make_node("Where", ["kv_cache.first_prompt", "kv_cache.one", "kv_cache.step_rows_max"],
+                             ["kv_cache.float_above"]),
+            helper.make_node("Greater", [NEW_ROWS, "kv_cache.float_above"], [PROMPT_CONDITION])]
 
 
 def _prompt_or_step(node, scale_names: tuple[str, str], float_type: int, max_length: int):
@@ -332,10 +330,8 @@ def _prompt_or_step(node, scale_names: tuple[str, str], float_type: int, max_len
     # one block along the sequence axis: the scale [1, kv_heads, 1, head_dim] covers every row
     per_channel = {"axis": 2, "block_size": max_length}
     total_rows, past_rows = f"{p}/total_rows", f"{p}/past_rows"  # int64 [1]: total and P = total - S
-    prompt_nodes = [
-        helper.make_node("Cast", ["total_sequence_length"], [f"{p}/total64"], to=TensorProto.INT64),
-        helper.make_node("Reshape", [f"{p}/total64", "kv_cache.one"], [total_rows]),
-        helper.make_node("Sub", [total_rows, NEW_ROWS], [past_rows])]
+    prompt_nodes = [helper.make_node("Reshape", [TOTAL, "kv_cache.one"], [total_rows]),  # TOTAL: the outer graph's
+                    helper.make_node("Sub", [total_rows, NEW_ROWS], [past_rows])]
     for kind, past, scale in (("key", past_key, scale_names[0]), ("value", past_value, scale_names[1])):
         prompt_nodes += [
             helper.make_node("Slice", [past, "kv_cache.zero", past_rows, "kv_cache.seq_axis"], [f"{p}/{kind}/codes"]),

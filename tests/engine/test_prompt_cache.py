@@ -157,7 +157,7 @@ def test_an_int8_cache_reused_gives_what_running_the_same_steps_gives(tiny_check
     ids = np.array(held + warm.tokenizer.encode("\n\ndef volume(radius, height):\n"), dtype=np.int64)
     assert 1 < len(ids) - len(held) <= 32
     cache = warm.decoder.new_cache(len(ids) + 1, ids)
-    assert cache.reused == len(held) == len(first.prompt_token_ids) + 11
+    assert cache.length == len(held) == len(first.prompt_token_ids) + 11  # the rows kept
     reused = warm.decoder.prefill(cache, ids[cache.length:])[-1]
     # a fresh engine that runs what the first request ran -- its prompt, then each fed token as a
     # decode step (whose rows carry the int8 cache's error, unlike a prompt's) -- then the rest

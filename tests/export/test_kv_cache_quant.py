@@ -12,6 +12,7 @@ import pytest
 from edge_export import kv_cache_quant
 from edge_export.checkpoint import read_checkpoint
 from edge_export.graph_builder import build_decoder_graph
+from edge_runtime.gqa_decoder import INT8_STEP_ROWS_MAX
 from edge_runtime.tokenizer import CodeLlamaTokenizer
 
 
@@ -257,8 +258,8 @@ def test_a_prompt_in_chunks_attends_over_the_dequantized_cache(int8_case):
     codes (its input does not depend on attention) equal the whole prompt's, and the last
     position's logits stay close to the float cache's."""
     arch, _, float_graph_path, int8_graph, ids = int8_case
-    # chunks longer than STEP_ROWS_MAX (shorter ones after the first go through the int8 kernel: below)
-    chunk = kv_cache_quant.STEP_ROWS_MAX + 1
+    # chunks longer than INT8_STEP_ROWS_MAX (shorter ones after the first go through the int8 kernel: below)
+    chunk = INT8_STEP_ROWS_MAX + 1
     ids = np.concatenate([ids, ids[1:], ids[1:]])[:3 * chunk]
     whole, chunked = shared_decoder(int8_graph, arch), shared_decoder(int8_graph, arch, prefill_chunk=chunk)
     w_cache, c_cache = whole.new_cache(MAX_LENGTH), chunked.new_cache(MAX_LENGTH)
@@ -279,19 +280,19 @@ def test_a_prompt_in_chunks_attends_over_the_dequantized_cache(int8_case):
 
 
 def test_a_short_follow_up_goes_through_the_int8_kernel_and_a_short_first_prompt_does_not(int8_case, tmp_path):
-    """After cached rows, up to STEP_ROWS_MAX new ones (a chat's next question, an editor's
+    """After cached rows, up to INT8_STEP_ROWS_MAX new ones (a chat's next question, an editor's
     keystroke, over the prompt cache) run the int8 kernel in place, as the kernel-only graph
     does, instead of dequantizing the whole past; a first prompt, however short, attends in
     float and gets the float cache's logits."""
     arch, _, float_graph_path, int8_graph, ids = int8_case
     ours, kernel = shared_decoder(int8_graph, arch), shared_decoder(kernel_only_graph(int8_graph, tmp_path), arch)
     f32 = shared_decoder(float_graph_path, arch)
-    short = ids[:kv_cache_quant.STEP_ROWS_MAX]
+    short = ids[:INT8_STEP_ROWS_MAX]
     np.testing.assert_allclose(ours.prefill(ours.new_cache(MAX_LENGTH), short),
                                f32.prefill(f32.new_cache(MAX_LENGTH), short), rtol=0, atol=1e-5)
 
     o_cache, k_cache = ours.new_cache(MAX_LENGTH), kernel.new_cache(MAX_LENGTH)
-    head, follow = ids[:-kv_cache_quant.STEP_ROWS_MAX], ids[-kv_cache_quant.STEP_ROWS_MAX:]
+    head, follow = ids[:-INT8_STEP_ROWS_MAX], ids[-INT8_STEP_ROWS_MAX:]
     ours.prefill(o_cache, head)  # in float; the kernel-only graph then gets the same codes
     for layer in range(arch.num_layers):
         for kind in (0, 1):
@@ -310,11 +311,10 @@ def test_a_short_follow_up_goes_through_the_int8_kernel_and_a_short_first_prompt
 def test_a_prompts_later_chunks_are_longer_than_the_int8_kernels_share(n):
     """A first prompt attends in float all through: no chunk after the first is short enough
     for the int8 kernel's branch (a short last piece shares the chunk before it)."""
-    from edge_runtime.gqa_decoder import INT8_STEP_ROWS_MAX, chunk_bounds
+    from edge_runtime.gqa_decoder import chunk_bounds
 
     bounds = chunk_bounds(n, 512)
     assert bounds[0][0] == 0 and bounds[-1][1] == n
     assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
     assert all(0 < end - start <= 512 for start, end in bounds)
     assert all(end - start > INT8_STEP_ROWS_MAX for start, end in bounds[1:])
-    assert kv_cache_quant.STEP_ROWS_MAX == INT8_STEP_ROWS_MAX
