@@ -47,9 +47,14 @@ replays them, so a step costs one launch instead of one per node (hundreds at
 7B). A replay reuses the recorded addresses and copies nothing, so the logits
 too stay in a device buffer, read back after the step (the token and
 `seqlens_k` already live on the device, as above). `total_sequence_length`
-stays on the host: GroupQueryAttention reads it there, and a decode step's
-kernels do not depend on it (positions come from `seqlens_k`). Prefill runs are
-not recorded (`gpu_graph_id` -1): their shapes change with every prompt.
+stays on the host, where GroupQueryAttention reads it when a step is recorded: a
+replay keeps the recorded value (measured on an H200: a total that grew with each
+step left replays attending to the recording's length, and greedy tokens parted
+from plain CUDA's within a few steps). So decode steps in this mode pass the
+buffer's length, the same at every step, as onnxruntime-genai's static attention
+mask does under graph capture; GroupQueryAttention takes each row's length from
+`seqlens_k`, which lives on the device. Prefill runs are not recorded
+(`gpu_graph_id` -1): their shapes change with every prompt.
 """
 
 from __future__ import annotations
@@ -292,7 +297,9 @@ class SharedKVDecoder:
 
     def _run(self, cache: SharedKVCache, total: int, new_tokens: int, options=None) -> None:
         self._seqlens_k[0] = total - 1
-        self._total_len[()] = total
+        # a recorded decode step keeps the host scalars it was recorded with: there the total is
+        # the buffer's length, the same at every step, and seqlens_k (on the device) bounds attention
+        self._total_len[()] = self.max_length if options is not None and options is self._decode_options else total
         if self._inputs_on_device:
             self._seqlens_dev.update_inplace(self._seqlens_k)
         self.session.run_with_iobinding(self._binding, options)
