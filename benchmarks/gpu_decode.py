@@ -6,8 +6,8 @@
 Runs our engine as the daemon does -- ``Engine.from_bundle`` with the nvidia-gpu
 profile: the CUDA provider, the KV cache in device memory bound with I/O binding, one
 decode step = token in, logits out -- and, per bundle, the same with CUDA graphs
-(the profile's CUDA option ``enable_cuda_graph = "1"``: each decode step replays one
-recording instead of launching every node; gqa_decoder.py).
+(the CUDA option ``enable_cuda_graph = "1"``, on in the nvidia-gpu profile: each decode step
+replays one recording instead of launching every node; gqa_decoder.py), and without.
 
 What it does:
 
@@ -136,13 +136,13 @@ def gpu_memory_used_mib(pid: int) -> int | None:
 
 
 def load_engine(bundle: Path, profile_name: str, variant: str):
-    """The daemon's engine for `bundle` on the GPU, with CUDA graphs for variant "cuda-graph"."""
+    """The daemon's engine for `bundle` on the GPU, with CUDA graphs for variant "cuda-graph" and
+    without them for "cuda" (whatever the profile says)."""
     from edge_runtime.engine import Engine
     from edge_runtime.profiles import load_profile
 
-    profile = load_profile(profile_name)
-    if variant == "cuda-graph":
-        profile = profile.with_provider_options(CUDA, enable_cuda_graph="1")
+    profile = load_profile(profile_name).with_provider_options(
+        CUDA, enable_cuda_graph="1" if variant == "cuda-graph" else "0")
     engine = Engine.from_bundle(bundle, profile=profile)
     if engine.info.provider != CUDA or engine.decoder.device != "cuda":
         raise SystemExit(f"the engine runs on {engine.info.provider}, not on the GPU")

@@ -86,10 +86,10 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, P
     if bundle.graph_flavour == FLAVOUR_GQA_SHARED_KV:  # before the weights go to the GPU
         check_kv_dtype_for_device(bundle_kv_dtype(bundle, profile.kv_cache.dtype), choice.device)
     if uses_cuda_graph(choice) and bundle.graph_flavour != FLAVOUR_GQA_SHARED_KV:
-        raise ConfigError(f"profile {profile.name} enables CUDA graphs (enable_cuda_graph), which need the fused "
-                          f"graph's fixed KV buffers; {bundle.root} holds the {bundle.graph_flavour} graph "
-                          "(export it with --graph fused, or set enable_cuda_graph = \"0\")",
-                          key="execution_providers.options.enable_cuda_graph")
+        log.warning("profile %s enables CUDA graphs (enable_cuda_graph), which need the fused graph's fixed KV "
+                    "buffers; %s holds the %s graph, so its steps run without them (export it with --graph fused "
+                    "for the faster decode)", profile.name, bundle.root, bundle.graph_flavour)
+        choice = without_cuda_graph(choice)
     try:
         session = ort.InferenceSession(str(bundle.graph_path), sess_options=options, providers=choice.providers)
     except Exception as exc:
@@ -105,6 +105,13 @@ def uses_cuda_graph(choice: ProviderChoice) -> bool:
     """Whether the CUDA provider is chosen with enable_cuda_graph on (decoder: gqa_decoder.py)."""
     return any(name == "CUDAExecutionProvider" and str(opts.get("enable_cuda_graph", "0")).lower() in ("1", "true")
                for name, opts in choice.providers)
+
+
+def without_cuda_graph(choice: ProviderChoice) -> ProviderChoice:
+    """`choice` with the CUDA provider's enable_cuda_graph off."""
+    providers = [(name, {**opts, "enable_cuda_graph": "0"} if name == "CUDAExecutionProvider" else opts)
+                 for name, opts in choice.providers]
+    return dataclasses.replace(choice, providers=providers)
 
 
 def check_session_providers(session, choice: ProviderChoice, profile: DeviceProfile) -> ProviderChoice:

@@ -8,6 +8,8 @@ as without."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -21,8 +23,10 @@ pytestmark = pytest.mark.gpu
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def with_cuda_graph(profile):
-    return profile.with_provider_options("CUDAExecutionProvider", enable_cuda_graph="1")
+def cuda_profile(graph: bool):
+    """The nvidia-gpu profile (CUDA graphs on) with CUDA graphs on or off."""
+    return load_profile("nvidia-gpu").with_provider_options("CUDAExecutionProvider",
+                                                            enable_cuda_graph="1" if graph else "0")
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +42,7 @@ def test_cuda_engine_keeps_the_kv_cache_in_device_memory(gpu_bundles):
     engine = Engine.from_bundle(gpu_bundles["int4"], profile="nvidia-gpu")
     assert engine.info.provider == "CUDAExecutionProvider"
     assert engine.session.get_providers()[0] == "CUDAExecutionProvider"
+    assert engine.decoder.cuda_graph  # the profile's default
     cache = engine.decoder.new_cache(16)
     assert cache.device == "cuda"
     key, value = cache.past(0)
@@ -73,8 +78,8 @@ def test_cuda_provider_meets_the_profiles_fidelity_bar_against_torch(gpu_bundles
 def test_cuda_graph_decoding_gives_the_tokens_of_plain_cuda(gpu_bundles):
     """Decode steps recorded once and replayed: the same greedy tokens and logits as without,
     over two requests (the second replays the first's recording with new inputs)."""
-    plain = Engine.from_bundle(gpu_bundles["int4"], profile="nvidia-gpu")
-    graphed = Engine.from_bundle(gpu_bundles["int4"], profile=with_cuda_graph(load_profile("nvidia-gpu")))
+    plain = Engine.from_bundle(gpu_bundles["int4"], profile=cuda_profile(graph=False))
+    graphed = Engine.from_bundle(gpu_bundles["int4"], profile=cuda_profile(graph=True))
     assert graphed.decoder.cuda_graph and not plain.decoder.cuda_graph
     for prompt in ("def fibonacci(n):\n    ", "import os\nimport sys\n\ndef main():\n"):
         request = GenerationRequest(mode="complete", prompt=prompt, max_tokens=32, sampling=GREEDY)
@@ -92,6 +97,38 @@ def test_cuda_graph_decoding_gives_the_tokens_of_plain_cuda(gpu_bundles):
             token = int(step.argmax())
         logits.append(np.stack(steps))
     assert np.abs(logits[0] - logits[1]).max() < 1e-2
+
+
+def test_cuda_graph_replays_after_a_prompt_of_several_attention_tiles(gpu_bundles):
+    """A ~700-token prompt (attention kernels work in tiles of 64 to 256 positions): decode
+    steps replayed from one recording still give plain CUDA's greedy tokens."""
+    plain = Engine.from_bundle(gpu_bundles["int4"], profile=cuda_profile(graph=False))
+    graphed = Engine.from_bundle(gpu_bundles["int4"], profile=cuda_profile(graph=True))
+    source = (Path(__file__).resolve().parents[2] / "edge_runtime" / "sampling.py").read_text()
+    prompt = plain.tokenizer.decode(plain.tokenizer.encode(source)[:700])
+    request = GenerationRequest(mode="complete", prompt=prompt, max_tokens=24, sampling=GREEDY)
+    want = plain.complete(request)
+    assert 600 < want.usage.prompt_tokens <= 710
+    assert graphed.complete(request).token_ids == want.token_ids
+
+
+@pytest.mark.parametrize("variant", ["cuda", "cuda-graph"])
+def test_a_follow_up_prompt_on_cuda_reuses_the_cached_rows_and_gives_the_uncached_tokens(gpu_bundles, variant):
+    """The prompt cache on the GPU: the next turn prefills only its new part into the device
+    buffers and decodes as a run of its whole prompt does."""
+    engine = Engine.from_bundle(gpu_bundles["fp16"], profile=cuda_profile(graph=variant == "cuda-graph"))
+
+    def complete(prompt, **kw):
+        return engine.complete(GenerationRequest(mode="complete", prompt=prompt, max_tokens=16, sampling=GREEDY,
+                                                 **kw))
+
+    first = complete("def fibonacci(n):\n    ")
+    follow_up = "def fibonacci(n):\n    " + first.text + "\n\ndef main():\n"
+    cached = complete(follow_up)
+    assert cached.usage.cached_prompt_tokens >= first.usage.prompt_tokens - 1
+    uncached = complete(follow_up, cache_prompt=False)
+    assert uncached.usage.cached_prompt_tokens == 0
+    assert cached.token_ids == uncached.token_ids
 
 
 def test_every_node_of_a_decode_step_runs_on_the_gpu(gpu_bundles, tmp_path):

@@ -355,6 +355,32 @@ def test_a_gpu_provider_that_onnxruntime_lists_but_cannot_start_is_not_a_silent_
     assert result.usage.completion_tokens == 4
 
 
+def test_the_gpu_profiles_cuda_graphs_are_off_for_a_bundle_whose_kv_cache_grows(tiny_checkpoint, tmp_path,
+                                                                                  exporter, monkeypatch, caplog):
+    """nvidia-gpu turns CUDA graphs on; a recorded step needs the fused graph's fixed KV buffers,
+    so an optimum-graph bundle runs without them, with a warning that says how to get them."""
+    import onnxruntime
+
+    from edge_runtime.profiles import load_profile
+
+    cuda = dict(load_profile("nvidia-gpu").ort_providers())["CUDAExecutionProvider"]
+    assert cuda["enable_cuda_graph"] == "1"
+    bundle = exporter(tiny_checkpoint, tmp_path / "optimum", graph="optimum")
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    real_session, asked = onnxruntime.InferenceSession, []
+
+    def session_on_the_cpu(path, sess_options=None, providers=None, **kwargs):
+        asked.append(providers)
+        return real_session(path, sess_options=sess_options, providers=["CPUExecutionProvider"], **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session_on_the_cpu)
+    with caplog.at_level("WARNING", logger="edge_runtime.engine"):
+        Engine.from_bundle(bundle, "nvidia-gpu", allow_cpu_fallback=True)
+    assert dict(asked[0])["CUDAExecutionProvider"] == {**cuda, "enable_cuda_graph": "0"}
+    assert "run without them (export it with --graph fused" in caplog.text
+
+
 def test_the_provider_reported_is_the_one_the_session_started():
     """A Jetson profile asks for TensorRT, then CUDA: where TensorRT cannot start, the engine
     reports CUDA (what runs), not TensorRT; where neither starts, it refuses."""
