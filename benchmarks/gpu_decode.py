@@ -5,9 +5,9 @@
 
 Runs our engine as the daemon does -- ``Engine.from_bundle`` with the nvidia-gpu
 profile: the CUDA provider, the KV cache in device memory bound with I/O binding, one
-decode step = token in, logits out -- and, per bundle, the same with CUDA graphs
-(the CUDA option ``enable_cuda_graph = "1"``, on in the nvidia-gpu profile: each decode step
-replays one recording instead of launching every node; gqa_decoder.py), and without.
+decode step = token in, logits out -- in two variants per bundle: ``cuda-graph`` (the
+profile's default, ``enable_cuda_graph = "1"``: each decode step replays one recording
+instead of launching every node; gqa_decoder.py) and ``cuda`` (``enable_cuda_graph = "0"``).
 
 What it does:
 
@@ -146,6 +146,9 @@ def load_engine(bundle: Path, profile_name: str, variant: str):
     engine = Engine.from_bundle(bundle, profile=profile)
     if engine.info.provider != CUDA or engine.decoder.device != "cuda":
         raise SystemExit(f"the engine runs on {engine.info.provider}, not on the GPU")
+    if (variant == "cuda-graph") != bool(getattr(engine.decoder, "cuda_graph", False)):
+        raise SystemExit(f"{bundle}: the {variant} variant runs {'without' if variant == 'cuda-graph' else 'with'} "
+                         "CUDA graphs (the engine's log says why)")
     return engine
 
 

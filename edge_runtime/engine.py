@@ -91,7 +91,16 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, P
                     "for the faster decode)", profile.name, bundle.root, bundle.graph_flavour)
         choice = without_cuda_graph(choice)
     try:
-        session = ort.InferenceSession(str(bundle.graph_path), sess_options=options, providers=choice.providers)
+        try:
+            session = ort.InferenceSession(str(bundle.graph_path), sess_options=options, providers=choice.providers)
+        except Exception as exc:
+            # onnxruntime records a step only where every node runs on CUDA, and says so at load
+            if not (uses_cuda_graph(choice) and "cuda graph" in str(exc).lower()):
+                raise
+            log.warning("onnxruntime cannot record CUDA graphs for %s (%s); its steps run without them",
+                        bundle.root, exc)
+            choice = without_cuda_graph(choice)
+            session = ort.InferenceSession(str(bundle.graph_path), sess_options=options, providers=choice.providers)
     except Exception as exc:
         if bundle_kv_dtype(bundle, profile.kv_cache.dtype) == "int8":
             raise BundleError(f"{bundle.root} keeps an int8 KV cache, which onnxruntime {ort.__version__} could not "
@@ -188,6 +197,8 @@ class Engine:
         # the fused graph prefills long prompts in chunks: bounded attention scratch (memory_fit.py counts it)
         extra = ({"prefill_chunk": PREFILL_CHUNK, "cuda_graph": uses_cuda_graph(choice)}
                  if bundle.graph_flavour == FLAVOUR_GQA_SHARED_KV else {})
+        if extra.get("cuda_graph"):
+            log.info("CUDA graphs: each decode step replays one recording (the profile's enable_cuda_graph)")
         decoder = DECODERS[bundle.graph_flavour](ort, session, bundle.architecture, device=choice.device,
                                                  max_length=max_length, **extra)
         tokenizer = CodeLlamaTokenizer.from_file(bundle.tokenizer_path)

@@ -381,6 +381,31 @@ def test_the_gpu_profiles_cuda_graphs_are_off_for_a_bundle_whose_kv_cache_grows(
     assert "run without them (export it with --graph fused" in caplog.text
 
 
+def test_a_fused_bundle_whose_nodes_cannot_all_be_recorded_runs_without_cuda_graphs(gpu_fp16_bundle, monkeypatch,
+                                                                                      caplog):
+    """onnxruntime refuses, at load, CUDA graphs for a session whose nodes are not all on CUDA
+    (an operator without a CUDA kernel in the installed version): the engine loads it again
+    without them and says so, rather than not starting."""
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    real_session, asked = onnxruntime.InferenceSession, []
+
+    def refusing_graphs(path, sess_options=None, providers=None, **kwargs):
+        asked.append(dict(providers)["CUDAExecutionProvider"]["enable_cuda_graph"])
+        if asked[-1] == "1":
+            raise RuntimeError("This session cannot use the CUDA Graph feature as requested by the user as all "
+                               "compute graph nodes have not been partitioned to the CUDA EP.")
+        return real_session(path, sess_options=sess_options, providers=["CPUExecutionProvider"], **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refusing_graphs)
+    with caplog.at_level("WARNING", logger="edge_runtime.engine"):
+        engine = Engine.from_bundle(gpu_fp16_bundle, "nvidia-gpu", allow_cpu_fallback=True)
+    assert asked == ["1", "0"]  # the fused graph asks for them first
+    assert "cannot record CUDA graphs" in caplog.text and not engine.decoder.cuda_graph
+
+
 def test_the_provider_reported_is_the_one_the_session_started():
     """A Jetson profile asks for TensorRT, then CUDA: where TensorRT cannot start, the engine
     reports CUDA (what runs), not TensorRT; where neither starts, it refuses."""

@@ -125,6 +125,35 @@ def test_cuda_graph_mode_step_inputs_in_bound_buffers_match_torch(tiny_checkpoin
             assert np.abs(decoder.decode(cache, token) - ref[len(ids) + i]).max() < 1e-4
 
 
+def test_recorded_decode_steps_get_the_buffers_length_as_total_sequence_length(tiny_checkpoint, float_case):
+    """A CUDA graph replays the host scalars it was recorded with, so in that mode every decode
+    step (graph 1) must pass the same total, the KV buffer's length; seqlens_k carries the real
+    one. Prefills (not recorded, graph -1) pass the real total. (On an H200 a growing total left
+    replays attending to the recording's length; tests/engine/test_cuda_provider.py runs it there.)"""
+    checkpoint, graph = float_case
+    decoder = decoder_for(graph, checkpoint, cuda_graph=True)
+    runs = []
+
+    class Recording:
+        def __init__(self, session):
+            self.session = session
+
+        def run_with_iobinding(self, binding, options=None):
+            runs.append((options.get_run_config_entry("gpu_graph_id"), int(decoder._total_len), cache.length))
+            return self.session.run_with_iobinding(binding, options)
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+    decoder.session = Recording(decoder.session)
+    ids = PROMPTS[0]
+    cache = decoder.new_cache(len(ids) + 4)
+    token = int(decoder.prefill(cache, np.asarray(ids))[-1].argmax())
+    for _ in range(3):
+        token = int(decoder.decode(cache, token).argmax())
+    assert runs == [("-1", len(ids), 0)] + [("1", MAX_LENGTH, len(ids) + i) for i in range(3)]
+
+
 def test_chunked_prefill_equals_one_shot(tiny_checkpoint, float_case):
     """GroupQueryAttention's subsequent-prompt path: a prompt fed in pieces gives the same logits."""
     checkpoint, graph = float_case
