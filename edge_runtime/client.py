@@ -426,7 +426,7 @@ class EdgeClient:
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  seed: int | None = None, stop: Sequence[str] | str | None = None, stream: bool = True,
                  deadline_ms: int | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                 request_id: str | None = None) -> Generation:
+                 request_id: str | None = None, cache_prompt: bool | None = None) -> Generation:
         """Publish a request now and return its `Generation` (iterate it for chunks).
         Parameters left None take the daemon's defaults."""
         if not self._connected:
@@ -438,7 +438,8 @@ class EdgeClient:
         obj = build_request(request_id=request_id, mode=mode, prompt=prompt, prefix=prefix, suffix=suffix,
                             suffix_first=suffix_first, messages=messages, max_tokens=max_tokens,
                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-                            stream=stream, deadline_ms=deadline_ms, reply_to=None if v5 else reply_topic)
+                            stream=stream, deadline_ms=deadline_ms, reply_to=None if v5 else reply_topic,
+                            cache_prompt=cache_prompt)
         inbox: queue.Queue[dict[str, Any]] = queue.Queue()
         correlation = request_id.encode("utf-8")
         with self._lock:
@@ -516,6 +517,8 @@ def add_ask_arguments(parser: argparse.ArgumentParser, *, request_arguments: boo
     parser.add_argument("--device-id", required=True, help="the daemon's device id (fleet: any device of a "
                                                            "fleet group)")
     parser.add_argument("--deadline-ms", type=int, help="the daemon gives up after this long")
+    parser.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false", default=None,
+                        help="run the whole prompt, and leave nothing of it for the next request to reuse (the prompt cache)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                         help=f"seconds to wait for the first reply, and then between streamed chunks "
                              f"(default {DEFAULT_TIMEOUT_S:g}; with --json, for the whole answer)")
@@ -534,7 +537,7 @@ def add_ask_arguments(parser: argparse.ArgumentParser, *, request_arguments: boo
 def _ask_request(args: argparse.Namespace) -> dict[str, Any]:
     common: dict[str, Any] = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                   top_k=args.top_k, seed=args.seed, stop=list(args.stop) or None,
-                                  deadline_ms=args.deadline_ms)
+                                  deadline_ms=args.deadline_ms, cache_prompt=args.cache_prompt)
     source = request_source(args)
     if source["mode"] == "infill" and not source["suffix_first"]:
         source["suffix_first"] = None  # the daemon's default order

@@ -57,7 +57,7 @@ ROLES: tuple[str, ...] = ("system", "user", "assistant")
 REQUEST_FIELDS = frozenset({
     "id", "mode", "prompt", "prefix", "suffix", "suffix_first", "messages",
     "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
-    "deadline_ms", "reply_to",
+    "deadline_ms", "reply_to", "cache_prompt",
 })
 _MODE_FIELDS: dict[str, frozenset[str]] = {
     "complete": frozenset({"prompt"}),
@@ -385,6 +385,10 @@ def parse_request(payload: bytes, limits: RequestLimits | Any = RequestLimits(),
     if not isinstance(stream, bool):
         raise bad("stream must be true or false")
 
+    cache_prompt = obj.get("cache_prompt", True)
+    if not isinstance(cache_prompt, bool):
+        raise bad("cache_prompt must be true or false")
+
     deadline_ms = obj.get("deadline_ms", limits.default_deadline_ms)
     if not is_number(deadline_ms) or deadline_ms <= 0:
         raise bad("deadline_ms must be a positive number of milliseconds")
@@ -404,6 +408,7 @@ def parse_request(payload: bytes, limits: RequestLimits | Any = RequestLimits(),
         stop=tuple(stop),
         id=raw_id,
         deadline=now + deadline_ms / 1000.0,
+        cache_prompt=cache_prompt,
     )
     chars = prompt_chars(request)
     if chars > limits.max_prompt_chars:
@@ -548,7 +553,7 @@ def build_request(*, request_id: str, mode: str, prompt: str | None = None,
                   max_tokens: int | None = None, temperature: float | None = None,
                   top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                   stop: Any = None, stream: bool = True, deadline_ms: int | None = None,
-                  reply_to: str | None = None) -> dict[str, Any]:
+                  reply_to: str | None = None, cache_prompt: bool | None = None) -> dict[str, Any]:
     """A request dict for clients; fields left None are omitted (the daemon's defaults apply).
     `messages` may hold `Message` objects or ``{role, content}`` dicts."""
     obj: dict[str, Any] = {"id": request_id, "mode": mode}
@@ -563,7 +568,7 @@ def build_request(*, request_id: str, mode: str, prompt: str | None = None,
                        ("suffix_first", suffix_first), ("messages", messages),
                        ("max_tokens", max_tokens), ("temperature", temperature),
                        ("top_p", top_p), ("top_k", top_k), ("seed", seed), ("stop", stop),
-                       ("deadline_ms", deadline_ms), ("reply_to", reply_to)):
+                       ("deadline_ms", deadline_ms), ("reply_to", reply_to), ("cache_prompt", cache_prompt)):
         if value is not None:
             obj[key] = value
     obj["stream"] = stream

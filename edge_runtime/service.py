@@ -628,8 +628,9 @@ class EdgeService:
             self._acker.submit(self._publish(route, stored), [delivery])
             return
         client = reply_client_id(topic)  # "" when the reply topic names no client: no prompt cache to scope it by
+        cache = bool(client) and wire.request.cache_prompt  # the request's "cache_prompt": false opts out
         wire = dataclasses.replace(wire, request=dataclasses.replace(wire.request, client_id=client,
-                                                                     cache_prompt=bool(client)))
+                                                                     cache_prompt=cache))
         if self.guard is not None:
             if not wire.max_tokens_given:
                 wire = dataclasses.replace(wire, request=self.guard.default_max_tokens(wire.request))

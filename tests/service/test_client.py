@@ -276,6 +276,17 @@ def test_ask_json_infill_and_chat(broker, service, capsys, tmp_path):
     assert capsys.readouterr().out == "there hello\n"
 
 
+def test_ask_no_cache_prompt_opts_the_request_out_of_the_prompt_cache(broker, tmp_path, capsys):
+    engine = FakeEngine()
+    s = start_service(make_config(broker, tmp_path), engine)
+    try:
+        assert ask(broker, "--prompt", "a b", "--client-id", "desk-1") == 0
+        assert ask(broker, "--prompt", "a b", "--client-id", "desk-1", "--no-cache-prompt") == 0
+    finally:
+        s.stop()
+    assert [r.cache_prompt for r in engine.calls] == [True, False]
+
+
 def test_ask_error_reply_and_bad_flags(broker, service, capsys):
     assert ask(broker, "--prompt", "bad <UNSAFE>") == 1
     assert capsys.readouterr().err.startswith("error: unsafe_prompt: ")

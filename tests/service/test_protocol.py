@@ -69,12 +69,12 @@ def test_a_request_without_a_seed_samples_with_one_drawn_from_its_bytes():
 def test_all_fields_infill():
     w = parse({"id": "r2", "mode": "infill", "prefix": "def f(", "suffix": "):\n", "suffix_first": True,
                "max_tokens": 64, "temperature": 0, "top_p": 1, "top_k": 5, "seed": 7, "stop": ["\n\n"],
-               "stream": False, "deadline_ms": 5000, "reply_to": "my/replies/r2"})
+               "stream": False, "deadline_ms": 5000, "reply_to": "my/replies/r2", "cache_prompt": False})
     r = w.request
     assert (r.prefix, r.suffix, r.suffix_first, r.max_tokens) == ("def f(", "):\n", True, 64)
     assert r.sampling.temperature == 0.0 and isinstance(r.sampling.temperature, float)
     assert (r.sampling.top_p, r.sampling.top_k, r.sampling.seed, r.stop) == (1.0, 5, 7, ("\n\n",))
-    assert (w.stream, w.deadline_ms, w.reply_to) == (False, 5000, "my/replies/r2")
+    assert (w.stream, w.deadline_ms, w.reply_to, r.cache_prompt) == (False, 5000, "my/replies/r2", False)
     assert r.deadline == pytest.approx(105.0)
 
 
@@ -143,6 +143,7 @@ def test_unknown_mode_is_unsupported_mode():
     ({"id": "a", "mode": "complete", "prompt": "x", "suffix": "y"}, "suffix"),
     ({"id": "a", "mode": "infill", "suffix": "y"}, "prefix"),
     ({"id": "a", "mode": "infill", "prefix": "x", "suffix_first": "yes"}, "suffix_first"),
+    ({"id": "a", "mode": "complete", "prompt": "x", "cache_prompt": 0}, "cache_prompt"),
     ({"id": "a", "mode": "infill", "prefix": "x", "messages": []}, "messages"),
     ({"id": "a", "mode": "chat"}, "messages"),
     ({"id": "a", "mode": "chat", "messages": []}, "messages"),
@@ -271,9 +272,11 @@ def test_status_encoding():
 
 def test_build_request_round_trips_through_the_parser():
     obj = build_request(request_id="b1", mode="chat", messages=[Message("user", "hi")], max_tokens=8,
-                        stop="\n", seed=3, stream=False, reply_to="r/b1")
+                        stop="\n", seed=3, stream=False, reply_to="r/b1", cache_prompt=False)
     w = parse(obj)
     assert w.request.messages == (Message("user", "hi"),) and w.request.stop == ("\n",)
+    assert not w.request.cache_prompt and parse(build_request(request_id="b2", mode="complete",
+                                                              prompt="x")).request.cache_prompt
     assert w.reply_to == "r/b1" and not w.stream
     assert "temperature" not in obj  # unset fields are left to the daemon
 

@@ -108,6 +108,7 @@ def test_each_mode_over_mqtt_equals_local_generate(daemon, broker, tiny_bundle, 
 
 
 def test_a_clients_next_turn_reuses_its_previous_prompt_and_another_clients_does_not(daemon, broker):
+    """Also: a request with "cache_prompt": false reuses nothing and leaves nothing to reuse."""
     first = [{"role": "user", "content": "Write a function that merges two sorted lists."}]
     with EdgeClient(broker.url, DEVICE, client_id="ward-7-terminal") as client:
         turn1 = client.generate(mode="chat", messages=first, max_tokens=8, temperature=0.0, timeout=60).result()
@@ -118,8 +119,13 @@ def test_a_clients_next_turn_reuses_its_previous_prompt_and_another_clients_does
     assert turn2["usage"]["cached_prompt_tokens"] >= turn1["usage"]["prompt_tokens"] - 1
     with EdgeClient(broker.url, DEVICE, client_id="pharmacy-desk") as other:
         same = other.generate(mode="chat", messages=second, max_tokens=8, temperature=0.0, timeout=60).result()
+        # "cache_prompt": false runs the whole prompt and leaves nothing for the next request
+        fresh = other.generate(mode="chat", messages=second, max_tokens=8, temperature=0.0, timeout=60,
+                               cache_prompt=False).result()
+        after = other.generate(mode="chat", messages=second, max_tokens=8, temperature=0.0, timeout=60).result()
     assert same["usage"]["cached_prompt_tokens"] == 0
-    assert same["text"] == turn2["text"]
+    assert same["text"] == turn2["text"] == fresh["text"]
+    assert fresh["usage"]["cached_prompt_tokens"] == after["usage"]["cached_prompt_tokens"] == 0
 
 
 def test_mqtt311_reply_to(daemon, broker):
