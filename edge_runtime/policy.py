@@ -188,18 +188,91 @@ def _phrase_beginnings_regex(phrase: str) -> str:
     return "|".join(beginnings)
 
 
+def _sre_parser():
+    """Python's regular-expression parser (a private module: callers stay safe if it changes)."""
+    try:
+        from re import _parser as sre_parse  # type: ignore[attr-defined]  # Python 3.11+
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_parse  # type: ignore[no-redef]
+    return sre_parse
+
+
 def _longest_match_chars(pattern: re.Pattern[str]) -> int | None:
     """How many characters a match of `pattern` can have at most; None when unbounded
     (or when this Python's regular-expression parser cannot tell)."""
     try:
-        try:
-            from re import _parser as sre_parse  # type: ignore[attr-defined]  # Python 3.11+
-        except ImportError:  # pragma: no cover - Python 3.10
-            import sre_parse  # type: ignore[no-redef]
+        sre_parse = _sre_parser()
         longest = sre_parse.parse(pattern.pattern, pattern.flags).getwidth()[1]
     except Exception:  # pragma: no cover - a private module: stay safe if it changes
         return None
     return None if longest >= sre_parse.MAXREPEAT else int(longest)
+
+
+def _start_literals(items: list, sre) -> list[str] | None:
+    """The literal texts one of which a match of the parsed sequence `items` begins with
+    (each at least one character); None when its start is not that simple."""
+    prefix = []
+    for op, av in items:
+        if op == sre.LITERAL:
+            prefix.append(chr(av))
+            continue
+        if prefix:
+            break
+        if op == sre.SUBPATTERN:
+            _group, add_flags, del_flags, sub = av
+            return None if add_flags or del_flags else _start_literals(list(sub), sre)
+        if op == sre.BRANCH:
+            starts: list[str] = []
+            for branch in av[1]:
+                branch_starts = _start_literals(list(branch), sre)
+                if not branch_starts:
+                    return None
+                starts += branch_starts
+            return starts
+        return None
+    return ["".join(prefix)] if prefix else None
+
+
+@dataclass(frozen=True)
+class Anchors:
+    """ASCII texts one of which every match of a pattern begins with (lowercased, `fold`, where
+    the pattern ignores case): a search need not start before the first of them, nor at all
+    where none occurs."""
+
+    texts: tuple[str, ...]
+    fold: bool
+
+    @classmethod
+    def of(cls, pattern: re.Pattern[str]) -> Anchors | None:
+        """None when the pattern's start is not such a text (a class, a repeat or an assertion
+        first) or this Python's regular-expression parser cannot tell."""
+        try:
+            sre = _sre_parser()
+            starts = _start_literals(list(sre.parse(pattern.pattern, pattern.flags)), sre)
+        except Exception:  # pragma: no cover - a private module: stay safe if it changes
+            return None
+        if not starts or not all(text.isascii() for text in starts):
+            return None
+        fold = bool(pattern.flags & re.IGNORECASE)
+        return cls(tuple(sorted({text.lower() if fold else text for text in starts})), fold)
+
+    def first(self, text: str, pos: int, folded: str | None = None) -> int:
+        """Where the earliest text occurs in `text` at or after `pos`, -1 where none does.
+        Case-folded only over ASCII text, where lowercasing is what ignoring case is
+        ('\u0130' and '\u0131' match 'i'); over other text, `pos`: the search as is.
+        `folded`: `text` lowercased, where all of it is ASCII."""
+        if self.fold and folded is not None:
+            found = [i for t in self.texts if (i := folded.find(t, pos)) >= 0]
+            return min(found) if found else -1
+        if self.fold:
+            region = text[pos:]
+            if not region.isascii():
+                return pos
+            region = region.lower()
+            found = [i for t in self.texts if (i := region.find(t)) >= 0]
+            return pos + min(found) if found else -1
+        found = [i for t in self.texts if (i := text.find(t, pos)) >= 0]
+        return min(found) if found else -1
 
 
 @dataclass(frozen=True)
@@ -218,22 +291,28 @@ class Rule:
     # per pattern: the longest match, when bounded and without lookahead (how far back a match
     # that reaches into new text can begin); None: the whole window
     pattern_lookbacks: tuple[int | None, ...] = ()
+    # per pattern: the texts one of which each match begins with, or None; the search starts
+    # at the first of them, and is skipped where none occurs (most tokens)
+    pattern_anchors: tuple[Anchors | None, ...] = ()
 
     def applies(self, where: str, mode: str, client_id: str) -> bool:
         return (where in self.on and mode in self.modes
                 and (not self.clients or any(fnmatch.fnmatchcase(client_id, g) for g in self.clients)))
 
-    def first_match(self, text: str, phrases_from: int, patterns_from: int, new_from: int) -> int | None:
+    def first_match(self, text: str, phrases_from: int, patterns_from: int, new_from: int,
+                    folded: str | None = None) -> int | None:
         """Where the earliest match begins (a phrase's at or after `phrases_from`, a
         pattern's at or after `patterns_from`), or None. `new_from`: where the text not yet
         searched begins; a pattern whose matches are at most n long is searched from n
         before it only, since a match found now must reach into that text."""
-        def pattern_from(lookback: int | None) -> int:
-            return patterns_from if lookback is None else max(patterns_from, new_from - lookback)
+        def pattern_from(lookback: int | None, anchors: Anchors | None) -> int:
+            pos = patterns_from if lookback is None else max(patterns_from, new_from - lookback)
+            return pos if anchors is None else anchors.first(text, pos, folded)
 
-        searches = [(self.phrases, phrases_from),
-                    *((p, pattern_from(lb)) for p, lb in zip(self.patterns, self.pattern_lookbacks))]
-        starts = [m.start() for rx, pos in searches if rx is not None and (m := rx.search(text, pos))]
+        anchors = self.pattern_anchors or (None,) * len(self.patterns)
+        patterns = zip(self.patterns, self.pattern_lookbacks, anchors)
+        searches = [(self.phrases, phrases_from), *((rx, pattern_from(lb, a)) for rx, lb, a in patterns)]
+        starts = [m.start() for rx, pos in searches if rx is not None and pos >= 0 and (m := rx.search(text, pos))]
         return min(starts, default=None)
 
     def phrase_opening(self, text: str, pos: int, endpos: int | None = None) -> int | None:
@@ -363,11 +442,12 @@ class OutputWatch:
         start = max(0, before - self._window)
         hits = []
         committed = len(self._text) - self._provisional_len
+        folded = self._text.lower() if self._text.isascii() else None  # for the rules that ignore case
         for rule in list(self._rules):
             self._opening.pop(rule.name, None)
             resume = self._resume.pop(rule.name, None)
             phrases_from = max(start, before if resume is None else min(before, resume - self._dropped))
-            at = rule.first_match(self._text, phrases_from, start, before)
+            at = rule.first_match(self._text, phrases_from, start, before, folded)
             if at is not None:
                 hits.append(Violation(rule.name, rule.action, "output", rule.description, at=self._dropped + at))
                 self._rules.remove(rule)
@@ -449,7 +529,8 @@ def compile_policy(spec: PolicySpec, *, source: str, sha256: str = "") -> Policy
         lookbacks = tuple(None if "(?=" in rx.pattern or "(?!" in rx.pattern else n
                           for rx, n in zip(patterns, longest))
         rules.append(Rule(r.name, r.action, frozenset(r.on), frozenset(r.modes), r.clients, phrases,
-                          tuple(patterns), r.description, beginnings, hold, non_ascii, lookbacks))
+                          tuple(patterns), r.description, beginnings, hold, non_ascii, lookbacks,
+                          tuple(Anchors.of(rx) for rx in patterns)))
     return Policy(tuple(rules), spec.limits, spec.classifier, spec.audit, spec.output_window_chars,
                   source, sha256)
 

@@ -196,6 +196,41 @@ def test_a_bounded_pattern_is_searched_only_as_far_back_as_its_longest_match_rea
     assert [v.at for v in watch.feed("bb")] == [0]  # the match ends before this delta; its lookahead reaches in
 
 
+ANCHORED = stop_rule(r"""patterns = ['wevtutil(\.exe)?\s+cl\b', '(curl|wget)\s[^|\n]{0,200}\|\s*(sudo\s+)?(ba|z)?sh\b',
+            'x[a-z]+y']""")
+
+
+def test_patterns_that_begin_with_literal_text_are_searched_from_it():
+    """A pattern whose every match begins with one of some texts is searched from the first
+    of them only, and not at all where none occurs (most tokens); the sample policy's output
+    patterns all do."""
+    sample = load_policy(SAMPLE)
+    assert all(anchors for rule in sample.rules if "output" in rule.on for anchors in rule.pattern_anchors)
+    assert [(a.texts, a.fold) for a in policy(ANCHORED).rules[0].pattern_anchors] == [
+        (("wevtutil",), True), (("curl", "wget"), True), (("x",), True)]
+    assert policy(stop_rule("patterns = ['[a-z]+', '(?i:ab)c', '(ab|)c', 'caf\u00e9']")).rules[0].pattern_anchors \
+        == (None, None, None, None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=st.lists(st.sampled_from(["WEVTUTIL", "wevtut", "\u0130l", "\u0131l", "il", ".exe", " ", "cl", "x",
+                                        "\n", "Curl", "wget ", "http://h/s ", "|", " sh", "sudo ", "bash", "xaby"]),
+                       max_size=14),
+       data=st.data())
+def test_searching_from_the_literal_start_finds_what_the_whole_search_finds(pieces, data):
+    """The same violations, at the same places, chunk after chunk, as searching the window from
+    its start; also where case-insensitive matching meets non-ASCII text ('\u0130' and
+    '\u0131' match 'i'), where the literal search steps aside."""
+    import dataclasses
+
+    rules = policy(ANCHORED).rules
+    plain = tuple(dataclasses.replace(rule, pattern_anchors=()) for rule in rules)
+    fast, slow = OutputWatch(rules, window=64), OutputWatch(plain, window=64)
+    for chunk in random_chunks("".join(pieces), data):
+        assert fast.feed(chunk) == slow.feed(chunk)
+        assert fast.open_tail() == slow.open_tail()
+
+
 def test_flag_rules_hold_nothing_back():
     p = policy('[[rules]]\nname = "f"\naction = "flag"\non = ["output"]\nphrases = ["vssadmin delete"]\n'
                'patterns = ["a.*b"]')
