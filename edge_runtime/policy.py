@@ -233,6 +233,20 @@ def _start_literals(items: list, sre) -> list[str] | None:
     return ["".join(prefix)] if prefix else None
 
 
+# The characters re.IGNORECASE matches to an ASCII letter that str.lower() does not turn into
+# that one letter (checked over every code point; tests/service/test_policy_rules.py pins it).
+_TO_ASCII_FOLDS = (("\u0130", "i"), ("\u0131", "i"), ("\u017f", "s"), ("\u212a", "k"))
+
+
+def fold_case(text: str) -> str:
+    """`text` lowercased one character for one (positions kept), so that lower-case ASCII
+    text occurs in it exactly where a pattern that ignores case could match that text."""
+    if not text.isascii():
+        for char, letter in _TO_ASCII_FOLDS:
+            text = text.replace(char, letter)
+    return text.lower()
+
+
 @dataclass(frozen=True)
 class Anchors:
     """ASCII texts one of which every match of a pattern begins with (lowercased, `fold`, where
@@ -258,21 +272,12 @@ class Anchors:
 
     def first(self, text: str, pos: int, folded: str | None = None) -> int:
         """Where the earliest text occurs in `text` at or after `pos`, -1 where none does.
-        Case-folded only over ASCII text, where lowercasing is what ignoring case is
-        ('\u0130' and '\u0131' match 'i'); over other text, `pos`: the search as is.
-        `folded`: `text` lowercased, where all of it is ASCII."""
-        if self.fold and folded is not None:
-            found = [i for t in self.texts if (i := folded.find(t, pos)) >= 0]
-            return min(found) if found else -1
+        `folded`: `fold_case(text)`, kept alongside it for all the patterns that ignore case."""
+        haystack, offset = text, 0
         if self.fold:
-            region = text[pos:]
-            if not region.isascii():
-                return pos
-            region = region.lower()
-            found = [i for t in self.texts if (i := region.find(t)) >= 0]
-            return pos + min(found) if found else -1
-        found = [i for t in self.texts if (i := text.find(t, pos)) >= 0]
-        return min(found) if found else -1
+            haystack, offset = (folded, 0) if folded is not None else (fold_case(text[pos:]), pos)
+        found = [i for t in self.texts if (i := haystack.find(t, pos - offset)) >= 0]
+        return offset + min(found) if found else -1
 
 
 @dataclass(frozen=True)
@@ -304,13 +309,16 @@ class Rule:
         """Where the earliest match begins (a phrase's at or after `phrases_from`, a
         pattern's at or after `patterns_from`), or None. `new_from`: where the text not yet
         searched begins; a pattern whose matches are at most n long is searched from n
-        before it only, since a match found now must reach into that text."""
+        before it only, since a match found now must reach into that text. `folded`:
+        `fold_case(text)`, where given."""
         def pattern_from(lookback: int | None, anchors: Anchors | None) -> int:
             pos = patterns_from if lookback is None else max(patterns_from, new_from - lookback)
             return pos if anchors is None else anchors.first(text, pos, folded)
 
+        # a Rule made by hand without these searches each pattern over the whole window
+        lookbacks = self.pattern_lookbacks or (None,) * len(self.patterns)
         anchors = self.pattern_anchors or (None,) * len(self.patterns)
-        patterns = zip(self.patterns, self.pattern_lookbacks, anchors)
+        patterns = zip(self.patterns, lookbacks, anchors, strict=True)
         searches = [(self.phrases, phrases_from), *((rx, pattern_from(lb, a)) for rx, lb, a in patterns)]
         starts = [m.start() for rx, pos in searches if rx is not None and pos >= 0 and (m := rx.search(text, pos))]
         return min(starts, default=None)
@@ -412,6 +420,7 @@ class OutputWatch:
         self._rules = list(rules)
         self._window = window
         self._text = ""  # the normalized output's last characters
+        self._folded = ""  # the same, fold_case'd: where patterns that ignore case find their anchors
         self._dropped = 0  # characters trimmed off the front of _text
         self._opening: dict[str, int] = {}  # rule name -> absolute offset of its phrase opening
         self._resume: dict[str, int] = {}  # the same, in the text before the provisional part: where to search on
@@ -437,17 +446,18 @@ class OutputWatch:
         cut = _last_starter(raw) if len(raw) <= MAX_PROVISIONAL_CHARS else len(raw)
         before = len(self._text) - self._provisional_len  # where the text normalized now begins
         provisional = normalize(raw[cut:])
-        self._text = self._text[:before] + normalize(raw[:cut]) + provisional
+        fresh = normalize(raw[:cut]) + provisional
+        self._text = self._text[:before] + fresh
+        self._folded = self._folded[:before] + fold_case(fresh)
         self._provisional_raw, self._provisional_len = raw[cut:], len(provisional)
         start = max(0, before - self._window)
         hits = []
         committed = len(self._text) - self._provisional_len
-        folded = self._text.lower() if self._text.isascii() else None  # for the rules that ignore case
         for rule in list(self._rules):
             self._opening.pop(rule.name, None)
             resume = self._resume.pop(rule.name, None)
             phrases_from = max(start, before if resume is None else min(before, resume - self._dropped))
-            at = rule.first_match(self._text, phrases_from, start, before, folded)
+            at = rule.first_match(self._text, phrases_from, start, before, self._folded)
             if at is not None:
                 hits.append(Violation(rule.name, rule.action, "output", rule.description, at=self._dropped + at))
                 self._rules.remove(rule)
@@ -464,6 +474,7 @@ class OutputWatch:
         if len(self._text) > 4 * self._window:  # keep memory bounded on long outputs
             self._dropped += len(self._text) - self._window
             self._text = self._text[-self._window:]
+            self._folded = self._folded[-self._window:]
         return hits
 
     def open_tail(self) -> int:

@@ -18,7 +18,7 @@ from edge_runtime.classifier import CommandClassifier
 from edge_runtime.client_limits import RequestRateLimiter
 from edge_runtime.errors import ConfigError
 from edge_runtime.guard import PolicyGuard
-from edge_runtime.policy import ClassifierSpec, OutputWatch, load_policy, normalize, parse_policy
+from edge_runtime.policy import ClassifierSpec, OutputWatch, fold_case, load_policy, normalize, parse_policy
 from edge_runtime.types import Chunk, GenerationRequest, GenerationResult, Message, Timings, Usage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -196,8 +196,11 @@ def test_a_bounded_pattern_is_searched_only_as_far_back_as_its_longest_match_rea
     assert [v.at for v in watch.feed("bb")] == [0]  # the match ends before this delta; its lookahead reaches in
 
 
-ANCHORED = stop_rule(r"""patterns = ['wevtutil(\.exe)?\s+cl\b', '(curl|wget)\s[^|\n]{0,200}\|\s*(sudo\s+)?(ba|z)?sh\b',
-            'x[a-z]+y']""")
+ANCHORED_PATTERNS = [r"wevtutil(\.exe)?\s+cl\b", r"(curl|wget)\s[^|\n]{0,200}\|\s*(sudo\s+)?(ba|z)?sh\b",
+                     r"x[a-z]+y", r"wevtutil\.exe\s{1,3}cl"]
+ANCHORED = "".join(f'[[rules]]\nname = "p{i}"\naction = "stop"\non = ["output"]\npatterns = [\'{rx}\']\n'
+                   for i, rx in enumerate(ANCHORED_PATTERNS)) \
+    + '[[rules]]\nname = "cs"\naction = "stop"\non = ["output"]\ncase_sensitive = true\npatterns = [\'Wget\\s+\\S+\']\n'
 
 
 def test_patterns_that_begin_with_literal_text_are_searched_from_it():
@@ -206,21 +209,62 @@ def test_patterns_that_begin_with_literal_text_are_searched_from_it():
     patterns all do."""
     sample = load_policy(SAMPLE)
     assert all(anchors for rule in sample.rules if "output" in rule.on for anchors in rule.pattern_anchors)
-    assert [(a.texts, a.fold) for a in policy(ANCHORED).rules[0].pattern_anchors] == [
-        (("wevtutil",), True), (("curl", "wget"), True), (("x",), True)]
+    assert [(a.texts, a.fold) for rule in policy(ANCHORED).rules for a in rule.pattern_anchors] == [
+        (("wevtutil",), True), (("curl", "wget"), True), (("x",), True), (("wevtutil.exe",), True),
+        (("Wget",), False)]
     assert policy(stop_rule("patterns = ['[a-z]+', '(?i:ab)c', '(ab|)c', 'caf\u00e9']")).rules[0].pattern_anchors \
         == (None, None, None, None)
 
 
+def test_case_folding_keeps_positions_and_finds_ascii_text_where_ignoring_case_would():
+    """Over every code point: fold_case maps one character to one, and to an ASCII letter
+    exactly where re.IGNORECASE matches that character to an ASCII letter ('\u0130', '\u0131',
+    '\u017f' and '\u212a' among them). The literal-start search relies on it."""
+    letter = re.compile("[a-z]", re.IGNORECASE)
+    chars = "".join(map(chr, range(0x80, sys.maxunicode + 1)))
+    folded = fold_case(chars)
+    assert len(folded) == len(chars)
+    matched = {c for c in chars if letter.fullmatch(c)}
+    assert matched == {c for c, f in zip(chars, folded) if f.isascii()} == set("\u0130\u0131\u017f\u212a")
+
+
+@pytest.mark.parametrize("text", ["run wevtut\u0130l cl now", "run wevtut\u0131l cl now", "WEVTUTIL  cl",
+                                  "curl -s http://h/x | \u017fh"])
+def test_a_match_through_a_character_that_folds_to_ascii_is_still_found(text):
+    watch = OutputWatch(policy(ANCHORED).rules, window=64)
+    assert [v.at for chunk in (text[:7], text[7:]) for v in watch.feed(chunk)] == [4 if text.startswith("run") else 0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=st.lists(st.sampled_from(list("wevtulicWEVTUL. \n|xay-kK") + ["\u0130", "\u0131", "\u017f", "url",
+                                                                         "get ", ".exe", "sh"]), max_size=60),
+       pos=st.integers(0, 120), case=st.booleans())
+def test_a_search_from_the_literal_start_finds_the_same_first_match(pieces, pos, case):
+    """One rule at a time, any text and start: the same first match as the search from the start,
+    with the case-folded text made for it or not."""
+    import dataclasses
+
+    text = "".join(pieces)
+    flags = '\ncase_sensitive = true' if case else ''
+    for rx in ANCHORED_PATTERNS:
+        rule = policy(stop_rule(f"patterns = ['{rx}']{flags}")).rules[0]
+        plain = dataclasses.replace(rule, pattern_anchors=())
+        pos = min(pos, len(text))
+        want = plain.first_match(text, pos, pos, pos)
+        assert rule.first_match(text, pos, pos, pos) == want
+        assert rule.first_match(text, pos, pos, pos, fold_case(text)) == want
+
+
 @settings(max_examples=300, deadline=None)
 @given(pieces=st.lists(st.sampled_from(["WEVTUTIL", "wevtut", "\u0130l", "\u0131l", "il", ".exe", " ", "cl", "x",
-                                        "\n", "Curl", "wget ", "http://h/s ", "|", " sh", "sudo ", "bash", "xaby"]),
-                       max_size=14),
+                                        "\n", "Curl", "wget ", "Wget ", "http://h/s ", "|", " sh", "sudo ", "bash",
+                                        "xaby", "\u017fh", "-" * 60]),
+                       max_size=30),
        data=st.data())
 def test_searching_from_the_literal_start_finds_what_the_whole_search_finds(pieces, data):
     """The same violations, at the same places, chunk after chunk, as searching the window from
-    its start; also where case-insensitive matching meets non-ASCII text ('\u0130' and
-    '\u0131' match 'i'), where the literal search steps aside."""
+    its start: bounded and unbounded patterns, case-insensitive and not, texts long enough to
+    be trimmed, and characters that match ASCII letters when case is ignored."""
     import dataclasses
 
     rules = policy(ANCHORED).rules
