@@ -162,6 +162,10 @@ def cmd_serve(args, engine_factory=None) -> int:
                                         allow_cpu_fallback=config.model.allow_cpu_fallback,
                                         pinned_sha256=config.model.bundle_sha256,
                                         prompt_cache=config.model.prompt_cache)
+            # the first request should not pay for the first runs (and on a GPU a KV cache that does
+            # not fit fails here, before the daemon reports ready)
+            notifier.status(f"warming up {config.model.bundle}")
+            logging.getLogger("edge_runtime").info("warmed up in %.0f ms", engine.warm_up() * 1000)
         else:
             engine = engine_factory(config.model.bundle, config.model.profile)
     logging.getLogger("edge_runtime").info("model %s (%s, %s) on %s", engine.info.model_name, engine.info.precision,

@@ -36,10 +36,22 @@ from .providers import ProviderChoice, choose_providers, import_onnxruntime
 from .sampling import Sampler
 from .stopping import StopStringMatcher
 from .tokenizer import CodeLlamaTokenizer
-from .types import PROMPT_CACHE_SCOPES, Chunk, GenerationRequest, GenerationResult, Timings, Usage, is_int
+from .types import (
+    PROMPT_CACHE_SCOPES,
+    Chunk,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    Timings,
+    Usage,
+    is_int,
+)
 
 log = logging.getLogger(__name__)
 STREAM_WAIT_WARNING_S = 30.0  # a request waiting for the engine says so this often
+# warm_up's tokens: onnxruntime records a CUDA graph on the second run of a decode step, so three
+# decode steps (the last token is sampled, not fed) record it and replay it once
+WARM_UP_TOKENS = 4
 
 # One decoder class per graph flavour the bundle format knows.
 DECODERS = {FLAVOUR_OPTIMUM_KV_CONCAT: KVConcatDecoder, FLAVOUR_GQA_SHARED_KV: SharedKVDecoder}
@@ -336,3 +348,13 @@ class Engine:
             result = item
         assert isinstance(result, GenerationResult)
         return result
+
+    def warm_up(self) -> float:
+        """Run a short request once (a prompt and a few decode steps: what the first request would
+        otherwise pay for: the KV buffers, onnxruntime's first runs of each shape and, with CUDA
+        graphs, the recording of the decode step); returns the seconds it took. The daemon does
+        this before it reports ready. Nothing is left in the prompt cache."""
+        t0 = time.perf_counter()
+        self.complete(GenerationRequest(mode="complete", prompt="def main():", max_tokens=WARM_UP_TOKENS,
+                                        sampling=SamplingParams(temperature=0.0), cache_prompt=False))
+        return time.perf_counter() - t0

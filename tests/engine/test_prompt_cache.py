@@ -56,6 +56,16 @@ def test_a_prompt_that_continues_the_last_request_runs_only_its_new_part_and_mat
                                                             frozenset({2}))
 
 
+def test_the_daemons_warm_up_leaves_nothing_for_the_first_request(engine, tiny_checkpoint):
+    """`serve` warms the engine up before it reports ready; the first request then keeps nothing
+    of the warm-up and gives torch's tokens."""
+    assert engine.warm_up() > 0
+    first = complete(engine, "def main():\n    ", n=10)
+    assert first.usage.cached_prompt_tokens == 0
+    assert list(first.token_ids) == torch_reference.greedy(tiny_checkpoint, list(first.prompt_token_ids), 10,
+                                                           frozenset({2}))
+
+
 def test_the_same_prompt_again_runs_its_last_id_only_and_gives_the_same_tokens(engine, tiny_checkpoint):
     first = complete(engine, "import numpy as np\n\ndef norm(x):\n", n=16)
     again = complete(engine, "import numpy as np\n\ndef norm(x):\n", n=16)

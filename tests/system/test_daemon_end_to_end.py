@@ -105,6 +105,8 @@ def test_each_mode_over_mqtt_equals_local_generate(daemon, broker, tiny_bundle, 
             # prompt shares and no more; the one-shot local run kept nothing
             assert local["usage"]["cached_prompt_tokens"] == 0
             assert final["usage"] == {**local["usage"], "cached_prompt_tokens": 1 if i else 0}
+    # it warmed up before it reported ready, and the first request kept nothing of that
+    assert "warmed up in" in (tmp_path / "daemon.log").read_text()
 
 
 def test_a_clients_next_turn_reuses_its_previous_prompt_and_another_clients_does_not(daemon, broker):
