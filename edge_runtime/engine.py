@@ -103,16 +103,7 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, P
                     "for the faster decode)", profile.name, bundle.root, bundle.graph_flavour)
         choice = without_cuda_graph(choice)
     try:
-        try:
-            session = ort.InferenceSession(str(bundle.graph_path), sess_options=options, providers=choice.providers)
-        except Exception as exc:
-            # onnxruntime records a step only where every node runs on CUDA, and says so at load
-            if not (uses_cuda_graph(choice) and "cuda graph" in str(exc).lower()):
-                raise
-            log.warning("onnxruntime cannot record CUDA graphs for %s (%s); its steps run without them",
-                        bundle.root, exc)
-            choice = without_cuda_graph(choice)
-            session = ort.InferenceSession(str(bundle.graph_path), sess_options=options, providers=choice.providers)
+        session, choice = open_session(ort, bundle, options, choice)
     except Exception as exc:
         if bundle_kv_dtype(bundle, profile.kv_cache.dtype) == "int8":
             raise BundleError(f"{bundle.root} keeps an int8 KV cache, which onnxruntime {ort.__version__} could not "
@@ -120,6 +111,20 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, P
                               "bundle with --kv-cache-bits 0 (a float cache)") from exc
         raise
     return session, check_session_providers(session, choice, profile)
+
+
+def open_session(ort, bundle: Bundle, options, choice: ProviderChoice) -> tuple[object, ProviderChoice]:
+    """The bundle's session with `choice`'s providers; where onnxruntime cannot record CUDA graphs
+    for it (it records a step only where every node runs on CUDA, and says so at load), the
+    session without them, with a warning."""
+    try:
+        return ort.InferenceSession(str(bundle.graph_path), sess_options=options, providers=choice.providers), choice
+    except Exception as exc:
+        if not (uses_cuda_graph(choice) and "cuda graph" in str(exc).lower()):
+            raise
+        log.warning("onnxruntime cannot record CUDA graphs for %s (%s); its steps run without them", bundle.root, exc)
+    choice = without_cuda_graph(choice)
+    return ort.InferenceSession(str(bundle.graph_path), sess_options=options, providers=choice.providers), choice
 
 
 def uses_cuda_graph(choice: ProviderChoice) -> bool:
