@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import ConfigError, EdgeRuntimeError
+from .errors import BundleError, ConfigError, EdgeRuntimeError
 from .request_flags import add_request_arguments, request_source
 
 
@@ -165,7 +165,15 @@ def cmd_serve(args, engine_factory=None) -> int:
             # the first request should not pay for the first runs (and on a GPU a KV cache that does
             # not fit fails here, before the daemon reports ready)
             notifier.status(f"warming up {config.model.bundle}")
-            logging.getLogger("edge_runtime").info("warmed up in %.0f ms", engine.warm_up() * 1000)
+            try:
+                warm_up_s = engine.warm_up()
+            except EdgeRuntimeError:
+                raise
+            except Exception as exc:  # onnxruntime's own: out of device memory, a kernel that fails
+                raise BundleError(f"{config.model.bundle} loaded but could not run a first request "
+                                  f"({type(exc).__name__}: {exc}); on a GPU, is another process holding its "
+                                  f"memory? (`edge-runtime fit` says what this model needs)") from exc
+            logging.getLogger("edge_runtime").info("warmed up in %.0f ms", warm_up_s * 1000)
         else:
             engine = engine_factory(config.model.bundle, config.model.profile)
     logging.getLogger("edge_runtime").info("model %s (%s, %s) on %s", engine.info.model_name, engine.info.precision,

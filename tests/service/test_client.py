@@ -376,6 +376,22 @@ def test_serve_reports_config_errors(tmp_path, broker):
         daemon.stop()
 
 
+def test_serve_that_cannot_run_a_first_request_says_so_before_it_reports_ready(tiny_bundle, tmp_path, capsys,
+                                                                               monkeypatch):
+    from edge_runtime.cli import main
+    from edge_runtime.engine import Engine
+
+    def out_of_memory(self):
+        raise RuntimeError("Failed to allocate memory for requested buffer of size 4294967296")
+
+    monkeypatch.setattr(Engine, "warm_up", out_of_memory)
+    assert main(["serve", "--bundle", str(tiny_bundle), "--broker", "mqtt://127.0.0.1:9", "--device-id", "d",
+                 "--state-dir", str(tmp_path / "state")]) == 2
+    err = capsys.readouterr().err
+    assert "could not run a first request (RuntimeError: Failed to allocate memory" in err
+    assert "edge-runtime fit" in err and "Traceback" not in err
+
+
 def test_serve_without_a_broker_names_the_flag(tmp_path, capsys):
     from edge_runtime.cli import main
 
