@@ -299,7 +299,8 @@ class SharedKVDecoder:
         self._seqlens_k[0] = total - 1
         # a recorded decode step keeps the host scalars it was recorded with: there the total is
         # the buffer's length, the same at every step, and seqlens_k (on the device) bounds attention
-        self._total_len[()] = self.max_length if options is not None and options is self._decode_options else total
+        recorded = self.cuda_graph and options is self._decode_options
+        self._total_len[()] = self.max_length if recorded else total
         if self._inputs_on_device:
             self._seqlens_dev.update_inplace(self._seqlens_k)
         self.session.run_with_iobinding(self._binding, options)

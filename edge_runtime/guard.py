@@ -154,7 +154,7 @@ class GuardedEngine:
                     held.append((item, watch.length))
                     for v in hits:
                         guard._record(request, v, watch.text)
-                    stops = [v for v in hits if v.action == "stop"] if hits else None
+                    stops = [v for v in hits if v.action == "stop"]
                     if stops:
                         stopped_by = min(stops, key=lambda v: v.at)  # an output violation says where it begins
                         flag.set()
