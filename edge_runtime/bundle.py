@@ -161,6 +161,10 @@ class Bundle:
     chat_format: str
     model_name: str
     family: Family  # which Code Llama member (derived for bundles made before detection)
+    # an int8-cache graph: how many new rows after cached ones its attention runs through the
+    # int8 kernel (export/kv_cache_quant.py bakes it in; the decoder's prefill chunks stay longer);
+    # None: a float cache, or a manifest that does not say
+    int8_kernel_rows: int | None = None
 
 
 def _require(mapping: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
@@ -294,6 +298,13 @@ def load_bundle(path: str | Path, *, progress=None, pinned_sha256: str | None = 
     except KeyError as exc:
         raise BundleError(f"{MANIFEST_NAME}: missing key architecture.{exc.args[0]}") from exc
     family = Family.from_manifest(manifest, architecture)
+    kv_cache = manifest.get("kv_cache")
+    int8_kernel_rows = None
+    if isinstance(kv_cache, dict) and "int8_kernel_rows_after_cache" in kv_cache:
+        int8_kernel_rows = _require(kv_cache, "int8_kernel_rows_after_cache", int, "kv_cache.")
+        if int8_kernel_rows < 0:
+            raise BundleError(f"{MANIFEST_NAME}: kv_cache.int8_kernel_rows_after_cache is {int8_kernel_rows}, "
+                              "not a row count")
     return Bundle(
         root=root,
         manifest=manifest,
@@ -309,4 +320,5 @@ def load_bundle(path: str | Path, *, progress=None, pinned_sha256: str | None = 
         chat_format=_require(tok, "chat_format", str, "tokenizer."),
         model_name=_require(_require(manifest, "source", dict, ""), "name", str, "source."),
         family=family,
+        int8_kernel_rows=int8_kernel_rows,
     )

@@ -214,6 +214,8 @@ class Engine:
         # the fused graph prefills long prompts in chunks: bounded attention scratch (memory_fit.py counts it)
         extra = ({"prefill_chunk": PREFILL_CHUNK, "cuda_graph": uses_cuda_graph(choice)}
                  if bundle.graph_flavour == FLAVOUR_GQA_SHARED_KV else {})
+        if extra and bundle.int8_kernel_rows is not None:
+            extra["int8_kernel_rows"] = bundle.int8_kernel_rows
         if extra.get("cuda_graph"):
             log.info("CUDA graphs: each decode step replays one recording (the profile's enable_cuda_graph)")
         decoder = DECODERS[bundle.graph_flavour](ort, session, bundle.architecture, device=choice.device,

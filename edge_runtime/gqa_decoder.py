@@ -154,15 +154,15 @@ def check_kv_dtype_for_device(kv_dtype: str, device: str) -> None:
                           "run this bundle with a CPU profile")
 
 
-def chunk_bounds(n: int, chunk: int | None) -> list[tuple[int, int]]:
+def chunk_bounds(n: int, chunk: int | None, short: int = INT8_STEP_ROWS_MAX) -> list[tuple[int, int]]:
     """[start, end) of each prefill chunk of an n-id prompt: `chunk` ids each, except that a
-    last piece of INT8_STEP_ROWS_MAX ids or fewer shares the one before it evenly (so every
-    chunk after the first is longer than that, and at most `chunk`)."""
+    last piece of `short` ids or fewer (the graph's int8-kernel share) shares the one before
+    it evenly (so every chunk after the first is longer than that, and at most `chunk`)."""
     if not chunk or n <= chunk:
         return [(0, n)]
     bounds = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
     (a, _), (_, z) = bounds[-2], bounds[-1]
-    if z - bounds[-1][0] <= INT8_STEP_ROWS_MAX and chunk > 2 * INT8_STEP_ROWS_MAX:
+    if z - bounds[-1][0] <= short and chunk > 2 * short:
         middle = (a + z) // 2
         bounds[-2:] = [(a, middle), (middle, z)]
     return bounds
@@ -181,7 +181,8 @@ class SharedKVDecoder:
     last position and present.{i}.key/value (the same buffers)."""
 
     def __init__(self, ort, session, arch: Architecture, *, device: str, max_length: int,
-                 huge_pages: bool = False, prefill_chunk: int | None = None, cuda_graph: bool = False) -> None:
+                 huge_pages: bool = False, prefill_chunk: int | None = None, cuda_graph: bool = False,
+                 int8_kernel_rows: int = INT8_STEP_ROWS_MAX) -> None:
         """`huge_pages`: on the CPU, allocate the KV buffers with numpy (transparent huge
         pages, fully resident after the first prefill) instead of committing 4 KiB
         pages as tokens arrive (the default; see `allocate_host_lazily`).
@@ -190,6 +191,10 @@ class SharedKVDecoder:
         scratch for attention scores is heads x chunk x max_length floats, so
         chunking bounds it: 2 GiB for a 4000-token prompt of a 7B at max_length
         4096 in one shot, 256 MiB in chunks of 512.
+        `int8_kernel_rows`: an int8-cache graph runs up to this many new rows after
+        cached ones through the int8 kernel (the bundle's manifest says how many; the
+        default is what this exporter bakes in); no prefill chunk after the first is
+        that short, so a long first prompt attends in float all through.
         `cuda_graph`: the session was created with the CUDA provider's
         enable_cuda_graph; keep the decode step's inputs and logits in device buffers
         and run decode steps as graph 1, prefills unrecorded (module docstring)."""
@@ -198,6 +203,7 @@ class SharedKVDecoder:
         self.ort = ort
         self.huge_pages = huge_pages
         self.prefill_chunk = prefill_chunk
+        self.int8_kernel_rows = int8_kernel_rows
         self.session = session
         self.arch = arch
         self.device = device
@@ -315,7 +321,7 @@ class SharedKVDecoder:
         returns the logits of its LAST position only, as a new float32 array [1, V]."""
         ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(1, -1)
         self._check(cache, ids.shape[1])  # the whole prompt fits before any chunk runs
-        for start, end in chunk_bounds(ids.shape[1], self.prefill_chunk):
+        for start, end in chunk_bounds(ids.shape[1], self.prefill_chunk, self.int8_kernel_rows):
             chunk = ids[:, start:end]  # a contiguous view of the row
             total = self._check(cache, chunk.shape[1])
             self._binding.bind_input("input_ids", "cpu", 0, np.int64, chunk.shape, chunk.ctypes.data)

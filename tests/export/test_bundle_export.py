@@ -17,6 +17,7 @@ import torch_reference
 from edge_runtime.bundle import MANIFEST_NAME, load_bundle
 from edge_runtime.errors import BundleError
 from edge_runtime.engine import DECODERS
+from edge_runtime.gqa_decoder import INT8_STEP_ROWS_MAX, chunk_bounds
 
 PROMPTS = (
     [1, 822, 18755, 29898, 29876, 1125],  # "def fib(n):"
@@ -286,6 +287,32 @@ def test_kv_cache_bits_follow_the_profile_unless_overridden(tiny_checkpoint, tmp
     assert {i.name: i.type for i in session.get_inputs()}["past_key_values.1.value"] == kv_type
     assert (bundle.manifest["kv_cache"] is not None) == (kv_type == "tensor(int8)")
     assert bundle.manifest["profile"]["kv_cache_dtype"] == ("int8" if kv_type == "tensor(int8)" else "float32")
+    assert bundle.int8_kernel_rows == (INT8_STEP_ROWS_MAX if kv_type == "tensor(int8)" else None)
+
+
+def test_the_decoder_keeps_prefill_chunks_longer_than_the_bundles_int8_kernel_share(tiny_checkpoint, tmp_path):
+    """The int8-kernel share is baked into the graph at export and recorded in the manifest:
+    the engine's decoder takes it from there (a bundle made with another share chunks by
+    its own), and a manifest with a nonsense share is refused by name."""
+    from edge_export.pipeline import ExportOptions, run_export
+    from edge_export.progress import Progress
+    from edge_runtime.engine import Engine
+
+    out = tmp_path / "b"
+    run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=out, precision="int4",
+                             graph="fused", kv_cache_bits=8, skip_fidelity=True), Progress(5, enabled=False))
+    assert Engine.from_bundle(out, check_memory=False).decoder.int8_kernel_rows == INT8_STEP_ROWS_MAX
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest["kv_cache"]["int8_kernel_rows_after_cache"] = 100
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    decoder = Engine.from_bundle(out, check_memory=False).decoder
+    assert decoder.int8_kernel_rows == 100
+    bounds = chunk_bounds(600, decoder.prefill_chunk, decoder.int8_kernel_rows)
+    assert all(end - start > 100 for start, end in bounds[1:]) and bounds[-1][1] == 600
+    manifest["kv_cache"]["int8_kernel_rows_after_cache"] = -1
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="kv_cache.int8_kernel_rows_after_cache"):
+        load_bundle(out)
 
 
 def test_export_refuses_to_overwrite_an_existing_bundle(tiny_checkpoint, tiny_bundle):
