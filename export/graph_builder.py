@@ -119,6 +119,7 @@ def present_value_name(layer: int) -> str:
 
 
 # -- reading safetensors lazily --------------------------------------------------------------------
+# how each float dtype the checkpoint check lets through (checkpoint.FLOAT_DTYPES) is stored
 _ST_DTYPES: dict[str, np.dtype] = {
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),

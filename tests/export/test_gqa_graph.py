@@ -187,6 +187,30 @@ def test_bfloat16_checkpoint_is_read_without_torch_dtype_support(tmp_path):
     assert np.abs(ours - torch_reference.prompt_logits(checkpoint, ids)[-1]).max() < 1e-4
 
 
+@pytest.mark.parametrize("dtype", ["F32", "F16", "BF16", "F64"])
+def test_every_float_dtype_the_checkpoint_check_accepts_is_read(tmp_path, dtype):
+    """The checkpoint check (checkpoint.FLOAT_DTYPES) and the tensor reader agree: a tensor
+    stored in each accepted dtype reads back as its float32 values, rows too."""
+    import json
+    import struct
+
+    from edge_export.checkpoint import FLOAT_DTYPES
+    from edge_export.graph_builder import SafetensorsReader
+
+    assert dtype in FLOAT_DTYPES and len(FLOAT_DTYPES) == 4
+    values = np.array([[1.5, -2.0, 0.25], [3.0, -0.5, 1024.0]], np.float32)  # exact in every dtype
+    if dtype == "BF16":
+        data = (values.view(np.uint32) >> 16).astype("<u2").tobytes()
+    else:
+        data = values.astype({"F32": "<f4", "F16": "<f2", "F64": "<f8"}[dtype]).tobytes()
+    header = json.dumps({"w": {"dtype": dtype, "shape": [2, 3], "data_offsets": [0, len(data)]}}).encode()
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    reader = SafetensorsReader([file])
+    np.testing.assert_array_equal(reader.read("w"), values)
+    np.testing.assert_array_equal(reader.read("w", rows=(1, 2)), values[1:])
+
+
 def test_streamed_fp16_checkpoint_builds_and_matches_torch(tmp_path):
     """build_checkpoint_streamed writes sharded float16 safetensors (as hub checkpoints are)."""
     from edge_export.synthetic import build_checkpoint_streamed
