@@ -4,6 +4,7 @@ function, prints, and maps typed errors to a one-line message and exit code 2.""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -252,12 +253,17 @@ def cmd_audit(args) -> int:
         since = parse_since(args.since) if args.since else None
     except ValueError as exc:
         return _die(str(exc))
+    def unreadable(path: Path, exc: OSError) -> EdgeRuntimeError:
+        # the service's state dir is 0750: root or its group only
+        hint = (" (run as root, or as a member of the edge-runtime group)"
+                if exc.errno in (errno.EACCES, errno.EPERM) else "")
+        return EdgeRuntimeError(f"cannot read {path}: {exc.strerror or exc}{hint}")
+
     def present(path: Path) -> bool:
         try:
             return path.exists() or path.with_name(path.name + ".1").exists()
-        except OSError as exc:  # the service's state dir is 0750: root or its group only
-            raise EdgeRuntimeError(f"cannot read {path.parent}: {exc.strerror or exc} (run as root, or as a member "
-                                   "of the edge-runtime group)") from None
+        except OSError as exc:
+            raise unreadable(path.parent, exc) from None
 
     found = [p for p in candidates if present(p)]
     if not found:
@@ -269,8 +275,7 @@ def cmd_audit(args) -> int:
         events = list(filter_events(read_events(path), client=args.client, rule=args.rule, action=args.action,
                                     request_id=args.request, since=since))
     except OSError as exc:
-        raise EdgeRuntimeError(f"cannot read {path}: {exc.strerror or exc} (run as root, or as a member of the "
-                               "edge-runtime group)") from None
+        raise unreadable(path, exc) from None
     if args.tail:
         events = events[-args.tail:]
     for e in events:

@@ -288,6 +288,16 @@ def test_audit_of_a_state_dir_it_may_not_read_says_so(tmp_path, monkeypatch, cap
         in capsys.readouterr().err
 
 
+def test_audit_of_a_file_it_cannot_read_for_another_reason_says_why_without_the_group_hint(tmp_path, capsys):
+    from edge_runtime.cli import main
+
+    folder = tmp_path / "audit-dir"
+    folder.mkdir()
+    assert main(["audit", "--file", str(folder)]) != 0
+    err = capsys.readouterr().err
+    assert f"cannot read {folder}: Is a directory" in err and "edge-runtime group" not in err
+
+
 def test_the_log_names_the_policy_the_state_dir_and_each_requests_client(serve, probe, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="edge_runtime.service")
     serve(policy_file=SAMPLE)
