@@ -407,11 +407,15 @@ class _Installer:
                   f"({human_bytes(listed_bytes(manifest))}) against bundle.json, as the daemon does at start (a "
                   f"while for a large bundle)")
         try:
-            load_bundle(source)
+            bundle = load_bundle(source)
         except BundleError as exc:
             self.refuse(exc)
             return manifest, manifest_sha, False
-        return manifest, manifest_sha, True
+        if bundle.manifest_sha256 != manifest_sha:  # still being copied or written: not the one described above
+            self.refuse(BundleError(f"bundle {source}: bundle.json changed while it was verified; install it once "
+                                    "it is complete"))
+            return manifest, manifest_sha, False
+        return bundle.manifest, manifest_sha, True
 
     def ensure_user(self) -> None:
         if self.user_exists():

@@ -667,6 +667,29 @@ def test_install_service_refuses_a_bundle_that_fails_verification(image_root, bu
     assert run.calls == [] and snapshot(image_root) == before
 
 
+def test_install_service_refuses_a_bundle_whose_manifest_changes_while_it_is_verified(image_root, bundle_dir,
+                                                                                     monkeypatch):
+    """bundle.json rewritten between the installer's first read and the verification (a copy
+    still being written): refused, nothing installed, rather than describing one manifest and
+    installing another."""
+    import edge_runtime.bundle
+    from edge_runtime.errors import BundleError
+
+    verify = edge_runtime.bundle.load_bundle
+
+    def rewritten_meanwhile(path, **kwargs):
+        manifest = Path(path) / "bundle.json"
+        manifest.write_text(manifest.read_text() + "\n")
+        return verify(path, **kwargs)
+
+    monkeypatch.setattr(edge_runtime.bundle, "load_bundle", rewritten_meanwhile)
+    before = snapshot(image_root)
+    run = FakeRun()
+    with pytest.raises(BundleError, match="bundle.json changed while it was verified"):
+        svc.install_service("nvidia-gpu", bundle_dir, root=image_root, run=run, executable=EXE)
+    assert run.calls == [] and snapshot(image_root) == before
+
+
 def test_install_service_rerun_without_profile_keeps_the_installed_profile(image_root, cpu_bundle_dir):
     """The installed config's [model] profile decides over the bundle's own when no
     --profile is given: an upgrade keeps the GPU drop-in."""
