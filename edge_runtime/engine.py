@@ -95,6 +95,8 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, P
     if profile.intra_op_threads > 0:
         options.intra_op_num_threads = profile.intra_op_threads
     options.log_severity_level = 3
+    for key, value in profile.ort_session_config().items():
+        options.add_session_config_entry(key, value)
     if bundle.graph_flavour == FLAVOUR_GQA_SHARED_KV:  # before the weights go to the GPU
         check_kv_dtype_for_device(bundle_kv_dtype(bundle, profile.kv_cache.dtype), choice.device)
     if uses_cuda_graph(choice) and bundle.graph_flavour != FLAVOUR_GQA_SHARED_KV:

@@ -82,6 +82,11 @@ ProviderName = Annotated[
 ProfileName = Annotated[
     str, matches(r"[a-z0-9][a-z0-9_-]*", "a lower-case name such as 'cpu-x86_64'")
 ]
+SessionConfigKey = Annotated[
+    str,
+    matches(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)+",
+            "an onnxruntime session config key such as 'ep.cuda.fpa_intb_gemm'"),
+]
 
 CPU_PROVIDER = "CPUExecutionProvider"
 
@@ -193,6 +198,10 @@ class DeviceProfile:
     intra_op_threads: NonNegativeInt  # 0: onnxruntime's default (all physical cores)
     memory_budget_bytes: PositiveInt  # weights + KV cache at max_context + buffers
     fidelity: FidelityThresholds
+    # onnxruntime session configuration entries (SessionOptions.add_session_config_entry), e.g.
+    # {"ep.cuda.fpa_intb_gemm" = "1"}: settings of the session and its kernels that are not
+    # provider options. Booleans are written "1"/"0", as onnxruntime reads them.
+    session_config: dict[SessionConfigKey, OptionValue] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = self.provider_names
@@ -215,6 +224,15 @@ class DeviceProfile:
     def ort_providers(self) -> list[tuple[str, dict[str, str]]]:
         """The `providers` argument for ``onnxruntime.InferenceSession``."""
         return [(p.name, p.ort_options()) for p in self.execution_providers]
+
+    def ort_session_config(self) -> dict[str, str]:
+        """The session config entries as onnxruntime takes them: strings, booleans as "1"/"0"."""
+        return {key: ("1" if value else "0") if isinstance(value, bool) else str(value)
+                for key, value in self.session_config.items()}
+
+    def with_session_config(self, entries: dict[str, OptionValue]) -> "DeviceProfile":
+        """This profile with `entries` added to its session config (keys have dots, hence a dict)."""
+        return dataclasses.replace(self, session_config={**self.session_config, **entries})
 
     def with_provider_options(self, provider: str, **options: OptionValue) -> "DeviceProfile":
         """This profile with ``options`` added to ``provider``'s, e.g.
@@ -308,8 +326,9 @@ def profile_summary(profile: DeviceProfile) -> str:
     """One line: name, precision, providers, context and memory budget."""
     providers = " > ".join(profile.provider_names)
     fallback = "" if profile.allow_cpu_fallback else ", no CPU fallback"
+    config = "".join(f", {k}={v}" for k, v in profile.ort_session_config().items())
     return (
-        f"{profile.name}: {profile.precision}, providers {providers}{fallback}, "
+        f"{profile.name}: {profile.precision}, providers {providers}{fallback}{config}, "
         f"context {profile.max_context} tokens, budget {profile.memory_budget_gib:.1f} GiB"
     )
 

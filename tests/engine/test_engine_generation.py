@@ -406,6 +406,30 @@ def test_a_fused_bundle_whose_nodes_cannot_all_be_recorded_runs_without_cuda_gra
     assert "cannot record CUDA graphs" in caplog.text and not engine.decoder.cuda_graph
 
 
+def test_a_profiles_session_config_reaches_the_onnxruntime_session(tiny_bundle, monkeypatch):
+    """[session_config] entries (settings of the session and its kernels that are not provider
+    options, such as the CUDA provider's int4 kernel choice) are set on the session's options,
+    booleans as onnxruntime's "1"/"0"; the session still loads and generates."""
+    import onnxruntime
+
+    from edge_runtime.profiles import load_profile
+
+    profile = load_profile("cpu-x86_64").with_session_config(
+        {"ep.cuda.fpa_intb_gemm": True, "session.intra_op.allow_spinning": "0"})
+    real_session, options = onnxruntime.InferenceSession, []
+
+    def recording(path, sess_options=None, providers=None, **kwargs):
+        options.append(sess_options)
+        return real_session(path, sess_options=sess_options, providers=providers, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording)
+    engine = Engine.from_bundle(tiny_bundle, profile)
+    assert options[0].get_session_config_entry("ep.cuda.fpa_intb_gemm") == "1"
+    assert options[0].get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    result = engine.complete(GenerationRequest(mode="complete", prompt="def f():", max_tokens=3, sampling=GREEDY))
+    assert result.usage.completion_tokens == 3
+
+
 def test_the_provider_reported_is_the_one_the_session_started():
     """A Jetson profile asks for TensorRT, then CUDA: where TensorRT cannot start, the engine
     reports CUDA (what runs), not TensorRT; where neither starts, it refuses."""

@@ -136,6 +136,20 @@ def test_load_by_path_str_and_pathlike(tmp_path: pathlib.Path) -> None:
     assert load_profile(str(target)).name == "nvidia-gpu"
 
 
+def test_session_config_is_optional_and_reaches_onnxruntime_as_strings(tmp_path: pathlib.Path) -> None:
+    assert load_profile("cpu-x86_64").session_config == {}  # no key: no entries
+    target = tmp_path / "fpa.toml"
+    target.write_text(_packaged_text("cpu-x86_64").replace(
+        "intra_op_threads = 0", 'intra_op_threads = 0\nsession_config = { "ep.cuda.fpa_intb_gemm" = true, '
+        '"session.intra_op.allow_spinning" = "0", "session.x" = 2 }', 1))
+    profile = load_profile(target)
+    assert profile.ort_session_config() == {"ep.cuda.fpa_intb_gemm": "1", "session.intra_op.allow_spinning": "0",
+                                            "session.x": "2"}
+    assert "ep.cuda.fpa_intb_gemm=1" in profile_summary(profile)
+    assert profile.with_session_config({"ep.cuda.fpa_intb_gemm": False}).ort_session_config()[
+        "ep.cuda.fpa_intb_gemm"] == "0"
+
+
 def test_unknown_profile_name_lists_the_known_ones() -> None:
     with pytest.raises(ConfigError, match=r"unknown device profile 'tpu'.*cpu-x86_64"):
         load_profile("tpu")
@@ -346,6 +360,18 @@ def _assert_config_error(path: pathlib.Path, key: str, message: str) -> None:
             "execution_providers = []",
             "execution_providers",
             "expected a non-empty value, got []",
+        ),
+        (
+            r"^intra_op_threads = 0",
+            'intra_op_threads = 0\nsession_config = { "fpa intb" = "1" }',
+            "session_config.fpa intb",
+            "expected an onnxruntime session config key such as 'ep.cuda.fpa_intb_gemm', got 'fpa intb'",
+        ),
+        (
+            r"^intra_op_threads = 0",
+            'intra_op_threads = 0\nsession_config = { "ep.cuda.fpa_intb_gemm" = [1] }',
+            "session_config.ep.cuda.fpa_intb_gemm",
+            "expected str | int | float | bool, got array",
         ),
     ],
 )
