@@ -31,10 +31,17 @@ What it does:
    context C (2 x layers x kv heads x head dim x C x 2 bytes).
 
 With ``--peers`` (and ``--synthetic-7b``), onnxruntime-genai's own builder makes its model of
-the same checkpoint for the CUDA provider at each precision (``-e cuda``, int4 with our
-block size 128) and its generator loop is timed the same way (benchmarks/peers.py's); a peer
+the same checkpoint for the CUDA provider at each precision (``-e cuda``, int4 at the
+profile's block size) and its generator loop is timed the same way (benchmarks/peers.py's); a peer
 that is not installed (``pip install onnxruntime-genai-cuda``, a CUDA build) is skipped with
 the reason. llama.cpp needs a CUDA build of llama-cpp-python and is not run here.
+
+``--session-config KEY=VALUE`` (repeatable) adds onnxruntime session config entries to our
+engine's profile, e.g. ``ep.cuda.fpa_intb_gemm=1``: onnxruntime's TensorRT-LLM int4 kernels
+(a GEMV for decode steps) instead of its own MatMulNBits kernel, for the weights they take
+(float16 activations, symmetric blocks of 32 in onnxruntime's default build); the table names
+the entries beside the variant. ``--profile FILE`` exports and runs with another profile
+(a copy of nvidia-gpu.toml with another block size, say).
 
 Prints one table; ``--out PREFIX`` writes PREFIX.json and PREFIX.png.
 """
@@ -70,7 +77,6 @@ PROFILE = "nvidia-gpu"
 VARIANTS = ("cuda", "cuda-graph")
 CUDA = "CUDAExecutionProvider"
 GENAI = "onnxruntime-genai"
-GENAI_BLOCK_SIZE = 128  # the nvidia-gpu profile's
 
 
 def say(text: str) -> None:
@@ -135,14 +141,24 @@ def gpu_memory_used_mib(pid: int) -> int | None:
     return None
 
 
-def load_engine(bundle: Path, profile_name: str, variant: str):
+def session_config_item(text: str) -> tuple[str, str]:
+    """argparse type of --session-config: KEY=VALUE."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. ep.cuda.fpa_intb_gemm=1)")
+    return key, value
+
+
+def load_engine(bundle: Path, profile_name: str, variant: str, session_config: dict[str, str] | None = None):
     """The daemon's engine for `bundle` on the GPU, with CUDA graphs for variant "cuda-graph" and
-    without them for "cuda" (whatever the profile says)."""
+    without them for "cuda" (whatever the profile says); `session_config` added to the profile's."""
     from edge_runtime.engine import Engine
     from edge_runtime.profiles import load_profile
 
     profile = load_profile(profile_name).with_provider_options(
         CUDA, enable_cuda_graph="1" if variant == "cuda-graph" else "0")
+    if session_config:
+        profile = profile.with_session_config(session_config)
     engine = Engine.from_bundle(bundle, profile=profile)
     if engine.info.provider != CUDA or engine.decoder.device != "cuda":
         raise SystemExit(f"the engine runs on {engine.info.provider}, not on the GPU")
@@ -155,7 +171,7 @@ def load_engine(bundle: Path, profile_name: str, variant: str):
 def step_run(a) -> dict:
     """One bundle, one variant: load, prefill/TTFT, decode tokens/s per context."""
     t0 = time.perf_counter()
-    engine = load_engine(a.bundle, a.profile, a.variant)
+    engine = load_engine(a.bundle, a.profile, a.variant, dict(a.session_config))
     load_s = time.perf_counter() - t0
     d, vocab = engine.decoder, engine.bundle.architecture.vocab_size
     # three untimed steps: the first ones allocate, and onnxruntime records the CUDA graph
@@ -164,7 +180,7 @@ def step_run(a) -> dict:
     decode = {c: 1.0 / statistics.median(t) for c, t in times.items()}
     best = {c: 1.0 / min(t) for c, t in times.items()}
     return {"bundle": str(a.bundle), "variant": a.variant, "precision": engine.bundle.precision,
-            "load_s": load_s, "prefill_tokens": n, "prefill_tokens_per_s": n / prefill_s,
+            "session_config": dict(a.session_config), "load_s": load_s, "prefill_tokens": n, "prefill_tokens_per_s": n / prefill_s,
             "ttft_ms": ttft_s * 1000, "decode_tokens_per_s": decode, "decode_best_tokens_per_s": best,
             "gpu_memory_mib": gpu_memory_used_mib(os.getpid()), "providers": engine.session.get_providers()}
 
@@ -186,8 +202,10 @@ def step_prepare_genai(a) -> dict:
     cache = out.with_name(out.name + ".cache")
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(a.synthetic_7b), "-o", str(out),
            "-p", a.precision[0], "-e", "cuda", "-c", str(cache)]
-    if a.precision[0] == "int4":
-        cmd += ["--extra_options", f"block_size={GENAI_BLOCK_SIZE}"]
+    if a.precision[0] == "int4":  # the block size of our bundles (the profile's)
+        from edge_runtime.profiles import load_profile
+
+        cmd += ["--extra_options", f"block_size={load_profile(a.profile).quantization.block_size}"]
     subprocess.run(cmd, check=True, stdout=sys.stderr)
     shutil.rmtree(cache, ignore_errors=True)
     return {"model": str(out)}
@@ -302,7 +320,8 @@ def format_table(rows: list[dict], contexts: list[int]) -> str:
     header += [f"ours ÷ this @{c}" for c in contexts]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [Path(r["bundle"]).name, r["variant"], r["precision"], f"{r['model_bytes'] / 2**30:.2f} GiB",
+        variant = " ".join([r["variant"], *(f"{k}={v}" for k, v in r.get("session_config", {}).items())])
+        cells = [Path(r["bundle"]).name, variant, r["precision"], f"{r['model_bytes'] / 2**30:.2f} GiB",
                  f"{r['load_s']:.1f} s", f"{r['prefill_tokens_per_s']:.0f}", f"{r['ttft_ms']:.1f} ms"]
         cells += [f"{r['decode_tokens_per_s'][c]:.1f}" for c in contexts]
         cells += [f"{r['roofline_percent'][c]:.0f}%" for c in contexts]
@@ -330,6 +349,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", default=PROFILE)
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--session-config", type=session_config_item, action="append", default=[], metavar="KEY=VALUE",
+                   help="an onnxruntime session config entry for our engine, added to the profile's session_config "
+                        "(repeatable; e.g. ep.cuda.fpa_intb_gemm=1: onnxruntime's TensorRT-LLM int4 kernels)")
     p.add_argument("--peers", action="store_true",
                    help="--synthetic-7b: also onnxruntime-genai's CUDA model of the same checkpoint, where installed")
     p.add_argument("--max-context", type=int, default=4096, help="--synthetic-7b: the bundles' context limit")
@@ -347,6 +369,8 @@ def step_args(a, **extra) -> list[str]:
     args = ["--profile", a.profile, "--prefill-tokens", str(a.prefill_tokens), "--decode-tokens", str(a.decode_tokens),
             "--bandwidth-mib", str(a.bandwidth_mib), "--bandwidth-runs", str(a.bandwidth_runs),
             "--contexts", *map(str, a.contexts)]
+    for key, value in a.session_config:
+        args += ["--session-config", f"{key}={value}"]
     for key, value in extra.items():
         args += ["--" + key.replace("_", "-"), str(value)]
     return args

@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_graphs import prompt_ids  # noqa: E402
-from gpu_decode import PROFILE, VARIANTS, load_engine  # noqa: E402
+from gpu_decode import PROFILE, VARIANTS, load_engine, session_config_item  # noqa: E402
 from peers import _timed_decode  # noqa: E402
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -133,7 +133,7 @@ def format_summary(s: dict, top: int = 30) -> str:
 
 
 def trace_decode(bundle: Path, *, profile: str, variant: str, context: int, steps: int,
-                 profiler_warmup: bool = False) -> dict:
+                 profiler_warmup: bool = False, session_config: dict[str, str] | None = None) -> dict:
     """`profiler_warmup`: start and stop the profiler once before the session exists. PyTorch
     documents trouble tracing a CUDA graph recorded before the profiler's first use (its
     own `_init_for_cuda_graphs` does this, "for CUDA < 12"); one report has the warm-up
@@ -148,7 +148,7 @@ def trace_decode(bundle: Path, *, profile: str, variant: str, context: int, step
     if profiler_warmup:
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]):
             pass
-    engine = load_engine(bundle, profile, variant)
+    engine = load_engine(bundle, profile, variant, session_config)
     d, vocab = engine.decoder, engine.bundle.architecture.vocab_size
     cache = d.new_cache(context + 2 * steps + 4)
     token = int(np.argmax(d.prefill(cache, prompt_ids(context, vocab, 2))[-1]))
@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--profile", default=PROFILE)
     p.add_argument("--variant", choices=VARIANTS, default="cuda")
+    p.add_argument("--session-config", type=session_config_item, action="append", default=[], metavar="KEY=VALUE",
+                   help="an onnxruntime session config entry added to the profile's (repeatable)")
     p.add_argument("--context", type=int, default=128, help="tokens held when the traced steps run")
     p.add_argument("--steps", type=int, default=16, help="decode steps timed, then as many traced")
     p.add_argument("--top", type=int, default=30, help="kernels listed (the rest summed in one row)")
@@ -187,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (a.bundle / "bundle.json").is_file():
         raise SystemExit(f"--bundle {a.bundle}: no bundle.json there")
     result = trace_decode(a.bundle, profile=a.profile, variant=a.variant, context=a.context, steps=a.steps,
-                          profiler_warmup=a.profiler_warmup)
-    print(f"{a.bundle.name} ({result['precision']}), {a.variant}, {a.context} tokens of context, {a.steps} steps")
+                          profiler_warmup=a.profiler_warmup, session_config=dict(a.session_config))
+    config = "".join(f", {k}={v}" for k, v in a.session_config)
+    print(f"{a.bundle.name} ({result['precision']}), {a.variant}{config}, {a.context} tokens of context, {a.steps} steps")
     print(format_summary(result, a.top))
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)

@@ -85,3 +85,22 @@ def test_refuses_without_a_cuda_provider_or_with_a_folder_that_is_no_model(gpu_d
     (tmp_path / "bundle.json").write_text("{}")
     with pytest.raises(SystemExit, match="has no CUDAExecutionProvider: install onnxruntime-gpu"):
         gpu_decode.main(["--bundle", str(tmp_path)])
+
+
+def test_session_config_entries_reach_each_step_and_label_the_rows(gpu_decode):
+    """--session-config KEY=VALUE (repeatable) goes to every step's engine (in its own process)
+    and names the rows it made, beside the variant."""
+    a = gpu_decode.parse_args(["--bundle", "b", "--session-config", "ep.cuda.fpa_intb_gemm=1",
+                               "--session-config", "x.y=a=b"])
+    assert a.session_config == [("ep.cuda.fpa_intb_gemm", "1"), ("x.y", "a=b")]
+    args = gpu_decode.step_args(a, bundle="b", variant="cuda-graph")
+    assert gpu_decode.parse_args(["--step", "run", *args]).session_config == a.session_config
+    with pytest.raises(SystemExit):
+        gpu_decode.parse_args(["--bundle", "b", "--session-config", "no-value"])
+    facts = {"weight_bytes_per_token": 1000, "kv_element_bytes": 2, "layers": 1, "kv_heads": 1, "head_dim": 8,
+             "model_bytes": 2**30}
+    row = gpu_decode.add_roofline({"bundle": "int4-b32", "variant": "cuda-graph", "precision": "int4",
+                                   "session_config": {"ep.cuda.fpa_intb_gemm": "1"}, "load_s": 1.0,
+                                   "prefill_tokens_per_s": 1.0, "ttft_ms": 1.0, "decode_tokens_per_s": {128: 2.0}},
+                                  facts, gbps=1.0)
+    assert "| int4-b32 | cuda-graph ep.cuda.fpa_intb_gemm=1 | int4 |" in gpu_decode.format_table([row], [128])

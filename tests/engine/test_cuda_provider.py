@@ -8,6 +8,7 @@ as without."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 
 from edge_runtime.bundle import load_bundle
 from edge_runtime.engine import Engine
-from edge_runtime.profiles import load_profile
+from edge_runtime.profiles import load_profile, profile_text
 from edge_runtime.types import GenerationRequest, SamplingParams
 
 pytestmark = pytest.mark.gpu
@@ -207,3 +208,47 @@ def test_fp16_graph_steps_on_cuda_equal_the_cpu_providers(tiny_checkpoint, tmp_p
     for i, (cpu, cuda) in enumerate(zip(steps["cpu"], steps["cuda"])):
         what = "prefill" if i == 0 else f"decode step {i}"
         assert np.abs(cpu - cuda).max() < 0.05 * max(1.0, float(np.abs(cpu).max())), what
+
+
+FPA_INTB = {"ep.cuda.fpa_intb_gemm": "1"}  # onnxruntime's TensorRT-LLM int4 kernels (GEMV for decode steps)
+
+
+@pytest.fixture(scope="module")
+def symmetric_int4(demo_checkpoint, tmp_path_factory, exporter):
+    """nvidia-gpu's int4 in the layout onnxruntime's TensorRT-LLM kernels take: symmetric (no
+    zero points), block 32 (its default build's only block size)."""
+    root = tmp_path_factory.mktemp("fpa-intb")
+    text, blocks = re.subn(r"(?m)^block_size = 128", "block_size = 32", profile_text("nvidia-gpu"))
+    text, symmetric = re.subn(r"(?m)^symmetric = false", "symmetric = true", text)
+    assert blocks == symmetric == 1
+    (root / "nvidia-gpu.toml").write_text(text)
+    return exporter(demo_checkpoint, root / "int4-b32-sym", precision="int4", profile=str(root / "nvidia-gpu.toml"),
+                    allow_degraded=True)
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_onnxruntimes_tensorrt_llm_int4_kernels_give_the_logits_of_its_default_ones(symmetric_int4, graph):
+    """The profile's session_config turning on onnxruntime's TensorRT-LLM int4 kernels
+    (ep.cuda.fpa_intb_gemm): a prompt and 32 teacher-forced decode steps give the default
+    kernels' logits within float16 rounding and the same greedy picks, with CUDA graphs too."""
+    default = Engine.from_bundle(symmetric_int4, profile=cuda_profile(graph))
+    fpa = Engine.from_bundle(symmetric_int4, profile=cuda_profile(graph).with_session_config(FPA_INTB))
+    ids = np.asarray(default.tokenizer.encode("import os\nimport sys\n\ndef main(argv):\n    "), dtype=np.int64)
+    d = default.decoder
+    cache = d.new_cache(len(ids) + 40)
+    token = int(d.prefill(cache, ids)[-1].argmax())
+    forced = []
+    for _ in range(32):
+        forced.append(token)
+        token = int(np.asarray(d.decode(cache, token)).argmax())
+
+    def teacher_forced(engine):
+        cache = engine.decoder.new_cache(len(ids) + len(forced))
+        steps = [engine.decoder.prefill(cache, ids)[-1].copy()]
+        steps += [np.array(engine.decoder.decode(cache, t), dtype=np.float32) for t in forced]
+        return np.stack(steps)
+
+    ours, theirs = teacher_forced(fpa), teacher_forced(default)
+    print(f"fpA_intB vs default kernels: max |logit diff| {np.abs(ours - theirs).max():.4f}")
+    assert np.abs(ours - theirs).max() < 0.1
+    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.95
