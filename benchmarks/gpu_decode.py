@@ -202,10 +202,11 @@ def step_prepare_genai(a) -> dict:
     cache = out.with_name(out.name + ".cache")
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(a.synthetic_7b), "-o", str(out),
            "-p", a.precision[0], "-e", "cuda", "-c", str(cache)]
-    if a.precision[0] == "int4":  # the block size of our bundles (the profile's)
+    if a.precision[0] == "int4":  # the block size of our bundles (--block-size, else the profile's)
         from edge_runtime.profiles import load_profile
 
-        cmd += ["--extra_options", f"block_size={load_profile(a.profile).quantization.block_size}"]
+        block = a.block_size or load_profile(a.profile).quantization.block_size
+        cmd += ["--extra_options", f"block_size={block}"]
     subprocess.run(cmd, check=True, stdout=sys.stderr)
     shutil.rmtree(cache, ignore_errors=True)
     return {"model": str(out)}
@@ -237,22 +238,34 @@ def run_step(name: str, args: list[str]) -> dict:
 
 
 # -- preparing bundles -----------------------------------------------------------------------------------------
-def speed_profile(profile: str, work: Path) -> Path:
-    """`profile` without the scale search (values only; same bytes and kernels), as a file."""
+def speed_profile(profile: str, work: Path, *, search: bool = False, block_size: int | None = None,
+                  symmetric: bool | None = None) -> Path:
+    """`profile` as a file: without the scale search unless `search` (values only; same bytes and
+    kernels), with another int4 layout where `block_size` / `symmetric` say."""
     from edge_runtime.profiles import profile_text
 
-    fast, n = re.subn(r"(?m)^scale_search\s*=\s*true", "scale_search = false", profile_text(profile))
-    if n > 1:
-        raise SystemExit(f"profile {profile}: more than one `scale_search = true` line")
-    path = work / f"{Path(profile).stem}-speed.toml"
-    path.write_text(fast)
+    text, name = profile_text(profile), Path(profile).stem
+    edits = [] if search else [("scale_search", "true", "false")]
+    if block_size is not None:
+        edits.append(("block_size", r"\d+", str(block_size)))
+        name += f"-b{block_size}"
+    if symmetric is not None:
+        edits.append(("symmetric", "true|false", str(symmetric).lower()))
+        name += "-sym" if symmetric else "-asym"
+    for key, old, new in edits:
+        text, n = re.subn(rf"(?m)^{key}\s*=\s*(?:{old})\b", f"{key} = {new}", text)
+        if n > 1:
+            raise SystemExit(f"profile {profile}: more than one `{key}` line")
+    path = work / f"{name}{'' if search else '-speed'}.toml"
+    path.write_text(text)
     return path
 
 
 def export_bundles(checkpoint: Path, work: Path, precisions: list[str], *, profile: str, profile_recipe: bool,
-                   max_context: int) -> list[Path]:
+                   max_context: int, block_size: int | None = None, symmetric: bool | None = None) -> list[Path]:
     """Export `checkpoint` at each precision, side by side; the bundle folders."""
-    profile = profile if profile_recipe else str(speed_profile(profile, work))
+    if block_size is not None or symmetric is not None or not profile_recipe:
+        profile = str(speed_profile(profile, work, search=profile_recipe, block_size=block_size, symmetric=symmetric))
     procs = {}
     for precision in precisions:
         out = work / precision
@@ -343,6 +356,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", nargs="+", default=["int4", "fp16"], help="--synthetic-7b: precisions to export")
     p.add_argument("--profile-recipe", action="store_true",
                    help="--synthetic-7b: export with the profile's own recipe (scale search, GPTQ): slower, same speed")
+    p.add_argument("--block-size", type=int, help="--synthetic-7b: int4 block size instead of the profile's (our "
+                   "export and onnxruntime-genai's)")
+    p.add_argument("--symmetric", type=lambda v: {"true": True, "false": False}[v.lower()], metavar="true|false",
+                   help="--synthetic-7b: int4 without (true) or with (false) zero points, instead of the profile's")
     p.add_argument("--workdir", type=Path, help="--synthetic-7b: where the bundles go (default: a temporary folder)")
     p.add_argument("--prepare-only", action="store_true",
                    help="--synthetic-7b with --workdir: build and export, then stop (run later with --bundle)")
@@ -376,6 +393,12 @@ def step_args(a, **extra) -> list[str]:
     return args
 
 
+def layout_args(a) -> list[str]:
+    """--block-size / --symmetric as given, for a step."""
+    return ([] if a.block_size is None else ["--block-size", str(a.block_size)]) + \
+        ([] if a.symmetric is None else ["--symmetric", str(a.symmetric).lower()])
+
+
 def prepare_peers(a, work: Path) -> list[Path]:
     """onnxruntime-genai's CUDA models of the checkpoint (skipped, with the reason, when it cannot run)."""
     missing = genai_missing()
@@ -388,7 +411,8 @@ def prepare_peers(a, work: Path) -> list[Path]:
         t0 = time.perf_counter()
         try:
             run_step("prepare-genai", ["--workdir", str(folder), "--synthetic-7b", str(a.synthetic_7b),
-                                       "--precision", precision])
+                                       "--profile", a.profile,
+                                       "--precision", precision, *layout_args(a)])
         except RuntimeError as exc:
             say(f"{GENAI} {precision}: its builder failed: {str(exc)[-1500:]}")
             continue
@@ -428,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         temporary = None if a.workdir else work
         work.mkdir(parents=True, exist_ok=True)
         bundles = export_bundles(a.synthetic_7b, work, a.precision, profile=a.profile,
-                                 profile_recipe=a.profile_recipe, max_context=a.max_context)
+                                 profile_recipe=a.profile_recipe, max_context=a.max_context,
+                                 block_size=a.block_size, symmetric=a.symmetric)
         if a.peers:
             bundles += prepare_peers(a, work)
         if a.prepare_only:

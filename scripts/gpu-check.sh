@@ -13,7 +13,11 @@
 #    installed. The checkpoint
 #    and the exports (CPU work) run while the tests do; the timed part runs alone;
 # 3. benchmarks/gpu_kernels.py on our bundles, with and without CUDA graphs: every kernel
-#    and copy of a decode step, traced on the GPU (needs PyTorch with CUDA).
+#    and copy of a decode step, traced on the GPU (needs PyTorch with CUDA);
+# 4. int4 in the layout onnxruntime's TensorRT-LLM int4 kernels take (symmetric blocks of 32,
+#    `--block-size 32 --symmetric true`), beside onnxruntime-genai's int4 at block 32: with
+#    onnxruntime's own MatMulNBits kernel, and with the TensorRT-LLM ones
+#    (`--session-config ep.cuda.fpa_intb_gemm=1`, a profile's session_config), traced too.
 #
 # Environment: PYTHON (default python3), LAYERS (decoder layers of the 7B-shaped
 # checkpoint, default 32), WORKDIR (checkpoint and bundles; default a temporary folder),
@@ -61,8 +65,11 @@ mkdir -p "$work"
 SECONDS=0
 tests=0
 if [ "$stage" != bench ]; then
-    "$py" benchmarks/gpu_decode.py --synthetic-7b "$work/checkpoint" --layers "${LAYERS:-32}" \
-        --workdir "$work/bundles" --peers --prepare-only >"$work/bundles.txt" 2>"$out/prepare.log" &
+    # the second export waits for the checkpoint the first builds
+    { "$py" benchmarks/gpu_decode.py --synthetic-7b "$work/checkpoint" --layers "${LAYERS:-32}" \
+        --workdir "$work/bundles" --peers --prepare-only >"$work/bundles.txt" 2>"$out/prepare.log" &&
+      "$py" benchmarks/gpu_decode.py --synthetic-7b "$work/checkpoint" --workdir "$work/b32sym" --precision int4 \
+        --block-size 32 --symmetric true --peers --prepare-only >"$work/b32sym.txt" 2>>"$out/prepare.log"; } &
     prepare=$!
     "$py" -m pytest -m gpu -v -rA -p no:cacheprovider tests/engine/test_cuda_provider.py \
         tests/bench/test_gpu_kernels.py 2>&1 | tee "$out/pytest-gpu.log"
@@ -98,5 +105,23 @@ for b in "${bundles[@]}"; do
         [ "${PIPESTATUS[0]}" = 0 ] || kernels=1
     done
 done
-echo "gpu tests: exit $tests; benchmark: exit $bench; kernel traces: exit $kernels (${SECONDS} s)"
-exit $(( tests || bench || kernels ))
+# 4. symmetric blocks of 32: onnxruntime's MatMulNBits kernel, then its TensorRT-LLM int4 kernels
+layouts=0
+if [ -s "$work/b32sym.txt" ]; then
+    mapfile -t b32 <"$work/b32sym.txt"   # our int4, then onnxruntime-genai's int4 at block 32
+    fpa=(--session-config ep.cuda.fpa_intb_gemm=1)
+    "$py" benchmarks/gpu_decode.py "${b32[@]/#/--bundle=}" --variants cuda-graph --out "$out/gpu-decode-b32sym" \
+        2>&1 | tee "$out/gpu-decode-b32sym.log"
+    layouts=${PIPESTATUS[0]}
+    "$py" benchmarks/gpu_decode.py --bundle="${b32[0]}" --variants cuda-graph cuda "${fpa[@]}" \
+        --out "$out/gpu-decode-b32sym-fpa" 2>&1 | tee "$out/gpu-decode-b32sym-fpa.log"
+    layouts=$(( layouts || PIPESTATUS[0] ))
+    "$py" benchmarks/gpu_kernels.py --bundle "${b32[0]}" --variant cuda-graph "${fpa[@]}" \
+        --json "$out/kernels-b32sym-fpa.json" 2>&1 | tee "$out/kernels-b32sym-fpa.txt"
+    layouts=$(( layouts || PIPESTATUS[0] ))
+else
+    echo "$work/b32sym.txt is missing: the block-32 symmetric bundles were not prepared"; layouts=1
+fi
+echo "gpu tests: exit $tests; benchmark: exit $bench; kernel traces: exit $kernels; int4 layouts: exit $layouts" \
+     "(${SECONDS} s)"
+exit $(( tests || bench || kernels || layouts ))

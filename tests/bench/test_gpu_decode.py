@@ -76,6 +76,28 @@ def test_speed_profile_turns_off_only_the_scale_search(gpu_decode, tmp_path):
     assert fast.quantization.block_size == real.quantization.block_size and fast.name == real.name
 
 
+def test_speed_profile_takes_another_int4_layout(gpu_decode, tmp_path):
+    """--block-size / --symmetric: the layout onnxruntime's TensorRT-LLM int4 kernels take (blocks
+    of 32, no zero points), with or without the scale search; nothing else of the profile changes."""
+    real = load_profile("nvidia-gpu")
+    b32 = load_profile(gpu_decode.speed_profile("nvidia-gpu", tmp_path, block_size=32, symmetric=True))
+    assert (b32.quantization.block_size, b32.quantization.symmetric, b32.quantization.scale_search) == (32, True, False)
+    assert b32.name == real.name and b32.execution_providers == real.execution_providers
+    searched = load_profile(gpu_decode.speed_profile("nvidia-gpu", tmp_path, search=True, block_size=64))
+    assert (searched.quantization.block_size, searched.quantization.symmetric) == (64, real.quantization.symmetric)
+    assert searched.quantization.scale_search is True
+    a = gpu_decode.parse_args(["--synthetic-7b", "c", "--block-size", "32", "--symmetric", "true"])
+    assert gpu_decode.layout_args(a) == ["--block-size", "32", "--symmetric", "true"]
+
+
+def test_prepares_an_int4_bundle_in_another_layout(gpu_decode, tiny_checkpoint, tmp_path, capsys):
+    assert gpu_decode.main(["--synthetic-7b", str(tiny_checkpoint), "--workdir", str(tmp_path / "b32"),
+                            "--prepare-only", "--precision", "int4", "--max-context", "128",
+                            "--block-size", "32", "--symmetric", "true"]) == 0
+    quant = load_bundle(capsys.readouterr().out.split()[0]).manifest["quantization"]
+    assert (quant["block_size"], quant["symmetric"], quant["algorithm"]) == (32, True, "rtn")
+
+
 def test_refuses_without_a_cuda_provider_or_with_a_folder_that_is_no_model(gpu_decode, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="is neither a bundle .bundle.json. nor onnxruntime-genai's model"):
         gpu_decode.main(["--bundle", str(tmp_path)])
