@@ -30,6 +30,26 @@ def cuda_profile(graph: bool):
                                                             enable_cuda_graph="1" if graph else "0")
 
 
+def greedy_continuation(engine, ids: np.ndarray, n: int) -> list[int]:
+    """`n` greedy tokens after `ids`, from `engine`'s decoder."""
+    d = engine.decoder
+    cache = d.new_cache(len(ids) + n)
+    token = int(d.prefill(cache, ids)[-1].argmax())
+    tokens = []
+    for _ in range(n):
+        tokens.append(token)
+        token = int(np.asarray(d.decode(cache, token)).argmax())
+    return tokens
+
+
+def teacher_forced(engine, ids: np.ndarray, forced: list[int]) -> np.ndarray:
+    """Logits [1 + len(forced), V]: the prompt's last position, then each forced token's step."""
+    cache = engine.decoder.new_cache(len(ids) + len(forced))
+    steps = [engine.decoder.prefill(cache, ids)[-1].copy()]
+    steps += [np.array(engine.decoder.decode(cache, t), dtype=np.float32) for t in forced]
+    return np.stack(steps)
+
+
 @pytest.fixture(scope="module")
 def gpu_bundles(demo_checkpoint, tmp_path_factory, exporter):
     # the export's own check runs on the CPU provider; the tests below hold the CUDA provider to the bar
@@ -118,21 +138,8 @@ def test_a_short_requests_recording_replays_right_after_a_long_prompt(gpu_bundle
     source = (Path(__file__).resolve().parents[2] / "edge_runtime" / "sampling.py").read_text()
     ids = np.asarray([1] + plain.tokenizer.encode(source)[:700])
     assert len(ids) == 701
-    d = plain.decoder
-    cache = d.new_cache(len(ids) + 16)
-    token = int(d.prefill(cache, ids)[-1].argmax())
-    forced = []
-    for _ in range(16):  # plain CUDA's greedy continuation, fed to both
-        forced.append(token)
-        token = int(np.asarray(d.decode(cache, token)).argmax())
-
-    def teacher_forced(engine):
-        cache = engine.decoder.new_cache(len(ids) + len(forced))
-        steps = [engine.decoder.prefill(cache, ids)[-1].copy()]
-        steps += [np.array(engine.decoder.decode(cache, t), dtype=np.float32) for t in forced]
-        return np.stack(steps)
-
-    assert np.abs(teacher_forced(plain) - teacher_forced(graphed)).max() < 1e-2
+    forced = greedy_continuation(plain, ids, 16)  # plain CUDA's, fed to both
+    assert np.abs(teacher_forced(plain, ids, forced) - teacher_forced(graphed, ids, forced)).max() < 1e-2
 
 
 @pytest.mark.parametrize("variant", ["cuda", "cuda-graph"])
@@ -234,21 +241,8 @@ def test_onnxruntimes_tensorrt_llm_int4_kernels_give_the_logits_of_its_default_o
     default = Engine.from_bundle(symmetric_int4, profile=cuda_profile(graph))
     fpa = Engine.from_bundle(symmetric_int4, profile=cuda_profile(graph).with_session_config(FPA_INTB))
     ids = np.asarray(default.tokenizer.encode("import os\nimport sys\n\ndef main(argv):\n    "), dtype=np.int64)
-    d = default.decoder
-    cache = d.new_cache(len(ids) + 40)
-    token = int(d.prefill(cache, ids)[-1].argmax())
-    forced = []
-    for _ in range(32):
-        forced.append(token)
-        token = int(np.asarray(d.decode(cache, token)).argmax())
-
-    def teacher_forced(engine):
-        cache = engine.decoder.new_cache(len(ids) + len(forced))
-        steps = [engine.decoder.prefill(cache, ids)[-1].copy()]
-        steps += [np.array(engine.decoder.decode(cache, t), dtype=np.float32) for t in forced]
-        return np.stack(steps)
-
-    ours, theirs = teacher_forced(fpa), teacher_forced(default)
+    forced = greedy_continuation(default, ids, 32)
+    ours, theirs = teacher_forced(fpa, ids, forced), teacher_forced(default, ids, forced)
     print(f"fpA_intB vs default kernels: max |logit diff| {np.abs(ours - theirs).max():.4f}")
     assert np.abs(ours - theirs).max() < 0.1
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.95
