@@ -62,6 +62,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_runtime.profiles import SESSION_CONFIG_KEY
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import (  # noqa: E402  (the byte counting, timing and plot the CPU benchmark uses)
     kv_bytes_per_token,
@@ -142,10 +144,11 @@ def gpu_memory_used_mib(pid: int) -> int | None:
 
 
 def session_config_item(text: str) -> tuple[str, str]:
-    """argparse type of --session-config: KEY=VALUE."""
+    """argparse type of --session-config: KEY=VALUE, KEY shaped as a profile's session_config keys."""
     key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (e.g. ep.cuda.fpa_intb_gemm=1)")
+    if not sep or not re.fullmatch(SESSION_CONFIG_KEY, key):
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE with a dotted onnxruntime session config key "
+                                         "(e.g. ep.cuda.fpa_intb_gemm=1)")
     return key, value
 
 
@@ -196,18 +199,27 @@ def genai_missing() -> str | None:
     return None
 
 
+def genai_builder_command(a, out: Path, cache: Path) -> list[str]:
+    """onnxruntime-genai's builder for the CUDA provider; int4 in our bundles' layout: the block
+    size and symmetry of --block-size / --symmetric, else the profile's (the builder's own
+    options, int4_block_size and int4_is_symmetric: it ignores keys it does not know)."""
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(a.synthetic_7b), "-o", str(out),
+           "-p", a.precision[0], "-e", "cuda", "-c", str(cache)]
+    if a.precision[0] == "int4":
+        from edge_runtime.profiles import load_profile
+
+        q = load_profile(a.profile).quantization
+        block = q.block_size if a.block_size is None else a.block_size
+        symmetric = q.symmetric if a.symmetric is None else a.symmetric
+        cmd += ["--extra_options", f"int4_block_size={block}", f"int4_is_symmetric={str(symmetric).lower()}"]
+    return cmd
+
+
 def step_prepare_genai(a) -> dict:
     """onnxruntime-genai's builder, for the CUDA provider, from the same checkpoint."""
     out = Path(a.workdir)
     cache = out.with_name(out.name + ".cache")
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(a.synthetic_7b), "-o", str(out),
-           "-p", a.precision[0], "-e", "cuda", "-c", str(cache)]
-    if a.precision[0] == "int4":  # the block size of our bundles (--block-size, else the profile's)
-        from edge_runtime.profiles import load_profile
-
-        block = a.block_size or load_profile(a.profile).quantization.block_size
-        cmd += ["--extra_options", f"block_size={block}"]
-    subprocess.run(cmd, check=True, stdout=sys.stderr)
+    subprocess.run(genai_builder_command(a, out, cache), check=True, stdout=sys.stderr)
     shutil.rmtree(cache, ignore_errors=True)
     return {"model": str(out)}
 
@@ -254,8 +266,8 @@ def speed_profile(profile: str, work: Path, *, search: bool = False, block_size:
         name += "-sym" if symmetric else "-asym"
     for key, old, new in edits:
         text, n = re.subn(rf"(?m)^{key}\s*=\s*(?:{old})\b", f"{key} = {new}", text)
-        if n > 1:
-            raise SystemExit(f"profile {profile}: more than one `{key}` line")
+        if n > 1 or (n == 0 and key != "scale_search"):  # a profile without the search needs no edit
+            raise SystemExit(f"profile {profile}: {n} `{key} = ...` lines, not one (write the file by hand)")
     path = work / f"{name}{'' if search else '-speed'}.toml"
     path.write_text(text)
     return path

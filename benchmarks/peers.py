@@ -23,8 +23,9 @@ What it does:
      agreement is below the profile's 0.7 bar (0.66 symmetric; an int4 lm_head 0.615), so
      no profile ships it;
    * ``onnxruntime-genai``: ``python -m onnxruntime_genai.models.builder -p int4 -e cpu``
-     with ``block_size`` = ours (its other defaults: symmetric, accuracy level 4 on CPU,
-     every MatMul quantized, lm_head included);
+     with ``int4_block_size`` = ours and ``int4_is_symmetric=true`` (its other defaults:
+     accuracy level 4 on CPU, every MatMul quantized, lm_head included; before, this passed
+     ``block_size``, a key the builder ignores, and got its default, also 32 and symmetric);
    * ``llama.cpp``: llama.cpp's ``convert_hf_to_gguf.py`` (from the llama-cpp-python sdist,
      see scripts/install-peers.sh) to an f16 GGUF, then ``llama_model_quantize`` to Q4_0
      (block 32; llama.cpp's defaults keep output.weight at Q6_K);
@@ -383,12 +384,18 @@ def step_prepare_ours_genai_recipe(a) -> dict:
                             folder_bytes(out, "model.onnx"), per_token, onnx_kv_element_bytes(out / "model.onnx")))
 
 
+def genai_builder_command(a, out: Path, cache: Path) -> list[str]:
+    """onnxruntime-genai's builder, int4 for the CPU at our block size (its option int4_block_size: the
+    builder ignores keys it does not know), symmetric, its other defaults."""
+    return [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", a.checkpoint, "-o", str(out),
+            "-p", "int4", "-e", "cpu", "-c", str(cache),
+            "--extra_options", f"int4_block_size={a.block_size}", "int4_is_symmetric=true"]
+
+
 def step_prepare_genai(a) -> dict:
     out = Path(a.out)
     cache = out.with_name(out.name + ".cache")
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", a.checkpoint, "-o", str(out),
-           "-p", "int4", "-e", "cpu", "-c", str(cache), "--extra_options", f"block_size={a.block_size}"]
-    subprocess.run(cmd, check=True, stdout=sys.stderr)
+    subprocess.run(genai_builder_command(a, out, cache), check=True, stdout=sys.stderr)
     shutil.rmtree(cache, ignore_errors=True)
     total, per_token = onnx_weight_bytes(out / "model.onnx")
     return asdict(ModelInfo(GENAI, f"int4 b{a.block_size} sym acc4, lm_head int4", folder_bytes(out, "model.onnx"),

@@ -212,6 +212,11 @@ class Engine:
         memory = check_bundle_fits(bundle, profile, max_length) if check_memory else None
         if memory is not None:
             log.info("memory: %s", memory.describe())
+        if bundle.int8_kernel_rows is not None and 2 * bundle.int8_kernel_rows >= PREFILL_CHUNK:
+            # chunk_bounds could not keep a long prompt's later chunks longer than the int8 kernel's share
+            raise BundleError(f"{bundle.root}: bundle.json's kv_cache.int8_kernel_rows_after_cache "
+                              f"({bundle.int8_kernel_rows}) is not below half the prefill chunk of {PREFILL_CHUNK} "
+                              "tokens: a long prompt's last chunk would run the int8 kernel; re-export the bundle")
         session, choice = make_session(ort, bundle, profile)
         # the fused graph prefills long prompts in chunks: bounded attention scratch (memory_fit.py counts it)
         extra = ({"prefill_chunk": PREFILL_CHUNK, "cuda_graph": uses_cuda_graph(choice)}

@@ -82,10 +82,9 @@ ProviderName = Annotated[
 ProfileName = Annotated[
     str, matches(r"[a-z0-9][a-z0-9_-]*", "a lower-case name such as 'cpu-x86_64'")
 ]
+SESSION_CONFIG_KEY = r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)+"
 SessionConfigKey = Annotated[
-    str,
-    matches(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)+",
-            "an onnxruntime session config key such as 'ep.cuda.fpa_intb_gemm'"),
+    str, matches(SESSION_CONFIG_KEY, "an onnxruntime session config key such as 'ep.cuda.fpa_intb_gemm'")
 ]
 
 CPU_PROVIDER = "CPUExecutionProvider"

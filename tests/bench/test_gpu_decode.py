@@ -126,3 +126,25 @@ def test_session_config_entries_reach_each_step_and_label_the_rows(gpu_decode):
                                    "prefill_tokens_per_s": 1.0, "ttft_ms": 1.0, "decode_tokens_per_s": {128: 2.0}},
                                   facts, gbps=1.0)
     assert "| int4-b32 | cuda-graph ep.cuda.fpa_intb_gemm=1 | int4 |" in gpu_decode.format_table([row], [128])
+
+
+def test_onnxruntime_genai_int4_takes_our_layout_through_its_own_options(gpu_decode, tmp_path):
+    """int4_block_size / int4_is_symmetric (the builder ignores other keys): the profile's layout,
+    or --block-size / --symmetric; fp16 gets no int4 options."""
+    def extra(*argv):
+        a = gpu_decode.parse_args(["--synthetic-7b", "ck", *argv])
+        cmd = gpu_decode.genai_builder_command(a, tmp_path / "m", tmp_path / "c")
+        return cmd[cmd.index("--extra_options") + 1:] if "--extra_options" in cmd else []
+
+    real = load_profile("nvidia-gpu").quantization
+    assert extra("--precision", "int4") == [f"int4_block_size={real.block_size}",
+                                            f"int4_is_symmetric={str(real.symmetric).lower()}"]
+    assert extra("--precision", "int4", "--block-size", "32", "--symmetric", "true") == [
+        "int4_block_size=32", "int4_is_symmetric=true"]
+    assert extra("--precision", "fp16") == []
+
+
+def test_session_config_keys_are_checked_like_a_profiles(gpu_decode):
+    for bad in ("fpa_intb_gemm=1", "ep cuda=1", "=1"):
+        with pytest.raises(SystemExit):
+            gpu_decode.parse_args(["--bundle", "b", "--session-config", bad])

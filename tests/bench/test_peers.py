@@ -168,3 +168,14 @@ def test_graph_builder_keep_bits_stores_the_kept_lm_head_as_int8(tiny_checkpoint
     assert {a.name: a.i for a in head.attribute if a.name in ("bits", "block_size")} == {"bits": 8, "block_size": 32}
     with pytest.raises(ValueError, match="keep_bits"):
         build_decoder_graph(info, tmp_path / "bad" / "model.onnx", precision="int4", max_length=64, keep_bits=3)
+
+
+def test_onnxruntime_genai_is_built_with_its_own_int4_options_at_our_block_size(peers, tmp_path):
+    """The builder ignores --extra_options keys it does not know (a `block_size=` got its default)."""
+    import argparse
+
+    cmd = peers.genai_builder_command(argparse.Namespace(checkpoint="ck", block_size=64), tmp_path / "m",
+                                      tmp_path / "c")
+    extra = cmd[cmd.index("--extra_options") + 1:]
+    assert extra == ["int4_block_size=64", "int4_is_symmetric=true"]
+    assert cmd[cmd.index("-p") + 1] == "int4" and cmd[cmd.index("-e") + 1] == "cpu"

@@ -246,3 +246,27 @@ def test_onnxruntimes_tensorrt_llm_int4_kernels_give_the_logits_of_its_default_o
     print(f"fpA_intB vs default kernels: max |logit diff| {np.abs(ours - theirs).max():.4f}")
     assert np.abs(ours - theirs).max() < 0.1
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.95
+
+
+def test_the_profiles_session_config_runs_onnxruntimes_tensorrt_llm_int4_kernels(symmetric_int4):
+    """The decode step's kernels, traced on the GPU (benchmarks/gpu_kernels.py): with
+    ep.cuda.fpa_intb_gemm on, onnxruntime's TensorRT-LLM int4 kernels (namespace fpA_intB) run
+    the weights of a symmetric block-32 bundle; without it, they do not."""
+    import importlib.util
+
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():  # the trace is torch's CUPTI profiler: a CPU build of torch has none
+        pytest.skip("torch has no CUDA here: the kernel trace needs a CUDA build of torch")
+    bench = Path(__file__).resolve().parents[2] / "benchmarks"
+    spec = importlib.util.spec_from_file_location("bench_gpu_kernels", bench / "gpu_kernels.py")
+    gpu_kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_kernels)
+
+    def kernels(session_config):
+        s = gpu_kernels.trace_decode(symmetric_int4, profile="nvidia-gpu", variant="cuda", context=32, steps=4,
+                                     session_config=session_config)
+        return [k["kernel"] for k in s["kernels"]]
+
+    on, off = kernels(FPA_INTB), kernels(None)
+    assert any("fpa_intb" in name.lower() for name in on), on
+    assert not any("fpa_intb" in name.lower() for name in off), off

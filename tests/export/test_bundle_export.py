@@ -309,6 +309,10 @@ def test_the_decoder_keeps_prefill_chunks_longer_than_the_bundles_int8_kernel_sh
     assert decoder.int8_kernel_rows == 100
     bounds = chunk_bounds(600, decoder.prefill_chunk, decoder.int8_kernel_rows)
     assert all(end - start > 100 for start, end in bounds[1:]) and bounds[-1][1] == 600
+    manifest["kv_cache"]["int8_kernel_rows_after_cache"] = 256  # half the engine's prefill chunk of 512
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"int8_kernel_rows_after_cache \(256\) is not below half"):
+        Engine.from_bundle(out, check_memory=False)
     manifest["kv_cache"]["int8_kernel_rows_after_cache"] = -1
     (out / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="kv_cache.int8_kernel_rows_after_cache"):
