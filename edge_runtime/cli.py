@@ -98,7 +98,7 @@ def cmd_generate(args) -> int:
     from .types import Chunk
 
     request = request_from_args(args)
-    engine = Engine.from_bundle(args.bundle, profile=args.profile)
+    engine = Engine.from_bundle(args.bundle, profile=args.profile, prompt_lookup=args.prompt_lookup)
     result = None
     try:
         for item in engine.generate(request):
@@ -119,7 +119,7 @@ def cmd_generate(args) -> int:
     else:
         sys.stdout.write("\n")
         print(f"[{result.finish_reason}; {result.usage.prompt_tokens} prompt + {result.usage.completion_tokens} "
-              f"generated tokens; ttft {result.timings.ttft_ms:.0f} ms; "
+              f"generated tokens{drafted_note(result.usage)}; ttft {result.timings.ttft_ms:.0f} ms; "
               f"{decode_speed(finite_or_none(result.timings.decode_tokens_per_s, 1))}]", file=sys.stderr)
         for warning in result.warnings:
             print(f"warning: {warning}", file=sys.stderr)
@@ -162,7 +162,8 @@ def cmd_serve(args, engine_factory=None) -> int:
                                         check_memory=config.model.check_memory,
                                         allow_cpu_fallback=config.model.allow_cpu_fallback,
                                         pinned_sha256=config.model.bundle_sha256,
-                                        prompt_cache=config.model.prompt_cache)
+                                        prompt_cache=config.model.prompt_cache,
+                                        prompt_lookup=config.model.prompt_lookup)
             # the first request should not pay for the first runs (and on a GPU a KV cache that does
             # not fit fails here, before the daemon reports ready)
             notifier.status(f"warming up {config.model.bundle}")
@@ -231,6 +232,11 @@ def cmd_policy(args) -> int:
         what = " ".join(c.command) if c.command else f"bundle {c.bundle}"
         print(f"  classifier: {what} ({c.action}, timeout {c.timeout_s:g} s, fails {c.on_failure})")
     return 0
+
+
+def drafted_note(usage) -> str:
+    """', 12 of them confirmed drafts' when prompt lookup confirmed any, else ''."""
+    return f", {usage.accepted_draft_tokens} of them confirmed drafts" if usage.accepted_draft_tokens else ""
 
 
 def cmd_audit(args) -> int:
@@ -383,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate from a bundle on this machine (streams to stdout)")
     p.add_argument("--bundle", required=True)
     p.add_argument("--profile", help="device profile (default: the one the bundle was made for)")
+    p.add_argument("--no-prompt-lookup", dest="prompt_lookup", action="store_false",
+                   help="one decode step per token: no drafts from the context (greedy requests draft by default)")
     add_request_arguments(p)
     p.set_defaults(func=cmd_generate)
 

@@ -604,8 +604,10 @@ def run_ask(args: argparse.Namespace) -> int:
         out.write("\n")
         usage, timings = final.get("usage") or {}, final.get("timings") or {}
         cached = f" ({usage['cached_prompt_tokens']} cached)" if usage.get("cached_prompt_tokens") else ""
+        drafted = (f", {usage['accepted_draft_tokens']} of them confirmed drafts"
+                   if usage.get("accepted_draft_tokens") else "")
         print(f"[{final.get('finish_reason')}; {usage.get('prompt_tokens')} prompt{cached} + "
-              f"{usage.get('completion_tokens')} generated tokens; ttft {timings.get('ttft_ms')} ms; "
+              f"{usage.get('completion_tokens')} generated tokens{drafted}; ttft {timings.get('ttft_ms')} ms; "
               f"{decode_speed(timings.get('decode_tokens_per_s'))}]", file=sys.stderr)
         for warning in final.get("warnings") or ():
             print(f"warning: {warning}", file=sys.stderr)

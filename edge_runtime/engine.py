@@ -31,6 +31,7 @@ from .gqa_decoder import SharedKVDecoder, check_kv_dtype_for_device
 from .memory_fit import PREFILL_CHUNK, MemoryPlan, bundle_kv_dtype, check_bundle_fits, engine_context_limit
 from .onnx_decoder import KVConcatDecoder
 from .profiles import DeviceProfile, load_profile
+from .prompt_lookup import DRAFT_MAX, PromptLookup
 from .prompts import PromptPlan, build_prompt
 from .providers import ProviderChoice, choose_providers, import_onnxruntime
 from .sampling import Sampler
@@ -172,11 +173,15 @@ class Engine:
     """A loaded bundle: session, tokenizer and decoder, shared by requests run one at a time."""
 
     def __init__(self, bundle: Bundle, profile: DeviceProfile, session, decoder, tokenizer: CodeLlamaTokenizer,
-                 choice: ProviderChoice, memory: MemoryPlan | None = None, prompt_cache: str = "client") -> None:
+                 choice: ProviderChoice, memory: MemoryPlan | None = None, prompt_cache: str = "client",
+                 prompt_lookup: bool = True) -> None:
         if prompt_cache not in PROMPT_CACHE_SCOPES:
             raise ConfigError(f"prompt_cache must be one of {', '.join(PROMPT_CACHE_SCOPES)}, not {prompt_cache!r}",
                               key="model.prompt_cache")
         self.prompt_cache = prompt_cache
+        # greedy requests draft tokens from their context and verify them in one run (prompt_lookup.py),
+        # where the decoder can (the fused graph's logits_start input, on the CPU)
+        self.prompt_lookup = prompt_lookup and getattr(decoder, "verify_rows_max", 0) > 1
         self._cache_owner: str | None = None  # the scope key of the request whose ids the cache holds
         self.bundle = bundle
         self.profile = profile
@@ -193,7 +198,8 @@ class Engine:
     @classmethod
     def from_bundle(cls, path: str | Path, profile: str | Path | DeviceProfile | None = None, *,
                     check_memory: bool = True, allow_cpu_fallback: bool | None = None,
-                    pinned_sha256: str | None = None, prompt_cache: str = "client") -> "Engine":
+                    pinned_sha256: str | None = None, prompt_cache: str = "client",
+                    prompt_lookup: bool = True) -> "Engine":
         """Verify every file of the bundle, check that it fits the profile's memory budget
         at the context limit (MemoryBudgetExceeded with the numbers otherwise; see
         memory_fit.py), then create the onnxruntime session with the profile's providers
@@ -228,7 +234,7 @@ class Engine:
         decoder = DECODERS[bundle.graph_flavour](ort, session, bundle.architecture, device=choice.device,
                                                  max_length=max_length, **extra)
         tokenizer = CodeLlamaTokenizer.from_file(bundle.tokenizer_path)
-        return cls(bundle, profile, session, decoder, tokenizer, choice, memory, prompt_cache)
+        return cls(bundle, profile, session, decoder, tokenizer, choice, memory, prompt_cache, prompt_lookup)
 
     # -- request -> prompt ------------------------------------------------------------------
     def plan(self, request: GenerationRequest) -> PromptPlan:
@@ -302,6 +308,7 @@ class Engine:
 
         prompt = np.asarray(plan.ids, dtype=np.int64)
         cached = 0
+        drafts: PromptLookup | None = None
         if cancel is not None and cancel.is_set():  # cancelled before it started: not even the prompt runs
             events: Iterator[generator.TokenEvent] = iter(())
             finish = "cancelled"
@@ -310,8 +317,11 @@ class Engine:
             reuse = owner is not None and owner == self._cache_owner
             cache = self.decoder.new_cache(len(plan.ids) + request.max_tokens, prompt if reuse else None)
             self._cache_owner, cached = owner, cache.length  # rows kept
+            drafts = (PromptLookup(plan.ids, len(plan.ids) + request.max_tokens,
+                                   draft_max=min(DRAFT_MAX, self.decoder.verify_rows_max - 1))
+                      if self.prompt_lookup and sampler.is_greedy else None)
             events = generator.generate(self.decoder, cache, prompt[cached:], max_new_tokens=request.max_tokens,
-                                        sample=sampler.sample, stop_ids=plan.stop_ids)
+                                        sample=sampler.sample, stop_ids=plan.stop_ids, drafts=drafts)
         for event in events:
             if first_token_s is None:
                 first_token_s = event.elapsed_s
@@ -348,7 +358,9 @@ class Engine:
             token_ids=tuple(generated),
             prompt_token_ids=tuple(plan.ids),
             finish_reason=finish,
-            usage=Usage(prompt_tokens=len(plan.ids), completion_tokens=len(generated), cached_prompt_tokens=cached),
+            usage=Usage(prompt_tokens=len(plan.ids), completion_tokens=len(generated), cached_prompt_tokens=cached,
+                        draft_tokens=drafts.drafted if drafts else 0,
+                        accepted_draft_tokens=drafts.accepted if drafts else 0),
             timings=Timings(ttft_ms=ttft * 1000.0,
                             decode_tokens_per_s=(decoded / decode_s) if decode_s > 0 and decoded else math.nan,
                             total_ms=total_s * 1000.0),

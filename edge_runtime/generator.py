@@ -1,5 +1,7 @@
 """The token loop, in the spirit of gpt-fast's generate.py: prefill the prompt,
-then decode one token at a time, sampling from the last position's logits.
+then decode one token at a time, sampling from the last position's logits (or, for
+greedy requests, verify a token and its drafts from the context in one run:
+prompt_lookup.py).
 
 The loop owns no policy: stop tokens, limits, cancellation and deadlines are
 decided by the small callables it is given.
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .kv_cache import KVCache
+from .prompt_lookup import PromptLookup
 
 
 @dataclass
@@ -34,16 +37,48 @@ def decode_one_token(decoder, cache: KVCache, token: int) -> np.ndarray:
 
 
 def generate(decoder, cache: KVCache, prompt_ids: np.ndarray, *, max_new_tokens: int,
-             sample: Callable[[np.ndarray], int], stop_ids: frozenset[int]) -> Iterator[TokenEvent]:
+             sample: Callable[[np.ndarray], int], stop_ids: frozenset[int],
+             drafts: PromptLookup | None = None) -> Iterator[TokenEvent]:
     """Yield generated tokens until a stop token or `max_new_tokens`. The next token
     is computed only when the caller asks for it, so a caller that stops iterating
-    (cancel, deadline, stop string) ends generation between two tokens."""
+    (cancel, deadline, stop string) ends generation between two tokens.
+
+    With `drafts` (greedy `sample` only, and a decoder that can `verify`): after each
+    token, the ids that followed the context's last few ids earlier on are fed with it in
+    one run, and those the model's own choice confirms are yielded without a step of their
+    own (prompt_lookup.py). The tokens are greedy decoding's, up to rounding (a run's
+    kernels for several rows sum in another order than a one-token step's, which can tip a
+    near-tie); a run's confirmed drafts are computed before the first of them is yielded."""
     start = time.perf_counter()
     logits = prefill(decoder, cache, prompt_ids)
-    for i in range(max_new_tokens):
+    made = 0
+    while True:
         token = sample(logits)
-        is_stop = token in stop_ids
-        yield TokenEvent(token, is_stop, time.perf_counter() - start)
-        if is_stop or i == max_new_tokens - 1:
+        made += 1
+        yield TokenEvent(token, token in stop_ids, time.perf_counter() - start)
+        if token in stop_ids or made == max_new_tokens:
             return
-        logits = decode_one_token(decoder, cache, token)
+        guess: list[int] = []
+        if drafts is not None:
+            drafts.push(token)
+            guess = drafts.propose(max_new_tokens - made)
+        if not guess:
+            logits = decode_one_token(decoder, cache, token)
+            continue
+        rows = decoder.verify(cache, np.asarray([token, *guess]))  # row i: the id after [token, *guess][i]
+        confirmed = 0
+        for guessed, row in zip(guess, rows):
+            if sample(row) != guessed:
+                break
+            confirmed += 1
+            made += 1
+            drafts.push(guessed)
+            yield TokenEvent(guessed, guessed in stop_ids, time.perf_counter() - start)
+            if guessed in stop_ids or made == max_new_tokens:
+                drafts.confirmed(len(guess), confirmed)
+                # as after a plain step: the cache ends with the last token fed, before this one
+                cache.rewind(len(guess) - confirmed + 1)
+                return
+        drafts.confirmed(len(guess), confirmed)
+        cache.rewind(len(guess) - confirmed)  # the unconfirmed drafts' rows
+        logits = rows[confirmed]  # predicts the id after the last kept one

@@ -75,6 +75,9 @@ META_MAX_LENGTH = "edge_runtime.max_length"  # written by export/graph_builder.p
 # first prompt, in float. So a prompt's later chunks are kept longer than this (`prefill`):
 # a long first prompt attends in float all through, as the fidelity figures assume.
 INT8_STEP_ROWS_MAX = 32
+# The graph's optional input (export/graph_builder.py): -rows of positions whose logits it computes.
+LOGITS_START = "logits_start"
+VERIFY_ROWS_MAX = 16  # a token and up to 15 drafts verified in one run (`verify`)
 
 
 @dataclass
@@ -112,6 +115,13 @@ class SharedKVCache:
 
     def advance(self, new_tokens: int) -> None:
         self.length += new_tokens
+
+    def rewind(self, tokens: int) -> None:
+        """Forget the last `tokens` rows (drafts the model did not confirm): the next run
+        writes over them, and attention never reads past `length`."""
+        if not 0 <= tokens <= self.length:
+            raise ValueError(f"cannot rewind {tokens} of {self.length} rows")
+        self.length -= tokens
 
     def reset(self) -> None:
         self.length = 0
@@ -222,6 +232,12 @@ class SharedKVDecoder:
         self._seqlens_k = np.zeros(1, dtype=np.int32)
         self._total_len = np.zeros((), dtype=np.int32)
         self._logits = np.zeros((1, 1, self.vocab_size), dtype=self.logits_dtype)
+        # verifying drafts (`verify`): graphs with the logits_start input, on the CPU for now (the
+        # GPU paths, plain and recorded, are not tested with it yet)
+        optional = {i.name for i in session.get_overridable_initializers()}
+        self.verify_rows_max = VERIFY_ROWS_MAX if LOGITS_START in optional and device == "cpu" and not cuda_graph else 0
+        self._logits_start = np.full(1, -1, dtype=np.int64)
+        self._rows = np.zeros((1, self.verify_rows_max, self.vocab_size), dtype=self.logits_dtype)
         self._binding = session.io_binding()
         self.cuda_graph = cuda_graph
         # the step's inputs in device buffers written in place (module docstring): on a GPU, and
@@ -291,6 +307,8 @@ class SharedKVDecoder:
                 b.bind_input(f"past_key_values.{layer}.{kind}", self.device, 0, self.kv_dtype, shape, buf.ptr)
                 b.bind_output(f"present.{layer}.{kind}", self.device, 0, self.kv_dtype, shape, buf.ptr)
         b.bind_input("total_sequence_length", "cpu", 0, np.int32, (), self._total_len.ctypes.data)
+        if self.verify_rows_max:
+            b.bind_input(LOGITS_START, "cpu", 0, np.int64, (1,), self._logits_start.ctypes.data)
 
     # -- steps ----------------------------------------------------------------------------------
     def _check(self, cache: SharedKVCache, new_tokens: int) -> int:
@@ -345,6 +363,30 @@ class SharedKVDecoder:
         self._run(cache, total, 1, self._decode_options)
         self._held_ids[total - 1] = token
         return self._last_logits()[0, 0]
+
+    def verify(self, cache: SharedKVCache, ids: np.ndarray) -> np.ndarray:
+        """Feed `ids` (a token, then drafts of the ones after it) in one run; returns the logits
+        of each of their positions, [S, V]: row i predicts the id after ids[i]. A view of a
+        buffer the next `verify` reuses. The cache holds all S rows after it: `cache.rewind`
+        drops those of drafts the logits do not confirm. Only where `verify_rows_max` > 0
+        (a graph with the logits_start input, on the CPU), at most that many ids."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(1, -1)
+        n = ids.shape[1]
+        if not 1 <= n <= self.verify_rows_max:
+            raise ValueError(f"verify takes 1 to {self.verify_rows_max} ids, not {n}")
+        total = self._check(cache, n)
+        b = self._binding
+        b.bind_input("input_ids", "cpu", 0, np.int64, ids.shape, ids.ctypes.data)
+        self._ids_bound_to_token = False
+        b.bind_output("logits", "cpu", 0, self.logits_dtype, (1, n, self.vocab_size), self._rows.ctypes.data)
+        self._logits_start[0] = -n
+        try:
+            self._run(cache, total, n, self._prefill_options)
+        finally:
+            self._logits_start[0] = -1
+            b.bind_output("logits", "cpu", 0, self.logits_dtype, self._logits.shape, self._logits.ctypes.data)
+        self._held_ids[total - n:total] = ids[0]
+        return self._rows[0, :n]
 
     def all_position_logits(self, cache: SharedKVCache, ids: np.ndarray) -> np.ndarray:
         """Logits [S, V] (float32) of every position of `ids`, one token per run.

@@ -480,7 +480,9 @@ def usage_and_timings(result: GenerationResult) -> dict[str, Any]:
     ``generate --json`` give them (NaN timings as null)."""
     return {"usage": {"prompt_tokens": result.usage.prompt_tokens,
                       "completion_tokens": result.usage.completion_tokens,
-                      "cached_prompt_tokens": result.usage.cached_prompt_tokens},
+                      "cached_prompt_tokens": result.usage.cached_prompt_tokens,
+                      "draft_tokens": result.usage.draft_tokens,
+                      "accepted_draft_tokens": result.usage.accepted_draft_tokens},
             "timings": {"ttft_ms": finite_or_none(result.timings.ttft_ms),
                         "decode_tokens_per_s": finite_or_none(result.timings.decode_tokens_per_s),
                         "total_ms": finite_or_none(result.timings.total_ms)}}

@@ -109,10 +109,15 @@ class Sampler:
         self.entropy: int = seed  # the seed to reproduce the run
         self._rng = np.random.Generator(np.random.PCG64(seq))
 
+    @property
+    def is_greedy(self) -> bool:
+        """Whether `sample` is the argmax (temperature 0, or top-k 1): a function of the logits alone."""
+        return self.params.temperature == 0 or self.params.top_k == 1
+
     def sample(self, logits: np.ndarray) -> int:
         """Next token id from the last position's logits. logits: [vocab] float."""
         p = self.params
-        if p.temperature == 0 or p.top_k == 1:
+        if self.is_greedy:
             return greedy(logits)
         candidates = top_k_candidates(logits, p.top_k)
         probs = softmax(logits[candidates] / np.float64(p.temperature))

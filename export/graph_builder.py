@@ -14,8 +14,13 @@ inputs                ``input_ids`` int64 [batch, seq];
                       max_seq, head_dim] -- ONE buffer per layer and k/v, as
                       long as the decoder's context (at most ``max_length``);
                       ``seqlens_k`` int32 [batch] (total length - 1);
-                      ``total_sequence_length`` int32 scalar
-outputs               ``logits`` float32 [batch, 1, vocab] (last position only);
+                      ``total_sequence_length`` int32 scalar;
+                      ``logits_start`` int64 [1], optional (an initializer
+                      that is also an input, -1 unless fed): the first of
+                      the positions whose logits are computed, from the end
+outputs               ``logits`` float32 [batch, rows, vocab]: the last
+                      position only (rows 1) unless ``logits_start`` says
+                      -rows (drafted tokens verified in one run, generator.py);
                       ``present.{i}.key/value``: the same buffers as the past
                       inputs (bind one OrtValue to both: past_present_share_buffer)
 embedding             Gather on the float table
@@ -28,7 +33,7 @@ per layer             SimplifiedLayerNormalization (layer 0) or
                       SkipSimplifiedLayerNormalization; gate and up
                       MatMul[NBits]; SiLU as Sigmoid+Mul (onnxruntime fuses it
                       into QuickGelu(alpha=1)); Mul; down_proj
-head                  Slice the last position of the residual stream, final
+head                  Slice the last position(s) of the residual stream, final
                       SkipSimplifiedLayerNormalization, lm_head (float MatMul
                       when kept unquantized, else MatMulNBits), Cast to float32
                       when activations are float16
@@ -57,6 +62,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.gqa_decoder import LOGITS_START  # optional input: -rows of logits to compute (default -1)
 
 from .checkpoint import CheckpointInfo, read_safetensors_header, rope_parameters
 from .gptq import InverseHessian, gptq_quantize, inverse_hessian
@@ -661,7 +667,7 @@ class _Builder:
         self.say("final norm and lm_head")
         assert pending is not None
         last = {}
-        starts = self.inline_const("/model/last/starts", np.array([-1], dtype=np.int64))
+        starts = self.inline_const(LOGITS_START, np.array([-1], dtype=np.int64))  # also a graph input (below)
         ends = self.inline_const("/model/last/ends", np.array([np.iinfo(np.int64).max], dtype=np.int64))
         axes = self.inline_const("/model/last/axes", np.array([1], dtype=np.int64))
         for key, tensor in (("block", pending), ("residual", residual)):
@@ -679,7 +685,7 @@ class _Builder:
 
         kv_shape = ["batch_size", kv_heads, "max_sequence_length", hd]
         inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch_size", "sequence_length"])]
-        outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch_size", 1, vocab])]
+        outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch_size", "logits_rows", vocab])]
         for layer in range(arch.num_layers):
             for past, present in ((past_key_name(layer), present_key_name(layer)),
                                   (past_value_name(layer), present_value_name(layer))):
@@ -687,6 +693,8 @@ class _Builder:
                 outputs.append(helper.make_tensor_value_info(present, self.elem, kv_shape))
         inputs.append(helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, ["batch_size"]))
         inputs.append(helper.make_tensor_value_info(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []))
+        # an input with a default: the initializer above (onnxruntime: an overridable initializer)
+        inputs.append(helper.make_tensor_value_info(LOGITS_START, TensorProto.INT64, [1]))
 
         graph = helper.make_graph(self.nodes, f"{self.info.name}-{FLAVOUR}", inputs, outputs,
                                   initializer=self.initializers)

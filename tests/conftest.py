@@ -135,6 +135,14 @@ def demo_checkpoint() -> Path:
     return ensure_demo_model(progress=False)
 
 
+@pytest.fixture(scope="session")
+def demo_int4_bundle(demo_checkpoint, tmp_path_factory) -> Path:
+    """The demo model as the CPU profile exports it (int4, int8 KV cache), fidelity skipped:
+    for tests that compare two runs of the same bundle."""
+    return export_bundle(demo_checkpoint, tmp_path_factory.mktemp("bundle") / "demo-int4", precision="int4",
+                         skip_fidelity=True)
+
+
 def _cuda_available() -> bool:
     try:
         import onnxruntime

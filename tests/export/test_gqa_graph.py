@@ -238,13 +238,16 @@ def test_graph_layout(tiny_checkpoint, tmp_path):
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta[META_FLAVOUR] == FLAVOUR and meta[META_MAX_LENGTH] == str(MAX_LENGTH)
     inputs = {i.name: i for i in model.graph.input}
-    assert set(inputs) == {"input_ids", "seqlens_k", "total_sequence_length"} | {
+    assert set(inputs) == {"input_ids", "seqlens_k", "total_sequence_length", "logits_start"} | {
         f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")}
     assert inputs["total_sequence_length"].type.tensor_type.shape.dim == []
+    # logits_start has a default: the initializer of the same name, the last position
+    default = next(t for t in model.graph.initializer if t.name == "logits_start")
+    assert onnx.numpy_helper.to_array(default).tolist() == [-1]
     outputs = [o.name for o in model.graph.output]
     assert outputs[0] == "logits" and len(outputs) == 5
     logits_dims = model.graph.output[0].type.tensor_type.shape.dim
-    assert logits_dims[1].dim_value == 1 and logits_dims[2].dim_value == 32016
+    assert logits_dims[1].dim_param == "logits_rows" and logits_dims[2].dim_value == 32016
 
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("GroupQueryAttention") == 2 and ops.count("MatMulNBits") == 2 * 5  # qkv, o, gate, up, down

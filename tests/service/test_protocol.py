@@ -247,10 +247,13 @@ def test_chunk_and_final_encoding():
     assert "dé" in encode_chunk("r", 0, "dé").decode("utf-8")  # UTF-8, not \u escapes
     final = json.loads(encode_final("r", result()))
     assert final == {"id": "r", "done": True, "text": "a b", "finish_reason": "stop",
-                     "usage": {"prompt_tokens": 1, "completion_tokens": 2, "cached_prompt_tokens": 0},
+                     "usage": {"prompt_tokens": 1, "completion_tokens": 2, "cached_prompt_tokens": 0,
+                               "draft_tokens": 0, "accepted_draft_tokens": 0},
                      "timings": {"ttft_ms": 12.346, "decode_tokens_per_s": 33.333, "total_ms": 50.0}}
-    assert json.loads(encode_final("r", result(usage=Usage(9, 2, cached_prompt_tokens=8))))["usage"] == {
-        "prompt_tokens": 9, "completion_tokens": 2, "cached_prompt_tokens": 8}
+    usage = Usage(9, 2, cached_prompt_tokens=8, draft_tokens=3, accepted_draft_tokens=1)
+    assert json.loads(encode_final("r", result(usage=usage)))["usage"] == {
+        "prompt_tokens": 9, "completion_tokens": 2, "cached_prompt_tokens": 8, "draft_tokens": 3,
+        "accepted_draft_tokens": 1}
     final = json.loads(encode_final("r", result(warnings=("w1",),
                                                 timings=Timings(1.0, float("inf"), float("nan")))))
     assert final["warnings"] == ["w1"]

@@ -107,6 +107,7 @@ def test_flags_only():
     ('bundle_sha256 = "ABC"\n[mqtt]\nbroker = "mqtt://h"\ndevice_id = "d"', "model.bundle_sha256"),
     ('prompt_cache = "everyone"\n[mqtt]\nbroker = "mqtt://h"\ndevice_id = "d"', "model.prompt_cache"),
     ('prompt_cache = true\n[mqtt]\nbroker = "mqtt://h"\ndevice_id = "d"', "model.prompt_cache"),
+    ('prompt_lookup = "yes"\n[mqtt]\nbroker = "mqtt://h"\ndevice_id = "d"', "model.prompt_lookup"),
 ])
 def test_errors_name_the_key(tmp_path, extra, key):
     path = write(tmp_path, '[model]\nbundle = "b"\n' + extra + "\n")

@@ -1,0 +1,221 @@
+"""Prompt lookup (edge_runtime/prompt_lookup.py): what a run of a token and its drafts costs,
+and what the drafts save on code that repeats its context.
+
+    python benchmarks/prompt_lookup.py [--bundle B | --checkpoint DIR] [--demo-bundle B]
+        [--max-tokens 128] [--threads 2] [--json OUT]
+
+1. The cost, on ``--bundle``, or on the int4 bundle (cpu-x86_64's layout, rounded to nearest:
+   the same bytes and kernels) exported once into ``--workdir`` from ``--checkpoint`` (by
+   default the CPU peers benchmark's 8-layer, 2048-wide random checkpoint,
+   ``benchmarks/peers.py``, built here if missing): after a 128-token prompt, the time of one
+   decode step and of one ``verify`` run of S = 2..9 ids, alternated, the best of
+   ``--rounds``; each as a multiple of the step.
+2. The saving, on the trained demo model's int4 bundle (``--demo-bundle``; by default
+   exported here from the cached demo model): greedy requests with prompt lookup on and off
+   on a few prompts -- code that repeats its context (a function restated, a class mirroring
+   the one above it) and code that does not -- their tokens (the same?), the drafts made and
+   confirmed, the runs, and the wall-clock tokens/s both ways (the demo model is small: a
+   step is mostly the loop's fixed cost, so this is not a 7B's speed).
+3. The projection: each prompt's runs (ids per run, from part 2) priced with part 1's costs:
+   the decode time prompt lookup would take at the bundle's shape against one step per token.
+4. The same requests on part 1's bundle itself (random weights: what it generates repeats
+   only by chance), timed with prompt lookup on and off: the wall-clock effect at that shape,
+   and what drafting costs where little is confirmed. Their tokens differ: random weights
+   leave near-ties everywhere, and a run's kernels round differently from a step's.
+
+Random weights (part 1) do not repeat anything, so part 2 needs the trained model; the
+projection assumes the bigger model confirms what the demo model does, which a real Code
+Llama on real edits would rather exceed (it copies more faithfully).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+SAMPLING = HERE.parent / "edge_runtime" / "sampling.py"
+
+
+def prompts() -> dict[str, str]:
+    source = SAMPLING.read_text()
+    body = source[source.index("def softmax"):source.index("def top_p_filter")]
+    return {
+        "restated function": f"{body}\n\n# the same, unchanged:\n{body[:60]}",
+        "repeated block": "def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n    return a + b\n\n\ndef add(",
+        "continue a file": source[:1200],
+        "new code": "import os\nimport sys\n\n\ndef main():\n",
+    }
+
+
+def cost_table(bundle: Path, sizes: list[int], rounds: int, threads: int) -> dict[int, float]:
+    """Seconds of a decode step (S=1) and of verify runs of S ids, after a 128-token prompt."""
+    from edge_runtime.engine import Engine
+    from edge_runtime.profiles import load_profile
+
+    engine = Engine.from_bundle(bundle, profile=profile_with_threads(bundle, threads, load_profile))
+    d = engine.decoder
+    if not d.verify_rows_max:
+        raise SystemExit(f"{bundle}: its graph has no logits_start input (exported before prompt lookup)")
+    rng = np.random.default_rng(0)
+    cache = d.new_cache(128 + max(sizes) + 8)
+    d.prefill(cache, rng.integers(100, 30000, 128))
+    base = cache.length
+    best = {s: float("inf") for s in [1, *sizes]}
+    for _ in range(rounds):
+        for s in best:
+            ids = rng.integers(100, 30000, s)
+            t = time.perf_counter()
+            if s == 1:
+                d.decode(cache, int(ids[0]))
+            else:
+                d.verify(cache, ids)
+            best[s] = min(best[s], time.perf_counter() - t)
+            cache.rewind(cache.length - base)
+    return best
+
+
+def profile_with_threads(bundle: Path, threads: int, load_profile):
+    import dataclasses
+
+    from edge_runtime.bundle import load_bundle
+
+    profile = load_profile(load_bundle(bundle).profile_name)
+    return dataclasses.replace(profile, intra_op_threads=threads) if threads else profile
+
+
+def cost_bundle(checkpoint: Path, out: Path) -> Path:
+    """The benchmark shape's int4 bundle (exported once; the checkpoint built if missing)."""
+    if (out / "bundle.json").is_file():
+        return out
+    from edge_export.pipeline import ExportOptions, run_export
+    from edge_export.progress import Progress
+
+    if not (checkpoint / "config.json").is_file():
+        from edge_export.synthetic import build_checkpoint_streamed
+
+        build_checkpoint_streamed(checkpoint, hidden_size=2048, intermediate_size=5504, num_layers=8, num_heads=16,
+                                  num_kv_heads=16, seed=0, dtype="float16", max_position_embeddings=16384)
+    run_export(ExportOptions(checkpoint=checkpoint, profile="cpu-x86_64", output=out, precision="int4",
+                             algorithm="rtn", skip_fidelity=True, max_context=4096), Progress(5))
+    return out
+
+
+def demo_bundle(out: Path) -> Path:
+    """The demo model's int4 bundle for this machine's CPU profile (exported once)."""
+    if (out / "bundle.json").is_file():
+        return out
+    from edge_export.demo_model import ensure_demo_model
+    from edge_export.pipeline import ExportOptions, run_export
+    from edge_export.progress import Progress
+
+    run_export(ExportOptions(checkpoint=ensure_demo_model(), profile="cpu-x86_64", output=out, precision="int4",
+                             skip_fidelity=True), Progress(5, enabled=False))
+    return out
+
+
+def savings(bundle: Path, max_tokens: int, threads: int, *, warm: bool = True) -> list[dict]:
+    """Per prompt: greedy with prompt lookup and without; tokens, drafts, runs, tokens/s."""
+    from edge_runtime import generator
+    from edge_runtime.engine import Engine
+    from edge_runtime.profiles import load_profile
+    from edge_runtime.types import GenerationRequest, SamplingParams
+
+    profile = profile_with_threads(bundle, threads, load_profile)
+    on, off = Engine.from_bundle(bundle, profile=profile), Engine.from_bundle(bundle, profile=profile,
+                                                                            prompt_lookup=False)
+    runs: list[list[tuple[int, int]]] = []
+    original = generator.generate
+
+    def recording(*args, drafts=None, **kwargs):  # the drafter's runs, for the projection
+        try:
+            yield from original(*args, drafts=drafts, **kwargs)
+        finally:  # also when the engine stops reading (a stop string)
+            if drafts is not None:
+                runs.append(list(drafts.runs))
+
+    generator.generate = recording
+    rows = []
+    try:
+        for name, prompt in prompts().items():
+            request = GenerationRequest(mode="complete", prompt=prompt, max_tokens=max_tokens,
+                                        sampling=SamplingParams(temperature=0.0))
+            if warm:
+                for engine in (on, off):  # first runs of each shape, untimed
+                    engine.complete(request)
+            a, b = on.complete(request), off.complete(request)
+            rows.append({"prompt": name, "tokens": len(a.token_ids), "same_tokens": a.token_ids == b.token_ids,
+                         "drafted": a.usage.draft_tokens, "accepted": a.usage.accepted_draft_tokens,
+                         "runs": runs[-1], "tokens_per_s_on": a.timings.decode_tokens_per_s,
+                         "tokens_per_s_off": b.timings.decode_tokens_per_s})
+    finally:
+        generator.generate = original
+    return rows
+
+
+def projection(row: dict, cost: dict[int, float]) -> float:
+    """Decode time with prompt lookup over decode time without, at part 1's costs: the tokens
+    after the first cost one step each without; with it, each run costs its S ids' time and
+    the tokens no run covered one step each."""
+    verified = sum(1 + accepted for _, accepted in row["runs"])  # tokens each run made: confirmed + the next
+    fed_in_runs = [1 + drafted for drafted, _ in row["runs"]]
+    plain_steps = max(row["tokens"] - 1 - verified, 0)
+    sizes = sorted(cost)
+    price = np.interp(fed_in_runs, sizes, [cost[s] for s in sizes]) if fed_in_runs else np.zeros(0)
+    with_lookup = float(price.sum()) + plain_steps * cost[1]
+    return (row["tokens"] - 1) * cost[1] / with_lookup if with_lookup else 1.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cache = Path.home() / ".cache/edge-runtime"
+    p.add_argument("--bundle", type=Path, help="part 1's bundle (default: exported into --workdir)")
+    p.add_argument("--checkpoint", type=Path, default=cache / "peers-bench/checkpoint")
+    p.add_argument("--workdir", type=Path, default=cache / "prompt-lookup")
+    p.add_argument("--demo-bundle", type=Path, help="part 2's bundle (default: the demo model's, in --workdir)")
+    p.add_argument("--sizes", type=int, nargs="+", default=list(range(2, 10)), help="ids per verify run (part 1)")
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime threads (0: the profile's)")
+    p.add_argument("--json", type=Path)
+    a = p.parse_args(argv)
+    if a.bundle is not None and not (a.bundle / "bundle.json").is_file():
+        raise SystemExit(f"--bundle {a.bundle}: no bundle.json")
+    a.bundle = a.bundle or cost_bundle(a.checkpoint, a.workdir / "int4")
+    cost = cost_table(a.bundle, a.sizes, a.rounds, a.threads)
+    print(f"1. a run of S ids against one decode step, {a.bundle.name}, 128 tokens of context:")
+    print("| S | ms | × a step |\n|---|---|---|")
+    for s, sec in cost.items():
+        print(f"| {s} | {sec * 1e3:.1f} | {sec / cost[1]:.2f} |")
+    rows = savings(a.demo_bundle or demo_bundle(a.workdir / "demo-int4"), a.max_tokens, a.threads)
+    print(f"\n2. greedy, {a.max_tokens} tokens at most, the demo model (int4), prompt lookup on and off; "
+          "3. the decode time it would save at part 1's costs:")
+    print("| prompt | tokens | same tokens | drafted | confirmed | runs | tok/s on | tok/s off | projected speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        r["projected_speedup"] = projection(r, cost)
+        print(f"| {r['prompt']} | {r['tokens']} | {'yes' if r['same_tokens'] else 'NO'} | {r['drafted']} | "
+              f"{r['accepted']} | {len(r['runs'])} | {r['tokens_per_s_on']:.0f} | {r['tokens_per_s_off']:.0f} | "
+              f"{r['projected_speedup']:.2f}× |")
+    shape = savings(a.bundle, a.max_tokens, a.threads, warm=False)  # part 1 ran every shape already
+    print(f"\n4. the same requests on {a.bundle} (random weights), timed:")
+    print("| prompt | tokens | same tokens | drafted | confirmed | runs | tok/s on | tok/s off | on ÷ off |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in shape:
+        print(f"| {r['prompt']} | {r['tokens']} | {'yes' if r['same_tokens'] else 'NO'} | {r['drafted']} | "
+              f"{r['accepted']} | {len(r['runs'])} | {r['tokens_per_s_on']:.1f} | {r['tokens_per_s_off']:.1f} | "
+              f"{r['tokens_per_s_on'] / r['tokens_per_s_off']:.2f}× |")
+    if a.json:
+        a.json.write_text(json.dumps({"cost_s": cost, "rows": rows, "shape_rows": shape}, indent=2))
+    print("(Random weights leave near-ties everywhere: a run's kernels for several rows round differently from a "
+          "step's, so the picks part early; the trained model's do not, part 2.)")
+    return 0 if all(r["same_tokens"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Draft tokens by looking them up in the context (prompt lookup decoding).
+
+Code that a model writes often repeats the context: a renamed variable, an edited
+function, a test that mirrors the code above it, an infill that closes what the prefix
+opened. When the last few tokens also occur earlier in the context (prompt and output so
+far), the tokens that followed them there are a cheap guess at what comes next. The
+generator (generator.py) feeds the guess -- the drafts -- to the model in one run
+beside the token just chosen (`decoder.verify`), keeps the drafts the model's own greedy
+choice confirms and drops the rest: the output is greedy decoding's (up to rounding: the
+kernels for several rows sum in another order than a one-token step's, so a near-tie can
+tip the other way, as with the prompt cache), and every confirmed draft saves a decode step. A run of k+1 tokens reads the weights once, as
+one step does, so on bandwidth-bound hardware it costs little more than a step; its
+arithmetic grows with k (on two CPU cores a run of 3 costs ~1.7 steps), so the draft
+length adapts: it grows after a run whose drafts were all confirmed and shrinks after one
+that lost some (the schedule Hugging Face's assisted generation uses), and a context that
+offers no match drafts nothing and costs nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+NGRAM_MAX = 3  # the longest run of last tokens looked up
+NGRAM_MIN = 2  # the shortest: a single token ("(", "self") matches too much to be worth a run
+DRAFT_START = 2  # drafts of the first run
+DRAFT_MAX = 8  # at most this many drafts a run
+
+
+class PromptLookup:
+    """The context's ids (prompt, then every token the generator keeps), and drafts from them."""
+
+    def __init__(self, context: Sequence[int], capacity: int, *, draft_max: int = DRAFT_MAX,
+                 ngram_max: int = NGRAM_MAX, ngram_min: int = NGRAM_MIN) -> None:
+        """`capacity`: the most ids the context will hold (prompt + new tokens)."""
+        if not 1 <= ngram_min <= ngram_max:
+            raise ValueError(f"n-gram sizes {ngram_min}..{ngram_max}")
+        if draft_max < 1:
+            raise ValueError(f"draft_max must be at least 1, not {draft_max}")
+        self._ids = np.zeros(max(capacity, len(context)), dtype=np.int64)
+        self._n = len(context)
+        self._ids[:self._n] = context
+        self.draft_max = draft_max
+        self.draft_len = min(DRAFT_START, draft_max)  # the next run's drafts (adapted by `confirmed`)
+        self.ngram_max, self.ngram_min = ngram_max, ngram_min
+        self.drafted = self.accepted = 0  # totals, for the result's usage
+        self.runs: list[tuple[int, int]] = []  # (drafted, accepted) of each run, for the benchmark
+
+    def push(self, token: int) -> None:
+        """A token the generator kept (chosen by the model, or a confirmed draft)."""
+        if self._n == len(self._ids):
+            self._ids = np.concatenate([self._ids, np.zeros_like(self._ids)])
+        self._ids[self._n] = token
+        self._n += 1
+
+    def propose(self, limit: int) -> list[int]:
+        """Up to min(`limit`, the current draft length) ids that followed the latest earlier
+        occurrence of the context's last n ids (the longest n from ngram_max down to
+        ngram_min that occurs); [] when none does."""
+        k = min(limit, self.draft_len)
+        ids, n_ids = self._ids, self._n
+        if k < 1:
+            return []
+        for n in range(min(self.ngram_max, n_ids - 1), self.ngram_min - 1, -1):
+            tail = ids[n_ids - n:n_ids]
+            # windows starting at 0 .. n_ids - n - 1: each is followed by at least one id
+            windows = np.lib.stride_tricks.sliding_window_view(ids[:n_ids - 1], n)
+            hits = np.flatnonzero((windows == tail).all(axis=1))
+            if hits.size:
+                start = int(hits[-1]) + n  # the latest occurrence: the most local repetition
+                return ids[start:min(start + k, n_ids)].tolist()
+        return []
+
+    def confirmed(self, drafted: int, accepted: int) -> None:
+        """A run's outcome: `accepted` of its `drafted` drafts confirmed. All of them: draft two
+        more next time; some lost: one fewer (at least one)."""
+        self.drafted += drafted
+        self.accepted += accepted
+        self.runs.append((drafted, accepted))
+        if accepted == drafted:
+            self.draft_len = min(self.draft_max, self.draft_len + 2)
+        else:
+            self.draft_len = max(1, self.draft_len - 1)

@@ -1,0 +1,156 @@
+"""Prompt lookup: greedy requests draft tokens from their own context and verify a token and
+its drafts in one run (prompt_lookup.py, generator.py, SharedKVDecoder.verify).
+
+The references are independent of the drafting: torch greedy decoding of the same
+checkpoint, the engine with prompt lookup off, and the decoder's own one-token steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import torch_reference
+from edge_runtime.engine import Engine
+from edge_runtime.prompt_lookup import PromptLookup
+from edge_runtime.types import GenerationRequest, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+# a context that repeats itself: the model's answer tends to repeat it too
+REPEATING = "def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n    return a + b\n\n\ndef add("
+
+
+# -- drafting ---------------------------------------------------------------------------------
+def test_drafts_follow_the_latest_earlier_occurrence_of_the_longest_matching_tail():
+    d = PromptLookup([5, 6, 7, 8, 1, 6, 7, 9, 3, 6, 7], capacity=32, draft_max=8)
+    d.draft_len = 8
+    # tail (9, 3, 6, 7) -> 3-gram (3, 6, 7) occurs nowhere earlier; 2-gram (6, 7): latest at index 5
+    assert d.propose(8) == [9, 3, 6, 7]
+    assert d.propose(2) == [9, 3]  # the limit (tokens left to make)
+    d.push(8)  # tail (6, 7, 8): the 3-gram at index 1, followed by 1, 6, 7, ...
+    assert d.propose(3) == [1, 6, 7]
+
+
+def test_no_draft_without_a_repeat_of_at_least_two_ids():
+    d = PromptLookup([1, 2, 3, 4, 2], capacity=8)  # only the single id 2 repeats
+    assert d.propose(8) == []
+    assert PromptLookup([7], capacity=4).propose(4) == []
+    assert PromptLookup([1, 2, 1, 2], capacity=4).propose(0) == []
+
+
+def test_the_draft_length_grows_after_all_confirmed_and_shrinks_after_a_loss():
+    d = PromptLookup([1, 2, 3], capacity=4, draft_max=5)
+    assert d.draft_len == 2
+    d.confirmed(2, 2)
+    assert d.draft_len == 4
+    d.confirmed(4, 4)
+    assert d.draft_len == 5  # at most draft_max
+    d.confirmed(5, 1)
+    d.confirmed(4, 0)
+    d.confirmed(3, 0)
+    d.confirmed(2, 0)
+    d.confirmed(1, 0)
+    assert d.draft_len == 1  # at least one
+    assert (d.drafted, d.accepted) == (2 + 4 + 5 + 4 + 3 + 2 + 1, 2 + 4 + 1)
+
+
+def test_the_context_grows_past_its_first_capacity():
+    d = PromptLookup([1, 2], capacity=2)
+    for t in [3, 1, 2]:
+        d.push(t)
+    d.draft_len = 4
+    assert d.propose(4) == [3, 1, 2]
+
+
+# -- one run for a token and its drafts ---------------------------------------------------------
+def test_verify_gives_each_positions_logits_as_one_token_steps_do_and_rewinds(tiny_bundle):
+    """Row i of `verify` is the logits one-token steps give after the same ids; after `rewind`
+    the next step is as if the dropped ids had never been fed."""
+    d = Engine.from_bundle(tiny_bundle).decoder
+    assert d.verify_rows_max > 1
+    prompt, fed = np.asarray([1, 822, 18755, 29898, 29876, 1125, 13]), [1678, 565, 302, 529, 29871]
+    cache = d.new_cache(32)
+    d.prefill(cache, prompt)
+    stepped = [np.array(d.decode(cache, t)) for t in fed]
+    cache = d.new_cache(32)
+    d.prefill(cache, prompt)
+    rows = np.array(d.verify(cache, np.asarray(fed)))
+    assert rows.shape == (len(fed), 32016) and cache.length == len(prompt) + len(fed)
+    np.testing.assert_allclose(rows, np.stack(stepped), atol=1e-4)
+    cache.rewind(3)  # keep prompt + fed[:2]
+    np.testing.assert_allclose(d.decode(cache, fed[2]), stepped[2], atol=1e-4)
+    with pytest.raises(ValueError, match="verify takes 1 to"):
+        d.verify(cache, np.arange(d.verify_rows_max + 1))
+
+
+def test_a_graph_without_the_logits_start_input_decodes_one_token_a_step(tiny_bundle, tmp_path):
+    """Bundles exported before the input: no drafts, the same tokens."""
+    import shutil
+
+    import onnx
+
+    from edge_runtime.bundle import MANIFEST_NAME, load_bundle, sha256_file
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_bundle, old)
+    graph = load_bundle(old).graph_path
+    model = onnx.load(str(graph), load_external_data=False)
+    kept = [i for i in model.graph.input if i.name != "logits_start"]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)  # the initializer stays: a constant -1, as before the input existed
+    onnx.save(model, str(graph))
+    import json
+
+    manifest = json.loads((old / MANIFEST_NAME).read_text())
+    for entry in manifest["files"]:
+        if entry["path"] == graph.name:
+            entry["sha256"], entry["size"] = sha256_file(graph), graph.stat().st_size
+    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
+    engine = Engine.from_bundle(old)
+    assert engine.decoder.verify_rows_max == 0 and not engine.prompt_lookup
+    request = GenerationRequest(mode="complete", prompt=REPEATING, max_tokens=24, sampling=GREEDY)
+    result = engine.complete(request)
+    assert result.usage.draft_tokens == 0
+    assert result.token_ids == Engine.from_bundle(tiny_bundle).complete(request).token_ids
+
+
+# -- the engine ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_fp32(demo_checkpoint, tmp_path_factory, exporter):
+    return exporter(demo_checkpoint, tmp_path_factory.mktemp("lookup") / "demo-fp32", precision="fp32",
+                    skip_fidelity=True)
+
+
+@pytest.mark.parametrize("max_tokens", [48, 9])
+def test_greedy_tokens_with_drafts_are_torchs(demo_fp32, demo_checkpoint, max_tokens):
+    """Drafts confirmed or not, the tokens are torch's greedy ones (the trained demo model at fp32),
+    and no more than max_tokens of them (a run of confirmed drafts stops at the limit)."""
+    engine = Engine.from_bundle(demo_fp32)
+    assert engine.prompt_lookup
+    result = engine.complete(GenerationRequest(mode="complete", prompt=REPEATING, max_tokens=max_tokens,
+                                               sampling=GREEDY))
+    assert result.usage.accepted_draft_tokens > 0, result.usage
+    stop = frozenset(engine.plan(GenerationRequest(mode="complete", prompt=REPEATING)).stop_ids)
+    assert list(result.token_ids) == torch_reference.greedy(demo_checkpoint, list(result.prompt_token_ids),
+                                                            max_tokens, stop)
+    assert len(result.token_ids) == max_tokens or result.finish_reason == "stop"
+
+
+def test_the_demo_model_gives_the_same_tokens_with_and_without_drafts(demo_int4_bundle):
+    """A trained model on code that repeats itself confirms many drafts; its tokens are those of
+    one decode step per token."""
+    on, off = Engine.from_bundle(demo_int4_bundle), Engine.from_bundle(demo_int4_bundle, prompt_lookup=False)
+    accepted = 0
+    for prompt in (REPEATING, "import os\nimport sys\n\n\ndef main():\n", "class Stack:\n    def push(self, x):\n"):
+        request = GenerationRequest(mode="complete", prompt=prompt, max_tokens=64, sampling=GREEDY)
+        a, b = on.complete(request), off.complete(request)
+        assert a.token_ids == b.token_ids and a.text == b.text
+        assert b.usage.draft_tokens == 0
+        accepted += a.usage.accepted_draft_tokens
+    assert accepted > 0
+
+
+def test_sampled_requests_draft_nothing(tiny_bundle):
+    engine = Engine.from_bundle(tiny_bundle)
+    result = engine.complete(GenerationRequest(mode="complete", prompt=REPEATING, max_tokens=16,
+                                               sampling=SamplingParams(temperature=0.8, seed=1)))
+    assert result.usage.draft_tokens == 0 and result.usage.completion_tokens == 16
