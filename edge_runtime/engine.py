@@ -309,6 +309,7 @@ class Engine:
         prompt = np.asarray(plan.ids, dtype=np.int64)
         cached = 0
         drafts: PromptLookup | None = None
+        accepted_drafts = 0  # of the generated tokens, drafts the model confirmed
         if cancel is not None and cancel.is_set():  # cancelled before it started: not even the prompt runs
             events: Iterator[generator.TokenEvent] = iter(())
             finish = "cancelled"
@@ -329,6 +330,7 @@ class Engine:
                 finish = "stop"
                 break
             generated.append(event.token)
+            accepted_drafts += event.drafted
             pending.append(event.token)
             emit, stopped = stops.feed(detok.push(event.token))
             if emit:
@@ -360,7 +362,7 @@ class Engine:
             finish_reason=finish,
             usage=Usage(prompt_tokens=len(plan.ids), completion_tokens=len(generated), cached_prompt_tokens=cached,
                         draft_tokens=drafts.drafted if drafts else 0,
-                        accepted_draft_tokens=drafts.accepted if drafts else 0),
+                        accepted_draft_tokens=accepted_drafts),
             timings=Timings(ttft_ms=ttft * 1000.0,
                             decode_tokens_per_s=(decoded / decode_s) if decode_s > 0 and decoded else math.nan,
                             total_ms=total_s * 1000.0),

@@ -24,6 +24,7 @@ class TokenEvent:
     token: int
     is_stop_token: bool  # the model's end token (eos / EOT / <step>): not part of the output
     elapsed_s: float  # since generation started
+    drafted: bool = False  # a draft from the context the model confirmed (prompt_lookup.py)
 
 
 def prefill(decoder, cache: KVCache, prompt_ids: np.ndarray) -> np.ndarray:
@@ -49,6 +50,8 @@ def generate(decoder, cache: KVCache, prompt_ids: np.ndarray, *, max_new_tokens:
     own (prompt_lookup.py). The tokens are greedy decoding's, up to rounding (a run's
     kernels for several rows sum in another order than a one-token step's, which can tip a
     near-tie); a run's confirmed drafts are computed before the first of them is yielded."""
+    if max_new_tokens < 1:
+        return
     start = time.perf_counter()
     logits = prefill(decoder, cache, prompt_ids)
     made = 0
@@ -73,9 +76,9 @@ def generate(decoder, cache: KVCache, prompt_ids: np.ndarray, *, max_new_tokens:
             confirmed += 1
             made += 1
             drafts.push(guessed)
-            yield TokenEvent(guessed, guessed in stop_ids, time.perf_counter() - start)
+            yield TokenEvent(guessed, guessed in stop_ids, time.perf_counter() - start, drafted=True)
             if guessed in stop_ids or made == max_new_tokens:
-                drafts.confirmed(len(guess), confirmed)
+                drafts.confirmed(len(guess), confirmed, ended=True)
                 # as after a plain step: the cache ends with the last token fed, before this one
                 cache.rewind(len(guess) - confirmed + 1)
                 return

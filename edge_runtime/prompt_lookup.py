@@ -2,7 +2,7 @@
 
 Code that a model writes often repeats the context: a renamed variable, an edited
 function, a test that mirrors the code above it, an infill that closes what the prefix
-opened. When the last few tokens also occur earlier in the context (prompt and output so
+opened. When the last three tokens also occur earlier in the context (prompt and output so
 far), the tokens that followed them there are a cheap guess at what comes next. The
 generator (generator.py) feeds the guess -- the drafts -- to the model in one run
 beside the token just chosen (`decoder.verify`), keeps the drafts the model's own greedy
@@ -10,7 +10,7 @@ choice confirms and drops the rest: the output is greedy decoding's (up to round
 kernels for several rows sum in another order than a one-token step's, so a near-tie can
 tip the other way, as with the prompt cache), and every confirmed draft saves a decode step. A run of k+1 tokens reads the weights once, as
 one step does, so on bandwidth-bound hardware it costs little more than a step; its
-arithmetic grows with k (on two CPU cores a run of 3 costs ~1.7 steps), so the draft
+arithmetic grows with k (on two CPU cores a run of 3 costs ~1.6 steps), so the draft
 length adapts: it grows after a run whose drafts were all confirmed and shrinks after one
 that lost some (the schedule Hugging Face's assisted generation uses), and a context that
 offers no match drafts nothing and costs nothing.
@@ -23,7 +23,9 @@ from collections.abc import Sequence
 import numpy as np
 
 NGRAM_MAX = 3  # the longest run of last tokens looked up
-NGRAM_MIN = 2  # the shortest: a single token ("(", "self") matches too much to be worth a run
+# the shortest: two ids ("self .", ") :") recur by chance in code: on random weights they drafted 42 ids
+# for 10 confirmed, three ids 14 for 3 (benchmarks/prompt_lookup.py part 4); the demo model confirmed as much
+NGRAM_MIN = 3
 DRAFT_START = 2  # drafts of the first run
 DRAFT_MAX = 8  # at most this many drafts a run
 
@@ -44,8 +46,9 @@ class PromptLookup:
         self.draft_max = draft_max
         self.draft_len = min(DRAFT_START, draft_max)  # the next run's drafts (adapted by `confirmed`)
         self.ngram_max, self.ngram_min = ngram_max, ngram_min
-        self.drafted = self.accepted = 0  # totals, for the result's usage
-        self.runs: list[tuple[int, int]] = []  # (drafted, accepted) of each run, for the benchmark
+        self.drafted = 0  # ids proposed (each one verified), for the result's usage
+        # (drafted, confirmed, ended: the run made the request's last token) per run, for the benchmark
+        self.runs: list[tuple[int, int, bool]] = []
 
     def push(self, token: int) -> None:
         """A token the generator kept (chosen by the model, or a confirmed draft)."""
@@ -69,15 +72,16 @@ class PromptLookup:
             hits = np.flatnonzero((windows == tail).all(axis=1))
             if hits.size:
                 start = int(hits[-1]) + n  # the latest occurrence: the most local repetition
-                return ids[start:min(start + k, n_ids)].tolist()
+                guess = ids[start:min(start + k, n_ids)].tolist()
+                self.drafted += len(guess)
+                return guess
         return []
 
-    def confirmed(self, drafted: int, accepted: int) -> None:
-        """A run's outcome: `accepted` of its `drafted` drafts confirmed. All of them: draft two
-        more next time; some lost: one fewer (at least one)."""
-        self.drafted += drafted
-        self.accepted += accepted
-        self.runs.append((drafted, accepted))
+    def confirmed(self, drafted: int, accepted: int, *, ended: bool = False) -> None:
+        """A run's outcome: `accepted` of its `drafted` drafts confirmed (`ended`: the last of
+        them was the request's last token). All of them: draft two more next time; some lost:
+        one fewer (at least one)."""
+        self.runs.append((drafted, accepted, ended))
         if accepted == drafted:
             self.draft_len = min(self.draft_max, self.draft_len + 2)
         else:

@@ -443,6 +443,9 @@ class BuildOptions:
     io_dtype: IODType
     pack_qkv: bool = True
     pack_gate_up: bool = False
+    # the optional logits_start input (prompt lookup's runs of several rows, on the CPU); without it
+    # the last position's Slice has a constant start, as graphs had before the input existed
+    logits_start_input: bool = True
     keep_bits: int | None = None
     scale_search: bool = False  # least-squares block scales (block_quantize_mse) instead of round-to-nearest
 
@@ -667,7 +670,9 @@ class _Builder:
         self.say("final norm and lm_head")
         assert pending is not None
         last = {}
-        starts = self.inline_const(LOGITS_START, np.array([-1], dtype=np.int64))  # also a graph input (below)
+        # with logits_start_input, also a graph input (below): an initializer a run may override
+        starts = self.inline_const(LOGITS_START if opts.logits_start_input else "/model/last/starts",
+                                   np.array([-1], dtype=np.int64))
         ends = self.inline_const("/model/last/ends", np.array([np.iinfo(np.int64).max], dtype=np.int64))
         axes = self.inline_const("/model/last/axes", np.array([1], dtype=np.int64))
         for key, tensor in (("block", pending), ("residual", residual)):
@@ -685,7 +690,8 @@ class _Builder:
 
         kv_shape = ["batch_size", kv_heads, "max_sequence_length", hd]
         inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch_size", "sequence_length"])]
-        outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch_size", "logits_rows", vocab])]
+        rows = "logits_rows" if opts.logits_start_input else 1
+        outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch_size", rows, vocab])]
         for layer in range(arch.num_layers):
             for past, present in ((past_key_name(layer), present_key_name(layer)),
                                   (past_value_name(layer), present_value_name(layer))):
@@ -693,8 +699,8 @@ class _Builder:
                 outputs.append(helper.make_tensor_value_info(present, self.elem, kv_shape))
         inputs.append(helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, ["batch_size"]))
         inputs.append(helper.make_tensor_value_info(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []))
-        # an input with a default: the initializer above (onnxruntime: an overridable initializer)
-        inputs.append(helper.make_tensor_value_info(LOGITS_START, TensorProto.INT64, [1]))
+        if opts.logits_start_input:  # an input with a default: the initializer above (an overridable initializer)
+            inputs.append(helper.make_tensor_value_info(LOGITS_START, TensorProto.INT64, [1]))
 
         graph = helper.make_graph(self.nodes, f"{self.info.name}-{FLAVOUR}", inputs, outputs,
                                   initializer=self.initializers)
@@ -769,7 +775,7 @@ def build_decoder_graph(info: CheckpointInfo, out_path: Path, *, precision: Prec
                         max_length: int, io_dtype: IODType | None = None, pack_qkv: bool = True,
                         pack_gate_up: bool = False, keep_bits: int | None = None,
                         scale_search: bool = False, hessians: LayerwiseHessians | None = None,
-                        progress: Progress | None = None) -> list[Path]:
+                        logits_start_input: bool = True, progress: Progress | None = None) -> list[Path]:
     """Write ``out_path`` (e.g. ``model.onnx``) and ``out_path + '.data'`` for the
     `gqa-shared-kv` flavour; returns both paths.
 
@@ -790,6 +796,8 @@ def build_decoder_graph(info: CheckpointInfo, out_path: Path, *, precision: Prec
     ``hessians`` (``calibration.LayerwiseHessians``) quantizes every MatMulNBits weight with
     GPTQ (``gptq.py``: rounding errors fed forward onto the columns not yet quantized, by the
     calibration inputs' Hessian), each block's scale by ``scale_search``'s rule.
+    ``logits_start_input``: the optional ``logits_start`` input (runs of several rows for
+    prompt lookup); the export leaves it out of GPU bundles until the GPU paths are tested with it.
     """
     import onnx
 
@@ -809,7 +817,7 @@ def build_decoder_graph(info: CheckpointInfo, out_path: Path, *, precision: Prec
     opts = BuildOptions(precision=precision, block_size=block_size, symmetric=symmetric,
                         accuracy_level=accuracy_level, keep_unquantized=tuple(keep_unquantized),
                         max_length=max_length, io_dtype=io_dtype, pack_qkv=pack_qkv, pack_gate_up=pack_gate_up,
-                        keep_bits=keep_bits, scale_search=scale_search)
+                        keep_bits=keep_bits, scale_search=scale_search, logits_start_input=logits_start_input)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     builder = _Builder(info, out_path, opts, progress, hessians)

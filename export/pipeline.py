@@ -312,7 +312,9 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                     accuracy_level=q.accuracy_level, keep_unquantized=tuple(q.keep_unquantized), max_length=limit,
                     keep_bits=(q.keep_bits or None) if recipe else None,
                     scale_search=recipe.scale_search if recipe else False, hessians=hessians,
-                    io_dtype=io_dtype, progress=progress.detail)
+                    io_dtype=io_dtype, progress=progress.detail,
+                    # prompt lookup's runs of several rows: CPU profiles only until a GPU run tests them
+                    logits_start_input=set(profile.provider_names) == {"CPUExecutionProvider"})
                 excluded = kept_matmuls(graph, quantize.BITS[precision]) if recipe else []
                 kept_bits = (q.keep_bits or 0) if recipe else 0
                 if kv_dtype == "int8":

@@ -21,7 +21,7 @@ REPEATING = "def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n    return a 
 
 # -- drafting ---------------------------------------------------------------------------------
 def test_drafts_follow_the_latest_earlier_occurrence_of_the_longest_matching_tail():
-    d = PromptLookup([5, 6, 7, 8, 1, 6, 7, 9, 3, 6, 7], capacity=32, draft_max=8)
+    d = PromptLookup([5, 6, 7, 8, 1, 6, 7, 9, 3, 6, 7], capacity=32, draft_max=8, ngram_min=2)
     d.draft_len = 8
     # tail (9, 3, 6, 7) -> 3-gram (3, 6, 7) occurs nowhere earlier; 2-gram (6, 7): latest at index 5
     assert d.propose(8) == [9, 3, 6, 7]
@@ -30,9 +30,10 @@ def test_drafts_follow_the_latest_earlier_occurrence_of_the_longest_matching_tai
     assert d.propose(3) == [1, 6, 7]
 
 
-def test_no_draft_without_a_repeat_of_at_least_two_ids():
-    d = PromptLookup([1, 2, 3, 4, 2], capacity=8)  # only the single id 2 repeats
-    assert d.propose(8) == []
+def test_no_draft_without_a_repeat_of_the_last_three_ids():
+    assert PromptLookup([1, 2, 3, 4, 2], capacity=8).propose(8) == []  # only the single id 2 repeats
+    assert PromptLookup([1, 2, 3, 4, 2, 3], capacity=8).propose(8) == []  # (2, 3) repeats: two ids are not enough
+    assert PromptLookup([1, 2, 3, 4, 1, 2, 3], capacity=8).propose(8) == [4, 1]
     assert PromptLookup([7], capacity=4).propose(4) == []
     assert PromptLookup([1, 2, 1, 2], capacity=4).propose(0) == []
 
@@ -48,17 +49,23 @@ def test_the_draft_length_grows_after_all_confirmed_and_shrinks_after_a_loss():
     d.confirmed(4, 0)
     d.confirmed(3, 0)
     d.confirmed(2, 0)
-    d.confirmed(1, 0)
+    d.confirmed(1, 0, ended=True)
     assert d.draft_len == 1  # at least one
-    assert (d.drafted, d.accepted) == (2 + 4 + 5 + 4 + 3 + 2 + 1, 2 + 4 + 1)
+    assert d.runs[0] == (2, 2, False) and d.runs[-1] == (1, 0, True) and len(d.runs) == 7
+
+
+def test_drafted_counts_every_id_proposed():
+    d = PromptLookup([5, 6, 7, 8, 5, 6, 7], capacity=8, draft_max=4)
+    assert d.propose(8) == [8, 5] and d.drafted == 2  # draft length 2 at first
+    assert PromptLookup([1, 2, 3], capacity=4).propose(4) == [] and d.drafted == 2
 
 
 def test_the_context_grows_past_its_first_capacity():
-    d = PromptLookup([1, 2], capacity=2)
-    for t in [3, 1, 2]:
+    d = PromptLookup([1, 2, 3], capacity=3)
+    for t in [4, 1, 2, 3]:
         d.push(t)
     d.draft_len = 4
-    assert d.propose(4) == [3, 1, 2]
+    assert d.propose(4) == [4, 1, 2, 3]
 
 
 # -- one run for a token and its drafts ---------------------------------------------------------
@@ -154,3 +161,47 @@ def test_sampled_requests_draft_nothing(tiny_bundle):
     result = engine.complete(GenerationRequest(mode="complete", prompt=REPEATING, max_tokens=16,
                                                sampling=SamplingParams(temperature=0.8, seed=1)))
     assert result.usage.draft_tokens == 0 and result.usage.completion_tokens == 16
+
+
+@pytest.mark.parametrize("at", [0.3, 0.5, 0.8])
+def test_a_stop_string_inside_a_run_of_drafts_ends_the_text_as_without_them(demo_int4_bundle, at):
+    """The engine stops reading mid-run: the text and tokens are those without drafts, and the
+    confirmed drafts counted are among the tokens kept (never the first, which no run made)."""
+    on, off = Engine.from_bundle(demo_int4_bundle), Engine.from_bundle(demo_int4_bundle, prompt_lookup=False)
+    prompt = "import os\nimport sys\n\n\ndef main():\n"  # the demo model answers it with self.path.path...
+    full = off.complete(GenerationRequest(mode="complete", prompt=prompt, max_tokens=64, sampling=GREEDY)).text
+    cut = int(len(full) * at)
+    stop = full[cut:cut + 4]
+    assert stop.strip(), full
+    request = GenerationRequest(mode="complete", prompt=prompt, max_tokens=64, sampling=GREEDY, stop=(stop,))
+    a, b = on.complete(request), off.complete(request)
+    assert a.text == b.text and a.token_ids == b.token_ids and a.finish_reason == b.finish_reason == "stop"
+    assert a.usage.accepted_draft_tokens <= a.usage.completion_tokens - 1
+
+
+def test_the_prompt_cache_keeps_rows_a_run_of_drafts_wrote(demo_int4_bundle):
+    """A chat's next turn reuses the rows the previous answer's runs wrote (rejected drafts'
+    rows dropped): the same tokens as an engine that drafted nothing."""
+    tokens = []
+    for lookup in (True, False):
+        engine = Engine.from_bundle(demo_int4_bundle, prompt_lookup=lookup)
+
+        def ask(prompt):
+            return engine.complete(GenerationRequest(mode="complete", prompt=prompt, max_tokens=40, sampling=GREEDY,
+                                                     client_id="editor"))
+        first = ask(REPEATING)
+        second = ask(REPEATING + first.text + "\n\n\ndef sub(")
+        assert second.usage.cached_prompt_tokens >= len(first.prompt_token_ids) - 1
+        if lookup:
+            assert first.usage.accepted_draft_tokens > 0
+        tokens.append((first.token_ids, second.token_ids))
+    assert tokens[0] == tokens[1]
+
+
+def test_no_token_is_asked_for_none(tiny_bundle):
+    from edge_runtime import generator
+
+    d = Engine.from_bundle(tiny_bundle).decoder
+    events = generator.generate(d, d.new_cache(8), np.asarray([1, 2, 3]), max_new_tokens=0, sample=np.argmax,
+                                stop_ids=frozenset(), drafts=PromptLookup([1, 2, 3], capacity=3))
+    assert list(events) == []

@@ -290,6 +290,20 @@ def test_kv_cache_bits_follow_the_profile_unless_overridden(tiny_checkpoint, tmp
     assert bundle.int8_kernel_rows == (INT8_STEP_ROWS_MAX if kv_type == "tensor(int8)" else None)
 
 
+def test_only_cpu_profiles_bundles_take_several_rows_of_logits(tiny_checkpoint, tmp_path, exporter):
+    """The optional logits_start input (prompt lookup's runs) is in CPU profiles' graphs; GPU
+    profiles' graphs keep a constant last-position slice until a GPU run tests the input."""
+    from edge_runtime.engine import Engine
+
+    cpu = exporter(tiny_checkpoint, tmp_path / "cpu", precision="fp32", skip_fidelity=True)
+    gpu = exporter(tiny_checkpoint, tmp_path / "gpu", precision="fp16", profile="nvidia-gpu",
+                   skip_fidelity=True, allow_degraded=True)
+    assert "logits_start" in load_bundle(cpu).manifest["graph"]["inputs"]
+    assert "logits_start" not in load_bundle(gpu).manifest["graph"]["inputs"]
+    assert Engine.from_bundle(cpu).prompt_lookup
+    assert not Engine.from_bundle(gpu, "cpu-x86_64").prompt_lookup  # run on the CPU, still no runs of rows
+
+
 def test_the_decoder_keeps_prefill_chunks_longer_than_the_bundles_int8_kernel_share(tiny_checkpoint, tmp_path):
     """The int8-kernel share is baked into the graph at export and recorded in the manifest:
     the engine's decoder takes it from there (a bundle made with another share chunks by
