@@ -2,12 +2,13 @@
 and what the drafts save on code that repeats its context.
 
     python benchmarks/prompt_lookup.py [--bundle B | --checkpoint DIR] [--demo-bundle B]
-        [--max-tokens 128] [--threads 2] [--json OUT]
+        [--max-tokens 128] [--threads 2] [--contexts 128 2048] [--json OUT]
 
 1. The cost, on ``--bundle``, or on the int4 bundle (cpu-x86_64's layout, rounded to nearest:
    the same bytes and kernels) exported once into ``--workdir`` from ``--checkpoint`` (by
    default the CPU peers benchmark's 8-layer, 2048-wide random checkpoint,
-   ``benchmarks/peers.py``, built here if missing): after a 128-token prompt, the time of one
+   ``benchmarks/peers.py``, built here if missing): after a prompt of each ``--contexts``
+   tokens (128 by default; the projection uses the first), the time of one
    decode step and of one ``verify`` run of S = 2..9 ids, alternated, the best of
    ``--rounds``; each as a multiple of the step.
 2. The saving, on the trained demo model's int4 bundle (``--demo-bundle``; by default
@@ -54,8 +55,8 @@ def prompts() -> dict[str, str]:
     }
 
 
-def cost_table(bundle: Path, sizes: list[int], rounds: int, threads: int) -> dict[int, float]:
-    """Seconds of a decode step (S=1) and of verify runs of S ids, after a 128-token prompt."""
+def cost_table(bundle: Path, sizes: list[int], rounds: int, threads: int, context: int = 128) -> dict[int, float]:
+    """Seconds of a decode step (S=1) and of verify runs of S ids, after a `context`-token prompt."""
     from edge_runtime.engine import Engine
     from edge_runtime.profiles import load_profile
 
@@ -64,8 +65,8 @@ def cost_table(bundle: Path, sizes: list[int], rounds: int, threads: int) -> dic
     if not d.verify_rows_max:
         raise SystemExit(f"{bundle}: its graph has no logits_start input (exported before prompt lookup)")
     rng = np.random.default_rng(0)
-    cache = d.new_cache(128 + max(sizes) + 8)
-    d.prefill(cache, rng.integers(100, 30000, 128))
+    cache = d.new_cache(context + max(sizes) + 8)
+    d.prefill(cache, rng.integers(100, 30000, context))
     base = cache.length
     best = {s: float("inf") for s in [1, *sizes]}
     for _ in range(rounds):
@@ -196,17 +197,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=list(range(2, 10)), help="ids per verify run (part 1)")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--contexts", type=int, nargs="+", default=[128], help="part 1: tokens held when the runs run")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime threads (0: the profile's)")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     if a.bundle is not None and not (a.bundle / "bundle.json").is_file():
         raise SystemExit(f"--bundle {a.bundle}: no bundle.json")
     a.bundle = a.bundle or cost_bundle(a.checkpoint, a.workdir / "int4")
-    cost = cost_table(a.bundle, a.sizes, a.rounds, a.threads)
-    print(f"1. a run of S ids against one decode step, {a.bundle.name}, 128 tokens of context:")
-    print("| S | ms | × a step |\n|---|---|---|")
-    for s, sec in cost.items():
-        print(f"| {s} | {sec * 1e3:.1f} | {sec / cost[1]:.2f} |")
+    costs = {c: cost_table(a.bundle, a.sizes, a.rounds, a.threads, c) for c in a.contexts}
+    cost = costs[a.contexts[0]]
+    print(f"1. a run of S ids against one decode step, {a.bundle.name}, at {', '.join(map(str, a.contexts))} "
+          "tokens of context:")
+    print("| S | " + " | ".join(f"ms @{c} | × a step @{c}" for c in a.contexts) + " |")
+    print("|---|" + "---|---|" * len(a.contexts))
+    for s in cost:
+        print(f"| {s} | " + " | ".join(f"{costs[c][s] * 1e3:.1f} | {costs[c][s] / costs[c][1]:.2f}"
+                                       for c in a.contexts) + " |")
     rows = savings(a.demo_bundle or demo_bundle(a.workdir / "demo-int4"), a.max_tokens, a.threads)
     print(f"\n2. greedy, {a.max_tokens} tokens at most, the demo model (int4), prompt lookup on and off; "
           "3. the decode time it would save at part 1's costs:")
@@ -226,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['accepted']} | {len(r['runs'])} | {r['tokens_per_s_on']:.1f} | {r['tokens_per_s_off']:.1f} | "
               f"{r['tokens_per_s_on'] / r['tokens_per_s_off']:.2f}× |")
     if a.json:
-        a.json.write_text(json.dumps({"cost_s": cost, "rows": rows, "shape_rows": shape}, indent=2))
+        a.json.write_text(json.dumps({"cost_s": {str(c): v for c, v in costs.items()}, "rows": rows,
+                                      "shape_rows": shape}, indent=2))
     print("(Random weights leave near-ties everywhere: a run's kernels for several rows round differently from a "
           "step's, so the picks part early; the trained model's do not, part 2.)")
     return 0 if all(r["same_tokens"] for r in rows) else 1
