@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True)
     p.add_argument("--profile", help="device profile (default: the one the bundle was made for)")
     p.add_argument("--no-prompt-lookup", dest="prompt_lookup", action="store_false",
-                   help="one decode step per token: no drafts from the context (greedy requests draft by default)")
+                   help="one decode step per token: no drafts from the context (requests draft by default)")
     add_request_arguments(p)
     p.set_defaults(func=cmd_generate)
 

@@ -53,8 +53,9 @@ class ModelConfig:
     # Whose previous request a request may reuse the keys and values of, for the start its prompt
     # shares with it (a chat's next turn): types.PROMPT_CACHE_SCOPES.
     prompt_cache: Literal[PROMPT_CACHE_SCOPES] = "client"
-    # Greedy requests draft tokens from their own context and verify them in one run
-    # (prompt_lookup.py): the same tokens, fewer decode steps where the answer repeats the context.
+    # Requests draft tokens from their own context and verify them in one run (prompt_lookup.py):
+    # fewer decode steps where the answer repeats the context; greedy the same tokens, sampled the
+    # same distribution.
     prompt_lookup: bool = True
 
 

@@ -179,7 +179,7 @@ class Engine:
             raise ConfigError(f"prompt_cache must be one of {', '.join(PROMPT_CACHE_SCOPES)}, not {prompt_cache!r}",
                               key="model.prompt_cache")
         self.prompt_cache = prompt_cache
-        # greedy requests draft tokens from their context and verify them in one run (prompt_lookup.py),
+        # requests draft tokens from their context and verify them in one run (prompt_lookup.py),
         # where the decoder can (the fused graph's logits_start input, on the CPU)
         self.prompt_lookup = prompt_lookup and getattr(decoder, "verify_rows_max", 0) > 1
         self._cache_owner: str | None = None  # the scope key of the request whose ids the cache holds
@@ -320,9 +320,10 @@ class Engine:
             self._cache_owner, cached = owner, cache.length  # rows kept
             drafts = (PromptLookup(plan.ids, len(plan.ids) + request.max_tokens,
                                    draft_max=min(DRAFT_MAX, self.decoder.verify_rows_max - 1))
-                      if self.prompt_lookup and sampler.is_greedy else None)
+                      if self.prompt_lookup else None)
             events = generator.generate(self.decoder, cache, prompt[cached:], max_new_tokens=request.max_tokens,
-                                        sample=sampler.sample, stop_ids=plan.stop_ids, drafts=drafts)
+                                        sample=sampler.sample, stop_ids=plan.stop_ids, drafts=drafts,
+                                        judge=sampler.judge)
         for event in events:
             if first_token_s is None:
                 first_token_s = event.elapsed_s

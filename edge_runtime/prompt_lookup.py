@@ -5,10 +5,13 @@ function, a test that mirrors the code above it, an infill that closes what the 
 opened. When the last three tokens also occur earlier in the context (prompt and output so
 far), the tokens that followed them there are a cheap guess at what comes next. The
 generator (generator.py) feeds the guess -- the drafts -- to the model in one run
-beside the token just chosen (`decoder.verify`), keeps the drafts the model's own greedy
-choice confirms and drops the rest: the output is greedy decoding's (up to rounding: the
-kernels for several rows sum in another order than a one-token step's, so a near-tie can
-tip the other way, as with the prompt cache), and every confirmed draft saves a decode step. A run of k+1 tokens reads the weights once, as
+beside the token just chosen (`decoder.verify`), keeps a prefix of them as the sampler
+judges (`Sampler.judge`) and drops the rest. Greedy, a draft is kept when it is the
+model's pick, and the output is greedy decoding's (up to rounding: the kernels for several
+rows sum in another order than a one-token step's, so a near-tie can tip the other way, as
+with the prompt cache); sampled, a draft is kept with its probability and the tokens keep
+the sampler's distribution (speculative sampling). Every kept draft saves a decode step.
+A run of k+1 tokens reads the weights once, as
 one step does, so on bandwidth-bound hardware it costs little more than a step; its
 arithmetic grows with k (on two CPU cores a run of 3 costs ~1.6 steps), so the draft
 length adapts: it grows after a run whose drafts were all confirmed and shrinks after one

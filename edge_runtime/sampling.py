@@ -114,14 +114,40 @@ class Sampler:
         """Whether `sample` is the argmax (temperature 0, or top-k 1): a function of the logits alone."""
         return self.params.temperature == 0 or self.params.top_k == 1
 
-    def sample(self, logits: np.ndarray) -> int:
-        """Next token id from the last position's logits. logits: [vocab] float."""
+    def _distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The candidate ids and their (unnormalised) probabilities `sample` draws from."""
         p = self.params
-        if self.is_greedy:
-            return greedy(logits)
         candidates = top_k_candidates(logits, p.top_k)
         probs = softmax(logits[candidates] / np.float64(p.temperature))
         if p.top_p < 1:
             order, probs = top_p_filter(probs, p.top_p)
             candidates = candidates[order]
+        return candidates, probs
+
+    def sample(self, logits: np.ndarray) -> int:
+        """Next token id from the last position's logits. logits: [vocab] float."""
+        if self.is_greedy:
+            return greedy(logits)
+        candidates, probs = self._distribution(logits)
         return int(candidates[draw(probs, self._rng)])
+
+    def judge(self, logits: np.ndarray, draft: int) -> tuple[bool, int]:
+        """Whether to keep a drafted id as the token after these logits, and the token either way.
+
+        Greedy: kept when it is the argmax. Sampled: kept with its probability p(draft) under
+        `sample`'s distribution; otherwise the token is drawn from that distribution without the
+        draft. The token is then distributed exactly as `sample`'s is (speculative sampling with
+        a draft that is one id for sure: accept with min(1, p/q) = p(draft), else draw from the
+        normalised max(0, p - q)), so drafting changes which draws are made, not the odds."""
+        if self.is_greedy:
+            token = greedy(logits)
+            return token == draft, token
+        candidates, probs = self._distribution(logits)
+        at = np.flatnonzero(candidates == draft)
+        total = float(probs.sum())
+        if at.size and self._rng.random() * total < float(probs[at[0]]):
+            return True, draft
+        if at.size:
+            probs = probs.copy()
+            probs[at[0]] = 0.0
+        return False, int(candidates[draw(probs, self._rng)])

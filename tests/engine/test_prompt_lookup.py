@@ -6,6 +6,8 @@ checkpoint, the engine with prompt lookup off, and the decoder's own one-token s
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -156,11 +158,44 @@ def test_the_demo_model_gives_the_same_tokens_with_and_without_drafts(demo_int4_
     assert accepted > 0
 
 
-def test_sampled_requests_draft_nothing(tiny_bundle):
-    engine = Engine.from_bundle(tiny_bundle)
-    result = engine.complete(GenerationRequest(mode="complete", prompt=REPEATING, max_tokens=16,
-                                               sampling=SamplingParams(temperature=0.8, seed=1)))
-    assert result.usage.draft_tokens == 0 and result.usage.completion_tokens == 16
+def test_a_sampled_request_drafts_too_and_replays_with_its_seed(demo_int4_bundle):
+    """Sampling keeps a draft with its probability (Sampler.judge): the demo model, which loops,
+    keeps some; the same seed gives the same tokens again."""
+    engine = Engine.from_bundle(demo_int4_bundle)
+    request = GenerationRequest(mode="complete", prompt=REPEATING, max_tokens=48, cache_prompt=False,
+                                sampling=SamplingParams(temperature=0.6, top_p=0.9, seed=7))
+    a, b = engine.complete(request), engine.complete(request)
+    assert a.token_ids == b.token_ids and a.usage.completion_tokens == 48
+    assert 0 < a.usage.accepted_draft_tokens <= a.usage.draft_tokens
+
+
+@pytest.mark.parametrize("params, draft", [
+    (SamplingParams(temperature=0.8, top_p=0.9, top_k=5), 1),  # a likely draft
+    (SamplingParams(temperature=0.8, top_p=0.9, top_k=5), 3),  # a less likely one
+    (SamplingParams(temperature=1.2, top_p=1.0, top_k=0), 5),  # the least likely
+    (SamplingParams(temperature=0.8, top_p=0.5, top_k=5), 4),  # outside the nucleus: never kept
+])
+def test_judging_a_draft_gives_the_tokens_sampling_gives(params, draft):
+    """Kept with its probability, else drawn without it: the token's distribution is `sample`'s.
+    Checked over 30,000 seeded draws each against the distribution `sample` draws from."""
+    from edge_runtime.sampling import Sampler
+
+    logits = np.array([2.0, 1.6, 0.3, 1.1, -0.5, -1.5, -3.0], dtype=np.float32)
+    n = 30_000
+    judged = np.zeros(len(logits))
+    sampled = np.zeros(len(logits))
+    kept = 0
+    for seed in range(n):
+        keep, token = Sampler(dataclasses.replace(params, seed=seed)).judge(logits, draft)
+        kept += keep
+        assert keep == (token == draft) or not keep
+        judged[token] += 1
+        sampled[Sampler(dataclasses.replace(params, seed=n + seed)).sample(logits)] += 1
+    expected = sampled / n
+    sigma = np.sqrt(expected * (1 - expected) / n) + 1e-9
+    assert np.all(np.abs(judged / n - expected) < 5 * sigma * np.sqrt(2) + 1e-3), (judged / n, expected)
+    if expected[draft] == 0:
+        assert kept == 0
 
 
 @pytest.mark.parametrize("at", [0.3, 0.5, 0.8])
