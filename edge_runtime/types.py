@@ -87,8 +87,8 @@ class Usage:
     # of the prompt tokens, those whose keys and values the previous request had computed
     # (the engine's prompt cache: only the rest were run)
     cached_prompt_tokens: int = 0
-    # prompt lookup (greedy requests, prompt_lookup.py): ids drafted from the context, and of the
-    # completion tokens, those that were drafts the model confirmed (each saved a decode step)
+    # prompt lookup (prompt_lookup.py): ids drafted from the context, and of the completion
+    # tokens, those that were drafts the sampler kept (each saved a decode step)
     draft_tokens: int = 0
     accepted_draft_tokens: int = 0
 
