@@ -318,8 +318,7 @@ class Engine:
             reuse = owner is not None and owner == self._cache_owner
             cache = self.decoder.new_cache(len(plan.ids) + request.max_tokens, prompt if reuse else None)
             self._cache_owner, cached = owner, cache.length  # rows kept
-            drafts = (PromptLookup(plan.ids, len(plan.ids) + request.max_tokens,
-                                   draft_max=min(DRAFT_MAX, self.decoder.verify_rows_max - 1))
+            drafts = (PromptLookup(plan.ids, draft_max=min(DRAFT_MAX, self.decoder.verify_rows_max - 1))
                       if self.prompt_lookup else None)
             events = generator.generate(self.decoder, cache, prompt[cached:], max_new_tokens=request.max_tokens,
                                         sample=sampler.sample, stop_ids=plan.stop_ids, drafts=drafts,

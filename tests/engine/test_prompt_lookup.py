@@ -23,7 +23,7 @@ REPEATING = "def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n    return a 
 
 # -- drafting ---------------------------------------------------------------------------------
 def test_drafts_follow_the_latest_earlier_occurrence_of_the_longest_matching_tail():
-    d = PromptLookup([5, 6, 7, 8, 1, 6, 7, 9, 3, 6, 7], capacity=32, draft_max=8, ngram_min=2)
+    d = PromptLookup([5, 6, 7, 8, 1, 6, 7, 9, 3, 6, 7], draft_max=8, ngram_min=2)
     d.draft_len = 8
     # tail (9, 3, 6, 7) -> 3-gram (3, 6, 7) occurs nowhere earlier; 2-gram (6, 7): latest at index 5
     assert d.propose(8) == [9, 3, 6, 7]
@@ -33,15 +33,15 @@ def test_drafts_follow_the_latest_earlier_occurrence_of_the_longest_matching_tai
 
 
 def test_no_draft_without_a_repeat_of_the_last_three_ids():
-    assert PromptLookup([1, 2, 3, 4, 2], capacity=8).propose(8) == []  # only the single id 2 repeats
-    assert PromptLookup([1, 2, 3, 4, 2, 3], capacity=8).propose(8) == []  # (2, 3) repeats: two ids are not enough
-    assert PromptLookup([1, 2, 3, 4, 1, 2, 3], capacity=8).propose(8) == [4, 1]
-    assert PromptLookup([7], capacity=4).propose(4) == []
-    assert PromptLookup([1, 2, 1, 2], capacity=4).propose(0) == []
+    assert PromptLookup([1, 2, 3, 4, 2]).propose(8) == []  # only the single id 2 repeats
+    assert PromptLookup([1, 2, 3, 4, 2, 3]).propose(8) == []  # (2, 3) repeats: two ids are not enough
+    assert PromptLookup([1, 2, 3, 4, 1, 2, 3]).propose(8) == [4, 1]
+    assert PromptLookup([7]).propose(4) == []
+    assert PromptLookup([1, 2, 1, 2]).propose(0) == []
 
 
 def test_the_draft_length_grows_after_all_confirmed_and_shrinks_after_a_loss():
-    d = PromptLookup([1, 2, 3], capacity=4, draft_max=5)
+    d = PromptLookup([1, 2, 3], draft_max=5)
     assert d.draft_len == 2
     d.confirmed(2, 2)
     assert d.draft_len == 4
@@ -57,13 +57,13 @@ def test_the_draft_length_grows_after_all_confirmed_and_shrinks_after_a_loss():
 
 
 def test_drafted_counts_every_id_proposed():
-    d = PromptLookup([5, 6, 7, 8, 5, 6, 7], capacity=8, draft_max=4)
+    d = PromptLookup([5, 6, 7, 8, 5, 6, 7], draft_max=4)
     assert d.propose(8) == [8, 5] and d.drafted == 2  # draft length 2 at first
-    assert PromptLookup([1, 2, 3], capacity=4).propose(4) == [] and d.drafted == 2
+    assert PromptLookup([1, 2, 3]).propose(4) == [] and d.drafted == 2
 
 
-def test_the_context_grows_past_its_first_capacity():
-    d = PromptLookup([1, 2, 3], capacity=3)
+def test_every_kept_token_extends_the_context_drafts_come_from():
+    d = PromptLookup([1, 2, 3])
     for t in [4, 1, 2, 3]:
         d.push(t)
     d.draft_len = 4
@@ -238,5 +238,5 @@ def test_no_token_is_asked_for_none(tiny_bundle):
 
     d = Engine.from_bundle(tiny_bundle).decoder
     events = generator.generate(d, d.new_cache(8), np.asarray([1, 2, 3]), max_new_tokens=0, sample=np.argmax,
-                                stop_ids=frozenset(), drafts=PromptLookup([1, 2, 3], capacity=3))
+                                stop_ids=frozenset(), drafts=PromptLookup([1, 2, 3]))
     assert list(events) == []
