@@ -92,7 +92,7 @@ def result_json(result) -> dict:
 
 
 def cmd_generate(args) -> int:
-    from .client import decode_speed
+    from .client import decode_speed, drafted_note
     from .engine import Engine
     from .protocol import finite_or_none
     from .types import Chunk
@@ -119,7 +119,7 @@ def cmd_generate(args) -> int:
     else:
         sys.stdout.write("\n")
         print(f"[{result.finish_reason}; {result.usage.prompt_tokens} prompt + {result.usage.completion_tokens} "
-              f"generated tokens{drafted_note(result.usage)}; ttft {result.timings.ttft_ms:.0f} ms; "
+              f"generated tokens{drafted_note(result.usage.accepted_draft_tokens)}; ttft {result.timings.ttft_ms:.0f} ms; "
               f"{decode_speed(finite_or_none(result.timings.decode_tokens_per_s, 1))}]", file=sys.stderr)
         for warning in result.warnings:
             print(f"warning: {warning}", file=sys.stderr)
@@ -232,11 +232,6 @@ def cmd_policy(args) -> int:
         what = " ".join(c.command) if c.command else f"bundle {c.bundle}"
         print(f"  classifier: {what} ({c.action}, timeout {c.timeout_s:g} s, fails {c.on_failure})")
     return 0
-
-
-def drafted_note(usage) -> str:
-    """', 12 of them confirmed drafts' when prompt lookup confirmed any, else ''."""
-    return f", {usage.accepted_draft_tokens} of them confirmed drafts" if usage.accepted_draft_tokens else ""
 
 
 def cmd_audit(args) -> int:

@@ -549,6 +549,11 @@ def decode_speed(tokens_per_s: float | None) -> str:
     return "decode speed n/a" if tokens_per_s is None else f"{tokens_per_s} tokens/s"
 
 
+def drafted_note(accepted_draft_tokens: int | None) -> str:
+    """', 12 of them confirmed drafts' for the summary line when prompt lookup kept any, else ''."""
+    return f", {accepted_draft_tokens} of them confirmed drafts" if accepted_draft_tokens else ""
+
+
 def run_ask(args: argparse.Namespace) -> int:
     """`edge-runtime ask`: send one request, stream the text to stdout (or print the
     final reply as JSON with --json). Exit status 0; 1 on an error reply, a timeout
@@ -604,10 +609,8 @@ def run_ask(args: argparse.Namespace) -> int:
         out.write("\n")
         usage, timings = final.get("usage") or {}, final.get("timings") or {}
         cached = f" ({usage['cached_prompt_tokens']} cached)" if usage.get("cached_prompt_tokens") else ""
-        drafted = (f", {usage['accepted_draft_tokens']} of them confirmed drafts"
-                   if usage.get("accepted_draft_tokens") else "")
         print(f"[{final.get('finish_reason')}; {usage.get('prompt_tokens')} prompt{cached} + "
-              f"{usage.get('completion_tokens')} generated tokens{drafted}; ttft {timings.get('ttft_ms')} ms; "
+              f"{usage.get('completion_tokens')} generated tokens{drafted_note(usage.get('accepted_draft_tokens'))}; ttft {timings.get('ttft_ms')} ms; "
               f"{decode_speed(timings.get('decode_tokens_per_s'))}]", file=sys.stderr)
         for warning in final.get("warnings") or ():
             print(f"warning: {warning}", file=sys.stderr)

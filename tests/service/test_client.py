@@ -447,3 +447,10 @@ def test_daemon_and_client_through_the_sample_acl(tmp_path):
         if service is not None:
             service.stop()
         b.stop()
+
+
+def test_the_summary_line_names_kept_drafts_only_when_there_are_some():
+    from edge_runtime.client import drafted_note
+
+    assert drafted_note(None) == drafted_note(0) == ""
+    assert drafted_note(9) == ", 9 of them confirmed drafts"
