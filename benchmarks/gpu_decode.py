@@ -62,10 +62,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.profiles import SESSION_CONFIG_KEY
+from edge_runtime.profiles import SESSION_CONFIG_KEY, load_profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers import (  # noqa: E402  (the byte counting, timing and plot the CPU benchmark uses)
+    genai_builder_argv,
     kv_bytes_per_token,
     onnx_kv_element_bytes,
     onnx_weight_bytes,
@@ -156,7 +157,6 @@ def load_engine(bundle: Path, profile_name: str, variant: str, session_config: d
     """The daemon's engine for `bundle` on the GPU, with CUDA graphs for variant "cuda-graph" and
     without them for "cuda" (whatever the profile says); `session_config` added to the profile's."""
     from edge_runtime.engine import Engine
-    from edge_runtime.profiles import load_profile
 
     profile = load_profile(profile_name).with_provider_options(
         CUDA, enable_cuda_graph="1" if variant == "cuda-graph" else "0")
@@ -203,16 +203,10 @@ def genai_builder_command(a, out: Path, cache: Path) -> list[str]:
     """onnxruntime-genai's builder for the CUDA provider; int4 in our bundles' layout: the block
     size and symmetry of --block-size / --symmetric, else the profile's (the builder's own
     options, int4_block_size and int4_is_symmetric: it ignores keys it does not know)."""
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(a.synthetic_7b), "-o", str(out),
-           "-p", a.precision[0], "-e", "cuda", "-c", str(cache)]
-    if a.precision[0] == "int4":
-        from edge_runtime.profiles import load_profile
-
-        q = load_profile(a.profile).quantization
-        block = q.block_size if a.block_size is None else a.block_size
-        symmetric = q.symmetric if a.symmetric is None else a.symmetric
-        cmd += ["--extra_options", f"int4_block_size={block}", f"int4_is_symmetric={str(symmetric).lower()}"]
-    return cmd
+    q = load_profile(a.profile).quantization
+    return genai_builder_argv(a.synthetic_7b, out, cache, precision=a.precision[0], provider="cuda",
+                              block_size=q.block_size if a.block_size is None else a.block_size,
+                              symmetric=q.symmetric if a.symmetric is None else a.symmetric)
 
 
 def step_prepare_genai(a) -> dict:

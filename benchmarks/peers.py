@@ -384,12 +384,21 @@ def step_prepare_ours_genai_recipe(a) -> dict:
                             folder_bytes(out, "model.onnx"), per_token, onnx_kv_element_bytes(out / "model.onnx")))
 
 
+def genai_builder_argv(checkpoint, out: Path, cache: Path, *, precision: str, provider: str,
+                       block_size: int | None = None, symmetric: bool = True) -> list[str]:
+    """onnxruntime-genai's builder from `checkpoint` for `provider` (cpu, cuda); int4 in the given
+    layout through its own options, int4_block_size and int4_is_symmetric (it ignores keys it does
+    not know: a `block_size=` once got its default), its other defaults."""
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out),
+           "-p", precision, "-e", provider, "-c", str(cache)]
+    if precision == "int4":
+        cmd += ["--extra_options", f"int4_block_size={block_size}", f"int4_is_symmetric={str(symmetric).lower()}"]
+    return cmd
+
+
 def genai_builder_command(a, out: Path, cache: Path) -> list[str]:
-    """onnxruntime-genai's builder, int4 for the CPU at our block size (its option int4_block_size: the
-    builder ignores keys it does not know), symmetric, its other defaults."""
-    return [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", a.checkpoint, "-o", str(out),
-            "-p", "int4", "-e", "cpu", "-c", str(cache),
-            "--extra_options", f"int4_block_size={a.block_size}", "int4_is_symmetric=true"]
+    """The CPU benchmark's: int4 at our block size, symmetric."""
+    return genai_builder_argv(a.checkpoint, out, cache, precision="int4", provider="cpu", block_size=a.block_size)
 
 
 def step_prepare_genai(a) -> dict:
