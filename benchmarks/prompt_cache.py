@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     from edge_runtime.engine import Engine
 
     source = Path(args.file).read_text()
-    engine = Engine.from_bundle(args.bundle, profile=_profile(args.bundle, args.threads))
+    engine = Engine.from_bundle(args.bundle, profile=profile_with_threads(args.bundle, args.threads))
     conversation(engine, "def warm_up(): pass", 1, 2)  # first-run costs (allocation, kernels) out of turn 1
     off = conversation(engine, source, args.turns, args.max_tokens, cache_prompt=False)  # as prompt_cache = "off"
     engine.forget_prompt_cache()  # turn 1 runs its whole prompt
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _profile(bundle: str, threads: int):
+def profile_with_threads(bundle: str | Path, threads: int):
     """The bundle's own profile (None: the engine's default), or it with `threads` intra-op threads."""
     if not threads:
         return None

@@ -44,6 +44,9 @@ import numpy as np
 
 from edge_runtime.types import SamplingParams
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prompt_cache import profile_with_threads  # noqa: E402  (the bundle's profile with N threads)
+
 HERE = Path(__file__).resolve().parent
 # greedy, and the protocol's default sampling (temperature 0.6, top-p 0.9) with a fixed seed
 SAMPLINGS = {"greedy": SamplingParams(temperature=0.0),
@@ -65,9 +68,8 @@ def prompts() -> dict[str, str]:
 def cost_table(bundle: Path, sizes: list[int], rounds: int, threads: int, context: int = 128) -> dict[int, float]:
     """Seconds of a decode step (S=1) and of verify runs of S ids, after a `context`-token prompt."""
     from edge_runtime.engine import Engine
-    from edge_runtime.profiles import load_profile
 
-    engine = Engine.from_bundle(bundle, profile=profile_with_threads(bundle, threads, load_profile))
+    engine = Engine.from_bundle(bundle, profile=profile_with_threads(bundle, threads))
     d = engine.decoder
     if not d.verify_rows_max:
         raise SystemExit(f"{bundle}: its graph has no logits_start input (exported before prompt lookup)")
@@ -87,15 +89,6 @@ def cost_table(bundle: Path, sizes: list[int], rounds: int, threads: int, contex
             best[s] = min(best[s], time.perf_counter() - t)
             cache.rewind(cache.length - base)
     return best
-
-
-def profile_with_threads(bundle: Path, threads: int, load_profile):
-    import dataclasses
-
-    from edge_runtime.bundle import load_bundle
-
-    profile = load_profile(load_bundle(bundle).profile_name)
-    return dataclasses.replace(profile, intra_op_threads=threads) if threads else profile
 
 
 def cost_bundle(checkpoint: Path, out: Path) -> Path:
@@ -132,10 +125,9 @@ def savings(bundle: Path, max_tokens: int, threads: int) -> list[dict]:
     """Per prompt: greedy with prompt lookup and without; tokens, drafts, runs, tokens/s."""
     from edge_runtime import generator
     from edge_runtime.engine import Engine
-    from edge_runtime.profiles import load_profile
     from edge_runtime.types import GenerationRequest
 
-    profile = profile_with_threads(bundle, threads, load_profile)
+    profile = profile_with_threads(bundle, threads)
     # one engine, prompt lookup switched per request: two sessions in one process would each keep
     # their own spinning thread pool, and whichever ran second would pay for the other's
     engine = Engine.from_bundle(bundle, profile=profile)
