@@ -2,7 +2,7 @@
 and what the drafts save on code that repeats its context.
 
     python benchmarks/prompt_lookup.py [--bundle B | --checkpoint DIR] [--demo-bundle B]
-        [--max-tokens 128] [--threads 2] [--contexts 128 2048] [--json OUT]
+        [--max-tokens 128] [--threads 2] [--contexts 128 2048] [--ngram-min 3] [--json OUT]
 
 1. The cost, on ``--bundle``, or on the int4 bundle (cpu-x86_64's layout, rounded to nearest:
    the same bytes and kernels) exported once into ``--workdir`` from ``--checkpoint`` (by
@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_runtime.prompt_lookup import NGRAM_MIN, PromptLookup
 from edge_runtime.types import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -121,7 +122,7 @@ def demo_bundle(out: Path) -> Path:
     return out
 
 
-def savings(bundle: Path, max_tokens: int, threads: int) -> list[dict]:
+def savings(bundle: Path, max_tokens: int, threads: int, ngram_min: int = NGRAM_MIN) -> list[dict]:
     """Per prompt: greedy with prompt lookup and without; tokens, drafts, runs, tokens/s."""
     from edge_runtime import generator
     from edge_runtime.engine import Engine
@@ -135,6 +136,8 @@ def savings(bundle: Path, max_tokens: int, threads: int) -> list[dict]:
     original = generator.generate
 
     def recording(*args, drafts=None, **kwargs):  # the drafter's runs, for the projection
+        if drafts is not None and ngram_min != NGRAM_MIN:  # --ngram-min: the engine's drafter, matching fewer ids
+            drafts = PromptLookup(drafts.context, draft_max=drafts.draft_max, ngram_min=ngram_min)
         try:
             yield from original(*args, drafts=drafts, **kwargs)
         finally:  # also when the engine stops reading (a stop string)
@@ -164,7 +167,7 @@ def savings(bundle: Path, max_tokens: int, threads: int) -> list[dict]:
             rows.append({"prompt": name, "sampling": how, "tokens": len(a.token_ids),
                          # sampled, the draws differ with drafting on: only greedy tokens compare
                          "same_tokens": a.token_ids == b.token_ids if how == "greedy" else None,
-                         "drafted": a.usage.draft_tokens, "accepted": a.usage.accepted_draft_tokens,
+                         "drafted": sum(drafted for drafted, _, _ in runs[-1]), "accepted": a.usage.accepted_draft_tokens,
                          "runs": runs[-1], "tokens_per_s_on": a.timings.decode_tokens_per_s,
                          "tokens_per_s_off": b.timings.decode_tokens_per_s})
     finally:
@@ -201,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=list(range(2, 10)), help="ids per verify run (part 1)")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--ngram-min", type=int, default=NGRAM_MIN,
+                   help=f"parts 2-4: draft after this many matching ids (the engine's: {NGRAM_MIN})")
     p.add_argument("--contexts", type=int, nargs="+", default=[128], help="part 1: tokens held when the runs run")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime threads (0: the profile's)")
     p.add_argument("--json", type=Path)
@@ -217,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in cost:
         print(f"| {s} | " + " | ".join(f"{costs[c][s] * 1e3:.1f} | {costs[c][s] / costs[c][1]:.2f}"
                                        for c in a.contexts) + " |")
-    rows = savings(a.demo_bundle or demo_bundle(a.workdir / "demo-int4"), a.max_tokens, a.threads)
+    rows = savings(a.demo_bundle or demo_bundle(a.workdir / "demo-int4"), a.max_tokens, a.threads, a.ngram_min)
     print(f"\n2. {a.max_tokens} tokens at most, greedy and sampled, the demo model (int4), prompt lookup on and off; "
           "3. the decode time it would save at part 1's costs:")
     print("| prompt | sampling | tokens | same tokens | drafted | kept | runs | tok/s on | tok/s off | "
@@ -228,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['prompt']} | {r['sampling']} | {r['tokens']} | {same(r)} | {r['drafted']} | {r['accepted']} | "
               f"{len(r['runs'])} | {r['tokens_per_s_on']:.0f} | {r['tokens_per_s_off']:.0f} | "
               f"{r['projected_speedup']:.2f}× |")
-    shape = savings(a.bundle, a.max_tokens, a.threads)
+    shape = savings(a.bundle, a.max_tokens, a.threads, a.ngram_min)
     print(f"\n4. the same requests on {a.bundle} (random weights), timed:")
     print("| prompt | sampling | tokens | same tokens | drafted | kept | runs | tok/s on | tok/s off | on ÷ off |")
     print("|---|---|---|---|---|---|---|---|---|---|")

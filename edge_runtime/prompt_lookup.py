@@ -56,6 +56,11 @@ class PromptLookup:
         # (drafted, confirmed, ended: the run made the request's last token) per run, for the benchmark
         self.runs: list[tuple[int, int, bool]] = []
 
+    @property
+    def context(self) -> tuple[int, ...]:
+        """The ids drafts come from: the prompt, then every token kept."""
+        return tuple(self._ids)
+
     def push(self, token: int) -> None:
         """A token the generator kept (chosen by the model, or a confirmed draft): the n ids
         before it now have an id after them."""
