@@ -159,13 +159,27 @@ def reply_client_id(topic: str) -> str:
     return match.group(1) if match else ""
 
 
+# What MQTT's UTF-8 strings must not hold (MQTT 3.1.1 and 5, 1.5.3/1.5.4): surrogates (not
+# encodable), NUL; and what a broker may take for a malformed packet and drop the connection
+# over (Mosquitto does): control characters and Unicode noncharacters
+_BAD_TOPIC_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef\ufffe\uffff]"
+                              "|[\U0001fffe\U0001ffff\U0002fffe\U0002ffff\U0003fffe\U0003ffff\U0004fffe"
+                              "\U0004ffff\U0005fffe\U0005ffff\U0006fffe\U0006ffff\U0007fffe\U0007ffff"
+                              "\U0008fffe\U0008ffff\U0009fffe\U0009ffff\U000afffe\U000affff\U000bfffe"
+                              "\U000bffff\U000cfffe\U000cffff\U000dfffe\U000dffff\U000efffe\U000effff"
+                              "\U000ffffe\U000fffff\U0010fffe\U0010ffff]")
+
+
 def is_valid_publish_topic(topic: object) -> bool:
-    """A topic one may publish to: non-empty, no wildcards, no NUL, not a ``$`` topic, ≤ 65535 bytes."""
+    """A topic one may publish to: non-empty, no wildcards, not a ``$`` topic, ≤ 65535 bytes,
+    and none of the characters a broker refuses (NUL, surrogates, control characters,
+    noncharacters): a reply topic with one would get the daemon disconnected at its first
+    publish, and again at each reconnect while the publish is queued."""
     if not isinstance(topic, str) or not topic or topic.startswith("$"):
         return False
-    if any(c in topic for c in "+#\x00"):
+    if "+" in topic or "#" in topic or _BAD_TOPIC_CHARS.search(topic):
         return False
-    return len(topic.encode("utf-8", errors="replace")) <= 65535
+    return len(topic.encode("utf-8")) <= 65535
 
 
 # --------------------------------------------------------------------------- requests
@@ -231,8 +245,12 @@ def _reject_constant(name: str) -> Any:
 
 def is_number(value: object) -> bool:
     """A finite JSON number (not a bool)."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond any float (JSON allows 4,300 digits)
+        return False
 
 
 def _peek_id(obj: Mapping[str, Any]) -> str | None:

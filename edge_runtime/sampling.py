@@ -118,7 +118,10 @@ class Sampler:
         """The candidate ids and their (unnormalised) probabilities `sample` draws from."""
         p = self.params
         candidates = top_k_candidates(logits, p.top_k)
-        probs = softmax(logits[candidates] / np.float64(p.temperature))
+        scores = logits[candidates].astype(np.float64)
+        with np.errstate(over="ignore"):  # a tiny temperature: every score but the best ones -inf
+            scores = (scores - scores.max()) / p.temperature
+        probs = softmax(scores)
         if p.top_p < 1:
             order, probs = top_p_filter(probs, p.top_p)
             candidates = candidates[order]

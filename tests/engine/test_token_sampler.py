@@ -34,6 +34,17 @@ def test_temperature_zero_is_greedy() -> None:
     assert set(draws(SamplingParams(temperature=0.0, top_p=0.9, seed=None), x, 50)) == {int(np.argmax(x))}
 
 
+@pytest.mark.parametrize("temperature", [1e-320, 1e-30, 1e-8])
+def test_a_temperature_near_zero_samples_the_argmax(temperature: float) -> None:
+    """Any temperature the protocol accepts (finite, > 0): near 0 the distribution is the
+    argmax's, not an error (logits divided by 1e-320 overflow)."""
+    x = logits(scale=30.0)
+    s = Sampler(SamplingParams(temperature=temperature, top_p=1.0, seed=3))
+    assert set(draws(SamplingParams(temperature=temperature, seed=3), x, n=20)) == {greedy(x)}
+    assert s.judge(x, greedy(x)) == (True, greedy(x))
+    assert s.judge(x, greedy(x) + 1) == (False, greedy(x))
+
+
 def test_same_seed_same_tokens() -> None:
     x = logits(2, scale=1.0)
     p = SamplingParams(temperature=1.0, top_p=0.95, top_k=0, seed=42)

@@ -35,7 +35,7 @@ texts = st.one_of(
               st.integers(0, 70_000)),  # oversized prompts, over max_prompt_chars at the top
 )
 numbers = st.one_of(
-    st.integers(-2**70, 2**70), st.sampled_from([0, -1, 1, 2**31, 2**63, 2**64, 10**30, -10**30]),
+    st.integers(-2**70, 2**70), st.sampled_from([0, -1, 1, 2**31, 2**63, 2**64, 10**30, -10**30, 10**400, -10**400]),
     st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -0.0, 1e-320, 1e308, 0.5, 1.0, 1.0000001]),
 )
 scalars = st.one_of(st.none(), st.booleans(), numbers, texts)

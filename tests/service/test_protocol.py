@@ -178,11 +178,26 @@ def test_unknown_mode_is_unsupported_mode():
     ({"id": "a", "mode": "complete", "prompt": "x", "reply_to": "a/+/b"}, "reply_to"),
     ({"id": "a", "mode": "complete", "prompt": "x", "reply_to": "$SYS/x"}, "reply_to"),
     ({"id": "a", "mode": "complete", "prompt": "x", "reply_to": 5}, "reply_to"),
+    # characters a broker takes for a malformed packet (Mosquitto drops the connection)
+    ({"id": "a", "mode": "complete", "prompt": "x", "reply_to": "r/x\u0001y"}, "reply_to"),
+    ({"id": "a", "mode": "complete", "prompt": "x", "reply_to": "r/x\u009fy"}, "reply_to"),
+    ({"id": "a", "mode": "complete", "prompt": "x", "reply_to": "r/x\ud800"}, "reply_to"),
+    ({"id": "a", "mode": "complete", "prompt": "x", "reply_to": "r/\ufdd0"}, "reply_to"),
+    ({"id": "a", "mode": "complete", "prompt": "x", "reply_to": "r/\U0001ffff"}, "reply_to"),
+    # integers beyond any float (JSON allows thousands of digits)
+    ({"id": "a", "mode": "complete", "prompt": "x", "deadline_ms": 10**400}, "deadline_ms"),
+    ({"id": "a", "mode": "complete", "prompt": "x", "temperature": 10**400}, "temperature"),
+    ({"id": "a", "mode": "complete", "prompt": "x", "top_p": -10**400}, "top_p"),
 ])
 def test_wrong_fields(obj, needle):
     e = rejected(obj)
     assert needle in e.message
     assert e.request_id == "a"  # the id is echoed whenever it is valid
+
+
+def test_a_reply_topic_may_hold_any_other_unicode():
+    topic = "werk/straße/日本/\U0001f600"
+    assert parse({"id": "a", "mode": "complete", "prompt": "x", "reply_to": topic}).reply_to == topic
 
 
 def test_prompt_length_limit_counts_every_mode():

@@ -258,6 +258,24 @@ def test_bad_payloads_each_get_an_error_reply(broker, tmp_path, services, probe,
     assert probe.on("edge/dev2/v1/cancel") == [] and probe.on("edge/dev2/v1/generate") == []
 
 
+@pytest.mark.parametrize("daemon_protocol", ["5", "3.1.1"])
+def test_reply_topics_a_broker_refuses_and_numbers_beyond_floats_get_no_daemon_off_the_broker(
+        broker, tmp_path, services, probe311, daemon_protocol):
+    """A JSON reply_to with a control character, a noncharacter or a lone surrogate: Mosquitto
+    drops a client that publishes there (and again at each reconnect while the publish is
+    queued). Such a request has no reply topic, so it is dropped, and the daemon keeps
+    answering; a number no float holds is a bad_request with the field named, not silence."""
+    services(make_config(broker, tmp_path, **{"mqtt.protocol": daemon_protocol}))
+    for i, bad in enumerate(["replies/x\u0001y", "replies/\ufdd0", "replies/x\ud800", "replies/x\u007f"]):
+        probe311.publish(T.generate, {"id": f"bad{i}", "mode": "complete", "prompt": "a b", "reply_to": bad})
+    probe311.publish(T.generate, {"id": "big", "mode": "complete", "prompt": "a b", "deadline_ms": 10**400,
+                                  "reply_to": "replies/big"})
+    send(probe311, {"id": "fine", "mode": "complete", "prompt": "a b c"}, "replies/fine")
+    big = probe311.wait_final("replies/big")
+    assert big["id"] == "big" and big["error"]["code"] == "bad_request" and "deadline_ms" in big["error"]["message"]
+    assert probe311.wait_final("replies/fine", timeout=5.0)["text"] == "c b a"
+
+
 # ------------------------------------------------------------------ redelivery / reply store
 
 
