@@ -50,8 +50,9 @@ def generate(decoder, cache: KVCache, prompt_ids: np.ndarray, *, max_new_tokens:
     keeps a prefix of them, yielded without a step of their own (prompt_lookup.py). Greedy,
     the tokens are greedy decoding's, up to rounding (a run's kernels for several rows sum in
     another order than a one-token step's, which can tip a near-tie); sampled, they have
-    `sample`'s distribution, from other draws. A run's kept drafts are computed before the
-    first of them is yielded."""
+    `sample`'s distribution, from other draws. A run is judged, counted and its rejected rows
+    dropped before the first of its drafts is yielded, so a caller that stops inside a run
+    leaves the lookup's counts and the cache as after the whole run."""
     if max_new_tokens < 1:
         return
     if drafts is not None and judge is None:
@@ -72,21 +73,26 @@ def generate(decoder, cache: KVCache, prompt_ids: np.ndarray, *, max_new_tokens:
             token = sample(decode_one_token(decoder, cache, token))
             continue
         rows = decoder.verify(cache, np.asarray([token, *guess]))  # row i: the logits after [token, *guess][i]
-        kept = 0
+        kept, ended = 0, False
         for guessed, row in zip(guess, rows):
             keep, token = judge(row, guessed)
             if not keep:
                 break  # `token` is the model's own pick in its place
             kept += 1
-            made += 1
-            drafts.push(guessed)
-            yield TokenEvent(guessed, guessed in stop_ids, time.perf_counter() - start, drafted=True)
-            if guessed in stop_ids or made >= max_new_tokens:
-                drafts.confirmed(len(guess), kept, ended=True)
-                # as after a plain step: the cache ends with the last token fed, before this one
-                cache.rewind(len(guess) - kept + 1)
-                return
+            if guessed in stop_ids or made + kept >= max_new_tokens:
+                ended = True
+                break
         else:
             token = sample(rows[kept])  # every draft kept: the next token from the last row
-        drafts.confirmed(len(guess), kept)
-        cache.rewind(len(guess) - kept)  # the rows of drafts not kept
+        for guessed in guess[:kept]:
+            drafts.push(guessed)
+        drafts.confirmed(len(guess), kept, ended=ended)
+        # the rows of drafts not kept; after the last token, as after a plain step, the cache
+        # ends with the token fed before it
+        cache.rewind(len(guess) - kept + int(ended))
+        elapsed = time.perf_counter() - start
+        for guessed in guess[:kept]:
+            made += 1
+            yield TokenEvent(guessed, guessed in stop_ids, elapsed, drafted=True)
+        if ended:
+            return

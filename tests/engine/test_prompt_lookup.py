@@ -240,3 +240,61 @@ def test_no_token_is_asked_for_none(tiny_bundle):
     events = generator.generate(d, d.new_cache(8), np.asarray([1, 2, 3]), max_new_tokens=0, sample=np.argmax,
                                 stop_ids=frozenset(), drafts=PromptLookup([1, 2, 3]))
     assert list(events) == []
+
+
+class _CycleModel:
+    """A decoder whose next token after t is t % 5 + 1 (1 2 3 4 5 1 2 ...), with a cache
+    that only counts its rows: what the loop feeds, verifies and rewinds."""
+
+    vocab = 8
+
+    def __init__(self):
+        self.length = 0
+
+    def _logits(self, ids):
+        rows = np.zeros((len(ids), self.vocab), np.float32)
+        rows[np.arange(len(ids)), np.asarray(ids) % 5 + 1] = 1.0
+        return rows
+
+    def prefill(self, cache, ids):
+        self.length += len(ids)
+        return self._logits(ids)
+
+    def decode(self, cache, token):
+        self.length += 1
+        return self._logits([token])[0]
+
+    def verify(self, cache, ids):
+        self.length += len(ids)
+        return self._logits(ids)
+
+    def rewind(self, n):
+        self.length -= n
+
+
+@pytest.mark.parametrize("stop_early", [False, True])
+def test_a_run_ending_on_a_drafted_stop_token_is_counted_whole_even_if_the_caller_stops_inside_it(stop_early):
+    """The run that drafts the end token: counted as ended (the benchmark prices its tokens as
+    one run), and the cache ends with the last token fed, also when the caller stops reading
+    inside the run (a stop string does that)."""
+    from edge_runtime import generator
+    from edge_runtime.sampling import Sampler
+
+    model = _CycleModel()
+    prompt = [1, 2, 3, 4, 5, 1, 2, 3]
+    drafts = PromptLookup(prompt)
+    sampler = Sampler(GREEDY)
+    events = generator.generate(model, model, np.asarray(prompt), max_new_tokens=20, sample=sampler.sample,
+                                stop_ids=frozenset({1}), drafts=drafts, judge=sampler.judge)
+    seen = []
+    for event in events:
+        seen.append(event)
+        if stop_early and event.drafted:
+            events.close()
+            break
+    if not stop_early:
+        # 4, then the drafts 5 and 1 kept in one run; 1 is the end token
+        assert [(e.token, e.drafted, e.is_stop_token) for e in seen] == [(4, False, False), (5, True, False),
+                                                                       (1, True, True)]
+    assert drafts.runs == [(2, 2, True)]
+    assert model.length == len(prompt) + 2  # prompt, 4, 5 fed; the end token never is
