@@ -7,7 +7,7 @@ import hashlib
 import json
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,11 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, Any], int]:
     """A safetensors file's header (tensor name -> dtype, shape, data_offsets) and where
     its data begins. CheckpointError when the file is cut short or is not safetensors:
     an interrupted download is found here, before any work, not an hour into an export."""
-    size = file.stat().st_size
+    try:
+        size = file.stat().st_size
+    except OSError as exc:  # e.g. a link into a cache whose blob is gone
+        raise CheckpointError(f"{file.name} cannot be read ({exc.strerror or exc}); a broken link or an "
+                              "interrupted download? Copy or download it again") from None
     try:
         with open(file, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
@@ -64,30 +68,132 @@ def _offsets(entry: dict[str, Any]) -> tuple[int, int] | None:
     return None
 
 
-def _check_weights(path: Path, weights: list[Path], config: dict[str, Any]) -> None:
-    """Every shard the index names is there and whole, and the weights are floats."""
+SINGLE_FILE = "model.safetensors"
+
+
+def weight_files(path: Path) -> tuple[list[Path], list[Path]]:
+    """The files that hold the weights, chosen as transformers chooses them (the fidelity
+    reference loads the checkpoint with it): the shards the index names, or
+    ``model.safetensors``; and the other ``*.safetensors`` files, which nothing reads (stale
+    shards of an earlier download, say). A file the choice needs that is missing, or a choice
+    that is not one, is a CheckpointError before any work."""
+    present = sorted(path.glob("*.safetensors"))
+    if not present:
+        found = sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".gguf"})
+        raise CheckpointError(f"{path.name}: no *.safetensors weights found"
+                              + (f" (found {', '.join(found)}; convert them to safetensors)" if found else ""))
+    index = path / SHARD_INDEX
+    single = path / SINGLE_FILE
+    if index.is_file() and single in present:
+        raise CheckpointError(f"{path.name} has both {SINGLE_FILE} and {SHARD_INDEX} (the shards'): two sets of "
+                              "weights, and transformers would read the single file; remove the set that is stale")
+    if index.is_file():
+        chosen = [path / name for name in sorted(set(_weight_map(path).values()))]
+        missing = [p.name for p in chosen if not p.is_file()]
+        if missing:
+            raise CheckpointError(f"{path.name}: {SHARD_INDEX} names {len(chosen)} weight files and "
+                                  f"{len(missing)} are missing ({', '.join(missing)}); copy or download them")
+    elif single in present:
+        chosen = [single]
+    else:
+        names = ", ".join(p.name for p in present[:4]) + (", ..." if len(present) > 4 else "")
+        raise CheckpointError(f"{path.name}: weights in {names} but no {SINGLE_FILE} nor {SHARD_INDEX} to say which "
+                              f"files hold the model; copy the checkpoint's {SHARD_INDEX} too (a sharded "
+                              f"checkpoint), or name a single weights file {SINGLE_FILE}")
+    return chosen, [p for p in present if p not in chosen]
+
+
+def _weight_map(path: Path) -> dict[str, str]:
+    weight_map = _load_json(path / SHARD_INDEX).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{path.name}: {SHARD_INDEX} has no weight_map of tensor names to file names")
+    return weight_map
+
+
+def _check_weights(path: Path, weights: list[Path], config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The weights are whole floats, and where the index says: tensor name -> shape."""
     quantization = config.get("quantization_config")
     if quantization:
         method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
         raise CheckpointError(f"{path.name} is already quantized (config.json quantization_config, quant_method "
                               f"{method!r}); export from the original float16/bfloat16 checkpoint")
-    index = path / SHARD_INDEX
-    if index.is_file():
-        weight_map = _load_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError(f"{path.name}: {SHARD_INDEX} has no weight_map of tensor names to file names")
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (path / s).is_file()]
-        if missing:
-            raise CheckpointError(f"{path.name}: {SHARD_INDEX} names {len(shards)} weight files and "
-                                  f"{len(missing)} are missing ({', '.join(missing)}); copy or download them")
+    shapes: dict[str, tuple[int, ...]] = {}
+    held: dict[str, str] = {}
     for file in weights:
         header, _ = read_safetensors_header(file)
         for name, entry in header.items():
-            if name != "__metadata__" and entry.get("dtype") not in FLOAT_DTYPES:
+            if name == "__metadata__":
+                continue
+            if entry.get("dtype") not in FLOAT_DTYPES:
                 raise CheckpointError(f"{path.name}: {file.name}: tensor {name} is {entry.get('dtype')}, not a float "
                                       f"({', '.join(FLOAT_DTYPES)}): a quantized or non-Llama checkpoint; export "
                                       "from the original float16/bfloat16 checkpoint")
+            if name in held:
+                raise CheckpointError(f"{path.name}: tensor {name} is in both {held[name]} and {file.name}; a shard "
+                                      "from another download? Download the checkpoint again")
+            held[name] = file.name
+            shapes[name] = tuple(int(d) for d in entry["shape"])
+    if (path / SHARD_INDEX).is_file():
+        wrong = [(name, file) for name, file in _weight_map(path).items() if held.get(name) != file]
+        if wrong:
+            name, file = wrong[0]
+            raise CheckpointError(f"{path.name}: {SHARD_INDEX} puts {len(wrong)} tensors where they are not, e.g. "
+                                  f"{name} in {file}" + (f" (it is in {held[name]})" if name in held else "")
+                                  + ": shards of another download? Download the checkpoint again")
+    return shapes
+
+
+def expected_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The tensors a Llama checkpoint with this config.json holds: name -> (shape, the config
+    keys the shape comes from). lm_head.weight is left out when tied to the embedding."""
+    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    inter, vocab = int(config["intermediate_size"]), int(config["vocab_size"])
+    q, kv = heads * head_dim, kv_heads * head_dim
+    why_q = f"num_attention_heads {heads} x head_dim {head_dim}, hidden_size {hidden}"
+    why_kv = f"num_key_value_heads {kv_heads} x head_dim {head_dim}, hidden_size {hidden}"
+    why_mlp = f"intermediate_size {inter}, hidden_size {hidden}"
+    shapes = {"model.embed_tokens.weight": ((vocab, hidden), f"vocab_size {vocab}, hidden_size {hidden}"),
+              "model.norm.weight": ((hidden,), f"hidden_size {hidden}")}
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = ((vocab, hidden), f"vocab_size {vocab}, hidden_size {hidden}")
+    for i in range(int(config["num_hidden_layers"])):
+        at = f"model.layers.{i}"
+        shapes.update({
+            f"{at}.input_layernorm.weight": ((hidden,), f"hidden_size {hidden}"),
+            f"{at}.post_attention_layernorm.weight": ((hidden,), f"hidden_size {hidden}"),
+            f"{at}.self_attn.q_proj.weight": ((q, hidden), why_q),
+            f"{at}.self_attn.k_proj.weight": ((kv, hidden), why_kv),
+            f"{at}.self_attn.v_proj.weight": ((kv, hidden), why_kv),
+            f"{at}.self_attn.o_proj.weight": ((hidden, q), why_q),
+            f"{at}.mlp.gate_proj.weight": ((inter, hidden), why_mlp),
+            f"{at}.mlp.up_proj.weight": ((inter, hidden), why_mlp),
+            f"{at}.mlp.down_proj.weight": ((hidden, inter), why_mlp),
+        })
+    return shapes
+
+
+def check_tensor_shapes(info: "CheckpointInfo") -> None:
+    """Every tensor the config.json implies is in the weights with the shape it implies, and
+    no decoder layer beyond num_hidden_layers is: a config that does not match its weights
+    (a lost num_key_value_heads, an untied model without its lm_head) is refused before any
+    work, not built into a graph that fails on the device or answers with the wrong head."""
+    problems = []
+    for name, (shape, why) in expected_tensor_shapes(info.config).items():
+        found = info.tensor_shapes.get(name)
+        if found is None:
+            tied = " (config.json tie_word_embeddings is false)" if name == "lm_head.weight" else ""
+            problems.append(f"{name} is missing{tied}")
+        elif found != shape:
+            problems.append(f"{name} is {list(found)}, config.json implies {list(shape)} ({why})")
+    layers = int(info.config["num_hidden_layers"])
+    if f"model.layers.{layers}.self_attn.q_proj.weight" in info.tensor_shapes:
+        problems.append(f"the weights have more decoder layers than config.json's num_hidden_layers ({layers})")
+    if problems:
+        more = f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
+        raise CheckpointError(f"{info.path.name}: config.json does not match the weights: "
+                              + "; ".join(problems[:4]) + more)
 
 
 @dataclass(frozen=True)
@@ -107,6 +213,8 @@ class CheckpointInfo:
     weight_bytes: int
     torch_dtype: str
     family: Family  # size class, variant, attention layout, infill, chat format (export/family.py)
+    ignored_files: tuple[Path, ...] = ()  # *.safetensors files neither the index nor model.safetensors
+    tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every tensor in weight_files
 
     @property
     def supports_infill(self) -> bool:
@@ -149,11 +257,14 @@ def rope_theta(config: dict[str, Any]) -> float:
 def torch_config(config: dict[str, Any]):
     """transformers' LlamaConfig for a config.json, with the RoPE base of `rope_parameters()`
     whichever transformers wrote the file (transformers 4 would default a transformers-5
-    file's base to 10000)."""
+    file's base to 10000), and its scaling, if any, as transformers 4's ``rope_scaling``."""
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(**{k: v for k, v in config.items() if k != "torch_dtype"})
-    cfg.rope_theta = rope_theta(config)
+    cfg = LlamaConfig(**{k: v for k, v in config.items() if k not in ("torch_dtype", "rope_parameters")})
+    rope = rope_parameters(config)
+    cfg.rope_theta = float(rope["rope_theta"])
+    if rope["rope_type"] != "default" and not config.get("rope_scaling"):
+        cfg.rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     return cfg
 
 
@@ -173,12 +284,8 @@ def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> Checkp
             f"{path.name}: found model_type={model_type!r}, architectures={architectures!r}; only Llama-architecture "
             "causal language models (model_type 'llama', LlamaForCausalLM, as Code Llama) can be exported")
 
-    weights = sorted(path.glob("*.safetensors"))
-    if not weights:
-        found = sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".gguf"})
-        raise CheckpointError(f"{path.name}: no *.safetensors weights found"
-                              + (f" (found {', '.join(found)}; convert them to safetensors)" if found else ""))
-    _check_weights(path, weights, config)
+    weights, ignored = weight_files(path)
+    tensor_shapes = _check_weights(path, weights, config)
     tokenizer_path = path / "tokenizer.json"
     if not tokenizer_path.is_file():
         remedy = ""
@@ -229,6 +336,8 @@ def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> Checkp
         chat_format=family.chat_format,
         licence_files=tuple(sorted(p for p in path.iterdir() if p.is_file() and LICENCE_NAME.search(p.name))),
         weight_files=tuple(weights),
+        ignored_files=tuple(ignored),
+        tensor_shapes=tensor_shapes,
         weight_bytes=sum(p.stat().st_size for p in weights),
         torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
         family=family,

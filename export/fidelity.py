@@ -72,6 +72,12 @@ class FidelityReport:
         return d
 
 
+def prompt_positions(tokenizer: CodeLlamaTokenizer, chat_format: str, n_tokens: int) -> int:
+    """The positions the prompts' measure needs: the longest prompt and its ``n_tokens``
+    greedy tokens (the corpus windows fit any context: they are cut to it)."""
+    return max(len(ids) for _, ids in fidelity_prompt_ids(tokenizer, chat_format)) + n_tokens
+
+
 def fidelity_prompt_ids(tokenizer: CodeLlamaTokenizer, chat_format: str) -> list[tuple[str, list[int]]]:
     reqs = [("complete", GenerationRequest(mode="complete", prompt=p)) for p in COMPLETION_PROMPTS]
     if tokenizer.supports_infill:
@@ -204,7 +210,7 @@ def measure(checkpoint: Path, graph: Path, arch: Architecture, tokenizer_path: P
     tokenizer = CodeLlamaTokenizer.from_file(tokenizer_path)
     prompts = fidelity_prompt_ids(tokenizer, chat_format)
     windows = corpus_windows(tokenizer, corpus_tokens, corpus_window) if corpus_tokens > 0 else []
-    max_len = max([len(ids) + n_tokens for _, ids in prompts] + [len(w) for w in windows])
+    max_len = max([prompt_positions(tokenizer, chat_format, n_tokens)] + [len(w) for w in windows])
     decoder = DECODERS[flavour](ort, session, arch, device=device, max_length=max_len)
 
     rows = []

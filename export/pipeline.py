@@ -20,7 +20,7 @@ from edge_runtime.tokenizer import CodeLlamaTokenizer
 
 from . import calibration, fidelity, graph_builder, kv_cache_quant, onnx_export, quantize
 from .bundle_writer import copy_into, write_manifest
-from .checkpoint import CheckpointInfo, read_checkpoint
+from .checkpoint import SHARD_INDEX, SINGLE_FILE, CheckpointInfo, check_tensor_shapes, read_checkpoint
 from .progress import Progress, peak_rss_bytes
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
@@ -189,12 +189,26 @@ def context_limit(info: CheckpointInfo, profile: DeviceProfile, requested: int |
     return min(profile.max_context, info.architecture.max_position_embeddings)
 
 
+def staging_folder(output: Path) -> Path:
+    """Where the bundle is written until it is whole (then renamed to --output)."""
+    return output.with_name(output.name + ".partial")
+
+
+def replaced_folder(output: Path) -> Path:
+    """Where --force moves the earlier bundle while the new one takes its name."""
+    return output.with_name(output.name + ".replaced")
+
+
 def check_output(output: Path, checkpoint: Path, *, force: bool) -> None:
     """--output is a new folder, or (with --force) an earlier bundle: never the
     checkpoint, a folder holding it, a file, or a folder of something else."""
     if output == checkpoint or output in checkpoint.parents:
         raise ExportError(f"--output {output} is the checkpoint's folder or holds it ({checkpoint}): choose a new "
                           "folder for the bundle")
+    for scratch in (staging_folder(output), replaced_folder(output)):  # the export deletes these
+        if scratch == checkpoint or scratch in checkpoint.parents:
+            raise ExportError(f"the export writes {scratch}, which is the checkpoint's folder or holds it "
+                              f"({checkpoint}): choose another --output")
     if not output.exists():
         return
     if not force:
@@ -254,7 +268,11 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
 
     with progress.step("read checkpoint"):
         info = read_checkpoint(opts.checkpoint, variant=opts.variant)
+        check_tensor_shapes(info)
         arch = info.architecture
+        if info.ignored_files:
+            progress.detail(f"note: not read (neither {SHARD_INDEX} nor {SINGLE_FILE} names them): "
+                            + ", ".join(p.name for p in info.ignored_files))
         fam = info.family
         progress.detail(f"{info.name}: {arch.num_layers} layers, hidden {arch.hidden_size}, heads "
                         f"{arch.num_heads}/{arch.num_kv_heads} kv, vocab {arch.vocab_size}, weights "
@@ -265,6 +283,11 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                         f"infill {'yes' if fam.supports_infill else 'no: ' + fam.infill_note}, chat format "
                         f"{fam.chat_format} (from {fam.chat_format_source})")
         graph_choice = choose_graph(opts.graph, info, opts.algorithm)
+        if graph_choice.name == "optimum" and "rope_parameters" in info.config and "rope_theta" not in info.config:
+            raise ExportError(f"{info.name}'s config.json keeps its RoPE settings in rope_parameters (written by "
+                              "transformers 5), which optimum's exporter (transformers 4) does not read: it would "
+                              "rotate with base 10000. Use --graph fused (not with --algorithm hqq), or add the "
+                              "rope_theta of rope_parameters at the top level of config.json")
         flavour = GRAPHS[graph_choice.name]
         progress.detail(f"graph: {graph_choice.name} ({graph_choice.why})")
         kv_dtype = kv_dtype_of(precision, flavour, profile.kv_cache.dtype, kv_bits)  # as the bundle will record it
@@ -276,8 +299,16 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                             f"({arch.max_position_embeddings}, the context it was trained for): its output past "
                             "that is not measured here")
         check_torch_memory(info, fidelity_on=not opts.skip_fidelity, graph=graph_choice.name)
+        if not opts.skip_fidelity:
+            need = fidelity.prompt_positions(CodeLlamaTokenizer.from_file(info.tokenizer_path), info.chat_format,
+                                             opts.fidelity_tokens)
+            if need > limit:
+                raise ExportError(f"the fidelity measure needs {need} positions (its longest prompt and "
+                                  f"--fidelity-tokens {opts.fidelity_tokens}) and the bundle's context is {limit}: "
+                                  f"raise --max-context to {need}, lower --fidelity-tokens, or add --skip-fidelity")
 
-    partial = output.with_name(output.name + ".partial")
+    partial = staging_folder(output)
+    replaced = replaced_folder(output)
     shutil.rmtree(partial, ignore_errors=True)
     work = partial / "_export"
     try:
@@ -396,12 +427,18 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
             plan = bundle_plan(load_bundle(partial), profile)  # read back exactly as the device will
             progress.detail(plan.describe() + ("" if plan.fits else ": DOES NOT FIT; the engine will refuse to "
                                                "start with this profile (lower --max-context or the precision)"))
+            # two renames: at every moment one whole bundle has the name, or the earlier one is
+            # put back below
+            shutil.rmtree(replaced, ignore_errors=True)
             if output.exists():
-                shutil.rmtree(output)
+                output.rename(replaced)
             partial.rename(output)
     except BaseException:
+        if replaced.exists() and not output.exists():
+            replaced.rename(output)
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    shutil.rmtree(replaced, ignore_errors=True)
 
     bundle = load_bundle(output)
     files = bundle.manifest["files"]

@@ -373,6 +373,29 @@ def test_force_replaces_an_earlier_bundle(tiny_checkpoint, tiny_bundle, tmp_path
     assert load_bundle(out).manifest["precision"] == "int8"
 
 
+def test_an_export_stopped_while_it_replaces_a_bundle_leaves_the_earlier_one(tiny_checkpoint, tiny_bundle, tmp_path,
+                                                                               monkeypatch):
+    """Ctrl-C between moving the earlier bundle aside and renaming the new one into place:
+    the earlier bundle is back under its name, whole, and no scratch folder is left."""
+    from edge_export.pipeline import ExportOptions, run_export
+
+    out = copy_bundle(tiny_bundle, tmp_path / "b")
+    before = load_bundle(out).manifest["files"]
+    rename = Path.rename
+
+    def interrupted(self, target):
+        if self.name.endswith(".partial"):
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=out, force=True,
+                                 precision="int8", skip_fidelity=True))
+    assert load_bundle(out).manifest["files"] == before  # verified: every hash
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
 def broken_copy(tiny_checkpoint: Path, tmp_path: Path, name: str) -> Path:
     return shutil.copytree(tiny_checkpoint, tmp_path / name)
 
@@ -390,7 +413,7 @@ def test_a_truncated_or_missing_shard_is_refused_at_once_with_the_file_named(tin
     assert cli.returncode == 2 and "is truncated" in cli.stderr and "Traceback" not in cli.stderr
 
     missing = broken_copy(tiny_checkpoint, tmp_path, "missing")
-    shard = sorted(missing.glob("*.safetensors"))[-1]
+    shard = (missing / "model.safetensors").rename(missing / "model-00001-of-00002.safetensors")
     index = {"metadata": {}, "weight_map": {"model.norm.weight": shard.name,
                                             "lm_head.weight": "model-00002-of-00002.safetensors"}}
     (missing / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -410,9 +433,103 @@ def test_a_weights_file_that_is_not_float_safetensors_is_refused(tiny_checkpoint
 
     folder = broken_copy(tiny_checkpoint, tmp_path, "odd")
     raw = json.dumps(header).encode()
-    (folder / "extra.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(4))
+    (folder / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(4))
     with pytest.raises(CheckpointError, match=words):
         read_checkpoint(folder)
+
+
+def _save_tensors(file: Path, tensors: dict) -> None:
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(file))
+
+
+def _tensors(file: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(str(file))
+
+
+def test_weights_are_read_from_the_files_transformers_would_read(tiny_checkpoint, tmp_path):
+    """model.safetensors, or the shards the index names; a stale file beside them is not read
+    (and the export says so), two sets or shards without their index are refused at once."""
+    from edge_export.checkpoint import CheckpointError, read_checkpoint
+
+    folder = broken_copy(tiny_checkpoint, tmp_path, "stale")
+    tensors = _tensors(folder / "model.safetensors")
+    _save_tensors(folder / "model-00001-of-00002.safetensors",
+                  {"model.norm.weight": np.zeros_like(tensors["model.norm.weight"])})  # an older download's
+    info = read_checkpoint(folder)
+    assert [p.name for p in info.weight_files] == ["model.safetensors"]
+    assert [p.name for p in info.ignored_files] == ["model-00001-of-00002.safetensors"]
+
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors nor model.safetensors.index.json"):
+        read_checkpoint(folder)
+
+    both = broken_copy(tiny_checkpoint, tmp_path, "both")
+    _save_tensors(both / "model-00001-of-00001.safetensors", tensors)
+    (both / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {name: "model-00001-of-00001.safetensors" for name in tensors}}))
+    with pytest.raises(CheckpointError, match="both model.safetensors and model.safetensors.index.json"):
+        read_checkpoint(both)
+    (both / "model.safetensors").unlink()
+    assert [p.name for p in read_checkpoint(both).weight_files] == ["model-00001-of-00001.safetensors"]
+
+    # an index that places a tensor in a shard that does not hold it: shards of two downloads
+    index = json.loads((both / "model.safetensors.index.json").read_text())
+    _save_tensors(both / "model-00002-of-00002.safetensors", {"extra": np.zeros(2, np.float32)})
+    index["weight_map"]["lm_head.weight"] = "model-00002-of-00002.safetensors"
+    (both / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="puts 1 tensors where they are not, e.g. lm_head.weight in "
+                                              "model-00002-of-00002.safetensors \\(it is in model-00001"):
+        read_checkpoint(both)
+
+
+def test_a_broken_link_to_the_weights_is_a_clear_error(tiny_checkpoint, tmp_path):
+    from edge_export.checkpoint import CheckpointError, read_checkpoint
+
+    folder = broken_copy(tiny_checkpoint, tmp_path, "link")
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").symlink_to(tmp_path / "blobs" / "gone")
+    with pytest.raises(CheckpointError, match="model.safetensors cannot be read .*broken link"):
+        read_checkpoint(folder)
+
+
+@pytest.mark.parametrize("change, words", [
+    ("drop lm_head", "lm_head.weight is missing \\(config.json tie_word_embeddings is false\\)"),
+    ("kv heads", "k_proj.weight is \\[32, 64\\], config.json implies \\[64, 64\\] \\(num_key_value_heads 4"),
+    ("vocab", "embed_tokens.weight is \\[32016, 64\\], config.json implies \\[32100, 64\\] \\(vocab_size 32100"),
+    ("fewer layers", "more decoder layers than config.json's num_hidden_layers \\(1\\)"),
+])
+def test_a_config_that_does_not_match_its_weights_is_refused_before_any_work(tiny_checkpoint, tmp_path, change,
+                                                                             words):
+    from edge_export.checkpoint import CheckpointError
+    from edge_export.pipeline import ExportOptions, run_export
+
+    folder = broken_copy(tiny_checkpoint, tmp_path, "mismatch")
+    config = json.loads((folder / "config.json").read_text())
+    if change == "drop lm_head":
+        tensors = _tensors(folder / "model.safetensors")
+        del tensors["lm_head.weight"]
+        _save_tensors(folder / "model.safetensors", tensors)
+    else:
+        config.update({"kv heads": {"num_key_value_heads": None}, "vocab": {"vocab_size": 32100},
+                       "fewer layers": {"num_hidden_layers": 1}}[change])
+        (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=words):
+        run_export(ExportOptions(checkpoint=folder, profile="cpu-x86_64", output=tmp_path / "out",
+                                 precision="fp32", skip_fidelity=True))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_context_too_short_for_the_fidelity_prompts_is_refused_before_the_build(tiny_checkpoint, tmp_path):
+    from edge_export.pipeline import ExportError, ExportOptions, run_export
+
+    with pytest.raises(ExportError, match="the fidelity measure needs \\d+ positions .* raise --max-context to"):
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=tmp_path / "out",
+                                 precision="fp32", max_context=32))
+    assert not (tmp_path / "out.partial").exists()
 
 
 def test_an_already_quantized_checkpoint_is_refused(tiny_checkpoint, tmp_path):

@@ -34,7 +34,7 @@ def make_folder(root: Path, name: str, size: str, vocab: str, template: str | No
                           num_kv_heads=s.num_kv_heads, max_position_embeddings=16384, rope_theta=1e6)
     folder = root / name
     write_checkpoint_files(folder, config, vocab=vocab, dtype="bfloat16", chat_template=TEMPLATES[template])
-    (folder / "model-00001-of-00001.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")  # no tensors
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")  # no tensors
     if generation_eos is not None:
         gen = json.loads((folder / "generation_config.json").read_text())
         gen["eos_token_id"] = generation_eos
