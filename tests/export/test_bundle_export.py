@@ -645,3 +645,30 @@ def test_export_without_the_export_extra_is_refused_before_any_work(tiny_checkpo
     assert "the export side is not installed (scipy" in done.stderr  # scipy, or scipy.linalg as hidden here
     assert "pip install '/path/to/edge-runtime[export,cpu]'" in done.stderr
     assert not out.exists() and not out.with_name("b.partial").exists()
+
+
+def test_a_transformers_5_config_keeps_its_rope_base_and_scaling_for_torch():
+    from edge_export.checkpoint import torch_config
+
+    base = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,
+            "intermediate_size": 128, "vocab_size": 100}
+    plain = torch_config({**base, "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}})
+    assert plain.rope_theta == 1e6 and plain.rope_scaling is None
+    scaled = torch_config({**base, "rope_parameters": {"rope_theta": 1e6, "rope_type": "linear", "factor": 2.0}})
+    assert scaled.rope_theta == 1e6 and scaled.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+
+
+def test_optimums_exporter_is_refused_a_transformers_5_rope_config(tiny_checkpoint, tmp_path):
+    """optimum reads the checkpoint with transformers 4, which takes a config.json without a
+    top-level rope_theta for base 10000: refused before the export, with the way out."""
+    from edge_export.pipeline import ExportError, ExportOptions, run_export
+
+    folder = broken_copy(tiny_checkpoint, tmp_path, "tf5")
+    config = json.loads((folder / "config.json").read_text())
+    theta = config.pop("rope_theta")
+    config["rope_parameters"] = {"rope_theta": theta, "rope_type": "default"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="rope_parameters .* Use --graph fused"):
+        run_export(ExportOptions(checkpoint=folder, profile="cpu-x86_64", output=tmp_path / "out", graph="optimum",
+                                 precision="fp32", skip_fidelity=True))
+    assert not (tmp_path / "out.partial").exists()
