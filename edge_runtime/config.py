@@ -27,6 +27,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from .errors import ConfigError
 from .mqtt_connection import BrokerAddress, TlsFiles, parse_broker_url, read_password_file
+from .profiles import is_profile_path
 from .protocol import FLEET_LEVEL, Topics, validate_name
 from .types import PROMPT_CACHE_SCOPES
 from .typed_toml import InvalidField, at_least, between, from_mapping, matches, parse_toml
@@ -216,6 +217,10 @@ def _resolve_file_paths(data: dict[str, Any], base: Path) -> None:
         if isinstance(table, dict) and isinstance(table.get(key), str):
             path = Path(table[key]).expanduser()
             table[key] = str(path if path.is_absolute() else base / path)
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("profile"), str) and is_profile_path(model["profile"]):
+        path = Path(model["profile"]).expanduser()  # a TOML file, not a packaged profile's name
+        model["profile"] = str(path if path.is_absolute() else base / path)
 
 
 def load_config(path: Path | str | None, overrides: Mapping[str, Any] | None = None, *,

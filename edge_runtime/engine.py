@@ -108,12 +108,21 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, P
     try:
         session, choice = open_session(ort, bundle, options, choice)
     except Exception as exc:
-        if bundle_kv_dtype(bundle, profile.kv_cache.dtype) == "int8":
+        if bundle_kv_dtype(bundle, profile.kv_cache.dtype) == "int8" and _version(ort.__version__) < (1, 32):
             raise BundleError(f"{bundle.root} keeps an int8 KV cache, which onnxruntime {ort.__version__} could not "
                               f"load ({exc}); it needs onnxruntime 1.32 or newer (the version tested), or export the "
                               "bundle with --kv-cache-bits 0 (a float cache)") from exc
         raise
     return session, check_session_providers(session, choice, profile)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """(1, 32) of "1.32.0" or "1.32.0.dev20260101"."""
+    parts = []
+    for piece in text.split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
 
 
 def open_session(ort, bundle: Bundle, options, choice: ProviderChoice) -> tuple[object, ProviderChoice]:
@@ -123,7 +132,10 @@ def open_session(ort, bundle: Bundle, options, choice: ProviderChoice) -> tuple[
     try:
         return ort.InferenceSession(str(bundle.graph_path), sess_options=options, providers=choice.providers), choice
     except Exception as exc:
-        if not (uses_cuda_graph(choice) and "cuda graph" in str(exc).lower()):
+        said = str(exc).lower()
+        # onnxruntime's words for it: "...cannot use the graph capture feature..." (1.2x-1.32),
+        # "cuda graph" in older releases
+        if not (uses_cuda_graph(choice) and ("graph capture" in said or "cuda graph" in said)):
             raise
         log.warning("onnxruntime cannot record CUDA graphs for %s (%s); its steps run without them", bundle.root, exc)
     choice = without_cuda_graph(choice)

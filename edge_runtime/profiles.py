@@ -277,7 +277,8 @@ def _packaged_names() -> list[str]:
     )
 
 
-def _is_path(path_or_name: str | os.PathLike[str]) -> bool:
+def is_profile_path(path_or_name: str | os.PathLike[str]) -> bool:
+    """Whether a profile argument names a TOML file (a path separator or .toml), not a packaged profile."""
     if isinstance(path_or_name, os.PathLike):
         return True
     return "/" in path_or_name or os.sep in path_or_name or path_or_name.endswith(".toml")
@@ -285,7 +286,7 @@ def _is_path(path_or_name: str | os.PathLike[str]) -> bool:
 
 def profile_text(path_or_name: str | os.PathLike[str]) -> str:
     """The TOML text of a profile: a packaged one by name, or a file by path."""
-    if _is_path(path_or_name):
+    if is_profile_path(path_or_name):
         return pathlib.Path(path_or_name).read_text(encoding="utf-8")
     resource = _packaged_dir() / f"{path_or_name}.toml"
     if not resource.is_file():
@@ -300,7 +301,7 @@ def load_profile(path_or_name: str | os.PathLike[str]) -> DeviceProfile:
     A string counts as a path when it contains a path separator or ends in ``.toml``.
     Raises ConfigError, naming the file and the dotted key, when the profile is invalid.
     """
-    if _is_path(path_or_name):
+    if is_profile_path(path_or_name):
         return load_toml(DeviceProfile, path_or_name)
     name = str(path_or_name)
     resource = _packaged_dir() / f"{name}.toml"

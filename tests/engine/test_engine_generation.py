@@ -381,8 +381,15 @@ def test_the_gpu_profiles_cuda_graphs_are_off_for_a_bundle_whose_kv_cache_grows(
     assert "run without them (export it with --graph fused" in caplog.text
 
 
+@pytest.mark.parametrize("words", [
+    # onnxruntime 1.32's wording (its Fail exception), then the older releases'
+    "This session cannot use the graph capture feature as requested by the user  as all compute graph nodes have "
+    "not been partitioned to the CUDAExecutionProvider",
+    "This session cannot use the CUDA Graph feature as requested by the user as all compute graph nodes have not "
+    "been partitioned to the CUDA EP.",
+])
 def test_a_fused_bundle_whose_nodes_cannot_all_be_recorded_runs_without_cuda_graphs(gpu_fp16_bundle, monkeypatch,
-                                                                                      caplog):
+                                                                                      caplog, words):
     """onnxruntime refuses, at load, CUDA graphs for a session whose nodes are not all on CUDA
     (an operator without a CUDA kernel in the installed version): the engine loads it again
     without them and says so, rather than not starting."""
@@ -395,8 +402,9 @@ def test_a_fused_bundle_whose_nodes_cannot_all_be_recorded_runs_without_cuda_gra
     def refusing_graphs(path, sess_options=None, providers=None, **kwargs):
         asked.append(dict(providers)["CUDAExecutionProvider"]["enable_cuda_graph"])
         if asked[-1] == "1":
-            raise RuntimeError("This session cannot use the CUDA Graph feature as requested by the user as all "
-                               "compute graph nodes have not been partitioned to the CUDA EP.")
+            from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+            raise Fail(words)
         return real_session(path, sess_options=sess_options, providers=["CPUExecutionProvider"], **kwargs)
 
     monkeypatch.setattr(onnxruntime, "InferenceSession", refusing_graphs)
@@ -404,6 +412,24 @@ def test_a_fused_bundle_whose_nodes_cannot_all_be_recorded_runs_without_cuda_gra
         engine = Engine.from_bundle(gpu_fp16_bundle, "nvidia-gpu", allow_cpu_fallback=True)
     assert asked == ["1", "0"]  # the fused graph asks for them first
     assert "cannot record CUDA graphs" in caplog.text and not engine.decoder.cuda_graph
+
+
+@pytest.mark.parametrize("version, blamed", [("1.32.0", False), ("1.31.1", True)])
+def test_an_int8_cache_bundle_that_fails_to_load_blames_the_version_only_when_it_is_older(
+        demo_int4_bundle, monkeypatch, version, blamed):
+    """A session that fails to open on an onnxruntime with the int8 cache kernel (1.32) says
+    onnxruntime's own reason (memory, a damaged graph), not "upgrade to the version you have"."""
+    import onnxruntime
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("Failed to allocate memory for requested buffer of size 123")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", failing)
+    monkeypatch.setattr(onnxruntime, "__version__", version)
+    with pytest.raises(Exception) as caught:
+        Engine.from_bundle(demo_int4_bundle)
+    assert "Failed to allocate memory" in str(caught.value)
+    assert ("needs onnxruntime 1.32 or newer" in str(caught.value)) == blamed
 
 
 def test_a_profiles_session_config_reaches_the_onnxruntime_session(tiny_bundle, monkeypatch):

@@ -50,6 +50,20 @@ def test_defaults_and_relative_paths(tmp_path):
     assert config.service.log_level == "INFO"
 
 
+@pytest.mark.parametrize("profile, expected", [
+    ("board.toml", "{dir}/board.toml"),  # a TOML file beside the config: relative to the config's folder
+    ("profiles/board.toml", "{dir}/profiles/board.toml"),
+    ("/opt/board.toml", "/opt/board.toml"),
+    ("cpu-x86_64", "cpu-x86_64"),  # a packaged profile's name stays a name
+])
+def test_a_profile_file_in_the_config_is_relative_to_the_config(tmp_path, profile, expected):
+    """Under systemd the working directory is /: a profile named by a relative path in
+    /etc/edge-runtime/config.toml is the file beside it, as every other path there."""
+    config = load_config(write(tmp_path, MINIMAL.replace("[mqtt]", f'profile = "{profile}"\n[mqtt]')),
+                         check_files=False)
+    assert config.model.profile == expected.format(dir=tmp_path)
+
+
 def test_flags_override_the_file(tmp_path):
     overrides = {"mqtt.device_id": "other", "model": {"profile": "cpu-x86_64"}, "mqtt.broker": None,
                  "model.bundle": Path("rel"), "service.log_content": True, "limits.queue_depth": 2}
