@@ -255,8 +255,8 @@ def cmd_audit(args) -> int:
     except ValueError as exc:
         return _die(str(exc))
     def unreadable(path: Path, exc: OSError) -> EdgeRuntimeError:
-        # the service's state dir is 0750: root or its group only
-        hint = (" (run as root, or as a member of the edge-runtime group)"
+        # the service writes the log 0600 (it may hold request text): root or the service user only
+        hint = (" (run as root: sudo edge-runtime audit ...)"
                 if exc.errno in (errno.EACCES, errno.EPERM) else "")
         return EdgeRuntimeError(f"cannot read {path}: {exc.strerror or exc}{hint}")
 

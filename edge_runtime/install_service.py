@@ -16,10 +16,12 @@ the same arguments changes nothing and says so):
    of every file, `bundle.load_bundle`; a bundle that fails is refused before
    anything is changed), then copied to ``/opt/edge-runtime/bundles/<name>``
    (root-owned and read-only to the service under ``ProtectSystem=strict``);
-5. ``/etc/edge-runtime/config.toml`` from the sample, with [model] filled in,
+5. a ``--profile`` given as a TOML file, copied to ``/etc/edge-runtime/profiles/``
+   (the service reads neither the operator's home nor paths relative to where this ran);
+6. ``/etc/edge-runtime/config.toml`` from the sample, with [model] filled in,
    only if there is none (an existing config is never overwritten; a warning says
    when its [model] profile or bundle differs from what this run installs);
-6. ``systemctl daemon-reload`` (when a unit file changed) and
+7. ``systemctl daemon-reload`` (when a unit file changed, or systemd holds older ones) and
    ``systemctl enable edge-runtime``, only on the live system (``--root /``)
    with systemd running. It does not start the service: edit [mqtt] first.
 
@@ -41,6 +43,7 @@ carries them (tests/system/test_systemd_units.py checks they are identical).
 from __future__ import annotations
 
 import argparse
+import grp
 import importlib.resources
 import json
 import os
@@ -58,6 +61,7 @@ from typing import Any
 from .config import SERVICE_STATE_DIR
 from .errors import BundleError, ConfigError, EdgeRuntimeError
 from .memory_fit import human_bytes
+from .profiles import is_profile_path
 
 __all__ = [
     "BUNDLES_DIR",
@@ -82,9 +86,11 @@ BUNDLES_DIR = "/opt/edge-runtime/bundles"
 UNIT_FILE = "etc/systemd/system/edge-runtime.service"
 GPU_DROPIN_FILE = "etc/systemd/system/edge-runtime.service.d/gpu.conf"
 CONFIG_FILE = "etc/edge-runtime/config.toml"
+PROFILES_DIR = "etc/edge-runtime/profiles"  # a --profile given as a TOML file is installed here
 # What --uninstall keeps (data and the operator's files), with what each holds.
 KEPT_ON_UNINSTALL = (("etc/edge-runtime", "the config, MQTT password and CA"),
                      (STATE_DIR.lstrip("/"), "the state: audit log, reply store"),
+                     ("var/cache/edge-runtime", "the GPU caches: TensorRT engines, CUDA's JIT cache"),
                      (BUNDLES_DIR.lstrip("/"), "the bundles"))
 GPU_GROUPS = ("video", "render")
 # Directories the unit hides from the service (ProtectHome=, PrivateTmp=): its
@@ -346,6 +352,15 @@ class _Installer:
         return (self.run(argv, capture_output=True, text=True).stdout or "").strip()
 
     # -- facts
+    def group_exists(self) -> bool:
+        if self.live:
+            try:
+                grp.getgrnam(SERVICE_USER)
+                return True
+            except KeyError:
+                return False
+        return SERVICE_USER in (_names_in(self.target("etc/group")) or set())
+
     def user_exists(self) -> bool:
         if self.live:
             try:
@@ -421,8 +436,11 @@ class _Installer:
         if self.user_exists():
             self.step(f"user {SERVICE_USER}: exists, skipped")
             return
+        # a group of the name left by an earlier `userdel` (it outlives the user while it has
+        # members): join it, as `useradd --user-group` refuses to make it again
+        group = ["--gid", SERVICE_USER] if self.group_exists() else ["--user-group"]
         argv = ["useradd", "--system", "--no-create-home", "--home-dir", STATE_DIR,
-                "--shell", "/usr/sbin/nologin", "--user-group", "--comment", "edge-runtime daemon", SERVICE_USER]
+                "--shell", "/usr/sbin/nologin", *group, "--comment", "edge-runtime daemon", SERVICE_USER]
         if not self.live:
             missing = [name for name in ("etc/passwd", "etc/group") if not self.target(name).is_file()]
             if missing:
@@ -573,10 +591,16 @@ class _Installer:
         return True
 
     def daemon_reload(self) -> None:
-        if self.units_changed:
+        """When this run changed a unit file, or systemd holds an older one than the disk (a
+        run stopped after writing the units and before reloading: the rerun finds them as
+        it wants them, and only systemd's NeedDaemonReload tells)."""
+        stale = not self.units_changed and self.query(
+            ["systemctl", "show", "--property=NeedDaemonReload", "--value", SERVICE_NAME]) == "yes"
+        if self.units_changed or stale:
             if not self.dry_run:
                 self.command(["systemctl", "daemon-reload"])
-            self.did("systemctl daemon-reload", "done", "run it")
+            self.did("systemctl daemon-reload" + (" (systemd held older unit files)" if stale else ""), "done",
+                     "run it")
         else:
             self.step("systemctl daemon-reload: skipped (no unit file changed)")
 
@@ -739,12 +763,19 @@ def install_service(profile: str | None, bundle: Path | None, *, root: Path = Pa
     else:  # a dry run past a bundle that failed verification
         installed_bundle = inst.bundle_destination(source)
         inst.step(f"bundle {inst.shown(installed_bundle)}: would refuse to copy it (see the warning above)")
+    profile_in_config = profile
+    if profile is not None and is_profile_path(profile):
+        # the service cannot read the operator's copy (another working directory, ProtectHome):
+        # it gets its own, named by an absolute path
+        installed_profile = f"{PROFILES_DIR}/{Path(profile).name}"
+        inst.ensure_file(installed_profile, Path(profile).read_text(encoding="utf-8"), 0o644)
+        profile_in_config = "/" + installed_profile
     bundle_in_config = inst.shown(installed_bundle) if installed_bundle is not None else None
     note = f" (check that its [model] bundle is {bundle_in_config})" if config is None and bundle_in_config else ""
-    inst.ensure_file(CONFIG_FILE, render_config(bundle_in_config, profile), 0o644,
+    inst.ensure_file(CONFIG_FILE, render_config(bundle_in_config, profile_in_config), 0o644,
                      overwrite=False, note_if_kept=note)
     if config is not None:
-        inst.check_kept_config(config, profile, bundle_profile, installed_bundle, manifest_sha)
+        inst.check_kept_config(config, profile_in_config, bundle_profile, installed_bundle, manifest_sha)
 
     inst.systemctl()
     return inst.finish("nothing to do: everything is already installed")

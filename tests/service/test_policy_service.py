@@ -284,7 +284,7 @@ def test_audit_of_a_state_dir_it_may_not_read_says_so(tmp_path, monkeypatch, cap
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
     monkeypatch.delenv("STATE_DIRECTORY", raising=False)
     assert main(["audit"]) != 0
-    assert f"cannot read {locked}: Permission denied (run as root, or as a member of the edge-runtime group)" \
+    assert f"cannot read {locked}: Permission denied (run as root: sudo edge-runtime audit ...)" \
         in capsys.readouterr().err
 
 

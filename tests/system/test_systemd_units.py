@@ -455,6 +455,7 @@ class FakeRun:
         self.calls: list[list[str]] = []
         self.enabled = enabled
         self.active = active
+        self.need_reload = False
 
     def __call__(self, argv, **kwargs):
         self.calls.append(list(argv))
@@ -463,6 +464,8 @@ class FakeRun:
             with open(root / "etc" / "passwd", "a") as f:
                 f.write(f"{argv[-1]}:x:999:999::/var/lib/edge-runtime:/usr/sbin/nologin\n")
         stdout = "enabled\n" if argv[:2] == ["systemctl", "is-enabled"] and self.enabled else "disabled\n"
+        if argv[:3] == ["systemctl", "show", "--property=NeedDaemonReload"]:
+            stdout = "yes\n" if self.need_reload else "no\n"
         if argv[:2] == ["systemctl", "is-active"]:
             stdout = "active\n" if self.active else "inactive\n"
         return subprocess.CompletedProcess(argv, 0, stdout=stdout, stderr="")
@@ -601,6 +604,61 @@ def test_install_service_on_a_live_systemd_enables_without_starting(monkeypatch)
     run = FakeRun(enabled=True)
     steps = svc.install_service("cpu-x86_64", None, root=Path("/"), run=run, executable=EXE, dry_run=True)
     assert "systemctl enable edge-runtime: already enabled, skipped" in steps
+
+
+def test_a_rerun_after_an_install_stopped_before_daemon_reload_reloads(image_root, monkeypatch):
+    """The first run wrote the units and stopped (a bundle copy that failed, Ctrl-C) before
+    `systemctl daemon-reload`: the rerun writes nothing new, and systemd still holds the old
+    unit; its NeedDaemonReload says so, and the rerun reloads."""
+    svc.install_service("cpu-x86_64", None, root=image_root, run=FakeRun(), executable=EXE)
+    monkeypatch.setattr(svc, "_is_live", lambda root: True)
+    monkeypatch.setattr(svc, "_systemd_running", lambda: True)
+    monkeypatch.setattr(svc.os, "geteuid", lambda: 0)
+    run = FakeRun(enabled=True)
+    run.need_reload = True
+    steps = svc.install_service("cpu-x86_64", None, root=image_root, run=run, executable=EXE)
+    assert ["systemctl", "daemon-reload"] in run.calls
+    assert "systemctl daemon-reload (systemd held older unit files): done" in steps
+    run = FakeRun(enabled=True)
+    steps = svc.install_service("cpu-x86_64", None, root=image_root, run=run, executable=EXE)
+    assert ["systemctl", "daemon-reload"] not in run.calls
+    assert "systemctl daemon-reload: skipped (no unit file changed)" in steps
+
+
+def test_a_profile_given_as_a_file_is_installed_where_the_service_reads_it(image_root, tmp_path, monkeypatch):
+    """`--profile ./orin-custom.toml`: under systemd the working directory is / and ProtectHome
+    hides the operator's home, so the profile is copied to /etc/edge-runtime/profiles and the
+    config names that copy by its absolute path."""
+    from edge_runtime.config import load_config
+    from edge_runtime.profiles import load_profile, profile_text
+
+    mine = tmp_path / "home" / "orin-custom.toml"
+    mine.parent.mkdir()
+    mine.write_text(profile_text("jetson-orin-nano").replace("intra_op_threads = ", "intra_op_threads = 3 # "))
+    monkeypatch.chdir(mine.parent)
+    steps = svc.install_service("./orin-custom.toml", None, root=image_root, run=FakeRun(), executable=EXE)
+    installed = image_root / "etc/edge-runtime/profiles/orin-custom.toml"
+    assert installed.read_text() == mine.read_text()
+    config = (image_root / svc.CONFIG_FILE).read_text()
+    assert 'profile = "/etc/edge-runtime/profiles/orin-custom.toml"' in config
+    assert load_profile(installed).intra_op_threads == 3
+    assert (image_root / svc.GPU_DROPIN_FILE).exists()  # a Jetson profile: the GPU drop-in
+    assert any("etc/edge-runtime/profiles/orin-custom.toml" in step for step in steps)
+    assert load_config(image_root / svc.CONFIG_FILE, {"mqtt.device_id": "d"}, check_files=False).model.profile == \
+        "/etc/edge-runtime/profiles/orin-custom.toml"
+    again = svc.install_service("./orin-custom.toml", None, root=image_root, run=FakeRun(), executable=EXE)
+    assert again[-1] == "nothing to do: everything is already installed", again
+
+
+def test_the_service_user_joins_a_group_of_its_name_left_by_an_earlier_userdel(image_root):
+    """`userdel edge-runtime` keeps the group while it has other members; `useradd --user-group`
+    would then fail, so the user is made with that group."""
+    with open(image_root / "etc/group", "a") as f:
+        f.write("edge-runtime:x:998:admin\n")
+    run = FakeRun()
+    svc.install_service("cpu-x86_64", None, root=image_root, run=run, executable=EXE)
+    useradd = next(argv for argv in run.calls if argv[0] == "useradd")
+    assert "--user-group" not in useradd and useradd[useradd.index("--gid") + 1] == "edge-runtime"
 
 
 def test_install_service_refuses_what_the_sandbox_would_hide(image_root, bundle_dir):
