@@ -127,12 +127,18 @@ def cmd_generate(args) -> int:
 
 
 # -- serve / ask ----------------------------------------------------------------------------
+# After the bundle is loaded, how long the daemon waits for the broker before it tells systemd
+# it is ready anyway (within the start time the bundle load leaves: at least 40 s)
+BROKER_GRACE_S = 30.0
+
+
 def cmd_serve(args, engine_factory=None) -> int:
     """Load config and engine (`engine_factory(bundle, profile)`, default
     Engine.from_bundle), serve until SIGTERM/SIGINT, drain, exit 0. Under
     systemd (Type=notify): READY=1 once the bundle is loaded and the broker
-    subscribed, STATUS= lines, WATCHDOG=1 while the worker is healthy, STOPPING=1
-    on drain."""
+    subscribed (or, with the broker out of reach, `BROKER_GRACE_S` after the load:
+    the daemon is then active and keeps reconnecting), STATUS= lines, WATCHDOG=1
+    while the worker is healthy, STOPPING=1 on drain."""
     from .client import missing_key_hint, serve_overrides
     from .config import load_config
     from .device_lock import DeviceLock
@@ -140,7 +146,7 @@ def cmd_serve(args, engine_factory=None) -> int:
     from .malloc_arenas import limit_malloc_arenas
     from .policy import load_policy
     from .bundle import load_time_budget_s
-    from .sdnotify import StartExtender, SystemdNotifier, Watchdog
+    from .sdnotify import ReadyAnnouncer, StartExtender, SystemdNotifier, Watchdog
     from .service import EdgeService
 
     try:
@@ -188,15 +194,20 @@ def cmd_serve(args, engine_factory=None) -> int:
         else:
             notifier.status(text)
 
+    announcer = ReadyAnnouncer(notifier, BROKER_GRACE_S, lambda: (
+        f"loaded {engine.info.model_name}; waiting for the broker at {config.mqtt.broker} (requests are served "
+        "once it answers)"))
     service = EdgeService(config, engine, on_status=on_status, policy=policy, device_lock=device_lock,
-                          on_ready=lambda: notifier.ready(
+                          on_ready=lambda: announcer.serving(
                               f"serving {engine.info.model_name} ({engine.info.precision}) on {engine.info.provider}"))
     watchdog = None
     if notifier.watchdog_interval_s:
         watchdog = Watchdog(notifier, lambda: bool(service.health()), notifier.watchdog_interval_s).start()
+    announcer.start()
     try:
         service.run_forever()
     finally:
+        announcer.stop()
         if watchdog is not None:
             watchdog.stop()
         notifier.close()

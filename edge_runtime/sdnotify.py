@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
-__all__ = ["SystemdNotifier", "Watchdog"]
+__all__ = ["ReadyAnnouncer", "StartExtender", "SystemdNotifier", "Watchdog"]
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +209,49 @@ class StartExtender:
         while not self._stop.wait(self.interval_s) and time.monotonic() < deadline:
             if self.notifier.extend_timeout(3 * self.interval_s):
                 self.extensions += 1
+
+
+class ReadyAnnouncer:
+    """``READY=1``, once: when the daemon serves (subscribed on the broker: `serving`), or
+    `grace_s` after `start` while it still has not reached the broker. A daemon that waits
+    for a broker that is down at boot is then *active* and keeps reconnecting, as in any
+    later outage, instead of being killed at ``TimeoutStartSec=`` and restarted, which
+    would read the whole bundle again every few minutes. After ``READY=1``, what the other
+    event says goes to ``STATUS=``."""
+
+    def __init__(self, notifier: SystemdNotifier, grace_s: float, waiting: Callable[[], str]) -> None:
+        self.notifier = notifier
+        self.grace_s = grace_s
+        self.waiting = waiting
+        self.sent = False
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def start(self) -> "ReadyAnnouncer":
+        if self.notifier.enabled:
+            self._timer = threading.Timer(self.grace_s, self._grace)
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def serving(self, status: str) -> None:
+        if self._first():
+            self.notifier.ready(status)
+        else:
+            self.notifier.status(status)
+
+    def _grace(self) -> None:
+        if self._first():
+            self.notifier.ready(self.waiting())
+
+    def _first(self) -> bool:
+        with self._lock:
+            first, self.sent = not self.sent, True
+        return first
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 class Watchdog:

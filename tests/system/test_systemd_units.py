@@ -229,6 +229,27 @@ def test_a_slow_bundle_load_extends_the_start_timeout_within_its_budget(notify_s
     notifier.close()
 
 
+def test_ready_comes_when_serving_or_after_the_grace_without_the_broker(notify_socket):
+    """Broker up: READY=1 when the daemon serves, and the grace sends nothing more. Broker
+    down: READY=1 after the grace, saying it waits for the broker, then the serving line as
+    STATUS= once it connects: the service is active, not restarted at TimeoutStartSec."""
+    from edge_runtime.sdnotify import ReadyAnnouncer
+
+    path, sock = notify_socket
+    notifier = SystemdNotifier.from_environment({"NOTIFY_SOCKET": str(path)})
+    up = ReadyAnnouncer(notifier, 0.2, lambda: "waiting for the broker").start()
+    up.serving("serving demo")
+    assert datagrams(sock, 0.5) == ["READY=1\nSTATUS=serving demo"]
+    down = ReadyAnnouncer(notifier, 0.2, lambda: "waiting for the broker").start()
+    assert datagrams(sock, 0.5) == ["READY=1\nSTATUS=waiting for the broker"]
+    down.serving("serving demo")
+    assert datagrams(sock, 0.3) == ["STATUS=serving demo"]
+    stopped = ReadyAnnouncer(notifier, 0.2, lambda: "waiting for the broker").start()
+    stopped.stop()  # the daemon stopped before the grace ran out
+    assert datagrams(sock, 0.4) == []
+    notifier.close()
+
+
 def test_notifier_uses_the_abstract_namespace(tmp_path):
     name = f"edge-runtime-test-{os.getpid()}-{time.monotonic_ns()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
