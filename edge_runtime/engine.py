@@ -244,7 +244,7 @@ class Engine:
         if extra.get("cuda_graph"):
             log.info("CUDA graphs: each decode step replays one recording (the profile's enable_cuda_graph)")
         decoder = DECODERS[bundle.graph_flavour](ort, session, bundle.architecture, device=choice.device,
-                                                 max_length=max_length, **extra)
+                                                 device_id=choice.device_id, max_length=max_length, **extra)
         tokenizer = CodeLlamaTokenizer.from_file(bundle.tokenizer_path)
         return cls(bundle, profile, session, decoder, tokenizer, choice, memory, prompt_cache, prompt_lookup)
 

@@ -192,7 +192,7 @@ class SharedKVDecoder:
 
     def __init__(self, ort, session, arch: Architecture, *, device: str, max_length: int,
                  huge_pages: bool = False, prefill_chunk: int | None = None, cuda_graph: bool = False,
-                 int8_kernel_rows: int = INT8_STEP_ROWS_MAX) -> None:
+                 int8_kernel_rows: int = INT8_STEP_ROWS_MAX, device_id: int = 0) -> None:
         """`huge_pages`: on the CPU, allocate the KV buffers with numpy (transparent huge
         pages, fully resident after the first prefill) instead of committing 4 KiB
         pages as tokens arrive (the default; see `allocate_host_lazily`).
@@ -217,6 +217,7 @@ class SharedKVDecoder:
         self.session = session
         self.arch = arch
         self.device = device
+        self.device_id = device_id  # which GPU the buffers live on (the session's)
         check_graph_matches(session, arch, GQA_INPUTS)
         limit = graph_max_length(session)
         if limit is not None and max_length > limit:
@@ -248,10 +249,10 @@ class SharedKVDecoder:
         # tests that run this mode there would pass without the update_inplace a GPU needs
         on_device = ort.OrtValue.ortvalue_from_numpy
         if self._inputs_on_device:
-            self._token_dev = on_device(self._token.copy(), device, 0)
-            self._seqlens_dev = on_device(self._seqlens_k.copy(), device, 0)
+            self._token_dev = on_device(self._token.copy(), device, device_id)
+            self._seqlens_dev = on_device(self._seqlens_k.copy(), device, device_id)
         if self._logits_on_device:
-            self._logits_dev = on_device(self._logits.copy(), device, 0)
+            self._logits_dev = on_device(self._logits.copy(), device, device_id)
         self._prefill_options = self._decode_options = None
         if cuda_graph:
             self._prefill_options, self._decode_options = ort.RunOptions(), ort.RunOptions()
@@ -289,7 +290,7 @@ class SharedKVDecoder:
         def buffer() -> DeviceBuffer:
             if self.device == "cpu" and not self.huge_pages:
                 return allocate_host_lazily(n, self.kv_dtype)
-            return allocate(self.ort, n, self.kv_dtype, self.device)
+            return allocate(self.ort, n, self.kv_dtype, self.device, self.device_id)
 
         self._buffers = [(buffer(), buffer()) for _ in range(self.arch.num_layers)]
         shape = (1, self.arch.num_kv_heads, self.max_length, self.arch.head_dim)
@@ -304,8 +305,9 @@ class SharedKVDecoder:
             b.bind_input("seqlens_k", "cpu", 0, np.int32, self._seqlens_k.shape, self._seqlens_k.ctypes.data)
         for layer, (k, v) in enumerate(self._buffers):
             for kind, buf in (("key", k), ("value", v)):
-                b.bind_input(f"past_key_values.{layer}.{kind}", self.device, 0, self.kv_dtype, shape, buf.ptr)
-                b.bind_output(f"present.{layer}.{kind}", self.device, 0, self.kv_dtype, shape, buf.ptr)
+                where = (self.device, self.device_id, self.kv_dtype, shape, buf.ptr)
+                b.bind_input(f"past_key_values.{layer}.{kind}", *where)
+                b.bind_output(f"present.{layer}.{kind}", *where)
         b.bind_input("total_sequence_length", "cpu", 0, np.int32, (), self._total_len.ctypes.data)
         if self.verify_rows_max:
             b.bind_input(LOGITS_START, "cpu", 0, np.int64, (1,), self._logits_start.ctypes.data)

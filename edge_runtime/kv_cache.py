@@ -24,14 +24,14 @@ class DeviceBuffer:
     keepalive: object  # the numpy array or OrtValue that owns the memory
 
 
-def allocate(ort, n_elements: int, dtype: np.dtype, device: str) -> DeviceBuffer:
+def allocate(ort, n_elements: int, dtype: np.dtype, device: str, device_id: int = 0) -> DeviceBuffer:
     """A zeroed buffer. On a device it is copied from a host array of zeros: untouched pages
     of np.zeros all map the kernel's zero page, so the copy commits no host memory. Zeroed
     like the host buffers, so no kernel ever reads leftovers of an earlier allocation."""
     arr = np.zeros(n_elements, dtype=dtype)
     if device == "cpu":
         return DeviceBuffer(arr.ctypes.data, arr)
-    value = ort.OrtValue.ortvalue_from_numpy(arr, device, 0)
+    value = ort.OrtValue.ortvalue_from_numpy(arr, device, device_id)
     return DeviceBuffer(value.data_ptr(), value)
 
 
@@ -52,9 +52,10 @@ class KVCache:
 
     @classmethod
     def allocate(cls, ort, *, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,
-                 dtype: np.dtype, device: str) -> "KVCache":
+                 dtype: np.dtype, device: str, device_id: int = 0) -> "KVCache":
         n = num_kv_heads * capacity * head_dim
-        buffers = [[(allocate(ort, n, dtype, device), allocate(ort, n, dtype, device)) for _ in range(num_layers)]
+        buffers = [[(allocate(ort, n, dtype, device, device_id), allocate(ort, n, dtype, device, device_id))
+                    for _ in range(num_layers)]
                    for _side in range(2)]
         return cls(num_layers, num_kv_heads, head_dim, capacity, np.dtype(dtype), device, buffers)
 

@@ -57,11 +57,13 @@ class KVConcatDecoder:
     position_ids, past_key_values.{i}.key/value; outputs logits and
     present.{i}.key/value (past and the new tokens concatenated)."""
 
-    def __init__(self, ort, session, arch: Architecture, *, device: str, max_length: int) -> None:
+    def __init__(self, ort, session, arch: Architecture, *, device: str, max_length: int,
+                 device_id: int = 0) -> None:
         self.ort = ort
         self.session = session
         self.arch = arch
         self.device = device
+        self.device_id = device_id  # which GPU the buffers live on (the session's)
         self.max_length = max_length
         check_graph_matches(session, arch, KV_CONCAT_INPUTS)
         inputs = {i.name: i for i in session.get_inputs()}
@@ -82,7 +84,7 @@ class KVConcatDecoder:
             raise ValueError(f"cache capacity {capacity} exceeds the decoder's maximum {self.max_length}")
         return KVCache.allocate(self.ort, num_layers=self.arch.num_layers, num_kv_heads=self.arch.num_kv_heads,
                                 head_dim=self.arch.head_dim, capacity=capacity, dtype=self.kv_dtype,
-                                device=self.device)
+                                device=self.device, device_id=self.device_id)
 
     def _bind(self, cache: KVCache, ids: np.ndarray, logits_out: np.ndarray | None) -> None:
         b = self._binding
@@ -103,10 +105,11 @@ class KVConcatDecoder:
         for layer in range(self.arch.num_layers):
             pk, pv = cache.past(layer)
             nk, nv = cache.present(layer)
-            b.bind_input(f"past_key_values.{layer}.key", self.device, 0, self.kv_dtype, cache.shape(past), pk.ptr)
-            b.bind_input(f"past_key_values.{layer}.value", self.device, 0, self.kv_dtype, cache.shape(past), pv.ptr)
-            b.bind_output(f"present.{layer}.key", self.device, 0, self.kv_dtype, cache.shape(total), nk.ptr)
-            b.bind_output(f"present.{layer}.value", self.device, 0, self.kv_dtype, cache.shape(total), nv.ptr)
+            on = (self.device, self.device_id, self.kv_dtype)
+            b.bind_input(f"past_key_values.{layer}.key", *on, cache.shape(past), pk.ptr)
+            b.bind_input(f"past_key_values.{layer}.value", *on, cache.shape(past), pv.ptr)
+            b.bind_output(f"present.{layer}.key", *on, cache.shape(total), nk.ptr)
+            b.bind_output(f"present.{layer}.value", *on, cache.shape(total), nv.ptr)
 
     def prefill(self, cache: KVCache, ids: np.ndarray) -> np.ndarray:
         """Run the prompt (int64 ids [S]) through the graph; returns logits [S, V] (float32)."""

@@ -37,6 +37,7 @@ class ProviderChoice:
     providers: list[tuple[str, dict[str, Any]]]  # what the session is created with, in order
     device: str  # "cpu" or "cuda": where the KV cache and I/O binding live
     note: str  # one log line: what runs and why
+    device_id: int = 0  # which GPU (the GPU provider's device_id option): the session's and the buffers'
 
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -66,4 +67,18 @@ def choose_providers(requested: list[tuple[str, dict[str, Any]]], available: lis
     device = "cuda" if have_gpu else "cpu"
     names = ", ".join(name for name, _ in chosen)
     note = f"execution providers: {names}" + ("" if have_gpu else " (CPU provider)")
-    return ProviderChoice(chosen, device, note)
+    return ProviderChoice(chosen, device, note, gpu_device_id(chosen) if have_gpu else 0)
+
+
+def gpu_device_id(providers: list[tuple[str, dict[str, Any]]]) -> int:
+    """The device_id the first GPU provider is given (0 when it names none): the KV cache and
+    the bound buffers must be on the GPU the session runs on, or every step copies between GPUs."""
+    for name, opts in providers:
+        if name in GPU_PROVIDERS:
+            value = opts.get("device_id", 0)
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name} option device_id {value!r} is not a GPU number",
+                                  key="device_id") from None
+    return 0

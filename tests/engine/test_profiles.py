@@ -859,3 +859,25 @@ def test_typed_toml_load_toml_and_parse_errors(tmp_path: pathlib.Path) -> None:
 def test_typed_toml_rejects_non_finite_floats() -> None:
     with pytest.raises(ConfigError, match="expected a finite float, got inf"):
         from_mapping(_Config, {"mode": "strict", "broker": {}, "timeout_s": math.inf}, source="s")
+
+
+def test_the_gpu_a_profile_names_is_where_the_buffers_go():
+    """A profile copied for the second GPU (device_id = 1): the session runs there, and so must
+    the KV cache and the bound buffers (the engine passes the choice's device_id to the decoder),
+    or every step copies between the two GPUs."""
+    from edge_runtime.errors import ConfigError
+    from edge_runtime.providers import choose_providers
+
+    both = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    second = [("CUDAExecutionProvider", {"device_id": 1}), ("CPUExecutionProvider", {})]
+    choice = choose_providers(second, both, allow_cpu_fallback=False, profile_name="gpu1")
+    assert (choice.device, choice.device_id) == ("cuda", 1)
+    trt = [("TensorrtExecutionProvider", {"device_id": "1"}), ("CUDAExecutionProvider", {"device_id": 1})]
+    assert choose_providers(trt, both, allow_cpu_fallback=False, profile_name="gpu1").device_id == 1
+    assert choose_providers([("CUDAExecutionProvider", {})], both, allow_cpu_fallback=False,
+                            profile_name="gpu").device_id == 0
+    fallback = choose_providers(second, ["CPUExecutionProvider"], allow_cpu_fallback=True, profile_name="gpu1")
+    assert (fallback.device, fallback.device_id) == ("cpu", 0)
+    with pytest.raises(ConfigError, match="device_id 'second' is not a GPU number"):
+        choose_providers([("CUDAExecutionProvider", {"device_id": "second"})], both, allow_cpu_fallback=False,
+                         profile_name="gpu")
