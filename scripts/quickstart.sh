@@ -9,27 +9,31 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/install-deps.sh
+# the Python it installed into (a .venv where the system's refuses pip): every command below runs
+# as `$PY -m edge_runtime`, so a console script outside PATH (~/.local/bin) does not matter
+PY=$(bash scripts/install-deps.sh | tee /dev/stderr | sed -n 's/^installed into //p' | tail -1)
+[ -n "$PY" ] || { echo "scripts/install-deps.sh did not say where it installed" >&2; exit 1; }
+EDGE=("$PY" -m edge_runtime)
 
 echo "== demo model (trained once, about 8 min on 2 cores, then cached)"
-CHECKPOINT=$(edge-runtime demo-model)
+CHECKPOINT=$("${EDGE[@]}" demo-model)
 echo "checkpoint: $CHECKPOINT"
 
-PROFILE=$(edge-runtime profiles --detect | cut -d: -f1)
+PROFILE=$("${EDGE[@]}" profiles --detect | cut -d: -f1)
 BUNDLE=bundles/demo-$PROFILE-int4
-if ! edge-runtime verify --bundle "$BUNDLE" --quiet >/dev/null 2>&1; then
+if ! "${EDGE[@]}" verify --bundle "$BUNDLE" --quiet >/dev/null 2>&1; then
     echo "== export for profile $PROFILE"
-    edge-runtime export --checkpoint "$CHECKPOINT" --profile "$PROFILE" --precision int4 --output "$BUNDLE" --force
+    "${EDGE[@]}" export --checkpoint "$CHECKPOINT" --profile "$PROFILE" --precision int4 --output "$BUNDLE" --force
 fi
 
 WORK=$(mktemp -d)
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location %s/\nuser %s\n' \
     "$PORT" "$WORK" "$(id -un)" > "$WORK/mosquitto.conf"
 "$MOSQUITTO" -c "$WORK/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 &
 BROKER_PID=$!
-edge-runtime --log-level INFO serve --bundle "$BUNDLE" --broker "mqtt://127.0.0.1:$PORT" --device-id demo \
+"${EDGE[@]}" --log-level INFO serve --bundle "$BUNDLE" --broker "mqtt://127.0.0.1:$PORT" --device-id demo \
     --state-dir "$WORK/state" >"$WORK/daemon.log" 2>&1 &
 DAEMON_PID=$!
 cleanup() { kill -TERM "$DAEMON_PID" 2>/dev/null; wait "$DAEMON_PID" 2>/dev/null; kill "$BROKER_PID" 2>/dev/null; rm -rf "$WORK"; }
@@ -40,7 +44,7 @@ for _ in $(seq 120); do
     if mosquitto_sub -h 127.0.0.1 -p "$PORT" -t edge/demo/v1/status -C 1 -W 1 2>/dev/null | grep -q '"online"'; then break; fi
     kill -0 "$DAEMON_PID" 2>/dev/null || { cat "$WORK/daemon.log"; exit 1; }
 done
-ASK=(edge-runtime ask --broker "mqtt://127.0.0.1:$PORT" --device-id demo --max-tokens 48 --temperature 0)
+ASK=("${EDGE[@]}" ask --broker "mqtt://127.0.0.1:$PORT" --device-id demo --max-tokens 48 --temperature 0)
 
 echo; echo "== completion: 'def fibonacci(n):'"
 "${ASK[@]}" --prompt $'def fibonacci(n):\n    '
