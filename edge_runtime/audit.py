@@ -132,11 +132,17 @@ def filter_events(events: Iterable[AuditEvent], *, client: str | None = None, ru
             yield e
 
 
+def _shown(value: str) -> str:
+    """A client's string on one line as it is, or escaped (a newline, a carriage return or an
+    ANSI escape in a request id would forge or hide lines of the listing)."""
+    return value if value.isprintable() else json.dumps(value, ensure_ascii=False)[1:-1]
+
+
 def format_event(e: AuditEvent) -> str:
-    line = (f"{e.time_iso}  {e.action:<6} {e.where:<10} rule={e.rule}  client={e.client_id or '-'}  "
-            f"request={e.request_id}  mode={e.mode}  sha256={e.text_sha256[:16]}")
+    line = (f"{e.time_iso}  {e.action:<6} {e.where:<10} rule={e.rule}  client={_shown(e.client_id) or '-'}  "
+            f"request={_shown(e.request_id)}  mode={e.mode}  sha256={e.text_sha256[:16]}")
     if e.detail:
-        line += f"  ({e.detail})"
+        line += f"  ({_shown(e.detail)})"
     if e.text is not None:
         line += f"\n    text: {e.text!r}"
     return line

@@ -47,6 +47,10 @@ def _first_word(text: str) -> str:
     return words[0].strip(".,:;!\"'()[]").lower()[:MAX_LABEL_CHARS] if words else ""
 
 
+def too_long(text: str, limit: int) -> str:
+    return f"a text of {len(text):,} characters, over max_text_chars ({limit:,})"
+
+
 class CommandClassifier:
     def __init__(self, spec: ClassifierSpec) -> None:
         self.spec = spec
@@ -58,7 +62,9 @@ class CommandClassifier:
         return Verdict(blocked=self.spec.on_failure == "closed", label=what, failed=True)
 
     def classify(self, text: str) -> Verdict:
-        data = text[: self.spec.max_text_chars].encode("utf-8", errors="replace")
+        if len(text) > self.spec.max_text_chars:  # never judge a cut: the end is where a request hides
+            return self._failure(too_long(text, self.spec.max_text_chars))
+        data = text.encode("utf-8", errors="replace")
         try:
             proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.DEVNULL, start_new_session=True)
@@ -108,7 +114,11 @@ class BundleClassifier:
         return cls(spec, Engine.from_bundle(spec.bundle, prompt_cache="off"))
 
     def classify(self, text: str) -> Verdict:
-        prompt = self.spec.prompt.replace("{text}", text[: self.spec.max_text_chars])
+        if len(text) > self.spec.max_text_chars:
+            log.error("policy classifier bundle: %s (failing %s)", too_long(text, self.spec.max_text_chars),
+                      self.spec.on_failure)
+            return Verdict(blocked=self.spec.on_failure == "closed", label="too long", failed=True)
+        prompt = self.spec.prompt.replace("{text}", text)
         request = GenerationRequest(mode="complete", prompt=prompt, max_tokens=self.LABEL_TOKENS,
                                     sampling=SamplingParams(temperature=0.0, top_p=1.0),
                                     deadline=time.monotonic() + self.spec.timeout_s)

@@ -38,7 +38,12 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import re
+import signal
+import threading
+import time
 import unicodedata
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal, Optional
@@ -50,7 +55,12 @@ from .types import MODES, GenerationRequest
 Action = Literal["refuse", "stop", "flag"]
 Where = Literal["input", "output"]
 
-_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
+# What matching drops: every format character (Unicode category Cf: zero-width spaces and
+# joiners, soft hyphen, bidirectional marks, invisible operators, tag characters ...) and the
+# invisible letters and marks outside it (combining grapheme joiner, Hangul fillers). Format
+# characters live in planes 0, 1 and 14 only.
+_INVISIBLE = dict.fromkeys([c for c in [*range(0x20000), *range(0xE0000, 0xE1000)]
+                            if unicodedata.category(chr(c)) == "Cf"] + [0x034F, 0x115F, 0x1160, 0x3164, 0xFFA0])
 DEFAULT_OUTPUT_WINDOW_CHARS = 2048
 DEFAULT_PATTERN_HOLD_CHARS = 64
 
@@ -123,7 +133,9 @@ class ClassifierSpec:
     action: Literal["refuse", "flag"] = "refuse"
     modes: tuple[Literal["complete", "infill", "chat"], ...] = MODES  # type: ignore[assignment]
     clients: tuple[str, ...] = ()
-    max_text_chars: Annotated[int, at_least(1)] = 65536
+    # a longer text is a failure (on_failure decides), never judged cut short; the default
+    # holds the protocol's longest prompt with the newlines between a chat's messages
+    max_text_chars: Annotated[int, at_least(1)] = 131072
 
     def __post_init__(self) -> None:
         if bool(self.command) == (self.bundle is not None):
@@ -162,8 +174,9 @@ class PolicySpec:
 
 def normalize(text: str) -> str:
     """What rules are matched against: NFKC (full-width letters, ligatures ... become
-    plain ones) without zero-width characters and soft hyphens."""
-    return unicodedata.normalize("NFKC", text).translate(_ZERO_WIDTH)
+    plain ones) without invisible characters (zero-width ones, soft hyphens, bidirectional
+    marks, every Unicode format character)."""
+    return unicodedata.normalize("NFKC", text).translate(_INVISIBLE)
 
 
 def text_sha256(text: str) -> str:
@@ -511,6 +524,80 @@ def _pattern_hold(longest: list[int | None]) -> int:
     return max(0, min(DEFAULT_PATTERN_HOLD_CHARS, max(n for n in longest if n is not None) - 1))
 
 
+# A pattern is searched on the MQTT network thread for every request (up to the protocol's
+# 65,536 characters): one whose time grows faster than the text (nested or adjacent unbounded
+# quantifiers, `exfiltrat\w*\w*`, `(a+)+b`) could stall the daemon with one crafted prompt.
+# Each is timed at load on its own words repeated, at growing lengths, and refused past a
+# budget that grows with the length (a linear pattern stays far below it on any board). The
+# lengths start small and grow slowly there, so that a pattern whose time doubles with each
+# character is caught at a few dozen characters, in well under a second, before it can hang
+# the load.
+COST_PROBE_LENGTHS = (*range(2, 65, 2), 128, 256, 1024, 4096, 16384)
+COST_PROBE_LIMIT_S = 2.0  # one probe past this is cut short (where the load runs on the main thread)
+
+
+def _cost_budget_s(length: int) -> float:
+    return max(0.02, 0.25 * length / COST_PROBE_LENGTHS[-1])
+
+
+def _cost_probes(pattern: str, length: int) -> list[str]:
+    """The pattern's own words (and letters) run together, spaced, on lines and each alone,
+    repeated to `length`: the texts on which a pattern that backtracks works hardest."""
+    words = list(dict.fromkeys(w.lower() for w in re.findall(r"[A-Za-z]+", pattern)))[:12] or ["a"]
+    units = [sep.join(words) + sep for sep in ("", " ", "\n")] + (words if len(words) > 1 else [])
+    return [(unit * (length // len(unit) + 1))[:length] for unit in units]
+
+
+class _ProbeTooSlow(Exception):
+    pass
+
+
+@contextmanager
+def _cut_short_after(seconds: float) -> Iterator[None]:
+    """Raise _ProbeTooSlow in the block after `seconds` (re checks for signals while it
+    backtracks); on another thread than the main one, where no alarm can be set, nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def alarm(signum: int, frame: object) -> None:
+        raise _ProbeTooSlow
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _search_time(rx: re.Pattern[str], text: str) -> float:
+    start = time.perf_counter()
+    try:
+        with _cut_short_after(COST_PROBE_LIMIT_S):
+            for _ in rx.finditer(text):
+                pass
+    except _ProbeTooSlow:
+        pass
+    return time.perf_counter() - start
+
+
+def check_pattern_cost(rx: re.Pattern[str], key: str) -> None:
+    """ConfigError when searching `rx` takes more than the budget on its probes."""
+    for length in COST_PROBE_LENGTHS:
+        for text in _cost_probes(rx.pattern, length):
+            took = _search_time(rx, text)
+            if took > _cost_budget_s(length):  # twice more: a busy machine is not a slow pattern
+                took = min(took, _search_time(rx, text), _search_time(rx, text))
+            if took > _cost_budget_s(length):
+                raise ConfigError(
+                    f"{key}: takes {took:.2f} s to search {length:,} characters of its own words repeated, "
+                    f"and grows faster than the text: a request could stall the daemon. Bound its quantifiers "
+                    f"(\\w{{0,12}} for \\w*, [\\s\\S]{{0,80}} for .*), start it at a word boundary (\\b), "
+                    f"and do not nest or chain unbounded ones")
+
+
 def compile_policy(spec: PolicySpec, *, source: str, sha256: str = "") -> Policy:
     rules = []
     seen: set[str] = set()
@@ -528,6 +615,7 @@ def compile_policy(spec: PolicySpec, *, source: str, sha256: str = "") -> Policy
                 patterns.append(re.compile(pattern, flags))
             except re.error as exc:
                 raise ConfigError(f"{key}: patterns[{j}]: does not compile: {exc}") from None
+            check_pattern_cost(patterns[-1], f"{key}: patterns[{j}]")
         beginnings = None
         if r.phrases:
             beginnings = re.compile("(?:" + "|".join(_phrase_beginnings_regex(p) for p in r.phrases) + r")\Z", flags)
