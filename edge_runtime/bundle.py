@@ -179,7 +179,7 @@ def _require(mapping: dict[str, Any], key: str, typ: type | tuple[type, ...], wh
 def read_manifest(root: Path) -> tuple[dict[str, Any], str]:
     path = root / MANIFEST_NAME
     if not root.is_dir():
-        raise BundleError(f"bundle folder {root} does not exist")
+        raise BundleError(f"bundle folder {root} " + ("is a file, not a folder" if root.exists() else "does not exist"))
     if not path.is_file():
         raise BundleError(f"{path} is missing: not a bundle folder")
     raw = path.read_bytes()

@@ -7,11 +7,13 @@ import argparse
 import errno
 import json
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
 from .errors import BundleError, ConfigError, EdgeRuntimeError
-from .request_flags import add_request_arguments, request_source
+from .request_flags import add_request_arguments, integer_at_least, request_source
 
 
 def _die(message: str, code: int = 2) -> int:
@@ -350,11 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", required=True, help="device profile name or TOML file")
     p.add_argument("--output", required=True, help="bundle folder to create")
     p.add_argument("--precision", choices=["int4", "int8", "fp16", "fp32"], help="default: the profile's")
-    p.add_argument("--max-context", type=int, help="context limit in tokens (default: the profile's)")
+    p.add_argument("--max-context", type=integer_at_least(1), help="context limit in tokens (default: the profile's)")
     p.add_argument("--allow-degraded", action="store_true", help="write the bundle even below the fidelity threshold")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --output")
-    p.add_argument("--fidelity-tokens", type=int, default=32, help="greedy tokens per fidelity prompt")
-    p.add_argument("--fidelity-corpus-tokens", type=int, default=512,
+    p.add_argument("--fidelity-tokens", type=integer_at_least(1), default=32, help="greedy tokens per fidelity prompt")
+    p.add_argument("--fidelity-corpus-tokens", type=integer_at_least(0), default=512,
                    help="positions of the held-out code corpus scored by KL divergence against torch "
                         "(0: none; the corpus has about 1,860)")
     p.add_argument("--algorithm", choices=["rtn", "hqq", "gptq"],
@@ -364,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-text", type=Path,
                    help="gptq: a code file, or a folder of sources (its code files in path order), to calibrate on, "
                         "e.g. your own repository (default: export/assets/gptq-calibration.txt)")
-    p.add_argument("--calibration-tokens", type=int,
+    p.add_argument("--calibration-tokens", type=integer_at_least(1),
                    help="gptq: the first N tokens of the calibration text (default 4096)")
     p.add_argument("--kv-cache-bits", type=int, choices=[0, 8],
                    help="8: the fused graph keeps an int8 KV cache (scales calibrated here; needs onnxruntime >= 1.32 "
@@ -406,9 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare with onnxruntime-genai and llama.cpp: runs benchmarks/peers.py with every argument "
                         "after --peers (--peers --help lists them; bash scripts/install-peers.sh installs the peers)")
     p.add_argument("--profile")
-    p.add_argument("--prefill-tokens", type=int, default=512)
-    p.add_argument("--context", type=int, action="append", help="decode context (repeatable; default 128 and 2048)")
-    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--prefill-tokens", type=integer_at_least(1), default=512)
+    p.add_argument("--context", type=integer_at_least(1), action="append", help="decode context (repeatable; default 128 and 2048)")
+    p.add_argument("--decode-tokens", type=integer_at_least(1), default=64)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
@@ -437,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--action", choices=["refuse", "stop", "flag"])
     p.add_argument("--request", help="only this request id")
     p.add_argument("--since", help="30m, 2h, 7d or an ISO time")
-    p.add_argument("--tail", type=int, help="only the last N events")
+    p.add_argument("--tail", type=integer_at_least(0), help="only the last N events")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_audit)
 
@@ -461,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
         return _die(str(exc))
     except KeyboardInterrupt:
         return _die("interrupted", 130)
+    except BrokenPipeError:  # `edge-runtime generate ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

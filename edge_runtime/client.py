@@ -34,6 +34,7 @@ from paho.mqtt.properties import Properties
 from .errors import REQUEST_ERRORS, ConfigError, EdgeRuntimeError
 from .mqtt_connection import (
     TlsFiles,
+    check_tls_files,
     connect_async,
     make_client,
     parse_broker_url,
@@ -44,7 +45,7 @@ from .mqtt_connection import (
 )
 from .protocol import (Topics, build_request, decode_json_object, encode_cancel, encode_request, is_number,
                        validate_name)
-from .request_flags import add_request_arguments, request_source
+from .request_flags import add_request_arguments, integer_at_least, number_in, request_source
 
 log = logging.getLogger(__name__)
 
@@ -297,9 +298,12 @@ class EdgeClient:
         self._v5 = protocol_version(protocol) == mqtt.MQTTv5
         self.keepalive = keepalive
         self.connect_timeout = connect_timeout
+        tls = TlsFiles(ca=_s(tls_ca), cert=_s(tls_cert), key=_s(tls_key))
+        if self.address.tls:
+            check_tls_files(tls)
         self._mqtt = make_client(
             client_id=self.client_id, protocol=protocol, address=self.address, username=username,
-            password=password, tls=TlsFiles(ca=_s(tls_ca), cert=_s(tls_cert), key=_s(tls_key)),
+            password=password, tls=tls,
             persistent=False)
         self._mqtt.on_connect = self._on_connect
         self._mqtt.on_connect_fail = self._on_connect_fail
@@ -516,10 +520,10 @@ def add_ask_arguments(parser: argparse.ArgumentParser, *, request_arguments: boo
     parser.add_argument("--broker", required=True, help="mqtt://HOST:PORT or mqtts://HOST:PORT")
     parser.add_argument("--device-id", required=True, help="the daemon's device id (fleet: any device of a "
                                                            "fleet group)")
-    parser.add_argument("--deadline-ms", type=int, help="the daemon gives up after this long")
+    parser.add_argument("--deadline-ms", type=integer_at_least(1), help="the daemon gives up after this long")
     parser.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false", default=None,
                         help="run the whole prompt, and leave nothing of it for the next request to reuse (the prompt cache)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+    parser.add_argument("--timeout", type=number_in(0.0, low_open=True), default=DEFAULT_TIMEOUT_S,
                         help=f"seconds to wait for the first reply, and then between streamed chunks "
                              f"(default {DEFAULT_TIMEOUT_S:g}; with --json, for the whole answer)")
     parser.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version (default 5)")
@@ -598,6 +602,8 @@ def run_ask(args: argparse.Namespace) -> int:
         return failed(exc.code, exc.message)
     except TimeoutError as exc:
         return failed("timeout", str(exc))
+    except BrokenPipeError:  # stdout closed (`ask ... | head`): the request was cancelled on the way out
+        raise
     except (ConnectionError, OSError) as exc:
         return failed("connection", str(exc))
     if gen.stream_diverged and not args.json:

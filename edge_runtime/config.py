@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 from .errors import ConfigError
-from .mqtt_connection import BrokerAddress, TlsFiles, parse_broker_url, read_password_file
+from .mqtt_connection import BrokerAddress, TlsFiles, check_tls_files, parse_broker_url, read_password_file
 from .profiles import is_profile_path
 from .protocol import FLEET_LEVEL, Topics, validate_name
 from .types import PROMPT_CACHE_SCOPES
@@ -273,6 +273,11 @@ def check_config_files(config: ServiceConfig, *, source: str = "config") -> None
                     pass
             except OSError as exc:
                 raise fail(f"mqtt.{key}", f"cannot read {p}: {exc.strerror or exc}") from None
+    if config.mqtt.address.tls:  # what paho loads at connect: a file that holds no certificate fails here
+        try:
+            check_tls_files(config.mqtt.tls, names=("mqtt.tls_ca", "mqtt.tls_cert", "mqtt.tls_key"))
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
     if config.policy.file is not None and not config.policy.file.is_file():
         raise fail("policy.file", f"{config.policy.file} is not a readable file")
     state_dir = config.service.resolved_state_dir

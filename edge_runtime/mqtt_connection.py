@@ -73,6 +73,34 @@ class TlsFiles:
     key: str | None = None
 
 
+def check_tls_files(tls: TlsFiles, names: tuple[str, str, str] = ("--tls-ca", "--tls-cert", "--tls-key")) -> None:
+    """ValueError naming the setting (`names`: those of the CA, the certificate and the
+    key) whose file cannot be read or holds no certificate or key, as paho would load them."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if tls.ca is not None:
+        try:
+            context.load_verify_locations(tls.ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"{names[0]} {tls.ca}: {_why_unusable(exc, 'a PEM CA certificate')}") from None
+    if tls.cert is not None:
+        for name, path in ((names[1], tls.cert), (names[2], tls.key or tls.cert)):
+            try:
+                Path(path).read_bytes()
+            except OSError as exc:
+                raise ValueError(f"{name} {path}: {_why_unusable(exc, '')}") from None
+        try:
+            context.load_cert_chain(tls.cert, tls.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"{names[1]} {tls.cert} with {names[2]} {tls.key}: "
+                             f"{_why_unusable(exc, 'a PEM certificate and its private key')}") from None
+
+
+def _why_unusable(exc: OSError, wanted: str) -> str:
+    if isinstance(exc, ssl.SSLError) or not exc.strerror:
+        return f"not {wanted} ({exc})" if wanted else str(exc)
+    return exc.strerror.lower()
+
+
 @dataclass(frozen=True)
 class Will:
     topic: str

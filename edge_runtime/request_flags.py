@@ -5,9 +5,44 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .types import MAX_SEED
+
+
+# argparse types: a value out of range stops at the command line (exit 2, the flag named),
+# before a bundle is loaded or a broker is called
+def integer_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected an integer {f'from {low} to {high}' if high is not None else f'>= {low}'}, got {text}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def number_in(low: float, high: float = math.inf, *, low_open: bool = False) -> Callable[[str], float]:
+    """A finite number in [low, high] (or (low, high] with `low_open`)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
+            where = f"{'(' if low_open else '['}{low:g}, {high:g}]" if math.isfinite(high) else \
+                f"{'>' if low_open else '>='} {low:g}"
+            raise argparse.ArgumentTypeError(f"expected a finite number {'in ' if math.isfinite(high) else ''}{where}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
 
 
 def add_request_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,13 +53,16 @@ def add_request_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--messages", help="chat: a JSON file with [{\"role\": ..., \"content\": ...}, ...], - for stdin")
     p.add_argument("--suffix", help="infill: the code after the hole")
     p.add_argument("--suffix-first", action="store_true", help="infill in suffix-prefix-middle order")
-    p.add_argument("--max-tokens", type=int, default=None,
+    p.add_argument("--max-tokens", type=integer_at_least(1), default=None,
                    help="most tokens to generate (default: 256 here; over MQTT the device's default, at most 256 "
                         "and within its limits)")
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 0.6)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default 0.9)")
-    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default off)")
-    p.add_argument("--seed", type=int, default=None, help="makes a sampled answer reproducible")
+    p.add_argument("--temperature", type=number_in(0.0), default=None, help="0 = greedy (default 0.6)")
+    p.add_argument("--top-p", type=number_in(0.0, 1.0, low_open=True), default=None,
+                   help="nucleus sampling mass, in (0, 1] (default 0.9)")
+    p.add_argument("--top-k", type=integer_at_least(0), default=None,
+                   help="keep the k most likely tokens (default 0: off)")
+    p.add_argument("--seed", type=integer_at_least(0, MAX_SEED), default=None,
+                   help="makes a sampled answer reproducible")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 

@@ -5,6 +5,7 @@ with torch greedy decoding of the same checkpoint."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -243,6 +244,27 @@ def test_generate_cli_bad_input_is_one_line_error(tiny_bundle, tmp_path):
     out = subprocess.run([sys.executable, "-m", "edge_runtime", "generate", "--bundle", str(tiny_bundle),
                           "--messages", str(bad)], capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stderr.startswith("error:")
+
+
+@pytest.mark.parametrize("flags", [("--temperature", "nan"), ("--top-p", "1.5"), ("--top-k", "-1"),
+                                   ("--max-tokens", "0"), ("--temperature", "inf")])
+def test_generate_cli_refuses_out_of_range_sampling_flags_before_the_load(flags):
+    out = subprocess.run([sys.executable, "-m", "edge_runtime", "generate", "--bundle", "/nonexistent",
+                          "--prompt", "x", *flags], capture_output=True, text=True)
+    assert out.returncode == 2 and f"argument {flags[0]}: expected" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_generate_cli_into_a_closed_pipe_ends_quietly(tiny_bundle):
+    """`edge-runtime generate ... | head -c 1`: no traceback when the reader has gone."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first token
+    try:
+        out = subprocess.run([sys.executable, "-m", "edge_runtime", "generate", "--bundle", str(tiny_bundle),
+                              "--prompt", "def f():", "--max-tokens", "8", "--temperature", "0"],
+                             stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert out.returncode == 141 and out.stderr == "", out.stderr  # 128 + SIGPIPE, as `head` leaves a shell tool
 
 
 def test_generate_cli_request_errors_carry_the_protocols_code(tiny_bundle):

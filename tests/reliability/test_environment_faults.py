@@ -148,6 +148,10 @@ def test_bundle_removed_under_a_running_daemon(tiny_bundle, broker, tmp_path):
 
     with pytest.raises(BundleError, match="does not exist"):
         load_bundle(bundle)
+    bundle.write_text("")  # a file where the folder was: said so
+    with pytest.raises(BundleError, match="is a file, not a folder"):
+        load_bundle(bundle)
+    bundle.unlink()
     record_figures("bundle_removed", {"served_after_removal": True, "restart_exit_code": r.returncode,
                                       "restart_message": r.stderr.strip().splitlines()[-1],
                                       "seconds_to_exit": round(time.monotonic() - t, 2)})

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -297,6 +299,28 @@ def test_ask_error_reply_and_bad_flags(broker, service, capsys):
     assert "--suffix" in capsys.readouterr().err
     assert ask(broker, "--prompt", "x", "--suffix", "y") == 2
     assert ask(broker, "--messages", "/nonexistent.json") == 2
+
+
+@pytest.mark.parametrize("flags, named", [
+    (("--temperature", "nan"), "--temperature"), (("--top-p", "0"), "--top-p"), (("--max-tokens", "0"), "--max-tokens"),
+    (("--seed", "-1"), "--seed"), (("--timeout", "0"), "--timeout"), (("--deadline-ms", "-5"), "--deadline-ms"),
+])
+def test_ask_refuses_out_of_range_flags_before_calling_the_broker(flags, named, capsys):
+    out = subprocess.run([sys.executable, "-m", "edge_runtime", "ask", "--broker", "mqtt://127.0.0.1:9",
+                          "--device-id", "d", "--prompt", "x", *flags], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and f"argument {named}: expected" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_ask_names_a_tls_file_it_cannot_use(tmp_path, capsys):
+    (tmp_path / "ca.pem").write_text("junk\n")
+    parser = argparse.ArgumentParser()
+    add_ask_arguments(parser)
+    for ca, why in ((tmp_path / "ca.pem", "not a PEM CA certificate"), (tmp_path / "nope.pem", "no such file")):
+        args = parser.parse_args(["--broker", "mqtts://127.0.0.1:9", "--device-id", "d", "--prompt", "x",
+                                  "--tls-ca", str(ca)])
+        assert run_ask(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: bad_request: --tls-ca {ca}: {why}") and err.count("\n") == 1
 
 
 def test_ask_with_the_cli_request_flags(broker, service, capsys):

@@ -169,6 +169,19 @@ def test_file_checks(tmp_path):
         load_config(write(tmp_path, MINIMAL), {"service.state_dir": str(blocker / "state")})
 
 
+def test_a_tls_file_that_holds_no_certificate_is_named_at_start_up(tmp_path):
+    """What paho would only find at connect (after the bundle load): a CA file, or a client
+    certificate and key, that cannot be used."""
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "ca.crt").write_text("not a certificate\n")
+    base = {"service.state_dir": str(tmp_path / "state"), "mqtt.broker": "mqtts://h:8883"}
+    with pytest.raises(ConfigError, match=r"mqtt\.tls_ca .*ca\.crt: not a PEM CA certificate"):
+        load_config(write(tmp_path, MINIMAL), {**base, "mqtt.tls_ca": str(tmp_path / "ca.crt")})
+    with pytest.raises(ConfigError, match=r"mqtt\.tls_cert .* with mqtt\.tls_key .*: not a PEM certificate"):
+        load_config(write(tmp_path, MINIMAL), {**base, "mqtt.tls_cert": str(tmp_path / "ca.crt"),
+                                               "mqtt.tls_key": str(tmp_path / "ca.crt")})
+
+
 def test_password_file(tmp_path):
     (tmp_path / "bundle").mkdir()
     (tmp_path / "pw").write_text("s3cret\nignored\n")
