@@ -693,7 +693,8 @@ def _service_executable(inst: _Installer, executable: str | os.PathLike[str] | N
     the unit would hide is refused (in a dry run: a warning, and the plan goes on)."""
     if executable is not None:
         path = Path(executable)
-        problem = _executable_problem(path)
+        problem = _executable_problem(path) if path.is_absolute() else \
+            f"{path} is not an absolute path (ExecStart= needs one)"
         if problem:
             inst.refuse(ConfigError(f"--executable: {problem}"))
         return path

@@ -887,6 +887,10 @@ def test_install_service_dry_run_lists_the_plan_then_what_a_real_run_refuses(ima
     with pytest.raises(svc.DryRunRefused, match="--executable: /home/me/venv/bin/edge-runtime is under /home"):
         svc.install_service(None, None, root=image_root, run=FakeRun(), executable="/home/me/venv/bin/edge-runtime",
                             dry_run=True)
+    # a relative --executable: refused before the user and the files, not at the unit's rendering
+    with pytest.raises(ConfigError, match="--executable: venv/bin/edge-runtime is not an absolute path"):
+        svc.install_service("cpu-x86_64", None, root=image_root, run=FakeRun(), executable="venv/bin/edge-runtime")
+    assert snapshot(image_root) == before
     monkeypatch.setattr(svc, "HIDDEN_PREFIXES", (str(Path(svc.__file__).resolve().parent),))
     with pytest.raises(ConfigError, match="which the unit hides"):
         svc.install_service("cpu-x86_64", None, root=image_root, run=FakeRun())
