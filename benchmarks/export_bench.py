@@ -46,6 +46,7 @@ def run_export(checkpoint: Path, precision: str, profile: str, out: Path, skip_f
     return {"precision": precision, "seconds": round(seconds, 1), "peak_rss_mib": round(peak_kib / 1024),
             "bundle_mib": round(sum(f["size"] for f in manifest["files"]) / 2**20, 1),
             "greedy_agreement": None if fid.get("skipped") else round(fid["greedy_agreement"], 3),
+            "greedy_agreement_strict": fid.get("greedy_agreement_strict") and round(fid["greedy_agreement_strict"], 3),
             "max_logit_diff": None if fid.get("skipped") else round(fid["max_logit_diff"], 4),
             "kl_divergence_mean": fid.get("kl_divergence_mean") and round(fid["kl_divergence_mean"], 6),
             "corpus_top1_agreement": fid.get("corpus_top1_agreement") and round(fid["corpus_top1_agreement"], 4)}
@@ -92,11 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     print(f"checkpoint {checkpoint} ({sum(p.stat().st_size for p in checkpoint.glob('*.safetensors')) / 2**20:.1f} MiB"
           f" of safetensors), profile {args.profile}")
-    print(f"{'precision':<10}{'time s':>8}{'peak RSS MiB':>14}{'bundle MiB':>12}{'greedy agr.':>13}{'max logit d':>13}"
+    print(f"{'precision':<10}{'time s':>8}{'peak RSS MiB':>14}{'bundle MiB':>12}{'greedy agr.':>13}{'(strict)':>10}"
+          f"{'max logit d':>13}"
           f"{'KL div.':>10}{'top-1':>8}")
     for r in rows:
         print(f"{r['precision']:<10}{r['seconds']:>8}{r['peak_rss_mib']:>14}{r['bundle_mib']:>12}"
-              f"{str(r['greedy_agreement']):>13}{str(r['max_logit_diff']):>13}"
+              f"{str(r['greedy_agreement']):>13}{str(r['greedy_agreement_strict']):>10}{str(r['max_logit_diff']):>13}"
               f"{str(r['kl_divergence_mean']):>10}{str(r['corpus_top1_agreement']):>8}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

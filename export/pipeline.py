@@ -383,8 +383,9 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                                           corpus_window=min(fidelity.CORPUS_WINDOW, limit), flavour=flavour,
                                           progress=progress.detail)
                 problems = check_fidelity(report, profile, precision)
-                progress.detail(f"greedy agreement {report.greedy_agreement:.3f} (min {report.greedy_agreement_min:.3f}), "
-                                f"teacher-forced {report.teacher_forced_agreement:.3f}, "
+                progress.detail(f"greedy agreement {report.greedy_agreement:.3f} (min {report.greedy_agreement_min:.3f}; "
+                                f"{report.greedy_agreement_strict:.3f} counting ties within {report.tie_logits:g} "
+                                f"logits as differences), teacher-forced {report.teacher_forced_agreement:.3f}, "
                                 f"max logit diff {report.max_logit_diff:.4g}")
                 if report.corpus_positions:
                     progress.detail(f"corpus: KL divergence mean {report.kl_divergence_mean:.4g} "
@@ -456,8 +457,11 @@ def format_summary(s: ExportSummary) -> str:
         lines.append("fidelity   not measured (--skip-fidelity)")
     else:
         verdict = "PASSED" if fid.get("passed") else "BELOW THRESHOLD (degraded)"
+        strict = fid.get("greedy_agreement_strict")
         lines.append(f"fidelity   greedy agreement {fid['greedy_agreement']:.3f} over {fid['n_tokens']} tokens x "
-                     f"{fid['prompts']} prompts, teacher-forced {fid['teacher_forced_agreement']:.3f}, "
+                     f"{fid['prompts']} prompts"
+                     + (f" ({strict:.3f} with ties as differences)" if strict is not None else "")
+                     + f", teacher-forced {fid['teacher_forced_agreement']:.3f}, "
                      f"max logit diff {fid['max_logit_diff']:.4g}: {verdict}")
         if fid.get("corpus_positions"):
             lines.append(f"           KL divergence mean {fid['kl_divergence_mean']:.4g} "

