@@ -72,6 +72,7 @@ class Recipe:
     head_bits: int  # 8: lm_head kept as int8; 4: quantized with the rest; 0: kept in float
     kv_bits: int = 0  # 8: int8 KV cache (export/kv_cache_quant.py), name suffix "+kv8"; 0: float
     gptq: bool = False  # GPTQ error feedback (export/gptq.py) on top of the scale rule
+    head_block: int = 0  # the int8 lm_head's block size (0: the layout's), name suffix "b128"
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,8 @@ def all_recipes(*, kv8: bool = False) -> dict[str, Recipe]:
                 r = Recipe(f"{'sym' if sym else 'asym'}-{method}-{suffix}", sym, method != "rtn", head,
                            gptq=method == "gptq")
                 out[r.name] = r
+                if head == 8:  # the profile's keep_block_size: the int8 lm_head in blocks of 128
+                    out[f"{r.name}b128"] = dataclasses.replace(r, name=f"{r.name}b128", head_block=128)
     if kv8:
         out.update({f"{r.name}+kv8": dataclasses.replace(r, name=f"{r.name}+kv8", kv_bits=8)
                     for r in list(out.values())})
@@ -120,7 +123,7 @@ def build(recipe: Recipe, checkpoint_info, graph: Path, *, layout: Layout, max_l
     build_decoder_graph(checkpoint_info, graph, precision="int4", block_size=layout.block_size,
                         symmetric=recipe.symmetric, accuracy_level=layout.accuracy_level,
                         keep_unquantized=("lm_head",) if recipe.head_bits != 4 else (),
-                        keep_bits=8 if recipe.head_bits == 8 else None,
+                        keep_bits=8 if recipe.head_bits == 8 else None, keep_block_size=recipe.head_block or None,
                         max_length=max_length, scale_search=recipe.scale_search, hessians=hessians)
     if recipe.kv_bits == 8:  # as the export does (--kv-cache-bits 8)
         from edge_export.kv_cache_quant import add_int8_kv_cache

@@ -322,9 +322,11 @@ def step_checkpoint(a) -> dict:
 
 
 def recipe_words(block_size: int, symmetric: bool, accuracy_level: int, kept: tuple[str, ...],
-                 keep_bits: int | None, scale_search: bool = False, kv_bits: int = 0, algorithm: str = "rtn") -> str:
-    """The int4 recipe in words, e.g. "int4 b32 sym gptq+mse acc4, lm_head int8, KV int8"."""
-    held = f"{', '.join(kept)} {'int%d' % keep_bits if keep_bits else 'fp32'}" if kept else "all int4"
+                 keep_bits: int | None, scale_search: bool = False, kv_bits: int = 0, algorithm: str = "rtn",
+                 keep_block_size: int = 0) -> str:
+    """The int4 recipe in words, e.g. "int4 b32 sym gptq+mse acc4, lm_head int8 b128, KV int8"."""
+    kept_blocks = f" b{keep_block_size}" if keep_bits and keep_block_size and keep_block_size != block_size else ""
+    held = f"{', '.join(kept)} {'int%d' % keep_bits if keep_bits else 'fp32'}{kept_blocks}" if kept else "all int4"
     methods = (["gptq"] if algorithm == "gptq" else []) + (["mse"] if scale_search else [])
     rounding = " " + "+".join(methods) if methods else ""
     kv = f", KV int{kv_bits}" if kv_bits else ""
@@ -340,7 +342,8 @@ def profile_recipe(kv_bits: int | None = None) -> dict:
     profile = load_profile(PROFILE)
     q = profile.quantization
     return {"block_size": q.block_size, "symmetric": q.symmetric, "accuracy_level": q.accuracy_level,
-            "keep_unquantized": list(q.keep_unquantized), "keep_bits": q.keep_bits, "scale_search": q.scale_search,
+            "keep_unquantized": list(q.keep_unquantized), "keep_bits": q.keep_bits,
+            "keep_block_size": q.keep_block_size or q.block_size, "scale_search": q.scale_search,
             "algorithm": q.algorithm, "kv_bits": profile.kv_cache.bits if kv_bits is None else kv_bits,
             "kv_rewrite": REWRITE_REVISION}
 
@@ -355,7 +358,7 @@ def _prepare_bundle(a, engine: str, kv_bits: int | None) -> dict:
     r = profile_recipe(kv_bits)
     total, per_token = onnx_weight_bytes(out / "model.onnx")
     words = recipe_words(r["block_size"], r["symmetric"], r["accuracy_level"], tuple(r["keep_unquantized"]),
-                         r["keep_bits"], r["scale_search"], r["kv_bits"], r["algorithm"])
+                         r["keep_bits"], r["scale_search"], r["kv_bits"], r["algorithm"], r["keep_block_size"])
     return asdict(ModelInfo(engine, words, folder_bytes(out, "model.onnx"), per_token,
                             onnx_kv_element_bytes(out / "model.onnx")))
 

@@ -158,9 +158,10 @@ def kv_dtype_of(precision: str, flavour: str, profile_kv_dtype: str, kv_bits: in
 
 
 def estimate_weight_bytes(shape: ModelShape, precision: str, *, block_size: int, symmetric: bool,
-                          float_dtype: str, keep_bits: int = 0) -> int:
+                          float_dtype: str, keep_bits: int = 0, keep_block_size: int = 0) -> int:
     """Bytes of the graph's weights for `shape` at `precision` (see the module docstring);
-    `keep_bits` 8: the kept lm_head is stored as int8 blocks instead of float."""
+    `keep_bits` 8: the kept lm_head is stored as int8 blocks (of `keep_block_size`, 0:
+    `block_size`) instead of float."""
     if precision == "fp16":
         return shape.parameter_count * 2
     if precision == "fp32":
@@ -173,7 +174,7 @@ def estimate_weight_bytes(shape: ModelShape, precision: str, *, block_size: int,
     floats = (shape.parameter_count - n) * fbytes  # embedding, lm_head (kept), norms
     if keep_bits:
         head = shape.vocab_size * shape.hidden_size
-        head_blocks = math.ceil(head / block_size)
+        head_blocks = math.ceil(head / (keep_block_size or block_size))
         floats -= head * fbytes
         floats += head * keep_bits // 8 + head_blocks * fbytes + (0 if symmetric else head_blocks)
     return quantized + floats
@@ -286,7 +287,8 @@ def estimate_plan(shape: ModelShape, profile: DeviceProfile, precision: str, con
         kv_dtype=kv_dtype,
         weights_bytes=estimate_weight_bytes(shape, precision, block_size=q.block_size, symmetric=q.symmetric,
                                             float_dtype=float_dtype,
-                                            keep_bits=q.keep_bits if flavour == FLAVOUR_GQA_SHARED_KV else 0),
+                                            keep_bits=q.keep_bits if flavour == FLAVOUR_GQA_SHARED_KV else 0,
+                                            keep_block_size=q.keep_block_size),
         kv_cache_bytes=kv_cache_bytes(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
                                       head_dim=shape.head_dim, context=context, dtype_bytes=DTYPE_BYTES[kv_dtype],
                                       buffers=1 if flavour == FLAVOUR_GQA_SHARED_KV else 2),

@@ -341,7 +341,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                     info, graph, precision=precision, block_size=q.block_size,
                     symmetric=recipe.symmetric if recipe else q.symmetric,
                     accuracy_level=q.accuracy_level, keep_unquantized=tuple(q.keep_unquantized), max_length=limit,
-                    keep_bits=(q.keep_bits or None) if recipe else None,
+                    keep_bits=(q.keep_bits or None) if recipe else None, keep_block_size=q.keep_block_size or None,
                     scale_search=recipe.scale_search if recipe else False, hessians=hessians,
                     io_dtype=io_dtype, progress=progress.detail,
                     # prompt lookup's runs of several rows: CPU profiles only until a GPU run tests them
@@ -415,7 +415,10 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 "profile": {"name": profile.name, "kv_cache_dtype": kv_dtype},
                 "kv_cache": kv_scales.as_manifest() if kv_scales else None,
                 "precision": precision,
-                "quantization": ({**recipe.as_manifest(excluded), "kept_bits": kept_bits, "calibration": calibrated}
+                "quantization": ({**recipe.as_manifest(excluded), "kept_bits": kept_bits,
+                                  **({"kept_block_size": profile.quantization.keep_block_size or profile.quantization.block_size}
+                                     if kept_bits else {}),
+                                  "calibration": calibrated}
                                  if recipe else None),
                 "graph": {"flavour": flavour, "file": GRAPH_FILE, **graph_io(graph)},
                 "fidelity": {**(report.as_manifest() if report else {"skipped": True}),

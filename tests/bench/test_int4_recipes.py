@@ -11,7 +11,9 @@ import pytest
 
 def test_recipe_names_cover_symmetry_rounding_and_head(recipes):
     named = recipes.all_recipes()
-    assert len(named) == 18
+    assert len(named) == 24  # 2 symmetries x 3 roundings x 3 heads, and the int8 heads in blocks of 128
+    assert named["sym-gptq-head8b128"] == recipes.Recipe("sym-gptq-head8b128", True, True, 8, gptq=True,
+                                                         head_block=128)
     g = named["sym-gptq-head4"]
     assert (g.symmetric, g.scale_search, g.head_bits, g.gptq) == (True, True, 4, True)
     assert not named["sym-mse-head4"].gptq

@@ -168,6 +168,17 @@ def test_graph_builder_keep_bits_stores_the_kept_lm_head_as_int8(tiny_checkpoint
     assert {a.name: a.i for a in head.attribute if a.name in ("bits", "block_size")} == {"bits": 8, "block_size": 32}
     with pytest.raises(ValueError, match="keep_bits"):
         build_decoder_graph(info, tmp_path / "bad" / "model.onnx", precision="int4", max_length=64, keep_bits=3)
+    # the profiles' keep_block_size: the kept lm_head in blocks of its own, the rest unchanged
+    graph = tmp_path / "int8-b128" / "model.onnx"
+    build_decoder_graph(info, graph, precision="int4", block_size=32, symmetric=True, accuracy_level=4,
+                        keep_unquantized=("lm_head",), max_length=64, keep_bits=8, keep_block_size=128)
+    model = onnx.load(str(graph), load_external_data=False)
+    blocks = {n.name: {a.name: a.i for a in n.attribute}["block_size"] for n in model.graph.node
+              if n.op_type == "MatMulNBits"}
+    assert blocks.pop("/lm_head/MatMul_Q8") == 128 and set(blocks.values()) == {32}
+    with pytest.raises(ValueError, match="keep_block_size"):
+        build_decoder_graph(info, tmp_path / "bad" / "model.onnx", precision="int4", max_length=64, keep_bits=8,
+                            keep_block_size=48)
 
 
 def test_onnxruntime_genai_is_built_with_its_own_int4_options_at_our_block_size(peers, tmp_path):

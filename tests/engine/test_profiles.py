@@ -338,6 +338,12 @@ def _assert_config_error(path: pathlib.Path, key: str, message: str) -> None:
             "expected a value >= 0.0, got -2.0",
         ),
         (
+            r"^keep_block_size = 128",
+            "keep_block_size = 48",
+            "quantization.keep_block_size",
+            "expected 0 or a power of two >= 16, got 48",
+        ),
+        (
             r"fp32 = 0\.01",
             "fp32 = nan",
             "fidelity.max_logit_diff.fp32",
