@@ -23,7 +23,8 @@ def integer_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"expected an integer {f'from {low} to {high}' if high is not None else f'>= {low}'}, got {text}")
+            wanted = f">= {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"expected an integer {wanted}, got {text}")
         return value
     parse.__name__ = "integer"
     return parse
@@ -37,9 +38,11 @@ def number_in(low: float, high: float = math.inf, *, low_open: bool = False) -> 
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         if not math.isfinite(value) or value < low or (low_open and value == low) or value > high:
-            where = f"{'(' if low_open else '['}{low:g}, {high:g}]" if math.isfinite(high) else \
-                f"{'>' if low_open else '>='} {low:g}"
-            raise argparse.ArgumentTypeError(f"expected a finite number {'in ' if math.isfinite(high) else ''}{where}, got {text}")
+            if math.isfinite(high):
+                wanted = f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+            else:
+                wanted = f"{'>' if low_open else '>='} {low:g}"
+            raise argparse.ArgumentTypeError(f"expected a finite number {wanted}, got {text}")
         return value
     parse.__name__ = "number"
     return parse
