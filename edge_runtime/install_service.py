@@ -352,23 +352,22 @@ class _Installer:
         return (self.run(argv, capture_output=True, text=True).stdout or "").strip()
 
     # -- facts
-    def group_exists(self) -> bool:
+    def _named_in(self, lookup: Callable[[str], object], db_file: str) -> bool:
+        """Whether the service's name is in a user database: `lookup` (pwd/grp) on the live
+        system, the image's `db_file` under --root."""
         if self.live:
             try:
-                grp.getgrnam(SERVICE_USER)
+                lookup(SERVICE_USER)
                 return True
             except KeyError:
                 return False
-        return SERVICE_USER in (_names_in(self.target("etc/group")) or set())
+        return SERVICE_USER in (_names_in(self.target(db_file)) or set())
+
+    def group_exists(self) -> bool:
+        return self._named_in(grp.getgrnam, "etc/group")
 
     def user_exists(self) -> bool:
-        if self.live:
-            try:
-                pwd.getpwnam(SERVICE_USER)
-                return True
-            except KeyError:
-                return False
-        return SERVICE_USER in (_names_in(self.target("etc/passwd")) or set())
+        return self._named_in(pwd.getpwnam, "etc/passwd")
 
     def read_config(self) -> _KeptConfig | None:
         """The installed config's [model] bundle and profile and [service] state_dir; None if

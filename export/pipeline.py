@@ -317,6 +317,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         recipe = recipe_for(profile, precision, opts.algorithm, fused=fused) if precision in quantize.BITS else None
         excluded: list[str] = []
         kept_bits = 0  # storage of the kept layers: 0 float, 8 int8 (fused graph with the profile's keep_bits)
+        kept_block_size = 0  # their block size when kept_bits (the profile's keep_block_size or block_size)
         kv_scales: kv_cache_quant.KVScales | None = None  # an int8 KV cache (fused graph, profile kv_cache.bits 8)
         calibrated: dict | None = None  # GPTQ's calibration text, recorded in the manifest
         progress.total = 4 if fused else 5
@@ -348,6 +349,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                     logits_start_input=set(profile.provider_names) == {"CPUExecutionProvider"})
                 excluded = kept_matmuls(graph, quantize.BITS[precision]) if recipe else []
                 kept_bits = (q.keep_bits or 0) if recipe else 0
+                kept_block_size = (q.keep_block_size or q.block_size) if kept_bits else 0
                 if kv_dtype == "int8":
                     progress.detail(f"int8 KV cache: per-channel scales calibrated on "
                                     f"{kv_cache_quant.CALIBRATION_TEXT.name}")
@@ -416,8 +418,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 "kv_cache": kv_scales.as_manifest() if kv_scales else None,
                 "precision": precision,
                 "quantization": ({**recipe.as_manifest(excluded), "kept_bits": kept_bits,
-                                  **({"kept_block_size": profile.quantization.keep_block_size or profile.quantization.block_size}
-                                     if kept_bits else {}),
+                                  **({"kept_block_size": kept_block_size} if kept_bits else {}),
                                   "calibration": calibrated}
                                  if recipe else None),
                 "graph": {"flavour": flavour, "file": GRAPH_FILE, **graph_io(graph)},
