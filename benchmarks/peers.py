@@ -12,18 +12,20 @@ What it does:
 2. prepares each engine's model from it, once (cached in ``--workdir`` by a stamp of the
    checkpoint and the recipe):
    * ``edge-runtime``: ``edge-runtime export --graph fused`` with the cpu-x86_64 profile's
-     int4 recipe (MatMulNBits block 32, symmetric with the least-squares scale search,
-     accuracy level 4, lm_head kept as int8), fidelity skipped (random weights); the recipe
-     is part of the cache stamp; the profile keeps an int8 KV cache;
+     int4 recipe (MatMulNBits in blocks of 128 with zero points, GPTQ with the least-squares
+     scale search, accuracy level 4, lm_head kept as int8), fidelity skipped (random
+     weights); the recipe is part of the cache stamp; the profile keeps an int8 KV cache;
    * ``edge-runtime/f32kv``: the same export with ``--kv-cache-bits 0`` (a float32 KV cache);
    * ``edge-runtime/genai-recipe``: the same graph and engine loop with onnxruntime-genai's
-     recipe (symmetric int4, lm_head int4: ``graph_builder.build_decoder_graph``, a bare
-     graph run by the engine's decoder) -- the same bytes as onnxruntime-genai's model, so
-     the two rows compare graph + loop alone; on the demo model this recipe's greedy
+     recipe (symmetric int4 in ``--block-size`` blocks, lm_head int4:
+     ``graph_builder.build_decoder_graph``, a bare graph run by the engine's decoder) -- the
+     same bytes as onnxruntime-genai's model, so the two rows compare graph + loop alone;
+     on the demo model this recipe's greedy
      agreement is below the profile's 0.7 bar (0.66 symmetric; an int4 lm_head 0.615), so
      no profile ships it;
    * ``onnxruntime-genai``: ``python -m onnxruntime_genai.models.builder -p int4 -e cpu``
-     with ``int4_block_size`` = ours and ``int4_is_symmetric=true`` (its other defaults:
+     with ``int4_block_size`` = ``--block-size`` (default: ours, the profile's: the issue's "same
+     block size"; its own default is 32) and ``int4_is_symmetric=true`` (its other defaults:
      accuracy level 4 on CPU, every MatMul quantized, lm_head included; before, this passed
      ``block_size``, a key the builder ignores, and got its default, also 32 and symmetric);
    * ``llama.cpp``: llama.cpp's ``convert_hf_to_gguf.py`` (from the llama-cpp-python sdist,
@@ -688,7 +690,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=CACHE / "peers-bench")
     for key, value in SHAPE_DEFAULTS.items():
         p.add_argument("--" + key.replace("_", "-"), type=int, default=value)
-    p.add_argument("--block-size", type=int, default=32, help="int4 block size (ours: the profile's)")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="the peers' int4 block size (default: the profile's, which our bundle always takes)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 1024, 2048])
@@ -705,13 +708,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--convert-script", type=Path, default=DEFAULT_CONVERT)
     p.add_argument("--bandwidth-mib", type=int, default=512, help="size of the array copied (default 512 MiB)")
     p.add_argument("--nice", type=int, default=0, help="run the preparation steps under nice -n N")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.block_size is None:  # the same block size as ours (the issue's like for like)
+        from edge_runtime.profiles import load_profile
+
+        args.block_size = load_profile(PROFILE).quantization.block_size
+    return args
 
 
 def prepare(args, engine: str, python: str, checkpoint: Path, stamp: dict) -> ModelInfo:
     folder = args.workdir / engine.replace("/", "-")
     stamp_file = args.workdir / f"{engine.replace('/', '-')}.json"
-    wanted = {**stamp, "engine": engine, "block_size": args.block_size}
+    wanted = {**stamp, "engine": engine}
+    if engine != LLAMACPP:  # Q4_0 has blocks of 32 whatever --block-size says
+        wanted["block_size"] = args.block_size
     if engine in (OURS, OURS_F32KV):
         wanted["recipe"] = profile_recipe(0 if engine == OURS_F32KV else None)
     if stamp_file.is_file():

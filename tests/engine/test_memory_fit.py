@@ -82,11 +82,12 @@ def test_an_int8_kv_cache_is_a_quarter_of_float32_and_fp32_bundles_keep_float():
     assert int4.kv_dtype == "int8" and fp32.kv_dtype == "float32"
     assert int4.kv_cache_bytes * 4 == fp32.kv_cache_bytes == 2 * 32 * 32 * 128 * 4096 * 4
     # the scales of the int4 weights stay float32 (the activations' dtype), not int8
-    assert int4.weights_bytes == estimate_weight_bytes(s7, "int4", block_size=32, symmetric=True,
+    assert int4.weights_bytes == estimate_weight_bytes(s7, "int4", block_size=128, symmetric=False,
                                                        float_dtype="float32", keep_bits=8, keep_block_size=128)
-    assert int4.weights_bytes == estimate_weight_bytes(s7, "int4", block_size=32, symmetric=True,
-                                                       float_dtype="float32", keep_bits=8) \
-        - 32016 * 4096 * (1 / 32 - 1 / 128) * 4  # the lm_head's scales, a block of 128 each
+    # the int8 lm_head's block size is its own (keep_block_size): in blocks of 32 it carries 4x the scales
+    assert estimate_weight_bytes(s7, "int4", block_size=32, symmetric=True, float_dtype="float32", keep_bits=8) \
+        - estimate_weight_bytes(s7, "int4", block_size=32, symmetric=True, float_dtype="float32", keep_bits=8,
+                                keep_block_size=128) == 32016 * 4096 * (1 / 32 - 1 / 128) * 4
     assert estimate_plan(s7, profiles["nvidia-gpu"], "int4", 4096).kv_dtype == "float16"
     float_kv = estimate_plan(s7, float_cpu, "int4", 4096)
     assert float_kv.kv_dtype == "float32" and float_kv.kv_cache_bytes == fp32.kv_cache_bytes

@@ -210,7 +210,7 @@ def _assert_config_error(path: pathlib.Path, key: str, message: str) -> None:
             "colour",
             "unknown key",
         ),
-        (r"^symmetric = true", "symmetric = true\nbits = 4", "quantization.bits", "unknown key"),
+        (r"^symmetric = \w+", "symmetric = false\nbits = 4", "quantization.bits", "unknown key"),
         (
             r"^options = \{\}",
             "options = {}\nweight = 1",
@@ -230,12 +230,12 @@ def _assert_config_error(path: pathlib.Path, key: str, message: str) -> None:
         (r", fp32 = 0\.01 \}", " }", "fidelity.max_logit_diff.fp32", "missing key"),
         # wrong types, including bool/int confusion
         (
-            r"^block_size = 32",
+            r"^block_size = \d+",
             'block_size = "32"',
             "quantization.block_size",
             "expected int, got str",
         ),
-        (r"^symmetric = true", "symmetric = 1", "quantization.symmetric", "expected bool, got int"),
+        (r"^symmetric = \w+", "symmetric = 1", "quantization.symmetric", "expected bool, got int"),
         (r"^scale_search = true", 'scale_search = "mse"', "quantization.scale_search", "expected bool, got str"),
         (r"^max_context = 4096", "max_context = true", "max_context", "expected int, got bool"),
         (
@@ -295,13 +295,13 @@ def _assert_config_error(path: pathlib.Path, key: str, message: str) -> None:
             "expected one of 'float32', 'float16', got 'bfloat16'",
         ),
         (
-            r"^block_size = 32",
+            r"^block_size = \d+",
             "block_size = 24",
             "quantization.block_size",
             "expected a power of two >= 16, got 24",
         ),
         (
-            r"^block_size = 32",
+            r"^block_size = \d+",
             "block_size = 8",
             "quantization.block_size",
             "expected a power of two >= 16, got 8",

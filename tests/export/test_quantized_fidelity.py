@@ -29,14 +29,14 @@ def test_demo_model_quantized_bundle_meets_profile_threshold(demo_checkpoint, tm
     quant = bundle.manifest["quantization"]
     assert quant["method"] == "MatMulNBits" and quant["bits"] == {"int8": 8, "int4": 4}[precision]
     assert any("lm_head" in n for n in quant["excluded_nodes"])
-    # the profile is symmetric with the least-squares scale search; the fused graph's builder
-    # does that, onnxruntime's quantizer (optimum graph) cannot and keeps zero points instead
-    # and GPTQ, calibrated on the shipped text, which only the fused graph's builder does
+    # the profile's blocks of 128 with zero points and the least-squares scale search, and
+    # GPTQ calibrated on the shipped text: only the fused graph's builder does the last two
+    assert quant["block_size"] == 128 and quant["symmetric"] is False
     if graph == "fused":
-        assert quant["symmetric"] is True and quant["scale_search"] is True and quant["kept_bits"] == 8
+        assert quant["scale_search"] is True and quant["kept_bits"] == 8
         assert quant["algorithm"] == "gptq" and quant["calibration"]["text"] == "gptq-calibration.txt"
     else:
-        assert quant["symmetric"] is False and quant["scale_search"] is False
+        assert quant["scale_search"] is False
         assert quant["algorithm"] == "rtn" and quant["calibration"] is None
     # the profile's int8 KV cache (prompts attend in float); the optimum graph keeps a float one
     if graph == "fused":
