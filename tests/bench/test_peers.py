@@ -190,3 +190,13 @@ def test_onnxruntime_genai_is_built_with_its_own_int4_options_at_our_block_size(
     extra = cmd[cmd.index("--extra_options") + 1:]
     assert extra == ["int4_block_size=64", "int4_is_symmetric=true"]
     assert cmd[cmd.index("-p") + 1] == "int4" and cmd[cmd.index("-e") + 1] == "cpu"
+
+
+def test_the_peers_block_size_defaults_to_our_profiles(peers):
+    """The issue compares at the same block size: without --block-size the onnxruntime-genai
+    rows take the cpu-x86_64 profile's, which our bundle is exported with."""
+    from edge_runtime.profiles import load_profile
+
+    ours = load_profile(peers.PROFILE).quantization.block_size
+    assert peers.parse_args([]).block_size == ours == 128
+    assert peers.parse_args(["--block-size", "32"]).block_size == 32
