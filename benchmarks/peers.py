@@ -345,7 +345,7 @@ def profile_recipe(kv_bits: int | None = None) -> dict:
     q = profile.quantization
     return {"block_size": q.block_size, "symmetric": q.symmetric, "accuracy_level": q.accuracy_level,
             "keep_unquantized": list(q.keep_unquantized), "keep_bits": q.keep_bits,
-            "keep_block_size": q.keep_block_size or q.block_size, "scale_search": q.scale_search,
+            "keep_block_size": q.kept_block_size, "scale_search": q.scale_search,
             "algorithm": q.algorithm, "kv_bits": profile.kv_cache.bits if kv_bits is None else kv_bits,
             "kv_rewrite": REWRITE_REVISION}
 

@@ -47,8 +47,17 @@ def _first_word(text: str) -> str:
     return words[0].strip(".,:;!\"'()[]").lower()[:MAX_LABEL_CHARS] if words else ""
 
 
-def too_long(text: str, limit: int) -> str:
-    return f"a text of {len(text):,} characters, over max_text_chars ({limit:,})"
+def failed(spec: ClassifierSpec, who: str, what: str, label: str | None = None) -> Verdict:
+    """The verdict when the classifier could not judge: blocked or let through as on_failure says."""
+    log.error("policy classifier %s: %s (failing %s)", who, what, spec.on_failure)
+    return Verdict(blocked=spec.on_failure == "closed", label=label or what, failed=True)
+
+
+def too_long(spec: ClassifierSpec, text: str) -> str | None:
+    """Why `text` is not judged at all (never a cut: the end is where a request hides), or None."""
+    if len(text) <= spec.max_text_chars:
+        return None
+    return f"a text of {len(text):,} characters, over max_text_chars ({spec.max_text_chars:,})"
 
 
 class CommandClassifier:
@@ -58,12 +67,11 @@ class CommandClassifier:
         self.block_labels = frozenset(label.lower() for label in spec.block_labels)
 
     def _failure(self, what: str) -> Verdict:
-        log.error("policy classifier %s: %s (failing %s)", self.command[0], what, self.spec.on_failure)
-        return Verdict(blocked=self.spec.on_failure == "closed", label=what, failed=True)
+        return failed(self.spec, self.command[0], what)
 
     def classify(self, text: str) -> Verdict:
-        if len(text) > self.spec.max_text_chars:  # never judge a cut: the end is where a request hides
-            return self._failure(too_long(text, self.spec.max_text_chars))
+        if why := too_long(self.spec, text):
+            return self._failure(why)
         data = text.encode("utf-8", errors="replace")
         try:
             proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -114,10 +122,8 @@ class BundleClassifier:
         return cls(spec, Engine.from_bundle(spec.bundle, prompt_cache="off"))
 
     def classify(self, text: str) -> Verdict:
-        if len(text) > self.spec.max_text_chars:
-            log.error("policy classifier bundle: %s (failing %s)", too_long(text, self.spec.max_text_chars),
-                      self.spec.on_failure)
-            return Verdict(blocked=self.spec.on_failure == "closed", label="too long", failed=True)
+        if why := too_long(self.spec, text):
+            return failed(self.spec, "bundle", why, label="too long")
         prompt = self.spec.prompt.replace("{text}", text)
         request = GenerationRequest(mode="complete", prompt=prompt, max_tokens=self.LABEL_TOKENS,
                                     sampling=SamplingParams(temperature=0.0, top_p=1.0),
@@ -128,8 +134,7 @@ class BundleClassifier:
                 for item in self.engine.generate(request):
                     result = item
         except Exception as exc:  # DeadlineExceeded, ContextLengthExceeded, ...
-            log.error("policy classifier bundle: %s: %s (failing %s)", type(exc).__name__, exc, self.spec.on_failure)
-            return Verdict(blocked=self.spec.on_failure == "closed", label=type(exc).__name__, failed=True)
+            return failed(self.spec, "bundle", f"{type(exc).__name__}: {exc}", label=type(exc).__name__)
         label = _first_word(result.text) if isinstance(result, GenerationResult) else ""
         return Verdict(blocked=label in self.block_labels, label=label or "(no label)")
 

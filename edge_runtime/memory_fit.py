@@ -288,7 +288,7 @@ def estimate_plan(shape: ModelShape, profile: DeviceProfile, precision: str, con
         weights_bytes=estimate_weight_bytes(shape, precision, block_size=q.block_size, symmetric=q.symmetric,
                                             float_dtype=float_dtype,
                                             keep_bits=q.keep_bits if flavour == FLAVOUR_GQA_SHARED_KV else 0,
-                                            keep_block_size=q.keep_block_size),
+                                            keep_block_size=q.kept_block_size),
         kv_cache_bytes=kv_cache_bytes(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
                                       head_dim=shape.head_dim, context=context, dtype_bytes=DTYPE_BYTES[kv_dtype],
                                       buffers=1 if flavour == FLAVOUR_GQA_SHARED_KV else 2),

@@ -133,6 +133,11 @@ class QuantizationSettings:
     # quantized with round-to-nearest whatever this says (recorded in the bundle's manifest).
     algorithm: Literal["rtn", "gptq"] = "rtn"
 
+    @property
+    def kept_block_size(self) -> int:
+        """The block size the kept layers are stored in when keep_bits quantizes them."""
+        return self.keep_block_size or self.block_size
+
 
 @dataclass(frozen=True)
 class KvCacheSettings:

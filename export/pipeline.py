@@ -317,7 +317,6 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         recipe = recipe_for(profile, precision, opts.algorithm, fused=fused) if precision in quantize.BITS else None
         excluded: list[str] = []
         kept_bits = 0  # storage of the kept layers: 0 float, 8 int8 (fused graph with the profile's keep_bits)
-        kept_block_size = 0  # their block size when kept_bits (the profile's keep_block_size or block_size)
         kv_scales: kv_cache_quant.KVScales | None = None  # an int8 KV cache (fused graph, profile kv_cache.bits 8)
         calibrated: dict | None = None  # GPTQ's calibration text, recorded in the manifest
         progress.total = 4 if fused else 5
@@ -342,14 +341,13 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                     info, graph, precision=precision, block_size=q.block_size,
                     symmetric=recipe.symmetric if recipe else q.symmetric,
                     accuracy_level=q.accuracy_level, keep_unquantized=tuple(q.keep_unquantized), max_length=limit,
-                    keep_bits=(q.keep_bits or None) if recipe else None, keep_block_size=q.keep_block_size or None,
+                    keep_bits=(q.keep_bits or None) if recipe else None, keep_block_size=q.kept_block_size,
                     scale_search=recipe.scale_search if recipe else False, hessians=hessians,
                     io_dtype=io_dtype, progress=progress.detail,
                     # prompt lookup's runs of several rows: CPU profiles only until a GPU run tests them
                     logits_start_input=set(profile.provider_names) == {"CPUExecutionProvider"})
                 excluded = kept_matmuls(graph, quantize.BITS[precision]) if recipe else []
                 kept_bits = (q.keep_bits or 0) if recipe else 0
-                kept_block_size = (q.keep_block_size or q.block_size) if kept_bits else 0
                 if kv_dtype == "int8":
                     progress.detail(f"int8 KV cache: per-channel scales calibrated on "
                                     f"{kv_cache_quant.CALIBRATION_TEXT.name}")
@@ -418,7 +416,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 "kv_cache": kv_scales.as_manifest() if kv_scales else None,
                 "precision": precision,
                 "quantization": ({**recipe.as_manifest(excluded), "kept_bits": kept_bits,
-                                  **({"kept_block_size": kept_block_size} if kept_bits else {}),
+                                  **({"kept_block_size": profile.quantization.kept_block_size} if kept_bits else {}),
                                   "calibration": calibrated}
                                  if recipe else None),
                 "graph": {"flavour": flavour, "file": GRAPH_FILE, **graph_io(graph)},
