@@ -33,7 +33,7 @@ def test_demo_model_quantized_bundle_meets_profile_threshold(demo_checkpoint, tm
     # GPTQ calibrated on the shipped text: only the fused graph's builder does the last two
     assert quant["block_size"] == 128 and quant["symmetric"] is False
     if graph == "fused":
-        assert quant["scale_search"] is True and quant["kept_bits"] == 8
+        assert quant["scale_search"] is True and quant["kept_bits"] == 8 and quant["kept_block_size"] == 128
         assert quant["algorithm"] == "gptq" and quant["calibration"]["text"] == "gptq-calibration.txt"
     else:
         assert quant["scale_search"] is False
