@@ -1,5 +1,5 @@
 """The lm_head alone: onnxruntime's MatMulNBits at batch 1 for each bit width and block size,
-cache-cold, as a decode step meets it (README, "The lm_head's blocks").
+cache-cold, as a decode step meets it (docs/performance.md, "The lm_head's blocks").
 
     python benchmarks/lm_head_blocks.py                    # K 2048, N 32016 (the peers' checkpoint)
     python benchmarks/lm_head_blocks.py --k 4096           # a 7B's lm_head

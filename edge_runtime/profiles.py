@@ -119,7 +119,7 @@ class QuantizationSettings:
     keep_bits: Literal[0, 8] = 0
     # The kept layers' block size when keep_bits stores them quantized (0: block_size). An int8
     # lm_head in blocks of 128 reads 8 % fewer bytes than in blocks of 32 and onnxruntime's
-    # 8-bit MatMulNBits kernel runs it faster: decode 1.03-1.08x (README, "The lm_head's blocks").
+    # 8-bit MatMulNBits kernel runs it faster: decode 1.03-1.08x (docs/performance.md, "The lm_head's blocks").
     keep_block_size: Annotated[int, Check(lambda v: v == 0 or (v >= 16 and v & (v - 1) == 0),
                                           "0 or a power of two >= 16")] = 0
     # Least-squares block scales (export/graph_builder.block_quantize_mse) in the fused graph

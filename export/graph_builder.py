@@ -793,7 +793,7 @@ def build_decoder_graph(info: CheckpointInfo, out_path: Path, *, precision: Prec
     ``precision`` is int4/int8; None keeps them in float. An int8 lm_head reads 3.5x fewer
     bytes per token than a float32 one (benchmarks/peers.py measures what that buys); in
     blocks of 128 rather than 32 it reads 8 % fewer, and onnxruntime's 8-bit kernel runs it
-    faster (README, "The lm_head's blocks"). ``scale_search`` picks each block's
+    faster (docs/performance.md, "The lm_head's blocks"). ``scale_search`` picks each block's
     scale (and zero point) by least squared error (``block_quantize_mse``) instead of
     onnxruntime's round-to-nearest over the block's full range; the layout is the same.
     ``hessians`` (``calibration.LayerwiseHessians``) quantizes every MatMulNBits weight with

@@ -134,7 +134,7 @@ def calibrate(graph: Path, arch: Architecture, windows: Sequence[Sequence[int]],
     layer's weights alone, fed the previous layer's outputs for every window. The same
     kernels see the same inputs as in the whole graph, so the scales are the whole graph's,
     and the memory is a layer's: a 7B's export peaks at 697 MiB, 6.9 GiB with the whole graph
-    in one session (README: Benchmarks)."""
+    in one session (docs/performance.md: Benchmarks)."""
     import onnx
     import onnxruntime as ort
 
