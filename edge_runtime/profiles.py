@@ -106,6 +106,9 @@ class ExecutionProvider:
         return {key: str(value) for key, value in self.options.items()}
 
 
+ZERO_OR_POWER_OF_TWO = Check(lambda v: v == 0 or (v >= 16 and v & (v - 1) == 0), "0 or a power of two >= 16")
+
+
 @dataclass(frozen=True)
 class QuantizationSettings:
     """Weight-only quantization of MatMul weights (onnxruntime's MatMulNBits)."""
@@ -120,8 +123,7 @@ class QuantizationSettings:
     # The kept layers' block size when keep_bits stores them quantized (0: block_size). An int8
     # lm_head in blocks of 128 reads 8 % fewer bytes than in blocks of 32 and onnxruntime's
     # 8-bit MatMulNBits kernel runs it faster: decode 1.03-1.08x (docs/performance.md, "The lm_head's blocks").
-    keep_block_size: Annotated[int, Check(lambda v: v == 0 or (v >= 16 and v & (v - 1) == 0),
-                                          "0 or a power of two >= 16")] = 0
+    keep_block_size: Annotated[int, ZERO_OR_POWER_OF_TWO] = 0
     # Least-squares block scales (export/graph_builder.block_quantize_mse) in the fused graph
     # instead of onnxruntime's round-to-nearest: what makes symmetric int4 keep fidelity
     # (demo model greedy agreement 0.80 vs 0.56). The optimum graph is quantized by
@@ -132,11 +134,21 @@ class QuantizationSettings:
     # a code text at export; "rtn": each block rounded on its own. The optimum graph is
     # quantized with round-to-nearest whatever this says (recorded in the bundle's manifest).
     algorithm: Literal["rtn", "gptq"] = "rtn"
+    # The optimum graph's block size (0: block_size). There onnxruntime's quantizer rounds each
+    # block on its own (or HQQ): without the GPTQ and scale search that let the fused graph's
+    # larger blocks keep fidelity, a profile may want smaller ones (cpu-x86_64: blocks of 128
+    # rounded put the demo model below the int4 bar, greedy agreement 0.69; blocks of 32: 1.00).
+    optimum_block_size: Annotated[int, ZERO_OR_POWER_OF_TWO] = 0
 
     @property
     def kept_block_size(self) -> int:
         """The block size the kept layers are stored in when keep_bits quantizes them."""
         return self.keep_block_size or self.block_size
+
+    @property
+    def optimum_graph_block_size(self) -> int:
+        """The block size of the optimum graph's quantized weights."""
+        return self.optimum_block_size or self.block_size
 
 
 @dataclass(frozen=True)

@@ -71,13 +71,15 @@ def recipe_for(profile: DeviceProfile, precision: str, algorithm: str | None, *,
     """The quantization the export will do: the profile's, except that the optimum graph
     (`fused` False: onnxruntime's quantizer) cannot search scales, and symmetric int4
     without the search loses fidelity (benchmarks/int4_recipes.py), so a profile that
-    relies on the search gets zero points there."""
+    relies on the search gets zero points there; and it takes the profile's
+    `optimum_block_size` (without GPTQ, larger blocks lose fidelity too)."""
     q = profile.quantization
     search = q.scale_search and fused
     symmetric = q.symmetric and (search or not q.scale_search)
     if algorithm is None:  # the profile's; GPTQ only where the fused graph is built
         algorithm = q.algorithm if fused else "rtn"
-    return quantize.QuantRecipe(bits=quantize.BITS[precision], block_size=q.block_size, symmetric=symmetric,
+    block_size = q.block_size if fused else q.optimum_graph_block_size
+    return quantize.QuantRecipe(bits=quantize.BITS[precision], block_size=block_size, symmetric=symmetric,
                                 accuracy_level=q.accuracy_level, keep_unquantized=tuple(q.keep_unquantized),
                                 algorithm=algorithm, scale_search=search)
 

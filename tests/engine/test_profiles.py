@@ -344,6 +344,12 @@ def _assert_config_error(path: pathlib.Path, key: str, message: str) -> None:
             "expected 0 or a power of two >= 16, got 48",
         ),
         (
+            r"^optimum_block_size = 32",
+            "optimum_block_size = 8",
+            "quantization.optimum_block_size",
+            "expected 0 or a power of two >= 16, got 8",
+        ),
+        (
             r"fp32 = 0\.01",
             "fp32 = nan",
             "fidelity.max_logit_diff.fp32",
