@@ -41,7 +41,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -127,9 +127,9 @@ class SourceFile:
     text: str
 
 
-def default_cache_dir() -> Path:
+def default_cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
     """``$EDGE_RUNTIME_CACHE`` if set, else ``~/.cache/edge-runtime``."""
-    configured = os.environ.get("EDGE_RUNTIME_CACHE")
+    configured = environ.get("EDGE_RUNTIME_CACHE")
     if configured:
         return Path(configured).expanduser()
     return Path.home() / ".cache" / "edge-runtime"
