@@ -58,7 +58,9 @@ What it does:
    context, one line per engine; skipped with a message without matplotlib).
 
 All engines get the same number of threads (``--threads``, default: every core).
-A peer that is not installed is skipped with a message. The peers run under
+A peer that is not installed is skipped with a message; one whose process fails (preparing its
+model or in a round) is left out of the table with a note saying when and why, and the run
+goes on with the others (ours failing stops it). The peers run under
 ``--peer-python`` (default: ``~/.cache/edge-runtime/peers-venv/bin/python`` when it exists,
 made by ``scripts/install-peers.sh``, else this interpreter).
 """
@@ -69,6 +71,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -646,8 +649,35 @@ RUN = {OURS: "run-ours", OURS_F32KV: "run-ours", OURS_GENAI_RECIPE: "run-ours", 
 
 
 # -- the driver ---------------------------------------------------------------------------------------------------
+class StepFailed(RuntimeError):
+    """A step's interpreter exited non-zero or was killed: `reason` in words, its stderr's tail."""
+
+    def __init__(self, name: str, returncode: int, stderr: str):
+        if returncode < 0:
+            try:
+                reason = f"killed by {signal.Signals(-returncode).name}"
+            except ValueError:
+                reason = f"killed by signal {-returncode}"
+        else:
+            reason = f"exit status {returncode}"
+        tail = [line for line in stderr.strip().splitlines() if line.strip()][-1:]
+        self.reason = reason + (f" ({tail[0].strip()[:300]})" if tail else "")
+        super().__init__(f"step {name} failed ({reason}):\n{stderr[-3000:]}")
+
+
+def failure_note(engine: str, when: str, failed: StepFailed) -> str:
+    """What the table's notes say of a peer that failed: when, why, and for llama.cpp's
+    illegal instruction the known cause and its fix."""
+    note = f"{engine} failed {when} and is left out of the table: {failed.reason}"
+    if engine == LLAMACPP and "SIGILL" in failed.reason:
+        note += ("; llama.cpp's AMX kernel faults on some virtual machines whose CPU reports AMX: "
+                 "LLAMA_CPP_NO_AMX=1 bash scripts/install-peers.sh rebuilds it without AMX")
+    return note
+
+
 def run_step(python: str, name: str, *, nice: int = 0, **kwargs) -> dict:
-    """One step in a fresh interpreter (its peak RSS is its own); its JSON result."""
+    """One step in a fresh interpreter (its peak RSS is its own); its JSON result. Raises
+    StepFailed when the interpreter does not exit cleanly."""
     cmd = [python, str(Path(__file__).resolve()), "--step", name]
     for key, value in kwargs.items():
         flag = "--" + key.replace("_", "-")
@@ -656,7 +686,7 @@ def run_step(python: str, name: str, *, nice: int = 0, **kwargs) -> dict:
         cmd = ["nice", "-n", str(nice), *cmd]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"step {name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise StepFailed(name, proc.returncode, proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -771,21 +801,36 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"{engine} skipped: {why} (bash scripts/install-peers.sh installs the peers)")
             say(notes[-1])
             continue
-        infos[engine] = prepare(args, engine, python, checkpoint, stamp)
+        try:
+            infos[engine] = prepare(args, engine, python, checkpoint, stamp)
+        except StepFailed as failed:
+            if engine in OUR_ENGINES:
+                raise
+            notes.append(failure_note(engine, "preparing its model", failed))
+            say(notes[-1])
 
     measured: dict[str, list[EngineRun]] = {e: [] for e in infos}
-    loads, bandwidths = [], []
+    loads, bandwidths, failed_engines = [], [], set()
     for rnd in range(args.rounds):
         say(f"memory bandwidth {rnd + 1}/{args.rounds} ...")
         bandwidths.append(run_step(sys.executable, "bandwidth", threads=args.threads,
                                    bandwidth_mib=args.bandwidth_mib))
-        for engine in infos:
+        for engine in [e for e in infos if e not in failed_engines]:
             say(f"{engine}: round {rnd + 1}/{args.rounds} ...")
             python = sys.executable if engine in OUR_ENGINES else args.peer_python
-            r = run_step(python, RUN[engine], model=args.workdir / engine.replace("/", "-"), engine=engine,
-                         checkpoint=checkpoint, threads=args.threads,
-                         prefill_tokens=args.prefill_tokens, contexts=args.contexts,
-                         decode_tokens=args.decode_tokens)
+            try:
+                r = run_step(python, RUN[engine], model=args.workdir / engine.replace("/", "-"), engine=engine,
+                             checkpoint=checkpoint, threads=args.threads,
+                             prefill_tokens=args.prefill_tokens, contexts=args.contexts,
+                             decode_tokens=args.decode_tokens)
+            except StepFailed as failed:
+                if engine in OUR_ENGINES:
+                    raise
+                failed_engines.add(engine)
+                measured.pop(engine)
+                notes.append(failure_note(engine, f"in round {rnd + 1}", failed))
+                say(notes[-1])
+                continue
             r["decode_tokens_per_s"] = {int(k): v for k, v in r["decode_tokens_per_s"].items()}
             r["decode_best_tokens_per_s"] = {int(k): v for k, v in r["decode_best_tokens_per_s"].items()}
             measured[engine].append(EngineRun(**r))

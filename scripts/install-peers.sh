@@ -17,6 +17,11 @@
 #
 # Not part of CI (.ci/run never builds llama.cpp). Needs python3-venv, cmake and a C++ compiler.
 # Usage: bash scripts/install-peers.sh   (EDGE_RUNTIME_CACHE moves ~/.cache/edge-runtime)
+#
+# LLAMA_CPP_NO_AMX=1 builds llama.cpp for this CPU's instruction sets but without AMX (a wheel
+# cached apart): on a virtual machine whose CPU reports AMX, llama.cpp's AMX kernel can die of an
+# illegal instruction (SIGILL at tilezero in ggml_backend_amx_mul_mat), which benchmarks/peers.py
+# reports as the llama.cpp row's failure; onnxruntime is not affected.
 set -euo pipefail
 
 PY=${PYTHON:-python3}
@@ -41,12 +46,28 @@ if [ -z "$SDIST" ]; then
     $VPIP download --quiet --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" -d "$WHEELS"
     SDIST="$WHEELS/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
 fi
-WHEEL=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-*.whl 2>/dev/null | head -n1 || true)
-if [ -z "$WHEEL" ]; then
-    echo "install-peers: building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION (llama.cpp from source; slow) ..." >&2
-    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) nice -n 10 $VPIP wheel --no-deps "$SDIST" -w "$WHEELS"
-    WHEEL=$(ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-*.whl | head -n1)
+# llama.cpp's build: -march=native by default; with LLAMA_CPP_NO_AMX=1 the x86 instruction sets
+# this CPU reports, named one by one (GGML_NATIVE=OFF), without AMX
+BUILD_WHEELS=$WHEELS
+CMAKE_FLAGS=""
+if [ "${LLAMA_CPP_NO_AMX:-0}" = 1 ]; then
+    BUILD_WHEELS=$WHEELS/no-amx
+    CMAKE_FLAGS="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+    cpu_flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+    for pair in sse4_2:SSE42 f16c:F16C fma:FMA bmi2:BMI2 avx:AVX avx2:AVX2 avx_vnni:AVX_VNNI avx512f:AVX512 \
+                avx512_vbmi:AVX512_VBMI avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+        case "$cpu_flags" in *" ${pair%%:*} "*) CMAKE_FLAGS+=" -DGGML_${pair#*:}=ON" ;; esac
+    done
+    mkdir -p "$BUILD_WHEELS"
 fi
+WHEEL=$(ls "$BUILD_WHEELS"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-*.whl 2>/dev/null | head -n1 || true)
+if [ -z "$WHEEL" ]; then
+    echo "install-peers: building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION (llama.cpp from source; slow)${CMAKE_FLAGS:+ with$CMAKE_FLAGS} ..." >&2
+    CMAKE_ARGS="$CMAKE_FLAGS" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) nice -n 10 \
+        $VPIP wheel --no-deps "$SDIST" -w "$BUILD_WHEELS"
+    WHEEL=$(ls "$BUILD_WHEELS"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-*.whl | head -n1)
+fi
+$VPIP install --quiet --force-reinstall --no-deps "$WHEEL"
 $VPIP install --quiet "$WHEEL"   # its dependencies: numpy, typing-extensions, diskcache, jinja2
 
 # llama.cpp's HF -> GGUF converter, from the same sdist (the PyPI gguf may lag the converter)

@@ -200,3 +200,39 @@ def test_the_peers_block_size_defaults_to_our_profiles(peers):
     ours = load_profile(peers.PROFILE).quantization.block_size
     assert peers.parse_args([]).block_size == ours == 128
     assert peers.parse_args(["--block-size", "32"]).block_size == 32
+
+
+def test_a_peer_that_dies_is_reported_and_the_others_still_measured(peers, tiny_checkpoint, tmp_path, capsys):
+    """A peer whose process is killed (here by SIGILL, as llama.cpp's AMX kernel is on some
+    virtual machines) costs its own row only: the run goes on, prints and saves the others, and
+    says which engine failed, when, and why."""
+    convert = tmp_path / "convert_hf_to_gguf.py"
+    convert.write_text("")
+    info = {"engine": peers.LLAMACPP, "precision": "Q4_0", "model_bytes": 1000, "weight_bytes_per_token": 500,
+            "kv_bytes_per_element": 2}
+    fake = tmp_path / "peer-python"  # imports succeed, the model is 'prepared', every run dies of SIGILL
+    fake.write_text("#!/bin/sh\n"
+                    'case "$*" in\n'
+                    "  -c*) exit 0 ;;\n"
+                    f"  *prepare-llamacpp*) mkdir -p '{tmp_path / 'work' / 'llama.cpp'}'; echo '{json.dumps(info)}' ;;\n"
+                    "  *prepare-genai*) echo 'builder: out of memory' >&2; exit 3 ;;\n"
+                    "  *) echo 'ggml_backend_amx_mul_mat' >&2; kill -ILL $$ ;;\n"
+                    "esac\n")
+    fake.chmod(0o755)
+    out = tmp_path / "result"
+    rc = peers.main(["--checkpoint", str(tiny_checkpoint), "--workdir", str(tmp_path / "work"), "--out", str(out),
+                     "--peer-python", str(fake), "--convert-script", str(convert), "--contexts", "8",
+                     "--table-contexts", "8", "--prefill-tokens", "8", "--decode-tokens", "2",
+                     "--rounds", "2", "--threads", "1", "--bandwidth-mib", "8",
+                     "--engines", peers.OURS, peers.GENAI, peers.LLAMACPP])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [r["engine"] for r in result["rows"]] == [peers.OURS]
+    assert len(result["rounds"][peers.OURS]) == 2 and peers.LLAMACPP not in result["rounds"]
+    genai_note, llamacpp_note = result["skipped"]
+    assert genai_note.startswith("onnxruntime-genai failed preparing its model") and "exit status 3" in genai_note
+    assert "builder: out of memory" in genai_note
+    assert llamacpp_note.startswith("llama.cpp failed in round 1") and "killed by SIGILL" in llamacpp_note
+    assert "LLAMA_CPP_NO_AMX=1 bash scripts/install-peers.sh" in llamacpp_note
+    assert genai_note in printed and llamacpp_note in printed
