@@ -62,7 +62,7 @@ if [ "${LLAMA_CPP_NO_AMX:-0}" = 1 ]; then
 fi
 WHEEL=$(ls "$BUILD_WHEELS"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-*.whl 2>/dev/null | head -n1 || true)
 if [ -z "$WHEEL" ]; then
-    echo "install-peers: building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION (llama.cpp from source; slow)${CMAKE_FLAGS:+ with$CMAKE_FLAGS} ..." >&2
+    echo "install-peers: building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION (llama.cpp from source; slow)${CMAKE_FLAGS:+ with $CMAKE_FLAGS} ..." >&2
     CMAKE_ARGS="$CMAKE_FLAGS" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) nice -n 10 \
         $VPIP wheel --no-deps "$SDIST" -w "$BUILD_WHEELS"
     WHEEL=$(ls "$BUILD_WHEELS"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-*.whl | head -n1)
