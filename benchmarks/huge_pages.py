@@ -24,12 +24,9 @@ import os
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # decode_graphs, beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # peers, beside this file
 
 MADV_HUGEPAGE = 14
 MADV_COLLAPSE = 25
@@ -63,17 +60,11 @@ def collapse_large_mappings() -> int:
 
 
 def decode_block(decoder, vocab: int, context: int, steps: int) -> float:
-    """A `context`-token random prompt, then `steps` greedy decode steps: 1 / their median."""
-    from decode_graphs import prompt_ids
+    """`steps` decode steps at `context` tokens, timed as benchmarks/peers.py times ours: 1 / their
+    median."""
+    from peers import decode_at
 
-    cache = decoder.new_cache(context + steps + 2)
-    token = int(np.argmax(decoder.prefill(cache, prompt_ids(context, vocab, 2))[-1]))
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        token = int(np.argmax(decoder.decode(cache, token)))
-        times.append(time.perf_counter() - t0)
-    return 1.0 / statistics.median(times)
+    return 1.0 / statistics.median(decode_at(decoder, vocab, context, steps))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -506,14 +506,18 @@ def time_decoder(d, vocab: int, *, prefill_tokens: int, contexts: list[int], dec
         int(np.argmax(logits[-1]))
         t2 = time.perf_counter()
         prefill_s, ttft_s = min(prefill_s, t1 - t0), min(ttft_s, t2 - t0)
-    decode = {}
-    for ctx in contexts:
-        cache = d.new_cache(ctx + decode_tokens + untimed_steps + 1)
-        token = int(np.argmax(d.prefill(cache, prompt_ids(ctx, vocab, 2))[-1]))
-        for _ in range(untimed_steps):
-            token = int(np.argmax(d.decode(cache, token)))
-        decode[ctx] = _timed_decode(lambda t, cache=cache: int(np.argmax(d.decode(cache, t))), token, decode_tokens)
+    decode = {ctx: decode_at(d, vocab, ctx, decode_tokens, untimed_steps=untimed_steps) for ctx in contexts}
     return len(ids), prefill_s, ttft_s, decode
+
+
+def decode_at(d, vocab: int, context: int, steps: int, *, untimed_steps: int = 1) -> list[float]:
+    """One of our decoders at `context` tokens: a random prompt of that length prefilled,
+    `untimed_steps` steps, then the seconds of `steps` timed steps, each with a greedy pick."""
+    cache = d.new_cache(context + steps + untimed_steps + 1)
+    token = int(np.argmax(d.prefill(cache, prompt_ids(context, vocab, 2))[-1]))
+    for _ in range(untimed_steps):
+        token = int(np.argmax(d.decode(cache, token)))
+    return _timed_decode(lambda t: int(np.argmax(d.decode(cache, t))), token, steps)
 
 
 def _result(engine: str, prefill_n: int, prefill_s: float, ttft_s: float, decode: dict[int, list[float]],
@@ -810,12 +814,12 @@ def main(argv: list[str] | None = None) -> int:
             say(notes[-1])
 
     measured: dict[str, list[EngineRun]] = {e: [] for e in infos}
-    loads, bandwidths, failed_engines = [], [], set()
+    loads, bandwidths = [], []
     for rnd in range(args.rounds):
         say(f"memory bandwidth {rnd + 1}/{args.rounds} ...")
         bandwidths.append(run_step(sys.executable, "bandwidth", threads=args.threads,
                                    bandwidth_mib=args.bandwidth_mib))
-        for engine in [e for e in infos if e not in failed_engines]:
+        for engine in list(measured):  # a peer that failed a round is out of `measured`
             say(f"{engine}: round {rnd + 1}/{args.rounds} ...")
             python = sys.executable if engine in OUR_ENGINES else args.peer_python
             try:
@@ -826,8 +830,7 @@ def main(argv: list[str] | None = None) -> int:
             except StepFailed as failed:
                 if engine in OUR_ENGINES:
                     raise
-                failed_engines.add(engine)
-                measured.pop(engine)
+                del measured[engine]
                 notes.append(failure_note(engine, f"in round {rnd + 1}", failed))
                 say(notes[-1])
                 continue

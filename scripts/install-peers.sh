@@ -67,6 +67,8 @@ if [ -z "$WHEEL" ]; then
         $VPIP wheel --no-deps "$SDIST" -w "$BUILD_WHEELS"
     WHEEL=$(ls "$BUILD_WHEELS"/llama_cpp_python-"$LLAMA_CPP_PYTHON_VERSION"-*.whl | head -n1)
 fi
+# the wheel chosen (native or without AMX) replaces whichever is installed, same version or not;
+# --force-reinstall alone would reinstall its dependencies into the venv too, shadowing the main ones
 $VPIP install --quiet --force-reinstall --no-deps "$WHEEL"
 $VPIP install --quiet "$WHEEL"   # its dependencies: numpy, typing-extensions, diskcache, jinja2
 
