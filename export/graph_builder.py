@@ -35,8 +35,11 @@ per layer             SimplifiedLayerNormalization (layer 0) or
                       into QuickGelu(alpha=1)); Mul; down_proj
 head                  Slice the last position(s) of the residual stream, final
                       SkipSimplifiedLayerNormalization, lm_head (float MatMul
-                      when kept unquantized, else MatMulNBits), Cast to float32
-                      when activations are float16
+                      when kept unquantized, else MatMulNBits; with
+                      ``head_refine_top_k``, MatMulNBits int4 then TopK,
+                      GatherBlockQuantized of those int8 rows, MatMul,
+                      ScatterElements), Cast to float32 when activations are
+                      float16
 ====================  =========================================================
 
 Precisions: ``fp32`` and ``fp16`` keep every weight in that float type;
@@ -449,6 +452,7 @@ class BuildOptions:
     keep_bits: int | None = None
     keep_block_size: int | None = None  # the kept layers' block size (None: block_size)
     scale_search: bool = False  # least-squares block scales (block_quantize_mse) instead of round-to-nearest
+    head_refine_top_k: int = 0  # > 0: the lm_head in two passes (int4, then its top k logits from int8 rows)
 
     @property
     def bits(self) -> int | None:
@@ -541,6 +545,21 @@ class _Builder:
 
     def _quantized_linear(self, x: str, parts: Sequence[str], node_name: str, out: str, k: int, n: int,
                           bits: int, block: int) -> None:
+        b_name, scales, zero_points = self._quantized_weight(parts, node_name, k, n, bits, block)
+        inputs = [x, b_name, self.const(f"{node_name}.weight_scales", scales)]
+        if zero_points is not None:
+            inputs.append(self.const(f"{node_name}.weight_zero_points", zero_points))
+        attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
+        if self.opts.accuracy_level:
+            attrs["accuracy_level"] = self.opts.accuracy_level
+        self.node("MatMulNBits", inputs, [out], node_name + f"_Q{bits}", domain=MS_DOMAIN, **attrs)
+
+    def _quantized_weight(self, parts: Sequence[str], node_name: str, k: int, n: int, bits: int,
+                          block: int, *, flat: bool = False) -> tuple[str, np.ndarray, np.ndarray | None]:
+        """Quantize concat(parts) [N, K] block-wise and stream its codes into the data file as
+        ``{node_name}.weight_Q{bits}`` ([N, blocks, block*bits/8] uint8, MatMulNBits' B; with
+        ``flat``, [N, blocks*block*bits/8], GatherBlockQuantized's data); returns that name, the
+        scales [N, blocks] and the zero points (None when symmetric)."""
         opts = self.opts
         dtype = opts.float_dtype
         k_blocks = (k + block - 1) // block
@@ -582,15 +601,55 @@ class _Builder:
                     yield q.packed
 
         b_name = f"{node_name}.weight_Q{bits}"
-        self.initializers.append(self.data.add_chunks(b_name, np.uint8, (n, k_blocks, block // kpack),
-                                                      packed_chunks()))
-        inputs = [x, b_name, self.const(f"{node_name}.weight_scales", np.concatenate(scales))]
-        if zero_points:
-            inputs.append(self.const(f"{node_name}.weight_zero_points", np.concatenate(zero_points)))
-        attrs = {"K": k, "N": n, "bits": bits, "block_size": block}
-        if opts.accuracy_level:
-            attrs["accuracy_level"] = opts.accuracy_level
-        self.node("MatMulNBits", inputs, [out], node_name + f"_Q{bits}", domain=MS_DOMAIN, **attrs)
+        shape = (n, k_blocks * block // kpack) if flat else (n, k_blocks, block // kpack)
+        self.initializers.append(self.data.add_chunks(b_name, np.uint8, shape, packed_chunks()))
+        return b_name, np.concatenate(scales), np.concatenate(zero_points) if zero_points else None
+
+    def refined_head(self, x: str, parts: Sequence[str], node_name: str, out: str) -> str:
+        """The lm_head in two passes: every logit from the int4 weights (MatMulNBits, the bytes
+        of the other layers), then the ``head_refine_top_k`` largest recomputed from an int8 copy
+        of the same weights (``keep_bits``, blocks of ``keep_block_size``), of which only those
+        tokens' rows are read: GatherBlockQuantized (their codes, dequantized), one small MatMul,
+        ScatterElements over the int4 logits. A decode step reads the int4 head's bytes plus
+        ``k`` int8 rows; the tokens that decide greedy decoding and sampling get the int8 head's
+        logits (docs/performance.md, "The lm_head in two passes")."""
+        opts = self.opts
+        shapes = [self.reader.shape(p) for p in parts]
+        k, n = shapes[0][1], sum(s[0] for s in shapes)
+        top_k = min(opts.head_refine_top_k, n)
+        at = node_name.rsplit("/", 1)[0]
+        coarse = f"{at}/coarse/output"
+        self._quantized_linear(x, parts, node_name, coarse, k, n, self.opts.bits, opts.block_size)
+        block = opts.keep_block_size or opts.block_size
+        codes, scales, zero_points = self._quantized_weight(parts, f"{at}/refine", k, n, 8, block, flat=True)
+        k_blocks = scales.shape[1]
+
+        def name(part: str) -> str:
+            return f"{at}/refine/{part}"
+
+        self.node("TopK", [coarse, self.inline_const(name("k"), np.array([top_k], dtype=np.int64))],
+                  [name("top_values"), name("top_indices")], name("TopK"), axis=-1, largest=1, sorted=0)
+        idx = name("top_indices")  # [batch, rows, k]
+        table = [codes, idx, self.const(f"{at}/refine.weight_scales", scales)]
+        if zero_points is not None:  # else GatherBlockQuantized's default for uint8, 128: MatMulNBits' too
+            table.append(self.const(f"{at}/refine.weight_zero_points", zero_points))
+        self.node("GatherBlockQuantized", table, [name("rows")], name("GatherBlockQuantized"), domain=MS_DOMAIN,
+                  bits=8, block_size=block, gather_axis=0, quantize_axis=1)
+        rows = name("rows")  # [batch, rows, k, blocks * block], float
+        if k_blocks * block != k:  # the padding columns of the last block
+            self.node("Slice", [rows, self.inline_const(name("k_start"), np.array([0], dtype=np.int64)),
+                                self.inline_const(name("k_end"), np.array([k], dtype=np.int64)),
+                                self.inline_const(name("k_axis"), np.array([3], dtype=np.int64))],
+                      [name("rows_k")], name("Slice_rows"))
+            rows = name("rows_k")
+        last = self.inline_const(name("last_axis"), np.array([-1], dtype=np.int64))
+        self.node("Unsqueeze", [x, last], [name("x_column")], name("Unsqueeze_x"))
+        self.node("MatMul", [rows, name("x_column")], [name("dots")], name("MatMul"))
+        self.node("Squeeze", [name("dots"), last], [name("logits")], name("Squeeze_dots"))
+        self.node("ScatterElements", [coarse, idx, name("logits")], [out], name("ScatterElements"), axis=-1)
+        self.quantized_nodes.append(node_name)
+        self.kept_nodes.append(f"{at}/refine")
+        return out
 
     def _inverse_hessian(self, weight: str) -> InverseHessian:
         """GPTQ's inverse Hessian of a weight's input: every part of a node and nodes that read
@@ -683,7 +742,10 @@ class _Builder:
                                   "/model/norm/output", "/model/norm/residual")
         head_weight = "lm_head.weight" if "lm_head.weight" in self.reader else "model.embed_tokens.weight"
         head_out = LOGITS if opts.io_dtype == "float32" else "/lm_head/output"
-        self.linear(h, [head_weight], "/lm_head/MatMul", head_out)
+        if opts.head_refine_top_k:
+            self.refined_head(h, [head_weight], "/lm_head/MatMul", head_out)
+        else:
+            self.linear(h, [head_weight], "/lm_head/MatMul", head_out)
         if head_out != LOGITS:
             self.node("Cast", [head_out], [LOGITS], "/lm_head/Cast", to=TensorProto.FLOAT)
         if self.hessians is not None:
@@ -776,7 +838,8 @@ def build_decoder_graph(info: CheckpointInfo, out_path: Path, *, precision: Prec
                         max_length: int, io_dtype: IODType | None = None, pack_qkv: bool = True,
                         pack_gate_up: bool = False, keep_bits: int | None = None,
                         keep_block_size: int | None = None, scale_search: bool = False, hessians: LayerwiseHessians | None = None,
-                        logits_start_input: bool = True, progress: Progress | None = None) -> list[Path]:
+                        logits_start_input: bool = True, head_refine_top_k: int = 0,
+                        progress: Progress | None = None) -> list[Path]:
     """Write ``out_path`` (e.g. ``model.onnx``) and ``out_path + '.data'`` for the
     `gqa-shared-kv` flavour; returns both paths.
 
@@ -801,6 +864,9 @@ def build_decoder_graph(info: CheckpointInfo, out_path: Path, *, precision: Prec
     calibration inputs' Hessian), each block's scale by ``scale_search``'s rule.
     ``logits_start_input``: the optional ``logits_start`` input (runs of several rows for
     prompt lookup); the export leaves it out of GPU bundles until the GPU paths are tested with it.
+    ``head_refine_top_k`` > 0 (int4, ``keep_bits`` 8, float32 activations): the lm_head in two
+    passes, every logit from int4 weights and the ``head_refine_top_k`` largest recomputed
+    from an int8 copy (``_Builder.refined_head``) instead of an int8 lm_head.
     """
     import onnx
 
@@ -818,12 +884,17 @@ def build_decoder_graph(info: CheckpointInfo, out_path: Path, *, precision: Prec
         raise ValueError(f"keep_bits must be None, 4 or 8, not {keep_bits!r}")
     if keep_block_size is not None and (keep_block_size < 16 or keep_block_size & (keep_block_size - 1)):
         raise ValueError(f"keep_block_size must be a power of two >= 16, not {keep_block_size!r}")
+    if head_refine_top_k < 0:
+        raise ValueError(f"head_refine_top_k must be 0 or positive, not {head_refine_top_k}")
+    if head_refine_top_k and (precision != "int4" or keep_bits != 8 or io_dtype != "float32"):
+        raise ValueError("head_refine_top_k needs precision int4, keep_bits 8 and float32 activations "
+                         f"(here {precision}, keep_bits {keep_bits}, {io_dtype})")
     check_supported(info)
     opts = BuildOptions(precision=precision, block_size=block_size, symmetric=symmetric,
                         accuracy_level=accuracy_level, keep_unquantized=tuple(keep_unquantized),
                         max_length=max_length, io_dtype=io_dtype, pack_qkv=pack_qkv, pack_gate_up=pack_gate_up,
                         keep_bits=keep_bits, keep_block_size=keep_block_size, scale_search=scale_search,
-                        logits_start_input=logits_start_input)
+                        logits_start_input=logits_start_input, head_refine_top_k=head_refine_top_k)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     builder = _Builder(info, out_path, opts, progress, hessians)

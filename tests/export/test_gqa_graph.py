@@ -502,3 +502,47 @@ def test_a_transformers5_checkpoint_exports_at_full_fidelity(tiny_checkpoint, tm
     bundle = exporter(v5, tmp_path / "bundle", precision="fp32")
     fidelity = json.loads((bundle / "bundle.json").read_text())["fidelity"]
     assert fidelity["greedy_agreement"] == 1.0 and fidelity["max_logit_diff"] < 1e-3
+
+
+# -- the lm_head in two passes ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_two_pass_lm_head_gives_the_int8_heads_logits_for_its_top_k_and_the_int4_ones_elsewhere(
+        tiny_checkpoint, tmp_path, symmetric):
+    """head_refine_top_k: the logits of the tokens the int4 head ranks in its top k are the
+    int8 head's, every other logit is the int4 head's. Both references are one-pass graphs of
+    the same weights (round to nearest: the same codes in every graph), computed in float
+    (accuracy level 0), so the int8 head's logits are the dequantized weights' exactly; the
+    int8 rows come in one block of 128 padded past the 64 hidden columns."""
+    k = 8
+    common = dict(precision="int4", block_size=32, symmetric=symmetric, accuracy_level=0, keep_block_size=128)
+    graphs = {
+        "int4": build(tiny_checkpoint, tmp_path / "int4", **common),
+        "int8": build(tiny_checkpoint, tmp_path / "int8", keep_unquantized=("lm_head",), keep_bits=8, **common),
+        "two-pass": build(tiny_checkpoint, tmp_path / "two-pass", keep_unquantized=("lm_head",), keep_bits=8,
+                          head_refine_top_k=k, **common),
+    }
+    decoders = {name: decoder_for(graph, tiny_checkpoint) for name, graph in graphs.items()}
+
+    def rows(decoder: SharedKVDecoder, ids: list[int]) -> np.ndarray:
+        """The first token's logits, then every later position's in one run of several rows
+        (as prompt lookup verifies drafts): TopK and the scatter take each row on its own."""
+        cache = decoder.new_cache(len(ids))
+        first = decoder.prefill(cache, np.asarray(ids[:1]))[-1].copy()
+        return np.vstack([first, decoder.verify(cache, np.asarray(ids[1:]))]) if len(ids) > 1 else first[None]
+
+    for ids in PROMPTS:
+        logits = {name: rows(d, ids) for name, d in decoders.items()}
+        for row in range(len(ids)):
+            int4, int8, ours = (logits[name][row] for name in ("int4", "int8", "two-pass"))
+            top = np.argsort(-int4, kind="stable")[:k]
+            assert np.abs(int4[top] - int8[top]).max() > 1e-3  # the two heads differ where it is checked
+            np.testing.assert_allclose(ours[top], int8[top], atol=2e-5, rtol=0)
+            rest = np.setdiff1d(np.arange(int4.size), top)
+            np.testing.assert_array_equal(ours[rest], int4[rest])
+
+
+def test_two_pass_lm_head_is_refused_where_it_has_no_int8_copy(tiny_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="head_refine_top_k needs precision int4, keep_bits 8"):
+        build(tiny_checkpoint, tmp_path / "g", precision="int4", keep_unquantized=("lm_head",), head_refine_top_k=8)
+    with pytest.raises(ValueError, match="head_refine_top_k needs"):
+        build(tiny_checkpoint, tmp_path / "g", precision="fp16", head_refine_top_k=8)
