@@ -22,6 +22,9 @@ Recipes (block 32 and accuracy level 4 unless ``--block-size`` / ``--accuracy-le
 * ``head8`` / ``head4`` / ``headf``: lm_head as MatMulNBits int8 (the CPU profiles'
   ``keep_bits``), int4 like every other layer (onnxruntime-genai's recipe is ``sym rtn
   head4``), or kept in float (the GPU profiles');
+* ``head8rN`` / ``head8b128rN``: the lm_head in two passes: every logit from int4 weights,
+  then the N largest recomputed from int8 rows of the same weights (the CPU profiles'
+  ``lm_head_refine_top_k``);
 * ``+kv8`` after any of them: the graph keeps an int8 KV cache (static per-channel scales
   calibrated as the export does, ``export/kv_cache_quant.py``; the CPU profiles'
   ``[kv_cache] bits = 8``) instead of a float32 one.
@@ -73,6 +76,7 @@ class Recipe:
     kv_bits: int = 0  # 8: int8 KV cache (export/kv_cache_quant.py), name suffix "+kv8"; 0: float
     gptq: bool = False  # GPTQ error feedback (export/gptq.py) on top of the scale rule
     head_block: int = 0  # the int8 lm_head's block size (0: the layout's), name suffix "b128"
+    head_refine: int = 0  # > 0: the lm_head in two passes, int4 then its top N from int8 rows; suffix "rN"
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,7 @@ def row_name(recipe: str, layout: Layout, layouts: list[Layout]) -> str:
 
 CORPUS_TOKENS = 100_000  # the whole fidelity corpus
 HEADS = {8: "head8", 4: "head4", 0: "headf"}
+REFINE_TOP_K = (8, 32, 128)  # the head in two passes: how many of the int4 head's top logits int8 rows recompute
 
 
 def all_recipes(*, kv8: bool = False) -> dict[str, Recipe]:
@@ -106,6 +111,10 @@ def all_recipes(*, kv8: bool = False) -> dict[str, Recipe]:
                 out[r.name] = r
                 if head == 8:  # the profile's keep_block_size: the int8 lm_head in blocks of 128
                     out[f"{r.name}b128"] = dataclasses.replace(r, name=f"{r.name}b128", head_block=128)
+                    for top in REFINE_TOP_K:  # the head in two passes (int4, then the top N from int8)
+                        for base in (r, out[f"{r.name}b128"]):
+                            out[f"{base.name}r{top}"] = dataclasses.replace(base, name=f"{base.name}r{top}",
+                                                                            head_refine=top)
     if kv8:
         out.update({f"{r.name}+kv8": dataclasses.replace(r, name=f"{r.name}+kv8", kv_bits=8)
                     for r in list(out.values())})
@@ -124,7 +133,8 @@ def build(recipe: Recipe, checkpoint_info, graph: Path, *, layout: Layout, max_l
                         symmetric=recipe.symmetric, accuracy_level=layout.accuracy_level,
                         keep_unquantized=("lm_head",) if recipe.head_bits != 4 else (),
                         keep_bits=8 if recipe.head_bits == 8 else None, keep_block_size=recipe.head_block or None,
-                        max_length=max_length, scale_search=recipe.scale_search, hessians=hessians)
+                        max_length=max_length, scale_search=recipe.scale_search, hessians=hessians,
+                        head_refine_top_k=recipe.head_refine)
     if recipe.kv_bits == 8:  # as the export does (--kv-cache-bits 8)
         from edge_export.kv_cache_quant import add_int8_kv_cache
         from edge_runtime.tokenizer import CodeLlamaTokenizer
@@ -241,8 +251,10 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     recipes = all_recipes(kv8=True)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipes", nargs="+", choices=sorted(recipes), default=list(all_recipes()),
-                   help="default: every weight recipe with a float KV cache; NAME+kv8: with an int8 KV cache")
+    p.add_argument("--recipes", nargs="+", choices=sorted(recipes),
+                   default=[name for name, r in all_recipes().items() if not r.head_refine],
+                   help="default: every weight recipe with a float KV cache and a one-pass lm_head; "
+                        "NAME+kv8: with an int8 KV cache")
     p.add_argument("--checkpoint", type=Path, help="default: the trained demo model (cached)")
     p.add_argument("--out", type=Path, default=Path("int4-recipes"), help="writes <out>.json")
     p.add_argument("--speed", action="store_true", help="measure decode speed instead of fidelity")

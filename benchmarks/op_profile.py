@@ -37,15 +37,16 @@ WEIGHT_OPS = ("MatMul", "MatMulNBits")
 
 
 def weight_bytes_by_node(graph_path: Path) -> dict[str, int]:
-    """Bytes of the initializers each MatMul / MatMulNBits node reads (weights, scales, zero
-    points), from the graph's tensor headers (the data stays on disk)."""
+    """Bytes of the initializers each MatMul / MatMulNBits node on weights reads (weights,
+    scales, zero points), from the graph's tensor headers (the data stays on disk)."""
     import onnx
 
     from peers import initializer_bytes
 
     model = onnx.load(str(graph_path), load_external_data=False)
     sizes = initializer_bytes(model)
-    return {n.name: sum(sizes.get(i, 0) for i in n.input) for n in model.graph.node if n.op_type in WEIGHT_OPS}
+    read = {n.name: sum(sizes.get(i, 0) for i in n.input) for n in model.graph.node if n.op_type in WEIGHT_OPS}
+    return {name: nbytes for name, nbytes in read.items() if nbytes}  # not the two-pass head's rows x activations
 
 
 def projection(node_name: str) -> str:
@@ -99,6 +100,8 @@ def _weight_rates(node_us: dict[str, float], node_bytes: dict[str, int], runs: i
     nbytes: dict[str, int] = collections.Counter()
     nodes: dict[str, int] = collections.Counter()
     for name, t in node_us.items():
+        if name not in node_bytes:  # a MatMul of two activations (the two-pass lm_head's second pass)
+            continue
         key = projection(name)
         us[key] += t / runs
         nbytes[key] += node_bytes.get(name, 0)

@@ -275,16 +275,27 @@ def initializer_bytes(model) -> dict[str, int]:
 
 def onnx_weight_bytes(graph: Path) -> tuple[int, int]:
     """(all initializer bytes, bytes a decode step reads): initializers feeding a Gather
-    (the token-embedding table) count one row; cos/sin tables count as read, a bound."""
+    (the token-embedding table) count one row, or k rows where the indices are a TopK's (the
+    two-pass lm_head's int8 rows: codes, scales and zero points); cos/sin tables count as
+    read, a bound."""
     import onnx
+    from onnx import numpy_helper
 
     model = onnx.load(str(graph), load_external_data=False)
     sizes = initializer_bytes(model)
     rows = {t.name: t.dims[0] if t.dims else 1 for t in model.graph.initializer}
-    gathered = {n.input[0] for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")
-                and n.input[0] in sizes}
+    inline = {t.name: t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL}
+    top_k = {n.output[1]: int(numpy_helper.to_array(inline[n.input[1]])[0]) for n in model.graph.node
+             if n.op_type == "TopK" and n.input[1] in inline}
+    read_rows: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.op_type in ("Gather", "GatherBlockQuantized"):
+            tables = [n.input[0]] + (list(n.input[2:]) if n.op_type == "GatherBlockQuantized" else [])
+            for t in tables:
+                if t in sizes:
+                    read_rows[t] = top_k.get(n.input[1], 1)
     total = sum(sizes.values())
-    return total, total - sum(sizes[g] - sizes[g] // max(1, rows[g]) for g in gathered)
+    return total, total - sum(sizes[t] - sizes[t] * min(r, rows[t]) // max(1, rows[t]) for t, r in read_rows.items())
 
 
 def onnx_kv_element_bytes(graph: Path) -> int:
@@ -328,10 +339,13 @@ def step_checkpoint(a) -> dict:
 
 def recipe_words(block_size: int, symmetric: bool, accuracy_level: int, kept: tuple[str, ...],
                  keep_bits: int | None, scale_search: bool = False, kv_bits: int = 0, algorithm: str = "rtn",
-                 keep_block_size: int = 0) -> str:
-    """The int4 recipe in words, e.g. "int4 b32 sym gptq+mse acc4, lm_head int8 b128, KV int8"."""
+                 keep_block_size: int = 0, head_refine_top_k: int = 0) -> str:
+    """The int4 recipe in words, e.g. "int4 b32 sym gptq+mse acc4, lm_head int8 b128, KV int8"
+    ("lm_head int4, top 32 int8": the lm_head in two passes)."""
     kept_blocks = f" b{keep_block_size}" if keep_bits and keep_block_size and keep_block_size != block_size else ""
     held = f"{', '.join(kept)} {'int%d' % keep_bits if keep_bits else 'fp32'}{kept_blocks}" if kept else "all int4"
+    if kept and keep_bits and head_refine_top_k:
+        held = f"{', '.join(kept)} int4, top {head_refine_top_k} int8"
     methods = (["gptq"] if algorithm == "gptq" else []) + (["mse"] if scale_search else [])
     rounding = " " + "+".join(methods) if methods else ""
     kv = f", KV int{kv_bits}" if kv_bits else ""
@@ -350,6 +364,7 @@ def profile_recipe(kv_bits: int | None = None) -> dict:
             "keep_unquantized": list(q.keep_unquantized), "keep_bits": q.keep_bits,
             "keep_block_size": q.kept_block_size, "scale_search": q.scale_search,
             "algorithm": q.algorithm, "kv_bits": profile.kv_cache.bits if kv_bits is None else kv_bits,
+            "head_refine_top_k": q.lm_head_refine_top_k,
             "kv_rewrite": REWRITE_REVISION}
 
 
@@ -363,7 +378,8 @@ def _prepare_bundle(a, engine: str, kv_bits: int | None) -> dict:
     r = profile_recipe(kv_bits)
     total, per_token = onnx_weight_bytes(out / "model.onnx")
     words = recipe_words(r["block_size"], r["symmetric"], r["accuracy_level"], tuple(r["keep_unquantized"]),
-                         r["keep_bits"], r["scale_search"], r["kv_bits"], r["algorithm"], r["keep_block_size"])
+                         r["keep_bits"], r["scale_search"], r["kv_bits"], r["algorithm"], r["keep_block_size"],
+                         r["head_refine_top_k"])
     return asdict(ModelInfo(engine, words, folder_bytes(out, "model.onnx"), per_token,
                             onnx_kv_element_bytes(out / "model.onnx")))
 

@@ -11,7 +11,12 @@ import pytest
 
 def test_recipe_names_cover_symmetry_rounding_and_head(recipes):
     named = recipes.all_recipes()
-    assert len(named) == 24  # 2 symmetries x 3 roundings x 3 heads, and the int8 heads in blocks of 128
+    # 2 symmetries x 3 roundings x 3 heads, the int8 heads in blocks of 128, and each int8 head
+    # (both block sizes) in two passes refining its top 8, 32 or 128
+    assert len(named) == 24 + 2 * 3 * 2 * 3
+    assert named["asym-gptq-head8b128r32"] == recipes.Recipe("asym-gptq-head8b128r32", False, True, 8, gptq=True,
+                                                             head_block=128, head_refine=32)
+    assert named["sym-rtn-head8r8"].head_refine == 8 and named["sym-rtn-head8r8"].head_block == 0
     assert named["sym-gptq-head8b128"] == recipes.Recipe("sym-gptq-head8b128", True, True, 8, gptq=True,
                                                          head_block=128)
     g = named["sym-gptq-head4"]
@@ -26,10 +31,12 @@ def test_recipe_names_cover_symmetry_rounding_and_head(recipes):
 def test_fidelity_mode_against_torch(recipes, tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "fidelity"
     assert recipes.main(["--checkpoint", str(tiny_checkpoint), "--recipes", "asym-rtn-head8", "sym-mse-head4",
-                         "asym-mse-headf", "sym-gptq-head8", "--out", str(out)]) == 0
+                         "asym-mse-headf", "sym-gptq-head8", "asym-rtn-head8r8", "asym-rtn-head4", "--out",
+                         str(out)]) == 0
     result = json.loads(out.with_suffix(".json").read_text())
     rows = {r["recipe"]: r for r in result["rows"]}
-    assert set(rows) == {"asym-rtn-head8", "sym-mse-head4", "asym-mse-headf", "sym-gptq-head8"}
+    assert set(rows) == {"asym-rtn-head8", "sym-mse-head4", "asym-mse-headf", "sym-gptq-head8", "asym-rtn-head8r8",
+                         "asym-rtn-head4"}
     assert result["layout"] == {"block_size": 32, "accuracy_level": 4}
     for row in rows.values():
         assert 0.0 <= row["greedy_agreement_min"] <= row["greedy_agreement"] <= 1.0
@@ -39,6 +46,10 @@ def test_fidelity_mode_against_torch(recipes, tiny_checkpoint, tmp_path, capsys)
     # an int4 lm_head reads fewer bytes than an int8 one, which reads fewer than a float one
     assert (rows["sym-mse-head4"]["weight_bytes_per_step"] < rows["asym-rtn-head8"]["weight_bytes_per_step"]
             < rows["asym-mse-headf"]["weight_bytes_per_step"])
+    # the head in two passes reads the int4 head and 8 rows of the int8 one: each row 64 codes,
+    # two float32 scales and two zero points (blocks of 32); and two int64 constants (k, an axis)
+    two_pass = rows["asym-rtn-head8r8"]["weight_bytes_per_step"]
+    assert two_pass - rows["asym-rtn-head4"]["weight_bytes_per_step"] == 8 * (64 + 2 * 4 + 2) + 2 * 8
     assert result["table"] in capsys.readouterr().out
 
     # the GPU profiles' layout: larger blocks store fewer scales and zero points
