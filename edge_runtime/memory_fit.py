@@ -158,10 +158,12 @@ def kv_dtype_of(precision: str, flavour: str, profile_kv_dtype: str, kv_bits: in
 
 
 def estimate_weight_bytes(shape: ModelShape, precision: str, *, block_size: int, symmetric: bool,
-                          float_dtype: str, keep_bits: int = 0, keep_block_size: int = 0) -> int:
+                          float_dtype: str, keep_bits: int = 0, keep_block_size: int = 0,
+                          head_two_pass: bool = False) -> int:
     """Bytes of the graph's weights for `shape` at `precision` (see the module docstring);
     `keep_bits` 8: the kept lm_head is stored as int8 blocks (of `keep_block_size`, 0:
-    `block_size`) instead of float."""
+    `block_size`) instead of float; `head_two_pass`: and as int4 blocks beside them (the
+    lm_head in two passes, the profile's lm_head_refine_top_k)."""
     if precision == "fp16":
         return shape.parameter_count * 2
     if precision == "fp32":
@@ -177,6 +179,9 @@ def estimate_weight_bytes(shape: ModelShape, precision: str, *, block_size: int,
         head_blocks = math.ceil(head / (keep_block_size or block_size))
         floats -= head * fbytes
         floats += head * keep_bits // 8 + head_blocks * fbytes + (0 if symmetric else head_blocks)
+        if head_two_pass:
+            blocks = math.ceil(head / block_size)
+            floats += head * bits // 8 + blocks * fbytes + (0 if symmetric else math.ceil(blocks * bits / 8))
     return quantized + floats
 
 
@@ -288,7 +293,9 @@ def estimate_plan(shape: ModelShape, profile: DeviceProfile, precision: str, con
         weights_bytes=estimate_weight_bytes(shape, precision, block_size=q.block_size, symmetric=q.symmetric,
                                             float_dtype=float_dtype,
                                             keep_bits=q.keep_bits if flavour == FLAVOUR_GQA_SHARED_KV else 0,
-                                            keep_block_size=q.kept_block_size),
+                                            keep_block_size=q.kept_block_size,
+                                            head_two_pass=bool(q.lm_head_refine_top_k) and precision == "int4"
+                                            and float_dtype == "float32" and flavour == FLAVOUR_GQA_SHARED_KV),
         kv_cache_bytes=kv_cache_bytes(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
                                       head_dim=shape.head_dim, context=context, dtype_bytes=DTYPE_BYTES[kv_dtype],
                                       buffers=1 if flavour == FLAVOUR_GQA_SHARED_KV else 2),

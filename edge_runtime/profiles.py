@@ -15,6 +15,7 @@ torch fp32. The packaged profiles live in the ``edge_device_profiles`` package
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import importlib
 import importlib.resources
 import os
@@ -106,6 +107,14 @@ class ExecutionProvider:
         return {key: str(value) for key, value in self.options.items()}
 
 
+LM_HEAD_NODE = "/lm_head/MatMul"  # the fused graph's lm_head, as keep_unquantized patterns match it
+
+
+def _matches_lm_head(pattern: str) -> bool:
+    """Whether a keep_unquantized pattern (a substring or fnmatch pattern of node names) keeps the lm_head."""
+    return pattern in LM_HEAD_NODE or fnmatch.fnmatch(LM_HEAD_NODE, pattern)
+
+
 ZERO_OR_POWER_OF_TWO = Check(lambda v: v == 0 or (v >= 16 and v & (v - 1) == 0), "0 or a power of two >= 16")
 
 
@@ -139,6 +148,20 @@ class QuantizationSettings:
     # larger blocks keep fidelity, a profile may want smaller ones (cpu-x86_64: blocks of 128
     # rounded put the demo model below the int4 bar, greedy agreement 0.69; blocks of 32: 1.00).
     optimum_block_size: Annotated[int, ZERO_OR_POWER_OF_TWO] = 0
+    # > 0 (int4 fused graph with keep_bits 8 on the lm_head, float32 activations): the lm_head in
+    # two passes, every logit from int4 weights and this many of the largest recomputed from an
+    # int8 copy, of which only those rows are read. A decode step reads the int4 head's bytes; the
+    # tokens that decide decoding get the int8 head's logits (docs/performance.md, "The lm_head
+    # in two passes"). 0: the int8 lm_head in one pass. Other bundles ignore it.
+    lm_head_refine_top_k: NonNegativeInt = 0
+
+    def __post_init__(self) -> None:
+        if self.lm_head_refine_top_k and self.keep_bits != 8:
+            raise InvalidField("lm_head_refine_top_k", "needs keep_bits = 8 (the int8 copy it recomputes the "
+                                                       f"top logits from), not {self.keep_bits}")
+        if self.lm_head_refine_top_k and not any(_matches_lm_head(p) for p in self.keep_unquantized):
+            raise InvalidField("lm_head_refine_top_k", "needs the lm_head in keep_unquantized (the layer it "
+                                                       f"refines), not {list(self.keep_unquantized)}")
 
     @property
     def kept_block_size(self) -> int:

@@ -84,6 +84,17 @@ def recipe_for(profile: DeviceProfile, precision: str, algorithm: str | None, *,
                                 algorithm=algorithm, scale_search=search)
 
 
+def head_refine_top_k(profile: DeviceProfile, precision: str, io_dtype: str, algorithm: str) -> int:
+    """The profile's lm_head_refine_top_k where the fused graph can take it: an int4 graph
+    (an int8 one reads the int8 head already) with float32 activations, quantized with GPTQ;
+    else 0. Rounded block by block (``--algorithm rtn``), the int4 head's logits -- which the
+    tokens outside the top k keep -- cross the int4 max-logit bar on the demo model (1.03
+    against 1.0), so such an export keeps the int8 head in one pass."""
+    q = profile.quantization
+    wanted = precision == "int4" and q.keep_bits == 8 and io_dtype == "float32" and algorithm == "gptq"
+    return q.lm_head_refine_top_k if wanted else 0
+
+
 def graph_io(graph: Path) -> dict:
     import onnx
 
@@ -92,15 +103,18 @@ def graph_io(graph: Path) -> dict:
 
 
 def kept_matmuls(graph: Path, bits: int) -> list[str]:
-    """Names of the kept layers in a quantized graph: MatMul nodes left in float, and
-    MatMulNBits nodes stored at other than `bits` (e.g. an int8 lm_head in an int4 graph)."""
+    """Names of the kept layers in a quantized graph: MatMul nodes on float weights, and
+    MatMulNBits nodes stored at other than `bits` (e.g. an int8 lm_head in an int4 graph), or
+    the GatherBlockQuantized of a two-pass lm_head's int8 rows."""
     import onnx
 
     model = onnx.load(str(graph), load_external_data=False)
+    weights = {t.name for t in model.graph.initializer}
     kept = []
     for n in model.graph.node:
         node_bits = next((a.i for a in n.attribute if a.name == "bits"), None)
-        if n.op_type == "MatMul" or (n.op_type == "MatMulNBits" and node_bits != bits):
+        if ((n.op_type == "MatMul" and n.input[1] in weights)  # not the two-pass lm_head's rows x activations
+                or (n.op_type in ("MatMulNBits", "GatherBlockQuantized") and node_bits != bits)):
             kept.append(n.name)
     return kept
 
@@ -319,6 +333,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         recipe = recipe_for(profile, precision, opts.algorithm, fused=fused) if precision in quantize.BITS else None
         excluded: list[str] = []
         kept_bits = 0  # storage of the kept layers: 0 float, 8 int8 (fused graph with the profile's keep_bits)
+        refine_top_k = 0  # the lm_head in two passes (fused int4 graph, the profile's lm_head_refine_top_k)
         kv_scales: kv_cache_quant.KVScales | None = None  # an int8 KV cache (fused graph, profile kv_cache.bits 8)
         calibrated: dict | None = None  # GPTQ's calibration text, recorded in the manifest
         progress.total = 4 if fused else 5
@@ -339,13 +354,17 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                                     f"{calibrated['tokens']} tokens in {calibrated['windows']} windows), "
                                     "layer by layer")
                 io_dtype = "float32" if precision == "fp32" else profile.kv_cache.dtype
+                refine_top_k = head_refine_top_k(profile, precision, io_dtype, recipe.algorithm) if recipe else 0
+                if refine_top_k:
+                    progress.detail(f"lm_head in two passes: int4, then its top {refine_top_k} logits "
+                                    "from int8 rows")
                 graph_builder.build_decoder_graph(
                     info, graph, precision=precision, block_size=q.block_size,
                     symmetric=recipe.symmetric if recipe else q.symmetric,
                     accuracy_level=q.accuracy_level, keep_unquantized=tuple(q.keep_unquantized), max_length=limit,
                     keep_bits=(q.keep_bits or None) if recipe else None, keep_block_size=q.kept_block_size,
                     scale_search=recipe.scale_search if recipe else False, hessians=hessians,
-                    io_dtype=io_dtype, progress=progress.detail,
+                    io_dtype=io_dtype, progress=progress.detail, head_refine_top_k=refine_top_k,
                     # prompt lookup's runs of several rows: CPU profiles only until a GPU run tests them
                     logits_start_input=set(profile.provider_names) == {"CPUExecutionProvider"})
                 excluded = kept_matmuls(graph, quantize.BITS[precision]) if recipe else []
@@ -419,6 +438,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 "precision": precision,
                 "quantization": ({**recipe.as_manifest(excluded), "kept_bits": kept_bits,
                                   **({"kept_block_size": profile.quantization.kept_block_size} if kept_bits else {}),
+                                  "lm_head_refine_top_k": refine_top_k,
                                   "calibration": calibrated}
                                  if recipe else None),
                 "graph": {"flavour": flavour, "file": GRAPH_FILE, **graph_io(graph)},

@@ -83,7 +83,14 @@ def test_an_int8_kv_cache_is_a_quarter_of_float32_and_fp32_bundles_keep_float():
     assert int4.kv_cache_bytes * 4 == fp32.kv_cache_bytes == 2 * 32 * 32 * 128 * 4096 * 4
     # the scales of the int4 weights stay float32 (the activations' dtype), not int8
     assert int4.weights_bytes == estimate_weight_bytes(s7, "int4", block_size=128, symmetric=False,
-                                                       float_dtype="float32", keep_bits=8, keep_block_size=128)
+                                                       float_dtype="float32", keep_bits=8, keep_block_size=128,
+                                                       head_two_pass=True)
+    # the lm_head in two passes (lm_head_refine_top_k) keeps an int4 copy beside the int8 one:
+    # half a byte a weight, a float32 scale and half a byte of zero point a block of 128
+    blocks = 32016 * 4096 // 128
+    assert int4.weights_bytes - estimate_weight_bytes(
+        s7, "int4", block_size=128, symmetric=False, float_dtype="float32", keep_bits=8,
+        keep_block_size=128) == 32016 * 4096 // 2 + blocks * 4 + blocks // 2
     # the int8 lm_head's block size is its own (keep_block_size): in blocks of 32 it carries 4x the scales
     assert estimate_weight_bytes(s7, "int4", block_size=32, symmetric=True, float_dtype="float32", keep_bits=8) \
         - estimate_weight_bytes(s7, "int4", block_size=32, symmetric=True, float_dtype="float32", keep_bits=8,

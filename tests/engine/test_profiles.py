@@ -344,6 +344,24 @@ def _assert_config_error(path: pathlib.Path, key: str, message: str) -> None:
             "expected 0 or a power of two >= 16, got 48",
         ),
         (
+            r"^lm_head_refine_top_k = 32",
+            "lm_head_refine_top_k = -1",
+            "quantization.lm_head_refine_top_k",
+            "expected a value >= 0, got -1",
+        ),
+        (
+            r"^keep_bits = 8",
+            "keep_bits = 0",
+            "quantization.lm_head_refine_top_k",
+            "needs keep_bits = 8 (the int8 copy it recomputes the top logits from), not 0",
+        ),
+        (
+            r'^keep_unquantized = \["lm_head"\]',
+            'keep_unquantized = ["o_proj"]',
+            "quantization.lm_head_refine_top_k",
+            "needs the lm_head in keep_unquantized (the layer it refines), not ['o_proj']",
+        ),
+        (
             r"^optimum_block_size = 32",
             "optimum_block_size = 8",
             "quantization.optimum_block_size",
