@@ -294,8 +294,8 @@ def estimate_plan(shape: ModelShape, profile: DeviceProfile, precision: str, con
                                             float_dtype=float_dtype,
                                             keep_bits=q.keep_bits if flavour == FLAVOUR_GQA_SHARED_KV else 0,
                                             keep_block_size=q.kept_block_size,
-                                            head_two_pass=bool(q.lm_head_refine_top_k) and precision == "int4"
-                                            and float_dtype == "float32" and flavour == FLAVOUR_GQA_SHARED_KV),
+                                            head_two_pass=flavour == FLAVOUR_GQA_SHARED_KV and bool(
+                                                q.head_refine_top_k_for(precision, float_dtype, q.algorithm))),
         kv_cache_bytes=kv_cache_bytes(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
                                       head_dim=shape.head_dim, context=context, dtype_bytes=DTYPE_BYTES[kv_dtype],
                                       buffers=1 if flavour == FLAVOUR_GQA_SHARED_KV else 2),

@@ -163,6 +163,15 @@ class QuantizationSettings:
             raise InvalidField("lm_head_refine_top_k", "needs the lm_head in keep_unquantized (the layer it "
                                                        f"refines), not {list(self.keep_unquantized)}")
 
+    def head_refine_top_k_for(self, precision: str, io_dtype: str, algorithm: str) -> int:
+        """lm_head_refine_top_k where the fused graph takes it: an int4 graph (an int8 one reads
+        the int8 head already) with float32 activations, quantized with GPTQ; else 0. Rounded
+        block by block (``--algorithm rtn``), the int4 head's logits -- which the tokens outside
+        the top k keep -- crossed the int4 max-logit bar on the demo model (1.03 against 1.0), so
+        such an export keeps the int8 head in one pass."""
+        wanted = precision == "int4" and self.keep_bits == 8 and io_dtype == "float32" and algorithm == "gptq"
+        return self.lm_head_refine_top_k if wanted else 0
+
     @property
     def kept_block_size(self) -> int:
         """The block size the kept layers are stored in when keep_bits quantizes them."""

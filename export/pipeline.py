@@ -84,17 +84,6 @@ def recipe_for(profile: DeviceProfile, precision: str, algorithm: str | None, *,
                                 algorithm=algorithm, scale_search=search)
 
 
-def head_refine_top_k(profile: DeviceProfile, precision: str, io_dtype: str, algorithm: str) -> int:
-    """The profile's lm_head_refine_top_k where the fused graph can take it: an int4 graph
-    (an int8 one reads the int8 head already) with float32 activations, quantized with GPTQ;
-    else 0. Rounded block by block (``--algorithm rtn``), the int4 head's logits -- which the
-    tokens outside the top k keep -- cross the int4 max-logit bar on the demo model (1.03
-    against 1.0), so such an export keeps the int8 head in one pass."""
-    q = profile.quantization
-    wanted = precision == "int4" and q.keep_bits == 8 and io_dtype == "float32" and algorithm == "gptq"
-    return q.lm_head_refine_top_k if wanted else 0
-
-
 def graph_io(graph: Path) -> dict:
     import onnx
 
@@ -354,7 +343,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                                     f"{calibrated['tokens']} tokens in {calibrated['windows']} windows), "
                                     "layer by layer")
                 io_dtype = "float32" if precision == "fp32" else profile.kv_cache.dtype
-                refine_top_k = head_refine_top_k(profile, precision, io_dtype, recipe.algorithm) if recipe else 0
+                refine_top_k = q.head_refine_top_k_for(precision, io_dtype, recipe.algorithm) if recipe else 0
                 if refine_top_k:
                     progress.detail(f"lm_head in two passes: int4, then its top {refine_top_k} logits "
                                     "from int8 rows")

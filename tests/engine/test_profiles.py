@@ -911,3 +911,14 @@ def test_the_gpu_a_profile_names_is_where_the_buffers_go():
     with pytest.raises(ConfigError, match="device_id 'second' is not a GPU number"):
         choose_providers([("CUDAExecutionProvider", {"device_id": "second"})], both, allow_cpu_fallback=False,
                          profile_name="gpu")
+
+
+def test_the_two_pass_lm_head_applies_to_int4_gptq_graphs_with_float32_activations() -> None:
+    """lm_head_refine_top_k: where an export takes it (the rule memory_fit's estimate shares)."""
+    q = load_profile("cpu-x86_64").quantization
+    assert q.lm_head_refine_top_k == 32
+    assert q.head_refine_top_k_for("int4", "float32", "gptq") == 32
+    assert q.head_refine_top_k_for("int4", "float32", "rtn") == 0  # a rounded int4 head's tail is too far
+    assert q.head_refine_top_k_for("int8", "float32", "gptq") == 0  # the head is int8 already
+    assert q.head_refine_top_k_for("int4", "float16", "gptq") == 0  # the GPU graphs' activations
+    assert load_profile("nvidia-gpu").quantization.head_refine_top_k_for("int4", "float32", "gptq") == 0
