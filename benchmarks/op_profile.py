@@ -104,7 +104,7 @@ def _weight_rates(node_us: dict[str, float], node_bytes: dict[str, int], runs: i
             continue
         key = projection(name)
         us[key] += t / runs
-        nbytes[key] += node_bytes.get(name, 0)
+        nbytes[key] += node_bytes[name]
         nodes[key] += 1
     rows = [{"weight": k, "nodes": nodes[k], "ms_per_step": round(us[k] / 1000, 3),
              "mib": round(nbytes[k] / 2**20, 2), "gb_per_s": round(nbytes[k] / (us[k] * 1e3), 2) if us[k] else 0.0}

@@ -343,9 +343,12 @@ def recipe_words(block_size: int, symmetric: bool, accuracy_level: int, kept: tu
     """The int4 recipe in words, e.g. "int4 b32 sym gptq+mse acc4, lm_head int8 b128, KV int8"
     ("lm_head int4, top 32 int8": the lm_head in two passes)."""
     kept_blocks = f" b{keep_block_size}" if keep_bits and keep_block_size and keep_block_size != block_size else ""
-    held = f"{', '.join(kept)} {'int%d' % keep_bits if keep_bits else 'fp32'}{kept_blocks}" if kept else "all int4"
-    if kept and keep_bits and head_refine_top_k:
+    if not kept:
+        held = "all int4"
+    elif keep_bits and head_refine_top_k:
         held = f"{', '.join(kept)} int4, top {head_refine_top_k} int8"
+    else:
+        held = f"{', '.join(kept)} {'int%d' % keep_bits if keep_bits else 'fp32'}{kept_blocks}"
     methods = (["gptq"] if algorithm == "gptq" else []) + (["mse"] if scale_search else [])
     rounding = " " + "+".join(methods) if methods else ""
     kv = f", KV int{kv_bits}" if kv_bits else ""

@@ -107,12 +107,12 @@ class ExecutionProvider:
         return {key: str(value) for key, value in self.options.items()}
 
 
-LM_HEAD_NODE = "/lm_head/MatMul"  # the fused graph's lm_head, as keep_unquantized patterns match it
+LM_HEAD_NODE = "/lm_head/MatMul"  # the fused graph's lm_head node, as keep_unquantized patterns see it
 
 
-def _matches_lm_head(pattern: str) -> bool:
-    """Whether a keep_unquantized pattern (a substring or fnmatch pattern of node names) keeps the lm_head."""
-    return pattern in LM_HEAD_NODE or fnmatch.fnmatch(LM_HEAD_NODE, pattern)
+def node_matches(node_name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether keep_unquantized `patterns` (substrings or fnmatch patterns of node names) keep `node_name`."""
+    return any(p in node_name or fnmatch.fnmatch(node_name, p) for p in patterns)
 
 
 ZERO_OR_POWER_OF_TWO = Check(lambda v: v == 0 or (v >= 16 and v & (v - 1) == 0), "0 or a power of two >= 16")
@@ -159,7 +159,7 @@ class QuantizationSettings:
         if self.lm_head_refine_top_k and self.keep_bits != 8:
             raise InvalidField("lm_head_refine_top_k", "needs keep_bits = 8 (the int8 copy it recomputes the "
                                                        f"top logits from), not {self.keep_bits}")
-        if self.lm_head_refine_top_k and not any(_matches_lm_head(p) for p in self.keep_unquantized):
+        if self.lm_head_refine_top_k and not node_matches(LM_HEAD_NODE, self.keep_unquantized):
             raise InvalidField("lm_head_refine_top_k", "needs the lm_head in keep_unquantized (the layer it "
                                                        f"refines), not {list(self.keep_unquantized)}")
 

@@ -66,6 +66,7 @@ import numpy as np
 
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.gqa_decoder import LOGITS_START  # optional input: -rows of logits to compute (default -1)
+from edge_runtime.profiles import LM_HEAD_NODE, node_matches  # keep_unquantized patterns against node names
 
 from .checkpoint import CheckpointInfo, read_safetensors_header, rope_parameters
 from .gptq import InverseHessian, gptq_quantize, inverse_hessian
@@ -508,16 +509,18 @@ class _Builder:
         return self.const(name, array.astype(self.opts.float_dtype))
 
     # -- linear layers: x [.., K] @ concat(parts).T -> [.., N]
-    def linear(self, x: str, parts: Sequence[str], node_name: str, out: str) -> str:
-        from .quantize import _matches
-
+    def _kn(self, parts: Sequence[str], node_name: str) -> tuple[int, int]:
+        """K and N of x @ concat(parts).T: the parts' shared input width and summed rows."""
         shapes = [self.reader.shape(p) for p in parts]
         k = shapes[0][1]
         if any(len(s) != 2 or s[1] != k for s in shapes):
             raise GraphBuildError(f"{node_name}: weights {parts} have incompatible shapes {shapes}")
-        n = sum(s[0] for s in shapes)
+        return k, sum(s[0] for s in shapes)
+
+    def linear(self, x: str, parts: Sequence[str], node_name: str, out: str) -> str:
+        k, n = self._kn(parts, node_name)
         bits = self.opts.bits
-        if bits is not None and not _matches(node_name, self.opts.keep_unquantized):
+        if bits is not None and not node_matches(node_name, self.opts.keep_unquantized):
             self._quantized_linear(x, parts, node_name, out, k, n, bits, self.opts.block_size)
             self.quantized_nodes.append(node_name)
         elif bits is not None and self.opts.keep_bits:
@@ -614,12 +617,11 @@ class _Builder:
         ``k`` int8 rows; the tokens that decide greedy decoding and sampling get the int8 head's
         logits (docs/performance.md, "The lm_head in two passes")."""
         opts = self.opts
-        shapes = [self.reader.shape(p) for p in parts]
-        k, n = shapes[0][1], sum(s[0] for s in shapes)
+        k, n = self._kn(parts, node_name)
         top_k = min(opts.head_refine_top_k, n)
         at = node_name.rsplit("/", 1)[0]
         coarse = f"{at}/coarse/output"
-        self._quantized_linear(x, parts, node_name, coarse, k, n, self.opts.bits, opts.block_size)
+        self._quantized_linear(x, parts, node_name, coarse, k, n, opts.bits, opts.block_size)
         block = opts.keep_block_size or opts.block_size
         codes, scales, zero_points = self._quantized_weight(parts, f"{at}/refine", k, n, 8, block, flat=True)
         k_blocks = scales.shape[1]
@@ -743,9 +745,9 @@ class _Builder:
         head_weight = "lm_head.weight" if "lm_head.weight" in self.reader else "model.embed_tokens.weight"
         head_out = LOGITS if opts.io_dtype == "float32" else "/lm_head/output"
         if opts.head_refine_top_k:
-            self.refined_head(h, [head_weight], "/lm_head/MatMul", head_out)
+            self.refined_head(h, [head_weight], LM_HEAD_NODE, head_out)
         else:
-            self.linear(h, [head_weight], "/lm_head/MatMul", head_out)
+            self.linear(h, [head_weight], LM_HEAD_NODE, head_out)
         if head_out != LOGITS:
             self.node("Cast", [head_out], [LOGITS], "/lm_head/Cast", to=TensorProto.FLOAT)
         if self.hessians is not None:

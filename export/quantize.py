@@ -7,10 +7,11 @@ accuracy. Layers matching `keep_unquantized` (e.g. the lm_head) stay in float.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from edge_runtime.profiles import node_matches
 
 from .onnx_export import EXTERNAL_DATA_THRESHOLD
 
@@ -34,10 +35,6 @@ class QuantRecipe:
                 "excluded_nodes": excluded_nodes}
 
 
-def _matches(node_name: str, patterns: tuple[str, ...]) -> bool:
-    return any(p in node_name or fnmatch.fnmatch(node_name, p) for p in patterns)
-
-
 def _model_size(model) -> int:
     try:
         return model.ByteSize()
@@ -57,7 +54,7 @@ def quantize_weights(graph: Path, out: Path, recipe: QuantRecipe) -> tuple[list[
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     model = onnx.load(str(graph))  # loads external data too
-    excluded = [n.name for n in model.graph.node if n.op_type == "MatMul" and _matches(n.name, recipe.keep_unquantized)]
+    excluded = [n.name for n in model.graph.node if n.op_type == "MatMul" and node_matches(n.name, recipe.keep_unquantized)]
     if recipe.algorithm == "hqq":
         algo = HQQWeightOnlyQuantConfig(block_size=recipe.block_size, bits=recipe.bits)
     elif recipe.algorithm == "rtn":
