@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_graphs import prompt_ids  # noqa: E402
 from gpu_decode import PROFILE, VARIANTS, load_engine, session_config_item  # noqa: E402
-from peers import _timed_decode  # noqa: E402
+from peers import Stepper, time_steps  # noqa: E402
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 SHORT_KERNEL_US = 5.0
@@ -154,7 +154,9 @@ def trace_decode(bundle: Path, *, profile: str, variant: str, context: int, step
     token = int(np.argmax(d.prefill(cache, prompt_ids(context, vocab, 2))[-1]))
     for _ in range(3):  # the first steps allocate; onnxruntime records the CUDA graph on the second
         token = int(np.argmax(d.decode(cache, token)))
-    wall = _timed_decode(lambda t: int(np.argmax(d.decode(cache, t))), token, steps)  # as peers.py times a step
+    stepper = Stepper(lambda t: int(np.argmax(d.decode(cache, t))), token)
+    wall = time_steps(stepper, steps)  # as peers.py times a step
+    token = stepper.token
     torch.cuda.synchronize()
     # CPU activity too: PyTorch's profiler wants it beside CUDA's; its events are left out below
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -54,8 +54,17 @@ What it does:
    head dim x C x the engine's KV element size: int8 for ours, fp32 for ``f32kv``,
    ``genai-recipe`` and onnxruntime-genai, f16 for llama.cpp); and the read roofline, the
    same bytes over the read bandwidth;
-6. prints one table, writes ``<out>.json`` and ``<out>.png`` (decode tokens/s against
-   context, one line per engine; skipped with a message without matplotlib).
+6. then decodes with every engine that came through the rounds open in one process (under
+   the peers' interpreter), taking turns: per context, ``--paired-blocks`` turns (default
+   40; 0 skips this), in each one untimed and ``--paired-steps`` timed steps of every
+   engine, the order rotating, a 50 ms pause between two engines. Ours ÷ engine is the
+   median over the turns of ours' tokens/s over the engine's in the same turn: two figures
+   measured a fraction of a second apart under the same load, where the rounds' medians
+   compare figures taken minutes apart (on a shared VM a round's decode swings by ±30 %);
+   the middle half of the turns' ratios says how far they agree;
+7. prints the rounds' table and the paired one, writes ``<out>.json`` and ``<out>.png``
+   (decode tokens/s against context, one line per engine; skipped with a message without
+   matplotlib).
 
 All engines get the same number of threads (``--threads``, default: every core).
 A peer that is not installed is skipped with a message; one whose process fails (preparing its
@@ -224,6 +233,47 @@ def format_table(rows: list[dict], table_contexts: list[int]) -> str:
         for key in ("roofline_percent", "read_roofline_percent") if read else ("roofline_percent",):
             cells += [at(r[key], c, ".0f") + ("%" if c in r[key] else "") for c in table_contexts]
         cells += [at(r["ours_over_this"], c, ".2f") for c in table_contexts]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_rows(turns: dict[str, dict[int, list[float]]]) -> list[dict]:
+    """The paired measurement in figures (``step_run_paired``'s turns: {engine: {context:
+    [tokens/s a turn]}}): per engine and context the median turn's tokens/s, and ours ÷ the
+    engine as the median over the turns of ours' figure over the engine's in the same turn,
+    with the middle half of those ratios (their first and third quartiles)."""
+    ours = turns[OURS]
+    rows = []
+    for engine in ENGINES:
+        if engine not in turns:
+            continue
+        row = {"engine": engine, "decode_tokens_per_s": {}, "ours_over_this": {}, "ours_over_this_middle_half": {}}
+        for ctx, speeds in turns[engine].items():
+            ratios = [o / e for o, e in zip(ours[ctx], speeds)]
+            row["decode_tokens_per_s"][ctx] = statistics.median(speeds)
+            row["ours_over_this"][ctx] = statistics.median(ratios)
+            row["ours_over_this_middle_half"][ctx] = [float(q) for q in np.percentile(ratios, [25, 75])]
+        rows.append(row)
+    return rows
+
+
+def format_paired_table(rows: list[dict], table_contexts: list[int]) -> str:
+    """The paired measurement's markdown table: tokens/s and ours ÷ engine (middle half) per context."""
+    header = [f"decode tok/s @{c}" for c in table_contexts]
+    header = ["engine", *header, *(f"ours ÷ engine @{c} (middle half)" for c in table_contexts)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [r["engine"]]
+        cells += [f"{r['decode_tokens_per_s'][c]:.2f}" if c in r["decode_tokens_per_s"] else "-"
+                  for c in table_contexts]
+        for c in table_contexts:
+            if c not in r["ours_over_this"]:
+                cells.append("-")
+            elif r["engine"] == OURS:
+                cells.append("1.00")
+            else:
+                low, high = r["ours_over_this_middle_half"][c]
+                cells.append(f"{r['ours_over_this'][c]:.2f} ({low:.2f}-{high:.2f})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -499,13 +549,137 @@ def step_bandwidth(a) -> dict:
             "read_one_thread": read_one, "read_all_threads": read_many, "read_bandwidth": max(read_one, read_many)}
 
 
-def _timed_decode(step, first_token: int, n: int) -> list[float]:
-    times, token = [], first_token
+# -- the engines' decode loops: the rounds and the paired blocks time them alike ------------------------------------
+class Stepper:
+    """A started decode: each `step()` runs the last picked token through the model and picks
+    the next one greedily (`run(token) -> next token`)."""
+
+    def __init__(self, run, token: int):
+        self.run, self.token = run, token
+
+    def step(self) -> None:
+        self.token = self.run(self.token)
+
+
+def time_steps(stepper: Stepper, n: int) -> list[float]:
+    """The seconds of each of `n` steps."""
+    times = []
     for _ in range(n):
         t0 = time.perf_counter()
-        token = step(token)
+        stepper.step()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def timed_at(engine, context: int, steps: int, *, untimed_steps: int = 1) -> list[float]:
+    """`engine` (one of the *Decoding below) at `context` tokens: a random prompt of that length
+    prefilled, `untimed_steps` steps, then the seconds of `steps` timed steps."""
+    stepper = engine.start(context, steps + untimed_steps)
+    for _ in range(untimed_steps):
+        stepper.step()
+    return time_steps(stepper, steps)
+
+
+@dataclass
+class OursDecoding:
+    """One of our decoders (the engine's, or one over a bare fused graph)."""
+    decoder: object
+    vocab: int
+
+    def start(self, context: int, room: int) -> Stepper:
+        """Prefill `context` random tokens into a new cache with `room` more steps' space."""
+        d = self.decoder
+        cache = d.new_cache(context + room + 1)
+        first = int(np.argmax(d.prefill(cache, prompt_ids(context, self.vocab, 2))[-1]))
+        return Stepper(lambda t: int(np.argmax(d.decode(cache, t))), first)
+
+
+@dataclass
+class GenaiDecoding:
+    """onnxruntime-genai's model and a generator per start (greedy search over its own logits)."""
+    model: object
+    vocab: int
+
+    def generator(self, max_length: int):
+        import onnxruntime_genai as og
+
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=max_length, do_sample=False, batch_size=1)
+        return og.Generator(self.model, params)
+
+    def start(self, context: int, room: int) -> Stepper:
+        g = self.generator(context + room + 4)
+        g.append_tokens(prompt_ids(context, self.vocab, 2).astype(np.int32))
+        g.generate_next_token()  # picks the first token from the prompt's logits
+
+        def run(_token: int) -> int:  # the generator holds the last token itself
+            g.generate_next_token()  # runs the last token, then picks the next greedily
+            return int(g.get_next_tokens()[0])
+
+        return Stepper(run, int(g.get_next_tokens()[0]))
+
+
+@dataclass
+class LlamaDecoding:
+    """llama-cpp-python's model and context (`n_ctx` tokens: every start must fit)."""
+    llm: object
+    vocab: int
+
+    def last_logits(self) -> np.ndarray:  # the last position's logits, as llama.cpp left them (no copy)
+        import llama_cpp
+
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.vocab,))
+
+    def run(self, tokens) -> int:
+        self.llm.eval(tokens)  # llama_decode in n_batch pieces; logits for the last position only
+        return int(np.argmax(self.last_logits()))
+
+    def start(self, context: int, room: int) -> Stepper:
+        self.llm.reset()
+        return Stepper(lambda t: self.run([t]), self.run(prompt_ids(context, self.vocab, 2).tolist()))
+
+
+def open_ours(model: Path, checkpoint, threads: int) -> OursDecoding:
+    """Our bundle as the engine loads it with the profile (at `threads`), or a bare fused graph
+    (OURS_GENAI_RECIPE) with the session and decoder the engine would make."""
+    import dataclasses
+
+    from edge_runtime.engine import Engine
+    from edge_runtime.profiles import load_profile
+
+    profile = dataclasses.replace(load_profile(PROFILE), intra_op_threads=threads)
+    if (Path(model) / "bundle.json").is_file():
+        engine = Engine.from_bundle(model, profile=profile)
+        return OursDecoding(engine.decoder, engine.bundle.architecture.vocab_size)
+    from edge_export.checkpoint import read_checkpoint
+    from edge_runtime.bundle import FLAVOUR_GQA_SHARED_KV
+
+    arch = read_checkpoint(checkpoint).architecture
+    d = cpu_decoder(Path(model) / "model.onnx", arch, FLAVOUR_GQA_SHARED_KV, threads=threads,
+                    max_length=profile.max_context)[0]
+    return OursDecoding(d, arch.vocab_size)
+
+
+def open_genai(model: Path, threads: int) -> GenaiDecoding:
+    """onnxruntime-genai's model folder, its session at `threads` intra-op threads (written
+    into its genai_config.json)."""
+    import onnxruntime_genai as og
+
+    cfg_path = Path(model) / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    opts = cfg["model"]["decoder"].setdefault("session_options", {})
+    if opts.get("intra_op_num_threads") != threads:
+        opts["intra_op_num_threads"] = threads
+        cfg_path.write_text(json.dumps(cfg, indent=4))
+    return GenaiDecoding(og.Model(str(model)), int(cfg["model"]["vocab_size"]))
+
+
+def open_llamacpp(model: Path, threads: int, n_ctx: int) -> LlamaDecoding:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(Path(model) / "model-q4_0.gguf"), n_ctx=n_ctx, n_batch=512,
+                          n_ubatch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    return LlamaDecoding(llm, llm.n_vocab())
 
 
 def time_decoder(d, vocab: int, *, prefill_tokens: int, contexts: list[int], decode_tokens: int,
@@ -532,11 +706,7 @@ def time_decoder(d, vocab: int, *, prefill_tokens: int, contexts: list[int], dec
 def decode_at(d, vocab: int, context: int, steps: int, *, untimed_steps: int = 1) -> list[float]:
     """One of our decoders at `context` tokens: a random prompt of that length prefilled,
     `untimed_steps` steps, then the seconds of `steps` timed steps, each with a greedy pick."""
-    cache = d.new_cache(context + steps + untimed_steps + 1)
-    token = int(np.argmax(d.prefill(cache, prompt_ids(context, vocab, 2))[-1]))
-    for _ in range(untimed_steps):
-        token = int(np.argmax(d.decode(cache, token)))
-    return _timed_decode(lambda t: int(np.argmax(d.decode(cache, t))), token, steps)
+    return timed_at(OursDecoding(d, vocab), context, steps, untimed_steps=untimed_steps)
 
 
 def _result(engine: str, prefill_n: int, prefill_s: float, ttft_s: float, decode: dict[int, list[float]],
@@ -547,58 +717,26 @@ def _result(engine: str, prefill_n: int, prefill_s: float, ttft_s: float, decode
 
 
 def step_run_ours(a) -> dict:
-    import dataclasses
-
-    from edge_runtime.engine import Engine
-    from edge_runtime.profiles import load_profile
-
-    profile = dataclasses.replace(load_profile(PROFILE), intra_op_threads=a.threads)
     t0 = time.perf_counter()
-    if (Path(a.model) / "bundle.json").is_file():
-        engine = Engine.from_bundle(a.model, profile=profile)
-        d, vocab = engine.decoder, engine.bundle.architecture.vocab_size
-    else:  # a bare fused graph (OURS_GENAI_RECIPE): the session and decoder the engine would make
-        from edge_export.checkpoint import read_checkpoint
-        from edge_runtime.bundle import FLAVOUR_GQA_SHARED_KV
-
-        arch = read_checkpoint(a.checkpoint).architecture
-        d = cpu_decoder(Path(a.model) / "model.onnx", arch, FLAVOUR_GQA_SHARED_KV, threads=a.threads,
-                        max_length=profile.max_context)[0]
-        vocab = arch.vocab_size
+    ours = open_ours(a.model, a.checkpoint, a.threads)
     load_s = time.perf_counter() - t0
-    n, prefill_s, ttft_s, decode = time_decoder(d, vocab, prefill_tokens=a.prefill_tokens, contexts=a.contexts,
-                                                decode_tokens=a.decode_tokens)
+    n, prefill_s, ttft_s, decode = time_decoder(ours.decoder, ours.vocab, prefill_tokens=a.prefill_tokens,
+                                                contexts=a.contexts, decode_tokens=a.decode_tokens)
     return _result(a.engine, n, prefill_s, ttft_s, decode, load_s)
 
 
 def step_run_genai(a) -> dict:
-    import onnxruntime_genai as og
-
-    folder = Path(a.model)
-    cfg_path = folder / "genai_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    opts = cfg["model"]["decoder"].setdefault("session_options", {})
-    if opts.get("intra_op_num_threads") != a.threads:
-        opts["intra_op_num_threads"] = a.threads
-        cfg_path.write_text(json.dumps(cfg, indent=4))
     t0 = time.perf_counter()
-    model = og.Model(str(folder))
+    genai = open_genai(a.model, a.threads)
     load_s = time.perf_counter() - t0
-    vocab = int(cfg["model"]["vocab_size"])
-
-    def generator(max_length: int):
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=max_length, do_sample=False, batch_size=1)
-        return og.Generator(model, params)
-
-    g = generator(32)  # warm-up
-    g.append_tokens(prompt_ids(16, vocab, 1).astype(np.int32))
+    g = genai.generator(32)  # warm-up
+    g.append_tokens(prompt_ids(16, genai.vocab, 1).astype(np.int32))
     g.generate_next_token()
     del g
-    ids = prompt_ids(a.prefill_tokens, vocab, 0).astype(np.int32)
+    ids = prompt_ids(a.prefill_tokens, genai.vocab, 0).astype(np.int32)
     prefill_s = ttft_s = float("inf")
     for _ in range(3):
-        g = generator(len(ids) + 2)
+        g = genai.generator(len(ids) + 2)
         t0 = time.perf_counter()
         g.append_tokens(ids)  # runs the prompt through the model
         t1 = time.perf_counter()
@@ -607,64 +745,69 @@ def step_run_genai(a) -> dict:
         t2 = time.perf_counter()
         prefill_s, ttft_s = min(prefill_s, t1 - t0), min(ttft_s, t2 - t0)
         del g
-    decode = {}
-    for ctx in a.contexts:
-        g = generator(ctx + a.decode_tokens + 4)
-        g.append_tokens(prompt_ids(ctx, vocab, 2).astype(np.int32))
-        g.generate_next_token()
-        g.generate_next_token()  # one step, not timed
-
-        def step(_t, g=g):
-            g.generate_next_token()  # runs the last token, then picks the next greedily
-            return int(g.get_next_tokens()[0])
-
-        decode[ctx] = _timed_decode(step, 0, a.decode_tokens)
-        del g
+    decode = {ctx: timed_at(genai, ctx, a.decode_tokens) for ctx in a.contexts}
     return _result(GENAI, len(ids), prefill_s, ttft_s, decode, load_s)
 
 
 def step_run_llamacpp(a) -> dict:
-    import llama_cpp
-
-    n_ctx = max([*a.contexts, a.prefill_tokens]) + a.decode_tokens + 8
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=str(Path(a.model) / "model-q4_0.gguf"), n_ctx=n_ctx, n_batch=512,
-                          n_ubatch=512, n_threads=a.threads, n_threads_batch=a.threads, verbose=False)
+    llama = open_llamacpp(a.model, a.threads, max([*a.contexts, a.prefill_tokens]) + a.decode_tokens + 8)
     load_s = time.perf_counter() - t0
-    vocab = llm.n_vocab()
-
-    def last_logits() -> np.ndarray:  # the last position's logits, as llama.cpp left them (no copy)
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
-
-    def run(tokens) -> int:
-        llm.eval(tokens)  # llama_decode in n_batch pieces; logits for the last position only
-        return int(np.argmax(last_logits()))
-
-    llm.reset()
-    run(prompt_ids(16, vocab, 1).tolist())  # warm-up
-    ids = prompt_ids(a.prefill_tokens, vocab, 0).tolist()
+    llama.llm.reset()
+    llama.run(prompt_ids(16, llama.vocab, 1).tolist())  # warm-up
+    ids = prompt_ids(a.prefill_tokens, llama.vocab, 0).tolist()
     prefill_s = ttft_s = float("inf")
     for _ in range(3):
-        llm.reset()
+        llama.llm.reset()
         t0 = time.perf_counter()
-        llm.eval(ids)
+        llama.llm.eval(ids)
         t1 = time.perf_counter()
-        int(np.argmax(last_logits()))
+        int(np.argmax(llama.last_logits()))
         t2 = time.perf_counter()
         prefill_s, ttft_s = min(prefill_s, t1 - t0), min(ttft_s, t2 - t0)
-    decode = {}
-    for ctx in a.contexts:
-        llm.reset()
-        token = run(prompt_ids(ctx, vocab, 2).tolist())
-        token = run([token])  # not timed
-        decode[ctx] = _timed_decode(lambda t: run([t]), token, a.decode_tokens)
+    decode = {ctx: timed_at(llama, ctx, a.decode_tokens) for ctx in a.contexts}
     return _result(LLAMACPP, len(ids), prefill_s, ttft_s, decode, load_s)
+
+
+PAIRED_PAUSE_S = 0.05  # between two blocks: the last engine's spinning threads go to sleep
+
+
+def step_run_paired(a) -> dict:
+    """Every engine of `a.paired_engines` open in this one process (models in `a.workdir`); per
+    context, `a.paired_blocks` turns in which each engine runs one untimed step and then
+    `a.paired_steps` timed ones, the order rotating by one every turn. Returns {engine:
+    {context: [tokens/s of each turn (1 / its median step)]}}: the i-th figures of two engines
+    were measured a fraction of a second apart, under the same load."""
+    room = a.paired_blocks * (a.paired_steps + 1)
+    engines = {}
+    for name in a.paired_engines:
+        model = Path(a.workdir) / name.replace("/", "-")
+        if name == GENAI:
+            engines[name] = open_genai(model, a.threads)
+        elif name == LLAMACPP:
+            engines[name] = open_llamacpp(model, a.threads, max(a.contexts) + room + 8)
+        else:
+            engines[name] = open_ours(model, a.checkpoint, a.threads)
+    names = list(engines)
+    result: dict[str, dict[int, list[float]]] = {name: {} for name in names}
+    for ctx in a.contexts:
+        steppers = {name: engine.start(ctx, room) for name, engine in engines.items()}
+        for name in names:
+            result[name][ctx] = []
+        for turn in range(a.paired_blocks):
+            k = turn % len(names)
+            for name in names[k:] + names[:k]:
+                steppers[name].step()  # untimed: the engine's threads wake, its weights stream in again
+                result[name][ctx].append(1.0 / statistics.median(time_steps(steppers[name], a.paired_steps)))
+                time.sleep(PAIRED_PAUSE_S)
+        del steppers
+    return result
 
 
 STEPS = {"checkpoint": step_checkpoint, "prepare-ours": step_prepare_ours, "prepare-ours-f32kv": step_prepare_ours_f32kv,
          "prepare-ours-genai-recipe": step_prepare_ours_genai_recipe, "prepare-genai": step_prepare_genai,
          "prepare-llamacpp": step_prepare_llamacpp, "bandwidth": step_bandwidth, "run-ours": step_run_ours,
-         "run-genai": step_run_genai, "run-llamacpp": step_run_llamacpp}
+         "run-genai": step_run_genai, "run-llamacpp": step_run_llamacpp, "run-paired": step_run_paired}
 PREPARE = {OURS: "prepare-ours", OURS_F32KV: "prepare-ours-f32kv", OURS_GENAI_RECIPE: "prepare-ours-genai-recipe",
            GENAI: "prepare-genai", LLAMACPP: "prepare-llamacpp"}
 RUN = {OURS: "run-ours", OURS_F32KV: "run-ours", OURS_GENAI_RECIPE: "run-ours", GENAI: "run-genai",
@@ -761,6 +904,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--convert-script", type=Path, default=DEFAULT_CONVERT)
     p.add_argument("--bandwidth-mib", type=int, default=512, help="size of the array copied (default 512 MiB)")
     p.add_argument("--nice", type=int, default=0, help="run the preparation steps under nice -n N")
+    p.add_argument("--paired-blocks", type=int, default=40,
+                   help="after the rounds, decode with every engine open in one process taking turns, this many "
+                        "turns a context (default 40; 0 skips it): ours ÷ each engine turn by turn, under the same load")
+    p.add_argument("--paired-steps", type=int, default=16, help="timed decode steps an engine's turn (default 16)")
+    p.add_argument("--paired-engines", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.block_size is None:  # the same block size as ours (the issue's like for like)
         from edge_runtime.profiles import load_profile
@@ -789,6 +937,33 @@ def prepare(args, engine: str, python: str, checkpoint: Path, stamp: dict) -> Mo
     say(f"{engine}: prepared in {time.perf_counter() - t0:.0f} s")
     stamp_file.write_text(json.dumps({"stamp": wanted, "info": info}))
     return ModelInfo(**{k: info[k] for k in ModelInfo.__dataclass_fields__})
+
+
+def measure_paired(args, engines: list[str], checkpoint: Path, notes: list[str]) -> dict | None:
+    """The paired measurement (``step_run_paired``) of the engines that came through the rounds:
+    its setup in words, rows, markdown table and raw turns; None when it is off or ours is not
+    among them; a note (and None) when its process fails -- the rounds' figures stand."""
+    if args.paired_blocks <= 0 or OURS not in engines:
+        return None
+    python = args.peer_python if any(e not in OUR_ENGINES for e in engines) else sys.executable
+    say(f"decode in one process, the engines taking turns ({args.paired_blocks} turns a context) ...")
+    try:
+        raw = run_step(python, "run-paired", workdir=args.workdir, checkpoint=checkpoint, threads=args.threads,
+                       contexts=args.contexts, paired_engines=engines, paired_blocks=args.paired_blocks,
+                       paired_steps=args.paired_steps)
+    except StepFailed as failed:
+        notes.append(f"the paired measurement failed and is left out: {failed.reason}")
+        say(notes[-1])
+        return None
+    turns = {e: {int(c): v for c, v in by_ctx.items()} for e, by_ctx in raw.items()}
+    rows = paired_rows(turns)
+    setup = (f"Decode with every engine open in one process, taking turns: per context {args.paired_blocks} turns, "
+             f"in each one untimed and {args.paired_steps} timed steps of every engine, the order rotating; "
+             f"tokens/s = the median turn's (1 / its median step); ours ÷ engine = the median over the turns "
+             f"of ours' tokens/s over the engine's in the same turn, a fraction of a second apart under the same "
+             f"load (the middle half of those ratios in brackets)")
+    table = format_paired_table(rows, [c for c in args.table_contexts if c in args.contexts])
+    return {"setup": setup, "rows": rows, "table": table, "turns": turns}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -858,6 +1033,7 @@ def main(argv: list[str] | None = None) -> int:
             measured[engine].append(EngineRun(**r))
             loads.append(round(os.getloadavg()[0], 2))
     runs = {e: merge_runs(rs, args.aggregate) for e, rs in measured.items() if rs}
+    paired = measure_paired(args, [e for e in ENGINES if measured.get(e)], checkpoint, notes)
     bw = merge_bandwidths(bandwidths, args.aggregate)
     rows = build_rows(infos, runs, bandwidth=bw["bandwidth"], arch=arch, contexts=args.contexts,
                       read_bandwidth=bw["read_bandwidth"])
@@ -879,6 +1055,9 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(rows, [c for c in args.table_contexts if c in args.contexts])
     print(setup + "\n")
     print(table)
+    if paired:
+        print("\n" + paired["setup"] + "\n")
+        print(paired["table"])
     for note in notes:
         print(note)
     out = args.out
@@ -887,7 +1066,7 @@ def main(argv: list[str] | None = None) -> int:
               "bandwidth": bw, "bandwidth_rounds": bandwidths, "architecture": arch,
               "models": {e: asdict(i) for e, i in infos.items()},
               "rows": rows, "rounds": {e: [asdict(r) for r in rs] for e, rs in measured.items()},
-              "skipped": notes, "table": table}
+              "paired": paired, "skipped": notes, "table": table}
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     why = plot(rows, out.with_suffix(".png"),
                f"{a.num_layers}x{a.hidden_size} Code Llama-shaped, batch 1, {args.threads} threads")

@@ -89,6 +89,73 @@ def test_merge_by_default_keeps_each_numbers_median_round(peers):
         peers.merge_runs(rounds, "mean")
 
 
+def test_paired_ratio_is_the_median_over_turns_of_ours_over_the_engine_in_the_same_turn(peers):
+    """Turn by turn, not median over median: a turn where the machine was slow for both counts
+    as a tie, and the middle half of the ratios shows how far the turns agree."""
+    turns = {peers.OURS: {128: [100.0, 50.0, 80.0, 120.0]},
+             peers.GENAI: {128: [90.0, 50.0, 100.0, 100.0]}}
+    ours_row, genai_row = peers.paired_rows(turns)
+    assert ours_row["engine"] == peers.OURS and ours_row["ours_over_this"] == {128: 1.0}
+    assert genai_row["decode_tokens_per_s"] == {128: 95.0}
+    # ratios 100/90, 50/50, 80/100, 120/100 = 1.111, 1.0, 0.8, 1.2: median 1.056 (the medians' ratio: 90/95 = 0.947)
+    assert genai_row["ours_over_this"][128] == pytest.approx((100 / 90 + 1.0) / 2)
+    low, high = genai_row["ours_over_this_middle_half"][128]
+    assert low == pytest.approx(0.95) and high == pytest.approx(100 / 90 + 0.25 * (1.2 - 100 / 90))
+    table = peers.format_paired_table([ours_row, genai_row], [128, 2048])
+    assert "| edge-runtime | 90.00 | - | 1.00 | - |" in table
+    assert f"| onnxruntime-genai | 95.00 | - | 1.06 (0.95-{high:.2f}) | - |" in table
+
+
+def test_paired_turns_run_every_engine_in_one_process(peers, tiny_checkpoint, tmp_path, capsys):
+    """After the rounds, the engines decode taking turns in one process; the table's ratio is
+    what the saved turns give."""
+    out = tmp_path / "result"
+    rc = peers.main(["--checkpoint", str(tiny_checkpoint), "--workdir", str(tmp_path / "work"), "--out", str(out),
+                     "--peer-python", str(tmp_path / "no-venv" / "python"), "--contexts", "8", "16",
+                     "--table-contexts", "8", "16", "--prefill-tokens", "8", "--decode-tokens", "2",
+                     "--rounds", "1", "--threads", "1", "--bandwidth-mib", "8", "--paired-blocks", "3",
+                     "--paired-steps", "2", "--engines", peers.OURS, peers.OURS_GENAI_RECIPE])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    paired = json.loads(out.with_suffix(".json").read_text())["paired"]
+    assert paired["table"] in printed and "taking turns" in paired["setup"]
+    turns = paired["turns"]
+    assert set(turns) == {peers.OURS, peers.OURS_GENAI_RECIPE}
+    assert all(len(turns[e][c]) == 3 and min(turns[e][c]) > 0 for e in turns for c in ("8", "16"))
+    row = {r["engine"]: r for r in paired["rows"]}[peers.OURS_GENAI_RECIPE]
+    ratios = sorted(o / e for o, e in zip(turns[peers.OURS]["16"], turns[peers.OURS_GENAI_RECIPE]["16"]))
+    assert row["ours_over_this"]["16"] == pytest.approx(ratios[1])
+
+
+def test_a_failed_paired_measurement_leaves_the_rounds_and_a_note(peers, tiny_checkpoint, tmp_path, capsys):
+    info = {"engine": peers.GENAI, "precision": "int4", "model_bytes": 1000, "weight_bytes_per_token": 500,
+            "kv_bytes_per_element": 4}
+    run = {"engine": peers.GENAI, "prefill_tokens": 8, "prefill_tokens_per_s": 100.0, "ttft_ms": 80.0,
+           "decode_tokens_per_s": {"8": 50.0}, "decode_best_tokens_per_s": {"8": 60.0}, "peak_rss_bytes": 1 << 20,
+           "load_s": 0.1}
+    fake = tmp_path / "peer-python"  # a peer whose rounds go well and whose paired process dies
+    fake.write_text("#!/bin/sh\n"
+                    'case "$*" in\n'
+                    "  -c*) exit 0 ;;\n"
+                    f"  *prepare-genai*) mkdir -p '{tmp_path / 'work' / 'onnxruntime-genai'}'; echo '{json.dumps(info)}' ;;\n"
+                    f"  *run-genai*) echo '{json.dumps(run)}' ;;\n"
+                    "  *) echo 'paired: out of memory' >&2; kill -KILL $$ ;;\n"
+                    "esac\n")
+    fake.chmod(0o755)
+    out = tmp_path / "result"
+    rc = peers.main(["--checkpoint", str(tiny_checkpoint), "--workdir", str(tmp_path / "work"), "--out", str(out),
+                     "--peer-python", str(fake), "--contexts", "8", "--table-contexts", "8", "--prefill-tokens", "8",
+                     "--decode-tokens", "2", "--rounds", "1", "--threads", "1", "--bandwidth-mib", "8",
+                     "--paired-blocks", "2", "--engines", peers.OURS, peers.GENAI])
+    assert rc == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [r["engine"] for r in result["rows"]] == [peers.OURS, peers.GENAI]
+    assert result["paired"] is None
+    (note,) = result["skipped"]
+    assert note.startswith("the paired measurement failed") and "killed by SIGKILL" in note
+    assert note in capsys.readouterr().out
+
+
 def test_missing_peers_are_reported(peers, tmp_path, monkeypatch):
     assert peers.peer_missing(sys.executable, peers.OURS, tmp_path / "none.py") is None
     assert "does not exist" in peers.peer_missing(str(tmp_path / "no-python"), peers.GENAI, tmp_path / "none.py")
@@ -144,6 +211,9 @@ def test_end_to_end_ours_alone_with_peers_skipped(peers, tiny_checkpoint, tmp_pa
     assert "median of 2, one before each round" in result["setup"]
     assert len(result["rounds"][peers.OURS]) == 2
     assert len(result["skipped"]) == 2
+    # the paired turns ran with ours alone (the default 40 turns a context)
+    assert [r["engine"] for r in result["paired"]["rows"]] == [peers.OURS]
+    assert [len(result["paired"]["turns"][peers.OURS][c]) for c in ("8", "16")] == [40, 40]
     # a second run reuses the prepared bundle (its stamp matches)
     stamp = json.loads((tmp_path / "work" / f"{peers.OURS}.json").read_text())
     assert stamp["info"]["engine"] == peers.OURS
