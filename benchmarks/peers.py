@@ -61,7 +61,8 @@ What it does:
    median over the turns of ours' tokens/s over the engine's in the same turn: two figures
    measured a fraction of a second apart under the same load, where the rounds' medians
    compare figures taken minutes apart (on a shared VM a round's decode swings by ±30 %);
-   the middle half of the turns' ratios says how far they agree;
+   the middle half of the turns' ratios says how far they agree. Left out with a note when
+   the engines' peak RSS in the rounds, added up, would not fit the memory available;
 7. prints the rounds' table and the paired one, writes ``<out>.json`` and ``<out>.png``
    (decode tokens/s against context, one line per engine; skipped with a message without
    matplotlib).
@@ -939,11 +940,22 @@ def prepare(args, engine: str, python: str, checkpoint: Path, stamp: dict) -> Mo
     return ModelInfo(**{k: info[k] for k in ModelInfo.__dataclass_fields__})
 
 
-def measure_paired(args, engines: list[str], checkpoint: Path, notes: list[str]) -> dict | None:
-    """The paired measurement (``step_run_paired``) of the engines that came through the rounds:
-    its setup in words, rows, markdown table and raw turns; None when it is off or ours is not
-    among them; a note (and None) when its process fails -- the rounds' figures stand."""
+def measure_paired(args, runs: dict[str, EngineRun], checkpoint: Path, notes: list[str]) -> dict | None:
+    """The paired measurement (``step_run_paired``) of the engines that came through the rounds
+    (`runs`): its setup in words, rows, markdown table and raw turns; None when it is off or
+    ours is not among them; a note (and None) when the engines' peak RSS in the rounds, added
+    up, would not fit the memory available, or when its process fails -- the rounds' figures
+    stand."""
+    from edge_export.pipeline import host_memory_available
+
+    engines = [e for e in ENGINES if e in runs]
     if args.paired_blocks <= 0 or OURS not in engines:
+        return None
+    need, have = sum(runs[e].peak_rss_bytes for e in engines), host_memory_available()
+    if have is not None and need > 0.9 * have:
+        notes.append(f"the paired measurement is left out: the engines together took {need / 2**30:.1f} GiB in the "
+                     f"rounds and {have / 2**30:.1f} GiB are available (--engines fewer to pair them)")
+        say(notes[-1])
         return None
     python = args.peer_python if any(e not in OUR_ENGINES for e in engines) else sys.executable
     say(f"decode in one process, the engines taking turns ({args.paired_blocks} turns a context) ...")
@@ -1033,7 +1045,7 @@ def main(argv: list[str] | None = None) -> int:
             measured[engine].append(EngineRun(**r))
             loads.append(round(os.getloadavg()[0], 2))
     runs = {e: merge_runs(rs, args.aggregate) for e, rs in measured.items() if rs}
-    paired = measure_paired(args, [e for e in ENGINES if measured.get(e)], checkpoint, notes)
+    paired = measure_paired(args, runs, checkpoint, notes)
     bw = merge_bandwidths(bandwidths, args.aggregate)
     rows = build_rows(infos, runs, bandwidth=bw["bandwidth"], arch=arch, contexts=args.contexts,
                       read_bandwidth=bw["read_bandwidth"])

@@ -156,6 +156,26 @@ def test_a_failed_paired_measurement_leaves_the_rounds_and_a_note(peers, tiny_ch
     assert note in capsys.readouterr().out
 
 
+def test_paired_turns_are_left_out_when_the_engines_would_not_fit_in_memory_together(
+        peers, tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """Every engine open in one process needs their memory added up (three 7B models would not
+    fit a 24 GiB machine): the rounds' peak RSS says how much, and the run says why it skips."""
+    import edge_export.pipeline
+
+    monkeypatch.setattr(edge_export.pipeline, "host_memory_available", lambda: 64 << 20)
+    out = tmp_path / "result"
+    rc = peers.main(["--checkpoint", str(tiny_checkpoint), "--workdir", str(tmp_path / "work"), "--out", str(out),
+                     "--peer-python", str(tmp_path / "no-venv" / "python"), "--contexts", "8",
+                     "--table-contexts", "8", "--prefill-tokens", "8", "--decode-tokens", "2", "--rounds", "1",
+                     "--threads", "1", "--bandwidth-mib", "8", "--engines", peers.OURS])
+    assert rc == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["paired"] is None and [r["engine"] for r in result["rows"]] == [peers.OURS]
+    (note,) = result["skipped"]
+    assert note.startswith("the paired measurement is left out") and "0.1 GiB are available" in note
+    assert note in capsys.readouterr().out
+
+
 def test_missing_peers_are_reported(peers, tmp_path, monkeypatch):
     assert peers.peer_missing(sys.executable, peers.OURS, tmp_path / "none.py") is None
     assert "does not exist" in peers.peer_missing(str(tmp_path / "no-python"), peers.GENAI, tmp_path / "none.py")
