@@ -550,7 +550,7 @@ def step_bandwidth(a) -> dict:
             "read_one_thread": read_one, "read_all_threads": read_many, "read_bandwidth": max(read_one, read_many)}
 
 
-# -- the engines' decode loops: the rounds and the paired blocks time them alike ------------------------------------
+# -- the engines' decode loops: the rounds and the paired turns time them alike ------------------------------------
 class Stepper:
     """A started decode: each `step()` runs the last picked token through the model and picks
     the next one greedily (`run(token) -> next token`)."""
@@ -770,7 +770,7 @@ def step_run_llamacpp(a) -> dict:
     return _result(LLAMACPP, len(ids), prefill_s, ttft_s, decode, load_s)
 
 
-PAIRED_PAUSE_S = 0.05  # between two blocks: the last engine's spinning threads go to sleep
+PAIRED_PAUSE_S = 0.05  # between two engines' turns: the last one's spinning threads go to sleep
 
 
 def step_run_paired(a) -> dict:
