@@ -64,8 +64,8 @@ What it does:
    the middle half of the turns' ratios says how far they agree. Left out with a note when
    the engines' peak RSS in the rounds, added up, would not fit the memory available;
 7. prints the rounds' table and the paired one, writes ``<out>.json`` and ``<out>.png``
-   (decode tokens/s against context, one line per engine; skipped with a message without
-   matplotlib).
+   (decode tokens/s against context, one line per engine: the rounds' medians, and beside
+   them the turns'; skipped with a message without matplotlib).
 
 All engines get the same number of threads (``--threads``, default: every core).
 A peer that is not installed is skipped with a message; one whose process fails (preparing its
@@ -279,8 +279,9 @@ def format_paired_table(rows: list[dict], table_contexts: list[int]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path, title: str) -> str | None:
-    """Decode tokens/s against context, one line per engine; returns why not, when it cannot."""
+def plot(rows: list[dict], path: Path, title: str, paired_rows: list[dict] | None = None) -> str | None:
+    """Decode tokens/s against context, one line per engine: the rounds' medians, and beside
+    them the paired turns' when given; returns why not, when it cannot."""
     if not rows:
         return "no engine ran: no plot"
     try:
@@ -290,16 +291,19 @@ def plot(rows: list[dict], path: Path, title: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install matplotlib): no plot"
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        ctxs = sorted(r["decode_tokens_per_s"])
-        ax.plot(ctxs, [r["decode_tokens_per_s"][c] for c in ctxs], marker="o", label=f"{r['engine']} ({r['precision']})")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context (tokens held)")
-    ax.set_ylabel("decode tokens/s (batch 1)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    panels = [("the rounds' medians", rows)] + ([("in turns, one process", paired_rows)] if paired_rows else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), sharey=True, squeeze=False)
+    words = {r["engine"]: f"{r['engine']} ({r['precision']})" for r in rows}
+    for ax, (what, panel) in zip(axes[0], panels):
+        for r in panel:
+            ctxs = sorted(r["decode_tokens_per_s"])
+            ax.plot(ctxs, [r["decode_tokens_per_s"][c] for c in ctxs], marker="o", label=words.get(r["engine"]))
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens held)")
+        ax.set_title(f"{title}: {what}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("decode tokens/s (batch 1)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -1081,7 +1085,8 @@ def main(argv: list[str] | None = None) -> int:
               "paired": paired, "skipped": notes, "table": table}
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     why = plot(rows, out.with_suffix(".png"),
-               f"{a.num_layers}x{a.hidden_size} Code Llama-shaped, batch 1, {args.threads} threads")
+               f"{a.num_layers}x{a.hidden_size} Code Llama-shaped, batch 1, {args.threads} threads",
+               paired["rows"] if paired else None)
     print(f"wrote {out.with_suffix('.json')}" + (f"; {why}" if why else f" and {out.with_suffix('.png')}"))
     return 0
 

@@ -125,6 +125,9 @@ def test_paired_turns_run_every_engine_in_one_process(peers, tiny_checkpoint, tm
     row = {r["engine"]: r for r in paired["rows"]}[peers.OURS_GENAI_RECIPE]
     ratios = sorted(o / e for o, e in zip(turns[peers.OURS]["16"], turns[peers.OURS_GENAI_RECIPE]["16"]))
     assert row["ours_over_this"]["16"] == pytest.approx(ratios[1])
+    # the plot has two panels side by side, the rounds' medians and the turns': twice as wide as one
+    png = out.with_suffix(".png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 2 * 7 * 120
 
 
 def test_a_failed_paired_measurement_leaves_the_rounds_and_a_note(peers, tiny_checkpoint, tmp_path, capsys):
@@ -171,6 +174,7 @@ def test_paired_turns_are_left_out_when_the_engines_would_not_fit_in_memory_toge
     assert rc == 0
     result = json.loads(out.with_suffix(".json").read_text())
     assert result["paired"] is None and [r["engine"] for r in result["rows"]] == [peers.OURS]
+    assert int.from_bytes(out.with_suffix(".png").read_bytes()[16:20], "big") == 7 * 120  # the rounds' panel alone
     (note,) = result["skipped"]
     assert note.startswith("the paired measurement is left out") and "0.1 GiB are available" in note
     assert note in capsys.readouterr().out
