@@ -41,9 +41,10 @@ What it does:
    VM one measurement swings by 30 %: one taken while a neighbour is busy would inflate
    every % of roofline, one taken in a quiet moment deflate every median's);
 4. runs each engine in its own subprocess (so peak RSS is the engine's own), ``--rounds``
-   times, engines interleaved, keeping each number's median round (``--aggregate best``:
-   its best round; on a shared 2-core VM single rounds of one engine swing by 30 %, so a
-   best-of favours whichever engine had a lucky round): a ``--prefill-tokens``
+   times, engines interleaved, the order rotating by one a round (``round_order``: no engine
+   always runs first, right after the bandwidth measure), keeping each number's median round
+   (``--aggregate best``: its best round; on a shared 2-core VM single rounds of one engine
+   swing by 30 %, so a best-of favours whichever engine had a lucky round): a ``--prefill-tokens``
    prompt (best of 3: prefill tokens/s and time to first token = prefill + picking the
    first token), then per context C: prefill C tokens, one untimed step, then
    ``--decode-tokens`` single-token steps each followed by a greedy pick (decode
@@ -944,6 +945,14 @@ def prepare(args, engine: str, python: str, checkpoint: Path, stamp: dict) -> Mo
     return ModelInfo(**{k: info[k] for k in ModelInfo.__dataclass_fields__})
 
 
+def round_order(engines: list[str], rnd: int) -> list[str]:
+    """The engines' order in round `rnd`: rotated by one a round, so that no engine always runs
+    first, right after the bandwidth measure (which leaves the machine busy with a GiB just
+    copied and freed), or always after the same neighbour."""
+    k = rnd % len(engines) if engines else 0
+    return engines[k:] + engines[:k]
+
+
 def measure_paired(args, runs: dict[str, EngineRun], checkpoint: Path, notes: list[str]) -> dict | None:
     """The paired measurement (``step_run_paired``) of the engines that came through the rounds
     (`runs`): its setup in words, rows, markdown table and raw turns; None when it is off or
@@ -1029,7 +1038,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"memory bandwidth {rnd + 1}/{args.rounds} ...")
         bandwidths.append(run_step(sys.executable, "bandwidth", threads=args.threads,
                                    bandwidth_mib=args.bandwidth_mib))
-        for engine in list(measured):  # a peer that failed a round is out of `measured`
+        for engine in round_order(list(measured), rnd):  # a peer that failed a round is out of `measured`
             say(f"{engine}: round {rnd + 1}/{args.rounds} ...")
             python = sys.executable if engine in OUR_ENGINES else args.peer_python
             try:

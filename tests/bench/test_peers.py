@@ -106,6 +106,13 @@ def test_paired_ratio_is_the_median_over_turns_of_ours_over_the_engine_in_the_sa
     assert f"| onnxruntime-genai | 95.00 | - | 1.06 (0.95-{high:.2f}) | - |" in table
 
 
+def test_round_order_rotates_by_one_a_round(peers):
+    engines = ["a", "b", "c"]
+    assert [peers.round_order(engines, r) for r in range(4)] == [
+        ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert peers.round_order([], 3) == []
+
+
 def test_paired_turns_run_every_engine_in_one_process(peers, tiny_checkpoint, tmp_path, capsys):
     """After the rounds, the engines decode taking turns in one process; the table's ratio is
     what the saved turns give."""
@@ -113,10 +120,17 @@ def test_paired_turns_run_every_engine_in_one_process(peers, tiny_checkpoint, tm
     rc = peers.main(["--checkpoint", str(tiny_checkpoint), "--workdir", str(tmp_path / "work"), "--out", str(out),
                      "--peer-python", str(tmp_path / "no-venv" / "python"), "--contexts", "8", "16",
                      "--table-contexts", "8", "16", "--prefill-tokens", "8", "--decode-tokens", "2",
-                     "--rounds", "1", "--threads", "1", "--bandwidth-mib", "8", "--paired-blocks", "3",
+                     "--rounds", "2", "--threads", "1", "--bandwidth-mib", "8", "--paired-blocks", "3",
                      "--paired-steps", "2", "--engines", peers.OURS, peers.OURS_GENAI_RECIPE])
     assert rc == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    # the rounds rotate the engines' order: no engine always runs right after the bandwidth measure
+    started = [line.split("]")[1].split(" (load")[0].strip() for line in captured.err.splitlines()
+               if ": round " in line or "memory bandwidth" in line]
+    assert started == ["memory bandwidth 1/2 ...", f"{peers.OURS}: round 1/2 ...",
+                       f"{peers.OURS_GENAI_RECIPE}: round 1/2 ...", "memory bandwidth 2/2 ...",
+                       f"{peers.OURS_GENAI_RECIPE}: round 2/2 ...", f"{peers.OURS}: round 2/2 ..."]
     paired = json.loads(out.with_suffix(".json").read_text())["paired"]
     assert paired["table"] in printed and "taking turns" in paired["setup"]
     turns = paired["turns"]
