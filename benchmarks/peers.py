@@ -801,8 +801,7 @@ def step_run_paired(a) -> dict:
         for name in names:
             result[name][ctx] = []
         for turn in range(a.paired_blocks):
-            k = turn % len(names)
-            for name in names[k:] + names[:k]:
+            for name in round_order(names, turn):
                 steppers[name].step()  # untimed: the engine's threads wake, its weights stream in again
                 result[name][ctx].append(1.0 / statistics.median(time_steps(steppers[name], a.paired_steps)))
                 time.sleep(PAIRED_PAUSE_S)
@@ -946,9 +945,9 @@ def prepare(args, engine: str, python: str, checkpoint: Path, stamp: dict) -> Mo
 
 
 def round_order(engines: list[str], rnd: int) -> list[str]:
-    """The engines' order in round `rnd`: rotated by one a round, so that no engine always runs
-    first, right after the bandwidth measure (which leaves the machine busy with a GiB just
-    copied and freed), or always after the same neighbour."""
+    """The engines' order in round (or paired turn) `rnd`: rotated by one each time, so that no
+    engine always runs first, right after the bandwidth measure (which leaves the machine busy
+    with a GiB just copied and freed), or always after the same neighbour."""
     k = rnd % len(engines) if engines else 0
     return engines[k:] + engines[:k]
 
