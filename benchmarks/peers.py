@@ -62,8 +62,13 @@ What it does:
    median over the turns of ours' tokens/s over the engine's in the same turn: two figures
    measured a fraction of a second apart under the same load, where the rounds' medians
    compare figures taken minutes apart (on a shared VM a round's decode swings by ±30 %);
-   the middle half of the turns' ratios says how far they agree. Left out with a note when
-   the engines' peak RSS in the rounds, added up, would not fit the memory available;
+   the middle half of the turns' ratios says how far they agree. Each turn first measures the
+   bandwidth again (best of 2 copies and 2 reads, 1 and ``--threads`` threads), and the turns'
+   % of the roofline is the median over the turns of an engine's tokens/s over the roofline of
+   the bandwidth measured in that turn (the rounds' table divides a median of rounds by a
+   median of measures taken before them, where one copy figure swings by 30 % or more). Left
+   out with a note when the engines' peak RSS in the rounds, added up, would not fit the
+   memory available;
 7. prints the rounds' table and the paired one, writes ``<out>.json`` and ``<out>.png``
    (decode tokens/s against context, one line per engine: the rounds' medians, and beside
    them the turns'; skipped with a message without matplotlib).
@@ -178,6 +183,14 @@ def merge_bandwidths(measures: list[dict], aggregate: str = "median") -> dict:
     return {**out, "threads": measures[0]["threads"], "measurements": len(measures)}
 
 
+def step_bytes(info: ModelInfo, arch: dict, context: int) -> int:
+    """The bytes a decode step of `info`'s model reads at `context` tokens: its weights (the
+    embedding as one row) and its KV cache at that length, in its KV dtype."""
+    return info.weight_bytes_per_token + kv_bytes_per_token(
+        layers=arch["layers"], kv_heads=arch["kv_heads"], head_dim=arch["head_dim"], context=context,
+        element_bytes=info.kv_bytes_per_element)
+
+
 def build_rows(infos: dict[str, ModelInfo], runs: dict[str, EngineRun], *, bandwidth: float, arch: dict,
                contexts: list[int], read_bandwidth: float | None = None) -> list[dict]:
     """One row per engine that ran: its numbers, % of the roofline per context (copy
@@ -199,14 +212,12 @@ def build_rows(infos: dict[str, ModelInfo], runs: dict[str, EngineRun], *, bandw
             tps = run.decode_tokens_per_s.get(ctx)
             if tps is None:
                 continue
-            kv = kv_bytes_per_token(layers=arch["layers"], kv_heads=arch["kv_heads"], head_dim=arch["head_dim"],
-                                    context=ctx, element_bytes=info.kv_bytes_per_element)
-            roof = roofline_tokens_per_s(bandwidth, info.weight_bytes_per_token, kv)
+            roof = bandwidth / step_bytes(info, arch, ctx)
             row["decode_tokens_per_s"][ctx] = tps
             row["roofline_tokens_per_s"][ctx] = roof
             row["roofline_percent"][ctx] = 100.0 * tps / roof
             if read_bandwidth:
-                read_roof = roofline_tokens_per_s(read_bandwidth, info.weight_bytes_per_token, kv)
+                read_roof = read_bandwidth / step_bytes(info, arch, ctx)
                 row["read_roofline_percent"][ctx] = 100.0 * tps / read_roof
             if ours is not None and ctx in ours.decode_tokens_per_s:
                 row["ours_over_this"][ctx] = ours.decode_tokens_per_s[ctx] / tps
@@ -239,11 +250,16 @@ def format_table(rows: list[dict], table_contexts: list[int]) -> str:
     return "\n".join(lines)
 
 
-def paired_rows(turns: dict[str, dict[int, list[float]]]) -> list[dict]:
+def paired_rows(turns: dict[str, dict[int, list[float]]], *, bandwidth: dict[int, list[dict]] | None = None,
+                bytes_per_step: dict[str, dict[int, int]] | None = None) -> list[dict]:
     """The paired measurement in figures (``step_run_paired``'s turns: {engine: {context:
     [tokens/s a turn]}}): per engine and context the median turn's tokens/s, and ours ÷ the
     engine as the median over the turns of ours' figure over the engine's in the same turn,
-    with the middle half of those ratios (their first and third quartiles)."""
+    with the middle half of those ratios (their first and third quartiles). Given each turn's
+    `bandwidth` ({context: [``BandwidthProbe.measure`` figures]}) and the engines'
+    `bytes_per_step`, also the % of the roofline (copy bandwidth) and of the read roofline,
+    each the median over the turns of the engine's tokens/s over that turn's roofline, with
+    the middle half."""
     ours = turns[OURS]
     rows = []
     for engine in ENGINES:
@@ -254,15 +270,29 @@ def paired_rows(turns: dict[str, dict[int, list[float]]]) -> list[dict]:
             ratios = [o / e for o, e in zip(ours[ctx], speeds)]
             row["decode_tokens_per_s"][ctx] = statistics.median(speeds)
             row["ours_over_this"][ctx] = statistics.median(ratios)
-            row["ours_over_this_middle_half"][ctx] = [float(q) for q in np.percentile(ratios, [25, 75])]
+            row["ours_over_this_middle_half"][ctx] = middle_half(ratios)
+            step = (bytes_per_step or {}).get(engine, {}).get(ctx)
+            if bandwidth and ctx in bandwidth and step:
+                for key, measure in (("roofline_percent", "bandwidth"), ("read_roofline_percent", "read_bandwidth")):
+                    shares = [100.0 * tps * step / b[measure] for tps, b in zip(speeds, bandwidth[ctx])]
+                    row.setdefault(key, {})[ctx] = statistics.median(shares)
+                    row.setdefault(key + "_middle_half", {})[ctx] = middle_half(shares)
         rows.append(row)
     return rows
 
 
+def middle_half(values: list[float]) -> list[float]:
+    """The first and third quartiles of `values`."""
+    return [float(q) for q in np.percentile(values, [25, 75])]
+
+
 def format_paired_table(rows: list[dict], table_contexts: list[int]) -> str:
-    """The paired measurement's markdown table: tokens/s and ours ÷ engine (middle half) per context."""
+    """The paired measurement's markdown table: tokens/s and ours ÷ engine (middle half) per
+    context, and the % of the roofline (middle half) where the turns measured the bandwidth."""
+    roofline = any(r.get("roofline_percent") for r in rows)
     header = [f"decode tok/s @{c}" for c in table_contexts]
     header = ["engine", *header, *(f"ours ÷ engine @{c} (middle half)" for c in table_contexts)]
+    header += [f"% roofline @{c} (middle half)" for c in table_contexts] if roofline else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [r["engine"]]
@@ -276,6 +306,12 @@ def format_paired_table(rows: list[dict], table_contexts: list[int]) -> str:
             else:
                 low, high = r["ours_over_this_middle_half"][c]
                 cells.append(f"{r['ours_over_this'][c]:.2f} ({low:.2f}-{high:.2f})")
+        for c in table_contexts if roofline else []:
+            if c not in r.get("roofline_percent", {}):
+                cells.append("-")
+            else:
+                low, high = r["roofline_percent_middle_half"][c]
+                cells.append(f"{r['roofline_percent'][c]:.0f}% ({low:.0f}-{high:.0f})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -520,17 +556,20 @@ def step_prepare_llamacpp(a) -> dict:
             "tensor_bytes_by_type": by_type}
 
 
-def step_bandwidth(a) -> dict:
+class BandwidthProbe:
     """Copy bandwidth (bytes read + bytes written per second) -- the issue's measure -- and
     read bandwidth (bytes per second of a max over the array, which only reads: what a
-    decode step does with the weights), each the best of `repeats`, one thread and
-    `a.threads` threads each taking a slice."""
-    n = a.bandwidth_mib << 20
-    src = np.ones(n, dtype=np.uint8)
-    dst = np.zeros(n, dtype=np.uint8)
-    np.copyto(dst, src)
+    decode step does with the weights) over arrays of `n` bytes, allocated once (the paired
+    turns measure again every turn)."""
 
-    def best(threads: int, work, repeats: int = 5) -> float:
+    def __init__(self, n: int):
+        self.n = n
+        self.src = np.ones(n, dtype=np.uint8)
+        self.dst = np.zeros(n, dtype=np.uint8)
+        np.copyto(self.dst, self.src)
+
+    def _best(self, threads: int, work, repeats: int) -> float:
+        n = self.n
         slices = [slice(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
         fastest = float("inf")
         for _ in range(repeats):
@@ -543,16 +582,25 @@ def step_bandwidth(a) -> dict:
             fastest = min(fastest, time.perf_counter() - t0)
         return n / fastest
 
-    def copy(s: slice) -> None:
-        np.copyto(dst[s], src[s])
+    def _copy(self, s: slice) -> None:
+        np.copyto(self.dst[s], self.src[s])
 
-    def read(s: slice) -> None:
-        np.max(src[s])
+    def _read(self, s: slice) -> None:
+        np.max(self.src[s])
 
-    one, many = 2 * best(1, copy), 2 * best(a.threads, copy)
-    read_one, read_many = best(1, read), best(a.threads, read)
-    return {"one_thread": one, "threads": a.threads, "all_threads": many, "bandwidth": max(one, many),
-            "read_one_thread": read_one, "read_all_threads": read_many, "read_bandwidth": max(read_one, read_many)}
+    def measure(self, threads: int, repeats: int = 5) -> dict:
+        """Each the best of `repeats`, one thread and `threads` threads each taking a slice;
+        ``bandwidth`` and ``read_bandwidth`` the faster of the two."""
+        one, many = 2 * self._best(1, self._copy, repeats), 2 * self._best(threads, self._copy, repeats)
+        read_one, read_many = self._best(1, self._read, repeats), self._best(threads, self._read, repeats)
+        return {"one_thread": one, "threads": threads, "all_threads": many, "bandwidth": max(one, many),
+                "read_one_thread": read_one, "read_all_threads": read_many,
+                "read_bandwidth": max(read_one, read_many)}
+
+
+def step_bandwidth(a) -> dict:
+    """The memory bandwidth before a round (``BandwidthProbe.measure``, best of 5)."""
+    return BandwidthProbe(a.bandwidth_mib << 20).measure(a.threads)
 
 
 # -- the engines' decode loops: the rounds and the paired turns time them alike ------------------------------------
@@ -776,15 +824,19 @@ def step_run_llamacpp(a) -> dict:
 
 
 PAIRED_PAUSE_S = 0.05  # between two engines' turns: the last one's spinning threads go to sleep
+PAIRED_BANDWIDTH_REPEATS = 2  # copies (and reads) a turn's bandwidth is the best of, at 1 and all threads
 
 
 def step_run_paired(a) -> dict:
     """Every engine of `a.paired_engines` open in this one process (models in `a.workdir`); per
-    context, `a.paired_blocks` turns in which each engine runs one untimed step and then
-    `a.paired_steps` timed ones, the order rotating by one every turn. Returns {engine:
-    {context: [tokens/s of each turn (1 / its median step)]}}: the i-th figures of two engines
-    were measured a fraction of a second apart, under the same load."""
+    context, `a.paired_blocks` turns, each of which first measures the memory bandwidth
+    (``BandwidthProbe``, best of PAIRED_BANDWIDTH_REPEATS) and then has each engine run one
+    untimed step and `a.paired_steps` timed ones, the engines' order rotating by one every turn.
+    Returns {"turns": {engine: {context: [tokens/s of each turn (1 / its median step)]}},
+    "bandwidth": {context: [that turn's bandwidth figures]}}: the i-th figures were measured
+    a fraction of a second apart, under the same load."""
     room = a.paired_blocks * (a.paired_steps + 1)
+    probe = BandwidthProbe(a.bandwidth_mib << 20)
     engines = {}
     for name in a.paired_engines:
         model = Path(a.workdir) / name.replace("/", "-")
@@ -796,17 +848,21 @@ def step_run_paired(a) -> dict:
             engines[name] = open_ours(model, a.checkpoint, a.threads)
     names = list(engines)
     result: dict[str, dict[int, list[float]]] = {name: {} for name in names}
+    bandwidth: dict[int, list[dict]] = {}
     for ctx in a.contexts:
         steppers = {name: engine.start(ctx, room) for name, engine in engines.items()}
         for name in names:
             result[name][ctx] = []
+        bandwidth[ctx] = []
         for turn in range(a.paired_blocks):
+            bandwidth[ctx].append(probe.measure(a.threads, PAIRED_BANDWIDTH_REPEATS))
+            time.sleep(PAIRED_PAUSE_S)
             for name in round_order(names, turn):
                 steppers[name].step()  # untimed: the engine's threads wake, its weights stream in again
                 result[name][ctx].append(1.0 / statistics.median(time_steps(steppers[name], a.paired_steps)))
                 time.sleep(PAIRED_PAUSE_S)
         del steppers
-    return result
+    return {"turns": result, "bandwidth": bandwidth}
 
 
 STEPS = {"checkpoint": step_checkpoint, "prepare-ours": step_prepare_ours, "prepare-ours-f32kv": step_prepare_ours_f32kv,
@@ -952,18 +1008,21 @@ def round_order(engines: list[str], rnd: int) -> list[str]:
     return engines[k:] + engines[:k]
 
 
-def measure_paired(args, runs: dict[str, EngineRun], checkpoint: Path, notes: list[str]) -> dict | None:
+def measure_paired(args, runs: dict[str, EngineRun], checkpoint: Path, notes: list[str], *,
+                   bytes_per_step: dict[str, dict[int, int]] | None = None) -> dict | None:
     """The paired measurement (``step_run_paired``) of the engines that came through the rounds
     (`runs`): its setup in words, rows, markdown table and raw turns; None when it is off or
     ours is not among them; a note (and None) when the engines' peak RSS in the rounds, added
     up, would not fit the memory available, or when its process fails -- the rounds' figures
-    stand."""
+    stand. `bytes_per_step` ({engine: {context: bytes a decode step reads}}) gives each turn's
+    % of the roofline of the bandwidth measured at the start of that turn."""
     from edge_export.pipeline import host_memory_available
 
     engines = [e for e in ENGINES if e in runs]
     if args.paired_blocks <= 0 or OURS not in engines:
         return None
-    need, have = sum(runs[e].peak_rss_bytes for e in engines), host_memory_available()
+    need = sum(runs[e].peak_rss_bytes for e in engines) + 2 * (args.bandwidth_mib << 20)  # + the probe's arrays
+    have = host_memory_available()
     if have is not None and need > 0.9 * have:
         notes.append(f"the paired measurement is left out: the engines together took {need / 2**30:.1f} GiB in the "
                      f"rounds and {have / 2**30:.1f} GiB are available (--engines fewer to pair them)")
@@ -974,20 +1033,30 @@ def measure_paired(args, runs: dict[str, EngineRun], checkpoint: Path, notes: li
     try:
         raw = run_step(python, "run-paired", workdir=args.workdir, checkpoint=checkpoint, threads=args.threads,
                        contexts=args.contexts, paired_engines=engines, paired_blocks=args.paired_blocks,
-                       paired_steps=args.paired_steps)
+                       paired_steps=args.paired_steps, bandwidth_mib=args.bandwidth_mib)
     except StepFailed as failed:
         notes.append(f"the paired measurement failed and is left out: {failed.reason}")
         say(notes[-1])
         return None
-    turns = {e: {int(c): v for c, v in by_ctx.items()} for e, by_ctx in raw.items()}
-    rows = paired_rows(turns)
+    turns = {e: {int(c): v for c, v in by_ctx.items()} for e, by_ctx in raw["turns"].items()}
+    bandwidth = {int(c): v for c, v in raw["bandwidth"].items()}
+    rows = paired_rows(turns, bandwidth=bandwidth, bytes_per_step=bytes_per_step)
     setup = (f"Decode with every engine open in one process, taking turns: per context {args.paired_blocks} turns, "
              f"in each one untimed and {args.paired_steps} timed steps of every engine, the order rotating; "
              f"tokens/s = the median turn's (1 / its median step); ours ÷ engine = the median over the turns "
              f"of ours' tokens/s over the engine's in the same turn, a fraction of a second apart under the same "
-             f"load (the middle half of those ratios in brackets)")
+             f"load (the middle half of those ratios in brackets); each turn first measures the memory bandwidth "
+             f"(numpy copy of {args.bandwidth_mib} MiB, best of {PAIRED_BANDWIDTH_REPEATS} at 1 and {args.threads} "
+             f"threads; median {_median_bandwidth(bandwidth, 'bandwidth') / 1e9:.1f} GB/s copy, "
+             f"{_median_bandwidth(bandwidth, 'read_bandwidth') / 1e9:.1f} GB/s read), and % roofline = the median "
+             f"over the turns of the engine's tokens/s over that turn's roofline (copy bandwidth / bytes a step "
+             f"reads, as in the rounds' table)")
     table = format_paired_table(rows, [c for c in args.table_contexts if c in args.contexts])
-    return {"setup": setup, "rows": rows, "table": table, "turns": turns}
+    return {"setup": setup, "rows": rows, "table": table, "turns": turns, "bandwidth": bandwidth}
+
+
+def _median_bandwidth(bandwidth: dict[int, list[dict]], key: str) -> float:
+    return statistics.median(b[key] for turns in bandwidth.values() for b in turns)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1057,7 +1126,8 @@ def main(argv: list[str] | None = None) -> int:
             measured[engine].append(EngineRun(**r))
             loads.append(round(os.getloadavg()[0], 2))
     runs = {e: merge_runs(rs, args.aggregate) for e, rs in measured.items() if rs}
-    paired = measure_paired(args, runs, checkpoint, notes)
+    paired = measure_paired(args, runs, checkpoint, notes,
+                            bytes_per_step={e: {c: step_bytes(infos[e], arch, c) for c in args.contexts} for e in runs})
     bw = merge_bandwidths(bandwidths, args.aggregate)
     rows = build_rows(infos, runs, bandwidth=bw["bandwidth"], arch=arch, contexts=args.contexts,
                       read_bandwidth=bw["read_bandwidth"])

@@ -106,6 +106,31 @@ def test_paired_ratio_is_the_median_over_turns_of_ours_over_the_engine_in_the_sa
     assert f"| onnxruntime-genai | 95.00 | - | 1.06 (0.95-{high:.2f}) | - |" in table
 
 
+def test_paired_roofline_divides_each_turn_by_the_bandwidth_measured_in_that_turn(peers):
+    """A turn's % of the roofline is its tokens/s over that turn's bandwidth / bytes a step:
+    a slow turn on a slow machine is not set against a fast turn's bandwidth."""
+    turns = {peers.OURS: {128: [100.0, 50.0, 80.0]}, peers.GENAI: {128: [90.0, 45.0, 90.0]}}
+    gb = 1e9
+    bandwidth = {128: [{"bandwidth": 40 * gb, "read_bandwidth": 50 * gb},
+                       {"bandwidth": 20 * gb, "read_bandwidth": 25 * gb},
+                       {"bandwidth": 40 * gb, "read_bandwidth": 50 * gb}]}
+    step = {peers.OURS: {128: 320_000_000}, peers.GENAI: {128: 400_000_000}}
+    ours_row, genai_row = peers.paired_rows(turns, bandwidth=bandwidth, bytes_per_step=step)
+    # ours: 100*0.32/40 = 80 %, 50*0.32/20 = 80 %, 80*0.32/40 = 64 % -> median 80 % (medians' ratio: 80*0.32/40 = 64 %)
+    assert ours_row["roofline_percent"][128] == pytest.approx(80.0)
+    assert ours_row["roofline_percent_middle_half"][128] == pytest.approx([72.0, 80.0])
+    assert ours_row["read_roofline_percent"][128] == pytest.approx(64.0)
+    # genai: 90*0.4/40 = 90 %, 45*0.4/20 = 90 %, 90 % -> 90 %
+    assert genai_row["roofline_percent"][128] == pytest.approx(90.0)
+    table = peers.format_paired_table([ours_row, genai_row], [128])
+    assert table.splitlines()[0].endswith("| % roofline @128 (middle half) |")
+    assert "| edge-runtime | 80.00 | 1.00 | 80% (72-80) |" in table
+    # without the bandwidth (or an engine's bytes) no roofline column or cell
+    assert "roofline" not in peers.format_paired_table(peers.paired_rows(turns), [128])
+    rows = peers.paired_rows(turns, bandwidth=bandwidth, bytes_per_step={peers.OURS: step[peers.OURS]})
+    assert "roofline_percent" not in rows[1] and peers.format_paired_table(rows, [128]).endswith("| - |")
+
+
 def test_round_order_rotates_by_one_a_round(peers):
     engines = ["a", "b", "c"]
     assert [peers.round_order(engines, r) for r in range(4)] == [
@@ -139,6 +164,15 @@ def test_paired_turns_run_every_engine_in_one_process(peers, tiny_checkpoint, tm
     row = {r["engine"]: r for r in paired["rows"]}[peers.OURS_GENAI_RECIPE]
     ratios = sorted(o / e for o, e in zip(turns[peers.OURS]["16"], turns[peers.OURS_GENAI_RECIPE]["16"]))
     assert row["ours_over_this"]["16"] == pytest.approx(ratios[1])
+    # each turn measured the bandwidth first; a turn's % of the roofline is against that turn's
+    result = json.loads(out.with_suffix(".json").read_text())
+    bandwidth = paired["bandwidth"]["16"]
+    assert len(bandwidth) == 3 and all(b["bandwidth"] > 0 and b["read_bandwidth"] > 0 for b in bandwidth)
+    models, arch = result["models"][peers.OURS_GENAI_RECIPE], result["architecture"]
+    step = peers.step_bytes(peers.ModelInfo(**models), arch, 16)
+    shares = sorted(100 * t * step / b["bandwidth"] for t, b in zip(turns[peers.OURS_GENAI_RECIPE]["16"], bandwidth))
+    assert row["roofline_percent"]["16"] == pytest.approx(shares[1])
+    assert "% roofline @16 (middle half)" in paired["table"] and "memory bandwidth" in paired["setup"]
     # the plot has two panels side by side, the rounds' medians and the turns': twice as wide as one
     png = out.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 2 * 7 * 120
