@@ -212,13 +212,12 @@ def build_rows(infos: dict[str, ModelInfo], runs: dict[str, EngineRun], *, bandw
             tps = run.decode_tokens_per_s.get(ctx)
             if tps is None:
                 continue
-            roof = bandwidth / step_bytes(info, arch, ctx)
+            step = step_bytes(info, arch, ctx)
             row["decode_tokens_per_s"][ctx] = tps
-            row["roofline_tokens_per_s"][ctx] = roof
-            row["roofline_percent"][ctx] = 100.0 * tps / roof
+            row["roofline_tokens_per_s"][ctx] = bandwidth / step
+            row["roofline_percent"][ctx] = 100.0 * tps * step / bandwidth
             if read_bandwidth:
-                read_roof = read_bandwidth / step_bytes(info, arch, ctx)
-                row["read_roofline_percent"][ctx] = 100.0 * tps / read_roof
+                row["read_roofline_percent"][ctx] = 100.0 * tps * step / read_bandwidth
             if ours is not None and ctx in ours.decode_tokens_per_s:
                 row["ours_over_this"][ctx] = ours.decode_tokens_per_s[ctx] / tps
         rows.append(row)
@@ -1048,7 +1047,8 @@ def measure_paired(args, runs: dict[str, EngineRun], checkpoint: Path, notes: li
              f"load (the middle half of those ratios in brackets); each turn first measures the memory bandwidth "
              f"(numpy copy of {args.bandwidth_mib} MiB, best of {PAIRED_BANDWIDTH_REPEATS} at 1 and {args.threads} "
              f"threads; median {_median_bandwidth(bandwidth, 'bandwidth') / 1e9:.1f} GB/s copy, "
-             f"{_median_bandwidth(bandwidth, 'read_bandwidth') / 1e9:.1f} GB/s read), and % roofline = the median "
+             f"{_median_bandwidth(bandwidth, 'read_bandwidth') / 1e9:.1f} GB/s read; the copy's range over the "
+             f"turns {_bandwidth_ranges(bandwidth)}), and % roofline = the median "
              f"over the turns of the engine's tokens/s over that turn's roofline (copy bandwidth / bytes a step "
              f"reads, as in the rounds' table)")
     table = format_paired_table(rows, [c for c in args.table_contexts if c in args.contexts])
@@ -1057,6 +1057,12 @@ def measure_paired(args, runs: dict[str, EngineRun], checkpoint: Path, notes: li
 
 def _median_bandwidth(bandwidth: dict[int, list[dict]], key: str) -> float:
     return statistics.median(b[key] for turns in bandwidth.values() for b in turns)
+
+
+def _bandwidth_ranges(bandwidth: dict[int, list[dict]]) -> str:
+    """The copy bandwidth's lowest and highest turn per context, e.g. "@128 37.0-43.2 GB/s"."""
+    return ", ".join(f"@{ctx} {min(b['bandwidth'] for b in turns) / 1e9:.1f}-"
+                     f"{max(b['bandwidth'] for b in turns) / 1e9:.1f} GB/s" for ctx, turns in bandwidth.items())
 
 
 def main(argv: list[str] | None = None) -> int:

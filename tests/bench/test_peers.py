@@ -173,6 +173,8 @@ def test_paired_turns_run_every_engine_in_one_process(peers, tiny_checkpoint, tm
     shares = sorted(100 * t * step / b["bandwidth"] for t, b in zip(turns[peers.OURS_GENAI_RECIPE]["16"], bandwidth))
     assert row["roofline_percent"]["16"] == pytest.approx(shares[1])
     assert "% roofline @16 (middle half)" in paired["table"] and "memory bandwidth" in paired["setup"]
+    low, high = min(b["bandwidth"] for b in bandwidth) / 1e9, max(b["bandwidth"] for b in bandwidth) / 1e9
+    assert f"@16 {low:.1f}-{high:.1f} GB/s" in paired["setup"]
     # the plot has two panels side by side, the rounds' medians and the turns': twice as wide as one
     png = out.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 2 * 7 * 120
