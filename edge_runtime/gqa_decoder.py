@@ -37,6 +37,12 @@ Allocation and binding happen once per decoder, not per request:
   a host array. `prefill` binds `input_ids` to the prompt; the first `decode`
   after it binds the token buffer back. A decode step is three scalar writes
   and `run_with_iobinding`.
+* an int8-cache graph (export/kv_cache_quant.py) attends in float over a prompt and
+  returns the prompt's new rows' codes alone ([1, kv_heads, S, head_dim]; the graph's
+  metadata says so, META_PROMPT_PRESENT): for such a run the present outputs are bound to
+  arrays of that shape, copied into the buffers at the rows after the cached ones, and
+  bound back to the buffers. A prompt touches its own rows only, not the buffers' whole
+  length. Which runs take that branch follows from the rows (`_prompt_branch`).
 
 `prefill` returns only the LAST position's logits, as [1, V] (the graph
 computes no others); the engine and `generator.prefill` take `[-1]` of it.
@@ -75,6 +81,14 @@ META_MAX_LENGTH = "edge_runtime.max_length"  # written by export/graph_builder.p
 # first prompt, in float. So a prompt's later chunks are kept longer than this (`prefill`):
 # a long first prompt attends in float all through, as the fidelity figures assume.
 INT8_STEP_ROWS_MAX = 32
+# An int8-cache graph's metadata (export/kv_cache_quant.py, revision 5 on): its prompt branch
+# returns the new rows' codes alone as the present outputs, [1, kv_heads, S, head_dim], for the
+# decoder to copy into its buffers; a run takes that branch when its S new rows are more than
+# 1 (no cached rows) or META_INT8_KERNEL_ROWS (after cached ones). Without it (older bundles)
+# the branch returns the whole buffer and the present outputs stay bound to the buffers.
+META_PROMPT_PRESENT = "edge_runtime.int8_prompt_present"
+PROMPT_PRESENT_NEW_ROWS = "new_rows"
+META_INT8_KERNEL_ROWS = "edge_runtime.int8_kernel_rows"
 # The graph's optional input (export/graph_builder.py): -rows of positions whose logits it computes.
 LOGITS_START = "logits_start"
 VERIFY_ROWS_MAX = 16  # a token and up to 15 drafts verified in one run (`verify`)
@@ -145,6 +159,14 @@ def allocate_host_lazily(n_elements: int, dtype: np.dtype) -> DeviceBuffer:
     return DeviceBuffer(array.ctypes.data, (region, array))
 
 
+def host_rows(buffer: DeviceBuffer, dtype: np.dtype, shape: tuple[int, int, int]) -> np.ndarray:
+    """A numpy view [kv_heads, length, head_dim] of a host KV buffer."""
+    import ctypes
+
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer((ctypes.c_char * n).from_address(buffer.ptr), dtype=dtype).reshape(shape)
+
+
 def graph_max_length(session) -> int | None:
     """The longest context the graph's rotary tables cover (from its metadata), if recorded."""
     value = session.get_modelmeta().custom_metadata_map.get(META_MAX_LENGTH)
@@ -192,7 +214,7 @@ class SharedKVDecoder:
 
     def __init__(self, ort, session, arch: Architecture, *, device: str, max_length: int,
                  huge_pages: bool = False, prefill_chunk: int | None = None, cuda_graph: bool = False,
-                 int8_kernel_rows: int = INT8_STEP_ROWS_MAX, device_id: int = 0) -> None:
+                 int8_kernel_rows: int | None = None, device_id: int = 0) -> None:
         """`huge_pages`: on the CPU, allocate the KV buffers with numpy (transparent huge
         pages, fully resident after the first prefill) instead of committing 4 KiB
         pages as tokens arrive (the default; see `allocate_host_lazily`).
@@ -202,9 +224,10 @@ class SharedKVDecoder:
         chunking bounds it: 2 GiB for a 4000-token prompt of a 7B at max_length
         4096 in one shot, 256 MiB in chunks of 512.
         `int8_kernel_rows`: an int8-cache graph runs up to this many new rows after
-        cached ones through the int8 kernel (the bundle's manifest says how many; the
-        default is what this exporter bakes in); no prefill chunk after the first is
-        that short, so a long first prompt attends in float all through.
+        cached ones through the int8 kernel (the bundle's manifest says how many, the graph's
+        metadata too since revision 5 -- a value that differs from the graph's is refused;
+        None: the graph's, else what this exporter bakes in); no prefill chunk after the
+        first is that short, so a long first prompt attends in float all through.
         `cuda_graph`: the session was created with the CUDA provider's
         enable_cuda_graph; keep the decode step's inputs and logits in device buffers
         and run decode steps as graph 1, prefills unrecorded (module docstring)."""
@@ -213,7 +236,6 @@ class SharedKVDecoder:
         self.ort = ort
         self.huge_pages = huge_pages
         self.prefill_chunk = prefill_chunk
-        self.int8_kernel_rows = int8_kernel_rows
         self.session = session
         self.arch = arch
         self.device = device
@@ -223,6 +245,13 @@ class SharedKVDecoder:
         if limit is not None and max_length > limit:
             raise ValueError(f"max_length {max_length} exceeds the graph's rotary tables ({limit} positions)")
         self.max_length = max_length
+        meta = session.get_modelmeta().custom_metadata_map
+        # the graph's prompt branch returns only the new rows' codes (META_PROMPT_PRESENT)
+        self._prompt_new_rows = meta.get(META_PROMPT_PRESENT) == PROMPT_PRESENT_NEW_ROWS
+        graph_rows = int(meta[META_INT8_KERNEL_ROWS]) if META_INT8_KERNEL_ROWS in meta else None
+        if int8_kernel_rows is not None and graph_rows is not None and int8_kernel_rows != graph_rows:
+            raise ValueError(f"int8_kernel_rows {int8_kernel_rows} is not the graph's ({graph_rows})")
+        self.int8_kernel_rows = next(r for r in (int8_kernel_rows, graph_rows, INT8_STEP_ROWS_MAX) if r is not None)
         inputs = {i.name: i for i in session.get_inputs()}
         self.kv_dtype = np.dtype(ORT_TO_NUMPY[inputs["past_key_values.0.key"].type])
         check_kv_dtype_for_device(str(self.kv_dtype), device)
@@ -305,12 +334,44 @@ class SharedKVDecoder:
             b.bind_input("seqlens_k", "cpu", 0, np.int32, self._seqlens_k.shape, self._seqlens_k.ctypes.data)
         for layer, (k, v) in enumerate(self._buffers):
             for kind, buf in (("key", k), ("value", v)):
-                where = (self.device, self.device_id, self.kv_dtype, shape, buf.ptr)
-                b.bind_input(f"past_key_values.{layer}.{kind}", *where)
-                b.bind_output(f"present.{layer}.{kind}", *where)
+                b.bind_input(f"past_key_values.{layer}.{kind}", self.device, self.device_id, self.kv_dtype, shape,
+                             buf.ptr)
+        self._bind_present_to_buffers()
         b.bind_input("total_sequence_length", "cpu", 0, np.int32, (), self._total_len.ctypes.data)
         if self.verify_rows_max:
             b.bind_input(LOGITS_START, "cpu", 0, np.int64, (1,), self._logits_start.ctypes.data)
+
+    def _bind_present_to_buffers(self) -> None:
+        """present.{i}.* -> the shared buffers themselves (the kernels write their rows in place)."""
+        assert self._buffers is not None
+        shape = (1, self.arch.num_kv_heads, self.max_length, self.arch.head_dim)
+        for layer, (k, v) in enumerate(self._buffers):
+            for kind, buf in (("key", k), ("value", v)):
+                self._binding.bind_output(f"present.{layer}.{kind}", self.device, self.device_id, self.kv_dtype,
+                                          shape, buf.ptr)
+
+    def _prompt_branch(self, past: int, new: int) -> bool:
+        """Whether `new` rows after `past` cached ones take an int8-cache graph's prompt branch
+        (float attention; export/kv_cache_quant.py): more than one row of a first prompt, more
+        than the int8 kernel's share after cached rows."""
+        return new > (1 if past == 0 else self.int8_kernel_rows)
+
+    def _stage_present(self, new: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Bind present.{i}.* to arrays for `new` rows, where the prompt branch writes them."""
+        shape = (1, self.arch.num_kv_heads, new, self.arch.head_dim)
+        staged = [(np.empty(shape, self.kv_dtype), np.empty(shape, self.kv_dtype)) for _ in range(self.arch.num_layers)]
+        for layer, pair in enumerate(staged):
+            for kind, rows in zip(("key", "value"), pair):
+                self._binding.bind_output(f"present.{layer}.{kind}", "cpu", 0, self.kv_dtype, shape, rows.ctypes.data)
+        return staged
+
+    def _copy_staged(self, staged: list[tuple[np.ndarray, np.ndarray]], past: int) -> None:
+        """The staged rows into the buffers at [past, past + new)."""
+        assert self._buffers is not None
+        shape = (self.arch.num_kv_heads, self.max_length, self.arch.head_dim)
+        for pair, buffers in zip(staged, self._buffers):
+            for rows, buf in zip(pair, buffers):
+                host_rows(buf, self.kv_dtype, shape)[:, past:past + rows.shape[2]] = rows[0]
 
     # -- steps ----------------------------------------------------------------------------------
     def _check(self, cache: SharedKVCache, new_tokens: int) -> int:
@@ -329,7 +390,15 @@ class SharedKVDecoder:
         self._total_len[()] = self.max_length if recorded else total
         if self._inputs_on_device:
             self._seqlens_dev.update_inplace(self._seqlens_k)
-        self.session.run_with_iobinding(self._binding, options)
+        if not (self._prompt_new_rows and self._prompt_branch(cache.length, new_tokens)):
+            self.session.run_with_iobinding(self._binding, options)
+        else:  # the prompt branch returns the new rows alone (META_PROMPT_PRESENT)
+            staged = self._stage_present(new_tokens)
+            try:
+                self.session.run_with_iobinding(self._binding, options)
+                self._copy_staged(staged, cache.length)
+            finally:
+                self._bind_present_to_buffers()
         cache.advance(new_tokens)
 
     def _last_logits(self) -> np.ndarray:

@@ -33,7 +33,9 @@ overhead  `RUNTIME_BYTES` (onnxruntime, the tokenizer's tables, Python) + the
           GroupQueryAttention kernel's scratch) + logits (`rows x vocab x 4 bytes`)
           + with an int8 KV cache, one layer's float keys and values while a prompt
           attends (`2 x 2 x kv_heads x head_dim x context x 4 bytes`: the cache
-          dequantized and the float present, export/kv_cache_quant.py).
+          dequantized and the float present, export/kv_cache_quant.py) and every
+          layer's int8 codes of a chunk's new rows, which the decoder copies into its
+          buffers after the run (`2 x layers x kv_heads x head_dim x chunk` bytes).
           The fused graph is prefilled in chunks of `PREFILL_CHUNK` tokens and
           returns the last row's logits only; the optimum graph takes the whole
           prompt at once and returns every row.
@@ -131,15 +133,17 @@ def kv_cache_bytes(*, num_layers: int, num_kv_heads: int, head_dim: int, context
     return buffers * 2 * num_layers * num_kv_heads * head_dim * context * dtype_bytes
 
 
-def overhead_bytes(*, num_heads: int, num_kv_heads: int, head_dim: int, vocab_size: int, context: int,
-                   flavour: str, kv_dtype: str) -> int:
+def overhead_bytes(*, num_layers: int, num_heads: int, num_kv_heads: int, head_dim: int, vocab_size: int,
+                   context: int, flavour: str, kv_dtype: str) -> int:
     """Runtime + prefill attention scratch + logits (+ an int8 cache's float prompt
     keys and values; see the module docstring)."""
     if flavour == FLAVOUR_GQA_SHARED_KV:
         chunk, logit_rows = min(PREFILL_CHUNK, context), 1
     else:
         chunk, logit_rows = context, context
-    prompt_kv = 2 * 2 * num_kv_heads * head_dim * context * 4 if kv_dtype == "int8" else 0
+    prompt_kv = 0
+    if kv_dtype == "int8":  # one layer's float keys and values + every layer's new codes (staged)
+        prompt_kv = 2 * 2 * num_kv_heads * head_dim * context * 4 + 2 * num_layers * num_kv_heads * head_dim * chunk
     return RUNTIME_BYTES + num_heads * chunk * context * 4 + logit_rows * vocab_size * 4 + prompt_kv
 
 
@@ -266,7 +270,7 @@ def bundle_plan(bundle: Bundle, profile: DeviceProfile, context: int | None = No
         kv_cache_bytes=kv_cache_bytes(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads,
                                       head_dim=arch.head_dim, context=context, dtype_bytes=DTYPE_BYTES[kv_dtype],
                                       buffers=buffers),
-        overhead_bytes=overhead_bytes(num_heads=arch.num_heads, vocab_size=arch.vocab_size, context=context,
+        overhead_bytes=overhead_bytes(num_layers=arch.num_layers, num_heads=arch.num_heads, vocab_size=arch.vocab_size, context=context,
                                       flavour=bundle.graph_flavour, kv_dtype=kv_dtype,
                                       num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim),
         budget_bytes=profile.memory_budget_bytes)
@@ -299,7 +303,7 @@ def estimate_plan(shape: ModelShape, profile: DeviceProfile, precision: str, con
         kv_cache_bytes=kv_cache_bytes(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
                                       head_dim=shape.head_dim, context=context, dtype_bytes=DTYPE_BYTES[kv_dtype],
                                       buffers=1 if flavour == FLAVOUR_GQA_SHARED_KV else 2),
-        overhead_bytes=overhead_bytes(num_heads=shape.num_heads, vocab_size=shape.vocab_size, context=context,
+        overhead_bytes=overhead_bytes(num_layers=shape.num_layers, num_heads=shape.num_heads, vocab_size=shape.vocab_size, context=context,
                                       flavour=flavour, kv_dtype=kv_dtype, num_kv_heads=shape.num_kv_heads,
                                       head_dim=shape.head_dim),
         budget_bytes=profile.memory_budget_bytes)

@@ -38,14 +38,14 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.bundle import Architecture
-from edge_runtime.gqa_decoder import INT8_STEP_ROWS_MAX
+from edge_runtime.gqa_decoder import INT8_STEP_ROWS_MAX, META_INT8_KERNEL_ROWS, META_PROMPT_PRESENT, PROMPT_PRESENT_NEW_ROWS
 
 CALIBRATION_TEXT = Path(__file__).resolve().parent / "assets" / "kv-calibration.txt"
 CALIBRATION_WINDOW = 512  # positions per calibration run (BOS first)
 MARGIN = 1.3  # headroom over the calibrated range: values beyond it saturate (codes -128..127)
 QUANT_TYPE = "PER_CHANNEL"
 PROMPT_ATTENTION = "float"  # prompts attend in float over the dequantized cache (`_prompt_or_step`)
-REWRITE_REVISION = 4  # bumped when quantize_graph_kv_cache writes a different graph (benchmarks' cache stamps)
+REWRITE_REVISION = 5  # bumped when quantize_graph_kv_cache writes a different graph (benchmarks' cache stamps)
 GQA_KEY_SCALE_INPUT, GQA_VALUE_SCALE_INPUT = 12, 13  # GroupQueryAttention's k_scale / v_scale inputs
 
 
@@ -228,6 +228,11 @@ def quantize_graph_kv_cache(graph: Path, scales: KVScales) -> None:
         rewritten.append(_prompt_or_step(node, names, float_type, max_length))
     del model.graph.node[:]
     model.graph.node.extend(rewritten)
+    # how the decoder binds a run's present outputs (edge_runtime/gqa_decoder.py): the prompt
+    # branch returns the new rows' codes alone, which branch runs follows from these rows
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                        META_PROMPT_PRESENT: PROMPT_PRESENT_NEW_ROWS,
+                                        META_INT8_KERNEL_ROWS: str(INT8_STEP_ROWS_MAX)})
     onnx.save_model(model, str(graph))
 
 
@@ -246,9 +251,14 @@ def quantize_graph_kv_cache(graph: Path, scales: KVScales) -> None:
 # * otherwise (a first prompt, or a longer chunk): the float GroupQueryAttention over the
 #   P = total - S cached rows dequantized (codes x scale); the S new rows of its float
 #   present are quantized as the int8 kernel does (x / scale rounded half to even,
-#   clipped to [-128, 127]), appended to the P cached codes and zero-padded to the
-#   buffer's length. The rows past `total` are never read before a later step writes
-#   them (gqa_decoder.py).
+#   clipped to [-128, 127]) and are the branch's present outputs, [1, kv_heads, S,
+#   head_dim]: the decoder binds those outputs to arrays of that shape for such a run and
+#   copies the rows into its buffers at [P, total) (the graph's metadata says so:
+#   META_PROMPT_PRESENT, gqa_decoder.py). Until revision 4 the branch appended them to the
+#   P cached codes and zero-padded the result to the buffer's length, the If's output
+#   bound to the buffer itself: every prompt wrote the whole max-length buffer of every
+#   layer (at 4096 positions 128 MiB on the peers benchmark's model) and made all its pages
+#   resident (docs/performance.md has the time it took).
 #
 # A first prompt's logits are then the float cache's exactly; decode steps read the
 # same codes the int8 kernel would have written. The float branch costs a dequantized
@@ -285,7 +295,6 @@ def _shared_constants(bhsd: tuple[int, int, int, int]) -> list:
             numpy_helper.from_array(np.array([0], np.int64), "kv_cache.zero"),
             numpy_helper.from_array(np.array([2], np.int64), "kv_cache.seq_axis"),
             numpy_helper.from_array(np.array([INT8_STEP_ROWS_MAX], np.int64), "kv_cache.step_rows_max"),
-            numpy_helper.from_array(np.zeros(6, np.int64), "kv_cache.no_pads"),
             numpy_helper.from_array(np.zeros(bhsd, np.int8), "kv_cache.zero_points")]
 
 
@@ -349,18 +358,11 @@ def _prompt_or_step(node, scale_names: tuple[str, str], float_type: int, max_len
         prompt_nodes += [
             helper.make_node("Slice", [f"{p}/{kind}/present", past_rows, total_rows, "kv_cache.seq_axis"],
                              [f"{p}/{kind}/new"]),
+            # the S new rows' codes only, [1, kv_heads, S, head_dim]: the decoder copies them into
+            # its buffer (PROMPT_PRESENT_META), no full-length buffer is written
             helper.make_node("QuantizeLinear", [f"{p}/{kind}/new", scale + ".bhsd", "kv_cache.zero_points"],
-                             [f"{p}/{kind}/new_codes"], **per_channel),
-            helper.make_node("Concat", [f"{p}/{kind}/codes", f"{p}/{kind}/new_codes"], [f"{p}/{kind}/rows"], axis=2),
-            # zero rows up to the buffer's length (the total when the past is not the buffer):
-            # pads [0,0,0,0, 0,0,max(length,total)-total,0]
-            helper.make_node("Shape", [past], [f"{p}/{kind}/length"], start=2, end=3),
-            helper.make_node("Max", [f"{p}/{kind}/length", total_rows], [f"{p}/{kind}/rows_out"]),
-            helper.make_node("Sub", [f"{p}/{kind}/rows_out", total_rows], [f"{p}/{kind}/tail"]),
-            helper.make_node("Concat", ["kv_cache.no_pads", f"{p}/{kind}/tail", "kv_cache.zero"],
-                             [f"{p}/{kind}/pads"], axis=0),
-            helper.make_node("Pad", [f"{p}/{kind}/rows", f"{p}/{kind}/pads"], [f"{p}/{kind}/buffer"])]
-        prompt_outputs.append(f"{p}/{kind}/buffer")
+                             [f"{p}/{kind}/new_codes"], **per_channel)]
+        prompt_outputs.append(f"{p}/{kind}/new_codes")
 
     types = (float_type, TensorProto.INT8, TensorProto.INT8)
     prompt = helper.make_graph(prompt_nodes, f"{p}", [],

@@ -99,8 +99,9 @@ def test_an_int8_kv_cache_is_a_quarter_of_float32_and_fp32_bundles_keep_float():
     float_kv = estimate_plan(s7, float_cpu, "int4", 4096)
     assert float_kv.kv_dtype == "float32" and float_kv.kv_cache_bytes == fp32.kv_cache_bytes
     # a prompt over the int8 cache attends in float: one layer's keys and values, dequantized
-    # and present, on top of the float cache's overhead
-    assert int4.overhead_bytes - float_kv.overhead_bytes == 2 * 2 * 32 * 128 * 4096 * 4
+    # and present, on top of the float cache's overhead, and every layer's codes of a chunk's
+    # new rows (512) before the decoder copies them into its buffers
+    assert int4.overhead_bytes - float_kv.overhead_bytes == 2 * 2 * 32 * 128 * 4096 * 4 + 2 * 32 * 32 * 128 * 512
 
 
 def test_the_readme_table_is_the_commands_output():

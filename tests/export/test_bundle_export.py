@@ -16,7 +16,7 @@ import pytest
 import torch_reference
 from edge_runtime.bundle import MANIFEST_NAME, load_bundle
 from edge_runtime.errors import BundleError
-from edge_runtime.engine import DECODERS
+from edge_runtime.engine import DECODERS, PREFILL_CHUNK
 from edge_runtime.gqa_decoder import INT8_STEP_ROWS_MAX, chunk_bounds
 
 PROMPTS = (
@@ -305,9 +305,10 @@ def test_only_cpu_profiles_bundles_take_several_rows_of_logits(tiny_checkpoint, 
 
 
 def test_the_decoder_keeps_prefill_chunks_longer_than_the_bundles_int8_kernel_share(tiny_checkpoint, tmp_path):
-    """The int8-kernel share is baked into the graph at export and recorded in the manifest:
-    the engine's decoder takes it from there (a bundle made with another share chunks by
-    its own), and a manifest with a nonsense share is refused by name."""
+    """The int8-kernel share is baked into the graph at export and recorded in the manifest
+    and the graph's metadata: the engine's decoder takes it from there and keeps a prompt's
+    later chunks longer (a share of 100 would chunk by its own), and a manifest whose share
+    is not the graph's, or is nonsense, is refused by name."""
     from edge_export.pipeline import ExportOptions, run_export
     from edge_export.progress import Progress
     from edge_runtime.engine import Engine
@@ -319,9 +320,9 @@ def test_the_decoder_keeps_prefill_chunks_longer_than_the_bundles_int8_kernel_sh
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     manifest["kv_cache"]["int8_kernel_rows_after_cache"] = 100
     (out / MANIFEST_NAME).write_text(json.dumps(manifest))
-    decoder = Engine.from_bundle(out, check_memory=False).decoder
-    assert decoder.int8_kernel_rows == 100
-    bounds = chunk_bounds(600, decoder.prefill_chunk, decoder.int8_kernel_rows)
+    with pytest.raises(BundleError, match=r"int8_kernel_rows_after_cache \(100\) is not the graph's \(32\)"):
+        Engine.from_bundle(out, check_memory=False)
+    bounds = chunk_bounds(600, PREFILL_CHUNK, 100)
     assert all(end - start > 100 for start, end in bounds[1:]) and bounds[-1][1] == 600
     manifest["kv_cache"]["int8_kernel_rows_after_cache"] = 256  # half the engine's prefill chunk of 512
     (out / MANIFEST_NAME).write_text(json.dumps(manifest))

@@ -12,7 +12,7 @@ import pytest
 from edge_export import kv_cache_quant
 from edge_export.checkpoint import read_checkpoint
 from edge_export.graph_builder import build_decoder_graph
-from edge_runtime.gqa_decoder import INT8_STEP_ROWS_MAX
+from edge_runtime.gqa_decoder import INT8_STEP_ROWS_MAX, META_PROMPT_PRESENT
 from edge_runtime.tokenizer import CodeLlamaTokenizer
 
 
@@ -224,6 +224,10 @@ def kernel_only_graph(int8_graph, folder):
             step = next(a.g for a in node.attribute if a.name == "else_branch").node[0]
             step.output[:] = node.output
             node.CopyFrom(step)
+    # no prompt branch: a run's present outputs are the buffers, whatever it holds
+    kept = [p for p in model.metadata_props if p.key != META_PROMPT_PRESENT]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
     onnx.save_model(model, str(folder / "model.onnx"))
     shutil.copy(int8_graph.with_name("model.onnx.data"), folder / "model.onnx.data")
     return folder / "model.onnx"
@@ -318,3 +322,49 @@ def test_a_prompts_later_chunks_are_longer_than_the_int8_kernels_share(n):
     assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
     assert all(0 < end - start <= 512 for start, end in bounds)
     assert all(end - start > INT8_STEP_ROWS_MAX for start, end in bounds[1:])
+
+
+def resident_kib(address: int, nbytes: int) -> int:
+    """How much of [address, address + nbytes) is in memory (mincore), KiB."""
+    import ctypes
+    import mmap
+
+    pages = -(-nbytes // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+    assert libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(nbytes), vec) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec) * mmap.PAGESIZE // 1024
+
+
+def test_a_prompt_writes_and_makes_resident_only_its_own_rows_of_the_int8_cache(tiny_checkpoint, tmp_path):
+    """The prompt branch returns the new rows' codes, which the decoder copies into its
+    buffers: a prompt touches its own rows of each head, not the buffer's whole length (which
+    the engine allocates for the profile's context, 4 KiB pages committed as rows arrive), and
+    a decode after it continues from those rows."""
+    from edge_runtime.gqa_decoder import SharedKVDecoder
+
+    info = read_checkpoint(tiny_checkpoint)
+    arch = info.architecture
+    graph = tmp_path / "model.onnx"
+    length = 4096  # 64 KiB of each kv head's rows in a layer's buffer: 16 pages
+    build_decoder_graph(info, graph, precision="int4", block_size=32, symmetric=True, accuracy_level=4,
+                        max_length=length)
+    tokenizer = CodeLlamaTokenizer.from_file(info.tokenizer_path)
+    kv_cache_quant.quantize_graph_kv_cache(
+        graph, kv_cache_quant.calibrate(graph, arch, kv_cache_quant.calibration_windows(tokenizer, 64)))
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    decoder = SharedKVDecoder(ort, session, arch, device="cpu", max_length=length)
+    ids = np.asarray([tokenizer.bos_id, *tokenizer.encode("def add(a, b):\n    return a + b\n" * 4)])
+    assert INT8_STEP_ROWS_MAX < len(ids) * arch.head_dim <= 4096  # one page of each head's rows
+    cache = decoder.new_cache(length)
+    decoder.prefill(cache, ids)
+    buffer_kib = arch.num_kv_heads * length * arch.head_dim // 1024
+    for layer in range(arch.num_layers):
+        for kind in (0, 1):
+            assert resident_kib(cache.buffers[layer][kind].ptr, buffer_kib * 1024) <= 4 * arch.num_kv_heads < buffer_kib
+            rows = cache_rows(decoder, cache, layer, kind, length)
+            assert np.any(rows[:, :len(ids)]) and not np.any(rows[:, len(ids):])
+    token = int(np.argmax(decoder.decode(cache, 13)))
+    assert cache.length == len(ids) + 1 and 0 <= token < arch.vocab_size
+    assert np.any(cache_rows(decoder, cache, 0, 0, length)[:, len(ids)])  # the step wrote its row
