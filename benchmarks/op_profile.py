@@ -22,6 +22,7 @@ benchmarks that do not profile. ``--json FILE`` writes the bandwidth and the row
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import json
 import os
@@ -76,22 +77,37 @@ def profile_decode(bundle_dir: Path, *, context: int, steps: int, threads: int) 
     runs = [e for e in events if e.get("name") == "model_run"]
     prefill_runs = len(runs) - steps  # the prompt's run(s) come first
     first_step = runs[prefill_runs]["ts"]
-    decode_ops: dict[str, float] = collections.Counter()
-    prefill_ops: dict[str, float] = collections.Counter()
-    weight_nodes: dict[str, float] = collections.Counter()  # decode time of each weight node
-    for e in events:
-        # an If's time is its branch's nodes, which have events of their own: count those only
-        if (e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
-                and e["args"]["op_name"] not in CONTROL_FLOW):
-            (decode_ops if e["ts"] >= first_step else prefill_ops)[e["args"]["op_name"]] += e["dur"]
-            if e["ts"] >= first_step and e["args"]["op_name"] in WEIGHT_OPS:
-                weight_nodes[e["name"].removesuffix("_kernel_time")] += e["dur"]
+    decode_ops, prefill_ops, weight_nodes = op_times(events, first_step)
     step_us = sum(r["dur"] for r in runs[prefill_runs:]) / steps
     prefill_us = sum(r["dur"] for r in runs[:prefill_runs])
     return {"context": context, "steps": steps, "threads": threads, "step_ms": round(step_us / 1000, 3),
             "kernels_ms": round(sum(decode_ops.values()) / steps / 1000, 3), "ops": _shares(decode_ops, steps),
             "prefill_ms": round(prefill_us / 1000, 3), "prefill_ops": _shares(prefill_ops, 1),
             "weights": _weight_rates(weight_nodes, weight_bytes_by_node(bundle.graph_path), steps)}
+
+
+def op_times(events: list[dict], first_step: float) -> tuple[dict, dict, dict]:
+    """Microseconds by operator type of the decode steps (from `first_step` on) and of the
+    prefill before them, and of each weight node in the decode steps. A control-flow node's
+    (an int8-cache graph's If, export/kv_cache_quant.py) branch nodes have events of their
+    own, counted under their types; the node itself counts what its event spans beyond them,
+    as "If (own)": running a branch costs that much besides the branch's kernels."""
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    inner = sorted((e["ts"], e["dur"]) for e in kernels if e["args"]["op_name"] not in CONTROL_FLOW)
+    starts = [ts for ts, _ in inner]
+    decode_ops: dict[str, float] = collections.Counter()
+    prefill_ops: dict[str, float] = collections.Counter()
+    weight_nodes: dict[str, float] = collections.Counter()  # decode time of each weight node
+    for e in kernels:
+        op, ops = e["args"]["op_name"], decode_ops if e["ts"] >= first_step else prefill_ops
+        if op in CONTROL_FLOW:
+            lo, hi = bisect.bisect_left(starts, e["ts"]), bisect.bisect_left(starts, e["ts"] + e["dur"])
+            ops[f"{op} (own)"] += max(0.0, e["dur"] - sum(d for _, d in inner[lo:hi]))
+            continue
+        ops[op] += e["dur"]
+        if e["ts"] >= first_step and op in WEIGHT_OPS:
+            weight_nodes[e["name"].removesuffix("_kernel_time")] += e["dur"]
+    return decode_ops, prefill_ops, weight_nodes
 
 
 def _weight_rates(node_us: dict[str, float], node_bytes: dict[str, int], runs: int) -> list[dict]:

@@ -64,3 +64,21 @@ def test_bandwidth_zero_skips_the_measure(op_profile, tiny_bundle, tmp_path, cap
     assert json.loads(out.read_text())["bandwidth"] is None
     printed = capsys.readouterr().out
     assert "memory bandwidth" not in printed and "| GB/s |\n|---|---|---|---|---|\n" in printed
+
+
+def test_an_if_counts_its_branch_nodes_under_their_types_and_its_own_time_apart(op_profile):
+    """An int8-cache graph's If spans its branch's node events: those count under their own
+    types, the If only what it spans beyond them ("If (own)"), in the prefill or the decode
+    steps by when it ran; weight nodes are counted in the decode steps only."""
+    def node(name, op, ts, dur):
+        return {"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+
+    events = [node("l0/qkv_Q4", "MatMulNBits", 0, 50), node("l0/If", "If", 60, 40),
+              node("l0/int8", "GroupQueryAttention", 65, 30),  # inside the prefill's If
+              node("l0/qkv_Q4", "MatMulNBits", 1000, 20), node("l0/If", "If", 1030, 25),
+              node("l0/int8", "GroupQueryAttention", 1035, 12), node("l0/Add", "Add", 1060, 3),
+              {"cat": "Session", "name": "model_run", "ts": 1000, "dur": 70}]
+    decode, prefill, weights = op_profile.op_times(events, first_step=1000)
+    assert dict(prefill) == {"MatMulNBits": 50, "GroupQueryAttention": 30, "If (own)": 10}
+    assert dict(decode) == {"MatMulNBits": 20, "GroupQueryAttention": 12, "If (own)": 13, "Add": 3}
+    assert dict(weights) == {"l0/qkv_Q4": 20}
