@@ -12,7 +12,7 @@ import pytest
 from edge_export import kv_cache_quant
 from edge_export.checkpoint import read_checkpoint
 from edge_export.graph_builder import build_decoder_graph
-from edge_runtime.gqa_decoder import INT8_STEP_ROWS_MAX, META_PROMPT_PRESENT
+from edge_runtime.gqa_decoder import INT8_STEP_ROWS_MAX, META_INT8_KERNEL_ROWS, META_PROMPT_PRESENT
 from edge_runtime.tokenizer import CodeLlamaTokenizer
 
 
@@ -368,3 +368,59 @@ def test_a_prompt_writes_and_makes_resident_only_its_own_rows_of_the_int8_cache(
     token = int(np.argmax(decoder.decode(cache, 13)))
     assert cache.length == len(ids) + 1 and 0 <= token < arch.vocab_size
     assert np.any(cache_rows(decoder, cache, 0, 0, length)[:, len(ids)])  # the step wrote its row
+
+
+def revision_4_graph(int8_graph, folder):
+    """The int8 graph as export wrote it until revision 5 (bundles in the field): each prompt
+    branch appends its new codes to the cached ones and zero-pads them to the buffer's length,
+    the If's outputs bound to the buffers; no metadata on the branch's outputs."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(int8_graph), load_external_data=False)
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(6, np.int64), "kv_cache.no_pads"))
+    for node in model.graph.node:
+        if node.op_type != "If":
+            continue
+        branch = next(a.g for a in node.attribute if a.name == "then_branch")
+        for out in list(branch.output)[1:]:
+            p = out.name.removesuffix("/new_codes")  # {prefix}/{kind}
+            prefix = p.rsplit("/", 1)[0]
+            past = next(n.input[0] for n in branch.node if n.output[0] == f"{p}/codes")
+            branch.node.extend([
+                helper.make_node("Concat", [f"{p}/codes", out.name], [f"{p}/rows"], axis=2),
+                helper.make_node("Shape", [past], [f"{p}/length"], start=2, end=3),
+                helper.make_node("Max", [f"{p}/length", f"{prefix}/total_rows"], [f"{p}/rows_out"]),
+                helper.make_node("Sub", [f"{p}/rows_out", f"{prefix}/total_rows"], [f"{p}/tail"]),
+                helper.make_node("Concat", ["kv_cache.no_pads", f"{p}/tail", "kv_cache.zero"], [f"{p}/pads"], axis=0),
+                helper.make_node("Pad", [f"{p}/rows", f"{p}/pads"], [f"{p}/buffer"])])
+            out.name = f"{p}/buffer"
+    kept = [p for p in model.metadata_props if p.key not in (META_PROMPT_PRESENT, META_INT8_KERNEL_ROWS)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save_model(model, str(folder / "model.onnx"))
+    shutil.copy(int8_graph.with_name("model.onnx.data"), folder / "model.onnx.data")
+    return folder / "model.onnx"
+
+
+def test_a_graph_of_revision_4_still_runs_as_it_did(int8_case, tmp_path):
+    """Bundles exported before revision 5 have no metadata on the prompt branch, which returns
+    whole buffers: the decoder leaves the present outputs bound to its buffers for them, and
+    they keep the same codes, logits and tokens as the revision-5 graph, in one prompt, in
+    chunks (the later ones over cached rows) and in a short follow-up through the int8 kernel."""
+    arch, _, _, int8_graph, ids = int8_case
+    chunk = INT8_STEP_ROWS_MAX + 1
+    ids = np.concatenate([ids, ids[1:], ids[1:]])[:3 * chunk]
+    head, follow = ids[:-8], ids[-8:]
+    old_graph = revision_4_graph(int8_graph, tmp_path)
+    for prefill_chunk in (None, chunk):
+        new, old = shared_decoder(int8_graph, arch, prefill_chunk), shared_decoder(old_graph, arch, prefill_chunk)
+        n_cache, o_cache = new.new_cache(MAX_LENGTH), old.new_cache(MAX_LENGTH)
+        np.testing.assert_array_equal(new.prefill(n_cache, head), old.prefill(o_cache, head))
+        np.testing.assert_array_equal(new.prefill(n_cache, follow), old.prefill(o_cache, follow))
+        for layer in range(arch.num_layers):
+            for kind in (0, 1):
+                np.testing.assert_array_equal(cache_rows(new, n_cache, layer, kind, MAX_LENGTH),
+                                              cache_rows(old, o_cache, layer, kind, MAX_LENGTH))
+        for token in (13, 1678, 736):
+            np.testing.assert_array_equal(new.decode(n_cache, token), old.decode(o_cache, token))
