@@ -225,7 +225,15 @@ def kernel_only_graph(int8_graph, folder):
             step.output[:] = node.output
             node.CopyFrom(step)
     # no prompt branch: a run's present outputs are the buffers, whatever it holds
-    kept = [p for p in model.metadata_props if p.key != META_PROMPT_PRESENT]
+    return save_with_weights(model, int8_graph, folder, drop_metadata=(META_PROMPT_PRESENT,))
+
+
+def save_with_weights(model, int8_graph, folder, *, drop_metadata):
+    """`model` (a rewrite of `int8_graph`) saved in `folder` beside a copy of its weights,
+    without the metadata keys `drop_metadata`."""
+    import onnx
+
+    kept = [p for p in model.metadata_props if p.key not in drop_metadata]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     onnx.save_model(model, str(folder / "model.onnx"))
@@ -395,12 +403,7 @@ def revision_4_graph(int8_graph, folder):
                 helper.make_node("Concat", ["kv_cache.no_pads", f"{p}/tail", "kv_cache.zero"], [f"{p}/pads"], axis=0),
                 helper.make_node("Pad", [f"{p}/rows", f"{p}/pads"], [f"{p}/buffer"])])
             out.name = f"{p}/buffer"
-    kept = [p for p in model.metadata_props if p.key not in (META_PROMPT_PRESENT, META_INT8_KERNEL_ROWS)]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
-    onnx.save_model(model, str(folder / "model.onnx"))
-    shutil.copy(int8_graph.with_name("model.onnx.data"), folder / "model.onnx.data")
-    return folder / "model.onnx"
+    return save_with_weights(model, int8_graph, folder, drop_metadata=(META_PROMPT_PRESENT, META_INT8_KERNEL_ROWS))
 
 
 def test_a_graph_of_revision_4_still_runs_as_it_did(int8_case, tmp_path):
