@@ -430,9 +430,10 @@ def step_checkpoint(a) -> dict:
 
 def recipe_words(block_size: int, symmetric: bool, accuracy_level: int, kept: tuple[str, ...],
                  keep_bits: int | None, scale_search: bool = False, kv_bits: int = 0, algorithm: str = "rtn",
-                 keep_block_size: int = 0, head_refine_top_k: int = 0) -> str:
+                 keep_block_size: int = 0, head_refine_top_k: int = 0, embedding_bits: int = 0) -> str:
     """The int4 recipe in words, e.g. "int4 b32 sym gptq+mse acc4, lm_head int8 b128, KV int8"
-    ("lm_head int4, top 32 int8": the lm_head in two passes)."""
+    ("lm_head int4, top 32 int8": the lm_head in two passes; ", embedding int8": the token
+    embedding table in int8 blocks)."""
     kept_blocks = f" b{keep_block_size}" if keep_bits and keep_block_size and keep_block_size != block_size else ""
     if not kept:
         held = "all int4"
@@ -443,7 +444,9 @@ def recipe_words(block_size: int, symmetric: bool, accuracy_level: int, kept: tu
     methods = (["gptq"] if algorithm == "gptq" else []) + (["mse"] if scale_search else [])
     rounding = " " + "+".join(methods) if methods else ""
     kv = f", KV int{kv_bits}" if kv_bits else ""
-    return f"int4 b{block_size} {'sym' if symmetric else 'asym'}{rounding} acc{accuracy_level}, {held}{kv}"
+    embedding = f", embedding int{embedding_bits}" if embedding_bits else ""
+    return (f"int4 b{block_size} {'sym' if symmetric else 'asym'}{rounding} acc{accuracy_level}, "
+            f"{held}{embedding}{kv}")
 
 
 def profile_recipe(kv_bits: int | None = None) -> dict:
@@ -458,7 +461,7 @@ def profile_recipe(kv_bits: int | None = None) -> dict:
             "keep_unquantized": list(q.keep_unquantized), "keep_bits": q.keep_bits,
             "keep_block_size": q.kept_block_size, "scale_search": q.scale_search,
             "algorithm": q.algorithm, "kv_bits": profile.kv_cache.bits if kv_bits is None else kv_bits,
-            "head_refine_top_k": q.lm_head_refine_top_k,
+            "head_refine_top_k": q.lm_head_refine_top_k, "embedding_bits": q.embedding_bits,
             "kv_rewrite": REWRITE_REVISION}
 
 
@@ -473,7 +476,7 @@ def _prepare_bundle(a, engine: str, kv_bits: int | None) -> dict:
     total, per_token = onnx_weight_bytes(out / "model.onnx")
     words = recipe_words(r["block_size"], r["symmetric"], r["accuracy_level"], tuple(r["keep_unquantized"]),
                          r["keep_bits"], r["scale_search"], r["kv_bits"], r["algorithm"], r["keep_block_size"],
-                         r["head_refine_top_k"])
+                         r["head_refine_top_k"], r["embedding_bits"])
     return asdict(ModelInfo(engine, words, folder_bytes(out, "model.onnx"), per_token,
                             onnx_kv_element_bytes(out / "model.onnx")))
 

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 from .bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, Architecture, Bundle
 from .errors import EdgeRuntimeError
-from .profiles import PRECISIONS, DeviceProfile
+from .profiles import EMBEDDING_BLOCK_SIZE, PRECISIONS, DeviceProfile
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -163,11 +163,12 @@ def kv_dtype_of(precision: str, flavour: str, profile_kv_dtype: str, kv_bits: in
 
 def estimate_weight_bytes(shape: ModelShape, precision: str, *, block_size: int, symmetric: bool,
                           float_dtype: str, keep_bits: int = 0, keep_block_size: int = 0,
-                          head_two_pass: bool = False) -> int:
+                          head_two_pass: bool = False, embedding_bits: int = 0) -> int:
     """Bytes of the graph's weights for `shape` at `precision` (see the module docstring);
     `keep_bits` 8: the kept lm_head is stored as int8 blocks (of `keep_block_size`, 0:
     `block_size`) instead of float; `head_two_pass`: and as int4 blocks beside them (the
-    lm_head in two passes, the profile's lm_head_refine_top_k)."""
+    lm_head in two passes, the profile's lm_head_refine_top_k); `embedding_bits` 8: the token
+    embedding table as int8 blocks (of EMBEDDING_BLOCK_SIZE) instead of float."""
     if precision == "fp16":
         return shape.parameter_count * 2
     if precision == "fp32":
@@ -178,8 +179,13 @@ def estimate_weight_bytes(shape: ModelShape, precision: str, *, block_size: int,
     blocks = math.ceil(n / block_size)
     quantized = n * bits // 8 + blocks * fbytes + (0 if symmetric else math.ceil(blocks * bits / 8))
     floats = (shape.parameter_count - n) * fbytes  # embedding, lm_head (kept), norms
+    table = shape.vocab_size * shape.hidden_size  # the embedding's, the lm_head's
+    if embedding_bits:
+        table_blocks = math.ceil(table / EMBEDDING_BLOCK_SIZE)
+        floats += table * embedding_bits // 8 + table_blocks * fbytes + (0 if symmetric else table_blocks) \
+            - table * fbytes
     if keep_bits:
-        head = shape.vocab_size * shape.hidden_size
+        head = table
         head_blocks = math.ceil(head / (keep_block_size or block_size))
         floats -= head * fbytes
         floats += head * keep_bits // 8 + head_blocks * fbytes + (0 if symmetric else head_blocks)
@@ -299,7 +305,9 @@ def estimate_plan(shape: ModelShape, profile: DeviceProfile, precision: str, con
                                             keep_bits=q.keep_bits if flavour == FLAVOUR_GQA_SHARED_KV else 0,
                                             keep_block_size=q.kept_block_size,
                                             head_two_pass=flavour == FLAVOUR_GQA_SHARED_KV and bool(
-                                                q.head_refine_top_k_for(precision, float_dtype, q.algorithm))),
+                                                q.head_refine_top_k_for(precision, float_dtype, q.algorithm)),
+                                            embedding_bits=q.embedding_bits if flavour == FLAVOUR_GQA_SHARED_KV
+                                            and float_dtype == "float32" else 0),
         kv_cache_bytes=kv_cache_bytes(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
                                       head_dim=shape.head_dim, context=context, dtype_bytes=DTYPE_BYTES[kv_dtype],
                                       buffers=1 if flavour == FLAVOUR_GQA_SHARED_KV else 2),

@@ -118,6 +118,13 @@ def node_matches(node_name: str, patterns: tuple[str, ...]) -> bool:
 ZERO_OR_POWER_OF_TWO = Check(lambda v: v == 0 or (v >= 16 and v & (v - 1) == 0), "0 or a power of two >= 16")
 
 
+# The int8 embedding table's blocks (quantization.embedding_bits): on the demo model blocks of 32
+# keep its divergence from torch within 3 % of a float table's, blocks of 128 added 7 % and cost
+# a point of corpus top-1 (python benchmarks/export_bench.py; docs/performance.md, "The embedding
+# table"); the scales then add an eighth of a byte a weight.
+EMBEDDING_BLOCK_SIZE = 32
+
+
 @dataclass(frozen=True)
 class QuantizationSettings:
     """Weight-only quantization of MatMul weights (onnxruntime's MatMulNBits)."""
@@ -154,6 +161,12 @@ class QuantizationSettings:
     # tokens that decide decoding get the int8 head's logits (docs/performance.md, "The lm_head
     # in two passes"). 0: the int8 lm_head in one pass. Other bundles ignore it.
     lm_head_refine_top_k: NonNegativeInt = 0
+    # 8: the fused graph's token embedding table as int8 blocks (of EMBEDDING_BLOCK_SIZE,
+    # GatherBlockQuantized) instead of float, where its activations are float32 (int4/int8 bundles
+    # on the CPU): 1.16 bytes a weight against 4 (a 7B's table 0.49 GiB -> 0.14 GiB), which are
+    # resident memory more than they are read (a step reads one row). 0: float. Other bundles
+    # ignore it.
+    embedding_bits: Literal[0, 8] = 0
 
     def __post_init__(self) -> None:
         if self.lm_head_refine_top_k and self.keep_bits != 8:

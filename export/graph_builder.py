@@ -23,7 +23,8 @@ outputs               ``logits`` float32 [batch, rows, vocab]: the last
                       -rows (drafted tokens verified in one run, generator.py);
                       ``present.{i}.key/value``: the same buffers as the past
                       inputs (bind one OrtValue to both: past_present_share_buffer)
-embedding             Gather on the float table
+embedding             Gather on the float table (GatherBlockQuantized on int8
+                      blocks with ``embedding_bits``)
 per layer             SimplifiedLayerNormalization (layer 0) or
                       SkipSimplifiedLayerNormalization (residual add fused);
                       q/k/v projection packed into one MatMul[NBits] whose
@@ -67,6 +68,7 @@ import numpy as np
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.gqa_decoder import LOGITS_START  # optional input: -rows of logits to compute (default -1)
 from edge_runtime.profiles import LM_HEAD_NODE, node_matches  # keep_unquantized patterns against node names
+from edge_runtime.profiles import EMBEDDING_BLOCK_SIZE  # the int8 embedding table's blocks (embedding_bits)
 
 from .checkpoint import CheckpointInfo, read_safetensors_header, rope_parameters
 from .gptq import InverseHessian, gptq_quantize, inverse_hessian
@@ -454,6 +456,8 @@ class BuildOptions:
     keep_block_size: int | None = None  # the kept layers' block size (None: block_size)
     scale_search: bool = False  # least-squares block scales (block_quantize_mse) instead of round-to-nearest
     head_refine_top_k: int = 0  # > 0: the lm_head in two passes (int4, then its top k logits from int8 rows)
+    # 8: the token embedding table as int8 blocks of EMBEDDING_BLOCK_SIZE (GatherBlockQuantized); None: float
+    embedding_bits: int | None = None
 
     @property
     def bits(self) -> int | None:
@@ -558,11 +562,14 @@ class _Builder:
         self.node("MatMulNBits", inputs, [out], node_name + f"_Q{bits}", domain=MS_DOMAIN, **attrs)
 
     def _quantized_weight(self, parts: Sequence[str], node_name: str, k: int, n: int, bits: int,
-                          block: int, *, flat: bool = False) -> tuple[str, np.ndarray, np.ndarray | None]:
+                          block: int, *, flat: bool = False,
+                          error_feedback: bool = True) -> tuple[str, np.ndarray, np.ndarray | None]:
         """Quantize concat(parts) [N, K] block-wise and stream its codes into the data file as
         ``{node_name}.weight_Q{bits}`` ([N, blocks, block*bits/8] uint8, MatMulNBits' B; with
         ``flat``, [N, blocks*block*bits/8], GatherBlockQuantized's data); returns that name, the
-        scales [N, blocks] and the zero points (None when symmetric)."""
+        scales [N, blocks] and the zero points (None when symmetric). ``error_feedback`` False
+        rounds each block on its own even where GPTQ runs (a table that is gathered, not
+        multiplied: its rows have no input whose Hessian could steer the rounding)."""
         opts = self.opts
         dtype = opts.float_dtype
         k_blocks = (k + block - 1) // block
@@ -570,7 +577,7 @@ class _Builder:
         rows_per_chunk = max(1, _CHUNK_BYTES // (4 * k))
         scales: list[np.ndarray] = []
         zero_points: list[np.ndarray] = []
-        hinv = self._inverse_hessian(parts[0]) if self.hessians is not None else None
+        hinv = self._inverse_hessian(parts[0]) if self.hessians is not None and error_feedback else None
 
         def quantize_rows(task: tuple[str, int, int]) -> BlockQuantized:
             part, r0, r1 = task
@@ -653,6 +660,30 @@ class _Builder:
         self.kept_nodes.append(f"{at}/refine")
         return out
 
+    def quantized_embedding(self, embed: str, vocab: int, hidden: int, out: str) -> None:
+        """The token embedding table as int8 blocks along the hidden axis (``embedding_bits``;
+        blocks of EMBEDDING_BLOCK_SIZE, the profile's symmetry; the lm_head's int8 copy's layout):
+        the prompt's rows are gathered and dequantized by GatherBlockQuantized. 1.16 bytes a
+        weight against a float32 table's 4, which are resident memory more than they are read: a
+        step reads one row."""
+        opts = self.opts
+        block = EMBEDDING_BLOCK_SIZE
+        at = "/model/embed_tokens"
+        codes, scales, zero_points = self._quantized_weight([embed], at, hidden, vocab, opts.embedding_bits, block,
+                                                            flat=True, error_feedback=False)
+        table = [codes, INPUT_IDS, self.const(f"{at}.weight_scales", scales)]
+        if zero_points is not None:  # else GatherBlockQuantized's default for uint8, 128
+            table.append(self.const(f"{at}.weight_zero_points", zero_points))
+        padded = scales.shape[1] * block != hidden
+        rows = f"{at}/rows" if padded else out
+        self.node("GatherBlockQuantized", table, [rows], f"{at}/GatherBlockQuantized", domain=MS_DOMAIN,
+                  bits=opts.embedding_bits, block_size=block, gather_axis=0, quantize_axis=1)
+        if padded:  # the padding columns of the last block
+            self.node("Slice", [rows, self.inline_const(f"{at}/k_start", np.array([0], dtype=np.int64)),
+                                self.inline_const(f"{at}/k_end", np.array([hidden], dtype=np.int64)),
+                                self.inline_const(f"{at}/k_axis", np.array([2], dtype=np.int64))],
+                      [out], f"{at}/Slice_rows")
+
     def _inverse_hessian(self, weight: str) -> InverseHessian:
         """GPTQ's inverse Hessian of a weight's input: every part of a node and nodes that read
         the same input (gate and up) share one Hessian, inverted once."""
@@ -701,13 +732,17 @@ class _Builder:
         self.say("embedding")
         embed = "model.embed_tokens.weight"
         vocab, hidden = self.reader.shape(embed)
-        rows = max(1, _CHUNK_BYTES // (4 * hidden))
-        table = self.data.add_chunks(
-            "model.embed_tokens.weight", opts.float_dtype, (vocab, hidden),
-            (self.reader.read(embed, (r, min(vocab, r + rows))).astype(opts.float_dtype)
-             for r in range(0, vocab, rows)))
-        self.initializers.append(table)
-        self.node("Gather", [table.name, INPUT_IDS], ["/model/embed_tokens/output"], "/model/embed_tokens/Gather")
+        if opts.embedding_bits:
+            self.quantized_embedding(embed, vocab, hidden, "/model/embed_tokens/output")
+        else:
+            rows = max(1, _CHUNK_BYTES // (4 * hidden))
+            table = self.data.add_chunks(
+                "model.embed_tokens.weight", opts.float_dtype, (vocab, hidden),
+                (self.reader.read(embed, (r, min(vocab, r + rows))).astype(opts.float_dtype)
+                 for r in range(0, vocab, rows)))
+            self.initializers.append(table)
+            self.node("Gather", [table.name, INPUT_IDS], ["/model/embed_tokens/output"],
+                      "/model/embed_tokens/Gather")
 
         residual = "/model/embed_tokens/output"
         pending: str | None = None  # the last block's output, not yet added to the residual stream
@@ -841,7 +876,7 @@ def build_decoder_graph(info: CheckpointInfo, out_path: Path, *, precision: Prec
                         pack_gate_up: bool = False, keep_bits: int | None = None,
                         keep_block_size: int | None = None, scale_search: bool = False, hessians: LayerwiseHessians | None = None,
                         logits_start_input: bool = True, head_refine_top_k: int = 0,
-                        progress: Progress | None = None) -> list[Path]:
+                        embedding_bits: int | None = None, progress: Progress | None = None) -> list[Path]:
     """Write ``out_path`` (e.g. ``model.onnx``) and ``out_path + '.data'`` for the
     `gqa-shared-kv` flavour; returns both paths.
 
@@ -869,6 +904,8 @@ def build_decoder_graph(info: CheckpointInfo, out_path: Path, *, precision: Prec
     ``head_refine_top_k`` > 0 (int4, ``keep_bits`` 8, float32 activations): the lm_head in two
     passes, every logit from int4 weights and the ``head_refine_top_k`` largest recomputed
     from an int8 copy (``_Builder.refined_head``) instead of an int8 lm_head.
+    ``embedding_bits`` 8 (float32 activations): the token embedding table as int8 blocks of
+    EMBEDDING_BLOCK_SIZE (``_Builder.quantized_embedding``) instead of float.
     """
     import onnx
 
@@ -891,12 +928,16 @@ def build_decoder_graph(info: CheckpointInfo, out_path: Path, *, precision: Prec
     if head_refine_top_k and (precision != "int4" or keep_bits != 8 or io_dtype != "float32"):
         raise ValueError("head_refine_top_k needs precision int4, keep_bits 8 and float32 activations "
                          f"(here {precision}, keep_bits {keep_bits}, {io_dtype})")
+    if embedding_bits not in (None, 8) or (embedding_bits and io_dtype != "float32"):
+        raise ValueError(f"embedding_bits must be None, or 8 with float32 activations, not {embedding_bits!r} "
+                         f"with {io_dtype}")
     check_supported(info)
     opts = BuildOptions(precision=precision, block_size=block_size, symmetric=symmetric,
                         accuracy_level=accuracy_level, keep_unquantized=tuple(keep_unquantized),
                         max_length=max_length, io_dtype=io_dtype, pack_qkv=pack_qkv, pack_gate_up=pack_gate_up,
                         keep_bits=keep_bits, keep_block_size=keep_block_size, scale_search=scale_search,
-                        logits_start_input=logits_start_input, head_refine_top_k=head_refine_top_k)
+                        logits_start_input=logits_start_input, head_refine_top_k=head_refine_top_k,
+                        embedding_bits=embedding_bits)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     builder = _Builder(info, out_path, opts, progress, hessians)

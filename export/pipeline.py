@@ -323,6 +323,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         excluded: list[str] = []
         kept_bits = 0  # storage of the kept layers: 0 float, 8 int8 (fused graph with the profile's keep_bits)
         refine_top_k = 0  # the lm_head in two passes (fused int4 graph, the profile's lm_head_refine_top_k)
+        embedding_bits = 0  # the token embedding table: 0 float, 8 int8 (the profile's embedding_bits)
         kv_scales: kv_cache_quant.KVScales | None = None  # an int8 KV cache (fused graph, profile kv_cache.bits 8)
         calibrated: dict | None = None  # GPTQ's calibration text, recorded in the manifest
         progress.total = 4 if fused else 5
@@ -347,6 +348,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 if refine_top_k:
                     progress.detail(f"lm_head in two passes: int4, then its top {refine_top_k} logits "
                                     "from int8 rows")
+                embedding_bits = q.embedding_bits if recipe and io_dtype == "float32" else 0
                 graph_builder.build_decoder_graph(
                     info, graph, precision=precision, block_size=q.block_size,
                     symmetric=recipe.symmetric if recipe else q.symmetric,
@@ -354,6 +356,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                     keep_bits=(q.keep_bits or None) if recipe else None, keep_block_size=q.kept_block_size,
                     scale_search=recipe.scale_search if recipe else False, hessians=hessians,
                     io_dtype=io_dtype, progress=progress.detail, head_refine_top_k=refine_top_k,
+                    embedding_bits=embedding_bits or None,
                     # prompt lookup's runs of several rows: CPU profiles only until a GPU run tests them
                     logits_start_input=set(profile.provider_names) == {"CPUExecutionProvider"})
                 excluded = kept_matmuls(graph, quantize.BITS[precision]) if recipe else []
@@ -427,7 +430,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 "precision": precision,
                 "quantization": ({**recipe.as_manifest(excluded), "kept_bits": kept_bits,
                                   **({"kept_block_size": profile.quantization.kept_block_size} if kept_bits else {}),
-                                  "lm_head_refine_top_k": refine_top_k,
+                                  "lm_head_refine_top_k": refine_top_k, "embedding_bits": embedding_bits,
                                   "calibration": calibrated}
                                  if recipe else None),
                 "graph": {"flavour": flavour, "file": GRAPH_FILE, **graph_io(graph)},

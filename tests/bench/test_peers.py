@@ -274,7 +274,7 @@ def test_end_to_end_ours_alone_with_peers_skipped(peers, tiny_checkpoint, tmp_pa
     assert set(row["decode_tokens_per_s"]) == {"8", "16"} and row["ours_over_this"] == {"8": 1.0, "16": 1.0}
     assert 0 < row["weight_bytes_per_token"] < row["model_bytes"]  # the embedding table counts one row
     # the profile's lm_head in two passes, named as such
-    assert row["precision"] == "int4 b128 asym gptq+mse acc4, lm_head int4, top 32 int8, KV int8"
+    assert row["precision"] == "int4 b128 asym gptq+mse acc4, lm_head int4, top 32 int8, embedding int8, KV int8"
     assert row["peak_rss_bytes"] > 0 and result["bandwidth"]["bandwidth"] > 0
     assert result["bandwidth"]["read_bandwidth"] > 0 and set(row["read_roofline_percent"]) == {"8", "16"}
     assert "% read roofline @16" in result["table"] and "read bandwidth" in result["setup"]

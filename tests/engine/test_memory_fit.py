@@ -84,13 +84,18 @@ def test_an_int8_kv_cache_is_a_quarter_of_float32_and_fp32_bundles_keep_float():
     # the scales of the int4 weights stay float32 (the activations' dtype), not int8
     assert int4.weights_bytes == estimate_weight_bytes(s7, "int4", block_size=128, symmetric=False,
                                                        float_dtype="float32", keep_bits=8, keep_block_size=128,
-                                                       head_two_pass=True)
+                                                       head_two_pass=True, embedding_bits=8)
     # the lm_head in two passes (lm_head_refine_top_k) keeps an int4 copy beside the int8 one:
     # half a byte a weight, a float32 scale and half a byte of zero point a block of 128
     blocks = 32016 * 4096 // 128
     assert int4.weights_bytes - estimate_weight_bytes(
         s7, "int4", block_size=128, symmetric=False, float_dtype="float32", keep_bits=8,
-        keep_block_size=128) == 32016 * 4096 // 2 + blocks * 4 + blocks // 2
+        keep_block_size=128, embedding_bits=8) == 32016 * 4096 // 2 + blocks * 4 + blocks // 2
+    # the embedding table in int8 blocks of 32 (embedding_bits): a byte a weight, a float32 scale
+    # and a zero point a block, instead of four bytes a weight
+    assert estimate_weight_bytes(s7, "int4", block_size=128, symmetric=False, float_dtype="float32") \
+        - estimate_weight_bytes(s7, "int4", block_size=128, symmetric=False, float_dtype="float32",
+                                embedding_bits=8) == 32016 * 4096 * 3 - 32016 * 4096 // 32 * 5
     # the int8 lm_head's block size is its own (keep_block_size): in blocks of 32 it carries 4x the scales
     assert estimate_weight_bytes(s7, "int4", block_size=32, symmetric=True, float_dtype="float32", keep_bits=8) \
         - estimate_weight_bytes(s7, "int4", block_size=32, symmetric=True, float_dtype="float32", keep_bits=8,

@@ -546,3 +546,53 @@ def test_two_pass_lm_head_is_refused_where_it_has_no_int8_copy(tiny_checkpoint, 
         build(tiny_checkpoint, tmp_path / "g", precision="int4", keep_unquantized=("lm_head",), head_refine_top_k=8)
     with pytest.raises(ValueError, match="head_refine_top_k needs"):
         build(tiny_checkpoint, tmp_path / "g", precision="fp16", head_refine_top_k=8)
+
+
+# -- the embedding table in int8 blocks ----------------------------------------------------------------------------
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int8_embedding_gives_the_logits_of_its_blocks_dequantized(tiny_checkpoint, tmp_path, symmetric):
+    """embedding_bits 8: the table is stored as int8 blocks (a byte a weight and a scale a block
+    instead of four bytes a weight), each within a step of the checkpoint's row, and the graph computes what a float graph whose
+    table holds those blocks dequantized computes (the other weights are the same codes in both:
+    round to nearest, float compute); two blocks of 32 a row of the 64 hidden columns."""
+    import onnx
+    from onnx import numpy_helper
+
+    common = dict(precision="int4", block_size=32, symmetric=symmetric, accuracy_level=0, keep_block_size=128)
+    float_graph = build(tiny_checkpoint, tmp_path / "float", **common)
+    int8_graph = build(tiny_checkpoint, tmp_path / "int8", embedding_bits=8, **common)
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(int8_graph)).graph.initializer}
+    assert "model.embed_tokens.weight" not in weights
+    codes, scales = weights["/model/embed_tokens.weight_Q8"], weights["/model/embed_tokens.weight_scales"]
+    vocab, blocks = scales.shape
+    zero_points = weights.get("/model/embed_tokens.weight_zero_points", np.full((vocab, blocks), 128, np.uint8))
+    assert codes.dtype == np.uint8 and codes.shape == (vocab, 64) and blocks == 2
+    rows = ((codes.reshape(vocab, blocks, 32).astype(np.float32) - zero_points[..., None]) * scales[..., None])
+    rows = rows.reshape(vocab, 64)
+    from edge_export.graph_builder import SafetensorsReader
+
+    original = SafetensorsReader(read_checkpoint(tiny_checkpoint).weight_files).read(
+        "model.embed_tokens.weight").astype(np.float32)
+    steps = np.abs(rows - original) / np.abs(np.repeat(scales, 32, axis=1))
+    assert steps.max() <= 1.001 and np.mean(steps <= 0.5001) > 0.999  # rounded to nearest, a rare edge clipped
+    assert scales.dtype == np.float32  # a byte a weight, a float32 scale a block of 32
+
+    # the float graph with those rows as its table
+    model = onnx.load(str(float_graph), load_external_data=False)
+    where = {e.key: e.value for e in next(t for t in model.graph.initializer
+                                          if t.name == "model.embed_tokens.weight").external_data}
+    with open(float_graph.with_name(where["location"]), "r+b") as data:
+        data.seek(int(where.get("offset", 0)))
+        data.write(rows.astype(np.float32).tobytes())
+    ours, reference = decoder_for(int8_graph, tiny_checkpoint), decoder_for(float_graph, tiny_checkpoint)
+    for ids in PROMPTS:
+        np.testing.assert_allclose(ours.prefill(ours.new_cache(len(ids)), np.asarray(ids)),
+                                   reference.prefill(reference.new_cache(len(ids)), np.asarray(ids)),
+                                   atol=1e-5, rtol=0)
+
+
+def test_int8_embedding_needs_float32_activations(tiny_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="embedding_bits must be None, or 8 with float32 activations"):
+        build(tiny_checkpoint, tmp_path / "g", precision="fp16", embedding_bits=8)
+    with pytest.raises(ValueError, match="embedding_bits must be"):
+        build(tiny_checkpoint, tmp_path / "g", precision="int4", embedding_bits=4)

@@ -39,6 +39,7 @@ def test_demo_model_quantized_bundle_meets_profile_threshold(demo_checkpoint, tm
         # the lm_head in two passes: int4, then its top 32 logits from the int8 rows
         assert quant["lm_head_refine_top_k"] == 32
         assert "/lm_head/refine/GatherBlockQuantized" in quant["excluded_nodes"]
+        assert quant["embedding_bits"] == 8  # the token embedding table in int8 blocks
     else:
         assert quant["scale_search"] is False
         assert quant["algorithm"] == "rtn" and quant["calibration"] is None
