@@ -173,6 +173,12 @@ def graph_max_length(session) -> int | None:
     return int(value) if value else None
 
 
+def graph_int8_kernel_rows(session) -> int | None:
+    """An int8-cache graph's int8-kernel share (from its metadata, revision 5 on), if recorded."""
+    value = session.get_modelmeta().custom_metadata_map.get(META_INT8_KERNEL_ROWS)
+    return int(value) if value else None
+
+
 GQA_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length")
 
 
@@ -245,10 +251,10 @@ class SharedKVDecoder:
         if limit is not None and max_length > limit:
             raise ValueError(f"max_length {max_length} exceeds the graph's rotary tables ({limit} positions)")
         self.max_length = max_length
-        meta = session.get_modelmeta().custom_metadata_map
         # the graph's prompt branch returns only the new rows' codes (META_PROMPT_PRESENT)
+        meta = session.get_modelmeta().custom_metadata_map
         self._prompt_new_rows = meta.get(META_PROMPT_PRESENT) == PROMPT_PRESENT_NEW_ROWS
-        graph_rows = int(meta[META_INT8_KERNEL_ROWS]) if META_INT8_KERNEL_ROWS in meta else None
+        graph_rows = graph_int8_kernel_rows(session)
         if int8_kernel_rows is not None and graph_rows is not None and int8_kernel_rows != graph_rows:
             raise ValueError(f"int8_kernel_rows {int8_kernel_rows} is not the graph's ({graph_rows})")
         self.int8_kernel_rows = next(r for r in (int8_kernel_rows, graph_rows, INT8_STEP_ROWS_MAX) if r is not None)

@@ -276,9 +276,9 @@ def bundle_plan(bundle: Bundle, profile: DeviceProfile, context: int | None = No
         kv_cache_bytes=kv_cache_bytes(num_layers=arch.num_layers, num_kv_heads=arch.num_kv_heads,
                                       head_dim=arch.head_dim, context=context, dtype_bytes=DTYPE_BYTES[kv_dtype],
                                       buffers=buffers),
-        overhead_bytes=overhead_bytes(num_layers=arch.num_layers, num_heads=arch.num_heads, vocab_size=arch.vocab_size, context=context,
-                                      flavour=bundle.graph_flavour, kv_dtype=kv_dtype,
-                                      num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim),
+        overhead_bytes=overhead_bytes(num_layers=arch.num_layers, num_heads=arch.num_heads,
+                                      vocab_size=arch.vocab_size, context=context, flavour=bundle.graph_flavour,
+                                      kv_dtype=kv_dtype, num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim),
         budget_bytes=profile.memory_budget_bytes)
 
 
@@ -311,9 +311,9 @@ def estimate_plan(shape: ModelShape, profile: DeviceProfile, precision: str, con
         kv_cache_bytes=kv_cache_bytes(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
                                       head_dim=shape.head_dim, context=context, dtype_bytes=DTYPE_BYTES[kv_dtype],
                                       buffers=1 if flavour == FLAVOUR_GQA_SHARED_KV else 2),
-        overhead_bytes=overhead_bytes(num_layers=shape.num_layers, num_heads=shape.num_heads, vocab_size=shape.vocab_size, context=context,
-                                      flavour=flavour, kv_dtype=kv_dtype, num_kv_heads=shape.num_kv_heads,
-                                      head_dim=shape.head_dim),
+        overhead_bytes=overhead_bytes(num_layers=shape.num_layers, num_heads=shape.num_heads,
+                                      vocab_size=shape.vocab_size, context=context, flavour=flavour,
+                                      kv_dtype=kv_dtype, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim),
         budget_bytes=profile.memory_budget_bytes)
 
 

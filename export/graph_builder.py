@@ -631,7 +631,6 @@ class _Builder:
         self._quantized_linear(x, parts, node_name, coarse, k, n, opts.bits, opts.block_size)
         block = opts.keep_block_size or opts.block_size
         codes, scales, zero_points = self._quantized_weight(parts, f"{at}/refine", k, n, 8, block, flat=True)
-        k_blocks = scales.shape[1]
 
         def name(part: str) -> str:
             return f"{at}/refine/{part}"
@@ -639,18 +638,7 @@ class _Builder:
         self.node("TopK", [coarse, self.inline_const(name("k"), np.array([top_k], dtype=np.int64))],
                   [name("top_values"), name("top_indices")], name("TopK"), axis=-1, largest=1, sorted=0)
         idx = name("top_indices")  # [batch, rows, k]
-        table = [codes, idx, self.const(f"{at}/refine.weight_scales", scales)]
-        if zero_points is not None:  # else GatherBlockQuantized's default for uint8, 128: MatMulNBits' too
-            table.append(self.const(f"{at}/refine.weight_zero_points", zero_points))
-        self.node("GatherBlockQuantized", table, [name("rows")], name("GatherBlockQuantized"), domain=MS_DOMAIN,
-                  bits=8, block_size=block, gather_axis=0, quantize_axis=1)
-        rows = name("rows")  # [batch, rows, k, blocks * block], float
-        if k_blocks * block != k:  # the padding columns of the last block
-            self.node("Slice", [rows, self.inline_const(name("k_start"), np.array([0], dtype=np.int64)),
-                                self.inline_const(name("k_end"), np.array([k], dtype=np.int64)),
-                                self.inline_const(name("k_axis"), np.array([3], dtype=np.int64))],
-                      [name("rows_k")], name("Slice_rows"))
-            rows = name("rows_k")
+        rows = self._gathered_rows(f"{at}/refine", codes, idx, scales, zero_points, bits=8, block=block, k=k)
         last = self.inline_const(name("last_axis"), np.array([-1], dtype=np.int64))
         self.node("Unsqueeze", [x, last], [name("x_column")], name("Unsqueeze_x"))
         self.node("MatMul", [rows, name("x_column")], [name("dots")], name("MatMul"))
@@ -666,23 +654,33 @@ class _Builder:
         the prompt's rows are gathered and dequantized by GatherBlockQuantized. 1.16 bytes a
         weight against a float32 table's 4, which are resident memory more than they are read: a
         step reads one row."""
-        opts = self.opts
-        block = EMBEDDING_BLOCK_SIZE
-        at = "/model/embed_tokens"
-        codes, scales, zero_points = self._quantized_weight([embed], at, hidden, vocab, opts.embedding_bits, block,
+        at, bits = "/model/embed_tokens", self.opts.embedding_bits
+        codes, scales, zero_points = self._quantized_weight([embed], at, hidden, vocab, bits, EMBEDDING_BLOCK_SIZE,
                                                             flat=True, error_feedback=False)
-        table = [codes, INPUT_IDS, self.const(f"{at}.weight_scales", scales)]
-        if zero_points is not None:  # else GatherBlockQuantized's default for uint8, 128
-            table.append(self.const(f"{at}.weight_zero_points", zero_points))
-        padded = scales.shape[1] * block != hidden
-        rows = f"{at}/rows" if padded else out
-        self.node("GatherBlockQuantized", table, [rows], f"{at}/GatherBlockQuantized", domain=MS_DOMAIN,
-                  bits=opts.embedding_bits, block_size=block, gather_axis=0, quantize_axis=1)
-        if padded:  # the padding columns of the last block
-            self.node("Slice", [rows, self.inline_const(f"{at}/k_start", np.array([0], dtype=np.int64)),
-                                self.inline_const(f"{at}/k_end", np.array([hidden], dtype=np.int64)),
-                                self.inline_const(f"{at}/k_axis", np.array([2], dtype=np.int64))],
-                      [out], f"{at}/Slice_rows")
+        self._gathered_rows(at, codes, INPUT_IDS, scales, zero_points, bits=bits, block=EMBEDDING_BLOCK_SIZE,
+                            k=hidden, out=out)
+
+    def _gathered_rows(self, name: str, codes: str, indices: str, scales: np.ndarray, zero_points: np.ndarray | None,
+                       *, bits: int, block: int, k: int, out: str | None = None) -> str:
+        """The rows `indices` names of a table `_quantized_weight(flat=True)` stored as ``codes``,
+        dequantized by GatherBlockQuantized (scales and zero points as ``{name}.weight_*``), the
+        padding columns of its last block sliced off: [..., k] float; returns its name (``out``
+        where given)."""
+        table = [codes, indices, self.const(f"{name}.weight_scales", scales)]
+        if zero_points is not None:  # else GatherBlockQuantized's default for uint8, 128: MatMulNBits' too
+            table.append(self.const(f"{name}.weight_zero_points", zero_points))
+        padded = scales.shape[1] * block != k
+        rows = f"{name}/rows" if padded or out is None else out  # [..., blocks * block]
+        self.node("GatherBlockQuantized", table, [rows], f"{name}/GatherBlockQuantized", domain=MS_DOMAIN,
+                  bits=bits, block_size=block, gather_axis=0, quantize_axis=1)
+        if not padded:
+            return rows
+        sliced = out or f"{name}/rows_k"
+        self.node("Slice", [rows, self.inline_const(f"{name}/k_start", np.array([0], dtype=np.int64)),
+                            self.inline_const(f"{name}/k_end", np.array([k], dtype=np.int64)),
+                            self.inline_const(f"{name}/k_axis", np.array([-1], dtype=np.int64))],
+                  [sliced], f"{name}/Slice_rows")
+        return sliced
 
     def _inverse_hessian(self, weight: str) -> InverseHessian:
         """GPTQ's inverse Hessian of a weight's input: every part of a node and nodes that read
@@ -876,7 +874,8 @@ def build_decoder_graph(info: CheckpointInfo, out_path: Path, *, precision: Prec
                         pack_gate_up: bool = False, keep_bits: int | None = None,
                         keep_block_size: int | None = None, scale_search: bool = False, hessians: LayerwiseHessians | None = None,
                         logits_start_input: bool = True, head_refine_top_k: int = 0,
-                        embedding_bits: int | None = None, progress: Progress | None = None) -> list[Path]:
+                        embedding_bits: int | None = None,
+                        progress: Progress | None = None) -> list[Path]:
     """Write ``out_path`` (e.g. ``model.onnx``) and ``out_path + '.data'`` for the
     `gqa-shared-kv` flavour; returns both paths.
 

@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.bundle import Architecture
-from edge_runtime.gqa_decoder import INT8_STEP_ROWS_MAX, META_INT8_KERNEL_ROWS, META_PROMPT_PRESENT, PROMPT_PRESENT_NEW_ROWS
+from edge_runtime.gqa_decoder import (INT8_STEP_ROWS_MAX, META_INT8_KERNEL_ROWS, META_PROMPT_PRESENT,
+                                     PROMPT_PRESENT_NEW_ROWS)
 
 CALIBRATION_TEXT = Path(__file__).resolve().parent / "assets" / "kv-calibration.txt"
 CALIBRATION_WINDOW = 512  # positions per calibration run (BOS first)
@@ -359,7 +360,7 @@ def _prompt_or_step(node, scale_names: tuple[str, str], float_type: int, max_len
             helper.make_node("Slice", [f"{p}/{kind}/present", past_rows, total_rows, "kv_cache.seq_axis"],
                              [f"{p}/{kind}/new"]),
             # the S new rows' codes only, [1, kv_heads, S, head_dim]: the decoder copies them into
-            # its buffer (PROMPT_PRESENT_META), no full-length buffer is written
+            # its buffer (META_PROMPT_PRESENT), no full-length buffer is written
             helper.make_node("QuantizeLinear", [f"{p}/{kind}/new", scale + ".bhsd", "kv_cache.zero_points"],
                              [f"{p}/{kind}/new_codes"], **per_channel)]
         prompt_outputs.append(f"{p}/{kind}/new_codes")

@@ -12,7 +12,7 @@ import pytest
 from edge_export import kv_cache_quant
 from edge_export.checkpoint import read_checkpoint
 from edge_export.graph_builder import build_decoder_graph
-from edge_runtime.gqa_decoder import INT8_STEP_ROWS_MAX, META_INT8_KERNEL_ROWS, META_PROMPT_PRESENT
+from edge_runtime.gqa_decoder import INT8_STEP_ROWS_MAX, META_INT8_KERNEL_ROWS, META_PROMPT_PRESENT, host_rows
 from edge_runtime.tokenizer import CodeLlamaTokenizer
 
 
@@ -166,14 +166,7 @@ def cache_rows(decoder, cache, layer, kind, rows):
     """[kv_heads, rows, head_dim] of the decoder's buffer (kind 0 keys, 1 values)."""
     buffer = cache.buffers[layer][kind]
     shape = (decoder.arch.num_kv_heads, decoder.max_length, decoder.arch.head_dim)
-    return _host_view(buffer.ptr, decoder.kv_dtype, shape)[:, :rows].copy()
-
-
-def _host_view(ptr, dtype, shape):
-    import ctypes
-
-    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    return np.frombuffer((ctypes.c_char * n).from_address(ptr), dtype=dtype).reshape(shape)
+    return host_rows(buffer, decoder.kv_dtype, shape)[:, :rows].copy()
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +251,7 @@ def test_decode_steps_after_a_prompt_use_the_int8_kernel(int8_case, tmp_path):
     for layer in range(arch.num_layers):  # the kernel-only graph gets the prompt's codes as they are
         for kind in (0, 1):
             src = cache_rows(a, a_cache, layer, kind, MAX_LENGTH)
-            dst = _host_view(b_cache.buffers[layer][kind].ptr, b.kv_dtype,
+            dst = host_rows(b_cache.buffers[layer][kind], b.kv_dtype,
                              (arch.num_kv_heads, MAX_LENGTH, arch.head_dim))
             dst[...] = src
     for token in (13, 1678, 736):
@@ -308,7 +301,7 @@ def test_a_short_follow_up_goes_through_the_int8_kernel_and_a_short_first_prompt
     ours.prefill(o_cache, head)  # in float; the kernel-only graph then gets the same codes
     for layer in range(arch.num_layers):
         for kind in (0, 1):
-            dst = _host_view(k_cache.buffers[layer][kind].ptr, kernel.kv_dtype,
+            dst = host_rows(k_cache.buffers[layer][kind], kernel.kv_dtype,
                              (arch.num_kv_heads, MAX_LENGTH, arch.head_dim))
             dst[...] = cache_rows(ours, o_cache, layer, kind, MAX_LENGTH)
     k_cache.advance(len(head))
