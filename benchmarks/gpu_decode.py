@@ -60,18 +60,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from edge_runtime.profiles import SESSION_CONFIG_KEY, load_profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from edge_runtime.roofline import cuda_bandwidth, kv_bytes_per_token, roofline_tokens_per_s  # noqa: E402
 from peers import (  # noqa: E402  (the byte counting, timing and plot the CPU benchmark uses)
     genai_builder_argv,
-    kv_bytes_per_token,
     onnx_kv_element_bytes,
     onnx_weight_bytes,
     plot,
-    roofline_tokens_per_s,
     time_decoder,
 )
 from peers import step_run_genai as run_genai  # noqa: E402
@@ -88,28 +85,11 @@ def say(text: str) -> None:
 
 # -- steps (each in a fresh process) ---------------------------------------------------------------------------
 def step_bandwidth(a) -> dict:
-    """GB/s (read + written) of a float16 Neg over a --bandwidth-mib tensor on the GPU."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
+    """GB/s (read + written) of a float16 Neg over a --bandwidth-mib tensor on the GPU
+    (``edge_runtime.roofline.cuda_bandwidth``, what `edge-runtime bench` measures) and of a torch copy."""
     n = a.bandwidth_mib * 2**20 // 2
-    graph = helper.make_graph([helper.make_node("Neg", ["x"], ["y"])], "copy",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [n])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [n])])
-    # IR version 9: what onnxruntime >= 1.16 reads (a newer onnx package writes a newer one by default)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    session = ort.InferenceSession(model.SerializeToString(), providers=[CUDA])
-    x = ort.OrtValue.ortvalue_from_shape_and_type((n,), np.float16, "cuda", 0)
-    y = ort.OrtValue.ortvalue_from_shape_and_type((n,), np.float16, "cuda", 0)
-    binding = session.io_binding()
-    binding.bind_ortvalue_input("x", x)
-    binding.bind_ortvalue_output("y", y)
-    times = []
-    for _ in range(a.bandwidth_runs):
-        t0 = time.perf_counter()
-        session.run_with_iobinding(binding)  # synchronizes the stream at the end
-        times.append(time.perf_counter() - t0)
-    result = {"bytes": 4 * n, "onnxruntime_neg_gbps": 4 * n / min(times[1:]) / 1e9}
+    neg = cuda_bandwidth(2 * n, a.bandwidth_runs)  # n float16 elements
+    result = {"bytes": neg["bytes"], "onnxruntime_neg_gbps": neg["bandwidth"] / 1e9}
     try:
         import torch
 

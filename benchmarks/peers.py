@@ -91,7 +91,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -100,6 +99,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_graphs import cpu_decoder, peak_rss, prompt_ids  # noqa: E402  (the steps both benchmarks run alike)
+from edge_runtime.onnx_proto_scan import decode_read_bytes, input_element_bytes  # noqa: E402
+from edge_runtime.roofline import BandwidthProbe, kv_bytes_per_token  # noqa: E402
 
 OURS = "edge-runtime"
 OURS_F32KV = "edge-runtime/f32kv"  # our bundle exported with --kv-cache-bits 0 (float32 KV cache)
@@ -138,15 +139,6 @@ class EngineRun:
     decode_best_tokens_per_s: dict[int, float] = field(default_factory=dict)
     peak_rss_bytes: int = 0
     load_s: float = 0.0
-
-
-def kv_bytes_per_token(*, layers: int, kv_heads: int, head_dim: int, context: int, element_bytes: int) -> int:
-    """Bytes of K and V a decode step reads at `context` tokens held."""
-    return 2 * layers * kv_heads * head_dim * context * element_bytes
-
-
-def roofline_tokens_per_s(bandwidth_bytes_per_s: float, weight_bytes: int, kv_bytes: int) -> float:
-    return bandwidth_bytes_per_s / (weight_bytes + kv_bytes)
 
 
 AGGREGATES = ("median", "best")
@@ -365,38 +357,15 @@ def initializer_bytes(model) -> dict[str, int]:
 
 
 def onnx_weight_bytes(graph: Path) -> tuple[int, int]:
-    """(all initializer bytes, bytes a decode step reads): initializers feeding a Gather
-    (the token-embedding table) count one row, or k rows where the indices are a TopK's (the
-    two-pass lm_head's int8 rows: codes, scales and zero points); cos/sin tables count as
-    read, a bound."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(graph), load_external_data=False)
-    sizes = initializer_bytes(model)
-    rows = {t.name: t.dims[0] if t.dims else 1 for t in model.graph.initializer}
-    inline = {t.name: t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL}
-    top_k = {n.output[1]: int(numpy_helper.to_array(inline[n.input[1]])[0]) for n in model.graph.node
-             if n.op_type == "TopK" and n.input[1] in inline}
-    read_rows: dict[str, int] = {}
-    for n in model.graph.node:
-        if n.op_type in ("Gather", "GatherBlockQuantized"):
-            tables = [n.input[0]] + (list(n.input[2:]) if n.op_type == "GatherBlockQuantized" else [])
-            for t in tables:
-                if t in sizes:
-                    read_rows[t] = top_k.get(n.input[1], 1)
-    total = sum(sizes.values())
-    return total, total - sum(sizes[t] - sizes[t] * min(r, rows[t]) // max(1, rows[t]) for t, r in read_rows.items())
+    """(all initializer bytes, bytes a decode step reads): ``onnx_proto_scan.decode_read_bytes``,
+    what `edge-runtime bench` counts too (the token-embedding table as one row, the two-pass
+    lm_head's int8 rows as k)."""
+    return decode_read_bytes(graph)
 
 
-def onnx_kv_element_bytes(graph: Path) -> int:
+def onnx_kv_element_bytes(graph: Path) -> float:
     """Element size of the graph's past key input (4: float32, 2: float16, 1: int8)."""
-    import onnx
-    from onnx import helper
-
-    model = onnx.load(str(graph), load_external_data=False)
-    past = next(i for i in model.graph.input if i.name.startswith("past_key_values"))
-    return helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type).itemsize
+    return input_element_bytes(graph, "past_key_values")
 
 
 def gguf_weight_bytes(path: Path) -> tuple[int, int, dict[str, int]]:
@@ -556,48 +525,6 @@ def step_prepare_llamacpp(a) -> dict:
     kinds = "/".join(sorted(by_type, key=lambda k: -by_type[k]))
     return {**asdict(ModelInfo(LLAMACPP, f"Q4_0 (b32; tensors {kinds})", q4.stat().st_size, per_token, 2)),
             "tensor_bytes_by_type": by_type}
-
-
-class BandwidthProbe:
-    """Copy bandwidth (bytes read + bytes written per second) -- the issue's measure -- and
-    read bandwidth (bytes per second of a max over the array, which only reads: what a
-    decode step does with the weights) over arrays of `n` bytes, allocated once (the paired
-    turns measure again every turn)."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.src = np.ones(n, dtype=np.uint8)
-        self.dst = np.zeros(n, dtype=np.uint8)
-        np.copyto(self.dst, self.src)
-
-    def _best(self, threads: int, work, repeats: int) -> float:
-        n = self.n
-        slices = [slice(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
-        fastest = float("inf")
-        for _ in range(repeats):
-            workers = [threading.Thread(target=work, args=(s,)) for s in slices]
-            t0 = time.perf_counter()
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
-            fastest = min(fastest, time.perf_counter() - t0)
-        return n / fastest
-
-    def _copy(self, s: slice) -> None:
-        np.copyto(self.dst[s], self.src[s])
-
-    def _read(self, s: slice) -> None:
-        np.max(self.src[s])
-
-    def measure(self, threads: int, repeats: int = 5) -> dict:
-        """Each the best of `repeats`, one thread and `threads` threads each taking a slice;
-        ``bandwidth`` and ``read_bandwidth`` the faster of the two."""
-        one, many = 2 * self._best(1, self._copy, repeats), 2 * self._best(threads, self._copy, repeats)
-        read_one, read_many = self._best(1, self._read, repeats), self._best(threads, self._read, repeats)
-        return {"one_thread": one, "threads": threads, "all_threads": many, "bandwidth": max(one, many),
-                "read_one_thread": read_one, "read_all_threads": read_many,
-                "read_bandwidth": max(read_one, read_many)}
 
 
 def step_bandwidth(a) -> dict:

@@ -316,7 +316,8 @@ def cmd_bench(args) -> int:
     if not args.bundle:
         return _die("bench needs --bundle (or --peers)")
     result = run_bench(args.bundle, profile=args.profile, prefill_tokens=args.prefill_tokens,
-                       contexts=tuple(args.context or (128, 2048)), decode_tokens=args.decode_tokens)
+                       contexts=tuple(args.context or (128, 2048)), decode_tokens=args.decode_tokens,
+                       roofline=args.roofline, bandwidth_mib=args.bandwidth_mib)
     print(result_json(result) if args.json else format_result(result))
     return 0
 
@@ -402,7 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_request_arguments(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("bench", help="prefill and decode speed of a bundle on this machine")
+    from .roofline import DEFAULT_PROBE_MIB
+
+    p = sub.add_parser("bench", help="prefill and decode speed of a bundle on this machine, and the share of "
+                                     "its memory-bandwidth roofline")
     p.add_argument("--bundle")
     p.add_argument("--peers", nargs=argparse.REMAINDER, metavar="ARG",
                    help="compare with onnxruntime-genai and llama.cpp: runs benchmarks/peers.py with every argument "
@@ -411,6 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-tokens", type=integer_at_least(1), default=512)
     p.add_argument("--context", type=integer_at_least(1), action="append", help="decode context (repeatable; default 128 and 2048)")
     p.add_argument("--decode-tokens", type=integer_at_least(1), default=64)
+    p.add_argument("--no-roofline", dest="roofline", action="store_false",
+                   help="do not measure the memory bandwidth (nor give decode speed as a share of the roofline)")
+    p.add_argument("--bandwidth-mib", type=integer_at_least(1), default=DEFAULT_PROBE_MIB,
+                   help="MiB of each array the bandwidth is measured over (two on the host, one on a GPU; "
+                        f"default {DEFAULT_PROBE_MIB})")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

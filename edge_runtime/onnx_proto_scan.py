@@ -1,15 +1,19 @@
-"""Find the external-data file names an ONNX model refers to, without the `onnx`
-package (the device side does not install it).
+"""Read what the device side needs of an ONNX model without the `onnx` package (the
+device side does not install it): the external-data file names it refers to, and the
+bytes a decode step reads (`decode_read_bytes`, for the roofline of `edge-runtime bench`).
 
 A minimal protobuf wire-format walk over a memory-mapped file: ModelProto.graph
-(field 7) -> GraphProto.initializer (5) and node (1) -> attribute (5) -> t (5) /
+(field 7) -> GraphProto.initializer (5), node (1) and input (11) -> attribute (5) -> t (5) /
 tensors (11) / g (6) / graphs (10) -> TensorProto.external_data (13) entries
-whose key (1) is "location" -> value (2). Nothing is copied but those strings.
+whose key (1) is "location" -> value (2). Nothing is copied but names, shapes and
+the few small integer tensors asked for.
 """
 
 from __future__ import annotations
 
 import mmap
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
@@ -95,3 +99,171 @@ def external_data_locations(path: Path) -> set[str]:
         except IndexError as exc:
             raise ValueError("truncated protobuf message") from exc
     return out
+
+
+# -- the top-level graph's initializers, nodes and inputs: what a decode step reads ------------------------------
+# TensorProto.DataType -> bytes an element (the 4-bit types: half a byte)
+ELEMENT_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2, 17: 1, 18: 1,
+                 19: 1, 20: 1, 21: 0.5, 22: 0.5}
+_EXTERNAL = 1  # TensorProto.DataLocation
+
+
+@dataclass(frozen=True)
+class Initializer:
+    name: str
+    dims: tuple[int, ...]
+    data_type: int
+    nbytes: int  # inline: the data's length; external: the recorded length
+    int64_values: tuple[int, ...] | None = None  # an inline INT64 tensor's values (TopK's k)
+
+
+@dataclass(frozen=True)
+class Node:
+    op_type: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GraphScan:
+    initializers: dict[str, Initializer]
+    nodes: tuple[Node, ...]
+    input_types: dict[str, int]  # graph input name -> element type
+
+
+def _packed_ints(buf, span, wire: int) -> list[int]:
+    if wire == _VARINT:
+        return [span]
+    values, pos = [], span[0]
+    while pos < span[1]:
+        v, pos = _varint(buf, pos)
+        values.append(v)
+    return values
+
+
+def _initializer(buf, span) -> Initializer:
+    name, dims, data_type, raw, location, external, int64s = "", [], 0, None, 0, {}, []
+    for field, wire, value in _fields(buf, *span):
+        if field == 1:
+            dims += _packed_ints(buf, value, wire)
+        elif field == 2 and wire == _VARINT:
+            data_type = value
+        elif field == 8 and wire == _LEN:
+            name = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
+        elif field == 9 and wire == _LEN:
+            raw = value
+        elif field == 7:
+            int64s += [v - (1 << 64) if v >= 1 << 63 else v for v in _packed_ints(buf, value, wire)]
+        elif field == 13 and wire == _LEN:
+            entry = {f: bytes(buf[v[0]:v[1]]).decode("utf-8", "replace") for f, w, v in _fields(buf, *value)
+                     if w == _LEN}
+            external[entry.get(1)] = entry.get(2)
+        elif field == 14 and wire == _VARINT:
+            location = value
+    numel = 1
+    for d in dims:
+        numel *= d
+    size = int(numel * ELEMENT_BYTES.get(data_type, 1) + 0.5)
+    if location == _EXTERNAL:
+        nbytes = int(external["length"]) if external.get("length") else size
+    elif raw is not None:
+        nbytes = raw[1] - raw[0]
+        if data_type == 7 and nbytes <= 64:
+            int64s = list(struct.unpack(f"<{nbytes // 8}q", bytes(buf[raw[0]:raw[1]])))
+    else:  # float_data, int32_data, int64_data...: the elements' size in the tensor's type
+        nbytes = size
+    values = tuple(int64s) if data_type == 7 and int64s and len(int64s) <= 8 else None
+    return Initializer(name, tuple(dims), data_type, nbytes, values)
+
+
+def _node(buf, span) -> Node:
+    inputs, outputs, op_type = [], [], ""
+    for field, wire, value in _fields(buf, *span):
+        if wire != _LEN:
+            continue
+        text = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
+        if field == 1:
+            inputs.append(text)
+        elif field == 2:
+            outputs.append(text)
+        elif field == 4:
+            op_type = text
+    return Node(op_type, tuple(inputs), tuple(outputs))
+
+
+def _input_type(buf, span) -> tuple[str, int]:
+    name, elem = "", 0
+    for field, wire, value in _fields(buf, *span):
+        if field == 1 and wire == _LEN:
+            name = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
+        elif field == 2 and wire == _LEN:  # TypeProto -> tensor_type (1) -> elem_type (1)
+            for f, w, v in _fields(buf, *value):
+                if f == 1 and w == _LEN:
+                    elem = next((tv for tf, tw, tv in _fields(buf, *v) if tf == 1 and tw == _VARINT), 0)
+    return name, elem
+
+
+def scan_graph(path: Path) -> GraphScan:
+    """The top-level graph's initializers (sizes, not data), nodes and input element types
+    (ValueError if the file is not a well-formed protobuf message)."""
+    initializers: dict[str, Initializer] = {}
+    nodes: list[Node] = []
+    input_types: dict[str, int] = {}
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path.name} is empty")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        try:
+            for field, wire, value in _fields(mm, 0, len(mm)):
+                if field != 7 or wire != _LEN:
+                    continue
+                for f7, w7, v7 in _fields(mm, *value):
+                    if w7 != _LEN:
+                        continue
+                    if f7 == 5:
+                        t = _initializer(mm, v7)
+                        initializers[t.name] = t
+                    elif f7 == 1:
+                        nodes.append(_node(mm, v7))
+                    elif f7 == 11:
+                        name, elem = _input_type(mm, v7)
+                        input_types[name] = elem
+        except (IndexError, KeyError, struct.error) as exc:
+            raise ValueError("truncated protobuf message") from exc
+    return GraphScan(initializers, tuple(nodes), input_types)
+
+
+def decode_read_bytes(path: Path) -> tuple[int, int]:
+    """(all initializer bytes, the bytes of them a decode step reads): an initializer that a
+    Gather or GatherBlockQuantized indexes (the token-embedding table; the two-pass lm_head's
+    int8 rows, with their scales and zero points) counts the rows a step gathers, one, or k
+    where the indices are a TopK's with an inline k; every other initializer counts whole
+    (cos/sin tables included: a bound)."""
+    scan = scan_graph(path)
+    sizes = {name: t.nbytes for name, t in scan.initializers.items()}
+    top_k = {}
+    for n in scan.nodes:
+        k = scan.initializers.get(n.inputs[1]) if n.op_type == "TopK" and len(n.inputs) > 1 else None
+        if k is not None and k.int64_values and len(n.outputs) > 1:
+            top_k[n.outputs[1]] = k.int64_values[0]
+    read_rows: dict[str, int] = {}
+    for n in scan.nodes:
+        if n.op_type in ("Gather", "GatherBlockQuantized") and len(n.inputs) > 1:
+            tables = [n.inputs[0]] + (list(n.inputs[2:]) if n.op_type == "GatherBlockQuantized" else [])
+            for t in tables:
+                if t in sizes:
+                    read_rows[t] = top_k.get(n.inputs[1], 1)
+    total = sum(sizes.values())
+    unread = 0
+    for t, r in read_rows.items():
+        dims = scan.initializers[t].dims
+        rows = max(1, dims[0] if dims else 1)
+        unread += sizes[t] - sizes[t] * min(r, rows) // rows
+    return total, total - unread
+
+
+def input_element_bytes(path: Path, prefix: str) -> float | None:
+    """Bytes an element of the first graph input whose name starts with `prefix` (the KV
+    cache's past_key_values.*: 4 float32, 2 float16, 1 int8), None without one."""
+    scan = scan_graph(path)
+    elem = next((e for name, e in scan.input_types.items() if name.startswith(prefix)), None)
+    return ELEMENT_BYTES.get(elem) if elem is not None else None

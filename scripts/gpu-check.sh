@@ -73,7 +73,7 @@ if [ "$stage" != bench ]; then
         { echo "preparing the block-32 symmetric bundles failed (step 4 will say so)" >&2; rm -f "$work/b32sym.txt"; }; }
     } &
     prepare=$!
-    "$py" -m pytest -m gpu -v -rA -p no:cacheprovider tests/engine/test_cuda_provider.py \
+    "$py" -m pytest -m gpu -v -rA -p no:cacheprovider tests/engine/test_cuda_provider.py tests/engine/test_roofline.py \
         tests/bench/test_gpu_kernels.py 2>&1 | tee "$out/pytest-gpu.log"
     tests=${PIPESTATUS[0]}
     echo "gpu tests: exit $tests (${SECONDS} s)"

@@ -1,4 +1,4 @@
-"""benchmarks/peers.py's own logic: the roofline arithmetic, the table, the best-of-rounds
+"""benchmarks/peers.py's own logic: the table, the best-of-rounds
 merge, skipping peers that are not installed, and one end-to-end run of our engine alone on a
 tiny checkpoint (seconds; no peers needed, no timing asserted)."""
 
@@ -8,13 +8,6 @@ import json
 import sys
 
 import pytest
-
-
-def test_kv_bytes_and_roofline(peers):
-    # 8 layers x 16 kv heads x 128 dims, fp32, 2048 tokens: K and V = 256 MiB read per step
-    kv = peers.kv_bytes_per_token(layers=8, kv_heads=16, head_dim=128, context=2048, element_bytes=4)
-    assert kv == 2 * 8 * 16 * 128 * 2048 * 4 == 256 * 2**20
-    assert peers.roofline_tokens_per_s(10e9, 900_000_000, 100_000_000) == pytest.approx(10.0)
 
 
 def _info(peers, engine, weights, kv_bytes=4):

@@ -270,3 +270,18 @@ def test_the_profiles_session_config_runs_onnxruntimes_tensorrt_llm_int4_kernels
     on, off = kernels(FPA_INTB), kernels(None)
     assert any("fpa_intb" in name.lower() for name in on), on
     assert not any("fpa_intb" in name.lower() for name in off), off
+
+
+def test_bench_gives_the_gpu_roofline(gpu_bundles):
+    """`edge-runtime bench` on a CUDA bundle measures the GPU's own memory (a Neg in device
+    memory), not the host's, and gives each decode speed against it."""
+    from edge_runtime.bench import run_bench
+
+    r = run_bench(str(gpu_bundles["int4"]), profile="nvidia-gpu", prefill_tokens=16, contexts=(16, 48),
+                  decode_tokens=8, bandwidth_mib=256)
+    assert r.provider == "CUDAExecutionProvider"
+    assert r.bandwidth["device"] == "cuda" and r.bandwidth["bandwidth"] > 0 and "read_bandwidth" not in r.bandwidth
+    assert set(r.roofline_percent) == {16, 48} and r.read_roofline_percent == {}
+    for ctx, tps in r.decode_tokens_per_s.items():
+        assert r.roofline_percent[ctx] == pytest.approx(100 * tps * r.step_bytes[ctx] / r.bandwidth["bandwidth"])
+    assert r.step_bytes[48] > r.step_bytes[16]  # the float16 KV cache of 32 more tokens
