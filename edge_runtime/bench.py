@@ -111,6 +111,7 @@ def run_bench(bundle: str, *, profile: str | None = None, prefill_tokens: int = 
                                          if f["path"].startswith("model.onnx")),
                          prefill_tokens=min(prefill_tokens, limit - 1), prefill_tokens_per_s=0.0, ttft_ms=0.0)
     measures: list[dict] = []
+    roofline = roofline and any(c + decode_tokens + 4 <= limit for c in contexts)  # a decode speed to compare
 
     def measure() -> None:  # in a child process: its arrays never count in this process's RSS
         if roofline and not result.roofline_note:
