@@ -14,7 +14,6 @@ bandwidth / (the bytes a step reads at that context).
 from __future__ import annotations
 
 import json
-import os
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .engine import Engine
-from .roofline import DEFAULT_PROBE_MIB, measure_bandwidth, step_bytes
+from .roofline import DEFAULT_PROBE_MIB, measure_bandwidth, physical_cores, step_bytes
 
 
 @dataclass
@@ -86,8 +85,8 @@ def time_decode(engine: Engine, context: int, steps: int) -> float:
 
 def host_threads(engine: Engine) -> int:
     """The threads the engine's session computes with: the profile's, or onnxruntime's
-    default (one per core this process may run on)."""
-    return engine.profile.intra_op_threads or len(os.sched_getaffinity(0))
+    default (one per physical core)."""
+    return engine.profile.intra_op_threads or physical_cores()
 
 
 def add_roofline(result: BenchResult, bandwidth: dict, steps: dict[int, int]) -> BenchResult:
@@ -111,15 +110,17 @@ def run_bench(bundle: str, *, profile: str | None = None, prefill_tokens: int = 
                                          if f["path"].startswith("model.onnx")),
                          prefill_tokens=min(prefill_tokens, limit - 1), prefill_tokens_per_s=0.0, ttft_ms=0.0)
     measures: list[dict] = []
+    failures: list[str] = []
     roofline = roofline and any(c + decode_tokens + 4 <= limit for c in contexts)  # a decode speed to compare
 
     def measure() -> None:  # in a child process: its arrays never count in this process's RSS
-        if roofline and not result.roofline_note:
+        if roofline:
             try:
                 measures.append(measure_bandwidth(threads=host_threads(engine), device=engine.decoder.device,
+                                                  device_id=getattr(engine.decoder, "device_id", 0),
                                                   mib=bandwidth_mib))
             except (RuntimeError, OSError, ValueError) as exc:
-                result.roofline_note = str(exc)
+                failures.append(str(exc))
 
     measure()  # before the timings and after: this VM's or board's bandwidth drifts, the faster one counts
     prefill_s, ttft_s = time_prefill(engine, result.prefill_tokens, repeats)
@@ -132,7 +133,8 @@ def run_bench(bundle: str, *, profile: str | None = None, prefill_tokens: int = 
         result.decode_tokens_per_s[context] = time_decode(engine, context, decode_tokens)
     result.peak_rss_bytes = peak_rss_bytes()
     measure()
-    if measures and not result.roofline_note and result.decode_tokens_per_s:
+    result.roofline_note = "; ".join(dict.fromkeys(failures))  # a failed measure is said, a good one still counts
+    if measures and result.decode_tokens_per_s:
         arch = engine.bundle.architecture
         steps = step_bytes(engine.bundle.graph_path, layers=arch.num_layers, kv_heads=arch.num_kv_heads,
                            head_dim=arch.head_dim, contexts=result.decode_tokens_per_s)
@@ -159,8 +161,8 @@ def format_result(r: BenchResult) -> str:
                f"{r.bandwidth['threads']} threads" if r.bandwidth.get("device") == "cpu"
                else "read + written by a float16 Neg in device memory")
         lines.append(f"memory bandwidth  {r.bandwidth['bandwidth'] / 1e9:,.1f} GB/s {how}")
-    elif r.roofline_note:
-        lines.append(f"memory bandwidth  not measured ({r.roofline_note})")
+    if r.roofline_note:
+        lines.append(f"memory bandwidth  {'a measure failed' if r.bandwidth else 'not measured'} ({r.roofline_note})")
     for ctx, tps in r.decode_tokens_per_s.items():
         roof = ""
         if ctx in r.roofline_percent:

@@ -11,6 +11,7 @@ the few small integer tensors asked for.
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -102,9 +103,11 @@ def external_data_locations(path: Path) -> set[str]:
 
 
 # -- the top-level graph's initializers, nodes and inputs: what a decode step reads ------------------------------
-# TensorProto.DataType -> bytes an element (the 4-bit types: half a byte)
-ELEMENT_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2, 17: 1, 18: 1,
-                 19: 1, 20: 1, 21: 0.5, 22: 0.5}
+# TensorProto.DataType -> bytes an element (sub-byte types packed: 4-bit half a byte, 2-bit a quarter,
+# 6-bit three quarters); STRING (8) has no fixed size and counts 1
+ELEMENT_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 8: 1, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 14: 8, 15: 16,
+                 16: 2, 17: 1, 18: 1, 19: 1, 20: 1, 21: 0.5, 22: 0.5, 23: 0.5, 24: 1, 25: 0.25, 26: 0.25,
+                 27: 0.75, 28: 0.75}
 _EXTERNAL = 1  # TensorProto.DataLocation
 
 
@@ -122,6 +125,8 @@ class Node:
     op_type: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    ints: tuple[tuple[str, int], ...] = ()  # its integer attributes (Gather's axis), by name
+    value: Initializer | None = None  # a Constant's value attribute (TopK's k given by a node)
 
 
 @dataclass(frozen=True)
@@ -163,7 +168,7 @@ def _initializer(buf, span) -> Initializer:
     numel = 1
     for d in dims:
         numel *= d
-    size = int(numel * ELEMENT_BYTES.get(data_type, 1) + 0.5)
+    size = math.ceil(numel * ELEMENT_BYTES.get(data_type, 1))  # sub-byte types: packed, the last byte padded
     if location == _EXTERNAL:
         nbytes = int(external["length"]) if external.get("length") else size
     elif raw is not None:
@@ -176,10 +181,30 @@ def _initializer(buf, span) -> Initializer:
     return Initializer(name, tuple(dims), data_type, nbytes, values)
 
 
+def _attribute(buf, span) -> tuple[str, int | None, Initializer | None]:
+    """An AttributeProto's (name, i, t): the integer (field 3) and the tensor (field 5) it holds."""
+    name, i, t = "", None, None
+    for field, wire, value in _fields(buf, *span):
+        if field == 1 and wire == _LEN:
+            name = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
+        elif field == 3 and wire == _VARINT:
+            i = value - (1 << 64) if value >= 1 << 63 else value
+        elif field == 5 and wire == _LEN:
+            t = _initializer(buf, value)
+    return name, i, t
+
+
 def _node(buf, span) -> Node:
-    inputs, outputs, op_type = [], [], ""
+    inputs, outputs, op_type, ints, value_attr = [], [], "", [], None
     for field, wire, value in _fields(buf, *span):
         if wire != _LEN:
+            continue
+        if field == 5:
+            name, i, t = _attribute(buf, value)
+            if i is not None:
+                ints.append((name, i))
+            if name == "value" and t is not None:
+                value_attr = t
             continue
         text = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
         if field == 1:
@@ -188,7 +213,7 @@ def _node(buf, span) -> Node:
             outputs.append(text)
         elif field == 4:
             op_type = text
-    return Node(op_type, tuple(inputs), tuple(outputs))
+    return Node(op_type, tuple(inputs), tuple(outputs), tuple(ints), value_attr if op_type == "Constant" else None)
 
 
 def _input_type(buf, span) -> tuple[str, int]:
@@ -227,34 +252,45 @@ def scan_graph(path: Path) -> GraphScan:
                     elif f7 == 11:
                         name, elem = _input_type(mm, v7)
                         input_types[name] = elem
-        except (IndexError, KeyError, struct.error) as exc:
-            raise ValueError("truncated protobuf message") from exc
+        except (IndexError, KeyError, TypeError, struct.error) as exc:
+            raise ValueError("truncated or malformed protobuf message") from exc
     return GraphScan(initializers, tuple(nodes), input_types)
 
 
 def decode_read_bytes(path: Path) -> tuple[int, int]:
-    """(all initializer bytes, the bytes of them a decode step reads): an initializer that a
-    Gather or GatherBlockQuantized indexes (the token-embedding table; the two-pass lm_head's
-    int8 rows, with their scales and zero points) counts the rows a step gathers, one, or k
-    where the indices are a TopK's with an inline k; every other initializer counts whole
-    (cos/sin tables included: a bound)."""
+    """(all initializer bytes, the bytes of them a decode step reads). An initializer that
+    only Gather or GatherBlockQuantized nodes index along its first axis (the token-embedding
+    table; the two-pass lm_head's int8 rows, with their scales and zero points) counts the rows
+    a step gathers: one per node, or k where the indices are a TopK's with a constant k (an
+    initializer or a Constant node). Every other initializer counts whole (a table that is
+    also multiplied, as a tied embedding is, and the cos/sin tables: a bound)."""
     scan = scan_graph(path)
     sizes = {name: t.nbytes for name, t in scan.initializers.items()}
+    constants = {**{n.outputs[0]: n.value for n in scan.nodes if n.value is not None and n.outputs},
+                 **scan.initializers}
     top_k = {}
     for n in scan.nodes:
-        k = scan.initializers.get(n.inputs[1]) if n.op_type == "TopK" and len(n.inputs) > 1 else None
+        k = constants.get(n.inputs[1]) if n.op_type == "TopK" and len(n.inputs) > 1 else None
         if k is not None and k.int64_values and len(n.outputs) > 1:
             top_k[n.outputs[1]] = k.int64_values[0]
-    read_rows: dict[str, int] = {}
+    gathered: dict[str, int] = {}  # table -> rows a step gathers
+    whole: set[str] = set()  # read by something else too
     for n in scan.nodes:
-        if n.op_type in ("Gather", "GatherBlockQuantized") and len(n.inputs) > 1:
-            tables = [n.inputs[0]] + (list(n.inputs[2:]) if n.op_type == "GatherBlockQuantized" else [])
-            for t in tables:
-                if t in sizes:
-                    read_rows[t] = top_k.get(n.inputs[1], 1)
+        tables = ([n.inputs[0]] + (list(n.inputs[2:]) if n.op_type == "GatherBlockQuantized" else [])
+                  if n.op_type in ("Gather", "GatherBlockQuantized") and len(n.inputs) > 1 else [])
+        along_rows = dict(n.ints).get("gather_axis" if n.op_type == "GatherBlockQuantized" else "axis", 0) == 0
+        for name in n.inputs:
+            if name not in sizes:
+                continue
+            if name in tables and along_rows:
+                gathered[name] = gathered.get(name, 0) + top_k.get(n.inputs[1], 1)
+            else:
+                whole.add(name)
     total = sum(sizes.values())
     unread = 0
-    for t, r in read_rows.items():
+    for t, r in gathered.items():
+        if t in whole:
+            continue
         dims = scan.initializers[t].dims
         rows = max(1, dims[0] if dims else 1)
         unread += sizes[t] - sizes[t] * min(r, rows) // rows

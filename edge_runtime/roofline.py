@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -156,15 +157,34 @@ def step_bytes(graph: Path, *, layers: int, kv_heads: int, head_dim: int, contex
                                             element_bytes=element) for c in contexts}
 
 
+def physical_cores(cpus: Path = Path("/sys/devices/system/cpu")) -> int:
+    """This machine's physical cores -- what onnxruntime's intra-op pool takes when a profile
+    leaves its threads at 0 (it counts every core, whatever this process's affinity): the
+    distinct (package, core) pairs of the CPUs under `cpus`; os.cpu_count() where those files
+    are missing."""
+    cores = set()
+    for cpu in cpus.glob("cpu[0-9]*"):
+        try:
+            cores.add(((cpu / "topology" / "physical_package_id").read_text().strip(),
+                       (cpu / "topology" / "core_id").read_text().strip()))
+        except OSError:
+            continue
+    return len(cores) or os.cpu_count() or 1
+
+
 # -- measured in a child process -----------------------------------------------------------------------------------
-def measure_bandwidth(*, threads: int, device: str = "cpu", mib: int = DEFAULT_PROBE_MIB,
+def measure_bandwidth(*, threads: int, device: str = "cpu", device_id: int = 0, mib: int = DEFAULT_PROBE_MIB,
                       timeout_s: float = 300.0) -> dict:
     """The bandwidth (``bandwidth``, and on the host ``read_bandwidth``, bytes per second) of
-    `device` ("cpu" or "cuda"), measured by ``python -m edge_runtime.roofline`` in a child
-    process. RuntimeError with the child's words if it fails."""
-    argv = [sys.executable, "-m", "edge_runtime.roofline", "--device", device, "--threads", str(threads),
-            "--mib", str(mib)]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    `device` ("cpu", or "cuda" and its `device_id`), measured by ``python -m
+    edge_runtime.roofline`` in a child process. RuntimeError with the child's words if it fails
+    or does not finish within `timeout_s`."""
+    argv = [sys.executable, "-m", "edge_runtime.roofline", "--device", device, "--device-id", str(device_id),
+            "--threads", str(threads), "--mib", str(mib)]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"measuring the {device} memory bandwidth took over {timeout_s:.0f} s") from exc
     if done.returncode != 0:
         raise RuntimeError(f"measuring the {device} memory bandwidth failed: "
                            f"{(done.stderr.strip().splitlines() or ['no message'])[-1]}")
@@ -176,15 +196,17 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Measure this machine's memory bandwidth, as edge-runtime bench does; "
                                             "prints JSON (bytes per second).")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device-id", type=int, default=0, help="which GPU (the profile's device_id)")
     p.add_argument("--threads", type=int, default=1, help="host threads (the engine's intra-op threads)")
     p.add_argument("--mib", type=int, default=DEFAULT_PROBE_MIB, help="MiB of each array (GPU: of the tensor)")
     p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS)
     a = p.parse_args(argv)
-    if a.threads < 1 or a.mib < 1 or a.repeats < 1:
-        p.error("--threads, --mib and --repeats must be at least 1")
+    if a.threads < 1 or a.mib < 1 or a.repeats < 1 or a.device_id < 0:
+        p.error("--threads, --mib and --repeats must be at least 1, --device-id at least 0")
     if a.device == "cuda":
-        result = {"device": "cuda", "method": f"onnxruntime float16 Neg over {a.mib} MiB in device memory",
-                  **cuda_bandwidth(a.mib << 20, max(a.repeats, 2))}
+        result = {"device": "cuda", "device_id": a.device_id,
+                  "method": f"onnxruntime float16 Neg over {a.mib} MiB in device memory",
+                  **cuda_bandwidth(a.mib << 20, max(a.repeats, 2), a.device_id)}
     else:
         result = {"device": "cpu", "method": f"numpy copy (read + written) and max (read) of {a.mib} MiB",
                   **BandwidthProbe(a.mib << 20).measure(a.threads, a.repeats)}

@@ -31,15 +31,15 @@ def test_kv_bytes_and_roofline():
 
 
 def _lookup_graph(tmp_path, kv_type=TensorProto.INT8):
-    """A graph whose bytes are known by construction: a weight read whole (128 B), an embedding
-    table of which a step gathers one row (3200 B, a row 32 B), an int8 table of which a step
-    gathers the TopK's 5 rows (800 B, 5 rows 40 B), TopK's k (8 B), and an external-data weight
-    (64 B) -- the first four inline, every kind of storage the scan reads."""
+    """A graph whose bytes are known by construction: a weight read whole (128 B, in
+    float_data), an embedding table of which a step gathers one row (3200 B raw, a row 32 B),
+    an int8 table of which a step gathers the TopK's 5 rows (800 B, 5 rows 40 B), TopK's k (8 B,
+    in int64_data), and an external-data weight (64 B): each way a tensor's bytes are stored."""
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w"),
+    inits = [helper.make_tensor("w", TensorProto.FLOAT, [8, 4], rng.standard_normal(32).tolist(), raw=False),
              numpy_helper.from_array(rng.standard_normal((100, 8)).astype(np.float32), "embed"),
              numpy_helper.from_array(rng.integers(-127, 127, (100, 8), dtype=np.int8), "head_rows"),
-             numpy_helper.from_array(np.array([5], np.int64), "k"),
+             helper.make_tensor("k", TensorProto.INT64, [1], [5], raw=False),
              numpy_helper.from_array(rng.standard_normal(16).astype(np.float32), "far")]
     nodes = [helper.make_node("Gather", ["embed", "ids"], ["h"]),
              helper.make_node("MatMul", ["h", "w"], ["logits"]),
@@ -66,8 +66,9 @@ def _lookup_graph(tmp_path, kv_type=TensorProto.INT8):
 
 def test_read_bytes_by_construction(tmp_path):
     path = _lookup_graph(tmp_path)
-    assert [t.name for t in onnx.load(str(path), load_external_data=False).graph.initializer
-            if t.data_location == TensorProto.EXTERNAL] == ["far"]
+    stored = {t.name: t for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+    assert [n for n, t in stored.items() if t.data_location == TensorProto.EXTERNAL] == ["far"]
+    assert stored["w"].float_data and not stored["w"].raw_data and stored["k"].int64_data == [5]
     total, read = decode_read_bytes(path)
     assert total == 128 + 3200 + 800 + 8 + 64
     assert read == 128 + 32 + 5 * 8 + 8 + 64
@@ -75,6 +76,54 @@ def test_read_bytes_by_construction(tmp_path):
     (tmp_path / "f16").mkdir()
     assert input_element_bytes(_lookup_graph(tmp_path / "f16", TensorProto.FLOAT16), "past_key_values") == 2
     assert input_element_bytes(path, "no_such_input") is None
+
+
+def test_tables_read_otherwise_count_whole(tmp_path):
+    """A table a Gather indexes and a MatMul also reads (a tied embedding) is read whole; so is
+    one gathered along another axis; two Gathers of one table read a row each; a TopK's k
+    from a Constant node counts as an initializer's does."""
+    rng = np.random.default_rng(1)
+    f32 = lambda name, shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)  # noqa: E731
+    inits = [f32("tied", (50, 4)), f32("cols", (4, 50)), f32("twice", (50, 4)), f32("rows", (50, 4))]
+    nodes = [helper.make_node("Gather", ["tied", "ids"], ["h"]),
+             helper.make_node("MatMul", ["h", "tied_t"], ["logits"]),
+             helper.make_node("Transpose", ["tied"], ["tied_t"]),
+             helper.make_node("Gather", ["cols", "ids"], ["c"], axis=1),
+             helper.make_node("Gather", ["twice", "ids"], ["a"]),
+             helper.make_node("Gather", ["twice", "ids"], ["b"]),
+             helper.make_node("Constant", [], ["k"], value=helper.make_tensor("kv", TensorProto.INT64, [1], [3])),
+             helper.make_node("TopK", ["logits", "k"], ["top", "top_i"]),
+             helper.make_node("Gather", ["rows", "top_i"], ["r"])]
+    graph = helper.make_graph(nodes, "tables", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in "cabr"],
+                              initializer=inits)
+    path = tmp_path / "tables.onnx"
+    onnx.save_model(helper.make_model(graph), str(path))
+    total, read = decode_read_bytes(path)
+    assert total == 4 * 800
+    assert read == 800 + 800 + 2 * 16 + 3 * 16  # tied and cols whole, twice 2 rows, rows the TopK's 3
+
+
+def test_malformed_protobuf_is_a_value_error(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(bytes([(7 << 3) | 2, 4, (1 << 3) | 5, 0, 0]))  # graph { node: a fixed32 where a message goes }
+    with pytest.raises(ValueError):
+        decode_read_bytes(bad)
+
+
+def test_physical_cores_count_cores_not_threads(tmp_path):
+    from edge_runtime.roofline import physical_cores
+
+    for cpu, (package, core) in enumerate([(0, 0), (0, 0), (0, 1), (0, 1), (1, 0), (1, 0), (1, 1), (1, 1)]):
+        topology = tmp_path / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text(f"{package}\n")
+        (topology / "core_id").write_text(f"{core}\n")
+    (tmp_path / "cpufreq").mkdir()  # not a CPU
+    assert physical_cores(tmp_path) == 4
+    import os
+
+    assert physical_cores(tmp_path / "cpufreq") == os.cpu_count()
 
 
 def test_step_bytes_add_the_kv_cache(tmp_path):
@@ -138,6 +187,38 @@ def test_the_faster_measure_counts():
 def test_a_failed_measure_says_why():
     with pytest.raises(RuntimeError, match="--threads, --mib and --repeats must be at least 1"):
         measure_bandwidth(threads=1, mib=0)
+    with pytest.raises(RuntimeError, match="--device-id at least 0"):
+        measure_bandwidth(threads=1, device_id=-1)
+    with pytest.raises(RuntimeError, match="took over"):
+        measure_bandwidth(threads=1, mib=8, timeout_s=0.001)
+
+
+def test_one_failed_measure_keeps_the_other(tiny_bundle, monkeypatch):
+    """The bench measures before and after its timings: a failure is said, and a good measure
+    still gives the roofline; with both failed there is none; with no context to decode at, no
+    measure is taken."""
+    import edge_runtime.bench as bench
+
+    answers = []
+
+    def fake(**kwargs):
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(bench, "measure_bandwidth", fake)
+    good = {"device": "cpu", "threads": 2, "bandwidth": 1e10, "read_bandwidth": 2e10}
+    answers[:] = [good, RuntimeError("measuring the cpu memory bandwidth took over 300 s")]
+    r = bench.run_bench(str(tiny_bundle), prefill_tokens=4, contexts=(8,), decode_tokens=2, repeats=1)
+    assert r.bandwidth == good and set(r.roofline_percent) == {8} and "took over" in r.roofline_note
+    assert "a measure failed (measuring" in bench.format_result(r)
+    answers[:] = [RuntimeError("no"), RuntimeError("no")]
+    r = bench.run_bench(str(tiny_bundle), prefill_tokens=4, contexts=(8,), decode_tokens=2, repeats=1)
+    assert r.bandwidth == {} and r.roofline_percent == {} and r.roofline_note == "no"
+    assert "memory bandwidth  not measured (no)" in bench.format_result(r)
+    r = bench.run_bench(str(tiny_bundle), prefill_tokens=4, contexts=(10**6,), decode_tokens=2, repeats=1)
+    assert r.skipped and r.bandwidth == {} and r.roofline_note == ""  # `fake` was not called: answers empty
 
 
 def _bench(bundle, *extra) -> subprocess.CompletedProcess:
@@ -157,7 +238,12 @@ def test_bench_gives_decode_as_a_share_of_the_roofline(tiny_bundle):
     head_dim = arch["hidden_size"] // arch["num_heads"]
     kv_16_tokens = 2 * arch["num_layers"] * arch["num_kv_heads"] * head_dim * 16 * element
     assert r["step_bytes"]["24"] - r["step_bytes"]["8"] == kv_16_tokens
-    assert r["step_bytes"]["8"] > kv_16_tokens // 2  # the weights a step reads besides
+    # the weights: every initializer but the embedding table, of which one row (the onnx package's reading)
+    sizes = {t.name: (int({e.key: e.value for e in t.external_data}["length"]) if t.data_location == TensorProto.EXTERNAL
+                      else numpy_helper.to_array(t).nbytes) for t in graph.graph.initializer}
+    embed = next(n.input[0] for n in graph.graph.node if n.op_type.startswith("Gather") and n.input[0] in sizes)
+    weights = sum(sizes.values()) - sizes[embed] + sizes[embed] // arch["vocab_size"]
+    assert r["step_bytes"]["8"] == weights + kv_16_tokens // 2
     for ctx in ("8", "24"):
         tps = r["decode_tokens_per_s"][ctx]
         assert r["roofline_percent"][ctx] == pytest.approx(100 * tps * r["step_bytes"][ctx] / r["bandwidth"]["bandwidth"])
