@@ -27,7 +27,7 @@ from . import generator
 from .bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, Bundle, Family, load_bundle
 from .detokenizer import IncrementalDetokenizer
 from .errors import BadRequest, BundleError, ConfigError, ContextLengthExceeded, DeadlineExceeded, UnsupportedMode
-from .gqa_decoder import SharedKVDecoder, check_kv_dtype_for_device, graph_int8_kernel_rows
+from .gqa_decoder import SharedKVDecoder, check_kv_dtype_for_device
 from .memory_fit import PREFILL_CHUNK, MemoryPlan, bundle_kv_dtype, check_bundle_fits, engine_context_limit
 from .onnx_decoder import KVConcatDecoder
 from .profiles import DeviceProfile, load_profile
@@ -236,11 +236,6 @@ class Engine:
                               f"({bundle.int8_kernel_rows}) is not below half the prefill chunk of {PREFILL_CHUNK} "
                               "tokens: a long prompt's last chunk would run the int8 kernel; re-export the bundle")
         session, choice = make_session(ort, bundle, profile)
-        graph_rows = graph_int8_kernel_rows(session)
-        if graph_rows is not None and bundle.int8_kernel_rows not in (None, graph_rows):
-            # the decoder binds a run's outputs by the graph's share (gqa_decoder.META_PROMPT_PRESENT)
-            raise BundleError(f"{bundle.root}: bundle.json's kv_cache.int8_kernel_rows_after_cache "
-                              f"({bundle.int8_kernel_rows}) is not the graph's ({graph_rows}); re-export the bundle")
         # the fused graph prefills long prompts in chunks: bounded attention scratch (memory_fit.py counts it)
         extra = ({"prefill_chunk": PREFILL_CHUNK, "cuda_graph": uses_cuda_graph(choice)}
                  if bundle.graph_flavour == FLAVOUR_GQA_SHARED_KV else {})

@@ -71,7 +71,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .bundle import Architecture
-from .errors import ConfigError
+from .errors import BundleError, ConfigError
 from .kv_cache import DeviceBuffer, allocate
 from .onnx_decoder import ORT_TO_NUMPY, check_graph_matches
 
@@ -231,7 +231,7 @@ class SharedKVDecoder:
         4096 in one shot, 256 MiB in chunks of 512.
         `int8_kernel_rows`: an int8-cache graph runs up to this many new rows after
         cached ones through the int8 kernel (the bundle's manifest says how many, the graph's
-        metadata too since revision 5 -- a value that differs from the graph's is refused;
+        metadata too since revision 5 -- a value that differs from the graph's is a BundleError;
         None: the graph's, else what this exporter bakes in); no prefill chunk after the
         first is that short, so a long first prompt attends in float all through.
         `cuda_graph`: the session was created with the CUDA provider's
@@ -256,7 +256,9 @@ class SharedKVDecoder:
         self._prompt_new_rows = meta.get(META_PROMPT_PRESENT) == PROMPT_PRESENT_NEW_ROWS
         graph_rows = graph_int8_kernel_rows(session)
         if int8_kernel_rows is not None and graph_rows is not None and int8_kernel_rows != graph_rows:
-            raise ValueError(f"int8_kernel_rows {int8_kernel_rows} is not the graph's ({graph_rows})")
+            # a run's outputs are bound by the graph's share (META_PROMPT_PRESENT): the manifest's must be it
+            raise BundleError(f"bundle.json's kv_cache.int8_kernel_rows_after_cache ({int8_kernel_rows}) is not "
+                              f"the graph's ({graph_rows}); re-export the bundle")
         self.int8_kernel_rows = next(r for r in (int8_kernel_rows, graph_rows, INT8_STEP_ROWS_MAX) if r is not None)
         inputs = {i.name: i for i in session.get_inputs()}
         self.kv_dtype = np.dtype(ORT_TO_NUMPY[inputs["past_key_values.0.key"].type])
