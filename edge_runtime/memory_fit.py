@@ -306,8 +306,8 @@ def estimate_plan(shape: ModelShape, profile: DeviceProfile, precision: str, con
                                             keep_block_size=q.kept_block_size,
                                             head_two_pass=flavour == FLAVOUR_GQA_SHARED_KV and bool(
                                                 q.head_refine_top_k_for(precision, float_dtype, q.algorithm)),
-                                            embedding_bits=q.embedding_bits if flavour == FLAVOUR_GQA_SHARED_KV
-                                            and float_dtype == "float32" else 0),
+                                            embedding_bits=q.embedding_bits_for(float_dtype)
+                                            if flavour == FLAVOUR_GQA_SHARED_KV else 0),
         kv_cache_bytes=kv_cache_bytes(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
                                       head_dim=shape.head_dim, context=context, dtype_bytes=DTYPE_BYTES[kv_dtype],
                                       buffers=1 if flavour == FLAVOUR_GQA_SHARED_KV else 2),

@@ -185,6 +185,11 @@ class QuantizationSettings:
         wanted = precision == "int4" and self.keep_bits == 8 and io_dtype == "float32" and algorithm == "gptq"
         return self.lm_head_refine_top_k if wanted else 0
 
+    def embedding_bits_for(self, io_dtype: str) -> int:
+        """embedding_bits where the fused graph takes it: float32 activations (the int8 table is
+        dequantized to them by GatherBlockQuantized); else 0, a float table."""
+        return self.embedding_bits if io_dtype == "float32" else 0
+
     @property
     def kept_block_size(self) -> int:
         """The block size the kept layers are stored in when keep_bits quantizes them."""

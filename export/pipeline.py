@@ -348,7 +348,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 if refine_top_k:
                     progress.detail(f"lm_head in two passes: int4, then its top {refine_top_k} logits "
                                     "from int8 rows")
-                embedding_bits = q.embedding_bits if recipe and io_dtype == "float32" else 0
+                embedding_bits = q.embedding_bits_for(io_dtype) if recipe else 0
                 graph_builder.build_decoder_graph(
                     info, graph, precision=precision, block_size=q.block_size,
                     symmetric=recipe.symmetric if recipe else q.symmetric,
