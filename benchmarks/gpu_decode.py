@@ -63,7 +63,8 @@ from pathlib import Path
 from edge_runtime.profiles import SESSION_CONFIG_KEY, load_profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from edge_runtime.roofline import cuda_bandwidth, kv_bytes_per_token, roofline_tokens_per_s  # noqa: E402
+from edge_runtime.memory_fit import kv_cache_bytes  # noqa: E402
+from edge_runtime.roofline import cuda_bandwidth, roofline_tokens_per_s  # noqa: E402
 from peers import (  # noqa: E402  (the byte counting, timing and plot the CPU benchmark uses)
     genai_builder_argv,
     onnx_kv_element_bytes,
@@ -295,8 +296,8 @@ def bundle_facts(bundle: Path) -> dict:
 def add_roofline(row: dict, facts: dict, gbps: float) -> dict:
     row = {**row, **facts, "roofline_percent": {}, "roofline_tokens_per_s": {}}
     for ctx, tps in row["decode_tokens_per_s"].items():
-        kv = kv_bytes_per_token(layers=facts["layers"], kv_heads=facts["kv_heads"], head_dim=facts["head_dim"],
-                                context=int(ctx), element_bytes=facts["kv_element_bytes"])
+        kv = kv_cache_bytes(num_layers=facts["layers"], num_kv_heads=facts["kv_heads"], head_dim=facts["head_dim"],
+                            context=int(ctx), dtype_bytes=facts["kv_element_bytes"])
         roof = roofline_tokens_per_s(gbps * 1e9, facts["weight_bytes_per_token"], kv)
         row["roofline_tokens_per_s"][ctx] = roof
         row["roofline_percent"][ctx] = 100.0 * tps / roof

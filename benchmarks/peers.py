@@ -100,7 +100,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_graphs import cpu_decoder, peak_rss, prompt_ids  # noqa: E402  (the steps both benchmarks run alike)
 from edge_runtime.onnx_proto_scan import decode_read_bytes, input_element_bytes  # noqa: E402
-from edge_runtime.roofline import BandwidthProbe, kv_bytes_per_token  # noqa: E402
+from edge_runtime.memory_fit import kv_cache_bytes  # noqa: E402
+from edge_runtime.roofline import BandwidthProbe  # noqa: E402
 
 OURS = "edge-runtime"
 OURS_F32KV = "edge-runtime/f32kv"  # our bundle exported with --kv-cache-bits 0 (float32 KV cache)
@@ -178,9 +179,9 @@ def merge_bandwidths(measures: list[dict], aggregate: str = "median") -> dict:
 def step_bytes(info: ModelInfo, arch: dict, context: int) -> int:
     """The bytes a decode step of `info`'s model reads at `context` tokens: its weights (the
     embedding as one row) and its KV cache at that length, in its KV dtype."""
-    return info.weight_bytes_per_token + kv_bytes_per_token(
-        layers=arch["layers"], kv_heads=arch["kv_heads"], head_dim=arch["head_dim"], context=context,
-        element_bytes=info.kv_bytes_per_element)
+    return info.weight_bytes_per_token + int(kv_cache_bytes(
+        num_layers=arch["layers"], num_kv_heads=arch["kv_heads"], head_dim=arch["head_dim"], context=context,
+        dtype_bytes=info.kv_bytes_per_element))
 
 
 def build_rows(infos: dict[str, ModelInfo], runs: dict[str, EngineRun], *, bandwidth: float, arch: dict,

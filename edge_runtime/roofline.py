@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .memory_fit import kv_cache_bytes
 from .onnx_proto_scan import decode_read_bytes, input_element_bytes
 
 DEFAULT_PROBE_MIB = 256  # each of the host probe's two arrays: well past any L3 cache
@@ -139,11 +140,6 @@ def cuda_bandwidth(nbytes: int, repeats: int = 10, device_id: int = 0) -> dict:
 
 
 # -- what a step reads ---------------------------------------------------------------------------------------------
-def kv_bytes_per_token(*, layers: int, kv_heads: int, head_dim: int, context: int, element_bytes: float) -> int:
-    """Bytes of K and V a decode step reads at `context` tokens held."""
-    return int(2 * layers * kv_heads * head_dim * context * element_bytes)
-
-
 def roofline_tokens_per_s(bandwidth_bytes_per_s: float, weight_bytes: int, kv_bytes: int) -> float:
     return bandwidth_bytes_per_s / (weight_bytes + kv_bytes)
 
@@ -153,8 +149,8 @@ def step_bytes(graph: Path, *, layers: int, kv_heads: int, head_dim: int, contex
     at that many tokens, in the element type of the graph's past_key_values inputs."""
     _, weights = decode_read_bytes(graph)
     element = input_element_bytes(graph, "past_key_values") or 0
-    return {c: weights + kv_bytes_per_token(layers=layers, kv_heads=kv_heads, head_dim=head_dim, context=c,
-                                            element_bytes=element) for c in contexts}
+    return {c: weights + int(kv_cache_bytes(num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim, context=c,
+                                            dtype_bytes=element)) for c in contexts}
 
 
 def physical_cores(cpus: Path = Path("/sys/devices/system/cpu")) -> int:

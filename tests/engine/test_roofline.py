@@ -13,9 +13,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edge_runtime.memory_fit import kv_cache_bytes
 from edge_runtime.onnx_proto_scan import decode_read_bytes, input_element_bytes
 from edge_runtime.roofline import (
-    kv_bytes_per_token,
     measure_bandwidth,
     roofline_tokens_per_s,
     step_bytes,
@@ -25,7 +25,7 @@ from edge_runtime.roofline import (
 
 def test_kv_bytes_and_roofline():
     # 8 layers x 16 kv heads x 128 dims, fp32, 2048 tokens: K and V = 256 MiB read per step
-    kv = kv_bytes_per_token(layers=8, kv_heads=16, head_dim=128, context=2048, element_bytes=4)
+    kv = kv_cache_bytes(num_layers=8, num_kv_heads=16, head_dim=128, context=2048, dtype_bytes=4)
     assert kv == 2 * 8 * 16 * 128 * 2048 * 4 == 256 * 2**20
     assert roofline_tokens_per_s(10e9, 900_000_000, 100_000_000) == pytest.approx(10.0)
 
