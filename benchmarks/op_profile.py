@@ -40,13 +40,11 @@ WEIGHT_OPS = ("MatMul", "MatMulNBits")
 def weight_bytes_by_node(graph_path: Path) -> dict[str, int]:
     """Bytes of the initializers each MatMul / MatMulNBits node on weights reads (weights,
     scales, zero points), from the graph's tensor headers (the data stays on disk)."""
-    import onnx
+    from edge_runtime.onnx_proto_scan import scan_graph
 
-    from peers import initializer_bytes
-
-    model = onnx.load(str(graph_path), load_external_data=False)
-    sizes = initializer_bytes(model)
-    read = {n.name: sum(sizes.get(i, 0) for i in n.input) for n in model.graph.node if n.op_type in WEIGHT_OPS}
+    scan = scan_graph(graph_path)
+    sizes = {name: t.nbytes for name, t in scan.initializers.items()}
+    read = {n.name: sum(sizes.get(i, 0) for i in n.inputs) for n in scan.nodes if n.op_type in WEIGHT_OPS}
     return {name: nbytes for name, nbytes in read.items() if nbytes}  # not the two-pass head's rows x activations
 
 

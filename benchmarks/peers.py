@@ -340,23 +340,6 @@ def plot(rows: list[dict], path: Path, title: str, paired_rows: list[dict] | Non
 
 
 # -- counting the bytes a decode step reads -----------------------------------------------------------------
-def initializer_bytes(model) -> dict[str, int]:
-    """Bytes of each initializer of a loaded ModelProto (external data by its recorded
-    length: the data itself is not read)."""
-    from onnx import TensorProto, helper
-
-    sizes = {}
-    for t in model.graph.initializer:
-        if t.data_location == TensorProto.EXTERNAL:
-            sizes[t.name] = int({e.key: e.value for e in t.external_data}["length"])
-        elif t.raw_data:
-            sizes[t.name] = len(t.raw_data)
-        else:
-            itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-            sizes[t.name] = int(np.prod(t.dims, dtype=np.int64)) * itemsize
-    return sizes
-
-
 def onnx_weight_bytes(graph: Path) -> tuple[int, int]:
     """(all initializer bytes, bytes a decode step reads): ``onnx_proto_scan.decode_read_bytes``,
     what `edge-runtime bench` counts too (the token-embedding table as one row, the two-pass

@@ -127,6 +127,7 @@ class Node:
     outputs: tuple[str, ...]
     ints: tuple[tuple[str, int], ...] = ()  # its integer attributes (Gather's axis), by name
     value: Initializer | None = None  # a Constant's value attribute (TopK's k given by a node)
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -195,15 +196,15 @@ def _attribute(buf, span) -> tuple[str, int | None, Initializer | None]:
 
 
 def _node(buf, span) -> Node:
-    inputs, outputs, op_type, ints, value_attr = [], [], "", [], None
+    inputs, outputs, op_type, name, ints, value_attr = [], [], "", "", [], None
     for field, wire, value in _fields(buf, *span):
         if wire != _LEN:
             continue
         if field == 5:
-            name, i, t = _attribute(buf, value)
+            attr, i, t = _attribute(buf, value)
             if i is not None:
-                ints.append((name, i))
-            if name == "value" and t is not None:
+                ints.append((attr, i))
+            if attr == "value" and t is not None:
                 value_attr = t
             continue
         text = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
@@ -211,9 +212,12 @@ def _node(buf, span) -> Node:
             inputs.append(text)
         elif field == 2:
             outputs.append(text)
+        elif field == 3:
+            name = text
         elif field == 4:
             op_type = text
-    return Node(op_type, tuple(inputs), tuple(outputs), tuple(ints), value_attr if op_type == "Constant" else None)
+    return Node(op_type, tuple(inputs), tuple(outputs), tuple(ints), value_attr if op_type == "Constant" else None,
+                name)
 
 
 def _input_type(buf, span) -> tuple[str, int]:

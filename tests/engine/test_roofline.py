@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_runtime.memory_fit import kv_cache_bytes
-from edge_runtime.onnx_proto_scan import decode_read_bytes, input_element_bytes
+from edge_runtime.onnx_proto_scan import decode_read_bytes, input_element_bytes, scan_graph
 from edge_runtime.roofline import (
     measure_bandwidth,
     roofline_tokens_per_s,
@@ -155,6 +155,8 @@ def test_read_bytes_of_an_exported_bundle_match_the_onnx_package(demo_int4_bundl
             dims = next(t.dims for t in model.graph.initializer if t.name == table)
             unread += sizes[table] - sizes[table] * rows // dims[0]
     assert decode_read_bytes(graph) == (sum(sizes.values()), sum(sizes.values()) - unread)
+    assert [(n.name, n.op_type, n.inputs, n.outputs) for n in scan_graph(graph).nodes] == [
+        (n.name, n.op_type, tuple(n.input), tuple(n.output)) for n in model.graph.node]
     assert input_element_bytes(graph, "past_key_values") == 1  # the CPU profile's int8 cache
 
 
