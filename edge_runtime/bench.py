@@ -70,12 +70,15 @@ def time_prefill(engine: Engine, n: int, repeats: int) -> tuple[float, float]:
     return best_prefill, best_ttft
 
 
+WARM_UP_STEPS = 3  # untimed decode steps before the timed ones
+
+
 def time_decode(engine: Engine, context: int, steps: int) -> float:
     """Decode tokens/s after a `context`-token prefill."""
     ids = prompt_ids(context, engine.bundle.architecture.vocab_size, seed=context)
-    cache = engine.decoder.new_cache(context + steps + 4)
+    cache = engine.decoder.new_cache(context + steps + WARM_UP_STEPS + 1)
     token = int(np.argmax(engine.decoder.prefill(cache, ids)[-1]))
-    for _ in range(3):  # warm up
+    for _ in range(WARM_UP_STEPS):
         token = int(np.argmax(engine.decoder.decode(cache, token)))
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -111,7 +114,9 @@ def run_bench(bundle: str, *, profile: str | None = None, prefill_tokens: int = 
                          prefill_tokens=min(prefill_tokens, limit - 1), prefill_tokens_per_s=0.0, ttft_ms=0.0)
     measures: list[dict] = []
     failures: list[str] = []
-    roofline = roofline and any(c + decode_tokens + 4 <= limit for c in contexts)  # a decode speed to compare
+    fitting = [c for c in contexts if c + decode_tokens + WARM_UP_STEPS + 1 <= limit]
+    result.skipped = {c: f"context limit {limit}" for c in contexts if c not in fitting}
+    roofline = roofline and bool(fitting)  # a decode speed to compare
 
     def measure() -> None:  # in a child process: its arrays never count in this process's RSS
         if roofline:
@@ -126,10 +131,7 @@ def run_bench(bundle: str, *, profile: str | None = None, prefill_tokens: int = 
     prefill_s, ttft_s = time_prefill(engine, result.prefill_tokens, repeats)
     result.prefill_tokens_per_s = result.prefill_tokens / prefill_s
     result.ttft_ms = ttft_s * 1000
-    for context in contexts:
-        if context + decode_tokens + 4 > limit:
-            result.skipped[context] = f"context limit {limit}"
-            continue
+    for context in fitting:
         result.decode_tokens_per_s[context] = time_decode(engine, context, decode_tokens)
     result.peak_rss_bytes = peak_rss_bytes()
     measure()
