@@ -311,6 +311,8 @@ class EdgeClient:
         self._mqtt.on_message = self._on_message
         self._inboxes: dict[str, queue.Queue[dict[str, Any]]] = {}
         self._correlation: dict[str, bytes] = {}
+        # what was published for each request in flight: sent again after a reconnect
+        self._published: dict[str, tuple[bytes, Properties | None]] = {}
         self._lock = threading.Lock()
         self._status_lock = threading.Lock()
         # ids of Generations garbage-collected unread: a finalizer only queues them (it may run in
@@ -372,6 +374,23 @@ class EdgeClient:
             self._subscribed.set()
             return
         _, self._sub_mid = client.subscribe(self.topics.client_reply_filter(self.client_id), qos=1)
+        if self._connected:  # a reconnect: replies published meanwhile may be gone
+            self._publish_pending_again(client)
+
+    def _publish_pending_again(self, client: mqtt.Client) -> None:
+        """Send the requests in flight again, with their ids, after a reconnect. What the
+        device published while this client was away may be lost (an MQTT 3.1.1 client has
+        no session; a broker drops what is queued for an MQTT 5 session beyond its
+        `max_queued_messages`, the final reply of a long answer first). The device answers
+        a request it already answered with the stored final reply, and one it is still
+        generating once (the copy joins it), so nothing is generated twice; a fleet request
+        may reach another device of the group, which generates it again."""
+        with self._lock:
+            pending = list(self._published.values())
+        if pending:
+            log.info("reconnected: sending %d request(s) in flight again", len(pending))
+        for payload, props in pending:
+            client.publish(self.topics.generate, payload, qos=1, properties=props)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         # the TCP (or TLS) connection failed: say so now rather than wait out the timeout
@@ -408,6 +427,7 @@ class EdgeClient:
         with self._lock:
             self._inboxes.pop(request_id, None)
             self._correlation.pop(request_id, None)
+            self._published.pop(request_id, None)
 
     def _cancel_dropped(self) -> None:
         """Forget the Generations dropped unread and cancel them on the device."""
@@ -419,6 +439,7 @@ class EdgeClient:
             with self._lock:
                 pending = self._inboxes.pop(request_id, None) is not None
                 self._correlation.pop(request_id, None)
+                self._published.pop(request_id, None)
             if pending and self._connected:
                 self.cancel(request_id)
 
@@ -446,14 +467,16 @@ class EdgeClient:
                             cache_prompt=cache_prompt)
         inbox: queue.Queue[dict[str, Any]] = queue.Queue()
         correlation = request_id.encode("utf-8")
+        props = publish_properties(self.protocol, response_topic=reply_topic, correlation_data=correlation) \
+            if v5 else None
+        payload = encode_request(obj)
         with self._lock:
             if request_id in self._inboxes:
                 raise ValueError(f"request id {request_id!r} is already in flight")
             self._inboxes[request_id] = inbox
             self._correlation[request_id] = correlation
-        props = publish_properties(self.protocol, response_topic=reply_topic, correlation_data=correlation) \
-            if v5 else None
-        self._mqtt.publish(self.topics.generate, encode_request(obj), qos=1, properties=props)
+            self._published[request_id] = (payload, props)
+        self._mqtt.publish(self.topics.generate, payload, qos=1, properties=props)
         generation = Generation(self, request_id, inbox, timeout)
         # dropped without being read to its end: forget it and cancel it on the device
         weakref.finalize(generation, self._dropped.put, request_id)

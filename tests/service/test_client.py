@@ -10,13 +10,15 @@ import sys
 import time
 
 import pytest
-from fake_engine import FakeEngine
+from fake_engine import FakeEngine, expected_text
 from mqtt_probe import Probe
+from network_cut import NetworkCut
 from service_harness import DaemonProcess, make_config, start_service, write_config
 
 from edge_runtime.client import EdgeClient, Generation, RemoteError, add_ask_arguments, run_ask
 from edge_runtime.errors import BadRequest, UnsafePrompt
 from edge_runtime.protocol import Topics
+from mosquitto_broker import MosquittoBroker
 
 T = Topics("dev1")
 
@@ -205,6 +207,34 @@ def test_a_stream_that_is_not_the_final_texts_start_is_flagged(broker):
         assert gen.stream_diverged and gen.final["text"] == gen.text == "xyz"
     finally:
         gen.client.close()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_replies_lost_while_the_client_was_cut_off_come_after_it_reconnects(tmp_path, protocol):
+    # The network between client and broker fails after the first chunk and the device
+    # finishes meanwhile. A broker queues at most max_queued_messages for an MQTT 5
+    # session (5 here, Mosquitto's default is 1000: one message per token) and drops
+    # the rest, the final reply last of all; an MQTT 3.1.1 client has no session at all.
+    # The client sends the request again when it reconnects and the device answers from
+    # its reply store.
+    broker = MosquittoBroker(tmp_path / "broker", extra_config="max_queued_messages 5\n").start()
+    engine = FakeEngine(token_delay_s=0.004)  # 120 tokens in 0.5 s, less than paho's 1 s before reconnecting
+    service = start_service(make_config(broker, tmp_path), engine)
+    prompt = " ".join(f"w{i}" for i in range(120))
+    try:
+        with NetworkCut(broker.host, broker.port) as net, EdgeClient(net.url, "dev1", protocol=protocol) as c:
+            gen = c.generate(mode="complete", prompt=prompt, max_tokens=128, timeout=15)
+            stream = iter(gen)
+            chunks = [next(stream)]
+            net.cut()
+            chunks += list(stream)
+            assert net.connections == 2
+        assert gen.final["text"] == expected_text(prompt) == "".join(ch["delta"] for ch in chunks)
+        assert chunks[-1].get("recovered") is True
+        assert len(engine.calls) == 1  # answered from the reply store, not generated again
+    finally:
+        service.stop()
+        broker.stop()
 
 
 def test_leaving_the_loop_or_the_client_cancels_the_request(broker, slow_service):
