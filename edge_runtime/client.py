@@ -109,7 +109,8 @@ class Generation:
     true`` holding the rest of the final text. Where what was streamed is not the
     start of the final text (the daemon generated the request again after a
     restart, with other tokens), `stream_diverged` is True and `final["text"]` is
-    the answer. Leaving the loop early, or an exception in it (Ctrl-C), cancels the
+    the answer; it is set as soon as a chunk that comes again differs from the one
+    streamed, and no chunk of that run is yielded after it. Leaving the loop early, or an exception in it (Ctrl-C), cancels the
     request on the device."""
 
     def __init__(self, client: "EdgeClient", request_id: str, inbox: "queue.Queue[dict[str, Any]]",
@@ -164,8 +165,14 @@ class Generation:
                                           "recovered": True})
                     break
                 seq = msg.get("seq")
-                if not isinstance(seq, int) or seq < self._next_seq:
-                    continue  # a duplicate (e.g. regenerated after a daemon restart)
+                if not isinstance(seq, int):
+                    continue
+                if seq < self._next_seq:  # a duplicate: sent again, or generated again after a daemon restart
+                    if msg.get("delta") != self._chunks[seq]:
+                        self.stream_diverged = True  # generated again with other tokens: stream no more of it
+                    continue
+                if self.stream_diverged:
+                    continue  # the rest of a run that is not what was streamed: the final text is the answer
                 self._buffer[seq] = msg
                 while self._next_seq in self._buffer:
                     chunk = self._buffer.pop(self._next_seq)

@@ -209,6 +209,28 @@ def test_a_stream_that_is_not_the_final_texts_start_is_flagged(broker):
         gen.client.close()
 
 
+def test_a_run_generated_again_with_other_tokens_stops_the_stream_at_once(broker):
+    # after a daemon restart the request runs again from seq 0: the copy of seq 0 matches
+    # what was streamed, seq 1 does not, so neither it nor what follows is streamed
+    gen = replies_by_hand(broker, "hand3", "div-2", {"seq": 0, "delta": "ab", "done": False},
+                          {"seq": 1, "delta": "cd", "done": False},
+                          {"seq": 0, "delta": "ab", "done": False}, {"seq": 1, "delta": "XY", "done": False},
+                          {"seq": 2, "delta": "ZW", "done": False},
+                          {"done": True, "text": "abXYZW", "finish_reason": "stop"})
+    try:
+        assert [c["delta"] for c in gen] == ["ab", "cd"]
+        assert gen.stream_diverged and gen.final["text"] == gen.text == "abXYZW"
+    finally:
+        gen.client.close()
+    same = replies_by_hand(broker, "hand4", "dup-1", {"seq": 0, "delta": "ab", "done": False},
+                           {"seq": 0, "delta": "ab", "done": False}, {"seq": 1, "delta": "cd", "done": False},
+                           {"done": True, "text": "abcd", "finish_reason": "stop"})
+    try:
+        assert [c["delta"] for c in same] == ["ab", "cd"] and not same.stream_diverged
+    finally:
+        same.client.close()
+
+
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_replies_lost_while_the_client_was_cut_off_come_after_it_reconnects(tmp_path, protocol):
     # The network between client and broker fails after the first chunk and the device
