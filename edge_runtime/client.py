@@ -470,7 +470,8 @@ class EdgeClient:
         obj = build_request(request_id=request_id, mode=mode, prompt=prompt, prefix=prefix, suffix=suffix,
                             suffix_first=suffix_first, messages=messages, max_tokens=max_tokens,
                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-                            stream=stream, deadline_ms=deadline_ms, reply_to=None if v5 else reply_topic,
+                            # reply_to also with MQTT 5: a daemon on MQTT 3.1.1 gets no Response Topic
+                            stream=stream, deadline_ms=deadline_ms, reply_to=reply_topic,
                             cache_prompt=cache_prompt)
         inbox: queue.Queue[dict[str, Any]] = queue.Queue()
         correlation = request_id.encode("utf-8")

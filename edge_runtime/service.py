@@ -425,7 +425,7 @@ class EdgeService:
         return encode_status(state, device_id=self.config.mqtt.device_id,
                              model_info=getattr(self.engine, "info", None),
                              queue_depth=self.scheduler.queue_depth, queue_limit=self.limits.queue_depth,
-                             version=self.version,
+                             version=self.version, mqtt_version=self.protocol,
                              policy=self.guard.policy.summary() if self.guard else None, **extra)
 
     def _publish_status(self) -> mqtt.MQTTMessageInfo | None:

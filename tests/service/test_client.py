@@ -74,7 +74,8 @@ def test_requests_use_response_topic_and_correlation(broker, service):
         gen.result()
         msg = spy.wait_for(lambda ms: ms)[0]
         assert msg.response_topic == "edge/dev1/v1/reply/cli-7/req-1" and msg.correlation == b"req-1"
-        assert "reply_to" not in json.loads(msg.payload)
+        # also in the body: a daemon on MQTT 3.1.1 receives no Response Topic
+        assert json.loads(msg.payload)["reply_to"] == "edge/dev1/v1/reply/cli-7/req-1"
     with Probe(broker.host, broker.port) as spy, \
             EdgeClient(broker.url, "dev1", client_id="cli-8", protocol="3.1.1") as c:
         spy.subscribe(T.generate)
@@ -257,6 +258,17 @@ def test_replies_lost_while_the_client_was_cut_off_come_after_it_reconnects(tmp_
     finally:
         service.stop()
         broker.stop()
+
+
+def test_an_mqtt5_client_is_answered_by_a_daemon_on_mqtt_3_1_1(broker, tmp_path):
+    service = start_service(make_config(broker, tmp_path, **{"mqtt.protocol": "3.1.1"}), FakeEngine())
+    try:
+        with EdgeClient(broker.url, "dev1", protocol="5") as c:
+            assert c.status()["mqtt_version"] == "3.1.1"
+            gen = c.generate(mode="complete", prompt="x y z", timeout=10)
+            assert [ch["delta"] for ch in gen] == ["z", " y", " x"] and gen.final["text"] == "z y x"
+    finally:
+        service.stop()
 
 
 def test_leaving_the_loop_or_the_client_cancels_the_request(broker, slow_service):
