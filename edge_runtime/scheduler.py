@@ -52,6 +52,7 @@ class Job:
     key: str
     route: Any
     deliveries: list[Any] = field(default_factory=list)
+    body: bytes = b""  # the request as it came (a copy sent again with another body is told apart)
     cancel: threading.Event = field(default_factory=threading.Event)
     received: float = field(default_factory=time.monotonic)
     started: float | None = None

@@ -618,8 +618,13 @@ class EdgeService:
         assert topic is not None
         route = ReplyRoute(topic, correlation)
         key = request_key(topic, wire.id)
-        if self.scheduler.attach(key, delivery) is not None:
-            log.info("request %r delivered again while pending; it will be answered once", wire.id)
+        pending = self.scheduler.attach(key, delivery)
+        if pending is not None:
+            if pending.body != message.payload:
+                log.warning("request %r came again with another body while it is pending: it is answered once, for "
+                            "the body it first came with (a new request needs a new id)", wire.id)
+            else:
+                log.info("request %r delivered again while pending; it will be answered once", wire.id)
             return
         assert self.store is not None
         stored = self.store.get(key)
@@ -641,7 +646,7 @@ class EdgeService:
                 payload = encode_error(wire.id, exc.code, str(exc), retry_after_s=getattr(exc, "retry_after_s", None))
                 self._acker.submit(self._publish(route, payload), [delivery])
                 return
-        job = Job(wire=wire, key=key, route=route, deliveries=[delivery])
+        job = Job(wire=wire, key=key, route=route, deliveries=[delivery], body=message.payload)
         result = self.scheduler.submit(job)
         if result is not Submit.ACCEPTED and self.guard is not None:
             self.guard.refund(wire.request)

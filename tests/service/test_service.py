@@ -315,6 +315,18 @@ def test_duplicate_delivery_while_pending_is_generated_once(broker, tmp_path, se
     assert len(probe.finals("replies/dup")) == 1 and len(engine.calls) == 1
 
 
+def test_an_id_sent_again_with_another_body_while_pending_is_answered_for_the_first(
+        broker, tmp_path, services, probe, caplog):
+    engine = FakeEngine(token_delay_s=0.02)
+    services(make_config(broker, tmp_path), engine)
+    send(probe, {"id": "same", "mode": "complete", "prompt": "a b c d e", "stream": False}, "replies/same")
+    send(probe, {"id": "same", "mode": "complete", "prompt": "other words", "stream": False}, "replies/same")
+    assert probe.wait_final("replies/same")["text"] == "e d c b a"
+    time.sleep(0.3)
+    assert len(probe.finals("replies/same")) == 1 and len(engine.calls) == 1
+    assert "came again with another body while it is pending" in caplog.text
+
+
 # ------------------------------------------------------------------ status, drain, reconnect
 
 
