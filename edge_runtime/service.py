@@ -566,7 +566,14 @@ class EdgeService:
             self._ack([delivery])
             return
         try:
-            if topic == self.topics.cancel:
+            if message.retain and topic in (self.topics.cancel, self.topics.generate):
+                # a retained request or cancel: the broker hands it to the daemon at every
+                # subscribe (every restart); the live copy, if any, came without the flag
+                log.warning("ignored a retained message on %s: requests and cancels must be published without the "
+                            "retain flag, or they come again at every restart (clear it: mosquitto_pub -t '%s' "
+                            "-r -n)", topic, topic)
+                self._ack([delivery])
+            elif topic == self.topics.cancel:
                 self._handle_cancel(message.payload)
                 self._ack([delivery])
             elif topic in (self.topics.generate, FLEET_GENERATE_TOPIC):

@@ -327,6 +327,23 @@ def test_an_id_sent_again_with_another_body_while_pending_is_answered_for_the_fi
     assert "came again with another body while it is pending" in caplog.text
 
 
+def test_a_retained_request_is_not_served_again_at_each_restart(broker, tmp_path, services, probe, caplog):
+    engine = FakeEngine()
+    config = make_config(broker, tmp_path)
+    service = services(config, engine)
+    req = {"id": "kept", "mode": "complete", "prompt": "a b", "stream": False}
+    probe.publish(T.generate, req, response_topic="replies/kept", retain=True)  # served once, live
+    assert probe.wait_final("replies/kept")["text"] == "b a"
+    service.stop()
+    engine2 = FakeEngine()
+    services(config, engine2)  # subscribing, it is handed the retained copy
+    send(probe, {"id": "next", "mode": "complete", "prompt": "c d", "stream": False}, "replies/next")
+    assert probe.wait_final("replies/next")["text"] == "d c"
+    assert len(probe.finals("replies/kept")) == 1 and [r.id for r in engine2.calls] == ["next"]
+    assert "ignored a retained message on edge/dev1/v1/generate" in caplog.text
+    probe.publish(T.generate, b"", retain=True)  # clear it
+
+
 # ------------------------------------------------------------------ status, drain, reconnect
 
 
