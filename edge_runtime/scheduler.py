@@ -234,6 +234,10 @@ class Scheduler:
         return self._thread is not None and self._thread.is_alive()
 
     @property
+    def worker_started(self) -> bool:
+        return self._thread is not None
+
+    @property
     def last_progress(self) -> float:
         """time.monotonic() of the worker's last sign of life (a token, a job start,
         or an idle tick)."""

@@ -407,13 +407,15 @@ class EdgeService:
         """Healthy while the worker thread is alive and, when busy, made progress
         (a token) within `stall_after_s` seconds, which must therefore exceed the
         longest prefill. Broker outages do not count (paho reconnects on its own).
-        Quick and thread-safe: meant for a watchdog thread."""
+        Quick and thread-safe: meant for a watchdog thread. Not yet started, and
+        draining or stopped after a requested shutdown, is not a failure."""
         now = time.monotonic()
         running = self.scheduler.running
         stalled_for = max(0.0, now - self.scheduler.last_progress) if running is not None else 0.0
         alive = self.scheduler.worker_alive
         state = self._state
-        ok = (state != "offline" and (alive or state == "draining")
+        shutting_down = self._drain_requested.is_set()
+        ok = ((shutting_down or (state != "offline" and (alive or not self.scheduler.worker_started)))
               and stalled_for <= self.scheduler.stall_after_s)
         return Health(ok=ok, state=state, worker_alive=alive, stalled_for_s=round(stalled_for, 3),
                       connected=self._connected, queue_depth=self.scheduler.queue_depth,

@@ -541,6 +541,32 @@ def test_a_failed_start_releases_everything(broker, tmp_path, services):
     services(make_config(broker, tmp_path))  # the state dir lock was released
 
 
+def test_the_watchdog_sees_no_failure_from_before_start_to_after_a_drain(broker, tmp_path, caplog):
+    # under systemd the watchdog starts before the service does and stops after it drained
+    from edge_runtime.sdnotify import SystemdNotifier, Watchdog
+    from edge_runtime.service import EdgeService
+
+    service = EdgeService(make_config(broker, tmp_path), FakeEngine(), status_interval_s=0.1)
+    checks: list[bool] = []
+
+    def healthy() -> bool:
+        checks.append(bool(service.health()))
+        return checks[-1]
+
+    watchdog = Watchdog(SystemdNotifier(None), healthy, 0.01).start()
+    try:
+        time.sleep(0.05)
+        service.start()
+        assert service.wait_ready(10)
+        time.sleep(0.05)
+        service.stop()
+        time.sleep(0.05)
+    finally:
+        watchdog.stop()
+    assert len(checks) > 5 and all(checks), checks
+    assert "health check failed" not in caplog.text
+
+
 def test_prompts_and_text_are_not_logged_unless_configured(broker, tmp_path, services, probe, caplog):
     caplog.set_level(logging.DEBUG, logger="edge_runtime")
     service = services(make_config(broker, tmp_path))
