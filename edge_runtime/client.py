@@ -655,6 +655,11 @@ def run_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+# a request given up on is cancelled (Generation._iter): both wait on the broker for the daemon
+_WAITS = (" (the request waits for it on the broker, and so does the cancel this client sends now: when the "
+          "daemon is back it gets both and stops the request at once; send it again to have it run)")
+
+
 def _why_no_reply(client: EdgeClient) -> str:
     """What the device's retained status says about a request left unanswered."""
     if client.topics.is_fleet:
@@ -671,9 +676,8 @@ def _why_no_reply(client: EdgeClient) -> str:
                 "requests queued (a longer timeout waits longer for a busy device)")
     if status.get("reason") == "connection lost":  # the will, written when the daemon started: ts is not the loss
         return (f"; device {device!r} is offline: the broker lost its connection (a crash, power loss or network "
-                f"fault){f'; the daemon had started at {when}' if when else ''} (the request waits for it on the "
-                "broker)")
-    return f"; device {device!r} is {state}{f' since {when}' if when else ''} (the request waits for it on the broker)"
+                f"fault){f'; the daemon had started at {when}' if when else ''}{_WAITS}")
+    return f"; device {device!r} is {state}{f' since {when}' if when else ''}{_WAITS}"
 
 
 # =========================================================================== serve

@@ -425,6 +425,27 @@ def test_ask_timeout_says_what_the_devices_status_says(broker, capsys, tmp_path)
     assert "the daemon had started at 2023-11-" in err and "since" not in err
 
 
+def test_a_request_given_up_on_while_the_device_was_away_is_cancelled_when_it_is_back(broker, tmp_path, capsys):
+    config = make_config(broker, tmp_path)
+    start_service(config, FakeEngine()).stop()  # the daemon's session on the broker keeps what comes meanwhile
+    parser = argparse.ArgumentParser()
+    add_ask_arguments(parser)
+    with Probe(broker.host, broker.port) as spy:
+        spy.subscribe(T.client_reply_filter("desk"))
+        assert run_ask(parser.parse_args(["--broker", broker.url, "--device-id", "dev1", "--prompt", "a b c d e f g h",
+                                          "--client-id", "desk", "--timeout", "0.3"])) == 1
+        err = capsys.readouterr().err
+        assert "device 'dev1' is offline since" in err and "gets both and stops the request at once" in err
+        engine = FakeEngine(token_delay_s=0.05)
+        s = start_service(config, engine)
+        try:
+            got = spy.wait_for(lambda ms: [m for m in ms if m.json.get("done")])
+        finally:
+            s.stop()
+    final = [m.json for m in got if m.json.get("done")]
+    assert [f["finish_reason"] for f in final] == ["cancelled"], final
+
+
 def test_ask_leaves_max_tokens_to_the_device(broker, tmp_path, capsys):
     s = start_service(make_config(broker, tmp_path, **{"limits.max_tokens": 3}), FakeEngine())
     try:
