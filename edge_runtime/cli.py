@@ -100,7 +100,8 @@ def cmd_generate(args) -> int:
     from .types import Chunk
 
     request = request_from_args(args)
-    engine = Engine.from_bundle(args.bundle, profile=args.profile, prompt_lookup=args.prompt_lookup)
+    engine = Engine.from_bundle(args.bundle, profile=args.profile, prompt_lookup=args.prompt_lookup,
+                                allow_cpu_fallback=args.allow_cpu_fallback)
     result = None
     try:
         for item in engine.generate(request):
@@ -400,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="device profile (default: the one the bundle was made for)")
     p.add_argument("--no-prompt-lookup", dest="prompt_lookup", action="store_false",
                    help="one decode step per token: no drafts from the context (requests draft by default)")
+    p.add_argument("--allow-cpu-fallback", action="store_true", default=None,
+                   help="run a GPU profile on the CPU provider when its GPU provider is missing, instead of "
+                        "refusing (default: the profile's allow_cpu_fallback)")
     add_request_arguments(p)
     p.set_defaults(func=cmd_generate)
 
@@ -475,6 +479,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `edge-runtime generate ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 128 + signal.SIGPIPE
+    except OSError as exc:  # the machine's, not the code's: a full disk (stdout to a full file), no permission
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO) and exc.filename is None:  # writing stdout
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            return _die(f"cannot write the output: {exc.strerror}", 1)
+        logging.getLogger("edge_runtime").debug("%s", exc, exc_info=True)
+        where = f": {exc.filename}" if exc.filename is not None else ""
+        return _die(f"{exc.strerror or exc}{where}", 1)
 
 
 if __name__ == "__main__":

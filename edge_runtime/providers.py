@@ -59,8 +59,9 @@ def choose_providers(requested: list[tuple[str, dict[str, Any]]], available: lis
         msg = problem or (f"profile {profile_name} asks for {', '.join(wanted_gpu)} but this onnxruntime offers only "
                           f"{', '.join(available)}")
         if not allow_cpu_fallback:
-            raise ConfigError(msg + f" ({remedy}, or allow the CPU fallback: allow_cpu_fallback = true in the daemon "
-                              "config's [model] table or in the profile)", key="allow_cpu_fallback")
+            raise ConfigError(msg + f" ({remedy}, or allow the CPU fallback: --allow-cpu-fallback on `generate` or "
+                              "`serve`, allow_cpu_fallback = true in the daemon config's [model] table, or in the "
+                              "profile)", key="allow_cpu_fallback")
         return ProviderChoice([("CPUExecutionProvider", {})], "cpu", msg + "; running on the CPU provider")
     if not any(name == "CPUExecutionProvider" for name, _ in chosen):
         chosen.append(("CPUExecutionProvider", {}))

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .protocol import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
 from .types import MAX_SEED
 
 
@@ -48,6 +49,13 @@ def number_in(low: float, high: float = math.inf, *, low_open: bool = False) -> 
     return parse
 
 
+def stop_string(text: str) -> str:
+    """A --stop value: 1 to MAX_STOP_CHARS characters (the protocol's rule)."""
+    if not text or len(text) > MAX_STOP_CHARS:
+        raise argparse.ArgumentTypeError(f"expected 1-{MAX_STOP_CHARS} characters, got {len(text)}")
+    return text
+
+
 def add_request_arguments(p: argparse.ArgumentParser) -> None:
     """Prompt and sampling flags shared by `generate` and `ask`."""
     src = p.add_mutually_exclusive_group(required=True)
@@ -66,7 +74,8 @@ def add_request_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep the k most likely tokens (default 0: off)")
     p.add_argument("--seed", type=integer_at_least(0, MAX_SEED), default=None,
                    help="makes a sampled answer reproducible")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", default=[], type=stop_string,
+                   help=f"stop string (repeatable, at most {MAX_STOP_SEQUENCES})")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 

@@ -247,7 +247,7 @@ def test_generate_cli_bad_input_is_one_line_error(tiny_bundle, tmp_path):
 
 
 @pytest.mark.parametrize("flags", [("--temperature", "nan"), ("--top-p", "1.5"), ("--top-k", "-1"),
-                                   ("--max-tokens", "0"), ("--temperature", "inf")])
+                                   ("--max-tokens", "0"), ("--temperature", "inf"), ("--stop", "")])
 def test_generate_cli_refuses_out_of_range_sampling_flags_before_the_load(flags):
     out = subprocess.run([sys.executable, "-m", "edge_runtime", "generate", "--bundle", "/nonexistent",
                           "--prompt", "x", *flags], capture_output=True, text=True)
@@ -265,6 +265,27 @@ def test_generate_cli_into_a_closed_pipe_ends_quietly(tiny_bundle):
     finally:
         os.close(write_end)
     assert out.returncode == 141 and out.stderr == "", out.stderr  # 128 + SIGPIPE, as `head` leaves a shell tool
+
+
+def test_generate_cli_into_a_full_disk_says_so_without_a_traceback(tiny_bundle):
+    with open("/dev/full", "w") as full:  # every write fails with ENOSPC
+        out = subprocess.run([sys.executable, "-m", "edge_runtime", "generate", "--bundle", str(tiny_bundle),
+                              "--prompt", "def f():", "--max-tokens", "4", "--temperature", "0"],
+                             stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr == "error: cannot write the output: No space left on device\n", \
+        out.stderr
+
+
+def test_generate_cli_runs_a_gpu_bundle_on_the_cpu_only_when_told(gpu_fp16_bundle):
+    run = [sys.executable, "-m", "edge_runtime", "generate", "--bundle", str(gpu_fp16_bundle), "--prompt", "def f():",
+           "--max-tokens", "3", "--temperature", "0", "--json"]
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():  # (on a GPU machine it just runs)
+        refused = subprocess.run(run, capture_output=True, text=True)
+        assert refused.returncode == 2 and "--allow-cpu-fallback on `generate`" in refused.stderr, refused.stderr
+    done = subprocess.run([*run, "--allow-cpu-fallback"], capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout)["usage"]["completion_tokens"] == 3
 
 
 def test_generate_cli_request_errors_carry_the_protocols_code(tiny_bundle):
