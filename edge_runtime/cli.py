@@ -75,7 +75,7 @@ def request_from_args(args):
         top_k=defaults.top_k if args.top_k is None else args.top_k,
         seed=args.seed)
     common = dict(max_tokens=DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens,
-                  sampling=sampling, stop=tuple(args.stop))
+                  max_tokens_is_default=args.max_tokens is None, sampling=sampling, stop=tuple(args.stop))
     try:
         source = request_source(args)
     except ValueError as exc:

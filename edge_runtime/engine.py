@@ -264,11 +264,17 @@ class Engine:
         if request.mode == "chat" and fam.variant in ("base", "python"):
             plan = dataclasses.replace(plan, warnings=(*plan.warnings, chat_warning(fam.variant)))
         needed = len(plan.ids) + request.max_tokens
+        left = self.context_limit - len(plan.ids)
+        if needed > self.context_limit and request.max_tokens_is_default and left >= 1:
+            # a default the client never asked for is not a reason to refuse the request
+            return dataclasses.replace(plan, max_new_tokens=left, warnings=(
+                *plan.warnings, f"max_tokens lowered from the default {request.max_tokens} to {left}: the prompt "
+                f"has {len(plan.ids)} tokens of the context limit of {self.context_limit}"))
         if needed > self.context_limit:
             raise ContextLengthExceeded(
                 f"the prompt has {len(plan.ids)} tokens and max_tokens is {request.max_tokens}: "
                 f"{needed} tokens exceed the context limit of {self.context_limit}")
-        return plan
+        return dataclasses.replace(plan, max_new_tokens=request.max_tokens)
 
     # -- the prompt cache --------------------------------------------------------------------
     def _cache_owner_of(self, request: GenerationRequest) -> str | None:
@@ -328,11 +334,11 @@ class Engine:
         else:
             owner = self._cache_owner_of(request)
             reuse = owner is not None and owner == self._cache_owner
-            cache = self.decoder.new_cache(len(plan.ids) + request.max_tokens, prompt if reuse else None)
+            cache = self.decoder.new_cache(len(plan.ids) + plan.max_new_tokens, prompt if reuse else None)
             self._cache_owner, cached = owner, cache.length  # rows kept
             drafts = (PromptLookup(plan.ids, draft_max=min(DRAFT_MAX, self.decoder.verify_rows_max - 1))
                       if self.prompt_lookup else None)
-            events = generator.generate(self.decoder, cache, prompt[cached:], max_new_tokens=request.max_tokens,
+            events = generator.generate(self.decoder, cache, prompt[cached:], max_new_tokens=plan.max_new_tokens,
                                         sample=sampler.sample, stop_ids=plan.stop_ids, drafts=drafts,
                                         judge=sampler.judge)
         for event in events:

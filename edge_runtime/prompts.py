@@ -39,6 +39,7 @@ class PromptPlan:
     stop_ids: frozenset[int]  # generation ends when one of these is sampled (not emitted)
     strip_leading_space: bool  # detokenizer: drop one leading space of the output (SentencePiece decode)
     warnings: tuple[str, ...] = ()  # for the reply (e.g. chat on a model not tuned for it); the ids stand
+    max_new_tokens: int = 0  # the most tokens to generate: the request's max_tokens, or the context's rest (engine.plan)
 
 
 # --------------------------------------------------------------------- entry point

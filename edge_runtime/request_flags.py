@@ -66,7 +66,7 @@ def add_request_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suffix-first", action="store_true", help="infill in suffix-prefix-middle order")
     p.add_argument("--max-tokens", type=integer_at_least(1), default=None,
                    help="most tokens to generate (default: 256 here; over MQTT the device's default, at most 256 "
-                        "and within its limits)")
+                        "and within its limits; a default is lowered to what the context leaves after the prompt)")
     p.add_argument("--temperature", type=number_in(0.0), default=None, help="0 = greedy (default 0.6)")
     p.add_argument("--top-p", type=number_in(0.0, 1.0, low_open=True), default=None,
                    help="nucleus sampling mass, in (0, 1] (default 0.9)")

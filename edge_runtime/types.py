@@ -63,6 +63,9 @@ class GenerationRequest:
     # False: this request neither reuses the previous one's keys and values nor leaves its own for
     # the next (the daemon sets it for requests whose reply topic names no client)
     cache_prompt: bool = True
+    # True: max_tokens is a default the client did not ask for, lowered by the engine to what the
+    # context leaves after the prompt rather than refused
+    max_tokens_is_default: bool = False
 
     def __post_init__(self) -> None:
         # chat messages may come in the wire's form, {"role", "content"} dicts

@@ -4,6 +4,7 @@ with torch greedy decoding of the same checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -120,6 +121,23 @@ def test_context_overflow_names_both_numbers_before_any_work(engine):
     limit = engine.context_limit
     with pytest.raises(ContextLengthExceeded, match=rf"(?s)tokens.*max_tokens is {limit}.*context limit of {limit}"):
         next(engine.generate(GenerationRequest(mode="complete", prompt="def f():", max_tokens=limit)))
+
+
+def test_a_default_max_tokens_is_lowered_to_what_the_context_leaves_not_refused(engine):
+    limit = engine.context_limit
+    def prompt_tokens(text: str) -> int:
+        return len(engine.plan(GenerationRequest(mode="complete", prompt=text, max_tokens=1)).ids)
+
+    per_line = prompt_tokens("x = 1\n" * 11) - prompt_tokens("x = 1\n" * 10)
+    prompt = "x = 1\n" * ((limit - 40) // per_line)
+    left = limit - prompt_tokens(prompt)
+    assert 5 <= left <= 60
+    asked = GenerationRequest(mode="complete", prompt=prompt, max_tokens=left + 1, sampling=GREEDY)
+    with pytest.raises(ContextLengthExceeded):  # a max_tokens the client asked for stands
+        next(engine.generate(asked))
+    result = engine.complete(dataclasses.replace(asked, max_tokens_is_default=True))
+    assert result.usage.completion_tokens <= left and result.usage.prompt_tokens + left == limit
+    assert f"max_tokens lowered from the default {left + 1} to {left}" in result.warnings[-1]
 
 
 @pytest.mark.parametrize("field, request_", [
