@@ -35,12 +35,19 @@ def cmd_profiles(args) -> int:
 
 
 # -- export / verify --------------------------------------------------------------------------
+FOLDER_OF = {"--checkpoint": "checkpoint folder", "--output": "bundle folder to create",
+             "--profile": "device profile's name or TOML file"}
+
+
 def cmd_export(args) -> int:
     try:
         from edge_export.pipeline import ExportOptions, format_summary, run_export
     except ImportError as exc:
         return _die(f"the export side is not installed ({exc.name} missing): pip install torch==2.13.0 && "
                     "pip install '/path/to/edge-runtime[export,cpu]' (the source folder)")
+    for flag, value in (("--checkpoint", args.checkpoint), ("--output", args.output), ("--profile", args.profile)):
+        if not value.strip():  # Path("") is the current folder: never what an empty argument meant
+            return _die(f"{flag} is empty: give the {FOLDER_OF[flag]}")
     opts = ExportOptions(checkpoint=Path(args.checkpoint), profile=args.profile, output=Path(args.output),
                          precision=args.precision, max_context=args.max_context, allow_degraded=args.allow_degraded,
                          force=args.force, fidelity_tokens=args.fidelity_tokens,

@@ -8,12 +8,14 @@ never touches an existing one.
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_runtime.bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, MANIFEST_NAME, load_bundle
-from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.bundle import (FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, MANIFEST_NAME, load_bundle,
+                                 read_manifest)
+from edge_runtime.errors import BundleError, EdgeRuntimeError
 from edge_runtime.memory_fit import bundle_plan, human_bytes, kv_dtype_of
 from edge_runtime.profiles import DeviceProfile, load_profile
 from edge_runtime.tokenizer import CodeLlamaTokenizer
@@ -205,8 +207,10 @@ def replaced_folder(output: Path) -> Path:
 
 
 def check_output(output: Path, checkpoint: Path, *, force: bool) -> None:
-    """--output is a new folder, or (with --force) an earlier bundle: never the
-    checkpoint, a folder holding it, a file, or a folder of something else."""
+    """--output is a new folder, or (with --force) an empty one or an earlier bundle (its
+    bundle.json an edge-runtime manifest, read without hashing the files) holding nothing its
+    manifest does not list: never the checkpoint, a folder holding it, a file, a folder of
+    something else, or someone's files beside a bundle."""
     if output == checkpoint or output in checkpoint.parents:
         raise ExportError(f"--output {output} is the checkpoint's folder or holds it ({checkpoint}): choose a new "
                           "folder for the bundle")
@@ -221,9 +225,38 @@ def check_output(output: Path, checkpoint: Path, *, force: bool) -> None:
     if not output.is_dir():
         raise ExportError(f"--output {output} is a file, not a bundle folder: --force replaces only an earlier "
                           "bundle; choose another --output")
-    if not (output / MANIFEST_NAME).is_file() and any(output.iterdir()):
+    if not any(output.iterdir()):
+        return
+    if not (output / MANIFEST_NAME).is_file():
         raise ExportError(f"--output {output} is not a bundle (no {MANIFEST_NAME}) and not empty: --force replaces "
                           "only an earlier bundle; choose another --output, or empty that folder yourself")
+    try:
+        manifest, _ = read_manifest(output)  # the manifest only: its files are not hashed here
+    except BundleError as exc:
+        raise ExportError(f"--output {output} is not an edge-runtime bundle ({exc}): --force replaces only an "
+                          "earlier bundle; choose another --output") from None
+    extra = unlisted_files(output, manifest)
+    if extra:
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise ExportError(f"--output {output} is an earlier bundle, but it also holds files its {MANIFEST_NAME} "
+                          f"does not list: {shown}; --force would delete them with it. Move them out of {output} "
+                          "and run again, or choose another --output")
+
+
+def unlisted_files(folder: Path, manifest: dict) -> list[str]:
+    """The files (and links) under `folder` that are neither its manifest nor listed in it, as
+    relative paths: what is not the bundle's (someone's notes, a copied file)."""
+    entries = manifest.get("files")
+    listed = {MANIFEST_NAME} | {e["path"] for e in (entries if isinstance(entries, list) else [])
+                                if isinstance(e, dict) and isinstance(e.get("path"), str)}
+    extra = []
+    for here, dirs, files in os.walk(folder):  # links are not followed: a linked folder counts as one entry
+        base = Path(here)
+        for name in files + [d for d in dirs if (base / d).is_symlink()]:
+            rel = (base / name).relative_to(folder).as_posix()
+            if rel not in listed:
+                extra.append(rel)
+    return sorted(extra)
 
 
 def check_gpu_attention_dtype(profile: DeviceProfile, kv_dtype: str, precision: str) -> None:

@@ -343,10 +343,10 @@ def test_export_refuses_to_overwrite_an_existing_bundle(tiny_checkpoint, tiny_bu
     assert (tiny_bundle / MANIFEST_NAME).read_bytes() == before
 
 
-@pytest.mark.parametrize("where", ["checkpoint", "parent", "file", "other-folder"])
+@pytest.mark.parametrize("where", ["checkpoint", "parent", "file", "other-folder", "other-bundle-json"])
 def test_force_replaces_only_an_earlier_bundle(tiny_checkpoint, tmp_path, where):
     """--force must not delete what is not a bundle: the checkpoint, a folder holding
-    it, a file, or someone's other folder."""
+    it, a file, someone's other folder, or one whose bundle.json is another program's."""
     from edge_export.pipeline import ExportError, ExportOptions, run_export
 
     checkpoint = shutil.copytree(tiny_checkpoint, tmp_path / "models" / "ck")
@@ -354,15 +354,50 @@ def test_force_replaces_only_an_earlier_bundle(tiny_checkpoint, tmp_path, where)
     (tmp_path / "a-file").write_text("mine")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / MANIFEST_NAME).write_text(json.dumps({"name": "my web app", "version": "1.2"}))
+    (tmp_path / "app" / "index.js").write_text("mine")
     output, message = {"checkpoint": (checkpoint, "is the checkpoint's folder or holds it"),
                        "parent": (tmp_path / "models", "is the checkpoint's folder or holds it"),
                        "file": (tmp_path / "a-file", "is a file, not a bundle folder"),
-                       "other-folder": (tmp_path / "other", "is not a bundle \\(no bundle.json\\) and not empty")}[where]
+                       "other-folder": (tmp_path / "other", "is not a bundle \\(no bundle.json\\) and not empty"),
+                       "other-bundle-json": (tmp_path / "app", f"--output {tmp_path / 'app'} is not an edge-runtime "
+                                                                "bundle .*not an edge-runtime-bundle manifest")}[where]
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     with pytest.raises(ExportError, match=message):
         run_export(ExportOptions(checkpoint=checkpoint, profile="cpu-x86_64", output=output, force=True,
                                  precision="fp32", skip_fidelity=True))
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_force_keeps_an_earlier_bundles_folder_that_holds_files_it_does_not_list(tiny_checkpoint, tiny_bundle,
+                                                                                 tmp_path):
+    """Files someone put in a bundle's folder are not the bundle's: --force names them and
+    deletes nothing."""
+    from edge_export.pipeline import ExportError, ExportOptions, run_export
+
+    out = copy_bundle(tiny_bundle, tmp_path / "b")
+    (out / "notes.txt").write_text("mine")
+    (out / "runs").mkdir()
+    (out / "runs" / "log.txt").write_text("mine")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(ExportError, match=f"--output {out} is an earlier bundle, but it also holds files its "
+                                          "bundle.json does not list: notes.txt, runs/log.txt; .*Move them out"):
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=out, force=True,
+                                 precision="fp32", skip_fidelity=True))
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_an_empty_output_or_checkpoint_flag_is_refused_not_taken_for_the_current_folder(tiny_checkpoint, tmp_path):
+    here = tmp_path / "here"
+    here.mkdir()
+    for args, flag in (([str(tiny_checkpoint), ""], "--output"), (["", str(tmp_path / "out")], "--checkpoint")):
+        cli = subprocess.run([sys.executable, "-m", "edge_runtime", "export", "--checkpoint", args[0], "--profile",
+                              "cpu-x86_64", "--output", args[1], "--force", "--skip-fidelity", "--precision", "fp32"],
+                             capture_output=True, text=True, cwd=here, timeout=300)
+        assert cli.returncode == 2 and f"error: {flag} is empty" in cli.stderr, cli.stderr
+        assert "Traceback" not in cli.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"] and not any(here.iterdir())
 
 
 def test_force_replaces_an_earlier_bundle(tiny_checkpoint, tiny_bundle, tmp_path):
