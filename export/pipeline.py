@@ -3,7 +3,8 @@ profile -> fidelity against torch -> verified bundle.
 
 Work happens in `<output>.partial/`, renamed to `<output>` only when every step
 passed, so a failed or interrupted export never leaves a half bundle behind and
-never touches an existing one.
+never touches an existing one. A leftover `<output>.partial/` or `<output>.replaced/` is
+removed only when an export made it (EXPORT_MARKER or an edge-runtime manifest inside).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from edge_runtime.profiles import DeviceProfile, load_profile
 from edge_runtime.tokenizer import CodeLlamaTokenizer
 
 from . import calibration, fidelity, graph_builder, kv_cache_quant, onnx_export, quantize
-from .bundle_writer import copy_into, write_manifest
+from .bundle_writer import EXPORT_MARKER, copy_into, write_manifest
 from .checkpoint import SHARD_INDEX, SINGLE_FILE, CheckpointInfo, check_tensor_shapes, read_checkpoint
 from .progress import Progress, peak_rss_bytes
 
@@ -206,6 +207,48 @@ def replaced_folder(output: Path) -> Path:
     return output.with_name(output.name + ".replaced")
 
 
+def scratch_is_ours(folder: Path) -> bool:
+    """Whether a `<output>.partial` / `.replaced` folder is one an export made: it holds the
+    export's marker (a staging folder), an edge-runtime manifest (a finished staging folder,
+    or the earlier bundle --force moved aside), or nothing (what removing one can leave)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    if (folder / EXPORT_MARKER).is_file() or not any(folder.iterdir()):
+        return True
+    try:
+        read_manifest(folder)
+    except (BundleError, OSError):
+        return False
+    return True
+
+
+def check_scratch(folder: Path) -> None:
+    """Refuse a scratch folder in the way that is not an export's (it is not deleted)."""
+    if (folder.exists() or folder.is_symlink()) and not scratch_is_ours(folder):
+        raise ExportError(f"{folder} is in the way: the export writes there while it works, and it is not a folder "
+                          f"an earlier export left (no {EXPORT_MARKER}, no edge-runtime {MANIFEST_NAME}); move it "
+                          "away or choose another --output")
+
+
+def remove_scratch(folder: Path) -> None:
+    """Remove an export's scratch folder (checked with `check_scratch`): the marker and the
+    manifest go last, so that a removal cut short leaves a folder the next export still
+    knows as its own."""
+    if not folder.exists():
+        return
+    check_scratch(folder)
+    last = (MANIFEST_NAME, EXPORT_MARKER)
+    for child in folder.iterdir():
+        if child.name not in last:
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    for name in last:
+        (folder / name).unlink(missing_ok=True)
+    folder.rmdir()
+
+
 def check_output(output: Path, checkpoint: Path, *, force: bool) -> None:
     """--output is a new folder, or (with --force) an empty one or an earlier bundle (its
     bundle.json an edge-runtime manifest, read without hashing the files) holding nothing its
@@ -218,6 +261,7 @@ def check_output(output: Path, checkpoint: Path, *, force: bool) -> None:
         if scratch == checkpoint or scratch in checkpoint.parents:
             raise ExportError(f"the export writes {scratch}, which is the checkpoint's folder or holds it "
                               f"({checkpoint}): choose another --output")
+        check_scratch(scratch)
     if not output.exists():
         return
     if not force:
@@ -347,9 +391,11 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
 
     partial = staging_folder(output)
     replaced = replaced_folder(output)
-    shutil.rmtree(partial, ignore_errors=True)
+    remove_scratch(partial)  # an earlier export's, cut short
     work = partial / "_export"
+    partial.mkdir()  # not in the try below: a folder this export did not make is not removed there
     try:
+        (partial / EXPORT_MARKER).write_text("edge-runtime export staging folder: safe to delete\n")
         graph = partial / GRAPH_FILE
         fused = flavour == FLAVOUR_GQA_SHARED_KV
         recipe = recipe_for(profile, precision, opts.algorithm, fused=fused) if precision in quantize.BITS else None
@@ -474,12 +520,13 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 "licence_files": [p.name for p in info.licence_files],
             }
             write_manifest(partial, manifest)
+            (partial / EXPORT_MARKER).unlink()  # the manifest says whose the folder is from here on
             plan = bundle_plan(load_bundle(partial), profile)  # read back exactly as the device will
             progress.detail(plan.describe() + ("" if plan.fits else ": DOES NOT FIT; the engine will refuse to "
                                                "start with this profile (lower --max-context or the precision)"))
             # two renames: at every moment one whole bundle has the name, or the earlier one is
             # put back below
-            shutil.rmtree(replaced, ignore_errors=True)
+            remove_scratch(replaced)  # an earlier export's, cut short
             if output.exists():
                 output.rename(replaced)
             partial.rename(output)

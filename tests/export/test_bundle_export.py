@@ -388,6 +388,35 @@ def test_force_keeps_an_earlier_bundles_folder_that_holds_files_it_does_not_list
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("suffix", [".partial", ".replaced"])
+def test_scratch_folders_are_removed_only_when_an_export_left_them(tiny_checkpoint, tmp_path, suffix):
+    """<output>.partial and <output>.replaced are the export's scratch names: a folder there
+    that is someone's is named and kept (with or without --force); one an earlier export
+    left (its marker or an edge-runtime manifest) is cleared and the export goes on."""
+    from edge_export.pipeline import ExportError, ExportOptions, run_export
+
+    scratch = tmp_path / ("b" + suffix)
+    scratch.mkdir()
+    (scratch / "thesis.tex").write_text("mine")
+    options = dict(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=tmp_path / "b", precision="fp32",
+                   skip_fidelity=True)
+    for force in (False, True):
+        with pytest.raises(ExportError, match=f"{re.escape(str(scratch))} is in the way: .*not a folder an earlier "
+                                              "export left"):
+            run_export(ExportOptions(**options, force=force))
+        assert sorted(p.name for p in tmp_path.iterdir()) == [scratch.name]
+        assert (scratch / "thesis.tex").read_text() == "mine"
+
+    from edge_export.bundle_writer import EXPORT_MARKER
+
+    (scratch / EXPORT_MARKER).write_text("")  # as an export cut short (SIGKILL) leaves its staging folder
+    run_export(ExportOptions(**options))
+    assert load_bundle(tmp_path / "b").manifest["precision"] == "fp32"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    assert EXPORT_MARKER not in {f["path"] for f in load_bundle(tmp_path / "b").manifest["files"]}
+    assert not (tmp_path / "b" / EXPORT_MARKER).exists()
+
+
 def test_an_empty_output_or_checkpoint_flag_is_refused_not_taken_for_the_current_folder(tiny_checkpoint, tmp_path):
     here = tmp_path / "here"
     here.mkdir()
