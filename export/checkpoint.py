@@ -310,7 +310,11 @@ def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> Checkp
 
     from tokenizers import Tokenizer  # the device side's tokenizer library reads the same file
 
-    tok = Tokenizer.from_file(str(tokenizer_path))
+    try:
+        tok = Tokenizer.from_file(str(tokenizer_path))
+    except Exception as exc:  # the tokenizers library raises plain Exception: unreadable, not JSON, not a tokenizer
+        raise CheckpointError(f"{tokenizer_path} cannot be read as a tokenizer ({exc}): copy or download the "
+                              "checkpoint's tokenizer.json again") from None
     if tok.get_vocab_size(with_added_tokens=True) > arch.vocab_size:
         raise CheckpointError(f"{path.name}: tokenizer has {tok.get_vocab_size()} ids but the model's vocab_size "
                               f"is {arch.vocab_size}")

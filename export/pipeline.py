@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -303,6 +304,25 @@ def unlisted_files(folder: Path, manifest: dict) -> list[str]:
     return sorted(extra)
 
 
+def check_output_writable(output: Path) -> None:
+    """Refuse, before any work, an --output whose folder cannot take the bundle: it does not
+    exist, is a file, or cannot be written (permissions, a read-only file system). Tried for
+    real: a folder is created there and removed."""
+    parent = output.parent
+    try:
+        probe = tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".probe", dir=parent)
+    except FileNotFoundError:
+        raise ExportError(f"--output {output}: its folder {parent} does not exist; create it first, or correct "
+                          "the path") from None
+    except NotADirectoryError:
+        raise ExportError(f"--output {output}: {parent} is not a folder (it, or a folder above it, is a file); "
+                          "choose another --output") from None
+    except OSError as exc:
+        raise ExportError(f"--output {output}: cannot create the bundle in {parent} ({exc.strerror or exc}); "
+                          "choose a folder you can write to") from None
+    os.rmdir(probe)
+
+
 def check_gpu_attention_dtype(profile: DeviceProfile, kv_dtype: str, precision: str) -> None:
     """The fused graph's GroupQueryAttention runs on CUDA in float16 only: a float32 or int8
     KV cache would put attention on the CPU (a copy of the cache at every step)."""
@@ -323,6 +343,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         raise ExportError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     output = opts.output.resolve()
     check_output(output, opts.checkpoint.resolve(), force=opts.force)
+    check_output_writable(output)
     if opts.graph not in (*GRAPHS, "auto"):
         raise ExportError(f"--graph {opts.graph!r} is not one of auto, {', '.join(GRAPHS)}")
     if opts.graph == "fused" and opts.algorithm == "hqq":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -415,6 +416,35 @@ def test_scratch_folders_are_removed_only_when_an_export_left_them(tiny_checkpoi
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
     assert EXPORT_MARKER not in {f["path"] for f in load_bundle(tmp_path / "b").manifest["files"]}
     assert not (tmp_path / "b" / EXPORT_MARKER).exists()
+
+
+@pytest.mark.parametrize("where", ["no-such-folder", "under-a-file",
+                                   pytest.param("read-only", marks=pytest.mark.skipif(
+                                       os.geteuid() == 0, reason="root writes into a read-only folder"))])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tiny_checkpoint, tmp_path, where):
+    (tmp_path / "a-file").write_text("mine")
+    (tmp_path / "locked").mkdir(mode=0o500)
+    output, words = {"no-such-folder": (tmp_path / "nowhere" / "b", f"its folder {tmp_path / 'nowhere'} does not "
+                                                                      "exist; create it first"),
+                     "under-a-file": (tmp_path / "a-file" / "b", f"{tmp_path / 'a-file'} is not a folder"),
+                     "read-only": (tmp_path / "locked" / "b", "cannot create the bundle in")}[where]
+    cli = subprocess.run([sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(tiny_checkpoint),
+                          "--profile", "cpu-x86_64", "--output", str(output), "--skip-fidelity"],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 2 and f"error: --output {output}: {words}" in cli.stderr, cli.stderr
+    assert "Traceback" not in cli.stderr and "[1/" not in cli.stderr + cli.stdout  # no step started
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "locked"] and not any((tmp_path / "locked").iterdir())
+
+
+def test_an_unreadable_tokenizer_json_is_named(tiny_checkpoint, tmp_path):
+    folder = broken_copy(tiny_checkpoint, tmp_path, "bad-tokenizer")
+    tokenizer = folder / "tokenizer.json"
+    tokenizer.write_bytes(tokenizer.read_bytes()[:1000])  # an interrupted copy
+    cli = subprocess.run([sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(folder), "--profile",
+                          "cpu-x86_64", "--output", str(tmp_path / "out"), "--skip-fidelity"],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 2 and f"{tokenizer} cannot be read as a tokenizer" in cli.stderr, cli.stderr
+    assert "Traceback" not in cli.stderr and not (tmp_path / "out").exists()
 
 
 def test_an_empty_output_or_checkpoint_flag_is_refused_not_taken_for_the_current_folder(tiny_checkpoint, tmp_path):
