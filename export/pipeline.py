@@ -414,6 +414,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
     replaced = replaced_folder(output)
     remove_scratch(partial)  # an earlier export's, cut short
     work = partial / "_export"
+    swapping = False  # set when the renames that install the bundle begin
     partial.mkdir()  # not in the try below: a folder this export did not make is not removed there
     try:
         (partial / EXPORT_MARKER).write_text("edge-runtime export staging folder: safe to delete\n")
@@ -550,19 +551,49 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
             remove_scratch(replaced)  # an earlier export's, cut short
             if output.exists():
                 output.rename(replaced)
+            swapping = True
             partial.rename(output)
-    except BaseException:
-        if replaced.exists() and not output.exists():
-            replaced.rename(output)
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    shutil.rmtree(replaced, ignore_errors=True)
+    except BaseException as exc:
+        # the staging folder gone while swapping: the new bundle has the name (the exception came
+        # after the rename), and a Ctrl-C then no longer undoes the export
+        installed = swapping and not partial.exists() and output.exists()
+        if not installed:
+            if replaced.exists() and not output.exists():
+                replaced.rename(output)
+            try:
+                remove_scratch(partial)
+            except (OSError, ExportError):
+                pass
+            raise
+        if not isinstance(exc, KeyboardInterrupt):
+            raise
+        progress.detail(f"interrupted after the new bundle was installed at {output}: the export is complete")
+    finish_swap(replaced, progress)
 
-    bundle = load_bundle(output)
-    files = bundle.manifest["files"]
+    manifest, _ = read_manifest(output)  # verified (every hash) before the rename, as load_bundle(partial)
+    files = manifest["files"]
     return ExportSummary(bundle=output, precision=precision, total_bytes=sum(f["size"] for f in files), files=files,
-                         fidelity=bundle.manifest["fidelity"], degraded=bool(problems),
+                         fidelity=manifest["fidelity"], degraded=bool(problems),
                          peak_rss_bytes=peak_rss_bytes(), timings=dict(progress.timings))
+
+
+def finish_swap(replaced: Path, progress: Progress) -> None:
+    """Remove the earlier bundle --force moved aside, once the new one has its name. A Ctrl-C
+    here does not undo the export: the removal is finished (a second Ctrl-C stops it), and
+    what is left is said; the next export to this --output removes it (`remove_scratch`)."""
+    for attempt in range(2):
+        try:
+            remove_scratch(replaced)
+            return
+        except KeyboardInterrupt:
+            progress.detail(f"interrupted while removing the earlier bundle ({replaced}); the new bundle is in place"
+                            + ("; finishing the removal" if attempt == 0 else ""))
+        except (OSError, ExportError) as exc:
+            progress.detail(f"warning: could not remove the earlier bundle {replaced}: {exc}")
+            break
+    if replaced.exists():
+        progress.detail(f"warning: {replaced} (the earlier bundle, or what is left of it) is still there: the next "
+                        "export to this --output removes it, or delete it yourself")
 
 
 def format_summary(s: ExportSummary) -> str:

@@ -491,6 +491,48 @@ def test_an_export_stopped_while_it_replaces_a_bundle_leaves_the_earlier_one(tin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
+@pytest.mark.parametrize("interrupts", [1, 2])
+def test_an_export_stopped_after_the_new_bundle_took_the_name_is_complete(tiny_checkpoint, tiny_bundle, tmp_path,
+                                                                          monkeypatch, interrupts):
+    """Ctrl-C while --force removes the earlier bundle (the new one already has its name): the
+    export is done, not "interrupted"; the removal is finished, or (a second Ctrl-C) what is
+    left of the earlier bundle does not stop the next export, which removes it."""
+    from edge_export.pipeline import ExportOptions, run_export
+    from edge_export.progress import Progress
+
+    out = copy_bundle(tiny_bundle, tmp_path / "b")
+    replaced, partial = tmp_path / "b.replaced", tmp_path / "b.partial"
+    unlink, fired = os.unlink, []
+
+    def interrupted(path, *args, **kwargs):
+        if len(fired) < interrupts and replaced.exists() and out.exists() and not partial.exists():
+            fired.append(path)
+            raise KeyboardInterrupt
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", interrupted)
+    said = io.StringIO()
+    try:
+        summary = run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=out, force=True,
+                                           precision="int8", skip_fidelity=True), Progress(5, stream=said))
+    except KeyboardInterrupt:
+        pytest.fail("the export said 'interrupted' with the new bundle already in place")
+    finally:
+        monkeypatch.undo()
+    assert len(fired) == interrupts and summary.precision == "int8"
+    assert load_bundle(out).manifest["precision"] == "int8"  # whole: every hash
+    assert "the new bundle is in place" in said.getvalue()
+    if interrupts == 1:
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    else:
+        assert replaced.exists() and f"{replaced} (the earlier bundle, or what is left of it) is still there" \
+            in said.getvalue()
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=out, force=True,
+                                 precision="fp32", skip_fidelity=True), Progress(5, enabled=False))
+        assert load_bundle(out).manifest["precision"] == "fp32"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
 def broken_copy(tiny_checkpoint: Path, tmp_path: Path, name: str) -> Path:
     return shutil.copytree(tiny_checkpoint, tmp_path / name)
 
