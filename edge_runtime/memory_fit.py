@@ -24,7 +24,10 @@ weights   bundle: graph + external data file sizes. Estimate: MatMulNBits packs
           embedding and the kept layers (lm_head) stay in the float type. The
           float type is float16 where the profile's KV cache is float16 (GPU
           profiles: activations and KV cache share a dtype) and float32 otherwise;
-          fp16 / fp32 bundles hold every weight in 2 / 4 bytes.
+          fp32 bundles hold every weight in 4 bytes, fp16 bundles in the float type
+          too: 2 bytes on the GPU profiles and with the optimum graph, but 4 for a
+          fused graph on a CPU profile (float32 activations: the exporter keeps the
+          weights float32 there and says so), so fp16 is fp32's size on the CPU.
 KV cache  `buffers x 2 (keys, values) x layers x kv_heads x head_dim x context x dtype
           bytes`; buffers is 1 for the `gqa-shared-kv` graph (one shared buffer) and 2
           for `optimum-kv-concat` (past and present ping-pong, kv_cache.py).
@@ -169,8 +172,8 @@ def estimate_weight_bytes(shape: ModelShape, precision: str, *, block_size: int,
     `block_size`) instead of float; `head_two_pass`: and as int4 blocks beside them (the
     lm_head in two passes, the profile's lm_head_refine_top_k); `embedding_bits` 8: the token
     embedding table as int8 blocks (of EMBEDDING_BLOCK_SIZE) instead of float."""
-    if precision == "fp16":
-        return shape.parameter_count * 2
+    if precision == "fp16":  # in the graph's float type: float32 activations keep float32 weights
+        return shape.parameter_count * DTYPE_BYTES[float_dtype]
     if precision == "fp32":
         return shape.parameter_count * 4
     bits = BITS[precision]
@@ -296,7 +299,8 @@ def estimate_plan(shape: ModelShape, profile: DeviceProfile, precision: str, con
     activations = kv_dtype_of(precision, flavour, profile.kv_cache.dtype)
     kv_dtype = kv_dtype_of(precision, flavour, profile.kv_cache.dtype, profile.kv_cache.bits)
     q = profile.quantization
-    float_dtype = activations if precision in BITS else ("float16" if precision == "fp16" else "float32")
+    float_dtype = activations  # the graph's float type: fp16 on a CPU profile's fused graph stays float32
+    quantized = precision in BITS
     return MemoryPlan(
         what=f"Code Llama {shape.name}", profile=profile.name, precision=precision, context=context,
         kv_dtype=kv_dtype,
@@ -307,7 +311,7 @@ def estimate_plan(shape: ModelShape, profile: DeviceProfile, precision: str, con
                                             head_two_pass=flavour == FLAVOUR_GQA_SHARED_KV and bool(
                                                 q.head_refine_top_k_for(precision, float_dtype, q.algorithm)),
                                             embedding_bits=q.embedding_bits_for(float_dtype)
-                                            if flavour == FLAVOUR_GQA_SHARED_KV else 0),
+                                            if flavour == FLAVOUR_GQA_SHARED_KV and quantized else 0),
         kv_cache_bytes=kv_cache_bytes(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
                                       head_dim=shape.head_dim, context=context, dtype_bytes=DTYPE_BYTES[kv_dtype],
                                       buffers=1 if flavour == FLAVOUR_GQA_SHARED_KV else 2),

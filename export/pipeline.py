@@ -396,6 +396,11 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         kv_dtype = kv_dtype_of(precision, flavour, profile.kv_cache.dtype, kv_bits)  # as the bundle will record it
         if flavour == FLAVOUR_GQA_SHARED_KV:
             check_gpu_attention_dtype(profile, kv_dtype, precision)
+            if precision == "fp16" and profile.kv_cache.dtype == "float32":
+                progress.detail(f"warning: --precision fp16 on the {profile.name} profile stores the weights in "
+                                "float32: the fused graph keeps them in its activations' type, float32 there (the "
+                                "profile's kv_cache.dtype), so the bundle is fp32's size (int8 or int4 make it "
+                                "smaller)")
         limit = context_limit(info, profile, opts.max_context)
         if limit > arch.max_position_embeddings:
             progress.detail(f"warning: --max-context {limit} is above the model's max_position_embeddings "

@@ -291,6 +291,31 @@ def test_kv_cache_bits_follow_the_profile_unless_overridden(tiny_checkpoint, tmp
     assert bundle.int8_kernel_rows == (INT8_STEP_ROWS_MAX if kv_type == "tensor(int8)" else None)
 
 
+def test_fp16_on_a_cpu_profile_is_stored_as_float32_as_fit_estimates_and_the_export_says(tiny_checkpoint,
+                                                                                         tmp_path):
+    """The fused graph keeps weights in its activations' type: float32 on a CPU profile, so an
+    fp16 bundle there is fp32's size; memory_fit's estimate counts that, and the export warns."""
+    from edge_export.pipeline import ExportOptions, run_export
+    from edge_export.progress import Progress
+    from edge_runtime.memory_fit import ModelShape, bundle_plan, estimate_plan
+    from edge_runtime.profiles import load_profile
+
+    lines: list[str] = []
+    progress = Progress(5, enabled=False)
+    progress.detail = lines.append
+    run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=tmp_path / "b",
+                             precision="fp16", skip_fidelity=True), progress)
+    assert any("warning: --precision fp16 on the cpu-x86_64 profile stores the weights in float32" in line
+               for line in lines), lines
+    cpu = load_profile("cpu-x86_64")
+    written = bundle_plan(load_bundle(tmp_path / "b"), cpu).weights_bytes
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    shape = ModelShape("tiny", config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"],
+                       config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"])
+    estimate = estimate_plan(shape, cpu, "fp16", 256).weights_bytes
+    assert estimate == shape.parameter_count * 4 and abs(written - estimate) / estimate < 0.05, (written, estimate)
+
+
 def test_only_cpu_profiles_bundles_take_several_rows_of_logits(tiny_checkpoint, tmp_path, exporter):
     """The optional logits_start input (prompt lookup's runs) is in CPU profiles' graphs; GPU
     profiles' graphs keep a constant last-position slice until a GPU run tests the input."""
