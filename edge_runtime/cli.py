@@ -383,8 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fused: built from the tensors with GroupQueryAttention and one shared KV buffer, streamed "
                         "layer by layer (a 7B's graph in < 1 GiB of memory with --algorithm rtn, the int8 KV "
                         "cache's calibration included; ~3 GiB with gptq); optimum: "
-                        "optimum's exporter (needed for --algorithm hqq); auto (default): fused unless the checkpoint "
-                        "or --algorithm needs optimum")
+                        "optimum's exporter (needed for --algorithm hqq); auto (default): fused, or optimum for "
+                        "--algorithm hqq or a checkpoint the fused graph does not express (RoPE scaling, biases, "
+                        "another activation, head_dim not a multiple of 16); auto does not switch for the profile: "
+                        "fp32 (or an int8 KV cache) on a GPU profile is refused, ask --graph optimum")
     p.add_argument("--skip-fidelity", action="store_true",
                    help="do not measure fidelity (size/speed benchmarks of random weights); recorded in bundle.json")
     p.add_argument("--variant", choices=["base", "python", "instruct"], type=str.lower,

@@ -164,6 +164,20 @@ def kv_dtype_of(precision: str, flavour: str, profile_kv_dtype: str, kv_bits: in
     return "int8" if kv_bits == 8 else profile_kv_dtype
 
 
+def fused_attention_refusal(profile: DeviceProfile, precision: str, kv_dtype: str) -> str | None:
+    """Why the exporter refuses a fused graph (``gqa-shared-kv``) with a KV cache of ``kv_dtype``
+    for ``profile`` (None: it does not): CUDA's GroupQueryAttention takes float16 only, and a
+    float32 or int8 cache would put attention on the CPU, a copy of the cache at every step.
+    The export's check and the fit table's "refused" cells are this one rule."""
+    if kv_dtype == "float16" or all(name == "CPUExecutionProvider" for name in profile.provider_names):
+        return None
+    problem = ("--precision fp32 keeps the KV cache in float32" if precision == "fp32" else
+               "an int8 KV cache (--kv-cache-bits 8, or the profile's kv_cache.bits)" if kv_dtype == "int8" else
+               f"the profile's kv_cache.dtype {profile.kv_cache.dtype}")
+    return (f"{problem}, but the {profile.name} profile runs on the GPU, where the fused graph's "
+            "GroupQueryAttention takes float16 only")
+
+
 def estimate_weight_bytes(shape: ModelShape, precision: str, *, block_size: int, symmetric: bool,
                           float_dtype: str, keep_bits: int = 0, keep_block_size: int = 0,
                           head_two_pass: bool = False, embedding_bits: int = 0) -> int:
@@ -332,10 +346,25 @@ def largest_fitting_context(shape: ModelShape, profile: DeviceProfile, precision
     return None
 
 
+REFUSED = "refused"  # a fit table cell: the exporter refuses this precision for this profile and graph
+REFUSED_NOTE = (f"{REFUSED}: the export refuses it: the fused graph on a GPU profile takes a float16 KV cache only "
+                "(fp32 keeps a float32 one); `--graph optimum` exports it (`fit --table --graph optimum`)")
+
+
+def export_refusal(profile: DeviceProfile, precision: str, flavour: str = FLAVOUR_GQA_SHARED_KV) -> str | None:
+    """Why `edge-runtime export` refuses `precision` for `profile` with the `flavour` graph and
+    the profile's own KV cache settings (None: it does not)."""
+    if flavour != FLAVOUR_GQA_SHARED_KV:
+        return None
+    return fused_attention_refusal(profile, precision,
+                                   kv_dtype_of(precision, flavour, profile.kv_cache.dtype, profile.kv_cache.bits))
+
+
 def fit_table(profiles: Sequence[DeviceProfile], precisions: Sequence[str] = PRECISIONS, *,
               flavour: str = FLAVOUR_GQA_SHARED_KV, markdown: bool = False) -> str:
     """Rows: family member x precision; columns: profiles; a cell is the largest context
-    (of TABLE_CONTEXTS, capped by the profile) that fits, with the total, or "no"."""
+    (of TABLE_CONTEXTS, capped by the profile) that fits, with the total, or "no", or
+    "refused" where the exporter refuses the precision for the profile (`export_refusal`)."""
     header = ["member", "params", "precision",
               *(f"{p.name} ({p.memory_budget_bytes / GiB:.0f} GiB, max {p.max_context})" for p in profiles)]
     rows = []
@@ -343,6 +372,9 @@ def fit_table(profiles: Sequence[DeviceProfile], precisions: Sequence[str] = PRE
         for precision in precisions:
             cells = []
             for profile in profiles:
+                if export_refusal(profile, precision, flavour):
+                    cells.append(REFUSED)
+                    continue
                 plan = largest_fitting_context(shape, profile, precision, flavour=flavour)
                 cells.append(f"{plan.context} ({plan.total_bytes / GiB:.1f} GiB)" if plan else "no")
             rows.append([shape.name, f"{shape.parameter_count / 1e9:.1f} B", precision, *cells])
@@ -387,7 +419,10 @@ def run(args: argparse.Namespace) -> int:
         print("error: give --table or --bundle", file=sys.stderr)
         return 2
     flavour = FLAVOUR_GQA_SHARED_KV if args.graph == "fused" else FLAVOUR_OPTIMUM_KV_CONCAT
-    print(fit_table(list_profiles(), flavour=flavour, markdown=args.markdown))
+    table = fit_table(list_profiles(), flavour=flavour, markdown=args.markdown)
+    print(table)
+    if REFUSED in table.split():
+        print(f"\n{REFUSED_NOTE}")
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from edge_runtime.bundle import (FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, MANIFEST_NAME, load_bundle,
                                  read_manifest)
 from edge_runtime.errors import BundleError, EdgeRuntimeError
-from edge_runtime.memory_fit import bundle_plan, human_bytes, kv_dtype_of
+from edge_runtime.memory_fit import bundle_plan, fused_attention_refusal, human_bytes, kv_dtype_of
 from edge_runtime.profiles import DeviceProfile, load_profile
 from edge_runtime.tokenizer import CodeLlamaTokenizer
 
@@ -326,14 +326,10 @@ def check_output_writable(output: Path) -> None:
 def check_gpu_attention_dtype(profile: DeviceProfile, kv_dtype: str, precision: str) -> None:
     """The fused graph's GroupQueryAttention runs on CUDA in float16 only: a float32 or int8
     KV cache would put attention on the CPU (a copy of the cache at every step)."""
-    if kv_dtype == "float16" or all(name == "CPUExecutionProvider" for name in profile.provider_names):
-        return
-    problem = ("--precision fp32 keeps the KV cache in float32" if precision == "fp32" else
-               "an int8 KV cache (--kv-cache-bits 8, or the profile's kv_cache.bits)" if kv_dtype == "int8" else
-               f"the profile's kv_cache.dtype {profile.kv_cache.dtype}")
-    raise ExportError(f"{problem}, but the {profile.name} profile runs on the GPU, where the fused graph's "
-                      "GroupQueryAttention takes float16 only: export fp16, int8 or int4 with a float16 KV cache "
-                      "(--kv-cache-bits 0), or use --graph optimum")
+    problem = fused_attention_refusal(profile, precision, kv_dtype)  # the fit table's "refused" cells too
+    if problem:
+        raise ExportError(f"{problem}: export fp16, int8 or int4 with a float16 KV cache (--kv-cache-bits 0), or "
+                          "use --graph optimum")
 
 
 def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportSummary:

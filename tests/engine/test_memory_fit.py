@@ -116,6 +116,34 @@ def test_the_readme_table_is_the_commands_output():
     assert len(rows) == 4 * 4 and all(re.match(r"\| (7B|13B|34B|70B) \|", r) for r in rows)
 
 
+def test_the_fit_table_marks_refused_what_the_export_refuses(tiny_checkpoint, tmp_path, capsys):
+    """A cell the table gives as fitting is one the exporter makes: where the export refuses the
+    precision for the profile (fp32 on a GPU profile's fused graph), the table says "refused"."""
+    from edge_export.pipeline import ExportError, ExportOptions, run_export
+
+    assert memory_fit.main(["--table"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    profiles = re.findall(r"([a-z0-9_-]+) \(\d+ GiB, max \d+\)", lines[0])
+    refused = set()
+    for line in lines[1:17]:
+        cells = line.split()
+        precision = cells[3]
+        for name, cell in zip(profiles, re.findall(r"refused|no|\d+ \([\d.]+ GiB\)", line.split(precision, 1)[1])):
+            if cell == "refused":
+                refused.add((name, precision))
+    assert ("nvidia-gpu", "fp32") in refused and ("jetson-orin-agx", "fp32") in refused
+    assert not any(name.startswith("cpu-") for name, _ in refused)
+    assert "refused: the export refuses it" in out
+    for name, precision in sorted(refused):
+        with pytest.raises(ExportError, match=f"but the {name} profile runs on the GPU"):
+            run_export(ExportOptions(checkpoint=tiny_checkpoint, profile=name, output=tmp_path / name,
+                                     precision=precision, skip_fidelity=True))
+    # the optimum graph's table refuses nothing (its cache follows the precision)
+    assert memory_fit.main(["--table", "--graph", "optimum"]) == 0
+    assert "refused" not in capsys.readouterr().out
+
+
 def test_fit_command_table_and_bundle(tiny_bundle, capsys):
     assert memory_fit.main(["--table"]) == 0
     out = capsys.readouterr().out
