@@ -363,9 +363,17 @@ def profile_text(path_or_name: str | os.PathLike[str]) -> str:
         return pathlib.Path(path_or_name).read_text(encoding="utf-8")
     resource = _packaged_dir() / f"{path_or_name}.toml"
     if not resource.is_file():
-        raise ConfigError(f"unknown device profile {str(path_or_name)!r}; packaged profiles: "
-                          f"{', '.join(_packaged_names())}")
+        raise ConfigError(unknown_profile_message(str(path_or_name)))
     return resource.read_text(encoding="utf-8")
+
+
+def unknown_profile_message(name: str) -> str:
+    """The error for a profile name that is not a packaged one: the packaged names, and the way
+    out for a profile file's name (what a bundle exported with `--profile path/to/NAME.toml`
+    records, and what `generate`, `fit --bundle` and the daemon then look up)."""
+    return (f"unknown device profile {name!r}; packaged profiles: {', '.join(_packaged_names())}. If {name!r} is "
+            f"the name in a profile file (a bundle exported with --profile path/to/{name}.toml records only the "
+            "name), give that file: --profile FILE (in the daemon's config, [model] profile = FILE)")
 
 
 def load_profile(path_or_name: str | os.PathLike[str]) -> DeviceProfile:
@@ -379,8 +387,7 @@ def load_profile(path_or_name: str | os.PathLike[str]) -> DeviceProfile:
     name = str(path_or_name)
     resource = _packaged_dir() / f"{name}.toml"
     if not resource.is_file():
-        known = ", ".join(_packaged_names())
-        raise ConfigError(f"unknown device profile {name!r}; packaged profiles: {known}")
+        raise ConfigError(unknown_profile_message(name))
     source = f"{name}.toml"
     profile = load_toml(DeviceProfile, resource, source=source)
     if profile.name != name:

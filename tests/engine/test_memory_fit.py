@@ -144,6 +144,32 @@ def test_the_fit_table_marks_refused_what_the_export_refuses(tiny_checkpoint, tm
     assert "refused" not in capsys.readouterr().out
 
 
+def test_a_bundle_of_a_profile_file_says_to_pass_that_file(tiny_checkpoint, tmp_path):
+    """A bundle exported with --profile my-x86.toml records the name "my-x86": fit --bundle
+    and generate without --profile cannot find it, and say to give the file."""
+    import subprocess
+    import sys
+
+    from edge_export.pipeline import ExportOptions, run_export
+    from edge_export.progress import Progress
+    from edge_runtime.profiles import profile_text
+
+    toml = tmp_path / "my-x86.toml"
+    toml.write_text(profile_text("cpu-x86_64").replace('name = "cpu-x86_64"', 'name = "my-x86"'))
+    bundle = tmp_path / "b"
+    run_export(ExportOptions(checkpoint=tiny_checkpoint, profile=toml, output=bundle, precision="fp32",
+                             skip_fidelity=True), Progress(5, enabled=False))
+    for argv in (["fit", "--bundle", str(bundle)], ["generate", "--bundle", str(bundle), "--prompt", "def f():"]):
+        cli = subprocess.run([sys.executable, "-m", "edge_runtime", *argv], capture_output=True, text=True,
+                             timeout=300)
+        assert cli.returncode == 2 and "unknown device profile 'my-x86'" in cli.stderr, cli.stderr
+        assert "--profile path/to/my-x86.toml" in cli.stderr and "give that file: --profile FILE" in cli.stderr
+        assert "Traceback" not in cli.stderr
+    fits = subprocess.run([sys.executable, "-m", "edge_runtime", "fit", "--bundle", str(bundle), "--profile", str(toml)],
+                          capture_output=True, text=True, timeout=300)
+    assert fits.returncode == 0 and "on profile my-x86" in fits.stdout
+
+
 def test_fit_command_table_and_bundle(tiny_bundle, capsys):
     assert memory_fit.main(["--table"]) == 0
     out = capsys.readouterr().out
