@@ -95,12 +95,46 @@ CPU_PROVIDER = "CPUExecutionProvider"
 # ------------------------------------------------------------------------- the schema
 
 
+# onnxruntime's execution provider names (onnxruntime.get_all_providers() of 1.32, and names
+# earlier releases had); the installed onnxruntime's own list is added where it imports.
+KNOWN_PROVIDERS = (
+    "TensorrtExecutionProvider", "CUDAExecutionProvider", "MIGraphXExecutionProvider", "ROCMExecutionProvider",
+    "OpenVINOExecutionProvider", "DnnlExecutionProvider", "VitisAIExecutionProvider", "QNNExecutionProvider",
+    "NnapiExecutionProvider", "VSINPUExecutionProvider", "JsExecutionProvider", "CoreMLExecutionProvider",
+    "DmlExecutionProvider", "RknpuExecutionProvider", "WebNNExecutionProvider", "WebGpuExecutionProvider",
+    "XnnpackExecutionProvider", "CANNExecutionProvider", "AzureExecutionProvider", "ACLExecutionProvider",
+    "ArmNNExecutionProvider", "SNPEExecutionProvider", "TvmExecutionProvider", "CPUExecutionProvider",
+)
+
+
+def known_provider_names() -> tuple[str, ...]:
+    """KNOWN_PROVIDERS, and any other the installed onnxruntime knows (built in or not)."""
+    try:
+        import onnxruntime
+
+        extra = tuple(p for p in onnxruntime.get_all_providers() if p not in KNOWN_PROVIDERS)
+    except Exception:  # not installed, or broken: the static list
+        extra = ()
+    return KNOWN_PROVIDERS + extra
+
+
 @dataclass(frozen=True)
 class ExecutionProvider:
     """One onnxruntime execution provider and its provider options."""
 
     name: ProviderName
     options: dict[str, OptionValue] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        known = known_provider_names()
+        if self.name not in known:
+            import difflib
+
+            lower = {name.lower(): name for name in known}
+            near = difflib.get_close_matches(self.name.lower(), list(lower), n=1, cutoff=0.6)
+            hint = f" (did you mean {lower[near[0]]!r}?)" if near else ""
+            raise InvalidField("name", f"{self.name!r} is not an onnxruntime execution provider{hint}; the names: "
+                                       + ", ".join(known))
 
     def ort_options(self) -> dict[str, str]:
         """The options as onnxruntime takes them: strings (bools as "True"/"False")."""
