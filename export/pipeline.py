@@ -304,6 +304,26 @@ def unlisted_files(folder: Path, manifest: dict) -> list[str]:
     return sorted(extra)
 
 
+def check_calibration_flags(opts: ExportOptions, profile: DeviceProfile, precision: str, *, fused: bool) -> None:
+    """--calibration-text and --calibration-tokens are GPTQ's: refuse them where this export
+    does not run GPTQ, rather than ignore them."""
+    flags = [flag for flag, value in (("--calibration-text", opts.calibration_text),
+                                      ("--calibration-tokens", opts.calibration_tokens)) if value is not None]
+    if not flags:
+        return
+    if precision not in quantize.BITS:
+        why = f"is {precision}: nothing is quantized"
+    else:
+        algorithm = recipe_for(profile, precision, opts.algorithm, fused=fused).algorithm
+        if algorithm == "gptq":
+            return
+        why = (f"quantizes with {algorithm} (--algorithm {opts.algorithm})" if opts.algorithm else
+               f"quantizes with {algorithm} (the optimum graph's round-to-nearest)" if not fused else
+               f"quantizes with {algorithm} (the {profile.name} profile's algorithm)")
+    raise ExportError(f"{' and '.join(flags)} calibrate{'s' if len(flags) == 1 else ''} GPTQ (--algorithm gptq), "
+                      f"and this export {why}: drop {' and '.join(flags)}, or export int4/int8 with --algorithm gptq")
+
+
 def check_output_writable(output: Path) -> None:
     """Refuse, before any work, an --output whose folder cannot take the bundle: it does not
     exist, is a file, or cannot be written (permissions, a read-only file system). Tried for
@@ -389,6 +409,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                               "rope_theta of rope_parameters at the top level of config.json")
         flavour = GRAPHS[graph_choice.name]
         progress.detail(f"graph: {graph_choice.name} ({graph_choice.why})")
+        check_calibration_flags(opts, profile, precision, fused=flavour == FLAVOUR_GQA_SHARED_KV)
         kv_dtype = kv_dtype_of(precision, flavour, profile.kv_cache.dtype, kv_bits)  # as the bundle will record it
         if flavour == FLAVOUR_GQA_SHARED_KV:
             check_gpu_attention_dtype(profile, kv_dtype, precision)

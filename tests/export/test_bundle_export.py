@@ -793,6 +793,24 @@ def test_gptq_calibrates_on_the_users_text_and_the_manifest_says_so(tiny_checkpo
     assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
 
 
+@pytest.mark.parametrize("options, why", [
+    ({"precision": "int4", "algorithm": "rtn"}, "quantizes with rtn \\(--algorithm rtn\\)"),
+    ({"precision": "fp32"}, "is fp32: nothing is quantized")])
+def test_calibration_flags_without_gptq_are_refused_not_ignored(tiny_checkpoint, tmp_path, options, why):
+    from edge_export.pipeline import ExportError, ExportOptions, run_export
+
+    text = tmp_path / "code.py"
+    text.write_text("def f(x):\n    return x + 1\n" * 50)
+    with pytest.raises(ExportError, match=f"--calibration-text calibrates GPTQ \\(--algorithm gptq\\), and this "
+                                          f"export {why}: drop --calibration-text"):
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=tmp_path / "b",
+                                 calibration_text=text, skip_fidelity=True, **options))
+    with pytest.raises(ExportError, match="--calibration-tokens calibrates GPTQ"):
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=tmp_path / "b",
+                                 calibration_tokens=128, skip_fidelity=True, **options))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["code.py"]
+
+
 def test_export_without_the_export_extra_is_refused_before_any_work(tiny_checkpoint, tmp_path):
     """An install missing a module of the export extra (here scipy, which joined it for
     GPTQ's triangular inverse: installs from before lack it) is told what to install,
