@@ -35,6 +35,7 @@ def cmd_profiles(args) -> int:
 
 
 # -- export / verify --------------------------------------------------------------------------
+EXPORT_DOES_NOT_FIT = 3  # export's exit status when the bundle was written but is over the profile's memory budget
 FOLDER_OF = {"--checkpoint": "checkpoint folder", "--output": "bundle folder to create",
              "--profile": "device profile's name or TOML file"}
 
@@ -57,6 +58,11 @@ def cmd_export(args) -> int:
                          skip_fidelity=args.skip_fidelity, graph=args.graph, variant=args.variant)
     summary = run_export(opts)
     print(format_summary(summary))
+    if not summary.fits:  # kept, but the engine refuses to start it with this profile
+        return _die(f"the bundle at {summary.bundle} was written, but it does not fit the {summary.memory.profile} "
+                    f"profile's memory budget ({summary.memory.describe()}): the engine will refuse to start it "
+                    "with this profile; export again with a lower --max-context or a smaller --precision",
+                    EXPORT_DOES_NOT_FIT)
     return 0
 
 

@@ -308,22 +308,28 @@ def check_bundle_fits(bundle: Bundle, profile: DeviceProfile, context: int | Non
 
 
 def estimate_plan(shape: ModelShape, profile: DeviceProfile, precision: str, context: int, *,
-                  flavour: str = FLAVOUR_GQA_SHARED_KV) -> MemoryPlan:
-    """The plan of a family member exported for `profile` at `precision` (estimated weights)."""
+                  flavour: str = FLAVOUR_GQA_SHARED_KV, kv_bits: int | None = None, algorithm: str | None = None,
+                  what: str | None = None) -> MemoryPlan:
+    """The plan of a family member (or, named `what`, a checkpoint of `shape`) exported for
+    `profile` at `precision` (estimated weights); `kv_bits` and `algorithm` (default: the
+    profile's) as `export --kv-cache-bits` and `--algorithm` override them."""
     activations = kv_dtype_of(precision, flavour, profile.kv_cache.dtype)
-    kv_dtype = kv_dtype_of(precision, flavour, profile.kv_cache.dtype, profile.kv_cache.bits)
+    kv_dtype = kv_dtype_of(precision, flavour, profile.kv_cache.dtype,
+                           profile.kv_cache.bits if kv_bits is None else kv_bits)
     q = profile.quantization
     float_dtype = activations  # the graph's float type: fp16 on a CPU profile's fused graph stays float32
     quantized = precision in BITS
+    fused = flavour == FLAVOUR_GQA_SHARED_KV
     return MemoryPlan(
-        what=f"Code Llama {shape.name}", profile=profile.name, precision=precision, context=context,
+        what=what or f"Code Llama {shape.name}", profile=profile.name, precision=precision, context=context,
         kv_dtype=kv_dtype,
-        weights_bytes=estimate_weight_bytes(shape, precision, block_size=q.block_size, symmetric=q.symmetric,
-                                            float_dtype=float_dtype,
-                                            keep_bits=q.keep_bits if flavour == FLAVOUR_GQA_SHARED_KV else 0,
+        weights_bytes=estimate_weight_bytes(shape, precision,
+                                            block_size=q.block_size if fused else q.optimum_graph_block_size,
+                                            symmetric=q.symmetric, float_dtype=float_dtype,
+                                            keep_bits=q.keep_bits if fused else 0,
                                             keep_block_size=q.kept_block_size,
-                                            head_two_pass=flavour == FLAVOUR_GQA_SHARED_KV and bool(
-                                                q.head_refine_top_k_for(precision, float_dtype, q.algorithm)),
+                                            head_two_pass=fused and bool(q.head_refine_top_k_for(
+                                                precision, float_dtype, algorithm or q.algorithm)),
                                             embedding_bits=q.embedding_bits_for(float_dtype)
                                             if flavour == FLAVOUR_GQA_SHARED_KV and quantized else 0),
         kv_cache_bytes=kv_cache_bytes(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
@@ -333,6 +339,18 @@ def estimate_plan(shape: ModelShape, profile: DeviceProfile, precision: str, con
                                       vocab_size=shape.vocab_size, context=context, flavour=flavour,
                                       kv_dtype=kv_dtype, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim),
         budget_bytes=profile.memory_budget_bytes)
+
+
+def largest_context_that_fits(plan_at, upto: int, least: int = 16) -> int | None:
+    """The largest context in [least, upto] whose `plan_at(context)` fits (plans grow with the
+    context), or None."""
+    if not plan_at(least).fits:
+        return None
+    lo, hi = least, upto
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if plan_at(mid).fits else (lo, mid - 1)
+    return lo
 
 
 def largest_fitting_context(shape: ModelShape, profile: DeviceProfile, precision: str,

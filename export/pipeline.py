@@ -18,7 +18,8 @@ from pathlib import Path
 from edge_runtime.bundle import (FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, MANIFEST_NAME, load_bundle,
                                  read_manifest)
 from edge_runtime.errors import BundleError, EdgeRuntimeError
-from edge_runtime.memory_fit import bundle_plan, fused_attention_refusal, human_bytes, kv_dtype_of
+from edge_runtime.memory_fit import (MemoryPlan, ModelShape, bundle_plan, estimate_plan, fused_attention_refusal,
+                                     human_bytes, kv_dtype_of, largest_context_that_fits)
 from edge_runtime.profiles import DeviceProfile, load_profile
 from edge_runtime.tokenizer import CodeLlamaTokenizer
 
@@ -68,6 +69,11 @@ class ExportSummary:
     degraded: bool
     peak_rss_bytes: int
     timings: dict[str, float]
+    memory: MemoryPlan | None = None  # the bundle's memory plan with the profile (memory.fits: within its budget)
+
+    @property
+    def fits(self) -> bool:
+        return self.memory is None or self.memory.fits
 
 
 def recipe_for(profile: DeviceProfile, precision: str, algorithm: str | None, *,
@@ -304,6 +310,29 @@ def unlisted_files(folder: Path, manifest: dict) -> list[str]:
     return sorted(extra)
 
 
+def check_memory_budget(info: CheckpointInfo, profile: DeviceProfile, precision: str, limit: int, *, flavour: str,
+                        kv_bits: int, algorithm: str | None) -> None:
+    """Refuse, before any work, a bundle that memory_fit's estimate already puts over the
+    profile's memory budget at its context (the engine would refuse to start it), saying the
+    --max-context that fits. (The estimate is a little under a written bundle's bytes: the
+    written one is checked again at the end.)"""
+    arch = info.architecture
+    shape = ModelShape(info.name, arch.hidden_size, int(info.config.get("intermediate_size") or 0), arch.num_layers,
+                       arch.num_heads, arch.num_kv_heads, arch.vocab_size)
+
+    def plan_at(context: int) -> MemoryPlan:
+        return estimate_plan(shape, profile, precision, context, flavour=flavour, kv_bits=kv_bits,
+                             algorithm=algorithm, what=info.name)
+
+    plan = plan_at(limit)
+    if plan.fits:
+        return
+    fits = largest_context_that_fits(plan_at, limit)
+    ways = ([f"--max-context {fits} fits"] if fits else []) + ["a smaller --precision", "a profile for a bigger device"]
+    raise ExportError(f"the bundle would not fit the {profile.name} profile's memory budget, and the engine would "
+                      f"refuse to start it: {plan.describe()} (estimated); {', or '.join(ways)}")
+
+
 def check_calibration_flags(opts: ExportOptions, profile: DeviceProfile, precision: str, *, fused: bool) -> None:
     """--calibration-text and --calibration-tokens are GPTQ's: refuse them where this export
     does not run GPTQ, rather than ignore them."""
@@ -423,6 +452,8 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
             progress.detail(f"warning: --max-context {limit} is above the model's max_position_embeddings "
                             f"({arch.max_position_embeddings}, the context it was trained for): its output past "
                             "that is not measured here")
+        check_memory_budget(info, profile, precision, limit, flavour=flavour, kv_bits=kv_bits,
+                            algorithm=opts.algorithm)
         check_torch_memory(info, fidelity_on=not opts.skip_fidelity, graph=graph_choice.name)
         if not opts.skip_fidelity:
             need = fidelity.prompt_positions(CodeLlamaTokenizer.from_file(info.tokenizer_path), info.chat_format,
@@ -568,6 +599,8 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
             plan = bundle_plan(load_bundle(partial), profile)  # read back exactly as the device will
             progress.detail(plan.describe() + ("" if plan.fits else ": DOES NOT FIT; the engine will refuse to "
                                                "start with this profile (lower --max-context or the precision)"))
+            # past the estimate checked before the work: the bundle is kept, and the summary (and
+            # the command's exit status, 3) says it does not fit
             # two renames: at every moment one whole bundle has the name, or the earlier one is
             # put back below
             remove_scratch(replaced)  # an earlier export's, cut short
@@ -596,7 +629,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
     files = manifest["files"]
     return ExportSummary(bundle=output, precision=precision, total_bytes=sum(f["size"] for f in files), files=files,
                          fidelity=manifest["fidelity"], degraded=bool(problems),
-                         peak_rss_bytes=peak_rss_bytes(), timings=dict(progress.timings))
+                         peak_rss_bytes=peak_rss_bytes(), timings=dict(progress.timings), memory=plan)
 
 
 def finish_swap(replaced: Path, progress: Progress) -> None:
@@ -637,6 +670,8 @@ def format_summary(s: ExportSummary) -> str:
             lines.append(f"           KL divergence mean {fid['kl_divergence_mean']:.4g} "
                          f"(p99 {fid['kl_divergence_p99']:.4g}), top-1 agreement "
                          f"{fid['corpus_top1_agreement']:.3f} over {fid['corpus_positions']} corpus positions")
+    if s.memory is not None:
+        lines.append(f"memory     {s.memory.describe()}: " + ("fits" if s.memory.fits else "DOES NOT FIT"))
     lines.append(f"peak memory {human_bytes(s.peak_rss_bytes)}; "
                  + ", ".join(f"{k.split(' (')[0]} {v:.1f}s" for k, v in s.timings.items()))
     return "\n".join(lines)

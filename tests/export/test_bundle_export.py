@@ -811,6 +811,39 @@ def test_calibration_flags_without_gptq_are_refused_not_ignored(tiny_checkpoint,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["code.py"]
 
 
+def test_a_bundle_over_the_profiles_memory_budget_is_refused_up_front_or_exits_3(tiny_checkpoint, tmp_path):
+    """Where memory_fit's estimate is over the budget, the export refuses before any work and
+    names the --max-context that fits; where only the written bundle is over (the estimate is
+    a little under it), the bundle is kept and the command exits 3, saying so."""
+    from edge_export.pipeline import ExportError, ExportOptions, run_export
+    from edge_runtime.profiles import profile_text
+
+    toml = tmp_path / "tight-x86.toml"
+    text = profile_text("cpu-x86_64").replace('name = "cpu-x86_64"', 'name = "tight-x86"')
+    toml.write_text(re.sub(r"memory_budget_bytes = \d+", f"memory_budget_bytes = {280 << 20}", text))
+    with pytest.raises(ExportError, match="the bundle would not fit the tight-x86 profile's memory budget, and the "
+                                          "engine would refuse to start it: .* > memory budget 0.27 GiB "
+                                          "\\(estimated\\); --max-context (\\d+) fits") as caught:
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, profile=toml, output=tmp_path / "b", precision="fp32",
+                                 skip_fidelity=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tight-x86.toml"]
+    fits = int(re.search(r"--max-context (\d+) fits", str(caught.value))[1])
+
+    def export(output: str, context: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(tiny_checkpoint),
+                               "--profile", str(toml), "--output", str(tmp_path / output), "--precision", "fp32",
+                               "--skip-fidelity", "--max-context", str(context)],
+                              capture_output=True, text=True, timeout=300)
+
+    edge = export("edge", fits)  # the estimate's largest: the graph's own tables put the bundle just over
+    assert edge.returncode == 3, edge.stderr
+    assert f"error: the bundle at {tmp_path / 'edge'} was written, but it does not fit the tight-x86 profile's " \
+           "memory budget" in edge.stderr and "DOES NOT FIT" in edge.stdout
+    assert load_bundle(tmp_path / "edge").context_limit == fits  # kept, whole
+    roomy = export("roomy", fits - 64)
+    assert roomy.returncode == 0 and ": fits" in roomy.stdout, roomy.stderr
+
+
 def test_export_without_the_export_extra_is_refused_before_any_work(tiny_checkpoint, tmp_path):
     """An install missing a module of the export extra (here scipy, which joined it for
     GPTQ's triangular inverse: installs from before lack it) is told what to install,
