@@ -694,6 +694,23 @@ def test_a_context_too_short_for_the_fidelity_prompts_is_refused_before_the_buil
     assert not (tmp_path / "out.partial").exists()
 
 
+def test_a_70b_chat_template_without_the_step_token_is_refused_at_export(tiny_checkpoint, tmp_path):
+    """Source:/<step> chat needs the <step> token: without it every chat request would fail on
+    the device, so the export refuses the checkpoint, before any work."""
+    from edge_export.checkpoint import CheckpointError
+    from edge_export.pipeline import ExportOptions, run_export
+    from edge_export.synthetic import SOURCE_STEP_CHAT_TEMPLATE
+
+    folder = broken_copy(tiny_checkpoint, tmp_path, "CodeLlama-70b-Instruct-hf")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": SOURCE_STEP_CHAT_TEMPLATE}))
+    with pytest.raises(CheckpointError, match="chat template is Code Llama 70B Instruct's .* but tokenizer.json has "
+                                              "no <step> token"):
+        run_export(ExportOptions(checkpoint=folder, profile="cpu-x86_64", output=tmp_path / "out",
+                                 precision="fp32", skip_fidelity=True))
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_already_quantized_checkpoint_is_refused(tiny_checkpoint, tmp_path):
     from edge_export.checkpoint import CheckpointError, read_checkpoint
 
