@@ -457,7 +457,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         check_torch_memory(info, fidelity_on=not opts.skip_fidelity, graph=graph_choice.name)
         if not opts.skip_fidelity:
             need = fidelity.prompt_positions(CodeLlamaTokenizer.from_file(info.tokenizer_path), info.chat_format,
-                                             opts.fidelity_tokens)
+                                             opts.fidelity_tokens, infill=info.supports_infill)
             if need > limit:
                 raise ExportError(f"the fidelity measure needs {need} positions (its longest prompt and "
                                   f"--fidelity-tokens {opts.fidelity_tokens}) and the bundle's context is {limit}: "
@@ -548,7 +548,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                                           n_tokens=opts.fidelity_tokens,
                                           corpus_tokens=opts.fidelity_corpus_tokens,
                                           corpus_window=min(fidelity.CORPUS_WINDOW, limit), flavour=flavour,
-                                          progress=progress.detail)
+                                          progress=progress.detail, infill=info.supports_infill)
                 problems = check_fidelity(report, profile, precision)
                 progress.detail(f"greedy agreement {report.greedy_agreement:.3f} (min {report.greedy_agreement_min:.3f}; "
                                 f"{report.greedy_agreement_strict:.3f} counting ties within {report.tie_logits:g} "

@@ -88,6 +88,21 @@ def test_manifest_records_what_the_device_needs(tiny_bundle):
     assert {f["path"] for f in manifest["files"]} == graph_files | {"tokenizer.json", "LICENSE"}
 
 
+def test_a_model_that_does_not_infill_is_measured_without_infill_prompts(tiny_checkpoint, tmp_path):
+    """A Python variant (here by its folder's name) has the infilling tokens but was not trained
+    for infill: the bundle says no infill, and the fidelity measure runs no infill prompts."""
+    from edge_export.pipeline import ExportOptions, run_export
+    from edge_export.progress import Progress
+
+    folder = shutil.copytree(tiny_checkpoint, tmp_path / "CodeLlama-7b-Python-hf")
+    run_export(ExportOptions(checkpoint=folder, profile="cpu-x86_64", output=tmp_path / "b", precision="fp32",
+                             fidelity_tokens=4, fidelity_corpus_tokens=0), Progress(5, enabled=False))
+    manifest = load_bundle(tmp_path / "b").manifest
+    assert manifest["family"]["variant"] == "python" and manifest["tokenizer"]["supports_infill"] is False
+    assert {p["mode"] for p in manifest["fidelity"]["per_prompt"]} == {"complete"}
+    assert manifest["fidelity"]["prompts"] == 8
+
+
 def test_noinfill_checkpoint_is_recorded_without_infill(noinfill_bundle):
     bundle = load_bundle(noinfill_bundle)
     assert bundle.supports_infill is False and bundle.manifest["tokenizer"]["infill"] is None
