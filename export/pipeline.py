@@ -421,6 +421,10 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         if info.ignored_files:
             progress.detail(f"note: not read (neither {SHARD_INDEX} nor {SINGLE_FILE} names them): "
                             + ", ".join(p.name for p in info.ignored_files))
+        if not info.licence_files:
+            progress.detail(f"warning: {info.name} has no licence file (LICENSE, NOTICE, USE_POLICY.md, ...), so "
+                            f"the bundle carries none: copy the model's licence into {info.path} and export again "
+                            "to ship it with the bundle")
         fam = info.family
         progress.detail(f"{info.name}: {arch.num_layers} layers, hidden {arch.hidden_size}, heads "
                         f"{arch.num_heads}/{arch.num_kv_heads} kv, vocab {arch.vocab_size}, weights "

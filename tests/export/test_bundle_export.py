@@ -726,6 +726,17 @@ def test_a_70b_chat_template_without_the_step_token_is_refused_at_export(tiny_ch
     assert not (tmp_path / "out").exists()
 
 
+def test_a_checkpoint_without_a_licence_file_is_exported_with_a_warning(tiny_checkpoint, tmp_path):
+    folder = broken_copy(tiny_checkpoint, tmp_path, "no-licence")
+    (folder / "LICENSE").unlink()
+    cli = subprocess.run([sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(folder), "--profile",
+                          "cpu-x86_64", "--output", str(tmp_path / "b"), "--precision", "fp32", "--skip-fidelity"],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    assert "warning: no-licence has no licence file" in cli.stderr and "the bundle carries none" in cli.stderr
+    assert load_bundle(tmp_path / "b").manifest["licence_files"] == []
+
+
 def test_an_already_quantized_checkpoint_is_refused(tiny_checkpoint, tmp_path):
     from edge_export.checkpoint import CheckpointError, read_checkpoint
 
