@@ -236,6 +236,7 @@ def measure(checkpoint: Path, graph: Path, arch: Architecture, tokenizer_path: P
     config = torch_config(json.loads((Path(checkpoint) / "config.json").read_text()))
     model = LlamaForCausalLM.from_pretrained(str(checkpoint), config=config, dtype=torch.float32).eval()
     options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: the graph's known optimizer warnings are noise in the export's output
     if threads:
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(graph), sess_options=options,

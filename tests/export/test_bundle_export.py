@@ -726,6 +726,17 @@ def test_a_70b_chat_template_without_the_step_token_is_refused_at_export(tiny_ch
     assert not (tmp_path / "out").exists()
 
 
+def test_the_fidelity_step_prints_no_onnxruntime_warnings(tiny_checkpoint, tmp_path):
+    """onnxruntime's graph-optimizer warnings (an initializer among the inputs, implicit
+    subgraph inputs) are not the user's to act on: the export's output has none."""
+    cli = subprocess.run([sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(tiny_checkpoint),
+                          "--profile", "cpu-x86_64", "--output", str(tmp_path / "b"), "--precision", "int4",
+                          "--algorithm", "rtn", "--fidelity-tokens", "4", "--fidelity-corpus-tokens", "16",
+                          "--allow-degraded"], capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    assert "greedy agreement" in cli.stderr and ":onnxruntime:" not in cli.stderr, cli.stderr
+
+
 def test_a_checkpoint_without_a_licence_file_is_exported_with_a_warning(tiny_checkpoint, tmp_path):
     folder = broken_copy(tiny_checkpoint, tmp_path, "no-licence")
     (folder / "LICENSE").unlink()
