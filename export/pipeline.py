@@ -354,20 +354,20 @@ def check_calibration_flags(opts: ExportOptions, profile: DeviceProfile, precisi
 
 
 def check_output_writable(output: Path) -> None:
-    """Refuse, before any work, an --output whose folder cannot take the bundle: it does not
-    exist, is a file, or cannot be written (permissions, a read-only file system). Tried for
-    real: a folder is created there and removed."""
-    parent = output.parent
+    """Refuse, before any work, an --output that cannot take the bundle: a folder on its path
+    is a file, or the folder it goes in (the nearest one that exists: missing folders are
+    created when the work starts, as `--output bundles/NAME` in a fresh clone) cannot be
+    written (permissions, a read-only file system). Tried for real: a folder is created there
+    and removed."""
+    home = output.parent
+    while not (home.exists() or home.is_symlink()) and home != home.parent:
+        home = home.parent
+    if not home.is_dir():
+        raise ExportError(f"--output {output}: {home} is a file, not a folder; choose another --output")
     try:
-        probe = tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".probe", dir=parent)
-    except FileNotFoundError:
-        raise ExportError(f"--output {output}: its folder {parent} does not exist; create it first, or correct "
-                          "the path") from None
-    except NotADirectoryError:
-        raise ExportError(f"--output {output}: {parent} is not a folder (it, or a folder above it, is a file); "
-                          "choose another --output") from None
+        probe = tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".probe", dir=home)
     except OSError as exc:
-        raise ExportError(f"--output {output}: cannot create the bundle in {parent} ({exc.strerror or exc}); "
+        raise ExportError(f"--output {output}: cannot create the bundle in {home} ({exc.strerror or exc}); "
                           "choose a folder you can write to") from None
     os.rmdir(probe)
 
@@ -472,6 +472,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
     remove_scratch(partial)  # an earlier export's, cut short
     work = partial / "_export"
     swapping = False  # set when the renames that install the bundle begin
+    partial.parent.mkdir(parents=True, exist_ok=True)  # --output's folders that do not exist yet
     partial.mkdir()  # not in the try below: a folder this export did not make is not removed there
     try:
         (partial / EXPORT_MARKER).write_text("edge-runtime export staging folder: safe to delete\n")

@@ -458,22 +458,35 @@ def test_scratch_folders_are_removed_only_when_an_export_left_them(tiny_checkpoi
     assert not (tmp_path / "b" / EXPORT_MARKER).exists()
 
 
-@pytest.mark.parametrize("where", ["no-such-folder", "under-a-file",
+@pytest.mark.parametrize("where", ["under-a-file", "under-a-file-deeper",
                                    pytest.param("read-only", marks=pytest.mark.skipif(
                                        os.geteuid() == 0, reason="root writes into a read-only folder"))])
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(tiny_checkpoint, tmp_path, where):
     (tmp_path / "a-file").write_text("mine")
     (tmp_path / "locked").mkdir(mode=0o500)
-    output, words = {"no-such-folder": (tmp_path / "nowhere" / "b", f"its folder {tmp_path / 'nowhere'} does not "
-                                                                      "exist; create it first"),
-                     "under-a-file": (tmp_path / "a-file" / "b", f"{tmp_path / 'a-file'} is not a folder"),
-                     "read-only": (tmp_path / "locked" / "b", "cannot create the bundle in")}[where]
+    output, words = {"under-a-file": (tmp_path / "a-file" / "b", f"{tmp_path / 'a-file'} is a file, not a folder"),
+                     "under-a-file-deeper": (tmp_path / "a-file" / "x" / "b",
+                                             f"{tmp_path / 'a-file'} is a file, not a folder"),
+                     "read-only": (tmp_path / "locked" / "new" / "b", f"cannot create the bundle in "
+                                                                      f"{tmp_path / 'locked'}")}[where]
     cli = subprocess.run([sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(tiny_checkpoint),
                           "--profile", "cpu-x86_64", "--output", str(output), "--skip-fidelity"],
                          capture_output=True, text=True, timeout=300)
     assert cli.returncode == 2 and f"error: --output {output}: {words}" in cli.stderr, cli.stderr
     assert "Traceback" not in cli.stderr and "[1/" not in cli.stderr + cli.stdout  # no step started
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "locked"] and not any((tmp_path / "locked").iterdir())
+
+
+def test_an_outputs_missing_folders_are_created(tiny_checkpoint, tmp_path):
+    """`--output bundles/NAME` in a fresh clone (README, scripts/quickstart.sh): the folders are made."""
+    from edge_export.pipeline import ExportOptions, run_export
+    from edge_export.progress import Progress
+
+    out = tmp_path / "bundles" / "deeper" / "b"
+    run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=out, precision="fp32",
+                             skip_fidelity=True), Progress(5, enabled=False))
+    assert load_bundle(out).manifest["precision"] == "fp32"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["b"]
 
 
 def test_an_unreadable_tokenizer_json_is_named(tiny_checkpoint, tmp_path):
