@@ -35,12 +35,20 @@ def cmd_profiles(args) -> int:
 
 
 # -- export / verify --------------------------------------------------------------------------
+EXPORT_DOES_NOT_FIT = 3  # export's exit status when the bundle was written but is over the profile's memory budget
+FOLDER_OF = {"--checkpoint": "checkpoint folder", "--output": "bundle folder to create",
+             "--profile": "device profile's name or TOML file"}
+
+
 def cmd_export(args) -> int:
     try:
         from edge_export.pipeline import ExportOptions, format_summary, run_export
     except ImportError as exc:
         return _die(f"the export side is not installed ({exc.name} missing): pip install torch==2.13.0 && "
                     "pip install '/path/to/edge-runtime[export,cpu]' (the source folder)")
+    for flag, value in (("--checkpoint", args.checkpoint), ("--output", args.output), ("--profile", args.profile)):
+        if not value.strip():  # Path("") is the current folder: never what an empty argument meant
+            return _die(f"{flag} is empty: give the {FOLDER_OF[flag]}")
     opts = ExportOptions(checkpoint=Path(args.checkpoint), profile=args.profile, output=Path(args.output),
                          precision=args.precision, max_context=args.max_context, allow_degraded=args.allow_degraded,
                          force=args.force, fidelity_tokens=args.fidelity_tokens,
@@ -50,6 +58,11 @@ def cmd_export(args) -> int:
                          skip_fidelity=args.skip_fidelity, graph=args.graph, variant=args.variant)
     summary = run_export(opts)
     print(format_summary(summary))
+    if not summary.fits:  # kept, but the engine refuses to start it with this profile
+        return _die(f"the bundle at {summary.bundle} was written, but it does not fit the {summary.memory.profile} "
+                    f"profile's memory budget ({summary.memory.describe()}): the engine will refuse to start it "
+                    "with this profile; export again with a lower --max-context or a smaller --precision",
+                    EXPORT_DOES_NOT_FIT)
     return 0
 
 
@@ -377,8 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fused: built from the tensors with GroupQueryAttention and one shared KV buffer, streamed "
                         "layer by layer (a 7B's graph in < 1 GiB of memory with --algorithm rtn, the int8 KV "
                         "cache's calibration included; ~3 GiB with gptq); optimum: "
-                        "optimum's exporter (needed for --algorithm hqq); auto (default): fused unless the checkpoint "
-                        "or --algorithm needs optimum")
+                        "optimum's exporter (needed for --algorithm hqq); auto (default): fused, or optimum for "
+                        "--algorithm hqq or a checkpoint the fused graph does not express (RoPE scaling, biases, "
+                        "another activation, head_dim not a multiple of 16); auto does not switch for the profile: "
+                        "fp32 (or an int8 KV cache) on a GPU profile is refused, ask --graph optimum")
     p.add_argument("--skip-fidelity", action="store_true",
                    help="do not measure fidelity (size/speed benchmarks of random weights); recorded in bundle.json")
     p.add_argument("--variant", choices=["base", "python", "instruct"], type=str.lower,

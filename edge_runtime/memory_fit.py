@@ -24,7 +24,10 @@ weights   bundle: graph + external data file sizes. Estimate: MatMulNBits packs
           embedding and the kept layers (lm_head) stay in the float type. The
           float type is float16 where the profile's KV cache is float16 (GPU
           profiles: activations and KV cache share a dtype) and float32 otherwise;
-          fp16 / fp32 bundles hold every weight in 2 / 4 bytes.
+          fp32 bundles hold every weight in 4 bytes, fp16 bundles in the float type
+          too: 2 bytes on the GPU profiles and with the optimum graph, but 4 for a
+          fused graph on a CPU profile (float32 activations: the exporter keeps the
+          weights float32 there and says so), so fp16 is fp32's size on the CPU.
 KV cache  `buffers x 2 (keys, values) x layers x kv_heads x head_dim x context x dtype
           bytes`; buffers is 1 for the `gqa-shared-kv` graph (one shared buffer) and 2
           for `optimum-kv-concat` (past and present ping-pong, kv_cache.py).
@@ -161,6 +164,20 @@ def kv_dtype_of(precision: str, flavour: str, profile_kv_dtype: str, kv_bits: in
     return "int8" if kv_bits == 8 else profile_kv_dtype
 
 
+def fused_attention_refusal(profile: DeviceProfile, precision: str, kv_dtype: str) -> str | None:
+    """Why the exporter refuses a fused graph (``gqa-shared-kv``) with a KV cache of ``kv_dtype``
+    for ``profile`` (None: it does not): CUDA's GroupQueryAttention takes float16 only, and a
+    float32 or int8 cache would put attention on the CPU, a copy of the cache at every step.
+    The export's check and the fit table's "refused" cells are this one rule."""
+    if kv_dtype == "float16" or all(name == "CPUExecutionProvider" for name in profile.provider_names):
+        return None
+    problem = ("--precision fp32 keeps the KV cache in float32" if precision == "fp32" else
+               "an int8 KV cache (--kv-cache-bits 8, or the profile's kv_cache.bits)" if kv_dtype == "int8" else
+               f"the profile's kv_cache.dtype {profile.kv_cache.dtype}")
+    return (f"{problem}, but the {profile.name} profile runs on the GPU, where the fused graph's "
+            "GroupQueryAttention takes float16 only")
+
+
 def estimate_weight_bytes(shape: ModelShape, precision: str, *, block_size: int, symmetric: bool,
                           float_dtype: str, keep_bits: int = 0, keep_block_size: int = 0,
                           head_two_pass: bool = False, embedding_bits: int = 0) -> int:
@@ -169,8 +186,8 @@ def estimate_weight_bytes(shape: ModelShape, precision: str, *, block_size: int,
     `block_size`) instead of float; `head_two_pass`: and as int4 blocks beside them (the
     lm_head in two passes, the profile's lm_head_refine_top_k); `embedding_bits` 8: the token
     embedding table as int8 blocks (of EMBEDDING_BLOCK_SIZE) instead of float."""
-    if precision == "fp16":
-        return shape.parameter_count * 2
+    if precision == "fp16":  # in the graph's float type: float32 activations keep float32 weights
+        return shape.parameter_count * DTYPE_BYTES[float_dtype]
     if precision == "fp32":
         return shape.parameter_count * 4
     bits = BITS[precision]
@@ -291,23 +308,30 @@ def check_bundle_fits(bundle: Bundle, profile: DeviceProfile, context: int | Non
 
 
 def estimate_plan(shape: ModelShape, profile: DeviceProfile, precision: str, context: int, *,
-                  flavour: str = FLAVOUR_GQA_SHARED_KV) -> MemoryPlan:
-    """The plan of a family member exported for `profile` at `precision` (estimated weights)."""
+                  flavour: str = FLAVOUR_GQA_SHARED_KV, kv_bits: int | None = None, algorithm: str | None = None,
+                  what: str | None = None) -> MemoryPlan:
+    """The plan of a family member (or, named `what`, a checkpoint of `shape`) exported for
+    `profile` at `precision` (estimated weights); `kv_bits` and `algorithm` (default: the
+    profile's) as `export --kv-cache-bits` and `--algorithm` override them."""
     activations = kv_dtype_of(precision, flavour, profile.kv_cache.dtype)
-    kv_dtype = kv_dtype_of(precision, flavour, profile.kv_cache.dtype, profile.kv_cache.bits)
+    kv_dtype = kv_dtype_of(precision, flavour, profile.kv_cache.dtype,
+                           profile.kv_cache.bits if kv_bits is None else kv_bits)
     q = profile.quantization
-    float_dtype = activations if precision in BITS else ("float16" if precision == "fp16" else "float32")
+    float_dtype = activations  # the graph's float type: fp16 on a CPU profile's fused graph stays float32
+    quantized = precision in BITS
+    fused = flavour == FLAVOUR_GQA_SHARED_KV
     return MemoryPlan(
-        what=f"Code Llama {shape.name}", profile=profile.name, precision=precision, context=context,
+        what=what or f"Code Llama {shape.name}", profile=profile.name, precision=precision, context=context,
         kv_dtype=kv_dtype,
-        weights_bytes=estimate_weight_bytes(shape, precision, block_size=q.block_size, symmetric=q.symmetric,
-                                            float_dtype=float_dtype,
-                                            keep_bits=q.keep_bits if flavour == FLAVOUR_GQA_SHARED_KV else 0,
+        weights_bytes=estimate_weight_bytes(shape, precision,
+                                            block_size=q.block_size if fused else q.optimum_graph_block_size,
+                                            symmetric=q.symmetric, float_dtype=float_dtype,
+                                            keep_bits=q.keep_bits if fused else 0,
                                             keep_block_size=q.kept_block_size,
-                                            head_two_pass=flavour == FLAVOUR_GQA_SHARED_KV and bool(
-                                                q.head_refine_top_k_for(precision, float_dtype, q.algorithm)),
+                                            head_two_pass=fused and bool(q.head_refine_top_k_for(
+                                                precision, float_dtype, algorithm or q.algorithm)),
                                             embedding_bits=q.embedding_bits_for(float_dtype)
-                                            if flavour == FLAVOUR_GQA_SHARED_KV else 0),
+                                            if flavour == FLAVOUR_GQA_SHARED_KV and quantized else 0),
         kv_cache_bytes=kv_cache_bytes(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
                                       head_dim=shape.head_dim, context=context, dtype_bytes=DTYPE_BYTES[kv_dtype],
                                       buffers=1 if flavour == FLAVOUR_GQA_SHARED_KV else 2),
@@ -315,6 +339,18 @@ def estimate_plan(shape: ModelShape, profile: DeviceProfile, precision: str, con
                                       vocab_size=shape.vocab_size, context=context, flavour=flavour,
                                       kv_dtype=kv_dtype, num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim),
         budget_bytes=profile.memory_budget_bytes)
+
+
+def largest_context_that_fits(plan_at, upto: int, least: int = 16) -> int | None:
+    """The largest context in [least, upto] whose `plan_at(context)` fits (plans grow with the
+    context), or None."""
+    if not plan_at(least).fits:
+        return None
+    lo, hi = least, upto
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if plan_at(mid).fits else (lo, mid - 1)
+    return lo
 
 
 def largest_fitting_context(shape: ModelShape, profile: DeviceProfile, precision: str,
@@ -328,10 +364,25 @@ def largest_fitting_context(shape: ModelShape, profile: DeviceProfile, precision
     return None
 
 
+REFUSED = "refused"  # a fit table cell: the exporter refuses this precision for this profile and graph
+REFUSED_NOTE = (f"{REFUSED}: the export refuses it: the fused graph on a GPU profile takes a float16 KV cache only "
+                "(fp32 keeps a float32 one); `--graph optimum` exports it (`fit --table --graph optimum`)")
+
+
+def export_refusal(profile: DeviceProfile, precision: str, flavour: str = FLAVOUR_GQA_SHARED_KV) -> str | None:
+    """Why `edge-runtime export` refuses `precision` for `profile` with the `flavour` graph and
+    the profile's own KV cache settings (None: it does not)."""
+    if flavour != FLAVOUR_GQA_SHARED_KV:
+        return None
+    return fused_attention_refusal(profile, precision,
+                                   kv_dtype_of(precision, flavour, profile.kv_cache.dtype, profile.kv_cache.bits))
+
+
 def fit_table(profiles: Sequence[DeviceProfile], precisions: Sequence[str] = PRECISIONS, *,
               flavour: str = FLAVOUR_GQA_SHARED_KV, markdown: bool = False) -> str:
     """Rows: family member x precision; columns: profiles; a cell is the largest context
-    (of TABLE_CONTEXTS, capped by the profile) that fits, with the total, or "no"."""
+    (of TABLE_CONTEXTS, capped by the profile) that fits, with the total, or "no", or
+    "refused" where the exporter refuses the precision for the profile (`export_refusal`)."""
     header = ["member", "params", "precision",
               *(f"{p.name} ({p.memory_budget_bytes / GiB:.0f} GiB, max {p.max_context})" for p in profiles)]
     rows = []
@@ -339,6 +390,9 @@ def fit_table(profiles: Sequence[DeviceProfile], precisions: Sequence[str] = PRE
         for precision in precisions:
             cells = []
             for profile in profiles:
+                if export_refusal(profile, precision, flavour):
+                    cells.append(REFUSED)
+                    continue
                 plan = largest_fitting_context(shape, profile, precision, flavour=flavour)
                 cells.append(f"{plan.context} ({plan.total_bytes / GiB:.1f} GiB)" if plan else "no")
             rows.append([shape.name, f"{shape.parameter_count / 1e9:.1f} B", precision, *cells])
@@ -383,7 +437,10 @@ def run(args: argparse.Namespace) -> int:
         print("error: give --table or --bundle", file=sys.stderr)
         return 2
     flavour = FLAVOUR_GQA_SHARED_KV if args.graph == "fused" else FLAVOUR_OPTIMUM_KV_CONCAT
-    print(fit_table(list_profiles(), flavour=flavour, markdown=args.markdown))
+    table = fit_table(list_profiles(), flavour=flavour, markdown=args.markdown)
+    print(table)
+    if REFUSED in table.split():
+        print(f"\n{REFUSED_NOTE}")
     return 0
 
 

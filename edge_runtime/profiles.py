@@ -95,12 +95,46 @@ CPU_PROVIDER = "CPUExecutionProvider"
 # ------------------------------------------------------------------------- the schema
 
 
+# onnxruntime's execution provider names (onnxruntime.get_all_providers() of 1.32, and names
+# earlier releases had); the installed onnxruntime's own list is added where it imports.
+KNOWN_PROVIDERS = (
+    "TensorrtExecutionProvider", "CUDAExecutionProvider", "MIGraphXExecutionProvider", "ROCMExecutionProvider",
+    "OpenVINOExecutionProvider", "DnnlExecutionProvider", "VitisAIExecutionProvider", "QNNExecutionProvider",
+    "NnapiExecutionProvider", "VSINPUExecutionProvider", "JsExecutionProvider", "CoreMLExecutionProvider",
+    "DmlExecutionProvider", "RknpuExecutionProvider", "WebNNExecutionProvider", "WebGpuExecutionProvider",
+    "XnnpackExecutionProvider", "CANNExecutionProvider", "AzureExecutionProvider", "ACLExecutionProvider",
+    "ArmNNExecutionProvider", "SNPEExecutionProvider", "TvmExecutionProvider", "CPUExecutionProvider",
+)
+
+
+def known_provider_names() -> tuple[str, ...]:
+    """KNOWN_PROVIDERS, and any other the installed onnxruntime knows (built in or not)."""
+    try:
+        import onnxruntime
+
+        extra = tuple(p for p in onnxruntime.get_all_providers() if p not in KNOWN_PROVIDERS)
+    except Exception:  # not installed, or broken: the static list
+        extra = ()
+    return KNOWN_PROVIDERS + extra
+
+
 @dataclass(frozen=True)
 class ExecutionProvider:
     """One onnxruntime execution provider and its provider options."""
 
     name: ProviderName
     options: dict[str, OptionValue] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        known = known_provider_names()
+        if self.name not in known:
+            import difflib
+
+            lower = {name.lower(): name for name in known}
+            near = difflib.get_close_matches(self.name.lower(), list(lower), n=1, cutoff=0.6)
+            hint = f" (did you mean {lower[near[0]]!r}?)" if near else ""
+            raise InvalidField("name", f"{self.name!r} is not an onnxruntime execution provider{hint}; the names: "
+                                       + ", ".join(known))
 
     def ort_options(self) -> dict[str, str]:
         """The options as onnxruntime takes them: strings (bools as "True"/"False")."""
@@ -363,9 +397,17 @@ def profile_text(path_or_name: str | os.PathLike[str]) -> str:
         return pathlib.Path(path_or_name).read_text(encoding="utf-8")
     resource = _packaged_dir() / f"{path_or_name}.toml"
     if not resource.is_file():
-        raise ConfigError(f"unknown device profile {str(path_or_name)!r}; packaged profiles: "
-                          f"{', '.join(_packaged_names())}")
+        raise ConfigError(unknown_profile_message(str(path_or_name)))
     return resource.read_text(encoding="utf-8")
+
+
+def unknown_profile_message(name: str) -> str:
+    """The error for a profile name that is not a packaged one: the packaged names, and the way
+    out for a profile file's name (what a bundle exported with `--profile path/to/NAME.toml`
+    records, and what `generate`, `fit --bundle` and the daemon then look up)."""
+    return (f"unknown device profile {name!r}; packaged profiles: {', '.join(_packaged_names())}. If {name!r} is "
+            f"the name in a profile file (a bundle exported with --profile path/to/{name}.toml records only the "
+            "name), give that file: --profile FILE (in the daemon's config, [model] profile = FILE)")
 
 
 def load_profile(path_or_name: str | os.PathLike[str]) -> DeviceProfile:
@@ -379,8 +421,7 @@ def load_profile(path_or_name: str | os.PathLike[str]) -> DeviceProfile:
     name = str(path_or_name)
     resource = _packaged_dir() / f"{name}.toml"
     if not resource.is_file():
-        known = ", ".join(_packaged_names())
-        raise ConfigError(f"unknown device profile {name!r}; packaged profiles: {known}")
+        raise ConfigError(unknown_profile_message(name))
     source = f"{name}.toml"
     profile = load_toml(DeviceProfile, resource, source=source)
     if profile.name != name:

@@ -14,6 +14,9 @@ from pathlib import Path
 from edge_runtime import __version__
 from edge_runtime.bundle import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, sha256_file
 
+# Written into `<output>.partial/` when an export creates it (and removed before the rename to
+# --output): how a later export knows a leftover scratch folder is an export's, not someone's.
+EXPORT_MARKER = ".edge-runtime-export"
 TOOLS = ("onnxruntime", "onnx", "torch", "transformers", "optimum", "optimum-onnx", "tokenizers", "numpy")
 
 
@@ -29,7 +32,7 @@ def tool_versions() -> dict[str, str]:
 
 def file_entries(root: Path, progress=None) -> list[dict]:
     entries = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in (MANIFEST_NAME, EXPORT_MARKER)):
         if progress:
             progress(f"hashing {path.relative_to(root)}")
         entries.append({"path": path.relative_to(root).as_posix(), "size": path.stat().st_size,

@@ -310,7 +310,11 @@ def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> Checkp
 
     from tokenizers import Tokenizer  # the device side's tokenizer library reads the same file
 
-    tok = Tokenizer.from_file(str(tokenizer_path))
+    try:
+        tok = Tokenizer.from_file(str(tokenizer_path))
+    except Exception as exc:  # the tokenizers library raises plain Exception: unreadable, not JSON, not a tokenizer
+        raise CheckpointError(f"{tokenizer_path} cannot be read as a tokenizer ({exc}): copy or download the "
+                              "checkpoint's tokenizer.json again") from None
     if tok.get_vocab_size(with_added_tokens=True) > arch.vocab_size:
         raise CheckpointError(f"{path.name}: tokenizer has {tok.get_vocab_size()} ids but the model's vocab_size "
                               f"is {arch.vocab_size}")
@@ -322,6 +326,12 @@ def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> Checkp
     step_id = tok.token_to_id(STEP_PIECE)
     family = family_detection.detect_family(path, config, infill_tokens=infill_ids is not None, step_id=step_id,
                                             variant_override=variant)
+    if family.chat_format == "source-step" and step_id is None:  # chat would fail at every request on the device
+        raise CheckpointError(f"{path.name}: its {family.chat_format_source} is Code Llama 70B Instruct's (\"Source:\" "
+                              f"turns ended by {STEP_PIECE}), but tokenizer.json has no {STEP_PIECE} token, so no chat "
+                              "prompt could be built: the tokenizer.json is another model's; copy the one from the "
+                              "same download as the chat template (or the template of the same model as the "
+                              "tokenizer)")
 
     return CheckpointInfo(
         path=path,

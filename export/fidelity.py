@@ -80,15 +80,20 @@ class FidelityReport:
         return d
 
 
-def prompt_positions(tokenizer: CodeLlamaTokenizer, chat_format: str, n_tokens: int) -> int:
+def prompt_positions(tokenizer: CodeLlamaTokenizer, chat_format: str, n_tokens: int,
+                     infill: bool | None = None) -> int:
     """The positions the prompts' measure needs: the longest prompt and its ``n_tokens``
     greedy tokens (the corpus windows fit any context: they are cut to it)."""
-    return max(len(ids) for _, ids in fidelity_prompt_ids(tokenizer, chat_format)) + n_tokens
+    return max(len(ids) for _, ids in fidelity_prompt_ids(tokenizer, chat_format, infill)) + n_tokens
 
 
-def fidelity_prompt_ids(tokenizer: CodeLlamaTokenizer, chat_format: str) -> list[tuple[str, list[int]]]:
+def fidelity_prompt_ids(tokenizer: CodeLlamaTokenizer, chat_format: str,
+                        infill: bool | None = None) -> list[tuple[str, list[int]]]:
+    """The prompts' ids: the completions, and the infills where the model infills (``infill``:
+    the family's verdict, as the bundle records it -- a Python variant or a 34B has the
+    tokens but was not trained for it; None: where the tokenizer has the tokens)."""
     reqs = [("complete", GenerationRequest(mode="complete", prompt=p)) for p in COMPLETION_PROMPTS]
-    if tokenizer.supports_infill:
+    if tokenizer.supports_infill if infill is None else (infill and tokenizer.supports_infill):
         reqs += [("infill", GenerationRequest(mode="infill", prefix=p, suffix=s)) for p, s in INFILL_PROMPTS]
     return [(mode, list(build_prompt(r, tokenizer, chat_format=chat_format).ids)) for mode, r in reqs]
 
@@ -218,11 +223,12 @@ def prefix_agreement(a: list[int], b: list[int]) -> float:
 def measure(checkpoint: Path, graph: Path, arch: Architecture, tokenizer_path: Path, chat_format: str, *,
             n_tokens: int = 32, corpus_tokens: int = 512, corpus_window: int = CORPUS_WINDOW, threads: int = 0,
             flavour: str = FLAVOUR_OPTIMUM_KV_CONCAT, progress=None,
-            providers: list | None = None, device: str = "cpu") -> FidelityReport:
+            providers: list | None = None, device: str = "cpu", infill: bool | None = None) -> FidelityReport:
     """Greedy agreement, logit differences and corpus KL divergence of ``graph`` against torch
     fp32 on ``checkpoint``. The export measures on the CPU provider; ``providers`` (onnxruntime's
     list, e.g. ``[("CUDAExecutionProvider", {}), "CPUExecutionProvider"]``) with ``device="cuda"``
-    measures the graph as a GPU runs it (tests/engine/test_cuda_provider.py)."""
+    measures the graph as a GPU runs it (tests/engine/test_cuda_provider.py). ``infill``: whether
+    the model infills (the export passes the family's verdict; None: the tokenizer's tokens)."""
     import onnxruntime as ort
     import torch
     from transformers import LlamaForCausalLM
@@ -230,14 +236,15 @@ def measure(checkpoint: Path, graph: Path, arch: Architecture, tokenizer_path: P
     config = torch_config(json.loads((Path(checkpoint) / "config.json").read_text()))
     model = LlamaForCausalLM.from_pretrained(str(checkpoint), config=config, dtype=torch.float32).eval()
     options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: the graph's known optimizer warnings are noise in the export's output
     if threads:
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(graph), sess_options=options,
                                    providers=providers or ["CPUExecutionProvider"])
     tokenizer = CodeLlamaTokenizer.from_file(tokenizer_path)
-    prompts = fidelity_prompt_ids(tokenizer, chat_format)
+    prompts = fidelity_prompt_ids(tokenizer, chat_format, infill)
     windows = corpus_windows(tokenizer, corpus_tokens, corpus_window) if corpus_tokens > 0 else []
-    max_len = max([prompt_positions(tokenizer, chat_format, n_tokens)] + [len(w) for w in windows])
+    max_len = max([prompt_positions(tokenizer, chat_format, n_tokens, infill)] + [len(w) for w in windows])
     decoder = DECODERS[flavour](ort, session, arch, device=device, max_length=max_len)
 
     rows = []

@@ -3,23 +3,28 @@ profile -> fidelity against torch -> verified bundle.
 
 Work happens in `<output>.partial/`, renamed to `<output>` only when every step
 passed, so a failed or interrupted export never leaves a half bundle behind and
-never touches an existing one.
+never touches an existing one. A leftover `<output>.partial/` or `<output>.replaced/` is
+removed only when an export made it (EXPORT_MARKER or an edge-runtime manifest inside).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_runtime.bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, MANIFEST_NAME, load_bundle
-from edge_runtime.errors import EdgeRuntimeError
-from edge_runtime.memory_fit import bundle_plan, human_bytes, kv_dtype_of
+from edge_runtime.bundle import (FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, MANIFEST_NAME, load_bundle,
+                                 read_manifest)
+from edge_runtime.errors import BundleError, EdgeRuntimeError
+from edge_runtime.memory_fit import (MemoryPlan, ModelShape, bundle_plan, estimate_plan, fused_attention_refusal,
+                                     human_bytes, kv_dtype_of, largest_context_that_fits)
 from edge_runtime.profiles import DeviceProfile, load_profile
 from edge_runtime.tokenizer import CodeLlamaTokenizer
 
 from . import calibration, fidelity, graph_builder, kv_cache_quant, onnx_export, quantize
-from .bundle_writer import copy_into, write_manifest
+from .bundle_writer import EXPORT_MARKER, copy_into, write_manifest
 from .checkpoint import SHARD_INDEX, SINGLE_FILE, CheckpointInfo, check_tensor_shapes, read_checkpoint
 from .progress import Progress, peak_rss_bytes
 
@@ -64,6 +69,11 @@ class ExportSummary:
     degraded: bool
     peak_rss_bytes: int
     timings: dict[str, float]
+    memory: MemoryPlan | None = None  # the bundle's memory plan with the profile (memory.fits: within its budget)
+
+    @property
+    def fits(self) -> bool:
+        return self.memory is None or self.memory.fits
 
 
 def recipe_for(profile: DeviceProfile, precision: str, algorithm: str | None, *,
@@ -204,9 +214,53 @@ def replaced_folder(output: Path) -> Path:
     return output.with_name(output.name + ".replaced")
 
 
+def scratch_is_ours(folder: Path) -> bool:
+    """Whether a `<output>.partial` / `.replaced` folder is one an export made: it holds the
+    export's marker (a staging folder), an edge-runtime manifest (a finished staging folder,
+    or the earlier bundle --force moved aside), or nothing (what removing one can leave)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    if (folder / EXPORT_MARKER).is_file() or not any(folder.iterdir()):
+        return True
+    try:
+        read_manifest(folder)
+    except (BundleError, OSError):
+        return False
+    return True
+
+
+def check_scratch(folder: Path) -> None:
+    """Refuse a scratch folder in the way that is not an export's (it is not deleted)."""
+    if (folder.exists() or folder.is_symlink()) and not scratch_is_ours(folder):
+        raise ExportError(f"{folder} is in the way: the export writes there while it works, and it is not a folder "
+                          f"an earlier export left (no {EXPORT_MARKER}, no edge-runtime {MANIFEST_NAME}); move it "
+                          "away or choose another --output")
+
+
+def remove_scratch(folder: Path) -> None:
+    """Remove an export's scratch folder (checked with `check_scratch`): the marker and the
+    manifest go last, so that a removal cut short leaves a folder the next export still
+    knows as its own."""
+    if not folder.exists():
+        return
+    check_scratch(folder)
+    last = (MANIFEST_NAME, EXPORT_MARKER)
+    for child in folder.iterdir():
+        if child.name not in last:
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    for name in last:
+        (folder / name).unlink(missing_ok=True)
+    folder.rmdir()
+
+
 def check_output(output: Path, checkpoint: Path, *, force: bool) -> None:
-    """--output is a new folder, or (with --force) an earlier bundle: never the
-    checkpoint, a folder holding it, a file, or a folder of something else."""
+    """--output is a new folder, or (with --force) an empty one or an earlier bundle (its
+    bundle.json an edge-runtime manifest, read without hashing the files) holding nothing its
+    manifest does not list: never the checkpoint, a folder holding it, a file, a folder of
+    something else, or someone's files beside a bundle."""
     if output == checkpoint or output in checkpoint.parents:
         raise ExportError(f"--output {output} is the checkpoint's folder or holds it ({checkpoint}): choose a new "
                           "folder for the bundle")
@@ -214,6 +268,7 @@ def check_output(output: Path, checkpoint: Path, *, force: bool) -> None:
         if scratch == checkpoint or scratch in checkpoint.parents:
             raise ExportError(f"the export writes {scratch}, which is the checkpoint's folder or holds it "
                               f"({checkpoint}): choose another --output")
+        check_scratch(scratch)
     if not output.exists():
         return
     if not force:
@@ -221,22 +276,109 @@ def check_output(output: Path, checkpoint: Path, *, force: bool) -> None:
     if not output.is_dir():
         raise ExportError(f"--output {output} is a file, not a bundle folder: --force replaces only an earlier "
                           "bundle; choose another --output")
-    if not (output / MANIFEST_NAME).is_file() and any(output.iterdir()):
+    if not any(output.iterdir()):
+        return
+    if not (output / MANIFEST_NAME).is_file():
         raise ExportError(f"--output {output} is not a bundle (no {MANIFEST_NAME}) and not empty: --force replaces "
                           "only an earlier bundle; choose another --output, or empty that folder yourself")
+    try:
+        manifest, _ = read_manifest(output)  # the manifest only: its files are not hashed here
+    except BundleError as exc:
+        raise ExportError(f"--output {output} is not an edge-runtime bundle ({exc}): --force replaces only an "
+                          "earlier bundle; choose another --output") from None
+    extra = unlisted_files(output, manifest)
+    if extra:
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise ExportError(f"--output {output} is an earlier bundle, but it also holds files its {MANIFEST_NAME} "
+                          f"does not list: {shown}; --force would delete them with it. Move them out of {output} "
+                          "and run again, or choose another --output")
+
+
+def unlisted_files(folder: Path, manifest: dict) -> list[str]:
+    """The files (and links) under `folder` that are neither its manifest nor listed in it, as
+    relative paths: what is not the bundle's (someone's notes, a copied file)."""
+    entries = manifest.get("files")
+    listed = {MANIFEST_NAME} | {e["path"] for e in (entries if isinstance(entries, list) else [])
+                                if isinstance(e, dict) and isinstance(e.get("path"), str)}
+    extra = []
+    for here, dirs, files in os.walk(folder):  # links are not followed: a linked folder counts as one entry
+        base = Path(here)
+        for name in files + [d for d in dirs if (base / d).is_symlink()]:
+            rel = (base / name).relative_to(folder).as_posix()
+            if rel not in listed:
+                extra.append(rel)
+    return sorted(extra)
+
+
+def check_memory_budget(info: CheckpointInfo, profile: DeviceProfile, precision: str, limit: int, *, flavour: str,
+                        kv_bits: int, algorithm: str | None) -> None:
+    """Refuse, before any work, a bundle that memory_fit's estimate already puts over the
+    profile's memory budget at its context (the engine would refuse to start it), saying the
+    --max-context that fits. (The estimate is a little under a written bundle's bytes: the
+    written one is checked again at the end.)"""
+    arch = info.architecture
+    shape = ModelShape(info.name, arch.hidden_size, int(info.config.get("intermediate_size") or 0), arch.num_layers,
+                       arch.num_heads, arch.num_kv_heads, arch.vocab_size)
+
+    def plan_at(context: int) -> MemoryPlan:
+        return estimate_plan(shape, profile, precision, context, flavour=flavour, kv_bits=kv_bits,
+                             algorithm=algorithm, what=info.name)
+
+    plan = plan_at(limit)
+    if plan.fits:
+        return
+    fits = largest_context_that_fits(plan_at, limit)
+    ways = ([f"--max-context {fits} fits"] if fits else []) + ["a smaller --precision", "a profile for a bigger device"]
+    raise ExportError(f"the bundle would not fit the {profile.name} profile's memory budget, and the engine would "
+                      f"refuse to start it: {plan.describe()} (estimated); {', or '.join(ways)}")
+
+
+def check_calibration_flags(opts: ExportOptions, profile: DeviceProfile, precision: str, *, fused: bool) -> None:
+    """--calibration-text and --calibration-tokens are GPTQ's: refuse them where this export
+    does not run GPTQ, rather than ignore them."""
+    flags = [flag for flag, value in (("--calibration-text", opts.calibration_text),
+                                      ("--calibration-tokens", opts.calibration_tokens)) if value is not None]
+    if not flags:
+        return
+    if precision not in quantize.BITS:
+        why = f"is {precision}: nothing is quantized"
+    else:
+        algorithm = recipe_for(profile, precision, opts.algorithm, fused=fused).algorithm
+        if algorithm == "gptq":
+            return
+        why = (f"quantizes with {algorithm} (--algorithm {opts.algorithm})" if opts.algorithm else
+               f"quantizes with {algorithm} (the optimum graph's round-to-nearest)" if not fused else
+               f"quantizes with {algorithm} (the {profile.name} profile's algorithm)")
+    raise ExportError(f"{' and '.join(flags)} calibrate{'s' if len(flags) == 1 else ''} GPTQ (--algorithm gptq), "
+                      f"and this export {why}: drop {' and '.join(flags)}, or export int4/int8 with --algorithm gptq")
+
+
+def check_output_writable(output: Path) -> None:
+    """Refuse, before any work, an --output that cannot take the bundle: a folder on its path
+    is a file, or the folder it goes in (the nearest one that exists: missing folders are
+    created when the work starts, as `--output bundles/NAME` in a fresh clone) cannot be
+    written (permissions, a read-only file system). Tried for real: a folder is created there
+    and removed."""
+    home = output.parent
+    while not (home.exists() or home.is_symlink()) and home != home.parent:
+        home = home.parent
+    if not home.is_dir():
+        raise ExportError(f"--output {output}: {home} is a file, not a folder; choose another --output")
+    try:
+        probe = tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".probe", dir=home)
+    except OSError as exc:
+        raise ExportError(f"--output {output}: cannot create the bundle in {home} ({exc.strerror or exc}); "
+                          "choose a folder you can write to") from None
+    os.rmdir(probe)
 
 
 def check_gpu_attention_dtype(profile: DeviceProfile, kv_dtype: str, precision: str) -> None:
     """The fused graph's GroupQueryAttention runs on CUDA in float16 only: a float32 or int8
     KV cache would put attention on the CPU (a copy of the cache at every step)."""
-    if kv_dtype == "float16" or all(name == "CPUExecutionProvider" for name in profile.provider_names):
-        return
-    problem = ("--precision fp32 keeps the KV cache in float32" if precision == "fp32" else
-               "an int8 KV cache (--kv-cache-bits 8, or the profile's kv_cache.bits)" if kv_dtype == "int8" else
-               f"the profile's kv_cache.dtype {profile.kv_cache.dtype}")
-    raise ExportError(f"{problem}, but the {profile.name} profile runs on the GPU, where the fused graph's "
-                      "GroupQueryAttention takes float16 only: export fp16, int8 or int4 with a float16 KV cache "
-                      "(--kv-cache-bits 0), or use --graph optimum")
+    problem = fused_attention_refusal(profile, precision, kv_dtype)  # the fit table's "refused" cells too
+    if problem:
+        raise ExportError(f"{problem}: export fp16, int8 or int4 with a float16 KV cache (--kv-cache-bits 0), or "
+                          "use --graph optimum")
 
 
 def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportSummary:
@@ -246,6 +388,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         raise ExportError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     output = opts.output.resolve()
     check_output(output, opts.checkpoint.resolve(), force=opts.force)
+    check_output_writable(output)
     if opts.graph not in (*GRAPHS, "auto"):
         raise ExportError(f"--graph {opts.graph!r} is not one of auto, {', '.join(GRAPHS)}")
     if opts.graph == "fused" and opts.algorithm == "hqq":
@@ -278,6 +421,10 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         if info.ignored_files:
             progress.detail(f"note: not read (neither {SHARD_INDEX} nor {SINGLE_FILE} names them): "
                             + ", ".join(p.name for p in info.ignored_files))
+        if not info.licence_files:
+            progress.detail(f"warning: {info.name} has no licence file (LICENSE, NOTICE, USE_POLICY.md, ...), so "
+                            f"the bundle carries none: copy the model's licence into {info.path} and export again "
+                            "to ship it with the bundle")
         fam = info.family
         progress.detail(f"{info.name}: {arch.num_layers} layers, hidden {arch.hidden_size}, heads "
                         f"{arch.num_heads}/{arch.num_kv_heads} kv, vocab {arch.vocab_size}, weights "
@@ -295,18 +442,26 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                               "rope_theta of rope_parameters at the top level of config.json")
         flavour = GRAPHS[graph_choice.name]
         progress.detail(f"graph: {graph_choice.name} ({graph_choice.why})")
+        check_calibration_flags(opts, profile, precision, fused=flavour == FLAVOUR_GQA_SHARED_KV)
         kv_dtype = kv_dtype_of(precision, flavour, profile.kv_cache.dtype, kv_bits)  # as the bundle will record it
         if flavour == FLAVOUR_GQA_SHARED_KV:
             check_gpu_attention_dtype(profile, kv_dtype, precision)
+            if precision == "fp16" and profile.kv_cache.dtype == "float32":
+                progress.detail(f"warning: --precision fp16 on the {profile.name} profile stores the weights in "
+                                "float32: the fused graph keeps them in its activations' type, float32 there (the "
+                                "profile's kv_cache.dtype), so the bundle is fp32's size (int8 or int4 make it "
+                                "smaller)")
         limit = context_limit(info, profile, opts.max_context)
         if limit > arch.max_position_embeddings:
             progress.detail(f"warning: --max-context {limit} is above the model's max_position_embeddings "
                             f"({arch.max_position_embeddings}, the context it was trained for): its output past "
                             "that is not measured here")
+        check_memory_budget(info, profile, precision, limit, flavour=flavour, kv_bits=kv_bits,
+                            algorithm=opts.algorithm)
         check_torch_memory(info, fidelity_on=not opts.skip_fidelity, graph=graph_choice.name)
         if not opts.skip_fidelity:
             need = fidelity.prompt_positions(CodeLlamaTokenizer.from_file(info.tokenizer_path), info.chat_format,
-                                             opts.fidelity_tokens)
+                                             opts.fidelity_tokens, infill=info.supports_infill)
             if need > limit:
                 raise ExportError(f"the fidelity measure needs {need} positions (its longest prompt and "
                                   f"--fidelity-tokens {opts.fidelity_tokens}) and the bundle's context is {limit}: "
@@ -314,9 +469,13 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
 
     partial = staging_folder(output)
     replaced = replaced_folder(output)
-    shutil.rmtree(partial, ignore_errors=True)
+    remove_scratch(partial)  # an earlier export's, cut short
     work = partial / "_export"
+    swapping = False  # set when the renames that install the bundle begin
+    partial.parent.mkdir(parents=True, exist_ok=True)  # --output's folders that do not exist yet
+    partial.mkdir()  # not in the try below: a folder this export did not make is not removed there
     try:
+        (partial / EXPORT_MARKER).write_text("edge-runtime export staging folder: safe to delete\n")
         graph = partial / GRAPH_FILE
         fused = flavour == FLAVOUR_GQA_SHARED_KV
         recipe = recipe_for(profile, precision, opts.algorithm, fused=fused) if precision in quantize.BITS else None
@@ -394,7 +553,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                                           n_tokens=opts.fidelity_tokens,
                                           corpus_tokens=opts.fidelity_corpus_tokens,
                                           corpus_window=min(fidelity.CORPUS_WINDOW, limit), flavour=flavour,
-                                          progress=progress.detail)
+                                          progress=progress.detail, infill=info.supports_infill)
                 problems = check_fidelity(report, profile, precision)
                 progress.detail(f"greedy agreement {report.greedy_agreement:.3f} (min {report.greedy_agreement_min:.3f}; "
                                 f"{report.greedy_agreement_strict:.3f} counting ties within {report.tie_logits:g} "
@@ -441,27 +600,60 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 "licence_files": [p.name for p in info.licence_files],
             }
             write_manifest(partial, manifest)
+            (partial / EXPORT_MARKER).unlink()  # the manifest says whose the folder is from here on
             plan = bundle_plan(load_bundle(partial), profile)  # read back exactly as the device will
             progress.detail(plan.describe() + ("" if plan.fits else ": DOES NOT FIT; the engine will refuse to "
                                                "start with this profile (lower --max-context or the precision)"))
+            # past the estimate checked before the work: the bundle is kept, and the summary (and
+            # the command's exit status, 3) says it does not fit
             # two renames: at every moment one whole bundle has the name, or the earlier one is
             # put back below
-            shutil.rmtree(replaced, ignore_errors=True)
+            remove_scratch(replaced)  # an earlier export's, cut short
             if output.exists():
                 output.rename(replaced)
+            swapping = True
             partial.rename(output)
-    except BaseException:
-        if replaced.exists() and not output.exists():
-            replaced.rename(output)
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    shutil.rmtree(replaced, ignore_errors=True)
+    except BaseException as exc:
+        # the staging folder gone while swapping: the new bundle has the name (the exception came
+        # after the rename), and a Ctrl-C then no longer undoes the export
+        installed = swapping and not partial.exists() and output.exists()
+        if not installed:
+            if replaced.exists() and not output.exists():
+                replaced.rename(output)
+            try:
+                remove_scratch(partial)
+            except (OSError, ExportError):
+                pass
+            raise
+        if not isinstance(exc, KeyboardInterrupt):
+            raise
+        progress.detail(f"interrupted after the new bundle was installed at {output}: the export is complete")
+    finish_swap(replaced, progress)
 
-    bundle = load_bundle(output)
-    files = bundle.manifest["files"]
+    manifest, _ = read_manifest(output)  # verified (every hash) before the rename, as load_bundle(partial)
+    files = manifest["files"]
     return ExportSummary(bundle=output, precision=precision, total_bytes=sum(f["size"] for f in files), files=files,
-                         fidelity=bundle.manifest["fidelity"], degraded=bool(problems),
-                         peak_rss_bytes=peak_rss_bytes(), timings=dict(progress.timings))
+                         fidelity=manifest["fidelity"], degraded=bool(problems),
+                         peak_rss_bytes=peak_rss_bytes(), timings=dict(progress.timings), memory=plan)
+
+
+def finish_swap(replaced: Path, progress: Progress) -> None:
+    """Remove the earlier bundle --force moved aside, once the new one has its name. A Ctrl-C
+    here does not undo the export: the removal is finished (a second Ctrl-C stops it), and
+    what is left is said; the next export to this --output removes it (`remove_scratch`)."""
+    for attempt in range(2):
+        try:
+            remove_scratch(replaced)
+            return
+        except KeyboardInterrupt:
+            progress.detail(f"interrupted while removing the earlier bundle ({replaced}); the new bundle is in place"
+                            + ("; finishing the removal" if attempt == 0 else ""))
+        except (OSError, ExportError) as exc:
+            progress.detail(f"warning: could not remove the earlier bundle {replaced}: {exc}")
+            break
+    if replaced.exists():
+        progress.detail(f"warning: {replaced} (the earlier bundle, or what is left of it) is still there: the next "
+                        "export to this --output removes it, or delete it yourself")
 
 
 def format_summary(s: ExportSummary) -> str:
@@ -483,6 +675,8 @@ def format_summary(s: ExportSummary) -> str:
             lines.append(f"           KL divergence mean {fid['kl_divergence_mean']:.4g} "
                          f"(p99 {fid['kl_divergence_p99']:.4g}), top-1 agreement "
                          f"{fid['corpus_top1_agreement']:.3f} over {fid['corpus_positions']} corpus positions")
+    if s.memory is not None:
+        lines.append(f"memory     {s.memory.describe()}: " + ("fits" if s.memory.fits else "DOES NOT FIT"))
     lines.append(f"peak memory {human_bytes(s.peak_rss_bytes)}; "
                  + ", ".join(f"{k.split(' (')[0]} {v:.1f}s" for k, v in s.timings.items()))
     return "\n".join(lines)

@@ -116,6 +116,60 @@ def test_the_readme_table_is_the_commands_output():
     assert len(rows) == 4 * 4 and all(re.match(r"\| (7B|13B|34B|70B) \|", r) for r in rows)
 
 
+def test_the_fit_table_marks_refused_what_the_export_refuses(tiny_checkpoint, tmp_path, capsys):
+    """A cell the table gives as fitting is one the exporter makes: where the export refuses the
+    precision for the profile (fp32 on a GPU profile's fused graph), the table says "refused"."""
+    from edge_export.pipeline import ExportError, ExportOptions, run_export
+
+    assert memory_fit.main(["--table"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    profiles = re.findall(r"([a-z0-9_-]+) \(\d+ GiB, max \d+\)", lines[0])
+    refused = set()
+    for line in lines[1:17]:
+        cells = line.split()
+        precision = cells[3]
+        for name, cell in zip(profiles, re.findall(r"refused|no|\d+ \([\d.]+ GiB\)", line.split(precision, 1)[1])):
+            if cell == "refused":
+                refused.add((name, precision))
+    assert ("nvidia-gpu", "fp32") in refused and ("jetson-orin-agx", "fp32") in refused
+    assert not any(name.startswith("cpu-") for name, _ in refused)
+    assert "refused: the export refuses it" in out
+    for name, precision in sorted(refused):
+        with pytest.raises(ExportError, match=f"but the {name} profile runs on the GPU"):
+            run_export(ExportOptions(checkpoint=tiny_checkpoint, profile=name, output=tmp_path / name,
+                                     precision=precision, skip_fidelity=True))
+    # the optimum graph's table refuses nothing (its cache follows the precision)
+    assert memory_fit.main(["--table", "--graph", "optimum"]) == 0
+    assert "refused" not in capsys.readouterr().out
+
+
+def test_a_bundle_of_a_profile_file_says_to_pass_that_file(tiny_checkpoint, tmp_path):
+    """A bundle exported with --profile my-x86.toml records the name "my-x86": fit --bundle
+    and generate without --profile cannot find it, and say to give the file."""
+    import subprocess
+    import sys
+
+    from edge_export.pipeline import ExportOptions, run_export
+    from edge_export.progress import Progress
+    from edge_runtime.profiles import profile_text
+
+    toml = tmp_path / "my-x86.toml"
+    toml.write_text(profile_text("cpu-x86_64").replace('name = "cpu-x86_64"', 'name = "my-x86"'))
+    bundle = tmp_path / "b"
+    run_export(ExportOptions(checkpoint=tiny_checkpoint, profile=toml, output=bundle, precision="fp32",
+                             skip_fidelity=True), Progress(5, enabled=False))
+    for argv in (["fit", "--bundle", str(bundle)], ["generate", "--bundle", str(bundle), "--prompt", "def f():"]):
+        cli = subprocess.run([sys.executable, "-m", "edge_runtime", *argv], capture_output=True, text=True,
+                             timeout=300)
+        assert cli.returncode == 2 and "unknown device profile 'my-x86'" in cli.stderr, cli.stderr
+        assert "--profile path/to/my-x86.toml" in cli.stderr and "give that file: --profile FILE" in cli.stderr
+        assert "Traceback" not in cli.stderr
+    fits = subprocess.run([sys.executable, "-m", "edge_runtime", "fit", "--bundle", str(bundle), "--profile", str(toml)],
+                          capture_output=True, text=True, timeout=300)
+    assert fits.returncode == 0 and "on profile my-x86" in fits.stdout
+
+
 def test_fit_command_table_and_bundle(tiny_bundle, capsys):
     assert memory_fit.main(["--table"]) == 0
     out = capsys.readouterr().out

@@ -155,6 +155,20 @@ def test_unknown_profile_name_lists_the_known_ones() -> None:
         load_profile("tpu")
 
 
+def test_an_unknown_execution_provider_is_refused_naming_the_key_and_the_names(tmp_path: pathlib.Path) -> None:
+    """A misspelt provider is the profile's error, not the GPU's at the first session."""
+    target = tmp_path / "typo.toml"
+    text = _packaged_text("nvidia-gpu")
+    assert 'name = "CUDAExecutionProvider"' in text
+    target.write_text(text.replace('name = "CUDAExecutionProvider"', 'name = "CudaExecutionProvider"', 1))
+    with pytest.raises(ConfigError, match=re.escape(
+            f"{target}: execution_providers[0].name: 'CudaExecutionProvider' is not an onnxruntime execution "
+            "provider (did you mean 'CUDAExecutionProvider'?); the names: TensorrtExecutionProvider, "
+            "CUDAExecutionProvider")) as caught:
+        load_profile(target)
+    assert "CPUExecutionProvider" in str(caught.value)
+
+
 def test_missing_profile_file_names_the_file(tmp_path: pathlib.Path) -> None:
     missing = tmp_path / "nope.toml"
     with pytest.raises(ConfigError, match=re.escape(f"{missing}: cannot read file")):

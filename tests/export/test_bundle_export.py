@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -85,6 +86,21 @@ def test_manifest_records_what_the_device_needs(tiny_bundle):
     assert {"onnxruntime", "torch", "transformers"} <= set(manifest["tools"])
     graph_files = {"model.onnx", "model.onnx.data"} if manifest["graph"]["flavour"] == "gqa-shared-kv" else {"model.onnx"}
     assert {f["path"] for f in manifest["files"]} == graph_files | {"tokenizer.json", "LICENSE"}
+
+
+def test_a_model_that_does_not_infill_is_measured_without_infill_prompts(tiny_checkpoint, tmp_path):
+    """A Python variant (here by its folder's name) has the infilling tokens but was not trained
+    for infill: the bundle says no infill, and the fidelity measure runs no infill prompts."""
+    from edge_export.pipeline import ExportOptions, run_export
+    from edge_export.progress import Progress
+
+    folder = shutil.copytree(tiny_checkpoint, tmp_path / "CodeLlama-7b-Python-hf")
+    run_export(ExportOptions(checkpoint=folder, profile="cpu-x86_64", output=tmp_path / "b", precision="fp32",
+                             fidelity_tokens=4, fidelity_corpus_tokens=0), Progress(5, enabled=False))
+    manifest = load_bundle(tmp_path / "b").manifest
+    assert manifest["family"]["variant"] == "python" and manifest["tokenizer"]["supports_infill"] is False
+    assert {p["mode"] for p in manifest["fidelity"]["per_prompt"]} == {"complete"}
+    assert manifest["fidelity"]["prompts"] == 8
 
 
 def test_noinfill_checkpoint_is_recorded_without_infill(noinfill_bundle):
@@ -290,6 +306,31 @@ def test_kv_cache_bits_follow_the_profile_unless_overridden(tiny_checkpoint, tmp
     assert bundle.int8_kernel_rows == (INT8_STEP_ROWS_MAX if kv_type == "tensor(int8)" else None)
 
 
+def test_fp16_on_a_cpu_profile_is_stored_as_float32_as_fit_estimates_and_the_export_says(tiny_checkpoint,
+                                                                                         tmp_path):
+    """The fused graph keeps weights in its activations' type: float32 on a CPU profile, so an
+    fp16 bundle there is fp32's size; memory_fit's estimate counts that, and the export warns."""
+    from edge_export.pipeline import ExportOptions, run_export
+    from edge_export.progress import Progress
+    from edge_runtime.memory_fit import ModelShape, bundle_plan, estimate_plan
+    from edge_runtime.profiles import load_profile
+
+    lines: list[str] = []
+    progress = Progress(5, enabled=False)
+    progress.detail = lines.append
+    run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=tmp_path / "b",
+                             precision="fp16", skip_fidelity=True), progress)
+    assert any("warning: --precision fp16 on the cpu-x86_64 profile stores the weights in float32" in line
+               for line in lines), lines
+    cpu = load_profile("cpu-x86_64")
+    written = bundle_plan(load_bundle(tmp_path / "b"), cpu).weights_bytes
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    shape = ModelShape("tiny", config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"],
+                       config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"])
+    estimate = estimate_plan(shape, cpu, "fp16", 256).weights_bytes
+    assert estimate == shape.parameter_count * 4 and abs(written - estimate) / estimate < 0.05, (written, estimate)
+
+
 def test_only_cpu_profiles_bundles_take_several_rows_of_logits(tiny_checkpoint, tmp_path, exporter):
     """The optional logits_start input (prompt lookup's runs) is in CPU profiles' graphs; GPU
     profiles' graphs keep a constant last-position slice until a GPU run tests the input."""
@@ -343,10 +384,10 @@ def test_export_refuses_to_overwrite_an_existing_bundle(tiny_checkpoint, tiny_bu
     assert (tiny_bundle / MANIFEST_NAME).read_bytes() == before
 
 
-@pytest.mark.parametrize("where", ["checkpoint", "parent", "file", "other-folder"])
+@pytest.mark.parametrize("where", ["checkpoint", "parent", "file", "other-folder", "other-bundle-json"])
 def test_force_replaces_only_an_earlier_bundle(tiny_checkpoint, tmp_path, where):
     """--force must not delete what is not a bundle: the checkpoint, a folder holding
-    it, a file, or someone's other folder."""
+    it, a file, someone's other folder, or one whose bundle.json is another program's."""
     from edge_export.pipeline import ExportError, ExportOptions, run_export
 
     checkpoint = shutil.copytree(tiny_checkpoint, tmp_path / "models" / "ck")
@@ -354,15 +395,121 @@ def test_force_replaces_only_an_earlier_bundle(tiny_checkpoint, tmp_path, where)
     (tmp_path / "a-file").write_text("mine")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / MANIFEST_NAME).write_text(json.dumps({"name": "my web app", "version": "1.2"}))
+    (tmp_path / "app" / "index.js").write_text("mine")
     output, message = {"checkpoint": (checkpoint, "is the checkpoint's folder or holds it"),
                        "parent": (tmp_path / "models", "is the checkpoint's folder or holds it"),
                        "file": (tmp_path / "a-file", "is a file, not a bundle folder"),
-                       "other-folder": (tmp_path / "other", "is not a bundle \\(no bundle.json\\) and not empty")}[where]
+                       "other-folder": (tmp_path / "other", "is not a bundle \\(no bundle.json\\) and not empty"),
+                       "other-bundle-json": (tmp_path / "app", f"--output {tmp_path / 'app'} is not an edge-runtime "
+                                                                "bundle .*not an edge-runtime-bundle manifest")}[where]
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     with pytest.raises(ExportError, match=message):
         run_export(ExportOptions(checkpoint=checkpoint, profile="cpu-x86_64", output=output, force=True,
                                  precision="fp32", skip_fidelity=True))
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_force_keeps_an_earlier_bundles_folder_that_holds_files_it_does_not_list(tiny_checkpoint, tiny_bundle,
+                                                                                 tmp_path):
+    """Files someone put in a bundle's folder are not the bundle's: --force names them and
+    deletes nothing."""
+    from edge_export.pipeline import ExportError, ExportOptions, run_export
+
+    out = copy_bundle(tiny_bundle, tmp_path / "b")
+    (out / "notes.txt").write_text("mine")
+    (out / "runs").mkdir()
+    (out / "runs" / "log.txt").write_text("mine")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(ExportError, match=f"--output {out} is an earlier bundle, but it also holds files its "
+                                          "bundle.json does not list: notes.txt, runs/log.txt; .*Move them out"):
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=out, force=True,
+                                 precision="fp32", skip_fidelity=True))
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("suffix", [".partial", ".replaced"])
+def test_scratch_folders_are_removed_only_when_an_export_left_them(tiny_checkpoint, tmp_path, suffix):
+    """<output>.partial and <output>.replaced are the export's scratch names: a folder there
+    that is someone's is named and kept (with or without --force); one an earlier export
+    left (its marker or an edge-runtime manifest) is cleared and the export goes on."""
+    from edge_export.pipeline import ExportError, ExportOptions, run_export
+
+    scratch = tmp_path / ("b" + suffix)
+    scratch.mkdir()
+    (scratch / "thesis.tex").write_text("mine")
+    options = dict(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=tmp_path / "b", precision="fp32",
+                   skip_fidelity=True)
+    for force in (False, True):
+        with pytest.raises(ExportError, match=f"{re.escape(str(scratch))} is in the way: .*not a folder an earlier "
+                                              "export left"):
+            run_export(ExportOptions(**options, force=force))
+        assert sorted(p.name for p in tmp_path.iterdir()) == [scratch.name]
+        assert (scratch / "thesis.tex").read_text() == "mine"
+
+    from edge_export.bundle_writer import EXPORT_MARKER
+
+    (scratch / EXPORT_MARKER).write_text("")  # as an export cut short (SIGKILL) leaves its staging folder
+    run_export(ExportOptions(**options))
+    assert load_bundle(tmp_path / "b").manifest["precision"] == "fp32"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    assert EXPORT_MARKER not in {f["path"] for f in load_bundle(tmp_path / "b").manifest["files"]}
+    assert not (tmp_path / "b" / EXPORT_MARKER).exists()
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "under-a-file-deeper",
+                                   pytest.param("read-only", marks=pytest.mark.skipif(
+                                       os.geteuid() == 0, reason="root writes into a read-only folder"))])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tiny_checkpoint, tmp_path, where):
+    (tmp_path / "a-file").write_text("mine")
+    (tmp_path / "locked").mkdir(mode=0o500)
+    output, words = {"under-a-file": (tmp_path / "a-file" / "b", f"{tmp_path / 'a-file'} is a file, not a folder"),
+                     "under-a-file-deeper": (tmp_path / "a-file" / "x" / "b",
+                                             f"{tmp_path / 'a-file'} is a file, not a folder"),
+                     "read-only": (tmp_path / "locked" / "new" / "b", f"cannot create the bundle in "
+                                                                      f"{tmp_path / 'locked'}")}[where]
+    cli = subprocess.run([sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(tiny_checkpoint),
+                          "--profile", "cpu-x86_64", "--output", str(output), "--skip-fidelity"],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 2 and f"error: --output {output}: {words}" in cli.stderr, cli.stderr
+    assert "Traceback" not in cli.stderr and "[1/" not in cli.stderr + cli.stdout  # no step started
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "locked"] and not any((tmp_path / "locked").iterdir())
+
+
+def test_an_outputs_missing_folders_are_created(tiny_checkpoint, tmp_path):
+    """`--output bundles/NAME` in a fresh clone (README, scripts/quickstart.sh): the folders are made."""
+    from edge_export.pipeline import ExportOptions, run_export
+    from edge_export.progress import Progress
+
+    out = tmp_path / "bundles" / "deeper" / "b"
+    run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=out, precision="fp32",
+                             skip_fidelity=True), Progress(5, enabled=False))
+    assert load_bundle(out).manifest["precision"] == "fp32"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["b"]
+
+
+def test_an_unreadable_tokenizer_json_is_named(tiny_checkpoint, tmp_path):
+    folder = broken_copy(tiny_checkpoint, tmp_path, "bad-tokenizer")
+    tokenizer = folder / "tokenizer.json"
+    tokenizer.write_bytes(tokenizer.read_bytes()[:1000])  # an interrupted copy
+    cli = subprocess.run([sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(folder), "--profile",
+                          "cpu-x86_64", "--output", str(tmp_path / "out"), "--skip-fidelity"],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 2 and f"{tokenizer} cannot be read as a tokenizer" in cli.stderr, cli.stderr
+    assert "Traceback" not in cli.stderr and not (tmp_path / "out").exists()
+
+
+def test_an_empty_output_or_checkpoint_flag_is_refused_not_taken_for_the_current_folder(tiny_checkpoint, tmp_path):
+    here = tmp_path / "here"
+    here.mkdir()
+    for args, flag in (([str(tiny_checkpoint), ""], "--output"), (["", str(tmp_path / "out")], "--checkpoint")):
+        cli = subprocess.run([sys.executable, "-m", "edge_runtime", "export", "--checkpoint", args[0], "--profile",
+                              "cpu-x86_64", "--output", args[1], "--force", "--skip-fidelity", "--precision", "fp32"],
+                             capture_output=True, text=True, cwd=here, timeout=300)
+        assert cli.returncode == 2 and f"error: {flag} is empty" in cli.stderr, cli.stderr
+        assert "Traceback" not in cli.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"] and not any(here.iterdir())
 
 
 def test_force_replaces_an_earlier_bundle(tiny_checkpoint, tiny_bundle, tmp_path):
@@ -395,6 +542,48 @@ def test_an_export_stopped_while_it_replaces_a_bundle_leaves_the_earlier_one(tin
                                  precision="int8", skip_fidelity=True))
     assert load_bundle(out).manifest["files"] == before  # verified: every hash
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+@pytest.mark.parametrize("interrupts", [1, 2])
+def test_an_export_stopped_after_the_new_bundle_took_the_name_is_complete(tiny_checkpoint, tiny_bundle, tmp_path,
+                                                                          monkeypatch, interrupts):
+    """Ctrl-C while --force removes the earlier bundle (the new one already has its name): the
+    export is done, not "interrupted"; the removal is finished, or (a second Ctrl-C) what is
+    left of the earlier bundle does not stop the next export, which removes it."""
+    from edge_export.pipeline import ExportOptions, run_export
+    from edge_export.progress import Progress
+
+    out = copy_bundle(tiny_bundle, tmp_path / "b")
+    replaced, partial = tmp_path / "b.replaced", tmp_path / "b.partial"
+    unlink, fired = os.unlink, []
+
+    def interrupted(path, *args, **kwargs):
+        if len(fired) < interrupts and replaced.exists() and out.exists() and not partial.exists():
+            fired.append(path)
+            raise KeyboardInterrupt
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", interrupted)
+    said = io.StringIO()
+    try:
+        summary = run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=out, force=True,
+                                           precision="int8", skip_fidelity=True), Progress(5, stream=said))
+    except KeyboardInterrupt:
+        pytest.fail("the export said 'interrupted' with the new bundle already in place")
+    finally:
+        monkeypatch.undo()
+    assert len(fired) == interrupts and summary.precision == "int8"
+    assert load_bundle(out).manifest["precision"] == "int8"  # whole: every hash
+    assert "the new bundle is in place" in said.getvalue()
+    if interrupts == 1:
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    else:
+        assert replaced.exists() and f"{replaced} (the earlier bundle, or what is left of it) is still there" \
+            in said.getvalue()
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=out, force=True,
+                                 precision="fp32", skip_fidelity=True), Progress(5, enabled=False))
+        assert load_bundle(out).manifest["precision"] == "fp32"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
 def broken_copy(tiny_checkpoint: Path, tmp_path: Path, name: str) -> Path:
@@ -533,6 +722,45 @@ def test_a_context_too_short_for_the_fidelity_prompts_is_refused_before_the_buil
     assert not (tmp_path / "out.partial").exists()
 
 
+def test_a_70b_chat_template_without_the_step_token_is_refused_at_export(tiny_checkpoint, tmp_path):
+    """Source:/<step> chat needs the <step> token: without it every chat request would fail on
+    the device, so the export refuses the checkpoint, before any work."""
+    from edge_export.checkpoint import CheckpointError
+    from edge_export.pipeline import ExportOptions, run_export
+    from edge_export.synthetic import SOURCE_STEP_CHAT_TEMPLATE
+
+    folder = broken_copy(tiny_checkpoint, tmp_path, "CodeLlama-70b-Instruct-hf")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": SOURCE_STEP_CHAT_TEMPLATE}))
+    with pytest.raises(CheckpointError, match="chat template is Code Llama 70B Instruct's .* but tokenizer.json has "
+                                              "no <step> token"):
+        run_export(ExportOptions(checkpoint=folder, profile="cpu-x86_64", output=tmp_path / "out",
+                                 precision="fp32", skip_fidelity=True))
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_fidelity_step_prints_no_onnxruntime_warnings(tiny_checkpoint, tmp_path):
+    """onnxruntime's graph-optimizer warnings (an initializer among the inputs, implicit
+    subgraph inputs) are not the user's to act on: the export's output has none."""
+    cli = subprocess.run([sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(tiny_checkpoint),
+                          "--profile", "cpu-x86_64", "--output", str(tmp_path / "b"), "--precision", "int4",
+                          "--algorithm", "rtn", "--fidelity-tokens", "4", "--fidelity-corpus-tokens", "16",
+                          "--allow-degraded"], capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    assert "greedy agreement" in cli.stderr and ":onnxruntime:" not in cli.stderr, cli.stderr
+
+
+def test_a_checkpoint_without_a_licence_file_is_exported_with_a_warning(tiny_checkpoint, tmp_path):
+    folder = broken_copy(tiny_checkpoint, tmp_path, "no-licence")
+    (folder / "LICENSE").unlink()
+    cli = subprocess.run([sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(folder), "--profile",
+                          "cpu-x86_64", "--output", str(tmp_path / "b"), "--precision", "fp32", "--skip-fidelity"],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    assert "warning: no-licence has no licence file" in cli.stderr and "the bundle carries none" in cli.stderr
+    assert load_bundle(tmp_path / "b").manifest["licence_files"] == []
+
+
 def test_an_already_quantized_checkpoint_is_refused(tiny_checkpoint, tmp_path):
     from edge_export.checkpoint import CheckpointError, read_checkpoint
 
@@ -630,6 +858,57 @@ def test_gptq_calibrates_on_the_users_text_and_the_manifest_says_so(tiny_checkpo
         run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=tmp_path / "c",
                                  precision="int4", graph="optimum", algorithm="gptq"))
     assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
+
+
+@pytest.mark.parametrize("options, why", [
+    ({"precision": "int4", "algorithm": "rtn"}, "quantizes with rtn \\(--algorithm rtn\\)"),
+    ({"precision": "fp32"}, "is fp32: nothing is quantized")])
+def test_calibration_flags_without_gptq_are_refused_not_ignored(tiny_checkpoint, tmp_path, options, why):
+    from edge_export.pipeline import ExportError, ExportOptions, run_export
+
+    text = tmp_path / "code.py"
+    text.write_text("def f(x):\n    return x + 1\n" * 50)
+    with pytest.raises(ExportError, match=f"--calibration-text calibrates GPTQ \\(--algorithm gptq\\), and this "
+                                          f"export {why}: drop --calibration-text"):
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=tmp_path / "b",
+                                 calibration_text=text, skip_fidelity=True, **options))
+    with pytest.raises(ExportError, match="--calibration-tokens calibrates GPTQ"):
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=tmp_path / "b",
+                                 calibration_tokens=128, skip_fidelity=True, **options))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["code.py"]
+
+
+def test_a_bundle_over_the_profiles_memory_budget_is_refused_up_front_or_exits_3(tiny_checkpoint, tmp_path):
+    """Where memory_fit's estimate is over the budget, the export refuses before any work and
+    names the --max-context that fits; where only the written bundle is over (the estimate is
+    a little under it), the bundle is kept and the command exits 3, saying so."""
+    from edge_export.pipeline import ExportError, ExportOptions, run_export
+    from edge_runtime.profiles import profile_text
+
+    toml = tmp_path / "tight-x86.toml"
+    text = profile_text("cpu-x86_64").replace('name = "cpu-x86_64"', 'name = "tight-x86"')
+    toml.write_text(re.sub(r"memory_budget_bytes = \d+", f"memory_budget_bytes = {280 << 20}", text))
+    with pytest.raises(ExportError, match="the bundle would not fit the tight-x86 profile's memory budget, and the "
+                                          "engine would refuse to start it: .* > memory budget 0.27 GiB "
+                                          "\\(estimated\\); --max-context (\\d+) fits") as caught:
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, profile=toml, output=tmp_path / "b", precision="fp32",
+                                 skip_fidelity=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tight-x86.toml"]
+    fits = int(re.search(r"--max-context (\d+) fits", str(caught.value))[1])
+
+    def export(output: str, context: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(tiny_checkpoint),
+                               "--profile", str(toml), "--output", str(tmp_path / output), "--precision", "fp32",
+                               "--skip-fidelity", "--max-context", str(context)],
+                              capture_output=True, text=True, timeout=300)
+
+    edge = export("edge", fits)  # the estimate's largest: the graph's own tables put the bundle just over
+    assert edge.returncode == 3, edge.stderr
+    assert f"error: the bundle at {tmp_path / 'edge'} was written, but it does not fit the tight-x86 profile's " \
+           "memory budget" in edge.stderr and "DOES NOT FIT" in edge.stdout
+    assert load_bundle(tmp_path / "edge").context_limit == fits  # kept, whole
+    roomy = export("roomy", fits - 64)
+    assert roomy.returncode == 0 and ": fits" in roomy.stdout, roomy.stderr
 
 
 def test_export_without_the_export_extra_is_refused_before_any_work(tiny_checkpoint, tmp_path):
