@@ -271,6 +271,9 @@ def torch_config(config: dict[str, Any]):
 def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> CheckpointInfo:
     """Read `folder`; `variant` (base / python / instruct) overrides the detected variant."""
     path = Path(folder).resolve()
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"--checkpoint {path} is a file: give the folder that holds config.json, the "
+                              f"tokenizer and the weights{f' ({path.parent})' if path.parent.joinpath('config.json').is_file() else ''}")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist")
     config_path = path / "config.json"

@@ -210,6 +210,17 @@ def test_missing_file_is_refused(tiny_bundle, tmp_path):
         load_bundle(bundle)
 
 
+def test_a_checkpoint_file_instead_of_its_folder_is_named_as_such(tmp_path):
+    from edge_export.checkpoint import CheckpointError, read_checkpoint
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=f"--checkpoint {folder / 'config.json'} is a file: give the folder .*"
+                                              f"\\({folder}\\)"):
+        read_checkpoint(folder / "config.json")
+
+
 def test_non_llama_checkpoint_is_refused(tmp_path):
     from edge_export.checkpoint import CheckpointError, read_checkpoint
 
