@@ -273,6 +273,11 @@ def check_config_files(config: ServiceConfig, *, source: str = "config") -> None
                     pass
             except OSError as exc:
                 raise fail(f"mqtt.{key}", f"cannot read {p}: {exc.strerror or exc}") from None
+    if config.mqtt.password_file is not None:  # before the (slow) bundle load, not at the first connect
+        try:
+            config.mqtt.read_password()
+        except ValueError as exc:
+            raise fail("mqtt.password_file", str(exc)) from None
     if config.mqtt.address.tls:  # what paho loads at connect: a file that holds no certificate fails here
         try:
             check_tls_files(config.mqtt.tls, names=("mqtt.tls_ca", "mqtt.tls_cert", "mqtt.tls_key"))

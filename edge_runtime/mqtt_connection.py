@@ -110,9 +110,17 @@ class Will:
 
 
 def read_password_file(path: str | Path) -> str:
-    """The first line of a password file (the trailing newline is not part of it)."""
-    text = Path(path).read_text(encoding="utf-8")
-    return text.splitlines()[0] if text else ""
+    """The first line of a password file (the trailing newline is not part of it).
+    ValueError for a file that is not UTF-8 text or whose first line is empty (the broker
+    would refuse every connection as not authorized, with no word of why)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text: the password is its first line") from None
+    password = text.splitlines()[0] if text else ""
+    if not password:
+        raise ValueError(f"{path} holds no password: its first line is empty")
+    return password
 
 
 def make_client(*, client_id: str, protocol: str, address: BrokerAddress,

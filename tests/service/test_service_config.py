@@ -192,6 +192,17 @@ def test_password_file(tmp_path):
     assert "s3cret" not in repr(config)
 
 
+@pytest.mark.parametrize("content, words", [(b"\xff\xfe\x00pw\n", "is not UTF-8 text"),
+                                             (b"", "holds no password"), (b"\nsecret\n", "holds no password")])
+def test_a_password_file_without_a_password_is_named_at_start_up(tmp_path, content, words):
+    """Not after the bundle load (a traceback), nor as the broker's 'not authorized' at every retry."""
+    (tmp_path / "bundle").mkdir()
+    (tmp_path / "pw").write_bytes(content)
+    with pytest.raises(ConfigError, match=f"mqtt.password_file: .*pw {words}"):
+        load_config(write(tmp_path, MINIMAL), {"mqtt.username": "u", "mqtt.password_file": str(tmp_path / "pw"),
+                                               "service.state_dir": str(tmp_path / "s")})
+
+
 def test_default_state_dir():
     assert default_state_dir({"STATE_DIRECTORY": "/var/lib/edge-runtime:/other"}) == Path("/var/lib/edge-runtime")
     assert default_state_dir({"XDG_STATE_HOME": "/x"}) == Path("/x/edge-runtime")
