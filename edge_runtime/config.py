@@ -214,7 +214,7 @@ def _apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any], prefix:
 def _resolve_file_paths(data: dict[str, Any], base: Path) -> None:
     for section, key in PATH_KEYS:
         table = data.get(section)
-        if isinstance(table, dict) and isinstance(table.get(key), str):
+        if isinstance(table, dict) and isinstance(table.get(key), str) and table[key].strip():
             path = Path(table[key]).expanduser()
             table[key] = str(path if path.is_absolute() else base / path)
     model = data.get("model")
@@ -250,6 +250,10 @@ def load_config(path: Path | str | None, overrides: Mapping[str, Any] | None = N
         if repr(data) != before:
             sources.append("command line")
     source = " + ".join(sources) or "command line"
+    for section, key in (*PATH_KEYS, ("model", "profile")):  # "" would quietly be the current folder
+        table = data.get(section)
+        if isinstance(table, dict) and isinstance(table.get(key), str) and not table[key].strip():
+            raise ConfigError(f"{source}: {section}.{key}: an empty path (leave the key out for its default)")
     config = from_mapping(ServiceConfig, data, source=source)
     if check_files:
         check_config_files(config, source=source)

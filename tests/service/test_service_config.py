@@ -203,6 +203,17 @@ def test_a_password_file_without_a_password_is_named_at_start_up(tmp_path, conte
                                                "service.state_dir": str(tmp_path / "s")})
 
 
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(tmp_path):
+    (tmp_path / "bundle").mkdir()
+    with pytest.raises(ConfigError, match="command line: service.state_dir: an empty path"):
+        load_config(write(tmp_path, MINIMAL), {"service.state_dir": ""})
+    with pytest.raises(ConfigError, match="model.bundle: an empty path"):
+        load_config(write(tmp_path, MINIMAL.replace('bundle = "bundle"', 'bundle = ""')), {})
+    with pytest.raises(ConfigError, match="model.profile: an empty path"):
+        load_config(write(tmp_path, MINIMAL), {"model.profile": " "})
+    assert not any(tmp_path.glob("*.lock")) and not any(Path.cwd().glob("replies-*.sqlite3"))
+
+
 def test_default_state_dir():
     assert default_state_dir({"STATE_DIRECTORY": "/var/lib/edge-runtime:/other"}) == Path("/var/lib/edge-runtime")
     assert default_state_dir({"XDG_STATE_HOME": "/x"}) == Path("/x/edge-runtime")
