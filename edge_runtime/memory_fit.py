@@ -419,6 +419,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .profiles import list_profiles, load_profile
 
+    if args.bundle and args.table:
+        print("error: give --table or --bundle, not both", file=sys.stderr)
+        return 2
+    if not args.bundle and (args.profile is not None or args.context is not None):
+        print("error: --profile and --context go with --bundle (the table covers every packaged profile at the "
+              "largest context that fits)", file=sys.stderr)
+        return 2
     if args.bundle:
         from .bundle import load_bundle
 
@@ -431,6 +438,13 @@ def run(args: argparse.Namespace) -> int:
                   f"{profile.max_context})", file=sys.stderr)
             return 2
         plan = bundle_plan(bundle, profile, args.context)
+        refused = (bundle.graph_flavour == FLAVOUR_GQA_SHARED_KV
+                   and fused_attention_refusal(profile, bundle.precision, plan.kv_dtype) is not None)
+        if refused:  # the engine's check_kv_dtype_for_device: it would not start on the GPU
+            print(plan.describe() + f": {'fits' if plan.fits else 'does NOT fit'}, but REFUSED: this bundle's KV "
+                  f"cache is {plan.kv_dtype}, and {profile.name} runs on the GPU, where the fused graph's attention "
+                  f"takes float16 only (export it for {profile.name}, or run it with a CPU profile)")
+            return 1
         print(plan.describe() + (": fits" if plan.fits else ": does NOT fit"))
         return 0 if plan.fits else 1
     if not args.table:

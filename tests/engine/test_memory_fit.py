@@ -187,6 +187,21 @@ def test_fit_command_table_and_bundle(tiny_bundle, capsys):
                                      in captured.err)
 
 
+def test_fit_says_refused_where_the_engine_would_refuse_the_bundle_on_the_gpu(tiny_bundle, capsys):
+    # the tiny bundle's KV cache is float32: the fused graph's attention on CUDA takes float16 only
+    assert memory_fit.main(["--bundle", str(tiny_bundle), "--profile", "nvidia-gpu"]) == 1
+    out = capsys.readouterr().out
+    assert "but REFUSED: this bundle's KV cache is float32, and nvidia-gpu runs on the GPU" in out
+
+
+@pytest.mark.parametrize("argv", [["--table", "--bundle", "B"], ["--table", "--profile", "cpu-arm64"],
+                                  ["--table", "--context", "5"]])
+def test_fit_flags_that_would_be_ignored_are_refused(argv, tiny_bundle, capsys):
+    argv = [str(tiny_bundle) if a == "B" else a for a in argv]
+    assert memory_fit.main(argv) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
 @pytest.mark.parametrize("name", [p.name for p in list_profiles()])
 def test_profile_budget_fits_its_default_7b_at_some_context(name):
     p = load_profile(name)
