@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -293,10 +294,16 @@ def load_bundle(path: str | Path, *, progress=None, pinned_sha256: str | None = 
         raise BundleError(f"tokenizer file {tokenizer_path.name} is not listed in {MANIFEST_NAME}")
 
     arch = _require(manifest, "architecture", dict, "")
-    try:
-        architecture = Architecture(**{k: arch[k] for k in Architecture.__dataclass_fields__})
-    except KeyError as exc:
-        raise BundleError(f"{MANIFEST_NAME}: missing key architecture.{exc.args[0]}") from exc
+    shape: dict[str, Any] = {}
+    for name in Architecture.__dataclass_fields__:  # every later size and offset is computed from these
+        value = _require(arch, name, (int, float) if name == "rope_theta" else int, "architecture.")
+        if not (math.isfinite(value) and value > 0):
+            raise BundleError(f"{MANIFEST_NAME}: architecture.{name} is {value!r}, not a positive number")
+        shape[name] = value
+    architecture = Architecture(**shape)
+    context_limit = _require(manifest, "context_limit", int, "")
+    if context_limit < 1:
+        raise BundleError(f"{MANIFEST_NAME}: context_limit is {context_limit}, not a number of tokens")
     family = Family.from_manifest(manifest, architecture)
     kv_cache = manifest.get("kv_cache")
     int8_kernel_rows = None
@@ -313,7 +320,7 @@ def load_bundle(path: str | Path, *, progress=None, pinned_sha256: str | None = 
         graph_path=graph_path,
         graph_flavour=flavour,
         tokenizer_path=tokenizer_path,
-        context_limit=_require(manifest, "context_limit", int, ""),
+        context_limit=context_limit,
         precision=_require(manifest, "precision", str, ""),
         profile_name=_require(_require(manifest, "profile", dict, ""), "name", str, "profile."),
         supports_infill=bool(_require(tok, "supports_infill", bool, "tokenizer.")) and family.supports_infill,

@@ -203,6 +203,31 @@ def test_truncated_graph_is_refused_even_with_matching_hashes(tiny_bundle, tmp_p
         load_bundle(bundle)
 
 
+@pytest.mark.parametrize("where, value, words", [
+    ("architecture.num_layers", "8", "architecture.num_layers has the wrong type (str)"),
+    ("architecture.head_dim", 0, "architecture.head_dim is 0, not a positive number"),
+    ("architecture.rope_theta", float("nan"), "architecture.rope_theta is nan, not a positive number"),
+    ("context_limit", -5, "context_limit is -5, not a number of tokens"),
+])
+def test_a_manifest_with_impossible_numbers_is_refused(tiny_bundle, tmp_path, where, value, words):
+    """Caught by verify, not met later as a TypeError in fit or a negative KV cache."""
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+
+    def change(m):
+        *parents, key = where.split(".")
+        node = m
+        for p in parents:
+            node = node[p]
+        node[key] = value
+
+    rewrite_manifest(bundle, change)
+    with pytest.raises(BundleError, match=re.escape(words)):
+        load_bundle(bundle)
+    cli = subprocess.run([sys.executable, "-m", "edge_runtime", "verify", "--bundle", str(bundle)],
+                         capture_output=True, text=True)
+    assert cli.returncode == 2 and words in cli.stderr and "Traceback" not in cli.stderr
+
+
 def test_missing_file_is_refused(tiny_bundle, tmp_path):
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     (bundle / "tokenizer.json").unlink()
