@@ -812,8 +812,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", help="device profile name or TOML file; a GPU profile (nvidia-gpu, "
                         "jetson-*) adds the NVIDIA device drop-in (default: the installed config's "
                         "[model] profile, else the bundle's profile)")
-    parser.add_argument("--bundle", type=Path, help=f"bundle folder to verify and copy to {BUNDLES_DIR}/<name>")
-    parser.add_argument("--root", type=Path, default=Path("/"),
+    parser.add_argument("--bundle", help=f"bundle folder to verify and copy to {BUNDLES_DIR}/<name>")
+    parser.add_argument("--root", default="/",
                         help="install into this tree (an image or a test folder) instead of / ; "
                              "systemctl is run only for /")
     parser.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing "
@@ -824,17 +824,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "unit and GPU drop-in; keep the config, state, bundles and user (with --root, --dry-run)")
 
 
+# What each flag names, for the error that refuses it empty.
+WHAT_FLAG_NAMES = {"--root": "image tree to install into (leave --root out for /)",
+                   "--bundle": "bundle folder", "--profile": "device profile's name or TOML file",
+                   "--executable": "absolute path of the ExecStart= program"}
+
+
 def run_install_service(args: argparse.Namespace) -> int:
     """Run the subcommand: steps go to stdout, an error to stderr (exit 2)."""
     try:
+        for flag in WHAT_FLAG_NAMES:
+            value = getattr(args, flag[2:], None)
+            if value is not None and not str(value).strip():  # Path("") is the current folder
+                raise ConfigError(f"{flag} is empty: give the {WHAT_FLAG_NAMES[flag]}")
         if getattr(args, "uninstall", False):
             extra = [flag for flag, value in (("--profile", args.profile), ("--bundle", args.bundle),
                                               ("--executable", args.executable)) if value is not None]
             if extra:
                 raise ConfigError(f"--uninstall takes only --root and --dry-run, not {', '.join(extra)}")
-            uninstall_service(root=args.root, dry_run=args.dry_run, report=print)
+            uninstall_service(root=Path(args.root), dry_run=args.dry_run, report=print)
         else:
-            install_service(args.profile, args.bundle, root=args.root, dry_run=args.dry_run,
+            bundle = Path(args.bundle) if args.bundle is not None else None
+            install_service(args.profile, bundle, root=Path(args.root), dry_run=args.dry_run,
                             executable=args.executable, report=print)
     except EdgeRuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -983,3 +983,28 @@ def test_uninstall_service_command_line(image_root, capsys):
     args = parser.parse_args(["--uninstall", "--profile", "cpu-x86_64", "--root", str(image_root)])
     assert svc.run_install_service(args) == 2
     assert capsys.readouterr().err == "error: --uninstall takes only --root and --dry-run, not --profile\n"
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m edge_runtime install-service ARGS` (always with a --root or --dry-run here)."""
+    return subprocess.run([sys.executable, "-m", "edge_runtime", "install-service", *args], capture_output=True,
+                          text=True, timeout=120, cwd=cwd or REPO)
+
+
+@pytest.mark.parametrize("flag, what", [("--root", "image tree to install into"), ("--bundle", "bundle folder"),
+                                        ("--executable", "absolute path of the ExecStart= program"),
+                                        ("--profile", "device profile's name or TOML file")])
+def test_install_service_refuses_an_empty_flag_instead_of_the_current_folder(image_root, flag, what):
+    """`--root ""` would plan `useradd --prefix <cwd>`, `--bundle ""` verify the cwd: an empty
+    value is refused, naming the flag, before anything is printed or changed."""
+    before = snapshot(image_root)
+    args = {"--root": str(image_root), "--executable": EXE, "--profile": "cpu-x86_64", flag: ""}
+    for extra in ([], ["--dry-run"]):
+        result = cli(*[a for item in args.items() for a in item], *extra, cwd=image_root)
+        assert result.returncode == 2 and result.stdout == "", result.stdout + result.stderr
+        assert result.stderr == f"error: {flag} is empty: give the {what}" + \
+            (" (leave --root out for /)\n" if flag == "--root" else "\n"), result.stderr
+    if flag == "--root":
+        result = cli("--uninstall", "--root", "", "--dry-run", cwd=image_root)
+        assert result.returncode == 2 and result.stderr.startswith("error: --root is empty"), result.stderr
+    assert snapshot(image_root) == before
