@@ -50,12 +50,31 @@ def parse_broker_url(url: str) -> BrokerAddress:
     host = parts.hostname
     if not host:
         raise ValueError(f"broker URL has no host: {url!r}")
+    if any(c.isspace() or not c.isprintable() or c in "\\%" for c in host):
+        raise ValueError(f"broker URL has an invalid host {host!r}: {url!r}")
     try:
         port = parts.port
     except ValueError:
         raise ValueError(f"broker URL has an invalid port: {url!r}") from None
     tls, default_port = SCHEMES[scheme]
     return BrokerAddress(host=host, port=port or default_port, tls=tls)
+
+
+def why_unreachable(address: BrokerAddress, timeout: float = 2.0) -> str:
+    """What stands between this machine and the broker, found out the way paho would
+    connect (paho's connect-failure callback carries no reason): the name, the TCP
+    connection, or what comes after it."""
+    try:
+        socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"the name {address.host!r} does not resolve ({getattr(exc, 'strerror', None) or exc})"
+    try:
+        with socket.create_connection((address.host, address.port), timeout=timeout):
+            pass
+    except OSError as exc:
+        return f"no TCP connection to port {address.port}: {exc.strerror or exc}"
+    return ("TCP connects, so the TLS handshake failed (check the CA file and the broker's certificate and name)"
+            if address.tls else "TCP connects, but the broker closed the connection")
 
 
 def protocol_version(protocol: str) -> int:

@@ -40,7 +40,8 @@ from . import __version__
 from .config import ServiceConfig
 from .errors import EdgeRuntimeError
 from .guard import PolicyGuard
-from .mqtt_connection import RECONNECT_DELAY_S, Will, connect_async, make_client, publish_properties, response_route
+from .mqtt_connection import (RECONNECT_DELAY_S, Will, connect_async, make_client, publish_properties, response_route,
+                              why_unreachable)
 from .protocol import (
     FLEET_GENERATE_TOPIC,
     ProtocolError,
@@ -495,8 +496,9 @@ class EdgeService:
         self._connect_failures += 1
         n = self._connect_failures
         if n & (n - 1) == 0:
-            log.warning("cannot reach the broker at %s (%d failed attempt%s); retrying",
-                        self.config.mqtt.address.url, n, "" if n == 1 else "s")
+            log.warning("cannot reach the broker at %s (%d failed attempt%s: %s); retrying",
+                        self.config.mqtt.address.url, n, "" if n == 1 else "s",
+                        why_unreachable(self.config.mqtt.address))
         self._set_status_text(f"cannot reach the broker at {self.config.mqtt.address.url}; retrying")
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[Any],

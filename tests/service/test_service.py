@@ -413,6 +413,7 @@ def test_an_unreachable_broker_is_logged_then_the_service_connects_when_it_start
         wait_until(lambda: "cannot reach the broker" in caplog.text, 5)
         warning = next(r for r in caplog.records if "cannot reach the broker" in r.getMessage())
         assert warning.levelno == logging.WARNING and broker.url in warning.getMessage()
+        assert f"no TCP connection to port {broker.port}: Connection refused" in warning.getMessage()  # why
         assert not service.connected
         broker.start()
         assert service.wait_ready(40), "did not connect once the broker was up"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -229,6 +230,23 @@ def test_broker_urls():
     for bad in ("example.org:1883", "http://h", "mqtt://", "mqtt://h/path", "mqtt://h:port"):
         with pytest.raises(ValueError):
             parse_broker_url(bad)
+    for bad in ("mqtt://exa mple.com", "mqtt://exa%20mple.com:1883", "mqtt://h\x00x"):
+        with pytest.raises(ValueError, match="broker URL has an invalid host"):
+            parse_broker_url(bad)
+
+
+def test_why_a_broker_cannot_be_reached_is_said():
+    from edge_runtime.mqtt_connection import why_unreachable
+
+    assert "does not resolve" in why_unreachable(parse_broker_url("mqtt://no-such-host.invalid"))
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert why_unreachable(parse_broker_url(f"mqtt://127.0.0.1:{port}")) == \
+        f"no TCP connection to port {port}: Connection refused"
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        port = listening.getsockname()[1]
+        assert "TLS handshake failed" in why_unreachable(parse_broker_url(f"mqtts://127.0.0.1:{port}"))
 
 
 # ------------------------------------------------------------------ reply store
