@@ -692,8 +692,7 @@ def _service_executable(inst: _Installer, executable: str | os.PathLike[str] | N
     the unit would hide is refused (in a dry run: a warning, and the plan goes on)."""
     if executable is not None:
         path = Path(executable)
-        problem = _executable_problem(path) if path.is_absolute() else \
-            f"{path} is not an absolute path (ExecStart= needs one)"
+        problem = _executable_problem(path)
         if problem:
             inst.refuse(ConfigError(f"--executable: {problem}"))
         return path
@@ -720,6 +719,9 @@ def install_service(profile: str | None, bundle: Path | None, *, root: Path = Pa
     any change; in a dry run a failed one is a warning, and `DryRunRefused` is raised
     once the whole plan is listed.
     """
+    if executable is not None and not Path(executable).is_absolute():  # no plan can be shown without the unit
+        raise ConfigError(f"--executable: {executable} is not an absolute path (ExecStart= needs one, e.g. "
+                          f"{DEFAULT_EXECUTABLE})")
     inst = _Installer(Path(root).resolve(), dry_run, run, report)  # absolute: useradd --prefix needs it
     inst.require_root("install-service changes /etc, /opt and the user database")
     source = Path(bundle).resolve() if bundle is not None else None

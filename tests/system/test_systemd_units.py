@@ -1008,3 +1008,15 @@ def test_install_service_refuses_an_empty_flag_instead_of_the_current_folder(ima
         result = cli("--uninstall", "--root", "", "--dry-run", cwd=image_root)
         assert result.returncode == 2 and result.stderr.startswith("error: --root is empty"), result.stderr
     assert snapshot(image_root) == before
+
+
+def test_install_service_refuses_a_relative_executable_before_the_plan(image_root):
+    """A relative --executable cannot go into ExecStart=: refused up front, naming the flag,
+    in a dry run too (not one plan step and then an error from rendering the unit)."""
+    before = snapshot(image_root)
+    for extra in ([], ["--dry-run"]):
+        result = cli("--profile", "cpu-x86_64", "--root", str(image_root), "--executable", "bin/edge-runtime", *extra)
+        assert result.returncode == 2 and result.stdout == "", result.stdout
+        assert result.stderr == "error: --executable: bin/edge-runtime is not an absolute path (ExecStart= needs " \
+                                f"one, e.g. {svc.DEFAULT_EXECUTABLE})\n", result.stderr
+    assert snapshot(image_root) == before
