@@ -598,6 +598,18 @@ def check_pattern_cost(rx: re.Pattern[str], key: str) -> None:
                     f"and do not nest or chain unbounded ones")
 
 
+def _compile_pattern(pattern: str, flags: int, key: str) -> re.Pattern[str]:
+    """ConfigError naming `key` for a pattern that does not compile (a syntax error, a repeat
+    count past what re allows, groups nested too deep for its parser)."""
+    try:
+        rx = re.compile(pattern, flags)
+    except RecursionError:
+        raise ConfigError(f"{key}: does not compile: its groups are nested too deeply") from None
+    except (re.error, OverflowError, ValueError) as exc:
+        raise ConfigError(f"{key}: does not compile: {exc}") from None
+    return rx
+
+
 def compile_policy(spec: PolicySpec, *, source: str, sha256: str = "") -> Policy:
     rules = []
     seen: set[str] = set()
@@ -611,10 +623,7 @@ def compile_policy(spec: PolicySpec, *, source: str, sha256: str = "") -> Policy
         if r.phrases:
             phrases = re.compile("|".join(_phrase_regex(p) for p in r.phrases), flags)
         for j, pattern in enumerate(r.patterns):
-            try:
-                patterns.append(re.compile(pattern, flags))
-            except re.error as exc:
-                raise ConfigError(f"{key}: patterns[{j}]: does not compile: {exc}") from None
+            patterns.append(_compile_pattern(pattern, flags, f"{key}: patterns[{j}]"))
             check_pattern_cost(patterns[-1], f"{key}: patterns[{j}]")
         beginnings = None
         if r.phrases:

@@ -65,6 +65,12 @@ def rules_hit(p, request) -> list[str]:
      "grows faster than the text"),
     ('[[rules]]\nname = "r1"\naction = "refuse"\npatterns = ["exfiltrat\\\\w*\\\\w*z"]', "rules[0] ('r1'): patterns[0]",
      "Bound its quantifiers"),
+    # what re refuses with another exception than re.error: a repeat count past its limit, groups
+    # nested past its parser's recursion
+    ("[[rules]]\nname = 'r1'\naction = 'refuse'\npatterns = ['ok', 'x{0,99999999999}']",
+     "rules[0] ('r1'): patterns[1]", "does not compile"),
+    pytest.param("[[rules]]\nname = 'r1'\naction = 'refuse'\npatterns = ['" + "(" * 1500 + "a" + ")" * 1500 + "']",
+                 "rules[0] ('r1'): patterns[0]", "does not compile", id="1500-nested-groups"),
 ])
 def test_a_bad_policy_is_refused_with_the_key_named(body, key, words):
     with pytest.raises(ConfigError) as info:

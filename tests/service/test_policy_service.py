@@ -333,3 +333,19 @@ def test_policy_check_command(tmp_path):
                          text=True, check=True)
     assert "7 rules" in out.stdout and "mass-file-encryption: refuse on input" in out.stdout
     assert "generated-defence-evasion: stop on output in chat,complete,infill; holds back 64 characters" in out.stdout
+
+
+def policy_check(tmp_path: Path, body: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "policy.toml"
+    path.write_text(body)
+    return subprocess.run([sys.executable, "-m", "edge_runtime", "policy", str(path)], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("pattern", ["x{0,99999999999}", "(" * 1500 + "a" + ")" * 1500],
+                         ids=["huge-repeat", "1500-nested-groups"])
+def test_policy_check_of_a_pattern_re_cannot_build_is_a_one_line_error(tmp_path, pattern):
+    out = policy_check(tmp_path, f"[[rules]]\nname = 'r'\naction = 'refuse'\npatterns = ['{pattern}']\n")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith(f"error: {tmp_path / 'policy.toml'}: rules[0] ('r'): patterns[0]: does not compile")
+    assert out.stderr.count("\n") == 1
