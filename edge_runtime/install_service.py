@@ -431,6 +431,18 @@ class _Installer:
             return manifest, manifest_sha, False
         return bundle.manifest, manifest_sha, True
 
+    def check_user_database(self) -> None:
+        """Under --root, the image's etc/passwd and etc/group that `useradd --prefix` adds the
+        user to (refused when missing and the user is not there yet)."""
+        if self.live or self.user_exists():
+            return
+        missing = [name for name in ("etc/passwd", "etc/group") if not self.target(name).is_file()]
+        if missing:
+            self.refuse(ConfigError(
+                f"--root {self.root} has no {' or '.join(missing)}: useradd --prefix adds {SERVICE_USER} to "
+                f"the image's own user database (etc/passwd and etc/group; etc/shadow and etc/gshadow "
+                f"too when present), so copy it into the tree first"))
+
     def ensure_user(self) -> None:
         if self.user_exists():
             self.step(f"user {SERVICE_USER}: exists, skipped")
@@ -441,12 +453,6 @@ class _Installer:
         argv = ["useradd", "--system", "--no-create-home", "--home-dir", STATE_DIR,
                 "--shell", "/usr/sbin/nologin", *group, "--comment", "edge-runtime daemon", SERVICE_USER]
         if not self.live:
-            missing = [name for name in ("etc/passwd", "etc/group") if not self.target(name).is_file()]
-            if missing:
-                self.refuse(ConfigError(
-                    f"--root {self.root} has no {' or '.join(missing)}: useradd --prefix adds {SERVICE_USER} to "
-                    f"the image's own user database (etc/passwd and etc/group; etc/shadow and etc/gshadow "
-                    f"too when present), so copy it into the tree first"))
             argv[1:1] = ["--prefix", str(self.root)]
         if not self.dry_run:
             self.command(argv)
@@ -729,9 +735,11 @@ def install_service(profile: str | None, bundle: Path | None, *, root: Path = Pa
         raise BundleError(f"bundle folder {bundle} does not exist")
     if profile is not None:
         is_gpu_profile(profile)  # an unknown profile is an error before anything else
+    # the cheap checks first: hashing a large bundle takes minutes
+    inst.check_user_database()
     exec_path = _service_executable(inst, executable)
-    manifest, manifest_sha, verified = inst.verify_bundle(source) if source is not None else (None, None, False)
     config = inst.read_config()
+    manifest, manifest_sha, verified = inst.verify_bundle(source) if source is not None else (None, None, False)
     bundle_profile = _manifest_profile(manifest)
     if bundle_profile is None and source is None and config is not None:
         bundle_profile = inst.config_bundle_profile(config)

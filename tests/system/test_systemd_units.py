@@ -1020,3 +1020,20 @@ def test_install_service_refuses_a_relative_executable_before_the_plan(image_roo
         assert result.stderr == "error: --executable: bin/edge-runtime is not an absolute path (ExecStart= needs " \
                                 f"one, e.g. {svc.DEFAULT_EXECUTABLE})\n", result.stderr
     assert snapshot(image_root) == before
+
+
+def test_install_service_checks_the_root_before_hashing_the_bundle(tmp_path, bundle_dir):
+    """A --root without a user database is refused before the bundle is verified (minutes
+    for a 4 GiB bundle), in a real run and first among a dry run's warnings."""
+    root = tmp_path / "bare"
+    (root / "etc").mkdir(parents=True)
+    result = cli("--profile", "cpu-x86_64", "--bundle", str(bundle_dir), "--root", str(root), "--executable", EXE)
+    assert result.returncode == 2 and "verifying" not in result.stdout, result.stdout
+    assert result.stderr.startswith(f"error: --root {root} has no etc/passwd or etc/group"), result.stderr
+    result = cli("--profile", "cpu-x86_64", "--bundle", str(bundle_dir), "--root", str(root), "--executable", EXE,
+                 "--dry-run")
+    lines = result.stdout.splitlines()
+    assert result.returncode == 2 and lines[0].startswith(f"warning: a real run would stop here: --root {root} has "
+                                                          "no etc/passwd"), result.stdout
+    assert any(line.startswith(f"bundle {bundle_dir}: verifying") for line in lines[1:]), result.stdout
+    assert list(root.rglob("*")) == [root / "etc"]
