@@ -197,6 +197,13 @@ def read_manifest(root: Path) -> tuple[dict[str, Any], str]:
     return manifest, hashlib.sha256(raw).hexdigest()
 
 
+def manifest_profile_name(path: str | Path) -> str:
+    """The profile a bundle was exported for, from its bundle.json alone (no file is hashed):
+    what to load before `load_bundle`'s slow verification."""
+    manifest, _ = read_manifest(Path(path).resolve())
+    return _require(_require(manifest, "profile", dict, ""), "name", str, "profile.")
+
+
 def verify_files(root: Path, manifest: dict[str, Any], *, progress=None) -> list[Path]:
     """Check that every listed file exists with its size and SHA-256 and that no
     listed name leaves the folder. Returns the resolved paths."""

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import generator
-from .bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, Bundle, Family, load_bundle
+from .bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, Bundle, Family, load_bundle, manifest_profile_name
 from .detokenizer import IncrementalDetokenizer
 from .errors import BadRequest, BundleError, ConfigError, ContextLengthExceeded, DeadlineExceeded, UnsupportedMode
 from .gqa_decoder import SharedKVDecoder, check_kv_dtype_for_device
@@ -221,9 +221,9 @@ class Engine:
         previous request's prompt a request may reuse the keys and values of, "client" (the
         same `client_id`'s), "shared" or "off" (PROMPT_CACHE_SCOPES; the fused graph only)."""
         ort = import_onnxruntime()
+        if not isinstance(profile, DeviceProfile):  # before the (slow) hashing: a wrong name stops at once
+            profile = load_profile(profile or manifest_profile_name(path))
         bundle = load_bundle(path, pinned_sha256=pinned_sha256)
-        if not isinstance(profile, DeviceProfile):
-            profile = load_profile(profile or bundle.profile_name)
         if allow_cpu_fallback is not None:
             profile = dataclasses.replace(profile, allow_cpu_fallback=allow_cpu_fallback)
         max_length = engine_context_limit(bundle, profile)

@@ -427,10 +427,10 @@ def run(args: argparse.Namespace) -> int:
               "largest context that fits)", file=sys.stderr)
         return 2
     if args.bundle:
-        from .bundle import load_bundle
+        from .bundle import load_bundle, manifest_profile_name
 
+        profile = load_profile(args.profile or manifest_profile_name(args.bundle))  # before hashing the files
         bundle = load_bundle(args.bundle)
-        profile = load_profile(args.profile or bundle.profile_name)
         limit = engine_context_limit(bundle, profile)
         if args.context is not None and not 1 <= args.context <= limit:
             print(f"error: --context {args.context}: the engine runs this bundle with {profile.name} at 1 to {limit} "

@@ -187,6 +187,24 @@ def test_fit_command_table_and_bundle(tiny_bundle, capsys):
                                      in captured.err)
 
 
+def test_an_unknown_profile_is_named_before_the_bundle_is_hashed(tiny_bundle, tmp_path, capsys):
+    """A bundle whose graph no longer matches its hash, asked with a wrong profile name: the
+    name is what is wrong first (and what the user is told at once, not after hashing GiBs)."""
+    import shutil
+
+    from edge_runtime.engine import Engine
+    from edge_runtime.errors import ConfigError
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    with open(bundle / "tokenizer.json", "ab") as f:
+        f.write(b" ")
+    with pytest.raises(ConfigError, match="unknown device profile 'no-such-profile'"):
+        Engine.from_bundle(bundle, "no-such-profile")
+    assert memory_fit.main(["--bundle", str(bundle), "--profile", "no-such-profile"]) == 2
+    assert "unknown device profile 'no-such-profile'" in capsys.readouterr().err
+
+
 def test_fit_says_refused_where_the_engine_would_refuse_the_bundle_on_the_gpu(tiny_bundle, capsys):
     # the tiny bundle's KV cache is float32: the fused graph's attention on CUDA takes float16 only
     assert memory_fit.main(["--bundle", str(tiny_bundle), "--profile", "nvidia-gpu"]) == 1
