@@ -600,13 +600,18 @@ def check_pattern_cost(rx: re.Pattern[str], key: str) -> None:
 
 def _compile_pattern(pattern: str, flags: int, key: str) -> re.Pattern[str]:
     """ConfigError naming `key` for a pattern that does not compile (a syntax error, a repeat
-    count past what re allows, groups nested too deep for its parser)."""
+    count past what re allows, groups nested too deep for its parser) or that matches the
+    empty text: such a pattern matches every request."""
     try:
         rx = re.compile(pattern, flags)
     except RecursionError:
         raise ConfigError(f"{key}: does not compile: its groups are nested too deeply") from None
     except (re.error, OverflowError, ValueError) as exc:
         raise ConfigError(f"{key}: does not compile: {exc}") from None
+    if rx.search("") is not None:
+        raise ConfigError(f"{key}: matches the empty text ({pattern!r}), so it would match every request: "
+                          f"give it text it must find (an empty alternative, as in 'a|', or a pattern "
+                          f"that is all optional, as in 'x*', matches anything)")
     return rx
 
 

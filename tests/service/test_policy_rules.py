@@ -71,6 +71,15 @@ def rules_hit(p, request) -> list[str]:
      "rules[0] ('r1'): patterns[1]", "does not compile"),
     pytest.param("[[rules]]\nname = 'r1'\naction = 'refuse'\npatterns = ['" + "(" * 1500 + "a" + ")" * 1500 + "']",
                  "rules[0] ('r1'): patterns[0]", "does not compile", id="1500-nested-groups"),
+    # a pattern that matches the empty text matches every request: a refuse rule would refuse them all
+    ("[[rules]]\nname = 'r1'\naction = 'refuse'\npatterns = ['ok', '']", "rules[0] ('r1'): patterns[1]",
+     "matches the empty text"),
+    ("[[rules]]\nname = 'r1'\naction = 'refuse'\npatterns = ['a|']", "rules[0] ('r1'): patterns[0]",
+     "matches the empty text"),
+    ("[[rules]]\nname = 'r1'\naction = 'flag'\npatterns = ['x*']", "rules[0] ('r1'): patterns[0]",
+     "matches the empty text"),
+    ("[[rules]]\nname = 'r1'\naction = 'stop'\non = ['output']\npatterns = ['(?i)(?:rm\\s+-rf)?']",
+     "rules[0] ('r1'): patterns[0]", "matches the empty text"),
 ])
 def test_a_bad_policy_is_refused_with_the_key_named(body, key, words):
     with pytest.raises(ConfigError) as info:
