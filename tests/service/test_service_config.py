@@ -40,6 +40,10 @@ def test_example_config_loads():
     assert config.mqtt.address.tls and config.mqtt.address.port == 8883
     assert config.limits.queue_depth == 8 and config.service.log_content is False
     assert config.model.bundle == Path("/opt/edge-runtime/bundles/codellama-7b-instruct-int4")
+    # a stop drains the running request: its deadline must end before systemd's TimeoutStopSec= kills it
+    unit = (EXAMPLE.parents[1] / "systemd" / "edge-runtime.service").read_text()
+    stop_s = int(next(line for line in unit.splitlines() if line.startswith("TimeoutStopSec=")).split("=")[1])
+    assert config.limits.max_deadline_ms < stop_s * 1000
 
 
 def test_defaults_and_relative_paths(tmp_path):
