@@ -28,8 +28,8 @@ the same arguments changes nothing and says so):
 ``--root DIR`` installs into an image or a test tree (DIR/etc/passwd and
 DIR/etc/group must be the image's own: ``useradd --prefix`` adds the user there);
 ``--dry-run`` prints what would be done and changes nothing. A check that would stop
-a real run (a bundle that fails verification, an executable the unit hides) is shown
-as a warning in the plan, and the dry run then fails with it.
+a real run (a bundle that fails verification, an executable the unit hides or that is
+not there) is shown as a warning in the plan, and the dry run then fails with it.
 
 ``--uninstall`` stops and disables the service (live systemd only), removes the unit
 and the GPU drop-in, and keeps the config, the state directory, the bundles and the
@@ -693,12 +693,30 @@ def _loaded_kind(inst: _Installer, loadable: str, name: str) -> bool | None:
         return None
 
 
+def _missing_program(inst: _Installer, path: Path) -> str | None:
+    """Why `path` (absolute, on the installed system: in the --root tree) is no program
+    systemd can run (status=203/EXEC at every start), or None. A symlink with an absolute
+    target is followed inside the tree, as it will be on the device."""
+    here = inst.target(str(path).lstrip("/"))
+    for _ in range(40):
+        if not here.is_symlink():
+            break
+        link = os.readlink(here)
+        here = inst.target(link.lstrip("/")) if link.startswith("/") else here.parent / link
+    where = "" if inst.live else f" in --root {inst.root} ({here})"
+    if not here.exists():
+        return f"{path} does not exist{where}: ExecStart= would fail with status=203/EXEC"
+    if not here.is_file() or not os.access(here, os.X_OK):
+        return f"{path} is not an executable file{where}: ExecStart= would fail with status=203/EXEC"
+    return None
+
+
 def _service_executable(inst: _Installer, executable: str | os.PathLike[str] | None) -> Path:
     """The ``ExecStart=`` program: `executable`, else this environment's console script; one
     the unit would hide is refused (in a dry run: a warning, and the plan goes on)."""
     if executable is not None:
         path = Path(executable)
-        problem = _executable_problem(path)
+        problem = _executable_problem(path) or _missing_program(inst, path)
         if problem:
             inst.refuse(ConfigError(f"--executable: {problem}"))
         return path
@@ -828,8 +846,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "systemctl is run only for /")
     parser.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing "
                         "(exit 2 if a real run would stop)")
-    parser.add_argument("--executable", help="the ExecStart= program (default: the edge-runtime script "
-                        f"of this environment, e.g. {DEFAULT_EXECUTABLE})")
+    parser.add_argument("--executable", help="the ExecStart= program, an absolute path to an executable file "
+                        "(inside --root when given) (default: the edge-runtime script of this environment, e.g. "
+                        f"{DEFAULT_EXECUTABLE})")
     parser.add_argument("--uninstall", action="store_true", help="stop and disable the service, remove the "
                         "unit and GPU drop-in; keep the config, state, bundles and user (with --root, --dry-run)")
 

@@ -469,6 +469,9 @@ def test_the_device_stack_runs_under_the_units_seccomp_sandbox(broker, notify_so
 
 
 # -- install-service ---------------------------------------------------------------------------
+EXE = "/opt/edge-runtime/venv/bin/edge-runtime"
+
+
 class FakeRun:
     """Records commands; `useradd --prefix ROOT` adds the user to ROOT/etc/passwd."""
 
@@ -498,6 +501,10 @@ def image_root(tmp_path) -> Path:
     (root / "etc").mkdir(parents=True)
     (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
     (root / "etc" / "group").write_text("root:x:0:\nvideo:x:44:\nrender:x:105:\n")
+    exe = root / EXE.lstrip("/")  # the image's venv: --executable must name a program in the tree
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/opt/edge-runtime/venv/bin/python\n")
+    exe.chmod(0o755)
     return root
 
 
@@ -535,7 +542,6 @@ def cpu_bundle_dir(tmp_path) -> Path:
     return write_bundle(tmp_path / "codellama-cpu", profile="cpu-x86_64")
 
 
-EXE = "/opt/edge-runtime/venv/bin/edge-runtime"
 
 
 def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
@@ -619,11 +625,12 @@ def test_install_service_dry_run_changes_nothing(image_root, bundle_dir):
 def test_install_service_on_a_live_systemd_enables_without_starting(monkeypatch):
     monkeypatch.setattr(svc, "_systemd_running", lambda: True)
     run = FakeRun()
-    steps = svc.install_service("cpu-x86_64", None, root=Path("/"), run=run, executable=EXE, dry_run=True)
+    program = "/bin/sh"  # one that exists here (--executable is checked on the live system)
+    steps = svc.install_service("cpu-x86_64", None, root=Path("/"), run=run, executable=program, dry_run=True)
     assert run.calls == [["systemctl", "is-enabled", "edge-runtime"]]  # read-only in a dry run
     assert "systemctl enable edge-runtime: would run it" in steps
     run = FakeRun(enabled=True)
-    steps = svc.install_service("cpu-x86_64", None, root=Path("/"), run=run, executable=EXE, dry_run=True)
+    steps = svc.install_service("cpu-x86_64", None, root=Path("/"), run=run, executable=program, dry_run=True)
     assert "systemctl enable edge-runtime: already enabled, skipped" in steps
 
 
@@ -1037,3 +1044,39 @@ def test_install_service_checks_the_root_before_hashing_the_bundle(tmp_path, bun
                                                           "no etc/passwd"), result.stdout
     assert any(line.startswith(f"bundle {bundle_dir}: verifying") for line in lines[1:]), result.stdout
     assert list(root.rglob("*")) == [root / "etc"]
+
+
+def test_install_service_refuses_an_executable_that_is_not_there(image_root):
+    """A unit whose ExecStart= names no program fails every start with 203/EXEC: --executable
+    must name an executable file, in the --root tree (a link with an absolute target is
+    followed there); a dry run shows the plan, then refuses."""
+    before = snapshot(image_root)
+    result = cli("--profile", "cpu-x86_64", "--root", str(image_root), "--executable", "/nonexistent/edge-runtime")
+    assert result.returncode == 2 and result.stderr == (
+        f"error: --executable: /nonexistent/edge-runtime does not exist in --root {image_root} "
+        f"({image_root}/nonexistent/edge-runtime): ExecStart= would fail with status=203/EXEC\n"), result.stderr
+    assert "user edge-runtime" not in result.stdout and snapshot(image_root) == before
+    result = cli("--profile", "cpu-x86_64", "--root", str(image_root), "--executable", "/nonexistent/edge-runtime",
+                 "--dry-run")
+    assert result.returncode == 2 and "/etc/systemd/system/edge-runtime.service: would install it" in result.stdout
+    assert result.stderr.startswith("error: dry run: a real run would stop: --executable: /nonexistent/edge-runtime "
+                                    "does not exist"), result.stderr
+    (image_root / EXE.lstrip("/")).chmod(0o644)
+    result = cli("--profile", "cpu-x86_64", "--root", str(image_root), "--executable", EXE)
+    assert result.returncode == 2 and f"error: --executable: {EXE} is not an executable file" in result.stderr
+    assert snapshot(image_root) == {**before, EXE.lstrip("/"): (before[EXE.lstrip("/")][0], 0o100644)}
+    # The image's own layout: the venv's script links to a program elsewhere in the image.
+    (image_root / EXE.lstrip("/")).unlink()
+    real = image_root / "usr/lib/edge-runtime/edge-runtime"
+    real.parent.mkdir(parents=True)
+    real.write_text("#!/bin/sh\n")
+    real.chmod(0o755)
+    (image_root / EXE.lstrip("/")).symlink_to("/usr/lib/edge-runtime/edge-runtime")
+    result = cli("--profile", "cpu-x86_64", "--root", str(image_root), "--executable", EXE)
+    assert result.returncode == 0, result.stderr
+    assert f"ExecStart={EXE} serve" in (image_root / svc.UNIT_FILE).read_text()
+    # the live system: the path itself
+    svc.install_service("cpu-x86_64", None, root=Path("/"), run=FakeRun(), executable="/bin/sh", dry_run=True)
+    with pytest.raises(svc.DryRunRefused, match="--executable: /nonexistent/edge-runtime does not exist: ExecStart="):
+        svc.install_service("cpu-x86_64", None, root=Path("/"), run=FakeRun(), executable="/nonexistent/edge-runtime",
+                            dry_run=True)
