@@ -291,6 +291,7 @@ class _Installer:
         self.problems: list[EdgeRuntimeError] = []
         self.changed = False
         self.units_changed = False
+        self.removed: set[Path] = set()  # by this run (a dry run: would be)
 
     def target(self, relative: str) -> Path:
         return self.root / relative
@@ -496,6 +497,7 @@ class _Installer:
                     path.parent.rmdir()  # the drop-in folder, if now empty
                 except OSError:
                     pass
+        self.removed.add(path)
         self.did(self.shown(path), f"removed ({why})", f"remove it ({why})")
         return True
 
@@ -640,7 +642,7 @@ class _Installer:
         """Say what --uninstall leaves, and how to remove each by hand."""
         dropins = self.target(GPU_DROPIN_FILE).parent
         if dropins.is_dir():
-            for path in sorted(dropins.iterdir()):
+            for path in sorted(set(dropins.iterdir()) - self.removed):  # a dry run's are still there
                 self.step(f"{self.shown(path)}: kept (not installed by install-service); to remove it: rm {path}")
         kept = list(KEPT_ON_UNINSTALL)
         if config is not None and config.state_dir is not None:

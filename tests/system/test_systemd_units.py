@@ -1080,3 +1080,19 @@ def test_install_service_refuses_an_executable_that_is_not_there(image_root):
     with pytest.raises(svc.DryRunRefused, match="--executable: /nonexistent/edge-runtime does not exist: ExecStart="):
         svc.install_service("cpu-x86_64", None, root=Path("/"), run=FakeRun(), executable="/nonexistent/edge-runtime",
                             dry_run=True)
+
+
+def test_uninstall_dry_run_does_not_list_what_it_would_remove_as_kept(image_root):
+    svc.install_service("nvidia-gpu", None, root=image_root, run=FakeRun(), executable=EXE)
+    override = image_root / "etc/systemd/system/edge-runtime.service.d/override.conf"
+    override.write_text("[Service]\nNice=5\n")
+    before = snapshot(image_root)
+    result = cli("--uninstall", "--root", str(image_root), "--dry-run")
+    assert result.returncode == 0 and snapshot(image_root) == before, result.stderr
+    lines = result.stdout.splitlines()
+    dropin = "/etc/systemd/system/edge-runtime.service.d/gpu.conf"
+    assert f"{dropin}: would remove it (installed by install-service)" in lines
+    assert not any(line.startswith(f"{dropin}: kept") for line in lines), result.stdout
+    assert f"/etc/systemd/system/edge-runtime.service.d/override.conf: kept (not installed by install-service); " \
+           f"to remove it: rm {override}" in lines
+    assert lines[-1] == "dry run: nothing was changed"
