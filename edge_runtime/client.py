@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import queue
 import sys
 import threading
 import time
+import typing
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -31,6 +33,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from .config import ServiceConfig
 from .errors import REQUEST_ERRORS, ConfigError, EdgeRuntimeError
 from .mqtt_connection import (
     TlsFiles,
@@ -714,9 +717,21 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def missing_key_hint(error: ConfigError) -> str:
-    """A config error's message, with the serve flag that gives the key when it is a missing one."""
-    flag = SERVE_FLAGS.get(error.key or "")
-    if flag is None or error.problem != "missing key":
+    """A config error's message, with the serve flags that give the key when it is a missing
+    one (a missing table: the flags of its required keys)."""
+    if error.problem != "missing key" or not error.key:
+        return str(error)
+    if "." not in error.key:  # a whole table: no --config, or one without it
+        table = typing.get_type_hints(ServiceConfig).get(error.key)
+        required = [f"{error.key}.{f.name}" for f in dataclasses.fields(table)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING] \
+            if dataclasses.is_dataclass(table) else []
+        flags = [f"{SERVE_FLAGS[k]} {k.split('.')[1].upper()}" for k in required if k in SERVE_FLAGS]
+        if not flags:
+            return str(error)
+        return f"{error} (give {' and '.join(flags)}, or a [{error.key}] table in --config FILE)"
+    flag = SERVE_FLAGS.get(error.key)
+    if flag is None:
         return str(error)
     section, name = error.key.split(".")
     return f"{error} (give {flag}, or {name} in the [{section}] table of --config FILE)"

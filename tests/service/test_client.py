@@ -507,6 +507,10 @@ def test_serve_without_a_broker_names_the_flag(tmp_path, capsys):
     assert main(["serve", "--bundle", str(tmp_path), "--device-id", "d"]) == 2
     assert ("mqtt.broker: missing key (give --broker, or broker in the [mqtt] table of --config FILE)"
             in capsys.readouterr().err)
+    assert main(["serve"]) == 2  # nothing at all: the first table missing, with its required flags
+    assert "model: missing key (give --bundle BUNDLE, or a [model] table in --config FILE)" in capsys.readouterr().err
+    assert main(["serve", "--bundle", str(tmp_path)]) == 2
+    assert "(give --broker BROKER and --device-id DEVICE_ID, or a [mqtt] table" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ fleet and the sample ACL
