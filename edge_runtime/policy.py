@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -615,6 +617,36 @@ def _compile_pattern(pattern: str, flags: int, key: str) -> re.Pattern[str]:
     return rx
 
 
+def check_classifier(spec: ClassifierSpec, source: str) -> None:
+    """ConfigError naming the key when the classifier's program cannot be run or its bundle
+    folder is missing: the daemon would otherwise fail every request it judges (or, with
+    on_failure = "open", judge none), with the cause only in its log. The program is looked
+    for as the daemon starts it: a bare name on PATH, a path with a slash from the current
+    folder."""
+    if spec.command:
+        program = spec.command[0]
+        key = f"{source}: classifier.command[0] ({program!r})"
+        if not program:
+            raise ConfigError(f"{key}: empty program name")
+        if os.sep not in program and (os.altsep is None or os.altsep not in program):
+            if shutil.which(program) is None:
+                raise ConfigError(f"{key}: no such program on PATH ({os.environ.get('PATH', '')}); "
+                                  f"give its absolute path")
+        elif not os.path.exists(program):
+            raise ConfigError(f"{key}: no such file")
+        elif os.path.isdir(program):
+            raise ConfigError(f"{key}: is a folder, not a program")
+        elif not os.access(program, os.X_OK):
+            raise ConfigError(f"{key}: not executable (chmod +x it, or name its interpreter first: "
+                              f"command = [\"/usr/bin/python3\", \"{program}\"])")
+    if spec.bundle is not None:
+        key = f"{source}: classifier.bundle ({str(spec.bundle)!r})"
+        if not spec.bundle.exists():
+            raise ConfigError(f"{key}: no such folder")
+        if not spec.bundle.is_dir():
+            raise ConfigError(f"{key}: not a folder (a bundle is the folder `edge-runtime export` writes)")
+
+
 def compile_policy(spec: PolicySpec, *, source: str, sha256: str = "") -> Policy:
     rules = []
     seen: set[str] = set()
@@ -644,6 +676,8 @@ def compile_policy(spec: PolicySpec, *, source: str, sha256: str = "") -> Policy
         rules.append(Rule(r.name, r.action, frozenset(r.on), frozenset(r.modes), r.clients, phrases,
                           tuple(patterns), r.description, beginnings, hold, non_ascii, lookbacks,
                           tuple(Anchors.of(rx) for rx in patterns)))
+    if spec.classifier is not None:
+        check_classifier(spec.classifier, source)
     return Policy(tuple(rules), spec.limits, spec.classifier, spec.audit, spec.output_window_chars,
                   source, sha256)
 

@@ -4,6 +4,7 @@ classifier hook, through their public functions (no broker)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import tempfile
@@ -86,6 +87,55 @@ def test_a_bad_policy_is_refused_with_the_key_named(body, key, words):
         policy(body)
     message = str(info.value)
     assert message.startswith("policy.toml: ") and key in message and words in message, message
+
+
+def classifier_policy(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "policy.toml"
+    path.write_text('[[rules]]\nname = "r"\naction = "refuse"\nphrases = ["x"]\n[classifier]\n' + body + "\n")
+    return path
+
+
+@pytest.mark.parametrize("body, key, words", [
+    ('command = ["/nonexistent/classify"]', "classifier.command[0] ('/nonexistent/classify')", "no such file"),
+    ('command = ["edge-runtime-no-such-classifier", "--fast"]', "classifier.command[0]", "no such program on PATH"),
+    ('command = ["judge.py"]', "classifier.command[0]", "no such program on PATH"),
+    ('command = ["./"]', "classifier.command[0] ('./')", "is a folder"),
+    ('command = [""]', "classifier.command[0]", "empty program name"),
+    ('bundle = "no-such-bundle"\nblock_labels = ["unsafe"]', "classifier.bundle", "no such folder"),
+    ('bundle = "judge.py"\nblock_labels = ["unsafe"]', "classifier.bundle", "not a folder"),
+])
+def test_a_classifier_that_cannot_run_is_refused_at_load_with_the_key_named(tmp_path, monkeypatch, body, key, words):
+    """Else the policy checks out, and the daemon fails every request it judges (closed) or judges
+    none (open), with the cause only in its log."""
+    (tmp_path / "judge.py").write_text("#!/bin/sh\nexit 0\n")  # not executable
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_policy(classifier_policy(tmp_path, body))
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'policy.toml'}: {key}") and words in message, message
+
+
+def test_a_classifier_program_that_is_not_executable_says_so(tmp_path, monkeypatch):
+    script = tmp_path / "judge.py"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o644)
+    if os.access(script, os.X_OK):  # root may run any file with an x bit; this one has none
+        pytest.skip("this user may execute a file without an x bit")
+    with pytest.raises(ConfigError, match=r"classifier.command\[0\] .*: not executable"):
+        load_policy(classifier_policy(tmp_path, f"command = [{json.dumps(str(script))}]"))
+
+
+def test_a_classifier_that_can_run_loads(tmp_path, monkeypatch):
+    script = tmp_path / "judge.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o755)
+    (tmp_path / "judge-bundle").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for body in [f"command = [{json.dumps(str(script))}]", 'command = ["./judge.sh"]',
+                 'command = ["sh", "-c", "exit 0"]',
+                 f"command = [{json.dumps(sys.executable)}, \"judge.py\"]",
+                 'bundle = "judge-bundle"\nblock_labels = ["unsafe"]']:
+        assert load_policy(classifier_policy(tmp_path, body)).classifier is not None, body
 
 
 def test_a_missing_policy_file_is_a_clear_error(tmp_path):

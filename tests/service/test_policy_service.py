@@ -349,3 +349,11 @@ def test_policy_check_of_a_pattern_re_cannot_build_is_a_one_line_error(tmp_path,
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.startswith(f"error: {tmp_path / 'policy.toml'}: rules[0] ('r'): patterns[0]: does not compile")
     assert out.stderr.count("\n") == 1
+
+
+def test_policy_check_of_a_classifier_that_cannot_run_is_an_error_not_ok(tmp_path):
+    """Else it says ok, and the daemon refuses every request (fails closed) with the cause in its log only."""
+    out = policy_check(tmp_path, '[classifier]\ncommand = ["/nonexistent/classify"]\n')
+    assert out.returncode == 2 and "ok:" not in out.stdout, out.stdout
+    assert out.stderr == (f"error: {tmp_path / 'policy.toml'}: classifier.command[0] ('/nonexistent/classify'): "
+                          "no such file\n")
