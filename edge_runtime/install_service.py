@@ -751,6 +751,13 @@ def install_service(profile: str | None, bundle: Path | None, *, root: Path = Pa
     inst = _Installer(Path(root).resolve(), dry_run, run, report)  # absolute: useradd --prefix needs it
     inst.require_root("install-service changes /etc, /opt and the user database")
     source = Path(bundle).resolve() if bundle is not None else None
+    if source is not None and source.exists() and not source.is_dir():
+        from .bundle import MANIFEST_NAME
+
+        folder = source.parent
+        raise BundleError(f"--bundle {bundle} is a file, not the bundle folder: " + (
+            f"give the folder it is in, --bundle {folder}" if (folder / MANIFEST_NAME).is_file()
+            else f"give the folder that holds {MANIFEST_NAME} and the files it lists"))
     if source is not None and not source.is_dir():
         raise BundleError(f"bundle folder {bundle} does not exist")
     if profile is not None:

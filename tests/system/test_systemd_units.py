@@ -1096,3 +1096,13 @@ def test_uninstall_dry_run_does_not_list_what_it_would_remove_as_kept(image_root
     assert f"/etc/systemd/system/edge-runtime.service.d/override.conf: kept (not installed by install-service); " \
            f"to remove it: rm {override}" in lines
     assert lines[-1] == "dry run: nothing was changed"
+
+
+def test_install_service_says_a_bundle_file_is_not_the_bundle_folder(image_root, bundle_dir):
+    for named, hint in ((bundle_dir / "bundle.json", f"give the folder it is in, --bundle {bundle_dir}"),
+                        (bundle_dir / "model.onnx", f"give the folder it is in, --bundle {bundle_dir}"),
+                        (image_root / "etc" / "passwd", "give the folder that holds bundle.json and the files it "
+                                                        "lists")):
+        result = cli("--bundle", str(named), "--root", str(image_root), "--executable", EXE, "--dry-run")
+        assert result.returncode == 2 and result.stdout == "", result.stdout
+        assert result.stderr == f"error: --bundle {named} is a file, not the bundle folder: {hint}\n", result.stderr
