@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -88,9 +88,13 @@ class AuditLog:
             os.replace(self.path, self.path.with_name(self.path.name + ".1"))
 
 
+_FIELDS = frozenset(field.name for field in fields(AuditEvent))
+
+
 def read_events(path: Path) -> Iterator[AuditEvent]:
     """Events of `path` and its rotated predecessor, oldest first. Lines that are
-    not valid events (a write cut short by a crash) are skipped with a warning."""
+    not valid events (a write cut short by a crash) are skipped with a warning; keys
+    an event does not have (a newer daemon's) are ignored."""
     path = Path(path)
     for p in (path.with_name(path.name + ".1"), path):
         try:
@@ -102,8 +106,9 @@ def read_events(path: Path) -> Iterator[AuditEvent]:
                 continue
             try:
                 obj = json.loads(line)
-                yield AuditEvent(**obj)
-            except (ValueError, TypeError):
+                # keys an event does not have (a newer daemon's) are ignored
+                yield AuditEvent(**{key: value for key, value in obj.items() if key in _FIELDS})
+            except (ValueError, TypeError, AttributeError):
                 log.warning("%s:%d: not an audit event; skipped", p, n)
 
 

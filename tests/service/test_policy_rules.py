@@ -513,6 +513,19 @@ def test_audit_log_rotates_and_reads_both_files_and_skips_torn_lines(tmp_path):
     assert ids[-1] == "r59" and "torn" not in ids and len(ids) == len(set(ids))
 
 
+def test_audit_events_with_keys_a_newer_daemon_added_are_read_not_skipped(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    AuditLog(path).record(request_id="r1", client_id="c", mode="complete", rule="enc", action="refuse",
+                          where="input", text="x")
+    event = json.loads(path.read_text())
+    with path.open("a") as f:
+        f.write(json.dumps({**event, "request_id": "r2", "model": "codellama-7b", "score": 0.9}) + "\n")
+        f.write(json.dumps({k: v for k, v in event.items() if k != "rule"} | {"request_id": "no-rule"}) + "\n")
+    events = list(read_events(path))
+    assert [e.request_id for e in events] == ["r1", "r2"]  # a required key missing is still no event
+    assert events[1].rule == "enc" and events[1].text_sha256 == event["text_sha256"]
+
+
 def test_audit_write_failure_is_counted_not_raised(tmp_path):
     log = AuditLog(tmp_path / "missing-dir" / "audit.jsonl")
     log.record(request_id="r", client_id="c", mode="complete", rule="r", action="refuse", where="input", text="x")
