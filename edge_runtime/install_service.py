@@ -20,7 +20,8 @@ the same arguments changes nothing and says so):
    (the service reads neither the operator's home nor paths relative to where this ran);
 6. ``/etc/edge-runtime/config.toml`` from the sample, with [model] filled in,
    only if there is none (an existing config is never overwritten; a warning says
-   when its [model] profile or bundle differs from what this run installs);
+   when its [model] profile or bundle differs from what this run installs, and one that
+   is not valid TOML is refused, as the daemon would refuse it);
 7. ``systemctl daemon-reload`` (when a unit file changed, or systemd holds older ones) and
    ``systemctl enable edge-runtime``, only on the live system (``--root /``)
    with systemd running. It does not start the service: edit [mqtt] first.
@@ -248,6 +249,7 @@ class _KeptConfig:
     state_dir: str | None
     bundle_sha256: str | None = None  # [model] bundle_sha256: the pinned bundle.json
     readable: bool = True  # False: the file exists but is not valid TOML
+    problem: str = ""  # why it is not readable
 
 
 class DryRunRefused(ConfigError):
@@ -372,7 +374,7 @@ class _Installer:
 
     def read_config(self) -> _KeptConfig | None:
         """The installed config's [model] bundle and profile and [service] state_dir; None if
-        there is no config. One that cannot be read is said in a warning (and None)."""
+        there is no config. One that cannot be read has `readable` False and the reason."""
         path = self.target(CONFIG_FILE)
         if not path.exists():
             return None
@@ -381,9 +383,8 @@ class _Installer:
         try:
             data = parse_toml(path.read_bytes(), source=self.shown(path))
         except (OSError, ConfigError) as exc:
-            self.step(f"warning: cannot read {self.shown(path)} ({exc}): the daemon will refuse it too; its "
-                      f"[model] profile is unknown, so the GPU drop-in is left as it is unless --profile decides")
-            return _KeptConfig(model_bundle=None, model_profile=None, state_dir=None, readable=False)
+            return _KeptConfig(model_bundle=None, model_profile=None, state_dir=None, readable=False,
+                               problem=str(exc))
 
         def text(table: str, key: str) -> str | None:
             section = data.get(table)
@@ -766,6 +767,13 @@ def install_service(profile: str | None, bundle: Path | None, *, root: Path = Pa
     inst.check_user_database()
     exec_path = _service_executable(inst, executable)
     config = inst.read_config()
+    if config is not None and not config.readable:
+        path = inst.target(CONFIG_FILE)
+        inst.refuse(ConfigError(
+            f"the installed config cannot be read ({config.problem}): the daemon refuses it at start. "
+            f"install-service never overwrites it: fix it, or move it aside "
+            f"({shlex.join(['mv', str(path), f'{path}.bad'])}) and run install-service again to write a fresh "
+            f"sample"))
     manifest, manifest_sha, verified = inst.verify_bundle(source) if source is not None else (None, None, False)
     bundle_profile = _manifest_profile(manifest)
     if bundle_profile is None and source is None and config is not None:
@@ -811,7 +819,7 @@ def install_service(profile: str | None, bundle: Path | None, *, root: Path = Pa
     note = f" (check that its [model] bundle is {bundle_in_config})" if config is None and bundle_in_config else ""
     inst.ensure_file(CONFIG_FILE, render_config(bundle_in_config, profile_in_config), 0o644,
                      overwrite=False, note_if_kept=note)
-    if config is not None:
+    if config is not None and config.readable:
         inst.check_kept_config(config, profile_in_config, bundle_profile, installed_bundle, manifest_sha)
 
     inst.systemctl()
@@ -827,6 +835,9 @@ def uninstall_service(*, root: Path = Path("/"), dry_run: bool = False,
     inst = _Installer(Path(root).resolve(), dry_run, run, report)
     inst.require_root("install-service --uninstall changes /etc and systemd")
     config = inst.read_config()
+    if config is not None and not config.readable:
+        inst.step(f"warning: cannot read {inst.shown(inst.target(CONFIG_FILE))} ({config.problem}): a [service] "
+                  f"state_dir it names is not listed below as kept")
     live_systemd = inst.systemctl_here("disable")
     if live_systemd:
         inst.stop_and_disable()

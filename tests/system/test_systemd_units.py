@@ -803,9 +803,10 @@ def test_install_service_leaves_the_drop_in_of_a_profile_it_cannot_read(image_ro
     assert "GPU drop-in: left as it is (no profile to decide it by: no --profile, and no readable [model] profile " \
            "or bundle profile)" in steps
     config.write_text(text + "\n[model]\n")  # a config the daemon cannot read either (a table defined twice)
-    steps = svc.install_service(None, cpu_bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
-    assert (image_root / svc.GPU_DROPIN_FILE).is_file(), steps
-    assert any(s.startswith("warning: cannot read /etc/edge-runtime/config.toml") for s in steps), steps
+    with pytest.raises(svc.DryRunRefused) as dry:
+        svc.install_service(None, cpu_bundle_dir, root=image_root, run=FakeRun(), executable=EXE, dry_run=True)
+    assert "GPU drop-in: left as it is (no profile to decide it by: no --profile, and no readable [model] profile " \
+           "or bundle profile)" in dry.value.steps
 
 
 def test_install_service_without_a_profile_anywhere_follows_the_bundle(image_root, cpu_bundle_dir, bundle_dir):
@@ -1106,3 +1107,28 @@ def test_install_service_says_a_bundle_file_is_not_the_bundle_folder(image_root,
         result = cli("--bundle", str(named), "--root", str(image_root), "--executable", EXE, "--dry-run")
         assert result.returncode == 2 and result.stdout == "", result.stdout
         assert result.stderr == f"error: --bundle {named} is a file, not the bundle folder: {hint}\n", result.stderr
+
+
+def test_install_service_refuses_an_installed_config_it_cannot_read(image_root):
+    """A kept config that is not valid TOML, which the daemon refuses at start: not `nothing to
+    do` (exit 0) but exit 2, saying so and how to fix it, and the operator's file untouched."""
+    svc.install_service("nvidia-gpu", None, root=image_root, run=FakeRun(), executable=EXE)
+    config = image_root / svc.CONFIG_FILE
+    config.write_text(config.read_text() + "\n[model]\n")  # a table defined twice
+    before = snapshot(image_root)
+    expected = (f"the installed config cannot be read (/etc/edge-runtime/config.toml: invalid TOML: "
+                f"Cannot declare ('model',) twice")
+    fix = f"install-service never overwrites it: fix it, or move it aside (mv {config} {config}.bad)"
+    result = cli("--profile", "nvidia-gpu", "--root", str(image_root), "--executable", EXE)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {expected}"), result.stdout + result.stderr
+    assert fix in result.stderr and "nothing to do" not in result.stdout
+    result = cli("--root", str(image_root), "--executable", EXE, "--dry-run")
+    assert result.returncode == 2 and result.stdout.startswith(f"warning: a real run would stop here: {expected}")
+    assert result.stderr.startswith(f"error: dry run: a real run would stop: {expected}"), result.stderr
+    assert snapshot(image_root) == before
+    # --uninstall still goes ahead, and says the config's state_dir is unknown
+    result = cli("--uninstall", "--root", str(image_root))
+    assert result.returncode == 0 and result.stdout.startswith(
+        "warning: cannot read /etc/edge-runtime/config.toml (/etc/edge-runtime/config.toml: invalid TOML"), \
+        result.stdout
+    assert not (image_root / svc.UNIT_FILE).exists() and config.read_bytes() == before[svc.CONFIG_FILE][0]
