@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -88,13 +88,43 @@ class AuditLog:
             os.replace(self.path, self.path.with_name(self.path.name + ".1"))
 
 
-_FIELDS = frozenset(field.name for field in fields(AuditEvent))
+# The latest time an event can have (9999-12-31T23:59:59Z, the last one a listing can print).
+_LATEST_TS = 253402300799.0
+_REQUIRED_STRINGS = ("request_id", "client_id", "mode", "rule", "action", "where", "text_sha256")
+
+
+def _brief(value: object) -> str:
+    shown = json.dumps(value, ensure_ascii=True)
+    return shown if len(shown) <= 40 else shown[:37] + "..."
+
+
+def event_from_json(obj: object) -> AuditEvent:
+    """The event one parsed line holds. ValueError, saying what is wrong, when it is not one:
+    a required key missing, or one of the wrong type (`ts`: finite seconds since the epoch,
+    up to the year 9999; `text`: a string or null; the others strings). Keys it does not know
+    (a newer daemon's) are ignored."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {_brief(obj)}")
+    missing = [key for key in ("ts", *_REQUIRED_STRINGS) if key not in obj]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    ts = obj["ts"]
+    # NaN fails both comparisons; infinity and 1e20 the second
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not 0 <= ts <= _LATEST_TS:
+        raise ValueError(f"ts: expected seconds since the epoch, got {_brief(ts)}")
+    for key in (*_REQUIRED_STRINGS, "text", "detail"):
+        value = obj.get(key)
+        if not isinstance(value, str) and not (value is None and key in ("text", "detail")):
+            raise ValueError(f"{key}: expected a string, got {_brief(value)}")
+    return AuditEvent(ts=ts, **{key: obj[key] for key in _REQUIRED_STRINGS}, text=obj.get("text"),
+                      detail=obj.get("detail") or "")
 
 
 def read_events(path: Path) -> Iterator[AuditEvent]:
     """Events of `path` and its rotated predecessor, oldest first. Lines that are
-    not valid events (a write cut short by a crash) are skipped with a warning; keys
-    an event does not have (a newer daemon's) are ignored."""
+    not valid events (a write cut short by a crash, a field of the wrong type) are
+    skipped with a warning naming the file, the line and what is wrong; keys an
+    event does not have (a newer daemon's) are ignored."""
     path = Path(path)
     for p in (path.with_name(path.name + ".1"), path):
         try:
@@ -105,11 +135,14 @@ def read_events(path: Path) -> Iterator[AuditEvent]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
-                # keys an event does not have (a newer daemon's) are ignored
-                yield AuditEvent(**{key: value for key, value in obj.items() if key in _FIELDS})
-            except (ValueError, TypeError, AttributeError):
-                log.warning("%s:%d: not an audit event; skipped", p, n)
+                event = event_from_json(json.loads(line))
+            except ValueError as exc:  # json's errors are ValueErrors too
+                log.warning("%s:%d: not an audit event (%s); skipped", p, n, exc)
+                continue
+            except RecursionError:  # json nested thousands deep
+                log.warning("%s:%d: not an audit event (nested too deeply); skipped", p, n)
+                continue
+            yield event
 
 
 def parse_since(value: str, now: float | None = None) -> float:

@@ -526,6 +526,30 @@ def test_audit_events_with_keys_a_newer_daemon_added_are_read_not_skipped(tmp_pa
     assert events[1].rule == "enc" and events[1].text_sha256 == event["text_sha256"]
 
 
+def test_audit_lines_with_fields_of_the_wrong_type_are_skipped_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "audit.jsonl"
+    AuditLog(path).record(request_id="good", client_id="c", mode="complete", rule="enc", action="refuse",
+                          where="input", text="x")
+    event = json.loads(path.read_text())
+    bad = [{"ts": "yesterday"}, {"ts": 1e20}, {"ts": float("nan")}, {"ts": float("inf")}, {"ts": -1},
+           {"ts": True}, {"ts": None}, {"client_id": None}, {"rule": 7}, {"text": ["x"]}, {"detail": {}}]
+    with path.open("a") as f:
+        for i, fields in enumerate(bad):
+            f.write(json.dumps({**event, "request_id": f"bad{i}", **fields}) + "\n")
+        f.write("[1, 2]\n" + "[" * 100_000 + "\n")
+        f.write(json.dumps({**event, "request_id": "good2", "text": None, "ts": 1767225600}) + "\n")
+    with caplog.at_level("WARNING", logger="edge_runtime.audit"):
+        events = list(read_events(path))
+        since = list(filter_events(read_events(path), since=parse_since("2026-01-01T00:00:00Z")))
+    assert [e.request_id for e in events] == ["good", "good2"] == [e.request_id for e in since]
+    assert all(format_event(e) for e in events)
+    warned = caplog.text
+    for line in range(2, len(bad) + 4):
+        assert f"{path}:{line}: not an audit event" in warned, line
+    assert "ts: expected seconds since the epoch, got \"yesterday\"" in warned
+    assert "client_id: expected a string, got null" in warned
+
+
 def test_audit_write_failure_is_counted_not_raised(tmp_path):
     log = AuditLog(tmp_path / "missing-dir" / "audit.jsonl")
     log.record(request_id="r", client_id="c", mode="complete", rule="r", action="refuse", where="input", text="x")

@@ -357,3 +357,20 @@ def test_policy_check_of_a_classifier_that_cannot_run_is_an_error_not_ok(tmp_pat
     assert out.returncode == 2 and "ok:" not in out.stdout, out.stdout
     assert out.stderr == (f"error: {tmp_path / 'policy.toml'}: classifier.command[0] ('/nonexistent/classify'): "
                           "no such file\n")
+
+
+def audit_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_runtime", "audit", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_audit_command_skips_lines_of_the_wrong_type_with_a_warning(tmp_path):
+    log = tmp_path / "audit.jsonl"
+    event = {"ts": 1767225600.5, "request_id": "r1", "client_id": "c", "mode": "complete", "rule": "enc",
+             "action": "refuse", "where": "input", "text_sha256": "ab" * 32}
+    log.write_text("".join(json.dumps({**event, **fields}) + "\n" for fields in
+                           [{}, {"ts": "yesterday"}, {"ts": 1e20}, {"client_id": None}]))
+    for extra in ([], ["--since", "2025-01-01"], ["--json"]):
+        out = audit_cli("--file", str(log), *extra)
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+        assert out.stdout.count("r1") == 1 and all(f"{log}:{n}: not an audit event" in out.stderr for n in (2, 3, 4))
