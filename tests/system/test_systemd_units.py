@@ -1116,8 +1116,8 @@ def test_install_service_refuses_an_installed_config_it_cannot_read(image_root):
     config = image_root / svc.CONFIG_FILE
     config.write_text(config.read_text() + "\n[model]\n")  # a table defined twice
     before = snapshot(image_root)
-    expected = (f"the installed config cannot be read (/etc/edge-runtime/config.toml: invalid TOML: "
-                f"Cannot declare ('model',) twice")
+    expected = ("the installed config cannot be read (/etc/edge-runtime/config.toml: invalid TOML: "
+                "Cannot declare ('model',) twice")
     fix = f"install-service never overwrites it: fix it, or move it aside (mv {config} {config}.bad)"
     result = cli("--profile", "nvidia-gpu", "--root", str(image_root), "--executable", EXE)
     assert result.returncode == 2 and result.stderr.startswith(f"error: {expected}"), result.stdout + result.stderr
