@@ -304,8 +304,8 @@ def cmd_audit(args) -> int:
                                     request_id=args.request, since=since))
     except OSError as exc:
         raise unreadable(path, exc) from None
-    if args.tail:
-        events = events[-args.tail:]
+    if args.tail is not None:  # --tail 0: none, as tail -n 0 (events[-0:] would be all)
+        events = events[max(0, len(events) - args.tail):]
     for e in events:
         if args.json:
             print(json.dumps({k: v for k, v in e.__dict__.items() if v is not None}, ensure_ascii=False))
@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--action", choices=["refuse", "stop", "flag"])
     p.add_argument("--request", help="only this request id")
     p.add_argument("--since", help="30m, 2h, 7d or an ISO time")
-    p.add_argument("--tail", type=integer_at_least(0), help="only the last N events")
+    p.add_argument("--tail", type=integer_at_least(0), help="only the last N events (0: none, only the count)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_audit)
 

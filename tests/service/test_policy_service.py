@@ -374,3 +374,14 @@ def test_audit_command_skips_lines_of_the_wrong_type_with_a_warning(tmp_path):
         out = audit_cli("--file", str(log), *extra)
         assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
         assert out.stdout.count("r1") == 1 and all(f"{log}:{n}: not an audit event" in out.stderr for n in (2, 3, 4))
+
+
+def test_audit_tail_counts_from_the_end_and_zero_prints_none(tmp_path):
+    log = tmp_path / "audit.jsonl"
+    event = {"ts": 1767225600.5, "client_id": "c", "mode": "complete", "rule": "enc", "action": "refuse",
+             "where": "input", "text_sha256": "ab" * 32}
+    log.write_text("".join(json.dumps({**event, "request_id": f"r{i}"}) + "\n" for i in range(3)))
+    for tail, shown in [("0", []), ("2", ["r1", "r2"]), ("5", ["r0", "r1", "r2"])]:
+        out = audit_cli("--file", str(log), "--tail", tail, "--json")
+        assert out.returncode == 0 and [json.loads(line)["request_id"] for line in out.stdout.splitlines()] == shown
+    assert f"0 events ({log})" in audit_cli("--file", str(log), "--tail", "0").stderr
