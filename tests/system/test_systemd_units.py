@@ -136,8 +136,9 @@ def test_unit_has_the_required_directives():
         assert unit.get(key) == value, f"{key}: {unit.get(key)}"
     assert unit["Service.SystemCallFilter"][0] == "@system-service"
     assert unit["Service.ExecStart"] == [f"{svc.DEFAULT_EXECUTABLE} serve --config /etc/edge-runtime/config.toml"]
-    for key in ("Unit.After", "Unit.Wants"):
-        assert set(unit[key][0].split()) >= {"network-online.target", "mosquitto.service"}
+    assert set(unit["Unit.After"][0].split()) >= {"network-online.target", "mosquitto.service"}
+    # ordered after a local broker, never starting one a remote-broker device has disabled
+    assert unit["Unit.Wants"] == ["network-online.target"]
     watchdog_s = int(unit["Service.WatchdogSec"][0])
     assert 10 <= watchdog_s <= 120
     # Long enough to finish a request the sample config allows, and to load a bundle.
