@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -145,19 +147,27 @@ def read_events(path: Path) -> Iterator[AuditEvent]:
             yield event
 
 
+_AGO = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhd])", re.ASCII)  # ASCII digits: float() takes no '²'
+
+
 def parse_since(value: str, now: float | None = None) -> float:
-    """'30m', '2h', '7d' (ago) or an ISO 8601 time -> seconds since the epoch."""
+    """'30m', '2h', '7d' (ago) or an ISO 8601 time -> seconds since the epoch. ValueError
+    naming --since for anything else, the empty text included."""
     now = time.time() if now is None else now
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if value and value[-1] in units and value[:-1].replace(".", "", 1).isdigit():
-        return now - float(value[:-1]) * units[value[-1]]
+    wrong = ValueError(f"--since: expected e.g. 30m, 2h, 7d or an ISO time, got {value!r}")
+    if ago := _AGO.fullmatch(value):
+        seconds = float(ago[1]) * units[ago[2]]
+        if not math.isfinite(seconds):
+            raise wrong
+        return now - seconds
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"--since: expected e.g. 30m, 2h, 7d or an ISO time, got {value!r}") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp()
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        return moment.timestamp()
+    except (ValueError, OverflowError):
+        raise wrong from None
 
 
 def filter_events(events: Iterable[AuditEvent], *, client: str | None = None, rule: str | None = None,

@@ -278,7 +278,7 @@ def cmd_audit(args) -> int:
         candidates = ([explicit / AUDIT_FILE] if explicit is not None else
                       list(dict.fromkeys([default_state_dir() / AUDIT_FILE, SERVICE_STATE_DIR / AUDIT_FILE])))
     try:
-        since = parse_since(args.since) if args.since else None
+        since = parse_since(args.since) if args.since is not None else None  # '': an error, not no filter
     except ValueError as exc:
         return _die(str(exc))
     def unreadable(path: Path, exc: OSError) -> EdgeRuntimeError:

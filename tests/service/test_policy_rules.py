@@ -568,8 +568,10 @@ def test_audit_listing_shows_a_clients_control_characters_escaped(tmp_path):
 def test_parse_since():
     assert parse_since("2h", now=10_000.0) == 10_000.0 - 7200
     assert parse_since("2026-01-01T00:00:00Z") == 1767225600.0
-    with pytest.raises(ValueError, match="--since"):
-        parse_since("yesterday")
+    assert parse_since(".5h", now=10_000.0) == 10_000.0 - 1800
+    for wrong in ["yesterday", "", "\u00b2h", "\uff12h", "1e3h", "9" * 400 + "d", "-2h", " 2h"]:
+        with pytest.raises(ValueError, match=r"^--since: expected e\.g\. 30m, 2h, 7d or an ISO time, got "):
+            parse_since(wrong)
 
 
 # ------------------------------------------------------------------ classifier command

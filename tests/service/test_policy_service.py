@@ -385,3 +385,11 @@ def test_audit_tail_counts_from_the_end_and_zero_prints_none(tmp_path):
         out = audit_cli("--file", str(log), "--tail", tail, "--json")
         assert out.returncode == 0 and [json.loads(line)["request_id"] for line in out.stdout.splitlines()] == shown
     assert f"0 events ({log})" in audit_cli("--file", str(log), "--tail", "0").stderr
+
+
+@pytest.mark.parametrize("since", ["", "\u00b2h"])
+def test_audit_since_empty_or_not_a_number_is_a_usage_error(tmp_path, since):
+    (tmp_path / "audit.jsonl").write_text("")
+    out = audit_cli("--state-dir", str(tmp_path), "--since", since)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == f"error: --since: expected e.g. 30m, 2h, 7d or an ISO time, got {since!r}\n"
