@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 from pathlib import Path
 
@@ -293,7 +294,19 @@ def cmd_audit(args) -> int:
         except OSError as exc:
             raise unreadable(path.parent, exc) from None
 
+    if args.state_dir:  # a folder named on the command line that is not there is a typo, not "nothing yet"
+        try:
+            is_folder = stat.S_ISDIR(Path(args.state_dir).stat().st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return _die(f"--state-dir {args.state_dir}: no such folder")
+        except OSError as exc:
+            raise unreadable(Path(args.state_dir), exc) from None
+        if not is_folder:
+            return _die(f"--state-dir {args.state_dir}: not a folder (the daemon's state directory; "
+                        f"an audit.jsonl file: --file FILE)")
     found = [p for p in candidates if present(p)]
+    if not found and args.file:
+        return _die(f"--file {args.file}: no such file")
     if not found:
         print(f"no audit log at {' or '.join(map(str, candidates))}: nothing was refused, stopped or flagged there "
               "yet (a daemon with another state directory: --state-dir DIR)", file=sys.stderr)

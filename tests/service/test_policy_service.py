@@ -393,3 +393,24 @@ def test_audit_since_empty_or_not_a_number_is_a_usage_error(tmp_path, since):
     out = audit_cli("--state-dir", str(tmp_path), "--since", since)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr == f"error: --since: expected e.g. 30m, 2h, 7d or an ISO time, got {since!r}\n"
+
+
+def test_audit_of_a_state_dir_or_file_that_is_not_there_is_an_error_not_nothing_yet(tmp_path):
+    """A typo in --state-dir or --file must not read as "nothing was refused there"."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    nope = tmp_path / "nope"
+    for args, message in [(["--state-dir", str(nope)], f"--state-dir {nope}: no such folder"),
+                          (["--state-dir", str(afile)], f"--state-dir {afile}: not a folder"),
+                          (["--file", f"{nope}.jsonl"], f"--file {nope}.jsonl: no such file")]:
+        out = audit_cli(*args)
+        assert out.returncode == 2 and out.stderr.startswith(f"error: {message}") and "nothing" not in out.stderr, args
+    # a state directory the daemon has not written a log in yet: nothing yet, as before
+    out = audit_cli("--state-dir", str(tmp_path))
+    assert out.returncode == 0 and f"no audit log at {tmp_path / 'audit.jsonl'}: nothing was refused" in out.stderr
+    # a log that was rotated and not written since: --file reads the rotated one
+    (tmp_path / "audit.jsonl.1").write_text(json.dumps(
+        {"ts": 1767225600, "request_id": "r1", "client_id": "c", "mode": "complete", "rule": "enc",
+         "action": "refuse", "where": "input", "text_sha256": "ab" * 32}) + "\n")
+    out = audit_cli("--file", str(tmp_path / "audit.jsonl"))
+    assert out.returncode == 0 and "request=r1" in out.stdout
