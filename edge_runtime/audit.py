@@ -181,16 +181,32 @@ def filter_events(events: Iterable[AuditEvent], *, client: str | None = None, ru
 
 
 def _shown(value: str) -> str:
-    """A client's string on one line as it is, or escaped (a newline, a carriage return or an
-    ANSI escape in a request id would forge or hide lines of the listing)."""
-    return value if value.isprintable() else json.dumps(value, ensure_ascii=False)[1:-1]
+    """A string of the log on one line as it is, or escaped (a newline, a carriage return or an
+    ANSI escape in a request id would forge or hide lines of the listing; a lone surrogate, from
+    bytes of the file that are not UTF-8, could not be printed at all)."""
+    if value.isprintable():
+        return value
+    return json.dumps(value, ensure_ascii=False)[1:-1].encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def format_event(e: AuditEvent) -> str:
-    line = (f"{e.time_iso}  {e.action:<6} {e.where:<10} rule={e.rule}  client={_shown(e.client_id) or '-'}  "
-            f"request={_shown(e.request_id)}  mode={e.mode}  sha256={e.text_sha256[:16]}")
+    line = (f"{e.time_iso}  {_shown(e.action):<6} {_shown(e.where):<10} rule={_shown(e.rule)}  "
+            f"client={_shown(e.client_id) or '-'}  request={_shown(e.request_id)}  mode={_shown(e.mode)}  "
+            f"sha256={_shown(e.text_sha256[:16])}")
     if e.detail:
         line += f"  ({_shown(e.detail)})"
     if e.text is not None:
         line += f"\n    text: {e.text!r}"
+    return line
+
+
+def event_json(e: AuditEvent) -> str:
+    """The event as one line of JSON (`audit --json`): as written, or with \\u escapes where a
+    string holds a lone surrogate (bytes of the file that are not UTF-8), which cannot be printed."""
+    fields = {k: v for k, v in asdict(e).items() if v is not None}
+    line = json.dumps(fields, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        line = json.dumps(fields, ensure_ascii=True)
     return line

@@ -263,7 +263,7 @@ def cmd_policy(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from .audit import AUDIT_FILE, filter_events, format_event, parse_since, read_events
+    from .audit import AUDIT_FILE, event_json, filter_events, format_event, parse_since, read_events
     from .config import SERVICE_STATE_DIR, default_state_dir, load_config
 
     candidates: list[Path]
@@ -321,7 +321,7 @@ def cmd_audit(args) -> int:
         events = events[max(0, len(events) - args.tail):]
     for e in events:
         if args.json:
-            print(json.dumps({k: v for k, v in e.__dict__.items() if v is not None}, ensure_ascii=False))
+            print(event_json(e))
         else:
             print(format_event(e))
     if not args.json:

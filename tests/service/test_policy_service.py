@@ -414,3 +414,20 @@ def test_audit_of_a_state_dir_or_file_that_is_not_there_is_an_error_not_nothing_
          "action": "refuse", "where": "input", "text_sha256": "ab" * 32}) + "\n")
     out = audit_cli("--file", str(tmp_path / "audit.jsonl"))
     assert out.returncode == 0 and "request=r1" in out.stdout
+
+
+def test_audit_listing_prints_strings_that_are_not_utf8_or_span_lines_escaped(tmp_path):
+    """A lone surrogate (a \\ud800 escape, or bytes of the file that are not UTF-8) cannot be
+    printed as it is; a newline in any field would forge a line of the listing."""
+    log = tmp_path / "audit.jsonl"
+    event = {"ts": 1767225600, "request_id": "r1", "client_id": "c", "mode": "complete", "rule": "enc",
+             "action": "refuse", "where": "input", "text_sha256": "ab" * 32}
+    second = json.dumps({**event, "request_id": "r2", "rule": "enc\nforged"}).encode().replace(b"r2", b"r\xff2")
+    log.write_bytes(json.dumps({**event, "client_id": "c\ud800"}).encode() + b"\n" + second + b"\n")
+    out = audit_cli("--file", str(log))
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert out.stdout.splitlines() == [line for line in out.stdout.splitlines() if line.startswith("2026-01-01")]
+    assert "client=c\\ud800" in out.stdout and "rule=enc\\nforged" in out.stdout and "request=r\\udcff2" in out.stdout
+    out = audit_cli("--file", str(log), "--json")
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert [json.loads(line)["client_id"] for line in out.stdout.splitlines()] == ["c\ud800", "c"]
