@@ -336,6 +336,12 @@ def cmd_bench(args) -> int:
     if args.peers is not None:  # issue #8: side by side with onnxruntime-genai and llama.cpp (benchmarks/peers.py)
         import subprocess
 
+        ignored = [flag for flag, value in (("--bundle", args.bundle), ("--profile", args.profile),
+                                            ("--context", args.context), ("--json", args.json or None)) if value]
+        if ignored:
+            return _die(f"{', '.join(ignored)} would be ignored with --peers, which builds its own models and takes "
+                        "its own arguments after it (bench --peers --help lists them)")
+
         script = Path(__file__).resolve().parents[1] / "benchmarks" / "peers.py"
         if not script.is_file():
             return _die(f"--peers needs the repository's benchmarks/peers.py (not found at {script})")
@@ -488,7 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_install_arguments(p)
     p.set_defaults(func=run_install_service)
 
-    p = sub.add_parser("demo-model", help="train (or find cached) the small demo Code Llama checkpoint")
+    p = sub.add_parser("demo-model", help="train (or find cached) the small demo Code Llama checkpoint",
+                       description="Train the 14 M-parameter demo Code Llama (the real architecture and tokenizer, "
+                                   "a few minutes on the CPU; needs the export extra) or find it cached, and print "
+                                   "its checkpoint folder (for export --checkpoint).")
     p.add_argument("--cache-dir", help="default: $EDGE_RUNTIME_CACHE or ~/.cache/edge-runtime")
     p.set_defaults(func=cmd_demo_model)
     return parser

@@ -375,3 +375,10 @@ def test_a_peer_that_dies_is_reported_and_the_others_still_measured(peers, tiny_
     assert llamacpp_note.startswith("llama.cpp failed in round 1") and "killed by SIGILL" in llamacpp_note
     assert "LLAMA_CPP_NO_AMX=1 bash scripts/install-peers.sh" in llamacpp_note
     assert genai_note in printed and llamacpp_note in printed
+
+
+def test_bench_flags_that_peers_would_ignore_are_refused(capsys):
+    from edge_runtime.cli import main
+
+    assert main(["bench", "--bundle", "b", "--context", "128", "--peers", "--rounds", "1"]) == 2
+    assert "--bundle, --context would be ignored with --peers" in capsys.readouterr().err
