@@ -203,8 +203,7 @@ class Generation:
 
     def _take(self, chunk: dict[str, Any]) -> dict[str, Any]:
         delta = chunk.get("delta")
-        if isinstance(delta, str):
-            self._chunks.append(delta)
+        self._chunks.append(delta if isinstance(delta, str) else "")  # one entry a seq: _iter compares copies by it
         return chunk
 
     def result(self) -> dict[str, Any]:

@@ -223,6 +223,12 @@ def test_a_run_generated_again_with_other_tokens_stops_the_stream_at_once(broker
         assert gen.stream_diverged and gen.final["text"] == gen.text == "abXYZW"
     finally:
         gen.client.close()
+    odd = replies_by_hand(broker, "hand5", "odd-1", {"seq": 0, "done": False}, {"seq": 1, "delta": "ab", "done": False},
+                          {"seq": 1, "delta": "ab", "done": False}, {"done": True, "text": "ab", "finish_reason": "stop"})
+    try:  # a chunk without a delta still takes its seq's place: the copy of seq 1 is compared with seq 1
+        assert [c.get("delta") for c in odd] == [None, "ab"] and not odd.stream_diverged
+    finally:
+        odd.client.close()
     same = replies_by_hand(broker, "hand4", "dup-1", {"seq": 0, "delta": "ab", "done": False},
                            {"seq": 0, "delta": "ab", "done": False}, {"seq": 1, "delta": "cd", "done": False},
                            {"done": True, "text": "abcd", "finish_reason": "stop"})
