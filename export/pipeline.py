@@ -472,6 +472,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
     remove_scratch(partial)  # an earlier export's, cut short
     work = partial / "_export"
     swapping = False  # set when the renames that install the bundle begin
+    moved_aside = False  # set when this export moved the earlier bundle to <output>.replaced
     partial.parent.mkdir(parents=True, exist_ok=True)  # --output's folders that do not exist yet
     partial.mkdir()  # not in the try below: a folder this export did not make is not removed there
     try:
@@ -611,6 +612,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
             remove_scratch(replaced)  # an earlier export's, cut short
             if output.exists():
                 output.rename(replaced)
+                moved_aside = True
             swapping = True
             partial.rename(output)
     except BaseException as exc:
@@ -618,7 +620,9 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         # after the rename), and a Ctrl-C then no longer undoes the export
         installed = swapping and not partial.exists() and output.exists()
         if not installed:
-            if replaced.exists() and not output.exists():
+            # only what this export moved aside goes back (a .replaced an earlier export left is not a
+            # bundle the user kept at --output)
+            if moved_aside and replaced.exists() and not output.exists():
                 replaced.rename(output)
             try:
                 remove_scratch(partial)
@@ -626,6 +630,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 pass
             raise
         if not isinstance(exc, KeyboardInterrupt):
+            finish_swap(replaced, progress)
             raise
         progress.detail(f"interrupted after the new bundle was installed at {output}: the export is complete")
     finish_swap(replaced, progress)

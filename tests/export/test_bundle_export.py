@@ -621,6 +621,28 @@ def test_an_export_stopped_after_the_new_bundle_took_the_name_is_complete(tiny_c
         assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
+def test_a_failed_export_does_not_bring_back_what_an_earlier_one_left_aside(tiny_checkpoint, tiny_bundle, tmp_path,
+                                                                            monkeypatch):
+    """A `.replaced` an earlier export left half removed, the bundle at --output since deleted:
+    an export that fails leaves --output as it was (absent), not the leftover under its name."""
+    from edge_export import pipeline
+    from edge_export.pipeline import ExportOptions, run_export
+
+    leftover = tmp_path / "b.replaced"
+    leftover.mkdir()
+    shutil.copy(tiny_bundle / MANIFEST_NAME, leftover / MANIFEST_NAME)  # what a cut-short removal leaves
+    out = tmp_path / "b"
+
+    def fails(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "write_manifest", fails)
+    with pytest.raises(KeyboardInterrupt):
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=out, precision="fp32",
+                                 skip_fidelity=True))
+    assert not out.exists() and not (tmp_path / "b.partial").exists()
+
+
 def broken_copy(tiny_checkpoint: Path, tmp_path: Path, name: str) -> Path:
     return shutil.copytree(tiny_checkpoint, tmp_path / name)
 
