@@ -127,6 +127,9 @@ class Generation:
         self._next_seq = 0
         self._buffer: dict[int, dict[str, Any]] = {}
         self._chunks: list[str] = []
+        self._run: str | None = None  # the run whose chunks are streamed ("run" in the chunks)
+        self._old_runs: set[str] = set()
+        self._mixed = False  # chunks of two runs were told apart only by their deltas: stream no more
         self._iterating = False
         self.stream_diverged = False
 
@@ -168,14 +171,28 @@ class Generation:
                                           "recovered": True})
                     break
                 seq = msg.get("seq")
-                if not isinstance(seq, int):
+                if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
                     continue
+                run = msg.get("run")
+                if isinstance(run, str):  # which generation of the request (a daemon restart starts another)
+                    if run in self._old_runs:
+                        continue  # a late chunk of a run that another has replaced
+                    if self._run is None:
+                        self._run = run
+                    elif run != self._run:  # generated again: from here on its chunks only, never a mix
+                        self._old_runs.add(self._run)
+                        self._run = run
+                        self._buffer.clear()
                 if seq < self._next_seq:  # a duplicate: sent again, or generated again after a daemon restart
                     if msg.get("delta") != self._chunks[seq]:
                         self.stream_diverged = True  # generated again with other tokens: stream no more of it
                     continue
-                if self.stream_diverged:
+                if self.stream_diverged or self._mixed:
                     continue  # the rest of a run that is not what was streamed: the final text is the answer
+                if seq in self._buffer and self._buffer[seq].get("delta") != msg.get("delta"):
+                    self._mixed = True  # two runs' chunks for one seq (a daemon without run ids): the rest
+                    self._buffer.clear()  # comes from the final text
+                    continue
                 self._buffer[seq] = msg
                 while self._next_seq in self._buffer:
                     chunk = self._buffer.pop(self._next_seq)

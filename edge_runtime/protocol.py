@@ -489,9 +489,13 @@ def finite_or_none(value: float, digits: int = 3) -> float | None:
     return round(float(value), digits) if math.isfinite(value) else None
 
 
-def encode_chunk(request_id: str, seq: int, delta: str) -> bytes:
-    """``{"id", "seq", "delta", "done": false}``; seq counts from 0."""
-    return _dumps({"id": request_id, "seq": seq, "delta": delta, "done": False})
+def encode_chunk(request_id: str, seq: int, delta: str, run: str | None = None) -> bytes:
+    """``{"id", "seq", "delta", "done": false}`` (and ``"run"`` when given: which generation of
+    the request the chunk is from); seq counts from 0."""
+    chunk: dict[str, Any] = {"id": request_id, "seq": seq, "delta": delta, "done": False}
+    if run is not None:
+        chunk["run"] = run
+    return _dumps(chunk)
 
 
 def usage_and_timings(result: GenerationResult) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
@@ -53,6 +54,9 @@ class Job:
     route: Any
     deliveries: list[Any] = field(default_factory=list)
     body: bytes = b""  # the request as it came (a copy sent again with another body is told apart)
+    # this generation of the request, in its chunks: after a daemon restart the request is generated
+    # again from seq 0 under another run, and a client does not mix the two
+    run: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     cancel: threading.Event = field(default_factory=threading.Event)
     received: float = field(default_factory=time.monotonic)
     started: float | None = None

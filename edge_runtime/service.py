@@ -709,7 +709,7 @@ class EdgeService:
 
     def job_chunk(self, job: Job, seq: int, chunk: Chunk) -> None:
         if job.wire.stream:
-            self._publish(job.route, encode_chunk(job.id, seq, chunk.text))
+            self._publish(job.route, encode_chunk(job.id, seq, chunk.text, run=job.run))
 
     def record(self, job: Job, outcome: Outcome) -> bytes:
         if isinstance(outcome, GenerationResult):

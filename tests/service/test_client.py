@@ -229,6 +229,29 @@ def test_a_run_generated_again_with_other_tokens_stops_the_stream_at_once(broker
         assert [c.get("delta") for c in odd] == [None, "ab"] and not odd.stream_diverged
     finally:
         odd.client.close()
+    # run A lost seq 1 (its seq 2 waits); run B, generated after a restart, fills the gap: what
+    # follows is run B's, never A's waiting seq 2; a late chunk of A is dropped
+    gap = replies_by_hand(broker, "hand6", "gap-2", {"seq": 0, "delta": "ab", "done": False, "run": "A"},
+                          {"seq": 2, "delta": "OLD", "done": False, "run": "A"},
+                          {"seq": 0, "delta": "ab", "done": False, "run": "B"},
+                          {"seq": 1, "delta": "cd", "done": False, "run": "B"},
+                          {"seq": 3, "delta": "late", "done": False, "run": "A"},
+                          {"seq": 2, "delta": "NEW", "done": False, "run": "B"},
+                          {"done": True, "text": "abcdNEW", "finish_reason": "stop"})
+    try:
+        assert [c["delta"] for c in gap] == ["ab", "cd", "NEW"] and not gap.stream_diverged
+    finally:
+        gap.client.close()
+    # without run ids (an older daemon): two deltas for one waiting seq stop the stream, the rest
+    # comes from the final text; a negative seq is no chunk at all
+    two = replies_by_hand(broker, "hand7", "two-1", {"seq": -1, "delta": "?", "done": False},
+                          {"seq": 0, "delta": "ab", "done": False}, {"seq": 2, "delta": "OLD", "done": False},
+                          {"seq": 2, "delta": "NEW", "done": False}, {"seq": 1, "delta": "cd", "done": False},
+                          {"done": True, "text": "abcdNEW", "finish_reason": "stop"})
+    try:
+        assert [c["delta"] for c in two] == ["ab", "cdNEW"] and two.text == "abcdNEW" and not two.stream_diverged
+    finally:
+        two.client.close()
     same = replies_by_hand(broker, "hand4", "dup-1", {"seq": 0, "delta": "ab", "done": False},
                            {"seq": 0, "delta": "ab", "done": False}, {"seq": 1, "delta": "cd", "done": False},
                            {"done": True, "text": "abcd", "finish_reason": "stop"})

@@ -260,6 +260,8 @@ def result(**kw) -> GenerationResult:
 def test_chunk_and_final_encoding():
     assert json.loads(encode_chunk("r", 0, "dé")) == {"id": "r", "seq": 0, "delta": "dé", "done": False}
     assert "dé" in encode_chunk("r", 0, "dé").decode("utf-8")  # UTF-8, not \u escapes
+    assert json.loads(encode_chunk("r", 3, "x", run="a1b2")) == {"id": "r", "seq": 3, "delta": "x", "done": False,
+                                                                 "run": "a1b2"}
     final = json.loads(encode_final("r", result()))
     assert final == {"id": "r", "done": True, "text": "a b", "finish_reason": "stop",
                      "usage": {"prompt_tokens": 1, "completion_tokens": 2, "cached_prompt_tokens": 0,

@@ -85,7 +85,8 @@ def test_each_mode_over_mqtt5(broker, tmp_path, services, probe, mode):
     send(probe, {"id": f"r-{mode}", **fields}, f"replies/{mode}", correlation=b"\x00corr")
     chunks, final = chunks_and_final(probe, f"replies/{mode}")
     assert [c["seq"] for c in chunks] == list(range(len(chunks))) and len(chunks) > 1
-    assert all(c["id"] == f"r-{mode}" and set(c) == {"id", "seq", "delta", "done"} for c in chunks)
+    assert all(c["id"] == f"r-{mode}" and set(c) == {"id", "seq", "delta", "done", "run"} for c in chunks)
+    assert len({c["run"] for c in chunks}) == 1  # one generation of the request
     assert "".join(c["delta"] for c in chunks) == final["text"] == expected
     assert final["id"] == f"r-{mode}" and final["finish_reason"] == "stop"
     assert final["usage"]["completion_tokens"] == len(expected.split())
