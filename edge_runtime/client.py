@@ -409,8 +409,10 @@ class EdgeClient:
         no session; a broker drops what is queued for an MQTT 5 session beyond its
         `max_queued_messages`, the final reply of a long answer first). The device answers
         a request it already answered with the stored final reply, and one it is still
-        generating once (the copy joins it), so nothing is generated twice; a fleet request
-        may reach another device of the group, which generates it again."""
+        generating once (the copy joins it), so nothing is generated twice. Not fleet requests:
+        another device of the group would generate them again."""
+        if self.topics.is_fleet:  # another device of the group would generate it again: not sent twice
+            return
         with self._lock:
             pending = list(self._published.values())
         if pending:
@@ -447,6 +449,9 @@ class EdgeClient:
         except ValueError:
             log.warning("ignored a reply that is not a JSON object on %s", message.topic)
             return
+        if obj.get("done") is True:  # answered (even if not read yet): not to be sent again on a reconnect
+            with self._lock:
+                self._published.pop(request_id, None)
         inbox.put(obj)
 
     def _forget(self, request_id: str) -> None:

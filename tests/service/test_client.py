@@ -300,6 +300,23 @@ def test_an_mqtt5_client_is_answered_by_a_daemon_on_mqtt_3_1_1(broker, tmp_path)
         service.stop()
 
 
+def test_an_answered_request_is_not_sent_again_on_a_reconnect_even_unread(broker, service):
+    with NetworkCut(broker.host, broker.port) as net, Probe(broker.host, broker.port) as spy, \
+            EdgeClient(net.url, "dev1") as c:
+        spy.subscribe(T.generate)
+        gen = c.generate(mode="complete", prompt="a b", stream=False)
+        spy.wait_for(lambda ms: len(ms) == 1)
+        deadline = time.monotonic() + 5
+        while gen._inbox.empty() and time.monotonic() < deadline:  # the final reply has come, unread
+            time.sleep(0.01)
+        net.cut()
+        while net.connections < 2 and time.monotonic() < deadline + 5:
+            time.sleep(0.05)
+        time.sleep(0.5)  # time for a copy to reach the broker, were one sent
+        assert net.connections == 2 and len(spy.on(T.generate)) == 1
+        assert gen.result()["text"] == "b a"
+
+
 def test_leaving_the_loop_or_the_client_cancels_the_request(broker, slow_service):
     prompt = " ".join(f"w{i}" for i in range(60))
     with Probe(broker.host, broker.port) as spy:
