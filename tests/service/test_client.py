@@ -489,7 +489,8 @@ def test_a_request_given_up_on_while_the_device_was_away_is_cancelled_when_it_is
         finally:
             s.stop()
     final = [m.json for m in got if m.json.get("done")]
-    assert [f["finish_reason"] for f in final] == ["cancelled"], final
+    # stopped while generating (finish_reason) or while still queued (the error): either way cancelled
+    assert [f.get("finish_reason") or f.get("error", {}).get("code") for f in final] == ["cancelled"], final
 
 
 def test_ask_leaves_max_tokens_to_the_device(broker, tmp_path, capsys):
