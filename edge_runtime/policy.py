@@ -614,7 +614,18 @@ def _compile_pattern(pattern: str, flags: int, key: str) -> re.Pattern[str]:
         raise ConfigError(f"{key}: matches the empty text ({pattern!r}), so it would match every request: "
                           f"give it text it must find (an empty alternative, as in 'a|', or a pattern "
                           f"that is all optional, as in 'x*', matches anything)")
+    for sample in ZERO_WIDTH_SAMPLES:
+        found = rx.search(sample)
+        if found is not None and found.end() == found.start():
+            raise ConfigError(f"{key}: matches no characters in ordinary text ({pattern!r} in {sample!r}), so it "
+                              "would match nearly every request: a pattern must take some text (a lone \\b or "
+                              "lookaround takes none)")
     return rx
+
+
+# Plain code and prose that a policy pattern should not match without taking a character: a
+# zero-width match in them (\b, a lone lookahead) would match nearly every request.
+ZERO_WIDTH_SAMPLES = ("a b", "def f(x):\n    return x + 1\n", "Hello, world.")
 
 
 def check_classifier(spec: ClassifierSpec, source: str) -> None:

@@ -81,6 +81,11 @@ def rules_hit(p, request) -> list[str]:
      "matches the empty text"),
     ("[[rules]]\nname = 'r1'\naction = 'stop'\non = ['output']\npatterns = ['(?i)(?:rm\\s+-rf)?']",
      "rules[0] ('r1'): patterns[0]", "matches the empty text"),
+    # one that takes no characters where it matches (a lone \b, lookaround): it matches nearly every request
+    ("[[rules]]\nname = 'r1'\naction = 'refuse'\npatterns = ['ok', '\\b']", "rules[0] ('r1'): patterns[1]",
+     "matches no characters in ordinary text"),
+    ("[[rules]]\nname = 'r1'\naction = 'refuse'\npatterns = ['(?<=.)']", "rules[0] ('r1'): patterns[0]",
+     "matches no characters in ordinary text"),
 ])
 def test_a_bad_policy_is_refused_with_the_key_named(body, key, words):
     with pytest.raises(ConfigError) as info:
