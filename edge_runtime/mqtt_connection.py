@@ -3,6 +3,7 @@ protocol version, TLS, authentication, will message and MQTT 5 properties."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import ssl
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ def parse_broker_url(url: str) -> BrokerAddress:
     host = parts.hostname
     if not host:
         raise ValueError(f"broker URL has no host: {url!r}")
-    if any(c.isspace() or not c.isprintable() or c in "\\%" for c in host):
+    if any(c.isspace() or not c.isprintable() or c in "\\%" for c in host) and not _is_scoped_ipv6(host):
         raise ValueError(f"broker URL has an invalid host {host!r}: {url!r}")
     try:
         port = parts.port
@@ -58,6 +59,14 @@ def parse_broker_url(url: str) -> BrokerAddress:
         raise ValueError(f"broker URL has an invalid port: {url!r}") from None
     tls, default_port = SCHEMES[scheme]
     return BrokerAddress(host=host, port=port or default_port, tls=tls)
+
+
+def _is_scoped_ipv6(host: str) -> bool:
+    """An IPv6 address with a zone, as a link-local broker has (``fe80::1%eth0``)."""
+    try:
+        return "%" in host and ipaddress.IPv6Address(host).scope_id is not None
+    except ValueError:
+        return False
 
 
 def why_unreachable(address: BrokerAddress, timeout: float = 2.0) -> str:

@@ -496,9 +496,12 @@ class EdgeService:
         self._connect_failures += 1
         n = self._connect_failures
         if n & (n - 1) == 0:
-            log.warning("cannot reach the broker at %s (%d failed attempt%s: %s); retrying",
-                        self.config.mqtt.address.url, n, "" if n == 1 else "s",
-                        why_unreachable(self.config.mqtt.address))
+            # why, probed on a thread of its own: name resolution has no timeout, and paho's network
+            # thread (this one) must not wait on it
+            address = self.config.mqtt.address
+            threading.Thread(target=lambda: log.warning(
+                "cannot reach the broker at %s (%d failed attempt%s; a probe now: %s); retrying", address.url, n,
+                "" if n == 1 else "s", why_unreachable(address)), name="broker-probe", daemon=True).start()
         self._set_status_text(f"cannot reach the broker at {self.config.mqtt.address.url}; retrying")
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[Any],

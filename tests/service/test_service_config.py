@@ -231,6 +231,7 @@ def test_broker_urls():
     a = parse_broker_url("mqtts://10.0.0.1:8884/")
     assert (a.host, a.port, a.tls, a.url) == ("10.0.0.1", 8884, True, "mqtts://10.0.0.1:8884")
     assert parse_broker_url("mqtt://[::1]:1883").url == "mqtt://[::1]:1883"
+    assert parse_broker_url("mqtt://[fe80::1%eth0]:1883").host == "fe80::1%eth0"  # link-local, with its zone
     for bad in ("example.org:1883", "http://h", "mqtt://", "mqtt://h/path", "mqtt://h:port"):
         with pytest.raises(ValueError):
             parse_broker_url(bad)
