@@ -204,7 +204,7 @@ class WireRequest:
     request: GenerationRequest  # .id == id; .deadline is a time.monotonic() value
     stream: bool
     deadline_ms: int
-    reply_to: str | None  # MQTT 3.1.1 clients: the reply topic from the JSON
+    reply_to: str | None  # the reply topic from the JSON (what a daemon on MQTT 3.1.1 answers to)
     max_tokens_given: bool = True  # False: the request left max_tokens to the default
 
     @property

@@ -116,8 +116,9 @@ class Scheduler:
     def start(self) -> None:
         if self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._run, name="edge-worker", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=self._run, name="edge-worker", daemon=True)
+        thread.start()
+        self._thread = thread  # after start: worker_started never sees a thread that is not yet alive
 
     def stop_accepting(self) -> None:
         """Refuse new jobs and stop the worker after the running one; queued jobs stay
