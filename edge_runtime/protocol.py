@@ -205,7 +205,6 @@ class WireRequest:
     stream: bool
     deadline_ms: int
     reply_to: str | None  # the reply topic from the JSON (what a daemon on MQTT 3.1.1 answers to)
-    max_tokens_given: bool = True  # False: the request left max_tokens to the default
 
     @property
     def mode(self) -> str:
@@ -433,7 +432,7 @@ def parse_request(payload: bytes, limits: RequestLimits | Any = RequestLimits(),
     if chars > limits.max_prompt_chars:
         raise bad(f"prompt is {chars} characters, the limit is {limits.max_prompt_chars}")
     return WireRequest(id=raw_id, request=request, stream=stream, deadline_ms=int(deadline_ms),
-                       reply_to=reply_to, max_tokens_given="max_tokens" in obj)
+                       reply_to=reply_to)
 
 
 def _parse_messages(value: object, bad: Any) -> tuple[Message, ...]:

@@ -651,7 +651,7 @@ class EdgeService:
         wire = dataclasses.replace(wire, request=dataclasses.replace(wire.request, client_id=client,
                                                                      cache_prompt=cache))
         if self.guard is not None:
-            if not wire.max_tokens_given:
+            if wire.request.max_tokens_is_default:
                 wire = dataclasses.replace(wire, request=self.guard.default_max_tokens(wire.request))
             try:
                 self.guard.admit(wire.request)
