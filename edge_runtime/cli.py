@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import BundleError, ConfigError, EdgeRuntimeError
-from .request_flags import add_request_arguments, integer_at_least, request_source
+from .request_flags import add_request_arguments, empty_flag, integer_at_least, request_source
 
 
 def _die(message: str, code: int = 2) -> int:
@@ -47,9 +47,9 @@ def cmd_export(args) -> int:
     except ImportError as exc:
         return _die(f"the export side is not installed ({exc.name} missing): pip install torch==2.13.0 && "
                     "pip install '/path/to/edge-runtime[export,cpu]' (the source folder)")
-    for flag, value in (("--checkpoint", args.checkpoint), ("--output", args.output), ("--profile", args.profile)):
-        if not value.strip():  # Path("") is the current folder: never what an empty argument meant
-            return _die(f"{flag} is empty: give the {FOLDER_OF[flag]}")
+    empty = empty_flag(args, FOLDER_OF)
+    if empty:
+        return _die(empty)
     opts = ExportOptions(checkpoint=Path(args.checkpoint), profile=args.profile, output=Path(args.output),
                          precision=args.precision, max_context=args.max_context, allow_degraded=args.allow_degraded,
                          force=args.force, fidelity_tokens=args.fidelity_tokens,

@@ -63,6 +63,7 @@ from .config import SERVICE_STATE_DIR
 from .errors import BundleError, ConfigError, EdgeRuntimeError
 from .memory_fit import human_bytes
 from .profiles import is_profile_path
+from .request_flags import empty_flag
 
 __all__ = [
     "BUNDLES_DIR",
@@ -882,10 +883,9 @@ WHAT_FLAG_NAMES = {"--root": "image tree to install into (leave --root out for /
 def run_install_service(args: argparse.Namespace) -> int:
     """Run the subcommand: steps go to stdout, an error to stderr (exit 2)."""
     try:
-        for flag in WHAT_FLAG_NAMES:
-            value = getattr(args, flag[2:], None)
-            if value is not None and not str(value).strip():  # Path("") is the current folder
-                raise ConfigError(f"{flag} is empty: give the {WHAT_FLAG_NAMES[flag]}")
+        empty = empty_flag(args, WHAT_FLAG_NAMES)
+        if empty:
+            raise ConfigError(empty)
         if getattr(args, "uninstall", False):
             extra = [flag for flag, value in (("--profile", args.profile), ("--bundle", args.bundle),
                                               ("--executable", args.executable)) if value is not None]

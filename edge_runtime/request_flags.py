@@ -49,6 +49,17 @@ def number_in(low: float, high: float = math.inf, *, low_open: bool = False) -> 
     return parse
 
 
+def empty_flag(args: argparse.Namespace, what_by_flag: dict[str, str]) -> str | None:
+    """The error for the first of `what_by_flag`'s flags given as an empty (or blank) value,
+    ``"--output is empty: give the bundle folder"``, or None: Path("") is the current folder,
+    never what an empty argument meant. Flags left out (None) are fine."""
+    for flag, what in what_by_flag.items():
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is not None and not str(value).strip():
+            return f"{flag} is empty: give the {what}"
+    return None
+
+
 def stop_string(text: str) -> str:
     """A --stop value: 1 to MAX_STOP_CHARS characters (the protocol's rule)."""
     if not text or len(text) > MAX_STOP_CHARS:
