@@ -90,6 +90,14 @@ class ModelShape:
     num_kv_heads: int
     vocab_size: int
 
+    @classmethod
+    def from_config(cls, name: str, config: dict) -> "ModelShape":
+        """The shape a Hugging Face Llama config.json describes."""
+        heads = int(config["num_attention_heads"])
+        return cls(name, int(config["hidden_size"]), int(config.get("intermediate_size") or 0),
+                   int(config["num_hidden_layers"]), heads, int(config.get("num_key_value_heads") or heads),
+                   int(config["vocab_size"]))
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
@@ -331,7 +339,7 @@ def estimate_plan(shape: ModelShape, profile: DeviceProfile, precision: str, con
                                             head_two_pass=fused and bool(q.head_refine_top_k_for(
                                                 precision, float_dtype, algorithm or q.algorithm)),
                                             embedding_bits=q.embedding_bits_for(float_dtype)
-                                            if flavour == FLAVOUR_GQA_SHARED_KV and quantized else 0),
+                                            if fused and quantized else 0),
         kv_cache_bytes=kv_cache_bytes(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
                                       head_dim=shape.head_dim, context=context, dtype_bytes=DTYPE_BYTES[kv_dtype],
                                       buffers=1 if flavour == FLAVOUR_GQA_SHARED_KV else 2),

@@ -127,17 +127,13 @@ def infill_support(*, infill_tokens: bool, size: str, variant: str) -> tuple[boo
 
 def detect_family(folder: Path, config: dict, *, infill_tokens: bool, step_id: int | None,
                   variant_override: str | None = None) -> Family:
-    hidden = int(config["hidden_size"])
-    heads = int(config["num_attention_heads"])
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    inter = int(config.get("intermediate_size") or 0)
-    layers = int(config["num_hidden_layers"])
-    size = size_class(hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
-                      intermediate_size=inter or None)
-    shape = ModelShape("checkpoint", hidden, inter, layers, heads, kv_heads, int(config["vocab_size"]))
+    shape = ModelShape.from_config("checkpoint", config)
+    heads, kv_heads = shape.num_heads, shape.num_kv_heads
+    size = size_class(hidden_size=shape.hidden_size, num_layers=shape.num_layers, num_heads=heads,
+                      num_kv_heads=kv_heads, intermediate_size=shape.intermediate_size or None)
     count = shape.parameter_count
     if config.get("tie_word_embeddings"):
-        count -= shape.vocab_size * hidden
+        count -= shape.vocab_size * shape.hidden_size
     chat = detect_chat_format(folder, step_id)
     variant, source = detect_variant(folder, config, size=size, infill_tokens=infill_tokens,
                                      has_chat_template=bool(chat_template_text(folder).strip()),

@@ -93,7 +93,7 @@ def fidelity_prompt_ids(tokenizer: CodeLlamaTokenizer, chat_format: str,
     the family's verdict, as the bundle records it -- a Python variant or a 34B has the
     tokens but was not trained for it; None: where the tokenizer has the tokens)."""
     reqs = [("complete", GenerationRequest(mode="complete", prompt=p)) for p in COMPLETION_PROMPTS]
-    if tokenizer.supports_infill if infill is None else (infill and tokenizer.supports_infill):
+    if tokenizer.supports_infill and infill is not False:
         reqs += [("infill", GenerationRequest(mode="infill", prefix=p, suffix=s)) for p, s in INFILL_PROMPTS]
     return [(mode, list(build_prompt(r, tokenizer, chat_format=chat_format).ids)) for mode, r in reqs]
 

@@ -316,9 +316,7 @@ def check_memory_budget(info: CheckpointInfo, profile: DeviceProfile, precision:
     profile's memory budget at its context (the engine would refuse to start it), saying the
     --max-context that fits. (The estimate is a little under a written bundle's bytes: the
     written one is checked again at the end.)"""
-    arch = info.architecture
-    shape = ModelShape(info.name, arch.hidden_size, int(info.config.get("intermediate_size") or 0), arch.num_layers,
-                       arch.num_heads, arch.num_kv_heads, arch.vocab_size)
+    shape = ModelShape.from_config(info.name, info.config)
 
     def plan_at(context: int) -> MemoryPlan:
         return estimate_plan(shape, profile, precision, context, flavour=flavour, kv_bits=kv_bits,
