@@ -641,8 +641,7 @@ def check_classifier(spec: ClassifierSpec, source: str) -> None:
             raise ConfigError(f"{key}: empty program name")
         if os.sep not in program and (os.altsep is None or os.altsep not in program):
             if shutil.which(program) is None:
-                raise ConfigError(f"{key}: no such program on PATH ({os.environ.get('PATH', '')}); "
-                                  f"give its absolute path")
+                raise ConfigError(f"{key}: no such program on PATH; give its absolute path")
         elif not os.path.exists(program):
             raise ConfigError(f"{key}: no such file")
         elif os.path.isdir(program):
