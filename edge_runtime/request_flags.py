@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -60,8 +61,24 @@ def empty_flag(args: argparse.Namespace, what_by_flag: dict[str, str]) -> str | 
     return None
 
 
+# Python hands command-line bytes that are not UTF-8 over as lone surrogates U+DC80-U+DCFF
+# (PEP 383); JSON can spell any lone surrogate ("\\ud800"). Neither is text a model can take.
+_UNDECODED_BYTE = re.compile("[\udc80-\udcff]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def utf8_text(text: str) -> str:
+    """A --prompt/--prefix/--suffix value: the text as given, refused when its bytes are not UTF-8."""
+    bad = _UNDECODED_BYTE.search(text)
+    if bad:
+        raise argparse.ArgumentTypeError(f"not valid UTF-8: byte 0x{ord(bad.group()) - 0xDC00:02x} at character "
+                                         f"{bad.start()} (convert the text to UTF-8, e.g. with iconv)")
+    return text
+
+
 def stop_string(text: str) -> str:
     """A --stop value: 1 to MAX_STOP_CHARS characters (the protocol's rule)."""
+    utf8_text(text)
     if not text or len(text) > MAX_STOP_CHARS:
         raise argparse.ArgumentTypeError(f"expected 1-{MAX_STOP_CHARS} characters, got {len(text)}")
     return text
@@ -70,10 +87,10 @@ def stop_string(text: str) -> str:
 def add_request_arguments(p: argparse.ArgumentParser) -> None:
     """Prompt and sampling flags shared by `generate` and `ask`."""
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="completion prompt")
-    src.add_argument("--prefix", help="infill: the code before the hole (with --suffix)")
+    src.add_argument("--prompt", type=utf8_text, help="completion prompt")
+    src.add_argument("--prefix", type=utf8_text, help="infill: the code before the hole (with --suffix)")
     src.add_argument("--messages", help="chat: a JSON file with [{\"role\": ..., \"content\": ...}, ...], - for stdin")
-    p.add_argument("--suffix", help="infill: the code after the hole")
+    p.add_argument("--suffix", type=utf8_text, help="infill: the code after the hole")
     p.add_argument("--suffix-first", action="store_true", help="infill in suffix-prefix-middle order")
     p.add_argument("--max-tokens", type=integer_at_least(1), default=None,
                    help="most tokens to generate (default: 256 here; over MQTT the device's default, at most 256 "
@@ -111,11 +128,28 @@ def read_messages(source: str) -> list[dict[str, str]]:
     """``--messages``: a JSON file, or ``-`` for standard input, holding
     ``[{"role": ..., "content": ...}, ...]``."""
     try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+        # bytes, decoded here: stdin's own decoding depends on the locale (strict, or surrogates for
+        # bytes that are not UTF-8 under the C locale)
+        stdin = getattr(sys.stdin, "buffer", None)
+        data = (stdin.read() if stdin is not None else sys.stdin.read().encode("utf-8", "surrogateescape")) \
+            if source == "-" else Path(source).read_bytes()
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--messages {source}: not valid UTF-8: byte 0x{data[exc.start]:02x} at offset "
+                         f"{exc.start}") from None
+    except OSError as exc:
+        raise ValueError(f"--messages {source}: {exc}") from None
+    try:
         messages = json.loads(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except json.JSONDecodeError as exc:
         raise ValueError(f"--messages {source}: {exc}") from None
     if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
                                                  and isinstance(m.get("content"), str) for m in messages):
         raise ValueError(f"--messages {source}: expected a list of {{\"role\", \"content\"}} objects")
+    for i, m in enumerate(messages):
+        for key in ("role", "content"):
+            bad = _LONE_SURROGATE.search(m[key])
+            if bad:
+                raise ValueError(f"--messages {source}: messages[{i}].{key} holds a lone surrogate "
+                                 f"(U+{ord(bad.group()):04X}) at character {bad.start()}: not valid Unicode")
     return messages

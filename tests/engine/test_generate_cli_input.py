@@ -1,0 +1,50 @@
+"""What `edge-runtime generate` does with odd input on its command line and stdin: the
+text that is not text, and the flags it cannot honour, stop at the command line (exit 2,
+one line naming the flag) before the bundle is loaded, as README's "Generate on this
+machine" says; `/nonexistent` as the bundle proves that nothing was loaded."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+GENERATE = [sys.executable, "-m", "edge_runtime", "generate", "--bundle", "/nonexistent"]
+
+
+def generate(*args: str | bytes, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*GENERATE, *args], input=stdin, capture_output=True, timeout=120)
+
+
+def one_line_error(out: subprocess.CompletedProcess) -> str:
+    err = out.stderr.decode("utf-8", "replace")
+    assert "Traceback" not in err and "/nonexistent" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("flag", ["--prompt", "--prefix", "--suffix", "--stop"])
+def test_a_flag_whose_bytes_are_not_utf8_is_refused_before_the_load(flag):
+    """Latin-1 bytes in argv reach Python as lone surrogates (U+DC80-U+DCFF): a flag error, not
+    a model's "lone surrogate" complaint after a minute of loading."""
+    text = b"caf\xe9"
+    extra = {"--prompt": [], "--prefix": ["--suffix", ""], "--suffix": ["--prefix", "x"], "--stop": ["--prompt", "x"]}
+    out = generate(flag, text, *extra[flag])
+    assert out.returncode == 2
+    line = one_line_error(out)
+    assert f"argument {flag}:" in line and "not valid UTF-8" in line and "0xe9" in line, line
+
+
+def test_messages_on_stdin_that_are_not_utf8_are_refused_before_the_load():
+    out = generate("--messages", "-", stdin=b'[{"role": "user", "content": "caf\xe9"}]')
+    assert out.returncode == 2
+    line = one_line_error(out)
+    assert line.startswith("error: --messages -:") and "UTF-8" in line and "0xe9" in line, line
+
+
+def test_messages_with_a_lone_surrogate_escape_are_refused_before_the_load():
+    """JSON can spell a lone surrogate ("\\ud800"); it is not text."""
+    out = generate("--messages", "-", stdin=b'[{"role": "user", "content": "a\\ud800"}]')
+    assert out.returncode == 2
+    line = one_line_error(out)
+    assert line.startswith("error: --messages -: messages[0].content") and "U+D800" in line, line
