@@ -32,7 +32,7 @@ from .memory_fit import PREFILL_CHUNK, MemoryPlan, bundle_kv_dtype, check_bundle
 from .onnx_decoder import KVConcatDecoder
 from .profiles import DeviceProfile, load_profile
 from .prompt_lookup import DRAFT_MAX, PromptLookup
-from .prompts import PromptPlan, build_prompt
+from .prompts import PromptPlan, build_prompt, user_text_chars
 from .providers import ProviderChoice, choose_providers, import_onnxruntime
 from .sampling import Sampler
 from .stopping import StopStringMatcher
@@ -260,6 +260,7 @@ class Engine:
             why = fam.infill_note or "the tokenizer lacks the infilling tokens"
             raise UnsupportedMode(f"infill is not available on {self.bundle.model_name}: {why} "
                                   "(Code Llama 7B and 13B base and Instruct support infilling)")
+        self._check_text_length(request)
         plan = build_prompt(request, self.tokenizer, chat_format=self.bundle.chat_format)
         if request.mode == "chat" and fam.variant in ("base", "python"):
             plan = dataclasses.replace(plan, warnings=(*plan.warnings, chat_warning(fam.variant)))
@@ -275,6 +276,17 @@ class Engine:
                 f"the prompt has {len(plan.ids)} tokens and max_tokens is {request.max_tokens}: "
                 f"{needed} tokens exceed the context limit of {self.context_limit}")
         return dataclasses.replace(plan, max_new_tokens=request.max_tokens)
+
+    def _check_text_length(self, request: GenerationRequest) -> None:
+        """ContextLengthExceeded for a text too long to fit, from its length alone: megabytes piped in by
+        mistake are refused at once, not after seconds of tokenizing and a GiB of token ids."""
+        chars = user_text_chars(request)
+        fewest = 1 + chars // self.tokenizer.max_piece_chars  # bos + the text at its densest
+        if fewest >= self.context_limit:  # not even one token left to generate (plan counts the rest exactly)
+            raise ContextLengthExceeded(
+                f"the prompt's text has {chars} characters, at least {fewest} tokens (no token covers more than "
+                f"{self.tokenizer.max_piece_chars} characters): it leaves nothing to generate within the "
+                f"context limit of {self.context_limit}")
 
     # -- the prompt cache --------------------------------------------------------------------
     def _cache_owner_of(self, request: GenerationRequest) -> str | None:

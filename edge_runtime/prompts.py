@@ -68,6 +68,21 @@ def build_prompt(
     raise UnsupportedMode(f"mode must be one of 'complete', 'infill', 'chat', got {request.mode!r}")
 
 
+def user_text_chars(request: GenerationRequest) -> int:
+    """The characters of text a request's prompt encodes (the prompt; prefix and suffix; every
+    message's content), without the format's own text; fields that are not strings count 0
+    (build_prompt names them)."""
+    if request.mode == "complete":
+        texts: Sequence[object] = (request.prompt,)
+    elif request.mode == "infill":
+        texts = (request.prefix, request.suffix)
+    elif request.mode == "chat" and isinstance(request.messages, Sequence):
+        texts = tuple(getattr(m, "content", None) for m in request.messages)
+    else:
+        texts = ()
+    return sum(len(t) for t in texts if isinstance(t, str))
+
+
 def _require_str(value: object, field: str) -> str:
     if value is None:
         raise BadRequest(f"{field} is required for this mode")

@@ -73,6 +73,9 @@ class CodeLlamaTokenizer:
         self._step_id = self.piece_to_id(STEP_PIECE)
         self._sentinel_ids = self._lookup_sentinel_ids()
         self._byte_table, self._is_byte = _build_byte_table(tok, self._vocab_size, self._special_ids)
+        # the most characters of text one token of `encode` covers (16 in Llama's vocabulary: "▁transformations")
+        self._max_piece_chars = max((len(data.decode("utf-8")) for data, is_byte in zip(self._byte_table, self._is_byte)
+                                     if data and not is_byte), default=1)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -147,6 +150,12 @@ class CodeLlamaTokenizer:
         tokens give b"". The leading-space rule of `decode` is not applied here.
         """
         return self._byte_table
+
+    @property
+    def max_piece_chars(self) -> int:
+        """The most characters of text one token of `encode` covers: a text of n characters is at
+        least n // max_piece_chars tokens, known without encoding it."""
+        return self._max_piece_chars
 
     @property
     def is_byte_fallback(self) -> np.ndarray:

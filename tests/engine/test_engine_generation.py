@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from tokenizers import Tokenizer
@@ -138,6 +139,33 @@ def test_a_default_max_tokens_is_lowered_to_what_the_context_leaves_not_refused(
     result = engine.complete(dataclasses.replace(asked, max_tokens_is_default=True))
     assert result.usage.completion_tokens <= left and result.usage.prompt_tokens + left == limit
     assert f"max_tokens lowered from the default {left + 1} to {left}" in result.warnings[-1]
+
+
+@pytest.mark.parametrize("mode", ["complete", "infill", "chat"])
+def test_a_huge_prompt_is_refused_from_its_length_before_it_is_tokenized(engine, mode):
+    """Megabytes of text (a file piped in by mistake) are refused at once: no token covers more
+    characters than the vocabulary's longest piece, so the length alone proves the overflow.
+    Tokenized, these 8 million characters would take seconds and a GiB before the same answer."""
+    text = "x = 1\n" * 1_400_000
+    request = {"complete": GenerationRequest(mode="complete", prompt=text),
+               "infill": GenerationRequest(mode="infill", prefix=text, suffix="\n"),
+               "chat": GenerationRequest(mode="chat", messages=(Message("user", text),))}[mode]
+    start = time.perf_counter()
+    with pytest.raises(ContextLengthExceeded, match=rf"{len(text) + (mode == 'infill')} characters.* at least \d+ tokens"
+                                                    rf".*context limit of {engine.context_limit}"):
+        next(engine.generate(request))
+    assert time.perf_counter() - start < 1.0
+
+
+def test_the_densest_text_right_at_the_limit_still_runs(engine, hf_tok):
+    """The length rule above never refuses a prompt that fits: the vocabulary's longest piece,
+    one token per 16 characters, up to the last free position."""
+    limit = engine.context_limit
+    words = ["transformations"] * (limit - 2)
+    prompt = " ".join(words)
+    assert len(enc(hf_tok, prompt)) == limit - 2  # one token a word: bos + prompt + 1 generated = the limit
+    result = engine.complete(GenerationRequest(mode="complete", prompt=prompt, max_tokens=1, sampling=GREEDY))
+    assert result.usage.prompt_tokens + result.usage.completion_tokens == limit
 
 
 @pytest.mark.parametrize("field, request_", [
