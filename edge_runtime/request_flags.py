@@ -110,7 +110,11 @@ def add_request_arguments(p: argparse.ArgumentParser) -> None:
 def request_source(args: argparse.Namespace) -> dict[str, Any]:
     """The request's mode and text from the flags: ``{"mode": "complete", "prompt"}``,
     ``{"mode": "infill", "prefix", "suffix", "suffix_first"}`` or ``{"mode": "chat",
-    "messages"}``. ValueError, naming the flags, for a combination that is none of them."""
+    "messages"}``. ValueError, naming the flags, for a combination that is none of them (or more
+    --stop strings than the protocol takes)."""
+    stops = getattr(args, "stop", None) or ()
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise ValueError(f"--stop may be given at most {MAX_STOP_SEQUENCES} times, got {len(stops)}")
     if args.prompt is not None:
         if args.suffix is not None or args.suffix_first:
             raise ValueError("--suffix and --suffix-first go with --prefix, not --prompt")

@@ -48,3 +48,16 @@ def test_messages_with_a_lone_surrogate_escape_are_refused_before_the_load():
     assert out.returncode == 2
     line = one_line_error(out)
     assert line.startswith("error: --messages -: messages[0].content") and "U+D800" in line, line
+
+
+def test_more_stop_strings_than_the_protocol_takes_are_refused_before_the_load():
+    """`--stop` says "at most 16": generate honours it as `ask`'s daemon does, not only over MQTT."""
+    from edge_runtime.protocol import MAX_STOP_SEQUENCES
+
+    stops = [arg for i in range(MAX_STOP_SEQUENCES + 1) for arg in ("--stop", f"s{i}")]
+    out = generate("--prompt", "x", *stops)
+    assert out.returncode == 2
+    line = one_line_error(out)
+    assert f"at most {MAX_STOP_SEQUENCES}" in line and f"got {MAX_STOP_SEQUENCES + 1}" in line, line
+    fine = generate("--prompt", "x", *stops[:-2])  # 16 pass the flags and reach the (missing) bundle
+    assert fine.returncode == 2 and "/nonexistent" in fine.stderr.decode()
