@@ -137,10 +137,10 @@ def read_messages(source: str) -> list[dict[str, str]]:
         stdin = getattr(sys.stdin, "buffer", None)
         data = (stdin.read() if stdin is not None else sys.stdin.read().encode("utf-8", "surrogateescape")) \
             if source == "-" else Path(source).read_bytes()
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"--messages {source}: not valid UTF-8: byte 0x{data[exc.start]:02x} at offset "
-                         f"{exc.start}") from None
+        text = data.decode("utf-8-sig")  # a BOM (Windows editors write one) is not JSON
+    except UnicodeDecodeError as exc:  # (its offsets count from after a BOM)
+        raise ValueError(f"--messages {source}: not valid UTF-8: byte 0x{exc.object[exc.start]:02x} at offset "
+                         f"{exc.start + len(data) - len(exc.object)}") from None
     except OSError as exc:
         raise ValueError(f"--messages {source}: {exc}") from None
     try:

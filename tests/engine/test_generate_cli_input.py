@@ -61,3 +61,16 @@ def test_more_stop_strings_than_the_protocol_takes_are_refused_before_the_load()
     assert f"at most {MAX_STOP_SEQUENCES}" in line and f"got {MAX_STOP_SEQUENCES + 1}" in line, line
     fine = generate("--prompt", "x", *stops[:-2])  # 16 pass the flags and reach the (missing) bundle
     assert fine.returncode == 2 and "/nonexistent" in fine.stderr.decode()
+
+
+def test_a_messages_file_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """Windows editors (Notepad) save UTF-8 with a BOM; json refused it ("Unexpected UTF-8 BOM").
+    Read, the file gets as far as the (missing) bundle; the same file without its messages'
+    closing bracket shows the JSON is parsed after the BOM, not skipped."""
+    path = tmp_path / "chat.json"
+    path.write_bytes(b'\xef\xbb\xbf[{"role": "user", "content": "Reverse a list"}]')
+    out = generate("--messages", str(path))
+    assert out.returncode == 2 and "/nonexistent" in out.stderr.decode(), out.stderr
+    path.write_bytes(b'\xef\xbb\xbf[{"role": "user", "content": "Reverse a list"}')
+    line = one_line_error(generate("--messages", str(path)))
+    assert line.startswith(f"error: --messages {path}: Expecting") and "BOM" not in line, line
