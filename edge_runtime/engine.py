@@ -271,6 +271,10 @@ class Engine:
             return dataclasses.replace(plan, max_new_tokens=left, warnings=(
                 *plan.warnings, f"max_tokens lowered from the default {request.max_tokens} to {left}: the prompt "
                 f"has {len(plan.ids)} tokens of the context limit of {self.context_limit}"))
+        if needed > self.context_limit and request.max_tokens_is_default:  # left < 1: the prompt's own fault
+            raise ContextLengthExceeded(
+                f"the prompt has {len(plan.ids)} tokens, which leaves nothing to generate within the context limit "
+                f"of {self.context_limit}")
         if needed > self.context_limit:
             raise ContextLengthExceeded(
                 f"the prompt has {len(plan.ids)} tokens and max_tokens is {request.max_tokens}: "

@@ -141,6 +141,23 @@ def test_a_default_max_tokens_is_lowered_to_what_the_context_leaves_not_refused(
     assert f"max_tokens lowered from the default {left + 1} to {left}" in result.warnings[-1]
 
 
+def test_a_prompt_that_fills_the_context_is_refused_without_blaming_a_default_max_tokens(engine, hf_tok):
+    """With max_tokens left to its default, a prompt that leaves no room is the prompt's fault:
+    the error must not say "max_tokens is 256" (the user never asked for it, and --max-tokens 1
+    would fail too)."""
+    limit = engine.context_limit
+    prompt = " ".join(["transformations"] * (limit - 1))
+    assert 1 + len(enc(hf_tok, prompt)) == limit  # bos + one token a word: the whole context
+    request = GenerationRequest(mode="complete", prompt=prompt, max_tokens_is_default=True)
+    with pytest.raises(ContextLengthExceeded) as refused:
+        next(engine.generate(request))
+    message = str(refused.value)
+    assert "max_tokens" not in message and f"the prompt has {limit} tokens" in message, message
+    assert f"context limit of {limit}" in message and "nothing to generate" in message, message
+    with pytest.raises(ContextLengthExceeded, match=f"max_tokens is 1: {limit + 1} tokens"):  # one asked for: named
+        next(engine.generate(dataclasses.replace(request, max_tokens=1, max_tokens_is_default=False)))
+
+
 @pytest.mark.parametrize("mode", ["complete", "infill", "chat"])
 def test_a_huge_prompt_is_refused_from_its_length_before_it_is_tokenized(engine, mode):
     """Megabytes of text (a file piped in by mistake) are refused at once: no token covers more
