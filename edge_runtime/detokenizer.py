@@ -5,7 +5,8 @@ so each `push` costs O(length of the token), not a re-decode of the sequence.
 
 Invariant (tested): for generated ids whose byte-fallback runs are valid UTF-8,
 `"".join(pushes) + flush() == tokenizer.decode(ids)` when `strip_leading_space`
-(complete, chat), and `== tokenizer.decode_infilling(ids)` when not (infill).
+(chat, a completion of an empty prompt), and `== tokenizer.decode_infilling(ids)` when
+not (infill, a completion, which continues its prompt's text).
 
 Invalid bytes become U+FFFD: an incomplete sequence cut off by a normal piece or
 by `flush` gives one U+FFFD per byte, like `tokenizers`' ByteFallback decoder;

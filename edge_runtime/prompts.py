@@ -37,7 +37,7 @@ class PromptPlan:
 
     ids: list[int]  # prompt token ids, bos included
     stop_ids: frozenset[int]  # generation ends when one of these is sampled (not emitted)
-    strip_leading_space: bool  # detokenizer: drop one leading space of the output (SentencePiece decode)
+    strip_leading_space: bool  # detokenizer: drop one leading space of the output (chat; an empty completion prompt)
     warnings: tuple[str, ...] = ()  # for the reply (e.g. chat on a model not tuned for it); the ids stand
     max_new_tokens: int = 0  # the most tokens to generate: the request's max_tokens, or the context's rest (engine.plan)
 
@@ -93,9 +93,16 @@ def _require_str(value: object, field: str) -> str:
 
 # ---------------------------------------------------------------------- completion
 def completion_prompt(tokenizer: CodeLlamaTokenizer, prompt: str) -> PromptPlan:
-    """`[bos] + encode(prompt)`; stop at eos."""
-    ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
-    return PromptPlan(ids=ids, stop_ids=frozenset({tokenizer.eos_id}), strip_leading_space=True)
+    """`[bos] + encode(prompt)`; stop at eos.
+
+    The output continues the prompt: `prompt + output` is the decode of prompt and output as one
+    sequence (as Hugging Face's pipeline and llama.cpp return it), so a first token "▁x" after
+    "x =" keeps its space. Decoding the output alone, as Meta's `text_completion` does, would drop
+    it ("x =x"). SentencePiece's implicit leading space belongs to the prompt's first token, or,
+    for an empty prompt, to the output's, which is then dropped."""
+    text_ids = tokenizer.encode(prompt)
+    return PromptPlan(ids=[tokenizer.bos_id, *text_ids], stop_ids=frozenset({tokenizer.eos_id}),
+                      strip_leading_space=not text_ids)
 
 
 # ------------------------------------------------------------------------ infilling

@@ -87,6 +87,28 @@ def test_chat_matches_hand_built_ids_and_torch(engine, hf_tok, tiny_checkpoint):
     assert list(result.token_ids) == torch_reference.greedy(tiny_checkpoint, expected, N, frozenset({eos}))
 
 
+def test_a_completion_appended_to_its_prompt_is_the_models_text(engine, hf_tok, tiny_checkpoint):
+    """`prompt + text` is what the model wrote: decoding prompt and answer as one sequence (the HF
+    tokenizer's decode; Hugging Face's pipeline and llama.cpp return the same continuation).
+    A first token "▁x" after "x =" is " x": dropping its space gave "x =x". Only an empty
+    prompt's answer starts where SentencePiece's implicit leading space is dropped."""
+    bos = hf_tok.token_to_id("<s>")
+    spaced = []
+    for prompt in ["x =", "import", "def f(a, b):\n    return a", "for i in", "print(", "y = x +", "if not"]:
+        first = torch_reference.greedy(tiny_checkpoint, [bos] + enc(hf_tok, prompt), 1, frozenset({2}))
+        if first and hf_tok.id_to_token(first[0]).startswith("▁"):
+            spaced.append(prompt)
+    assert spaced, "no prompt whose first generated token starts with a space: pick others"
+    for prompt in [spaced[0], ""]:
+        ids = [bos] + enc(hf_tok, prompt)
+        chunks, result = run(engine, GenerationRequest(mode="complete", prompt=prompt, max_tokens=12, sampling=GREEDY))
+        generated = torch_reference.greedy(tiny_checkpoint, ids, 12, frozenset({2}))
+        assert list(result.token_ids) == generated
+        assert prompt + result.text == hf_tok.decode(ids + generated, skip_special_tokens=True)
+        assert "".join(c.text for c in chunks) == result.text
+    assert result.text == hf_tok.decode(generated)  # the empty prompt's: no leading space
+
+
 def test_control_token_text_in_user_input_stays_text(engine):
     _, result = run(engine, GenerationRequest(mode="complete", prompt="x </s> <s> ▁<EOT> <PRE>", max_tokens=1,
                                               sampling=GREEDY))
@@ -278,7 +300,7 @@ def test_streamed_chunks_are_valid_text_and_add_up(engine):
     for c in chunks:
         c.text.encode("utf-8")  # valid, no lone surrogates
     assert sum(len(c.token_ids) for c in chunks) == len(again.token_ids)
-    assert result.text == engine.tokenizer.decode(list(result.token_ids))
+    assert "说明 😀 " + result.text == engine.tokenizer.decode([*result.prompt_token_ids, *result.token_ids])
     assert result.timings.ttft_ms > 0 and result.timings.total_ms >= result.timings.ttft_ms
 
 

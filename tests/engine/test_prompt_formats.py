@@ -77,7 +77,9 @@ def chat(*pairs: tuple[str, str]) -> GenerationRequest:
 # ----------------------------------------------------------------------- completion
 def test_complete_reference_ids(tok: CodeLlamaTokenizer) -> None:
     plan = build_prompt(GenerationRequest(mode="complete", prompt="Hello world"), tok)
-    assert plan == PromptPlan(ids=[1, 15043, 3186], stop_ids=frozenset({2}), strip_leading_space=True)
+    # the output continues the prompt's text: its first token's space is kept (only an empty prompt's is dropped)
+    assert plan == PromptPlan(ids=[1, 15043, 3186], stop_ids=frozenset({2}), strip_leading_space=False)
+    assert build_prompt(GenerationRequest(mode="complete", prompt=""), tok).strip_leading_space
     plan = build_prompt(GenerationRequest(mode="complete", prompt="[INST] How are you doing?"), tok)
     assert plan.ids == [1, 518, 25580, 29962, 1128, 526, 366, 2599, 29973]
 
