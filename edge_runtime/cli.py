@@ -4,6 +4,7 @@ function, prints, and maps typed errors to a one-line message and exit code 2.""
 from __future__ import annotations
 
 import argparse
+import codecs
 import errno
 import json
 import logging
@@ -503,9 +504,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def utf8_stdout() -> None:
+    """Write standard output as UTF-8 whatever the locale says, as llama.cpp does: code is UTF-8, and
+    under an ASCII or Latin-1 locale (PYTHONIOENCODING=ascii, LANG=en_US.ISO-8859-1) the first
+    character the locale could not encode stopped `generate` and `ask` with a UnicodeEncodeError."""
+    encoding = getattr(sys.stdout, "encoding", None)
+    if encoding and codecs.lookup(encoding).name != "utf-8" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    utf8_stdout()
     logging.basicConfig(level=args.log_level or "WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

@@ -352,6 +352,22 @@ def test_generate_cli_into_a_closed_pipe_ends_quietly(tiny_bundle):
     assert out.returncode == 141 and out.stderr == "", out.stderr  # 128 + SIGPIPE, as `head` leaves a shell tool
 
 
+def test_generate_cli_writes_utf8_whatever_the_locale_says(tiny_bundle):
+    """Code is UTF-8 and so is the stream, as llama.cpp writes it: an ASCII locale
+    (PYTHONIOENCODING=ascii, LANG=en_US.ISO-8859-1) stopped at the first character it could
+    not encode with a UnicodeEncodeError traceback, in text and in --json alike."""
+    run = [sys.executable, "-m", "edge_runtime", "generate", "--bundle", str(tiny_bundle), "--prompt", "x",
+           "--max-tokens", "12", "--temperature", "0"]
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    reply = json.loads(subprocess.run([*run, "--json"], capture_output=True, check=True).stdout.decode("utf-8"))
+    assert not reply["text"].isascii()  # the random model's first tokens hold Cyrillic and Thai
+    for flags in ([], ["--json"]):
+        out = subprocess.run([*run, *flags], capture_output=True, env=env, timeout=120)
+        assert out.returncode == 0 and b"Traceback" not in out.stderr, out.stderr.decode()
+        text = out.stdout.decode("utf-8")
+        assert (json.loads(text)["text"] if flags else text) == reply["text"] + ("" if flags else "\n")
+
+
 def test_generate_cli_into_a_full_disk_says_so_without_a_traceback(tiny_bundle):
     with open("/dev/full", "w") as full:  # every write fails with ENOSPC
         out = subprocess.run([sys.executable, "-m", "edge_runtime", "generate", "--bundle", str(tiny_bundle),
