@@ -118,6 +118,8 @@ def request_source(args: argparse.Namespace) -> dict[str, Any]:
     if args.prompt is not None:
         if args.suffix is not None or args.suffix_first:
             raise ValueError("--suffix and --suffix-first go with --prefix, not --prompt")
+        if not args.prompt:  # the protocol refuses it too ("prompt must not be empty")
+            raise ValueError("--prompt is empty: give the text to complete")
         return {"mode": "complete", "prompt": args.prompt}
     if args.prefix is not None:
         if args.suffix is None:

@@ -74,3 +74,19 @@ def test_a_messages_file_saved_with_a_byte_order_mark_is_read(tmp_path):
     path.write_bytes(b'\xef\xbb\xbf[{"role": "user", "content": "Reverse a list"}')
     line = one_line_error(generate("--messages", str(path)))
     assert line.startswith(f"error: --messages {path}: Expecting") and "BOM" not in line, line
+
+
+def test_an_empty_prompt_is_refused_at_the_command_line_as_the_daemon_refuses_it():
+    """`--prompt "$UNSET"`: the protocol refuses an empty prompt ("prompt must not be empty"), so
+    `ask` failed only after reaching the daemon and `generate` sampled from bos alone. Both stop
+    at the command line. Whitespace is text and passes."""
+    from edge_runtime.protocol import ProtocolError, parse_request
+
+    with pytest.raises(ProtocolError, match="prompt must not be empty"):  # the daemon's rule
+        parse_request(b'{"id": "r1", "mode": "complete", "prompt": ""}')
+    out = generate("--prompt", "")
+    assert out.returncode == 2
+    line = one_line_error(out)
+    assert line == "error: --prompt is empty: give the text to complete", line
+    spaces = generate("--prompt", " ")
+    assert spaces.returncode == 2 and "/nonexistent" in spaces.stderr.decode()
