@@ -69,15 +69,16 @@ def build_prompt(
 
 
 def user_text_chars(request: GenerationRequest) -> int:
-    """The characters of text a request's prompt encodes (the prompt; prefix and suffix; every
-    message's content), without the format's own text; fields that are not strings count 0
-    (build_prompt names them)."""
+    """The characters of text a request's prompt encodes at least (the prompt; prefix and suffix;
+    every message's content without the whitespace the chat formats strip), without the format's
+    own text; fields that are not strings count 0 (build_prompt names them)."""
     if request.mode == "complete":
         texts: Sequence[object] = (request.prompt,)
     elif request.mode == "infill":
         texts = (request.prefix, request.suffix)
     elif request.mode == "chat" and isinstance(request.messages, Sequence):
-        texts = tuple(getattr(m, "content", None) for m in request.messages)
+        contents = (getattr(m, "content", None) for m in request.messages)
+        texts = tuple(c.strip() if isinstance(c, str) else None for c in contents)
     else:
         texts = ()
     return sum(len(t) for t in texts if isinstance(t, str))

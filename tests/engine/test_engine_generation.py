@@ -190,10 +190,19 @@ def test_a_huge_prompt_is_refused_from_its_length_before_it_is_tokenized(engine,
                "infill": GenerationRequest(mode="infill", prefix=text, suffix="\n"),
                "chat": GenerationRequest(mode="chat", messages=(Message("user", text),))}[mode]
     start = time.perf_counter()
-    with pytest.raises(ContextLengthExceeded, match=rf"{len(text) + (mode == 'infill')} characters.* at least \d+ tokens"
+    chars = {"complete": len(text), "infill": len(text) + 1, "chat": len(text.strip())}[mode]  # chat strips
+    with pytest.raises(ContextLengthExceeded, match=rf"{chars} characters.* at least \d+ tokens"
                                                     rf".*context limit of {engine.context_limit}"):
         next(engine.generate(request))
     assert time.perf_counter() - start < 1.0
+
+
+def test_a_chat_message_padded_with_whitespace_is_not_refused_for_its_padding(engine):
+    """The chat formats strip each message: 100,000 spaces around a question are no tokens."""
+    padding = " " * 50_000
+    request = GenerationRequest(mode="chat", messages=(Message("user", f"{padding}Sort a list.{padding}"),),
+                                max_tokens=2, sampling=GREEDY)
+    assert engine.complete(request).usage.prompt_tokens < 20
 
 
 def test_the_densest_text_right_at_the_limit_still_runs(engine, hf_tok):
