@@ -8,6 +8,7 @@ that reads those files; it verifies every hash before a session is created.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -44,10 +45,28 @@ def safe_relative_path(root: Path, name: str, *, what: str) -> Path:
     pure = PurePosixPath(name)
     if not name or pure.is_absolute() or "\\" in name or any(p == ".." for p in pure.parts) or ":" in pure.parts[0]:
         raise BundleError(f"{what} {name!r} is not a plain relative path inside the bundle")
-    resolved = (root / pure).resolve()
-    if not resolved.is_relative_to(root.resolve()):
+    try:
+        resolved = (root / pure).resolve()
+    except (RuntimeError, OSError) as exc:  # a symbolic link that loops (RuntimeError before Python 3.13)
+        raise BundleError(f"{what} {name!r} cannot be resolved inside the bundle: {_reason(exc)}") from None
+    if not resolved.is_relative_to(resolve_root(root)):
         raise BundleError(f"{what} {name!r} leaves the bundle folder")
     return resolved
+
+
+def resolve_root(path: str | Path) -> Path:
+    """The bundle folder's absolute path, links followed (BundleError for a link that loops)."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as exc:
+        raise BundleError(f"bundle folder {path} cannot be resolved: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong reading a path, in words (a looping link, a permission denied...)."""
+    if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP:
+        return "a symbolic link that loops"
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 @dataclass(frozen=True)
@@ -200,7 +219,7 @@ def read_manifest(root: Path) -> tuple[dict[str, Any], str]:
 def manifest_profile_name(path: str | Path) -> str:
     """The profile a bundle was exported for, from its bundle.json alone (no file is hashed):
     what to load before `load_bundle`'s slow verification."""
-    manifest, _ = read_manifest(Path(path).resolve())
+    manifest, _ = read_manifest(resolve_root(path))
     return _require(_require(manifest, "profile", dict, ""), "name", str, "profile.")
 
 
@@ -260,7 +279,7 @@ def load_time_budget_s(path: str | Path) -> float:
     its files read twice at SLOWEST_READ_BYTES_PER_S. 0 when the manifest cannot be read
     (the load then says why at once)."""
     try:
-        manifest, _ = read_manifest(Path(path).resolve())
+        manifest, _ = read_manifest(resolve_root(path))
     except (BundleError, OSError):
         return 0.0
     return 2 * listed_bytes(manifest) / SLOWEST_READ_BYTES_PER_S
@@ -277,7 +296,7 @@ def listed_bytes(manifest: dict[str, Any]) -> int:
 def load_bundle(path: str | Path, *, progress=None, pinned_sha256: str | None = None) -> Bundle:
     """Read and verify a bundle. Raises BundleError naming the problem. `pinned_sha256`:
     the SHA-256 its bundle.json must have (checked first, before the files are hashed)."""
-    root = Path(path).resolve()
+    root = resolve_root(path)
     manifest, manifest_sha = read_manifest(root)
     if pinned_sha256 is not None and manifest_sha != pinned_sha256:
         raise BundleError(f"bundle {root}: {MANIFEST_NAME} has SHA-256 {manifest_sha}, not the {pinned_sha256} that "

@@ -71,3 +71,27 @@ def test_swapped_graph_with_rehashed_manifest_is_refused_at_load(tiny_bundle, no
     load_bundle(bundle)  # every hash matches: only the graph itself can tell
     with pytest.raises(EdgeRuntimeError, match=r"model.onnx does not match bundle.json.*(kv heads|head size|vocab)"):
         Engine.from_bundle(bundle)
+
+
+def _verify_cli(bundle):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "edge_runtime", "verify", "--bundle", str(bundle)],
+                          capture_output=True, text=True)
+
+
+def test_a_file_that_is_a_looping_link_is_named_not_a_traceback(tiny_bundle, tmp_path):
+    """A copy tool or a hand edit can leave tokenizer.json a link to itself."""
+    bundle = _copy(tiny_bundle, tmp_path / "b")
+    (bundle / "tokenizer.json").unlink()
+    (bundle / "tokenizer.json").symlink_to("tokenizer.json")
+    with pytest.raises(BundleError, match="'tokenizer.json' cannot be resolved inside the bundle: a symbolic link "
+                                          "that loops"):
+        load_bundle(bundle)
+    cli = _verify_cli(bundle)
+    assert cli.returncode == 2 and "tokenizer.json" in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(BundleError, match="cannot be resolved: a symbolic link that loops"):
+        load_bundle(loop)
