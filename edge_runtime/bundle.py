@@ -62,6 +62,9 @@ def resolve_root(path: str | Path) -> Path:
         raise BundleError(f"bundle folder {path} cannot be resolved: {_reason(exc)}") from None
 
 
+_READ_REMEDY = "; the user that runs edge-runtime must be able to read every file of the bundle"
+
+
 def _reason(exc: BaseException) -> str:
     """What went wrong reading a path, in words (a looping link, a permission denied...)."""
     if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP:
@@ -198,11 +201,18 @@ def _require(mapping: dict[str, Any], key: str, typ: type | tuple[type, ...], wh
 
 def read_manifest(root: Path) -> tuple[dict[str, Any], str]:
     path = root / MANIFEST_NAME
-    if not root.is_dir():
+    try:
+        is_dir, is_file = root.is_dir(), path.is_file()
+    except OSError as exc:  # a folder on the way that this user may not enter
+        raise BundleError(f"bundle folder {root} cannot be read: {_reason(exc)}{_READ_REMEDY}") from None
+    if not is_dir:
         raise BundleError(f"bundle folder {root} " + ("is a file, not a folder" if root.exists() else "does not exist"))
-    if not path.is_file():
+    if not is_file:
         raise BundleError(f"{path} is missing: not a bundle folder")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{path} cannot be read: {_reason(exc)}{_READ_REMEDY}") from None
     try:
         manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -240,14 +250,18 @@ def verify_files(root: Path, manifest: dict[str, Any], *, progress=None) -> list
         remedy = f"in bundle {root}: copy the bundle again from where it was exported, or export it again"
         if not path.is_file():
             raise BundleError(f"{name}: listed in {MANIFEST_NAME} but missing from the bundle ({remedy})")
-        actual_size = path.stat().st_size
-        if actual_size != size:
-            how = "truncated" if actual_size < size else "larger than exported: replaced or appended to"
-            raise BundleError(f"{name}: size {actual_size} does not match the manifest ({size}): the file is "
-                              f"{how} ({remedy})")
-        if progress:
-            progress(name)
-        if sha256_file(path) != digest:
+        try:
+            actual_size = path.stat().st_size
+            if actual_size != size:
+                how = "truncated" if actual_size < size else "larger than exported: replaced or appended to"
+                raise BundleError(f"{name}: size {actual_size} does not match the manifest ({size}): the file is "
+                                  f"{how} ({remedy})")
+            if progress:
+                progress(name)
+            actual_digest = sha256_file(path)
+        except OSError as exc:  # no permission to read it, or the storage fails under it (EIO)
+            raise BundleError(f"{name}: cannot be read: {_reason(exc)} (in bundle {root}{_READ_REMEDY})") from None
+        if actual_digest != digest:
             raise BundleError(f"{name}: SHA-256 does not match the manifest: the file changed or is corrupted "
                               f"({remedy})")
         paths.append(path)
@@ -269,6 +283,8 @@ def external_data_locations(graph_path: Path) -> set[str]:
         return onnx_proto_scan.external_data_locations(graph_path)
     except ValueError as exc:
         raise BundleError(f"{graph_path.name} is not a valid ONNX file: {exc}") from exc
+    except OSError as exc:
+        raise BundleError(f"{graph_path.name}: cannot be read: {_reason(exc)}{_READ_REMEDY}") from None
 
 
 SLOWEST_READ_BYTES_PER_S = 10e6  # an old SD card; the bundle is read twice (hashes, then the session)

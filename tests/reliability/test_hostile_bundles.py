@@ -95,3 +95,23 @@ def test_a_file_that_is_a_looping_link_is_named_not_a_traceback(tiny_bundle, tmp
     loop.symlink_to(loop)
     with pytest.raises(BundleError, match="cannot be resolved: a symbolic link that loops"):
         load_bundle(loop)
+
+
+@pytest.mark.parametrize("name, words", [
+    ("tokenizer.json", "tokenizer.json: cannot be read: Permission denied"),
+    ("bundle.json", "bundle.json cannot be read: Permission denied"),
+])
+def test_a_file_the_user_may_not_read_is_a_bundle_error_with_exit_2(tiny_bundle, tmp_path, name, words):
+    """Copied as root and served as the edge-runtime user: the same exit (2) and naming as any
+    other bundle problem, saying what to fix."""
+    bundle = _copy(tiny_bundle, tmp_path / "b")
+    (bundle / name).chmod(0)
+    try:
+        (bundle / name).read_bytes()
+        pytest.skip("this user reads files whatever their mode (root with CAP_DAC_OVERRIDE)")
+    except PermissionError:
+        pass
+    with pytest.raises(BundleError, match=words):
+        load_bundle(bundle)
+    cli = _verify_cli(bundle)
+    assert cli.returncode == 2 and words in cli.stderr and "must be able to read" in cli.stderr, cli.stderr
