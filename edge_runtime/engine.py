@@ -86,6 +86,22 @@ class ModelInfo:
         return facts
 
 
+def bundle_tokenizer(bundle: Bundle) -> CodeLlamaTokenizer:
+    """The bundle's tokenizer; BundleError naming its file when it is not one (its hash matched
+    bundle.json, so the manifest was edited or written for another file), or lacks the
+    infilling tokens bundle.json says it has."""
+    name = bundle.tokenizer_path.relative_to(bundle.root)
+    try:
+        tokenizer = CodeLlamaTokenizer.from_file(bundle.tokenizer_path)
+    except Exception as exc:  # the tokenizers package raises a bare Exception for a file it cannot parse
+        raise BundleError(f"{name} (bundle.json's tokenizer.file) in bundle {bundle.root} is not a tokenizer this "
+                          f"runtime reads ({exc}); export the bundle again") from None
+    if bundle.supports_infill and not tokenizer.supports_infill:
+        raise BundleError(f"{name} in bundle {bundle.root} has no infilling tokens, but bundle.json says the "
+                          "bundle infills (tokenizer.supports_infill); export the bundle again")
+    return tokenizer
+
+
 def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, ProviderChoice]:
     choice = choose_providers(profile.ort_providers(),
                               ort.get_available_providers(), allow_cpu_fallback=profile.allow_cpu_fallback,
@@ -235,6 +251,7 @@ class Engine:
             raise BundleError(f"{bundle.root}: bundle.json's kv_cache.int8_kernel_rows_after_cache "
                               f"({bundle.int8_kernel_rows}) is not below half the prefill chunk of {PREFILL_CHUNK} "
                               "tokens: a long prompt's last chunk would run the int8 kernel; re-export the bundle")
+        tokenizer = bundle_tokenizer(bundle)  # before the (slow) session: a broken file stops at once
         session, choice = make_session(ort, bundle, profile)
         # the fused graph prefills long prompts in chunks: bounded attention scratch (memory_fit.py counts it)
         extra = ({"prefill_chunk": PREFILL_CHUNK, "cuda_graph": uses_cuda_graph(choice)}
@@ -245,7 +262,6 @@ class Engine:
             log.info("CUDA graphs: each decode step replays one recording (the profile's enable_cuda_graph)")
         decoder = DECODERS[bundle.graph_flavour](ort, session, bundle.architecture, device=choice.device,
                                                  device_id=choice.device_id, max_length=max_length, **extra)
-        tokenizer = CodeLlamaTokenizer.from_file(bundle.tokenizer_path)
         return cls(bundle, profile, session, decoder, tokenizer, choice, memory, prompt_cache, prompt_lookup)
 
     # -- request -> prompt ------------------------------------------------------------------

@@ -115,3 +115,35 @@ def test_a_file_the_user_may_not_read_is_a_bundle_error_with_exit_2(tiny_bundle,
         load_bundle(bundle)
     cli = _verify_cli(bundle)
     assert cli.returncode == 2 and words in cli.stderr and "must be able to read" in cli.stderr, cli.stderr
+
+
+def _generate_cli(bundle):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "edge_runtime", "generate", "--bundle", str(bundle), "--prompt",
+                           "def f(", "--max-tokens", "2"], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("change", ["garbage", "licence"])
+def test_a_tokenizer_that_does_not_parse_is_named_before_the_session(tiny_bundle, tmp_path, change):
+    """Hashes that match (the manifest edited, or tokenizer.file naming another listed file):
+    only the tokenizer itself can tell. A BundleError naming the file, exit 2, no traceback."""
+    from edge_runtime.engine import Engine
+
+    bundle = _copy(tiny_bundle, tmp_path / "b")
+    if change == "garbage":
+        (bundle / "tokenizer.json").write_text("{not json")
+        _rehash(bundle)
+        name = "tokenizer.json"
+    else:
+        manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+        manifest["tokenizer"]["file"] = "LICENSE"
+        (bundle / MANIFEST_NAME).write_text(json.dumps(manifest))
+        name = "LICENSE"
+    load_bundle(bundle)  # every hash matches
+    with pytest.raises(BundleError, match=f"{name} \\(bundle.json's tokenizer.file\\) in bundle .* is not a "
+                                          "tokenizer this runtime reads"):
+        Engine.from_bundle(bundle)
+    cli = _generate_cli(bundle)
+    assert cli.returncode == 2 and name in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
