@@ -269,22 +269,35 @@ def verify_files(root: Path, manifest: dict[str, Any], *, progress=None) -> list
 
 
 def check_external_data(graph_path: Path, root: Path, listed: set[Path]) -> None:
-    """Refuse external-data locations that leave the bundle or are not hashed."""
-    for location in external_data_locations(graph_path):
+    """Refuse external-data locations that leave the bundle or are not hashed, and files
+    shorter than the graph reads of them."""
+    for location, extent in external_data_extents(graph_path).items():
         path = safe_relative_path(root, location, what="external data file")
         if path not in listed:
             raise BundleError(f"external data file {location!r} referenced by {graph_path.name} "
                               f"is not listed (hashed) in {MANIFEST_NAME}")
+        size = path.stat().st_size
+        if size < extent.end:
+            raise BundleError(f"external data file {location!r} has {size} bytes, but {graph_path.name} reads up "
+                              f"to byte {extent.end} of it (tensor {extent.tensor!r}): it is cut short or another "
+                              "export's, though its hash matches bundle.json (edited to match); export the "
+                              "bundle again")
 
 
-def external_data_locations(graph_path: Path) -> set[str]:
-    """The `location` values of every external-data tensor in an ONNX file."""
+def external_data_extents(graph_path: Path) -> dict[str, onnx_proto_scan.ExternalExtent]:
+    """The `location` values of every external-data tensor in an ONNX file, with how far the
+    graph reads into each."""
     try:
-        return onnx_proto_scan.external_data_locations(graph_path)
+        return onnx_proto_scan.external_data_extents(graph_path)
     except ValueError as exc:
         raise BundleError(f"{graph_path.name} is not a valid ONNX file: {exc}") from exc
     except OSError as exc:
         raise BundleError(f"{graph_path.name}: cannot be read: {_reason(exc)}{_READ_REMEDY}") from None
+
+
+def external_data_locations(graph_path: Path) -> set[str]:
+    """The `location` values of every external-data tensor in an ONNX file."""
+    return set(external_data_extents(graph_path))
 
 
 SLOWEST_READ_BYTES_PER_S = 10e6  # an old SD card; the bundle is read twice (hashes, then the session)

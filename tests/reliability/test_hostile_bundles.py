@@ -147,3 +147,17 @@ def test_a_tokenizer_that_does_not_parse_is_named_before_the_session(tiny_bundle
         Engine.from_bundle(bundle)
     cli = _generate_cli(bundle)
     assert cli.returncode == 2 and name in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
+
+
+def test_external_data_shorter_than_the_graph_reads_is_refused_before_onnxruntime(tiny_bundle, tmp_path):
+    """model.onnx.data cut short and the manifest's hashes edited to match: named by the
+    loader (which tensor, how many bytes), not an onnxruntime traceback at session creation."""
+    bundle = _copy(tiny_bundle, tmp_path / "b")
+    data = bundle / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    _rehash(bundle)
+    with pytest.raises(BundleError, match=r"external data file 'model.onnx.data' has \d+ bytes, but model.onnx reads "
+                                          r"up to byte \d+ of it \(tensor '.+'\)"):
+        load_bundle(bundle)
+    cli = _verify_cli(bundle)
+    assert cli.returncode == 2 and "model.onnx.data" in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
