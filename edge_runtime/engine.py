@@ -27,7 +27,7 @@ from . import generator
 from .bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, Bundle, Family, load_bundle, manifest_profile_name
 from .detokenizer import IncrementalDetokenizer
 from .errors import BadRequest, BundleError, ConfigError, ContextLengthExceeded, DeadlineExceeded, UnsupportedMode
-from .gqa_decoder import SharedKVDecoder, check_kv_dtype_for_device
+from .gqa_decoder import SharedKVDecoder, check_kv_dtype_for_device, graph_max_length
 from .memory_fit import PREFILL_CHUNK, MemoryPlan, bundle_kv_dtype, check_bundle_fits, engine_context_limit
 from .onnx_decoder import KVConcatDecoder
 from .profiles import DeviceProfile, load_profile
@@ -260,6 +260,12 @@ class Engine:
             extra["int8_kernel_rows"] = bundle.int8_kernel_rows
         if extra.get("cuda_graph"):
             log.info("CUDA graphs: each decode step replays one recording (the profile's enable_cuda_graph)")
+        graph_limit = graph_max_length(session) if bundle.graph_flavour == FLAVOUR_GQA_SHARED_KV else None
+        if graph_limit is not None and max_length > graph_limit:
+            raise BundleError(f"{bundle.root}: bundle.json's context_limit ({bundle.context_limit}) is more than "
+                              f"{bundle.graph_path.name}'s rotary tables cover ({graph_limit} positions): the context "
+                              "is fixed at export (was bundle.json edited?); export the bundle again with "
+                              f"--max-context {max_length}")
         decoder = DECODERS[bundle.graph_flavour](ort, session, bundle.architecture, device=choice.device,
                                                  device_id=choice.device_id, max_length=max_length, **extra)
         return cls(bundle, profile, session, decoder, tokenizer, choice, memory, prompt_cache, prompt_lookup)

@@ -161,3 +161,19 @@ def test_external_data_shorter_than_the_graph_reads_is_refused_before_onnxruntim
         load_bundle(bundle)
     cli = _verify_cli(bundle)
     assert cli.returncode == 2 and "model.onnx.data" in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
+
+
+def test_a_context_limit_raised_past_the_graph_is_named_not_a_traceback(tiny_bundle, tmp_path):
+    """bundle.json edited by hand for a longer context (not pinned, so no hash stops it): the
+    graph's rotary tables were built for the exported context; the engine says so."""
+    from edge_runtime.engine import Engine
+
+    bundle = _copy(tiny_bundle, tmp_path / "b")
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    manifest["context_limit"] *= 2
+    (bundle / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"bundle.json's context_limit \(\d+\) is more than model.onnx's rotary "
+                                          r"tables cover \(\d+ positions\)"):
+        Engine.from_bundle(bundle)
+    cli = _generate_cli(bundle)
+    assert cli.returncode == 2 and "context_limit" in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
