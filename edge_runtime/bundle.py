@@ -220,7 +220,7 @@ def read_manifest(root: Path) -> tuple[dict[str, Any], str]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise BundleError(f"{path} is not an {FORMAT_NAME} manifest")
     version = manifest.get("format_version")
-    if version not in SUPPORTED_FORMAT_VERSIONS:
+    if not is_int(version) or version not in SUPPORTED_FORMAT_VERSIONS:  # true == 1 in Python
         raise BundleError(f"{path}: unsupported format_version {version!r} "
                           f"(this runtime reads {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))})")
     return manifest, hashlib.sha256(raw).hexdigest()

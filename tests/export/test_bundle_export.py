@@ -151,10 +151,12 @@ def test_a_pinned_bundle_json_is_required_before_anything_is_hashed(tiny_bundle,
     assert config.model.bundle_sha256 == pin
 
 
-def test_wrong_format_version_is_refused(tiny_bundle, tmp_path):
+@pytest.mark.parametrize("version", [99, True, "1", 1.0])
+def test_wrong_format_version_is_refused(tiny_bundle, tmp_path, version):
+    """true and 1.0 equal 1 in Python, not in the format: refused like any other."""
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
-    rewrite_manifest(bundle, lambda m: m.update(format_version=99))
-    with pytest.raises(BundleError, match="unsupported format_version 99"):
+    rewrite_manifest(bundle, lambda m: m.update(format_version=version))
+    with pytest.raises(BundleError, match=f"unsupported format_version {re.escape(repr(version))}"):
         load_bundle(bundle)
 
 
