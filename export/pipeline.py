@@ -9,6 +9,7 @@ removed only when an export made it (EXPORT_MARKER or an edge-runtime manifest i
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -626,6 +627,9 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 remove_scratch(partial)
             except (OSError, ExportError):
                 pass
+            if isinstance(exc, OSError):  # a full disk, a quota, a file-size limit, a failing drive
+                raise ExportError(f"{stopped_by(exc, partial)}; nothing was written"
+                                  + (f", the earlier bundle at {output} is kept" if output.exists() else "")) from exc
             raise
         if not isinstance(exc, KeyboardInterrupt):
             finish_swap(replaced, progress)
@@ -638,6 +642,18 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
     return ExportSummary(bundle=output, precision=precision, total_bytes=sum(f["size"] for f in files), files=files,
                          fidelity=manifest["fidelity"], degraded=bool(problems),
                          peak_rss_bytes=peak_rss_bytes(), timings=dict(progress.timings), memory=plan)
+
+
+_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+def stopped_by(exc: OSError, partial: Path) -> str:
+    """What stopped the export, in words: the disk it writes the bundle to, where that is what failed."""
+    what = (exc.strerror or str(exc)) + (f": {exc.filename}" if exc.filename else "")
+    if exc.errno in _WRITE_ERRORS:
+        return f"the export could not write the bundle in {partial} ({what}); free space there, or choose " \
+               "another --output"
+    return f"the export failed: {what}"
 
 
 def finish_swap(replaced: Path, progress: Progress) -> None:

@@ -581,6 +581,28 @@ def test_an_export_stopped_while_it_replaces_a_bundle_leaves_the_earlier_one(tin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
+def test_an_export_that_fills_the_disk_exits_2_naming_it_and_keeps_the_earlier_bundle(tiny_checkpoint, tiny_bundle,
+                                                                                     tmp_path):
+    """The disk fills while the graph is written (here: a file-size limit, EFBIG, which a full
+    disk's ENOSPC takes the same way): exit 2 with what happened and where, the staging folder
+    removed, the earlier bundle --force was to replace still whole under its name."""
+    out = copy_bundle(tiny_bundle, tmp_path / "b")
+    before = load_bundle(out).manifest["files"]
+    script = ("import resource, signal, sys\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))\n"
+              "from edge_runtime.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    cli = subprocess.run([sys.executable, "-c", script, "export", "--checkpoint", str(tiny_checkpoint), "--profile",
+                          "cpu-x86_64", "--output", str(out), "--precision", "fp32", "--skip-fidelity", "--force"],
+                         capture_output=True, text=True)
+    assert cli.returncode == 2, cli.stderr
+    assert f"the export could not write the bundle in {out}.partial (File too large" in cli.stderr, cli.stderr
+    assert f"nothing was written, the earlier bundle at {out} is kept" in cli.stderr and "Traceback" not in cli.stderr
+    assert load_bundle(out).manifest["files"] == before  # verified: every hash
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
 @pytest.mark.parametrize("interrupts", [1, 2])
 def test_an_export_stopped_after_the_new_bundle_took_the_name_is_complete(tiny_checkpoint, tiny_bundle, tmp_path,
                                                                           monkeypatch, interrupts):
