@@ -289,7 +289,8 @@ class FidelityThresholds:
 @dataclass(frozen=True)
 class DeviceProfile:
     """A hardware target. Every key is required in the TOML file except those with a
-    default (quantization keep_bits, scale_search, algorithm; kv_cache bits)."""
+    default (session_config; quantization keep_bits, keep_block_size, scale_search, algorithm,
+    optimum_block_size, lm_head_refine_top_k, embedding_bits; kv_cache bits)."""
 
     name: ProfileName
     description: str
