@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -30,6 +31,7 @@ FLAVOUR_GQA_SHARED_KV = "gqa-shared-kv"  # built from the tensors: GroupQueryAtt
 GRAPH_FLAVOURS = (FLAVOUR_OPTIMUM_KV_CONCAT, FLAVOUR_GQA_SHARED_KV)
 
 _CHUNK = 1 << 20
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def sha256_file(path: Path) -> str:
@@ -246,6 +248,11 @@ def verify_files(root: Path, manifest: dict[str, Any], *, progress=None) -> list
         name = _require(entry, "path", str, f"files[{i}].")
         size = _require(entry, "size", int, f"files[{i}].")
         digest = _require(entry, "sha256", str, f"files[{i}].")
+        if size < 0:
+            raise BundleError(f"{MANIFEST_NAME}: files[{i}].size is {size}, not a size in bytes ({name})")
+        if not _SHA256_HEX.fullmatch(digest):
+            raise BundleError(f"{MANIFEST_NAME}: files[{i}].sha256 {digest!r} is not a SHA-256 (64 lowercase hex "
+                              f"digits) ({name})")
         path = safe_relative_path(root, name, what="file")
         remedy = f"in bundle {root}: copy the bundle again from where it was exported, or export it again"
         if not path.is_file():

@@ -210,6 +210,8 @@ def test_truncated_graph_is_refused_even_with_matching_hashes(tiny_bundle, tmp_p
     ("architecture.head_dim", 0, "architecture.head_dim is 0, not a positive number"),
     ("architecture.rope_theta", float("nan"), "architecture.rope_theta is nan, not a positive number"),
     ("context_limit", -5, "context_limit is -5, not a number of tokens"),
+    ("files.0.size", -1, "files[0].size is -1, not a size in bytes (LICENSE)"),
+    ("files.0.sha256", "ABC", "files[0].sha256 'ABC' is not a SHA-256 (64 lowercase hex digits) (LICENSE)"),
 ])
 def test_a_manifest_with_impossible_numbers_is_refused(tiny_bundle, tmp_path, where, value, words):
     """Caught by verify, not met later as a TypeError in fit or a negative KV cache."""
@@ -219,7 +221,7 @@ def test_a_manifest_with_impossible_numbers_is_refused(tiny_bundle, tmp_path, wh
         *parents, key = where.split(".")
         node = m
         for p in parents:
-            node = node[p]
+            node = node[int(p)] if p.isdigit() else node[p]
         node[key] = value
 
     rewrite_manifest(bundle, change)
