@@ -219,6 +219,8 @@ def read_manifest(root: Path) -> tuple[dict[str, Any], str]:
         manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path} is not valid JSON: {exc}") from exc
+    except RecursionError:  # arrays or objects nested thousands deep: no manifest is
+        raise BundleError(f"{path} is not a bundle manifest: its JSON nests too deep to read") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise BundleError(f"{path} is not an {FORMAT_NAME} manifest")
     version = manifest.get("format_version")

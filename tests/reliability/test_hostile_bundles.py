@@ -177,3 +177,12 @@ def test_a_context_limit_raised_past_the_graph_is_named_not_a_traceback(tiny_bun
         Engine.from_bundle(bundle)
     cli = _generate_cli(bundle)
     assert cli.returncode == 2 and "context_limit" in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
+
+
+def test_a_manifest_nested_too_deep_is_refused_not_a_recursion_traceback(tiny_bundle, tmp_path):
+    bundle = _copy(tiny_bundle, tmp_path / "b")
+    (bundle / MANIFEST_NAME).write_text('{"format": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(BundleError, match="bundle.json is not a bundle manifest: its JSON nests too deep"):
+        load_bundle(bundle)
+    cli = _verify_cli(bundle)
+    assert cli.returncode == 2 and "nests too deep" in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
