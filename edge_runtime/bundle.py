@@ -19,6 +19,7 @@ from typing import Any
 
 from . import onnx_proto_scan
 from .errors import BundleError
+from .prompts import CHAT_FORMATS
 from .types import is_int
 
 MANIFEST_NAME = "bundle.json"
@@ -368,6 +369,11 @@ def load_bundle(path: str | Path, *, progress=None, pinned_sha256: str | None = 
     context_limit = _require(manifest, "context_limit", int, "")
     if context_limit < 1:
         raise BundleError(f"{MANIFEST_NAME}: context_limit is {context_limit}, not a number of tokens")
+    chat_format = _require(tok, "chat_format", str, "tokenizer.")
+    if chat_format not in CHAT_FORMATS:
+        raise BundleError(f"{MANIFEST_NAME}: tokenizer.chat_format {chat_format!r} is not a chat format this runtime "
+                          f"builds ({', '.join(CHAT_FORMATS)}): a bundle from a newer exporter? update edge-runtime, "
+                          "or export the bundle with this one")
     family = Family.from_manifest(manifest, architecture)
     kv_cache = manifest.get("kv_cache")
     int8_kernel_rows = None
@@ -388,7 +394,7 @@ def load_bundle(path: str | Path, *, progress=None, pinned_sha256: str | None = 
         precision=_require(manifest, "precision", str, ""),
         profile_name=_require(_require(manifest, "profile", dict, ""), "name", str, "profile."),
         supports_infill=bool(_require(tok, "supports_infill", bool, "tokenizer.")) and family.supports_infill,
-        chat_format=_require(tok, "chat_format", str, "tokenizer."),
+        chat_format=chat_format,
         model_name=_require(_require(manifest, "source", dict, ""), "name", str, "source."),
         family=family,
         int8_kernel_rows=int8_kernel_rows,

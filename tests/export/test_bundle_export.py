@@ -210,6 +210,8 @@ def test_truncated_graph_is_refused_even_with_matching_hashes(tiny_bundle, tmp_p
     ("architecture.head_dim", 0, "architecture.head_dim is 0, not a positive number"),
     ("architecture.rope_theta", float("nan"), "architecture.rope_theta is nan, not a positive number"),
     ("context_limit", -5, "context_limit is -5, not a number of tokens"),
+    ("tokenizer.chat_format", "chatml", "tokenizer.chat_format 'chatml' is not a chat format this runtime builds "
+                                        "(llama2, source-step)"),
     ("files.0.size", -1, "files[0].size is -1, not a size in bytes (LICENSE)"),
     ("files.0.sha256", "ABC", "files[0].sha256 'ABC' is not a SHA-256 (64 lowercase hex digits) (LICENSE)"),
 ])
