@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -276,6 +277,22 @@ def verify_files(root: Path, manifest: dict[str, Any], *, progress=None) -> list
                               f"({remedy})")
         paths.append(path)
     return paths
+
+
+def unlisted_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    """The files (and links) under `folder` that are neither its manifest nor listed in it, as
+    relative paths: what is not the bundle's (someone's notes, a copied file)."""
+    entries = manifest.get("files")
+    listed = {MANIFEST_NAME} | {e["path"] for e in (entries if isinstance(entries, list) else [])
+                                if isinstance(e, dict) and isinstance(e.get("path"), str)}
+    extra = []
+    for here, dirs, files in os.walk(folder):  # links are not followed: a linked folder counts as one entry
+        base = Path(here)
+        for name in files + [d for d in dirs if (base / d).is_symlink()]:
+            rel = (base / name).relative_to(folder).as_posix()
+            if rel not in listed:
+                extra.append(rel)
+    return sorted(extra)
 
 
 def check_external_data(graph_path: Path, root: Path, listed: set[Path]) -> None:

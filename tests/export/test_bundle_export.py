@@ -133,6 +133,17 @@ def test_a_file_of_another_size_is_refused_saying_how(tiny_bundle, tmp_path, cha
         load_bundle(bundle)
 
 
+def test_verify_names_files_the_manifest_does_not_list_and_still_passes(tiny_bundle, tmp_path):
+    """A stale file left by copying a new bundle over an old folder is not the bundle's:
+    nothing reads it, so verify passes, but it says so rather than print a bare ok."""
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    (bundle / "model.onnx_data").write_bytes(b"an older export's weights")
+    cli = subprocess.run([sys.executable, "-m", "edge_runtime", "verify", "--bundle", str(bundle), "--quiet"],
+                         capture_output=True, text=True)
+    assert cli.returncode == 0 and cli.stdout.startswith("ok: "), cli.stderr
+    assert "holds files bundle.json does not list (not part of the bundle, not checked): model.onnx_data" in cli.stderr
+
+
 def test_a_pinned_bundle_json_is_required_before_anything_is_hashed(tiny_bundle, tmp_path, monkeypatch):
     from edge_runtime import bundle as bundle_module
     from edge_runtime.config import load_config
