@@ -128,7 +128,10 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, P
             raise BundleError(f"{bundle.root} keeps an int8 KV cache, which onnxruntime {ort.__version__} could not "
                               f"load ({exc}); it needs onnxruntime 1.32 or newer (the version tested), or export the "
                               "bundle with --kv-cache-bits 0 (a float cache)") from exc
-        raise
+        # hashes and the external-data scan passed: a graph edited with its hashes, or one this
+        # onnxruntime or device cannot run (an operator it lacks, out of device memory)
+        raise BundleError(f"onnxruntime {ort.__version__} could not create a session for "
+                          f"{bundle.graph_path.name} of bundle {bundle.root}: {exc}") from exc
     return session, check_session_providers(session, choice, profile)
 
 

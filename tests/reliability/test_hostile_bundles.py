@@ -186,3 +186,18 @@ def test_a_manifest_nested_too_deep_is_refused_not_a_recursion_traceback(tiny_bu
         load_bundle(bundle)
     cli = _verify_cli(bundle)
     assert cli.returncode == 2 and "nests too deep" in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
+
+
+def test_a_graph_onnxruntime_cannot_load_is_a_bundle_error_with_exit_2(tiny_bundle, tmp_path):
+    """model.onnx a well-formed protobuf with no graph (hashes edited to match): the loader's scan
+    finds nothing wrong; onnxruntime refuses it, and that is said as a bundle problem."""
+    from edge_runtime.engine import Engine
+
+    bundle = _copy(tiny_bundle, tmp_path / "b")
+    (bundle / "model.onnx").write_bytes(b"\x08\x07")  # ModelProto with ir_version 7 and nothing else
+    _rehash(bundle)
+    load_bundle(bundle)
+    with pytest.raises(BundleError, match=r"onnxruntime \S+ could not create a session for model.onnx of bundle "):
+        Engine.from_bundle(bundle)
+    cli = _generate_cli(bundle)
+    assert cli.returncode == 2 and "model.onnx" in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
