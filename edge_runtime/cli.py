@@ -508,9 +508,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the device commands' paths (verify, generate, fit, bench, serve): Path("") would be the current folder
+DEVICE_FLAGS = {"--bundle": "bundle folder", "--profile": "device profile's name or TOML file"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    empty = empty_flag(args, DEVICE_FLAGS)
+    if empty:
+        return _die(empty)
     logging.basicConfig(level=args.log_level or "WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

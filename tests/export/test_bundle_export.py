@@ -564,6 +564,23 @@ def test_an_empty_output_or_checkpoint_flag_is_refused_not_taken_for_the_current
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here"] and not any(here.iterdir())
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["verify", "--bundle", ""], "--bundle"),
+    (["fit", "--bundle", ""], "--bundle"),
+    (["generate", "--bundle", "", "--prompt", "x"], "--bundle"),
+    (["bench", "--bundle", "", "--no-roofline"], "--bundle"),
+    (["generate", "--bundle", ".", "--profile", " ", "--prompt", "x"], "--profile"),
+])
+def test_an_empty_bundle_or_profile_flag_is_refused_not_taken_for_the_current_folder(tiny_bundle, tmp_path, argv,
+                                                                                      flag):
+    """`--bundle "$BUNDLE"` with the variable unset: not the folder the command runs in (here a
+    bundle, which verify passed), nor, for --profile, the bundle's own profile."""
+    here = copy_bundle(tiny_bundle, tmp_path / "here")
+    cli = subprocess.run([sys.executable, "-m", "edge_runtime", *argv], capture_output=True, text=True, cwd=here,
+                         timeout=300)
+    assert cli.returncode == 2 and f"error: {flag} is empty" in cli.stderr, (cli.stdout, cli.stderr)
+
+
 def test_force_replaces_an_earlier_bundle(tiny_checkpoint, tiny_bundle, tmp_path):
     from edge_export.pipeline import ExportOptions, run_export
 
