@@ -260,7 +260,9 @@ def verify_files(root: Path, manifest: dict[str, Any], *, progress=None) -> list
         path = safe_relative_path(root, name, what="file")
         remedy = f"in bundle {root}: copy the bundle again from where it was exported, or export it again"
         if not path.is_file():
-            raise BundleError(f"{name}: listed in {MANIFEST_NAME} but missing from the bundle ({remedy})")
+            what = ((("a folder" if path.is_dir() else "not a regular file") + " in the bundle") if path.exists()
+                    else "missing from the bundle")
+            raise BundleError(f"{name}: listed in {MANIFEST_NAME} but {what} ({remedy})")
         try:
             actual_size = path.stat().st_size
             if actual_size != size:

@@ -252,6 +252,17 @@ def test_missing_file_is_refused(tiny_bundle, tmp_path):
         load_bundle(bundle)
 
 
+@pytest.mark.parametrize("make, words", [(lambda p: p.mkdir(), "a folder in the bundle"),
+                                         (lambda p: os.mkfifo(p), "not a regular file in the bundle")])
+def test_a_listed_name_that_is_not_a_regular_file_is_named_as_such(tiny_bundle, tmp_path, make, words):
+    """A copy that made tokenizer.json a folder (or a pipe): not said to be missing."""
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    (bundle / "tokenizer.json").unlink()
+    make(bundle / "tokenizer.json")
+    with pytest.raises(BundleError, match=f"tokenizer.json: listed in bundle.json but {words}"):
+        load_bundle(bundle)
+
+
 def test_a_checkpoint_file_instead_of_its_folder_is_named_as_such(tmp_path):
     from edge_export.checkpoint import CheckpointError, read_checkpoint
 
