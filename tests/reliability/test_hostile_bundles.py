@@ -6,7 +6,11 @@ external-data names with `..` or absolute paths (hashes re-made to match), a
 manifest path leaving the bundle, a truncated ONNX file (hashes re-made), a
 missing file, an unknown format version. Here: a flipped byte in *every* file of
 the bundle including bundle.json's hash fields, and a graph swapped for another
-model's with the manifest's hashes edited to match it.
+model's with the manifest's hashes edited to match it; what real files on a board do (a link
+that loops, a file the daemon's user may not read); and what only the files themselves can
+tell once the hashes are edited to match (external data cut short, a tokenizer that does not
+parse, a graph onnxruntime refuses, a context past the graph's rotary tables): each a
+BundleError naming the file or key, exit 2, never a traceback.
 """
 
 from __future__ import annotations
