@@ -124,8 +124,8 @@ def external_data_extents(path: Path) -> dict[str, ExternalExtent]:
             for field, wire, value in _fields(mm, 0, len(mm)):
                 if field == 7 and wire == _LEN:
                     _graph_external(mm, value, out)
-        except IndexError as exc:
-            raise ValueError("truncated protobuf message") from exc
+        except (IndexError, TypeError) as exc:  # TypeError: a field of another wire type than its own
+            raise ValueError("truncated or malformed protobuf message") from exc
     return out
 
 

@@ -205,3 +205,21 @@ def test_a_graph_onnxruntime_cannot_load_is_a_bundle_error_with_exit_2(tiny_bund
         Engine.from_bundle(bundle)
     cli = _generate_cli(bundle)
     assert cli.returncode == 2 and "model.onnx" in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
+
+
+def test_a_graph_whose_tensor_fields_have_the_wrong_wire_type_is_not_a_valid_onnx_file(tiny_bundle, tmp_path):
+    """A damaged model.onnx (hashes edited to match) whose initializer's dims field is a
+    fixed64: the loader's scan says the file is not valid ONNX, not a TypeError traceback."""
+    def field(number, wire, payload):
+        return bytes([number << 3 | wire]) + payload
+
+    def length_delimited(number, body):
+        return field(number, 2, bytes([len(body)]) + body)
+
+    tensor = field(1, 1, b"\0" * 8) + length_delimited(13, length_delimited(1, b"location") +
+                                                       length_delimited(2, b"model.onnx.data"))
+    bundle = _copy(tiny_bundle, tmp_path / "b")
+    (bundle / "model.onnx").write_bytes(length_delimited(7, length_delimited(5, tensor)))
+    _rehash(bundle)
+    with pytest.raises(BundleError, match="model.onnx is not a valid ONNX file"):
+        load_bundle(bundle)
