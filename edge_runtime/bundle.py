@@ -31,6 +31,7 @@ SUPPORTED_FORMAT_VERSIONS = (1,)
 FLAVOUR_OPTIMUM_KV_CONCAT = "optimum-kv-concat"  # optimum export: past in, past+new out
 FLAVOUR_GQA_SHARED_KV = "gqa-shared-kv"  # built from the tensors: GroupQueryAttention, one shared KV buffer
 GRAPH_FLAVOURS = (FLAVOUR_OPTIMUM_KV_CONCAT, FLAVOUR_GQA_SHARED_KV)
+KV_CACHE_DTYPES = ("float32", "float16", "int8")  # profile.kv_cache_dtype: the cache the graph keeps
 
 _CHUNK = 1 << 20
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -393,6 +394,14 @@ def load_bundle(path: str | Path, *, progress=None, pinned_sha256: str | None = 
         raise BundleError(f"{MANIFEST_NAME}: tokenizer.chat_format {chat_format!r} is not a chat format this runtime "
                           f"builds ({', '.join(CHAT_FORMATS)}): a bundle from a newer exporter? update edge-runtime, "
                           "or export the bundle with this one")
+    profile = _require(manifest, "profile", dict, "")
+    kv_dtype = profile.get("kv_cache_dtype")  # absent in early bundles: the profile's then
+    if kv_dtype is not None and kv_dtype not in KV_CACHE_DTYPES:
+        raise BundleError(f"{MANIFEST_NAME}: profile.kv_cache_dtype {kv_dtype!r} is not one of "
+                          f"{', '.join(KV_CACHE_DTYPES)}")
+    licences = manifest.get("licence_files", [])
+    if not isinstance(licences, list) or not all(isinstance(name, str) for name in licences):
+        raise BundleError(f"{MANIFEST_NAME}: licence_files is not a list of file names")
     family = Family.from_manifest(manifest, architecture)
     kv_cache = manifest.get("kv_cache")
     int8_kernel_rows = None
@@ -411,7 +420,7 @@ def load_bundle(path: str | Path, *, progress=None, pinned_sha256: str | None = 
         tokenizer_path=tokenizer_path,
         context_limit=context_limit,
         precision=_require(manifest, "precision", str, ""),
-        profile_name=_require(_require(manifest, "profile", dict, ""), "name", str, "profile."),
+        profile_name=_require(profile, "name", str, "profile."),
         supports_infill=bool(_require(tok, "supports_infill", bool, "tokenizer.")) and family.supports_infill,
         chat_format=chat_format,
         model_name=_require(_require(manifest, "source", dict, ""), "name", str, "source."),

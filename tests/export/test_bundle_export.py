@@ -223,6 +223,8 @@ def test_truncated_graph_is_refused_even_with_matching_hashes(tiny_bundle, tmp_p
     ("context_limit", -5, "context_limit is -5, not a number of tokens"),
     ("tokenizer.chat_format", "chatml", "tokenizer.chat_format 'chatml' is not a chat format this runtime builds "
                                         "(llama2, source-step)"),
+    ("profile.kv_cache_dtype", "int4", "profile.kv_cache_dtype 'int4' is not one of float32, float16, int8"),
+    ("licence_files", True, "licence_files is not a list of file names"),
     ("files.0.size", -1, "files[0].size is -1, not a size in bytes (LICENSE)"),
     ("files.0.sha256", "ABC", "files[0].sha256 'ABC' is not a SHA-256 (64 lowercase hex digits) (LICENSE)"),
 ])
@@ -240,9 +242,10 @@ def test_a_manifest_with_impossible_numbers_is_refused(tiny_bundle, tmp_path, wh
     rewrite_manifest(bundle, change)
     with pytest.raises(BundleError, match=re.escape(words)):
         load_bundle(bundle)
-    cli = subprocess.run([sys.executable, "-m", "edge_runtime", "verify", "--bundle", str(bundle)],
-                         capture_output=True, text=True)
-    assert cli.returncode == 2 and words in cli.stderr and "Traceback" not in cli.stderr
+    for command in ("verify", "fit"):  # fit reads the sizes, the KV cache's dtype and the licence files
+        cli = subprocess.run([sys.executable, "-m", "edge_runtime", command, "--bundle", str(bundle)],
+                             capture_output=True, text=True)
+        assert cli.returncode == 2 and words in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
 
 
 def test_missing_file_is_refused(tiny_bundle, tmp_path):
