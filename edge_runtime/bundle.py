@@ -20,6 +20,7 @@ from typing import Any
 
 from . import onnx_proto_scan
 from .errors import BundleError
+from .profiles import PROFILE_NAME_PATTERN
 from .prompts import CHAT_FORMATS
 from .types import is_int
 
@@ -237,7 +238,17 @@ def manifest_profile_name(path: str | Path) -> str:
     """The profile a bundle was exported for, from its bundle.json alone (no file is hashed):
     what to load before `load_bundle`'s slow verification."""
     manifest, _ = read_manifest(resolve_root(path))
-    return _require(_require(manifest, "profile", dict, ""), "name", str, "profile.")
+    return _profile_name(_require(manifest, "profile", dict, ""))
+
+
+def _profile_name(profile: dict[str, Any]) -> str:
+    """profile.name: a profile's name, never a path (load_profile would read a name with a "/"
+    or ending in .toml as a file: a bundle records only the name, whatever the export was given)."""
+    name = _require(profile, "name", str, "profile.")
+    if not re.fullmatch(PROFILE_NAME_PATTERN, name):
+        raise BundleError(f"{MANIFEST_NAME}: profile.name {name!r} is not a profile name (a lower-case name "
+                          "such as 'cpu-x86_64')")
+    return name
 
 
 def verify_files(root: Path, manifest: dict[str, Any], *, progress=None) -> list[Path]:
@@ -420,7 +431,7 @@ def load_bundle(path: str | Path, *, progress=None, pinned_sha256: str | None = 
         tokenizer_path=tokenizer_path,
         context_limit=context_limit,
         precision=_require(manifest, "precision", str, ""),
-        profile_name=_require(profile, "name", str, "profile."),
+        profile_name=_profile_name(profile),
         supports_infill=bool(_require(tok, "supports_infill", bool, "tokenizer.")) and family.supports_infill,
         chat_format=chat_format,
         model_name=_require(_require(manifest, "source", dict, ""), "name", str, "source."),

@@ -81,8 +81,9 @@ ProviderName = Annotated[
         "an onnxruntime provider name such as 'CUDAExecutionProvider'",
     ),
 ]
+PROFILE_NAME_PATTERN = r"[a-z0-9][a-z0-9_-]*"  # also what a bundle's profile.name must be (bundle.py)
 ProfileName = Annotated[
-    str, matches(r"[a-z0-9][a-z0-9_-]*", "a lower-case name such as 'cpu-x86_64'")
+    str, matches(PROFILE_NAME_PATTERN, "a lower-case name such as 'cpu-x86_64'")
 ]
 SESSION_CONFIG_KEY = r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)+"
 SessionConfigKey = Annotated[

@@ -224,6 +224,7 @@ def test_truncated_graph_is_refused_even_with_matching_hashes(tiny_bundle, tmp_p
     ("tokenizer.chat_format", "chatml", "tokenizer.chat_format 'chatml' is not a chat format this runtime builds "
                                         "(llama2, source-step)"),
     ("profile.kv_cache_dtype", "int4", "profile.kv_cache_dtype 'int4' is not one of float32, float16, int8"),
+    ("profile.name", "/tmp/my-x86.toml", "profile.name '/tmp/my-x86.toml' is not a profile name"),
     ("licence_files", True, "licence_files is not a list of file names"),
     ("files.0.size", -1, "files[0].size is -1, not a size in bytes (LICENSE)"),
     ("files.0.sha256", "ABC", "files[0].sha256 'ABC' is not a SHA-256 (64 lowercase hex digits) (LICENSE)"),
