@@ -336,11 +336,6 @@ def external_data_extents(graph_path: Path) -> dict[str, onnx_proto_scan.Externa
         raise BundleError(f"{graph_path.name}: cannot be read: {_reason(exc)}{_READ_REMEDY}") from None
 
 
-def external_data_locations(graph_path: Path) -> set[str]:
-    """The `location` values of every external-data tensor in an ONNX file."""
-    return set(external_data_extents(graph_path))
-
-
 SLOWEST_READ_BYTES_PER_S = 10e6  # an old SD card; the bundle is read twice (hashes, then the session)
 
 

@@ -1,11 +1,11 @@
 """Read what the device side needs of an ONNX model without the `onnx` package (the
-device side does not install it): the external-data file names it refers to, and the
-bytes a decode step reads (`decode_read_bytes`, for the roofline of `edge-runtime bench`).
+device side does not install it): the external-data file names it refers to and how far
+into each it reads (`external_data_extents`), and the bytes a decode step reads (`decode_read_bytes`, for the roofline of `edge-runtime bench`).
 
 A minimal protobuf wire-format walk over a memory-mapped file: ModelProto.graph
 (field 7) -> GraphProto.initializer (5), node (1) and input (11) -> attribute (5) -> t (5) /
 tensors (11) / g (6) / graphs (10) -> TensorProto.external_data (13) entries
-whose key (1) is "location" -> value (2). Nothing is copied but names, shapes and
+whose key (1) is "location", "offset" or "length" -> value (2). Nothing is copied but names, shapes and
 the few small integer tensors asked for.
 """
 
@@ -127,12 +127,6 @@ def external_data_extents(path: Path) -> dict[str, ExternalExtent]:
         except (IndexError, TypeError) as exc:  # TypeError: a field of another wire type than its own
             raise ValueError("truncated or malformed protobuf message") from exc
     return out
-
-
-def external_data_locations(path: Path) -> set[str]:
-    """Every external-data `location` in the model at `path` (ValueError if the
-    file is not a well-formed protobuf message)."""
-    return set(external_data_extents(path))
 
 
 # -- the top-level graph's initializers, nodes and inputs: what a decode step reads ------------------------------
