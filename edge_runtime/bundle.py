@@ -8,15 +8,20 @@ that reads those files; it verifies every hash before a session is created.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import onnx_proto_scan
 from .errors import BundleError
+from .profiles import PROFILE_NAME_PATTERN
+from .prompts import CHAT_FORMATS
 from .types import is_int
 
 MANIFEST_NAME = "bundle.json"
@@ -27,8 +32,10 @@ SUPPORTED_FORMAT_VERSIONS = (1,)
 FLAVOUR_OPTIMUM_KV_CONCAT = "optimum-kv-concat"  # optimum export: past in, past+new out
 FLAVOUR_GQA_SHARED_KV = "gqa-shared-kv"  # built from the tensors: GroupQueryAttention, one shared KV buffer
 GRAPH_FLAVOURS = (FLAVOUR_OPTIMUM_KV_CONCAT, FLAVOUR_GQA_SHARED_KV)
+KV_CACHE_DTYPES = ("float32", "float16", "int8")  # profile.kv_cache_dtype: the cache the graph keeps
 
 _CHUNK = 1 << 20
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def sha256_file(path: Path) -> str:
@@ -44,10 +51,31 @@ def safe_relative_path(root: Path, name: str, *, what: str) -> Path:
     pure = PurePosixPath(name)
     if not name or pure.is_absolute() or "\\" in name or any(p == ".." for p in pure.parts) or ":" in pure.parts[0]:
         raise BundleError(f"{what} {name!r} is not a plain relative path inside the bundle")
-    resolved = (root / pure).resolve()
-    if not resolved.is_relative_to(root.resolve()):
+    try:
+        resolved = (root / pure).resolve()
+    except (RuntimeError, OSError) as exc:  # a symbolic link that loops (RuntimeError before Python 3.13)
+        raise BundleError(f"{what} {name!r} cannot be resolved inside the bundle: {_reason(exc)}") from None
+    if not resolved.is_relative_to(resolve_root(root)):
         raise BundleError(f"{what} {name!r} leaves the bundle folder")
     return resolved
+
+
+def resolve_root(path: str | Path) -> Path:
+    """The bundle folder's absolute path, links followed (BundleError for a link that loops)."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as exc:
+        raise BundleError(f"bundle folder {path} cannot be resolved: {_reason(exc)}") from None
+
+
+_READ_REMEDY = "; the user that runs edge-runtime must be able to read every file of the bundle"
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong reading a path, in words (a looping link, a permission denied...)."""
+    if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP:
+        return "a symbolic link that loops"
+    return getattr(exc, "strerror", None) or str(exc)
 
 
 @dataclass(frozen=True)
@@ -179,19 +207,28 @@ def _require(mapping: dict[str, Any], key: str, typ: type | tuple[type, ...], wh
 
 def read_manifest(root: Path) -> tuple[dict[str, Any], str]:
     path = root / MANIFEST_NAME
-    if not root.is_dir():
+    try:
+        is_dir, is_file = root.is_dir(), path.is_file()
+    except OSError as exc:  # a folder on the way that this user may not enter
+        raise BundleError(f"bundle folder {root} cannot be read: {_reason(exc)}{_READ_REMEDY}") from None
+    if not is_dir:
         raise BundleError(f"bundle folder {root} " + ("is a file, not a folder" if root.exists() else "does not exist"))
-    if not path.is_file():
+    if not is_file:
         raise BundleError(f"{path} is missing: not a bundle folder")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{path} cannot be read: {_reason(exc)}{_READ_REMEDY}") from None
     try:
         manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path} is not valid JSON: {exc}") from exc
+    except RecursionError:  # arrays or objects nested thousands deep: no manifest is
+        raise BundleError(f"{path} is not a bundle manifest: its JSON nests too deep to read") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise BundleError(f"{path} is not an {FORMAT_NAME} manifest")
     version = manifest.get("format_version")
-    if version not in SUPPORTED_FORMAT_VERSIONS:
+    if not is_int(version) or version not in SUPPORTED_FORMAT_VERSIONS:  # true == 1 in Python
         raise BundleError(f"{path}: unsupported format_version {version!r} "
                           f"(this runtime reads {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))})")
     return manifest, hashlib.sha256(raw).hexdigest()
@@ -200,8 +237,18 @@ def read_manifest(root: Path) -> tuple[dict[str, Any], str]:
 def manifest_profile_name(path: str | Path) -> str:
     """The profile a bundle was exported for, from its bundle.json alone (no file is hashed):
     what to load before `load_bundle`'s slow verification."""
-    manifest, _ = read_manifest(Path(path).resolve())
-    return _require(_require(manifest, "profile", dict, ""), "name", str, "profile.")
+    manifest, _ = read_manifest(resolve_root(path))
+    return _profile_name(_require(manifest, "profile", dict, ""))
+
+
+def _profile_name(profile: dict[str, Any]) -> str:
+    """profile.name: a profile's name, never a path (load_profile would read a name with a "/"
+    or ending in .toml as a file: a bundle records only the name, whatever the export was given)."""
+    name = _require(profile, "name", str, "profile.")
+    if not re.fullmatch(PROFILE_NAME_PATTERN, name):
+        raise BundleError(f"{MANIFEST_NAME}: profile.name {name!r} is not a profile name (a lower-case name "
+                          "such as 'cpu-x86_64')")
+    return name
 
 
 def verify_files(root: Path, manifest: dict[str, Any], *, progress=None) -> list[Path]:
@@ -217,39 +264,76 @@ def verify_files(root: Path, manifest: dict[str, Any], *, progress=None) -> list
         name = _require(entry, "path", str, f"files[{i}].")
         size = _require(entry, "size", int, f"files[{i}].")
         digest = _require(entry, "sha256", str, f"files[{i}].")
+        if size < 0:
+            raise BundleError(f"{MANIFEST_NAME}: files[{i}].size is {size}, not a size in bytes ({name})")
+        if not _SHA256_HEX.fullmatch(digest):
+            raise BundleError(f"{MANIFEST_NAME}: files[{i}].sha256 {digest!r} is not a SHA-256 (64 lowercase hex "
+                              f"digits) ({name})")
         path = safe_relative_path(root, name, what="file")
         remedy = f"in bundle {root}: copy the bundle again from where it was exported, or export it again"
         if not path.is_file():
-            raise BundleError(f"{name}: listed in {MANIFEST_NAME} but missing from the bundle ({remedy})")
-        actual_size = path.stat().st_size
-        if actual_size != size:
-            how = "truncated" if actual_size < size else "larger than exported: replaced or appended to"
-            raise BundleError(f"{name}: size {actual_size} does not match the manifest ({size}): the file is "
-                              f"{how} ({remedy})")
-        if progress:
-            progress(name)
-        if sha256_file(path) != digest:
+            what = ((("a folder" if path.is_dir() else "not a regular file") + " in the bundle") if path.exists()
+                    else "missing from the bundle")
+            raise BundleError(f"{name}: listed in {MANIFEST_NAME} but {what} ({remedy})")
+        try:
+            actual_size = path.stat().st_size
+            if actual_size != size:
+                how = "truncated" if actual_size < size else "larger than exported: replaced or appended to"
+                raise BundleError(f"{name}: size {actual_size} does not match the manifest ({size}): the file is "
+                                  f"{how} ({remedy})")
+            if progress:
+                progress(name)
+            actual_digest = sha256_file(path)
+        except OSError as exc:  # no permission to read it, or the storage fails under it (EIO)
+            raise BundleError(f"{name}: cannot be read: {_reason(exc)} (in bundle {root}{_READ_REMEDY})") from None
+        if actual_digest != digest:
             raise BundleError(f"{name}: SHA-256 does not match the manifest: the file changed or is corrupted "
                               f"({remedy})")
         paths.append(path)
     return paths
 
 
+def unlisted_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    """The files (and links) under `folder` that are neither its manifest nor listed in it, as
+    relative paths: what is not the bundle's (someone's notes, a copied file)."""
+    entries = manifest.get("files")
+    listed = {MANIFEST_NAME} | {e["path"] for e in (entries if isinstance(entries, list) else [])
+                                if isinstance(e, dict) and isinstance(e.get("path"), str)}
+    extra = []
+    for here, dirs, files in os.walk(folder):  # links are not followed: a linked folder counts as one entry
+        base = Path(here)
+        for name in files + [d for d in dirs if (base / d).is_symlink()]:
+            rel = (base / name).relative_to(folder).as_posix()
+            if rel not in listed:
+                extra.append(rel)
+    return sorted(extra)
+
+
 def check_external_data(graph_path: Path, root: Path, listed: set[Path]) -> None:
-    """Refuse external-data locations that leave the bundle or are not hashed."""
-    for location in external_data_locations(graph_path):
+    """Refuse external-data locations that leave the bundle or are not hashed, and files
+    shorter than the graph reads of them."""
+    for location, extent in external_data_extents(graph_path).items():
         path = safe_relative_path(root, location, what="external data file")
         if path not in listed:
             raise BundleError(f"external data file {location!r} referenced by {graph_path.name} "
                               f"is not listed (hashed) in {MANIFEST_NAME}")
+        size = path.stat().st_size
+        if size < extent.end:
+            raise BundleError(f"external data file {location!r} has {size} bytes, but {graph_path.name} reads up "
+                              f"to byte {extent.end} of it (tensor {extent.tensor!r}): it is cut short or another "
+                              "export's, though its hash matches bundle.json (edited to match); export the "
+                              "bundle again")
 
 
-def external_data_locations(graph_path: Path) -> set[str]:
-    """The `location` values of every external-data tensor in an ONNX file."""
+def external_data_extents(graph_path: Path) -> dict[str, onnx_proto_scan.ExternalExtent]:
+    """The `location` values of every external-data tensor in an ONNX file, with how far the
+    graph reads into each."""
     try:
-        return onnx_proto_scan.external_data_locations(graph_path)
+        return onnx_proto_scan.external_data_extents(graph_path)
     except ValueError as exc:
         raise BundleError(f"{graph_path.name} is not a valid ONNX file: {exc}") from exc
+    except OSError as exc:
+        raise BundleError(f"{graph_path.name}: cannot be read: {_reason(exc)}{_READ_REMEDY}") from None
 
 
 SLOWEST_READ_BYTES_PER_S = 10e6  # an old SD card; the bundle is read twice (hashes, then the session)
@@ -260,7 +344,7 @@ def load_time_budget_s(path: str | Path) -> float:
     its files read twice at SLOWEST_READ_BYTES_PER_S. 0 when the manifest cannot be read
     (the load then says why at once)."""
     try:
-        manifest, _ = read_manifest(Path(path).resolve())
+        manifest, _ = read_manifest(resolve_root(path))
     except (BundleError, OSError):
         return 0.0
     return 2 * listed_bytes(manifest) / SLOWEST_READ_BYTES_PER_S
@@ -277,7 +361,7 @@ def listed_bytes(manifest: dict[str, Any]) -> int:
 def load_bundle(path: str | Path, *, progress=None, pinned_sha256: str | None = None) -> Bundle:
     """Read and verify a bundle. Raises BundleError naming the problem. `pinned_sha256`:
     the SHA-256 its bundle.json must have (checked first, before the files are hashed)."""
-    root = Path(path).resolve()
+    root = resolve_root(path)
     manifest, manifest_sha = read_manifest(root)
     if pinned_sha256 is not None and manifest_sha != pinned_sha256:
         raise BundleError(f"bundle {root}: {MANIFEST_NAME} has SHA-256 {manifest_sha}, not the {pinned_sha256} that "
@@ -311,6 +395,19 @@ def load_bundle(path: str | Path, *, progress=None, pinned_sha256: str | None = 
     context_limit = _require(manifest, "context_limit", int, "")
     if context_limit < 1:
         raise BundleError(f"{MANIFEST_NAME}: context_limit is {context_limit}, not a number of tokens")
+    chat_format = _require(tok, "chat_format", str, "tokenizer.")
+    if chat_format not in CHAT_FORMATS:
+        raise BundleError(f"{MANIFEST_NAME}: tokenizer.chat_format {chat_format!r} is not a chat format this runtime "
+                          f"builds ({', '.join(CHAT_FORMATS)}): a bundle from a newer exporter? update edge-runtime, "
+                          "or export the bundle with this one")
+    profile = _require(manifest, "profile", dict, "")
+    kv_dtype = profile.get("kv_cache_dtype")  # absent in early bundles: the profile's then
+    if kv_dtype is not None and kv_dtype not in KV_CACHE_DTYPES:
+        raise BundleError(f"{MANIFEST_NAME}: profile.kv_cache_dtype {kv_dtype!r} is not one of "
+                          f"{', '.join(KV_CACHE_DTYPES)}")
+    licences = manifest.get("licence_files", [])
+    if not isinstance(licences, list) or not all(isinstance(name, str) for name in licences):
+        raise BundleError(f"{MANIFEST_NAME}: licence_files is not a list of file names")
     family = Family.from_manifest(manifest, architecture)
     kv_cache = manifest.get("kv_cache")
     int8_kernel_rows = None
@@ -329,9 +426,9 @@ def load_bundle(path: str | Path, *, progress=None, pinned_sha256: str | None = 
         tokenizer_path=tokenizer_path,
         context_limit=context_limit,
         precision=_require(manifest, "precision", str, ""),
-        profile_name=_require(_require(manifest, "profile", dict, ""), "name", str, "profile."),
+        profile_name=_profile_name(profile),
         supports_infill=bool(_require(tok, "supports_infill", bool, "tokenizer.")) and family.supports_infill,
-        chat_format=_require(tok, "chat_format", str, "tokenizer."),
+        chat_format=chat_format,
         model_name=_require(_require(manifest, "source", dict, ""), "name", str, "source."),
         family=family,
         int8_kernel_rows=int8_kernel_rows,

@@ -69,11 +69,16 @@ def cmd_export(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .bundle import load_bundle
+    from .bundle import load_bundle, unlisted_files
 
     bundle = load_bundle(args.bundle, progress=(lambda name: print(f"checking {name}", file=sys.stderr))
                          if not args.quiet else None)
     files = bundle.manifest["files"]
+    extra = unlisted_files(bundle.root, bundle.manifest)
+    if extra:  # not the bundle's: nothing reads them (the graph's external data is listed, or refused above)
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        print(f"note: {bundle.root} also holds files bundle.json does not list (not part of the bundle, not "
+              f"checked): {shown}", file=sys.stderr)
     print(f"ok: {bundle.root} ({len(files)} files, {sum(f['size'] for f in files)} bytes, format "
           f"{bundle.manifest['format_version']}, bundle.json sha256 {bundle.manifest_sha256})")
     return 0
@@ -513,10 +518,17 @@ def utf8_stdout() -> None:
         sys.stdout.reconfigure(encoding="utf-8")
 
 
+# the device commands' paths (verify, generate, fit, bench, serve): Path("") would be the current folder
+DEVICE_FLAGS = {"--bundle": "bundle folder", "--profile": "device profile's name or TOML file"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     utf8_stdout()
+    empty = empty_flag(args, DEVICE_FLAGS)
+    if empty:
+        return _die(empty)
     logging.basicConfig(level=args.log_level or "WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

@@ -27,7 +27,7 @@ from . import generator
 from .bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, Bundle, Family, load_bundle, manifest_profile_name
 from .detokenizer import IncrementalDetokenizer
 from .errors import BadRequest, BundleError, ConfigError, ContextLengthExceeded, DeadlineExceeded, UnsupportedMode
-from .gqa_decoder import SharedKVDecoder, check_kv_dtype_for_device
+from .gqa_decoder import SharedKVDecoder, check_kv_dtype_for_device, graph_max_length
 from .memory_fit import PREFILL_CHUNK, MemoryPlan, bundle_kv_dtype, check_bundle_fits, engine_context_limit
 from .onnx_decoder import KVConcatDecoder
 from .profiles import DeviceProfile, load_profile
@@ -86,6 +86,22 @@ class ModelInfo:
         return facts
 
 
+def bundle_tokenizer(bundle: Bundle) -> CodeLlamaTokenizer:
+    """The bundle's tokenizer; BundleError naming its file when it is not one (its hash matched
+    bundle.json, so the manifest was edited or written for another file), or lacks the
+    infilling tokens bundle.json says it has."""
+    name = bundle.tokenizer_path.relative_to(bundle.root)
+    try:
+        tokenizer = CodeLlamaTokenizer.from_file(bundle.tokenizer_path)
+    except Exception as exc:  # the tokenizers package raises a bare Exception for a file it cannot parse
+        raise BundleError(f"{name} (bundle.json's tokenizer.file) in bundle {bundle.root} is not a tokenizer this "
+                          f"runtime reads ({exc}); export the bundle again") from None
+    if bundle.supports_infill and not tokenizer.supports_infill:
+        raise BundleError(f"{name} in bundle {bundle.root} has no infilling tokens, but bundle.json says the "
+                          "bundle infills (tokenizer.supports_infill); export the bundle again")
+    return tokenizer
+
+
 def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, ProviderChoice]:
     choice = choose_providers(profile.ort_providers(),
                               ort.get_available_providers(), allow_cpu_fallback=profile.allow_cpu_fallback,
@@ -112,7 +128,10 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, P
             raise BundleError(f"{bundle.root} keeps an int8 KV cache, which onnxruntime {ort.__version__} could not "
                               f"load ({exc}); it needs onnxruntime 1.32 or newer (the version tested), or export the "
                               "bundle with --kv-cache-bits 0 (a float cache)") from exc
-        raise
+        # hashes and the external-data scan passed: a graph edited with its hashes, or one this
+        # onnxruntime or device cannot run (an operator it lacks, out of device memory)
+        raise BundleError(f"onnxruntime {ort.__version__} could not create a session for "
+                          f"{bundle.graph_path.name} of bundle {bundle.root}: {exc}") from exc
     return session, check_session_providers(session, choice, profile)
 
 
@@ -235,6 +254,7 @@ class Engine:
             raise BundleError(f"{bundle.root}: bundle.json's kv_cache.int8_kernel_rows_after_cache "
                               f"({bundle.int8_kernel_rows}) is not below half the prefill chunk of {PREFILL_CHUNK} "
                               "tokens: a long prompt's last chunk would run the int8 kernel; re-export the bundle")
+        tokenizer = bundle_tokenizer(bundle)  # before the (slow) session: a broken file stops at once
         session, choice = make_session(ort, bundle, profile)
         # the fused graph prefills long prompts in chunks: bounded attention scratch (memory_fit.py counts it)
         extra = ({"prefill_chunk": PREFILL_CHUNK, "cuda_graph": uses_cuda_graph(choice)}
@@ -243,9 +263,14 @@ class Engine:
             extra["int8_kernel_rows"] = bundle.int8_kernel_rows
         if extra.get("cuda_graph"):
             log.info("CUDA graphs: each decode step replays one recording (the profile's enable_cuda_graph)")
+        graph_limit = graph_max_length(session) if bundle.graph_flavour == FLAVOUR_GQA_SHARED_KV else None
+        if graph_limit is not None and max_length > graph_limit:
+            raise BundleError(f"{bundle.root}: bundle.json's context_limit ({bundle.context_limit}) is more than "
+                              f"{bundle.graph_path.name}'s rotary tables cover ({graph_limit} positions): the context "
+                              "is fixed at export (was bundle.json edited?); export the bundle again with "
+                              f"--max-context {max_length}")
         decoder = DECODERS[bundle.graph_flavour](ort, session, bundle.architecture, device=choice.device,
                                                  device_id=choice.device_id, max_length=max_length, **extra)
-        tokenizer = CodeLlamaTokenizer.from_file(bundle.tokenizer_path)
         return cls(bundle, profile, session, decoder, tokenizer, choice, memory, prompt_cache, prompt_lookup)
 
     # -- request -> prompt ------------------------------------------------------------------

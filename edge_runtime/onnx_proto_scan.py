@@ -1,11 +1,11 @@
 """Read what the device side needs of an ONNX model without the `onnx` package (the
-device side does not install it): the external-data file names it refers to, and the
-bytes a decode step reads (`decode_read_bytes`, for the roofline of `edge-runtime bench`).
+device side does not install it): the external-data file names it refers to and how far
+into each it reads (`external_data_extents`), and the bytes a decode step reads (`decode_read_bytes`, for the roofline of `edge-runtime bench`).
 
 A minimal protobuf wire-format walk over a memory-mapped file: ModelProto.graph
 (field 7) -> GraphProto.initializer (5), node (1) and input (11) -> attribute (5) -> t (5) /
 tensors (11) / g (6) / graphs (10) -> TensorProto.external_data (13) entries
-whose key (1) is "location" -> value (2). Nothing is copied but names, shapes and
+whose key (1) is "location", "offset" or "length" -> value (2). Nothing is copied but names, shapes and
 the few small integer tensors asked for.
 """
 
@@ -57,48 +57,75 @@ def _fields(buf, start: int, end: int):
         yield field, wire, value
 
 
-def _tensor_locations(buf, span: tuple[int, int], out: set[str]) -> None:
+@dataclass(frozen=True)
+class ExternalExtent:
+    """How far into one external-data file the graph reads: the end of its furthest tensor."""
+
+    end: int  # bytes: the largest offset + length of a tensor stored there
+    tensor: str  # that tensor's name
+
+
+def _tensor_external(buf, span: tuple[int, int], out: dict[str, ExternalExtent]) -> None:
+    name, dims, data_type, entries = "", [], 0, {}
     for field, wire, value in _fields(buf, *span):
-        if field == 13 and wire == _LEN:
+        if field == 1:
+            dims += _packed_ints(buf, value, wire)
+        elif field == 2 and wire == _VARINT:
+            data_type = value
+        elif field == 8 and wire == _LEN:
+            name = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
+        elif field == 13 and wire == _LEN:
             key = val = None
             for f, w, v in _fields(buf, *value):
                 if w == _LEN and f == 1:
-                    key = buf[v[0]:v[1]].decode("utf-8", "replace")
+                    key = bytes(buf[v[0]:v[1]]).decode("utf-8", "replace")
                 elif w == _LEN and f == 2:
-                    val = buf[v[0]:v[1]].decode("utf-8", "replace")
-            if key == "location" and val is not None:
-                out.add(val)
+                    val = bytes(buf[v[0]:v[1]]).decode("utf-8", "replace")
+            if key is not None and val is not None:
+                entries[key] = val
+    location = entries.get("location")
+    if location is None:
+        return
+    try:
+        offset = int(entries.get("offset") or 0)
+        length = int(entries["length"]) if entries.get("length") else math.ceil(
+            math.prod(dims) * ELEMENT_BYTES.get(data_type, 1))
+    except ValueError as exc:
+        raise ValueError(f"tensor {name!r} has an external-data offset or length that is not a number") from exc
+    end = offset + length
+    if location not in out or end > out[location].end:
+        out[location] = ExternalExtent(end, name)
 
 
-def _graph_locations(buf, span: tuple[int, int], out: set[str]) -> None:
+def _graph_external(buf, span: tuple[int, int], out: dict[str, ExternalExtent]) -> None:
     for field, wire, value in _fields(buf, *span):
         if wire != _LEN:
             continue
         if field == 5:  # initializer
-            _tensor_locations(buf, value, out)
+            _tensor_external(buf, value, out)
         elif field == 1:  # node
             for f, w, attr in _fields(buf, *value):
                 if f == 5 and w == _LEN:
                     for af, aw, av in _fields(buf, *attr):
                         if aw == _LEN and af in (5, 11):
-                            _tensor_locations(buf, av, out)
+                            _tensor_external(buf, av, out)
                         elif aw == _LEN and af in (6, 10):
-                            _graph_locations(buf, av, out)
+                            _graph_external(buf, av, out)
 
 
-def external_data_locations(path: Path) -> set[str]:
-    """Every external-data `location` in the model at `path` (ValueError if the
-    file is not a well-formed protobuf message)."""
-    out: set[str] = set()
+def external_data_extents(path: Path) -> dict[str, ExternalExtent]:
+    """Every external-data `location` in the model at `path`, with how far into that file
+    the model reads (ValueError if the file is not a well-formed protobuf message)."""
+    out: dict[str, ExternalExtent] = {}
     if path.stat().st_size == 0:
         raise ValueError(f"{path.name} is empty")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         try:
             for field, wire, value in _fields(mm, 0, len(mm)):
                 if field == 7 and wire == _LEN:
-                    _graph_locations(mm, value, out)
-        except IndexError as exc:
-            raise ValueError("truncated protobuf message") from exc
+                    _graph_external(mm, value, out)
+        except (IndexError, TypeError) as exc:  # TypeError: a field of another wire type than its own
+            raise ValueError("truncated or malformed protobuf message") from exc
     return out
 
 

@@ -81,8 +81,9 @@ ProviderName = Annotated[
         "an onnxruntime provider name such as 'CUDAExecutionProvider'",
     ),
 ]
+PROFILE_NAME_PATTERN = r"[a-z0-9][a-z0-9_-]*"  # also what a bundle's profile.name must be (bundle.py)
 ProfileName = Annotated[
-    str, matches(r"[a-z0-9][a-z0-9_-]*", "a lower-case name such as 'cpu-x86_64'")
+    str, matches(PROFILE_NAME_PATTERN, "a lower-case name such as 'cpu-x86_64'")
 ]
 SESSION_CONFIG_KEY = r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)+"
 SessionConfigKey = Annotated[
@@ -289,7 +290,8 @@ class FidelityThresholds:
 @dataclass(frozen=True)
 class DeviceProfile:
     """A hardware target. Every key is required in the TOML file except those with a
-    default (quantization keep_bits, scale_search, algorithm; kv_cache bits)."""
+    default (session_config; quantization keep_bits, keep_block_size, scale_search, algorithm,
+    optimum_block_size, lm_head_refine_top_k, embedding_bits; kv_cache bits)."""
 
     name: ProfileName
     description: str

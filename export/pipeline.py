@@ -9,6 +9,7 @@ removed only when an export made it (EXPORT_MARKER or an edge-runtime manifest i
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_runtime.bundle import (FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, MANIFEST_NAME, load_bundle,
-                                 read_manifest)
+                                 read_manifest, unlisted_files)
 from edge_runtime.errors import BundleError, EdgeRuntimeError
 from edge_runtime.memory_fit import (MemoryPlan, ModelShape, bundle_plan, estimate_plan, fused_attention_refusal,
                                      human_bytes, kv_dtype_of, largest_context_that_fits)
@@ -292,22 +293,6 @@ def check_output(output: Path, checkpoint: Path, *, force: bool) -> None:
         raise ExportError(f"--output {output} is an earlier bundle, but it also holds files its {MANIFEST_NAME} "
                           f"does not list: {shown}; --force would delete them with it. Move them out of {output} "
                           "and run again, or choose another --output")
-
-
-def unlisted_files(folder: Path, manifest: dict) -> list[str]:
-    """The files (and links) under `folder` that are neither its manifest nor listed in it, as
-    relative paths: what is not the bundle's (someone's notes, a copied file)."""
-    entries = manifest.get("files")
-    listed = {MANIFEST_NAME} | {e["path"] for e in (entries if isinstance(entries, list) else [])
-                                if isinstance(e, dict) and isinstance(e.get("path"), str)}
-    extra = []
-    for here, dirs, files in os.walk(folder):  # links are not followed: a linked folder counts as one entry
-        base = Path(here)
-        for name in files + [d for d in dirs if (base / d).is_symlink()]:
-            rel = (base / name).relative_to(folder).as_posix()
-            if rel not in listed:
-                extra.append(rel)
-    return sorted(extra)
 
 
 def check_memory_budget(info: CheckpointInfo, profile: DeviceProfile, precision: str, limit: int, *, flavour: str,
@@ -626,6 +611,9 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 remove_scratch(partial)
             except (OSError, ExportError):
                 pass
+            if isinstance(exc, OSError):  # a full disk, a quota, a file-size limit, a failing drive
+                raise ExportError(f"{stopped_by(exc, partial)}; nothing was written"
+                                  + (f", the earlier bundle at {output} is kept" if output.exists() else "")) from exc
             raise
         if not isinstance(exc, KeyboardInterrupt):
             finish_swap(replaced, progress)
@@ -638,6 +626,18 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
     return ExportSummary(bundle=output, precision=precision, total_bytes=sum(f["size"] for f in files), files=files,
                          fidelity=manifest["fidelity"], degraded=bool(problems),
                          peak_rss_bytes=peak_rss_bytes(), timings=dict(progress.timings), memory=plan)
+
+
+_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+def stopped_by(exc: OSError, partial: Path) -> str:
+    """What stopped the export, in words: the disk it writes the bundle to, where that is what failed."""
+    what = (exc.strerror or str(exc)) + (f": {exc.filename}" if exc.filename else "")
+    if exc.errno in _WRITE_ERRORS:
+        return f"the export could not write the bundle in {partial} ({what}); free space there, or choose " \
+               "another --output"
+    return f"the export failed: {what}"
 
 
 def finish_swap(replaced: Path, progress: Progress) -> None:

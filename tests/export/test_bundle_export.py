@@ -133,6 +133,17 @@ def test_a_file_of_another_size_is_refused_saying_how(tiny_bundle, tmp_path, cha
         load_bundle(bundle)
 
 
+def test_verify_names_files_the_manifest_does_not_list_and_still_passes(tiny_bundle, tmp_path):
+    """A stale file left by copying a new bundle over an old folder is not the bundle's:
+    nothing reads it, so verify passes, but it says so rather than print a bare ok."""
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    (bundle / "model.onnx_data").write_bytes(b"an older export's weights")
+    cli = subprocess.run([sys.executable, "-m", "edge_runtime", "verify", "--bundle", str(bundle), "--quiet"],
+                         capture_output=True, text=True)
+    assert cli.returncode == 0 and cli.stdout.startswith("ok: "), cli.stderr
+    assert "holds files bundle.json does not list (not part of the bundle, not checked): model.onnx_data" in cli.stderr
+
+
 def test_a_pinned_bundle_json_is_required_before_anything_is_hashed(tiny_bundle, tmp_path, monkeypatch):
     from edge_runtime import bundle as bundle_module
     from edge_runtime.config import load_config
@@ -151,10 +162,12 @@ def test_a_pinned_bundle_json_is_required_before_anything_is_hashed(tiny_bundle,
     assert config.model.bundle_sha256 == pin
 
 
-def test_wrong_format_version_is_refused(tiny_bundle, tmp_path):
+@pytest.mark.parametrize("version", [99, True, "1", 1.0])
+def test_wrong_format_version_is_refused(tiny_bundle, tmp_path, version):
+    """true and 1.0 equal 1 in Python, not in the format: refused like any other."""
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
-    rewrite_manifest(bundle, lambda m: m.update(format_version=99))
-    with pytest.raises(BundleError, match="unsupported format_version 99"):
+    rewrite_manifest(bundle, lambda m: m.update(format_version=version))
+    with pytest.raises(BundleError, match=f"unsupported format_version {re.escape(repr(version))}"):
         load_bundle(bundle)
 
 
@@ -208,6 +221,13 @@ def test_truncated_graph_is_refused_even_with_matching_hashes(tiny_bundle, tmp_p
     ("architecture.head_dim", 0, "architecture.head_dim is 0, not a positive number"),
     ("architecture.rope_theta", float("nan"), "architecture.rope_theta is nan, not a positive number"),
     ("context_limit", -5, "context_limit is -5, not a number of tokens"),
+    ("tokenizer.chat_format", "chatml", "tokenizer.chat_format 'chatml' is not a chat format this runtime builds "
+                                        "(llama2, source-step)"),
+    ("profile.kv_cache_dtype", "int4", "profile.kv_cache_dtype 'int4' is not one of float32, float16, int8"),
+    ("profile.name", "/tmp/my-x86.toml", "profile.name '/tmp/my-x86.toml' is not a profile name"),
+    ("licence_files", True, "licence_files is not a list of file names"),
+    ("files.0.size", -1, "files[0].size is -1, not a size in bytes (LICENSE)"),
+    ("files.0.sha256", "ABC", "files[0].sha256 'ABC' is not a SHA-256 (64 lowercase hex digits) (LICENSE)"),
 ])
 def test_a_manifest_with_impossible_numbers_is_refused(tiny_bundle, tmp_path, where, value, words):
     """Caught by verify, not met later as a TypeError in fit or a negative KV cache."""
@@ -217,21 +237,33 @@ def test_a_manifest_with_impossible_numbers_is_refused(tiny_bundle, tmp_path, wh
         *parents, key = where.split(".")
         node = m
         for p in parents:
-            node = node[p]
+            node = node[int(p)] if p.isdigit() else node[p]
         node[key] = value
 
     rewrite_manifest(bundle, change)
     with pytest.raises(BundleError, match=re.escape(words)):
         load_bundle(bundle)
-    cli = subprocess.run([sys.executable, "-m", "edge_runtime", "verify", "--bundle", str(bundle)],
-                         capture_output=True, text=True)
-    assert cli.returncode == 2 and words in cli.stderr and "Traceback" not in cli.stderr
+    for command in ("verify", "fit"):  # fit reads the sizes, the KV cache's dtype and the licence files
+        cli = subprocess.run([sys.executable, "-m", "edge_runtime", command, "--bundle", str(bundle)],
+                             capture_output=True, text=True)
+        assert cli.returncode == 2 and words in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
 
 
 def test_missing_file_is_refused(tiny_bundle, tmp_path):
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     (bundle / "tokenizer.json").unlink()
     with pytest.raises(BundleError, match="tokenizer.json: listed in bundle.json but missing"):
+        load_bundle(bundle)
+
+
+@pytest.mark.parametrize("make, words", [(lambda p: p.mkdir(), "a folder in the bundle"),
+                                         (lambda p: os.mkfifo(p), "not a regular file in the bundle")])
+def test_a_listed_name_that_is_not_a_regular_file_is_named_as_such(tiny_bundle, tmp_path, make, words):
+    """A copy that made tokenizer.json a folder (or a pipe): not said to be missing."""
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    (bundle / "tokenizer.json").unlink()
+    make(bundle / "tokenizer.json")
+    with pytest.raises(BundleError, match=f"tokenizer.json: listed in bundle.json but {words}"):
         load_bundle(bundle)
 
 
@@ -547,6 +579,23 @@ def test_an_empty_output_or_checkpoint_flag_is_refused_not_taken_for_the_current
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here"] and not any(here.iterdir())
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["verify", "--bundle", ""], "--bundle"),
+    (["fit", "--bundle", ""], "--bundle"),
+    (["generate", "--bundle", "", "--prompt", "x"], "--bundle"),
+    (["bench", "--bundle", "", "--no-roofline"], "--bundle"),
+    (["generate", "--bundle", ".", "--profile", " ", "--prompt", "x"], "--profile"),
+])
+def test_an_empty_bundle_or_profile_flag_is_refused_not_taken_for_the_current_folder(tiny_bundle, tmp_path, argv,
+                                                                                      flag):
+    """`--bundle "$BUNDLE"` with the variable unset: not the folder the command runs in (here a
+    bundle, which verify passed), nor, for --profile, the bundle's own profile."""
+    here = copy_bundle(tiny_bundle, tmp_path / "here")
+    cli = subprocess.run([sys.executable, "-m", "edge_runtime", *argv], capture_output=True, text=True, cwd=here,
+                         timeout=300)
+    assert cli.returncode == 2 and f"error: {flag} is empty" in cli.stderr, (cli.stdout, cli.stderr)
+
+
 def test_force_replaces_an_earlier_bundle(tiny_checkpoint, tiny_bundle, tmp_path):
     from edge_export.pipeline import ExportOptions, run_export
 
@@ -575,6 +624,28 @@ def test_an_export_stopped_while_it_replaces_a_bundle_leaves_the_earlier_one(tin
     with pytest.raises(KeyboardInterrupt):
         run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=out, force=True,
                                  precision="int8", skip_fidelity=True))
+    assert load_bundle(out).manifest["files"] == before  # verified: every hash
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_an_export_that_fills_the_disk_exits_2_naming_it_and_keeps_the_earlier_bundle(tiny_checkpoint, tiny_bundle,
+                                                                                     tmp_path):
+    """The disk fills while the graph is written (here: a file-size limit, EFBIG, which a full
+    disk's ENOSPC takes the same way): exit 2 with what happened and where, the staging folder
+    removed, the earlier bundle --force was to replace still whole under its name."""
+    out = copy_bundle(tiny_bundle, tmp_path / "b")
+    before = load_bundle(out).manifest["files"]
+    script = ("import resource, signal, sys\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))\n"
+              "from edge_runtime.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    cli = subprocess.run([sys.executable, "-c", script, "export", "--checkpoint", str(tiny_checkpoint), "--profile",
+                          "cpu-x86_64", "--output", str(out), "--precision", "fp32", "--skip-fidelity", "--force"],
+                         capture_output=True, text=True)
+    assert cli.returncode == 2, cli.stderr
+    assert f"the export could not write the bundle in {out}.partial (File too large" in cli.stderr, cli.stderr
+    assert f"nothing was written, the earlier bundle at {out} is kept" in cli.stderr and "Traceback" not in cli.stderr
     assert load_bundle(out).manifest["files"] == before  # verified: every hash
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
