@@ -359,6 +359,12 @@ class EdgeClient:
         # start even the first time: Mosquitto saves no clean-start session across its restart
         # (a random client id has no earlier session; a fixed one may get stale replies of
         # ids no longer awaited, which are dropped)
+        # a connect after a failed one or a close starts afresh: not the old failure's reason, and
+        # not the old subscription's acknowledgement (a request sent before the new one would
+        # lose its replies)
+        self._subscribed.clear()
+        self._refused = None
+        self._sub_mid = None
         connect_async(self._mqtt, self.address, protocol=self.protocol, keepalive=self.keepalive,
                       persistent=self._v5, session_expiry_s=CLIENT_SESSION_EXPIRY_S if self._v5 else None)
         self._mqtt.loop_start()

@@ -362,6 +362,29 @@ def test_connection_failure(broker):
         EdgeClient(broker.url, "dev1").generate(mode="complete", prompt="x")
 
 
+
+def test_connect_again_after_a_failure_or_a_close_connects_afresh(broker, service, tmp_path):
+    """A script that retries `connect()` until its broker is up gets through once it is; the
+    reason of the failed attempt is not kept."""
+    from mosquitto_broker import free_port
+
+    late = MosquittoBroker(tmp_path / "late", port=free_port())
+    c = EdgeClient(late.url, "dev1", connect_timeout=5)
+    with pytest.raises(ConnectionError, match="no broker answers"):
+        c.connect()
+    late.start()
+    try:
+        with c:  # the broker is up now
+            assert c.status(timeout=0.5) is None  # no daemon on that broker: it answers, nothing is retained
+    finally:
+        late.stop()
+    with EdgeClient(broker.url, "dev1") as again:
+        assert again.complete("a b") == "b a"
+    for _ in range(3):  # closed and opened again: each time subscribed before the first request goes out
+        with again:
+            assert again.complete("x y z") == "z y x"
+
+
 # ------------------------------------------------------------------ ask
 
 
