@@ -303,9 +303,12 @@ class EdgeClient:
     """A connection to the broker for talking to one device. Use as a context
     manager (CONNECT on enter, DISCONNECT on exit) or call `connect`/`close`.
 
-    `client_id` (default: `username` when given, else random) is also the
-    ``<client_id>`` level of the reply topics; with the sample broker ACL it must
-    be the MQTT username. ``device_id="fleet"`` sends requests to the fleet
+    `client_id` (default: `username` when given, else random) is the ``<client_id>``
+    level of the reply topics (and the prompt cache's scope); with the sample broker
+    ACL it must be the MQTT username. It is also the MQTT client id when given; a
+    client named after its username connects as ``<username>-<random>``
+    (`mqtt_client_id`), so several clients of one user can be connected at once
+    (two connections with one MQTT client id close each other's). ``device_id="fleet"`` sends requests to the fleet
     (``edge/fleet/v1/generate``, one device of a fleet group answers under
     ``edge/fleet/v1/reply/``); fleet requests cannot be cancelled.
     """
@@ -320,6 +323,10 @@ class EdgeClient:
         self.topics = Topics(device_id)
         self.client_id = validate_name(client_id or username or f"edge-client-{uuid.uuid4().hex[:12]}",
                                        "client_id")
+        # the MQTT client id: `client_id` when given; a username's own plus a random suffix, so that
+        # two scripts of one user (the reply level the sample ACL binds to the username) do not
+        # make the broker close each other's connection over and over (one id, one connection)
+        self.mqtt_client_id = client_id or (f"{username}-{uuid.uuid4().hex[:12]}" if username else self.client_id)
         self.protocol = protocol
         self._v5 = protocol_version(protocol) == mqtt.MQTTv5
         self.keepalive = keepalive
@@ -328,7 +335,7 @@ class EdgeClient:
         if self.address.tls:
             check_tls_files(tls)
         self._mqtt = make_client(
-            client_id=self.client_id, protocol=protocol, address=self.address, username=username,
+            client_id=self.mqtt_client_id, protocol=protocol, address=self.address, username=username,
             password=password, tls=tls,
             persistent=False)
         self._mqtt.on_connect = self._on_connect
@@ -588,8 +595,8 @@ def add_ask_arguments(parser: argparse.ArgumentParser, *, request_arguments: boo
                         help=f"seconds to wait for the first reply, and then between streamed chunks "
                              f"(default {DEFAULT_TIMEOUT_S:g}; with --json, for the whole answer)")
     parser.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version (default 5)")
-    parser.add_argument("--client-id", help="MQTT client id and reply topic level (default: the username, "
-                                            "else random)")
+    parser.add_argument("--client-id", help="MQTT client id and reply topic level (default: the username as "
+                                            "the reply topic level, connecting as USERNAME-<random>; else random)")
     parser.add_argument("--username", help="broker user name")
     parser.add_argument("--password-file", help="file whose first line is the broker password")
     parser.add_argument("--tls-ca", help="mqtts: CA certificate file (default: the system's)")

@@ -342,6 +342,23 @@ def test_cancel_from_the_client(broker, slow_service):
         assert gen.final["finish_reason"] == "cancelled" and len(rest) < 39
 
 
+
+def test_two_scripts_of_one_user_do_not_take_over_each_others_connection(broker, slow_service, caplog):
+    """The client id defaults to the username (the reply topics' level the sample ACL binds to
+    it), but each client connects with its own MQTT client id: a second script of the same user
+    does not make the broker close the first one's connection, again and again."""
+    words = " ".join(f"w{i}" for i in range(30))  # ~1 s at 30 ms a token
+    with caplog.at_level("INFO", logger="edge_runtime.client"), \
+            EdgeClient(broker.url, "dev1", username="alice") as a, EdgeClient(broker.url, "dev1", username="alice") as b:
+        assert a.client_id == b.client_id == "alice"
+        ga = a.generate(mode="complete", prompt=words)
+        gb = b.generate(mode="complete", prompt="b " + words)
+        assert "".join(ch["delta"] for ch in ga) == expected_text(words)
+        assert "".join(ch["delta"] for ch in gb) == expected_text("b " + words)
+    assert not [r for r in caplog.records if "reconnected" in r.getMessage()]
+    assert "already connected" not in broker.log_path.read_text(errors="replace")
+
+
 def test_status(broker, service):
     with EdgeClient(broker.url, "dev1") as c:
         status = c.status()
