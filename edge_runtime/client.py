@@ -53,6 +53,7 @@ from .request_flags import add_request_arguments, integer_at_least, number_in, r
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 120.0
+CLOSE_FLUSH_S = 2.0  # how long close() waits for the broker to acknowledge the cancels it sends
 CLIENT_SESSION_EXPIRY_S = 600  # how long the broker keeps a client's replies while it reconnects
 
 
@@ -272,6 +273,31 @@ class Generation:
                 self.cancel()
 
 
+def _close_connection(client: mqtt.Client, topics: Topics, v5: bool, inboxes: dict[str, Any],
+                      cancels: list[mqtt.MQTTMessageInfo], lock: threading.Lock) -> None:
+    """`EdgeClient.close`: cancel the requests in flight, wait (a little) until the broker has
+    every cancel, then disconnect. Not sooner: a socket closed with the broker's acknowledgements
+    unread is reset, and the broker drops what it had not read yet, the cancels with it."""
+    with lock:
+        pending = list(inboxes)
+        sent = list(cancels)
+    if not topics.is_fleet:
+        sent += [client.publish(topics.cancel, encode_cancel(request_id), qos=1) for request_id in pending]
+    give_up = time.monotonic() + CLOSE_FLUSH_S
+    for info in sent:
+        try:
+            info.wait_for_publish(max(give_up - time.monotonic(), 0.0))
+        except (RuntimeError, ValueError):  # not connected: nothing to wait for
+            pass
+    if v5:  # end the session now rather than after its expiry interval
+        props = Properties(PacketTypes.DISCONNECT)
+        props.SessionExpiryInterval = 0
+        client.disconnect(properties=props)
+    else:
+        client.disconnect()
+    client.loop_stop()
+
+
 def _in_thread(work: Callable[[], Any], items: "asyncio.Queue[tuple[str, Any]]", loop: asyncio.AbstractEventLoop,
                *, name: str, each: bool) -> None:
     """Run `work` (a blocking wait on the reply inbox) on a daemon thread of its own, not the
@@ -351,6 +377,7 @@ class EdgeClient:
         # ids of Generations garbage-collected unread: a finalizer only queues them (it may run in
         # any thread, even one holding _lock); generate() forgets and cancels them
         self._dropped: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._cancels: list[mqtt.MQTTMessageInfo] = []  # cancels published and maybe not yet acknowledged
         self._subscribed = threading.Event()
         self._refused: str | None = None
         self._sub_mid: int | None = None
@@ -381,24 +408,19 @@ class EdgeClient:
             reason = self._refused or f"no connection within {self.connect_timeout:g} s"
             raise ConnectionError(f"cannot connect to {self.address.url}: {reason}")
         self._connected = True
+        # close() or, for a script that ends without it, the interpreter's exit: not a method,
+        # so that it does not keep this client alive
+        self._closer = weakref.finalize(self, _close_connection, self._mqtt, self.topics, self._v5, self._inboxes,
+                                        self._cancels, self._lock)
         return self
 
     def close(self) -> None:
         """Cancel the requests still in flight (nobody would read their replies), then
-        disconnect."""
+        disconnect. A script that ends without closing a connected client has it closed
+        at exit (its requests cancelled, what it sent before flushed to the broker)."""
         if self._connected:
-            with self._lock:
-                pending = list(self._inboxes)
-            for request_id in pending:
-                self.cancel(request_id)
             self._connected = False
-            if self._v5:  # end the session now rather than after its expiry interval
-                props = Properties(PacketTypes.DISCONNECT)
-                props.SessionExpiryInterval = 0
-                self._mqtt.disconnect(properties=props)
-            else:
-                self._mqtt.disconnect()
-            self._mqtt.loop_stop()
+            self._closer()
 
     def __enter__(self) -> "EdgeClient":
         return self.connect()
@@ -546,7 +568,9 @@ class EdgeClient:
         """Ask the daemon to stop a queued or running request (no-op for the fleet)."""
         if self.topics.is_fleet:
             return
-        self._mqtt.publish(self.topics.cancel, encode_cancel(request_id), qos=1)
+        sent = self._mqtt.publish(self.topics.cancel, encode_cancel(request_id), qos=1)
+        with self._lock:  # close() waits for their acknowledgements
+            self._cancels[:] = [c for c in self._cancels if not c.is_published()] + [sent]
 
     def status(self, timeout: float = 5.0) -> dict[str, Any] | None:
         """The device's retained status message, or None if none arrives in `timeout`

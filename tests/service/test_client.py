@@ -332,6 +332,25 @@ def test_leaving_the_loop_or_the_client_cancels_the_request(broker, slow_service
         assert sorted(ids) == ["left-1", "left-2"]  # one cancel each
 
 
+@pytest.mark.parametrize("leave", ["reads-one-chunk", "never-reads"])
+def test_a_script_that_ends_without_closing_its_client_cancels_what_it_left(broker, slow_service, leave):
+    """A script that exits with a request unanswered (no `with`, no close()) stops it on the
+    device, as leaving the `with` block does: nobody will read the rest."""
+    words = " ".join(f"w{i}" for i in range(60))  # 1.8 s at 30 ms a token
+    script = (f"from edge_runtime import EdgeClient\n"
+              f"c = EdgeClient({broker.url!r}, 'dev1', client_id='leaver').connect()\n"
+              f"g = c.generate(mode='complete', prompt={words!r}, request_id='left-1')\n"
+              + ("next(iter(g))\n" if leave == "reads-one-chunk" else "c.generate(mode='complete', prompt='x')\n"))
+    with Probe(broker.host, broker.port) as spy:
+        spy.subscribe("edge/dev1/v1/reply/leaver/left-1")
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        final = spy.wait_final("edge/dev1/v1/reply/leaver/left-1", timeout=10)
+    # stopped while generating, or (never read, gone at once) before it started
+    assert final.get("finish_reason") == "cancelled" and len(final["text"].split()) < 60 or \
+        final.get("error", {}).get("code") == "cancelled"
+
+
 def test_cancel_from_the_client(broker, slow_service):
     with EdgeClient(broker.url, "dev1") as c:
         gen = c.generate(mode="complete", prompt=" ".join(f"w{i}" for i in range(40)))
