@@ -346,6 +346,8 @@ class EdgeClient:
                  connect_timeout: float = 10.0) -> None:
         self.address = parse_broker_url(broker_url)
         protocol_version(protocol)
+        if password is not None and username is None:  # MQTT sends no password without a user name
+            raise ValueError("a password needs a username: without one the client would connect anonymously")
         self.topics = Topics(device_id)
         self.client_id = validate_name(client_id or username or f"edge-client-{uuid.uuid4().hex[:12]}",
                                        "client_id")
@@ -656,6 +658,8 @@ def run_ask(args: argparse.Namespace) -> int:
     or a connection failure (``error: <code>: <message>`` on stderr); 2 on bad flags."""
     try:
         request = _ask_request(args)
+        if args.password_file and not args.username:
+            raise ValueError("--password-file needs --username: without one the client would connect anonymously")
         password = read_password_file(args.password_file) if args.password_file else None
     except (ValueError, OSError) as exc:
         print(f"error: bad_request: {exc}", file=sys.stderr)

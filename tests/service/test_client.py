@@ -492,6 +492,17 @@ def test_ask_names_a_tls_file_it_cannot_use(tmp_path, capsys):
         assert err.startswith(f"error: bad_request: --tls-ca {ca}: {why}") and err.count("\n") == 1
 
 
+
+def test_a_password_without_a_username_is_refused_not_dropped(broker, tmp_path, capsys):
+    """MQTT carries no password without a user name: the client would connect anonymously,
+    and a broker that allows it would never say the password went unused."""
+    with pytest.raises(ValueError, match="needs a username"):
+        EdgeClient(broker.url, "dev1", password="secret")
+    (tmp_path / "pw").write_text("secret\n")
+    assert ask(broker, "--prompt", "x", "--password-file", str(tmp_path / "pw")) == 2
+    assert "--password-file needs --username" in capsys.readouterr().err
+
+
 def test_ask_with_the_cli_request_flags(broker, service, capsys):
     from edge_runtime.cli import add_request_arguments
 
