@@ -727,6 +727,9 @@ _WAITS = (" (the request waits for it on the broker, and so does the cancel this
 
 def _why_no_reply(client: EdgeClient) -> str:
     """What the device's retained status says about a request left unanswered."""
+    if not client._mqtt.is_connected():  # the status cannot be asked for either
+        return (f"; the connection to the broker at {client.address.url} is lost (the client keeps reconnecting, "
+                "1 s doubling to 30 s apart)")
     if client.topics.is_fleet:
         return ""
     device = client.topics.device_id

@@ -108,6 +108,22 @@ def test_timeout_raises_and_cancels(broker):
         assert spy.wait_for(lambda ms: ms)[0].json == {"id": "lost-1"}
 
 
+
+def test_a_timeout_while_the_broker_is_gone_says_so(tmp_path):
+    """Not "no device has published a status": the client could not ask the broker."""
+    from mosquitto_broker import free_port
+
+    b = MosquittoBroker(tmp_path / "b", port=free_port()).start()
+    try:
+        with EdgeClient(b.url, "dev1", connect_timeout=5) as c:
+            gen = c.generate(mode="complete", prompt="x", timeout=1)
+            b.stop()
+            with pytest.raises(TimeoutError, match=f"the connection to the broker at {b.url} is lost"):
+                list(gen)
+    finally:
+        b.stop()
+
+
 def test_the_timeout_is_for_silence_so_a_long_stream_is_not_cut_off(broker, slow_service):
     words = " ".join(f"w{i}" for i in range(40))  # 40 tokens at 30 ms: 1.2 s in all, a chunk every 30 ms
     with EdgeClient(broker.url, "dev1") as c:
