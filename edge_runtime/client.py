@@ -53,6 +53,8 @@ from .request_flags import add_request_arguments, integer_at_least, number_in, r
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 120.0
+SHORT_CONNECTION_S = 10.0  # a connection the broker closes sooner counts as short
+SHORT_CONNECTIONS = 3  # short connections in a row before the client says what that looks like
 CLOSE_FLUSH_S = 2.0  # how long close() waits for the broker to acknowledge the cancels it sends
 CLIENT_SESSION_EXPIRY_S = 600  # how long the broker keeps a client's replies while it reconnects
 
@@ -368,6 +370,7 @@ class EdgeClient:
             persistent=False)
         self._mqtt.on_connect = self._on_connect
         self._mqtt.on_connect_fail = self._on_connect_fail
+        self._mqtt.on_disconnect = self._on_disconnect
         self._mqtt.on_subscribe = self._on_subscribe
         self._mqtt.on_message = self._on_message
         self._inboxes: dict[str, queue.Queue[dict[str, Any]]] = {}
@@ -384,6 +387,8 @@ class EdgeClient:
         self._refused: str | None = None
         self._sub_mid: int | None = None
         self._connected = False
+        self._connected_at: float | None = None  # when the current connection was accepted
+        self._short_connections = 0  # connections in a row the broker closed soon after accepting them
 
     # ------------------------------------------------------------------ connection
 
@@ -436,9 +441,24 @@ class EdgeClient:
             self._refused = f"the broker refused the connection: {reason_code}"
             self._subscribed.set()
             return
+        self._connected_at = time.monotonic()
         _, self._sub_mid = client.subscribe(self.topics.client_reply_filter(self.client_id), qos=1)
         if self._connected:  # a reconnect: replies published meanwhile may be gone
             self._publish_pending_again(client)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any) -> None:
+        """Count the connections the broker closes soon after accepting them: the sign of
+        another client connected with the same MQTT client id (each connection closes the
+        other's, and both reconnect), which a broker says to an MQTT 5 client only from
+        Mosquitto 2.0.12 on (Session taken over) and to an MQTT 3.1.1 one never."""
+        connected_at, self._connected_at = self._connected_at, None
+        if not self._connected or connected_at is None:  # close(), or a connect() that failed
+            return
+        short = time.monotonic() - connected_at < SHORT_CONNECTION_S
+        self._short_connections = self._short_connections + 1 if short else 0
+        if self._short_connections == SHORT_CONNECTIONS:
+            log.warning("%s", _same_client_id_hint(self))
 
     def _publish_pending_again(self, client: mqtt.Client) -> None:
         """Send the requests in flight again, with their ids, after a reconnect. What the
@@ -725,8 +745,17 @@ _WAITS = (" (the request waits for it on the broker, and so does the cancel this
           "daemon is back it gets both and stops the request at once; send it again to have it run)")
 
 
+def _same_client_id_hint(client: EdgeClient) -> str:
+    return (f"the broker has closed this client's connection {client._short_connections} times in a row soon "
+            f"after accepting it: is another client connected with the MQTT client id {client.mqtt_client_id!r}? "
+            "Two connections with one client id close each other's, over and over (a broker with "
+            "use_username_as_clientid gives all clients of one username the same id: give each its own username)")
+
+
 def _why_no_reply(client: EdgeClient) -> str:
     """What the device's retained status says about a request left unanswered."""
+    if client._short_connections >= SHORT_CONNECTIONS:
+        return f"; {_same_client_id_hint(client)}"
     if not client._mqtt.is_connected():  # the status cannot be asked for either
         return (f"; the connection to the broker at {client.address.url} is lost (the client keeps reconnecting, "
                 "1 s doubling to 30 s apart)")

@@ -394,6 +394,21 @@ def test_two_scripts_of_one_user_do_not_take_over_each_others_connection(broker,
     assert "already connected" not in broker.log_path.read_text(errors="replace")
 
 
+
+def test_two_clients_with_one_client_id_are_told_what_closes_their_connections(broker, caplog):
+    """Two connections with one MQTT client id close each other's, and both reconnect, over and
+    over (Mosquitto 2.0.11 tells neither why): the client says what that looks like."""
+    with caplog.at_level("WARNING", logger="edge_runtime.client"), \
+            EdgeClient(broker.url, "dev1", client_id="twin") as a, EdgeClient(broker.url, "dev1", client_id="twin"):
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(caplog.records) < 2:  # each of the two says it
+            time.sleep(0.2)
+        assert any("another client connected with the MQTT client id 'twin'" in r.getMessage()
+                   for r in caplog.records)
+        with pytest.raises(TimeoutError, match="another client connected with the MQTT client id 'twin'"):
+            a.generate(mode="complete", prompt="x", timeout=0.5).result()
+
+
 def test_status(broker, service):
     with EdgeClient(broker.url, "dev1") as c:
         status = c.status()
