@@ -45,6 +45,7 @@ from .mqtt_connection import (
     publish_properties,
     read_password_file,
     response_route,
+    why_unreachable,
 )
 from .protocol import (Topics, build_request, decode_json_object, encode_cancel, encode_request, is_number,
                        validate_name)
@@ -385,6 +386,7 @@ class EdgeClient:
         self._cancels: list[mqtt.MQTTMessageInfo] = []  # cancels published and maybe not yet acknowledged
         self._subscribed = threading.Event()
         self._refused: str | None = None
+        self._unreachable = False  # the last connection attempt failed before the broker answered
         self._sub_mid: int | None = None
         self._connected = False
         self._connected_at: float | None = None  # when the current connection was accepted
@@ -405,14 +407,19 @@ class EdgeClient:
         # lose its replies)
         self._subscribed.clear()
         self._refused = None
+        self._unreachable = False
         self._sub_mid = None
         connect_async(self._mqtt, self.address, protocol=self.protocol, keepalive=self.keepalive,
                       persistent=self._v5, session_expiry_s=CLIENT_SESSION_EXPIRY_S if self._v5 else None)
         self._mqtt.loop_start()
-        if not self._subscribed.wait(self.connect_timeout) or self._refused:
+        if not self._subscribed.wait(self.connect_timeout) or self._refused or self._unreachable:
             self._mqtt.disconnect()
             self._mqtt.loop_stop()
             reason = self._refused or f"no connection within {self.connect_timeout:g} s"
+            if self._unreachable:  # the name, the TCP connection or the TLS handshake
+                why = why_unreachable(self.address)
+                hint = " (is the broker running, and are the host and port right?)" if "no TCP" in why else ""
+                reason = f"no broker answers at {self.address.host}:{self.address.port}: {why}{hint}"
             raise ConnectionError(f"cannot connect to {self.address.url}: {reason}")
         self._connected = True
         # close() or, for a script that ends without it, the interpreter's exit: not a method,
@@ -479,9 +486,8 @@ class EdgeClient:
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         # the TCP (or TLS) connection failed: say so now rather than wait out the timeout
-        tls = ", or the TLS handshake failed (check --tls-ca and the broker's certificate)" if self.address.tls else ""
-        self._refused = (f"no broker answers at {self.address.host}:{self.address.port} (connection refused or "
-                         f"unreachable: is the broker running, and are the host and port right?{tls})")
+        # (connect() finds out why, off the network thread)
+        self._unreachable = True
         self._subscribed.set()
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[Any],

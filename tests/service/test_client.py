@@ -418,7 +418,8 @@ def test_status(broker, service):
 def test_connection_failure(broker):
     from mosquitto_broker import free_port
 
-    with pytest.raises(ConnectionError, match="no broker answers at 127.0.0.1"):
+    with pytest.raises(ConnectionError, match="no broker answers at 127.0.0.1:[0-9]+: no TCP connection to port .*"
+                                              r"\(is the broker running"):
         with EdgeClient(f"mqtt://127.0.0.1:{free_port()}", "dev1", connect_timeout=30):
             pass  # refused at once, not after the 30 s
     with pytest.raises(ValueError):
@@ -450,6 +451,14 @@ def test_connect_again_after_a_failure_or_a_close_connects_afresh(broker, servic
     for _ in range(3):  # closed and opened again: each time subscribed before the first request goes out
         with again:
             assert again.complete("x y z") == "z y x"
+
+
+
+def test_a_connection_failure_says_whether_the_name_the_port_or_tls_failed(broker):
+    with pytest.raises(ConnectionError, match="the name 'no-such-broker.invalid' does not resolve"):
+        EdgeClient("mqtt://no-such-broker.invalid:1883", "dev1", connect_timeout=30).connect()
+    with pytest.raises(ConnectionError, match=r"TCP connects, so the TLS handshake failed \(check the CA file"):
+        EdgeClient(f"mqtts://127.0.0.1:{broker.port}", "dev1", connect_timeout=30).connect()  # a plain listener
 
 
 # ------------------------------------------------------------------ ask
