@@ -577,19 +577,20 @@ class EdgeClient:
         weakref.finalize(generation, self._dropped.put, request_id)
         return generation
 
+    # complete/infill/chat return the final text only, but ask for chunks all the same: they
+    # show that the device is making progress, so `timeout` is for silence, not for the
+    # whole answer (``stream=False`` makes it the whole answer's)
+
     def complete(self, prompt: str, **kw: Any) -> str:
         """Complete `prompt`; returns the final text."""
-        kw.setdefault("stream", False)
         return self.generate(mode="complete", prompt=prompt, **kw).result()["text"]
 
     def infill(self, prefix: str, suffix: str = "", **kw: Any) -> str:
         """Fill in the middle between `prefix` and `suffix`; returns the final text."""
-        kw.setdefault("stream", False)
         return self.generate(mode="infill", prefix=prefix, suffix=suffix, **kw).result()["text"]
 
     def chat(self, messages: Sequence[Any], **kw: Any) -> str:
         """Answer a conversation ([{role, content}, ...]); returns the final text."""
-        kw.setdefault("stream", False)
         return self.generate(mode="chat", messages=messages, **kw).result()["text"]
 
     def cancel(self, request_id: str) -> None:
@@ -645,7 +646,7 @@ def add_ask_arguments(parser: argparse.ArgumentParser, *, request_arguments: boo
                         help="run the whole prompt, and leave nothing of it for the next request to reuse (the prompt cache)")
     parser.add_argument("--timeout", type=number_in(0.0, low_open=True), default=DEFAULT_TIMEOUT_S,
                         help=f"seconds to wait for the first reply, and then between streamed chunks "
-                             f"(default {DEFAULT_TIMEOUT_S:g}; with --json, for the whole answer)")
+                             f"(default {DEFAULT_TIMEOUT_S:g})")
     parser.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version (default 5)")
     parser.add_argument("--client-id", help="MQTT client id and reply topic level (default: the username as "
                                             "the reply topic level, connecting as USERNAME-<random>; else random)")
@@ -714,7 +715,8 @@ def run_ask(args: argparse.Namespace) -> int:
 
     try:
         with client:
-            gen = client.generate(stream=not args.json, timeout=args.timeout, **request)
+            # chunks with --json too, printed or not: the timeout is for silence, not the whole answer
+            gen = client.generate(timeout=args.timeout, **request)
             for chunk in gen:
                 if not args.json:
                     out.write(chunk.get("delta", ""))

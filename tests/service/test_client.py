@@ -133,6 +133,19 @@ def test_the_timeout_is_for_silence_so_a_long_stream_is_not_cut_off(broker, slow
         assert time.monotonic() - started > 0.6
 
 
+
+def test_a_long_answer_that_keeps_coming_is_not_cut_off_by_complete_or_ask_json(broker, slow_service, capsys):
+    """complete()/infill()/chat() and `ask --json` return only the final reply, but the device
+    still shows its progress: the timeout is for silence there too, not for the whole answer
+    (a slow board's long answer took longer than the default 120 s, and was cancelled)."""
+    words = " ".join(f"w{i}" for i in range(40))  # 1.2 s in all, a token every 30 ms
+    with EdgeClient(broker.url, "dev1") as c:
+        assert c.complete(words, timeout=0.6) == expected_text(words)
+        assert c.chat([{"role": "user", "content": words}], timeout=0.6) == expected_text(words)
+    assert ask(broker, "--prompt", words, "--json", "--timeout", "0.6") == 0
+    assert json.loads(capsys.readouterr().out)["text"] == expected_text(words)
+
+
 def test_asyncio_streams_awaits_and_a_cancelled_task_cancels_on_the_device(broker, slow_service):
     import asyncio
 
