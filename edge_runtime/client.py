@@ -102,6 +102,10 @@ _REMOTE_ERRORS: dict[str, type[RemoteError]] = {
 }
 
 
+# put in the inbox of each request in flight by close(): its reader stops waiting
+_CLIENT_CLOSED: dict[str, Any] = {}
+
+
 class Generation:
     """One request in flight. Iterate for chunk dicts (in `seq` order); the final
     reply is then in `final` (also the generator's return value, so
@@ -163,6 +167,8 @@ class Generation:
                     what = "no reply" if not self._chunks and not self._buffer else "no further reply"
                     raise TimeoutError(f"{what} to request {self.id} for {self._timeout:g} s"
                                        f"{_why_no_reply(self.client)}") from None
+                if msg is _CLIENT_CLOSED:
+                    raise ConnectionError(f"the client was closed before the final reply to request {self.id}")
                 self._deadline = time.monotonic() + self._timeout  # the device is making progress
                 if msg.get("done") is True:
                     self.final = msg
@@ -435,6 +441,10 @@ class EdgeClient:
         if self._connected:
             self._connected = False
             self._closer()
+            with self._lock:  # whoever waits for a reply (another thread, a task) stops waiting now
+                inboxes = list(self._inboxes.values())
+            for inbox in inboxes:
+                inbox.put(_CLIENT_CLOSED)
 
     def __enter__(self) -> "EdgeClient":
         return self.connect()
@@ -594,8 +604,9 @@ class EdgeClient:
         return self.generate(mode="chat", messages=messages, **kw).result()["text"]
 
     def cancel(self, request_id: str) -> None:
-        """Ask the daemon to stop a queued or running request (no-op for the fleet)."""
-        if self.topics.is_fleet:
+        """Ask the daemon to stop a queued or running request (no-op for the fleet, and once
+        the client is closed: close() cancelled what was in flight)."""
+        if self.topics.is_fleet or not self._connected:
             return
         sent = self._mqtt.publish(self.topics.cancel, encode_cancel(request_id), qos=1)
         with self._lock:  # close() waits for their acknowledgements

@@ -380,6 +380,33 @@ def test_a_script_that_ends_without_closing_its_client_cancels_what_it_left(brok
         final.get("error", {}).get("code") == "cancelled"
 
 
+
+def test_closing_the_client_ends_the_wait_of_a_reader_in_another_thread(broker):
+    import threading
+
+    with Probe(broker.host, broker.port) as spy:
+        spy.subscribe("edge/ghost3/v1/cancel")
+        c = EdgeClient(broker.url, "ghost3").connect()
+        gen = c.generate(mode="complete", prompt="x", timeout=30, request_id="waiting-1")
+        raised: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                list(gen)
+            except BaseException as exc:
+                raised.append(exc)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        c.close()
+        reader.join(10)
+        assert not reader.is_alive() and time.monotonic() - started < 5  # not after its 30 s timeout
+        assert isinstance(raised[0], ConnectionError) and "the client was closed" in str(raised[0])
+        assert [m.json for m in spy.wait_for(lambda ms: ms)] == [{"id": "waiting-1"}]  # cancelled once
+
+
 def test_cancel_from_the_client(broker, slow_service):
     with EdgeClient(broker.url, "dev1") as c:
         gen = c.generate(mode="complete", prompt=" ".join(f"w{i}" for i in range(40)))
