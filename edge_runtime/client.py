@@ -452,6 +452,14 @@ class EdgeClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # asyncio: ``async with EdgeClient(...) as c:`` connects and closes without blocking the
+    # event loop (connecting waits up to `connect_timeout`, closing for the cancels' acknowledgements)
+    async def __aenter__(self) -> "EdgeClient":
+        return await asyncio.to_thread(self.connect)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.close)
+
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                     properties: Any) -> None:
         if reason_code.is_failure:

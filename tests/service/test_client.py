@@ -179,6 +179,30 @@ def test_asyncio_streams_awaits_and_a_cancelled_task_cancels_on_the_device(broke
         asyncio.run(main(c))
 
 
+
+def test_async_with_connects_and_closes_without_blocking_the_loop(broker, slow_service):
+    import asyncio
+
+    async def main() -> list[str]:
+        ticks: list[float] = []
+
+        async def tick() -> None:  # runs while the client connects, streams and closes
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.01)
+
+        ticker = asyncio.create_task(tick())
+        async with EdgeClient(broker.url, "dev1") as c:
+            deltas = [chunk["delta"] async for chunk in c.generate(mode="complete", prompt="a b c")]
+        ticker.cancel()
+        assert len(ticks) > 5
+        with pytest.raises(RuntimeError, match="not connected"):  # closed on the way out
+            c.generate(mode="complete", prompt="x")
+        return deltas
+
+    assert "".join(asyncio.run(main())) == "c b a"
+
+
 def test_a_generation_dropped_unread_is_forgotten_and_cancelled(broker):
     import gc
 
