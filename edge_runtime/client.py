@@ -786,8 +786,10 @@ def _why_no_reply(client: EdgeClient) -> str:
     if not client._mqtt.is_connected():  # the status cannot be asked for either
         return (f"; the connection to the broker at {client.address.url} is lost (the client keeps reconnecting, "
                 "1 s doubling to 30 s apart)")
-    if client.topics.is_fleet:
-        return ""
+    if client.topics.is_fleet:  # no status to read: say what a fleet request needs
+        return ("; no device of a fleet group answered (is a daemon with [mqtt] fleet_group / --fleet-group "
+                "connected to this broker? The broker drops a fleet request no daemon subscribes to; one that a "
+                "device took is not cancelled)")
     device = client.topics.device_id
     status = client.status(timeout=2.0)
     if status is None:

@@ -124,6 +124,14 @@ def test_a_timeout_while_the_broker_is_gone_says_so(tmp_path):
         b.stop()
 
 
+
+def test_a_fleet_request_nobody_answers_says_what_a_fleet_needs(broker):
+    with EdgeClient(broker.url, "fleet") as c:
+        with pytest.raises(TimeoutError, match=r"no reply to request \w+ for 0.3 s; no device of a fleet group "
+                                               r"answered \(is a daemon with \[mqtt\] fleet_group"):
+            c.complete("x", timeout=0.3)
+
+
 def test_the_timeout_is_for_silence_so_a_long_stream_is_not_cut_off(broker, slow_service):
     words = " ".join(f"w{i}" for i in range(40))  # 40 tokens at 30 ms: 1.2 s in all, a chunk every 30 ms
     with EdgeClient(broker.url, "dev1") as c:
