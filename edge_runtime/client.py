@@ -122,7 +122,7 @@ class Generation:
     restart, with other tokens), `stream_diverged` is True and `final["text"]` is
     the answer; it is set as soon as a chunk that comes again differs from the one
     streamed, and no chunk of that run is yielded after it. Leaving the loop early, or an exception in it (Ctrl-C), cancels the
-    request on the device."""
+    request on the device. Closing the client ends a wait for its replies with `ConnectionError`."""
 
     def __init__(self, client: "EdgeClient", request_id: str, inbox: "queue.Queue[dict[str, Any]]",
                  timeout: float) -> None:
@@ -475,8 +475,8 @@ class EdgeClient:
                        properties: Any) -> None:
         """Count the connections the broker closes soon after accepting them: the sign of
         another client connected with the same MQTT client id (each connection closes the
-        other's, and both reconnect), which a broker says to an MQTT 5 client only from
-        Mosquitto 2.0.12 on (Session taken over) and to an MQTT 3.1.1 one never."""
+        other's, and both reconnect). Mosquitto 2.0.11 says nothing of why it closes the older
+        connection, and to an MQTT 3.1.1 client no broker can."""
         connected_at, self._connected_at = self._connected_at, None
         if not self._connected or connected_at is None:  # close(), or a connect() that failed
             return
