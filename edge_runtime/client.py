@@ -358,6 +358,7 @@ class EdgeClient:
         if password is not None and username is None:  # MQTT sends no password without a user name
             raise ValueError("a password needs a username: without one the client would connect anonymously")
         self.topics = Topics(device_id)
+        self.username = username
         self.client_id = validate_name(client_id or username or f"edge-client-{uuid.uuid4().hex[:12]}",
                                        "client_id")
         # the MQTT client id: `client_id` when given; a username's own plus a random suffix, so that
@@ -798,8 +799,12 @@ def _why_no_reply(client: EdgeClient) -> str:
     state, ts = status.get("state"), status.get("ts")
     when = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ts)) if isinstance(ts, (int, float)) else ""
     if state == "online":
+        acl = "" if client.username is None or client.username == client.client_id else (
+            f"; its replies go under the client id {client.client_id!r}, not the username {client.username!r}: a "
+            "broker whose ACL lets a client read only the replies under its username (the sample ACL) delivers "
+            "none of them")
         return (f"; device {device!r} is online with {status.get('queue_depth')} of {status.get('queue_limit')} "
-                "requests queued (a longer timeout waits longer for a busy device)")
+                f"requests queued (a longer timeout waits longer for a busy device){acl}")
     if status.get("reason") == "connection lost":  # the will, written when the daemon started: ts is not the loss
         return (f"; device {device!r} is offline: the broker lost its connection (a crash, power loss or network "
                 f"fault){f'; the daemon had started at {when}' if when else ''}{_WAITS}")

@@ -785,6 +785,11 @@ def test_daemon_and_client_through_the_sample_acl(tmp_path):
         with pytest.raises(ConnectionError):
             with EdgeClient(b.url, "dev1", username="client-01", password="wrong", connect_timeout=2):
                 pass
+        # a client id other than the username: the ACL delivers none of the replies, and the timeout says why
+        with EdgeClient(b.url, "dev1", username="client-01", password="client-pw", client_id="desk-2") as c:
+            with pytest.raises(TimeoutError, match="its replies go under the client id 'desk-2', not the "
+                                                   "username 'client-01'"):
+                c.complete("x", timeout=1)
     finally:
         if service is not None:
             service.stop()
