@@ -372,6 +372,11 @@ class EdgeClient:
         tls = TlsFiles(ca=_s(tls_ca), cert=_s(tls_cert), key=_s(tls_key))
         if self.address.tls:
             check_tls_files(tls)
+        elif tls != TlsFiles():  # a plain connection to a TLS port never gets an answer
+            given = [name for name, path in (("tls_ca", tls_ca), ("tls_cert", tls_cert), ("tls_key", tls_key))
+                     if path is not None]
+            raise ValueError(f"{', '.join(given)} given, but {self.address.url} is a plain connection: "
+                             "TLS needs an mqtts:// broker URL")
         self._mqtt = make_client(
             client_id=self.mqtt_client_id, protocol=protocol, address=self.address, username=username,
             password=password, tls=tls,
@@ -705,6 +710,11 @@ def run_ask(args: argparse.Namespace) -> int:
     or a connection failure (``error: <code>: <message>`` on stderr); 2 on bad flags."""
     try:
         request = _ask_request(args)
+        tls_flags = [flag for flag, value in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert),
+                                              ("--tls-key", args.tls_key)) if value]
+        if tls_flags and not args.broker.lower().startswith("mqtts://"):
+            raise ValueError(f"{', '.join(tls_flags)} given, but --broker {args.broker} is a plain connection: TLS "
+                             "needs an mqtts:// broker URL")
         if args.password_file and not args.username:
             raise ValueError("--password-file needs --username: without one the client would connect anonymously")
         password = read_password_file(args.password_file) if args.password_file else None

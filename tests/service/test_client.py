@@ -615,6 +615,15 @@ def test_a_password_without_a_username_is_refused_not_dropped(broker, tmp_path, 
     assert "--password-file needs --username" in capsys.readouterr().err
 
 
+
+def test_tls_files_with_a_plain_broker_url_are_refused_not_ignored(broker, tmp_path, capsys):
+    """A plain connection to a TLS port gets no answer: it waited out the connect timeout."""
+    with pytest.raises(ValueError, match="tls_ca given, but mqtt://.* is a plain connection: TLS needs an mqtts://"):
+        EdgeClient(broker.url, "dev1", tls_ca=tmp_path / "ca.pem")
+    assert ask(broker, "--prompt", "x", "--tls-ca", str(tmp_path / "ca.pem")) == 2
+    assert "--tls-ca given, but --broker mqtt://" in capsys.readouterr().err
+
+
 def test_ask_with_the_cli_request_flags(broker, service, capsys):
     from edge_runtime.cli import add_request_arguments
 
