@@ -399,6 +399,7 @@ class EdgeClient:
         self._subscribed = threading.Event()
         self._refused: str | None = None
         self._unreachable = False  # the last connection attempt failed before the broker answered
+        self._closed_early = False  # the broker closed the last connection attempt before its CONNACK
         self._sub_mid: int | None = None
         self._connected = False
         self._connected_at: float | None = None  # when the current connection was accepted
@@ -420,11 +421,12 @@ class EdgeClient:
         self._subscribed.clear()
         self._refused = None
         self._unreachable = False
+        self._closed_early = False
         self._sub_mid = None
         connect_async(self._mqtt, self.address, protocol=self.protocol, keepalive=self.keepalive,
                       persistent=self._v5, session_expiry_s=CLIENT_SESSION_EXPIRY_S if self._v5 else None)
         self._mqtt.loop_start()
-        if not self._subscribed.wait(self.connect_timeout) or self._refused or self._unreachable:
+        if not self._subscribed.wait(self.connect_timeout) or self._refused or self._unreachable or self._closed_early:
             self._mqtt.disconnect()
             self._mqtt.loop_stop()
             reason = self._refused or f"no connection within {self.connect_timeout:g} s"
@@ -432,6 +434,9 @@ class EdgeClient:
                 why = why_unreachable(self.address)
                 hint = " (is the broker running, and are the host and port right?)" if "no TCP" in why else ""
                 reason = f"no broker answers at {self.address.host}:{self.address.port}: {why}{hint}"
+            elif self._closed_early and not self._refused:
+                reason = ("the broker closed the connection before answering its CONNECT" +
+                          ("" if self.address.tls else " (a TLS port? TLS needs an mqtts:// broker URL)"))
             raise ConnectionError(f"cannot connect to {self.address.url}: {reason}")
         self._connected = True
         # close() or, for a script that ends without it, the interpreter's exit: not a method,
@@ -484,6 +489,9 @@ class EdgeClient:
         other's, and both reconnect). Mosquitto 2.0.11 says nothing of why it closes the older
         connection, and to an MQTT 3.1.1 client no broker can."""
         connected_at, self._connected_at = self._connected_at, None
+        if not self._connected and connected_at is None and not self._subscribed.is_set():
+            self._closed_early = True  # in connect(), before the broker answered: say so at once
+            self._subscribed.set()
         if not self._connected or connected_at is None:  # close(), or a connect() that failed
             return
         short = time.monotonic() - connected_at < SHORT_CONNECTION_S
