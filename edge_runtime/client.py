@@ -422,6 +422,7 @@ class EdgeClient:
         self._refused = None
         self._unreachable = False
         self._closed_early = False
+        self._short_connections = 0
         self._sub_mid = None
         connect_async(self._mqtt, self.address, protocol=self.protocol, keepalive=self.keepalive,
                       persistent=self._v5, session_expiry_s=CLIENT_SESSION_EXPIRY_S if self._v5 else None)
