@@ -427,7 +427,13 @@ class EdgeClient:
         connect_async(self._mqtt, self.address, protocol=self.protocol, keepalive=self.keepalive,
                       persistent=self._v5, session_expiry_s=CLIENT_SESSION_EXPIRY_S if self._v5 else None)
         self._mqtt.loop_start()
-        if not self._subscribed.wait(self.connect_timeout) or self._refused or self._unreachable or self._closed_early:
+        try:
+            answered = self._subscribed.wait(self.connect_timeout)
+        except BaseException:  # Ctrl-C while waiting: no network thread left reconnecting in the background
+            self._mqtt.disconnect()
+            self._mqtt.loop_stop()
+            raise
+        if not answered or self._refused or self._unreachable or self._closed_early:
             self._mqtt.disconnect()
             self._mqtt.loop_stop()
             reason = self._refused or f"no connection within {self.connect_timeout:g} s"

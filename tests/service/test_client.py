@@ -533,6 +533,31 @@ def test_a_connection_failure_says_whether_the_name_the_port_or_tls_failed(broke
         EdgeClient(f"mqtts://127.0.0.1:{broker.port}", "dev1", connect_timeout=30).connect()  # a plain listener
 
 
+
+def test_ctrl_c_while_connecting_leaves_no_network_thread_behind(tmp_path):
+    """Interrupted while it waits for a broker that does not answer (here one stopped with
+    SIGSTOP), connect() stops its network thread: a REPL or notebook is not left with a client
+    that reconnects in the background and connects whenever the broker is back."""
+    import os
+    import threading
+
+    from mosquitto_broker import free_port
+
+    b = MosquittoBroker(tmp_path / "b", port=free_port()).start()
+    os.kill(b.process.pid, signal.SIGSTOP)  # TCP connects (the kernel accepts), nothing answers
+    try:
+        c = EdgeClient(b.url, "dev1", client_id="interrupted", connect_timeout=30)
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            c.connect()
+        assert time.monotonic() - started < 10
+        assert not [t for t in threading.enumerate() if t.name == "paho-mqtt-client-interrupted"]
+    finally:
+        os.kill(b.process.pid, signal.SIGCONT)
+        b.stop()
+
+
 # ------------------------------------------------------------------ ask
 
 
