@@ -98,6 +98,22 @@ def test_error_reply_raises_remote_error(broker, service):
         assert c.complete("still ok") == "ok still"
 
 
+
+@pytest.mark.parametrize("request_fields, says", [
+    (dict(mode="chat", messages=[("user", "hi")]), "messages[0] must be a {role, content} dict or a Message, got tuple"),
+    (dict(mode="chat", messages="hi"), "messages must be a list of {role, content} dicts"),
+    (dict(mode="complete", prompt="x", stop=5), "stop must be a string or a list of strings, got int"),
+    (dict(mode="complete", prompt="x", temperature=float("nan")), "temperature must be a finite number, got nan"),
+    (dict(mode="complete", prompt=b"x"), "the request cannot be sent as JSON: Object of type bytes"),
+])
+def test_a_request_that_cannot_be_sent_is_a_bad_request_that_says_why(broker, service, request_fields, says):
+    with EdgeClient(broker.url, "dev1") as c:
+        with pytest.raises(BadRequest) as info:
+            c.generate(**request_fields)
+        assert says in str(info.value)
+        assert c.complete("a b") == "b a"  # still usable: nothing of the refused one was kept
+
+
 def test_timeout_raises_and_cancels(broker):
     with Probe(broker.host, broker.port) as spy, EdgeClient(broker.url, "ghost") as c:
         spy.subscribe("edge/ghost/v1/cancel")
