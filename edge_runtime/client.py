@@ -47,7 +47,7 @@ from .mqtt_connection import (
     response_route,
     why_unreachable,
 )
-from .protocol import (Topics, build_request, decode_json_object, encode_cancel, encode_request, is_number,
+from .protocol import (RequestLimits, Topics, build_request, decode_json_object, encode_cancel, encode_request, is_number,
                        validate_name)
 from .request_flags import add_request_arguments, integer_at_least, number_in, request_source
 
@@ -125,8 +125,9 @@ class Generation:
     request on the device. Closing the client ends a wait for its replies with `ConnectionError`."""
 
     def __init__(self, client: "EdgeClient", request_id: str, inbox: "queue.Queue[dict[str, Any]]",
-                 timeout: float) -> None:
+                 timeout: float, *, payload_bytes: int = 0) -> None:
         self.client = client
+        self._payload_bytes = payload_bytes  # the request's size, for what a timeout says
         self.id = request_id
         self.final: dict[str, Any] | None = None
         self._inbox = inbox
@@ -166,7 +167,7 @@ class Generation:
                 except queue.Empty:
                     what = "no reply" if not self._chunks and not self._buffer else "no further reply"
                     raise TimeoutError(f"{what} to request {self.id} for {self._timeout:g} s"
-                                       f"{_why_no_reply(self.client)}") from None
+                                       f"{_why_no_reply(self.client, self._payload_bytes)}") from None
                 if msg is _CLIENT_CLOSED:
                     raise ConnectionError(f"the client was closed before the final reply to request {self.id}")
                 self._deadline = time.monotonic() + self._timeout  # the device is making progress
@@ -611,7 +612,7 @@ class EdgeClient:
             self._correlation[request_id] = correlation
             self._published[request_id] = (payload, props)
         self._mqtt.publish(self.topics.generate, payload, qos=1, properties=props)
-        generation = Generation(self, request_id, inbox, timeout)
+        generation = Generation(self, request_id, inbox, timeout, payload_bytes=len(payload))
         # dropped without being read to its end: forget it and cancel it on the device
         weakref.finalize(generation, self._dropped.put, request_id)
         return generation
@@ -805,8 +806,10 @@ def _same_client_id_hint(client: EdgeClient) -> str:
             "use_username_as_clientid gives all clients of one username the same id: give each its own username)")
 
 
-def _why_no_reply(client: EdgeClient) -> str:
-    """What the device's retained status says about a request left unanswered."""
+def _why_no_reply(client: EdgeClient, payload_bytes: int = 0) -> str:
+    """What the device's retained status says about a request left unanswered (of
+    `payload_bytes`: over the daemon's default payload limit, a daemon cannot tell an MQTT
+    3.1.1 client so)."""
     if client._short_connections >= SHORT_CONNECTIONS:
         return f"; {_same_client_id_hint(client)}"
     if not client._mqtt.is_connected():  # the status cannot be asked for either
@@ -828,8 +831,11 @@ def _why_no_reply(client: EdgeClient) -> str:
             f"; its replies go under the client id {client.client_id!r}, not the username {client.username!r}: a "
             "broker whose ACL lets a client read only the replies under its username (the sample ACL) delivers "
             "none of them")
+        size = "" if client._v5 or payload_bytes <= RequestLimits().max_payload_bytes else (
+            f"; the request is {payload_bytes} bytes: a daemon refuses one over its [limits] max_payload_bytes "
+            f"(default {RequestLimits().max_payload_bytes}) unread, so it cannot answer an MQTT 3.1.1 client")
         return (f"; device {device!r} is online with {status.get('queue_depth')} of {status.get('queue_limit')} "
-                f"requests queued (a longer timeout waits longer for a busy device){acl}")
+                f"requests queued (a longer timeout waits longer for a busy device){acl}{size}")
     if status.get("reason") == "connection lost":  # the will, written when the daemon started: ts is not the loss
         return (f"; device {device!r} is offline: the broker lost its connection (a crash, power loss or network "
                 f"fault){f'; the daemon had started at {when}' if when else ''}{_WAITS}")

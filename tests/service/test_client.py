@@ -148,6 +148,20 @@ def test_a_fleet_request_nobody_answers_says_what_a_fleet_needs(broker):
             c.complete("x", timeout=0.3)
 
 
+
+def test_an_oversized_request_from_an_mqtt_3_1_1_client_is_refused_and_the_timeout_says_why(broker, service):
+    """The daemon refuses a payload over its limit unread: an MQTT 5 client gets the bad_request at
+    its Response Topic, an MQTT 3.1.1 one nothing, and its timeout names the size."""
+    prompt = "\U0001F600" * 65536  # within max_prompt_chars, 4 bytes each: over the 256 KiB payload limit
+    with EdgeClient(broker.url, "dev1") as c:
+        with pytest.raises(BadRequest, match="payload is [0-9]+ bytes, the limit is 262144"):
+            c.complete(prompt)
+    with EdgeClient(broker.url, "dev1", protocol="3.1.1") as c:
+        with pytest.raises(TimeoutError, match="the request is [0-9]+ bytes: a daemon refuses one over its "
+                                               r"\[limits\] max_payload_bytes \(default 262144\)"):
+            c.complete(prompt, timeout=1)
+
+
 def test_the_timeout_is_for_silence_so_a_long_stream_is_not_cut_off(broker, slow_service):
     words = " ".join(f"w{i}" for i in range(40))  # 40 tokens at 30 ms: 1.2 s in all, a chunk every 30 ms
     with EdgeClient(broker.url, "dev1") as c:
