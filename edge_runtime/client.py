@@ -45,14 +45,18 @@ from .mqtt_connection import (
     publish_properties,
     read_password_file,
     response_route,
+    why_unreachable,
 )
-from .protocol import (Topics, build_request, decode_json_object, encode_cancel, encode_request, is_number,
+from .protocol import (RequestLimits, Topics, build_request, decode_json_object, encode_cancel, encode_request, is_number,
                        validate_name)
 from .request_flags import add_request_arguments, integer_at_least, number_in, request_source
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 120.0
+SHORT_CONNECTION_S = 10.0  # a connection the broker closes sooner counts as short
+SHORT_CONNECTIONS = 3  # short connections in a row before the client says what that looks like
+CLOSE_FLUSH_S = 2.0  # how long close() waits for the broker to acknowledge the cancels it sends
 CLIENT_SESSION_EXPIRY_S = 600  # how long the broker keeps a client's replies while it reconnects
 
 
@@ -98,6 +102,10 @@ _REMOTE_ERRORS: dict[str, type[RemoteError]] = {
 }
 
 
+# put in the inbox of each request in flight by close(): its reader stops waiting
+_CLIENT_CLOSED: dict[str, Any] = {}
+
+
 class Generation:
     """One request in flight. Iterate for chunk dicts (in `seq` order); the final
     reply is then in `final` (also the generator's return value, so
@@ -114,11 +122,12 @@ class Generation:
     restart, with other tokens), `stream_diverged` is True and `final["text"]` is
     the answer; it is set as soon as a chunk that comes again differs from the one
     streamed, and no chunk of that run is yielded after it. Leaving the loop early, or an exception in it (Ctrl-C), cancels the
-    request on the device."""
+    request on the device. Closing the client ends a wait for its replies with `ConnectionError`."""
 
     def __init__(self, client: "EdgeClient", request_id: str, inbox: "queue.Queue[dict[str, Any]]",
-                 timeout: float) -> None:
+                 timeout: float, *, payload_bytes: int = 0) -> None:
         self.client = client
+        self._payload_bytes = payload_bytes  # the request's size, for what a timeout says
         self.id = request_id
         self.final: dict[str, Any] | None = None
         self._inbox = inbox
@@ -158,7 +167,9 @@ class Generation:
                 except queue.Empty:
                     what = "no reply" if not self._chunks and not self._buffer else "no further reply"
                     raise TimeoutError(f"{what} to request {self.id} for {self._timeout:g} s"
-                                       f"{_why_no_reply(self.client)}") from None
+                                       f"{_why_no_reply(self.client, self._payload_bytes)}") from None
+                if msg is _CLIENT_CLOSED:
+                    raise ConnectionError(f"the client was closed before the final reply to request {self.id}")
                 self._deadline = time.monotonic() + self._timeout  # the device is making progress
                 if msg.get("done") is True:
                     self.final = msg
@@ -272,6 +283,31 @@ class Generation:
                 self.cancel()
 
 
+def _close_connection(client: mqtt.Client, topics: Topics, v5: bool, inboxes: dict[str, Any],
+                      cancels: list[mqtt.MQTTMessageInfo], lock: threading.Lock) -> None:
+    """`EdgeClient.close`: cancel the requests in flight, wait (a little) until the broker has
+    every cancel, then disconnect. Not sooner: a socket closed with the broker's acknowledgements
+    unread is reset, and the broker drops what it had not read yet, the cancels with it."""
+    with lock:
+        pending = list(inboxes)
+        sent = list(cancels)
+    if not topics.is_fleet:
+        sent += [client.publish(topics.cancel, encode_cancel(request_id), qos=1) for request_id in pending]
+    give_up = time.monotonic() + CLOSE_FLUSH_S
+    for info in sent:
+        try:
+            info.wait_for_publish(max(give_up - time.monotonic(), 0.0))
+        except (RuntimeError, ValueError):  # not connected: nothing to wait for
+            pass
+    if v5:  # end the session now rather than after its expiry interval
+        props = Properties(PacketTypes.DISCONNECT)
+        props.SessionExpiryInterval = 0
+        client.disconnect(properties=props)
+    else:
+        client.disconnect()
+    client.loop_stop()
+
+
 def _in_thread(work: Callable[[], Any], items: "asyncio.Queue[tuple[str, Any]]", loop: asyncio.AbstractEventLoop,
                *, name: str, each: bool) -> None:
     """Run `work` (a blocking wait on the reply inbox) on a daemon thread of its own, not the
@@ -303,9 +339,12 @@ class EdgeClient:
     """A connection to the broker for talking to one device. Use as a context
     manager (CONNECT on enter, DISCONNECT on exit) or call `connect`/`close`.
 
-    `client_id` (default: `username` when given, else random) is also the
-    ``<client_id>`` level of the reply topics; with the sample broker ACL it must
-    be the MQTT username. ``device_id="fleet"`` sends requests to the fleet
+    `client_id` (default: `username` when given, else random) is the ``<client_id>``
+    level of the reply topics (and the prompt cache's scope); with the sample broker
+    ACL it must be the MQTT username. It is also the MQTT client id when given; a
+    client named after its username connects as ``<username>-<random>``
+    (`mqtt_client_id`), so several clients of one user can be connected at once
+    (two connections with one MQTT client id close each other's). ``device_id="fleet"`` sends requests to the fleet
     (``edge/fleet/v1/generate``, one device of a fleet group answers under
     ``edge/fleet/v1/reply/``); fleet requests cannot be cancelled.
     """
@@ -317,9 +356,16 @@ class EdgeClient:
                  connect_timeout: float = 10.0) -> None:
         self.address = parse_broker_url(broker_url)
         protocol_version(protocol)
+        if password is not None and username is None:  # MQTT sends no password without a user name
+            raise ValueError("a password needs a username: without one the client would connect anonymously")
         self.topics = Topics(device_id)
+        self.username = username
         self.client_id = validate_name(client_id or username or f"edge-client-{uuid.uuid4().hex[:12]}",
                                        "client_id")
+        # the MQTT client id: `client_id` when given; a username's own plus a random suffix, so that
+        # two scripts of one user (the reply level the sample ACL binds to the username) do not
+        # make the broker close each other's connection over and over (one id, one connection)
+        self.mqtt_client_id = client_id or (f"{username}-{uuid.uuid4().hex[:12]}" if username else self.client_id)
         self.protocol = protocol
         self._v5 = protocol_version(protocol) == mqtt.MQTTv5
         self.keepalive = keepalive
@@ -327,12 +373,18 @@ class EdgeClient:
         tls = TlsFiles(ca=_s(tls_ca), cert=_s(tls_cert), key=_s(tls_key))
         if self.address.tls:
             check_tls_files(tls)
+        elif tls != TlsFiles():  # a plain connection to a TLS port never gets an answer
+            given = [name for name, path in (("tls_ca", tls_ca), ("tls_cert", tls_cert), ("tls_key", tls_key))
+                     if path is not None]
+            raise ValueError(f"{', '.join(given)} given, but {self.address.url} is a plain connection: "
+                             "TLS needs an mqtts:// broker URL")
         self._mqtt = make_client(
-            client_id=self.client_id, protocol=protocol, address=self.address, username=username,
+            client_id=self.mqtt_client_id, protocol=protocol, address=self.address, username=username,
             password=password, tls=tls,
             persistent=False)
         self._mqtt.on_connect = self._on_connect
         self._mqtt.on_connect_fail = self._on_connect_fail
+        self._mqtt.on_disconnect = self._on_disconnect
         self._mqtt.on_subscribe = self._on_subscribe
         self._mqtt.on_message = self._on_message
         self._inboxes: dict[str, queue.Queue[dict[str, Any]]] = {}
@@ -344,10 +396,15 @@ class EdgeClient:
         # ids of Generations garbage-collected unread: a finalizer only queues them (it may run in
         # any thread, even one holding _lock); generate() forgets and cancels them
         self._dropped: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._cancels: list[mqtt.MQTTMessageInfo] = []  # cancels published and maybe not yet acknowledged
         self._subscribed = threading.Event()
         self._refused: str | None = None
+        self._unreachable = False  # the last connection attempt failed before the broker answered
+        self._closed_early = False  # the broker closed the last connection attempt before its CONNACK
         self._sub_mid: int | None = None
         self._connected = False
+        self._connected_at: float | None = None  # when the current connection was accepted
+        self._short_connections = 0  # connections in a row the broker closed soon after accepting them
 
     # ------------------------------------------------------------------ connection
 
@@ -359,33 +416,54 @@ class EdgeClient:
         # start even the first time: Mosquitto saves no clean-start session across its restart
         # (a random client id has no earlier session; a fixed one may get stale replies of
         # ids no longer awaited, which are dropped)
+        # a connect after a failed one or a close starts afresh: not the old failure's reason, and
+        # not the old subscription's acknowledgement (a request sent before the new one would
+        # lose its replies)
+        self._subscribed.clear()
+        self._refused = None
+        self._unreachable = False
+        self._closed_early = False
+        self._short_connections = 0
+        self._sub_mid = None
         connect_async(self._mqtt, self.address, protocol=self.protocol, keepalive=self.keepalive,
                       persistent=self._v5, session_expiry_s=CLIENT_SESSION_EXPIRY_S if self._v5 else None)
         self._mqtt.loop_start()
-        if not self._subscribed.wait(self.connect_timeout) or self._refused:
+        try:
+            answered = self._subscribed.wait(self.connect_timeout)
+        except BaseException:  # Ctrl-C while waiting: no network thread left reconnecting in the background
+            self._mqtt.disconnect()
+            self._mqtt.loop_stop()
+            raise
+        if not answered or self._refused or self._unreachable or self._closed_early:
             self._mqtt.disconnect()
             self._mqtt.loop_stop()
             reason = self._refused or f"no connection within {self.connect_timeout:g} s"
+            if self._unreachable:  # the name, the TCP connection or the TLS handshake
+                why = why_unreachable(self.address)
+                hint = " (is the broker running, and are the host and port right?)" if "no TCP" in why else ""
+                reason = f"no broker answers at {self.address.host}:{self.address.port}: {why}{hint}"
+            elif self._closed_early and not self._refused:
+                reason = ("the broker closed the connection before answering its CONNECT" +
+                          ("" if self.address.tls else " (a TLS port? TLS needs an mqtts:// broker URL)"))
             raise ConnectionError(f"cannot connect to {self.address.url}: {reason}")
         self._connected = True
+        # close() or, for a script that ends without it, the interpreter's exit: not a method,
+        # so that it does not keep this client alive
+        self._closer = weakref.finalize(self, _close_connection, self._mqtt, self.topics, self._v5, self._inboxes,
+                                        self._cancels, self._lock)
         return self
 
     def close(self) -> None:
         """Cancel the requests still in flight (nobody would read their replies), then
-        disconnect."""
+        disconnect. A script that ends without closing a connected client has it closed
+        at exit (its requests cancelled, what it sent before flushed to the broker)."""
         if self._connected:
-            with self._lock:
-                pending = list(self._inboxes)
-            for request_id in pending:
-                self.cancel(request_id)
             self._connected = False
-            if self._v5:  # end the session now rather than after its expiry interval
-                props = Properties(PacketTypes.DISCONNECT)
-                props.SessionExpiryInterval = 0
-                self._mqtt.disconnect(properties=props)
-            else:
-                self._mqtt.disconnect()
-            self._mqtt.loop_stop()
+            self._closer()
+            with self._lock:  # whoever waits for a reply (another thread, a task) stops waiting now
+                inboxes = list(self._inboxes.values())
+            for inbox in inboxes:
+                inbox.put(_CLIENT_CLOSED)
 
     def __enter__(self) -> "EdgeClient":
         return self.connect()
@@ -393,15 +471,41 @@ class EdgeClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # asyncio: ``async with EdgeClient(...) as c:`` connects and closes without blocking the
+    # event loop (connecting waits up to `connect_timeout`, closing for the cancels' acknowledgements)
+    async def __aenter__(self) -> "EdgeClient":
+        return await asyncio.to_thread(self.connect)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.close)
+
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                     properties: Any) -> None:
         if reason_code.is_failure:
             self._refused = f"the broker refused the connection: {reason_code}"
             self._subscribed.set()
             return
+        self._connected_at = time.monotonic()
         _, self._sub_mid = client.subscribe(self.topics.client_reply_filter(self.client_id), qos=1)
         if self._connected:  # a reconnect: replies published meanwhile may be gone
             self._publish_pending_again(client)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any) -> None:
+        """Count the connections the broker closes soon after accepting them: the sign of
+        another client connected with the same MQTT client id (each connection closes the
+        other's, and both reconnect). Mosquitto 2.0.11 says nothing of why it closes the older
+        connection, and to an MQTT 3.1.1 client no broker can."""
+        connected_at, self._connected_at = self._connected_at, None
+        if not self._connected and connected_at is None and not self._subscribed.is_set():
+            self._closed_early = True  # in connect(), before the broker answered: say so at once
+            self._subscribed.set()
+        if not self._connected or connected_at is None:  # close(), or a connect() that failed
+            return
+        short = time.monotonic() - connected_at < SHORT_CONNECTION_S
+        self._short_connections = self._short_connections + 1 if short else 0
+        if self._short_connections == SHORT_CONNECTIONS:
+            log.warning("%s", _same_client_id_hint(self))
 
     def _publish_pending_again(self, client: mqtt.Client) -> None:
         """Send the requests in flight again, with their ids, after a reconnect. What the
@@ -422,9 +526,8 @@ class EdgeClient:
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         # the TCP (or TLS) connection failed: say so now rather than wait out the timeout
-        tls = ", or the TLS handshake failed (check --tls-ca and the broker's certificate)" if self.address.tls else ""
-        self._refused = (f"no broker answers at {self.address.host}:{self.address.port} (connection refused or "
-                         f"unreachable: is the broker running, and are the host and port right?{tls})")
+        # (connect() finds out why, off the network thread)
+        self._unreachable = True
         self._subscribed.set()
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[Any],
@@ -509,31 +612,35 @@ class EdgeClient:
             self._correlation[request_id] = correlation
             self._published[request_id] = (payload, props)
         self._mqtt.publish(self.topics.generate, payload, qos=1, properties=props)
-        generation = Generation(self, request_id, inbox, timeout)
+        generation = Generation(self, request_id, inbox, timeout, payload_bytes=len(payload))
         # dropped without being read to its end: forget it and cancel it on the device
         weakref.finalize(generation, self._dropped.put, request_id)
         return generation
 
+    # complete/infill/chat return the final text only, but ask for chunks all the same: they
+    # show that the device is making progress, so `timeout` is for silence, not for the
+    # whole answer (``stream=False`` makes it the whole answer's)
+
     def complete(self, prompt: str, **kw: Any) -> str:
         """Complete `prompt`; returns the final text."""
-        kw.setdefault("stream", False)
         return self.generate(mode="complete", prompt=prompt, **kw).result()["text"]
 
     def infill(self, prefix: str, suffix: str = "", **kw: Any) -> str:
         """Fill in the middle between `prefix` and `suffix`; returns the final text."""
-        kw.setdefault("stream", False)
         return self.generate(mode="infill", prefix=prefix, suffix=suffix, **kw).result()["text"]
 
     def chat(self, messages: Sequence[Any], **kw: Any) -> str:
         """Answer a conversation ([{role, content}, ...]); returns the final text."""
-        kw.setdefault("stream", False)
         return self.generate(mode="chat", messages=messages, **kw).result()["text"]
 
     def cancel(self, request_id: str) -> None:
-        """Ask the daemon to stop a queued or running request (no-op for the fleet)."""
-        if self.topics.is_fleet:
+        """Ask the daemon to stop a queued or running request (no-op for the fleet, and once
+        the client is closed: close() cancelled what was in flight)."""
+        if self.topics.is_fleet or not self._connected:
             return
-        self._mqtt.publish(self.topics.cancel, encode_cancel(request_id), qos=1)
+        sent = self._mqtt.publish(self.topics.cancel, encode_cancel(request_id), qos=1)
+        with self._lock:  # close() waits for their acknowledgements
+            self._cancels[:] = [c for c in self._cancels if not c.is_published()] + [sent]
 
     def status(self, timeout: float = 5.0) -> dict[str, Any] | None:
         """The device's retained status message, or None if none arrives in `timeout`
@@ -580,10 +687,10 @@ def add_ask_arguments(parser: argparse.ArgumentParser, *, request_arguments: boo
                         help="run the whole prompt, and leave nothing of it for the next request to reuse (the prompt cache)")
     parser.add_argument("--timeout", type=number_in(0.0, low_open=True), default=DEFAULT_TIMEOUT_S,
                         help=f"seconds to wait for the first reply, and then between streamed chunks "
-                             f"(default {DEFAULT_TIMEOUT_S:g}; with --json, for the whole answer)")
+                             f"(default {DEFAULT_TIMEOUT_S:g})")
     parser.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version (default 5)")
-    parser.add_argument("--client-id", help="MQTT client id and reply topic level (default: the username, "
-                                            "else random)")
+    parser.add_argument("--client-id", help="MQTT client id and reply topic level (default: the username as "
+                                            "the reply topic level, connecting as USERNAME-<random>; else random)")
     parser.add_argument("--username", help="broker user name")
     parser.add_argument("--password-file", help="file whose first line is the broker password")
     parser.add_argument("--tls-ca", help="mqtts: CA certificate file (default: the system's)")
@@ -619,6 +726,13 @@ def run_ask(args: argparse.Namespace) -> int:
     or a connection failure (``error: <code>: <message>`` on stderr); 2 on bad flags."""
     try:
         request = _ask_request(args)
+        tls_flags = [flag for flag, value in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert),
+                                              ("--tls-key", args.tls_key)) if value]
+        if tls_flags and not args.broker.lower().startswith("mqtts://"):
+            raise ValueError(f"{', '.join(tls_flags)} given, but --broker {args.broker} is a plain connection: TLS "
+                             "needs an mqtts:// broker URL")
+        if args.password_file and not args.username:
+            raise ValueError("--password-file needs --username: without one the client would connect anonymously")
         password = read_password_file(args.password_file) if args.password_file else None
     except (ValueError, OSError) as exc:
         print(f"error: bad_request: {exc}", file=sys.stderr)
@@ -647,7 +761,8 @@ def run_ask(args: argparse.Namespace) -> int:
 
     try:
         with client:
-            gen = client.generate(stream=not args.json, timeout=args.timeout, **request)
+            # chunks with --json too, printed or not: the timeout is for silence, not the whole answer
+            gen = client.generate(timeout=args.timeout, **request)
             for chunk in gen:
                 if not args.json:
                     out.write(chunk.get("delta", ""))
@@ -684,10 +799,26 @@ _WAITS = (" (the request waits for it on the broker, and so does the cancel this
           "daemon is back it gets both and stops the request at once; send it again to have it run)")
 
 
-def _why_no_reply(client: EdgeClient) -> str:
-    """What the device's retained status says about a request left unanswered."""
-    if client.topics.is_fleet:
-        return ""
+def _same_client_id_hint(client: EdgeClient) -> str:
+    return (f"the broker has closed this client's connection {client._short_connections} times in a row soon "
+            f"after accepting it: is another client connected with the MQTT client id {client.mqtt_client_id!r}? "
+            "Two connections with one client id close each other's, over and over (a broker with "
+            "use_username_as_clientid gives all clients of one username the same id: give each its own username)")
+
+
+def _why_no_reply(client: EdgeClient, payload_bytes: int = 0) -> str:
+    """What the device's retained status says about a request left unanswered (of
+    `payload_bytes`: over the daemon's default payload limit, a daemon cannot tell an MQTT
+    3.1.1 client so)."""
+    if client._short_connections >= SHORT_CONNECTIONS:
+        return f"; {_same_client_id_hint(client)}"
+    if not client._mqtt.is_connected():  # the status cannot be asked for either
+        return (f"; the connection to the broker at {client.address.url} is lost (the client keeps reconnecting, "
+                "1 s doubling to 30 s apart)")
+    if client.topics.is_fleet:  # no status to read: say what a fleet request needs
+        return ("; no device of a fleet group answered (is a daemon with [mqtt] fleet_group / --fleet-group "
+                "connected to this broker? The broker drops a fleet request no daemon subscribes to; one that a "
+                "device took is not cancelled)")
     device = client.topics.device_id
     status = client.status(timeout=2.0)
     if status is None:
@@ -696,8 +827,15 @@ def _why_no_reply(client: EdgeClient) -> str:
     state, ts = status.get("state"), status.get("ts")
     when = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ts)) if isinstance(ts, (int, float)) else ""
     if state == "online":
+        acl = "" if client.username is None or client.username == client.client_id else (
+            f"; its replies go under the client id {client.client_id!r}, not the username {client.username!r}: a "
+            "broker whose ACL lets a client read only the replies under its username (the sample ACL) delivers "
+            "none of them")
+        size = "" if client._v5 or payload_bytes <= RequestLimits().max_payload_bytes else (
+            f"; the request is {payload_bytes} bytes: a daemon refuses one over its [limits] max_payload_bytes "
+            f"(default {RequestLimits().max_payload_bytes}) unread, so it cannot answer an MQTT 3.1.1 client")
         return (f"; device {device!r} is online with {status.get('queue_depth')} of {status.get('queue_limit')} "
-                "requests queued (a longer timeout waits longer for a busy device)")
+                f"requests queued (a longer timeout waits longer for a busy device){acl}{size}")
     if status.get("reason") == "connection lost":  # the will, written when the daemon started: ts is not the loss
         return (f"; device {device!r} is offline: the broker lost its connection (a crash, power loss or network "
                 f"fault){f'; the daemon had started at {when}' if when else ''}{_WAITS}")

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .errors import REQUEST_ERRORS
+from .errors import REQUEST_ERRORS, BadRequest
 from .types import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
@@ -579,15 +579,28 @@ def build_request(*, request_id: str, mode: str, prompt: str | None = None,
                   stop: Any = None, stream: bool = True, deadline_ms: int | None = None,
                   reply_to: str | None = None, cache_prompt: bool | None = None) -> dict[str, Any]:
     """A request dict for clients; fields left None are omitted (the daemon's defaults apply).
-    `messages` may hold `Message` objects or ``{role, content}`` dicts."""
+    `messages` may hold `Message` objects or ``{role, content}`` dicts. Raises `BadRequest` for
+    what cannot be sent as the protocol's JSON (the daemon checks the rest)."""
     obj: dict[str, Any] = {"id": request_id, "mode": mode}
     if messages is not None:
-        messages = [{"role": m.role, "content": m.content} if isinstance(m, Message) else dict(m)
-                    for m in messages]
+        if isinstance(messages, (str, bytes, Mapping)):
+            raise BadRequest(f"messages must be a list of {{role, content}} dicts or Message objects, "
+                             f"got {type(messages).__name__}")
+        converted = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, (Message, Mapping)):
+                raise BadRequest(f"messages[{i}] must be a {{role, content}} dict or a Message, got {type(m).__name__}")
+            converted.append({"role": m.role, "content": m.content} if isinstance(m, Message) else dict(m))
+        messages = converted
     if isinstance(stop, str):
         stop = [stop]
     elif stop is not None:
+        if not isinstance(stop, (list, tuple)):
+            raise BadRequest(f"stop must be a string or a list of strings, got {type(stop).__name__}")
         stop = list(stop)
+    for name, number in (("temperature", temperature), ("top_p", top_p), ("deadline_ms", deadline_ms)):
+        if isinstance(number, float) and not math.isfinite(number):
+            raise BadRequest(f"{name} must be a finite number, got {number}")
     for key, value in (("prompt", prompt), ("prefix", prefix), ("suffix", suffix),
                        ("suffix_first", suffix_first), ("messages", messages),
                        ("max_tokens", max_tokens), ("temperature", temperature),
@@ -600,4 +613,8 @@ def build_request(*, request_id: str, mode: str, prompt: str | None = None,
 
 
 def encode_request(obj: Mapping[str, Any]) -> bytes:
-    return _dumps(obj)
+    """The JSON of a request; `BadRequest` for a value JSON cannot hold (bytes, a set, ...)."""
+    try:
+        return _dumps(obj)
+    except (TypeError, ValueError) as exc:
+        raise BadRequest(f"the request cannot be sent as JSON: {exc}") from None

@@ -98,6 +98,22 @@ def test_error_reply_raises_remote_error(broker, service):
         assert c.complete("still ok") == "ok still"
 
 
+
+@pytest.mark.parametrize("request_fields, says", [
+    (dict(mode="chat", messages=[("user", "hi")]), "messages[0] must be a {role, content} dict or a Message, got tuple"),
+    (dict(mode="chat", messages="hi"), "messages must be a list of {role, content} dicts"),
+    (dict(mode="complete", prompt="x", stop=5), "stop must be a string or a list of strings, got int"),
+    (dict(mode="complete", prompt="x", temperature=float("nan")), "temperature must be a finite number, got nan"),
+    (dict(mode="complete", prompt=b"x"), "the request cannot be sent as JSON: Object of type bytes"),
+])
+def test_a_request_that_cannot_be_sent_is_a_bad_request_that_says_why(broker, service, request_fields, says):
+    with EdgeClient(broker.url, "dev1") as c:
+        with pytest.raises(BadRequest) as info:
+            c.generate(**request_fields)
+        assert says in str(info.value)
+        assert c.complete("a b") == "b a"  # still usable: nothing of the refused one was kept
+
+
 def test_timeout_raises_and_cancels(broker):
     with Probe(broker.host, broker.port) as spy, EdgeClient(broker.url, "ghost") as c:
         spy.subscribe("edge/ghost/v1/cancel")
@@ -108,6 +124,44 @@ def test_timeout_raises_and_cancels(broker):
         assert spy.wait_for(lambda ms: ms)[0].json == {"id": "lost-1"}
 
 
+
+def test_a_timeout_while_the_broker_is_gone_says_so(tmp_path):
+    """Not "no device has published a status": the client could not ask the broker."""
+    from mosquitto_broker import free_port
+
+    b = MosquittoBroker(tmp_path / "b", port=free_port()).start()
+    try:
+        with EdgeClient(b.url, "dev1", connect_timeout=5) as c:
+            gen = c.generate(mode="complete", prompt="x", timeout=1)
+            b.stop()
+            with pytest.raises(TimeoutError, match=f"the connection to the broker at {b.url} is lost"):
+                list(gen)
+    finally:
+        b.stop()
+
+
+
+def test_a_fleet_request_nobody_answers_says_what_a_fleet_needs(broker):
+    with EdgeClient(broker.url, "fleet") as c:
+        with pytest.raises(TimeoutError, match=r"no reply to request \w+ for 0.3 s; no device of a fleet group "
+                                               r"answered \(is a daemon with \[mqtt\] fleet_group"):
+            c.complete("x", timeout=0.3)
+
+
+
+def test_an_oversized_request_from_an_mqtt_3_1_1_client_is_refused_and_the_timeout_says_why(broker, service):
+    """The daemon refuses a payload over its limit unread: an MQTT 5 client gets the bad_request at
+    its Response Topic, an MQTT 3.1.1 one nothing, and its timeout names the size."""
+    prompt = "\U0001F600" * 65536  # within max_prompt_chars, 4 bytes each: over the 256 KiB payload limit
+    with EdgeClient(broker.url, "dev1") as c:
+        with pytest.raises(BadRequest, match="payload is [0-9]+ bytes, the limit is 262144"):
+            c.complete(prompt)
+    with EdgeClient(broker.url, "dev1", protocol="3.1.1") as c:
+        with pytest.raises(TimeoutError, match="the request is [0-9]+ bytes: a daemon refuses one over its "
+                                               r"\[limits\] max_payload_bytes \(default 262144\)"):
+            c.complete(prompt, timeout=1)
+
+
 def test_the_timeout_is_for_silence_so_a_long_stream_is_not_cut_off(broker, slow_service):
     words = " ".join(f"w{i}" for i in range(40))  # 40 tokens at 30 ms: 1.2 s in all, a chunk every 30 ms
     with EdgeClient(broker.url, "dev1") as c:
@@ -115,6 +169,19 @@ def test_the_timeout_is_for_silence_so_a_long_stream_is_not_cut_off(broker, slow
         gen = c.generate(mode="complete", prompt=words, timeout=0.6)
         assert len(list(gen)) == 40 and gen.final["finish_reason"] == "stop"
         assert time.monotonic() - started > 0.6
+
+
+
+def test_a_long_answer_that_keeps_coming_is_not_cut_off_by_complete_or_ask_json(broker, slow_service, capsys):
+    """complete()/infill()/chat() and `ask --json` return only the final reply, but the device
+    still shows its progress: the timeout is for silence there too, not for the whole answer
+    (a slow board's long answer took longer than the default 120 s, and was cancelled)."""
+    words = " ".join(f"w{i}" for i in range(40))  # 1.2 s in all, a token every 30 ms
+    with EdgeClient(broker.url, "dev1") as c:
+        assert c.complete(words, timeout=0.6) == expected_text(words)
+        assert c.chat([{"role": "user", "content": words}], timeout=0.6) == expected_text(words)
+    assert ask(broker, "--prompt", words, "--json", "--timeout", "0.6") == 0
+    assert json.loads(capsys.readouterr().out)["text"] == expected_text(words)
 
 
 def test_asyncio_streams_awaits_and_a_cancelled_task_cancels_on_the_device(broker, slow_service):
@@ -148,6 +215,30 @@ def test_asyncio_streams_awaits_and_a_cancelled_task_cancels_on_the_device(broke
 
     with EdgeClient(broker.url, "dev1") as c:
         asyncio.run(main(c))
+
+
+
+def test_async_with_connects_and_closes_without_blocking_the_loop(broker, slow_service):
+    import asyncio
+
+    async def main() -> list[str]:
+        ticks: list[float] = []
+
+        async def tick() -> None:  # runs while the client connects, streams and closes
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.01)
+
+        ticker = asyncio.create_task(tick())
+        async with EdgeClient(broker.url, "dev1") as c:
+            deltas = [chunk["delta"] async for chunk in c.generate(mode="complete", prompt="a b c")]
+        ticker.cancel()
+        assert len(ticks) > 5
+        with pytest.raises(RuntimeError, match="not connected"):  # closed on the way out
+            c.generate(mode="complete", prompt="x")
+        return deltas
+
+    assert "".join(asyncio.run(main())) == "c b a"
 
 
 def test_a_generation_dropped_unread_is_forgotten_and_cancelled(broker):
@@ -332,6 +423,52 @@ def test_leaving_the_loop_or_the_client_cancels_the_request(broker, slow_service
         assert sorted(ids) == ["left-1", "left-2"]  # one cancel each
 
 
+@pytest.mark.parametrize("leave", ["reads-one-chunk", "never-reads"])
+def test_a_script_that_ends_without_closing_its_client_cancels_what_it_left(broker, slow_service, leave):
+    """A script that exits with a request unanswered (no `with`, no close()) stops it on the
+    device, as leaving the `with` block does: nobody will read the rest."""
+    words = " ".join(f"w{i}" for i in range(60))  # 1.8 s at 30 ms a token
+    script = (f"from edge_runtime import EdgeClient\n"
+              f"c = EdgeClient({broker.url!r}, 'dev1', client_id='leaver').connect()\n"
+              f"g = c.generate(mode='complete', prompt={words!r}, request_id='left-1')\n"
+              + ("next(iter(g))\n" if leave == "reads-one-chunk" else "c.generate(mode='complete', prompt='x')\n"))
+    with Probe(broker.host, broker.port) as spy:
+        spy.subscribe("edge/dev1/v1/reply/leaver/left-1")
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        final = spy.wait_final("edge/dev1/v1/reply/leaver/left-1", timeout=10)
+    # stopped while generating, or (never read, gone at once) before it started
+    assert final.get("finish_reason") == "cancelled" and len(final["text"].split()) < 60 or \
+        final.get("error", {}).get("code") == "cancelled"
+
+
+
+def test_closing_the_client_ends_the_wait_of_a_reader_in_another_thread(broker):
+    import threading
+
+    with Probe(broker.host, broker.port) as spy:
+        spy.subscribe("edge/ghost3/v1/cancel")
+        c = EdgeClient(broker.url, "ghost3").connect()
+        gen = c.generate(mode="complete", prompt="x", timeout=30, request_id="waiting-1")
+        raised: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                list(gen)
+            except BaseException as exc:
+                raised.append(exc)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        c.close()
+        reader.join(10)
+        assert not reader.is_alive() and time.monotonic() - started < 5  # not after its 30 s timeout
+        assert isinstance(raised[0], ConnectionError) and "the client was closed" in str(raised[0])
+        assert [m.json for m in spy.wait_for(lambda ms: ms)] == [{"id": "waiting-1"}]  # cancelled once
+
+
 def test_cancel_from_the_client(broker, slow_service):
     with EdgeClient(broker.url, "dev1") as c:
         gen = c.generate(mode="complete", prompt=" ".join(f"w{i}" for i in range(40)))
@@ -340,6 +477,38 @@ def test_cancel_from_the_client(broker, slow_service):
         gen.cancel()
         rest = list(it)
         assert gen.final["finish_reason"] == "cancelled" and len(rest) < 39
+
+
+
+def test_two_scripts_of_one_user_do_not_take_over_each_others_connection(broker, slow_service, caplog):
+    """The client id defaults to the username (the reply topics' level the sample ACL binds to
+    it), but each client connects with its own MQTT client id: a second script of the same user
+    does not make the broker close the first one's connection, again and again."""
+    words = " ".join(f"w{i}" for i in range(30))  # ~1 s at 30 ms a token
+    with caplog.at_level("INFO", logger="edge_runtime.client"), \
+            EdgeClient(broker.url, "dev1", username="alice") as a, EdgeClient(broker.url, "dev1", username="alice") as b:
+        assert a.client_id == b.client_id == "alice"
+        ga = a.generate(mode="complete", prompt=words)
+        gb = b.generate(mode="complete", prompt="b " + words)
+        assert "".join(ch["delta"] for ch in ga) == expected_text(words)
+        assert "".join(ch["delta"] for ch in gb) == expected_text("b " + words)
+    assert not [r for r in caplog.records if "reconnected" in r.getMessage()]
+    assert "already connected" not in broker.log_path.read_text(errors="replace")
+
+
+
+def test_two_clients_with_one_client_id_are_told_what_closes_their_connections(broker, caplog):
+    """Two connections with one MQTT client id close each other's, and both reconnect, over and
+    over (Mosquitto 2.0.11 tells neither why): the client says what that looks like."""
+    with caplog.at_level("WARNING", logger="edge_runtime.client"), \
+            EdgeClient(broker.url, "dev1", client_id="twin") as a, EdgeClient(broker.url, "dev1", client_id="twin"):
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(caplog.records) < 2:  # each of the two says it
+            time.sleep(0.2)
+        assert any("another client connected with the MQTT client id 'twin'" in r.getMessage()
+                   for r in caplog.records)
+        with pytest.raises(TimeoutError, match="another client connected with the MQTT client id 'twin'"):
+            a.generate(mode="complete", prompt="x", timeout=0.5).result()
 
 
 def test_status(broker, service):
@@ -351,7 +520,8 @@ def test_status(broker, service):
 def test_connection_failure(broker):
     from mosquitto_broker import free_port
 
-    with pytest.raises(ConnectionError, match="no broker answers at 127.0.0.1"):
+    with pytest.raises(ConnectionError, match="no broker answers at 127.0.0.1:[0-9]+: no TCP connection to port .*"
+                                              r"\(is the broker running"):
         with EdgeClient(f"mqtt://127.0.0.1:{free_port()}", "dev1", connect_timeout=30):
             pass  # refused at once, not after the 30 s
     with pytest.raises(ValueError):
@@ -360,6 +530,62 @@ def test_connection_failure(broker):
         EdgeClient(broker.url, "bad/device")
     with pytest.raises(RuntimeError):
         EdgeClient(broker.url, "dev1").generate(mode="complete", prompt="x")
+
+
+
+def test_connect_again_after_a_failure_or_a_close_connects_afresh(broker, service, tmp_path):
+    """A script that retries `connect()` until its broker is up gets through once it is; the
+    reason of the failed attempt is not kept."""
+    from mosquitto_broker import free_port
+
+    late = MosquittoBroker(tmp_path / "late", port=free_port())
+    c = EdgeClient(late.url, "dev1", connect_timeout=5)
+    with pytest.raises(ConnectionError, match="no broker answers"):
+        c.connect()
+    late.start()
+    try:
+        with c:  # the broker is up now
+            assert c.status(timeout=0.5) is None  # no daemon on that broker: it answers, nothing is retained
+    finally:
+        late.stop()
+    with EdgeClient(broker.url, "dev1") as again:
+        assert again.complete("a b") == "b a"
+    for _ in range(3):  # closed and opened again: each time subscribed before the first request goes out
+        with again:
+            assert again.complete("x y z") == "z y x"
+
+
+
+def test_a_connection_failure_says_whether_the_name_the_port_or_tls_failed(broker):
+    with pytest.raises(ConnectionError, match="the name 'no-such-broker.invalid' does not resolve"):
+        EdgeClient("mqtt://no-such-broker.invalid:1883", "dev1", connect_timeout=30).connect()
+    with pytest.raises(ConnectionError, match=r"TCP connects, so the TLS handshake failed \(check the CA file"):
+        EdgeClient(f"mqtts://127.0.0.1:{broker.port}", "dev1", connect_timeout=30).connect()  # a plain listener
+
+
+
+def test_ctrl_c_while_connecting_leaves_no_network_thread_behind(tmp_path):
+    """Interrupted while it waits for a broker that does not answer (here one stopped with
+    SIGSTOP), connect() stops its network thread: a REPL or notebook is not left with a client
+    that reconnects in the background and connects whenever the broker is back."""
+    import os
+    import threading
+
+    from mosquitto_broker import free_port
+
+    b = MosquittoBroker(tmp_path / "b", port=free_port()).start()
+    os.kill(b.process.pid, signal.SIGSTOP)  # TCP connects (the kernel accepts), nothing answers
+    try:
+        c = EdgeClient(b.url, "dev1", client_id="interrupted", connect_timeout=30)
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            c.connect()
+        assert time.monotonic() - started < 10
+        assert not [t for t in threading.enumerate() if t.name == "paho-mqtt-client-interrupted"]
+    finally:
+        os.kill(b.process.pid, signal.SIGCONT)
+        b.stop()
 
 
 # ------------------------------------------------------------------ ask
@@ -431,6 +657,26 @@ def test_ask_names_a_tls_file_it_cannot_use(tmp_path, capsys):
         assert run_ask(args) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: bad_request: --tls-ca {ca}: {why}") and err.count("\n") == 1
+
+
+
+def test_a_password_without_a_username_is_refused_not_dropped(broker, tmp_path, capsys):
+    """MQTT carries no password without a user name: the client would connect anonymously,
+    and a broker that allows it would never say the password went unused."""
+    with pytest.raises(ValueError, match="needs a username"):
+        EdgeClient(broker.url, "dev1", password="secret")
+    (tmp_path / "pw").write_text("secret\n")
+    assert ask(broker, "--prompt", "x", "--password-file", str(tmp_path / "pw")) == 2
+    assert "--password-file needs --username" in capsys.readouterr().err
+
+
+
+def test_tls_files_with_a_plain_broker_url_are_refused_not_ignored(broker, tmp_path, capsys):
+    """A plain connection to a TLS port gets no answer: it waited out the connect timeout."""
+    with pytest.raises(ValueError, match="tls_ca given, but mqtt://.* is a plain connection: TLS needs an mqtts://"):
+        EdgeClient(broker.url, "dev1", tls_ca=tmp_path / "ca.pem")
+    assert ask(broker, "--prompt", "x", "--tls-ca", str(tmp_path / "ca.pem")) == 2
+    assert "--tls-ca given, but --broker mqtt://" in capsys.readouterr().err
 
 
 def test_ask_with_the_cli_request_flags(broker, service, capsys):
@@ -603,6 +849,11 @@ def test_daemon_and_client_through_the_sample_acl(tmp_path):
         with pytest.raises(ConnectionError):
             with EdgeClient(b.url, "dev1", username="client-01", password="wrong", connect_timeout=2):
                 pass
+        # a client id other than the username: the ACL delivers none of the replies, and the timeout says why
+        with EdgeClient(b.url, "dev1", username="client-01", password="client-pw", client_id="desk-2") as c:
+            with pytest.raises(TimeoutError, match="its replies go under the client id 'desk-2', not the "
+                                                   "username 'client-01'"):
+                c.complete("x", timeout=1)
     finally:
         if service is not None:
             service.stop()

@@ -239,6 +239,27 @@ def test_no_plain_mqtt_on_the_tls_port(pki, secured):
     assert answer == b"" or answer[0] != 0x20, answer
 
 
+
+def test_edge_client_over_tls_with_the_generated_ca_and_password(pki, secured):
+    from edge_runtime import EdgeClient
+
+    password = pki["passwords"]["client-a"]
+    with EdgeClient(f"mqtts://localhost:{pki['port']}", "dev-a", username="client-a", password=password,
+                    tls_ca=pki["dir"] / "ca.crt") as client:
+        assert client.status(timeout=0.5) is None  # connected and subscribed; no daemon here
+
+
+def test_edge_client_on_the_tls_port_without_mqtts_says_so_at_once(pki, secured):
+    from edge_runtime import EdgeClient
+
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match=r"closed the connection before answering its CONNECT \(a TLS port\? "
+                                              r"TLS needs an mqtts:// broker URL\)"):
+        EdgeClient(f"mqtt://127.0.0.1:{pki['port']}", "dev-a", username="client-a",
+                   password=pki["passwords"]["client-a"], connect_timeout=30).connect()
+    assert time.monotonic() - started < 10  # not after the 30 s
+
+
 # -- authorization ------------------------------------------------------------------------------
 def test_client_requests_reach_the_device_and_other_devices_cannot_send_them(peers):
     dev_a, dev_b, client = peers.connect("dev-a"), peers.connect("dev-b"), peers.connect("client-a")
