@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from .errors import BundleError, ConfigError, EdgeRuntimeError
-from .request_flags import add_request_arguments, empty_flag, integer_at_least, request_source
+from .request_flags import add_request_arguments, empty_flag, integer_at_least, penalties, request_source
 
 
 def _die(message: str, code: int = 2) -> int:
@@ -93,7 +93,7 @@ def request_from_args(args):
         temperature=defaults.temperature if args.temperature is None else args.temperature,
         top_p=defaults.top_p if args.top_p is None else args.top_p,
         top_k=defaults.top_k if args.top_k is None else args.top_k,
-        seed=args.seed)
+        seed=args.seed, **penalties(args))
     common = dict(max_tokens=DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens,
                   max_tokens_is_default=args.max_tokens is None, sampling=sampling, stop=tuple(args.stop))
     try:

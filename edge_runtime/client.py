@@ -49,7 +49,7 @@ from .mqtt_connection import (
 )
 from .protocol import (RequestLimits, Topics, build_request, decode_json_object, encode_cancel, encode_request, is_number,
                        validate_name)
-from .request_flags import add_request_arguments, integer_at_least, number_in, request_source
+from .request_flags import add_request_arguments, integer_at_least, number_in, penalties, request_source
 
 log = logging.getLogger(__name__)
 
@@ -585,7 +585,9 @@ class EdgeClient:
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  seed: int | None = None, stop: Sequence[str] | str | None = None, stream: bool = True,
                  deadline_ms: int | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                 request_id: str | None = None, cache_prompt: bool | None = None) -> Generation:
+                 request_id: str | None = None, cache_prompt: bool | None = None,
+                 repeat_penalty: float | None = None, presence_penalty: float | None = None,
+                 frequency_penalty: float | None = None, repeat_last_n: int | None = None) -> Generation:
         """Publish a request now and return its `Generation` (iterate it for chunks).
         Parameters left None take the daemon's defaults."""
         if not self._connected:
@@ -599,7 +601,9 @@ class EdgeClient:
                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
                             # reply_to also with MQTT 5: a daemon on MQTT 3.1.1 gets no Response Topic
                             stream=stream, deadline_ms=deadline_ms, reply_to=reply_topic,
-                            cache_prompt=cache_prompt)
+                            cache_prompt=cache_prompt, repeat_penalty=repeat_penalty,
+                            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                            repeat_last_n=repeat_last_n)
         inbox: queue.Queue[dict[str, Any]] = queue.Queue()
         correlation = request_id.encode("utf-8")
         props = publish_properties(self.protocol, response_topic=reply_topic, correlation_data=correlation) \
@@ -703,7 +707,8 @@ def add_ask_arguments(parser: argparse.ArgumentParser, *, request_arguments: boo
 def _ask_request(args: argparse.Namespace) -> dict[str, Any]:
     common: dict[str, Any] = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                   top_k=args.top_k, seed=args.seed, stop=list(args.stop) or None,
-                                  deadline_ms=args.deadline_ms, cache_prompt=args.cache_prompt)
+                                  deadline_ms=args.deadline_ms, cache_prompt=args.cache_prompt,
+                                  **penalties(args))
     source = request_source(args)
     if source["mode"] == "infill" and not source["suffix_first"]:
         source["suffix_first"] = None  # the daemon's default order

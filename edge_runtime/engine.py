@@ -342,7 +342,7 @@ class Engine:
         and a stream started meanwhile waits for it, with a warning every 30 s. A thread
         must not start a stream while it holds another open: it would wait for itself."""
         plan = self.plan(request)
-        sampler = Sampler(request.sampling)
+        sampler = Sampler(request.sampling, plan.ids)
         stops = StopStringMatcher(request.stop)
         if not self._lock.acquire(blocking=False):
             while not self._lock.acquire(timeout=STREAM_WAIT_WARNING_S):

@@ -28,8 +28,10 @@ from typing import Any, Mapping
 from .errors import REQUEST_ERRORS, BadRequest
 from .types import (
     DEFAULT_MAX_TOKENS,
+    DEFAULT_REPEAT_LAST_N,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
+    MAX_PENALTY,
     MAX_SEED,
     MODES,
     GenerationRequest,
@@ -58,6 +60,7 @@ REQUEST_FIELDS = frozenset({
     "id", "mode", "prompt", "prefix", "suffix", "suffix_first", "messages",
     "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
     "deadline_ms", "reply_to", "cache_prompt",
+    "repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n",
 })
 _MODE_FIELDS: dict[str, frozenset[str]] = {
     "complete": frozenset({"prompt"}),
@@ -384,6 +387,18 @@ def parse_request(payload: bytes, limits: RequestLimits | Any = RequestLimits(),
     top_k = obj.get("top_k", 0)
     if not is_int(top_k) or top_k < 0:
         raise bad("top_k must be an integer >= 0 (0 disables)")
+    repeat_penalty = obj.get("repeat_penalty", 1.0)
+    if not is_number(repeat_penalty) or repeat_penalty <= 0:
+        raise bad("repeat_penalty must be a finite number > 0 (1 disables)")
+    penalties = {}
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = obj.get(name, 0.0)
+        if not is_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+            raise bad(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}] (0 disables)")
+        penalties[name] = float(value)
+    repeat_last_n = obj.get("repeat_last_n", DEFAULT_REPEAT_LAST_N)
+    if not is_int(repeat_last_n) or repeat_last_n < -1:
+        raise bad("repeat_last_n must be an integer >= -1 (0: no penalty, -1: the whole context)")
     seed = obj.get("seed")
     if seed is not None and (not is_int(seed) or not 0 <= seed <= MAX_SEED):
         raise bad(f"seed must be an integer between 0 and {MAX_SEED}, or null")
@@ -422,7 +437,8 @@ def parse_request(payload: bytes, limits: RequestLimits | Any = RequestLimits(),
         max_tokens=max_tokens,
         max_tokens_is_default="max_tokens" not in obj,
         sampling=SamplingParams(temperature=float(temperature), top_p=float(top_p),
-                                top_k=top_k, seed=seed),
+                                top_k=top_k, seed=seed, repeat_penalty=float(repeat_penalty),
+                                repeat_last_n=int(repeat_last_n), **penalties),
         stop=tuple(stop),
         id=raw_id,
         deadline=now + deadline_ms / 1000.0,
@@ -577,7 +593,9 @@ def build_request(*, request_id: str, mode: str, prompt: str | None = None,
                   max_tokens: int | None = None, temperature: float | None = None,
                   top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                   stop: Any = None, stream: bool = True, deadline_ms: int | None = None,
-                  reply_to: str | None = None, cache_prompt: bool | None = None) -> dict[str, Any]:
+                  reply_to: str | None = None, cache_prompt: bool | None = None,
+                  repeat_penalty: float | None = None, presence_penalty: float | None = None,
+                  frequency_penalty: float | None = None, repeat_last_n: int | None = None) -> dict[str, Any]:
     """A request dict for clients; fields left None are omitted (the daemon's defaults apply).
     `messages` may hold `Message` objects or ``{role, content}`` dicts. Raises `BadRequest` for
     what cannot be sent as the protocol's JSON (the daemon checks the rest)."""
@@ -598,14 +616,18 @@ def build_request(*, request_id: str, mode: str, prompt: str | None = None,
         if not isinstance(stop, (list, tuple)):
             raise BadRequest(f"stop must be a string or a list of strings, got {type(stop).__name__}")
         stop = list(stop)
-    for name, number in (("temperature", temperature), ("top_p", top_p), ("deadline_ms", deadline_ms)):
+    for name, number in (("temperature", temperature), ("top_p", top_p), ("deadline_ms", deadline_ms),
+                         ("repeat_penalty", repeat_penalty), ("presence_penalty", presence_penalty),
+                         ("frequency_penalty", frequency_penalty)):
         if isinstance(number, float) and not math.isfinite(number):
             raise BadRequest(f"{name} must be a finite number, got {number}")
     for key, value in (("prompt", prompt), ("prefix", prefix), ("suffix", suffix),
                        ("suffix_first", suffix_first), ("messages", messages),
                        ("max_tokens", max_tokens), ("temperature", temperature),
                        ("top_p", top_p), ("top_k", top_k), ("seed", seed), ("stop", stop),
-                       ("deadline_ms", deadline_ms), ("reply_to", reply_to), ("cache_prompt", cache_prompt)):
+                       ("deadline_ms", deadline_ms), ("reply_to", reply_to), ("cache_prompt", cache_prompt),
+                       ("repeat_penalty", repeat_penalty), ("presence_penalty", presence_penalty),
+                       ("frequency_penalty", frequency_penalty), ("repeat_last_n", repeat_last_n)):
         if value is not None:
             obj[key] = value
     obj["stream"] = stream

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .protocol import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
-from .types import MAX_SEED
+from .types import DEFAULT_REPEAT_LAST_N, MAX_PENALTY, MAX_SEED
 
 
 # argparse types: a value out of range stops at the command line (exit 2, the flag named),
@@ -102,9 +102,29 @@ def add_request_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep the k most likely tokens (default 0: off)")
     p.add_argument("--seed", type=integer_at_least(0, MAX_SEED), default=None,
                    help="makes a sampled answer reproducible")
+    p.add_argument("--repeat-penalty", type=number_in(0.0, low_open=True), default=None,
+                   help="divide a repeated token's logit by this (multiply a negative one), as llama.cpp and "
+                        "Ollama do; over the last --repeat-last-n tokens (default 1: off; 1.1 is Ollama's)")
+    p.add_argument("--presence-penalty", type=number_in(-MAX_PENALTY, MAX_PENALTY), default=None,
+                   help=f"subtract this from the logit of a token in the window, in [-{MAX_PENALTY:g}, "
+                        f"{MAX_PENALTY:g}] (default 0: off)")
+    p.add_argument("--frequency-penalty", type=number_in(-MAX_PENALTY, MAX_PENALTY), default=None,
+                   help=f"subtract this times its count in the window from a token's logit, in "
+                        f"[-{MAX_PENALTY:g}, {MAX_PENALTY:g}] (default 0: off)")
+    p.add_argument("--repeat-last-n", type=integer_at_least(-1), default=None,
+                   help=f"the penalties' window: the last N tokens of prompt and output (default "
+                        f"{DEFAULT_REPEAT_LAST_N}; 0: no penalty; -1: the whole context)")
     p.add_argument("--stop", action="append", default=[], type=stop_string,
                    help=f"stop string (repeatable, at most {MAX_STOP_SEQUENCES})")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+
+PENALTY_FLAGS = ("repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n")
+
+
+def penalties(args: argparse.Namespace) -> dict[str, Any]:
+    """The penalty flags given (the request's fields of the same names); the rest take the defaults."""
+    return {name: getattr(args, name) for name in PENALTY_FLAGS if getattr(args, name, None) is not None}
 
 
 def request_source(args: argparse.Namespace) -> dict[str, Any]:

@@ -4,6 +4,10 @@ Follows Meta's reference: temperature 0 is greedy; otherwise softmax of
 logits / temperature, then nucleus (top-p) filtering as `sample_top_p` does
 (sort descending, cumulative sum, drop tokens where cumsum - p_i > p),
 renormalise, draw. Top-k, when set, is applied before top-p.
+
+Before all of them, the repetition penalties where a request asks for them, as llama.cpp's
+and Ollama's samplers apply them (`repeat_penalty`, `presence_penalty`, `frequency_penalty`
+over the last `repeat_last_n` tokens of prompt and output; `RepeatWindow`).
 """
 
 from __future__ import annotations
@@ -11,11 +15,13 @@ from __future__ import annotations
 import math
 import numbers
 import secrets
+from collections import Counter, deque
+from collections.abc import Sequence
 
 import numpy as np
 
 from .errors import BadRequest
-from .types import MAX_SEED, SamplingParams, is_int
+from .types import MAX_PENALTY, MAX_SEED, SamplingParams, is_int
 
 
 def validate_sampling(params: SamplingParams) -> SamplingParams:
@@ -29,6 +35,16 @@ def validate_sampling(params: SamplingParams) -> SamplingParams:
         raise BadRequest(f"top_k must be an integer >= 0, got {k!r}")
     if seed is not None and (not is_int(seed) or not 0 <= seed <= MAX_SEED):
         raise BadRequest(f"seed must be an integer between 0 and {MAX_SEED}, or null, got {seed!r}")
+    r = params.repeat_penalty
+    if not _is_real(r) or not math.isfinite(r) or r <= 0:
+        raise BadRequest(f"repeat_penalty must be a finite number > 0 (1 disables), got {r!r}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(params, name)
+        if not _is_real(value) or not math.isfinite(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+            raise BadRequest(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}] (0 disables), got {value!r}")
+    n = params.repeat_last_n
+    if not is_int(n) or n < -1:
+        raise BadRequest(f"repeat_last_n must be an integer >= -1 (0: no penalty, -1: the whole context), got {n!r}")
     return params
 
 
@@ -97,12 +113,52 @@ def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
     return int(min(np.searchsorted(cdf, u, side="right"), len(cdf) - 1))
 
 
+# ------------------------------------------------------------------------ penalties
+class RepeatWindow:
+    """The last `last_n` tokens of a request's context (all of them for -1) and how often each
+    occurs, updated a token at a time; `penalize` applies llama.cpp's penalties to logits."""
+
+    def __init__(self, last_n: int, context: Sequence[int] = ()) -> None:
+        self._window: deque[int] = deque(maxlen=None if last_n < 0 else last_n)
+        self._counts: Counter[int] = Counter()
+        for token in context:
+            self.push(token)
+
+    def push(self, token: int) -> None:
+        if self._window.maxlen is not None and len(self._window) == self._window.maxlen:
+            old = self._window[0]
+            self._counts[old] -= 1
+            if not self._counts[old]:
+                del self._counts[old]
+        self._window.append(token)
+        self._counts[token] += 1
+
+    def penalize(self, logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+        """A copy of `logits` [V] in which each token of the window has its logit divided by
+        repeat_penalty (multiplied when not positive), less frequency_penalty times its count
+        and presence_penalty: llama.cpp's `penalties` sampler, the repetition part being
+        transformers' RepetitionPenaltyLogitsProcessor over the window."""
+        out = np.array(logits, copy=True)
+        ids = np.fromiter(self._counts.keys(), dtype=np.int64, count=len(self._counts))
+        counts = np.fromiter(self._counts.values(), dtype=np.float64, count=len(self._counts))
+        x = out[ids].astype(np.float64)
+        r = params.repeat_penalty
+        x = np.where(x <= 0, x * r, x / r) - counts * params.frequency_penalty - params.presence_penalty
+        out[ids] = x
+        return out
+
+
 # ------------------------------------------------------------------------- sampler
 class Sampler:
-    """One request's sampler: validated params and a seeded `numpy.random.Generator`."""
+    """One request's sampler: validated params and a seeded `numpy.random.Generator`.
 
-    def __init__(self, params: SamplingParams) -> None:
+    `context` is the prompt's ids: with a penalty, `sample` and `judge` see the logits after
+    the tokens before them, so each token they return joins the window (they must be called
+    for the output's tokens in order, as generator.generate does)."""
+
+    def __init__(self, params: SamplingParams, context: Sequence[int] = ()) -> None:
         self.params = validate_sampling(params)
+        self._window = RepeatWindow(params.repeat_last_n, context) if params.penalizes else None
         # seed None: fresh OS entropy, drawn as a seed a request may name (so it replays the run)
         seed = params.seed if params.seed is not None else secrets.randbits(MAX_SEED.bit_length())
         seq = np.random.SeedSequence(seed)
@@ -129,10 +185,20 @@ class Sampler:
 
     def sample(self, logits: np.ndarray) -> int:
         """Next token id from the last position's logits. logits: [vocab] float."""
+        logits = self._penalized(logits)
         if self.is_greedy:
-            return greedy(logits)
+            return self._taken(greedy(logits))
         candidates, probs = self._distribution(logits)
-        return int(candidates[draw(probs, self._rng)])
+        return self._taken(int(candidates[draw(probs, self._rng)]))
+
+    def _penalized(self, logits: np.ndarray) -> np.ndarray:
+        return logits if self._window is None else self._window.penalize(logits, self.params)
+
+    def _taken(self, token: int) -> int:
+        """`token` as the next of the output: the penalties' window takes it."""
+        if self._window is not None:
+            self._window.push(token)
+        return token
 
     def judge(self, logits: np.ndarray, draft: int) -> tuple[bool, int]:
         """Whether to keep a drafted id as the token after these logits, and the token either way.
@@ -142,15 +208,16 @@ class Sampler:
         draft. The token is then distributed exactly as `sample`'s is (speculative sampling with
         a draft that is one id for sure: accept with min(1, p/q) = p(draft), else draw from the
         normalised max(0, p - q)), so drafting changes which draws are made, not the odds."""
+        logits = self._penalized(logits)
         if self.is_greedy:
-            token = greedy(logits)
+            token = self._taken(greedy(logits))
             return token == draft, token
         candidates, probs = self._distribution(logits)
         at = np.flatnonzero(candidates == draft)
         total = float(probs.sum())
         if at.size and self._rng.random() * total < float(probs[at[0]]):
-            return True, draft
+            return True, self._taken(draft)
         if at.size:
             probs = probs.copy()
             probs[at[0]] = 0.0
-        return False, int(candidates[draw(probs, self._rng)])
+        return False, self._taken(int(candidates[draw(probs, self._rng)]))

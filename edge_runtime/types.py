@@ -19,6 +19,8 @@ MODES: tuple[str, ...] = ("complete", "infill", "chat")
 DEFAULT_TEMPERATURE = 0.6
 DEFAULT_TOP_P = 0.9
 DEFAULT_MAX_TOKENS = 256
+DEFAULT_REPEAT_LAST_N = 64  # llama.cpp's and Ollama's window for the repetition penalties
+MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty lie in [-2, 2] (OpenAI's range)
 # Whose previous request's keys and values a request may reuse (the engine's prompt cache,
 # config `[model] prompt_cache`): "client" the same client id's, "shared" any request's, "off" none.
 PROMPT_CACHE_SCOPES = ("client", "shared", "off")
@@ -42,6 +44,19 @@ class SamplingParams:
     top_p: float = DEFAULT_TOP_P  # nucleus; 1.0 disables
     top_k: int = 0  # 0 disables
     seed: int | None = None  # None: a fresh random seed per request
+    # Penalties on the tokens of the last `repeat_last_n` of prompt and output (llama.cpp's and
+    # Ollama's names and rules): a repeated token's logit divided by `repeat_penalty` (multiplied
+    # when negative), less `frequency_penalty` per occurrence and `presence_penalty` once.
+    repeat_penalty: float = 1.0  # 1.0 disables
+    presence_penalty: float = 0.0  # 0 disables
+    frequency_penalty: float = 0.0  # 0 disables
+    repeat_last_n: int = DEFAULT_REPEAT_LAST_N  # 0: no penalty; -1: the whole context
+
+    @property
+    def penalizes(self) -> bool:
+        """Whether any penalty changes the logits."""
+        return self.repeat_last_n != 0 and (self.repeat_penalty != 1.0 or self.presence_penalty != 0.0
+                                            or self.frequency_penalty != 0.0)
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,33 @@ def test_complete_matches_hand_built_ids_and_torch(engine, hf_tok, tiny_checkpoi
     assert result.usage.completion_tokens == len(result.token_ids)
 
 
+@pytest.mark.parametrize("penalties", [dict(repeat_penalty=1.3), dict(repeat_penalty=0.8),
+                                       dict(presence_penalty=0.5, frequency_penalty=0.25),
+                                       dict(repeat_penalty=1.2, presence_penalty=-0.4, frequency_penalty=0.3)])
+def test_repetition_penalties_match_torch_with_transformers_penalty(engine, hf_tok, tiny_checkpoint, penalties):
+    """llama.cpp's and Ollama's penalties over the whole context (repeat_last_n -1) against
+    transformers' RepetitionPenaltyLogitsProcessor and the presence/frequency rule spelled out,
+    greedy; and the tokens differ from plain greedy decoding (the penalties do something)."""
+    prompt = "def f(x):\n    return x + x + x + x"
+    ids = [hf_tok.token_to_id("<s>")] + enc(hf_tok, prompt)
+    sampling = SamplingParams(temperature=0.0, repeat_last_n=-1, **penalties)
+    _, result = run(engine, GenerationRequest(mode="complete", prompt=prompt, max_tokens=N, sampling=sampling))
+    expected = torch_reference.greedy_penalized(
+        tiny_checkpoint, ids, N, repetition_penalty=penalties.get("repeat_penalty", 1.0),
+        presence_penalty=penalties.get("presence_penalty", 0.0),
+        frequency_penalty=penalties.get("frequency_penalty", 0.0), stop_ids=frozenset({2}))
+    assert list(result.token_ids) == expected
+    assert expected != torch_reference.greedy(tiny_checkpoint, ids, N, frozenset({2}))
+
+
+def test_a_penalty_window_of_zero_is_plain_greedy_decoding(engine, hf_tok, tiny_checkpoint):
+    prompt = "def f(x):\n    return x + x + x + x"
+    ids = [hf_tok.token_to_id("<s>")] + enc(hf_tok, prompt)
+    sampling = SamplingParams(temperature=0.0, repeat_penalty=1.5, frequency_penalty=1.0, repeat_last_n=0)
+    _, result = run(engine, GenerationRequest(mode="complete", prompt=prompt, max_tokens=N, sampling=sampling))
+    assert list(result.token_ids) == torch_reference.greedy(tiny_checkpoint, ids, N, frozenset({2}))
+
+
 @pytest.mark.parametrize("suffix_first", [False, True])
 def test_infill_matches_hand_built_ids_and_torch(engine, hf_tok, tiny_checkpoint, suffix_first):
     prefix, suffix = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"
@@ -375,6 +402,24 @@ def test_generate_cli_writes_utf8_whatever_the_locale_says(tiny_bundle):
         assert out.returncode == 0 and b"Traceback" not in out.stderr, out.stderr.decode()
         text = out.stdout.decode("utf-8")
         assert (json.loads(text)["text"] if flags else text) == reply["text"] + ("" if flags else "\n")
+
+
+def test_generate_cli_penalty_flags_reach_the_sampler(tiny_bundle, hf_tok, tiny_checkpoint):
+    """--repeat-penalty, --presence-penalty, --frequency-penalty and --repeat-last-n give the
+    tokens torch gives with the same penalties; out of range, they stop at the command line."""
+    prompt = "def f(x):\n    return x + x + x + x"
+    base = [sys.executable, "-m", "edge_runtime", "generate", "--bundle", str(tiny_bundle), "--prompt", prompt,
+            "--max-tokens", "16", "--temperature", "0"]
+    out = subprocess.run([*base, "--json", "--repeat-penalty", "1.3", "--presence-penalty", "0.2",
+                          "--frequency-penalty", "0.1", "--repeat-last-n", "-1"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    ids = [hf_tok.token_to_id("<s>")] + enc(hf_tok, prompt)
+    assert json.loads(out.stdout)["token_ids"] == torch_reference.greedy_penalized(
+        tiny_checkpoint, ids, 16, repetition_penalty=1.3, presence_penalty=0.2, frequency_penalty=0.1,
+        stop_ids=frozenset({2}))
+    for flag, value in [("--repeat-penalty", "0"), ("--presence-penalty", "2.5"), ("--repeat-last-n", "-2")]:
+        bad = subprocess.run([*base, flag, value], capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and f"argument {flag}" in bad.stderr, bad.stderr
 
 
 def test_generate_cli_into_a_full_disk_says_so_without_a_traceback(tiny_bundle):

@@ -298,3 +298,15 @@ def test_a_run_ending_on_a_drafted_stop_token_is_counted_whole_even_if_the_calle
                                                                        (1, True, True)]
     assert drafts.runs == [(2, 2, True)]
     assert model.length == len(prompt) + 2  # prompt, 4, 5 fed; the end token never is
+
+
+def test_penalties_give_the_same_tokens_with_and_without_drafts(demo_int4_bundle):
+    """A penalized request judges each draft after the tokens before it (Sampler.judge takes
+    them into the window in order): its tokens are those of one decode step per token."""
+    on, off = Engine.from_bundle(demo_int4_bundle), Engine.from_bundle(demo_int4_bundle, prompt_lookup=False)
+    sampling = SamplingParams(temperature=0.0, repeat_penalty=1.1, frequency_penalty=0.1, repeat_last_n=64)
+    request = GenerationRequest(mode="complete", prompt=REPEATING, max_tokens=64, sampling=sampling)
+    a, b = on.complete(request), off.complete(request)
+    assert a.token_ids == b.token_ids and a.text == b.text
+    assert a.usage.draft_tokens > 0
+    assert a.token_ids != on.complete(dataclasses.replace(request, sampling=GREEDY)).token_ids

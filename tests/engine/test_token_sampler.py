@@ -155,3 +155,60 @@ def test_partial_sort_top_p_equals_full_sort(scale: float, p: float) -> None:
         order, kept = top_p_filter(probs, p)
         assert order.tolist() == _reference_top_p(probs, p).tolist()
         assert np.array_equal(kept, probs[order])
+
+
+# ------------------------------------------------------------------ repetition penalties
+def test_the_repeat_penalty_is_transformers_repetition_penalty_over_the_window() -> None:
+    """Over the last repeat_last_n tokens of prompt and output: transformers' processor applied to
+    the window's ids, and a token that has left the window is no longer penalized."""
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    x = logits(3)
+    context = [5, 9, 9, 17, 5, 301, 44]
+    sampler = Sampler(SamplingParams(temperature=0.0, repeat_penalty=1.7, repeat_last_n=4), context)
+    window = context[-4:]
+    reference = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([window]), torch.tensor(x[None]))[0].numpy()
+    token = sampler.sample(x)
+    assert token == int(np.argmax(reference))
+    # the window moves on: the token just sampled joins it and context[-4] (17) leaves
+    window = [*window[1:], token]
+    y = logits(4)
+    reference = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([window]), torch.tensor(y[None]))[0].numpy()
+    token = sampler.sample(y)
+    assert token == int(np.argmax(reference))
+    window = [*window[1:], token]
+    boosted = y.copy()
+    boosted[17] = 1.2 * y.max()  # wins unpenalized; divided by 1.7 it would lose
+    assert 17 not in window and sampler.sample(boosted) == 17
+
+
+def test_presence_and_frequency_penalties_count_each_token_in_the_window() -> None:
+    """OpenAI's rule over the window: minus presence once, minus frequency times the count."""
+    x = np.zeros(8, dtype=np.float32)
+    x[[1, 2, 3]] = [2.0, 1.9, 1.0]
+    params = SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.3, repeat_last_n=-1)
+    # 1 twice: 2.0 - 0.5 - 0.6 = 0.9; 2 once: 1.9 - 0.5 - 0.3 = 1.1; 3 unseen: 1.0
+    assert Sampler(params, [1, 1, 2]).sample(x) == 2
+    assert Sampler(params, [1, 1, 2, 2]).sample(x) == 3
+
+
+def test_a_draft_judged_with_penalties_is_the_token_sample_gives_and_joins_the_window() -> None:
+    """judge sees the penalized logits and takes its token into the window, as sample does."""
+    x = np.zeros(8, dtype=np.float32)
+    x[[1, 2]] = [2.0, 1.5]
+    params = SamplingParams(temperature=0.0, repeat_penalty=2.0, repeat_last_n=-1)
+    sampler = Sampler(params, [0])
+    assert sampler.judge(x, 1) == (True, 1)  # 1 unseen: the argmax
+    assert sampler.judge(x, 1) == (False, 2)  # 1 now seen: 2.0 / 2 = 1.0 < 1.5
+    assert Sampler(params, [0]).sample(x) == 1
+
+
+@pytest.mark.parametrize("field, value", [
+    ("repeat_penalty", 0.0), ("repeat_penalty", -1.0), ("repeat_penalty", math.inf),
+    ("presence_penalty", 2.5), ("frequency_penalty", -3.0), ("frequency_penalty", math.nan),
+    ("repeat_last_n", -2), ("repeat_last_n", 1.5), ("repeat_penalty", True),
+])
+def test_penalties_out_of_range_are_bad_requests_naming_the_field(field: str, value: object) -> None:
+    with pytest.raises(BadRequest, match=field):
+        validate_sampling(SamplingParams(**{field: value}))

@@ -84,6 +84,26 @@ def test_requests_use_response_topic_and_correlation(broker, service):
         assert json.loads(msg.payload)["reply_to"] == "edge/dev1/v1/reply/cli-8/req-2"
 
 
+def test_the_repetition_penalties_go_out_as_the_protocols_fields(broker, service):
+    """EdgeClient's and `ask`'s penalties are the request's fields of the same names; the
+    daemon takes them, and refuses one out of range naming it."""
+    with Probe(broker.host, broker.port) as spy, EdgeClient(broker.url, "dev1") as c:
+        spy.subscribe(T.generate)
+        c.complete("a b", repeat_penalty=1.1, presence_penalty=0.5, frequency_penalty=-0.5, repeat_last_n=-1)
+        body = json.loads(spy.wait_for(lambda ms: ms)[0].payload)
+        assert (body["repeat_penalty"], body["presence_penalty"], body["frequency_penalty"],
+                body["repeat_last_n"]) == (1.1, 0.5, -0.5, -1)
+        with pytest.raises(BadRequest, match="presence_penalty"):
+            c.complete("a b", presence_penalty=3)
+    parser = argparse.ArgumentParser()
+    add_ask_arguments(parser)
+    args = parser.parse_args(["--broker", broker.url, "--device-id", "dev1", "--prompt", "x",
+                              "--repeat-penalty", "1.2", "--repeat-last-n", "0"])
+    from edge_runtime.client import _ask_request
+    request = _ask_request(args)
+    assert request["repeat_penalty"] == 1.2 and request["repeat_last_n"] == 0 and "presence_penalty" not in request
+
+
 def test_error_reply_raises_remote_error(broker, service):
     with EdgeClient(broker.url, "dev1") as c:
         with pytest.raises(RemoteError) as info:

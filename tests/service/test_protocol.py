@@ -188,6 +188,14 @@ def test_unknown_mode_is_unsupported_mode():
     ({"id": "a", "mode": "complete", "prompt": "x", "deadline_ms": 10**400}, "deadline_ms"),
     ({"id": "a", "mode": "complete", "prompt": "x", "temperature": 10**400}, "temperature"),
     ({"id": "a", "mode": "complete", "prompt": "x", "top_p": -10**400}, "top_p"),
+    ({"id": "a", "mode": "complete", "prompt": "x", "repeat_penalty": 0}, "repeat_penalty"),
+    ({"id": "a", "mode": "complete", "prompt": "x", "repeat_penalty": "1.1"}, "repeat_penalty"),
+    ({"id": "a", "mode": "complete", "prompt": "x", "presence_penalty": 2.01}, "presence_penalty"),
+    ({"id": "a", "mode": "complete", "prompt": "x", "frequency_penalty": -2.5}, "frequency_penalty"),
+    ({"id": "a", "mode": "complete", "prompt": "x", "frequency_penalty": True}, "frequency_penalty"),
+    ({"id": "a", "mode": "complete", "prompt": "x", "repeat_last_n": -2}, "repeat_last_n"),
+    ({"id": "a", "mode": "complete", "prompt": "x", "repeat_last_n": 64.0}, "repeat_last_n"),
+    ({"id": "a", "mode": "complete", "prompt": "x", "repeat_penalty_": 1.1}, "repeat_penalty_"),
 ])
 def test_wrong_fields(obj, needle):
     e = rejected(obj)
@@ -299,6 +307,21 @@ def test_build_request_round_trips_through_the_parser():
                                                               prompt="x")).request.cache_prompt
     assert w.reply_to == "r/b1" and not w.stream
     assert "temperature" not in obj  # unset fields are left to the daemon
+
+
+def test_the_repetition_penalties_default_off_and_round_trip():
+    """llama.cpp's and Ollama's field names and defaults: repeat_penalty 1, presence and
+    frequency 0 (off), a window of the last 64 tokens."""
+    off = parse({"id": "p0", "mode": "complete", "prompt": "x"}).request.sampling
+    assert (off.repeat_penalty, off.presence_penalty, off.frequency_penalty, off.repeat_last_n) == (1.0, 0.0, 0.0, 64)
+    assert not off.penalizes
+    obj = build_request(request_id="p1", mode="complete", prompt="x", repeat_penalty=1.1, presence_penalty=-0.5,
+                        frequency_penalty=2, repeat_last_n=-1)
+    on = parse(obj).request.sampling
+    assert (on.repeat_penalty, on.presence_penalty, on.frequency_penalty, on.repeat_last_n) == (1.1, -0.5, 2.0, -1)
+    assert on.penalizes and isinstance(on.frequency_penalty, float)
+    with pytest.raises(errors.BadRequest, match="repeat_penalty must be a finite number"):
+        build_request(request_id="p2", mode="complete", prompt="x", repeat_penalty=float("nan"))
 
 
 # ------------------------------------------------------------------ topics
