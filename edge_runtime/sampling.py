@@ -65,15 +65,24 @@ def top_k_candidates(logits: np.ndarray, k: int) -> np.ndarray:
     return np.sort(np.argpartition(logits, -k)[-k:])
 
 
-def softmax(scores: np.ndarray) -> np.ndarray:
-    """float64 probabilities; -inf scores get probability 0. [n] -> [n]."""
-    scores = scores.astype(np.float64)
-    top = scores.max()
+def softmax(scores: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float64 probabilities; -inf scores get probability 0. [n] -> [n]. With `out` (float64,
+    `scores` itself may be it), written there without another array."""
+    if out is None:
+        out = scores.astype(np.float64)
+    elif out is not scores:
+        out[...] = scores
+    top = out.max()
     if not np.isfinite(top):
         raise ValueError("logits have no finite maximum")
-    e = np.exp(scores - top)
-    probs: np.ndarray = e / e.sum()
-    return probs
+    np.subtract(out, top, out=out)
+    np.exp(out, out=out)
+    np.divide(out, out.sum(), out=out)
+    return out
+
+
+NUCLEUS_FLOOR = 2.0 ** -16  # top_p_filter's first look: tokens at least this share of the most likely one's probability
+NUCLEUS_SORT_MAX = 4096  # ... when they are at most this many
 
 
 def top_p_filter(probs: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray]:
@@ -85,6 +94,17 @@ def top_p_filter(probs: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray]:
     exceeds p, since everything after them is then dropped. [n] -> [m'], [m'].
     """
     n = probs.shape[0]
+    # Most often the nucleus lies among the tokens within a factor NUCLEUS_FLOOR of the most
+    # likely one: they rank above all the others, so when their mass exceeds p the nucleus is a
+    # prefix of them, found without partitioning the vocabulary
+    likely = np.flatnonzero(probs >= probs.max() * NUCLEUS_FLOOR)
+    if len(likely) <= NUCLEUS_SORT_MAX:
+        order = likely[np.argsort(-probs[likely], kind="stable")]
+        sorted_probs = probs[order]
+        cumsum = np.cumsum(sorted_probs)
+        if len(likely) == n or cumsum[-1] > p:
+            keep = cumsum - sorted_probs <= p
+            return order[keep], sorted_probs[keep]
     m = min(n, 64)
     while True:
         top = _at_least_top(probs, m)
@@ -173,15 +193,21 @@ class Sampler:
     def _distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The candidate ids and their (unnormalised) probabilities `sample` draws from."""
         p = self.params
-        candidates = top_k_candidates(logits, p.top_k)
-        scores = logits[candidates].astype(np.float64)
+        n = logits.shape[0]
+        if 0 < p.top_k < n:
+            candidates = top_k_candidates(logits, p.top_k)
+            scores = logits[candidates].astype(np.float64)
+        else:  # the whole vocabulary: no gather, one float64 copy worked on in place
+            candidates = None
+            scores = logits.astype(np.float64)
         with np.errstate(over="ignore"):  # a tiny temperature: every score but the best ones -inf
-            scores = (scores - scores.max()) / p.temperature
-        probs = softmax(scores)
+            np.subtract(scores, scores.max(), out=scores)
+            np.divide(scores, p.temperature, out=scores)
+        probs = softmax(scores, out=scores)
         if p.top_p < 1:
             order, probs = top_p_filter(probs, p.top_p)
-            candidates = candidates[order]
-        return candidates, probs
+            return (order if candidates is None else candidates[order]), probs
+        return (np.arange(n) if candidates is None else candidates), probs
 
     def sample(self, logits: np.ndarray) -> int:
         """Next token id from the last position's logits. logits: [vocab] float."""

@@ -144,7 +144,7 @@ def _reference_top_p(probs: np.ndarray, p: float) -> np.ndarray:
 
 
 @pytest.mark.parametrize("scale", [0.05, 1.0, 4.0, 12.0])
-@pytest.mark.parametrize("p", [1e-9, 0.3, 0.9, 0.99])
+@pytest.mark.parametrize("p", [1e-9, 0.3, 0.9, 0.99, 0.9999999])
 def test_partial_sort_top_p_equals_full_sort(scale: float, p: float) -> None:
     rng = np.random.default_rng(int(scale * 100) + int(p * 1000))
     for ties in (False, True):
