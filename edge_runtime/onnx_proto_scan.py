@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import mmap
 import struct
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,24 +66,48 @@ class ExternalExtent:
     tensor: str  # that tensor's name
 
 
+def _text(buf, span: tuple[int, int]) -> str:
+    return bytes(buf[span[0]:span[1]]).decode("utf-8", "replace")
+
+
+@dataclass
+class _Tensor:
+    """The fields of a TensorProto the scans read: spans, not data."""
+
+    name: str = ""
+    dims: list[int] = dataclasses.field(default_factory=list)
+    data_type: int = 0
+    external: dict[str, str] = dataclasses.field(default_factory=dict)  # external_data (13): key -> value
+    location: int = 0  # data_location (14): 1 is EXTERNAL
+    raw: tuple[int, int] | None = None  # raw_data (9)
+    int64s: list[int] = dataclasses.field(default_factory=list)  # int64_data (7)
+
+
+def _tensor(buf, span: tuple[int, int]) -> _Tensor:
+    t = _Tensor()
+    for number, wire, value in _fields(buf, *span):
+        if number == 1:
+            t.dims += _packed_ints(buf, value, wire)
+        elif number == 2 and wire == _VARINT:
+            t.data_type = value
+        elif number == 8 and wire == _LEN:
+            t.name = _text(buf, value)
+        elif number == 9 and wire == _LEN:
+            t.raw = value
+        elif number == 7:
+            t.int64s += [v - (1 << 64) if v >= 1 << 63 else v for v in _packed_ints(buf, value, wire)]
+        elif number == 13 and wire == _LEN:
+            entry = {f: _text(buf, v) for f, w, v in _fields(buf, *value) if w == _LEN and f in (1, 2)}
+            if 1 in entry and 2 in entry:
+                t.external[entry[1]] = entry[2]
+        elif number == 14 and wire == _VARINT:
+            t.location = value
+    return t
+
+
 def _tensor_external(buf, span: tuple[int, int], out: dict[str, ExternalExtent]) -> None:
-    name, dims, data_type, entries = "", [], 0, {}
-    for field, wire, value in _fields(buf, *span):
-        if field == 1:
-            dims += _packed_ints(buf, value, wire)
-        elif field == 2 and wire == _VARINT:
-            data_type = value
-        elif field == 8 and wire == _LEN:
-            name = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
-        elif field == 13 and wire == _LEN:
-            key = val = None
-            for f, w, v in _fields(buf, *value):
-                if w == _LEN and f == 1:
-                    key = bytes(buf[v[0]:v[1]]).decode("utf-8", "replace")
-                elif w == _LEN and f == 2:
-                    val = bytes(buf[v[0]:v[1]]).decode("utf-8", "replace")
-            if key is not None and val is not None:
-                entries[key] = val
+    t = _tensor(buf, span)
+    name, dims, data_type, entries = t.name, t.dims, t.data_type, t.external
     location = entries.get("location")
     if location is None:
         return
@@ -175,24 +200,9 @@ def _packed_ints(buf, span, wire: int) -> list[int]:
 
 
 def _initializer(buf, span) -> Initializer:
-    name, dims, data_type, raw, location, external, int64s = "", [], 0, None, 0, {}, []
-    for field, wire, value in _fields(buf, *span):
-        if field == 1:
-            dims += _packed_ints(buf, value, wire)
-        elif field == 2 and wire == _VARINT:
-            data_type = value
-        elif field == 8 and wire == _LEN:
-            name = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
-        elif field == 9 and wire == _LEN:
-            raw = value
-        elif field == 7:
-            int64s += [v - (1 << 64) if v >= 1 << 63 else v for v in _packed_ints(buf, value, wire)]
-        elif field == 13 and wire == _LEN:
-            entry = {f: bytes(buf[v[0]:v[1]]).decode("utf-8", "replace") for f, w, v in _fields(buf, *value)
-                     if w == _LEN}
-            external[entry.get(1)] = entry.get(2)
-        elif field == 14 and wire == _VARINT:
-            location = value
+    t = _tensor(buf, span)
+    name, dims, data_type, raw, location, external, int64s = (t.name, t.dims, t.data_type, t.raw, t.location,
+                                                              t.external, t.int64s)
     numel = 1
     for d in dims:
         numel *= d
