@@ -123,10 +123,12 @@ def cmd_generate(args) -> int:
     engine = Engine.from_bundle(args.bundle, profile=args.profile, prompt_lookup=args.prompt_lookup,
                                 allow_cpu_fallback=args.allow_cpu_fallback)
     result = None
+    streamed = False  # text written without its closing newline yet
     try:
         for item in engine.generate(request):
             if isinstance(item, Chunk):
-                if not args.json:
+                if not args.json and item.text:
+                    streamed = True
                     sys.stdout.write(item.text)
                     sys.stdout.flush()
             else:
@@ -136,7 +138,13 @@ def cmd_generate(args) -> int:
 
         if args.json:
             print(encode_error(None, exc.code, str(exc)).decode())
+        elif streamed:  # the error on a line of its own, not after the partial text
+            print(flush=True)
         return _die(f"{exc.code}: {exc}", 1)
+    except KeyboardInterrupt:
+        if streamed:
+            print(flush=True)
+        raise
     if args.json:
         print(json.dumps(result_json(result), ensure_ascii=False))
     else:

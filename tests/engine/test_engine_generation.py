@@ -422,6 +422,21 @@ def test_generate_cli_penalty_flags_reach_the_sampler(tiny_bundle, hf_tok, tiny_
         assert bad.returncode == 2 and f"argument {flag}" in bad.stderr, bad.stderr
 
 
+def test_generate_cli_interrupted_mid_stream_ends_the_text_line_before_the_error(tiny_bundle):
+    """Ctrl-C while the answer streams: the partial text, a newline, then `error: interrupted`
+    on a line of its own (it followed the text on the same line), exit 130."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "edge_runtime", "generate", "--bundle", str(tiny_bundle),
+                             "--prompt", "def f(x):", "--max-tokens", "2000", "--temperature", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.read(1)  # the answer has begun
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=120)
+    assert first and proc.returncode == 130, (proc.returncode, err.decode())
+    assert (first + rest).endswith(b"\n") and err.decode().splitlines()[-1] == "error: interrupted"
+
+
 def test_generate_cli_into_a_full_disk_says_so_without_a_traceback(tiny_bundle):
     with open("/dev/full", "w") as full:  # every write fails with ENOSPC
         out = subprocess.run([sys.executable, "-m", "edge_runtime", "generate", "--bundle", str(tiny_bundle),
