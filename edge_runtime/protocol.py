@@ -26,12 +26,11 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import REQUEST_ERRORS, BadRequest
+from .sampling import validate_sampling
 from .types import (
     DEFAULT_MAX_TOKENS,
-    DEFAULT_REPEAT_LAST_N,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
-    MAX_PENALTY,
     MAX_SEED,
     MODES,
     GenerationRequest,
@@ -62,6 +61,9 @@ REQUEST_FIELDS = frozenset({
     "deadline_ms", "reply_to", "cache_prompt",
     "repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n",
 })
+# The repetition penalties' fields and their defaults (off): SamplingParams' own
+PENALTY_DEFAULTS: dict[str, Any] = {name: getattr(SamplingParams(), name) for name in
+                                    ("repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n")}
 _MODE_FIELDS: dict[str, frozenset[str]] = {
     "complete": frozenset({"prompt"}),
     "infill": frozenset({"prefix", "suffix", "suffix_first"}),
@@ -387,18 +389,12 @@ def parse_request(payload: bytes, limits: RequestLimits | Any = RequestLimits(),
     top_k = obj.get("top_k", 0)
     if not is_int(top_k) or top_k < 0:
         raise bad("top_k must be an integer >= 0 (0 disables)")
-    repeat_penalty = obj.get("repeat_penalty", 1.0)
-    if not is_number(repeat_penalty) or repeat_penalty <= 0:
-        raise bad("repeat_penalty must be a finite number > 0 (1 disables)")
-    penalties = {}
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = obj.get(name, 0.0)
-        if not is_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
-            raise bad(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}] (0 disables)")
-        penalties[name] = float(value)
-    repeat_last_n = obj.get("repeat_last_n", DEFAULT_REPEAT_LAST_N)
-    if not is_int(repeat_last_n) or repeat_last_n < -1:
-        raise bad("repeat_last_n must be an integer >= -1 (0: no penalty, -1: the whole context)")
+    penalties = {name: obj.get(name, default) for name, default in PENALTY_DEFAULTS.items()}
+    try:  # the ranges are the sampler's own (sampling.validate_sampling)
+        validate_sampling(SamplingParams(**penalties))
+    except BadRequest as exc:
+        raise bad(str(exc)) from None
+    penalties = {name: (int if name == "repeat_last_n" else float)(value) for name, value in penalties.items()}
     seed = obj.get("seed")
     if seed is not None and (not is_int(seed) or not 0 <= seed <= MAX_SEED):
         raise bad(f"seed must be an integer between 0 and {MAX_SEED}, or null")
@@ -437,8 +433,7 @@ def parse_request(payload: bytes, limits: RequestLimits | Any = RequestLimits(),
         max_tokens=max_tokens,
         max_tokens_is_default="max_tokens" not in obj,
         sampling=SamplingParams(temperature=float(temperature), top_p=float(top_p),
-                                top_k=top_k, seed=seed, repeat_penalty=float(repeat_penalty),
-                                repeat_last_n=int(repeat_last_n), **penalties),
+                                top_k=top_k, seed=seed, **penalties),
         stop=tuple(stop),
         id=raw_id,
         deadline=now + deadline_ms / 1000.0,

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .protocol import MAX_STOP_CHARS, MAX_STOP_SEQUENCES
+from .protocol import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, PENALTY_DEFAULTS
 from .types import DEFAULT_REPEAT_LAST_N, MAX_PENALTY, MAX_SEED
 
 
@@ -119,7 +119,7 @@ def add_request_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
-PENALTY_FLAGS = ("repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n")
+PENALTY_FLAGS = tuple(PENALTY_DEFAULTS)  # the request fields, named as the flags' dests
 
 
 def penalties(args: argparse.Namespace) -> dict[str, Any]:

@@ -27,20 +27,20 @@ from .types import MAX_PENALTY, MAX_SEED, SamplingParams, is_int
 def validate_sampling(params: SamplingParams) -> SamplingParams:
     """Check the ranges; BadRequest naming the field. Returns `params` unchanged."""
     t, p, k, seed = params.temperature, params.top_p, params.top_k, params.seed
-    if not _is_real(t) or not math.isfinite(t) or t < 0:
+    if not _is_finite(t) or t < 0:
         raise BadRequest(f"temperature must be a finite number >= 0, got {t!r}")
-    if not _is_real(p) or not math.isfinite(p) or not 0 < p <= 1:
+    if not _is_finite(p) or not 0 < p <= 1:
         raise BadRequest(f"top_p must be a number in (0, 1], got {p!r}")
     if not is_int(k) or k < 0:
         raise BadRequest(f"top_k must be an integer >= 0, got {k!r}")
     if seed is not None and (not is_int(seed) or not 0 <= seed <= MAX_SEED):
         raise BadRequest(f"seed must be an integer between 0 and {MAX_SEED}, or null, got {seed!r}")
     r = params.repeat_penalty
-    if not _is_real(r) or not math.isfinite(r) or r <= 0:
+    if not _is_finite(r) or r <= 0:
         raise BadRequest(f"repeat_penalty must be a finite number > 0 (1 disables), got {r!r}")
     for name in ("presence_penalty", "frequency_penalty"):
         value = getattr(params, name)
-        if not _is_real(value) or not math.isfinite(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+        if not _is_finite(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
             raise BadRequest(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}] (0 disables), got {value!r}")
     n = params.repeat_last_n
     if not is_int(n) or n < -1:
@@ -50,6 +50,14 @@ def validate_sampling(params: SamplingParams) -> SamplingParams:
 
 def _is_real(x: object) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_finite(x: object) -> bool:
+    """A finite real number (an integer beyond any float, as JSON may spell one, is not)."""
+    try:
+        return _is_real(x) and math.isfinite(x)  # type: ignore[arg-type]
+    except OverflowError:
+        return False
 
 
 # ------------------------------------------------------------------ small functions
@@ -65,13 +73,10 @@ def top_k_candidates(logits: np.ndarray, k: int) -> np.ndarray:
     return np.sort(np.argpartition(logits, -k)[-k:])
 
 
-def softmax(scores: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """float64 probabilities; -inf scores get probability 0. [n] -> [n]. With `out` (float64,
-    `scores` itself may be it), written there without another array."""
-    if out is None:
-        out = scores.astype(np.float64)
-    elif out is not scores:
-        out[...] = scores
+def softmax(scores: np.ndarray, *, in_place: bool = False) -> np.ndarray:
+    """float64 probabilities; -inf scores get probability 0. [n] -> [n]. `in_place`: `scores`
+    (float64) is worked on and returned, no other array made."""
+    out = scores if in_place else scores.astype(np.float64)
     top = out.max()
     if not np.isfinite(top):
         raise ValueError("logits have no finite maximum")
@@ -98,23 +103,25 @@ def top_p_filter(probs: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray]:
     # likely one: they rank above all the others, so when their mass exceeds p the nucleus is a
     # prefix of them, found without partitioning the vocabulary
     likely = np.flatnonzero(probs >= probs.max() * NUCLEUS_FLOOR)
-    if len(likely) <= NUCLEUS_SORT_MAX:
-        order = likely[np.argsort(-probs[likely], kind="stable")]
-        sorted_probs = probs[order]
-        cumsum = np.cumsum(sorted_probs)
-        if len(likely) == n or cumsum[-1] > p:
-            keep = cumsum - sorted_probs <= p
-            return order[keep], sorted_probs[keep]
+    found = _nucleus_among(probs, likely, p, n) if len(likely) <= NUCLEUS_SORT_MAX else None
     m = min(n, 64)
-    while True:
-        top = _at_least_top(probs, m)
-        order = top[np.argsort(-probs[top], kind="stable")]
-        sorted_probs = probs[order]
-        cumsum = np.cumsum(sorted_probs)
-        if len(top) == n or cumsum[-1] > p:  # the next token's cumsum - p_i exceeds p: the rest is dropped
-            keep = cumsum - sorted_probs <= p
-            return order[keep], sorted_probs[keep]
+    while found is None:
+        found = _nucleus_among(probs, _at_least_top(probs, m), p, n)
         m = min(n, 8 * m)
+    return found
+
+
+def _nucleus_among(probs: np.ndarray, ids: np.ndarray, p: float, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The nucleus when it lies among `ids` (ascending ids that rank above every other token):
+    they are all n tokens, or their mass exceeds p (the next token's cumsum - p_i exceeds p, so
+    the rest is dropped); else None."""
+    order = ids[np.argsort(-probs[ids], kind="stable")]
+    sorted_probs = probs[order]
+    cumsum = np.cumsum(sorted_probs)
+    if len(ids) < n and cumsum[-1] <= p:
+        return None
+    keep = cumsum - sorted_probs <= p
+    return order[keep], sorted_probs[keep]
 
 
 def _at_least_top(probs: np.ndarray, m: int) -> np.ndarray:
@@ -203,7 +210,7 @@ class Sampler:
         with np.errstate(over="ignore"):  # a tiny temperature: every score but the best ones -inf
             np.subtract(scores, scores.max(), out=scores)
             np.divide(scores, p.temperature, out=scores)
-        probs = softmax(scores, out=scores)
+        probs = softmax(scores, in_place=True)
         if p.top_p < 1:
             order, probs = top_p_filter(probs, p.top_p)
             return (order if candidates is None else candidates[order]), probs
