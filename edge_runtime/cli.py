@@ -114,7 +114,7 @@ def result_json(result) -> dict:
 
 
 def cmd_generate(args) -> int:
-    from .client import decode_speed, drafted_note
+    from .ask_command import decode_speed, drafted_note
     from .engine import Engine
     from .protocol import finite_or_none
     from .types import Chunk
@@ -246,7 +246,7 @@ def cmd_serve(args, engine_factory=None) -> int:
 
 
 def cmd_ask(args) -> int:
-    from .client import run_ask
+    from .ask_command import run_ask
 
     return run_ask(args)
 
@@ -475,7 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
-    from .client import add_ask_arguments, add_serve_arguments
+    from .ask_command import add_ask_arguments
+    from .client import add_serve_arguments
     from .install_service import add_arguments as add_install_arguments, run_install_service
 
     p = sub.add_parser("serve", help="the MQTT daemon: answer generation requests from the broker")

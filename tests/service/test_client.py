@@ -15,7 +15,8 @@ from mqtt_probe import Probe
 from network_cut import NetworkCut
 from service_harness import DaemonProcess, make_config, start_service, write_config
 
-from edge_runtime.client import EdgeClient, Generation, RemoteError, add_ask_arguments, run_ask
+from edge_runtime.ask_command import add_ask_arguments, run_ask
+from edge_runtime.client import EdgeClient, Generation, RemoteError
 from edge_runtime.errors import BadRequest, UnsafePrompt
 from edge_runtime.protocol import Topics
 from mosquitto_broker import MosquittoBroker
@@ -99,7 +100,7 @@ def test_the_repetition_penalties_go_out_as_the_protocols_fields(broker, service
     add_ask_arguments(parser)
     args = parser.parse_args(["--broker", broker.url, "--device-id", "dev1", "--prompt", "x",
                               "--repeat-penalty", "1.2", "--repeat-last-n", "0"])
-    from edge_runtime.client import _ask_request
+    from edge_runtime.ask_command import _ask_request
     request = _ask_request(args)
     assert request["repeat_penalty"] == 1.2 and request["repeat_last_n"] == 0 and "presence_penalty" not in request
 
@@ -881,7 +882,7 @@ def test_daemon_and_client_through_the_sample_acl(tmp_path):
 
 
 def test_the_summary_line_names_kept_drafts_only_when_there_are_some():
-    from edge_runtime.client import drafted_note
+    from edge_runtime.ask_command import drafted_note
 
     assert drafted_note(None) == drafted_note(0) == ""
     assert drafted_note(9) == ", 9 of them confirmed drafts"
