@@ -380,24 +380,16 @@ def parse_request(payload: bytes, limits: RequestLimits | Any = RequestLimits(),
     if not 1 <= max_tokens <= limits.max_tokens:
         raise bad(f"max_tokens must be between 1 and {limits.max_tokens}, got {max_tokens}")
 
-    temperature = obj.get("temperature", DEFAULT_TEMPERATURE)
-    if not is_number(temperature) or temperature < 0:
-        raise bad("temperature must be a finite number >= 0 (0 means greedy)")
-    top_p = obj.get("top_p", DEFAULT_TOP_P)
-    if not is_number(top_p) or not 0 < top_p <= 1:
-        raise bad("top_p must be a number in (0, 1]")
-    top_k = obj.get("top_k", 0)
-    if not is_int(top_k) or top_k < 0:
-        raise bad("top_k must be an integer >= 0 (0 disables)")
-    penalties = {name: obj.get(name, default) for name, default in PENALTY_DEFAULTS.items()}
+    sampling_fields = {"temperature": obj.get("temperature", DEFAULT_TEMPERATURE),
+                       "top_p": obj.get("top_p", DEFAULT_TOP_P), "top_k": obj.get("top_k", 0),
+                       "seed": obj.get("seed"),
+                       **{name: obj.get(name, default) for name, default in PENALTY_DEFAULTS.items()}}
     try:  # the ranges are the sampler's own (sampling.validate_sampling)
-        validate_sampling(SamplingParams(**penalties))
+        validate_sampling(SamplingParams(**sampling_fields))
     except BadRequest as exc:
         raise bad(str(exc)) from None
-    penalties = {name: (int if name == "repeat_last_n" else float)(value) for name, value in penalties.items()}
-    seed = obj.get("seed")
-    if seed is not None and (not is_int(seed) or not 0 <= seed <= MAX_SEED):
-        raise bad(f"seed must be an integer between 0 and {MAX_SEED}, or null")
+    temperature, top_p, top_k, seed = (sampling_fields.pop(name) for name in ("temperature", "top_p", "top_k", "seed"))
+    penalties = {name: (int if name == "repeat_last_n" else float)(value) for name, value in sampling_fields.items()}
     if seed is None:
         seed = payload_seed(payload)
 

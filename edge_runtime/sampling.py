@@ -28,24 +28,31 @@ def validate_sampling(params: SamplingParams) -> SamplingParams:
     """Check the ranges; BadRequest naming the field. Returns `params` unchanged."""
     t, p, k, seed = params.temperature, params.top_p, params.top_k, params.seed
     if not _is_finite(t) or t < 0:
-        raise BadRequest(f"temperature must be a finite number >= 0, got {t!r}")
+        raise BadRequest(f"temperature must be a finite number >= 0 (0 means greedy), got {_shown(t)}")
     if not _is_finite(p) or not 0 < p <= 1:
-        raise BadRequest(f"top_p must be a number in (0, 1], got {p!r}")
+        raise BadRequest(f"top_p must be a number in (0, 1], got {_shown(p)}")
     if not is_int(k) or k < 0:
-        raise BadRequest(f"top_k must be an integer >= 0, got {k!r}")
+        raise BadRequest(f"top_k must be an integer >= 0 (0 disables), got {_shown(k)}")
     if seed is not None and (not is_int(seed) or not 0 <= seed <= MAX_SEED):
-        raise BadRequest(f"seed must be an integer between 0 and {MAX_SEED}, or null, got {seed!r}")
+        raise BadRequest(f"seed must be an integer between 0 and {MAX_SEED}, or null, got {_shown(seed)}")
     r = params.repeat_penalty
     if not _is_finite(r) or r <= 0:
-        raise BadRequest(f"repeat_penalty must be a finite number > 0 (1 disables), got {r!r}")
+        raise BadRequest(f"repeat_penalty must be a finite number > 0 (1 disables), got {_shown(r)}")
     for name in ("presence_penalty", "frequency_penalty"):
         value = getattr(params, name)
         if not _is_finite(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
-            raise BadRequest(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}] (0 disables), got {value!r}")
+            raise BadRequest(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}] (0 disables), got {_shown(value)}")
     n = params.repeat_last_n
     if not is_int(n) or n < -1:
-        raise BadRequest(f"repeat_last_n must be an integer >= -1 (0: no penalty, -1: the whole context), got {n!r}")
+        raise BadRequest(f"repeat_last_n must be an integer >= -1 (0: no penalty, -1: the whole context), got {_shown(n)}")
     return params
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    """A bad value as an error message quotes it: its repr, cut to `limit` characters (a
+    request's field may hold a long string)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _is_real(x: object) -> bool:

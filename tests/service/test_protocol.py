@@ -203,6 +203,25 @@ def test_wrong_fields(obj, needle):
     assert e.request_id == "a"  # the id is echoed whenever it is valid
 
 
+@pytest.mark.parametrize("field, value", [
+    ("temperature", -1), ("temperature", "w" * 300), ("top_p", 10**400), ("top_k", -3), ("seed", "s" * 300),
+    ("repeat_penalty", 0), ("repeat_last_n", -2),
+], ids=lambda v: v if isinstance(v, str) and len(v) < 20 else type(v).__name__)
+def test_a_sampling_field_is_refused_with_the_samplers_own_message_quoting_a_short_value(field, value):
+    """One range check for the sampling fields (sampling.validate_sampling): the MQTT reply
+    and a Python caller's GenerationRequest get the same words, and a long bad value is
+    quoted cut short, not echoed whole into the reply."""
+    from edge_runtime.errors import BadRequest
+    from edge_runtime.sampling import validate_sampling
+    from edge_runtime.types import SamplingParams
+
+    e = rejected({"id": "a", "mode": "complete", "prompt": "x", field: value})
+    with pytest.raises(BadRequest) as direct:
+        validate_sampling(SamplingParams(**{field: value}))
+    assert e.message == str(direct.value)
+    assert e.message.startswith(f"{field} must be") and len(e.message) < 200
+
+
 def test_a_reply_topic_may_hold_any_other_unicode():
     topic = "werk/straße/日本/\U0001f600"
     assert parse({"id": "a", "mode": "complete", "prompt": "x", "reply_to": topic}).reply_to == topic
