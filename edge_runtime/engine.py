@@ -405,7 +405,10 @@ class Engine:
             if request.deadline is not None and time.monotonic() > request.deadline:
                 raise DeadlineExceeded(f"deadline passed after {len(generated)} tokens")
         if not stopped_by_string:
-            tail, _ = stops.feed(detok.flush())
+            # the flush ends a cut-off character (U+FFFD), which can complete a stop string
+            tail, stopped_by_string = stops.feed(detok.flush())
+            if stopped_by_string and finish == "length":
+                finish = "stop"
             tail += stops.flush()
             if tail:
                 text_parts.append(tail)

@@ -12,7 +12,10 @@ for prompts and outputs:
 * `encode_infilling(text)` encodes without the implicit leading space, with
   Meta's sentinel trick (encode "☺" + text, drop the sentinel's tokens).
 * Control-token ids (bos, eos, the infilling tokens, `<step>`) are looked up by
-  piece name, never hard-coded.
+  piece name, never hard-coded. They are control tokens whatever the file's
+  `special` flag says: a `tokenizer.json` may list `▁<EOT>` or `<step>` as an
+  added token that is not special, which `tokenizers` would cut out of user text
+  (as the control token) and decode as text; the private copy marks them special.
 
 For streaming output, `byte_table[id]` is the raw bytes a token contributes to
 the decoded text (computed once for the whole vocabulary), which is what the
@@ -41,6 +44,9 @@ EOT_PIECE = "▁<EOT>"
 STEP_PIECE = "<step>"
 BOS_PIECE = "<s>"
 EOS_PIECE = "</s>"
+UNK_PIECE = "<unk>"
+# Control pieces: never made from text, never decoded to text (Meta's SentencePiece), whatever the file says
+CONTROL_PIECES = frozenset({UNK_PIECE, BOS_PIECE, EOS_PIECE, PRE_PIECE, SUF_PIECE, MID_PIECE, EOT_PIECE, STEP_PIECE})
 SPACE_PIECE = "▁"  # U+2581: SentencePiece's word boundary, decodes to " "
 INFILL_SENTINEL = "☺"  # Meta's encode_infilling sentinel; a single piece (31171) in Llama's vocabulary
 
@@ -62,7 +68,7 @@ class CodeLlamaTokenizer:
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         """Wrap a *private copy* of `tokenizer` (the caller's object is never modified)."""
-        tok = Tokenizer.from_str(tokenizer.to_str())
+        tok = Tokenizer.from_str(_with_control_pieces_special(tokenizer.to_str()))
         tok.encode_special_tokens = True  # set once on our own instance; never changed afterwards
         self._tok = tok
         self._vocab_size: int = max(tok.get_vocab(with_added_tokens=True).values()) + 1  # ids are 0..size-1
@@ -217,6 +223,18 @@ class CodeLlamaTokenizer:
         """The id of vocabulary piece `piece`, None if absent."""
         token_id: int | None = self._tok.token_to_id(piece)
         return token_id
+
+
+def _with_control_pieces_special(text: str) -> str:
+    """The `tokenizer.json` text with every added token among CONTROL_PIECES marked special."""
+    data = json.loads(text)
+    added = data.get("added_tokens") or []
+    loose = [t for t in added if t.get("content") in CONTROL_PIECES and not t.get("special", False)]
+    if not loose:
+        return text
+    for t in loose:
+        t["special"] = True
+    return json.dumps(data, ensure_ascii=False)
 
 
 def _special_token_ids(tok: Tokenizer) -> frozenset[int]:

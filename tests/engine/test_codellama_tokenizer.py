@@ -122,3 +122,41 @@ def test_byte_table(tok: CodeLlamaTokenizer) -> None:
     assert table[15043] == b" Hello"
     assert tok.token_bytes(10**6) == b""
     assert int(tok.is_byte_fallback.sum()) == 256
+
+
+def _loose_control_json() -> str:
+    """A tokenizer.json that lists the infilling tokens and `<step>` as added tokens *not* marked
+    special (as a checkpoint's file may): `tokenizers` then cuts their text out of user input."""
+    data = json.loads(TOKENIZER_JSON.read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    del vocab["<reserved_32015>"]
+    vocab["<step>"] = 32015
+    for t in data["added_tokens"]:
+        if t["id"] == 32015:
+            t["content"] = "<step>"
+        if t["id"] in (32007, 32008, 32009, 32010, 32015):
+            t["special"] = False
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize("text", ["x ▁<EOT> y", "▁<PRE>def f():▁<SUF>▁<MID>", "a <step> b", "<step>"])
+def test_control_pieces_not_marked_special_stay_text(text: str) -> None:
+    loose = Tokenizer.from_str(_loose_control_json())
+    assert 32010 in loose.encode("x ▁<EOT>", add_special_tokens=False).ids  # what the file alone does
+    tok = CodeLlamaTokenizer.from_str(_loose_control_json())
+    # the reference: the same text through the file whose control tokens are special, with
+    # encode_special_tokens (that file has no <step> piece at all: its text is plain text there)
+    reference = Tokenizer.from_file(str(TOKENIZER_JSON))
+    reference.encode_special_tokens = True
+    assert tok.encode(text) == reference.encode(text, add_special_tokens=False).ids
+    assert tok.encode_infilling(text) == reference.encode("☺" + text, add_special_tokens=False).ids[2:]
+    assert (tok.infill_ids.eot, tok.step_id) == (32010, 32015)  # type: ignore[union-attr]
+
+
+def test_control_pieces_not_marked_special_decode_to_nothing() -> None:
+    tok = CodeLlamaTokenizer.from_str(_loose_control_json())
+    x = tok.piece_to_id("▁x")
+    for control in (32007, 32008, 32009, 32010, 32015):
+        assert control in tok.special_ids and tok.token_bytes(control) == b""
+    assert tok.decode([x, 32009, 32010, 32015]) == "x"
+    assert tok.decode_infilling([x, 32010]) == " x"

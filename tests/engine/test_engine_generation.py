@@ -693,3 +693,49 @@ def test_the_provider_reported_is_the_one_the_session_started():
     assert check_session_providers(Session([n for n, _ in choice.providers]), choice, profile) is choice
     with pytest.raises(ConfigError, match="could not start TensorrtExecutionProvider, CUDAExecutionProvider"):
         check_session_providers(Session(["CPUExecutionProvider"]), choice, profile)
+
+
+class _SaysIds:
+    """A decoder whose every step's logits make greedy decoding pick the next of `ids` (the
+    engine's own loop, detokenizer and stop strings then run on chosen ids)."""
+
+    verify_rows_max = 0
+
+    def __init__(self, ids: list[int], vocab_size: int) -> None:
+        self.ids, self.vocab_size, self.step = ids, vocab_size, 0
+
+    def new_cache(self, capacity, prompt=None):
+        self.step = 0
+        return type("Cache", (), {"length": 0})()
+
+    def _logits(self):
+        import numpy as np
+
+        row = np.zeros(self.vocab_size, dtype=np.float32)
+        row[self.ids[min(self.step, len(self.ids) - 1)]] = 1.0
+        self.step += 1
+        return row
+
+    def prefill(self, cache, ids):
+        return self._logits()[None, :]
+
+    def decode(self, cache, token):
+        return self._logits()
+
+
+def test_a_stop_string_completed_by_a_cut_off_character_at_the_end_is_a_stop(tiny_bundle, hf_tok):
+    """max_tokens ends the answer inside a byte-fallback character: the flush gives U+FFFD, as
+    tokenizers' decode does, and a stop string that it completes ends the text there, so the
+    finish reason is "stop", not "length"."""
+    said = Engine.from_bundle(tiny_bundle, prompt_lookup=False)
+    x, e2, x82 = hf_tok.token_to_id("▁x"), 3 + 0xE2, 3 + 0x82  # "€" is E2 82 AC: cut after two bytes
+    said.decoder = _SaysIds([x, e2, x82], said.tokenizer.vocab_size)
+    request = GenerationRequest(mode="complete", prompt="a", max_tokens=3, sampling=GREEDY)
+    chunks, result = run(said, request)
+    # the reference: tokenizers' decode of prompt and answer is the prompt followed by the text
+    assert hf_tok.decode([*result.prompt_token_ids, x, e2, x82]) == "a" + result.text
+    assert "".join(c.text for c in chunks) == result.text == " x\ufffd\ufffd"
+    assert result.finish_reason == "length"
+    chunks, result = run(said, dataclasses.replace(request, stop=("x\ufffd",)))
+    assert "".join(c.text for c in chunks) == result.text == " "
+    assert result.finish_reason == "stop" and result.token_ids == (x, e2, x82)

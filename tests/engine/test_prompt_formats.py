@@ -279,3 +279,31 @@ def test_source_step_text_cannot_forge_step(step_tok: CodeLlamaTokenizer) -> Non
 def test_unknown_chat_format(tok: CodeLlamaTokenizer) -> None:
     with pytest.raises(ValueError, match="chat format"):
         build_prompt(chat(("user", "hi")), tok, "chatml")
+
+
+# ------------------------------------------------------------------- docs/protocol.md
+def _doc_json_blocks() -> list[str]:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text(encoding="utf-8")
+    return [block.split("```", 1)[0] for block in text.split("```json\n")[1:]]
+
+
+def test_protocol_doc_example_counts_and_chunks(tok: CodeLlamaTokenizer, raw: Tokenizer) -> None:
+    """The protocol's example request, chunks and final reply agree with what the engine does
+    with that prompt and that text (counts: bos + the prompt's tokens; the text's tokens)."""
+    from edge_runtime.detokenizer import IncrementalDetokenizer
+
+    blocks = _doc_json_blocks()
+    request = json.loads(blocks[0])
+    chunks = [json.loads(line) for line in next(b for b in blocks if '"seq": 0' in b).splitlines() if line]
+    final = json.loads(next(b for b in blocks if '"done": true,\n "text"' in b))
+    prompt, text = request["prompt"], final["text"]
+    assert final["usage"]["prompt_tokens"] == len([1, *enc(raw, prompt)])
+    assert final["usage"]["prompt_tokens"] == len(build_prompt(GenerationRequest(mode="complete", prompt=prompt), tok).ids)
+    # the answer's tokens, as they continue the prompt: its first piece carries no implicit space
+    answer = enc(raw, text)
+    assert tok.id_to_piece(answer[0]) == "▁▁▁▁"
+    answer[0] = tok.piece_to_id("▁▁▁")
+    assert tok.decode([1, *enc(raw, prompt), *answer]) == prompt + text
+    assert final["usage"]["completion_tokens"] == len(answer)
+    detok = IncrementalDetokenizer(tok, strip_leading_space=False)
+    assert [c["delta"] for c in chunks] == [detok.push(i) for i in answer[:len(chunks)]]
