@@ -113,7 +113,8 @@ class Generation:
 
     The chunks' deltas add up to the final `text`: chunks lost on the way (a broker
     killed before it saved them) come as one last chunk with ``"recovered":
-    true`` holding the rest of the final text. Where what was streamed is not the
+    true`` holding the rest of the final text (a request with ``stream=False`` has its
+    whole text come as one chunk, without that flag: nothing was lost). Where what was streamed is not the
     start of the final text (the daemon generated the request again after a
     restart, with other tokens), `stream_diverged` is True and `final["text"]` is
     the answer; it is set as soon as a chunk that comes again differs from the one
@@ -121,8 +122,9 @@ class Generation:
     request on the device. Closing the client ends a wait for its replies with `ConnectionError`."""
 
     def __init__(self, client: "EdgeClient", request_id: str, inbox: "queue.Queue[dict[str, Any]]",
-                 timeout: float, *, payload_bytes: int = 0) -> None:
+                 timeout: float, *, payload_bytes: int = 0, streamed: bool = True) -> None:
         self.client = client
+        self._streamed = streamed  # the request asked for chunks: text the final reply adds was lost on the way
         self._payload_bytes = payload_bytes  # the request's size, for what a timeout says
         self.id = request_id
         self.final: dict[str, Any] | None = None
@@ -174,8 +176,8 @@ class Generation:
                         raise RemoteError.from_reply(error, self.id)
                     rest = self._unstreamed_text(msg)
                     if rest:
-                        yield self._take({"id": self.id, "seq": self._next_seq, "delta": rest, "done": False,
-                                          "recovered": True})
+                        chunk = {"id": self.id, "seq": self._next_seq, "delta": rest, "done": False}
+                        yield self._take({**chunk, "recovered": True} if self._streamed else chunk)
                     break
                 seq = msg.get("seq")
                 if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
@@ -612,7 +614,8 @@ class EdgeClient:
             self._correlation[request_id] = correlation
             self._published[request_id] = (payload, props)
         self._mqtt.publish(self.topics.generate, payload, qos=1, properties=props)
-        generation = Generation(self, request_id, inbox, timeout, payload_bytes=len(payload))
+        generation = Generation(self, request_id, inbox, timeout, payload_bytes=len(payload),
+                                streamed=obj.get("stream", True) is not False)
         # dropped without being read to its end: forget it and cancel it on the device
         weakref.finalize(generation, self._dropped.put, request_id)
         return generation

@@ -412,6 +412,16 @@ def test_an_mqtt5_client_is_answered_by_a_daemon_on_mqtt_3_1_1(broker, tmp_path)
         service.stop()
 
 
+def test_a_request_that_does_not_stream_yields_its_text_as_one_chunk_not_marked_recovered(broker, service):
+    """stream=False: the final reply alone comes back; iterating still gives the text (the
+    deltas add up to it), but nothing was lost, so the chunk is not flagged `recovered`."""
+    with EdgeClient(broker.url, "dev1") as c:
+        gen = c.generate(mode="complete", prompt="a b c", stream=False)
+        chunks = list(gen)
+        assert [ch["delta"] for ch in chunks] == ["c b a"] == [gen.final["text"]]
+        assert "recovered" not in chunks[0] and not gen.stream_diverged
+
+
 def test_an_answered_request_is_not_sent_again_on_a_reconnect_even_unread(broker, service):
     with NetworkCut(broker.host, broker.port) as net, Probe(broker.host, broker.port) as spy, \
             EdgeClient(net.url, "dev1") as c:
