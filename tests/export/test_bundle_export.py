@@ -556,6 +556,26 @@ def test_an_outputs_missing_folders_are_created(tiny_checkpoint, tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["b"]
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, OSError])
+def test_a_failed_export_removes_the_folders_it_made_for_output(tiny_checkpoint, tmp_path, monkeypatch, stop):
+    """Ctrl-C or an error after the work began: the folders made for --output go with the
+    staging folder (an empty `bundles/deeper/` was left behind); folders that were there stay."""
+    from edge_export import pipeline
+    from edge_export.pipeline import ExportOptions, run_export
+
+    (tmp_path / "mine").mkdir()
+    out = tmp_path / "mine" / "bundles" / "deeper" / "b"
+
+    def fails(*args, **kwargs):
+        raise stop()
+
+    monkeypatch.setattr(pipeline, "write_manifest", fails)
+    with pytest.raises((KeyboardInterrupt, pipeline.ExportError)):
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=out, precision="fp32",
+                                 skip_fidelity=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and not any((tmp_path / "mine").iterdir())
+
+
 def test_an_unreadable_tokenizer_json_is_named(tiny_checkpoint, tmp_path):
     folder = broken_copy(tiny_checkpoint, tmp_path, "bad-tokenizer")
     tokenizer = folder / "tokenizer.json"
