@@ -336,6 +336,16 @@ def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> Checkp
                               "same download as the chat template (or the template of the same model as the "
                               "tokenizer)")
 
+    licence_files = tuple(sorted(p for p in path.iterdir() if p.is_file() and LICENCE_NAME.search(p.name)))
+    for licence in licence_files:  # copied into the bundle at the end: found unreadable now, not after the work
+        try:
+            with open(licence, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise CheckpointError(f"{licence} cannot be read ({exc.strerror or exc}), and the bundle carries the "
+                                  "checkpoint's licence files: make it readable, or move it out of the checkpoint "
+                                  "folder to export without it") from None
+
     return CheckpointInfo(
         path=path,
         name=family_detection.checkpoint_name(path),
@@ -347,7 +357,7 @@ def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> Checkp
         infill_ids=infill_ids,
         step_id=step_id,
         chat_format=family.chat_format,
-        licence_files=tuple(sorted(p for p in path.iterdir() if p.is_file() and LICENCE_NAME.search(p.name))),
+        licence_files=licence_files,
         weight_files=tuple(weights),
         ignored_files=tuple(ignored),
         tensor_shapes=tensor_shapes,

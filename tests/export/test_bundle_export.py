@@ -887,6 +887,23 @@ def test_a_70b_chat_template_without_the_step_token_is_refused_at_export(tiny_ch
     assert not (tmp_path / "out").exists()
 
 
+def test_an_unreadable_licence_file_is_refused_before_any_work(tiny_checkpoint, tmp_path):
+    """The licence files are copied into the bundle at the very end: one that cannot be read
+    failed the export there, after the graph and the fidelity (an hour at 7B); now in step 1,
+    naming it. As root, without the capabilities that read any file whatever its mode."""
+    folder = broken_copy(tiny_checkpoint, tmp_path, "unreadable-licence")
+    (folder / "LICENSE").chmod(0)
+    command = [sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(folder), "--profile",
+               "cpu-x86_64", "--output", str(tmp_path / "b"), "--precision", "fp32", "--skip-fidelity"]
+    if os.geteuid() == 0:
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--", *command]
+    cli = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 2 and f"error: {folder / 'LICENSE'} cannot be read (Permission denied)" in cli.stderr, \
+        cli.stderr
+    assert "[2/" not in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unreadable-licence"]
+
+
 def test_the_fidelity_step_prints_no_onnxruntime_warnings(tiny_checkpoint, tmp_path):
     """onnxruntime's graph-optimizer warnings (an initializer among the inputs, implicit
     subgraph inputs) are not the user's to act on: the export's output has none."""
