@@ -103,6 +103,22 @@ def test_a_model_that_does_not_infill_is_measured_without_infill_prompts(tiny_ch
     assert manifest["fidelity"]["prompts"] == 8
 
 
+def test_a_tied_checkpoint_with_a_stale_lm_head_weight_uses_the_embedding_as_transformers_does(tiny_checkpoint,
+                                                                                               tmp_path, exporter):
+    """config.json ties the lm_head to the embedding, and the weights also hold an lm_head.weight
+    (left by a conversion): transformers multiplies by the embedding, and so does the bundle (it
+    took lm_head.weight: greedy agreement 0, or with --skip-fidelity a bundle of another model)."""
+    folder = shutil.copytree(tiny_checkpoint, tmp_path / "tied")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    bundle = exporter(folder, tmp_path / "b", skip_fidelity=True)
+    decoder = decoder_for(bundle)
+    ids = PROMPTS[0]
+    ours = decoder.prefill(decoder.new_cache(len(ids)), np.asarray(ids))
+    ref = torch_reference.prompt_logits(folder, ids)[-len(ours):]
+    assert np.abs(ours - ref).max() < 1e-4
+
+
 def test_noinfill_checkpoint_is_recorded_without_infill(noinfill_bundle):
     bundle = load_bundle(noinfill_bundle)
     assert bundle.supports_infill is False and bundle.manifest["tokenizer"]["infill"] is None
