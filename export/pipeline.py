@@ -491,6 +491,10 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                     progress.detail(f"GPTQ: calibrating on {source.name} ({files} file{'s' if files > 1 else ''}, "
                                     f"{calibrated['tokens']} tokens in {calibrated['windows']} windows), "
                                     "layer by layer")
+                    if calibrated.get("skipped_files"):
+                        skipped = calibrated["skipped_files"]
+                        progress.detail(f"note: not UTF-8 text, left out: {', '.join(skipped[:5])}"
+                                        + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""))
                 io_dtype = "float32" if precision == "fp32" else profile.kv_cache.dtype
                 refine_top_k = q.head_refine_top_k_for(precision, io_dtype, recipe.algorithm) if recipe else 0
                 if refine_top_k:

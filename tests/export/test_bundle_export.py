@@ -1041,6 +1041,36 @@ def test_gptq_calibrates_on_the_users_text_and_the_manifest_says_so(tiny_checkpo
     assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
 
 
+def test_a_calibration_text_that_is_not_text_is_refused_or_left_out(tiny_checkpoint, tmp_path):
+    """GPTQ calibrated on a binary file (or one in another encoding) as on its U+FFFD
+    replacement characters, and said nothing: a file given is refused, naming it; a folder's
+    such files are left out, and the export and the manifest say which. A few stray bytes (a
+    Latin-1 comment) are still read."""
+    from edge_export.pipeline import ExportOptions, run_export
+    from edge_export.progress import Progress
+
+    blob = tmp_path / "model.py"
+    blob.write_bytes(bytes(range(256)) * 64)
+    cli = subprocess.run([sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(tiny_checkpoint),
+                          "--profile", "cpu-x86_64", "--output", str(tmp_path / "b"), "--precision", "int4",
+                          "--skip-fidelity", "--calibration-text", str(blob)], capture_output=True, text=True,
+                         timeout=300)
+    assert cli.returncode == 2 and f"error: --calibration-text {blob}: is not UTF-8 text" in cli.stderr, cli.stderr
+    assert "Traceback" not in cli.stderr and not (tmp_path / "b").exists()
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "a_blob.py").write_bytes(blob.read_bytes())
+    code = "def read_register(bus, address):\n    return bus.read_word(address) & 0xFFFF  # \xb0C\n" * 40
+    (repo / "io.py").write_bytes(code.encode("latin-1"))
+    said = io.StringIO()
+    run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=tmp_path / "b",
+                             precision="int4", calibration_text=repo, skip_fidelity=True), Progress(5, stream=said))
+    calibration = load_bundle(tmp_path / "b").manifest["quantization"]["calibration"]
+    assert calibration["files"] == 1 and calibration["skipped_files"] == ["a_blob.py"]
+    assert "note: not UTF-8 text, left out: a_blob.py" in said.getvalue()
+
+
 @pytest.mark.parametrize("options, why", [
     ({"precision": "int4", "algorithm": "rtn"}, "quantizes with rtn \\(--algorithm rtn\\)"),
     ({"precision": "fp32"}, "is fp32: nothing is quantized")])
