@@ -143,6 +143,26 @@ def _check_weights(path: Path, weights: list[Path], config: dict[str, Any]) -> d
     return shapes
 
 
+REQUIRED_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")  # absent or null: the default
+
+
+def check_config_numbers(path: Path, config: dict[str, Any]) -> None:
+    """The sizes the export reads from config.json are positive integers: a missing or
+    hand-edited one (null, "2", 0) is a CheckpointError naming the key, not a traceback."""
+    for key in REQUIRED_SIZES + OPTIONAL_SIZES:
+        value = config.get(key)
+        if value is None and key in OPTIONAL_SIZES:
+            continue
+        if value is None:
+            raise CheckpointError(f"{path.name}: config.json has no {key}" + (" (it is null)" if key in config else "")
+                                  + f"; a Llama config.json gives {', '.join(REQUIRED_SIZES)}: copy or download "
+                                  "the checkpoint's config.json again")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"{path.name}: config.json's {key} is {json.dumps(value)}, not a positive whole "
+                                  "number: copy or download the checkpoint's config.json again")
+
+
 def expected_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
     """The tensors a Llama checkpoint with this config.json holds: name -> (shape, the config
     keys the shape comes from). lm_head.weight is left out when tied to the embedding."""
@@ -287,6 +307,7 @@ def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> Checkp
             f"{path.name}: found model_type={model_type!r}, architectures={architectures!r}; only Llama-architecture "
             "causal language models (model_type 'llama', LlamaForCausalLM, as Code Llama) can be exported")
 
+    check_config_numbers(path, config)
     weights, ignored = weight_files(path)
     tensor_shapes = _check_weights(path, weights, config)
     tokenizer_path = path / "tokenizer.json"

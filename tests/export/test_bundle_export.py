@@ -877,6 +877,27 @@ def test_a_config_that_does_not_match_its_weights_is_refused_before_any_work(tin
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
+@pytest.mark.parametrize("change, words", [
+    (lambda c: c.pop("hidden_size"), "config.json has no hidden_size; a Llama config.json gives"),
+    (lambda c: c.pop("intermediate_size"), "config.json has no intermediate_size"),
+    (lambda c: c.update(num_attention_heads=None), "config.json has no num_attention_heads (it is null)"),
+    (lambda c: c.update(num_hidden_layers="2"), "config.json's num_hidden_layers is \"2\", not a positive whole"),
+    (lambda c: c.update(num_key_value_heads=0), "config.json's num_key_value_heads is 0, not a positive whole"),
+])
+def test_a_config_without_its_sizes_is_one_line_naming_the_key(tiny_checkpoint, tmp_path, change, words):
+    """A config.json missing a size, or with a hand-edited one: exit 2 naming the key (a
+    KeyError or TypeError traceback)."""
+    folder = broken_copy(tiny_checkpoint, tmp_path, "edited-config")
+    config = json.loads((folder / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    cli = subprocess.run([sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(folder), "--profile",
+                          "cpu-x86_64", "--output", str(tmp_path / "b"), "--skip-fidelity"],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 2 and f"error: edited-config: {words}" in cli.stderr, cli.stderr
+    assert "Traceback" not in cli.stderr and not (tmp_path / "b").exists()
+
+
 def test_a_context_too_short_for_the_fidelity_prompts_is_refused_before_the_build(tiny_checkpoint, tmp_path):
     from edge_export.pipeline import ExportError, ExportOptions, run_export
 
