@@ -80,8 +80,14 @@ def weight_files(path: Path) -> tuple[list[Path], list[Path]]:
     present = sorted(path.glob("*.safetensors"))
     if not present:
         found = sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".gguf"})
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        how = ""
+        if any(name.startswith("pytorch_model") and name.endswith(".bin") for name in found):
+            how = (": transformers writes them beside the .bin files (it holds the model in memory once): python -c "
+                   "\"from transformers import AutoModelForCausalLM; "
+                   f"AutoModelForCausalLM.from_pretrained('{path}', dtype='auto').save_pretrained('{path}')\"")
         raise CheckpointError(f"{path.name}: no *.safetensors weights found"
-                              + (f" (found {', '.join(found)}; convert them to safetensors)" if found else ""))
+                              + (f" (found {shown}; convert them to safetensors{how})" if found else ""))
     index = path / SHARD_INDEX
     single = path / SINGLE_FILE
     if index.is_file() and single in present:

@@ -983,6 +983,26 @@ def test_a_checkpoint_with_only_tokenizer_model_gets_the_remedy(tiny_checkpoint,
         read_checkpoint(folder)
 
 
+def test_a_checkpoint_of_pytorch_model_bin_gets_a_remedy_that_works(tiny_checkpoint, tmp_path, exporter):
+    """Weights only as pytorch_model.bin (older checkpoints): the message said "convert them to
+    safetensors" and not how; it gives the command, and the command makes the folder export."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from edge_export.checkpoint import CheckpointError, read_checkpoint
+
+    folder = broken_copy(tiny_checkpoint, tmp_path, "bin-only")
+    (folder / "model.safetensors").unlink()
+    LlamaForCausalLM.from_pretrained(str(tiny_checkpoint), dtype=torch.float32).save_pretrained(
+        str(folder), safe_serialization=False)
+    with pytest.raises(CheckpointError, match="found pytorch_model.bin; convert them to safetensors") as refused:
+        read_checkpoint(folder)
+    command = re.search(r'python -c "(.*)"\)$', str(refused.value))[1]
+    subprocess.run([sys.executable, "-c", command], check=True, capture_output=True, timeout=300)
+    exporter(folder, tmp_path / "b", skip_fidelity=True)
+    assert load_bundle(tmp_path / "b").manifest["source"]["name"] == "bin-only"
+
+
 def test_a_context_past_the_models_training_is_exported_with_a_warning(tiny_checkpoint, tmp_path):
     from edge_export.pipeline import ExportOptions, run_export
     from edge_export.progress import Progress
