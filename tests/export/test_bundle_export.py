@@ -952,6 +952,18 @@ def test_the_fidelity_step_prints_no_onnxruntime_warnings(tiny_checkpoint, tmp_p
     assert "greedy agreement" in cli.stderr and ":onnxruntime:" not in cli.stderr, cli.stderr
 
 
+def test_an_hqq_export_prints_no_torch_warning(tiny_checkpoint, tmp_path):
+    """--algorithm hqq (optimum's graph, onnxruntime's HQQ quantizer): the bundle is written and
+    the output has no torch "NumPy array is not writable" UserWarning, with its source line, from
+    inside onnxruntime."""
+    cli = subprocess.run([sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(tiny_checkpoint),
+                          "--profile", "cpu-x86_64", "--output", str(tmp_path / "b"), "--precision", "int4",
+                          "--algorithm", "hqq", "--skip-fidelity"], capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 0, cli.stderr
+    assert load_bundle(tmp_path / "b").manifest["quantization"]["algorithm"] == "hqq"
+    assert "UserWarning" not in cli.stderr and "Warning" not in cli.stdout, cli.stderr
+
+
 def test_a_checkpoint_without_a_licence_file_is_exported_with_a_warning(tiny_checkpoint, tmp_path):
     folder = broken_copy(tiny_checkpoint, tmp_path, "no-licence")
     (folder / "LICENSE").unlink()
