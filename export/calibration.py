@@ -43,6 +43,24 @@ CHARS_PER_TOKEN = 6  # generous: a folder is read only until its text surely hol
 MIN_TOKENS = 64  # fewer calibration tokens than this is a mistake, not a calibration
 
 
+NOT_TEXT_SHARE = 0.1  # a file with NUL bytes, or more of its bytes than this undecodable, is not text
+
+
+def _source_text(path: Path) -> str | None:
+    """A source file's text, or None when it is not text: NUL bytes, or more than
+    NOT_TEXT_SHARE of its bytes not UTF-8 (GPTQ would calibrate on replacement characters). A
+    few stray bytes (a Latin-1 comment) are replaced."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    text = data.decode("utf-8", errors="replace")
+    if b"\0" in data or text.count("\ufffd") > NOT_TEXT_SHARE * len(data):
+        return None
+    return text
+
+
 class CalibrationError(EdgeRuntimeError, ValueError):
     """A calibration source GPTQ cannot use; the message says why (without the path)."""
 
@@ -55,26 +73,36 @@ class CalibrationText:
     source: Path
     text: str
     files: int
+    skipped: tuple[str, ...] = ()  # a folder's files with a code suffix that are not text (binary, not UTF-8)
 
     @classmethod
     def read(cls, source: Path, max_chars: int | None = None) -> CalibrationText:
         if source.is_file():
-            return cls(source, source.read_text(encoding="utf-8", errors="replace"), 1)
+            text = _source_text(source)
+            if text is None:
+                raise CalibrationError("is not UTF-8 text (a binary file, or another encoding): give a source "
+                                       "file, or a folder of them")
+            return cls(source, text, 1)
         if not source.is_dir():
             raise CalibrationError("no such file or folder")
-        parts, size = [], 0
+        parts, size, skipped = [], 0, []
         for path in sorted(source.rglob("*")):
             relative = path.relative_to(source).parts
             if path.suffix.lower() not in CODE_SUFFIXES or any(p.startswith(".") for p in relative) \
                     or not path.is_file():
                 continue
-            parts.append(path.read_text(encoding="utf-8", errors="replace"))
+            text = _source_text(path)
+            if text is None:
+                skipped.append(path.relative_to(source).as_posix())
+                continue
+            parts.append(text)
             size += len(parts[-1])
             if max_chars is not None and size >= max_chars:
                 break
         if not parts:
-            raise CalibrationError(f"no source files ({', '.join(sorted(CODE_SUFFIXES))})")
-        return cls(source, "\n\n".join(parts), len(parts))
+            raise CalibrationError(f"no source files ({', '.join(sorted(CODE_SUFFIXES))})"
+                                   + (f"; not UTF-8 text: {', '.join(skipped[:3])}" if skipped else ""))
+        return cls(source, "\n\n".join(parts), len(parts), tuple(skipped))
 
     def windows(self, tokenizer, window: int = CALIBRATION_WINDOW, n_tokens: int | None = None) -> list[list[int]]:
         """The text as BOS-led windows of at most ``window`` positions (the first ``n_tokens``)."""
@@ -88,7 +116,8 @@ class CalibrationText:
 
         from .gptq import DAMP
 
-        return {"text": self.source.name, "files": self.files,
+        return {"text": self.source.name, "files": self.files, **({"skipped_files": list(self.skipped)}
+                                                                     if self.skipped else {}),
                 "sha256": hashlib.sha256(self.text.encode("utf-8")).hexdigest(),
                 "tokens": sum(len(w) for w in windows), "windows": len(windows), "damp": DAMP}
 

@@ -80,8 +80,14 @@ def weight_files(path: Path) -> tuple[list[Path], list[Path]]:
     present = sorted(path.glob("*.safetensors"))
     if not present:
         found = sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".gguf"})
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        how = ""
+        if any(name.startswith("pytorch_model") and name.endswith(".bin") for name in found):
+            how = (": transformers writes them beside the .bin files (it holds the model in memory once): python -c "
+                   "\"from transformers import AutoModelForCausalLM; "
+                   f"AutoModelForCausalLM.from_pretrained('{path}', dtype='auto').save_pretrained('{path}')\"")
         raise CheckpointError(f"{path.name}: no *.safetensors weights found"
-                              + (f" (found {', '.join(found)}; convert them to safetensors)" if found else ""))
+                              + (f" (found {shown}; convert them to safetensors{how})" if found else ""))
     index = path / SHARD_INDEX
     single = path / SINGLE_FILE
     if index.is_file() and single in present:
@@ -141,6 +147,26 @@ def _check_weights(path: Path, weights: list[Path], config: dict[str, Any]) -> d
                                   f"{name} in {file}" + (f" (it is in {held[name]})" if name in held else "")
                                   + ": shards of another download? Download the checkpoint again")
     return shapes
+
+
+REQUIRED_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")  # absent or null: the default
+
+
+def check_config_numbers(path: Path, config: dict[str, Any]) -> None:
+    """The sizes the export reads from config.json are positive integers: a missing or
+    hand-edited one (null, "2", 0) is a CheckpointError naming the key, not a traceback."""
+    for key in REQUIRED_SIZES + OPTIONAL_SIZES:
+        value = config.get(key)
+        if value is None and key in OPTIONAL_SIZES:
+            continue
+        if value is None:
+            raise CheckpointError(f"{path.name}: config.json has no {key}" + (" (it is null)" if key in config else "")
+                                  + f"; a Llama config.json gives {', '.join(REQUIRED_SIZES)}: copy or download "
+                                  "the checkpoint's config.json again")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"{path.name}: config.json's {key} is {json.dumps(value)}, not a positive whole "
+                                  "number: copy or download the checkpoint's config.json again")
 
 
 def expected_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -287,6 +313,7 @@ def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> Checkp
             f"{path.name}: found model_type={model_type!r}, architectures={architectures!r}; only Llama-architecture "
             "causal language models (model_type 'llama', LlamaForCausalLM, as Code Llama) can be exported")
 
+    check_config_numbers(path, config)
     weights, ignored = weight_files(path)
     tensor_shapes = _check_weights(path, weights, config)
     tokenizer_path = path / "tokenizer.json"
@@ -336,6 +363,16 @@ def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> Checkp
                               "same download as the chat template (or the template of the same model as the "
                               "tokenizer)")
 
+    licence_files = tuple(sorted(p for p in path.iterdir() if p.is_file() and LICENCE_NAME.search(p.name)))
+    for licence in licence_files:  # copied into the bundle at the end: found unreadable now, not after the work
+        try:
+            with open(licence, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise CheckpointError(f"{licence} cannot be read ({exc.strerror or exc}), and the bundle carries the "
+                                  "checkpoint's licence files: make it readable, or move it out of the checkpoint "
+                                  "folder to export without it") from None
+
     return CheckpointInfo(
         path=path,
         name=family_detection.checkpoint_name(path),
@@ -347,7 +384,7 @@ def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> Checkp
         infill_ids=infill_ids,
         step_id=step_id,
         chat_format=family.chat_format,
-        licence_files=tuple(sorted(p for p in path.iterdir() if p.is_file() and LICENCE_NAME.search(p.name))),
+        licence_files=licence_files,
         weight_files=tuple(weights),
         ignored_files=tuple(ignored),
         tensor_shapes=tensor_shapes,

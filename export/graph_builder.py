@@ -775,7 +775,10 @@ class _Builder:
             self.node("Slice", [tensor, starts, ends, axes], [last[key]], f"/model/last/Slice_{key}")
         h, _ = self.skip_rms_norm(last["block"], last["residual"], "model.norm.weight", "/model/norm",
                                   "/model/norm/output", "/model/norm/residual")
-        head_weight = "lm_head.weight" if "lm_head.weight" in self.reader else "model.embed_tokens.weight"
+        # as transformers (the fidelity reference) chooses: the embedding when config.json ties them,
+        # even with a stale lm_head.weight beside it
+        tied = bool(self.info.config.get("tie_word_embeddings", False))
+        head_weight = "lm_head.weight" if "lm_head.weight" in self.reader and not tied else "model.embed_tokens.weight"
         head_out = LOGITS if opts.io_dtype == "float32" else "/lm_head/output"
         if opts.head_refine_top_k:
             self.refined_head(h, [head_weight], LM_HEAD_NODE, head_out)

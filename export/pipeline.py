@@ -456,8 +456,13 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
     work = partial / "_export"
     swapping = False  # set when the renames that install the bundle begin
     moved_aside = False  # set when this export moved the earlier bundle to <output>.replaced
-    partial.parent.mkdir(parents=True, exist_ok=True)  # --output's folders that do not exist yet
-    partial.mkdir()  # not in the try below: a folder this export did not make is not removed there
+    created = missing_folders(partial.parent)  # --output's folders that do not exist yet, made here
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        partial.mkdir()  # not in the try below: a folder this export did not make is not removed there
+    except BaseException:
+        remove_created(created)
+        raise
     try:
         (partial / EXPORT_MARKER).write_text("edge-runtime export staging folder: safe to delete\n")
         graph = partial / GRAPH_FILE
@@ -486,6 +491,10 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                     progress.detail(f"GPTQ: calibrating on {source.name} ({files} file{'s' if files > 1 else ''}, "
                                     f"{calibrated['tokens']} tokens in {calibrated['windows']} windows), "
                                     "layer by layer")
+                    if calibrated.get("skipped_files"):
+                        skipped = calibrated["skipped_files"]
+                        progress.detail(f"note: not UTF-8 text, left out: {', '.join(skipped[:5])}"
+                                        + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""))
                 io_dtype = "float32" if precision == "fp32" else profile.kv_cache.dtype
                 refine_top_k = q.head_refine_top_k_for(precision, io_dtype, recipe.algorithm) if recipe else 0
                 if refine_top_k:
@@ -611,6 +620,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 remove_scratch(partial)
             except (OSError, ExportError):
                 pass
+            remove_created(created)
             if isinstance(exc, OSError):  # a full disk, a quota, a file-size limit, a failing drive
                 raise ExportError(f"{stopped_by(exc, partial)}; nothing was written"
                                   + (f", the earlier bundle at {output} is kept" if output.exists() else "")) from exc
@@ -626,6 +636,25 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
     return ExportSummary(bundle=output, precision=precision, total_bytes=sum(f["size"] for f in files), files=files,
                          fidelity=manifest["fidelity"], degraded=bool(problems),
                          peak_rss_bytes=peak_rss_bytes(), timings=dict(progress.timings), memory=plan)
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """The folders on the way to `folder` (itself included) that do not exist yet, deepest first."""
+    missing = []
+    while not (folder.exists() or folder.is_symlink()) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def remove_created(folders: list[Path]) -> None:
+    """Remove the folders an export made for --output (`missing_folders`, deepest first) once
+    it has failed: only while empty, so nothing that someone put there meanwhile is lost."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (someone's files), or already gone
+            return
 
 
 _WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)

@@ -8,6 +8,7 @@ accuracy. Layers matching `keep_unquantized` (e.g. the lm_head) stay in float.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,7 +66,11 @@ def quantize_weights(graph: Path, out: Path, recipe: QuantRecipe) -> tuple[list[
     quantizer = MatMulNBitsQuantizer(model, bits=recipe.bits, block_size=recipe.block_size,
                                      is_symmetric=recipe.symmetric, accuracy_level=recipe.accuracy_level or None,
                                      nodes_to_exclude=excluded, algo_config=algo)
-    quantizer.process()
+    with warnings.catch_warnings():
+        # onnxruntime's HQQ hands torch read-only numpy arrays (it only reads them): torch's
+        # "not writable" UserWarning, with its source line, is not the user's to act on
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        quantizer.process()
     qmodel = quantizer.model.model
     if recipe.algorithm == "hqq" and recipe.accuracy_level:
         for node in qmodel.graph.node:

@@ -103,6 +103,22 @@ def test_a_model_that_does_not_infill_is_measured_without_infill_prompts(tiny_ch
     assert manifest["fidelity"]["prompts"] == 8
 
 
+def test_a_tied_checkpoint_with_a_stale_lm_head_weight_uses_the_embedding_as_transformers_does(tiny_checkpoint,
+                                                                                               tmp_path, exporter):
+    """config.json ties the lm_head to the embedding, and the weights also hold an lm_head.weight
+    (left by a conversion): transformers multiplies by the embedding, and so does the bundle (it
+    took lm_head.weight: greedy agreement 0, or with --skip-fidelity a bundle of another model)."""
+    folder = shutil.copytree(tiny_checkpoint, tmp_path / "tied")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    bundle = exporter(folder, tmp_path / "b", skip_fidelity=True)
+    decoder = decoder_for(bundle)
+    ids = PROMPTS[0]
+    ours = decoder.prefill(decoder.new_cache(len(ids)), np.asarray(ids))
+    ref = torch_reference.prompt_logits(folder, ids)[-len(ours):]
+    assert np.abs(ours - ref).max() < 1e-4
+
+
 def test_noinfill_checkpoint_is_recorded_without_infill(noinfill_bundle):
     bundle = load_bundle(noinfill_bundle)
     assert bundle.supports_infill is False and bundle.manifest["tokenizer"]["infill"] is None
@@ -556,6 +572,26 @@ def test_an_outputs_missing_folders_are_created(tiny_checkpoint, tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["b"]
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, OSError])
+def test_a_failed_export_removes_the_folders_it_made_for_output(tiny_checkpoint, tmp_path, monkeypatch, stop):
+    """Ctrl-C or an error after the work began: the folders made for --output go with the
+    staging folder (an empty `bundles/deeper/` was left behind); folders that were there stay."""
+    from edge_export import pipeline
+    from edge_export.pipeline import ExportOptions, run_export
+
+    (tmp_path / "mine").mkdir()
+    out = tmp_path / "mine" / "bundles" / "deeper" / "b"
+
+    def fails(*args, **kwargs):
+        raise stop()
+
+    monkeypatch.setattr(pipeline, "write_manifest", fails)
+    with pytest.raises((KeyboardInterrupt, pipeline.ExportError)):
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=out, precision="fp32",
+                                 skip_fidelity=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and not any((tmp_path / "mine").iterdir())
+
+
 def test_an_unreadable_tokenizer_json_is_named(tiny_checkpoint, tmp_path):
     folder = broken_copy(tiny_checkpoint, tmp_path, "bad-tokenizer")
     tokenizer = folder / "tokenizer.json"
@@ -841,6 +877,27 @@ def test_a_config_that_does_not_match_its_weights_is_refused_before_any_work(tin
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
+@pytest.mark.parametrize("change, words", [
+    (lambda c: c.pop("hidden_size"), "config.json has no hidden_size; a Llama config.json gives"),
+    (lambda c: c.pop("intermediate_size"), "config.json has no intermediate_size"),
+    (lambda c: c.update(num_attention_heads=None), "config.json has no num_attention_heads (it is null)"),
+    (lambda c: c.update(num_hidden_layers="2"), "config.json's num_hidden_layers is \"2\", not a positive whole"),
+    (lambda c: c.update(num_key_value_heads=0), "config.json's num_key_value_heads is 0, not a positive whole"),
+])
+def test_a_config_without_its_sizes_is_one_line_naming_the_key(tiny_checkpoint, tmp_path, change, words):
+    """A config.json missing a size, or with a hand-edited one: exit 2 naming the key (a
+    KeyError or TypeError traceback)."""
+    folder = broken_copy(tiny_checkpoint, tmp_path, "edited-config")
+    config = json.loads((folder / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    cli = subprocess.run([sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(folder), "--profile",
+                          "cpu-x86_64", "--output", str(tmp_path / "b"), "--skip-fidelity"],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 2 and f"error: edited-config: {words}" in cli.stderr, cli.stderr
+    assert "Traceback" not in cli.stderr and not (tmp_path / "b").exists()
+
+
 def test_a_context_too_short_for_the_fidelity_prompts_is_refused_before_the_build(tiny_checkpoint, tmp_path):
     from edge_export.pipeline import ExportError, ExportOptions, run_export
 
@@ -867,6 +924,23 @@ def test_a_70b_chat_template_without_the_step_token_is_refused_at_export(tiny_ch
     assert not (tmp_path / "out").exists()
 
 
+def test_an_unreadable_licence_file_is_refused_before_any_work(tiny_checkpoint, tmp_path):
+    """The licence files are copied into the bundle at the very end: one that cannot be read
+    failed the export there, after the graph and the fidelity (an hour at 7B); now in step 1,
+    naming it. As root, without the capabilities that read any file whatever its mode."""
+    folder = broken_copy(tiny_checkpoint, tmp_path, "unreadable-licence")
+    (folder / "LICENSE").chmod(0)
+    command = [sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(folder), "--profile",
+               "cpu-x86_64", "--output", str(tmp_path / "b"), "--precision", "fp32", "--skip-fidelity"]
+    if os.geteuid() == 0:
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--", *command]
+    cli = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 2 and f"error: {folder / 'LICENSE'} cannot be read (Permission denied)" in cli.stderr, \
+        cli.stderr
+    assert "[2/" not in cli.stderr and "Traceback" not in cli.stderr, cli.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unreadable-licence"]
+
+
 def test_the_fidelity_step_prints_no_onnxruntime_warnings(tiny_checkpoint, tmp_path):
     """onnxruntime's graph-optimizer warnings (an initializer among the inputs, implicit
     subgraph inputs) are not the user's to act on: the export's output has none."""
@@ -876,6 +950,18 @@ def test_the_fidelity_step_prints_no_onnxruntime_warnings(tiny_checkpoint, tmp_p
                           "--allow-degraded"], capture_output=True, text=True, timeout=300)
     assert cli.returncode == 0, cli.stderr
     assert "greedy agreement" in cli.stderr and ":onnxruntime:" not in cli.stderr, cli.stderr
+
+
+def test_an_hqq_export_prints_no_torch_warning(tiny_checkpoint, tmp_path):
+    """--algorithm hqq (optimum's graph, onnxruntime's HQQ quantizer): the bundle is written and
+    the output has no torch "NumPy array is not writable" UserWarning, with its source line, from
+    inside onnxruntime."""
+    cli = subprocess.run([sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(tiny_checkpoint),
+                          "--profile", "cpu-x86_64", "--output", str(tmp_path / "b"), "--precision", "int4",
+                          "--algorithm", "hqq", "--skip-fidelity"], capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 0, cli.stderr
+    assert load_bundle(tmp_path / "b").manifest["quantization"]["algorithm"] == "hqq"
+    assert "UserWarning" not in cli.stderr and "Warning" not in cli.stdout, cli.stderr
 
 
 def test_a_checkpoint_without_a_licence_file_is_exported_with_a_warning(tiny_checkpoint, tmp_path):
@@ -907,6 +993,26 @@ def test_a_checkpoint_with_only_tokenizer_model_gets_the_remedy(tiny_checkpoint,
     (folder / "tokenizer.model").write_bytes(b"sentencepiece model")
     with pytest.raises(CheckpointError, match="no tokenizer.json .* pip install sentencepiece protobuf.*save_pretrained"):
         read_checkpoint(folder)
+
+
+def test_a_checkpoint_of_pytorch_model_bin_gets_a_remedy_that_works(tiny_checkpoint, tmp_path, exporter):
+    """Weights only as pytorch_model.bin (older checkpoints): the message said "convert them to
+    safetensors" and not how; it gives the command, and the command makes the folder export."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from edge_export.checkpoint import CheckpointError, read_checkpoint
+
+    folder = broken_copy(tiny_checkpoint, tmp_path, "bin-only")
+    (folder / "model.safetensors").unlink()
+    LlamaForCausalLM.from_pretrained(str(tiny_checkpoint), dtype=torch.float32).save_pretrained(
+        str(folder), safe_serialization=False)
+    with pytest.raises(CheckpointError, match="found pytorch_model.bin; convert them to safetensors") as refused:
+        read_checkpoint(folder)
+    command = re.search(r'python -c "(.*)"\)$', str(refused.value))[1]
+    subprocess.run([sys.executable, "-c", command], check=True, capture_output=True, timeout=300)
+    exporter(folder, tmp_path / "b", skip_fidelity=True)
+    assert load_bundle(tmp_path / "b").manifest["source"]["name"] == "bin-only"
 
 
 def test_a_context_past_the_models_training_is_exported_with_a_warning(tiny_checkpoint, tmp_path):
@@ -986,6 +1092,36 @@ def test_gptq_calibrates_on_the_users_text_and_the_manifest_says_so(tiny_checkpo
         run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=tmp_path / "c",
                                  precision="int4", graph="optimum", algorithm="gptq"))
     assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
+
+
+def test_a_calibration_text_that_is_not_text_is_refused_or_left_out(tiny_checkpoint, tmp_path):
+    """GPTQ calibrated on a binary file (or one in another encoding) as on its U+FFFD
+    replacement characters, and said nothing: a file given is refused, naming it; a folder's
+    such files are left out, and the export and the manifest say which. A few stray bytes (a
+    Latin-1 comment) are still read."""
+    from edge_export.pipeline import ExportOptions, run_export
+    from edge_export.progress import Progress
+
+    blob = tmp_path / "model.py"
+    blob.write_bytes(bytes(range(256)) * 64)
+    cli = subprocess.run([sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(tiny_checkpoint),
+                          "--profile", "cpu-x86_64", "--output", str(tmp_path / "b"), "--precision", "int4",
+                          "--skip-fidelity", "--calibration-text", str(blob)], capture_output=True, text=True,
+                         timeout=300)
+    assert cli.returncode == 2 and f"error: --calibration-text {blob}: is not UTF-8 text" in cli.stderr, cli.stderr
+    assert "Traceback" not in cli.stderr and not (tmp_path / "b").exists()
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "a_blob.py").write_bytes(blob.read_bytes())
+    code = "def read_register(bus, address):\n    return bus.read_word(address) & 0xFFFF  # \xb0C\n" * 40
+    (repo / "io.py").write_bytes(code.encode("latin-1"))
+    said = io.StringIO()
+    run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=tmp_path / "b",
+                             precision="int4", calibration_text=repo, skip_fidelity=True), Progress(5, stream=said))
+    calibration = load_bundle(tmp_path / "b").manifest["quantization"]["calibration"]
+    assert calibration["files"] == 1 and calibration["skipped_files"] == ["a_blob.py"]
+    assert "note: not UTF-8 text, left out: a_blob.py" in said.getvalue()
 
 
 @pytest.mark.parametrize("options, why", [
