@@ -165,7 +165,7 @@ BROKER_GRACE_S = 30.0
 
 def cmd_serve(args, engine_factory=None) -> int:
     """Load config and engine (`engine_factory(bundle, profile)`, default
-    Engine.from_bundle), serve until SIGTERM/SIGINT, drain, exit 0. Under
+    Engine.from_bundle), serve until SIGTERM/SIGINT/SIGHUP, drain, exit 0. Under
     systemd (Type=notify): READY=1 once the bundle is loaded and the broker
     subscribed (or, with the broker out of reach, `BROKER_GRACE_S` after the load:
     the daemon is then active and keeps reconnecting), STATUS= lines, WATCHDOG=1

@@ -70,6 +70,8 @@ FLAPPING_RECONNECT_S = (15, 60)  # reconnect backoff while connections keep bein
 # A connection that lasts this long ends the slow-down: longer than the slowed backoff, so
 # two daemons that take turns every 15-60 s do not count as settled.
 LASTING_SESSION_S = 2.0 * FLAPPING_RECONNECT_S[1]
+# Signals that drain the daemon (a second one abandons the running request)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @dataclass(frozen=True)
@@ -163,7 +165,7 @@ class EdgeService:
     """The daemon. `engine` is injected (anything with `info` and `generate`).
 
     ``start()`` connects in the background (reconnecting with backoff) and starts
-    the worker; ``run_forever()`` blocks until SIGTERM/SIGINT and drains;
+    the worker; ``run_forever()`` blocks until SIGTERM/SIGINT/SIGHUP and drains;
     ``request_drain()`` starts a drain from any thread (or a signal handler);
     ``drain()`` drains and waits; ``stop()`` stops at once, leaving unfinished
     requests to the broker for redelivery.
@@ -217,6 +219,7 @@ class EdgeService:
         self._drain_requested = threading.Event()
         self._abort = threading.Event()
         self._drain_once = threading.Lock()
+        self._stop_signal: signal.Signals | None = None  # the signal that asked for the drain
         self._status_dirty = False
         self._hk_stop = threading.Event()
         self._housekeeping: threading.Thread | None = None
@@ -305,16 +308,23 @@ class EdgeService:
         return self._ready.wait(timeout)
 
     def run_forever(self) -> None:
-        """Start (if needed), serve until SIGTERM or SIGINT, then drain and return.
-        A second signal during the drain abandons the running request."""
+        """Start (if needed), serve until SIGTERM, SIGINT or SIGHUP, then drain and return.
+        A second signal during the drain abandons the running request. SIGHUP (a closed
+        terminal, `kill -HUP` out of a reload habit) drains too: its default action killed
+        the daemon mid-request, and systemd counts a SIGHUP death as clean, so
+        `Restart=on-failure` left the device down with nothing in the journal."""
         installed: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in STOP_SIGNALS:
                 installed[sig] = signal.signal(sig, self._on_signal)
         try:
             self.start()
             while not self._drain_requested.wait(0.5):
                 pass
+            if self._stop_signal is not None:
+                log.info("%s: stopping%s", self._stop_signal.name,
+                         " (the config is read only at start: to apply a change, restart the daemon, "
+                         "e.g. systemctl restart edge-runtime)" if self._stop_signal == signal.SIGHUP else "")
             self.drain()
         finally:
             for sig, previous in installed.items():
@@ -323,6 +333,8 @@ class EdgeService:
     def _on_signal(self, signum: int, frame: object) -> None:
         if self._drain_requested.is_set():
             self._abort.set()
+        elif self._stop_signal is None:
+            self._stop_signal = signal.Signals(signum)
         self._drain_requested.set()
 
     def request_drain(self) -> None:

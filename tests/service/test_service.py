@@ -687,6 +687,25 @@ def test_sigterm_drains_then_exits_zero(broker, tmp_path, daemons, probe):
     assert len(probe.finals("replies/s0")) == 1
 
 
+def test_sighup_drains_like_sigterm_and_says_the_config_needs_a_restart(broker, tmp_path, daemons, probe):
+    """SIGHUP (a closed terminal, `kill -HUP` from a reload habit) killed the daemon mid-request
+    with nothing logged, and systemd takes a SIGHUP death as clean: Restart=on-failure left the
+    device down. It drains as SIGTERM does now."""
+    config = write_config(tmp_path / "d.toml", broker, tmp_path / "state")
+    daemon = daemons(config, token_delay=0.03)
+    probe.subscribe(T.status)
+    probe.wait_status(T.status, "online", timeout=10)
+    send(probe, {"id": "h0", "mode": "complete", "prompt": " ".join(["w"] * 25)}, "replies/h0")
+    probe.wait_for(lambda ms: any(m.topic == "replies/h0" for m in ms), 5)
+    daemon.signal(signal.SIGHUP)
+    probe.wait_status(T.status, "draining", timeout=2)
+    assert probe.wait_final("replies/h0", timeout=3)["finish_reason"] == "stop"
+    assert daemon.wait(10) == 0, daemon.log
+    offline = probe.wait_status(T.status, "offline", timeout=2)
+    assert "reason" not in offline  # a clean stop, not the will's "connection lost"
+    assert "SIGHUP: stopping" in daemon.log and "restart" in daemon.log and "Traceback" not in daemon.log
+
+
 def test_only_requests_that_name_their_client_may_use_the_prompt_cache(broker, tmp_path, services, probe):
     """The engine's prompt cache is scoped by client id (the reply topic's level); a request
     whose replies go elsewhere has none, so it neither reuses nor leaves keys and values."""
