@@ -70,6 +70,9 @@ FLAPPING_RECONNECT_S = (15, 60)  # reconnect backoff while connections keep bein
 # A connection that lasts this long ends the slow-down: longer than the slowed backoff, so
 # two daemons that take turns every 15-60 s do not count as settled.
 LASTING_SESSION_S = 2.0 * FLAPPING_RECONNECT_S[1]
+# CONNACK reason codes of a refused login: MQTT 5 "Bad User Name or Password" and "Not authorized"
+# (paho maps MQTT 3.1.1's return codes 4 and 5 onto them)
+REFUSED_LOGIN = (0x86, 0x87)
 # Signals that drain the daemon (a second one abandons the running request)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -210,6 +213,7 @@ class EdgeService:
         self._lock = threading.Lock()
         self._connected = False
         self._connect_failures = 0  # failed attempts since the last connection (or start)
+        self._connack_seen = False  # the broker answered the current connection attempt (CONNACK)
         self._connected_at = 0.0  # monotonic time of the last connection
         self._short_sessions = 0  # connections in a row the broker closed within SHORT_SESSION_S
         self._generation = 0
@@ -486,9 +490,11 @@ class EdgeService:
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
                     reason_code: Any, properties: Any) -> None:
+        self._connack_seen = True
         if reason_code.is_failure:
-            log.error("broker refused the connection: %s", reason_code)
-            self._set_status_text(f"broker refused the connection: {reason_code}")
+            hint = (" (check [mqtt] username and password_file against the broker's password file)"
+                    if getattr(reason_code, "value", None) in REFUSED_LOGIN else "")
+            self._note_failed_attempt(f"broker refused the connection: {reason_code}{hint}", logging.ERROR)
             return
         self._generation += 1
         self._connected = True
@@ -516,6 +522,18 @@ class EdgeService:
                 "" if n == 1 else "s", why_unreachable(address)), name="broker-probe", daemon=True).start()
         self._set_status_text(f"cannot reach the broker at {self.config.mqtt.address.url}; retrying")
 
+    def _note_failed_attempt(self, reason: str, level: int) -> None:
+        """A connection attempt that reached the broker but did not connect (refused, or closed
+        before its CONNACK): logged at the first failure and at every power of two, as an
+        unreachable broker is, with the status line saying it at each."""
+        self._connect_failures += 1
+        n = self._connect_failures
+        url = self.config.mqtt.address.url
+        if n & (n - 1) == 0:
+            log.log(level, "cannot connect to the broker at %s (%d failed attempt%s): %s; retrying", url, n,
+                    "" if n == 1 else "s", reason)
+        self._set_status_text(f"cannot connect to the broker at {url}: {reason}; retrying")
+
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[Any],
                       properties: Any) -> None:
         if mid != self._subscribe_mid:
@@ -540,8 +558,14 @@ class EdgeService:
                        properties: Any) -> None:
         was = self._connected
         self._connected = False
+        answered, self._connack_seen = self._connack_seen, False
         if self._drain_once.locked() and self._state == "offline":
             log.debug("disconnected")
+            return
+        if not was and not answered:  # closed before its CONNACK: a plain mqtt:// connection to a TLS port
+            self._note_failed_attempt("the broker closed the connection before answering its CONNECT" + (
+                "" if self.config.mqtt.address.tls else " (a TLS port? TLS needs an mqtts:// broker URL)"),
+                logging.WARNING)
             return
         self._set_status_text("reconnecting to the broker")
         if was:

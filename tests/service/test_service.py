@@ -422,6 +422,58 @@ def test_an_unreachable_broker_is_logged_then_the_service_connects_when_it_start
         service.stop()
 
 
+def test_a_refused_login_is_logged_with_what_to_check_and_not_at_every_retry(tmp_path, caplog):
+    from mosquitto_broker import secured_broker
+
+    caplog.set_level(logging.INFO, logger="edge_runtime")
+    b = secured_broker(tmp_path / "secured", users={"dev1": "right"}, acl_lines="user dev1\n")
+    try:
+        (tmp_path / "pw").write_text("wrong\n")
+        config = make_config(b, tmp_path, **{"mqtt.username": "dev1", "mqtt.password_file": str(tmp_path / "pw")})
+        attempts = []  # systemd's STATUS= line says it at every attempt
+        service = EdgeService(config, FakeEngine(), status_interval_s=0.1,
+                              on_status=lambda text: attempts.append(text) if "refused" in text else None).start()
+        try:
+            wait_until(lambda: len(attempts) >= 3, 20)
+        finally:
+            service.stop()
+    finally:
+        b.stop()
+    refused = [r.getMessage() for r in caplog.records if "refused the connection" in r.getMessage()]
+    assert refused and "(1 failed attempt)" in refused[0] and "Not authorized" in refused[0]
+    assert "username and password_file" in refused[0] and not service.wait_ready(0)
+    assert len(refused) < len(attempts)  # the 1st, 2nd, 4th... attempts, not every one
+
+
+def test_a_plain_connection_to_a_tls_port_is_logged_not_silent(tmp_path, caplog):
+    """mqtt:// to a TLS listener: the broker closes the connection before any CONNACK. The
+    daemon logged nothing at all and kept retrying silently."""
+    import subprocess
+
+    from mosquitto_broker import MosquittoBroker
+
+    caplog.set_level(logging.INFO, logger="edge_runtime")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(tmp_path / "server.key"), "-out", str(tmp_path / "server.crt"),
+                    "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True)
+    b = MosquittoBroker(tmp_path / "tls", persistence=False)
+    b.config_path.write_text(b.config_path.read_text().replace(
+        "allow_anonymous true\n", f"allow_anonymous true\ncertfile {tmp_path / 'server.crt'}\n"
+                                    f"keyfile {tmp_path / 'server.key'}\n"))
+    b.start()
+    try:
+        service = EdgeService(make_config(b, tmp_path), FakeEngine(), status_interval_s=0.1).start()
+        try:
+            wait_until(lambda: "before answering its CONNECT" in caplog.text, 10)
+        finally:
+            service.stop()
+    finally:
+        b.stop()
+    warning = next(r for r in caplog.records if "before answering its CONNECT" in r.getMessage())
+    assert warning.levelno == logging.WARNING and b.url in warning.getMessage()
+    assert "TLS needs an mqtts:// broker URL" in warning.getMessage()
+
+
 def test_broker_restart_mid_generation_still_answers_once(broker, tmp_path, services):
     engine = FakeEngine(token_delay_s=0.05)
     service = services(make_config(broker, tmp_path), engine)
