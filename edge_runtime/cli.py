@@ -15,11 +15,14 @@ import sys
 from pathlib import Path
 
 from .errors import BundleError, ConfigError, EdgeRuntimeError
+from .log_output import configure_logging, writes_to_journal
 from .request_flags import add_request_arguments, empty_flag, integer_at_least, penalties, request_source
 
 
 def _die(message: str, code: int = 2) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    # in systemd's journal at priority err (`journalctl -p err` shows why a start failed)
+    prefix = "<3>" if writes_to_journal(sys.stderr) else ""
+    print("\n".join(prefix + line for line in f"error: {message}".splitlines()), file=sys.stderr)
     return code
 
 
@@ -537,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     empty = empty_flag(args, DEVICE_FLAGS)
     if empty:
         return _die(empty)
-    logging.basicConfig(level=args.log_level or "WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level or "WARNING")  # in systemd's journal: each line's priority, no timestamp
     try:
         return args.func(args)
     except EdgeRuntimeError as exc:
