@@ -384,13 +384,15 @@ def cmd_demo_model(args) -> int:
     return 0
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="edge-runtime", description="Offline Code Llama on edge devices.")
     parser.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
-    parser.add_argument("--log-level", default=None, type=str.upper,
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    parser.add_argument("--log-level", default=None, type=str.upper, choices=LOG_LEVELS,
                         help="default WARNING; for serve, the config's [service] log_level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -483,6 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="the MQTT daemon: answer generation requests from the broker")
     add_serve_arguments(p)
+    # also after `serve`, where an operator adds it to the unit's ExecStart= line (SUPPRESS: the one
+    # given before `serve` stays when this is not given)
+    p.add_argument("--log-level", default=argparse.SUPPRESS, type=str.upper, choices=LOG_LEVELS,
+                   help="log level (default: the config's [service] log_level, INFO)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ask", help="send one request to a daemon over MQTT and stream the answer")

@@ -826,6 +826,21 @@ def test_serve_without_a_broker_names_the_flag(tmp_path, capsys):
     assert "(give --broker BROKER and --device-id DEVICE_ID, or a [mqtt] table" in capsys.readouterr().err
 
 
+def test_serve_takes_log_level_after_the_subcommand_too(tmp_path, capsys):
+    """`edge-runtime serve ... --log-level DEBUG` (as an operator adds it to ExecStart=) stopped
+    with argparse's 'unrecognized arguments': it was a flag of the command before `serve` only."""
+    from edge_runtime.cli import build_parser, main
+
+    assert main(["serve", "--log-level", "debug", "--bundle", str(tmp_path), "--device-id", "d"]) == 2
+    err = capsys.readouterr().err
+    assert "mqtt.broker: missing key" in err and "unrecognized" not in err
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--log-level", "debug"]).log_level == "DEBUG"
+    assert parser.parse_args(["--log-level", "error", "serve"]).log_level == "ERROR"  # before it, as before
+    assert parser.parse_args(["--log-level", "error", "serve", "--log-level", "info"]).log_level == "INFO"
+    assert parser.parse_args(["serve"]).log_level is None  # the config's [service] log_level then
+
+
 # ------------------------------------------------------------------ fleet and the sample ACL
 
 
