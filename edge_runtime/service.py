@@ -274,6 +274,8 @@ class EdgeService:
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
+        # said before the network thread starts: it may connect and say "serving" at once
+        self._set_status_text(f"connecting to {m.address.url}")
         connect_async(self._client, m.address, protocol=m.protocol, keepalive=m.keepalive,
                       persistent=True, session_expiry_s=m.session_expiry_s)
         self._client.loop_start()
@@ -291,7 +293,6 @@ class EdgeService:
                      len(policy.rules), policy.summary()["classifier"] or "none")
         else:
             log.info("no operator policy ([policy] file): requests are checked only against the limits")
-        self._set_status_text(f"connecting to {m.address.url}")
 
     def _abandon_start(self) -> None:
         """Undo a start that failed half-way (the error propagates)."""
