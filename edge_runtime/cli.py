@@ -232,8 +232,7 @@ def cmd_serve(args, engine_factory=None) -> int:
         f"loaded {engine.info.model_name}; waiting for the broker at {config.mqtt.broker} (requests are served "
         "once it answers)"))
     service = EdgeService(config, engine, on_status=on_status, policy=policy, device_lock=device_lock,
-                          on_ready=lambda: announcer.serving(
-                              f"serving {engine.info.model_name} ({engine.info.precision}) on {engine.info.provider}"))
+                          on_ready=lambda: announcer.serving(service.serving_status))
     watchdog = None
     if notifier.watchdog_interval_s:
         watchdog = Watchdog(notifier, lambda: bool(service.health()), notifier.watchdog_interval_s).start()

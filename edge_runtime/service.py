@@ -462,6 +462,16 @@ class EdgeService:
                               self._status_payload(state, running=running is not None),
                               qos=1, retain=True)
 
+    @property
+    def serving_status(self) -> str:
+        """The one-line status while serving (systemd's STATUS=, `systemctl status`): the model
+        and the queue, updated with the retained status (about once a second at most)."""
+        info = getattr(self.engine, "info", None)
+        model = (f"{info.model_name} ({info.precision}) on {info.provider}" if info is not None
+                 else self.topics.generate)
+        return (f"serving {model}: {self.scheduler.queue_depth} queued of {self.limits.queue_depth}, "
+                f"{'generating' if self.scheduler.running is not None else 'idle'}")
+
     def _mark_status_dirty(self) -> None:
         self._status_dirty = True
 
@@ -477,6 +487,7 @@ class EdgeService:
                 self.scheduler.expire_queued()
                 if self._status_dirty and self._connected and self._state == "online":
                     self._publish_status()
+                    self._set_status_text(self.serving_status)
             except Exception:
                 log.exception("housekeeping failed")
 
@@ -547,7 +558,7 @@ class EdgeService:
                 self._state = "online"
         self._publish_status()
         if self._state == "online":
-            self._set_status_text(f"serving {self.topics.generate}")
+            self._set_status_text(self.serving_status)
         if not self._ready.is_set():
             self._ready.set()
             try:

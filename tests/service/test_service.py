@@ -391,6 +391,20 @@ def test_status_reports_queue_depth(broker, tmp_path, services, probe):
     probe.wait_for(lambda ms: [m for m in ms if m.topic == T.status][-1].json["queue_depth"] == 0, 2)
 
 
+def test_the_systemd_status_line_says_the_model_and_the_queue(broker, tmp_path, services, probe):
+    """docs/deployment.md: `systemctl status` shows "the model and queue the daemon reports"; the
+    line said only the request topic, or the model, never the queue."""
+    lines = []
+    services(make_config(broker, tmp_path), FakeEngine(token_delay_s=0.03), on_status=lines.append)
+    assert lines[-1] == "serving fake-codellama (fp32) on CPUExecutionProvider: 0 queued of 8, idle"
+    send(probe, {"id": "r", "mode": "complete", "prompt": " ".join(["w"] * 10)}, "replies/r")
+    for i in range(2):
+        send(probe, {"id": f"q{i}", "mode": "complete", "prompt": "a"}, f"replies/q{i}")
+    wait_until(lambda: lines[-1].endswith(": 2 queued of 8, generating"), 3)
+    probe.wait_final("replies/q1", timeout=3)
+    wait_until(lambda: lines[-1].endswith(": 0 queued of 8, idle"), 3)
+
+
 def test_reconnects_and_resubscribes_after_broker_restart(broker, tmp_path, services):
     service = services(make_config(broker, tmp_path))
     broker.stop()
