@@ -196,6 +196,10 @@ def cmd_serve(args, engine_factory=None) -> int:
     device_lock = DeviceLock(config.service.resolved_state_dir, config.mqtt.device_id).acquire()
     notifier = SystemdNotifier.from_environment()
     notifier.status(f"loading {config.model.bundle}")
+    # the first line in the journal, before the bundle's hashing (minutes for a 7B on an SD card)
+    logging.getLogger("edge_runtime").info(
+        "config %s; loading bundle %s (profile %s): checking the size and SHA-256 of each file first",
+        args.config or "(command line only)", config.model.bundle, config.model.profile or "the bundle's own")
     with StartExtender(notifier, load_time_budget_s(config.model.bundle)):
         if engine_factory is None:
             engine = Engine.from_bundle(config.model.bundle, config.model.profile,
