@@ -214,6 +214,7 @@ class EdgeService:
         self._connected = False
         self._connect_failures = 0  # failed attempts since the last connection (or start)
         self._connack_seen = False  # the broker answered the current connection attempt (CONNACK)
+        self._publish_refusal_said = False  # a PUBACK that refused a message was logged on this connection
         self._connected_at = 0.0  # monotonic time of the last connection
         self._short_sessions = 0  # connections in a row the broker closed within SHORT_SESSION_S
         self._generation = 0
@@ -274,6 +275,7 @@ class EdgeService:
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
         # said before the network thread starts: it may connect and say "serving" at once
         self._set_status_text(f"connecting to {m.address.url}")
         connect_async(self._client, m.address, protocol=m.protocol, keepalive=m.keepalive,
@@ -509,6 +511,7 @@ class EdgeService:
             self._note_failed_attempt(f"broker refused the connection: {reason_code}{hint}", logging.ERROR)
             return
         self._generation += 1
+        self._publish_refusal_said = False
         self._connected = True
         self._connect_failures = 0
         self._connected_at = time.monotonic()
@@ -612,6 +615,23 @@ class EdgeService:
                                   "used twice?")
         if taken_over or n >= SHORT_SESSIONS:
             client.reconnect_delay_set(min_delay=FLAPPING_RECONNECT_S[0], max_delay=FLAPPING_RECONNECT_S[1])
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        """An MQTT 5 broker says in its PUBACK when it refuses a message (Mosquitto: "Not
+        authorized" where its ACL does not let this user write the topic): the status and the
+        replies go nowhere, while the connection looks fine. Said once a connection."""
+        if not getattr(reason_code, "is_failure", False):
+            return
+        if self._publish_refusal_said:
+            log.debug("the broker refused message %d: %s", mid, reason_code)
+            return
+        self._publish_refusal_said = True
+        m = self.config.mqtt
+        log.error("the broker refused a message this daemon published (%s): its status on %s and its replies go "
+                  "nowhere; check the broker's ACL for the MQTT user %s (with the sample ACL of deploy/, the "
+                  "username must be the device_id, %r)", reason_code, self.topics.status,
+                  repr(m.username) if m.username is not None else "(anonymous)", m.device_id)
+        self._set_status_text(f"the broker refuses what this daemon publishes ({reason_code}): check its ACL")
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         delivery = Delivery(message.mid, message.qos, self._generation)

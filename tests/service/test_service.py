@@ -459,6 +459,32 @@ def test_a_refused_login_is_logged_with_what_to_check_and_not_at_every_retry(tmp
     assert len(refused) < len(attempts)  # the 1st, 2nd, 4th... attempts, not every one
 
 
+def test_a_status_the_brokers_acl_refuses_is_logged(tmp_path, caplog):
+    """A device whose MQTT username is not its device_id (the sample ACL's rule) connects fine, but
+    the broker refuses its status and replies (PUBACK "Not authorized"): the log said only
+    "connected" while every client timed out."""
+    from mosquitto_broker import secured_broker
+
+    caplog.set_level(logging.INFO, logger="edge_runtime")
+    b = secured_broker(tmp_path / "secured", users={"dev1": "pw"}, acl_lines="")
+    try:
+        (tmp_path / "pw").write_text("pw\n")
+        config = make_config(b, tmp_path, device_id="dev2",
+                             **{"mqtt.username": "dev1", "mqtt.password_file": str(tmp_path / "pw")})
+        service = EdgeService(config, FakeEngine(), status_interval_s=0.1).start()
+        try:
+            assert service.wait_ready(10)
+            wait_until(lambda: "refused a message" in caplog.text, 5)
+        finally:
+            service.stop()
+    finally:
+        b.stop()
+    refused = [r for r in caplog.records if "refused a message" in r.getMessage()]
+    assert len(refused) == 1 and refused[0].levelno == logging.ERROR  # once a connection (offline was refused too)
+    message = refused[0].getMessage()
+    assert "Not authorized" in message and "edge/dev2/v1/status" in message and "'dev1'" in message
+
+
 def test_a_plain_connection_to_a_tls_port_is_logged_not_silent(tmp_path, caplog):
     """mqtt:// to a TLS listener: the broker closes the connection before any CONNACK. The
     daemon logged nothing at all and kept retrying silently."""
