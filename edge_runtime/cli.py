@@ -15,11 +15,14 @@ import sys
 from pathlib import Path
 
 from .errors import BundleError, ConfigError, EdgeRuntimeError
+from .log_output import configure_logging, writes_to_journal
 from .request_flags import add_request_arguments, empty_flag, integer_at_least, penalties, request_source
 
 
 def _die(message: str, code: int = 2) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    # in systemd's journal at priority err (`journalctl -p err` shows why a start failed)
+    prefix = "<3>" if writes_to_journal(sys.stderr) else ""
+    print("\n".join(prefix + line for line in f"error: {message}".splitlines()), file=sys.stderr)
     return code
 
 
@@ -165,7 +168,7 @@ BROKER_GRACE_S = 30.0
 
 def cmd_serve(args, engine_factory=None) -> int:
     """Load config and engine (`engine_factory(bundle, profile)`, default
-    Engine.from_bundle), serve until SIGTERM/SIGINT, drain, exit 0. Under
+    Engine.from_bundle), serve until SIGTERM/SIGINT/SIGHUP, drain, exit 0. Under
     systemd (Type=notify): READY=1 once the bundle is loaded and the broker
     subscribed (or, with the broker out of reach, `BROKER_GRACE_S` after the load:
     the daemon is then active and keeps reconnecting), STATUS= lines, WATCHDOG=1
@@ -193,6 +196,10 @@ def cmd_serve(args, engine_factory=None) -> int:
     device_lock = DeviceLock(config.service.resolved_state_dir, config.mqtt.device_id).acquire()
     notifier = SystemdNotifier.from_environment()
     notifier.status(f"loading {config.model.bundle}")
+    # the first line in the journal, before the bundle's hashing (minutes for a 7B on an SD card)
+    logging.getLogger("edge_runtime").info(
+        "config %s; loading bundle %s (profile %s): checking the size and SHA-256 of each file first",
+        args.config or "(command line only)", config.model.bundle, config.model.profile or "the bundle's own")
     with StartExtender(notifier, load_time_budget_s(config.model.bundle)):
         if engine_factory is None:
             engine = Engine.from_bundle(config.model.bundle, config.model.profile,
@@ -229,8 +236,7 @@ def cmd_serve(args, engine_factory=None) -> int:
         f"loaded {engine.info.model_name}; waiting for the broker at {config.mqtt.broker} (requests are served "
         "once it answers)"))
     service = EdgeService(config, engine, on_status=on_status, policy=policy, device_lock=device_lock,
-                          on_ready=lambda: announcer.serving(
-                              f"serving {engine.info.model_name} ({engine.info.precision}) on {engine.info.provider}"))
+                          on_ready=lambda: announcer.serving(service.serving_status))
     watchdog = None
     if notifier.watchdog_interval_s:
         watchdog = Watchdog(notifier, lambda: bool(service.health()), notifier.watchdog_interval_s).start()
@@ -381,13 +387,15 @@ def cmd_demo_model(args) -> int:
     return 0
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="edge-runtime", description="Offline Code Llama on edge devices.")
     parser.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
-    parser.add_argument("--log-level", default=None, type=str.upper,
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    parser.add_argument("--log-level", default=None, type=str.upper, choices=LOG_LEVELS,
                         help="default WARNING; for serve, the config's [service] log_level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -481,6 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="the MQTT daemon: answer generation requests from the broker")
     add_serve_arguments(p)
+    # also after `serve`, where an operator adds it to the unit's ExecStart= line (SUPPRESS: the one
+    # given before `serve` stays when this is not given)
+    p.add_argument("--log-level", default=argparse.SUPPRESS, type=str.upper, choices=LOG_LEVELS,
+                   help="log level (default: the config's [service] log_level, INFO)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("ask", help="send one request to a daemon over MQTT and stream the answer")
@@ -538,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     empty = empty_flag(args, DEVICE_FLAGS)
     if empty:
         return _die(empty)
-    logging.basicConfig(level=args.log_level or "WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level or "WARNING")  # in systemd's journal: each line's priority, no timestamp
     try:
         return args.func(args)
     except EdgeRuntimeError as exc:

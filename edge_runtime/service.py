@@ -70,6 +70,11 @@ FLAPPING_RECONNECT_S = (15, 60)  # reconnect backoff while connections keep bein
 # A connection that lasts this long ends the slow-down: longer than the slowed backoff, so
 # two daemons that take turns every 15-60 s do not count as settled.
 LASTING_SESSION_S = 2.0 * FLAPPING_RECONNECT_S[1]
+# CONNACK reason codes of a refused login: MQTT 5 "Bad User Name or Password" and "Not authorized"
+# (paho maps MQTT 3.1.1's return codes 4 and 5 onto them)
+REFUSED_LOGIN = (0x86, 0x87)
+# Signals that drain the daemon (a second one abandons the running request)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @dataclass(frozen=True)
@@ -163,7 +168,7 @@ class EdgeService:
     """The daemon. `engine` is injected (anything with `info` and `generate`).
 
     ``start()`` connects in the background (reconnecting with backoff) and starts
-    the worker; ``run_forever()`` blocks until SIGTERM/SIGINT and drains;
+    the worker; ``run_forever()`` blocks until SIGTERM/SIGINT/SIGHUP and drains;
     ``request_drain()`` starts a drain from any thread (or a signal handler);
     ``drain()`` drains and waits; ``stop()`` stops at once, leaving unfinished
     requests to the broker for redelivery.
@@ -208,6 +213,8 @@ class EdgeService:
         self._lock = threading.Lock()
         self._connected = False
         self._connect_failures = 0  # failed attempts since the last connection (or start)
+        self._connack_seen = False  # the broker answered the current connection attempt (CONNACK)
+        self._publish_refusal_said = False  # a PUBACK that refused a message was logged on this connection
         self._connected_at = 0.0  # monotonic time of the last connection
         self._short_sessions = 0  # connections in a row the broker closed within SHORT_SESSION_S
         self._generation = 0
@@ -217,6 +224,7 @@ class EdgeService:
         self._drain_requested = threading.Event()
         self._abort = threading.Event()
         self._drain_once = threading.Lock()
+        self._stop_signal: signal.Signals | None = None  # the signal that asked for the drain
         self._status_dirty = False
         self._hk_stop = threading.Event()
         self._housekeeping: threading.Thread | None = None
@@ -267,6 +275,9 @@ class EdgeService:
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
+        # said before the network thread starts: it may connect and say "serving" at once
+        self._set_status_text(f"connecting to {m.address.url}")
         connect_async(self._client, m.address, protocol=m.protocol, keepalive=m.keepalive,
                       persistent=True, session_expiry_s=m.session_expiry_s)
         self._client.loop_start()
@@ -284,7 +295,6 @@ class EdgeService:
                      len(policy.rules), policy.summary()["classifier"] or "none")
         else:
             log.info("no operator policy ([policy] file): requests are checked only against the limits")
-        self._set_status_text(f"connecting to {m.address.url}")
 
     def _abandon_start(self) -> None:
         """Undo a start that failed half-way (the error propagates)."""
@@ -305,16 +315,23 @@ class EdgeService:
         return self._ready.wait(timeout)
 
     def run_forever(self) -> None:
-        """Start (if needed), serve until SIGTERM or SIGINT, then drain and return.
-        A second signal during the drain abandons the running request."""
+        """Start (if needed), serve until SIGTERM, SIGINT or SIGHUP, then drain and return.
+        A second signal during the drain abandons the running request. SIGHUP (a closed
+        terminal, `kill -HUP` out of a reload habit) drains too: its default action killed
+        the daemon mid-request, and systemd counts a SIGHUP death as clean, so
+        `Restart=on-failure` left the device down with nothing in the journal."""
         installed: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in STOP_SIGNALS:
                 installed[sig] = signal.signal(sig, self._on_signal)
         try:
             self.start()
             while not self._drain_requested.wait(0.5):
                 pass
+            if self._stop_signal is not None:
+                log.info("%s: stopping%s", self._stop_signal.name,
+                         " (the config is read only at start: to apply a change, restart the daemon, "
+                         "e.g. systemctl restart edge-runtime)" if self._stop_signal == signal.SIGHUP else "")
             self.drain()
         finally:
             for sig, previous in installed.items():
@@ -323,6 +340,8 @@ class EdgeService:
     def _on_signal(self, signum: int, frame: object) -> None:
         if self._drain_requested.is_set():
             self._abort.set()
+        elif self._stop_signal is None:
+            self._stop_signal = signal.Signals(signum)
         self._drain_requested.set()
 
     def request_drain(self) -> None:
@@ -445,6 +464,16 @@ class EdgeService:
                               self._status_payload(state, running=running is not None),
                               qos=1, retain=True)
 
+    @property
+    def serving_status(self) -> str:
+        """The one-line status while serving (systemd's STATUS=, `systemctl status`): the model
+        and the queue, updated with the retained status (about once a second at most)."""
+        info = getattr(self.engine, "info", None)
+        model = (f"{info.model_name} ({info.precision}) on {info.provider}" if info is not None
+                 else self.topics.generate)
+        return (f"serving {model}: {self.scheduler.queue_depth} queued of {self.limits.queue_depth}, "
+                f"{'generating' if self.scheduler.running is not None else 'idle'}")
+
     def _mark_status_dirty(self) -> None:
         self._status_dirty = True
 
@@ -460,6 +489,7 @@ class EdgeService:
                 self.scheduler.expire_queued()
                 if self._status_dirty and self._connected and self._state == "online":
                     self._publish_status()
+                    self._set_status_text(self.serving_status)
             except Exception:
                 log.exception("housekeeping failed")
 
@@ -474,11 +504,14 @@ class EdgeService:
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
                     reason_code: Any, properties: Any) -> None:
+        self._connack_seen = True
         if reason_code.is_failure:
-            log.error("broker refused the connection: %s", reason_code)
-            self._set_status_text(f"broker refused the connection: {reason_code}")
+            hint = (" (check [mqtt] username and password_file against the broker's password file)"
+                    if getattr(reason_code, "value", None) in REFUSED_LOGIN else "")
+            self._note_failed_attempt(f"broker refused the connection: {reason_code}{hint}", logging.ERROR)
             return
         self._generation += 1
+        self._publish_refusal_said = False
         self._connected = True
         self._connect_failures = 0
         self._connected_at = time.monotonic()
@@ -504,6 +537,18 @@ class EdgeService:
                 "" if n == 1 else "s", why_unreachable(address)), name="broker-probe", daemon=True).start()
         self._set_status_text(f"cannot reach the broker at {self.config.mqtt.address.url}; retrying")
 
+    def _note_failed_attempt(self, reason: str, level: int) -> None:
+        """A connection attempt that reached the broker but did not connect (refused, or closed
+        before its CONNACK): logged at the first failure and at every power of two, as an
+        unreachable broker is, with the status line saying it at each."""
+        self._connect_failures += 1
+        n = self._connect_failures
+        url = self.config.mqtt.address.url
+        if n & (n - 1) == 0:
+            log.log(level, "cannot connect to the broker at %s (%d failed attempt%s): %s; retrying", url, n,
+                    "" if n == 1 else "s", reason)
+        self._set_status_text(f"cannot connect to the broker at {url}: {reason}; retrying")
+
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: list[Any],
                       properties: Any) -> None:
         if mid != self._subscribe_mid:
@@ -516,7 +561,7 @@ class EdgeService:
                 self._state = "online"
         self._publish_status()
         if self._state == "online":
-            self._set_status_text(f"serving {self.topics.generate}")
+            self._set_status_text(self.serving_status)
         if not self._ready.is_set():
             self._ready.set()
             try:
@@ -528,8 +573,14 @@ class EdgeService:
                        properties: Any) -> None:
         was = self._connected
         self._connected = False
+        answered, self._connack_seen = self._connack_seen, False
         if self._drain_once.locked() and self._state == "offline":
             log.debug("disconnected")
+            return
+        if not was and not answered:  # closed before its CONNACK: a plain mqtt:// connection to a TLS port
+            self._note_failed_attempt("the broker closed the connection before answering its CONNECT" + (
+                "" if self.config.mqtt.address.tls else " (a TLS port? TLS needs an mqtts:// broker URL)"),
+                logging.WARNING)
             return
         self._set_status_text("reconnecting to the broker")
         if was:
@@ -564,6 +615,23 @@ class EdgeService:
                                   "used twice?")
         if taken_over or n >= SHORT_SESSIONS:
             client.reconnect_delay_set(min_delay=FLAPPING_RECONNECT_S[0], max_delay=FLAPPING_RECONNECT_S[1])
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        """An MQTT 5 broker says in its PUBACK when it refuses a message (Mosquitto: "Not
+        authorized" where its ACL does not let this user write the topic): the status and the
+        replies go nowhere, while the connection looks fine. Said once a connection."""
+        if not getattr(reason_code, "is_failure", False):
+            return
+        if self._publish_refusal_said:
+            log.debug("the broker refused message %d: %s", mid, reason_code)
+            return
+        self._publish_refusal_said = True
+        m = self.config.mqtt
+        log.error("the broker refused a message this daemon published (%s): its status on %s and its replies go "
+                  "nowhere; check the broker's ACL for the MQTT user %s (with the sample ACL of deploy/, the "
+                  "username must be the device_id, %r)", reason_code, self.topics.status,
+                  repr(m.username) if m.username is not None else "(anonymous)", m.device_id)
+        self._set_status_text(f"the broker refuses what this daemon publishes ({reason_code}): check its ACL")
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         delivery = Delivery(message.mid, message.qos, self._generation)

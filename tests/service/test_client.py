@@ -825,6 +825,28 @@ def test_serve_that_cannot_run_a_first_request_says_so_before_it_reports_ready(t
     assert "edge-runtime fit" in err and "Traceback" not in err
 
 
+def test_serve_logs_the_config_and_bundle_it_loads_before_the_hashing(tiny_bundle, tmp_path, caplog, capsys):
+    """The start-up log (docs/deployment.md: "bundle, execution provider, broker") named no bundle
+    folder nor config file, and said nothing until the bundle was hashed and loaded: a copy that
+    fails its check was not named in the journal before the error."""
+    import logging
+    import shutil
+
+    from edge_runtime.cli import main
+
+    caplog.set_level(logging.INFO, logger="edge_runtime")
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "copied-bundle")
+    (bundle / "tokenizer.json").write_bytes(b"x" + (bundle / "tokenizer.json").read_bytes()[1:])
+    config = tmp_path / "c.toml"
+    config.write_text(f'[model]\nbundle = "{bundle}"\n[mqtt]\nbroker = "mqtt://127.0.0.1:9"\ndevice_id = "d"\n'
+                      f'[service]\nstate_dir = "{tmp_path / "state"}"\n')
+    assert main(["serve", "--config", str(config)]) == 2
+    assert "tokenizer.json" in capsys.readouterr().err  # the check failed, after the line below
+    first = [r.getMessage() for r in caplog.records if r.name.startswith("edge_runtime")][0]
+    assert first == (f"config {config}; loading bundle {bundle} (profile the bundle's own): checking the size "
+                     "and SHA-256 of each file first")
+
+
 def test_serve_without_a_broker_names_the_flag(tmp_path, capsys):
     from edge_runtime.cli import main
 
@@ -835,6 +857,21 @@ def test_serve_without_a_broker_names_the_flag(tmp_path, capsys):
     assert "model: missing key (give --bundle BUNDLE, or a [model] table in --config FILE)" in capsys.readouterr().err
     assert main(["serve", "--bundle", str(tmp_path)]) == 2
     assert "(give --broker BROKER and --device-id DEVICE_ID, or a [mqtt] table" in capsys.readouterr().err
+
+
+def test_serve_takes_log_level_after_the_subcommand_too(tmp_path, capsys):
+    """`edge-runtime serve ... --log-level DEBUG` (as an operator adds it to ExecStart=) stopped
+    with argparse's 'unrecognized arguments': it was a flag of the command before `serve` only."""
+    from edge_runtime.cli import build_parser, main
+
+    assert main(["serve", "--log-level", "debug", "--bundle", str(tmp_path), "--device-id", "d"]) == 2
+    err = capsys.readouterr().err
+    assert "mqtt.broker: missing key" in err and "unrecognized" not in err
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--log-level", "debug"]).log_level == "DEBUG"
+    assert parser.parse_args(["--log-level", "error", "serve"]).log_level == "ERROR"  # before it, as before
+    assert parser.parse_args(["--log-level", "error", "serve", "--log-level", "info"]).log_level == "INFO"
+    assert parser.parse_args(["serve"]).log_level is None  # the config's [service] log_level then
 
 
 # ------------------------------------------------------------------ fleet and the sample ACL

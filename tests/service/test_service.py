@@ -391,6 +391,20 @@ def test_status_reports_queue_depth(broker, tmp_path, services, probe):
     probe.wait_for(lambda ms: [m for m in ms if m.topic == T.status][-1].json["queue_depth"] == 0, 2)
 
 
+def test_the_systemd_status_line_says_the_model_and_the_queue(broker, tmp_path, services, probe):
+    """docs/deployment.md: `systemctl status` shows "the model and queue the daemon reports"; the
+    line said only the request topic, or the model, never the queue."""
+    lines = []
+    services(make_config(broker, tmp_path), FakeEngine(token_delay_s=0.03), on_status=lines.append)
+    assert lines[-1] == "serving fake-codellama (fp32) on CPUExecutionProvider: 0 queued of 8, idle"
+    send(probe, {"id": "r", "mode": "complete", "prompt": " ".join(["w"] * 10)}, "replies/r")
+    for i in range(2):
+        send(probe, {"id": f"q{i}", "mode": "complete", "prompt": "a"}, f"replies/q{i}")
+    wait_until(lambda: lines[-1].endswith(": 2 queued of 8, generating"), 3)
+    probe.wait_final("replies/q1", timeout=3)
+    wait_until(lambda: lines[-1].endswith(": 0 queued of 8, idle"), 3)
+
+
 def test_reconnects_and_resubscribes_after_broker_restart(broker, tmp_path, services):
     service = services(make_config(broker, tmp_path))
     broker.stop()
@@ -420,6 +434,84 @@ def test_an_unreachable_broker_is_logged_then_the_service_connects_when_it_start
         assert service.wait_ready(40), "did not connect once the broker was up"
     finally:
         service.stop()
+
+
+def test_a_refused_login_is_logged_with_what_to_check_and_not_at_every_retry(tmp_path, caplog):
+    from mosquitto_broker import secured_broker
+
+    caplog.set_level(logging.INFO, logger="edge_runtime")
+    b = secured_broker(tmp_path / "secured", users={"dev1": "right"}, acl_lines="user dev1\n")
+    try:
+        (tmp_path / "pw").write_text("wrong\n")
+        config = make_config(b, tmp_path, **{"mqtt.username": "dev1", "mqtt.password_file": str(tmp_path / "pw")})
+        attempts = []  # systemd's STATUS= line says it at every attempt
+        service = EdgeService(config, FakeEngine(), status_interval_s=0.1,
+                              on_status=lambda text: attempts.append(text) if "refused" in text else None).start()
+        try:
+            wait_until(lambda: len(attempts) >= 3, 20)
+        finally:
+            service.stop()
+    finally:
+        b.stop()
+    refused = [r.getMessage() for r in caplog.records if "refused the connection" in r.getMessage()]
+    assert refused and "(1 failed attempt)" in refused[0] and "Not authorized" in refused[0]
+    assert "username and password_file" in refused[0] and not service.wait_ready(0)
+    assert len(refused) < len(attempts)  # the 1st, 2nd, 4th... attempts, not every one
+
+
+def test_a_status_the_brokers_acl_refuses_is_logged(tmp_path, caplog):
+    """A device whose MQTT username is not its device_id (the sample ACL's rule) connects fine, but
+    the broker refuses its status and replies (PUBACK "Not authorized"): the log said only
+    "connected" while every client timed out."""
+    from mosquitto_broker import secured_broker
+
+    caplog.set_level(logging.INFO, logger="edge_runtime")
+    b = secured_broker(tmp_path / "secured", users={"dev1": "pw"}, acl_lines="")
+    try:
+        (tmp_path / "pw").write_text("pw\n")
+        config = make_config(b, tmp_path, device_id="dev2",
+                             **{"mqtt.username": "dev1", "mqtt.password_file": str(tmp_path / "pw")})
+        service = EdgeService(config, FakeEngine(), status_interval_s=0.1).start()
+        try:
+            assert service.wait_ready(10)
+            wait_until(lambda: "refused a message" in caplog.text, 5)
+        finally:
+            service.stop()
+    finally:
+        b.stop()
+    refused = [r for r in caplog.records if "refused a message" in r.getMessage()]
+    assert len(refused) == 1 and refused[0].levelno == logging.ERROR  # once a connection (offline was refused too)
+    message = refused[0].getMessage()
+    assert "Not authorized" in message and "edge/dev2/v1/status" in message and "'dev1'" in message
+
+
+def test_a_plain_connection_to_a_tls_port_is_logged_not_silent(tmp_path, caplog):
+    """mqtt:// to a TLS listener: the broker closes the connection before any CONNACK. The
+    daemon logged nothing at all and kept retrying silently."""
+    import subprocess
+
+    from mosquitto_broker import MosquittoBroker
+
+    caplog.set_level(logging.INFO, logger="edge_runtime")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(tmp_path / "server.key"), "-out", str(tmp_path / "server.crt"),
+                    "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True)
+    b = MosquittoBroker(tmp_path / "tls", persistence=False)
+    b.config_path.write_text(b.config_path.read_text().replace(
+        "allow_anonymous true\n", f"allow_anonymous true\ncertfile {tmp_path / 'server.crt'}\n"
+                                    f"keyfile {tmp_path / 'server.key'}\n"))
+    b.start()
+    try:
+        service = EdgeService(make_config(b, tmp_path), FakeEngine(), status_interval_s=0.1).start()
+        try:
+            wait_until(lambda: "before answering its CONNECT" in caplog.text, 10)
+        finally:
+            service.stop()
+    finally:
+        b.stop()
+    warning = next(r for r in caplog.records if "before answering its CONNECT" in r.getMessage())
+    assert warning.levelno == logging.WARNING and b.url in warning.getMessage()
+    assert "TLS needs an mqtts:// broker URL" in warning.getMessage()
 
 
 def test_broker_restart_mid_generation_still_answers_once(broker, tmp_path, services):
@@ -603,6 +695,9 @@ def test_hooks_on_ready_and_on_status(broker, tmp_path, services):
     service = services(make_config(broker, tmp_path), on_ready=lambda: events.append("ready"),
                        on_status=lambda text: events.append(text))
     assert "ready" in events and any(e.startswith("serving") for e in events)
+    # the last word is "serving": "connecting to ..." came after it when the broker answered at once,
+    # and `systemctl status` said the daemon was connecting while it served
+    assert [e for e in events if e != "ready"][-1].startswith("serving"), events
     service.drain()
     assert events[-1] == "stopped" and "draining" in events
 
@@ -685,6 +780,25 @@ def test_sigterm_drains_then_exits_zero(broker, tmp_path, daemons, probe):
     assert probe.wait_final("replies/s2", timeout=10)["text"] == "d c"
     time.sleep(0.2)
     assert len(probe.finals("replies/s0")) == 1
+
+
+def test_sighup_drains_like_sigterm_and_says_the_config_needs_a_restart(broker, tmp_path, daemons, probe):
+    """SIGHUP (a closed terminal, `kill -HUP` from a reload habit) killed the daemon mid-request
+    with nothing logged, and systemd takes a SIGHUP death as clean: Restart=on-failure left the
+    device down. It drains as SIGTERM does now."""
+    config = write_config(tmp_path / "d.toml", broker, tmp_path / "state")
+    daemon = daemons(config, token_delay=0.03)
+    probe.subscribe(T.status)
+    probe.wait_status(T.status, "online", timeout=10)
+    send(probe, {"id": "h0", "mode": "complete", "prompt": " ".join(["w"] * 25)}, "replies/h0")
+    probe.wait_for(lambda ms: any(m.topic == "replies/h0" for m in ms), 5)
+    daemon.signal(signal.SIGHUP)
+    probe.wait_status(T.status, "draining", timeout=2)
+    assert probe.wait_final("replies/h0", timeout=3)["finish_reason"] == "stop"
+    assert daemon.wait(10) == 0, daemon.log
+    offline = probe.wait_status(T.status, "offline", timeout=2)
+    assert "reason" not in offline  # a clean stop, not the will's "connection lost"
+    assert "SIGHUP: stopping" in daemon.log and "restart" in daemon.log and "Traceback" not in daemon.log
 
 
 def test_only_requests_that_name_their_client_may_use_the_prompt_cache(broker, tmp_path, services, probe):

@@ -146,3 +146,51 @@ def test_watchdog_pings_and_sigterm_sends_stopping(daemon):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     notify.wait_for("STOPPING=1", timeout=2)
+
+
+def _journal_stream_env(log_path: Path) -> dict[str, str]:
+    """What systemd sets when the service's stderr is the journal: $JOURNAL_STREAM names it."""
+    st = os.stat(log_path)
+    return {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}", "PYTHONUNBUFFERED": "1"}
+
+
+def test_in_the_journal_each_line_carries_its_priority_and_no_second_timestamp(tiny_bundle, tmp_path):
+    """journald stored every line at priority info (`journalctl -p warning` showed nothing, not even
+    'cannot reach the broker'), each line after a timestamp of its own next to journald's."""
+    from mosquitto_broker import free_port
+
+    log_path = tmp_path / "journal.log"
+    log_path.touch()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "edge_runtime", "serve", "--bundle", str(tiny_bundle),
+                                 "--broker", f"mqtt://127.0.0.1:{free_port()}", "--device-id", DEVICE,
+                                 "--state-dir", str(tmp_path / "state")],
+                                env=_journal_stream_env(log_path), stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 60
+            while "cannot reach the broker" not in log_path.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    lines = log_path.read_text().splitlines()
+    assert any(line.startswith("<4>edge_runtime.service: cannot reach the broker") for line in lines), lines
+    assert any(line.startswith("<6>edge_runtime.service: stopped") for line in lines), lines
+    assert all(line[:1] == "<" and line[1] in "234567" and line[2] == ">" for line in lines), lines
+
+    # an error that stops the start is at priority err
+    (tmp_path / "bad.toml").write_text(f'[model]\nbundle = "{tiny_bundle}"\n[mqtt]\nbroker = "tcp://x"\n'
+                                       'device_id = "d"\n')
+    with open(log_path, "w") as log:
+        rc = subprocess.run([sys.executable, "-m", "edge_runtime", "serve", "--config", str(tmp_path / "bad.toml")],
+                            env=_journal_stream_env(log_path), stdout=log, stderr=log, timeout=60).returncode
+    assert rc == 2
+    assert log_path.read_text().startswith("<3>error: ") and "mqtt.broker" in log_path.read_text()
+    # on a terminal or in a file, as before
+    out = subprocess.run([sys.executable, "-m", "edge_runtime", "serve", "--config", str(tmp_path / "bad.toml")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.startswith("error: ")
+
