@@ -173,7 +173,7 @@ def cmd_serve(args, engine_factory=None) -> int:
     subscribed (or, with the broker out of reach, `BROKER_GRACE_S` after the load:
     the daemon is then active and keeps reconnecting), STATUS= lines, WATCHDOG=1
     while the worker is healthy, STOPPING=1 on drain."""
-    from .client import missing_key_hint, serve_overrides
+    from .serve_flags import missing_key_hint, serve_overrides
     from .config import load_config
     from .device_lock import DeviceLock
     from .engine import Engine
@@ -484,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     from .ask_command import add_ask_arguments
-    from .client import add_serve_arguments
+    from .serve_flags import add_serve_arguments
     from .install_service import add_arguments as add_install_arguments, run_install_service
 
     p = sub.add_parser("serve", help="the MQTT daemon: answer generation requests from the broker")

@@ -32,7 +32,7 @@ def main() -> int:
     args, rest = parser.parse_known_args()
     if args.run_serve:
         from edge_runtime.cli import cmd_serve as run_serve
-        from edge_runtime.client import add_serve_arguments
+        from edge_runtime.serve_flags import add_serve_arguments
 
         serve_parser = argparse.ArgumentParser()
         add_serve_arguments(serve_parser)

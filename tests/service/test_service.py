@@ -607,7 +607,7 @@ def test_a_second_serve_for_the_device_stops_before_loading_the_bundle(broker, t
     import argparse
 
     from edge_runtime.cli import cmd_serve
-    from edge_runtime.client import add_serve_arguments
+    from edge_runtime.serve_flags import add_serve_arguments
     from edge_runtime.device_lock import DeviceLock
     from edge_runtime.errors import EdgeRuntimeError
 

@@ -82,7 +82,7 @@ def test_flags_override_the_file(tmp_path):
 def test_allow_cpu_fallback_from_the_file_or_the_serve_flag(tmp_path):
     import argparse
 
-    from edge_runtime.client import add_serve_arguments, serve_overrides
+    from edge_runtime.serve_flags import add_serve_arguments, serve_overrides
 
     assert load_config(write(tmp_path, MINIMAL), check_files=False).model.allow_cpu_fallback is None  # the profile's
     path = write(tmp_path, MINIMAL.replace("[model]", "[model]\nallow_cpu_fallback = false"))
