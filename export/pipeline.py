@@ -624,6 +624,9 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
             if isinstance(exc, OSError):  # a full disk, a quota, a file-size limit, a failing drive
                 raise ExportError(f"{stopped_by(exc, partial)}; nothing was written"
                                   + (f", the earlier bundle at {output} is kept" if output.exists() else "")) from exc
+            if isinstance(exc, KeyboardInterrupt):
+                progress.detail("interrupted: nothing was written" + (
+                    f", the earlier bundle at {output} is kept" if output.exists() else f" at {output}"))
             raise
         if not isinstance(exc, KeyboardInterrupt):
             finish_swap(replaced, progress)

@@ -592,6 +592,30 @@ def test_a_failed_export_removes_the_folders_it_made_for_output(tiny_checkpoint,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and not any((tmp_path / "mine").iterdir())
 
 
+def test_an_interrupted_export_says_that_nothing_was_written_and_the_earlier_bundle_is_kept(
+        tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """Ctrl-C printed only 'error: interrupted': the user could not tell whether --force had
+    already replaced the bundle they had."""
+    from edge_export import pipeline
+    from edge_export.pipeline import ExportOptions, run_export
+
+    out = tmp_path / "b"
+    options = ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=out, precision="fp32",
+                            skip_fidelity=True, force=True)
+    run_export(options)
+    earlier = load_bundle(out).manifest
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "write_manifest", interrupted)
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        run_export(options)
+    assert f"interrupted: nothing was written, the earlier bundle at {out} is kept" in capsys.readouterr().err
+    assert load_bundle(out).manifest == earlier
+
+
 def test_an_unreadable_tokenizer_json_is_named(tiny_checkpoint, tmp_path):
     folder = broken_copy(tiny_checkpoint, tmp_path, "bad-tokenizer")
     tokenizer = folder / "tokenizer.json"
