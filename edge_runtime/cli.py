@@ -389,7 +389,7 @@ def cmd_demo_model(args) -> int:
     return 0
 
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # config.LOG_LEVELS, not imported (config loads paho)
 
 
 def build_parser() -> argparse.ArgumentParser:
