@@ -35,6 +35,13 @@ def graph_with_threshold(bundle: Path, value: int) -> bytes:
     if not found:
         raise SystemExit(f"{bundle} has no {THRESHOLD}: not an int8-cache bundle of this version (re-export it)")
     model.graph.initializer[found[0]].CopyFrom(numpy_helper.from_array(np.array([value], np.int64), THRESHOLD))
+    # since graph revision 5 the metadata records the share too, and the decoder binds a run's
+    # outputs by it (the float branch returns only the new rows): it must say the same
+    from edge_runtime.gqa_decoder import META_INT8_KERNEL_ROWS
+
+    for prop in model.metadata_props:
+        if prop.key == META_INT8_KERNEL_ROWS:
+            prop.value = str(value)
     return model.SerializeToString()
 
 

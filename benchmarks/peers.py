@@ -865,7 +865,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 1024, 2048])
-    p.add_argument("--table-contexts", type=int, nargs="+", default=[128, 2048])
+    p.add_argument("--table-contexts", type=int, nargs="+", default=None,
+                   help="the contexts the tables show (default: 128 and 2048 where --contexts has them, "
+                        "else every one of --contexts)")
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3, help="measure every engine this many times, interleaved")
     p.add_argument("--aggregate", choices=AGGREGATES, default="median",
@@ -884,6 +886,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--paired-steps", type=int, default=16, help="timed decode steps an engine's turn (default 16)")
     p.add_argument("--paired-engines", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    # a round, a turn or a context of none would end, after the whole preparation, in a
+    # traceback (no median of nothing) or tables without a decode column
+    for flag, least in (("rounds", 1), ("decode_tokens", 1), ("prefill_tokens", 1), ("paired_steps", 1),
+                        ("paired_blocks", 0), ("threads", 1), ("bandwidth_mib", 1)):
+        if getattr(args, flag) < least:
+            p.error(f"--{flag.replace('_', '-')} must be at least {least}, got {getattr(args, flag)}")
+    if min(args.contexts) < 1:
+        p.error(f"--contexts must be positive, got {args.contexts}")
+    if args.table_contexts is None:
+        args.table_contexts = [c for c in (128, 2048) if c in args.contexts] or list(args.contexts)
+    unmeasured = [c for c in args.table_contexts if c not in args.contexts]
+    if unmeasured:
+        p.error(f"--table-contexts {' '.join(map(str, unmeasured))}: not among --contexts "
+                f"{' '.join(map(str, args.contexts))}, so their columns would be empty")
     if args.block_size is None:  # the same block size as ours (the like for like)
         from edge_runtime.profiles import load_profile
 

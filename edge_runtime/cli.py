@@ -337,6 +337,7 @@ def cmd_audit(args) -> int:
                                     request_id=args.request, since=since))
     except OSError as exc:
         raise unreadable(path, exc) from None
+    matched = len(events)  # the count says how many match, also where --tail shows fewer (--tail 0: only it)
     if args.tail is not None:  # --tail 0: none, as tail -n 0 (events[-0:] would be all)
         events = events[max(0, len(events) - args.tail):]
     for e in events:
@@ -345,7 +346,8 @@ def cmd_audit(args) -> int:
         else:
             print(format_event(e))
     if not args.json:
-        print(f"{len(events)} events ({path})", file=sys.stderr)
+        shown = f", the last {len(events)} shown" if len(events) < matched else ""
+        print(f"{matched} events ({path}){shown}", file=sys.stderr)
     return 0
 
 
@@ -387,7 +389,7 @@ def cmd_demo_model(args) -> int:
     return 0
 
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # config.LOG_LEVELS, not imported (config loads paho)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -382,3 +382,23 @@ def test_bench_flags_that_peers_would_ignore_are_refused(capsys):
 
     assert main(["bench", "--bundle", "b", "--context", "128", "--peers", "--rounds", "1"]) == 2
     assert "--bundle, --context would be ignored with --peers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rounds", "0"], "--rounds must be at least 1, got 0"),
+    (["--decode-tokens", "0"], "--decode-tokens must be at least 1, got 0"),
+    (["--paired-steps", "0"], "--paired-steps must be at least 1, got 0"),
+    (["--contexts", "16", "--table-contexts", "128"], "--table-contexts 128: not among --contexts 16"),
+])
+def test_bad_counts_are_usage_errors_before_any_work(peers, argv, message, capsys):
+    """`--rounds 0` ran the whole preparation and ended in a StatisticsError traceback; contexts
+    outside --table-contexts' default gave tables without a decode column."""
+    with pytest.raises(SystemExit) as exc:
+        peers.parse_args(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_table_contexts_default_to_the_measured_ones(peers):
+    assert peers.parse_args([]).table_contexts == [128, 2048]
+    assert peers.parse_args(["--contexts", "128", "512", "2048"]).table_contexts == [128, 2048]
+    assert peers.parse_args(["--contexts", "16", "64"]).table_contexts == [16, 64]

@@ -872,6 +872,11 @@ def test_serve_takes_log_level_after_the_subcommand_too(tmp_path, capsys):
     assert parser.parse_args(["--log-level", "error", "serve"]).log_level == "ERROR"  # before it, as before
     assert parser.parse_args(["--log-level", "error", "serve", "--log-level", "info"]).log_level == "INFO"
     assert parser.parse_args(["serve"]).log_level is None  # the config's [service] log_level then
+    # docs/config.example.toml: log_level takes "DEBUG, INFO, WARNING, ERROR or CRITICAL (`serve --log-level
+    # LEVEL` wins over it)": the flag takes every level the key does (CRITICAL was refused)
+    from edge_runtime import cli, config
+    assert cli.LOG_LEVELS == config.LOG_LEVELS
+    assert parser.parse_args(["serve", "--log-level", "critical"]).log_level == "CRITICAL"
 
 
 # ------------------------------------------------------------------ fleet and the sample ACL

@@ -384,7 +384,10 @@ def test_audit_tail_counts_from_the_end_and_zero_prints_none(tmp_path):
     for tail, shown in [("0", []), ("2", ["r1", "r2"]), ("5", ["r0", "r1", "r2"])]:
         out = audit_cli("--file", str(log), "--tail", tail, "--json")
         assert out.returncode == 0 and [json.loads(line)["request_id"] for line in out.stdout.splitlines()] == shown
-    assert f"0 events ({log})" in audit_cli("--file", str(log), "--tail", "0").stderr
+    # docs/policy.md: "--tail 0: none, only the count": the count is of the events that match, not of those shown
+    assert audit_cli("--file", str(log), "--tail", "0").stderr == f"3 events ({log}), the last 0 shown\n"
+    assert audit_cli("--file", str(log), "--tail", "2").stderr.endswith(f"3 events ({log}), the last 2 shown\n")
+    assert audit_cli("--file", str(log), "--tail", "5").stderr.endswith(f"3 events ({log})\n")
 
 
 @pytest.mark.parametrize("since", ["", "\u00b2h"])

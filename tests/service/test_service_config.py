@@ -46,6 +46,19 @@ def test_example_config_loads():
     assert config.limits.max_deadline_ms < stop_s * 1000
 
 
+def test_example_config_names_every_serve_flag_that_overrides_it():
+    """The example's header lists the `serve` flags that override its keys: each of them
+    (serve_flags.SERVE_FLAGS, and --log-level), and no other (--allow-cpu-fallback and --policy
+    were missing)."""
+    import re
+
+    from edge_runtime.serve_flags import SERVE_FLAGS
+
+    header = EXAMPLE.read_text(encoding="utf-8").split("override the")[0]
+    listed = re.findall(r"--[a-z-]+", header.split("Flags given to `serve` (", 1)[1])
+    assert sorted(listed) == sorted([*SERVE_FLAGS.values(), "--log-level"])
+
+
 def test_defaults_and_relative_paths(tmp_path):
     config = load_config(write(tmp_path, MINIMAL), check_files=False)
     assert config.model.bundle == tmp_path / "bundle"  # relative to the file
