@@ -402,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("profiles", help="list device profiles, or --detect the one for this machine")
-    p.add_argument("--detect", action="store_true")
+    p.add_argument("--detect", action="store_true",
+                   help="name the packaged profile for this machine (GPU, Jetson model, CPU architecture) and why")
     p.set_defaults(func=cmd_profiles)
 
     p = sub.add_parser("export", help="checkpoint folder -> quantized, verified ONNX bundle (workstation)")
@@ -451,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="check a bundle's manifest and every file's SHA-256")
     p.add_argument("--bundle", required=True)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true",
+                   help="no 'checking FILE' line per file on stderr; the verdict only")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("generate", help="generate from a bundle on this machine (streams to stdout)")
