@@ -72,4 +72,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from edge_runtime.cli import run_script
+
+    sys.exit(run_script(main))

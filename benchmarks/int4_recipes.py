@@ -324,4 +324,6 @@ def main_speed(args, chosen: list[Recipe]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from edge_runtime.cli import run_script
+
+    sys.exit(run_script(main))

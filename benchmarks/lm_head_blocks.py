@@ -14,6 +14,7 @@ milliseconds per run and the bytes per second that makes.
 
 from __future__ import annotations
 
+import sys
 import argparse
 import statistics
 import time
@@ -84,4 +85,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from edge_runtime.cli import run_script
+
+    sys.exit(run_script(main))

@@ -12,6 +12,7 @@ every token, as in a normal answer.
 
 from __future__ import annotations
 
+import sys
 import argparse
 import statistics
 import time
@@ -67,4 +68,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from edge_runtime.cli import run_script
+
+    sys.exit(run_script(main))

@@ -176,4 +176,6 @@ def profile_with_threads(bundle: str | Path, threads: int):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from edge_runtime.cli import run_script
+
+    sys.exit(run_script(main))

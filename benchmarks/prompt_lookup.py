@@ -211,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     if a.bundle is not None and not (a.bundle / "bundle.json").is_file():
-        raise SystemExit(f"--bundle {a.bundle}: no bundle.json")
+        from edge_runtime.errors import BundleError
+
+        raise BundleError(f"--bundle {a.bundle}: no bundle.json there (not a bundle folder)")
     a.bundle = a.bundle or cost_bundle(a.checkpoint, a.workdir / "int4")
     costs = {c: cost_table(a.bundle, a.sizes, a.rounds, a.threads, c) for c in a.contexts}
     cost = costs[a.contexts[0]]
@@ -250,4 +252,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from edge_runtime.cli import run_script
+
+    sys.exit(run_script(main))

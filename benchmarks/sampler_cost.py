@@ -11,6 +11,7 @@ Prints microseconds a token (median of 5 blocks)."""
 
 from __future__ import annotations
 
+import sys
 import argparse
 import statistics
 import time
@@ -53,4 +54,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from edge_runtime.cli import run_script
+
+    sys.exit(run_script(main))

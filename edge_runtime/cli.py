@@ -26,6 +26,18 @@ def _die(message: str, code: int = 2) -> int:
     return code
 
 
+def run_script(main) -> int:
+    """The main of a script under benchmarks/: a known error (a bundle or checkpoint that is
+    missing or damaged, a value out of range) is one line `error: ...` and exit 2, as from an
+    edge-runtime command, not a traceback; Ctrl-C exits 130."""
+    try:
+        return main() or 0
+    except EdgeRuntimeError as exc:
+        return _die(str(exc))
+    except KeyboardInterrupt:
+        return _die("interrupted", 130)
+
+
 # -- profiles -------------------------------------------------------------------------------
 def cmd_profiles(args) -> int:
     from .profiles import detect_profile, list_profiles, profile_summary
