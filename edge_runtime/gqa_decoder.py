@@ -91,6 +91,10 @@ PROMPT_PRESENT_NEW_ROWS = "new_rows"
 META_INT8_KERNEL_ROWS = "edge_runtime.int8_kernel_rows"
 # The graph's optional input (export/graph_builder.py): -rows of positions whose logits it computes.
 LOGITS_START = "logits_start"
+# An int8 cache keeps a shorter common start than this not at all: kept rows change what the rest
+# attends to by the int8 cache's error (a fresh prompt attends in float), and fewer rows save less
+# than a few decode steps' time (an infill after a completion shares only <s>).
+INT8_MIN_KEPT_ROWS = 16
 VERIFY_ROWS_MAX = 16  # a token and up to 15 drafts verified in one run (`verify`)
 
 
@@ -307,7 +311,8 @@ class SharedKVDecoder:
 
         With `prompt` (the request's ids), the new cache keeps the rows of the longest
         common start of the previous cache's ids and `prompt`, all but its last id at
-        most: the new cache's `length` says how many, and `prompt[length:]` is what to prefill."""
+        most (with an int8 cache, none if fewer than INT8_MIN_KEPT_ROWS): the new cache's
+        `length` says how many, and `prompt[length:]` is what to prefill."""
         if capacity > self.max_length:
             raise ValueError(f"cache capacity {capacity} exceeds the decoder's maximum {self.max_length}")
         if self._buffers is None:
@@ -316,6 +321,8 @@ class SharedKVDecoder:
         keep = 0
         if prompt is not None and self._active is not None and len(prompt) > 1:
             keep = common_prefix_length(self._held_ids[:min(self._active.length, len(prompt) - 1, capacity)], prompt)
+            if self.kv_dtype == np.int8 and keep < INT8_MIN_KEPT_ROWS:
+                keep = 0  # the prompt runs as a first one would, in float: a fresh engine's logits
         self._active = SharedKVCache(self.arch.num_layers, self.arch.num_kv_heads, self.arch.head_dim,
                                      capacity=capacity, buffer_length=self.max_length, dtype=self.kv_dtype,
                                      device=self.device, buffers=self._buffers, length=keep)

@@ -186,6 +186,35 @@ def test_an_int8_cache_reused_gives_what_running_the_same_steps_gives(tiny_check
     assert reused.argmax() == exact.argmax()
 
 
+def test_an_int8_cache_keeps_no_short_common_start_so_the_prompt_runs_as_a_fresh_engines(
+        tiny_checkpoint, tmp_path, exporter):
+    """An infill after a completion shares only <s>: keeping that one int8 row saved nothing
+    and made the answer differ from a fresh engine's by the int8 cache's error. A common
+    start shorter than INT8_MIN_KEPT_ROWS is not kept; the prompt runs in float as a first
+    prompt does, to the bit what a fresh engine gives."""
+    from edge_runtime.gqa_decoder import INT8_MIN_KEPT_ROWS
+
+    bundle = exporter(tiny_checkpoint, tmp_path / "int4", precision="int4", skip_fidelity=True)
+    warm, fresh = Engine.from_bundle(bundle), Engine.from_bundle(bundle)
+    assert warm.decoder.kv_dtype == np.int8
+    complete(warm, "def area(radius):\n    return 3.14159 * radius * radius\n", n=12)
+    ids = np.array(warm.tokenizer.encode("import math\nimport sys\nimport os\n\n\nclass Circle(object):\n"), dtype=np.int64)
+    ids = np.concatenate([[warm.tokenizer.bos_id], ids])
+    cache = warm.decoder.new_cache(len(ids) + 1, ids)
+    assert cache.length == 0  # only <s> in common
+    np.testing.assert_array_equal(warm.decoder.prefill(cache, ids)[-1],
+                                  fresh.decoder.prefill(fresh.decoder.new_cache(len(ids) + 1), ids)[-1])
+    # a common start of INT8_MIN_KEPT_ROWS ids or more is kept
+    longer = np.concatenate([ids, np.array(warm.tokenizer.encode("    def __init__(self, radius):\n"
+                                                                  "        self.radius = radius\n"))])
+    assert len(ids) >= INT8_MIN_KEPT_ROWS
+    assert warm.decoder.new_cache(len(longer) + 1, longer).length == len(ids)
+    # through the engine: an infill after a completion reports nothing cached
+    infill = warm.complete(GenerationRequest(mode="infill", prefix="def f(", suffix="):\n", max_tokens=4,
+                                           sampling=GREEDY))
+    assert infill.usage.cached_prompt_tokens == 0
+
+
 class FailingRuns:
     """The session, with its `fail_at`-th run raising as onnxruntime does on an error."""
 
