@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import torch_reference
+from failing_runs import FailingRuns
 from edge_runtime.engine import Engine
 from edge_runtime.errors import ConfigError, DeadlineExceeded
 from edge_runtime.types import Chunk, GenerationRequest, GenerationResult, SamplingParams
@@ -213,19 +214,6 @@ def test_an_int8_cache_keeps_no_short_common_start_so_the_prompt_runs_as_a_fresh
     infill = warm.complete(GenerationRequest(mode="infill", prefix="def f(", suffix="):\n", max_tokens=4,
                                            sampling=GREEDY))
     assert infill.usage.cached_prompt_tokens == 0
-
-
-class FailingRuns:
-    """The session, with its `fail_at`-th run raising as onnxruntime does on an error."""
-
-    def __init__(self, session, fail_at: int) -> None:
-        self.session, self.fail_at, self.runs = session, fail_at, 0
-
-    def run_with_iobinding(self, binding, options=None):
-        self.runs += 1
-        if self.runs == self.fail_at:
-            raise RuntimeError("onnxruntime: a kernel failed")
-        return self.session.run_with_iobinding(binding, options)
 
 
 def test_a_prompt_that_failed_midway_leaves_only_the_chunks_that_ran(tiny_bundle, tiny_checkpoint):

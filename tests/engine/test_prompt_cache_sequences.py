@@ -16,25 +16,13 @@ import threading
 import pytest
 
 import torch_reference
+from failing_runs import FailingRuns
 from edge_runtime.engine import Engine
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.types import GenerationRequest, GenerationResult, Message, SamplingParams
 
 UNKNOWN = "unknown"
 TEXT = "".join(f"def f{i}(x, y={i}):\n    z = x * {i} + y\n    return z - {i % 7}\n\n" for i in range(60))
-
-
-class FailingRun:
-    """The session, with its `fail_at`-th run raising as onnxruntime does on an error."""
-
-    def __init__(self, session, fail_at: int) -> None:
-        self.session, self.fail_at, self.runs = session, fail_at, 0
-
-    def run_with_iobinding(self, binding, options=None):
-        self.runs += 1
-        if self.runs == self.fail_at:
-            raise RuntimeError("onnxruntime: a kernel failed")
-        return self.session.run_with_iobinding(binding, options)
 
 
 def piece(rng: random.Random, tokens: int) -> str:
@@ -86,7 +74,7 @@ def run(engine: Engine, request: GenerationRequest, how):
         cancel.set()
     session = engine.decoder.session
     if how[0] == "fail":
-        engine.decoder.session = FailingRun(session, how[1])
+        engine.decoder.session = FailingRuns(session, how[1])
     stream = engine.generate(request, cancel)
     tokens: list[int] = []
     try:
