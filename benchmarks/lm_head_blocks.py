@@ -14,9 +14,9 @@ milliseconds per run and the bytes per second that makes.
 
 from __future__ import annotations
 
-import sys
 import argparse
 import statistics
+import sys
 import time
 
 import numpy as np

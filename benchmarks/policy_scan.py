@@ -12,9 +12,9 @@ every token, as in a normal answer.
 
 from __future__ import annotations
 
-import sys
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 

@@ -11,9 +11,9 @@ Prints microseconds a token (median of 5 blocks)."""
 
 from __future__ import annotations
 
-import sys
 import argparse
 import statistics
+import sys
 import time
 
 import numpy as np

@@ -155,6 +155,7 @@ class RepeatWindow:
     def __init__(self, last_n: int, context: Sequence[int] = ()) -> None:
         self._window: deque[int] = deque(maxlen=None if last_n < 0 else last_n)
         self._counts: Counter[int] = Counter()
+        self._out: np.ndarray | None = None  # the penalized row, reused token after token
         for token in context:
             self.push(token)
 
@@ -168,11 +169,16 @@ class RepeatWindow:
         self._counts[token] += 1
 
     def penalize(self, logits: np.ndarray, params: SamplingParams) -> np.ndarray:
-        """A copy of `logits` [V] in which each token of the window has its logit divided by
+        """`logits` [V] in which each token of the window has its logit divided by
         repeat_penalty (multiplied when not positive), less frequency_penalty times its count
         and presence_penalty: llama.cpp's `penalties` sampler, the repetition part being
-        transformers' RepetitionPenaltyLogitsProcessor over the window."""
-        out = np.array(logits, copy=True)
+        transformers' RepetitionPenaltyLogitsProcessor over the window. Written into a row
+        this window keeps (valid until the next call), never into `logits` (the decoder's
+        bound output)."""
+        out = self._out
+        if out is None or out.shape != logits.shape or out.dtype != logits.dtype:
+            out = self._out = np.empty_like(logits)
+        np.copyto(out, logits)
         ids = np.fromiter(self._counts.keys(), dtype=np.int64, count=len(self._counts))
         counts = np.fromiter(self._counts.values(), dtype=np.float64, count=len(self._counts))
         x = out[ids].astype(np.float64)
