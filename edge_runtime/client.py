@@ -610,7 +610,7 @@ class EdgeClient:
             self._published[request_id] = (payload, props)
         self._mqtt.publish(self.topics.generate, payload, qos=1, properties=props)
         generation = Generation(self, request_id, inbox, timeout, payload_bytes=len(payload),
-                                streamed=obj.get("stream", True) is not False)
+                                streamed=stream)
         # dropped without being read to its end: forget it and cancel it on the device
         weakref.finalize(generation, self._dropped.put, request_id)
         return generation

@@ -64,6 +64,8 @@ REQUEST_FIELDS = frozenset({
 # The repetition penalties' fields and their defaults (off): SamplingParams' own
 PENALTY_DEFAULTS: dict[str, Any] = {name: getattr(SamplingParams(), name) for name in
                                     ("repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n")}
+# JSON numbers the sampler takes as floats (an integer 1 for top_p is 1.0)
+_FLOAT_SAMPLING_FIELDS = frozenset({"temperature", "top_p", "repeat_penalty", "presence_penalty", "frequency_penalty"})
 _MODE_FIELDS: dict[str, frozenset[str]] = {
     "complete": frozenset({"prompt"}),
     "infill": frozenset({"prefix", "suffix", "suffix_first"}),
@@ -380,18 +382,16 @@ def parse_request(payload: bytes, limits: RequestLimits | Any = RequestLimits(),
     if not 1 <= max_tokens <= limits.max_tokens:
         raise bad(f"max_tokens must be between 1 and {limits.max_tokens}, got {max_tokens}")
 
-    sampling_fields = {"temperature": obj.get("temperature", DEFAULT_TEMPERATURE),
-                       "top_p": obj.get("top_p", DEFAULT_TOP_P), "top_k": obj.get("top_k", 0),
-                       "seed": obj.get("seed"),
-                       **{name: obj.get(name, default) for name, default in PENALTY_DEFAULTS.items()}}
+    fields = {"temperature": obj.get("temperature", DEFAULT_TEMPERATURE), "top_p": obj.get("top_p", DEFAULT_TOP_P),
+              "top_k": obj.get("top_k", 0), "seed": obj.get("seed"),
+              **{name: obj.get(name, default) for name, default in PENALTY_DEFAULTS.items()}}
     try:  # the ranges are the sampler's own (sampling.validate_sampling)
-        validate_sampling(SamplingParams(**sampling_fields))
+        validate_sampling(SamplingParams(**fields))
     except BadRequest as exc:
         raise bad(str(exc)) from None
-    temperature, top_p, top_k, seed = (sampling_fields.pop(name) for name in ("temperature", "top_p", "top_k", "seed"))
-    penalties = {name: (int if name == "repeat_last_n" else float)(value) for name, value in sampling_fields.items()}
-    if seed is None:
-        seed = payload_seed(payload)
+    if fields["seed"] is None:
+        fields["seed"] = payload_seed(payload)
+    sampling = SamplingParams(**{name: float(v) if name in _FLOAT_SAMPLING_FIELDS else v for name, v in fields.items()})
 
     stop = obj.get("stop", [])
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
@@ -424,8 +424,7 @@ def parse_request(payload: bytes, limits: RequestLimits | Any = RequestLimits(),
         messages=messages,
         max_tokens=max_tokens,
         max_tokens_is_default="max_tokens" not in obj,
-        sampling=SamplingParams(temperature=float(temperature), top_p=float(top_p),
-                                top_k=top_k, seed=seed, **penalties),
+        sampling=sampling,
         stop=tuple(stop),
         id=raw_id,
         deadline=now + deadline_ms / 1000.0,
