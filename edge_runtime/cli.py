@@ -15,14 +15,15 @@ import sys
 from pathlib import Path
 
 from .errors import BundleError, ConfigError, EdgeRuntimeError
-from .log_output import configure_logging, writes_to_journal
+from .log_output import configure_logging, journal_lines, journal_priority, writes_to_journal
 from .request_flags import add_request_arguments, empty_flag, integer_at_least, penalties, request_source
 
 
 def _die(message: str, code: int = 2) -> int:
+    text = f"error: {message}"
     # in systemd's journal at priority err (`journalctl -p err` shows why a start failed)
-    prefix = "<3>" if writes_to_journal(sys.stderr) else ""
-    print("\n".join(prefix + line for line in f"error: {message}".splitlines()), file=sys.stderr)
+    print(journal_lines(text, journal_priority(logging.ERROR)) if writes_to_journal(sys.stderr) else text,
+          file=sys.stderr)
     return code
 
 

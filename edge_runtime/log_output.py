@@ -33,6 +33,11 @@ def journal_priority(levelno: int) -> int:
     return 7
 
 
+def journal_lines(text: str, priority: int) -> str:
+    """`text` with the `<priority>` prefix on every line: journald reads each line as an entry."""
+    return "\n".join(f"<{priority}>{line}" for line in text.splitlines())
+
+
 class JournalFormatter(logging.Formatter):
     """``<priority>name: message``; a multi-line record (a traceback) keeps its priority on
     every line, since journald reads each line as an entry of its own."""
@@ -41,8 +46,7 @@ class JournalFormatter(logging.Formatter):
         super().__init__(JOURNAL_FORMAT)
 
     def format(self, record: logging.LogRecord) -> str:
-        prefix = f"<{journal_priority(record.levelno)}>"
-        return "\n".join(prefix + line for line in super().format(record).splitlines())
+        return journal_lines(super().format(record), journal_priority(record.levelno))
 
 
 def writes_to_journal(stream: TextIO, environ: Mapping[str, str] = os.environ) -> bool:

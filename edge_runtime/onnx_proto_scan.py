@@ -11,10 +11,10 @@ the few small integer tensors asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import mmap
 import struct
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,19 +107,18 @@ def _tensor(buf, span: tuple[int, int]) -> _Tensor:
 
 def _tensor_external(buf, span: tuple[int, int], out: dict[str, ExternalExtent]) -> None:
     t = _tensor(buf, span)
-    name, dims, data_type, entries = t.name, t.dims, t.data_type, t.external
-    location = entries.get("location")
+    location = t.external.get("location")
     if location is None:
         return
     try:
-        offset = int(entries.get("offset") or 0)
-        length = int(entries["length"]) if entries.get("length") else math.ceil(
-            math.prod(dims) * ELEMENT_BYTES.get(data_type, 1))
+        offset = int(t.external.get("offset") or 0)
+        length = int(t.external["length"]) if t.external.get("length") else math.ceil(
+            math.prod(t.dims) * ELEMENT_BYTES.get(t.data_type, 1))
     except ValueError as exc:
-        raise ValueError(f"tensor {name!r} has an external-data offset or length that is not a number") from exc
+        raise ValueError(f"tensor {t.name!r} has an external-data offset or length that is not a number") from exc
     end = offset + length
     if location not in out or end > out[location].end:
-        out[location] = ExternalExtent(end, name)
+        out[location] = ExternalExtent(end, t.name)
 
 
 def _graph_external(buf, span: tuple[int, int], out: dict[str, ExternalExtent]) -> None:
@@ -201,22 +200,18 @@ def _packed_ints(buf, span, wire: int) -> list[int]:
 
 def _initializer(buf, span) -> Initializer:
     t = _tensor(buf, span)
-    name, dims, data_type, raw, location, external, int64s = (t.name, t.dims, t.data_type, t.raw, t.location,
-                                                              t.external, t.int64s)
-    numel = 1
-    for d in dims:
-        numel *= d
-    size = math.ceil(numel * ELEMENT_BYTES.get(data_type, 1))  # sub-byte types: packed, the last byte padded
-    if location == _EXTERNAL:
-        nbytes = int(external["length"]) if external.get("length") else size
-    elif raw is not None:
-        nbytes = raw[1] - raw[0]
-        if data_type == 7 and nbytes <= 64:
-            int64s = list(struct.unpack(f"<{nbytes // 8}q", bytes(buf[raw[0]:raw[1]])))
+    size = math.ceil(math.prod(t.dims) * ELEMENT_BYTES.get(t.data_type, 1))  # sub-byte types: packed, the last byte padded
+    int64s = t.int64s
+    if t.location == _EXTERNAL:
+        nbytes = int(t.external["length"]) if t.external.get("length") else size
+    elif t.raw is not None:
+        nbytes = t.raw[1] - t.raw[0]
+        if t.data_type == 7 and nbytes <= 64:
+            int64s = list(struct.unpack(f"<{nbytes // 8}q", bytes(buf[t.raw[0]:t.raw[1]])))
     else:  # float_data, int32_data, int64_data...: the elements' size in the tensor's type
         nbytes = size
-    values = tuple(int64s) if data_type == 7 and int64s and len(int64s) <= 8 else None
-    return Initializer(name, tuple(dims), data_type, nbytes, values)
+    values = tuple(int64s) if t.data_type == 7 and int64s and len(int64s) <= 8 else None
+    return Initializer(t.name, tuple(t.dims), t.data_type, nbytes, values)
 
 
 def _attribute(buf, span) -> tuple[str, int | None, Initializer | None]:
@@ -224,7 +219,7 @@ def _attribute(buf, span) -> tuple[str, int | None, Initializer | None]:
     name, i, t = "", None, None
     for field, wire, value in _fields(buf, *span):
         if field == 1 and wire == _LEN:
-            name = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
+            name = _text(buf, value)
         elif field == 3 and wire == _VARINT:
             i = value - (1 << 64) if value >= 1 << 63 else value
         elif field == 5 and wire == _LEN:
@@ -244,7 +239,7 @@ def _node(buf, span) -> Node:
             if attr == "value" and t is not None:
                 value_attr = t
             continue
-        text = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
+        text = _text(buf, value)
         if field == 1:
             inputs.append(text)
         elif field == 2:
@@ -261,7 +256,7 @@ def _input_type(buf, span) -> tuple[str, int]:
     name, elem = "", 0
     for field, wire, value in _fields(buf, *span):
         if field == 1 and wire == _LEN:
-            name = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
+            name = _text(buf, value)
         elif field == 2 and wire == _LEN:  # TypeProto -> tensor_type (1) -> elem_type (1)
             for f, w, v in _fields(buf, *value):
                 if f == 1 and w == _LEN:
