@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from .errors import BundleError, ConfigError, EdgeRuntimeError
-from .log_output import configure_logging, journal_lines, journal_priority, writes_to_journal
+from .log_output import LOG_LEVELS, configure_logging, journal_lines, journal_priority, writes_to_journal
 from .request_flags import add_request_arguments, empty_flag, integer_at_least, penalties, request_source
 
 
@@ -400,9 +400,6 @@ def cmd_demo_model(args) -> int:
     path = ensure_demo_model(Path(args.cache_dir) if args.cache_dir else None)
     print(path)
     return 0
-
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # config.LOG_LEVELS, not imported (config loads paho)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 from .errors import ConfigError
+from .log_output import LOG_LEVELS
 from .mqtt_connection import BrokerAddress, TlsFiles, check_tls_files, parse_broker_url, read_password_file
 from .profiles import is_profile_path
 from .protocol import FLEET_LEVEL, Topics, validate_name
 from .types import PROMPT_CACHE_SCOPES
 from .typed_toml import InvalidField, at_least, between, from_mapping, matches, parse_toml
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Keys holding paths: made absolute against the config file's directory.
 PATH_KEYS = (("model", "bundle"), ("mqtt", "password_file"), ("mqtt", "tls_ca"),
              ("mqtt", "tls_cert"), ("mqtt", "tls_key"), ("service", "state_dir"), ("policy", "file"))

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Mapping
 from typing import TextIO
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # --log-level and [service] log_level
 TERMINAL_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 JOURNAL_FORMAT = "%(name)s: %(message)s"
 
