@@ -122,19 +122,35 @@ class CalibrationText:
                 "tokens": sum(len(w) for w in windows), "windows": len(windows), "damp": DAMP}
 
 
-def calibrate(info: CheckpointInfo, source: Path = CALIBRATION_TEXT, *, window: int = CALIBRATION_WINDOW,
-              n_tokens: int = CALIBRATION_TOKENS) -> tuple[LayerwiseHessians, dict]:
+@dataclass(frozen=True)
+class Calibration:
+    """GPTQ's calibration tokens, read and checked before any work: ``hessians()`` gives what
+    the graph builder asks for, ``manifest`` what the bundle records of them."""
+
+    info: CheckpointInfo
+    text: CalibrationText
+    windows: list[list[int]]
+
+    @property
+    def manifest(self) -> dict:
+        return self.text.describe(self.windows)
+
+    def hessians(self) -> LayerwiseHessians:
+        return LayerwiseHessians(self.info, self.windows)
+
+
+def calibration_for(info: CheckpointInfo, source: Path = CALIBRATION_TEXT, *, window: int = CALIBRATION_WINDOW,
+                    n_tokens: int = CALIBRATION_TOKENS) -> Calibration:
     """GPTQ's calibration of a checkpoint: the first ``n_tokens`` of ``source`` (a file or a
-    folder of sources) in BOS-led windows of at most ``window`` positions, as the layer-by-layer
-    Hessians the graph builder asks for, and what the bundle's manifest records of them.
-    Raises CalibrationError (or OSError) for a source it cannot use."""
+    folder of sources) in BOS-led windows of at most ``window`` positions. Raises
+    CalibrationError (or OSError) for a source it cannot use."""
     from edge_runtime.tokenizer import CodeLlamaTokenizer
 
     text = CalibrationText.read(source, n_tokens * CHARS_PER_TOKEN)
     windows = text.windows(CodeLlamaTokenizer.from_file(info.tokenizer_path), window, n_tokens)
     if sum(len(w) - 1 for w in windows) < MIN_TOKENS:
         raise CalibrationError(f"fewer than {MIN_TOKENS} tokens to calibrate on")
-    return LayerwiseHessians(info, windows), text.describe(windows)
+    return Calibration(info, text, windows)
 
 
 class LayerwiseHessians:

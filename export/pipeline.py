@@ -424,6 +424,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                               "rotate with base 10000. Use --graph fused (not with --algorithm hqq), or add the "
                               "rope_theta of rope_parameters at the top level of config.json")
         flavour = GRAPHS[graph_choice.name]
+        progress.total = 4 if flavour == FLAVOUR_GQA_SHARED_KV else 5
         progress.detail(f"graph: {graph_choice.name} ({graph_choice.why})")
         check_calibration_flags(opts, profile, precision, fused=flavour == FLAVOUR_GQA_SHARED_KV)
         kv_dtype = kv_dtype_of(precision, flavour, profile.kv_cache.dtype, kv_bits)  # as the bundle will record it
@@ -449,6 +450,20 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 raise ExportError(f"the fidelity measure needs {need} positions (its longest prompt and "
                                   f"--fidelity-tokens {opts.fidelity_tokens}) and the bundle's context is {limit}: "
                                   f"raise --max-context to {need}, lower --fidelity-tokens, or add --skip-fidelity")
+        fused = flavour == FLAVOUR_GQA_SHARED_KV
+        recipe = recipe_for(profile, precision, opts.algorithm, fused=fused) if precision in quantize.BITS else None
+        gptq: calibration.Calibration | None = None  # GPTQ's calibration tokens, read before any work
+        if recipe is not None and recipe.algorithm == "gptq":
+            source = opts.calibration_text or calibration.CALIBRATION_TEXT
+            try:
+                gptq = calibration.calibration_for(info, source, window=min(calibration.CALIBRATION_WINDOW, limit),
+                                                   n_tokens=calibration_tokens)
+            except (OSError, calibration.CalibrationError) as exc:
+                raise ExportError(f"--calibration-text {source}: {exc}") from None
+            skipped = gptq.text.skipped
+            if skipped:
+                progress.detail(f"note: not UTF-8 text, left out: {', '.join(skipped[:5])}"
+                                + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""))
 
     partial = staging_folder(output)
     replaced = replaced_folder(output)
@@ -466,35 +481,22 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
     try:
         (partial / EXPORT_MARKER).write_text("edge-runtime export staging folder: safe to delete\n")
         graph = partial / GRAPH_FILE
-        fused = flavour == FLAVOUR_GQA_SHARED_KV
-        recipe = recipe_for(profile, precision, opts.algorithm, fused=fused) if precision in quantize.BITS else None
         excluded: list[str] = []
         kept_bits = 0  # storage of the kept layers: 0 float, 8 int8 (fused graph with the profile's keep_bits)
         refine_top_k = 0  # the lm_head in two passes (fused int4 graph, the profile's lm_head_refine_top_k)
         embedding_bits = 0  # the token embedding table: 0 float, 8 int8 (the profile's embedding_bits)
         kv_scales: kv_cache_quant.KVScales | None = None  # an int8 KV cache (fused graph, profile kv_cache.bits 8)
-        calibrated: dict | None = None  # GPTQ's calibration text, recorded in the manifest
-        progress.total = 4 if fused else 5
+        calibrated = gptq.manifest if gptq else None  # GPTQ's calibration text, recorded in the manifest
         if fused:
             with progress.step(f"build the fused decoder graph from the tensors ({precision}, streamed)"):
                 q = profile.quantization
                 hessians = None
-                if recipe is not None and recipe.algorithm == "gptq":
-                    source = opts.calibration_text or calibration.CALIBRATION_TEXT
-                    try:
-                        hessians, calibrated = calibration.calibrate(
-                            info, source, window=min(calibration.CALIBRATION_WINDOW, limit),
-                            n_tokens=calibration_tokens)
-                    except (OSError, calibration.CalibrationError) as exc:
-                        raise ExportError(f"--calibration-text {source}: {exc}") from None
+                if gptq is not None:
                     files = calibrated["files"]
-                    progress.detail(f"GPTQ: calibrating on {source.name} ({files} file{'s' if files > 1 else ''}, "
-                                    f"{calibrated['tokens']} tokens in {calibrated['windows']} windows), "
-                                    "layer by layer")
-                    if calibrated.get("skipped_files"):
-                        skipped = calibrated["skipped_files"]
-                        progress.detail(f"note: not UTF-8 text, left out: {', '.join(skipped[:5])}"
-                                        + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""))
+                    progress.detail(f"GPTQ: calibrating on {gptq.text.source.name} ({files} file"
+                                    f"{'s' if files > 1 else ''}, {calibrated['tokens']} tokens in "
+                                    f"{calibrated['windows']} windows), layer by layer")
+                    hessians = gptq.hessians()
                 io_dtype = "float32" if precision == "fp32" else profile.kv_cache.dtype
                 refine_top_k = q.head_refine_top_k_for(precision, io_dtype, recipe.algorithm) if recipe else 0
                 if refine_top_k:

@@ -1120,7 +1120,8 @@ def test_gptq_calibrates_on_the_users_text_and_the_manifest_says_so(tiny_checkpo
 
 def test_a_calibration_text_that_is_not_text_is_refused_or_left_out(tiny_checkpoint, tmp_path):
     """GPTQ calibrated on a binary file (or one in another encoding) as on its U+FFFD
-    replacement characters, and said nothing: a file given is refused, naming it; a folder's
+    replacement characters, and said nothing: a file given is refused, naming it, in step 1
+    (before the graph is built); a folder's
     such files are left out, and the export and the manifest say which. A few stray bytes (a
     Latin-1 comment) are still read."""
     from edge_export.pipeline import ExportOptions, run_export
@@ -1134,6 +1135,7 @@ def test_a_calibration_text_that_is_not_text_is_refused_or_left_out(tiny_checkpo
                          timeout=300)
     assert cli.returncode == 2 and f"error: --calibration-text {blob}: is not UTF-8 text" in cli.stderr, cli.stderr
     assert "Traceback" not in cli.stderr and not (tmp_path / "b").exists()
+    assert "[2/" not in cli.stderr, cli.stderr  # refused while the checkpoint is read, before any work
 
     repo = tmp_path / "repo"
     repo.mkdir()
