@@ -102,7 +102,7 @@ def cmd_verify(args) -> int:
 
 # -- generate -------------------------------------------------------------------------------
 def request_from_args(args):
-    from .types import DEFAULT_MAX_TOKENS, GenerationRequest, SamplingParams
+    from .types import GenerationRequest, SamplingParams
 
     defaults = SamplingParams()
     sampling = SamplingParams(
@@ -110,8 +110,7 @@ def request_from_args(args):
         top_p=defaults.top_p if args.top_p is None else args.top_p,
         top_k=defaults.top_k if args.top_k is None else args.top_k,
         seed=args.seed, **penalties(args))
-    common = dict(max_tokens=DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens,
-                  max_tokens_is_default=args.max_tokens is None, sampling=sampling, stop=tuple(args.stop))
+    common = dict(max_tokens=args.max_tokens, sampling=sampling, stop=tuple(args.stop))  # None: the default
     try:
         source = request_source(args)
     except ValueError as exc:

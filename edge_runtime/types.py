@@ -67,7 +67,7 @@ class GenerationRequest:
     suffix: str | None = None  # infill
     suffix_first: bool = False  # infill: suffix-prefix-middle order
     messages: tuple[Message, ...] = ()  # chat
-    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_tokens: int = None  # type: ignore[assignment]  # None: DEFAULT_MAX_TOKENS, lowered to what the context leaves
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     id: str = ""
@@ -83,6 +83,9 @@ class GenerationRequest:
     max_tokens_is_default: bool = False
 
     def __post_init__(self) -> None:
+        if self.max_tokens is None:  # not given: the default, which the engine may lower (as the protocol's)
+            object.__setattr__(self, "max_tokens", DEFAULT_MAX_TOKENS)
+            object.__setattr__(self, "max_tokens_is_default", True)
         # chat messages may come in the wire's form, {"role", "content"} dicts
         if any(isinstance(m, dict) for m in self.messages):
             object.__setattr__(self, "messages", tuple(

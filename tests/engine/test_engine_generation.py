@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 import torch_reference
 from edge_runtime.engine import Engine
 from edge_runtime.errors import BadRequest, ContextLengthExceeded, UnsafePrompt, UnsupportedMode
-from edge_runtime.types import Chunk, GenerationRequest, GenerationResult, Message, SamplingParams
+from edge_runtime.types import DEFAULT_MAX_TOKENS, Chunk, GenerationRequest, GenerationResult, Message, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
 N = 32
@@ -188,6 +188,9 @@ def test_a_default_max_tokens_is_lowered_to_what_the_context_leaves_not_refused(
     result = engine.complete(dataclasses.replace(asked, max_tokens_is_default=True))
     assert result.usage.completion_tokens <= left and result.usage.prompt_tokens + left == limit
     assert f"max_tokens lowered from the default {left + 1} to {left}" in result.warnings[-1]
+    # a GenerationRequest made in Python without max_tokens: the default, lowered as the protocol's and the CLI's
+    unasked = engine.complete(GenerationRequest(mode="complete", prompt=prompt, sampling=GREEDY))
+    assert f"max_tokens lowered from the default {DEFAULT_MAX_TOKENS} to {left}" in unasked.warnings[-1]
 
 
 def test_a_prompt_that_fills_the_context_is_refused_without_blaming_a_default_max_tokens(engine, hf_tok):
