@@ -364,14 +364,8 @@ def check_gpu_attention_dtype(profile: DeviceProfile, kv_dtype: str, precision: 
                           "use --graph optimum")
 
 
-def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportSummary:
-    profile = load_profile(opts.profile)
-    precision = opts.precision or profile.precision
-    if precision not in PRECISIONS:
-        raise ExportError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    output = opts.output.resolve()
-    check_output(output, opts.checkpoint.resolve(), force=opts.force)
-    check_output_writable(output)
+def check_flags(opts: ExportOptions) -> None:
+    """Refuse, before any work, flags out of range or that do not go together."""
     if opts.graph not in (*GRAPHS, "auto"):
         raise ExportError(f"--graph {opts.graph!r} is not one of auto, {', '.join(GRAPHS)}")
     if opts.graph == "fused" and opts.algorithm == "hqq":
@@ -381,16 +375,27 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         raise ExportError("--algorithm gptq needs the fused graph (--graph fused or auto)")
     if opts.calibration_text is not None and not opts.calibration_text.exists():
         raise ExportError(f"--calibration-text {opts.calibration_text}: no such file or folder")
-    calibration_tokens = opts.calibration_tokens or calibration.CALIBRATION_TOKENS
     if opts.calibration_tokens is not None and opts.calibration_tokens < calibration.MIN_TOKENS:
         raise ExportError(f"--calibration-tokens {opts.calibration_tokens} must be at least {calibration.MIN_TOKENS}")
     if opts.fidelity_tokens < 1:
         raise ExportError(f"--fidelity-tokens {opts.fidelity_tokens} must be at least 1")
     if opts.kv_cache_bits not in (None, 0, 8):
         raise ExportError(f"--kv-cache-bits {opts.kv_cache_bits} is not 0 (float) or 8 (int8)")
-    kv_bits = profile.kv_cache.bits if opts.kv_cache_bits is None else opts.kv_cache_bits
     if opts.fidelity_corpus_tokens < 0:
         raise ExportError(f"--fidelity-corpus-tokens {opts.fidelity_corpus_tokens} must be 0 (none) or more")
+
+
+def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportSummary:
+    profile = load_profile(opts.profile)
+    precision = opts.precision or profile.precision
+    if precision not in PRECISIONS:
+        raise ExportError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    output = opts.output.resolve()
+    check_output(output, opts.checkpoint.resolve(), force=opts.force)
+    check_output_writable(output)
+    check_flags(opts)
+    calibration_tokens = opts.calibration_tokens or calibration.CALIBRATION_TOKENS
+    kv_bits = profile.kv_cache.bits if opts.kv_cache_bits is None else opts.kv_cache_bits
     progress = progress or Progress(5)
     # Steps: read, build (the fused graph is built and quantized in one step; optimum's path
     # exports, then converts), fidelity, write. The count is the likely graph's until step 1
