@@ -133,7 +133,3 @@ def run_ask(args: argparse.Namespace) -> int:
             print(f"warning: {warning}", file=sys.stderr)
     out.flush()
     return 0
-
-
-
-ask_main = run_ask  # the name the issue uses

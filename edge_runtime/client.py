@@ -39,8 +39,9 @@ from .mqtt_connection import (
     response_route,
     why_unreachable,
 )
-from .protocol import (RequestLimits, Topics, build_request, decode_json_object, encode_cancel, encode_request, is_number,
+from .protocol import (RequestLimits, Topics, build_request, decode_json_object, encode_cancel, encode_request,
                        validate_name)
+from .types import is_number
 
 log = logging.getLogger(__name__)
 

@@ -123,7 +123,6 @@ CODE_LLAMA_SHAPES: dict[str, ModelShape] = {
     "34B": ModelShape("34B", 8192, 22016, 48, 64, 8, 32000),
     "70B": ModelShape("70B", 8192, 28672, 80, 64, 8, 32016),
 }
-SIZE_CLASSES: tuple[str, ...] = (*CODE_LLAMA_SHAPES, "custom")
 
 
 def size_class(*, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int,

@@ -11,10 +11,12 @@ the few small integer tensors asked for.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import mmap
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +66,20 @@ class ExternalExtent:
 
     end: int  # bytes: the largest offset + length of a tensor stored there
     tensor: str  # that tensor's name
+
+
+@contextlib.contextmanager
+def _mapped_model(path: Path) -> Iterator[mmap.mmap]:
+    """The model file at `path`, memory-mapped for a scan; an empty file, or a scan that runs
+    off the end of a field or meets a field of another wire type than its own (TypeError),
+    is a ValueError."""
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path.name} is empty")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        try:
+            yield mm
+        except (IndexError, KeyError, TypeError, struct.error) as exc:
+            raise ValueError("truncated or malformed protobuf message") from exc
 
 
 def _text(buf, span: tuple[int, int]) -> str:
@@ -141,15 +157,10 @@ def external_data_extents(path: Path) -> dict[str, ExternalExtent]:
     """Every external-data `location` in the model at `path`, with how far into that file
     the model reads (ValueError if the file is not a well-formed protobuf message)."""
     out: dict[str, ExternalExtent] = {}
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path.name} is empty")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        try:
-            for field, wire, value in _fields(mm, 0, len(mm)):
-                if field == 7 and wire == _LEN:
-                    _graph_external(mm, value, out)
-        except (IndexError, TypeError) as exc:  # TypeError: a field of another wire type than its own
-            raise ValueError("truncated or malformed protobuf message") from exc
+    with _mapped_model(path) as mm:
+        for field, wire, value in _fields(mm, 0, len(mm)):
+            if field == 7 and wire == _LEN:
+                _graph_external(mm, value, out)
     return out
 
 
@@ -270,26 +281,21 @@ def scan_graph(path: Path) -> GraphScan:
     initializers: dict[str, Initializer] = {}
     nodes: list[Node] = []
     input_types: dict[str, int] = {}
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path.name} is empty")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        try:
-            for field, wire, value in _fields(mm, 0, len(mm)):
-                if field != 7 or wire != _LEN:
+    with _mapped_model(path) as mm:
+        for field, wire, value in _fields(mm, 0, len(mm)):
+            if field != 7 or wire != _LEN:
+                continue
+            for f7, w7, v7 in _fields(mm, *value):
+                if w7 != _LEN:
                     continue
-                for f7, w7, v7 in _fields(mm, *value):
-                    if w7 != _LEN:
-                        continue
-                    if f7 == 5:
-                        t = _initializer(mm, v7)
-                        initializers[t.name] = t
-                    elif f7 == 1:
-                        nodes.append(_node(mm, v7))
-                    elif f7 == 11:
-                        name, elem = _input_type(mm, v7)
-                        input_types[name] = elem
-        except (IndexError, KeyError, TypeError, struct.error) as exc:
-            raise ValueError("truncated or malformed protobuf message") from exc
+                if f7 == 5:
+                    t = _initializer(mm, v7)
+                    initializers[t.name] = t
+                elif f7 == 1:
+                    nodes.append(_node(mm, v7))
+                elif f7 == 11:
+                    name, elem = _input_type(mm, v7)
+                    input_types[name] = elem
     return GraphScan(initializers, tuple(nodes), input_types)
 
 

@@ -38,6 +38,7 @@ from .types import (
     Message,
     SamplingParams,
     is_int,
+    is_number,
 )
 
 PROTOCOL_VERSION = 1
@@ -247,16 +248,6 @@ def prompt_chars(request: GenerationRequest) -> int:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
-
-
-def is_number(value: object) -> bool:
-    """A finite JSON number (not a bool)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int beyond any float (JSON allows 4,300 digits)
-        return False
 
 
 def _peek_id(obj: Mapping[str, Any]) -> str | None:

@@ -12,8 +12,6 @@ over the last `repeat_last_n` tokens of prompt and output; `RepeatWindow`).
 
 from __future__ import annotations
 
-import math
-import numbers
 import secrets
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -21,26 +19,26 @@ from collections.abc import Sequence
 import numpy as np
 
 from .errors import BadRequest
-from .types import MAX_PENALTY, MAX_SEED, SamplingParams, is_int
+from .types import MAX_PENALTY, MAX_SEED, SamplingParams, is_int, is_number
 
 
 def validate_sampling(params: SamplingParams) -> SamplingParams:
     """Check the ranges; BadRequest naming the field. Returns `params` unchanged."""
     t, p, k, seed = params.temperature, params.top_p, params.top_k, params.seed
-    if not _is_finite(t) or t < 0:
+    if not is_number(t) or t < 0:
         raise BadRequest(f"temperature must be a finite number >= 0 (0 means greedy), got {_shown(t)}")
-    if not _is_finite(p) or not 0 < p <= 1:
+    if not is_number(p) or not 0 < p <= 1:
         raise BadRequest(f"top_p must be a number in (0, 1], got {_shown(p)}")
     if not is_int(k) or k < 0:
         raise BadRequest(f"top_k must be an integer >= 0 (0 disables), got {_shown(k)}")
     if seed is not None and (not is_int(seed) or not 0 <= seed <= MAX_SEED):
         raise BadRequest(f"seed must be an integer between 0 and {MAX_SEED}, or null, got {_shown(seed)}")
     r = params.repeat_penalty
-    if not _is_finite(r) or r <= 0:
+    if not is_number(r) or r <= 0:
         raise BadRequest(f"repeat_penalty must be a finite number > 0 (1 disables), got {_shown(r)}")
     for name in ("presence_penalty", "frequency_penalty"):
         value = getattr(params, name)
-        if not _is_finite(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+        if not is_number(value) or not -MAX_PENALTY <= value <= MAX_PENALTY:
             raise BadRequest(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}] (0 disables), got {_shown(value)}")
     n = params.repeat_last_n
     if not is_int(n) or n < -1:
@@ -53,18 +51,6 @@ def _shown(value: object, limit: int = 40) -> str:
     request's field may hold a long string)."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _is_finite(x: object) -> bool:
-    """A finite real number (an integer beyond any float, as JSON may spell one, is not)."""
-    try:
-        return _is_real(x) and math.isfinite(x)  # type: ignore[arg-type]
-    except OverflowError:
-        return False
 
 
 # ------------------------------------------------------------------ small functions

@@ -61,7 +61,6 @@ class Job:
     received: float = field(default_factory=time.monotonic)
     started: float | None = None
     abandoned: bool = False
-    finished: bool = False
 
     @property
     def id(self) -> str:
@@ -109,7 +108,6 @@ class Scheduler:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._last_progress = time.monotonic()
-        self.completed = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -334,6 +332,4 @@ class Scheduler:
             if self._pending.get(job.key) is job:
                 del self._pending[job.key]
             deliveries = list(job.deliveries)
-            job.finished = True
-            self.completed += 1
         self.sink.deliver(job, payload, deliveries)

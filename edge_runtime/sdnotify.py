@@ -272,7 +272,6 @@ class Watchdog:
         self.notifier = notifier
         self.health_check = health_check
         self.interval_s = interval_s
-        self.pings = 0  # WATCHDOG=1 datagrams sent (for tests and status lines)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -307,8 +306,7 @@ class Watchdog:
         while not self._stop.is_set():
             healthy = self._healthy()
             if healthy:
-                if self.notifier.watchdog_ping():
-                    self.pings += 1
+                self.notifier.watchdog_ping()
                 if not was_healthy:
                     log.warning("health check passes again; watchdog pings resumed")
             elif was_healthy:

@@ -6,6 +6,7 @@ these types. Nothing here knows about MQTT or onnxruntime.
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Literal
@@ -30,6 +31,16 @@ MAX_SEED = 2**63 - 1  # a sampling seed fits a signed 64-bit integer (the wire's
 def is_int(x: object) -> bool:
     """An integer in the protocol's sense: a JSON or numpy integer, not a bool."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def is_number(x: object) -> bool:
+    """A finite real number, not a bool (an integer beyond any float, as JSON may spell one, is not)."""
+    if not isinstance(x, numbers.Real) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import errno
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_runtime.bundle import (FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, MANIFEST_NAME, load_bundle,
@@ -364,14 +364,8 @@ def check_gpu_attention_dtype(profile: DeviceProfile, kv_dtype: str, precision: 
                           "use --graph optimum")
 
 
-def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportSummary:
-    profile = load_profile(opts.profile)
-    precision = opts.precision or profile.precision
-    if precision not in PRECISIONS:
-        raise ExportError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    output = opts.output.resolve()
-    check_output(output, opts.checkpoint.resolve(), force=opts.force)
-    check_output_writable(output)
+def check_flags(opts: ExportOptions) -> None:
+    """Refuse, before any work, flags out of range or that do not go together."""
     if opts.graph not in (*GRAPHS, "auto"):
         raise ExportError(f"--graph {opts.graph!r} is not one of auto, {', '.join(GRAPHS)}")
     if opts.graph == "fused" and opts.algorithm == "hqq":
@@ -381,16 +375,117 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         raise ExportError("--algorithm gptq needs the fused graph (--graph fused or auto)")
     if opts.calibration_text is not None and not opts.calibration_text.exists():
         raise ExportError(f"--calibration-text {opts.calibration_text}: no such file or folder")
-    calibration_tokens = opts.calibration_tokens or calibration.CALIBRATION_TOKENS
     if opts.calibration_tokens is not None and opts.calibration_tokens < calibration.MIN_TOKENS:
         raise ExportError(f"--calibration-tokens {opts.calibration_tokens} must be at least {calibration.MIN_TOKENS}")
     if opts.fidelity_tokens < 1:
         raise ExportError(f"--fidelity-tokens {opts.fidelity_tokens} must be at least 1")
     if opts.kv_cache_bits not in (None, 0, 8):
         raise ExportError(f"--kv-cache-bits {opts.kv_cache_bits} is not 0 (float) or 8 (int8)")
-    kv_bits = profile.kv_cache.bits if opts.kv_cache_bits is None else opts.kv_cache_bits
     if opts.fidelity_corpus_tokens < 0:
         raise ExportError(f"--fidelity-corpus-tokens {opts.fidelity_corpus_tokens} must be 0 (none) or more")
+
+
+@dataclass(frozen=True)
+class BuiltGraph:
+    """What the graph step made besides the graph file, as the manifest records it."""
+
+    excluded: list[str] = field(default_factory=list)  # the MatMuls left unquantized
+    kept_bits: int = 0  # storage of the kept layers: 0 float, 8 int8 (fused graph with the profile's keep_bits)
+    refine_top_k: int = 0  # the lm_head in two passes (fused int4 graph, the profile's lm_head_refine_top_k)
+    embedding_bits: int = 0  # the token embedding table: 0 float, 8 int8 (the profile's embedding_bits)
+    kv_scales: kv_cache_quant.KVScales | None = None  # an int8 KV cache (fused graph, profile kv_cache.bits 8)
+    calibrated: dict | None = None  # GPTQ's calibration text, recorded in the manifest
+
+
+def build_fused_graph(info: CheckpointInfo, graph: Path, profile: DeviceProfile, precision: str,
+                      recipe: quantize.QuantRecipe | None, *, limit: int, kv_dtype: str,
+                      gptq: calibration.Calibration | None, progress: Progress) -> BuiltGraph:
+    """The fused graph at `graph`, straight from the checkpoint's tensors: GPTQ's calibration
+    (`gptq`, read in step 1) first where the recipe says gptq, the int8 KV cache's scales last
+    where `kv_dtype` is int8."""
+    q = profile.quantization
+    hessians = None
+    calibrated = gptq.manifest if gptq else None  # GPTQ's calibration text, recorded in the manifest
+    if gptq is not None:
+        files = calibrated["files"]
+        progress.detail(f"GPTQ: calibrating on {gptq.text.source.name} ({files} file{'s' if files > 1 else ''}, "
+                        f"{calibrated['tokens']} tokens in {calibrated['windows']} windows), layer by layer")
+        hessians = gptq.hessians()
+    io_dtype = "float32" if precision == "fp32" else profile.kv_cache.dtype
+    refine_top_k = q.head_refine_top_k_for(precision, io_dtype, recipe.algorithm) if recipe else 0
+    if refine_top_k:
+        progress.detail(f"lm_head in two passes: int4, then its top {refine_top_k} logits "
+                        "from int8 rows")
+    embedding_bits = q.embedding_bits_for(io_dtype) if recipe else 0
+    graph_builder.build_decoder_graph(
+        info, graph, precision=precision, block_size=q.block_size,
+        symmetric=recipe.symmetric if recipe else q.symmetric,
+        accuracy_level=q.accuracy_level, keep_unquantized=tuple(q.keep_unquantized), max_length=limit,
+        keep_bits=(q.keep_bits or None) if recipe else None, keep_block_size=q.kept_block_size,
+        scale_search=recipe.scale_search if recipe else False, hessians=hessians,
+        io_dtype=io_dtype, progress=progress.detail, head_refine_top_k=refine_top_k,
+        embedding_bits=embedding_bits or None,
+        # prompt lookup's runs of several rows: CPU profiles only until a GPU run tests them
+        logits_start_input=set(profile.provider_names) == {"CPUExecutionProvider"})
+    excluded = kept_matmuls(graph, quantize.BITS[precision]) if recipe else []
+    kept_bits = (q.keep_bits or 0) if recipe else 0
+    kv_scales = None
+    if kv_dtype == "int8":
+        progress.detail(f"int8 KV cache: per-channel scales calibrated on "
+                        f"{kv_cache_quant.CALIBRATION_TEXT.name}")
+        kv_scales = kv_cache_quant.add_int8_kv_cache(
+            graph, info.architecture, CodeLlamaTokenizer.from_file(info.tokenizer_path), max_length=limit)
+    return BuiltGraph(excluded=excluded, kept_bits=kept_bits, refine_top_k=refine_top_k,
+                      embedding_bits=embedding_bits, kv_scales=kv_scales, calibrated=calibrated)
+
+
+def bundle_manifest(info: CheckpointInfo, profile: DeviceProfile, precision: str, *, limit: int, kv_dtype: str,
+                    flavour: str, graph: Path, recipe: quantize.QuantRecipe | None, built: BuiltGraph,
+                    report: fidelity.FidelityReport | None, problems: list[str]) -> dict:
+    """bundle.json's content but for the files (write_manifest adds them with their hashes)."""
+    arch = info.architecture
+    min_agree, max_diff = profile.fidelity.for_precision(precision)
+    return {
+        "source": {"name": info.name, "config_sha256": info.config_sha256, "model_type": "llama",
+                   "torch_dtype": info.torch_dtype, "weight_bytes": info.weight_bytes},
+        "architecture": {"num_layers": arch.num_layers, "num_heads": arch.num_heads,
+                         "num_kv_heads": arch.num_kv_heads, "head_dim": arch.head_dim,
+                         "hidden_size": arch.hidden_size, "vocab_size": arch.vocab_size,
+                         "rope_theta": arch.rope_theta,
+                         "max_position_embeddings": arch.max_position_embeddings},
+        "context_limit": limit,
+        "tokenizer": {"file": "tokenizer.json", **info.special_ids, "infill": info.infill_ids,
+                      "supports_infill": info.supports_infill, "step": info.step_id,
+                      "chat_format": info.chat_format},
+        "family": info.family.as_dict(),
+        "profile": {"name": profile.name, "kv_cache_dtype": kv_dtype},
+        "kv_cache": built.kv_scales.as_manifest() if built.kv_scales else None,
+        "precision": precision,
+        "quantization": ({**recipe.as_manifest(built.excluded), "kept_bits": built.kept_bits,
+                          **({"kept_block_size": profile.quantization.kept_block_size} if built.kept_bits else {}),
+                          "lm_head_refine_top_k": built.refine_top_k, "embedding_bits": built.embedding_bits,
+                          "calibration": built.calibrated}
+                         if recipe else None),
+        "graph": {"flavour": flavour, "file": GRAPH_FILE, **graph_io(graph)},
+        "fidelity": {**(report.as_manifest() if report else {"skipped": True}),
+                     "threshold": {"min_greedy_agreement": min_agree, "max_logit_diff": max_diff},
+                     "passed": report is not None and not problems, "degraded": bool(problems),
+                     "problems": problems},
+        "licence_files": [p.name for p in info.licence_files],
+    }
+
+
+def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportSummary:
+    profile = load_profile(opts.profile)
+    precision = opts.precision or profile.precision
+    if precision not in PRECISIONS:
+        raise ExportError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    output = opts.output.resolve()
+    check_output(output, opts.checkpoint.resolve(), force=opts.force)
+    check_output_writable(output)
+    check_flags(opts)
+    calibration_tokens = opts.calibration_tokens or calibration.CALIBRATION_TOKENS
+    kv_bits = profile.kv_cache.bits if opts.kv_cache_bits is None else opts.kv_cache_bits
     progress = progress or Progress(5)
     # Steps: read, build (the fused graph is built and quantized in one step; optimum's path
     # exports, then converts), fidelity, write. The count is the likely graph's until step 1
@@ -481,51 +576,17 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
     try:
         (partial / EXPORT_MARKER).write_text("edge-runtime export staging folder: safe to delete\n")
         graph = partial / GRAPH_FILE
-        excluded: list[str] = []
-        kept_bits = 0  # storage of the kept layers: 0 float, 8 int8 (fused graph with the profile's keep_bits)
-        refine_top_k = 0  # the lm_head in two passes (fused int4 graph, the profile's lm_head_refine_top_k)
-        embedding_bits = 0  # the token embedding table: 0 float, 8 int8 (the profile's embedding_bits)
-        kv_scales: kv_cache_quant.KVScales | None = None  # an int8 KV cache (fused graph, profile kv_cache.bits 8)
-        calibrated = gptq.manifest if gptq else None  # GPTQ's calibration text, recorded in the manifest
         if fused:
             with progress.step(f"build the fused decoder graph from the tensors ({precision}, streamed)"):
-                q = profile.quantization
-                hessians = None
-                if gptq is not None:
-                    files = calibrated["files"]
-                    progress.detail(f"GPTQ: calibrating on {gptq.text.source.name} ({files} file"
-                                    f"{'s' if files > 1 else ''}, {calibrated['tokens']} tokens in "
-                                    f"{calibrated['windows']} windows), layer by layer")
-                    hessians = gptq.hessians()
-                io_dtype = "float32" if precision == "fp32" else profile.kv_cache.dtype
-                refine_top_k = q.head_refine_top_k_for(precision, io_dtype, recipe.algorithm) if recipe else 0
-                if refine_top_k:
-                    progress.detail(f"lm_head in two passes: int4, then its top {refine_top_k} logits "
-                                    "from int8 rows")
-                embedding_bits = q.embedding_bits_for(io_dtype) if recipe else 0
-                graph_builder.build_decoder_graph(
-                    info, graph, precision=precision, block_size=q.block_size,
-                    symmetric=recipe.symmetric if recipe else q.symmetric,
-                    accuracy_level=q.accuracy_level, keep_unquantized=tuple(q.keep_unquantized), max_length=limit,
-                    keep_bits=(q.keep_bits or None) if recipe else None, keep_block_size=q.kept_block_size,
-                    scale_search=recipe.scale_search if recipe else False, hessians=hessians,
-                    io_dtype=io_dtype, progress=progress.detail, head_refine_top_k=refine_top_k,
-                    embedding_bits=embedding_bits or None,
-                    # prompt lookup's runs of several rows: CPU profiles only until a GPU run tests them
-                    logits_start_input=set(profile.provider_names) == {"CPUExecutionProvider"})
-                excluded = kept_matmuls(graph, quantize.BITS[precision]) if recipe else []
-                kept_bits = (q.keep_bits or 0) if recipe else 0
-                if kv_dtype == "int8":
-                    progress.detail(f"int8 KV cache: per-channel scales calibrated on "
-                                    f"{kv_cache_quant.CALIBRATION_TEXT.name}")
-                    kv_scales = kv_cache_quant.add_int8_kv_cache(
-                        graph, arch, CodeLlamaTokenizer.from_file(info.tokenizer_path), max_length=limit)
+                built = build_fused_graph(info, graph, profile, precision, recipe, limit=limit, kv_dtype=kv_dtype,
+                                          gptq=gptq, progress=progress)
         else:
             if kv_bits == 8:
                 progress.detail("the KV cache stays float: only the fused graph keeps an int8 cache")
             with progress.step("export to ONNX with KV cache (optimum, fp32)"):
                 exported = onnx_export.export_onnx(info, work)
             with progress.step(f"convert weights to {precision}"):
+                excluded: list[str] = []
                 if recipe is not None:
                     progress.detail(f"MatMulNBits {recipe.bits}-bit, block {recipe.block_size}, "
                                     f"{'symmetric' if recipe.symmetric else 'asymmetric'}, {recipe.algorithm}, "
@@ -537,6 +598,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 else:
                     quantize.copy_float(exported, graph)
                 shutil.rmtree(work)
+            built = BuiltGraph(excluded=excluded)
 
         report = None
         problems: list[str] = []
@@ -565,36 +627,9 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         with progress.step("write bundle (tokenizer, licences, manifest with SHA-256)"):
             copy_into(partial, [info.tokenizer_path], ["tokenizer.json"])
             copy_into(partial, list(info.licence_files))
-            min_agree, max_diff = profile.fidelity.for_precision(precision)
-            manifest = {
-                "source": {"name": info.name, "config_sha256": info.config_sha256, "model_type": "llama",
-                           "torch_dtype": info.torch_dtype, "weight_bytes": info.weight_bytes},
-                "architecture": {"num_layers": arch.num_layers, "num_heads": arch.num_heads,
-                                 "num_kv_heads": arch.num_kv_heads, "head_dim": arch.head_dim,
-                                 "hidden_size": arch.hidden_size, "vocab_size": arch.vocab_size,
-                                 "rope_theta": arch.rope_theta,
-                                 "max_position_embeddings": arch.max_position_embeddings},
-                "context_limit": limit,
-                "tokenizer": {"file": "tokenizer.json", **info.special_ids, "infill": info.infill_ids,
-                              "supports_infill": info.supports_infill, "step": info.step_id,
-                              "chat_format": info.chat_format},
-                "family": fam.as_dict(),
-                "profile": {"name": profile.name, "kv_cache_dtype": kv_dtype},
-                "kv_cache": kv_scales.as_manifest() if kv_scales else None,
-                "precision": precision,
-                "quantization": ({**recipe.as_manifest(excluded), "kept_bits": kept_bits,
-                                  **({"kept_block_size": profile.quantization.kept_block_size} if kept_bits else {}),
-                                  "lm_head_refine_top_k": refine_top_k, "embedding_bits": embedding_bits,
-                                  "calibration": calibrated}
-                                 if recipe else None),
-                "graph": {"flavour": flavour, "file": GRAPH_FILE, **graph_io(graph)},
-                "fidelity": {**(report.as_manifest() if report else {"skipped": True}),
-                             "threshold": {"min_greedy_agreement": min_agree, "max_logit_diff": max_diff},
-                             "passed": report is not None and not problems, "degraded": bool(problems),
-                             "problems": problems},
-                "licence_files": [p.name for p in info.licence_files],
-            }
-            write_manifest(partial, manifest)
+            write_manifest(partial, bundle_manifest(info, profile, precision, limit=limit, kv_dtype=kv_dtype,
+                                                    flavour=flavour, graph=graph, recipe=recipe, built=built,
+                                                    report=report, problems=problems))
             (partial / EXPORT_MARKER).unlink()  # the manifest says whose the folder is from here on
             plan = bundle_plan(load_bundle(partial), profile)  # read back exactly as the device will
             progress.detail(plan.describe() + ("" if plan.fits else ": DOES NOT FIT; the engine will refuse to "
