@@ -126,9 +126,9 @@ def build(recipe: Recipe, checkpoint_info, graph: Path, *, layout: Layout, max_l
 
     hessians = None
     if recipe.gptq:  # as the export does (--algorithm gptq, the shipped calibration text)
-        from edge_export.calibration import calibrate
+        from edge_export.calibration import calibration_for
 
-        hessians, _ = calibrate(checkpoint_info)
+        hessians = calibration_for(checkpoint_info).hessians()
     build_decoder_graph(checkpoint_info, graph, precision="int4", block_size=layout.block_size,
                         symmetric=recipe.symmetric, accuracy_level=layout.accuracy_level,
                         keep_unquantized=("lm_head",) if recipe.head_bits != 4 else (),
