@@ -30,7 +30,7 @@ from .errors import BadRequest, BundleError, ConfigError, ContextLengthExceeded,
 from .gqa_decoder import SharedKVDecoder, check_kv_dtype_for_device, graph_max_length
 from .memory_fit import PREFILL_CHUNK, MemoryPlan, bundle_kv_dtype, check_bundle_fits, engine_context_limit
 from .onnx_decoder import KVConcatDecoder
-from .profiles import DeviceProfile, load_profile
+from .profiles import DeviceProfile, install_hint, load_profile
 from .prompt_lookup import DRAFT_MAX, PromptLookup
 from .prompts import PromptPlan, build_prompt, user_text_chars
 from .providers import ProviderChoice, choose_providers, import_onnxruntime
@@ -105,7 +105,7 @@ def bundle_tokenizer(bundle: Bundle) -> CodeLlamaTokenizer:
 def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, ProviderChoice]:
     choice = choose_providers(profile.ort_providers(),
                               ort.get_available_providers(), allow_cpu_fallback=profile.allow_cpu_fallback,
-                              profile_name=profile.name)
+                              profile_name=profile.name, remedy=install_hint(profile))
     log.info("%s", choice.note)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

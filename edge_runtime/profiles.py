@@ -58,6 +58,7 @@ __all__ = [
     "QuantizationSettings",
     "detect_profile",
     "gather_machine_facts",
+    "install_hint",
     "list_profiles",
     "load_profile",
     "profile_summary",
@@ -458,13 +459,25 @@ NVIDIA_GPUS_DIR = pathlib.Path("/proc/driver/nvidia/gpus")
 _ARCH_ALIASES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}
 _AGX_ORIN = re.compile(r"agx[\s_-]*orin", re.IGNORECASE)
 _ORIN_NANO_NX = re.compile(r"orin[\s_-]*(nano|nx)", re.IGNORECASE)
+_JETSON_HINT = ("install NVIDIA's onnxruntime-gpu wheel for this JetPack release in place of onnxruntime "
+                "(PyPI's onnxruntime-gpu is not built for Jetson; docs/deployment.md)")
 _INSTALL_HINTS = {
     "cpu-x86_64": "pip install 'onnxruntime>=1.32' (the package's cpu extra)",
     "cpu-arm64": "pip install 'onnxruntime>=1.32' (the package's cpu extra)",
     "nvidia-gpu": "pip install onnxruntime-gpu, not onnxruntime (the package's gpu extra)",
-    "jetson-orin-agx": "install NVIDIA's onnxruntime-gpu wheel for this JetPack release",
-    "jetson-orin-nano": "install NVIDIA's onnxruntime-gpu wheel for this JetPack release",
+    "jetson-orin-agx": _JETSON_HINT,
+    "jetson-orin-nano": _JETSON_HINT,
 }
+
+
+def install_hint(profile: DeviceProfile) -> str:
+    """How to get the onnxruntime that has `profile`'s providers (a profile file of another
+    name: by its providers)."""
+    if profile.name in _INSTALL_HINTS:
+        return _INSTALL_HINTS[profile.name]
+    if any(name != CPU_PROVIDER for name in profile.provider_names):
+        return "install onnxruntime-gpu (on a Jetson, NVIDIA's wheel for its JetPack release)"
+    return "install onnxruntime"
 
 
 @dataclass(frozen=True)
@@ -617,7 +630,7 @@ def _choose(facts: MachineFacts) -> tuple[str, str]:
 
 def _runtime_note(profile: DeviceProfile, facts: MachineFacts) -> str:
     """What is wrong with the installed onnxruntime for `profile` ("" when nothing)."""
-    hint = _INSTALL_HINTS.get(profile.name, "install onnxruntime")
+    hint = install_hint(profile)
     if facts.onnxruntime_version is None:
         problem = f" ({facts.onnxruntime_error})" if facts.onnxruntime_error else ""
         return f"onnxruntime is not installed{problem}: {hint}"

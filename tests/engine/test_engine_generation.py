@@ -520,6 +520,28 @@ def test_a_gpu_profile_without_its_gpu_provider_refuses_unless_the_fallback_is_a
     assert result.usage.completion_tokens == 4
 
 
+@pytest.mark.parametrize("profile, says, never", [
+    # PyPI's onnxruntime-gpu is not built for Tegra: a Jetson needs NVIDIA's JetPack wheel
+    ("jetson-orin-nano", "install NVIDIA's onnxruntime-gpu wheel for this JetPack release", "pip install"),
+    ("jetson-orin-agx", "install NVIDIA's onnxruntime-gpu wheel for this JetPack release", "pip install"),
+    ("nvidia-gpu", "pip install onnxruntime-gpu, not onnxruntime", "JetPack"),
+])
+def test_a_gpu_profile_without_its_gpu_provider_says_how_to_install_it_for_that_device(tiny_bundle, monkeypatch,
+                                                                                      profile, says, never):
+    """The start-up error names the install that gives this device its GPU provider, as
+    `profiles --detect` does, and the way to allow the CPU fallback."""
+    import onnxruntime
+
+    from edge_runtime.errors import ConfigError
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(ConfigError) as refused:
+        Engine.from_bundle(tiny_bundle, profile)
+    message = str(refused.value)
+    assert says in message and never not in message, message
+    assert "allow_cpu_fallback = true in the daemon config's [model] table" in message
+
+
 @pytest.fixture(scope="module")
 def gpu_fp16_bundle(tiny_checkpoint, tmp_path_factory, exporter):
     """The tiny checkpoint exported for the nvidia-gpu profile: float16 activations and KV cache."""
