@@ -126,7 +126,7 @@ def test_profile_summary_is_one_line_with_the_essentials() -> None:
     assert "TensorrtExecutionProvider > CUDAExecutionProvider > CPUExecutionProvider" in line
     assert "16384" in line
     assert "48.0 GiB" in line
-    assert "5.0 GiB" in profile_summary(load_profile("jetson-orin-nano"))
+    assert "5.1 GiB" in profile_summary(load_profile("jetson-orin-nano"))
 
 
 def test_load_by_path_str_and_pathlike(tmp_path: pathlib.Path) -> None:
