@@ -33,7 +33,13 @@ from .onnx_decoder import KVConcatDecoder
 from .profiles import DeviceProfile, install_hint, load_profile
 from .prompt_lookup import DRAFT_MAX, PromptLookup
 from .prompts import PromptPlan, build_prompt, user_text_chars
-from .providers import ProviderChoice, choose_providers, import_onnxruntime
+from .providers import (
+    TENSORRT_CACHE_REMEDY,
+    ProviderChoice,
+    choose_providers,
+    import_onnxruntime,
+    tensorrt_cache_problem,
+)
 from .sampling import Sampler
 from .stopping import StopStringMatcher
 from .tokenizer import CodeLlamaTokenizer
@@ -103,9 +109,15 @@ def bundle_tokenizer(bundle: Bundle) -> CodeLlamaTokenizer:
 
 
 def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, ProviderChoice]:
-    choice = choose_providers(profile.ort_providers(),
-                              ort.get_available_providers(), allow_cpu_fallback=profile.allow_cpu_fallback,
-                              profile_name=profile.name, remedy=install_hint(profile))
+    available = list(ort.get_available_providers())
+    trt_problem = tensorrt_cache_problem(profile.ort_providers()) if "TensorrtExecutionProvider" in available else None
+    if trt_problem:  # its provider would throw, and onnxruntime would retry with a bare CUDA provider
+        log.warning("%s: running without TensorrtExecutionProvider; %s", trt_problem, TENSORRT_CACHE_REMEDY)
+        available.remove("TensorrtExecutionProvider")
+    choice = choose_providers(profile.ort_providers(), available, allow_cpu_fallback=profile.allow_cpu_fallback,
+                              profile_name=profile.name,
+                              problem=trt_problem and f"profile {profile.name}: {trt_problem}",
+                              remedy=TENSORRT_CACHE_REMEDY if trt_problem else install_hint(profile))
     log.info("%s", choice.note)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -590,6 +590,43 @@ def test_a_gpu_provider_that_onnxruntime_lists_but_cannot_start_is_not_a_silent_
     assert result.usage.completion_tokens == 4
 
 
+def test_a_jetson_profiles_tensorrt_cache_folder_that_cannot_be_made_drops_tensorrt_keeping_cudas_options(
+        gpu_fp16_bundle, tmp_path, monkeypatch, caplog):
+    """TensorRT's provider throws at creation when its engine cache folder cannot be made (a user
+    other than the service's, where /var/cache/edge-runtime is not theirs); onnxruntime's Python
+    then quietly makes the session again with a bare CUDA provider, losing the profile's CUDA
+    options (the arena that does not grow in powers of two on a Jetson's shared memory). The
+    engine makes the folder itself, or runs CUDA with its options and says which folder and why."""
+    import onnxruntime
+
+    from edge_runtime.profiles import profile_text
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    profile = tmp_path / "jetson-orin-nano.toml"
+    profile.write_text(profile_text("jetson-orin-nano").replace("/var/cache/edge-runtime/trt", str(blocked / "trt")))
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    real_session, asked = onnxruntime.InferenceSession, []
+
+    def session_on_the_cpu(path, sess_options=None, providers=None, **kwargs):
+        asked.append(providers)
+        return real_session(path, sess_options=sess_options, providers=["CPUExecutionProvider"], **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session_on_the_cpu)
+    with caplog.at_level("WARNING", logger="edge_runtime"):
+        Engine.from_bundle(gpu_fp16_bundle, profile, allow_cpu_fallback=True)
+    assert asked[0] == [("CUDAExecutionProvider", {"device_id": "0", "arena_extend_strategy": "kSameAsRequested"}),
+                        ("CPUExecutionProvider", {})]
+    assert f"cannot make TensorRT's engine cache folder {blocked / 'trt'}" in caplog.text
+
+    roomy = tmp_path / "cache" / "edge-runtime" / "trt"  # a folder this user can make: made, TensorRT kept
+    profile.write_text(profile_text("jetson-orin-nano").replace("/var/cache/edge-runtime/trt", str(roomy)))
+    Engine.from_bundle(gpu_fp16_bundle, profile, allow_cpu_fallback=True)
+    assert roomy.is_dir() and [name for name, _ in asked[1]] == ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                                                 "CPUExecutionProvider"]
+
+
 def test_the_gpu_profiles_cuda_graphs_are_off_for_a_bundle_whose_kv_cache_grows(tiny_checkpoint, tmp_path,
                                                                                   exporter, monkeypatch, caplog):
     """nvidia-gpu turns CUDA graphs on; a recorded step needs the fused graph's fixed KV buffers,
