@@ -198,10 +198,13 @@ def check_session_providers(session, choice: ProviderChoice, profile: DeviceProf
         return choice
     problem = (f"onnxruntime could not start {', '.join(missing)} (the session has only {', '.join(got)}): the CUDA "
                "libraries it loads (cudart, cuBLAS, cuDNN of the CUDA version this onnxruntime-gpu was built for) are "
-               "missing or of another version; onnxruntime's log above names the file")
+               "missing or of another version, or the GPU's device nodes are out of reach (CUDA then finds no GPU: "
+               "under systemd, a unit without the GPU drop-in /etc/systemd/system/edge-runtime.service.d/gpu.conf); "
+               "onnxruntime's log above says which")
     started = choose_providers(choice.providers, got, allow_cpu_fallback=profile.allow_cpu_fallback,
                                profile_name=profile.name, problem=problem,
-                               remedy="install the CUDA libraries this onnxruntime-gpu was built for")
+                               remedy="install the CUDA libraries this onnxruntime-gpu was built for, or the drop-in "
+                                      "with `edge-runtime install-service --profile <the GPU profile>`")
     log.warning("%s could not start; %s", ", ".join(missing), started.note)
     return dataclasses.replace(started, note=f"{started.note} ({', '.join(missing)} could not start)")
 

@@ -582,8 +582,10 @@ def test_a_gpu_provider_that_onnxruntime_lists_but_cannot_start_is_not_a_silent_
         return real_session(path, sess_options=sess_options, providers=["CPUExecutionProvider"], **kwargs)
 
     monkeypatch.setattr(onnxruntime, "InferenceSession", cuda_cannot_start)
-    with pytest.raises(ConfigError, match="could not start CUDAExecutionProvider .*only CPUExecutionProvider"):
+    with pytest.raises(ConfigError, match="could not start CUDAExecutionProvider .*only CPUExecutionProvider") as no:
         Engine.from_bundle(tiny_bundle, "nvidia-gpu")
+    # the other cause, under systemd: a unit without the GPU drop-in hides the device nodes (CUDA finds no GPU)
+    assert "edge-runtime.service.d/gpu.conf" in str(no.value) and "install-service --profile" in str(no.value)
     engine = Engine.from_bundle(tiny_bundle, "nvidia-gpu", allow_cpu_fallback=True)
     assert engine.info.provider == "CPUExecutionProvider" and engine.decoder.device == "cpu"
     result = engine.complete(GenerationRequest(mode="complete", prompt="def f():", max_tokens=4, sampling=GREEDY))
