@@ -140,11 +140,20 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, P
             raise BundleError(f"{bundle.root} keeps an int8 KV cache, which onnxruntime {ort.__version__} could not "
                               f"load ({exc}); it needs onnxruntime 1.32 or newer (the version tested), or export the "
                               "bundle with --kv-cache-bits 0 (a float cache)") from exc
+        if choice.device == "cuda" and _version(ort.__version__) < GPU_ONNXRUNTIME:
+            # NVIDIA's Jetson wheels are installed outside the gpu extra: nothing held them to its floor
+            raise BundleError(f"onnxruntime {ort.__version__} could not create a session for {bundle.graph_path.name} "
+                              f"of bundle {bundle.root} ({exc}); the GPU profiles need onnxruntime-gpu "
+                              f"{'.'.join(map(str, GPU_ONNXRUNTIME))} or newer (the package's gpu extra; on a Jetson, "
+                              "NVIDIA's wheel of such a version for its JetPack release, docs/deployment.md)") from exc
         # hashes and the external-data scan passed: a graph edited with its hashes, or one this
         # onnxruntime or device cannot run (an operator it lacks, out of device memory)
         raise BundleError(f"onnxruntime {ort.__version__} could not create a session for "
                           f"{bundle.graph_path.name} of bundle {bundle.root}: {exc}") from exc
     return session, check_session_providers(session, choice, profile)
+
+
+GPU_ONNXRUNTIME = (1, 20)  # the oldest onnxruntime-gpu the GPU profiles take: pyproject.toml's gpu extra
 
 
 def _version(text: str) -> tuple[int, ...]:

@@ -706,6 +706,39 @@ def test_an_int8_cache_bundle_that_fails_to_load_blames_the_version_only_when_it
     assert ("needs onnxruntime 1.32 or newer" in str(caught.value)) == blamed
 
 
+@pytest.mark.parametrize("version, blamed", [("1.20.0", False), ("1.16.3", True)])
+def test_a_gpu_session_that_fails_on_an_onnxruntime_older_than_the_gpu_extras_says_so(
+        gpu_fp16_bundle, monkeypatch, version, blamed):
+    """A Jetson installs onnxruntime-gpu outside the gpu extra (NVIDIA's wheel), so pip does not hold
+    it to the extra's floor (1.20); JetPack 5's older wheels fail at load on the graph's operators
+    or the profile's options. The error says which version the GPU profiles need; on a version at
+    or above it, onnxruntime's own reason stands alone."""
+    import onnxruntime
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("Invalid TensorRT EP option: trt_timing_cache_path")
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", failing)
+    monkeypatch.setattr(onnxruntime, "__version__", version)
+    with pytest.raises(Exception) as caught:
+        Engine.from_bundle(gpu_fp16_bundle)
+    assert "Invalid TensorRT EP option: trt_timing_cache_path" in str(caught.value)
+    assert ("the GPU profiles need onnxruntime-gpu 1.20 or newer" in str(caught.value)) == blamed, caught.value
+
+
+def test_the_gpu_onnxruntime_floor_is_the_gpu_extras():
+    import re
+    from pathlib import Path
+
+    from edge_runtime.engine import GPU_ONNXRUNTIME
+
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    floor = re.search(r'^gpu = \["onnxruntime-gpu>=(\d+)\.(\d+)"\]', pyproject, re.MULTILINE)
+    assert floor and tuple(map(int, floor.groups())) == GPU_ONNXRUNTIME
+
+
 def test_a_profiles_session_config_reaches_the_onnxruntime_session(tiny_bundle, monkeypatch):
     """[session_config] entries (settings of the session and its kernels that are not provider
     options, such as the CUDA provider's int4 kernel choice) are set on the session's options,
