@@ -30,10 +30,16 @@ from .errors import BadRequest, BundleError, ConfigError, ContextLengthExceeded,
 from .gqa_decoder import SharedKVDecoder, check_kv_dtype_for_device, graph_max_length
 from .memory_fit import PREFILL_CHUNK, MemoryPlan, bundle_kv_dtype, check_bundle_fits, engine_context_limit
 from .onnx_decoder import KVConcatDecoder
-from .profiles import DeviceProfile, load_profile
+from .profiles import DeviceProfile, install_hint, load_profile
 from .prompt_lookup import DRAFT_MAX, PromptLookup
 from .prompts import PromptPlan, build_prompt, user_text_chars
-from .providers import ProviderChoice, choose_providers, import_onnxruntime
+from .providers import (
+    TENSORRT_CACHE_REMEDY,
+    ProviderChoice,
+    choose_providers,
+    import_onnxruntime,
+    tensorrt_cache_problem,
+)
 from .sampling import Sampler
 from .stopping import StopStringMatcher
 from .tokenizer import CodeLlamaTokenizer
@@ -103,9 +109,15 @@ def bundle_tokenizer(bundle: Bundle) -> CodeLlamaTokenizer:
 
 
 def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, ProviderChoice]:
-    choice = choose_providers(profile.ort_providers(),
-                              ort.get_available_providers(), allow_cpu_fallback=profile.allow_cpu_fallback,
-                              profile_name=profile.name)
+    available = list(ort.get_available_providers())
+    trt_problem = tensorrt_cache_problem(profile.ort_providers()) if "TensorrtExecutionProvider" in available else None
+    if trt_problem:  # its provider would throw, and onnxruntime would retry with a bare CUDA provider
+        log.warning("%s: running without TensorrtExecutionProvider; %s", trt_problem, TENSORRT_CACHE_REMEDY)
+        available.remove("TensorrtExecutionProvider")
+    choice = choose_providers(profile.ort_providers(), available, allow_cpu_fallback=profile.allow_cpu_fallback,
+                              profile_name=profile.name,
+                              problem=trt_problem and f"profile {profile.name}: {trt_problem}",
+                              remedy=TENSORRT_CACHE_REMEDY if trt_problem else install_hint(profile))
     log.info("%s", choice.note)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -128,11 +140,20 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, P
             raise BundleError(f"{bundle.root} keeps an int8 KV cache, which onnxruntime {ort.__version__} could not "
                               f"load ({exc}); it needs onnxruntime 1.32 or newer (the version tested), or export the "
                               "bundle with --kv-cache-bits 0 (a float cache)") from exc
+        if choice.device == "cuda" and _version(ort.__version__) < GPU_ONNXRUNTIME:
+            # NVIDIA's Jetson wheels are installed outside the gpu extra: nothing held them to its floor
+            raise BundleError(f"onnxruntime {ort.__version__} could not create a session for {bundle.graph_path.name} "
+                              f"of bundle {bundle.root} ({exc}); the GPU profiles need onnxruntime-gpu "
+                              f"{'.'.join(map(str, GPU_ONNXRUNTIME))} or newer (the package's gpu extra; on a Jetson, "
+                              "NVIDIA's wheel of such a version for its JetPack release, docs/deployment.md)") from exc
         # hashes and the external-data scan passed: a graph edited with its hashes, or one this
         # onnxruntime or device cannot run (an operator it lacks, out of device memory)
         raise BundleError(f"onnxruntime {ort.__version__} could not create a session for "
                           f"{bundle.graph_path.name} of bundle {bundle.root}: {exc}") from exc
     return session, check_session_providers(session, choice, profile)
+
+
+GPU_ONNXRUNTIME = (1, 20)  # the oldest onnxruntime-gpu the GPU profiles take: pyproject.toml's gpu extra
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -186,10 +207,13 @@ def check_session_providers(session, choice: ProviderChoice, profile: DeviceProf
         return choice
     problem = (f"onnxruntime could not start {', '.join(missing)} (the session has only {', '.join(got)}): the CUDA "
                "libraries it loads (cudart, cuBLAS, cuDNN of the CUDA version this onnxruntime-gpu was built for) are "
-               "missing or of another version; onnxruntime's log above names the file")
+               "missing or of another version, or the GPU's device nodes are out of reach (CUDA then finds no GPU: "
+               "under systemd, a unit without the GPU drop-in /etc/systemd/system/edge-runtime.service.d/gpu.conf); "
+               "onnxruntime's log above says which")
     started = choose_providers(choice.providers, got, allow_cpu_fallback=profile.allow_cpu_fallback,
                                profile_name=profile.name, problem=problem,
-                               remedy="install the CUDA libraries this onnxruntime-gpu was built for")
+                               remedy="install the CUDA libraries this onnxruntime-gpu was built for, or the drop-in "
+                                      "with `edge-runtime install-service --profile <the GPU profile>`")
     log.warning("%s could not start; %s", ", ".join(missing), started.note)
     return dataclasses.replace(started, note=f"{started.note} ({', '.join(missing)} could not start)")
 

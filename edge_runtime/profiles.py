@@ -58,6 +58,7 @@ __all__ = [
     "QuantizationSettings",
     "detect_profile",
     "gather_machine_facts",
+    "install_hint",
     "list_profiles",
     "load_profile",
     "profile_summary",
@@ -454,17 +455,30 @@ def profile_summary(profile: DeviceProfile) -> str:
 DEVICE_TREE_MODEL = pathlib.Path("/proc/device-tree/model")
 TEGRA_RELEASE = pathlib.Path("/etc/nv_tegra_release")
 NVIDIA_GPUS_DIR = pathlib.Path("/proc/driver/nvidia/gpus")
+MEMINFO = pathlib.Path("/proc/meminfo")
 
 _ARCH_ALIASES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "arm64", "arm64": "arm64"}
 _AGX_ORIN = re.compile(r"agx[\s_-]*orin", re.IGNORECASE)
 _ORIN_NANO_NX = re.compile(r"orin[\s_-]*(nano|nx)", re.IGNORECASE)
+_JETSON_HINT = ("install NVIDIA's onnxruntime-gpu wheel for this JetPack release in place of onnxruntime "
+                "(PyPI's onnxruntime-gpu is not built for Jetson; docs/deployment.md)")
 _INSTALL_HINTS = {
     "cpu-x86_64": "pip install 'onnxruntime>=1.32' (the package's cpu extra)",
     "cpu-arm64": "pip install 'onnxruntime>=1.32' (the package's cpu extra)",
     "nvidia-gpu": "pip install onnxruntime-gpu, not onnxruntime (the package's gpu extra)",
-    "jetson-orin-agx": "install NVIDIA's onnxruntime-gpu wheel for this JetPack release",
-    "jetson-orin-nano": "install NVIDIA's onnxruntime-gpu wheel for this JetPack release",
+    "jetson-orin-agx": _JETSON_HINT,
+    "jetson-orin-nano": _JETSON_HINT,
 }
+
+
+def install_hint(profile: DeviceProfile) -> str:
+    """How to get the onnxruntime that has `profile`'s providers (a profile file of another
+    name: by its providers)."""
+    if profile.name in _INSTALL_HINTS:
+        return _INSTALL_HINTS[profile.name]
+    if any(name != CPU_PROVIDER for name in profile.provider_names):
+        return "install onnxruntime-gpu (on a Jetson, NVIDIA's wheel for its JetPack release)"
+    return "install onnxruntime"
 
 
 @dataclass(frozen=True)
@@ -480,6 +494,7 @@ class MachineFacts:
     onnxruntime_version: str | None = None  # None: onnxruntime cannot be imported
     ort_providers: tuple[str, ...] = ()  # onnxruntime.get_available_providers()
     onnxruntime_error: str | None = None  # why the import failed, when it did
+    memory_bytes: int | None = None  # MemTotal of /proc/meminfo (on a Jetson, the CPU's and the GPU's)
 
     @property
     def cpu_arch(self) -> str:
@@ -538,6 +553,12 @@ def _gpus_from_nvidia_smi(command: str, timeout_s: float) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _memory_total(meminfo: pathlib.Path) -> int | None:
+    """MemTotal of /proc/meminfo in bytes; None when it cannot be read."""
+    match = re.search(r"^MemTotal:\s*(\d+)\s*kB", _read_text(meminfo) or "", re.MULTILINE)
+    return int(match[1]) * 1024 if match else None
+
+
 def _probe_onnxruntime() -> tuple[str | None, tuple[str, ...], str | None]:
     """(version, available providers, import error) -- onnxruntime is imported lazily."""
     try:
@@ -558,6 +579,7 @@ def gather_machine_facts(
     nvidia_smi: str | None = "nvidia-smi",
     nvidia_smi_timeout_s: float = 5.0,
     probe_onnxruntime: bool = True,
+    meminfo: pathlib.Path = MEMINFO,
 ) -> MachineFacts:
     """Collect the facts about this machine that profile detection needs.
 
@@ -578,6 +600,7 @@ def gather_machine_facts(
         onnxruntime_version=version,
         ort_providers=providers,
         onnxruntime_error=error,
+        memory_bytes=_memory_total(meminfo),
     )
 
 
@@ -617,7 +640,7 @@ def _choose(facts: MachineFacts) -> tuple[str, str]:
 
 def _runtime_note(profile: DeviceProfile, facts: MachineFacts) -> str:
     """What is wrong with the installed onnxruntime for `profile` ("" when nothing)."""
-    hint = _INSTALL_HINTS.get(profile.name, "install onnxruntime")
+    hint = install_hint(profile)
     if facts.onnxruntime_version is None:
         problem = f" ({facts.onnxruntime_error})" if facts.onnxruntime_error else ""
         return f"onnxruntime is not installed{problem}: {hint}"
@@ -631,18 +654,31 @@ def _runtime_note(profile: DeviceProfile, facts: MachineFacts) -> str:
     )
 
 
+def _memory_note(profile: DeviceProfile, facts: MachineFacts) -> str:
+    """What to do when `profile`'s memory budget is more than this machine has ("" when it is not):
+    the budget would pass bundles the machine cannot hold (jetson-orin-agx is the 64 GB module's,
+    and a 32 GB AGX Orin has the same device-tree model)."""
+    if facts.memory_bytes is None or profile.memory_budget_bytes <= facts.memory_bytes:
+        return ""
+    return (f"this machine has {facts.memory_bytes / 2**30:.1f} GiB of memory, less than the {profile.name} "
+            f"profile's memory budget of {profile.memory_budget_gib:.1f} GiB: the budget would pass bundles that "
+            "do not fit here; run with a copy of the profile whose memory_budget_bytes leaves this machine's OS "
+            "and other services their share (--profile FILE; in the daemon's config, [model] profile = FILE)")
+
+
 def detect_profile(facts: MachineFacts | None = None) -> tuple[DeviceProfile, str]:
     """The packaged profile that fits this machine (or `facts`), and why.
 
     Rules: Jetson AGX Orin -> jetson-orin-agx; Jetson Orin Nano/NX (and unrecognised
     Jetsons) -> jetson-orin-nano; an NVIDIA GPU on x86_64 -> nvidia-gpu; otherwise by
     CPU architecture (cpu-x86_64, cpu-arm64). The reason also says when onnxruntime is
-    missing or lacks a provider the profile lists. An unknown CPU architecture is a
+    missing or lacks a provider the profile lists, and when the profile's memory budget is
+    more than the machine's memory. An unknown CPU architecture is a
     ConfigError.
     """
     if facts is None:
         facts = gather_machine_facts()
     name, why = _choose(facts)
     profile = load_profile(name)
-    note = _runtime_note(profile, facts)
-    return profile, f"{why}; {note}" if note else why
+    notes = [note for note in (_runtime_note(profile, facts), _memory_note(profile, facts)) if note]
+    return profile, "; ".join([why, *notes])

@@ -8,6 +8,7 @@ cannot be installed side by side, so the package leaves the choice to an extra
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -69,6 +70,37 @@ def choose_providers(requested: list[tuple[str, dict[str, Any]]], available: lis
     names = ", ".join(name for name, _ in chosen)
     note = f"execution providers: {names}" + ("" if have_gpu else " (CPU provider)")
     return ProviderChoice(chosen, device, note, gpu_device_id(chosen) if have_gpu else 0)
+
+
+# TensorRT's cache folders, each with the option that turns it on: the provider makes the folder
+# (not its parents) and throws when it cannot
+TENSORRT_CACHES = (("trt_engine_cache_path", "trt_engine_cache_enable", "engine cache"),
+                   ("trt_timing_cache_path", "trt_timing_cache_enable", "timing cache"))
+
+
+def tensorrt_cache_problem(requested: list[tuple[str, dict[str, Any]]]) -> str | None:
+    """Make the folders of the TensorRT provider's enabled caches (parents too); None when they
+    exist, else why one cannot be made (a user other than the service's, for whom
+    /var/cache/edge-runtime is not theirs). TensorRT's provider would throw at creation, and
+    onnxruntime's Python then quietly makes the session again with a bare CUDA provider, without
+    the profile's CUDA options (on a Jetson, the arena that does not grow in powers of two)."""
+    for name, opts in requested:
+        if name != "TensorrtExecutionProvider":
+            continue
+        for path_key, enable_key, what in TENSORRT_CACHES:
+            folder = opts.get(path_key)
+            if not folder or str(opts.get(enable_key, "False")).lower() not in ("true", "1"):
+                continue
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as exc:
+                return (f"cannot make TensorRT's {what} folder {folder} ({path_key}; {type(exc).__name__}: "
+                        f"{exc.strerror or exc})")
+    return None
+
+
+TENSORRT_CACHE_REMEDY = ("make that folder writable for this user, or run as the service (its CacheDirectory= makes "
+                         "/var/cache/edge-runtime), or give a copy of the profile with another folder")
 
 
 def gpu_device_id(providers: list[tuple[str, dict[str, Any]]]) -> int:

@@ -523,6 +523,28 @@ def test_a_gpu_profile_without_its_gpu_provider_refuses_unless_the_fallback_is_a
     assert result.usage.completion_tokens == 4
 
 
+@pytest.mark.parametrize("profile, says, never", [
+    # PyPI's onnxruntime-gpu is not built for Tegra: a Jetson needs NVIDIA's JetPack wheel
+    ("jetson-orin-nano", "install NVIDIA's onnxruntime-gpu wheel for this JetPack release", "pip install"),
+    ("jetson-orin-agx", "install NVIDIA's onnxruntime-gpu wheel for this JetPack release", "pip install"),
+    ("nvidia-gpu", "pip install onnxruntime-gpu, not onnxruntime", "JetPack"),
+])
+def test_a_gpu_profile_without_its_gpu_provider_says_how_to_install_it_for_that_device(tiny_bundle, monkeypatch,
+                                                                                      profile, says, never):
+    """The start-up error names the install that gives this device its GPU provider, as
+    `profiles --detect` does, and the way to allow the CPU fallback."""
+    import onnxruntime
+
+    from edge_runtime.errors import ConfigError
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(ConfigError) as refused:
+        Engine.from_bundle(tiny_bundle, profile)
+    message = str(refused.value)
+    assert says in message and never not in message, message
+    assert "allow_cpu_fallback = true in the daemon config's [model] table" in message
+
+
 @pytest.fixture(scope="module")
 def gpu_fp16_bundle(tiny_checkpoint, tmp_path_factory, exporter):
     """The tiny checkpoint exported for the nvidia-gpu profile: float16 activations and KV cache."""
@@ -563,12 +585,51 @@ def test_a_gpu_provider_that_onnxruntime_lists_but_cannot_start_is_not_a_silent_
         return real_session(path, sess_options=sess_options, providers=["CPUExecutionProvider"], **kwargs)
 
     monkeypatch.setattr(onnxruntime, "InferenceSession", cuda_cannot_start)
-    with pytest.raises(ConfigError, match="could not start CUDAExecutionProvider .*only CPUExecutionProvider"):
+    with pytest.raises(ConfigError, match="could not start CUDAExecutionProvider .*only CPUExecutionProvider") as no:
         Engine.from_bundle(tiny_bundle, "nvidia-gpu")
+    # the other cause, under systemd: a unit without the GPU drop-in hides the device nodes (CUDA finds no GPU)
+    assert "edge-runtime.service.d/gpu.conf" in str(no.value) and "install-service --profile" in str(no.value)
     engine = Engine.from_bundle(tiny_bundle, "nvidia-gpu", allow_cpu_fallback=True)
     assert engine.info.provider == "CPUExecutionProvider" and engine.decoder.device == "cpu"
     result = engine.complete(GenerationRequest(mode="complete", prompt="def f():", max_tokens=4, sampling=GREEDY))
     assert result.usage.completion_tokens == 4
+
+
+def test_a_jetson_profiles_tensorrt_cache_folder_that_cannot_be_made_drops_tensorrt_keeping_cudas_options(
+        gpu_fp16_bundle, tmp_path, monkeypatch, caplog):
+    """TensorRT's provider throws at creation when its engine cache folder cannot be made (a user
+    other than the service's, where /var/cache/edge-runtime is not theirs); onnxruntime's Python
+    then quietly makes the session again with a bare CUDA provider, losing the profile's CUDA
+    options (the arena that does not grow in powers of two on a Jetson's shared memory). The
+    engine makes the folder itself, or runs CUDA with its options and says which folder and why."""
+    import onnxruntime
+
+    from edge_runtime.profiles import profile_text
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    profile = tmp_path / "jetson-orin-nano.toml"
+    profile.write_text(profile_text("jetson-orin-nano").replace("/var/cache/edge-runtime/trt", str(blocked / "trt")))
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    real_session, asked = onnxruntime.InferenceSession, []
+
+    def session_on_the_cpu(path, sess_options=None, providers=None, **kwargs):
+        asked.append(providers)
+        return real_session(path, sess_options=sess_options, providers=["CPUExecutionProvider"], **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session_on_the_cpu)
+    with caplog.at_level("WARNING", logger="edge_runtime"):
+        Engine.from_bundle(gpu_fp16_bundle, profile, allow_cpu_fallback=True)
+    assert asked[0] == [("CUDAExecutionProvider", {"device_id": "0", "arena_extend_strategy": "kSameAsRequested"}),
+                        ("CPUExecutionProvider", {})]
+    assert f"cannot make TensorRT's engine cache folder {blocked / 'trt'}" in caplog.text
+
+    roomy = tmp_path / "cache" / "edge-runtime" / "trt"  # a folder this user can make: made, TensorRT kept
+    profile.write_text(profile_text("jetson-orin-nano").replace("/var/cache/edge-runtime/trt", str(roomy)))
+    Engine.from_bundle(gpu_fp16_bundle, profile, allow_cpu_fallback=True)
+    assert roomy.is_dir() and [name for name, _ in asked[1]] == ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                                                 "CPUExecutionProvider"]
 
 
 def test_the_gpu_profiles_cuda_graphs_are_off_for_a_bundle_whose_kv_cache_grows(tiny_checkpoint, tmp_path,
@@ -646,6 +707,39 @@ def test_an_int8_cache_bundle_that_fails_to_load_blames_the_version_only_when_it
         Engine.from_bundle(demo_int4_bundle)
     assert "Failed to allocate memory" in str(caught.value)
     assert ("needs onnxruntime 1.32 or newer" in str(caught.value)) == blamed
+
+
+@pytest.mark.parametrize("version, blamed", [("1.20.0", False), ("1.16.3", True)])
+def test_a_gpu_session_that_fails_on_an_onnxruntime_older_than_the_gpu_extras_says_so(
+        gpu_fp16_bundle, monkeypatch, version, blamed):
+    """A Jetson installs onnxruntime-gpu outside the gpu extra (NVIDIA's wheel), so pip does not hold
+    it to the extra's floor (1.20); JetPack 5's older wheels fail at load on the graph's operators
+    or the profile's options. The error says which version the GPU profiles need; on a version at
+    or above it, onnxruntime's own reason stands alone."""
+    import onnxruntime
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("Invalid TensorRT EP option: trt_timing_cache_path")
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", failing)
+    monkeypatch.setattr(onnxruntime, "__version__", version)
+    with pytest.raises(Exception) as caught:
+        Engine.from_bundle(gpu_fp16_bundle)
+    assert "Invalid TensorRT EP option: trt_timing_cache_path" in str(caught.value)
+    assert ("the GPU profiles need onnxruntime-gpu 1.20 or newer" in str(caught.value)) == blamed, caught.value
+
+
+def test_the_gpu_onnxruntime_floor_is_the_gpu_extras():
+    import re
+    from pathlib import Path
+
+    from edge_runtime.engine import GPU_ONNXRUNTIME
+
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    floor = re.search(r'^gpu = \["onnxruntime-gpu>=(\d+)\.(\d+)"\]', pyproject, re.MULTILINE)
+    assert floor and tuple(map(int, floor.groups())) == GPU_ONNXRUNTIME
 
 
 def test_a_profiles_session_config_reaches_the_onnxruntime_session(tiny_bundle, monkeypatch):

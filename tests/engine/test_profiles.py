@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pathlib
 import re
@@ -126,7 +127,7 @@ def test_profile_summary_is_one_line_with_the_essentials() -> None:
     assert "TensorrtExecutionProvider > CUDAExecutionProvider > CPUExecutionProvider" in line
     assert "16384" in line
     assert "48.0 GiB" in line
-    assert "5.0 GiB" in profile_summary(load_profile("jetson-orin-nano"))
+    assert "5.1 GiB" in profile_summary(load_profile("jetson-orin-nano"))
 
 
 def test_load_by_path_str_and_pathlike(tmp_path: pathlib.Path) -> None:
@@ -514,6 +515,36 @@ def test_detect_unrecognised_jetson_uses_the_conservative_profile(model: str | N
     assert (model or "R36") in reason
 
 
+# MemTotal of a 32 GB AGX Orin module and of a 64 GB one (the kernel keeps the carve-outs)
+_AGX_32GB_MEMORY = 30_425_000 * 1024
+_AGX_64GB_MEMORY = 64_335_000 * 1024
+
+
+def test_detect_a_32gb_agx_orin_says_the_profiles_budget_is_more_than_its_memory() -> None:
+    """jetson-orin-agx is budgeted for the 64 GB module, but the 32 GB one has the same
+    device-tree model: detect must say the budget would pass bundles this board cannot hold."""
+    facts = dataclasses.replace(_jetson("NVIDIA Jetson AGX Orin Developer Kit"), memory_bytes=_AGX_32GB_MEMORY)
+    profile, reason = detect_profile(facts)
+    assert profile.name == "jetson-orin-agx"
+    assert ("this machine has 29.0 GiB of memory, less than the jetson-orin-agx profile's memory budget of "
+            "48.0 GiB") in reason
+    assert "memory_budget_bytes" in reason and "--profile FILE" in reason
+    _, roomy = detect_profile(dataclasses.replace(facts, memory_bytes=_AGX_64GB_MEMORY))
+    assert "memory" not in roomy
+
+
+def test_gather_reads_the_memory_total(tmp_path: pathlib.Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       30425000 kB\nMemFree:        1000 kB\n")
+    facts = gather_machine_facts(machine="aarch64", device_tree_model=tmp_path / "absent",
+                                 tegra_release=tmp_path / "absent", nvidia_gpus_dir=tmp_path / "absent",
+                                 nvidia_smi=None, probe_onnxruntime=False, meminfo=meminfo)
+    assert facts.memory_bytes == _AGX_32GB_MEMORY
+    meminfo.write_text("garbage\n")
+    assert gather_machine_facts(machine="aarch64", nvidia_smi=None, probe_onnxruntime=False,
+                                meminfo=meminfo).memory_bytes is None
+
+
 def test_detect_jetson_without_tensorrt_says_so() -> None:
     facts = _jetson(
         "NVIDIA Jetson AGX Orin", providers=("CUDAExecutionProvider", "CPUExecutionProvider")
@@ -640,6 +671,7 @@ def test_gather_reads_injected_files(tmp_path: pathlib.Path) -> None:
         nvidia_gpus_dir=gpus,
         nvidia_smi=None,
         probe_onnxruntime=False,
+        meminfo=tmp_path / "absent",
     )
     assert facts == MachineFacts(
         arch="aarch64",
@@ -658,6 +690,7 @@ def test_gather_tolerates_absent_files_and_nvidia_smi(tmp_path: pathlib.Path) ->
         nvidia_gpus_dir=tmp_path / "absent",
         nvidia_smi=str(tmp_path / "no-nvidia-smi"),
         probe_onnxruntime=False,
+        meminfo=tmp_path / "absent",
     )
     assert facts == MachineFacts(arch="x86_64")
     assert not facts.is_jetson
