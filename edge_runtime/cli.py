@@ -220,7 +220,8 @@ def cmd_serve(args, engine_factory=None) -> int:
                                         allow_cpu_fallback=config.model.allow_cpu_fallback,
                                         pinned_sha256=config.model.bundle_sha256,
                                         prompt_cache=config.model.prompt_cache,
-                                        prompt_lookup=config.model.prompt_lookup)
+                                        prompt_lookup=config.model.prompt_lookup,
+                                        copy_weights=config.model.copy_weights)
             # the first request should not pay for the first runs (and on a GPU a KV cache that does
             # not fit fails here, before the daemon reports ready)
             notifier.status(f"warming up {config.model.bundle}")
