@@ -14,7 +14,8 @@ the same arguments changes nothing and says so):
    installed config, else the bundle's own (what the daemon will run);
 4. the bundle, verified first as the daemon verifies it at start (size and SHA-256
    of every file, `bundle.load_bundle`; a bundle that fails is refused before
-   anything is changed), then copied to ``/opt/edge-runtime/bundles/<name>``
+   anything is changed), then bundle.json and the files it lists (nothing else) copied to
+   ``/opt/edge-runtime/bundles/<name>`` through a new folder renamed into place
    (root-owned and read-only to the service under ``ProtectSystem=strict``);
 5. a ``--profile`` given as a TOML file, copied to ``/etc/edge-runtime/profiles/``
    (the service reads neither the operator's home nor paths relative to where this ran);
@@ -56,7 +57,7 @@ import sys
 import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .config import SERVICE_STATE_DIR
@@ -279,6 +280,24 @@ def _tree_signature(root: Path) -> dict[str, tuple[int, int]]:
             st = path.stat()
             sig[path.relative_to(root).as_posix()] = (st.st_size, st.st_mtime_ns)
     return sig
+
+
+def _bundle_files(source: Path, manifest: dict[str, Any]) -> dict[str, Path]:
+    """What installing a verified bundle copies: bundle.json and the files it lists (relative
+    path -> the file, resolved inside the bundle as verification resolved it). Nothing else:
+    the daemon reads no other file, and a link among the rest may point anywhere (a root-only
+    file copied world-readable) or nowhere."""
+    from .bundle import MANIFEST_NAME, safe_relative_path
+
+    files = {MANIFEST_NAME: source / MANIFEST_NAME}
+    for entry in manifest["files"]:
+        files[PurePosixPath(entry["path"]).as_posix()] = safe_relative_path(source, entry["path"], what="file")
+    return files
+
+
+def _files_signature(files: dict[str, Path]) -> dict[str, tuple[int, int]]:
+    """`_tree_signature` of the files `_bundle_files` names, as a copy of them has it."""
+    return {name: (st.st_size, st.st_mtime_ns) for name, st in sorted((n, p.stat()) for n, p in files.items())}
 
 
 # -- the installer --------------------------------------------------------------------------
@@ -506,14 +525,24 @@ class _Installer:
     def bundle_destination(self, source: Path) -> Path:
         return self.target(BUNDLES_DIR.lstrip("/")) / source.name
 
-    def install_bundle(self, source: Path) -> Path:
-        """Copy a verified bundle into place."""
+    def install_bundle(self, source: Path, manifest: dict[str, Any]) -> Path:
+        """Copy a verified bundle (bundle.json and the files it lists) into place: into a new
+        folder, renamed over the old one only once complete (a running daemon keeps the files
+        it mapped), the partial copy removed if the copy fails."""
+        from .bundle import unlisted_files
+
         dest = self.bundle_destination(source)
         shown = self.shown(dest)
         if dest.resolve() == source:
             self.step(f"bundle {shown}: already in place, skipped")
             return dest
-        if dest.is_dir() and _tree_signature(dest) == _tree_signature(source):
+        files = _bundle_files(source, manifest)
+        left_out = unlisted_files(source, manifest)
+        if left_out:
+            self.step(f"note: bundle {source}: {len(left_out)} files not listed in bundle.json are not installed "
+                      f"(the daemon reads none of them): {', '.join(left_out[:5])}"
+                      + (", ..." if len(left_out) > 5 else ""))
+        if dest.is_dir() and _tree_signature(dest) == _files_signature(files):
             self.step(f"bundle {shown}: unchanged, skipped")
             return dest
         replacing = dest.exists()
@@ -525,11 +554,22 @@ class _Installer:
             for leftover in (tmp, old):
                 if leftover.exists():
                     shutil.rmtree(leftover)
-            shutil.copytree(source, tmp, copy_function=shutil.copy2, symlinks=False)
-            for path in [tmp, *tmp.rglob("*")]:  # readable by the service user, writable by root only
-                os.chmod(path, 0o755 if path.is_dir() else 0o644)
-                if self.live and os.geteuid() == 0:
-                    os.chown(path, 0, 0)
+            try:
+                tmp.mkdir(mode=0o755)
+                for name, path in files.items():
+                    target = tmp / name
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(path, target)
+                for path in [tmp, *tmp.rglob("*")]:  # readable by the service user, writable by root only
+                    os.chmod(path, 0o755 if path.is_dir() else 0o644)
+                    if self.live and os.geteuid() == 0:
+                        os.chown(path, 0, 0)
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ConfigError(f"cannot copy the bundle to {self.shown(tmp)}: "
+                                  f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}; "
+                                  f"{'the installed bundle is unchanged' if replacing else 'nothing installed'} "
+                                  "and the partial copy removed") from None
             if replacing:
                 os.replace(dest, old)
             os.replace(tmp, dest)
@@ -537,6 +577,9 @@ class _Installer:
                 shutil.rmtree(old)
         self.did(f"bundle {shown}", f"{'replaced' if replacing else 'copied'} from {source}",
                  f"{'replace' if replacing else 'copy'} it from {source}")
+        if replacing:
+            self.step(f"note: a running {SERVICE_NAME} keeps serving the bundle it loaded until "
+                      f"`systemctl restart {SERVICE_NAME}`")
         return dest
 
     def check_kept_config(self, config: _KeptConfig, profile: str | None, bundle_profile: str | None,
@@ -805,7 +848,7 @@ def install_service(profile: str | None, bundle: Path | None, *, root: Path = Pa
     if source is None:
         inst.step("bundle: skipped (no --bundle)")
     elif verified:
-        installed_bundle = inst.install_bundle(source)
+        installed_bundle = inst.install_bundle(source, manifest)
     else:  # a dry run past a bundle that failed verification
         installed_bundle = inst.bundle_destination(source)
         inst.step(f"bundle {inst.shown(installed_bundle)}: would refuse to copy it (see the warning above)")

@@ -1133,3 +1133,78 @@ def test_install_service_refuses_an_installed_config_it_cannot_read(image_root):
         "warning: cannot read /etc/edge-runtime/config.toml (/etc/edge-runtime/config.toml: invalid TOML"), \
         result.stdout
     assert not (image_root / svc.UNIT_FILE).exists() and config.read_bytes() == before[svc.CONFIG_FILE][0]
+
+
+def test_install_service_copies_only_the_files_bundle_json_lists(image_root, bundle_dir, tmp_path):
+    """The installer copied the whole source folder as root, following links: a link in it to
+    a root-only file outside the bundle was installed as a world-readable copy under
+    /opt/edge-runtime/bundles, and a dangling one failed the install after everything else was
+    copied (a raw list of errors, the partial copy left behind). Only bundle.json and the files
+    it lists are installed (the daemon reads nothing else), and a note names what is not."""
+    secret = tmp_path / "secret"
+    secret.write_text("root only\n")
+    secret.chmod(0o600)
+    (bundle_dir / "notes").symlink_to(secret)
+    (bundle_dir / "gone").symlink_to(tmp_path / "nothing-here")
+    (bundle_dir / "model.onnx.data.bak").write_bytes(b"old weights")
+    steps = svc.install_service("cpu-x86_64", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    bundles = image_root / "opt/edge-runtime/bundles"
+    installed = bundles / bundle_dir.name
+    assert [p.name for p in bundles.iterdir()] == [bundle_dir.name]  # no partial copy beside it
+    assert sorted(p.relative_to(installed).as_posix() for p in installed.rglob("*")) == [
+        "bundle.json", "model.onnx", "model.onnx.data", "tokenizer", "tokenizer/tokenizer.json"]
+    for name in ("bundle.json", "model.onnx", "model.onnx.data", "tokenizer/tokenizer.json"):
+        assert (installed / name).read_bytes() == (bundle_dir / name).read_bytes()
+    assert (f"note: bundle {bundle_dir}: 3 files not listed in bundle.json are not installed (the daemon reads "
+            "none of them): gone, model.onnx.data.bak, notes") in steps, steps
+    from edge_runtime.bundle import load_bundle
+
+    assert load_bundle(installed).manifest == load_bundle(bundle_dir).manifest
+    again = svc.install_service("cpu-x86_64", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    assert f"bundle /opt/edge-runtime/bundles/{bundle_dir.name}: unchanged, skipped" in again, again
+
+
+@pytest.fixture
+def small_bundles_fs(image_root):
+    """/opt/edge-runtime/bundles of the image on a tmpfs with room for one copy of the test
+    bundle (its four files, a 4 KiB page each) and not two."""
+    mnt = image_root / "opt/edge-runtime/bundles"
+    mnt.mkdir(parents=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_bundle_copy_that_runs_out_of_space_leaves_the_installed_one_and_no_partial_copy(
+        image_root, tmp_path, small_bundles_fs):
+    """A new bundle of the same name on a disk with room for one: the copy fails (ENOSPC). The
+    partial copy was left beside the installed bundle (gigabytes for a real one, on a full disk)
+    with a raw list of errors; now it is removed, the message says the installed bundle is
+    unchanged, and that one still verifies."""
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.errors import ConfigError
+
+    old = write_bundle(tmp_path / "v1" / "codellama", profile="cpu-x86_64")
+    svc.install_service("cpu-x86_64", old, root=image_root, run=FakeRun(), executable=EXE)
+    installed = small_bundles_fs / "codellama"
+    old_manifest = load_bundle(installed).manifest_sha256
+
+    new = write_bundle(tmp_path / "v2" / "codellama", profile="cpu-x86_64")
+    (new / "model.onnx.data").write_bytes(bytes(range(256)) * 17)  # another bundle: a bigger weights file
+    (new / "bundle.json").write_text((new / "bundle.json").read_text().replace('"fp32"', '"fp32" '))
+    from edge_runtime.bundle import sha256_file
+
+    manifest = json.loads((new / "bundle.json").read_text())
+    for entry in manifest["files"]:
+        entry["size"] = (new / entry["path"]).stat().st_size
+        entry["sha256"] = sha256_file(new / entry["path"])
+    (new / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError) as refused:
+        svc.install_service("cpu-x86_64", new, root=image_root, run=FakeRun(), executable=EXE)
+    assert "cannot copy the bundle to /opt/edge-runtime/bundles/.codellama.tmp-install: No space left on device" \
+        in str(refused.value)
+    assert "the installed bundle is unchanged and the partial copy removed" in str(refused.value)
+    assert sorted(p.name for p in small_bundles_fs.iterdir()) == ["codellama"]
+    assert load_bundle(installed).manifest_sha256 == old_manifest
