@@ -282,6 +282,19 @@ def _tree_signature(root: Path) -> dict[str, tuple[int, int]]:
     return sig
 
 
+def _make_dirs(path: Path) -> None:
+    """Create `path` and its missing parents, each mode 0755 whatever root's umask (a hardened
+    umask 027 or 077 made /etc/edge-runtime or /opt/edge-runtime root-only: the service user
+    could reach neither its config nor its bundle). Folders that exist are left as they are."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir()
+        os.chmod(folder, 0o755)
+
+
 def _bundle_files(source: Path, manifest: dict[str, Any]) -> dict[str, Path]:
     """What installing a verified bundle copies: bundle.json and the files it lists (relative
     path -> the file, resolved inside the bundle as verification resolved it). Nothing else:
@@ -499,7 +512,7 @@ class _Installer:
         else:
             verb, would = "installed", "install it"
         if not self.dry_run:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            _make_dirs(path.parent)
             tmp = path.with_name(f".{path.name}.tmp-install")
             tmp.write_text(content, encoding="utf-8")
             os.chmod(tmp, mode)
@@ -547,7 +560,7 @@ class _Installer:
             return dest
         replacing = dest.exists()
         if not self.dry_run:
-            dest.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            _make_dirs(dest.parent)
             os.chmod(dest.parent, 0o755)
             tmp = dest.with_name(f".{dest.name}.tmp-install")
             old = dest.with_name(f".{dest.name}.old-install")

@@ -1208,3 +1208,29 @@ def test_a_bundle_copy_that_runs_out_of_space_leaves_the_installed_one_and_no_pa
     assert "the installed bundle is unchanged and the partial copy removed" in str(refused.value)
     assert sorted(p.name for p in small_bundles_fs.iterdir()) == ["codellama"]
     assert load_bundle(installed).manifest_sha256 == old_manifest
+
+
+def test_install_service_makes_its_folders_readable_to_the_service_under_a_strict_umask(tmp_path):
+    """Root with a hardened umask (077 here; CIS asks for 027): the folders install-service made
+    were root-only (/etc/edge-runtime 0700, /opt/edge-runtime 0700): the service user could reach
+    neither its config nor its bundle. The folders it makes are 0755 whatever the umask."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (root / "etc" / "group").write_text("root:x:0:\n")
+    exe = root / "usr/bin/edge-runtime"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/usr/bin/python3\n")
+    exe.chmod(0o755)
+    bundle = write_bundle(tmp_path / "codellama", profile="cpu-x86_64")
+    previous = os.umask(0o077)
+    try:
+        svc.install_service("cpu-x86_64", bundle, root=root, run=FakeRun(), executable="/usr/bin/edge-runtime")
+    finally:
+        os.umask(previous)
+    for folder in ("opt", "opt/edge-runtime", "opt/edge-runtime/bundles", "opt/edge-runtime/bundles/codellama",
+                   "opt/edge-runtime/bundles/codellama/tokenizer", "etc/edge-runtime", "etc/systemd",
+                   "etc/systemd/system"):
+        assert oct((root / folder).stat().st_mode & 0o777) == "0o755", folder
+    for file in (svc.CONFIG_FILE, svc.UNIT_FILE, "opt/edge-runtime/bundles/codellama/model.onnx.data"):
+        assert oct((root / file).stat().st_mode & 0o777) == "0o644", file
