@@ -1,7 +1,8 @@
 """`edge-runtime install-service`: put the daemon in its places as a systemd service.
 
 What it does, each step printed as done or skipped (idempotent: a second run with
-the same arguments changes nothing and says so):
+the same arguments changes nothing and says so, except that an installed bundle whose
+files no longer match their hashes is copied again):
 
 1. the system user ``edge-runtime`` (``useradd --system``; skipped if it exists);
 2. the unit ``/etc/systemd/system/edge-runtime.service``, its ``ExecStart=``
@@ -556,8 +557,21 @@ class _Installer:
                       f"(the daemon reads none of them): {', '.join(left_out[:5])}"
                       + (", ..." if len(left_out) > 5 else ""))
         if dest.is_dir() and _tree_signature(dest) == _files_signature(files):
-            self.step(f"bundle {shown}: unchanged, skipped")
-            return dest
+            # the same names, sizes and times; the bytes may still have changed since (a bad SD
+            # card, a copy over it that kept the times): the daemon would refuse it at every start
+            from .bundle import MANIFEST_NAME, verify_files
+
+            self.step(f"bundle {shown}: the same files as {source} by name, size and time; checking their SHA-256 "
+                      "too (the installed copy may have changed since)")
+            try:
+                if (dest / MANIFEST_NAME).read_bytes() != (source / MANIFEST_NAME).read_bytes():
+                    raise BundleError(f"its {MANIFEST_NAME} differs from the source's")
+                verify_files(dest, manifest)
+            except (BundleError, OSError) as exc:
+                self.step(f"bundle {shown}: the installed copy fails verification ({exc}); copying it again")
+            else:
+                self.step(f"bundle {shown}: unchanged, skipped")
+                return dest
         replacing = dest.exists()
         if not self.dry_run:
             _make_dirs(dest.parent)

@@ -1234,3 +1234,32 @@ def test_install_service_makes_its_folders_readable_to_the_service_under_a_stric
         assert oct((root / folder).stat().st_mode & 0o777) == "0o755", folder
     for file in (svc.CONFIG_FILE, svc.UNIT_FILE, "opt/edge-runtime/bundles/codellama/model.onnx.data"):
         assert oct((root / file).stat().st_mode & 0o777) == "0o644", file
+
+
+def test_install_service_again_repairs_an_installed_bundle_that_changed_in_place(image_root, bundle_dir):
+    """A byte of the installed weights changed, size and time kept (a failing SD card, a copy
+    over it that kept the times): the daemon refuses it at start and says to copy the bundle
+    again, but install-service compared names, sizes and times only and said 'unchanged,
+    skipped', so the device stayed down. It checks the installed copy's hashes too and copies
+    the bundle again."""
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.errors import BundleError
+
+    svc.install_service("cpu-x86_64", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    installed = image_root / "opt/edge-runtime/bundles" / bundle_dir.name
+    weights = installed / "model.onnx.data"
+    st = weights.stat()
+    raw = bytearray(weights.read_bytes())
+    raw[10] ^= 0x01
+    weights.write_bytes(bytes(raw))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(BundleError, match="model.onnx.data: SHA-256 does not match"):
+        load_bundle(installed)
+    steps = svc.install_service("cpu-x86_64", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    shown = f"bundle /opt/edge-runtime/bundles/{bundle_dir.name}"
+    assert any(s.startswith(f"{shown}: the installed copy fails verification (model.onnx.data: SHA-256 does not "
+                            "match") for s in steps), steps
+    assert f"{shown}: replaced from {bundle_dir}" in steps, steps
+    assert load_bundle(installed).manifest_sha256 == load_bundle(bundle_dir).manifest_sha256
+    again = svc.install_service("cpu-x86_64", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    assert f"{shown}: unchanged, skipped" in again and again[-1].startswith("nothing to do"), again
