@@ -62,7 +62,8 @@ class ModelConfig:
     # Copy the weights into the daemon's own memory at load instead of mapping the bundle's
     # weights file (onnxruntime's default): a weights file rewritten or cut short under the
     # running daemon (an in-place `cp`) then changes nothing, where mapped it changes the answers
-    # or kills the daemon with SIGBUS. The weights then take memory the kernel cannot drop.
+    # or kills the daemon with SIGBUS. It can cost memory: a weight used in place from the mapped
+    # file (page cache) is then a copy in the daemon's own memory.
     copy_weights: bool = False
 
 
