@@ -194,7 +194,7 @@ def cmd_serve(args, engine_factory=None) -> int:
     from .policy import load_policy
     from .bundle import load_time_budget_s
     from .sdnotify import ReadyAnnouncer, StartExtender, SystemdNotifier, Watchdog
-    from .service import EdgeService
+    from .service import SIGHUP_EXIT_STATUS, EdgeService
 
     try:
         config = load_config(Path(args.config) if args.config else None, serve_overrides(args))
@@ -262,7 +262,7 @@ def cmd_serve(args, engine_factory=None) -> int:
         if watchdog is not None:
             watchdog.stop()
         notifier.close()
-    return 0
+    return SIGHUP_EXIT_STATUS if service.stop_signal == signal.SIGHUP else 0
 
 
 def cmd_ask(args) -> int:
