@@ -131,6 +131,8 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile, *,
     try:
         with weights_copied_at_load(options, bundle) if copy_weights else contextlib.nullcontext():
             session, choice = open_session(ort, bundle, options, choice)
+            if copy_weights:  # onnxruntime's fallback after a provider failure in a run makes the session
+                session.disable_fallback()  # again from `options`, whose buffers are released on exit
     except Exception as exc:
         if bundle_kv_dtype(bundle, profile.kv_cache.dtype) == "int8" and _version(ort.__version__) < (1, 32):
             raise BundleError(f"{bundle.root} keeps an int8 KV cache, which onnxruntime {ort.__version__} could not "
