@@ -311,7 +311,8 @@ def _bundle_files(source: Path, manifest: dict[str, Any]) -> dict[str, Path]:
 
 def _files_signature(files: dict[str, Path]) -> dict[str, tuple[int, int]]:
     """`_tree_signature` of the files `_bundle_files` names, as a copy of them has it."""
-    return {name: (st.st_size, st.st_mtime_ns) for name, st in sorted((n, p.stat()) for n, p in files.items())}
+    stats = {name: path.stat() for name, path in sorted(files.items())}
+    return {name: (st.st_size, st.st_mtime_ns) for name, st in stats.items()}
 
 
 # -- the installer --------------------------------------------------------------------------
