@@ -15,7 +15,8 @@ files no longer match their hashes is copied again):
    installed config, else the bundle's own (what the daemon will run);
 4. the bundle, verified first as the daemon verifies it at start (size and SHA-256
    of every file, `bundle.load_bundle`; a bundle that fails is refused before
-   anything is changed), then bundle.json and the files it lists (nothing else) copied to
+   anything is changed, as is one over the memory budget of the profile the daemon will
+   run, unless the kept config sets [model] check_memory = false), then bundle.json and the files it lists (nothing else) copied to
    ``/opt/edge-runtime/bundles/<name>`` through a new folder renamed into place
    (root-owned and read-only to the service under ``ProtectSystem=strict``);
 5. a ``--profile`` given as a TOML file, copied to ``/etc/edge-runtime/profiles/``
@@ -251,6 +252,7 @@ class _KeptConfig:
     model_profile: str | None
     state_dir: str | None
     bundle_sha256: str | None = None  # [model] bundle_sha256: the pinned bundle.json
+    check_memory: bool = True  # [model] check_memory: false starts a bundle over the profile's budget
     readable: bool = True  # False: the file exists but is not valid TOML
     problem: str = ""  # why it is not readable
 
@@ -426,8 +428,10 @@ class _Installer:
             value = section.get(key) if isinstance(section, dict) else None
             return value if isinstance(value, str) else None
 
+        model = data.get("model")
         return _KeptConfig(model_bundle=text("model", "bundle"), model_profile=text("model", "profile"),
-                           state_dir=text("service", "state_dir"), bundle_sha256=text("model", "bundle_sha256"))
+                           state_dir=text("service", "state_dir"), bundle_sha256=text("model", "bundle_sha256"),
+                           check_memory=not (isinstance(model, dict) and model.get("check_memory") is False))
 
     def config_bundle_profile(self, config: _KeptConfig) -> str | None:
         """The profile recorded by the bundle the installed config names, if it can be read."""
@@ -442,17 +446,17 @@ class _Installer:
         return _manifest_profile(manifest)
 
     # -- steps
-    def verify_bundle(self, source: Path) -> tuple[dict[str, Any] | None, str | None, bool]:
+    def verify_bundle(self, source: Path) -> tuple[dict[str, Any] | None, str | None, Any]:
         """Verify `source` as the daemon does at start (`bundle.load_bundle`): its manifest and
-        the manifest's SHA-256 (None when unreadable), and whether it passed. A failure is
-        refused (`refuse`)."""
+        the manifest's SHA-256 (None when unreadable), and the verified `Bundle` (None when it
+        failed). A failure is refused (`refuse`)."""
         from .bundle import listed_bytes, load_bundle, read_manifest
 
         try:
             manifest, manifest_sha = read_manifest(source)
         except BundleError as exc:
             self.refuse(exc)
-            return None, None, False
+            return None, None, None
         files = manifest.get("files") if isinstance(manifest.get("files"), list) else []
         self.step(f"bundle {source}: verifying the size and SHA-256 of its {len(files)} files "
                   f"({human_bytes(listed_bytes(manifest))}) against bundle.json, as the daemon does at start (a "
@@ -461,12 +465,32 @@ class _Installer:
             bundle = load_bundle(source)
         except BundleError as exc:
             self.refuse(exc)
-            return manifest, manifest_sha, False
+            return manifest, manifest_sha, None
         if bundle.manifest_sha256 != manifest_sha:  # still being copied or written: not the one described above
             self.refuse(BundleError(f"bundle {source}: bundle.json changed while it was verified; install it once "
                                     "it is complete"))
-            return manifest, manifest_sha, False
-        return bundle.manifest, manifest_sha, True
+            return manifest, manifest_sha, None
+        return bundle.manifest, manifest_sha, bundle
+
+    def check_bundle_fits(self, bundle, profile: str, config: _KeptConfig | None) -> None:
+        """Refuse (`refuse`) a bundle that does not fit `profile`'s memory budget, which the daemon
+        refuses at start too (`memory_fit.check_bundle_fits`), unless the kept config sets
+        [model] check_memory = false. A profile this run cannot load is left to the daemon."""
+        from .memory_fit import MemoryBudgetExceeded, check_bundle_fits
+        from .profiles import load_profile
+
+        if config is not None and not config.check_memory:
+            return
+        try:
+            loaded = load_profile(profile)
+        except (ConfigError, ImportError):
+            return
+        try:
+            check_bundle_fits(bundle, loaded)
+        except MemoryBudgetExceeded as exc:
+            self.refuse(ConfigError(f"bundle {bundle.root}: {exc}. The daemon checks this at start and would refuse "
+                                    f"it (set [model] check_memory = false in {self.shown(self.target(CONFIG_FILE))} "
+                                    "to start it anyway)"))
 
     def check_user_database(self) -> None:
         """Under --root, the image's etc/passwd and etc/group that `useradd --prefix` adds the
@@ -754,6 +778,20 @@ def _deciding_profile(inst: _Installer, profile: str | None, config: _KeptConfig
     return gpu
 
 
+def _running_profile(inst: _Installer, profile: str | None, config: _KeptConfig | None,
+                     bundle_profile: str | None) -> str | None:
+    """The profile the daemon will run, as `load_profile` takes it (a TOML path of the installed
+    system inside the tree), by `_deciding_profile`'s order; None where that is not known."""
+    if profile is not None:
+        return profile
+    if config is not None and not config.readable:
+        return None
+    if config is not None and config.model_profile is not None:
+        name = config.model_profile
+        return str(inst.on_target(name, inst.root)) if name.startswith("/") else name
+    return bundle_profile
+
+
 def _loaded_kind(inst: _Installer, loadable: str, name: str) -> bool | None:
     """`is_gpu_profile` of a profile this run did not choose; one it cannot load is GPU when
     its name says so (nvidia-gpu, jetson-*), else unknown (None, with a warning): a custom
@@ -846,11 +884,14 @@ def install_service(profile: str | None, bundle: Path | None, *, root: Path = Pa
             f"install-service never overwrites it: fix it, or move it aside "
             f"({shlex.join(['mv', str(path), f'{path}.bad'])}) and run install-service again to write a fresh "
             f"sample"))
-    manifest, manifest_sha, verified = inst.verify_bundle(source) if source is not None else (None, None, False)
+    manifest, manifest_sha, verified = inst.verify_bundle(source) if source is not None else (None, None, None)
     bundle_profile = _manifest_profile(manifest)
     if bundle_profile is None and source is None and config is not None:
         bundle_profile = inst.config_bundle_profile(config)
     gpu = _deciding_profile(inst, profile, config, bundle_profile)
+    running = _running_profile(inst, profile, config, bundle_profile)
+    if verified is not None and running is not None:
+        inst.check_bundle_fits(verified, running, config)
 
     inst.ensure_user()
     unit_changed = inst.ensure_file(UNIT_FILE, render_unit(exec_path), 0o644)

@@ -1263,3 +1263,41 @@ def test_install_service_again_repairs_an_installed_bundle_that_changed_in_place
     assert load_bundle(installed).manifest_sha256 == load_bundle(bundle_dir).manifest_sha256
     again = svc.install_service("cpu-x86_64", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
     assert f"{shown}: unchanged, skipped" in again and again[-1].startswith("nothing to do"), again
+
+
+def test_install_service_refuses_a_bundle_the_daemon_would_refuse_for_its_memory(image_root, cpu_bundle_dir,
+                                                                                 tmp_path):
+    """install-service verified only the hashes, and the daemon checks at start that the bundle
+    fits its profile's memory budget too: a bundle too big for the device was installed (over the
+    one of the same name, which was then gone) and the service refused to start at every try.
+    It is refused before anything is changed, with the daemon's numbers; a kept config with
+    [model] check_memory = false (the daemon then starts it anyway) lets it through."""
+    from edge_runtime.errors import ConfigError
+    from edge_runtime.memory_fit import MemoryBudgetExceeded, bundle_plan
+
+    board = tmp_path / "small-board.toml"
+    cpu = (REPO / "device_profiles" / "cpu-x86_64.toml").read_text()
+    board.write_text(cpu.replace('name = "cpu-x86_64"', 'name = "small-board"')
+                     .replace("memory_budget_bytes = 17179869184", "memory_budget_bytes = 65536"))
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.profiles import load_profile
+
+    plan = bundle_plan(load_bundle(cpu_bundle_dir), load_profile(str(board)))
+    assert not plan.fits  # the daemon's own check refuses it
+    before = snapshot(image_root)
+    run = FakeRun()
+    with pytest.raises(ConfigError) as refused:
+        svc.install_service(str(board), cpu_bundle_dir, root=image_root, run=run, executable=EXE)
+    assert str(MemoryBudgetExceeded(plan)) in str(refused.value)
+    assert "set [model] check_memory = false in /etc/edge-runtime/config.toml to start it anyway" in str(refused.value)
+    assert run.calls == [] and snapshot(image_root) == before
+    with pytest.raises(svc.DryRunRefused) as dry:
+        svc.install_service(str(board), cpu_bundle_dir, root=image_root, run=FakeRun(), executable=EXE, dry_run=True)
+    assert any(s.startswith("warning: a real run would stop here: ") and "does not fit" in s for s in dry.value.steps)
+
+    config = image_root / svc.CONFIG_FILE
+    config.parent.mkdir(parents=True)
+    config.write_text(svc.render_config(f"/opt/edge-runtime/bundles/{cpu_bundle_dir.name}", None)
+                      .replace("[model]\n", "[model]\ncheck_memory = false\n"))
+    steps = svc.install_service(str(board), cpu_bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    assert f"bundle /opt/edge-runtime/bundles/{cpu_bundle_dir.name}: copied from {cpu_bundle_dir}" in steps, steps
