@@ -193,7 +193,7 @@ def cmd_serve(args, engine_factory=None) -> int:
     from .policy import load_policy
     from .bundle import load_time_budget_s
     from .sdnotify import ReadyAnnouncer, StartExtender, SystemdNotifier, Watchdog
-    from .service import EdgeService
+    from .service import SIGHUP_EXIT_STATUS, EdgeService
 
     try:
         config = load_config(Path(args.config) if args.config else None, serve_overrides(args))
@@ -219,7 +219,8 @@ def cmd_serve(args, engine_factory=None) -> int:
                                         allow_cpu_fallback=config.model.allow_cpu_fallback,
                                         pinned_sha256=config.model.bundle_sha256,
                                         prompt_cache=config.model.prompt_cache,
-                                        prompt_lookup=config.model.prompt_lookup)
+                                        prompt_lookup=config.model.prompt_lookup,
+                                        copy_weights=config.model.copy_weights)
             # the first request should not pay for the first runs (and on a GPU a KV cache that does
             # not fit fails here, before the daemon reports ready)
             notifier.status(f"warming up {config.model.bundle}")
@@ -260,7 +261,7 @@ def cmd_serve(args, engine_factory=None) -> int:
         if watchdog is not None:
             watchdog.stop()
         notifier.close()
-    return 0
+    return SIGHUP_EXIT_STATUS if service.stop_signal == signal.SIGHUP else 0
 
 
 def cmd_ask(args) -> int:

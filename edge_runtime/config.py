@@ -2,7 +2,8 @@
 plus overrides (command-line flags win over the file), validated at start-up
 with errors that name the dotted key.
 
-    [model]    bundle, profile
+    [model]    bundle, profile, check_memory, allow_cpu_fallback, bundle_sha256, prompt_cache,
+               prompt_lookup, copy_weights
     [mqtt]     broker, device_id, fleet_group, username, password_file,
                tls_ca, tls_cert, tls_key, protocol, keepalive, session_expiry_s
     [limits]   max_payload_bytes, max_prompt_chars, max_tokens, queue_depth,
@@ -58,6 +59,12 @@ class ModelConfig:
     # fewer decode steps where the answer repeats the context; greedy the same tokens, sampled the
     # same distribution.
     prompt_lookup: bool = True
+    # Copy the weights into the daemon's own memory at load instead of mapping the bundle's
+    # weights file (onnxruntime's default): a weights file rewritten or cut short under the
+    # running daemon (an in-place `cp`) then changes nothing, where mapped it changes the answers
+    # or kills the daemon with SIGBUS. It can cost memory: a weight used in place from the mapped
+    # file (page cache) is then a copy in the daemon's own memory.
+    copy_weights: bool = False
 
 
 @dataclass(frozen=True)

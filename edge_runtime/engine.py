@@ -12,9 +12,11 @@ sampling.py) -> detokenizer -> stop strings -> chunks -> result.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import mmap
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from . import generator
-from .bundle import FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, Bundle, Family, load_bundle, manifest_profile_name
+from .bundle import (FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, Bundle, Family, external_data_extents,
+                     load_bundle, manifest_profile_name, safe_relative_path)
 from .detokenizer import IncrementalDetokenizer
 from .errors import BadRequest, BundleError, ConfigError, ContextLengthExceeded, DeadlineExceeded, UnsupportedMode
 from .gqa_decoder import SharedKVDecoder, check_kv_dtype_for_device, graph_max_length
@@ -108,7 +111,11 @@ def bundle_tokenizer(bundle: Bundle) -> CodeLlamaTokenizer:
     return tokenizer
 
 
-def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, ProviderChoice]:
+def make_session(ort, bundle: Bundle, profile: DeviceProfile, *,
+                 copy_weights: bool = False) -> tuple[object, ProviderChoice]:
+    """The bundle's onnxruntime session for `profile`. `copy_weights`: the session holds its own
+    copy of the weights (`weights_copied_at_load`) instead of mapping the bundle's external-data
+    file, which onnxruntime does by default."""
     available = list(ort.get_available_providers())
     trt_problem = tensorrt_cache_problem(profile.ort_providers()) if "TensorrtExecutionProvider" in available else None
     if trt_problem:  # its provider would throw, and onnxruntime would retry with a bare CUDA provider
@@ -134,7 +141,12 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile) -> tuple[object, P
                     "for the faster decode)", profile.name, bundle.root, bundle.graph_flavour)
         choice = without_cuda_graph(choice)
     try:
-        session, choice = open_session(ort, bundle, options, choice)
+        with weights_copied_at_load(options, bundle) if copy_weights else contextlib.nullcontext():
+            session, choice = open_session(ort, bundle, options, choice)
+            # onnxruntime's Python session, when a provider fails in a run, makes itself again on the
+            # next providers (CUDA, then the CPU): the silent fallback a GPU profile forbids, and
+            # from `options`, whose buffers copy_weights releases on exit. A failed run fails.
+            session.disable_fallback()
     except Exception as exc:
         if bundle_kv_dtype(bundle, profile.kv_cache.dtype) == "int8" and _version(ort.__version__) < (1, 32):
             raise BundleError(f"{bundle.root} keeps an int8 KV cache, which onnxruntime {ort.__version__} could not "
@@ -163,6 +175,28 @@ def _version(text: str) -> tuple[int, ...]:
         digits = "".join(c for c in piece if c.isdigit())
         parts.append(int(digits) if digits else 0)
     return tuple(parts)
+
+
+@contextlib.contextmanager
+def weights_copied_at_load(options, bundle: Bundle) -> Iterator[None]:
+    """While open: the session options hand onnxruntime the bundle's external-data files as
+    buffers (`add_external_initializers_from_files_in_memory`), which it copies into the session
+    as it is created, so the session keeps no mapping of the files: one rewritten or cut short
+    under the loaded engine changes nothing (mapped, a cut-short file is SIGBUS at the next step).
+    The buffers are read-only maps of the files, released on exit: `options` must create no
+    session after that (onnxruntime keeps the pointers: a later session would read freed memory)."""
+    names, buffers = [], []
+    with contextlib.ExitStack() as stack:
+        for location in external_data_extents(bundle.graph_path):
+            path = safe_relative_path(bundle.root, location, what="external data file")
+            with open(path, "rb") as f:
+                size = f.seek(0, 2)
+                buffer = stack.enter_context(mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)) if size else b""
+            names.append(location)
+            buffers.append(buffer)
+        if names:
+            options.add_external_initializers_from_files_in_memory(names, buffers, [len(b) for b in buffers])
+        yield
 
 
 def open_session(ort, bundle: Bundle, options, choice: ProviderChoice) -> tuple[object, ProviderChoice]:
@@ -254,7 +288,7 @@ class Engine:
     def from_bundle(cls, path: str | Path, profile: str | Path | DeviceProfile | None = None, *,
                     check_memory: bool = True, allow_cpu_fallback: bool | None = None,
                     pinned_sha256: str | None = None, prompt_cache: str = "client",
-                    prompt_lookup: bool = True) -> "Engine":
+                    prompt_lookup: bool = True, copy_weights: bool = False) -> "Engine":
         """Verify every file of the bundle, check that it fits the profile's memory budget
         at the context limit (MemoryBudgetExceeded with the numbers otherwise; see
         memory_fit.py), then create the onnxruntime session with the profile's providers
@@ -262,7 +296,9 @@ class Engine:
         profile's: whether a GPU profile may run on the CPU provider when its GPU one is missing.
         `pinned_sha256`: the SHA-256 the bundle's bundle.json must have. `prompt_cache`: whose
         previous request's prompt a request may reuse the keys and values of, "client" (the
-        same `client_id`'s), "shared" or "off" (PROMPT_CACHE_SCOPES; the fused graph only)."""
+        same `client_id`'s), "shared" or "off" (PROMPT_CACHE_SCOPES; the fused graph only).
+        `copy_weights`: the session copies the weights into its own memory at load instead of
+        mapping the bundle's weights file (`weights_copied_at_load`)."""
         ort = import_onnxruntime()
         if not isinstance(profile, DeviceProfile):  # before the (slow) hashing: a wrong name stops at once
             profile = load_profile(profile or manifest_profile_name(path))
@@ -279,7 +315,10 @@ class Engine:
                               f"({bundle.int8_kernel_rows}) is not below half the prefill chunk of {PREFILL_CHUNK} "
                               "tokens: a long prompt's last chunk would run the int8 kernel; re-export the bundle")
         tokenizer = bundle_tokenizer(bundle)  # before the (slow) session: a broken file stops at once
-        session, choice = make_session(ort, bundle, profile)
+        session, choice = make_session(ort, bundle, profile, copy_weights=copy_weights)
+        if copy_weights:
+            log.info("weights: copied into the daemon's memory at load (copy_weights); the bundle's files are not "
+                     "mapped")
         # the fused graph prefills long prompts in chunks: bounded attention scratch (memory_fit.py counts it)
         extra = ({"prefill_chunk": PREFILL_CHUNK, "cuda_graph": uses_cuda_graph(choice)}
                  if bundle.graph_flavour == FLAVOUR_GQA_SHARED_KV else {})

@@ -1,7 +1,8 @@
 """`edge-runtime install-service`: put the daemon in its places as a systemd service.
 
 What it does, each step printed as done or skipped (idempotent: a second run with
-the same arguments changes nothing and says so):
+the same arguments changes nothing and says so, except that an installed bundle whose
+files no longer match their hashes is copied again):
 
 1. the system user ``edge-runtime`` (``useradd --system``; skipped if it exists);
 2. the unit ``/etc/systemd/system/edge-runtime.service``, its ``ExecStart=``
@@ -14,7 +15,9 @@ the same arguments changes nothing and says so):
    installed config, else the bundle's own (what the daemon will run);
 4. the bundle, verified first as the daemon verifies it at start (size and SHA-256
    of every file, `bundle.load_bundle`; a bundle that fails is refused before
-   anything is changed), then copied to ``/opt/edge-runtime/bundles/<name>``
+   anything is changed, as is one over the memory budget of the profile the daemon will
+   run, unless the kept config sets [model] check_memory = false), then bundle.json and the files it lists (nothing else) copied to
+   ``/opt/edge-runtime/bundles/<name>`` through a new folder renamed into place
    (root-owned and read-only to the service under ``ProtectSystem=strict``);
 5. a ``--profile`` given as a TOML file, copied to ``/etc/edge-runtime/profiles/``
    (the service reads neither the operator's home nor paths relative to where this ran);
@@ -56,7 +59,7 @@ import sys
 import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .config import SERVICE_STATE_DIR
@@ -249,6 +252,7 @@ class _KeptConfig:
     model_profile: str | None
     state_dir: str | None
     bundle_sha256: str | None = None  # [model] bundle_sha256: the pinned bundle.json
+    check_memory: bool = True  # [model] check_memory: false starts a bundle over the profile's budget
     readable: bool = True  # False: the file exists but is not valid TOML
     problem: str = ""  # why it is not readable
 
@@ -279,6 +283,38 @@ def _tree_signature(root: Path) -> dict[str, tuple[int, int]]:
             st = path.stat()
             sig[path.relative_to(root).as_posix()] = (st.st_size, st.st_mtime_ns)
     return sig
+
+
+def _make_dirs(path: Path) -> None:
+    """Create `path` and its missing parents, each mode 0755 whatever root's umask (a hardened
+    umask 027 or 077 made /etc/edge-runtime or /opt/edge-runtime root-only: the service user
+    could reach neither its config nor its bundle). Folders that exist are left as they are."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir()
+        os.chmod(folder, 0o755)
+
+
+def _bundle_files(source: Path, manifest: dict[str, Any]) -> dict[str, Path]:
+    """What installing a verified bundle copies: bundle.json and the files it lists (relative
+    path -> the file, resolved inside the bundle as verification resolved it). Nothing else:
+    the daemon reads no other file, and a link among the rest may point anywhere (a root-only
+    file copied world-readable) or nowhere."""
+    from .bundle import MANIFEST_NAME, safe_relative_path
+
+    files = {MANIFEST_NAME: source / MANIFEST_NAME}
+    for entry in manifest["files"]:
+        files[PurePosixPath(entry["path"]).as_posix()] = safe_relative_path(source, entry["path"], what="file")
+    return files
+
+
+def _files_signature(files: dict[str, Path]) -> dict[str, tuple[int, int]]:
+    """`_tree_signature` of the files `_bundle_files` names, as a copy of them has it."""
+    stats = {name: path.stat() for name, path in sorted(files.items())}
+    return {name: (st.st_size, st.st_mtime_ns) for name, st in stats.items()}
 
 
 # -- the installer --------------------------------------------------------------------------
@@ -392,8 +428,10 @@ class _Installer:
             value = section.get(key) if isinstance(section, dict) else None
             return value if isinstance(value, str) else None
 
+        model = data.get("model")
         return _KeptConfig(model_bundle=text("model", "bundle"), model_profile=text("model", "profile"),
-                           state_dir=text("service", "state_dir"), bundle_sha256=text("model", "bundle_sha256"))
+                           state_dir=text("service", "state_dir"), bundle_sha256=text("model", "bundle_sha256"),
+                           check_memory=not (isinstance(model, dict) and model.get("check_memory") is False))
 
     def config_bundle_profile(self, config: _KeptConfig) -> str | None:
         """The profile recorded by the bundle the installed config names, if it can be read."""
@@ -408,17 +446,17 @@ class _Installer:
         return _manifest_profile(manifest)
 
     # -- steps
-    def verify_bundle(self, source: Path) -> tuple[dict[str, Any] | None, str | None, bool]:
+    def verify_bundle(self, source: Path) -> tuple[dict[str, Any] | None, str | None, Any]:
         """Verify `source` as the daemon does at start (`bundle.load_bundle`): its manifest and
-        the manifest's SHA-256 (None when unreadable), and whether it passed. A failure is
-        refused (`refuse`)."""
+        the manifest's SHA-256 (None when unreadable), and the verified `Bundle` (None when it
+        failed). A failure is refused (`refuse`)."""
         from .bundle import listed_bytes, load_bundle, read_manifest
 
         try:
             manifest, manifest_sha = read_manifest(source)
         except BundleError as exc:
             self.refuse(exc)
-            return None, None, False
+            return None, None, None
         files = manifest.get("files") if isinstance(manifest.get("files"), list) else []
         self.step(f"bundle {source}: verifying the size and SHA-256 of its {len(files)} files "
                   f"({human_bytes(listed_bytes(manifest))}) against bundle.json, as the daemon does at start (a "
@@ -427,12 +465,32 @@ class _Installer:
             bundle = load_bundle(source)
         except BundleError as exc:
             self.refuse(exc)
-            return manifest, manifest_sha, False
+            return manifest, manifest_sha, None
         if bundle.manifest_sha256 != manifest_sha:  # still being copied or written: not the one described above
             self.refuse(BundleError(f"bundle {source}: bundle.json changed while it was verified; install it once "
                                     "it is complete"))
-            return manifest, manifest_sha, False
-        return bundle.manifest, manifest_sha, True
+            return manifest, manifest_sha, None
+        return bundle.manifest, manifest_sha, bundle
+
+    def check_bundle_fits(self, bundle, profile: str, config: _KeptConfig | None) -> None:
+        """Refuse (`refuse`) a bundle that does not fit `profile`'s memory budget, which the daemon
+        refuses at start too (`memory_fit.check_bundle_fits`), unless the kept config sets
+        [model] check_memory = false. A profile this run cannot load is left to the daemon."""
+        from .memory_fit import MemoryBudgetExceeded, check_bundle_fits
+        from .profiles import load_profile
+
+        if config is not None and not config.check_memory:
+            return
+        try:
+            loaded = load_profile(profile)
+        except (ConfigError, ImportError):
+            return
+        try:
+            check_bundle_fits(bundle, loaded)
+        except MemoryBudgetExceeded as exc:
+            self.refuse(ConfigError(f"bundle {bundle.root}: {exc}. The daemon checks this at start and would refuse "
+                                    f"it (set [model] check_memory = false in {self.shown(self.target(CONFIG_FILE))} "
+                                    "to start it anyway)"))
 
     def check_user_database(self) -> None:
         """Under --root, the image's etc/passwd and etc/group that `useradd --prefix` adds the
@@ -480,7 +538,7 @@ class _Installer:
         else:
             verb, would = "installed", "install it"
         if not self.dry_run:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            _make_dirs(path.parent)
             tmp = path.with_name(f".{path.name}.tmp-install")
             tmp.write_text(content, encoding="utf-8")
             os.chmod(tmp, mode)
@@ -506,30 +564,64 @@ class _Installer:
     def bundle_destination(self, source: Path) -> Path:
         return self.target(BUNDLES_DIR.lstrip("/")) / source.name
 
-    def install_bundle(self, source: Path) -> Path:
-        """Copy a verified bundle into place."""
+    def install_bundle(self, source: Path, manifest: dict[str, Any]) -> Path:
+        """Copy a verified bundle (bundle.json and the files it lists) into place: into a new
+        folder, renamed over the old one only once complete (a running daemon keeps the files
+        it mapped), the partial copy removed if the copy fails."""
+        from .bundle import unlisted_files
+
         dest = self.bundle_destination(source)
         shown = self.shown(dest)
         if dest.resolve() == source:
             self.step(f"bundle {shown}: already in place, skipped")
             return dest
-        if dest.is_dir() and _tree_signature(dest) == _tree_signature(source):
-            self.step(f"bundle {shown}: unchanged, skipped")
-            return dest
+        files = _bundle_files(source, manifest)
+        left_out = unlisted_files(source, manifest)
+        if left_out:
+            self.step(f"note: bundle {source}: {len(left_out)} files not listed in bundle.json are not installed "
+                      f"(the daemon reads none of them): {', '.join(left_out[:5])}"
+                      + (", ..." if len(left_out) > 5 else ""))
+        if dest.is_dir() and _tree_signature(dest) == _files_signature(files):
+            # the same names, sizes and times; the bytes may still have changed since (a bad SD
+            # card, a copy over it that kept the times): the daemon would refuse it at every start
+            from .bundle import MANIFEST_NAME, verify_files
+
+            self.step(f"bundle {shown}: the same files as {source} by name, size and time; checking their SHA-256 "
+                      "too (the installed copy may have changed since)")
+            try:
+                if (dest / MANIFEST_NAME).read_bytes() != (source / MANIFEST_NAME).read_bytes():
+                    raise BundleError(f"its {MANIFEST_NAME} differs from the source's")
+                verify_files(dest, manifest)
+            except (BundleError, OSError) as exc:
+                self.step(f"bundle {shown}: the installed copy fails verification ({exc}); copying it again")
+            else:
+                self.step(f"bundle {shown}: unchanged, skipped")
+                return dest
         replacing = dest.exists()
         if not self.dry_run:
-            dest.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            _make_dirs(dest.parent)
             os.chmod(dest.parent, 0o755)
             tmp = dest.with_name(f".{dest.name}.tmp-install")
             old = dest.with_name(f".{dest.name}.old-install")
             for leftover in (tmp, old):
                 if leftover.exists():
                     shutil.rmtree(leftover)
-            shutil.copytree(source, tmp, copy_function=shutil.copy2, symlinks=False)
-            for path in [tmp, *tmp.rglob("*")]:  # readable by the service user, writable by root only
-                os.chmod(path, 0o755 if path.is_dir() else 0o644)
-                if self.live and os.geteuid() == 0:
-                    os.chown(path, 0, 0)
+            try:
+                tmp.mkdir(mode=0o755)
+                for name, path in files.items():
+                    target = tmp / name
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(path, target)
+                for path in [tmp, *tmp.rglob("*")]:  # readable by the service user, writable by root only
+                    os.chmod(path, 0o755 if path.is_dir() else 0o644)
+                    if self.live and os.geteuid() == 0:
+                        os.chown(path, 0, 0)
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ConfigError(f"cannot copy the bundle to {self.shown(tmp)}: "
+                                  f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}; "
+                                  f"{'the installed bundle is unchanged' if replacing else 'nothing installed'} "
+                                  "and the partial copy removed") from None
             if replacing:
                 os.replace(dest, old)
             os.replace(tmp, dest)
@@ -537,6 +629,9 @@ class _Installer:
                 shutil.rmtree(old)
         self.did(f"bundle {shown}", f"{'replaced' if replacing else 'copied'} from {source}",
                  f"{'replace' if replacing else 'copy'} it from {source}")
+        if replacing:
+            self.step(f"note: a running {SERVICE_NAME} keeps serving the bundle it loaded until "
+                      f"`systemctl restart {SERVICE_NAME}`")
         return dest
 
     def check_kept_config(self, config: _KeptConfig, profile: str | None, bundle_profile: str | None,
@@ -683,6 +778,20 @@ def _deciding_profile(inst: _Installer, profile: str | None, config: _KeptConfig
     return gpu
 
 
+def _running_profile(inst: _Installer, profile: str | None, config: _KeptConfig | None,
+                     bundle_profile: str | None) -> str | None:
+    """The profile the daemon will run, as `load_profile` takes it (a TOML path of the installed
+    system inside the tree), by `_deciding_profile`'s order; None where that is not known."""
+    if profile is not None:
+        return profile
+    if config is not None and not config.readable:
+        return None
+    if config is not None and config.model_profile is not None:
+        name = config.model_profile
+        return str(inst.on_target(name, inst.root)) if name.startswith("/") else name
+    return bundle_profile
+
+
 def _loaded_kind(inst: _Installer, loadable: str, name: str) -> bool | None:
     """`is_gpu_profile` of a profile this run did not choose; one it cannot load is GPU when
     its name says so (nvidia-gpu, jetson-*), else unknown (None, with a warning): a custom
@@ -775,11 +884,14 @@ def install_service(profile: str | None, bundle: Path | None, *, root: Path = Pa
             f"install-service never overwrites it: fix it, or move it aside "
             f"({shlex.join(['mv', str(path), f'{path}.bad'])}) and run install-service again to write a fresh "
             f"sample"))
-    manifest, manifest_sha, verified = inst.verify_bundle(source) if source is not None else (None, None, False)
+    manifest, manifest_sha, verified = inst.verify_bundle(source) if source is not None else (None, None, None)
     bundle_profile = _manifest_profile(manifest)
     if bundle_profile is None and source is None and config is not None:
         bundle_profile = inst.config_bundle_profile(config)
     gpu = _deciding_profile(inst, profile, config, bundle_profile)
+    running = _running_profile(inst, profile, config, bundle_profile)
+    if verified is not None and running is not None:
+        inst.check_bundle_fits(verified, running, config)
 
     inst.ensure_user()
     unit_changed = inst.ensure_file(UNIT_FILE, render_unit(exec_path), 0o644)
@@ -805,7 +917,7 @@ def install_service(profile: str | None, bundle: Path | None, *, root: Path = Pa
     if source is None:
         inst.step("bundle: skipped (no --bundle)")
     elif verified:
-        installed_bundle = inst.install_bundle(source)
+        installed_bundle = inst.install_bundle(source, manifest)
     else:  # a dry run past a bundle that failed verification
         installed_bundle = inst.bundle_destination(source)
         inst.step(f"bundle {inst.shown(installed_bundle)}: would refuse to copy it (see the warning above)")

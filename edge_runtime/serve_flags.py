@@ -21,6 +21,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-cpu-fallback", action="store_true", default=None,
                         help="run a GPU profile on the CPU provider when its GPU provider is missing, instead of "
                              "refusing to start ([model] allow_cpu_fallback; default: the profile's)")
+    parser.add_argument("--copy-weights", action="store_true", default=None,
+                        help="copy the weights into the daemon's memory at load instead of mapping the bundle's "
+                             "weights file, so a file overwritten under the running daemon changes nothing "
+                             "([model] copy_weights)")
     parser.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT ([mqtt] broker)")
     parser.add_argument("--device-id", help="device id ([mqtt] device_id)")
     parser.add_argument("--fleet-group", help="also serve $share/GROUP/edge/fleet/v1/generate ([mqtt] fleet_group)")
@@ -33,7 +37,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 # config key -> the serve flag that sets it
 SERVE_FLAGS = {"model.bundle": "--bundle", "model.profile": "--profile",
-               "model.allow_cpu_fallback": "--allow-cpu-fallback", "mqtt.broker": "--broker",
+               "model.allow_cpu_fallback": "--allow-cpu-fallback", "model.copy_weights": "--copy-weights",
+               "mqtt.broker": "--broker",
                "mqtt.device_id": "--device-id", "mqtt.fleet_group": "--fleet-group", "mqtt.protocol": "--protocol",
                "service.state_dir": "--state-dir", "service.log_content": "--log-content", "policy.file": "--policy"}
 

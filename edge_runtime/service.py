@@ -75,6 +75,10 @@ LASTING_SESSION_S = 2.0 * FLAPPING_RECONNECT_S[1]
 REFUSED_LOGIN = (0x86, 0x87)
 # Signals that drain the daemon (a second one abandons the running request)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# `serve`'s exit status after a SIGHUP drain (128 + SIGHUP, as a shell reports a hangup). The
+# unit restarts the daemon on it (RestartForceExitStatus=) and counts it a success: under
+# systemd a `kill -HUP` is an operator's reload, and an exit 0 left the service stopped.
+SIGHUP_EXIT_STATUS = 128 + signal.SIGHUP
 
 
 @dataclass(frozen=True)
@@ -242,6 +246,11 @@ class EdgeService:
     def connected(self) -> bool:
         return self._connected
 
+    @property
+    def stop_signal(self) -> signal.Signals | None:
+        """The signal that asked `run_forever` to drain, if one did."""
+        return self._stop_signal
+
     def start(self) -> "EdgeService":
         """Open the reply store, start the worker and connect (in the background)."""
         if self._started:
@@ -330,8 +339,9 @@ class EdgeService:
                 pass
             if self._stop_signal is not None:
                 log.info("%s: stopping%s", self._stop_signal.name,
-                         " (the config is read only at start: to apply a change, restart the daemon, "
-                         "e.g. systemctl restart edge-runtime)" if self._stop_signal == signal.SIGHUP else "")
+                         f" (exit status {SIGHUP_EXIT_STATUS}: the installed unit starts the daemon again, which "
+                         "reads its config and bundle anew; elsewhere, to apply a change, start it again)"
+                         if self._stop_signal == signal.SIGHUP else "")
             self.drain()
         finally:
             for sig, previous in installed.items():

@@ -632,6 +632,14 @@ def test_a_jetson_profiles_tensorrt_cache_folder_that_cannot_be_made_drops_tenso
                                                                  "CPUExecutionProvider"]
 
 
+def test_onnxruntimes_own_fallback_to_the_next_provider_after_a_failed_run_is_off(engine):
+    """onnxruntime's Python session, when its provider fails a run (EPFail), makes itself again
+    on the next providers and runs there, saying so only on stdout: a GPU profile's session would
+    go on on the CPU, the silent fallback the profiles forbid. The engine turns that off, so a
+    failed run fails."""
+    assert engine.session._enable_fallback is False
+
+
 def test_the_gpu_profiles_cuda_graphs_are_off_for_a_bundle_whose_kv_cache_grows(tiny_checkpoint, tmp_path,
                                                                                   exporter, monkeypatch, caplog):
     """nvidia-gpu turns CUDA graphs on; a recorded step needs the fused graph's fixed KV buffers,

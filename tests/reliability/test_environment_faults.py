@@ -157,6 +157,55 @@ def test_bundle_removed_under_a_running_daemon(tiny_bundle, broker, tmp_path):
                                       "seconds_to_exit": round(time.monotonic() - t, 2)})
 
 
+@pytest.mark.parametrize("copy_weights", [False, True])
+def test_weights_file_rewritten_in_place_under_a_running_daemon(tiny_bundle, broker, tmp_path, copy_weights):
+    """`cp` of another bundle over the served one rewrites model.onnx.data in place. onnxruntime
+    maps that file by default: the next request reads the new bytes (another answer), and once
+    the file is cut short the daemon dies of SIGBUS (docs/deployment.md). With [model]
+    copy_weights (serve --copy-weights) the session holds its own copy: the same greedy answer
+    after both, and the daemon keeps serving."""
+    import signal
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    data = bundle / "model.onnx.data"
+    config = write_serve_config(tmp_path / "s.toml", broker_url=broker.url, device_id=DEVICE, bundle=bundle,
+                                state_dir=tmp_path / "state")
+    watch = StatusWatch(broker.host, broker.port, DEVICE)
+    t = time.monotonic()
+    proc = ServeProcess(config, tmp_path / "d.log", extra=["--copy-weights"] if copy_weights else [])
+    request = {"mode": "complete", "prompt": "def fib(n):", "max_tokens": 12, "temperature": 0}
+    try:
+        wait_online(watch, proc, 60, after=t)
+        with Ledger(broker.host, broker.port, tag="cp").listen() as ledger:
+            def answer(rid: str) -> str:
+                ledger.send(GENERATE, rid, {"id": rid, **request})
+                assert not ledger.wait_finals([rid], 30), proc.log[-3000:]
+                return ledger.finals(rid)[0]["text"]
+
+            first = answer("r1")
+            size = data.stat().st_size
+            with open(data, "r+b") as f:  # what cp does to the file: same inode, new bytes
+                f.write(bytes(size))
+            second = answer("r2")
+            if not copy_weights:
+                assert second != first  # the mapped weights changed under the session
+            else:
+                assert second == first
+            os.truncate(data, 4096)
+            if not copy_weights:
+                ledger.send(GENERATE, "r3", {"id": "r3", **request})
+                assert proc.wait(30) == -signal.SIGBUS
+                return
+            assert answer("r3") == first and proc.alive()
+        assert "copied into the daemon's memory at load" in proc.log
+        proc.terminate()
+        assert proc.wait(30) == 0
+    finally:
+        proc.close()
+        watch.close()
+
+
 def test_broker_unreachable_at_start_then_appears(tmp_path):
     """No broker at start: the daemon retries with backoff (no exit, no hang) and
     serves as soon as the broker is up; SIGTERM while still unconnected exits 0 at once."""

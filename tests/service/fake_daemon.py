@@ -37,6 +37,7 @@ def main() -> int:
         serve_parser = argparse.ArgumentParser()
         add_serve_arguments(serve_parser)
         serve_args = serve_parser.parse_args(["--config", args.config, *rest])
+        logging.basicConfig(stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")  # as cli.main does
         return run_serve(serve_args, lambda bundle, profile: FakeEngine(
             token_delay_s=args.token_delay, calls_file=args.calls_file))
     config = load_config(args.config, check_files=False)

@@ -782,12 +782,15 @@ def test_sigterm_drains_then_exits_zero(broker, tmp_path, daemons, probe):
     assert len(probe.finals("replies/s0")) == 1
 
 
-def test_sighup_drains_like_sigterm_and_says_the_config_needs_a_restart(broker, tmp_path, daemons, probe):
+def test_sighup_drains_like_sigterm_and_exits_for_the_unit_to_restart_it(broker, tmp_path, daemons, probe):
     """SIGHUP (a closed terminal, `kill -HUP` from a reload habit) killed the daemon mid-request
     with nothing logged, and systemd takes a SIGHUP death as clean: Restart=on-failure left the
-    device down. It drains as SIGTERM does now."""
+    device down. It drains as SIGTERM does now; then `serve` exited 0, which left the service
+    stopped too. It exits 129, on which the unit starts it again (RestartForceExitStatus=)."""
+    from edge_runtime.service import SIGHUP_EXIT_STATUS
+
     config = write_config(tmp_path / "d.toml", broker, tmp_path / "state")
-    daemon = daemons(config, token_delay=0.03)
+    daemon = daemons(config, token_delay=0.03, run_serve=True)
     probe.subscribe(T.status)
     probe.wait_status(T.status, "online", timeout=10)
     send(probe, {"id": "h0", "mode": "complete", "prompt": " ".join(["w"] * 25)}, "replies/h0")
@@ -795,10 +798,16 @@ def test_sighup_drains_like_sigterm_and_says_the_config_needs_a_restart(broker, 
     daemon.signal(signal.SIGHUP)
     probe.wait_status(T.status, "draining", timeout=2)
     assert probe.wait_final("replies/h0", timeout=3)["finish_reason"] == "stop"
-    assert daemon.wait(10) == 0, daemon.log
+    assert daemon.wait(10) == SIGHUP_EXIT_STATUS == 129, daemon.log
     offline = probe.wait_status(T.status, "offline", timeout=2)
     assert "reason" not in offline  # a clean stop, not the will's "connection lost"
-    assert "SIGHUP: stopping" in daemon.log and "restart" in daemon.log and "Traceback" not in daemon.log
+    assert "SIGHUP: stopping (exit status 129: the installed unit starts the daemon again" in daemon.log
+    assert "Traceback" not in daemon.log
+    from pathlib import Path
+
+    unit = (Path(__file__).resolve().parents[2] / "systemd" / "edge-runtime.service").read_text().splitlines()
+    assert f"RestartForceExitStatus={SIGHUP_EXIT_STATUS} SIGHUP" in unit  # and a SIGHUP death, while it loads
+    assert f"SuccessExitStatus={SIGHUP_EXIT_STATUS}" in unit
 
 
 def test_only_requests_that_name_their_client_may_use_the_prompt_cache(broker, tmp_path, services, probe):

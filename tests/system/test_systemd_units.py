@@ -1133,3 +1133,171 @@ def test_install_service_refuses_an_installed_config_it_cannot_read(image_root):
         "warning: cannot read /etc/edge-runtime/config.toml (/etc/edge-runtime/config.toml: invalid TOML"), \
         result.stdout
     assert not (image_root / svc.UNIT_FILE).exists() and config.read_bytes() == before[svc.CONFIG_FILE][0]
+
+
+def test_install_service_copies_only_the_files_bundle_json_lists(image_root, bundle_dir, tmp_path):
+    """The installer copied the whole source folder as root, following links: a link in it to
+    a root-only file outside the bundle was installed as a world-readable copy under
+    /opt/edge-runtime/bundles, and a dangling one failed the install after everything else was
+    copied (a raw list of errors, the partial copy left behind). Only bundle.json and the files
+    it lists are installed (the daemon reads nothing else), and a note names what is not."""
+    secret = tmp_path / "secret"
+    secret.write_text("root only\n")
+    secret.chmod(0o600)
+    (bundle_dir / "notes").symlink_to(secret)
+    (bundle_dir / "gone").symlink_to(tmp_path / "nothing-here")
+    (bundle_dir / "model.onnx.data.bak").write_bytes(b"old weights")
+    steps = svc.install_service("cpu-x86_64", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    bundles = image_root / "opt/edge-runtime/bundles"
+    installed = bundles / bundle_dir.name
+    assert [p.name for p in bundles.iterdir()] == [bundle_dir.name]  # no partial copy beside it
+    assert sorted(p.relative_to(installed).as_posix() for p in installed.rglob("*")) == [
+        "bundle.json", "model.onnx", "model.onnx.data", "tokenizer", "tokenizer/tokenizer.json"]
+    for name in ("bundle.json", "model.onnx", "model.onnx.data", "tokenizer/tokenizer.json"):
+        assert (installed / name).read_bytes() == (bundle_dir / name).read_bytes()
+    assert (f"note: bundle {bundle_dir}: 3 files not listed in bundle.json are not installed (the daemon reads "
+            "none of them): gone, model.onnx.data.bak, notes") in steps, steps
+    from edge_runtime.bundle import load_bundle
+
+    assert load_bundle(installed).manifest == load_bundle(bundle_dir).manifest
+    again = svc.install_service("cpu-x86_64", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    assert f"bundle /opt/edge-runtime/bundles/{bundle_dir.name}: unchanged, skipped" in again, again
+
+
+@pytest.fixture
+def small_bundles_fs(image_root):
+    """/opt/edge-runtime/bundles of the image on a tmpfs with room for one copy of the test
+    bundle (its four files, a 4 KiB page each) and not two."""
+    mnt = image_root / "opt/edge-runtime/bundles"
+    mnt.mkdir(parents=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_bundle_copy_that_runs_out_of_space_leaves_the_installed_one_and_no_partial_copy(
+        image_root, tmp_path, small_bundles_fs):
+    """A new bundle of the same name on a disk with room for one: the copy fails (ENOSPC). The
+    partial copy was left beside the installed bundle (gigabytes for a real one, on a full disk)
+    with a raw list of errors; now it is removed, the message says the installed bundle is
+    unchanged, and that one still verifies."""
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.errors import ConfigError
+
+    old = write_bundle(tmp_path / "v1" / "codellama", profile="cpu-x86_64")
+    svc.install_service("cpu-x86_64", old, root=image_root, run=FakeRun(), executable=EXE)
+    installed = small_bundles_fs / "codellama"
+    old_manifest = load_bundle(installed).manifest_sha256
+
+    new = write_bundle(tmp_path / "v2" / "codellama", profile="cpu-x86_64")
+    (new / "model.onnx.data").write_bytes(bytes(range(256)) * 17)  # another bundle: a bigger weights file
+    (new / "bundle.json").write_text((new / "bundle.json").read_text().replace('"fp32"', '"fp32" '))
+    from edge_runtime.bundle import sha256_file
+
+    manifest = json.loads((new / "bundle.json").read_text())
+    for entry in manifest["files"]:
+        entry["size"] = (new / entry["path"]).stat().st_size
+        entry["sha256"] = sha256_file(new / entry["path"])
+    (new / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError) as refused:
+        svc.install_service("cpu-x86_64", new, root=image_root, run=FakeRun(), executable=EXE)
+    assert "cannot copy the bundle to /opt/edge-runtime/bundles/.codellama.tmp-install: No space left on device" \
+        in str(refused.value)
+    assert "the installed bundle is unchanged and the partial copy removed" in str(refused.value)
+    assert sorted(p.name for p in small_bundles_fs.iterdir()) == ["codellama"]
+    assert load_bundle(installed).manifest_sha256 == old_manifest
+
+
+def test_install_service_makes_its_folders_readable_to_the_service_under_a_strict_umask(tmp_path):
+    """Root with a hardened umask (077 here; CIS asks for 027): the folders install-service made
+    were root-only (/etc/edge-runtime 0700, /opt/edge-runtime 0700): the service user could reach
+    neither its config nor its bundle. The folders it makes are 0755 whatever the umask."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (root / "etc" / "group").write_text("root:x:0:\n")
+    exe = root / "usr/bin/edge-runtime"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/usr/bin/python3\n")
+    exe.chmod(0o755)
+    bundle = write_bundle(tmp_path / "codellama", profile="cpu-x86_64")
+    previous = os.umask(0o077)
+    try:
+        svc.install_service("cpu-x86_64", bundle, root=root, run=FakeRun(), executable="/usr/bin/edge-runtime")
+    finally:
+        os.umask(previous)
+    for folder in ("opt", "opt/edge-runtime", "opt/edge-runtime/bundles", "opt/edge-runtime/bundles/codellama",
+                   "opt/edge-runtime/bundles/codellama/tokenizer", "etc/edge-runtime", "etc/systemd",
+                   "etc/systemd/system"):
+        assert oct((root / folder).stat().st_mode & 0o777) == "0o755", folder
+    for file in (svc.CONFIG_FILE, svc.UNIT_FILE, "opt/edge-runtime/bundles/codellama/model.onnx.data"):
+        assert oct((root / file).stat().st_mode & 0o777) == "0o644", file
+
+
+def test_install_service_again_repairs_an_installed_bundle_that_changed_in_place(image_root, bundle_dir):
+    """A byte of the installed weights changed, size and time kept (a failing SD card, a copy
+    over it that kept the times): the daemon refuses it at start and says to copy the bundle
+    again, but install-service compared names, sizes and times only and said 'unchanged,
+    skipped', so the device stayed down. It checks the installed copy's hashes too and copies
+    the bundle again."""
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.errors import BundleError
+
+    svc.install_service("cpu-x86_64", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    installed = image_root / "opt/edge-runtime/bundles" / bundle_dir.name
+    weights = installed / "model.onnx.data"
+    st = weights.stat()
+    raw = bytearray(weights.read_bytes())
+    raw[10] ^= 0x01
+    weights.write_bytes(bytes(raw))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(BundleError, match="model.onnx.data: SHA-256 does not match"):
+        load_bundle(installed)
+    steps = svc.install_service("cpu-x86_64", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    shown = f"bundle /opt/edge-runtime/bundles/{bundle_dir.name}"
+    assert any(s.startswith(f"{shown}: the installed copy fails verification (model.onnx.data: SHA-256 does not "
+                            "match") for s in steps), steps
+    assert f"{shown}: replaced from {bundle_dir}" in steps, steps
+    assert load_bundle(installed).manifest_sha256 == load_bundle(bundle_dir).manifest_sha256
+    again = svc.install_service("cpu-x86_64", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    assert f"{shown}: unchanged, skipped" in again and again[-1].startswith("nothing to do"), again
+
+
+def test_install_service_refuses_a_bundle_the_daemon_would_refuse_for_its_memory(image_root, cpu_bundle_dir,
+                                                                                 tmp_path):
+    """install-service verified only the hashes, and the daemon checks at start that the bundle
+    fits its profile's memory budget too: a bundle too big for the device was installed (over the
+    one of the same name, which was then gone) and the service refused to start at every try.
+    It is refused before anything is changed, with the daemon's numbers; a kept config with
+    [model] check_memory = false (the daemon then starts it anyway) lets it through."""
+    from edge_runtime.errors import ConfigError
+    from edge_runtime.memory_fit import MemoryBudgetExceeded, bundle_plan
+
+    board = tmp_path / "small-board.toml"
+    cpu = (REPO / "device_profiles" / "cpu-x86_64.toml").read_text()
+    board.write_text(cpu.replace('name = "cpu-x86_64"', 'name = "small-board"')
+                     .replace("memory_budget_bytes = 17179869184", "memory_budget_bytes = 65536"))
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.profiles import load_profile
+
+    plan = bundle_plan(load_bundle(cpu_bundle_dir), load_profile(str(board)))
+    assert not plan.fits  # the daemon's own check refuses it
+    before = snapshot(image_root)
+    run = FakeRun()
+    with pytest.raises(ConfigError) as refused:
+        svc.install_service(str(board), cpu_bundle_dir, root=image_root, run=run, executable=EXE)
+    assert str(MemoryBudgetExceeded(plan)) in str(refused.value)
+    assert "set [model] check_memory = false in /etc/edge-runtime/config.toml to start it anyway" in str(refused.value)
+    assert run.calls == [] and snapshot(image_root) == before
+    with pytest.raises(svc.DryRunRefused) as dry:
+        svc.install_service(str(board), cpu_bundle_dir, root=image_root, run=FakeRun(), executable=EXE, dry_run=True)
+    assert any(s.startswith("warning: a real run would stop here: ") and "does not fit" in s for s in dry.value.steps)
+
+    config = image_root / svc.CONFIG_FILE
+    config.parent.mkdir(parents=True)
+    config.write_text(svc.render_config(f"/opt/edge-runtime/bundles/{cpu_bundle_dir.name}", None)
+                      .replace("[model]\n", "[model]\ncheck_memory = false\n"))
+    steps = svc.install_service(str(board), cpu_bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    assert f"bundle /opt/edge-runtime/bundles/{cpu_bundle_dir.name}: copied from {cpu_bundle_dir}" in steps, steps
