@@ -529,7 +529,8 @@ def _pattern_hold(longest: list[int | None]) -> int:
 # A pattern is searched on the MQTT network thread for every request (up to the protocol's
 # 65,536 characters): one whose time grows faster than the text (nested or adjacent unbounded
 # quantifiers, `exfiltrat\w*\w*`, `(a+)+b`) could stall the daemon with one crafted prompt.
-# Each is timed at load on its own words repeated, at growing lengths, and refused past a
+# Each is timed at load on its own words (and runs of digits, spaces, its punctuation) repeated, at
+# growing lengths, ended by a NUL, and refused past a
 # budget that grows with the length (a linear pattern stays far below it on any board). The
 # lengths start small and grow slowly there, so that a pattern whose time doubles with each
 # character is caught at a few dozen characters, in well under a second, before it can hang
@@ -544,10 +545,18 @@ def _cost_budget_s(length: int) -> float:
 
 def _cost_probes(pattern: str, length: int) -> list[str]:
     """The pattern's own words (and letters) run together, spaced, on lines and each alone,
-    repeated to `length`: the texts on which a pattern that backtracks works hardest."""
+    and runs of digits, of spaces and of each punctuation character the pattern has, repeated
+    to `length` and ended by a character hardly any pattern takes: the texts on which a pattern
+    that backtracks works hardest (the end makes one anchored there, as `(\\w+\\s?)+$`, fail
+    only after it has tried every way to split the run)."""
     words = list(dict.fromkeys(w.lower() for w in re.findall(r"[A-Za-z]+", pattern)))[:12] or ["a"]
     units = [sep.join(words) + sep for sep in ("", " ", "\n")] + (words if len(words) > 1 else [])
-    return [(unit * (length // len(unit) + 1))[:length] for unit in units]
+    units += ["1", " ", *dict.fromkeys(c for c in pattern if c.isascii() and c in _PROBE_PUNCTUATION)][:24]
+    return [(unit * (length // len(unit) + 1))[:length - 1] + _PROBE_END for unit in units]
+
+
+_PROBE_PUNCTUATION = frozenset("!\"#%&',-./:;<=>@_`~")  # what a pattern may repeat as a literal
+_PROBE_END = "\x00"
 
 
 class _ProbeTooSlow(Exception):

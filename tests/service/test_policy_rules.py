@@ -66,6 +66,14 @@ def rules_hit(p, request) -> list[str]:
      "grows faster than the text"),
     ('[[rules]]\nname = "r1"\naction = "refuse"\npatterns = ["exfiltrat\\\\w*\\\\w*z"]', "rules[0] ('r1'): patterns[0]",
      "Bound its quantifiers"),
+    # ...also where the run that backtracks is not the pattern's own words: it fails only at a character
+    # after the run (an anchor), or the run is digits or punctuation
+    pytest.param("[[rules]]\nname = 'r1'\naction = 'refuse'\npatterns = ['(\\w+\\s?)+$']", "rules[0] ('r1'): patterns[0]",
+                 "grows faster than the text", id="anchored-at-the-end"),
+    pytest.param("[[rules]]\nname = 'r1'\naction = 'refuse'\npatterns = ['(\\d+)+x']", "rules[0] ('r1'): patterns[0]",
+                 "grows faster than the text", id="a-run-of-digits"),
+    pytest.param("[[rules]]\nname = 'r1'\naction = 'refuse'\npatterns = ['(,+)+x']", "rules[0] ('r1'): patterns[0]",
+                 "grows faster than the text", id="a-run-of-commas"),
     # what re refuses with another exception than re.error: a repeat count past its limit, groups
     # nested past its parser's recursion
     ("[[rules]]\nname = 'r1'\naction = 'refuse'\npatterns = ['ok', 'x{0,99999999999}']",
