@@ -59,10 +59,14 @@ Where = Literal["input", "output"]
 
 # What matching drops: every format character (Unicode category Cf: zero-width spaces and
 # joiners, soft hyphen, bidirectional marks, invisible operators, tag characters ...) and the
-# invisible letters and marks outside it (combining grapheme joiner, Hangul fillers). Format
-# characters live in planes 0, 1 and 14 only.
-_INVISIBLE = dict.fromkeys([c for c in [*range(0x20000), *range(0xE0000, 0xE1000)]
-                            if unicodedata.category(chr(c)) == "Cf"] + [0x034F, 0x115F, 0x1160, 0x3164, 0xFFA0])
+# other code points Unicode calls default-ignorable (DerivedCoreProperties.txt's
+# Default_Ignorable_Code_Point, which a text shows as nothing): the combining grapheme joiner,
+# Hangul fillers, Khmer inherent vowels, Mongolian and other variation selectors, and the
+# code points kept for more of them. Format characters live in planes 0, 1 and 14 only.
+_DEFAULT_IGNORABLE_NOT_CF = (0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, *range(0x180B, 0x180E), 0x180F, 0x2065, 0x3164,
+                             *range(0xFE00, 0xFE10), 0xFFA0, *range(0xFFF0, 0xFFF9), *range(0xE0000, 0xE1000))
+_INVISIBLE = dict.fromkeys([c for c in range(0x20000) if unicodedata.category(chr(c)) == "Cf"]
+                           + list(_DEFAULT_IGNORABLE_NOT_CF))
 DEFAULT_OUTPUT_WINDOW_CHARS = 2048
 DEFAULT_PATTERN_HOLD_CHARS = 64
 

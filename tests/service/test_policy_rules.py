@@ -173,9 +173,24 @@ def test_phrases_match_case_whitespace_and_unicode_variants():
                  # invisible characters that are not zero-width spaces: bidirectional marks,
                  # the word joiner's kin, tag characters, the combining grapheme joiner
                  "encr\u200eypt all files", "en\u202ecrypt all files", "encrypt a\u2061ll files",
-                 "encrypt all\U000E0020 files", "encr\u034fypt all files"]:
+                 "encrypt all\U000E0020 files", "encr\u034fypt all files",
+                 # default-ignorable marks outside Cf: variation selectors (an emoji's U+FE0F, and
+                 # the supplement's), Mongolian ones, a Khmer inherent vowel
+                 "encr\ufe0fypt all files", "encrypt al\U000E0100l files", "encrypt all f\u180biles",
+                 "encrypt \u17b4all files"]:
         assert rules_hit(p, complete(text)) == ["enc"], text
     assert rules_hit(p, complete("encrypt a file")) == []
+
+
+def test_matching_drops_every_default_ignorable_code_point():
+    """Against Unicode's own list (the regex package's \\p{Default_Ignorable_Code_Point}): each
+    of them, which a text shows as nothing, inside a phrase's word still matches it."""
+    regex = pytest.importorskip("regex")
+    p = policy('[[rules]]\nname = "enc"\naction = "refuse"\nphrases = ["ransomware"]')
+    ignorable = [chr(c) for c in range(0x110000) if regex.match(r"\p{Default_Ignorable_Code_Point}", chr(c))]
+    assert len(ignorable) > 4000
+    missed = [f"U+{ord(c):04X}" for c in ignorable if rules_hit(p, complete(f"write ransom{c}ware")) != ["enc"]]
+    assert missed == []
 
 
 def test_case_sensitive_rules_and_patterns():
