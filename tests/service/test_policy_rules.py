@@ -8,8 +8,11 @@ import os
 import re
 import sys
 import tempfile
+import time
+import tracemalloc
 from pathlib import Path
 
+import psutil
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -633,6 +636,47 @@ def test_classifier_timeout_and_crash_fail_closed_or_open(tmp_path, on_failure, 
     crash = classifier(tmp_path, "raise SystemExit(3)\n", on_failure=on_failure)
     verdict = crash.classify("anything")
     assert verdict.failed and verdict.blocked is blocked and verdict.label == "exit 3"
+
+
+@pytest.mark.parametrize("on_failure, blocked", [("closed", True), ("open", False)])
+def test_a_classifier_that_prints_no_label_has_failed(tmp_path, on_failure, blocked):
+    # exit 0 and nothing on stdout (a wrapper that swallowed its error): no judgement, not "allowed"
+    silent = classifier(tmp_path, "import sys\nsys.stdin.read()\n", block_labels=("unsafe",), on_failure=on_failure)
+    verdict = silent.classify("anything")
+    assert verdict.failed and verdict.blocked is blocked and verdict.label == "(no label)"
+
+
+def test_a_classifier_that_leaves_a_process_holding_its_stdout_is_answered_when_it_exits(tmp_path):
+    # a helper it starts in a session of its own (out of the reach of the process group's kill)
+    # keeps the pipe open: its answer counts when it exits, and the worker is not held meanwhile
+    judge = classifier(tmp_path, "import subprocess, sys\nsys.stdin.read()\n"
+                       "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+                       "start_new_session=True)\nprint('unsafe', p.pid, flush=True)\n",
+                       block_labels=("unsafe",), timeout_s=10.0)
+    start = time.monotonic()
+    verdict = judge.classify("anything")
+    took = time.monotonic() - start
+    try:
+        assert verdict.blocked and not verdict.failed and verdict.label == "unsafe", verdict
+        assert took < 5.0, took
+    finally:
+        for proc in psutil.process_iter(["cmdline"]):
+            if proc.info["cmdline"] == [sys.executable, "-c", "import time; time.sleep(60)"]:
+                proc.kill()
+
+
+def test_a_classifier_that_prints_without_end_costs_bounded_memory(tmp_path):
+    # 200 MB on stdout, of which only the first word is the label
+    judge = classifier(tmp_path, "import sys\nsys.stdin.read()\nfor _ in range(200):\n"
+                       "    sys.stdout.write('safe ' + 'x' * (1 << 20))\n", block_labels=("unsafe",), timeout_s=30.0)
+    tracemalloc.start()
+    try:
+        verdict = judge.classify("anything")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not verdict.blocked and verdict.label == "safe"
+    assert peak < 16 << 20, peak
 
 
 @pytest.mark.parametrize("on_failure, blocked", [("closed", True), ("open", False)])
