@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_runtime.audit import AuditLog, filter_events, format_event, parse_since, read_events
-from edge_runtime.classifier import CommandClassifier
+from edge_runtime.classifier import BundleClassifier, CommandClassifier
 from edge_runtime.client_limits import RequestRateLimiter
 from edge_runtime.errors import ConfigError
 from edge_runtime.guard import PolicyGuard
@@ -643,6 +643,14 @@ def test_a_classifier_that_prints_no_label_has_failed(tmp_path, on_failure, bloc
     # exit 0 and nothing on stdout (a wrapper that swallowed its error): no judgement, not "allowed"
     silent = classifier(tmp_path, "import sys\nsys.stdin.read()\n", block_labels=("unsafe",), on_failure=on_failure)
     verdict = silent.classify("anything")
+    assert verdict.failed and verdict.blocked is blocked and verdict.label == "(no label)"
+
+
+@pytest.mark.parametrize("on_failure, blocked", [("closed", True), ("open", False)])
+def test_a_bundle_classifier_that_generates_no_word_has_failed(on_failure, blocked):
+    # the judge's first token ends its answer: no label, no judgement
+    spec = ClassifierSpec(bundle=Path("judge"), block_labels=("unsafe",), on_failure=on_failure)
+    verdict = BundleClassifier(spec, ChunkedEngine([])).classify("anything")
     assert verdict.failed and verdict.blocked is blocked and verdict.label == "(no label)"
 
 
