@@ -544,6 +544,28 @@ def test_audit_log_rotates_and_reads_both_files_and_skips_torn_lines(tmp_path):
     assert ids[-1] == "r59" and "torn" not in ids and len(ids) == len(set(ids))
 
 
+def test_an_event_after_a_line_cut_short_is_read_not_lost_with_it(tmp_path):
+    # a crash or a full disk left half a line: the next event starts a line of its own
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.record(request_id="r1", client_id="c", mode="complete", rule="enc", action="refuse", where="input", text="x")
+    with open(tmp_path / "audit.jsonl", "ab") as f:
+        f.write(b'{"ts":1795459200.5,"request_id":"r2","cli')
+    log.record(request_id="r3", client_id="c", mode="complete", rule="enc", action="refuse", where="input", text="x")
+    assert [e.request_id for e in read_events(tmp_path / "audit.jsonl")] == ["r1", "r3"]
+
+
+def test_an_audit_write_that_takes_part_of_the_line_is_carried_on(tmp_path, monkeypatch):
+    # write(2) may take fewer bytes than asked (a disk filling up, a signal): the rest follows
+    real_write = os.write
+    monkeypatch.setattr("edge_runtime.audit.os.write", lambda fd, data: real_write(fd, data[:7]))
+    log = AuditLog(tmp_path / "audit.jsonl")
+    for rid in ("r1", "r2"):
+        log.record(request_id=rid, client_id="c", mode="complete", rule="enc", action="refuse", where="input",
+                   text="x")
+    assert [e.request_id for e in read_events(tmp_path / "audit.jsonl")] == ["r1", "r2"]
+    assert log.failed_writes == 0
+
+
 def test_audit_events_with_keys_a_newer_daemon_added_are_read_not_skipped(tmp_path):
     path = tmp_path / "audit.jsonl"
     AuditLog(path).record(request_id="r1", client_id="c", mode="complete", rule="enc", action="refuse",
