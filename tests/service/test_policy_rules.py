@@ -511,6 +511,21 @@ def test_rate_limiter_remembers_a_bounded_number_of_clients():
     assert len(limiter) <= 100
 
 
+def test_rate_limiter_memory_does_not_grow_with_the_length_of_client_ids():
+    # the client id is a topic level the client chose: 30 KB each fits a request's reply_to
+    limiter = RequestRateLimiter(max_clients=2000)
+    tracemalloc.start()
+    try:
+        for i in range(2000):
+            assert limiter.admit(f"{i:06d}" + "x" * 30_000, 5)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 8 << 20, held  # 60 MB when the ids were kept
+    assert not limiter.admit("000007" + "x" * 30_000, 1)  # each id still counts on its own
+    assert limiter.admit("000007" + "x" * 29_999, 1)
+
+
 # ------------------------------------------------------------------ audit log
 
 
