@@ -113,8 +113,10 @@ class RuleSpec:
 
 @dataclass(frozen=True)
 class ClientLimitSpec:
-    requests_per_minute: Annotated[int, at_least(0)] = 0  # 0: no limit
-    max_tokens: Annotated[int, at_least(0)] = 0  # 0: the daemon's own [limits] max_tokens
+    """One client's own limits; a key it does not set is [limits]' (None)."""
+
+    requests_per_minute: Optional[Annotated[int, at_least(0)]] = None  # 0: no limit
+    max_tokens: Optional[Annotated[int, at_least(0)]] = None  # 0: only the daemon's own [limits] max_tokens
 
 
 @dataclass(frozen=True)
@@ -381,9 +383,9 @@ class Policy:
     def limit_for(self, client_id: str) -> ClientLimit:
         own = self.limits.per_client.get(client_id)
         return ClientLimit(
-            requests_per_minute=own.requests_per_minute if own and own.requests_per_minute
+            requests_per_minute=own.requests_per_minute if own and own.requests_per_minute is not None
             else self.limits.requests_per_minute,
-            max_tokens=own.max_tokens if own and own.max_tokens else self.limits.max_tokens)
+            max_tokens=own.max_tokens if own and own.max_tokens is not None else self.limits.max_tokens)
 
     def rules_for(self, where: str, mode: str, client_id: str) -> tuple[Rule, ...]:
         return tuple(r for r in self.rules if r.applies(where, mode, client_id))

@@ -486,6 +486,16 @@ def test_per_client_limits_override_the_defaults():
     assert p.limit_for("other").requests_per_minute == 10
 
 
+def test_a_client_given_0_has_no_limit_of_the_policys_own():
+    # 0 means no limit, for one client as for all: the trusted HMI is exempt, not back at the default
+    p = policy('[limits]\nrequests_per_minute = 10\nmax_tokens = 100\n'
+               '[limits.per_client."trusted-hmi"]\nrequests_per_minute = 0\nmax_tokens = 0\n'
+               '[limits.per_client."hmi-2"]\nmax_tokens = 0')
+    assert p.limit_for("trusted-hmi").requests_per_minute == 0 and p.limit_for("trusted-hmi").max_tokens == 0
+    assert p.limit_for("hmi-2").requests_per_minute == 10 and p.limit_for("hmi-2").max_tokens == 0
+    assert p.limit_for("other").requests_per_minute == 10 and p.limit_for("other").max_tokens == 100
+
+
 # ------------------------------------------------------------------ rate limiter
 
 
