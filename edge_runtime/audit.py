@@ -67,12 +67,19 @@ class AuditLog:
         line = json.dumps(fields, ensure_ascii=False, separators=(",", ":")) + "\n"
         log.warning("policy: request %r from client %r: rule %r -> %s (%s)", request_id, client_id or "-",
                     rule, action, where)
+        data = line.encode("utf-8", errors="surrogatepass")
         with self._lock:
             try:
-                self._rotate_if_needed(len(line.encode("utf-8", errors="surrogatepass")))
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                self._rotate_if_needed(len(data))
+                fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
                 try:
-                    os.write(fd, line.encode("utf-8", errors="surrogatepass"))
+                    size = os.fstat(fd).st_size
+                    if size and os.pread(fd, 1, size - 1) != b"\n":
+                        # the last line was cut short (a crash, a full disk): end it, or this event
+                        # would be glued to it and skipped with it
+                        data = b"\n" + data
+                    while data:  # a write can take part of the line (a disk that fills up)
+                        data = data[os.write(fd, data):]
                     os.fsync(fd)
                 finally:
                     os.close(fd)

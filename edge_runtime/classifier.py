@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import selectors
 import signal
 import subprocess
 import threading
@@ -29,6 +30,8 @@ from .types import GenerationRequest, GenerationResult, SamplingParams
 log = logging.getLogger(__name__)
 
 MAX_LABEL_CHARS = 64
+MAX_STDOUT_BYTES = 64 * 1024  # of a command's stdout, what is kept: its first word is the label
+EXIT_POLL_S = 0.05  # how often a command whose stdout stays open is checked for having exited
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,8 @@ class CommandClassifier:
         self.command = list(spec.command)
         self.block_labels = frozenset(label.lower() for label in spec.block_labels)
 
-    def _failure(self, what: str) -> Verdict:
-        return failed(self.spec, self.command[0], what)
+    def _failure(self, what: str, label: str | None = None) -> Verdict:
+        return failed(self.spec, self.command[0], what, label)
 
     def classify(self, text: str) -> Verdict:
         if why := too_long(self.spec, text):
@@ -78,27 +81,92 @@ class CommandClassifier:
                                     stderr=subprocess.DEVNULL, start_new_session=True)
         except OSError as exc:
             return self._failure(f"cannot start: {exc.strerror or exc}")
+        out = None
         try:
-            out, _ = proc.communicate(data, timeout=self.spec.timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            out = _exchange(proc, data, time.monotonic() + self.spec.timeout_s)
+        finally:
+            if out is None:  # past its time (or the exchange failed): it and what it started end here
+                _kill_group(proc)
+            _close_pipes(proc)
+        if out is None:
             return self._failure(f"timeout after {self.spec.timeout_s:g} s")
         if self.block_labels:
             if proc.returncode != 0:
                 return self._failure(f"exit {proc.returncode}")
             label = _first_word(out.decode("utf-8", errors="replace"))
-            return Verdict(blocked=label in self.block_labels, label=label or "(no label)")
+            if not label:  # it said nothing: not a judgement
+                return self._failure("no label on stdout", label="(no label)")
+            return Verdict(blocked=label in self.block_labels, label=label)
         if proc.returncode in (0, 1):
             return Verdict(blocked=proc.returncode == 1, label=f"exit {proc.returncode}")
         return self._failure(f"exit {proc.returncode}")
 
 
+def _exchange(proc: subprocess.Popen, data: bytes, deadline: float) -> bytes | None:
+    """Write `data` to the program's stdin and read its stdout (the first MAX_STDOUT_BYTES of it;
+    the rest is read and dropped) until it exits, or None when `deadline` passes first. Unlike
+    `communicate`, neither a program that prints without end nor one that leaves a process of
+    its own holding stdout (one that escaped the process group) can hold the worker past it:
+    once the program has exited and its stdout has nothing more to read, it is done."""
+    assert proc.stdin is not None and proc.stdout is not None
+    out = bytearray()
+    with selectors.DefaultSelector() as sel:
+        os.set_blocking(proc.stdin.fileno(), False)
+        sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE)
+        sel.register(proc.stdout.fileno(), selectors.EVENT_READ)
+        sent = 0
+        if not data:
+            sel.unregister(proc.stdin.fileno())
+            proc.stdin.close()
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            ready = sel.select(min(left, EXIT_POLL_S))
+            if not ready and proc.poll() is not None:
+                break  # it has exited and all it wrote is read; a process it left behind holds the pipe
+            for key, _ in ready:
+                if key.fd == proc.stdout.fileno():
+                    chunk = os.read(key.fd, 65536)
+                    if not chunk:
+                        sel.unregister(key.fd)
+                    out += chunk[:MAX_STDOUT_BYTES - len(out)]
+                    continue
+                try:
+                    sent += os.write(key.fd, data[sent:sent + 65536])
+                except BlockingIOError:
+                    continue
+                except BrokenPipeError:  # it does not read its stdin (it may judge by other means)
+                    sent = len(data)
+                if sent >= len(data):
+                    sel.unregister(key.fd)
+                    proc.stdin.close()
+    try:
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:  # stdout closed, but it goes on
+        return None
+    return bytes(out)
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
+    """End the program's process group (it may have started others), and the program."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except OSError:
+        pass
+    if proc.poll() is None:
         proc.kill()
-    proc.communicate()
+        proc.wait()
+
+
+def _close_pipes(proc: subprocess.Popen) -> None:
+    """Close the program's pipes, never reading them to their end (a process it started may hold them)."""
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            try:
+                pipe.close()
+            except OSError:  # stdin with unwritten bytes of a program that is gone
+                pass
 
 
 class BundleClassifier:
@@ -136,7 +204,9 @@ class BundleClassifier:
         except Exception as exc:  # DeadlineExceeded, ContextLengthExceeded, ...
             return failed(self.spec, "bundle", f"{type(exc).__name__}: {exc}", label=type(exc).__name__)
         label = _first_word(result.text) if isinstance(result, GenerationResult) else ""
-        return Verdict(blocked=label in self.block_labels, label=label or "(no label)")
+        if not label:  # it said nothing (an end token first): not a judgement
+            return failed(self.spec, "bundle", "no label generated", label="(no label)")
+        return Verdict(blocked=label in self.block_labels, label=label)
 
 
 def make_classifier(spec: ClassifierSpec | None) -> Classifier | None:

@@ -59,10 +59,14 @@ Where = Literal["input", "output"]
 
 # What matching drops: every format character (Unicode category Cf: zero-width spaces and
 # joiners, soft hyphen, bidirectional marks, invisible operators, tag characters ...) and the
-# invisible letters and marks outside it (combining grapheme joiner, Hangul fillers). Format
-# characters live in planes 0, 1 and 14 only.
-_INVISIBLE = dict.fromkeys([c for c in [*range(0x20000), *range(0xE0000, 0xE1000)]
-                            if unicodedata.category(chr(c)) == "Cf"] + [0x034F, 0x115F, 0x1160, 0x3164, 0xFFA0])
+# other code points Unicode calls default-ignorable (DerivedCoreProperties.txt's
+# Default_Ignorable_Code_Point, which a text shows as nothing): the combining grapheme joiner,
+# Hangul fillers, Khmer inherent vowels, Mongolian and other variation selectors, and the
+# code points kept for more of them. Format characters live in planes 0, 1 and 14 only.
+_DEFAULT_IGNORABLE_NOT_CF = (0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, *range(0x180B, 0x180E), 0x180F, 0x2065, 0x3164,
+                             *range(0xFE00, 0xFE10), 0xFFA0, *range(0xFFF0, 0xFFF9), *range(0xE0000, 0xE1000))
+_INVISIBLE = dict.fromkeys([c for c in range(0x20000) if unicodedata.category(chr(c)) == "Cf"]
+                           + list(_DEFAULT_IGNORABLE_NOT_CF))
 DEFAULT_OUTPUT_WINDOW_CHARS = 2048
 DEFAULT_PATTERN_HOLD_CHARS = 64
 
@@ -109,8 +113,10 @@ class RuleSpec:
 
 @dataclass(frozen=True)
 class ClientLimitSpec:
-    requests_per_minute: Annotated[int, at_least(0)] = 0  # 0: no limit
-    max_tokens: Annotated[int, at_least(0)] = 0  # 0: the daemon's own [limits] max_tokens
+    """One client's own limits; a key it does not set is [limits]' (None)."""
+
+    requests_per_minute: Optional[Annotated[int, at_least(0)]] = None  # 0: no limit
+    max_tokens: Optional[Annotated[int, at_least(0)]] = None  # 0: only the daemon's own [limits] max_tokens
 
 
 @dataclass(frozen=True)
@@ -377,9 +383,9 @@ class Policy:
     def limit_for(self, client_id: str) -> ClientLimit:
         own = self.limits.per_client.get(client_id)
         return ClientLimit(
-            requests_per_minute=own.requests_per_minute if own and own.requests_per_minute
+            requests_per_minute=own.requests_per_minute if own and own.requests_per_minute is not None
             else self.limits.requests_per_minute,
-            max_tokens=own.max_tokens if own and own.max_tokens else self.limits.max_tokens)
+            max_tokens=own.max_tokens if own and own.max_tokens is not None else self.limits.max_tokens)
 
     def rules_for(self, where: str, mode: str, client_id: str) -> tuple[Rule, ...]:
         return tuple(r for r in self.rules if r.applies(where, mode, client_id))
@@ -529,7 +535,8 @@ def _pattern_hold(longest: list[int | None]) -> int:
 # A pattern is searched on the MQTT network thread for every request (up to the protocol's
 # 65,536 characters): one whose time grows faster than the text (nested or adjacent unbounded
 # quantifiers, `exfiltrat\w*\w*`, `(a+)+b`) could stall the daemon with one crafted prompt.
-# Each is timed at load on its own words repeated, at growing lengths, and refused past a
+# Each is timed at load on its own words (and runs of digits, spaces, its punctuation) repeated, at
+# growing lengths, ended by a NUL, and refused past a
 # budget that grows with the length (a linear pattern stays far below it on any board). The
 # lengths start small and grow slowly there, so that a pattern whose time doubles with each
 # character is caught at a few dozen characters, in well under a second, before it can hang
@@ -544,10 +551,18 @@ def _cost_budget_s(length: int) -> float:
 
 def _cost_probes(pattern: str, length: int) -> list[str]:
     """The pattern's own words (and letters) run together, spaced, on lines and each alone,
-    repeated to `length`: the texts on which a pattern that backtracks works hardest."""
+    and runs of digits, of spaces and of each punctuation character the pattern has, repeated
+    to `length` and ended by a character hardly any pattern takes: the texts on which a pattern
+    that backtracks works hardest (the end makes one anchored there, as `(\\w+\\s?)+$`, fail
+    only after it has tried every way to split the run)."""
     words = list(dict.fromkeys(w.lower() for w in re.findall(r"[A-Za-z]+", pattern)))[:12] or ["a"]
     units = [sep.join(words) + sep for sep in ("", " ", "\n")] + (words if len(words) > 1 else [])
-    return [(unit * (length // len(unit) + 1))[:length] for unit in units]
+    units += ["1", " ", *dict.fromkeys(c for c in pattern if c.isascii() and c in _PROBE_PUNCTUATION)][:24]
+    return [(unit * (length // len(unit) + 1))[:length - 1] + _PROBE_END for unit in units]
+
+
+_PROBE_PUNCTUATION = frozenset("!\"#%&',-./:;<=>@_`~")  # what a pattern may repeat as a literal
+_PROBE_END = "\x00"
 
 
 class _ProbeTooSlow(Exception):

@@ -156,13 +156,15 @@ def is_control_topic(topic: str) -> bool:
     return bool(_CONTROL_TOPIC_RE.match(topic))
 
 
-_REPLY_TOPIC_RE = re.compile(r"^edge/[^/]+/v1/reply/([^/]+)/")
+_REPLY_TOPIC_RE = re.compile(r"^edge/[^/]+/v1/reply/([^/]+)(?:/|$)")
 
 
 def reply_client_id(topic: str) -> str:
-    """The client id level of an ``edge/<device>/v1/reply/<client_id>/...`` topic, or ""
-    for any other reply topic. The sample broker ACL lets a client read only the
-    replies under its own id, so a client that names another id gets no answer."""
+    """The client id level of an ``edge/<device>/v1/reply/<client_id>/...`` topic (or of
+    ``edge/<device>/v1/reply/<client_id>`` itself, which the ACL's ``.../<client_id>/#``
+    lets that client read too), or "" for any other reply topic. The sample broker ACL
+    lets a client read only the replies under its own id, so a client that names another
+    id gets no answer."""
     match = _REPLY_TOPIC_RE.match(topic)
     return match.group(1) if match else ""
 

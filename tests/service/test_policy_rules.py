@@ -8,14 +8,17 @@ import os
 import re
 import sys
 import tempfile
+import time
+import tracemalloc
 from pathlib import Path
 
+import psutil
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_runtime.audit import AuditLog, filter_events, format_event, parse_since, read_events
-from edge_runtime.classifier import CommandClassifier
+from edge_runtime.classifier import BundleClassifier, CommandClassifier
 from edge_runtime.client_limits import RequestRateLimiter
 from edge_runtime.errors import ConfigError
 from edge_runtime.guard import PolicyGuard
@@ -66,6 +69,14 @@ def rules_hit(p, request) -> list[str]:
      "grows faster than the text"),
     ('[[rules]]\nname = "r1"\naction = "refuse"\npatterns = ["exfiltrat\\\\w*\\\\w*z"]', "rules[0] ('r1'): patterns[0]",
      "Bound its quantifiers"),
+    # ...also where the run that backtracks is not the pattern's own words: it fails only at a character
+    # after the run (an anchor), or the run is digits or punctuation
+    pytest.param("[[rules]]\nname = 'r1'\naction = 'refuse'\npatterns = ['(\\w+\\s?)+$']", "rules[0] ('r1'): patterns[0]",
+                 "grows faster than the text", id="anchored-at-the-end"),
+    pytest.param("[[rules]]\nname = 'r1'\naction = 'refuse'\npatterns = ['(\\d+)+x']", "rules[0] ('r1'): patterns[0]",
+                 "grows faster than the text", id="a-run-of-digits"),
+    pytest.param("[[rules]]\nname = 'r1'\naction = 'refuse'\npatterns = ['(,+)+x']", "rules[0] ('r1'): patterns[0]",
+                 "grows faster than the text", id="a-run-of-commas"),
     # what re refuses with another exception than re.error: a repeat count past its limit, groups
     # nested past its parser's recursion
     ("[[rules]]\nname = 'r1'\naction = 'refuse'\npatterns = ['ok', 'x{0,99999999999}']",
@@ -165,9 +176,24 @@ def test_phrases_match_case_whitespace_and_unicode_variants():
                  # invisible characters that are not zero-width spaces: bidirectional marks,
                  # the word joiner's kin, tag characters, the combining grapheme joiner
                  "encr\u200eypt all files", "en\u202ecrypt all files", "encrypt a\u2061ll files",
-                 "encrypt all\U000E0020 files", "encr\u034fypt all files"]:
+                 "encrypt all\U000E0020 files", "encr\u034fypt all files",
+                 # default-ignorable marks outside Cf: variation selectors (an emoji's U+FE0F, and
+                 # the supplement's), Mongolian ones, a Khmer inherent vowel
+                 "encr\ufe0fypt all files", "encrypt al\U000E0100l files", "encrypt all f\u180biles",
+                 "encrypt \u17b4all files"]:
         assert rules_hit(p, complete(text)) == ["enc"], text
     assert rules_hit(p, complete("encrypt a file")) == []
+
+
+def test_matching_drops_every_default_ignorable_code_point():
+    """Against Unicode's own list (the regex package's \\p{Default_Ignorable_Code_Point}): each
+    of them, which a text shows as nothing, inside a phrase's word still matches it."""
+    regex = pytest.importorskip("regex")
+    p = policy('[[rules]]\nname = "enc"\naction = "refuse"\nphrases = ["ransomware"]')
+    ignorable = [chr(c) for c in range(0x110000) if regex.match(r"\p{Default_Ignorable_Code_Point}", chr(c))]
+    assert len(ignorable) > 4000
+    missed = [f"U+{ord(c):04X}" for c in ignorable if rules_hit(p, complete(f"write ransom{c}ware")) != ["enc"]]
+    assert missed == []
 
 
 def test_case_sensitive_rules_and_patterns():
@@ -460,6 +486,16 @@ def test_per_client_limits_override_the_defaults():
     assert p.limit_for("other").requests_per_minute == 10
 
 
+def test_a_client_given_0_has_no_limit_of_the_policys_own():
+    # 0 means no limit, for one client as for all: the trusted HMI is exempt, not back at the default
+    p = policy('[limits]\nrequests_per_minute = 10\nmax_tokens = 100\n'
+               '[limits.per_client."trusted-hmi"]\nrequests_per_minute = 0\nmax_tokens = 0\n'
+               '[limits.per_client."hmi-2"]\nmax_tokens = 0')
+    assert p.limit_for("trusted-hmi").requests_per_minute == 0 and p.limit_for("trusted-hmi").max_tokens == 0
+    assert p.limit_for("hmi-2").requests_per_minute == 10 and p.limit_for("hmi-2").max_tokens == 0
+    assert p.limit_for("other").requests_per_minute == 10 and p.limit_for("other").max_tokens == 100
+
+
 # ------------------------------------------------------------------ rate limiter
 
 
@@ -483,6 +519,21 @@ def test_rate_limiter_remembers_a_bounded_number_of_clients():
         now[0] += 0.001
         limiter.admit(f"spoofed-{i}", 5)
     assert len(limiter) <= 100
+
+
+def test_rate_limiter_memory_does_not_grow_with_the_length_of_client_ids():
+    # the client id is a topic level the client chose: 30 KB each fits a request's reply_to
+    limiter = RequestRateLimiter(max_clients=2000)
+    tracemalloc.start()
+    try:
+        for i in range(2000):
+            assert limiter.admit(f"{i:06d}" + "x" * 30_000, 5)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 8 << 20, held  # 60 MB when the ids were kept
+    assert not limiter.admit("000007" + "x" * 30_000, 1)  # each id still counts on its own
+    assert limiter.admit("000007" + "x" * 29_999, 1)
 
 
 # ------------------------------------------------------------------ audit log
@@ -516,6 +567,28 @@ def test_audit_log_rotates_and_reads_both_files_and_skips_torn_lines(tmp_path):
         f.write('{"ts": 1, "request_id": "torn"')
     ids = [e.request_id for e in read_events(path)]
     assert ids[-1] == "r59" and "torn" not in ids and len(ids) == len(set(ids))
+
+
+def test_an_event_after_a_line_cut_short_is_read_not_lost_with_it(tmp_path):
+    # a crash or a full disk left half a line: the next event starts a line of its own
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.record(request_id="r1", client_id="c", mode="complete", rule="enc", action="refuse", where="input", text="x")
+    with open(tmp_path / "audit.jsonl", "ab") as f:
+        f.write(b'{"ts":1795459200.5,"request_id":"r2","cli')
+    log.record(request_id="r3", client_id="c", mode="complete", rule="enc", action="refuse", where="input", text="x")
+    assert [e.request_id for e in read_events(tmp_path / "audit.jsonl")] == ["r1", "r3"]
+
+
+def test_an_audit_write_that_takes_part_of_the_line_is_carried_on(tmp_path, monkeypatch):
+    # write(2) may take fewer bytes than asked (a disk filling up, a signal): the rest follows
+    real_write = os.write
+    monkeypatch.setattr("edge_runtime.audit.os.write", lambda fd, data: real_write(fd, data[:7]))
+    log = AuditLog(tmp_path / "audit.jsonl")
+    for rid in ("r1", "r2"):
+        log.record(request_id=rid, client_id="c", mode="complete", rule="enc", action="refuse", where="input",
+                   text="x")
+    assert [e.request_id for e in read_events(tmp_path / "audit.jsonl")] == ["r1", "r2"]
+    assert log.failed_writes == 0
 
 
 def test_audit_events_with_keys_a_newer_daemon_added_are_read_not_skipped(tmp_path):
@@ -610,6 +683,55 @@ def test_classifier_timeout_and_crash_fail_closed_or_open(tmp_path, on_failure, 
     crash = classifier(tmp_path, "raise SystemExit(3)\n", on_failure=on_failure)
     verdict = crash.classify("anything")
     assert verdict.failed and verdict.blocked is blocked and verdict.label == "exit 3"
+
+
+@pytest.mark.parametrize("on_failure, blocked", [("closed", True), ("open", False)])
+def test_a_classifier_that_prints_no_label_has_failed(tmp_path, on_failure, blocked):
+    # exit 0 and nothing on stdout (a wrapper that swallowed its error): no judgement, not "allowed"
+    silent = classifier(tmp_path, "import sys\nsys.stdin.read()\n", block_labels=("unsafe",), on_failure=on_failure)
+    verdict = silent.classify("anything")
+    assert verdict.failed and verdict.blocked is blocked and verdict.label == "(no label)"
+
+
+@pytest.mark.parametrize("on_failure, blocked", [("closed", True), ("open", False)])
+def test_a_bundle_classifier_that_generates_no_word_has_failed(on_failure, blocked):
+    # the judge's first token ends its answer: no label, no judgement
+    spec = ClassifierSpec(bundle=Path("judge"), block_labels=("unsafe",), on_failure=on_failure)
+    verdict = BundleClassifier(spec, ChunkedEngine([])).classify("anything")
+    assert verdict.failed and verdict.blocked is blocked and verdict.label == "(no label)"
+
+
+def test_a_classifier_that_leaves_a_process_holding_its_stdout_is_answered_when_it_exits(tmp_path):
+    # a helper it starts in a session of its own (out of the reach of the process group's kill)
+    # keeps the pipe open: its answer counts when it exits, and the worker is not held meanwhile
+    judge = classifier(tmp_path, "import subprocess, sys\nsys.stdin.read()\n"
+                       "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+                       "start_new_session=True)\nprint('unsafe', p.pid, flush=True)\n",
+                       block_labels=("unsafe",), timeout_s=10.0)
+    start = time.monotonic()
+    verdict = judge.classify("anything")
+    took = time.monotonic() - start
+    try:
+        assert verdict.blocked and not verdict.failed and verdict.label == "unsafe", verdict
+        assert took < 5.0, took
+    finally:
+        for proc in psutil.process_iter(["cmdline"]):
+            if proc.info["cmdline"] == [sys.executable, "-c", "import time; time.sleep(60)"]:
+                proc.kill()
+
+
+def test_a_classifier_that_prints_without_end_costs_bounded_memory(tmp_path):
+    # 200 MB on stdout, of which only the first word is the label
+    judge = classifier(tmp_path, "import sys\nsys.stdin.read()\nfor _ in range(200):\n"
+                       "    sys.stdout.write('safe ' + 'x' * (1 << 20))\n", block_labels=("unsafe",), timeout_s=30.0)
+    tracemalloc.start()
+    try:
+        verdict = judge.classify("anything")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not verdict.blocked and verdict.label == "safe"
+    assert peak < 16 << 20, peak
 
 
 @pytest.mark.parametrize("on_failure, blocked", [("closed", True), ("open", False)])

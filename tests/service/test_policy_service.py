@@ -11,10 +11,12 @@ import json
 import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from fake_engine import FakeEngine
+from mosquitto_broker import secured_broker
 from mqtt_probe import Probe
 from service_harness import make_config, start_service
 
@@ -434,3 +436,48 @@ def test_audit_listing_prints_strings_that_are_not_utf8_or_span_lines_escaped(tm
     out = audit_cli("--file", str(log), "--json")
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     assert [json.loads(line)["client_id"] for line in out.stdout.splitlines()] == ["c\ud800", "c"]
+
+
+def test_a_reply_topic_without_a_request_level_still_names_its_client(tmp_path):
+    """The sample ACL's `edge/+/v1/reply/%u/#` lets a client read edge/<dev>/v1/reply/<its id>
+    itself too (`#` matches the level above it): a request whose replies go there is that
+    client's, under its rules and limits, not client "" escaping them."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    b = secured_broker(tmp_path, users={"dev1": "dev1-pw", "line-3": "line-3-pw"},
+                       acl_lines="user line-3\ntopic write edge/+/v1/generate\n")
+    (tmp_path / "dev.pw").write_text("dev1-pw\n")
+    (tmp_path / "policy.toml").write_text('[[rules]]\nname = "lines-no-shell"\naction = "refuse"\n'
+                                          'clients = ["line-*"]\nphrases = ["shell script"]\n')
+    service = None
+    replies: list[dict] = []
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="line-3", protocol=mqtt.MQTTv5)
+    try:
+        service = start_service(make_config(b, tmp_path, **{"mqtt.username": "dev1", "policy.file":
+                                                            str(tmp_path / "policy.toml"),
+                                                            "mqtt.password_file": str(tmp_path / "dev.pw")}))
+        client.username_pw_set("line-3", "line-3-pw")
+        client.on_message = lambda c, u, m: replies.append(json.loads(m.payload))
+        client.connect(b.host, b.port)
+        client.loop_start()
+        reply_topic = "edge/dev1/v1/reply/line-3"
+        client.subscribe(reply_topic, qos=1)[0]
+        time.sleep(0.3)
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = reply_topic
+        client.publish(T.generate, json.dumps({"id": "r1", "mode": "complete", "prompt": "write a shell script"}),
+                       qos=1, properties=props).wait_for_publish(5)
+        deadline = time.monotonic() + 5
+        while not any(r.get("done") for r in replies) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        final = next(r for r in replies if r.get("done"))  # the ACL let line-3 read it
+        assert final.get("error", {}).get("code") == "policy_violation", final
+        assert [e.client_id for e in audit_events(tmp_path)] == ["line-3"]
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        if service is not None:
+            service.stop()
+        b.stop()
