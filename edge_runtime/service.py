@@ -207,6 +207,10 @@ class EdgeService:
             policy = load_policy(config.policy.file)
         # The operator's policy: admission checks here, classifier and output rules around the engine.
         self.guard = PolicyGuard.create(policy, self.state_dir) if policy is not None else None
+        if policy is not None and policy.classifier is not None:
+            # the classifier runs in the worker before a request's first token, for up to its timeout
+            # (at most 600 s): that long without a token is not a stall (systemd's watchdog would kill it)
+            stall_after_s += policy.classifier.timeout_s
         self.scheduler = Scheduler(self.guard.wrap(engine) if self.guard else engine, self, depth=config.limits.queue_depth,
                                    on_change=self._mark_status_dirty, stall_after_s=stall_after_s,
                                    log_content=self.log_content)

@@ -225,6 +225,29 @@ def test_classifier_timeout_fails_closed_or_open(serve, probe, tmp_path, on_fail
     assert "classifier failed" in event.detail
 
 
+def test_a_classifier_running_within_its_timeout_is_not_a_stalled_worker(broker, probe, tmp_path):
+    """The classifier runs in the worker before the request's first token, for up to its
+    timeout_s (policy.py allows 600 s); health (systemd's watchdog) called the worker stalled
+    once that passed the stall limit (300 s), and the watchdog would kill a daemon whose
+    classifier was only slow. The stall limit counts the classifier's timeout too."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text(judge_policy(tmp_path, "import sys, time\nsys.stdin.read()\ntime.sleep(1.0)\n"))
+    service = start_service(make_config(broker, tmp_path, **{"policy.file": str(policy)}), FakeEngine(),
+                            stall_after_s=0.3)
+    try:
+        reply = T.reply_topic("hmi", "slow-judge")
+        probe.publish(T.generate, {"id": "slow-judge", "mode": "complete", "prompt": "b a"}, response_topic=reply)
+        seen, end = [], time.monotonic() + 1.2
+        while time.monotonic() < end:
+            seen.append(service.health())
+            time.sleep(0.05)
+        assert any(h.running == "slow-judge" for h in seen)
+        assert all(h.ok for h in seen), [h for h in seen if not h.ok][:1]
+        assert probe.wait_final(reply, 5)["text"] == "a b"
+    finally:
+        service.stop()
+
+
 # ------------------------------------------------------------------ audit command, status, start-up
 
 
