@@ -26,6 +26,7 @@ class RequestRateLimiter:
 
     def __init__(self, *, max_clients: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
         self._seen: dict[bytes, deque[float]] = {}  # by _key(client id)
+        self._refused: dict[bytes, int] = {}  # refusals since the client was last admitted (a subset of _seen's keys)
         self._lock = threading.Lock()
         self._max_clients = max_clients
         self._clock = clock
@@ -44,9 +45,17 @@ class RequestRateLimiter:
             while times and now - times[0] >= WINDOW_S:
                 times.popleft()
             if len(times) >= limit:
+                self._refused[key] = self._refused.get(key, 0) + 1
                 return False
+            self._refused.pop(key, None)
             times.append(now)
             return True
+
+    def refusals_in_a_row(self, client_id: str) -> int:
+        """How many times `admit` refused the client since it last admitted it: 1 at the first
+        refusal of a spell over the rate (the policy audits that one, not each one after it)."""
+        with self._lock:
+            return self._refused.get(_key(client_id), 0)
 
     def refund(self, client_id: str) -> None:
         with self._lock:
@@ -64,10 +73,13 @@ class RequestRateLimiter:
 
     def _forget_idle(self, now: float) -> None:
         for client in [c for c, t in self._seen.items() if not t or now - t[-1] >= WINDOW_S]:
-            del self._seen[client]
+            self._forget(client)
         if len(self._seen) >= self._max_clients:  # all active: forget the least recently seen
-            oldest = min(self._seen, key=lambda c: self._seen[c][-1])
-            del self._seen[oldest]
+            self._forget(min(self._seen, key=lambda c: self._seen[c][-1]))
+
+    def _forget(self, key: bytes) -> None:
+        del self._seen[key]
+        self._refused.pop(key, None)
 
     def __len__(self) -> int:
         return len(self._seen)

@@ -80,8 +80,10 @@ class PolicyGuard:
                                   f"{limit.max_tokens} tokens (asked {request.max_tokens})")
         if not self.limiter.admit(client, limit.requests_per_minute):
             wait = self.limiter.retry_after_s(client)
-            self._record(request, Violation("limits.requests_per_minute", "refuse", "limit"), text,
-                         f"{limit.requests_per_minute}/min")
+            if self.limiter.refusals_in_a_row(client) == 1:  # a spell over the rate: its first refusal, not
+                # each one (each is an fsync on the network thread, and a flood would rotate the log away)
+                self._record(request, Violation("limits.requests_per_minute", "refuse", "limit"), text,
+                             f"{limit.requests_per_minute}/min (recorded once until the client is admitted again)")
             raise RateLimited(f"policy limit limits.requests_per_minute: client {client or '-'} may send "
                               f"{limit.requests_per_minute} requests per minute; retry in {wait:.0f} s",
                               retry_after_s=round(wait, 3))

@@ -512,6 +512,17 @@ def test_rate_limiter_sliding_minute_and_refund():
     assert limiter.admit("anyone", 0)  # 0: unlimited
 
 
+def test_rate_limiter_counts_refusals_since_the_client_was_last_admitted():
+    now = [1000.0]
+    limiter = RequestRateLimiter(clock=lambda: now[0])
+    assert limiter.admit("a", 1) and limiter.refusals_in_a_row("a") == 0
+    assert [limiter.admit("a", 1) for _ in range(3)] == [False] * 3 and limiter.refusals_in_a_row("a") == 3
+    assert limiter.refusals_in_a_row("b") == 0
+    now[0] += 60.0
+    assert limiter.admit("a", 1) and limiter.refusals_in_a_row("a") == 0  # admitted: the spell is over
+    assert not limiter.admit("a", 1) and limiter.refusals_in_a_row("a") == 1  # a new spell
+
+
 def test_rate_limiter_remembers_a_bounded_number_of_clients():
     now = [0.0]
     limiter = RequestRateLimiter(max_clients=100, clock=lambda: now[0])

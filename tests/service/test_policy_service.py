@@ -145,6 +145,17 @@ def test_requests_per_minute_per_client(serve, probe, tmp_path):
     assert [(e.client_id, e.rule) for e in audit_events(tmp_path)] == [("line-1", "limits.requests_per_minute")]
 
 
+def test_a_client_over_its_rate_is_audited_once_a_spell_not_once_a_request(serve, probe, tmp_path):
+    """Each refusal was an audit line, fsynced on the MQTT network thread: one client flooding
+    past its rate stalled the connection for everyone and rotated the audit log's earlier
+    evidence away (16 MiB and .1). The first refusal of a spell over the rate is recorded."""
+    serve('[limits]\nrequests_per_minute = 1\n')
+    ask = Ask(probe, "flood")
+    answers = [ask({"mode": "complete", "prompt": "a b"})[1] for _ in range(6)]
+    assert [a.get("error", {}).get("code") for a in answers] == [None] + ["rate_limited"] * 5
+    assert [(e.client_id, e.rule) for e in audit_events(tmp_path)] == [("flood", "limits.requests_per_minute")]
+
+
 def test_the_client_raises_rate_limited_with_when_to_retry(serve, broker):
     from edge_runtime import EdgeClient, RateLimited, RemoteError
 
