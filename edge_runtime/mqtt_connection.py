@@ -190,13 +190,18 @@ def _no_nagle(client: mqtt.Client, userdata: object, sock) -> None:
         pass
 
 
-def connect_properties(protocol: str, *, session_expiry_s: int | None = None) -> Properties | None:
-    """MQTT 5 CONNECT properties (None for 3.1.1)."""
+def connect_properties(protocol: str, *, session_expiry_s: int | None = None,
+                       receive_maximum: int | None = None) -> Properties | None:
+    """MQTT 5 CONNECT properties (None for 3.1.1). `receive_maximum`: how many QoS 1 and 2
+    messages the broker may send this client before it acknowledges them (1-65535; without
+    it Mosquitto sends at most its max_inflight_messages, 20)."""
     if protocol_version(protocol) != mqtt.MQTTv5:
         return None
     props = Properties(PacketTypes.CONNECT)
     if session_expiry_s is not None:
         props.SessionExpiryInterval = int(session_expiry_s)
+    if receive_maximum is not None:
+        props.ReceiveMaximum = int(receive_maximum)
     return props
 
 
@@ -226,11 +231,13 @@ def response_route(message: mqtt.MQTTMessage) -> tuple[str | None, bytes | None]
 
 
 def connect_async(client: mqtt.Client, address: BrokerAddress, *, protocol: str, keepalive: int,
-                  persistent: bool, session_expiry_s: int | None = None) -> None:
+                  persistent: bool, session_expiry_s: int | None = None,
+                  receive_maximum: int | None = None) -> None:
     """Start connecting in the background (use with `loop_start`; paho reconnects
     with backoff on its own)."""
     if protocol_version(protocol) == mqtt.MQTTv5:
         client.connect_async(address.host, address.port, keepalive=keepalive, clean_start=not persistent,
-                             properties=connect_properties(protocol, session_expiry_s=session_expiry_s))
+                             properties=connect_properties(protocol, session_expiry_s=session_expiry_s,
+                                                           receive_maximum=receive_maximum))
     else:
         client.connect_async(address.host, address.port, keepalive=keepalive)

@@ -79,6 +79,14 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # unit restarts the daemon on it (RestartForceExitStatus=) and counts it a success: under
 # systemd a `kill -HUP` is an operator's reload, and an exit 0 left the service stopped.
 SIGHUP_EXIT_STATUS = 128 + signal.SIGHUP
+# MQTT 5 Receive Maximum of the daemon's connection (the protocol's largest). A request stays
+# unacknowledged until its final reply, so without it the broker's in-flight window (Mosquitto's
+# max_inflight_messages, 20) held every request past the 19th queued, and every cancel behind
+# them, at the broker: no `busy`, not in the status, a cancel for the running request held
+# until it ended. Past queue_depth a request is refused `busy` (and acknowledged) at once.
+RECEIVE_MAXIMUM = 65535
+# An MQTT 3.1.1 connection cannot ask for more: Mosquitto's default in-flight window
+MQTT311_IN_FLIGHT_WINDOW = 20
 
 
 @dataclass(frozen=True)
@@ -292,7 +300,7 @@ class EdgeService:
         # said before the network thread starts: it may connect and say "serving" at once
         self._set_status_text(f"connecting to {m.address.url}")
         connect_async(self._client, m.address, protocol=m.protocol, keepalive=m.keepalive,
-                      persistent=True, session_expiry_s=m.session_expiry_s)
+                      persistent=True, session_expiry_s=m.session_expiry_s, receive_maximum=RECEIVE_MAXIMUM)
         self._client.loop_start()
         self._housekeeping = threading.Thread(target=self._housekeeping_loop, name="edge-housekeeping",
                                               daemon=True)
@@ -302,6 +310,12 @@ class EdgeService:
                  self.version, m.device_id, getattr(info, "model_name", "?"), getattr(info, "profile", "?"),
                  getattr(info, "precision", "?"), m.address.url, m.protocol, self.limits.queue_depth)
         log.info("state directory %s (reply store%s)", self.state_dir, ", audit log" if self.guard else "")
+        if m.protocol == "3.1.1" and self.limits.queue_depth + 1 >= MQTT311_IN_FLIGHT_WINDOW:
+            log.warning("queue_depth %d with MQTT 3.1.1: the broker sends at most its in-flight window of "
+                        "unacknowledged requests (Mosquitto's max_inflight_messages, %d by default) and a request "
+                        "is acknowledged with its final reply, so the requests past it, and the cancels behind "
+                        "them, wait at the broker; raise max_inflight_messages above queue_depth + 1 (0: no "
+                        "limit) or use [mqtt] protocol = \"5\"", self.limits.queue_depth, MQTT311_IN_FLIGHT_WINDOW)
         if self.guard is not None:
             policy = self.guard.policy
             log.info("policy %s: sha256 %s, %d rules, classifier %s", policy.source, policy.sha256[:16],

@@ -13,6 +13,7 @@ import time
 
 import pytest
 from fake_engine import FakeEngine, expected_text
+from mosquitto_broker import MosquittoBroker
 from mqtt_probe import Probe
 from service_harness import DaemonProcess, make_config, start_service, wait_until, write_config
 
@@ -173,6 +174,45 @@ def test_queue_full_is_busy_at_once(broker, tmp_path, services, probe):
     # busy is not stored: the same id is served once there is room
     send(probe, {"id": "b3", "mode": "complete", "prompt": "x y"}, "replies/b3")
     assert probe.wait_final("replies/b3", count=2)["text"] == "y x"
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_queue_deeper_than_the_brokers_in_flight_window_fills_and_a_cancel_is_not_held_behind_it(
+        broker, tmp_path, services, caplog, protocol):
+    """Mosquitto sends a client at most 20 unacknowledged QoS 1 messages (max_inflight_messages)
+    unless its MQTT 5 CONNECT asks for more (Receive Maximum), and the daemon acknowledges a
+    request only with its final reply: with queue_depth 30, requests past the 19th queued
+    waited at the broker, with no `busy`, not in the status's queue_depth, and a cancel
+    waited behind them, reaching the running request only after it had ended by itself.
+    A 3.1.1 connection cannot ask: the daemon warns, and docs/protocol.md's remedy (the
+    broker's max_inflight_messages 0) works."""
+    if protocol == "3.1.1":
+        broker.stop()
+        broker = MosquittoBroker(tmp_path / "broker-311", extra_config="max_inflight_messages 0").start()
+    try:
+        service = services(make_config(broker, tmp_path, **{"limits.queue_depth": 30, "mqtt.protocol": protocol}),
+                           FakeEngine(token_delay_s=0.05))
+        with Probe(broker.host, broker.port, protocol=protocol) as probe:
+            probe.subscribe("replies/#")
+            probe.subscribe(T.status)
+            long_prompt = " ".join(f"w{i}" for i in range(2000))  # 100 s of tokens: ended by the cancel
+            send(probe, {"id": "long", "mode": "complete", "prompt": long_prompt}, "replies/long")
+            probe.wait_for(lambda ms: any(m.topic == "replies/long" for m in ms), 10)
+            for i in range(35):
+                send(probe, {"id": f"q{i}", "mode": "complete", "prompt": "a b"}, f"replies/q{i}")
+            for i in range(30, 35):  # the queue holds 30: the rest are refused at once
+                assert probe.wait_final(f"replies/q{i}", timeout=15)["error"]["code"] == "busy"
+            probe.wait_for(lambda ms: any(m.topic == T.status and m.json.get("queue_depth") == 30 for m in ms), 15)
+            assert service.health().queue_depth == 30
+            probe.publish(T.cancel, {"id": "long"})
+            assert probe.wait_final("replies/long", timeout=15)["finish_reason"] == "cancelled"
+            for i in range(30):
+                assert probe.wait_final(f"replies/q{i}", timeout=30)["text"] == "b a"
+        service.stop()
+    finally:
+        if protocol == "3.1.1":
+            broker.stop()
+    assert ("queue_depth 30 with MQTT 3.1.1" in caplog.text) == (protocol == "3.1.1")
 
 
 def test_deadline_while_running(broker, tmp_path, services, probe):
