@@ -677,8 +677,8 @@ class EdgeService:
                             "-r -n)", topic, topic)
                 self._ack([delivery])
             elif topic == self.topics.cancel:
-                self._handle_cancel(message.payload)
-                self._ack([delivery])
+                if self._handle_cancel(message.payload):
+                    self._ack([delivery])
             elif topic in (self.topics.generate, FLEET_GENERATE_TOPIC):
                 self._handle_request(message, delivery)
             else:
@@ -689,14 +689,21 @@ class EdgeService:
 
     # ------------------------------------------------------------------ requests (network thread)
 
-    def _handle_cancel(self, payload: bytes) -> None:
+    def _handle_cancel(self, payload: bytes) -> bool:
+        """Cancel what the message names; False: leave it unacknowledged. While draining, a
+        cancel that matches nothing may be for a request the drain left for redelivery: the
+        broker redelivers both to the next daemon, the request first, where it then matches."""
         try:
             request_id = parse_cancel(payload)
         except ProtocolError as exc:
             log.warning("ignored a cancel: %s", exc.message)
-            return
+            return True
         matched = self.scheduler.cancel(request_id)
+        if not matched and self._drain_requested.is_set():
+            log.info("cancel %r: no queued or running request; left for the next daemon (draining)", request_id)
+            return False
         log.info("cancel %r: %s", request_id, "matched" if matched else "no queued or running request")
+        return True
 
     def _handle_request(self, message: mqtt.MQTTMessage, delivery: Delivery) -> None:
         if self._drain_requested.is_set() or self._state not in ("starting", "online"):

@@ -419,6 +419,36 @@ def test_status_online_draining_offline_and_redelivery_after_drain(broker, tmp_p
     assert len(probe.finals("replies/run")) == 1 and sorted(r.id for r in engine.calls) == ["late", "queued"]
 
 
+def test_a_cancel_during_a_drain_reaches_the_request_the_drain_left_for_the_next_daemon(
+        broker, tmp_path, services, probe, caplog):
+    """A request that arrives while the daemon drains is left unacknowledged, for the next
+    daemon; its cancel, arriving then too, matched nothing and was acknowledged, so the next
+    daemon generated the cancelled request in full (device time for a reply nobody reads,
+    ahead of the requests still wanted). The cancel is left for redelivery too now: the
+    broker hands both to the next daemon, in order."""
+    caplog.set_level(logging.INFO, logger="edge_runtime.service")
+    config = make_config(broker, tmp_path)
+    service = services(config, FakeEngine(token_delay_s=0.05))
+    long_prompt = " ".join(f"w{i}" for i in range(2000))  # ended by its cancel below
+    send(probe, {"id": "run", "mode": "complete", "prompt": long_prompt}, "replies/run")
+    probe.wait_for(lambda ms: any(m.topic == "replies/run" for m in ms), 10)
+    service.request_drain()
+    wait_until(lambda: service.state == "draining", 10)
+    send(probe, {"id": "gone", "mode": "complete", "prompt": "a b c"}, "replies/gone")
+    probe.publish(T.cancel, {"id": "gone"})  # the client gave up (Ctrl-C on ask)
+    wait_until(lambda: "cancel 'gone'" in caplog.text, 10)
+    probe.publish(T.cancel, {"id": "run"})
+    assert probe.wait_final("replies/run", timeout=15)["finish_reason"] == "cancelled"
+    assert service.wait_stopped(15)
+    services(config, FakeEngine(token_delay_s=0.05))
+    final = probe.wait_final("replies/gone", timeout=15)
+    # cancelled while queued, or (the worker may take it first) at its first token
+    assert final.get("error", {}).get("code") == "cancelled" or (
+        final["finish_reason"] == "cancelled" and final["text"] != "c b a"), final
+    time.sleep(0.3)
+    assert len(probe.finals("replies/gone")) == 1
+
+
 def test_status_reports_queue_depth(broker, tmp_path, services, probe):
     services(make_config(broker, tmp_path), FakeEngine(token_delay_s=0.03))
     probe.subscribe(T.status)
