@@ -276,6 +276,27 @@ def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+# RoPE types whose frequencies transformers changes with the sequence's length (dynamic_rope_update)
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+TRANSFORMERS_MAX_POSITIONS = 2048  # LlamaConfig's max_position_embeddings when config.json has none
+
+
+def rope_length_limit(config: dict[str, Any]) -> tuple[int, str] | None:
+    """(tokens, the config.json key that says so) for RoPE scaling whose frequencies
+    transformers changes with the sequence's length: "dynamic" (NTK) past
+    max_position_embeddings, "longrope" past original_max_position_embeddings (else
+    max_position_embeddings). An exported graph keeps the frequencies of the short sequence
+    it was traced with, so past that length it is not the model. None for RoPE that does not
+    depend on the length (default, linear, yarn, llama3)."""
+    rope_type = str(rope_parameters(config)["rope_type"])
+    if not any(kind in rope_type for kind in LENGTH_DEPENDENT_ROPE):
+        return None
+    key = "max_position_embeddings"
+    if "longrope" in rope_type and config.get("original_max_position_embeddings"):
+        key = "original_max_position_embeddings"
+    return int(config.get(key) or TRANSFORMERS_MAX_POSITIONS), key
+
+
 def rope_theta(config: dict[str, Any]) -> float:
     return float(rope_parameters(config)["rope_theta"])
 

@@ -26,7 +26,8 @@ from edge_runtime.tokenizer import CodeLlamaTokenizer
 
 from . import calibration, fidelity, graph_builder, kv_cache_quant, onnx_export, quantize
 from .bundle_writer import EXPORT_MARKER, copy_into, write_manifest
-from .checkpoint import SHARD_INDEX, SINGLE_FILE, CheckpointInfo, check_tensor_shapes, read_checkpoint
+from .checkpoint import (SHARD_INDEX, SINGLE_FILE, CheckpointInfo, check_tensor_shapes, read_checkpoint,
+                         rope_length_limit, rope_parameters)
 from .progress import Progress, peak_rss_bytes
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
@@ -203,6 +204,22 @@ def context_limit(info: CheckpointInfo, profile: DeviceProfile, requested: int |
                               f"the device")
         return requested
     return min(profile.max_context, info.architecture.max_position_embeddings)
+
+
+def check_rope_length(info: CheckpointInfo, limit: int) -> None:
+    """Refuse a context past the length at which the checkpoint's RoPE scaling (dynamic,
+    longrope) changes its frequencies: the exported graph keeps a short sequence's, so every
+    token past it would be computed with the wrong rotation, and fidelity's short prompts
+    would not see it."""
+    rope_limit = rope_length_limit(info.config)
+    if rope_limit is None or limit <= rope_limit[0]:
+        return
+    tokens, key = rope_limit
+    where = "rope_parameters" if "rope_parameters" in info.config else "rope_scaling"
+    raise ExportError(f"{info.name}: config.json's {where} (rope_type {rope_parameters(info.config)['rope_type']!r}) "
+                      f"changes RoPE's frequencies once a sequence is longer than its {key} ({tokens} tokens), "
+                      f"which the exported graph does not (it keeps a short sequence's): a context of {limit} would "
+                      f"be computed wrongly past {tokens} tokens; export with --max-context {tokens} or less")
 
 
 def staging_folder(output: Path) -> Path:
@@ -531,6 +548,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                                 "profile's kv_cache.dtype), so the bundle is fp32's size (int8 or int4 make it "
                                 "smaller)")
         limit = context_limit(info, profile, opts.max_context)
+        check_rope_length(info, limit)
         if limit > arch.max_position_embeddings:
             progress.detail(f"warning: --max-context {limit} is above the model's max_position_embeddings "
                             f"({arch.max_position_embeddings}, the context it was trained for): its output past "

@@ -1242,3 +1242,48 @@ def test_optimums_exporter_is_refused_a_transformers_5_rope_config(tiny_checkpoi
         run_export(ExportOptions(checkpoint=folder, profile="cpu-x86_64", output=tmp_path / "out", graph="optimum",
                                  precision="fp32", skip_fidelity=True))
     assert not (tmp_path / "out.partial").exists()
+
+
+LONG_PROMPT = [1] + [(i * 7919) % 30000 + 100 for i in range(99)]  # 100 tokens, past a max_position_embeddings of 64
+
+
+@pytest.mark.parametrize("rope, max_context, key", [
+    ({"type": "dynamic", "factor": 4.0}, 128, "max_position_embeddings"),
+    ({"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8}, None,
+     "original_max_position_embeddings"),
+])
+def test_rope_scaling_that_changes_with_the_length_is_refused_past_that_length(tiny_checkpoint, tmp_path, rope,
+                                                                                max_context, key):
+    """transformers recomputes dynamic (NTK) and longrope frequencies once a sequence is longer
+    than the model's (original) max_position_embeddings; optimum's traced graph keeps a short
+    sequence's, so every token past it was computed with the wrong rotation (logits 3.6e-3 and
+    8e-3 off torch's on this random model), and fidelity's short prompts passed. Refused, naming
+    the key and the --max-context that is right."""
+    from edge_export.pipeline import ExportError, ExportOptions, run_export
+
+    folder = broken_copy(tiny_checkpoint, tmp_path, "scaled")
+    config = json.loads((folder / "config.json").read_text())
+    extra = {"original_max_position_embeddings": 64} if key.startswith("original") else {}
+    (folder / "config.json").write_text(json.dumps({**config, **extra, "rope_scaling": rope,
+                                                    "max_position_embeddings": 128 if extra else 64}))
+    with pytest.raises(ExportError, match=rf"config.json's rope_scaling .* longer than its {key} \(64 tokens\).*"
+                                          r"--max-context 64 or less"):
+        run_export(ExportOptions(checkpoint=folder, profile="cpu-x86_64", output=tmp_path / "out",
+                                 max_context=max_context, precision="fp32", skip_fidelity=True))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_rope_scaling_that_does_not_change_with_the_length_is_exported_past_the_training_length(tiny_checkpoint,
+                                                                                                tmp_path, exporter):
+    """Linear scaling is one set of frequencies at every length: a context past
+    max_position_embeddings is exported (with its warning), and a prompt longer than it gets
+    torch's logits."""
+    folder = broken_copy(tiny_checkpoint, tmp_path, "linear")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "rope_scaling": {"type": "linear", "factor": 4.0},
+                                                    "max_position_embeddings": 64}))
+    bundle = exporter(folder, tmp_path / "b", max_context=128, skip_fidelity=True)
+    decoder = decoder_for(bundle, max_length=128)
+    ours = decoder.prefill(decoder.new_cache(len(LONG_PROMPT)), np.asarray(LONG_PROMPT))
+    ref = torch_reference.prompt_logits(folder, LONG_PROMPT)[-len(ours):]
+    assert np.abs(ours - ref).max() < 1e-4
