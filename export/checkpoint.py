@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -151,6 +152,7 @@ def _check_weights(path: Path, weights: list[Path], config: dict[str, Any]) -> d
 
 REQUIRED_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")  # absent or null: the default
+FLOAT_SETTINGS = ("rms_norm_eps", "rope_theta")  # absent: the default; null is not a number
 
 
 def check_config_numbers(path: Path, config: dict[str, Any]) -> None:
@@ -166,6 +168,11 @@ def check_config_numbers(path: Path, config: dict[str, Any]) -> None:
                                   "the checkpoint's config.json again")
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CheckpointError(f"{path.name}: config.json's {key} is {json.dumps(value)}, not a positive whole "
+                                  "number: copy or download the checkpoint's config.json again")
+    for key in FLOAT_SETTINGS:  # absent: transformers' default; present, even null, it is what the model runs with
+        value = config.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise CheckpointError(f"{path.name}: config.json's {key} is {json.dumps(value)}, not a positive "
                                   "number: copy or download the checkpoint's config.json again")
 
 
@@ -356,7 +363,7 @@ def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> Checkp
         hidden_size=hidden,
         vocab_size=int(config["vocab_size"]),
         rope_theta=rope_theta(config),
-        max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+        max_position_embeddings=int(config.get("max_position_embeddings") or 4096),  # absent or null
     )
 
     from tokenizers import Tokenizer  # the device side's tokenizer library reads the same file

@@ -907,6 +907,8 @@ def test_a_config_that_does_not_match_its_weights_is_refused_before_any_work(tin
     (lambda c: c.update(num_attention_heads=None), "config.json has no num_attention_heads (it is null)"),
     (lambda c: c.update(num_hidden_layers="2"), "config.json's num_hidden_layers is \"2\", not a positive whole"),
     (lambda c: c.update(num_key_value_heads=0), "config.json's num_key_value_heads is 0, not a positive whole"),
+    (lambda c: c.update(rms_norm_eps=None), "config.json's rms_norm_eps is null, not a positive number"),
+    (lambda c: c.update(rope_theta=None), "config.json's rope_theta is null, not a positive number"),
 ])
 def test_a_config_without_its_sizes_is_one_line_naming_the_key(tiny_checkpoint, tmp_path, change, words):
     """A config.json missing a size, or with a hand-edited one: exit 2 naming the key (a
@@ -920,6 +922,21 @@ def test_a_config_without_its_sizes_is_one_line_naming_the_key(tiny_checkpoint, 
                          capture_output=True, text=True, timeout=300)
     assert cli.returncode == 2 and f"error: edited-config: {words}" in cli.stderr, cli.stderr
     assert "Traceback" not in cli.stderr and not (tmp_path / "b").exists()
+
+
+def test_a_null_max_position_embeddings_is_exported_as_an_absent_one(tiny_checkpoint, tmp_path, exporter):
+    """check_config_numbers lets a null optional size through as "the default" (transformers
+    loads it), and the export then stopped with a TypeError traceback reading it."""
+    contexts = []
+    for name, change in (("absent", lambda c: c.pop("max_position_embeddings")),
+                         ("null", lambda c: c.update(max_position_embeddings=None))):
+        folder = broken_copy(tiny_checkpoint, tmp_path, name)
+        config = json.loads((folder / "config.json").read_text())
+        change(config)
+        (folder / "config.json").write_text(json.dumps(config))
+        bundle = exporter(folder, tmp_path / f"b-{name}", skip_fidelity=True)
+        contexts.append(load_bundle(bundle).manifest["context_limit"])
+    assert contexts[0] == contexts[1]
 
 
 def test_a_context_too_short_for_the_fidelity_prompts_is_refused_before_the_build(tiny_checkpoint, tmp_path):
