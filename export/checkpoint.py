@@ -248,6 +248,8 @@ class CheckpointInfo:
     family: Family  # size class, variant, attention layout, infill, chat format (export/family.py)
     ignored_files: tuple[Path, ...] = ()  # *.safetensors files neither the index nor model.safetensors
     tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every tensor in weight_files
+    # the ids transformers' generate stops at (generation_config.json's eos_token_id): every request stops there
+    stop_ids: tuple[int, ...] = ()
 
     @property
     def supports_infill(self) -> bool:
@@ -322,6 +324,26 @@ def torch_config(config: dict[str, Any]):
     return cfg
 
 
+GENERATION_CONFIG = "generation_config.json"
+
+
+def generation_stop_ids(path: Path, config: dict[str, Any], vocab_size: int) -> tuple[int, ...]:
+    """The ids transformers' ``generate`` ends a generation at: generation_config.json's
+    ``eos_token_id`` (one id or a list; a fine-tune may add its own end-of-turn token there),
+    or config.json's where there is no generation_config.json, as transformers reads them.
+    CheckpointError naming the file for an id that is not one of the model's."""
+    source = path / GENERATION_CONFIG
+    eos = _load_json(source).get("eos_token_id") if source.is_file() else config.get("eos_token_id")
+    where = GENERATION_CONFIG if source.is_file() else "config.json"
+    ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size]
+    if bad:
+        raise CheckpointError(f"{path.name}: {where}'s eos_token_id {json.dumps(eos)} has {json.dumps(bad[0])}, not "
+                              f"an id of the model (0 to {vocab_size - 1}, config.json's vocab_size): a file from another model? Copy the "
+                              f"checkpoint's {where} again")
+    return tuple(sorted(set(ids)))
+
+
 def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> CheckpointInfo:
     """Read `folder`; `variant` (base / python / instruct) overrides the detected variant."""
     path = Path(folder).resolve()
@@ -379,6 +401,7 @@ def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> Checkp
     special = {"unk": tok.token_to_id("<unk>"), "bos": tok.token_to_id("<s>"), "eos": tok.token_to_id("</s>")}
     if special["bos"] is None or special["eos"] is None:
         raise CheckpointError(f"{path.name}: tokenizer lacks <s> or </s>")
+    stop_ids = generation_stop_ids(path, config, arch.vocab_size)
     infill = {k: tok.token_to_id(piece) for k, piece in INFILL_PIECES.items()}
     infill_ids = infill if all(v is not None for v in infill.values()) else None
     step_id = tok.token_to_id(STEP_PIECE)
@@ -416,6 +439,7 @@ def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> Checkp
         weight_files=tuple(weights),
         ignored_files=tuple(ignored),
         tensor_shapes=tensor_shapes,
+        stop_ids=stop_ids,
         weight_bytes=sum(p.stat().st_size for p in weights),
         torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
         family=family,

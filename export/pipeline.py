@@ -473,7 +473,7 @@ def bundle_manifest(info: CheckpointInfo, profile: DeviceProfile, precision: str
         "context_limit": limit,
         "tokenizer": {"file": "tokenizer.json", **info.special_ids, "infill": info.infill_ids,
                       "supports_infill": info.supports_infill, "step": info.step_id,
-                      "chat_format": info.chat_format},
+                      "chat_format": info.chat_format, "stop_ids": list(info.stop_ids)},
         "family": info.family.as_dict(),
         "profile": {"name": profile.name, "kv_cache_dtype": kv_dtype},
         "kv_cache": built.kv_scales.as_manifest() if built.kv_scales else None,

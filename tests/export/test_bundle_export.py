@@ -242,6 +242,7 @@ def test_truncated_graph_is_refused_even_with_matching_hashes(tiny_bundle, tmp_p
     ("profile.kv_cache_dtype", "int4", "profile.kv_cache_dtype 'int4' is not one of float32, float16, int8"),
     ("profile.name", "/tmp/my-x86.toml", "profile.name '/tmp/my-x86.toml' is not a profile name"),
     ("licence_files", True, "licence_files is not a list of file names"),
+    ("tokenizer.stop_ids", [2, 99999], "tokenizer.stop_ids is [2, 99999], not a list of token ids"),
     ("files.0.size", -1, "files[0].size is -1, not a size in bytes (LICENSE)"),
     ("files.0.sha256", "ABC", "files[0].sha256 'ABC' is not a SHA-256 (64 lowercase hex digits) (LICENSE)"),
 ])
@@ -1304,3 +1305,60 @@ def test_rope_scaling_that_does_not_change_with_the_length_is_exported_past_the_
     ours = decoder.prefill(decoder.new_cache(len(LONG_PROMPT)), np.asarray(LONG_PROMPT))
     ref = torch_reference.prompt_logits(folder, LONG_PROMPT)[-len(ours):]
     assert np.abs(ours - ref).max() < 1e-4
+
+
+def fine_tune_with_an_end_token(tiny_checkpoint: Path, folder: Path) -> Path:
+    """A fine-tune of the tiny checkpoint that added a special end-of-turn token (id 32016: the
+    tokenizer's added tokens and the embedding and lm_head rows grow to vocab_size 32017) and
+    lists it in generation_config.json's eos_token_id beside </s>."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(tiny_checkpoint, folder)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["added_tokens"].append({"id": 32016, "content": "<|end|>", "single_word": False, "lstrip": False,
+                                      "rstrip": False, "normalized": False, "special": True})
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    tensors = load_file(str(folder / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensors[name] = torch.cat([tensors[name], tensors[name].mean(0, keepdim=True)])
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 32017}))
+    generation = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [2, 32016]}))
+    return folder
+
+
+def test_a_fine_tunes_end_token_in_generation_config_ends_the_generation_as_in_transformers(tiny_checkpoint,
+                                                                                            tmp_path, exporter,
+                                                                                            rig_greedy_token):
+    """transformers' generate stops at every id of generation_config.json's eos_token_id; the
+    bundle stopped only at </s>, so a fine-tune's end token was sampled, decoded as nothing, and
+    the answer ran on to max_tokens with what the model makes after its end."""
+    from edge_runtime.engine import Engine
+    from edge_runtime.tokenizer import CodeLlamaTokenizer
+    from edge_runtime.types import GenerationRequest, SamplingParams
+
+    folder = fine_tune_with_an_end_token(tiny_checkpoint, tmp_path / "fine-tune")
+    prompt = "def fib(n):"
+    ids = [1, *CodeLlamaTokenizer.from_file(folder / "tokenizer.json").encode(prompt)]
+    rig_greedy_token(folder, ids, 32016, 3)  # greedy makes <|end|> as its 4th token
+    bundle = exporter(folder, tmp_path / "b", skip_fidelity=True)
+    assert load_bundle(bundle).manifest["tokenizer"]["stop_ids"] == [2, 32016]
+    engine = Engine.from_bundle(bundle, "cpu-x86_64")
+    result = engine.complete(GenerationRequest(mode="complete", prompt=prompt, max_tokens=12,
+                                               sampling=SamplingParams(temperature=0)))
+    expected = torch_reference.greedy(folder, ids, 12, stop_ids=frozenset({2, 32016}))
+    assert len(expected) == 3 and list(result.token_ids) == expected and result.finish_reason == "stop"
+
+
+def test_a_generation_config_eos_that_is_not_an_id_of_the_model_is_refused(tiny_checkpoint, tmp_path):
+    from edge_export.checkpoint import CheckpointError, read_checkpoint
+
+    folder = broken_copy(tiny_checkpoint, tmp_path, "other-eos")
+    generation = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [2, 128009]}))
+    with pytest.raises(CheckpointError, match=r"generation_config.json's eos_token_id \[2, 128009\] has 128009, "
+                                              r"not an id of the model \(0 to 32015"):
+        read_checkpoint(folder)
