@@ -91,6 +91,9 @@ class Architecture:
 
 
 VARIANTS = ("base", "python", "instruct")
+# family.chat_format_source of a checkpoint whose chat template is neither format this runtime builds
+# (a fine-tune's ChatML, say): its chat is built as Llama 2's [INST], and each chat reply says so
+OTHER_CHAT_TEMPLATE = "default (the checkpoint's chat template is another format)"
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ class Family:
     supports_infill: bool  # infill is served (tokens present, and a member trained for it)
     infill_note: str  # why not, when not
     chat_format: str  # "llama2" ([INST]) or "source-step" (70B Instruct)
-    chat_format_source: str  # "chat template", "generation config" or "default"
+    chat_format_source: str  # "chat template", "generation config", "default" or OTHER_CHAT_TEMPLATE
     step_token: bool  # the tokenizer has <step>
 
     @property

@@ -16,8 +16,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_runtime.bundle import (FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, MANIFEST_NAME, load_bundle,
-                                 read_manifest, unlisted_files)
+from edge_runtime.bundle import (FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, MANIFEST_NAME,
+                                 OTHER_CHAT_TEMPLATE, load_bundle, read_manifest, unlisted_files)
 from edge_runtime.errors import BundleError, EdgeRuntimeError
 from edge_runtime.memory_fit import (MemoryPlan, ModelShape, bundle_plan, estimate_plan, fused_attention_refusal,
                                      human_bytes, kv_dtype_of, largest_context_that_fits)
@@ -529,6 +529,11 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                         f"(from {fam.variant_source}), {fam.attention} {fam.num_heads}/{fam.num_kv_heads} heads, "
                         f"infill {'yes' if fam.supports_infill else 'no: ' + fam.infill_note}, chat format "
                         f"{fam.chat_format} (from {fam.chat_format_source})")
+        if fam.chat_format_source == OTHER_CHAT_TEMPLATE:
+            progress.detail(f"warning: {info.name}'s chat template is neither Code Llama's [INST] format nor 70B "
+                            "Instruct's Source:/<step>: the bundle builds chat prompts as [INST], which this model "
+                            "may not have been tuned on (each chat reply says so); completion and infill are as "
+                            "the model's")
         graph_choice = choose_graph(opts.graph, info, opts.algorithm)
         if graph_choice.name == "optimum" and "rope_parameters" in info.config and "rope_theta" not in info.config:
             raise ExportError(f"{info.name}'s config.json keeps its RoPE settings in rope_parameters (written by "
