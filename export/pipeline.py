@@ -10,6 +10,7 @@ removed only when an export made it (EXPORT_MARKER or an edge-runtime manifest i
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -191,6 +192,26 @@ def check_torch_memory(info: CheckpointInfo, *, fidelity_on: bool, graph: str) -
     raise ExportError(f"{' and '.join(steps)} {verb} {info.name} in float32 in torch: about {human_bytes(need)}, and "
                       f"this machine has {human_bytes(have)} available (memory and swap); {', or '.join(ways)}, "
                       "or export on a machine with more memory")
+
+
+def check_index_for_transformers(info: CheckpointInfo, *, fidelity_on: bool, graph: str) -> None:
+    """Refuse, before any work, a shard index without its "metadata" object where transformers
+    will load the checkpoint (the fidelity reference, optimum's exporter): it reads
+    index["metadata"] and stopped with a KeyError traceback after the graph was built."""
+    index = info.path / SHARD_INDEX
+    if not (fidelity_on or graph == "optimum") or not index.is_file():
+        return
+    try:
+        document = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # read_checkpoint read it: not met here
+    if not isinstance(document.get("metadata"), dict):
+        steps = " and ".join(what for what, on in (("measuring fidelity against torch", fidelity_on),
+                                                   ("optimum's exporter", graph == "optimum")) if on)
+        found = (f"its \"metadata\" is {json.dumps(document['metadata'])}, not an object" if "metadata" in document
+                 else "it has no \"metadata\" object")
+        raise ExportError(f"{info.name}: {SHARD_INDEX}: {found}, which transformers needs to read the shards for "
+                          f"{steps}: add \"metadata\": {{}} beside its weight_map")
 
 
 def context_limit(info: CheckpointInfo, profile: DeviceProfile, requested: int | None) -> int:
@@ -561,6 +582,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         check_memory_budget(info, profile, precision, limit, flavour=flavour, kv_bits=kv_bits,
                             algorithm=opts.algorithm)
         check_torch_memory(info, fidelity_on=not opts.skip_fidelity, graph=graph_choice.name)
+        check_index_for_transformers(info, fidelity_on=not opts.skip_fidelity, graph=graph_choice.name)
         if not opts.skip_fidelity:
             need = fidelity.prompt_positions(CodeLlamaTokenizer.from_file(info.tokenizer_path), info.chat_format,
                                              opts.fidelity_tokens, infill=info.supports_infill)

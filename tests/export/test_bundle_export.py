@@ -1362,3 +1362,27 @@ def test_a_generation_config_eos_that_is_not_an_id_of_the_model_is_refused(tiny_
     with pytest.raises(CheckpointError, match=r"generation_config.json's eos_token_id \[2, 128009\] has 128009, "
                                               r"not an id of the model \(0 to 32015"):
         read_checkpoint(folder)
+
+
+def test_a_shard_index_without_metadata_is_refused_before_the_build_where_transformers_reads_it(tmp_path, exporter):
+    """transformers reads index["metadata"] (a hand-made or converted index may have only its
+    weight_map): the fidelity reference stopped with a KeyError traceback after the graph was
+    built. Refused before any work, saying the one-line remedy, which works; an export that
+    does not load the checkpoint with transformers (--skip-fidelity, fused graph) goes on."""
+    from edge_export.synthetic import build_checkpoint
+
+    folder = build_checkpoint(tmp_path / "sharded", hidden_size=64, intermediate_size=172, num_layers=2, num_heads=4,
+                              num_kv_heads=2, seed=3, shard_size="2MB")
+    index = folder / "model.safetensors.index.json"
+    document = json.loads(index.read_text())
+    index.write_text(json.dumps({"weight_map": document["weight_map"]}))
+    cli = subprocess.run([sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(folder), "--profile",
+                          "cpu-x86_64", "--precision", "fp32", "--output", str(tmp_path / "b")],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr, cli.stderr
+    assert ('model.safetensors.index.json: it has no "metadata" object, which transformers needs to read the shards '
+            'for measuring fidelity against torch: add "metadata": {} beside its weight_map') in cli.stderr
+    assert "build the fused decoder graph" not in cli.stdout + cli.stderr and not (tmp_path / "b").exists()
+    exporter(folder, tmp_path / "skipped", skip_fidelity=True)
+    index.write_text(json.dumps({"metadata": {}, "weight_map": document["weight_map"]}))
+    assert load_bundle(exporter(folder, tmp_path / "measured")).manifest["fidelity"]["passed"]
