@@ -339,8 +339,8 @@ def generation_stop_ids(path: Path, config: dict[str, Any], vocab_size: int) -> 
     bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size]
     if bad:
         raise CheckpointError(f"{path.name}: {where}'s eos_token_id {json.dumps(eos)} has {json.dumps(bad[0])}, not "
-                              f"an id of the model (0 to {vocab_size - 1}, config.json's vocab_size): a file from another model? Copy the "
-                              f"checkpoint's {where} again")
+                              f"an id of the model (0 to {vocab_size - 1}, config.json's vocab_size): a file from "
+                              f"another model? Copy the checkpoint's {where} again")
     return tuple(sorted(set(ids)))
 
 
