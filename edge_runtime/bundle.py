@@ -91,6 +91,9 @@ class Architecture:
 
 
 VARIANTS = ("base", "python", "instruct")
+# family.chat_format_source of a checkpoint whose chat template is neither format this runtime builds
+# (a fine-tune's ChatML, say): its chat is built as Llama 2's [INST], and each chat reply says so
+OTHER_CHAT_TEMPLATE = "default (the checkpoint's chat template is another format)"
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ class Family:
     supports_infill: bool  # infill is served (tokens present, and a member trained for it)
     infill_note: str  # why not, when not
     chat_format: str  # "llama2" ([INST]) or "source-step" (70B Instruct)
-    chat_format_source: str  # "chat template", "generation config" or "default"
+    chat_format_source: str  # "chat template", "generation config", "default" or OTHER_CHAT_TEMPLATE
     step_token: bool  # the tokenizer has <step>
 
     @property
@@ -194,6 +197,9 @@ class Bundle:
     # int8 kernel (export/kv_cache_quant.py bakes it in; the decoder's prefill chunks stay longer);
     # None: a float cache, or a manifest that does not say
     int8_kernel_rows: int | None = None
+    # ids that end every generation besides the mode's own (the checkpoint's generation_config.json
+    # eos_token_id: a fine-tune's end-of-turn token); empty in bundles made before the export recorded them
+    stop_ids: frozenset[int] = frozenset()
 
 
 def _require(mapping: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
@@ -416,6 +422,12 @@ def load_bundle(path: str | Path, *, progress=None, pinned_sha256: str | None = 
         if int8_kernel_rows < 0:
             raise BundleError(f"{MANIFEST_NAME}: kv_cache.int8_kernel_rows_after_cache is {int8_kernel_rows}, "
                               "not a row count")
+    stop_ids = tok.get("stop_ids", [])
+    if (not isinstance(stop_ids, list)
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < architecture.vocab_size
+                       for i in stop_ids)):
+        raise BundleError(f"{MANIFEST_NAME}: tokenizer.stop_ids is {json.dumps(stop_ids)}, not a list of token ids "
+                          f"(0 to architecture.vocab_size - 1); export the bundle again")
     return Bundle(
         root=root,
         manifest=manifest,
@@ -432,4 +444,5 @@ def load_bundle(path: str | Path, *, progress=None, pinned_sha256: str | None = 
         model_name=_require(_require(manifest, "source", dict, ""), "name", str, "source."),
         family=family,
         int8_kernel_rows=int8_kernel_rows,
+        stop_ids=frozenset(stop_ids),
     )

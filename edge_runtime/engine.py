@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from . import generator
-from .bundle import (FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, Bundle, Family, external_data_extents,
-                     load_bundle, manifest_profile_name, safe_relative_path)
+from .bundle import (FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, OTHER_CHAT_TEMPLATE, Bundle, Family,
+                     external_data_extents, load_bundle, manifest_profile_name, safe_relative_path)
 from .detokenizer import IncrementalDetokenizer
 from .errors import BadRequest, BundleError, ConfigError, ContextLengthExceeded, DeadlineExceeded, UnsupportedMode
 from .gqa_decoder import SharedKVDecoder, check_kv_dtype_for_device, graph_max_length
@@ -252,6 +252,11 @@ def check_session_providers(session, choice: ProviderChoice, profile: DeviceProf
     return dataclasses.replace(started, note=f"{started.note} ({', '.join(missing)} could not start)")
 
 
+OTHER_TEMPLATE_WARNING = ("the model's chat template is not Code Llama's [INST] format (nor 70B Instruct's "
+                          "Source:/<step>): the prompt is built as [INST], which this model may not have been tuned "
+                          "on; its answer may not follow the instructions")
+
+
 def chat_warning(variant: str) -> str:
     name = "Code Llama - Python" if variant == "python" else "a Code Llama base model"
     return (f"chat on {name} (variant {variant!r}), which is not instruction-tuned: the prompt is built in the "
@@ -350,8 +355,12 @@ class Engine:
                                   "(Code Llama 7B and 13B base and Instruct support infilling)")
         self._check_text_length(request)
         plan = build_prompt(request, self.tokenizer, chat_format=self.bundle.chat_format)
+        if not self.bundle.stop_ids <= plan.stop_ids:  # the checkpoint's own ends (generation_config.json)
+            plan = dataclasses.replace(plan, stop_ids=plan.stop_ids | self.bundle.stop_ids)
         if request.mode == "chat" and fam.variant in ("base", "python"):
             plan = dataclasses.replace(plan, warnings=(*plan.warnings, chat_warning(fam.variant)))
+        if request.mode == "chat" and fam.chat_format_source == OTHER_CHAT_TEMPLATE:
+            plan = dataclasses.replace(plan, warnings=(*plan.warnings, OTHER_TEMPLATE_WARNING))
         needed = len(plan.ids) + request.max_tokens
         left = self.context_limit - len(plan.ids)
         if needed > self.context_limit and request.max_tokens_is_default and left >= 1:

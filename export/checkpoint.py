@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -151,6 +152,7 @@ def _check_weights(path: Path, weights: list[Path], config: dict[str, Any]) -> d
 
 REQUIRED_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")  # absent or null: the default
+FLOAT_SETTINGS = ("rms_norm_eps", "rope_theta")  # absent: the default; null is not a number
 
 
 def check_config_numbers(path: Path, config: dict[str, Any]) -> None:
@@ -166,6 +168,11 @@ def check_config_numbers(path: Path, config: dict[str, Any]) -> None:
                                   "the checkpoint's config.json again")
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise CheckpointError(f"{path.name}: config.json's {key} is {json.dumps(value)}, not a positive whole "
+                                  "number: copy or download the checkpoint's config.json again")
+    for key in FLOAT_SETTINGS:  # absent: transformers' default; present, even null, it is what the model runs with
+        value = config.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise CheckpointError(f"{path.name}: config.json's {key} is {json.dumps(value)}, not a positive "
                                   "number: copy or download the checkpoint's config.json again")
 
 
@@ -241,6 +248,8 @@ class CheckpointInfo:
     family: Family  # size class, variant, attention layout, infill, chat format (export/family.py)
     ignored_files: tuple[Path, ...] = ()  # *.safetensors files neither the index nor model.safetensors
     tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every tensor in weight_files
+    # the ids transformers' generate stops at (generation_config.json's eos_token_id): every request stops there
+    stop_ids: tuple[int, ...] = ()
 
     @property
     def supports_infill(self) -> bool:
@@ -276,6 +285,27 @@ def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+# RoPE types whose frequencies transformers changes with the sequence's length (dynamic_rope_update)
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+TRANSFORMERS_MAX_POSITIONS = 2048  # LlamaConfig's max_position_embeddings when config.json has none
+
+
+def rope_length_limit(config: dict[str, Any]) -> tuple[int, str] | None:
+    """(tokens, the config.json key that says so) for RoPE scaling whose frequencies
+    transformers changes with the sequence's length: "dynamic" (NTK) past
+    max_position_embeddings, "longrope" past original_max_position_embeddings (else
+    max_position_embeddings). An exported graph keeps the frequencies of the short sequence
+    it was traced with, so past that length it is not the model. None for RoPE that does not
+    depend on the length (default, linear, yarn, llama3)."""
+    rope_type = str(rope_parameters(config)["rope_type"])
+    if not any(kind in rope_type for kind in LENGTH_DEPENDENT_ROPE):
+        return None
+    key = "max_position_embeddings"
+    if "longrope" in rope_type and config.get("original_max_position_embeddings"):
+        key = "original_max_position_embeddings"
+    return int(config.get(key) or TRANSFORMERS_MAX_POSITIONS), key
+
+
 def rope_theta(config: dict[str, Any]) -> float:
     return float(rope_parameters(config)["rope_theta"])
 
@@ -292,6 +322,26 @@ def torch_config(config: dict[str, Any]):
     if rope["rope_type"] != "default" and not config.get("rope_scaling"):
         cfg.rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     return cfg
+
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+def generation_stop_ids(path: Path, config: dict[str, Any], vocab_size: int) -> tuple[int, ...]:
+    """The ids transformers' ``generate`` ends a generation at: generation_config.json's
+    ``eos_token_id`` (one id or a list; a fine-tune may add its own end-of-turn token there),
+    or config.json's where there is no generation_config.json, as transformers reads them.
+    CheckpointError naming the file for an id that is not one of the model's."""
+    source = path / GENERATION_CONFIG
+    eos = _load_json(source).get("eos_token_id") if source.is_file() else config.get("eos_token_id")
+    where = GENERATION_CONFIG if source.is_file() else "config.json"
+    ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size]
+    if bad:
+        raise CheckpointError(f"{path.name}: {where}'s eos_token_id {json.dumps(eos)} has {json.dumps(bad[0])}, not "
+                              f"an id of the model (0 to {vocab_size - 1}, config.json's vocab_size): a file from "
+                              f"another model? Copy the checkpoint's {where} again")
+    return tuple(sorted(set(ids)))
 
 
 def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> CheckpointInfo:
@@ -335,7 +385,7 @@ def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> Checkp
         hidden_size=hidden,
         vocab_size=int(config["vocab_size"]),
         rope_theta=rope_theta(config),
-        max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+        max_position_embeddings=int(config.get("max_position_embeddings") or 4096),  # absent or null
     )
 
     from tokenizers import Tokenizer  # the device side's tokenizer library reads the same file
@@ -351,6 +401,7 @@ def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> Checkp
     special = {"unk": tok.token_to_id("<unk>"), "bos": tok.token_to_id("<s>"), "eos": tok.token_to_id("</s>")}
     if special["bos"] is None or special["eos"] is None:
         raise CheckpointError(f"{path.name}: tokenizer lacks <s> or </s>")
+    stop_ids = generation_stop_ids(path, config, arch.vocab_size)
     infill = {k: tok.token_to_id(piece) for k, piece in INFILL_PIECES.items()}
     infill_ids = infill if all(v is not None for v in infill.values()) else None
     step_id = tok.token_to_id(STEP_PIECE)
@@ -388,6 +439,7 @@ def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> Checkp
         weight_files=tuple(weights),
         ignored_files=tuple(ignored),
         tensor_shapes=tensor_shapes,
+        stop_ids=stop_ids,
         weight_bytes=sum(p.stat().st_size for p in weights),
         torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
         family=family,

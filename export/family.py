@@ -18,7 +18,9 @@ export and recorded in bundle.json (`family` section); the device never guesses.
   (not the Python variants, not 34B or 70B); the note says why not.
 * chat format: the 70B Instruct template ("Source: ..." turns ended by
   `<step>`) or a generation config whose eos is `<step>` -> "source-step";
-  otherwise Llama 2's "llama2" ([INST]).
+  otherwise Llama 2's "llama2" ([INST]); a chat template of neither format (a
+  fine-tune's ChatML) is llama2 too, with its source saying so (OTHER_CHAT_TEMPLATE):
+  the export warns, and so does each chat reply.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_runtime.bundle import VARIANTS, Family
+from edge_runtime.bundle import OTHER_CHAT_TEMPLATE, VARIANTS, Family
 from edge_runtime.errors import BadRequest
 from edge_runtime.memory_fit import ModelShape, size_class
 
@@ -39,7 +41,7 @@ _PLAIN_CODE_LLAMA = re.compile(r"code[-_]?llama[-_]?\d+(\.\d+)?b(\b|[-_]hf\b|$)"
 @dataclass(frozen=True)
 class ChatFormat:
     name: str  # "llama2" | "source-step"
-    source: str  # "chat template" | "generation config" | "default"
+    source: str  # "chat template" | "generation config" | "default" | OTHER_CHAT_TEMPLATE
 
 
 def _json(path: Path) -> dict:
@@ -72,6 +74,8 @@ def detect_chat_format(folder: Path, step_id: int | None = None) -> ChatFormat:
     eos_ids = set(eos) if isinstance(eos, list) else {eos}
     if step_id is not None and step_id in eos_ids:
         return ChatFormat("source-step", "generation config")
+    if template.strip():  # ChatML, Alpaca, ...: not a format the runtime builds
+        return ChatFormat("llama2", OTHER_CHAT_TEMPLATE)
     return ChatFormat("llama2", "default")
 
 

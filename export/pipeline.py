@@ -10,14 +10,15 @@ removed only when an export made it (EXPORT_MARKER or an edge-runtime manifest i
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_runtime.bundle import (FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, MANIFEST_NAME, load_bundle,
-                                 read_manifest, unlisted_files)
+from edge_runtime.bundle import (FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, MANIFEST_NAME,
+                                 OTHER_CHAT_TEMPLATE, load_bundle, read_manifest, unlisted_files)
 from edge_runtime.errors import BundleError, EdgeRuntimeError
 from edge_runtime.memory_fit import (MemoryPlan, ModelShape, bundle_plan, estimate_plan, fused_attention_refusal,
                                      human_bytes, kv_dtype_of, largest_context_that_fits)
@@ -26,7 +27,8 @@ from edge_runtime.tokenizer import CodeLlamaTokenizer
 
 from . import calibration, fidelity, graph_builder, kv_cache_quant, onnx_export, quantize
 from .bundle_writer import EXPORT_MARKER, copy_into, write_manifest
-from .checkpoint import SHARD_INDEX, SINGLE_FILE, CheckpointInfo, check_tensor_shapes, read_checkpoint
+from .checkpoint import (SHARD_INDEX, SINGLE_FILE, CheckpointInfo, check_tensor_shapes, read_checkpoint,
+                         rope_length_limit, rope_parameters)
 from .progress import Progress, peak_rss_bytes
 
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
@@ -192,6 +194,26 @@ def check_torch_memory(info: CheckpointInfo, *, fidelity_on: bool, graph: str) -
                       "or export on a machine with more memory")
 
 
+def check_index_for_transformers(info: CheckpointInfo, *, fidelity_on: bool, graph: str) -> None:
+    """Refuse, before any work, a shard index without its "metadata" object where transformers
+    will load the checkpoint (the fidelity reference, optimum's exporter): it reads
+    index["metadata"] and stopped with a KeyError traceback after the graph was built."""
+    index = info.path / SHARD_INDEX
+    if not (fidelity_on or graph == "optimum") or not index.is_file():
+        return
+    try:
+        document = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # read_checkpoint read it: not met here
+    if not isinstance(document.get("metadata"), dict):
+        steps = " and ".join(what for what, on in (("measuring fidelity against torch", fidelity_on),
+                                                   ("optimum's exporter", graph == "optimum")) if on)
+        found = (f"its \"metadata\" is {json.dumps(document['metadata'])}, not an object" if "metadata" in document
+                 else "it has no \"metadata\" object")
+        raise ExportError(f"{info.name}: {SHARD_INDEX}: {found}, which transformers needs to read the shards for "
+                          f"{steps}: add \"metadata\": {{}} beside its weight_map")
+
+
 def context_limit(info: CheckpointInfo, profile: DeviceProfile, requested: int | None) -> int:
     if requested is not None:
         if requested < 16:
@@ -203,6 +225,22 @@ def context_limit(info: CheckpointInfo, profile: DeviceProfile, requested: int |
                               f"the device")
         return requested
     return min(profile.max_context, info.architecture.max_position_embeddings)
+
+
+def check_rope_length(info: CheckpointInfo, limit: int) -> None:
+    """Refuse a context past the length at which the checkpoint's RoPE scaling (dynamic,
+    longrope) changes its frequencies: the exported graph keeps a short sequence's, so every
+    token past it would be computed with the wrong rotation, and fidelity's short prompts
+    would not see it."""
+    rope_limit = rope_length_limit(info.config)
+    if rope_limit is None or limit <= rope_limit[0]:
+        return
+    tokens, key = rope_limit
+    where = "rope_parameters" if "rope_parameters" in info.config else "rope_scaling"
+    raise ExportError(f"{info.name}: config.json's {where} (rope_type {rope_parameters(info.config)['rope_type']!r}) "
+                      f"changes RoPE's frequencies once a sequence is longer than its {key} ({tokens} tokens), "
+                      f"which the exported graph does not (it keeps a short sequence's): a context of {limit} would "
+                      f"be computed wrongly past {tokens} tokens; export with --max-context {tokens} or less")
 
 
 def staging_folder(output: Path) -> Path:
@@ -456,7 +494,7 @@ def bundle_manifest(info: CheckpointInfo, profile: DeviceProfile, precision: str
         "context_limit": limit,
         "tokenizer": {"file": "tokenizer.json", **info.special_ids, "infill": info.infill_ids,
                       "supports_infill": info.supports_infill, "step": info.step_id,
-                      "chat_format": info.chat_format},
+                      "chat_format": info.chat_format, "stop_ids": list(info.stop_ids)},
         "family": info.family.as_dict(),
         "profile": {"name": profile.name, "kv_cache_dtype": kv_dtype},
         "kv_cache": built.kv_scales.as_manifest() if built.kv_scales else None,
@@ -512,6 +550,11 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                         f"(from {fam.variant_source}), {fam.attention} {fam.num_heads}/{fam.num_kv_heads} heads, "
                         f"infill {'yes' if fam.supports_infill else 'no: ' + fam.infill_note}, chat format "
                         f"{fam.chat_format} (from {fam.chat_format_source})")
+        if fam.chat_format_source == OTHER_CHAT_TEMPLATE:
+            progress.detail(f"warning: {info.name}'s chat template is neither Code Llama's [INST] format nor 70B "
+                            "Instruct's Source:/<step>: the bundle builds chat prompts as [INST], which this model "
+                            "may not have been tuned on (each chat reply says so); completion and infill are as "
+                            "the model's")
         graph_choice = choose_graph(opts.graph, info, opts.algorithm)
         if graph_choice.name == "optimum" and "rope_parameters" in info.config and "rope_theta" not in info.config:
             raise ExportError(f"{info.name}'s config.json keeps its RoPE settings in rope_parameters (written by "
@@ -531,6 +574,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                                 "profile's kv_cache.dtype), so the bundle is fp32's size (int8 or int4 make it "
                                 "smaller)")
         limit = context_limit(info, profile, opts.max_context)
+        check_rope_length(info, limit)
         if limit > arch.max_position_embeddings:
             progress.detail(f"warning: --max-context {limit} is above the model's max_position_embeddings "
                             f"({arch.max_position_embeddings}, the context it was trained for): its output past "
@@ -538,6 +582,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
         check_memory_budget(info, profile, precision, limit, flavour=flavour, kv_bits=kv_bits,
                             algorithm=opts.algorithm)
         check_torch_memory(info, fidelity_on=not opts.skip_fidelity, graph=graph_choice.name)
+        check_index_for_transformers(info, fidelity_on=not opts.skip_fidelity, graph=graph_choice.name)
         if not opts.skip_fidelity:
             need = fidelity.prompt_positions(CodeLlamaTokenizer.from_file(info.tokenizer_path), info.chat_format,
                                              opts.fidelity_tokens, infill=info.supports_infill)

@@ -98,6 +98,12 @@ def _rig_step_token(checkpoint: Path, prompt_ids: list[int], step_id: int, at: i
 
 
 @pytest.fixture(scope="session")
+def rig_greedy_token():
+    """`_rig_step_token` for test modules: make greedy decoding of a prompt sample a given id."""
+    return _rig_step_token
+
+
+@pytest.fixture(scope="session")
 def step_checkpoint(tmp_path_factory) -> Path:
     """Shaped like Code Llama 70B Instruct: its chat template (Source:/<step>), a tokenizer with
     <step>, GQA with 8 key/value heads (16 heads), folder named as the published one; rigged so

@@ -211,3 +211,29 @@ def test_serve_refuses_a_bundle_over_budget_unless_the_config_turns_the_check_of
     finally:
         proc.kill()
         proc.wait()
+
+
+CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                   "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                   "{% endif %}")
+
+
+@pytest.mark.parametrize("template, warned", [(CHATML_TEMPLATE, True), ("llama2", False)], ids=["chatml", "inst"])
+def test_chat_on_a_fine_tune_whose_template_is_another_format_says_so(tiny_checkpoint, tmp_path, exporter, template,
+                                                                      warned):
+    """A fine-tune with a ChatML chat template was taken for an Instruct model in Llama 2's
+    [INST] format (the default when the template is neither format), with nothing said at
+    export or in the reply; chat prompts are still [INST], and now both say so."""
+    from edge_export.synthetic import LLAMA2_CHAT_TEMPLATE
+
+    folder = shutil.copytree(tiny_checkpoint, tmp_path / "fine-tune")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = LLAMA2_CHAT_TEMPLATE if template == "llama2" else template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    bundle = exporter(folder, tmp_path / "b", skip_fidelity=True)
+    engine = Engine.from_bundle(bundle)
+    assert engine.bundle.family.variant == "instruct" and engine.bundle.chat_format == "llama2"
+    chat = engine.plan(chat_request((("user", "Reverse a list."),)))
+    said = [w for w in chat.warnings if "chat template is not Code Llama's [INST] format" in w]
+    assert bool(said) is warned
+    assert not engine.plan(GenerationRequest(mode="complete", prompt="def f():")).warnings

@@ -242,6 +242,7 @@ def test_truncated_graph_is_refused_even_with_matching_hashes(tiny_bundle, tmp_p
     ("profile.kv_cache_dtype", "int4", "profile.kv_cache_dtype 'int4' is not one of float32, float16, int8"),
     ("profile.name", "/tmp/my-x86.toml", "profile.name '/tmp/my-x86.toml' is not a profile name"),
     ("licence_files", True, "licence_files is not a list of file names"),
+    ("tokenizer.stop_ids", [2, 99999], "tokenizer.stop_ids is [2, 99999], not a list of token ids"),
     ("files.0.size", -1, "files[0].size is -1, not a size in bytes (LICENSE)"),
     ("files.0.sha256", "ABC", "files[0].sha256 'ABC' is not a SHA-256 (64 lowercase hex digits) (LICENSE)"),
 ])
@@ -907,6 +908,8 @@ def test_a_config_that_does_not_match_its_weights_is_refused_before_any_work(tin
     (lambda c: c.update(num_attention_heads=None), "config.json has no num_attention_heads (it is null)"),
     (lambda c: c.update(num_hidden_layers="2"), "config.json's num_hidden_layers is \"2\", not a positive whole"),
     (lambda c: c.update(num_key_value_heads=0), "config.json's num_key_value_heads is 0, not a positive whole"),
+    (lambda c: c.update(rms_norm_eps=None), "config.json's rms_norm_eps is null, not a positive number"),
+    (lambda c: c.update(rope_theta=None), "config.json's rope_theta is null, not a positive number"),
 ])
 def test_a_config_without_its_sizes_is_one_line_naming_the_key(tiny_checkpoint, tmp_path, change, words):
     """A config.json missing a size, or with a hand-edited one: exit 2 naming the key (a
@@ -920,6 +923,21 @@ def test_a_config_without_its_sizes_is_one_line_naming_the_key(tiny_checkpoint, 
                          capture_output=True, text=True, timeout=300)
     assert cli.returncode == 2 and f"error: edited-config: {words}" in cli.stderr, cli.stderr
     assert "Traceback" not in cli.stderr and not (tmp_path / "b").exists()
+
+
+def test_a_null_max_position_embeddings_is_exported_as_an_absent_one(tiny_checkpoint, tmp_path, exporter):
+    """check_config_numbers lets a null optional size through as "the default" (transformers
+    loads it), and the export then stopped with a TypeError traceback reading it."""
+    contexts = []
+    for name, change in (("absent", lambda c: c.pop("max_position_embeddings")),
+                         ("null", lambda c: c.update(max_position_embeddings=None))):
+        folder = broken_copy(tiny_checkpoint, tmp_path, name)
+        config = json.loads((folder / "config.json").read_text())
+        change(config)
+        (folder / "config.json").write_text(json.dumps(config))
+        bundle = exporter(folder, tmp_path / f"b-{name}", skip_fidelity=True)
+        contexts.append(load_bundle(bundle).manifest["context_limit"])
+    assert contexts[0] == contexts[1]
 
 
 def test_a_context_too_short_for_the_fidelity_prompts_is_refused_before_the_build(tiny_checkpoint, tmp_path):
@@ -1242,3 +1260,129 @@ def test_optimums_exporter_is_refused_a_transformers_5_rope_config(tiny_checkpoi
         run_export(ExportOptions(checkpoint=folder, profile="cpu-x86_64", output=tmp_path / "out", graph="optimum",
                                  precision="fp32", skip_fidelity=True))
     assert not (tmp_path / "out.partial").exists()
+
+
+LONG_PROMPT = [1] + [(i * 7919) % 30000 + 100 for i in range(99)]  # 100 tokens, past a max_position_embeddings of 64
+
+
+@pytest.mark.parametrize("rope, max_context, key", [
+    ({"type": "dynamic", "factor": 4.0}, 128, "max_position_embeddings"),
+    ({"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8}, None,
+     "original_max_position_embeddings"),
+])
+def test_rope_scaling_that_changes_with_the_length_is_refused_past_that_length(tiny_checkpoint, tmp_path, rope,
+                                                                                max_context, key):
+    """transformers recomputes dynamic (NTK) and longrope frequencies once a sequence is longer
+    than the model's (original) max_position_embeddings; optimum's traced graph keeps a short
+    sequence's, so every token past it was computed with the wrong rotation (logits 3.6e-3 and
+    8e-3 off torch's on this random model), and fidelity's short prompts passed. Refused, naming
+    the key and the --max-context that is right."""
+    from edge_export.pipeline import ExportError, ExportOptions, run_export
+
+    folder = broken_copy(tiny_checkpoint, tmp_path, "scaled")
+    config = json.loads((folder / "config.json").read_text())
+    extra = {"original_max_position_embeddings": 64} if key.startswith("original") else {}
+    (folder / "config.json").write_text(json.dumps({**config, **extra, "rope_scaling": rope,
+                                                    "max_position_embeddings": 128 if extra else 64}))
+    with pytest.raises(ExportError, match=rf"config.json's rope_scaling .* longer than its {key} \(64 tokens\).*"
+                                          r"--max-context 64 or less"):
+        run_export(ExportOptions(checkpoint=folder, profile="cpu-x86_64", output=tmp_path / "out",
+                                 max_context=max_context, precision="fp32", skip_fidelity=True))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_rope_scaling_that_does_not_change_with_the_length_is_exported_past_the_training_length(tiny_checkpoint,
+                                                                                                tmp_path, exporter):
+    """Linear scaling is one set of frequencies at every length: a context past
+    max_position_embeddings is exported (with its warning), and a prompt longer than it gets
+    torch's logits."""
+    folder = broken_copy(tiny_checkpoint, tmp_path, "linear")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "rope_scaling": {"type": "linear", "factor": 4.0},
+                                                    "max_position_embeddings": 64}))
+    bundle = exporter(folder, tmp_path / "b", max_context=128, skip_fidelity=True)
+    decoder = decoder_for(bundle, max_length=128)
+    ours = decoder.prefill(decoder.new_cache(len(LONG_PROMPT)), np.asarray(LONG_PROMPT))
+    ref = torch_reference.prompt_logits(folder, LONG_PROMPT)[-len(ours):]
+    assert np.abs(ours - ref).max() < 1e-4
+
+
+def fine_tune_with_an_end_token(tiny_checkpoint: Path, folder: Path) -> Path:
+    """A fine-tune of the tiny checkpoint that added a special end-of-turn token (id 32016: the
+    tokenizer's added tokens and the embedding and lm_head rows grow to vocab_size 32017) and
+    lists it in generation_config.json's eos_token_id beside </s>."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(tiny_checkpoint, folder)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["added_tokens"].append({"id": 32016, "content": "<|end|>", "single_word": False, "lstrip": False,
+                                      "rstrip": False, "normalized": False, "special": True})
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    tensors = load_file(str(folder / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensors[name] = torch.cat([tensors[name], tensors[name].mean(0, keepdim=True)])
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 32017}))
+    generation = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [2, 32016]}))
+    return folder
+
+
+def test_a_fine_tunes_end_token_in_generation_config_ends_the_generation_as_in_transformers(tiny_checkpoint,
+                                                                                            tmp_path, exporter,
+                                                                                            rig_greedy_token):
+    """transformers' generate stops at every id of generation_config.json's eos_token_id; the
+    bundle stopped only at </s>, so a fine-tune's end token was sampled, decoded as nothing, and
+    the answer ran on to max_tokens with what the model makes after its end."""
+    from edge_runtime.engine import Engine
+    from edge_runtime.tokenizer import CodeLlamaTokenizer
+    from edge_runtime.types import GenerationRequest, SamplingParams
+
+    folder = fine_tune_with_an_end_token(tiny_checkpoint, tmp_path / "fine-tune")
+    prompt = "def fib(n):"
+    ids = [1, *CodeLlamaTokenizer.from_file(folder / "tokenizer.json").encode(prompt)]
+    rig_greedy_token(folder, ids, 32016, 3)  # greedy makes <|end|> as its 4th token
+    bundle = exporter(folder, tmp_path / "b", skip_fidelity=True)
+    assert load_bundle(bundle).manifest["tokenizer"]["stop_ids"] == [2, 32016]
+    engine = Engine.from_bundle(bundle, "cpu-x86_64")
+    result = engine.complete(GenerationRequest(mode="complete", prompt=prompt, max_tokens=12,
+                                               sampling=SamplingParams(temperature=0)))
+    expected = torch_reference.greedy(folder, ids, 12, stop_ids=frozenset({2, 32016}))
+    assert len(expected) == 3 and list(result.token_ids) == expected and result.finish_reason == "stop"
+
+
+def test_a_generation_config_eos_that_is_not_an_id_of_the_model_is_refused(tiny_checkpoint, tmp_path):
+    from edge_export.checkpoint import CheckpointError, read_checkpoint
+
+    folder = broken_copy(tiny_checkpoint, tmp_path, "other-eos")
+    generation = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [2, 128009]}))
+    with pytest.raises(CheckpointError, match=r"generation_config.json's eos_token_id \[2, 128009\] has 128009, "
+                                              r"not an id of the model \(0 to 32015"):
+        read_checkpoint(folder)
+
+
+def test_a_shard_index_without_metadata_is_refused_before_the_build_where_transformers_reads_it(tmp_path, exporter):
+    """transformers reads index["metadata"] (a hand-made or converted index may have only its
+    weight_map): the fidelity reference stopped with a KeyError traceback after the graph was
+    built. Refused before any work, saying the one-line remedy, which works; an export that
+    does not load the checkpoint with transformers (--skip-fidelity, fused graph) goes on."""
+    from edge_export.synthetic import build_checkpoint
+
+    folder = build_checkpoint(tmp_path / "sharded", hidden_size=64, intermediate_size=172, num_layers=2, num_heads=4,
+                              num_kv_heads=2, seed=3, shard_size="2MB")
+    index = folder / "model.safetensors.index.json"
+    document = json.loads(index.read_text())
+    index.write_text(json.dumps({"weight_map": document["weight_map"]}))
+    cli = subprocess.run([sys.executable, "-m", "edge_runtime", "export", "--checkpoint", str(folder), "--profile",
+                          "cpu-x86_64", "--precision", "fp32", "--output", str(tmp_path / "b")],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 2 and "Traceback" not in cli.stderr, cli.stderr
+    assert ('model.safetensors.index.json: it has no "metadata" object, which transformers needs to read the shards '
+            'for measuring fidelity against torch: add "metadata": {} beside its weight_map') in cli.stderr
+    assert "build the fused decoder graph" not in cli.stdout + cli.stderr and not (tmp_path / "b").exists()
+    exporter(folder, tmp_path / "skipped", skip_fidelity=True)
+    index.write_text(json.dumps({"metadata": {}, "weight_map": document["weight_map"]}))
+    assert load_bundle(exporter(folder, tmp_path / "measured")).manifest["fidelity"]["passed"]

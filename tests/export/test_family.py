@@ -173,3 +173,16 @@ def test_export_command_passes_variant(monkeypatch, tmp_path):
     assert seen["opts"].variant == "instruct"
     main(["export", "--checkpoint", str(tmp_path), "--profile", "cpu-x86_64", "--output", str(tmp_path / "b")])
     assert seen["opts"].variant is None
+
+
+def test_a_chat_template_of_another_format_is_llama2_saying_so(tmp_path):
+    """A fine-tune's ChatML template: neither [INST] nor Source:/<step>, so chat is built as
+    [INST] (the only other format the runtime builds), with the source saying so."""
+    from edge_runtime.bundle import OTHER_CHAT_TEMPLATE
+
+    folder = make_folder(tmp_path, "finetune-chatml", "7B", "infill")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\\n' + m['content']}}{% endfor %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    fam = read_checkpoint(folder).family
+    assert (fam.chat_format, fam.chat_format_source, fam.variant) == ("llama2", OTHER_CHAT_TEMPLATE, "instruct")
