@@ -122,9 +122,10 @@ def kept_matmuls(graph: Path, bits: int) -> list[str]:
 def check_fidelity(report: fidelity.FidelityReport, profile: DeviceProfile, precision: str) -> list[str]:
     min_agree, max_diff = profile.fidelity.for_precision(precision)
     problems = []
-    if report.greedy_agreement < min_agree:
+    # written as "not within": a NaN (a graph that put NaN in some logits) compares false both ways
+    if not report.greedy_agreement >= min_agree:
         problems.append(f"greedy agreement {report.greedy_agreement:.3f} < {min_agree:.3f}")
-    if report.max_logit_diff > max_diff:
+    if not report.max_logit_diff <= max_diff:
         problems.append(f"max logit difference {report.max_logit_diff:.4g} > {max_diff:.4g}")
     return problems
 
