@@ -25,7 +25,8 @@ class FidelityRecord:
     measured: bool  # False: exported with --skip-fidelity (or a manifest without the measure)
     passed: bool  # measured and within the export profile's thresholds
     profile: str | None  # the profile whose thresholds were applied (the export's)
-    greedy_agreement: float | None = None
+    greedy_agreement: float | None = None  # through ties (export/fidelity.py)
+    greedy_agreement_strict: float | None = None  # every flip a difference: what greedy output shares
     max_logit_diff: float | None = None
     kl_divergence_mean: float | None = None
     min_greedy_agreement: float | None = None
@@ -45,6 +46,7 @@ class FidelityRecord:
         problems = fid.get("problems") if isinstance(fid.get("problems"), list) else []
         return cls(measured=True, passed=fid.get("passed") is True, profile=name,
                    greedy_agreement=_number(fid.get("greedy_agreement")),
+                   greedy_agreement_strict=_number(fid.get("greedy_agreement_strict")),
                    max_logit_diff=_number(fid.get("max_logit_diff")),
                    kl_divergence_mean=_number(fid.get("kl_divergence_mean")),
                    min_greedy_agreement=_number(threshold.get("min_greedy_agreement")),
@@ -62,7 +64,9 @@ class FidelityRecord:
             return x if x is not None and math.isfinite(x) else None
 
         return {"measured": self.measured, "passed": self.passed, "profile": self.profile,
-                "greedy_agreement": finite(self.greedy_agreement), "max_logit_diff": finite(self.max_logit_diff),
+                "greedy_agreement": finite(self.greedy_agreement),
+                "greedy_agreement_strict": finite(self.greedy_agreement_strict),
+                "max_logit_diff": finite(self.max_logit_diff),
                 "kl_divergence_mean": finite(self.kl_divergence_mean)}
 
     def describe(self) -> str:
@@ -70,8 +74,10 @@ class FidelityRecord:
         if not self.measured:
             return ("fidelity NOT MEASURED: the bundle was exported with --skip-fidelity; its accuracy against the "
                     "original model was never checked (export it again without --skip-fidelity)")
-        numbers = (f"greedy agreement {self.greedy_agreement:.3f} (threshold {self.min_greedy_agreement}), "
-                   f"max logit diff {self.max_logit_diff:.4g} (threshold {self.max_logit_diff_allowed})")
+        numbers = f"greedy agreement {self.greedy_agreement:.3f} (threshold {self.min_greedy_agreement}"
+        if self.greedy_agreement_strict is not None:
+            numbers += f"; {self.greedy_agreement_strict:.3f} with ties as differences"
+        numbers += f"), max logit diff {self.max_logit_diff:.4g} (threshold {self.max_logit_diff_allowed})"
         if self.kl_divergence_mean is not None:
             numbers += f", corpus KL divergence {self.kl_divergence_mean:.4g}"
         if self.passed:

@@ -57,6 +57,7 @@ def test_a_measured_bundle_shows_its_numbers_and_no_warning(tiny_bundle, caplog)
     assert fid["measured"] is True and fid["passed"] is True and fid["profile"] == "cpu-x86_64"
     assert fid["greedy_agreement"] == manifest["greedy_agreement"]
     assert fid["max_logit_diff"] == manifest["max_logit_diff"]
+    assert fid["greedy_agreement_strict"] == manifest["greedy_agreement_strict"]
 
 
 def test_a_degraded_bundle_is_flagged_below_threshold(tiny_bundle, tmp_path, caplog):
