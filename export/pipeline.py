@@ -607,11 +607,16 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
             if opts.skip_fidelity:
                 progress.detail("skipped (--skip-fidelity): the bundle records no fidelity")
             else:
-                report = fidelity.measure(info.path, graph, arch, info.tokenizer_path, info.chat_format,
-                                          n_tokens=opts.fidelity_tokens,
-                                          corpus_tokens=opts.fidelity_corpus_tokens,
-                                          corpus_window=min(fidelity.CORPUS_WINDOW, limit), flavour=flavour,
-                                          progress=progress.detail, infill=info.supports_infill)
+                try:  # with the profile's session config: the graph measured as the engine will run it
+                    report = fidelity.measure(info.path, graph, arch, info.tokenizer_path, info.chat_format,
+                                              n_tokens=opts.fidelity_tokens,
+                                              corpus_tokens=opts.fidelity_corpus_tokens,
+                                              corpus_window=min(fidelity.CORPUS_WINDOW, limit), flavour=flavour,
+                                              progress=progress.detail, infill=info.supports_infill,
+                                              session_config=profile.ort_session_config())
+                except fidelity.GraphSessionError as exc:
+                    raise ExportError(f"{exc} (the {profile.name} profile's session_config); the engine could "
+                                      "not run the bundle either") from None
                 problems = check_fidelity(report, profile, precision)
                 progress.detail(f"greedy agreement {report.greedy_agreement:.3f} (min {report.greedy_agreement_min:.3f}; "
                                 f"{report.greedy_agreement_strict:.3f} counting ties within {report.tie_logits:g} "

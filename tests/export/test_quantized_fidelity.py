@@ -165,3 +165,20 @@ def test_thresholds_pass_at_the_bar_and_refuse_nan():
     assert len(check_fidelity(report(min_agree - 1e-9, max_diff + 1e-9), profile, "int4")) == 2
     assert check_fidelity(report(1.0, float("nan")), profile, "int4") == ["max logit difference nan > 1"]
     assert len(check_fidelity(report(float("nan"), 0.0), profile, "int4")) == 1
+
+
+def test_fidelity_is_measured_with_the_profile_session_config(tiny_checkpoint, tmp_path, exporter):
+    """The engine opens the graph with the profile's session_config (engine.make_session); the
+    measure must too, or a setting that changes the kernels' numbers (ARM's bfloat16 fast math)
+    would be served unmeasured. `session.load_model_format = "ORT"` shows that it is applied:
+    no .onnx file opens under it, so the export stops at the measure, naming it."""
+    from edge_export.pipeline import ExportError
+
+    profile = tmp_path / "cfg.toml"
+    text = (load_profile.__globals__["_packaged_dir"]() / "cpu-x86_64.toml").read_text()
+    profile.write_text(text.replace('name = "cpu-x86_64"', 'name = "cfg"\n'
+                                    'session_config = { "session.load_model_format" = "ORT" }', 1))
+    assert load_profile(str(profile)).ort_session_config() == {"session.load_model_format": "ORT"}
+    with pytest.raises(ExportError, match=r"could not open model.onnx with session config .*load_model_format"):
+        exporter(tiny_checkpoint, tmp_path / "b", profile=str(profile))
+    assert not (tmp_path / "b").exists()
