@@ -86,6 +86,7 @@ def cmd_export(args) -> int:
 
 def cmd_verify(args) -> int:
     from .bundle import load_bundle, unlisted_files
+    from .fidelity_record import FidelityRecord
 
     bundle = load_bundle(args.bundle, progress=(lambda name: print(f"checking {name}", file=sys.stderr))
                          if not args.quiet else None)
@@ -97,6 +98,11 @@ def cmd_verify(args) -> int:
               f"checked): {shown}", file=sys.stderr)
     print(f"ok: {bundle.root} ({len(files)} files, {sum(f['size'] for f in files)} bytes, format "
           f"{bundle.manifest['format_version']}, bundle.json sha256 {bundle.manifest_sha256})")
+    fidelity = FidelityRecord.from_manifest(bundle.manifest)  # the files are intact; is what they hold measured?
+    if not fidelity.trusted:
+        print(f"warning: {fidelity.describe()}", file=sys.stderr)
+    elif not args.quiet:
+        print(fidelity.describe(), file=sys.stderr)
     return 0
 
 

@@ -30,6 +30,7 @@ from .bundle import (FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, OTHER_CHA
                      external_data_extents, load_bundle, manifest_profile_name, safe_relative_path)
 from .detokenizer import IncrementalDetokenizer
 from .errors import BadRequest, BundleError, ConfigError, ContextLengthExceeded, DeadlineExceeded, UnsupportedMode
+from .fidelity_record import FidelityRecord
 from .gqa_decoder import SharedKVDecoder, check_kv_dtype_for_device, graph_max_length
 from .memory_fit import PREFILL_CHUNK, MemoryPlan, bundle_kv_dtype, check_bundle_fits, engine_context_limit
 from .onnx_decoder import KVConcatDecoder
@@ -79,6 +80,12 @@ class ModelInfo:
     provider: str  # the first execution provider actually in use
     facts: Family  # the Code Llama member, as recorded at export (bundle.json `family`)
     memory: MemoryPlan | None = None  # weights + KV cache + overhead against the profile's budget
+    fidelity_record: FidelityRecord | None = None  # bundle.json's fidelity: measured? passed?
+
+    @property
+    def fidelity(self) -> dict | None:
+        """The bundle's fidelity as the daemon's status reports it (None: not known)."""
+        return self.fidelity_record.as_status() if self.fidelity_record is not None else None
 
     @property
     def family(self) -> dict:
@@ -286,7 +293,8 @@ class Engine:
         self.info = ModelInfo(model_name=bundle.model_name, profile=profile.name, precision=bundle.precision,
                               bundle_sha256=bundle.manifest_sha256, context_limit=self.context_limit,
                               supports_infill=bundle.supports_infill, chat_format=bundle.chat_format,
-                              provider=choice.providers[0][0], facts=bundle.family, memory=memory)
+                              provider=choice.providers[0][0], facts=bundle.family, memory=memory,
+                              fidelity_record=FidelityRecord.from_manifest(bundle.manifest))
         self._lock = threading.Lock()  # one request at a time (one session, one KV cache)
 
     @classmethod
@@ -320,6 +328,9 @@ class Engine:
                               f"({bundle.int8_kernel_rows}) is not below half the prefill chunk of {PREFILL_CHUNK} "
                               "tokens: a long prompt's last chunk would run the int8 kernel; re-export the bundle")
         tokenizer = bundle_tokenizer(bundle)  # before the (slow) session: a broken file stops at once
+        fidelity = FidelityRecord.from_manifest(bundle.manifest)
+        if not fidelity.trusted:  # it serves, but whoever runs it is told
+            log.warning("%s: %s", bundle.root, fidelity.describe())
         session, choice = make_session(ort, bundle, profile, copy_weights=copy_weights)
         if copy_weights:
             log.info("weights: copied into the daemon's memory at load (copy_weights); the bundle's files are not "

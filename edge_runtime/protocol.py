@@ -557,6 +557,7 @@ def encode_status(state: str, *, device_id: str, model_info: object | None, queu
         "supports_infill": info("supports_infill"),
         "chat_format": info("chat_format"),
         "family": info("family"),  # size class, variant, attention, infill, memory plan (engine.ModelInfo)
+        "fidelity": info("fidelity"),  # measured at export? passed? (fidelity_record.FidelityRecord.as_status)
         "provider": info("provider"),
         "queue_depth": queue_depth,
         "queue_limit": queue_limit,

@@ -57,6 +57,10 @@ INFILL_PROMPTS = (
 )
 
 
+class GraphSessionError(RuntimeError):
+    """The graph could not be opened for the measure (the engine could not either)."""
+
+
 @dataclass(frozen=True)
 class FidelityReport:
     n_tokens: int
@@ -223,12 +227,15 @@ def prefix_agreement(a: list[int], b: list[int]) -> float:
 def measure(checkpoint: Path, graph: Path, arch: Architecture, tokenizer_path: Path, chat_format: str, *,
             n_tokens: int = 32, corpus_tokens: int = 512, corpus_window: int = CORPUS_WINDOW, threads: int = 0,
             flavour: str = FLAVOUR_OPTIMUM_KV_CONCAT, progress=None,
-            providers: list | None = None, device: str = "cpu", infill: bool | None = None) -> FidelityReport:
+            providers: list | None = None, device: str = "cpu", infill: bool | None = None,
+            session_config: dict[str, str] | None = None) -> FidelityReport:
     """Greedy agreement, logit differences and corpus KL divergence of ``graph`` against torch
     fp32 on ``checkpoint``. The export measures on the CPU provider; ``providers`` (onnxruntime's
     list, e.g. ``[("CUDAExecutionProvider", {}), "CPUExecutionProvider"]``) with ``device="cuda"``
     measures the graph as a GPU runs it (tests/engine/test_cuda_provider.py). ``infill``: whether
-    the model infills (the export passes the family's verdict; None: the tokenizer's tokens)."""
+    the model infills (the export passes the family's verdict; None: the tokenizer's tokens).
+    ``session_config``: onnxruntime session config entries, the profile's (`DeviceProfile.
+    ort_session_config`), so that the graph is measured with the settings the engine runs it with."""
     import onnxruntime as ort
     import torch
     from transformers import LlamaForCausalLM
@@ -239,8 +246,14 @@ def measure(checkpoint: Path, graph: Path, arch: Architecture, tokenizer_path: P
     options.log_severity_level = 3  # errors only: the graph's known optimizer warnings are noise in the export's output
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(graph), sess_options=options,
-                                   providers=providers or ["CPUExecutionProvider"])
+    for key, value in (session_config or {}).items():  # as engine.make_session applies them
+        options.add_session_config_entry(key, value)
+    try:
+        session = ort.InferenceSession(str(graph), sess_options=options,
+                                       providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own classes (Fail, InvalidArgument, ...)
+        raise GraphSessionError(f"onnxruntime {ort.__version__} could not open {Path(graph).name} "
+                                f"with session config {session_config or {}}: {exc}") from exc
     tokenizer = CodeLlamaTokenizer.from_file(tokenizer_path)
     prompts = fidelity_prompt_ids(tokenizer, chat_format, infill)
     windows = corpus_windows(tokenizer, corpus_tokens, corpus_window) if corpus_tokens > 0 else []

@@ -124,9 +124,10 @@ def kept_matmuls(graph: Path, bits: int) -> list[str]:
 def check_fidelity(report: fidelity.FidelityReport, profile: DeviceProfile, precision: str) -> list[str]:
     min_agree, max_diff = profile.fidelity.for_precision(precision)
     problems = []
-    if report.greedy_agreement < min_agree:
+    # written as "not within": a NaN (a graph that put NaN in some logits) compares false both ways
+    if not report.greedy_agreement >= min_agree:
         problems.append(f"greedy agreement {report.greedy_agreement:.3f} < {min_agree:.3f}")
-    if report.max_logit_diff > max_diff:
+    if not report.max_logit_diff <= max_diff:
         problems.append(f"max logit difference {report.max_logit_diff:.4g} > {max_diff:.4g}")
     return problems
 
@@ -651,11 +652,16 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
             if opts.skip_fidelity:
                 progress.detail("skipped (--skip-fidelity): the bundle records no fidelity")
             else:
-                report = fidelity.measure(info.path, graph, arch, info.tokenizer_path, info.chat_format,
-                                          n_tokens=opts.fidelity_tokens,
-                                          corpus_tokens=opts.fidelity_corpus_tokens,
-                                          corpus_window=min(fidelity.CORPUS_WINDOW, limit), flavour=flavour,
-                                          progress=progress.detail, infill=info.supports_infill)
+                try:  # with the profile's session config: the graph measured as the engine will run it
+                    report = fidelity.measure(info.path, graph, arch, info.tokenizer_path, info.chat_format,
+                                              n_tokens=opts.fidelity_tokens,
+                                              corpus_tokens=opts.fidelity_corpus_tokens,
+                                              corpus_window=min(fidelity.CORPUS_WINDOW, limit), flavour=flavour,
+                                              progress=progress.detail, infill=info.supports_infill,
+                                              session_config=profile.ort_session_config())
+                except fidelity.GraphSessionError as exc:
+                    raise ExportError(f"{exc} (the {profile.name} profile's session_config); the engine could "
+                                      "not run the bundle either") from None
                 problems = check_fidelity(report, profile, precision)
                 progress.detail(f"greedy agreement {report.greedy_agreement:.3f} (min {report.greedy_agreement_min:.3f}; "
                                 f"{report.greedy_agreement_strict:.3f} counting ties within {report.tie_logits:g} "

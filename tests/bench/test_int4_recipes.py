@@ -40,6 +40,7 @@ def test_fidelity_mode_against_torch(recipes, tiny_checkpoint, tmp_path, capsys)
     assert result["layout"] == {"block_size": 32, "accuracy_level": 4}
     for row in rows.values():
         assert 0.0 <= row["greedy_agreement_min"] <= row["greedy_agreement"] <= 1.0
+        assert 0.0 <= row["greedy_agreement_strict"] <= row["greedy_agreement"]  # the same until the first flip
         assert 0.0 <= row["teacher_forced_agreement"] <= 1.0 and row["max_logit_diff"] >= 0.0
         assert row["corpus_positions"] > 1800 and 0.0 <= row["corpus_top1_agreement"] <= 1.0
         assert row["kl_divergence_mean"] > 0.0 and row["kl_divergence_p99"] > 0.0

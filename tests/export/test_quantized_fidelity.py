@@ -146,3 +146,39 @@ def test_greedy_agreement_goes_through_ties_and_stops_at_a_real_difference():
     assert prefix_agreement(ref, [5, 2, 7, 8]) == 0.25
     assert agreement_through_ties(ref, [5, 2, 7, 4], logits) == 0.75
     assert agreement_through_ties(ref, [9, 6, 7, 8], logits) == 0.0
+
+
+def test_thresholds_pass_at_the_bar_and_refuse_nan():
+    """At exactly the threshold a bundle passes (a minimum and a maximum, README); a NaN logit
+    difference -- the graph put NaN in some logits -- is not within any bar (NaN > x is False)."""
+    from edge_export.fidelity import FidelityReport
+    from edge_export.pipeline import check_fidelity
+
+    profile = load_profile("cpu-x86_64")
+    min_agree, max_diff = profile.fidelity.for_precision("int4")
+
+    def report(agreement, diff):
+        return FidelityReport(n_tokens=32, prompts=1, greedy_agreement=agreement, greedy_agreement_min=agreement,
+                              teacher_forced_agreement=1.0, max_logit_diff=diff, mean_logit_diff=0.0, per_prompt=())
+
+    assert check_fidelity(report(min_agree, max_diff), profile, "int4") == []
+    assert len(check_fidelity(report(min_agree - 1e-9, max_diff + 1e-9), profile, "int4")) == 2
+    assert check_fidelity(report(1.0, float("nan")), profile, "int4") == ["max logit difference nan > 1"]
+    assert len(check_fidelity(report(float("nan"), 0.0), profile, "int4")) == 1
+
+
+def test_fidelity_is_measured_with_the_profile_session_config(tiny_checkpoint, tmp_path, exporter):
+    """The engine opens the graph with the profile's session_config (engine.make_session); the
+    measure must too, or a setting that changes the kernels' numbers (ARM's bfloat16 fast math)
+    would be served unmeasured. `session.load_model_format = "ORT"` shows that it is applied:
+    no .onnx file opens under it, so the export stops at the measure, naming it."""
+    from edge_export.pipeline import ExportError
+
+    profile = tmp_path / "cfg.toml"
+    text = (load_profile.__globals__["_packaged_dir"]() / "cpu-x86_64.toml").read_text()
+    profile.write_text(text.replace('name = "cpu-x86_64"', 'name = "cfg"\n'
+                                    'session_config = { "session.load_model_format" = "ORT" }', 1))
+    assert load_profile(str(profile)).ort_session_config() == {"session.load_model_format": "ORT"}
+    with pytest.raises(ExportError, match=r"could not open model.onnx with session config .*load_model_format"):
+        exporter(tiny_checkpoint, tmp_path / "b", profile=str(profile))
+    assert not (tmp_path / "b").exists()
