@@ -424,8 +424,7 @@ def load_bundle(path: str | Path, *, progress=None, pinned_sha256: str | None = 
                               "not a row count")
     stop_ids = tok.get("stop_ids", [])
     if (not isinstance(stop_ids, list)
-            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < architecture.vocab_size
-                       for i in stop_ids)):
+            or not all(is_int(i) and 0 <= i < architecture.vocab_size for i in stop_ids)):
         raise BundleError(f"{MANIFEST_NAME}: tokenizer.stop_ids is {json.dumps(stop_ids)}, not a list of token ids "
                           f"(0 to architecture.vocab_size - 1); export the bundle again")
     return Bundle(

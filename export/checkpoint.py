@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from typing import Any
 
 from edge_runtime.bundle import Architecture, Family
 from edge_runtime.errors import BadRequest
+from edge_runtime.types import is_int, is_number
 
 from . import family as family_detection
 
@@ -166,12 +166,12 @@ def check_config_numbers(path: Path, config: dict[str, Any]) -> None:
             raise CheckpointError(f"{path.name}: config.json has no {key}" + (" (it is null)" if key in config else "")
                                   + f"; a Llama config.json gives {', '.join(REQUIRED_SIZES)}: copy or download "
                                   "the checkpoint's config.json again")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise CheckpointError(f"{path.name}: config.json's {key} is {json.dumps(value)}, not a positive whole "
                                   "number: copy or download the checkpoint's config.json again")
     for key in FLOAT_SETTINGS:  # absent: transformers' default; present, even null, it is what the model runs with
         value = config.get(key, 1.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        if not is_number(value) or value <= 0:
             raise CheckpointError(f"{path.name}: config.json's {key} is {json.dumps(value)}, not a positive "
                                   "number: copy or download the checkpoint's config.json again")
 
@@ -336,7 +336,7 @@ def generation_stop_ids(path: Path, config: dict[str, Any], vocab_size: int) -> 
     eos = _load_json(source).get("eos_token_id") if source.is_file() else config.get("eos_token_id")
     where = GENERATION_CONFIG if source.is_file() else "config.json"
     ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
-    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size]
+    bad = [i for i in ids if not is_int(i) or not 0 <= i < vocab_size]
     if bad:
         raise CheckpointError(f"{path.name}: {where}'s eos_token_id {json.dumps(eos)} has {json.dumps(bad[0])}, not "
                               f"an id of the model (0 to {vocab_size - 1}, config.json's vocab_size): a file from "

@@ -910,6 +910,8 @@ def test_a_config_that_does_not_match_its_weights_is_refused_before_any_work(tin
     (lambda c: c.update(num_key_value_heads=0), "config.json's num_key_value_heads is 0, not a positive whole"),
     (lambda c: c.update(rms_norm_eps=None), "config.json's rms_norm_eps is null, not a positive number"),
     (lambda c: c.update(rope_theta=None), "config.json's rope_theta is null, not a positive number"),
+    (lambda c: c.update(rope_theta=10**400),  # past any float: not an OverflowError traceback
+     "config.json's rope_theta is 1" + "0" * 400 + ", not a positive number"),
 ])
 def test_a_config_without_its_sizes_is_one_line_naming_the_key(tiny_checkpoint, tmp_path, change, words):
     """A config.json missing a size, or with a hand-edited one: exit 2 naming the key (a
