@@ -11,13 +11,19 @@ engine logs a warning at load, and the daemon's retained status carries it
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
+from .types import is_number
+
 
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    """A finite number as a float; anything else (missing, NaN, text, 10**400) None: not a figure to show."""
+    return float(value) if is_number(value) else None
+
+
+def _shown(value: float | None, spec: str) -> str:
+    return "?" if value is None else format(value, spec)
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,7 @@ class FidelityRecord:
         fid = manifest.get("fidelity")
         profile = manifest.get("profile")
         name = profile.get("name") if isinstance(profile, dict) and isinstance(profile.get("name"), str) else None
-        if not isinstance(fid, dict) or fid.get("skipped") or _number(fid.get("greedy_agreement")) is None:
+        if not isinstance(fid, dict) or fid.get("skipped") or "greedy_agreement" not in fid:
             return cls(measured=False, passed=False, profile=name)
         threshold = fid.get("threshold") if isinstance(fid.get("threshold"), dict) else {}
         problems = fid.get("problems") if isinstance(fid.get("problems"), list) else []
@@ -60,24 +66,21 @@ class FidelityRecord:
 
     def as_status(self) -> dict[str, Any]:
         """The daemon's retained status `fidelity` (docs/protocol.md)."""
-        def finite(x: float | None) -> float | None:  # the status is strict JSON: no NaN
-            return x if x is not None and math.isfinite(x) else None
-
         return {"measured": self.measured, "passed": self.passed, "profile": self.profile,
-                "greedy_agreement": finite(self.greedy_agreement),
-                "greedy_agreement_strict": finite(self.greedy_agreement_strict),
-                "max_logit_diff": finite(self.max_logit_diff),
-                "kl_divergence_mean": finite(self.kl_divergence_mean)}
+                "greedy_agreement": self.greedy_agreement, "greedy_agreement_strict": self.greedy_agreement_strict,
+                "max_logit_diff": self.max_logit_diff, "kl_divergence_mean": self.kl_divergence_mean}
 
     def describe(self) -> str:
         """One line for `verify` and the engine's log."""
         if not self.measured:
             return ("fidelity NOT MEASURED: the bundle was exported with --skip-fidelity; its accuracy against the "
                     "original model was never checked (export it again without --skip-fidelity)")
-        numbers = f"greedy agreement {self.greedy_agreement:.3f} (threshold {self.min_greedy_agreement}"
+        numbers = (f"greedy agreement {_shown(self.greedy_agreement, '.3f')} (threshold "
+                   f"{_shown(self.min_greedy_agreement, 'g')}")
         if self.greedy_agreement_strict is not None:
             numbers += f"; {self.greedy_agreement_strict:.3f} with ties as differences"
-        numbers += f"), max logit diff {self.max_logit_diff:.4g} (threshold {self.max_logit_diff_allowed})"
+        numbers += (f"), max logit diff {_shown(self.max_logit_diff, '.4g')} (threshold "
+                    f"{_shown(self.max_logit_diff_allowed, 'g')})")
         if self.kl_divergence_mean is not None:
             numbers += f", corpus KL divergence {self.kl_divergence_mean:.4g}"
         if self.passed:

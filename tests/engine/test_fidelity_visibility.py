@@ -78,3 +78,22 @@ def test_a_degraded_bundle_is_flagged_below_threshold(tiny_bundle, tmp_path, cap
     assert any("BELOW" in r.getMessage() for r in caplog.records)
     fid = status_of(engine)["fidelity"]
     assert fid["measured"] is True and fid["passed"] is False and fid["greedy_agreement"] == 0.5
+
+
+@pytest.mark.parametrize("odd", [None, float("nan"), 10**400, "0.4", True])
+def test_a_recorded_measure_with_a_missing_or_odd_number_is_still_described(odd):
+    """verify prints, the engine logs and the status carries whatever a manifest records: a
+    measured fidelity whose max logit difference is missing, NaN (an --allow-degraded export
+    of a NaN graph), too large for a float, text or a bool must read as "?" / null, never stop
+    verify (after its "ok") or the engine's load with a TypeError or OverflowError."""
+    from edge_runtime.fidelity_record import FidelityRecord
+
+    fidelity = {"greedy_agreement": 0.5, "passed": False, "problems": ["max logit diff nan > 2.0"],
+                "threshold": {"min_greedy_agreement": 0.9, "max_logit_diff": 2.0}}
+    if odd is not None:
+        fidelity["max_logit_diff"] = odd
+    record = FidelityRecord.from_manifest({"fidelity": fidelity, "profile": {"name": "cpu-x86_64"}})
+    assert record.measured and not record.trusted
+    assert "max logit diff ? (threshold 2)" in record.describe() and "BELOW" in record.describe()
+    status = record.as_status()
+    assert status["max_logit_diff"] is None and json.loads(json.dumps(status, allow_nan=False)) == status
