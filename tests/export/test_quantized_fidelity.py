@@ -9,7 +9,7 @@ import json
 import pytest
 
 from edge_runtime.bundle import load_bundle
-from edge_runtime.profiles import load_profile
+from edge_runtime.profiles import load_profile, profile_text
 
 
 @pytest.mark.parametrize("graph,precision", [("optimum", "int8"), ("optimum", "int4"), ("fused", "int4")])
@@ -87,7 +87,7 @@ def test_below_threshold_fails_with_numbers_unless_allowed(tiny_checkpoint, tmp_
     from edge_export.pipeline import ExportError
 
     strict = tmp_path / "strict.toml"
-    text = (load_profile.__globals__["_packaged_dir"]() / "cpu-x86_64.toml").read_text()
+    text = profile_text("cpu-x86_64")
     strict.write_text(text.replace('name = "cpu-x86_64"', 'name = "strict"', 1)
                       .replace("fp32 = 0.01 }", "fp32 = 0.0 }"))
     with pytest.raises(ExportError, match=r"max logit difference .* > 0 .*--allow-degraded"):
@@ -175,7 +175,7 @@ def test_fidelity_is_measured_with_the_profile_session_config(tiny_checkpoint, t
     from edge_export.pipeline import ExportError
 
     profile = tmp_path / "cfg.toml"
-    text = (load_profile.__globals__["_packaged_dir"]() / "cpu-x86_64.toml").read_text()
+    text = profile_text("cpu-x86_64")
     profile.write_text(text.replace('name = "cpu-x86_64"', 'name = "cfg"\n'
                                     'session_config = { "session.load_model_format" = "ORT" }', 1))
     assert load_profile(str(profile)).ort_session_config() == {"session.load_model_format": "ORT"}
