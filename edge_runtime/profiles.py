@@ -553,10 +553,11 @@ def _gpus_from_nvidia_smi(command: str, timeout_s: float) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _memory_total(meminfo: pathlib.Path) -> int | None:
-    """MemTotal of /proc/meminfo in bytes; None when it cannot be read."""
-    match = re.search(r"^MemTotal:\s*(\d+)\s*kB", _read_text(meminfo) or "", re.MULTILINE)
-    return int(match[1]) * 1024 if match else None
+def read_meminfo(path: pathlib.Path = MEMINFO) -> dict[str, int]:
+    """The fields of /proc/meminfo given in kB (MemTotal, MemAvailable, SwapFree, ...), in
+    bytes; empty where the file cannot be read (not Linux)."""
+    return {m[1]: int(m[2]) * 1024
+            for m in re.finditer(r"^(\w+):\s*(\d+)\s*kB", _read_text(path) or "", re.MULTILINE)}
 
 
 def _probe_onnxruntime() -> tuple[str | None, tuple[str, ...], str | None]:
@@ -600,7 +601,7 @@ def gather_machine_facts(
         onnxruntime_version=version,
         ort_providers=providers,
         onnxruntime_error=error,
-        memory_bytes=_memory_total(meminfo),
+        memory_bytes=read_meminfo(meminfo).get("MemTotal"),
     )
 
 

@@ -22,7 +22,7 @@ from edge_runtime.bundle import (FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCA
 from edge_runtime.errors import BundleError, EdgeRuntimeError
 from edge_runtime.memory_fit import (MemoryPlan, ModelShape, bundle_plan, estimate_plan, fused_attention_refusal,
                                      human_bytes, kv_dtype_of, largest_context_that_fits)
-from edge_runtime.profiles import DeviceProfile, load_profile
+from edge_runtime.profiles import DeviceProfile, load_profile, read_meminfo
 from edge_runtime.tokenizer import CodeLlamaTokenizer
 
 from . import calibration, fidelity, graph_builder, kv_cache_quant, onnx_export, quantize
@@ -163,12 +163,8 @@ def choose_graph(requested: str, info, algorithm: str | None) -> GraphChoice:
 def host_memory_available() -> int | None:
     """Bytes this machine can still give a process: MemAvailable plus SwapFree from
     /proc/meminfo; None where there is no such file."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
-        kib = int(fields["MemAvailable"].split()[0]) + int(fields.get("SwapFree", "0 kB").split()[0])
-    except (OSError, KeyError, ValueError, IndexError):
-        return None
-    return kib * 1024
+    fields = read_meminfo()
+    return fields["MemAvailable"] + fields.get("SwapFree", 0) if "MemAvailable" in fields else None
 
 
 TORCH_FLOAT32_FACTOR = 4.4  # bytes a parameter takes in a float32 torch model, with ~10 % for the rest
