@@ -559,11 +559,12 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                               "rotate with base 10000. Use --graph fused (not with --algorithm hqq), or add the "
                               "rope_theta of rope_parameters at the top level of config.json")
         flavour = GRAPHS[graph_choice.name]
-        progress.total = 4 if flavour == FLAVOUR_GQA_SHARED_KV else 5
+        fused = flavour == FLAVOUR_GQA_SHARED_KV
+        progress.total = 4 if fused else 5
         progress.detail(f"graph: {graph_choice.name} ({graph_choice.why})")
-        check_calibration_flags(opts, profile, precision, fused=flavour == FLAVOUR_GQA_SHARED_KV)
+        check_calibration_flags(opts, profile, precision, fused=fused)
         kv_dtype = kv_dtype_of(precision, flavour, profile.kv_cache.dtype, kv_bits)  # as the bundle will record it
-        if flavour == FLAVOUR_GQA_SHARED_KV:
+        if fused:
             check_gpu_attention_dtype(profile, kv_dtype, precision)
             if precision == "fp16" and profile.kv_cache.dtype == "float32":
                 progress.detail(f"warning: --precision fp16 on the {profile.name} profile stores the weights in "
@@ -587,7 +588,6 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 raise ExportError(f"the fidelity measure needs {need} positions (its longest prompt and "
                                   f"--fidelity-tokens {opts.fidelity_tokens}) and the bundle's context is {limit}: "
                                   f"raise --max-context to {need}, lower --fidelity-tokens, or add --skip-fidelity")
-        fused = flavour == FLAVOUR_GQA_SHARED_KV
         recipe = recipe_for(profile, precision, opts.algorithm, fused=fused) if precision in quantize.BITS else None
         gptq: calibration.Calibration | None = None  # GPTQ's calibration tokens, read before any work
         if recipe is not None and recipe.algorithm == "gptq":
