@@ -756,40 +756,35 @@ class _Installer:
                       f"{shlex.join([*userdel, SERVICE_USER])}")
 
 
-def _deciding_profile(inst: _Installer, profile: str | None, config: _KeptConfig | None,
-                      bundle_profile: str | None) -> bool | None:
-    """Whether the service runs a GPU profile (None: not known, so the drop-in is left as
-    it is): `profile` if given, else the installed config's [model] profile, else the
-    bundle's. Says which decided."""
-    if profile is not None:
-        gpu, name, source = is_gpu_profile(profile), profile, "--profile"
-    elif config is not None and not config.readable:
-        return None
-    elif config is not None and config.model_profile is not None:
-        name = config.model_profile  # a TOML path names a file on the installed system
-        loadable = str(inst.on_target(name, inst.root)) if name.startswith("/") else name
-        gpu, source = _loaded_kind(inst, loadable, name), f"the [model] profile of {inst.shown(inst.target(CONFIG_FILE))}"
-    elif bundle_profile is not None:
-        gpu, name, source = _loaded_kind(inst, bundle_profile, bundle_profile), bundle_profile, "the bundle's own"
-    else:
-        return None
-    if gpu is not None:
-        inst.step(f"profile: {name} ({source}; {'a GPU' if gpu else 'a CPU'} profile)")
-    return gpu
-
-
 def _running_profile(inst: _Installer, profile: str | None, config: _KeptConfig | None,
-                     bundle_profile: str | None) -> str | None:
-    """The profile the daemon will run, as `load_profile` takes it (a TOML path of the installed
-    system inside the tree), by `_deciding_profile`'s order; None where that is not known."""
+                     bundle_profile: str | None) -> tuple[str, str, str] | None:
+    """The profile the daemon will run: `profile` if given, else the installed config's [model]
+    profile, else the bundle's; as (what `load_profile` takes -- a TOML path of the installed
+    system inside the tree --, its name as written, which of the three decided). None where it
+    is not known (nothing names one, or the installed config cannot be read)."""
     if profile is not None:
-        return profile
+        return profile, profile, "--profile"
     if config is not None and not config.readable:
         return None
     if config is not None and config.model_profile is not None:
-        name = config.model_profile
-        return str(inst.on_target(name, inst.root)) if name.startswith("/") else name
-    return bundle_profile
+        name = config.model_profile  # a TOML path names a file on the installed system
+        loadable = str(inst.on_target(name, inst.root)) if name.startswith("/") else name
+        return loadable, name, f"the [model] profile of {inst.shown(inst.target(CONFIG_FILE))}"
+    if bundle_profile is not None:
+        return bundle_profile, bundle_profile, "the bundle's own"
+    return None
+
+
+def _deciding_profile(inst: _Installer, running: tuple[str, str, str] | None, *, chosen: bool) -> bool | None:
+    """Whether the service runs a GPU profile (None: not known, so the drop-in is left as it
+    is), from `_running_profile`; `chosen`: --profile named it. Says which decided."""
+    if running is None:
+        return None
+    loadable, name, source = running
+    gpu = is_gpu_profile(loadable) if chosen else _loaded_kind(inst, loadable, name)
+    if gpu is not None:
+        inst.step(f"profile: {name} ({source}; {'a GPU' if gpu else 'a CPU'} profile)")
+    return gpu
 
 
 def _loaded_kind(inst: _Installer, loadable: str, name: str) -> bool | None:
@@ -888,10 +883,10 @@ def install_service(profile: str | None, bundle: Path | None, *, root: Path = Pa
     bundle_profile = _manifest_profile(manifest)
     if bundle_profile is None and source is None and config is not None:
         bundle_profile = inst.config_bundle_profile(config)
-    gpu = _deciding_profile(inst, profile, config, bundle_profile)
     running = _running_profile(inst, profile, config, bundle_profile)
+    gpu = _deciding_profile(inst, running, chosen=profile is not None)
     if verified is not None and running is not None:
-        inst.check_bundle_fits(verified, running, config)
+        inst.check_bundle_fits(verified, running[0], config)
 
     inst.ensure_user()
     unit_changed = inst.ensure_file(UNIT_FILE, render_unit(exec_path), 0o644)
