@@ -365,9 +365,7 @@ class Engine:
             raise UnsupportedMode(f"infill is not available on {self.bundle.model_name}: {why} "
                                   "(Code Llama 7B and 13B base and Instruct support infilling)")
         self._check_text_length(request)
-        plan = build_prompt(request, self.tokenizer, chat_format=self.bundle.chat_format)
-        if not self.bundle.stop_ids <= plan.stop_ids:  # the checkpoint's own ends (generation_config.json)
-            plan = dataclasses.replace(plan, stop_ids=plan.stop_ids | self.bundle.stop_ids)
+        plan = build_prompt(request, self.tokenizer, chat_format=self.bundle.chat_format, stop_ids=self.bundle.stop_ids)
         if request.mode == "chat" and fam.variant in ("base", "python"):
             plan = dataclasses.replace(plan, warnings=(*plan.warnings, chat_warning(fam.variant)))
         if request.mode == "chat" and fam.chat_format_source == OTHER_CHAT_TEMPLATE:

@@ -10,6 +10,7 @@ lists them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -44,15 +45,23 @@ class PromptPlan:
 
 # --------------------------------------------------------------------- entry point
 def build_prompt(
-    request: GenerationRequest, tokenizer: CodeLlamaTokenizer, chat_format: ChatFormat | str = "llama2"
+    request: GenerationRequest, tokenizer: CodeLlamaTokenizer, chat_format: ChatFormat | str = "llama2",
+    stop_ids: frozenset[int] = frozenset(),
 ) -> PromptPlan:
     """The prompt ids, stop ids and decoding rule for `request`.
 
     `chat_format` is a property of the checkpoint (recorded in the bundle), never
-    chosen by the request. Raises BadRequest (missing/invalid field, bad roles),
-    UnsafePrompt (special tags in chat messages) or UnsupportedMode (infill on a
-    tokenizer without infilling tokens, source-step chat without `<step>`).
+    chosen by the request; so are `stop_ids`, ids every mode also stops at (the bundle's
+    `tokenizer.stop_ids`: a fine-tune's own end token). Raises BadRequest (missing/invalid
+    field, bad roles), UnsafePrompt (special tags in chat messages) or UnsupportedMode (infill
+    on a tokenizer without infilling tokens, source-step chat without `<step>`).
     """
+    plan = _mode_prompt(request, tokenizer, chat_format)
+    return plan if stop_ids <= plan.stop_ids else dataclasses.replace(plan, stop_ids=plan.stop_ids | stop_ids)
+
+
+def _mode_prompt(request: GenerationRequest, tokenizer: CodeLlamaTokenizer,
+                 chat_format: ChatFormat | str) -> PromptPlan:
     if request.mode == "complete":
         return completion_prompt(tokenizer, _require_str(request.prompt, "prompt"))
     if request.mode == "infill":
