@@ -49,6 +49,13 @@ ERROR_CODES: tuple[str, ...] = (*(e.code for e in REQUEST_ERRORS), "internal")
 STATES: tuple[str, ...] = ("online", "draining", "offline")
 
 MAX_ID_CHARS = 128
+# A reply topic is kept whole while its request is pending and for as long as its final reply
+# is stored (the reply store's key, ~2,000 of them), and its client id level goes into log and
+# audit lines and the prompt cache's owner: bounded, so one client cannot make the daemon hold
+# 64 KB per request (2,000 stored replies under 60 KB topics were ~120 MB in memory and ~280 MB
+# on disk). EdgeClient's longest topic is ~660 bytes (a 64-character device and client id and a
+# 128-character request id of 4-byte characters).
+MAX_REPLY_TOPIC_BYTES = 1024
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 1024
@@ -192,6 +199,15 @@ def is_valid_publish_topic(topic: object) -> bool:
     return len(topic.encode("utf-8")) <= 65535
 
 
+def reply_topic_too_long(topic: str) -> str | None:
+    """Why a usable reply topic is refused (`bad_request`) for its size, or None when it is not
+    longer than MAX_REPLY_TOPIC_BYTES of UTF-8."""
+    size = len(topic.encode("utf-8", "surrogatepass"))
+    if size <= MAX_REPLY_TOPIC_BYTES:
+        return None
+    return f"the reply topic is {size} bytes of UTF-8, the limit is {MAX_REPLY_TOPIC_BYTES}"
+
+
 # --------------------------------------------------------------------------- requests
 
 
@@ -323,6 +339,8 @@ def parse_request(payload: bytes, limits: RequestLimits | Any = RequestLimits(),
         raise bad(f"id must be 1-{MAX_ID_CHARS} characters, got {len(raw_id)}")
     if "reply_to" in obj and reply_to is None:
         raise bad("reply_to must be a topic without wildcards that does not start with $")
+    if reply_to is not None and (too_long := reply_topic_too_long(reply_to)):
+        raise bad(f"reply_to: {too_long}")
 
     unknown = sorted(k for k in obj if k not in REQUEST_FIELDS)
     if unknown:

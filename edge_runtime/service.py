@@ -55,6 +55,7 @@ from .protocol import (
     parse_cancel,
     parse_request,
     reply_client_id,
+    reply_topic_too_long,
 )
 from .device_lock import DeviceLock
 from .policy import Policy, load_policy
@@ -734,6 +735,11 @@ class EdgeService:
             return
         assert topic is not None
         route = ReplyRoute(topic, correlation)
+        too_long = reply_topic_too_long(topic)  # an MQTT 5 Response Topic (a reply_to was checked with the JSON)
+        if too_long:
+            log.info("request %r rejected: bad_request: %s", wire.id, too_long)
+            self._acker.submit(self._publish(route, encode_error(wire.id, "bad_request", too_long)), [delivery])
+            return
         key = request_key(topic, wire.id)
         pending = self.scheduler.attach(key, delivery)
         if pending is not None:

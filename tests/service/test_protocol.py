@@ -10,6 +10,7 @@ from edge_runtime import errors
 from edge_runtime.protocol import (
     ERROR_CODES,
     MAX_ID_CHARS,
+    MAX_REPLY_TOPIC_BYTES,
     MAX_SEED,
     ProtocolError,
     RequestLimits,
@@ -117,6 +118,15 @@ def test_oversize_payload():
 def test_missing_id_keeps_reply_to():
     e = rejected({"mode": "complete", "prompt": "x", "reply_to": "a/b"})
     assert e.request_id is None and e.reply_to == "a/b" and "id" in e.message
+
+
+def test_a_reply_to_over_the_size_limit_is_refused_and_answered_there():
+    at_limit = "r/" + "x" * (MAX_REPLY_TOPIC_BYTES - 2)
+    assert parse({"id": "a", "mode": "complete", "prompt": "x", "reply_to": at_limit}).reply_to == at_limit
+    over = "r/x" + "é" * ((MAX_REPLY_TOPIC_BYTES - 2) // 2)  # one byte over in UTF-8, under in characters
+    e = rejected({"id": "a", "mode": "complete", "prompt": "x", "reply_to": over})
+    assert e.code == "bad_request" and e.reply_to == over and e.request_id == "a"
+    assert "reply_to" in e.message and str(MAX_REPLY_TOPIC_BYTES) in e.message
 
 
 @pytest.mark.parametrize("bad_id", [5, None, "", "x" * (MAX_ID_CHARS + 1), ["a"]])

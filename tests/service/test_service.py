@@ -892,3 +892,32 @@ def test_only_requests_that_name_their_client_may_use_the_prompt_cache(broker, t
     send(probe, {"id": "named", "mode": "complete", "prompt": "a b"}, named)
     probe.wait_final(named, 5.0)
     assert [(c.client_id, c.cache_prompt) for c in engine.calls] == [("", False), ("ward-7", True)]
+
+
+@pytest.mark.parametrize("client_protocol", ["5", "3.1.1"])
+def test_a_reply_topic_over_the_limit_is_a_bad_request_answered_there_and_nothing_is_kept(
+        broker, tmp_path, services, client_protocol):
+    """A client chooses its reply topic (an MQTT 5 Response Topic or reply_to), up to the 64 KB
+    of an MQTT topic: one beyond MAX_REPLY_TOPIC_BYTES would be kept whole in the reply store
+    (~2,000 entries) and its client id level in log and audit lines. It is refused bad_request on
+    that topic, generating and storing nothing; a topic of exactly the limit is served."""
+    from edge_runtime.protocol import MAX_REPLY_TOPIC_BYTES
+    engine = FakeEngine()
+    service = services(make_config(broker, tmp_path), engine)
+    base = f"{T.reply_prefix}/"
+
+    def topic_of(size: int, request_id: str) -> str:  # edge/dev1/v1/reply/<client id>/<request id>, `size` bytes
+        return base + "é" * ((size - len(base) - len(request_id) - 1) // 2) + "c" * ((size - len(base) - len(request_id) - 1) % 2) + "/" + request_id
+
+    at_limit, over, huge = topic_of(MAX_REPLY_TOPIC_BYTES, "ok"), topic_of(MAX_REPLY_TOPIC_BYTES + 1, "over"), \
+        topic_of(60_000, "huge")
+    assert [len(t.encode()) for t in (at_limit, over, huge)] == [MAX_REPLY_TOPIC_BYTES, MAX_REPLY_TOPIC_BYTES + 1, 60_000]
+    with Probe(broker.host, broker.port, protocol=client_protocol) as probe:
+        probe.subscribe(f"{T.reply_prefix}/#")
+        for topic in (over, huge, at_limit):
+            send(probe, {"id": topic.rsplit("/", 1)[1], "mode": "complete", "prompt": "a b"}, topic)
+        assert probe.wait_final(at_limit)["text"] == "b a"
+        for topic in (over, huge):
+            error = probe.wait_final(topic)["error"]
+            assert error["code"] == "bad_request" and str(MAX_REPLY_TOPIC_BYTES) in error["message"], error
+    assert len(engine.calls) == 1 and len(service.store) == 1
