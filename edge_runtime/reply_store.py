@@ -23,6 +23,11 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_ENTRIES = 2000
+# The bytes of keys and payloads kept (in memory for lookups, and on disk): a final reply is up to
+# ~26 bytes a token (the longest Code Llama token, JSON-escaped), ~55 KB at max_tokens 2048, so the
+# entry bound alone let one client make the store hold ~110 MB of long answers (more with a larger
+# [limits] max_tokens). 2,000 replies of ~16 KB fit; a longer run of long replies keeps fewer.
+DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 
 
 def request_key(reply_topic: str, request_id: str) -> str:
@@ -33,14 +38,25 @@ def request_key(reply_topic: str, request_id: str) -> str:
     return key.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-class ReplyStore:
-    """Final replies (encoded payloads) of the most recent `max_entries` requests."""
+def _entry_bytes(key: str, payload: bytes) -> int:
+    return len(key.encode("utf-8")) + len(payload)
 
-    def __init__(self, path: Path | str, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+
+class ReplyStore:
+    """Final replies (encoded payloads) of the most recent requests: at most `max_entries` of
+    them, and at most `max_bytes` of keys and payloads (the newest reply is kept even when it
+    alone is larger)."""
+
+    def __init__(self, path: Path | str, max_entries: int = DEFAULT_MAX_ENTRIES,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
         self.path = Path(path)
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._bytes = 0  # _entry_bytes of everything in _cache
         self._lock = threading.Lock()  # the in-memory index (lookups never wait on the disk)
         self._db_lock = threading.Lock()  # the sqlite connection
         self._cache: OrderedDict[str, bytes] = OrderedDict()
@@ -63,6 +79,8 @@ class ReplyStore:
             "SELECT key, payload FROM replies ORDER BY seq").fetchall()
         for key, payload in rows:
             self._cache[key] = bytes(payload)
+            self._bytes += _entry_bytes(key, self._cache[key])
+        self._delete(self._evict())
         log.debug("reply store %s: %d entries", self.path, len(self._cache))
 
     def get(self, key: str) -> bytes | None:
@@ -87,13 +105,27 @@ class ReplyStore:
             self._db.execute("INSERT OR REPLACE INTO replies (key, payload, created) VALUES (?, ?, ?)",
                              (key, payload, time.time()))
             with self._lock:
-                self._cache.pop(key, None)
+                old = self._cache.pop(key, None)
+                if old is not None:
+                    self._bytes -= _entry_bytes(key, old)
                 self._cache[key] = payload
-                over = len(self._cache) > self.max_entries
-                while len(self._cache) > self.max_entries:
-                    self._cache.popitem(last=False)
-            if over:
-                self._prune()
+                self._bytes += _entry_bytes(key, payload)
+                evicted = self._evict()
+            self._delete(evicted)
+
+    def _evict(self) -> list[str]:
+        """Drop the oldest entries from memory beyond the bounds; their keys, to delete on disk."""
+        evicted = []
+        while len(self._cache) > 1 and (len(self._cache) > self.max_entries or self._bytes > self.max_bytes):
+            key, payload = self._cache.popitem(last=False)
+            self._bytes -= _entry_bytes(key, payload)
+            evicted.append(key)
+        return evicted
+
+    def _delete(self, keys: list[str]) -> None:
+        assert self._db is not None
+        if keys:
+            self._db.executemany("DELETE FROM replies WHERE key = ?", [(key,) for key in keys])
 
     def _prune(self) -> None:
         assert self._db is not None
