@@ -264,6 +264,18 @@ def prompt_chars(request: GenerationRequest) -> int:
     return sum(len(m.content) for m in request.messages)
 
 
+_SHOWN_NAMES = 8
+_SHOWN_NAME_CHARS = 40
+
+
+def _field_names(names: list[str]) -> str:
+    """Unknown field names for an error message (sent back and logged): the first few, each cut
+    short; the client chose them, up to the whole payload (256 KB logged per request)."""
+    shown = [n if len(n) <= _SHOWN_NAME_CHARS else n[:_SHOWN_NAME_CHARS] + "…" for n in names[:_SHOWN_NAMES]]
+    more = f" and {len(names) - _SHOWN_NAMES} more" if len(names) > _SHOWN_NAMES else ""
+    return ", ".join(shown) + more
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -344,7 +356,7 @@ def parse_request(payload: bytes, limits: RequestLimits | Any = RequestLimits(),
 
     unknown = sorted(k for k in obj if k not in REQUEST_FIELDS)
     if unknown:
-        raise bad(f"unknown field(s): {', '.join(unknown)}")
+        raise bad(f"unknown field(s): {_field_names(unknown)}")
 
     # mode
     if "mode" not in obj:
@@ -461,7 +473,7 @@ def _parse_messages(value: object, bad: Any) -> tuple[Message, ...]:
             raise bad(f"messages[{i}] must be an object with role and content")
         extra = sorted(set(item) - {"role", "content"})
         if extra:
-            raise bad(f"messages[{i}] has unknown field(s): {', '.join(extra)}")
+            raise bad(f"messages[{i}] has unknown field(s): {_field_names(extra)}")
         role, content = item.get("role"), item.get("content")
         if role not in ROLES:
             raise bad(f"messages[{i}].role must be one of {', '.join(ROLES)}")

@@ -129,6 +129,21 @@ def test_a_reply_to_over_the_size_limit_is_refused_and_answered_there():
     assert "reply_to" in e.message and str(MAX_REPLY_TOPIC_BYTES) in e.message
 
 
+def test_unknown_field_names_in_the_error_are_cut_short():
+    """The error message is sent back and logged: a client's field names, up to the whole
+    payload, are named by their beginnings, the first 8 of them."""
+    big = RequestLimits(max_payload_bytes=256 * 1024)
+    names = ["a" * 100_000, "b" * 100_000] + [f"f{i}" for i in range(20)]
+    for obj in ({"id": "a", "mode": "complete", "prompt": "x", **dict.fromkeys(names, 1)},
+                {"id": "a", "mode": "chat", "messages": [{"role": "user", "content": "x", **dict.fromkeys(names, 1)}]}):
+        e = rejected(obj, limits=big)
+        assert len(e.message) < 500, len(e.message)
+        assert "unknown field(s): " in e.message and "b" * 40 + "…" in e.message and "f0" in e.message
+        assert "14 more" in e.message
+    assert "unknown field(s): max_token" in rejected({"id": "a", "mode": "complete", "prompt": "x",
+                                                      "max_token": 5}).message
+
+
 @pytest.mark.parametrize("bad_id", [5, None, "", "x" * (MAX_ID_CHARS + 1), ["a"]])
 def test_bad_id(bad_id):
     e = rejected({"id": bad_id, "mode": "complete", "prompt": "x"})
