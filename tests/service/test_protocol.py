@@ -129,6 +129,14 @@ def test_a_reply_to_over_the_size_limit_is_refused_and_answered_there():
     assert "reply_to" in e.message and str(MAX_REPLY_TOPIC_BYTES) in e.message
 
 
+def test_edge_clients_longest_reply_topic_is_within_the_limit():
+    """docs/protocol.md: EdgeClient's topics are at most about 660 bytes, under the 1,024 allowed."""
+    longest = Topics("d" * 64).reply_topic("c" * 64, "\U0001F600" * MAX_ID_CHARS)
+    assert len(longest.encode()) == 656 <= MAX_REPLY_TOPIC_BYTES == 1024
+    assert parse({"id": "a", "mode": "complete", "prompt": "x", "reply_to": longest},
+                 RequestLimits(max_payload_bytes=4096)).reply_to == longest
+
+
 def test_unknown_field_names_in_the_error_are_cut_short():
     """The error message is sent back and logged: a client's field names, up to the whole
     payload, are named by their beginnings, the first 8 of them."""
