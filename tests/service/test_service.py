@@ -907,10 +907,11 @@ def test_a_reply_topic_over_the_limit_is_a_bad_request_answered_there_and_nothin
     base = f"{T.reply_prefix}/"
 
     def topic_of(size: int, request_id: str) -> str:  # edge/dev1/v1/reply/<client id>/<request id>, `size` bytes
-        return base + "é" * ((size - len(base) - len(request_id) - 1) // 2) + "c" * ((size - len(base) - len(request_id) - 1) % 2) + "/" + request_id
+        client_bytes = size - len(base) - len(request_id) - 1
+        return base + "é" * (client_bytes // 2) + "c" * (client_bytes % 2) + "/" + request_id
 
-    at_limit, over, huge = topic_of(MAX_REPLY_TOPIC_BYTES, "ok"), topic_of(MAX_REPLY_TOPIC_BYTES + 1, "over"), \
-        topic_of(60_000, "huge")
+    at_limit = topic_of(MAX_REPLY_TOPIC_BYTES, "ok")
+    over, huge = topic_of(MAX_REPLY_TOPIC_BYTES + 1, "over"), topic_of(60_000, "huge")
     assert [len(t.encode()) for t in (at_limit, over, huge)] == [MAX_REPLY_TOPIC_BYTES, MAX_REPLY_TOPIC_BYTES + 1, 60_000]
     with Probe(broker.host, broker.port, protocol=client_protocol) as probe:
         probe.subscribe(f"{T.reply_prefix}/#")
