@@ -18,7 +18,10 @@ Two uses:
 
 The terms:
 
-weights   bundle: graph + external data file sizes. Estimate: MatMulNBits packs
+weights   bundle: graph + external data file sizes. Estimate: the tensors the fused graph's
+          builder writes (`weight_tensor_bytes`) plus what a written bundle holds beside
+          them (`written_file_bytes`: the rotary tables, the data file's alignment at its
+          most, the graph file), so a written bundle is at most its estimate. MatMulNBits packs
           `bits` per weight plus, per block of `block_size` weights, one scale in
           the graph's float type and (asymmetric) one `bits`-bit zero point; the
           embedding and the kept layers (lm_head) stay in the float type. The
@@ -47,7 +50,6 @@ overhead  `RUNTIME_BYTES` (onnxruntime, the tokenizer's tables, Python) + the
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -63,6 +65,12 @@ PREFILL_CHUNK = 512  # tokens per prefill run of the fused graph (engine.py pass
 DTYPE_BYTES = {"float32": 4, "float16": 2, "int8": 1}
 BITS = {"int4": 4, "int8": 8}
 TABLE_CONTEXTS = (16384, 8192, 4096, 2048, 1024)
+# The fused bundle's files (export/graph_builder.py writes them so; written_file_bytes bounds them)
+DATA_ALIGN_LARGE = 64 * 1024  # page/allocation-granularity alignment lets onnxruntime mmap big tensors
+DATA_LARGE_TENSOR = 1 << 20
+DATA_ALIGN_SMALL = 64
+GRAPH_FILE_BYTES = 64 * 1024  # model.onnx: the nodes and the data file's references, measured
+GRAPH_FILE_BYTES_PER_LAYER = 16 * 1024  # (tests/engine/test_memory_fit.py checks a written 7B-wide graph)
 
 
 class MemoryBudgetExceeded(EdgeRuntimeError):
@@ -185,38 +193,77 @@ def fused_attention_refusal(profile: DeviceProfile, precision: str, kv_dtype: st
             "GroupQueryAttention takes float16 only")
 
 
-def estimate_weight_bytes(shape: ModelShape, precision: str, *, block_size: int, symmetric: bool,
-                          float_dtype: str, keep_bits: int = 0, keep_block_size: int = 0,
-                          head_two_pass: bool = False, embedding_bits: int = 0) -> int:
-    """Bytes of the graph's weights for `shape` at `precision` (see the module docstring);
+def _nbits_tensors(k: int, n: int, bits: int, block: int, fbytes: int, symmetric: bool) -> list[int]:
+    """Bytes of a [K, N] weight in `bits`-bit blocks of `block` (MatMulNBits' B and
+    GatherBlockQuantized's table alike): the codes, the scales, the zero points (asymmetric)."""
+    blocks = -(-k // block)
+    sizes = [n * blocks * block * bits // 8, n * blocks * fbytes]
+    return sizes if symmetric else [*sizes, n * -(-blocks * bits // 8)]
+
+
+def weight_tensor_bytes(shape: ModelShape, precision: str, *, block_size: int, symmetric: bool,
+                        float_dtype: str, keep_bits: int = 0, keep_block_size: int = 0,
+                        head_two_pass: bool = False, embedding_bits: int = 0) -> list[int]:
+    """The sizes of the weight tensors the fused graph's builder writes for `shape` at
+    `precision` (export/graph_builder.py: q/k/v packed in one MatMul, gate and up apart),
+    in its order: embedding, each layer's norms and MatMuls, final norm, lm_head.
     `keep_bits` 8: the kept lm_head is stored as int8 blocks (of `keep_block_size`, 0:
     `block_size`) instead of float; `head_two_pass`: and as int4 blocks beside them (the
     lm_head in two passes, the profile's lm_head_refine_top_k); `embedding_bits` 8: the token
     embedding table as int8 blocks (of EMBEDDING_BLOCK_SIZE) instead of float."""
-    if precision == "fp16":  # in the graph's float type: float32 activations keep float32 weights
-        return shape.parameter_count * DTYPE_BYTES[float_dtype]
-    if precision == "fp32":
-        return shape.parameter_count * 4
-    bits = BITS[precision]
+    h, inter, vocab = shape.hidden_size, shape.intermediate_size, shape.vocab_size
+    kv = shape.num_kv_heads * shape.head_dim
     fbytes = DTYPE_BYTES[float_dtype]
-    n = shape.linear_parameters
-    blocks = math.ceil(n / block_size)
-    quantized = n * bits // 8 + blocks * fbytes + (0 if symmetric else math.ceil(blocks * bits / 8))
-    floats = (shape.parameter_count - n) * fbytes  # embedding, lm_head (kept), norms
-    table = shape.vocab_size * shape.hidden_size  # the embedding's, the lm_head's
-    if embedding_bits:
-        table_blocks = math.ceil(table / EMBEDDING_BLOCK_SIZE)
-        floats += table * embedding_bits // 8 + table_blocks * fbytes + (0 if symmetric else table_blocks) \
-            - table * fbytes
-    if keep_bits:
-        head = table
-        head_blocks = math.ceil(head / (keep_block_size or block_size))
-        floats -= head * fbytes
-        floats += head * keep_bits // 8 + head_blocks * fbytes + (0 if symmetric else head_blocks)
+    quantized = precision in BITS
+    # fp16 in the graph's float type (float32 activations keep float32 weights), fp32 in 4 bytes
+    wbytes = 4 if precision == "fp32" else fbytes
+    matrices = [(h, h + 2 * kv), (h, h), (h, inter), (h, inter), (inter, h)]  # (K, N): qkv, o, gate, up, down
+
+    def matrix(k: int, n: int) -> list[int]:
+        if quantized:
+            return _nbits_tensors(k, n, BITS[precision], block_size, fbytes, symmetric)
+        return [k * n * wbytes]
+
+    if quantized and embedding_bits:
+        embedding = _nbits_tensors(h, vocab, embedding_bits, EMBEDDING_BLOCK_SIZE, fbytes, symmetric)
+    else:
+        embedding = [vocab * h * wbytes]
+    layer = [h * wbytes, h * wbytes, *(size for k, n in matrices for size in matrix(k, n))]
+    if quantized and keep_bits:
+        head = _nbits_tensors(h, vocab, keep_bits, keep_block_size or block_size, fbytes, symmetric)
         if head_two_pass:
-            blocks = math.ceil(head / block_size)
-            floats += head * bits // 8 + blocks * fbytes + (0 if symmetric else math.ceil(blocks * bits / 8))
-    return quantized + floats
+            head = [*_nbits_tensors(h, vocab, BITS[precision], block_size, fbytes, symmetric), *head]
+    else:
+        head = [h * vocab * wbytes]
+    return [*embedding, *layer * shape.num_layers, h * wbytes, *head]
+
+
+def estimate_weight_bytes(shape: ModelShape, precision: str, *, block_size: int, symmetric: bool,
+                          float_dtype: str, keep_bits: int = 0, keep_block_size: int = 0,
+                          head_two_pass: bool = False, embedding_bits: int = 0) -> int:
+    """Bytes of the graph's weights for `shape` at `precision` (see the module docstring and
+    `weight_tensor_bytes`)."""
+    return sum(weight_tensor_bytes(shape, precision, block_size=block_size, symmetric=symmetric,
+                                   float_dtype=float_dtype, keep_bits=keep_bits, keep_block_size=keep_block_size,
+                                   head_two_pass=head_two_pass, embedding_bits=embedding_bits))
+
+
+def data_file_padding(nbytes: int, offset: int) -> int:
+    """The zero bytes the external data file gets before a tensor of `nbytes` written at
+    `offset`: tensors of DATA_LARGE_TENSOR bytes or more start on DATA_ALIGN_LARGE (onnxruntime
+    maps them in place), the others on DATA_ALIGN_SMALL."""
+    return -offset % (DATA_ALIGN_LARGE if nbytes >= DATA_LARGE_TENSOR else DATA_ALIGN_SMALL)
+
+
+def written_file_bytes(tensors: Sequence[int], *, head_dim: int, context: int, float_dtype: str,
+                       num_layers: int) -> int:
+    """What a written fused bundle holds besides `tensors` (its weights), at most: the rotary
+    tables (cos and sin, [context, head_dim / 2] in the float type), the data file's alignment
+    before each tensor (the most `data_file_padding` can add: the offsets depend on the order
+    of writing) and the graph file (GRAPH_FILE_BYTES + GRAPH_FILE_BYTES_PER_LAYER a layer)."""
+    rotary = [context * (head_dim // 2) * DTYPE_BYTES[float_dtype]] * 2
+    padding = sum((DATA_ALIGN_LARGE if n >= DATA_LARGE_TENSOR else DATA_ALIGN_SMALL) - 1 for n in [*rotary, *tensors])
+    return sum(rotary) + padding + GRAPH_FILE_BYTES + GRAPH_FILE_BYTES_PER_LAYER * num_layers
 
 
 # ------------------------------------------------------------------------------ the plan
@@ -327,18 +374,17 @@ def estimate_plan(shape: ModelShape, profile: DeviceProfile, precision: str, con
     float_dtype = activations  # the graph's float type: fp16 on a CPU profile's fused graph stays float32
     quantized = precision in BITS
     fused = flavour == FLAVOUR_GQA_SHARED_KV
+    tensors = weight_tensor_bytes(
+        shape, precision, block_size=q.block_size if fused else q.optimum_graph_block_size, symmetric=q.symmetric,
+        float_dtype=float_dtype, keep_bits=q.keep_bits if fused else 0, keep_block_size=q.kept_block_size,
+        head_two_pass=fused and bool(q.head_refine_top_k_for(precision, float_dtype, algorithm or q.algorithm)),
+        embedding_bits=q.embedding_bits_for(float_dtype) if fused and quantized else 0)
     return MemoryPlan(
         what=what or f"Code Llama {shape.name}", profile=profile.name, precision=precision, context=context,
         kv_dtype=kv_dtype,
-        weights_bytes=estimate_weight_bytes(shape, precision,
-                                            block_size=q.block_size if fused else q.optimum_graph_block_size,
-                                            symmetric=q.symmetric, float_dtype=float_dtype,
-                                            keep_bits=q.keep_bits if fused else 0,
-                                            keep_block_size=q.kept_block_size,
-                                            head_two_pass=fused and bool(q.head_refine_top_k_for(
-                                                precision, float_dtype, algorithm or q.algorithm)),
-                                            embedding_bits=q.embedding_bits_for(float_dtype)
-                                            if fused and quantized else 0),
+        weights_bytes=sum(tensors) + (written_file_bytes(tensors, head_dim=shape.head_dim, context=context,
+                                                         float_dtype=float_dtype, num_layers=shape.num_layers)
+                                      if fused else 0),
         kv_cache_bytes=kv_cache_bytes(num_layers=shape.num_layers, num_kv_heads=shape.num_kv_heads,
                                       head_dim=shape.head_dim, context=context, dtype_bytes=DTYPE_BYTES[kv_dtype],
                                       buffers=1 if flavour == FLAVOUR_GQA_SHARED_KV else 2),

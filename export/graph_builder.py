@@ -67,6 +67,7 @@ import numpy as np
 
 from edge_runtime.errors import EdgeRuntimeError
 from edge_runtime.gqa_decoder import LOGITS_START  # optional input: -rows of logits to compute (default -1)
+from edge_runtime.memory_fit import data_file_padding  # the alignment memory_fit's estimate bounds
 from edge_runtime.profiles import LM_HEAD_NODE, node_matches  # keep_unquantized patterns against node names
 from edge_runtime.profiles import EMBEDDING_BLOCK_SIZE  # the int8 embedding table's blocks (embedding_bits)
 
@@ -102,9 +103,6 @@ Precision = Literal["int4", "int8", "fp32", "fp16"]
 IODType = Literal["float32", "float16"]
 Progress = Callable[[str], None]
 
-_ALIGN_LARGE = 64 * 1024  # page/allocation-granularity alignment lets onnxruntime mmap big tensors
-_LARGE_TENSOR = 1 << 20
-_ALIGN_SMALL = 64
 _CHUNK_BYTES = 64 << 20  # float32 working set of one conversion slice
 _ROUNDING_THREADS = 4  # round-to-nearest slices in flight (memory: up to this many float32 slices)
 _MIN_TASK_ROWS = 256  # rows of a weight per rounding task, at least
@@ -217,8 +215,7 @@ class ExternalDataWriter:
         self._file.close()
 
     def _align(self, nbytes: int) -> None:
-        align = _ALIGN_LARGE if nbytes >= _LARGE_TENSOR else _ALIGN_SMALL
-        pad = -self._offset % align
+        pad = data_file_padding(nbytes, self._offset)
         if pad:
             self._file.write(b"\0" * pad)
             self._offset += pad

@@ -334,8 +334,9 @@ def check_memory_budget(info: CheckpointInfo, profile: DeviceProfile, precision:
                         kv_bits: int, algorithm: str | None) -> None:
     """Refuse, before any work, a bundle that memory_fit's estimate already puts over the
     profile's memory budget at its context (the engine would refuse to start it), saying the
-    --max-context that fits. (The estimate is a little under a written bundle's bytes: the
-    written one is checked again at the end.)"""
+    --max-context that fits. (The fused graph's estimate bounds its written bundle; the optimum
+    graph's counts the weights only, a little under the written bytes: the written bundle is
+    checked again at the end.)"""
     shape = ModelShape.from_config(info.name, info.config)
 
     def plan_at(context: int) -> MemoryPlan:

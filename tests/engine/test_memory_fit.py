@@ -18,6 +18,8 @@ from edge_runtime.memory_fit import (
     kv_cache_bytes,
     largest_fitting_context,
     size_class,
+    weight_tensor_bytes,
+    written_file_bytes,
 )
 from edge_runtime.profiles import list_profiles, load_profile
 
@@ -81,16 +83,17 @@ def test_an_int8_kv_cache_is_a_quarter_of_float32_and_fp32_bundles_keep_float():
     fp32 = estimate_plan(s7, cpu, "fp32", 4096)
     assert int4.kv_dtype == "int8" and fp32.kv_dtype == "float32"
     assert int4.kv_cache_bytes * 4 == fp32.kv_cache_bytes == 2 * 32 * 32 * 128 * 4096 * 4
-    # the scales of the int4 weights stay float32 (the activations' dtype), not int8
-    assert int4.weights_bytes == estimate_weight_bytes(s7, "int4", block_size=128, symmetric=False,
-                                                       float_dtype="float32", keep_bits=8, keep_block_size=128,
-                                                       head_two_pass=True, embedding_bits=8)
+    # the scales of the int4 weights stay float32 (the activations' dtype), not int8; a written
+    # bundle adds its rotary tables, its data file's alignment and its graph file
+    recipe = dict(block_size=128, symmetric=False, float_dtype="float32", keep_bits=8, keep_block_size=128,
+                  head_two_pass=True, embedding_bits=8)
+    assert int4.weights_bytes == estimate_weight_bytes(s7, "int4", **recipe) + written_file_bytes(
+        weight_tensor_bytes(s7, "int4", **recipe), head_dim=128, context=4096, float_dtype="float32", num_layers=32)
     # the lm_head in two passes (lm_head_refine_top_k) keeps an int4 copy beside the int8 one:
     # half a byte a weight, a float32 scale and half a byte of zero point a block of 128
     blocks = 32016 * 4096 // 128
-    assert int4.weights_bytes - estimate_weight_bytes(
-        s7, "int4", block_size=128, symmetric=False, float_dtype="float32", keep_bits=8,
-        keep_block_size=128, embedding_bits=8) == 32016 * 4096 // 2 + blocks * 4 + blocks // 2
+    assert estimate_weight_bytes(s7, "int4", **recipe) - estimate_weight_bytes(
+        s7, "int4", **{**recipe, "head_two_pass": False}) == 32016 * 4096 // 2 + blocks * 4 + blocks // 2
     # the embedding table in int8 blocks of 32 (embedding_bits): a byte a weight, a float32 scale
     # and a zero point a block, instead of four bytes a weight
     assert estimate_weight_bytes(s7, "int4", block_size=128, symmetric=False, float_dtype="float32") \
@@ -222,10 +225,12 @@ def test_fit_flags_that_would_be_ignored_are_refused(argv, tiny_bundle, capsys):
 
 @pytest.mark.slow
 def test_the_jetson_orin_nano_budget_holds_a_written_7b_int4_bundle_at_its_context(tmp_path, exporter):
-    """The profile is sized for Code Llama 7B int4 at its 2048 tokens, which memory_fit's
-    estimate put 2.5 MiB inside the budget; a written bundle is a little over the estimate
-    (the graph's rotary tables, the external data's alignment). Its weights here: 7B-wide
-    exports of 1 and 3 layers, extrapolated to 32 (every layer has the same tensors)."""
+    """The profile is sized for Code Llama 7B int4 at its 2048 tokens. memory_fit's estimate
+    of the weights counts the rotary tables, the external data's alignment (at its most) and
+    the graph file, so a written bundle is at most the estimate, and within a few MiB of it
+    (the alignment's bound: about 64 KiB a large tensor against half that written on average).
+    Its weights here: 7B-wide exports of 1 and 3 layers, extrapolated to 32 (every layer has
+    the same tensors)."""
     import shutil
 
     from edge_export.synthetic import build_checkpoint_streamed
@@ -245,8 +250,10 @@ def test_the_jetson_orin_nano_budget_holds_a_written_7b_int4_bundle_at_its_conte
         weights[layers] = memory_fit.bundle_plan(load_bundle(bundle), profile).weights_bytes
     seven_b = weights[1] + 31 * (weights[3] - weights[1]) // 2
     estimate = estimate_plan(CODE_LLAMA_SHAPES["7B"], profile, "int4", profile.max_context)
-    assert estimate.weights_bytes < seven_b < estimate.weights_bytes + 16 * 2**20
-    assert seven_b + estimate.kv_cache_bytes + estimate.overhead_bytes <= profile.memory_budget_bytes
+    print(f"written 7B (extrapolated) {seven_b}, estimate {estimate.weights_bytes}: "
+          f"{(estimate.weights_bytes - seven_b) / 2**20:.1f} MiB under")
+    assert seven_b <= estimate.weights_bytes < seven_b + 12 * 2**20
+    assert estimate.fits
 
 
 @pytest.mark.parametrize("name", [p.name for p in list_profiles()])
