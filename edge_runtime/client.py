@@ -365,6 +365,7 @@ class EdgeClient:
         self.keepalive = keepalive
         self.connect_timeout = connect_timeout
         tls = TlsFiles(ca=_s(tls_ca), cert=_s(tls_cert), key=_s(tls_key))
+        self._tls = tls
         if self.address.tls:
             check_tls_files(tls)
         elif tls != TlsFiles():  # a plain connection to a TLS port never gets an answer
@@ -433,7 +434,7 @@ class EdgeClient:
             self._mqtt.loop_stop()
             reason = self._refused or f"no connection within {self.connect_timeout:g} s"
             if self._unreachable:  # the name, the TCP connection or the TLS handshake
-                why = why_unreachable(self.address)
+                why = why_unreachable(self.address, tls=self._tls)
                 hint = " (is the broker running, and are the host and port right?)" if "no TCP" in why else ""
                 reason = f"no broker answers at {self.address.host}:{self.address.port}: {why}{hint}"
             elif self._closed_early and not self._refused:

@@ -563,7 +563,8 @@ class EdgeService:
             address = self.config.mqtt.address
             threading.Thread(target=lambda: log.warning(
                 "cannot reach the broker at %s (%d failed attempt%s; a probe now: %s); retrying", address.url, n,
-                "" if n == 1 else "s", why_unreachable(address)), name="broker-probe", daemon=True).start()
+                "" if n == 1 else "s", why_unreachable(address, tls=self.config.mqtt.tls)), name="broker-probe",
+                daemon=True).start()
         self._set_status_text(f"cannot reach the broker at {self.config.mqtt.address.url}; retrying")
 
     def _note_failed_attempt(self, reason: str, level: int) -> None:
