@@ -177,13 +177,44 @@ def parse_since(value: str, now: float | None = None) -> float:
         raise wrong from None
 
 
+def events_since(events: Iterable[AuditEvent], since: float) -> list[AuditEvent]:
+    """The events after the last one stamped before `since`. The log is in the order the events
+    happened, whatever their stamps say: an event stamped at or after `since` that an event stamped
+    before it follows was written before the clock went back (a board without a battery-backed clock
+    starts at the same date at every boot), so before that event: not since. With a clock that never
+    went back, the events stamped at or after `since`."""
+    kept: list[AuditEvent] = []
+    for e in events:
+        if e.ts < since:
+            kept.clear()
+        else:
+            kept.append(e)
+    return kept
+
+
+# A stamp this much earlier than the one before it: the clock went back (threads stamp an event
+# before they take the log's lock, so two may be written a few milliseconds out of order).
+CLOCK_BACK_S = 60.0
+
+
+def clock_jumps_back(events: Iterable[AuditEvent]) -> list[tuple[AuditEvent, AuditEvent]]:
+    """(before, after) for each pair of consecutive events whose stamps go back CLOCK_BACK_S or more."""
+    jumps = []
+    previous: AuditEvent | None = None
+    for e in events:
+        if previous is not None and e.ts <= previous.ts - CLOCK_BACK_S:
+            jumps.append((previous, e))
+        previous = e
+    return jumps
+
+
 def filter_events(events: Iterable[AuditEvent], *, client: str | None = None, rule: str | None = None,
                   action: str | None = None, request_id: str | None = None,
                   since: float | None = None) -> Iterator[AuditEvent]:
-    for e in events:
+    """The events that match every filter given; `since`: `events_since`."""
+    for e in (events if since is None else events_since(events, since)):
         if ((client is None or e.client_id == client) and (rule is None or e.rule == rule)
-                and (action is None or e.action == action) and (request_id is None or e.request_id == request_id)
-                and (since is None or e.ts >= since)):
+                and (action is None or e.action == action) and (request_id is None or e.request_id == request_id)):
             yield e
 
 

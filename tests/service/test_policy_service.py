@@ -426,6 +426,35 @@ def test_audit_tail_counts_from_the_end_and_zero_prints_none(tmp_path):
     assert audit_cli("--file", str(log), "--tail", "5").stderr.endswith(f"3 events ({log})\n")
 
 
+def test_audit_since_after_the_clock_went_back_leaves_out_what_came_before(tmp_path):
+    """A board without a battery-backed clock starts at the same date at every boot: the events of
+    the last boot are stamped later than the first of this one. `--since` must not list them as
+    recent, and the listing says the stamps go back."""
+    from datetime import datetime, timezone
+
+    def at(text: str) -> float:
+        return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
+
+    event = {"client_id": "c", "mode": "complete", "rule": "enc", "action": "refuse", "where": "input",
+             "text_sha256": "ab" * 32}
+    stamps = [("boot1-a", "2024-05-01T00:10:00"), ("boot1-b", "2024-05-01T02:30:00"), ("boot1-c", "2024-05-08T09:00:00"),
+              ("boot2-a", "2024-05-01T00:05:00"), ("boot2-b", "2024-05-01T02:10:00"), ("boot2-c", "2024-05-01T02:50:00")]
+    log = tmp_path / "audit.jsonl"
+    log.write_text("".join(json.dumps({**event, "request_id": rid, "ts": at(ts)}) + "\n" for rid, ts in stamps))
+    out = audit_cli("--file", str(log), "--since", "2024-05-01T02:00:00Z", "--json")
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(line)["request_id"] for line in out.stdout.splitlines()] == ["boot2-b", "boot2-c"]
+    assert ("the clock that stamped this log went back 1 time, the last from 2024-05-08T09:00:00Z to "
+            "2024-05-01T00:05:00Z") in out.stderr
+    # all of it, in the order it happened, with no filter; a clock that never went back: no note
+    out = audit_cli("--file", str(log), "--json")
+    assert [json.loads(line)["request_id"] for line in out.stdout.splitlines()] == [rid for rid, _ in stamps]
+    log.write_text("".join(json.dumps({**event, "request_id": rid, "ts": at(ts)}) + "\n" for rid, ts in stamps[:3]))
+    out = audit_cli("--file", str(log), "--since", "2024-05-01T02:00:00Z", "--json")
+    assert [json.loads(line)["request_id"] for line in out.stdout.splitlines()] == ["boot1-b", "boot1-c"]
+    assert "went back" not in out.stderr
+
+
 @pytest.mark.parametrize("since", ["", "\u00b2h"])
 def test_audit_since_empty_or_not_a_number_is_a_usage_error(tmp_path, since):
     (tmp_path / "audit.jsonl").write_text("")
