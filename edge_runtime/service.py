@@ -545,6 +545,12 @@ class EdgeService:
         self._connect_failures = 0
         self._connected_at = time.monotonic()
         log.info("connected to %s (session present: %s)", self.config.mqtt.address.url, flags.session_present)
+        if self._generation > 1 and not flags.session_present:
+            log.warning("the broker kept no session for this daemon while it was disconnected: requests sent "
+                        "meanwhile are lost (a broker restarted without persistence, or the session expired: "
+                        "[mqtt] session_expiry_s, %d s, which the broker counts on its wall clock, so a jump of "
+                        "its clock forward ends it sooner; docs/deployment.md, \"The device's clock\")",
+                        self.config.mqtt.session_expiry_s)
         subs = [(self.topics.generate, 1), (self.topics.cancel, 1)]
         if self.config.mqtt.fleet_group:
             subs.append((fleet_subscription(self.config.mqtt.fleet_group), 1))
