@@ -302,8 +302,7 @@ def cmd_policy(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from .audit import (AUDIT_FILE, clock_jumps_back, event_json, filter_events, format_event, parse_since,
-                        read_events)
+    from .audit import AUDIT_FILE, clock_notes, event_json, filter_events, format_event, parse_since, read_events
     from .config import SERVICE_STATE_DIR, default_state_dir, load_config
 
     candidates: list[Path]
@@ -358,13 +357,8 @@ def cmd_audit(args) -> int:
         raise unreadable(path, exc) from None
     events = list(filter_events(logged, client=args.client, rule=args.rule, action=args.action,
                                 request_id=args.request, since=since))
-    if jumps := clock_jumps_back(logged):
-        before, after = jumps[-1]
-        print(f"note: the clock that stamped this log went back {len(jumps)} time{'s' if len(jumps) > 1 else ''}, "
-              f"the last from {before.time_iso} to {after.time_iso} (a board without a battery-backed clock starts "
-              "at the same date at every boot; set its clock, docs/deployment.md): events are listed in the order "
-              "they happened, so their stamps go back there, and --since keeps only the events after the last one "
-              "stamped before its time", file=sys.stderr)
+    for note in clock_notes(logged):
+        print(f"note: {note}", file=sys.stderr)
     matched = len(events)  # the count says how many match, also where --tail shows fewer (--tail 0: only it)
     if args.tail is not None:  # --tail 0: none, as tail -n 0 (events[-0:] would be all)
         events = events[max(0, len(events) - args.tail):]

@@ -455,6 +455,22 @@ def test_audit_since_after_the_clock_went_back_leaves_out_what_came_before(tmp_p
     assert "went back" not in out.stderr
 
 
+def test_audit_of_events_stamped_after_this_machines_clock_says_one_of_the_clocks_is_wrong(tmp_path):
+    """Read on a board whose clock went back to its boot date, a log stamped while its clock was set
+    lies in this clock's future: every stamp passes --since, which the listing must say."""
+    event = {"client_id": "c", "mode": "complete", "rule": "enc", "action": "refuse", "where": "input",
+             "text_sha256": "ab" * 32}
+    ahead = time.time() + 400 * 86400
+    log = tmp_path / "audit.jsonl"
+    log.write_text("".join(json.dumps({**event, "request_id": f"r{i}", "ts": ahead + i}) + "\n" for i in range(2)))
+    out = audit_cli("--file", str(log), "--since", "1h")
+    assert out.returncode == 0 and out.stdout.count("request=r") == 2, out.stderr
+    assert "note: events are stamped up to " in out.stderr
+    assert "400.0 days after this machine's clock" in out.stderr and "one of the two clocks is wrong" in out.stderr
+    log.write_text(json.dumps({**event, "request_id": "r0", "ts": time.time() - 60}) + "\n")  # a right clock: no note
+    assert "note:" not in audit_cli("--file", str(log), "--since", "1h").stderr
+
+
 @pytest.mark.parametrize("since", ["", "\u00b2h"])
 def test_audit_since_empty_or_not_a_number_is_a_usage_error(tmp_path, since):
     (tmp_path / "audit.jsonl").write_text("")
