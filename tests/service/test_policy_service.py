@@ -11,6 +11,7 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -165,6 +166,41 @@ def test_the_client_raises_rate_limited_with_when_to_retry(serve, broker):
         with pytest.raises(RateLimited) as info:
             c.complete("a b")
         assert isinstance(info.value, RemoteError) and 55 < info.value.retry_after_s <= 60
+
+
+def test_wall_clock_jumps_of_years_change_no_deadline_wait_or_rate_limit(serve, broker, monkeypatch):
+    """A board without a battery-backed clock jumps by years when its clock is set. Everything that
+    counts time (deadlines, the queue, the rate limit, timeouts) counts on the monotonic clock: a
+    wall clock that runs a year ahead every 5 ms, then jumps 40 years back, must change no answer."""
+    from edge_runtime import EdgeClient, RateLimited
+
+    real, offset, year = time.time, [0.0], 365 * 86400.0
+    monkeypatch.setattr(time, "time", lambda: real() + offset[0])
+    stop = threading.Event()
+
+    def run_ahead() -> None:
+        while not stop.wait(0.005):
+            offset[0] += year
+
+    serve('[limits]\nrequests_per_minute = 3\n', engine=FakeEngine(token_delay_s=0.02))
+    ahead = threading.Thread(target=run_ahead, daemon=True)
+    ahead.start()
+    try:
+        with EdgeClient(broker.url, "dev1", client_id="hmi-jump") as c:
+            for _ in range(3):  # each request spans several years of this clock
+                final = c.generate(mode="complete", prompt="a b c d", deadline_ms=5000, timeout=5).result()
+                assert final["text"] == "d c b a" and final["finish_reason"] != "deadline"
+            with pytest.raises(RateLimited):  # the minute is not over, however many years passed
+                c.complete("a b")
+            stop.set()
+            ahead.join()
+            assert offset[0] > 10 * year
+            offset[0] -= 40 * year
+            with pytest.raises(RateLimited) as info:  # nor does it last for years after a jump back
+                c.complete("a b")
+            assert 0 < info.value.retry_after_s <= 60
+    finally:
+        stop.set()
 
 
 def test_max_tokens_per_client(serve, probe):
