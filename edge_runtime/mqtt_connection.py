@@ -93,10 +93,11 @@ def why_unreachable(address: BrokerAddress, timeout: float = 2.0, tls: TlsFiles 
     try:
         with socket.create_connection((address.host, address.port), timeout=timeout) as raw:
             with _tls_context(tls or TlsFiles()).wrap_socket(raw, server_hostname=address.host):
-                return why  # it verifies now (a clock set since, a broker restarted with another certificate)
+                # it verifies now: what failed has passed (a clock set since), or the broker closes after it
+                return "TCP connects and a TLS handshake succeeds now, so the broker closed the connection"
     except ssl.SSLCertVerificationError as exc:
         if exc.verify_code in (_CERT_NOT_YET_VALID, _CERT_HAS_EXPIRED):
-            return f"TCP connects, so the TLS handshake failed: {_clock_outside_validity(address, exc, timeout)}"
+            return f"TCP connects, so the TLS handshake failed: {_clock_outside_validity(address, tls, exc, timeout)}"
         return f"{why}: {exc.verify_message or exc.reason}"
     except (ssl.SSLError, OSError) as exc:
         return f"{why}: {getattr(exc, 'reason', None) or exc.strerror or exc}"
@@ -125,7 +126,8 @@ def _utc(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _clock_outside_validity(address: BrokerAddress, exc: ssl.SSLCertVerificationError, timeout: float) -> str:
+def _clock_outside_validity(address: BrokerAddress, tls: TlsFiles | None, exc: ssl.SSLCertVerificationError,
+                            timeout: float) -> str:
     """A certificate of the broker's chain is not valid yet, or no longer, by this machine's clock:
     the clock, the broker certificate's dates, and what to do."""
     now = datetime.now(timezone.utc)
@@ -133,7 +135,9 @@ def _clock_outside_validity(address: BrokerAddress, exc: ssl.SSLCertVerification
     dates = ""
     try:  # the broker's own certificate, unverified, for its dates (the stdlib decodes none of a failed one)
         with socket.create_connection((address.host, address.port), timeout=timeout) as raw:
-            with _tls_context(TlsFiles(), verify=False).wrap_socket(raw, server_hostname=address.host) as sock:
+            # with the client certificate, for a broker that requires one (it may close before it sends its own)
+            client = TlsFiles(cert=tls.cert, key=tls.key) if tls is not None else TlsFiles()
+            with _tls_context(client, verify=False).wrap_socket(raw, server_hostname=address.host) as sock:
                 der = sock.getpeercert(binary_form=True)
         not_before, not_after = validity(der) if der else (None, None)
     except (ssl.SSLError, OSError, ValueError):

@@ -103,3 +103,17 @@ def test_a_certificate_from_another_ca_still_says_to_check_the_ca_file(future_br
     with pytest.raises(ConnectionError, match=r"TLS handshake failed \(check the CA file.*\): unable to get local "
                                               r"issuer certificate"):
         EdgeClient(f"mqtts://localhost:{broker.port}", "dev1", tls_ca=tmp_path / "ca.crt", connect_timeout=10).connect()
+
+
+def test_once_the_clock_is_inside_the_dates_the_probe_says_the_handshake_succeeds(tmp_path):
+    """The probe runs after a failure; a handshake that verifies by then (a clock set since) must
+    not be reported as failing."""
+    _pki(tmp_path, "20200101000000Z", "20990101000000Z")
+    broker = _tls_broker(tmp_path)
+    try:
+        why = why_unreachable(parse_broker_url(f"mqtts://localhost:{broker.port}"), tls=TlsFiles(ca=str(tmp_path / "ca.crt")))
+        assert why == "TCP connects and a TLS handshake succeeds now, so the broker closed the connection"
+        with EdgeClient(f"mqtts://localhost:{broker.port}", "dev1", tls_ca=tmp_path / "ca.crt", connect_timeout=10):
+            pass  # and the client connects
+    finally:
+        broker.stop()
