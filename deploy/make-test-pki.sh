@@ -11,10 +11,12 @@
 # password file is added; the ACL and configs are rewritten only if they differ.
 # Needs openssl and mosquitto_passwd (apt-get install openssl mosquitto).
 # For a test deployment only: keys are unencrypted and the CA key sits next to them.
+# Certificates are valid from 2020-01-01, not from now: a board without a battery-backed
+# clock boots with its clock in the past (docs/deployment.md, "The device's clock").
 set -euo pipefail
 
 usage() {
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -61,6 +63,30 @@ mkdir -p "$OUT/passwords" "$OUT/devices"
 made() { echo "made:      $*"; }
 kept() { echo "unchanged: $*"; }
 
+# Sign a request with `openssl ca` (which, unlike `openssl x509 -req`, sets the start date):
+# valid from VALID_FROM, not from now. A board without a battery-backed clock (a Jetson)
+# boots with its clock in the past, before a certificate made today, and every TLS
+# handshake would fail until its clock is set. Backdating gives nothing away: notAfter
+# (-days from now) still ends it.
+VALID_FROM=20200101000000Z
+sign() {
+    local db
+    db=$(mktemp -d)
+    : >"$db/index.txt"
+    openssl rand -hex 16 >"$db/serial"
+    printf '%s\n' "[ca]" "default_ca = test_ca" "[test_ca]" "database = $db/index.txt" "new_certs_dir = $db" \
+        "serial = $db/serial" \
+        "default_md = sha256" "policy = any" "unique_subject = no" "email_in_dn = no" "[any]" \
+        "commonName = supplied" >"$db/ca.cnf"
+    if ! openssl ca -batch -notext -preserveDN -config "$db/ca.cnf" -startdate "$VALID_FROM" "$@" \
+            2>"$db/err"; then
+        cat "$db/err" >&2
+        rm -rf "$db"
+        return 1
+    fi
+    rm -rf "$db"
+}
+
 # Write stdin to $1 only if the content differs.
 write_if_changed() {
     local target=$1 tmp
@@ -79,9 +105,12 @@ write_if_changed() {
 if [[ -f $OUT/ca.key && -f $OUT/ca.crt ]]; then
     kept "$OUT/ca.crt"
 else
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-        -keyout "$OUT/ca.key" -out "$OUT/ca.crt" -days 3650 -subj "/CN=edge-runtime test CA" \
-        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout "$OUT/ca.key" -out "$OUT/ca.csr" -subj "/CN=edge-runtime test CA" 2>/dev/null
+    sign -selfsign -keyfile "$OUT/ca.key" -in "$OUT/ca.csr" -out "$OUT/ca.crt" -days 3650 \
+        -extfile <(printf '%s\n' "basicConstraints=critical,CA:TRUE" "keyUsage=critical,keyCertSign,cRLSign" \
+            "subjectKeyIdentifier=hash")
+    rm -f "$OUT/ca.csr"
     chmod 0644 "$OUT/ca.crt"
     made "$OUT/ca.crt (and ca.key)"
     rm -f "$OUT/server.crt"  # a new CA needs a new server certificate
@@ -95,10 +124,10 @@ else
     for extra in "${SANS[@]}"; do san+=",$extra"; done
     openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
         -keyout "$OUT/server.key" -out "$OUT/server.csr" -subj "/CN=localhost" 2>/dev/null
-    openssl x509 -req -in "$OUT/server.csr" -CA "$OUT/ca.crt" -CAkey "$OUT/ca.key" \
-        -set_serial "0x$(openssl rand -hex 16)" -days 825 -out "$OUT/server.crt" \
+    sign -cert "$OUT/ca.crt" -keyfile "$OUT/ca.key" -in "$OUT/server.csr" -out "$OUT/server.crt" -days 825 \
         -extfile <(printf '%s\n' "subjectAltName=$san" "basicConstraints=critical,CA:FALSE" \
-            "keyUsage=critical,digitalSignature,keyAgreement" "extendedKeyUsage=serverAuth") 2>/dev/null
+            "keyUsage=critical,digitalSignature,keyAgreement" "extendedKeyUsage=serverAuth" \
+            "authorityKeyIdentifier=keyid")
     rm -f "$OUT/server.csr"
     chmod 0644 "$OUT/server.crt"
     made "$OUT/server.crt ($san) and server.key"

@@ -43,7 +43,7 @@ class AuditEvent:
 
     @property
     def time_iso(self) -> str:
-        return datetime.fromtimestamp(self.ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+        return _iso(self.ts)
 
 
 class AuditLog:
@@ -177,13 +177,73 @@ def parse_since(value: str, now: float | None = None) -> float:
         raise wrong from None
 
 
+def events_since(events: Iterable[AuditEvent], since: float) -> list[AuditEvent]:
+    """The events after the last one stamped before `since`. The log is in the order the events
+    happened, whatever their stamps say: an event stamped at or after `since` that an event stamped
+    before it follows was written before the clock went back (a board without a battery-backed clock
+    starts at the same date at every boot), so before that event: not since. With a clock that never
+    went back, the events stamped at or after `since`."""
+    kept: list[AuditEvent] = []
+    for e in events:
+        if e.ts < since:
+            kept.clear()
+        else:
+            kept.append(e)
+    return kept
+
+
+# A stamp this much earlier than the one before it: the clock went back (threads stamp an event
+# before they take the log's lock, so two may be written a few milliseconds out of order).
+CLOCK_BACK_S = 60.0
+
+
+# A stamp this much after the reading machine's clock: one of the two clocks is wrong.
+CLOCK_AHEAD_S = 300.0
+
+
+def clock_jumps_back(events: Iterable[AuditEvent]) -> list[tuple[AuditEvent, AuditEvent]]:
+    """(before, after) for each pair of consecutive events whose stamps go back CLOCK_BACK_S or more."""
+    jumps = []
+    previous: AuditEvent | None = None
+    for e in events:
+        if previous is not None and e.ts <= previous.ts - CLOCK_BACK_S:
+            jumps.append((previous, e))
+        previous = e
+    return jumps
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def clock_notes(events: list[AuditEvent], now: float | None = None) -> list[str]:
+    """What a reader of `events` (the whole log, in order) must know of the clocks that stamped
+    them: where the stamps go back, and stamps after this machine's clock (`now`)."""
+    now = time.time() if now is None else now
+    notes = []
+    if jumps := clock_jumps_back(events):
+        before, after = jumps[-1]
+        notes.append(f"the clock that stamped this log went back {len(jumps)} time{'s' if len(jumps) > 1 else ''}, "
+                     f"the last from {before.time_iso} to {after.time_iso} (a board without a battery-backed clock "
+                     "starts at the same date at every boot; set its clock, docs/deployment.md): events are listed "
+                     "in the order they happened, so their stamps go back there, and --since keeps only the events "
+                     "after the last one stamped before its time")
+    latest = max(events, key=lambda e: e.ts, default=None)
+    if latest is not None and latest.ts - now > CLOCK_AHEAD_S:
+        notes.append(f"events are stamped up to {latest.time_iso}, {(latest.ts - now) / 86400:.1f} days after this "
+                     f"machine's clock ({_iso(now)}): one of the two clocks is wrong (a board without a "
+                     "battery-backed clock starts at the same date at every boot; set its clock, "
+                     "docs/deployment.md), and --since counts back from this machine's clock")
+    return notes
+
+
 def filter_events(events: Iterable[AuditEvent], *, client: str | None = None, rule: str | None = None,
                   action: str | None = None, request_id: str | None = None,
                   since: float | None = None) -> Iterator[AuditEvent]:
-    for e in events:
+    """The events that match every filter given; `since`: `events_since`."""
+    for e in (events if since is None else events_since(events, since)):
         if ((client is None or e.client_id == client) and (rule is None or e.rule == rule)
-                and (action is None or e.action == action) and (request_id is None or e.request_id == request_id)
-                and (since is None or e.ts >= since)):
+                and (action is None or e.action == action) and (request_id is None or e.request_id == request_id)):
             yield e
 
 

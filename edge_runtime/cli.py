@@ -302,7 +302,7 @@ def cmd_policy(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from .audit import AUDIT_FILE, event_json, filter_events, format_event, parse_since, read_events
+    from .audit import AUDIT_FILE, clock_notes, event_json, filter_events, format_event, parse_since, read_events
     from .config import SERVICE_STATE_DIR, default_state_dir, load_config
 
     candidates: list[Path]
@@ -352,10 +352,13 @@ def cmd_audit(args) -> int:
         return 0
     path = found[-1]  # both: the service's
     try:
-        events = list(filter_events(read_events(path), client=args.client, rule=args.rule, action=args.action,
-                                    request_id=args.request, since=since))
+        logged = list(read_events(path))
     except OSError as exc:
         raise unreadable(path, exc) from None
+    events = list(filter_events(logged, client=args.client, rule=args.rule, action=args.action,
+                                request_id=args.request, since=since))
+    for note in clock_notes(logged):
+        print(f"note: {note}", file=sys.stderr)
     matched = len(events)  # the count says how many match, also where --tail shows fewer (--tail 0: only it)
     if args.tail is not None:  # --tail 0: none, as tail -n 0 (events[-0:] would be all)
         events = events[max(0, len(events) - args.tail):]

@@ -365,6 +365,7 @@ class EdgeClient:
         self.keepalive = keepalive
         self.connect_timeout = connect_timeout
         tls = TlsFiles(ca=_s(tls_ca), cert=_s(tls_cert), key=_s(tls_key))
+        self._tls = tls
         if self.address.tls:
             check_tls_files(tls)
         elif tls != TlsFiles():  # a plain connection to a TLS port never gets an answer
@@ -433,7 +434,7 @@ class EdgeClient:
             self._mqtt.loop_stop()
             reason = self._refused or f"no connection within {self.connect_timeout:g} s"
             if self._unreachable:  # the name, the TCP connection or the TLS handshake
-                why = why_unreachable(self.address)
+                why = why_unreachable(self.address, tls=self._tls)
                 hint = " (is the broker running, and are the host and port right?)" if "no TCP" in why else ""
                 reason = f"no broker answers at {self.address.host}:{self.address.port}: {why}{hint}"
             elif self._closed_early and not self._refused:
@@ -682,6 +683,26 @@ def _same_client_id_hint(client: EdgeClient) -> str:
             "use_username_as_clientid gives all clients of one username the same id: give each its own username)")
 
 
+# A status stamped this far after this machine's clock: the device's clock (or this one) is wrong.
+CLOCK_AHEAD_S = 300.0
+
+
+def _device_time(ts: float) -> str:
+    """A status's `ts` for a person: the device's clock, which a board without a battery-backed clock
+    (or one set by hand) may have years off; said so where it must be, a time after this machine's."""
+    try:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    except (OverflowError, OSError, ValueError):
+        return ""
+    ahead = ts - time.time()
+    if ahead <= CLOCK_AHEAD_S:
+        return when
+    days = ahead / 86400
+    span = f"{days:.0f} days" if days >= 2 else f"{ahead / 3600:.1f} hours"
+    return (f"{when} by the device's clock, {span} ahead of this machine's: one of the two clocks is wrong "
+            "(docs/deployment.md, \"The device's clock\")")
+
+
 def _why_no_reply(client: EdgeClient, payload_bytes: int = 0) -> str:
     """What the device's retained status says about a request left unanswered (of
     `payload_bytes`: over the daemon's default payload limit, a daemon cannot tell an MQTT
@@ -701,7 +722,7 @@ def _why_no_reply(client: EdgeClient, payload_bytes: int = 0) -> str:
         return (f"; no device {device!r} has published a status on this broker (check --device-id, and that "
                 "its daemon runs against this broker)")
     state, ts = status.get("state"), status.get("ts")
-    when = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ts)) if isinstance(ts, (int, float)) else ""
+    when = _device_time(ts) if is_number(ts) else ""
     if state == "online":
         acl = "" if client.username is None or client.username == client.client_id else (
             f"; its replies go under the client id {client.client_id!r}, not the username {client.username!r}: a "

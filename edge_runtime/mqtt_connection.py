@@ -7,12 +7,15 @@ import ipaddress
 import socket
 import ssl
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from .certificate_dates import validity
 
 PROTOCOLS: dict[str, int] = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 SCHEMES: dict[str, tuple[bool, int]] = {"mqtt": (False, 1883), "mqtts": (True, 8883)}
@@ -69,10 +72,12 @@ def _is_scoped_ipv6(host: str) -> bool:
         return False
 
 
-def why_unreachable(address: BrokerAddress, timeout: float = 2.0) -> str:
+def why_unreachable(address: BrokerAddress, timeout: float = 2.0, tls: TlsFiles | None = None) -> str:
     """What stands between this machine and the broker, found out the way paho would
     connect (paho's connect-failure callback carries no reason): the name, the TCP
-    connection, or what comes after it."""
+    connection, or what comes after it. For mqtts, a TLS handshake with `tls` (paho's
+    settings) says why the broker's certificate does not verify, this machine's clock and
+    the certificate's dates when the clock is outside them."""
     try:
         socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
@@ -82,8 +87,74 @@ def why_unreachable(address: BrokerAddress, timeout: float = 2.0) -> str:
             pass
     except OSError as exc:
         return f"no TCP connection to port {address.port}: {exc.strerror or exc}"
-    return ("TCP connects, so the TLS handshake failed (check the CA file and the broker's certificate and name)"
-            if address.tls else "TCP connects, but the broker closed the connection")
+    if not address.tls:
+        return "TCP connects, but the broker closed the connection"
+    why = "TCP connects, so the TLS handshake failed (check the CA file and the broker's certificate and name)"
+    try:
+        with socket.create_connection((address.host, address.port), timeout=timeout) as raw:
+            with _tls_context(tls or TlsFiles()).wrap_socket(raw, server_hostname=address.host):
+                # it verifies now: what failed has passed (a clock set since), or the broker closes after it
+                return "TCP connects and a TLS handshake succeeds now, so the broker closed the connection"
+    except ssl.SSLCertVerificationError as exc:
+        if exc.verify_code in (_CERT_NOT_YET_VALID, _CERT_HAS_EXPIRED):
+            return f"TCP connects, so the TLS handshake failed: {_clock_outside_validity(address, tls, exc, timeout)}"
+        return f"{why}: {exc.verify_message or exc.reason}"
+    except (ssl.SSLError, OSError) as exc:
+        return f"{why}: {getattr(exc, 'reason', None) or exc.strerror or exc}"
+
+
+# OpenSSL's X509_V_ERR_CERT_NOT_YET_VALID and X509_V_ERR_CERT_HAS_EXPIRED
+_CERT_NOT_YET_VALID, _CERT_HAS_EXPIRED = 9, 10
+
+
+def _tls_context(tls: TlsFiles, verify: bool = True) -> ssl.SSLContext:
+    """The context paho's `tls_set` makes of `make_client`'s arguments (or one that verifies nothing)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if tls.cert is not None:
+        context.load_cert_chain(tls.cert, tls.key)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif tls.ca is not None:
+        context.load_verify_locations(tls.ca)
+    else:
+        context.load_default_certs()
+    return context
+
+
+def _utc(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _clock_outside_validity(address: BrokerAddress, tls: TlsFiles | None, exc: ssl.SSLCertVerificationError,
+                            timeout: float) -> str:
+    """A certificate of the broker's chain is not valid yet, or no longer, by this machine's clock:
+    the clock, the broker certificate's dates, and what to do."""
+    now = datetime.now(timezone.utc)
+    early = exc.verify_code == _CERT_NOT_YET_VALID
+    dates = ""
+    try:  # the broker's own certificate, unverified, for its dates (the stdlib decodes none of a failed one)
+        with socket.create_connection((address.host, address.port), timeout=timeout) as raw:
+            # with the client certificate, for a broker that requires one (it may close before it sends its own)
+            client = TlsFiles(cert=tls.cert, key=tls.key) if tls is not None else TlsFiles()
+            with _tls_context(client, verify=False).wrap_socket(raw, server_hostname=address.host) as sock:
+                der = sock.getpeercert(binary_form=True)
+        not_before, not_after = validity(der) if der else (None, None)
+    except (ssl.SSLError, OSError, ValueError):
+        not_before = not_after = None
+    if not_before is not None and not_after is not None:
+        inside = not_before <= now <= not_after
+        dates = (f"; the broker's certificate is valid from {_utc(not_before)} to {_utc(not_after)}"
+                 + ("; another certificate of its chain, e.g. the CA's (openssl x509 -noout -dates -in CA_FILE), "
+                    "is not" if inside else ""))
+    if early:
+        return (f"a certificate is not valid yet by this machine's clock ({exc.verify_message}): the clock says "
+                f"{_utc(now)}{dates}. Is the clock wrong? A board without a battery-backed clock (a Jetson) "
+                "starts with its clock in the past: set it (timedatectl set-time 'YYYY-MM-DD HH:MM:SS', or an NTP "
+                "server), then connect again (the daemon retries on its own)")
+    return (f"a certificate has expired by this machine's clock ({exc.verify_message}): the clock says "
+            f"{_utc(now)}{dates}. If the clock is wrong, set it (timedatectl set-time 'YYYY-MM-DD HH:MM:SS', or an "
+            "NTP server); if it is right, renew the broker's certificate")
 
 
 def protocol_version(protocol: str) -> int:

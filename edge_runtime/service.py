@@ -545,6 +545,12 @@ class EdgeService:
         self._connect_failures = 0
         self._connected_at = time.monotonic()
         log.info("connected to %s (session present: %s)", self.config.mqtt.address.url, flags.session_present)
+        if self._generation > 1 and not flags.session_present:
+            log.warning("the broker kept no session for this daemon while it was disconnected: requests sent "
+                        "meanwhile are lost (a broker restarted without persistence, or the session expired: "
+                        "[mqtt] session_expiry_s, %d s, which the broker counts on its wall clock, so a jump of "
+                        "its clock forward ends it sooner; docs/deployment.md, \"The device's clock\")",
+                        self.config.mqtt.session_expiry_s)
         subs = [(self.topics.generate, 1), (self.topics.cancel, 1)]
         if self.config.mqtt.fleet_group:
             subs.append((fleet_subscription(self.config.mqtt.fleet_group), 1))
@@ -563,7 +569,8 @@ class EdgeService:
             address = self.config.mqtt.address
             threading.Thread(target=lambda: log.warning(
                 "cannot reach the broker at %s (%d failed attempt%s; a probe now: %s); retrying", address.url, n,
-                "" if n == 1 else "s", why_unreachable(address)), name="broker-probe", daemon=True).start()
+                "" if n == 1 else "s", why_unreachable(address, tls=self.config.mqtt.tls)), name="broker-probe",
+                daemon=True).start()
         self._set_status_text(f"cannot reach the broker at {self.config.mqtt.address.url}; retrying")
 
     def _note_failed_attempt(self, reason: str, level: int) -> None:

@@ -746,6 +746,14 @@ def test_ask_timeout_says_what_the_devices_status_says(broker, capsys, tmp_path)
     err = capsys.readouterr().err
     assert "device 'gone-2' is offline: the broker lost its connection" in err
     assert "the daemon had started at 2023-11-" in err and "since" not in err
+    # a status stamped years after this machine's clock: the device's clock (or this one) is wrong, said so
+    ahead = time.time() + 3 * 365 * 86400
+    with Probe(broker.host, broker.port) as p:
+        p.publish(Topics("gone-3").status, {"state": "offline", "ts": ahead}, retain=True)
+    assert ask_device("gone-3") == 1
+    err = capsys.readouterr().err
+    assert (f"device 'gone-3' is offline since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ahead))} by the "
+            "device's clock, 1095 days ahead of this machine's: one of the two clocks is wrong") in err
 
 
 def test_a_request_given_up_on_while_the_device_was_away_is_cancelled_when_it_is_back(broker, tmp_path, capsys):

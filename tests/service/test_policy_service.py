@@ -11,6 +11,7 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -165,6 +166,41 @@ def test_the_client_raises_rate_limited_with_when_to_retry(serve, broker):
         with pytest.raises(RateLimited) as info:
             c.complete("a b")
         assert isinstance(info.value, RemoteError) and 55 < info.value.retry_after_s <= 60
+
+
+def test_wall_clock_jumps_of_years_change_no_deadline_wait_or_rate_limit(serve, broker, monkeypatch):
+    """A board without a battery-backed clock jumps by years when its clock is set. Everything that
+    counts time (deadlines, the queue, the rate limit, timeouts) counts on the monotonic clock: a
+    wall clock that runs a year ahead every 5 ms, then jumps 40 years back, must change no answer."""
+    from edge_runtime import EdgeClient, RateLimited
+
+    real, offset, year = time.time, [0.0], 365 * 86400.0
+    monkeypatch.setattr(time, "time", lambda: real() + offset[0])
+    stop = threading.Event()
+
+    def run_ahead() -> None:
+        while not stop.wait(0.005):
+            offset[0] += year
+
+    serve('[limits]\nrequests_per_minute = 3\n', engine=FakeEngine(token_delay_s=0.02))
+    ahead = threading.Thread(target=run_ahead, daemon=True)
+    ahead.start()
+    try:
+        with EdgeClient(broker.url, "dev1", client_id="hmi-jump") as c:
+            for _ in range(3):  # each request spans several years of this clock
+                final = c.generate(mode="complete", prompt="a b c d", deadline_ms=5000, timeout=5).result()
+                assert final["text"] == "d c b a" and final["finish_reason"] != "deadline"
+            with pytest.raises(RateLimited):  # the minute is not over, however many years passed
+                c.complete("a b")
+            stop.set()
+            ahead.join()
+            assert offset[0] > 10 * year
+            offset[0] -= 40 * year
+            with pytest.raises(RateLimited) as info:  # nor does it last for years after a jump back
+                c.complete("a b")
+            assert 0 < info.value.retry_after_s <= 60
+    finally:
+        stop.set()
 
 
 def test_max_tokens_per_client(serve, probe):
@@ -424,6 +460,51 @@ def test_audit_tail_counts_from_the_end_and_zero_prints_none(tmp_path):
     assert audit_cli("--file", str(log), "--tail", "0").stderr == f"3 events ({log}), the last 0 shown\n"
     assert audit_cli("--file", str(log), "--tail", "2").stderr.endswith(f"3 events ({log}), the last 2 shown\n")
     assert audit_cli("--file", str(log), "--tail", "5").stderr.endswith(f"3 events ({log})\n")
+
+
+def test_audit_since_after_the_clock_went_back_leaves_out_what_came_before(tmp_path):
+    """A board without a battery-backed clock starts at the same date at every boot: the events of
+    the last boot are stamped later than the first of this one. `--since` must not list them as
+    recent, and the listing says the stamps go back."""
+    from datetime import datetime, timezone
+
+    def at(text: str) -> float:
+        return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
+
+    event = {"client_id": "c", "mode": "complete", "rule": "enc", "action": "refuse", "where": "input",
+             "text_sha256": "ab" * 32}
+    stamps = [("boot1-a", "2024-05-01T00:10:00"), ("boot1-b", "2024-05-01T02:30:00"), ("boot1-c", "2024-05-08T09:00:00"),
+              ("boot2-a", "2024-05-01T00:05:00"), ("boot2-b", "2024-05-01T02:10:00"), ("boot2-c", "2024-05-01T02:50:00")]
+    log = tmp_path / "audit.jsonl"
+    log.write_text("".join(json.dumps({**event, "request_id": rid, "ts": at(ts)}) + "\n" for rid, ts in stamps))
+    out = audit_cli("--file", str(log), "--since", "2024-05-01T02:00:00Z", "--json")
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(line)["request_id"] for line in out.stdout.splitlines()] == ["boot2-b", "boot2-c"]
+    assert ("the clock that stamped this log went back 1 time, the last from 2024-05-08T09:00:00Z to "
+            "2024-05-01T00:05:00Z") in out.stderr
+    # all of it, in the order it happened, with no filter; a clock that never went back: no note
+    out = audit_cli("--file", str(log), "--json")
+    assert [json.loads(line)["request_id"] for line in out.stdout.splitlines()] == [rid for rid, _ in stamps]
+    log.write_text("".join(json.dumps({**event, "request_id": rid, "ts": at(ts)}) + "\n" for rid, ts in stamps[:3]))
+    out = audit_cli("--file", str(log), "--since", "2024-05-01T02:00:00Z", "--json")
+    assert [json.loads(line)["request_id"] for line in out.stdout.splitlines()] == ["boot1-b", "boot1-c"]
+    assert "went back" not in out.stderr
+
+
+def test_audit_of_events_stamped_after_this_machines_clock_says_one_of_the_clocks_is_wrong(tmp_path):
+    """Read on a board whose clock went back to its boot date, a log stamped while its clock was set
+    lies in this clock's future: every stamp passes --since, which the listing must say."""
+    event = {"client_id": "c", "mode": "complete", "rule": "enc", "action": "refuse", "where": "input",
+             "text_sha256": "ab" * 32}
+    ahead = time.time() + 400 * 86400
+    log = tmp_path / "audit.jsonl"
+    log.write_text("".join(json.dumps({**event, "request_id": f"r{i}", "ts": ahead + i}) + "\n" for i in range(2)))
+    out = audit_cli("--file", str(log), "--since", "1h")
+    assert out.returncode == 0 and out.stdout.count("request=r") == 2, out.stderr
+    assert "note: events are stamped up to " in out.stderr
+    assert "400.0 days after this machine's clock" in out.stderr and "one of the two clocks is wrong" in out.stderr
+    log.write_text(json.dumps({**event, "request_id": "r0", "ts": time.time() - 60}) + "\n")  # a right clock: no note
+    assert "note:" not in audit_cli("--file", str(log), "--since", "1h").stderr
 
 
 @pytest.mark.parametrize("since", ["", "\u00b2h"])

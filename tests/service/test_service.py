@@ -490,6 +490,32 @@ def test_reconnects_and_resubscribes_after_broker_restart(broker, tmp_path, serv
         assert p.wait_final("replies/back")["text"] == "b a"
 
 
+def test_a_reconnect_to_a_broker_that_kept_no_session_says_requests_meanwhile_are_lost(broker, tmp_path, caplog,
+                                                                                        services):
+    """A broker that lost the daemon's session (restarted without persistence; or its session expiry,
+    counted on the broker's wall clock, ran out when its clock jumped forward) has dropped what was
+    sent meanwhile: the reconnect says so. One that kept it (the persistent `broker`) says nothing."""
+    caplog.set_level(logging.INFO, logger="edge_runtime")
+    kept = services(make_config(broker, tmp_path, **{"mqtt.session_expiry_s": 600}))
+    broker.stop()
+    wait_until(lambda: not kept.connected, 5)
+    broker.start()
+    wait_until(lambda: kept.connected, 10)
+    assert "kept no session" not in caplog.text
+    forgetful = MosquittoBroker(tmp_path / "forgetful", persistence=False).start()
+    try:
+        lost = services(make_config(forgetful, tmp_path, device_id="dev2", **{"mqtt.session_expiry_s": 600}))
+        forgetful.stop()
+        wait_until(lambda: not lost.connected, 5)
+        forgetful.start()
+        wait_until(lambda: lost.connected, 10)
+        warning = next(r for r in caplog.records if "kept no session" in r.getMessage())
+        assert warning.levelno == logging.WARNING
+        assert "requests sent meanwhile are lost" in warning.getMessage() and "session_expiry_s, 600 s" in warning.getMessage()
+    finally:
+        forgetful.stop()
+
+
 def test_an_unreachable_broker_is_logged_then_the_service_connects_when_it_starts(broker, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="edge_runtime")
     broker.stop()

@@ -17,6 +17,7 @@ import ssl
 import subprocess
 import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -182,6 +183,26 @@ def test_pki_script_is_idempotent_and_says_what_it_made(pki):
     sample = (REPO / "deploy" / "mosquitto" / "acl").read_text().splitlines()
     generated = (out / "acl").read_text().splitlines()
     assert [l for l in sample if l.startswith("pattern ")] == [l for l in generated if l.startswith("pattern ")]
+
+
+def test_pki_certificates_verify_on_a_board_whose_clock_is_years_behind(pki):
+    """A Jetson without a battery-backed clock boots with its clock in the past (its image's build
+    date): the broker's certificate and its CA must verify at such a time, not only from the moment
+    the script ran. `openssl verify -attime` checks them as a machine whose clock says 2021-06-01
+    would, and as one on the day before the certificates end."""
+    out = pki["dir"]
+    past = int(datetime(2021, 6, 1, tzinfo=timezone.utc).timestamp())
+    verify = subprocess.run(["openssl", "verify", "-attime", str(past), "-CAfile", str(out / "ca.crt"),
+                             str(out / "server.crt")], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    end = subprocess.run(["openssl", "x509", "-in", str(out / "server.crt"), "-noout", "-enddate"],
+                         capture_output=True, text=True, check=True).stdout.strip().split("=", 1)[1]
+    last_day = int(ssl.cert_time_to_seconds(end)) - 86400
+    verify = subprocess.run(["openssl", "verify", "-attime", str(last_day), "-CAfile", str(out / "ca.crt"),
+                             str(out / "server.crt")], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    # and no longer than the script's -days (825) from now: backdating the start lengthens nothing
+    assert last_day < time.time() + 826 * 86400
 
 
 def test_device_config_fragment_matches_the_daemon_config(pki):
