@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,10 +143,10 @@ class Generation:
             return self.final["text"]
         return "".join(self._chunks)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Generator[dict[str, Any], None, dict[str, Any]]:
         return self._iter()
 
-    def _iter(self) -> Iterator[dict[str, Any]]:
+    def _iter(self) -> Generator[dict[str, Any], None, dict[str, Any]]:
         if self.final is not None:
             return self.final
         if self._iterating:
@@ -207,6 +207,7 @@ class Generation:
             self.client._forget(self.id)
             if self.final is None:  # abandoned: the loop was left, or raised (Ctrl-C, a timeout)
                 self.client.cancel(self.id)
+        assert self.final is not None  # the loop ends only with it (or raises)
         return self.final
 
     def _unstreamed_text(self, final: dict[str, Any]) -> str:

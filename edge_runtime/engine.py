@@ -19,7 +19,7 @@ import math
 import mmap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -411,7 +411,7 @@ class Engine:
 
     # -- the request loop -------------------------------------------------------------------
     def generate(self, request: GenerationRequest,
-                 cancel: threading.Event | None = None) -> Iterator[Chunk | GenerationResult]:
+                 cancel: threading.Event | None = None) -> Generator[Chunk | GenerationResult, None, None]:
         """Yield Chunks as text is made, then one GenerationResult.
 
         Errors in the request raise before anything is yielded; a passed deadline
@@ -436,7 +436,7 @@ class Engine:
             self._lock.release()
 
     def _run(self, request: GenerationRequest, plan: PromptPlan, sampler: Sampler, stops: StopStringMatcher,
-             cancel: threading.Event | None) -> Iterator[Chunk | GenerationResult]:
+             cancel: threading.Event | None) -> Generator[Chunk | GenerationResult, None, None]:
         start = time.perf_counter()
         detok = IncrementalDetokenizer(self.tokenizer, strip_leading_space=plan.strip_leading_space)
         text_parts: list[str] = []
