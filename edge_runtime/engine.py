@@ -12,6 +12,7 @@ sampling.py) -> detokenizer -> stop strings -> chunks -> result.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -19,7 +20,7 @@ import math
 import mmap
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -270,6 +271,17 @@ def chat_warning(variant: str) -> str:
             "chat format, but the answer may not follow the instructions; use an Instruct bundle for chat")
 
 
+class _EitherEvent(threading.Event):
+    """An event that also counts as set while `other` (the caller's cancel event) is set."""
+
+    def __init__(self, other: threading.Event | None) -> None:
+        super().__init__()
+        self._other = other
+
+    def is_set(self) -> bool:
+        return super().is_set() or (self._other is not None and self._other.is_set())
+
+
 class Engine:
     """A loaded bundle: session, tokenizer and decoder, shared by requests run one at a time."""
 
@@ -421,7 +433,8 @@ class Engine:
         One request runs at a time: a stream holds the engine from its first item until
         it is read to the end or closed (``with contextlib.closing(engine.generate(r))``),
         and a stream started meanwhile waits for it, with a warning every 30 s. A thread
-        must not start a stream while it holds another open: it would wait for itself."""
+        must not start a stream while it holds another open: it would wait for itself; nor
+        step streams through a bounded thread pool (`agenerate` is for asyncio code)."""
         plan = self.plan(request)
         sampler = Sampler(request.sampling, plan.ids)
         stops = StopStringMatcher(request.stop)
@@ -434,6 +447,48 @@ class Engine:
             yield from self._run(request, plan, sampler, stops, cancel)
         finally:
             self._lock.release()
+
+    async def agenerate(self, request: GenerationRequest,
+                        cancel: threading.Event | None = None) -> AsyncIterator[Chunk | GenerationResult]:
+        """`generate` for asyncio code: ``async for item in engine.agenerate(request)`` yields the
+        same items without blocking the event loop. The stream runs on a thread of its own, not on
+        the loop's executor: a stream waiting for the engine holds the thread it waits in, so
+        streams stepped item by item through a bounded pool (``run_in_executor(None, next, it)``,
+        a web framework's sync-iterator response) wait for each other forever once they outnumber
+        its workers. Leaving the loop early, an exception in it or a cancelled task ends the stream
+        on the engine as a set `cancel` does (before its prompt runs, if it was still waiting)."""
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+        left = _EitherEvent(cancel)  # set when the reader is gone; set too where `cancel` is
+
+        def put(kind: str, value: object) -> None:
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, (kind, value))
+            except RuntimeError:  # the loop is closed: nobody reads any more
+                pass
+
+        def run() -> None:
+            try:
+                with contextlib.closing(self.generate(request, left)) as stream:
+                    for item in stream:
+                        put("item", item)
+                put("end", None)
+            except BaseException as exc:  # raised in the reading task
+                put("error", exc)
+
+        threading.Thread(target=run, name=f"edge-engine-stream {request.id}".strip(), daemon=True).start()
+        try:
+            while True:
+                kind, value = await items.get()
+                if kind == "error":
+                    assert isinstance(value, BaseException)
+                    raise value
+                if kind == "end":
+                    return
+                assert isinstance(value, (Chunk, GenerationResult))
+                yield value
+        finally:
+            left.set()
 
     def _run(self, request: GenerationRequest, plan: PromptPlan, sampler: Sampler, stops: StopStringMatcher,
              cancel: threading.Event | None) -> Generator[Chunk | GenerationResult, None, None]:
