@@ -57,6 +57,7 @@ from .types import (
     Timings,
     Usage,
     is_int,
+    is_number,
 )
 
 log = logging.getLogger(__name__)
@@ -371,6 +372,8 @@ class Engine:
             raise BadRequest(f"max_tokens must be an integer, got {type(request.max_tokens).__name__}")
         if request.max_tokens < 1:
             raise BadRequest(f"max_tokens must be at least 1 (got {request.max_tokens})")
+        if request.deadline is not None and not is_number(request.deadline):  # compared after the first token
+            raise BadRequest(f"deadline must be a time.monotonic() value or None, got {type(request.deadline).__name__}")
         fam = self.bundle.family
         if request.mode == "infill" and not self.bundle.supports_infill:
             why = fam.infill_note or "the tokenizer lacks the infilling tokens"

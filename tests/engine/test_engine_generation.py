@@ -251,6 +251,11 @@ def test_the_densest_text_right_at_the_limit_still_runs(engine, hf_tok):
     ("max_tokens must be an integer", GenerationRequest(mode="complete", prompt="x", max_tokens=5.5)),  # type: ignore
     ("seed must be an integer between 0 and 9223372036854775807",
      GenerationRequest(mode="complete", prompt="x", sampling=SamplingParams(seed=2**70))),
+    # the wire's sampling fields as a dict (messages may be dicts): an AttributeError before
+    ("sampling must be a SamplingParams, got dict",
+     GenerationRequest(mode="complete", prompt="x", sampling={"temperature": 0})),  # type: ignore[arg-type]
+    # a wall-clock string compared after the first token: a TypeError mid-stream before
+    ("deadline must be a time.monotonic", GenerationRequest(mode="complete", prompt="x", deadline="10s")),  # type: ignore
 ])
 def test_bad_request_fields_are_bad_requests_as_over_mqtt(engine, field, request_):
     with pytest.raises(BadRequest, match=field):
