@@ -309,6 +309,7 @@ class Engine:
                               provider=choice.providers[0][0], facts=bundle.family, memory=memory,
                               fidelity_record=FidelityRecord.from_manifest(bundle.manifest))
         self._lock = threading.Lock()  # one request at a time (one session, one KV cache)
+        self._closed = False  # close(): the session and the KV buffers are released
 
     @classmethod
     def from_bundle(cls, path: str | Path, profile: str | Path | DeviceProfile | None = None, *,
@@ -364,6 +365,36 @@ class Engine:
         decoder = DECODERS[bundle.graph_flavour](ort, session, bundle.architecture, device=choice.device,
                                                  device_id=choice.device_id, max_length=max_length, **extra)
         return cls(bundle, profile, session, decoder, tokenizer, choice, memory, prompt_cache, prompt_lookup)
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the onnxruntime session and the KV buffers now, not when the engine is
+        garbage-collected (a notebook's output history, a stream left open or a traceback may
+        keep it alive long after the last name for it is gone). With a stream of it open,
+        RuntimeError (read the stream to its end or close it first). Closing twice is a no-op;
+        a request after it raises RuntimeError. ``with Engine.from_bundle(...) as engine:``
+        closes on leaving."""
+        if self._closed:
+            return
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("a stream of this engine is open: read it to its end or close() it before closing "
+                               "the engine")
+        try:
+            self._closed = True
+            self.session = self.decoder = None  # the decoder holds the KV buffers and the session's binding
+            self._cache_owner = None
+        finally:
+            self._lock.release()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"the engine of {self.bundle.root} is closed")
 
     # -- request -> prompt ------------------------------------------------------------------
     def plan(self, request: GenerationRequest) -> PromptPlan:
@@ -438,6 +469,7 @@ class Engine:
         and a stream started meanwhile waits for it, with a warning every 30 s. A thread
         must not start a stream while it holds another open: it would wait for itself; nor
         step streams through a bounded thread pool (`agenerate` is for asyncio code)."""
+        self._check_open()
         plan = self.plan(request)
         sampler = Sampler(request.sampling, plan.ids)
         stops = StopStringMatcher(request.stop)
@@ -447,6 +479,7 @@ class Engine:
                             "its end or close() it; a thread that waits for its own open stream waits forever)",
                             STREAM_WAIT_WARNING_S)
         try:
+            self._check_open()  # closed while it waited
             yield from self._run(request, plan, sampler, stops, cancel)
         finally:
             self._lock.release()
