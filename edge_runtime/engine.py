@@ -465,7 +465,7 @@ class Engine:
         finish_reason "cancelled" (set before the start: no token is generated).
 
         One request runs at a time: a stream holds the engine from its first item until
-        it is read to the end or closed (``with contextlib.closing(engine.generate(r))``),
+        its GenerationResult comes, or it is closed (``with contextlib.closing(engine.generate(r))``),
         and a stream started meanwhile waits for it, with a warning every 30 s. A thread
         must not start a stream while it holds another open: it would wait for itself; nor
         step streams through a bounded thread pool (`agenerate` is for asyncio code)."""
@@ -478,11 +478,18 @@ class Engine:
                 log.warning("a request has waited %.0f s for the engine: another stream of it is open (read it to "
                             "its end or close() it; a thread that waits for its own open stream waits forever)",
                             STREAM_WAIT_WARNING_S)
+        held = True
         try:
             self._check_open()  # closed while it waited
-            yield from self._run(request, plan, sampler, stops, cancel)
+            with contextlib.closing(self._run(request, plan, sampler, stops, cancel)) as items:
+                for item in items:
+                    if isinstance(item, GenerationResult):  # the last item: the run is over, the engine free
+                        held = False  # (a loop that asks for more upon the result would wait for itself)
+                        self._lock.release()
+                    yield item
         finally:
-            self._lock.release()
+            if held:
+                self._lock.release()
 
     async def agenerate(self, request: GenerationRequest,
                         cancel: threading.Event | None = None) -> AsyncIterator[Chunk | GenerationResult]:

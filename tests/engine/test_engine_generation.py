@@ -300,6 +300,29 @@ def test_a_stream_waits_for_the_open_one_until_it_is_closed(engine):
     worker.join()
 
 
+def test_the_loop_may_ask_the_engine_again_upon_the_result(engine, tiny_bundle):
+    """The result is the stream's last item: the engine is free once it comes, so a loop
+    that asks for a follow-up there goes on (it waited for its own stream forever)."""
+    fresh = Engine.from_bundle(tiny_bundle, prompt_cache="off")
+    first = GenerationRequest(mode="complete", prompt="def mean(xs):\n", max_tokens=6, sampling=GREEDY)
+    got: list[GenerationResult] = []
+
+    def chat() -> None:
+        for item in engine.generate(first):
+            if isinstance(item, GenerationResult):
+                follow_up = GenerationRequest(mode="complete", prompt="def mean(xs):\n" + item.text + "\n",
+                                              max_tokens=6, sampling=GREEDY)
+                got.extend([item, engine.complete(follow_up)])
+
+    worker = threading.Thread(target=chat, daemon=True)  # without the fix it would never end
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive()
+    assert got[0].token_ids == fresh.complete(first).token_ids
+    assert got[1].token_ids == fresh.complete(GenerationRequest(
+        mode="complete", prompt="def mean(xs):\n" + got[0].text + "\n", max_tokens=6, sampling=GREEDY)).token_ids
+
+
 def test_a_request_cancelled_before_it_starts_generates_nothing(engine):
     cancel = threading.Event()
     cancel.set()
