@@ -587,6 +587,9 @@ class EdgeClient:
         Parameters left None take the daemon's defaults."""
         if not self._connected:
             raise RuntimeError("EdgeClient is not connected (use `with EdgeClient(...) as c:`)")
+        if not is_number(timeout) or timeout <= 0:  # before anything is sent: no request left unread
+            raise ValueError(f"timeout must be a number of seconds > 0 (how long to wait for each reply), "
+                             f"got {timeout!r}")
         self._cancel_dropped()
         request_id = request_id or uuid.uuid4().hex
         reply_topic = self.topics.reply_topic(self.client_id, request_id)
