@@ -461,7 +461,8 @@ class Engine:
         """Yield Chunks as text is made, then one GenerationResult.
 
         Errors in the request raise before anything is yielded; a passed deadline
-        raises DeadlineExceeded between tokens; a set `cancel` ends the stream with
+        raises DeadlineExceeded between tokens, or before the prompt runs where it passed
+        while the request waited for the engine; a set `cancel` ends the stream with
         finish_reason "cancelled" (set before the start: no token is generated).
 
         One request runs at a time: a stream holds the engine from its first item until
@@ -473,7 +474,8 @@ class Engine:
         plan = self.plan(request)
         sampler = Sampler(request.sampling, plan.ids)
         stops = StopStringMatcher(request.stop)
-        if not self._lock.acquire(blocking=False):
+        waited = not self._lock.acquire(blocking=False)
+        if waited:
             while not self._lock.acquire(timeout=STREAM_WAIT_WARNING_S):
                 log.warning("a request has waited %.0f s for the engine: another stream of it is open (read it to "
                             "its end or close() it; a thread that waits for its own open stream waits forever)",
@@ -481,6 +483,9 @@ class Engine:
         held = True
         try:
             self._check_open()  # closed while it waited
+            if waited and request.deadline is not None and time.monotonic() > request.deadline:
+                raise DeadlineExceeded("deadline passed while the request waited for the engine (another stream "
+                                       "held it)")
             with contextlib.closing(self._run(request, plan, sampler, stops, cancel)) as items:
                 for item in items:
                     if isinstance(item, GenerationResult):  # the last item: the run is over, the engine free

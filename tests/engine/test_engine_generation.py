@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 import torch_reference
 from edge_runtime.engine import Engine
-from edge_runtime.errors import BadRequest, ContextLengthExceeded, UnsafePrompt, UnsupportedMode
+from edge_runtime.errors import BadRequest, ContextLengthExceeded, DeadlineExceeded, UnsafePrompt, UnsupportedMode
 from edge_runtime.types import DEFAULT_MAX_TOKENS, Chunk, GenerationRequest, GenerationResult, Message, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -298,6 +298,33 @@ def test_a_stream_waits_for_the_open_one_until_it_is_closed(engine):
     first.close()  # closing the first frees it
     assert done.wait(30)
     worker.join()
+
+
+def test_a_request_whose_deadline_passed_while_it_waited_for_the_engine_runs_nothing(engine):
+    """A web app's requests queued behind an open stream: one whose deadline passed meanwhile
+    raises DeadlineExceeded before its prompt runs (it ran the prompt and a token first)."""
+    holder_prompt, late_prompt = "def first(a, b):\n    return", "import os\nimport sys\n\ndef main():\n"
+    holder = engine.generate(GenerationRequest(mode="complete", prompt=holder_prompt, max_tokens=8, sampling=GREEDY))
+    next(holder)  # the engine is held
+    raised: list[BaseException] = []
+
+    def late() -> None:
+        try:
+            engine.complete(GenerationRequest(mode="complete", prompt=late_prompt, max_tokens=8, sampling=GREEDY,
+                                              deadline=time.monotonic() + 0.2))
+        except BaseException as exc:
+            raised.append(exc)
+
+    worker = threading.Thread(target=late)
+    worker.start()
+    time.sleep(0.5)  # its deadline passes while it waits
+    holder.close()
+    worker.join(30)
+    assert len(raised) == 1 and isinstance(raised[0], DeadlineExceeded)
+    assert "waited for the engine" in str(raised[0])
+    # the cache still holds the holder's prompt, which shares only <s> with the late one's
+    again = engine.complete(GenerationRequest(mode="complete", prompt=late_prompt, max_tokens=8, sampling=GREEDY))
+    assert again.usage.cached_prompt_tokens == 1
 
 
 def test_the_loop_may_ask_the_engine_again_upon_the_result(engine, tiny_bundle):
