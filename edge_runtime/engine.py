@@ -20,7 +20,7 @@ import math
 import mmap
 import threading
 import time
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncGenerator, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -497,7 +497,7 @@ class Engine:
                 self._lock.release()
 
     async def agenerate(self, request: GenerationRequest,
-                        cancel: threading.Event | None = None) -> AsyncIterator[Chunk | GenerationResult]:
+                        cancel: threading.Event | None = None) -> AsyncGenerator[Chunk | GenerationResult, None]:
         """`generate` for asyncio code: ``async for item in engine.agenerate(request)`` yields the
         same items without blocking the event loop. The stream runs on a thread of its own, not on
         the loop's executor: a stream waiting for the engine holds the thread it waits in, so

@@ -41,6 +41,8 @@ def test_the_streams_are_typed_as_the_docs_use_them():
     stream = typing.get_type_hints(Engine.generate)["return"]
     assert typing.get_origin(stream) is collections.abc.Generator
     assert typing.get_args(stream)[0] == Chunk | GenerationResult
+    astream = typing.get_type_hints(Engine.agenerate)["return"]  # contextlib.aclosing(engine.agenerate(...))
+    assert typing.get_origin(astream) is collections.abc.AsyncGenerator
     replies = typing.get_type_hints(Generation.__iter__)["return"]
     assert typing.get_origin(replies) is collections.abc.Generator
     assert typing.get_args(replies)[2] == dict[str, typing.Any]
