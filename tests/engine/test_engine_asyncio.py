@@ -86,8 +86,15 @@ def test_a_cancelled_task_stops_its_stream_and_a_bad_request_raises_in_the_task(
     prompt = "def parse(line):\n    "
 
     async def main() -> GenerationResult | None:
-        task = asyncio.create_task(read(engine, request("def long_one():\n", 400)))
-        await asyncio.sleep(0.2)
+        streaming = asyncio.Event()
+
+        async def reader() -> None:  # cancelled mid-stream, after its first chunk
+            async for _ in engine.agenerate(request("def long_one():\n", 400)):
+                streaming.set()
+                await asyncio.sleep(3600)
+
+        task = asyncio.create_task(reader())
+        await asyncio.wait_for(streaming.wait(), 30)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
