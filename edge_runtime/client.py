@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,10 +143,10 @@ class Generation:
             return self.final["text"]
         return "".join(self._chunks)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Generator[dict[str, Any], None, dict[str, Any]]:
         return self._iter()
 
-    def _iter(self) -> Iterator[dict[str, Any]]:
+    def _iter(self) -> Generator[dict[str, Any], None, dict[str, Any]]:
         if self.final is not None:
             return self.final
         if self._iterating:
@@ -207,6 +207,7 @@ class Generation:
             self.client._forget(self.id)
             if self.final is None:  # abandoned: the loop was left, or raised (Ctrl-C, a timeout)
                 self.client.cancel(self.id)
+        assert self.final is not None  # the loop ends only with it (or raises)
         return self.final
 
     def _unstreamed_text(self, final: dict[str, Any]) -> str:
@@ -587,6 +588,9 @@ class EdgeClient:
         Parameters left None take the daemon's defaults."""
         if not self._connected:
             raise RuntimeError("EdgeClient is not connected (use `with EdgeClient(...) as c:`)")
+        if not is_number(timeout) or timeout <= 0:  # before anything is sent: no request left unread
+            raise ValueError(f"timeout must be a number of seconds > 0 (how long to wait for each reply), "
+                             f"got {timeout!r}")
         self._cancel_dropped()
         request_id = request_id or uuid.uuid4().hex
         reply_topic = self.topics.reply_topic(self.client_id, request_id)

@@ -12,6 +12,7 @@ sampling.py) -> detokenizer -> stop strings -> chunks -> result.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -19,7 +20,7 @@ import math
 import mmap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,7 @@ from .types import (
     Timings,
     Usage,
     is_int,
+    is_number,
 )
 
 log = logging.getLogger(__name__)
@@ -270,6 +272,17 @@ def chat_warning(variant: str) -> str:
             "chat format, but the answer may not follow the instructions; use an Instruct bundle for chat")
 
 
+class _EitherEvent(threading.Event):
+    """An event that also counts as set while `other` (the caller's cancel event) is set."""
+
+    def __init__(self, other: threading.Event | None) -> None:
+        super().__init__()
+        self._other = other
+
+    def is_set(self) -> bool:
+        return super().is_set() or (self._other is not None and self._other.is_set())
+
+
 class Engine:
     """A loaded bundle: session, tokenizer and decoder, shared by requests run one at a time."""
 
@@ -296,6 +309,7 @@ class Engine:
                               provider=choice.providers[0][0], facts=bundle.family, memory=memory,
                               fidelity_record=FidelityRecord.from_manifest(bundle.manifest))
         self._lock = threading.Lock()  # one request at a time (one session, one KV cache)
+        self._closed = False  # close(): the session and the KV buffers are released
 
     @classmethod
     def from_bundle(cls, path: str | Path, profile: str | Path | DeviceProfile | None = None, *,
@@ -352,6 +366,36 @@ class Engine:
                                                  device_id=choice.device_id, max_length=max_length, **extra)
         return cls(bundle, profile, session, decoder, tokenizer, choice, memory, prompt_cache, prompt_lookup)
 
+    # -- lifetime ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the onnxruntime session and the KV buffers now, not when the engine is
+        garbage-collected (a notebook's output history, a stream left open or a traceback may
+        keep it alive long after the last name for it is gone). With a stream of it open,
+        RuntimeError (read the stream to its end or close it first). Closing twice is a no-op;
+        a request after it raises RuntimeError. ``with Engine.from_bundle(...) as engine:``
+        closes on leaving."""
+        if self._closed:
+            return
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("a stream of this engine is open: read it to its end or close() it before closing "
+                               "the engine")
+        try:
+            self._closed = True
+            self.session = self.decoder = None  # the decoder holds the KV buffers and the session's binding
+            self._cache_owner = None
+        finally:
+            self._lock.release()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"the engine of {self.bundle.root} is closed")
+
     # -- request -> prompt ------------------------------------------------------------------
     def plan(self, request: GenerationRequest) -> PromptPlan:
         """Prompt ids and stop tokens for a request, after every check that needs no model run."""
@@ -359,6 +403,8 @@ class Engine:
             raise BadRequest(f"max_tokens must be an integer, got {type(request.max_tokens).__name__}")
         if request.max_tokens < 1:
             raise BadRequest(f"max_tokens must be at least 1 (got {request.max_tokens})")
+        if request.deadline is not None and not is_number(request.deadline):  # compared after the first token
+            raise BadRequest(f"deadline must be a time.monotonic() value or None, got {type(request.deadline).__name__}")
         fam = self.bundle.family
         if request.mode == "infill" and not self.bundle.supports_infill:
             why = fam.infill_note or "the tokenizer lacks the infilling tokens"
@@ -411,32 +457,89 @@ class Engine:
 
     # -- the request loop -------------------------------------------------------------------
     def generate(self, request: GenerationRequest,
-                 cancel: threading.Event | None = None) -> Iterator[Chunk | GenerationResult]:
+                 cancel: threading.Event | None = None) -> Generator[Chunk | GenerationResult, None, None]:
         """Yield Chunks as text is made, then one GenerationResult.
 
         Errors in the request raise before anything is yielded; a passed deadline
-        raises DeadlineExceeded between tokens; a set `cancel` ends the stream with
+        raises DeadlineExceeded between tokens, or before the prompt runs where it passed
+        while the request waited for the engine; a set `cancel` ends the stream with
         finish_reason "cancelled" (set before the start: no token is generated).
 
         One request runs at a time: a stream holds the engine from its first item until
-        it is read to the end or closed (``with contextlib.closing(engine.generate(r))``),
+        its GenerationResult comes, or it is closed (``with contextlib.closing(engine.generate(r))``),
         and a stream started meanwhile waits for it, with a warning every 30 s. A thread
-        must not start a stream while it holds another open: it would wait for itself."""
+        must not start a stream while it holds another open: it would wait for itself; nor
+        step streams through a bounded thread pool (`agenerate` is for asyncio code)."""
+        self._check_open()
         plan = self.plan(request)
         sampler = Sampler(request.sampling, plan.ids)
         stops = StopStringMatcher(request.stop)
-        if not self._lock.acquire(blocking=False):
+        waited = not self._lock.acquire(blocking=False)
+        if waited:
             while not self._lock.acquire(timeout=STREAM_WAIT_WARNING_S):
                 log.warning("a request has waited %.0f s for the engine: another stream of it is open (read it to "
                             "its end or close() it; a thread that waits for its own open stream waits forever)",
                             STREAM_WAIT_WARNING_S)
+        held = True
         try:
-            yield from self._run(request, plan, sampler, stops, cancel)
+            self._check_open()  # closed while it waited
+            if waited and request.deadline is not None and time.monotonic() > request.deadline:
+                raise DeadlineExceeded("deadline passed while the request waited for the engine (another stream "
+                                       "held it)")
+            with contextlib.closing(self._run(request, plan, sampler, stops, cancel)) as items:
+                for item in items:
+                    if isinstance(item, GenerationResult):  # the last item: the run is over, the engine free
+                        held = False  # (a loop that asks for more upon the result would wait for itself)
+                        self._lock.release()
+                    yield item
         finally:
-            self._lock.release()
+            if held:
+                self._lock.release()
+
+    async def agenerate(self, request: GenerationRequest,
+                        cancel: threading.Event | None = None) -> AsyncGenerator[Chunk | GenerationResult, None]:
+        """`generate` for asyncio code: ``async for item in engine.agenerate(request)`` yields the
+        same items without blocking the event loop. The stream runs on a thread of its own, not on
+        the loop's executor: a stream waiting for the engine holds the thread it waits in, so
+        streams stepped item by item through a bounded pool (``run_in_executor(None, next, it)``,
+        a web framework's sync-iterator response) wait for each other forever once they outnumber
+        its workers. Leaving the loop early, an exception in it or a cancelled task ends the stream
+        on the engine as a set `cancel` does (before its prompt runs, if it was still waiting)."""
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+        left = _EitherEvent(cancel)  # set when the reader is gone; set too where `cancel` is
+
+        def put(kind: str, value: object) -> None:
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, (kind, value))
+            except RuntimeError:  # the loop is closed: nobody reads any more
+                pass
+
+        def run() -> None:
+            try:
+                with contextlib.closing(self.generate(request, left)) as stream:
+                    for item in stream:
+                        put("item", item)
+                put("end", None)
+            except BaseException as exc:  # raised in the reading task
+                put("error", exc)
+
+        threading.Thread(target=run, name=f"edge-engine-stream {request.id}".strip(), daemon=True).start()
+        try:
+            while True:
+                kind, value = await items.get()
+                if kind == "error":
+                    assert isinstance(value, BaseException)
+                    raise value
+                if kind == "end":
+                    return
+                assert isinstance(value, (Chunk, GenerationResult))
+                yield value
+        finally:
+            left.set()
 
     def _run(self, request: GenerationRequest, plan: PromptPlan, sampler: Sampler, stops: StopStringMatcher,
-             cancel: threading.Event | None) -> Iterator[Chunk | GenerationResult]:
+             cancel: threading.Event | None) -> Generator[Chunk | GenerationResult, None, None]:
         start = time.perf_counter()
         detok = IncrementalDetokenizer(self.tokenizer, strip_leading_space=plan.strip_leading_space)
         text_parts: list[str] = []

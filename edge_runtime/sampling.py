@@ -24,6 +24,8 @@ from .types import MAX_PENALTY, MAX_SEED, SamplingParams, is_int, is_number
 
 def validate_sampling(params: SamplingParams) -> SamplingParams:
     """Check the ranges; BadRequest naming the field. Returns `params` unchanged."""
+    if not isinstance(params, SamplingParams):  # a dict of the wire's fields, from Python code
+        raise BadRequest(f"sampling must be a SamplingParams, got {type(params).__name__}")
     t, p, k, seed = params.temperature, params.top_p, params.top_k, params.seed
     if not is_number(t) or t < 0:
         raise BadRequest(f"temperature must be a finite number >= 0 (0 means greedy), got {_shown(t)}")

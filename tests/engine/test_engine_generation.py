@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 import torch_reference
 from edge_runtime.engine import Engine
-from edge_runtime.errors import BadRequest, ContextLengthExceeded, UnsafePrompt, UnsupportedMode
+from edge_runtime.errors import BadRequest, ContextLengthExceeded, DeadlineExceeded, UnsafePrompt, UnsupportedMode
 from edge_runtime.types import DEFAULT_MAX_TOKENS, Chunk, GenerationRequest, GenerationResult, Message, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -251,6 +251,11 @@ def test_the_densest_text_right_at_the_limit_still_runs(engine, hf_tok):
     ("max_tokens must be an integer", GenerationRequest(mode="complete", prompt="x", max_tokens=5.5)),  # type: ignore
     ("seed must be an integer between 0 and 9223372036854775807",
      GenerationRequest(mode="complete", prompt="x", sampling=SamplingParams(seed=2**70))),
+    # the wire's sampling fields as a dict (messages may be dicts): an AttributeError before
+    ("sampling must be a SamplingParams, got dict",
+     GenerationRequest(mode="complete", prompt="x", sampling={"temperature": 0})),  # type: ignore[arg-type]
+    # a wall-clock string compared after the first token: a TypeError mid-stream before
+    ("deadline must be a time.monotonic", GenerationRequest(mode="complete", prompt="x", deadline="10s")),  # type: ignore
 ])
 def test_bad_request_fields_are_bad_requests_as_over_mqtt(engine, field, request_):
     with pytest.raises(BadRequest, match=field):
@@ -293,6 +298,56 @@ def test_a_stream_waits_for_the_open_one_until_it_is_closed(engine):
     first.close()  # closing the first frees it
     assert done.wait(30)
     worker.join()
+
+
+def test_a_request_whose_deadline_passed_while_it_waited_for_the_engine_runs_nothing(engine):
+    """A web app's requests queued behind an open stream: one whose deadline passed meanwhile
+    raises DeadlineExceeded before its prompt runs (it ran the prompt and a token first)."""
+    holder_prompt, late_prompt = "def first(a, b):\n    return", "import os\nimport sys\n\ndef main():\n"
+    holder = engine.generate(GenerationRequest(mode="complete", prompt=holder_prompt, max_tokens=8, sampling=GREEDY))
+    next(holder)  # the engine is held
+    raised: list[BaseException] = []
+
+    def late() -> None:
+        try:
+            engine.complete(GenerationRequest(mode="complete", prompt=late_prompt, max_tokens=8, sampling=GREEDY,
+                                              deadline=time.monotonic() + 0.2))
+        except BaseException as exc:
+            raised.append(exc)
+
+    worker = threading.Thread(target=late)
+    worker.start()
+    time.sleep(0.5)  # its deadline passes while it waits
+    holder.close()
+    worker.join(30)
+    assert len(raised) == 1 and isinstance(raised[0], DeadlineExceeded)
+    assert "waited for the engine" in str(raised[0])
+    # the cache still holds the holder's prompt, which shares only <s> with the late one's
+    again = engine.complete(GenerationRequest(mode="complete", prompt=late_prompt, max_tokens=8, sampling=GREEDY))
+    assert again.usage.cached_prompt_tokens == 1
+
+
+def test_the_loop_may_ask_the_engine_again_upon_the_result(engine, tiny_bundle):
+    """The result is the stream's last item: the engine is free once it comes, so a loop
+    that asks for a follow-up there goes on (it waited for its own stream forever)."""
+    fresh = Engine.from_bundle(tiny_bundle, prompt_cache="off")
+    first = GenerationRequest(mode="complete", prompt="def mean(xs):\n", max_tokens=6, sampling=GREEDY)
+    got: list[GenerationResult] = []
+
+    def chat() -> None:
+        for item in engine.generate(first):
+            if isinstance(item, GenerationResult):
+                follow_up = GenerationRequest(mode="complete", prompt="def mean(xs):\n" + item.text + "\n",
+                                              max_tokens=6, sampling=GREEDY)
+                got.extend([item, engine.complete(follow_up)])
+
+    worker = threading.Thread(target=chat, daemon=True)  # without the fix it would never end
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive()
+    assert got[0].token_ids == fresh.complete(first).token_ids
+    assert got[1].token_ids == fresh.complete(GenerationRequest(
+        mode="complete", prompt="def mean(xs):\n" + got[0].text + "\n", max_tokens=6, sampling=GREEDY)).token_ids
 
 
 def test_a_request_cancelled_before_it_starts_generates_nothing(engine):

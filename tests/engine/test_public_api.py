@@ -27,3 +27,22 @@ def test_importing_the_package_loads_neither_onnxruntime_nor_paho():
 
 def test_the_package_is_marked_typed():
     assert (Path(edge_runtime.__file__).parent / "py.typed").is_file()
+
+
+def test_the_streams_are_typed_as_the_docs_use_them():
+    """README: `contextlib.closing(engine.generate(...))`, and a Generation's final reply is the
+    return value of `final = yield from gen`; typed as plain Iterators, a type checker refused the
+    first (an Iterator has no close()) and typed `final` as None."""
+    import collections.abc
+    import typing
+
+    from edge_runtime import Chunk, Engine, Generation, GenerationResult
+
+    stream = typing.get_type_hints(Engine.generate)["return"]
+    assert typing.get_origin(stream) is collections.abc.Generator
+    assert typing.get_args(stream)[0] == Chunk | GenerationResult
+    astream = typing.get_type_hints(Engine.agenerate)["return"]  # contextlib.aclosing(engine.agenerate(...))
+    assert typing.get_origin(astream) is collections.abc.AsyncGenerator
+    replies = typing.get_type_hints(Generation.__iter__)["return"]
+    assert typing.get_origin(replies) is collections.abc.Generator
+    assert typing.get_args(replies)[2] == dict[str, typing.Any]

@@ -135,6 +135,19 @@ def test_a_request_that_cannot_be_sent_is_a_bad_request_that_says_why(broker, se
         assert c.complete("a b") == "b a"  # still usable: nothing of the refused one was kept
 
 
+@pytest.mark.parametrize("timeout", [None, "30", 0, -1, float("nan")])
+def test_a_timeout_that_is_no_number_of_seconds_is_refused_before_the_request_is_sent(broker, service, timeout):
+    """timeout=None (Python's "wait forever") raised TypeError after the request was published:
+    the device generated it for nobody, and the client kept it in flight, sending it again at
+    every reconnect."""
+    with Probe(broker.host, broker.port) as spy, EdgeClient(broker.url, "dev1") as c:
+        spy.subscribe(T.generate)
+        with pytest.raises(ValueError, match=r"timeout must be a number of seconds > 0 .*got " + repr(timeout)):
+            c.generate(mode="complete", prompt="a b", timeout=timeout, request_id="refused")
+        assert c.generate(mode="complete", prompt="a b", request_id="sent").result()["text"] == "b a"
+        assert [m.json["id"] for m in spy.wait_for(lambda ms: ms)] == ["sent"]
+
+
 def test_timeout_raises_and_cancels(broker):
     with Probe(broker.host, broker.port) as spy, EdgeClient(broker.url, "ghost") as c:
         spy.subscribe("edge/ghost/v1/cancel")
