@@ -430,8 +430,8 @@ class SharedKVDecoder:
             total = self._check(cache, chunk.shape[1])
             self._binding.bind_input("input_ids", "cpu", 0, np.int64, chunk.shape, chunk.ctypes.data)
             self._ids_bound_to_token = False
+            self._held_ids[total - chunk.shape[1]:total] = chunk[0]  # before the run counts the rows in
             self._run(cache, total, chunk.shape[1], self._prefill_options)
-            self._held_ids[total - chunk.shape[1]:total] = chunk[0]
         return self._last_logits()[0].astype(np.float32)  # a copy: the buffer is reused by decode
 
     def decode(self, cache: SharedKVCache, token: int) -> np.ndarray:
@@ -446,8 +446,8 @@ class SharedKVDecoder:
         self._token[0, 0] = token
         if self._inputs_on_device:
             self._token_dev.update_inplace(self._token)
+        self._held_ids[total - 1] = token  # before the run counts the row in (an interrupt may come between)
         self._run(cache, total, 1, self._decode_options)
-        self._held_ids[total - 1] = token
         return self._last_logits()[0, 0]
 
     def verify(self, cache: SharedKVCache, ids: np.ndarray) -> np.ndarray:
@@ -466,12 +466,12 @@ class SharedKVDecoder:
         self._ids_bound_to_token = False
         b.bind_output("logits", "cpu", 0, self.logits_dtype, (1, n, self.vocab_size), self._rows.ctypes.data)
         self._logits_start[0] = -n
+        self._held_ids[total - n:total] = ids[0]  # before the run counts the rows in
         try:
             self._run(cache, total, n, self._prefill_options)
         finally:
             self._logits_start[0] = -1
             b.bind_output("logits", "cpu", 0, self.logits_dtype, self._logits.shape, self._logits.ctypes.data)
-        self._held_ids[total - n:total] = ids[0]
         return self._rows[0, :n]
 
     def all_position_logits(self, cache: SharedKVCache, ids: np.ndarray) -> np.ndarray:

@@ -45,3 +45,34 @@ def test_an_engine_with_an_open_stream_is_not_closed_under_it(tiny_bundle):
     engine.close()
     with pytest.raises(RuntimeError, match="closed"):
         next(engine.generate(request("x")))
+
+
+def test_an_interrupt_between_a_steps_run_and_its_bookkeeping_leaves_no_row_claimed_for_another_id(
+        tiny_bundle, monkeypatch):
+    """Ctrl-C lands where it will: here just after a decode step's run has been counted into the
+    cache (its length advanced). The ids the cache says it holds must already be the step's, or
+    the next prompt that matches the row's stale id reuses a row computed for another token."""
+    from edge_runtime.gqa_decoder import SharedKVCache
+
+    engine = Engine.from_bundle(tiny_bundle)
+    fresh = Engine.from_bundle(tiny_bundle, prompt_cache="off")
+    start, longer = "def main():\n", "def main():\nx = 1\n"
+    short = fresh.complete(request(start, 2))
+    held = short.usage.prompt_tokens  # rows of `start`; the next row is `longer`'s "x", or the token after `start`
+    assert engine.tokenizer.decode([short.token_ids[0]]) != "x"  # else the rows would match anyway
+    engine.complete(request(longer))  # the cache's rows: `longer`'s ids
+
+    advance = SharedKVCache.advance
+
+    def interrupted(cache, new_tokens):
+        advance(cache, new_tokens)
+        if cache.length == held + 1:  # the first decode step after `start`'s prompt
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(SharedKVCache, "advance", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.complete(request(start))
+    monkeypatch.setattr(SharedKVCache, "advance", advance)
+    again = engine.complete(request(longer))
+    assert again.usage.cached_prompt_tokens == held  # not the row computed for the other token
+    assert again.token_ids == fresh.complete(request(longer)).token_ids
