@@ -26,8 +26,12 @@ from .types import is_int
 
 MANIFEST_NAME = "bundle.json"
 FORMAT_NAME = "edge-runtime-bundle"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 1  # the first format: every runtime reads it, and every bundle is written as it but:
+# 2: tokenizer.stop_ids holds an id besides tokenizer.eos (a fine-tune's own end-of-turn token). A
+# runtime that reads only 1 ignores stop_ids and ran on past that token to max_tokens, answering
+# wrongly; it refuses a 2 ("unsupported format_version 2") instead (docs/deployment.md, rolling back)
+FORMAT_VERSION_EXTRA_STOP_IDS = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 # Graph flavours the engine knows how to drive.
 FLAVOUR_OPTIMUM_KV_CONCAT = "optimum-kv-concat"  # optimum export: past in, past+new out
 FLAVOUR_GQA_SHARED_KV = "gqa-shared-kv"  # built from the tensors: GroupQueryAttention, one shared KV buffer
@@ -36,6 +40,13 @@ KV_CACHE_DTYPES = ("float32", "float16", "int8")  # profile.kv_cache_dtype: the 
 
 _CHUNK = 1 << 20
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def format_version_for(manifest: dict[str, Any]) -> int:
+    """The format_version to write for a manifest: the oldest whose readers answer its bundle right."""
+    tok = manifest.get("tokenizer") or {}
+    extra_stops = set(tok.get("stop_ids") or ()) - {tok.get("eos")}
+    return FORMAT_VERSION_EXTRA_STOP_IDS if extra_stops else FORMAT_VERSION
 
 
 def sha256_file(path: Path) -> str:
@@ -236,7 +247,9 @@ def read_manifest(root: Path) -> tuple[dict[str, Any], str]:
     version = manifest.get("format_version")
     if not is_int(version) or version not in SUPPORTED_FORMAT_VERSIONS:  # true == 1 in Python
         raise BundleError(f"{path}: unsupported format_version {version!r} "
-                          f"(this runtime reads {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))})")
+                          f"(this runtime reads {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}): a bundle from "
+                          "a newer edge-runtime export? upgrade edge-runtime here, or export the bundle again "
+                          "with this version's `edge-runtime export`")
     return manifest, hashlib.sha256(raw).hexdigest()
 
 
