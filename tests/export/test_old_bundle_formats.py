@@ -66,3 +66,15 @@ def test_an_older_exporters_manifest_loads_and_answers_as_this_ones(tiny_bundle,
         assert loaded.family.supports_infill and loaded.family.chat_format == "llama2"
     assert answers(bundle) == current_answers
     assert any(finish == "length" for _, finish in current_answers)  # the requests generate
+
+
+def test_version_names_the_bundle_formats_this_runtime_reads():
+    """Every version so far calls itself 0.1.0, and pip skips a wheel of the version installed:
+    `--version` also names the formats the installed code reads, which tells this runtime (and
+    later ones) from those that read format 1 only (docs/deployment.md, "Upgrade the runtime")."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "edge_runtime", "--version"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip().endswith("(bundle format_version 1, 2)")
