@@ -26,8 +26,17 @@ from .types import is_int
 
 MANIFEST_NAME = "bundle.json"
 FORMAT_NAME = "edge-runtime-bundle"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 1  # the first format: every runtime reads it, and a bundle is written as it unless
+# it needs 2: what a runtime that reads only 1 would serve wrongly or not at all, so it refuses the
+# bundle by its version ("unsupported format_version 2") instead (docs/deployment.md, rolling back):
+# - tokenizer.stop_ids holds an id besides tokenizer.eos (a fine-tune's own end-of-turn token):
+#   such a runtime ignores stop_ids and ran on past that token to max_tokens;
+# - an int8 KV cache (kv_cache.dtype): its graph's prompt branch hands back only the prompt's own
+#   rows (export/kv_cache_quant.py, revision 5 of 2026-12-02), which runtimes from before then ran
+#   into onnxruntime's output-shape error at the first request (and those from before the int8
+#   cache into a KeyError), both tracebacks. Bundles of revision 5 written as 1 still load here.
+FORMAT_VERSION_2 = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 # Graph flavours the engine knows how to drive.
 FLAVOUR_OPTIMUM_KV_CONCAT = "optimum-kv-concat"  # optimum export: past in, past+new out
 FLAVOUR_GQA_SHARED_KV = "gqa-shared-kv"  # built from the tensors: GroupQueryAttention, one shared KV buffer
@@ -36,6 +45,14 @@ KV_CACHE_DTYPES = ("float32", "float16", "int8")  # profile.kv_cache_dtype: the 
 
 _CHUNK = 1 << 20
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def format_version_for(manifest: dict[str, Any]) -> int:
+    """The format_version to write for a manifest: the oldest whose readers serve its bundle right."""
+    tok = manifest.get("tokenizer") or {}
+    extra_stops = set(tok.get("stop_ids") or ()) - {tok.get("eos")}
+    int8_cache = (manifest.get("kv_cache") or {}).get("dtype") == "int8"
+    return FORMAT_VERSION_2 if extra_stops or int8_cache else FORMAT_VERSION
 
 
 def sha256_file(path: Path) -> str:
@@ -236,7 +253,9 @@ def read_manifest(root: Path) -> tuple[dict[str, Any], str]:
     version = manifest.get("format_version")
     if not is_int(version) or version not in SUPPORTED_FORMAT_VERSIONS:  # true == 1 in Python
         raise BundleError(f"{path}: unsupported format_version {version!r} "
-                          f"(this runtime reads {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))})")
+                          f"(this runtime reads {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}): a bundle from "
+                          "a newer edge-runtime export? upgrade edge-runtime here, or export the bundle again "
+                          "with this version's `edge-runtime export`")
     return manifest, hashlib.sha256(raw).hexdigest()
 
 

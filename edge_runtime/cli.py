@@ -413,9 +413,14 @@ def cmd_demo_model(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .bundle import SUPPORTED_FORMAT_VERSIONS
 
     parser = argparse.ArgumentParser(prog="edge-runtime", description="Offline Code Llama on edge devices.")
-    parser.add_argument("--version", action="version", version=f"edge-runtime {__version__}")
+    # the bundle formats too: every version so far is 0.1.0, and they tell a runtime that reads
+    # format 2 from one that does not (an upgrade from a wheel pip skipped, docs/deployment.md)
+    formats = ", ".join(map(str, SUPPORTED_FORMAT_VERSIONS))
+    parser.add_argument("--version", action="version",
+                        version=f"edge-runtime {__version__} (bundle format_version {formats})")
     parser.add_argument("--log-level", default=None, type=str.upper, choices=LOG_LEVELS,
                         help="default WARNING; for serve, the config's [service] log_level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -44,6 +44,7 @@ from .providers import (
     choose_providers,
     import_onnxruntime,
     tensorrt_cache_problem,
+    tensorrt_engine_cache_per_bundle,
 )
 from .sampling import Sampler
 from .stopping import StopStringMatcher
@@ -126,11 +127,12 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile, *,
     copy of the weights (`weights_copied_at_load`) instead of mapping the bundle's external-data
     file, which onnxruntime does by default."""
     available = list(ort.get_available_providers())
-    trt_problem = tensorrt_cache_problem(profile.ort_providers()) if "TensorrtExecutionProvider" in available else None
+    requested = tensorrt_engine_cache_per_bundle(profile.ort_providers(), bundle.manifest_sha256)
+    trt_problem = tensorrt_cache_problem(requested) if "TensorrtExecutionProvider" in available else None
     if trt_problem:  # its provider would throw, and onnxruntime would retry with a bare CUDA provider
         log.warning("%s: running without TensorrtExecutionProvider; %s", trt_problem, TENSORRT_CACHE_REMEDY)
         available.remove("TensorrtExecutionProvider")
-    choice = choose_providers(profile.ort_providers(), available, allow_cpu_fallback=profile.allow_cpu_fallback,
+    choice = choose_providers(requested, available, allow_cpu_fallback=profile.allow_cpu_fallback,
                               profile_name=profile.name,
                               problem=trt_problem and f"profile {profile.name}: {trt_problem}",
                               remedy=TENSORRT_CACHE_REMEDY if trt_problem else install_hint(profile))

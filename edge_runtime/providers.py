@@ -78,6 +78,30 @@ TENSORRT_CACHES = (("trt_engine_cache_path", "trt_engine_cache_enable", "engine 
                    ("trt_timing_cache_path", "trt_timing_cache_enable", "timing cache"))
 
 
+ENGINE_CACHE_KEY_CHARS = 16  # hex digits of bundle.json's SHA-256 naming a bundle's engine cache folder
+
+
+def tensorrt_engine_cache_per_bundle(requested: list[tuple[str, dict[str, Any]]],
+                                     bundle_sha256: str) -> list[tuple[str, dict[str, Any]]]:
+    """The providers with TensorRT's engine cache in a folder of the bundle's own:
+    `<trt_engine_cache_path>/<the first 16 hex digits of its bundle.json's SHA-256>`.
+    onnxruntime names a cached engine by a hash of the graph's file name (model.onnx in every
+    bundle), its input and node output names and the onnxruntime, CUDA and TensorRT versions,
+    never the weights, and loads a file of that name without looking further: another bundle
+    of the same graph (the model exported again, fine-tuned or with another algorithm, an
+    upgrade's new bundle) in the profile's one folder would run the engines built for the
+    previous bundle, its weights baked in. bundle.json lists every file's SHA-256, so each
+    bundle has its own folder. The timing cache (kernel timings, no weights) stays shared."""
+    out = []
+    for name, opts in requested:
+        if (name == "TensorrtExecutionProvider" and opts.get("trt_engine_cache_path")
+                and str(opts.get("trt_engine_cache_enable", "False")).lower() in ("true", "1")):
+            opts = {**opts, "trt_engine_cache_path": os.path.join(str(opts["trt_engine_cache_path"]),
+                                                                  bundle_sha256[:ENGINE_CACHE_KEY_CHARS])}
+        out.append((name, opts))
+    return out
+
+
 def tensorrt_cache_problem(requested: list[tuple[str, dict[str, Any]]]) -> str | None:
     """Make the folders of the TensorRT provider's enabled caches (parents too); None when they
     exist, else why one cannot be made (a user other than the service's, for whom

@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 from edge_runtime import __version__
-from edge_runtime.bundle import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, sha256_file
+from edge_runtime.bundle import FORMAT_NAME, MANIFEST_NAME, format_version_for, sha256_file
 
 # Written into `<output>.partial/` when an export creates it (and removed before the rename to
 # --output): how a later export knows a leftover scratch folder is an export's, not someone's.
@@ -51,7 +51,7 @@ def copy_into(root: Path, sources: list[Path], names: list[str] | None = None) -
 
 def write_manifest(root: Path, manifest: dict, progress=None) -> Path:
     """Hash every file now in `root` and write bundle.json (atomically)."""
-    manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+    manifest = {"format": FORMAT_NAME, "format_version": format_version_for(manifest),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **manifest,
                 "tools": tool_versions(), "files": file_entries(root, progress)}
     tmp = root / (MANIFEST_NAME + ".tmp")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -685,6 +686,40 @@ def test_a_jetson_profiles_tensorrt_cache_folder_that_cannot_be_made_drops_tenso
     Engine.from_bundle(gpu_fp16_bundle, profile, allow_cpu_fallback=True)
     assert roomy.is_dir() and [name for name, _ in asked[1]] == ["TensorrtExecutionProvider", "CUDAExecutionProvider",
                                                                  "CPUExecutionProvider"]
+
+
+def test_each_bundle_has_its_own_tensorrt_engine_cache_folder(gpu_fp16_bundle, tmp_path, monkeypatch):
+    """onnxruntime names a cached TensorRT engine by the graph's file name, input and node output
+    names and its own, CUDA's and TensorRT's versions, never the weights: a second bundle of the
+    same graph (the model exported again after an upgrade, or fine-tuned) in the profile's one
+    folder loaded the first one's engines, its weights baked in. Each bundle's engines go in a
+    folder named by its bundle.json's SHA-256; the timing cache (no weights) stays shared."""
+    import onnxruntime
+
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.profiles import profile_text
+
+    cache = tmp_path / "cache" / "trt"
+    profile = tmp_path / "jetson-orin-nano.toml"
+    profile.write_text(profile_text("jetson-orin-nano").replace("/var/cache/edge-runtime/trt", str(cache)))
+    again = shutil.copytree(gpu_fp16_bundle, tmp_path / "exported-again")  # the same graph: another bundle.json
+    manifest = json.loads((again / "bundle.json").read_text())
+    (again / "bundle.json").write_text(json.dumps({**manifest, "created": "2027-01-01T00:00:00Z"}))
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    real_session, asked = onnxruntime.InferenceSession, []
+
+    def session_on_the_cpu(path, sess_options=None, providers=None, **kwargs):
+        asked.append(dict(providers)["TensorrtExecutionProvider"])
+        return real_session(path, sess_options=sess_options, providers=["CPUExecutionProvider"], **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session_on_the_cpu)
+    for bundle in (gpu_fp16_bundle, again, gpu_fp16_bundle):
+        Engine.from_bundle(bundle, profile, allow_cpu_fallback=True)
+    first, second = (str(cache / load_bundle(b).manifest_sha256[:16]) for b in (gpu_fp16_bundle, again))
+    assert [opts["trt_engine_cache_path"] for opts in asked] == [first, second, first]
+    assert {opts["trt_timing_cache_path"] for opts in asked} == {str(cache)}
+    assert (cache / load_bundle(again).manifest_sha256[:16]).is_dir()
 
 
 def test_onnxruntimes_own_fallback_to_the_next_provider_after_a_failed_run_is_off(engine):

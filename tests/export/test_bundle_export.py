@@ -1363,6 +1363,41 @@ def test_a_fine_tunes_end_token_in_generation_config_ends_the_generation_as_in_t
     assert len(expected) == 3 and list(result.token_ids) == expected and result.finish_reason == "stop"
 
 
+def test_a_bundle_with_its_own_end_token_is_format_2_which_runtimes_ignoring_stop_ids_refuse(tiny_checkpoint,
+                                                                                              tiny_bundle, tmp_path,
+                                                                                              exporter):
+    """A runtime from before tokenizer.stop_ids reads format_version 1 only and ignores the key: given
+    this bundle, it ran on past <|end|> to max_tokens (the release before, 51cc5fc: 12 tokens where this
+    one stops after 3). So such a bundle is format 2, which that runtime refuses by its version; a
+    bundle that stops only at </s> stays 1, which every runtime since the first reads."""
+    folder = fine_tune_with_an_end_token(tiny_checkpoint, tmp_path / "fine-tune")
+    bundle = exporter(folder, tmp_path / "b", skip_fidelity=True)
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    assert manifest["tokenizer"]["stop_ids"] == [2, 32016] and manifest["format_version"] == 2
+    assert load_bundle(bundle).stop_ids == {2, 32016}
+    assert json.loads((tiny_bundle / MANIFEST_NAME).read_text())["format_version"] == 1
+
+
+def test_an_int8_cache_bundle_is_format_2_which_runtimes_before_its_graph_refuse(tiny_checkpoint, tmp_path, exporter):
+    """The int8 cache graph's prompt branch hands back only the prompt's own rows since revision 5
+    (2026-12-02); a runtime from before it (7da018c) loaded such a bundle as format 1 and stopped at
+    its first request with onnxruntime's output-shape error, one from before the int8 cache (dd39390)
+    with a KeyError: tracebacks both. Format 2 is refused by them by its version; this runtime
+    drives it, as it drives the revision-5 bundles written as 1 before."""
+    from edge_runtime.engine import Engine
+    from edge_runtime.types import GenerationRequest, SamplingParams
+
+    bundle = exporter(tiny_checkpoint, tmp_path / "b", precision="int4", algorithm="rtn", kv_cache_bits=8,
+                      skip_fidelity=True)
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    assert manifest["kv_cache"]["dtype"] == "int8" and manifest["format_version"] == 2
+    request = GenerationRequest(mode="complete", prompt="def fib(n):", max_tokens=8,
+                                sampling=SamplingParams(temperature=0))
+    tokens = Engine.from_bundle(bundle, check_memory=False).complete(request).token_ids
+    rewrite_manifest(bundle, lambda m: m.update(format_version=1))  # as written from 2026-12-02 to this change
+    assert Engine.from_bundle(bundle, check_memory=False).complete(request).token_ids == tokens
+
+
 def test_a_generation_config_eos_that_is_not_an_id_of_the_model_is_refused(tiny_checkpoint, tmp_path):
     from edge_export.checkpoint import CheckpointError, read_checkpoint
 
