@@ -570,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     empty = empty_flag(args, DEVICE_FLAGS)
     if empty:
         return _die(empty)
+    if sys.stdout is None and args.func in (cmd_generate, cmd_ask):  # started with `>&-`: nowhere to stream to
+        return _die("cannot write the output: standard output is closed (`>/dev/null` discards it)", 1)
     configure_logging(args.log_level or "WARNING")  # in systemd's journal: each line's priority, no timestamp
     try:
         return args.func(args)

@@ -163,6 +163,8 @@ def request_source(args: argparse.Namespace) -> dict[str, Any]:
 def read_messages(source: str) -> list[dict[str, str]]:
     """``--messages``: a JSON file, or ``-`` for standard input, holding
     ``[{"role": ..., "content": ...}, ...]``."""
+    if source == "-" and sys.stdin is None:  # started with `<&-`
+        raise ValueError("--messages -: standard input is closed: give the messages on it, or a file")
     try:
         # bytes, decoded here: stdin's own decoding depends on the locale (strict, or surrogates for
         # bytes that are not UTF-8 under the C locale)
@@ -175,6 +177,8 @@ def read_messages(source: str) -> list[dict[str, str]]:
                          f"{exc.start + len(data) - len(exc.object)}") from None
     except OSError as exc:
         raise ValueError(f"--messages {source}: {exc}") from None
+    if not text.strip():  # `</dev/null` in CI, an empty file
+        raise ValueError(f"--messages {source}: empty: expected a JSON list of {{\"role\", \"content\"}} objects")
     try:
         messages = json.loads(text)
     except json.JSONDecodeError as exc:
