@@ -563,6 +563,16 @@ def utf8_stdout() -> None:
 DEVICE_FLAGS = {"--bundle": "bundle folder", "--profile": "device profile's name or TOML file"}
 
 
+def current_folder_gone() -> bool:
+    """True when the working directory was removed after the process entered it (`cd build; rm -rf
+    ../build` in another shell): relative paths then resolve nowhere."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -572,6 +582,11 @@ def main(argv: list[str] | None = None) -> int:
         return _die(empty)
     if sys.stdout is None and args.func in (cmd_generate, cmd_ask):  # started with `>&-`: nowhere to stream to
         return _die("cannot write the output: standard output is closed (`>/dev/null` discards it)", 1)
+    if args.func in (cmd_export, cmd_demo_model) and current_folder_gone():
+        # torch's oneMKL exits the process at its first matrix product there ("Intel oneMKL FATAL ERROR:
+        # Cannot load libtorch_cpu.so"), leaving the export's staging folder behind
+        return _die("the current folder no longer exists (it was removed after the shell entered it): torch cannot "
+                    "run from it; cd to a folder that exists")
     configure_logging(args.log_level or "WARNING")  # in systemd's journal: each line's priority, no timestamp
     try:
         return args.func(args)

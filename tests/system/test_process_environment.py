@@ -48,3 +48,17 @@ def test_generate_and_ask_with_stdout_closed_stop_before_the_work():
         assert out.returncode == 1, (command, out.stderr)
         assert last_line(out) == "error: cannot write the output: standard output is closed (`>/dev/null` discards it)"
 
+
+def test_export_from_a_removed_working_directory_is_refused_and_leaves_nothing(tiny_checkpoint, tmp_path):
+    """`cd build && rm -rf ../build` in another shell, then `export` with absolute paths: torch's
+    oneMKL killed the process at the first matrix product ("Intel oneMKL FATAL ERROR: Cannot load
+    libtorch_cpu.so", exit 2) and left `OUTPUT.partial/` behind. Now refused before any work."""
+    gone, output = tmp_path / "gone", tmp_path / "out" / "bundle"
+    script = (f"mkdir {shlex.quote(str(gone))} && cd {shlex.quote(str(gone))} && rmdir {shlex.quote(str(gone))} && "
+              f"$EDGE export --checkpoint {shlex.quote(str(tiny_checkpoint))} --profile cpu-x86_64 --precision int8 "
+              f"--skip-fidelity --output {shlex.quote(str(output))}")
+    out = run_in_shell(script)
+    assert out.returncode == 2, out.stderr
+    assert "the current folder no longer exists" in last_line(out) and "cd to a folder that exists" in last_line(out)
+    assert not (tmp_path / "out").exists(), sorted(p.name for p in (tmp_path / "out").iterdir())
+
