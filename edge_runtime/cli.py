@@ -553,10 +553,12 @@ def build_parser() -> argparse.ArgumentParser:
 def utf8_stdout() -> None:
     """Write standard output as UTF-8 whatever the locale says, as llama.cpp does: code is UTF-8, and
     under an ASCII or Latin-1 locale (PYTHONIOENCODING=ascii, LANG=en_US.ISO-8859-1) the first
-    character the locale could not encode stopped `generate` and `ask` with a UnicodeEncodeError."""
+    character the locale could not encode stopped `generate` and `ask` with a UnicodeEncodeError.
+    The error handler stays the locale's: under the C locale, surrogateescape, which writes a path's
+    own bytes back (`verify` printing a bundle folder named `bündle` under LC_ALL=C PYTHONUTF8=0)."""
     encoding = getattr(sys.stdout, "encoding", None)
     if encoding and codecs.lookup(encoding).name != "utf-8" and hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(encoding="utf-8")
+        sys.stdout.reconfigure(encoding="utf-8", errors=sys.stdout.errors)
 
 
 # the device commands' paths (verify, generate, fit, bench, serve): Path("") would be the current folder

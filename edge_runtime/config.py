@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from .errors import ConfigError
 from .log_output import LOG_LEVELS
+from .native_paths import text_path
 from .mqtt_connection import BrokerAddress, TlsFiles, check_tls_files, parse_broker_url, read_password_file
 from .profiles import is_profile_path
 from .protocol import FLEET_LEVEL, Topics, validate_name
@@ -222,11 +223,11 @@ def _resolve_file_paths(data: dict[str, Any], base: Path) -> None:
     for section, key in PATH_KEYS:
         table = data.get(section)
         if isinstance(table, dict) and isinstance(table.get(key), str) and table[key].strip():
-            path = Path(table[key]).expanduser()
+            path = Path(text_path(table[key])).expanduser()
             table[key] = str(path if path.is_absolute() else base / path)
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("profile"), str) and is_profile_path(model["profile"]):
-        path = Path(model["profile"]).expanduser()  # a TOML file, not a packaged profile's name
+        path = Path(text_path(model["profile"])).expanduser()  # a TOML file, not a packaged profile's name
         model["profile"] = str(path if path.is_absolute() else base / path)
 
 

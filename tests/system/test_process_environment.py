@@ -62,3 +62,97 @@ def test_export_from_a_removed_working_directory_is_refused_and_leaves_nothing(t
     assert "the current folder no longer exists" in last_line(out) and "cd to a folder that exists" in last_line(out)
     assert not (tmp_path / "out").exists(), sorted(p.name for p in (tmp_path / "out").iterdir())
 
+
+
+def ascii_locale_env() -> dict[str, str]:
+    """LC_ALL=C with Python's UTF-8 mode off: the filesystem encoding is ASCII, and a name's bytes
+    above 0x7f reach Python as surrogate escapes (a CI job or container that pins the C locale)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONIO"))}
+    env.update(LC_ALL="C", PYTHONUTF8="0")
+    return env
+
+
+def test_a_bundle_in_a_non_ascii_folder_loads_under_an_ascii_locale(tiny_bundle, tmp_path):
+    """`bundles/bündle 模型` under LC_ALL=C PYTHONUTF8=0: tokenizers and onnxruntime take a str
+    path and encode it as UTF-8, so the surrogate-escaped one Python holds was refused ("surrogates
+    not allowed") and `generate`/`serve` said the tokenizer.json was "not a tokenizer this runtime
+    reads; export the bundle again"; `verify` stopped with a UnicodeEncodeError printing the path."""
+    import json
+    import shutil
+
+    bundle = tmp_path / "bündle 模型"
+    shutil.copytree(tiny_bundle, bundle)
+    env = ascii_locale_env()
+    out = subprocess.run([*EDGE, "generate", "--bundle", str(bundle), "--prompt", "def f(x):", "--max-tokens", "2",
+                          "--temperature", "0", "--json"], capture_output=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr.decode("utf-8", "replace")
+    assert json.loads(out.stdout)["usage"]["completion_tokens"] == 2
+    verify = subprocess.run([*EDGE, "verify", "--bundle", str(bundle)], capture_output=True, timeout=120, env=env)
+    assert verify.returncode == 0, verify.stderr.decode("utf-8", "replace")
+    assert verify.stdout.startswith(b"ok: " + str(bundle).encode("utf-8") + b" ("), verify.stdout  # the path's bytes
+
+
+def test_a_bundle_folder_whose_name_is_not_utf8_is_named_as_such(tiny_bundle, tmp_path):
+    """A folder named under a Latin-1 locale (`caf\\xe9`): onnxruntime takes a model's path only as
+    UTF-8 text, so no str opens it; the error says so instead of "export the bundle again"."""
+    import os
+    import shutil
+
+    bundle = os.path.join(os.fsencode(tmp_path), b"caf\xe9")
+    shutil.copytree(tiny_bundle, os.fsdecode(bundle))
+    out = subprocess.run([*EDGE, "generate", "--bundle", bundle, "--prompt", "x", "--max-tokens", "1"],
+                         capture_output=True, timeout=120)
+    assert out.returncode == 2
+    line = out.stderr.decode("utf-8", "replace").strip().splitlines()[-1]
+    assert "Traceback" not in out.stderr.decode("utf-8", "replace")
+    assert "path is not UTF-8" in line and "rename the folder" in line and "export the bundle again" not in line, line
+
+
+def test_config_paths_with_non_ascii_names_are_found_under_an_ascii_locale(tmp_path):
+    """A config's paths are UTF-8 text (TOML): under LC_ALL=C PYTHONUTF8=0 `state_dir = "état 状态"`
+    was a str Python could not encode, so the folder "did not exist" (`serve`: "model.bundle: ... is
+    not a directory"; `audit --config`: "no audit log at ..." beside the log; `policy`: the
+    classifier's bundle "no such folder")."""
+    import json
+
+    base = tmp_path / "ü 設定"
+    state = base / "état 状态"
+    state.mkdir(parents=True)
+    event = {"ts": 1796321759.324, "request_id": "r1", "client_id": "c1", "mode": "complete", "rule": "kein-passwort",
+             "action": "refuse", "where": "input", "text_sha256": "0" * 64}
+    (state / "audit.jsonl").write_text(json.dumps(event) + "\n", encoding="utf-8")
+    config = base / "cönfig.toml"
+    config.write_text('# Gerät — 設定\n[model]\nbundle = "bündle"\n[mqtt]\nbroker = "mqtt://127.0.0.1:1883"\n'
+                      'device_id = "dev1"\n[service]\nstate_dir = "état 状态"\n', encoding="utf-8")
+    out = subprocess.run([*EDGE, "audit", "--config", str(config)], capture_output=True, timeout=120,
+                         env=ascii_locale_env())
+    assert out.returncode == 0, out.stderr.decode("utf-8", "replace")
+    assert b"rule=kein-passwort" in out.stdout and b"1 events" in out.stderr, (out.stdout, out.stderr)
+    # and a policy's classifier bundle, relative to the policy file, the same way
+    (base / "bündle").mkdir()
+    policy = base / "pölicy.toml"
+    policy.write_text('version = 1\n[classifier]\nbundle = "bündle"\nblock_labels = ["unsafe"]\n', encoding="utf-8")
+    checked = subprocess.run([*EDGE, "policy", str(policy)], capture_output=True, timeout=120, env=ascii_locale_env())
+    assert checked.returncode == 0, checked.stderr.decode("utf-8", "replace")
+    assert b"classifier: bundle " + str(base / "bündle").encode("utf-8") in checked.stdout, checked.stdout
+
+
+def test_export_with_non_ascii_paths_under_an_ascii_locale(tiny_checkpoint, tmp_path):
+    """`export --checkpoint "modèles/ckpt 模型" --output "bündle"` under LC_ALL=C PYTHONUTF8=0: the
+    checkpoint's tokenizer.json "cannot be read as a tokenizer ('utf-8' codec can't encode
+    characters ...: surrogates not allowed)", and past that onnxruntime refused the KV cache's
+    calibration graph and the fidelity session by path. The bundle is written and verifies."""
+    import shutil
+
+    checkpoint = tmp_path / "modèles" / "ckpt 模型"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    output = tmp_path / "bündle"
+    out = subprocess.run([*EDGE, "export", "--checkpoint", str(checkpoint), "--profile", "cpu-x86_64",
+                          "--precision", "int8", "--output", str(output), "--fidelity-tokens", "4",
+                          "--fidelity-corpus-tokens", "64"], capture_output=True, timeout=300, env=ascii_locale_env())
+    assert out.returncode == 0, out.stderr.decode("utf-8", "replace")[-2000:]
+    assert b"PASSED" in out.stdout, out.stdout
+    verify = subprocess.run([*EDGE, "verify", "--bundle", str(output)], capture_output=True, timeout=120)
+    assert verify.returncode == 0, verify.stderr
