@@ -65,6 +65,7 @@ from typing import Any
 from .config import SERVICE_STATE_DIR
 from .errors import BundleError, ConfigError, EdgeRuntimeError
 from .memory_fit import human_bytes
+from .native_paths import native_path
 from .profiles import is_profile_path
 from .request_flags import empty_flag
 
@@ -114,7 +115,10 @@ CONFIG_TEMPLATE = _systemd_file("config.toml")
 
 # -- rendering ------------------------------------------------------------------------------
 def _unit_quote(path: str) -> str:
-    return f'"{path}"' if any(c.isspace() for c in path) else path
+    """The ExecStart= program `path` as a unit file spells it: `%` starts a specifier there (`%%`
+    is one), and a path with a space is double-quoted (systemd substitutes no `$` in the program)."""
+    word = path.replace("%", "%%")
+    return f'"{word}"' if any(c.isspace() for c in word) else word
 
 
 def render_unit(executable: str | os.PathLike[str] = DEFAULT_EXECUTABLE) -> str:
@@ -122,6 +126,12 @@ def render_unit(executable: str | os.PathLike[str] = DEFAULT_EXECUTABLE) -> str:
     executable = os.fspath(executable)
     if not os.path.isabs(executable):
         raise ConfigError(f"the ExecStart= executable must be an absolute path, got {executable!r}")
+    text = native_path(executable)  # the unit file is UTF-8, whatever the locale Python runs in
+    if text is None or any(c in "\"'\\" or not c.isprintable() and c != " " for c in text):
+        raise ConfigError(f"the ExecStart= executable {executable!r} has characters systemd refuses in a program's "
+                          "path (quotes, backslashes, control characters, bytes that are not UTF-8): install the "
+                          "venv under another path")
+    executable = text
     old = f"ExecStart={DEFAULT_EXECUTABLE} "
     assert old in UNIT_TEMPLATE
     return UNIT_TEMPLATE.replace(old, f"ExecStart={_unit_quote(executable)} ")
@@ -148,7 +158,8 @@ def render_config(bundle: str | os.PathLike[str] | None, profile: str | None) ->
     if bundle is not None:
         old = f'bundle = "{BUNDLES_DIR}/model"'
         assert old in text
-        text = text.replace(old, f"bundle = {_toml_string(os.fspath(bundle))}")
+        path = native_path(bundle)  # the file is UTF-8, whatever the locale (install_service checks the name)
+        text = text.replace(old, f"bundle = {_toml_string(path if path is not None else os.fspath(bundle))}")
     if profile is not None:
         old = '# profile = "cpu-x86_64"'
         assert old in text
@@ -540,7 +551,7 @@ class _Installer:
         if not self.dry_run:
             _make_dirs(path.parent)
             tmp = path.with_name(f".{path.name}.tmp-install")
-            tmp.write_text(content, encoding="utf-8")
+            tmp.write_bytes(content.encode("utf-8"))  # encoded first: a text that cannot be leaves no empty file
             os.chmod(tmp, mode)
             os.replace(tmp, path)
         self.did(shown, verb, would)
@@ -871,6 +882,11 @@ def install_service(profile: str | None, bundle: Path | None, *, root: Path = Pa
     # the cheap checks first: hashing a large bundle takes minutes
     inst.check_user_database()
     exec_path = _service_executable(inst, executable)
+    unit = render_unit(exec_path)  # refuses a path systemd would refuse, before any change
+    if source is not None and native_path(source.name) is None:
+        raise BundleError(f"bundle folder {bundle}: its name is not UTF-8 text ({os.fsencode(source.name)!r}): the "
+                          "config names the bundle in UTF-8, and onnxruntime opens a model only by a UTF-8 path; "
+                          "rename the folder")
     config = inst.read_config()
     if config is not None and not config.readable:
         path = inst.target(CONFIG_FILE)
@@ -889,7 +905,7 @@ def install_service(profile: str | None, bundle: Path | None, *, root: Path = Pa
         inst.check_bundle_fits(verified, running[0], config)
 
     inst.ensure_user()
-    unit_changed = inst.ensure_file(UNIT_FILE, render_unit(exec_path), 0o644)
+    unit_changed = inst.ensure_file(UNIT_FILE, unit, 0o644)
     dropin_changed = False
     if gpu is None:
         inst.step("GPU drop-in: left as it is (no profile to decide it by: no --profile, and no readable "
