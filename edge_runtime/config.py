@@ -192,7 +192,9 @@ def default_state_dir(environ: Mapping[str, str] = os.environ) -> Path:
     if state:
         return Path(state.split(":")[0])
     xdg = environ.get("XDG_STATE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
+    # a relative one is invalid and ignored (the XDG Base Directory spec): it would put the reply
+    # store wherever the daemon was started from
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".local" / "state"
     return base / "edge-runtime"
 
 

@@ -156,3 +156,19 @@ def test_export_with_non_ascii_paths_under_an_ascii_locale(tiny_checkpoint, tmp_
     assert b"PASSED" in out.stdout, out.stdout
     verify = subprocess.run([*EDGE, "verify", "--bundle", str(output)], capture_output=True, timeout=120)
     assert verify.returncode == 0, verify.stderr
+
+
+def test_a_relative_xdg_state_home_is_ignored(tmp_path):
+    """XDG_STATE_HOME=state (relative, which the XDG Base Directory spec says to ignore) put the
+    default state directory, reply store and audit log under whatever folder the daemon was
+    started from; `audit` looked there too. Now ~/.local/state/edge-runtime, as with it unset."""
+    import os
+
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    home.mkdir()
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("STATE_DIRECTORY", "XDG_STATE_HOME")}
+    env.update(HOME=str(home), XDG_STATE_HOME="state")
+    out = subprocess.run([*EDGE, "audit"], capture_output=True, text=True, timeout=60, env=env, cwd=elsewhere)
+    assert out.returncode == 0, out.stderr
+    assert f"no audit log at {home}/.local/state/edge-runtime/audit.jsonl" in out.stderr, out.stderr
