@@ -315,8 +315,14 @@ def cmd_audit(args) -> int:
         explicit = config.service.state_dir if config is not None else None
         # No state_dir in the config: the daemon's is $STATE_DIRECTORY under systemd (the
         # installed unit's /var/lib/edge-runtime), which a shell does not have; look there too.
-        candidates = ([explicit / AUDIT_FILE] if explicit is not None else
-                      list(dict.fromkeys([default_state_dir() / AUDIT_FILE, SERVICE_STATE_DIR / AUDIT_FILE])))
+        if explicit is not None:
+            candidates = [explicit / AUDIT_FILE]
+        else:
+            try:
+                own = [default_state_dir() / AUDIT_FILE]
+            except ConfigError:  # no $HOME, and a user without a home: the service's is still there to read
+                own = []
+            candidates = list(dict.fromkeys([*own, SERVICE_STATE_DIR / AUDIT_FILE]))
     try:
         since = parse_since(args.since) if args.since is not None else None  # '': an error, not no filter
     except ValueError as exc:

@@ -187,15 +187,23 @@ SERVICE_STATE_DIR = Path("/var/lib/edge-runtime")  # the installed unit's StateD
 
 
 def default_state_dir(environ: Mapping[str, str] = os.environ) -> Path:
-    """$STATE_DIRECTORY (set by systemd's StateDirectory=), else the XDG state dir."""
+    """$STATE_DIRECTORY (set by systemd's StateDirectory=), else the XDG state dir; ConfigError
+    where there is none (no $HOME and a user without a home)."""
     state = environ.get("STATE_DIRECTORY")
     if state:
         return Path(state.split(":")[0])
     xdg = environ.get("XDG_STATE_HOME")
     # a relative one is invalid and ignored (the XDG Base Directory spec): it would put the reply
     # store wherever the daemon was started from
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".local" / "state"
-    return base / "edge-runtime"
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "edge-runtime"
+    try:
+        home = Path.home()
+    except RuntimeError:  # no $HOME, and a user id the user database lacks (`docker run --user 12345`)
+        raise ConfigError(f"service.state_dir: no default state directory: $HOME is unset and user id {os.getuid()} "
+                          "has no home in the user database; set [service] state_dir (serve --state-dir), or "
+                          "$HOME or $XDG_STATE_HOME") from None
+    return home / ".local" / "state" / "edge-runtime"
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

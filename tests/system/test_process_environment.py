@@ -172,3 +172,35 @@ def test_a_relative_xdg_state_home_is_ignored(tmp_path):
     out = subprocess.run([*EDGE, "audit"], capture_output=True, text=True, timeout=60, env=env, cwd=elsewhere)
     assert out.returncode == 0, out.stderr
     assert f"no audit log at {home}/.local/state/edge-runtime/audit.jsonl" in out.stderr, out.stderr
+
+
+def as_user_without_a_home(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """`args` with no $HOME as user id 12345, which the user database lacks (`docker run --user
+    12345`): a user namespace mapping 12345 to this user, so the files stay readable."""
+    import os
+    import shutil
+
+    import pytest
+
+    unshare = shutil.which("unshare")
+    probe = subprocess.run([unshare or "unshare", "-U", "--map-user=12345", "--map-group=12345", "true"],
+                           capture_output=True) if unshare else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("no user namespaces here (unshare -U --map-user)")
+    env = {k: v for k, v in os.environ.items() if k not in ("HOME", "STATE_DIRECTORY", "XDG_STATE_HOME")}
+    return subprocess.run([unshare, "-U", "--map-user=12345", "--map-group=12345", *args], capture_output=True,
+                          text=True, env=env, **kwargs)
+
+
+def test_no_home_and_a_user_the_user_database_lacks(tiny_bundle):
+    """`serve` without a state_dir, and `audit`, stopped with RuntimeError "Could not determine
+    home directory." (Path.home()). `serve` now names the key to set, before loading the bundle;
+    `audit` looks in the service's state directory alone."""
+    served = as_user_without_a_home([*EDGE, "serve", "--bundle", str(tiny_bundle), "--broker", "mqtt://127.0.0.1:9",
+                                     "--device-id", "d"], timeout=120)
+    assert served.returncode == 2, served.stderr
+    assert last_line(served).startswith("error: service.state_dir: no default state directory: $HOME is unset "
+                                        "and user id 12345 has no home"), served.stderr
+    audited = as_user_without_a_home([*EDGE, "audit"], timeout=60)
+    assert audited.returncode == 0, audited.stderr
+    assert "no audit log at /var/lib/edge-runtime/audit.jsonl" in audited.stderr, audited.stderr
