@@ -204,3 +204,12 @@ def test_no_home_and_a_user_the_user_database_lacks(tiny_bundle):
     audited = as_user_without_a_home([*EDGE, "audit"], timeout=60)
     assert audited.returncode == 0, audited.stderr
     assert "no audit log at /var/lib/edge-runtime/audit.jsonl" in audited.stderr, audited.stderr
+
+
+def test_demo_model_without_a_home_names_what_to_set():
+    """`demo-model` (scripts/quickstart.sh's first step) in a container run as a user id without a
+    home stopped with RuntimeError "Could not determine home directory."."""
+    out = as_user_without_a_home([*EDGE, "demo-model"], timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert last_line(out).startswith("error: no cache folder for the demo model: $HOME is unset") and \
+        "--cache-dir" in last_line(out), out.stderr
