@@ -556,15 +556,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def utf8_stdout() -> None:
-    """Write standard output as UTF-8 whatever the locale says, as llama.cpp does: code is UTF-8, and
-    under an ASCII or Latin-1 locale (PYTHONIOENCODING=ascii, LANG=en_US.ISO-8859-1) the first
-    character the locale could not encode stopped `generate` and `ask` with a UnicodeEncodeError.
-    The error handler stays the locale's: under the C locale, surrogateescape, which writes a path's
-    own bytes back (`verify` printing a bundle folder named `bündle` under LC_ALL=C PYTHONUTF8=0)."""
-    encoding = getattr(sys.stdout, "encoding", None)
-    if encoding and codecs.lookup(encoding).name != "utf-8" and hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(encoding="utf-8", errors=sys.stdout.errors)
+def utf8_output() -> None:
+    """Write standard output and error as UTF-8 whatever the locale says, as llama.cpp does: code is
+    UTF-8, and under an ASCII or Latin-1 locale (PYTHONIOENCODING=ascii, LANG=en_US.ISO-8859-1) the
+    first character the locale could not encode stopped `generate` and `ask` with a
+    UnicodeEncodeError, and an error naming a rule `kein-passwört` said `kein-passw\\xf6rt`. The
+    error handlers stay the locale's: under the C locale, stdout's surrogateescape writes a path's
+    own bytes back (`verify` printing a bundle folder named `bündle` under LC_ALL=C PYTHONUTF8=0);
+    stderr's backslashreplace never fails."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = getattr(stream, "encoding", None)
+        if encoding and codecs.lookup(encoding).name != "utf-8" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(encoding="utf-8", errors=stream.errors)
 
 
 # the device commands' paths (verify, generate, fit, bench, serve): Path("") would be the current folder
@@ -582,9 +585,9 @@ def current_folder_gone() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    utf8_output()  # before parsing: argparse's errors quote the flags' text
     parser = build_parser()
     args = parser.parse_args(argv)
-    utf8_stdout()
     empty = empty_flag(args, DEVICE_FLAGS)
     if empty:
         return _die(empty)

@@ -213,3 +213,19 @@ def test_demo_model_without_a_home_names_what_to_set():
     assert out.returncode == 2, out.stderr
     assert last_line(out).startswith("error: no cache folder for the demo model: $HOME is unset") and \
         "--cache-dir" in last_line(out), out.stderr
+
+
+def test_errors_are_written_in_utf8_under_an_ascii_locale(tmp_path):
+    """stdout was UTF-8 whatever the locale, stderr not: under LC_ALL=C PYTHONUTF8=0 (or
+    PYTHONIOENCODING=ascii) a policy error naming the rule `kein-passwört` said
+    `kein-passw\\xf6rt`."""
+    import os
+
+    policy = tmp_path / "policy.toml"
+    policy.write_text('version = 1\n' + '[[rules]]\nname = "kein-passwört"\naction = "refuse"\nphrases = ["x"]\n' * 2,
+                      encoding="utf-8")
+    for env in (ascii_locale_env(), {**os.environ, "PYTHONIOENCODING": "ascii"}):
+        out = subprocess.run([*EDGE, "policy", str(policy)], capture_output=True, timeout=60, env=env)
+        assert out.returncode == 2
+        assert "rules[1] ('kein-passwört'): name: another rule has the same name" in out.stderr.decode("utf-8"), \
+            out.stderr
