@@ -229,3 +229,27 @@ def test_errors_are_written_in_utf8_under_an_ascii_locale(tmp_path):
         assert out.returncode == 2
         assert "rules[1] ('kein-passwört'): name: another rule has the same name" in out.stderr.decode("utf-8"), \
             out.stderr
+
+
+def test_onnxruntime_keeps_no_telemetry_in_the_home(tiny_bundle, tmp_path):
+    """onnxruntime's wheels collect telemetry on Linux: loading a bundle wrote a persistent device id
+    and an event queue (onnxruntime.db, megabytes after a day) under
+    $HOME/.cache/Microsoft/DeveloperTools: for the installed service, in its state directory (the
+    service user's home), uploaded to Microsoft whenever the device reaches the Internet. The
+    runtime and the unit set ORT_DISABLE_TELEMETRY=1; a user who sets it to 0 still opts in."""
+    import os
+
+    from edge_runtime.install_service import render_unit
+
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    homes = {}
+    for name, extra in (("default", {}), ("opted-in", {"ORT_DISABLE_TELEMETRY": "0"})):
+        homes[name] = home = tmp_path / name
+        home.mkdir()
+        out = subprocess.run([*EDGE, "generate", "--bundle", str(tiny_bundle), "--prompt", "x", "--max-tokens", "1"],
+                             capture_output=True, text=True, timeout=120, env={**env, **extra, "HOME": str(home)})
+        assert out.returncode == 0, out.stderr
+    assert sorted(p.relative_to(homes["default"]).as_posix() for p in homes["default"].rglob("*")) == []
+    assert (homes["opted-in"] / ".cache" / "Microsoft" / "DeveloperTools").is_dir()  # what the variable stops
+    environment = [line for line in render_unit().splitlines() if line.startswith("Environment=")]
+    assert any("ORT_DISABLE_TELEMETRY=1" in line.split("=", 1)[1].split() for line in environment), environment
