@@ -241,7 +241,7 @@ def measure(checkpoint: Path, graph: Path, arch: Architecture, tokenizer_path: P
     import torch
     from transformers import LlamaForCausalLM
 
-    config = torch_config(json.loads((Path(checkpoint) / "config.json").read_text()))
+    config = torch_config(json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8")))
     model = LlamaForCausalLM.from_pretrained(str(checkpoint), config=config, dtype=torch.float32).eval()
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: the graph's known optimizer warnings are noise in the export's output

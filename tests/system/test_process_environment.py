@@ -143,11 +143,17 @@ def test_export_with_non_ascii_paths_under_an_ascii_locale(tiny_checkpoint, tmp_
     """`export --checkpoint "modèles/ckpt 模型" --output "bündle"` under LC_ALL=C PYTHONUTF8=0: the
     checkpoint's tokenizer.json "cannot be read as a tokenizer ('utf-8' codec can't encode
     characters ...: surrogates not allowed)", and past that onnxruntime refused the KV cache's
-    calibration graph and the fidelity session by path. The bundle is written and verifies."""
+    calibration graph and the fidelity session by path, and the fidelity step read config.json in the
+    locale's encoding (a non-ASCII `_name_or_path`: UnicodeDecodeError). The bundle is written and
+    verifies."""
+    import json
     import shutil
 
     checkpoint = tmp_path / "modèles" / "ckpt 模型"
     shutil.copytree(tiny_checkpoint, checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    config["_name_or_path"] = "/home/jörg/modèles/ckpt 模型"  # as save_pretrained records it
+    (checkpoint / "config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
     output = tmp_path / "bündle"
     out = subprocess.run([*EDGE, "export", "--checkpoint", str(checkpoint), "--profile", "cpu-x86_64",
                           "--precision", "int8", "--output", str(output), "--fidelity-tokens", "4",
