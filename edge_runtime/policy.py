@@ -711,6 +711,9 @@ def compile_policy(spec: PolicySpec, *, source: str, sha256: str = "") -> Policy
 def parse_policy(raw: bytes, *, source: str, base: Path | None = None) -> Policy:
     data = parse_toml(raw, source=source)
     classifier = data.get("classifier")
+    if isinstance(classifier, dict) and isinstance(classifier.get("command"), list):
+        # the program and its arguments as the filesystem and exec take them (UTF-8 text's bytes)
+        classifier["command"] = [text_path(a) if isinstance(a, str) else a for a in classifier["command"]]
     if base is not None and isinstance(classifier, dict) and isinstance(classifier.get("bundle"), str):
         bundle = Path(text_path(classifier["bundle"])).expanduser()
         classifier["bundle"] = str(bundle if bundle.is_absolute() else base / bundle)

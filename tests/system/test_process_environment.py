@@ -114,7 +114,7 @@ def test_config_paths_with_non_ascii_names_are_found_under_an_ascii_locale(tmp_p
     """A config's paths are UTF-8 text (TOML): under LC_ALL=C PYTHONUTF8=0 `state_dir = "état 状态"`
     was a str Python could not encode, so the folder "did not exist" (`serve`: "model.bundle: ... is
     not a directory"; `audit --config`: "no audit log at ..." beside the log; `policy`: the
-    classifier's bundle "no such folder")."""
+    classifier's bundle "no such folder", its program "no such file")."""
     import json
 
     base = tmp_path / "ü 設定"
@@ -137,6 +137,13 @@ def test_config_paths_with_non_ascii_names_are_found_under_an_ascii_locale(tmp_p
     checked = subprocess.run([*EDGE, "policy", str(policy)], capture_output=True, timeout=120, env=ascii_locale_env())
     assert checked.returncode == 0, checked.stderr.decode("utf-8", "replace")
     assert b"classifier: bundle " + str(base / "bündle").encode("utf-8") in checked.stdout, checked.stdout
+    # and a classifier program named in UTF-8 (with an argument in UTF-8)
+    program = base / "prüfer.sh"
+    program.write_text("#!/bin/sh\nexit 0\n", encoding="utf-8")
+    program.chmod(0o755)
+    policy.write_text(f'version = 1\n[classifier]\ncommand = ["{program}", "--modus=größer"]\n', encoding="utf-8")
+    checked = subprocess.run([*EDGE, "policy", str(policy)], capture_output=True, timeout=120, env=ascii_locale_env())
+    assert checked.returncode == 0, checked.stderr.decode("utf-8", "replace")
 
 
 def test_export_with_non_ascii_paths_under_an_ascii_locale(tiny_checkpoint, tmp_path):
