@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import errno
 import json
 import logging
@@ -12,6 +13,7 @@ import os
 import signal
 import stat
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import BundleError, ConfigError, EdgeRuntimeError
@@ -58,6 +60,35 @@ FOLDER_OF = {"--checkpoint": "checkpoint folder", "--output": "bundle folder to 
              "--profile": "device profile's name or TOML file"}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP during a long workstation command, raised where Ctrl-C's KeyboardInterrupt
+    would be, so the same cleanup runs (export: the staging folder and the folders made for --output)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """While open, SIGTERM (`timeout`, a CI job cancelled, `docker stop`) and SIGHUP (the ssh session
+    dropped) raise `Terminated`, as Ctrl-C does; without it they killed an export on the spot and
+    left `OUTPUT.partial/` (the size of the bundle) behind. A signal ignored when the command started
+    (`nohup`) stays ignored."""
+    def raise_terminated(signum, frame):
+        raise Terminated(signum)
+
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, raise_terminated)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def cmd_export(args) -> int:
     try:
         from edge_export.pipeline import ExportOptions, format_summary, run_export
@@ -74,7 +105,8 @@ def cmd_export(args) -> int:
                          calibration_text=args.calibration_text, calibration_tokens=args.calibration_tokens,
                          kv_cache_bits=args.kv_cache_bits,
                          skip_fidelity=args.skip_fidelity, graph=args.graph, variant=args.variant)
-    summary = run_export(opts)
+    with terminate_as_interrupt():
+        summary = run_export(opts)
     print(format_summary(summary))
     if not summary.fits:  # kept, but the engine refuses to start it with this profile
         return _die(f"the bundle at {summary.bundle} was written, but it does not fit the {summary.memory.profile} "
@@ -409,7 +441,8 @@ def cmd_demo_model(args) -> int:
     except ImportError as exc:
         return _die(f"the export side is not installed ({exc.name} missing): pip install torch==2.13.0 && "
                     "pip install '/path/to/edge-runtime[export,cpu]' (the source folder)")
-    path = ensure_demo_model(Path(args.cache_dir) if args.cache_dir else None)
+    with terminate_as_interrupt():
+        path = ensure_demo_model(Path(args.cache_dir) if args.cache_dir else None)
     print(path)
     return 0
 
@@ -603,6 +636,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except EdgeRuntimeError as exc:
         return _die(str(exc))
+    except Terminated as exc:
+        return _die(f"interrupted ({signal.Signals(exc.signum).name})", 128 + exc.signum)
     except KeyboardInterrupt:
         return _die("interrupted", 130)
     except BrokenPipeError:  # `edge-runtime generate ... | head`: the reader has what it wanted

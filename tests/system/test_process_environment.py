@@ -266,3 +266,27 @@ def test_onnxruntime_keeps_no_telemetry_in_the_home(tiny_bundle, tmp_path):
     assert (homes["opted-in"] / ".cache" / "Microsoft" / "DeveloperTools").is_dir()  # what the variable stops
     environment = [line for line in render_unit().splitlines() if line.startswith("Environment=")]
     assert any("ORT_DISABLE_TELEMETRY=1" in line.split("=", 1)[1].split() for line in environment), environment
+
+
+def test_export_stopped_by_sigterm_or_sighup_leaves_nothing(tiny_checkpoint, tmp_path):
+    """`timeout 1h edge-runtime export ...`, a cancelled CI job (SIGTERM) or a dropped ssh session
+    (SIGHUP) killed the export on the spot: `OUTPUT.partial/` (as large as the bundle) and the
+    folders made for --output stayed. Now they end it as Ctrl-C does: nothing left, one line,
+    exit 128 + the signal."""
+    import signal
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        output = tmp_path / signum.name / "sub" / "bundle"
+        proc = subprocess.Popen([*EDGE, "export", "--checkpoint", str(tiny_checkpoint), "--profile", "cpu-x86_64",
+                                 "--precision", "int8", "--skip-fidelity", "--output", str(output)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        seen = []
+        for line in proc.stderr:  # the build step has begun: the staging folder holds files
+            seen.append(line)
+            if line.startswith("[2/4]"):
+                break
+        proc.send_signal(signum)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=120) == 128 + signum, "".join(seen) + rest
+        assert "Traceback" not in rest and rest.strip().splitlines()[-1] == f"error: interrupted ({signum.name})", rest
+        assert not (tmp_path / signum.name).exists(), sorted(str(p) for p in (tmp_path / signum.name).rglob("*"))
