@@ -151,9 +151,11 @@ def test_export_with_non_ascii_paths_under_an_ascii_locale(tiny_checkpoint, tmp_
     checkpoint's tokenizer.json "cannot be read as a tokenizer ('utf-8' codec can't encode
     characters ...: surrogates not allowed)", and past that onnxruntime refused the KV cache's
     calibration graph and the fidelity session by path, and the fidelity step read config.json in the
-    locale's encoding (a non-ASCII `_name_or_path`: UnicodeDecodeError). The bundle is written and
-    verifies."""
+    locale's encoding (a non-ASCII `_name_or_path`: UnicodeDecodeError); bundle.json recorded the
+    calibration folder's name as lone surrogates (`"kalibrierung \\udcc3\\udcbc"`). The bundle is
+    written and verifies."""
     import json
+    import os
     import shutil
 
     checkpoint = tmp_path / "modèles" / "ckpt 模型"
@@ -161,12 +163,24 @@ def test_export_with_non_ascii_paths_under_an_ascii_locale(tiny_checkpoint, tmp_
     config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
     config["_name_or_path"] = "/home/jörg/modèles/ckpt 模型"  # as save_pretrained records it
     (checkpoint / "config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    calibration = tmp_path / "kalibrierung ü"
+    calibration.mkdir()
+    (calibration / "grüße.py").write_text("".join(f"def f_{i}(x):\n    return x * {i} + 1\n" for i in range(40)),
+                                          encoding="utf-8")
+    with open(os.path.join(os.fsencode(calibration), b"bin\xe9.py"), "wb") as f:  # named under Latin-1, binary
+        f.write(b"\xff\xfe\x00binary")
     output = tmp_path / "bündle"
     out = subprocess.run([*EDGE, "export", "--checkpoint", str(checkpoint), "--profile", "cpu-x86_64",
                           "--precision", "int8", "--output", str(output), "--fidelity-tokens", "4",
-                          "--fidelity-corpus-tokens", "64"], capture_output=True, timeout=300, env=ascii_locale_env())
+                          "--fidelity-corpus-tokens", "64", "--calibration-text", str(calibration),
+                          "--calibration-tokens", "4000"], capture_output=True, timeout=300, env=ascii_locale_env())
     assert out.returncode == 0, out.stderr.decode("utf-8", "replace")[-2000:]
     assert b"PASSED" in out.stdout, out.stdout
+    # bundle.json names them as text: no lone surrogates, which strict JSON parsers refuse
+    manifest = (output / "bundle.json").read_bytes()
+    assert b"\\ud" not in manifest, manifest
+    calibrated = json.loads(manifest)["quantization"]["calibration"]
+    assert calibrated["text"] == "kalibrierung ü" and calibrated["skipped_files"] == ["bin\ufffd.py"], calibrated
     verify = subprocess.run([*EDGE, "verify", "--bundle", str(output)], capture_output=True, timeout=120)
     assert verify.returncode == 0, verify.stderr
 
