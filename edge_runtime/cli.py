@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import contextlib
 import errno
 import json
 import logging
@@ -13,10 +12,10 @@ import os
 import signal
 import stat
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import BundleError, ConfigError, EdgeRuntimeError
+from .interrupts import Terminated, terminate_as_interrupt
 from .log_output import LOG_LEVELS, configure_logging, journal_lines, journal_priority, writes_to_journal
 from .request_flags import add_request_arguments, empty_flag, integer_at_least, penalties, request_source
 
@@ -58,35 +57,6 @@ def cmd_profiles(args) -> int:
 EXPORT_DOES_NOT_FIT = 3  # export's exit status when the bundle was written but is over the profile's memory budget
 FOLDER_OF = {"--checkpoint": "checkpoint folder", "--output": "bundle folder to create",
              "--profile": "device profile's name or TOML file"}
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP during a long workstation command, raised where Ctrl-C's KeyboardInterrupt
-    would be, so the same cleanup runs (export: the staging folder and the folders made for --output)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """While open, SIGTERM (`timeout`, a CI job cancelled, `docker stop`) and SIGHUP (the ssh session
-    dropped) raise `Terminated`, as Ctrl-C does; without it they killed an export on the spot and
-    left `OUTPUT.partial/` (the size of the bundle) behind. A signal ignored when the command started
-    (`nohup`) stays ignored."""
-    def raise_terminated(signum, frame):
-        raise Terminated(signum)
-
-    previous = {}
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            previous[signum] = signal.signal(signum, raise_terminated)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def cmd_export(args) -> int:
@@ -637,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeRuntimeError as exc:
         return _die(str(exc))
     except Terminated as exc:
-        return _die(f"interrupted ({signal.Signals(exc.signum).name})", 128 + exc.signum)
+        return _die(f"interrupted ({exc.name})", exc.exit_status)
     except KeyboardInterrupt:
         return _die("interrupted", 130)
     except BrokenPipeError:  # `edge-runtime generate ... | head`: the reader has what it wanted

@@ -64,6 +64,7 @@ from typing import Any
 
 from .config import SERVICE_STATE_DIR
 from .errors import BundleError, ConfigError, EdgeRuntimeError
+from .interrupts import Terminated, terminate_as_interrupt
 from .memory_fit import human_bytes
 from .native_paths import native_path
 from .profiles import is_profile_path
@@ -633,6 +634,9 @@ class _Installer:
                                   f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}; "
                                   f"{'the installed bundle is unchanged' if replacing else 'nothing installed'} "
                                   "and the partial copy removed") from None
+            except BaseException:  # Ctrl-C, SIGTERM, SIGHUP (interrupts): no partial copy left either
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             if replacing:
                 os.replace(dest, old)
             os.replace(tmp, dest)
@@ -1017,8 +1021,15 @@ def run_install_service(args: argparse.Namespace) -> int:
             uninstall_service(root=Path(args.root), dry_run=args.dry_run, report=print)
         else:
             bundle = Path(args.bundle) if args.bundle is not None else None
-            install_service(args.profile, bundle, root=Path(args.root), dry_run=args.dry_run,
-                            executable=args.executable, report=print)
+            with terminate_as_interrupt():
+                install_service(args.profile, bundle, root=Path(args.root), dry_run=args.dry_run,
+                                executable=args.executable, report=print)
+    except Terminated as exc:
+        print(f"error: interrupted ({exc.name})", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     except EdgeRuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

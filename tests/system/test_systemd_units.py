@@ -1343,3 +1343,38 @@ def test_install_service_under_an_ascii_locale_writes_a_non_ascii_bundle_name_as
     refused = subprocess.run([*command, latin1], capture_output=True, timeout=120)
     assert refused.returncode == 2 and b"not UTF-8" in refused.stderr, refused.stderr
     assert not os.path.exists(os.path.join(os.fsencode(image_root), b"opt/edge-runtime/bundles/caf\xe9"))
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_install_service_interrupted_while_copying_the_bundle_leaves_no_partial_copy(image_root, tmp_path, signum):
+    """Ctrl-C, or SIGTERM (`timeout`, a provisioning job cancelled), while the bundle is copied: the
+    partial copy (`.NAME.tmp-install`, up to the bundle's size, on an SD card) stayed until the next
+    run, and SIGTERM killed the command without a word. Now it is removed, one line, exit 130/143."""
+    import signal
+
+    from edge_runtime.bundle import MANIFEST_NAME, sha256_file
+
+    bundle = write_bundle(tmp_path / "big-bundle", profile="cpu-x86_64")
+    data = bundle / "model.onnx.data"
+    with open(data, "ab") as f:  # large enough that the copy takes a while
+        f.truncate(400 * 2**20)
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    for entry in manifest["files"]:
+        if entry["path"] == "model.onnx.data":
+            entry.update(size=data.stat().st_size, sha256=sha256_file(data))
+    (bundle / MANIFEST_NAME).write_text(json.dumps(manifest))
+    staging = image_root / "opt" / "edge-runtime" / "bundles" / ".big-bundle.tmp-install"
+    proc = subprocess.Popen([sys.executable, "-m", "edge_runtime", "install-service", "--root", str(image_root),
+                             "--executable", EXE, "--bundle", str(bundle)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not staging.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert staging.exists(), "the copy did not start (or ended before it was seen)"
+    proc.send_signal(getattr(signal, signum))
+    out, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the copy finished before the signal arrived")
+    assert proc.returncode == 128 + getattr(signal, signum), err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: interrupted"), err
+    assert not staging.exists() and not staging.with_name("big-bundle").exists()
