@@ -28,8 +28,8 @@ from typing import Annotated, Any, Literal, Optional
 
 from .errors import ConfigError
 from .log_output import LOG_LEVELS
-from .native_paths import text_path
 from .mqtt_connection import BrokerAddress, TlsFiles, check_tls_files, parse_broker_url, read_password_file
+from .native_paths import text_path
 from .profiles import is_profile_path
 from .protocol import FLEET_LEVEL, Topics, validate_name
 from .types import PROMPT_CACHE_SCOPES

@@ -33,8 +33,8 @@ from .detokenizer import IncrementalDetokenizer
 from .errors import BadRequest, BundleError, ConfigError, ContextLengthExceeded, DeadlineExceeded, UnsupportedMode
 from .fidelity_record import FidelityRecord
 from .gqa_decoder import SharedKVDecoder, check_kv_dtype_for_device, graph_max_length
-from .native_paths import native_path
 from .memory_fit import PREFILL_CHUNK, MemoryPlan, bundle_kv_dtype, check_bundle_fits, engine_context_limit
+from .native_paths import native_path
 from .onnx_decoder import KVConcatDecoder
 from .profiles import DeviceProfile, install_hint, load_profile
 from .prompt_lookup import DRAFT_MAX, PromptLookup
