@@ -1306,8 +1306,9 @@ def test_install_service_refuses_a_bundle_the_daemon_would_refuse_for_its_memory
 def test_unit_for_a_program_path_with_a_percent_sign_verifies(tmp_path):
     """`/opt/edge runtime 50%b/venv/...`: `%` starts a unit specifier, so the unit install-service
     wrote ran another path (`%b`, the boot id: "Command ... is not executable") or was refused at
-    start (`%x`: "Failed to resolve unit specifiers ...: Invalid slot"). It is written `%%`; a path systemd refuses outright (a quote: "Executable name contains special
-    characters") is refused by install-service before it writes anything."""
+    start (`%x`: "Failed to resolve unit specifiers ...: Invalid slot"). It is written `%%`; a
+    path systemd refuses outright (a quote: "Executable name contains special characters") is
+    refused by install-service before it writes anything."""
     fake = tmp_path / "edge runtime 50%b" / "bin" / "edge-runtime"  # %b: the boot id, in a unit
     fake.parent.mkdir(parents=True)
     fake.write_text("#!/bin/sh\nexit 0\n")
