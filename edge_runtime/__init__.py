@@ -13,9 +13,18 @@ no paho) for the CLI and for a client that never loads a model:
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# onnxruntime's official wheels collect telemetry on Linux too (1.32, the version required): at import
+# they write a persistent device id and an event queue for upload to Microsoft under
+# $HOME/.cache/Microsoft/DeveloperTools (for the service: its state directory, the service user's
+# home), which grows while the device is offline. An offline runtime opts out as onnxruntime provides:
+# ORT_DISABLE_TELEMETRY=1, read once, before onnxruntime is first imported (every onnxruntime import
+# of this package and of edge_export comes after this one). One already set (0: opt in) is kept.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 _EXPORTS = {
     "Engine": "engine",

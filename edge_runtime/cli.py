@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .errors import BundleError, ConfigError, EdgeRuntimeError
+from .interrupts import Terminated, terminate_as_interrupt
 from .log_output import LOG_LEVELS, configure_logging, journal_lines, journal_priority, writes_to_journal
 from .request_flags import add_request_arguments, empty_flag, integer_at_least, penalties, request_source
 
@@ -74,7 +75,8 @@ def cmd_export(args) -> int:
                          calibration_text=args.calibration_text, calibration_tokens=args.calibration_tokens,
                          kv_cache_bits=args.kv_cache_bits,
                          skip_fidelity=args.skip_fidelity, graph=args.graph, variant=args.variant)
-    summary = run_export(opts)
+    with terminate_as_interrupt():
+        summary = run_export(opts)
     print(format_summary(summary))
     if not summary.fits:  # kept, but the engine refuses to start it with this profile
         return _die(f"the bundle at {summary.bundle} was written, but it does not fit the {summary.memory.profile} "
@@ -315,8 +317,14 @@ def cmd_audit(args) -> int:
         explicit = config.service.state_dir if config is not None else None
         # No state_dir in the config: the daemon's is $STATE_DIRECTORY under systemd (the
         # installed unit's /var/lib/edge-runtime), which a shell does not have; look there too.
-        candidates = ([explicit / AUDIT_FILE] if explicit is not None else
-                      list(dict.fromkeys([default_state_dir() / AUDIT_FILE, SERVICE_STATE_DIR / AUDIT_FILE])))
+        if explicit is not None:
+            candidates = [explicit / AUDIT_FILE]
+        else:
+            try:
+                own = [default_state_dir() / AUDIT_FILE]
+            except ConfigError:  # no $HOME, and a user without a home: the service's is still there to read
+                own = []
+            candidates = list(dict.fromkeys([*own, SERVICE_STATE_DIR / AUDIT_FILE]))
     try:
         since = parse_since(args.since) if args.since is not None else None  # '': an error, not no filter
     except ValueError as exc:
@@ -406,7 +414,8 @@ def cmd_demo_model(args) -> int:
     except ImportError as exc:
         return _die(f"the export side is not installed ({exc.name} missing): pip install torch==2.13.0 && "
                     "pip install '/path/to/edge-runtime[export,cpu]' (the source folder)")
-    path = ensure_demo_model(Path(args.cache_dir) if args.cache_dir else None)
+    with terminate_as_interrupt():
+        path = ensure_demo_model(Path(args.cache_dir) if args.cache_dir else None)
     print(path)
     return 0
 
@@ -558,31 +567,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def utf8_stdout() -> None:
-    """Write standard output as UTF-8 whatever the locale says, as llama.cpp does: code is UTF-8, and
-    under an ASCII or Latin-1 locale (PYTHONIOENCODING=ascii, LANG=en_US.ISO-8859-1) the first
-    character the locale could not encode stopped `generate` and `ask` with a UnicodeEncodeError."""
-    encoding = getattr(sys.stdout, "encoding", None)
-    if encoding and codecs.lookup(encoding).name != "utf-8" and hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(encoding="utf-8")
+def utf8_output() -> None:
+    """Write standard output and error as UTF-8 whatever the locale says, as llama.cpp does: code is
+    UTF-8, and under an ASCII or Latin-1 locale (PYTHONIOENCODING=ascii, LANG=en_US.ISO-8859-1) the
+    first character the locale could not encode stopped `generate` and `ask` with a
+    UnicodeEncodeError, and an error naming a rule `kein-passwört` said `kein-passw\\xf6rt`. The
+    error handlers stay the locale's: under the C locale, stdout's surrogateescape writes a path's
+    own bytes back (`verify` printing a bundle folder named `bündle` under LC_ALL=C PYTHONUTF8=0);
+    stderr's backslashreplace never fails."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = getattr(stream, "encoding", None)
+        if encoding and codecs.lookup(encoding).name != "utf-8" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(encoding="utf-8", errors=stream.errors)
 
 
 # the device commands' paths (verify, generate, fit, bench, serve): Path("") would be the current folder
 DEVICE_FLAGS = {"--bundle": "bundle folder", "--profile": "device profile's name or TOML file"}
 
 
+def current_folder_gone() -> bool:
+    """True when the working directory was removed after the process entered it (`cd build; rm -rf
+    ../build` in another shell): relative paths then resolve nowhere."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    utf8_output()  # before parsing: argparse's errors quote the flags' text
     parser = build_parser()
     args = parser.parse_args(argv)
-    utf8_stdout()
     empty = empty_flag(args, DEVICE_FLAGS)
     if empty:
         return _die(empty)
+    if sys.stdout is None and args.func in (cmd_generate, cmd_ask):  # started with `>&-`: nowhere to stream to
+        return _die("cannot write the output: standard output is closed (`>/dev/null` discards it)", 1)
+    if args.func in (cmd_export, cmd_demo_model) and current_folder_gone():
+        # torch's oneMKL exits the process at its first matrix product there ("Intel oneMKL FATAL ERROR:
+        # Cannot load libtorch_cpu.so"), leaving the export's staging folder behind
+        return _die("the current folder no longer exists (it was removed after the shell entered it): torch cannot "
+                    "run from it; cd to a folder that exists")
     configure_logging(args.log_level or "WARNING")  # in systemd's journal: each line's priority, no timestamp
     try:
         return args.func(args)
     except EdgeRuntimeError as exc:
         return _die(str(exc))
+    except Terminated as exc:
+        return _die(f"interrupted ({exc.name})", exc.exit_status)
     except KeyboardInterrupt:
         return _die("interrupted", 130)
     except BrokenPipeError:  # `edge-runtime generate ... | head`: the reader has what it wanted

@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal, Optional
 from .errors import ConfigError
 from .log_output import LOG_LEVELS
 from .mqtt_connection import BrokerAddress, TlsFiles, check_tls_files, parse_broker_url, read_password_file
+from .native_paths import text_path
 from .profiles import is_profile_path
 from .protocol import FLEET_LEVEL, Topics, validate_name
 from .types import PROMPT_CACHE_SCOPES
@@ -186,13 +187,23 @@ SERVICE_STATE_DIR = Path("/var/lib/edge-runtime")  # the installed unit's StateD
 
 
 def default_state_dir(environ: Mapping[str, str] = os.environ) -> Path:
-    """$STATE_DIRECTORY (set by systemd's StateDirectory=), else the XDG state dir."""
+    """$STATE_DIRECTORY (set by systemd's StateDirectory=), else the XDG state dir; ConfigError
+    where there is none (no $HOME and a user without a home)."""
     state = environ.get("STATE_DIRECTORY")
     if state:
         return Path(state.split(":")[0])
     xdg = environ.get("XDG_STATE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
-    return base / "edge-runtime"
+    # a relative one is invalid and ignored (the XDG Base Directory spec): it would put the reply
+    # store wherever the daemon was started from
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "edge-runtime"
+    try:
+        home = Path.home()
+    except RuntimeError:  # no $HOME, and a user id the user database lacks (`docker run --user 12345`)
+        raise ConfigError(f"service.state_dir: no default state directory: $HOME is unset and user id {os.getuid()} "
+                          "has no home in the user database; set [service] state_dir (serve --state-dir), or "
+                          "$HOME or $XDG_STATE_HOME") from None
+    return home / ".local" / "state" / "edge-runtime"
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -222,11 +233,11 @@ def _resolve_file_paths(data: dict[str, Any], base: Path) -> None:
     for section, key in PATH_KEYS:
         table = data.get(section)
         if isinstance(table, dict) and isinstance(table.get(key), str) and table[key].strip():
-            path = Path(table[key]).expanduser()
+            path = Path(text_path(table[key])).expanduser()
             table[key] = str(path if path.is_absolute() else base / path)
     model = data.get("model")
     if isinstance(model, dict) and isinstance(model.get("profile"), str) and is_profile_path(model["profile"]):
-        path = Path(model["profile"]).expanduser()  # a TOML file, not a packaged profile's name
+        path = Path(text_path(model["profile"])).expanduser()  # a TOML file, not a packaged profile's name
         model["profile"] = str(path if path.is_absolute() else base / path)
 
 

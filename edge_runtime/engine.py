@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import math
 import mmap
+import os
 import threading
 import time
 from collections.abc import AsyncGenerator, Generator, Iterator
@@ -34,6 +35,7 @@ from .errors import BadRequest, BundleError, ConfigError, ContextLengthExceeded,
 from .fidelity_record import FidelityRecord
 from .gqa_decoder import SharedKVDecoder, check_kv_dtype_for_device, graph_max_length
 from .memory_fit import PREFILL_CHUNK, MemoryPlan, bundle_kv_dtype, check_bundle_fits, engine_context_limit
+from .native_paths import native_path
 from .onnx_decoder import KVConcatDecoder
 from .profiles import DeviceProfile, install_hint, load_profile
 from .prompt_lookup import DRAFT_MAX, PromptLookup
@@ -158,6 +160,8 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile, *,
             # next providers (CUDA, then the CPU): the silent fallback a GPU profile forbids, and
             # from `options`, whose buffers copy_weights releases on exit. A failed run fails.
             session.disable_fallback()
+    except BundleError:  # open_session's own, complete
+        raise
     except Exception as exc:
         if bundle_kv_dtype(bundle, profile.kv_cache.dtype) == "int8" and _version(ort.__version__) < (1, 32):
             raise BundleError(f"{bundle.root} keeps an int8 KV cache, which onnxruntime {ort.__version__} could not "
@@ -214,8 +218,12 @@ def open_session(ort, bundle: Bundle, options, choice: ProviderChoice) -> tuple[
     """The bundle's session with `choice`'s providers; where onnxruntime cannot record CUDA graphs
     for it (it records a step only where every node runs on CUDA, and says so at load), the
     session without them, with a warning."""
+    graph = native_path(bundle.graph_path)
+    if graph is None:
+        raise BundleError(f"bundle {bundle.root}: its path is not UTF-8 text ({os.fsencode(bundle.graph_path)!r}), "
+                          "and onnxruntime takes a model's path only as UTF-8: rename the folder")
     try:
-        return ort.InferenceSession(str(bundle.graph_path), sess_options=options, providers=choice.providers), choice
+        return ort.InferenceSession(graph, sess_options=options, providers=choice.providers), choice
     except Exception as exc:
         said = str(exc).lower()
         # onnxruntime's words for it: "...cannot use the graph capture feature..." (1.2x-1.32),
@@ -224,7 +232,7 @@ def open_session(ort, bundle: Bundle, options, choice: ProviderChoice) -> tuple[
             raise
         log.warning("onnxruntime cannot record CUDA graphs for %s (%s); its steps run without them", bundle.root, exc)
     choice = without_cuda_graph(choice)
-    return ort.InferenceSession(str(bundle.graph_path), sess_options=options, providers=choice.providers), choice
+    return ort.InferenceSession(graph, sess_options=options, providers=choice.providers), choice
 
 
 def uses_cuda_graph(choice: ProviderChoice) -> bool:

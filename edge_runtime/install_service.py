@@ -64,7 +64,9 @@ from typing import Any
 
 from .config import SERVICE_STATE_DIR
 from .errors import BundleError, ConfigError, EdgeRuntimeError
+from .interrupts import Terminated, terminate_as_interrupt
 from .memory_fit import human_bytes
+from .native_paths import native_path
 from .profiles import is_profile_path
 from .request_flags import empty_flag
 
@@ -114,7 +116,10 @@ CONFIG_TEMPLATE = _systemd_file("config.toml")
 
 # -- rendering ------------------------------------------------------------------------------
 def _unit_quote(path: str) -> str:
-    return f'"{path}"' if any(c.isspace() for c in path) else path
+    """The ExecStart= program `path` as a unit file spells it: `%` starts a specifier there (`%%`
+    is one), and a path with a space is double-quoted (systemd substitutes no `$` in the program)."""
+    word = path.replace("%", "%%")
+    return f'"{word}"' if any(c.isspace() for c in word) else word
 
 
 def render_unit(executable: str | os.PathLike[str] = DEFAULT_EXECUTABLE) -> str:
@@ -122,6 +127,12 @@ def render_unit(executable: str | os.PathLike[str] = DEFAULT_EXECUTABLE) -> str:
     executable = os.fspath(executable)
     if not os.path.isabs(executable):
         raise ConfigError(f"the ExecStart= executable must be an absolute path, got {executable!r}")
+    text = native_path(executable)  # the unit file is UTF-8, whatever the locale Python runs in
+    if text is None or any(c in "\"'\\" or not c.isprintable() and c != " " for c in text):
+        raise ConfigError(f"the ExecStart= executable {executable!r} has characters systemd refuses in a program's "
+                          "path (quotes, backslashes, control characters, bytes that are not UTF-8): install the "
+                          "venv under another path")
+    executable = text
     old = f"ExecStart={DEFAULT_EXECUTABLE} "
     assert old in UNIT_TEMPLATE
     return UNIT_TEMPLATE.replace(old, f"ExecStart={_unit_quote(executable)} ")
@@ -148,7 +159,8 @@ def render_config(bundle: str | os.PathLike[str] | None, profile: str | None) ->
     if bundle is not None:
         old = f'bundle = "{BUNDLES_DIR}/model"'
         assert old in text
-        text = text.replace(old, f"bundle = {_toml_string(os.fspath(bundle))}")
+        path = native_path(bundle)  # the file is UTF-8, whatever the locale (install_service checks the name)
+        text = text.replace(old, f"bundle = {_toml_string(path if path is not None else os.fspath(bundle))}")
     if profile is not None:
         old = '# profile = "cpu-x86_64"'
         assert old in text
@@ -540,7 +552,7 @@ class _Installer:
         if not self.dry_run:
             _make_dirs(path.parent)
             tmp = path.with_name(f".{path.name}.tmp-install")
-            tmp.write_text(content, encoding="utf-8")
+            tmp.write_bytes(content.encode("utf-8"))  # encoded first: a text that cannot be leaves no empty file
             os.chmod(tmp, mode)
             os.replace(tmp, path)
         self.did(shown, verb, would)
@@ -622,6 +634,9 @@ class _Installer:
                                   f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}; "
                                   f"{'the installed bundle is unchanged' if replacing else 'nothing installed'} "
                                   "and the partial copy removed") from None
+            except BaseException:  # Ctrl-C, SIGTERM, SIGHUP (interrupts): no partial copy left either
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             if replacing:
                 os.replace(dest, old)
             os.replace(tmp, dest)
@@ -871,6 +886,11 @@ def install_service(profile: str | None, bundle: Path | None, *, root: Path = Pa
     # the cheap checks first: hashing a large bundle takes minutes
     inst.check_user_database()
     exec_path = _service_executable(inst, executable)
+    unit = render_unit(exec_path)  # refuses a path systemd would refuse, before any change
+    if source is not None and native_path(source.name) is None:
+        raise BundleError(f"bundle folder {bundle}: its name is not UTF-8 text ({os.fsencode(source.name)!r}): the "
+                          "config names the bundle in UTF-8, and onnxruntime opens a model only by a UTF-8 path; "
+                          "rename the folder")
     config = inst.read_config()
     if config is not None and not config.readable:
         path = inst.target(CONFIG_FILE)
@@ -889,7 +909,7 @@ def install_service(profile: str | None, bundle: Path | None, *, root: Path = Pa
         inst.check_bundle_fits(verified, running[0], config)
 
     inst.ensure_user()
-    unit_changed = inst.ensure_file(UNIT_FILE, render_unit(exec_path), 0o644)
+    unit_changed = inst.ensure_file(UNIT_FILE, unit, 0o644)
     dropin_changed = False
     if gpu is None:
         inst.step("GPU drop-in: left as it is (no profile to decide it by: no --profile, and no readable "
@@ -1001,8 +1021,15 @@ def run_install_service(args: argparse.Namespace) -> int:
             uninstall_service(root=Path(args.root), dry_run=args.dry_run, report=print)
         else:
             bundle = Path(args.bundle) if args.bundle is not None else None
-            install_service(args.profile, bundle, root=Path(args.root), dry_run=args.dry_run,
-                            executable=args.executable, report=print)
+            with terminate_as_interrupt():
+                install_service(args.profile, bundle, root=Path(args.root), dry_run=args.dry_run,
+                                executable=args.executable, report=print)
+    except Terminated as exc:
+        print(f"error: interrupted ({exc.name})", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     except EdgeRuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 from .errors import ConfigError
+from .native_paths import text_path
 from .typed_toml import InvalidField, at_least, between, from_mapping, non_empty, parse_toml
 from .types import MODES, GenerationRequest
 
@@ -710,8 +711,11 @@ def compile_policy(spec: PolicySpec, *, source: str, sha256: str = "") -> Policy
 def parse_policy(raw: bytes, *, source: str, base: Path | None = None) -> Policy:
     data = parse_toml(raw, source=source)
     classifier = data.get("classifier")
+    if isinstance(classifier, dict) and isinstance(classifier.get("command"), list):
+        # the program and its arguments as the filesystem and exec take them (UTF-8 text's bytes)
+        classifier["command"] = [text_path(a) if isinstance(a, str) else a for a in classifier["command"]]
     if base is not None and isinstance(classifier, dict) and isinstance(classifier.get("bundle"), str):
-        bundle = Path(classifier["bundle"]).expanduser()
+        bundle = Path(text_path(classifier["bundle"])).expanduser()
         classifier["bundle"] = str(bundle if bundle.is_absolute() else base / bundle)
     spec = from_mapping(PolicySpec, data, source=source)
     return compile_policy(spec, source=source, sha256=hashlib.sha256(raw).hexdigest())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -68,9 +69,18 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def utf8_text(text: str) -> str:
-    """A --prompt/--prefix/--suffix value: the text as given, refused when its bytes are not UTF-8."""
+    """A --prompt/--prefix/--suffix value: the text as given, refused when its bytes are not UTF-8.
+
+    Under an ASCII locale with Python's UTF-8 mode off (``LC_ALL=C PYTHONUTF8=0``, ``python -X
+    utf8=0``) every byte above 0x7f, valid UTF-8 or not, reaches Python as a surrogate escape: the
+    bytes are recovered (``os.fsencode``, the same codec Python decoded them with) and taken when
+    they are UTF-8, so ``--prompt 'def grüße():'`` is the same text in any locale."""
     bad = _UNDECODED_BYTE.search(text)
     if bad:
+        try:
+            return os.fsencode(text).decode("utf-8")
+        except UnicodeError:  # not UTF-8 (or not bytes the locale's codec gave): refused below
+            pass
         raise argparse.ArgumentTypeError(f"not valid UTF-8: byte 0x{ord(bad.group()) - 0xDC00:02x} at character "
                                          f"{bad.start()} (convert the text to UTF-8, e.g. with iconv)")
     return text
@@ -78,7 +88,7 @@ def utf8_text(text: str) -> str:
 
 def stop_string(text: str) -> str:
     """A --stop value: 1 to MAX_STOP_CHARS characters (the protocol's rule)."""
-    utf8_text(text)
+    text = utf8_text(text)
     if not text or len(text) > MAX_STOP_CHARS:
         raise argparse.ArgumentTypeError(f"expected 1-{MAX_STOP_CHARS} characters, got {len(text)}")
     return text
@@ -153,6 +163,8 @@ def request_source(args: argparse.Namespace) -> dict[str, Any]:
 def read_messages(source: str) -> list[dict[str, str]]:
     """``--messages``: a JSON file, or ``-`` for standard input, holding
     ``[{"role": ..., "content": ...}, ...]``."""
+    if source == "-" and sys.stdin is None:  # started with `<&-`
+        raise ValueError("--messages -: standard input is closed: give the messages on it, or a file")
     try:
         # bytes, decoded here: stdin's own decoding depends on the locale (strict, or surrogates for
         # bytes that are not UTF-8 under the C locale)
@@ -165,6 +177,8 @@ def read_messages(source: str) -> list[dict[str, str]]:
                          f"{exc.start + len(data) - len(exc.object)}") from None
     except OSError as exc:
         raise ValueError(f"--messages {source}: {exc}") from None
+    if not text.strip():  # `</dev/null` in CI, an empty file
+        raise ValueError(f"--messages {source}: empty: expected a JSON list of {{\"role\", \"content\"}} objects")
     try:
         messages = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -29,6 +29,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -86,8 +87,10 @@ class CodeLlamaTokenizer:
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> CodeLlamaTokenizer:
-        """Load a `tokenizers` JSON file (`tokenizer.json`)."""
-        return cls(Tokenizer.from_file(os.fspath(path)))
+        """Load a `tokenizers` JSON file (`tokenizer.json`), read here: the library's own `from_file`
+        encodes the path as UTF-8, which is not the file's name where the name's bytes are not UTF-8
+        or Python's UTF-8 mode is off under an ASCII locale (`LC_ALL=C PYTHONUTF8=0`)."""
+        return cls.from_str(Path(path).read_text(encoding="utf-8"))
 
     @classmethod
     def from_str(cls, text: str) -> CodeLlamaTokenizer:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.errors import EdgeRuntimeError
+from edge_runtime.native_paths import name_text
 
 from .checkpoint import CheckpointInfo, torch_config
 
@@ -116,8 +117,10 @@ class CalibrationText:
 
         from .gptq import DAMP
 
-        return {"text": self.source.name, "files": self.files, **({"skipped_files": list(self.skipped)}
-                                                                     if self.skipped else {}),
+        # names as text (a name whose bytes are not UTF-8, or any under an ASCII locale, would be
+        # lone surrogates: JSON escapes that strict parsers refuse)
+        return {"text": name_text(self.source.name), "files": self.files,
+                **({"skipped_files": [name_text(name) for name in self.skipped]} if self.skipped else {}),
                 "sha256": hashlib.sha256(self.text.encode("utf-8")).hexdigest(),
                 "tokens": sum(len(w) for w in windows), "windows": len(windows), "damp": DAMP}
 

@@ -391,7 +391,7 @@ def read_checkpoint(folder: str | Path, *, variant: str | None = None) -> Checkp
     from tokenizers import Tokenizer  # the device side's tokenizer library reads the same file
 
     try:
-        tok = Tokenizer.from_file(str(tokenizer_path))
+        tok = Tokenizer.from_str(Path(tokenizer_path).read_text(encoding="utf-8"))  # a path from_file could not encode
     except Exception as exc:  # the tokenizers library raises plain Exception: unreadable, not JSON, not a tokenizer
         raise CheckpointError(f"{tokenizer_path} cannot be read as a tokenizer ({exc}): copy or download the "
                               "checkpoint's tokenizer.json again") from None

@@ -130,9 +130,15 @@ class SourceFile:
 def default_cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
     """``$EDGE_RUNTIME_CACHE`` if set, else ``~/.cache/edge-runtime``."""
     configured = environ.get("EDGE_RUNTIME_CACHE")
-    if configured:
-        return Path(configured).expanduser()
-    return Path.home() / ".cache" / "edge-runtime"
+    try:
+        if configured:
+            return Path(configured).expanduser()
+        return Path.home() / ".cache" / "edge-runtime"
+    except RuntimeError:  # no $HOME, and a user id the user database lacks (`docker run --user 12345`)
+        from edge_runtime.errors import ConfigError
+
+        raise ConfigError(f"no cache folder for the demo model: $HOME is unset and user id {os.getuid()} has no home "
+                          "in the user database; give --cache-dir DIR, or set $EDGE_RUNTIME_CACHE or $HOME") from None
 
 
 def demo_model_dir(cache_dir: Path | None = None, recipe: DemoRecipe = RECIPE) -> Path:
@@ -321,8 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--output",
         type=Path,
-        help="write the model to this folder (default: the cache, "
-        f"{default_cache_dir()}/demo-model-<key>)",
+        help="write the model to this folder (default: demo-model-<key> in the cache, "
+        "$EDGE_RUNTIME_CACHE or ~/.cache/edge-runtime)",
     )
     parser.add_argument("--force", action="store_true", help="retrain even if already complete")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")

@@ -33,6 +33,7 @@ from pathlib import Path
 from edge_runtime.bundle import OTHER_CHAT_TEMPLATE, VARIANTS, Family
 from edge_runtime.errors import BadRequest
 from edge_runtime.memory_fit import ModelShape, size_class
+from edge_runtime.native_paths import name_text
 
 INFILL_SIZES = ("7B", "13B", "custom")  # members trained for infilling (custom: not ours to judge)
 _PLAIN_CODE_LLAMA = re.compile(r"code[-_]?llama[-_]?\d+(\.\d+)?b(\b|[-_]hf\b|$)", re.I)
@@ -80,11 +81,12 @@ def detect_chat_format(folder: Path, step_id: int | None = None) -> ChatFormat:
 
 
 def checkpoint_name(folder: Path) -> str:
-    """The folder's name; for a Hugging Face cache snapshot (`models--org--Name/snapshots/<hash>`), `Name`."""
+    """The folder's name as text; for a Hugging Face cache snapshot (`models--org--Name/snapshots/<hash>`),
+    `Name`."""
     repo = folder.parent.parent.name
     if folder.parent.name == "snapshots" and repo.startswith("models--"):
-        return repo.split("--")[-1]
-    return folder.name
+        return name_text(repo.split("--")[-1])
+    return name_text(folder.name)
 
 
 def _names(folder: Path, config: dict) -> list[tuple[str, str]]:

@@ -31,6 +31,7 @@ import numpy as np
 
 from edge_runtime.bundle import FLAVOUR_OPTIMUM_KV_CONCAT, Architecture
 from edge_runtime.engine import DECODERS
+from edge_runtime.native_paths import native_path
 from edge_runtime.prompts import build_prompt
 from edge_runtime.tokenizer import CodeLlamaTokenizer
 from edge_runtime.types import GenerationRequest
@@ -240,7 +241,7 @@ def measure(checkpoint: Path, graph: Path, arch: Architecture, tokenizer_path: P
     import torch
     from transformers import LlamaForCausalLM
 
-    config = torch_config(json.loads((Path(checkpoint) / "config.json").read_text()))
+    config = torch_config(json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8")))
     model = LlamaForCausalLM.from_pretrained(str(checkpoint), config=config, dtype=torch.float32).eval()
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: the graph's known optimizer warnings are noise in the export's output
@@ -249,7 +250,7 @@ def measure(checkpoint: Path, graph: Path, arch: Architecture, tokenizer_path: P
     for key, value in (session_config or {}).items():  # as engine.make_session applies them
         options.add_session_config_entry(key, value)
     try:
-        session = ort.InferenceSession(str(graph), sess_options=options,
+        session = ort.InferenceSession(native_path(graph) or str(graph), sess_options=options,
                                        providers=providers or ["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own classes (Fail, InvalidArgument, ...)
         raise GraphSessionError(f"onnxruntime {ort.__version__} could not open {Path(graph).name} "

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.bundle import Architecture
+from edge_runtime.native_paths import native_path
 from edge_runtime.gqa_decoder import (INT8_STEP_ROWS_MAX, META_INT8_KERNEL_ROWS, META_PROMPT_PRESENT,
                                      PROMPT_PRESENT_NEW_ROWS)
 
@@ -168,7 +169,8 @@ def calibrate(graph: Path, arch: Architecture, windows: Sequence[Sequence[int]],
         path = graph.with_name(f".kv-calibration-part{index}.onnx")  # beside the data it references
         onnx.save(part, str(path))
         try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(native_path(path) or str(path), sess_options=options,
+                                           providers=["CPUExecutionProvider"])
         finally:
             path.unlink()
         names = [o.name for o in session.get_outputs()]

@@ -90,3 +90,39 @@ def test_an_empty_prompt_is_refused_at_the_command_line_as_the_daemon_refuses_it
     assert line == "error: --prompt is empty: give the text to complete", line
     spaces = generate("--prompt", " ")
     assert spaces.returncode == 2 and "/nonexistent" in spaces.stderr.decode()
+
+
+def ascii_locale_env() -> dict[str, str]:
+    """An ASCII locale with Python's UTF-8 mode off (`LC_ALL=C PYTHONUTF8=0`): a CI job or a
+    minimal container that sets the C locale and pins the legacy behaviour; every byte above
+    0x7f on the command line then reaches Python as a surrogate escape."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONIO"))}
+    env.update(LC_ALL="C", PYTHONUTF8="0")
+    return env
+
+
+def test_utf8_text_on_the_command_line_is_read_under_an_ascii_locale(tiny_bundle):
+    """`--prompt 'def grüße(名前):'` under LC_ALL=C with UTF-8 mode off was refused as "not valid
+    UTF-8: byte 0xc3", though it is. The prompt's token ids are the ones a UTF-8 locale gives (the
+    tokenizer's, with the umlauts and CJK characters); bytes that are not UTF-8 are still refused."""
+    import json
+    import os
+
+    prompt = "def grüße(名前):"
+    args = [sys.executable, "-m", "edge_runtime", "generate", "--bundle", str(tiny_bundle), "--prompt", prompt,
+            "--max-tokens", "1", "--temperature", "0", "--json"]
+    ids = {}
+    for name, env in (("utf-8", {**os.environ, "LC_ALL": "C.UTF-8"}), ("ascii", ascii_locale_env())):
+        out = subprocess.run(args, capture_output=True, timeout=120, env=env)
+        assert out.returncode == 0, (name, out.stderr.decode("utf-8", "replace"))
+        ids[name] = json.loads(out.stdout)["prompt_token_ids"]
+    assert ids["ascii"] == ids["utf-8"], ids
+    from tokenizers import Tokenizer
+
+    assert Tokenizer.from_file(str(tiny_bundle / "tokenizer.json")).decode(ids["ascii"]) == prompt, ids
+    bad = subprocess.run([*GENERATE, "--prompt", b"caf\xe9"], capture_output=True, timeout=120, env=ascii_locale_env())
+    assert bad.returncode == 2
+    line = one_line_error(bad)
+    assert "not valid UTF-8" in line and "0xe9" in line, line

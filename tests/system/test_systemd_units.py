@@ -1301,3 +1301,81 @@ def test_install_service_refuses_a_bundle_the_daemon_would_refuse_for_its_memory
                       .replace("[model]\n", "[model]\ncheck_memory = false\n"))
     steps = svc.install_service(str(board), cpu_bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
     assert f"bundle /opt/edge-runtime/bundles/{cpu_bundle_dir.name}: copied from {cpu_bundle_dir}" in steps, steps
+
+
+def test_unit_for_a_program_path_with_a_percent_sign_verifies(tmp_path):
+    """`/opt/edge runtime 50%b/venv/...`: `%` starts a unit specifier, so the unit install-service
+    wrote ran another path (`%b`, the boot id: "Command ... is not executable") or was refused at
+    start (`%x`: "Failed to resolve unit specifiers ...: Invalid slot"). It is written `%%`; a
+    path systemd refuses outright (a quote: "Executable name contains special characters") is
+    refused by install-service before it writes anything."""
+    fake = tmp_path / "edge runtime 50%b" / "bin" / "edge-runtime"  # %b: the boot id, in a unit
+    fake.parent.mkdir(parents=True)
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    units = tmp_path / "units"
+    units.mkdir()
+    (units / "edge-runtime.service").write_text(svc.render_unit(fake))
+    result = analyze(units, "verify", "--man=no", str(units / "edge-runtime.service"))
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    with pytest.raises(svc.ConfigError, match="characters systemd refuses"):
+        svc.render_unit("/opt/it's/edge-runtime")
+
+
+def test_install_service_under_an_ascii_locale_writes_a_non_ascii_bundle_name_as_utf8(image_root, bundle_dir,
+                                                                                       tmp_path):
+    """LC_ALL=C PYTHONUTF8=0 and a bundle folder `bündle 模型`: the bundle was copied, then writing
+    config.toml stopped with a UnicodeEncodeError traceback, leaving an empty
+    `.config.toml.tmp-install` and no config. The config names the bundle in UTF-8, as the daemon
+    reads it; a folder whose name is not UTF-8 is refused before anything is copied."""
+    named = tmp_path / "bündle 模型"
+    shutil.copytree(bundle_dir, named)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONIO"))}
+    env.update(LC_ALL="C", PYTHONUTF8="0")
+    command = [sys.executable, "-m", "edge_runtime", "install-service", "--profile", "cpu-x86_64", "--root",
+               str(image_root), "--executable", EXE, "--bundle"]
+    out = subprocess.run([*command, str(named)], capture_output=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr.decode("utf-8", "replace")
+    config = (image_root / "etc" / "edge-runtime" / "config.toml").read_text(encoding="utf-8")
+    assert 'bundle = "/opt/edge-runtime/bundles/bündle 模型"' in config
+    assert sorted(p.name for p in (image_root / "etc" / "edge-runtime").iterdir()) == ["config.toml"]
+    latin1 = os.path.join(os.fsencode(tmp_path), b"caf\xe9")
+    shutil.copytree(bundle_dir, os.fsdecode(latin1))
+    refused = subprocess.run([*command, latin1], capture_output=True, timeout=120)
+    assert refused.returncode == 2 and b"not UTF-8" in refused.stderr, refused.stderr
+    assert not os.path.exists(os.path.join(os.fsencode(image_root), b"opt/edge-runtime/bundles/caf\xe9"))
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_install_service_interrupted_while_copying_the_bundle_leaves_no_partial_copy(image_root, tmp_path, signum):
+    """Ctrl-C, or SIGTERM (`timeout`, a provisioning job cancelled), while the bundle is copied: the
+    partial copy (`.NAME.tmp-install`, up to the bundle's size, on an SD card) stayed until the next
+    run, and SIGTERM killed the command without a word. Now it is removed, one line, exit 130/143."""
+    import signal
+
+    from edge_runtime.bundle import MANIFEST_NAME, sha256_file
+
+    bundle = write_bundle(tmp_path / "big-bundle", profile="cpu-x86_64")
+    data = bundle / "model.onnx.data"
+    with open(data, "ab") as f:  # large enough that the copy takes a while
+        f.truncate(400 * 2**20)
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
+    for entry in manifest["files"]:
+        if entry["path"] == "model.onnx.data":
+            entry.update(size=data.stat().st_size, sha256=sha256_file(data))
+    (bundle / MANIFEST_NAME).write_text(json.dumps(manifest))
+    staging = image_root / "opt" / "edge-runtime" / "bundles" / ".big-bundle.tmp-install"
+    proc = subprocess.Popen([sys.executable, "-m", "edge_runtime", "install-service", "--root", str(image_root),
+                             "--executable", EXE, "--bundle", str(bundle)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not staging.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert staging.exists(), "the copy did not start (or ended before it was seen)"
+    proc.send_signal(getattr(signal, signum))
+    out, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the copy finished before the signal arrived")
+    assert proc.returncode == 128 + getattr(signal, signum), err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: interrupted"), err
+    assert not staging.exists() and not staging.with_name("big-bundle").exists()
