@@ -663,6 +663,31 @@ def test_parse_since():
             parse_since(wrong)
 
 
+@pytest.mark.parametrize("text, utc", [
+    # `date +%FT%T%z`, `date --iso-8601=ns`, `date -u +%Y%m%dT%H%M%SZ`, a short fraction, an hour offset
+    ("2026-12-03T10:00:00+0100", (2026, 12, 3, 9, 0, 0, 0)),
+    ("2026-12-03T10:00:00,123456789+00:00", (2026, 12, 3, 10, 0, 0, 123456)),
+    ("20261203T100000Z", (2026, 12, 3, 10, 0, 0, 0)),
+    ("2026-12-03T10:00:00.5Z", (2026, 12, 3, 10, 0, 0, 500000)),
+    ("2026-12-03 10:00-05", (2026, 12, 3, 15, 0, 0, 0)),
+    ("2026-12-03T10:00:00+01:00", (2026, 12, 3, 9, 0, 0, 0)),
+    ("2026-12-03", (2026, 12, 3, 0, 0, 0, 0)),
+    ("2026-12-03Z", (2026, 12, 3, 0, 0, 0, 0)),
+])
+def test_parse_since_reads_the_iso_times_date_prints_on_every_python(text, utc):
+    """datetime.fromisoformat reads these from Python 3.11 on only: on 3.10 (JetPack 6,
+    Ubuntu 22.04) `audit --since "$(date +%FT%T%z)"` was an error."""
+    from datetime import datetime, timezone
+    assert parse_since(text) == datetime(*utc, tzinfo=timezone.utc).timestamp()
+
+
+@pytest.mark.parametrize("wrong", ["2026-02-30", "2026-12-03T25:00", "2026-12-03T10:00:00+24:00", "2026-1203",
+                                   "2026-12-03T10:0000", "2026-12-03T", "2026-12-03T10:00+1", "\uff12\uff10\uff12\uff16-12-03"])
+def test_parse_since_refuses_what_is_no_iso_time(wrong):
+    with pytest.raises(ValueError, match=r"^--since: expected e\.g\. 30m, 2h, 7d or an ISO time, got "):
+        parse_since(wrong)
+
+
 # ------------------------------------------------------------------ classifier command
 
 
