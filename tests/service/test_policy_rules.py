@@ -105,6 +105,29 @@ def test_a_bad_policy_is_refused_with_the_key_named(body, key, words):
     assert message.startswith("policy.toml: ") and key in message and words in message, message
 
 
+@pytest.mark.parametrize("pattern, what", [("(?>rm\\s+-rf)\\s+/", "an atomic group (?>...)"),
+                                           ("rm\\s++-rf", "a possessive quantifier (*+ ++ ?+ {m,n}+)")])
+def test_a_pattern_only_python_3_11_reads_says_so_on_python_3_10(pattern, what):
+    """A policy checked on a 3.11+ workstation and deployed to a Python 3.10 device (JetPack 6):
+    re before 3.11 has neither, and its bare "unknown extension ?>" / "multiple repeat" did not
+    say why a pattern the workstation took does not compile."""
+    body = f"[[rules]]\nname = 'r1'\naction = 'refuse'\npatterns = ['{pattern}']"
+    if sys.version_info >= (3, 11):
+        assert [rule.name for rule in policy(body).rules] == ["r1"]
+        return
+    with pytest.raises(ConfigError) as info:
+        policy(body)
+    assert "rules[0] ('r1'): patterns[0]: does not compile: " in str(info.value)
+    assert f"({what} needs Python 3.11 or newer, and this is Python 3.10: use a plain group" in str(info.value)
+
+
+def test_a_pattern_that_no_python_reads_gets_no_python_note():
+    for pattern in ["a**", "(?<a)", "(unclosed"]:
+        with pytest.raises(ConfigError) as info:
+            policy(f"[[rules]]\nname = 'r1'\naction = 'refuse'\npatterns = ['{pattern}']")
+        assert "does not compile" in str(info.value) and "Python" not in str(info.value)
+
+
 def classifier_policy(tmp_path: Path, body: str) -> Path:
     path = tmp_path / "policy.toml"
     path.write_text('[[rules]]\nname = "r"\naction = "refuse"\nphrases = ["x"]\n[classifier]\n' + body + "\n")
