@@ -159,11 +159,11 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile, *,
     except Exception as exc:
         old_ort = _version(ort.__version__) < INT8_KV_ONNXRUNTIME
         if bundle_kv_dtype(bundle, profile.kv_cache.dtype) == "int8" and old_ort:
-            remedy = int8_kv_python_note() or (
-                f"it needs onnxruntime {'.'.join(map(str, INT8_KV_ONNXRUNTIME))} or newer (the version tested), or "
-                "export the bundle with --kv-cache-bits 0 (a float cache)")
+            python_note = int8_kv_python_note()
             raise BundleError(f"{bundle.root} keeps an int8 KV cache, which onnxruntime {ort.__version__} could not "
-                              f"load ({exc}); {remedy}") from exc
+                              f"load ({exc}); it needs onnxruntime {'.'.join(map(str, INT8_KV_ONNXRUNTIME))} or "
+                              "newer (the version tested), or export the bundle with --kv-cache-bits 0 (a float cache)"
+                              f"{f' ({python_note})' if python_note else ''}") from exc
         if choice.device == "cuda" and _version(ort.__version__) < GPU_ONNXRUNTIME:
             # NVIDIA's Jetson wheels are installed outside the gpu extra: nothing held them to its floor
             raise BundleError(f"onnxruntime {ort.__version__} could not create a session for {bundle.graph_path.name} "

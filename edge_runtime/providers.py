@@ -42,8 +42,8 @@ def int8_kv_python_note(python: tuple[int, int] | None = None) -> str:
         return ""
     return (f"onnxruntime {'.'.join(map(str, INT8_KV_ONNXRUNTIME))} is built for Python "
             f"{'.'.join(map(str, INT8_KV_PYTHON))} and newer, and this is Python {'.'.join(map(str, python))}, "
-            f"whose newest onnxruntime ({PYTHON_3_10_ONNXRUNTIME}) cannot load an int8 KV cache: export the "
-            "bundle with --kv-cache-bits 0, or run the daemon on Python 3.11 or newer")
+            f"whose newest onnxruntime is {PYTHON_3_10_ONNXRUNTIME}: here only a bundle with a float KV cache "
+            "loads, or run the daemon on Python 3.11 or newer")
 
 
 INSTALL_HINT = (
