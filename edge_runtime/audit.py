@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from .policy import text_sha256
@@ -155,6 +155,32 @@ def read_events(path: Path) -> Iterator[AuditEvent]:
 
 
 _AGO = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhd])", re.ASCII)  # ASCII digits: float() takes no '²'
+# An ISO 8601 date and time as `date -I...`, `date +%FT%T%z` and logs print them: 2026-12-03 or
+# 20261203; then T or a space and 10, 10:00, 10:00:00 or 100000, a fraction after '.' or ',' (any
+# number of digits, microseconds kept); then (or after the date alone) Z, +01, +01:00 or +0100. Read here, not by
+# datetime.fromisoformat, which before Python 3.11 reads only isoformat()'s own forms: on
+# Python 3.10 (JetPack 6, Ubuntu 22.04) it refused +0100, a 9-digit or 1-digit fraction and ','.
+_ISO_TIME = re.compile(
+    r"(?P<year>\d{4})(?P<dash>-?)(?P<month>\d{2})(?P=dash)(?P<day>\d{2})"
+    r"(?:[T ](?P<hour>\d{2})(?:(?P<colon>:?)(?P<minute>\d{2})(?:(?P=colon)(?P<second>\d{2})"
+    r"(?:[.,](?P<fraction>\d+))?)?)?)?"
+    r"(?P<zone>Z|(?P<sign>[+-])(?P<zone_hours>\d{2})(?::?(?P<zone_minutes>\d{2}))?)?", re.ASCII)
+
+
+def _iso_time(value: str) -> float | None:
+    """Seconds since the epoch of an ISO 8601 time of the forms _ISO_TIME reads (UTC when it
+    names no zone); None for any other text. ValueError for an impossible date or time."""
+    m = _ISO_TIME.fullmatch(value)
+    if m is None:
+        return None
+    zone = timezone.utc
+    if m["sign"]:
+        offset = timedelta(hours=int(m["zone_hours"]), minutes=int(m["zone_minutes"] or 0))
+        zone = timezone(-offset if m["sign"] == "-" else offset)  # ValueError from +24:00 on
+    microseconds = int((m["fraction"] or "0")[:6].ljust(6, "0"))
+    moment = datetime(int(m["year"]), int(m["month"]), int(m["day"]), int(m["hour"] or 0), int(m["minute"] or 0),
+                      int(m["second"] or 0), microseconds, tzinfo=zone)
+    return moment.timestamp()
 
 
 def parse_since(value: str, now: float | None = None) -> float:
@@ -169,12 +195,12 @@ def parse_since(value: str, now: float | None = None) -> float:
             raise wrong
         return now - seconds
     try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)
-        return moment.timestamp()
+        moment = _iso_time(value)
     except (ValueError, OverflowError):
         raise wrong from None
+    if moment is None:
+        raise wrong
+    return moment
 
 
 def events_since(events: Iterable[AuditEvent], since: float) -> list[AuditEvent]:

@@ -59,12 +59,16 @@ FOLDER_OF = {"--checkpoint": "checkpoint folder", "--output": "bundle folder to 
              "--profile": "device profile's name or TOML file"}
 
 
+def export_side_missing(exc: ImportError) -> str:
+    return (f"the export side is not installed ({exc.name} missing): pip install torch==2.13.0 && "
+            "pip install '/path/to/edge-runtime[export,cpu]' (the source folder)")
+
+
 def cmd_export(args) -> int:
     try:
         from edge_export.pipeline import ExportOptions, format_summary, run_export
     except ImportError as exc:
-        return _die(f"the export side is not installed ({exc.name} missing): pip install torch==2.13.0 && "
-                    "pip install '/path/to/edge-runtime[export,cpu]' (the source folder)")
+        return _die(export_side_missing(exc))
     empty = empty_flag(args, FOLDER_OF)
     if empty:
         return _die(empty)
@@ -412,10 +416,12 @@ def cmd_demo_model(args) -> int:
     try:
         from edge_export.demo_model import ensure_demo_model
     except ImportError as exc:
-        return _die(f"the export side is not installed ({exc.name} missing): pip install torch==2.13.0 && "
-                    "pip install '/path/to/edge-runtime[export,cpu]' (the source folder)")
-    with terminate_as_interrupt():
-        path = ensure_demo_model(Path(args.cache_dir) if args.cache_dir else None)
+        return _die(export_side_missing(exc))
+    try:
+        with terminate_as_interrupt():
+            path = ensure_demo_model(Path(args.cache_dir) if args.cache_dir else None)
+    except ImportError as exc:  # training imports torch and transformers (a cached model needs neither)
+        return _die(export_side_missing(exc))
     print(path)
     return 0
 

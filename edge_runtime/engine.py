@@ -41,10 +41,12 @@ from .profiles import DeviceProfile, install_hint, load_profile
 from .prompt_lookup import DRAFT_MAX, PromptLookup
 from .prompts import PromptPlan, build_prompt, user_text_chars
 from .providers import (
+    INT8_KV_ONNXRUNTIME,
     TENSORRT_CACHE_REMEDY,
     ProviderChoice,
     choose_providers,
     import_onnxruntime,
+    int8_kv_python_note,
     tensorrt_cache_problem,
     tensorrt_engine_cache_per_bundle,
 )
@@ -163,10 +165,13 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile, *,
     except BundleError:  # open_session's own, complete
         raise
     except Exception as exc:
-        if bundle_kv_dtype(bundle, profile.kv_cache.dtype) == "int8" and _version(ort.__version__) < (1, 32):
+        old_ort = _version(ort.__version__) < INT8_KV_ONNXRUNTIME
+        if bundle_kv_dtype(bundle, profile.kv_cache.dtype) == "int8" and old_ort:
+            python_note = int8_kv_python_note()
             raise BundleError(f"{bundle.root} keeps an int8 KV cache, which onnxruntime {ort.__version__} could not "
-                              f"load ({exc}); it needs onnxruntime 1.32 or newer (the version tested), or export the "
-                              "bundle with --kv-cache-bits 0 (a float cache)") from exc
+                              f"load ({exc}); it needs onnxruntime {'.'.join(map(str, INT8_KV_ONNXRUNTIME))} or "
+                              "newer (the version tested), or export the bundle with --kv-cache-bits 0 (a float cache)"
+                              f"{f' ({python_note})' if python_note else ''}") from exc
         if choice.device == "cuda" and _version(ort.__version__) < GPU_ONNXRUNTIME:
             # NVIDIA's Jetson wheels are installed outside the gpu extra: nothing held them to its floor
             raise BundleError(f"onnxruntime {ort.__version__} could not create a session for {bundle.graph_path.name} "

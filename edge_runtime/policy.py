@@ -41,6 +41,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 import unicodedata
@@ -616,6 +617,21 @@ def check_pattern_cost(rx: re.Pattern[str], key: str) -> None:
                     f"and do not nest or chain unbounded ones")
 
 
+def _newer_re_syntax(pattern: str, exc: Exception) -> str:
+    """Why a pattern that Python 3.11's re compiles does not compile here ("" otherwise): an
+    atomic group or a possessive quantifier, which a policy checked on a 3.11+ workstation may
+    hold, on a Python 3.10 device (JetPack 6, Ubuntu 22.04)."""
+    if sys.version_info >= (3, 11) or not isinstance(exc, re.error) or exc.pos is None:
+        return ""
+    atomic = exc.msg == "unknown extension ?>"
+    possessive = exc.msg == "multiple repeat" and pattern[exc.pos:exc.pos + 1] == "+"
+    if not (atomic or possessive):
+        return ""
+    return (f" ({'an atomic group (?>...)' if atomic else 'a possessive quantifier (*+ ++ ?+ {m,n}+)'} needs "
+            f"Python 3.11 or newer, and this is Python {sys.version_info[0]}.{sys.version_info[1]}: use a plain "
+            "group (...) or quantifier, which every Python reads)")
+
+
 def _compile_pattern(pattern: str, flags: int, key: str) -> re.Pattern[str]:
     """ConfigError naming `key` for a pattern that does not compile (a syntax error, a repeat
     count past what re allows, groups nested too deep for its parser) or that matches the
@@ -625,7 +641,7 @@ def _compile_pattern(pattern: str, flags: int, key: str) -> re.Pattern[str]:
     except RecursionError:
         raise ConfigError(f"{key}: does not compile: its groups are nested too deeply") from None
     except (re.error, OverflowError, ValueError) as exc:
-        raise ConfigError(f"{key}: does not compile: {exc}") from None
+        raise ConfigError(f"{key}: does not compile: {exc}{_newer_re_syntax(pattern, exc)}") from None
     if rx.search("") is not None:
         raise ConfigError(f"{key}: matches the empty text ({pattern!r}), so it would match every request: "
                           f"give it text it must find (an empty alternative, as in 'a|', or a pattern "

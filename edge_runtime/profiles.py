@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Literal, get_args
 
 from edge_runtime.errors import ConfigError
+from edge_runtime.providers import cpu_onnxruntime_requirement
 from edge_runtime.typed_toml import (
     Check,
     InvalidField,
@@ -41,7 +42,7 @@ from edge_runtime.typed_toml import (
 
 if TYPE_CHECKING:
     if sys.version_info >= (3, 11):
-        from importlib.resources.abc import Traversable
+        from importlib.resources.abc import Traversable  # novermin: for the type checker, on 3.11+ only
     else:
         from importlib.abc import Traversable
 
@@ -462,9 +463,10 @@ _AGX_ORIN = re.compile(r"agx[\s_-]*orin", re.IGNORECASE)
 _ORIN_NANO_NX = re.compile(r"orin[\s_-]*(nano|nx)", re.IGNORECASE)
 _JETSON_HINT = ("install NVIDIA's onnxruntime-gpu wheel for this JetPack release in place of onnxruntime "
                 "(PyPI's onnxruntime-gpu is not built for Jetson; docs/deployment.md)")
+_CPU_HINT = f"pip install '{cpu_onnxruntime_requirement()}' (the package's cpu extra)"
 _INSTALL_HINTS = {
-    "cpu-x86_64": "pip install 'onnxruntime>=1.32' (the package's cpu extra)",
-    "cpu-arm64": "pip install 'onnxruntime>=1.32' (the package's cpu extra)",
+    "cpu-x86_64": _CPU_HINT,
+    "cpu-arm64": _CPU_HINT,
     "nvidia-gpu": "pip install onnxruntime-gpu, not onnxruntime (the package's gpu extra)",
     "jetson-orin-agx": _JETSON_HINT,
     "jetson-orin-nano": _JETSON_HINT,

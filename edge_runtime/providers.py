@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -17,10 +18,39 @@ from .errors import ConfigError, RuntimeMissing
 
 log = logging.getLogger(__name__)
 
+# The oldest onnxruntime that loads the int8 KV cache (GroupQueryAttention's kv_cache_bit_width) of
+# the CPU profiles' bundles (kv_cache.bits = 8). It is built for Python 3.11 and newer: on Python
+# 3.10 (JetPack 6, Ubuntu 22.04) the newest onnxruntime is 1.23, which runs bundles with a float KV
+# cache (`export --kv-cache-bits 0`). pyproject.toml's cpu extra asks for the same, by Python version.
+INT8_KV_ONNXRUNTIME = (1, 32)
+INT8_KV_PYTHON = (3, 11)
+PYTHON_3_10_ONNXRUNTIME = "1.23"
+
+
+def cpu_onnxruntime_requirement(python: tuple[int, int] | None = None) -> str:
+    """The cpu extra's onnxruntime requirement on `python` (default: this interpreter)."""
+    python = tuple(sys.version_info[:2]) if python is None else python
+    if python >= INT8_KV_PYTHON:
+        return f"onnxruntime>={'.'.join(map(str, INT8_KV_ONNXRUNTIME))}"
+    return f"onnxruntime>={PYTHON_3_10_ONNXRUNTIME}"
+
+
+def int8_kv_python_note(python: tuple[int, int] | None = None) -> str:
+    """Why onnxruntime 1.32 cannot be installed on `python` ("" where it can)."""
+    python = tuple(sys.version_info[:2]) if python is None else python
+    if python >= INT8_KV_PYTHON:
+        return ""
+    return (f"onnxruntime {'.'.join(map(str, INT8_KV_ONNXRUNTIME))} is built for Python "
+            f"{'.'.join(map(str, INT8_KV_PYTHON))} and newer, and this is Python {'.'.join(map(str, python))}, "
+            f"whose newest onnxruntime is {PYTHON_3_10_ONNXRUNTIME}: here only a bundle with a float KV cache "
+            "loads, or run the daemon on Python 3.11 or newer")
+
+
 INSTALL_HINT = (
-    "onnxruntime is not installed: `pip install 'onnxruntime>=1.32'` on a CPU machine (the package's cpu "
-    "extra), `pip install onnxruntime-gpu` on an NVIDIA GPU machine (the gpu extra), or NVIDIA's JetPack "
-    "onnxruntime-gpu wheel on a Jetson board (README: Install; docs/deployment.md). Install only one of them."
+    f"onnxruntime is not installed: `pip install '{cpu_onnxruntime_requirement()}'` on a CPU machine (the "
+    "package's cpu extra), `pip install onnxruntime-gpu` on an NVIDIA GPU machine (the gpu extra), or NVIDIA's "
+    "JetPack onnxruntime-gpu wheel on a Jetson board (README: Install; docs/deployment.md). Install only one of "
+    "them."
 )
 
 

@@ -105,6 +105,29 @@ def test_a_bad_policy_is_refused_with_the_key_named(body, key, words):
     assert message.startswith("policy.toml: ") and key in message and words in message, message
 
 
+@pytest.mark.parametrize("pattern, what", [("(?>rm\\s+-rf)\\s+/", "an atomic group (?>...)"),
+                                           ("rm\\s++-rf", "a possessive quantifier (*+ ++ ?+ {m,n}+)")])
+def test_a_pattern_only_python_3_11_reads_says_so_on_python_3_10(pattern, what):
+    """A policy checked on a 3.11+ workstation and deployed to a Python 3.10 device (JetPack 6):
+    re before 3.11 has neither, and its bare "unknown extension ?>" / "multiple repeat" did not
+    say why a pattern the workstation took does not compile."""
+    body = f"[[rules]]\nname = 'r1'\naction = 'refuse'\npatterns = ['{pattern}']"
+    if sys.version_info >= (3, 11):
+        assert [rule.name for rule in policy(body).rules] == ["r1"]
+        return
+    with pytest.raises(ConfigError) as info:
+        policy(body)
+    assert "rules[0] ('r1'): patterns[0]: does not compile: " in str(info.value)
+    assert f"({what} needs Python 3.11 or newer, and this is Python 3.10: use a plain group" in str(info.value)
+
+
+def test_a_pattern_that_no_python_reads_gets_no_python_note():
+    for pattern in ["a**", "(?<a)", "(unclosed"]:
+        with pytest.raises(ConfigError) as info:
+            policy(f"[[rules]]\nname = 'r1'\naction = 'refuse'\npatterns = ['{pattern}']")
+        assert "does not compile" in str(info.value) and "Python" not in str(info.value)
+
+
 def classifier_policy(tmp_path: Path, body: str) -> Path:
     path = tmp_path / "policy.toml"
     path.write_text('[[rules]]\nname = "r"\naction = "refuse"\nphrases = ["x"]\n[classifier]\n' + body + "\n")
@@ -661,6 +684,31 @@ def test_parse_since():
     for wrong in ["yesterday", "", "\u00b2h", "\uff12h", "1e3h", "9" * 400 + "d", "-2h", " 2h"]:
         with pytest.raises(ValueError, match=r"^--since: expected e\.g\. 30m, 2h, 7d or an ISO time, got "):
             parse_since(wrong)
+
+
+@pytest.mark.parametrize("text, utc", [
+    # `date +%FT%T%z`, `date --iso-8601=ns`, `date -u +%Y%m%dT%H%M%SZ`, a short fraction, an hour offset
+    ("2026-12-03T10:00:00+0100", (2026, 12, 3, 9, 0, 0, 0)),
+    ("2026-12-03T10:00:00,123456789+00:00", (2026, 12, 3, 10, 0, 0, 123456)),
+    ("20261203T100000Z", (2026, 12, 3, 10, 0, 0, 0)),
+    ("2026-12-03T10:00:00.5Z", (2026, 12, 3, 10, 0, 0, 500000)),
+    ("2026-12-03 10:00-05", (2026, 12, 3, 15, 0, 0, 0)),
+    ("2026-12-03T10:00:00+01:00", (2026, 12, 3, 9, 0, 0, 0)),
+    ("2026-12-03", (2026, 12, 3, 0, 0, 0, 0)),
+    ("2026-12-03Z", (2026, 12, 3, 0, 0, 0, 0)),
+])
+def test_parse_since_reads_the_iso_times_date_prints_on_every_python(text, utc):
+    """datetime.fromisoformat reads these from Python 3.11 on only: on 3.10 (JetPack 6,
+    Ubuntu 22.04) `audit --since "$(date +%FT%T%z)"` was an error."""
+    from datetime import datetime, timezone
+    assert parse_since(text) == datetime(*utc, tzinfo=timezone.utc).timestamp()
+
+
+@pytest.mark.parametrize("wrong", ["2026-02-30", "2026-12-03T25:00", "2026-12-03T10:00:00+24:00", "2026-1203",
+                                   "2026-12-03T10:0000", "2026-12-03T", "2026-12-03T10:00+1", "\uff12\uff10\uff12\uff16-12-03"])
+def test_parse_since_refuses_what_is_no_iso_time(wrong):
+    with pytest.raises(ValueError, match=r"^--since: expected e\.g\. 30m, 2h, 7d or an ISO time, got "):
+        parse_since(wrong)
 
 
 # ------------------------------------------------------------------ classifier command
