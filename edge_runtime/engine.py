@@ -47,6 +47,7 @@ from .providers import (
     choose_providers,
     import_onnxruntime,
     int8_kv_python_note,
+    onnxruntime_version_tuple,
     tensorrt_cache_problem,
     tensorrt_engine_cache_per_bundle,
 )
@@ -165,14 +166,14 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile, *,
     except BundleError:  # open_session's own, complete
         raise
     except Exception as exc:
-        old_ort = _version(ort.__version__) < INT8_KV_ONNXRUNTIME
+        old_ort = onnxruntime_version_tuple(ort.__version__) < INT8_KV_ONNXRUNTIME
         if bundle_kv_dtype(bundle, profile.kv_cache.dtype) == "int8" and old_ort:
             python_note = int8_kv_python_note()
             raise BundleError(f"{bundle.root} keeps an int8 KV cache, which onnxruntime {ort.__version__} could not "
                               f"load ({exc}); it needs onnxruntime {'.'.join(map(str, INT8_KV_ONNXRUNTIME))} or "
                               "newer (the version tested), or export the bundle with --kv-cache-bits 0 (a float cache)"
                               f"{f' ({python_note})' if python_note else ''}") from exc
-        if choice.device == "cuda" and _version(ort.__version__) < GPU_ONNXRUNTIME:
+        if choice.device == "cuda" and onnxruntime_version_tuple(ort.__version__) < GPU_ONNXRUNTIME:
             # NVIDIA's Jetson wheels are installed outside the gpu extra: nothing held them to its floor
             raise BundleError(f"onnxruntime {ort.__version__} could not create a session for {bundle.graph_path.name} "
                               f"of bundle {bundle.root} ({exc}); the GPU profiles need onnxruntime-gpu "
@@ -186,15 +187,6 @@ def make_session(ort, bundle: Bundle, profile: DeviceProfile, *,
 
 
 GPU_ONNXRUNTIME = (1, 20)  # the oldest onnxruntime-gpu the GPU profiles take: pyproject.toml's gpu extra
-
-
-def _version(text: str) -> tuple[int, ...]:
-    """(1, 32) of "1.32.0" or "1.32.0.dev20260101"."""
-    parts = []
-    for piece in text.split(".")[:2]:
-        digits = "".join(c for c in piece if c.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
 
 
 @contextlib.contextmanager

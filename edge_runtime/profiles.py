@@ -28,7 +28,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Literal, get_args
 
 from edge_runtime.errors import ConfigError
-from edge_runtime.providers import cpu_onnxruntime_requirement
+from edge_runtime.providers import (
+    INT8_KV_ONNXRUNTIME,
+    INT8_KV_PYTHON,
+    cpu_onnxruntime_requirement,
+    int8_kv_python_note,
+    onnxruntime_version_tuple,
+)
 from edge_runtime.typed_toml import (
     Check,
     InvalidField,
@@ -497,6 +503,7 @@ class MachineFacts:
     ort_providers: tuple[str, ...] = ()  # onnxruntime.get_available_providers()
     onnxruntime_error: str | None = None  # why the import failed, when it did
     memory_bytes: int | None = None  # MemTotal of /proc/meminfo (on a Jetson, the CPU's and the GPU's)
+    python: tuple[int, ...] = tuple(sys.version_info[:2])  # the Python that runs the daemon (its onnxruntime wheels)
 
     @property
     def cpu_arch(self) -> str:
@@ -657,6 +664,24 @@ def _runtime_note(profile: DeviceProfile, facts: MachineFacts) -> str:
     )
 
 
+def _kv_cache_note(profile: DeviceProfile, facts: MachineFacts) -> str:
+    """What to do when the installed onnxruntime cannot load the int8 KV cache that `profile`'s
+    bundles keep ("" when it can, or when onnxruntime is missing: `_runtime_note` says that): the
+    engine would refuse every default export for the profile, after the export."""
+    if profile.kv_cache.bits != 8 or facts.onnxruntime_version is None:
+        return ""
+    if onnxruntime_version_tuple(facts.onnxruntime_version) >= INT8_KV_ONNXRUNTIME:
+        return ""
+    needed = ".".join(map(str, INT8_KV_ONNXRUNTIME))
+    python_note = int8_kv_python_note(facts.python)
+    remedy = (f"or Python {'.'.join(map(str, INT8_KV_PYTHON))}+ with onnxruntime>={needed}" if python_note
+              else f"or pip install 'onnxruntime>={needed}'")
+    return (f"onnxruntime {facts.onnxruntime_version} cannot load the int8 KV cache of the {profile.name} "
+            f"profile's bundles (kv_cache.bits = 8; it needs onnxruntime {needed}): export for this machine "
+            f"with --kv-cache-bits 0 (a float KV cache), {remedy}"
+            f"{f' ({python_note})' if python_note else ''}")
+
+
 def _memory_note(profile: DeviceProfile, facts: MachineFacts) -> str:
     """What to do when `profile`'s memory budget is more than this machine has ("" when it is not):
     the budget would pass bundles the machine cannot hold (jetson-orin-agx is the 64 GB module's,
@@ -683,5 +708,6 @@ def detect_profile(facts: MachineFacts | None = None) -> tuple[DeviceProfile, st
         facts = gather_machine_facts()
     name, why = _choose(facts)
     profile = load_profile(name)
-    notes = [note for note in (_runtime_note(profile, facts), _memory_note(profile, facts)) if note]
+    notes = [note for note in (_runtime_note(profile, facts), _kv_cache_note(profile, facts),
+                                _memory_note(profile, facts)) if note]
     return profile, "; ".join([why, *notes])

@@ -27,6 +27,15 @@ INT8_KV_PYTHON = (3, 11)
 PYTHON_3_10_ONNXRUNTIME = "1.23"
 
 
+def onnxruntime_version_tuple(text: str) -> tuple[int, ...]:
+    """(1, 32) of "1.32.0" or "1.32.0.dev20260101": the part the floors above compare."""
+    parts = []
+    for piece in text.split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
 def cpu_onnxruntime_requirement(python: tuple[int, int] | None = None) -> str:
     """The cpu extra's onnxruntime requirement on `python` (default: this interpreter)."""
     python = tuple(sys.version_info[:2]) if python is None else python

@@ -587,10 +587,28 @@ def test_detect_nvidia_gpu_mentions_missing_cuda_provider() -> None:
 
 @pytest.mark.parametrize("arch", ["x86_64", "AMD64"])
 def test_detect_cpu_x86_64(arch: str) -> None:
-    facts = MachineFacts(arch=arch, onnxruntime_version="1.20.1", ort_providers=_CPU_ONLY)
+    facts = MachineFacts(arch=arch, onnxruntime_version="1.32.0", ort_providers=_CPU_ONLY)
     profile, reason = detect_profile(facts)
     assert profile.name == "cpu-x86_64"
     assert reason == "x86_64 CPU, no NVIDIA GPU found"
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+def test_detect_says_when_onnxruntime_cannot_load_the_profiles_int8_kv_cache(arch: str) -> None:
+    # JetPack 6 / Ubuntu 22.04's Python 3.10 gets onnxruntime 1.23 at most: every default export for
+    # the CPU profiles (kv_cache.bits = 8) would be refused at load, after the export
+    facts = MachineFacts(arch=arch, onnxruntime_version="1.23.2", ort_providers=_CPU_ONLY, python=(3, 10))
+    profile, reason = detect_profile(facts)
+    assert profile.kv_cache.bits == 8
+    assert "onnxruntime 1.23.2 cannot load the int8 KV cache" in reason
+    assert "--kv-cache-bits 0" in reason and "Python 3.11+" in reason and "Python 3.10" in reason
+    # on 3.11+ the remedy is an upgrade
+    _, reason = detect_profile(dataclasses.replace(facts, python=(3, 12)))
+    assert "pip install 'onnxruntime>=1.32'" in reason and "Python 3.10" not in reason
+    # a new enough onnxruntime, a pre-release of it, and a GPU profile (a float16 cache): nothing to say
+    for version in ("1.32.0", "1.33.0.dev20261101"):
+        assert "KV cache" not in detect_profile(dataclasses.replace(facts, onnxruntime_version=version))[1]
+    assert "KV cache" not in detect_profile(_jetson("NVIDIA Jetson AGX Orin Developer Kit"))[1]
 
 
 def test_detect_cpu_arm64() -> None:
