@@ -16,7 +16,7 @@ import importlib
 import os
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # pyproject.toml's; 0.1.0: every version up to 2026-12-03
 
 # onnxruntime's official wheels collect telemetry on Linux too (1.32, the version required): at import
 # they write a persistent device id and an event queue for upload to Microsoft under

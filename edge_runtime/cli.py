@@ -431,8 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .bundle import SUPPORTED_FORMAT_VERSIONS
 
     parser = argparse.ArgumentParser(prog="edge-runtime", description="Offline Code Llama on edge devices.")
-    # the bundle formats too: every version so far is 0.1.0, and they tell a runtime that reads
-    # format 2 from one that does not (an upgrade from a wheel pip skipped, docs/deployment.md)
+    # the bundle formats too: every version up to 2026-12-03 is 0.1.0, and they tell a runtime that
+    # reads format 2 from one that does not (an upgrade from a wheel pip skipped, docs/deployment.md)
     formats = ", ".join(map(str, SUPPORTED_FORMAT_VERSIONS))
     parser.add_argument("--version", action="version",
                         version=f"edge-runtime {__version__} (bundle format_version {formats})")

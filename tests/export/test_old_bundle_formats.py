@@ -78,3 +78,22 @@ def test_version_names_the_bundle_formats_this_runtime_reads():
     out = subprocess.run([sys.executable, "-m", "edge_runtime", "--version"], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip().endswith("(bundle format_version 1, 2)")
+
+
+def test_version_is_the_packages_and_above_the_versions_that_all_said_0_1_0():
+    """pip installs a wheel over an installed version only when the wheel's is higher: this
+    version's must be above 0.1.0 (every version up to 2026-12-03), and `--version` (and the
+    status topic's `version`) must say the number pip installed, pyproject.toml's."""
+    import pathlib
+    import subprocess
+    import sys
+    import edge_runtime
+    from edge_runtime.typed_toml import tomllib  # tomli on Python 3.10
+
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    packaged = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["version"]
+    assert edge_runtime.__version__ == packaged
+    assert tuple(map(int, packaged.split("."))) > (0, 1, 0)
+    out = subprocess.run([sys.executable, "-m", "edge_runtime", "--version"], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.startswith(f"edge-runtime {packaged} ")

@@ -343,9 +343,9 @@ def test_status_encoding():
         context_limit, supports_infill, chat_format, provider = 4096, True, "llama2", "CPUExecutionProvider"
 
     s = json.loads(encode_status("online", device_id="d1", model_info=Info(), queue_depth=2, queue_limit=8,
-                                 version="0.1.0"))
+                                 version="0.2.0"))
     assert s["state"] == "online" and s["model"] == "m" and s["profile"] == "p"
-    assert s["bundle_sha256"] == "ab" * 32 and s["queue_depth"] == 2 and s["version"] == "0.1.0"
+    assert s["bundle_sha256"] == "ab" * 32 and s["queue_depth"] == 2 and s["version"] == "0.2.0"
     with pytest.raises(ValueError):
         encode_status("sleeping", device_id="d", model_info=None, queue_depth=0, queue_limit=1, version="x")
 
