@@ -11,7 +11,7 @@ from typing import Any
 
 from .client import DEFAULT_TIMEOUT_S, EdgeClient, Generation, RemoteError
 from .mqtt_connection import read_password_file
-from .request_flags import add_request_arguments, integer_at_least, number_in, penalties, request_source
+from .request_flags import add_request_arguments, integer_at_least, number_in, more_sampling, request_source
 
 
 def add_ask_arguments(parser: argparse.ArgumentParser, *, request_arguments: bool = True) -> None:
@@ -44,7 +44,7 @@ def _ask_request(args: argparse.Namespace) -> dict[str, Any]:
     common: dict[str, Any] = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                   top_k=args.top_k, seed=args.seed, stop=list(args.stop) or None,
                                   deadline_ms=args.deadline_ms, cache_prompt=args.cache_prompt,
-                                  **penalties(args))
+                                  **more_sampling(args))
     source = request_source(args)
     if source["mode"] == "infill" and not source["suffix_first"]:
         source["suffix_first"] = None  # the daemon's default order

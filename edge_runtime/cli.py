@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import BundleError, ConfigError, EdgeRuntimeError
 from .interrupts import Terminated, terminate_as_interrupt
 from .log_output import LOG_LEVELS, configure_logging, journal_lines, journal_priority, writes_to_journal
-from .request_flags import add_request_arguments, empty_flag, integer_at_least, penalties, request_source
+from .request_flags import add_request_arguments, empty_flag, integer_at_least, more_sampling, request_source
 
 
 def _die(message: str, code: int = 2) -> int:
@@ -121,7 +121,7 @@ def request_from_args(args):
         temperature=defaults.temperature if args.temperature is None else args.temperature,
         top_p=defaults.top_p if args.top_p is None else args.top_p,
         top_k=defaults.top_k if args.top_k is None else args.top_k,
-        seed=args.seed, **penalties(args))
+        seed=args.seed, **more_sampling(args))
     common = dict(max_tokens=args.max_tokens, sampling=sampling, stop=tuple(args.stop))  # None: the default
     try:
         source = request_source(args)

@@ -583,7 +583,8 @@ class EdgeClient:
                  deadline_ms: int | None = None, timeout: float = DEFAULT_TIMEOUT_S,
                  request_id: str | None = None, cache_prompt: bool | None = None,
                  repeat_penalty: float | None = None, presence_penalty: float | None = None,
-                 frequency_penalty: float | None = None, repeat_last_n: int | None = None) -> Generation:
+                 frequency_penalty: float | None = None, repeat_last_n: int | None = None,
+                 min_p: float | None = None) -> Generation:
         """Publish a request now and return its `Generation` (iterate it for chunks).
         Parameters left None take the daemon's defaults."""
         if not self._connected:
@@ -602,7 +603,7 @@ class EdgeClient:
                             stream=stream, deadline_ms=deadline_ms, reply_to=reply_topic,
                             cache_prompt=cache_prompt, repeat_penalty=repeat_penalty,
                             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                            repeat_last_n=repeat_last_n)
+                            repeat_last_n=repeat_last_n, min_p=min_p)
         inbox: queue.Queue[dict[str, Any]] = queue.Queue()
         correlation = request_id.encode("utf-8")
         props = publish_properties(self.protocol, response_topic=reply_topic, correlation_data=correlation) \

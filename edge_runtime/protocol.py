@@ -67,13 +67,16 @@ REQUEST_FIELDS = frozenset({
     "id", "mode", "prompt", "prefix", "suffix", "suffix_first", "messages",
     "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
     "deadline_ms", "reply_to", "cache_prompt",
-    "repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n",
+    "repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n", "min_p",
 })
-# The repetition penalties' fields and their defaults (off): SamplingParams' own
-PENALTY_DEFAULTS: dict[str, Any] = {name: getattr(SamplingParams(), name) for name in
-                                    ("repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n")}
+# The sampling fields after temperature, top_p, top_k and seed (min_p and the repetition
+# penalties) and their defaults (off): SamplingParams' own
+MORE_SAMPLING_DEFAULTS: dict[str, Any] = {name: getattr(SamplingParams(), name) for name in
+                                          ("min_p", "repeat_penalty", "presence_penalty", "frequency_penalty",
+                                           "repeat_last_n")}
 # JSON numbers the sampler takes as floats (an integer 1 for top_p is 1.0)
-_FLOAT_SAMPLING_FIELDS = frozenset({"temperature", "top_p", "repeat_penalty", "presence_penalty", "frequency_penalty"})
+_FLOAT_SAMPLING_FIELDS = frozenset({"temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty",
+                                    "frequency_penalty"})
 _MODE_FIELDS: dict[str, frozenset[str]] = {
     "complete": frozenset({"prompt"}),
     "infill": frozenset({"prefix", "suffix", "suffix_first"}),
@@ -407,7 +410,7 @@ def parse_request(payload: bytes, limits: RequestLimits | Any = RequestLimits(),
 
     fields = {"temperature": obj.get("temperature", DEFAULT_TEMPERATURE), "top_p": obj.get("top_p", DEFAULT_TOP_P),
               "top_k": obj.get("top_k", 0), "seed": obj.get("seed"),
-              **{name: obj.get(name, default) for name, default in PENALTY_DEFAULTS.items()}}
+              **{name: obj.get(name, default) for name, default in MORE_SAMPLING_DEFAULTS.items()}}
     try:  # the ranges are the sampler's own (sampling.validate_sampling)
         validate_sampling(SamplingParams(**fields))
     except BadRequest as exc:
@@ -605,7 +608,8 @@ def build_request(*, request_id: str, mode: str, prompt: str | None = None,
                   stop: Any = None, stream: bool = True, deadline_ms: int | None = None,
                   reply_to: str | None = None, cache_prompt: bool | None = None,
                   repeat_penalty: float | None = None, presence_penalty: float | None = None,
-                  frequency_penalty: float | None = None, repeat_last_n: int | None = None) -> dict[str, Any]:
+                  frequency_penalty: float | None = None, repeat_last_n: int | None = None,
+                  min_p: float | None = None) -> dict[str, Any]:
     """A request dict for clients; fields left None are omitted (the daemon's defaults apply).
     `messages` may hold `Message` objects or ``{role, content}`` dicts. Raises `BadRequest` for
     what cannot be sent as the protocol's JSON (the daemon checks the rest)."""
@@ -626,7 +630,7 @@ def build_request(*, request_id: str, mode: str, prompt: str | None = None,
         if not isinstance(stop, (list, tuple)):
             raise BadRequest(f"stop must be a string or a list of strings, got {type(stop).__name__}")
         stop = list(stop)
-    for name, number in (("temperature", temperature), ("top_p", top_p), ("deadline_ms", deadline_ms),
+    for name, number in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p), ("deadline_ms", deadline_ms),
                          ("repeat_penalty", repeat_penalty), ("presence_penalty", presence_penalty),
                          ("frequency_penalty", frequency_penalty)):
         if isinstance(number, float) and not math.isfinite(number):
@@ -637,7 +641,8 @@ def build_request(*, request_id: str, mode: str, prompt: str | None = None,
                        ("top_p", top_p), ("top_k", top_k), ("seed", seed), ("stop", stop),
                        ("deadline_ms", deadline_ms), ("reply_to", reply_to), ("cache_prompt", cache_prompt),
                        ("repeat_penalty", repeat_penalty), ("presence_penalty", presence_penalty),
-                       ("frequency_penalty", frequency_penalty), ("repeat_last_n", repeat_last_n)):
+                       ("frequency_penalty", frequency_penalty), ("repeat_last_n", repeat_last_n),
+                       ("min_p", min_p)):
         if value is not None:
             obj[key] = value
     obj["stream"] = stream

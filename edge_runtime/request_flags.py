@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .protocol import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, PENALTY_DEFAULTS
+from .protocol import MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MORE_SAMPLING_DEFAULTS
 from .types import DEFAULT_REPEAT_LAST_N, MAX_PENALTY, MAX_SEED
 
 
@@ -110,6 +110,9 @@ def add_request_arguments(p: argparse.ArgumentParser) -> None:
                    help="nucleus sampling mass, in (0, 1] (default 0.9)")
     p.add_argument("--top-k", type=integer_at_least(0), default=None,
                    help="keep the k most likely tokens (default 0: off)")
+    p.add_argument("--min-p", type=number_in(0.0, 1.0), default=None,
+                   help="drop tokens less likely than this times the most likely one, in [0, 1] (default 0: off; "
+                        "llama.cpp's and Ollama's min_p, after temperature, top-k and top-p)")
     p.add_argument("--seed", type=integer_at_least(0, MAX_SEED), default=None,
                    help="makes a sampled answer reproducible")
     p.add_argument("--repeat-penalty", type=number_in(0.0, low_open=True), default=None,
@@ -129,12 +132,13 @@ def add_request_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
-PENALTY_FLAGS = tuple(PENALTY_DEFAULTS)  # the request fields, named as the flags' dests
+MORE_SAMPLING_FLAGS = tuple(MORE_SAMPLING_DEFAULTS)  # the request fields, named as the flags' dests
 
 
-def penalties(args: argparse.Namespace) -> dict[str, Any]:
-    """The penalty flags given (the request's fields of the same names); the rest take the defaults."""
-    return {name: getattr(args, name) for name in PENALTY_FLAGS if getattr(args, name, None) is not None}
+def more_sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """The --min-p and penalty flags given (the request's fields of the same names); the rest take
+    the defaults."""
+    return {name: getattr(args, name) for name in MORE_SAMPLING_FLAGS if getattr(args, name, None) is not None}
 
 
 def request_source(args: argparse.Namespace) -> dict[str, Any]:

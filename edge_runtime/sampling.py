@@ -3,7 +3,8 @@
 Follows Meta's reference: temperature 0 is greedy; otherwise softmax of
 logits / temperature, then nucleus (top-p) filtering as `sample_top_p` does
 (sort descending, cumulative sum, drop tokens where cumsum - p_i > p),
-renormalise, draw. Top-k, when set, is applied before top-p.
+renormalise, draw. Top-k, when set, is applied before top-p; min-p, when set, after it
+(transformers' order: a token under min_p times the most likely one's probability is dropped).
 
 Before all of them, the repetition penalties where a request asks for them, as llama.cpp's
 and Ollama's samplers apply them (`repeat_penalty`, `presence_penalty`, `frequency_penalty`
@@ -33,6 +34,8 @@ def validate_sampling(params: SamplingParams) -> SamplingParams:
         raise BadRequest(f"top_p must be a number in (0, 1], got {_shown(p)}")
     if not is_int(k) or k < 0:
         raise BadRequest(f"top_k must be an integer >= 0 (0 disables), got {_shown(k)}")
+    if not is_number(params.min_p) or not 0 <= params.min_p <= 1:
+        raise BadRequest(f"min_p must be a number in [0, 1] (0 disables), got {_shown(params.min_p)}")
     if seed is not None and (not is_int(seed) or not 0 <= seed <= MAX_SEED):
         raise BadRequest(f"seed must be an integer between 0 and {MAX_SEED}, or null, got {_shown(seed)}")
     r = params.repeat_penalty
@@ -214,8 +217,13 @@ class Sampler:
         probs = softmax(scores, in_place=True)
         if p.top_p < 1:
             order, probs = top_p_filter(probs, p.top_p)
-            return (order if candidates is None else candidates[order]), probs
-        return (np.arange(n) if candidates is None else candidates), probs
+            ids = order if candidates is None else candidates[order]
+        else:
+            ids = np.arange(n) if candidates is None else candidates
+        if p.min_p > 0:  # a share of the most likely one's probability: the same before or after renormalising
+            keep = probs >= p.min_p * probs.max()
+            ids, probs = ids[keep], probs[keep]
+        return ids, probs
 
     def sample(self, logits: np.ndarray) -> int:
         """Next token id from the last position's logits. logits: [vocab] float."""

@@ -54,6 +54,9 @@ class SamplingParams:
     temperature: float = DEFAULT_TEMPERATURE  # 0 means greedy
     top_p: float = DEFAULT_TOP_P  # nucleus; 1.0 disables
     top_k: int = 0  # 0 disables
+    # tokens less likely than min_p times the most likely one dropped, after temperature, top-k and
+    # top-p (transformers' MinPLogitsWarper; llama.cpp's and Ollama's min_p): 0 disables
+    min_p: float = 0.0
     seed: int | None = None  # None: a fresh random seed per request
     # Penalties on the tokens of the last `repeat_last_n` of prompt and output (llama.cpp's and
     # Ollama's names and rules): a repeated token's logit divided by `repeat_penalty` (multiplied

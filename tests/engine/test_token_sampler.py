@@ -157,6 +157,47 @@ def test_partial_sort_top_p_equals_full_sort(scale: float, p: float) -> None:
         assert np.array_equal(kept, probs[order])
 
 
+# ------------------------------------------------------------------------------ min-p
+def test_min_p_keeps_transformers_min_p_support_with_its_odds() -> None:
+    """After temperature and top-k, min_p drops what transformers' MinPLogitsWarper drops, and
+    the draws follow the probabilities its warpers leave (the independent reference)."""
+    torch = pytest.importorskip("torch")
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper
+
+    x = logits(11, scale=1.5)
+    scores = torch.tensor(x[None].astype(np.float64))
+    for warper in (TemperatureLogitsWarper(0.8), TopKLogitsWarper(40), MinPLogitsWarper(0.2)):
+        scores = warper(None, scores)
+    reference = torch.softmax(scores[0], -1).numpy()
+    support = set(np.flatnonzero(reference > 0).tolist())
+    assert 3 <= len(support) < 40  # min_p cut some of the 40 (the test would not tell otherwise)
+    got = draws(SamplingParams(temperature=0.8, top_p=1.0, top_k=40, min_p=0.2, seed=3), x, 4000)
+    assert set(got) == support
+    freq = np.bincount(got, minlength=VOCAB) / len(got)
+    assert np.abs(freq - reference).max() < 0.03
+
+
+def test_min_p_comes_after_top_p_and_judges_drafts_by_the_same_distribution() -> None:
+    x = np.full(VOCAB, -np.inf, dtype=np.float32)
+    x[[10, 20, 30, 40]] = np.log([0.5, 0.3, 0.15, 0.05])
+    # top_p 0.85: {10, 20, 30}; then min_p 0.4: at least 0.4 * 0.5 = 0.2 of the mass -> {10, 20}
+    params = SamplingParams(temperature=1.0, top_p=0.85, min_p=0.4, seed=0)
+    got = draws(params, x, 1000)
+    assert set(got) == {10, 20} and 0.55 < got.count(10) / len(got) < 0.70  # 0.5 / 0.8
+    assert set(draws(SamplingParams(temperature=1.0, top_p=1.0, min_p=0.1, seed=0), x, 1000)) == {10, 20, 30}
+    sampler = Sampler(params)
+    for _ in range(200):  # a draft min_p drops is never kept, and the token drawn instead is in the support
+        kept, token = sampler.judge(x, 30)
+        assert not kept and token in (10, 20)
+    assert Sampler(SamplingParams(min_p=0.0)).params.min_p == 0.0  # the default: off
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, math.nan, math.inf, "0.1", True])
+def test_min_p_out_of_range_is_a_bad_request_naming_it(value: object) -> None:
+    with pytest.raises(BadRequest, match="min_p"):
+        validate_sampling(SamplingParams(min_p=value))  # type: ignore[arg-type]
+
+
 # ------------------------------------------------------------------ repetition penalties
 def test_the_repeat_penalty_is_transformers_repetition_penalty_over_the_window() -> None:
     """Over the last repeat_last_n tokens of prompt and output: transformers' processor applied to

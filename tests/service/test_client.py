@@ -103,6 +103,25 @@ def test_the_repetition_penalties_go_out_as_the_protocols_fields(broker, service
     from edge_runtime.ask_command import _ask_request
     request = _ask_request(args)
     assert request["repeat_penalty"] == 1.2 and request["repeat_last_n"] == 0 and "presence_penalty" not in request
+    assert "min_p" not in request  # not given: the daemon's default (off)
+
+
+def test_min_p_goes_out_as_the_protocols_field(broker, service):
+    """EdgeClient's and `ask`'s min_p is the request's field of that name; out of range, the
+    daemon refuses it naming it."""
+    with Probe(broker.host, broker.port) as spy, EdgeClient(broker.url, "dev1") as c:
+        spy.subscribe(T.generate)
+        c.complete("a b", min_p=0.05)
+        assert json.loads(spy.wait_for(lambda ms: ms)[0].payload)["min_p"] == 0.05
+        with pytest.raises(BadRequest, match="min_p"):
+            c.complete("a b", min_p=2)
+    parser = argparse.ArgumentParser()
+    add_ask_arguments(parser)
+    from edge_runtime.ask_command import _ask_request
+    args = parser.parse_args(["--broker", broker.url, "--device-id", "dev1", "--prompt", "x", "--min-p", "0.1"])
+    assert _ask_request(args)["min_p"] == 0.1
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--broker", broker.url, "--device-id", "dev1", "--prompt", "x", "--min-p", "1.5"])
 
 
 def test_error_reply_raises_remote_error(broker, service):

@@ -376,6 +376,21 @@ def test_the_repetition_penalties_default_off_and_round_trip():
         build_request(request_id="p2", mode="complete", prompt="x", repeat_penalty=float("nan"))
 
 
+def test_min_p_defaults_off_and_round_trips():
+    """llama.cpp's and Ollama's `min_p`: 0 (off) unless given; an integer 0 or 1 is a number; out of
+    [0, 1] a bad_request naming it."""
+    assert parse({"id": "m0", "mode": "complete", "prompt": "x"}).request.sampling.min_p == 0.0
+    on = parse(build_request(request_id="m1", mode="complete", prompt="x", min_p=0.05)).request.sampling
+    assert on.min_p == 0.05
+    one = parse({"id": "m2", "mode": "complete", "prompt": "x", "min_p": 1}).request.sampling
+    assert one.min_p == 1.0 and isinstance(one.min_p, float)
+    for bad in (1.01, -0.5, "0.1", True):
+        e = rejected({"id": "m3", "mode": "complete", "prompt": "x", "min_p": bad})
+        assert e.code == "bad_request" and "min_p must be a number in [0, 1]" in e.message
+    with pytest.raises(errors.BadRequest, match="min_p must be a finite number"):
+        build_request(request_id="m4", mode="complete", prompt="x", min_p=float("nan"))
+
+
 # ------------------------------------------------------------------ topics
 
 
