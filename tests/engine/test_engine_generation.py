@@ -88,6 +88,20 @@ def test_a_penalty_window_of_zero_is_plain_greedy_decoding(engine, hf_tok, tiny_
     assert list(result.token_ids) == torch_reference.greedy(tiny_checkpoint, ids, N, frozenset({2}))
 
 
+def test_min_p_one_keeps_only_the_most_likely_token_even_hot(engine, hf_tok, tiny_checkpoint):
+    """min_p 1 drops every token less likely than the most likely one: at temperature 1.5 the
+    tokens are torch's greedy ones (and without min_p, the same hot request's are not)."""
+    prompt = "def f(x):\n    return x + x + x + x"
+    ids = [hf_tok.token_to_id("<s>")] + enc(hf_tok, prompt)
+    expected = torch_reference.greedy(tiny_checkpoint, ids, N, frozenset({2}))
+    hot = SamplingParams(temperature=1.5, top_p=1.0, min_p=1.0, seed=7)
+    _, result = run(engine, GenerationRequest(mode="complete", prompt=prompt, max_tokens=N, sampling=hot))
+    assert list(result.token_ids) == expected
+    _, result = run(engine, GenerationRequest(mode="complete", prompt=prompt, max_tokens=N,
+                                              sampling=dataclasses.replace(hot, min_p=0.0)))
+    assert list(result.token_ids) != expected
+
+
 @pytest.mark.parametrize("suffix_first", [False, True])
 def test_infill_matches_hand_built_ids_and_torch(engine, hf_tok, tiny_checkpoint, suffix_first):
     prefix, suffix = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"
