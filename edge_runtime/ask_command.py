@@ -61,28 +61,30 @@ def drafted_note(accepted_draft_tokens: int | None) -> str:
     return f", {accepted_draft_tokens} of them confirmed drafts" if accepted_draft_tokens else ""
 
 
+def client_from_args(args: argparse.Namespace) -> EdgeClient:
+    """The (unconnected) EdgeClient of the connection flags; ValueError or OSError (an unreadable
+    password file) for flags that cannot work."""
+    tls_flags = [flag for flag, value in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert),
+                                          ("--tls-key", args.tls_key)) if value]
+    if tls_flags and not args.broker.lower().startswith("mqtts://"):
+        raise ValueError(f"{', '.join(tls_flags)} given, but --broker {args.broker} is a plain connection: TLS "
+                         "needs an mqtts:// broker URL")
+    if args.password_file and not args.username:
+        raise ValueError("--password-file needs --username: without one the client would connect anonymously")
+    password = read_password_file(args.password_file) if args.password_file else None
+    return EdgeClient(args.broker, args.device_id, client_id=args.client_id, username=args.username,
+                      password=password, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                      tls_key=args.tls_key, protocol=args.protocol)
+
+
 def run_ask(args: argparse.Namespace) -> int:
     """`edge-runtime ask`: send one request, stream the text to stdout (or print the
     final reply as JSON with --json). Exit status 0; 1 on an error reply, a timeout
     or a connection failure (``error: <code>: <message>`` on stderr); 2 on bad flags."""
     try:
         request = _ask_request(args)
-        tls_flags = [flag for flag, value in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert),
-                                              ("--tls-key", args.tls_key)) if value]
-        if tls_flags and not args.broker.lower().startswith("mqtts://"):
-            raise ValueError(f"{', '.join(tls_flags)} given, but --broker {args.broker} is a plain connection: TLS "
-                             "needs an mqtts:// broker URL")
-        if args.password_file and not args.username:
-            raise ValueError("--password-file needs --username: without one the client would connect anonymously")
-        password = read_password_file(args.password_file) if args.password_file else None
+        client = client_from_args(args)
     except (ValueError, OSError) as exc:
-        print(f"error: bad_request: {exc}", file=sys.stderr)
-        return 2
-    try:
-        client = EdgeClient(args.broker, args.device_id, client_id=args.client_id, username=args.username,
-                            password=password, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-                            tls_key=args.tls_key, protocol=args.protocol)
-    except ValueError as exc:
         print(f"error: bad_request: {exc}", file=sys.stderr)
         return 2
     out = sys.stdout

@@ -282,6 +282,12 @@ def cmd_ask(args) -> int:
     return run_ask(args)
 
 
+def cmd_openai_bridge(args) -> int:
+    from .openai_bridge import run_bridge
+
+    return run_bridge(args)
+
+
 # -- policy / audit -------------------------------------------------------------------------
 def cmd_policy(args) -> int:
     from .policy import load_policy
@@ -541,6 +547,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ask", help="send one request to a daemon over MQTT and stream the answer")
     add_ask_arguments(p)
     p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("openai-bridge", help="serve OpenAI's HTTP API (completions, chat, infill via suffix) for "
+                                             "tools that speak it, answered by a daemon over MQTT")
+    add_ask_arguments(p, request_arguments=False)
+    p.add_argument("--listen", default="127.0.0.1:8080",
+                   help="HOST:PORT to serve on (default 127.0.0.1:8080; another host than loopback needs "
+                        "--api-key-file)")
+    p.add_argument("--api-key-file", help="file whose first line is the key clients must send "
+                                          "(Authorization: Bearer KEY)")
+    p.set_defaults(func=cmd_openai_bridge)
 
     p = sub.add_parser("policy", help="check an operator safety policy file and list its rules")
     p.add_argument("file", help="policy TOML (see docs/policy.md)")
