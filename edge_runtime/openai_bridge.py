@@ -41,7 +41,7 @@ SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "presence_penal
 # Fields whose value this bridge cannot honour unless it is the value that changes nothing
 _HONOURED_ONLY_AS = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logprobs": (None, False),
                      "top_logprobs": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
-                     "functions": (None, []), "tool_choice": (None, "none")}
+                     "functions": (None, [])}
 # OpenAI's finish reasons for the protocol's: a policy stop rule is OpenAI's content filter
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "stop", "policy": "content_filter"}
 # HTTP statuses for the protocol's error codes (docs/protocol.md, Errors), and OpenAI's error type
