@@ -4,6 +4,7 @@ shapes: it parses every answer and event into its typed objects)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -23,12 +24,20 @@ from edge_runtime.protocol import Topics
 T = Topics("dev1")
 
 
-def _bridge(broker, **settings):
+@contextlib.contextmanager
+def bridge_over(broker, tmp_path, engine, **settings):
+    """The service on `engine` and a bridge to it on a free loopback port; yields the server."""
+    service = start_service(make_config(broker, tmp_path), engine)
     client = EdgeClient(broker.url, "dev1", client_id="bridge").connect()
     server = BridgeServer(("127.0.0.1", 0), client, BridgeSettings(device_id="dev1", timeout_s=20, **settings))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    return server, client
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        client.close()
+        service.stop()
 
 
 @pytest.fixture
@@ -38,13 +47,8 @@ def engine():
 
 @pytest.fixture
 def bridge(broker, tmp_path, engine):
-    service = start_service(make_config(broker, tmp_path), engine)
-    server, client = _bridge(broker)
-    yield server
-    server.shutdown()
-    server.server_close()
-    client.close()
-    service.stop()
+    with bridge_over(broker, tmp_path, engine) as server:
+        yield server
 
 
 def _openai(server, key: str = "unused") -> openai.OpenAI:
@@ -134,9 +138,7 @@ def test_errors_are_openais_with_the_protocols_codes(bridge):
 
 
 def test_a_client_that_goes_away_mid_stream_cancels_the_request_on_the_device(broker, tmp_path):
-    service = start_service(make_config(broker, tmp_path), FakeEngine(token_delay_s=0.05))
-    server, client = _bridge(broker)
-    try:
+    with bridge_over(broker, tmp_path, FakeEngine(token_delay_s=0.05)) as server:
         with Probe(broker.host, broker.port) as spy:
             spy.subscribe(T.client_reply_filter("bridge"))
             body = json.dumps({"model": "m", "prompt": " ".join(f"w{i}" for i in range(200)), "stream": True,
@@ -152,33 +154,19 @@ def test_a_client_that_goes_away_mid_stream_cancels_the_request_on_the_device(br
             messages = spy.wait_for(lambda ms: any(m.json.get("done") is True for m in ms), timeout=20)
             final = next(m.json for m in messages if m.json.get("done") is True)
             assert final["finish_reason"] == "cancelled" and final["usage"]["completion_tokens"] < 200
-    finally:
-        server.shutdown()
-        server.server_close()
-        client.close()
-        service.stop()
 
 
 def test_an_api_key_is_required_when_one_is_set(broker, tmp_path):
-    service = start_service(make_config(broker, tmp_path), FakeEngine())
-    server, client = _bridge(broker, api_key="s3cret")
-    try:
+    with bridge_over(broker, tmp_path, FakeEngine(), api_key="s3cret") as server:
         with pytest.raises(openai.AuthenticationError):
             _openai(server, "wrong").completions.create(model="m", prompt="a b")
         assert _openai(server, "s3cret").completions.create(model="m", prompt="a b").choices[0].text == "b a"
-    finally:
-        server.shutdown()
-        server.server_close()
-        client.close()
-        service.stop()
 
 
-def test_the_command_refuses_to_serve_other_machines_without_a_key(broker, tmp_path):
+def test_the_command_refuses_to_serve_other_machines_without_a_key(broker):
     out = subprocess.run([sys.executable, "-m", "edge_runtime", "openai-bridge", "--broker", broker.url,
                           "--device-id", "dev1", "--listen", "0.0.0.0:0"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "--api-key-file" in out.stderr
-    key = tmp_path / "key"
-    key.write_text("k\n")
     out = subprocess.run([sys.executable, "-m", "edge_runtime", "openai-bridge", "--broker", broker.url,
                           "--device-id", "dev1", "--listen", "nonsense"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "HOST:PORT" in out.stderr
@@ -199,9 +187,7 @@ def test_the_real_engine_answers_through_the_bridge_as_it_answers_its_own_api(br
                                                 sampling=greedy, cache_prompt=False)),
               engine.complete(GenerationRequest(mode="chat", messages=(Message("user", "Sort a list."),), max_tokens=8,
                                                 sampling=greedy, cache_prompt=False))]
-    service = start_service(make_config(broker, tmp_path), engine)
-    server, client = _bridge(broker, cache_prompt=False)
-    try:
+    with bridge_over(broker, tmp_path, engine, cache_prompt=False) as server:
         api = _openai(server)
         completion = api.completions.create(model="m", prompt="def f(x):", max_tokens=8, temperature=0)
         infill = api.completions.create(model="m", prompt="def add(a, b):\n    ", suffix="\n", max_tokens=8,
@@ -213,9 +199,4 @@ def test_the_real_engine_answers_through_the_bridge_as_it_answers_its_own_api(br
         assert "".join(e.choices[0].text for e in infill) == direct[1].text
         assert chat.choices[0].message.content == direct[2].text
         assert chat.choices[0].finish_reason == {"length": "length", "stop": "stop"}[direct[2].finish_reason]
-    finally:
-        server.shutdown()
-        server.server_close()
-        client.close()
-        service.stop()
-        engine.close()
+    engine.close()
