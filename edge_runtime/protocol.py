@@ -631,8 +631,8 @@ def build_request(*, request_id: str, mode: str, prompt: str | None = None,
             raise BadRequest(f"stop must be a string or a list of strings, got {type(stop).__name__}")
         stop = list(stop)
     for name, number in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
-                         ("deadline_ms", deadline_ms), ("repeat_penalty", repeat_penalty), ("presence_penalty", presence_penalty),
-                         ("frequency_penalty", frequency_penalty)):
+                         ("deadline_ms", deadline_ms), ("repeat_penalty", repeat_penalty),
+                         ("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
         if isinstance(number, float) and not math.isfinite(number):
             raise BadRequest(f"{name} must be a finite number, got {number}")
     for key, value in (("prompt", prompt), ("prefix", prefix), ("suffix", suffix),
