@@ -41,7 +41,7 @@ from .mqtt_connection import (
 )
 from .protocol import (RequestLimits, Topics, build_request, decode_json_object, encode_cancel, encode_request,
                        validate_name)
-from .types import is_number
+from .types import is_int, is_number
 
 log = logging.getLogger(__name__)
 
@@ -65,26 +65,39 @@ class RemoteError(EdgeRuntimeError):
         return super().__new__(cls, code, message, request_id)
 
     def __init__(self, code: str, message: str, request_id: str | None = None, *,
-                 retry_after_s: float | None = None) -> None:
+                 retry_after_s: float | None = None, fields: dict[str, int] | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code  # type: ignore[misc]  # instance attribute shadows the class default
         self.message = message
         self.request_id = request_id
         self.retry_after_s = retry_after_s  # rate_limited: when the device admits a request again
+        # context_length_exceeded: the error object's prompt_tokens, max_tokens and context_limit, as
+        # attributes too (None where the reply has none), so a chat can drop its oldest turns and retry
+        for name, value in (fields or {}).items():
+            setattr(self, name, value)
 
     def __reduce__(self) -> tuple[Any, ...]:  # copy and pickle (the Remote* classes are made at import)
-        return (_remote_error, (self.code, self.message, self.request_id, self.retry_after_s))
+        return (_remote_error, (self.code, self.message, self.request_id, self.retry_after_s, self._fields()))
+
+    def _fields(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in REPLY_ERROR_COUNTS if getattr(self, name, None) is not None}
 
     @classmethod
     def from_reply(cls, error: dict[str, Any], request_id: str | None) -> "RemoteError":
         """The exception for a reply's ``error`` object."""
         retry = error.get("retry_after_s")
+        fields = {name: error[name] for name in REPLY_ERROR_COUNTS if is_int(error.get(name))}
         return cls(str(error.get("code", "internal")), str(error.get("message", "")), request_id,
-                   retry_after_s=float(retry) if is_number(retry) else None)
+                   retry_after_s=float(retry) if is_number(retry) else None, fields=fields)
 
 
-def _remote_error(code: str, message: str, request_id: str | None, retry_after_s: float | None) -> RemoteError:
-    return RemoteError(code, message, request_id, retry_after_s=retry_after_s)
+# the integer fields an error object may carry beside code and message (context_length_exceeded's)
+REPLY_ERROR_COUNTS = ("prompt_tokens", "max_tokens", "context_limit")
+
+
+def _remote_error(code: str, message: str, request_id: str | None, retry_after_s: float | None,
+                  fields: dict[str, int] | None = None) -> RemoteError:
+    return RemoteError(code, message, request_id, retry_after_s=retry_after_s, fields=fields)
 
 
 # RemoteBusy(RemoteError, Busy), ...: one for each error code a reply can carry

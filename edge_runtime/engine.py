@@ -441,11 +441,12 @@ class Engine:
         if needed > self.context_limit and request.max_tokens_is_default:  # left < 1: the prompt's own fault
             raise ContextLengthExceeded(
                 f"the prompt has {len(plan.ids)} tokens, which leaves nothing to generate within the context limit "
-                f"of {self.context_limit}")
+                f"of {self.context_limit}", prompt_tokens=len(plan.ids), context_limit=self.context_limit)
         if needed > self.context_limit:
             raise ContextLengthExceeded(
                 f"the prompt has {len(plan.ids)} tokens and max_tokens is {request.max_tokens}: "
-                f"{needed} tokens exceed the context limit of {self.context_limit}")
+                f"{needed} tokens exceed the context limit of {self.context_limit}", prompt_tokens=len(plan.ids),
+                max_tokens=request.max_tokens, context_limit=self.context_limit)
         return dataclasses.replace(plan, max_new_tokens=request.max_tokens)
 
     def _check_text_length(self, request: GenerationRequest) -> None:
@@ -457,7 +458,8 @@ class Engine:
             raise ContextLengthExceeded(
                 f"the prompt's text has {chars} characters, at least {fewest} tokens (no token covers more than "
                 f"{self.tokenizer.max_piece_chars} characters): it leaves nothing to generate within the "
-                f"context limit of {self.context_limit}")
+                f"context limit of {self.context_limit}", context_limit=self.context_limit,
+                max_tokens=None if request.max_tokens_is_default else request.max_tokens)
 
     # -- the prompt cache --------------------------------------------------------------------
     def _cache_owner_of(self, request: GenerationRequest) -> str | None:

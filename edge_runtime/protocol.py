@@ -549,15 +549,26 @@ def encode_final(request_id: str, result: GenerationResult) -> bytes:
     return _dumps(final_dict(request_id, result))
 
 
-def encode_error(request_id: str | None, code: str, message: str, *, retry_after_s: float | None = None) -> bytes:
+def encode_error(request_id: str | None, code: str, message: str, *, retry_after_s: float | None = None,
+                 fields: Mapping[str, int] | None = None) -> bytes:
     """``{"id", "done": true, "error": {"code", "message"}}`` (id null when unknown), with
-    ``retry_after_s`` in the error when the daemon knows when to retry (rate_limited)."""
+    ``retry_after_s`` in the error when the daemon knows when to retry (rate_limited), and
+    `fields` (`error_fields`: context_length_exceeded's `prompt_tokens`, `max_tokens` and
+    `context_limit`) beside code and message."""
     if code not in ERROR_CODES:
         code = "internal"
     error: dict[str, Any] = {"code": code, "message": message}
     if retry_after_s is not None:
         error["retry_after_s"] = retry_after_s
+    for key, value in (fields or {}).items():
+        error.setdefault(key, value)
     return _dumps({"id": request_id, "done": True, "error": error})
+
+
+def error_fields(exc: BaseException) -> dict[str, int]:
+    """An error's machine-readable numbers for its error object (ContextLengthExceeded's); {} for others."""
+    wire_fields = getattr(exc, "wire_fields", None)
+    return dict(wire_fields()) if callable(wire_fields) else {}
 
 
 def encode_cancel(request_id: str) -> bytes:

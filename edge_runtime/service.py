@@ -49,6 +49,7 @@ from .protocol import (
     encode_error,
     encode_final,
     encode_status,
+    error_fields,
     fleet_subscription,
     is_control_topic,
     is_valid_publish_topic,
@@ -842,7 +843,7 @@ class EdgeService:
             if self.log_content:
                 log.info("request %r text: %r", job.id, outcome.text)
         else:
-            payload = encode_error(job.id, outcome.code, str(outcome) or outcome.code)
+            payload = encode_error(job.id, outcome.code, str(outcome) or outcome.code, fields=error_fields(outcome))
             log.info("request %r failed: client=%s mode=%s %s: %s", job.id, job.wire.request.client_id or "-",
                      job.wire.mode, outcome.code, outcome)
         try:
