@@ -123,3 +123,51 @@ def test_ask_json_prints_the_counts_in_the_error_object(daemon, broker, small_co
     assert error["code"] == "context_length_exceeded"
     assert {k: error[k] for k in ("prompt_tokens", "max_tokens", "context_limit")} == {
         "prompt_tokens": len(meta_chat_ids(tokenizer, messages)), "max_tokens": 8, "context_limit": CONTEXT}
+
+
+def test_each_turn_of_a_long_chat_is_metas_prompt_and_torchs_tokens_with_cut_answers_in_its_history(
+        small_context_bundle, tiny_checkpoint):
+    """The Python Engine API, one client's conversation: answers cut by max_tokens (finish_reason
+    "length") or by a stop string stay in the history; the oldest turns are dropped when the
+    error's counts say so. Every turn: the prompt is Meta's ids, the answer torch's greedy tokens
+    (fp32), and the prompt cache kept exactly the common start of the ids the turn before left."""
+    from edge_runtime import Engine, GenerationRequest, SamplingParams
+
+    tokenizer = Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json"))
+    history = [{"role": "system", "content": SYSTEM}]
+    held: list[int] = []  # the ids whose keys and values the previous turn left
+    seen = {"length": 0, "stop": 0, "dropped": 0}
+    with Engine.from_bundle(small_context_bundle) as engine:
+        for turn in range(12):
+            history.append({"role": "user", "content": question(turn)})
+            max_tokens, stop = (5, 40, 3, 16)[turn % 4], ("e",) if turn % 3 == 2 else ()
+            while True:
+                request = GenerationRequest(mode="chat", messages=tuple(history), max_tokens=max_tokens, stop=stop,
+                                            sampling=SamplingParams(temperature=0.0), client_id="ward-7")
+                try:
+                    result = engine.complete(request)
+                    break
+                except ContextLengthExceeded as exc:
+                    assert exc.prompt_tokens == len(meta_chat_ids(tokenizer, history))
+                    assert exc.context_limit == CONTEXT and exc.max_tokens == max_tokens
+                    history = [history[0], *history[3:]]
+                    seen["dropped"] += 1
+            ids = list(result.prompt_token_ids)
+            assert ids == meta_chat_ids(tokenizer, history)
+            got = list(result.token_ids)
+            expected = torch_reference.greedy(tiny_checkpoint, ids, max_tokens, frozenset({EOS}))
+            if result.finish_reason == "length":
+                assert got == expected and len(got) == max_tokens
+            else:  # a stop string in the last token's text, or </s> before max_tokens
+                assert result.finish_reason == "stop" and got == expected[:len(got)]
+                assert (stop and stop[0] in tokenizer.decode(got)) or got == expected
+            common = 0
+            while common < min(len(held), len(ids) - 1) and held[common] == ids[common]:
+                common += 1
+            assert result.usage.cached_prompt_tokens == common
+            # the loop feeds every token but the last one sampled (</s> or the one a stop string ended on)
+            ended_by_eos = result.finish_reason == "stop" and got == expected and len(got) < max_tokens
+            held = ids + (got if ended_by_eos else got[:-1])
+            seen[result.finish_reason] += 1
+            history.append({"role": "assistant", "content": result.text})
+    assert seen["length"] and seen["stop"] and seen["dropped"], seen
