@@ -596,9 +596,11 @@ class EdgeClient:
                  deadline_ms: int | None = None, timeout: float = DEFAULT_TIMEOUT_S,
                  request_id: str | None = None, cache_prompt: bool | None = None,
                  repeat_penalty: float | None = None, presence_penalty: float | None = None,
-                 frequency_penalty: float | None = None, repeat_last_n: int | None = None) -> Generation:
+                 frequency_penalty: float | None = None, repeat_last_n: int | None = None,
+                 count_tokens: bool | None = None) -> Generation:
         """Publish a request now and return its `Generation` (iterate it for chunks).
-        Parameters left None take the daemon's defaults."""
+        Parameters left None take the daemon's defaults. `count_tokens=True`: nothing is generated,
+        the final reply's `count` says what the prompt takes of the context (`count_tokens()`)."""
         if not self._connected:
             raise RuntimeError("EdgeClient is not connected (use `with EdgeClient(...) as c:`)")
         if not is_number(timeout) or timeout <= 0:  # before anything is sent: no request left unread
@@ -615,7 +617,7 @@ class EdgeClient:
                             stream=stream, deadline_ms=deadline_ms, reply_to=reply_topic,
                             cache_prompt=cache_prompt, repeat_penalty=repeat_penalty,
                             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                            repeat_last_n=repeat_last_n)
+                            repeat_last_n=repeat_last_n, count_tokens=count_tokens)
         inbox: queue.Queue[dict[str, Any]] = queue.Queue()
         correlation = request_id.encode("utf-8")
         props = publish_properties(self.protocol, response_topic=reply_topic, correlation_data=correlation) \
@@ -649,6 +651,17 @@ class EdgeClient:
     def chat(self, messages: Sequence[Any], **kw: Any) -> str:
         """Answer a conversation ([{role, content}, ...]); returns the final text."""
         return self.generate(mode="chat", messages=messages, **kw).result()["text"]
+
+    def count_tokens(self, **kw: Any) -> dict[str, Any]:
+        """How many tokens a request's prompt has, without generating: ``{"prompt_tokens", "max_tokens",
+        "context_limit", "fits"}`` (the reply's `count`; `max_tokens` is what it would run with, the
+        default lowered to what the context leaves). Takes `generate`'s arguments (``mode="chat",
+        messages=history``); a chat sizes its history with it before sending. The device answers at
+        once, not after its queue; a daemon older than the field answers `bad_request`."""
+        count = self.generate(count_tokens=True, stream=False, **kw).result().get("count")
+        if not isinstance(count, dict):
+            raise RemoteError("internal", "the device's reply holds no count", None)
+        return count
 
     def cancel(self, request_id: str) -> None:
         """Ask the daemon to stop a queued or running request (no-op for the fleet, and once

@@ -60,6 +60,7 @@ from .types import (
     GenerationResult,
     SamplingParams,
     Timings,
+    TokenCount,
     Usage,
     is_int,
     is_number,
@@ -414,23 +415,7 @@ class Engine:
     # -- request -> prompt ------------------------------------------------------------------
     def plan(self, request: GenerationRequest) -> PromptPlan:
         """Prompt ids and stop tokens for a request, after every check that needs no model run."""
-        if not is_int(request.max_tokens):
-            raise BadRequest(f"max_tokens must be an integer, got {type(request.max_tokens).__name__}")
-        if request.max_tokens < 1:
-            raise BadRequest(f"max_tokens must be at least 1 (got {request.max_tokens})")
-        if request.deadline is not None and not is_number(request.deadline):  # compared after the first token
-            raise BadRequest(f"deadline must be a time.monotonic() value or None, got {type(request.deadline).__name__}")
-        fam = self.bundle.family
-        if request.mode == "infill" and not self.bundle.supports_infill:
-            why = fam.infill_note or "the tokenizer lacks the infilling tokens"
-            raise UnsupportedMode(f"infill is not available on {self.bundle.model_name}: {why} "
-                                  "(Code Llama 7B and 13B base and Instruct support infilling)")
-        self._check_text_length(request)
-        plan = build_prompt(request, self.tokenizer, chat_format=self.bundle.chat_format, stop_ids=self.bundle.stop_ids)
-        if request.mode == "chat" and fam.variant in ("base", "python"):
-            plan = dataclasses.replace(plan, warnings=(*plan.warnings, chat_warning(fam.variant)))
-        if request.mode == "chat" and fam.chat_format_source == OTHER_CHAT_TEMPLATE:
-            plan = dataclasses.replace(plan, warnings=(*plan.warnings, OTHER_TEMPLATE_WARNING))
+        plan = self._prompt_plan(request)
         needed = len(plan.ids) + request.max_tokens
         left = self.context_limit - len(plan.ids)
         if needed > self.context_limit and request.max_tokens_is_default and left >= 1:
@@ -448,6 +433,40 @@ class Engine:
                 f"{needed} tokens exceed the context limit of {self.context_limit}", prompt_tokens=len(plan.ids),
                 max_tokens=request.max_tokens, context_limit=self.context_limit)
         return dataclasses.replace(plan, max_new_tokens=request.max_tokens)
+
+    def count_tokens(self, request: GenerationRequest) -> TokenCount:
+        """How many tokens the request's prompt has and what `max_tokens` it would run with, without
+        generating or waiting for a running stream: the prompt is built as `generate` builds it, with
+        its checks (BadRequest, UnsafePrompt, UnsupportedMode raise as there), but one that does not
+        fit is counted, not refused (`TokenCount.fits` says whether it would be). Only a text too long
+        to be worth tokenizing (more characters than the context holds at the densest) raises
+        ContextLengthExceeded, as `generate` does."""
+        self._check_open()
+        ids = len(self._prompt_plan(request).ids)
+        left = self.context_limit - ids
+        max_tokens = max(0, min(request.max_tokens, left)) if request.max_tokens_is_default else request.max_tokens
+        return TokenCount(prompt_tokens=ids, max_tokens=max_tokens, context_limit=self.context_limit)
+
+    def _prompt_plan(self, request: GenerationRequest) -> PromptPlan:
+        """The prompt of a request after every check but the context's (plan's)."""
+        if not is_int(request.max_tokens):
+            raise BadRequest(f"max_tokens must be an integer, got {type(request.max_tokens).__name__}")
+        if request.max_tokens < 1:
+            raise BadRequest(f"max_tokens must be at least 1 (got {request.max_tokens})")
+        if request.deadline is not None and not is_number(request.deadline):  # compared after the first token
+            raise BadRequest(f"deadline must be a time.monotonic() value or None, got {type(request.deadline).__name__}")
+        fam = self.bundle.family
+        if request.mode == "infill" and not self.bundle.supports_infill:
+            why = fam.infill_note or "the tokenizer lacks the infilling tokens"
+            raise UnsupportedMode(f"infill is not available on {self.bundle.model_name}: {why} "
+                                  "(Code Llama 7B and 13B base and Instruct support infilling)")
+        self._check_text_length(request)
+        plan = build_prompt(request, self.tokenizer, chat_format=self.bundle.chat_format, stop_ids=self.bundle.stop_ids)
+        if request.mode == "chat" and fam.variant in ("base", "python"):
+            plan = dataclasses.replace(plan, warnings=(*plan.warnings, chat_warning(fam.variant)))
+        if request.mode == "chat" and fam.chat_format_source == OTHER_CHAT_TEMPLATE:
+            plan = dataclasses.replace(plan, warnings=(*plan.warnings, OTHER_TEMPLATE_WARNING))
+        return plan
 
     def _check_text_length(self, request: GenerationRequest) -> None:
         """ContextLengthExceeded for a text too long to fit, from its length alone: megabytes piped in by

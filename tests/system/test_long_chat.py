@@ -93,14 +93,20 @@ def test_a_chat_past_the_context_is_told_its_counts_and_fits_again_without_its_o
         needed = len(meta_chat_ids(tokenizer, history))
         assert (refused.prompt_tokens, refused.max_tokens, refused.context_limit) == (needed, max_tokens, CONTEXT)
         assert needed + max_tokens > CONTEXT
-        # what a chat client does with them: drop the oldest question and answer until it fits
-        over = refused.prompt_tokens + refused.max_tokens - refused.context_limit
+        # what a chat client without a tokenizer does: count the history on the device ("count_tokens",
+        # answered at once, nothing generated) and drop the oldest question and answer until it fits
+        count = client.count_tokens(mode="chat", messages=history, max_tokens=max_tokens, timeout=60)
+        assert count == {"prompt_tokens": needed, "max_tokens": max_tokens, "context_limit": CONTEXT, "fits": False}
         dropped = 0
-        while over > 0:
-            kept = [history[0], *history[3:]]
-            over -= len(meta_chat_ids(tokenizer, history)) - len(meta_chat_ids(tokenizer, kept))
-            history, dropped = kept, dropped + 1
+        while not count["fits"]:
+            history, dropped = [history[0], *history[3:]], dropped + 1
+            count = client.count_tokens(mode="chat", messages=history, max_tokens=max_tokens, timeout=60)
+            assert count["prompt_tokens"] == len(meta_chat_ids(tokenizer, history))
+            assert count["fits"] == (count["prompt_tokens"] + max_tokens <= CONTEXT)
         assert dropped >= 1
+        # without max_tokens: the default (256) lowered to what the context leaves
+        assert client.count_tokens(mode="chat", messages=history, timeout=60)["max_tokens"] == \
+            CONTEXT - count["prompt_tokens"]
         final = client.generate(mode="chat", messages=history, max_tokens=max_tokens, temperature=0.0,
                                 stream=False, timeout=60).result()
     ids = meta_chat_ids(tokenizer, history)
@@ -109,7 +115,7 @@ def test_a_chat_past_the_context_is_told_its_counts_and_fits_again_without_its_o
     assert final["text"] == tokenizer.decode(expected)
 
 
-def test_ask_json_prints_the_counts_in_the_error_object(daemon, broker, small_context_bundle, tmp_path):
+def test_ask_prints_the_counts_in_the_error_object_and_counts_without_generating(daemon, broker, small_context_bundle, tmp_path):
     """`edge-runtime ask --messages ... --json`: the error reply as the daemon sent it, counts included."""
     messages = [{"role": "system", "content": SYSTEM},
                 {"role": "user", "content": "\n".join(question(t) for t in range(12))}]
@@ -123,6 +129,13 @@ def test_ask_json_prints_the_counts_in_the_error_object(daemon, broker, small_co
     assert error["code"] == "context_length_exceeded"
     assert {k: error[k] for k in ("prompt_tokens", "max_tokens", "context_limit")} == {
         "prompt_tokens": len(meta_chat_ids(tokenizer, messages)), "max_tokens": 8, "context_limit": CONTEXT}
+    # `ask --count-tokens`: the same numbers, counted without generating
+    counted = subprocess.run([sys.executable, "-m", "edge_runtime", "ask", "--broker", broker.url, "--device-id",
+                              DEVICE, "--messages", str(tmp_path / "chat.json"), "--max-tokens", "8",
+                              "--count-tokens", "--timeout", "60"], capture_output=True, text=True)
+    assert counted.returncode == 0, counted.stderr
+    assert counted.stdout == (f"{error['prompt_tokens']} prompt tokens + max_tokens 8 of the context limit "
+                              f"{CONTEXT}: does not fit\n")
 
 
 def test_each_turn_of_a_long_chat_is_metas_prompt_and_torchs_tokens_with_cut_answers_in_its_history(
@@ -144,10 +157,14 @@ def test_each_turn_of_a_long_chat_is_metas_prompt_and_torchs_tokens_with_cut_ans
             while True:
                 request = GenerationRequest(mode="chat", messages=tuple(history), max_tokens=max_tokens, stop=stop,
                                             sampling=SamplingParams(temperature=0.0), client_id="ward-7")
+                count = engine.count_tokens(request)
+                assert count.prompt_tokens == len(meta_chat_ids(tokenizer, history))
                 try:
                     result = engine.complete(request)
+                    assert count.fits
                     break
                 except ContextLengthExceeded as exc:
+                    assert not count.fits
                     assert exc.prompt_tokens == len(meta_chat_ids(tokenizer, history))
                     assert exc.context_limit == CONTEXT and exc.max_tokens == max_tokens
                     history = [history[0], *history[3:]]
