@@ -14,7 +14,11 @@ changes the prompt right after the system prompt: the prompt cache keeps only `<
 <<SYS>>...` of the turn before, and the turn runs the whole rest of its prompt again. `oldest`
 pays that at every turn once the context is full; `half` at every few turns.
 
-    python benchmarks/long_chat.py --bundle B [--turns 50] [--trim oldest|half] [--max-tokens 48]
+    python benchmarks/long_chat.py --bundle B [--turns 50] [--trim oldest|half] [--max-tokens 48] [--clients 1]
+
+`--clients N`: N such conversations (terminals, each its own client id), their turns taken in
+turn; the daemon keeps the keys and values of the last request only, so a turn whose client is
+not the previous request's keeps nothing.
 
 `edge-runtime serve` runs as a process of its own behind a Mosquitto on loopback (`mosquitto`
 on the PATH); the client is `EdgeClient`. Prints a line every 5 turns (prompt tokens, tokens
@@ -26,6 +30,7 @@ last turn.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -71,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turns", type=int, default=50)
     parser.add_argument("--trim", choices=("oldest", "half"), default="oldest")
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--clients", type=int, default=1, help="conversations taken in turn, one client id each")
     parser.add_argument("--json", help="write every turn's figures here")
     args = parser.parse_args(argv)
     if not (Path(args.bundle) / "bundle.json").is_file():
@@ -91,14 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[dict] = []
         refusals = 0
         try:
-            with EdgeClient(url, "chat-bench", client_id="line-3") as client:
+            with contextlib.ExitStack() as stack:
+                clients = [stack.enter_context(EdgeClient(url, "chat-bench", client_id=f"line-{i + 3}"))
+                           for i in range(args.clients)]
                 deadline = time.monotonic() + 120
-                while (client.status(timeout=1.0) or {}).get("state") != "online":
+                while (clients[0].status(timeout=1.0) or {}).get("state") != "online":
                     if daemon.poll() is not None or time.monotonic() > deadline:
                         raise SystemExit(f"error: the daemon did not come online:\n{(work / 'daemon.log').read_text()}")
-                history = [{"role": "system", "content": SYSTEM}]
+                histories = [[{"role": "system", "content": SYSTEM}] for _ in clients]
                 for turn in range(args.turns):
-                    history.append({"role": "user", "content": question(turn)})
+                    client, history = clients[turn % len(clients)], histories[turn % len(clients)]
+                    history.append({"role": "user", "content": question(turn // len(clients))})
                     while True:
                         try:
                             final = client.generate(mode="chat", messages=history, max_tokens=args.max_tokens,
@@ -106,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                             break
                         except ContextLengthExceeded as exc:
                             refusals += 1
-                            history = trimmed(history, args.trim, exc)
+                            history[:] = trimmed(history, args.trim, exc)
                     history.append({"role": "assistant", "content": final["text"]})
                     usage = final["usage"]
                     rows.append({"turn": turn, "prompt_tokens": usage["prompt_tokens"],
@@ -128,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             broker.wait(10)
     run = sum(r["prompt_tokens"] - r["cached_prompt_tokens"] for r in rows)
     total = sum(r["prompt_tokens"] for r in rows)
-    print(f"{len(rows)} turns, trim {args.trim}: {refusals} refused requests; prompt tokens run {run} of {total} "
+    print(f"{len(rows)} turns of {args.clients} client(s), trim {args.trim}: {refusals} refused requests; prompt tokens run {run} of {total} "
           f"({run / total:.0%}); TTFT summed {sum(r['ttft_ms'] for r in rows) / 1000:.2f} s; daemon RSS "
           f"{rows[0]['rss_mib']:.1f} MiB after turn 1, {max(r['rss_mib'] for r in rows):.1f} at most, "
           f"{rows[-1]['rss_mib']:.1f} after the last")
