@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "state_bytes": folder_bytes(work / "state"), "turns_kept": (len(history) - 1) // 2})
                     if turn % 5 == 4 or turn == args.turns - 1:
                         r = rows[-1]
-                        print(f"turn {turn + 1:3d}: prompt {r['prompt_tokens']:5d} tokens, kept {r['cached_prompt_tokens']:5d}, "
-                              f"TTFT {r['ttft_ms']:8.1f} ms, daemon RSS {r['rss_mib']:6.1f} MiB, "
+                        print(f"turn {turn + 1:3d}: prompt {r['prompt_tokens']:5d} tokens, "
+                              f"kept {r['cached_prompt_tokens']:5d}, TTFT {r['ttft_ms']:8.1f} ms, daemon RSS {r['rss_mib']:6.1f} MiB, "
                               f"state {r['state_bytes'] / 1024:7.1f} KiB, turns in the history {r['turns_kept']}",
                               flush=True)
         finally:
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             broker.wait(10)
     run = sum(r["prompt_tokens"] - r["cached_prompt_tokens"] for r in rows)
     total = sum(r["prompt_tokens"] for r in rows)
-    print(f"{len(rows)} turns of {args.clients} client(s), trim {args.trim}: {refusals} refused requests; prompt tokens run {run} of {total} "
-          f"({run / total:.0%}); TTFT summed {sum(r['ttft_ms'] for r in rows) / 1000:.2f} s; daemon RSS "
+    print(f"{len(rows)} turns of {args.clients} client(s), trim {args.trim}: {refusals} refused requests; "
+          f"prompt tokens run {run} of {total} ({run / total:.0%}); TTFT summed {sum(r['ttft_ms'] for r in rows) / 1000:.2f} s; daemon RSS "
           f"{rows[0]['rss_mib']:.1f} MiB after turn 1, {max(r['rss_mib'] for r in rows):.1f} at most, "
           f"{rows[-1]['rss_mib']:.1f} after the last")
     if args.json:

@@ -115,7 +115,8 @@ def test_a_chat_past_the_context_is_told_its_counts_and_fits_again_without_its_o
     assert final["text"] == tokenizer.decode(expected)
 
 
-def test_ask_prints_the_counts_in_the_error_object_and_counts_without_generating(daemon, broker, small_context_bundle, tmp_path):
+def test_ask_prints_the_counts_in_the_error_object_and_counts_without_generating(daemon, broker, small_context_bundle,
+                                                                                 tmp_path):
     """`edge-runtime ask --messages ... --json`: the error reply as the daemon sent it, counts included."""
     messages = [{"role": "system", "content": SYSTEM},
                 {"role": "user", "content": "\n".join(question(t) for t in range(12))}]
