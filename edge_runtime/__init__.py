@@ -38,6 +38,7 @@ _EXPORTS = {
     "Chunk": "types",
     "Usage": "types",
     "Timings": "types",
+    "TokenCount": "types",
     "EdgeRuntimeError": "errors",
     "BadRequest": "errors",
     "UnsupportedMode": "errors",
@@ -55,7 +56,7 @@ __all__ = [  # the names of _EXPORTS, spelled out for type checkers
     "BadRequest", "BundleError", "Busy", "Cancelled", "Chunk", "ConfigError", "ContextLengthExceeded",
     "DeadlineExceeded", "EdgeClient", "EdgeRuntimeError", "Engine", "Generation", "GenerationRequest",
     "GenerationResult", "Message", "PolicyViolation", "RateLimited", "RemoteError", "SamplingParams", "Timings",
-    "UnsafePrompt", "UnsupportedMode", "Usage", "__version__",
+    "TokenCount", "UnsafePrompt", "UnsupportedMode", "Usage", "__version__",
 ]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
@@ -64,7 +65,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .errors import (BadRequest, BundleError, Busy, Cancelled, ConfigError, ContextLengthExceeded,
                          DeadlineExceeded, EdgeRuntimeError, PolicyViolation, RateLimited, UnsafePrompt,
                          UnsupportedMode)
-    from .types import Chunk, GenerationRequest, GenerationResult, Message, SamplingParams, Timings, Usage
+    from .types import (Chunk, GenerationRequest, GenerationResult, Message, SamplingParams, Timings,
+                        TokenCount, Usage)
 
 
 def __getattr__(name: str) -> Any:

@@ -25,6 +25,9 @@ def add_ask_arguments(parser: argparse.ArgumentParser, *, request_arguments: boo
     parser.add_argument("--deadline-ms", type=integer_at_least(1), help="the daemon gives up after this long")
     parser.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false", default=None,
                         help="run the whole prompt, and leave nothing of it for the next request to reuse (the prompt cache)")
+    parser.add_argument("--count-tokens", action="store_true",
+                        help="generate nothing: print how many tokens the prompt has, the max_tokens it would run "
+                             "with and the device's context limit (the protocol's count_tokens)")
     parser.add_argument("--timeout", type=number_in(0.0, low_open=True), default=DEFAULT_TIMEOUT_S,
                         help=f"seconds to wait for the first reply, and then between streamed chunks "
                              f"(default {DEFAULT_TIMEOUT_S:g})")
@@ -44,7 +47,7 @@ def _ask_request(args: argparse.Namespace) -> dict[str, Any]:
     common: dict[str, Any] = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                   top_k=args.top_k, seed=args.seed, stop=list(args.stop) or None,
                                   deadline_ms=args.deadline_ms, cache_prompt=args.cache_prompt,
-                                  **more_sampling(args))
+                                  count_tokens=True if args.count_tokens else None, **more_sampling(args))
     source = request_source(args)
     if source["mode"] == "infill" and not source["suffix_first"]:
         source["suffix_first"] = None  # the daemon's default order
@@ -124,6 +127,10 @@ def run_ask(args: argparse.Namespace) -> int:
                                          "streamed above is not its answer; `ask --json` prints the final reply")
     if args.json:
         out.write(json.dumps(final, ensure_ascii=False) + "\n")
+    elif isinstance(final.get("count"), dict):
+        count = final["count"]
+        out.write(f"{count.get('prompt_tokens')} prompt tokens + max_tokens {count.get('max_tokens')} of the context "
+                  f"limit {count.get('context_limit')}: {'fits' if count.get('fits') else 'does not fit'}\n")
     else:
         out.write("\n")
         usage, timings = final.get("usage") or {}, final.get("timings") or {}

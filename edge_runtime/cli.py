@@ -161,10 +161,10 @@ def cmd_generate(args) -> int:
             else:
                 result = item
     except EdgeRuntimeError as exc:  # the request's error, with the code `ask` and the protocol give it
-        from .protocol import encode_error
+        from .protocol import encode_error, error_fields
 
         if args.json:
-            print(encode_error(None, exc.code, str(exc)).decode())
+            print(encode_error(None, exc.code, str(exc), fields=error_fields(exc)).decode())
         elif streamed:  # the error on a line of its own, not after the partial text
             print(flush=True)
         return _die(f"{exc.code}: {exc}", 1)

@@ -41,7 +41,7 @@ from .mqtt_connection import (
 )
 from .protocol import (RequestLimits, Topics, build_request, decode_json_object, encode_cancel, encode_request,
                        validate_name)
-from .types import is_number
+from .types import is_int, is_number
 
 log = logging.getLogger(__name__)
 
@@ -65,26 +65,39 @@ class RemoteError(EdgeRuntimeError):
         return super().__new__(cls, code, message, request_id)
 
     def __init__(self, code: str, message: str, request_id: str | None = None, *,
-                 retry_after_s: float | None = None) -> None:
+                 retry_after_s: float | None = None, fields: dict[str, int] | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code  # type: ignore[misc]  # instance attribute shadows the class default
         self.message = message
         self.request_id = request_id
         self.retry_after_s = retry_after_s  # rate_limited: when the device admits a request again
+        # context_length_exceeded: the error object's prompt_tokens, max_tokens and context_limit, as
+        # attributes too (None where the reply has none), so a chat can drop its oldest turns and retry
+        for name, value in (fields or {}).items():
+            setattr(self, name, value)
 
     def __reduce__(self) -> tuple[Any, ...]:  # copy and pickle (the Remote* classes are made at import)
-        return (_remote_error, (self.code, self.message, self.request_id, self.retry_after_s))
+        return (_remote_error, (self.code, self.message, self.request_id, self.retry_after_s, self._fields()))
+
+    def _fields(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in REPLY_ERROR_COUNTS if getattr(self, name, None) is not None}
 
     @classmethod
     def from_reply(cls, error: dict[str, Any], request_id: str | None) -> "RemoteError":
         """The exception for a reply's ``error`` object."""
         retry = error.get("retry_after_s")
+        fields = {name: error[name] for name in REPLY_ERROR_COUNTS if is_int(error.get(name))}
         return cls(str(error.get("code", "internal")), str(error.get("message", "")), request_id,
-                   retry_after_s=float(retry) if is_number(retry) else None)
+                   retry_after_s=float(retry) if is_number(retry) else None, fields=fields)
 
 
-def _remote_error(code: str, message: str, request_id: str | None, retry_after_s: float | None) -> RemoteError:
-    return RemoteError(code, message, request_id, retry_after_s=retry_after_s)
+# the integer fields an error object may carry beside code and message (context_length_exceeded's)
+REPLY_ERROR_COUNTS = ("prompt_tokens", "max_tokens", "context_limit")
+
+
+def _remote_error(code: str, message: str, request_id: str | None, retry_after_s: float | None,
+                  fields: dict[str, int] | None = None) -> RemoteError:
+    return RemoteError(code, message, request_id, retry_after_s=retry_after_s, fields=fields)
 
 
 # RemoteBusy(RemoteError, Busy), ...: one for each error code a reply can carry
@@ -584,9 +597,10 @@ class EdgeClient:
                  request_id: str | None = None, cache_prompt: bool | None = None,
                  repeat_penalty: float | None = None, presence_penalty: float | None = None,
                  frequency_penalty: float | None = None, repeat_last_n: int | None = None,
-                 min_p: float | None = None) -> Generation:
+                 min_p: float | None = None, count_tokens: bool | None = None) -> Generation:
         """Publish a request now and return its `Generation` (iterate it for chunks).
-        Parameters left None take the daemon's defaults."""
+        Parameters left None take the daemon's defaults. `count_tokens=True`: nothing is generated,
+        the final reply's `count` says what the prompt takes of the context (`count_tokens()`)."""
         if not self._connected:
             raise RuntimeError("EdgeClient is not connected (use `with EdgeClient(...) as c:`)")
         if not is_number(timeout) or timeout <= 0:  # before anything is sent: no request left unread
@@ -603,7 +617,7 @@ class EdgeClient:
                             stream=stream, deadline_ms=deadline_ms, reply_to=reply_topic,
                             cache_prompt=cache_prompt, repeat_penalty=repeat_penalty,
                             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                            repeat_last_n=repeat_last_n, min_p=min_p)
+                            repeat_last_n=repeat_last_n, min_p=min_p, count_tokens=count_tokens)
         inbox: queue.Queue[dict[str, Any]] = queue.Queue()
         correlation = request_id.encode("utf-8")
         props = publish_properties(self.protocol, response_topic=reply_topic, correlation_data=correlation) \
@@ -637,6 +651,17 @@ class EdgeClient:
     def chat(self, messages: Sequence[Any], **kw: Any) -> str:
         """Answer a conversation ([{role, content}, ...]); returns the final text."""
         return self.generate(mode="chat", messages=messages, **kw).result()["text"]
+
+    def count_tokens(self, **kw: Any) -> dict[str, Any]:
+        """How many tokens a request's prompt has, without generating: ``{"prompt_tokens", "max_tokens",
+        "context_limit", "fits"}`` (the reply's `count`; `max_tokens` is what it would run with, the
+        default lowered to what the context leaves). Takes `generate`'s arguments (``mode="chat",
+        messages=history``); a chat sizes its history with it before sending. The device answers at
+        once, not after its queue; a daemon older than the field answers `bad_request`."""
+        count = self.generate(count_tokens=True, stream=False, **kw).result().get("count")
+        if not isinstance(count, dict):
+            raise RemoteError("internal", "the device's reply holds no count", None)
+        return count
 
     def cancel(self, request_id: str) -> None:
         """Ask the daemon to stop a queued or running request (no-op for the fleet, and once

@@ -61,6 +61,7 @@ from .types import (
     GenerationResult,
     SamplingParams,
     Timings,
+    TokenCount,
     Usage,
     is_int,
     is_number,
@@ -406,6 +407,40 @@ class Engine:
     # -- request -> prompt ------------------------------------------------------------------
     def plan(self, request: GenerationRequest) -> PromptPlan:
         """Prompt ids and stop tokens for a request, after every check that needs no model run."""
+        plan = self._prompt_plan(request)
+        needed = len(plan.ids) + request.max_tokens
+        left = self.context_limit - len(plan.ids)
+        if needed > self.context_limit and request.max_tokens_is_default and left >= 1:
+            # a default the client never asked for is not a reason to refuse the request
+            return dataclasses.replace(plan, max_new_tokens=left, warnings=(
+                *plan.warnings, f"max_tokens lowered from the default {request.max_tokens} to {left}: the prompt "
+                f"has {len(plan.ids)} tokens of the context limit of {self.context_limit}"))
+        if needed > self.context_limit and request.max_tokens_is_default:  # left < 1: the prompt's own fault
+            raise ContextLengthExceeded(
+                f"the prompt has {len(plan.ids)} tokens, which leaves nothing to generate within the context limit "
+                f"of {self.context_limit}", prompt_tokens=len(plan.ids), context_limit=self.context_limit)
+        if needed > self.context_limit:
+            raise ContextLengthExceeded(
+                f"the prompt has {len(plan.ids)} tokens and max_tokens is {request.max_tokens}: "
+                f"{needed} tokens exceed the context limit of {self.context_limit}", prompt_tokens=len(plan.ids),
+                max_tokens=request.max_tokens, context_limit=self.context_limit)
+        return dataclasses.replace(plan, max_new_tokens=request.max_tokens)
+
+    def count_tokens(self, request: GenerationRequest) -> TokenCount:
+        """How many tokens the request's prompt has and what `max_tokens` it would run with, without
+        generating or waiting for a running stream: the prompt is built as `generate` builds it, with
+        its checks (BadRequest, UnsafePrompt, UnsupportedMode raise as there), but one that does not
+        fit is counted, not refused (`TokenCount.fits` says whether it would be). Only a text too long
+        to be worth tokenizing (more characters than the context holds at the densest) raises
+        ContextLengthExceeded, as `generate` does."""
+        self._check_open()
+        ids = len(self._prompt_plan(request).ids)
+        left = self.context_limit - ids
+        max_tokens = max(0, min(request.max_tokens, left)) if request.max_tokens_is_default else request.max_tokens
+        return TokenCount(prompt_tokens=ids, max_tokens=max_tokens, context_limit=self.context_limit)
+
+    def _prompt_plan(self, request: GenerationRequest) -> PromptPlan:
+        """The prompt of a request after every check but the context's (plan's)."""
         if not is_int(request.max_tokens):
             raise BadRequest(f"max_tokens must be an integer, got {type(request.max_tokens).__name__}")
         if request.max_tokens < 1:
@@ -423,22 +458,7 @@ class Engine:
             plan = dataclasses.replace(plan, warnings=(*plan.warnings, chat_warning(fam.variant)))
         if request.mode == "chat" and fam.chat_format_source == OTHER_CHAT_TEMPLATE:
             plan = dataclasses.replace(plan, warnings=(*plan.warnings, OTHER_TEMPLATE_WARNING))
-        needed = len(plan.ids) + request.max_tokens
-        left = self.context_limit - len(plan.ids)
-        if needed > self.context_limit and request.max_tokens_is_default and left >= 1:
-            # a default the client never asked for is not a reason to refuse the request
-            return dataclasses.replace(plan, max_new_tokens=left, warnings=(
-                *plan.warnings, f"max_tokens lowered from the default {request.max_tokens} to {left}: the prompt "
-                f"has {len(plan.ids)} tokens of the context limit of {self.context_limit}"))
-        if needed > self.context_limit and request.max_tokens_is_default:  # left < 1: the prompt's own fault
-            raise ContextLengthExceeded(
-                f"the prompt has {len(plan.ids)} tokens, which leaves nothing to generate within the context limit "
-                f"of {self.context_limit}")
-        if needed > self.context_limit:
-            raise ContextLengthExceeded(
-                f"the prompt has {len(plan.ids)} tokens and max_tokens is {request.max_tokens}: "
-                f"{needed} tokens exceed the context limit of {self.context_limit}")
-        return dataclasses.replace(plan, max_new_tokens=request.max_tokens)
+        return plan
 
     def _check_text_length(self, request: GenerationRequest) -> None:
         """ContextLengthExceeded for a text too long to fit, from its length alone: megabytes piped in by
@@ -449,7 +469,8 @@ class Engine:
             raise ContextLengthExceeded(
                 f"the prompt's text has {chars} characters, at least {fewest} tokens (no token covers more than "
                 f"{self.tokenizer.max_piece_chars} characters): it leaves nothing to generate within the "
-                f"context limit of {self.context_limit}")
+                f"context limit of {self.context_limit}", context_limit=self.context_limit,
+                max_tokens=None if request.max_tokens_is_default else request.max_tokens)
 
     # -- the prompt cache --------------------------------------------------------------------
     def _cache_owner_of(self, request: GenerationRequest) -> str | None:

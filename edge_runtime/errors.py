@@ -19,7 +19,31 @@ class UnsupportedMode(EdgeRuntimeError):
 
 
 class ContextLengthExceeded(EdgeRuntimeError):
+    """The prompt and `max_tokens` do not fit the context. The numbers a client needs to trim
+    its prompt (a chat's oldest turns) and send it again, each None where not known:
+    `prompt_tokens` (the prompt's tokens, control tokens included; None for a text refused by
+    its length alone, before it was counted), `max_tokens` (the request's, where it gave one)
+    and `context_limit` (the engine's). The protocol's error object carries those known."""
+
     code = "context_length_exceeded"
+
+    def __init__(self, message: str, *, prompt_tokens: int | None = None, max_tokens: int | None = None,
+                 context_limit: int | None = None) -> None:
+        super().__init__(message)
+        self.prompt_tokens, self.max_tokens, self.context_limit = prompt_tokens, max_tokens, context_limit
+
+    def __reduce__(self) -> tuple:  # copy and pickle keep the numbers
+        return (_context_length_exceeded, (type(self), str(self), self.wire_fields()))
+
+    def wire_fields(self) -> dict[str, int]:
+        """The error object's extra fields: those of the three numbers that are known."""
+        fields = {"prompt_tokens": self.prompt_tokens, "max_tokens": self.max_tokens,
+                  "context_limit": self.context_limit}
+        return {k: v for k, v in fields.items() if v is not None}
+
+
+def _context_length_exceeded(cls: type, message: str, fields: dict[str, int]) -> ContextLengthExceeded:
+    return cls(message, **fields)
 
 
 class UnsafePrompt(EdgeRuntimeError):

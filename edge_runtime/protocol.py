@@ -66,7 +66,7 @@ ROLES: tuple[str, ...] = ("system", "user", "assistant")
 REQUEST_FIELDS = frozenset({
     "id", "mode", "prompt", "prefix", "suffix", "suffix_first", "messages",
     "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
-    "deadline_ms", "reply_to", "cache_prompt",
+    "deadline_ms", "reply_to", "cache_prompt", "count_tokens",
     "repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n", "min_p",
 })
 # The sampling fields after temperature, top_p, top_k and seed (min_p and the repetition
@@ -234,6 +234,7 @@ class WireRequest:
     stream: bool
     deadline_ms: int
     reply_to: str | None  # the reply topic from the JSON (what a daemon on MQTT 3.1.1 answers to)
+    count_tokens: bool = False  # answer with the prompt's token count (encode_count) instead of generating
 
     @property
     def mode(self) -> str:
@@ -435,6 +436,10 @@ def parse_request(payload: bytes, limits: RequestLimits | Any = RequestLimits(),
     if not isinstance(cache_prompt, bool):
         raise bad("cache_prompt must be true or false")
 
+    count_tokens = obj.get("count_tokens", False)
+    if not isinstance(count_tokens, bool):
+        raise bad("count_tokens must be true or false")
+
     deadline_ms = obj.get("deadline_ms", limits.default_deadline_ms)
     if not is_number(deadline_ms) or deadline_ms <= 0:
         raise bad("deadline_ms must be a positive number of milliseconds")
@@ -460,7 +465,7 @@ def parse_request(payload: bytes, limits: RequestLimits | Any = RequestLimits(),
     if chars > limits.max_prompt_chars:
         raise bad(f"prompt is {chars} characters, the limit is {limits.max_prompt_chars}")
     return WireRequest(id=raw_id, request=request, stream=stream, deadline_ms=int(deadline_ms),
-                       reply_to=reply_to)
+                       reply_to=reply_to, count_tokens=count_tokens)
 
 
 def _parse_messages(value: object, bad: Any) -> tuple[Message, ...]:
@@ -552,15 +557,34 @@ def encode_final(request_id: str, result: GenerationResult) -> bytes:
     return _dumps(final_dict(request_id, result))
 
 
-def encode_error(request_id: str | None, code: str, message: str, *, retry_after_s: float | None = None) -> bytes:
+def encode_count(request_id: str, count: Any) -> bytes:
+    """The reply to a `"count_tokens": true` request: ``{"id", "done": true, "count": {"prompt_tokens",
+    "max_tokens", "context_limit", "fits"}}`` (`count`: an engine's `TokenCount`)."""
+    return _dumps({"id": request_id, "done": True, "count": {
+        "prompt_tokens": count.prompt_tokens, "max_tokens": count.max_tokens, "context_limit": count.context_limit,
+        "fits": bool(count.fits)}})
+
+
+def encode_error(request_id: str | None, code: str, message: str, *, retry_after_s: float | None = None,
+                 fields: Mapping[str, int] | None = None) -> bytes:
     """``{"id", "done": true, "error": {"code", "message"}}`` (id null when unknown), with
-    ``retry_after_s`` in the error when the daemon knows when to retry (rate_limited)."""
+    ``retry_after_s`` in the error when the daemon knows when to retry (rate_limited), and
+    `fields` (`error_fields`: context_length_exceeded's `prompt_tokens`, `max_tokens` and
+    `context_limit`) beside code and message."""
     if code not in ERROR_CODES:
         code = "internal"
     error: dict[str, Any] = {"code": code, "message": message}
     if retry_after_s is not None:
         error["retry_after_s"] = retry_after_s
+    for key, value in (fields or {}).items():
+        error.setdefault(key, value)
     return _dumps({"id": request_id, "done": True, "error": error})
+
+
+def error_fields(exc: BaseException) -> dict[str, int]:
+    """An error's machine-readable numbers for its error object (ContextLengthExceeded's); {} for others."""
+    wire_fields = getattr(exc, "wire_fields", None)
+    return dict(wire_fields()) if callable(wire_fields) else {}
 
 
 def encode_cancel(request_id: str) -> bytes:
@@ -607,9 +631,9 @@ def build_request(*, request_id: str, mode: str, prompt: str | None = None,
                   top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                   stop: Any = None, stream: bool = True, deadline_ms: int | None = None,
                   reply_to: str | None = None, cache_prompt: bool | None = None,
-                  repeat_penalty: float | None = None, presence_penalty: float | None = None,
-                  frequency_penalty: float | None = None, repeat_last_n: int | None = None,
-                  min_p: float | None = None) -> dict[str, Any]:
+                  count_tokens: bool | None = None, repeat_penalty: float | None = None,
+                  presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                  repeat_last_n: int | None = None, min_p: float | None = None) -> dict[str, Any]:
     """A request dict for clients; fields left None are omitted (the daemon's defaults apply).
     `messages` may hold `Message` objects or ``{role, content}`` dicts. Raises `BadRequest` for
     what cannot be sent as the protocol's JSON (the daemon checks the rest)."""
@@ -640,6 +664,7 @@ def build_request(*, request_id: str, mode: str, prompt: str | None = None,
                        ("max_tokens", max_tokens), ("temperature", temperature),
                        ("top_p", top_p), ("top_k", top_k), ("seed", seed), ("stop", stop),
                        ("deadline_ms", deadline_ms), ("reply_to", reply_to), ("cache_prompt", cache_prompt),
+                       ("count_tokens", count_tokens),
                        ("repeat_penalty", repeat_penalty), ("presence_penalty", presence_penalty),
                        ("frequency_penalty", frequency_penalty), ("repeat_last_n", repeat_last_n),
                        ("min_p", min_p)):

@@ -38,17 +38,20 @@ import paho.mqtt.client as mqtt
 
 from . import __version__
 from .config import ServiceConfig
-from .errors import EdgeRuntimeError
+from .errors import BadRequest, EdgeRuntimeError
 from .guard import PolicyGuard
 from .mqtt_connection import (RECONNECT_DELAY_S, Will, connect_async, make_client, publish_properties, response_route,
                               why_unreachable)
 from .protocol import (
     FLEET_GENERATE_TOPIC,
     ProtocolError,
+    WireRequest,
     encode_chunk,
+    encode_count,
     encode_error,
     encode_final,
     encode_status,
+    error_fields,
     fleet_subscription,
     is_control_topic,
     is_valid_publish_topic,
@@ -776,6 +779,9 @@ class EdgeService:
                 payload = encode_error(wire.id, exc.code, str(exc), retry_after_s=getattr(exc, "retry_after_s", None))
                 self._acker.submit(self._publish(route, payload), [delivery])
                 return
+        if wire.count_tokens:
+            self._answer_count(wire, route, delivery)
+            return
         job = Job(wire=wire, key=key, route=route, deliveries=[delivery], body=message.payload)
         result = self.scheduler.submit(job)
         if result is not Submit.ACCEPTED and self.guard is not None:
@@ -794,6 +800,25 @@ class EdgeService:
                      wire.stream, wire.deadline_ms, self.scheduler.queue_depth, self.limits.queue_depth)
             if self.log_content:
                 log.info("request %r content: %r", wire.id, _content(wire.request))
+
+    def _answer_count(self, wire: WireRequest, route: ReplyRoute, delivery: Delivery) -> None:
+        """A `"count_tokens": true` request: its prompt is built and counted here, at once (no model run,
+        no queue: the tokenizer only), and the count or the error is sent and not stored, as a
+        validation error is (the same request again counts again)."""
+        count_tokens = getattr(self.engine, "count_tokens", None)
+        try:
+            if count_tokens is None:
+                raise BadRequest("this daemon's engine cannot count tokens")
+            payload = encode_count(wire.id, count_tokens(wire.request))
+            log.info("request %r counted: client=%s mode=%s prompt_chars=%d", wire.id,
+                     wire.request.client_id or "-", wire.mode, wire.prompt_chars)
+        except EdgeRuntimeError as exc:
+            log.info("request %r (a count) refused: %s: %s", wire.id, exc.code, exc)
+            payload = encode_error(wire.id, exc.code, str(exc), fields=error_fields(exc))
+        except Exception:
+            log.exception("request %r: counting its tokens failed", wire.id)
+            payload = encode_error(wire.id, "internal", "internal error while counting tokens")
+        self._acker.submit(self._publish(route, payload), [delivery])
 
     @staticmethod
     def _usable_reply_topic(topic: str | None) -> bool:
@@ -842,7 +867,7 @@ class EdgeService:
             if self.log_content:
                 log.info("request %r text: %r", job.id, outcome.text)
         else:
-            payload = encode_error(job.id, outcome.code, str(outcome) or outcome.code)
+            payload = encode_error(job.id, outcome.code, str(outcome) or outcome.code, fields=error_fields(outcome))
             log.info("request %r failed: client=%s mode=%s %s: %s", job.id, job.wire.request.client_id or "-",
                      job.wire.mode, outcome.code, outcome)
         try:

@@ -136,6 +136,21 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class TokenCount:
+    """What a request's prompt takes of the context, without generating (`Engine.count_tokens`,
+    the protocol's `"count_tokens": true`): a chat client sizes its history with it."""
+
+    prompt_tokens: int  # as the result's usage.prompt_tokens would count them (<s> and control tokens included)
+    max_tokens: int  # what a generation would run with: the request's, or the default lowered to what is left
+    context_limit: int
+
+    @property
+    def fits(self) -> bool:
+        """Whether the request would be generated rather than refused with context_length_exceeded."""
+        return self.max_tokens >= 1 and self.prompt_tokens + self.max_tokens <= self.context_limit
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     text: str
     token_ids: tuple[int, ...]  # generated ids (without a matched stop token)

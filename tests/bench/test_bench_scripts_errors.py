@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("script, flag", [
     ("op_profile", "--bundle"), ("prompt_cache", "--bundle"), ("huge_pages", "--bundle"),
     ("mqtt_overhead", "--bundle"), ("int8_follow_up", "--bundle"), ("prompt_lookup", "--bundle"),
-    ("int4_recipes", "--checkpoint"),
+    ("int4_recipes", "--checkpoint"), ("long_chat", "--bundle"),
 ])
 def test_a_missing_bundle_or_checkpoint_is_one_error_line(script, flag, tmp_path):
     missing = tmp_path / "nowhere"

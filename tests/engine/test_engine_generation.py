@@ -540,6 +540,10 @@ def test_generate_cli_request_errors_carry_the_protocols_code(tiny_bundle):
     assert out.returncode == 1 and out.stderr.startswith("error: context_length_exceeded: "), out.stderr
     out = subprocess.run([*run, "--json"], capture_output=True, text=True)
     assert out.returncode == 1 and json.loads(out.stdout)["error"]["code"] == "context_length_exceeded"
+    # the numbers as fields: refused by its 42,000 characters before it was tokenized, so no prompt_tokens
+    error = json.loads(out.stdout)["error"]
+    limit = json.loads((tiny_bundle / "bundle.json").read_text())["context_limit"]
+    assert {k: v for k, v in error.items() if k not in ("code", "message")} == {"max_tokens": 4, "context_limit": limit}
 
 
 def test_generate_cli_chat_from_stdin_streams_text_and_warns_on_a_base_bundle(tiny_bundle):

@@ -27,7 +27,7 @@ from edge_runtime.errors import (
     UnsafePrompt,
     UnsupportedMode,
 )
-from edge_runtime.types import Chunk, GenerationRequest, GenerationResult, Timings, Usage
+from edge_runtime.types import Chunk, GenerationRequest, GenerationResult, Timings, TokenCount, Usage
 
 SPECIAL_TAGS = ("<PRE>", "<SUF>", "<MID>", "<EOT>", "[INST]", "[/INST]", "<<SYS>>", "<s>", "</s>")
 
@@ -65,6 +65,15 @@ class FakeEngine:
         self.calls: list[GenerationRequest] = []
         self.calls_file = Path(calls_file) if calls_file else None
         self._lock = threading.Lock()
+
+    def count_tokens(self, request: GenerationRequest) -> TokenCount:
+        """The engine's `count_tokens`: one token a word of the text, the checks of `generate`."""
+        words = len(source_text(request).split())
+        if "<BADREQ>" in source_text(request):
+            raise BadRequest("the engine does not like this request")
+        left = self.info.context_limit - words
+        max_tokens = max(0, min(request.max_tokens, left)) if request.max_tokens_is_default else request.max_tokens
+        return TokenCount(prompt_tokens=words, max_tokens=max_tokens, context_limit=self.info.context_limit)
 
     def generate(self, request: GenerationRequest,
                  cancel: threading.Event | None = None) -> Iterator[Chunk | GenerationResult]:

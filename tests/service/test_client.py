@@ -312,13 +312,18 @@ def test_remote_errors_copy_and_pickle_as_their_class():
     import copy
     import pickle
 
-    from edge_runtime.errors import RateLimited
+    from edge_runtime.errors import ContextLengthExceeded, RateLimited
 
     error = RemoteError("rate_limited", "slow down", "r7", retry_after_s=12.5)
     for again in (copy.copy(error), pickle.loads(pickle.dumps(error))):
         assert isinstance(again, RateLimited) and isinstance(again, RemoteError)
         assert (again.code, again.message, again.request_id, again.retry_after_s) == ("rate_limited", "slow down",
                                                                                       "r7", 12.5)
+    too_long = RemoteError.from_reply({"code": "context_length_exceeded", "message": "m", "prompt_tokens": 300,
+                                       "max_tokens": 24, "context_limit": 256}, "r8")
+    for again in (copy.copy(too_long), pickle.loads(pickle.dumps(too_long))):
+        assert isinstance(again, ContextLengthExceeded) and isinstance(again, RemoteError)
+        assert (again.prompt_tokens, again.max_tokens, again.context_limit) == (300, 24, 256)
 
 
 def replies_by_hand(broker, device: str, request_id: str, *messages: dict) -> Generation:

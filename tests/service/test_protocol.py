@@ -177,6 +177,7 @@ def test_unknown_mode_is_unsupported_mode():
     ({"id": "a", "mode": "infill", "suffix": "y"}, "prefix"),
     ({"id": "a", "mode": "infill", "prefix": "x", "suffix_first": "yes"}, "suffix_first"),
     ({"id": "a", "mode": "complete", "prompt": "x", "cache_prompt": 0}, "cache_prompt"),
+    ({"id": "a", "mode": "complete", "prompt": "x", "count_tokens": "yes"}, "count_tokens"),
     ({"id": "a", "mode": "infill", "prefix": "x", "messages": []}, "messages"),
     ({"id": "a", "mode": "chat"}, "messages"),
     ({"id": "a", "mode": "chat", "messages": []}, "messages"),

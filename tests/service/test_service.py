@@ -152,6 +152,33 @@ def test_cancel_queued_request_is_answered_at_once(broker, tmp_path, services, p
     assert len(probe.on("replies/q2")) == 1  # q2 never started
 
 
+def test_a_count_is_answered_at_once_while_a_generation_runs_and_is_not_stored(broker, tmp_path, services, probe):
+    """"count_tokens": true counts without generating, before the queue: a chat client sizing its
+    history does not wait for another client's answer; an error in it comes at once too."""
+    engine = FakeEngine(token_delay_s=0.05, context_limit=20)
+    services(make_config(broker, tmp_path), engine)
+    send(probe, {"id": "long", "mode": "complete", "prompt": " ".join(["w"] * 12), "max_tokens": 8}, "replies/long")
+    probe.wait_for(lambda ms: any(m.topic == "replies/long" for m in ms))  # generating
+    history = [{"role": "user", "content": "one two three four five"}]
+    send(probe, {"id": "n1", "mode": "chat", "messages": history, "max_tokens": 16, "count_tokens": True},
+         "replies/n1")
+    assert probe.wait_final("replies/n1", timeout=1) == {"id": "n1", "done": True, "count": {
+        "prompt_tokens": 5, "max_tokens": 16, "context_limit": 20, "fits": False}}
+    assert probe.finals("replies/long") == []  # still generating when the count came
+    send(probe, {"id": "n2", "mode": "chat", "messages": history, "count_tokens": True}, "replies/n2")
+    assert probe.wait_final("replies/n2", timeout=1)["count"] == {"prompt_tokens": 5, "max_tokens": 15,
+                                                                  "context_limit": 20, "fits": True}
+    send(probe, {"id": "n3", "mode": "complete", "prompt": "<BADREQ>", "count_tokens": True}, "replies/n3")
+    assert probe.wait_final("replies/n3", timeout=1)["error"]["code"] == "bad_request"
+    assert probe.wait_final("replies/long", timeout=5)["finish_reason"] == "length"
+    assert [r.id for r in engine.calls] == ["long"]  # nothing generated for the counts
+    # not stored: the same request again is counted again (a stored reply would come back as it was)
+    send(probe, {"id": "n1", "mode": "chat", "messages": history, "max_tokens": 4, "count_tokens": True},
+         "replies/n1")
+    probe.wait_for(lambda ms: len([m for m in ms if m.topic == "replies/n1"]) >= 2)
+    assert [m.json["count"]["fits"] for m in probe.on("replies/n1")] == [False, True]
+
+
 def test_cancel_of_unknown_id_and_bad_cancel_are_harmless(broker, tmp_path, services, probe):
     services(make_config(broker, tmp_path))
     probe.publish(T.cancel, {"id": "nobody"})
