@@ -1379,3 +1379,34 @@ def test_install_service_interrupted_while_copying_the_bundle_leaves_no_partial_
     assert proc.returncode == 128 + getattr(signal, signum), err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: interrupted"), err
     assert not staging.exists() and not staging.with_name("big-bundle").exists()
+
+
+def test_install_service_flushes_what_it_installs_to_the_disk_before_and_after_each_rename(
+        image_root, bundle_dir, tmp_path, monkeypatch):
+    """A power cut in the seconds after install-service returned: it wrote the unit, drop-in
+    and config and copied the bundle without one fsync, then renamed them into place, so the
+    disk could keep the new names and lose the bytes (ext4's delayed allocation): an installed
+    bundle of empty or short files fails its SHA-256 check and the daemon never starts. Every
+    file a rename puts in place (each file and folder of the bundle copy) is flushed before
+    it, and the folder it lands in after it; a replaced bundle too."""
+    from disk_flushes import DiskFlushes
+
+    flushes = DiskFlushes().install(monkeypatch)
+    svc.install_service("nvidia-gpu", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    installed = image_root / "opt/edge-runtime/bundles" / bundle_dir.name
+    for path in (installed, image_root / svc.UNIT_FILE, image_root / svc.GPU_DROPIN_FILE,
+                 image_root / svc.CONFIG_FILE):
+        renames = flushes.renames_into(path)
+        assert len(renames) == 1, (path, flushes.events)
+        assert flushes.problems_of_rename(renames[0]) == [], path
+    # the bundle copy, every file of it: flushed under the temporary name it had then
+    _, src, _, files = flushes.events[flushes.renames_into(installed)[0]]
+    assert {os.path.relpath(f, src) for f in files} == {".", "tokenizer", "bundle.json", "model.onnx",
+                                                        "model.onnx.data", "tokenizer/tokenizer.json"}
+
+    (bundle_dir / "model.onnx.data").write_bytes(bytes(range(256)) * 16)  # a new time: copied again
+    flushes.events.clear()
+    steps = svc.install_service("nvidia-gpu", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    assert f"bundle /opt/edge-runtime/bundles/{bundle_dir.name}: replaced from {bundle_dir}" in steps, steps
+    renames = flushes.renames_into(installed)
+    assert len(renames) == 1 and flushes.problems_of_rename(renames[0]) == []
