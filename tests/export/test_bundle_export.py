@@ -1431,3 +1431,25 @@ def test_a_shard_index_without_metadata_is_refused_before_the_build_where_transf
     exporter(folder, tmp_path / "skipped", skip_fidelity=True)
     index.write_text(json.dumps({"metadata": {}, "weight_map": document["weight_map"]}))
     assert load_bundle(exporter(folder, tmp_path / "measured")).manifest["fidelity"]["passed"]
+
+
+def test_an_exported_bundle_is_on_the_disk_before_and_after_it_takes_its_name(tiny_checkpoint, tmp_path, monkeypatch):
+    """`export` wrote OUTPUT.partial and renamed it to OUTPUT without one fsync: a power cut in
+    the seconds after it returned (a device exporting for itself, a workstation) could keep the
+    rename and lose the bytes, leaving a bundle.json whose files are empty or short. Every file
+    and folder of the bundle is flushed before the rename, and OUTPUT's folder after it; an
+    earlier bundle replaced with --force the same."""
+    from disk_flushes import DiskFlushes
+    from edge_export.pipeline import ExportOptions, run_export
+
+    output = tmp_path / "out" / "tiny"
+    for force in (False, True):
+        flushes = DiskFlushes().install(monkeypatch)
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=output, precision="fp32",
+                                 skip_fidelity=True, force=force))
+        renames = flushes.renames_into(output)
+        assert len(renames) == 1, flushes.events
+        _, src, _, files = flushes.events[renames[0]]
+        assert {os.path.relpath(f, src) for f in files} == {".", MANIFEST_NAME, *(
+            e["path"] for e in load_bundle(output).manifest["files"])}
+        assert flushes.problems_of_rename(renames[0]) == []
