@@ -88,6 +88,13 @@ def resolve_root(path: str | Path) -> Path:
 _READ_REMEDY = "; the user that runs edge-runtime must be able to read every file of the bundle"
 
 
+def _copy_again(root: Path) -> str:
+    """What to do about a bundle whose files are not as exported (a power cut soon after it was
+    copied, a failing SD card): on a device, install-service copies an installed bundle again."""
+    return (f"in bundle {root}: copy the bundle again from where it was exported (`edge-runtime install-service "
+            "--bundle <that folder>` copies an installed bundle again), or export it again")
+
+
 def _reason(exc: BaseException) -> str:
     """What went wrong reading a path, in words (a looping link, a permission denied...)."""
     if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP:
@@ -242,10 +249,13 @@ def read_manifest(root: Path) -> tuple[dict[str, Any], str]:
         raw = path.read_bytes()
     except OSError as exc:
         raise BundleError(f"{path} cannot be read: {_reason(exc)}{_READ_REMEDY}") from None
+    if not raw.strip(b"\0 \t\r\n"):  # what a power cut leaves of a file written and never flushed
+        raise BundleError(f"{path} holds no manifest ({len(raw)} bytes, " + ("empty" if not raw else "all zero or blank")
+                          + f"): it was not written completely ({_copy_again(root)})")
     try:
         manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON: {exc}") from exc
+        raise BundleError(f"{path} is not valid JSON: {exc} ({_copy_again(root)})") from exc
     except RecursionError:  # arrays or objects nested thousands deep: no manifest is
         raise BundleError(f"{path} is not a bundle manifest: its JSON nests too deep to read") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
@@ -295,7 +305,7 @@ def verify_files(root: Path, manifest: dict[str, Any], *, progress=None) -> list
             raise BundleError(f"{MANIFEST_NAME}: files[{i}].sha256 {digest!r} is not a SHA-256 (64 lowercase hex "
                               f"digits) ({name})")
         path = safe_relative_path(root, name, what="file")
-        remedy = f"in bundle {root}: copy the bundle again from where it was exported, or export it again"
+        remedy = _copy_again(root)
         if not path.is_file():
             what = ((("a folder" if path.is_dir() else "not a regular file") + " in the bundle") if path.exists()
                     else "missing from the bundle")

@@ -157,6 +157,52 @@ def test_bundle_removed_under_a_running_daemon(tiny_bundle, broker, tmp_path):
                                       "seconds_to_exit": round(time.monotonic() - t, 2)})
 
 
+@pytest.mark.parametrize("damage", ["weights-empty", "manifest-zeros"])
+def test_an_installed_bundle_cut_short_by_a_power_cut_is_refused_at_boot_naming_the_repair(tiny_bundle, tmp_path,
+                                                                                          damage):
+    """What a power cut soon after a copy leaves (files of the right names, empty or zero-filled):
+    `serve`, as the unit starts it, exits 2 with one `error:` line that names the file and how it
+    is wrong, and says how to repair it on the device: install-service with the bundle it was
+    installed from copies it again (it said only `copy the bundle again from where it was
+    exported`; an all-zero bundle.json was `is not valid JSON: Expecting value: line 1 column
+    1`, no remedy at all). The rerun repairs it."""
+    from edge_runtime import install_service as svc
+    from edge_runtime.bundle import load_bundle
+
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "passwd").write_text("edge-runtime:x:999:999::/var/lib/edge-runtime:/usr/sbin/nologin\n")
+    (root / "etc" / "group").write_text("edge-runtime:x:999:\n")
+    exe = root / "opt/edge-runtime/venv/bin/edge-runtime"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/opt/edge-runtime/venv/bin/python\n")
+    exe.chmod(0o755)
+
+    def install() -> list[str]:
+        return svc.install_service("cpu-x86_64", tiny_bundle, root=root, executable="/" + str(exe.relative_to(root)),
+                                   run=lambda argv, **kw: pytest.fail(f"no command expected: {argv}"))
+
+    install()
+    installed = root / "opt/edge-runtime/bundles" / tiny_bundle.name
+    if damage == "weights-empty":
+        (installed / "model.onnx.data").write_bytes(b"")
+        said = "error: model.onnx.data: size 0 does not match the manifest"
+    else:
+        manifest = installed / "bundle.json"
+        manifest.write_bytes(bytes(manifest.stat().st_size))
+        said = f"error: {installed / 'bundle.json'} holds no manifest"
+    config = write_serve_config(tmp_path / "s.toml", broker_url="mqtt://127.0.0.1:1", device_id=DEVICE,
+                                bundle=installed, state_dir=tmp_path / "state")
+    r = _serve(config, tmp_path / "d.log")
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(errors) == 1, r.stderr
+    assert errors[0].startswith(said), errors[0]
+    assert "`edge-runtime install-service --bundle <that folder>` copies an installed bundle again" in errors[0]
+    steps = install()
+    assert f"bundle /opt/edge-runtime/bundles/{tiny_bundle.name}: replaced from {tiny_bundle}" in steps, steps
+    assert load_bundle(installed).manifest_sha256 == load_bundle(tiny_bundle).manifest_sha256
+
+
 @pytest.mark.parametrize("copy_weights", [False, True])
 def test_weights_file_rewritten_in_place_under_a_running_daemon(tiny_bundle, broker, tmp_path, copy_weights):
     """`cp` of another bundle over the served one rewrites model.onnx.data in place. onnxruntime
