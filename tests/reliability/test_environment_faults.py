@@ -87,9 +87,10 @@ def test_state_dir_fills_up_while_serving(broker, tmpfs, tmp_path):
     """The reply store cannot be written: every request is still answered (once),
     and the log says why redelivery protection is missing for those replies."""
     config = write_config(tmp_path / "d.toml", broker, tmpfs, device_id=DEVICE)
+    calls = tmp_path / "calls.txt"
     watch = StatusWatch(broker.host, broker.port, DEVICE)
     t = time.monotonic()
-    daemon = DaemonProcess(config)
+    daemon = DaemonProcess(config, calls_file=calls)
     try:
         wait_online(watch, daemon, 30, after=t)
         with Ledger(broker.host, broker.port, tag="full").listen() as ledger:
@@ -103,15 +104,94 @@ def test_state_dir_fills_up_while_serving(broker, tmpfs, tmp_path):
             time.sleep(0.3)
             tally = ledger.tally(ids)
             (tmpfs / "filler").unlink()
+            # room again: 64 KiB less the store's files (its -shm alone takes 32 KiB) is still too little
+            subprocess.run(["mount", "-o", "remount,size=1m", str(tmpfs)], check=True)
             ledger.send(GENERATE, "after", {"id": "after", "mode": "complete", "prompt": "c d"})
             assert not ledger.wait_finals(["after"], 10)
+        with Ledger(broker.host, broker.port, tag="full").listen() as again:  # its redelivery: from the store
+            again.send(GENERATE, "after", {"id": "after", "mode": "complete", "prompt": "c d"})
+            assert not again.wait_finals(["after"], 10)
         assert daemon.process.poll() is None
         log = daemon.log
+        assert calls.read_text().split().count("after") == 1, "storing did not resume once there was room again"
         store_errors = log.count("could not store the final reply")
+        assert "Traceback" not in log, log[-3000:]
         record_figures("state_dir_full_while_serving", {**tally, "missing": len(missing),
                                                         "store_errors_logged": store_errors})
         assert not missing and tally["duplicated"] == 0, tally
         assert store_errors >= 1, log[-3000:]
+    finally:
+        watch.close()
+        daemon.stop()
+
+
+@pytest.fixture
+def ext4_image(tmp_path):
+    """A 16 MiB ext4 file system on a loop device at tmp_path/"card" (an SD card's state
+    partition); unmounted and detached afterwards."""
+    image, mnt = tmp_path / "card.img", tmp_path / "card"
+    mnt.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(16 * 2**20)
+    made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True)
+    loop = subprocess.run(["losetup", "-f", "--show", str(image)], capture_output=True, text=True)
+    if made.returncode != 0 or loop.returncode != 0:
+        pytest.skip(f"no ext4 on a loop device here: {(made.stderr or b'').decode()}{loop.stderr}".strip())
+    device = loop.stdout.strip()
+    if subprocess.run(["mount", device, str(mnt)], capture_output=True).returncode != 0:
+        subprocess.run(["losetup", "-d", device])
+        pytest.skip("cannot mount a loop device here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    subprocess.run(["losetup", "-d", device], capture_output=True)
+
+
+def _shut_down(mnt: Path) -> None:
+    """Every later write to the file system fails (EIO), as on an SD card that stopped taking
+    writes: EXT4_IOC_SHUTDOWN, without flushing its journal."""
+    import fcntl
+    import struct
+
+    fd = os.open(mnt, os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, 0x8004587D, struct.pack("I", 2))  # _IOR('X', 125, __u32), EXT4_GOING_FLAGS_NOLOGFLUSH
+    finally:
+        os.close(fd)
+
+
+def test_state_dir_stops_taking_writes_while_serving(broker, ext4_image, tmp_path):
+    """The state partition fails mid-serve (writes end in EIO, as on an SD card that stopped
+    taking them): every request is still answered once and the daemon stays up. The journal
+    had a traceback a request, ending in `sqlite3.DatabaseError: database disk image is
+    malformed` (sqlite's reading of EIO): one line now, naming the store, the error and
+    what is lost."""
+    state = ext4_image / "state"
+    config = write_config(tmp_path / "d.toml", broker, state, device_id=DEVICE)
+    watch = StatusWatch(broker.host, broker.port, DEVICE)
+    t = time.monotonic()
+    daemon = DaemonProcess(config)
+    try:
+        wait_online(watch, daemon, 30, after=t)
+        with Ledger(broker.host, broker.port, tag="eio").listen() as ledger:
+            ledger.send(GENERATE, "before", {"id": "before", "mode": "complete", "prompt": "a b"})
+            assert not ledger.wait_finals(["before"], 10)
+            _shut_down(ext4_image)
+            ids = [f"eio-{i}" for i in range(5)]
+            for rid in ids:
+                ledger.send(GENERATE, rid, {"id": rid, "mode": "complete", "prompt": f"x y {rid}"})
+            missing = ledger.wait_finals(ids, 20)
+            tally = ledger.tally(ids)
+        assert daemon.process.poll() is None
+        log = daemon.log
+        stored = [line for line in log.splitlines() if "could not store the final reply" in line]
+        record_figures("state_dir_fails_while_serving", {**tally, "missing": len(missing),
+                                                         "store_errors_logged": len(stored),
+                                                         "message": stored[-1] if stored else None})
+        assert not missing and tally["duplicated"] == 0, tally
+        # one line each, naming the store and the disk's error, no traceback (was one per request)
+        assert len(stored) == len(ids) and "Traceback" not in log, log[-3000:]
+        assert all(f"in the reply store {state}/replies-{DEVICE}.sqlite3 (service.state_dir): " in line
+                   and "a redelivery of it would be generated again" in line for line in stored), stored
     finally:
         watch.close()
         daemon.stop()
