@@ -10,16 +10,23 @@ after its final rename) and the audit log (a file created or rotated)."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 
 def fsync_path(path: Path | str) -> None:
     """Flush a file's bytes and its inode (size, mode, owner) to the disk. A folder too: its
-    entries (names created, renamed or removed in it)."""
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if os.path.isdir(path) else 0))
+    entries (names created, renamed or removed in it), where the file system can (some, a
+    shared folder of a VM or a network file system, refuse fsync on a folder with EINVAL: their
+    own semantics then hold, as sqlite does it)."""
+    folder = os.path.isdir(path)
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if folder else 0))
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if not (folder and exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
     finally:
         os.close(fd)
 

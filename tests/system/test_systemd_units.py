@@ -1410,3 +1410,22 @@ def test_install_service_flushes_what_it_installs_to_the_disk_before_and_after_e
     assert f"bundle /opt/edge-runtime/bundles/{bundle_dir.name}: replaced from {bundle_dir}" in steps, steps
     renames = flushes.renames_into(installed)
     assert len(renames) == 1 and flushes.problems_of_rename(renames[0]) == []
+
+
+def test_install_service_onto_a_file_system_that_cannot_flush_a_folder_installs(image_root, bundle_dir, monkeypatch):
+    """Some file systems (a VM's shared folder, some network ones) refuse fsync on a folder with
+    EINVAL: the flush of the folders is skipped there, not the install (sqlite does the same)."""
+    import errno
+    import stat
+
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    steps = svc.install_service("cpu-x86_64", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    assert f"bundle /opt/edge-runtime/bundles/{bundle_dir.name}: copied from {bundle_dir}" in steps, steps
+    assert (image_root / svc.CONFIG_FILE).is_file()
