@@ -4,12 +4,16 @@ real Mosquitto, on the tiny test bundle (the figure in docs/deployment.md, "Flas
 
     python3 scripts/flash_writes.py --requests 200            # the store full (2,000 replies)
     python3 scripts/flash_writes.py --requests 200 --prefill 0  # a new, empty store
+    python3 scripts/flash_writes.py --requests 200 --broker-autosave 1  # Mosquitto saving after each change
 
 The daemon's `write_bytes` from /proc/<pid>/io (bytes it sent to the storage layer: the
 reply store's sqlite WAL and database, the audit log) over `--requests` sequential completions
 after a warm-up one, and the bytes of its log lines (stderr, read through a pipe as journald
 reads a service's: not counted in write_bytes; journald stores them with its own fields). The
 state directory is in --workdir, so measure on the file system in question (ext4 here).
+The broker's `write_bytes` too (a Mosquitto on the device, persistence on, in --workdir):
+with `--broker-autosave N` it saves its persistence file after every N changes
+(`autosave_interval N` and `autosave_on_changes true`), else at its default (every 1,800 s).
 Prints one JSON object.
 """
 
@@ -58,8 +62,12 @@ class PipedServe:
         return b"".join(self._lines[-50:]).decode(errors="replace")
 
     def io(self) -> dict[str, int]:
-        with open(f"/proc/{self.pid}/io") as f:
-            return {key: int(value) for key, value in (line.split(": ") for line in f)}
+        return _io(self.pid)
+
+
+def _io(pid: int) -> dict[str, int]:
+    with open(f"/proc/{pid}/io") as f:
+        return {key: int(value) for key, value in (line.split(": ") for line in f)}
 
 
 def prefill(state_dir: Path, n: int, payload_bytes: int) -> None:
@@ -77,6 +85,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--prefill", type=int, default=2000, help="replies in the store before (default: full)")
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--broker-autosave", type=int, metavar="N",
+                        help="Mosquitto's autosave_interval N with autosave_on_changes true")
     parser.add_argument("--workdir", type=Path, help="the bundle (kept) and the state (default: a temporary folder)")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="flash-writes-"))
@@ -84,7 +94,9 @@ def main() -> int:
     bundle = build_tiny_bundle(work)
     state = Path(tempfile.mkdtemp(prefix="state-", dir=work))
     prefill(state, args.prefill, 350)
-    broker = MosquittoBroker(Path(tempfile.mkdtemp(prefix="broker-", dir=work))).start()
+    autosave = (f"autosave_interval {args.broker_autosave}\nautosave_on_changes true\n"
+                if args.broker_autosave else "")
+    broker = MosquittoBroker(Path(tempfile.mkdtemp(prefix="broker-", dir=work)), extra_config=autosave).start()
     config = write_serve_config(work / "flash.toml", broker_url=broker.url, device_id=DEVICE, bundle=bundle,
                                 state_dir=state, max_tokens=args.max_tokens)
     watch = StatusWatch(broker.host, broker.port, DEVICE)
@@ -103,9 +115,11 @@ def main() -> int:
             ask("warm-up")
             time.sleep(0.5)
             before, log_before, t = serve.io(), serve.log_bytes, time.monotonic()
+            broker_before = _io(broker.process.pid)
             for i in range(args.requests):
                 ask(f"q{i}")
             after, log_after, seconds = serve.io(), serve.log_bytes, time.monotonic() - t
+            broker_after = _io(broker.process.pid)
         n = args.requests
         written = after["write_bytes"] - before["write_bytes"]
         print(json.dumps({
@@ -113,6 +127,8 @@ def main() -> int:
             "seconds": round(seconds, 1), "write_bytes": written, "write_bytes_per_request": round(written / n),
             "write_syscalls_per_request": round((after["syscw"] - before["syscw"]) / n, 2),
             "log_bytes_per_request": round((log_after - log_before) / n),
+            "broker_autosave": autosave.replace("\n", "; ").strip("; ") or "default",
+            "broker_write_bytes_per_request": round((broker_after["write_bytes"] - broker_before["write_bytes"]) / n),
             "state_files": {p.name: p.stat().st_size for p in sorted(state.iterdir())},
         }, indent=2))
     finally:
