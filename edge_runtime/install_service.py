@@ -634,6 +634,8 @@ class _Installer:
                 # every byte on the disk before the copy takes the name: without it, a power cut
                 # in the seconds after this run could leave the installed bundle's files empty or
                 # short (delayed allocation), and the daemon refuses such a bundle at every boot
+                self.step(f"bundle {shown}: copied, now flushing it to the disk (minutes for a large bundle "
+                          "on an SD card; do not cut the power before this command ends)")
                 fsync_tree(tmp)
             except OSError as exc:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -1392,7 +1392,9 @@ def test_install_service_flushes_what_it_installs_to_the_disk_before_and_after_e
     from disk_flushes import DiskFlushes
 
     flushes = DiskFlushes().install(monkeypatch)
-    svc.install_service("nvidia-gpu", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    steps = svc.install_service("nvidia-gpu", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    flushing = f"bundle /opt/edge-runtime/bundles/{bundle_dir.name}: copied, now flushing it to the disk"
+    assert any(s.startswith(flushing) and "do not cut the power" in s for s in steps), steps
     installed = image_root / "opt/edge-runtime/bundles" / bundle_dir.name
     for path in (installed, image_root / svc.UNIT_FILE, image_root / svc.GPU_DROPIN_FILE,
                  image_root / svc.CONFIG_FILE):
