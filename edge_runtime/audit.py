@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from .durable_files import fsync_path
 from .policy import text_sha256
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class AuditLog:
         with self._lock:
             try:
                 self._rotate_if_needed(len(data))
+                created = not self.path.exists()
                 fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
                 try:
                     size = os.fstat(fd).st_size
@@ -83,6 +85,8 @@ class AuditLog:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
+                if created:  # the file's name (and a rotation's rename before it), on the disk too
+                    fsync_path(self.path.parent)
             except OSError as exc:
                 self.failed_writes += 1
                 log.error("policy: could not write the audit log %s: %s", self.path, exc.strerror or exc)

@@ -88,6 +88,13 @@ def resolve_root(path: str | Path) -> Path:
 _READ_REMEDY = "; the user that runs edge-runtime must be able to read every file of the bundle"
 
 
+def _copy_again(root: Path) -> str:
+    """What to do about a bundle whose files are not as exported (a power cut soon after it was
+    copied, a failing SD card): on a device, install-service copies an installed bundle again."""
+    return (f"in bundle {root}: copy the bundle again from where it was exported (`edge-runtime install-service "
+            "--bundle <that folder>` copies an installed bundle again), or export it again")
+
+
 def _reason(exc: BaseException) -> str:
     """What went wrong reading a path, in words (a looping link, a permission denied...)."""
     if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP:
@@ -242,10 +249,13 @@ def read_manifest(root: Path) -> tuple[dict[str, Any], str]:
         raw = path.read_bytes()
     except OSError as exc:
         raise BundleError(f"{path} cannot be read: {_reason(exc)}{_READ_REMEDY}") from None
+    if not raw.strip(b"\0 \t\r\n"):  # what a power cut leaves of a file written and never flushed
+        raise BundleError(f"{path} holds no manifest ({len(raw)} bytes, " + ("empty" if not raw else "all zero or blank")
+                          + f"): it was not written completely ({_copy_again(root)})")
     try:
         manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON: {exc}") from exc
+        raise BundleError(f"{path} is not valid JSON: {exc} ({_copy_again(root)})") from exc
     except RecursionError:  # arrays or objects nested thousands deep: no manifest is
         raise BundleError(f"{path} is not a bundle manifest: its JSON nests too deep to read") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
@@ -278,11 +288,15 @@ def _profile_name(profile: dict[str, Any]) -> str:
 
 def verify_files(root: Path, manifest: dict[str, Any], *, progress=None) -> list[Path]:
     """Check that every listed file exists with its size and SHA-256 and that no
-    listed name leaves the folder. Returns the resolved paths."""
+    listed name leaves the folder. Returns the resolved paths. Every entry, name and size is
+    checked before any file is hashed: a file cut short (a power cut soon after a copy, the
+    usual damage) is refused at once, not after hashing gigabytes of the files before it, at
+    each of systemd's restarts."""
     files = _require(manifest, "files", list, "")
     if not files:
         raise BundleError(f"{MANIFEST_NAME}: the files list is empty")
-    paths = []
+    remedy = _copy_again(root)
+    checked = []
     for i, entry in enumerate(files):
         if not isinstance(entry, dict):
             raise BundleError(f"{MANIFEST_NAME}: files[{i}] is not an object")
@@ -295,17 +309,22 @@ def verify_files(root: Path, manifest: dict[str, Any], *, progress=None) -> list
             raise BundleError(f"{MANIFEST_NAME}: files[{i}].sha256 {digest!r} is not a SHA-256 (64 lowercase hex "
                               f"digits) ({name})")
         path = safe_relative_path(root, name, what="file")
-        remedy = f"in bundle {root}: copy the bundle again from where it was exported, or export it again"
         if not path.is_file():
             what = ((("a folder" if path.is_dir() else "not a regular file") + " in the bundle") if path.exists()
                     else "missing from the bundle")
             raise BundleError(f"{name}: listed in {MANIFEST_NAME} but {what} ({remedy})")
         try:
             actual_size = path.stat().st_size
-            if actual_size != size:
-                how = "truncated" if actual_size < size else "larger than exported: replaced or appended to"
-                raise BundleError(f"{name}: size {actual_size} does not match the manifest ({size}): the file is "
-                                  f"{how} ({remedy})")
+        except OSError as exc:
+            raise BundleError(f"{name}: cannot be read: {_reason(exc)} (in bundle {root}{_READ_REMEDY})") from None
+        if actual_size != size:
+            how = "truncated" if actual_size < size else "larger than exported: replaced or appended to"
+            raise BundleError(f"{name}: size {actual_size} does not match the manifest ({size}): the file is "
+                              f"{how} ({remedy})")
+        checked.append((name, path, digest))
+    paths = []
+    for name, path, digest in checked:
+        try:
             if progress:
                 progress(name)
             actual_digest = sha256_file(path)

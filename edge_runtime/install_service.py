@@ -63,6 +63,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .config import SERVICE_STATE_DIR
+from .durable_files import fsync_path, fsync_tree, write_file_durably
 from .errors import BundleError, ConfigError, EdgeRuntimeError
 from .interrupts import Terminated, terminate_as_interrupt
 from .memory_fit import human_bytes
@@ -308,6 +309,7 @@ def _make_dirs(path: Path) -> None:
     for folder in reversed(missing):
         folder.mkdir()
         os.chmod(folder, 0o755)
+        fsync_path(folder.parent)  # its name, on the disk
 
 
 def _bundle_files(source: Path, manifest: dict[str, Any]) -> dict[str, Path]:
@@ -551,10 +553,9 @@ class _Installer:
             verb, would = "installed", "install it"
         if not self.dry_run:
             _make_dirs(path.parent)
-            tmp = path.with_name(f".{path.name}.tmp-install")
-            tmp.write_bytes(content.encode("utf-8"))  # encoded first: a text that cannot be leaves no empty file
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
+            # encoded first: a text that cannot be leaves no empty file; flushed before and after
+            # the rename, so that a power cut after this run finds the file whole (durable_files)
+            write_file_durably(path, content.encode("utf-8"), mode)
         self.did(shown, verb, would)
         return True
 
@@ -564,9 +565,11 @@ class _Installer:
             return False
         if not self.dry_run:
             path.unlink()
+            fsync_path(path.parent)  # a power cut must not bring the removed unit or drop-in back
             if path.parent.name.endswith(".d"):
                 try:
                     path.parent.rmdir()  # the drop-in folder, if now empty
+                    fsync_path(path.parent.parent)
                 except OSError:
                     pass
         self.removed.add(path)
@@ -628,6 +631,12 @@ class _Installer:
                     os.chmod(path, 0o755 if path.is_dir() else 0o644)
                     if self.live and os.geteuid() == 0:
                         os.chown(path, 0, 0)
+                # every byte on the disk before the copy takes the name: without it, a power cut
+                # in the seconds after this run could leave the installed bundle's files empty or
+                # short (delayed allocation), and the daemon refuses such a bundle at every boot
+                self.step(f"bundle {shown}: copied, now flushing it to the disk (minutes for a large bundle "
+                          "on an SD card; do not cut the power before this command ends)")
+                fsync_tree(tmp)
             except OSError as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise ConfigError(f"cannot copy the bundle to {self.shown(tmp)}: "
@@ -640,6 +649,7 @@ class _Installer:
             if replacing:
                 os.replace(dest, old)
             os.replace(tmp, dest)
+            fsync_path(dest.parent)  # the renames, on the disk
             if replacing:
                 shutil.rmtree(old)
         self.did(f"bundle {shown}", f"{'replaced' if replacing else 'copied'} from {source}",

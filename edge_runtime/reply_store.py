@@ -68,9 +68,13 @@ class ReplyStore:
             str(self.path), check_same_thread=False, isolation_level=None, timeout=10.0)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        # seq orders the replies by age. Not AUTOINCREMENT: that rewrites sqlite_sequence's page at
+        # every insert (a page more on the flash per request); the newest row, whose seq is the
+        # largest, is never the one deleted, so the next seq is still larger than every other.
+        # A store an older version made keeps its AUTOINCREMENT; both read the other's.
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS replies ("
-            " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " seq INTEGER PRIMARY KEY,"
             " key TEXT NOT NULL UNIQUE,"
             " payload BLOB NOT NULL,"
             " created REAL NOT NULL)")
@@ -98,20 +102,49 @@ class ReplyStore:
 
     def put(self, key: str, payload: bytes) -> None:
         """Store (or replace) the final reply of `key`; durable when this returns.
-        Lookups see it only once it is on disk."""
+        Lookups see it only once it is on disk. The reply and the deletion of the oldest ones
+        it pushes out of the bounds are one transaction: one commit (one fsync, and the pages
+        both touch written once) a request, where they were two once the store was full."""
         with self._db_lock:
             if self._db is None:
                 raise RuntimeError("reply store is closed")
-            self._db.execute("INSERT OR REPLACE INTO replies (key, payload, created) VALUES (?, ?, ?)",
-                             (key, payload, time.time()))
+            with self._lock:  # only put changes the cache (under _db_lock): the plan holds until it does
+                evicted = self._evicted_by(key, payload)
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("INSERT OR REPLACE INTO replies (key, payload, created) VALUES (?, ?, ?)",
+                                 (key, payload, time.time()))
+                self._delete(evicted)
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
             with self._lock:
                 old = self._cache.pop(key, None)
                 if old is not None:
                     self._bytes -= _entry_bytes(key, old)
                 self._cache[key] = payload
                 self._bytes += _entry_bytes(key, payload)
-                evicted = self._evict()
-            self._delete(evicted)
+                for gone in evicted:
+                    self._bytes -= _entry_bytes(gone, self._cache.pop(gone))
+
+    def _evicted_by(self, key: str, payload: bytes) -> list[str]:
+        """The oldest keys that storing `payload` under `key` pushes beyond the bounds."""
+        count = len(self._cache) + (key not in self._cache)
+        total = self._bytes + _entry_bytes(key, payload)
+        if key in self._cache:
+            total -= _entry_bytes(key, self._cache[key])
+        evicted = []
+        for old_key, old_payload in self._cache.items():  # oldest first
+            if count <= 1 or (count <= self.max_entries and total <= self.max_bytes):
+                break
+            if old_key == key:  # replaced: the newest now, never evicted
+                continue
+            count -= 1
+            total -= _entry_bytes(old_key, old_payload)
+            evicted.append(old_key)
+        return evicted
 
     def _evict(self) -> list[str]:
         """Drop the oldest entries from memory beyond the bounds; their keys, to delete on disk."""

@@ -873,6 +873,10 @@ class EdgeService:
         try:
             assert self.store is not None
             self.store.put(job.key, payload)
+        except (sqlite3.Error, OSError) as exc:  # the disk: full, read-only, failing. One line, not a traceback
+            log.error("request %r: could not store the final reply in the reply store %s (service.state_dir): %s; "
+                      "it is answered, but a redelivery of it would be generated again. Check that disk (full? "
+                      "read-only? failing?); storing resumes once it takes writes", job.id, self.store.path, exc)
         except Exception:
             log.exception("request %r: could not store the final reply", job.id)
         return payload

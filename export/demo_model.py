@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge_export.synthetic import llama_config, tokenizer_json, write_checkpoint_files
+from edge_runtime.durable_files import fsync_path, fsync_tree
 
 if TYPE_CHECKING:
     import torch
@@ -185,7 +186,9 @@ def build_demo_model(
         try:
             train_demo_model(staging, recipe, progress=progress)
             (staging / COMPLETE_MARKER).write_text(recipe.key() + "\n", encoding="utf-8")
+            fsync_tree(staging)  # whole on the disk before the marker's folder takes the name
             _replace_dir(staging, out_dir)
+            fsync_path(out_dir.parent)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return out_dir

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from edge_runtime.bundle import (FLAVOUR_GQA_SHARED_KV, FLAVOUR_OPTIMUM_KV_CONCAT, MANIFEST_NAME,
                                  OTHER_CHAT_TEMPLATE, load_bundle, read_manifest, unlisted_files)
+from edge_runtime.durable_files import fsync_path, fsync_tree
 from edge_runtime.errors import BundleError, EdgeRuntimeError
 from edge_runtime.memory_fit import (MemoryPlan, ModelShape, bundle_plan, estimate_plan, fused_attention_refusal,
                                      human_bytes, kv_dtype_of, largest_context_that_fits)
@@ -684,6 +685,9 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                                                "start with this profile (lower --max-context or the precision)"))
             # past the estimate checked before the work: the bundle is kept, and the summary (and
             # the command's exit status, 3) says it does not fit
+            # every byte on the disk before the bundle takes the name: a power cut soon after the
+            # export returned could otherwise leave bundle.json naming files that are empty or short
+            fsync_tree(partial)
             # two renames: at every moment one whole bundle has the name, or the earlier one is
             # put back below
             remove_scratch(replaced)  # an earlier export's, cut short
@@ -692,6 +696,7 @@ def run_export(opts: ExportOptions, progress: Progress | None = None) -> ExportS
                 moved_aside = True
             swapping = True
             partial.rename(output)
+            fsync_path(output.parent)  # the renames, on the disk
     except BaseException as exc:
         # the staging folder gone while swapping: the new bundle has the name (the exception came
         # after the rename), and a Ctrl-C then no longer undoes the export

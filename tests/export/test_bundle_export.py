@@ -149,6 +149,20 @@ def test_a_file_of_another_size_is_refused_saying_how(tiny_bundle, tmp_path, cha
         load_bundle(bundle)
 
 
+def test_a_file_cut_short_is_refused_before_any_file_is_hashed(tiny_bundle, tmp_path):
+    """The last file the manifest lists cut short (what a power cut soon after a copy leaves):
+    refused at once by its size. Every file before it was hashed first, gigabytes of weights
+    on a 7B bundle, read from an SD card at each of systemd's restarts before the same refusal."""
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    last = load_bundle(bundle).manifest["files"][-1]["path"]
+    assert last not in ("model.onnx", "model.onnx.data")  # the weights come before it
+    (bundle / last).write_bytes(b"")
+    hashed = []
+    with pytest.raises(BundleError, match=f"{last}: size 0 does not match the manifest"):
+        load_bundle(bundle, progress=hashed.append)
+    assert hashed == []
+
+
 def test_verify_names_files_the_manifest_does_not_list_and_still_passes(tiny_bundle, tmp_path):
     """A stale file left by copying a new bundle over an old folder is not the bundle's:
     nothing reads it, so verify passes, but it says so rather than print a bare ok."""
@@ -1431,3 +1445,25 @@ def test_a_shard_index_without_metadata_is_refused_before_the_build_where_transf
     exporter(folder, tmp_path / "skipped", skip_fidelity=True)
     index.write_text(json.dumps({"metadata": {}, "weight_map": document["weight_map"]}))
     assert load_bundle(exporter(folder, tmp_path / "measured")).manifest["fidelity"]["passed"]
+
+
+def test_an_exported_bundle_is_on_the_disk_before_and_after_it_takes_its_name(tiny_checkpoint, tmp_path, monkeypatch):
+    """`export` wrote OUTPUT.partial and renamed it to OUTPUT without one fsync: a power cut in
+    the seconds after it returned (a device exporting for itself, a workstation) could keep the
+    rename and lose the bytes, leaving a bundle.json whose files are empty or short. Every file
+    and folder of the bundle is flushed before the rename, and OUTPUT's folder after it; an
+    earlier bundle replaced with --force the same."""
+    from disk_flushes import DiskFlushes
+    from edge_export.pipeline import ExportOptions, run_export
+
+    output = tmp_path / "out" / "tiny"
+    for force in (False, True):
+        flushes = DiskFlushes().install(monkeypatch)
+        run_export(ExportOptions(checkpoint=tiny_checkpoint, profile="cpu-x86_64", output=output, precision="fp32",
+                                 skip_fidelity=True, force=force))
+        renames = flushes.renames_into(output)
+        assert len(renames) == 1, flushes.events
+        _, src, _, files = flushes.events[renames[0]]
+        assert {os.path.relpath(f, src) for f in files} == {".", MANIFEST_NAME, *(
+            e["path"] for e in load_bundle(output).manifest["files"])}
+        assert flushes.problems_of_rename(renames[0]) == []

@@ -49,3 +49,21 @@ def test_an_audit_log_of_the_first_policy_daemon_is_listed(tmp_path, capsys):
     assert [(e["request_id"], e["rule"], e["action"]) for e in listed] == [("p1", "no-rm-rf", "refuse"),
                                                                             ("s1", "flag-os", "flag")]
     assert "skipp" not in err
+
+
+def test_a_reply_store_of_this_version_is_read_and_written_by_the_first_daemons_queries(tmp_path):
+    """A rollback: this version's table (seq no longer AUTOINCREMENT, to write a page less a
+    reply) under the first daemon's statements (its insert, its pruning and its read in seq
+    order): the replies come back in order, the one it adds last."""
+    path = tmp_path / "replies-dev1.sqlite3"
+    with ReplyStore(path) as store:
+        for i in range(3):
+            store.put(FIRST_KEY.format(id=f"r{i}"), f"answer {i}".encode())
+    with sqlite3.connect(str(path)) as db:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(FIRST_REPLY_TABLE)  # IF NOT EXISTS: the table stays this version's
+        db.execute("INSERT OR REPLACE INTO replies (key, payload, created) VALUES (?, ?, ?)",
+                   (FIRST_KEY.format(id="r0"), b"answer 0 again", 1796000000.0))
+        db.execute("DELETE FROM replies WHERE seq NOT IN (SELECT seq FROM replies ORDER BY seq DESC LIMIT ?)", (2,))
+        rows = db.execute("SELECT key, payload FROM replies ORDER BY seq").fetchall()
+    assert rows == [(FIRST_KEY.format(id="r2"), b"answer 2"), (FIRST_KEY.format(id="r0"), b"answer 0 again")]

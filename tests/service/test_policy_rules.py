@@ -603,6 +603,26 @@ def test_audit_log_rotates_and_reads_both_files_and_skips_torn_lines(tmp_path):
     assert ids[-1] == "r59" and "torn" not in ids and len(ids) == len(set(ids))
 
 
+def test_audit_log_files_are_named_on_the_disk_when_created_and_rotated(tmp_path, monkeypatch):
+    """Each event was flushed (fsync) but the folder never was: a power cut could lose the name
+    of a new audit.jsonl, its first events with it, or undo a rotation's rename. The folder is
+    flushed after the file is created (and the rotation renamed the old one), and only then:
+    one fsync an event otherwise, as before."""
+    from disk_flushes import DiskFlushes
+
+    flushes = DiskFlushes().install(monkeypatch)
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, max_bytes=4096)
+    for i in range(60):
+        log.record(request_id=f"r{i}", client_id="c", mode="complete", rule="r", action="flag", where="input",
+                   text="t")
+    fsyncs = [e[1] for e in flushes.events if e[0] == "fsync"]
+    assert fsyncs[:2] == [str(path), str(tmp_path)]  # the first event, then its file's name
+    rotations = flushes.renames_into(path.with_name("audit.jsonl.1"))
+    assert rotations and all(flushes.problems_of_rename(i) == [] for i in rotations)
+    assert fsyncs.count(str(tmp_path)) == 1 + len(rotations) and fsyncs.count(str(path)) == 60
+
+
 def test_an_event_after_a_line_cut_short_is_read_not_lost_with_it(tmp_path):
     # a crash or a full disk left half a line: the next event starts a line of its own
     log = AuditLog(tmp_path / "audit.jsonl")

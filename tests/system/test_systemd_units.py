@@ -1379,3 +1379,55 @@ def test_install_service_interrupted_while_copying_the_bundle_leaves_no_partial_
     assert proc.returncode == 128 + getattr(signal, signum), err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: interrupted"), err
     assert not staging.exists() and not staging.with_name("big-bundle").exists()
+
+
+def test_install_service_flushes_what_it_installs_to_the_disk_before_and_after_each_rename(
+        image_root, bundle_dir, tmp_path, monkeypatch):
+    """A power cut in the seconds after install-service returned: it wrote the unit, drop-in
+    and config and copied the bundle without one fsync, then renamed them into place, so the
+    disk could keep the new names and lose the bytes (ext4's delayed allocation): an installed
+    bundle of empty or short files fails its SHA-256 check and the daemon never starts. Every
+    file a rename puts in place (each file and folder of the bundle copy) is flushed before
+    it, and the folder it lands in after it; a replaced bundle too."""
+    from disk_flushes import DiskFlushes
+
+    flushes = DiskFlushes().install(monkeypatch)
+    steps = svc.install_service("nvidia-gpu", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    flushing = f"bundle /opt/edge-runtime/bundles/{bundle_dir.name}: copied, now flushing it to the disk"
+    assert any(s.startswith(flushing) and "do not cut the power" in s for s in steps), steps
+    installed = image_root / "opt/edge-runtime/bundles" / bundle_dir.name
+    for path in (installed, image_root / svc.UNIT_FILE, image_root / svc.GPU_DROPIN_FILE,
+                 image_root / svc.CONFIG_FILE):
+        renames = flushes.renames_into(path)
+        assert len(renames) == 1, (path, flushes.events)
+        assert flushes.problems_of_rename(renames[0]) == [], path
+    # the bundle copy, every file of it: flushed under the temporary name it had then
+    _, src, _, files = flushes.events[flushes.renames_into(installed)[0]]
+    assert {os.path.relpath(f, src) for f in files} == {".", "tokenizer", "bundle.json", "model.onnx",
+                                                        "model.onnx.data", "tokenizer/tokenizer.json"}
+
+    (bundle_dir / "model.onnx.data").write_bytes(bytes(range(256)) * 16)  # a new time: copied again
+    flushes.events.clear()
+    steps = svc.install_service("nvidia-gpu", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    assert f"bundle /opt/edge-runtime/bundles/{bundle_dir.name}: replaced from {bundle_dir}" in steps, steps
+    renames = flushes.renames_into(installed)
+    assert len(renames) == 1 and flushes.problems_of_rename(renames[0]) == []
+
+
+def test_install_service_onto_a_file_system_that_cannot_flush_a_folder_installs(image_root, bundle_dir, monkeypatch):
+    """Some file systems (a VM's shared folder, some network ones) refuse fsync on a folder with
+    EINVAL: the flush of the folders is skipped there, not the install (sqlite does the same)."""
+    import errno
+    import stat
+
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    steps = svc.install_service("cpu-x86_64", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    assert f"bundle /opt/edge-runtime/bundles/{bundle_dir.name}: copied from {bundle_dir}" in steps, steps
+    assert (image_root / svc.CONFIG_FILE).is_file()
