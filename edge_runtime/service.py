@@ -701,6 +701,9 @@ class EdgeService:
         """Cancel what the message names; False: leave it unacknowledged. While draining, a
         cancel that matches nothing may be for a request the drain left for redelivery: the
         broker redelivers both to the next daemon, the request first, where it then matches."""
+        if not payload:  # what clears a retained cancel (mosquitto_pub -r -n)
+            log.info("ignored an empty message on %s (one that clears a retained cancel)", self.topics.cancel)
+            return True
         try:
             request_id = parse_cancel(payload)
         except ProtocolError as exc:
@@ -719,6 +722,12 @@ class EdgeService:
             log.debug("draining: left a request for redelivery")
             return
         response_topic, correlation = response_route(message)
+        if not message.payload and response_topic is None:
+            # what clears a retained request (mosquitto_pub -r -n, as the warning about one says):
+            # the broker hands subscribers the empty message too; nothing to answer or warn about
+            log.info("ignored an empty message on %s (one that clears a retained request)", message.topic)
+            self._ack([delivery])
+            return
         try:
             wire = parse_request(message.payload, self.limits)
         except ProtocolError as exc:

@@ -385,6 +385,22 @@ def test_a_retained_request_is_not_served_again_at_each_restart(broker, tmp_path
     probe.publish(T.generate, b"", retain=True)  # clear it
 
 
+def test_the_empty_message_that_clears_a_retained_request_or_cancel_is_ignored_without_a_warning(
+        broker, tmp_path, services, probe, caplog):
+    """The daemon's warning about a retained request says to clear it with `mosquitto_pub -r -n`;
+    the broker hands that empty message to the daemon too, which must not warn about it."""
+    caplog.set_level(logging.INFO, logger="edge_runtime")
+    services(make_config(broker, tmp_path), FakeEngine())
+    probe.publish(T.generate, b"", retain=True)
+    probe.publish(T.cancel, b"", retain=True)
+    send(probe, {"id": "after", "mode": "complete", "prompt": "a b", "stream": False}, "replies/after")
+    assert probe.wait_final("replies/after")["text"] == "b a"  # handled in order: the empty ones came first
+    assert "ignored an empty message on edge/dev1/v1/generate" in caplog.text
+    assert "ignored an empty message on edge/dev1/v1/cancel" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not warnings, warnings
+
+
 # ------------------------------------------------------------------ status, drain, reconnect
 
 
