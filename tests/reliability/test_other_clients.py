@@ -59,7 +59,7 @@ def rig(tiny_bundle, tmp_path_factory):
     for tool in ("mosquitto_pub", "mosquitto_sub", "mosquitto_rr"):
         (xdg / tool).write_text(f"-p {broker.port}\n")
     config = write_serve_config(work / "serve.toml", broker_url=broker.url, device_id=DEVICE, bundle=tiny_bundle,
-                                state_dir=work / "state", max_tokens=64)
+                                state_dir=work / "state", max_tokens=128)  # the docs' request asks 128
     watch = StatusWatch(broker.host, broker.port, DEVICE)
     t = time.monotonic()
     proc = ServeProcess(config, work / "daemon.log")
@@ -205,7 +205,7 @@ def test_crlf_whitespace_exponents_and_a_key_given_twice(rig):
 
 @pytest.mark.parametrize("value,needle", [("6.0", "max_tokens must be an integer"),
                                           ("6.4e1", "max_tokens must be an integer"),
-                                          ("123456789012345678901234567890", "max_tokens must be between 1 and 64")])
+                                          ("123456789012345678901234567890", "max_tokens must be between 1 and 128")])
 def test_integer_fields_refuse_fractions_exponents_and_huge_values_with_a_clear_message(rig, value, needle):
     got = rig.rr(f"{REPLY}/num/r", '{"id": "num", "mode": "complete", "prompt": "x", "max_tokens": %s}' % value)
     assert got is not None and got["id"] == "num" and got["error"]["code"] == "bad_request", got
@@ -263,3 +263,60 @@ def test_a_persistent_subscriber_gets_the_reply_published_while_it_was_away(rig)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     assert got["id"] == "away" and got["done"] and "error" not in got, got
+
+
+# -- the JSON the docs show, against what the daemon takes and sends -------------------------------
+
+
+def doc_json_objects(doc: str = "docs/protocol.md") -> list[dict]:
+    text = (REPO / doc).read_text(encoding="utf-8")
+    decoder, objs = json.JSONDecoder(), []
+    for block in re.findall(r"```json\n(.*?)```", text, re.S):
+        at = 0
+        while block[at:].strip():
+            at += len(block[at:]) - len(block[at:].lstrip())
+            obj, at = decoder.raw_decode(block, at)
+            objs.append(obj)
+    return objs
+
+
+def keys(obj: dict, *, skip: frozenset = frozenset()) -> dict:
+    """The key tree of a JSON object: each key, with the key tree of an object value."""
+    return {k: keys(v) if isinstance(v, dict) else None for k, v in obj.items() if k not in skip}
+
+
+def test_the_documented_requests_are_served_and_the_documented_replies_and_status_have_the_real_keys(rig):
+    """Each request protocol.md shows, sent as written, is answered without an error; its
+    chunks and final reply carry the keys the docs show (besides those the docs call optional
+    or added: `run`, `warnings`), and so does the retained status a dashboard reads."""
+    objs = doc_json_objects()
+    requests = [o for o in objs if "mode" in o]
+    assert {r["mode"] for r in requests} == {"complete", "infill", "chat"}
+    doc_chunk = next(o for o in objs if "seq" in o)
+    doc_final = next(o for o in objs if o.get("done") is True and "text" in o)
+    doc_status = next(o for o in objs if "state" in o)
+    for request in requests:
+        topic = f"{REPLY}/docs/{request['id']}"
+        watcher = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-q", "1", "-t", topic,
+                                    "-t", f"edge/{DEVICE}/v1/status", "-v"], env=rig.env, stdout=subprocess.PIPE,
+                                   text=True)
+        try:
+            status = json.loads(watcher.stdout.readline().split(" ", 1)[1])  # the retained status: subscribed
+            assert keys(status) == keys(doc_status) | {"policy": None}, status
+            pub = rig.run(["mosquitto_pub", "-V", "mqttv5", "-h", "127.0.0.1", "-q", "1", "-t", GENERATE,
+                           "-D", "publish", "response-topic", topic, "-m", json.dumps(request)])
+            assert pub.returncode == 0, pub.stderr
+            replies = []
+            while not replies or not replies[-1]["done"]:
+                line_topic, payload = watcher.stdout.readline().rstrip("\n").split(" ", 1)
+                if line_topic == topic:
+                    replies.append(json.loads(payload))
+        finally:
+            watcher.terminate()
+            watcher.wait(10)
+        final = replies[-1]
+        assert "error" not in final, (request, final)
+        assert keys(final, skip=frozenset({"warnings"})) == keys(doc_final), final
+        assert len(replies) == 1 if request.get("stream") is False else len(replies) > 1
+        for chunk in replies[:-1]:
+            assert keys(chunk, skip=frozenset({"run"})) == keys(doc_chunk), chunk
