@@ -320,3 +320,32 @@ def test_the_documented_requests_are_served_and_the_documented_replies_and_statu
         assert len(replies) == 1 if request.get("stream") is False else len(replies) > 1
         for chunk in replies[:-1]:
             assert keys(chunk, skip=frozenset({"run"})) == keys(doc_chunk), chunk
+
+
+def test_a_dashboard_sees_the_will_of_a_killed_daemon_dated_from_its_start(tiny_bundle, tmp_path):
+    """What `mosquitto_sub -t 'edge/+/v1/status' -v` shows once a daemon is SIGKILLed: the
+    will, offline with a reason, its ts the daemon's start (before its first online status)."""
+    broker = MosquittoBroker(tmp_path / "broker").start()
+    watch = StatusWatch(broker.host, broker.port, "line-9")
+    config = write_serve_config(tmp_path / "serve.toml", broker_url=broker.url, device_id="line-9",
+                                bundle=tiny_bundle, state_dir=tmp_path / "state")
+    t = time.monotonic()
+    proc = ServeProcess(config, tmp_path / "daemon.log")
+    try:
+        online = wait_online(watch, proc, 60, after=t)
+        assert "reason" not in online
+        proc.kill()
+        watch.wait_state("offline", 20, after=t)
+        out = subprocess.run(["mosquitto_sub", "-h", broker.host, "-p", str(broker.port), "-t", "edge/+/v1/status",
+                              "-v", "-C", "1", "-W", "10"], capture_output=True, text=True, timeout=20)
+        topic, payload = out.stdout.rstrip("\n").split(" ", 1)
+        will = json.loads(payload)
+        assert topic == "edge/line-9/v1/status" and will["device_id"] == "line-9"
+        assert (will["state"], will["reason"], will["running"], will["queue_depth"]) == (
+            "offline", "connection lost", False, 0)
+        assert will["ts"] <= online["ts"]
+        assert keys(will, skip=frozenset({"reason"})) == keys(online, skip=frozenset({"_received"}))  # the watch adds it
+    finally:
+        proc.close()
+        watch.close()
+        broker.stop()
