@@ -282,6 +282,18 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Python reads integers of at most 4,300 digits (sys.get_int_max_str_digits(), a guard against
+# slow conversions); a longer one is refused here, with a message for the client, not Python's
+MAX_INT_DIGITS = 4300
+
+
+def _parse_int(text: str) -> int:
+    digits = len(text) - text.startswith("-")
+    if digits > MAX_INT_DIGITS:
+        raise ValueError(f"payload has a number of {digits} digits; at most {MAX_INT_DIGITS} are read")
+    return int(text)
+
+
 def _peek_id(obj: Mapping[str, Any]) -> str | None:
     value = obj.get("id")
     if isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS:
@@ -305,7 +317,7 @@ def decode_json_object(payload: bytes) -> dict[str, Any]:
         raise ValueError(f"payload is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     text = text.removeprefix("\ufeff")
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"payload is not JSON: {exc}") from None
     if not isinstance(obj, dict):

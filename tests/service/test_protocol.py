@@ -307,6 +307,15 @@ def test_huge_float_is_rejected():
     rejected(b'{"id": "n", "mode": "complete", "prompt": "x", "top_p": 1e999}')
 
 
+def test_an_integer_of_more_digits_than_python_reads_is_refused_with_a_message_for_the_client():
+    limits = RequestLimits(max_payload_bytes=10_000, max_tokens=64)
+    e = rejected(('{"id": "n", "mode": "complete", "prompt": "x", "seed": -%s}' % ("9" * 5000)).encode(),
+                 limits=limits)
+    assert e.message == "payload has a number of 5000 digits; at most 4300 are read"  # not Python's advice
+    assert rejected(('{"id": "n", "mode": "complete", "prompt": "x", "seed": %s}' % ("9" * 4300)).encode(),
+                    limits=limits).message.startswith("seed must be an integer between")  # read, out of range
+
+
 def test_deeply_nested_json_is_a_bad_request():
     rejected(b"[" * 100000 + b"]" * 100000, limits=RequestLimits(max_payload_bytes=10**6))
 
