@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
+import re
 import signal
 import sqlite3
 import threading
@@ -798,7 +799,7 @@ class EdgeService:
             log.debug("request %r left for redelivery (draining)", wire.id)
         else:
             log.info("request %r queued: client=%s mode=%s prompt_chars=%d max_tokens=%d stream=%s deadline_ms=%d "
-                     "queue=%d/%d", wire.id, wire.request.client_id or "-", wire.mode, wire.prompt_chars,
+                     "queue=%d/%d", wire.id, _shown_client(wire.request.client_id), wire.mode, wire.prompt_chars,
                      wire.request.max_tokens,
                      wire.stream, wire.deadline_ms, self.scheduler.queue_depth, self.limits.queue_depth)
             if self.log_content:
@@ -844,7 +845,7 @@ class EdgeService:
             payload = encode_final(job.id, outcome)
             t = outcome.timings
             log.info("request %r done: client=%s mode=%s finish=%s prompt_tokens=%d (cached %d) completion_tokens=%d "
-                     "ttft_ms=%.1f tokens_per_s=%.1f total_ms=%.1f", job.id, job.wire.request.client_id or "-",
+                     "ttft_ms=%.1f tokens_per_s=%.1f total_ms=%.1f", job.id, _shown_client(job.wire.request.client_id),
                      job.wire.mode, outcome.finish_reason, outcome.usage.prompt_tokens,
                      outcome.usage.cached_prompt_tokens, outcome.usage.completion_tokens,
                      t.ttft_ms, t.decode_tokens_per_s, t.total_ms)
@@ -852,7 +853,7 @@ class EdgeService:
                 log.info("request %r text: %r", job.id, outcome.text)
         else:
             payload = encode_error(job.id, outcome.code, str(outcome) or outcome.code)
-            log.info("request %r failed: client=%s mode=%s %s: %s", job.id, job.wire.request.client_id or "-",
+            log.info("request %r failed: client=%s mode=%s %s: %s", job.id, _shown_client(job.wire.request.client_id),
                      job.wire.mode, outcome.code, outcome)
         try:
             assert self.store is not None
@@ -863,6 +864,14 @@ class EdgeService:
 
     def deliver(self, job: Job, payload: bytes, deliveries: list[Any]) -> None:
         self._acker.submit(self._publish(job.route, payload), deliveries)
+
+
+def _shown_client(client_id: str) -> str:
+    """A client id (a reply topic's level) as the log's `client=` field shows it: as is when it
+    is one plain word, else quoted, since a topic level may hold spaces and `=` ("x mode=chat")."""
+    if not client_id:
+        return "-"
+    return client_id if re.fullmatch(r"[A-Za-z0-9._@:+-]+", client_id) else repr(client_id)
 
 
 def _content(request: Any) -> Any:

@@ -385,6 +385,20 @@ def test_a_retained_request_is_not_served_again_at_each_restart(broker, tmp_path
     probe.publish(T.generate, b"", retain=True)  # clear it
 
 
+def test_a_client_id_with_spaces_or_an_equals_sign_is_quoted_in_the_log(broker, tmp_path, services, probe, caplog):
+    """Reply topics may hold spaces: a client level "x mode=chat" must not read as two fields."""
+    caplog.set_level(logging.INFO, logger="edge_runtime")
+    services(make_config(broker, tmp_path), FakeEngine())
+    probe.subscribe(f"{T.reply_prefix}/#")
+    odd, plain = f"{T.reply_prefix}/x mode=chat/q1", f"{T.reply_prefix}/plain-1/q2"
+    send(probe, {"id": "q1", "mode": "complete", "prompt": "a b", "stream": False}, odd)
+    send(probe, {"id": "q2", "mode": "complete", "prompt": "a b", "stream": False}, plain)
+    assert probe.wait_final(odd)["text"] == "b a" and probe.wait_final(plain)["text"] == "b a"
+    assert "queued: client='x mode=chat' mode=complete" in caplog.text
+    assert "done: client='x mode=chat' mode=complete" in caplog.text
+    assert "queued: client=plain-1 mode=complete" in caplog.text
+
+
 def test_the_empty_message_that_clears_a_retained_request_or_cancel_is_ignored_without_a_warning(
         broker, tmp_path, services, probe, caplog):
     """The daemon's warning about a retained request says to clear it with `mosquitto_pub -r -n`;
