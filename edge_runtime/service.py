@@ -408,13 +408,16 @@ class EdgeService:
             return
         with self._lock:
             self._state = "draining"
+        self.scheduler.stop_accepting()
+        # a request that came only at QoS 0 is never delivered again: answer it now, `busy`
+        for job in self.scheduler.take_queued(lambda j: all(d.qos == 0 for d in j.deliveries)):
+            self._refuse_while_stopping(job.id, job.route)
         running = self.scheduler.running
         log.info("draining: %s; %d queued request(s) left for redelivery",
                  f"finishing request {running.id!r}" if running else "no request running",
                  self.scheduler.queue_depth)
         self._set_status_text("draining")
         self._publish_status()
-        self.scheduler.stop_accepting()
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.scheduler.wait_stopped(0.1):
             if self._abort.is_set() or not graceful or (deadline is not None and time.monotonic() > deadline):
@@ -718,11 +721,25 @@ class EdgeService:
         return True
 
     def _handle_request(self, message: mqtt.MQTTMessage, delivery: Delivery) -> None:
+        response_topic, correlation = response_route(message)
         if self._drain_requested.is_set() or self._state not in ("starting", "online"):
-            # Draining: leave it unacknowledged; the broker redelivers it to the next daemon.
+            # Draining: leave it unacknowledged; the broker redelivers it to the next daemon,
+            # but not one that came at QoS 0: that one is answered `busy` (or its error)
+            if message.qos == 0:
+                try:
+                    wire = parse_request(message.payload, self.limits)
+                except ProtocolError as exc:
+                    topic = response_topic or exc.reply_to
+                    if self._usable_reply_topic(topic):
+                        self._publish(ReplyRoute(topic, correlation), encode_error(exc.request_id, exc.code,
+                                                                                   exc.message))
+                    return
+                topic = response_topic or wire.reply_to
+                if self._usable_reply_topic(topic) and not reply_topic_too_long(topic):
+                    self._refuse_while_stopping(wire.id, ReplyRoute(topic, correlation))
+                return
             log.debug("draining: left a request for redelivery")
             return
-        response_topic, correlation = response_route(message)
         if not message.payload and response_topic is None:
             # what clears a retained request (mosquitto_pub -r -n, as the warning about one says):
             # the broker hands subscribers the empty message too; nothing to answer or warn about
@@ -795,6 +812,8 @@ class EdgeService:
             payload = encode_error(wire.id, "busy", f"the queue is full ({self.limits.queue_depth} waiting); "
                                                     "retry later")
             self._acker.submit(self._publish(route, payload), [delivery])
+        elif result is Submit.CLOSED and delivery.qos == 0:
+            self._refuse_while_stopping(wire.id, route)
         elif result is Submit.CLOSED:
             log.debug("request %r left for redelivery (draining)", wire.id)
         else:
@@ -804,6 +823,14 @@ class EdgeService:
                      wire.stream, wire.deadline_ms, self.scheduler.queue_depth, self.limits.queue_depth)
             if self.log_content:
                 log.info("request %r content: %r", wire.id, _content(wire.request))
+
+    def _refuse_while_stopping(self, request_id: str, route: ReplyRoute) -> None:
+        """A request the broker cannot deliver again (QoS 0) while the daemon stops: `busy`,
+        not stored, so the same request sent again later is served."""
+        log.info("request %r refused: busy (the daemon is stopping; a QoS 0 request is not delivered again)",
+                 request_id)
+        self._publish(route, encode_error(request_id, "busy", "the daemon is stopping; send the request again "
+                                                              "later (at QoS 1 the broker would have kept it)"))
 
     @staticmethod
     def _usable_reply_topic(topic: str | None) -> bool:

@@ -449,6 +449,38 @@ def test_status_online_draining_offline_and_redelivery_after_drain(broker, tmp_p
     assert len(probe.finals("replies/run")) == 1 and sorted(r.id for r in engine.calls) == ["late", "queued"]
 
 
+def test_a_qos_0_request_queued_or_arriving_at_a_drain_is_answered_busy_not_dropped(broker, tmp_path, services,
+                                                                                     probe):
+    """The broker delivers a QoS 0 request once: left unacknowledged at a drain, as a QoS 1 one
+    is for the next start, it would be lost without a word. Answered `busy` (not stored: the
+    same request sent again is served); QoS 1 ones are still left for redelivery."""
+    config = make_config(broker, tmp_path)
+    service = services(config, FakeEngine(token_delay_s=0.03))
+    probe.subscribe(T.status)
+    send(probe, {"id": "run", "mode": "complete", "prompt": " ".join(["w"] * 15)}, "replies/run")
+    probe.wait_for(lambda ms: any(m.topic == "replies/run" for m in ms))
+    probe.publish(T.generate, {"id": "q0", "mode": "complete", "prompt": "a b"}, response_topic="replies/q0", qos=0)
+    send(probe, {"id": "q1", "mode": "complete", "prompt": "c d"}, "replies/q1")
+    wait_until(lambda: service.health().queue_depth == 2, 3)
+    service.request_drain()
+    probe.wait_status(T.status, "draining", timeout=1)
+    probe.publish(T.generate, {"id": "late0", "mode": "complete", "prompt": "e f"}, response_topic="replies/late0",
+                  qos=0)
+    probe.publish(T.generate, {"id": "bad0", "mode": "complete"}, response_topic="replies/bad0", qos=0)
+    for name in ("q0", "late0"):
+        error = probe.wait_final(f"replies/{name}", timeout=3)["error"]
+        assert error["code"] == "busy" and "stopping" in error["message"], error
+    assert probe.wait_final("replies/bad0", timeout=3)["error"]["code"] == "bad_request"
+    assert probe.wait_final("replies/run", timeout=3)["finish_reason"] == "stop"
+    assert service.wait_stopped(5)
+    assert probe.finals("replies/q1") == []
+    engine = FakeEngine()
+    services(config, engine)  # the next start: the QoS 1 one comes again, the QoS 0 one is sent again
+    assert probe.wait_final("replies/q1")["text"] == "d c"
+    send(probe, {"id": "q0", "mode": "complete", "prompt": "a b"}, "replies/q0")
+    assert probe.wait_final("replies/q0", count=2)["text"] == "b a"
+
+
 def test_a_cancel_during_a_drain_reaches_the_request_the_drain_left_for_the_next_daemon(
         broker, tmp_path, services, probe, caplog):
     """A request that arrives while the daemon drains is left unacknowledged, for the next
