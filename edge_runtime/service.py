@@ -233,6 +233,7 @@ class EdgeService:
         self._connect_failures = 0  # failed attempts since the last connection (or start)
         self._connack_seen = False  # the broker answered the current connection attempt (CONNACK)
         self._publish_refusal_said = False  # a PUBACK that refused a message was logged on this connection
+        self._refused_reply_topics: set[str] = set()  # reply topics a PUBACK refused, logged once each
         self._connected_at = 0.0  # monotonic time of the last connection
         self._short_sessions = 0  # connections in a row the broker closed within SHORT_SESSION_S
         self._generation = 0
@@ -661,6 +662,19 @@ class EdgeService:
         authorized" where its ACL does not let this user write the topic): the status and the
         replies go nowhere, while the connection looks fine. Said once a connection."""
         if not getattr(reason_code, "is_failure", False):
+            return
+        # the refused message is still in paho's out-queue while this callback runs (under its lock)
+        refused = getattr(client, "_out_messages", {}).get(mid)
+        topic = getattr(refused, "topic", None)
+        if topic is not None and topic != self.topics.status:
+            # a reply: the topic came from a client, and may be one the ACL never lets this daemon write
+            if topic in self._refused_reply_topics or len(self._refused_reply_topics) >= 100:
+                log.debug("the broker refused a reply on %r: %s", topic, reason_code)
+                return
+            self._refused_reply_topics.add(topic)
+            log.warning("the broker refused a reply on %r (%s): the client never gets it; a client's reply topic "
+                        "must be one this daemon's MQTT user may write (with the sample ACL of deploy/: "
+                        "edge/%s/v1/reply/<client username>/...)", topic, reason_code, self.config.mqtt.device_id)
             return
         if self._publish_refusal_said:
             log.debug("the broker refused message %d: %s", mid, reason_code)

@@ -643,6 +643,44 @@ def test_a_status_the_brokers_acl_refuses_is_logged(tmp_path, caplog):
     assert "Not authorized" in message and "edge/dev2/v1/status" in message and "'dev1'" in message
 
 
+def test_a_reply_topic_the_brokers_acl_refuses_is_logged_as_the_clients_not_as_the_daemons_login(tmp_path,
+                                                                                                  caplog):
+    """A shell user behind the sample ACL picks a reply topic outside edge/<device>/v1/reply/
+    (protocol.md: any publishable topic): the broker refuses the daemon's reply. The log blamed
+    the daemon's username ("its status and its replies go nowhere") and then said nothing of the
+    next refusal; it names the reply topic instead, and the status still gets its own error."""
+    import subprocess
+
+    from mosquitto_broker import secured_broker
+
+    caplog.set_level(logging.INFO, logger="edge_runtime")
+    b = secured_broker(tmp_path / "secured", users={"dev1": "dev1-pw", "client-01": "client-pw"},
+                       acl_lines="user client-01\ntopic write edge/+/v1/generate\ntopic read replies/#\n")
+    try:
+        (tmp_path / "pw").write_text("dev1-pw\n")
+        config = make_config(b, tmp_path, **{"mqtt.username": "dev1", "mqtt.password_file": str(tmp_path / "pw")})
+        service = EdgeService(config, FakeEngine(), status_interval_s=0.1).start()
+
+        def rr(request_id: str, reply_topic: str) -> subprocess.CompletedProcess:
+            return subprocess.run(["mosquitto_rr", "-h", b.host, "-p", str(b.port), "-u", "client-01", "-P",
+                                   "client-pw", "-q", "1", "-W", "3", "-t", T.generate, "-e", reply_topic, "-m",
+                                   json.dumps({"id": request_id, "mode": "complete", "prompt": "a b"})],
+                                  capture_output=True, text=True, timeout=15)
+        try:
+            assert service.wait_ready(10)
+            assert rr("r1", "replies/x").returncode == 27  # Timed out: refused by the broker
+            good = rr("r2", "edge/dev1/v1/reply/client-01/r2")
+            assert good.returncode == 0 and json.loads(good.stdout)["id"] == "r2"
+        finally:
+            service.stop()
+    finally:
+        b.stop()
+    said = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING, [r.getMessage() for r in said]
+    assert "refused a reply on 'replies/x'" in said[0].getMessage()
+    assert "edge/dev1/v1/reply/<client username>/" in said[0].getMessage()
+
+
 def test_a_plain_connection_to_a_tls_port_is_logged_not_silent(tmp_path, caplog):
     """mqtt:// to a TLS listener: the broker closes the connection before any CONNACK. The
     daemon logged nothing at all and kept retrying silently."""
