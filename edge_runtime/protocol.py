@@ -69,6 +69,8 @@ REQUEST_FIELDS = frozenset({
     "deadline_ms", "reply_to", "cache_prompt", "count_tokens",
     "repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n", "min_p",
 })
+# Fields whose null means "left out" (see parse_request)
+_NULLABLE_FIELDS = REQUEST_FIELDS - {"id", "mode"}
 # The sampling fields after temperature, top_p, top_k and seed (min_p and the repetition
 # penalties) and their defaults (off): SamplingParams' own
 MORE_SAMPLING_DEFAULTS: dict[str, Any] = {name: getattr(SamplingParams(), name) for name in
@@ -284,6 +286,18 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# Python reads integers of at most 4,300 digits (sys.get_int_max_str_digits(), a guard against
+# slow conversions); a longer one is refused here, with a message for the client, not Python's
+MAX_INT_DIGITS = 4300
+
+
+def _parse_int(text: str) -> int:
+    digits = len(text) - text.startswith("-")
+    if digits > MAX_INT_DIGITS:
+        raise ValueError(f"payload has a number of {digits} digits; at most {MAX_INT_DIGITS} are read")
+    return int(text)
+
+
 def _peek_id(obj: Mapping[str, Any]) -> str | None:
     value = obj.get("id")
     if isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS:
@@ -297,13 +311,17 @@ def _peek_reply_to(obj: Mapping[str, Any]) -> str | None:
 
 
 def decode_json_object(payload: bytes) -> dict[str, Any]:
-    """Strict JSON decoding of an object (UTF-8, no NaN/Infinity). Raises ValueError."""
+    """Strict JSON decoding of an object (UTF-8, no NaN/Infinity). Raises ValueError.
+    A leading UTF-8 byte order mark is skipped, as RFC 8259 allows a parser to: some
+    encoders write one (Windows tools, a JSON file saved by an editor and sent with
+    ``mosquitto_pub -f``)."""
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"payload is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    text = text.removeprefix("\ufeff")
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int)
     except (json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"payload is not JSON: {exc}") from None
     if not isinstance(obj, dict):
@@ -339,6 +357,10 @@ def parse_request(payload: bytes, limits: RequestLimits | Any = RequestLimits(),
     except ValueError as exc:
         raise ProtocolError("bad_request", str(exc)) from None
 
+    # null for an optional field is the field left out: encoders that write every field of a
+    # class (C#'s and Java's by default, Go's without omitempty) send the other modes' fields
+    # and the unset numbers as null. null for id or mode, or an unknown field, stays an error.
+    obj = {k: v for k, v in obj.items() if v is not None or k not in _NULLABLE_FIELDS}
     request_id = _peek_id(obj)
     reply_to = _peek_reply_to(obj)
 

@@ -203,6 +203,18 @@ class Scheduler:
             self._on_change()
         return matched
 
+    def take_queued(self, predicate: Callable[[Job], bool]) -> list[Job]:
+        """Remove the queued jobs `predicate` picks, unanswered, and return them (the caller
+        answers them: at a drain, those the broker cannot deliver again)."""
+        with self._cond:
+            taken = [job for job in self._queue if predicate(job)]
+            for job in taken:
+                self._queue.remove(job)
+                self._pending.pop(job.key, None)
+        if taken:
+            self._on_change()
+        return taken
+
     def expire_queued(self, now: float | None = None) -> int:
         """Answer queued jobs whose deadline has passed with `deadline_exceeded`."""
         now = time.monotonic() if now is None else now

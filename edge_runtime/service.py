@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
+import re
 import signal
 import sqlite3
 import threading
@@ -235,6 +236,7 @@ class EdgeService:
         self._connect_failures = 0  # failed attempts since the last connection (or start)
         self._connack_seen = False  # the broker answered the current connection attempt (CONNACK)
         self._publish_refusal_said = False  # a PUBACK that refused a message was logged on this connection
+        self._refused_reply_topics: set[str] = set()  # reply topics a PUBACK refused, logged once each
         self._connected_at = 0.0  # monotonic time of the last connection
         self._short_sessions = 0  # connections in a row the broker closed within SHORT_SESSION_S
         self._generation = 0
@@ -410,13 +412,16 @@ class EdgeService:
             return
         with self._lock:
             self._state = "draining"
+        self.scheduler.stop_accepting()
+        # a request that came only at QoS 0 is never delivered again: answer it now, `busy`
+        for job in self.scheduler.take_queued(lambda j: all(d.qos == 0 for d in j.deliveries)):
+            self._refuse_while_stopping(job.id, job.route)
         running = self.scheduler.running
         log.info("draining: %s; %d queued request(s) left for redelivery",
                  f"finishing request {running.id!r}" if running else "no request running",
                  self.scheduler.queue_depth)
         self._set_status_text("draining")
         self._publish_status()
-        self.scheduler.stop_accepting()
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.scheduler.wait_stopped(0.1):
             if self._abort.is_set() or not graceful or (deadline is not None and time.monotonic() > deadline):
@@ -661,6 +666,19 @@ class EdgeService:
         replies go nowhere, while the connection looks fine. Said once a connection."""
         if not getattr(reason_code, "is_failure", False):
             return
+        # the refused message is still in paho's out-queue while this callback runs (under its lock)
+        refused = getattr(client, "_out_messages", {}).get(mid)
+        topic = getattr(refused, "topic", None)
+        if topic is not None and topic != self.topics.status:
+            # a reply: the topic came from a client, and may be one the ACL never lets this daemon write
+            if topic in self._refused_reply_topics or len(self._refused_reply_topics) >= 100:
+                log.debug("the broker refused a reply on %r: %s", topic, reason_code)
+                return
+            self._refused_reply_topics.add(topic)
+            log.warning("the broker refused a reply on %r (%s): the client never gets it; a client's reply topic "
+                        "must be one this daemon's MQTT user may write (with the sample ACL of deploy/: "
+                        "edge/%s/v1/reply/<client username>/...)", topic, reason_code, self.config.mqtt.device_id)
+            return
         if self._publish_refusal_said:
             log.debug("the broker refused message %d: %s", mid, reason_code)
             return
@@ -704,6 +722,9 @@ class EdgeService:
         """Cancel what the message names; False: leave it unacknowledged. While draining, a
         cancel that matches nothing may be for a request the drain left for redelivery: the
         broker redelivers both to the next daemon, the request first, where it then matches."""
+        if not payload:  # what clears a retained cancel (mosquitto_pub -r -n)
+            log.info("ignored an empty message on %s (one that clears a retained cancel)", self.topics.cancel)
+            return True
         try:
             request_id = parse_cancel(payload)
         except ProtocolError as exc:
@@ -717,11 +738,31 @@ class EdgeService:
         return True
 
     def _handle_request(self, message: mqtt.MQTTMessage, delivery: Delivery) -> None:
+        response_topic, correlation = response_route(message)
         if self._drain_requested.is_set() or self._state not in ("starting", "online"):
-            # Draining: leave it unacknowledged; the broker redelivers it to the next daemon.
+            # Draining: leave it unacknowledged; the broker redelivers it to the next daemon,
+            # but not one that came at QoS 0: that one is answered `busy` (or its error)
+            if message.qos == 0:
+                try:
+                    wire = parse_request(message.payload, self.limits)
+                except ProtocolError as exc:
+                    topic = response_topic or exc.reply_to
+                    if self._usable_reply_topic(topic):
+                        self._publish(ReplyRoute(topic, correlation), encode_error(exc.request_id, exc.code,
+                                                                                   exc.message))
+                    return
+                topic = response_topic or wire.reply_to
+                if self._usable_reply_topic(topic) and not reply_topic_too_long(topic):
+                    self._refuse_while_stopping(wire.id, ReplyRoute(topic, correlation))
+                return
             log.debug("draining: left a request for redelivery")
             return
-        response_topic, correlation = response_route(message)
+        if not message.payload and response_topic is None:
+            # what clears a retained request (mosquitto_pub -r -n, as the warning about one says):
+            # the broker hands subscribers the empty message too; nothing to answer or warn about
+            log.info("ignored an empty message on %s (one that clears a retained request)", message.topic)
+            self._ack([delivery])
+            return
         try:
             wire = parse_request(message.payload, self.limits)
         except ProtocolError as exc:
@@ -791,11 +832,13 @@ class EdgeService:
             payload = encode_error(wire.id, "busy", f"the queue is full ({self.limits.queue_depth} waiting); "
                                                     "retry later")
             self._acker.submit(self._publish(route, payload), [delivery])
+        elif result is Submit.CLOSED and delivery.qos == 0:
+            self._refuse_while_stopping(wire.id, route)
         elif result is Submit.CLOSED:
             log.debug("request %r left for redelivery (draining)", wire.id)
         else:
             log.info("request %r queued: client=%s mode=%s prompt_chars=%d max_tokens=%d stream=%s deadline_ms=%d "
-                     "queue=%d/%d", wire.id, wire.request.client_id or "-", wire.mode, wire.prompt_chars,
+                     "queue=%d/%d", wire.id, _shown_client(wire.request.client_id), wire.mode, wire.prompt_chars,
                      wire.request.max_tokens,
                      wire.stream, wire.deadline_ms, self.scheduler.queue_depth, self.limits.queue_depth)
             if self.log_content:
@@ -811,7 +854,7 @@ class EdgeService:
                 raise BadRequest("this daemon's engine cannot count tokens")
             payload = encode_count(wire.id, count_tokens(wire.request))
             log.info("request %r counted: client=%s mode=%s prompt_chars=%d", wire.id,
-                     wire.request.client_id or "-", wire.mode, wire.prompt_chars)
+                     _shown_client(wire.request.client_id), wire.mode, wire.prompt_chars)
         except EdgeRuntimeError as exc:
             log.info("request %r (a count) refused: %s: %s", wire.id, exc.code, exc)
             payload = encode_error(wire.id, exc.code, str(exc), fields=error_fields(exc))
@@ -819,6 +862,14 @@ class EdgeService:
             log.exception("request %r: counting its tokens failed", wire.id)
             payload = encode_error(wire.id, "internal", "internal error while counting tokens")
         self._acker.submit(self._publish(route, payload), [delivery])
+
+    def _refuse_while_stopping(self, request_id: str, route: ReplyRoute) -> None:
+        """A request the broker cannot deliver again (QoS 0) while the daemon stops: `busy`,
+        not stored, so the same request sent again later is served."""
+        log.info("request %r refused: busy (the daemon is stopping; a QoS 0 request is not delivered again)",
+                 request_id)
+        self._publish(route, encode_error(request_id, "busy", "the daemon is stopping; send the request again "
+                                                              "later (at QoS 1 the broker would have kept it)"))
 
     @staticmethod
     def _usable_reply_topic(topic: str | None) -> bool:
@@ -860,7 +911,7 @@ class EdgeService:
             payload = encode_final(job.id, outcome)
             t = outcome.timings
             log.info("request %r done: client=%s mode=%s finish=%s prompt_tokens=%d (cached %d) completion_tokens=%d "
-                     "ttft_ms=%.1f tokens_per_s=%.1f total_ms=%.1f", job.id, job.wire.request.client_id or "-",
+                     "ttft_ms=%.1f tokens_per_s=%.1f total_ms=%.1f", job.id, _shown_client(job.wire.request.client_id),
                      job.wire.mode, outcome.finish_reason, outcome.usage.prompt_tokens,
                      outcome.usage.cached_prompt_tokens, outcome.usage.completion_tokens,
                      t.ttft_ms, t.decode_tokens_per_s, t.total_ms)
@@ -868,7 +919,7 @@ class EdgeService:
                 log.info("request %r text: %r", job.id, outcome.text)
         else:
             payload = encode_error(job.id, outcome.code, str(outcome) or outcome.code, fields=error_fields(outcome))
-            log.info("request %r failed: client=%s mode=%s %s: %s", job.id, job.wire.request.client_id or "-",
+            log.info("request %r failed: client=%s mode=%s %s: %s", job.id, _shown_client(job.wire.request.client_id),
                      job.wire.mode, outcome.code, outcome)
         try:
             assert self.store is not None
@@ -883,6 +934,14 @@ class EdgeService:
 
     def deliver(self, job: Job, payload: bytes, deliveries: list[Any]) -> None:
         self._acker.submit(self._publish(job.route, payload), deliveries)
+
+
+def _shown_client(client_id: str) -> str:
+    """A client id (a reply topic's level) as the log's `client=` field shows it: as is when it
+    is one plain word, else quoted, since a topic level may hold spaces and `=` ("x mode=chat")."""
+    if not client_id:
+        return "-"
+    return client_id if re.fullmatch(r"[A-Za-z0-9._@:+-]+", client_id) else repr(client_id)
 
 
 def _content(request: Any) -> Any:

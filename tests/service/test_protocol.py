@@ -101,6 +101,34 @@ def test_unicode_and_limits_count_characters_not_bytes():
     assert parse({"id": "u", "mode": "complete", "prompt": prompt}).request.prompt == prompt
 
 
+def test_null_for_an_optional_field_is_the_field_left_out():
+    """Encoders that write every field of a request class (C#, Java, Go without omitempty)."""
+    nulls = {name: None for name in ("prefix", "suffix", "suffix_first", "messages", "max_tokens", "temperature",
+                                     "top_p", "top_k", "stop", "stream", "deadline_ms", "reply_to",
+                                     "cache_prompt", "repeat_penalty", "presence_penalty", "frequency_penalty",
+                                     "repeat_last_n")}
+    plain = {"id": "r1", "mode": "complete", "prompt": "def fib(n):", "seed": 7}  # a seed null draws from the bytes
+    assert parse({**plain, **nulls}) == parse(plain)
+    assert parse({**plain, **nulls}).request.max_tokens_is_default
+    e = rejected({"id": "r1", "mode": "complete", "prompt": None})
+    assert e.message == "missing field: prompt (required in complete mode)"
+
+
+@pytest.mark.parametrize("obj,needle", [({"id": None, "mode": "complete", "prompt": "x"}, "id must be a string"),
+                                        ({"id": "r", "mode": None, "prompt": "x"}, "mode must be a string"),
+                                        ({"id": "r", "mode": "complete", "prompt": "x", "max_token": None},
+                                         "unknown field(s): max_token")])
+def test_null_for_id_mode_or_an_unknown_field_is_refused(obj, needle):
+    assert needle in rejected(obj).message
+
+
+def test_a_leading_utf8_byte_order_mark_is_skipped():
+    body = json.dumps({"id": "r1", "mode": "complete", "prompt": "x", "reply_to": "a/b", "seed": 7}).encode()
+    assert parse(b"\xef\xbb\xbf" + body) == parse(body)
+    assert parse_cancel(b'\xef\xbb\xbf{"id": "r1"}') == "r1"
+    assert rejected(b"\xef\xbb\xbf\xef\xbb\xbf" + body).request_id is None  # one mark, not any number
+
+
 # ------------------------------------------------------------------ rejected requests
 
 
@@ -278,6 +306,15 @@ def test_nan_and_infinity_are_rejected(constant):
 
 def test_huge_float_is_rejected():
     rejected(b'{"id": "n", "mode": "complete", "prompt": "x", "top_p": 1e999}')
+
+
+def test_an_integer_of_more_digits_than_python_reads_is_refused_with_a_message_for_the_client():
+    limits = RequestLimits(max_payload_bytes=10_000, max_tokens=64)
+    e = rejected(('{"id": "n", "mode": "complete", "prompt": "x", "seed": -%s}' % ("9" * 5000)).encode(),
+                 limits=limits)
+    assert e.message == "payload has a number of 5000 digits; at most 4300 are read"  # not Python's advice
+    assert rejected(('{"id": "n", "mode": "complete", "prompt": "x", "seed": %s}' % ("9" * 4300)).encode(),
+                    limits=limits).message.startswith("seed must be an integer between")  # read, out of range
 
 
 def test_deeply_nested_json_is_a_bad_request():

@@ -412,6 +412,36 @@ def test_a_retained_request_is_not_served_again_at_each_restart(broker, tmp_path
     probe.publish(T.generate, b"", retain=True)  # clear it
 
 
+def test_a_client_id_with_spaces_or_an_equals_sign_is_quoted_in_the_log(broker, tmp_path, services, probe, caplog):
+    """Reply topics may hold spaces: a client level "x mode=chat" must not read as two fields."""
+    caplog.set_level(logging.INFO, logger="edge_runtime")
+    services(make_config(broker, tmp_path), FakeEngine())
+    probe.subscribe(f"{T.reply_prefix}/#")
+    odd, plain = f"{T.reply_prefix}/x mode=chat/q1", f"{T.reply_prefix}/plain-1/q2"
+    send(probe, {"id": "q1", "mode": "complete", "prompt": "a b", "stream": False}, odd)
+    send(probe, {"id": "q2", "mode": "complete", "prompt": "a b", "stream": False}, plain)
+    assert probe.wait_final(odd)["text"] == "b a" and probe.wait_final(plain)["text"] == "b a"
+    assert "queued: client='x mode=chat' mode=complete" in caplog.text
+    assert "done: client='x mode=chat' mode=complete" in caplog.text
+    assert "queued: client=plain-1 mode=complete" in caplog.text
+
+
+def test_the_empty_message_that_clears_a_retained_request_or_cancel_is_ignored_without_a_warning(
+        broker, tmp_path, services, probe, caplog):
+    """The daemon's warning about a retained request says to clear it with `mosquitto_pub -r -n`;
+    the broker hands that empty message to the daemon too, which must not warn about it."""
+    caplog.set_level(logging.INFO, logger="edge_runtime")
+    services(make_config(broker, tmp_path), FakeEngine())
+    probe.publish(T.generate, b"", retain=True)
+    probe.publish(T.cancel, b"", retain=True)
+    send(probe, {"id": "after", "mode": "complete", "prompt": "a b", "stream": False}, "replies/after")
+    assert probe.wait_final("replies/after")["text"] == "b a"  # handled in order: the empty ones came first
+    assert "ignored an empty message on edge/dev1/v1/generate" in caplog.text
+    assert "ignored an empty message on edge/dev1/v1/cancel" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not warnings, warnings
+
+
 # ------------------------------------------------------------------ status, drain, reconnect
 
 
@@ -444,6 +474,38 @@ def test_status_online_draining_offline_and_redelivery_after_drain(broker, tmp_p
     assert probe.wait_final("replies/late")["text"] == "m l"
     time.sleep(0.2)
     assert len(probe.finals("replies/run")) == 1 and sorted(r.id for r in engine.calls) == ["late", "queued"]
+
+
+def test_a_qos_0_request_queued_or_arriving_at_a_drain_is_answered_busy_not_dropped(broker, tmp_path, services,
+                                                                                     probe):
+    """The broker delivers a QoS 0 request once: left unacknowledged at a drain, as a QoS 1 one
+    is for the next start, it would be lost without a word. Answered `busy` (not stored: the
+    same request sent again is served); QoS 1 ones are still left for redelivery."""
+    config = make_config(broker, tmp_path)
+    service = services(config, FakeEngine(token_delay_s=0.03))
+    probe.subscribe(T.status)
+    send(probe, {"id": "run", "mode": "complete", "prompt": " ".join(["w"] * 15)}, "replies/run")
+    probe.wait_for(lambda ms: any(m.topic == "replies/run" for m in ms))
+    probe.publish(T.generate, {"id": "q0", "mode": "complete", "prompt": "a b"}, response_topic="replies/q0", qos=0)
+    send(probe, {"id": "q1", "mode": "complete", "prompt": "c d"}, "replies/q1")
+    wait_until(lambda: service.health().queue_depth == 2, 3)
+    service.request_drain()
+    probe.wait_status(T.status, "draining", timeout=1)
+    probe.publish(T.generate, {"id": "late0", "mode": "complete", "prompt": "e f"}, response_topic="replies/late0",
+                  qos=0)
+    probe.publish(T.generate, {"id": "bad0", "mode": "complete"}, response_topic="replies/bad0", qos=0)
+    for name in ("q0", "late0"):
+        error = probe.wait_final(f"replies/{name}", timeout=3)["error"]
+        assert error["code"] == "busy" and "stopping" in error["message"], error
+    assert probe.wait_final("replies/bad0", timeout=3)["error"]["code"] == "bad_request"
+    assert probe.wait_final("replies/run", timeout=3)["finish_reason"] == "stop"
+    assert service.wait_stopped(5)
+    assert probe.finals("replies/q1") == []
+    engine = FakeEngine()
+    services(config, engine)  # the next start: the QoS 1 one comes again, the QoS 0 one is sent again
+    assert probe.wait_final("replies/q1")["text"] == "d c"
+    send(probe, {"id": "q0", "mode": "complete", "prompt": "a b"}, "replies/q0")
+    assert probe.wait_final("replies/q0", count=2)["text"] == "b a"
 
 
 def test_a_cancel_during_a_drain_reaches_the_request_the_drain_left_for_the_next_daemon(
@@ -606,6 +668,44 @@ def test_a_status_the_brokers_acl_refuses_is_logged(tmp_path, caplog):
     assert len(refused) == 1 and refused[0].levelno == logging.ERROR  # once a connection (offline was refused too)
     message = refused[0].getMessage()
     assert "Not authorized" in message and "edge/dev2/v1/status" in message and "'dev1'" in message
+
+
+def test_a_reply_topic_the_brokers_acl_refuses_is_logged_as_the_clients_not_as_the_daemons_login(tmp_path,
+                                                                                                  caplog):
+    """A shell user behind the sample ACL picks a reply topic outside edge/<device>/v1/reply/
+    (protocol.md: any publishable topic): the broker refuses the daemon's reply. The log blamed
+    the daemon's username ("its status and its replies go nowhere") and then said nothing of the
+    next refusal; it names the reply topic instead, and the status still gets its own error."""
+    import subprocess
+
+    from mosquitto_broker import secured_broker
+
+    caplog.set_level(logging.INFO, logger="edge_runtime")
+    b = secured_broker(tmp_path / "secured", users={"dev1": "dev1-pw", "client-01": "client-pw"},
+                       acl_lines="user client-01\ntopic write edge/+/v1/generate\ntopic read replies/#\n")
+    try:
+        (tmp_path / "pw").write_text("dev1-pw\n")
+        config = make_config(b, tmp_path, **{"mqtt.username": "dev1", "mqtt.password_file": str(tmp_path / "pw")})
+        service = EdgeService(config, FakeEngine(), status_interval_s=0.1).start()
+
+        def rr(request_id: str, reply_topic: str) -> subprocess.CompletedProcess:
+            return subprocess.run(["mosquitto_rr", "-h", b.host, "-p", str(b.port), "-u", "client-01", "-P",
+                                   "client-pw", "-q", "1", "-W", "3", "-t", T.generate, "-e", reply_topic, "-m",
+                                   json.dumps({"id": request_id, "mode": "complete", "prompt": "a b"})],
+                                  capture_output=True, text=True, timeout=15)
+        try:
+            assert service.wait_ready(10)
+            assert rr("r1", "replies/x").returncode == 27  # Timed out: refused by the broker
+            good = rr("r2", "edge/dev1/v1/reply/client-01/r2")
+            assert good.returncode == 0 and json.loads(good.stdout)["id"] == "r2"
+        finally:
+            service.stop()
+    finally:
+        b.stop()
+    said = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING, [r.getMessage() for r in said]
+    assert "refused a reply on 'replies/x'" in said[0].getMessage()
+    assert "edge/dev1/v1/reply/<client username>/" in said[0].getMessage()
 
 
 def test_a_plain_connection_to_a_tls_port_is_logged_not_silent(tmp_path, caplog):
