@@ -279,6 +279,12 @@ def chat_warning(variant: str) -> str:
             "chat format, but the answer may not follow the instructions; use an Instruct bundle for chat")
 
 
+def _interrupted(request: GenerationRequest, cancel: threading.Event | None) -> bool:
+    """Whether a request's prompt should stop between two chunks: cancelled, or past its deadline."""
+    return ((cancel is not None and cancel.is_set())
+            or (request.deadline is not None and time.monotonic() > request.deadline))
+
+
 class _EitherEvent(threading.Event):
     """An event that also counts as set while `other` (the caller's cancel event) is set."""
 
@@ -572,7 +578,7 @@ class Engine:
                       if self.prompt_lookup else None)
             events = generator.generate(self.decoder, cache, prompt[cached:], max_new_tokens=plan.max_new_tokens,
                                         sample=sampler.sample, stop_ids=plan.stop_ids, drafts=drafts,
-                                        judge=sampler.judge)
+                                        judge=sampler.judge, interrupted=lambda: _interrupted(request, cancel))
         for event in events:
             if first_token_s is None:
                 first_token_s = event.elapsed_s
@@ -595,6 +601,12 @@ class Engine:
                 break
             if request.deadline is not None and time.monotonic() > request.deadline:
                 raise DeadlineExceeded(f"deadline passed after {len(generated)} tokens")
+        if first_token_s is None and finish == "length" and _interrupted(request, cancel):
+            # the prompt's run stopped between two of its chunks (a long prompt, an editor's keystroke)
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+            else:
+                raise DeadlineExceeded("deadline passed while the prompt ran")
         if not stopped_by_string:
             # the flush ends a cut-off character (U+FFFD), which can complete a stop string
             tail, stopped_by_string = stops.feed(detok.flush())
