@@ -188,7 +188,10 @@ def main() -> None:
         work = Path(tmp)
         with MosquittoBroker(work / "broker") as broker:
             for order in (("psm", "spm") if args.order == "both" else (args.order,)):
-                config = write_serve_config(work / f"{order}.toml", broker_url=broker.url, device_id="editor",
+                # a device id per order: a daemon killed after its last reply may not have acknowledged
+                # that request yet, and the broker would hand it to the next daemon of the same id
+                device = f"editor-{order}"
+                config = write_serve_config(work / f"{order}.toml", broker_url=broker.url, device_id=device,
                                             bundle=args.bundle.resolve(), state_dir=work / f"state-{order}",
                                             queue_depth=args.queue_depth, max_tokens=args.max_tokens)
                 serve = ServeProcess(config, work / f"serve-{order}.log")
@@ -199,7 +202,7 @@ def main() -> None:
                             raise SystemExit(f"serve did not come up:\n{serve.log[-3000:]}")
                         time.sleep(0.2)
                     for seed in args.seeds:
-                        with EdgeClient(broker.url, "editor", client_id=f"editor-{seed}") as client:
+                        with EdgeClient(broker.url, device, client_id=f"editor-{seed}") as client:
                             while (client.status(timeout=2) or {}).get("state") != "online":
                                 if time.monotonic() > deadline or not serve.alive():
                                     raise SystemExit(f"serve did not come up:\n{serve.log[-3000:]}")
