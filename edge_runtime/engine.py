@@ -474,9 +474,11 @@ class Engine:
         """Yield Chunks as text is made, then one GenerationResult.
 
         Errors in the request raise before anything is yielded; a passed deadline
-        raises DeadlineExceeded between tokens, or before the prompt runs where it passed
-        while the request waited for the engine; a set `cancel` ends the stream with
-        finish_reason "cancelled" (set before the start: no token is generated).
+        raises DeadlineExceeded between tokens or between two of a long prompt's prefill
+        chunks, or before the prompt runs where it passed while the request waited for the
+        engine; a set `cancel` ends the stream with finish_reason "cancelled" (set before
+        the start: no token is generated; set while the prompt runs: none either, after the
+        chunk that was running, whose rows the prompt cache keeps).
 
         One request runs at a time: a stream holds the engine from its first item until
         its GenerationResult comes, or it is closed (``with contextlib.closing(engine.generate(r))``),
