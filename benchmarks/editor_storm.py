@@ -101,13 +101,16 @@ def storm(client: EdgeClient, order: str, keys: int, file_tokens: int, max_token
     freed = [w.done - c for w, c in zip(cancelled, cancels) if w in running and w.done is not None]
     next_first = [n.first_chunk - c for n, c in zip(watched[1:], cancels) if n.first_chunk is not None]
     last = watched[-1]
-    ms = lambda xs: {"median": round(statistics.median(xs) * 1000), "max": round(max(xs) * 1000)} if xs else None  # noqa: E731
+    def ms(xs: list[float]) -> dict | None:
+        return {"median": round(statistics.median(xs) * 1000), "max": round(max(xs) * 1000)} if xs else None
+
+    finished = [w for w in cancelled if (w.final or {}).get("finish_reason") in ("stop", "length")]
     return {
         "order": order, "keys": keys,
         "prompt_tokens": (last.final or {}).get("usage", {}).get("prompt_tokens"),
         "cancelled_with_final_reply": f"{len(ended)} of {len(cancelled)}",
         "cancelled_running": len(running), "cancelled_queued": len(queued),
-        "finished_before_cancel": sum(1 for w in cancelled if (w.final or {}).get("finish_reason") in ("stop", "length")),
+        "finished_before_cancel": len(finished),
         "busy": sum(1 for w in watched if w.error == "busy"),
         "running_cancel_to_its_final_reply_ms": ms(freed),
         "cancel_to_next_first_chunk_ms": ms(next_first),
