@@ -280,6 +280,12 @@ def chat_warning(variant: str) -> str:
             "chat format, but the answer may not follow the instructions; use an Instruct bundle for chat")
 
 
+def _interrupted(request: GenerationRequest, cancel: threading.Event | None) -> bool:
+    """Whether a request's prompt should stop between two chunks: cancelled, or past its deadline."""
+    return ((cancel is not None and cancel.is_set())
+            or (request.deadline is not None and time.monotonic() > request.deadline))
+
+
 class _EitherEvent(threading.Event):
     """An event that also counts as set while `other` (the caller's cancel event) is set."""
 
@@ -489,9 +495,11 @@ class Engine:
         """Yield Chunks as text is made, then one GenerationResult.
 
         Errors in the request raise before anything is yielded; a passed deadline
-        raises DeadlineExceeded between tokens, or before the prompt runs where it passed
-        while the request waited for the engine; a set `cancel` ends the stream with
-        finish_reason "cancelled" (set before the start: no token is generated).
+        raises DeadlineExceeded between tokens or between two of a long prompt's prefill
+        chunks, or before the prompt runs where it passed while the request waited for the
+        engine; a set `cancel` ends the stream with finish_reason "cancelled" (set before
+        the start: no token is generated; set while the prompt runs: none either, after the
+        chunk that was running, whose rows the prompt cache keeps).
 
         One request runs at a time: a stream holds the engine from its first item until
         its GenerationResult comes, or it is closed (``with contextlib.closing(engine.generate(r))``),
@@ -593,7 +601,7 @@ class Engine:
                       if self.prompt_lookup else None)
             events = generator.generate(self.decoder, cache, prompt[cached:], max_new_tokens=plan.max_new_tokens,
                                         sample=sampler.sample, stop_ids=plan.stop_ids, drafts=drafts,
-                                        judge=sampler.judge)
+                                        judge=sampler.judge, interrupted=lambda: _interrupted(request, cancel))
         for event in events:
             if first_token_s is None:
                 first_token_s = event.elapsed_s
@@ -616,6 +624,12 @@ class Engine:
                 break
             if request.deadline is not None and time.monotonic() > request.deadline:
                 raise DeadlineExceeded(f"deadline passed after {len(generated)} tokens")
+        if first_token_s is None and finish == "length" and _interrupted(request, cancel):
+            # the prompt's run stopped between two of its chunks (a long prompt, an editor's keystroke)
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+            else:
+                raise DeadlineExceeded("deadline passed while the prompt ran")
         if not stopped_by_string:
             # the flush ends a cut-off character (U+FFFD), which can complete a stop string
             tail, stopped_by_string = stops.feed(detok.flush())

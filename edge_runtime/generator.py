@@ -26,9 +26,12 @@ class TokenEvent:
     drafted: bool = False  # a draft from the context the model confirmed (prompt_lookup.py)
 
 
-def prefill(decoder, cache: KVCache, prompt_ids: np.ndarray) -> np.ndarray:
-    """Prompt [S] -> logits of the last position [V]."""
-    return decoder.prefill(cache, prompt_ids)[-1]
+def prefill(decoder, cache: KVCache, prompt_ids: np.ndarray,
+            interrupted: Callable[[], bool] | None = None) -> np.ndarray | None:
+    """Prompt [S] -> logits of the last position [V]; None where `interrupted` said so between
+    two of the prompt's chunks (the decoder's `prefill`)."""
+    logits = decoder.prefill(cache, prompt_ids, interrupted=interrupted)
+    return None if logits is None else logits[-1]
 
 
 def decode_one_token(decoder, cache: KVCache, token: int) -> np.ndarray:
@@ -39,7 +42,8 @@ def decode_one_token(decoder, cache: KVCache, token: int) -> np.ndarray:
 def generate(decoder, cache: KVCache, prompt_ids: np.ndarray, *, max_new_tokens: int,
              sample: Callable[[np.ndarray], int], stop_ids: frozenset[int],
              drafts: PromptLookup | None = None,
-             judge: Callable[[np.ndarray, int], tuple[bool, int]] | None = None) -> Iterator[TokenEvent]:
+             judge: Callable[[np.ndarray, int], tuple[bool, int]] | None = None,
+             interrupted: Callable[[], bool] | None = None) -> Iterator[TokenEvent]:
     """Yield generated tokens until a stop token or `max_new_tokens`. The next token
     is computed only when the caller asks for it, so a caller that stops iterating
     (cancel, deadline, stop string) ends generation between two tokens.
@@ -52,13 +56,19 @@ def generate(decoder, cache: KVCache, prompt_ids: np.ndarray, *, max_new_tokens:
     another order than a one-token step's, which can tip a near-tie); sampled, they have
     `sample`'s distribution, from other draws. A run is judged, counted and its rejected rows
     dropped before the first of its drafts is yielded, so a caller that stops inside a run
-    leaves the lookup's counts and the cache as after the whole run."""
+    leaves the lookup's counts and the cache as after the whole run.
+
+    `interrupted` (cancel, deadline) is asked between the prompt's chunks: when it says so,
+    nothing is yielded and the cache holds the chunks that ran."""
     if max_new_tokens < 1:
         return
     if drafts is not None and judge is None:
         raise ValueError("drafts need a judge (Sampler.judge)")
     start = time.perf_counter()
-    token = sample(prefill(decoder, cache, prompt_ids))
+    logits = prefill(decoder, cache, prompt_ids, interrupted)
+    if logits is None:
+        return
+    token = sample(logits)
     made = 0
     while True:
         made += 1

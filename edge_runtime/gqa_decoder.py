@@ -66,6 +66,7 @@ mask does under graph capture; GroupQueryAttention takes each row's length from
 from __future__ import annotations
 
 import mmap
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -420,12 +421,19 @@ class SharedKVDecoder:
         """The logits buffer [1, 1, V]: the host one, or a host copy of the device one."""
         return self._logits_dev.numpy() if self._logits_on_device else self._logits
 
-    def prefill(self, cache: SharedKVCache, ids: np.ndarray) -> np.ndarray:
+    def prefill(self, cache: SharedKVCache, ids: np.ndarray,
+                interrupted: Callable[[], bool] | None = None) -> np.ndarray | None:
         """Run the prompt (int64 ids [S]) -- or the next piece of it -- through the graph;
-        returns the logits of its LAST position only, as a new float32 array [1, V]."""
+        returns the logits of its LAST position only, as a new float32 array [1, V].
+
+        `interrupted` is asked before each chunk after the first: when it says so, no more
+        chunks run and None comes back (a cancel waits for one chunk, not the whole prompt);
+        the cache holds the chunks that ran, for the next request to keep."""
         ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(1, -1)
         self._check(cache, ids.shape[1])  # the whole prompt fits before any chunk runs
         for start, end in chunk_bounds(ids.shape[1], self.prefill_chunk, self.int8_kernel_rows):
+            if start and interrupted is not None and interrupted():
+                return None
             chunk = ids[:, start:end]  # a contiguous view of the row
             total = self._check(cache, chunk.shape[1])
             self._binding.bind_input("input_ids", "cpu", 0, np.int64, chunk.shape, chunk.ctypes.data)

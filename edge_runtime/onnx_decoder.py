@@ -111,8 +111,9 @@ class KVConcatDecoder:
             b.bind_output(f"present.{layer}.key", *on, cache.shape(total), nk.ptr)
             b.bind_output(f"present.{layer}.value", *on, cache.shape(total), nv.ptr)
 
-    def prefill(self, cache: KVCache, ids: np.ndarray) -> np.ndarray:
-        """Run the prompt (int64 ids [S]) through the graph; returns logits [S, V] (float32)."""
+    def prefill(self, cache: KVCache, ids: np.ndarray, interrupted=None) -> np.ndarray:
+        """Run the prompt (int64 ids [S]) through the graph; returns logits [S, V] (float32).
+        One run: `interrupted` (asked between a fused graph's chunks) is never asked here."""
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         self._bind(cache, ids, None)
         self.session.run_with_iobinding(self._binding)

@@ -929,7 +929,7 @@ class _SaysIds:
         self.step += 1
         return row
 
-    def prefill(self, cache, ids):
+    def prefill(self, cache, ids, interrupted=None):
         return self._logits()[None, :]
 
     def decode(self, cache, token):

@@ -9,6 +9,7 @@ last id runs again for its logits."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -228,4 +229,73 @@ def test_a_prompt_that_failed_midway_leaves_only_the_chunks_that_ran(tiny_bundle
     again = complete(engine, prompt)
     assert again.usage.cached_prompt_tokens == 32  # two chunks of 16 ran
     assert list(again.token_ids) == torch_reference.greedy(tiny_checkpoint, list(again.prompt_token_ids), 12,
+                                                           frozenset({2}))
+
+
+
+class SetDuringRun:
+    """The session, calling `then` while its `at`-th run runs (a cancel that arrives mid-prompt)."""
+
+    def __init__(self, session, then, at: int) -> None:
+        self.session, self.then, self.at, self.runs = session, then, at, 0
+
+    def run_with_iobinding(self, binding, options=None):
+        self.runs += 1
+        if self.runs == self.at:
+            self.then()
+        return self.session.run_with_iobinding(binding, options)
+
+
+def infill_tokens_match_torch(engine: Engine, result: GenerationResult, checkpoint) -> bool:
+    """Torch's greedy tokens for the result's prompt, up to the infill's end token (▁<EOT>, </s>)."""
+    stops = engine.plan(GenerationRequest(mode="infill", prefix="x", sampling=GREEDY)).stop_ids
+    expected = torch_reference.greedy(checkpoint, list(result.prompt_token_ids), len(result.token_ids) + 1)
+    if result.finish_reason == "stop":
+        return list(result.token_ids) == expected[:len(result.token_ids)] and expected[len(result.token_ids)] in stops
+    return list(result.token_ids) == expected[:len(result.token_ids)]
+
+
+LONG_PREFIX = "".join(f"x{i} = {i} * {i}\n" for i in range(12))  # over 100 ids: 7 chunks of 16
+
+
+def test_a_cancel_during_a_long_prompt_stops_it_at_the_next_chunk_and_keeps_what_ran(tiny_bundle, tiny_checkpoint):
+    """An editor cancels the request of the last keystroke while its long prompt runs: the run
+    ends after the chunk that was running (no more chunks, no token), and the next keystroke's
+    request keeps the chunks that ran and gives torch's tokens."""
+    engine = Engine.from_bundle(tiny_bundle, prompt_lookup=False)
+    engine.decoder.prefill_chunk = 16
+    session = engine.decoder.session
+    cancel = threading.Event()
+    engine.decoder.session = SetDuringRun(session, cancel.set, at=2)  # the cancel comes while the 2nd chunk runs
+    items = list(engine.generate(GenerationRequest(mode="infill", prefix=LONG_PREFIX, suffix="\n", suffix_first=True,
+                                                   max_tokens=8, sampling=GREEDY), cancel))
+    engine.decoder.session = session
+    result = items[-1]
+    assert len(items) == 1  # no chunk
+    assert result.finish_reason == "cancelled" and result.token_ids == () and result.text == ""
+    # the next keystroke: one more character at the cursor
+    after = engine.complete(GenerationRequest(mode="infill", prefix=LONG_PREFIX + "y", suffix="\n",
+                                              suffix_first=True, max_tokens=8, sampling=GREEDY))
+    assert after.usage.cached_prompt_tokens == 32  # the two chunks that ran, not the whole prompt
+    assert infill_tokens_match_torch(engine, after, tiny_checkpoint)
+
+
+def test_a_deadline_that_passes_during_a_long_prompt_stops_it_at_the_next_chunk(tiny_bundle, tiny_checkpoint):
+    engine = Engine.from_bundle(tiny_bundle, prompt_lookup=False)
+    engine.decoder.prefill_chunk = 16
+    session = engine.decoder.session
+    deadline = time.monotonic() + 2.0
+
+    def wait_past_deadline() -> None:
+        while time.monotonic() <= deadline:
+            time.sleep(0.05)
+
+    engine.decoder.session = SetDuringRun(session, wait_past_deadline, at=2)
+    with pytest.raises(DeadlineExceeded, match="while the prompt ran"):
+        list(engine.generate(GenerationRequest(mode="complete", prompt=LONG_PREFIX, max_tokens=8, sampling=GREEDY,
+                                               deadline=deadline)))
+    engine.decoder.session = session
+    again = complete(engine, LONG_PREFIX, n=8)
+    assert again.usage.cached_prompt_tokens == 32
+    assert list(again.token_ids) == torch_reference.greedy(tiny_checkpoint, list(again.prompt_token_ids), 8,
                                                            frozenset({2}))

@@ -256,7 +256,7 @@ class _CycleModel:
         rows[np.arange(len(ids)), np.asarray(ids) % 5 + 1] = 1.0
         return rows
 
-    def prefill(self, cache, ids):
+    def prefill(self, cache, ids, interrupted=None):
         self.length += len(ids)
         return self._logits(ids)
 
