@@ -556,6 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--api-key-file)")
     p.add_argument("--api-key-file", help="file whose first line is the key clients must send "
                                           "(Authorization: Bearer KEY)")
+    p.add_argument("--suffix-first", action="store_true",
+                   help="infills (a completion with a suffix) in suffix-prefix-middle order, which keeps the prompt "
+                        "cache across an editor's keystrokes (README: an editor's completions); a body's "
+                        "\"suffix_first\" wins")
     p.set_defaults(func=cmd_openai_bridge)
 
     p = sub.add_parser("policy", help="check an operator safety policy file and list its rules")

@@ -96,10 +96,11 @@ def _common(body: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def completion_request(body: dict[str, Any]) -> dict[str, Any]:
+def completion_request(body: dict[str, Any], suffix_first: bool | None = None) -> dict[str, Any]:
     """`EdgeClient.generate` keywords for a /v1/completions body: `prompt` (a string, or a
     list of one string) is a completion; with `suffix` (not null) the prompt is the code before
-    the hole and the request an infill."""
+    the hole and the request an infill, in the order the body's `suffix_first` (the protocol's
+    field) or else `suffix_first` names (None: the device's default, PSM)."""
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
@@ -112,7 +113,8 @@ def completion_request(body: dict[str, Any]) -> dict[str, Any]:
         return {"mode": "complete", "prompt": prompt, **fields}
     if not isinstance(suffix, str):
         raise BridgeError("bad_request", "suffix must be a string", "suffix")
-    return {"mode": "infill", "prefix": prompt, "suffix": suffix, **fields}
+    order = body.get("suffix_first", suffix_first)
+    return {"mode": "infill", "prefix": prompt, "suffix": suffix, "suffix_first": order, **fields}
 
 
 def _message_text(i: int, content: Any) -> str:
@@ -203,6 +205,7 @@ class BridgeSettings:
     timeout_s: float = 60.0  # EdgeClient's: seconds without a reply from the device
     deadline_ms: int | None = None  # every request's deadline_ms (None: the daemon's default)
     cache_prompt: bool | None = None  # False: no request reuses or leaves its prompt's keys and values
+    suffix_first: bool | None = None  # infills in SPM order unless a body says otherwise (editors: README)
 
 
 class BridgeServer(ThreadingHTTPServer):
@@ -280,7 +283,7 @@ class BridgeHandler(BaseHTTPRequestHandler):
                 raise BridgeError("not_found", f"no such endpoint: POST {self.path}")
             if not self._authorized():
                 raise BridgeError("unauthorized", "a valid Authorization: Bearer key is needed")
-            request = chat_request(body) if chat else completion_request(body)
+            request = chat_request(body) if chat else completion_request(body, self.server.settings.suffix_first)
         except BridgeError as exc:
             return self._send_error(exc)
         include_usage = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage")
@@ -397,7 +400,8 @@ def run_bridge(args: Any) -> int:
     except (ValueError, OSError) as exc:
         raise EdgeRuntimeError(str(exc)) from None
     settings = BridgeSettings(device_id=args.device_id, api_key=api_key, timeout_s=args.timeout,
-                              deadline_ms=args.deadline_ms, cache_prompt=args.cache_prompt)
+                              deadline_ms=args.deadline_ms, cache_prompt=args.cache_prompt,
+                              suffix_first=True if args.suffix_first else None)
     try:
         server = BridgeServer((host, port), client, settings)
     except OSError as exc:

@@ -79,6 +79,23 @@ def test_a_suffix_makes_the_completion_an_infill(bridge, engine):
     call = engine.calls[-1]
     assert (call.mode, call.prefix, call.suffix) == ("infill", "def add(a, b):", "print(add(1, 2))")
     assert out.choices[0].text == expected_text("def add(a, b): print(add(1, 2))")
+    assert not call.suffix_first  # the device's default order (PSM)
+    api.completions.create(model="m", prompt="x", suffix="y", extra_body={"suffix_first": True})
+    assert engine.calls[-1].suffix_first
+
+
+def test_a_bridge_for_editors_sends_infills_suffix_first(broker, tmp_path):
+    """--suffix-first: SPM keeps the prompt cache across keystrokes (README: an editor's completions);
+    a body's own suffix_first still wins."""
+    engine = FakeEngine()
+    with bridge_over(broker, tmp_path, engine, suffix_first=True) as server:
+        api = _openai(server)
+        api.completions.create(model="m", prompt="x", suffix="y")
+        assert engine.calls[-1].suffix_first
+        api.completions.create(model="m", prompt="x", suffix="y", extra_body={"suffix_first": False})
+        assert not engine.calls[-1].suffix_first
+        api.completions.create(model="m", prompt="x")
+        assert engine.calls[-1].mode == "complete"
 
 
 def test_chat_whole_and_streamed_with_openais_message_forms(bridge, engine):
