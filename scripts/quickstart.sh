@@ -36,7 +36,12 @@ BROKER_PID=$!
 "${EDGE[@]}" --log-level INFO serve --bundle "$BUNDLE" --broker "mqtt://127.0.0.1:$PORT" --device-id demo \
     --state-dir "$WORK/state" >"$WORK/daemon.log" 2>&1 &
 DAEMON_PID=$!
-cleanup() { kill -TERM "$DAEMON_PID" 2>/dev/null; wait "$DAEMON_PID" 2>/dev/null; kill "$BROKER_PID" 2>/dev/null; rm -rf "$WORK"; }
+# the broker writes its persistence file (mosquitto.db) as it exits: wait for it before removing the folder
+cleanup() {
+    kill -TERM "$DAEMON_PID" 2>/dev/null; wait "$DAEMON_PID" 2>/dev/null
+    kill "$BROKER_PID" 2>/dev/null; wait "$BROKER_PID" 2>/dev/null
+    rm -rf "$WORK"
+}
 trap cleanup EXIT
 
 echo "== daemon starting (broker mqtt://127.0.0.1:$PORT, device id 'demo')"
