@@ -38,8 +38,8 @@ BROKER_PID=$!
 DAEMON_PID=$!
 # the broker writes its persistence file (mosquitto.db) as it exits: wait for it before removing the folder
 cleanup() {
-    kill -TERM "$DAEMON_PID" 2>/dev/null; wait "$DAEMON_PID" 2>/dev/null
-    kill "$BROKER_PID" 2>/dev/null; wait "$BROKER_PID" 2>/dev/null
+    kill -TERM "$DAEMON_PID" 2>/dev/null; wait "$DAEMON_PID" 2>/dev/null || true
+    kill "$BROKER_PID" 2>/dev/null; wait "$BROKER_PID" 2>/dev/null || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
