@@ -10,9 +10,13 @@ after its final rename) and the audit log (a file created or rotated)."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 from pathlib import Path
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
 
 
 def fsync_path(path: Path | str) -> None:
@@ -44,6 +48,29 @@ def fsync_tree(root: Path | str) -> None:
         folders.append(top)
     for folder in reversed(folders):  # the deepest first, `root` last
         fsync_path(folder)
+
+
+def exchange_paths(a: Path | str, b: Path | str) -> bool:
+    """Swap the names `a` and `b` (two files or two folders of one file system) in one step, as
+    Linux's renameat2(RENAME_EXCHANGE) does: at no moment, and after a power cut at any moment,
+    is either name missing. False, and nothing changed, where the C library, the kernel (before
+    3.15) or the file system cannot: the caller then renames twice."""
+    err = _renameat2_exchange(os.fsencode(a), os.fsencode(b))
+    if err == 0:
+        return True
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(a), None, os.fspath(b))
+
+
+def _renameat2_exchange(a: bytes, b: bytes) -> int:
+    """renameat2(AT_FDCWD, a, AT_FDCWD, b, RENAME_EXCHANGE): 0, or the errno (ENOSYS without it)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc 2.28+
+    except (AttributeError, OSError):
+        return errno.ENOSYS
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return 0 if renameat2(_AT_FDCWD, a, _AT_FDCWD, b, _RENAME_EXCHANGE) == 0 else ctypes.get_errno()
 
 
 def write_file_durably(path: Path, data: bytes, mode: int) -> None:

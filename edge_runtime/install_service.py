@@ -63,7 +63,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .config import SERVICE_STATE_DIR
-from .durable_files import fsync_path, fsync_tree, write_file_durably
+from .durable_files import exchange_paths, fsync_path, fsync_tree, write_file_durably
 from .errors import BundleError, ConfigError, EdgeRuntimeError
 from .interrupts import Terminated, terminate_as_interrupt
 from .memory_fit import human_bytes
@@ -646,12 +646,18 @@ class _Installer:
             except BaseException:  # Ctrl-C, SIGTERM, SIGHUP (interrupts): no partial copy left either
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            if replacing:
-                os.replace(dest, old)
-            os.replace(tmp, dest)
-            fsync_path(dest.parent)  # the renames, on the disk
-            if replacing:
-                shutil.rmtree(old)
+            if replacing and exchange_paths(tmp, dest):
+                # one step: the name holds the old bundle or the new one at every moment (a
+                # daemon starting then, a power cut then); the temporary name now holds the old
+                fsync_path(dest.parent)
+                shutil.rmtree(tmp)
+            else:
+                if replacing:
+                    os.replace(dest, old)
+                os.replace(tmp, dest)
+                fsync_path(dest.parent)  # the renames, on the disk
+                if replacing:
+                    shutil.rmtree(old)
         self.did(f"bundle {shown}", f"{'replaced' if replacing else 'copied'} from {source}",
                  f"{'replace' if replacing else 'copy'} it from {source}")
         if replacing:

@@ -2,14 +2,25 @@
 whole after a power cut: the files a rename puts in place were flushed (fsync) before it, and
 the folder it renames into was flushed after it.
 
-Wraps os.fsync, os.replace and os.rename (Path.rename and Path.replace call them too) in the
-test's own process: the command runs through its public function, and the record is the order
+Wraps os.fsync, os.replace and os.rename (Path.rename and Path.replace call them too), and the
+exchange of two names (durable_files.exchange_paths: recorded as a rename of the first name's
+files to the second, which is what the caller wants of it), in the test's own process: the command runs through its public function, and the record is the order
 of the real calls, with the path each fsync'd descriptor names."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+
+from edge_runtime import durable_files
+
+
+def _named_by(src: str) -> list[str]:
+    """The paths a rename of `src` puts under its new name: the file, or the folder's files and
+    its folders (they name the files)."""
+    if not os.path.isdir(src):
+        return [src]
+    return [path for top, _, names in os.walk(src) for path in (top, *(os.path.join(top, n) for n in names))]
 
 
 @dataclass
@@ -26,12 +37,21 @@ class DiskFlushes:
         def renamer(real):
             def rename(src, dst, *args, **kwargs):
                 src, dst = os.path.abspath(os.fsdecode(src)), os.path.abspath(os.fsdecode(dst))
-                files = [src] if not os.path.isdir(src) else [  # its folders too: they name the files
-                    path for top, _, names in os.walk(src) for path in (top, *(os.path.join(top, n) for n in names))]
+                files = _named_by(src)
                 real(src, dst, *args, **kwargs)
                 self.events.append(("rename", src, dst, files))
             return rename
 
+        def exchange(a: bytes, b: bytes) -> int:
+            src, dst = os.path.abspath(os.fsdecode(a)), os.path.abspath(os.fsdecode(b))
+            files = _named_by(src)
+            err = real_exchange(a, b)
+            if err == 0:
+                self.events.append(("rename", src, dst, files))
+            return err
+
+        real_exchange = durable_files._renameat2_exchange
+        monkeypatch.setattr(durable_files, "_renameat2_exchange", exchange)
         monkeypatch.setattr(os, "fsync", fsync)
         monkeypatch.setattr(os, "replace", renamer(real_replace))
         monkeypatch.setattr(os, "rename", renamer(real_rename))

@@ -1414,6 +1414,65 @@ def test_install_service_flushes_what_it_installs_to_the_disk_before_and_after_e
     assert len(renames) == 1 and flushes.problems_of_rename(renames[0]) == []
 
 
+def test_install_service_replaces_a_bundle_without_a_moment_when_its_name_is_missing(
+        image_root, bundle_dir, monkeypatch):
+    """Replacing a same-name bundle renamed the old folder away, then the new one into its place:
+    a power cut between the two renames booted a device with no bundle at the name its config
+    gives (the daemon refuses to start), and a daemon started by systemd in that moment failed
+    the same way. The two names are exchanged in one step where Linux can (renameat2's
+    RENAME_EXCHANGE); after every rename and exchange the name holds a whole bundle, the old
+    one or the new one."""
+    from edge_runtime import durable_files
+    from edge_runtime.bundle import load_bundle
+
+    svc.install_service("cpu-x86_64", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    installed = image_root / "opt/edge-runtime/bundles" / bundle_dir.name
+    old_sha = load_bundle(installed).manifest_sha256
+    seen: list[str | None] = []
+
+    def look(what):
+        def step(*args, **kwargs):
+            result = what(*args, **kwargs)
+            try:  # what a daemon starting at this moment (or booting after a power cut now) loads
+                seen.append(load_bundle(installed).manifest_sha256)
+            except Exception:  # noqa: BLE001 - a missing or partial folder, as the daemon would see it
+                seen.append(None)
+            return result
+        return step
+
+    monkeypatch.setattr(os, "replace", look(os.replace))
+    monkeypatch.setattr(durable_files, "_renameat2_exchange", look(durable_files._renameat2_exchange))
+    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    manifest["note"] = "a new export"
+    (bundle_dir / "bundle.json").write_text(json.dumps(manifest))
+    steps = svc.install_service("cpu-x86_64", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    assert f"bundle /opt/edge-runtime/bundles/{bundle_dir.name}: replaced from {bundle_dir}" in steps, steps
+    new_sha = load_bundle(installed).manifest_sha256
+    assert new_sha != old_sha and seen and None not in seen, seen
+    assert seen[-1] == new_sha
+    assert sorted(p.name for p in installed.parent.iterdir()) == [bundle_dir.name]  # the old copy removed
+
+
+def test_install_service_replaces_a_bundle_where_names_cannot_be_exchanged(image_root, bundle_dir, monkeypatch):
+    """A file system (or a kernel before 3.15, a C library without renameat2) that cannot
+    exchange two names: the bundle is replaced by two renames, as before, the old copy removed."""
+    import errno
+
+    from edge_runtime import durable_files
+    from edge_runtime.bundle import load_bundle
+
+    svc.install_service("cpu-x86_64", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    monkeypatch.setattr(durable_files, "_renameat2_exchange", lambda a, b: errno.EINVAL)
+    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    manifest["note"] = "a new export"
+    (bundle_dir / "bundle.json").write_text(json.dumps(manifest))
+    steps = svc.install_service("cpu-x86_64", bundle_dir, root=image_root, run=FakeRun(), executable=EXE)
+    installed = image_root / "opt/edge-runtime/bundles" / bundle_dir.name
+    assert f"bundle /opt/edge-runtime/bundles/{bundle_dir.name}: replaced from {bundle_dir}" in steps, steps
+    assert load_bundle(installed).manifest_sha256 == load_bundle(bundle_dir).manifest_sha256
+    assert sorted(p.name for p in installed.parent.iterdir()) == [bundle_dir.name]
+
+
 def test_install_service_onto_a_file_system_that_cannot_flush_a_folder_installs(image_root, bundle_dir, monkeypatch):
     """Some file systems (a VM's shared folder, some network ones) refuse fsync on a folder with
     EINVAL: the flush of the folders is skipped there, not the install (sqlite does the same)."""
